@@ -1,0 +1,4 @@
+from cnnpack.cli import main
+
+if __name__ == "__main__":
+    main()

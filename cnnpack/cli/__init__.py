@@ -1,0 +1,90 @@
+"""The `cnnpack` command line: parse options, build a config, call one library function, print.
+
+Heavy libraries (torch, onnxruntime, tritonclient) are imported inside the commands, so
+`cnnpack --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    name="cnnpack",
+    help="Train an image-classification CNN, export it to TorchScript/ONNX, prove the exports match, "
+    "benchmark them and serve them with Triton.\n\nExample: cnnpack pipeline",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+STATE = {"debug": False}
+
+
+def _err(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+
+
+def handles_errors(fn):
+    """Turns cnnpack errors into one stderr line and the exit code of their class."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from cnnpack.errors import CnnpackError
+
+        try:
+            return fn(*args, **kwargs)
+        except CnnpackError as e:
+            if STATE["debug"]:
+                raise
+            _err(str(e))
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+
+
+def default_run_dir(prefix: str) -> Path:
+    """A new folder under runs/: runs/<prefix>-<n>."""
+    root = Path("runs")
+    n = 1
+    while (root / f"{prefix}-{n}").exists():
+        n += 1
+    return root / f"{prefix}-{n}"
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
+    STATE["debug"] = debug
+
+
+def usage_error(msg: str) -> typer.Exit:
+    """Prints a usage error; `raise usage_error(...)` exits 2."""
+    _err(msg)
+    return typer.Exit(2)
+
+
+# Each command lives in its own module and registers itself on `app` when imported.
+from cnnpack.cli import train_cmd  # noqa: E402,F401
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")  # torch's noisy warnings on CPU-only boxes
+    try:
+        app()
+    except BrokenPipeError:  # `cnnpack ... | head`
+        sys.exit(0)

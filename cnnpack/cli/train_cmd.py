@@ -1,0 +1,106 @@
+"""`cnnpack train` and `cnnpack evaluate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cnnpack.cli import app, default_run_dir, emit, handles_errors, usage_error
+
+
+@app.command()
+@handles_errors
+def train(
+    data: str = typer.Option("shapes", help="shapes | PATH (ImageFolder) | torchvision:NAME"),
+    arch: str = typer.Option("cnn", help="cnn or any torchvision classifier (resnet18, mobilenet_v3_small, ...)"),
+    run: Optional[Path] = typer.Option(None, help="Run directory (default: a new runs/train-N)."),
+    image_size: int = typer.Option(64, help="Square input size in pixels."),
+    epochs: int = typer.Option(8, min=1),
+    batch_size: int = typer.Option(64, min=1),
+    optimizer: str = typer.Option("adamw", help="adamw | sgd"),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-2 adamw, 0.1 sgd)."),
+    weight_decay: float = typer.Option(5e-4),
+    label_smoothing: float = typer.Option(0.05),
+    patience: int = typer.Option(4, help="Early stopping: epochs without a val-accuracy gain."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    amp: bool = typer.Option(True, help="Mixed precision on CUDA (bf16 where supported, else fp16)."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
+                                                 help="Default: on for CUDA."),
+    pretrained: bool = typer.Option(False, help="Start from torchvision weights (needs them reachable)."),
+    val_fraction: float = typer.Option(0.2, help="Held-out share when PATH has no train/val folders."),
+    data_root: Optional[str] = typer.Option(None, help="Root folder for torchvision:NAME datasets."),
+    download: bool = typer.Option(False, help="Let torchvision:NAME download (only when online)."),
+    force: bool = typer.Option(False, help="Replace a run that already exists in --run."),
+    resume: bool = typer.Option(False, help="Continue the run in --run from its last finished epoch."),
+    progress: bool = typer.Option(True, help="Show a live progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
+):
+    """Train a classifier into a run directory.
+
+    Example: cnnpack train --data shapes --arch cnn --epochs 8 --run runs/demo
+    """
+    from cnnpack.distributed import context_from_env
+    from cnnpack.train import TrainConfig
+    from cnnpack.train import train as do_train
+
+    if resume and run is None:
+        raise usage_error("--resume needs --run DIR")
+    cfg = TrainConfig(data=data, arch=arch, image_size=image_size, epochs=epochs, batch_size=batch_size,
+                      optimizer=optimizer, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
+                      patience=patience, seed=seed, device=device, amp=amp, channels_last=channels_last,
+                      pretrained=pretrained, val_fraction=val_fraction, data_root=data_root, download=download)
+    run = run or default_run_dir("train")
+    dist = context_from_env(device)
+    try:
+        section = do_train(run, cfg, force=force, resume=resume, progress=progress and not as_json, dist=dist)
+    finally:
+        if dist is not None:
+            dist.close()
+    if dist is not None and dist.rank != 0:
+        return
+    m = section["metrics"]
+    emit(section, as_json)
+    if not as_json:
+        typer.echo(f"best val top-1 {100 * m['best_val_acc']:.2f}% (epoch {m['best_epoch']}/{m['epochs']}), "
+                   f"{m['wall_s']:.1f} s, {m['train_images_per_s']:.0f} img/s; run: {run}")
+
+
+@app.command()
+@handles_errors
+def evaluate(
+    run: Path = typer.Option(..., help="Run directory."),
+    format: str = typer.Option("checkpoint", help="checkpoint | onnx | torchscript"),
+    data: Optional[str] = typer.Option(None, help="Dataset (default: the one the run was trained on)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Accuracy and confusion matrix of a checkpoint or an exported artifact.
+
+    Example: cnnpack evaluate --run runs/demo --format onnx
+    """
+    from cnnpack.evaluate import evaluate as do_eval
+
+    result = do_eval(run, fmt=format, data=data, device=device)
+    emit(result, as_json)
+    if not as_json:
+        _print_eval(result)
+
+
+def _print_eval(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    classes, cm = result["classes"], result["confusion_matrix"]
+    t = Table(title=f"{result['format']}: top-1 {100 * result['accuracy']:.2f}% on {result['images']} images")
+    t.add_column("true \\ pred")
+    for c in classes:
+        t.add_column(c, justify="right")
+    for c, row in zip(classes, cm):
+        t.add_row(c, *[str(v) for v in row])
+    Console().print(t)
+    typer.echo(f"written: {result['output']}")
+
+

@@ -1,0 +1,281 @@
+"""Datasets: the built-in `shapes`, a user's ImageFolder, or `torchvision:<name>`.
+
+Every source ends up as a `Split`: uint8 images `(N, 3, S, S)` already resized to the model
+size, and int64 labels. Images are decoded once into memory (the datasets this tool targets
+fit), so an epoch is a shuffle plus cheap tensor augmentation, not thousands of PNG decodes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from cnnpack.errors import UserInputError
+
+SHAPES = "shapes"
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    labels: torch.Tensor  # (N,) int64
+    files: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Data:
+    train: Split
+    val: Split
+    classes: list[str]
+    source: str
+    skipped: list[str] = field(default_factory=list)  # unreadable files, as "path: reason"
+
+    def summary(self) -> dict:
+        return {
+            "source": self.source,
+            "classes": self.classes,
+            "train_images": len(self.train),
+            "val_images": len(self.val),
+            "train_per_class": torch.bincount(self.train.labels, minlength=len(self.classes)).tolist(),
+            "val_per_class": torch.bincount(self.val.labels, minlength=len(self.classes)).tolist(),
+            "skipped_files": len(self.skipped),
+        }
+
+
+# -- decoding ------------------------------------------------------------------------------
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, RGBA, palette and CMYK images become RGB (alpha over white)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
+        return bg
+    return img.convert("RGB")
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resizes the shorter side to `size`, then crops the centre square."""
+    w, h = img.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def read_image(path: str | Path, size: int) -> np.ndarray:
+    """One image file as a (3, S, S) uint8 array; raises OSError/ValueError if unreadable."""
+    with Image.open(path) as img:
+        img.load()
+        rgb = resize_center_crop(to_rgb(img), size)
+    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _try_read(path: Path, size: int) -> tuple[np.ndarray | None, str]:
+    try:
+        return read_image(path, size), ""
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        return None, f"{path}: {type(e).__name__}"
+
+
+# -- ImageFolder -----------------------------------------------------------------------------
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _read_folder(root: Path, classes: list[str], size: int, skipped: list[str],
+                 present: list[str] | None = None) -> Split:
+    """Reads `root/<class>/*` for each class in `present` (default: all), labelled by `classes`."""
+    paths, labels = [], []
+    for cls in present or classes:
+        ci = classes.index(cls)
+        folder = root / cls
+        files = _files(folder) if folder.is_dir() else []
+        if not files:
+            raise UserInputError(f"class folder {folder} has no files; remove it or add images")
+        paths += files
+        labels += [ci] * len(files)
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        results = list(pool.map(lambda p: _try_read(p, size), paths))
+    keep = [i for i, (arr, _) in enumerate(results) if arr is not None]
+    skipped += [why for arr, why in results if arr is None]
+    kept_labels = [labels[i] for i in keep]
+    for cls in present or classes:
+        if classes.index(cls) not in kept_labels:
+            raise UserInputError(f"class folder {root / cls} has no readable images")
+    images = torch.from_numpy(np.stack([results[i][0] for i in keep]))
+    return Split(images, torch.tensor(kept_labels, dtype=torch.int64), [str(paths[i]) for i in keep])
+
+
+def _check_classes(root: Path, classes: list[str]) -> None:
+    if not classes:
+        raise UserInputError(f"{root} has no class folders; expected {root}/<class>/<image files>")
+    if len(classes) < 2:
+        raise UserInputError(f"{root} has only one class ({classes[0]}); a classifier needs at least two")
+
+
+def split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified seeded split: each class keeps ~val_fraction of its images for validation."""
+    g = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = [], []
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = max(1, round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+def _subset(split: Split, idx: torch.Tensor) -> Split:
+    return Split(split.images[idx], split.labels[idx], [split.files[i] for i in idx.tolist()])
+
+
+def load_image_folder(root: Path, size: int, *, val_fraction: float = 0.2, seed: int = 0) -> Data:
+    """`root/train/<class>/*` + `root/val/<class>/*`, or `root/<class>/*` split with `seed`."""
+    if not root.exists():
+        raise UserInputError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise UserInputError(f"--data {root} is a file; expected an ImageFolder directory")
+    skipped: list[str] = []
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes = [p.name for p in _class_dirs(root / "train")]
+        _check_classes(root / "train", classes)
+        val_classes = [p.name for p in _class_dirs(root / "val")]
+        if extra := sorted(set(val_classes) - set(classes)):
+            raise UserInputError(f"{root / 'val'} has classes not in train: {', '.join(extra)}")
+        train = _read_folder(root / "train", classes, size, skipped)
+        val = _read_folder(root / "val", classes, size, skipped, present=val_classes)
+    else:
+        classes = [p.name for p in _class_dirs(root)]
+        _check_classes(root, classes)
+        full = _read_folder(root, classes, size, skipped)
+        tr, va = split_indices(full.labels, val_fraction, seed)
+        train, val = _subset(full, tr), _subset(full, va)
+    if len(val) == 0:
+        raise UserInputError(f"{root}: too few images to hold out a validation split")
+    return Data(train, val, classes, str(root), skipped)
+
+
+# -- torchvision datasets --------------------------------------------------------------------
+def _resize_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) uint8 -> (N, 3, size, size) uint8, in chunks to bound memory."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images.contiguous()
+    out = []
+    for chunk in images.split(2048):
+        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _tv_split(ds, size: int) -> Split:
+    data = ds.data
+    arr = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    if arr.ndim == 3:  # (N, H, W) grayscale
+        arr = arr[:, None]
+    elif arr.shape[-1] in (1, 3):  # (N, H, W, C)
+        arr = arr.transpose(0, 3, 1, 2)
+    images = _resize_tensor(torch.from_numpy(np.ascontiguousarray(arr)).to(torch.uint8), size)
+    targets = ds.targets if hasattr(ds, "targets") else ds.labels
+    return Split(images, torch.as_tensor(np.asarray(targets), dtype=torch.int64))
+
+
+def load_torchvision(name: str, size: int, *, root: Path, download: bool) -> Data:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    if cls is None or not isinstance(cls, type):
+        raise UserInputError(f"torchvision has no dataset {name!r} (e.g. MNIST, FashionMNIST, CIFAR10)")
+    try:
+        train_ds = cls(str(root), train=True, download=download)
+        val_ds = cls(str(root), train=False, download=download)
+    except TypeError:
+        raise UserInputError(f"torchvision:{name} has no train/test split cnnpack can read") from None
+    except RuntimeError as e:
+        hint = "" if download else " (pass --download to fetch it when online)"
+        raise UserInputError(f"torchvision:{name} not found under {root}: {e}{hint}".splitlines()[0]) from None
+    if not hasattr(train_ds, "data"):
+        raise UserInputError(f"torchvision:{name} does not expose in-memory `data`; export it as an ImageFolder")
+    classes = [str(c) for c in train_ds.classes]
+    return Data(_tv_split(train_ds, size), _tv_split(val_ds, size), classes, f"torchvision:{name}")
+
+
+# -- entry point ---------------------------------------------------------------------------
+def load_data(data: str, image_size: int, *, seed: int = 0, val_fraction: float = 0.2,
+              data_root: str | None = None, download: bool = False) -> Data:
+    """Resolves `--data` (shapes | PATH | torchvision:NAME) to decoded train/val splits."""
+    if image_size < 8:
+        raise UserInputError(f"--image-size {image_size} is too small (minimum 8)")
+    if data == SHAPES:
+        from cnnpack import shapes
+
+        root = shapes.materialise(image_size=image_size, seed=0)
+        d = load_image_folder(root, image_size)
+        d.source = SHAPES
+        return d
+    if data.startswith("torchvision:"):
+        root = Path(data_root or Path.home() / ".cache" / "torchvision")
+        return load_torchvision(data.split(":", 1)[1], image_size, root=root, download=download)
+    return load_image_folder(Path(data), image_size, val_fraction=val_fraction, seed=seed)
+
+
+# -- batches ---------------------------------------------------------------------------------
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Raw pixels 0-255 (any dtype) -> float, scaled to 0-1 and standardised per channel."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random crop (reflect-padded by S/16) and horizontal flip, per image. x: (N, 3, S, S) uint8."""
+    n, _, s, _ = x.shape
+    pad = max(1, s // 16)
+    padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
+    offs = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
+    flips = torch.rand(n, generator=g) < 0.5
+    out = torch.empty_like(x)
+    for i in range(n):
+        dy, dx = offs[i].tolist()
+        crop = padded[i, :, dy:dy + s, dx:dx + s]
+        out[i] = (crop.flip(-1) if flips[i] else crop).to(torch.uint8)
+    return out
+
+
+def iterate(split: Split, batch_size: int, *, shuffle: bool = False, g: torch.Generator | None = None,
+            train_aug: bool = False, indices: torch.Tensor | None = None):
+    """Yields (images uint8 (B, 3, S, S), labels (B,)) batches; `indices` restricts to a shard."""
+    idx = torch.arange(len(split)) if indices is None else indices
+    if shuffle:
+        idx = idx[torch.randperm(len(idx), generator=g)]
+    for start in range(0, len(idx), batch_size):
+        b = idx[start:start + batch_size]
+        x = split.images[b]
+        yield (augment(x, g) if train_aug else x), split.labels[b]
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)

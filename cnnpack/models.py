@@ -1,0 +1,168 @@
+"""The model registry: the project's own `cnn` plus every torchvision classification model.
+
+The checkpoint stores the model spec beside the weights, so `build_model(spec)` followed by
+`load_state_dict` is all anyone needs to get the network back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnpack.errors import UserInputError
+from cnnpack.registry import Registry
+from cnnpack.spec import ModelSpec
+
+MODELS: Registry = Registry("arch")
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class CompactCNN(nn.Module):
+    """Conv-BN-ReLU stages with pooling, a concat (max + average) global pool and a linear head.
+
+    A stride-2 stem keeps the cost low at 64 px. The global max pool answers "is this feature
+    anywhere in the image", which is what shape-like classes need and what an average pool
+    alone learns slowly; the adaptive pools make any input size from 32 to 224 px work.
+    """
+
+    def __init__(self, num_classes: int, channels: int = 3, width: int = 16, dropout: float = 0.1):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            conv_bn_relu(channels, w, stride=2),  # (N, w, H/2, W/2)
+            conv_bn_relu(w, 2 * w),
+            nn.MaxPool2d(2),  # (N, 2w, H/4, W/4)
+            conv_bn_relu(2 * w, 4 * w),
+            nn.MaxPool2d(2),  # (N, 4w, H/8, W/8)
+            conv_bn_relu(4 * w, 8 * w),
+        )
+        self.max_pool = nn.AdaptiveMaxPool2d(1)
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(16 * w, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)  # (N, 8w, h, w)
+        return self.head(torch.cat([self.max_pool(f), self.avg_pool(f)], dim=1))  # (N, K)
+
+
+@MODELS.register("cnn")
+def _cnn(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
+    if pretrained:
+        raise UserInputError("--pretrained: the built-in `cnn` has no pretrained weights")
+    return CompactCNN(spec.num_classes, spec.channels, **spec.arch_kwargs)
+
+
+def torchvision_classifiers() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swaps the last nn.Linear for one with `num_classes` outputs (fc / classifier / heads)."""
+    parent, attr, last = None, None, None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise UserInputError(f"{type(model).__name__} has no linear classifier head to resize")
+    *path, attr = last.split(".")
+    parent = model
+    for p in path:
+        parent = getattr(parent, p)
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+
+
+def _torchvision_model(arch: str, spec: ModelSpec, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    if not pretrained:
+        return torchvision.models.get_model(arch, num_classes=spec.num_classes, **spec.arch_kwargs)
+    try:
+        model = torchvision.models.get_model(arch, weights="DEFAULT", **spec.arch_kwargs)
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
+        raise UserInputError(
+            f"--pretrained: cannot get torchvision weights for {arch} ({type(e).__name__}: {e}); "
+            "use --weights FILE or train from scratch"
+        ) from None
+    _replace_head(model, spec.num_classes)
+    return model
+
+
+def arch_names() -> list[str]:
+    return ["cnn", *torchvision_classifiers()]
+
+
+def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
+    """Builds the network named by `spec.arch` with `spec.num_classes` outputs."""
+    if spec.arch in MODELS:
+        return MODELS.get(spec.arch)(spec, pretrained)
+    if spec.arch in torchvision_classifiers():
+        return _torchvision_model(spec.arch, spec, pretrained)
+    raise UserInputError(f"unknown arch {spec.arch!r}; valid: {', '.join(arch_names())}")
+
+
+def check_arch(arch: str) -> None:
+    if arch not in MODELS and arch not in torchvision_classifiers():
+        raise UserInputError(f"unknown arch {arch!r}; valid: {', '.join(arch_names())}")
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    """Loads a state dict (or a cnnpack checkpoint holding one) without running pickled code."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserInputError(f"weights file not found: {path}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt/foreign file
+        raise UserInputError(f"{path} is not a loadable weights file ({type(e).__name__}: {e})".splitlines()[0]) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserInputError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def load_weights(model: nn.Module, state: dict, *, source: str) -> None:
+    """Loads `state` into `model` strictly, or raises saying what did not fit (nothing loaded)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise UserInputError(f"{source} is not a state dict for this model: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+class RawPixels(nn.Module):
+    """Wraps a network so it takes raw RGB pixels 0-255 (FP32, NCHW) and normalises inside.
+
+    This is the exported model's contract (DESIGN.md §4): a client only needs the image size.
+    """
+
+    def __init__(self, net: nn.Module, mean, std) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)))
+        self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+                             / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W) raw pixels
+        return self.net(x * self.scale - self.shift)

@@ -1,0 +1,83 @@
+"""The plots a person wants after training: curves, confusion matrix, a prediction grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cnnpack.rundir import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def curves(history: list[dict], path: Path) -> None:
+    """Loss and accuracy per epoch, train and val side by side."""
+    plt = _pyplot()
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    a.plot(ep, [h["val_loss"] for h in history], "o-", label="val")
+    a.set(title="loss", xlabel="epoch")
+    b.plot(ep, [100 * h["train_acc"] for h in history], "o-", label="train")
+    b.plot(ep, [100 * h["val_acc"] for h in history], "o-", label="val")
+    b.set(title="top-1 accuracy (%)", xlabel="epoch")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "confusion matrix (val)") -> None:
+    """Row-normalised confusion matrix with the raw counts written in each cell."""
+    plt = _pyplot()
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black")
+        ax.set_xticks(range(k), classes, rotation=45, ha="right")
+        ax.set_yticks(range(k), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    _save(fig, path)
+
+
+def samples(images: np.ndarray, true: list[int], pred: list[int], classes: list[str], path: Path) -> None:
+    """A grid of images (N, 3, H, W uint8) titled `pred (true)`; mistakes in red."""
+    plt = _pyplot()
+    n = len(images)
+    cols = min(8, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, ax in enumerate(axes.flat[:n]):
+        ax.imshow(images[i].transpose(1, 2, 0))
+        ok = true[i] == pred[i]
+        label = classes[pred[i]] if ok else f"{classes[pred[i]]}\n(true: {classes[true[i]]})"
+        ax.set_title(label, fontsize=7, color="green" if ok else "red")
+        if not ok:
+            for spine in ax.spines.values():
+                spine.set(visible=True, color="red", linewidth=2)
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("validation predictions (red: mistakes)", fontsize=9)
+    _save(fig, path)

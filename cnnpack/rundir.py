@@ -1,0 +1,183 @@
+"""The run directory and its manifest (`cnnpack.json`): how stages hand work to each other.
+
+Every write goes to a temp file in the same folder and is then moved into place with
+`os.replace`, so a crash never leaves a half-written manifest, checkpoint or artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from cnnpack import __version__
+from cnnpack.errors import MissingStageError, UserInputError
+
+SCHEMA_VERSION = 1
+MANIFEST = "cnnpack.json"
+
+
+def sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yields a temp path beside `dest`; on success it replaces `dest`, on error it is removed."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, dest)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(dest: str | Path, text: str) -> None:
+    atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+def atomic_write_json(dest: str | Path, obj: Any) -> None:
+    atomic_write_text(dest, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide numbers (without importing anything heavy)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "onnx", "onnxruntime-gpu", "onnxruntime", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Run:
+    """A run directory: `path/cnnpack.json` plus the files the stages write beside it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- creation / opening -------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """Opens an existing run, or raises naming what is missing."""
+        run = cls(path)
+        if not run.path.exists():
+            raise UserInputError(f"no such run directory: {run.path}")
+        if not run.manifest_path.is_file():
+            raise UserInputError(
+                f"{run.path} is not a cnnpack run (no {MANIFEST}); create one with `cnnpack train`"
+            )
+        run.read()  # fail early on a corrupt manifest
+        return run
+
+    @classmethod
+    def create(cls, path: str | Path, model_spec: dict, *, force: bool = False) -> Run:
+        """Creates a run with a fresh manifest. Refuses a folder that holds another run."""
+        run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise UserInputError(f"run path {run.path} is a file, not a directory")
+        if run.manifest_path.exists() and not force:
+            raise UserInputError(
+                f"{run.path} already holds a run; pass --force to replace it or --resume to continue it"
+            )
+        if run.path.is_dir() and any(run.path.iterdir()) and not run.manifest_path.exists() and not force:
+            raise UserInputError(f"{run.path} is not empty and not a cnnpack run; choose another --run")
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "created": now(),
+                "tool": {"name": "cnnpack", "version": __version__},
+                "libraries": library_versions(),
+                "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                            "cpu_count": os.cpu_count()},
+                "model": model_spec,
+                "stages": {},
+            }
+        )
+        return run
+
+    # -- manifest -----------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def read(self) -> dict:
+        try:
+            data = json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserInputError(f"cannot read manifest {self.manifest_path}: {e}") from None
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise UserInputError(
+                f"{self.manifest_path} has schema_version {data.get('schema_version')!r}, "
+                f"this cnnpack reads {SCHEMA_VERSION}"
+            )
+        return data
+
+    def write(self, manifest: dict) -> None:
+        atomic_write_json(self.manifest_path, manifest)
+
+    def update(self, fn: Callable[[dict], None]) -> dict:
+        """Read-modify-write of the manifest; `fn` mutates the dict in place."""
+        manifest = self.read()
+        fn(manifest)
+        self.write(manifest)
+        return manifest
+
+    def set_stage(self, name: str, section: dict) -> dict:
+        """Replaces `stages.<name>` with `section` (stamped with the time)."""
+        section = {"updated": now(), **section}
+        return self.update(lambda m: m.setdefault("stages", {}).__setitem__(name, section))
+
+    def stage(self, name: str, *, required_by: str | None = None, hint: str = "") -> dict:
+        """Returns `stages.<name>` or raises MissingStageError saying which command to run first."""
+        section = self.read().get("stages", {}).get(name)
+        if not section or section.get("status") != "ok":
+            who = f"`cnnpack {required_by}` needs" if required_by else "this needs"
+            raise MissingStageError(
+                f"{who} a successful `{name}` stage in {self.path}; run {hint or f'`cnnpack {name} --run {self.path}`'} first"
+            )
+        return section
+
+    @property
+    def model_spec(self) -> dict:
+        return self.read()["model"]
+
+    # -- files --------------------------------------------------------------------------
+    def file(self, rel: str | Path) -> Path:
+        return self.path / rel
+
+    def rel(self, path: str | Path) -> str:
+        return os.path.relpath(Path(path), self.path)
+
+    def file_record(self, path: str | Path) -> dict:
+        """`{path (relative), sha256}` for a file in the run."""
+        return {"path": self.rel(path), "sha256": sha256(path)}

@@ -1,0 +1,366 @@
+"""`cnnpack train`: train a classifier into a run directory.
+
+The loop reads top to bottom: build data and model, then per epoch train, evaluate, write
+`last.pt` (resume state) and, when val accuracy improved, `checkpoint.pt` (best weights +
+model spec). Each epoch reseeds its own RNGs from (seed, epoch), so a resumed run replays
+exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnpack import data as data_mod
+from cnnpack import plots
+from cnnpack.errors import CnnpackError, UserInputError
+from cnnpack.models import build_model, check_arch, load_weights
+from cnnpack.rundir import Run, atomic_path, atomic_write_json
+from cnnpack.spec import ModelSpec
+
+CHECKPOINT = "checkpoint.pt"
+LAST = "last.pt"
+
+
+class Interrupted(CnnpackError):
+    """Ctrl-C during training: the last finished epoch is kept and resumable."""
+
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = "shapes"
+    arch: str = "cnn"
+    image_size: int = 64
+    epochs: int = 8
+    batch_size: int = 64
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float | None = None  # default per optimizer
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.05
+    patience: int = 4  # early stopping: epochs without a val-accuracy gain
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # only on CUDA: bf16 where supported, else fp16 with a scaler
+    channels_last: bool | None = None  # default: on for CUDA
+    pretrained: bool = False
+    val_fraction: float = 0.2
+    data_root: str | None = None
+    download: bool = False
+    workers_note: str = "in-memory dataset, no loader workers"
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise UserInputError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UserInputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise UserInputError(f"--optimizer {self.optimizer!r}; valid: adamw, sgd")
+        if not 0 < self.val_fraction < 1:
+            raise UserInputError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserInputError(f"--device {self.device!r}; valid: auto, cpu, cuda")
+        check_arch(self.arch)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA GPU is visible to PyTorch on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module, steps: int):
+    if cfg.optimizer == "sgd":
+        lr = cfg.lr or 0.1
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    else:
+        lr = cfg.lr or 1e-2
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
+    return opt, sched
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save through a temp file + os.replace."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+    """The best weights of a run, as an eval-mode model, and its spec."""
+    path = run.file(CHECKPOINT)
+    if not path.is_file():
+        raise UserInputError(f"{run.path} has no {CHECKPOINT}; train it first (`cnnpack train --run {run.path}`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        spec = ModelSpec.from_dict(ckpt["spec"])
+        state = ckpt["state_dict"]
+    except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, missing keys
+        raise UserInputError(f"{path} is not a readable cnnpack checkpoint ({type(e).__name__})") from None
+    model = build_model(spec)
+    load_weights(model, state, source=str(path))
+    return model.to(device).eval(), spec
+
+
+def _epoch_rng(seed: int, epoch: int) -> torch.Generator:
+    torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def _autocast(device: torch.device, cfg: TrainConfig):
+    if device.type != "cuda" or not cfg.amp:
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def _to_input(x: torch.Tensor, spec: ModelSpec, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = data_mod.normalize(x.to(device, non_blocking=True), spec.mean, spec.std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, split: data_mod.Split, spec: ModelSpec, device: torch.device,
+            batch_size: int = 256, channels_last: bool = False) -> torch.Tensor:
+    """Logits of `model` over a split, in order: (N, K) float32 on the CPU."""
+    model.eval()
+    out = [model(_to_input(x, spec, device, channels_last)).float().cpu()
+           for x, _ in data_mod.iterate(split, batch_size)]
+    return torch.cat(out) if out else torch.empty(0, spec.num_classes)
+
+
+def confusion_matrix(pred: np.ndarray, true: np.ndarray, k: int) -> np.ndarray:
+    return np.bincount(true * k + pred, minlength=k * k).reshape(k, k)
+
+
+def _train_one_epoch(model, split, spec, cfg, device, opt, sched, loss_fn, g, progress, task, state) -> dict:
+    model.train()
+    autocast, scaler = state["autocast"], state["scaler"]
+    total, correct, loss_sum, seen, t0 = len(split), 0, 0.0, 0, time.perf_counter()
+    for x, y in data_mod.iterate(split, cfg.batch_size, shuffle=True, g=g, train_aug=True,
+                                 indices=state.get("shard")):
+        x, y = _to_input(x, spec, device, state["channels_last"]), y.to(device, non_blocking=True)
+        with autocast:
+            logits = model(x)  # (B, K)
+            loss = loss_fn(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        sched.step()
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        if progress is not None:
+            ips = seen / (time.perf_counter() - t0)
+            progress.update(task, advance=1, loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}%",
+                            ips=f"{ips:,.0f} img/s")
+    wall = time.perf_counter() - t0
+    del total
+    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "train_images_per_s": seen / max(wall, 1e-9), "train_wall_s": wall}
+
+
+def _validate(model, split, spec, device, loss_fn, channels_last) -> dict:
+    logits = predict(model, split, spec, device, channels_last=channels_last)
+    y = split.labels
+    return {"val_loss": float(loss_fn(logits, y)), "val_acc": float((logits.argmax(1) == y).float().mean())}
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]}"),
+                    TimeElapsedColumn(), transient=False)
+
+
+def _write_plots(run: Run, model, data: data_mod.Data, spec: ModelSpec, device, history) -> dict:
+    logits = predict(model, data.val, spec, device)
+    pred = logits.argmax(1).numpy()
+    true = data.val.labels.numpy()
+    cm = confusion_matrix(pred, true, spec.num_classes)
+    plots.curves(history, run.file("curves.png"))
+    plots.confusion(cm, list(spec.classes), run.file("confusion.png"))
+    # a grid that shows the mistakes first, then correct ones
+    wrong = np.nonzero(pred != true)[0][:16]
+    right = np.nonzero(pred == true)[0][: 32 - len(wrong)]
+    idx = np.concatenate([wrong, right])
+    plots.samples(data.val.images[idx].numpy(), true[idx].tolist(), pred[idx].tolist(), list(spec.classes),
+                  run.file("samples.png"))
+    return {"confusion_matrix": cm.tolist(), "val_acc": float((pred == true).mean())}
+
+
+def _resume_state(run: Run, model, opt, sched) -> tuple[int, list[dict]]:
+    path = run.file(LAST)
+    if not path.is_file():
+        raise UserInputError(f"--resume: {run.path} has no {LAST} to resume from")
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        history, epoch = st["history"], int(st["epoch"])
+    except Exception as e:  # noqa: BLE001 - truncated zip, foreign file, wrong keys or shapes
+        raise UserInputError(f"--resume: {path} is truncated or not a cnnpack resume state ({type(e).__name__})") from None
+    return epoch, history
+
+
+def _recorded_config(run_dir: Path) -> TrainConfig:
+    """The config a run was started with (what `--resume` continues)."""
+    recorded = Run.open(run_dir).read().get("stages", {}).get("train", {}).get("config")
+    if not recorded:
+        raise UserInputError(f"--resume: {run_dir} has no recorded training to resume")
+    try:
+        return TrainConfig(**recorded)
+    except TypeError:
+        raise UserInputError(f"--resume: {run_dir} was trained by an incompatible cnnpack version") from None
+
+
+def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool = False, resume: bool = False,
+          progress: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None,
+          dist: object | None = None) -> dict:
+    """Trains into `run_dir` and returns the `stages.train` manifest section.
+
+    Args:
+        run_dir: the run directory (created; refused if it holds another run unless `force`).
+        cfg: the training configuration (recorded in the manifest).
+        resume: continue the run in `run_dir` from its `last.pt`, with its recorded config.
+        on_epoch_end: called after each finished epoch (tests use it to interrupt).
+        dist: a `cnnpack.distributed.Context` when launched under torchrun.
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        cfg = _recorded_config(run_dir)
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    is_main = dist is None or dist.rank == 0
+    t_start = time.perf_counter()
+    data = data_mod.load_data(cfg.data, cfg.image_size, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                              data_root=cfg.data_root, download=cfg.download)
+    spec = ModelSpec(arch=cfg.arch, num_classes=len(data.classes), classes=tuple(data.classes),
+                     image_size=cfg.image_size)
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec, pretrained=cfg.pretrained).to(device)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    shard = dist.shard(len(data.train)) if dist is not None else None
+    n_train = len(shard) if shard is not None else len(data.train)
+    steps_per_epoch = data_mod.num_batches(n_train, cfg.batch_size)
+    opt, sched = make_optimizer(cfg, model, cfg.epochs * steps_per_epoch)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    autocast, scaler = _autocast(device, cfg)
+    state = {"autocast": autocast, "scaler": scaler, "channels_last": channels_last, "shard": shard}
+
+    if is_main and resume:
+        run = Run.open(run_dir)
+    elif is_main:
+        run = Run.create(run_dir, spec.to_dict(), force=force)
+        run.set_stage("train", {"status": "running", "config": asdict(cfg), "data": data.summary()})
+    else:
+        run = Run(run_dir)
+    start_epoch, history = (_resume_state(run, model, opt, sched) if resume else (0, []))
+    train_model = dist.wrap(model) if dist is not None else model
+    best = max((h["val_acc"] for h in history), default=-1.0)
+    stale = _stale_epochs(history)
+
+    with _progress(progress and is_main) as bar:
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            if stale >= cfg.patience:
+                break
+            g = _epoch_rng(cfg.seed, epoch)
+            if dist is not None:
+                state["shard"] = dist.shard(len(data.train), epoch=epoch, seed=cfg.seed)
+            task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, loss="-", acc="-",
+                                ips="-") if bar is not None else None
+            try:
+                stats = _train_one_epoch(train_model, data.train, spec, cfg, device, opt, sched, loss_fn, g,
+                                         bar, task, state)
+                if dist is not None:
+                    stats = dist.reduce_stats(stats)
+                stats.update(_validate(model, data.val, spec, device, loss_fn, channels_last))
+            except KeyboardInterrupt:
+                if is_main:
+                    run.update(lambda m: m["stages"]["train"].update(status="interrupted"))
+                done = history[-1]["epoch"] if history else 0
+                raise Interrupted(f"interrupted during epoch {epoch}; epoch {done} is kept in {run.file(LAST)}; "
+                                  f"continue with `cnnpack train --run {run.path} --resume`") from None
+            stats = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats}
+            history.append(stats)
+            improved = stats["val_acc"] > best
+            best = max(best, stats["val_acc"])
+            stale = 0 if improved else stale + 1
+            if is_main:
+                if improved:
+                    save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": epoch,
+                                "val_acc": stats["val_acc"]}, run.file(CHECKPOINT))
+                save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
+                            "rng": torch.get_rng_state()}, run.file(LAST))
+                atomic_write_json(run.file("history.json"), history)
+            if on_epoch_end is not None:
+                try:
+                    on_epoch_end(epoch, stats)
+                except KeyboardInterrupt:
+                    if is_main:
+                        run.update(lambda m: m["stages"]["train"].update(status="interrupted"))
+                    raise Interrupted(f"interrupted after epoch {epoch}; it is kept in {run.file(LAST)}; "
+                                      f"continue with `cnnpack train --run {run.path} --resume`") from None
+    if not is_main:
+        return {}
+    return _finish(run, data, spec, device, history, t_start, resume)
+
+
+def _stale_epochs(history: list[dict]) -> int:
+    best, stale = -1.0, 0
+    for h in history:
+        stale = 0 if h["val_acc"] > best else stale + 1
+        best = max(best, h["val_acc"])
+    return stale
+
+
+def _finish(run: Run, data, spec, device, history, t_start, resumed: bool) -> dict:
+    model, _ = load_checkpoint(run, device=device)
+    figures = _write_plots(run, model, data, spec, device, history)
+    best = max(history, key=lambda h: h["val_acc"])
+    prior = run.read()["stages"]["train"]
+    wall = time.perf_counter() - t_start  # this invocation, data loading included
+    section = {
+        **prior,
+        "status": "ok",
+        "metrics": {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "epochs": len(history),
+                    "final_train_acc": history[-1]["train_acc"], "wall_s": round(wall, 2),
+                    "train_images_per_s": round(float(np.median([h["train_images_per_s"] for h in history])), 1)},
+        "confusion_matrix": figures["confusion_matrix"],
+        "outputs": {k: run.file_record(run.file(f)) for k, f in
+                    (("checkpoint", CHECKPOINT), ("last", LAST), ("history", "history.json"),
+                     ("curves", "curves.png"), ("confusion", "confusion.png"), ("samples", "samples.png"))},
+        "device": str(device),
+        "resumed": resumed or prior.get("resumed", False),
+    }
+    section.pop("updated", None)
+    run.set_stage("train", section)
+    return run.read()["stages"]["train"]
