@@ -1,0 +1,43 @@
+"""Shared fixtures: a small real shapes ImageFolder and a quickly trained run on it.
+
+Tests run on the CPU with small images (32 px) and few epochs; the data are real PNG files
+written by the shapes generator into a per-session cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Every test session gets its own cnnpack cache (never the user's ~/.cache)."""
+    cache = tmp_path_factory.mktemp("cnnpack-cache")
+    old = os.environ.get("CNNPACK_CACHE")
+    os.environ["CNNPACK_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("CNNPACK_CACHE", None)
+    else:
+        os.environ["CNNPACK_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_data(_isolated_cache) -> Path:
+    """A 32 px shapes ImageFolder (train/ + val/), 60 + 15 images per class."""
+    from cnnpack import shapes
+
+    return shapes.materialise(image_size=32, seed=1, train_per_class=60, val_per_class=15)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data) -> Path:
+    """A run trained for 2 epochs on `tiny_data` (read-only for tests: copy it to modify)."""
+    from cnnpack.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    train(run, TrainConfig(data=str(tiny_data), image_size=32, epochs=2, batch_size=32), progress=False)
+    return run
