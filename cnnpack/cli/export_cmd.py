@@ -1,0 +1,66 @@
+"""`cnnpack export`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cnnpack.cli import app, default_run_dir, emit, handles_errors, usage_error
+
+
+@app.command()
+@handles_errors
+def export(
+    run: Optional[Path] = typer.Option(None, help="Run directory (with --arch: the new run to create)."),
+    format: str = typer.Option("all", help="onnx | torchscript | all (or a comma list)."),
+    exporter: str = typer.Option("dynamo", help="ONNX exporter: dynamo (torch.export-based) | legacy."),
+    opset: int = typer.Option(18, help="ONNX opset (18 loads in the ONNX Runtime of Triton >= 23.02)."),
+    max_batch_size: int = typer.Option(64, help="Largest batch the dynamic batch dim accepts."),
+    static_batch: Optional[int] = typer.Option(None, help="Export a fixed batch size instead."),
+    simplify: bool = typer.Option(False, help="Run onnxslim on the ONNX graph."),
+    torchscript_mode: str = typer.Option("trace", help="trace | script"),
+    input: str = typer.Option("raw", help="raw: 0-255 pixels, normalised in-graph | normalized: bare network."),
+    half: bool = typer.Option(False, help="fp16 artifacts for GPU targets (needs --device cuda)."),
+    device: str = typer.Option("cpu", help="cpu | cuda: where the model is traced."),
+    arch: Optional[str] = typer.Option(None, help="Export without training: any torchvision classifier or cnn."),
+    num_classes: Optional[int] = typer.Option(None, help="With --arch: number of classes."),
+    image_size: int = typer.Option(224, help="With --arch: input size in pixels."),
+    classes: Optional[str] = typer.Option(None, help="With --arch: comma-separated class names."),
+    pretrained: bool = typer.Option(False, help="With --arch: torchvision weights (must be reachable)."),
+    weights: Optional[Path] = typer.Option(None, help="With --arch: a state-dict file for that arch."),
+    force: bool = typer.Option(False, help="With --arch: replace a run that exists in --run."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
+):
+    """Export a run's model to TorchScript and/or ONNX (raw RGB 0-255 in, logits out).
+
+    Example: cnnpack export --run runs/demo --format onnx
+
+    Example (no training): cnnpack export --arch resnet18 --num-classes 10 --image-size 224 --run runs/r18
+    """
+    from cnnpack.export import EXPORTERS, ExportConfig, create_run, export as do_export
+
+    formats = tuple(EXPORTERS.names()) if format == "all" else tuple(f.strip() for f in format.split(",") if f.strip())
+    cfg = ExportConfig(formats=formats, exporter=exporter, opset=opset, max_batch_size=max_batch_size,
+                       static_batch=static_batch, simplify=simplify, torchscript_mode=torchscript_mode,
+                       input=input, half=half, device=device)
+    cfg.validate()
+    if arch is not None:
+        if num_classes is None:
+            raise usage_error("--arch needs --num-classes K")
+        run = run or default_run_dir(arch)
+        names = [c.strip() for c in classes.split(",")] if classes else None
+        create_run(run, arch=arch, num_classes=num_classes, image_size=image_size, classes=names,
+                   pretrained=pretrained, weights=str(weights) if weights else None, force=force)
+    elif run is None:
+        raise usage_error("--run DIR is required (or --arch ... to export without training)")
+    section = do_export(run, cfg)
+    emit(section, as_json)
+    if not as_json:
+        for fmt in formats:
+            a = section["artifacts"][fmt]
+            shape = "x".join("N" if d == -1 else str(d) for d in a["input"]["shape"])
+            typer.echo(f"{fmt:12s} {run / a['path']}  input {a['input']['name']} {shape} {a['input']['dtype']}"
+                       f"  ({a['export_s']:.1f} s)")
+        typer.echo(f"reproduce: {run / 'export/reproduce.sh'}")

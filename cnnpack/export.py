@@ -1,0 +1,297 @@
+"""`cnnpack export`: deployable TorchScript and ONNX artifacts, each checked before it replaces anything.
+
+Each format is one registered function `(model, spec, cfg, dest) -> Artifact`; adding a format
+touches only this registry. An artifact is written to a temp file, checked (onnx.checker full
+check + shape inference, or a TorchScript reload and run), and only then moved into place and
+recorded in the manifest, so a failed export leaves the previous artifact and manifest as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnpack import __version__
+from cnnpack.errors import StageFailed, UserInputError
+from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
+from cnnpack.registry import Registry
+from cnnpack.rundir import Run, atomic_path, atomic_write_text, sha256
+from cnnpack.spec import ModelSpec
+from cnnpack.train import CHECKPOINT, load_checkpoint, save_torch
+
+EXPORTERS: Registry = Registry("format")
+warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning)
+ONNX_NAMES = ("input", "logits")
+TORCHSCRIPT_NAMES = ("INPUT__0", "OUTPUT__0")  # what Triton's libtorch backend expects
+DEFAULT_OPSET = 18  # the torch.export-based exporter's floor; loads in ORT >= 1.14 (Triton >= 23.02)
+OPSET_RANGE = {"dynamo": (18, 23), "legacy": (7, 20)}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    formats: tuple[str, ...] = ("onnx", "torchscript")
+    exporter: str = "dynamo"  # dynamo (torch.export-based) | legacy (TorchScript-based) for ONNX
+    opset: int = DEFAULT_OPSET
+    max_batch_size: int = 64
+    static_batch: int | None = None
+    simplify: bool = False
+    torchscript_mode: str = "trace"  # trace | script
+    input: str = "raw"  # raw: 0-255 pixels, normalised in-graph | normalized: the bare network
+    half: bool = False  # fp16 weights and I/O (GPU targets)
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        for f in self.formats:
+            EXPORTERS.get(f)  # raises listing the valid formats
+        if self.exporter not in OPSET_RANGE:
+            raise UserInputError(f"--exporter {self.exporter!r}; valid: {', '.join(OPSET_RANGE)}")
+        lo, hi = OPSET_RANGE[self.exporter]
+        if "onnx" in self.formats and not lo <= self.opset <= hi:
+            raise UserInputError(f"--opset {self.opset}: the {self.exporter} exporter produces opsets {lo}..{hi}")
+        if self.max_batch_size < 1:
+            raise UserInputError(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
+        if self.static_batch is not None and self.static_batch < 1:
+            raise UserInputError(f"--static-batch must be >= 1, got {self.static_batch}")
+        if self.torchscript_mode not in ("trace", "script"):
+            raise UserInputError(f"--torchscript-mode {self.torchscript_mode!r}; valid: trace, script")
+        if self.input not in ("raw", "normalized"):
+            raise UserInputError(f"--input {self.input!r}; valid: raw, normalized")
+        if self.half and self.device != "cuda":
+            raise UserInputError("--half makes fp16 artifacts for GPU targets; add --device cuda "
+                                 "(fp16 on the CPU is slow and loses accuracy)")
+
+
+@dataclass
+class Artifact:
+    """What an exporter produced: enough for a runtime or Triton to load and feed it."""
+
+    format: str
+    path: str  # relative to the run directory
+    sha256: str
+    input: dict  # {name, dtype, shape}; -1 marks the dynamic batch dim
+    output: dict
+    max_batch_size: int
+    static_batch: int | None
+    input_kind: str
+    exporter: str
+    export_s: float
+    opset: int | None = None
+    ir_version: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# -- helpers -------------------------------------------------------------------------------
+def metadata(spec: ModelSpec, cfg: ExportConfig) -> dict[str, str]:
+    """What the artifact says about itself (ONNX metadata_props / TorchScript extra files)."""
+    return {
+        "classes": json.dumps(list(spec.classes)),
+        "mean": json.dumps(list(spec.mean)),
+        "std": json.dumps(list(spec.std)),
+        "image_size": str(spec.image_size),
+        "arch": spec.arch,
+        "input_kind": cfg.input,
+        "input_layout": "NCHW RGB, raw pixels 0-255" if cfg.input == "raw" else "NCHW RGB, normalised",
+        "cnnpack_version": __version__,
+    }
+
+
+def _io(spec: ModelSpec, cfg: ExportConfig, names: tuple[str, str]) -> tuple[dict, dict]:
+    batch = cfg.static_batch or -1
+    dtype = "float16" if cfg.half else "float32"
+    return ({"name": names[0], "dtype": dtype, "shape": [batch, spec.channels, spec.image_size, spec.image_size]},
+            {"name": names[1], "dtype": dtype, "shape": [batch, spec.num_classes]})
+
+
+def _example(spec: ModelSpec, cfg: ExportConfig, n: int | None = None) -> torch.Tensor:
+    n = n or cfg.static_batch or 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, spec.channels, spec.image_size, spec.image_size, generator=g) * 255
+    if cfg.input == "normalized":
+        x = (x / 255 - 0.45) / 0.225
+    return x.to(cfg.device, torch.float16 if cfg.half else torch.float32)
+
+
+# -- ONNX ----------------------------------------------------------------------------------
+def _onnx_export(model: nn.Module, x: torch.Tensor, dest: Path, cfg: ExportConfig) -> None:
+    names = dict(input_names=[ONNX_NAMES[0]], output_names=[ONNX_NAMES[1]], opset_version=cfg.opset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cfg.exporter == "legacy":
+            axes = None if cfg.static_batch else {ONNX_NAMES[0]: {0: "batch"}, ONNX_NAMES[1]: {0: "batch"}}
+            torch.onnx.export(model, (x,), str(dest), dynamo=False, dynamic_axes=axes, **names)
+            return
+        dyn = None if cfg.static_batch else ({0: torch.export.Dim("batch", min=1, max=cfg.max_batch_size)},)
+        prog = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dyn, verbose=False, **names)
+        prog.save(str(dest))
+
+
+def check_onnx(path: Path) -> "object":
+    """Full onnx.checker check plus strict shape inference; raises StageFailed naming the problem."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path))
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise StageFailed(f"ONNX check failed for {path.name}: {str(e).strip().splitlines()[0]}") from None
+    return model
+
+
+@EXPORTERS.register("onnx")
+def export_onnx(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path) -> Artifact:
+    import onnx
+
+    t0 = time.perf_counter()
+    try:
+        _onnx_export(model, _example(spec, cfg), dest, cfg)
+    except Exception as e:  # noqa: BLE001 - torch.onnx raises many kinds; report the first line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StageFailed(f"ONNX export ({cfg.exporter}, opset {cfg.opset}) failed: {msg}") from None
+    if cfg.simplify:
+        _simplify(dest)
+    m = check_onnx(dest)
+    for k, v in metadata(spec, cfg).items():
+        m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    m.doc_string = f"cnnpack {__version__}: {spec.arch}, {spec.num_classes} classes, {spec.image_size}px"
+    onnx.save(m, str(dest))
+    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    inp, out = _io(spec, cfg, ONNX_NAMES)
+    return Artifact("onnx", str(dest), "", inp, out, cfg.static_batch or cfg.max_batch_size, cfg.static_batch,
+                    cfg.input, cfg.exporter, time.perf_counter() - t0, opset=opset, ir_version=m.ir_version,
+                    extra={"simplified": cfg.simplify})
+
+
+def _simplify(path: Path) -> None:
+    try:
+        import onnxslim
+    except ImportError:
+        raise UserInputError("--simplify needs onnxslim: pip install 'cnnpack[simplify]'") from None
+    import onnx
+
+    onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
+
+
+# -- TorchScript -----------------------------------------------------------------------------
+@EXPORTERS.register("torchscript")
+def export_torchscript(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path) -> Artifact:
+    t0 = time.perf_counter()
+    x = _example(spec, cfg)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ts = torch.jit.script(model) if cfg.torchscript_mode == "script" else torch.jit.trace(model, (x,))
+        except Exception as e:  # noqa: BLE001 - scripting errors are many kinds
+            raise StageFailed(f"TorchScript {cfg.torchscript_mode} failed: {str(e).strip().splitlines()[0]}") from None
+        ts = torch.jit.freeze(ts.eval())
+    extra = {"cnnpack.json": json.dumps(metadata(spec, cfg))}
+    torch.jit.save(ts, str(dest), _extra_files=extra)
+    # reload and run once: a file that cannot run is not an artifact
+    loaded = torch.jit.load(str(dest), map_location=cfg.device)
+    with torch.no_grad():
+        y = loaded(x)
+    if tuple(y.shape) != (x.shape[0], spec.num_classes):
+        raise StageFailed(f"TorchScript output shape {tuple(y.shape)}, expected {(x.shape[0], spec.num_classes)}")
+    inp, out = _io(spec, cfg, TORCHSCRIPT_NAMES)
+    return Artifact("torchscript", str(dest), "", inp, out, cfg.static_batch or cfg.max_batch_size,
+                    cfg.static_batch, cfg.input, f"torch.jit.{cfg.torchscript_mode}", time.perf_counter() - t0)
+
+
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+# -- the stage -------------------------------------------------------------------------------
+def _deployable(run: Run, cfg: ExportConfig) -> tuple[nn.Module, ModelSpec]:
+    net, spec = load_checkpoint(run, device=cfg.device)
+    model = net if cfg.input == "normalized" else RawPixels(net, spec.mean, spec.std)
+    model = model.to(cfg.device).eval()
+    return (model.half() if cfg.half else model), spec
+
+
+def _reproduce(run: Run, cfg: ExportConfig) -> str:
+    args = ["cnnpack", "export", "--run", str(run.path), "--format", ",".join(cfg.formats),
+            "--exporter", cfg.exporter, "--opset", str(cfg.opset), "--max-batch-size", str(cfg.max_batch_size),
+            "--torchscript-mode", cfg.torchscript_mode, "--input", cfg.input, "--device", cfg.device]
+    args += ["--static-batch", str(cfg.static_batch)] if cfg.static_batch else []
+    args += ["--simplify"] if cfg.simplify else []
+    args += ["--half"] if cfg.half else []
+    return "#!/usr/bin/env bash\n# Re-creates the artifacts of this run exactly as they were made.\nset -euo pipefail\n" \
+           + " ".join(shlex.quote(a) for a in args) + "\n"
+
+
+def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig()) -> dict:
+    """Exports the run's checkpoint in each of `cfg.formats`; returns `stages.export`."""
+    cfg.validate()
+    run = Run.open(run_dir)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
+    model, spec = _deployable(run, cfg)
+    out_dir = run.file("export")
+    records = {}
+    for fmt in cfg.formats:
+        dest = out_dir / f"model{SUFFIX[fmt]}"
+        with atomic_path(dest) as tmp:  # replaced only if the exporter and its checks succeed
+            art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)
+            art.sha256 = sha256(tmp)
+        art.path = run.rel(dest)
+        records[fmt] = art.record()
+        _record(run, cfg, fmt, records[fmt])
+    script = run.file("export/reproduce.sh")
+    atomic_write_text(script, _reproduce(run, cfg))
+    os.chmod(script, 0o755)
+    return run.read()["stages"]["export"]
+
+
+def _record(run: Run, cfg: ExportConfig, fmt: str, record: dict) -> None:
+    ckpt = run.file(CHECKPOINT)
+
+    def update(m: dict) -> None:
+        prior = m.setdefault("stages", {}).get("export", {})
+        arts = dict(prior.get("artifacts", {}))
+        arts[fmt] = {**record, "config": asdict(cfg)}
+        m["stages"]["export"] = {"status": "ok", "updated": record.get("updated"), "artifacts": arts,
+                                 "source": {"checkpoint": run.rel(ckpt), "sha256": sha256(ckpt)},
+                                 "reproduce": "export/reproduce.sh"}
+        m["stages"]["export"].pop("updated")
+
+    run.update(update)
+
+
+# -- export without a training run ----------------------------------------------------------
+def create_run(run_dir: str | Path, *, arch: str, num_classes: int, image_size: int,
+               classes: list[str] | None = None, pretrained: bool = False, weights: str | None = None,
+               seed: int = 0, force: bool = False) -> Run:
+    """A run whose model spec comes from flags: packages any torchvision classifier (or `cnn`)."""
+    check_arch(arch)
+    if num_classes < 2:
+        raise UserInputError(f"--num-classes must be >= 2, got {num_classes}")
+    if image_size < 8:
+        raise UserInputError(f"--image-size {image_size} is too small (minimum 8)")
+    if pretrained and weights:
+        raise UserInputError("use either --pretrained or --weights FILE, not both")
+    classes = classes or [f"class_{i}" for i in range(num_classes)]
+    if len(classes) != num_classes:
+        raise UserInputError(f"--classes names {len(classes)} classes but --num-classes is {num_classes}")
+    spec = ModelSpec(arch=arch, num_classes=num_classes, classes=tuple(classes), image_size=image_size)
+    torch.manual_seed(seed)
+    model = build_model(spec, pretrained=pretrained)
+    if weights:
+        load_weights(model, load_state_dict_file(weights), source=weights)  # validates before any write
+    run = Run.create(run_dir, spec.to_dict(), force=force)
+    save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": 0, "val_acc": None},
+               run.file(CHECKPOINT))
+    source = {"pretrained": pretrained, "weights": weights, "weights_sha256": sha256(weights) if weights else None,
+              "seed": seed, "init": "pretrained" if pretrained else ("file" if weights else "random")}
+    run.set_stage("model", {"status": "ok", "source": source, "checkpoint": run.file_record(run.file(CHECKPOINT))})
+    return run
