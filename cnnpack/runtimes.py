@@ -34,6 +34,7 @@ class ArtifactRef:
 
 class Loaded(Protocol):
     name: str
+    info: dict
 
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -41,32 +42,188 @@ class Loaded(Protocol):
 RUNTIMES: Registry = Registry("runtime")
 
 
+def _torch_device(device: str):
+    from cnnpack.train import resolve_device
+
+    return resolve_device(device)
+
+
 class EagerRuntime:
     """The PyTorch checkpoint, wrapped to take raw pixels, in inference mode."""
 
     name = "eager"
+    format = "checkpoint"
 
-    def __init__(self, model, device) -> None:
-        self.model, self.device = model, device
+    def __init__(self, model, device, dtype=None) -> None:
+        self.model, self.device, self.dtype = model, device, dtype
+        self.info: dict = {"device": str(device)}
 
     @classmethod
-    def load(cls, artifact: ArtifactRef, device: str = "cpu") -> EagerRuntime:
+    def build(cls, artifact: ArtifactRef, device: str = "cpu"):
         from cnnpack.models import RawPixels
-        from cnnpack.train import load_checkpoint, resolve_device
+        from cnnpack.train import load_checkpoint
 
-        dev = resolve_device(device)
+        dev = _torch_device(device)
         net, spec = load_checkpoint(artifact.run, device=dev)
-        return cls(RawPixels(net, spec.mean, spec.std).to(dev).eval(), dev)
+        return RawPixels(net, spec.mean, spec.std).to(dev).eval(), dev
+
+    @classmethod
+    def load(cls, artifact: ArtifactRef, device: str = "cpu", **_: object) -> EagerRuntime:
+        return cls(*cls.build(artifact, device))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+            if self.dtype is not None:
+                x = x.to(self.dtype)
             return self.model(x).float().cpu().numpy()
 
 
-RUNTIMES.register("eager")(EagerRuntime)
+class CompiledRuntime(EagerRuntime):
+    """The eager model under `torch.compile`: what a user would try instead of exporting."""
+
+    name = "compiled"
+
+    @classmethod
+    def load(cls, artifact: ArtifactRef, device: str = "cpu", **_: object) -> CompiledRuntime:
+        import torch
+
+        model, dev = cls.build(artifact, device)
+        try:
+            compiled = torch.compile(model, dynamic=False)
+        except RuntimeError as e:  # no C++ compiler, unsupported platform
+            raise RuntimeUnavailable(f"torch.compile unavailable: {str(e).splitlines()[0]}") from None
+        rt = cls(compiled, dev)
+        rt.info["backend"] = "inductor"
+        return rt
+
+
+class TorchScriptRuntime(EagerRuntime):
+    """The exported TorchScript file, loaded as Triton's libtorch backend would (optionally optimised)."""
+
+    name = "torchscript"
+    format = "torchscript"
+
+    @classmethod
+    def load(cls, artifact: ArtifactRef, device: str = "cpu", *, optimize: bool = False,
+             **_: object) -> TorchScriptRuntime:
+        import warnings
+
+        import torch
+
+        dev = _torch_device(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                model = torch.jit.load(str(artifact.path), map_location=dev).eval()
+            except RuntimeError as e:
+                raise UserInputError(f"cannot load {artifact.path}: {str(e).splitlines()[0]}") from None
+            if optimize:
+                model = torch.jit.optimize_for_inference(model)
+        half = artifact.record.get("input", {}).get("dtype") == "float16"
+        rt = cls(model, dev, torch.float16 if half else None)
+        rt.info["optimized_for_inference"] = optimize
+        return rt
+
+
+class OrtRuntime:
+    """The exported ONNX file in ONNX Runtime with one execution provider (+ CPU fallback)."""
+
+    name = "onnxruntime"
+    format = "onnx"
+    provider = "CPUExecutionProvider"
+    provider_options: dict = {}
+
+    def __init__(self, session, input_name: str, dtype) -> None:
+        self.session, self.input_name, self.dtype = session, input_name, dtype
+        self.info = {"providers": session.get_providers()}
+
+    @classmethod
+    def session_options(cls, threads: int | None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3  # the GPU build warns about missing CUDA on every CPU session
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        return so
+
+    @classmethod
+    def load(cls, artifact: ArtifactRef, device: str = "cpu", *, threads: int | None = None,
+             **_: object) -> OrtRuntime:
+        import onnxruntime as ort
+
+        if cls.provider not in ort.get_available_providers():
+            raise RuntimeUnavailable(f"{cls.name}: this onnxruntime build has no {cls.provider}")
+        cls.precheck()
+        ort.set_default_logger_severity(3)
+        providers = [(cls.provider, cls.provider_options)]
+        if cls.provider != "CPUExecutionProvider":
+            providers.append("CPUExecutionProvider")
+        try:
+            sess = ort.InferenceSession(str(artifact.path), cls.session_options(threads), providers=providers)
+        except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as e:
+            raise UserInputError(f"ONNX Runtime cannot load {artifact.path}: {str(e).splitlines()[0]}") from None
+        if sess.get_providers()[0] != cls.provider:
+            # the GPU build lists CUDA/TensorRT even without a GPU and silently falls back to the CPU
+            raise RuntimeUnavailable(f"{cls.name}: {cls.provider} is installed but the session fell back to "
+                                     f"{sess.get_providers()[0]} (no usable GPU/driver/library here)")
+        inp = sess.get_inputs()[0]
+        dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        rt = cls(sess, inp.name, dtype)
+        rt.info["threads"] = threads
+        return rt
+
+    @classmethod
+    def precheck(cls) -> None:
+        """Says why a provider cannot work before ONNX Runtime tries (and prints its own noise)."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=self.dtype)
+        return self.session.run(None, {self.input_name: x})[0].astype(np.float32, copy=False)
+
+
+def _require_gpu(name: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeUnavailable(f"{name}: no CUDA GPU is visible on this machine")
+
+
+class OrtCudaRuntime(OrtRuntime):
+    name = "onnxruntime-cuda"
+    provider = "CUDAExecutionProvider"
+
+    @classmethod
+    def precheck(cls) -> None:
+        _require_gpu(cls.name)
+
+
+class OrtTensorrtRuntime(OrtRuntime):
+    name = "onnxruntime-tensorrt"
+    provider = "TensorrtExecutionProvider"
+    provider_options = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                        "trt_engine_cache_path": "/tmp/cnnpack-trt-cache"}
+
+    @classmethod
+    def precheck(cls) -> None:
+        import ctypes
+
+        _require_gpu(cls.name)
+        try:
+            ctypes.CDLL("libnvinfer.so.10")
+        except OSError:
+            raise RuntimeUnavailable(f"{cls.name}: TensorRT libraries (libnvinfer.so.10) not found; "
+                                     "pip install tensorrt-cu12 or use the NGC container") from None
+
+
+for _rt in (EagerRuntime, CompiledRuntime, TorchScriptRuntime, OrtRuntime, OrtCudaRuntime, OrtTensorrtRuntime):
+    RUNTIMES.register(_rt.name)(_rt)
 
 # which runtime reads which format by default
 FORMAT_RUNTIME = {"checkpoint": "eager", "onnx": "onnxruntime", "torchscript": "torchscript"}
@@ -99,6 +256,12 @@ def runtime_for_format(run: Run, fmt: str, device: str = "auto") -> Loaded:
     if name not in RUNTIMES:
         raise RuntimeUnavailable(f"runtime {name} for {fmt} is not available in this build")
     return RUNTIMES.get(name).load(artifact_ref(run, fmt), device)
+
+
+def load_runtime(run: Run, name: str, device: str = "cpu", **options) -> Loaded:
+    """Loads runtime `name` on the artifact of the format it reads (checked against its sha256)."""
+    cls = RUNTIMES.get(name)
+    return cls.load(artifact_ref(run, cls.format), device, **options)
 
 
 def predict_split(rt: Loaded, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
