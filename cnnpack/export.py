@@ -136,7 +136,7 @@ def _onnx_export(model: nn.Module, x: torch.Tensor, dest: Path, cfg: ExportConfi
         prog.save(str(dest))
 
 
-def check_onnx(path: Path) -> "object":
+def check_onnx(path: Path) -> object:
     """Full onnx.checker check plus strict shape inference; raises StageFailed naming the problem."""
     import onnx
 

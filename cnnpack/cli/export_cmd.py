@@ -39,7 +39,8 @@ def export(
 
     Example (no training): cnnpack export --arch resnet18 --num-classes 10 --image-size 224 --run runs/r18
     """
-    from cnnpack.export import EXPORTERS, ExportConfig, create_run, export as do_export
+    from cnnpack.export import EXPORTERS, ExportConfig, create_run
+    from cnnpack.export import export as do_export
 
     formats = tuple(EXPORTERS.names()) if format == "all" else tuple(f.strip() for f in format.split(",") if f.strip())
     cfg = ExportConfig(formats=formats, exporter=exporter, opset=opset, max_batch_size=max_batch_size,
