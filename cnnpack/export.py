@@ -8,6 +8,7 @@ recorded in the manifest, so a failed export leaves the previous artifact and ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -123,6 +124,29 @@ def _example(spec: ModelSpec, cfg: ExportConfig, n: int | None = None) -> torch.
 
 
 # -- ONNX ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_native_output():
+    """Silences what torch's C++ side prints (the legacy exporter dumps whole graphs on failure)."""
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
 def _onnx_export(model: nn.Module, x: torch.Tensor, dest: Path, cfg: ExportConfig) -> None:
     names = dict(input_names=[ONNX_NAMES[0]], output_names=[ONNX_NAMES[1]], opset_version=cfg.opset)
     with warnings.catch_warnings():
@@ -155,9 +179,12 @@ def export_onnx(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path
 
     t0 = time.perf_counter()
     try:
-        _onnx_export(model, _example(spec, cfg), dest, cfg)
+        with _quiet_native_output():
+            _onnx_export(model, _example(spec, cfg), dest, cfg)
     except Exception as e:  # noqa: BLE001 - torch.onnx raises many kinds; report the first line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "opset" in msg.lower():  # the model needs an operator this opset lacks: a choice the user can fix
+            raise UserInputError(f"--opset {cfg.opset} cannot express this model: {msg}") from None
         raise StageFailed(f"ONNX export ({cfg.exporter}, opset {cfg.opset}) failed: {msg}") from None
     if cfg.simplify:
         _simplify(dest)
@@ -219,15 +246,25 @@ def _deployable(run: Run, cfg: ExportConfig) -> tuple[nn.Module, ModelSpec]:
     return (model.half() if cfg.half else model), spec
 
 
-def _reproduce(run: Run, cfg: ExportConfig) -> str:
-    args = ["cnnpack", "export", "--run", str(run.path), "--format", ",".join(cfg.formats),
-            "--exporter", cfg.exporter, "--opset", str(cfg.opset), "--max-batch-size", str(cfg.max_batch_size),
-            "--torchscript-mode", cfg.torchscript_mode, "--input", cfg.input, "--device", cfg.device]
-    args += ["--static-batch", str(cfg.static_batch)] if cfg.static_batch else []
-    args += ["--simplify"] if cfg.simplify else []
-    args += ["--half"] if cfg.half else []
-    return "#!/usr/bin/env bash\n# Re-creates the artifacts of this run exactly as they were made.\nset -euo pipefail\n" \
-           + " ".join(shlex.quote(a) for a in args) + "\n"
+def _command(run: Run, fmt: str, cfg: dict) -> str:
+    """The exact `cnnpack export` command that re-creates one artifact from its recorded config."""
+    args = ["cnnpack", "export", "--run", str(run.path), "--format", fmt, "--exporter", cfg["exporter"],
+            "--opset", str(cfg["opset"]), "--max-batch-size", str(cfg["max_batch_size"]),
+            "--torchscript-mode", cfg["torchscript_mode"], "--input", cfg["input"], "--device", cfg["device"]]
+    args += ["--static-batch", str(cfg["static_batch"])] if cfg.get("static_batch") else []
+    args += ["--simplify"] if cfg.get("simplify") else []
+    args += ["--half"] if cfg.get("half") else []
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _write_reproduce(run: Run) -> None:
+    arts = run.read()["stages"]["export"]["artifacts"]
+    lines = [f"# {fmt}: {rec['path']} (sha256 {rec['sha256'][:12]}...)\n{_command(run, fmt, rec['config'])}"
+             for fmt, rec in arts.items()]
+    script = run.file("export/reproduce.sh")
+    atomic_write_text(script, "#!/usr/bin/env bash\n# Re-creates the artifacts of this run exactly as they were made.\n"
+                      "set -euo pipefail\n" + "\n".join(lines) + "\n")
+    os.chmod(script, 0o755)
 
 
 def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig()) -> dict:
@@ -247,9 +284,7 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig()) -> dict:
         art.path = run.rel(dest)
         records[fmt] = art.record()
         _record(run, cfg, fmt, records[fmt])
-    script = run.file("export/reproduce.sh")
-    atomic_write_text(script, _reproduce(run, cfg))
-    os.chmod(script, 0o755)
+    _write_reproduce(run)
     return run.read()["stages"]["export"]
 
 

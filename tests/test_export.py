@@ -1,0 +1,190 @@
+"""cnnpack export: real ONNX Runtime and TorchScript, checked against eager on raw pixels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from cnnpack.errors import UserInputError
+from cnnpack.export import ExportConfig, create_run, export
+from cnnpack.rundir import Run, sha256
+from cnnpack.runtimes import load_runtime
+
+MAX_BATCH = 16
+
+
+def _pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((n, 3, size, size)) * 255).astype(np.float32)
+
+
+def _check_artifacts(run_dir, size: int, tmp_path) -> None:
+    """ONNX at batch 1, 7 and max; TorchScript in a fresh process; both equal eager within 1e-4."""
+    run = Run.open(run_dir)
+    eager = load_runtime(run, "eager")
+    sess = ort.InferenceSession(str(run_dir / "export/model.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 7, MAX_BATCH):
+        x = _pixels(n, size, seed=n)
+        got = sess.run(None, {"input": x})[0]
+        assert got.shape == (n, run.model_spec["num_classes"])
+        np.testing.assert_allclose(got, eager.predict(x), atol=1e-4, rtol=0)
+    x = _pixels(7, size, seed=99)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "ref.npy", eager.predict(x))
+    code = (
+        "import sys, numpy as np, torch, json\n"
+        f"m = torch.jit.load({str(run_dir / 'export/model.pt')!r}, _extra_files=(ex := {{'cnnpack.json': ''}}))\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r}); ref = np.load({str(tmp_path / 'ref.npy')!r})\n"
+        "y = m(torch.from_numpy(x)).detach().numpy()\n"
+        "print(json.dumps({'err': float(np.abs(y - ref).max()), 'classes': json.loads(json.loads(ex['cnnpack.json'])['classes'])}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["err"] <= 1e-4
+    assert res["classes"] == run.model_spec["classes"]
+
+
+def test_cnn_export_matches_eager(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    section = export(run_dir, ExportConfig(max_batch_size=MAX_BATCH))
+    assert set(section["artifacts"]) == {"onnx", "torchscript"}
+    onnx_rec = section["artifacts"]["onnx"]
+    assert onnx_rec["input"] == {"name": "input", "dtype": "float32", "shape": [-1, 3, 32, 32]}
+    assert onnx_rec["output"]["name"] == "logits"
+    assert onnx_rec["opset"] == 18 and onnx_rec["ir_version"] >= 8
+    assert onnx_rec["sha256"] == sha256(run_dir / "export/model.onnx")
+    assert section["artifacts"]["torchscript"]["input"]["name"] == "INPUT__0"
+    _check_artifacts(run_dir, 32, tmp_path)
+    script = (run_dir / "export/reproduce.sh").read_text()
+    assert "--format onnx" in script and "--format torchscript" in script
+
+
+def test_onnx_metadata_carries_the_model_spec(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    export(run_dir, ExportConfig(formats=("onnx",)))
+    props = {p.key: p.value for p in onnx.load(str(run_dir / "export/model.onnx")).metadata_props}
+    spec = Run.open(run_dir).model_spec
+    assert json.loads(props["classes"]) == spec["classes"] == ["circle", "crescent", "cross", "square", "star", "triangle"]
+    assert json.loads(props["mean"]) == spec["mean"]
+    assert props["image_size"] == "32" and props["arch"] == "cnn" and props["cnnpack_version"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_torchvision_export_without_training(arch, tmp_path):
+    run_dir = tmp_path / arch
+    create_run(run_dir, arch=arch, num_classes=5, image_size=64)
+    export(run_dir, ExportConfig(max_batch_size=MAX_BATCH))
+    _check_artifacts(run_dir, 64, tmp_path)
+
+
+def test_legacy_exporter_and_static_batch(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    rec = export(run_dir, ExportConfig(formats=("onnx",), exporter="legacy", opset=17, static_batch=4))["artifacts"]["onnx"]
+    assert rec["opset"] == 17 and rec["input"]["shape"] == [4, 3, 32, 32] and rec["max_batch_size"] == 4
+    dims = onnx.load(str(run_dir / "export/model.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [4, 3, 32, 32]
+
+
+def test_normalized_input_exports_the_bare_network(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    export(run_dir, ExportConfig(formats=("onnx",), input="normalized"))
+    spec = Run.open(run_dir).model_spec
+    x = _pixels(3, 32)
+    mean = np.array(spec["mean"], np.float32).reshape(1, 3, 1, 1)
+    std = np.array(spec["std"], np.float32).reshape(1, 3, 1, 1)
+    sess = ort.InferenceSession(str(run_dir / "export/model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": (x / 255 - mean) / std})[0]
+    np.testing.assert_allclose(got, load_runtime(Run.open(run_dir), "eager").predict(x), atol=1e-4)
+
+
+def test_failed_export_keeps_previous_artifact_and_manifest(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    export(run_dir, ExportConfig(formats=("onnx",)))
+    before_file = (run_dir / "export/model.onnx").read_bytes()
+    before_manifest = (run_dir / "cnnpack.json").read_text()
+    # the compact CNN's adaptive max pool has no opset-7 form: the exporter refuses
+    with pytest.raises(UserInputError, match="adaptive_max_pool2d.*opset 7"):
+        export(run_dir, ExportConfig(formats=("onnx",), exporter="legacy", opset=7))
+    assert (run_dir / "export/model.onnx").read_bytes() == before_file
+    assert (run_dir / "cnnpack.json").read_text() == before_manifest
+    assert not [p for p in (run_dir / "export").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (ExportConfig(formats=("tflite",)), "unknown format 'tflite'; valid: onnx, torchscript"),
+        (ExportConfig(opset=12), "opsets 18..23"),
+        (ExportConfig(exporter="legacy", opset=30), "opsets 7..20"),
+        (ExportConfig(max_batch_size=0), "--max-batch-size must be >= 1"),
+        (ExportConfig(half=True), "--half"),
+    ],
+)
+def test_bad_export_options(tiny_run, cfg, message):
+    with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        export(tiny_run, cfg)
+
+
+def test_missing_run_and_missing_checkpoint(tmp_path, tiny_run):
+    with pytest.raises(UserInputError, match="no such run directory"):
+        export(tmp_path / "nope")
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    (run_dir / "checkpoint.pt").unlink()
+    with pytest.raises(UserInputError, match="no checkpoint.pt"):
+        export(run_dir)
+
+
+def test_foreign_weights_are_refused_before_anything_is_written(tmp_path):
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(UserInputError, match="not a state dict for this model"):
+        create_run(tmp_path / "r", arch="resnet18", num_classes=3, image_size=64, weights=str(wrong))
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(UserInputError, match="not a loadable weights file"):
+        create_run(tmp_path / "r", arch="resnet18", num_classes=3, image_size=64, weights=str(tmp_path / "junk.pt"))
+
+
+def test_weights_file_round_trip(tmp_path):
+    """--weights FILE: the exported model computes with exactly those weights."""
+    from cnnpack.models import build_model
+    from cnnpack.spec import ModelSpec
+
+    torch.manual_seed(123)
+    model = build_model(ModelSpec(arch="cnn", num_classes=3, classes=("a", "b", "c"), image_size=32))
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    run = create_run(tmp_path / "r", arch="cnn", num_classes=3, image_size=32, classes=["a", "b", "c"],
+                     weights=str(tmp_path / "w.pt"))
+    loaded = torch.load(run.file("checkpoint.pt"), weights_only=True)["state_dict"]
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_export_and_errors(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    cli = [sys.executable, "-m", "cnnpack", "export"]
+    ok = subprocess.run(cli + ["--run", str(run_dir), "--format", "onnx", "--json"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["artifacts"]["onnx"]["path"] == "export/model.onnx"
+    for args, msg in [(["--run", str(run_dir), "--format", "tflite"], "valid: onnx, torchscript"),
+                      (["--run", str(tmp_path / "missing")], "no such run directory"),
+                      (["--run", str(run_dir), "--max-batch-size", "0"], "--max-batch-size"),
+                      (["--arch", "resnet1000", "--num-classes", "3", "--run", str(tmp_path / "x")], "unknown arch")]:
+        bad = subprocess.run(cli + args, capture_output=True, text=True)
+        assert bad.returncode == 2, (args, bad.stderr)
+        lines = bad.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], bad.stderr
