@@ -1,0 +1,87 @@
+"""Triton Python-backend model: encoded image bytes -> pixels for the cnnpack classifier.
+
+Shipped as a package file and copied as is into `<name>_preprocess/<version>/model.py` by
+`cnnpack triton --ensemble`; it depends on nothing from cnnpack (only numpy and Pillow), so it
+runs in the NGC container as well as under the local `tritonserver`.
+
+Input  `image`  TYPE_STRING [1]: the bytes of one PNG/JPEG/... file per batch row.
+Output `pixels` [C, H, W] of the classifier's input dtype: RGB, resized the way cnnpack's data
+loader does (shorter side to the model size, centre crop), raw 0-255 values, or mean/std
+normalised when the classifier was exported with `--input normalized`.
+The output dims in config.pbtxt are the single source of the model size.
+"""
+
+import io
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from PIL import Image, UnidentifiedImageError
+
+INPUT, OUTPUT = "image", "pixels"
+
+
+def to_rgb(img):
+    """Grayscale, RGBA, palette and CMYK images become RGB (alpha over white), as in training."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.split()[-1])
+        return bg
+    return img.convert("RGB")
+
+
+def resize_center_crop(img, height, width):
+    """Scales the image so it covers (width, height), then crops the centre."""
+    w, h = img.size
+    if (w, h) == (width, height):
+        return img
+    scale = max(width / w, height / h)
+    img = img.resize((max(width, round(w * scale)), max(height, round(h * scale))), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - width) // 2, (h - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        out = pb_utils.get_output_config_by_name(config, OUTPUT)
+        self.channels, self.height, self.width = (int(d) for d in out["dims"][-3:])
+        self.dtype = pb_utils.triton_string_to_numpy(out["data_type"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.normalize = params.get("input_kind", "raw") == "normalized"
+        # (C, 1, 1) so they broadcast over (N, C, H, W)
+        self.mean = np.asarray(json.loads(params.get("mean", "[0, 0, 0]")), np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(json.loads(params.get("std", "[1, 1, 1]")), np.float32).reshape(-1, 1, 1)
+
+    def decode(self, data):
+        """One encoded image -> (C, H, W) float32 in 0-255 (or normalised)."""
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img = resize_center_crop(to_rgb(img), self.height, self.width)
+            if self.channels == 1:
+                img = img.convert("L")
+        x = np.asarray(img, dtype=np.float32).reshape(self.height, self.width, self.channels).transpose(2, 0, 1)
+        if self.normalize:
+            x = (x / 255.0 - self.mean) / self.std
+        return x
+
+    def respond(self, request):
+        """One request (a batch of encoded images, shape (b, 1)) -> one response."""
+        blobs = pb_utils.get_input_tensor_by_name(request, INPUT).as_numpy().reshape(-1)
+        try:
+            pixels = np.stack([self.decode(bytes(b)) for b in blobs]).astype(self.dtype)
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+            return pb_utils.InferenceResponse(
+                output_tensors=[], error=pb_utils.TritonError(f"cannot decode image: {type(e).__name__}: {e}"))
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, pixels)])
+
+    def execute(self, requests):
+        # Dynamic batching hands several requests to one call; each gets its own response, so one
+        # undecodable image fails only the request that sent it.
+        return [self.respond(r) for r in requests]

@@ -1,0 +1,73 @@
+"""`cnnpack triton`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cnnpack.cli import app, emit, handles_errors, usage_error
+
+
+def _sizes(text: Optional[str]) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise usage_error(f"--preferred-batch-sizes {text!r}: expected comma-separated integers, e.g. 4,8") from None
+
+
+@app.command()
+@handles_errors
+def triton(
+    run: Path = typer.Option(..., help="Run directory with an export stage."),
+    repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to create or extend."),
+    name: Optional[str] = typer.Option(None, help="Model name, the folder in the repository (default: <arch>_<format>)."),
+    format: str = typer.Option("onnx", help="onnx | torchscript: which exported artifact to serve."),
+    device: str = typer.Option("cpu", help="cpu | gpu: instance group kind."),
+    instances: int = typer.Option(1, help="Model instances (per GPU with --device gpu)."),
+    max_batch_size: Optional[int] = typer.Option(None, help="max_batch_size in config.pbtxt (default: the artifact's max)."),
+    preferred_batch_sizes: Optional[str] = typer.Option(None, help="Dynamic batcher's preferred sizes, e.g. 4,8."),
+    max_queue_delay_us: int = typer.Option(100, help="How long the dynamic batcher waits to fill a batch."),
+    threads: int = typer.Option(0, help="CPU threads per instance (0: the runtime's default, all cores)."),
+    tensorrt: Optional[bool] = typer.Option(None, "--tensorrt/--no-tensorrt",
+                                            help="ONNX on GPU: ONNX Runtime's TensorRT accelerator (default: on)."),
+    tensorrt_fp16: bool = typer.Option(False, help="TensorRT in FP16 (implies --tensorrt)."),
+    warmup: bool = typer.Option(False, help="Warm the model up at load (zeros at batch 1, random at max)."),
+    ensemble: bool = typer.Option(False, help="Also add <name>_image: encoded PNG/JPEG bytes -> labels."),
+    force: bool = typer.Option(False, help="Replace a different model that already uses this name."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
+):
+    """Lay out a versioned Triton model repository for a run's exported model.
+
+    Each new export becomes a new version folder (1/, 2/, ...); existing versions are never changed, and an unchanged artifact adds no version.
+
+    Example: cnnpack triton --run runs/demo --ensemble --warmup
+    """
+    from cnnpack.triton_repo import TritonConfig, build
+
+    cfg = TritonConfig(repository=str(repository), name=name, format=format, device=device, instances=instances,
+                       max_batch_size=max_batch_size, preferred_batch_sizes=_sizes(preferred_batch_sizes),
+                       max_queue_delay_us=max_queue_delay_us, threads=threads, tensorrt=tensorrt,
+                       tensorrt_fp16=tensorrt_fp16, warmup=warmup, ensemble=ensemble, force=force)
+    section = build(run, cfg)
+    emit(section, as_json)
+    if not as_json:
+        _report(section, run)
+
+
+def _report(s: dict, run: Path) -> None:
+    where = Path(s["repository"]) / s["name"]
+    if s["new_version"]:
+        note = " (replaced the previous model of that name)" if s["replaced"] else ""
+        typer.echo(f"{where}/{s['version']}  new version {s['version']} ({s['platform']}){note}")
+    else:
+        typer.echo(f"{where}/{s['version']}  unchanged: version {s['version']} already holds this artifact "
+                   "(same sha256); no new version, config.pbtxt/labels.txt brought up to date")
+    if "ensemble" in s:
+        e = s["ensemble"]
+        typer.echo(f"{Path(s['repository']) / e['name']}  ensemble: {e['input']} (encoded image bytes) -> "
+                   f"{e['preprocess']} -> {s['name']} -> {e['output']}")
+    typer.echo(f"serve: cnnpack serve --run {run}  or  tritonserver --model-repository={s['repository']}")

@@ -1,0 +1,334 @@
+"""cnnpack triton: config.pbtxt against golden files, versioning, refusals and the ensemble layout.
+
+The configs are checked by parsing them back into tritonclient's ModelConfig; the `triton`-marked
+test at the end loads the repository in a real Triton server (the nvidia-pytriton wheel).
+Set CNNPACK_UPDATE_GOLDEN=1 to rewrite tests/assets/*.pbtxt after an intended change.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import json_format, text_format
+from PIL import Image
+from tritonclient.grpc import model_config_pb2
+from typer.testing import CliRunner
+
+from cnnpack.cli import app
+from cnnpack.errors import StageFailed, UserInputError
+from cnnpack.export import ExportConfig, create_run, export
+from cnnpack.rundir import Run, atomic_write_json
+from cnnpack.triton_repo import ModelIO, Tensor, TritonConfig, batch_limits, build, classifier_config, render
+
+ASSETS = Path(__file__).parent / "assets"
+CLASSES = ["circle", "square", "star"]
+MAX_BATCH = 16
+
+
+def _make_run(path: Path, seed: int = 0, formats=("onnx", "torchscript")) -> Path:
+    create_run(path, arch="cnn", num_classes=3, image_size=32, classes=CLASSES, seed=seed, force=True)
+    export(path, ExportConfig(formats=formats, max_batch_size=MAX_BATCH))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A run with both artifacts, no training (read-only: copy it to modify)."""
+    return _make_run(tmp_path_factory.mktemp("triton") / "run")
+
+
+@pytest.fixture
+def run(exported, tmp_path) -> Path:
+    dest = tmp_path / "run"
+    shutil.copytree(exported, dest)
+    return dest
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under root (hidden staging folders included)."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _parse(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, ["triton", *args])
+
+
+# -- golden configs ---------------------------------------------------------------------------
+GOLDEN = {
+    "onnx_cpu": TritonConfig(format="onnx", instances=2, threads=4, preferred_batch_sizes=(4, 8), warmup=True),
+    "torchscript_cpu": TritonConfig(format="torchscript", threads=2),
+    "onnx_gpu_tensorrt": TritonConfig(format="onnx", device="gpu", tensorrt_fp16=True, warmup=True,
+                                      preferred_batch_sizes=(8, 16)),
+}
+
+
+@pytest.mark.parametrize("case", list(GOLDEN))
+def test_config_matches_golden_and_parses(run, tmp_path, case):
+    cfg = GOLDEN[case]
+    repo = tmp_path / "repo"
+    section = build(run, TritonConfig(**{**cfg.__dict__, "repository": str(repo), "name": "classifier"}))
+    got = (repo / "classifier/config.pbtxt").read_text()
+    golden = ASSETS / f"config_{case}.pbtxt"
+    if os.environ.get("CNNPACK_UPDATE_GOLDEN"):
+        golden.write_text(got)
+    assert got == golden.read_text()
+    mc = _parse(repo / "classifier/config.pbtxt")
+    assert mc.name == "classifier" and mc.max_batch_size == MAX_BATCH
+    assert list(mc.input[0].dims) == [3, 32, 32] and list(mc.output[0].dims) == [3]
+    assert mc.output[0].label_filename == "labels.txt"
+    assert (repo / "classifier/labels.txt").read_text().splitlines() == CLASSES
+    assert section["version"] == 1 and section["platform"] == mc.platform
+
+
+def test_golden_files_parse():
+    for path in sorted(ASSETS.glob("config_*.pbtxt")):
+        assert _parse(path).platform in ("onnxruntime_onnx", "pytorch_libtorch"), path
+
+
+def test_gpu_tensorrt_config_names():
+    mc = _parse(ASSETS / "config_onnx_gpu_tensorrt.pbtxt")
+    assert mc.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    (trt,) = mc.optimization.execution_accelerators.gpu_execution_accelerator
+    assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
+    assert [(w.batch_size, w.inputs["input"].zero_data) for w in mc.model_warmup] == [(1, True), (MAX_BATCH, False)]
+    cpu = _parse(ASSETS / "config_onnx_cpu.pbtxt")
+    assert dict(cpu.parameters)["intra_op_thread_count"].string_value == "4"
+    ts = _parse(ASSETS / "config_torchscript_cpu.pbtxt")
+    assert ts.input[0].name == "INPUT__0" and dict(ts.parameters)["INTRA_OP_THREAD_COUNT"].string_value == "2"
+
+
+def test_static_batch_artifact_gets_max_batch_size_zero():
+    rec = {"format": "onnx", "max_batch_size": 8, "static_batch": 8}
+    assert batch_limits(rec, TritonConfig(), Path("m.onnx")) == 0
+    with pytest.raises(UserInputError, match="static batch of 8"):
+        batch_limits(rec, TritonConfig(max_batch_size=8), Path("m.onnx"))
+    io_ = ModelIO(Tensor("input", "float32", (8, 3, 32, 32)), Tensor("logits", "float32", (8, 3)), 0, "raw")
+    mc = text_format.Parse(render(classifier_config("m", io_, TritonConfig(warmup=True))), model_config_pb2.ModelConfig())
+    assert mc.max_batch_size == 0 and list(mc.input[0].dims) == [8, 3, 32, 32]
+    assert not mc.HasField("dynamic_batching")
+    assert mc.input[0].format == model_config_pb2.ModelInput.FORMAT_NONE  # Triton: NCHW needs exactly 3 dims
+
+
+# -- versions -----------------------------------------------------------------------------------
+def test_two_exports_give_versions_1_and_2(run, tmp_path):
+    repo = tmp_path / "repo"
+    cfg = TritonConfig(repository=str(repo), name="clf")
+    assert build(run, cfg)["version"] == 1
+    v1 = _tree(repo / "clf/1")
+    stat1 = (repo / "clf/1/model.onnx").stat()
+
+    again = build(run, TritonConfig(repository=str(repo), name="clf", instances=3))  # same artifact
+    assert (again["version"], again["new_version"]) == (1, False)
+    assert not (repo / "clf/2").exists()
+    assert _parse(repo / "clf/config.pbtxt").instance_group[0].count == 3  # config still updated
+
+    _make_run(run, seed=1, formats=("onnx",))  # retrained: same model, new weights
+    second = build(run, cfg)
+    assert (second["version"], second["new_version"], second["versions"]) == (2, True, [1, 2])
+    assert _tree(repo / "clf/1") == v1
+    assert (repo / "clf/1/model.onnx").stat().st_mtime_ns == stat1.st_mtime_ns
+    assert _tree(repo / "clf/2") != v1
+    side = json.loads((repo / "clf/cnnpack-model.json").read_text())
+    assert set(side["versions"]) == {"1", "2"}
+    assert not [p for p in (repo / "clf").iterdir() if p.name.startswith(".")]
+    m = Run(run).read()["stages"]["triton"]
+    assert (m["status"], m["name"], m["version"], m["format"]) == ("ok", "clf", 2, "onnx")
+    assert m["repository"] == str(repo.resolve())
+
+
+def test_failed_version_leaves_nothing(run, tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    build(run, TritonConfig(repository=str(repo), name="clf"))
+    before = _tree(repo)
+    _make_run(run, seed=1, formats=("onnx",))
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("cnnpack.triton_repo.shutil.copyfile", full_disk)
+    with pytest.raises(StageFailed):
+        build(run, TritonConfig(repository=str(repo), name="clf", instances=2))
+    assert _tree(repo) == before  # no 2/, no staging folder, config untouched
+    with pytest.raises(StageFailed):
+        build(run, TritonConfig(repository=str(repo), name="fresh"))
+    assert not (repo / "fresh").exists() and not list(tmp_path.glob(".cnnpack-staging-*"))
+
+
+# -- refusals --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["../x", "/abs", "..", ".hidden", "a b", "a/b", "naïve"])
+def test_bad_names_refused(run, tmp_path, name):
+    r = _cli("--run", str(run), "--repository", str(tmp_path / "repo"), "--name", name)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "model name" in r.stderr
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "x").exists()
+
+
+def test_symlink_out_of_repository_refused(run, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "link").symlink_to(tmp_path)
+    r = _cli("--run", str(run), "--repository", str(repo), "--name", "link")
+    assert r.exit_code == 2 and "outside the repository" in r.stderr
+
+
+@pytest.mark.parametrize("bad", ["two\nlines", "tab\there", "nul\x00", ""])
+def test_bad_class_names_refused(run, tmp_path, bad):
+    m = Run(run).read()
+    m["model"]["classes"][1] = bad
+    atomic_write_json(Run(run).manifest_path, m)
+    r = _cli("--run", str(run), "--repository", str(tmp_path / "repo"))
+    assert r.exit_code == 2 and r.stderr.startswith("error: class 1") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "repo").exists()
+
+
+def test_repository_that_is_a_file_refused(run, tmp_path):
+    (tmp_path / "repo").write_text("not a folder")
+    r = _cli("--run", str(run), "--repository", str(tmp_path / "repo"))
+    assert r.exit_code == 2 and "is a file" in r.stderr
+
+
+def test_name_taken_by_another_model_needs_force(run, tmp_path):
+    repo = tmp_path / "repo"
+    assert _cli("--run", str(run), "--repository", str(repo), "--name", "m").exit_code == 0
+    before = _tree(repo)
+    r = _cli("--run", str(run), "--repository", str(repo), "--name", "m", "--format", "torchscript")
+    assert r.exit_code == 2 and "different model" in r.stderr and "format" in r.stderr
+    assert _tree(repo) == before
+    (repo / "handmade").mkdir()
+    (repo / "handmade/config.pbtxt").write_text('name: "handmade"')
+    r = _cli("--run", str(run), "--repository", str(repo), "--name", "handmade")
+    assert r.exit_code == 2 and "not made by cnnpack" in r.stderr
+    r = _cli("--run", str(run), "--repository", str(repo), "--name", "m", "--format", "torchscript", "--force")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in (repo / "m").iterdir()) == ["2", "cnnpack-model.json", "config.pbtxt", "labels.txt"]
+    assert _parse(repo / "m/config.pbtxt").platform == "pytorch_libtorch"
+
+
+def test_manifest_and_graph_must_agree(run, tmp_path):
+    m = Run(run).read()
+    m["stages"]["export"]["artifacts"]["onnx"]["input"]["name"] = "images"
+    atomic_write_json(Run(run).manifest_path, m)
+    r = _cli("--run", str(run), "--repository", str(tmp_path / "repo"))
+    assert r.exit_code == 2 and "disagree" in r.stderr and not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--max-batch-size", "17"], "1..16"),
+    (["--preferred-batch-sizes", "4,32"], "outside 1..16"),
+    (["--tensorrt-fp16"], "--device gpu"),
+    (["--format", "torchscript", "--device", "gpu", "--tensorrt"], "--format onnx"),
+    (["--device", "gpu", "--threads", "2"], "--device cpu"),
+    (["--format", "tflite"], "valid: onnx, torchscript"),
+])
+def test_bad_options_refused(run, tmp_path, args, msg):
+    r = _cli("--run", str(run), "--repository", str(tmp_path / "repo"), *args)
+    assert r.exit_code == 2 and msg in r.stderr, r.stderr
+    assert not (tmp_path / "repo").exists()
+
+
+# -- ensemble ------------------------------------------------------------------------------------------
+def test_ensemble_layout(run, tmp_path):
+    repo = tmp_path / "repo"
+    r = _cli("--run", str(run), "--repository", str(repo), "--name", "clf", "--ensemble", "--json")
+    assert r.exit_code == 0, r.stderr
+    section = json.loads(r.stdout)
+    assert section["ensemble"] == {"name": "clf_image", "version": 1, "preprocess": "clf_preprocess",
+                                   "preprocess_version": 1, "input": "image", "output": "logits"}
+    assert sorted(p.name for p in repo.iterdir()) == ["clf", "clf_image", "clf_preprocess"]
+    for cfg in repo.glob("*/config.pbtxt"):
+        assert _parse(cfg).name == cfg.parent.name
+    shipped = Path(__file__).parents[1] / "cnnpack/backends/preprocess/model.py"
+    assert (repo / "clf_preprocess/1/model.py").read_bytes() == shipped.read_bytes()
+    pre = _parse(repo / "clf_preprocess/config.pbtxt")
+    assert pre.backend == "python" and list(pre.output[0].dims) == [3, 32, 32]
+    ens = _parse(repo / "clf_image/config.pbtxt")
+    assert ens.platform == "ensemble" and ens.input[0].data_type == model_config_pb2.TYPE_STRING
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["clf_preprocess", "clf"]
+    assert dict(ens.ensemble_scheduling.step[1].input_map) == {"input": "pixels"}
+    assert (repo / "clf_image/1").is_dir() and (repo / "clf_image/labels.txt").read_text().split() == CLASSES
+    before = _tree(repo)
+    assert _cli("--run", str(run), "--repository", str(repo), "--name", "clf", "--ensemble").exit_code == 0
+    assert _tree(repo) == before  # nothing changed: no new versions anywhere
+
+
+class _Req(dict):
+    pass
+
+
+def _fake_pb_utils() -> types.ModuleType:
+    """Just enough of triton_python_backend_utils to run the shipped model.py in-process."""
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.get_output_config_by_name = lambda cfg, name: next(o for o in cfg["output"] if o["name"] == name)
+    pb.triton_string_to_numpy = lambda s: {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16}[s]
+    pb.get_input_tensor_by_name = lambda req, name: types.SimpleNamespace(as_numpy=lambda: req[name])
+    pb.Tensor = lambda name, arr: (name, arr)
+    pb.TritonError = lambda msg: msg
+    pb.InferenceResponse = lambda output_tensors, error=None: types.SimpleNamespace(out=output_tensors, error=error)
+    return pb
+
+
+def test_preprocess_matches_training_pipeline(run, tmp_path, monkeypatch):
+    from cnnpack.data import read_image
+
+    repo = tmp_path / "repo"
+    build(run, TritonConfig(repository=str(repo), name="clf", ensemble=True))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    spec = importlib.util.spec_from_file_location("pre_model", repo / "clf_preprocess/1/model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mc = json_format.MessageToDict(_parse(repo / "clf_preprocess/config.pbtxt"), preserving_proto_field_name=True)
+    model = mod.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(mc)})
+
+    rgba = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 4), dtype=np.uint8), "RGBA")
+    rgba.save(tmp_path / "a.png")
+    Image.new("L", (20, 64), 90).save(tmp_path / "b.png")
+    blobs = [[(tmp_path / n).read_bytes()] for n in ("a.png", "b.png")]
+    good = _Req(image=np.array(blobs, dtype=object))
+    bad = _Req(image=np.array([[b"not an image"]], dtype=object))
+    ok, err = model.execute([good, bad])  # two requests in one call, as the dynamic batcher sends them
+    (name, pixels), = ok.out
+    assert name == "pixels" and pixels.dtype == np.float32 and pixels.shape == (2, 3, 32, 32)
+    for i, n in enumerate(("a.png", "b.png")):
+        np.testing.assert_array_equal(pixels[i], read_image(tmp_path / n, 32).astype(np.float32))
+    assert err.out == [] and "cannot decode image" in err.error
+
+
+# -- a real Triton server ---------------------------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.slow
+def test_served_repository_classifies_png(run, tmp_path):
+    serve = pytest.importorskip("cnnpack.serve")
+    if not hasattr(serve, "TritonServer"):
+        pytest.skip("cnnpack.serve has no TritonServer yet")
+    import tritonclient.http as http
+
+    repo = tmp_path / "repo"
+    build(run, TritonConfig(repository=str(repo), name="clf", ensemble=True, warmup=True))
+    img = io.BytesIO()
+    Image.new("RGB", (48, 40), (220, 30, 30)).save(img, "PNG")
+    with serve.TritonServer(repo) as server:
+        client = http.InferenceServerClient(server.http_url.removeprefix("http://"))
+        data = np.array([[img.getvalue()]], dtype=object)
+        inp = http.InferInput("image", data.shape, "BYTES")
+        inp.set_data_from_numpy(data)
+        res = client.infer("clf_image", [inp], outputs=[http.InferRequestedOutput("logits", class_count=3)])
+        labels = [s.decode().split(":")[2] for s in res.as_numpy("logits")[0]]
+        assert sorted(labels) == sorted(CLASSES)
