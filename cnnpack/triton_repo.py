@@ -512,6 +512,9 @@ def drafts(run: Run, cfg: TritonConfig, name: str) -> tuple[list[Draft], ModelIO
     """The model folders this run should produce: the classifier, and with --ensemble two more."""
     spec = run.model_spec
     classes = check_classes(list(spec["classes"]))
+    if len(classes) != spec["num_classes"]:
+        raise UserInputError(f"the run's model spec names {len(classes)} classes for num_classes {spec['num_classes']}; "
+                             "labels.txt needs exactly one name per output")
     io, path, rec = model_io(run, cfg)
     labels = ("\n".join(classes) + "\n").encode()
     identity = {"kind": "classifier", "arch": spec["arch"], "classes": classes, "format": cfg.format,
