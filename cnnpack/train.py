@@ -331,7 +331,8 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                                       f"continue with `cnnpack train --run {run.path} --resume`") from None
     if not is_main:
         return {}
-    return _finish(run, data, spec, device, history, t_start, resume)
+    run.update(lambda m: m["stages"]["train"].update(steps_per_epoch=steps_per_epoch))
+    return _finish(run, data, spec, device, history, t_start, resume, dist)
 
 
 def _stale_epochs(history: list[dict]) -> int:
@@ -342,7 +343,7 @@ def _stale_epochs(history: list[dict]) -> int:
     return stale
 
 
-def _finish(run: Run, data, spec, device, history, t_start, resumed: bool) -> dict:
+def _finish(run: Run, data, spec, device, history, t_start, resumed: bool, dist=None) -> dict:
     model, _ = load_checkpoint(run, device=device)
     figures = _write_plots(run, model, data, spec, device, history)
     best = max(history, key=lambda h: h["val_acc"])
@@ -361,6 +362,8 @@ def _finish(run: Run, data, spec, device, history, t_start, resumed: bool) -> di
         "device": str(device),
         "resumed": resumed or prior.get("resumed", False),
     }
+    if dist is not None:
+        section["distributed"] = {"world_size": dist.world_size, "backend": dist.backend}
     section.pop("updated", None)
     run.set_stage("train", section)
     return run.read()["stages"]["train"]

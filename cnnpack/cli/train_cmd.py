@@ -15,7 +15,8 @@ from cnnpack.cli import app, default_run_dir, emit, handles_errors, usage_error
 def train(
     data: str = typer.Option("shapes", help="shapes | PATH (ImageFolder) | torchvision:NAME"),
     arch: str = typer.Option("cnn", help="cnn or any torchvision classifier (resnet18, mobilenet_v3_small, ...)"),
-    run: Optional[Path] = typer.Option(None, help="Run directory (default: a new runs/train-N)."),
+    run: Optional[Path] = typer.Option(None, "--run", "--run-dir",
+                                       help="Run directory (default: a new runs/train-N); --run-dir under torchrun."),
     image_size: int = typer.Option(64, help="Square input size in pixels."),
     epochs: int = typer.Option(8, min=1),
     batch_size: int = typer.Option(64, min=1),
