@@ -251,30 +251,33 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random crop (reflect-padded by S/16) and horizontal flip, per image. x: (N, 3, S, S) uint8."""
+    """Random crop (reflect-padded by S/16) and horizontal flip per image, vectorised.
+
+    x: (N, C, S, S) on any device; the random draws come from the CPU generator `g`, so a run
+    is reproducible whatever device augments. Returns a tensor of x's dtype and device.
+    """
     n, _, s, _ = x.shape
     pad = max(1, s // 16)
-    padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
-    offs = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
-    flips = torch.rand(n, generator=g) < 0.5
-    out = torch.empty_like(x)
-    for i in range(n):
-        dy, dx = offs[i].tolist()
-        crop = padded[i, :, dy:dy + s, dx:dx + s]
-        out[i] = (crop.flip(-1) if flips[i] else crop).to(torch.uint8)
-    return out
+    offs = torch.randint(0, 2 * pad + 1, (n, 2), generator=g).to(x.device)
+    flips = (torch.rand(n, generator=g) < 0.5).to(x.device)
+    padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")  # (N, C, S+2p, S+2p)
+    ar = torch.arange(s, device=x.device)
+    rows = offs[:, 0:1] + ar  # (N, S)
+    cols = offs[:, 1:2] + torch.where(flips[:, None], s - 1 - ar, ar)  # (N, S), reversed when flipped
+    idx = torch.arange(n, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]]  # (N, S, S, C)
+    return out.permute(0, 3, 1, 2).to(x.dtype).contiguous()
 
 
 def iterate(split: Split, batch_size: int, *, shuffle: bool = False, g: torch.Generator | None = None,
-            train_aug: bool = False, indices: torch.Tensor | None = None):
+            indices: torch.Tensor | None = None):
     """Yields (images uint8 (B, 3, S, S), labels (B,)) batches; `indices` restricts to a shard."""
     idx = torch.arange(len(split)) if indices is None else indices
     if shuffle:
         idx = idx[torch.randperm(len(idx), generator=g)]
     for start in range(0, len(idx), batch_size):
         b = idx[start:start + batch_size]
-        x = split.images[b]
-        yield (augment(x, g) if train_aug else x), split.labels[b]
+        yield split.images[b], split.labels[b]
 
 
 def num_batches(n: int, batch_size: int) -> int:

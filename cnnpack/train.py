@@ -151,8 +151,11 @@ def _train_one_epoch(model, split, spec, cfg, device, opt, sched, loss_fn, g, pr
     model.train()
     autocast, scaler = state["autocast"], state["scaler"]
     total, correct, loss_sum, seen, t0 = len(split), 0, 0.0, 0, time.perf_counter()
-    for x, y in data_mod.iterate(split, cfg.batch_size, shuffle=True, g=g, train_aug=True,
-                                 indices=state.get("shard")):
+    pin = device.type == "cuda"
+    for x, y in data_mod.iterate(split, cfg.batch_size, shuffle=True, g=g, indices=state.get("shard")):
+        if pin:  # page-locked host memory makes the copy below asynchronous
+            x, y = x.pin_memory(), y.pin_memory()
+        x = data_mod.augment(x.to(device, non_blocking=True), g)  # on the device: no CPU bottleneck on a GPU
         x, y = _to_input(x, spec, device, state["channels_last"]), y.to(device, non_blocking=True)
         with autocast:
             logits = model(x)  # (B, K)
