@@ -110,23 +110,35 @@ def dataset_dir(*, image_size: int, seed: int, train_per_class: int, val_per_cla
     return cache_root() / name
 
 
+def _write_class(args: tuple[Path, int, str, int, int, int, int]) -> None:
+    folder, split_id, cls, ci, n, size, seed = args
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        rng = np.random.default_rng([seed, split_id, ci, i])
+        draw(cls, size, rng).save(folder / f"{cls}_{i:05d}.png", optimize=False)
+
+
 def materialise(*, image_size: int = 64, seed: int = 0, train_per_class: int = 600,
                 val_per_class: int = 150) -> Path:
-    """Writes the dataset as PNGs (once) and returns its ImageFolder root (`train/`, `val/`)."""
+    """Writes the dataset as PNGs (once) and returns its ImageFolder root (`train/`, `val/`).
+
+    Each (split, class) folder is drawn by its own process; every image has its own seeded
+    generator, so the bytes do not depend on how many processes drew them.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
     root = dataset_dir(image_size=image_size, seed=seed, train_per_class=train_per_class,
                        val_per_class=val_per_class)
     if (root / ".complete").exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    jobs = [(tmp / split / cls, split_id, cls, ci, n, image_size, seed)
+            for split_id, (split, n) in enumerate((("train", train_per_class), ("val", val_per_class)))
+            for ci, cls in enumerate(CLASSES)]
     try:
-        for split_id, (split, n) in enumerate((("train", train_per_class), ("val", val_per_class))):
-            for ci, cls in enumerate(CLASSES):
-                folder = tmp / split / cls
-                folder.mkdir(parents=True)
-                for i in range(n):
-                    rng = np.random.default_rng([seed, split_id, ci, i])
-                    draw(cls, image_size, rng).save(folder / f"{cls}_{i:05d}.png", optimize=False)
+        with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+            list(pool.map(_write_class, jobs))
         (tmp / ".complete").write_text("ok\n")
         if root.exists():  # an incomplete leftover from a killed run
             shutil.rmtree(root)
