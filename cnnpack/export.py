@@ -9,6 +9,7 @@ recorded in the manifest, so a failed export leaves the previous artifact and ma
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shlex
@@ -223,7 +224,9 @@ def export_torchscript(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, des
             raise StageFailed(f"TorchScript {cfg.torchscript_mode} failed: {str(e).strip().splitlines()[0]}") from None
         ts = torch.jit.freeze(ts.eval())
     extra = {"cnnpack.json": json.dumps(metadata(spec, cfg))}
-    torch.jit.save(ts, str(dest), _extra_files=extra)
+    buf = io.BytesIO()  # a buffer, not `dest`: the zip would embed the temp file's name and differ every time
+    torch.jit.save(ts, buf, _extra_files=extra)
+    dest.write_bytes(buf.getvalue())
     # reload and run once: a file that cannot run is not an artifact
     loaded = torch.jit.load(str(dest), map_location=cfg.device)
     with torch.no_grad():
