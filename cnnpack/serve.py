@@ -1,0 +1,501 @@
+"""`cnnpack serve`: the real Triton Inference Server over a model repository, without Docker.
+
+The `nvidia-pytriton` wheel (Linux, glibc >= 2.35) ships a complete `tritonserver` 2.51 (the
+release of the NGC 24.10 container) with its Python backend:
+
+    site-packages/pytriton/tritonserver/bin/tritonserver
+    site-packages/pytriton/tritonserver/backends/python/{libtriton_python.so, triton_python_backend_utils.py}
+    site-packages/pytriton/tritonserver/python_backend_stubs/3.X/triton_python_backend_stub
+    site-packages/nvidia_pytriton.libs/          libtritonserver + the libraries it links (LD_LIBRARY_PATH)
+
+It has no ONNX Runtime or libtorch backend. Triton 2.51 resolves a model's backend like this
+(core `TritonModel::GetBackendLibraryProperties`): the platform names a backend
+(`onnxruntime_onnx` -> `onnxruntime`, `pytorch_libtorch` -> `pytorch`); Triton looks for
+`libtriton_<backend>.so` in the version folder, the model folder and `<backend-dir>/<backend>/`;
+if there is none it looks for `<backend-dir>/<backend>/model.py`, a *Python-based backend*, and runs
+that with `<backend-dir>/python/libtriton_python.so` (the served config then says
+`runtime: "model.py"`). cnnpack builds such a backend directory, holding the wheel's Python backend
+and its own two small CPU backends (`cnnpack/backends/{onnxruntime,pytorch}/model.py`), so the
+repository that the NGC container serves with native backends runs unchanged here.
+
+The Python backend stub embeds libpython: it must match the running interpreter (3.X stub,
+that interpreter's LIBDIR on LD_LIBRARY_PATH) and it finds this environment's packages (numpy,
+onnxruntime, torch) through the `python3` first on PATH, as pytriton itself arranges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from cnnpack.errors import CnnpackError, RuntimeUnavailable, StageFailed, UserInputError
+
+NGC_RELEASE = "24.10"  # the NGC container whose Triton (2.51) the wheel ships
+SHIPPED_BACKENDS = ("onnxruntime", "pytorch")  # cnnpack/backends/<name>/model.py
+SHARED_MODULE = "cnnpack_batching.py"  # cnnpack/backends/, copied beside each backend's model.py
+NOISE = ("CudaDriverHelper has not been initialized",)  # E-level lines Triton prints on every CPU-only start
+
+
+def docker_line(repository: str | Path = "model_repository") -> str:
+    """The NGC container command that serves `repository` with Triton's native backends."""
+    return ("docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 "
+            f"-v $PWD/{Path(repository).name}:/models nvcr.io/nvidia/tritonserver:{NGC_RELEASE}-py3 "
+            "tritonserver --model-repository=/models")
+
+
+def _unavailable(why: str) -> RuntimeUnavailable:
+    return RuntimeUnavailable(f"{why}. Serve the repository with the NGC container instead: {docker_line()}")
+
+
+# -- the server the wheel ships ------------------------------------------------------------------
+@dataclass(frozen=True)
+class TritonDist:
+    """Where the wheel's tritonserver, its libraries and its Python backend are."""
+
+    binary: Path
+    libs: Path
+    python_backend: Path  # libtriton_python.so + triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub for this interpreter's Python version
+
+
+def locate() -> TritonDist:
+    """The tritonserver of the nvidia-pytriton wheel, or RuntimeUnavailable saying why not."""
+    if not sys.platform.startswith("linux"):
+        raise _unavailable(f"the local Triton server (nvidia-pytriton wheel) runs on Linux only, this is {sys.platform}")
+    spec = importlib.util.find_spec("pytriton")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise _unavailable("the nvidia-pytriton wheel, which ships tritonserver, is not installed "
+                           "(pip install 'cnnpack[serve]')")
+    pkg = Path(next(iter(spec.submodule_search_locations)))
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    dist = TritonDist(binary=pkg / "tritonserver" / "bin" / "tritonserver", libs=pkg.parent / "nvidia_pytriton.libs",
+                      python_backend=pkg / "tritonserver" / "backends" / "python",
+                      stub=pkg / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub")
+    for what, path in (("tritonserver binary", dist.binary), ("server libraries", dist.libs),
+                       ("Python backend", dist.python_backend / "libtriton_python.so")):
+        if not path.exists():
+            raise _unavailable(f"the nvidia-pytriton wheel at {pkg} has no {what} ({path})")
+    if not dist.stub.is_file():
+        raise _unavailable(f"the nvidia-pytriton wheel has no Python backend stub for Python {version} ({dist.stub})")
+    return dist
+
+
+def server_env(dist: TritonDist) -> dict[str, str]:
+    """The environment for tritonserver and the Python backend stubs it forks."""
+    env = dict(os.environ)
+    libs = [str(dist.libs)]
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):  # the stub links libpython3.X.so: use this interpreter's
+        libs.insert(0, sysconfig.get_config_var("LIBDIR"))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, *filter(None, [env.get("LD_LIBRARY_PATH")])])
+    # The stub's embedded Python finds its prefix (and so this venv's site-packages) from the
+    # `python3` first on PATH.
+    bins = dict.fromkeys([str(Path(sys.executable).parent), str(Path(sys.exec_prefix) / "bin")])
+    env["PATH"] = os.pathsep.join([*bins, env.get("PATH", "")])
+    return env
+
+
+def check_stub(dist: TritonDist, env: dict[str, str]) -> None:
+    """Runs the stub without arguments: it answers 1 (usage); 127 means a library is missing."""
+    try:
+        proc = subprocess.run([str(dist.stub)], env=env, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise _unavailable(f"the Python backend stub {dist.stub} does not run: {e}") from None
+    if proc.returncode != 1:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        raise _unavailable(f"the Python backend stub {dist.stub} does not run here: {detail[0]}")
+
+
+def build_backend_dir(dist: TritonDist, dest: Path) -> Path:
+    """`dest/python/` (the wheel's Python backend + stub) and `dest/<name>/` for cnnpack's backends."""
+    py = dest / "python"
+    py.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy2(dist.python_backend / name, py / name)
+    shutil.copy2(dist.stub, py / "triton_python_backend_stub")
+    shipped = resources.files("cnnpack") / "backends"
+    for name in SHIPPED_BACKENDS:
+        (dest / name).mkdir(exist_ok=True)
+        (dest / name / "model.py").write_bytes((shipped / name / "model.py").read_bytes())
+        (dest / name / SHARED_MODULE).write_bytes((shipped / SHARED_MODULE).read_bytes())
+    return dest
+
+
+def repository_of(run_dir: str | Path) -> str:
+    """The model repository a run's `cnnpack triton` stage wrote."""
+    from cnnpack.rundir import Run
+
+    return Run.open(run_dir).stage("triton", required_by="serve")["repository"]
+
+
+# -- ports -----------------------------------------------------------------------------------------
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a port in TIME_WAIT is free
+    try:
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def free_ports(host: str, n: int) -> list[int]:
+    """`n` distinct ports the OS says are free on `host` now."""
+    socks = [_bind(host, 0) for _ in range(n)]
+    try:
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def check_port(host: str, port: int, what: str) -> None:
+    try:
+        _bind(host, port).close()
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UserInputError(f"{what} port {port} on {host} is already in use (another Triton server?); "
+                                 f"stop that process or choose another --{what}-port (0: any free port)") from None
+        raise UserInputError(f"cannot listen on {host}:{port} for {what}: {e.strerror}; check --host") from None
+
+
+# -- configuration and results ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServeConfig:
+    repository: str = "model_repository"
+    host: str = "127.0.0.1"
+    http_port: int = 0  # 0: any free port (the CLI defaults to Triton's 8000, 8001, 8002)
+    grpc_port: int = 0
+    metrics_port: int = 0
+    backend_directory: str | None = None  # native Triton backends instead of cnnpack's Python-based ones
+    log_file: str | None = None  # the server's log (default: a temporary file, removed on stop)
+    ready_timeout_s: float = 180.0  # until every model is loaded
+    stop_timeout_s: float = 30.0  # SIGTERM, then SIGKILL
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model of the repository as the running server reports it."""
+
+    name: str
+    version: str
+    state: str  # READY | UNAVAILABLE | ...
+    platform: str = ""
+    backend: str = ""
+    served_by: str = ""  # in words: which backend implementation runs it
+    reason: str = ""  # why it is not READY
+
+
+@dataclass
+class Ports:
+    http: int
+    grpc: int
+    metrics: int
+
+
+def resolve_ports(cfg: ServeConfig) -> Ports:
+    """Explicit ports are checked (in use: UserInputError); 0 picks free ones."""
+    wanted = {"http": cfg.http_port, "grpc": cfg.grpc_port, "metrics": cfg.metrics_port}
+    for what, port in wanted.items():
+        if not 0 <= port <= 65535:
+            raise UserInputError(f"--{what}-port {port} is not a port number (0-65535; 0: any free port)")
+        if port:
+            check_port(cfg.host, port, what)
+    taken = [p for p in wanted.values() if p]
+    if len(set(taken)) != len(taken):
+        raise UserInputError(f"--http-port, --grpc-port and --metrics-port must differ, got {wanted}")
+    free = iter(p for p in free_ports(cfg.host, 6) if p not in taken)
+    return Ports(**{w: p or next(free) for w, p in wanted.items()})
+
+
+def _url_host(host: str) -> str:
+    """Where a local client reaches a server bound to `host`."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+# -- the server process ---------------------------------------------------------------------------
+def _in_main_thread() -> bool:
+    # PR_SET_PDEATHSIG fires when the forking *thread* ends: only safe from the main thread
+    return threading.current_thread() is threading.main_thread()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the server gets SIGTERM if the process that started it dies."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class TritonServer:
+    """A tritonserver process over a model repository, as a context manager.
+
+        with TritonServer("model_repository") as server:  # or TritonServer(ServeConfig(...))
+            client = tritonclient.http.InferenceServerClient(server.http_address)
+
+    `start()` returns once every model is READY; a model that fails to load raises StageFailed
+    with Triton's own error text (and the server is stopped). `stop()` ends only the process
+    this object started (and the Python backend stubs in its process group).
+    """
+
+    cfg: ServeConfig | str | Path = field(default_factory=ServeConfig)  # a path: that repository, free ports
+    # known once started
+    ports: Ports | None = field(default=None, init=False)
+    models: list[ModelInfo] = field(default_factory=list, init=False)
+    backend_dir: Path | None = field(default=None, init=False)
+    version: str = field(default="", init=False)  # the server's own, e.g. 2.51.0
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _pid: int | None = field(default=None, init=False)  # kept after stop: a caller can check the process is gone
+    _tmp: Path | None = field(default=None, init=False, repr=False)
+    _log_path: Path | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cfg, ServeConfig):
+            self.cfg = ServeConfig(repository=str(self.cfg))
+
+    # - addresses -
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_address}"
+
+    @property
+    def http_address(self) -> str:
+        """host:port, as tritonclient.http wants it."""
+        return f"{_url_host(self.cfg.host)}:{self.ports.http}"
+
+    @property
+    def grpc_address(self) -> str:
+        """host:port, as tritonclient.grpc wants it."""
+        return f"{_url_host(self.cfg.host)}:{self.ports.grpc}"
+
+    @property
+    def urls(self) -> dict[str, str]:
+        h = _url_host(self.cfg.host)
+        return {"http": f"http://{h}:{self.ports.http}", "grpc": f"grpc://{h}:{self.ports.grpc}",
+                "metrics": f"http://{h}:{self.ports.metrics}/metrics"}
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id (also after stop)."""
+        return self._pid
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # - lifecycle -
+    def start(self) -> TritonServer:
+        """Starts the server and waits until it and every model are ready."""
+        if self._proc is not None and self._proc.poll() is None:
+            return self  # already running
+        repo = self._check_repository()
+        dist = locate()
+        env = server_env(dist)
+        self._tmp = Path(tempfile.mkdtemp(prefix="cnnpack-serve-"))
+        try:
+            self.backend_dir = self._backend_dir(dist, env)
+            self.ports = resolve_ports(self.cfg)
+            self._launch(dist, env, repo)
+            self._wait_ready()
+            self.models = self._describe()
+            status, body = self._get("/v2")
+            self.version = json.loads(body).get("version", "") if status == 200 else ""
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _check_repository(self) -> Path:
+        repo = Path(self.cfg.repository)
+        if not repo.is_dir():
+            raise UserInputError(f"model repository {repo} is not a directory; create it with "
+                                 "`cnnpack triton --run RUN --repository DIR` or pass --repository")
+        if not any(p.is_dir() and not p.name.startswith(".") for p in repo.iterdir()):
+            raise UserInputError(f"model repository {repo} holds no model folders; add one with `cnnpack triton`")
+        return repo.resolve()
+
+    def _backend_dir(self, dist: TritonDist, env: dict[str, str]) -> Path:
+        if self.cfg.backend_directory:
+            native = Path(self.cfg.backend_directory)
+            if not native.is_dir():
+                raise UserInputError(f"--backend-directory {native} is not a directory")
+            return native.resolve()
+        check_stub(dist, env)
+        return build_backend_dir(dist, self._tmp / "backends")
+
+    def _command(self, dist: TritonDist, repo: Path) -> list[str]:
+        exit_timeout = max(1, int(self.cfg.stop_timeout_s * 2 / 3))  # leaves time to SIGKILL after it
+        return [str(dist.binary), f"--model-repository={repo}", f"--backend-directory={self.backend_dir}",
+                f"--http-address={self.cfg.host}", f"--http-port={self.ports.http}",
+                f"--grpc-address={self.cfg.host}", f"--grpc-port={self.ports.grpc}",
+                f"--metrics-address={self.cfg.host}", f"--metrics-port={self.ports.metrics}",
+                # keep serving while we ask the server which model failed and why
+                "--exit-on-error=false", f"--exit-timeout-secs={exit_timeout}"]
+
+    def _launch(self, dist: TritonDist, env: dict[str, str], repo: Path) -> None:
+        self._log_path = Path(self.cfg.log_file) if self.cfg.log_file else self._tmp / "tritonserver.log"
+        try:
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(self._log_path, "wb")  # noqa: SIM115 - the child holds it; closed below
+        except OSError as e:
+            raise UserInputError(f"cannot write the server log {self._log_path}: {e.strerror}") from None
+        with log:
+            # A new session: Ctrl-C in the terminal reaches cnnpack, which stops the server in order,
+            # and the process group holds exactly the server and its Python backend stubs.
+            self._proc = subprocess.Popen(self._command(dist, repo), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True,
+                                          preexec_fn=_die_with_parent if _in_main_thread() else None)
+        self._pid = self._proc.pid
+
+    def _get(self, path: str, method: str = "GET") -> tuple[int, bytes]:
+        req = urllib.request.Request(f"http://{self.http_address}{path}", method=method,
+                                     data=b"{}" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return 0, b""
+
+    def _wait_ready(self) -> None:
+        """Polls /v2/health/ready until the deadline; fails fast on exit or a model that did not load."""
+        deadline = time.monotonic() + self.cfg.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise self._exited()
+            if self._get("/v2/health/ready")[0] == 200:
+                return
+            if self._get("/v2/health/live")[0] == 200:
+                self._raise_failed_models()  # with the default model control, live means loading is over
+            time.sleep(0.2)
+        raise StageFailed(f"Triton at {self.http_address} was not ready within {self.cfg.ready_timeout_s:.0f} s "
+                          f"(still loading? raise the timeout); {self._log_hint()}")
+
+    def _index(self) -> list[dict]:
+        status, body = self._get("/v2/repository/index", method="POST")
+        return json.loads(body) if status == 200 else []
+
+    def _raise_failed_models(self) -> None:
+        index = self._index()
+        failed = [m for m in index if m.get("state") == "UNAVAILABLE"]
+        if not failed or any(m.get("state") in ("LOADING", "UNLOADING") for m in index):
+            return
+        lines = [f"model '{m['name']}' version {m.get('version', '?')}: {_reason(m.get('reason', ''))}" for m in failed]
+        raise StageFailed(f"Triton could not load {len(failed)} model(s) from {self.cfg.repository}: "
+                          + "; ".join(lines) + f" ({self._log_hint()})")
+
+    def _log_lines(self) -> list[str]:
+        with contextlib.suppress(OSError):
+            return self._log_path.read_text(errors="replace").splitlines()
+        return []
+
+    def _log_hint(self) -> str:
+        return f"server log: {self._log_path}" if self.cfg.log_file else "rerun with --log FILE to keep the server log"
+
+    def _exited(self) -> CnnpackError:
+        """The error for a server that exited during startup, from its log."""
+        lines = self._log_lines()
+        in_use = [_strip_prefix(ln) for ln in lines if re.search(r"failed to start .* already in use", ln)]
+        if in_use:  # taken between our check and Triton's bind
+            return UserInputError(f"Triton could not listen: {in_use[0].strip()}; stop the process using that port "
+                                  "or choose other ports (0: any free port)")
+        errors = [ln for ln in lines if (ln.startswith("E") or ln.startswith("error:")) and not any(n in ln for n in NOISE)]
+        text = " | ".join(_strip_prefix(ln) for ln in errors[-3:]) or " | ".join(lines[-3:]) or "no output"
+        return StageFailed(f"tritonserver exited during startup (exit code {self._proc.returncode}): {_reason(text)} "
+                           f"({self._log_hint()})")
+
+    def _describe(self) -> list[ModelInfo]:
+        """Every model in the repository index with the backend that serves it."""
+        out = []
+        for m in self._index():
+            info = {}
+            if m.get("state") == "READY":
+                status, body = self._get(f"/v2/models/{m['name']}/versions/{m['version']}/config")
+                info = json.loads(body) if status == 200 else {}
+            out.append(ModelInfo(name=m["name"], version=str(m.get("version", "")), state=m.get("state", ""),
+                                 platform=info.get("platform", ""), backend=info.get("backend", ""),
+                                 served_by=self._served_by(info), reason=m.get("reason", "")))
+        return out
+
+    def _served_by(self, config: dict) -> str:
+        backend, runtime = config.get("backend", ""), config.get("runtime", "")
+        if config.get("platform") == "ensemble":
+            return "ensemble scheduler"
+        if runtime == "model.py" and backend != "python":
+            if self.cfg.backend_directory:
+                return f"Python-based {backend} backend ({self.backend_dir / backend / 'model.py'})"
+            return f"cnnpack's Python-based {backend} backend"
+        if backend == "python":
+            return "Python backend (the model's own model.py)"
+        return f"native {backend} backend ({runtime or f'libtriton_{backend}.so'})" if backend else ""
+
+    def wait(self) -> int:
+        """Blocks until the server exits (serving until then); returns its exit code."""
+        return self._proc.wait() if self._proc else 0
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after `stop_timeout_s`; only this server's process group."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=self.cfg.stop_timeout_s)
+                except (subprocess.TimeoutExpired, KeyboardInterrupt):  # too slow, or a second Ctrl-C
+                    _kill_group(proc.pid)
+                    proc.wait()
+            _kill_group(proc.pid)  # stubs that outlived their server (they quit on their own soon after)
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL to the process group this module created with the server (its id is the server's pid)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _reason(text: str) -> str:
+    """Triton's error text on one line, without the Python traceback the stub appends ("At: ...")."""
+    text = re.split(r"\n\s*At:\s*\n|\\n\\nAt:", text or "no reason given")[0]
+    return " ".join(text.replace("\\n", " ").split())
+
+
+def _strip_prefix(line: str) -> str:
+    """`E1128 21:14:38.299 9259 file.cc:241] "text"` -> `text`."""
+    m = re.match(r'^[EWI]\d{4} [\d:.]+ +\d+ [^\]]+\] "?(.*?)"?$', line)
+    return m.group(1) if m else line

@@ -1,0 +1,261 @@
+"""cnnpack serve: the real tritonserver of the nvidia-pytriton wheel over a hand-made repository.
+
+The repository is laid out by hand as DESIGN.md §5 fixes it (config.pbtxt printed from a
+`ModelConfig` with protobuf text_format): a tiny conv net taking raw 0-255 pixels, once as ONNX
+(`input` -> `logits`, platform onnxruntime_onnx) and once as TorchScript (`INPUT__0` -> `OUTPUT__0`,
+platform pytorch_libtorch). The wheel has no native ONNX Runtime or libtorch backend, so both are
+served by cnnpack's Python-based backends. One server is shared by the module (a start takes a few
+seconds); the fault tests start their own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnpack.errors import MissingStageError, RuntimeUnavailable, StageFailed, UserInputError
+
+pytestmark = pytest.mark.triton
+
+torch = pytest.importorskip("torch")
+serve = pytest.importorskip("cnnpack.serve")
+
+CLASSES = ["circle", "square", "triangle"]
+MAX_BATCH = 8
+MODELS = {  # name: (platform, file, input, output)
+    "tiny_onnx": ("onnxruntime_onnx", "model.onnx", "input", "logits"),
+    "tiny_torchscript": ("pytorch_libtorch", "model.pt", "INPUT__0", "OUTPUT__0"),
+}
+
+
+class TinyNet(torch.nn.Module):
+    """Raw RGB 0-255 (N, 3, 32, 32) -> logits (N, 3); scaling and mean/std inside, as exports are."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.25, 0.2, 0.3]).view(1, 3, 1, 1))
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(8, len(CLASSES))
+
+    def forward(self, x):
+        x = (x / 255.0 - self.mean) / self.std
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))  # (N, 8) -> (N, classes)
+
+
+def write_config(folder: Path, name: str, platform: str, inp: str, out: str, *, queue_delay_us: int = 20000):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    mc = pb.ModelConfig(name=name, platform=platform, max_batch_size=MAX_BATCH)
+    mc.input.add(name=inp, data_type=pb.TYPE_FP32, format=pb.ModelInput.FORMAT_NCHW, dims=[3, 32, 32])
+    mc.output.add(name=out, data_type=pb.TYPE_FP32, dims=[len(CLASSES)], label_filename="labels.txt")
+    mc.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    mc.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=1)
+    intra, inter = ("intra_op_thread_count", "inter_op_thread_count") if platform.startswith("onnx") else \
+        ("INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT")
+    mc.parameters[intra].string_value = "1"
+    mc.parameters[inter].string_value = "1"
+    (folder / "config.pbtxt").write_text(text_format.MessageToString(mc, use_short_repeated_primitives=True))
+    (folder / "labels.txt").write_text("\n".join(CLASSES) + "\n")
+
+
+def add_model(repo: Path, name: str, net: torch.nn.Module) -> None:
+    platform, file, inp, out = MODELS[name]
+    (repo / name / "1").mkdir(parents=True)
+    example = torch.rand(2, 3, 32, 32) * 255
+    if file == "model.onnx":
+        torch.onnx.export(net, (example,), str(repo / name / "1" / file), input_names=[inp], output_names=[out],
+                          dynamic_axes={inp: {0: "N"}, out: {0: "N"}}, opset_version=17, dynamo=False)
+    else:
+        torch.jit.trace(net, example).save(str(repo / name / "1" / file))
+    write_config(repo / name, name, platform, inp, out)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, net):
+    try:
+        serve.locate()
+    except RuntimeUnavailable as e:
+        pytest.skip(str(e))
+    repo = tmp_path_factory.mktemp("serve") / "model_repository"
+    for name in MODELS:
+        add_model(repo, name, net)
+    srv = serve.TritonServer(serve.ServeConfig(repository=str(repo)))
+    with srv:
+        yield srv
+    assert_gone(srv.pid)
+
+
+def assert_gone(pid: int) -> None:
+    """Neither the server nor anything in its process group (the Python backend stubs) is left."""
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    deadline = time.monotonic() + 5
+    while True:  # a stub may take a moment to notice its server is gone
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"processes of group {pid} outlived the server"
+        time.sleep(0.1)
+
+
+def pixels(n: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).random((n, 3, 32, 32)) * 255).astype(np.float32)  # raw 0-255
+
+
+def eager(net, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return net(torch.from_numpy(x)).numpy()
+
+
+def infer(server, protocol: str, model: str, x: np.ndarray, class_count: int = 0) -> np.ndarray:
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+
+    _, _, inp, out = MODELS[model]
+    lib, url = (http, server.http_address) if protocol == "http" else (grpc, server.grpc_address)
+    client = lib.InferenceServerClient(url)
+    tensor = lib.InferInput(inp, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = client.infer(model, [tensor], outputs=[lib.InferRequestedOutput(out, class_count=class_count)])
+    return result.as_numpy(out)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_served_logits_equal_eager(server, net, model, protocol):
+    x = pixels(5, seed=1)
+    np.testing.assert_allclose(infer(server, protocol, model, x), eager(net, x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_classification_extension_returns_score_index_label(server, net, model, protocol):
+    x = pixels(3, seed=2)
+    top = infer(server, protocol, model, x, class_count=2)  # (3, 2) of b"score:index:label"
+    logits = eager(net, x)
+    for row, ref in zip(top, logits):
+        fields = [s.decode().split(":") for s in row]
+        expected = np.argsort(-ref)[:2]
+        assert [int(f[1]) for f in fields] == list(expected)
+        assert [f[2] for f in fields] == [CLASSES[i] for i in expected]
+        np.testing.assert_allclose([float(f[0]) for f in fields], ref[expected], atol=1e-4)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_concurrent_requests_are_batched_and_split_back(server, net, model):
+    """8 single-image requests at once: the dynamic batcher hands them to one execute call."""
+    stats_before = _batch_counts(server, model)
+    images = [pixels(1, seed=10 + i) for i in range(MAX_BATCH)]
+    with ThreadPoolExecutor(MAX_BATCH) as pool:
+        served = list(pool.map(lambda x: infer(server, "http", model, x), images))
+    for x, y in zip(images, served):  # each request got its own row back
+        np.testing.assert_allclose(y, eager(net, x), atol=1e-4, rtol=0)
+    after = _batch_counts(server, model)
+    assert any(size > 1 and after[size] > stats_before.get(size, 0) for size in after), after
+
+
+def _batch_counts(server, model) -> dict[int, int]:
+    import tritonclient.http as http
+
+    stats = http.InferenceServerClient(server.http_address).get_inference_statistics(model)
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"])
+            for b in stats["model_stats"][0].get("batch_stats", [])}
+
+
+def test_server_reports_which_backend_serves_each_model(server):
+    by_name = {m.name: m for m in server.models}
+    assert set(by_name) == set(MODELS)
+    assert all(m.state == "READY" for m in by_name.values())
+    assert by_name["tiny_onnx"].backend == "onnxruntime"
+    assert "Python-based onnxruntime" in by_name["tiny_onnx"].served_by
+    assert by_name["tiny_torchscript"].backend == "pytorch"
+    assert "Python-based pytorch" in by_name["tiny_torchscript"].served_by
+    assert server.version.startswith("2.")
+
+
+def test_port_in_use_is_a_user_error(server, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = serve.ServeConfig(repository=server.cfg.repository, http_port=port)
+        with pytest.raises(UserInputError, match=f"port {port}"):
+            serve.TritonServer(cfg).start()
+    with pytest.raises(UserInputError, match="already in use"):  # the shared server holds its own ports
+        serve.TritonServer(serve.ServeConfig(repository=server.cfg.repository, grpc_port=server.ports.grpc)).start()
+
+
+def test_model_that_fails_to_load_gives_tritons_error_and_stops(server, tmp_path, net):
+    repo = tmp_path / "repo"
+    add_model(repo, "tiny_onnx", net)
+    (repo / "tiny_onnx" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    srv = serve.TritonServer(serve.ServeConfig(repository=str(repo)))
+    with pytest.raises(StageFailed, match=r"tiny_onnx.*(?i:protobuf)"):
+        srv.start()
+    assert srv.pid is not None
+    assert_gone(srv.pid)
+
+
+def test_cli_serves_until_sigterm(server, tmp_path):
+    """`cnnpack serve` prints the URLs and backends, and SIGTERM stops it (and only its server) cleanly."""
+    log = tmp_path / "triton.log"
+    cmd = [sys.executable, "-m", "cnnpack", "serve", "--repository", server.cfg.repository, "--http-port", "0",
+           "--grpc-port", "0", "--metrics-port", "0", "--log", str(log)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(4 + len(MODELS))]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    text = "".join(lines)
+    assert proc.returncode == 0, err
+    assert "http://127.0.0.1:" in text and "grpc://127.0.0.1:" in text
+    assert "tiny_onnx" in text and "Python-based onnxruntime" in text
+    pid = int(text.split("(pid ")[1].split(")")[0])
+    assert_gone(pid)
+    served_log = log.read_text()
+    assert "successfully loaded 'tiny_torchscript'" in served_log
+    # the thread counts of config.pbtxt reached the runtimes
+    assert "intra_op_threads=1, inter_op_threads=1" in served_log
+    assert "model.pt on cpu, 1 threads" in served_log
+    assert server.models  # the shared server was untouched
+    assert infer(server, "http", "tiny_onnx", pixels(1, seed=3)).shape == (1, len(CLASSES))
+
+
+def test_without_the_wheel_the_error_gives_the_ngc_docker_line(tmp_path):
+    """A Python that cannot see nvidia-pytriton (here: no site-packages at all) gets the container command."""
+    package_root = Path(serve.__file__).resolve().parents[1]
+    code = ("import sys; sys.path = [p for p in sys.path if 'site-packages' not in p]; "
+            "from cnnpack.serve import locate; locate()")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=package_root, capture_output=True, text=True)
+    assert "RuntimeUnavailable" in proc.stderr and "nvidia-pytriton" in proc.stderr
+    assert ("docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD/model_repository:/models "
+            "nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models") in proc.stderr
+
+
+def test_run_names_its_repository(tmp_path):
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 3, "classes": CLASSES})
+    with pytest.raises(MissingStageError, match="cnnpack triton"):
+        serve.repository_of(run.path)
+    run.set_stage("triton", {"status": "ok", "repository": str(tmp_path / "repo"), "name": "tiny_onnx"})
+    assert serve.repository_of(run.path) == str(tmp_path / "repo")
