@@ -9,7 +9,8 @@ container, which has the native backend.
 
 What it honours from config.pbtxt, as the native ONNX Runtime backend names it:
 - `default_model_filename` (default `model.onnx`) in the version folder;
-- `parameters` `intra_op_thread_count` / `inter_op_thread_count` (0 or absent: ORT's default);
+- `parameters` `intra_op_thread_count` / `inter_op_thread_count` (0 or absent: ORT's default) and
+  `execution_mode` (0 sequential, 1 parallel: inter-op threads matter only then);
 - input/output names and data types; `max_batch_size`; a KIND_GPU instance runs on CUDA when
   this onnxruntime has it.
 All requests of one `execute` call run as **one** batch, as the native backend does with the
@@ -30,7 +31,7 @@ def session_options(ort, config):
         opts.intra_op_num_threads = intra
     if inter > 0:
         opts.inter_op_num_threads = inter
-    if inter > 1:  # inter-op threads only matter when the graph runs in parallel mode
+    if int_param(config, "execution_mode") == 1:  # as the native backend: 0 sequential (default), 1 parallel
         opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
     return opts
 
