@@ -50,6 +50,7 @@ class Data:
             "train_per_class": torch.bincount(self.train.labels, minlength=len(self.classes)).tolist(),
             "val_per_class": torch.bincount(self.val.labels, minlength=len(self.classes)).tolist(),
             "skipped_files": len(self.skipped),
+            "skipped_examples": self.skipped[:5],
         }
 
 
@@ -121,8 +122,11 @@ def _read_folder(root: Path, classes: list[str], size: int, skipped: list[str],
     skipped += [why for arr, why in results if arr is None]
     kept_labels = [labels[i] for i in keep]
     for cls in present or classes:
-        if classes.index(cls) not in kept_labels:
-            raise UserInputError(f"class folder {root / cls} has no readable images")
+        ci = classes.index(cls)
+        if ci not in kept_labels:
+            bad = [why for (arr, why), lab in zip(results, labels) if lab == ci and arr is None]
+            raise UserInputError(f"class folder {root / cls} has no readable images "
+                                 f"({len(bad)} unreadable files, e.g. {bad[0]})")
     images = torch.from_numpy(np.stack([results[i][0] for i in keep]))
     return Split(images, torch.tensor(kept_labels, dtype=torch.int64), [str(paths[i]) for i in keep])
 
@@ -158,10 +162,17 @@ def load_image_folder(root: Path, size: int, *, val_fraction: float = 0.2, seed:
     if not root.is_dir():
         raise UserInputError(f"--data {root} is a file; expected an ImageFolder directory")
     skipped: list[str] = []
-    if (root / "train").is_dir() and (root / "val").is_dir():
+    has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
+    if has_train != has_val:  # otherwise `train` would silently become a class of a one-folder dataset
+        have, lack = ("train", "val") if has_train else ("val", "train")
+        raise UserInputError(f"{root} has {have}/ but no {lack}/; add {root / lack}/<class>/<images> "
+                             f"or put the class folders directly under {root}")
+    if has_train:
         classes = [p.name for p in _class_dirs(root / "train")]
         _check_classes(root / "train", classes)
         val_classes = [p.name for p in _class_dirs(root / "val")]
+        if not val_classes:
+            raise UserInputError(f"{root / 'val'} has no class folders; expected {root / 'val'}/<class>/<image files>")
         if extra := sorted(set(val_classes) - set(classes)):
             raise UserInputError(f"{root / 'val'} has classes not in train: {', '.join(extra)}")
         train = _read_folder(root / "train", classes, size, skipped)

@@ -109,12 +109,22 @@ def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
         return MODELS.get(spec.arch)(spec, pretrained)
     if spec.arch in torchvision_classifiers():
         return _torchvision_model(spec.arch, spec, pretrained)
-    raise UserInputError(f"unknown arch {spec.arch!r}; valid: {', '.join(arch_names())}")
+    raise _unknown_arch(spec.arch)
 
 
 def check_arch(arch: str) -> None:
+    """Raises UserInputError naming the valid archs (closest match first) if `arch` is unknown."""
     if arch not in MODELS and arch not in torchvision_classifiers():
-        raise UserInputError(f"unknown arch {arch!r}; valid: {', '.join(arch_names())}")
+        raise _unknown_arch(arch)
+
+
+def _unknown_arch(arch: str) -> UserInputError:
+    import difflib
+
+    names = arch_names()
+    close = difflib.get_close_matches(arch, names, n=3)
+    hint = f" (closest: {', '.join(close)})" if close else ""
+    return UserInputError(f"unknown arch {arch!r}{hint}; valid: {', '.join(names)}")
 
 
 def load_state_dict_file(path: str | Path) -> dict:

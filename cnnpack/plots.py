@@ -35,7 +35,11 @@ def curves(history: list[dict], path: Path) -> None:
     b.plot(ep, [100 * h["train_acc"] for h in history], "o-", label="train")
     b.plot(ep, [100 * h["val_acc"] for h in history], "o-", label="val")
     b.set(title="top-1 accuracy (%)", xlabel="epoch")
+    best = max(history, key=lambda h: h["val_acc"])
+    b.plot([best["epoch"]], [100 * best["val_acc"]], "*", color="black", markersize=12, zorder=3,
+           label=f"best val {100 * best['val_acc']:.2f}% (epoch {best['epoch']})")
     for ax in (a, b):
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs, not 1.5, 2.5, ...
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)
@@ -45,7 +49,8 @@ def confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "conf
     """Row-normalised confusion matrix with the raw counts written in each cell."""
     plt = _pyplot()
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k))
+    side = min(1.0 + 0.6 * k, 14.0)  # 100 classes would otherwise make a 60-inch figure
+    fig, ax = plt.subplots(figsize=(side, side - 0.2))
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     if k <= 30:
@@ -69,7 +74,7 @@ def samples(images: np.ndarray, true: list[int], pred: list[int], classes: list[
     for ax in axes.flat:
         ax.axis("off")
     for i, ax in enumerate(axes.flat[:n]):
-        ax.imshow(images[i].transpose(1, 2, 0))
+        ax.imshow(images[i].transpose(1, 2, 0), interpolation="nearest")  # the pixels the model saw
         ok = true[i] == pred[i]
         label = classes[pred[i]] if ok else f"{classes[pred[i]]}\n(true: {classes[true[i]]})"
         ax.set_title(label, fontsize=7, color="green" if ok else "red")

@@ -140,7 +140,9 @@ def materialise(*, image_size: int = 64, seed: int = 0, train_per_class: int = 6
         with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
             list(pool.map(_write_class, jobs))
         (tmp / ".complete").write_text("ok\n")
-        if root.exists():  # an incomplete leftover from a killed run
+        if (root / ".complete").exists():  # another process finished first: keep its (identical) copy,
+            return root  # never delete a dataset someone may be reading
+        if root.exists():  # an incomplete leftover (only an older cnnpack could leave one)
             shutil.rmtree(root)
         os.replace(tmp, root)
     except OSError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,11 +24,15 @@ from cnnpack import data as data_mod
 from cnnpack import plots
 from cnnpack.errors import CnnpackError, UserInputError
 from cnnpack.models import build_model, check_arch, load_weights
-from cnnpack.rundir import Run, atomic_path, atomic_write_json
+from cnnpack.rundir import MANIFEST, Run, atomic_path, atomic_write_json
 from cnnpack.spec import ModelSpec
 
 CHECKPOINT = "checkpoint.pt"
 LAST = "last.pt"
+# what a training writes; `--force` removes the previous run's copies first, so a new run that
+# stops early can never be resumed from (or evaluated with) the old run's state
+TRAIN_FILES = (CHECKPOINT, LAST, "history.json", "curves.png", "confusion.png", "samples.png")
+log = logging.getLogger("cnnpack")
 
 
 class Interrupted(CnnpackError):
@@ -63,6 +68,12 @@ class TrainConfig:
             raise UserInputError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise UserInputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.patience < 1:
+            raise UserInputError(f"--patience must be >= 1 (epochs without a val-accuracy gain), got {self.patience}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserInputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.lr is not None and self.lr < 0:
+            raise UserInputError(f"--lr must be >= 0, got {self.lr}")
         if self.optimizer not in ("adamw", "sgd"):
             raise UserInputError(f"--optimizer {self.optimizer!r}; valid: adamw, sgd")
         if not 0 < self.val_fraction < 1:
@@ -82,10 +93,10 @@ def resolve_device(name: str) -> torch.device:
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module, steps: int):
     if cfg.optimizer == "sgd":
-        lr = cfg.lr or 0.1
+        lr = 0.1 if cfg.lr is None else cfg.lr  # (`cfg.lr or 0.1` would turn --lr 0 into 0.1)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     else:
-        lr = cfg.lr or 1e-2
+        lr = 1e-2 if cfg.lr is None else cfg.lr
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
     return opt, sched
@@ -150,9 +161,11 @@ def confusion_matrix(pred: np.ndarray, true: np.ndarray, k: int) -> np.ndarray:
 def _train_one_epoch(model, split, spec, cfg, device, opt, sched, loss_fn, g, progress, task, state) -> dict:
     model.train()
     autocast, scaler = state["autocast"], state["scaler"]
-    total, correct, loss_sum, seen, t0 = len(split), 0, 0.0, 0, time.perf_counter()
+    correct, loss_sum, seen, t0 = 0, 0.0, 0, time.perf_counter()
     pin = device.type == "cuda"
     for x, y in data_mod.iterate(split, cfg.batch_size, shuffle=True, g=g, indices=state.get("shard")):
+        if len(y) == 1:  # a last batch of one: BatchNorm cannot train on it when the feature map is 1x1
+            continue
         if pin:  # page-locked host memory makes the copy below asynchronous
             x, y = x.pin_memory(), y.pin_memory()
         x = data_mod.augment(x.to(device, non_blocking=True), g)  # on the device: no CPU bottleneck on a GPU
@@ -177,7 +190,6 @@ def _train_one_epoch(model, split, spec, cfg, device, opt, sched, loss_fn, g, pr
             progress.update(task, advance=1, loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}%",
                             ips=f"{ips:,.0f} img/s")
     wall = time.perf_counter() - t0
-    del total
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
             "train_images_per_s": seen / max(wall, 1e-9), "train_wall_s": wall}
 
@@ -185,7 +197,7 @@ def _train_one_epoch(model, split, spec, cfg, device, opt, sched, loss_fn, g, pr
 def _validate(model, split, spec, device, loss_fn, channels_last) -> dict:
     logits = predict(model, split, spec, device, channels_last=channels_last)
     y = split.labels
-    return {"val_loss": float(loss_fn(logits, y)), "val_acc": float((logits.argmax(1) == y).float().mean())}
+    return {"val_loss": float(loss_fn(logits, y)), "val_acc": (logits.argmax(1) == y).sum().item() / max(len(y), 1)}
 
 
 def _progress(enabled: bool):
@@ -203,21 +215,27 @@ def _write_plots(run: Run, model, data: data_mod.Data, spec: ModelSpec, device, 
     pred = logits.argmax(1).numpy()
     true = data.val.labels.numpy()
     cm = confusion_matrix(pred, true, spec.num_classes)
+    acc = float((pred == true).mean())
     plots.curves(history, run.file("curves.png"))
-    plots.confusion(cm, list(spec.classes), run.file("confusion.png"))
-    # a grid that shows the mistakes first, then correct ones
-    wrong = np.nonzero(pred != true)[0][:16]
-    right = np.nonzero(pred == true)[0][: 32 - len(wrong)]
-    idx = np.concatenate([wrong, right])
+    plots.confusion(cm, list(spec.classes), run.file("confusion.png"),
+                    title=f"confusion matrix (val, top-1 {100 * acc:.2f}%)")
+    idx = sample_indices(pred, true)
     plots.samples(data.val.images[idx].numpy(), true[idx].tolist(), pred[idx].tolist(), list(spec.classes),
                   run.file("samples.png"))
-    return {"confusion_matrix": cm.tolist(), "val_acc": float((pred == true).mean())}
+    return {"confusion_matrix": cm.tolist(), "val_acc": acc}
+
+
+def sample_indices(pred: np.ndarray, true: np.ndarray, n: int = 32, max_wrong: int = 16) -> np.ndarray:
+    """Which validation images the samples grid shows: mistakes first, then correct ones taken
+    round-robin over the classes (the split is sorted by class, so "the first n" is one class)."""
+    wrong = np.nonzero(pred != true)[0][:max_wrong]
+    per_class = [np.nonzero((pred == true) & (true == c))[0] for c in np.unique(true)]
+    right = [idx[r] for r in range(max((len(i) for i in per_class), default=0)) for idx in per_class if r < len(idx)]
+    return np.concatenate([wrong, np.asarray(right[: n - len(wrong)], dtype=np.int64)]).astype(np.int64)
 
 
 def _resume_state(run: Run, model, opt, sched) -> tuple[int, list[dict]]:
     path = run.file(LAST)
-    if not path.is_file():
-        raise UserInputError(f"--resume: {run.path} has no {LAST} to resume from")
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
@@ -240,6 +258,16 @@ def _recorded_config(run_dir: Path) -> TrainConfig:
         raise UserInputError(f"--resume: {run_dir} was trained by an incompatible cnnpack version") from None
 
 
+def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
+    """Refuses a bad --run before any data is loaded (Run.create checks again when it writes)."""
+    if resume:
+        if not (run_dir / LAST).is_file():
+            raise UserInputError(f"--resume: {run_dir} has no {LAST} (no epoch finished); "
+                                 f"start it again with `cnnpack train --run {run_dir} --force`")
+    elif (run_dir / MANIFEST).exists() and not force:
+        raise UserInputError(f"{run_dir} already holds a run; pass --force to replace it or --resume to continue it")
+
+
 def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool = False, resume: bool = False,
           progress: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None,
           dist: object | None = None) -> dict:
@@ -255,12 +283,16 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     run_dir = Path(run_dir)
     if resume:
         cfg = _recorded_config(run_dir)
+    _check_run_dir(run_dir, force=force, resume=resume)
     cfg.validate()
     device = resolve_device(cfg.device)
     is_main = dist is None or dist.rank == 0
     t_start = time.perf_counter()
     data = data_mod.load_data(cfg.data, cfg.image_size, seed=cfg.seed, val_fraction=cfg.val_fraction,
                               data_root=cfg.data_root, download=cfg.download)
+    if data.skipped and is_main:
+        log.warning("warning: skipped %d unreadable or non-image files in %s (e.g. %s)",
+                    len(data.skipped), data.source, data.skipped[0])
     spec = ModelSpec(arch=cfg.arch, num_classes=len(data.classes), classes=tuple(data.classes),
                      image_size=cfg.image_size)
     torch.manual_seed(cfg.seed)
@@ -282,6 +314,8 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         run = Run.open(run_dir)
     elif is_main:
         run = Run.create(run_dir, spec.to_dict(), force=force)
+        for name in TRAIN_FILES:
+            run.file(name).unlink(missing_ok=True)
         run.set_stage("train", {"status": "running", "config": asdict(cfg), "data": data.summary()})
     else:
         run = Run(run_dir)
@@ -308,9 +342,11 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
             except KeyboardInterrupt:
                 if is_main:
                     run.update(lambda m: m["stages"]["train"].update(status="interrupted"))
-                done = history[-1]["epoch"] if history else 0
-                raise Interrupted(f"interrupted during epoch {epoch}; epoch {done} is kept in {run.file(LAST)}; "
-                                  f"continue with `cnnpack train --run {run.path} --resume`") from None
+                if not history:
+                    raise Interrupted(f"interrupted during epoch {epoch}, before any epoch finished; "
+                                      f"start again with `cnnpack train --run {run.path} --force`") from None
+                raise Interrupted(f"interrupted during epoch {epoch}; epoch {history[-1]['epoch']} is kept in "
+                                  f"{run.file(LAST)}; continue with `cnnpack train --run {run.path} --resume`") from None
             stats = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats}
             history.append(stats)
             improved = stats["val_acc"] > best

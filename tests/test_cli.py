@@ -1,0 +1,151 @@
+"""The command line as a user runs it: a real `python -m cnnpack` process per call."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import typer
+
+from cnnpack.cli import app
+
+COMMANDS = sorted(typer.main.get_command(app).commands)
+HEAVY = ("torch", "torchvision", "onnxruntime", "onnx", "tritonclient", "matplotlib")
+
+
+def _cnnpack(*args: str, importtime: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    py = [sys.executable, "-X", "importtime"] if importtime else [sys.executable]
+    env = {**os.environ, "COLUMNS": "100"}
+    return subprocess.run([*py, "-m", "cnnpack", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _imported(importtime_stderr: str) -> set[str]:
+    """Top-level packages named in `python -X importtime` output."""
+    names = set()
+    for line in importtime_stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+def test_every_command_is_listed():
+    assert {"train", "evaluate"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_answers_with_an_example_without_heavy_imports(command):
+    out = _cnnpack(*filter(None, [command]), "--help", importtime=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Example" in out.stdout
+    imported = _imported(out.stderr)
+    assert "typer" in imported  # the parse worked: the list is real
+    assert not imported & set(HEAVY), f"`cnnpack {command} --help` imported {sorted(imported & set(HEAVY))}"
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Every bad input at once (in parallel: each process pays for importing torch)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    existing = tmp / "existing"
+    shutil.copytree(tiny_run, existing)
+    (tmp / "plain").mkdir()
+    broken = tmp / "broken"
+    shutil.copytree(tiny_run, broken)
+    (broken / "last.pt").write_bytes((broken / "last.pt").read_bytes()[:1000])
+    data = json.loads((tiny_run / "cnnpack.json").read_text())["stages"]["train"]["config"]["data"]
+    cases = {
+        "unknown-arch": ["train", "--arch", "resnet19", "--run", str(tmp / "a")],
+        "missing-data": ["train", "--data", str(tmp / "no-such-folder"), "--run", str(tmp / "b")],
+        "existing-run": ["train", "--data", data, "--image-size", "32", "--epochs", "1", "--run", str(existing)],
+        "resume-without-run": ["train", "--run", str(tmp / "plain"), "--resume"],
+        "resume-missing-dir": ["train", "--run", str(tmp / "nope"), "--resume"],
+        "resume-truncated": ["train", "--run", str(broken), "--resume"],
+        "evaluate-no-run": ["evaluate", "--run", str(tmp / "nope")],
+    }
+    if not _cuda_available():
+        cases["device-cuda"] = ["train", "--device", "cuda", "--run", str(tmp / "c")]
+    procs = {k: subprocess.Popen([sys.executable, "-m", "cnnpack", *v], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for k, v in cases.items()}
+    results = {}
+    for k, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        results[k] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    results["_existing_before"] = {f.name: f.read_bytes() for f in tiny_run.iterdir()}
+    results["_existing_after"] = {f.name: f.read_bytes() for f in existing.iterdir()}
+    results["_tmp"] = tmp
+    return results
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+EXPECTED = {
+    "unknown-arch": "unknown arch 'resnet19' (closest: resnet18",
+    "missing-data": "data folder not found",
+    "existing-run": "already holds a run; pass --force",
+    "resume-without-run": "is not a cnnpack run",
+    "resume-missing-dir": "no such run directory",
+    "resume-truncated": "last.pt is truncated or not a cnnpack resume state",
+    "evaluate-no-run": "no such run directory",
+    "device-cuda": "--device cuda: no CUDA GPU",
+}
+
+
+@pytest.mark.parametrize("case", EXPECTED)
+def test_bad_input_is_one_error_line_and_exit_2(bad_runs, case):
+    if case not in bad_runs:
+        pytest.skip("this machine has a CUDA GPU")
+    out = bad_runs[case]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert len(errors) == 1, out.stderr
+    assert EXPECTED[case] in errors[0]
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_bad_input_loses_nothing(bad_runs):
+    assert bad_runs["_existing_after"] == bad_runs["_existing_before"]
+    tmp = bad_runs["_tmp"]
+    assert not (tmp / "a").exists() and not (tmp / "b").exists() and not (tmp / "c").exists()
+    assert [p.name for p in (tmp / "plain").iterdir()] == []
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = _cnnpack("--debug", "train", "--data", str(tmp_path / "missing"), "--run", str(tmp_path / "r"))
+    assert out.returncode != 0 and "Traceback" in out.stderr and "UserInputError" in out.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_data), "--image-size", "32", "--epochs", "3", "--batch-size", "32",
+            "--no-progress", "--run", str(run)]
+    proc = subprocess.Popen([sys.executable, "-m", "cnnpack", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C during epoch 2
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "interrupted" in errors[0] and "Traceback" not in stderr, stderr
+    manifest = json.loads((run / "cnnpack.json").read_text())
+    assert manifest["stages"]["train"]["status"] == "interrupted"
+    kept = json.loads((run / "history.json").read_text())
+    assert len(kept) >= 1 and not list(run.glob(".*.tmp"))
+
+    out = _cnnpack("train", "--run", str(run), "--resume", "--no-progress", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    section = json.loads(out.stdout)
+    assert section["status"] == "ok" and section["resumed"] is True and section["metrics"]["epochs"] == 3
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2, 3]

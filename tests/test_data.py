@@ -1,0 +1,229 @@
+"""Data loading from real image files written by the tests: layouts, bad files, colour modes, shapes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnpack import shapes
+from cnnpack.data import load_data, load_image_folder, read_image
+from cnnpack.errors import UserInputError
+
+SIZE = 16
+COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 60), "red": (220, 30, 30)}
+
+
+def _write(folder: Path, n: int, rgb: tuple[int, int, int], *, start: int = 0, fmt: str = "png") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        Image.new("RGB", (24, 20), rgb).save(folder / f"img{i}.{fmt}")
+
+
+def _folder(root: Path, counts: dict[str, int]) -> Path:
+    for cls, n in counts.items():
+        _write(root / cls, n, COLOURS[cls])
+    return root
+
+
+def _mean_rgb(split, label: int) -> np.ndarray:
+    return split.images[split.labels == label].float().mean(dim=(0, 2, 3)).numpy()
+
+
+def test_train_val_layout(tmp_path):
+    for split, n in (("train", 5), ("val", 2)):
+        _folder(tmp_path / split, {"red": n, "blue": n, "green": n})
+    d = load_image_folder(tmp_path, SIZE)
+    assert d.classes == ["blue", "green", "red"]  # sorted folder names
+    assert (len(d.train), len(d.val)) == (15, 6)
+    assert d.train.images.shape == (15, 3, SIZE, SIZE) and d.train.images.dtype == torch.uint8
+    assert torch.bincount(d.val.labels).tolist() == [2, 2, 2]
+    # each label carries its own folder's pixels (non-square images resized + centre-cropped)
+    for label, cls in enumerate(d.classes):
+        np.testing.assert_allclose(_mean_rgb(d.train, label), COLOURS[cls], atol=1)
+    assert d.skipped == []
+
+
+def test_single_folder_is_split_with_the_seed(tmp_path):
+    _folder(tmp_path, {"red": 10, "blue": 10})
+    a = load_image_folder(tmp_path, SIZE, val_fraction=0.2, seed=1)
+    b = load_image_folder(tmp_path, SIZE, val_fraction=0.2, seed=1)
+    c = load_image_folder(tmp_path, SIZE, val_fraction=0.2, seed=2)
+    assert (len(a.train), len(a.val)) == (16, 4)
+    assert torch.bincount(a.val.labels).tolist() == [2, 2]  # stratified
+    assert a.val.files == b.val.files  # same seed, same split
+    assert a.val.files != c.val.files
+    assert not set(a.train.files) & set(a.val.files)
+    assert len(set(a.train.files) | set(a.val.files)) == 20
+
+
+def test_bad_files_are_skipped_and_counted(tmp_path):
+    root = _folder(tmp_path, {"red": 4, "blue": 4})
+    good = (root / "red" / "img0.png").read_bytes()
+    (root / "red" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "red" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    (root / "blue" / "notes.txt").write_text("not an image\n")
+    (root / "blue" / "empty.jpg").write_bytes(b"")
+    buf = Path(tmp_path / "tmp.jpg")
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, quality=90)
+    (root / "blue" / "truncated.jpg").write_bytes(buf.read_bytes()[:300])
+    buf.unlink()
+    d = load_image_folder(root, SIZE, val_fraction=0.25, seed=0)
+    assert len(d.train) + len(d.val) == 8
+    assert len(d.skipped) == 5
+    named = " ".join(d.skipped)
+    for name in ("truncated.png", "corrupt.png", "notes.txt", "empty.jpg", "truncated.jpg"):
+        assert name in named
+    assert d.summary()["skipped_files"] == 5
+
+
+def test_a_class_with_only_unreadable_files_is_an_error(tmp_path):
+    root = _folder(tmp_path, {"red": 3})
+    (root / "blue").mkdir()
+    (root / "blue" / "a.png").write_bytes(b"garbage")
+    (root / "blue" / "b.jpg").write_text("also garbage")
+    with pytest.raises(UserInputError, match=r"blue has no readable images \(2 unreadable files"):
+        load_image_folder(root, SIZE)
+
+
+def test_nothing_readable_is_an_error(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "x.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(UserInputError, match="no readable images"):
+        load_image_folder(tmp_path, SIZE)
+
+
+def _save(img: Image.Image, path: Path) -> Path:
+    img.save(path)
+    return path
+
+
+def test_colour_modes_become_rgb(tmp_path):
+    gray = _save(Image.new("L", (20, 20), 100), tmp_path / "gray.png")
+    gray16 = _save(Image.new("I;16", (20, 20), 200), tmp_path / "gray16.png")
+    rgba = Image.new("RGBA", (20, 20), (255, 0, 0, 255))
+    rgba.paste((0, 0, 255, 0), (0, 0, 20, 10))  # top half fully transparent: composited over white
+    rgba = _save(rgba, tmp_path / "rgba.png")
+    pal = Image.new("P", (20, 20), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal = _save(pal, tmp_path / "palette.png")
+    gif = _save(Image.new("RGB", (20, 20), (250, 250, 0)).convert("P"), tmp_path / "anim.gif")
+    cmyk = _save(Image.new("CMYK", (20, 20), (255, 0, 0, 0)), tmp_path / "cmyk.jpg")  # pure cyan
+    la = _save(Image.new("LA", (20, 20), (50, 0)), tmp_path / "la.png")  # transparent grey: white
+
+    def px(path):
+        arr = read_image(path, 8)
+        assert arr.shape == (3, 8, 8) and arr.dtype == np.uint8
+        return arr
+
+    assert (px(gray) == 100).all()
+    assert np.allclose(px(gray16), 200, atol=1)
+    top, bottom = px(rgba)[:, 1, 4], px(rgba)[:, 6, 4]
+    assert top.tolist() == [255, 255, 255] and bottom.tolist() == [255, 0, 0]
+    assert px(pal)[:, 4, 4].tolist() == [10, 200, 30]
+    assert np.allclose(px(gif)[:, 4, 4], [250, 250, 0], atol=8)
+    r, g, b = px(cmyk)[:, 4, 4].astype(int)
+    assert r < 40 and g > 215 and b > 215  # cyan, not garbage from reading CMYK bytes as RGB
+    assert (px(la) == 255).all()
+
+
+def test_mixed_modes_load_through_the_folder_loader(tmp_path):
+    root = _folder(tmp_path, {"red": 2, "blue": 2})
+    Image.new("L", (20, 20), 90).save(root / "red" / "g.png")
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(root / "red" / "c.jpg")
+    Image.new("RGBA", (20, 20), (200, 0, 0, 128)).save(root / "blue" / "a.png")
+    d = load_image_folder(root, SIZE, val_fraction=0.2, seed=0)
+    assert len(d.train) + len(d.val) == 7 and d.skipped == []
+
+
+def _one_class(p: Path) -> Path:
+    _write(p / "only", 3, (1, 2, 3))
+    return p
+
+
+def _empty_class(p: Path) -> Path:
+    _folder(p, {"red": 2})
+    (p / "blue").mkdir()
+    return p
+
+
+def _a_file(p: Path) -> Path:
+    (p / "f.png").write_bytes(b"x")
+    return p / "f.png"
+
+
+def _train_only(p: Path) -> Path:
+    _folder(p / "train", {"red": 2, "blue": 2})
+    return p
+
+
+def _empty_val(p: Path) -> Path:
+    (p / "val").mkdir()
+    return _train_only(p)
+
+
+def _val_extra_class(p: Path) -> Path:
+    _folder(p / "val", {"green": 1})
+    return _train_only(p)
+
+
+BAD_FOLDERS = {
+    "missing": (lambda p: p / "missing", "data folder not found"),
+    "empty": (lambda p: p, "has no class folders"),
+    "one-class": (_one_class, r"only one class \(only\)"),
+    "empty-class": (_empty_class, "blue has no files"),
+    "file": (_a_file, "is a file"),
+    "no-val": (_train_only, "has train/ but no val/"),
+    "empty-val": (_empty_val, "val has no class folders"),
+    "val-extra-class": (_val_extra_class, "classes not in train: green"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FOLDERS)
+def test_bad_folders_say_what_is_wrong(tmp_path, case):
+    make, message = BAD_FOLDERS[case]
+    root = make(tmp_path)
+    with pytest.raises(UserInputError, match=message) as e:
+        load_data(str(root), SIZE)
+    assert "\n" not in str(e.value)
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.png")):
+        h.update(str(f.relative_to(root)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def test_shapes_are_deterministic_and_diverse(tmp_path, monkeypatch):
+    kw = dict(image_size=24, seed=3, train_per_class=4, val_per_class=2)
+    monkeypatch.setenv("CNNPACK_CACHE", str(tmp_path / "a"))
+    a = shapes.materialise(**kw)
+    monkeypatch.setenv("CNNPACK_CACHE", str(tmp_path / "b"))
+    b = shapes.materialise(**kw)
+    assert a != b and _tree_digest(a) == _tree_digest(b)  # same seed, same bytes (drawn independently)
+    monkeypatch.setenv("CNNPACK_CACHE", str(tmp_path / "c"))
+    assert _tree_digest(shapes.materialise(**{**kw, "seed": 4})) != _tree_digest(a)
+
+    d = load_image_folder(a, 24)
+    assert len(d.classes) >= 6 and d.classes == sorted(shapes.CLASSES)
+    assert (len(d.train), len(d.val)) == (4 * len(d.classes), 2 * len(d.classes))
+    imgs = d.train.images.float()
+    assert imgs.std(dim=(1, 2, 3)).min() > 10  # not flat
+    assert (imgs[:, None] - imgs[None]).abs().mean(dim=(2, 3, 4)).add(torch.eye(len(imgs)) * 1e9).min() > 5  # no duplicates
+    assert not list(tmp_path.glob("*/.shapes-*")), "temp folder left behind"
+
+
+def test_shapes_is_materialised_once_and_sized_on_request(tiny_data):
+    d = load_image_folder(tiny_data, 32)
+    assert d.train.images.shape[1:] == (3, 32, 32)
+    first = (tiny_data / ".complete").stat().st_mtime_ns
+    assert shapes.materialise(image_size=32, seed=1, train_per_class=60, val_per_class=15) == tiny_data
+    assert (tiny_data / ".complete").stat().st_mtime_ns == first  # reused, not redrawn
+    with Image.open(next((tiny_data / "val" / "star").iterdir())) as img:
+        assert img.mode == "RGB" and img.size == (32, 32)

@@ -1,0 +1,245 @@
+"""Training into a run directory: manifest, checkpoint, plots, exact resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnpack.data import load_image_folder
+from cnnpack.errors import UserInputError
+from cnnpack.models import build_model
+from cnnpack.rundir import Run, sha256
+from cnnpack.spec import ModelSpec
+from cnnpack.train import Interrupted, TrainConfig, load_checkpoint, predict, sample_indices, train
+
+PLOTS = ("curves.png", "confusion.png", "samples.png")
+
+
+def _stop_after(k: int):
+    def on_epoch_end(epoch: int, _stats: dict) -> None:
+        if epoch == k:
+            raise KeyboardInterrupt  # what Ctrl-C raises
+
+    return on_epoch_end
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "run"
+    shutil.copytree(run, dest)
+    return dest
+
+
+def test_manifest_has_the_fixed_keys(tiny_run):
+    m = json.loads((tiny_run / "cnnpack.json").read_text())
+    assert m["schema_version"] == 1
+    model = m["model"]
+    assert model["arch"] == "cnn" and model["num_classes"] == 6 and len(model["classes"]) == 6
+    assert model["classes"] == sorted(model["classes"]) and model["channels"] == 3 and model["image_size"] == 32
+    assert len(model["mean"]) == len(model["std"]) == 3
+    t = m["stages"]["train"]
+    assert t["status"] == "ok"
+    assert t["metrics"]["epochs"] == 2 and 0 < t["metrics"]["wall_s"] < 600
+    assert 1 / 6 < t["metrics"]["best_val_acc"] <= 1
+    assert t["config"]["epochs"] == 2 and t["data"]["train_images"] == 360 and t["data"]["val_images"] == 90
+    for key, rec in t["outputs"].items():  # relative paths with the hash of what is on disk
+        assert not Path(rec["path"]).is_absolute(), key
+        assert rec["sha256"] == sha256(tiny_run / rec["path"]), key
+    history = json.loads((tiny_run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert max(h["val_acc"] for h in history) == t["metrics"]["best_val_acc"]
+    assert not list(tiny_run.glob(".*.tmp")), "an atomic write left its temp file"
+
+
+def test_checkpoint_loads_safely_and_reproduces_the_best_accuracy(tiny_run, tiny_data):
+    ckpt = torch.load(tiny_run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    spec = ModelSpec.from_dict(ckpt["spec"])
+    assert spec.to_dict() == json.loads((tiny_run / "cnnpack.json").read_text())["model"]
+    model = build_model(spec)
+    model.load_state_dict(ckpt["state_dict"])
+    val = load_image_folder(tiny_data, spec.image_size).val
+    correct = (predict(model, val, spec, torch.device("cpu")).argmax(1) == val.labels).sum().item()
+    best = json.loads((tiny_run / "cnnpack.json").read_text())["stages"]["train"]["metrics"]["best_val_acc"]
+    assert correct / len(val) == best
+    last = torch.load(tiny_run / "last.pt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2 and {"model", "optimizer", "scheduler", "history"} <= last.keys()
+    loaded, _ = load_checkpoint(Run.open(tiny_run))
+    assert not loaded.training
+
+
+def test_plots_are_real_pngs(tiny_run):
+    for name in PLOTS:
+        path = tiny_run / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        with Image.open(path) as img:
+            img.load()
+            assert img.width >= 300 and img.height >= 300, (name, img.size)
+            assert np.asarray(img.convert("L")).std() > 10, f"{name} is blank"
+
+
+def test_samples_grid_shows_mistakes_first_then_every_class():
+    true = np.repeat(np.arange(4), 10)  # val splits are sorted by class
+    pred = true.copy()
+    pred[[3, 25]] = 1
+    idx = sample_indices(pred, true, n=12)
+    assert idx[:2].tolist() == [3, 25]
+    assert set(true[idx[2:]]) == {0, 1, 2, 3} and (pred[idx[2:]] == true[idx[2:]]).all()
+    assert len(set(idx.tolist())) == 12
+
+
+def _deterministic(history: list[dict]) -> list[dict]:
+    timing = {"train_images_per_s", "train_wall_s"}
+    return [{k: v for k, v in h.items() if k not in timing} for h in history]
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):
+    cfg = TrainConfig(data=str(tiny_data), image_size=32, epochs=3, batch_size=32, seed=7)
+    full = train(tmp_path / "full", cfg, progress=False)
+
+    with pytest.raises(Interrupted, match="after epoch 2.*--resume"):
+        train(tmp_path / "cut", cfg, progress=False, on_epoch_end=_stop_after(2))
+    cut = Run.open(tmp_path / "cut")
+    assert cut.read()["stages"]["train"]["status"] == "interrupted"
+    assert torch.load(cut.file("last.pt"), weights_only=True)["epoch"] == 2
+    resumed = train(tmp_path / "cut", TrainConfig(epochs=99), resume=True, progress=False)  # recorded cfg wins
+
+    for name in ("last.pt", "checkpoint.pt"):
+        a = torch.load(tmp_path / "full" / name, weights_only=True)
+        b = torch.load(tmp_path / "cut" / name, weights_only=True)
+        sa, sb = (a["model"], b["model"]) if name == "last.pt" else (a["state_dict"], b["state_dict"])
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{name}: {k} differs after resume"
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["optimizer"]["state"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(a[p]["exp_avg_sq"], b[p]["exp_avg_sq"]) for p in a)
+    assert _deterministic(json.loads((tmp_path / "full/history.json").read_text())) == \
+        _deterministic(json.loads((tmp_path / "cut/history.json").read_text()))
+    for key in ("best_val_acc", "best_epoch", "epochs", "final_train_acc"):
+        assert full["metrics"][key] == resumed["metrics"][key], key
+    assert resumed["resumed"] is True and resumed["status"] == "ok"
+    assert resumed["confusion_matrix"] == full["confusion_matrix"]
+
+
+def test_resume_refuses_a_truncated_or_foreign_last_pt(tiny_run, tmp_path):
+    run = _copy(tiny_run, tmp_path)
+    good = (run / "last.pt").read_bytes()
+    before = {f: sha256(run / f) for f in ("checkpoint.pt", "cnnpack.json", "history.json")}
+    foreign = {
+        "truncated": good[: len(good) // 3],
+        "state dict of another model": _torch_bytes(build_model(ModelSpec("cnn", 3, ("a", "b", "c"), 32)).state_dict()),
+        "another arch": _torch_bytes({**torch.load(tiny_run / "last.pt", weights_only=True),
+                                      "model": build_model(ModelSpec("resnet18", 6, tuple("abcdef"), 32)).state_dict()}),
+        "text": b"hello",
+    }
+    for case, data in foreign.items():
+        (run / "last.pt").write_bytes(data)
+        with pytest.raises(UserInputError, match="--resume: .*last.pt is truncated or not a cnnpack resume state"):
+            train(run, resume=True, progress=False)
+        assert {f: sha256(run / f) for f in before} == before, f"{case}: a failed resume changed the run"
+    (run / "last.pt").unlink()
+    with pytest.raises(UserInputError, match="has no last.pt"):
+        train(run, resume=True, progress=False)
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_resume_needs_a_run(tmp_path):
+    with pytest.raises(UserInputError, match="no such run directory"):
+        train(tmp_path / "nothing", resume=True, progress=False)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UserInputError, match="is not a cnnpack run"):
+        train(tmp_path / "plain", resume=True, progress=False)
+
+
+def test_existing_run_is_refused_unless_force(tiny_run, tiny_data, tmp_path):
+    run = _copy(tiny_run, tmp_path)
+    before = {p.name: sha256(p) for p in run.iterdir()}
+    cfg = TrainConfig(data=str(tiny_data), image_size=24, epochs=1, batch_size=64)
+    with pytest.raises(UserInputError, match="already holds a run; pass --force to replace it or --resume"):
+        train(run, cfg, progress=False)
+    assert {p.name: sha256(p) for p in run.iterdir()} == before  # nothing already written is lost
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="not empty and not a cnnpack run"):
+        train(other, cfg, progress=False)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+    section = train(run, cfg, force=True, progress=False)
+    assert section["status"] == "ok" and section["metrics"]["epochs"] == 1 and not section["resumed"]
+    assert Run.open(run).model_spec["image_size"] == 24
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory) -> Path:
+    """Two flat colours with noise: 100 % val accuracy within an epoch or two."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 33), ("val", 8)):  # 66 train images: with --batch-size 65 the last batch is 1
+        for cls, rgb in (("blue", (40, 40, 200)), ("red", (200, 40, 40))):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(rng.normal(rgb, 30, size=(16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_early_stopping_after_patience_epochs_without_gain(colours, tmp_path):
+    cfg = TrainConfig(data=str(colours), image_size=16, epochs=12, batch_size=16, patience=2, lr=3e-3)
+    section = train(tmp_path / "r", cfg, progress=False)
+    m = section["metrics"]
+    assert m["best_val_acc"] == 1.0
+    assert m["epochs"] == m["best_epoch"] + 2 < 12
+
+
+def test_a_last_batch_of_one_image_trains(colours, tmp_path):
+    """resnet18 at 16 px has a 1x1 feature map: BatchNorm cannot train on a batch of one."""
+    cfg = TrainConfig(data=str(colours), arch="resnet18", image_size=16, epochs=1, batch_size=65)
+    assert train(tmp_path / "r", cfg, progress=False)["status"] == "ok"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", 0, "--epochs must be >= 1"),
+    ("batch_size", 0, "--batch-size must be >= 1"),
+    ("patience", 0, "--patience must be >= 1"),
+    ("optimizer", "adam", "--optimizer 'adam'; valid: adamw, sgd"),
+    ("device", "tpu", "--device 'tpu'; valid: auto, cpu, cuda"),
+    ("arch", "resnet-18", "unknown arch 'resnet-18'"),
+    ("image_size", 4, "--image-size 4 is too small"),
+])
+def test_bad_config_is_refused_before_anything_is_written(tmp_path, field, value, message):
+    with pytest.raises(UserInputError, match=message):
+        train(tmp_path / "r", TrainConfig(**{field: value}), progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(UserInputError, match="--device cuda: no CUDA GPU"):
+        train(tmp_path / "r", TrainConfig(device="cuda"), progress=False)
+
+
+def test_skipped_files_are_recorded(colours, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(colours, data)
+    (data / "train" / "red" / "broken.png").write_bytes(b"\x89PNG nope")
+    (data / "val" / "blue" / "readme.txt").write_text("hi")
+    cfg = TrainConfig(data=str(data), image_size=16, epochs=1, batch_size=32)
+    section = train(tmp_path / "r", cfg, progress=False)
+    assert section["data"]["skipped_files"] == 2
+    assert any("broken.png" in s for s in section["data"]["skipped_examples"])
+    assert "skipped 2 unreadable or non-image files" in caplog.text
