@@ -206,7 +206,7 @@ def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]}"),
+                    TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]}{task.fields[val]}"),
                     TimeElapsedColumn(), transient=False)
 
 
@@ -332,13 +332,15 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
             if dist is not None:
                 state["shard"] = dist.shard(len(data.train), epoch=epoch, seed=cfg.seed)
             task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, loss="-", acc="-",
-                                ips="-") if bar is not None else None
+                                ips="-", val="") if bar is not None else None
             try:
                 stats = _train_one_epoch(train_model, data.train, spec, cfg, device, opt, sched, loss_fn, g,
                                          bar, task, state)
                 if dist is not None:
                     stats = dist.reduce_stats(stats)
                 stats.update(_validate(model, data.val, spec, device, loss_fn, channels_last))
+                if bar is not None:
+                    bar.update(task, val=f"  val loss {stats['val_loss']:.3f} acc {100 * stats['val_acc']:.2f}%")
             except KeyboardInterrupt:
                 if is_main:
                     run.update(lambda m: m["stages"]["train"].update(status="interrupted"))
