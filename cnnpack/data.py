@@ -56,9 +56,14 @@ class Data:
 
 # -- decoding ------------------------------------------------------------------------------
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale, RGBA, palette and CMYK images become RGB (alpha over white)."""
+    """Grayscale (8/16 bit), RGBA, palette and CMYK images become RGB (alpha over white)."""
     if img.mode == "RGB":
         return img
+    if img.mode.startswith("I"):  # I, I;16, I;16B, ...: 16-bit PNG and TIFF grayscale
+        # Pillow's convert() clips at 255, which would
+        # turn a 16-bit photo white; scale the 16-bit range to 8 bits instead
+        gray = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):
