@@ -60,8 +60,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I"):  # I, I;16, I;16B, ...: 16-bit PNG and TIFF grayscale
-        # Pillow's convert() clips at 255, which would
-        # turn a 16-bit photo white; scale the 16-bit range to 8 bits instead
+        # Pillow's convert() clips at 255 (a 16-bit photo turns white): scale 16 bits to 8 instead
         gray = np.asarray(img, dtype=np.float64) / 257.0
         img = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
