@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # only on CUDA: bf16 where supported, else fp16 with a scaler
-    channels_last: bool | None = None  # default: on for CUDA
+    channels_last: bool | None = None  # default (None): on; NHWC convs are faster on CPU (oneDNN) and GPU
     pretrained: bool = False
     val_fraction: float = 0.2
     data_root: str | None = None
@@ -297,7 +297,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                      image_size=cfg.image_size)
     torch.manual_seed(cfg.seed)
     model = build_model(spec, pretrained=cfg.pretrained).to(device)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    channels_last = cfg.channels_last if cfg.channels_last is not None else True  # ~15 % faster on 2 CPU cores
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":

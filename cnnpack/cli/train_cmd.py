@@ -29,7 +29,7 @@ def train(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     amp: bool = typer.Option(True, help="Mixed precision on CUDA (bf16 where supported, else fp16)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
-                                                 help="Default: on for CUDA."),
+                                                 help="NHWC memory layout (default: on; faster on CPU and GPU)."),
     pretrained: bool = typer.Option(False, help="Start from torchvision weights (needs them reachable)."),
     val_fraction: float = typer.Option(0.2, help="Held-out share when PATH has no train/val folders."),
     data_root: Optional[str] = typer.Option(None, help="Root folder for torchvision:NAME datasets."),
