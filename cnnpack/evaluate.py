@@ -25,15 +25,17 @@ def dataset_of(run: Run, data: str | None):
 
 def evaluate(run_dir: str | Path, *, fmt: str = "checkpoint", data: str | None = None, device: str = "auto") -> dict:
     """Accuracy and confusion matrix on the validation split; writes `eval-<format>.json`."""
-    from cnnpack.runtimes import predict_split, runtime_for_format
+    from cnnpack.runtimes import predict_split, runtime_for_format, split_batching
 
     run = Run.open(run_dir)
+    runtime = runtime_for_format(run, fmt, device)  # first: a missing or changed artifact fails fast
     d = dataset_of(run, data)
     spec = run.model_spec
     if d.classes != list(spec["classes"]):
         raise UserInputError(f"--data classes {d.classes} differ from the model's {spec['classes']}")
-    runtime = runtime_for_format(run, fmt, device)
-    logits = predict_split(runtime, d.val.images.numpy())
+    record = run.read()["stages"]["export"]["artifacts"][fmt] if fmt != "checkpoint" else {}
+    batch, static = split_batching(record)  # within the artifact's max batch; padded for a static one
+    logits = predict_split(runtime, d.val.images.numpy(), batch, static=static)
     pred = logits.argmax(1)
     true = d.val.labels.numpy()
     k = len(d.classes)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from cnnpack.errors import RuntimeUnavailable, UserInputError
+from cnnpack.errors import RuntimeUnavailable, StageFailed, UserInputError
 from cnnpack.registry import Registry
 from cnnpack.rundir import Run
 
@@ -135,6 +135,7 @@ class OrtRuntime:
     format = "onnx"
     provider = "CPUExecutionProvider"
     provider_options: dict = {}
+    exact_options: dict = {}  # with exact=True: full fp32 math (no TF32, no fp16 engines), for parity checks
 
     def __init__(self, session, input_name: str, dtype) -> None:
         self.session, self.input_name, self.dtype = session, input_name, dtype
@@ -155,19 +156,19 @@ class OrtRuntime:
 
     @classmethod
     def load(cls, artifact: ArtifactRef, device: str = "cpu", *, threads: int | None = None,
-             **_: object) -> OrtRuntime:
+             exact: bool = False, **_: object) -> OrtRuntime:
         import onnxruntime as ort
 
         if cls.provider not in ort.get_available_providers():
             raise RuntimeUnavailable(f"{cls.name}: this onnxruntime build has no {cls.provider}")
         cls.precheck()
         ort.set_default_logger_severity(3)
-        providers = [(cls.provider, cls.provider_options)]
+        providers = [(cls.provider, {**cls.provider_options, **(cls.exact_options if exact else {})})]
         if cls.provider != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")
         try:
             sess = ort.InferenceSession(str(artifact.path), cls.session_options(threads), providers=providers)
-        except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as e:
+        except (*_ort_errors(), RuntimeError) as e:
             raise UserInputError(f"ONNX Runtime cannot load {artifact.path}: {str(e).splitlines()[0]}") from None
         if sess.get_providers()[0] != cls.provider:
             # the GPU build lists CUDA/TensorRT even without a GPU and silently falls back to the CPU
@@ -176,7 +177,7 @@ class OrtRuntime:
         inp = sess.get_inputs()[0]
         dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
         rt = cls(sess, inp.name, dtype)
-        rt.info["threads"] = threads
+        rt.info.update(threads=threads, exact=exact)
         return rt
 
     @classmethod
@@ -185,7 +186,21 @@ class OrtRuntime:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=self.dtype)
-        return self.session.run(None, {self.input_name: x})[0].astype(np.float32, copy=False)
+        try:
+            y = self.session.run(None, {self.input_name: x})[0]
+        except _ort_errors() as e:
+            raise StageFailed(f"{self.name} failed on a batch of shape {list(x.shape)}: "
+                              f"{str(e).splitlines()[0]}") from None
+        return y.astype(np.float32, copy=False)
+
+
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's own exception classes (they derive from Exception, not RuntimeError)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as st
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NoModel",
+             "NotImplemented", "RuntimeException", "EPFail", "EngineError")
+    return tuple(getattr(st, n) for n in names if hasattr(st, n))
 
 
 def _require_gpu(name: str) -> None:
@@ -198,6 +213,7 @@ def _require_gpu(name: str) -> None:
 class OrtCudaRuntime(OrtRuntime):
     name = "onnxruntime-cuda"
     provider = "CUDAExecutionProvider"
+    exact_options = {"use_tf32": "0"}
 
     @classmethod
     def precheck(cls) -> None:
@@ -209,6 +225,7 @@ class OrtTensorrtRuntime(OrtRuntime):
     provider = "TensorrtExecutionProvider"
     provider_options = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
                         "trt_engine_cache_path": "/tmp/cnnpack-trt-cache"}
+    exact_options = {"trt_fp16_enable": False}
 
     @classmethod
     def precheck(cls) -> None:
@@ -245,17 +262,20 @@ def artifact_ref(run: Run, fmt: str) -> ArtifactRef:
     if not path.is_file():
         raise UserInputError(f"{path} is missing; re-run `cnnpack export --run {run.path} --format {fmt}`")
     if sha256(path) != rec["sha256"]:
-        raise UserInputError(f"{path} changed since export (sha256 differs from the manifest); re-export it")
+        raise UserInputError(f"{path} changed since export (its sha256 differs from the manifest's); refusing to "
+                             f"use it: re-run `cnnpack export --run {run.path} --format {fmt}`")
     return ArtifactRef(run, fmt, path, rec, rec.get("max_batch_size"))
 
 
 def runtime_for_format(run: Run, fmt: str, device: str = "auto") -> Loaded:
+    """The default runtime of `fmt` on the run's artifact, taking raw pixels whatever the artifact's input kind."""
     if fmt not in FORMAT_RUNTIME:
         raise UserInputError(f"unknown format {fmt!r}; valid: {', '.join(FORMAT_RUNTIME)}")
     name = FORMAT_RUNTIME[fmt]
     if name not in RUNTIMES:
         raise RuntimeUnavailable(f"runtime {name} for {fmt} is not available in this build")
-    return RUNTIMES.get(name).load(artifact_ref(run, fmt), device)
+    ref = artifact_ref(run, fmt)
+    return raw_pixel_input(RUNTIMES.get(name).load(ref, device), ref)
 
 
 def load_runtime(run: Run, name: str, device: str = "cpu", **options) -> Loaded:
@@ -264,7 +284,44 @@ def load_runtime(run: Run, name: str, device: str = "cpu", **options) -> Loaded:
     return cls.load(artifact_ref(run, cls.format), device, **options)
 
 
-def predict_split(rt: Loaded, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Logits for uint8 images (N, 3, H, W), in batches, as float32 (N, K)."""
-    out = [rt.predict(images[i:i + batch_size].astype(np.float32)) for i in range(0, len(images), batch_size)]
+class _Normalizing:
+    """Feeds an artifact exported with `--input normalized` the raw pixels every other runtime takes."""
+
+    def __init__(self, rt: Loaded, mean, std) -> None:
+        self.rt, self.name, self.info = rt, rt.name, {**rt.info, "input": "normalized on the host"}
+        self.scale = (1 / (255 * np.asarray(std, np.float32))).reshape(1, -1, 1, 1)
+        self.shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).reshape(1, -1, 1, 1)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.rt.predict(np.asarray(batch, np.float32) * self.scale - self.shift)  # (x/255 - mean)/std
+
+
+def raw_pixel_input(rt: Loaded, ref: ArtifactRef) -> Loaded:
+    """`rt` unchanged for a raw-pixel artifact; wrapped to normalise on the host for a normalised one."""
+    if ref.record.get("input_kind") != "normalized":
+        return rt
+    spec = ref.run.model_spec
+    return _Normalizing(rt, spec["mean"], spec["std"])
+
+
+def predict_split(rt: Loaded, images: np.ndarray, batch_size: int = 64, *, static: bool = False) -> np.ndarray:
+    """Logits for uint8 images (N, 3, H, W), in batches, as float32 (N, K).
+
+    With `static`, every batch has exactly `batch_size` images (an artifact exported with
+    `--static-batch`): the last one is padded with zeros and the padding's logits dropped.
+    """
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].astype(np.float32)
+        n = len(x)
+        if static and n < batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), np.float32)])
+        out.append(rt.predict(x)[:n])
     return np.concatenate(out)
+
+
+def split_batching(record: dict, preferred: int = 64) -> tuple[int, bool]:
+    """(batch size, static) for running a whole split through an artifact with export record `record`."""
+    if record.get("static_batch"):
+        return record["static_batch"], True
+    return min(preferred, record.get("max_batch_size") or preferred), False

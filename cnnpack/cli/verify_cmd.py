@@ -1,0 +1,161 @@
+"""`cnnpack verify`."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cnnpack.cli import app, emit, handles_errors, usage_error
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise usage_error(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+@handles_errors
+def verify(
+    run: Path = typer.Option(..., help="Run directory with exports (cnnpack export)."),
+    formats: Optional[str] = typer.Option(None, help="Comma list: onnx,torchscript (default: every export)."),
+    batch_sizes: Optional[str] = typer.Option(None, help="Comma list (default 1,8,32 within the export's max batch)."),
+    samples: int = typer.Option(32, help="Random raw-pixel images per batch size (rounded up to whole batches)."),
+    atol: float = typer.Option(1e-4, help="Absolute tolerance: an element passes within atol OR rtol."),
+    rtol: float = typer.Option(1e-3, help="Relative tolerance (relative to eager's value)."),
+    min_agreement: float = typer.Option(0.999, help="Least share of validation images classified as eager does."),
+    data: Optional[str] = typer.Option(None, help="Dataset for task parity (default: the run's own)."),
+    device: str = typer.Option("cpu", help="Where eager and TorchScript run: cpu | cuda | auto."),
+    seed: int = typer.Option(0, help="Seed of the random input batches."),
+    progress: bool = typer.Option(True, help="Show what is being checked."),
+    as_json: bool = typer.Option(False, "--json", help="Print verify.json's content as JSON."),
+):
+    """Prove every exported artifact computes what the eager PyTorch model computes (exit 1 if not).
+
+    Tensor parity on random raw-pixel batches and real validation images, task parity (top-1 agreement) over the whole validation set, for every runtime that reads each artifact.
+
+    Example: cnnpack verify --run runs/demo --formats onnx,torchscript --batch-sizes 1,8,32
+    """
+    from cnnpack.verify import VerifyConfig, VerifyFailed
+    from cnnpack.verify import verify as do_verify
+
+    fmts = tuple(f.strip() for f in formats.split(",") if f.strip()) if formats is not None else None
+    if fmts == ():
+        raise usage_error("--formats is empty; name at least one format (onnx, torchscript)")
+    cfg = VerifyConfig(formats=fmts, batch_sizes=_ints(batch_sizes, "--batch-sizes") if batch_sizes else None,
+                       samples=samples, atol=atol, rtol=rtol, min_agreement=min_agreement, device=device,
+                       data=data, seed=seed)
+    cfg.validate()
+    try:
+        with _status(progress and not as_json) as say:
+            result = do_verify(run, cfg, progress=say)
+    except VerifyFailed as e:  # show the figures, then exit 1 with the one-line error
+        _show(e.result, run, as_json)
+        raise
+    _show(result, run, as_json)
+
+
+def _show(result: dict, run: Path, as_json: bool) -> None:
+    emit(result, as_json)
+    if as_json:
+        return
+    from rich.console import Console
+
+    Console().print(parity_table(result))
+    for skip in result["skipped"]:
+        typer.echo(f"skipped: {skip['format']} in {skip['reason']}")
+    if result["note"]:
+        typer.echo(f"note: {result['note']}")
+    failed = [f"{r['format']} ({r['runtime']})" for r in result["results"] if not r["passed"]]
+    verdict = f"FAILED: {', '.join(failed)}" if failed else "PASSED: every artifact checked matches eager"
+    typer.echo(f"{verdict}; written: {run / 'verify.json'}")
+
+
+def _status(enabled: bool):
+    """A live one-line status on stderr (what is being checked now)."""
+    from rich.console import Console
+
+    if not enabled:
+        return contextlib.nullcontext(lambda _: None)
+
+    @contextlib.contextmanager
+    def ctx():
+        with Console(stderr=True).status("verifying") as st:
+            yield lambda text: st.update(f"verifying {text}")
+
+    return ctx()
+
+
+def _e(v) -> str:
+    return "-" if v is None else "0" if v == 0 else f"{v:.1e}"
+
+
+def _pct(v, signed: bool = False) -> str:
+    return "-" if v is None else f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
+
+
+def _verdict(ok: bool) -> str:
+    return "[green]pass[/green]" if ok else "[red]FAIL[/red]"
+
+
+def _tensor_rows(result: dict) -> list[tuple[str, callable]]:
+    cfg = result["config"]
+    cos = lambda t: "-" if t.get("cosine_sim_min") is None else f"{t['cosine_sim_min']:.6f}"  # noqa: E731
+    return [
+        ("max abs err", lambda t: _e(t.get("max_abs_err"))),
+        ("mean abs err", lambda t: _e(t.get("mean_abs_err"))),
+        ("p99 abs err", lambda t: _e(t.get("p99_abs_err"))),
+        ("max rel err", lambda t: _e(t.get("max_rel_err"))),
+        ("cosine sim (min)", cos),
+        ("atol to pass", lambda t: _e(t.get("min_atol_to_pass"))),
+        ("rtol to pass", lambda t: _e(t.get("min_rtol_to_pass"))),
+        ("NaN/Inf", lambda t: str(t.get("nonfinite", "-"))),
+        (f"atol {cfg['atol']:g} | rtol {cfg['rtol']:g}",
+         lambda t: _verdict(t["outside_tolerance"] == 0) if t else "[red]FAIL[/red] (shape)"),
+    ]
+
+
+def _task_rows(result: dict) -> list[tuple[str, callable]]:
+    gate = result["config"]["min_agreement"]
+    return [
+        ("top-1 %", lambda k: _pct(k.get("accuracy"))),
+        ("Δ vs eager (pp)", lambda k: _pct(k.get("accuracy_delta"), signed=True)),
+        ("agreement %", lambda k: _pct(k.get("top1_agreement"))),
+        ("images differ", lambda k: str(k.get("top1_disagreements", "-"))),
+        (f"agreement >= {100 * gate:g}%", lambda k: _verdict(k["top1_agreement"] >= gate) if k else "-"),
+    ]
+
+
+def parity_table(result: dict):
+    """One column per artifact x runtime (skipped ones too), one row per figure, as Polygraphy lists them."""
+    from rich import box
+    from rich.table import Table
+
+    runs, skipped, cfg = result["results"], result["skipped"], result["config"]
+    sizes = ", ".join(str(b) for b in sorted({b for r in runs for b in r["batch_sizes"]}))
+    val = f" + {result['data']['images']} validation images" if result["data"] else ""
+    task = (f"; task parity: {result['data']['images']} validation images (eager top-1 "
+            f"{_pct(result['reference']['accuracy'])}%)") if result["data"] else ""
+    t = Table(title="Parity against eager PyTorch", box=box.SIMPLE_HEAD, header_style="bold", caption=(
+        f"tensor parity: {cfg['samples']} random raw-pixel images at batch {sizes}{val}{task}. abs/rel err: "
+        "|artifact - eager| over all logits (rel: over |eager|); cosine: the lowest per-image value; "
+        "atol (rtol) to pass: the smallest that passes with rtol (atol) as given"))
+    t.add_column("", no_wrap=True)
+    for col in [*runs, *skipped]:
+        t.add_column(f"{col['format']}\n{col['runtime']}", justify="right")
+    dashes = ["-"] * len(skipped)
+    t.add_row("[bold]tensor parity[/bold]")
+    for name, cell in _tensor_rows(result):
+        t.add_row(name, *[cell(r["tensor"] or {}) for r in runs], *dashes)
+    if result["data"]:
+        t.add_section()
+        t.add_row("[bold]task parity[/bold]")
+        for name, cell in _task_rows(result):
+            t.add_row(name, *[cell(r["task"] or {}) for r in runs], *dashes)
+    t.add_section()
+    t.add_row("[bold]verdict[/bold]", *[_verdict(r["passed"]) for r in runs], *["skipped"] * len(skipped))
+    return t

@@ -1,0 +1,421 @@
+"""`cnnpack verify`: proof that every exported artifact computes what the eager PyTorch model computes.
+
+Written once against the runtime registry (DESIGN §3). Each artifact runs in every runtime that
+reads its format (ONNX in ONNX Runtime's CPU, CUDA and TensorRT providers; TorchScript in libtorch);
+each such *target* is compared with the eager checkpoint on exactly the same inputs:
+
+1. Tensor parity: seeded random raw-pixel batches (0-255, FP32) at each batch size plus the real
+   validation images. Max / mean / p99 absolute error, max relative error, the lowest per-image
+   cosine similarity, NaN/Inf, and (as Polygraphy reports them) the smallest atol that would pass
+   with rtol fixed and the smallest rtol that would pass with atol fixed. An element passes if
+   |a - b| <= atol or |a - b| <= rtol * |b|, b being eager's value.
+2. Task parity: over the whole validation set, each target's top-1 accuracy, its delta to eager and
+   the share of images whose predicted class equals eager's (gated by `min_agreement`).
+
+A target needs nothing but `predict`, so a served model is checked by the same code: pass it in
+`targets`. GPU runtimes run in exact fp32 (no TF32, no fp16 engines): the contract is fp32 parity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnpack.errors import ParityError, RuntimeUnavailable, UserInputError
+from cnnpack.rundir import Run, atomic_write_json, library_versions, sha256
+
+DEFAULT_BATCH_SIZES = (1, 8, 32)
+VAL_BATCH = 64  # batch size for the validation set (within each artifact's limits)
+OUTPUT = "verify.json"
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    formats: tuple[str, ...] | None = None  # None: every exported format; (): none (only `targets`)
+    batch_sizes: tuple[int, ...] | None = None  # None: 1, 8, 32 within what each artifact accepts
+    samples: int = 32  # random images per batch size, rounded up to whole batches
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    min_agreement: float = 0.999  # top-1 agreement with eager over the validation set
+    device: str = "cpu"  # where eager and TorchScript run; an ONNX Runtime provider decides its own
+    data: str | None = None  # default: the validation split the run was trained on
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.batch_sizes is not None and (not self.batch_sizes or min(self.batch_sizes) < 1):
+            raise UserInputError(f"--batch-sizes must be integers >= 1, got {list(self.batch_sizes or [])}")
+        if self.samples < 1:
+            raise UserInputError(f"--samples must be >= 1, got {self.samples}")
+        for flag, value in (("--atol", self.atol), ("--rtol", self.rtol)):
+            if not value > 0:  # also refuses NaN
+                raise UserInputError(f"{flag} must be > 0, got {value}")
+        if not 0 < self.min_agreement <= 1:
+            raise UserInputError(f"--min-agreement is a fraction in (0, 1], got {self.min_agreement}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise UserInputError(f"--device {self.device!r}; valid: cpu, cuda, auto")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing checked against eager: an artifact in one runtime, or a served model."""
+
+    format: str  # the manifest key its figures go under
+    runtime: str
+    load: Callable[[], object]  # -> a loaded runtime; raises RuntimeUnavailable when it cannot run here
+    source: str  # what is checked, for messages: a file in the run, a URL
+    max_batch_size: int | None = None
+    static_batch: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.format} ({self.runtime})"
+
+
+class VerifyFailed(ParityError):
+    """A parity check failed; `result` is what verify.json holds."""
+
+    def __init__(self, message: str, result: dict) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+# -- statistics ------------------------------------------------------------------------------
+def tensor_stats(got: np.ndarray, want: np.ndarray, *, atol: float, rtol: float) -> dict:
+    """Error statistics of outputs `got` against the reference `want`, both (N, K)."""
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    nonfinite = int((~np.isfinite(g)).sum())
+    both = np.isfinite(g) & np.isfinite(w)
+    diff, mag = np.abs(g - w)[both], np.abs(w)[both]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / mag)  # inf where eager is exactly 0 and the target is not
+    outside = ~((diff <= atol) | (diff <= rtol * mag))
+    return {
+        "elements": int(g.size),
+        "max_abs_err": float(diff.max(initial=0.0)),
+        "mean_abs_err": float(diff.mean()) if diff.size else 0.0,
+        "p99_abs_err": float(np.percentile(diff, 99)) if diff.size else 0.0,
+        "max_rel_err": _finite(rel.max(initial=0.0)),
+        "cosine_sim_min": _cosine_min(g, w),
+        "min_atol_to_pass": float(diff[rel > rtol].max(initial=0.0)),  # with rtol fixed
+        "min_rtol_to_pass": _finite(rel[diff > atol].max(initial=0.0)),  # with atol fixed
+        "outside_tolerance": int(outside.sum()) + nonfinite,
+        "nonfinite": nonfinite,
+    }
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no Infinity: an infinite figure (relative to an exact zero) is recorded as null."""
+    return float(x) if np.isfinite(x) else None
+
+
+def _cosine_min(g: np.ndarray, w: np.ndarray) -> float | None:
+    """The lowest cosine similarity between a target's and eager's logits for one image."""
+    ok = np.isfinite(g).all(1) & np.isfinite(w).all(1)
+    g, w = g[ok], w[ok]
+    if not len(g):
+        return None
+    den = np.linalg.norm(g, axis=1) * np.linalg.norm(w, axis=1)
+    cos = np.where(den > 0, (g * w).sum(1) / np.where(den > 0, den, 1.0), 1.0)
+    return float(cos.min())
+
+
+def task_stats(got: np.ndarray, want: np.ndarray, labels: np.ndarray) -> dict:
+    """Top-1 accuracy of logits `got`, its delta to eager's `want`, and their top-1 agreement."""
+    pred, ref = got.argmax(1), want.argmax(1)
+    acc, eager_acc = float((pred == labels).mean()), float((ref == labels).mean())
+    return {"images": int(len(labels)), "accuracy": acc, "eager_accuracy": eager_acc,
+            "accuracy_delta": acc - eager_acc, "top1_agreement": float((pred == ref).mean()),
+            "top1_disagreements": int((pred != ref).sum())}
+
+
+def _tol(x: float) -> str:
+    return f"{x:.0e}" if float(f"{x:.0e}") == x else f"{x:.2e}"
+
+
+def failures(label: str, tensor: dict, task: dict | None, cfg: VerifyConfig) -> list[str]:
+    """One line per failed check, naming the target, the check and the figure."""
+    out = []
+    if tensor["nonfinite"]:
+        out.append(f"{label}: {tensor['nonfinite']} of {tensor['elements']} outputs are NaN/Inf (finite check)")
+    if tensor["outside_tolerance"] > tensor["nonfinite"]:
+        rtol_needed = tensor["min_rtol_to_pass"]
+        out.append(f"{label}: max_abs_err {tensor['max_abs_err']:.1e} > atol {_tol(cfg.atol)} (tensor parity: "
+                   f"{tensor['outside_tolerance']} of {tensor['elements']} logits outside atol {_tol(cfg.atol)} "
+                   f"/ rtol {_tol(cfg.rtol)}; would pass with atol {tensor['min_atol_to_pass']:.1e} or rtol "
+                   f"{'inf' if rtol_needed is None else f'{rtol_needed:.1e}'})")
+    if task and task["top1_agreement"] < cfg.min_agreement:
+        out.append(f"{label}: top1_agreement {100 * task['top1_agreement']:.2f}% < {100 * cfg.min_agreement:.2f}% "
+                   f"(task parity: {task['top1_disagreements']} of {task['images']} validation images classified "
+                   f"differently from eager; accuracy {100 * task['accuracy']:.2f}% vs eager "
+                   f"{100 * task['eager_accuracy']:.2f}%)")
+    return out
+
+
+# -- what to check -----------------------------------------------------------------------------
+def file_targets(run: Run, formats: list[str], device: str) -> list[Target]:
+    """Every (artifact, runtime) pair: each exported format in every registered runtime that reads it."""
+    from cnnpack.runtimes import RUNTIMES, artifact_ref
+
+    targets = []
+    for fmt in formats:
+        ref = artifact_ref(run, fmt)  # refuses a missing file or one changed since export
+        names = [n for n in RUNTIMES if RUNTIMES.get(n).format == fmt]
+        if not names:
+            raise RuntimeUnavailable(f"no registered runtime reads {fmt} artifacts")
+        targets += [Target(fmt, name, functools.partial(_load_file, name, ref, device), ref.record["path"],
+                           ref.max_batch_size, ref.record.get("static_batch")) for name in names]
+    return targets
+
+
+def _load_file(name: str, ref, device: str):
+    from cnnpack.runtimes import RUNTIMES, raw_pixel_input
+
+    return raw_pixel_input(RUNTIMES.get(name).load(ref, device, exact=True), ref)
+
+
+def _formats(run: Run, export: dict, cfg: VerifyConfig) -> list[str]:
+    from cnnpack.export import EXPORTERS
+
+    arts = export.get("artifacts", {})
+    wanted = list(cfg.formats or arts)
+    for fmt in wanted:
+        if fmt not in EXPORTERS and fmt not in arts:
+            raise UserInputError(f"unknown format {fmt!r}; valid: {', '.join(EXPORTERS.names())}")
+    if not wanted:
+        raise UserInputError(f"{run.path} records no artifacts; run `cnnpack export --run {run.path}` first")
+    return wanted
+
+
+def _check_checkpoint(run: Run, export: dict) -> None:
+    """Artifacts exported from an older checkpoint would fail for a reason verify should name."""
+    src = export.get("source", {})
+    ckpt = run.file(src.get("checkpoint", "checkpoint.pt"))
+    if src.get("sha256") and ckpt.is_file() and sha256(ckpt) != src["sha256"]:
+        raise UserInputError(f"{ckpt} changed since the artifacts were exported from it (sha256 differs from "
+                             f"stages.export.source); re-run `cnnpack export --run {run.path}` first")
+
+
+def batch_plan(target: Target, requested: tuple[int, ...] | None) -> list[int]:
+    """The batch sizes to feed `target`: the requested ones if it accepts them, else a usage error."""
+    fixed, cap = target.static_batch, target.max_batch_size
+    if fixed:
+        if requested and set(requested) != {fixed}:
+            raise UserInputError(f"--batch-sizes {','.join(map(str, requested))}: {target.format} ({target.source}) "
+                                 f"was exported with a static batch of {fixed}; use --batch-sizes {fixed}")
+        return [fixed]
+    if requested is None:
+        return sorted({min(b, cap) if cap else b for b in DEFAULT_BATCH_SIZES})
+    if cap and max(requested) > cap:
+        raise UserInputError(f"--batch-sizes {max(requested)} exceeds the max batch size {cap} that {target.format} "
+                             f"({target.source}) was exported with; use sizes <= {cap} or re-export with "
+                             f"--max-batch-size {max(requested)}")
+    return sorted(set(requested))
+
+
+def _plan(run: Run, cfg: VerifyConfig, extra: tuple[Target, ...]) -> list[tuple[Target, list[int]]]:
+    """Every bad-input check, before any model runs."""
+    targets = []
+    if cfg.formats != ():
+        export = run.stage("export", required_by="verify", hint=f"`cnnpack export --run {run.path}`")
+        _check_checkpoint(run, export)
+        targets += file_targets(run, _formats(run, export, cfg), cfg.device)
+    targets += extra
+    if not targets:
+        raise UserInputError("nothing to verify: no formats and no served model given")
+    return [(t, batch_plan(t, cfg.batch_sizes)) for t in targets]
+
+
+# -- running the checks --------------------------------------------------------------------------
+@dataclass
+class Validation:
+    images: np.ndarray  # (N, 3, S, S) uint8
+    labels: np.ndarray  # (N,)
+    source: str
+    eager_logits: np.ndarray  # (N, K)
+
+
+class Reference:
+    """Eager's outputs, computed once per input batch and shared by every target."""
+
+    def __init__(self, eager, shape: tuple[int, ...], cfg: VerifyConfig) -> None:
+        self.eager, self.shape, self.cfg = eager, shape, cfg
+        self._random: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def random_batches(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Seeded raw-pixel batches (inputs, eager logits) of size `batch`: `samples` images, rounded up."""
+        if batch not in self._random:
+            rng = np.random.default_rng([self.cfg.seed, batch])
+            xs = [rng.uniform(0, 255, (batch, *self.shape)).astype(np.float32)
+                  for _ in range(-(-self.cfg.samples // batch))]
+            self._random[batch] = [(x, self.eager.predict(x)) for x in xs]
+        return self._random[batch]
+
+
+def _validation(run: Run, cfg: VerifyConfig, eager) -> Validation | None:
+    """The run's validation split with eager's logits, or None for a run without data (export --arch)."""
+    from cnnpack.evaluate import dataset_of
+    from cnnpack.runtimes import predict_split
+
+    train_cfg = run.read().get("stages", {}).get("train", {}).get("config", {})
+    if not (cfg.data or train_cfg.get("data")):
+        return None
+    d = dataset_of(run, cfg.data)
+    if d.classes != list(run.model_spec["classes"]):
+        raise UserInputError(f"--data classes {d.classes} differ from the model's {run.model_spec['classes']}")
+    images = d.val.images.numpy()
+    return Validation(images, d.val.labels.numpy(), d.source, predict_split(eager, images, VAL_BATCH))
+
+
+def _outputs(target: Target, rt, sizes: list[int], ref: Reference, val: Validation | None,
+             say: Callable[[str], None]) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """(target output, eager output) pairs per input set: random batches of each size, then the validation set."""
+    from cnnpack.runtimes import predict_split
+
+    out = {}
+    for b in sizes:
+        say(f"{target.label}: random batches of {b}")
+        out[f"random_b{b}"] = [(rt.predict(x), y) for x, y in ref.random_batches(b)]
+    if val is not None:
+        say(f"{target.label}: {len(val.labels)} validation images")
+        batch, static = (target.static_batch, True) if target.static_batch else (
+            min(VAL_BATCH, target.max_batch_size or VAL_BATCH), False)
+        out["val"] = [(predict_split(rt, val.images, batch, static=static), val.eager_logits)]
+    return out
+
+
+def check_target(target: Target, rt, sizes: list[int], ref: Reference, val: Validation | None,
+                 cfg: VerifyConfig, say: Callable[[str], None]) -> dict:
+    """Both checks for one target; the result records its figures, failures and verdict."""
+    by_input = _outputs(target, rt, sizes, ref, val, say)
+    pairs = [p for v in by_input.values() for p in v]
+    result = {"format": target.format, "runtime": target.runtime, "source": target.source,
+              "info": getattr(rt, "info", {}), "batch_sizes": sizes, "tensor": None, "task": None}
+    bad = next(((g.shape, w.shape) for g, w in pairs if g.shape != w.shape), None)
+    if bad:
+        result["failures"] = [f"{target.label}: output shape {list(bad[0])} != eager's {list(bad[1])} (shape check)"]
+    else:
+        result["tensor"] = tensor_stats(np.concatenate([g for g, _ in pairs]), np.concatenate([w for _, w in pairs]),
+                                        atol=cfg.atol, rtol=cfg.rtol)
+        result["tensor"]["max_abs_err_by_input"] = {
+            k: max(float(np.abs(g.astype(np.float64) - w).max(initial=0.0)) for g, w in v) for k, v in by_input.items()}
+        if val is not None:
+            result["task"] = task_stats(by_input["val"][0][0], val.eager_logits, val.labels)
+        result["failures"] = failures(target.label, result["tensor"], result["task"], cfg)
+    result["passed"] = not result["failures"]
+    return result
+
+
+def _load_targets(plan, say) -> tuple[list[tuple[Target, object, list[int]]], list[dict]]:
+    loaded, skipped = [], []
+    for target, sizes in plan:
+        say(f"loading {target.label}")
+        try:
+            loaded.append((target, target.load(), sizes))
+        except RuntimeUnavailable as e:
+            skipped.append({"format": target.format, "runtime": target.runtime, "reason": str(e)})
+    if not loaded:
+        raise RuntimeUnavailable("nothing could be verified here: " + "; ".join(s["reason"] for s in skipped))
+    return loaded, skipped
+
+
+@contextlib.contextmanager
+def exact_fp32(device: str) -> Iterator[None]:
+    """No TF32 in PyTorch's CUDA convolutions and matmuls while verifying (a no-op on the CPU)."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# -- the stage -------------------------------------------------------------------------------
+def by_format(results: list[dict]) -> dict:
+    """`stages.verify.formats`: per format the worst figures over the runtimes that ran it."""
+    out: dict[str, dict] = {}
+    for r in results:
+        f = out.setdefault(r["format"], {"max_abs_err": 0.0, "top1_agreement": None, "accuracy": None,
+                                         "passed": True, "runtimes": []})
+        f["runtimes"].append(r["runtime"])
+        f["passed"] = f["passed"] and r["passed"]
+        if r["tensor"] is None:
+            f["max_abs_err"] = None
+        elif f["max_abs_err"] is not None:
+            f["max_abs_err"] = max(f["max_abs_err"], r["tensor"]["max_abs_err"])
+        if r["task"]:
+            for key in ("top1_agreement", "accuracy"):
+                f[key] = r["task"][key] if f[key] is None else min(f[key], r["task"][key])
+    return out
+
+
+def _record(run: Run, cfg: VerifyConfig, result: dict) -> dict:
+    out = run.file(OUTPUT)
+    atomic_write_json(out, result)
+    section = {"status": "ok" if result["passed"] else "failed", "passed": result["passed"],
+               "formats": by_format(result["results"]), "skipped": result["skipped"],
+               "failures": result["failures"], "reference": result["reference"], "data": result["data"],
+               "artifacts": result["artifacts"], "config": result["config"],
+               "outputs": {"verify_json": run.file_record(out)}}
+    run.set_stage("verify", section)
+    return section
+
+
+def verify(run_dir: str | Path, cfg: VerifyConfig = VerifyConfig(), *, targets: tuple[Target, ...] = (),
+           progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Checks every exported artifact (and any extra `targets`) against eager PyTorch.
+
+    Writes `verify.json` and `stages.verify` whatever the verdict, and returns verify.json's content.
+
+    Raises:
+        VerifyFailed (a ParityError, exit 1): a check failed; the message names each target, check and figure.
+        UserInputError / MissingStageError / RuntimeUnavailable (exit 2): nothing could be checked.
+    """
+    from cnnpack.runtimes import RUNTIMES, artifact_ref
+
+    cfg.validate()
+    run = Run.open(run_dir)
+    plan = _plan(run, cfg, tuple(targets))
+    with exact_fp32(cfg.device):
+        progress("loading eager reference")
+        eager = RUNTIMES.get("eager").load(artifact_ref(run, "checkpoint"), cfg.device)
+        loaded, skipped = _load_targets(plan, progress)
+        val = _validation(run, cfg, eager)
+        spec = run.model_spec
+        ref = Reference(eager, (spec["channels"], spec["image_size"], spec["image_size"]), cfg)
+        results = [check_target(t, rt, sizes, ref, val, cfg, progress) for t, rt, sizes in loaded]
+    result = _result(run, cfg, results, skipped, eager, val)
+    _record(run, cfg, result)
+    if not result["passed"]:
+        raise VerifyFailed(f"parity check failed: {'; '.join(result['failures'])} (details: {run.file(OUTPUT)})",
+                           result)
+    return result
+
+
+def _result(run: Run, cfg: VerifyConfig, results: list[dict], skipped: list[dict], eager,
+            val: Validation | None) -> dict:
+    arts = run.read().get("stages", {}).get("export", {}).get("artifacts", {})
+    eager_acc = float((val.eager_logits.argmax(1) == val.labels).mean()) if val is not None else None
+    return {
+        "passed": all(r["passed"] for r in results),
+        "failures": [f for r in results for f in r["failures"]],
+        "config": asdict(cfg),
+        "reference": {"runtime": "eager", "device": eager.info.get("device"), "accuracy": eager_acc},
+        "data": {"source": val.source, "images": int(len(val.labels))} if val is not None else None,
+        "note": None if val is not None else ("no validation data (a run made by `cnnpack export --arch`): tensor "
+                                              "parity on random inputs only; pass --data to check task parity too"),
+        "artifacts": {r["format"]: {"path": arts[r["format"]]["path"], "sha256": arts[r["format"]]["sha256"]}
+                      for r in results if r["format"] in arts},
+        "results": results,
+        "skipped": skipped,
+        "libraries": library_versions(),
+    }

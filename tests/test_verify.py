@@ -1,0 +1,228 @@
+"""cnnpack verify (and evaluate on artifacts): real exports, real ONNX Runtime and TorchScript, no mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from cnnpack.errors import MissingStageError, ParityError, UserInputError
+from cnnpack.evaluate import evaluate
+from cnnpack.export import ExportConfig, create_run, export
+from cnnpack.rundir import Run, sha256
+from cnnpack.runtimes import RUNTIMES
+from cnnpack.verify import VerifyConfig, tensor_stats, verify
+
+MAX_BATCH = 16
+QUICK = VerifyConfig(batch_sizes=(1, 8), samples=8)
+
+
+def _copy(src, tmp_path, name="run"):
+    dest = tmp_path / name
+    shutil.copytree(src, dest)
+    return dest
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-m", "cnnpack", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def _rehash(run_dir, fmt: str) -> None:
+    """Records the artifact's current sha256, so that only its numbers differ from the export."""
+    def fix(m):
+        rec = m["stages"]["export"]["artifacts"][fmt]
+        rec["sha256"] = sha256(run_dir / rec["path"])
+
+    Run(run_dir).update(fix)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    """tiny_run exported to ONNX and TorchScript (max batch 16); read-only, copy it to modify."""
+    run_dir = _copy(tiny_run, tmp_path_factory.mktemp("verify"), "exported")
+    export(run_dir, ExportConfig(max_batch_size=MAX_BATCH))
+    return run_dir
+
+
+# -- the statistics ------------------------------------------------------------------------------
+def test_an_element_passes_within_atol_or_rtol_and_the_needed_tolerances_are_exact():
+    want = np.array([[1.0, 100.0, 0.0, -2.0]], np.float32)
+    got = np.array([[1.0 + 5e-4, 100.05, 2e-5, -2.0]], np.float32)  # abs 5e-4 (rel 5e-4), abs 0.05 (rel 5e-4)
+    s = tensor_stats(got, want, atol=1e-4, rtol=1e-3)
+    assert s["outside_tolerance"] == 0  # the first two pass by rtol, the zero by atol
+    assert s["max_abs_err"] == pytest.approx(0.05, rel=1e-3)
+    assert s["max_rel_err"] is None  # 2e-5 against an exact 0 is infinitely relative: recorded as null
+    strict = tensor_stats(got, want, atol=1e-5, rtol=1e-4)
+    assert strict["outside_tolerance"] == 3
+    assert strict["min_atol_to_pass"] == pytest.approx(0.05, rel=1e-3)  # with rtol 1e-4 fixed
+    assert strict["min_rtol_to_pass"] is None  # with atol 1e-5 fixed the zero can never pass by rtol
+    got[0, 3] = np.nan
+    s = tensor_stats(got, want, atol=1e-4, rtol=1e-3)
+    assert s["nonfinite"] == 1 and s["outside_tolerance"] == 1
+
+
+# -- good artifacts pass ---------------------------------------------------------------------------
+def test_cnn_artifacts_pass_on_every_usable_runtime_and_unusable_ones_say_why(exported, tmp_path):
+    run_dir = _copy(exported, tmp_path)
+    result = verify(run_dir, VerifyConfig(samples=16))
+    assert result["passed"] and result["failures"] == []
+    checked = {(r["format"], r["runtime"]) for r in result["results"]}
+    skipped = {(s["format"], s["runtime"]): s["reason"] for s in result["skipped"]}
+    assert {("onnx", "onnxruntime"), ("torchscript", "torchscript")} <= checked
+    for name in RUNTIMES:  # every runtime of an exported format is either checked or skipped with a reason
+        fmt = RUNTIMES.get(name).format
+        if fmt in ("onnx", "torchscript"):
+            assert (fmt, name) in checked or skipped[(fmt, name)].startswith(name)
+    for r in result["results"]:
+        assert r["batch_sizes"] == [1, 8, MAX_BATCH]  # the default 32 is clipped to the export's max batch
+        assert r["tensor"]["max_abs_err"] < 1e-4 and r["tensor"]["nonfinite"] == 0
+        assert set(r["tensor"]["max_abs_err_by_input"]) == {"random_b1", "random_b8", "random_b16", "val"}
+        assert r["task"]["images"] == 90 and r["task"]["top1_agreement"] >= 0.999
+    section = Run.open(run_dir).read()["stages"]["verify"]
+    assert section["status"] == "ok" and section["passed"] is True
+    assert set(section["formats"]) == {"onnx", "torchscript"}
+    assert section["formats"]["onnx"]["accuracy"] == result["reference"]["accuracy"]
+    assert json.loads((run_dir / "verify.json").read_text()) == result
+    assert section["outputs"]["verify_json"]["sha256"] == sha256(run_dir / "verify.json")
+
+
+def test_resnet18_without_data_checks_tensor_parity_only_and_says_so(tmp_path):
+    run_dir = tmp_path / "r18"
+    create_run(run_dir, arch="resnet18", num_classes=3, image_size=64)
+    export(run_dir, ExportConfig(max_batch_size=4))
+    result = verify(run_dir, VerifyConfig(batch_sizes=(1, 4), samples=4))
+    assert result["passed"]
+    assert result["data"] is None and "random inputs only" in result["note"]
+    for r in result["results"]:
+        assert r["task"] is None and r["tensor"]["max_abs_err"] < 1e-4
+    formats = Run.open(run_dir).read()["stages"]["verify"]["formats"]
+    assert formats["onnx"]["top1_agreement"] is None and formats["onnx"]["max_abs_err"] < 1e-4
+
+
+def test_static_batch_and_normalized_input_artifacts_are_fed_what_they_take(tiny_run, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path)
+    export(run_dir, ExportConfig(formats=("torchscript",), static_batch=4, input="normalized"))
+    result = verify(run_dir, VerifyConfig(samples=4))  # 90 validation images: the last batch is padded
+    assert result["passed"], result["failures"]
+    assert result["results"][0]["batch_sizes"] == [4] and result["results"][0]["task"]["images"] == 90
+    with pytest.raises(UserInputError, match="static batch of 4; use --batch-sizes 4"):
+        verify(run_dir, VerifyConfig(batch_sizes=(1, 4)))
+    with pytest.raises(UserInputError, match="has no onnx export"):
+        verify(run_dir, VerifyConfig(formats=("onnx",)))
+    ev = evaluate(run_dir, fmt="torchscript", device="cpu")
+    assert ev["images"] == 90 and ev["accuracy"] == result["results"][0]["task"]["accuracy"]
+
+
+# -- a changed weight fails -----------------------------------------------------------------------
+def _perturb_one_onnx_weight(path) -> str:
+    """Adds 0.5 to one element of the first convolution weight; returns the initializer's name."""
+    model = onnx.load(str(path))
+    init = next(t for t in model.graph.initializer if len(t.dims) == 4)
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] += 0.5
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(path))
+    return init.name
+
+
+def test_one_changed_onnx_weight_fails_verify_naming_onnx_and_the_check(exported, tmp_path):
+    run_dir = _copy(exported, tmp_path)
+    _perturb_one_onnx_weight(run_dir / "export/model.onnx")
+    _rehash(run_dir, "onnx")
+    out = _cli("verify", "--run", str(run_dir), "--batch-sizes", "1,8", "--samples", "8")
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert len(errors) == 1 and "Traceback" not in out.stderr
+    assert "onnx (onnxruntime): max_abs_err" in errors[0] and "> atol 1e-04" in errors[0]
+    assert "torchscript" not in errors[0]  # the untouched artifact passes
+    assert "FAIL" in out.stdout and "max abs err" in out.stdout  # the table is shown before the error
+    section = Run.open(run_dir).read()["stages"]["verify"]
+    assert section["status"] == "failed" and section["passed"] is False
+    assert section["formats"]["onnx"]["passed"] is False and section["formats"]["torchscript"]["passed"] is True
+    assert section["formats"]["onnx"]["max_abs_err"] > 1e-2
+    saved = json.loads((run_dir / "verify.json").read_text())
+    assert saved["passed"] is False and saved["failures"] == section["failures"]
+    with pytest.raises(ParityError, match=r"onnx \(onnxruntime\): max_abs_err .* > atol"):
+        verify(run_dir, QUICK)
+    # the same artifact passes when the user accepts the error it has
+    loose = saved["results"][0]["tensor"]["min_atol_to_pass"] * 1.01
+    assert verify(run_dir, VerifyConfig(batch_sizes=(1, 8), samples=8, atol=loose, min_agreement=0.5,
+                                        formats=("onnx",)))["passed"]
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_a_run_without_exports_says_to_export_first(tiny_run):
+    with pytest.raises(MissingStageError, match=rf"run `cnnpack export --run {tiny_run}` first"):
+        verify(tiny_run, QUICK)
+
+
+def test_an_artifact_changed_since_export_is_refused(exported, tmp_path):
+    run_dir = _copy(exported, tmp_path)
+    with open(run_dir / "export/model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserInputError, match="changed since export"):
+        verify(run_dir, QUICK)
+    assert "verify" not in Run.open(run_dir).read()["stages"]
+
+
+@pytest.mark.parametrize("fmt,needle", [("onnx", "ONNX Runtime cannot load"), ("torchscript", "cannot load")])
+def test_an_artifact_that_fails_to_load_is_named(exported, tmp_path, fmt, needle):
+    run_dir = _copy(exported, tmp_path)
+    path = run_dir / ("export/model.onnx" if fmt == "onnx" else "export/model.pt")
+    path.write_bytes(path.read_bytes()[:2000])  # truncated, then recorded as if exported so
+    _rehash(run_dir, fmt)
+    with pytest.raises(UserInputError, match=needle) as e:
+        verify(run_dir, QUICK)
+    assert path.name in str(e.value)
+
+
+def test_a_checkpoint_changed_since_export_is_named(exported, tmp_path):
+    run_dir = _copy(exported, tmp_path)
+    with open(run_dir / "checkpoint.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserInputError, match="checkpoint.pt changed since the artifacts were exported"):
+        verify(run_dir, QUICK)
+
+
+@pytest.mark.parametrize("cfg,needle", [
+    (VerifyConfig(batch_sizes=(1, 32)), "--batch-sizes 32 exceeds the max batch size 16"),
+    (VerifyConfig(atol=0), "--atol must be > 0"),
+    (VerifyConfig(rtol=-1e-3), "--rtol must be > 0"),
+    (VerifyConfig(atol=float("nan")), "--atol must be > 0"),
+    (VerifyConfig(min_agreement=1.5), "--min-agreement"),
+    (VerifyConfig(formats=("tflite",)), "unknown format 'tflite'; valid: onnx, torchscript"),
+])
+def test_bad_options_are_refused_before_any_work(exported, cfg, needle):
+    with pytest.raises(UserInputError, match=needle.replace("(", r"\(")):
+        verify(exported, cfg)
+
+
+def test_cli_bad_input_is_one_error_line_and_exit_2(exported):
+    out = _cli("verify", "--run", str(exported), "--batch-sizes", "64")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "error: --batch-sizes 64 exceeds the max batch size 16 that onnx (export/model.onnx) was exported with; "
+        "use sizes <= 16 or re-export with --max-batch-size 64"]
+
+
+# -- evaluate on artifacts -------------------------------------------------------------------------
+def test_evaluate_artifacts_through_the_runtimes_matches_the_checkpoint(exported, tmp_path):
+    run_dir = _copy(exported, tmp_path)
+    ref = evaluate(run_dir, fmt="checkpoint", device="cpu")
+    for fmt, runtime in (("onnx", "onnxruntime"), ("torchscript", "torchscript")):
+        ev = evaluate(run_dir, fmt=fmt, device="cpu")
+        assert ev["runtime"] == runtime and ev["images"] == ref["images"] == 90
+        assert ev["accuracy"] == ref["accuracy"] and ev["confusion_matrix"] == ref["confusion_matrix"]
+        assert json.loads((run_dir / f"eval-{fmt}.json").read_text())["accuracy"] == ev["accuracy"]
+    _perturb_one_onnx_weight(run_dir / "export/model.onnx")
+    with pytest.raises(UserInputError, match="changed since export"):
+        evaluate(run_dir, fmt="onnx")
