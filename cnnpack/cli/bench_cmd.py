@@ -1,0 +1,105 @@
+"""`cnnpack bench`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cnnpack.cli import app, emit, handles_errors, usage_error
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise usage_error(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+@handles_errors
+def bench(
+    run: Path = typer.Option(..., help="Run directory with exports (cnnpack export)."),
+    runtimes: str = typer.Option("eager,compiled,torchscript,onnxruntime", help="Comma list of runtimes."),
+    batch_sizes: str = typer.Option("1,8,32", help="Comma list of batch sizes."),
+    threads: Optional[int] = typer.Option(None, help="Threads for every runtime (default: physical cores)."),
+    max_seconds: float = typer.Option(10.0, help="Measurement time limit per runtime and batch size."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    plot: bool = typer.Option(True, help="Write bench.png."),
+    progress: bool = typer.Option(True, help="Show what is being measured."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
+):
+    """Latency and throughput of each runtime and batch size, against this machine's fp32 matmul rate.
+
+    Example: cnnpack bench --run runs/demo --runtimes eager,onnxruntime --batch-sizes 1,32 --threads 2
+    """
+    from cnnpack.bench import BenchConfig
+    from cnnpack.bench import bench as do_bench
+
+    names = tuple(n.strip() for n in runtimes.split(",") if n.strip())
+    cfg = BenchConfig(runtimes=names, batch_sizes=_ints(batch_sizes, "--batch-sizes"), threads=threads,
+                      max_seconds=max_seconds, device=device, plot=plot)
+    cfg.validate()
+    with _status(progress and not as_json) as say:
+        section = do_bench(run, cfg, progress=say)
+    emit(section, as_json)
+    if not as_json:
+        _print_table(section)
+        _print_warnings(section)
+        typer.echo("written: " + ", ".join(str(run / o["path"]) for o in section["outputs"].values()))
+
+
+def _status(enabled: bool):
+    """A live one-line status on stderr (what is being measured now)."""
+    import contextlib
+
+    from rich.console import Console
+
+    if not enabled:
+        return contextlib.nullcontext(lambda _: None)
+
+    @contextlib.contextmanager
+    def ctx():
+        with Console(stderr=True).status("benchmarking") as st:
+            yield lambda text: st.update(f"measuring {text}")
+
+    return ctx()
+
+
+def _print_warnings(section: dict) -> None:
+    """What makes these numbers less than trustworthy, on stderr."""
+    for name, why in section["skipped"].items():
+        typer.echo(f"skipped {name}: {why}", err=True)
+    unstable = [f"{r['runtime']}@{r['batch_size']}" for r in section["results"] if not r["stable"]]
+    if unstable:
+        typer.echo(f"unstable (windows did not agree within {100 * section['config']['stability']:.0f} % before "
+                   f"--max-seconds): {', '.join(unstable)}", err=True)
+    drift = section["matmul"]["drift"]
+    if abs(drift) > 0.10:
+        typer.echo(f"the fp32 matmul rate changed by {100 * drift:+.0f} % during the run: the machine was busy "
+                   "or throttled; rerun on a quiet machine", err=True)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _print_table(section: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{section['model']} on {section['device']}, {section['threads']} threads",
+              caption=f"%mm: GFLOP/s as a share of this machine's fp32 matmul rate "
+                      f"({section['machine_peak_gflops']:.0f} GFLOP/s, measured in this run; model "
+                      f"{section['model_gflops_per_image']:.3g} GFLOP/image). ×eager: eager p50 / p50. "
+                      "MB: peak resident memory added by the runtime.")
+    for col in ("runtime", "batch", "p50 ms", "p99 ms", "img/s", "GFLOP/s", "%mm", "×eager", "MB", "stable"):
+        t.add_column(col, justify="left" if col == "runtime" else "right")
+    for r in section["results"]:
+        t.add_row(r["runtime"], str(r["batch_size"]), _fmt(r["latency_ms_p50"], ".2f"),
+                  _fmt(r["latency_ms_p99"], ".2f"), _fmt(r["throughput_ips"], ".1f"), _fmt(r["gflops"], ".1f"),
+                  _fmt(100 * r["matmul_share"], ".0f"), _fmt(r["speedup_vs_eager"], ".2f") + ("x" if r["speedup_vs_eager"] else ""),
+                  _fmt(r["peak_rss_mb"], ".0f"), "yes" if r["stable"] else "[red]no[/red]")
+    Console(width=None if sys.stdout.isatty() else 130).print(t)  # a log file gets the whole table

@@ -1,0 +1,119 @@
+"""`cnnpack bench` on a real (tiny) run: real runtimes, short time limits, every output checked."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cnnpack.bench import BenchConfig, Window, agree, bench
+from cnnpack.errors import MissingStageError, UserInputError
+from cnnpack.export import ExportConfig, export
+from cnnpack.rundir import Run
+
+RESULT_KEYS = {"runtime", "batch_size", "latency_ms_p50", "latency_ms_p99", "throughput_ips", "gflops"}
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    """A copy of tiny_run with ONNX and TorchScript exports that take at most 8 images."""
+    run_dir = tmp_path_factory.mktemp("bench") / "run"
+    shutil.copytree(tiny_run, run_dir)
+    export(run_dir, ExportConfig(max_batch_size=8))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def benched(exported):
+    cfg = BenchConfig(runtimes=("eager", "torchscript", "onnxruntime"), batch_sizes=(1, 8), threads=1,
+                      max_seconds=0.3, warmup_s=0.05, matmul_n=512, matmul_s=0.1)
+    return bench(exported, cfg)
+
+
+def test_bench_measures_every_runtime_and_batch_size(benched):
+    rows = {(r["runtime"], r["batch_size"]): r for r in benched["results"]}
+    assert set(rows) == {(n, b) for n in ("eager", "torchscript", "onnxruntime") for b in (1, 8)}
+    for r in rows.values():
+        assert RESULT_KEYS <= set(r)
+        assert 0 < r["latency_ms_p50"] <= r["latency_ms_p90"] <= r["latency_ms_p99"]
+        # throughput comes from wall time, latency from single calls: they must describe the same runs
+        assert r["throughput_ips"] == pytest.approx(1e3 * r["batch_size"] / r["latency_ms_mean"], rel=0.5)
+        assert r["gflops"] == pytest.approx(r["throughput_ips"] * benched["model_gflops_per_image"])
+        assert r["requests"] >= 3 and r["peak_rss_mb"] is not None
+    assert rows[("eager", 1)]["speedup_vs_eager"] == 1.0
+    assert rows[("onnxruntime", 8)]["speedup_vs_eager"] == pytest.approx(
+        rows[("eager", 8)]["latency_ms_p50"] / rows[("onnxruntime", 8)]["latency_ms_p50"])
+    assert rows[("onnxruntime", 1)]["info"]["threads"] == 1
+
+
+def test_bench_records_machine_limit_and_outputs(benched, exported):
+    section = Run.open(exported).read()["stages"]["bench"]
+    assert section["status"] == "ok" and section["threads"] == 1
+    assert section["machine_peak_gflops"] > 1 and section["matmul"]["before"]["threads"] == 1
+    assert {"torch", "onnxruntime-gpu", "numpy"} & set(section["libraries"])
+    assert section["machine"]["cpus_usable"] >= 1
+    assert set(section["outputs"]) == {"bench.json", "bench.csv", "bench.png"}
+    assert json.loads((exported / "bench.json").read_text())["results"] == section["results"]
+    rows = list(csv.DictReader((exported / "bench.csv").open()))
+    assert len(rows) == 6 and float(rows[0]["latency_ms_p50"]) > 0
+    assert (exported / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_windows_must_agree_to_be_stable():
+    steady = [Window([0.010] * 10, 0.100), Window([0.0104] * 10, 0.104), Window([0.0098] * 10, 0.098)]
+    assert agree(steady, 0.10)
+    jumpy = steady[:2] + [Window([0.013] * 10, 0.130)]
+    assert not agree(jumpy, 0.10)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (BenchConfig(runtimes=("eager", "tensorflow")), "valid: eager, compiled, torchscript, onnxruntime"),
+    (BenchConfig(runtimes=("onnxruntime",), batch_sizes=(1, 16)), "exceeds the max batch size 8"),
+    (BenchConfig(threads=0), "--threads must be >= 1"),
+    (BenchConfig(batch_sizes=(0,)), "--batch-sizes"),
+])
+def test_bad_bench_input(exported, cfg, message):
+    with pytest.raises(UserInputError, match=message):
+        bench(exported, cfg)
+
+
+def test_unknown_runtime_says_why_installed_ones_are_skipped(exported):
+    import torch
+
+    with pytest.raises(UserInputError) as e:
+        bench(exported, BenchConfig(runtimes=("nope",)))
+    if not torch.cuda.is_available():
+        assert "installed but unusable here: onnxruntime-cuda (no CUDA GPU" in str(e.value)
+
+
+def test_run_without_exports_is_refused_before_measuring(tiny_run):
+    before = (tiny_run / "cnnpack.json").read_text()
+    with pytest.raises(MissingStageError, match="has no exports.*cnnpack export --run"):
+        bench(tiny_run, BenchConfig(runtimes=("eager", "onnxruntime")))
+    assert (tiny_run / "cnnpack.json").read_text() == before
+
+
+def test_cli_bench_json_and_errors(exported):
+    cli = [sys.executable, "-m", "cnnpack", "bench", "--run", str(exported)]
+    ok = subprocess.run(cli + ["--runtimes", "onnxruntime", "--batch-sizes", "2", "--max-seconds", "0.1",
+                               "--threads", "1", "--no-plot", "--json"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    section = json.loads(ok.stdout)
+    assert [(r["runtime"], r["batch_size"]) for r in section["results"]] == [("onnxruntime", 2)]
+    assert "bench.png" not in section["outputs"]
+    bad = subprocess.run(cli + ["--threads", "0"], capture_output=True, text=True)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "--threads must be >= 1" in lines[0], bad.stderr
+
+
+@pytest.mark.slow
+def test_compiled_runtime_is_benched_frozen(exported):
+    section = bench(exported, BenchConfig(runtimes=("eager", "compiled"), batch_sizes=(2,), threads=1,
+                                          max_seconds=0.2, warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
+    compiled = next(r for r in section["results"] if r["runtime"] == "compiled")
+    assert compiled["info"]["freezing"] is True and compiled["latency_ms_p50"] > 0
+    assert compiled["warmup_s"] > compiled["latency_ms_p50"] / 1e3  # the compile happens in the warm-up
