@@ -1,10 +1,10 @@
 """`cnnpack bench`: latency and throughput of every runtime, against this machine's own limit.
 
 Written once against the runtime registry: each runtime is loaded with its fair best setup
-(eager in inference mode, TorchScript frozen and optimised for inference, ONNX Runtime with full
-graph optimisation), all with the same thread count. The measurement follows perf_analyzer:
-warm-up, then windows of back-to-back requests until three consecutive windows agree within 10 %
-(or the time limit is reached, and the result is flagged unstable). Achieved GFLOP/s come from
+(eager in inference mode, torch.compile with frozen weights, TorchScript frozen and optimised for
+inference, ONNX Runtime with full graph optimisation), all with the same thread count. The
+measurement follows perf_analyzer: warm-up, then windows of back-to-back requests until three
+consecutive windows agree within 10 % (or the time limit is reached: flagged unstable). Achieved GFLOP/s come from
 the model's counted FLOPs and are set against an fp32 matrix multiply measured in the same run.
 
 `measure` only needs a callable that issues one request, so a served model (Triton) is measured
@@ -37,13 +37,18 @@ NOTES = {
     "latency": "one predict() call on a numpy batch (host-device copies included), time.perf_counter, GPU synchronised",
     "throughput_ips": "images / wall time of the reported windows (the last three)",
     "speedup_vs_eager": "eager latency_ms_p50 / this latency_ms_p50, same batch size",
-    "matmul_share": "gflops / machine_peak_gflops: the higher of two median fp32 matmul rates, "
-                    "measured before and after the runtimes with the same thread count",
-    "matmul.drift": "after / before - 1: beyond +-10 % the machine's speed changed during the run "
-                    "(other load, a throttled or shared host) and the figures are not comparable",
+    "machine_peak_gflops": "the best of the median fp32 matmul rates measured in this run (torch.matmul of two "
+                           "n x n matrices, same thread count), one before the first row and one after each",
+    "matmul_share": "gflops / matmul_gflops, the mean of the matmul rates measured right before and right after "
+                    "this row: the machine's speed can drift during a run (a shared host)",
+    "matmul.spread": "max / min - 1 of the matmul samples: beyond 10 % the machine's speed changed during the run "
+                     "and rows measured at different times are not comparable",
+    "cpu_others": "share of the machine's CPU time taken by other processes or the hypervisor (steal) while "
+                  "this runtime x batch size ran; above a few % the figure was disturbed",
     "peak_rss_mb": "the process's peak resident memory while the runtime ran this batch size (VmHWM, reset "
                    "before its warm-up) minus the resident memory before the runtime was loaded: weights, "
-                   "runtime caches and arenas, activations. Host memory only.",
+                   "runtime caches and arenas, activations. Host memory only. Memory the process freed earlier "
+                   "(an earlier runtime, an earlier bench in the same process) may be reused and not show.",
 }
 
 
@@ -250,6 +255,25 @@ def _reset_peak_rss() -> bool:
     return True
 
 
+def _cpu_ticks() -> tuple[int, int, int] | None:
+    """(busy ticks of the machine, all ticks of the machine, ticks of this process), or None off Linux."""
+    try:
+        cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError):
+        return None
+    busy = sum(cpu) - cpu[3] - cpu[4]  # all but idle and iowait; steal counts as taken
+    return busy, sum(cpu), int(own[11]) + int(own[12])  # utime + stime
+
+
+def others_cpu_share(before, after) -> float | None:
+    """Share of the machine's CPU time that other processes (or the hypervisor) took in between."""
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    others = (after[0] - before[0]) - (after[2] - before[2])
+    return max(0.0, others / (after[1] - before[1]))
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     import torch
@@ -348,6 +372,13 @@ class _Ctx:
     progress: Callable[[str], None]
     results: list[dict] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    matmul: list[dict] = field(default_factory=list)
+
+    def sample_matmul(self) -> float:
+        """Measures the fp32 matmul rate now (before the first and after every measurement)."""
+        self.progress("fp32 matmul")
+        self.matmul.append(matmul_rate(self.device, self.cfg.matmul_n, self.cfg.matmul_s))
+        return self.matmul[-1]["gflops"]
 
 
 def bench_runtime(ctx: _Ctx, name: str, ref) -> None:
@@ -365,12 +396,17 @@ def bench_runtime(ctx: _Ctx, name: str, ref) -> None:
         return
     for b in cfg.batch_sizes:
         ctx.progress(f"{name} batch {b}")
-        can_reset = _reset_peak_rss()
+        can_reset, ticks = _reset_peak_rss(), _cpu_ticks()
         m = measure(functools.partial(rt.predict, inputs[b]), cfg.policy(), sync=_sync(ctx.device))
         peak_kb = _status_kb("VmHWM") if can_reset else None
+        row_others = others_cpu_share(ticks, _cpu_ticks())
         row = {"runtime": name, "format": ref.format, "batch_size": b, **summarise(m, b)}
         row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9
         row["peak_rss_mb"] = (peak_kb - base_kb) / 1024 if peak_kb and base_kb else None
+        row["cpu_others"] = row_others
+        # the machine's speed can drift (a shared host): set each row against the rate around it
+        row["matmul_gflops"] = (ctx.matmul[-1]["gflops"] + ctx.sample_matmul()) / 2
+        row["matmul_share"] = row["gflops"] / row["matmul_gflops"]
         row["info"] = rt.info
         ctx.results.append(row)
     del rt
@@ -412,31 +448,27 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     cfg = BenchConfig(**{**asdict(cfg), "threads": cfg.threads or torch.get_num_threads()})
     host = machine()
     with torch_threads(cfg.threads):
-        progress("fp32 matmul")
-        mm = matmul_rate(device, cfg.matmul_n, cfg.matmul_s)
         ctx = _Ctx(run, cfg, device, count_flops(run), progress)
+        ctx.sample_matmul()
         for name, ref in refs.items():
             bench_runtime(ctx, name, ref)
-        progress("fp32 matmul again")
-        mm_end = matmul_rate(device, cfg.matmul_n, cfg.matmul_s)
     if not ctx.results:
         raise RuntimeUnavailable("no runtime could run here: " + "; ".join(ctx.skipped.values()))
     host["load_avg_1_5_15_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    section = _section(ctx, mm, mm_end, host, refs)
+    section = _section(ctx, host, refs)
     section["outputs"] = write_outputs(run, section, plot=cfg.plot)
     run.set_stage("bench", section)
     return run.read()["stages"]["bench"]
 
 
-def _section(ctx: _Ctx, mm: dict, mm_end: dict, host: dict, refs: dict) -> dict:
-    """stages.bench: the results set against the higher of the two matmul rates (before and after)."""
-    peak = max(mm["gflops"], mm_end["gflops"])
-    for r in ctx.results:
-        r["matmul_share"] = r["gflops"] / peak
+def _section(ctx: _Ctx, host: dict, refs: dict) -> dict:
+    """stages.bench; machine_peak_gflops is the best of the matmul rates measured during the run."""
     _speedups(ctx.results)
+    rates = [m["gflops"] for m in ctx.matmul]
+    matmul = {k: v for k, v in ctx.matmul[0].items() if k not in ("gflops", "gflops_best", "repeats")}
+    matmul.update(samples_gflops=rates, spread=max(rates) / min(rates) - 1)
     spec = ctx.run.model_spec
-    drift = mm_end["gflops"] / mm["gflops"] - 1
-    return {"status": "ok", "machine_peak_gflops": peak, "matmul": {"before": mm, "after": mm_end, "drift": drift},
+    return {"status": "ok", "machine_peak_gflops": max(rates), "matmul": matmul,
             "model": f"{spec['arch']}@{spec['image_size']}px", "model_gflops_per_image": ctx.flops_per_image / 1e9,
             "threads": ctx.cfg.threads, "device": str(ctx.device), "results": ctx.results, "skipped": ctx.skipped,
             "inputs": {ref.format: ref.record.get("sha256") or sha256(ref.path) for ref in refs.values()},
@@ -445,8 +477,8 @@ def _section(ctx: _Ctx, mm: dict, mm_end: dict, host: dict, refs: dict) -> dict:
 
 # -- outputs ------------------------------------------------------------------------------------------
 CSV_COLUMNS = ("runtime", "format", "batch_size", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95",
-               "latency_ms_p99", "latency_ms_mean", "throughput_ips", "gflops", "matmul_share",
-               "speedup_vs_eager", "peak_rss_mb", "stable", "requests")
+               "latency_ms_p99", "latency_ms_mean", "throughput_ips", "gflops", "matmul_gflops", "matmul_share",
+               "speedup_vs_eager", "peak_rss_mb", "cpu_others", "stable", "requests")
 
 
 def write_outputs(run: Run, section: dict, *, plot: bool = True) -> dict:

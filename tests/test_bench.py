@@ -43,6 +43,7 @@ def test_bench_measures_every_runtime_and_batch_size(benched):
         # throughput comes from wall time, latency from single calls: they must describe the same runs
         assert r["throughput_ips"] == pytest.approx(1e3 * r["batch_size"] / r["latency_ms_mean"], rel=0.5)
         assert r["gflops"] == pytest.approx(r["throughput_ips"] * benched["model_gflops_per_image"])
+        assert r["matmul_share"] == pytest.approx(r["gflops"] / r["matmul_gflops"])
         assert r["requests"] >= 3 and r["peak_rss_mb"] is not None
     assert rows[("eager", 1)]["speedup_vs_eager"] == 1.0
     assert rows[("onnxruntime", 8)]["speedup_vs_eager"] == pytest.approx(
@@ -53,7 +54,8 @@ def test_bench_measures_every_runtime_and_batch_size(benched):
 def test_bench_records_machine_limit_and_outputs(benched, exported):
     section = Run.open(exported).read()["stages"]["bench"]
     assert section["status"] == "ok" and section["threads"] == 1
-    assert section["machine_peak_gflops"] > 1 and section["matmul"]["before"]["threads"] == 1
+    assert section["matmul"]["threads"] == 1 and len(section["matmul"]["samples_gflops"]) == 7  # before + 6 rows
+    assert section["machine_peak_gflops"] == max(section["matmul"]["samples_gflops"]) > 1
     assert {"torch", "onnxruntime-gpu", "numpy"} & set(section["libraries"])
     assert section["machine"]["cpus_usable"] >= 1
     assert set(section["outputs"]) == {"bench.json", "bench.csv", "bench.png"}

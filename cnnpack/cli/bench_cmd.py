@@ -76,10 +76,14 @@ def _print_warnings(section: dict) -> None:
     if unstable:
         typer.echo(f"unstable (windows did not agree within {100 * section['config']['stability']:.0f} % before "
                    f"--max-seconds): {', '.join(unstable)}", err=True)
-    drift = section["matmul"]["drift"]
-    if abs(drift) > 0.10:
-        typer.echo(f"the fp32 matmul rate changed by {100 * drift:+.0f} % during the run: the machine was busy "
-                   "or throttled; rerun on a quiet machine", err=True)
+    busy = [f"{r['runtime']}@{r['batch_size']} {100 * r['cpu_others']:.0f} %" for r in section["results"]
+            if (r.get("cpu_others") or 0) > 0.05]
+    if busy:
+        typer.echo(f"other processes took CPU time during: {', '.join(busy)}; rerun on a quiet machine", err=True)
+    rates = section["matmul"]["samples_gflops"]
+    if section["matmul"]["spread"] > 0.10:
+        typer.echo(f"the fp32 matmul rate varied from {min(rates):.0f} to {max(rates):.0f} GFLOP/s during the run: "
+                   "the machine was busy or its speed changed; rerun on a quiet machine", err=True)
 
 
 def _fmt(v, spec: str) -> str:
@@ -91,8 +95,8 @@ def _print_table(section: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"{section['model']} on {section['device']}, {section['threads']} threads",
-              caption=f"%mm: GFLOP/s as a share of this machine's fp32 matmul rate "
-                      f"({section['machine_peak_gflops']:.0f} GFLOP/s, measured in this run; model "
+              caption=f"%mm: GFLOP/s as a share of this machine's fp32 matmul rate, measured around each row "
+                      f"(best {section['machine_peak_gflops']:.0f} GFLOP/s; model "
                       f"{section['model_gflops_per_image']:.3g} GFLOP/image). ×eager: eager p50 / p50. "
                       "MB: peak resident memory added by the runtime.")
     for col in ("runtime", "batch", "p50 ms", "p99 ms", "img/s", "GFLOP/s", "%mm", "×eager", "MB", "stable"):
