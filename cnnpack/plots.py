@@ -9,26 +9,24 @@ import numpy as np
 from cnnpack.rundir import atomic_path
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A figure outside pyplot: no GUI, and the caller's backend is left alone (switching it to Agg
+    would stop a notebook that calls `train()` from showing its own plots inline)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
 
 
 def curves(history: list[dict], path: Path) -> None:
     """Loss and accuracy per epoch, train and val side by side."""
-    plt = _pyplot()
     ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = _figure(figsize=(10, 3.8))
+    a, b = fig.subplots(1, 2)
     a.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
     a.plot(ep, [h["val_loss"] for h in history], "o-", label="val")
     a.set(title="loss", xlabel="epoch")
@@ -47,10 +45,10 @@ def curves(history: list[dict], path: Path) -> None:
 
 def confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "confusion matrix (val)") -> None:
     """Row-normalised confusion matrix with the raw counts written in each cell."""
-    plt = _pyplot()
     k = len(classes)
     side = min(1.0 + 0.6 * k, 14.0)  # 100 classes would otherwise make a 60-inch figure
-    fig, ax = plt.subplots(figsize=(side, side - 0.2))
+    fig = _figure(figsize=(side, side - 0.2))
+    ax = fig.subplots()
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     if k <= 30:
@@ -66,11 +64,11 @@ def confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "conf
 
 def samples(images: np.ndarray, true: list[int], pred: list[int], classes: list[str], path: Path) -> None:
     """A grid of images (N, 3, H, W uint8) titled `pred (true)`; mistakes in red."""
-    plt = _pyplot()
     n = len(images)
     cols = min(8, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    fig = _figure(figsize=(1.6 * cols, 1.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, ax in enumerate(axes.flat[:n]):

@@ -1,0 +1,36 @@
+"""The training plots: real PNG files, written without touching the caller's matplotlib backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnnpack import plots
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def svg_backend():
+    """Any backend but Agg stands in for a notebook's inline one; the previous one comes back after."""
+    import matplotlib
+
+    old = matplotlib.get_backend()
+    matplotlib.use("svg")
+    yield
+    matplotlib.use(old)
+
+
+def test_plots_leave_the_backend_alone(tmp_path, svg_backend):
+    """A notebook's inline backend must survive `train()` (it used to be switched to Agg)."""
+    import matplotlib
+
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_acc": 0.5 + e / 10,
+                "val_acc": 0.4 + e / 10} for e in (1, 2, 3)]
+    plots.curves(history, tmp_path / "curves.png")
+    plots.confusion(np.array([[3, 1], [0, 4]]), ["a", "b"], tmp_path / "confusion.png")
+    images = np.random.default_rng(0).integers(0, 255, (3, 3, 8, 8), dtype=np.uint8)
+    plots.samples(images, [0, 1, 1], [0, 0, 1], ["a", "b"], tmp_path / "samples.png")
+    assert matplotlib.get_backend() == "svg"
+    for name in ("curves.png", "confusion.png", "samples.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG, name
