@@ -1,0 +1,102 @@
+"""`cnnpack pipeline`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cnnpack.cli import app, emit, handles_errors, usage_error
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise usage_error(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+@app.command()
+@handles_errors
+def pipeline(
+    data: str = typer.Option("shapes", help="shapes | PATH (ImageFolder) | torchvision:NAME"),
+    arch: str = typer.Option("cnn", help="cnn or any torchvision classifier (resnet18, mobilenet_v3_small, ...)"),
+    run: Optional[Path] = typer.Option(None, help="Run directory (default: runs/pipeline-<data>-<arch>-<size>px)."),
+    image_size: int = typer.Option(64, help="Square input size in pixels."),
+    epochs: int = typer.Option(8, help="Training epochs."),
+    batch_size: int = typer.Option(64, help="Training batch size."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="Training device: auto | cpu | cuda."),
+    data_root: Optional[str] = typer.Option(None, help="Root folder for torchvision:NAME datasets."),
+    formats: str = typer.Option("onnx,torchscript", help="Export formats (onnx is required: it is served)."),
+    max_batch_size: int = typer.Option(64, help="Largest batch the exported models accept."),
+    runtimes: str = typer.Option("eager,compiled,torchscript,onnxruntime", help="Runtimes to benchmark."),
+    batch_sizes: str = typer.Option("1,32", help="Benchmark batch sizes."),
+    max_seconds: float = typer.Option(4.0, help="Benchmark time limit per runtime and batch size."),
+    threads: Optional[int] = typer.Option(None, help="Threads for every benchmarked runtime (default: all cores)."),
+    repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to lay out."),
+    serve: str = typer.Option("auto", help="Serve, infer, verify and bench on a local Triton server: "
+                                           "auto (when the serve extra runs here) | yes | no."),
+    concurrency: str = typer.Option("1,4,16", help="Concurrent requests when benchmarking the served model."),
+    infer_images: int = typer.Option(8, help="Validation images classified through the served model."),
+    force: bool = typer.Option(False, help="Redo every stage, even those whose inputs are unchanged."),
+    progress: bool = typer.Option(True, help="Show live progress."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Train, export, verify, benchmark and package for Triton in one go, then write report.md/report.html.
+
+    Stages whose inputs are unchanged since their last successful run are skipped; --force redoes them.
+    With the serve extra installed, also serves the model on loopback, classifies a few images and
+    verifies and benchmarks the served model.
+
+    Example: cnnpack pipeline
+    Example: cnnpack pipeline --data ~/flowers --arch resnet18 --image-size 128 --epochs 4
+    """
+    from cnnpack.pipeline import PipelineConfig
+    from cnnpack.pipeline import pipeline as do_pipeline
+
+    cfg = PipelineConfig(data=data, arch=arch, image_size=image_size, epochs=epochs, batch_size=batch_size, seed=seed,
+                         device=device, data_root=data_root, formats=_names(formats), max_batch_size=max_batch_size,
+                         bench_runtimes=_names(runtimes), bench_batch_sizes=_ints(batch_sizes, "--batch-sizes"),
+                         bench_max_seconds=max_seconds, threads=threads, repository=str(repository), serve=serve,
+                         concurrency=_ints(concurrency, "--concurrency"), infer_images=infer_images)
+    # stage lines go to stderr, so that stdout holds only the summary (the JSON with --json)
+    result = do_pipeline(run, cfg, force=force, progress=progress and not as_json,
+                         say=lambda text: typer.echo(text, err=True))
+    emit(result, as_json)
+    if not as_json:
+        print_summary(result)
+
+
+def print_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="cnnpack pipeline", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    if s["accuracy"] is not None:
+        t.add_row("accuracy", f"{100 * s['accuracy']:.2f}% validation top-1")
+    if s["parity_passed"] is not None:
+        err = f" (max abs err {s['parity_max_abs_err']:.1e})" if s["parity_max_abs_err"] is not None else ""
+        t.add_row("parity", ("every artifact matches eager PyTorch" if s["parity_passed"] else "FAILED") + err)
+    b = s["best_runtime"]
+    if b:
+        t.add_row("fastest", f"{b['runtime']} at batch {b['batch_size']}: {b['speedup_vs_eager']:.2f}x eager, "
+                             f"{b['latency_ms_p50']:.2f} ms p50, {b['throughput_ips']:,.0f} images/s")
+    if s["repository"]:
+        t.add_row("triton", f"{s['repository']} ({', '.join(s['models'])})")
+        t.add_row("serve it", f"cnnpack serve --repository {s['repository']}")
+    if s["served"]:
+        t.add_row("served", s["served"])
+    ran = [o["name"] for o in s["stages"] if o["status"] == "ran"]
+    skipped = [o["name"] for o in s["stages"] if o["status"] == "skipped"]
+    t.add_row("stages", f"ran: {', '.join(ran) or 'none'}; skipped (unchanged): {', '.join(skipped) or 'none'}")
+    t.add_row("report", f"{s['report']['markdown']}  ·  {s['report']['html']}")
+    t.add_row("time", f"{s['wall_s']:.0f} s")
+    Console().print(t)

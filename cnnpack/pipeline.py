@@ -1,0 +1,407 @@
+"""`cnnpack pipeline`: train -> export -> verify -> bench -> triton -> served, then the report.
+
+Each stage is the same library call its own command makes. Before running one, the pipeline
+fingerprints the stage's inputs (its options plus the sha256 of every file it reads); the
+fingerprint is stored in the stage's manifest section. A re-run skips a stage whose fingerprint
+is unchanged, whose last run succeeded and whose outputs are still there, and says so; `force`
+redoes every stage. A failed stage stops the pipeline (StageFailed, exit 1) with a pointer to
+the file that shows what went wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cnnpack.errors import CnnpackError, StageFailed, UserInputError
+from cnnpack.rundir import MANIFEST, Run, sha256
+
+SERVE_MODES = ("auto", "yes", "no")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The options of every stage that the pipeline exposes; the rest keep their commands' defaults."""
+
+    data: str = "shapes"
+    arch: str = "cnn"
+    image_size: int = 64
+    epochs: int = 8
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    data_root: str | None = None
+    formats: tuple[str, ...] = ("onnx", "torchscript")
+    max_batch_size: int = 64
+    bench_runtimes: tuple[str, ...] = ("eager", "compiled", "torchscript", "onnxruntime")
+    bench_batch_sizes: tuple[int, ...] = (1, 32)
+    bench_max_seconds: float = 4.0
+    threads: int | None = None
+    repository: str = "model_repository"
+    serve: str = "auto"  # auto: when the local Triton server can run here | yes | no
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    infer_images: int = 8  # validation images sent through the served model
+
+    def validate(self) -> None:
+        """Refuses bad options before any stage runs (exit 2, nothing written)."""
+        if self.serve not in SERVE_MODES:
+            raise UserInputError(f"--serve {self.serve!r}; valid: {', '.join(SERVE_MODES)}")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise UserInputError(f"--concurrency must be integers >= 1, got {list(self.concurrency)}")
+        if self.infer_images < 1:
+            raise UserInputError(f"--infer-images must be >= 1, got {self.infer_images}")
+        if "onnx" not in self.formats:
+            raise UserInputError("the pipeline serves the ONNX artifact: --formats must include onnx")
+        for make in (self.train_config, self.export_config, self.verify_config, self.bench_config):
+            make().validate()
+        from cnnpack.bench import check_runtimes
+
+        check_runtimes(self.bench_runtimes)
+        if max(self.bench_batch_sizes) > self.max_batch_size:
+            raise UserInputError(f"--batch-sizes {max(self.bench_batch_sizes)} is more than the exported models "
+                                 f"accept (--max-batch-size {self.max_batch_size})")
+        for cfg in self.triton_configs():
+            cfg.validate()
+
+    # the stage configs, built lazily (their modules import torch)
+    def train_config(self):
+        from cnnpack.train import TrainConfig
+
+        return TrainConfig(data=self.data, arch=self.arch, image_size=self.image_size, epochs=self.epochs,
+                           batch_size=self.batch_size, seed=self.seed, device=self.device, data_root=self.data_root)
+
+    def export_config(self):
+        from cnnpack.export import ExportConfig
+
+        return ExportConfig(formats=self.formats, max_batch_size=self.max_batch_size)
+
+    def verify_config(self):
+        from cnnpack.verify import VerifyConfig
+
+        return VerifyConfig(batch_sizes=tuple(b for b in (1, 8, 32) if b <= self.max_batch_size) or (1,))
+
+    def bench_config(self):
+        from cnnpack.bench import BenchConfig
+
+        return BenchConfig(runtimes=self.bench_runtimes, batch_sizes=self.bench_batch_sizes, threads=self.threads,
+                           max_seconds=self.bench_max_seconds)
+
+    def triton_configs(self) -> list:
+        """TorchScript first, ONNX (with the image ensemble) last: `stages.triton` describes the ONNX model."""
+        from cnnpack.triton_repo import TritonConfig
+
+        return [TritonConfig(repository=self.repository, format=f, ensemble=f == "onnx")
+                for f in sorted(self.formats, key=lambda f: f == "onnx")]
+
+
+@dataclass
+class Stage:
+    name: str
+    inputs: Callable[[Run], dict]  # what the stage reads; a change means it must run again
+    run: Callable[[Run], str]  # does the work; returns a one-line summary
+    output: Callable[[Run], str]  # where to look when it fails
+    outputs_exist: Callable[[Run, dict], bool] = lambda run, section: True
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # ran | skipped | failed | off
+    seconds: float = 0.0
+    summary: str = ""
+
+
+def fingerprint(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _section(run: Run, name: str) -> dict:
+    return run.read().get("stages", {}).get(name, {}) if run.manifest_path.is_file() else {}
+
+
+def _files_exist(run: Run, section: dict) -> bool:
+    """Every `{path, sha256}` the stage recorded under outputs/artifacts is still there, unchanged."""
+    records = [*section.get("outputs", {}).values(), *section.get("artifacts", {}).values()]
+    return all(run.file(r["path"]).is_file() and sha256(run.file(r["path"])) == r["sha256"]
+               for r in records if isinstance(r, dict) and "path" in r and "sha256" in r)
+
+
+def up_to_date(run: Run, stage: Stage) -> bool:
+    """The stage last succeeded on exactly these inputs and what it wrote is still there."""
+    section = _section(run, stage.name)
+    if section.get("status") != "ok" or section.get("inputs_sha256") != fingerprint(stage.inputs(run)):
+        return False
+    return _files_exist(run, section) and stage.outputs_exist(run, section)
+
+
+def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]) -> Outcome:
+    if not force and up_to_date(run, stage):
+        say(f"[{stage.name}] skipped: inputs unchanged since its last successful run")
+        return Outcome(stage.name, "skipped", summary="inputs unchanged")
+    say(f"[{stage.name}] running")
+    t0 = time.perf_counter()
+    inputs = fingerprint(stage.inputs(run))
+    try:
+        summary = stage.run(run)
+    except CnnpackError as e:
+        _mark_failed(run, stage.name, str(e))
+        raise StageFailed(f"pipeline stopped: stage {stage.name} failed: {e} (see {stage.output(run)})") from None
+    run.update(lambda m: m["stages"][stage.name].update(inputs_sha256=inputs))
+    out = Outcome(stage.name, "ran", round(time.perf_counter() - t0, 1), summary)
+    say(f"[{stage.name}] done in {out.seconds:.1f} s: {summary}")
+    return out
+
+
+def _mark_failed(run: Run, name: str, error: str) -> None:
+    """Records the failure in the manifest (a stage that failed before writing its section gets one)."""
+    if not run.manifest_path.is_file():
+        return
+
+    def mark(m: dict) -> None:
+        section = m.setdefault("stages", {}).setdefault(name, {})
+        section.update(status="failed", error=error)
+        section.pop("inputs_sha256", None)
+
+    run.update(mark)
+
+
+# -- the stages -------------------------------------------------------------------------------------
+def data_identity(data: str) -> dict:
+    """What identifies the training data: the built-in generator's name, or a folder's file listing."""
+    path = Path(data)
+    if data == "shapes" or data.startswith("torchvision:") or not path.exists():
+        return {"data": data}
+    listing = sorted((str(p.relative_to(path)), p.stat().st_size, int(p.stat().st_mtime))
+                     for p in path.rglob("*") if p.is_file())
+    return {"data": str(path.resolve()), "files_sha256": fingerprint({"files": listing})}
+
+
+def _artifacts(run: Run) -> dict:
+    return {f: a["sha256"] for f, a in _section(run, "export").get("artifacts", {}).items()}
+
+
+def _checkpoint(run: Run) -> str | None:
+    path = run.file("checkpoint.pt")
+    return sha256(path) if path.is_file() else None
+
+
+class Stages:
+    """The pipeline's stages for one config; each `run_*` is the matching command's library call."""
+
+    def __init__(self, cfg: PipelineConfig, *, progress: bool, say: Callable[[str], None]) -> None:
+        self.cfg, self.progress, self.say = cfg, progress, say
+
+    def all(self, serve: bool) -> list[Stage]:
+        stages = [
+            Stage("train", self.train_inputs, self.run_train, lambda r: str(r.file(MANIFEST))),
+            Stage("export", lambda r: {"config": asdict(self.cfg.export_config()), "checkpoint": _checkpoint(r)},
+                  self.run_export, lambda r: str(r.file(MANIFEST))),
+            Stage("verify", lambda r: {"config": asdict(self.cfg.verify_config()), "checkpoint": _checkpoint(r),
+                                       "artifacts": _artifacts(r)},
+                  self.run_verify, lambda r: str(r.file("verify.json"))),
+            Stage("bench", lambda r: {"config": asdict(self.cfg.bench_config()), "artifacts": _artifacts(r)},
+                  self.run_bench, lambda r: str(r.file(MANIFEST))),
+            Stage("triton", lambda r: {"configs": [asdict(c) for c in self.cfg.triton_configs()],
+                                       "artifacts": _artifacts(r)},
+                  self.run_triton, lambda r: str(Path(self.cfg.repository)), self.repository_intact),
+        ]
+        if serve:
+            stages.append(Stage("served", self.served_inputs, self.run_served, self.served_output))
+        return stages
+
+    # - train -
+    def train_inputs(self, run: Run) -> dict:
+        return {"config": asdict(self.cfg.train_config()), "data": data_identity(self.cfg.data)}
+
+    def run_train(self, run: Run) -> str:
+        from cnnpack.train import train
+
+        section = train(run.path, self.cfg.train_config(), force=run.manifest_path.exists(), progress=self.progress)
+        m = section["metrics"]
+        return (f"best val top-1 {100 * m['best_val_acc']:.2f}% (epoch {m['best_epoch']}/{m['epochs']}), "
+                f"{m['train_images_per_s']:.0f} images/s")
+
+    # - export -
+    def run_export(self, run: Run) -> str:
+        from cnnpack.export import export
+
+        section = export(run.path, self.cfg.export_config())
+        return ", ".join(f"{f} {section['artifacts'][f]['path']}" for f in self.cfg.formats)
+
+    # - verify -
+    def run_verify(self, run: Run) -> str:
+        from cnnpack.verify import verify
+
+        with self._status("verifying") as st:
+            result = verify(run.path, self.cfg.verify_config(), progress=st)
+        worst = max(r["tensor"]["max_abs_err"] for r in result["results"] if r["tensor"])
+        return f"{len(result['results'])} artifact x runtime pairs match eager (max abs err {worst:.1e})"
+
+    # - bench -
+    def run_bench(self, run: Run) -> str:
+        from cnnpack.bench import bench
+
+        with self._status("measuring") as st:
+            section = bench(run.path, self.cfg.bench_config(), progress=st)
+        best = best_runtime(section)
+        if best is None:
+            return "no runtime besides eager measured"
+        return (f"best: {best['runtime']} at batch {best['batch_size']}, {best['speedup_vs_eager']:.2f}x eager "
+                f"({best['latency_ms_p50']:.2f} ms p50)")
+
+    # - triton -
+    def run_triton(self, run: Run) -> str:
+        from cnnpack.triton_repo import build
+
+        names = []
+        for cfg in self.cfg.triton_configs():
+            section = build(run.path, cfg)
+            names += [section["name"]] + ([section["ensemble"]["name"]] if "ensemble" in section else [])
+        run.update(lambda m: m["stages"]["triton"].update(models=names))
+        return f"{', '.join(names)} in {section['repository']}"
+
+    def repository_intact(self, run: Run, section: dict) -> bool:
+        """The repository still holds what the stage laid out (a deleted repository is laid out again)."""
+        root = Path(section.get("repository", ""))
+        files = section.get("files", {}).values()
+        return root.is_dir() and all((root / f["path"]).is_file() for f in files) and all(
+            (root / n).is_dir() for n in section.get("models", []))
+
+    # - served -
+    def served_inputs(self, run: Run) -> dict:
+        t = _section(run, "triton")
+        return {"repository_files": {k: v.get("sha256") for k, v in t.get("files", {}).items()},
+                "models": t.get("models"), "concurrency": self.cfg.concurrency,
+                "infer_images": self.cfg.infer_images}
+
+    def served_output(self, run: Run) -> str:
+        return str(run.file("served.json"))
+
+    def run_served(self, run: Run) -> str:
+        from cnnpack.served import ServedConfig, served
+
+        section = served(run.path, ServedConfig(concurrency=self.cfg.concurrency, images=self.cfg.infer_images,
+                                                threads=self.cfg.threads), progress=self.say)
+        return section["summary"]
+
+    def _status(self, verb: str):
+        """A live one-line status on stderr while a stage works (nothing when progress is off)."""
+        import contextlib
+
+        if not self.progress:
+            return contextlib.nullcontext(lambda _: None)
+        from rich.console import Console
+
+        @contextlib.contextmanager
+        def ctx():
+            with Console(stderr=True).status(verb) as st:
+                yield lambda text: st.update(f"{verb} {text}")
+
+        return ctx()
+
+
+# -- the whole -----------------------------------------------------------------------------------------
+def serve_available() -> tuple[bool, str]:
+    """Whether the local Triton server can run here (the serve extra, on Linux)."""
+    try:
+        from cnnpack.serve import locate
+
+        locate()
+    except CnnpackError as e:
+        return False, str(e)
+    return True, ""
+
+
+def default_run_dir(cfg: PipelineConfig) -> Path:
+    """A stable name, so that running the same pipeline again finds (and skips) its own work."""
+    data = cfg.data.split(":", 1)[1].lower() if cfg.data.startswith("torchvision:") else Path(cfg.data).name
+    return Path("runs") / f"pipeline-{data}-{cfg.arch}-{cfg.image_size}px"
+
+
+def _check_run_dir(run: Run, force: bool) -> None:
+    """A run that some other command made is the pipeline's only with --force (it may retrain it)."""
+    if force or not run.path.exists():
+        return
+    if not run.path.is_dir():
+        raise UserInputError(f"--run {run.path} is a file, not a directory")
+    if not run.manifest_path.exists():
+        if any(run.path.iterdir()):
+            raise UserInputError(f"--run {run.path} is not empty and not a cnnpack run; choose another --run")
+        return
+    if "pipeline" not in run.read().get("stages", {}):
+        raise UserInputError(f"--run {run.path} holds a run not made by `cnnpack pipeline`; pass --force to let "
+                             "the pipeline redo its stages there, or choose another --run")
+
+
+def best_runtime(bench: dict) -> dict | None:
+    """The non-eager result with the largest speedup over eager (at any batch size)."""
+    rows = [r for r in bench.get("results", []) if r["runtime"] != "eager" and r.get("speedup_vs_eager")]
+    return max(rows, key=lambda r: r["speedup_vs_eager"], default=None)
+
+
+def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineConfig(), *, force: bool = False,
+             progress: bool = True, say: Callable[[str], None] = print) -> dict:
+    """Runs every stage in order (skipping up-to-date ones), writes the report, returns the summary.
+
+    Raises:
+        UserInputError (exit 2): bad options or run directory; nothing is run.
+        StageFailed (exit 1): a stage failed; the message says which and where its output is.
+    """
+    cfg.validate()
+    run = Run(run_dir or default_run_dir(cfg))
+    _check_run_dir(run, force)
+    serve_ok, why = serve_available() if cfg.serve != "no" else (False, "--serve no")
+    if cfg.serve == "yes" and not serve_ok:
+        raise UserInputError(f"--serve yes, but the local Triton server cannot run here: {why}")
+    t0 = time.perf_counter()
+    outcomes: list[Outcome] = []
+    stages = Stages(cfg, progress=progress, say=say).all(serve_ok)
+    try:
+        for stage in stages:
+            outcomes.append(run_stage(run, stage, force=force, say=say))
+    except StageFailed:
+        _record(run, cfg, outcomes, t0, status="failed")
+        raise
+    if not serve_ok:
+        outcomes.append(Outcome("served", "off", summary=why))
+        say(f"[served] off: {why}")
+    from cnnpack.report import write_report
+
+    report = write_report(run.path)
+    _record(run, cfg, outcomes, t0, status="ok")
+    return summary(run, outcomes, report, time.perf_counter() - t0)
+
+
+def _record(run: Run, cfg: PipelineConfig, outcomes: list[Outcome], t0: float, status: str) -> None:
+    if run.manifest_path.is_file():
+        run.set_stage("pipeline", {"status": status, "config": asdict(cfg), "stages": [asdict(o) for o in outcomes],
+                                   "wall_s": round(time.perf_counter() - t0, 1)})
+
+
+def summary(run: Run, outcomes: list[Outcome], report: dict, wall_s: float) -> dict:
+    """The figures a person wants at the end: accuracy, parity, best runtime, where things are."""
+    stages = run.read()["stages"]
+    train, verify = stages.get("train", {}), stages.get("verify", {})
+    best = best_runtime(stages.get("bench", {}))
+    triton, served = stages.get("triton", {}), stages.get("served", {})
+    return {
+        "run": str(run.path),
+        "accuracy": train.get("metrics", {}).get("best_val_acc"),
+        "parity_passed": verify.get("passed"),
+        "parity_max_abs_err": max((f["max_abs_err"] for f in verify.get("formats", {}).values()
+                                   if f.get("max_abs_err") is not None), default=None),
+        "best_runtime": best and {k: best[k] for k in ("runtime", "batch_size", "speedup_vs_eager",
+                                                       "latency_ms_p50", "throughput_ips")},
+        "repository": triton.get("repository"),
+        "models": triton.get("models", []),
+        "served": served.get("summary"),
+        "report": report,
+        "stages": [asdict(o) for o in outcomes],
+        "wall_s": round(wall_s, 1),
+        "cwd": os.getcwd(),
+    }

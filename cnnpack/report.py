@@ -1,0 +1,270 @@
+"""`report.md` and a self-contained `report.html` for a run, built from its manifest.
+
+The report is assembled once as a list of blocks (headings, paragraphs, tables, images,
+code) and rendered twice: Markdown with image links, HTML with the images inlined.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnnpack.rundir import Run, atomic_write_text
+
+
+@dataclass
+class Block:
+    kind: str  # h2 | p | table | img | code
+    text: str = ""
+    rows: list[list[str]] | None = None  # first row is the header
+    path: str = ""  # img: relative to the run directory
+
+
+# -- content --------------------------------------------------------------------------------
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def _num(x, fmt: str = "{:.3g}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def _data_and_training(m: dict) -> list[Block]:
+    t = m.get("stages", {}).get("train")
+    if not t:
+        src = m.get("stages", {}).get("model", {}).get("source", {})
+        return [Block("h2", "Model"), Block("p", f"Not trained by cnnpack: `{m['model']['arch']}` with "
+                                                f"{src.get('init', 'given')} weights.")]
+    d, met = t.get("data", {}), t.get("metrics", {})
+    rows = [["class", "train images", "val images"]] + [
+        [c, str(a), str(b)] for c, a, b in zip(d.get("classes", []), d.get("train_per_class", []), d.get("val_per_class", []))]
+    out = [Block("h2", "Data"),
+           Block("p", f"Source `{d.get('source')}`: {d.get('train_images')} training and {d.get('val_images')} "
+                      f"validation images at {m['model']['image_size']} px; {d.get('skipped_files', 0)} unreadable "
+                      "files skipped."),
+           Block("table", rows=rows),
+           Block("h2", "Training"),
+           Block("p", f"`{m['model']['arch']}`: best validation top-1 **{_pct(met.get('best_val_acc'))}** at epoch "
+                      f"{met.get('best_epoch')} of {met.get('epochs')}, {met.get('wall_s')} s wall on "
+                      f"{t.get('device')}, {met.get('train_images_per_s')} training images/s.")]
+    out += [Block("img", text=alt, path=f) for f, alt in
+            (("curves.png", "training curves"), ("confusion.png", "confusion matrix"),
+             ("samples.png", "validation predictions")) if f in {v["path"] for v in t.get("outputs", {}).values()}]
+    return out
+
+
+def _export(m: dict, run: Run) -> list[Block]:
+    e = m.get("stages", {}).get("export")
+    if not e:
+        return []
+    rows = [["format", "file", "input", "exporter", "opset", "size", "sha256"]]
+    for fmt, a in e.get("artifacts", {}).items():
+        shape = "×".join("N" if d == -1 else str(d) for d in a["input"]["shape"])
+        size = os.path.getsize(run.file(a["path"])) / 1e6 if run.file(a["path"]).exists() else None
+        rows.append([fmt, f"`{a['path']}`", f"{a['input']['name']} {shape} {a['input']['dtype']}", a.get("exporter", ""),
+                     str(a.get("opset", "–")), _num(size, "{:.2f} MB"), a["sha256"][:12]])
+    return [Block("h2", "Exported artifacts"), Block("table", rows=rows),
+            Block("p", "Inputs are raw RGB pixels 0–255; scaling and mean/std normalisation happen inside the graph. "
+                       "`export/reproduce.sh` re-creates them.")]
+
+
+def _verify(m: dict) -> list[Block]:
+    v = m.get("stages", {}).get("verify")
+    if not v:
+        return []
+    rows = [["artifact", "max abs err", "top-1 agreement", "accuracy", "verdict"]]
+    for fmt, f in v.get("formats", {}).items():
+        rows.append([fmt, _num(f.get("max_abs_err"), "{:.2e}"), _pct(f.get("top1_agreement")), _pct(f.get("accuracy")),
+                     "pass" if f.get("passed", v.get("passed")) else "FAIL"])
+    verdict = "all artifacts compute what the PyTorch model computes" if v.get("passed") else "**parity FAILED**"
+    return [Block("h2", "Parity against eager PyTorch"), Block("p", f"Verdict: {verdict}."), Block("table", rows=rows)]
+
+
+def _bench(m: dict, run: Run) -> list[Block]:
+    b = m.get("stages", {}).get("bench")
+    if not b:
+        return []
+    res = b.get("results", [])
+    peak = b.get("machine_peak_gflops")
+    rows = [["runtime", "batch", "p50 ms", "p99 ms", "images/s", "speedup vs eager", "GFLOP/s", "% of matmul rate",
+             "stable"]]
+    for r in res:
+        rows.append([r["runtime"], str(r["batch_size"]), _num(r["latency_ms_p50"], "{:.2f}"),
+                     _num(r["latency_ms_p99"], "{:.2f}"), _num(r["throughput_ips"], "{:,.0f}"),
+                     _num(r.get("speedup_vs_eager"), "{:.2f}×"), _num(r.get("gflops"), "{:.1f}"),
+                     _pct(r.get("matmul_share")), "yes" if r.get("stable", True) else "**no**"])
+    out = [Block("h2", "Latency and throughput"),
+           Block("p", f"`{b.get('model')}` on {b.get('device')}, {b.get('threads', '?')} threads for every runtime. "
+                      f"This machine's fp32 matrix-multiply rate, measured around every row of the same run, peaked "
+                      f"at {_num(peak, '{:.1f}')} GFLOP/s; the share column compares each row with the rate measured "
+                      "next to it. Speedup: eager's median latency over the runtime's, at the same batch size."),
+           Block("table", rows=rows)]
+    out += [Block("p", w) for w in _bench_warnings(b)]
+    if _speedup_plot(b, run.file(SPEEDUP_PNG)):
+        out.append(Block("img", text="speedup over eager and share of the machine's matmul rate", path=SPEEDUP_PNG))
+    if run.file("bench.png").exists():
+        out.append(Block("img", text="latency and throughput per runtime", path="bench.png"))
+    return out
+
+
+def _bench_warnings(b: dict) -> list[str]:
+    """What makes these numbers less than trustworthy, said in the report itself."""
+    res, out = b.get("results", []), []
+    unstable = [f"{r['runtime']}@{r['batch_size']}" for r in res if not r.get("stable", True)]
+    if unstable:
+        out.append(f"**Unstable**: the measurement windows of {', '.join(unstable)} did not agree within "
+                   f"{100 * b.get('config', {}).get('stability', 0.1):.0f} % before the time limit.")
+    busy = [f"{r['runtime']}@{r['batch_size']} ({100 * r['cpu_others']:.0f} %)" for r in res
+            if (r.get("cpu_others") or 0) > 0.05]
+    if busy:
+        out.append(f"**Disturbed**: other processes used CPU time while measuring {', '.join(busy)}; "
+                   "rerun `cnnpack bench` on a quiet machine for numbers to quote.")
+    for name, why in b.get("skipped", {}).items():
+        out.append(f"Skipped `{name}`: {why}")
+    return out
+
+
+SPEEDUP_PNG = "speedup.png"
+
+
+def _speedup_plot(b: dict, path: Path) -> bool:
+    """Left: speedup over eager per runtime and batch size. Right: share of the machine's matmul rate."""
+    res = [r for r in b.get("results", []) if r.get("speedup_vs_eager") is not None]
+    if not res:
+        return False
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from cnnpack.rundir import atomic_path
+
+    runtimes = list(dict.fromkeys(r["runtime"] for r in res))
+    sizes = sorted({r["batch_size"] for r in res})
+    cell = {(r["runtime"], r["batch_size"]): r for r in res}
+    x, width = np.arange(len(runtimes)), 0.8 / len(sizes)
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
+    for ax, key, label, scale in ((axes[0], "speedup_vs_eager", "speedup over eager (×)", 1),
+                                  (axes[1], "matmul_share", "% of this machine's fp32 matmul rate", 100)):
+        for i, bs in enumerate(sizes):
+            vals = [scale * (cell[(rt, bs)].get(key) or 0) if (rt, bs) in cell else 0 for rt in runtimes]
+            bars = ax.bar(x + (i - (len(sizes) - 1) / 2) * width, vals, width, label=f"batch {bs}")
+            ax.bar_label(bars, fmt="%.1f" if scale == 1 else "%.0f", fontsize=8)
+        ax.set_xticks(x, runtimes)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].axhline(1, color="gray", lw=1, ls="--")
+    fig.suptitle(f"{b.get('model')}: {b.get('threads')} threads, matmul rate up to "
+                 f"{b.get('machine_peak_gflops', 0):.0f} GFLOP/s")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return True
+
+
+def _tree(root: Path, limit: int = 60) -> str:
+    lines = [f"{root}/"]
+    for path in sorted(root.rglob("*"))[:limit]:
+        if path.name.startswith("."):
+            continue
+        depth = len(path.relative_to(root).parts)
+        lines.append("  " * depth + path.name + ("/" if path.is_dir() else ""))
+    return "\n".join(lines)
+
+
+def _triton(m: dict, run: Run) -> list[Block]:
+    t = m.get("stages", {}).get("triton")
+    if not t:
+        return []
+    repo = Path(t["repository"])
+    repo = repo if repo.is_absolute() else Path.cwd() / repo
+    serve = f"cnnpack serve --repository {t['repository']}"
+    docker = (f"docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v {repo}:/models "
+              "nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models")
+    out = [Block("h2", "Triton model repository"),
+           Block("p", f"Model `{t['name']}` version {t['version']} ({t['format']}) in `{t['repository']}`:"),
+           Block("code", _tree(repo) if repo.is_dir() else str(repo)),
+           Block("p", "Serve it locally (real Triton server from the nvidia-pytriton wheel):"), Block("code", serve),
+           Block("p", "or with the NGC container:"), Block("code", docker)]
+    served = m.get("stages", {}).get("served")
+    if served:
+        out += [Block("h2", "Served model"), Block("p", served.get("summary", ""))]
+        if served.get("predictions"):
+            rows = [["image", "prediction", "score"]] + [[p["image"], p["label"], f"{p['score']:.3f}"]
+                                                         for p in served["predictions"]]
+            out.append(Block("table", rows=rows))
+    return out
+
+
+def build(run: Run) -> list[Block]:
+    m = run.read()
+    head = [Block("p", f"Run `{run.path}` · cnnpack {m['tool']['version']} · torch {m['libraries'].get('torch')} · "
+                       f"onnxruntime {m['libraries'].get('onnxruntime-gpu') or m['libraries'].get('onnxruntime')} · "
+                       f"{m['machine']['platform']}, {m['machine']['cpu_count']} CPUs")]
+    return head + _data_and_training(m) + _export(m, run) + _verify(m) + _bench(m, run) + _triton(m, run)
+
+
+# -- rendering --------------------------------------------------------------------------------
+def to_markdown(title: str, blocks: list[Block]) -> str:
+    out = [f"# {title}", ""]
+    for b in blocks:
+        if b.kind == "h2":
+            out += [f"## {b.text}", ""]
+        elif b.kind == "p":
+            out += [b.text, ""]
+        elif b.kind == "code":
+            out += ["```", b.text, "```", ""]
+        elif b.kind == "img":
+            out += [f"![{b.text}]({b.path})", ""]
+        elif b.kind == "table":
+            head, *rows = b.rows
+            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            out += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    """Escapes text and renders the two Markdown marks the report uses: `code` and **bold**."""
+    import re
+
+    s = html.escape(text)
+    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
+
+
+def to_html(title: str, blocks: list[Block], run: Run) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+             "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}pre{background:#f4f4f4;padding:1em;overflow-x:auto}"
+             "img{max-width:100%}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    for b in blocks:
+        if b.kind == "h2":
+            parts.append(f"<h2>{html.escape(b.text)}</h2>")
+        elif b.kind == "p":
+            parts.append(f"<p>{_inline(b.text)}</p>")
+        elif b.kind == "code":
+            parts.append(f"<pre>{html.escape(b.text)}</pre>")
+        elif b.kind == "img":
+            data = base64.b64encode(run.file(b.path).read_bytes()).decode()
+            parts.append(f"<p><img alt='{html.escape(b.text)}' src='data:image/png;base64,{data}'></p>")
+        elif b.kind == "table":
+            head, *rows = b.rows
+            parts.append("<table><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in head) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                         + "</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | Path) -> dict:
+    """Writes report.md and report.html into the run; returns their paths."""
+    run = Run.open(run_dir)
+    title = f"cnnpack report: {run.model_spec['arch']} on {run.path.name}"
+    blocks = build(run)
+    atomic_write_text(run.file("report.md"), to_markdown(title, blocks))
+    atomic_write_text(run.file("report.html"), to_html(title, blocks, run))
+    return {"markdown": str(run.file("report.md")), "html": str(run.file("report.html"))}

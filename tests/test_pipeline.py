@@ -1,0 +1,122 @@
+"""`cnnpack pipeline` end to end on tiny real data: every stage, the report, skipping, --force, failure."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from cnnpack.cli import app
+
+TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "32", "--runtimes", "eager,onnxruntime",
+        "--batch-sizes", "1,4", "--max-seconds", "0.3", "--max-batch-size", "8", "--threads", "1"]
+
+
+def _pipeline(*args: str):
+    result = CliRunner().invoke(app, ["pipeline", "--no-progress", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _statuses(out: dict) -> dict[str, str]:
+    return {s["name"]: s["status"] for s in out["stages"]}
+
+
+@pytest.fixture(scope="module")
+def first(tiny_data, tmp_path_factory):
+    """One full pipeline run (no server: test_pipeline_serves covers the served stage)."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    run, repo = tmp / "run", tmp / "repo"
+    args = ["--data", str(tiny_data), "--run", str(run), "--repository", str(repo), "--serve", "no", *TINY]
+    code, out, err = _pipeline(*args, "--json")
+    assert code == 0, err[-3000:]
+    return {"run": run, "repo": repo, "args": args, "out": json.loads(out), "err": err}
+
+
+def test_every_stage_runs_and_the_manifest_records_it(first):
+    out = first["out"]
+    assert _statuses(out) == {"train": "ran", "export": "ran", "verify": "ran", "bench": "ran", "triton": "ran",
+                              "served": "off"}
+    m = json.loads((first["run"] / "cnnpack.json").read_text())
+    for name in ("train", "export", "verify", "bench", "triton"):
+        assert m["stages"][name]["status"] == "ok"
+        assert re.fullmatch(r"[0-9a-f]{64}", m["stages"][name]["inputs_sha256"])
+    assert m["stages"]["pipeline"]["status"] == "ok"
+    assert out["parity_passed"] is True and 0 < out["accuracy"] <= 1
+    assert out["best_runtime"]["runtime"] == "onnxruntime"
+    assert set(out["models"]) == {"cnn_onnx", "cnn_onnx_image", "cnn_torchscript"}
+    for model in out["models"]:
+        assert (first["repo"] / model / "config.pbtxt").is_file()
+
+
+def test_report_has_every_section_and_inlines_its_images(first):
+    md = (first["run"] / "report.md").read_text()
+    for heading in ("## Data", "## Training", "## Exported artifacts", "## Parity against eager PyTorch",
+                    "## Latency and throughput", "## Triton model repository"):
+        assert heading in md
+    for png in ("curves.png", "confusion.png", "samples.png", "bench.png", "speedup.png"):
+        assert f"]({png})" in md and (first["run"] / png).is_file()
+    assert "cnnpack serve --repository" in md and "nvcr.io/nvidia/tritonserver" in md
+    html = (first["run"] / "report.html").read_text()
+    assert html.count("src='data:image/png;base64,") == 5
+    assert not re.search(r"src=['\"](?!data:)", html)  # self-contained: nothing linked
+
+
+def test_rerun_skips_every_stage(first):
+    code, out, err = _pipeline(*first["args"], "--json")
+    assert code == 0, err[-3000:]
+    assert set(_statuses(json.loads(out)).values()) == {"skipped", "off"}
+    assert err.count("skipped: inputs unchanged") == 5
+
+
+def test_a_changed_option_reruns_only_the_stages_it_feeds(first):
+    args = [a if a != "0.3" else "0.2" for a in first["args"]]  # --max-seconds
+    code, out, err = _pipeline(*args, "--json")
+    assert code == 0, err[-3000:]
+    assert _statuses(json.loads(out)) == {"train": "skipped", "export": "skipped", "verify": "skipped",
+                                          "bench": "ran", "triton": "skipped", "served": "off"}
+
+
+def test_a_deleted_output_is_made_again(first):
+    (first["run"] / "verify.json").unlink()
+    code, out, err = _pipeline(*first["args"], "--json")
+    assert code == 0, err[-3000:]
+    assert _statuses(json.loads(out))["verify"] == "ran"
+    assert (first["run"] / "verify.json").is_file()
+
+
+def test_force_reruns_from_training(first, tmp_path):
+    code, out, err = _pipeline(*first["args"], "--force", "--json")
+    assert code == 0, err[-3000:]
+    assert all(s in ("ran", "off") for s in _statuses(json.loads(out)).values())
+
+
+def test_a_failed_stage_stops_with_exit_1_and_a_pointer(first, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the repository should be")
+    args = [*first["args"]]
+    args[args.index("--repository") + 1] = str(blocker)
+    code, _, err = _pipeline(*args)
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: pipeline stopped: stage triton failed") and f"(see {blocker})" in line
+    m = json.loads((first["run"] / "cnnpack.json").read_text())
+    assert m["stages"]["triton"]["status"] == "failed" and m["stages"]["pipeline"]["status"] == "failed"
+    assert blocker.read_text() == "a file where the repository should be"  # nothing overwritten
+
+
+def test_bad_options_exit_2_before_any_work(tmp_path):
+    run = tmp_path / "run"
+    for args, msg in ((["--serve", "maybe"], "--serve 'maybe'"), (["--concurrency", "0"], "--concurrency"),
+                      (["--formats", "torchscript"], "must include onnx"), (["--epochs", "0"], "--epochs"),
+                      (["--runtimes", "nope"], "nope"), (["--batch-sizes", "1,128"], "--max-batch-size")):
+        code, _, err = _pipeline("--run", str(run), *args)
+        assert code == 2, (args, err)
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert not run.exists()
+
+
+def test_a_run_made_by_another_command_is_not_retrained_without_force(tiny_run, tmp_path):
+    code, _, err = _pipeline("--run", str(tiny_run), "--serve", "no")
+    assert code == 2 and "not made by `cnnpack pipeline`" in err
