@@ -33,6 +33,15 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yields a temp path beside `dest`; on success it replaces `dest`, on error it is removed."""
@@ -41,6 +50,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide models from a container's other user
     try:
         yield tmp_path
         with open(tmp_path, "rb") as f:
