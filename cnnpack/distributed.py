@@ -3,17 +3,26 @@
 `torchrun --nproc-per-node N -m cnnpack train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; the
 train command turns them into a `Context`. Each rank trains on its shard of every epoch,
 metrics are averaged across ranks, and only rank 0 writes the run directory.
+
+A rank waits at most `CNNPACK_DIST_TIMEOUT_S` seconds (default 120) for the others, when the
+process group starts and at every collective, so a missing peer is an error, never a hang.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cnnpack.errors import StageFailed, UserInputError
 
-INIT_TIMEOUT_S = int(os.environ.get("CNNPACK_DIST_TIMEOUT_S", "120"))
+TIMEOUT_ENV = "CNNPACK_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 120.0
+TORCHRUN_VARS = ("RANK", "MASTER_ADDR", "MASTER_PORT")  # torchrun sets them (and LOCAL_RANK) with WORLD_SIZE
 
 
 @dataclass
@@ -60,15 +69,65 @@ class Context:
             dist.destroy_process_group()
 
 
+def timeout_s() -> float:
+    """CNNPACK_DIST_TIMEOUT_S: how long a rank waits for the others (start-up and each collective)."""
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:  # also NaN
+        raise UserInputError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds > 0")
+    return value
+
+
+def _env_int(name: str, default: str | None = None) -> int:
+    raw = os.environ.get(name, default)
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{name}={raw!r} is not an integer") from None
+
+
+@contextlib.contextmanager
+def _native_stderr_on_success() -> Iterator[None]:
+    """Holds back what torch's C++ side prints while the group starts (c10d logs each failed connect
+    with a C++ stack trace); passes it on if the group starts, drops it if not (the error says why)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok:
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode(errors="replace"))
+
+
 def context_from_env(device: str) -> Context | None:
-    """A Context when launched by torchrun (WORLD_SIZE > 1), else None."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """A Context when launched by torchrun (WORLD_SIZE > 1), else None.
+
+    Raises:
+        UserInputError: WORLD_SIZE > 1 without the rest of torchrun's variables, or a bad timeout.
+        StageFailed: the process group did not start within the timeout (a peer missing or unreachable).
+    """
+    world = _env_int("WORLD_SIZE", "1")
     if world <= 1:
         return None
+    missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise UserInputError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; start multi-process training "
+                             "with `torchrun --nproc-per-node N -m cnnpack train ...`, which sets them")
+    timeout = timeout_s()
     import torch
     import torch.distributed as dist
 
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK", "0")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA GPU is visible to PyTorch on this machine; use --device cpu")
@@ -76,7 +135,11 @@ def context_from_env(device: str) -> Context | None:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
-    except (RuntimeError, ValueError) as e:
-        raise StageFailed(f"cannot start {backend} process group (rank {rank}/{world}): {e}".splitlines()[0]) from None
+        with _native_stderr_on_success():
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    except (RuntimeError, ValueError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
+        why = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
+        raise StageFailed(f"cannot start the {backend} process group (rank {rank} of {world}, master "
+                          f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}): {why}; check that every "
+                          f"process was started and can reach the master ({TIMEOUT_ENV}={timeout:g} s)") from None
     return Context(rank=rank, world_size=world, local_rank=local_rank, backend=backend)

@@ -69,3 +69,52 @@ def test_resume_of_a_torchrun_run_in_one_process(colour_data, tmp_path):
         train(run, cfg, progress=False, on_epoch_end=stop)
     section = train(run, cfg, resume=True, progress=False)
     assert section["status"] == "ok" and section["metrics"]["epochs"] == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BAD_LAUNCHES = {  # environment -> (exit code, what the error line says)
+    "peer-never-comes": ({"RANK": "0", "MASTER_PORT": "free"}, 1, "Timed out after"),
+    "master-unreachable": ({"RANK": "1", "MASTER_PORT": "free"}, 1, "timed out"),
+    "not-torchrun": ({"RANK": None, "MASTER_ADDR": None, "MASTER_PORT": None}, 2,
+                     "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set; start multi-process training with `torchrun"),
+    "bad-timeout": ({"RANK": "0", "MASTER_PORT": "free", "CNNPACK_DIST_TIMEOUT_S": "soon"}, 2,
+                    "CNNPACK_DIST_TIMEOUT_S='soon' is not a number of seconds > 0"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_launches(colour_data, tmp_path_factory) -> dict:
+    """Each launch in its own process, all at once; a 3 s timeout, so a hang shows as subprocess timeout."""
+    tmp = tmp_path_factory.mktemp("bad-dist")
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    base.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", CNNPACK_DIST_TIMEOUT_S="3", OMP_NUM_THREADS="1")
+    procs = {}
+    for case, (env, _, _) in BAD_LAUNCHES.items():
+        env = {**base, **{k: (str(_free_port()) if v == "free" else v) for k, v in env.items()}}
+        env = {k: v for k, v in env.items() if v is not None}
+        cmd = [sys.executable, "-m", "cnnpack", "train", "--data", str(colour_data), "--image-size", "32",
+               "--epochs", "1", "--no-progress", "--run", str(tmp / case)]
+        procs[case] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    out = {}
+    for case, p in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        out[case] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    out["_tmp"] = tmp
+    return out
+
+
+@pytest.mark.parametrize("case", BAD_LAUNCHES)
+def test_bad_distributed_launch_is_one_error_line(bad_launches, case):
+    """A missing or unreachable peer ends in CNNPACK_DIST_TIMEOUT_S with one line (no C++ stack), not a hang."""
+    out, (_, code, message) = bad_launches[case], BAD_LAUNCHES[case]
+    assert out.returncode == code, out.stderr[-2000:]
+    assert [line for line in out.stderr.splitlines() if line.strip()] == [out.stderr.strip()], out.stderr[-2000:]
+    assert out.stderr.startswith("error: ") and message in out.stderr
+    assert not (bad_launches["_tmp"] / case).exists(), "a failed start wrote a run directory"
