@@ -98,7 +98,10 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, steps: int):
     else:
         lr = 1e-2 if cfg.lr is None else cfg.lr
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
+    # OneCycleLR divides by (warm-up steps - 1): 4 steps in all (1 epoch of 4 batches) would make exactly
+    # one warm-up step and a ZeroDivisionError, so that case warms up over 2
+    pct_start = 0.5 if steps == 4 else 0.25
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start)
     return opt, sched
 
 

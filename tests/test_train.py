@@ -243,3 +243,15 @@ def test_skipped_files_are_recorded(colours, tmp_path, caplog):
     assert section["data"]["skipped_files"] == 2
     assert any("broken.png" in s for s in section["data"]["skipped_examples"])
     assert "skipped 2 unreadable or non-image files" in caplog.text
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_every_small_schedule_runs_to_the_end(optimizer):
+    """`--epochs 1` on a few batches: 4 steps in all used to be a ZeroDivisionError in OneCycleLR."""
+    from cnnpack.train import make_optimizer
+
+    for steps in range(1, 13):
+        opt, sched = make_optimizer(TrainConfig(optimizer=optimizer), torch.nn.Linear(2, 2), steps)
+        for _ in range(steps):  # as the training loop does: one scheduler step per batch
+            opt.step()
+            sched.step()
