@@ -261,6 +261,17 @@ def _recorded_config(run_dir: Path) -> TrainConfig:
         raise UserInputError(f"--resume: {run_dir} was trained by an incompatible cnnpack version") from None
 
 
+def resume_conflicts(run_dir: str | Path, given: dict) -> dict[str, tuple]:
+    """The `TrainConfig` fields in `given` whose values differ from the run's recorded ones: {name: (given, recorded)}.
+
+    A resumed run always continues with the config it was started with (the schedule, the data split
+    and the checkpoints depend on it), so a different value would be silently ignored.
+    """
+    recorded = asdict(_recorded_config(Path(run_dir)))
+    return {name: (value, recorded[name]) for name, value in given.items()
+            if name in recorded and recorded[name] != value}
+
+
 def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
     """Refuses a bad --run before any data is loaded (Run.create checks again when it writes)."""
     if resume:

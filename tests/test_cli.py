@@ -67,6 +67,9 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "resume-missing-dir": ["train", "--run", str(tmp / "nope"), "--resume"],
         "resume-truncated": ["train", "--run", str(broken), "--resume"],
         "evaluate-no-run": ["evaluate", "--run", str(tmp / "nope")],
+        "resume-changed-options": ["train", "--run", str(existing), "--resume", "--epochs", "5", "--lr", "0.1"],
+        "resume-and-force": ["train", "--run", str(existing), "--resume", "--force"],
+        "export-half-on-cpu": ["export", "--run", str(existing), "--half"],
     }
     if not _cuda_available():
         cases["device-cuda"] = ["train", "--device", "cuda", "--run", str(tmp / "c")]
@@ -96,6 +99,9 @@ EXPECTED = {
     "resume-missing-dir": "no such run directory",
     "resume-truncated": "last.pt is truncated or not a cnnpack resume state",
     "evaluate-no-run": "no such run directory",
+    "resume-changed-options": "--resume continues",  # (the whole line is checked below)
+    "resume-and-force": "--resume continues the run in --run, --force replaces it",
+    "export-half-on-cpu": "--half makes fp16 artifacts for GPU targets; add --device cuda",
     "device-cuda": "--device cuda: no CUDA GPU",
 }
 
@@ -110,6 +116,12 @@ def test_bad_input_is_one_error_line_and_exit_2(bad_runs, case):
     assert len(errors) == 1, out.stderr
     assert EXPECTED[case] in errors[0]
     assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_resume_with_a_changed_option_names_it(bad_runs):
+    """--resume always continues the recorded config: a different --epochs would be silently ignored."""
+    error = bad_runs["resume-changed-options"].stderr.strip()
+    assert "but --epochs 5 (recorded: 2), --lr 0.1 (recorded: default): drop the option" in error
 
 
 def test_bad_input_loses_nothing(bad_runs):
@@ -139,13 +151,15 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(tiny_data, tmp_path):
     assert proc.returncode == 130, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "interrupted" in errors[0] and "Traceback" not in stderr, stderr
+    assert "Warning" not in stderr, stderr  # no library warnings in a plain `cnnpack train`
     manifest = json.loads((run / "cnnpack.json").read_text())
     assert manifest["stages"]["train"]["status"] == "interrupted"
     kept = json.loads((run / "history.json").read_text())
     assert len(kept) >= 1 and not list(run.glob(".*.tmp"))
 
-    out = _cnnpack("train", "--run", str(run), "--resume", "--no-progress", "--json")
-    assert out.returncode == 0, out.stderr[-2000:]
+    # the same command line plus --resume is accepted (its options repeat the recorded ones)
+    out = _cnnpack(*args, "--resume", "--json")
+    assert out.returncode == 0 and "Warning" not in out.stderr, out.stderr[-2000:]
     section = json.loads(out.stdout)
     assert section["status"] == "ok" and section["resumed"] is True and section["metrics"]["epochs"] == 3
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2, 3]

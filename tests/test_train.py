@@ -255,3 +255,12 @@ def test_every_small_schedule_runs_to_the_end(optimizer):
         for _ in range(steps):  # as the training loop does: one scheduler step per batch
             opt.step()
             sched.step()
+
+
+def test_resume_conflicts_are_the_options_that_differ_from_the_recorded_ones(tiny_run):
+    from cnnpack.train import resume_conflicts
+
+    recorded = json.loads((tiny_run / "cnnpack.json").read_text())["stages"]["train"]["config"]
+    same = {k: recorded[k] for k in ("data", "image_size", "epochs", "batch_size", "lr")}
+    assert resume_conflicts(tiny_run, same) == {}
+    assert resume_conflicts(tiny_run, {**same, "epochs": 9, "seed": recorded["seed"]}) == {"epochs": (9, 2)}

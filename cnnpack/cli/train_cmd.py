@@ -13,6 +13,7 @@ from cnnpack.cli import app, default_run_dir, emit, handles_errors, usage_error
 @app.command()
 @handles_errors
 def train(
+    ctx: typer.Context,
     data: str = typer.Option("shapes", help="shapes | PATH (ImageFolder) | torchvision:NAME"),
     arch: str = typer.Option("cnn", help="cnn or any torchvision classifier (resnet18, mobilenet_v3_small, ...)"),
     run: Optional[Path] = typer.Option(None, "--run", "--run-dir",
@@ -49,11 +50,15 @@ def train(
 
     if resume and run is None:
         raise usage_error("--resume needs --run DIR")
+    if resume and force:
+        raise usage_error("--resume continues the run in --run, --force replaces it: pass one of them")
     cfg = TrainConfig(data=data, arch=arch, image_size=image_size, epochs=epochs, batch_size=batch_size,
                       optimizer=optimizer, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
                       patience=patience, seed=seed, device=device, amp=amp, channels_last=channels_last,
                       pretrained=pretrained, val_fraction=val_fraction, data_root=data_root, download=download)
     run = run or default_run_dir("train")
+    if resume:
+        _refuse_changed_options(ctx, run)
     dist = context_from_env(device)
     try:
         section = do_train(run, cfg, force=force, resume=resume, progress=progress and not as_json, dist=dist)
@@ -67,6 +72,24 @@ def train(
     if not as_json:
         typer.echo(f"best val top-1 {100 * m['best_val_acc']:.2f}% (epoch {m['best_epoch']}/{m['epochs']}), "
                    f"{m['wall_s']:.1f} s, {m['train_images_per_s']:.0f} img/s; run: {run}")
+
+
+# what --resume may be given with; every other option must repeat the recorded value or be left out
+RESUME_OPTIONS = {"run", "resume", "progress", "as_json"}
+
+
+def _refuse_changed_options(ctx: typer.Context, run: Path) -> None:
+    """--resume with an option whose value differs from the run's recorded config: exit 2, not ignored."""
+    from cnnpack.train import resume_conflicts
+
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    given = {name: value for name, value in ctx.params.items() if name not in RESUME_OPTIONS
+             and getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+    conflicts = resume_conflicts(run, given) if given else {}
+    if conflicts:
+        shown = ", ".join(f"{flags[name]} {value} (recorded: {'default' if recorded is None else recorded})" for name, (value, recorded) in conflicts.items())
+        raise usage_error(f"--resume continues {run} with the options it was started with, but {shown}: "
+                          f"drop the option, or start a new run (--force replaces this one)")
 
 
 @app.command()
