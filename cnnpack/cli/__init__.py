@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -83,7 +82,9 @@ from cnnpack.cli import bench_cmd, export_cmd, serve_cmd, train_cmd, triton_cmd,
 
 def main() -> None:
     """Console-script entry point."""
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")  # torch's noisy warnings on CPU-only boxes
+    # No global warning filter: PYTHONWARNINGS set here would come too late for this process (Python reads
+    # it at start-up) and would only silence tritonserver's Python backends; the few noisy library calls
+    # (TorchScript/ONNX export, torch.jit.load) filter their own warnings where they are made.
     try:
         app()
     except BrokenPipeError:  # `cnnpack ... | head`
