@@ -300,13 +300,16 @@ def test_preprocess_matches_training_pipeline(run, tmp_path, monkeypatch):
     rgba = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 4), dtype=np.uint8), "RGBA")
     rgba.save(tmp_path / "a.png")
     Image.new("L", (20, 64), 90).save(tmp_path / "b.png")
-    blobs = [[(tmp_path / n).read_bytes()] for n in ("a.png", "b.png")]
+    ramp = np.linspace(0, 65535, 36 * 36).reshape(36, 36).astype(np.uint16)  # 16-bit grey: scaled, not clipped
+    Image.fromarray(ramp).save(tmp_path / "c.png")
+    names = ("a.png", "b.png", "c.png")
+    blobs = [[(tmp_path / n).read_bytes()] for n in names]
     good = _Req(image=np.array(blobs, dtype=object))
     bad = _Req(image=np.array([[b"not an image"]], dtype=object))
     ok, err = model.execute([good, bad])  # two requests in one call, as the dynamic batcher sends them
     (name, pixels), = ok.out
-    assert name == "pixels" and pixels.dtype == np.float32 and pixels.shape == (2, 3, 32, 32)
-    for i, n in enumerate(("a.png", "b.png")):
+    assert name == "pixels" and pixels.dtype == np.float32 and pixels.shape == (3, 3, 32, 32)
+    for i, n in enumerate(names):
         np.testing.assert_array_equal(pixels[i], read_image(tmp_path / n, 32).astype(np.float32))
     assert err.out == [] and "cannot decode image" in err.error
 

@@ -22,9 +22,13 @@ INPUT, OUTPUT = "image", "pixels"
 
 
 def to_rgb(img):
-    """Grayscale, RGBA, palette and CMYK images become RGB (alpha over white), as in training."""
+    """Grayscale (8/16 bit), RGBA, palette and CMYK images become RGB (alpha over white), as in training."""
     if img.mode == "RGB":
         return img
+    if img.mode.startswith("I"):  # I, I;16, I;16B, ...: 16-bit PNG and TIFF grayscale
+        # Pillow's convert() clips at 255 (a 16-bit photo turns white): scale 16 bits to 8, as cnnpack.data does
+        gray = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):
