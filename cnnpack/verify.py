@@ -14,6 +14,7 @@ each such *target* is compared with the eager checkpoint on exactly the same inp
 
 A target needs nothing but `predict`, so a served model is checked by the same code: pass it in
 `targets`. GPU runtimes run in exact fp32 (no TF32, no fp16 engines): the contract is fp32 parity.
+An fp16 artifact (`export --half`) is held to fp16 tolerances instead (`tolerances`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from cnnpack.errors import ParityError, RuntimeUnavailable, UserInputError
 from cnnpack.rundir import Run, atomic_write_json, library_versions, sha256
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
+# fp16 artifacts: a 10-bit mantissa (relative step ~1e-3) rounded through every layer; the absolute error of a
+# logit grows with the logits' size, so atol is FP16_ATOL x the largest |eager logit| (at least FP16_ATOL)
+FP16_ATOL, FP16_RTOL, FP16_MIN_AGREEMENT = 1e-2, 1e-2, 0.995
 VAL_BATCH = 64  # batch size for the validation set (within each artifact's limits)
 OUTPUT = "verify.json"
 
@@ -70,6 +74,7 @@ class Target:
     source: str  # what is checked, for messages: a file in the run, a URL
     max_batch_size: int | None = None
     static_batch: int | None = None
+    dtype: str = "float32"  # its input/output dtype: float16 selects fp16 tolerances
 
     @property
     def label(self) -> str:
@@ -82,6 +87,28 @@ class VerifyFailed(ParityError):
     def __init__(self, message: str, result: dict) -> None:
         super().__init__(message)
         self.result = result
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What one target is held to."""
+
+    atol: float
+    rtol: float
+    min_agreement: float
+    basis: str  # why these values, for verify.json
+
+
+def tolerances(cfg: VerifyConfig, dtype: str, reference: np.ndarray) -> Tolerance:
+    """The config's tolerances for fp32 targets; for an fp16 one the fp16 floor (never tighter than the config):
+    atol FP16_ATOL x max(1, max |eager logit|), rtol FP16_RTOL, top-1 agreement >= FP16_MIN_AGREEMENT."""
+    if dtype != "float16":
+        return Tolerance(cfg.atol, cfg.rtol, cfg.min_agreement, "as configured (fp32)")
+    scale = max(1.0, float(np.abs(reference[np.isfinite(reference)]).max(initial=0.0)))
+    return Tolerance(max(cfg.atol, FP16_ATOL * scale), max(cfg.rtol, FP16_RTOL),
+                     min(cfg.min_agreement, FP16_MIN_AGREEMENT),
+                     f"fp16 artifact: atol {FP16_ATOL:g} x max |eager logit| {scale:.3g}, rtol {FP16_RTOL:g}, "
+                     f"top-1 agreement >= {FP16_MIN_AGREEMENT:.1%} (or the configured values where looser)")
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -137,7 +164,7 @@ def _tol(x: float) -> str:
     return f"{x:.0e}" if float(f"{x:.0e}") == x else f"{x:.2e}"
 
 
-def failures(label: str, tensor: dict, task: dict | None, cfg: VerifyConfig) -> list[str]:
+def failures(label: str, tensor: dict, task: dict | None, cfg: Tolerance | VerifyConfig) -> list[str]:
     """One line per failed check, naming the target, the check and the figure."""
     out = []
     if tensor["nonfinite"]:
@@ -168,7 +195,8 @@ def file_targets(run: Run, formats: list[str], device: str) -> list[Target]:
         if not names:
             raise RuntimeUnavailable(f"no registered runtime reads {fmt} artifacts")
         targets += [Target(fmt, name, functools.partial(_load_file, name, ref, device), ref.record["path"],
-                           ref.max_batch_size, ref.record.get("static_batch")) for name in names]
+                           ref.max_batch_size, ref.record.get("static_batch"),
+                           ref.record.get("input", {}).get("dtype", "float32")) for name in names]
     return targets
 
 
@@ -299,13 +327,15 @@ def check_target(target: Target, rt, sizes: list[int], ref: Reference, val: Vali
     if bad:
         result["failures"] = [f"{target.label}: output shape {list(bad[0])} != eager's {list(bad[1])} (shape check)"]
     else:
-        result["tensor"] = tensor_stats(np.concatenate([g for g, _ in pairs]), np.concatenate([w for _, w in pairs]),
-                                        atol=cfg.atol, rtol=cfg.rtol)
+        want = np.concatenate([w for _, w in pairs])
+        tol = tolerances(cfg, target.dtype, want)
+        result["tolerance"] = asdict(tol)
+        result["tensor"] = tensor_stats(np.concatenate([g for g, _ in pairs]), want, atol=tol.atol, rtol=tol.rtol)
         result["tensor"]["max_abs_err_by_input"] = {
             k: max(float(np.abs(g.astype(np.float64) - w).max(initial=0.0)) for g, w in v) for k, v in by_input.items()}
         if val is not None:
             result["task"] = task_stats(by_input["val"][0][0], val.eager_logits, val.labels)
-        result["failures"] = failures(target.label, result["tensor"], result["task"], cfg)
+        result["failures"] = failures(target.label, result["tensor"], result["task"], tol)
     result["passed"] = not result["failures"]
     return result
 

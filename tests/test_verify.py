@@ -226,3 +226,54 @@ def test_evaluate_artifacts_through_the_runtimes_matches_the_checkpoint(exported
     _perturb_one_onnx_weight(run_dir / "export/model.onnx")
     with pytest.raises(UserInputError, match="changed since export"):
         evaluate(run_dir, fmt="onnx")
+
+
+# -- fp16 artifacts (export --half): tolerance selection, on the CPU ------------------------------------
+class _Linear:
+    """Stands in for eager: (N, 3, 4, 4) raw pixels -> (N, 5) logits of magnitude ~10-50."""
+
+    info: dict = {}
+
+    def __init__(self) -> None:
+        self.w = np.random.default_rng(0).normal(size=(48, 5)) / 40
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return (x.reshape(len(x), -1) @ self.w).astype(np.float32)
+
+
+class _Half(_Linear):
+    """The same model computed in fp16, as an fp16 artifact would be."""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return (x.astype(np.float16).reshape(len(x), -1) @ self.w.astype(np.float16)).astype(np.float32)
+
+
+def test_fp16_tolerances_scale_with_the_logits_and_never_tighten_the_config():
+    from cnnpack.verify import tolerances
+
+    cfg = VerifyConfig()
+    fp32 = tolerances(cfg, "float32", np.array([[40.0, -3.0]]))
+    assert (fp32.atol, fp32.rtol, fp32.min_agreement) == (cfg.atol, cfg.rtol, cfg.min_agreement)
+    big = tolerances(cfg, "float16", np.array([[12.0, -40.0, np.inf]]))  # a non-finite logit is not a scale
+    assert (big.atol, big.rtol, big.min_agreement) == (pytest.approx(0.4), 1e-2, 0.995)
+    assert tolerances(cfg, "float16", np.array([[0.3, -0.2]])).atol == pytest.approx(1e-2)  # small logits: 1e-2
+    loose = VerifyConfig(atol=1.0, rtol=0.1, min_agreement=0.9)
+    t = tolerances(loose, "float16", np.array([[12.0]]))
+    assert (t.atol, t.rtol, t.min_agreement) == (1.0, 0.1, 0.9)
+
+
+@pytest.mark.parametrize("dtype, passes", [("float16", True), ("float32", False)])
+def test_an_fp16_target_is_held_to_fp16_tolerances(dtype, passes):
+    """fp16 rounding (errors ~1e-2 on logits ~30) passes as an fp16 artifact and fails the fp32 contract."""
+    from cnnpack.verify import Reference, Target, check_target
+
+    cfg = VerifyConfig()
+    ref = Reference(_Linear(), (3, 4, 4), cfg)
+    target = Target("onnx", "fake", lambda: None, "model.onnx", dtype=dtype)
+    result = check_target(target, _Half(), [1, 8], ref, None, cfg, lambda _: None)
+    assert result["passed"] is passes, result["failures"]
+    assert result["tensor"]["max_abs_err"] > 1e-3  # really rounded
+    if passes:
+        assert result["tolerance"]["atol"] > 1e-2 and "fp16" in result["tolerance"]["basis"]
+    else:
+        assert "max_abs_err" in result["failures"][0] and "atol 1e-04" in result["failures"][0]
