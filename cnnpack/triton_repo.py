@@ -63,6 +63,7 @@ class TritonConfig:
     max_batch_size: int | None = None  # default: the artifact's max (0 for a static-batch artifact)
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int = 100
+    dynamic_batching: bool = True  # off: Triton runs each request as it comes (for comparison)
     threads: int = 0  # CPU threads per instance; 0: the runtime's default (all cores)
     tensorrt: bool | None = None  # ONNX on GPU: the ONNX Runtime TensorRT accelerator (default on)
     tensorrt_fp16: bool = False
@@ -79,6 +80,9 @@ class TritonConfig:
                                  ("--max-queue-delay-us", self.max_queue_delay_us, 0)):
             if value < low:
                 raise UserInputError(f"{flag} must be >= {low}, got {value}")
+        if not self.dynamic_batching and self.preferred_batch_sizes:
+            raise UserInputError("--preferred-batch-sizes configures the dynamic batcher; drop it or "
+                                 "drop --no-dynamic-batching")
         if self.threads and self.device != "cpu":
             raise UserInputError("--threads sets CPU thread pools; it applies to --device cpu only")
         if (self.tensorrt or self.tensorrt_fp16) and (self.format != "onnx" or self.device != "gpu"):
@@ -270,6 +274,8 @@ def classifier_config(name: str, io: ModelIO, cfg: TritonConfig):
     mc.output.add(name=io.output.name, data_type=pb.DataType.Value(TRITON_DTYPES[io.output.dtype]),
                   dims=io.dims(io.output), label_filename=LABELS)
     _batching(mc, io.max_batch_size, cfg)
+    if io.input_kind != "raw":  # clients (cnnpack infer, verify) must know it takes normalised pixels
+        _param(mc, "input_kind", io.input_kind)
     kind = pb.ModelInstanceGroup.KIND_GPU if cfg.device == "gpu" else pb.ModelInstanceGroup.KIND_CPU
     mc.instance_group.add(kind=kind, count=cfg.instances)
     if cfg.threads:
@@ -286,7 +292,7 @@ def classifier_config(name: str, io: ModelIO, cfg: TritonConfig):
 
 
 def _batching(mc, max_batch_size: int, cfg: TritonConfig) -> None:
-    if max_batch_size > 0:
+    if max_batch_size > 0 and cfg.dynamic_batching:
         mc.dynamic_batching.preferred_batch_size.extend(sorted(set(cfg.preferred_batch_sizes)))
         mc.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
 

@@ -31,6 +31,8 @@ def triton(
     max_batch_size: Optional[int] = typer.Option(None, help="max_batch_size in config.pbtxt (default: the artifact's max)."),
     preferred_batch_sizes: Optional[str] = typer.Option(None, help="Dynamic batcher's preferred sizes, e.g. 4,8."),
     max_queue_delay_us: int = typer.Option(100, help="How long the dynamic batcher waits to fill a batch."),
+    dynamic_batching: bool = typer.Option(True, "--dynamic-batching/--no-dynamic-batching",
+                                          help="Triton's dynamic batcher (off: each request runs alone)."),
     threads: int = typer.Option(0, help="CPU threads per instance (0: the runtime's default, all cores)."),
     tensorrt: Optional[bool] = typer.Option(None, "--tensorrt/--no-tensorrt",
                                             help="ONNX on GPU: ONNX Runtime's TensorRT accelerator (default: on)."),
@@ -50,7 +52,7 @@ def triton(
 
     cfg = TritonConfig(repository=str(repository), name=name, format=format, device=device, instances=instances,
                        max_batch_size=max_batch_size, preferred_batch_sizes=_sizes(preferred_batch_sizes),
-                       max_queue_delay_us=max_queue_delay_us, threads=threads, tensorrt=tensorrt,
+                       max_queue_delay_us=max_queue_delay_us, dynamic_batching=dynamic_batching, threads=threads, tensorrt=tensorrt,
                        tensorrt_fp16=tensorrt_fp16, warmup=warmup, ensemble=ensemble, force=force)
     section = build(run, cfg)
     emit(section, as_json)
