@@ -1,0 +1,278 @@
+"""Talking to a served model: Triton's own clients (HTTP or gRPC) with timeouts and one-line errors.
+
+    client = Client("127.0.0.1:8001", "grpc")       # or Client(None, "http"): 127.0.0.1:8000
+    model = client.model("cnn_onnx")                 # what the server's config says: input, size, batching
+    logits = client.infer(model, batch)              # (N, C, H, W) raw pixels -> (N, K)
+    top = client.infer(model, batch, class_count=3)  # classification extension: (N, 3) b"score:index:label"
+
+`cnnpack infer`, the `triton` runtime (so verify and bench) and bench's load generator all go through
+here, so an absent, dead or stuck server reads the same everywhere: one line naming the URL, what
+failed and what to do, within the client timeout; never a hang, never a traceback.
+An unreachable server at the start is a usage error (wrong --url, nothing serving: exit 2); a
+server that fails later is a failed stage (exit 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import urllib.parse
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cnnpack.errors import StageFailed, UserInputError
+
+PROTOCOLS = ("http", "grpc")
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001}  # Triton's defaults, and `cnnpack serve`'s
+DEFAULT_TIMEOUT_S = 30.0
+NUMPY_DTYPES = {"FP32": np.float32, "FP16": np.float16, "BYTES": np.object_}
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise UserInputError(f"--protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def address(url: str | None, protocol: str) -> str:
+    """`host:port` as tritonclient wants it, from `host`, `host:port` or `http://host:port` / `grpc://…`.
+
+    No URL: 127.0.0.1 on Triton's default port of the protocol (HTTP 8000, gRPC 8001).
+    """
+    check_protocol(protocol)
+    text = (url or "").strip() or "127.0.0.1"
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        if scheme not in PROTOCOLS:
+            raise UserInputError(f"--url {url!r}: scheme {scheme!r}; use http://HOST:PORT or grpc://HOST:PORT")
+        if scheme != protocol:
+            raise UserInputError(f"--url {url!r} is a {scheme} URL but --protocol is {protocol}; "
+                                 f"pass --protocol {scheme} or a {protocol} address")
+        text = rest
+    parts = urllib.parse.urlsplit("//" + text.rstrip("/"))
+    try:
+        port = parts.port or DEFAULT_PORTS[protocol]
+    except ValueError:
+        raise UserInputError(f"--url {url!r}: the port is not a number in 0-65535") from None
+    if not parts.hostname or parts.path or parts.query:
+        raise UserInputError(f"--url {url!r} is not HOST[:PORT] (e.g. 127.0.0.1:{DEFAULT_PORTS[protocol]})")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}"
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """What tritonclient raises for a failed call: its own exception, socket errors, aiohttp's."""
+    from tritonclient.utils import InferenceServerException
+
+    errors: list[type[BaseException]] = [InferenceServerException, OSError, asyncio.TimeoutError]
+    for module, name in (("aiohttp", "ClientError"), ("geventhttpclient.response", "HTTPParseError"),
+                         ("gevent", "Timeout")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def timed_out(e: BaseException) -> bool:
+    return isinstance(e, (TimeoutError, asyncio.TimeoutError)) or "Deadline Exceeded" in str(e) or \
+        type(e).__name__ == "Timeout"  # gevent's
+
+
+def reason(e: BaseException) -> str:
+    """An exception from a client call as one short line."""
+    text = str(e).strip() or type(e).__name__
+    if timed_out(e):
+        return "no answer before the client timeout"
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror
+    line = " ".join(text.split())
+    return line if len(line) <= 240 else line[:237] + "..."
+
+
+def _gone(text: str) -> bool:
+    """Whether an error says the server is not (or no longer) there, rather than rejecting a request."""
+    keys = ("UNAVAILABLE", "connect", "Connection", "reset", "refused", "closed", "Broken pipe",
+            "Socket closed", "Server disconnected", "EOF")
+    return any(k in text for k in keys)
+
+
+# -- what the server says about a model ------------------------------------------------------------
+@dataclass(frozen=True)
+class ServedModel:
+    """One model as the server's config describes it (the config is the single source of its size)."""
+
+    name: str
+    platform: str  # onnxruntime_onnx | pytorch_libtorch | ensemble | python | ...
+    input: str
+    input_dtype: str  # Triton's name: FP32 | FP16 | BYTES
+    input_shape: tuple[int, ...]  # one sample, without the batch dim: (C, H, W) for a classifier
+    output: str
+    num_classes: int
+    max_batch_size: int  # 0: no batch dim in the config (a static batch)
+    static_batch: int | None = None  # with max_batch_size 0: the fixed batch of the config's dims
+    dynamic_batching: bool = False
+    max_queue_delay_us: int = 0
+    parameters: dict = field(default_factory=dict)
+
+    @property
+    def takes_images(self) -> bool:
+        """An ensemble (or any model) fed encoded image bytes rather than pixels."""
+        return self.input_dtype == "BYTES"
+
+    @property
+    def image_size(self) -> int:
+        """The square side the pixels must have; UserInputError for anything else."""
+        shape = self.input_shape
+        if self.takes_images or len(shape) != 3 or shape[1] != shape[2] or shape[1] < 1:
+            raise UserInputError(f"model {self.name} takes {self.input_dtype} {list(shape)}, not square "
+                                 "(C, H, W) pixels; cnnpack classifiers take (3, S, S)")
+        return shape[1]
+
+    @classmethod
+    def from_config(cls, config: dict) -> ServedModel:
+        """From the config as JSON (HTTP's dict, or gRPC's `as_json` dict with int64 as strings)."""
+        ins, outs = config.get("input", []), config.get("output", [])
+        if len(ins) != 1 or len(outs) != 1:
+            raise UserInputError(f"model {config.get('name')} has {len(ins)} inputs and {len(outs)} outputs; "
+                                 "cnnpack talks to single-input, single-output classifiers")
+        mbs = int(config.get("max_batch_size", 0))
+        dims = tuple(int(d) for d in ins[0].get("dims", []))
+        out_dims = [int(d) for d in outs[0].get("dims", [])]
+        static = None
+        if mbs == 0:  # the dims hold the batch
+            static, dims, out_dims = (dims[0] if dims else None), dims[1:], out_dims[1:]
+        dyn = config.get("dynamic_batching")
+        return cls(name=config.get("name", ""), platform=config.get("platform") or config.get("backend", ""),
+                   input=ins[0]["name"], input_dtype=ins[0].get("data_type", "TYPE_FP32").removeprefix("TYPE_")
+                   .replace("STRING", "BYTES"), input_shape=dims, output=outs[0]["name"],
+                   num_classes=out_dims[-1] if out_dims else 0, max_batch_size=mbs, static_batch=static,
+                   dynamic_batching=dyn is not None,
+                   max_queue_delay_us=int((dyn or {}).get("max_queue_delay_microseconds", 0) or 0),
+                   parameters={k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()})
+
+    def describe(self) -> dict:
+        """What a result file records about the served model."""
+        return {"model": self.name, "platform": self.platform, "input": self.input,
+                "input_shape": list(self.input_shape), "max_batch_size": self.max_batch_size,
+                "dynamic_batching": self.dynamic_batching, "max_queue_delay_us": self.max_queue_delay_us}
+
+
+# -- the synchronous client -----------------------------------------------------------------------
+class Client:
+    """tritonclient.http or .grpc against one server, every call bounded by `timeout_s`."""
+
+    def __init__(self, url: str | None = None, protocol: str = "http", *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if not timeout_s > 0:
+            raise UserInputError(f"--timeout must be > 0 seconds, got {timeout_s}")
+        self.protocol, self.address, self.timeout_s = protocol, address(url, protocol), timeout_s
+        self.lib = importlib.import_module(f"tritonclient.{protocol}")
+        if protocol == "http":
+            self._client = self.lib.InferenceServerClient(self.address, connection_timeout=timeout_s,
+                                                          network_timeout=timeout_s)
+            self._timeout: dict = {}
+        else:
+            self._client = self.lib.InferenceServerClient(self.address)
+            self._timeout = {"client_timeout": timeout_s}
+        self.errors = _client_errors()
+
+    @property
+    def url(self) -> str:
+        return f"{self.protocol}://{self.address}"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def failure(self, what: str, e: BaseException) -> StageFailed:
+        """A call that failed once the server had answered before: StageFailed naming the server."""
+        if timed_out(e):
+            why, hint = f"no answer within {self.timeout_s:g} s", " (--timeout); is the server stuck or overloaded?"
+        else:
+            why = reason(e)
+            hint = "; is the server still running? (`cnnpack serve`)" if _gone(str(e)) else ""
+        return StageFailed(f"Triton at {self.url}: {what} failed: {why}{hint}")
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs, **self._timeout)
+        except self.errors as e:
+            raise self.failure(what, e) from None
+
+    def check_ready(self) -> Client:
+        """Raises UserInputError (exit 2) when nothing answers at the URL or the server is not ready."""
+        try:
+            ready = self._client.is_server_ready(**self._timeout)
+        except self.errors as e:
+            raise UserInputError(f"cannot reach Triton at {self.url}: {reason(e)}; start it with `cnnpack serve` "
+                                 f"or pass --url (defaults: HTTP {DEFAULT_PORTS['http']}, gRPC "
+                                 f"{DEFAULT_PORTS['grpc']}, with --protocol)") from None
+        if not ready:
+            raise UserInputError(f"Triton at {self.url} is up but not ready (models still loading?); retry shortly")
+        return self
+
+    def model_names(self) -> list[str]:
+        index = self._call("listing the repository", self._client.get_model_repository_index,
+                           **({"as_json": True} if self.protocol == "grpc" else {}))
+        rows = index.get("models", []) if isinstance(index, dict) else index
+        return sorted({m["name"] for m in rows if m.get("state", "READY") == "READY"})
+
+    def model(self, name: str) -> ServedModel:
+        """The model's config as the server reports it; UserInputError naming the served ones if absent."""
+        extra = {"as_json": True} if self.protocol == "grpc" else {}
+        try:
+            config = self._client.get_model_config(name, **extra, **self._timeout)
+        except self.errors as e:
+            if "unknown model" in str(e) or "not found" in str(e):
+                raise UserInputError(f"Triton at {self.url} serves no model {name!r} (ready: "
+                                     f"{', '.join(self.model_names()) or 'none'}); pass --model") from None
+            raise self.failure(f"reading the config of {name}", e) from None
+        return ServedModel.from_config(config.get("config", config))
+
+    def inputs(self, model: ServedModel, batch: np.ndarray) -> list:
+        """The request's input tensor for `batch` (pixels as the model's dtype, or encoded bytes)."""
+        batch = np.ascontiguousarray(batch, dtype=NUMPY_DTYPES.get(model.input_dtype, np.float32))
+        tensor = self.lib.InferInput(model.input, list(batch.shape), model.input_dtype)
+        tensor.set_data_from_numpy(batch)
+        return [tensor]
+
+    def infer(self, model: ServedModel, batch: np.ndarray, *, class_count: int = 0) -> np.ndarray:
+        """The output for one batch: logits (N, K), or with `class_count` (N, k) of b"score:index:label"."""
+        outputs = [self.lib.InferRequestedOutput(model.output, class_count=class_count)]
+        result = self._call(f"inference on {model.name} (batch of {len(batch)})", self._client.infer, model.name,
+                            self.inputs(model, batch), outputs=outputs)
+        return result.as_numpy(model.output)
+
+    def statistics(self, name: str) -> dict:
+        """Server-side counters of a model (all versions summed): requests, executions, queue/compute time."""
+        extra = {"as_json": True} if self.protocol == "grpc" else {}
+        stats = self._call(f"reading the statistics of {name}", self._client.get_inference_statistics, name, **extra)
+        out = {"inference_count": 0, "execution_count": 0, "success": 0, "fail": 0, "queue_ns": 0,
+               "compute_infer_ns": 0}
+        for m in stats.get("model_stats", []):
+            s = m.get("inference_stats", {})
+            out["inference_count"] += int(m.get("inference_count", 0))
+            out["execution_count"] += int(m.get("execution_count", 0))
+            out["success"] += int(s.get("success", {}).get("count", 0))
+            out["fail"] += int(s.get("fail", {}).get("count", 0))
+            out["queue_ns"] += int(s.get("queue", {}).get("ns", 0))
+            out["compute_infer_ns"] += int(s.get("compute_infer", {}).get("ns", 0))
+        return out
+
+
+def server_side(before: dict, after: dict) -> dict:
+    """What the server did between two `statistics` readings: mean executed batch, queue and compute time."""
+    d = {k: after[k] - before[k] for k in before}
+    requests = max(d["success"] + d["fail"], 1)
+    return {"server_requests": d["success"], "server_failures": d["fail"],
+            "server_executions": d["execution_count"],
+            "server_batch_mean": d["inference_count"] / d["execution_count"] if d["execution_count"] else None,
+            "server_queue_ms_mean": d["queue_ns"] / requests / 1e6,
+            "server_compute_ms_mean": d["compute_infer_ns"] / requests / 1e6}
