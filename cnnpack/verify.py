@@ -200,6 +200,24 @@ def file_targets(run: Run, formats: list[str], device: str) -> list[Target]:
     return targets
 
 
+def served_target(run_dir: str | Path, url: str | None, model: str, protocol: str = "http",
+                  timeout_s: float | None = None) -> Target:
+    """`model` on the Triton server at `url` as one more target; its figures go under `triton:<model>`.
+
+    Connects now, so an unreachable server or a model that does not fit the run is refused before
+    anything is computed.
+    """
+    from cnnpack.runtimes import RUNTIMES, _Normalizing, served_ref
+
+    run = Run.open(run_dir)
+    rt = RUNTIMES.get("triton").load(served_ref(run, url, model, protocol, timeout_s))
+    m, source = rt.model, f"{rt.client.url} model {rt.model.name}"
+    if m.parameters.get("input_kind") == "normalized":  # as for a file exported with --input normalized
+        spec = run.model_spec
+        rt = _Normalizing(rt, spec["mean"], spec["std"])
+    return Target(f"triton:{m.name}", "triton", lambda: rt, source,
+                  m.max_batch_size or None, m.static_batch)
+
 def _load_file(name: str, ref, device: str):
     from cnnpack.runtimes import RUNTIMES, raw_pixel_input
 

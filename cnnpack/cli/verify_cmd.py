@@ -31,6 +31,10 @@ def verify(
     data: Optional[str] = typer.Option(None, help="Dataset for task parity (default: the run's own)."),
     device: str = typer.Option("cpu", help="Where eager and TorchScript run: cpu | cuda | auto."),
     seed: int = typer.Option(0, help="Seed of the random input batches."),
+    triton_url: Optional[str] = typer.Option(None, help="Also check a model served by Triton at HOST:PORT."),
+    model: Optional[str] = typer.Option(None, help="With --triton-url: the served model (default: the run's triton stage's)."),
+    protocol: str = typer.Option("http", help="With --triton-url: http | grpc."),
+    timeout: float = typer.Option(30.0, help="With --triton-url: seconds each request may take."),
     progress: bool = typer.Option(True, help="Show what is being checked."),
     as_json: bool = typer.Option(False, "--json", help="Print verify.json's content as JSON."),
 ):
@@ -38,9 +42,13 @@ def verify(
 
     Tensor parity on random raw-pixel batches and real validation images, task parity (top-1 agreement) over the whole validation set, for every runtime that reads each artifact.
 
+    With --triton-url the served model is one more target, checked exactly like a file and recorded as triton:<model>.
+
     Example: cnnpack verify --run runs/demo --formats onnx,torchscript --batch-sizes 1,8,32
+
+    Example (a served model): cnnpack verify --run runs/demo --triton-url 127.0.0.1:8000 --model cnn_onnx
     """
-    from cnnpack.verify import VerifyConfig, VerifyFailed
+    from cnnpack.verify import VerifyConfig, VerifyFailed, served_target
     from cnnpack.verify import verify as do_verify
 
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip()) if formats is not None else None
@@ -50,9 +58,12 @@ def verify(
                        samples=samples, atol=atol, rtol=rtol, min_agreement=min_agreement, device=device,
                        data=data, seed=seed)
     cfg.validate()
+    if model is not None and triton_url is None:
+        raise usage_error("--model names a served model: give the server with --triton-url HOST:PORT too")
+    targets = (served_target(run, triton_url, model, protocol, timeout),) if triton_url else ()
     try:
         with _status(progress and not as_json) as say:
-            result = do_verify(run, cfg, progress=say)
+            result = do_verify(run, cfg, targets=targets, progress=say)
     except VerifyFailed as e:  # show the figures, then exit 1 with the one-line error
         _show(e.result, run, as_json)
         raise
