@@ -13,10 +13,12 @@ by the same loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import functools
 import gc
+import importlib
 import io
 import os
 import platform
@@ -175,6 +177,99 @@ def summarise(m: Measurement, batch_size: int) -> dict:
                measured_s=m.measured_s,
                window_throughput_ips=[batch_size * w.requests_per_s for w in m.windows])
     return out
+
+
+# -- concurrent load on a served model (perf_analyzer's closed loop) ---------------------------------
+class Load:
+    """`concurrency` requests in flight, each client sending its next request as soon as the previous one
+    answered (perf_analyzer's closed loop), all from one asyncio client (tritonclient.grpc.aio or .http.aio).
+
+        with Load(client, model, batch, concurrency=16) as load:
+            window = load.window(requests=1000)      # or seconds=...; a bench.Window
+
+    The first failed request stops the load and cancels the requests still in flight; `window` then
+    raises StageFailed naming the server and the first error, so a killed server is reported at once
+    and a stuck one within the client timeout.
+    """
+
+    def __init__(self, client, model, batch: np.ndarray, concurrency: int) -> None:
+        if concurrency < 1:
+            raise UserInputError(f"--concurrency must be >= 1, got {concurrency}")
+        self.client, self.model, self.batch, self.concurrency = client, model, batch, concurrency
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aio = None
+        self._request: dict = {}
+
+    def __enter__(self) -> Load:
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._aio, self._request = self._loop.run_until_complete(self._open())
+        except BaseException:
+            self._loop.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._loop.run_until_complete(self._aio.close())
+        finally:
+            self._loop.close()
+
+    async def _open(self) -> tuple[object, dict]:
+        """The asyncio client (made inside the loop it runs on) and one request's arguments, built once."""
+        c = self.client
+        lib = importlib.import_module(f"tritonclient.{c.protocol}.aio")
+        if c.protocol == "grpc":
+            aio, timeout = lib.InferenceServerClient(c.address), {"client_timeout": c.timeout_s}
+        else:  # aiohttp: a total timeout per request, and a connection for every request in flight
+            aio, timeout = lib.InferenceServerClient(c.address, conn_timeout=c.timeout_s,
+                                                     conn_limit=max(100, self.concurrency)), {}
+        request = {"model_name": self.model.name, "inputs": c.inputs(self.model, self.batch),
+                   "outputs": [lib.InferRequestedOutput(self.model.output)], **timeout}
+        return aio, request
+
+    def one(self) -> float:
+        """One request alone (warm-up); its latency in seconds."""
+        return self.window(requests=1, concurrency=1).latencies_s[0]
+
+    def window(self, *, seconds: float = 0.0, requests: int = 0, min_requests: int = 1,
+               concurrency: int | None = None) -> Window:
+        """Load for at least `seconds` and `min_requests` requests, or for exactly `requests` requests."""
+        return self._loop.run_until_complete(
+            self._window(seconds, requests, max(min_requests, 1), concurrency or self.concurrency))
+
+    async def _window(self, seconds: float, requests: int, min_requests: int, concurrency: int) -> Window:
+        lat: list[float] = []
+        issued = 0
+        start = time.perf_counter()
+
+        def more() -> bool:
+            if requests:
+                return issued < requests
+            return time.perf_counter() - start < seconds or issued < min_requests
+
+        async def client_loop() -> None:
+            nonlocal issued
+            while more():
+                issued += 1
+                t0 = time.perf_counter()
+                await self._aio.infer(**self._request)
+                lat.append(time.perf_counter() - t0)
+
+        tasks = [asyncio.ensure_future(client_loop()) for _ in range(concurrency)]
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in pending:  # after a failure the requests still in flight are abandoned, not awaited
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        end = time.perf_counter()
+        failed = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+        if failed:
+            e = failed[0]
+            if not isinstance(e, self.client.errors):
+                raise e  # a bug here, not a server's answer: let it show
+            raise self.client.failure(f"request under load to {self.model.name} ({concurrency} in flight; "
+                                      f"{len(lat)} of {issued} sent were answered)", e) from None
+        return Window(lat, end - start)
 
 
 # -- the machine's limit and the model's cost --------------------------------------------------------
@@ -440,6 +535,9 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
 
     cfg.validate()
     check_runtimes(cfg.runtimes)
+    if "triton" in cfg.runtimes:
+        raise UserInputError("runtime triton measures a served model, not a file: use "
+                             "`cnnpack bench --run RUN --triton-url HOST:PORT --model NAME`")
     run = Run.open(run_dir)
     refs = {name: _artifact(run, name) for name in cfg.runtimes}
     for name, ref in refs.items():
@@ -456,6 +554,9 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         raise RuntimeUnavailable("no runtime could run here: " + "; ".join(ctx.skipped.values()))
     host["load_avg_1_5_15_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     section = _section(ctx, host, refs)
+    old = _previous(run)  # rows of served models (bench --triton-url) stay
+    section["results"] += [r for r in old.get("results", []) if r.get("runtime") == "triton"]
+    section["served"] = old.get("served", {})
     section["outputs"] = write_outputs(run, section, plot=cfg.plot)
     run.set_stage("bench", section)
     return run.read()["stages"]["bench"]
@@ -475,10 +576,104 @@ def _section(ctx: _Ctx, host: dict, refs: dict) -> dict:
             "machine": host, "libraries": library_versions(), "config": asdict(ctx.cfg), "notes": NOTES}
 
 
+def _previous(run: Run) -> dict:
+    section = run.read().get("stages", {}).get("bench") or {}
+    return section if section.get("status") == "ok" else {}
+
+
+# -- a served model (`cnnpack bench --triton-url`) -------------------------------------------------------
+@dataclass(frozen=True)
+class ServedConfig:
+    """Which served model to put under load, and how."""
+
+    url: str | None = None  # default: 127.0.0.1 on Triton's port of the protocol
+    model: str | None = None  # default: the model of the run's `cnnpack triton` stage
+    protocol: str = "grpc"
+    concurrency: tuple[int, ...] = (1, 4, 16)  # requests in flight
+    timeout_s: float = 30.0  # per request
+
+    def validate(self) -> None:
+        from cnnpack.client import check_protocol
+
+        check_protocol(self.protocol)
+        if self.model == "":
+            raise UserInputError("--model is empty; name the served model (see `cnnpack serve`'s list)")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise UserInputError(f"--concurrency must be integers >= 1, got {list(self.concurrency)}")
+
+
+def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = BenchConfig(batch_sizes=(1,)), *,
+                 progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Throughput and latency of a served model under closed-loop concurrent load (perf_analyzer-like).
+
+    One row per batch size x concurrency (runtime `triton`, format `triton:<model>`), with the server's
+    own view of it (mean executed batch, queue and compute time); the rows join those of the run's
+    local bench in bench.json and `stages.bench`. Raises StageFailed (exit 1) if a request fails.
+    """
+    import torch
+
+    from cnnpack.runtimes import RUNTIMES, served_ref
+    from cnnpack.train import resolve_device
+
+    cfg.validate()
+    served.validate()
+    run = Run.open(run_dir)
+    rt = RUNTIMES.get("triton").load(served_ref(run, served.url, served.model, served.protocol, served.timeout_s))
+    for b in cfg.batch_sizes:
+        rt.check_batch(b)
+    host = machine()
+    with torch_threads(cfg.threads or torch.get_num_threads()):  # the matmul rate of the client's machine
+        ctx = _Ctx(run, cfg, resolve_device("cpu"), count_flops(run), progress)
+        ctx.sample_matmul()
+        for b in cfg.batch_sizes:
+            for c in served.concurrency:
+                bench_load(ctx, rt, b, c)
+    host["load_avg_1_5_15_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    section = _merge_served(run, _section(ctx, host, {}), rt, served)
+    section["outputs"] = write_outputs(run, section, plot=cfg.plot)
+    run.set_stage("bench", section)
+    return run.read()["stages"]["bench"]
+
+
+def bench_load(ctx: _Ctx, rt, batch_size: int, concurrency: int) -> None:
+    """One row: `concurrency` clients sending batches of `batch_size` back to back, measured in windows."""
+    client, model = rt.client, rt.model
+    ctx.progress(f"triton {model.name} batch {batch_size} x {concurrency} in flight")
+    before = client.statistics(model.name)
+    with Load(client, model, _input(ctx.run.model_spec, batch_size), concurrency) as load:
+        m = measure(load.one, ctx.cfg.policy(), window=lambda _request, policy, _sync: load.window(
+            seconds=policy.window_s, min_requests=policy.min_requests))
+    after = client.statistics(model.name)
+    from cnnpack.client import server_side
+
+    row = {"runtime": "triton", "format": rt.format, "batch_size": batch_size, "concurrency": concurrency,
+           "protocol": client.protocol, **summarise(m, batch_size), "errors": 0, **server_side(before, after)}
+    row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9
+    row["peak_rss_mb"] = row["cpu_others"] = None  # the server is another process: not measured from here
+    row["matmul_gflops"] = (ctx.matmul[-1]["gflops"] + ctx.sample_matmul()) / 2
+    row["matmul_share"] = row["gflops"] / row["matmul_gflops"]
+    row["info"] = rt.info
+    ctx.results.append(row)
+
+
+def _merge_served(run: Run, new: dict, rt, served: ServedConfig) -> dict:
+    """The run's bench section with this served model's rows replaced (other rows, local or served, stay)."""
+    old = _previous(run)
+    info = {"url": rt.client.url, "protocol": served.protocol, "concurrency": list(served.concurrency),
+            "timeout_s": served.timeout_s, "model": rt.model.describe(), "machine": new["machine"],
+            "config": new["config"], "libraries": new["libraries"]}
+    if not old:
+        return {**new, "served": {rt.format: info}}
+    rows = [r for r in old["results"] if r.get("format") != rt.format] + new["results"]
+    _speedups(rows)
+    return {**old, "results": rows, "machine_peak_gflops": max(old["machine_peak_gflops"], new["machine_peak_gflops"]),
+            "served": {**old.get("served", {}), rt.format: info}, "notes": NOTES}
+
+
 # -- outputs ------------------------------------------------------------------------------------------
-CSV_COLUMNS = ("runtime", "format", "batch_size", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95",
+CSV_COLUMNS = ("runtime", "format", "batch_size", "concurrency", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95",
                "latency_ms_p99", "latency_ms_mean", "throughput_ips", "gflops", "matmul_gflops", "matmul_share",
-               "speedup_vs_eager", "peak_rss_mb", "cpu_others", "stable", "requests")
+               "speedup_vs_eager", "peak_rss_mb", "cpu_others", "stable", "requests", "server_batch_mean")
 
 
 def write_outputs(run: Run, section: dict, *, plot: bool = True) -> dict:
@@ -496,6 +691,11 @@ def write_outputs(run: Run, section: dict, *, plot: bool = True) -> dict:
     return {n: run.file_record(run.file(n)) for n in names}
 
 
+def series(row: dict) -> str:
+    """A row's name in tables and plots: the runtime, or for a served model its format and concurrency."""
+    return f"{row['format']} c{row['concurrency']}" if row.get("concurrency") else row["runtime"]
+
+
 def plot_results(section: dict, path: Path) -> None:
     """Left: median latency vs batch size (p99 as the band's top). Right: throughput per runtime."""
     import matplotlib
@@ -505,18 +705,18 @@ def plot_results(section: dict, path: Path) -> None:
     import matplotlib.ticker
 
     results = section["results"]
-    runtimes = list(dict.fromkeys(r["runtime"] for r in results))
+    runtimes = list(dict.fromkeys(series(r) for r in results))
     batches = sorted({r["batch_size"] for r in results})
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
     width = 0.8 / len(batches)
     for name in runtimes:
-        rows = sorted((r for r in results if r["runtime"] == name), key=lambda r: r["batch_size"])
+        rows = sorted((r for r in results if series(r) == name), key=lambda r: r["batch_size"])
         x = [r["batch_size"] for r in rows]
         line, = a.plot(x, [r["latency_ms_p50"] for r in rows], "o-", label=name)
         a.fill_between(x, [r["latency_ms_p50"] for r in rows], [r["latency_ms_p99"] for r in rows],
                        color=line.get_color(), alpha=0.15)
     for j, bs in enumerate(batches):
-        vals = [next((r["throughput_ips"] for r in results if r["runtime"] == n and r["batch_size"] == bs), 0)
+        vals = [next((r["throughput_ips"] for r in results if series(r) == n and r["batch_size"] == bs), 0)
                 for n in runtimes]
         bars = b.bar(np.arange(len(runtimes)) + (j - (len(batches) - 1) / 2) * width, vals, width,
                      label=f"batch {bs}")

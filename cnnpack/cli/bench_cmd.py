@@ -23,27 +23,44 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 def bench(
     run: Path = typer.Option(..., help="Run directory with exports (cnnpack export)."),
     runtimes: str = typer.Option("eager,compiled,torchscript,onnxruntime", help="Comma list of runtimes."),
-    batch_sizes: str = typer.Option("1,8,32", help="Comma list of batch sizes."),
+    batch_sizes: Optional[str] = typer.Option(None, help="Comma list of batch sizes (default 1,8,32; served: 1)."),
     threads: Optional[int] = typer.Option(None, help="Threads for every runtime (default: physical cores)."),
     max_seconds: float = typer.Option(10.0, help="Measurement time limit per runtime and batch size."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     plot: bool = typer.Option(True, help="Write bench.png."),
     progress: bool = typer.Option(True, help="Show what is being measured."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
+    triton_url: Optional[str] = typer.Option(None, help="Measure the model served by Triton at HOST:PORT instead."),
+    model: Optional[str] = typer.Option(None, help="With --triton-url: the served model (default: the run's triton stage's)."),
+    protocol: str = typer.Option("grpc", help="With --triton-url: grpc | http (asyncio clients)."),
+    concurrency: str = typer.Option("1,4,16", help="With --triton-url: requests in flight, comma list."),
+    timeout: float = typer.Option(30.0, help="With --triton-url: seconds each request may take."),
 ):
     """Latency and throughput of each runtime and batch size, against this machine's fp32 matmul rate.
 
+    With --triton-url: a served model under closed-loop concurrent load (perf_analyzer-like, asyncio client), one row per batch size x concurrency, added to the run's bench results as runtime triton.
+
     Example: cnnpack bench --run runs/demo --runtimes eager,onnxruntime --batch-sizes 1,32 --threads 2
+
+    Example (served): cnnpack bench --run runs/demo --triton-url 127.0.0.1:8001 --model cnn_onnx --concurrency 1,4,16
     """
-    from cnnpack.bench import BenchConfig
+    from cnnpack.bench import BenchConfig, ServedConfig, bench_served
     from cnnpack.bench import bench as do_bench
 
+    if model is not None and triton_url is None:
+        raise usage_error("--model names a served model: give the server with --triton-url HOST:PORT too")
     names = tuple(n.strip() for n in runtimes.split(",") if n.strip())
-    cfg = BenchConfig(runtimes=names, batch_sizes=_ints(batch_sizes, "--batch-sizes"), threads=threads,
-                      max_seconds=max_seconds, device=device, plot=plot)
+    sizes = _ints(batch_sizes, "--batch-sizes") if batch_sizes else ((1,) if triton_url else (1, 8, 32))
+    cfg = BenchConfig(runtimes=names, batch_sizes=sizes, threads=threads, max_seconds=max_seconds, device=device,
+                      plot=plot)
     cfg.validate()
     with _status(progress and not as_json) as say:
-        section = do_bench(run, cfg, progress=say)
+        if triton_url:
+            served = ServedConfig(url=triton_url, model=model, protocol=protocol, timeout_s=timeout,
+                                  concurrency=_ints(concurrency, "--concurrency"))
+            section = bench_served(run, served, cfg, progress=say)
+        else:
+            section = do_bench(run, cfg, progress=say)
     emit(section, as_json)
     if not as_json:
         _print_table(section)
@@ -70,9 +87,11 @@ def _status(enabled: bool):
 
 def _print_warnings(section: dict) -> None:
     """What makes these numbers less than trustworthy, on stderr."""
+    from cnnpack.bench import series
+
     for name, why in section["skipped"].items():
         typer.echo(f"skipped {name}: {why}", err=True)
-    unstable = [f"{r['runtime']}@{r['batch_size']}" for r in section["results"] if not r["stable"]]
+    unstable = [f"{series(r)}@{r['batch_size']}" for r in section["results"] if not r["stable"]]
     if unstable:
         typer.echo(f"unstable (windows did not agree within {100 * section['config']['stability']:.0f} % before "
                    f"--max-seconds): {', '.join(unstable)}", err=True)
@@ -94,6 +113,8 @@ def _print_table(section: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from cnnpack.bench import series
+
     t = Table(title=f"{section['model']} on {section['device']}, {section['threads']} threads",
               caption=f"%mm: GFLOP/s as a share of this machine's fp32 matmul rate, measured around each row "
                       f"(best {section['machine_peak_gflops']:.0f} GFLOP/s; model "
@@ -102,7 +123,7 @@ def _print_table(section: dict) -> None:
     for col in ("runtime", "batch", "p50 ms", "p99 ms", "img/s", "GFLOP/s", "%mm", "×eager", "MB", "stable"):
         t.add_column(col, justify="left" if col == "runtime" else "right")
     for r in section["results"]:
-        t.add_row(r["runtime"], str(r["batch_size"]), _fmt(r["latency_ms_p50"], ".2f"),
+        t.add_row(series(r), str(r["batch_size"]), _fmt(r["latency_ms_p50"], ".2f"),
                   _fmt(r["latency_ms_p99"], ".2f"), _fmt(r["throughput_ips"], ".1f"), _fmt(r["gflops"], ".1f"),
                   _fmt(100 * r["matmul_share"], ".0f"), _fmt(r["speedup_vs_eager"], ".2f") + ("x" if r["speedup_vs_eager"] else ""),
                   _fmt(r["peak_rss_mb"], ".0f"), "yes" if r["stable"] else "[red]no[/red]")
