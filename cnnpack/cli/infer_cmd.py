@@ -1,0 +1,47 @@
+"""`cnnpack infer`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cnnpack.cli import app, handles_errors
+
+
+@app.command()
+@handles_errors
+def infer(
+    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...) to classify."),
+    model: str = typer.Option(..., help="The served classifier's name (e.g. cnn_onnx; see `cnnpack serve`)."),
+    url: Optional[str] = typer.Option(None, help="Triton's HOST:PORT (default 127.0.0.1:8000 for http, :8001 for grpc)."),
+    protocol: str = typer.Option("http", help="http | grpc"),
+    top_k: int = typer.Option(1, help="Labels per image, best first (Triton's classification extension)."),
+    ensemble: bool = typer.Option(False, help="Send the encoded files to <model>_image; the server decodes them."),
+    timeout: float = typer.Option(30.0, help="Seconds each request may take."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+):
+    """Classify image files through a Triton server: one line `FILE  label score` per image.
+
+    The model's input size comes from the server's model config; images are resized here like the training data and sent as raw 0-255 FP32 NCHW (with --ensemble: as encoded bytes). Scores are logits. Unreadable images are skipped and named on stderr; the rest are still sent.
+
+    Example: cnnpack infer cat.png dog.jpg --model cnn_onnx --top-k 3
+
+    Example (gRPC, server-side decoding): cnnpack infer *.png --model cnn_onnx --protocol grpc --ensemble
+    """
+    from cnnpack.infer import InferConfig
+    from cnnpack.infer import infer as do_infer
+
+    cfg = InferConfig(model=model, url=url, protocol=protocol, top_k=top_k, ensemble=ensemble, timeout_s=timeout)
+    result = do_infer(images, cfg)
+    for s in result["skipped"]:
+        typer.echo(f"skipped {s['file']}: {s['reason']}", err=True)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    width = max(len(r["file"]) for r in result["results"])
+    for r in result["results"]:
+        labels = "  ".join(f"{t['label']} {t['score']:.4f}" for t in r["top"])
+        typer.echo(f"{r['file']:<{width}}  {labels}")

@@ -1,0 +1,149 @@
+"""`cnnpack infer`: classify image files through a Triton server, with Triton's classification extension.
+
+The client needs nothing but the server: the model's input name, size and batch limit come from the
+served model config. Images are decoded and resized here exactly as cnnpack's data loader does
+(RGB, shorter side to the model size, centre crop) and sent as raw 0-255 FP32 NCHW, the exported
+model's contract; with `ensemble` the encoded file bytes go to `<model>_image` instead and the
+server decodes them. The labels come back from the server (`class_count`: "score:index:label"),
+so the client holds no class list either.
+
+Scores are the values of the model's output, i.e. logits, not probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnpack.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    model: str  # the classifier's name; with `ensemble` its `<model>_image` ensemble is called
+    url: str | None = None  # default: 127.0.0.1 on Triton's port of the protocol
+    protocol: str = "http"
+    top_k: int = 1
+    ensemble: bool = False
+    timeout_s: float = 30.0
+
+    @property
+    def target(self) -> str:
+        return f"{self.model}_image" if self.ensemble else self.model
+
+    def validate(self) -> None:
+        from cnnpack.client import check_protocol
+
+        check_protocol(self.protocol)
+        if not self.model:
+            raise UserInputError("--model is empty; name the served classifier (e.g. cnn_onnx)")
+        if self.top_k < 1:
+            raise UserInputError(f"--top-k must be >= 1, got {self.top_k}")
+
+
+def parse_classification(row) -> list[dict]:
+    """One image's classification-extension entries (b"score:index:label") as dicts, best first."""
+    out = []
+    for entry in row:
+        score, index, label = (entry.decode() if isinstance(entry, bytes) else str(entry)).split(":", 2)
+        out.append({"label": label, "index": int(index), "score": float(score)})
+    return out
+
+
+def read_pixels(paths: list[Path], size: int) -> tuple[list[Path], np.ndarray, list[dict]]:
+    """(readable files, their pixels (N, 3, S, S) float32 0-255, unreadable files with the reason)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from cnnpack.data import read_image  # the training loader's own decode + resize + crop
+
+    ok, images, skipped = [], [], []
+    for p in paths:
+        try:
+            images.append(read_image(p, size))
+            ok.append(p)
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+            skipped.append({"file": str(p), "reason": _why(e)})
+    batch = np.stack(images).astype(np.float32) if images else np.zeros((0, 3, size, size), np.float32)
+    return ok, batch, skipped
+
+
+def read_encoded(paths: list[Path]) -> tuple[list[Path], np.ndarray, list[dict]]:
+    """(files that decode as images, their bytes as a BYTES batch (N, 1), the others with the reason).
+
+    Each file is decoded once here too, so an unreadable one is skipped instead of failing the request.
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    ok, blobs, skipped = [], [], []
+    for p in paths:
+        try:
+            data = Path(p).read_bytes()
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+            ok.append(p)
+            blobs.append(data)
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+            skipped.append({"file": str(p), "reason": _why(e)})
+    batch = np.empty((len(blobs), 1), dtype=np.object_)
+    batch[:, 0] = blobs
+    return ok, batch, skipped
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e).split("\n")[0] or type(e).__name__
+
+
+def infer(paths: list[str | Path], cfg: InferConfig) -> dict:
+    """Top-k labels of each readable image from the served model; unreadable images are listed as skipped.
+
+    Raises:
+        UserInputError (exit 2): the server is unreachable, the model unknown, or no image is readable.
+        StageFailed (exit 1): the server failed a request.
+    """
+    from cnnpack.client import Client
+
+    cfg.validate()
+    with Client(cfg.url, cfg.protocol, timeout_s=cfg.timeout_s) as client:
+        client.check_ready()
+        model = client.model(cfg.target)
+        _check_model(model, cfg)
+        files = [Path(p) for p in paths]
+        ok, batch, skipped = read_encoded(files) if cfg.ensemble else read_pixels(files, model.image_size)
+        if not ok:
+            raise UserInputError(f"none of the {len(files)} images could be read ("
+                                 + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
+                                 + ("; ..." if len(skipped) > 3 else "") + "); nothing was sent")
+        tops = classify(client, model, batch, min(cfg.top_k, model.num_classes))
+    return {"model": cfg.target, "url": client.url, "top_k": cfg.top_k, "score": "logit",
+            "results": [{"file": str(p), "top": top} for p, top in zip(ok, tops)], "skipped": skipped}
+
+
+def _check_model(model, cfg: InferConfig) -> None:
+    if cfg.ensemble and not model.takes_images:
+        raise UserInputError(f"{model.name} takes {model.input_dtype} pixels, not encoded images; lay out the "
+                             "ensemble with `cnnpack triton --ensemble`, or drop --ensemble")
+    if not cfg.ensemble and model.takes_images:
+        raise UserInputError(f"{model.name} takes encoded image bytes: pass --ensemble --model "
+                             f"{model.name.removesuffix('_image')}")
+    if model.parameters.get("input_kind") == "normalized":
+        raise UserInputError(f"{model.name} takes normalised pixels; use --ensemble, which normalises on the server")
+
+
+def classify(client, model, batch: np.ndarray, k: int) -> list[list[dict]]:
+    """Top-k of every row of `batch`, in requests within the model's batch limit (a static batch is padded)."""
+    step = model.static_batch or model.max_batch_size or len(batch)
+    tops = []
+    for i in range(0, len(batch), step):
+        chunk = batch[i:i + step]
+        n = len(chunk)
+        if model.static_batch and n < step:  # pad to the fixed batch; the padding's rows are dropped
+            chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
+        rows = client.infer(model, chunk, class_count=k)[:n]
+        tops += [parse_classification(r) for r in rows.reshape(n, -1)]
+    return tops
