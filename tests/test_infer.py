@@ -1,0 +1,288 @@
+"""cnnpack infer, the triton runtime, verify/bench of a served model: a real Triton server, no mocks.
+
+The repository is laid out by `cnnpack triton` from the tiny trained run, exported to ONNX and
+TorchScript: `cnn_onnx` (+ its image ensemble `cnn_onnx_image`), `cnn_torchscript` and
+`cnn_onnx_nobatch` (the ONNX model without the dynamic batcher). One server is shared by the
+module; the fault tests start their own and kill it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnpack.client import Client, address
+from cnnpack.errors import StageFailed, UserInputError
+
+pytestmark = pytest.mark.triton
+
+serve = pytest.importorskip("cnnpack.serve")
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cnnpack", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "150"})
+
+
+def assert_gone(pid: int) -> None:
+    """Neither the server nor anything in its process group (the Python backend stubs) is left."""
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"processes of group {pid} outlived the server"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def served_run(tiny_run, tmp_path_factory) -> tuple[Path, Path]:
+    """A copy of tiny_run, exported, with a model repository holding every kind of served model."""
+    from cnnpack.export import ExportConfig, export
+    from cnnpack.triton_repo import TritonConfig, build
+
+    try:
+        serve.locate()
+    except serve.RuntimeUnavailable as e:
+        pytest.skip(str(e))
+    root = tmp_path_factory.mktemp("infer")
+    run_dir, repo = root / "run", root / "model_repository"
+    shutil.copytree(tiny_run, run_dir)
+    export(run_dir, ExportConfig(max_batch_size=16))
+    build(run_dir, TritonConfig(repository=str(repo), format="torchscript", threads=1))
+    build(run_dir, TritonConfig(repository=str(repo), name="cnn_onnx_nobatch", dynamic_batching=False, threads=1))
+    build(run_dir, TritonConfig(repository=str(repo), format="onnx", ensemble=True, threads=1,
+                                max_queue_delay_us=2000))  # last: the run's triton stage names cnn_onnx
+    return run_dir, repo
+
+
+@pytest.fixture(scope="module")
+def server(served_run):
+    srv = serve.TritonServer(serve.ServeConfig(repository=str(served_run[1])))
+    with srv:
+        yield srv
+    assert_gone(srv.pid)
+
+
+@pytest.fixture(scope="module")
+def eager(served_run):
+    from cnnpack.rundir import Run
+    from cnnpack.runtimes import artifact_ref, load_runtime
+
+    run = Run.open(served_run[0])
+    assert artifact_ref(run, "checkpoint").path.is_file()
+    return load_runtime(run, "eager")
+
+
+@pytest.fixture(scope="module")
+def val_files(tiny_data) -> list[Path]:
+    """Two real validation PNGs per class."""
+    return [p for d in sorted((tiny_data / "val").iterdir()) for p in sorted(d.glob("*.png"))[:2]]
+
+
+def _url(server, protocol: str) -> str:
+    return server.http_address if protocol == "http" else server.grpc_address
+
+
+def _served(server, protocol: str, model: str):
+    from cnnpack.runtimes import RUNTIMES, served_ref
+
+    return RUNTIMES.get("triton").load(served_ref(None, _url(server, protocol), model, protocol))
+
+
+# -- the triton runtime ----------------------------------------------------------------------------
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("model", ["cnn_onnx", "cnn_torchscript"])
+def test_served_logits_equal_eager(server, eager, model, protocol):
+    rt = _served(server, protocol, model)
+    assert rt.model.input_shape == (3, 32, 32) and rt.model.max_batch_size == 16
+    x = np.random.default_rng(0).uniform(0, 255, (20, 3, 32, 32)).astype(np.float32)  # > max batch: 2 requests
+    np.testing.assert_allclose(rt.predict(x), eager.predict(x), atol=1e-4, rtol=0)
+
+
+def test_an_ensemble_is_not_a_pixel_runtime_and_a_missing_model_names_the_served_ones(server):
+    with pytest.raises(UserInputError, match="encoded image bytes.*--model cnn_onnx"):
+        _served(server, "http", "cnn_onnx_image")
+    with pytest.raises(UserInputError, match="serves no model 'nope'.*cnn_onnx, cnn_onnx_image"):
+        _served(server, "grpc", "nope")
+
+
+# -- cnnpack infer ---------------------------------------------------------------------------------
+def _eager_labels(eager, files, classes) -> tuple[list[str], np.ndarray]:
+    from cnnpack.data import read_image
+
+    logits = eager.predict(np.stack([read_image(f, 32) for f in files]).astype(np.float32))
+    return [classes[i] for i in logits.argmax(1)], logits
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_infer_labels_come_from_the_classification_extension(server, eager, val_files, served_run, protocol):
+    from cnnpack.infer import InferConfig, infer
+    from cnnpack.rundir import Run
+
+    classes = Run.open(served_run[0]).model_spec["classes"]
+    result = infer(val_files, InferConfig(model="cnn_onnx", url=_url(server, protocol), protocol=protocol, top_k=2))
+    labels, logits = _eager_labels(eager, val_files, classes)
+    assert [r["file"] for r in result["results"]] == [str(f) for f in val_files] and not result["skipped"]
+    assert [r["top"][0]["label"] for r in result["results"]] == labels
+    for r, ref in zip(result["results"], logits):
+        best = np.argsort(-ref)[:2]
+        assert [t["index"] for t in r["top"]] == list(best)
+        np.testing.assert_allclose([t["score"] for t in r["top"]], ref[best], atol=1e-4)
+
+
+def test_ensemble_classifies_png_bytes_like_the_pixel_path(server, eager, val_files, served_run):
+    from cnnpack.infer import InferConfig, infer
+    from cnnpack.rundir import Run
+
+    classes = Run.open(served_run[0]).model_spec["classes"]
+    result = infer(val_files, InferConfig(model="cnn_onnx", url=server.grpc_address, protocol="grpc",
+                                          ensemble=True, top_k=1))
+    assert result["model"] == "cnn_onnx_image"
+    labels, logits = _eager_labels(eager, val_files, classes)
+    assert [r["top"][0]["label"] for r in result["results"]] == labels
+    np.testing.assert_allclose([r["top"][0]["score"] for r in result["results"]], logits.max(1), atol=1e-3)
+
+
+def test_cli_skips_a_bad_image_and_sends_the_others(server, val_files, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    good = [str(val_files[0]), str(val_files[-1])]
+    proc = _cli("infer", good[0], str(bad), good[1], "--model", "cnn_onnx", "--url", server.http_address,
+                "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == good and all(len(ln.split()) == 5 for ln in lines)  # file + 2 x (label score)
+    assert proc.stderr.strip().splitlines() == [f"skipped {bad}: cannot identify image file '{bad}'"]
+    ens = _cli("infer", str(bad), good[0], "--model", "cnn_onnx", "--url", server.grpc_address, "--protocol", "grpc",
+               "--ensemble", "--json")
+    assert ens.returncode == 0, ens.stderr
+    out = json.loads(ens.stdout)
+    assert [r["file"] for r in out["results"]] == [good[0]] and out["skipped"][0]["file"] == str(bad)
+    assert out["results"][0]["top"][0]["label"] == lines[0].split()[1]  # same label as the pixel path
+
+
+def test_cli_errors_are_one_line_with_exit_2(server, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("hello")
+    none_readable = _cli("infer", str(bad), "--model", "cnn_onnx", "--url", server.http_address)
+    assert none_readable.returncode == 2 and "none of the 1 images could be read" in none_readable.stderr
+    port = serve.free_ports("127.0.0.1", 1)[0]
+    for protocol in ("http", "grpc"):
+        down = _cli("infer", str(bad), "--model", "cnn_onnx", "--url", f"127.0.0.1:{port}", "--protocol", protocol)
+        assert down.returncode == 2, down.stderr
+        assert down.stderr.startswith(f"error: cannot reach Triton at {protocol}://127.0.0.1:{port}")
+        assert len(down.stderr.strip().splitlines()) == 1 and "Traceback" not in down.stderr
+
+
+def test_url_forms():
+    assert address(None, "http") == "127.0.0.1:8000" and address(None, "grpc") == "127.0.0.1:8001"
+    assert address("grpc://example:9001/", "grpc") == "example:9001" and address("[::1]", "http") == "[::1]:8000"
+    with pytest.raises(UserInputError, match="is a http URL but --protocol is grpc"):
+        address("http://localhost:8000", "grpc")
+    with pytest.raises(UserInputError, match="not a number"):
+        address("localhost:http", "http")
+
+
+# -- load, verify, bench ---------------------------------------------------------------------------
+def test_a_thousand_requests_at_concurrency_16_all_succeed_and_are_batched(server):
+    from cnnpack.bench import Load
+    from cnnpack.client import server_side
+
+    rt = _served(server, "grpc", "cnn_onnx")
+    before = rt.client.statistics("cnn_onnx")
+    x = np.random.default_rng(1).uniform(0, 255, (1, 3, 32, 32)).astype(np.float32)
+    with Load(rt.client, rt.model, x, concurrency=16) as load:
+        window = load.window(requests=1000)
+    seen = server_side(before, rt.client.statistics("cnn_onnx"))
+    assert len(window.latencies_s) == 1000
+    assert seen["server_requests"] == 1000 and seen["server_failures"] == 0
+    assert seen["server_batch_mean"] > 1.5  # the dynamic batcher merged concurrent requests
+
+
+def test_verify_checks_the_served_model_like_a_file(server, served_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(served_run[0], run_dir)
+    proc = _cli("verify", "--run", str(run_dir), "--formats", "onnx", "--batch-sizes", "1,8", "--samples", "8",
+                "--triton-url", server.grpc_address, "--protocol", "grpc", "--no-progress")  # model: the run's
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    result = json.loads((run_dir / "verify.json").read_text())
+    served = next(r for r in result["results"] if r["format"] == "triton:cnn_onnx")
+    assert served["runtime"] == "triton" and served["passed"] and served["tensor"]["max_abs_err"] <= 1e-4
+    assert served["task"]["top1_agreement"] == 1.0
+    stage = json.loads((run_dir / "cnnpack.json").read_text())["stages"]["verify"]
+    assert stage["passed"] and stage["formats"]["triton:cnn_onnx"]["runtimes"] == ["triton"]
+
+
+def test_bench_measures_served_throughput_under_concurrency(server, served_run, tmp_path):
+    from cnnpack.bench import BenchConfig, ServedConfig, bench_served
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(served_run[0], run_dir)
+    cfg = BenchConfig(batch_sizes=(1,), max_seconds=0.4, warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False)
+    for model in ("cnn_onnx", "cnn_onnx_nobatch"):
+        section = bench_served(run_dir, ServedConfig(url=server.grpc_address, model=model, concurrency=(1, 8)), cfg)
+    rows = {(r["format"], r["concurrency"]): r for r in section["results"]}
+    assert set(rows) == {(f"triton:{m}", c) for m in ("cnn_onnx", "cnn_onnx_nobatch") for c in (1, 8)}
+    for r in rows.values():
+        assert r["runtime"] == "triton" and r["errors"] == 0 and r["throughput_ips"] > 0 and r["requests"] >= 3
+        assert r["latency_ms_p50"] <= r["latency_ms_p99"]
+    assert rows[("triton:cnn_onnx", 8)]["server_batch_mean"] > 1.5  # the dynamic batcher merged requests ...
+    assert rows[("triton:cnn_onnx_nobatch", 8)]["server_batch_mean"] == 1  # ... and without it, none
+    on_disk = json.loads((run_dir / "bench.json").read_text())
+    assert len(on_disk["results"]) == 4 and set(on_disk["served"]) == {"triton:cnn_onnx", "triton:cnn_onnx_nobatch"}
+    assert "concurrency" in (run_dir / "bench.csv").read_text().splitlines()[0]
+
+
+# -- faults ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("protocol", "fault"), [
+    pytest.param("grpc", signal.SIGKILL, id="grpc-killed"), pytest.param("http", signal.SIGKILL, id="http-killed"),
+    pytest.param("grpc", signal.SIGSTOP, id="grpc-stuck")])
+def test_a_server_killed_or_stuck_under_load_is_a_clear_error_within_the_timeout(served_run, tmp_path, protocol,
+                                                                                 fault):
+    from cnnpack.bench import Load
+    from cnnpack.triton_repo import TritonConfig, build
+
+    run_dir, repo = tmp_path / "run", tmp_path / "repo"
+    shutil.copytree(served_run[0], run_dir)
+    build(run_dir, TritonConfig(repository=str(repo), threads=1))
+    srv = serve.TritonServer(serve.ServeConfig(repository=str(repo), stop_timeout_s=5)).start()
+    hit = {}
+
+    def strike():
+        hit["at"] = time.monotonic()
+        os.kill(srv.pid, fault)
+
+    try:
+        client = Client(_url(srv, protocol), protocol, timeout_s=2)
+        model = client.check_ready().model("cnn_onnx")
+        with Load(client, model, np.zeros((1, 3, 32, 32), np.float32), concurrency=16) as load:
+            threading.Timer(0.5, strike).start()
+            with pytest.raises(StageFailed) as err:
+                load.window(seconds=60)
+            took = time.monotonic() - hit["at"]
+    finally:
+        os.kill(srv.pid, signal.SIGKILL)  # a stopped server would not see SIGTERM
+        srv.stop()
+    message = str(err.value)
+    assert message.startswith(f"Triton at {protocol}://{_url(srv, protocol)}: request under load to cnn_onnx")
+    assert "\n" not in message
+    if fault == signal.SIGKILL:
+        assert took < 2 and "is the server still running?" in message  # at once, not after the timeout
+    else:
+        # the requests in flight when it stopped were sent up to a moment before: their 2 s end a little sooner
+        assert 1 < took < 4 and "no answer within 2 s (--timeout)" in message
+    assert_gone(srv.pid)
