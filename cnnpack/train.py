@@ -237,14 +237,17 @@ def sample_indices(pred: np.ndarray, true: np.ndarray, n: int = 32, max_wrong: i
     return np.concatenate([wrong, np.asarray(right[: n - len(wrong)], dtype=np.int64)]).astype(np.int64)
 
 
-def _resume_state(run: Run, model, opt, sched) -> tuple[int, list[dict]]:
+def _resume_state(run: Run, model, opt, sched, steps_per_epoch: int) -> tuple[int, list[dict]]:
     path = run.file(LAST)
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
         history, epoch = st["history"], int(st["epoch"])
+        if st["scheduler"]["total_steps"] == sched.total_steps:
+            sched.load_state_dict(st["scheduler"])
+        else:  # resumed with another number of processes (torchrun run resumed in one): same schedule, re-divided
+            sched.last_epoch = epoch * steps_per_epoch
     except Exception as e:  # noqa: BLE001 - truncated zip, foreign file, wrong keys or shapes
         raise UserInputError(f"--resume: {path} is truncated or not a cnnpack resume state ({type(e).__name__})") from None
     return epoch, history
@@ -333,7 +336,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         run.set_stage("train", {"status": "running", "config": asdict(cfg), "data": data.summary()})
     else:
         run = Run(run_dir)
-    start_epoch, history = (_resume_state(run, model, opt, sched) if resume else (0, []))
+    start_epoch, history = (_resume_state(run, model, opt, sched, steps_per_epoch) if resume else (0, []))
     train_model = dist.wrap(model) if dist is not None else model
     best = max((h["val_acc"] for h in history), default=-1.0)
     stale = _stale_epochs(history)

@@ -71,6 +71,42 @@ def test_resume_of_a_torchrun_run_in_one_process(colour_data, tmp_path):
     assert section["status"] == "ok" and section["metrics"]["epochs"] == 2
 
 
+class _HalfShard:
+    """A Context stand-in for rank 0 of 2 without a process group: half of each epoch, no reduction."""
+
+    rank, world_size, backend = 0, 2, "gloo"
+
+    def shard(self, n: int, *, epoch: int = 0, seed: int = 0):
+        import torch
+
+        return torch.arange(n)[::2]
+
+    def wrap(self, model):
+        return model
+
+    def reduce_stats(self, stats: dict) -> dict:
+        return stats
+
+
+def test_a_torchrun_run_resumes_in_one_process(colour_data, tmp_path):
+    """Resumed with another number of processes, the epochs have other step counts: the LR schedule is
+    re-divided (it used to raise "Tried to step 33 times. The specified number of total steps is 32")."""
+    from cnnpack.train import Interrupted, TrainConfig, train
+
+    run = tmp_path / "r"
+    cfg = TrainConfig(data=str(colour_data), image_size=32, epochs=3, batch_size=16)
+
+    def stop(epoch, _):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        train(run, cfg, progress=False, on_epoch_end=stop, dist=_HalfShard())
+    section = train(run, cfg, resume=True, progress=False)
+    assert section["status"] == "ok" and section["metrics"]["epochs"] == 3
+    assert section["steps_per_epoch"] == 12  # 192 images / 16, in one process
+
+
 def _free_port() -> int:
     import socket
 
