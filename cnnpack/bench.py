@@ -657,17 +657,23 @@ def bench_load(ctx: _Ctx, rt, batch_size: int, concurrency: int) -> None:
 
 
 def _merge_served(run: Run, new: dict, rt, served: ServedConfig) -> dict:
-    """The run's bench section with this served model's rows replaced (other rows, local or served, stay)."""
+    """The run's bench section with the rows of this served model over this protocol replaced (the others stay).
+
+    `served.<format>.<protocol>` records how they were measured.
+    """
     old = _previous(run)
-    info = {"url": rt.client.url, "protocol": served.protocol, "concurrency": list(served.concurrency),
-            "timeout_s": served.timeout_s, "model": rt.model.describe(), "machine": new["machine"],
-            "config": new["config"], "libraries": new["libraries"]}
+    info = {"url": rt.client.url, "concurrency": list(served.concurrency), "timeout_s": served.timeout_s,
+            "model": rt.model.describe(), "machine": new["machine"], "config": new["config"],
+            "libraries": new["libraries"]}
+    seen = old.get("served", {})
+    seen = {**seen, rt.format: {**seen.get(rt.format, {}), served.protocol: info}}
     if not old:
-        return {**new, "served": {rt.format: info}}
-    rows = [r for r in old["results"] if r.get("format") != rt.format] + new["results"]
+        return {**new, "served": seen}
+    rows = [r for r in old["results"] if (r.get("format"), r.get("protocol")) != (rt.format, served.protocol)]
+    rows += new["results"]
     _speedups(rows)
     return {**old, "results": rows, "machine_peak_gflops": max(old["machine_peak_gflops"], new["machine_peak_gflops"]),
-            "served": {**old.get("served", {}), rt.format: info}, "notes": NOTES}
+            "served": seen, "notes": NOTES}
 
 
 # -- outputs ------------------------------------------------------------------------------------------

@@ -242,8 +242,12 @@ def test_bench_measures_served_throughput_under_concurrency(server, served_run, 
         assert r["latency_ms_p50"] <= r["latency_ms_p99"]
     assert rows[("triton:cnn_onnx", 8)]["server_batch_mean"] > 1.5  # the dynamic batcher merged requests ...
     assert rows[("triton:cnn_onnx_nobatch", 8)]["server_batch_mean"] == 1  # ... and without it, none
+    http = bench_served(run_dir, ServedConfig(url=server.http_address, model="cnn_onnx", protocol="http",
+                                              concurrency=(4,)), cfg)  # joins the gRPC rows, replaces none
+    assert [(r["format"], r["protocol"], r["concurrency"]) for r in http["results"]][-1] == ("triton:cnn_onnx", "http", 4)
     on_disk = json.loads((run_dir / "bench.json").read_text())
-    assert len(on_disk["results"]) == 4 and set(on_disk["served"]) == {"triton:cnn_onnx", "triton:cnn_onnx_nobatch"}
+    assert len(on_disk["results"]) == 5 and set(on_disk["served"]) == {"triton:cnn_onnx", "triton:cnn_onnx_nobatch"}
+    assert set(on_disk["served"]["triton:cnn_onnx"]) == {"grpc", "http"}
     assert "concurrency" in (run_dir / "bench.csv").read_text().splitlines()[0]
 
 
