@@ -211,7 +211,8 @@ class Stages:
                   self.run_triton, lambda r: str(Path(self.cfg.repository)), self.repository_intact),
         ]
         if serve:
-            stages.append(Stage("served", self.served_inputs, self.run_served, self.served_output))
+            stages.append(Stage("served", self.served_inputs, self.run_served, self.served_output,
+                                self.served_rows_kept))
         return stages
 
     # - train -
@@ -273,20 +274,33 @@ class Stages:
             (root / n).is_dir() for n in section.get("models", []))
 
     # - served -
+    def served_config(self):
+        from cnnpack.served import ServedConfig
+
+        return ServedConfig(concurrency=self.cfg.concurrency, images=self.cfg.infer_images, threads=self.cfg.threads,
+                            max_seconds=self.cfg.bench_max_seconds)
+
     def served_inputs(self, run: Run) -> dict:
-        t = _section(run, "triton")
-        return {"repository_files": {k: v.get("sha256") for k, v in t.get("files", {}).items()},
-                "models": t.get("models"), "concurrency": self.cfg.concurrency,
-                "infer_images": self.cfg.infer_images}
+        return {"repository": {k: v.get("sha256") for k, v in _section(run, "triton").get("files", {}).items()},
+                "models": _section(run, "triton").get("models"), "config": asdict(self.served_config()),
+                "checkpoint": _checkpoint(run)}
+
+    def served_rows_kept(self, run: Run, section: dict) -> bool:
+        """The served rows are still in verify and bench (a rerun of verify drops them; bench keeps them)."""
+        formats = set(_section(run, "verify").get("formats", {}))
+        rows = {r.get("format") for r in _section(run, "bench").get("results", [])}
+        return set(section.get("parity", {})) <= formats and any(f and f.startswith("triton:") for f in rows)
 
     def served_output(self, run: Run) -> str:
-        return str(run.file("served.json"))
+        return str(run.file("served/server.log"))
 
     def run_served(self, run: Run) -> str:
-        from cnnpack.served import ServedConfig, served
+        from cnnpack.served import served
 
-        section = served(run.path, ServedConfig(concurrency=self.cfg.concurrency, images=self.cfg.infer_images,
-                                                threads=self.cfg.threads), progress=self.say)
+        kept = {s: _section(run, s).get("inputs_sha256") for s in ("verify", "bench")}
+        section = served(run.path, self.served_config(), progress=self.say)
+        # served rows were added to verify and bench; those stages' own inputs did not change
+        run.update(lambda m: [m["stages"][s].update(inputs_sha256=fp) for s, fp in kept.items() if fp])
         return section["summary"]
 
     def _status(self, verb: str):
@@ -340,7 +354,7 @@ def _check_run_dir(run: Run, force: bool) -> None:
 
 def best_runtime(bench: dict) -> dict | None:
     """The non-eager result with the largest speedup over eager (at any batch size)."""
-    rows = [r for r in bench.get("results", []) if r["runtime"] != "eager" and r.get("speedup_vs_eager")]
+    rows = [r for r in bench.get("results", []) if r["runtime"] not in ("eager", "triton") and r.get("speedup_vs_eager")]
     return max(rows, key=lambda r: r["speedup_vs_eager"], default=None)
 
 

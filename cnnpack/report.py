@@ -87,7 +87,7 @@ def _bench(m: dict, run: Run) -> list[Block]:
     b = m.get("stages", {}).get("bench")
     if not b:
         return []
-    res = b.get("results", [])
+    res = [r for r in b.get("results", []) if r["runtime"] != "triton"]  # served rows: in their own section
     peak = b.get("machine_peak_gflops")
     rows = [["runtime", "batch", "p50 ms", "p99 ms", "images/s", "speedup vs eager", "GFLOP/s", "% of matmul rate",
              "stable"]]
@@ -102,7 +102,7 @@ def _bench(m: dict, run: Run) -> list[Block]:
                       f"at {_num(peak, '{:.1f}')} GFLOP/s; the share column compares each row with the rate measured "
                       "next to it. Speedup: eager's median latency over the runtime's, at the same batch size."),
            Block("table", rows=rows)]
-    out += [Block("p", w) for w in _bench_warnings(b)]
+    out += [Block("p", w) for w in _bench_warnings({**b, "results": res})]
     if _speedup_plot(b, run.file(SPEEDUP_PNG)):
         out.append(Block("img", text="speedup over eager and share of the machine's matmul rate", path=SPEEDUP_PNG))
     if run.file("bench.png").exists():
@@ -112,8 +112,10 @@ def _bench(m: dict, run: Run) -> list[Block]:
 
 def _bench_warnings(b: dict) -> list[str]:
     """What makes these numbers less than trustworthy, said in the report itself."""
+    from cnnpack.bench import series
+
     res, out = b.get("results", []), []
-    unstable = [f"{r['runtime']}@{r['batch_size']}" for r in res if not r.get("stable", True)]
+    unstable = [f"{series(r)}@{r['batch_size']}" for r in res if not r.get("stable", True)]
     if unstable:
         out.append(f"**Unstable**: the measurement windows of {', '.join(unstable)} did not agree within "
                    f"{100 * b.get('config', {}).get('stability', 0.1):.0f} % before the time limit.")
@@ -132,7 +134,7 @@ SPEEDUP_PNG = "speedup.png"
 
 def _speedup_plot(b: dict, path: Path) -> bool:
     """Left: speedup over eager per runtime and batch size. Right: share of the machine's matmul rate."""
-    res = [r for r in b.get("results", []) if r.get("speedup_vs_eager") is not None]
+    res = [r for r in b.get("results", []) if r.get("speedup_vs_eager") is not None and r["runtime"] != "triton"]
     if not res:
         return False
     import numpy as np
@@ -189,13 +191,41 @@ def _triton(m: dict, run: Run) -> list[Block]:
            Block("code", _tree(repo) if repo.is_dir() else str(repo)),
            Block("p", "Serve it locally (real Triton server from the nvidia-pytriton wheel):"), Block("code", serve),
            Block("p", "or with the NGC container:"), Block("code", docker)]
+    return out
+
+
+def _served(m: dict) -> list[Block]:
     served = m.get("stages", {}).get("served")
-    if served:
-        out += [Block("h2", "Served model"), Block("p", served.get("summary", ""))]
-        if served.get("predictions"):
-            rows = [["image", "prediction", "score"]] + [[p["image"], p["label"], f"{p['score']:.3f}"]
-                                                         for p in served["predictions"]]
-            out.append(Block("table", rows=rows))
+    if not served:
+        return []
+    out = [Block("h2", "Served by Triton"),
+           Block("p", f"The repository above, served by a real Triton server {served.get('server_version', '')} on "
+                      f"loopback during the pipeline: {served.get('summary', '')}.")]
+    preds = served.get("predictions", [])
+    if preds:
+        ens = any("ensemble_label" in p for p in preds)
+        rows = [["image", "true class", "prediction (classification extension)", "logit"]
+                + (["image ensemble (PNG bytes)"] if ens else [])]
+        rows += [[p["image"], p["true"], p["label"], f"{p['score']:.2f}"] + ([p.get("ensemble_label", "–")] if ens else [])
+                 for p in preds]
+        out.append(Block("table", rows=rows))
+    parity = served.get("parity", {})
+    if parity:
+        rows = [["served model", "max abs err vs eager", "top-1 agreement", "verdict"]]
+        rows += [[f, _num(p.get("max_abs_err"), "{:.2e}"), _pct(p.get("top1_agreement")),
+                  "pass" if p.get("passed") else "FAIL"] for f, p in parity.items()]
+        out.append(Block("table", rows=rows))
+    load = served.get("load", [])
+    if load:
+        rows = [["requests in flight", "p50 ms", "p99 ms", "images/s", "mean batch run by Triton", "queue ms",
+                 "compute ms", "errors"]]
+        rows += [[str(r["concurrency"]), _num(r["latency_ms_p50"], "{:.2f}"), _num(r["latency_ms_p99"], "{:.2f}"),
+                  _num(r["throughput_ips"], "{:,.0f}"), _num(r.get("server_batch_mean"), "{:.2f}"),
+                  _num(r.get("server_queue_ms_mean"), "{:.2f}"), _num(r.get("server_compute_ms_mean"), "{:.2f}"),
+                  str(r.get("errors", 0))] for r in load]
+        out += [Block("p", "Batch-1 requests over gRPC from an asynchronous client on the same machine (closed loop: "
+                           "each client sends its next request when the previous one answers); dynamic batching "
+                           "merges concurrent requests into larger batches."), Block("table", rows=rows)]
     return out
 
 
@@ -204,7 +234,7 @@ def build(run: Run) -> list[Block]:
     head = [Block("p", f"Run `{run.path}` · cnnpack {m['tool']['version']} · torch {m['libraries'].get('torch')} · "
                        f"onnxruntime {m['libraries'].get('onnxruntime-gpu') or m['libraries'].get('onnxruntime')} · "
                        f"{m['machine']['platform']}, {m['machine']['cpu_count']} CPUs")]
-    return head + _data_and_training(m) + _export(m, run) + _verify(m) + _bench(m, run) + _triton(m, run)
+    return head + _data_and_training(m) + _export(m, run) + _verify(m) + _bench(m, run) + _triton(m, run) + _served(m)
 
 
 # -- rendering --------------------------------------------------------------------------------

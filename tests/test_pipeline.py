@@ -11,7 +11,17 @@ from typer.testing import CliRunner
 from cnnpack.cli import app
 
 TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "32", "--runtimes", "eager,onnxruntime",
-        "--batch-sizes", "1,4", "--max-seconds", "0.3", "--max-batch-size", "8", "--threads", "1"]
+        "--batch-sizes", "1,4", "--max-seconds", "0.3", "--max-batch-size", "8", "--threads", "1",
+        "--concurrency", "1,4", "--infer-images", "6"]
+
+
+def _can_serve() -> bool:
+    from cnnpack.pipeline import serve_available
+
+    return serve_available()[0]
+
+
+SERVED = "ran" if _can_serve() else "off"  # the local Triton server runs wherever the serve extra does
 
 
 def _pipeline(*args: str):
@@ -25,10 +35,10 @@ def _statuses(out: dict) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def first(tiny_data, tmp_path_factory):
-    """One full pipeline run (no server: test_pipeline_serves covers the served stage)."""
+    """One full pipeline run, with the served stage when the local Triton server can run here."""
     tmp = tmp_path_factory.mktemp("pipeline")
     run, repo = tmp / "run", tmp / "repo"
-    args = ["--data", str(tiny_data), "--run", str(run), "--repository", str(repo), "--serve", "no", *TINY]
+    args = ["--data", str(tiny_data), "--run", str(run), "--repository", str(repo), *TINY]
     code, out, err = _pipeline(*args, "--json")
     assert code == 0, err[-3000:]
     return {"run": run, "repo": repo, "args": args, "out": json.loads(out), "err": err}
@@ -37,9 +47,9 @@ def first(tiny_data, tmp_path_factory):
 def test_every_stage_runs_and_the_manifest_records_it(first):
     out = first["out"]
     assert _statuses(out) == {"train": "ran", "export": "ran", "verify": "ran", "bench": "ran", "triton": "ran",
-                              "served": "off"}
+                              "served": SERVED}
     m = json.loads((first["run"] / "cnnpack.json").read_text())
-    for name in ("train", "export", "verify", "bench", "triton"):
+    for name in ("train", "export", "verify", "bench", "triton") + (("served",) if SERVED == "ran" else ()):
         assert m["stages"][name]["status"] == "ok"
         assert re.fullmatch(r"[0-9a-f]{64}", m["stages"][name]["inputs_sha256"])
     assert m["stages"]["pipeline"]["status"] == "ok"
@@ -66,24 +76,30 @@ def test_report_has_every_section_and_inlines_its_images(first):
 def test_rerun_skips_every_stage(first):
     code, out, err = _pipeline(*first["args"], "--json")
     assert code == 0, err[-3000:]
-    assert set(_statuses(json.loads(out)).values()) == {"skipped", "off"}
-    assert err.count("skipped: inputs unchanged") == 5
+    assert set(_statuses(json.loads(out)).values()) <= {"skipped", "off"}
+    assert err.count("skipped: inputs unchanged") == 5 + (SERVED == "ran")
 
 
 def test_a_changed_option_reruns_only_the_stages_it_feeds(first):
-    args = [a if a != "0.3" else "0.2" for a in first["args"]]  # --max-seconds
+    args = [*first["args"]]
+    args[args.index("--batch-sizes") + 1] = "1,2"  # feeds the local bench only
     code, out, err = _pipeline(*args, "--json")
     assert code == 0, err[-3000:]
     assert _statuses(json.loads(out)) == {"train": "skipped", "export": "skipped", "verify": "skipped",
-                                          "bench": "ran", "triton": "skipped", "served": "off"}
+                                          "bench": "ran", "triton": "skipped", "served": SERVED.replace("ran", "skipped")}
+    if SERVED == "ran":  # bench kept the served rows
+        rows = json.loads((first["run"] / "cnnpack.json").read_text())["stages"]["bench"]["results"]
+        assert {r["concurrency"] for r in rows if r["runtime"] == "triton"} == {1, 4}
 
 
-def test_a_deleted_output_is_made_again(first):
-    (first["run"] / "verify.json").unlink()
+def test_a_deleted_or_changed_output_is_made_again(first):
+    (first["run"] / "bench.csv").unlink()
+    (first["run"] / "export" / "reproduce.sh").write_text("edited")
     code, out, err = _pipeline(*first["args"], "--json")
     assert code == 0, err[-3000:]
-    assert _statuses(json.loads(out))["verify"] == "ran"
-    assert (first["run"] / "verify.json").is_file()
+    ran = {k for k, v in _statuses(json.loads(out)).items() if v == "ran"}
+    assert ran == {"bench"}  # reproduce.sh is not a recorded output: export's artifacts are unchanged
+    assert (first["run"] / "bench.csv").is_file()
 
 
 def test_force_reruns_from_training(first, tmp_path):
@@ -120,3 +136,19 @@ def test_bad_options_exit_2_before_any_work(tmp_path):
 def test_a_run_made_by_another_command_is_not_retrained_without_force(tiny_run, tmp_path):
     code, _, err = _pipeline("--run", str(tiny_run), "--serve", "no")
     assert code == 2 and "not made by `cnnpack pipeline`" in err
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(SERVED == "off", reason="the local Triton server cannot run here")
+def test_the_served_stage_classifies_verifies_and_loads_the_served_model(first):
+    m = json.loads((first["run"] / "cnnpack.json").read_text())
+    s = m["stages"]["served"]
+    assert len(s["predictions"]) == 6
+    assert {p["true"] for p in s["predictions"]} == set(m["model"]["classes"])  # one per class
+    assert all(p["ensemble_label"] == p["label"] for p in s["predictions"])  # PNG bytes and pixels agree
+    assert set(s["parity"]) == {"triton:cnn_onnx", "triton:cnn_torchscript"}
+    assert all(p["passed"] and p["max_abs_err"] <= 1e-4 for p in s["parity"].values())
+    assert [r["concurrency"] for r in s["load"]] == [1, 4] and all(r["errors"] == 0 for r in s["load"])
+    assert set(m["stages"]["verify"]["formats"]) >= {"onnx", "torchscript", "triton:cnn_onnx"}
+    assert "## Served by Triton" in (first["run"] / "report.md").read_text()
+    assert (first["run"] / "served" / "server.log").is_file()

@@ -1,0 +1,135 @@
+"""The pipeline's `served` stage: the run's Triton repository under a real server, used as a client would.
+
+Starts the local Triton server on free loopback ports over the repository of the run's `triton`
+stage, then
+  1. classifies a few validation images through it: their pixels to the classifier (Triton's
+     classification extension) and, when they are files, their encoded bytes to the image ensemble;
+  2. verifies every served classifier against eager (`verify` with the served models as targets);
+  3. benchmarks the served ONNX model under concurrent load (`bench --triton-url`);
+and stops the server. Figures go to `served.json` and `stages.served`; the served rows also join
+`verify.json`/`stages.verify` and `bench.json`/`stages.bench`, as the commands would add them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnpack.errors import StageFailed, UserInputError
+from cnnpack.rundir import Run, atomic_write_json
+
+OUTPUT = "served.json"
+PROTOCOL = "grpc"
+
+
+@dataclass(frozen=True)
+class ServedConfig:
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    images: int = 8  # validation images classified through the server
+    threads: int | None = None  # client-side threads for the matmul reference of the served bench
+    max_seconds: float = 4.0  # per concurrency level
+    timeout_s: float = 30.0
+
+    def validate(self) -> None:
+        if self.images < 1:
+            raise UserInputError(f"--infer-images must be >= 1, got {self.images}")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise UserInputError(f"--concurrency must be integers >= 1, got {list(self.concurrency)}")
+
+
+def pick_images(run: Run, n: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """`n` validation images spread over the classes: (pixels uint8 NCHW, labels, files or [], class names)."""
+    from cnnpack.data import load_data
+
+    t = run.stage("train", required_by="pipeline (served)")["config"]
+    data = load_data(t["data"], run.model_spec["image_size"], seed=t["seed"], val_fraction=t["val_fraction"],
+                     data_root=t.get("data_root"))
+    labels = data.val.labels.numpy()
+    rank = np.zeros(len(labels), int)  # round-robin over the classes: each one's first image, then second, ...
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rank[idx] = np.arange(len(idx))
+    pick = np.lexsort((labels, rank))[:n]
+    files = [data.val.files[i] for i in pick] if data.val.files else []
+    return data.val.images[pick].numpy(), labels[pick], files, data.classes
+
+
+def _classify(server, name: str, images: np.ndarray, labels: np.ndarray, files: list[str],
+              classes: list[str], timeout_s: float) -> list[dict]:
+    from cnnpack.client import Client
+    from cnnpack.infer import InferConfig, classify, infer
+
+    with Client(server.grpc_address, PROTOCOL, timeout_s=timeout_s) as client:
+        tops = classify(client, client.model(name), images.astype(np.float32), 1)
+    rows = [{"image": Path(files[i]).name if files else f"val[{i}]", "true": classes[labels[i]],
+             "label": top[0]["label"], "score": top[0]["score"]} for i, top in enumerate(tops)]
+    if files:  # the same images as encoded bytes through the ensemble (decoded and resized on the server)
+        res = infer(files, InferConfig(model=name, url=server.grpc_address, protocol=PROTOCOL, ensemble=True,
+                                       timeout_s=timeout_s))
+        for row, r in zip(rows, res["results"]):
+            row["ensemble_label"] = r["top"][0]["label"]
+    return rows
+
+
+def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
+           progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Serves the run's repository, classifies, verifies and benchmarks through it; returns `stages.served`.
+
+    Raises StageFailed (exit 1) when a served model does not load, a request fails, or the served
+    outputs differ from eager (the message names the check; details in verify.json).
+    """
+    from cnnpack.bench import BenchConfig, bench_served
+    from cnnpack.bench import ServedConfig as LoadConfig
+    from cnnpack.serve import ServeConfig, TritonServer
+    from cnnpack.verify import VerifyConfig, VerifyFailed, served_target, verify
+
+    cfg.validate()
+    run = Run.open(run_dir)
+    t = run.stage("triton", required_by="pipeline (served)")
+    classifiers = [m for m in t.get("models", [t["name"]]) if not m.endswith(("_image", "_preprocess"))]
+    images, labels, files, classes = pick_images(run, cfg.images)
+    log = run.file("served/server.log")
+    log.parent.mkdir(exist_ok=True)
+    progress(f"[served] starting Triton on {t['repository']} (log: {log})")
+    with TritonServer(ServeConfig(repository=t["repository"], log_file=str(log))) as server:
+        progress(f"[served] Triton {server.version} ready: " + ", ".join(f"{m.name} ({m.served_by})"
+                                                                          for m in server.models))
+        preds = _classify(server, t["name"], images, labels, files, classes, cfg.timeout_s)
+        right = sum(p["label"] == p["true"] for p in preds)
+        progress(f"[served] classified {len(preds)} validation images through {t['name']}: {right} right")
+        targets = tuple(served_target(run.path, server.grpc_address, m, PROTOCOL, cfg.timeout_s) for m in classifiers)
+        try:
+            checked = verify(run.path, VerifyConfig(), targets=targets)
+        except VerifyFailed as e:
+            raise StageFailed(str(e)) from None
+        parity = {r["format"]: {"max_abs_err": r["tensor"]["max_abs_err"] if r["tensor"] else None,
+                                "top1_agreement": (r["task"] or {}).get("top1_agreement"), "passed": r["passed"]}
+                  for r in checked["results"] if r["runtime"] == "triton"}
+        progress("[served] parity: " + ", ".join(f"{f} max abs err {p['max_abs_err']:.1e}" for f, p in parity.items()))
+        load = LoadConfig(url=server.grpc_address, model=t["name"], protocol=PROTOCOL, concurrency=cfg.concurrency,
+                          timeout_s=cfg.timeout_s)
+        section = bench_served(run.path, load, BenchConfig(batch_sizes=(1,), threads=cfg.threads,
+                                                           max_seconds=cfg.max_seconds))
+        rows = [r for r in section["results"] if r.get("format") == f"triton:{t['name']}" and r.get("protocol") == PROTOCOL]
+        server_info = {"version": server.version, "urls": server.urls,
+                       "models": [asdict(m) for m in server.models]}
+    throughput = {r["concurrency"]: r for r in rows}
+    c_lo, c_hi = min(throughput), max(throughput)
+    gain = throughput[c_hi]["throughput_ips"] / throughput[c_lo]["throughput_ips"]
+    summary = (f"{right}/{len(preds)} validation images right through Triton; served logits match eager "
+               f"(max abs err {max(p['max_abs_err'] or 0 for p in parity.values()):.1e}); {t['name']} over gRPC: "
+               f"{throughput[c_lo]['latency_ms_p50']:.2f} ms p50 at concurrency {c_lo}, "
+               f"{throughput[c_hi]['throughput_ips']:,.0f} images/s at {c_hi} ({gain:.1f}x)")
+    result = {"summary": summary, "server": server_info, "predictions": preds, "parity": parity,
+              "load": [{k: r.get(k) for k in ("concurrency", "latency_ms_p50", "latency_ms_p99", "throughput_ips",
+                                             "server_batch_mean", "server_queue_ms_mean",
+                                             "server_compute_ms_mean", "errors")} for r in rows],
+              "config": asdict(cfg)}
+    atomic_write_json(run.file(OUTPUT), result)
+    run.set_stage("served", {"status": "ok", **{k: v for k, v in result.items() if k != "server"},
+                             "server_version": server_info["version"],
+                             "outputs": {"served_json": run.file_record(run.file(OUTPUT))}})
+    return run.read()["stages"]["served"]
