@@ -77,7 +77,7 @@ def usage_error(msg: str) -> typer.Exit:
 
 
 # Each command lives in its own module and registers itself on `app` when imported.
-from cnnpack.cli import bench_cmd, export_cmd, infer_cmd, serve_cmd, train_cmd, triton_cmd, verify_cmd  # noqa: E402,F401
+from cnnpack.cli import bench_cmd, export_cmd, infer_cmd, pipeline_cmd, serve_cmd, train_cmd, triton_cmd, verify_cmd  # noqa: E402,F401,I001
 
 
 def main() -> None:
