@@ -704,16 +704,14 @@ def series(row: dict) -> str:
 
 def plot_results(section: dict, path: Path) -> None:
     """Left: median latency vs batch size (p99 as the band's top). Right: throughput per runtime."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend is left alone
 
     results = section["results"]
     runtimes = list(dict.fromkeys(series(r) for r in results))
     batches = sorted({r["batch_size"] for r in results})
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig = Figure(figsize=(12, 4.6))
+    a, b = fig.subplots(1, 2)
     width = 0.8 / len(batches)
     for name in runtimes:
         rows = sorted((r for r in results if series(r) == name), key=lambda r: r["batch_size"])
@@ -722,18 +720,19 @@ def plot_results(section: dict, path: Path) -> None:
         a.fill_between(x, [r["latency_ms_p50"] for r in rows], [r["latency_ms_p99"] for r in rows],
                        color=line.get_color(), alpha=0.15)
     for j, bs in enumerate(batches):
-        vals = [next((r["throughput_ips"] for r in results if series(r) == n and r["batch_size"] == bs), 0)
+        vals = [next((r["throughput_ips"] for r in results if series(r) == n and r["batch_size"] == bs), np.nan)
                 for n in runtimes]
         bars = b.bar(np.arange(len(runtimes)) + (j - (len(batches) - 1) / 2) * width, vals, width,
                      label=f"batch {bs}")
-        b.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+        b.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0f}" for v in vals], fontsize=7, padding=1)
     a.set(xscale="log", yscale="log", xlabel="batch size", ylabel="latency (ms): median, band to p99",
           title="latency per request")
     a.set_xticks(batches, [str(x) for x in batches])
     a.minorticks_off()
     a.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
     a.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    b.set_xticks(range(len(runtimes)), runtimes)
+    b.set_xticks(range(len(runtimes)), runtimes, rotation=20 if len(runtimes) > 4 else 0,
+                 ha="right" if len(runtimes) > 4 else "center", fontsize=8)
     b.set(ylabel="images / s", title=f"throughput ({section['threads']} threads, {section['device']})")
     for ax in (a, b):
         ax.grid(alpha=0.3)
@@ -743,4 +742,3 @@ def plot_results(section: dict, path: Path) -> None:
                  fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
