@@ -150,6 +150,8 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
         summary = stage.run(run)
     except CnnpackError as e:
         _mark_failed(run, stage.name, str(e))
+        if e.exit_code == 130:  # Ctrl-C during training: keeps its own exit code and resume hint
+            raise
         raise StageFailed(f"pipeline stopped: stage {stage.name} failed: {e} (see {stage.output(run)})") from None
     run.update(lambda m: m["stages"][stage.name].update(inputs_sha256=inputs))
     out = Outcome(stage.name, "ran", round(time.perf_counter() - t0, 1), summary)
