@@ -99,6 +99,12 @@ class PipelineConfig:
                 for f in sorted(self.formats, key=lambda f: f == "onnx")]
 
 
+class Interrupted(CnnpackError):
+    """Ctrl-C during a stage (exit 130)."""
+
+    exit_code = 130
+
+
 @dataclass
 class Stage:
     name: str
@@ -150,8 +156,9 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
         summary = stage.run(run)
     except CnnpackError as e:
         _mark_failed(run, stage.name, str(e))
-        if e.exit_code == 130:  # Ctrl-C during training: keeps its own exit code and resume hint
-            raise
+        if e.exit_code == 130:  # Ctrl-C during training: the next pipeline run resumes it
+            raise Interrupted(f"pipeline interrupted in stage {stage.name}: {str(e).split('; continue with')[0]}; "
+                              "run the same `cnnpack pipeline` command again to continue") from None
         raise StageFailed(f"pipeline stopped: stage {stage.name} failed: {e} (see {stage.output(run)})") from None
     run.update(lambda m: m["stages"][stage.name].update(inputs_sha256=inputs))
     out = Outcome(stage.name, "ran", round(time.perf_counter() - t0, 1), summary)
@@ -224,7 +231,13 @@ class Stages:
     def run_train(self, run: Run) -> str:
         from cnnpack.train import train
 
-        section = train(run.path, self.cfg.train_config(), force=run.manifest_path.exists(), progress=self.progress)
+        cfg, last = self.cfg.train_config(), _section(run, "train")
+        # an interrupted training with these options continues from its last finished epoch
+        resume = run.file("last.pt").is_file() and last.get("status") != "ok" and last.get("config") == asdict(cfg)
+        if resume:
+            self.say("[train] resuming the interrupted training from last.pt")
+        section = train(run.path, cfg, force=run.manifest_path.exists() and not resume, resume=resume,
+                        progress=self.progress)
         m = section["metrics"]
         return (f"best val top-1 {100 * m['best_val_acc']:.2f}% (epoch {m['best_epoch']}/{m['epochs']}), "
                 f"{m['train_images_per_s']:.0f} images/s")
@@ -380,8 +393,8 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     try:
         for stage in stages:
             outcomes.append(run_stage(run, stage, force=force, say=say))
-    except StageFailed:
-        _record(run, cfg, outcomes, t0, status="failed")
+    except CnnpackError as e:
+        _record(run, cfg, outcomes, t0, status="interrupted" if e.exit_code == 130 else "failed")
         raise
     if not serve_ok:
         outcomes.append(Outcome("served", "off", summary=why))
