@@ -76,6 +76,14 @@ def usage_error(msg: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def int_list(text: str, flag: str) -> tuple[int, ...]:
+    """`1,8,32` -> (1, 8, 32); anything else is a usage error naming `flag`."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise usage_error(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
 # Each command lives in its own module and registers itself on `app` when imported.
 from cnnpack.cli import bench_cmd, export_cmd, infer_cmd, pipeline_cmd, serve_cmd, train_cmd, triton_cmd, verify_cmd  # noqa: E402,F401,I001
 

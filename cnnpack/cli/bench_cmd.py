@@ -8,14 +8,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors, usage_error
-
-
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise usage_error(f"{flag} takes comma-separated integers, got {text!r}") from None
+from cnnpack.cli import app, emit, handles_errors, int_list, usage_error
 
 
 @app.command()
@@ -50,14 +43,14 @@ def bench(
     if model is not None and triton_url is None:
         raise usage_error("--model names a served model: give the server with --triton-url HOST:PORT too")
     names = tuple(n.strip() for n in runtimes.split(",") if n.strip())
-    sizes = _ints(batch_sizes, "--batch-sizes") if batch_sizes else ((1,) if triton_url else (1, 8, 32))
+    sizes = int_list(batch_sizes, "--batch-sizes") if batch_sizes else ((1,) if triton_url else (1, 8, 32))
     cfg = BenchConfig(runtimes=names, batch_sizes=sizes, threads=threads, max_seconds=max_seconds, device=device,
                       plot=plot)
     cfg.validate()
     with _status(progress and not as_json) as say:
         if triton_url:
             served = ServedConfig(url=triton_url, model=model, protocol=protocol, timeout_s=timeout,
-                                  concurrency=_ints(concurrency, "--concurrency"))
+                                  concurrency=int_list(concurrency, "--concurrency"))
             section = bench_served(run, served, cfg, progress=say)
         else:
             section = do_bench(run, cfg, progress=say)

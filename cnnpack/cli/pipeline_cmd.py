@@ -7,14 +7,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors, usage_error
-
-
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise usage_error(f"{flag} takes comma-separated integers, got {text!r}") from None
+from cnnpack.cli import app, emit, handles_errors, int_list
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -62,9 +55,9 @@ def pipeline(
 
     cfg = PipelineConfig(data=data, arch=arch, image_size=image_size, epochs=epochs, batch_size=batch_size, seed=seed,
                          device=device, data_root=data_root, formats=_names(formats), max_batch_size=max_batch_size,
-                         bench_runtimes=_names(runtimes), bench_batch_sizes=_ints(batch_sizes, "--batch-sizes"),
+                         bench_runtimes=_names(runtimes), bench_batch_sizes=int_list(batch_sizes, "--batch-sizes"),
                          bench_max_seconds=max_seconds, threads=threads, repository=str(repository), serve=serve,
-                         concurrency=_ints(concurrency, "--concurrency"), infer_images=infer_images)
+                         concurrency=int_list(concurrency, "--concurrency"), infer_images=infer_images)
     # stage lines go to stderr, so that stdout holds only the summary (the JSON with --json)
     result = do_pipeline(run, cfg, force=force, progress=progress and not as_json,
                          say=lambda text: typer.echo(text, err=True))

@@ -8,14 +8,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors, usage_error
-
-
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise usage_error(f"{flag} takes comma-separated integers, got {text!r}") from None
+from cnnpack.cli import app, emit, handles_errors, int_list, usage_error
 
 
 @app.command()
@@ -54,7 +47,7 @@ def verify(
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip()) if formats is not None else None
     if fmts == ():
         raise usage_error("--formats is empty; name at least one format (onnx, torchscript)")
-    cfg = VerifyConfig(formats=fmts, batch_sizes=_ints(batch_sizes, "--batch-sizes") if batch_sizes else None,
+    cfg = VerifyConfig(formats=fmts, batch_sizes=int_list(batch_sizes, "--batch-sizes") if batch_sizes else None,
                        samples=samples, atol=atol, rtol=rtol, min_agreement=min_agreement, device=device,
                        data=data, seed=seed)
     cfg.validate()
