@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnpack.rundir import Run, atomic_write_text
+from cnnpack.serve import docker_line
 
 
 @dataclass
@@ -184,8 +185,7 @@ def _triton(m: dict, run: Run) -> list[Block]:
     repo = Path(t["repository"])
     repo = repo if repo.is_absolute() else Path.cwd() / repo
     serve = f"cnnpack serve --repository {t['repository']}"
-    docker = (f"docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v {repo}:/models "
-              "nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models")
+    docker = docker_line(repo.resolve())
     out = [Block("h2", "Triton model repository"),
            Block("p", f"Model `{t['name']}` version {t['version']} ({t['format']}) in `{t['repository']}`:"),
            Block("code", _tree(repo) if repo.is_dir() else str(repo)),

@@ -55,9 +55,14 @@ NOISE = ("CudaDriverHelper has not been initialized",)  # E-level lines Triton p
 
 
 def docker_line(repository: str | Path = "model_repository") -> str:
-    """The NGC container command that serves `repository` with Triton's native backends."""
+    """The NGC container command that serves `repository` with Triton's native backends.
+
+    A relative `repository` is mounted from the current directory ($PWD), an absolute one as it is.
+    """
+    path = Path(repository)
+    source = path if path.is_absolute() else f"$PWD/{path}"
     return ("docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 "
-            f"-v $PWD/{Path(repository).name}:/models nvcr.io/nvidia/tritonserver:{NGC_RELEASE}-py3 "
+            f"-v {source}:/models nvcr.io/nvidia/tritonserver:{NGC_RELEASE}-py3 "
             "tritonserver --model-repository=/models")
 
 
