@@ -51,10 +51,7 @@ class PipelineConfig:
         """Refuses bad options before any stage runs (exit 2, nothing written)."""
         if self.serve not in SERVE_MODES:
             raise UserInputError(f"--serve {self.serve!r}; valid: {', '.join(SERVE_MODES)}")
-        if not self.concurrency or min(self.concurrency) < 1:
-            raise UserInputError(f"--concurrency must be integers >= 1, got {list(self.concurrency)}")
-        if self.infer_images < 1:
-            raise UserInputError(f"--infer-images must be >= 1, got {self.infer_images}")
+        self.served_config().validate()
         if "onnx" not in self.formats:
             raise UserInputError("the pipeline serves the ONNX artifact: --formats must include onnx")
         for make in (self.train_config, self.export_config, self.verify_config, self.bench_config):
@@ -90,6 +87,12 @@ class PipelineConfig:
 
         return BenchConfig(runtimes=self.bench_runtimes, batch_sizes=self.bench_batch_sizes, threads=self.threads,
                            max_seconds=self.bench_max_seconds)
+
+    def served_config(self):
+        from cnnpack.served import ServedConfig
+
+        return ServedConfig(concurrency=self.concurrency, images=self.infer_images, threads=self.threads,
+                            max_seconds=self.bench_max_seconds)
 
     def triton_configs(self) -> list:
         """TorchScript first, ONNX (with the image ensemble) last: `stages.triton` describes the ONNX model."""
@@ -137,21 +140,21 @@ def _files_exist(run: Run, section: dict) -> bool:
                for r in records if isinstance(r, dict) and "path" in r and "sha256" in r)
 
 
-def up_to_date(run: Run, stage: Stage) -> bool:
-    """The stage last succeeded on exactly these inputs and what it wrote is still there."""
+def up_to_date(run: Run, stage: Stage, inputs: str) -> bool:
+    """The stage last succeeded on exactly these inputs (a fingerprint) and what it wrote is still there."""
     section = _section(run, stage.name)
-    if section.get("status") != "ok" or section.get("inputs_sha256") != fingerprint(stage.inputs(run)):
+    if section.get("status") != "ok" or section.get("inputs_sha256") != inputs:
         return False
     return _files_exist(run, section) and stage.outputs_exist(run, section)
 
 
 def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]) -> Outcome:
-    if not force and up_to_date(run, stage):
+    inputs = fingerprint(stage.inputs(run))
+    if not force and up_to_date(run, stage, inputs):
         say(f"[{stage.name}] skipped: inputs unchanged since its last successful run")
         return Outcome(stage.name, "skipped", summary="inputs unchanged")
     say(f"[{stage.name}] running")
     t0 = time.perf_counter()
-    inputs = fingerprint(stage.inputs(run))
     try:
         summary = stage.run(run)
     except CnnpackError as e:
@@ -289,15 +292,9 @@ class Stages:
             (root / n).is_dir() for n in section.get("models", []))
 
     # - served -
-    def served_config(self):
-        from cnnpack.served import ServedConfig
-
-        return ServedConfig(concurrency=self.cfg.concurrency, images=self.cfg.infer_images, threads=self.cfg.threads,
-                            max_seconds=self.cfg.bench_max_seconds)
-
     def served_inputs(self, run: Run) -> dict:
         return {"repository": {k: v.get("sha256") for k, v in _section(run, "triton").get("files", {}).items()},
-                "models": _section(run, "triton").get("models"), "config": asdict(self.served_config()),
+                "models": _section(run, "triton").get("models"), "config": asdict(self.cfg.served_config()),
                 "checkpoint": _checkpoint(run)}
 
     def served_rows_kept(self, run: Run, section: dict) -> bool:
@@ -313,7 +310,7 @@ class Stages:
         from cnnpack.served import served
 
         kept = {s: _section(run, s).get("inputs_sha256") for s in ("verify", "bench")}
-        section = served(run.path, self.served_config(), progress=self.say)
+        section = served(run.path, self.cfg.served_config(), progress=self.say)
         # served rows were added to verify and bench; those stages' own inputs did not change
         run.update(lambda m: [m["stages"][s].update(inputs_sha256=fp) for s, fp in kept.items() if fp])
         return section["summary"]
