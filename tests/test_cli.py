@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import typer
+from support import ctrl_c_after_first_epoch
 
 from cnnpack.cli import app
 
@@ -141,14 +140,8 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(tiny_data, tmp_path):
     run = tmp_path / "run"
     args = ["train", "--data", str(tiny_data), "--image-size", "32", "--epochs", "3", "--batch-size", "32",
             "--no-progress", "--run", str(run)]
-    proc = subprocess.Popen([sys.executable, "-m", "cnnpack", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C during epoch 2
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    code, stderr = ctrl_c_after_first_epoch(args, run)
+    assert code == 130, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "interrupted" in errors[0] and "Traceback" not in stderr, stderr
     assert "Warning" not in stderr, stderr  # no library warnings in a plain `cnnpack train`

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import assert_gone
 
 from cnnpack.client import Client, address
 from cnnpack.errors import StageFailed, UserInputError
@@ -32,20 +33,6 @@ serve = pytest.importorskip("cnnpack.serve")
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cnnpack", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "COLUMNS": "150"})
-
-
-def assert_gone(pid: int) -> None:
-    """Neither the server nor anything in its process group (the Python backend stubs) is left."""
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        assert time.monotonic() < deadline, f"processes of group {pid} outlived the server"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from support import ctrl_c_after_first_epoch
 from typer.testing import CliRunner
 
 from cnnpack.cli import app
@@ -155,23 +156,12 @@ def test_the_served_stage_classifies_verifies_and_loads_the_served_model(first):
 
 
 def test_ctrl_c_in_training_exits_130_and_the_next_run_resumes_it(tiny_data, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
     run = tmp_path / "run"
     args = ["pipeline", "--data", str(tiny_data), "--run", str(run), "--repository", str(tmp_path / "repo"),
             "--serve", "no", "--no-progress", *TINY]
     args[args.index("--epochs") + 1] = "3"
-    proc = subprocess.Popen([sys.executable, "-m", "cnnpack", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C during epoch 2
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    code, stderr = ctrl_c_after_first_epoch(args, run)
+    assert code == 130, stderr
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: pipeline interrupted in stage train") and "again to continue" in line
     m = json.loads((run / "cnnpack.json").read_text())

@@ -10,17 +10,16 @@ seconds); the fault tests start their own.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import assert_gone
 
 from cnnpack.errors import MissingStageError, RuntimeUnavailable, StageFailed, UserInputError
 
@@ -100,20 +99,6 @@ def server(tmp_path_factory, net):
     with srv:
         yield srv
     assert_gone(srv.pid)
-
-
-def assert_gone(pid: int) -> None:
-    """Neither the server nor anything in its process group (the Python backend stubs) is left."""
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
-    deadline = time.monotonic() + 5
-    while True:  # a stub may take a moment to notice its server is gone
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        assert time.monotonic() < deadline, f"processes of group {pid} outlived the server"
-        time.sleep(0.1)
 
 
 def pixels(n: int, seed: int) -> np.ndarray:
