@@ -162,7 +162,9 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
         if e.exit_code == 130:  # Ctrl-C during training: the next pipeline run resumes it
             raise Interrupted(f"pipeline interrupted in stage {stage.name}: {str(e).split('; continue with')[0]}; "
                               "run the same `cnnpack pipeline` command again to continue") from None
-        raise StageFailed(f"pipeline stopped: stage {stage.name} failed: {e} (see {stage.output(run)})") from None
+        pointer = stage.output(run)
+        see = f" (see {pointer})" if Path(pointer).exists() else ""  # e.g. no manifest when train failed first
+        raise StageFailed(f"pipeline stopped: stage {stage.name} failed: {e}{see}") from None
     run.update(lambda m: m["stages"][stage.name].update(inputs_sha256=inputs))
     out = Outcome(stage.name, "ran", round(time.perf_counter() - t0, 1), summary)
     say(f"[{stage.name}] done in {out.seconds:.1f} s: {summary}")
