@@ -65,7 +65,7 @@ def _client_errors() -> tuple[type[BaseException], ...]:
     """What tritonclient raises for a failed call: its own exception, socket errors, aiohttp's."""
     from tritonclient.utils import InferenceServerException
 
-    errors: list[type[BaseException]] = [InferenceServerException, OSError, asyncio.TimeoutError]
+    errors: list[type[BaseException]] = [InferenceServerException, OSError, EOFError, asyncio.TimeoutError]
     for module, name in (("aiohttp", "ClientError"), ("geventhttpclient.response", "HTTPParseError"),
                          ("gevent", "Timeout")):
         try:
@@ -91,11 +91,33 @@ def reason(e: BaseException) -> str:
     return line if len(line) <= 240 else line[:237] + "..."
 
 
-def _gone(text: str) -> bool:
-    """Whether an error says the server is not (or no longer) there, rather than rejecting a request."""
+def _gone(e: BaseException) -> bool:
+    """Whether a failed call means the server is not (or no longer) there, rather than a rejected request.
+
+    Decided by the exception's type where the transport has one (a refused, reset or closed connection,
+    a broken pipe, a request body that could not be written, an early EOF all look different depending
+    on the moment the server died), by gRPC's UNAVAILABLE status, and by the words of the rest.
+    """
+    gone_types: list[type[BaseException]] = [ConnectionError, EOFError]
+    for module, name in (("aiohttp", "ClientConnectionError"), ("aiohttp", "ClientPayloadError"),
+                         ("geventhttpclient.response", "HTTPConnectionClosed")):
+        try:
+            gone_types.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    if isinstance(e, tuple(gone_types)):
+        return True
+    if isinstance(e, OSError) and e.errno is not None:
+        import errno
+
+        return e.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE,
+                           errno.ENOTCONN, errno.ESHUTDOWN)
+    status = getattr(e, "status", lambda: None)
+    if callable(status) and str(status() or "").endswith("UNAVAILABLE"):
+        return True
     keys = ("UNAVAILABLE", "connect", "Connection", "reset", "refused", "closed", "Broken pipe",
-            "Socket closed", "Server disconnected", "EOF")
-    return any(k in text for k in keys)
+            "Socket closed", "Server disconnected", "EOF", "Can not write")
+    return any(k in str(e) for k in keys)
 
 
 # -- what the server says about a model ------------------------------------------------------------
@@ -197,7 +219,7 @@ class Client:
             why, hint = f"no answer within {self.timeout_s:g} s", " (--timeout); is the server stuck or overloaded?"
         else:
             why = reason(e)
-            hint = "; is the server still running? (`cnnpack serve`)" if _gone(str(e)) else ""
+            hint = "; is the server still running? (`cnnpack serve`)" if _gone(e) else ""
         return StageFailed(f"Triton at {self.url}: {what} failed: {why}{hint}")
 
     def _call(self, what: str, fn, *args, **kwargs):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from cnnpack.errors import UserInputError
+from cnnpack.spec import check_class_names
 
 SHAPES = "shapes"
 
@@ -140,6 +141,24 @@ def _check_classes(root: Path, classes: list[str]) -> None:
         raise UserInputError(f"{root} has no class folders; expected {root}/<class>/<image files>")
     if len(classes) < 2:
         raise UserInputError(f"{root} has only one class ({classes[0]}); a classifier needs at least two")
+    check_class_names(classes, where=lambda i, c: f"class folder {c!r} in {root}", fix="rename the folder")
+
+
+def check_class_folders(data: str) -> None:
+    """Checks the class names of an ImageFolder `--data PATH` before any work (reads no image).
+
+    The built-in data and torchvision data sets have fixed, valid names; a missing folder is
+    reported by `load_data` as usual.
+    """
+    root = Path(data)
+    if data == SHAPES or data.startswith("torchvision:") or not root.is_dir():
+        return
+    has_split = (root / "train").is_dir() and (root / "val").is_dir()
+    for folder in (root / "train", root / "val") if has_split else (root,):
+        names = [p.name for p in _class_dirs(folder)]
+        if names:
+            check_class_names(names, where=lambda i, c, f=folder: f"class folder {c!r} in {f}",
+                              fix="rename the folder")
 
 
 def split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

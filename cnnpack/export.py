@@ -26,7 +26,7 @@ from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
 from cnnpack.rundir import Run, atomic_path, atomic_write_text, sha256
-from cnnpack.spec import ModelSpec
+from cnnpack.spec import ModelSpec, check_class_names
 from cnnpack.train import CHECKPOINT, load_checkpoint, save_torch
 
 EXPORTERS: Registry = Registry("format")
@@ -321,6 +321,7 @@ def create_run(run_dir: str | Path, *, arch: str, num_classes: int, image_size: 
     classes = classes or [f"class_{i}" for i in range(num_classes)]
     if len(classes) != num_classes:
         raise UserInputError(f"--classes names {len(classes)} classes but --num-classes is {num_classes}")
+    check_class_names(classes, where=lambda i, c: f"--classes: class {i} {c!r}", fix="use another name")
     spec = ModelSpec(arch=arch, num_classes=num_classes, classes=tuple(classes), image_size=image_size)
     torch.manual_seed(seed)
     model = build_model(spec, pretrained=pretrained)

@@ -381,6 +381,9 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
         StageFailed (exit 1): a stage failed; the message says which and where its output is.
     """
     cfg.validate()
+    from cnnpack.data import check_class_folders
+
+    check_class_folders(cfg.data)  # a name Triton cannot carry fails now, not after training
     run = Run(run_dir or default_run_dir(cfg))
     _check_run_dir(run, force)
     serve_ok, why = serve_available() if cfg.serve != "no" else (False, "--serve no")

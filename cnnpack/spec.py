@@ -6,7 +6,11 @@ downstream re-derives it.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+
+from cnnpack.errors import UserInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,3 +42,47 @@ class ModelSpec:
         known["mean"] = tuple(known.get("mean", IMAGENET_MEAN))
         known["std"] = tuple(known.get("std", IMAGENET_STD))
         return cls(**known)
+
+
+# -- class names ----------------------------------------------------------------------------------
+# A class name travels through labels.txt (one line each), Triton's classification extension
+# (`score:index:label`, which stock clients split on ':'), ONNX metadata_props, TorchScript extra
+# files and JSON. Spaces, quotes and non-ASCII letters are fine for all of them; these are not.
+def class_name_problem(name: object) -> str | None:
+    """Why `name` cannot travel the whole chain, or None when it can."""
+    if not isinstance(name, str) or not name.strip():
+        return "is empty (labels.txt needs one name per line)"
+    bad = sorted({ch for ch in name if not ch.isprintable()})
+    if bad:
+        return (f"contains {', '.join(repr(ch) for ch in bad)} (labels.txt holds one printable, single-line "
+                "name per class)")
+    if ":" in name:
+        return ("contains ':' (Triton's classification extension answers score:index:label and clients split "
+                "it on ':', so they would print the wrong label)")
+    if name != name.strip():
+        return "starts or ends with whitespace (clients that strip labels.txt lines would lose it)"
+    return None
+
+
+def suggest_class_name(name: str) -> str:
+    """A name that passes `class_name_problem`: bad characters become '_'."""
+    fixed = re.sub(r"_+", "_", "".join(ch if ch.isprintable() and ch != ":" else "_" for ch in str(name))).strip()
+    return fixed.strip("_") or "class"
+
+
+def check_class_names(classes: Sequence[str], *, where: Callable[[int, str], str], fix: str) -> list[str]:
+    """The one rule for class names, applied before any work; UserInputError (exit 2) for the first bad one.
+
+    Args:
+        classes: the names, in label order.
+        where: names the place a class came from, e.g. `lambda i, c: f"class folder {c!r} in /data"`.
+        fix: what to do, e.g. "rename the folder" (a valid suggestion is appended).
+    """
+    for i, name in enumerate(classes):
+        problem = class_name_problem(name)
+        if problem:
+            raise UserInputError(f"{where(i, name)}: the name {problem}; {fix}, e.g. to "
+                                 f"{suggest_class_name(name)!r}")
+        if name in classes[:i]:
+            raise UserInputError(f"{where(i, name)}: the name is given twice; class names must be unique")
+    return list(classes)

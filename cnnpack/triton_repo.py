@@ -37,6 +37,7 @@ from pathlib import Path
 from cnnpack import __version__
 from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.rundir import Run, atomic_write_bytes, now, sha256
+from cnnpack.spec import check_class_names
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
@@ -107,15 +108,9 @@ def check_name(name: str) -> str:
 
 
 def check_classes(classes: list[str]) -> list[str]:
-    """Class names become lines of labels.txt: refuse empty, multi-line or non-printable ones."""
-    for i, c in enumerate(classes):
-        if not isinstance(c, str) or not c.strip():
-            raise UserInputError(f"class {i} has an empty name; labels.txt needs one name per line")
-        bad = sorted({ch for ch in c if not ch.isprintable()})
-        if bad:
-            raise UserInputError(f"class {i} name {c!r} contains {', '.join(repr(ch) for ch in bad)}; labels.txt "
-                                 "needs printable single-line names: fix `model.classes` in the run's cnnpack.json")
-    return classes
+    """Class names become lines of labels.txt and labels of `score:index:label`: spec's one rule."""
+    return check_class_names(classes, where=lambda i, c: f"class {i} {c!r} of the run's model.classes",
+                             fix="fix `model.classes` in the run's cnnpack.json (and retrain with renamed folders)")
 
 
 def repository_root(path: str | Path) -> Path:

@@ -277,3 +277,115 @@ def test_a_server_killed_or_stuck_under_load_is_a_clear_error_within_the_timeout
         # the requests in flight when it stopped were sent up to a moment before: their 2 s end a little sooner
         assert 1 < took < 4 and "no answer within 2 s (--timeout)" in message
     assert_gone(srv.pid)
+
+
+def _dead_server_errors() -> list[BaseException]:
+    """What the transports raise when the server is gone, depending on the moment it died."""
+    import errno
+
+    import aiohttp
+    import geventhttpclient.response as ghr
+    from tritonclient.utils import InferenceServerException
+
+    return [ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+            ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+            BrokenPipeError(errno.EPIPE, "Broken pipe"), EOFError(),
+            aiohttp.ClientOSError(errno.EPIPE, "Can not write request body for http://127.0.0.1:1/v2/models/m/infer"),
+            aiohttp.ClientOSError(errno.ECONNRESET, "Can not write request body for http://127.0.0.1:1/x"),
+            aiohttp.ServerDisconnectedError(), aiohttp.ClientPayloadError("Response payload is not completed"),
+            ghr.HTTPConnectionClosed("connection closed."),
+            InferenceServerException("[StatusCode.UNAVAILABLE] Socket closed", status="StatusCode.UNAVAILABLE"),
+            InferenceServerException("failed to connect to all addresses", status="StatusCode.UNAVAILABLE")]
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_every_way_the_transport_fails_when_the_server_is_gone_gives_the_same_message(index):
+    e = _dead_server_errors()[index]
+    message = str(Client("127.0.0.1:1", "http").failure("request under load to m", e))
+    assert message.startswith("Triton at http://127.0.0.1:1: request under load to m failed: ")
+    assert message.endswith("; is the server still running? (`cnnpack serve`)") and "\n" not in message
+
+
+def test_a_rejected_request_is_not_called_a_dead_server():
+    from tritonclient.utils import InferenceServerException
+
+    e = InferenceServerException("[request id: <id_unknown>] unexpected shape for input 'input'", status="400")
+    message = str(Client("127.0.0.1:1", "http").failure("inference", e))
+    assert "unexpected shape" in message and "still running" not in message
+
+
+def test_a_server_that_drops_the_connection_mid_request_reads_as_gone(tmp_path):
+    """A real peer on loopback that closes every connection without reading the request (RST)."""
+    import socket
+    import struct
+
+    from cnnpack.client import ServedModel
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    stop = threading.Event()
+
+    def reset_all():
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    threading.Thread(target=reset_all, daemon=True).start()
+    try:
+        from cnnpack.bench import Load
+
+        client = Client(f"127.0.0.1:{srv.getsockname()[1]}", "http", timeout_s=5)
+        model = ServedModel(name="m", platform="onnxruntime_onnx", input="input", input_dtype="FP32",
+                            input_shape=(3, 256, 256), output="logits", num_classes=2, max_batch_size=8)
+        with Load(client, model, np.zeros((8, 3, 256, 256), np.float32), concurrency=4) as load:
+            with pytest.raises(StageFailed) as err:
+                load.window(seconds=5)
+    finally:
+        stop.set()
+        srv.close()
+    assert "is the server still running?" in str(err.value)
+
+
+# -- class names with spaces, quotes and non-ASCII letters, end to end -------------------------------
+def test_names_with_spaces_quotes_and_non_ascii_are_served_and_read_back_exactly(tiny_data, tmp_path):
+    """Trained from folders so named, served by Triton, read back by a stock-style client that splits
+    `score:index:label` on ':' (as Triton's own image_client does)."""
+    import tritonclient.grpc as grpcclient
+
+    from cnnpack.export import ExportConfig, export
+    from cnnpack.train import TrainConfig, train
+    from cnnpack.triton_repo import TritonConfig, build
+
+    odd = ['grand piano', 'say "cheese"', "it's", "café", "日本語 ß", "x,y 100%"]
+    originals = sorted(p.name for p in (tiny_data / "train").iterdir())
+    assert len(originals) == len(odd)
+    rename = dict(zip(originals, odd))
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for old, new in rename.items():
+            shutil.copytree(tiny_data / split / old, data / split / new)
+    run_dir, repo = tmp_path / "run", tmp_path / "repo"
+    train(run_dir, TrainConfig(data=str(data), image_size=32, epochs=1, batch_size=32), progress=False)
+    export(run_dir, ExportConfig(formats=("onnx",), max_batch_size=8))
+    build(run_dir, TritonConfig(repository=str(repo), threads=1))
+    classes = json.loads((run_dir / "cnnpack.json").read_text())["model"]["classes"]
+    assert sorted(classes) == sorted(rename.values())
+    assert (repo / "cnn_onnx" / "labels.txt").read_text(encoding="utf-8").splitlines() == classes
+    with serve.TritonServer(serve.ServeConfig(repository=str(repo))) as srv:
+        client = grpcclient.InferenceServerClient(srv.grpc_address)
+        x = grpcclient.InferInput("input", [1, 3, 32, 32], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
+        out = [grpcclient.InferRequestedOutput("logits", class_count=len(classes))]
+        top = client.infer("cnn_onnx", [x], outputs=out).as_numpy("logits")[0]
+        client.close()
+    read_back = {}
+    for entry in top:
+        score, index, label = entry.decode("utf-8").split(":")  # more than 3 fields would fail here
+        read_back[int(index)] = label
+    assert read_back == dict(enumerate(classes))
