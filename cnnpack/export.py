@@ -260,10 +260,11 @@ def _command(run: Run, fmt: str, cfg: dict) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
-def _write_reproduce(run: Run) -> None:
+def write_reproduce(run: Run) -> None:
+    """export/reproduce.sh: the command that made each recorded artifact (a derived one records its own)."""
     arts = run.read()["stages"]["export"]["artifacts"]
-    lines = [f"# {fmt}: {rec['path']} (sha256 {rec['sha256'][:12]}...)\n{_command(run, fmt, rec['config'])}"
-             for fmt, rec in arts.items()]
+    lines = [f"# {fmt}: {rec['path']} (sha256 {rec['sha256'][:12]}...)\n"
+             f"{rec.get('command') or _command(run, fmt, rec['config'])}" for fmt, rec in arts.items()]
     script = run.file("export/reproduce.sh")
     atomic_write_text(script, "#!/usr/bin/env bash\n# Re-creates the artifacts of this run exactly as they were made.\n"
                       "set -euo pipefail\n" + "\n".join(lines) + "\n")
@@ -285,9 +286,9 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig()) -> dict:
             art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)
             art.sha256 = sha256(tmp)
         art.path = run.rel(dest)
-        records[fmt] = art.record()
+        records[fmt] = {**art.record(), "precision": "fp16" if cfg.half else "fp32"}
         _record(run, cfg, fmt, records[fmt])
-    _write_reproduce(run)
+    write_reproduce(run)
     return run.read()["stages"]["export"]
 
 

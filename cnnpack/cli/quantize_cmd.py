@@ -1,0 +1,49 @@
+"""`cnnpack quantize`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cnnpack.cli import app, emit, handles_errors
+
+
+@app.command()
+@handles_errors
+def quantize(
+    run: Path = typer.Option(..., help="Run directory with an fp32 ONNX export."),
+    calibration_images: int = typer.Option(256, help="Training-split images to calibrate on (seeded choice)."),
+    method: str = typer.Option("minmax", help="Calibration: minmax | entropy | percentile."),
+    max_drop: float = typer.Option(0.5, help="Accuracy gate: largest top-1 drop vs fp32 ONNX, percentage points."),
+    min_agreement: float = typer.Option(0.99, help="Gate: top-1 agreement with fp32 ONNX on the validation split."),
+    max_steps: int = typer.Option(8, help="Fallback: at most this many steps, each keeping one more node in float."),
+    rank_images: int = typer.Option(256, help="Validation images used to rank nodes for the fallback."),
+    data: Optional[str] = typer.Option(None, help="Data to calibrate and gate on (default: what the run was "
+                                                  "trained on; needed for a run made by export --arch)."),
+    seed: int = typer.Option(0, help="Seed of the calibration images' choice."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
+):
+    """INT8 (QDQ) ONNX model calibrated on the run's own images, kept only if top-1 drops <= --max-drop.
+
+    Example: cnnpack quantize --run runs/demo --max-drop 0.5
+
+    Exit 1 when no attempt meets the gate (the previous int8 model stays as it was).
+    """
+    from rich.console import Console
+
+    from cnnpack.quantize import QuantizeConfig, describe
+    from cnnpack.quantize import quantize as do_quantize
+
+    cfg = QuantizeConfig(calibration_images=calibration_images, method=method, max_drop=max_drop,
+                         min_agreement=min_agreement, max_steps=max_steps,
+                         rank_images=rank_images, seed=seed, data=data)
+    cfg.validate()
+    with Console(stderr=True).status("quantizing") as st:
+        section = do_quantize(run, cfg, progress=lambda text: st.update(f"quantizing: {text}"))
+    emit(section, as_json)
+    if not as_json:
+        art = section["outputs"]["onnx_int8"]
+        typer.echo(f"onnx_int8    {run / art['path']}")
+        typer.echo(describe(section))

@@ -1,0 +1,202 @@
+"""cnnpack quantize: a real QDQ model from real ONNX Runtime, calibrated on the run's PNG files, under the gate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cnnpack.errors import MissingStageError, ParityError, UserInputError
+from cnnpack.export import ExportConfig, export
+from cnnpack.quantize import QuantizeConfig, quantize
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("quantize") / "run"
+    shutil.copytree(tiny_run, run)
+    export(run, ExportConfig(formats=("onnx",), max_batch_size=32))
+    return run
+
+
+@pytest.fixture(scope="module")
+def quantized(exported, tmp_path_factory) -> tuple[Path, dict]:
+    run = tmp_path_factory.mktemp("quantized") / "run"
+    shutil.copytree(exported, run)
+    return run, quantize(run, QuantizeConfig(calibration_images=64, max_drop=100, min_agreement=0.5))
+
+
+def _manifest(run: Path) -> dict:
+    return json.loads((run / "cnnpack.json").read_text())
+
+
+def _qdq_ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_the_int8_artifact_is_a_qdq_model_with_the_fp32_contract(quantized):
+    run, section = quantized
+    art = _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]
+    fp32 = _manifest(run)["stages"]["export"]["artifacts"]["onnx"]
+    path = run / art["path"]
+    assert art["path"] == "export/model.int8.onnx" and art["precision"] == "int8" and fp32["precision"] == "fp32"
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= _qdq_ops(path)
+    m = onnx.load(str(path))
+    weights_dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and "weight" in n.input[0]]
+    scales = {i.name: i for i in m.graph.initializer}
+    assert any(len(scales[n.input[1]].dims) == 1 and scales[n.input[1]].dims[0] > 1 for n in weights_dq)  # per-channel
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert meta["precision"] == "int8" and json.loads(meta["classes"]) == _manifest(run)["model"]["classes"]
+    assert art["input"] == fp32["input"] and art["input"]["shape"][0] == -1  # raw pixels, dynamic batch
+    assert art["calibration"]["images"] == 64 and art["calibration"]["method"] == "minmax"
+    assert art["kept_float"] == [] and section["gate"]["steps"] == 0
+    assert "cnnpack quantize --run" in (run / "export/reproduce.sh").read_text()
+
+
+def test_int8_classifies_like_fp32_on_raw_pixels(quantized):
+    import onnxruntime as ort
+
+    from cnnpack import shapes
+
+    run, section = quantized
+    root = shapes.materialise(image_size=32, seed=1, train_per_class=60, val_per_class=15)
+    from cnnpack.data import load_image_folder
+
+    val = load_image_folder(root, 32).val
+    x = val.images.numpy().astype(np.float32)
+    outs = [ort.InferenceSession(str(run / f"export/{f}"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for f in ("model.onnx", "model.int8.onnx")]
+    agreement = float((outs[0].argmax(1) == outs[1].argmax(1)).mean())
+    assert agreement >= 0.9 and agreement == pytest.approx(section["gate"]["top1_agreement_vs_fp32"])
+
+
+def test_calibration_is_deterministic_for_a_seed(quantized, tmp_path):
+    run, _ = quantized
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    quantize(again, QuantizeConfig(calibration_images=64, max_drop=100, min_agreement=0.5))
+    a = _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]["sha256"]
+    assert _manifest(again)["stages"]["export"]["artifacts"]["onnx_int8"]["sha256"] == a
+
+
+def _outlier_channel(run: Path, factor: float = 1000.0) -> None:
+    """Scales one channel of the first block's output by `factor` and the next conv's weights on it by
+    1/`factor`: the same function in fp32 (ReLU is positively homogeneous), but one shared uint8 scale for
+    that activation leaves the other channels with almost no levels."""
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    sd = ckpt["state_dict"]
+    c = int(sd["features.0.1.bias"].argmax())  # a channel that is mostly positive, so ReLU keeps its range
+    sd["features.0.1.weight"][c] *= factor
+    sd["features.0.1.bias"][c] *= factor
+    sd["features.1.0.weight"][:, c] /= factor
+    torch.save(ckpt, run / "checkpoint.pt")
+
+
+def test_the_fallback_keeps_the_harmful_nodes_in_float_until_the_gate_holds(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    _outlier_channel(run)
+    export(run, ExportConfig(formats=("onnx",), max_batch_size=32))
+    # the tiny run is barely trained (its top-1 is near chance), so the gate's teeth here are the agreement
+    section = quantize(run, QuantizeConfig(calibration_images=64, max_drop=2.5, min_agreement=0.95))
+    first, last = section["attempts"][0], section["attempts"][-1]
+    assert first["top1_agreement_vs_fp32"] < 0.95 and first["kept_float"] == []  # plain int8 misses the gate ...
+    assert last["top1_agreement_vs_fp32"] >= 0.95 and last["drop_pt"] <= 2.5  # ... the fallback reaches it
+    assert section["gate"]["steps"] >= 1 and section["ranking"][0]["node"] in section["kept_float"]
+    kept = section["kept_float"]
+    conv_nodes = [n.name for n in onnx.load(str(run / "export/model.onnx")).graph.node if n.op_type == "Conv"]
+    assert set(conv_nodes[:2]) <= set(kept)  # the producer and the consumer of the outlier activation
+    art = _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]
+    assert art["kept_float"] == kept and art["gate"]["top1_agreement_vs_fp32"] >= 0.95
+    g = onnx.load(str(run / art["path"])).graph
+    dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    float_convs = [n.name for n in g.node if n.op_type == "Conv" and not any(i in dq_out for i in n.input)]
+    assert set(conv_nodes[:2]) <= set(float_convs)  # really in float in the file
+
+
+def test_a_gate_nothing_meets_is_exit_1_and_keeps_the_previous_artifact(quantized, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(quantized[0], run)
+    _outlier_channel(run, factor=1e5)
+    export(run, ExportConfig(formats=("onnx",), max_batch_size=32))
+    before = (run / "export/model.int8.onnx").read_bytes(), _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]
+    with pytest.raises(ParityError, match=r"no int8 model within --max-drop 0 pt and --min-agreement 99%: the best "
+                                          r"reached a drop of .* after 1 fallback step\(s\)"):
+        quantize(run, QuantizeConfig(calibration_images=16, max_drop=0, max_steps=1))
+    assert (run / "export/model.int8.onnx").read_bytes() == before[0]
+    assert _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"] == before[1]
+    assert _manifest(run)["stages"]["quantize"]["status"] == "failed"
+    assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+# -- bad input: one line, exit 2, nothing written ----------------------------------------------------------
+@pytest.mark.parametrize(("cfg", "message"), [
+    (QuantizeConfig(max_drop=-1), "--max-drop is in percentage points of top-1 and must be >= 0"),
+    (QuantizeConfig(calibration_images=0), "--calibration-images must be >= 1"),
+    (QuantizeConfig(calibration_images=100_000), "is more than the 360 images"),
+    (QuantizeConfig(method="kl"), "--method 'kl'; valid: minmax, entropy, percentile"),
+])
+def test_bad_options(exported, tmp_path, cfg, message):
+    run = tmp_path / "run"
+    shutil.copytree(exported, run)
+    with pytest.raises(UserInputError, match=message):
+        quantize(run, cfg)
+    assert not (run / "export/model.int8.onnx").exists() and "quantize" not in _manifest(run)["stages"]
+
+
+def test_no_onnx_artifact_says_to_export(tiny_run):
+    with pytest.raises(MissingStageError, match="has no ONNX artifact to quantize; run `cnnpack export"):
+        quantize(tiny_run, QuantizeConfig())
+
+
+def test_a_run_without_data_needs_data_and_data_with_other_classes_is_refused(tmp_path, tiny_data):
+    from cnnpack.export import create_run
+
+    run = tmp_path / "arch"
+    create_run(run, arch="cnn", num_classes=6, image_size=32)
+    export(run, ExportConfig(formats=("onnx",)))
+    with pytest.raises(UserInputError, match="no training data to calibrate on .* name it with --data"):
+        quantize(run, QuantizeConfig())
+    with pytest.raises(UserInputError, match="has classes .* calibrate on the data the model classifies"):
+        quantize(run, QuantizeConfig(data=str(tiny_data)))
+
+
+def test_a_calibration_folder_without_readable_images_is_refused(exported, tmp_path):
+    data = tmp_path / "data"
+    classes = _manifest(exported)["model"]["classes"]
+    for c in classes:
+        (data / c).mkdir(parents=True)
+        (data / c / "x.png").write_bytes(b"not a png")
+    with pytest.raises(UserInputError, match="no readable images"):
+        quantize(exported, QuantizeConfig(data=str(data)))
+
+
+def test_an_fp16_artifact_is_refused(exported, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(exported, run)
+    m = _manifest(run)
+    m["stages"]["export"]["artifacts"]["onnx"]["input"]["dtype"] = "float16"
+    (run / "cnnpack.json").write_text(json.dumps(m))
+    with pytest.raises(UserInputError, match="is an fp16 artifact .* int8 is calibrated from the fp32 one"):
+        quantize(run, QuantizeConfig())
+
+
+def test_cli(exported, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(exported, run)
+    env = {**os.environ, "COLUMNS": "200"}
+    p = subprocess.run([sys.executable, "-m", "cnnpack", "quantize", "--run", str(run), "--calibration-images", "32",
+                        "--max-drop", "100", "--min-agreement", "0.5"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "onnx_int8" in p.stdout and "top-1" in p.stdout
+    bad = subprocess.run([sys.executable, "-m", "cnnpack", "quantize", "--run", str(run), "--max-drop", "-0.1"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--max-drop" in bad.stderr
