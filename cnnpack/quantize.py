@@ -116,9 +116,9 @@ class _Reader:
 
 # -- running a model -----------------------------------------------------------------------------------
 def _session(path: Path):
-    from cnnpack.runtimes import OrtRuntime
-
     import onnxruntime as ort
+
+    from cnnpack.runtimes import OrtRuntime
 
     return ort.InferenceSession(str(path), OrtRuntime.session_options(None), providers=["CPUExecutionProvider"])
 

@@ -160,6 +160,7 @@ class OrtRuntime:
 
     name = "onnxruntime"
     format = "onnx"
+    formats = ("onnx", "onnx_int8")  # the QDQ int8 file runs in the same runtime (MLAS int8 kernels on the CPU)
     provider = "CPUExecutionProvider"
     provider_options: dict = {}
     exact_options: dict = {}  # with exact=True: full fp32 math (no TF32, no fp16 engines), for parity checks
@@ -345,7 +346,12 @@ for _rt in (EagerRuntime, CompiledRuntime, TorchScriptRuntime, OrtRuntime, OrtCu
     RUNTIMES.register(_rt.name)(_rt)
 
 # which runtime reads which format by default
-FORMAT_RUNTIME = {"checkpoint": "eager", "onnx": "onnxruntime", "torchscript": "torchscript"}
+FORMAT_RUNTIME = {"checkpoint": "eager", "onnx": "onnxruntime", "onnx_int8": "onnxruntime", "torchscript": "torchscript"}
+
+
+def reads(cls, fmt: str) -> bool:
+    """Whether runtime class `cls` loads artifacts of format `fmt`."""
+    return fmt in getattr(cls, "formats", (cls.format,))
 
 
 def artifact_ref(run: Run, fmt: str) -> ArtifactRef:

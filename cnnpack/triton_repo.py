@@ -39,11 +39,13 @@ from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.rundir import Run, atomic_write_bytes, now, sha256
 from cnnpack.spec import check_class_names
 
-PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
-MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx_int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
+MODEL_FILES = {"onnx": "model.onnx", "onnx_int8": "model.onnx", "torchscript": "model.pt"}
+ONNX_FORMATS = ("onnx", "onnx_int8")  # served by Triton's onnxruntime backend (the int8 one is a QDQ model)
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 # thread-count parameter keys as each Triton backend reads them
 THREAD_KEYS = {"onnx": ("intra_op_thread_count", "inter_op_thread_count"),
+               "onnx_int8": ("intra_op_thread_count", "inter_op_thread_count"),
                "torchscript": ("INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT")}
 LABELS = "labels.txt"
 SIDECAR = "cnnpack-model.json"
@@ -86,8 +88,9 @@ class TritonConfig:
                                  "drop --no-dynamic-batching")
         if self.threads and self.device != "cpu":
             raise UserInputError("--threads sets CPU thread pools; it applies to --device cpu only")
-        if (self.tensorrt or self.tensorrt_fp16) and (self.format != "onnx" or self.device != "gpu"):
-            raise UserInputError("TensorRT is the ONNX Runtime GPU accelerator: it needs --format onnx --device gpu")
+        if (self.tensorrt or self.tensorrt_fp16) and (self.format not in ONNX_FORMATS or self.device != "gpu"):
+            raise UserInputError("TensorRT is the ONNX Runtime GPU accelerator: it needs --format onnx or onnx_int8 "
+                                 "and --device gpu")
         if self.tensorrt is False and self.tensorrt_fp16:
             raise UserInputError("--tensorrt-fp16 contradicts --no-tensorrt")
         if self.name is not None:
@@ -95,7 +98,7 @@ class TritonConfig:
 
     @property
     def use_tensorrt(self) -> bool:
-        return self.format == "onnx" and self.device == "gpu" and self.tensorrt is not False
+        return self.format in ONNX_FORMATS and self.device == "gpu" and self.tensorrt is not False
 
 
 # -- input checks ---------------------------------------------------------------------------
@@ -146,6 +149,8 @@ class ModelIO:
     output: Tensor
     max_batch_size: int  # what config.pbtxt says; 0: no batching (static-batch artifact)
     input_kind: str
+    precision: str = "fp32"
+    max_drop_pt: float | None = None  # int8: the quantize gate it was made under
 
     def dims(self, t: Tensor) -> list[int]:
         """Triton dims: without the batch dim when batching, else the full static shape."""
@@ -194,7 +199,7 @@ def _mismatch(what: str, got, expected, path: Path) -> UserInputError:
 def cross_check(rec: dict, path: Path, fmt: str, spec: dict) -> tuple[Tensor, Tensor]:
     """Compares the manifest record with the artifact itself and the model spec."""
     inp, out = _tensor(rec["input"]), _tensor(rec["output"])
-    if fmt == "onnx":
+    if fmt in ONNX_FORMATS:
         g_in, g_out, meta = onnx_graph_io(path)
         for mine, theirs in ((inp, g_in), (out, g_out)):
             for attr in ("name", "dtype", "shape"):
@@ -245,7 +250,11 @@ def model_io(run: Run, cfg: TritonConfig) -> tuple[ModelIO, Path, dict]:
     spec = run.model_spec
     inp, out = cross_check(ref.record, ref.path, cfg.format, spec)
     mbs = batch_limits(ref.record, cfg, ref.path)
-    return ModelIO(inp, out, mbs, ref.record.get("input_kind", "raw")), ref.path, ref.record
+    from cnnpack.verify import precision_of
+
+    io = ModelIO(inp, out, mbs, ref.record.get("input_kind", "raw"), precision_of(ref.record),
+                 ref.record.get("gate", {}).get("max_drop_pt"))
+    return io, ref.path, ref.record
 
 
 # -- config.pbtxt as a ModelConfig message ------------------------------------------------------
@@ -271,6 +280,10 @@ def classifier_config(name: str, io: ModelIO, cfg: TritonConfig):
     _batching(mc, io.max_batch_size, cfg)
     if io.input_kind != "raw":  # clients (cnnpack infer, verify) must know it takes normalised pixels
         _param(mc, "input_kind", io.input_kind)
+    if io.precision != "fp32":  # verify --triton-url holds the served model to its precision's contract
+        _param(mc, "precision", io.precision)
+    if io.max_drop_pt is not None:
+        _param(mc, "max_drop_pt", f"{io.max_drop_pt:g}")
     kind = pb.ModelInstanceGroup.KIND_GPU if cfg.device == "gpu" else pb.ModelInstanceGroup.KIND_CPU
     mc.instance_group.add(kind=kind, count=cfg.instances)
     if cfg.threads:
@@ -279,7 +292,9 @@ def classifier_config(name: str, io: ModelIO, cfg: TritonConfig):
         _param(mc, inter, "1")  # sequential execution; parallelism comes from instances and intra-op threads
     if cfg.use_tensorrt:
         trt = mc.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-        trt.parameters["precision_mode"] = "FP16" if cfg.tensorrt_fp16 else "FP32"
+        # a QDQ model is TensorRT's explicit INT8; otherwise FP16 when asked
+        trt.parameters["precision_mode"] = "INT8" if io.precision == "int8" else (
+            "FP16" if cfg.tensorrt_fp16 else "FP32")
         trt.parameters["max_workspace_size_bytes"] = str(TRT_WORKSPACE_BYTES)
     if cfg.warmup:
         _warmup(mc, io)

@@ -34,6 +34,15 @@ DEFAULT_BATCH_SIZES = (1, 8, 32)
 # fp16 artifacts: a 10-bit mantissa (relative step ~1e-3) rounded through every layer; the absolute error of a
 # logit grows with the logits' size, so atol is FP16_ATOL x the largest |eager logit| (at least FP16_ATOL)
 FP16_ATOL, FP16_RTOL, FP16_MIN_AGREEMENT = 1e-2, 1e-2, 0.995
+# int8 artifacts: task parity (DESIGN §2); their tensor error is reported, not gated
+INT8_MIN_AGREEMENT, INT8_MAX_DROP_PT = 0.99, 0.5
+
+
+def precision_of(record: dict) -> str:
+    """An artifact record's precision (records written before precisions existed: from the dtype)."""
+    if record.get("precision"):
+        return record["precision"]
+    return "fp16" if record.get("input", {}).get("dtype") == "float16" else "fp32"
 VAL_BATCH = 64  # batch size for the validation set (within each artifact's limits)
 OUTPUT = "verify.json"
 
@@ -75,6 +84,8 @@ class Target:
     max_batch_size: int | None = None
     static_batch: int | None = None
     dtype: str = "float32"  # its input/output dtype: float16 selects fp16 tolerances
+    precision: str = "fp32"  # fp32 | fp16 | bf16 | int8: the contract it is held to
+    max_drop_pt: float | None = None  # int8: the quantize gate it was made under (default INT8_MAX_DROP_PT)
 
     @property
     def label(self) -> str:
@@ -97,18 +108,30 @@ class Tolerance:
     rtol: float
     min_agreement: float
     basis: str  # why these values, for verify.json
+    contract: str = "fp32"  # the precision contract applied
+    tensor_gated: bool = True  # int8: tensor error reported, not a failure
+    max_drop_pt: float | None = None  # int8: the largest top-1 drop against eager, percentage points
 
 
-def tolerances(cfg: VerifyConfig, dtype: str, reference: np.ndarray) -> Tolerance:
-    """The config's tolerances for fp32 targets; for an fp16 one the fp16 floor (never tighter than the config):
-    atol FP16_ATOL x max(1, max |eager logit|), rtol FP16_RTOL, top-1 agreement >= FP16_MIN_AGREEMENT."""
-    if dtype != "float16":
+def tolerances(cfg: VerifyConfig, dtype: str, reference: np.ndarray, precision: str = "fp32",
+               max_drop_pt: float | None = None) -> Tolerance:
+    """The contract of the target's precision. fp32: the config's tolerances. fp16: the fp16 floor (never
+    tighter than the config): atol FP16_ATOL x max(1, max |eager logit|), rtol FP16_RTOL, top-1 agreement
+    >= FP16_MIN_AGREEMENT. int8: task parity, top-1 agreement >= INT8_MIN_AGREEMENT and a top-1 drop
+    against eager of at most the quantize gate; the tensor error is reported beside it."""
+    if precision == "int8":
+        drop = INT8_MAX_DROP_PT if max_drop_pt is None else max_drop_pt
+        return Tolerance(cfg.atol, cfg.rtol, min(cfg.min_agreement, INT8_MIN_AGREEMENT),
+                         f"int8 artifact: task parity, top-1 agreement >= {INT8_MIN_AGREEMENT:.0%} and top-1 drop "
+                         f"<= {drop:g} pt (the quantize gate); tensor error reported, not gated", "int8",
+                         tensor_gated=False, max_drop_pt=drop)
+    if dtype != "float16" and precision != "fp16":
         return Tolerance(cfg.atol, cfg.rtol, cfg.min_agreement, "as configured (fp32)")
     scale = max(1.0, float(np.abs(reference[np.isfinite(reference)]).max(initial=0.0)))
     return Tolerance(max(cfg.atol, FP16_ATOL * scale), max(cfg.rtol, FP16_RTOL),
                      min(cfg.min_agreement, FP16_MIN_AGREEMENT),
                      f"fp16 artifact: atol {FP16_ATOL:g} x max |eager logit| {scale:.3g}, rtol {FP16_RTOL:g}, "
-                     f"top-1 agreement >= {FP16_MIN_AGREEMENT:.1%} (or the configured values where looser)")
+                     f"top-1 agreement >= {FP16_MIN_AGREEMENT:.1%} (or the configured values where looser)", "fp16")
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -169,7 +192,7 @@ def failures(label: str, tensor: dict, task: dict | None, cfg: Tolerance | Verif
     out = []
     if tensor["nonfinite"]:
         out.append(f"{label}: {tensor['nonfinite']} of {tensor['elements']} outputs are NaN/Inf (finite check)")
-    if tensor["outside_tolerance"] > tensor["nonfinite"]:
+    if tensor["outside_tolerance"] > tensor["nonfinite"] and getattr(cfg, "tensor_gated", True):
         rtol_needed = tensor["min_rtol_to_pass"]
         out.append(f"{label}: max_abs_err {tensor['max_abs_err']:.1e} > atol {_tol(cfg.atol)} (tensor parity: "
                    f"{tensor['outside_tolerance']} of {tensor['elements']} logits outside atol {_tol(cfg.atol)} "
@@ -180,23 +203,28 @@ def failures(label: str, tensor: dict, task: dict | None, cfg: Tolerance | Verif
                    f"(task parity: {task['top1_disagreements']} of {task['images']} validation images classified "
                    f"differently from eager; accuracy {100 * task['accuracy']:.2f}% vs eager "
                    f"{100 * task['eager_accuracy']:.2f}%)")
+    drop = getattr(cfg, "max_drop_pt", None)
+    if task and drop is not None and -100 * task["accuracy_delta"] > drop + 1e-9:
+        out.append(f"{label}: top-1 drop {-100 * task['accuracy_delta']:.2f} pt > {drop:g} pt (int8 contract: "
+                   f"accuracy {100 * task['accuracy']:.2f}% vs eager {100 * task['eager_accuracy']:.2f}%)")
     return out
 
 
 # -- what to check -----------------------------------------------------------------------------
 def file_targets(run: Run, formats: list[str], device: str) -> list[Target]:
     """Every (artifact, runtime) pair: each exported format in every registered runtime that reads it."""
-    from cnnpack.runtimes import RUNTIMES, artifact_ref
+    from cnnpack.runtimes import RUNTIMES, artifact_ref, reads
 
     targets = []
     for fmt in formats:
         ref = artifact_ref(run, fmt)  # refuses a missing file or one changed since export
-        names = [n for n in RUNTIMES if RUNTIMES.get(n).format == fmt]
+        names = [n for n in RUNTIMES if reads(RUNTIMES.get(n), fmt)]
         if not names:
             raise RuntimeUnavailable(f"no registered runtime reads {fmt} artifacts")
         targets += [Target(fmt, name, functools.partial(_load_file, name, ref, device), ref.record["path"],
                            ref.max_batch_size, ref.record.get("static_batch"),
-                           ref.record.get("input", {}).get("dtype", "float32")) for name in names]
+                           ref.record.get("input", {}).get("dtype", "float32"), precision_of(ref.record),
+                           ref.record.get("gate", {}).get("max_drop_pt")) for name in names]
     return targets
 
 
@@ -215,8 +243,10 @@ def served_target(run_dir: str | Path, url: str | None, model: str, protocol: st
     if m.parameters.get("input_kind") == "normalized":  # as for a file exported with --input normalized
         spec = run.model_spec
         rt = _Normalizing(rt, spec["mean"], spec["std"])
-    return Target(f"triton:{m.name}", "triton", lambda: rt, source,
-                  m.max_batch_size or None, m.static_batch)
+    precision = m.parameters.get("precision", "fp32")
+    max_drop = m.parameters.get("max_drop_pt")
+    return Target(f"triton:{m.name}", "triton", lambda: rt, source, m.max_batch_size or None, m.static_batch,
+                  precision=precision, max_drop_pt=float(max_drop) if max_drop else None)
 
 def _load_file(name: str, ref, device: str):
     from cnnpack.runtimes import RUNTIMES, raw_pixel_input
@@ -340,13 +370,14 @@ def check_target(target: Target, rt, sizes: list[int], ref: Reference, val: Vali
     by_input = _outputs(target, rt, sizes, ref, val, say)
     pairs = [p for v in by_input.values() for p in v]
     result = {"format": target.format, "runtime": target.runtime, "source": target.source,
+              "precision": target.precision,
               "info": getattr(rt, "info", {}), "batch_sizes": sizes, "tensor": None, "task": None}
     bad = next(((g.shape, w.shape) for g, w in pairs if g.shape != w.shape), None)
     if bad:
         result["failures"] = [f"{target.label}: output shape {list(bad[0])} != eager's {list(bad[1])} (shape check)"]
     else:
         want = np.concatenate([w for _, w in pairs])
-        tol = tolerances(cfg, target.dtype, want)
+        tol = tolerances(cfg, target.dtype, want, target.precision, target.max_drop_pt)
         result["tolerance"] = asdict(tol)
         result["tensor"] = tensor_stats(np.concatenate([g for g, _ in pairs]), want, atol=tol.atol, rtol=tol.rtol)
         result["tensor"]["max_abs_err_by_input"] = {
@@ -393,7 +424,9 @@ def by_format(results: list[dict]) -> dict:
     out: dict[str, dict] = {}
     for r in results:
         f = out.setdefault(r["format"], {"max_abs_err": 0.0, "top1_agreement": None, "accuracy": None,
-                                         "passed": True, "runtimes": []})
+                                         "passed": True, "runtimes": [],
+                                         "precision": r.get("precision", "fp32"),
+                                         "contract": (r.get("tolerance") or {}).get("basis")})
         f["runtimes"].append(r["runtime"])
         f["passed"] = f["passed"] and r["passed"]
         if r["tensor"] is None:

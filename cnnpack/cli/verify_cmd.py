@@ -107,7 +107,6 @@ def _verdict(ok: bool) -> str:
 
 
 def _tensor_rows(result: dict) -> list[tuple[str, callable]]:
-    cfg = result["config"]
     cos = lambda t: "-" if t.get("cosine_sim_min") is None else f"{t['cosine_sim_min']:.6f}"  # noqa: E731
     return [
         ("max abs err", lambda t: _e(t.get("max_abs_err"))),
@@ -118,19 +117,35 @@ def _tensor_rows(result: dict) -> list[tuple[str, callable]]:
         ("atol to pass", lambda t: _e(t.get("min_atol_to_pass"))),
         ("rtol to pass", lambda t: _e(t.get("min_rtol_to_pass"))),
         ("NaN/Inf", lambda t: str(t.get("nonfinite", "-"))),
-        (f"atol {cfg['atol']:g} | rtol {cfg['rtol']:g}",
-         lambda t: _verdict(t["outside_tolerance"] == 0) if t else "[red]FAIL[/red] (shape)"),
     ]
 
 
+def _tensor_verdict(r: dict) -> str:
+    """Against the tolerances of the result's own precision contract; int8's tensor error is not gated."""
+    t, tol = r["tensor"], r.get("tolerance") or {}
+    if not t:
+        return "[red]FAIL[/red] (shape)"
+    if not tol.get("tensor_gated", True):
+        return "reported"
+    return f"{_verdict(t['outside_tolerance'] == 0)} ({tol.get('atol', 0):.0e}|{tol.get('rtol', 0):.0e})"
+
+
+def _task_verdict(r: dict) -> str:
+    k, tol = r["task"], r.get("tolerance") or {}
+    if not k:
+        return "-"
+    ok = k["top1_agreement"] >= tol.get("min_agreement", 0)
+    if tol.get("max_drop_pt") is not None:
+        ok = ok and -100 * k["accuracy_delta"] <= tol["max_drop_pt"] + 1e-9
+    return f"{_verdict(ok)} (>= {100 * tol.get('min_agreement', 0):g}%)"
+
+
 def _task_rows(result: dict) -> list[tuple[str, callable]]:
-    gate = result["config"]["min_agreement"]
     return [
         ("top-1 %", lambda k: _pct(k.get("accuracy"))),
         ("Δ vs eager (pp)", lambda k: _pct(k.get("accuracy_delta"), signed=True)),
         ("agreement %", lambda k: _pct(k.get("top1_agreement"))),
         ("images differ", lambda k: str(k.get("top1_disagreements", "-"))),
-        (f"agreement >= {100 * gate:g}%", lambda k: _verdict(k["top1_agreement"] >= gate) if k else "-"),
     ]
 
 
@@ -153,13 +168,16 @@ def parity_table(result: dict):
         t.add_column(f"{col['format']}\n{col['runtime']}", justify="right")
     dashes = ["-"] * len(skipped)
     t.add_row("[bold]tensor parity[/bold]")
+    t.add_row("precision", *[r.get("precision", "fp32") for r in runs], *dashes)
     for name, cell in _tensor_rows(result):
         t.add_row(name, *[cell(r["tensor"] or {}) for r in runs], *dashes)
+    t.add_row("within atol|rtol", *[_tensor_verdict(r) for r in runs], *dashes)
     if result["data"]:
         t.add_section()
         t.add_row("[bold]task parity[/bold]")
         for name, cell in _task_rows(result):
             t.add_row(name, *[cell(r["task"] or {}) for r in runs], *dashes)
+        t.add_row("agreement (+ drop) gate", *[_task_verdict(r) for r in runs], *dashes)
     t.add_section()
     t.add_row("[bold]verdict[/bold]", *[_verdict(r["passed"]) for r in runs], *["skipped"] * len(skipped))
     return t
