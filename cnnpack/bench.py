@@ -13,12 +13,10 @@ by the same loop.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import csv
 import functools
 import gc
-import importlib
 import io
 import os
 import platform
@@ -31,18 +29,26 @@ from pathlib import Path
 import numpy as np
 
 from cnnpack.errors import MissingStageError, RuntimeUnavailable, UserInputError
+from cnnpack.measure import PERCENTILES, Load, Measurement, Window, WindowPolicy, agree, measure, run_window, summarise  # noqa: F401 - re-exported
 from cnnpack.rundir import Run, atomic_path, atomic_write_json, atomic_write_text, library_versions, sha256
 
 DEFAULT_RUNTIMES = ("eager", "compiled", "torchscript", "onnxruntime")
-PERCENTILES = (50, 90, 95, 99)
 NOTES = {
     "latency": "one predict() call on a numpy batch (host-device copies included), time.perf_counter, GPU synchronised",
     "throughput_ips": "images / wall time of the reported windows (the last three)",
     "speedup_vs_eager": "eager latency_ms_p50 / this latency_ms_p50, same batch size",
-    "machine_peak_gflops": "the best of the median fp32 matmul rates measured in this run (torch.matmul of two "
-                           "n x n matrices, same thread count), one before the first row and one after each",
-    "matmul_share": "gflops / matmul_gflops, the mean of the matmul rates measured right before and right after "
-                    "this row: the machine's speed can drift during a run (a shared host)",
+    "machine_peak_gflops": "the fp32 ceiling: the best median rate of several fp32 matrix multiplies (sizes 512..2048, "
+                           "torch.matmul NN/NT and ONNX Runtime MatMul, same thread count) and of the fp32 samples "
+                           "taken around each row",
+    "ceilings": "per precision, the best of several matrix multiplies of that precision (int8: ONNX Runtime "
+                "MatMulInteger u8 x s8), with the ISA's theoretical peak (cores x clock x ops/cycle) beside it",
+    "matmul_gflops": "the ceiling of the row's own precision that matmul_share is taken against",
+    "matmul_share": "gflops / matmul_gflops: the row's share of the machine's measured limit for its precision "
+                    "(GOP/s for int8: the model's counted multiply-adds x 2 per second)",
+    "matmul_around_gflops": "the mean of the fp32 matmul rates measured right before and right after this row: "
+                            "the machine's speed can drift during a run (a shared host)",
+    "speedup_vs_fp32": "for a reduced-precision artifact: the same runtime's fp32 artifact latency_ms_p50 / this one, "
+                       "same batch size",
     "matmul.spread": "max / min - 1 of the matmul samples: beyond 10 % the machine's speed changed during the run "
                      "and rows measured at different times are not comparable",
     "cpu_others": "share of the machine's CPU time taken by other processes or the hypervisor (steal) while "
@@ -66,6 +72,7 @@ class BenchConfig:
     window_s: float | None = None  # None: max_seconds / 10, within 0.05 .. 2 s
     matmul_n: int = 2048  # the sgemm that measures the machine's limit is n x n x n ...
     matmul_s: float = 1.0  # ... repeated for this long (at least 10 times)
+    artifacts: tuple[str, ...] | None = None  # formats to measure (None: every one the run has that a runtime reads)
     plot: bool = True
 
     def validate(self) -> None:
@@ -84,192 +91,6 @@ class BenchConfig:
         window_s = self.window_s or min(2.0, max(0.05, self.max_seconds / 10))
         return WindowPolicy(window_s=window_s, max_s=self.max_seconds, stability=self.stability,
                             warmup_s=self.warmup_s)
-
-
-# -- the measurement loop (perf_analyzer-like; reusable for a served model) --------------------------
-@dataclass(frozen=True)
-class WindowPolicy:
-    window_s: float
-    max_s: float
-    stability: float = 0.10
-    warmup_s: float = 1.0
-    min_requests: int = 3  # per window, and for the warm-up
-    stable_windows: int = 3
-
-
-@dataclass
-class Window:
-    latencies_s: list[float]
-    wall_s: float  # first request's start to last request's end
-
-    @property
-    def requests_per_s(self) -> float:
-        return len(self.latencies_s) / self.wall_s
-
-    @property
-    def latency_s_p50(self) -> float:
-        return float(np.median(self.latencies_s))
-
-
-@dataclass
-class Measurement:
-    windows: list[Window]  # the windows reported on: the last `stable_windows`
-    all_windows: int
-    stable: bool
-    warmup_s: float
-    measured_s: float
-
-
-def run_window(request: Callable[[], object], policy: WindowPolicy, sync: Callable[[], None]) -> Window:
-    """Back-to-back requests for at least `window_s` and `min_requests`."""
-    lat = []
-    t_start = time.perf_counter()
-    end = t_start
-    while end - t_start < policy.window_s or len(lat) < policy.min_requests:
-        t0 = time.perf_counter()
-        request()
-        sync()
-        end = time.perf_counter()
-        lat.append(end - t0)
-    return Window(lat, end - t_start)
-
-
-def agree(windows: list[Window], tol: float) -> bool:
-    """True when throughput and median latency of `windows` each vary by at most `tol` (max/min - 1)."""
-    for values in ([w.requests_per_s for w in windows], [w.latency_s_p50 for w in windows]):
-        if max(values) > (1 + tol) * min(values):
-            return False
-    return True
-
-
-def measure(request: Callable[[], object], policy: WindowPolicy, *, sync: Callable[[], None] = lambda: None,
-            window: Callable[..., Window] = run_window) -> Measurement:
-    """Warms up, then measures windows until `stable_windows` consecutive ones agree or `max_s` runs out.
-
-    `window` produces one Window; a concurrent client (several requests in flight) passes its own.
-    """
-    t0 = time.perf_counter()
-    n = 0
-    while n < policy.min_requests or time.perf_counter() - t0 < policy.warmup_s:
-        request()
-        sync()
-        n += 1
-    warmup_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    windows: list[Window] = []
-    k = policy.stable_windows
-    while True:
-        windows.append(window(request, policy, sync))
-        stable = len(windows) >= k and agree(windows[-k:], policy.stability)
-        if stable or time.perf_counter() - t0 >= policy.max_s:
-            break
-    return Measurement(windows[-k:], len(windows), stable, warmup_s, time.perf_counter() - t0)
-
-
-def summarise(m: Measurement, batch_size: int) -> dict:
-    """Latency percentiles (ms) and throughput (images/s) over the reported windows."""
-    lat_ms = 1e3 * np.concatenate([w.latencies_s for w in m.windows])
-    wall = sum(w.wall_s for w in m.windows)
-    out = {f"latency_ms_p{p}": float(np.percentile(lat_ms, p)) for p in PERCENTILES}
-    out["latency_ms_mean"] = float(lat_ms.mean())
-    out["throughput_ips"] = batch_size * len(lat_ms) / wall
-    out.update(stable=m.stable, requests=len(lat_ms), windows=m.all_windows, warmup_s=m.warmup_s,
-               measured_s=m.measured_s,
-               window_throughput_ips=[batch_size * w.requests_per_s for w in m.windows])
-    return out
-
-
-# -- concurrent load on a served model (perf_analyzer's closed loop) ---------------------------------
-class Load:
-    """`concurrency` requests in flight, each client sending its next request as soon as the previous one
-    answered (perf_analyzer's closed loop), all from one asyncio client (tritonclient.grpc.aio or .http.aio).
-
-        with Load(client, model, batch, concurrency=16) as load:
-            window = load.window(requests=1000)      # or seconds=...; a bench.Window
-
-    The first failed request stops the load and cancels the requests still in flight; `window` then
-    raises StageFailed naming the server and the first error, so a killed server is reported at once
-    and a stuck one within the client timeout.
-    """
-
-    def __init__(self, client, model, batch: np.ndarray, concurrency: int) -> None:
-        if concurrency < 1:
-            raise UserInputError(f"--concurrency must be >= 1, got {concurrency}")
-        self.client, self.model, self.batch, self.concurrency = client, model, batch, concurrency
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._aio = None
-        self._request: dict = {}
-
-    def __enter__(self) -> Load:
-        self._loop = asyncio.new_event_loop()
-        try:
-            self._aio, self._request = self._loop.run_until_complete(self._open())
-        except BaseException:
-            self._loop.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self._loop.run_until_complete(self._aio.close())
-        finally:
-            self._loop.close()
-
-    async def _open(self) -> tuple[object, dict]:
-        """The asyncio client (made inside the loop it runs on) and one request's arguments, built once."""
-        c = self.client
-        lib = importlib.import_module(f"tritonclient.{c.protocol}.aio")
-        if c.protocol == "grpc":
-            aio, timeout = lib.InferenceServerClient(c.address), {"client_timeout": c.timeout_s}
-        else:  # aiohttp: a total timeout per request, and a connection for every request in flight
-            aio, timeout = lib.InferenceServerClient(c.address, conn_timeout=c.timeout_s,
-                                                     conn_limit=max(100, self.concurrency)), {}
-        request = {"model_name": self.model.name, "inputs": c.inputs(self.model, self.batch),
-                   "outputs": [lib.InferRequestedOutput(self.model.output)], **timeout}
-        return aio, request
-
-    def one(self) -> float:
-        """One request alone (warm-up); its latency in seconds."""
-        return self.window(requests=1, concurrency=1).latencies_s[0]
-
-    def window(self, *, seconds: float = 0.0, requests: int = 0, min_requests: int = 1,
-               concurrency: int | None = None) -> Window:
-        """Load for at least `seconds` and `min_requests` requests, or for exactly `requests` requests."""
-        return self._loop.run_until_complete(
-            self._window(seconds, requests, max(min_requests, 1), concurrency or self.concurrency))
-
-    async def _window(self, seconds: float, requests: int, min_requests: int, concurrency: int) -> Window:
-        lat: list[float] = []
-        issued = 0
-        start = time.perf_counter()
-
-        def more() -> bool:
-            if requests:
-                return issued < requests
-            return time.perf_counter() - start < seconds or issued < min_requests
-
-        async def client_loop() -> None:
-            nonlocal issued
-            while more():
-                issued += 1
-                t0 = time.perf_counter()
-                await self._aio.infer(**self._request)
-                lat.append(time.perf_counter() - t0)
-
-        tasks = [asyncio.ensure_future(client_loop()) for _ in range(concurrency)]
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in pending:  # after a failure the requests still in flight are abandoned, not awaited
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        end = time.perf_counter()
-        failed = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
-        if failed:
-            e = failed[0]
-            if not isinstance(e, self.client.errors):
-                raise e  # a bug here, not a server's answer: let it show
-            raise self.client.failure(f"request under load to {self.model.name} ({concurrency} in flight; "
-                                      f"{len(lat)} of {issued} sent were answered)", e) from None
-        return Window(lat, end - start)
 
 
 # -- the machine's limit and the model's cost --------------------------------------------------------
@@ -426,16 +247,40 @@ def check_runtimes(names: tuple[str, ...]) -> None:
     raise UserInputError(msg)
 
 
-def _artifact(run: Run, name: str):
+def _artifact(run: Run, name: str, fmt: str | None = None):
     from cnnpack.runtimes import RUNTIMES, artifact_ref
 
-    fmt = RUNTIMES.get(name).format
+    fmt = fmt or RUNTIMES.get(name).format
     try:
         return artifact_ref(run, fmt)
     except MissingStageError:
         raise MissingStageError(f"{run.path} has no exports, which runtime {name} needs; run "
                                 f"`cnnpack export --run {run.path}` first (or bench only --runtimes eager,compiled)"
                                 ) from None
+
+
+def targets(run: Run, cfg: BenchConfig) -> list[tuple[str, object]]:
+    """(runtime, artifact) pairs: each runtime on its own format and on every other recorded format it reads
+    (onnxruntime on onnx and onnx_int8), or on the formats `cfg.artifacts` names."""
+    from cnnpack.runtimes import RUNTIMES, reads
+
+    recorded = set(run.read().get("stages", {}).get("export", {}).get("artifacts", {}))
+    if cfg.artifacts:
+        unknown = [f for f in cfg.artifacts if f not in recorded and f != "checkpoint"]
+        if unknown:
+            raise UserInputError(f"--artifacts {unknown[0]!r} is not recorded in {run.path} "
+                                 f"(has: {', '.join(sorted(recorded)) or 'none'})")
+    pairs = []
+    for name in cfg.runtimes:
+        cls = RUNTIMES.get(name)
+        formats = [cls.format] + sorted(f for f in recorded if f != cls.format and reads(cls, f))
+        if cfg.artifacts:
+            formats = [f for f in formats if f in cfg.artifacts]
+        pairs += [(name, _artifact(run, name, f)) for f in formats]
+    if not pairs:
+        raise UserInputError(f"no runtime of --runtimes {','.join(cfg.runtimes)} reads --artifacts "
+                             f"{','.join(cfg.artifacts or ())}")
+    return pairs
 
 
 def check_batch_sizes(ref, name: str, batch_sizes: tuple[int, ...]) -> None:
@@ -468,7 +313,16 @@ class _Ctx:
     results: list[dict] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     matmul: list[dict] = field(default_factory=list)
+    ceilings: dict = field(default_factory=dict)  # precision -> peak.ceilings() entry
 
+    def yardstick(self, row: dict, precision: str) -> None:
+        """Sets the row's share of the ceiling of its precision (fp32 when none was measured for it)."""
+        around = (self.matmul[-1]["gflops"] + self.sample_matmul()) / 2
+        ceiling = self.ceilings.get(precision) or self.ceilings.get("fp32") or {"gflops": around}
+        if precision == "fp32" or precision not in self.ceilings:
+            ceiling["gflops"] = max(ceiling["gflops"], self.matmul[-1]["gflops"])  # a faster sample raises it
+        row.update(precision=precision, matmul_around_gflops=around, matmul_gflops=ceiling["gflops"],
+                   matmul_share=row["gflops"] / ceiling["gflops"])
     def sample_matmul(self) -> float:
         """Measures the fp32 matmul rate now (before the first and after every measurement)."""
         self.progress("fp32 matmul")
@@ -478,7 +332,7 @@ class _Ctx:
 
 def bench_runtime(ctx: _Ctx, name: str, ref) -> None:
     """Loads one runtime and measures it at every batch size; an unusable one is recorded as skipped."""
-    from cnnpack.runtimes import RUNTIMES
+    from cnnpack.runtimes import RUNTIMES, precision_of
 
     cfg, spec = ctx.cfg, ctx.run.model_spec
     inputs = {b: _input(spec, b) for b in cfg.batch_sizes}
@@ -487,7 +341,7 @@ def bench_runtime(ctx: _Ctx, name: str, ref) -> None:
     try:
         rt = RUNTIMES.get(name).load(ref, cfg.device, threads=cfg.threads, optimize=True)
     except RuntimeUnavailable as e:
-        ctx.skipped[name] = str(e)
+        ctx.skipped[name if ref.format == RUNTIMES.get(name).format else f"{name} ({ref.format})"] = str(e)
         return
     for b in cfg.batch_sizes:
         ctx.progress(f"{name} batch {b}")
@@ -495,24 +349,27 @@ def bench_runtime(ctx: _Ctx, name: str, ref) -> None:
         m = measure(functools.partial(rt.predict, inputs[b]), cfg.policy(), sync=_sync(ctx.device))
         peak_kb = _status_kb("VmHWM") if can_reset else None
         row_others = others_cpu_share(ticks, _cpu_ticks())
-        row = {"runtime": name, "format": ref.format, "batch_size": b, **summarise(m, b)}
+        row = {"runtime": name, "format": ref.format, "artifact": ref.format, "batch_size": b, **summarise(m, b)}
         row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9
         row["peak_rss_mb"] = (peak_kb - base_kb) / 1024 if peak_kb and base_kb else None
         row["cpu_others"] = row_others
-        # the machine's speed can drift (a shared host): set each row against the rate around it
-        row["matmul_gflops"] = (ctx.matmul[-1]["gflops"] + ctx.sample_matmul()) / 2
-        row["matmul_share"] = row["gflops"] / row["matmul_gflops"]
+        ctx.yardstick(row, precision_of(ref.record) if ref.format != "checkpoint" else "fp32")
         row["info"] = rt.info
         ctx.results.append(row)
     del rt
 
 
 def _speedups(results: list[dict]) -> None:
-    """speedup_vs_eager: eager's median latency over this runtime's, at the same batch size."""
+    """speedup_vs_eager: eager's median latency over this row's, at the same batch size; speedup_vs_fp32 for a
+    reduced-precision artifact: the same runtime's fp32 artifact (its format without the suffix) over this one."""
     eager = {r["batch_size"]: r["latency_ms_p50"] for r in results if r["runtime"] == "eager"}
+    local = {(r["runtime"], r["format"], r["batch_size"]): r["latency_ms_p50"] for r in results
+             if r["runtime"] != "triton"}
     for r in results:
         e = eager.get(r["batch_size"])
         r["speedup_vs_eager"] = e / r["latency_ms_p50"] if e else None
+        base = local.get((r["runtime"], r["format"].rsplit("_", 1)[0], r["batch_size"]))
+        r["speedup_vs_fp32"] = base / r["latency_ms_p50"] if base and r.get("precision", "fp32") != "fp32" else None
 
 
 def machine() -> dict:
@@ -531,6 +388,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     """Benchmarks each runtime of `cfg` at each batch size; writes bench.{json,csv,png}, returns `stages.bench`."""
     import torch
 
+    from cnnpack.runtimes import precision_of
     from cnnpack.train import resolve_device
 
     cfg.validate()
@@ -539,21 +397,22 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         raise UserInputError("runtime triton measures a served model, not a file: use "
                              "`cnnpack bench --run RUN --triton-url HOST:PORT --model NAME`")
     run = Run.open(run_dir)
-    refs = {name: _artifact(run, name) for name in cfg.runtimes}
-    for name, ref in refs.items():
+    pairs = targets(run, cfg)
+    for name, ref in pairs:
         check_batch_sizes(ref, name, cfg.batch_sizes)
     device = resolve_device(cfg.device)
     cfg = BenchConfig(**{**asdict(cfg), "threads": cfg.threads or torch.get_num_threads()})
     host = machine()
     with torch_threads(cfg.threads):
         ctx = _Ctx(run, cfg, device, count_flops(run), progress)
+        ctx.ceilings = _ceilings(ctx, {precision_of(ref.record) for _, ref in pairs if ref.format != "checkpoint"})
         ctx.sample_matmul()
-        for name, ref in refs.items():
+        for name, ref in pairs:
             bench_runtime(ctx, name, ref)
     if not ctx.results:
         raise RuntimeUnavailable("no runtime could run here: " + "; ".join(ctx.skipped.values()))
     host["load_avg_1_5_15_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    section = _section(ctx, host, refs)
+    section = _section(ctx, host, [ref for _, ref in pairs])
     old = _previous(run)  # rows of served models (bench --triton-url) stay
     section["results"] += [r for r in old.get("results", []) if r.get("runtime") == "triton"]
     section["served"] = old.get("served", {})
@@ -562,17 +421,30 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     return run.read()["stages"]["bench"]
 
 
-def _section(ctx: _Ctx, host: dict, refs: dict) -> dict:
-    """stages.bench; machine_peak_gflops is the best of the matmul rates measured during the run."""
+def _ceilings(ctx: _Ctx, precisions: set[str]) -> dict:
+    """The measured ceiling of each precision the rows will have (fp32 always: eager and compiled are fp32)."""
+    if ctx.device.type != "cpu":  # on a GPU the fp32 (TF32 off) matmul samples are the yardstick
+        return {}
+    from cnnpack.peak import ceilings
+
+    ctx.progress("the machine's ceilings")
+    return ceilings(ctx.cfg.threads, precisions={"fp32", *precisions})
+
+
+def _section(ctx: _Ctx, host: dict, refs: list) -> dict:
+    """stages.bench; machine_peak_gflops is the fp32 ceiling (the best fp32 rate measured during the run)."""
     _speedups(ctx.results)
     rates = [m["gflops"] for m in ctx.matmul]
     matmul = {k: v for k, v in ctx.matmul[0].items() if k not in ("gflops", "gflops_best", "repeats")}
     matmul.update(samples_gflops=rates, spread=max(rates) / min(rates) - 1)
     spec = ctx.run.model_spec
-    return {"status": "ok", "machine_peak_gflops": max(rates), "matmul": matmul,
+    peak = max([*rates, ctx.ceilings.get("fp32", {}).get("gflops", 0.0)])
+    over = [f"{series(r)} b{r['batch_size']}" for r in ctx.results if r["matmul_share"] > 1]
+    return {"status": "ok", "machine_peak_gflops": peak, "matmul": matmul, "ceilings": ctx.ceilings,
+            "over_ceiling": over,
             "model": f"{spec['arch']}@{spec['image_size']}px", "model_gflops_per_image": ctx.flops_per_image / 1e9,
             "threads": ctx.cfg.threads, "device": str(ctx.device), "results": ctx.results, "skipped": ctx.skipped,
-            "inputs": {ref.format: ref.record.get("sha256") or sha256(ref.path) for ref in refs.values()},
+            "inputs": {ref.format: ref.record.get("sha256") or sha256(ref.path) for ref in refs},
             "machine": host, "libraries": library_versions(), "config": asdict(ctx.cfg), "notes": NOTES}
 
 
@@ -650,8 +522,8 @@ def bench_load(ctx: _Ctx, rt, batch_size: int, concurrency: int) -> None:
            "protocol": client.protocol, **summarise(m, batch_size), "errors": 0, **server_side(before, after)}
     row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9
     row["peak_rss_mb"] = row["cpu_others"] = None  # the server is another process: not measured from here
-    row["matmul_gflops"] = (ctx.matmul[-1]["gflops"] + ctx.sample_matmul()) / 2
-    row["matmul_share"] = row["gflops"] / row["matmul_gflops"]
+    row["artifact"] = rt.format
+    ctx.yardstick(row, model.parameters.get("precision", "fp32"))
     row["info"] = rt.info
     ctx.results.append(row)
 
@@ -677,9 +549,9 @@ def _merge_served(run: Run, new: dict, rt, served: ServedConfig) -> dict:
 
 
 # -- outputs ------------------------------------------------------------------------------------------
-CSV_COLUMNS = ("runtime", "format", "batch_size", "concurrency", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95",
+CSV_COLUMNS = ("runtime", "format", "precision", "batch_size", "concurrency", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95",
                "latency_ms_p99", "latency_ms_mean", "throughput_ips", "gflops", "matmul_gflops", "matmul_share",
-               "speedup_vs_eager", "peak_rss_mb", "cpu_others", "stable", "requests", "server_batch_mean")
+               "speedup_vs_eager", "speedup_vs_fp32", "peak_rss_mb", "cpu_others", "stable", "requests", "server_batch_mean")
 
 
 def write_outputs(run: Run, section: dict, *, plot: bool = True) -> dict:
@@ -698,8 +570,12 @@ def write_outputs(run: Run, section: dict, *, plot: bool = True) -> dict:
 
 
 def series(row: dict) -> str:
-    """A row's name in tables and plots: the runtime, or for a served model its format and concurrency."""
-    return f"{row['format']} c{row['concurrency']}" if row.get("concurrency") else row["runtime"]
+    """A row's name in tables and plots: the runtime (with a precision other than fp32), or for a served model
+    its format and concurrency."""
+    if row.get("concurrency"):
+        return f"{row['format']} c{row['concurrency']}"
+    precision = row.get("precision", "fp32")
+    return row["runtime"] if precision == "fp32" else f"{row['runtime']} {precision}"
 
 
 def plot_results(section: dict, path: Path) -> None:
@@ -737,8 +613,10 @@ def plot_results(section: dict, path: Path) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{section['model']} ({section['model_gflops_per_image']:.3g} GFLOP/image); this machine's fp32 "
-                 f"matmul rate: {section['machine_peak_gflops']:.0f} GFLOP/s",
+    ceilings = ", ".join(f"{p} {c['gflops']:.0f}" for p, c in section.get("ceilings", {}).items()) or (
+        f"fp32 {section['machine_peak_gflops']:.0f}")
+    fig.suptitle(f"{section['model']} ({section['model_gflops_per_image']:.3g} GFLOP/image); this machine's measured "
+                 f"matmul ceilings (G(FL)OP/s): {ceilings}",
                  fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

@@ -349,6 +349,13 @@ for _rt in (EagerRuntime, CompiledRuntime, TorchScriptRuntime, OrtRuntime, OrtCu
 FORMAT_RUNTIME = {"checkpoint": "eager", "onnx": "onnxruntime", "onnx_int8": "onnxruntime", "torchscript": "torchscript"}
 
 
+def precision_of(record: dict) -> str:
+    """An artifact record's precision (records written before precisions existed: from the dtype)."""
+    if record.get("precision"):
+        return record["precision"]
+    return "fp16" if record.get("input", {}).get("dtype") == "float16" else "fp32"
+
+
 def reads(cls, fmt: str) -> bool:
     """Whether runtime class `cls` loads artifacts of format `fmt`."""
     return fmt in getattr(cls, "formats", (cls.format,))

@@ -250,7 +250,7 @@ def model_io(run: Run, cfg: TritonConfig) -> tuple[ModelIO, Path, dict]:
     spec = run.model_spec
     inp, out = cross_check(ref.record, ref.path, cfg.format, spec)
     mbs = batch_limits(ref.record, cfg, ref.path)
-    from cnnpack.verify import precision_of
+    from cnnpack.runtimes import precision_of
 
     io = ModelIO(inp, out, mbs, ref.record.get("input_kind", "raw"), precision_of(ref.record),
                  ref.record.get("gate", {}).get("max_drop_pt"))

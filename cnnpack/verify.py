@@ -29,6 +29,7 @@ import numpy as np
 
 from cnnpack.errors import ParityError, RuntimeUnavailable, UserInputError
 from cnnpack.rundir import Run, atomic_write_json, library_versions, sha256
+from cnnpack.runtimes import precision_of
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 # fp16 artifacts: a 10-bit mantissa (relative step ~1e-3) rounded through every layer; the absolute error of a
@@ -37,12 +38,6 @@ FP16_ATOL, FP16_RTOL, FP16_MIN_AGREEMENT = 1e-2, 1e-2, 0.995
 # int8 artifacts: task parity (DESIGN §2); their tensor error is reported, not gated
 INT8_MIN_AGREEMENT, INT8_MAX_DROP_PT = 0.99, 0.5
 
-
-def precision_of(record: dict) -> str:
-    """An artifact record's precision (records written before precisions existed: from the dtype)."""
-    if record.get("precision"):
-        return record["precision"]
-    return "fp16" if record.get("input", {}).get("dtype") == "float16" else "fp32"
 VAL_BATCH = 64  # batch size for the validation set (within each artifact's limits)
 OUTPUT = "verify.json"
 

@@ -23,13 +23,16 @@ def bench(
     plot: bool = typer.Option(True, help="Write bench.png."),
     progress: bool = typer.Option(True, help="Show what is being measured."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
+    artifacts: Optional[str] = typer.Option(None, help="Formats to measure, comma list (default: every recorded "
+                                                       "one a runtime reads: onnxruntime runs onnx and onnx_int8)."),
     triton_url: Optional[str] = typer.Option(None, help="Measure the model served by Triton at HOST:PORT instead."),
     model: Optional[str] = typer.Option(None, help="With --triton-url: the served model (default: the run's triton stage's)."),
     protocol: str = typer.Option("grpc", help="With --triton-url: grpc | http (asyncio clients)."),
     concurrency: str = typer.Option("1,4,16", help="With --triton-url: requests in flight, comma list."),
     timeout: float = typer.Option(30.0, help="With --triton-url: seconds each request may take."),
 ):
-    """Latency and throughput of each runtime and batch size, against this machine's fp32 matmul rate.
+    """Latency and throughput of each runtime, artifact and batch size, against this machine's matmul ceiling of
+    each row's precision.
 
     With --triton-url: a served model under closed-loop concurrent load (perf_analyzer-like, asyncio client), one row per batch size x concurrency, added to the run's bench results as runtime triton.
 
@@ -44,8 +47,9 @@ def bench(
         raise usage_error("--model names a served model: give the server with --triton-url HOST:PORT too")
     names = tuple(n.strip() for n in runtimes.split(",") if n.strip())
     sizes = int_list(batch_sizes, "--batch-sizes") if batch_sizes else ((1,) if triton_url else (1, 8, 32))
+    arts = tuple(a.strip() for a in artifacts.split(",") if a.strip()) if artifacts else None
     cfg = BenchConfig(runtimes=names, batch_sizes=sizes, threads=threads, max_seconds=max_seconds, device=device,
-                      plot=plot)
+                      plot=plot, artifacts=arts)
     cfg.validate()
     with _status(progress and not as_json) as say:
         if triton_url:
@@ -92,6 +96,9 @@ def _print_warnings(section: dict) -> None:
             if (r.get("cpu_others") or 0) > 0.05]
     if busy:
         typer.echo(f"other processes took CPU time during: {', '.join(busy)}; rerun on a quiet machine", err=True)
+    if section.get("over_ceiling"):
+        typer.echo(f"rows above the measured ceiling of their precision: {', '.join(section['over_ceiling'])}: the "
+                   "ceiling was measured low (a busy machine?); rerun on a quiet machine", err=True)
     rates = section["matmul"]["samples_gflops"]
     if section["matmul"]["spread"] > 0.10:
         typer.echo(f"the fp32 matmul rate varied from {min(rates):.0f} to {max(rates):.0f} GFLOP/s during the run: "
@@ -102,22 +109,30 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def _print_table(section: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from cnnpack.bench import series
 
+    ceilings = "; ".join(f"{p} {c['gflops']:.0f} G(FL)OP/s ({c['best']}; theoretical "
+                         f"{c['theoretical_gflops']['gflops']:.0f})" for p, c in section.get("ceilings", {}).items())
+    ceilings = ceilings or f"fp32 {section['machine_peak_gflops']:.0f} GFLOP/s"
     t = Table(title=f"{section['model']} on {section['device']}, {section['threads']} threads",
-              caption=f"%mm: GFLOP/s as a share of this machine's fp32 matmul rate, measured around each row "
-                      f"(best {section['machine_peak_gflops']:.0f} GFLOP/s; model "
-                      f"{section['model_gflops_per_image']:.3g} GFLOP/image). ×eager: eager p50 / p50. "
-                      "MB: peak resident memory added by the runtime.")
-    for col in ("runtime", "batch", "p50 ms", "p99 ms", "img/s", "GFLOP/s", "%mm", "×eager", "MB", "stable"):
-        t.add_column(col, justify="left" if col == "runtime" else "right")
+              caption=f"%mm: G(FL)OP/s as a share of this machine's measured matmul ceiling of the row's precision "
+                      f"({ceilings}; model "
+                      f"{section['model_gflops_per_image']:.3g} GFLOP/image). ×eager: eager p50 / p50; ×fp32: the same "
+                      "runtime's fp32 artifact p50 / p50. MB: peak resident memory added by the runtime.")
+    for col in ("runtime", "prec", "batch", "p50 ms", "p99 ms", "img/s", "G(FL)OP/s", "%mm", "×eager", "×fp32", "MB",
+                "stable"):
+        t.add_column(col, justify="left" if col in ("runtime", "prec") else "right")
     for r in section["results"]:
-        t.add_row(series(r), str(r["batch_size"]), _fmt(r["latency_ms_p50"], ".2f"),
+        t.add_row(series(r), r.get("precision", "fp32"), str(r["batch_size"]), _fmt(r["latency_ms_p50"], ".2f"),
                   _fmt(r["latency_ms_p99"], ".2f"), _fmt(r["throughput_ips"], ".1f"), _fmt(r["gflops"], ".1f"),
-                  _fmt(100 * r["matmul_share"], ".0f"), _fmt(r["speedup_vs_eager"], ".2f") + ("x" if r["speedup_vs_eager"] else ""),
+                  _fmt(100 * r["matmul_share"], ".0f"), _x(r["speedup_vs_eager"]), _x(r.get("speedup_vs_fp32")),
                   _fmt(r["peak_rss_mb"], ".0f"), "yes" if r["stable"] else "[red]no[/red]")
     Console(width=None if sys.stdout.isatty() else 130).print(t)  # a log file gets the whole table
