@@ -286,7 +286,8 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig()) -> dict:
             art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)
             art.sha256 = sha256(tmp)
         art.path = run.rel(dest)
-        records[fmt] = {**art.record(), "precision": "fp16" if cfg.half else "fp32"}
+        records[fmt] = {**art.record(), "precision": "fp16" if cfg.half else "fp32",
+                        "size_mb": dest.stat().st_size / 2**20}
         _record(run, cfg, fmt, records[fmt])
     write_reproduce(run)
     return run.read()["stages"]["export"]

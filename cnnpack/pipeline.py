@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError
+from cnnpack.precision import precision_table
 from cnnpack.rundir import MANIFEST, Run, sha256
 
 SERVE_MODES = ("auto", "yes", "no")
@@ -38,6 +39,9 @@ class PipelineConfig:
     data_root: str | None = None
     formats: tuple[str, ...] = ("onnx", "torchscript")
     max_batch_size: int = 64
+    int8: bool = True  # the quantize stage: an int8 ONNX model under the accuracy gate
+    calibration_images: int = 256
+    max_drop: float = 0.5
     bench_runtimes: tuple[str, ...] = ("eager", "compiled", "torchscript", "onnxruntime")
     bench_batch_sizes: tuple[int, ...] = (1, 32)
     bench_max_seconds: float = 4.0
@@ -54,7 +58,8 @@ class PipelineConfig:
         self.served_config().validate()
         if "onnx" not in self.formats:
             raise UserInputError("the pipeline serves the ONNX artifact: --formats must include onnx")
-        for make in (self.train_config, self.export_config, self.verify_config, self.bench_config):
+        for make in (self.train_config, self.export_config, self.verify_config, self.bench_config,
+                     self.quantize_config):
             make().validate()
         from cnnpack.bench import check_runtimes
 
@@ -77,6 +82,11 @@ class PipelineConfig:
 
         return ExportConfig(formats=self.formats, max_batch_size=self.max_batch_size)
 
+    def quantize_config(self):
+        from cnnpack.quantize import QuantizeConfig
+
+        return QuantizeConfig(calibration_images=self.calibration_images, max_drop=self.max_drop, seed=self.seed)
+
     def verify_config(self):
         from cnnpack.verify import VerifyConfig
 
@@ -95,11 +105,12 @@ class PipelineConfig:
                             max_seconds=self.bench_max_seconds)
 
     def triton_configs(self) -> list:
-        """TorchScript first, ONNX (with the image ensemble) last: `stages.triton` describes the ONNX model."""
+        """TorchScript and int8 first, ONNX (with the image ensemble) last: `stages.triton` describes the ONNX model."""
         from cnnpack.triton_repo import TritonConfig
 
+        formats = [*self.formats, *(["onnx_int8"] if self.int8 else [])]
         return [TritonConfig(repository=self.repository, format=f, ensemble=f == "onnx")
-                for f in sorted(self.formats, key=lambda f: f == "onnx")]
+                for f in sorted(formats, key=lambda f: f == "onnx")]
 
 
 class Interrupted(CnnpackError):
@@ -215,6 +226,9 @@ class Stages:
             Stage("train", self.train_inputs, self.run_train, lambda r: str(r.file(MANIFEST))),
             Stage("export", lambda r: {"config": asdict(self.cfg.export_config()), "checkpoint": _checkpoint(r)},
                   self.run_export, lambda r: str(r.file(MANIFEST))),
+            *([Stage("quantize", lambda r: {"config": asdict(self.cfg.quantize_config()),
+                                            "onnx": _artifacts(r).get("onnx")},
+                     self.run_quantize, lambda r: str(r.file(MANIFEST)))] if self.cfg.int8 else []),
             Stage("verify", lambda r: {"config": asdict(self.cfg.verify_config()), "checkpoint": _checkpoint(r),
                                        "artifacts": _artifacts(r)},
                   self.run_verify, lambda r: str(r.file("verify.json"))),
@@ -254,14 +268,24 @@ class Stages:
         section = export(run.path, self.cfg.export_config())
         return ", ".join(f"{f} {section['artifacts'][f]['path']}" for f in self.cfg.formats)
 
+    # - quantize -
+    def run_quantize(self, run: Run) -> str:
+        from cnnpack.quantize import describe, quantize
+
+        with self._status("quantizing") as st:
+            section = quantize(run.path, self.cfg.quantize_config(), progress=st)
+        return f"{section['outputs']['onnx_int8']['path']}: {describe(section)}"
+
     # - verify -
     def run_verify(self, run: Run) -> str:
         from cnnpack.verify import verify
 
         with self._status("verifying") as st:
             result = verify(run.path, self.cfg.verify_config(), progress=st)
-        worst = max(r["tensor"]["max_abs_err"] for r in result["results"] if r["tensor"])
-        return f"{len(result['results'])} artifact x runtime pairs match eager (max abs err {worst:.1e})"
+        worst = max(r["tensor"]["max_abs_err"] for r in result["results"] if r["tensor"] and r["precision"] == "fp32")
+        text = f"{len(result['results'])} artifact x runtime pairs match eager (fp32 max abs err {worst:.1e})"
+        int8 = [r for r in result["results"] if r["precision"] == "int8" and r["task"]]
+        return text + "".join(f"; {r['format']} top-1 agreement {100 * r['task']['top1_agreement']:.2f}%" for r in int8)
 
     # - bench -
     def run_bench(self, run: Run) -> str:
@@ -425,7 +449,9 @@ def summary(run: Run, outcomes: list[Outcome], report: dict, wall_s: float) -> d
         "accuracy": train.get("metrics", {}).get("best_val_acc"),
         "parity_passed": verify.get("passed"),
         "parity_max_abs_err": max((f["max_abs_err"] for f in verify.get("formats", {}).values()
-                                   if f.get("max_abs_err") is not None), default=None),
+                                   if f.get("max_abs_err") is not None and f.get("precision", "fp32") == "fp32"),
+                                  default=None),
+        "precision": precision_table(stages),
         "best_runtime": best and {k: best[k] for k in ("runtime", "batch_size", "speedup_vs_eager",
                                                        "latency_ms_p50", "throughput_ips")},
         "repository": triton.get("repository"),

@@ -76,12 +76,45 @@ def _verify(m: dict) -> list[Block]:
     v = m.get("stages", {}).get("verify")
     if not v:
         return []
-    rows = [["artifact", "max abs err", "top-1 agreement", "accuracy", "verdict"]]
+    rows = [["artifact", "precision", "max abs err", "top-1 agreement", "accuracy", "contract", "verdict"]]
     for fmt, f in v.get("formats", {}).items():
-        rows.append([fmt, _num(f.get("max_abs_err"), "{:.2e}"), _pct(f.get("top1_agreement")), _pct(f.get("accuracy")),
+        rows.append([fmt, f.get("precision", "fp32"), _num(f.get("max_abs_err"), "{:.2e}"), _pct(f.get("top1_agreement")),
+                     _pct(f.get("accuracy")), f.get("contract") or "–",
                      "pass" if f.get("passed", v.get("passed")) else "FAIL"])
-    verdict = "all artifacts compute what the PyTorch model computes" if v.get("passed") else "**parity FAILED**"
+    verdict = ("every artifact is within the contract of its precision (fp32: tensor parity; int8: task parity)"
+               if v.get("passed") else "**parity FAILED**")
     return [Block("h2", "Parity against eager PyTorch"), Block("p", f"Verdict: {verdict}."), Block("table", rows=rows)]
+
+
+PRECISION_PNG = "precision.png"
+
+
+def _precision(m: dict, run: Run) -> list[Block]:
+    """The precision table and the accuracy-vs-speed plot (only when the run has more than one precision)."""
+    from cnnpack.precision import plot_precision, precision_table
+
+    rows = precision_table(m.get("stages", {}))
+    if len({r["precision"] for r in rows}) < 2:
+        return []
+    table = [["artifact", "precision", "size MB", "top-1", "drop vs fp32 (pt)", "p50 ms @ batch 1",
+              f"images/s @ batch {rows[0]['batch_size']}", "× fp32 ONNX Runtime"]]
+    for r in rows:
+        table.append([r["artifact"], r["precision"], _num(r["size_mb"], "{:.2f}"), _pct(r["top1"]),
+                      _num(r["drop_pt"], "{:+.2f}"), _num(r["latency_ms_p50_b1"], "{:.3f}"),
+                      _num(r["images_per_s"], "{:,.0f}"), _num(r["speedup_vs_fp32"], "{:.2f}×")])
+    q = m.get("stages", {}).get("quantize", {})
+    out = [Block("h2", "Precisions"), Block("table", rows=table)]
+    if q.get("status") == "ok":
+        g, c = q["gate"], q["calibration"]
+        kept = ", ".join(f"`{n}`" for n in q.get("kept_float", [])) or "none"
+        out.append(Block("p", f"int8: calibrated on {c['images']} training images ({c['method']}, seed {c['seed']}); "
+                              f"gate: top-1 drop ≤ {g['max_drop_pt']:g} pt and agreement ≥ "
+                              f"{100 * g.get('min_agreement', 0.99):g}% against the fp32 ONNX model; reached "
+                              f"{g['drop_pt']:+.2f} pt and {100 * g['top1_agreement_vs_fp32']:.2f}% after "
+                              f"{g['steps']} fallback step(s); nodes kept in float: {kept}."))
+    if plot_precision(rows, run.file(PRECISION_PNG)):
+        out.append(Block("img", text="accuracy vs speed per precision", path=PRECISION_PNG))
+    return out
 
 
 def _bench(m: dict, run: Run) -> list[Block]:
@@ -90,18 +123,20 @@ def _bench(m: dict, run: Run) -> list[Block]:
         return []
     res = [r for r in b.get("results", []) if r["runtime"] != "triton"]  # served rows: in their own section
     peak = b.get("machine_peak_gflops")
-    rows = [["runtime", "batch", "p50 ms", "p99 ms", "images/s", "speedup vs eager", "GFLOP/s", "% of matmul rate",
-             "stable"]]
+    from cnnpack.bench import series
+
+    rows = [["runtime", "precision", "batch", "p50 ms", "p99 ms", "images/s", "speedup vs eager", "G(FL)OP/s",
+             "% of ceiling", "stable"]]
     for r in res:
-        rows.append([r["runtime"], str(r["batch_size"]), _num(r["latency_ms_p50"], "{:.2f}"),
+        rows.append([series(r), r.get("precision", "fp32"), str(r["batch_size"]), _num(r["latency_ms_p50"], "{:.2f}"),
                      _num(r["latency_ms_p99"], "{:.2f}"), _num(r["throughput_ips"], "{:,.0f}"),
                      _num(r.get("speedup_vs_eager"), "{:.2f}×"), _num(r.get("gflops"), "{:.1f}"),
                      _pct(r.get("matmul_share")), "yes" if r.get("stable", True) else "**no**"])
     out = [Block("h2", "Latency and throughput"),
            Block("p", f"`{b.get('model')}` on {b.get('device')}, {b.get('threads', '?')} threads for every runtime. "
-                      f"This machine's fp32 matrix-multiply rate, measured around every row of the same run, peaked "
-                      f"at {_num(peak, '{:.1f}')} GFLOP/s; the share column compares each row with the rate measured "
-                      "next to it. Speedup: eager's median latency over the runtime's, at the same batch size."),
+                      f"The share column compares each row with this machine's measured matrix-multiply ceiling of "
+                      f"the row's own precision: {_ceilings(b, peak)}. Speedup: eager's median latency over the "
+                      "runtime's, at the same batch size."),
            Block("table", rows=rows)]
     out += [Block("p", w) for w in _bench_warnings({**b, "results": res})]
     if _speedup_plot(b, run.file(SPEEDUP_PNG)):
@@ -109,6 +144,15 @@ def _bench(m: dict, run: Run) -> list[Block]:
     if run.file("bench.png").exists():
         out.append(Block("img", text="latency and throughput per runtime", path="bench.png"))
     return out
+
+
+def _ceilings(b: dict, peak) -> str:
+    c = b.get("ceilings") or {}
+    if not c:
+        return f"fp32 {_num(peak, '{:.1f}')} GFLOP/s"
+    return "; ".join(f"{p} {v['gflops']:.0f} G(FL)OP/s (best: {v['best']}; the ISA's theoretical peak "
+                     f"{v['theoretical_gflops']['gflops']:.0f}, assuming {v['theoretical_gflops']['assumes']})"
+                     for p, v in c.items())
 
 
 def _bench_warnings(b: dict) -> list[str]:
@@ -141,21 +185,22 @@ def _speedup_plot(b: dict, path: Path) -> bool:
     import numpy as np
     from matplotlib.figure import Figure
 
+    from cnnpack.bench import series
     from cnnpack.rundir import atomic_path
 
-    runtimes = list(dict.fromkeys(r["runtime"] for r in res))
+    runtimes = list(dict.fromkeys(series(r) for r in res))
     sizes = sorted({r["batch_size"] for r in res})
-    cell = {(r["runtime"], r["batch_size"]): r for r in res}
+    cell = {(series(r), r["batch_size"]): r for r in res}
     x, width = np.arange(len(runtimes)), 0.8 / len(sizes)
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
     for ax, key, label, scale in ((axes[0], "speedup_vs_eager", "speedup over eager (×)", 1),
-                                  (axes[1], "matmul_share", "% of this machine's fp32 matmul rate", 100)):
+                                  (axes[1], "matmul_share", "% of the machine's ceiling (own precision)", 100)):
         for i, bs in enumerate(sizes):
             vals = [scale * (cell[(rt, bs)].get(key) or 0) if (rt, bs) in cell else 0 for rt in runtimes]
             bars = ax.bar(x + (i - (len(sizes) - 1) / 2) * width, vals, width, label=f"batch {bs}")
             ax.bar_label(bars, fmt="%.1f" if scale == 1 else "%.0f", fontsize=8)
-        ax.set_xticks(x, runtimes)
+        ax.set_xticks(x, runtimes, rotation=15 if len(runtimes) > 4 else 0, fontsize=8)
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
@@ -234,7 +279,8 @@ def build(run: Run) -> list[Block]:
     head = [Block("p", f"Run `{run.path}` · cnnpack {m['tool']['version']} · torch {m['libraries'].get('torch')} · "
                        f"onnxruntime {m['libraries'].get('onnxruntime-gpu') or m['libraries'].get('onnxruntime')} · "
                        f"{m['machine']['platform']}, {m['machine']['cpu_count']} CPUs")]
-    return head + _data_and_training(m) + _export(m, run) + _verify(m) + _bench(m, run) + _triton(m, run) + _served(m)
+    return (head + _data_and_training(m) + _export(m, run) + _verify(m) + _bench(m, run) + _precision(m, run)
+            + _triton(m, run) + _served(m))
 
 
 # -- rendering --------------------------------------------------------------------------------

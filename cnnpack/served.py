@@ -114,17 +114,31 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
         section = bench_served(run.path, load, BenchConfig(batch_sizes=(1,), threads=cfg.threads,
                                                            max_seconds=cfg.max_seconds))
         rows = [r for r in section["results"] if r.get("format") == f"triton:{t['name']}" and r.get("protocol") == PROTOCOL]
+        int8 = next((m for m in classifiers if m.endswith("_int8")), None)
+        if int8:  # the int8 model at the highest concurrency, beside the fp32 one
+            progress(f"[served] load on {int8} at concurrency {max(cfg.concurrency)}")
+            section = bench_served(run.path, LoadConfig(url=server.grpc_address, model=int8, protocol=PROTOCOL,
+                                                        concurrency=(max(cfg.concurrency),), timeout_s=cfg.timeout_s),
+                                   BenchConfig(batch_sizes=(1,), threads=cfg.threads, max_seconds=cfg.max_seconds))
+            rows += [r for r in section["results"] if r.get("format") == f"triton:{int8}" and r.get("protocol") == PROTOCOL]
         server_info = {"version": server.version, "urls": server.urls,
                        "models": [asdict(m) for m in server.models]}
-    throughput = {r["concurrency"]: r for r in rows}
+    throughput = {r["concurrency"]: r for r in rows if r["format"] == f"triton:{t['name']}"}
     c_lo, c_hi = min(throughput), max(throughput)
     gain = throughput[c_hi]["throughput_ips"] / throughput[c_lo]["throughput_ips"]
+    fp32 = [p["max_abs_err"] or 0 for f, p in parity.items() if not f.endswith("_int8")]
     summary = (f"{right}/{len(preds)} validation images right through Triton; served logits match eager "
-               f"(max abs err {max(p['max_abs_err'] or 0 for p in parity.values()):.1e}); {t['name']} over gRPC: "
+               f"(max abs err {max(fp32, default=0):.1e}); {t['name']} over gRPC: "
                f"{throughput[c_lo]['latency_ms_p50']:.2f} ms p50 at concurrency {c_lo}, "
                f"{throughput[c_hi]['throughput_ips']:,.0f} images/s at {c_hi} ({gain:.1f}x)")
+    int8_row = next((r for r in rows if r["format"] != f"triton:{t['name']}"), None)
+    if int8_row:
+        f = int8_row["format"].removeprefix("triton:")
+        summary += (f"; {f}: top-1 agreement {100 * parity[int8_row['format']]['top1_agreement']:.1f}%, "
+                    f"{int8_row['throughput_ips']:,.0f} images/s at {c_hi} "
+                    f"({int8_row['throughput_ips'] / throughput[c_hi]['throughput_ips']:.2f}x fp32)")
     result = {"summary": summary, "server": server_info, "predictions": preds, "parity": parity,
-              "load": [{k: r.get(k) for k in ("concurrency", "latency_ms_p50", "latency_ms_p99", "throughput_ips",
+              "load": [{k: r.get(k) for k in ("format", "concurrency", "latency_ms_p50", "latency_ms_p99", "throughput_ips",
                                              "server_batch_mean", "server_queue_ms_mean",
                                              "server_compute_ms_mean", "errors")} for r in rows],
               "config": asdict(cfg)}

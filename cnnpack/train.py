@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -340,17 +342,18 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     train_model = dist.wrap(model) if dist is not None else model
     best = max((h["val_acc"] for h in history), default=-1.0)
     stale = _stale_epochs(history)
+    kept = history[-1]["epoch"] if history else None  # the epoch last.pt holds
 
     with _progress(progress and is_main) as bar:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             if stale >= cfg.patience:
                 break
-            g = _epoch_rng(cfg.seed, epoch)
-            if dist is not None:
-                state["shard"] = dist.shard(len(data.train), epoch=epoch, seed=cfg.seed)
-            task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, loss="-", acc="-",
-                                ips="-", val="") if bar is not None else None
-            try:
+            try:  # the whole epoch: a Ctrl-C anywhere in it is an Interrupted naming what is kept
+                g = _epoch_rng(cfg.seed, epoch)
+                if dist is not None:
+                    state["shard"] = dist.shard(len(data.train), epoch=epoch, seed=cfg.seed)
+                task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, loss="-", acc="-",
+                                    ips="-", val="") if bar is not None else None
                 stats = _train_one_epoch(train_model, data.train, spec, cfg, device, opt, sched, loss_fn, g,
                                          bar, task, state)
                 if dist is not None:
@@ -358,39 +361,54 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                 stats.update(_validate(model, data.val, spec, device, loss_fn, channels_last))
                 if bar is not None:
                     bar.update(task, val=f"  val loss {stats['val_loss']:.3f} acc {100 * stats['val_acc']:.2f}%")
+                stats = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats}
+                with _sigint_deferred():  # an epoch's files are written whole, or the epoch is not kept
+                    history.append(stats)
+                    improved = stats["val_acc"] > best
+                    best = max(best, stats["val_acc"])
+                    stale = 0 if improved else stale + 1
+                    if is_main:
+                        _save_epoch(run, model, spec, opt, sched, epoch, stats, history, improved)
+                    kept = epoch
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, stats)
             except KeyboardInterrupt:
                 if is_main:
                     run.update(lambda m: m["stages"]["train"].update(status="interrupted"))
-                if not history:
+                if kept is None:
                     raise Interrupted(f"interrupted during epoch {epoch}, before any epoch finished; "
                                       f"start again with `cnnpack train --run {run.path} --force`") from None
-                raise Interrupted(f"interrupted during epoch {epoch}; epoch {history[-1]['epoch']} is kept in "
-                                  f"{run.file(LAST)}; continue with `cnnpack train --run {run.path} --resume`") from None
-            stats = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats}
-            history.append(stats)
-            improved = stats["val_acc"] > best
-            best = max(best, stats["val_acc"])
-            stale = 0 if improved else stale + 1
-            if is_main:
-                if improved:
-                    save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": epoch,
-                                "val_acc": stats["val_acc"]}, run.file(CHECKPOINT))
-                save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
-                            "rng": torch.get_rng_state()}, run.file(LAST))
-                atomic_write_json(run.file("history.json"), history)
-            if on_epoch_end is not None:
-                try:
-                    on_epoch_end(epoch, stats)
-                except KeyboardInterrupt:
-                    if is_main:
-                        run.update(lambda m: m["stages"]["train"].update(status="interrupted"))
-                    raise Interrupted(f"interrupted after epoch {epoch}; it is kept in {run.file(LAST)}; "
-                                      f"continue with `cnnpack train --run {run.path} --resume`") from None
+                where = f"after epoch {epoch}" if kept == epoch else f"during epoch {epoch}"
+                raise Interrupted(f"interrupted {where}; epoch {kept} is kept in {run.file(LAST)}; "
+                                  f"continue with `cnnpack train --run {run.path} --resume`") from None
     if not is_main:
         return {}
     run.update(lambda m: m["stages"]["train"].update(steps_per_epoch=steps_per_epoch))
     return _finish(run, data, spec, device, history, t_start, resume, dist)
+
+
+def _save_epoch(run: Run, model, spec: ModelSpec, opt, sched, epoch: int, stats: dict, history: list[dict],
+                improved: bool) -> None:
+    """checkpoint.pt (when val accuracy improved), last.pt (resume state) and history.json for one epoch."""
+    if improved:
+        save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": epoch,
+                    "val_acc": stats["val_acc"]}, run.file(CHECKPOINT))
+    save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "epoch": epoch, "history": history, "rng": torch.get_rng_state()}, run.file(LAST))
+    atomic_write_json(run.file("history.json"), history)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Holds back Ctrl-C (SIGINT) while the block runs; a Ctrl-C that came meanwhile is raised right after it."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _stale_epochs(history: list[dict]) -> int:

@@ -1,0 +1,73 @@
+"""The precision table: each artifact's precision, size, accuracy and speed side by side.
+
+Read from the run's manifest only (export, verify and bench sections), so the pipeline's summary,
+the report and a script see the same figures:
+
+    artifact   precision  size MB  top-1  drop vs fp32  p50 ms @1  images/s @max  x fp32 ONNX Runtime
+"""
+
+from __future__ import annotations
+
+from cnnpack.runtimes import FORMAT_RUNTIME
+
+
+def _row(rows: list[dict], runtime: str, fmt: str, batch: int) -> dict | None:
+    return next((r for r in rows if r["runtime"] == runtime and r.get("format") == fmt and r["batch_size"] == batch
+                 and not r.get("concurrency")), None)
+
+
+def precision_table(stages: dict) -> list[dict]:
+    """One row per exported artifact (fp32 first), from `stages` of a manifest; [] before export."""
+    arts = stages.get("export", {}).get("artifacts", {})
+    verified = stages.get("verify", {}).get("formats", {})
+    rows = [r for r in stages.get("bench", {}).get("results", []) if r.get("runtime") != "triton"]
+    batches = sorted({r["batch_size"] for r in rows})
+    big = batches[-1] if batches else None
+    fp32_acc = (verified.get("onnx") or {}).get("accuracy")
+    ort32 = _row(rows, "onnxruntime", "onnx", big) if big else None
+    out = []
+    for fmt, rec in sorted(arts.items(), key=lambda kv: (kv[1].get("precision", "fp32") != "fp32", kv[0])):
+        runtime = FORMAT_RUNTIME.get(fmt)
+        one, many = (_row(rows, runtime, fmt, 1), _row(rows, runtime, fmt, big)) if big else (None, None)
+        acc = (verified.get(fmt) or {}).get("accuracy")
+        out.append({
+            "artifact": fmt, "precision": rec.get("precision", "fp32"), "runtime": runtime,
+            "size_mb": rec.get("size_mb"),  # runs exported before sizes were recorded: None
+            "top1": acc, "drop_pt": 100 * (fp32_acc - acc) if acc is not None and fp32_acc is not None else None,
+            "latency_ms_p50_b1": one and one["latency_ms_p50"], "batch_size": big,
+            "images_per_s": many and many["throughput_ips"],
+            "speedup_vs_fp32": (many["throughput_ips"] / ort32["throughput_ips"]) if many and ort32 else None,
+        })
+    return out
+
+
+
+def plot_precision(rows: list[dict], path) -> bool:
+    """Accuracy vs latency: top-1 against p50 at batch 1 (left) and against images/s at the largest batch
+    (right), one labelled point per artifact. False (nothing written) when no row has both figures."""
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend is left alone
+
+    from cnnpack.rundir import atomic_path
+
+    pts = [r for r in rows if r.get("top1") is not None and r.get("latency_ms_p50_b1")]
+    if not pts:
+        return False
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    colours = {"fp32": "tab:blue", "fp16": "tab:orange", "bf16": "tab:green", "int8": "tab:red"}
+    for ax, key, label in ((axes[0], "latency_ms_p50_b1", "p50 latency at batch 1 (ms, lower is better)"),
+                           (axes[1], "images_per_s", f"images/s at batch {pts[0]['batch_size']} (higher is better)")):
+        for r in pts:
+            if r.get(key) is None:
+                continue
+            ax.scatter(r[key], 100 * r["top1"], s=60, color=colours.get(r["precision"], "tab:gray"), zorder=3)
+            ax.annotate(f"{r['artifact']} ({r['precision']})", (r[key], 100 * r["top1"]), fontsize=8,
+                        xytext=(5, 5), textcoords="offset points")
+        ax.set(xlabel=label, ylabel="validation top-1 (%)", xscale="log")
+        ax.grid(alpha=0.3)
+        lo = min(100 * r["top1"] for r in pts)
+        ax.set_ylim(max(0, lo - 2), min(100.5, max(100 * r["top1"] for r in pts) + 1))
+    fig.suptitle("accuracy vs speed per artifact and precision (each in its own runtime, same threads)", fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return True
