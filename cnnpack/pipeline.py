@@ -42,6 +42,7 @@ class PipelineConfig:
     int8: bool = True  # the quantize stage: an int8 ONNX model under the accuracy gate
     calibration_images: int = 256
     max_drop: float = 0.5
+    min_agreement: float = 0.99  # int8 vs fp32 (quantize's gate) and vs eager (verify's int8 contract)
     bench_runtimes: tuple[str, ...] = ("eager", "compiled", "torchscript", "onnxruntime")
     bench_batch_sizes: tuple[int, ...] = (1, 32)
     bench_max_seconds: float = 4.0
@@ -85,12 +86,14 @@ class PipelineConfig:
     def quantize_config(self):
         from cnnpack.quantize import QuantizeConfig
 
-        return QuantizeConfig(calibration_images=self.calibration_images, max_drop=self.max_drop, seed=self.seed)
+        return QuantizeConfig(calibration_images=self.calibration_images, max_drop=self.max_drop,
+                              min_agreement=self.min_agreement, seed=self.seed)
 
     def verify_config(self):
         from cnnpack.verify import VerifyConfig
 
-        return VerifyConfig(batch_sizes=tuple(b for b in (1, 8, 32) if b <= self.max_batch_size) or (1,))
+        return VerifyConfig(batch_sizes=tuple(b for b in (1, 8, 32) if b <= self.max_batch_size) or (1,),
+                            int8_min_agreement=self.min_agreement)
 
     def bench_config(self):
         from cnnpack.bench import BenchConfig
@@ -102,7 +105,7 @@ class PipelineConfig:
         from cnnpack.served import ServedConfig
 
         return ServedConfig(concurrency=self.concurrency, images=self.infer_images, threads=self.threads,
-                            max_seconds=self.bench_max_seconds)
+                            max_seconds=self.bench_max_seconds, int8_min_agreement=self.min_agreement)
 
     def triton_configs(self) -> list:
         """TorchScript and int8 first, ONNX (with the image ensemble) last: `stages.triton` describes the ONNX model."""

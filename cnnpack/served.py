@@ -32,6 +32,7 @@ class ServedConfig:
     threads: int | None = None  # client-side threads for the matmul reference of the served bench
     max_seconds: float = 4.0  # per concurrency level
     timeout_s: float = 30.0
+    int8_min_agreement: float = 0.99  # verify's int8 contract for a served int8 model
 
     def validate(self) -> None:
         if self.images < 1:
@@ -102,7 +103,7 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
         progress(f"[served] classified {len(preds)} validation images through {t['name']}: {right} right")
         targets = tuple(served_target(run.path, server.grpc_address, m, PROTOCOL, cfg.timeout_s) for m in classifiers)
         try:
-            checked = verify(run.path, VerifyConfig(), targets=targets)
+            checked = verify(run.path, VerifyConfig(int8_min_agreement=cfg.int8_min_agreement), targets=targets)
         except VerifyFailed as e:
             raise StageFailed(str(e)) from None
         parity = {r["format"]: {"max_abs_err": r["tensor"]["max_abs_err"] if r["tensor"] else None,

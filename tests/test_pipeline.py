@@ -13,7 +13,8 @@ from cnnpack.cli import app
 
 TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "32", "--runtimes", "eager,onnxruntime",
         "--batch-sizes", "1,4", "--max-seconds", "0.3", "--max-batch-size", "8", "--threads", "1",
-        "--concurrency", "1,4", "--infer-images", "6"]
+        "--concurrency", "1,4", "--infer-images", "6",
+        "--min-agreement", "0.5"]  # the int8 gate: the tiny model is barely trained, its logits near ties
 
 
 def _can_serve() -> bool:
@@ -47,16 +48,27 @@ def first(tiny_data, tmp_path_factory):
 
 def test_every_stage_runs_and_the_manifest_records_it(first):
     out = first["out"]
-    assert _statuses(out) == {"train": "ran", "export": "ran", "verify": "ran", "bench": "ran", "triton": "ran",
-                              "served": SERVED}
+    assert _statuses(out) == {"train": "ran", "export": "ran", "quantize": "ran", "verify": "ran", "bench": "ran",
+                              "triton": "ran", "served": SERVED}
     m = json.loads((first["run"] / "cnnpack.json").read_text())
-    for name in ("train", "export", "verify", "bench", "triton") + (("served",) if SERVED == "ran" else ()):
+    for name in ("train", "export", "quantize", "verify", "bench", "triton") + (("served",) if SERVED == "ran" else ()):
         assert m["stages"][name]["status"] == "ok"
         assert re.fullmatch(r"[0-9a-f]{64}", m["stages"][name]["inputs_sha256"])
     assert m["stages"]["pipeline"]["status"] == "ok"
     assert out["parity_passed"] is True and 0 < out["accuracy"] <= 1
     assert out["best_runtime"]["runtime"] == "onnxruntime"
-    assert set(out["models"]) == {"cnn_onnx", "cnn_onnx_image", "cnn_torchscript"}
+    assert set(out["models"]) == {"cnn_onnx", "cnn_onnx_image", "cnn_torchscript", "cnn_onnx_int8"}
+    assert m["stages"]["export"]["artifacts"]["onnx_int8"]["precision"] == "int8"
+    assert m["stages"]["verify"]["formats"]["onnx_int8"]["passed"]  # held to the int8 contract
+    assert {(r["runtime"], r["precision"]) for r in m["stages"]["bench"]["results"] if r["runtime"] != "triton"} >= {
+        ("onnxruntime", "fp32"), ("onnxruntime", "int8")}
+    table = {r["artifact"]: r for r in out["precision"]}
+    assert set(table) == {"onnx", "torchscript", "onnx_int8"} and table["onnx_int8"]["precision"] == "int8"
+    assert table["onnx_int8"]["speedup_vs_fp32"] > 0 and table["onnx_int8"]["size_mb"] < table["onnx"]["size_mb"]
+    if SERVED == "ran":  # the served int8 model was verified and put under load
+        served = m["stages"]["served"]
+        assert served["parity"]["triton:cnn_onnx_int8"]["passed"]
+        assert {r["format"] for r in served["load"]} == {"triton:cnn_onnx", "triton:cnn_onnx_int8"}
     for model in out["models"]:
         assert (first["repo"] / model / "config.pbtxt").is_file()
 
@@ -64,13 +76,13 @@ def test_every_stage_runs_and_the_manifest_records_it(first):
 def test_report_has_every_section_and_inlines_its_images(first):
     md = (first["run"] / "report.md").read_text()
     for heading in ("## Data", "## Training", "## Exported artifacts", "## Parity against eager PyTorch",
-                    "## Latency and throughput", "## Triton model repository"):
+                    "## Latency and throughput", "## Precisions", "## Triton model repository"):
         assert heading in md
-    for png in ("curves.png", "confusion.png", "samples.png", "bench.png", "speedup.png"):
+    for png in ("curves.png", "confusion.png", "samples.png", "bench.png", "speedup.png", "precision.png"):
         assert f"]({png})" in md and (first["run"] / png).is_file()
     assert "cnnpack serve --repository" in md and "nvcr.io/nvidia/tritonserver" in md
     html = (first["run"] / "report.html").read_text()
-    assert html.count("src='data:image/png;base64,") == 5
+    assert html.count("src='data:image/png;base64,") == 6
     assert not re.search(r"src=['\"](?!data:)", html)  # self-contained: nothing linked
 
 
@@ -78,7 +90,7 @@ def test_rerun_skips_every_stage(first):
     code, out, err = _pipeline(*first["args"], "--json")
     assert code == 0, err[-3000:]
     assert set(_statuses(json.loads(out)).values()) <= {"skipped", "off"}
-    assert err.count("skipped: inputs unchanged") == 5 + (SERVED == "ran")
+    assert err.count("skipped: inputs unchanged") == 6 + (SERVED == "ran")
 
 
 def test_a_changed_option_reruns_only_the_stages_it_feeds(first):
@@ -86,8 +98,8 @@ def test_a_changed_option_reruns_only_the_stages_it_feeds(first):
     args[args.index("--batch-sizes") + 1] = "1,2"  # feeds the local bench only
     code, out, err = _pipeline(*args, "--json")
     assert code == 0, err[-3000:]
-    assert _statuses(json.loads(out)) == {"train": "skipped", "export": "skipped", "verify": "skipped",
-                                          "bench": "ran", "triton": "skipped", "served": SERVED.replace("ran", "skipped")}
+    assert _statuses(json.loads(out)) == {"train": "skipped", "export": "skipped", "quantize": "skipped",
+                                          "verify": "skipped", "bench": "ran", "triton": "skipped", "served": SERVED.replace("ran", "skipped")}
     if SERVED == "ran":  # bench kept the served rows
         rows = json.loads((first["run"] / "cnnpack.json").read_text())["stages"]["bench"]["results"]
         assert {r["concurrency"] for r in rows if r["runtime"] == "triton"} == {1, 4}
@@ -147,9 +159,12 @@ def test_the_served_stage_classifies_verifies_and_loads_the_served_model(first):
     assert len(s["predictions"]) == 6
     assert {p["true"] for p in s["predictions"]} == set(m["model"]["classes"])  # one per class
     assert all(p["ensemble_label"] == p["label"] for p in s["predictions"])  # PNG bytes and pixels agree
-    assert set(s["parity"]) == {"triton:cnn_onnx", "triton:cnn_torchscript"}
-    assert all(p["passed"] and p["max_abs_err"] <= 1e-4 for p in s["parity"].values())
-    assert [r["concurrency"] for r in s["load"]] == [1, 4] and all(r["errors"] == 0 for r in s["load"])
+    assert set(s["parity"]) == {"triton:cnn_onnx", "triton:cnn_torchscript", "triton:cnn_onnx_int8"}
+    assert all(p["passed"] for p in s["parity"].values())
+    assert all(p["max_abs_err"] <= 1e-4 for f, p in s["parity"].items() if not f.endswith("_int8"))  # fp32 contract
+    assert [(r["format"], r["concurrency"]) for r in s["load"]] == [
+        ("triton:cnn_onnx", 1), ("triton:cnn_onnx", 4), ("triton:cnn_onnx_int8", 4)]
+    assert all(r["errors"] == 0 for r in s["load"])
     assert set(m["stages"]["verify"]["formats"]) >= {"onnx", "torchscript", "triton:cnn_onnx"}
     assert "## Served by Triton" in (first["run"] / "report.md").read_text()
     assert (first["run"] / "served" / "server.log").is_file()

@@ -200,3 +200,46 @@ def test_cli(exported, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cnnpack", "quantize", "--run", str(run), "--max-drop", "-0.1"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--max-drop" in bad.stderr
+
+
+def test_verify_and_bench_hold_int8_to_its_own_contract_and_ceiling(quantized, tmp_path):
+    from cnnpack.bench import BenchConfig, bench
+    from cnnpack.verify import VerifyConfig, VerifyFailed, verify
+
+    run = tmp_path / "run"
+    shutil.copytree(quantized[0], run)
+    if quantized[1]["gate"]["top1_agreement_vs_fp32"] < 0.99:  # made under a loose gate: verify's contract bites
+        with pytest.raises(VerifyFailed, match=r"onnx_int8 \(onnxruntime\): top1_agreement .* < 99.00%"):
+            verify(run, VerifyConfig(batch_sizes=(1,)))
+    quantize(run, QuantizeConfig(calibration_images=64, max_drop=100))  # the default 99 % agreement
+    result = verify(run, VerifyConfig(batch_sizes=(1, 8)))
+    int8 = next(r for r in result["results"] if r["format"] == "onnx_int8" and r["runtime"] == "onnxruntime")
+    assert int8["precision"] == "int8" and int8["passed"]
+    assert not int8["tolerance"]["tensor_gated"] and int8["tolerance"]["min_agreement"] == 0.99
+    assert int8["tolerance"]["max_drop_pt"] == 100  # the gate it was quantized under
+    assert int8["tensor"]["max_abs_err"] > 1e-4 and int8["tensor"]["cosine_sim_min"] is not None  # reported
+    section = bench(run, BenchConfig(runtimes=("onnxruntime",), batch_sizes=(1, 8), threads=1, max_seconds=0.2,
+                                     warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
+    rows = {(r["artifact"], r["batch_size"]): r for r in section["results"]}
+    assert set(rows) == {(a, b) for a in ("onnx", "onnx_int8") for b in (1, 8)}
+    for (artifact, _), r in rows.items():
+        precision = "int8" if artifact == "onnx_int8" else "fp32"
+        assert r["precision"] == precision and r["matmul_gflops"] == section["ceilings"][precision]["gflops"]
+    assert rows[("onnx_int8", 8)]["speedup_vs_fp32"] == pytest.approx(
+        rows[("onnx", 8)]["latency_ms_p50"] / rows[("onnx_int8", 8)]["latency_ms_p50"])
+    assert section["ceilings"]["int8"]["best"].startswith("onnxruntime MatMulInteger")
+
+
+def test_triton_lays_out_the_int8_model_with_its_precision(quantized, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from cnnpack.triton_repo import TritonConfig, build
+
+    section = build(quantized[0], TritonConfig(repository=str(tmp_path / "repo"), format="onnx_int8"))
+    folder = tmp_path / "repo" / "cnn_onnx_int8"
+    assert section["name"] == "cnn_onnx_int8" and (folder / "1" / "model.onnx").is_file()
+    assert (folder / "1" / "model.onnx").read_bytes() == (quantized[0] / "export/model.int8.onnx").read_bytes()
+    mc = text_format.Parse((folder / "config.pbtxt").read_text(), pb.ModelConfig())
+    assert mc.platform == "onnxruntime_onnx" and mc.parameters["precision"].string_value == "int8"
+    assert (folder / "labels.txt").read_text().splitlines() == _manifest(quantized[0])["model"]["classes"]

@@ -235,7 +235,7 @@ def test_manifest_and_graph_must_agree(run, tmp_path):
     (["--tensorrt-fp16"], "--device gpu"),
     (["--format", "torchscript", "--device", "gpu", "--tensorrt"], "--format onnx"),
     (["--device", "gpu", "--threads", "2"], "--device cpu"),
-    (["--format", "tflite"], "valid: onnx, torchscript"),
+    (["--format", "tflite"], "valid: onnx, onnx_int8, torchscript"),
 ])
 def test_bad_options_refused(run, tmp_path, args, msg):
     r = _cli("--run", str(run), "--repository", str(tmp_path / "repo"), *args)

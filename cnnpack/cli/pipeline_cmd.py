@@ -31,6 +31,8 @@ def pipeline(
     int8: bool = typer.Option(True, "--int8/--no-int8", help="Quantize: an int8 ONNX model under the accuracy gate."),
     calibration_images: int = typer.Option(256, help="With --int8: training images to calibrate on."),
     max_drop: float = typer.Option(0.5, help="With --int8: largest top-1 drop vs fp32, percentage points."),
+    min_agreement: float = typer.Option(0.99, help="With --int8: least top-1 agreement of int8 with fp32 "
+                                                   "(quantize's gate) and with eager (verify's int8 contract)."),
     runtimes: str = typer.Option("eager,compiled,torchscript,onnxruntime", help="Runtimes to benchmark."),
     batch_sizes: str = typer.Option("1,32", help="Benchmark batch sizes."),
     max_seconds: float = typer.Option(4.0, help="Benchmark time limit per runtime and batch size."),
@@ -59,6 +61,7 @@ def pipeline(
     cfg = PipelineConfig(data=data, arch=arch, image_size=image_size, epochs=epochs, batch_size=batch_size, seed=seed,
                          device=device, data_root=data_root, formats=_names(formats), max_batch_size=max_batch_size,
                          int8=int8, calibration_images=calibration_images, max_drop=max_drop,
+                         min_agreement=min_agreement,
                          bench_runtimes=_names(runtimes), bench_batch_sizes=int_list(batch_sizes, "--batch-sizes"),
                          bench_max_seconds=max_seconds, threads=threads, repository=str(repository), serve=serve,
                          concurrency=int_list(concurrency, "--concurrency"), infer_images=infer_images)

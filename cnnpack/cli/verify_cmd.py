@@ -21,6 +21,7 @@ def verify(
     atol: float = typer.Option(1e-4, help="Absolute tolerance: an element passes within atol OR rtol."),
     rtol: float = typer.Option(1e-3, help="Relative tolerance (relative to eager's value)."),
     min_agreement: float = typer.Option(0.999, help="Least share of validation images classified as eager does."),
+    int8_min_agreement: float = typer.Option(0.99, help="The same for int8 artifacts (their contract: task parity)."),
     data: Optional[str] = typer.Option(None, help="Dataset for task parity (default: the run's own)."),
     device: str = typer.Option("cpu", help="Where eager and TorchScript run: cpu | cuda | auto."),
     seed: int = typer.Option(0, help="Seed of the random input batches."),
@@ -48,7 +49,8 @@ def verify(
     if fmts == ():
         raise usage_error("--formats is empty; name at least one format (onnx, torchscript)")
     cfg = VerifyConfig(formats=fmts, batch_sizes=int_list(batch_sizes, "--batch-sizes") if batch_sizes else None,
-                       samples=samples, atol=atol, rtol=rtol, min_agreement=min_agreement, device=device,
+                       samples=samples, atol=atol, rtol=rtol, min_agreement=min_agreement,
+                       int8_min_agreement=int8_min_agreement, device=device,
                        data=data, seed=seed)
     cfg.validate()
     if model is not None and triton_url is None:
