@@ -12,10 +12,11 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
-STAGES = ("train", "export", "verify", "bench", "triton")
+STAGES = ("train", "export", "quantize", "verify", "bench", "triton")
 # the notebook's settings cell reads CNNPACK_NB_<NAME>: 32 px, 40 + 10 images per class, 1 epoch, short bench
 TINY = {"IMAGE_SIZE": "32", "TRAIN_PER_CLASS": "40", "VAL_PER_CLASS": "10", "EPOCHS": "1", "BATCH_SIZE": "32",
-        "BENCH_SECONDS": "0.2", "BENCH_WARMUP_S": "0.05", "BENCH_MATMUL_N": "256"}
+        "BENCH_SECONDS": "0.2", "BENCH_WARMUP_S": "0.05", "BENCH_MATMUL_N": "256", "CALIBRATION_IMAGES": "64",
+        "INT8_MIN_AGREEMENT": "0.5"}  # the one-epoch model's logits are near ties: a loose int8 gate
 
 
 def _can_serve() -> bool:
@@ -66,7 +67,7 @@ def test_walkthrough_runs_every_stage(tmp_path, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4, "expected the sample grid, curves, confusion matrix and bench plot inline"
     out = _stream_text(nb)
-    assert "all artifacts match eager" in out
+    assert "every artifact is within its precision's contract" in out and "model.int8.onnx: " in out and "vs fp32" in out
     if _can_serve():  # one line per class: "<class>/<file>: score:index:label  score:index:label"
         classes = manifest["model"]["classes"]
         answers = re.findall(r"^\s*(\w+)/\S+\.png: -?[\d.]+:\d+:(\w+)  -?[\d.]+:\d+:(\w+)$", out, re.M)
