@@ -1,4 +1,4 @@
-"""Benchmark: `cnnpack pipeline` with no options on 2 CPU cores, against the issue's 5-minute target.
+"""Benchmark: `cnnpack pipeline` with no options on 2 CPU cores, against the 150 s target (issue 14; issue 8 set 5 minutes).
 
 The first run starts as a new user's does: an empty folder, an empty dataset cache (so drawing
 the shapes dataset is included), no model repository. The second run is the same command in
@@ -7,6 +7,7 @@ cores and kept off any GPU; per-stage times come from the run's manifest. The sc
 idle cores first and records how much CPU other processes took while it measured.
 
     .venv/bin/python benchmarks/pipeline_default.py   # writes benchmarks/results/pipeline-default-cpu2.{json,md}
+    .venv/bin/python benchmarks/pipeline_default.py runs/default   # also keeps the work folder there
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapes import CORES, RESULTS, child_env, cnnpack_cmd, machine, pin_cores, timed, wait_for_quiet  # noqa: E402
 
-TARGET_S = 300.0
+TARGET_S = 150.0  # issue 14: with the quantize stage, <= 150 s (it was 112-124 s without)
 NAME = f"pipeline-default-cpu{CORES}"
 RUN = Path("runs/pipeline-shapes-cnn-64px")
 
@@ -74,6 +75,10 @@ def main() -> int:
         print(f"first run: {first['wall_s']} s", file=sys.stderr)
         again = one(cwd, cache, cores)
         print(f"re-run: {again['wall_s']} s", file=sys.stderr)
+        if len(sys.argv) > 1:  # keep the run (and its repository) for a look at the report or later benchmarks
+            import shutil
+
+            shutil.copytree(cwd, sys.argv[1], dirs_exist_ok=True)
     passed = first["wall_s"] <= TARGET_S and first["report"] and all(
         s["status"] in ("skipped", "off") for s in again["stages"].values())
     write({"benchmark": NAME, "target_s": TARGET_S, "passed": passed, "command": "cnnpack pipeline",
