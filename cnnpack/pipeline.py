@@ -299,7 +299,9 @@ class Stages:
         best = best_runtime(section)
         if best is None:
             return "no runtime besides eager measured"
-        return (f"best: {best['runtime']} at batch {best['batch_size']}, {best['speedup_vs_eager']:.2f}x eager "
+        from cnnpack.bench import series
+
+        return (f"best: {series(best)} at batch {best['batch_size']}, {best['speedup_vs_eager']:.2f}x eager "
                 f"({best['latency_ms_p50']:.2f} ms p50)")
 
     # - triton -
@@ -455,8 +457,10 @@ def summary(run: Run, outcomes: list[Outcome], report: dict, wall_s: float) -> d
                                    if f.get("max_abs_err") is not None and f.get("precision", "fp32") == "fp32"),
                                   default=None),
         "precision": precision_table(stages),
-        "best_runtime": best and {k: best[k] for k in ("runtime", "batch_size", "speedup_vs_eager",
-                                                       "latency_ms_p50", "throughput_ips")},
+        "best_runtime": best and {k: best.get(k, d) for k, d in (("runtime", None), ("artifact", None),
+                                                                 ("precision", "fp32"), ("batch_size", None),
+                                                                 ("speedup_vs_eager", None), ("latency_ms_p50", None),
+                                                                 ("throughput_ips", None))},
         "repository": triton.get("repository"),
         "models": triton.get("models", []),
         "served": served.get("summary"),

@@ -45,6 +45,7 @@ def precision_table(stages: dict) -> list[dict]:
 def plot_precision(rows: list[dict], path) -> bool:
     """Accuracy vs latency: top-1 against p50 at batch 1 (left) and against images/s at the largest batch
     (right), one labelled point per artifact. False (nothing written) when no row has both figures."""
+    import matplotlib.ticker
     from matplotlib.figure import Figure  # not pyplot: a notebook's backend is left alone
 
     from cnnpack.rundir import atomic_path
@@ -57,13 +58,18 @@ def plot_precision(rows: list[dict], path) -> bool:
     colours = {"fp32": "tab:blue", "fp16": "tab:orange", "bf16": "tab:green", "int8": "tab:red"}
     for ax, key, label in ((axes[0], "latency_ms_p50_b1", "p50 latency at batch 1 (ms, lower is better)"),
                            (axes[1], "images_per_s", f"images/s at batch {pts[0]['batch_size']} (higher is better)")):
-        for r in pts:
+        for i, r in enumerate(pts):
             if r.get(key) is None:
                 continue
             ax.scatter(r[key], 100 * r["top1"], s=60, color=colours.get(r["precision"], "tab:gray"), zorder=3)
+            # labels staggered above and below: artifacts of equal accuracy would overwrite each other
             ax.annotate(f"{r['artifact']} ({r['precision']})", (r[key], 100 * r["top1"]), fontsize=8,
-                        xytext=(5, 5), textcoords="offset points")
+                        xytext=(0, 9 if i % 2 == 0 else -14), textcoords="offset points", ha="center")
         ax.set(xlabel=label, ylabel="validation top-1 (%)", xscale="log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.tick_params(axis="x", which="both", labelsize=8)
+        ax.margins(x=0.15)
         ax.grid(alpha=0.3)
         lo = min(100 * r["top1"] for r in pts)
         ax.set_ylim(max(0, lo - 2), min(100.5, max(100 * r["top1"] for r in pts) + 1))

@@ -316,6 +316,7 @@ def quantize_onnx(run: Run, cfg: QuantizeConfig, say: Callable[[str], None]) -> 
         "format": "onnx_int8", "path": run.rel(dest), "sha256": digest, "precision": "int8",
         "input": ref.record["input"], "output": ref.record["output"], "max_batch_size": ref.record["max_batch_size"],
         "input_kind": ref.record.get("input_kind", "raw"), "opset": opset, "ir_version": m.ir_version,
+        "exporter": "onnxruntime.quantization", "static_batch": ref.record.get("static_batch"),
         "quantization": "QDQ, per-channel int8 weights, uint8 activations (onnxruntime.quantization)",
         "calibration": section["calibration"], "kept_float": passed.kept_float, "gate": section["gate"],
         "source": {"format": "onnx", "path": ref.record["path"], "sha256": ref.record["sha256"]},

@@ -61,11 +61,12 @@ def _export(m: dict, run: Run) -> list[Block]:
     e = m.get("stages", {}).get("export")
     if not e:
         return []
-    rows = [["format", "file", "input", "exporter", "opset", "size", "sha256"]]
+    rows = [["format", "precision", "file", "input", "exporter", "opset", "size", "sha256"]]
     for fmt, a in e.get("artifacts", {}).items():
         shape = "×".join("N" if d == -1 else str(d) for d in a["input"]["shape"])
         size = os.path.getsize(run.file(a["path"])) / 1e6 if run.file(a["path"]).exists() else None
-        rows.append([fmt, f"`{a['path']}`", f"{a['input']['name']} {shape} {a['input']['dtype']}", a.get("exporter", ""),
+        rows.append([fmt, a.get("precision", "fp32"), f"`{a['path']}`", f"{a['input']['name']} {shape} {a['input']['dtype']}",
+                     a.get("exporter", ""),
                      str(a.get("opset", "–")), _num(size, "{:.2f} MB"), a["sha256"][:12]])
     return [Block("h2", "Exported artifacts"), Block("table", rows=rows),
             Block("p", "Inputs are raw RGB pixels 0–255; scaling and mean/std normalisation happen inside the graph. "
@@ -150,9 +151,13 @@ def _ceilings(b: dict, peak) -> str:
     c = b.get("ceilings") or {}
     if not c:
         return f"fp32 {_num(peak, '{:.1f}')} GFLOP/s"
-    return "; ".join(f"{p} {v['gflops']:.0f} G(FL)OP/s (best: {v['best']}; the ISA's theoretical peak "
-                     f"{v['theoretical_gflops']['gflops']:.0f}, assuming {v['theoretical_gflops']['assumes']})"
-                     for p, v in c.items())
+    def one(p: str, v: dict) -> str:
+        t = v["theoretical_gflops"]
+        note = f"; {t['note']}" if t.get("note") else ""
+        return (f"{p} {v['gflops']:.0f} G(FL)OP/s (best: {v['best']}; the ISA's theoretical peak {t['gflops']:.0f} at "
+                f"{t['mhz']:.0f} MHz, assuming {t['assumes']}{note})")
+
+    return "; ".join(one(p, v) for p, v in c.items())
 
 
 def _bench_warnings(b: dict) -> list[str]:
@@ -205,8 +210,9 @@ def _speedup_plot(b: dict, path: Path) -> bool:
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     axes[0].axhline(1, color="gray", lw=1, ls="--")
-    fig.suptitle(f"{b.get('model')}: {b.get('threads')} threads, matmul rate up to "
-                 f"{b.get('machine_peak_gflops', 0):.0f} GFLOP/s")
+    ceilings = ", ".join(f"{p} {c['gflops']:.0f}" for p, c in (b.get("ceilings") or {}).items()) or (
+        f"fp32 {b.get('machine_peak_gflops', 0):.0f}")
+    fig.suptitle(f"{b.get('model')}: {b.get('threads')} threads; measured matmul ceilings {ceilings} G(FL)OP/s")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

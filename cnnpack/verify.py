@@ -417,6 +417,16 @@ def exact_fp32(device: str) -> Iterator[None]:
 
 
 # -- the stage -------------------------------------------------------------------------------
+def contract_line(tol: dict | None) -> str | None:
+    """A target's contract in a few words, for tables (verify.json keeps the full basis)."""
+    if not tol:
+        return None
+    agree = f"agreement >= {100 * tol['min_agreement']:g}%"
+    if not tol.get("tensor_gated", True):
+        return f"{tol.get('contract', 'int8')}: {agree}, top-1 drop <= {tol['max_drop_pt']:g} pt (tensor error reported)"
+    return f"{tol.get('contract', 'fp32')}: atol {tol['atol']:.0e}, rtol {tol['rtol']:.0e}, {agree}"
+
+
 def by_format(results: list[dict]) -> dict:
     """`stages.verify.formats`: per format the worst figures over the runtimes that ran it."""
     out: dict[str, dict] = {}
@@ -424,7 +434,7 @@ def by_format(results: list[dict]) -> dict:
         f = out.setdefault(r["format"], {"max_abs_err": 0.0, "top1_agreement": None, "accuracy": None,
                                          "passed": True, "runtimes": [],
                                          "precision": r.get("precision", "fp32"),
-                                         "contract": (r.get("tolerance") or {}).get("basis")})
+                                         "contract": contract_line(r.get("tolerance"))})
         f["runtimes"].append(r["runtime"])
         f["passed"] = f["passed"] and r["passed"]
         if r["tensor"] is None:

@@ -95,7 +95,8 @@ def print_summary(s: dict) -> None:
         t.add_row(row["precision"], f"{row['artifact']}{size}: top-1 {top1}{drop}{speed}")
     b = s["best_runtime"]
     if b:
-        t.add_row("fastest", f"{b['runtime']} at batch {b['batch_size']}: {b['speedup_vs_eager']:.2f}x eager, "
+        name = b["runtime"] + ("" if b.get("precision", "fp32") == "fp32" else f" {b['precision']}")
+        t.add_row("fastest", f"{name} at batch {b['batch_size']}: {b['speedup_vs_eager']:.2f}x eager, "
                              f"{b['latency_ms_p50']:.2f} ms p50, {b['throughput_ips']:,.0f} images/s")
     if s["repository"]:
         t.add_row("triton", f"{s['repository']} ({', '.join(s['models'])})")
