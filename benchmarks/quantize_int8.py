@@ -39,7 +39,7 @@ from cnnpack.rundir import Run, library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLI = [sys.executable, "-m", "cnnpack"]
-SHAPES = "circle,cross,crescent,square,star,triangle"
+SHAPES = "circle,crescent,cross,square,star,triangle"  # the order of the class folders
 
 
 def sh(*args: str) -> None:
