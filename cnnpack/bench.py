@@ -330,9 +330,18 @@ class _Ctx:
         return self.matmul[-1]["gflops"]
 
 
+def row_precision(name: str, ref) -> str:
+    """The precision a runtime computes an artifact in: the runtime's own (openvino-bf16) or the artifact's."""
+    from cnnpack.runtimes import RUNTIMES, precision_of
+
+    if ref.format == "checkpoint":
+        return "fp32"
+    return getattr(RUNTIMES.get(name), "precision", None) or precision_of(ref.record)
+
+
 def bench_runtime(ctx: _Ctx, name: str, ref) -> None:
     """Loads one runtime and measures it at every batch size; an unusable one is recorded as skipped."""
-    from cnnpack.runtimes import RUNTIMES, precision_of
+    from cnnpack.runtimes import RUNTIMES
 
     cfg, spec = ctx.cfg, ctx.run.model_spec
     inputs = {b: _input(spec, b) for b in cfg.batch_sizes}
@@ -353,7 +362,7 @@ def bench_runtime(ctx: _Ctx, name: str, ref) -> None:
         row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9
         row["peak_rss_mb"] = (peak_kb - base_kb) / 1024 if peak_kb and base_kb else None
         row["cpu_others"] = row_others
-        ctx.yardstick(row, precision_of(ref.record) if ref.format != "checkpoint" else "fp32")
+        ctx.yardstick(row, row_precision(name, ref))
         row["info"] = rt.info
         ctx.results.append(row)
     del rt
@@ -388,7 +397,6 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     """Benchmarks each runtime of `cfg` at each batch size; writes bench.{json,csv,png}, returns `stages.bench`."""
     import torch
 
-    from cnnpack.runtimes import precision_of
     from cnnpack.train import resolve_device
 
     cfg.validate()
@@ -405,7 +413,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     host = machine()
     with torch_threads(cfg.threads):
         ctx = _Ctx(run, cfg, device, count_flops(run), progress)
-        ctx.ceilings = _ceilings(ctx, {precision_of(ref.record) for _, ref in pairs if ref.format != "checkpoint"})
+        ctx.ceilings = _ceilings(ctx, {row_precision(name, ref) for name, ref in pairs})
         ctx.sample_matmul()
         for name, ref in pairs:
             bench_runtime(ctx, name, ref)
@@ -575,7 +583,7 @@ def series(row: dict) -> str:
     if row.get("concurrency"):
         return f"{row['format']} c{row['concurrency']}"
     precision = row.get("precision", "fp32")
-    return row["runtime"] if precision == "fp32" else f"{row['runtime']} {precision}"
+    return row["runtime"] if precision == "fp32" or row["runtime"].endswith(precision) else f"{row['runtime']} {precision}"
 
 
 def plot_results(section: dict, path: Path) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from cnnpack import __version__
-from cnnpack.errors import StageFailed, UserInputError
+from cnnpack.errors import MissingStageError, StageFailed, UserInputError
 from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
 from cnnpack.rundir import Run, atomic_path, atomic_write_text, sha256
@@ -66,6 +66,10 @@ class ExportConfig:
             raise UserInputError(f"--torchscript-mode {self.torchscript_mode!r}; valid: trace, script")
         if self.input not in ("raw", "normalized"):
             raise UserInputError(f"--input {self.input!r}; valid: raw, normalized")
+        if "openvino" in self.formats:
+            from cnnpack.openvino import require
+
+            require("--format openvino")  # exit 2 with the install command, before anything is written
         if self.half and self.device != "cuda":
             raise UserInputError("--half makes fp16 artifacts for GPU targets; add --device cuda "
                                  "(fp16 on the CPU is slow and loses accuracy)")
@@ -238,7 +242,31 @@ def export_torchscript(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, des
                     cfg.static_batch, cfg.input, f"torch.jit.{cfg.torchscript_mode}", time.perf_counter() - t0)
 
 
+# -- OpenVINO IR (from the ONNX artifact) -----------------------------------------------------------
+@EXPORTERS.register("openvino")
+def export_openvino(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path, *, onnx: Path) -> Artifact:
+    """`dest/model.xml` + `model.bin` converted from the ONNX file `onnx` by OpenVINO's converter."""
+    from cnnpack import openvino as ov
+
+    if cfg.half:
+        raise UserInputError("--half does not apply to --format openvino: its precision is chosen at inference "
+                             "(the openvino-bf16 runtime) or by `cnnpack quantize --backend openvino`")
+    t0 = time.perf_counter()
+    try:
+        ir = ov.convert(onnx, dest, metadata(spec, cfg))
+    except RuntimeError as e:
+        raise StageFailed(f"OpenVINO conversion of {onnx.name} failed: {str(e).strip().splitlines()[0]}") from None
+    inp, out = ov.io_record(ir)
+    if cfg.static_batch is None and inp["shape"][0] != -1:
+        raise UserInputError(f"the IR converted from {onnx.name} has a static batch {inp['shape'][0]}; re-export "
+                             "the ONNX file without --static-batch")
+    return Artifact("openvino", str(dest / ov.XML), "", {**inp, "name": ONNX_NAMES[0]}, {**out, "name": ONNX_NAMES[1]},
+                    cfg.static_batch or cfg.max_batch_size, cfg.static_batch, cfg.input,
+                    f"openvino.convert_model {ov.require().__version__}", time.perf_counter() - t0)
+
+
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+FOLDERS = {"openvino": "openvino"}  # formats written as a folder (export/<folder>/model.xml + .bin)
 
 
 # -- the stage -------------------------------------------------------------------------------
@@ -280,7 +308,10 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig()) -> dict:
     model, spec = _deployable(run, cfg)
     out_dir = run.file("export")
     records = {}
-    for fmt in cfg.formats:
+    for fmt in sorted(cfg.formats, key=lambda f: f in FOLDERS):  # the ONNX file first: OpenVINO converts it
+        if fmt in FOLDERS:
+            records[fmt] = _export_folder(run, model, spec, cfg, fmt)
+            continue
         dest = out_dir / f"model{SUFFIX[fmt]}"
         with atomic_path(dest) as tmp:  # replaced only if the exporter and its checks succeed
             art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)
@@ -291,6 +322,37 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig()) -> dict:
         _record(run, cfg, fmt, records[fmt])
     write_reproduce(run)
     return run.read()["stages"]["export"]
+
+
+def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str) -> dict:
+    """A format of two files (OpenVINO's .xml + .bin), built in a temp folder and swapped in whole."""
+    import shutil
+    import tempfile
+
+    from cnnpack import openvino as ov
+
+    arts = run.read().get("stages", {}).get("export", {}).get("artifacts", {})
+    if "onnx" not in arts:
+        raise MissingStageError(f"--format {fmt} is converted from the ONNX artifact, which {run.path} lacks: "
+                                f"export --format onnx,{fmt}")
+    onnx = run.file(arts["onnx"]["path"])
+    dest = run.file("export") / FOLDERS[fmt]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDERS[fmt]}-", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would keep a Triton container of another user out
+    try:
+        art = EXPORTERS.get(fmt)(model, spec, cfg, tmp, onnx=onnx)
+        ov.swap_in(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    xml, weights = dest / ov.XML, dest / ov.BIN
+    art.path, art.sha256 = run.rel(xml), sha256(xml)
+    record = {**art.record(), "precision": "fp32", "weights": run.file_record(weights),
+              "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20,
+              "source": {"format": "onnx", "sha256": arts["onnx"]["sha256"]}}
+    _record(run, cfg, fmt, record)
+    return record
 
 
 def _record(run: Run, cfg: ExportConfig, fmt: str, record: dict) -> None:

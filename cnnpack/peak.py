@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 SIZES = (512, 1024, 2048)
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "bf16")
 
 
 def _median_rate(fn, flop: float, seconds: float, min_reps: int = 5) -> float:
@@ -92,6 +92,34 @@ def _int8_rates(threads: int, seconds: float) -> list[dict]:
     return out
 
 
+def _bf16_rates(threads: int, seconds: float) -> list[dict]:
+    """torch.matmul in bf16 (oneDNN's AVX-512 BF16 / AMX kernels) and OpenVINO's MatMul at bf16 inference precision."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    out = []
+    for n in SIZES:
+        a, b = (torch.from_numpy(rng.standard_normal((n, n), np.float32)).to(torch.bfloat16) for _ in range(2))
+        out.append({"engine": "torch.matmul bf16", "n": n,
+                    "gflops": _median_rate(lambda: a @ b, 2.0 * n ** 3, seconds)})  # noqa: B023
+        with contextlib.suppress(ImportError, RuntimeError):
+            out.append({"engine": "openvino MatMul bf16", "n": n, "gflops": _ov_bf16_rate(n, threads, seconds)})
+    return out
+
+
+def _ov_bf16_rate(n: int, threads: int, seconds: float) -> float:
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    a = ops.parameter([n, n], np.float32, name="a")
+    model = ov.Model([ops.matmul(a, ops.constant(rng.standard_normal((n, n)).astype(np.float32)), False, False)], [a])
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "NUM_STREAMS": "1",
+                                                       "INFERENCE_NUM_THREADS": str(threads)})
+    req, x = compiled.create_infer_request(), rng.standard_normal((n, n)).astype(np.float32)
+    return _median_rate(lambda: req.infer({0: x}), 2.0 * n ** 3, seconds)
+
+
 def ceilings(threads: int, *, precisions: set[str] = frozenset(PRECISIONS), seconds: float = 0.25) -> dict[str, dict]:
     """{precision: {gflops (the best), best (which multiply), samples[], theoretical_gflops}} for `precisions`."""
     import torch
@@ -100,7 +128,7 @@ def ceilings(threads: int, *, precisions: set[str] = frozenset(PRECISIONS), seco
 
     result = {}
     with torch_threads(threads):
-        for precision, fn in (("fp32", _fp32_rates), ("int8", _int8_rates)):
+        for precision, fn in (("fp32", _fp32_rates), ("int8", _int8_rates), ("bf16", _bf16_rates)):
             if precision not in precisions:
                 continue
             samples = fn(threads, seconds)
@@ -147,6 +175,12 @@ def ops_per_cycle(precision: str, info: dict) -> tuple[float, str]:
         return fp32, why
     if "amx_int8" in flags and precision == "int8":
         return 2048.0, "AMX int8 tiles (1024 MAC/cycle)"
+    if precision == "bf16":
+        if "amx_bf16" in flags:
+            return 1024.0, "AMX bf16 tiles (512 MAC/cycle)"
+        if "avx512_bf16" in flags:
+            return 2 * fp32, f"AVX-512 BF16: 2 bf16 MAC per 32-bit lane, {why}"
+        return fp32, f"no native bf16: converted to fp32, {why}"
     if precision == "int8":
         if flags & {"avx512_vnni", "avx_vnni"}:
             return 4 * fp32, f"VNNI: 4 int8 MAC per 32-bit lane, {why}"

@@ -21,6 +21,7 @@ everything is built in a temporary folder and moved in only after the gate held.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import tempfile
 import time
@@ -37,6 +38,8 @@ from cnnpack.rundir import Run, atomic_path, now, sha256
 QUANTIZERS: Registry = Registry("quantizer")
 METHODS = ("minmax", "entropy", "percentile")
 INT8_PATH = "export/model.int8.onnx"
+BACKENDS = {"onnxruntime": "onnx_int8", "openvino": "openvino_int8"}  # --backend -> the artifact's format
+STAGE = {"onnx_int8": "quantize", "openvino_int8": "quantize_openvino"}  # its section in the manifest
 CALIBRATION_BATCH = 16
 
 
@@ -286,6 +289,7 @@ def command(run: Run, cfg: QuantizeConfig) -> str:
             "--max-steps", str(cfg.max_steps),
             "--seed", str(cfg.seed)]
     args += ["--data", cfg.data] if cfg.data else []
+    args += ["--backend", "openvino"] if cfg.format == "openvino_int8" else []
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -304,7 +308,8 @@ def quantize_onnx(run: Run, cfg: QuantizeConfig, say: Callable[[str], None]) -> 
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=run.file("export")) as tmp:
         q = OrtQdq(ref.path, Path(tmp), data, cfg)
         passed, attempts, ranking = gate(q, ref_logits, data, cfg, batch, say)
-        section = _section(run, cfg, ref, data, ref_logits, attempts, ranking, passed, time.perf_counter() - t0, q)
+        section = _section(run, cfg, ref, data, ref_logits, attempts, ranking, passed, time.perf_counter() - t0,
+                           q.calibrated_s)
         if passed is None:
             return section
         dest = run.file(INT8_PATH)
@@ -325,27 +330,110 @@ def quantize_onnx(run: Run, cfg: QuantizeConfig, say: Callable[[str], None]) -> 
 
 
 def _section(run: Run, cfg: QuantizeConfig, ref, data: QuantData, ref_logits: np.ndarray, attempts: list[Attempt],
-             ranking: list[dict], passed: Attempt | None, wall_s: float, q: OrtQdq) -> dict:
+             ranking: list[dict], passed: Attempt | None, wall_s: float, calibrated_s: float | None) -> dict:
     best = min(attempts, key=lambda a: (max(a.drop_pt - cfg.max_drop, 0), -a.agreement))
     chosen = passed or best
     return {
         "status": "ok" if passed else "failed", "passed": passed is not None, "config": asdict(cfg),
         "calibration": {"images": len(data.calibration), "of_train_images": data.train_images, "split": "train",
                         "method": cfg.method, "seed": cfg.seed, "source": data.source,
-                        "calibration_s": round(q.calibrated_s or 0.0, 2)},
+                        "calibration_s": round(calibrated_s or 0.0, 2)},
         "gate": {"max_drop_pt": cfg.max_drop, "min_agreement": cfg.min_agreement, "fp32_accuracy": top1(ref_logits, data.val_labels),
                  "int8_accuracy": chosen.accuracy, "drop_pt": round(chosen.drop_pt, 4),
                  "top1_agreement_vs_fp32": chosen.agreement, "val_images": int(len(data.val_labels)),
                  "steps": len(attempts) - 1},
         "attempts": [a.record() for a in attempts], "ranking": ranking[:32],
         "kept_float": chosen.kept_float, "wall_s": round(wall_s, 1),
-        "input": {"format": "onnx", "sha256": ref.record["sha256"]},
+        "input": {"format": ref.format, "sha256": ref.record["sha256"]},
     }
+
+
+# -- OpenVINO + NNCF --------------------------------------------------------------------------------------
+def _ov_logits(compiled, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    req = compiled.create_infer_request()
+    return np.concatenate([np.asarray(req.infer({0: images[i:i + batch].astype(np.float32)})[0])
+                           for i in range(0, len(images), batch)])
+
+
+def _ov_attempt(ov, model, kept: list[str], ref: np.ndarray, data: QuantData) -> Attempt:
+    got = _ov_logits(ov.compile_cpu(model, threads=None), data.val_images)
+    acc32, acc8 = top1(ref, data.val_labels), top1(got, data.val_labels)
+    return Attempt(kept, acc8, 100 * (acc32 - acc8), float((got.argmax(1) == ref.argmax(1)).mean()), Path())
+
+
+@QUANTIZERS.register("openvino_int8")
+def quantize_openvino(run: Run, cfg: QuantizeConfig, say: Callable[[str], None]) -> dict:
+    """openvino -> openvino_int8 with NNCF: plain post-training quantization, and when that misses the gate,
+    NNCF's accuracy-control flow (it reverts the most harmful layers to float, at most `max_steps`)."""
+    import shutil
+
+    from cnnpack import openvino as ov
+    from cnnpack.runtimes import artifact_ref
+
+    ov._nncf()
+    if "openvino" not in run.read().get("stages", {}).get("export", {}).get("artifacts", {}):
+        raise MissingStageError(f"{run.path} has no OpenVINO IR to quantize; run `cnnpack export --run {run.path} "
+                                "--format onnx,openvino` first")
+    ref = artifact_ref(run, "openvino")
+    data = load_quant_data(run, cfg)
+    model = ov.read(ref.path)
+    say("fp32 reference on the validation split")
+    ref_logits = _ov_logits(ov.compile_cpu(model, threads=None), data.val_images)
+    calibration = [data.calibration[i:i + CALIBRATION_BATCH] for i in range(0, len(data.calibration), CALIBRATION_BATCH)]
+    t0 = time.perf_counter()
+    say("calibrating and quantizing (NNCF)")
+    q = ov.nncf_quantize(model, calibration, subset_size=len(calibration))  # NNCF counts items (batches)
+    calibrated_s = time.perf_counter() - t0
+    attempts = [_ov_attempt(ov, q, ov.float_compute_nodes(q), ref_logits, data)]
+    if not attempts[0].holds(cfg) and cfg.max_steps > 0:
+        say("accuracy control (NNCF): reverting the most harmful layers to float")
+        # NNCF's metric: top-1 agreement with the fp32 IR (1.0 for fp32 itself), so its max_drop is the agreement
+        # gate; the accuracy drop is checked on the result like every attempt
+        ref_top = ref_logits.argmax(1)
+        validation = [(data.val_images[i:i + 64].astype(np.float32), ref_top[i:i + 64])
+                      for i in range(0, len(ref_top), 64)]
+
+        def validate(compiled, items) -> float:
+            req = compiled.create_infer_request()
+            same = sum(int((np.asarray(req.infer({0: x})[0]).argmax(1) == y).sum()) for x, y in items)
+            return same / sum(len(y) for _, y in items)
+
+        q = ov.nncf_accuracy_control(model, calibration, validation, validate, subset_size=len(calibration),
+                                     max_drop=1 - cfg.min_agreement, max_steps=cfg.max_steps)
+        attempts.append(_ov_attempt(ov, q, ov.float_compute_nodes(q), ref_logits, data))
+    compute = [op for op in q.get_ordered_ops() if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
+    all_float = len(attempts[-1].kept_float) >= len(compute)  # every layer reverted: an fp32 model, not int8
+    passed = attempts[-1] if attempts[-1].holds(cfg) and not all_float else None
+    section = _section(run, cfg, ref, data, ref_logits, attempts, [], passed, time.perf_counter() - t0, calibrated_s)
+    if all_float:
+        section["note"] = "NNCF's accuracy control reverted every layer to float: no int8 model holds the gate"
+    if passed is None:
+        return section
+    dest = run.file("export") / "openvino_int8"
+    tmp = Path(tempfile.mkdtemp(prefix=".openvino_int8-", dir=dest.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        ov.save(q, tmp)
+        ov.swap_in(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    xml, weights = dest / ov.XML, dest / ov.BIN
+    section["artifact"] = {
+        "format": "openvino_int8", "path": run.rel(xml), "sha256": sha256(xml), "weights": run.file_record(weights),
+        "precision": "int8", "input": ref.record["input"], "output": ref.record["output"],
+        "max_batch_size": ref.record["max_batch_size"], "input_kind": ref.record.get("input_kind", "raw"),
+        "exporter": f"nncf {__import__('nncf').__version__}", "quantization": "NNCF post-training int8 (FakeQuantize)",
+        "calibration": section["calibration"], "kept_float": passed.kept_float, "gate": section["gate"],
+        "source": {"format": "openvino", "path": ref.record["path"], "sha256": ref.record["sha256"]},
+        "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20, "command": command(run, cfg),
+        "config": asdict(cfg)}
+    return section
 
 
 def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig(), *,
              progress: Callable[[str], None] = lambda _: None) -> dict:
-    """Quantizes the run's fp32 ONNX artifact under the gate; returns `stages.quantize`.
+    """Quantizes the run's fp32 ONNX artifact (or OpenVINO IR) under the gate; returns `stages.quantize`
+    (`stages.quantize_openvino`).
 
     Raises:
         UserInputError / MissingStageError (exit 2): bad options, no ONNX artifact, unusable data; nothing written.
@@ -357,25 +445,25 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig(), *,
     section = QUANTIZERS.get(cfg.format)(run, cfg, progress)
     artifact = section.pop("artifact", None)
     if artifact is None:
-        run.set_stage("quantize", section)
+        run.set_stage(STAGE[cfg.format], section)
         g = section["gate"]
         raise ParityError(f"no int8 model within --max-drop {cfg.max_drop:g} pt and --min-agreement "
                           f"{100 * cfg.min_agreement:g}%: the best reached a drop of {g['drop_pt']:.2f} pt (top-1 "
                           f"{100 * g['int8_accuracy']:.2f}% vs fp32 {100 * g['fp32_accuracy']:.2f}%) and "
                           f"{100 * g['top1_agreement_vs_fp32']:.2f}% agreement after {g['steps']} fallback step(s) (that "
                           f"attempt kept {len(section['kept_float'])} node(s) in float); raise --max-drop or --max-steps, or "
-                          f"calibrate on more images (details: stages.quantize in {run.manifest_path})")
+                          f"calibrate on more images (details: stages.{STAGE[cfg.format]} in {run.manifest_path})")
     section["outputs"] = {cfg.format: {"path": artifact["path"], "sha256": artifact["sha256"]}}
 
     def record(m: dict) -> None:
         m["stages"]["export"]["artifacts"][cfg.format] = artifact
-        m["stages"]["quantize"] = {"updated": now(), **section}
+        m["stages"][STAGE[cfg.format]] = {"updated": now(), **section}
 
     run.update(record)
     from cnnpack.export import write_reproduce
 
     write_reproduce(run)
-    return run.read()["stages"]["quantize"]
+    return run.read()["stages"][STAGE[cfg.format]]
 
 
 def describe(section: dict) -> str:

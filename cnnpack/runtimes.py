@@ -267,6 +267,62 @@ class OrtTensorrtRuntime(OrtRuntime):
                                      "pip install tensorrt-cu12 or use the NGC container") from None
 
 
+class OpenVinoRuntime:
+    """An OpenVINO IR on the CPU plugin: one stream, the bench's thread count, f32 inference precision
+    (an int8 IR runs its int8 kernels; `openvino-bf16` runs the fp32 IR in bf16)."""
+
+    name = "openvino"
+    format = "openvino"
+    formats = ("openvino", "openvino_int8")
+    inference_precision = "f32"
+    precision: str | None = None  # None: the artifact's own; bf16 for the bf16 runtime
+
+    def __init__(self, compiled) -> None:
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.info = {"device": "CPU", "inference_precision": self.inference_precision,
+                     "threads": compiled.get_property("INFERENCE_NUM_THREADS")}
+
+    @classmethod
+    def precheck(cls) -> None:
+        from cnnpack.openvino import require
+
+        require(f"runtime {cls.name}")
+
+    @classmethod
+    def load(cls, artifact: ArtifactRef, device: str = "cpu", *, threads: int | None = None,
+             **_: object) -> OpenVinoRuntime:
+        from cnnpack import openvino as ov
+
+        cls.precheck()
+        if device not in ("cpu", "auto"):
+            raise RuntimeUnavailable(f"{cls.name}: cnnpack runs OpenVINO on the CPU (got --device {device})")
+        model = ov.read(artifact.path)
+        return cls(ov.compile_cpu(model, threads=threads, precision=cls.inference_precision))
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        return np.asarray(self.request.infer({0: x})[0], dtype=np.float32)
+
+
+class OpenVinoBf16Runtime(OpenVinoRuntime):
+    """The fp32 IR with bf16 inference precision (INFERENCE_PRECISION_HINT): only where the CPU has bf16."""
+
+    name = "openvino-bf16"
+    formats = ("openvino",)
+    inference_precision = "bf16"
+    precision = "bf16"
+
+    @classmethod
+    def precheck(cls) -> None:
+        from cnnpack.openvino import has_bf16, require
+
+        require(f"runtime {cls.name}")
+        if not has_bf16():
+            raise RuntimeUnavailable(f"{cls.name}: this CPU has no native bf16 (AVX-512 BF16 or AMX); "
+                                     "use the openvino runtime (f32)")
+
+
 class TritonRuntime:
     """A model served by Triton, through tritonclient (HTTP or gRPC): what verify and bench see of a server.
 
@@ -342,11 +398,12 @@ def served_ref(run: Run | None, url: str | None, model: str | None, protocol: st
 
 
 for _rt in (EagerRuntime, CompiledRuntime, TorchScriptRuntime, OrtRuntime, OrtCudaRuntime, OrtTensorrtRuntime,
-            TritonRuntime):
+            OpenVinoRuntime, OpenVinoBf16Runtime, TritonRuntime):
     RUNTIMES.register(_rt.name)(_rt)
 
 # which runtime reads which format by default
-FORMAT_RUNTIME = {"checkpoint": "eager", "onnx": "onnxruntime", "onnx_int8": "onnxruntime", "torchscript": "torchscript"}
+FORMAT_RUNTIME = {"checkpoint": "eager", "onnx": "onnxruntime", "onnx_int8": "onnxruntime", "torchscript": "torchscript",
+                  "openvino": "openvino", "openvino_int8": "openvino"}
 
 
 def precision_of(record: dict) -> str:
@@ -376,9 +433,12 @@ def artifact_ref(run: Run, fmt: str) -> ArtifactRef:
     path = run.file(rec["path"])
     if not path.is_file():
         raise UserInputError(f"{path} is missing; re-run `cnnpack export --run {run.path} --format {fmt}`")
-    if sha256(path) != rec["sha256"]:
-        raise UserInputError(f"{path} changed since export (its sha256 differs from the manifest's); refusing to "
-                             f"use it: re-run `cnnpack export --run {run.path} --format {fmt}`")
+    for f, digest in ((path, rec["sha256"]), *(((run.file(w["path"]), w["sha256"]),) if (w := rec.get("weights")) else ())):
+        if not f.is_file():
+            raise UserInputError(f"{f} is missing; re-run `cnnpack export --run {run.path} --format {fmt}`")
+        if sha256(f) != digest:
+            raise UserInputError(f"{f} changed since export (its sha256 differs from the manifest's, truncated?); "
+                                 f"refusing to use it: re-run `cnnpack export --run {run.path} --format {fmt}`")
     return ArtifactRef(run, fmt, path, rec, rec.get("max_batch_size"))
 
 

@@ -35,6 +35,10 @@ DEFAULT_BATCH_SIZES = (1, 8, 32)
 # fp16 artifacts: a 10-bit mantissa (relative step ~1e-3) rounded through every layer; the absolute error of a
 # logit grows with the logits' size, so atol is FP16_ATOL x the largest |eager logit| (at least FP16_ATOL)
 FP16_ATOL, FP16_RTOL, FP16_MIN_AGREEMENT = 1e-2, 1e-2, 0.995
+# bf16 inference (8 significant bits, rounding step 2^-8 relative, fp32 accumulation in OpenVINO's kernels): the
+# error of a logit grows with the logits' size and the depth; atol BF16_ATOL x max |eager logit|, rtol BF16_RTOL,
+# agreement as for fp16. Measured on the built-in cnn@32: max abs err 0.2 % of the largest logit (2.4e-2 of 12).
+BF16_ATOL, BF16_RTOL, BF16_MIN_AGREEMENT = 2e-2, 5e-2, 0.995
 # int8 artifacts: task parity (DESIGN §2); their tensor error is reported, not gated
 INT8_MIN_AGREEMENT, INT8_MAX_DROP_PT = 0.99, 0.5
 
@@ -123,6 +127,12 @@ def tolerances(cfg: VerifyConfig, dtype: str, reference: np.ndarray, precision: 
                          f"int8 artifact: task parity, top-1 agreement >= {cfg.int8_min_agreement:.0%} and top-1 drop "
                          f"<= {drop:g} pt (the quantize gate); tensor error reported, not gated", "int8",
                          tensor_gated=False, max_drop_pt=drop)
+    if precision == "bf16":
+        scale = max(1.0, float(np.abs(reference[np.isfinite(reference)]).max(initial=0.0)))
+        return Tolerance(max(cfg.atol, BF16_ATOL * scale), max(cfg.rtol, BF16_RTOL),
+                         min(cfg.min_agreement, BF16_MIN_AGREEMENT),
+                         f"bf16 inference: atol {BF16_ATOL:g} x max |eager logit| {scale:.3g}, rtol {BF16_RTOL:g}, "
+                         f"top-1 agreement >= {BF16_MIN_AGREEMENT:.1%}", "bf16")
     if dtype != "float16" and precision != "fp16":
         return Tolerance(cfg.atol, cfg.rtol, cfg.min_agreement, "as configured (fp32)")
     scale = max(1.0, float(np.abs(reference[np.isfinite(reference)]).max(initial=0.0)))
@@ -221,7 +231,8 @@ def file_targets(run: Run, formats: list[str], device: str) -> list[Target]:
             raise RuntimeUnavailable(f"no registered runtime reads {fmt} artifacts")
         targets += [Target(fmt, name, functools.partial(_load_file, name, ref, device), ref.record["path"],
                            ref.max_batch_size, ref.record.get("static_batch"),
-                           ref.record.get("input", {}).get("dtype", "float32"), precision_of(ref.record),
+                           ref.record.get("input", {}).get("dtype", "float32"),
+                           getattr(RUNTIMES.get(name), "precision", None) or precision_of(ref.record),
                            ref.record.get("gate", {}).get("max_drop_pt")) for name in names]
     return targets
 

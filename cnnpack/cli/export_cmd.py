@@ -14,7 +14,8 @@ from cnnpack.cli import app, default_run_dir, emit, handles_errors, usage_error
 @handles_errors
 def export(
     run: Optional[Path] = typer.Option(None, help="Run directory (with --arch: the new run to create)."),
-    format: str = typer.Option("all", help="onnx | torchscript | all (or a comma list)."),
+    format: str = typer.Option("all", help="onnx | torchscript | openvino | all (or a comma list; all takes "
+                                           "openvino when the openvino extra is installed)."),
     exporter: str = typer.Option("dynamo", help="ONNX exporter: dynamo (torch.export-based) | legacy."),
     opset: int = typer.Option(18, help="ONNX opset (18 loads in the ONNX Runtime of Triton >= 23.02)."),
     max_batch_size: int = typer.Option(64, help="Largest batch the dynamic batch dim accepts."),
@@ -41,8 +42,10 @@ def export(
     """
     from cnnpack.export import EXPORTERS, ExportConfig, create_run
     from cnnpack.export import export as do_export
+    from cnnpack.openvino import available
 
-    formats = tuple(EXPORTERS.names()) if format == "all" else tuple(f.strip() for f in format.split(",") if f.strip())
+    every = [f for f in EXPORTERS.names() if f != "openvino" or available()[0]]  # all: openvino when installed
+    formats = tuple(every) if format == "all" else tuple(f.strip() for f in format.split(",") if f.strip())
     cfg = ExportConfig(formats=formats, exporter=exporter, opset=opset, max_batch_size=max_batch_size,
                        static_batch=static_batch, simplify=simplify, torchscript_mode=torchscript_mode,
                        input=input, half=half, device=device)

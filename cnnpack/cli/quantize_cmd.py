@@ -23,6 +23,8 @@ def quantize(
     data: Optional[str] = typer.Option(None, help="Data to calibrate and gate on (default: what the run was "
                                                   "trained on; needed for a run made by export --arch)."),
     seed: int = typer.Option(0, help="Seed of the calibration images' choice."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime: QDQ ONNX (model.int8.onnx) | openvino: NNCF int8 "
+                                                     "IR (export/openvino_int8/, needs the openvino extra)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
 ):
     """INT8 (QDQ) ONNX model calibrated on the run's own images, kept only if top-1 drops <= --max-drop.
@@ -33,10 +35,13 @@ def quantize(
     """
     from rich.console import Console
 
-    from cnnpack.quantize import QuantizeConfig, describe
+    from cnnpack.cli import usage_error
+    from cnnpack.quantize import BACKENDS, QuantizeConfig, describe
     from cnnpack.quantize import quantize as do_quantize
 
-    cfg = QuantizeConfig(calibration_images=calibration_images, method=method, max_drop=max_drop,
+    if backend not in BACKENDS:
+        raise usage_error(f"--backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    cfg = QuantizeConfig(format=BACKENDS[backend], calibration_images=calibration_images, method=method, max_drop=max_drop,
                          min_agreement=min_agreement, max_steps=max_steps,
                          rank_images=rank_images, seed=seed, data=data)
     cfg.validate()
@@ -44,6 +49,6 @@ def quantize(
         section = do_quantize(run, cfg, progress=lambda text: st.update(f"quantizing: {text}"))
     emit(section, as_json)
     if not as_json:
-        art = section["outputs"]["onnx_int8"]
-        typer.echo(f"onnx_int8    {run / art['path']}")
+        art = section["outputs"][cfg.format]
+        typer.echo(f"{cfg.format:14s}{run / art['path']}")
         typer.echo(describe(section))

@@ -1,0 +1,181 @@
+"""OpenVINO: the IR artifact (from the run's ONNX file, with OpenVINO's own converter), loading it on the
+CPU at f32 or bf16 inference precision, and NNCF int8 quantization.
+
+The `openvino` extra (`pip install 'cnnpack[openvino]'`) brings openvino and nncf; every function
+here imports them itself, and `require()` turns their absence into one line that says how to
+install them. The exporter, the runtimes and the quantizer that use these helpers are registered
+with the others (export.py, runtimes.py, quantize.py).
+
+The IR keeps the contract of the ONNX artifact it comes from: input `input` (N, 3, S, S) raw RGB
+0-255 with the normalisation inside, output `logits`, dynamic batch, and the class names, mean/std
+and image size in the model's rt_info under `cnnpack`. Weights stay fp32 in the .bin
+(`compress_to_fp16=False`; OpenVINO's default would halve them and break fp32 parity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from cnnpack.errors import RuntimeUnavailable, UserInputError
+
+INSTALL = "pip install 'cnnpack[openvino]'"
+XML, BIN = "model.xml", "model.bin"
+
+
+def require(what: str = "OpenVINO"):
+    """The openvino module, or RuntimeUnavailable saying which command installs it."""
+    try:
+        import openvino
+    except ImportError:
+        raise RuntimeUnavailable(f"{what} needs the openvino extra: {INSTALL}") from None
+    return openvino
+
+
+def available() -> tuple[bool, str]:
+    try:
+        require()
+    except RuntimeUnavailable as e:
+        return False, str(e)
+    return True, ""
+
+
+def has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin runs bf16 natively here (AVX-512 BF16 or AMX)."""
+    ov = require()
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+# -- the artifact ------------------------------------------------------------------------------------
+def convert(onnx_path: Path, folder: Path, metadata: dict[str, str]) -> object:
+    """Converts the ONNX file to `folder/model.xml` + `model.bin` (fp32 weights) and returns the ov.Model."""
+    ov = require("--format openvino")
+    model = ov.convert_model(str(onnx_path))
+    for key, value in metadata.items():
+        model.set_rt_info(value, ["cnnpack", key])
+    save(model, folder)
+    return model
+
+
+def save(model, folder: Path) -> None:
+    ov = require()
+    folder.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(folder / XML), compress_to_fp16=False)
+
+
+def read(xml: Path):
+    """The ov.Model of an IR, or UserInputError naming what is wrong with its files."""
+    ov = require()
+    bin_path = xml.with_suffix(".bin")
+    if not xml.is_file():
+        raise UserInputError(f"{xml} is missing; re-export with `cnnpack export --format openvino`")
+    if not bin_path.is_file():
+        raise UserInputError(f"{bin_path} (the weights of {xml.name}) is missing; re-export with "
+                             "`cnnpack export --format openvino`")
+    try:
+        return ov.Core().read_model(str(xml))
+    except RuntimeError as e:
+        raise UserInputError(f"OpenVINO cannot read {xml}: {str(e).strip().splitlines()[0]} (a truncated "
+                             f"{bin_path.name}?); re-export it") from None
+
+
+def metadata(model) -> dict[str, str]:
+    """The `cnnpack` rt_info of an IR (class names, mean/std, image size, ...)."""
+    info = model.get_rt_info()
+    out = {}
+    if "cnnpack" in info:
+        for key, value in info["cnnpack"].items():
+            out[key] = value.astype(str) if hasattr(value, "astype") else str(value)
+    return out
+
+
+def compile_cpu(model, *, threads: int | None, precision: str = "f32", hint: str = "LATENCY"):
+    """The model compiled for the CPU: one stream, `threads` threads, the given inference precision."""
+    ov = require()
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint, "NUM_STREAMS": "1"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    return ov.Core().compile_model(model, "CPU", config)
+
+
+def io_record(model, batch_dim: int = -1) -> tuple[dict, dict]:
+    """{name, dtype, shape} of the IR's one input and one output (-1: the dynamic batch)."""
+    def one(port) -> dict:
+        shape = [batch_dim if d.is_dynamic else d.get_length() for d in port.get_partial_shape()]
+        return {"name": port.get_any_name(), "dtype": str(port.get_element_type().to_dtype()), "shape": shape}
+
+    return one(model.inputs[0]), one(model.outputs[0])
+
+
+def swap_in(tmp: Path, dest: Path) -> None:
+    """Replaces the folder `dest` by `tmp` (both in one parent): the old one is removed only after."""
+    old = dest.with_name(f".{dest.name}-old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def classes_of(model) -> list[str] | None:
+    meta = metadata(model)
+    return json.loads(meta["classes"]) if "classes" in meta else None
+
+
+# -- int8 with NNCF ---------------------------------------------------------------------------------
+def _nncf():
+    require("--backend openvino")
+    try:
+        import nncf
+    except ImportError:
+        raise RuntimeUnavailable(f"--backend openvino needs NNCF, part of the openvino extra: {INSTALL}") from None
+    nncf.set_log_level(logging.WARNING)  # its INFO lines (statistics, reverted layers) are recorded instead
+    return nncf
+
+
+def nncf_quantize(model, calibration: list, *, subset_size: int, ignored: list[str] = ()):
+    """NNCF post-training int8 quantization of an ov.Model (calibration: a list of input batches)."""
+    nncf = _nncf()
+    scope = nncf.IgnoredScope(names=list(ignored), validate=False) if ignored else None
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the result's (--json)
+        return nncf.quantize(model, nncf.Dataset(calibration), subset_size=subset_size,
+                             **({"ignored_scope": scope} if scope else {}))
+
+
+def nncf_accuracy_control(model, calibration: list, validation: list, validate, *, subset_size: int,
+                          max_drop: float, max_steps: int):
+    """NNCF's accuracy-aware flow: quantize, then revert the most harmful groups to float until the top-1
+    drop (absolute, a fraction) of `validate(compiled, items)` holds, within `max_steps` reverted groups."""
+    nncf = _nncf()
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return nncf.quantize_with_accuracy_control(
+            model, nncf.Dataset(calibration), nncf.Dataset(validation), validate, max_drop=max_drop,
+            drop_type=nncf.DropType.ABSOLUTE, subset_size=subset_size,
+            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(max_num_iterations=max_steps))
+
+
+def float_compute_nodes(model) -> list[str]:
+    """Convolutions and matrix multiplies of a quantized IR whose weights stayed float (kept in float).
+
+    NNCF stores the weights of a layer it quantized as an int8 constant (or behind a FakeQuantize);
+    a layer it reverted keeps its f32 constant. The weights' path is followed through the
+    decompression ops (Convert, Subtract, Multiply, Reshape) to what feeds it.
+    """
+    out = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul"):
+            continue
+        node = op.input_value(1).get_node()
+        while node.get_type_name() in ("Convert", "Subtract", "Multiply", "Reshape", "Transpose"):
+            node = node.input_value(0).get_node()
+        int8 = node.get_type_name() == "FakeQuantize" or (
+            node.get_type_name() == "Constant" and str(node.get_element_type()) in ("<Type: 'int8_t'>", "<Type: 'uint8_t'>"))
+        if not int8:
+            out.append(op.get_friendly_name())
+    return out
