@@ -49,7 +49,7 @@ from pathlib import Path
 from cnnpack.errors import CnnpackError, RuntimeUnavailable, StageFailed, UserInputError
 
 NGC_RELEASE = "24.10"  # the NGC container whose Triton (2.51) the wheel ships
-SHIPPED_BACKENDS = ("onnxruntime", "pytorch")  # cnnpack/backends/<name>/model.py
+SHIPPED_BACKENDS = ("onnxruntime", "pytorch", "openvino")  # cnnpack/backends/<name>/model.py
 SHARED_MODULE = "cnnpack_batching.py"  # cnnpack/backends/, copied beside each backend's model.py
 NOISE = ("CudaDriverHelper has not been initialized",)  # E-level lines Triton prints on every CPU-only start
 

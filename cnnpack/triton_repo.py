@@ -39,14 +39,19 @@ from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.rundir import Run, atomic_write_bytes, now, sha256
 from cnnpack.spec import check_class_names
 
-PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx_int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
-MODEL_FILES = {"onnx": "model.onnx", "onnx_int8": "model.onnx", "torchscript": "model.pt"}
+# what config.pbtxt names: a platform (ONNX Runtime, LibTorch) or, for OpenVINO, the backend
+PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx_int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch",
+             "openvino": "openvino", "openvino_int8": "openvino"}
+OPENVINO_FORMATS = ("openvino", "openvino_int8")  # `backend: "openvino"`, model.xml + model.bin per version
+MODEL_FILES = {"onnx": "model.onnx", "onnx_int8": "model.onnx", "torchscript": "model.pt",
+               "openvino": "model.xml", "openvino_int8": "model.xml"}
 ONNX_FORMATS = ("onnx", "onnx_int8")  # served by Triton's onnxruntime backend (the int8 one is a QDQ model)
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 # thread-count parameter keys as each Triton backend reads them
 THREAD_KEYS = {"onnx": ("intra_op_thread_count", "inter_op_thread_count"),
                "onnx_int8": ("intra_op_thread_count", "inter_op_thread_count"),
                "torchscript": ("INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT")}
+OPENVINO_THREADS = "INFERENCE_NUM_THREADS"  # Triton's OpenVINO backend (with NUM_STREAMS 1, PERFORMANCE_HINT LATENCY)
 LABELS = "labels.txt"
 SIDECAR = "cnnpack-model.json"
 STAGING_PREFIX = ".cnnpack-staging-"
@@ -86,6 +91,9 @@ class TritonConfig:
         if not self.dynamic_batching and self.preferred_batch_sizes:
             raise UserInputError("--preferred-batch-sizes configures the dynamic batcher; drop it or "
                                  "drop --no-dynamic-batching")
+        if self.format in OPENVINO_FORMATS and self.device != "cpu":
+            raise UserInputError(f"--format {self.format} is served on the CPU (Triton's OpenVINO backend, "
+                                 "TARGET_DEVICE CPU); use --device cpu")
         if self.threads and self.device != "cpu":
             raise UserInputError("--threads sets CPU thread pools; it applies to --device cpu only")
         if (self.tensorrt or self.tensorrt_fp16) and (self.format not in ONNX_FORMATS or self.device != "gpu"):
@@ -205,6 +213,10 @@ def cross_check(rec: dict, path: Path, fmt: str, spec: dict) -> tuple[Tensor, Te
             for attr in ("name", "dtype", "shape"):
                 if getattr(mine, attr) != getattr(theirs, attr):
                     raise _mismatch(f"{theirs.name} {attr}", getattr(theirs, attr), getattr(mine, attr), path)
+    elif fmt in OPENVINO_FORMATS:
+        from cnnpack import openvino as ov
+
+        meta = ov.metadata(ov.read(path))
     else:
         meta = torchscript_metadata(path)
     if "classes" in meta and json.loads(meta["classes"]) != list(spec["classes"]):
@@ -271,7 +283,11 @@ def _param(mc, key: str, value: str) -> None:
 def classifier_config(name: str, io: ModelIO, cfg: TritonConfig):
     """The classifier's ModelConfig."""
     pb = _pb()
-    mc = pb.ModelConfig(name=name, platform=PLATFORMS[cfg.format], max_batch_size=io.max_batch_size)
+    mc = pb.ModelConfig(name=name, max_batch_size=io.max_batch_size)
+    if cfg.format in OPENVINO_FORMATS:
+        mc.backend = PLATFORMS[cfg.format]
+    else:
+        mc.platform = PLATFORMS[cfg.format]
     fmt = pb.ModelInput.FORMAT_NCHW if io.max_batch_size > 0 else pb.ModelInput.FORMAT_NONE  # NCHW needs 3 dims
     mc.input.add(name=io.input.name, data_type=pb.DataType.Value(TRITON_DTYPES[io.input.dtype]), format=fmt,
                  dims=io.dims(io.input))
@@ -286,7 +302,12 @@ def classifier_config(name: str, io: ModelIO, cfg: TritonConfig):
         _param(mc, "max_drop_pt", f"{io.max_drop_pt:g}")
     kind = pb.ModelInstanceGroup.KIND_GPU if cfg.device == "gpu" else pb.ModelInstanceGroup.KIND_CPU
     mc.instance_group.add(kind=kind, count=cfg.instances)
-    if cfg.threads:
+    if cfg.format in OPENVINO_FORMATS:  # one stream per instance: parallelism comes from instances and threads
+        _param(mc, "NUM_STREAMS", "1")
+        _param(mc, "PERFORMANCE_HINT", "LATENCY")
+        if cfg.threads:
+            _param(mc, OPENVINO_THREADS, str(cfg.threads))
+    elif cfg.threads:
         intra, inter = THREAD_KEYS[cfg.format]
         _param(mc, intra, str(cfg.threads))
         _param(mc, inter, "1")  # sequential execution; parallelism comes from instances and intra-op threads
@@ -524,6 +545,14 @@ def preprocess_source() -> bytes:
     return (resources.files("cnnpack") / "backends" / "preprocess" / "model.py").read_bytes()
 
 
+def _version_files(fmt: str, path: Path) -> dict[str, Path]:
+    """What goes into a version folder: the model file (an OpenVINO IR: model.xml and its model.bin)."""
+    files = {MODEL_FILES[fmt]: path}
+    if fmt in OPENVINO_FORMATS:
+        files["model.bin"] = path.with_suffix(".bin")
+    return files
+
+
 def drafts(run: Run, cfg: TritonConfig, name: str) -> tuple[list[Draft], ModelIO]:
     """The model folders this run should produce: the classifier, and with --ensemble two more."""
     spec = run.model_spec
@@ -538,7 +567,7 @@ def drafts(run: Run, cfg: TritonConfig, name: str) -> tuple[list[Draft], ModelIO
                 "static_batch": rec.get("static_batch")}
     source = {"run": str(run.path.resolve()), "artifact": rec["path"], "artifact_sha256": rec["sha256"]}
     out = [Draft(name, identity, {"config.pbtxt": render(classifier_config(name, io, cfg)).encode(),
-                                  LABELS: labels}, {MODEL_FILES[cfg.format]: path}, source)]
+                                  LABELS: labels}, _version_files(cfg.format, path), source)]
     if cfg.ensemble:
         if io.max_batch_size == 0:
             raise UserInputError("--ensemble needs a dynamic-batch export (this artifact has a static batch); "

@@ -25,7 +25,7 @@ def triton(
     run: Path = typer.Option(..., help="Run directory with an export stage."),
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to create or extend."),
     name: Optional[str] = typer.Option(None, help="Model name, the folder in the repository (default: <arch>_<format>)."),
-    format: str = typer.Option("onnx", help="onnx | onnx_int8 | torchscript: which exported artifact to serve."),
+    format: str = typer.Option("onnx", help="onnx | onnx_int8 | torchscript | openvino | openvino_int8: which artifact to serve."),
     device: str = typer.Option("cpu", help="cpu | gpu: instance group kind."),
     instances: int = typer.Option(1, help="Model instances (per GPU with --device gpu)."),
     max_batch_size: Optional[int] = typer.Option(None, help="max_batch_size in config.pbtxt (default: the artifact's max)."),
