@@ -43,6 +43,7 @@ class PipelineConfig:
     calibration_images: int = 256
     max_drop: float = 0.5
     min_agreement: float = 0.99  # int8 vs fp32 (quantize's gate) and vs eager (verify's int8 contract)
+    openvino: str = "auto"  # auto: when the openvino extra is installed | yes | no
     bench_runtimes: tuple[str, ...] = ("eager", "compiled", "torchscript", "onnxruntime")
     bench_batch_sizes: tuple[int, ...] = (1, 32)
     bench_max_seconds: float = 4.0
@@ -56,6 +57,8 @@ class PipelineConfig:
         """Refuses bad options before any stage runs (exit 2, nothing written)."""
         if self.serve not in SERVE_MODES:
             raise UserInputError(f"--serve {self.serve!r}; valid: {', '.join(SERVE_MODES)}")
+        if self.openvino not in SERVE_MODES:
+            raise UserInputError(f"--openvino {self.openvino!r}; valid: {', '.join(SERVE_MODES)}")
         self.served_config().validate()
         if "onnx" not in self.formats:
             raise UserInputError("the pipeline serves the ONNX artifact: --formats must include onnx")
@@ -83,11 +86,27 @@ class PipelineConfig:
 
         return ExportConfig(formats=self.formats, max_batch_size=self.max_batch_size)
 
-    def quantize_config(self):
+    def quantize_config(self, fmt: str = "onnx_int8"):
         from cnnpack.quantize import QuantizeConfig
 
-        return QuantizeConfig(calibration_images=self.calibration_images, max_drop=self.max_drop,
+        return QuantizeConfig(format=fmt, calibration_images=self.calibration_images, max_drop=self.max_drop,
                               min_agreement=self.min_agreement, seed=self.seed)
+
+    def with_openvino(self) -> PipelineConfig:
+        """The config with `openvino` decided (auto: when the extra is installed) and, when on, the IR among the
+        exported formats and the openvino runtimes (bf16 where the CPU has it) among the benchmarked ones."""
+        from dataclasses import replace
+
+        from cnnpack import openvino as ov
+
+        ok, why = ov.available() if self.openvino != "no" else (False, "--openvino no")
+        if self.openvino == "yes" and not ok:
+            raise UserInputError(f"--openvino yes, but {why}")
+        if not ok:
+            return replace(self, openvino="no")
+        runtimes = ["openvino", *(["openvino-bf16"] if ov.has_bf16() else [])]
+        return replace(self, openvino="yes", formats=tuple(dict.fromkeys([*self.formats, "openvino"])),
+                       bench_runtimes=tuple(dict.fromkeys([*self.bench_runtimes, *runtimes])))
 
     def verify_config(self):
         from cnnpack.verify import VerifyConfig
@@ -111,7 +130,8 @@ class PipelineConfig:
         """TorchScript and int8 first, ONNX (with the image ensemble) last: `stages.triton` describes the ONNX model."""
         from cnnpack.triton_repo import TritonConfig
 
-        formats = [*self.formats, *(["onnx_int8"] if self.int8 else [])]
+        int8 = ["onnx_int8", *(["openvino_int8"] if "openvino" in self.formats else [])] if self.int8 else []
+        formats = [*self.formats, *int8]
         return [TritonConfig(repository=self.repository, format=f, ensemble=f == "onnx")
                 for f in sorted(formats, key=lambda f: f == "onnx")]
 
@@ -232,6 +252,10 @@ class Stages:
             *([Stage("quantize", lambda r: {"config": asdict(self.cfg.quantize_config()),
                                             "onnx": _artifacts(r).get("onnx")},
                      self.run_quantize, lambda r: str(r.file(MANIFEST)))] if self.cfg.int8 else []),
+            *([Stage("quantize_openvino", lambda r: {"config": asdict(self.cfg.quantize_config("openvino_int8")),
+                                                     "openvino": _artifacts(r).get("openvino")},
+                     self.run_quantize_openvino, lambda r: str(r.file(MANIFEST)))]
+              if self.cfg.int8 and "openvino" in self.cfg.formats else []),
             Stage("verify", lambda r: {"config": asdict(self.cfg.verify_config()), "checkpoint": _checkpoint(r),
                                        "artifacts": _artifacts(r)},
                   self.run_verify, lambda r: str(r.file("verify.json"))),
@@ -278,6 +302,13 @@ class Stages:
         with self._status("quantizing") as st:
             section = quantize(run.path, self.cfg.quantize_config(), progress=st)
         return f"{section['outputs']['onnx_int8']['path']}: {describe(section)}"
+
+    def run_quantize_openvino(self, run: Run) -> str:
+        from cnnpack.quantize import describe, quantize
+
+        with self._status("quantizing with NNCF") as st:
+            section = quantize(run.path, self.cfg.quantize_config("openvino_int8"), progress=st)
+        return f"{section['outputs']['openvino_int8']['path']}: {describe(section)}"
 
     # - verify -
     def run_verify(self, run: Run) -> str:
@@ -410,6 +441,7 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
         StageFailed (exit 1): a stage failed; the message says which and where its output is.
     """
     cfg.validate()
+    cfg = cfg.with_openvino()
     from cnnpack.data import check_class_folders
 
     check_class_folders(cfg.data)  # a name Triton cannot carry fails now, not after training
@@ -453,8 +485,9 @@ def summary(run: Run, outcomes: list[Outcome], report: dict, wall_s: float) -> d
         "run": str(run.path),
         "accuracy": train.get("metrics", {}).get("best_val_acc"),
         "parity_passed": verify.get("passed"),
-        "parity_max_abs_err": max((f["max_abs_err"] for f in verify.get("formats", {}).values()
-                                   if f.get("max_abs_err") is not None and f.get("precision", "fp32") == "fp32"),
+        "parity_max_abs_err": max((r["max_abs_err"] for f in verify.get("formats", {}).values()
+                                   for r in f.get("by_runtime", {}).values()
+                                   if r.get("max_abs_err") is not None and r.get("precision", "fp32") == "fp32"),
                                   default=None),
         "precision": precision_table(stages),
         "best_runtime": best and {k: best.get(k, d) for k, d in (("runtime", None), ("artifact", None),

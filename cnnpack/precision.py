@@ -26,12 +26,18 @@ def precision_table(stages: dict) -> list[dict]:
     fp32_acc = (verified.get("onnx") or {}).get("accuracy")
     ort32 = _row(rows, "onnxruntime", "onnx", big) if big else None
     out = []
-    for fmt, rec in sorted(arts.items(), key=lambda kv: (kv[1].get("precision", "fp32") != "fp32", kv[0])):
-        runtime = FORMAT_RUNTIME.get(fmt)
+    pairs = [(fmt, rec, FORMAT_RUNTIME.get(fmt), rec.get("precision", "fp32")) for fmt, rec in arts.items()]
+    # a runtime that computes an artifact in its own precision (openvino-bf16 on the fp32 IR) is a row of its own
+    pairs += [(fmt, rec, r["runtime"], r["precision"]) for fmt, rec in arts.items()
+              for r in rows if r["format"] == fmt and r["batch_size"] == big and r["runtime"] != FORMAT_RUNTIME.get(fmt)
+              and r.get("precision", "fp32") != rec.get("precision", "fp32")]
+    order = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}
+    for fmt, rec, runtime, precision in sorted(pairs, key=lambda p: (order.get(p[3], 9), p[0])):
         one, many = (_row(rows, runtime, fmt, 1), _row(rows, runtime, fmt, big)) if big else (None, None)
-        acc = (verified.get(fmt) or {}).get("accuracy")
+        v = verified.get(fmt) or {}
+        acc = (v.get("by_runtime", {}).get(runtime) or v).get("accuracy")
         out.append({
-            "artifact": fmt, "precision": rec.get("precision", "fp32"), "runtime": runtime,
+            "artifact": fmt, "precision": precision, "runtime": runtime,
             "size_mb": rec.get("size_mb"),  # runs exported before sizes were recorded: None
             "top1": acc, "drop_pt": 100 * (fp32_acc - acc) if acc is not None and fp32_acc is not None else None,
             "latency_ms_p50_b1": one and one["latency_ms_p50"], "batch_size": big,
@@ -63,7 +69,8 @@ def plot_precision(rows: list[dict], path) -> bool:
                 continue
             ax.scatter(r[key], 100 * r["top1"], s=60, color=colours.get(r["precision"], "tab:gray"), zorder=3)
             # labels staggered above and below: artifacts of equal accuracy would overwrite each other
-            ax.annotate(f"{r['artifact']} ({r['precision']})", (r[key], 100 * r["top1"]), fontsize=8,
+            ax.annotate(f"{r['artifact']} ({r['precision']})" if r["runtime"] == FORMAT_RUNTIME.get(r["artifact"])
+                        else f"{r['runtime']} ({r['precision']})", (r[key], 100 * r["top1"]), fontsize=8,
                         xytext=(0, 9 if i % 2 == 0 else -14), textcoords="offset points", ha="center")
         ax.set(xlabel=label, ylabel="validation top-1 (%)", xscale="log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))

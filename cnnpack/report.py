@@ -97,10 +97,10 @@ def _precision(m: dict, run: Run) -> list[Block]:
     rows = precision_table(m.get("stages", {}))
     if len({r["precision"] for r in rows}) < 2:
         return []
-    table = [["artifact", "precision", "size MB", "top-1", "drop vs fp32 (pt)", "p50 ms @ batch 1",
+    table = [["artifact", "runtime", "precision", "size MB", "top-1", "drop vs fp32 (pt)", "p50 ms @ batch 1",
               f"images/s @ batch {rows[0]['batch_size']}", "× fp32 ONNX Runtime"]]
     for r in rows:
-        table.append([r["artifact"], r["precision"], _num(r["size_mb"], "{:.2f}"), _pct(r["top1"]),
+        table.append([r["artifact"], r["runtime"], r["precision"], _num(r["size_mb"], "{:.2f}"), _pct(r["top1"]),
                       _num(r["drop_pt"], "{:+.2f}"), _num(r["latency_ms_p50_b1"], "{:.3f}"),
                       _num(r["images_per_s"], "{:,.0f}"), _num(r["speedup_vs_fp32"], "{:.2f}×")])
     q = m.get("stages", {}).get("quantize", {})

@@ -447,6 +447,10 @@ def by_format(results: list[dict]) -> dict:
                                          "precision": r.get("precision", "fp32"),
                                          "contract": contract_line(r.get("tolerance"))})
         f["runtimes"].append(r["runtime"])
+        f.setdefault("by_runtime", {})[r["runtime"]] = {
+            "precision": r.get("precision", "fp32"), "passed": r["passed"],
+            "max_abs_err": r["tensor"]["max_abs_err"] if r["tensor"] else None,
+            **{k: (r["task"] or {}).get(k) for k in ("accuracy", "top1_agreement")}}
         f["passed"] = f["passed"] and r["passed"]
         if r["tensor"] is None:
             f["max_abs_err"] = None

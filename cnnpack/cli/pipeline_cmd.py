@@ -38,6 +38,8 @@ def pipeline(
     max_seconds: float = typer.Option(4.0, help="Benchmark time limit per runtime and batch size."),
     threads: Optional[int] = typer.Option(None, help="Threads for every benchmarked runtime (default: all cores)."),
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to lay out."),
+    openvino: str = typer.Option("auto", help="OpenVINO IR (fp32, bf16 inference, NNCF int8) through every stage: "
+                                               "auto (when the openvino extra is installed) | yes | no."),
     serve: str = typer.Option("auto", help="Serve, infer, verify and bench on a local Triton server: "
                                            "auto (when the serve extra runs here) | yes | no."),
     concurrency: str = typer.Option("1,4,16", help="Concurrent requests when benchmarking the served model."),
@@ -63,7 +65,7 @@ def pipeline(
                          int8=int8, calibration_images=calibration_images, max_drop=max_drop,
                          min_agreement=min_agreement,
                          bench_runtimes=_names(runtimes), bench_batch_sizes=int_list(batch_sizes, "--batch-sizes"),
-                         bench_max_seconds=max_seconds, threads=threads, repository=str(repository), serve=serve,
+                         bench_max_seconds=max_seconds, threads=threads, repository=str(repository), serve=serve, openvino=openvino,
                          concurrency=int_list(concurrency, "--concurrency"), infer_images=infer_images)
     # stage lines go to stderr, so that stdout holds only the summary (the JSON with --json)
     result = do_pipeline(run, cfg, force=force, progress=progress and not as_json,
@@ -92,7 +94,7 @@ def print_summary(s: dict) -> None:
         size = f" {row['size_mb']:.2f} MB" if row.get("size_mb") else ""
         speed = (f", {row['images_per_s']:,.0f} images/s at batch {row['batch_size']}, {fast}"
                  if row.get("images_per_s") else "")
-        t.add_row(row["precision"], f"{row['artifact']}{size}: top-1 {top1}{drop}{speed}")
+        t.add_row(row["precision"], f"{row['artifact']} in {row['runtime']}{size}: top-1 {top1}{drop}{speed}")
     b = s["best_runtime"]
     if b:
         name = b["runtime"] + ("" if b.get("precision", "fp32") == "fp32" else f" {b['precision']}")
