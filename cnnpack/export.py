@@ -335,7 +335,9 @@ def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfi
     if "onnx" not in arts:
         raise MissingStageError(f"--format {fmt} is converted from the ONNX artifact, which {run.path} lacks: "
                                 f"export --format onnx,{fmt}")
-    onnx = run.file(arts["onnx"]["path"])
+    from cnnpack.runtimes import artifact_ref
+
+    onnx = artifact_ref(run, "onnx").path  # refuses a missing ONNX file or one changed since its export
     dest = run.file("export") / FOLDERS[fmt]
     tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDERS[fmt]}-", dir=dest.parent))
     umask = os.umask(0)

@@ -1,0 +1,191 @@
+"""OpenVINO: the IR artifact, the f32/bf16 runtimes held to their contracts, NNCF int8, Triton layout and serving.
+
+Real OpenVINO and NNCF (the openvino extra); skipped with the install command when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino", reason="the openvino extra: pip install 'cnnpack[openvino]'")
+
+from cnnpack import openvino as ov  # noqa: E402
+from cnnpack.errors import MissingStageError, UserInputError  # noqa: E402
+from cnnpack.export import ExportConfig, export  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ir_run(tiny_run, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("openvino") / "run"
+    shutil.copytree(tiny_run, run)
+    export(run, ExportConfig(formats=("onnx", "openvino"), max_batch_size=16))
+    return run
+
+
+def _manifest(run: Path) -> dict:
+    return json.loads((run / "cnnpack.json").read_text())
+
+
+def test_the_ir_keeps_the_artifact_contract(ir_run):
+    rec = _manifest(ir_run)["stages"]["export"]["artifacts"]["openvino"]
+    assert rec["path"] == "export/openvino/model.xml" and rec["weights"]["path"] == "export/openvino/model.bin"
+    assert rec["precision"] == "fp32" and rec["input"]["name"] == "input" and rec["output"]["name"] == "logits"
+    assert rec["input"]["shape"] == [-1, 3, 32, 32]  # dynamic batch, raw pixels in
+    model = ov.read(ir_run / rec["path"])
+    assert ov.classes_of(model) == _manifest(ir_run)["model"]["classes"]
+    # fp32 weights: OpenVINO's default fp16 compression would halve the .bin and break fp32 parity
+    types = {str(op.get_element_type()) for op in model.get_ordered_ops() if op.get_type_name() == "Constant"}
+    assert not any("f16" in t for t in types)
+    assert "openvino" in (ir_run / "export/reproduce.sh").read_text()
+
+
+def test_verify_holds_f32_to_fp32_and_bf16_to_its_own_contract(ir_run, tmp_path):
+    from cnnpack.verify import VerifyConfig, verify
+
+    result = verify(ir_run, VerifyConfig(formats=("openvino",), batch_sizes=(1, 4)))
+    rows = {r["runtime"]: r for r in result["results"]}
+    assert rows["openvino"]["precision"] == "fp32" and rows["openvino"]["tensor"]["max_abs_err"] <= 1e-4
+    if ov.has_bf16():
+        bf16 = rows["openvino-bf16"]
+        assert bf16["precision"] == "bf16" and bf16["passed"] and bf16["tolerance"]["contract"] == "bf16"
+        assert bf16["tensor"]["max_abs_err"] > 1e-4  # really computed in bf16, not fp32
+    else:
+        assert any(s["runtime"] == "openvino-bf16" and "no native bf16" in s["reason"] for s in result["skipped"])
+
+
+def test_nncf_int8_is_an_int8_ir_under_the_gate(ir_run, tmp_path):
+    from cnnpack.quantize import QuantizeConfig, quantize
+
+    run = tmp_path / "run"
+    shutil.copytree(ir_run, run)
+    section = quantize(run, QuantizeConfig(format="openvino_int8", calibration_images=64, max_drop=100,
+                                           min_agreement=0.5))
+    rec = _manifest(run)["stages"]["export"]["artifacts"]["openvino_int8"]
+    assert rec["precision"] == "int8" and rec["path"] == "export/openvino_int8/model.xml"
+    assert _manifest(run)["stages"]["quantize_openvino"]["status"] == "ok" and section["gate"]["val_images"] == 90
+    model = ov.read(run / rec["path"])
+    assert "FakeQuantize" in {op.get_type_name() for op in model.get_ordered_ops()}
+    assert len(ov.float_compute_nodes(model)) < 5  # some convolutions really run in int8
+    assert "--backend openvino" in (run / "export/reproduce.sh").read_text()
+
+
+def test_triton_lays_out_the_ir_and_the_local_server_serves_it(ir_run, tmp_path):
+    serve = pytest.importorskip("cnnpack.serve")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from cnnpack.triton_repo import TritonConfig, build
+    from cnnpack.verify import VerifyConfig, served_target, verify
+
+    try:
+        serve.locate()
+    except serve.RuntimeUnavailable as e:
+        pytest.skip(str(e))
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    shutil.copytree(ir_run, run)
+    section = build(run, TritonConfig(repository=str(repo), format="openvino", threads=1))
+    folder = repo / section["name"]
+    assert section["name"] == "cnn_openvino" and {p.name for p in (folder / "1").iterdir()} == {"model.xml", "model.bin"}
+    mc = text_format.Parse((folder / "config.pbtxt").read_text(), pb.ModelConfig())
+    assert mc.backend == "openvino" and not mc.platform
+    assert mc.parameters["INFERENCE_NUM_THREADS"].string_value == "1" and mc.parameters["NUM_STREAMS"].string_value == "1"
+    with serve.TritonServer(serve.ServeConfig(repository=str(repo))) as server:
+        assert {m.name: m.served_by for m in server.models}["cnn_openvino"] == "cnnpack's Python-based openvino backend"
+        target = served_target(run, server.grpc_address, "cnn_openvino", "grpc")
+        result = verify(run, VerifyConfig(formats=(), batch_sizes=(1, 4)), targets=(target,))
+    served = result["results"][0]
+    assert served["passed"] and served["tensor"]["max_abs_err"] <= 1e-4
+
+
+# -- bad input: one line, exit 2, nothing overwritten ----------------------------------------------------
+def test_a_missing_or_truncated_bin_is_a_clear_error(ir_run, tmp_path):
+    from cnnpack.rundir import Run
+    from cnnpack.runtimes import load_runtime
+
+    run = tmp_path / "run"
+    shutil.copytree(ir_run, run)
+    weights = run / "export/openvino/model.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserInputError, match=r"model.bin changed since export .*truncated"):
+        load_runtime(Run.open(run), "openvino")
+    weights.unlink()
+    with pytest.raises(UserInputError, match=r"model.bin is missing; re-run `cnnpack export"):
+        load_runtime(Run.open(run), "openvino")
+
+
+def test_openvino_needs_the_onnx_artifact_and_int8_needs_the_ir(tiny_run, tmp_path):
+    from cnnpack.quantize import QuantizeConfig, quantize
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    with pytest.raises(MissingStageError, match="converted from the ONNX artifact"):
+        export(run, ExportConfig(formats=("openvino",)))
+    export(run, ExportConfig(formats=("onnx",)))
+    with pytest.raises(MissingStageError, match="no OpenVINO IR to quantize"):
+        quantize(run, QuantizeConfig(format="openvino_int8"))
+    assert "openvino" not in _manifest(run)["stages"]["export"]["artifacts"]
+
+
+def test_a_failed_conversion_keeps_the_previous_ir(ir_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ir_run, run)
+    before = (run / "export/openvino/model.xml").read_bytes()
+    (run / "export/model.onnx").write_bytes(b"not onnx")  # the artifact changed behind the manifest's back
+    with pytest.raises(UserInputError):
+        export(run, ExportConfig(formats=("openvino",)))
+    assert (run / "export/openvino/model.xml").read_bytes() == before
+    assert not [p for p in (run / "export").iterdir() if p.name.startswith(".openvino")]
+
+
+def test_cli_export_and_bench_rows(ir_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ir_run, run)
+    env = {**os.environ, "COLUMNS": "200"}
+    p = subprocess.run([sys.executable, "-m", "cnnpack", "bench", "--run", str(run), "--runtimes",
+                        "onnxruntime,openvino,openvino-bf16", "--batch-sizes", "2", "--max-seconds", "0.2",
+                        "--threads", "1", "--no-plot", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    section = json.loads(p.stdout)
+    rows = {(r["runtime"], r["artifact"]): r for r in section["results"]}
+    assert rows[("openvino", "openvino")]["precision"] == "fp32"
+    if ov.has_bf16():
+        bf16 = rows[("openvino-bf16", "openvino")]
+        assert bf16["precision"] == "bf16" and bf16["matmul_gflops"] == section["ceilings"]["bf16"]["gflops"]
+    bad = subprocess.run([sys.executable, "-m", "cnnpack", "triton", "--run", str(run), "--format", "openvino",
+                          "--device", "gpu"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "is served on the CPU" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_bf16_asked_for_on_a_cpu_without_it_is_skipped_with_the_reason(monkeypatch, ir_run):
+    from cnnpack.errors import RuntimeUnavailable
+    from cnnpack.runtimes import RUNTIMES
+
+    monkeypatch.setattr(ov, "has_bf16", lambda: False)  # the CPU flag, not the runtime, is what is replaced
+    with pytest.raises(RuntimeUnavailable, match="this CPU has no native bf16"):
+        RUNTIMES.get("openvino-bf16").precheck()
+
+
+def test_without_the_extra_the_error_names_the_install_command(monkeypatch):
+    import builtins
+
+    from cnnpack.errors import RuntimeUnavailable
+
+    real = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    with pytest.raises(RuntimeUnavailable, match=r"pip install 'cnnpack\[openvino\]'"):
+        ExportConfig(formats=("onnx", "openvino")).validate()
+    assert np  # numpy stays importable
