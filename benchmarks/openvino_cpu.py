@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,14 +36,8 @@ import numpy as np
 from cnnpack.peak import cpu_info
 from cnnpack.rundir import Run, library_versions
 
-RESULTS = Path(__file__).resolve().parent / "results"
-CLI = [sys.executable, "-m", "cnnpack"]
-SHAPES = "circle,crescent,cross,square,star,triangle"  # the order of the class folders
-
-
-def sh(*args: str) -> None:
-    print("$ cnnpack " + " ".join(args), flush=True)
-    subprocess.run(CLI + list(args), check=True)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantize_int8 import RESULTS, SHAPES, sh  # noqa: E402 - the same helpers, one place
 
 
 def artifacts(run: Path) -> dict:
@@ -117,11 +110,11 @@ def served(run: Path, threads: int, seconds: float) -> list[dict]:
     from cnnpack.triton_repo import TritonConfig, build
 
     repo = run / "model_repository"
-    for fmt in ("onnx", "openvino_int8"):
-        build(run, TritonConfig(repository=str(repo), format=fmt, threads=threads))
+    names = [build(run, TritonConfig(repository=str(repo), format=fmt, threads=threads))["name"]
+             for fmt in ("onnx", "openvino_int8")]
     rows = []
     with TritonServer(ServeConfig(repository=str(repo))) as server:
-        for model in ("cnn_onnx", "cnn_openvino_int8"):
+        for model in names:
             section = bench_served(run, ServedConfig(url=server.grpc_address, model=model, protocol="grpc",
                                                      concurrency=(16,)),
                                    BenchConfig(batch_sizes=(1,), threads=threads, max_seconds=seconds, plot=False))
@@ -174,8 +167,8 @@ def write(record: dict, args) -> None:
     for r in record["local"]:
         lines.append(f"| {r['batch']} | {r['variant']} | {r['latency_ms_p50']:.2f} | {r['images_per_s']:.1f} | "
                      f"{r['vs_ort_fp32']:.2f}x ({r['vs_min']:.2f}..{r['vs_max']:.2f}) |")
-    s = {r["model"]: r for r in record["served"]}
-    gain = s["cnn_openvino_int8"]["throughput_ips"] / s["cnn_onnx"]["throughput_ips"]
+    fp32, int8 = record["served"]  # the ONNX model, then the OpenVINO int8 one
+    gain = int8["throughput_ips"] / fp32["throughput_ips"]
     lines += ["", "## resnet18 @ 224, served by the local Triton (batch-1 requests, concurrency 16, gRPC)", "",
               "| model | images/s | p50 ms | mean executed batch | server compute ms |", "|---|--:|--:|--:|--:|"]
     for r in record["served"]:

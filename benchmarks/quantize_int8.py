@@ -152,7 +152,7 @@ def write(args, info: dict, ceil: dict, models: dict) -> None:
     r18, cnn = models["resnet18_224"], models["cnn64"]
     lines = [f"# cnnpack quantize: int8 vs fp32 ONNX Runtime ({stem})", "",
              f"{when}, {info['model']}, flags: {', '.join(info['flags'])}; {args.threads} threads; "
-             f"onnxruntime {record["libraries"].get("onnxruntime-gpu") or record["libraries"].get("onnxruntime")}.",
+             f"onnxruntime {record['libraries'].get('onnxruntime-gpu') or record['libraries'].get('onnxruntime')}.",
              f"Command: `python {' '.join(sys.argv)}`", "",
              "Measured ceilings (best of several matrix multiplies, same threads) and the ISA's theoretical peak:", ""]
     for p, c in ceil.items():

@@ -129,6 +129,7 @@ def classes_of(model) -> list[str] | None:
 # -- int8 with NNCF ---------------------------------------------------------------------------------
 def _nncf():
     require("--backend openvino")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # NNCF imports torch: no CUDA warning
     try:
         import nncf
     except ImportError:

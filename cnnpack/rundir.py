@@ -78,7 +78,7 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "onnx", "onnxruntime-gpu", "onnxruntime", "numpy"):
+    for name in ("torch", "torchvision", "onnx", "onnxruntime-gpu", "onnxruntime", "openvino", "nncf", "numpy"):
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
     return out

@@ -14,7 +14,8 @@ from cnnpack.cli import app
 TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "32", "--runtimes", "eager,onnxruntime",
         "--batch-sizes", "1,4", "--max-seconds", "0.3", "--max-batch-size", "8", "--threads", "1",
         "--concurrency", "1,4", "--infer-images", "6",
-        "--min-agreement", "0.5"]  # the int8 gate: the tiny model is barely trained, its logits near ties
+        "--min-agreement", "0.5",  # the int8 gate: the tiny model is barely trained, its logits near ties
+        "--openvino", "no"]  # the OpenVINO stages have a test of their own below
 
 
 def _can_serve() -> bool:
@@ -187,3 +188,26 @@ def test_ctrl_c_in_training_exits_130_and_the_next_run_resumes_it(tiny_data, tmp
     assert "[train] resuming the interrupted training" in err
     train = json.loads((run / "cnnpack.json").read_text())["stages"]["train"]
     assert train["resumed"] is True and train["metrics"]["epochs"] == 3
+
+
+def test_openvino_joins_every_stage_when_installed(tiny_data, tmp_path):
+    pytest.importorskip("openvino", reason="the openvino extra: pip install 'cnnpack[openvino]'")
+    from cnnpack.openvino import has_bf16
+
+    run = tmp_path / "run"
+    args = ["--data", str(tiny_data), "--run", str(run), "--repository", str(tmp_path / "repo"), *TINY]
+    args[args.index("--openvino") + 1] = "auto"
+    args[args.index("--runtimes") + 1] = "onnxruntime"
+    code, out, err = _pipeline(*args, "--serve", "no", "--json")
+    assert code == 0, err[-3000:]
+    summary = json.loads(out)
+    assert _statuses(summary)["quantize_openvino"] == "ran"
+    m = json.loads((run / "cnnpack.json").read_text())
+    assert {"openvino", "openvino_int8"} <= set(m["stages"]["export"]["artifacts"])
+    assert m["stages"]["pipeline"]["config"]["openvino"] == "yes"
+    runtimes = {r["runtime"] for r in m["stages"]["bench"]["results"]}
+    assert {"openvino", *(["openvino-bf16"] if has_bf16() else [])} <= runtimes
+    assert {"cnn_openvino", "cnn_openvino_int8"} <= set(summary["models"])
+    precisions = {(r["artifact"], r["precision"]) for r in summary["precision"]}
+    assert {("openvino", "fp32"), ("openvino_int8", "int8")} <= precisions
+    assert ("openvino", "bf16") in precisions or not has_bf16()
