@@ -195,6 +195,7 @@ class ServeConfig:
     log_file: str | None = None  # the server's log (default: a temporary file, removed on stop)
     ready_timeout_s: float = 180.0  # until every model is loaded
     stop_timeout_s: float = 30.0  # SIGTERM, then SIGKILL
+    explicit: bool = False  # explicit model control: nothing loaded at start; clients load (with a config) and unload
 
 
 @dataclass(frozen=True)
@@ -366,7 +367,8 @@ class TritonServer:
                 f"--grpc-address={self.cfg.host}", f"--grpc-port={self.ports.grpc}",
                 f"--metrics-address={self.cfg.host}", f"--metrics-port={self.ports.metrics}",
                 # keep serving while we ask the server which model failed and why
-                "--exit-on-error=false", f"--exit-timeout-secs={exit_timeout}"]
+                "--exit-on-error=false", f"--exit-timeout-secs={exit_timeout}",
+                *(["--model-control-mode=explicit"] if self.cfg.explicit else [])]
 
     def _launch(self, dist: TritonDist, env: dict[str, str], repo: Path) -> None:
         self._log_path = Path(self.cfg.log_file) if self.cfg.log_file else self._tmp / "tritonserver.log"

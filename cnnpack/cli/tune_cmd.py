@@ -1,0 +1,75 @@
+"""`cnnpack tune`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cnnpack.cli import app, emit, handles_errors, int_list
+
+
+@app.command()
+@handles_errors
+def tune(
+    run: Path = typer.Option(..., help="Run directory with a Triton repository (`cnnpack triton`)."),
+    latency_budget_ms: float = typer.Option(50.0, help="p99 latency budget per request, ms."),
+    objective: str = typer.Option("throughput", help="throughput: most images/s within the budget | latency: "
+                                                     "lowest p99."),
+    concurrency: str = typer.Option("16", help="Requests in flight, comma list."),
+    instances: str = typer.Option("1,2", help="Instance counts to try."),
+    threads: str = typer.Option("1,2", help="Backend threads per instance to try."),
+    queue_delays_us: str = typer.Option("0,500,2000", help="Dynamic batching queue delays to try (off is always tried)."),
+    models: Optional[str] = typer.Option(None, help="Served models to sweep (default: every verified one)."),
+    max_seconds: float = typer.Option(2.0, help="Measurement time per point."),
+    time_limit: float = typer.Option(300.0, help="Time limit of the sweep, s (beyond it: coarse-to-fine)."),
+    oversubscribe: bool = typer.Option(False, help="Allow instances x threads above the cores."),
+    undo: bool = typer.Option(False, help="Restore the config.pbtxt the last tune replaced, and stop."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
+):
+    """Sweep served configs on a local Triton (no restart between points); keep the best one for a p99 budget.
+
+    Example: cnnpack tune --run runs/demo --latency-budget-ms 20
+
+    Exit 1 when no point meets the budget (it names the lowest p99 seen); nothing is changed then.
+    """
+    from rich.console import Console
+
+    from cnnpack.tune import TuneConfig, describe
+    from cnnpack.tune import tune as do_tune
+    from cnnpack.tune import undo as do_undo
+
+    if undo:
+        written = do_undo(run)
+        typer.echo(f"restored {written['config']} (from {written['previous']})")
+        return
+    cfg = TuneConfig(latency_budget_ms=latency_budget_ms, objective=objective,
+                     concurrency=int_list(concurrency, "--concurrency"), instances=int_list(instances, "--instances"),
+                     threads=int_list(threads, "--threads"), queue_delays_us=int_list(queue_delays_us, "--queue-delays-us"),
+                     models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else None,
+                     max_seconds=max_seconds, time_limit_s=time_limit, oversubscribe=oversubscribe)
+    cfg.validate()
+    with Console(stderr=True).status("tuning") as st:
+        section = do_tune(run, cfg, progress=lambda text: st.update(f"tuning: {text}"))
+    emit(section, as_json)
+    if not as_json:
+        _table(section)
+        typer.echo(describe(section))
+
+
+def _table(section: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{len(section['points'])} served configs ({section['sweep']['search']}, "
+                    f"{section['sweep']['wall_s']:.0f} s, server started {section['sweep'].get('server_starts')}x)")
+    for col in ("config", "c", "images/s", "p50 ms", "p99 ms", "batch", "stable"):
+        t.add_column(col, justify="left" if col == "config" else "right")
+    best = section["winner"]
+    for p in sorted(section["points"], key=lambda p: -p["throughput_ips"]):
+        mark = " ★" if best and (p["label"], p["concurrency"]) == (best["label"], best["concurrency"]) else ""
+        t.add_row(p["label"] + mark, str(p["concurrency"]), f"{p['throughput_ips']:,.0f}", f"{p['latency_ms_p50']:.2f}",
+                  f"{p['latency_ms_p99']:.2f}", f"{p.get('server_batch_mean') or 0:.2f}",
+                  "yes" if p["stable"] else "[red]no[/red]")
+    Console(stderr=True).print(t)

@@ -1,0 +1,370 @@
+"""`cnnpack tune`: measure served configurations on a local Triton and hand over the best one for a budget.
+
+What Model Analyzer answers with Docker and perf_analyzer, in minutes and on the run's own repository:
+one local Triton in explicit model-control mode; for every candidate (model x settings) the model is
+(re)loaded with a config override (`POST /v2/repository/models/<name>/load` with the config as JSON,
+built by `triton_repo.classifier_config` like the ones `cnnpack triton` writes), so the server is never
+restarted between points; then the closed-loop load generator (`measure.Load`) drives it at each
+concurrency and Triton's own statistics say what it batched, queued and computed.
+
+Candidates: every servable model of the run that passed verify (fp32 ONNX, TorchScript, the int8 and
+OpenVINO ones when they exist), crossed with dynamic batching off / on at several queue delays,
+instance counts and backend thread counts (instances x threads <= cores unless `oversubscribe`),
+plus each model's current config.pbtxt as it is (the default, measured in the same sweep).
+
+Search: the full grid when it fits the time limit, otherwise coarse-to-fine (one queue delay first,
+then every delay for the best coarse setting). The winner (most images/s with p99 within the budget,
+or the lowest p99 with `objective="latency"`) is written as its model's config.pbtxt, the previous one
+kept beside it as config.pbtxt.prev (`undo` restores it); when its gain over the default is within the
+measured noise, the default is kept and the result says so.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError
+from cnnpack.rundir import Run, atomic_write_json, atomic_write_text
+
+OUTPUT, PLOT = "tune.json", "tune.png"
+PREVIOUS = "config.pbtxt.prev"
+OBJECTIVES = ("throughput", "latency")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    latency_budget_ms: float = 50.0
+    objective: str = "throughput"  # throughput: most images/s within the budget | latency: lowest p99
+    concurrency: tuple[int, ...] = (16,)
+    instances: tuple[int, ...] = (1, 2)
+    threads: tuple[int, ...] = (1, 2)  # backend threads per instance
+    queue_delays_us: tuple[int, ...] = (0, 500, 2000)  # dynamic batching on, at each delay (off is always tried)
+    models: tuple[str, ...] | None = None  # served model names (default: every verified servable one)
+    max_seconds: float = 2.0  # measurement per point (after a warm-up)
+    time_limit_s: float = 300.0
+    oversubscribe: bool = False  # allow instances x threads above the cores
+    protocol: str = "grpc"
+    timeout_s: float = 30.0
+
+    def validate(self) -> None:
+        if not self.latency_budget_ms > 0:
+            raise UserInputError(f"--latency-budget-ms must be > 0, got {self.latency_budget_ms}")
+        if self.objective not in OBJECTIVES:
+            raise UserInputError(f"--objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
+        for flag, values in (("--concurrency", self.concurrency), ("--instances", self.instances),
+                             ("--threads", self.threads)):
+            if not values or min(values) < 1:
+                raise UserInputError(f"{flag} must be integers >= 1, got {list(values)}")
+        if self.queue_delays_us and min(self.queue_delays_us) < 0:
+            raise UserInputError(f"--queue-delays-us must be >= 0, got {list(self.queue_delays_us)}")
+        if self.max_seconds <= 0 or self.time_limit_s <= 0:
+            raise UserInputError("--max-seconds and --time-limit must be > 0")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if not self.oversubscribe and min(self.instances) * min(self.threads) > cores:
+            raise UserInputError(f"--instances x --threads is at least {min(self.instances) * min(self.threads)}, "
+                                 f"more than the {cores} cores here; pass --oversubscribe to measure it anyway")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One served configuration of one model; `default` means its config.pbtxt as it is."""
+
+    model: str
+    format: str
+    instances: int = 1
+    threads: int = 0
+    dynamic_batching: bool = True
+    queue_delay_us: int = 0
+    default: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.default:
+            return f"{self.model} (its config.pbtxt)"
+        batching = f"batching {self.queue_delay_us} us" if self.dynamic_batching else "no batching"
+        return f"{self.model} x{self.instances} {self.threads}t {batching}"
+
+
+# -- what to sweep -------------------------------------------------------------------------------------
+def servable(run: Run, cfg: TuneConfig) -> list[tuple[str, str]]:
+    """(model name, format) of each served model of the run that passed verify; UserInputError when none."""
+    from cnnpack.triton_repo import PLATFORMS, default_name
+
+    triton = run.stage("triton", required_by="tune", hint=f"`cnnpack triton --run {run.path}`")
+    root = Path(triton["repository"])
+    verified = run.read().get("stages", {}).get("verify", {}).get("formats", {})
+    arch = run.model_spec["arch"]
+    found = [(default_name(arch, fmt), fmt) for fmt, v in verified.items()
+             if fmt in PLATFORMS and v.get("passed") and (root / default_name(arch, fmt) / "config.pbtxt").is_file()]
+    if cfg.models:
+        unknown = [m for m in cfg.models if m not in dict(found)]
+        if unknown:
+            raise UserInputError(f"--models {unknown[0]!r} is not a verified model of {root} "
+                                 f"(verified and laid out: {', '.join(m for m, _ in found) or 'none'})")
+        found = [(m, f) for m, f in found if m in cfg.models]
+    if not found:
+        raise UserInputError(f"{root} holds no model that passed `cnnpack verify`; run `cnnpack verify --run "
+                             f"{run.path}` and `cnnpack triton --run {run.path} --format FORMAT` first")
+    return found
+
+
+def grid(models: list[tuple[str, str]], cfg: TuneConfig, delays: tuple[int, ...]) -> list[Setting]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    out = [Setting(m, f, default=True) for m, f in models]
+    for (m, f), n, t in itertools.product(models, cfg.instances, cfg.threads):
+        if n * t > cores and not cfg.oversubscribe:
+            continue
+        out.append(Setting(m, f, n, t, dynamic_batching=False))
+        out += [Setting(m, f, n, t, True, d) for d in delays]
+    return out
+
+
+def model_config_json(run: Run, s: Setting, repository: str) -> str:
+    """The ModelConfig of a setting, as the JSON Triton's load API takes (snake_case field names)."""
+    from google.protobuf import json_format
+
+    from cnnpack.triton_repo import TritonConfig, classifier_config, model_io
+
+    tc = TritonConfig(repository=repository, name=s.model, format=s.format, instances=s.instances, threads=s.threads,
+                      dynamic_batching=s.dynamic_batching, max_queue_delay_us=s.queue_delay_us)
+    io, _, _ = model_io(run, tc)
+    return json_format.MessageToJson(classifier_config(s.model, io, tc), preserving_proto_field_name=True)
+
+
+# -- measuring one point ----------------------------------------------------------------------------------
+def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfig, repository: str) -> dict:
+    """Loads the model with the setting's config (no restart), puts it under load, returns the point."""
+    from cnnpack.client import Client, server_side
+    from cnnpack.measure import Load, WindowPolicy, measure, summarise
+
+    url = server.grpc_address if cfg.protocol == "grpc" else server.http_address
+    with Client(url, cfg.protocol, timeout_s=cfg.timeout_s) as client:
+        config = None if s.default else model_config_json(run, s, repository)
+        try:
+            client._client.load_model(s.model, **({"config": config} if config else {}))
+        except client.errors as e:
+            raise client.failure(f"loading {s.label}", e) from None
+        model = client.model(s.model)
+        spec = run.model_spec
+        x = np.random.default_rng(0).integers(0, 256, (1, spec["channels"], spec["image_size"],
+                                                       spec["image_size"])).astype(np.float32)
+        before = client.statistics(s.model)
+        policy = WindowPolicy(window_s=max(0.2, cfg.max_seconds / 4), max_s=cfg.max_seconds, warmup_s=0.3)
+        with Load(client, model, x, concurrency) as load:
+            m = measure(load.one, policy, window=lambda _r, p, _s: load.window(seconds=p.window_s,
+                                                                              min_requests=p.min_requests))
+        after = client.statistics(s.model)
+    row = {**asdict(s), "label": s.label, "concurrency": concurrency, **summarise(m, 1), **server_side(before, after)}
+    ips = row["window_throughput_ips"]
+    row["noise"] = max(ips) / min(ips) - 1 if ips and min(ips) > 0 else None
+    return row
+
+
+# -- the choice ---------------------------------------------------------------------------------------------
+def pareto(points: list[dict]) -> list[dict]:
+    """The points no other point beats on both images/s and p99 (sorted by p99)."""
+    front, best = [], -1.0
+    for p in sorted(points, key=lambda p: (p["latency_ms_p99"], -p["throughput_ips"])):
+        if p["throughput_ips"] > best:
+            front.append(p)
+            best = p["throughput_ips"]
+    return front
+
+
+def choose(points: list[dict], cfg: TuneConfig) -> dict | None:
+    ok = [p for p in points if p["latency_ms_p99"] <= cfg.latency_budget_ms]
+    if not ok:
+        return None
+    if cfg.objective == "latency":
+        return min(ok, key=lambda p: (p["latency_ms_p99"], -p["throughput_ips"]))
+    return max(ok, key=lambda p: (p["throughput_ips"], -p["latency_ms_p99"]))
+
+
+def verdict(winner: dict, points: list[dict], served: str | None = None) -> dict:
+    """The winner against the default config of its model (same concurrency), with the measured noise, and
+    against the default of the model the run serves today (`served`, the triton stage's model)."""
+    def default_of(model):
+        return next((p for p in points if p["default"] and p["model"] == model
+                     and p["concurrency"] == winner["concurrency"]), None)
+
+    default, today = default_of(winner["model"]), default_of(served)
+    out = {"vs_served_default": today and {"model": served, "throughput_ips": today["throughput_ips"],
+                                           "gain": winner["throughput_ips"] / today["throughput_ips"]}}
+    if default is None:
+        return {**out, "default": None, "gain": None, "noise": None, "as_good": False}
+    gain = winner["throughput_ips"] / default["throughput_ips"]
+    noise = max(winner.get("noise") or 0.0, default.get("noise") or 0.0, 0.05)
+    return {**out, "default": default["label"], "default_throughput_ips": default["throughput_ips"], "gain": gain,
+            "noise": noise, "as_good": not winner["default"] and gain - 1 <= noise}
+
+
+# -- the stage ----------------------------------------------------------------------------------------------
+def sweep(run: Run, cfg: TuneConfig, settings: list[Setting], repository: str, say: Callable[[str], None],
+          log: Path) -> tuple[list[dict], dict]:
+    """Measures every setting at every concurrency within the time limit; (points, how the sweep went)."""
+    from cnnpack.serve import ServeConfig, TritonServer
+
+    points: list[dict] = []
+    t0 = time.monotonic()
+    info: dict = {"search": "grid", "truncated": False, "error": None}
+    server = TritonServer(ServeConfig(repository=repository, explicit=True, log_file=str(log)))
+    with server:
+        info["server_pid"] = server.pid
+        plan = [(s, c) for s in settings for c in cfg.concurrency]
+        for i, (s, c) in enumerate(plan):
+            if time.monotonic() - t0 > cfg.time_limit_s:
+                info["truncated"] = True
+                say(f"time limit {cfg.time_limit_s:g} s reached after {len(points)} points")
+                break
+            say(f"point {i + 1}/{len(plan)}: {s.label} at concurrency {c}")
+            try:
+                points.append(measure_point(run, server, s, c, cfg, repository))
+            except CnnpackError as e:  # a server that died or a config it refused: keep what was measured
+                info["error"] = f"{s.label} at concurrency {c}: {e}"
+                if server._proc is not None and server._proc.poll() is not None:
+                    break
+        info["server_alive"] = server._proc is not None and server._proc.poll() is None
+    info["wall_s"] = round(time.monotonic() - t0, 1)
+    info["server_starts"] = log.read_text(errors="replace").count("Started GRPCInferenceService") if log.is_file() else None
+    return points, info
+
+
+def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Sweeps the run's served models on a local Triton; writes tune.json, tune.png, the winner's config.pbtxt.
+
+    Raises:
+        UserInputError (exit 2): bad options, no repository, no verified servable model.
+        ParityError (exit 1): no point met the budget (the points are kept; no config is changed).
+        StageFailed (exit 1): the server died mid-sweep (the points so far are kept; no config is changed).
+    """
+    cfg.validate()
+    run = Run.open(run_dir)
+    repository = run.stage("triton", required_by="tune", hint=f"`cnnpack triton --run {run.path}`")["repository"]
+    models = servable(run, cfg)
+    full = grid(models, cfg, cfg.queue_delays_us)
+    per_point = cfg.max_seconds + 1.5  # measurement, warm-up and the reload
+    coarse = len(full) * len(cfg.concurrency) * per_point > cfg.time_limit_s and len(cfg.queue_delays_us) > 1
+    settings = grid(models, cfg, cfg.queue_delays_us[len(cfg.queue_delays_us) // 2:][:1]) if coarse else full
+    log = run.file("tune/server.log")
+    points, info = sweep(run, cfg, settings, repository, progress, log)
+    if coarse and not info["error"]:  # refine: every delay for the best coarse setting
+        best = choose(points, cfg) or max(points, key=lambda p: p["throughput_ips"])
+        refine = [replace(s, queue_delay_us=d) for s in settings if s.label == best["label"] and s.dynamic_batching
+                  for d in cfg.queue_delays_us if d != s.queue_delay_us]
+        if refine:
+            more, info2 = sweep(run, cfg, refine, repository, progress, run.file("tune/server-refine.log"))
+            points += more
+            info["refine"] = info2
+        info["search"] = "coarse-to-fine"
+    return finish(run, cfg, points, info)
+
+
+def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
+    winner = choose(points, cfg) if not info["error"] else None
+    result = {"config": asdict(cfg), "points": points, "pareto": [p["label"] + f" c{p['concurrency']}" for p in pareto(points)],
+              "sweep": info, "winner": winner, "written": None,
+              "verdict": verdict(winner, points, run.stage("triton")["name"]) if winner else None}
+    if winner and not result["verdict"]["as_good"] and not winner["default"]:
+        result["written"] = write_winner(run, winner)
+    atomic_write_json(run.file(OUTPUT), result)
+    plot(points, winner, cfg, run.file(PLOT))
+    status = "ok" if winner else "failed"
+    run.set_stage("tune", {"status": status, "config": asdict(cfg), "points": points, "winner": winner,
+                           "verdict": result["verdict"], "written": result["written"], "sweep": info,
+                           "outputs": {n: run.file_record(run.file(n)) for n in (OUTPUT, PLOT)}})
+    if info["error"] and not info.get("server_alive", True):
+        raise StageFailed(f"the Triton server died during the sweep ({info['error']}); the {len(points)} points "
+                          f"measured are in {run.file(OUTPUT)}, no config was changed")
+    if winner is None:
+        fastest = min(points, key=lambda p: p["latency_ms_p99"], default=None)
+        seen = f"; the lowest p99 seen was {fastest['latency_ms_p99']:.2f} ms ({fastest['label']}, concurrency " \
+               f"{fastest['concurrency']})" if fastest else ""
+        raise ParityError(f"no served config meets p99 <= {cfg.latency_budget_ms:g} ms{seen}; raise "
+                          f"--latency-budget-ms or lower --concurrency (points: {run.file(OUTPUT)})")
+    return run.read()["stages"]["tune"]
+
+
+def write_winner(run: Run, winner: dict) -> dict:
+    """The winner's config.pbtxt into its model folder, the previous one kept as config.pbtxt.prev."""
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from cnnpack.triton_repo import render
+
+    repository = run.stage("triton")["repository"]
+    folder = Path(repository) / winner["model"]
+    s = Setting(**{k: winner[k] for k in Setting.__dataclass_fields__})
+    mc = json_format.Parse(model_config_json(run, s, repository), pb.ModelConfig())
+    current = (folder / "config.pbtxt").read_text()
+    atomic_write_text(folder / PREVIOUS, current)
+    atomic_write_text(folder / "config.pbtxt", render(mc))
+    return {"model": winner["model"], "config": str(folder / "config.pbtxt"), "previous": str(folder / PREVIOUS)}
+
+
+def undo(run_dir: str | Path) -> dict:
+    """Restores the config.pbtxt that the last tune replaced; UserInputError when there is nothing to undo."""
+    run = Run.open(run_dir)
+    written = (run.read().get("stages", {}).get("tune") or {}).get("written")
+    if not written or not Path(written["previous"]).is_file():
+        raise UserInputError(f"{run.path}: no config written by `cnnpack tune` to undo")
+    atomic_write_text(Path(written["config"]), Path(written["previous"]).read_text())
+    Path(written["previous"]).unlink()
+    run.update(lambda m: m["stages"]["tune"].update(written=None, undone=written))
+    return written
+
+
+def plot(points: list[dict], winner: dict | None, cfg: TuneConfig, path: Path) -> None:
+    """Images/s against p99 per point (one colour per model), the Pareto front, the budget, the winner."""
+    from matplotlib.figure import Figure
+
+    from cnnpack.rundir import atomic_path
+
+    fig = Figure(figsize=(9, 5))
+    ax = fig.subplots()
+    for model in dict.fromkeys(p["model"] for p in points):
+        mine = [p for p in points if p["model"] == model]
+        ax.scatter([p["latency_ms_p99"] for p in mine], [p["throughput_ips"] for p in mine], s=30, label=model)
+        for p in mine:
+            if p["default"]:
+                ax.scatter(p["latency_ms_p99"], p["throughput_ips"], s=120, facecolors="none", edgecolors="black")
+    front = pareto(points)
+    ax.plot([p["latency_ms_p99"] for p in front], [p["throughput_ips"] for p in front], "k--", lw=1, label="Pareto front")
+    ax.axvline(cfg.latency_budget_ms, color="red", lw=1, label=f"budget p99 {cfg.latency_budget_ms:g} ms")
+    if winner:
+        ax.scatter(winner["latency_ms_p99"], winner["throughput_ips"], marker="*", s=300, color="gold",
+                   edgecolors="black", zorder=5, label=f"winner: {winner['label']}")
+    import matplotlib.ticker
+
+    ax.set(xlabel="p99 latency (ms)", ylabel="images/s", xscale="log",
+           title=f"{len(points)} served configs (circled: each model's config.pbtxt as laid out)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.tick_params(axis="x", which="both", labelsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def describe(section: dict) -> str:
+    w, v = section["winner"], section["verdict"] or {}
+    line = (f"winner: {w['label']} at concurrency {w['concurrency']}: {w['throughput_ips']:,.0f} images/s, "
+            f"p99 {w['latency_ms_p99']:.2f} ms")
+    if v.get("gain") is not None:
+        line += f"; {v['gain']:.2f}x the default ({v['default']}, noise {100 * v['noise']:.0f} %)"
+    today = v.get("vs_served_default")
+    if today and today["model"] != w["model"]:
+        line += f"; {today['gain']:.2f}x {today['model']} as served today"
+    if v.get("as_good"):
+        line += "; within the noise: the default config is as good and was kept"
+    elif section.get("written"):
+        line += f"; written to {section['written']['config']} (previous: {PREVIOUS})"
+    return line
+
