@@ -44,6 +44,7 @@ class PipelineConfig:
     max_drop: float = 0.5
     min_agreement: float = 0.99  # int8 vs fp32 (quantize's gate) and vs eager (verify's int8 contract)
     openvino: str = "auto"  # auto: when the openvino extra is installed | yes | no
+    tune_budget_ms: float | None = None  # the tune stage (opt-in): the best served config for this p99 budget
     bench_runtimes: tuple[str, ...] = ("eager", "compiled", "torchscript", "onnxruntime")
     bench_batch_sizes: tuple[int, ...] = (1, 32)
     bench_max_seconds: float = 4.0
@@ -73,6 +74,8 @@ class PipelineConfig:
                                  f"accept (--max-batch-size {self.max_batch_size})")
         for cfg in self.triton_configs():
             cfg.validate()
+        if self.tune_budget_ms is not None:
+            self.tune_config().validate()
 
     # the stage configs, built lazily (their modules import torch)
     def train_config(self):
@@ -125,6 +128,12 @@ class PipelineConfig:
 
         return ServedConfig(concurrency=self.concurrency, images=self.infer_images, threads=self.threads,
                             max_seconds=self.bench_max_seconds, int8_min_agreement=self.min_agreement)
+
+    def tune_config(self):
+        from cnnpack.tune import TuneConfig
+
+        return TuneConfig(latency_budget_ms=self.tune_budget_ms or 1.0, concurrency=(max(self.concurrency),),
+                          max_seconds=min(self.bench_max_seconds, 2.0))
 
     def triton_configs(self) -> list:
         """TorchScript and int8 first, ONNX (with the image ensemble) last: `stages.triton` describes the ONNX model."""
@@ -268,7 +277,17 @@ class Stages:
         if serve:
             stages.append(Stage("served", self.served_inputs, self.run_served, self.served_output,
                                 self.served_rows_kept))
+        if serve and self.cfg.tune_budget_ms is not None:
+            stages.append(Stage("tune", lambda r: {**self.served_inputs(r), "tune": asdict(self.cfg.tune_config()),
+                                                   "verify": _section(r, "verify").get("formats")},
+                                self.run_tune, lambda r: str(r.file("tune.json"))))
         return stages
+
+    def run_tune(self, run: Run) -> str:
+        from cnnpack.tune import describe, tune
+
+        section = tune(run.path, self.cfg.tune_config(), progress=lambda text: self.say(f"[tune] {text}"))
+        return describe(section)
 
     # - train -
     def train_inputs(self, run: Run) -> dict:

@@ -286,7 +286,29 @@ def build(run: Run) -> list[Block]:
                        f"onnxruntime {m['libraries'].get('onnxruntime-gpu') or m['libraries'].get('onnxruntime')} · "
                        f"{m['machine']['platform']}, {m['machine']['cpu_count']} CPUs")]
     return (head + _data_and_training(m) + _export(m, run) + _verify(m) + _bench(m, run) + _precision(m, run)
-            + _triton(m, run) + _served(m))
+            + _triton(m, run) + _served(m) + _tune(m, run))
+
+
+def _tune(m: dict, run: Run) -> list[Block]:
+    """Recommended serving config: the tune stage's winner, its plot and the commands that serve it."""
+    t = m.get("stages", {}).get("tune")
+    if not t or not t.get("winner"):
+        return []
+    from cnnpack.tune import describe
+
+    w, repo = t["winner"], m["stages"]["triton"]["repository"]
+    rows = [["config", "concurrency", "images/s", "p50 ms", "p99 ms", "mean batch"]]
+    for p in sorted(t["points"], key=lambda p: -p["throughput_ips"])[:10]:
+        rows.append([p["label"], str(p["concurrency"]), _num(p["throughput_ips"], "{:,.0f}"),
+                     _num(p["latency_ms_p50"], "{:.2f}"), _num(p["latency_ms_p99"], "{:.2f}"),
+                     _num(p.get("server_batch_mean"), "{:.2f}")])
+    return [Block("h2", "Recommended serving config"),
+            Block("p", f"{len(t['points'])} configurations measured on one local Triton (no restart), p99 budget "
+                       f"{t['config']['latency_budget_ms']:g} ms. {describe(t)}."),
+            Block("table", rows=rows), Block("img", text="images/s against p99 per served config", path="tune.png"),
+            Block("code", text=f"cnnpack serve --repository {repo}\n{docker_line(repo)}"),
+            Block("p", f"Serve `{w['model']}` with it; `cnnpack tune --run {run.path} --undo` restores the previous "
+                       "config.pbtxt.")]
 
 
 # -- rendering --------------------------------------------------------------------------------

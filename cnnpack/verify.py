@@ -212,6 +212,9 @@ def failures(label: str, tensor: dict, task: dict | None, cfg: Tolerance | Verif
                    f"differently from eager; accuracy {100 * task['accuracy']:.2f}% vs eager "
                    f"{100 * task['eager_accuracy']:.2f}%)")
     drop = getattr(cfg, "max_drop_pt", None)
+    if drop is not None and not task:  # an int8 contract is task parity: without labelled images nothing holds it
+        out.append(f"{label}: the int8 contract is task parity, and there is no validation data to check it on "
+                   "(a run made by `export --arch`): pass --data PATH|shapes")
     if task and drop is not None and -100 * task["accuracy_delta"] > drop + 1e-9:
         out.append(f"{label}: top-1 drop {-100 * task['accuracy_delta']:.2f} pt > {drop:g} pt (int8 contract: "
                    f"accuracy {100 * task['accuracy']:.2f}% vs eager {100 * task['eager_accuracy']:.2f}%)")

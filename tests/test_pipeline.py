@@ -140,7 +140,9 @@ def test_bad_options_exit_2_before_any_work(tmp_path):
     run = tmp_path / "run"
     for args, msg in ((["--serve", "maybe"], "--serve 'maybe'"), (["--concurrency", "0"], "--concurrency"),
                       (["--formats", "torchscript"], "must include onnx"), (["--epochs", "0"], "--epochs"),
-                      (["--runtimes", "nope"], "nope"), (["--batch-sizes", "1,128"], "--max-batch-size")):
+                      (["--runtimes", "nope"], "nope"), (["--batch-sizes", "1,128"], "--max-batch-size"),
+                      (["--tune-budget-ms", "0"], "--latency-budget-ms must be > 0"),
+                      (["--openvino", "maybe"], "--openvino 'maybe'")):
         code, _, err = _pipeline("--run", str(run), *args)
         assert code == 2, (args, err)
         assert msg in err and len(err.strip().splitlines()) == 1, err

@@ -40,6 +40,8 @@ def pipeline(
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to lay out."),
     openvino: str = typer.Option("auto", help="OpenVINO IR (fp32, bf16 inference, NNCF int8) through every stage: "
                                                "auto (when the openvino extra is installed) | yes | no."),
+    tune_budget_ms: Optional[float] = typer.Option(None, help="Add the tune stage: sweep served configs and keep the "
+                                                              "best one for this p99 budget (ms), after served."),
     serve: str = typer.Option("auto", help="Serve, infer, verify and bench on a local Triton server: "
                                            "auto (when the serve extra runs here) | yes | no."),
     concurrency: str = typer.Option("1,4,16", help="Concurrent requests when benchmarking the served model."),
@@ -66,6 +68,7 @@ def pipeline(
                          min_agreement=min_agreement,
                          bench_runtimes=_names(runtimes), bench_batch_sizes=int_list(batch_sizes, "--batch-sizes"),
                          bench_max_seconds=max_seconds, threads=threads, repository=str(repository), serve=serve, openvino=openvino,
+                         tune_budget_ms=tune_budget_ms,
                          concurrency=int_list(concurrency, "--concurrency"), infer_images=infer_images)
     # stage lines go to stderr, so that stdout holds only the summary (the JSON with --json)
     result = do_pipeline(run, cfg, force=force, progress=progress and not as_json,

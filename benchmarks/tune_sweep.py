@@ -1,0 +1,101 @@
+"""Benchmark: `cnnpack tune` on the built-in cnn (default pipeline run) and on resnet18 @ 224.
+
+cnn: every verified served model (fp32 ONNX, TorchScript, int8 ONNX, and the OpenVINO ones when the run has
+them) x dynamic batching off/on at 0/500/2000 us x instances x threads (instances x threads <= 2 cores), at
+concurrency 16, p99 budget 20 ms: the points, the wall time, how often the server started (from its log),
+the winner against the default config measured in the same sweep.
+
+resnet18 @ 224 (random weights; `benchmarks/openvino_cpu.py` made its ONNX, int8 and OpenVINO artifacts):
+verified on the built-in images at 224 px, laid out for Triton, swept at concurrency 16 with a p99 budget
+of 2 s; the winner against the fp32 ONNX model's default config.
+
+Targets (issue 16): >= 16 points on the cnn in <= 5 minutes with no server restart; the winner >= 1.3x the
+default config's images/s once the int8/OpenVINO models exist.
+
+    .venv/bin/python benchmarks/tune_sweep.py --cnn-run runs/default/runs/pipeline-shapes-cnn-64px \
+        --r18-run runs/bench-openvino/resnet18_224    # writes benchmarks/results/tune-cpu<C>.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from cnnpack.peak import cpu_info
+from cnnpack.rundir import Run, library_versions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantize_int8 import RESULTS, sh  # noqa: E402
+
+
+def prepare(run: Path, data: str | None) -> None:
+    """Verified, and every verified servable artifact laid out (ONNX last: the run's triton stage names it)."""
+    arts = Run.open(run).read()["stages"]["export"]["artifacts"]
+    sh("verify", "--run", str(run), *(["--data", data] if data else []))
+    for fmt in sorted(arts, key=lambda f: f == "onnx"):
+        sh("triton", "--run", str(run), "--format", fmt, "--repository", str(run / "model_repository"), "--threads", "2")
+
+
+def one(run: Path, budget_ms: float, time_limit: float) -> dict:
+    from cnnpack.tune import TuneConfig, describe, tune
+
+    t0 = time.perf_counter()
+    section = tune(run, TuneConfig(latency_budget_ms=budget_ms, concurrency=(16,), time_limit_s=time_limit),
+                   progress=lambda text: print(text, flush=True))
+    print(describe(section), flush=True)
+    return {"wall_s": time.perf_counter() - t0, "describe": describe(section), **section}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cnn-run", type=Path, required=True)
+    ap.add_argument("--r18-run", type=Path, required=True)
+    args = ap.parse_args()
+    prepare(args.cnn_run, None)
+    prepare(args.r18_run, "shapes")
+    record = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_info(),
+              "cnn": one(args.cnn_run, 20.0, 300.0), "resnet18": one(args.r18_run, 2000.0, 420.0),
+              "libraries": library_versions(), "command": " ".join(sys.argv)}
+    write(record)
+
+
+def write(record: dict) -> None:
+    stem = f"tune-cpu{len(os.sched_getaffinity(0))}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    info = record["cpu"]
+    lines = [f"# cnnpack tune ({stem})", "", f"{record['when']}, {info['model']}, flags: {', '.join(info['flags'])}.",
+             f"Command: `python {record['command']}`", ""]
+    for name in ("cnn", "resnet18"):
+        r = record[name]
+        s, v, w = r["sweep"], r["verdict"] or {}, r["winner"]
+        lines += [f"## {name}: {len(r['points'])} points, {s['search']}, {r['wall_s']:.0f} s, server started "
+                  f"{s['server_starts']}x{' (+ refine)' if s.get('refine') else ''}", "",
+                  f"Budget p99 {r['config']['latency_budget_ms']:g} ms at concurrency 16. {r['describe']}.", "",
+                  "| config | images/s | p50 ms | p99 ms | mean batch | stable |", "|---|--:|--:|--:|--:|:-:|"]
+        for p in sorted(r["points"], key=lambda p: -p["throughput_ips"]):
+            star = " ★" if w and p["label"] == w["label"] else ""
+            lines.append(f"| {p['label']}{star} | {p['throughput_ips']:,.1f} | {p['latency_ms_p50']:.2f} | "
+                         f"{p['latency_ms_p99']:.2f} | {p.get('server_batch_mean') or 0:.2f} | "
+                         f"{'yes' if p['stable'] else 'no'} |")
+        today = v.get("vs_served_default") or {}
+        lines += ["", f"- winner vs its model's default config: {v.get('gain') or 0:.2f}x (noise {100 * (v.get('noise') or 0):.0f} %); "
+                      f"vs {today.get('model')} as served today: {today.get('gain') or 0:.2f}x", ""]
+    c = record["cnn"]
+    lines += ["## Targets", "",
+              f"- cnn: {len(c['points'])} points in {c['wall_s']:.0f} s, server started {c['sweep']['server_starts']}x "
+              f"(>= 16 points in <= 300 s, one start: {'met' if len(c['points']) >= 16 and c['wall_s'] <= 300 and c['sweep']['server_starts'] == 1 else '**not met**'})"]
+    for name in ("cnn", "resnet18"):
+        today = (record[name]["verdict"] or {}).get("vs_served_default") or {}
+        lines.append(f"- {name}: winner {today.get('gain') or 0:.2f}x the served fp32 ONNX default (>= 1.3x: "
+                     f"{'met' if (today.get('gain') or 0) >= 1.3 else '**not met**'})")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""cnnpack tune against a real local Triton in explicit model-control mode: points, winner, undo, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cnnpack.errors import MissingStageError, ParityError, UserInputError
+
+pytestmark = pytest.mark.triton
+serve = pytest.importorskip("cnnpack.serve")
+
+SMALL = dict(instances=(1,), threads=(1,), queue_delays_us=(500,), concurrency=(4,), max_seconds=0.6)
+
+
+@pytest.fixture(scope="module")
+def laid_out(tiny_run, tmp_path_factory) -> Path:
+    """A copy of the tiny run, exported, verified and laid out for Triton (ONNX only, to keep it short)."""
+    from cnnpack.export import ExportConfig, export
+    from cnnpack.triton_repo import TritonConfig, build
+    from cnnpack.verify import VerifyConfig, verify
+
+    try:
+        serve.locate()
+    except serve.RuntimeUnavailable as e:
+        pytest.skip(str(e))
+    root = tmp_path_factory.mktemp("tune")
+    run = root / "run"
+    shutil.copytree(tiny_run, run)
+    export(run, ExportConfig(formats=("onnx",), max_batch_size=16))
+    verify(run, VerifyConfig(batch_sizes=(1,)))
+    build(run, TritonConfig(repository=str(root / "repo"), threads=1))
+    return run
+
+
+def _copy(laid_out: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The run and its repository, copied; the manifest's repository path follows the copy."""
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    shutil.copytree(laid_out, run)
+    old = json.loads((run / "cnnpack.json").read_text())
+    shutil.copytree(old["stages"]["triton"]["repository"], repo)
+    old["stages"]["triton"]["repository"] = str(repo)
+    (run / "cnnpack.json").write_text(json.dumps(old))
+    return run, repo
+
+
+def test_a_sweep_measures_every_point_on_one_server_and_writes_the_winner(laid_out, tmp_path):
+    from cnnpack.tune import PREVIOUS, TuneConfig, tune, undo
+
+    run, repo = _copy(laid_out, tmp_path)
+    before = (repo / "cnn_onnx" / "config.pbtxt").read_text()
+    section = tune(run, TuneConfig(latency_budget_ms=10_000, **SMALL))
+    labels = [p["label"] for p in section["points"]]
+    assert labels == ["cnn_onnx (its config.pbtxt)", "cnn_onnx x1 1t no batching", "cnn_onnx x1 1t batching 500 us"]
+    assert section["sweep"]["server_starts"] == 1 and section["sweep"]["search"] == "grid"  # no restart
+    no_batching = section["points"][1]
+    assert no_batching["server_batch_mean"] == 1 and all(p["server_failures"] == 0 for p in section["points"])
+    for p in section["points"]:
+        assert 0 < p["latency_ms_p50"] <= p["latency_ms_p99"] and p["throughput_ips"] > 0
+    w, v = section["winner"], section["verdict"]
+    assert w["throughput_ips"] == max(p["throughput_ips"] for p in section["points"])
+    assert (tmp_path / "run" / "tune.png").read_bytes()[:4] == b"\x89PNG"
+    if w["default"] or v["as_good"]:  # the default kept: nothing written
+        assert section["written"] is None and (repo / "cnn_onnx" / "config.pbtxt").read_text() == before
+        return
+    assert (repo / "cnn_onnx" / PREVIOUS).read_text() == before
+    written = (repo / "cnn_onnx" / "config.pbtxt").read_text()
+    assert written != before and ("dynamic_batching" in written) == w["dynamic_batching"]
+    assert {p.name for p in (repo / "cnn_onnx").iterdir()} >= {"1", "config.pbtxt", PREVIOUS}  # versions untouched
+    undo(run)
+    assert (repo / "cnn_onnx" / "config.pbtxt").read_text() == before and not (repo / "cnn_onnx" / PREVIOUS).exists()
+
+
+def test_a_budget_no_point_meets_is_exit_1_naming_the_lowest_p99_and_changes_nothing(laid_out, tmp_path):
+    from cnnpack.tune import TuneConfig, tune
+
+    run, repo = _copy(laid_out, tmp_path)
+    before = (repo / "cnn_onnx" / "config.pbtxt").read_text()
+    with pytest.raises(ParityError, match=r"no served config meets p99 <= 0.001 ms; the lowest p99 seen was [\d.]+ ms"):
+        tune(run, TuneConfig(latency_budget_ms=0.001, **SMALL))
+    assert (repo / "cnn_onnx" / "config.pbtxt").read_text() == before
+    section = json.loads((run / "cnnpack.json").read_text())["stages"]["tune"]
+    assert section["status"] == "failed" and len(section["points"]) == 3  # the points are kept
+
+
+@pytest.mark.parametrize(("cfg", "message"), [
+    (dict(instances=(4,), threads=(4,)), "more than the .* cores here; pass --oversubscribe"),
+    (dict(latency_budget_ms=0), "--latency-budget-ms must be > 0"),
+    (dict(objective="cost"), "--objective 'cost'; valid: throughput, latency"),
+    (dict(models=("nope",)), "--models 'nope' is not a verified model"),
+])
+def test_bad_input(laid_out, cfg, message):
+    from cnnpack.tune import TuneConfig, tune
+
+    with pytest.raises(UserInputError, match=message):
+        tune(laid_out, TuneConfig(**{**SMALL, **cfg}))
+
+
+def test_a_run_without_a_repository_is_refused(tiny_run):
+    from cnnpack.tune import TuneConfig, tune
+
+    with pytest.raises(MissingStageError, match="cnnpack triton --run"):
+        tune(tiny_run, TuneConfig())
