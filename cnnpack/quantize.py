@@ -20,6 +20,7 @@ everything is built in a temporary folder and moved in only after the gate held.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -165,15 +166,27 @@ class OrtQdq:
         self.attempts += 1
         t0 = time.perf_counter()
         first = not self.cache.is_file()
-        logging.getLogger().setLevel(logging.ERROR)  # ORT logs a warning per call about pre-processing
-        quantize_static(str(self.prepared), str(out), _Reader(self.data.calibration, self.input_name) if first else None,
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=methods[self.cfg.method],
-                        nodes_to_exclude=list(exclude), nodes_to_quantize=list(only),
-                        calibration_cache_path=str(self.cache))
+        with _quiet_root_logger():  # ORT logs a warning per call (about pre-processing) on the root logger
+            quantize_static(str(self.prepared), str(out), _Reader(self.data.calibration, self.input_name) if first else None,
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=methods[self.cfg.method],
+                            nodes_to_exclude=list(exclude), nodes_to_quantize=list(only),
+                            calibration_cache_path=str(self.cache))
         if first:
             self.calibrated_s = time.perf_counter() - t0
         return out
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """The root logger at ERROR for the block only (a process-wide change would hide others' warnings)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def quantized_nodes(path: Path) -> list[str]:
