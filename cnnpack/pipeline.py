@@ -132,7 +132,8 @@ class PipelineConfig:
     def tune_config(self):
         from cnnpack.tune import TuneConfig
 
-        return TuneConfig(latency_budget_ms=self.tune_budget_ms or 1.0, concurrency=(max(self.concurrency),),
+        budget = 1.0 if self.tune_budget_ms is None else self.tune_budget_ms  # 0 is a bad budget, not "none"
+        return TuneConfig(latency_budget_ms=budget, concurrency=(max(self.concurrency),),
                           max_seconds=min(self.bench_max_seconds, 2.0))
 
     def triton_configs(self) -> list:
