@@ -213,7 +213,7 @@ def sweep(run: Run, cfg: TuneConfig, settings: list[Setting], repository: str, s
 
     points: list[dict] = []
     t0 = time.monotonic()
-    info: dict = {"search": "grid", "truncated": False, "error": None}
+    info: dict = {"search": "grid", "truncated": False, "error": None, "errors": []}
     server = TritonServer(ServeConfig(repository=repository, explicit=True, log_file=str(log)))
     with server:
         info["server_pid"] = server.pid
@@ -228,6 +228,7 @@ def sweep(run: Run, cfg: TuneConfig, settings: list[Setting], repository: str, s
                 points.append(measure_point(run, server, s, c, cfg, repository))
             except CnnpackError as e:  # a server that died or a config it refused: keep what was measured
                 info["error"] = f"{s.label} at concurrency {c}: {e}"
+                info["errors"].append(info["error"])
                 if server._proc is not None and server._proc.poll() is not None:
                     break
         info["server_alive"] = server._proc is not None and server._proc.poll() is None
@@ -254,7 +255,7 @@ def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None
     settings = grid(models, cfg, cfg.queue_delays_us[len(cfg.queue_delays_us) // 2:][:1]) if coarse else full
     log = run.file("tune/server.log")
     points, info = sweep(run, cfg, settings, repository, progress, log)
-    if coarse and not info["error"]:  # refine: every delay for the best coarse setting
+    if coarse and info.get("server_alive") and points:  # refine: every delay for the best coarse setting
         best = choose(points, cfg) or max(points, key=lambda p: p["throughput_ips"])
         refine = [replace(s, queue_delay_us=d) for s in settings if s.label == best["label"] and s.dynamic_batching
                   for d in cfg.queue_delays_us if d != s.queue_delay_us]
@@ -267,7 +268,8 @@ def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None
 
 
 def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
-    winner = choose(points, cfg) if not info["error"] else None
+    died = bool(info["error"]) and not info.get("server_alive", True)
+    winner = None if died else choose(points, cfg)  # a config the server refused is a lost point, not a lost sweep
     result = {"config": asdict(cfg), "points": points, "pareto": [p["label"] + f" c{p['concurrency']}" for p in pareto(points)],
               "sweep": info, "winner": winner, "written": None,
               "verdict": verdict(winner, points, run.stage("triton")["name"]) if winner else None}
@@ -279,7 +281,7 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
     run.set_stage("tune", {"status": status, "config": asdict(cfg), "points": points, "winner": winner,
                            "verdict": result["verdict"], "written": result["written"], "sweep": info,
                            "outputs": {n: run.file_record(run.file(n)) for n in (OUTPUT, PLOT)}})
-    if info["error"] and not info.get("server_alive", True):
+    if died:
         raise StageFailed(f"the Triton server died during the sweep ({info['error']}); the {len(points)} points "
                           f"measured are in {run.file(OUTPUT)}, no config was changed")
     if winner is None:
