@@ -104,3 +104,38 @@ def test_a_run_without_a_repository_is_refused(tiny_run):
 
     with pytest.raises(MissingStageError, match="cnnpack triton --run"):
         tune(tiny_run, TuneConfig())
+
+
+def test_a_server_that_dies_mid_sweep_keeps_the_points_and_changes_nothing(laid_out, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from cnnpack.errors import StageFailed
+    from cnnpack.tune import TuneConfig, tune
+
+    run, repo = _copy(laid_out, tmp_path)
+    before = (repo / "cnn_onnx" / "config.pbtxt").read_text()
+    log = run / "tune" / "server.log"
+
+    def kill_after_the_first_point():  # the third load in the log: two points measured, the third starting
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if log.is_file() and log.read_text(errors="replace").count("successfully loaded 'cnn_onnx'") >= 2:
+                for pid in os.listdir("/proc"):
+                    try:
+                        cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+                    except OSError:
+                        continue
+                    if b"tritonserver" in cmd and str(repo).encode() in cmd:
+                        os.kill(int(pid), signal.SIGKILL)
+                        return
+            time.sleep(0.05)
+
+    threading.Thread(target=kill_after_the_first_point, daemon=True).start()
+    with pytest.raises(StageFailed, match="the Triton server died during the sweep"):
+        tune(run, TuneConfig(latency_budget_ms=10_000, **{**SMALL, "max_seconds": 1.5}))
+    assert (repo / "cnn_onnx" / "config.pbtxt").read_text() == before
+    kept = json.loads((run / "tune.json").read_text())
+    assert 1 <= len(kept["points"]) < 3 and kept["winner"] is None
