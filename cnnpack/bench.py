@@ -387,7 +387,9 @@ def machine() -> dict:
     with contextlib.suppress(OSError):
         m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
         model = m.group(1) if m else model
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from cnnpack.peak import usable_cores
+
+    cpus = usable_cores()
     return {"platform": platform.platform(), "cpu": model, "cpus_usable": cpus,
             "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
@@ -621,10 +623,10 @@ def plot_results(section: dict, path: Path) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    ceilings = ", ".join(f"{p} {c['gflops']:.0f}" for p, c in section.get("ceilings", {}).items()) or (
-        f"fp32 {section['machine_peak_gflops']:.0f}")
+    from cnnpack.peak import short
+
     fig.suptitle(f"{section['model']} ({section['model_gflops_per_image']:.3g} GFLOP/image); this machine's measured "
-                 f"matmul ceilings (G(FL)OP/s): {ceilings}",
+                 f"matmul ceilings (G(FL)OP/s): {short(section)}",
                  fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

@@ -22,6 +22,17 @@ from pathlib import Path
 import numpy as np
 
 SIZES = (512, 1024, 2048)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def short(section: dict) -> str:
+    """A bench section's ceilings in a few words (`fp32 229, int8 875`), for plot titles."""
+    c = section.get("ceilings") or {}
+    return ", ".join(f"{p} {v['gflops']:.0f}" for p, v in c.items()) or f"fp32 {section.get('machine_peak_gflops', 0):.0f}"
 PRECISIONS = ("fp32", "int8", "bf16")
 
 
@@ -191,6 +202,6 @@ def ops_per_cycle(precision: str, info: dict) -> tuple[float, str]:
 def theoretical_gflops(precision: str, threads: int) -> dict:
     info = cpu_info()
     per_cycle, why = ops_per_cycle(precision, info)
-    cores = min(threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cores = min(threads, usable_cores())
     return {"gflops": cores * info["mhz"] / 1e3 * per_cycle, "cores": cores, "mhz": info["mhz"],
             "ops_per_cycle": per_cycle, "assumes": why, "cpu": info["model"], "flags": info["flags"]}

@@ -210,9 +210,9 @@ def _speedup_plot(b: dict, path: Path) -> bool:
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     axes[0].axhline(1, color="gray", lw=1, ls="--")
-    ceilings = ", ".join(f"{p} {c['gflops']:.0f}" for p, c in (b.get("ceilings") or {}).items()) or (
-        f"fp32 {b.get('machine_peak_gflops', 0):.0f}")
-    fig.suptitle(f"{b.get('model')}: {b.get('threads')} threads; measured matmul ceilings {ceilings} G(FL)OP/s")
+    from cnnpack.peak import short
+
+    fig.suptitle(f"{b.get('model')}: {b.get('threads')} threads; measured matmul ceilings {short(b)} G(FL)OP/s")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

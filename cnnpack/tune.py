@@ -22,7 +22,6 @@ measured noise, the default is kept and the result says so.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError
+from cnnpack.peak import usable_cores
 from cnnpack.rundir import Run, atomic_write_json, atomic_write_text
 
 OUTPUT, PLOT = "tune.json", "tune.png"
@@ -66,7 +66,7 @@ class TuneConfig:
             raise UserInputError(f"--queue-delays-us must be >= 0, got {list(self.queue_delays_us)}")
         if self.max_seconds <= 0 or self.time_limit_s <= 0:
             raise UserInputError("--max-seconds and --time-limit must be > 0")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
         if not self.oversubscribe and min(self.instances) * min(self.threads) > cores:
             raise UserInputError(f"--instances x --threads is at least {min(self.instances) * min(self.threads)}, "
                                  f"more than the {cores} cores here; pass --oversubscribe to measure it anyway")
@@ -116,7 +116,7 @@ def servable(run: Run, cfg: TuneConfig) -> list[tuple[str, str]]:
 
 
 def grid(models: list[tuple[str, str]], cfg: TuneConfig, delays: tuple[int, ...]) -> list[Setting]:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     out = [Setting(m, f, default=True) for m, f in models]
     for (m, f), n, t in itertools.product(models, cfg.instances, cfg.threads):
         if n * t > cores and not cfg.oversubscribe:
