@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cnnpack.peak import cpu_info  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapes import CORES, RESULTS, child_env, cnnpack_cmd, machine, pin_cores, timed, wait_for_quiet  # noqa: E402
 
@@ -59,7 +61,8 @@ def write(result: dict) -> None:
     lines += ["", f"Validation top-1 {100 * first['best_val_acc']:.2f} %, parity passed: {first['parity_passed']}, "
                   f"report written: {first['report']}. Whole process {first['wall_s']} s wall, {first['cpu_s']} s CPU "
                   "(stage times exclude interpreter start and imports).", "",
-              f"Machine: {m['cpu']}, cores {m['cores_used']} of {m['cores_visible']}, torch {m['torch']}, "
+              f"Machine: {m['cpu']} (flags: {', '.join(cpu_info()['flags'])}), cores {m['cores_used']} of "
+              f"{m['cores_visible']}, torch {m['torch']}, "
               f"cnnpack {m['commit']}. {result['date']}.", "",
               f"Reproduce: `{result['reproduce']}`", ""]
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
