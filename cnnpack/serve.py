@@ -54,6 +54,11 @@ SHARED_MODULE = "cnnpack_batching.py"  # cnnpack/backends/, copied beside each b
 NOISE = ("CudaDriverHelper has not been initialized",)  # E-level lines Triton prints on every CPU-only start
 
 
+def ngc_image(repository: str | Path | None = None) -> str:
+    """The NGC Triton image of the release that serves every model in `repository`."""
+    return f"nvcr.io/nvidia/tritonserver:{NGC_RELEASE}-py3"
+
+
 def docker_line(repository: str | Path = "model_repository") -> str:
     """The NGC container command that serves `repository` with Triton's native backends.
 
@@ -62,7 +67,7 @@ def docker_line(repository: str | Path = "model_repository") -> str:
     path = Path(repository)
     source = path if path.is_absolute() else f"$PWD/{path}"
     return ("docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 "
-            f"-v {source}:/models nvcr.io/nvidia/tritonserver:{NGC_RELEASE}-py3 "
+            f"-v {source}:/models {ngc_image(repository)} "
             "tritonserver --model-repository=/models")
 
 
