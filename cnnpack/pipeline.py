@@ -43,6 +43,7 @@ class PipelineConfig:
     calibration_images: int = 256
     max_drop: float = 0.5
     min_agreement: float = 0.99  # int8 vs fp32 (quantize's gate) and vs eager (verify's int8 contract)
+    verify_min_agreement: float = 0.999  # verify's top-1 agreement with eager for fp32 (bf16/fp16: at most their own)
     openvino: str = "auto"  # auto: when the openvino extra is installed | yes | no
     tune_budget_ms: float | None = None  # the tune stage (opt-in): the best served config for this p99 budget
     bench_runtimes: tuple[str, ...] = ("eager", "compiled", "torchscript", "onnxruntime")
@@ -115,7 +116,7 @@ class PipelineConfig:
         from cnnpack.verify import VerifyConfig
 
         return VerifyConfig(batch_sizes=tuple(b for b in (1, 8, 32) if b <= self.max_batch_size) or (1,),
-                            int8_min_agreement=self.min_agreement)
+                            min_agreement=self.verify_min_agreement, int8_min_agreement=self.min_agreement)
 
     def bench_config(self):
         from cnnpack.bench import BenchConfig

@@ -16,7 +16,9 @@ STAGES = ("train", "export", "quantize", "verify", "bench", "triton")
 # the notebook's settings cell reads CNNPACK_NB_<NAME>: 32 px, 40 + 10 images per class, 1 epoch, short bench
 TINY = {"IMAGE_SIZE": "32", "TRAIN_PER_CLASS": "40", "VAL_PER_CLASS": "10", "EPOCHS": "1", "BATCH_SIZE": "32",
         "BENCH_SECONDS": "0.2", "BENCH_WARMUP_S": "0.05", "BENCH_MATMUL_N": "256", "CALIBRATION_IMAGES": "64",
-        "INT8_MIN_AGREEMENT": "0.5"}  # the one-epoch model's logits are near ties: a loose int8 gate
+        # the one-epoch model's logits are near ties: whether int8 flips one of its 60 validation images depends on
+        # the host's kernels, so this test of the walkthrough's plumbing sets a gate no flip can trip
+        "INT8_MIN_AGREEMENT": "0.5", "INT8_MAX_DROP": "100"}
 
 
 def _can_serve() -> bool:

@@ -14,7 +14,10 @@ from cnnpack.cli import app
 TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "32", "--runtimes", "eager,onnxruntime",
         "--batch-sizes", "1,4", "--max-seconds", "0.3", "--max-batch-size", "8", "--threads", "1",
         "--concurrency", "1,4", "--infer-images", "6",
-        "--min-agreement", "0.5",  # the int8 gate: the tiny model is barely trained, its logits near ties
+        # The int8 gate, set for a test of the plumbing: the tiny model is barely trained (top-1 near chance, logits
+        # near ties), so whether int8 flips one of its 90 validation images depends on the kernels the host picks
+        # (AMX, VNNI, AVX2). The gate's own behaviour is tested on a planted case in test_quantize.py.
+        "--max-drop", "100", "--min-agreement", "0.5",
         "--openvino", "no"]  # the OpenVINO stages have a test of their own below
 
 
@@ -200,6 +203,9 @@ def test_openvino_joins_every_stage_when_installed(tiny_data, tmp_path):
     args = ["--data", str(tiny_data), "--run", str(run), "--repository", str(tmp_path / "repo"), *TINY]
     args[args.index("--openvino") + 1] = "auto"
     args[args.index("--runtimes") + 1] = "onnxruntime"
+    # bf16 (on hosts with it) rounds logits by ~0.3 %; the one-epoch model's closest top-2 margin is ~0.4 %, so a
+    # flip would depend on the host's kernels: this test of the plumbing sets verify's agreement below one flip
+    args += ["--verify-min-agreement", "0.9"]
     code, out, err = _pipeline(*args, "--serve", "no", "--json")
     assert code == 0, err[-3000:]
     summary = json.loads(out)

@@ -33,6 +33,8 @@ def pipeline(
     max_drop: float = typer.Option(0.5, help="With --int8: largest top-1 drop vs fp32, percentage points."),
     min_agreement: float = typer.Option(0.99, help="With --int8: least top-1 agreement of int8 with fp32 "
                                                    "(quantize's gate) and with eager (verify's int8 contract)."),
+    verify_min_agreement: float = typer.Option(0.999, help="Verify: least top-1 agreement with eager on the "
+                                                           "validation split (bf16/fp16: their contract's, where lower)."),
     runtimes: str = typer.Option("eager,compiled,torchscript,onnxruntime", help="Runtimes to benchmark."),
     batch_sizes: str = typer.Option("1,32", help="Benchmark batch sizes."),
     max_seconds: float = typer.Option(4.0, help="Benchmark time limit per runtime and batch size."),
@@ -65,7 +67,7 @@ def pipeline(
     cfg = PipelineConfig(data=data, arch=arch, image_size=image_size, epochs=epochs, batch_size=batch_size, seed=seed,
                          device=device, data_root=data_root, formats=_names(formats), max_batch_size=max_batch_size,
                          int8=int8, calibration_images=calibration_images, max_drop=max_drop,
-                         min_agreement=min_agreement,
+                         min_agreement=min_agreement, verify_min_agreement=verify_min_agreement,
                          bench_runtimes=_names(runtimes), bench_batch_sizes=int_list(batch_sizes, "--batch-sizes"),
                          bench_max_seconds=max_seconds, threads=threads, repository=str(repository), serve=serve, openvino=openvino,
                          tune_budget_ms=tune_budget_ms,
