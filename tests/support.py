@@ -36,3 +36,18 @@ def ctrl_c_after_first_epoch(args: list[str], run: Path) -> tuple[int, str]:
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     return proc.returncode, stderr
+
+
+def outlier_channel(run: Path, factor: float = 1000.0) -> None:
+    """Scales one channel of the first block's output by `factor` and the next conv's weights on it by
+    1/`factor`: the same function in fp32 (ReLU is positively homogeneous), but one shared uint8 scale for
+    that activation leaves the other channels with almost no levels."""
+    import torch
+
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    sd = ckpt["state_dict"]
+    c = int(sd["features.0.1.bias"].argmax())  # a channel that is mostly positive, so ReLU keeps its range
+    sd["features.0.1.weight"][c] *= factor
+    sd["features.0.1.bias"][c] *= factor
+    sd["features.1.0.weight"][:, c] /= factor
+    torch.save(ckpt, run / "checkpoint.pt")

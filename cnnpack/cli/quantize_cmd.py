@@ -19,7 +19,9 @@ def quantize(
     max_drop: float = typer.Option(0.5, help="Accuracy gate: largest top-1 drop vs fp32 ONNX, percentage points."),
     min_agreement: float = typer.Option(0.99, help="Gate: top-1 agreement with fp32 ONNX on the validation split."),
     max_steps: int = typer.Option(8, help="Fallback: at most this many steps, each keeping one more node in float."),
-    rank_images: int = typer.Option(256, help="Validation images used to rank nodes for the fallback."),
+    rank_images: int = typer.Option(64, help="Validation images used to rank nodes for the fallback."),
+    time_limit: float = typer.Option(110.0, help="Seconds for the whole quantize; at the limit: the best attempt's "
+                                                 "figures, exit 1, nothing recorded."),
     data: Optional[str] = typer.Option(None, help="Data to calibrate and gate on (default: what the run was "
                                                   "trained on; needed for a run made by export --arch)."),
     seed: int = typer.Option(0, help="Seed of the calibration images' choice."),
@@ -43,10 +45,14 @@ def quantize(
         raise usage_error(f"--backend {backend!r}; valid: {', '.join(BACKENDS)}")
     cfg = QuantizeConfig(format=BACKENDS[backend], calibration_images=calibration_images, method=method, max_drop=max_drop,
                          min_agreement=min_agreement, max_steps=max_steps,
-                         rank_images=rank_images, seed=seed, data=data)
+                         rank_images=rank_images, time_limit_s=time_limit, seed=seed, data=data)
     cfg.validate()
-    with Console(stderr=True).status("quantizing") as st:
-        section = do_quantize(run, cfg, progress=lambda text: st.update(f"quantizing: {text}"))
+    console = Console(stderr=True)
+    if console.is_terminal:
+        with console.status("quantizing") as st:
+            section = do_quantize(run, cfg, progress=lambda text: st.update(f"quantizing: {text}"))
+    else:  # a log file or a pipe: a line per step, so a long fallback is never silent
+        section = do_quantize(run, cfg, progress=lambda text: typer.echo(f"quantize: {text}", err=True))
     emit(section, as_json)
     if not as_json:
         art = section["outputs"][cfg.format]

@@ -1,0 +1,309 @@
+"""The int8 accuracy gate, shared by every quantizer: its config, its data, the ranked fallback, the time limit.
+
+A quantizer (cnnpack/int8_ort.py, cnnpack/int8_openvino.py) supplies a `Candidate`: it can build the
+int8 model with some compute nodes kept in float, and say what such a model computes. The gate does
+the rest, the same way for every backend:
+
+1. the plain int8 model (every quantizable node in int8) against the fp32 artifact's top-1 on the
+   validation split: a drop of at most `max_drop` points and an agreement of at least `min_agreement`;
+2. when it misses, every node is ranked once by the error (against fp32's logits, on the first
+   `rank_images` validation images) of a model where that node alone runs in int8;
+3. the most harmful nodes are kept in float, one more per step, until the gate holds or `max_steps`
+   are spent. An attempt that keeps every node in float is no int8 model and never passes.
+
+Everything runs under a deadline (`time_limit_s`, counted once the images are read): each model
+build and each evaluation is checked against it, progress lines carry an estimate of what is left,
+and at the limit the gate stops with the best attempt's figures (exit 1, nothing recorded).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from cnnpack.errors import ParityError, UserInputError
+from cnnpack.registry import Registry
+from cnnpack.rundir import Run
+
+QUANTIZERS: Registry = Registry("quantizer")
+METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_BATCH = 16
+DEFAULT_TIME_LIMIT_S = 110.0  # resnet18@224 on 2 cores, the first attempt missing the gate: within 2 minutes
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    format: str = "onnx_int8"  # the quantizer (and the artifact's format key)
+    calibration_images: int = 256  # from the run's training split
+    method: str = "minmax"  # minmax | entropy | percentile
+    max_drop: float = 0.5  # percentage points of validation top-1, int8 vs the fp32 artifact
+    min_agreement: float = 0.99  # top-1 agreement with the fp32 artifact (verify's int8 contract)
+    max_steps: int = 8  # fallback steps (one more node kept in float each)
+    rank_images: int = 64  # validation images used to rank the nodes (benchmarks/quantize_bounded.py: why 64)
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S  # the whole quantize call; at the limit: exit 1, nothing recorded
+    seed: int = 0
+    data: str | None = None  # default: the data the run was trained on
+
+    def validate(self) -> None:
+        QUANTIZERS.get(self.format)
+        if self.method not in METHODS:
+            raise UserInputError(f"--method {self.method!r}; valid: {', '.join(METHODS)}")
+        if not self.max_drop >= 0:  # also refuses NaN
+            raise UserInputError(f"--max-drop is in percentage points of top-1 and must be >= 0, got {self.max_drop}")
+        if not 0 < self.min_agreement <= 1:
+            raise UserInputError(f"--min-agreement is a fraction in (0, 1], got {self.min_agreement}")
+        if self.calibration_images < 1:
+            raise UserInputError(f"--calibration-images must be >= 1, got {self.calibration_images}")
+        if self.max_steps < 0:
+            raise UserInputError(f"--max-steps must be >= 0, got {self.max_steps}")
+        if self.rank_images < 1:
+            raise UserInputError(f"--rank-images must be >= 1, got {self.rank_images}")
+        if not self.time_limit_s > 0:
+            raise UserInputError(f"--time-limit is in seconds and must be > 0, got {self.time_limit_s}")
+
+
+# -- data --------------------------------------------------------------------------------------------
+@dataclass
+class QuantData:
+    calibration: np.ndarray  # (N, 3, S, S) float32 raw pixels from the training split
+    val_images: np.ndarray  # (M, 3, S, S) uint8
+    val_labels: np.ndarray  # (M,)
+    source: str
+    train_images: int
+
+
+def load_quant_data(run: Run, cfg: QuantizeConfig) -> QuantData:
+    """The run's own training split (calibration) and validation split (the gate), through its own loader."""
+    from cnnpack.evaluate import dataset_of
+
+    trained_on = run.read().get("stages", {}).get("train", {}).get("config", {}).get("data")
+    if not (cfg.data or trained_on):
+        raise UserInputError(f"{run.path} has no training data to calibrate on (made by `cnnpack export --arch`); "
+                             "name it with --data PATH|shapes")
+    d = dataset_of(run, cfg.data)
+    spec = run.model_spec
+    if d.classes != list(spec["classes"]):
+        raise UserInputError(f"--data {d.source} has classes {d.classes}, the run's model {list(spec['classes'])}; "
+                             "calibrate on the data the model classifies")
+    n = len(d.train)
+    if cfg.calibration_images > n:
+        raise UserInputError(f"--calibration-images {cfg.calibration_images} is more than the {n} images of "
+                             f"{d.source}'s training split; use at most {n}")
+    idx = np.random.default_rng(cfg.seed).permutation(n)[:cfg.calibration_images]
+    images = d.train.images.numpy()[np.sort(idx)].astype(np.float32)
+    return QuantData(images, d.val.images.numpy(), d.val.labels.numpy(), d.source, n)
+
+
+def top1(x: np.ndarray, labels: np.ndarray) -> float:
+    return float((x.argmax(1) == labels).mean())
+
+
+# -- time ----------------------------------------------------------------------------------------------
+class TimeLimitReached(ParityError):
+    """The gate ran out of time; `section` holds the attempts so far (nothing is recorded)."""
+
+    def __init__(self, message: str, section: dict) -> None:
+        super().__init__(message)
+        self.section = section
+
+
+@dataclass
+class Clock:
+    """The deadline of one quantize call, and the progress lines with an estimate of what is left."""
+
+    limit_s: float
+    say: Callable[[str], None]
+    t0: float = field(default_factory=time.perf_counter)
+    stopped: str | None = None  # what was running when the limit was reached
+
+    def restart(self) -> None:
+        """Counts from now: the limit covers quantizing, not reading the images (a first read may materialise them)."""
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.limit_s - self.elapsed()
+
+    def over(self, doing: str) -> bool:
+        """True (and remembers `doing`) once the deadline has passed."""
+        if self.left() <= 0 and self.stopped is None:
+            self.stopped = doing
+        return self.stopped is not None
+
+    def note(self, text: str) -> None:
+        self.say(f"[{self.elapsed():5.1f}s] {text} (limit {self.limit_s:g} s)")
+
+    def step(self, text: str, done: int, total: int, since: float) -> None:
+        """A progress line: `text`, with the estimate of the remaining `total - done` items of this phase."""
+        eta = ""
+        if done:
+            per = (time.perf_counter() - since) / done
+            eta = f", about {per * (total - done):.0f} s left of this phase"
+        self.note(f"{text}{eta}")
+
+
+# -- the gate and its fallback ------------------------------------------------------------------------------
+class Candidate(Protocol):
+    """What a backend gives the gate: its quantizable compute nodes and models built on one calibration."""
+
+    nodes: list[str]  # the compute nodes of the plain int8 model that run in int8
+
+    def build(self, kept_float: list[str]) -> object:
+        """The int8 model with `kept_float` in float (ranges from the one calibration)."""
+
+    def alone(self, node: str) -> object:
+        """A model where only `node` runs in int8."""
+
+    def runner(self, model: object) -> Callable[[np.ndarray], np.ndarray]:
+        """`model` loaded once: raw-pixel uint8/float images (N, C, H, W) -> (N, K) float32 logits."""
+
+
+@dataclass
+class Attempt:  # noqa: D101 - one quantized model and its figures on the validation split
+    kept_float: list[str]
+    accuracy: float
+    drop_pt: float  # fp32 top-1 minus int8 top-1, percentage points
+    agreement: float  # top-1 agreement with the fp32 artifact
+    model: object = None
+    all_float: bool = False  # every compute node kept in float: not an int8 model
+    images: int = 0  # validation images it was evaluated on (fewer: given up once it could not pass)
+
+    def holds(self, cfg: QuantizeConfig) -> bool:
+        return self.drop_pt <= cfg.max_drop and self.agreement >= cfg.min_agreement and not self.all_float
+
+    def record(self) -> dict:
+        return {"kept_float": self.kept_float, "accuracy": self.accuracy, "drop_pt": round(self.drop_pt, 4),
+                "top1_agreement_vs_fp32": self.agreement, "all_float": self.all_float, "images": self.images}
+
+
+def evaluate(c: Candidate, model, kept: list[str], ref: np.ndarray, data: QuantData,
+             cfg: QuantizeConfig | None = None) -> Attempt:
+    """The attempt's figures on the validation split. With `cfg`, it is evaluated in chunks and given up as
+    soon as more images disagree with fp32 than `min_agreement` allows over the whole split: it cannot pass
+    any more, and the figures recorded are those of the images seen (`images`)."""
+    run, n = c.runner(model), len(data.val_images)
+    allowed = n if cfg is None else int(np.floor((1 - cfg.min_agreement) * n + 1e-9))
+    got, disagree, chunk = [], 0, max(64, n // 8)
+    for i in range(0, n, chunk):
+        got.append(run(data.val_images[i:i + chunk]))
+        disagree += int((got[-1].argmax(1) != ref[i:i + chunk].argmax(1)).sum())
+        if disagree > allowed:
+            break
+    out = np.concatenate(got)
+    seen, labels = len(out), data.val_labels[:len(out)]
+    acc32, acc8 = top1(ref[:seen], labels), top1(out, labels)
+    a = Attempt(list(kept), acc8, 100 * (acc32 - acc8), float((out.argmax(1) == ref[:seen].argmax(1)).mean()), model,
+                all_float=bool(c.nodes) and set(c.nodes) <= set(kept))
+    a.images = seen
+    return a
+
+
+@dataclass
+class GateResult:
+    passed: Attempt | None
+    attempts: list[Attempt]
+    ranking: list[dict]
+    ranked_images: int = 0
+    ranking_s: float = 0.0
+    stopped: str | None = None  # set when the time limit stopped the gate
+
+
+def rank_nodes(c: Candidate, ref: np.ndarray, data: QuantData, cfg: QuantizeConfig, clock: Clock) -> list[dict]:
+    """Each quantized node's harm: the error (mean squared, against fp32's logits, on the ranking images)
+    of a model where that node alone runs in int8, its inputs and outputs quantized; most harmful first.
+
+    Quantizing one node at a time (rather than keeping one in float) also exposes a harmful tensor that
+    two nodes share (a producer's output and its consumer's input): both rank high, and keeping both in
+    float removes its quantization.
+    """
+    n = min(cfg.rank_images, len(data.val_images))
+    images, want = data.val_images[:n], ref[:n]
+    out, t0 = [], time.perf_counter()
+    for i, node in enumerate(c.nodes):
+        if clock.over(f"ranking node {i + 1} of {len(c.nodes)}"):
+            break
+        clock.step(f"ranking node {i + 1}/{len(c.nodes)}: {node}", i, len(c.nodes), t0)
+        err = float(np.mean((c.runner(c.alone(node))(images) - want) ** 2))
+        out.append({"node": node, "mse_alone_in_int8": err})
+    return sorted(out, key=lambda r: -r["mse_alone_in_int8"])
+
+
+def run_gate(c: Candidate, first: Attempt, ref: np.ndarray, data: QuantData, cfg: QuantizeConfig,
+             clock: Clock) -> GateResult:
+    """The plain attempt `first`, then (when it misses) the ranking and the fallback steps."""
+    res = GateResult(first if first.holds(cfg) else None, [first], [])
+    if res.passed or cfg.max_steps == 0 or clock.over("ranking"):
+        res.stopped = clock.stopped
+        return res
+    t0 = time.perf_counter()
+    res.ranking = rank_nodes(c, ref, data, cfg, clock)
+    res.ranked_images, res.ranking_s = min(cfg.rank_images, len(data.val_images)), time.perf_counter() - t0
+    harmful = [r["node"] for r in res.ranking if r["mse_alone_in_int8"] > 0]
+    steps, t1 = min(cfg.max_steps, len(harmful)), time.perf_counter()
+    for k in range(1, steps + 1):
+        if clock.over(f"fallback step {k} of {steps}"):
+            break
+        clock.step(f"fallback step {k}/{steps}: keeping the {k} most harmful node(s) in float", k - 1, steps, t1)
+        res.attempts.append(evaluate(c, c.build(harmful[:k]), harmful[:k], ref, data, cfg))
+        if res.attempts[-1].holds(cfg):
+            res.passed = res.attempts[-1]
+            break
+    res.stopped = clock.stopped
+    return res
+
+
+def best_of(attempts: list[Attempt], cfg: QuantizeConfig) -> Attempt:
+    """The attempt closest to the gate (int8 models before all-float ones)."""
+    return min(attempts, key=lambda a: (a.all_float, max(a.drop_pt - cfg.max_drop, 0), -a.agreement))
+
+
+def why_refused(section: dict, cfg: QuantizeConfig) -> str:
+    """The real reason no int8 model was kept, in words a user can act on."""
+    n_nodes, steps = section.get("quantizable_nodes", 0), section["gate"]["steps"]
+    if section.get("stopped"):
+        return (f"the time limit of {cfg.time_limit_s:g} s was reached during {section['stopped']}; raise --time-limit, "
+                "or rank on fewer images (--rank-images)")
+    if any(a.get("all_float") for a in section.get("attempts", [])):
+        return "every layer had to stay in float to hold the gate: there is no int8 model of it; loosen the gate"
+    if steps == 0 and cfg.max_steps == 0:
+        return "the plain int8 model misses the gate and --max-steps 0 allows no fallback; raise --max-steps"
+    if steps < cfg.max_steps and n_nodes and steps >= n_nodes:
+        return "keeping every ranked node in float one by one never held the gate; loosen the gate"
+    return (f"--max-steps {cfg.max_steps} was spent (the last step kept the {len(section['kept_float'])} most harmful of "
+            f"{n_nodes} node(s) in float); raise --max-steps or --max-drop, or calibrate on more images")
+
+
+def refusal(section: dict, cfg: QuantizeConfig, stage: str, manifest: Path) -> str:
+    g = section["gate"]
+    return (f"no int8 model within --max-drop {cfg.max_drop:g} pt and --min-agreement {100 * cfg.min_agreement:g}%: "
+            f"{why_refused(section, cfg)} (the best int8 attempt: drop {g['drop_pt']:.2f} pt, top-1 "
+            f"{100 * g['int8_accuracy']:.2f}% vs fp32 {100 * g['fp32_accuracy']:.2f}%, "
+            f"{100 * g['top1_agreement_vs_fp32']:.2f}% agreement, {len(section['kept_float'])} node(s) in float, "
+            f"after {g['steps']} fallback step(s); details: stages.{stage} in {manifest})")
+
+
+def section(cfg: QuantizeConfig, ref_record: dict, ref_format: str, data: QuantData, ref_logits: np.ndarray,
+            res: GateResult, nodes: list[str], wall_s: float, calibrated_s: float | None) -> dict:
+    """The stage section: the gate's figures, every attempt, the ranking, where the time went."""
+    chosen = res.passed or best_of(res.attempts, cfg)
+    return {
+        "status": "ok" if res.passed else "failed", "passed": res.passed is not None, "config": asdict(cfg),
+        "calibration": {"images": len(data.calibration), "of_train_images": data.train_images, "split": "train",
+                        "method": cfg.method, "seed": cfg.seed, "source": data.source,
+                        "calibration_s": round(calibrated_s or 0.0, 2)},
+        "gate": {"max_drop_pt": cfg.max_drop, "min_agreement": cfg.min_agreement,
+                 "fp32_accuracy": top1(ref_logits, data.val_labels), "int8_accuracy": chosen.accuracy,
+                 "drop_pt": round(chosen.drop_pt, 4), "top1_agreement_vs_fp32": chosen.agreement,
+                 "val_images": int(len(data.val_labels)), "steps": len(res.attempts) - 1},
+        "attempts": [a.record() for a in res.attempts], "ranking": res.ranking[:32],
+        "ranking_images": res.ranked_images, "ranking_s": round(res.ranking_s, 1),
+        "quantizable_nodes": len(nodes), "kept_float": chosen.kept_float, "wall_s": round(wall_s, 1),
+        "stopped": res.stopped, "input": {"format": ref_format, "sha256": ref_record["sha256"]},
+    }

@@ -1,0 +1,172 @@
+"""int8 with OpenVINO + NNCF: an int8 IR from the run's fp32 IR, under the same gate as ONNX Runtime's.
+
+NNCF calibrates and quantizes once (FakeQuantize on activations, int8 weights). The gate's fallback
+(cnnpack/int8_gate.py) needs models with some layers kept in float; they are cut from that one
+quantized model rather than re-calibrated: a layer kept in float reads its input from before its
+FakeQuantize and gets back its fp32 weights from the fp32 IR (other consumers of the same
+activation keep their FakeQuantize). So ranking and fallback cost a compile and an evaluation per
+model, like ONNX Runtime's, and the kept layers are named the same way (`kept_float`).
+
+When the ranked fallback cannot hold the gate within `max_steps`, NNCF's own accuracy control
+(quantize_with_accuracy_control, which reverts groups of quantizers) is tried in the time left and
+kept only where it holds the gate with an int8 model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from cnnpack.errors import MissingStageError
+from cnnpack.int8_gate import (
+    CALIBRATION_BATCH,
+    QUANTIZERS,
+    Clock,
+    QuantData,
+    QuantizeConfig,
+    evaluate,
+    load_quant_data,
+    run_gate,
+    section,
+)
+from cnnpack.rundir import Run, sha256
+
+COMPUTE = ("Convolution", "GroupConvolution", "MatMul")
+_DECOMPRESSION = ("Convert", "Subtract", "Multiply", "Reshape", "Transpose")
+
+
+def _logits(compiled, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    req = compiled.create_infer_request()
+    return np.concatenate([np.asarray(req.infer({0: images[i:i + batch].astype(np.float32)})[0])
+                           for i in range(0, len(images), batch)])
+
+
+def _weights(fp32_model) -> dict[str, np.ndarray]:
+    """The fp32 weights of every compute layer of the fp32 IR, by the layer's name."""
+    out = {}
+    for op in fp32_model.get_ordered_ops():
+        if op.get_type_name() in COMPUTE:
+            node = op.input_value(1).get_node()
+            while node.get_type_name() in _DECOMPRESSION:
+                node = node.input_value(0).get_node()
+            if node.get_type_name() == "Constant":
+                out[op.get_friendly_name()] = node.get_data().copy()
+    return out
+
+
+class OvInt8:
+    """The gate's candidate: one NNCF-quantized model, layers put back in float by name."""
+
+    def __init__(self, fp32_model, quantized, threads: int | None = None) -> None:
+        from cnnpack import openvino as ov
+
+        self.ov, self.quantized, self.threads = ov, quantized, threads
+        self.fp32_weights = _weights(fp32_model)
+        float_now = set(ov.float_compute_nodes(quantized))
+        self.nodes = [op.get_friendly_name() for op in quantized.get_ordered_ops()
+                      if op.get_type_name() in COMPUTE and op.get_friendly_name() not in float_now
+                      and op.get_friendly_name() in self.fp32_weights]
+
+    def build(self, kept_float: list[str]):
+        """A copy of the quantized model with `kept_float` computing in fp32 (input before its FakeQuantize,
+        fp32 weights)."""
+        from openvino import opset13
+
+        model = self.quantized.clone()
+        keep = set(kept_float)
+        for op in model.get_ordered_ops():
+            name = op.get_friendly_name()
+            if name not in keep:
+                continue
+            src = op.input_value(0)
+            if src.get_node().get_type_name() == "FakeQuantize":
+                op.input(0).replace_source_output(src.get_node().input_value(0))
+            weights = opset13.constant(self.fp32_weights[name])
+            op.input(1).replace_source_output(weights.output(0))
+        model.validate_nodes_and_infer_types()
+        return model
+
+    def alone(self, node: str):
+        return self.build([n for n in self.nodes if n != node])
+
+    def runner(self, model):
+        compiled = self.ov.compile_cpu(model, threads=self.threads)
+        return lambda images: _logits(compiled, images)
+
+
+def _accuracy_control(ov, model, calibration: list, ref_logits: np.ndarray, data: QuantData, cfg: QuantizeConfig):
+    """NNCF's accuracy-aware flow, its metric the top-1 agreement with the fp32 IR (1.0 for fp32 itself), so
+    its max_drop is the agreement gate; the accuracy drop is checked on the result like every attempt."""
+    ref_top = ref_logits.argmax(1)
+    validation = [(data.val_images[i:i + 64].astype(np.float32), ref_top[i:i + 64]) for i in range(0, len(ref_top), 64)]
+
+    def validate(compiled, items) -> float:
+        req = compiled.create_infer_request()
+        same = sum(int((np.asarray(req.infer({0: x})[0]).argmax(1) == y).sum()) for x, y in items)
+        return same / sum(len(y) for _, y in items)
+
+    return ov.nncf_accuracy_control(model, calibration, validation, validate, subset_size=len(calibration),
+                                    max_drop=1 - cfg.min_agreement, max_steps=cfg.max_steps)
+
+
+@QUANTIZERS.register("openvino_int8")
+def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str) -> dict:
+    """openvino -> openvino_int8 under the gate; returns the stage section (the artifact is recorded by `quantize`)."""
+    from cnnpack import openvino as ov
+    from cnnpack.runtimes import artifact_ref
+
+    ov._nncf()
+    if "openvino" not in run.read().get("stages", {}).get("export", {}).get("artifacts", {}):
+        raise MissingStageError(f"{run.path} has no OpenVINO IR to quantize; run `cnnpack export --run {run.path} "
+                                "--format onnx,openvino` first")
+    ref = artifact_ref(run, "openvino")
+    data = load_quant_data(run, cfg)
+    clock.restart()
+    model = ov.read(ref.path)
+    clock.note("fp32 reference on the validation split")
+    ref_logits = _logits(ov.compile_cpu(model, threads=None), data.val_images)
+    calibration = [data.calibration[i:i + CALIBRATION_BATCH] for i in range(0, len(data.calibration), CALIBRATION_BATCH)]
+    t0 = time.perf_counter()
+    clock.note("calibrating and quantizing (NNCF)")
+    c = OvInt8(model, ov.nncf_quantize(model, calibration, subset_size=len(calibration)))  # NNCF counts batches
+    calibrated_s = time.perf_counter() - t0
+    first = evaluate(c, c.quantized, [], ref_logits, data, cfg)
+    res = run_gate(c, first, ref_logits, data, cfg, clock)
+    note = None
+    if res.passed is None and res.stopped is None and cfg.max_steps > 0 and not clock.over("NNCF accuracy control"):
+        clock.note("NNCF accuracy control: reverting the most harmful quantizer groups to float")
+        q = _accuracy_control(ov, model, calibration, ref_logits, data, cfg)
+        tried = evaluate(c, q, ov.float_compute_nodes(q), ref_logits, data, cfg)
+        tried.all_float = len(tried.kept_float) >= len(c.nodes) + len(set(ov.float_compute_nodes(c.quantized)))
+        res.attempts.append(tried)
+        res.passed = tried if tried.holds(cfg) else None
+        note = "NNCF's accuracy control " + ("held the gate" if res.passed else "did not hold the gate with an int8 model")
+    out = section(cfg, ref.record, ref.format, data, ref_logits, res, c.nodes, time.perf_counter() - t0, calibrated_s)
+    if note:
+        out["note"] = note
+    if res.passed is None:
+        return out
+    dest = run.file("export") / "openvino_int8"
+    tmp = Path(tempfile.mkdtemp(prefix=".openvino_int8-", dir=dest.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        ov.save(res.passed.model, tmp)
+        ov.swap_in(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    xml, weights = dest / ov.XML, dest / ov.BIN
+    out["artifact"] = {
+        "format": "openvino_int8", "path": run.rel(xml), "sha256": sha256(xml), "weights": run.file_record(weights),
+        "precision": "int8", "input": ref.record["input"], "output": ref.record["output"],
+        "max_batch_size": ref.record["max_batch_size"], "input_kind": ref.record.get("input_kind", "raw"),
+        "exporter": f"nncf {__import__('nncf').__version__}", "quantization": "NNCF post-training int8 (FakeQuantize)",
+        "calibration": out["calibration"], "kept_float": res.passed.kept_float, "gate": out["gate"],
+        "source": {"format": "openvino", "path": ref.record["path"], "sha256": ref.record["sha256"]},
+        "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20, "command": command, "config": asdict(cfg)}
+    return out
