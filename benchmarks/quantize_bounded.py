@@ -11,8 +11,9 @@ fresh copy of the same exported run; the whole process's wall time is measured.
 and reports what each cost and how far the orders agree (the top-8 kept in float, Spearman's rho):
 the evidence for the default `--rank-images 64`.
 
-Target (issue 21): resnet18@224 quantize <= 120 s on 2 cores with each backend, also when the first attempt
-misses the gate.
+Targets (issue 21): resnet18@224 quantize <= 120 s on 2 cores with each backend, also when the first attempt
+misses the gate; the 2-epoch run (`cnnpack train --epochs 2`) quantizes with --backend openvino under the
+default gate.
 
     .venv/bin/python benchmarks/quantize_bounded.py [--work DIR] [--compare-ranking]
         # writes benchmarks/results/quantize-bounded-cpu<C>.{json,md}
@@ -50,15 +51,16 @@ def prepare(work: Path) -> Path:
     return run
 
 
-def quantize_once(run: Path, work: Path, backend: str) -> dict:
+def quantize_once(run: Path, work: Path, backend: str, data: str | None = "shapes") -> dict:
     """`cnnpack quantize --backend B` on a fresh copy of `run`, output to a file: wall, exit code, its lines."""
-    copy = work / f"q-{backend}"
+    copy = work / f"q-{run.name}-{backend}"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(run, copy)
     log = work / f"q-{backend}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        code = subprocess.run(CLI + ["quantize", "--run", str(copy), "--data", "shapes", "--backend", backend],
+        code = subprocess.run(CLI + ["quantize", "--run", str(copy), "--backend", backend]
+                              + (["--data", data] if data else []),
                               stdout=f, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - t0
     lines = log.read_text().splitlines()
@@ -98,6 +100,22 @@ def compare_ranking(run: Path, work: Path) -> dict:
             "top8_64": a[:8], "top8_256": b[:8]}
 
 
+def two_epoch(work: Path) -> list[dict]:
+    """The issue's case: `cnnpack train --epochs 2` (the default cnn at 64 px on the built-in shapes, top-1 near
+    56 %), then quantize with each backend under the default gate."""
+    run = work / "cnn_2epochs"
+    if not (run / "export/openvino/model.xml").is_file():
+        subprocess.run(CLI + ["train", "--epochs", "2", "--run", str(run)], check=True)
+        subprocess.run(CLI + ["export", "--run", str(run), "--format", "onnx,openvino"], check=True)
+    rows = []
+    for backend in ("onnxruntime", "openvino"):
+        row = quantize_once(run, work, backend, data=None)
+        row["model"] = "cnn 2 epochs"
+        rows.append(row)
+        print(json.dumps(row, indent=1), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/bench-quantize-bounded"))
@@ -110,8 +128,9 @@ def main() -> None:
     run = prepare(args.work)
     rows = []
     for backend in ("onnxruntime", "openvino"):
-        rows.append(quantize_once(run, args.work, backend))
+        rows.append({"model": "resnet18@224", **quantize_once(run, args.work, backend)})
         print(json.dumps(rows[-1], indent=1), flush=True)
+    rows += two_epoch(args.work)
     ranking = compare_ranking(run, args.work) if args.compare_ranking else None
     write(info, rows, ranking)
 
@@ -128,18 +147,23 @@ def write(info: dict, rows: list[dict], ranking: dict | None) -> None:
              + (" --compare-ranking`" if ranking else "`"), "",
              "resnet18@224 (random weights), default gate (0.5 pt, 99 % agreement), default --time-limit, a fresh copy "
              "of one exported run per backend, output to a file.", "",
-             "| backend | exit | wall s | status | steps | kept in float | ranking s (images) | nodes | last line |",
-             "|---|--:|--:|---|--:|--:|--:|--:|---|"]
+             "| model | backend | exit | wall s | status | steps | kept in float | ranking s (images) | nodes | last line |",
+             "|---|---|--:|--:|---|--:|--:|--:|--:|---|"]
     for r in rows:
         s = r["stage"] or {}
         g = s.get("gate") or {}
-        lines.append(f"| {r['backend']} | {r['exit_code']} | {r['wall_s']} | {s.get('status', 'not recorded')} | "
+        lines.append(f"| {r['model']} | {r['backend']} | {r['exit_code']} | {r['wall_s']} | {s.get('status', 'not recorded')} | "
                      f"{g.get('steps', '')} | {len(s.get('kept_float') or [])} | {s.get('ranking_s', '')} "
                      f"({s.get('ranking_images', '')}) | {s.get('quantizable_nodes', '')} | {r['last_line'][:160]} |")
     lines += ["", "## Target", ""]
     for r in rows:
-        ok = r["wall_s"] <= TARGET_S
-        lines.append(f"- {r['backend']}: {r['wall_s']} s <= {TARGET_S:g} s: {'met' if ok else '**not met**'}.")
+        if r["model"].startswith("resnet18"):
+            ok = r["wall_s"] <= TARGET_S
+            lines.append(f"- resnet18@224 with {r['backend']}: {r['wall_s']} s <= {TARGET_S:g} s: "
+                         f"{'met' if ok else '**not met**'}.")
+        else:
+            lines.append(f"- the 2-epoch cnn quantizes with {r['backend']} under the default gate: "
+                         f"{'met' if r['exit_code'] == 0 else '**not met**'} (exit {r['exit_code']}).")
     if ranking:
         lines += ["", "## Ranking on 64 vs 256 images (ONNX Runtime, one process)", "",
                   f"- {ranking['nodes']} nodes: {ranking['seconds_64']} s on 64 images, {ranking['seconds_256']} s on "

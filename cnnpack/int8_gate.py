@@ -213,6 +213,7 @@ class GateResult:
     ranked_images: int = 0
     ranking_s: float = 0.0
     stopped: str | None = None  # set when the time limit stopped the gate
+    harmful: int = 0  # ranked nodes whose int8 changes the logits (the fallback's candidates)
 
 
 def rank_nodes(c: Candidate, ref: np.ndarray, data: QuantData, cfg: QuantizeConfig, clock: Clock) -> list[dict]:
@@ -246,6 +247,7 @@ def run_gate(c: Candidate, first: Attempt, ref: np.ndarray, data: QuantData, cfg
     res.ranking = rank_nodes(c, ref, data, cfg, clock)
     res.ranked_images, res.ranking_s = min(cfg.rank_images, len(data.val_images)), time.perf_counter() - t0
     harmful = [r["node"] for r in res.ranking if r["mse_alone_in_int8"] > 0]
+    res.harmful = len(harmful)
     steps, t1 = min(cfg.max_steps, len(harmful)), time.perf_counter()
     for k in range(1, steps + 1):
         if clock.over(f"fallback step {k} of {steps}"):
@@ -274,8 +276,9 @@ def why_refused(section: dict, cfg: QuantizeConfig) -> str:
         return "every layer had to stay in float to hold the gate: there is no int8 model of it; loosen the gate"
     if steps == 0 and cfg.max_steps == 0:
         return "the plain int8 model misses the gate and --max-steps 0 allows no fallback; raise --max-steps"
-    if steps < cfg.max_steps and n_nodes and steps >= n_nodes:
-        return "keeping every ranked node in float one by one never held the gate; loosen the gate"
+    if steps < cfg.max_steps and steps >= section.get("harmful_nodes", n_nodes):
+        return (f"keeping in float, one more per step, every one of the {steps} node(s) the ranking found harmful "
+                "never held the gate; loosen the gate")
     return (f"--max-steps {cfg.max_steps} was spent (the last step kept the {len(section['kept_float'])} most harmful of "
             f"{n_nodes} node(s) in float); raise --max-steps or --max-drop, or calibrate on more images")
 
@@ -304,6 +307,6 @@ def section(cfg: QuantizeConfig, ref_record: dict, ref_format: str, data: QuantD
                  "val_images": int(len(data.val_labels)), "steps": len(res.attempts) - 1},
         "attempts": [a.record() for a in res.attempts], "ranking": res.ranking[:32],
         "ranking_images": res.ranked_images, "ranking_s": round(res.ranking_s, 1),
-        "quantizable_nodes": len(nodes), "kept_float": chosen.kept_float, "wall_s": round(wall_s, 1),
+        "quantizable_nodes": len(nodes), "harmful_nodes": res.harmful, "kept_float": chosen.kept_float, "wall_s": round(wall_s, 1),
         "stopped": res.stopped, "input": {"format": ref_format, "sha256": ref_record["sha256"]},
     }

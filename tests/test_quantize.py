@@ -154,7 +154,7 @@ def test_every_refusal_says_its_real_reason():
     assert "time limit of 110 s was reached during ranking node 3 of 10" in reason(0, 0, stopped="ranking node 3 of 10")
     assert "--max-steps 0 allows no fallback" in reason(0, 0, cfg={"max_steps": 0})
     assert "--max-steps 8 was spent (the last step kept the 8 most harmful of 10 node(s)" in reason(8, 8)
-    assert "never held the gate" in reason(3, 3, nodes=3)
+    assert "every one of the 3 node(s) the ranking found harmful never held the gate" in reason(3, 3, harmful_nodes=3)
 
 
 # -- bad input: one line, exit 2, nothing written ----------------------------------------------------------
