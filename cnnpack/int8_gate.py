@@ -11,7 +11,7 @@ the rest, the same way for every backend:
 3. the most harmful nodes are kept in float, one more per step, until the gate holds or `max_steps`
    are spent. An attempt that keeps every node in float is no int8 model and never passes.
 
-Everything runs under a deadline (`time_limit_s`, counted once the images are read): each model
+Everything runs under a deadline (`time_limit_s`, the whole quantize call, reading the images included): each model
 build and each evaluation is checked against it, progress lines carry an estimate of what is left,
 and at the limit the gate stops with the best attempt's figures (exit 1, nothing recorded).
 """
@@ -33,7 +33,7 @@ from cnnpack.rundir import Run
 QUANTIZERS: Registry = Registry("quantizer")
 METHODS = ("minmax", "entropy", "percentile")
 CALIBRATION_BATCH = 16
-DEFAULT_TIME_LIMIT_S = 110.0  # resnet18@224 on 2 cores, the first attempt missing the gate: within 2 minutes
+DEFAULT_TIME_LIMIT_S = 110.0  # the whole call: resnet18@224 on 2 cores within 2 minutes, first attempt missing the gate
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,11 @@ class Clock:
     t0: float = field(default_factory=time.perf_counter)
     stopped: str | None = None  # what was running when the limit was reached
 
-    def restart(self) -> None:
-        """Counts from now: the limit covers quantizing, not reading the images (a first read may materialise them)."""
-        self.t0 = time.perf_counter()
+    def require(self, doing: str) -> None:
+        """Raises TimeLimitReached when the deadline passed during `doing`, before any int8 attempt."""
+        if self.over(doing):
+            raise TimeLimitReached(f"no int8 model: the time limit of {self.limit_s:g} s was reached during {doing}, "
+                                   "before any int8 attempt; raise --time-limit", {})
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -174,13 +176,15 @@ class Attempt:  # noqa: D101 - one quantized model and its figures on the valida
     model: object = None
     all_float: bool = False  # every compute node kept in float: not an int8 model
     images: int = 0  # validation images it was evaluated on (fewer: given up once it could not pass)
+    fp32_accuracy: float = 0.0  # fp32's top-1 on those images
 
     def holds(self, cfg: QuantizeConfig) -> bool:
         return self.drop_pt <= cfg.max_drop and self.agreement >= cfg.min_agreement and not self.all_float
 
     def record(self) -> dict:
         return {"kept_float": self.kept_float, "accuracy": self.accuracy, "drop_pt": round(self.drop_pt, 4),
-                "top1_agreement_vs_fp32": self.agreement, "all_float": self.all_float, "images": self.images}
+                "top1_agreement_vs_fp32": self.agreement, "all_float": self.all_float, "images": self.images,
+                "fp32_accuracy": self.fp32_accuracy}
 
 
 def evaluate(c: Candidate, model, kept: list[str], ref: np.ndarray, data: QuantData,
@@ -201,7 +205,7 @@ def evaluate(c: Candidate, model, kept: list[str], ref: np.ndarray, data: QuantD
     acc32, acc8 = top1(ref[:seen], labels), top1(out, labels)
     a = Attempt(list(kept), acc8, 100 * (acc32 - acc8), float((out.argmax(1) == ref[:seen].argmax(1)).mean()), model,
                 all_float=bool(c.nodes) and set(c.nodes) <= set(kept))
-    a.images = seen
+    a.images, a.fp32_accuracy = seen, acc32
     return a
 
 
@@ -285,9 +289,10 @@ def why_refused(section: dict, cfg: QuantizeConfig) -> str:
 
 def refusal(section: dict, cfg: QuantizeConfig, stage: str, manifest: Path) -> str:
     g = section["gate"]
+    seen = "" if g["int8_images"] == g["val_images"] else f", given up after {g['int8_images']} of {g['val_images']} images"
     return (f"no int8 model within --max-drop {cfg.max_drop:g} pt and --min-agreement {100 * cfg.min_agreement:g}%: "
-            f"{why_refused(section, cfg)} (the best int8 attempt: drop {g['drop_pt']:.2f} pt, top-1 "
-            f"{100 * g['int8_accuracy']:.2f}% vs fp32 {100 * g['fp32_accuracy']:.2f}%, "
+            f"{why_refused(section, cfg)} (the best int8 attempt{seen}: drop {g['drop_pt']:.2f} pt, top-1 "
+            f"{100 * g['int8_accuracy']:.2f}% vs fp32 {100 * g['fp32_accuracy_on_those']:.2f}%, "
             f"{100 * g['top1_agreement_vs_fp32']:.2f}% agreement, {len(section['kept_float'])} node(s) in float, "
             f"after {g['steps']} fallback step(s); details: stages.{stage} in {manifest})")
 
@@ -302,7 +307,8 @@ def section(cfg: QuantizeConfig, ref_record: dict, ref_format: str, data: QuantD
                         "method": cfg.method, "seed": cfg.seed, "source": data.source,
                         "calibration_s": round(calibrated_s or 0.0, 2)},
         "gate": {"max_drop_pt": cfg.max_drop, "min_agreement": cfg.min_agreement,
-                 "fp32_accuracy": top1(ref_logits, data.val_labels), "int8_accuracy": chosen.accuracy,
+                 "fp32_accuracy": top1(ref_logits, data.val_labels), "int8_accuracy": chosen.accuracy, "int8_images": chosen.images,
+                 "fp32_accuracy_on_those": chosen.fp32_accuracy,
                  "drop_pt": round(chosen.drop_pt, 4), "top1_agreement_vs_fp32": chosen.agreement,
                  "val_images": int(len(data.val_labels)), "steps": len(res.attempts) - 1},
         "attempts": [a.record() for a in res.attempts], "ranking": res.ranking[:32],

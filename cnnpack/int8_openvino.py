@@ -127,11 +127,11 @@ def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str)
                                 "--format onnx,openvino` first")
     ref = artifact_ref(run, "openvino")
     data = load_quant_data(run, cfg)
-    clock.restart()
     model = ov.read(ref.path)
     clock.note("fp32 reference on the validation split")
     ref_logits = _logits(ov.compile_cpu(model, threads=None), data.val_images)
     calibration = [data.calibration[i:i + CALIBRATION_BATCH] for i in range(0, len(data.calibration), CALIBRATION_BATCH)]
+    clock.require("the fp32 reference")
     t0 = time.perf_counter()
     clock.note("calibrating and quantizing (NNCF)")
     c = OvInt8(model, ov.nncf_quantize(model, calibration, subset_size=len(calibration)))  # NNCF counts batches

@@ -208,13 +208,13 @@ def quantize_onnx(run: Run, cfg: QuantizeConfig, clock: Clock, command: str) -> 
     """onnx -> onnx_int8 under the gate; returns the stage section (the artifact is recorded by `quantize`)."""
     ref = _fp32_artifact(run)
     data = load_quant_data(run, cfg)
-    clock.restart()
     batch = min(64, ref.record.get("max_batch_size") or 64)
     clock.note("fp32 reference on the validation split")
     ref_logits = logits(ref.path, data.val_images, batch)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=run.file("export")) as tmp:
         q = OrtQdq(ref.path, Path(tmp), data, cfg, batch)
+        clock.require("the fp32 reference")
         clock.note("calibrating and quantizing")
         first = evaluate(q, q.build([]), [], ref_logits, data, cfg)
         res = run_gate(q, first, ref_logits, data, cfg, clock)
