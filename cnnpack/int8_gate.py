@@ -283,8 +283,9 @@ def why_refused(section: dict, cfg: QuantizeConfig) -> str:
     if steps < cfg.max_steps and steps >= section.get("harmful_nodes", n_nodes):
         return (f"keeping in float, one more per step, every one of the {steps} node(s) the ranking found harmful "
                 "never held the gate; loosen the gate")
-    return (f"--max-steps {cfg.max_steps} was spent (the last step kept the {len(section['kept_float'])} most harmful of "
-            f"{n_nodes} node(s) in float); raise --max-steps or --max-drop, or calibrate on more images")
+    last = len(section["attempts"][-1].get("kept_float", [])) if section.get("attempts") else steps
+    return (f"--max-steps {cfg.max_steps} was spent (the last step kept the {last} most harmful of {n_nodes} node(s) in "
+            "float); raise --max-steps or --max-drop, or calibrate on more images")
 
 
 def refusal(section: dict, cfg: QuantizeConfig, stage: str, manifest: Path) -> str:

@@ -156,7 +156,8 @@ def test_every_refusal_says_its_real_reason():
     from cnnpack.int8_gate import why_refused
 
     def reason(steps: int, kept: int, nodes: int = 10, **extra) -> str:
-        section = {"gate": {"steps": steps}, "attempts": [{"all_float": extra.pop("all_float", False)}],
+        section = {"gate": {"steps": steps}, "attempts": [{"all_float": extra.pop("all_float", False),
+                                                           "kept_float": ["n"] * steps}],
                    "kept_float": ["n"] * kept, "quantizable_nodes": nodes, **extra}
         return why_refused(section, QuantizeConfig(**{"max_steps": 8, **extra.pop("cfg", {})}))
 
