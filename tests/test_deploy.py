@@ -356,6 +356,15 @@ def test_an_out_with_a_different_deployment_is_refused_and_kept_unless_force(dep
     assert _yaml(out / "kubernetes" / "base" / "service.yaml")["metadata"]["name"] == "other"
 
 
+def test_an_out_inside_the_repository_is_refused(laid_out):
+    from cnnpack.deploy import DeployConfig, deploy
+
+    repo = Path(json.loads((laid_out / "cnnpack.json").read_text())["stages"]["triton"]["repository"])
+    with pytest.raises(UserInputError, match="inside the model repository"):
+        deploy(laid_out, DeployConfig(out=str(repo / "deploy")))
+    assert not (repo / "deploy").exists()
+
+
 def test_a_failed_write_keeps_the_old_deployment_and_leaves_no_temp_folder(deployed, laid_out, tmp_path, monkeypatch):
     from cnnpack.deploy import DeployConfig, deploy
 

@@ -106,10 +106,14 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
 
     cfg.validate()
     store = stores.parse(cfg.model_store)
-    plan = plans.make(run_dir, queue_target_ms=cfg.queue_target_ms, ensembles=store.mode == "image")
+    plan = plans.make(run_dir, queue_target_ms=cfg.queue_target_ms, ensembles=store.mode == "image",
+                      remote=store.remote)
     gpu = _want_gpu(cfg, plan)
     name = cfg.name or suggest_name(plan.served_model)
     out = Path(cfg.out) if cfg.out else plan.run / "deploy"
+    if out.resolve().is_relative_to(plan.repository.resolve()):
+        raise UserInputError(f"--out {out} is inside the model repository {plan.repository}, where Triton would take "
+                             "it for a model; choose a folder outside it")
     identity = {"kind": "cnnpack-deploy", "run": str(plan.run), "name": name}
     output.check_out(out, identity, force=cfg.force)
     # checks are over: from here on, files are written

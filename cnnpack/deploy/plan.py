@@ -38,7 +38,9 @@ PROBE_PERIOD_S = 5
 DOWNLOAD_BYTES_PER_S = 20 * MiB  # object storage: Triton copies the repository to local disk first
 # HPA: scale on the average queue time per request
 QUEUE_TARGET_DEFAULT_MS = 5.0
-CPU_ONLY_FORMATS = ("openvino", "openvino_int8")  # Triton's OpenVINO backend runs on the CPU (TARGET_DEVICE CPU)
+# formats whose Triton backend runs them on a GPU with KIND_GPU (ONNX Runtime's CUDA provider, LibTorch on CUDA);
+# every other one stays on the CPU in the gpu overlay: OpenVINO (TARGET_DEVICE CPU) and any format not listed
+GPU_FORMATS = ("onnx", "onnx_int8", "torchscript")
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,13 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles: bool = True) -> Plan:
+def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles: bool = True,
+         remote: bool = False) -> Plan:
     """Reads the run (nothing is written); UserInputError when it holds no verified, laid-out model.
 
     `ensembles`: ship the image ensembles too. Their preprocessing model decodes images with Pillow, which
     the stock NGC image lacks: only the repository image (which installs it) can serve them.
+    `remote`: Triton downloads the repository from object storage before it loads it (a longer start-up).
     """
     from cnnpack.tune import TuneConfig, servable
 
@@ -83,7 +87,7 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     models = shipped(repository, [m for m, _ in classifiers], ensembles=ensembles)
     size = sum(f.stat().st_size for m in models for f in (repository / m).rglob("*") if f.is_file())
     plan = Plan(run=run.path.resolve(), repository=repository, served_model=triton["name"], classifiers=classifiers,
-                models=models, gpu_models=[m for m, fmt in classifiers if fmt not in CPU_ONLY_FORMATS],
+                models=models, gpu_models=[m for m, fmt in classifiers if fmt in GPU_FORMATS],
                 cpu=Figure(0, ""), memory_mib=Figure(0, ""), startup_s=Figure(0, ""), startup_gpu_s=Figure(0, ""),
                 queue_target_us=Figure(0, ""), repository_bytes=size)
     left = [e for e in shipped(repository, [m for m, _ in classifiers]) if e not in models]
@@ -92,8 +96,9 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
                           "the stock NGC image lacks; --model-store image builds an image with it)")
     plan.cpu, instances = cpu(stages, manifest.get("machine", {}))
     plan.memory_mib = memory(stages, repository, classifiers, instances)
-    plan.startup_s = startup(stages, floor=STARTUP_FLOOR_S)
-    plan.startup_gpu_s = startup(stages, floor=STARTUP_FLOOR_GPU_S)
+    download_s = math.ceil(size / DOWNLOAD_BYTES_PER_S) if remote else 0
+    plan.startup_s = startup(stages, floor=STARTUP_FLOOR_S, download_s=download_s)
+    plan.startup_gpu_s = startup(stages, floor=STARTUP_FLOOR_GPU_S, download_s=download_s)
     plan.queue_target_us = queue_target(stages, repository, classifiers, queue_target_ms)
     if plan.served_model not in plan.models:
         plan.served_model = classifiers[0][0]
@@ -168,15 +173,18 @@ def memory(stages: dict, repository: Path, classifiers: list[tuple[str, str]], i
     return Figure(int(math.ceil(mib / 64) * 64), why)
 
 
-def startup(stages: dict, *, floor: int) -> Figure:
+def startup(stages: dict, *, floor: int, download_s: int = 0) -> Figure:
+    """Seconds the startup probe waits for every model to be loaded."""
     served = stages.get("served") or {}
     load = served.get("server_load_s") if served.get("status") == "ok" else None
+    download = (f" + {download_s} s to download the repository at {DOWNLOAD_BYTES_PER_S // MiB} MiB/s"
+                if download_s else "")
     if load is None:
-        return Figure(STARTUP_FALLBACK_S, f"no measured load time (the served stage did not run, or predates it): "
-                                          f"the fallback of {STARTUP_FALLBACK_S} s")
-    s = max(floor, math.ceil(load * STARTUP_MARGIN))
+        return Figure(STARTUP_FALLBACK_S + download_s, f"no measured load time (the served stage did not run, or "
+                                                       f"predates it): the fallback of {STARTUP_FALLBACK_S} s{download}")
+    s = max(floor, math.ceil(load * STARTUP_MARGIN)) + download_s
     return Figure(s, f"the served stage's start-up with every model loaded, {load:.1f} s, x {STARTUP_MARGIN:g} "
-                     f"for a slower node (at least {floor} s)")
+                     f"for a slower node (at least {floor} s){download}")
 
 
 def queue_target(stages: dict, repository: Path, classifiers: list[tuple[str, str]],
