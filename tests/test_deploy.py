@@ -122,6 +122,7 @@ def test_every_overlay_has_the_objects_and_validates_strictly_on_1_30_and_the_ne
     for (store, overlay), objects in built.items():
         kinds = {o["kind"] for o in objects}
         assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds, (store, overlay)
+        assert ("ServiceMonitor" in kinds) == STORES[store].get("service_monitor", False)  # behind its flag
         for obj in objects:
             key = json.dumps(obj, sort_keys=True)
             if obj["kind"] in CRDS or key in checked:  # overlays share most objects: each distinct one once
@@ -223,7 +224,7 @@ def test_the_cpu_overlay_runs_the_serve_flags_securely_with_probes_and_named_por
     assert "replicas" not in dep["spec"]  # the HPA owns the count
     image = (deployed["image"] / "image" / "Dockerfile").read_text()
     assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\S+$", image, re.M)
-    assert "pip install --no-cache-dir pillow==" in image  # the ensemble's preprocessing needs it
+    assert "python3 -m pip install --no-cache-dir pillow==" in image  # the ensemble's preprocessing needs it
     assert c["image"] in (deployed["image"] / "README.md").read_text()  # the build line tags what the pod runs
 
 
@@ -348,8 +349,10 @@ def test_an_out_with_a_different_deployment_is_refused_and_kept_unless_force(dep
         deploy(laid_out, DeployConfig(out=str(out), name="other"))
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "notes.txt").write_text("mine")
-    with pytest.raises(UserInputError, match="holds no cnnpack deployment"):
-        deploy(laid_out, DeployConfig(out=str(tmp_path / "plain")))
+    for force in (False, True):  # a folder that is not a deployment (a run, a repository) is never replaced
+        with pytest.raises(UserInputError, match="holds no cnnpack deployment; choose a new or empty folder"):
+            deploy(laid_out, DeployConfig(out=str(tmp_path / "plain"), force=force))
+    assert (tmp_path / "plain" / "notes.txt").read_text() == "mine"
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     deploy(laid_out, DeployConfig(out=str(out)))  # the same deployment again: rewritten
     assert deploy(laid_out, DeployConfig(out=str(out), name="other", force=True))["name"] == "other"

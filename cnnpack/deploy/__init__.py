@@ -116,8 +116,9 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
                              "it for a model; choose a folder outside it")
     identity = {"kind": "cnnpack-deploy", "run": str(plan.run), "name": name}
     output.check_out(out, identity, force=cfg.force)
+    gpu_configs = _gpu_configs(plan) if gpu else {}
     # checks are over: from here on, files are written
-    added = _write_gpu_configs(plan) if gpu else []
+    added = _write_gpu_configs(plan, gpu_configs)
     spec = _spec(cfg, plan, store, name, ngc_image(plan.repository))
     files = _files(plan, spec, gpu=gpu, out=out)
     record = {**identity, "config": asdict(cfg), "image": spec.image, "repository_image": spec.repo_image,
@@ -138,23 +139,26 @@ def _want_gpu(cfg: DeployConfig, plan) -> bool:
     if not plan.gpu_models:
         if cfg.gpu == "yes":
             formats = ", ".join(f"{m} ({f})" for m, f in plan.classifiers)
-            raise UserInputError(f"--gpu yes, but every model of the repository runs only on the CPU ({formats}: "
-                                 "Triton's OpenVINO backend); lay out an ONNX or TorchScript model with `cnnpack "
-                                 "triton`, or use --gpu no")
+            raise UserInputError(f"--gpu yes, but every model of the repository runs only on the CPU ({formats}; "
+                                 "ONNX and TorchScript models run on a GPU); lay out one with `cnnpack triton`, or "
+                                 "use --gpu no")
         return False
     return True
 
 
-def _write_gpu_configs(plan) -> list[str]:
+def _gpu_configs(plan) -> dict[str, bytes]:
+    """`<model>/configs/gpu.pbtxt` (relative to the repository) -> its text, for each GPU-capable model."""
     from cnnpack.deploy.plan import GPU_CONFIG, gpu_config
+
+    return {f"{m}/configs/{GPU_CONFIG}.pbtxt": gpu_config(plan.repository / m) for m in plan.gpu_models}
+
+
+def _write_gpu_configs(plan, configs: dict[str, bytes]) -> list[str]:
     from cnnpack.rundir import atomic_write_bytes
 
-    added = []
-    for m in plan.gpu_models:
-        path = plan.repository / m / "configs" / f"{GPU_CONFIG}.pbtxt"
-        atomic_write_bytes(path, gpu_config(plan.repository / m))
-        added.append(f"{m}/configs/{GPU_CONFIG}.pbtxt")
-    return added
+    for rel, data in configs.items():
+        atomic_write_bytes(plan.repository / rel, data)
+    return list(configs)
 
 
 def _spec(cfg: DeployConfig, plan, store, name: str, ngc: str):

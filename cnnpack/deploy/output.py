@@ -30,12 +30,13 @@ def check_out(out: Path, identity: dict, *, force: bool) -> None:
     """Refuses an --out that holds something else than this deployment (nothing is written)."""
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} is a file, not a folder; choose another --out")
-    if not out.is_dir() or not any(out.iterdir()) or force:
+    if not out.is_dir() or not any(out.iterdir()):
         return
     marker = out / IDENTITY
-    if not marker.is_file():
-        raise UserInputError(f"--out {out} is not empty and holds no cnnpack deployment; choose another --out "
-                             "or pass --force to replace its contents")
+    if not marker.is_file():  # not even --force: the whole folder is replaced, and it may be a run or a repository
+        raise UserInputError(f"--out {out} is not empty and holds no cnnpack deployment; choose a new or empty folder")
+    if force:
+        return
     try:
         old = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):

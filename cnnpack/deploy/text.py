@@ -28,7 +28,7 @@ def dockerfile(plan, spec) -> str:
              "# Build context: the model repository (see ../README.md for the exact command).",
              f"FROM {spec.ngc_image}",
              *([f"# the image ensemble's preprocessing (Python backend) decodes with Pillow, which {spec.ngc_image} lacks",
-                f"RUN pip install --no-cache-dir pillow=={_pillow()}"] if needs_pillow(plan.models) else []),
+                f"RUN python3 -m pip install --no-cache-dir pillow=={_pillow()}"] if needs_pillow(plan.models) else []),
              *(f"COPY {m} {stores.MOUNT}/{m}" for m in plan.models),
              f"USER {kube.UID}:{kube.UID}",
              f'CMD ["tritonserver", "--model-repository={stores.MOUNT}"]', ""]
