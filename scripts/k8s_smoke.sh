@@ -5,7 +5,8 @@
 #
 #   scripts/k8s_smoke.sh runs/pipeline-shapes-cnn-64px [IMAGE_FILE]
 #
-# Needs: docker, kubectl, kind or minikube, curl, and cnnpack (with the run's data for the default image).
+# Needs: docker, kubectl, kind or minikube, curl, and cnnpack (with the run's data for the default image);
+# a cluster with room for two pods of the size deploy/README.md states (CPU and memory requests).
 # It was not run where cnnpack is developed: that machine has no container runtime and no cluster; the
 # manifests are checked there without one (tests/test_deploy.py).
 set -euo pipefail

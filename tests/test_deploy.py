@@ -104,6 +104,16 @@ def built(deployed) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def base(deployed) -> dict[str, list[dict]]:
+    """The base's objects as written (what the cpu overlay applies; no kubectl needed): store -> objects."""
+    out = {}
+    for store, folder in deployed.items():
+        names = _yaml(folder / "kubernetes" / "base" / "kustomization.yaml")["resources"]
+        out[store] = [_yaml(folder / "kubernetes" / "base" / n) for n in names]
+    return out
+
+
 def _of(objects: list[dict], kind: str) -> dict:
     return next(o for o in objects if o["kind"] == kind)
 
@@ -113,31 +123,52 @@ def _container(deployment: dict) -> dict:
 
 
 # -- schemas ---------------------------------------------------------------------------------------------------
-def test_every_overlay_has_the_objects_and_validates_strictly_on_1_30_and_the_newest(built):
+def _validate_strictly(objects: list[dict]) -> set[str]:
+    """kubernetes-validate, strict (an unknown field is an error), on 1.30 and the newest bundled version."""
     import kubernetes_validate
     from kubernetes_validate.utils import latest_version
 
-    versions = ("1.30", latest_version())
-    seen, checked = set(), set()
-    for (store, overlay), objects in built.items():
+    checked, kinds = set(), set()
+    for obj in objects:
+        key = json.dumps(obj, sort_keys=True)
+        if obj["kind"] in CRDS or key in checked:  # deployments share most objects: each distinct one once
+            continue
+        for v in ("1.30", latest_version()):
+            kubernetes_validate.validate(obj, v, strict=True)  # raises on any schema error
+        checked.add(key)
+        kinds.add(obj["kind"])
+    return kinds
+
+
+def test_every_object_validates_strictly_on_1_30_and_the_newest(base, deployed):
+    import kubernetes_validate
+
+    for store, objects in base.items():
         kinds = {o["kind"] for o in objects}
-        assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds, (store, overlay)
+        assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds, store
         assert ("ServiceMonitor" in kinds) == STORES[store].get("service_monitor", False)  # behind its flag
-        for obj in objects:
-            key = json.dumps(obj, sort_keys=True)
-            if obj["kind"] in CRDS or key in checked:  # overlays share most objects: each distinct one once
-                continue
-            for v in versions:
-                kubernetes_validate.validate(obj, v, strict=True)  # raises on any schema error
-            checked.add(key)
-            seen.add(obj["kind"])
-    assert {"PersistentVolumeClaim", "Job"} <= seen
-    assert ("image", "gpu") in built and ("image", "cpu") in built
+    accounts = [_yaml(p) for folder in deployed.values() for p in (folder / "kserve").glob("serviceaccount.yaml")]
+    kinds = _validate_strictly([o for objects in base.values() for o in objects] + accounts)
+    assert kinds == {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
+                     "PersistentVolumeClaim", "Job", "ServiceAccount"}
     # the validator is strict: one unknown field is an error (so the passes above mean something)
-    bad = json.loads(json.dumps(_of(built["image", "cpu"], "Deployment")))
+    bad = json.loads(json.dumps(_of(base["image"], "Deployment")))
     _container(bad)["startupprobe"] = _container(bad)["startupProbe"]
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, "1.30", strict=True)
+
+
+def test_every_overlay_builds_with_kubectl_kustomize_into_valid_objects(built, base):
+    for (store, overlay), objects in built.items():
+        if overlay == "cpu":  # the cpu overlay is the base
+            same = [sorted(json.dumps(o, sort_keys=True) for o in objs) for objs in (objects, base[store])]
+            assert same[0] == same[1], store
+    # the gpu overlay: the base with the patch merged (its args replace the list, its resources add the GPU)
+    _validate_strictly([o for (_, overlay), objects in built.items() if overlay == "gpu" for o in objects])
+    cpu, gpu = (_container(_of(built["image", o], "Deployment")) for o in ("cpu", "gpu"))
+    assert gpu["args"] == [*cpu["args"], "--model-config-name=gpu"] and gpu["image"] == cpu["image"]
+    assert gpu["resources"]["limits"] == {**cpu["resources"]["limits"], "nvidia.com/gpu": "1"}
+    assert {("image", "gpu"), ("pvc", "gpu"), ("s3", "gpu")} <= set(built)
 
 
 def _crd_dir() -> Path | None:
@@ -203,8 +234,8 @@ def test_custom_resources_match_their_crd_schema(deployed, crd_validators):
 
 
 # -- what the manifests say -----------------------------------------------------------------------------------
-def test_the_cpu_overlay_runs_the_serve_flags_securely_with_probes_and_named_ports(built, deployed):
-    dep = _of(built["image", "cpu"], "Deployment")
+def test_the_cpu_overlay_runs_the_serve_flags_securely_with_probes_and_named_ports(base, deployed):
+    dep = _of(base["image"], "Deployment")
     c = _container(dep)
     assert c["args"][0] == "tritonserver" and "command" not in c  # the NGC image's entrypoint stays
     assert {"--model-repository=/models", "--model-control-mode=none", "--strict-readiness=true",
@@ -216,10 +247,10 @@ def test_the_cpu_overlay_runs_the_serve_flags_securely_with_probes_and_named_por
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     assert sc["runAsNonRoot"] is True and pod["runAsNonRoot"] is True and pod["runAsUser"] != 0
     assert c["resources"]["requests"] == c["resources"]["limits"] and set(c["resources"]["limits"]) == {"cpu", "memory"}
-    service = _of(built["image", "cpu"], "Service")
+    service = _of(base["image"], "Service")
     assert service["spec"]["type"] == "ClusterIP"
     assert {p["name"]: p["appProtocol"] for p in service["spec"]["ports"]}["grpc"] == "kubernetes.io/h2c"
-    hpa = _of(built["image", "cpu"], "HorizontalPodAutoscaler")
+    hpa = _of(base["image"], "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2" and hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
     assert "replicas" not in dep["spec"]  # the HPA owns the count
     image = (deployed["image"] / "image" / "Dockerfile").read_text()
@@ -228,10 +259,11 @@ def test_the_cpu_overlay_runs_the_serve_flags_securely_with_probes_and_named_por
     assert c["image"] in (deployed["image"] / "README.md").read_text()  # the build line tags what the pod runs
 
 
-def test_the_gpu_overlay_adds_one_gpu_and_kind_gpu_configs_without_touching_config_pbtxt(built, deployed, laid_out):
+def test_the_gpu_overlay_adds_one_gpu_and_kind_gpu_configs_without_touching_config_pbtxt(base, deployed, laid_out):
     from cnnpack.rundir import sha256
 
-    cpu, gpu = _container(_of(built["image", "cpu"], "Deployment")), _container(_of(built["image", "gpu"], "Deployment"))
+    cpu = _container(_of(base["image"], "Deployment"))
+    gpu = _container(_yaml(deployed["image"] / "kubernetes" / "overlays" / "gpu" / "gpu.yaml"))  # the patch
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1" and "nvidia.com/gpu" not in cpu["resources"]["limits"]
     assert gpu["args"] == [*cpu["args"], "--model-config-name=gpu"]
     repo = Path(json.loads((laid_out / "cnnpack.json").read_text())["stages"]["triton"]["repository"])
@@ -244,14 +276,14 @@ def test_the_gpu_overlay_adds_one_gpu_and_kind_gpu_configs_without_touching_conf
     assert sha256(repo / "cnn_onnx" / "config.pbtxt") == triton["files"]["config.pbtxt"]["sha256"]
 
 
-def test_object_storage_is_triton_s_repository_with_credentials_only_by_reference(built, deployed):
-    s3 = _container(_of(built["s3", "cpu"], "Deployment"))
+def test_object_storage_is_triton_s_repository_with_credentials_only_by_reference(base, deployed):
+    s3 = _container(_of(base["s3"], "Deployment"))
     assert "--model-repository=s3://models-bucket/cnn" in s3["args"]
     assert all("valueFrom" in e and e["valueFrom"]["secretKeyRef"]["name"] == "triton-s3" for e in s3["env"])
     assert {e["name"] for e in s3["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    gs = _of(built["gs", "cpu"], "Deployment")["spec"]["template"]["spec"]
+    gs = _of(base["gs"], "Deployment")["spec"]["template"]["spec"]
     assert gs["serviceAccountName"] == "triton-reader" and "env" not in gs["containers"][0]
-    azure = _container(_of(built["as", "cpu"], "Deployment"))
+    azure = _container(_of(base["as"], "Deployment"))
     assert {e["name"] for e in azure["env"]} == {"AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_KEY"}
     isvc = _yaml(deployed["as"] / "kserve" / "inferenceservice.yaml")["spec"]["predictor"]
     assert isvc["model"]["storageUri"] == "https://account.blob.core.windows.net/container/cnn"
@@ -263,8 +295,8 @@ def test_object_storage_is_triton_s_repository_with_credentials_only_by_referenc
     assert "aws s3 sync" in (deployed["s3"] / "README.md").read_text()
 
 
-def test_the_volume_is_filled_once_by_a_job_from_the_repository_image(built, deployed):
-    objects = built["pvc", "cpu"]
+def test_the_volume_is_filled_once_by_a_job_from_the_repository_image(base, deployed):
+    objects = base["pvc"]
     job, dep = _of(objects, "Job"), _of(objects, "Deployment")
     record = json.loads((deployed["pvc"] / "cnnpack-deploy.json").read_text())
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == record["repository_image"]

@@ -1,9 +1,9 @@
 """The Kubernetes and KServe objects, as plain data (dicts) that a YAML library writes.
 
 The container's arguments come from `serve.server_args`, the same function that builds `cnnpack
-serve`'s command line. The image's own entrypoint stays (the NGC image's nvidia_entrypoint.sh sets up
-the CUDA driver compatibility before it runs the command), so the arguments start with `tritonserver`,
-exactly like the `docker run ... tritonserver --model-repository=/models` line.
+serve`'s command line. The image's own entrypoint (the NGC image's nvidia_entrypoint.sh) stays and runs
+what it sets up before the command, so the arguments start with `tritonserver`, exactly like the
+`docker run IMAGE tritonserver --model-repository=/models` line that `serve.docker_line` prints.
 """
 
 from __future__ import annotations
