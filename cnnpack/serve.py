@@ -247,6 +247,37 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+# -- the server's command line ------------------------------------------------------------------
+def server_args(repository: str | Path, *, host: str, ports: Ports, explicit: bool = False,
+                stop_timeout_s: float = 30.0, config_name: str | None = None) -> list[str]:
+    """tritonserver's flags, without the binary: the one source for `cnnpack serve` and `cnnpack deploy`.
+
+    `cnnpack serve` runs `tritonserver` with these plus its local `--backend-directory`; the
+    Kubernetes Deployment that `cnnpack deploy` writes runs exactly these in the NGC container (the
+    repository at its in-container path or object-store URL, the ports 8000-8002, every address).
+
+    Args:
+        repository: the model repository as the server sees it (a path, or s3://, gs://, as://).
+        host: the address HTTP, gRPC and metrics bind to.
+        ports: the HTTP, gRPC and metrics ports.
+        explicit: explicit model control (nothing loaded at start; clients load and unload) instead of
+            loading every model of the repository at start.
+        stop_timeout_s: how long the caller waits after SIGTERM before SIGKILL (a pod's grace period);
+            the server gets two thirds of it to finish requests in flight.
+        config_name: `<model>/configs/<name>.pbtxt` instead of config.pbtxt where a model has one.
+    """
+    exit_timeout = max(1, int(stop_timeout_s * 2 / 3))  # leaves time to SIGKILL after it
+    return [f"--model-repository={repository}",
+            f"--http-address={host}", f"--http-port={ports.http}",
+            f"--grpc-address={host}", f"--grpc-port={ports.grpc}",
+            f"--metrics-address={host}", f"--metrics-port={ports.metrics}",
+            f"--model-control-mode={'explicit' if explicit else 'none'}",
+            "--strict-readiness=true",  # /v2/health/ready only once every model is: what callers and probes wait on
+            # keep serving while a caller asks the server which model failed and why (it is then not ready)
+            "--exit-on-error=false", f"--exit-timeout-secs={exit_timeout}",
+            *([f"--model-config-name={config_name}"] if config_name else [])]
+
+
 # -- the server process ---------------------------------------------------------------------------
 def _in_main_thread() -> bool:
     # PR_SET_PDEATHSIG fires when the forking *thread* ends: only safe from the main thread
@@ -279,6 +310,7 @@ class TritonServer:
     models: list[ModelInfo] = field(default_factory=list, init=False)
     backend_dir: Path | None = field(default=None, init=False)
     version: str = field(default="", init=False)  # the server's own, e.g. 2.51.0
+    load_s: float | None = field(default=None, init=False)  # from the process start until every model was ready
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _pid: int | None = field(default=None, init=False)  # kept after stop: a caller can check the process is gone
     _tmp: Path | None = field(default=None, init=False, repr=False)
@@ -337,8 +369,10 @@ class TritonServer:
         try:
             self.backend_dir = self._backend_dir(dist, env)
             self.ports = resolve_ports(self.cfg)
+            t0 = time.perf_counter()
             self._launch(dist, env, repo)
             self._wait_ready()
+            self.load_s = round(time.perf_counter() - t0, 2)
             self.models = self._describe()
             status, body = self._get("/v2")
             self.version = json.loads(body).get("version", "") if status == 200 else ""
@@ -366,14 +400,11 @@ class TritonServer:
         return build_backend_dir(dist, self._tmp / "backends")
 
     def _command(self, dist: TritonDist, repo: Path) -> list[str]:
-        exit_timeout = max(1, int(self.cfg.stop_timeout_s * 2 / 3))  # leaves time to SIGKILL after it
-        return [str(dist.binary), f"--model-repository={repo}", f"--backend-directory={self.backend_dir}",
-                f"--http-address={self.cfg.host}", f"--http-port={self.ports.http}",
-                f"--grpc-address={self.cfg.host}", f"--grpc-port={self.ports.grpc}",
-                f"--metrics-address={self.cfg.host}", f"--metrics-port={self.ports.metrics}",
-                # keep serving while we ask the server which model failed and why
-                "--exit-on-error=false", f"--exit-timeout-secs={exit_timeout}",
-                *(["--model-control-mode=explicit"] if self.cfg.explicit else [])]
+        # --backend-directory is local-only: cnnpack's Python-based backends stand in for the native ones
+        # that the NGC container brings in its default backend directory
+        return [str(dist.binary), *server_args(repo, host=self.cfg.host, ports=self.ports, explicit=self.cfg.explicit,
+                                               stop_timeout_s=self.cfg.stop_timeout_s),
+                f"--backend-directory={self.backend_dir}"]
 
     def _launch(self, dist: TritonDist, env: dict[str, str], repo: Path) -> None:
         self._log_path = Path(self.cfg.log_file) if self.cfg.log_file else self._tmp / "tritonserver.log"
@@ -472,6 +503,22 @@ class TritonServer:
         if backend == "python":
             return "Python backend (the model's own model.py)"
         return f"native {backend} backend ({runtime or f'libtriton_{backend}.so'})" if backend else ""
+
+    def peak_rss_bytes(self) -> int | None:
+        """The peak resident memory so far of the server and its backend stubs (its process group), summed.
+
+        Each process's own peak (VmHWM), so the sum bounds the group's peak from above; None off Linux or
+        when the server is not running.
+        """
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == self._proc.pid:  # field 5: pgrp
+                    hwm = re.search(r"^VmHWM:\s+(\d+) kB", (stat.parent / "status").read_text(), re.M)
+                    total += int(hwm.group(1)) * 1024 if hwm else 0
+        return total or None
 
     def wait(self) -> int:
         """Blocks until the server exits (serving until then); returns its exit code."""

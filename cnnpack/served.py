@@ -122,8 +122,9 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
                                                         concurrency=(max(cfg.concurrency),), timeout_s=cfg.timeout_s),
                                    BenchConfig(batch_sizes=(1,), threads=cfg.threads, max_seconds=cfg.max_seconds))
             rows += [r for r in section["results"] if r.get("format") == f"triton:{int8}" and r.get("protocol") == PROTOCOL]
-        server_info = {"version": server.version, "urls": server.urls,
-                       "models": [asdict(m) for m in server.models]}
+        # what `cnnpack deploy` sizes the pod from: the start-up (every model loaded) and the memory after the load
+        server_info = {"version": server.version, "urls": server.urls, "load_s": server.load_s,
+                       "peak_rss_bytes": server.peak_rss_bytes(), "models": [asdict(m) for m in server.models]}
     throughput = {r["concurrency"]: r for r in rows if r["format"] == f"triton:{t['name']}"}
     c_lo, c_hi = min(throughput), max(throughput)
     gain = throughput[c_hi]["throughput_ips"] / throughput[c_lo]["throughput_ips"]
@@ -145,6 +146,7 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
               "config": asdict(cfg)}
     atomic_write_json(run.file(OUTPUT), result)
     run.set_stage("served", {"status": "ok", **{k: v for k, v in result.items() if k != "server"},
-                             "server_version": server_info["version"],
+                             "server_version": server_info["version"], "server_load_s": server_info["load_s"],
+                             "server_peak_rss_bytes": server_info["peak_rss_bytes"],
                              "outputs": {"served_json": run.file_record(run.file(OUTPUT))}})
     return run.read()["stages"]["served"]

@@ -93,11 +93,14 @@ class Setting:
 
 
 # -- what to sweep -------------------------------------------------------------------------------------
-def servable(run: Run, cfg: TuneConfig) -> list[tuple[str, str]]:
-    """(model name, format) of each served model of the run that passed verify; UserInputError when none."""
+def servable(run: Run, cfg: TuneConfig, *, required_by: str = "tune") -> list[tuple[str, str]]:
+    """(model name, format) of each served model of the run that passed verify; UserInputError when none.
+
+    `cnnpack deploy` ships exactly these (`required_by` names the command in the error).
+    """
     from cnnpack.triton_repo import PLATFORMS, default_name
 
-    triton = run.stage("triton", required_by="tune", hint=f"`cnnpack triton --run {run.path}`")
+    triton = run.stage("triton", required_by=required_by, hint=f"`cnnpack triton --run {run.path}`")
     root = Path(triton["repository"])
     verified = run.read().get("stages", {}).get("verify", {}).get("formats", {})
     arch = run.model_spec["arch"]

@@ -174,6 +174,7 @@ def test_the_served_stage_classifies_verifies_and_loads_the_served_model(first):
     assert set(m["stages"]["verify"]["formats"]) >= {"onnx", "torchscript", "triton:cnn_onnx"}
     assert "## Served by Triton" in (first["run"] / "report.md").read_text()
     assert (first["run"] / "served" / "server.log").is_file()
+    assert s["server_load_s"] > 0 and s["server_peak_rss_bytes"] > 50 << 20  # what deploy sizes the pod from
 
 
 def test_ctrl_c_in_training_exits_130_and_the_next_run_resumes_it(tiny_data, tmp_path):

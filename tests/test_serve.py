@@ -176,6 +176,27 @@ def test_server_reports_which_backend_serves_each_model(server):
     assert server.version.startswith("2.")
 
 
+def test_start_up_time_and_peak_memory_of_the_server_and_its_stubs_are_measured(server):
+    """What `cnnpack deploy` sizes a pod from (recorded by the pipeline's served stage)."""
+    import os
+
+    assert 0 < server.load_s < server.cfg.ready_timeout_s
+    peak = server.peak_rss_bytes()
+    with open(f"/proc/{server.pid}/status") as f:  # the server's own peak, without its Python backend stubs
+        own = int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+    stubs = [p for p in os.listdir("/proc") if p.isdigit() and p != str(server.pid) and _pgid(int(p)) == server.pid]
+    assert stubs and peak > own > 0  # the two models' stubs are in the sum
+
+
+def _pgid(pid: int) -> int | None:
+    import os
+
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def test_port_in_use_is_a_user_error(server, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -1,0 +1,216 @@
+"""`cnnpack deploy`: what a cluster needs to serve the run's verified repository, as plain files.
+
+    <out>/                                  (default: <run>/deploy)
+      cnnpack-deploy.json                   which run and name, every figure and where it came from
+      README.md                             this deployment's exact commands
+      kubernetes/base/                      Deployment, Service, PodDisruptionBudget, HPA (autoscaling/v2)
+                                            [+ ServiceMonitor] [+ PVC and its fill Job]
+      kubernetes/overlays/cpu/              kubectl apply -k <out>/kubernetes/overlays/cpu
+      kubernetes/overlays/gpu/              one GPU, KIND_GPU instance groups (--model-config-name=gpu)
+      kubernetes/prometheus-adapter/values.yaml   the rule that turns Triton's counters into the HPA's metric
+      kserve/inferenceservice.yaml          serving.kserve.io/v1beta1, model format triton, protocol v2
+      image/Dockerfile                      FROM the NGC Triton image, the shipped models at /models
+
+With the gpu overlay, each GPU-capable model also gets `<model>/configs/gpu.pbtxt` in the repository
+(Triton's custom model configuration: its config.pbtxt with KIND_GPU instance groups); config.pbtxt,
+which `cnnpack serve` and the cpu overlay use, is not touched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cnnpack.errors import UserInputError
+
+GPU_MODES = ("auto", "yes", "no")
+NAME_MAX = 49  # a DNS label is at most 63 characters; "<name>-fill-<8 hex>", the longest derived name, must fit
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    out: str | None = None  # default: <run>/deploy
+    name: str | None = None  # default: the served model's name as a DNS label (cnn_onnx -> cnn-onnx)
+    model_store: str = "image"  # image | pvc | s3://... | gs://... | as://...
+    image: str | None = None  # the repository image (image, pvc); default cnnpack/<name>:<content tag>
+    credentials_secret: str | None = None  # object storage: a Secret's name, never its contents
+    service_account: str | None = None  # object storage: workload identity
+    replicas: int = 1  # the HPA's minimum
+    max_replicas: int = 4
+    gpu: str = "auto"  # the gpu overlay: auto (when a model can run on a GPU) | yes | no
+    service_monitor: bool = False  # monitoring.coreos.com/v1 ServiceMonitor (needs the Prometheus Operator)
+    queue_target_ms: float | None = None  # the HPA's target queue time per request (default: from the run)
+    force: bool = False  # replace an --out that holds a different deployment
+
+    def validate(self) -> None:
+        """Everything that needs no run (exit 2, nothing written)."""
+        from cnnpack.deploy import store as stores
+
+        if self.name is not None:
+            check_name(self.name)
+        if self.replicas < 1:
+            raise UserInputError(f"--replicas must be >= 1 (the HPA's minimum), got {self.replicas}")
+        if self.max_replicas < self.replicas:
+            raise UserInputError(f"--max-replicas {self.max_replicas} is below --replicas {self.replicas}")
+        if self.gpu not in GPU_MODES:
+            raise UserInputError(f"--gpu {self.gpu!r}; valid: {', '.join(GPU_MODES)}")
+        if self.queue_target_ms is not None and not self.queue_target_ms > 0:
+            raise UserInputError(f"--queue-target-ms must be > 0, got {self.queue_target_ms}")
+        s = stores.parse(self.model_store)
+        for flag, value in (("--credentials-secret", self.credentials_secret),
+                            ("--service-account", self.service_account)):
+            if value is None:
+                continue
+            if not s.remote:
+                raise UserInputError(f"{flag} is for object storage (--model-store s3://|gs://|as://); "
+                                     f"--model-store {self.model_store} needs no credentials")
+            if len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+                raise UserInputError(f"{flag} {value!r} is not a Kubernetes object name (lowercase a-z, 0-9, '-', '.')")
+        if self.image is not None:
+            if s.remote:
+                raise UserInputError("--image names the repository image (--model-store image or pvc); with object "
+                                     "storage the pod runs the NGC image")
+            stores.check_image(self.image)
+
+
+def check_name(name: str) -> str:
+    if len(name) <= NAME_MAX and _DNS_LABEL.match(name):
+        return name
+    raise UserInputError(f"--name {name!r} is not a valid DNS-1123 label for the objects: lowercase letters, digits "
+                         f"and '-', starting with a letter, ending with a letter or digit, at most {NAME_MAX} "
+                         f"characters; e.g. --name {suggest_name(name)}")
+
+
+def suggest_name(text: str) -> str:
+    """`cnn_onnx` -> `cnn-onnx`; anything -> a valid label."""
+    s = re.sub(r"[^a-z0-9-]+", "-", text.lower())
+    s = re.sub(r"-+", "-", s)
+    s = re.sub(r"^[^a-z]+", "", s)[:NAME_MAX].strip("-")
+    return s or "triton"
+
+
+def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
+    """Writes the deployment folder for a run; returns what `cnnpack-deploy.json` records.
+
+    Raises UserInputError (exit 2, nothing written): bad options, a run without a verified and laid-out
+    model, a gpu overlay for CPU-only models, an --out that holds a different deployment (without force).
+    """
+    from cnnpack.deploy import output
+    from cnnpack.deploy import plan as plans
+    from cnnpack.deploy import store as stores
+    from cnnpack.serve import ngc_image
+
+    cfg.validate()
+    store = stores.parse(cfg.model_store)
+    plan = plans.make(run_dir, queue_target_ms=cfg.queue_target_ms, ensembles=store.mode == "image",
+                      remote=store.remote)
+    gpu = _want_gpu(cfg, plan)
+    name = cfg.name or suggest_name(plan.served_model)
+    out = Path(cfg.out) if cfg.out else plan.run / "deploy"
+    if out.resolve().is_relative_to(plan.repository.resolve()):
+        raise UserInputError(f"--out {out} is inside the model repository {plan.repository}, where Triton would take "
+                             "it for a model; choose a folder outside it")
+    identity = {"kind": "cnnpack-deploy", "run": str(plan.run), "name": name}
+    output.check_out(out, identity, force=cfg.force)
+    gpu_configs = _gpu_configs(plan) if gpu else {}
+    # checks are over: from here on, files are written
+    added = _write_gpu_configs(plan, gpu_configs)
+    spec = _spec(cfg, plan, store, name, ngc_image(plan.repository))
+    files = _files(plan, spec, gpu=gpu, out=out)
+    record = {**identity, "config": asdict(cfg), "image": spec.image, "repository_image": spec.repo_image,
+              "ngc_image": spec.ngc_image, "content_tag": spec.tag, "repository": str(plan.repository),
+              "models": plan.models, "served_model": plan.served_model, "overlays": ["cpu", *(["gpu"] if gpu else [])],
+              "repository_files_added": added, "args": _args(spec),
+              "figures": {k: asdict(getattr(plan, k)) for k in ("cpu", "memory_mib", "startup_s", "startup_gpu_s",
+                                                                 "queue_target_us")},
+              "notes": plan.notes, "out": str(out), "files": sorted([*files, output.IDENTITY])}
+    files[output.IDENTITY] = json.dumps(record, indent=2) + "\n"
+    output.write_tree(out, files)
+    return record
+
+
+def _want_gpu(cfg: DeployConfig, plan) -> bool:
+    if cfg.gpu == "no":
+        return False
+    if not plan.gpu_models:
+        if cfg.gpu == "yes":
+            formats = ", ".join(f"{m} ({f})" for m, f in plan.classifiers)
+            raise UserInputError(f"--gpu yes, but every model of the repository runs only on the CPU ({formats}; "
+                                 "ONNX and TorchScript models run on a GPU); lay out one with `cnnpack triton`, or "
+                                 "use --gpu no")
+        return False
+    return True
+
+
+def _gpu_configs(plan) -> dict[str, bytes]:
+    """`<model>/configs/gpu.pbtxt` (relative to the repository) -> its text, for each GPU-capable model."""
+    from cnnpack.deploy.plan import GPU_CONFIG, gpu_config
+
+    return {f"{m}/configs/{GPU_CONFIG}.pbtxt": gpu_config(plan.repository / m) for m in plan.gpu_models}
+
+
+def _write_gpu_configs(plan, configs: dict[str, bytes]) -> list[str]:
+    from cnnpack.rundir import atomic_write_bytes
+
+    for rel, data in configs.items():
+        atomic_write_bytes(plan.repository / rel, data)
+    return list(configs)
+
+
+def _spec(cfg: DeployConfig, plan, store, name: str, ngc: str):
+    from cnnpack.deploy.kube import Spec
+    from cnnpack.deploy.plan import content_tag
+    from cnnpack.deploy.store import has_tag
+
+    tag = content_tag(plan.repository, plan.models)
+    repo_image = None
+    if not store.remote:
+        repo_image = cfg.image or f"cnnpack/{name}:{tag}"
+        if not has_tag(repo_image):
+            repo_image = f"{repo_image}:{tag}"
+    return Spec(name=name, image=repo_image if store.mode == "image" else ngc, repo_image=repo_image, ngc_image=ngc,
+                store=store, tag=tag, replicas=cfg.replicas, max_replicas=cfg.max_replicas,
+                secret=cfg.credentials_secret, service_account=cfg.service_account,
+                service_monitor=cfg.service_monitor)
+
+
+def _args(spec) -> dict:
+    from cnnpack.deploy.kube import container_args
+    from cnnpack.deploy.plan import GPU_CONFIG
+
+    return {"cpu": container_args(spec), "gpu": container_args(spec, config_name=GPU_CONFIG)}
+
+
+def _files(plan, spec, *, gpu: bool, out: Path) -> dict[str, str]:
+    """Every file of the deployment folder, by its path inside it."""
+    from cnnpack.deploy import kube, text
+    from cnnpack.deploy.output import dump
+
+    head = text.header(plan, spec)
+    base = {"deployment.yaml": kube.deployment(plan, spec), "service.yaml": kube.service(spec),
+            "pdb.yaml": kube.pdb(spec), "hpa.yaml": kube.hpa(plan, spec)}
+    if spec.service_monitor:
+        base["servicemonitor.yaml"] = kube.service_monitor(spec)
+    if spec.store.mode == "pvc":
+        base["pvc.yaml"] = kube.pvc(plan, spec)
+        base["fill-job.yaml"] = kube.fill_job(spec)
+    files = {f"kubernetes/base/{n}": dump(obj, head) for n, obj in base.items()}
+    files["kubernetes/base/kustomization.yaml"] = dump(kube.kustomization(list(base)), head)
+    files["kubernetes/overlays/cpu/kustomization.yaml"] = dump(kube.kustomization(["../../base"]), head)
+    if gpu:
+        files["kubernetes/overlays/gpu/kustomization.yaml"] = dump(
+            kube.kustomization(["../../base"], ["gpu.yaml"]), head)
+        files["kubernetes/overlays/gpu/gpu.yaml"] = dump(kube.gpu_patch(plan, spec), head)
+    files["kubernetes/prometheus-adapter/values.yaml"] = dump(kube.adapter_values(), text.adapter_header(head))
+    files["kserve/inferenceservice.yaml"] = dump(kube.inference_service(plan, spec), head)
+    if spec.secret and spec.store.remote:
+        files["kserve/serviceaccount.yaml"] = dump(kube.storage_account(spec), head)
+    if spec.repo_image:
+        files["image/Dockerfile"] = text.dockerfile(plan, spec)
+        files["image/Dockerfile.dockerignore"] = text.dockerignore(plan)
+    files["README.md"] = text.readme(plan, spec, gpu=gpu, out=out)
+    return files

@@ -1,0 +1,78 @@
+"""Writing the deployment folder: YAML from data, the Dockerfile, and the whole folder replaced at once.
+
+The folder is built beside `--out` and renamed into place; an existing deployment is moved aside
+first and removed only once the new one is in place, so a failure leaves the old files as they were.
+`cnnpack-deploy.json` at its root says which run and name it deploys: a different one is refused
+unless `--force`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from cnnpack.errors import UserInputError
+
+IDENTITY = "cnnpack-deploy.json"
+
+
+def dump(obj: dict, header: str = "") -> str:
+    import yaml
+
+    text = yaml.safe_dump(obj, sort_keys=False, default_flow_style=False, width=1 << 16)  # long queries on one line
+    return "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + text
+
+
+def check_out(out: Path, identity: dict, *, force: bool) -> None:
+    """Refuses an --out that holds something else than this deployment (nothing is written)."""
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out} is a file, not a folder; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    marker = out / IDENTITY
+    if not marker.is_file():  # not even --force: the whole folder is replaced, and it may be a run or a repository
+        raise UserInputError(f"--out {out} is not empty and holds no cnnpack deployment; choose a new or empty folder")
+    if force:
+        return
+    try:
+        old = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserInputError(f"--out {out}: {marker} is unreadable; pass --force to replace the folder") from None
+    same = {k: old.get(k) for k in ("run", "name")} == {k: identity[k] for k in ("run", "name")}
+    if not same:
+        raise UserInputError(f"--out {out} holds a different deployment ({old.get('name')!r} of run {old.get('run')}); "
+                             f"choose another --out or pass --force to replace it")
+
+
+def write_tree(out: Path, files: dict[str, str | bytes]) -> None:
+    """Writes every file into a fresh folder beside `out`, then swaps it in; the old folder survives a failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    try:
+        for rel, data in files.items():
+            path = stage / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data.encode() if isinstance(data, str) else data)
+            os.chmod(path, 0o644)
+        os.chmod(stage, 0o755)
+        _swap(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _swap(stage: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(stage, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    os.replace(out, old)
+    try:
+        os.replace(stage, out)
+    except OSError:
+        os.replace(old, out)  # put the previous deployment back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

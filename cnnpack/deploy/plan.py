@@ -1,0 +1,231 @@
+"""What the run says about serving it on a cluster: which models ship, and the pod's size and patience.
+
+Every figure comes from the run's manifest, and says where it came from:
+- the models: those `cnnpack tune` would sweep (laid out and passed verify), with their image
+  ensembles (`<model>_preprocess`, `<model>_image`) when the repository has them;
+- CPU: the tuned winner's instances x threads when `cnnpack tune` ran, else the served model's
+  config (threads 0, the runtime's default of every core, counts the cores the run measured on);
+- memory: the peak resident memory of the local server after the served stage's load test, with
+  headroom (an upper bound: cnnpack's Python-based backends hold more than the container's native
+  ones); without a served stage, an estimate from the model files;
+- the startup probe's window: the served stage's measured start-up (every model loaded), times a
+  margin for a slower node, never under a floor; without one, a documented fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cnnpack.errors import UserInputError
+from cnnpack.rundir import Run, sha256
+
+MiB = 1 << 20
+# memory: measured peak x headroom, or (without a measurement) a base for the server plus each model file
+MEMORY_HEADROOM = 1.5
+MEMORY_FLOOR_MIB = 512
+MEMORY_BASE_MIB = 512
+MEMORY_PER_MODEL_BYTE = 4  # weights + the runtime's arena, per instance
+# startup probe: measured load time x margin, at least the floor; without a measurement, the fallback
+STARTUP_MARGIN = 5.0
+STARTUP_FLOOR_S = 60
+STARTUP_FLOOR_GPU_S = 180  # CUDA context and cuDNN/cuBLAS handles per instance are not in a CPU measurement
+STARTUP_FALLBACK_S = 300
+PROBE_PERIOD_S = 5
+DOWNLOAD_BYTES_PER_S = 20 * MiB  # object storage: Triton copies the repository to local disk first
+# HPA: scale on the average queue time per request
+QUEUE_TARGET_DEFAULT_MS = 5.0
+# formats whose Triton backend runs them on a GPU with KIND_GPU (ONNX Runtime's CUDA provider, LibTorch on CUDA);
+# every other one stays on the CPU in the gpu overlay: OpenVINO (TARGET_DEVICE CPU) and any format not listed
+GPU_FORMATS = ("onnx", "onnx_int8", "torchscript")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A value for the manifests and the sentence that says where it came from."""
+
+    value: float | int | str
+    source: str
+
+
+@dataclass
+class Plan:
+    run: Path
+    repository: Path
+    served_model: str  # the model a client asks for (the triton stage's)
+    classifiers: list[tuple[str, str]]  # (name, format): verified and laid out
+    models: list[str]  # every folder that ships: classifiers + their ensembles
+    gpu_models: list[str]  # classifiers that can run on a GPU
+    cpu: Figure
+    memory_mib: Figure
+    startup_s: Figure
+    startup_gpu_s: Figure
+    queue_target_us: Figure
+    repository_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles: bool = True,
+         remote: bool = False) -> Plan:
+    """Reads the run (nothing is written); UserInputError when it holds no verified, laid-out model.
+
+    `ensembles`: ship the image ensembles too. Their preprocessing model decodes images with Pillow, which
+    the stock NGC image lacks: only the repository image (which installs it) can serve them.
+    `remote`: Triton downloads the repository from object storage before it loads it (a longer start-up).
+    """
+    from cnnpack.tune import TuneConfig, servable
+
+    run = Run.open(run_dir)
+    classifiers = servable(run, TuneConfig(), required_by="deploy")
+    manifest = run.read()
+    stages = manifest["stages"]
+    triton = stages["triton"]
+    repository = Path(triton["repository"])
+    models = shipped(repository, [m for m, _ in classifiers], ensembles=ensembles)
+    size = sum(f.stat().st_size for m in models for f in (repository / m).rglob("*") if f.is_file())
+    plan = Plan(run=run.path.resolve(), repository=repository, served_model=triton["name"], classifiers=classifiers,
+                models=models, gpu_models=[m for m, fmt in classifiers if fmt in GPU_FORMATS],
+                cpu=Figure(0, ""), memory_mib=Figure(0, ""), startup_s=Figure(0, ""), startup_gpu_s=Figure(0, ""),
+                queue_target_us=Figure(0, ""), repository_bytes=size)
+    left = [e for e in shipped(repository, [m for m, _ in classifiers]) if e not in models]
+    if left:
+        plan.notes.append(f"not shipped: {', '.join(left)} (the image ensemble's preprocessing needs Pillow, which "
+                          "the stock NGC image lacks; --model-store image builds an image with it)")
+    plan.cpu, instances = cpu(stages, manifest.get("machine", {}))
+    plan.memory_mib = memory(stages, repository, classifiers, instances)
+    download_s = math.ceil(size / DOWNLOAD_BYTES_PER_S) if remote else 0
+    plan.startup_s = startup(stages, floor=STARTUP_FLOOR_S, download_s=download_s)
+    plan.startup_gpu_s = startup(stages, floor=STARTUP_FLOOR_GPU_S, download_s=download_s)
+    plan.queue_target_us = queue_target(stages, repository, classifiers, queue_target_ms)
+    if plan.served_model not in plan.models:
+        plan.served_model = classifiers[0][0]
+    return plan
+
+
+def shipped(repository: Path, classifiers: list[str], *, ensembles: bool = True) -> list[str]:
+    """The classifiers and, where the repository has them (and `ensembles`), their image ensembles."""
+    out = []
+    for m in classifiers:
+        out.append(m)
+        if ensembles:
+            out += [e for e in (f"{m}_preprocess", f"{m}_image") if (repository / e / "config.pbtxt").is_file()]
+    return out
+
+
+def needs_pillow(models: list[str]) -> bool:
+    """The image ensemble's preprocessing model (cnnpack/backends/preprocess) imports Pillow."""
+    return any(m.endswith("_preprocess") for m in models)
+
+
+def content_tag(repository: Path, models: list[str]) -> str:
+    """12 hex digits over every shipped file's path and bytes: the same models, the same image tag."""
+    h = hashlib.sha256()
+    for m in models:
+        for f in sorted(p for p in (repository / m).rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(repository)}\0{sha256(f)}\n".encode())
+    return h.hexdigest()[:12]
+
+
+# -- the figures ----------------------------------------------------------------------------------------------
+def _winner(stages: dict) -> dict | None:
+    tune = stages.get("tune") or {}
+    w = tune.get("winner") if tune.get("status") == "ok" else None
+    return w if w and not w.get("default") else None
+
+
+def cpu(stages: dict, machine: dict) -> tuple[Figure, int]:
+    """(cores the pod requests, model instances) from the tuned winner or the served model's config."""
+    run_cores = int(machine.get("cpu_count") or 1)
+    w = _winner(stages)
+    if w:
+        n, t = int(w["instances"]), int(w["threads"])
+        where = f"the tuned winner ({w['label']})"
+    else:
+        cfg = stages["triton"].get("config", {})
+        n, t = int(cfg.get("instances", 1)), int(cfg.get("threads", 0))
+        where = f"{stages['triton']['name']}'s config ({n} instance(s), {t or 'default'} threads)"
+    cores = n * (t or run_cores)
+    why = f"{n} instance(s) x {t} thread(s) of {where}" if t else (
+        f"{n} instance(s) x {run_cores} cores ({where}: threads 0 is the runtime's default of every core, and the run "
+        f"measured on {run_cores}; bound it with `cnnpack triton --threads N` or `cnnpack tune`)")
+    return Figure(cores, why), n
+
+
+def memory(stages: dict, repository: Path, classifiers: list[tuple[str, str]], instances: int) -> Figure:
+    """MiB for requests and limits (equal: the pod's memory is not overcommitted)."""
+    served = stages.get("served") or {}
+    peak = served.get("server_peak_rss_bytes") if served.get("status") == "ok" else None
+    base_instances = int(stages["triton"].get("config", {}).get("instances", 1)) or 1
+    if peak:
+        scale = max(1.0, instances / base_instances)
+        mib = max(MEMORY_FLOOR_MIB, peak * MEMORY_HEADROOM * scale / MiB)
+        why = (f"the local server's peak resident memory after the served stage's load test, {peak / MiB:.0f} MiB, "
+               f"x {MEMORY_HEADROOM:g} headroom" + (f" x {scale:g} for the tuned instance count" if scale > 1 else "")
+               + f" (at least {MEMORY_FLOOR_MIB} MiB)")
+    else:
+        model_bytes = sum(f.stat().st_size for m, _ in classifiers for f in (repository / m).rglob("*") if f.is_file())
+        mib = MEMORY_BASE_MIB + model_bytes * MEMORY_PER_MODEL_BYTE * instances / MiB
+        why = (f"no measured memory (the served stage did not run): {MEMORY_BASE_MIB} MiB for the server + "
+               f"{MEMORY_PER_MODEL_BYTE} x the model files ({model_bytes / MiB:.1f} MiB) x {instances} instance(s)")
+    return Figure(int(math.ceil(mib / 64) * 64), why)
+
+
+def startup(stages: dict, *, floor: int, download_s: int = 0) -> Figure:
+    """Seconds the startup probe waits for every model to be loaded."""
+    served = stages.get("served") or {}
+    load = served.get("server_load_s") if served.get("status") == "ok" else None
+    download = (f" + {download_s} s to download the repository at {DOWNLOAD_BYTES_PER_S // MiB} MiB/s"
+                if download_s else "")
+    if load is None:
+        return Figure(STARTUP_FALLBACK_S + download_s, f"no measured load time (the served stage did not run, or "
+                                                       f"predates it): the fallback of {STARTUP_FALLBACK_S} s{download}")
+    s = max(floor, math.ceil(load * STARTUP_MARGIN)) + download_s
+    return Figure(s, f"the served stage's start-up with every model loaded, {load:.1f} s, x {STARTUP_MARGIN:g} "
+                     f"for a slower node (at least {floor} s){download}")
+
+
+def queue_target(stages: dict, repository: Path, classifiers: list[tuple[str, str]],
+                 override_ms: float | None) -> Figure:
+    """The average queue time per request above which the HPA adds replicas, in microseconds."""
+    delay = max((_queue_delay_us(repository / m) for m, _ in classifiers), default=0)
+    floor = max(1000, 2 * delay)  # the dynamic batcher's own wait is queue time too: never scale on it alone
+    if override_ms is not None:
+        return Figure(int(override_ms * 1000), f"--queue-target-ms {override_ms:g}")
+    w = _winner(stages)
+    budget = (stages.get("tune") or {}).get("config", {}).get("latency_budget_ms")
+    if w and budget:
+        headroom_us = (budget - w["latency_ms_p99"]) * 1000
+        us = max(floor, int(headroom_us / 2))
+        return Figure(us, f"half the headroom the tuned winner left under its p99 budget ({budget:g} ms - "
+                          f"{w['latency_ms_p99']:.2f} ms), at least {floor} us (2 x the batching delay, >= 1 ms)")
+    us = max(floor, int(QUEUE_TARGET_DEFAULT_MS * 1000))
+    return Figure(us, f"the default {QUEUE_TARGET_DEFAULT_MS:g} ms (no `cnnpack tune` budget in the run; "
+                      "--queue-target-ms sets it)")
+
+
+def _queue_delay_us(folder: Path) -> int:
+    text = (folder / "config.pbtxt").read_text() if (folder / "config.pbtxt").is_file() else ""
+    m = re.search(r"max_queue_delay_microseconds:\s*(\d+)", text)
+    return int(m.group(1)) if m else 0
+
+
+# -- the GPU variant of each model's config ---------------------------------------------------------------------
+GPU_CONFIG = "gpu"  # <model>/configs/gpu.pbtxt, chosen by tritonserver --model-config-name=gpu
+
+
+def gpu_config(folder: Path) -> bytes:
+    """The model's config.pbtxt with KIND_GPU instance groups (same counts), as Triton's custom config."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from cnnpack.triton_repo import render
+
+    mc = text_format.Parse((folder / "config.pbtxt").read_text(), pb.ModelConfig())
+    if not mc.instance_group:
+        raise UserInputError(f"{folder / 'config.pbtxt'} has no instance_group to put on the GPU")
+    for g in mc.instance_group:
+        g.kind = pb.ModelInstanceGroup.KIND_GPU
+    return render(mc).encode()

@@ -1,0 +1,155 @@
+"""How the model repository reaches the pod: baked into an image, on a volume, or in object storage.
+
+- `image`: a Dockerfile FROM the NGC Triton image with the shipped model folders copied to /models;
+  the Deployment runs that image.
+- `pvc`: a PersistentVolumeClaim that a one-shot Job fills from that same image (into a folder named
+  after the content, so a rollout never reads a half-copied repository); the Deployment runs the stock
+  NGC image with the volume mounted read-only.
+- an object-store URL (`s3://`, `gs://`, `as://`, in Triton's own forms): Triton reads the repository
+  itself. Credentials only by reference: a Secret's name (its keys become the variables Triton's
+  cloud clients read) or a ServiceAccount for workload identity; a URL that carries a credential is
+  refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cnnpack.errors import UserInputError
+
+MODES = ("image", "pvc")
+SCHEMES = ("s3", "gs", "as")
+MOUNT = "/models"  # where the repository is inside the container (image and pvc)
+GCS_KEY = "gcloud-application-credentials.json"  # the Secret key KServe also reads for GCS
+GCS_DIR = "/var/run/secrets/cnnpack-gcs"
+
+# Secret keys -> the variables Triton's cloud clients read. The key names are KServe's, so one Secret
+# serves the Deployment and the InferenceService.
+SECRET_ENV = {
+    "s3": {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+           "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN": "AWS_SESSION_TOKEN"},
+    "as": {"AZURE_STORAGE_ACCOUNT": "AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_KEY": "AZURE_STORAGE_ACCESS_KEY"},
+}
+OPTIONAL_KEYS = {"AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN"}
+
+_USERINFO = re.compile(r"://[^/?#]*@")  # scheme://user[:password]@host
+# a query parameter whose name speaks of a signature, token, key, secret, password or credential (presigned
+# S3/GCS URLs: X-Amz-Signature, X-Goog-Credential; Azure SAS: sig=)
+_CREDENTIAL_QUERY = re.compile(r"(?i)(^|[?&;])[^=&;]*(sig|token|key|secret|passw|credential|x-amz-|x-goog-)[^=&;]*=")
+_ACCESS_KEY_ID = re.compile(r"(?<![A-Z0-9])(AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])")
+_IMAGE_REF = re.compile(r"^(?:[a-zA-Z0-9.-]+(?::\d+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+                        r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where Triton finds the repository: `image`, `pvc`, or an object-store URL."""
+
+    mode: str  # image | pvc | s3 | gs | as
+    url: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.mode in SCHEMES
+
+
+def parse(text: str) -> Store:
+    """`--model-store`: image | pvc | s3://... | gs://... | as://...; UserInputError for anything else."""
+    if text in MODES:
+        return Store(text)
+    scheme = text.split("://", 1)[0] if "://" in text else ""
+    if scheme not in SCHEMES:
+        raise UserInputError(f"--model-store {text!r}: use image, pvc, or an object-store URL that Triton reads: "
+                             "s3://bucket/path, gs://bucket/path or as://account/container/path")
+    check_no_credentials(text)
+    rest = text.split("://", 1)[1].strip("/")
+    if not rest or (scheme == "as" and rest.count("/") < 1):
+        raise UserInputError(f"--model-store {text!r} names no bucket/container: e.g. {scheme}://bucket/path"
+                             if scheme != "as" else f"--model-store {text!r}: Azure needs as://account/container/path")
+    return Store(scheme, text.rstrip("/"))
+
+
+def check_no_credentials(url: str) -> None:
+    """A key in the URL would end up in the manifests, the pod spec and every log that prints them."""
+    fix = ("credentials go by reference only: store them in a Secret and pass --credentials-secret NAME, "
+           "or use workload identity with --service-account NAME")
+    if _USERINFO.search(url):
+        raise UserInputError(f"--model-store URL carries credentials (user:password@); {fix}")
+    if _ACCESS_KEY_ID.search(url):
+        raise UserInputError(f"--model-store URL carries an AWS access key id; {fix}")
+    query = re.split(r"[?#]", url, maxsplit=1)[1] if re.search(r"[?#]", url) else ""
+    if query and _CREDENTIAL_QUERY.search("?" + query):
+        raise UserInputError(f"--model-store URL carries a signature or key in its query string; {fix}")
+    if query:
+        raise UserInputError(f"--model-store URL has a query string ({query!r}); Triton's repository path takes none")
+
+
+def check_image(ref: str) -> str:
+    if not _IMAGE_REF.match(ref):
+        raise UserInputError(f"--image {ref!r} is not an image reference: [registry[:port]/]name[:tag], "
+                             "lowercase name, e.g. registry.example.com/team/cnn:1")
+    return ref
+
+
+def has_tag(ref: str) -> bool:
+    return "@" in ref or ":" in ref.rsplit("/", 1)[-1]
+
+
+# -- what the pod needs for each way -------------------------------------------------------------------------
+def credentials(store: Store, secret: str | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """(env, volumes, volumeMounts) that hand the Secret to Triton's cloud client, by reference only."""
+    if not (store.remote and secret):
+        return [], [], []
+    if store.mode == "gs":  # Triton's GCS client reads a key file
+        return ([{"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{GCS_DIR}/{GCS_KEY}"}],
+                [{"name": "gcs-credentials", "secret": {"secretName": secret, "items": [{"key": GCS_KEY, "path": GCS_KEY}]}}],
+                [{"name": "gcs-credentials", "mountPath": GCS_DIR, "readOnly": True}])
+    env = [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key,
+                                                        **({"optional": True} if key in OPTIONAL_KEYS else {})}}}
+           for var, key in SECRET_ENV[store.mode].items()]
+    return env, [], []
+
+
+def fill_script(tag: str) -> str:
+    """The fill Job's shell: copy /models into <volume>/<tag> once, publishing the folder by a rename."""
+    return (f"test -d /target/{tag} && exit 0; rm -rf /target/{tag}.partial; "
+            f"cp -R {MOUNT} /target/{tag}.partial; mv /target/{tag}.partial /target/{tag}")
+
+
+def kserve_uri(store: Store, *, image: str, pvc: str, tag: str) -> str:
+    """The InferenceService's storageUri for the same repository."""
+    if store.mode == "image":
+        return f"oci://{image}"  # a KServe modelcar: the image's /models (needs storageInitializer.enableModelcar)
+    if store.mode == "pvc":
+        return f"pvc://{pvc}/{tag}"
+    rest = store.url.split("://", 1)[1]
+    if store.mode == "as":  # Triton's as://account/container/path is KServe's blob URL
+        account, path = rest.split("/", 1)
+        return f"https://{account}.blob.core.windows.net/{path}"
+    if store.mode == "s3":  # Triton's s3://[http(s)://]host:port/bucket/path: KServe takes the endpoint from the Secret
+        rest = re.sub(r"^https?://", "", rest)
+        first, _, after = rest.partition("/")
+        if ":" in first and after:
+            rest = after
+    return f"{store.mode}://{rest}"
+
+
+def upload_lines(store: Store, repository: str, models: list[str]) -> list[str]:
+    """The exact commands that put the shipped model folders where the URL points."""
+    base = store.url.rstrip("/")
+    if store.mode == "s3":
+        rest = base.split("://", 1)[1]
+        scheme = re.match(r"^(https?)://", rest)
+        rest = re.sub(r"^https?://", "", rest)
+        first, _, after = rest.partition("/")
+        endpoint = f" --endpoint-url {scheme.group(1) if scheme else 'http'}://{first}" if ":" in first and after else ""
+        target = f"s3://{after}" if endpoint else f"s3://{rest}"
+        return [f"aws s3 sync --delete {repository}/{m} {target}/{m}{endpoint}" for m in models]
+    if store.mode == "gs":
+        return [f"gcloud storage rsync --recursive --delete-unmatched-destination-objects {repository}/{m} {base}/{m}"
+                for m in models]
+    account, container_path = base.split("://", 1)[1].split("/", 1)
+    container, _, prefix = container_path.partition("/")
+    return [f"az storage blob upload-batch --overwrite --account-name {account} --destination {container} "
+            f"--destination-path {'/'.join(filter(None, [prefix, m]))} --source {repository}/{m}" for m in models]

@@ -1,0 +1,112 @@
+"""The deployment's non-YAML files: file headers, the Dockerfile, and its README of exact commands."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cnnpack.deploy import kube
+from cnnpack.deploy import store as stores
+from cnnpack.deploy.plan import needs_pillow
+
+
+def header(plan, spec) -> str:
+    return (f"Written by `cnnpack deploy` from run {plan.run}.\n"
+            f"Models: {', '.join(plan.models)} (content tag {spec.tag}). Regenerate rather than edit; "
+            "override with kustomize patches in an overlay of your own.")
+
+
+def adapter_header(head: str) -> str:
+    return (f"{head}\nValues for the prometheus-adapter Helm chart (prometheus-community/prometheus-adapter): "
+            f"exposes {kube.QUEUE_METRIC}\n(average queue time per request, us) on the custom metrics API for the "
+            "HPA. Set prometheus.url to your Prometheus.")
+
+
+def dockerfile(plan, spec) -> str:
+    """FROM the NGC image; each shipped model folder copied to /models (the build context is the repository)."""
+    lines = ["# syntax=docker/dockerfile:1", *(f"# {ln}" for ln in header(plan, spec).splitlines()),
+             "# Build context: the model repository (see ../README.md for the exact command).",
+             f"FROM {spec.ngc_image}",
+             *([f"# the image ensemble's preprocessing (Python backend) decodes with Pillow, which {spec.ngc_image} lacks",
+                f"RUN python3 -m pip install --no-cache-dir pillow=={_pillow()}"] if needs_pillow(plan.models) else []),
+             *(f"COPY {m} {stores.MOUNT}/{m}" for m in plan.models),
+             f"USER {kube.UID}:{kube.UID}",
+             f'CMD ["tritonserver", "--model-repository={stores.MOUNT}"]', ""]
+    return "\n".join(lines)
+
+
+def _pillow() -> str:
+    """The Pillow that the served stage's preprocessing ran with here."""
+    from importlib.metadata import version
+
+    return version("pillow")
+
+
+def dockerignore(plan) -> str:
+    """Sends only the shipped folders as the build context (BuildKit reads <Dockerfile>.dockerignore)."""
+    return "\n".join(["*", *(f"!{m}" for m in plan.models), ""])
+
+
+def readme(plan, spec, *, gpu: bool, out: Path) -> str:
+    name = spec.name
+    repo = os.path.relpath(plan.repository, out.resolve())
+    wait_s = int(max(plan.startup_s.value, plan.startup_gpu_s.value if gpu else 0)) + 120
+    parts = [f"# {name}: Triton on Kubernetes", "",
+             f"Written by `cnnpack deploy` from `{plan.run}`: models {', '.join(f'`{m}`' for m in plan.models)} "
+             f"from `{plan.repository}`, served by `{spec.ngc_image}`.", "",
+             "Run every command from this folder.", ""]
+    n = 1
+    if spec.repo_image:
+        parts += [f"## {n}. The repository image", "", "```bash",
+                  f"docker build -f image/Dockerfile -t {spec.repo_image} {repo}",
+                  f"docker push {spec.repo_image}          # to a registry the cluster pulls from, or for a local cluster:",
+                  f"# kind load docker-image {spec.repo_image}   |   minikube image load {spec.repo_image}",
+                  "```", ""]
+        n += 1
+    if spec.store.remote:
+        lines = stores.upload_lines(spec.store, repo, plan.models)
+        creds = (f"Triton reads the Secret `{spec.secret}` ({_secret_keys(spec.store)})" if spec.secret else
+                 f"Triton authenticates as the ServiceAccount `{spec.service_account}` (workload identity)"
+                 if spec.service_account else "Triton reads the bucket without credentials (public, or the node's identity)")
+        parts += [f"## {n}. Upload the models", "", "```bash", *lines, "```", "", f"{creds}.", ""]
+        n += 1
+    parts += [f"## {n}. Apply", "", "```bash", "kubectl apply -k kubernetes/overlays/cpu" + (
+        "        # or kubernetes/overlays/gpu: one GPU per pod, KIND_GPU instance groups" if gpu else "")]
+    if spec.store.mode == "pvc":
+        parts.append(f"kubectl wait --for=condition=complete job/{kube.job_name(spec)} --timeout=15m")
+    parts += [f"kubectl rollout status deployment/{name} --timeout={wait_s}s", "```", ""]
+    n += 1
+    parts += [f"## {n}. Check it", "", "```bash",
+              f"kubectl port-forward service/{name} 8000:8000 8001:8001 &",
+              "curl -fsS localhost:8000/v2/health/ready && echo ready",
+              f"cnnpack infer IMAGE.png --model {plan.served_model} --url localhost:8001 --protocol grpc", "```", ""]
+    n += 1
+    parts += [f"## {n}. Autoscaling", "",
+              f"The HPA scales on `{kube.QUEUE_METRIC}` (average queue time per request, target "
+              f"{plan.queue_target_us.value} us), which prometheus-adapter computes from Triton's "
+              f"`{kube.QUEUE_US}` and `{kube.REQUESTS}`. Prometheus must scrape the pods with `namespace` and `pod` "
+              "labels (the ServiceMonitor of `cnnpack deploy --service-monitor` does).", "", "```bash",
+              "helm upgrade --install prometheus-adapter prometheus-community/prometheus-adapter -n monitoring \\",
+              "  -f kubernetes/prometheus-adapter/values.yaml --set prometheus.url=http://prometheus-operated.monitoring.svc",
+              f'kubectl get --raw "/apis/custom.metrics.k8s.io/v1beta1/namespaces/default/pods/*/{kube.QUEUE_METRIC}"',
+              f"kubectl get hpa {name}", "```", ""]
+    n += 1
+    parts += [f"## {n}. KServe instead", "", "```bash", "kubectl apply -f kserve/", "```", "",
+              f"storageUri `{kube.inference_service(plan, spec)['spec']['predictor']['model']['storageUri']}`"
+              + (" (a modelcar: needs `storageInitializer.enableModelcar: true` in KServe's config)"
+                 if spec.store.mode == "image" else "") + ".", ""]
+    parts += [*(f"Note: {n}." for n in plan.notes), *([""] if plan.notes else []),
+              "## Sizes and where they come from", "",
+              f"- CPU {plan.cpu.value}: {plan.cpu.source}.",
+              f"- memory {plan.memory_mib.value} MiB: {plan.memory_mib.source}.",
+              f"- startup window {plan.startup_s.value} s" + (f" (gpu overlay {plan.startup_gpu_s.value} s)" if gpu else "")
+              + f": {plan.startup_s.source}.",
+              f"- HPA target {plan.queue_target_us.value} us: {plan.queue_target_us.source}.", ""]
+    return "\n".join(parts)
+
+
+def _secret_keys(store) -> str:
+    if store.mode == "gs":
+        return f"key `{stores.GCS_KEY}`: a service-account key file"
+    keys = stores.SECRET_ENV[store.mode].values()
+    return "keys " + ", ".join(f"`{k}`" + (" (optional)" if k in stores.OPTIONAL_KEYS else "") for k in keys)

@@ -1,0 +1,584 @@
+"""cnnpack deploy, verified without a cluster.
+
+- Every overlay of every way the repository reaches the pod builds with `kubectl kustomize` (skipped,
+  saying why, where kubectl is absent) and every built-in object validates strictly with the
+  `kubernetes-validate` package against Kubernetes 1.30 and the newest version it bundles.
+- The custom resources (ServiceMonitor, InferenceService) are checked against their CRD's
+  openAPIV3Schema, made strict the way the API server's strict field validation is (an unknown field
+  is an error). The CRDs are the upstream files, unmodified:
+      prometheus-operator v0.93.0  example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml
+      kserve v0.20.0               config/crd/full/serving.kserve.io_inferenceservices.yaml
+  They are not vendored here; the test reads them from $CNNPACK_CRDS, else from `crds/` in the
+  project's shared folder beside the repository (../shared/crds), and skips naming them when absent.
+- The Deployment's exact arguments start the local real tritonserver over the same repository: the
+  probe paths answer on the ports the manifest names, and every metric the HPA and the adapter rule
+  use is on the server's /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cnnpack.errors import MissingStageError, UserInputError
+
+ROOT = Path(__file__).resolve().parent.parent
+CRDS = {  # kind: (file, version served, where it comes from)
+    "ServiceMonitor": ("monitoring.coreos.com_servicemonitors.yaml", "v1",
+                       "prometheus-operator v0.93.0 example/prometheus-operator-crd/"),
+    "InferenceService": ("serving.kserve.io_inferenceservices.yaml", "v1beta1", "kserve v0.20.0 config/crd/full/"),
+}
+STORES = {  # a deployment per way the repository reaches the pod
+    "image": dict(service_monitor=True),
+    "pvc": dict(model_store="pvc"),
+    "s3": dict(model_store="s3://models-bucket/cnn", credentials_secret="triton-s3"),
+    "gs": dict(model_store="gs://models-bucket/cnn", service_account="triton-reader"),
+    "as": dict(model_store="as://account/container/cnn", credentials_secret="triton-azure"),
+}
+
+
+def _cnnpack(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cnnpack", *args], capture_output=True, text=True, timeout=120)
+
+
+def _yaml(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml: 2 MB CRDs
+
+
+def _manifest(run: Path, fn) -> None:
+    """Edits a copied run's manifest as an earlier stage would have written it."""
+    m = json.loads((run / "cnnpack.json").read_text())
+    fn(m)
+    (run / "cnnpack.json").write_text(json.dumps(m))
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def laid_out(tiny_run, tmp_path_factory) -> Path:
+    """A copy of the tiny run: ONNX exported, verified, laid out with its image ensemble."""
+    from cnnpack.export import ExportConfig, export
+    from cnnpack.triton_repo import TritonConfig, build
+    from cnnpack.verify import VerifyConfig, verify
+
+    root = tmp_path_factory.mktemp("deploy")
+    run = root / "run"
+    shutil.copytree(tiny_run, run)
+    export(run, ExportConfig(formats=("onnx",), max_batch_size=16))
+    verify(run, VerifyConfig(batch_sizes=(1,)))
+    build(run, TritonConfig(repository=str(root / "repo"), threads=1, ensemble=True))
+    return run
+
+
+@pytest.fixture(scope="module")
+def deployed(laid_out, tmp_path_factory) -> dict[str, Path]:
+    """One deployment folder per way the repository reaches the pod (the shared output of this module)."""
+    from cnnpack.deploy import DeployConfig, deploy
+
+    root = tmp_path_factory.mktemp("out")
+    return {k: Path(deploy(laid_out, DeployConfig(out=str(root / k), **cfg))["out"]) for k, cfg in STORES.items()}
+
+
+@pytest.fixture(scope="module")
+def built(deployed) -> dict[tuple[str, str], list[dict]]:
+    """`kubectl kustomize` of every overlay of every deployment: (store, overlay) -> objects."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not on PATH: the overlays cannot be built here (install kubectl to run this check)")
+    out = {}
+    for store, folder in deployed.items():
+        for overlay in sorted(p.name for p in (folder / "kubernetes" / "overlays").iterdir()):
+            proc = subprocess.run(["kubectl", "kustomize", str(folder / "kubernetes" / "overlays" / overlay)],
+                                  capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, f"{store}/{overlay}: {proc.stderr}"
+            out[store, overlay] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(deployed) -> dict[str, list[dict]]:
+    """The base's objects as written (what the cpu overlay applies; no kubectl needed): store -> objects."""
+    out = {}
+    for store, folder in deployed.items():
+        names = _yaml(folder / "kubernetes" / "base" / "kustomization.yaml")["resources"]
+        out[store] = [_yaml(folder / "kubernetes" / "base" / n) for n in names]
+    return out
+
+
+def _of(objects: list[dict], kind: str) -> dict:
+    return next(o for o in objects if o["kind"] == kind)
+
+
+def _container(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+# -- schemas ---------------------------------------------------------------------------------------------------
+def _validate_strictly(objects: list[dict]) -> set[str]:
+    """kubernetes-validate, strict (an unknown field is an error), on 1.30 and the newest bundled version."""
+    import kubernetes_validate
+    from kubernetes_validate.utils import latest_version
+
+    checked, kinds = set(), set()
+    for obj in objects:
+        key = json.dumps(obj, sort_keys=True)
+        if obj["kind"] in CRDS or key in checked:  # deployments share most objects: each distinct one once
+            continue
+        for v in ("1.30", latest_version()):
+            kubernetes_validate.validate(obj, v, strict=True)  # raises on any schema error
+        checked.add(key)
+        kinds.add(obj["kind"])
+    return kinds
+
+
+def test_every_object_validates_strictly_on_1_30_and_the_newest(base, deployed):
+    import kubernetes_validate
+
+    for store, objects in base.items():
+        kinds = {o["kind"] for o in objects}
+        assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds, store
+        assert ("ServiceMonitor" in kinds) == STORES[store].get("service_monitor", False)  # behind its flag
+    accounts = [_yaml(p) for folder in deployed.values() for p in (folder / "kserve").glob("serviceaccount.yaml")]
+    kinds = _validate_strictly([o for objects in base.values() for o in objects] + accounts)
+    assert kinds == {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
+                     "PersistentVolumeClaim", "Job", "ServiceAccount"}
+    # the validator is strict: one unknown field is an error (so the passes above mean something)
+    bad = json.loads(json.dumps(_of(base["image"], "Deployment")))
+    _container(bad)["startupprobe"] = _container(bad)["startupProbe"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, "1.30", strict=True)
+
+
+def test_every_overlay_builds_with_kubectl_kustomize_into_valid_objects(built, base):
+    for (store, overlay), objects in built.items():
+        if overlay == "cpu":  # the cpu overlay is the base
+            same = [sorted(json.dumps(o, sort_keys=True) for o in objs) for objs in (objects, base[store])]
+            assert same[0] == same[1], store
+    # the gpu overlay: the base with the patch merged (its args replace the list, its resources add the GPU)
+    _validate_strictly([o for (_, overlay), objects in built.items() if overlay == "gpu" for o in objects])
+    cpu, gpu = (_container(_of(built["image", o], "Deployment")) for o in ("cpu", "gpu"))
+    assert gpu["args"] == [*cpu["args"], "--model-config-name=gpu"] and gpu["image"] == cpu["image"]
+    assert gpu["resources"]["limits"] == {**cpu["resources"]["limits"], "nvidia.com/gpu": "1"}
+    assert {("image", "gpu"), ("pvc", "gpu"), ("s3", "gpu")} <= set(built)
+
+
+def _crd_dir() -> Path | None:
+    for d in filter(None, [os.environ.get("CNNPACK_CRDS"), ROOT.parent / "shared" / "crds"]):
+        if all((Path(d) / f).is_file() for f, _, _ in CRDS.values()):
+            return Path(d)
+    return None
+
+
+def _strict(schema: dict) -> dict:
+    """The openAPIV3Schema with unknown fields refused, as the API server's strict field validation does."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def crd_validators():
+    import jsonschema
+
+    folder = _crd_dir()
+    if folder is None:
+        files = "; ".join(f"{src}{f}" for f, _, src in CRDS.values())
+        pytest.skip(f"the CRDs are not here: put the upstream files ({files}) in $CNNPACK_CRDS or ../shared/crds")
+    out = {}
+    for kind, (file, version, _) in CRDS.items():
+        crd = _yaml(folder / file)
+        assert crd["spec"]["names"]["kind"] == kind
+        schema = next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version)
+        out[kind] = (f"{crd['spec']['group']}/{version}", jsonschema.Draft7Validator(_strict(schema)))
+    return out
+
+
+def test_custom_resources_match_their_crd_schema(deployed, crd_validators):
+    import kubernetes_validate
+
+    checked = []
+    for store, folder in deployed.items():
+        files = [folder / "kserve" / "inferenceservice.yaml"]
+        files += [folder / "kubernetes" / "base" / "servicemonitor.yaml"] * (store == "image")
+        for path in files:
+            obj = _yaml(path)
+            api_version, validator = crd_validators[obj["kind"]]
+            assert obj["apiVersion"] == api_version
+            errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+            assert not errors, f"{path}: {errors}"
+            # the CRDs leave metadata to the API server: it is an ObjectMeta
+            meta = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]}
+            kubernetes_validate.validate(meta, "1.30", strict=True)
+            checked.append(obj["kind"])
+        for path in (folder / "kserve").glob("serviceaccount.yaml"):
+            kubernetes_validate.validate(_yaml(path), "1.30", strict=True)
+    assert sorted(set(checked)) == ["InferenceService", "ServiceMonitor"]
+    # a misspelt field fails against the same schema (the check can fail)
+    bad = _yaml(deployed["image"] / "kserve" / "inferenceservice.yaml")
+    bad["spec"]["predictor"]["model"]["storageURI"] = bad["spec"]["predictor"]["model"].pop("storageUri")
+    assert list(crd_validators["InferenceService"][1].iter_errors(bad))
+
+
+# -- what the manifests say -----------------------------------------------------------------------------------
+def test_the_cpu_overlay_runs_the_serve_flags_securely_with_probes_and_named_ports(base, deployed):
+    dep = _of(base["image"], "Deployment")
+    c = _container(dep)
+    assert c["args"][0] == "tritonserver" and "command" not in c  # the NGC image's entrypoint stays
+    assert {"--model-repository=/models", "--model-control-mode=none", "--strict-readiness=true",
+            "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"} <= set(c["args"])
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert c["readinessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    sc, pod = c["securityContext"], dep["spec"]["template"]["spec"]["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["runAsNonRoot"] is True and pod["runAsNonRoot"] is True and pod["runAsUser"] != 0
+    assert c["resources"]["requests"] == c["resources"]["limits"] and set(c["resources"]["limits"]) == {"cpu", "memory"}
+    service = _of(base["image"], "Service")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert {p["name"]: p["appProtocol"] for p in service["spec"]["ports"]}["grpc"] == "kubernetes.io/h2c"
+    hpa = _of(base["image"], "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2" and hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert "replicas" not in dep["spec"]  # the HPA owns the count
+    image = (deployed["image"] / "image" / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\S+$", image, re.M)
+    assert "python3 -m pip install --no-cache-dir pillow==" in image  # the ensemble's preprocessing needs it
+    assert c["image"] in (deployed["image"] / "README.md").read_text()  # the build line tags what the pod runs
+
+
+def test_the_gpu_overlay_adds_one_gpu_and_kind_gpu_configs_without_touching_config_pbtxt(base, deployed, laid_out):
+    from cnnpack.rundir import sha256
+
+    cpu = _container(_of(base["image"], "Deployment"))
+    gpu = _container(_yaml(deployed["image"] / "kubernetes" / "overlays" / "gpu" / "gpu.yaml"))  # the patch
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1" and "nvidia.com/gpu" not in cpu["resources"]["limits"]
+    assert gpu["args"] == [*cpu["args"], "--model-config-name=gpu"]
+    repo = Path(json.loads((laid_out / "cnnpack.json").read_text())["stages"]["triton"]["repository"])
+    text = (repo / "cnn_onnx" / "configs" / "gpu.pbtxt").read_text()
+    assert "KIND_GPU" in text and "KIND_CPU" not in text
+    assert "KIND_CPU" in (repo / "cnn_onnx" / "config.pbtxt").read_text()
+    record = json.loads((deployed["image"] / "cnnpack-deploy.json").read_text())
+    assert record["repository_files_added"] == ["cnn_onnx/configs/gpu.pbtxt"]
+    triton = json.loads((laid_out / "cnnpack.json").read_text())["stages"]["triton"]
+    assert sha256(repo / "cnn_onnx" / "config.pbtxt") == triton["files"]["config.pbtxt"]["sha256"]
+
+
+def test_object_storage_is_triton_s_repository_with_credentials_only_by_reference(base, deployed):
+    s3 = _container(_of(base["s3"], "Deployment"))
+    assert "--model-repository=s3://models-bucket/cnn" in s3["args"]
+    assert all("valueFrom" in e and e["valueFrom"]["secretKeyRef"]["name"] == "triton-s3" for e in s3["env"])
+    assert {e["name"] for e in s3["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    gs = _of(base["gs"], "Deployment")["spec"]["template"]["spec"]
+    assert gs["serviceAccountName"] == "triton-reader" and "env" not in gs["containers"][0]
+    azure = _container(_of(base["as"], "Deployment"))
+    assert {e["name"] for e in azure["env"]} == {"AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_KEY"}
+    isvc = _yaml(deployed["as"] / "kserve" / "inferenceservice.yaml")["spec"]["predictor"]
+    assert isvc["model"]["storageUri"] == "https://account.blob.core.windows.net/container/cnn"
+    assert isvc["serviceAccountName"] == "cnn-onnx-storage"  # lists the Secret: KServe's way to reference it
+    assert _yaml(deployed["as"] / "kserve" / "serviceaccount.yaml")["secrets"] == [{"name": "triton-azure"}]
+    # the stock NGC image serves it: the image ensemble (Pillow) stays behind, and says so
+    record = json.loads((deployed["s3"] / "cnnpack-deploy.json").read_text())
+    assert record["models"] == ["cnn_onnx"] and "cnn_onnx_image" in record["notes"][0]
+    assert "aws s3 sync" in (deployed["s3"] / "README.md").read_text()
+
+
+def test_the_volume_is_filled_once_by_a_job_from_the_repository_image(base, deployed):
+    objects = base["pvc"]
+    job, dep = _of(objects, "Job"), _of(objects, "Deployment")
+    record = json.loads((deployed["pvc"] / "cnnpack-deploy.json").read_text())
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == record["repository_image"]
+    assert _container(dep)["image"] == record["ngc_image"]
+    assert f"--model-repository=/models/{record['content_tag']}" in _container(dep)["args"]
+    claim = _of(objects, "PersistentVolumeClaim")["metadata"]["name"]
+    volumes = dep["spec"]["template"]["spec"]["volumes"]
+    assert {"claimName": claim, "readOnly": True} in [v.get("persistentVolumeClaim") for v in volumes]
+
+
+def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_path):
+    from cnnpack.deploy import DeployConfig, deploy
+
+    run = tmp_path / "run"
+    shutil.copytree(laid_out, run)
+    plain = deploy(run, DeployConfig(out=str(tmp_path / "a")))["figures"]
+    assert plain["cpu"]["value"] == 1 and plain["startup_s"]["value"] == 300  # no served stage: the fallback
+
+    def tuned_and_served(m):
+        m["stages"]["tune"] = {"status": "ok", "config": {"latency_budget_ms": 20.0}, "winner": {
+            "label": "cnn_onnx x2 1t batching 500 us", "model": "cnn_onnx", "instances": 2, "threads": 1,
+            "default": False, "latency_ms_p99": 4.0}}
+        m["stages"]["served"] = {"status": "ok", "server_load_s": 30.0, "server_peak_rss_bytes": 600 << 20}
+
+    _manifest(run, tuned_and_served)
+    r = deploy(run, DeployConfig(out=str(tmp_path / "b")))
+    f = r["figures"]
+    assert f["cpu"]["value"] == 2 and "tuned winner" in f["cpu"]["source"]
+    assert f["startup_s"]["value"] == 150 and f["queue_target_us"]["value"] == 8000  # 5 x 30 s; (20 - 4) / 2 ms
+    assert f["memory_mib"]["value"] == 1856  # 600 MiB x 1.5 x 2 instances / 1 = 1800, up to a multiple of 64
+    dep = _yaml(tmp_path / "b" / "kubernetes" / "base" / "deployment.yaml")
+    assert _container(dep)["startupProbe"]["failureThreshold"] * _container(dep)["startupProbe"]["periodSeconds"] == 150
+    assert _container(dep)["resources"]["limits"] == {"cpu": "2", "memory": "1856Mi"}
+
+
+# -- bad input: one line, exit 2, nothing written -----------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--name", "Cnn_ONNX"], "is not a valid DNS-1123 label for the objects: lowercase letters, digits and '-'"),
+    (["--model-store", "s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMIK7MDENG@bucket/models"], "carries credentials"),
+    (["--model-store", "gs://bucket/models?X-Goog-Signature=abc"], "carries a signature or key"),
+    (["--replicas", "0"], "--replicas must be >= 1"),
+    (["--gpu", "maybe"], "--gpu 'maybe'; valid: auto, yes, no"),
+    (["--model-store", "ftp://host/models"], "use image, pvc, or an object-store URL"),
+    (["--credentials-secret", "s3"], "--credentials-secret is for object storage"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(laid_out, tmp_path, args, message):
+    out = tmp_path / "out"
+    proc = _cnnpack("deploy", "--run", str(laid_out), "--out", str(out), *args)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and message in proc.stderr
+    assert not out.exists()
+
+
+def test_a_bad_name_gets_a_valid_suggestion(laid_out, tmp_path):
+    proc = _cnnpack("deploy", "--run", str(laid_out), "--out", str(tmp_path / "o"), "--name", "1st_Model.v2")
+    suggestion = re.search(r"e\.g\. --name (\S+)$", proc.stderr.strip()).group(1)
+    from cnnpack.deploy import check_name
+
+    assert check_name(suggestion) == "st-model-v2"
+
+
+def test_a_run_whose_repository_holds_no_verified_model_is_refused_as_tune_does(laid_out, tiny_run, tmp_path):
+    from cnnpack.deploy import DeployConfig, deploy
+
+    run = tmp_path / "run"
+    shutil.copytree(laid_out, run)
+    _manifest(run, lambda m: m["stages"].pop("verify"))
+    with pytest.raises(UserInputError, match="holds no model that passed `cnnpack verify`"):
+        deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    with pytest.raises(MissingStageError, match="`cnnpack deploy` needs a successful `triton` stage"):
+        deploy(tiny_run, DeployConfig(out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_with_a_different_deployment_is_refused_and_kept_unless_force(deployed, laid_out, tmp_path):
+    from cnnpack.deploy import DeployConfig, deploy
+
+    out = tmp_path / "out"
+    shutil.copytree(deployed["image"], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserInputError, match="holds a different deployment"):
+        deploy(laid_out, DeployConfig(out=str(out), name="other"))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("mine")
+    for force in (False, True):  # a folder that is not a deployment (a run, a repository) is never replaced
+        with pytest.raises(UserInputError, match="holds no cnnpack deployment; choose a new or empty folder"):
+            deploy(laid_out, DeployConfig(out=str(tmp_path / "plain"), force=force))
+    assert (tmp_path / "plain" / "notes.txt").read_text() == "mine"
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    deploy(laid_out, DeployConfig(out=str(out)))  # the same deployment again: rewritten
+    assert deploy(laid_out, DeployConfig(out=str(out), name="other", force=True))["name"] == "other"
+    assert _yaml(out / "kubernetes" / "base" / "service.yaml")["metadata"]["name"] == "other"
+
+
+def test_an_out_inside_the_repository_is_refused(laid_out):
+    from cnnpack.deploy import DeployConfig, deploy
+
+    repo = Path(json.loads((laid_out / "cnnpack.json").read_text())["stages"]["triton"]["repository"])
+    with pytest.raises(UserInputError, match="inside the model repository"):
+        deploy(laid_out, DeployConfig(out=str(repo / "deploy")))
+    assert not (repo / "deploy").exists()
+
+
+def test_a_failed_write_keeps_the_old_deployment_and_leaves_no_temp_folder(deployed, laid_out, tmp_path, monkeypatch):
+    from cnnpack.deploy import DeployConfig, deploy
+
+    out = tmp_path / "out"
+    shutil.copytree(deployed["image"], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real, calls = Path.write_bytes, []
+
+    def disk_full_on_the_fifth_file(self, data):
+        calls.append(self)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full_on_the_fifth_file)
+    with pytest.raises(OSError, match="No space left"):
+        deploy(laid_out, DeployConfig(out=str(out), replicas=2))
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.slow
+def test_gpu_yes_is_refused_for_a_repository_whose_models_run_only_on_the_cpu(laid_out, tmp_path):
+    pytest.importorskip("openvino")
+    from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.export import ExportConfig, export
+    from cnnpack.triton_repo import TritonConfig, build
+    from cnnpack.verify import VerifyConfig, verify
+
+    run = tmp_path / "run"
+    shutil.copytree(laid_out, run)
+    export(run, ExportConfig(formats=("openvino",), max_batch_size=16))
+    verify(run, VerifyConfig(batch_sizes=(1,)))
+    build(run, TritonConfig(repository=str(tmp_path / "repo"), format="openvino", threads=1))
+    with pytest.raises(UserInputError, match="every model of the repository runs only on the CPU"):
+        deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="yes"))
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "repo").rglob("configs"))
+    auto = deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    assert auto["overlays"] == ["cpu"] and not (tmp_path / "out" / "kubernetes" / "overlays" / "gpu").exists()
+
+
+def test_the_smoke_script_is_valid_shell_and_uses_what_deploy_writes(deployed):
+    script = ROOT / "scripts" / "k8s_smoke.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "kubernetes/overlays/cpu" in text and (deployed["image"] / "kubernetes" / "overlays" / "cpu").is_dir()
+
+
+# -- the Deployment's arguments on the real server ---------------------------------------------------------------
+def _get(url: str, method: str = "GET") -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, b""
+
+
+def local_args(container: dict, repository: Path, ports: dict[str, int]) -> list[str]:
+    """The container's args as the local server runs them; only these values change, nothing else:
+    the in-container repository (/models) -> the local repository the image was built from; each named
+    containerPort -> a free local port (the probes and the Service address the ports by name, so the
+    mapping is by name); the bind address 0.0.0.0 -> 127.0.0.1 (nothing here may listen beyond loopback)."""
+    port_of = {p["containerPort"]: p["name"] for p in container["ports"]}
+    mapped = []
+    for arg in container["args"][1:]:  # [0] is `tritonserver`, which the image's entrypoint runs
+        flag, _, value = arg.partition("=")
+        if flag == "--model-repository":
+            arg = f"{flag}={repository}"
+        elif flag.endswith("-port"):
+            arg = f"{flag}={ports[port_of[int(value)]]}"
+        elif flag.endswith("-address"):
+            assert value == "0.0.0.0"
+            arg = f"{flag}=127.0.0.1"
+        mapped.append(arg)
+    return mapped
+
+
+def _start(args: list[str], repository: Path, tmp_path: Path):
+    from cnnpack import serve
+
+    dist = serve.locate()
+    env = serve.server_env(dist)
+    serve.check_stub(dist, env)
+    # Local only: the wheel's tritonserver has no native ONNX Runtime backend; cnnpack's Python-based one
+    # stands in from this folder. The NGC container has the native backends in its default backend
+    # directory, which is why the Deployment's args name none.
+    backends = serve.build_backend_dir(dist, tmp_path / "backends")
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed by the caller's finalizer
+    proc = subprocess.Popen([str(dist.binary), *args, f"--backend-directory={backends}"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc, log
+
+
+def _stop(proc, log) -> None:
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log.close()
+    from support import assert_gone
+
+    assert_gone(proc.pid)
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_the_deployment_args_start_the_real_server_probes_answer_and_the_hpa_metrics_exist(deployed, laid_out, tmp_path):
+    """Start-up within the startup probe's window, liveness and readiness on the named port, one inference,
+    then every metric name of the HPA's adapter rule on /metrics; and the gpu overlay's args are accepted."""
+    import numpy as np
+    import tritonclient.http as http
+
+    from cnnpack import serve
+
+    try:
+        serve.locate()
+    except serve.RuntimeUnavailable as e:
+        pytest.skip(str(e))
+    folder = deployed["image"]
+    record = json.loads((folder / "cnnpack-deploy.json").read_text())
+    repository = Path(record["repository"])
+    container = _container(_yaml(folder / "kubernetes" / "base" / "deployment.yaml"))
+    ports = dict(zip(("http", "grpc", "metrics"), serve.free_ports("127.0.0.1", 3)))
+    args = local_args(container, repository, ports)
+    changed = [a for a, b in zip(args, container["args"][1:]) if a != b]
+    assert len(args) == len(container["args"]) - 1 and len(changed) == 7  # repository, 3 ports, 3 addresses
+    url = lambda name, path: f"http://127.0.0.1:{ports[name]}{path}"  # noqa: E731
+    startup = container["startupProbe"]
+    window = startup["periodSeconds"] * startup["failureThreshold"]
+    proc, log = _start(args, repository, tmp_path)
+    try:
+        t0 = time.monotonic()
+        while _get(url(startup["httpGet"]["port"], startup["httpGet"]["path"]))[0] != 200:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() - t0 < window, f"not ready within the startup probe's {window} s"
+            time.sleep(0.2)
+        for probe in ("livenessProbe", "readinessProbe"):
+            get = container[probe]["httpGet"]
+            assert _get(url(get["port"], get["path"]))[0] == 200, probe
+        index = json.loads(_get(url("http", "/v2/repository/index"), "POST")[1])
+        assert sorted(m["name"] for m in index if m.get("state") == "READY") == sorted(record["models"])
+        client = http.InferenceServerClient(f"127.0.0.1:{ports['http']}")
+        x = http.InferInput("input", [1, 3, 32, 32], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
+        client.infer(record["served_model"], [x])  # some metric families appear only once a model has served
+        status, body = _get(url("metrics", "/metrics"))
+        metrics = {ln.split("{")[0].split()[0] for ln in body.decode().splitlines() if ln and not ln.startswith("#")}
+    finally:
+        _stop(proc, log)
+    rule = _yaml(folder / "kubernetes" / "prometheus-adapter" / "values.yaml")["rules"]["custom"][0]
+    used = set(re.findall(r"\bnv_[a-z_]+", rule["seriesQuery"] + " " + rule["metricsQuery"]))
+    assert used == {"nv_inference_queue_duration_us", "nv_inference_request_success"}
+    assert status == 200 and not used - metrics, f"missing on /metrics: {sorted(used - metrics)}"
+    hpa = _yaml(folder / "kubernetes" / "base" / "hpa.yaml")
+    assert [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]] == [rule["name"]["as"]]
+
+    # the gpu overlay's args (--model-config-name=gpu): accepted, and each GPU model's configs/gpu.pbtxt chosen
+    gpu = _container(next(d for d in yaml.safe_load_all(
+        (folder / "kubernetes" / "overlays" / "gpu" / "gpu.yaml").read_text())))
+    proc, log = _start(local_args({**container, "args": gpu["args"]}, repository, ports), repository, tmp_path)
+    try:
+        t0 = time.monotonic()
+        while _get(url("http", "/v2/health/live"))[0] != 200:
+            assert proc.poll() is None and time.monotonic() - t0 < 120, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.2)
+        index = {m["name"]: m for m in json.loads(_get(url("http", "/v2/repository/index"), "POST")[1])}
+        if shutil.which("nvidia-smi") is None:  # no GPU here: Triton says it wanted one for exactly those models
+            assert "KIND_GPU but no GPUs are available" in index["cnn_onnx"].get("reason", "")
+            assert index["cnn_onnx_preprocess"]["state"] == "READY"  # no gpu.pbtxt: its config.pbtxt
+        else:
+            assert index["cnn_onnx"]["state"] == "READY"
+    finally:
+        _stop(proc, log)
