@@ -32,7 +32,6 @@ from cnnpack.errors import MissingStageError, RuntimeUnavailable, UserInputError
 from cnnpack.measure import PERCENTILES, Load, Measurement, Window, WindowPolicy, agree, measure, run_window, summarise  # noqa: F401 - re-exported
 from cnnpack.rundir import Run, atomic_path, atomic_write_json, atomic_write_text, library_versions, sha256
 
-DEFAULT_RUNTIMES = ("eager", "compiled", "torchscript", "onnxruntime")
 NOTES = {
     "latency": "one predict() call on a numpy batch (host-device copies included), time.perf_counter, GPU synchronised",
     "throughput_ips": "images / wall time of the reported windows (the last three)",
@@ -62,7 +61,7 @@ NOTES = {
 
 @dataclass(frozen=True)
 class BenchConfig:
-    runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
+    runtimes: tuple[str, ...] | None = None  # None: every local runtime whose artifact the run has (`default_targets`)
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     threads: int | None = None  # None: torch's default (the physical cores)
     max_seconds: float = 10.0  # measurement time limit per runtime x batch size (warm-up not counted)
@@ -76,7 +75,7 @@ class BenchConfig:
     plot: bool = True
 
     def validate(self) -> None:
-        if not self.runtimes:
+        if self.runtimes is not None and not self.runtimes:
             raise UserInputError("--runtimes is empty; name at least one runtime")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise UserInputError(f"--batch-sizes must be integers >= 1, got {list(self.batch_sizes)}")
@@ -259,26 +258,57 @@ def _artifact(run: Run, name: str, fmt: str | None = None):
                                 ) from None
 
 
+def _recorded(run: Run) -> set[str]:
+    return set(run.read().get("stages", {}).get("export", {}).get("artifacts", {}))
+
+
+def default_runtimes(run: Run) -> tuple[tuple[str, ...], dict[str, str]]:
+    """With no --runtimes: every registered runtime of a run's artifacts (its own format or another it reads)
+    that the run has and that can run here, and {runtime: why not} for the others. Runtimes of a served model
+    (no format a run records) are neither."""
+    from cnnpack.runtimes import FORMAT_RUNTIME, RUNTIMES, reads
+
+    recorded, chosen, skipped = _recorded(run) | {"checkpoint"}, [], {}
+    for name in RUNTIMES:
+        cls = RUNTIMES.get(name)
+        if cls.format not in FORMAT_RUNTIME:
+            continue
+        why = unusable_reason(name)
+        if why is None and not any(reads(cls, f) for f in recorded):
+            why = (f"the run has no {cls.format} artifact; `cnnpack export --run {run.path} --format {cls.format}` "
+                   "makes one")
+        if why:
+            skipped[name] = why
+        else:
+            chosen.append(name)
+    return tuple(chosen), skipped
+
+
 def targets(run: Run, cfg: BenchConfig) -> list[tuple[str, object]]:
     """(runtime, artifact) pairs: each runtime on its own format and on every other recorded format it reads
-    (onnxruntime on onnx and onnx_int8), or on the formats `cfg.artifacts` names."""
+    (onnxruntime on onnx and onnx_int8), or on the formats `cfg.artifacts` names. With no runtimes named
+    (`cfg.runtimes` None), the runtimes of `default_runtimes` on the recorded formats they read."""
     from cnnpack.runtimes import RUNTIMES, reads
 
-    recorded = set(run.read().get("stages", {}).get("export", {}).get("artifacts", {}))
+    recorded = _recorded(run)
+    named = cfg.runtimes is not None
+    runtimes = cfg.runtimes if named else default_runtimes(run)[0]
     if cfg.artifacts:
         unknown = [f for f in cfg.artifacts if f not in recorded and f != "checkpoint"]
         if unknown:
             raise UserInputError(f"--artifacts {unknown[0]!r} is not recorded in {run.path} "
                                  f"(has: {', '.join(sorted(recorded)) or 'none'})")
     pairs = []
-    for name in cfg.runtimes:
+    for name in runtimes:
         cls = RUNTIMES.get(name)
         formats = [cls.format] + sorted(f for f in recorded if f != cls.format and reads(cls, f))
+        if not named:  # a default runtime runs what the run has (openvino on an int8 IR alone)
+            formats = [f for f in formats if f in recorded | {"checkpoint"}]
         if cfg.artifacts:
             formats = [f for f in formats if f in cfg.artifacts]
         pairs += [(name, _artifact(run, name, f)) for f in formats]
     if not pairs:
-        raise UserInputError(f"no runtime of --runtimes {','.join(cfg.runtimes)} reads --artifacts "
+        raise UserInputError(f"no runtime of --runtimes {','.join(runtimes)} reads --artifacts "
                              f"{','.join(cfg.artifacts or ())}")
     return pairs
 
@@ -402,8 +432,8 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     from cnnpack.train import resolve_device
 
     cfg.validate()
-    check_runtimes(cfg.runtimes)
-    if "triton" in cfg.runtimes:
+    check_runtimes(cfg.runtimes or ())
+    if "triton" in (cfg.runtimes or ()):
         raise UserInputError("runtime triton measures a served model, not a file: use "
                              "`cnnpack bench --run RUN --triton-url HOST:PORT --model NAME`")
     run = Run.open(run_dir)
@@ -415,6 +445,8 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     host = machine()
     with torch_threads(cfg.threads):
         ctx = _Ctx(run, cfg, device, count_flops(run), progress)
+        if cfg.runtimes is None:
+            ctx.skipped.update(default_runtimes(run)[1])
         ctx.ceilings = _ceilings(ctx, {row_precision(name, ref) for name, ref in pairs})
         ctx.sample_matmul()
         for name, ref in pairs:

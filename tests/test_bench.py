@@ -122,3 +122,31 @@ def test_compiled_runtime_is_benched_frozen(exported):
     compiled = next(r for r in section["results"] if r["runtime"] == "compiled")
     assert compiled["info"]["freezing"] is True and compiled["latency_ms_p50"] > 0
     assert compiled["warmup_s"] > compiled["latency_ms_p50"] / 1e3  # the compile happens in the warm-up
+
+
+@pytest.fixture(scope="module")
+def onnx_only(tiny_run, tmp_path_factory):
+    """A copy of tiny_run exported to ONNX alone (no TorchScript)."""
+    run_dir = tmp_path_factory.mktemp("bench-onnx") / "run"
+    shutil.copytree(tiny_run, run_dir)
+    export(run_dir, ExportConfig(formats=("onnx",), max_batch_size=8))
+    return run_dir
+
+
+def test_default_runtimes_bench_what_the_run_has(onnx_only):
+    from cnnpack.bench import default_runtimes
+
+    chosen, skipped = default_runtimes(Run.open(onnx_only))
+    assert {"eager", "compiled", "onnxruntime"} <= set(chosen) and "torchscript" not in chosen
+    assert "no torchscript artifact" in skipped["torchscript"] and "triton" not in skipped
+    section = bench(onnx_only, BenchConfig(artifacts=("onnx",), batch_sizes=(1,), threads=1, max_seconds=0.2,
+                                           warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
+    assert {r["runtime"] for r in section["results"]} == {"onnxruntime"}
+    assert "no torchscript artifact" in section["skipped"]["torchscript"]
+
+
+def test_a_runtime_named_without_its_artifact_is_one_line_and_exit_2(onnx_only):
+    bad = subprocess.run([sys.executable, "-m", "cnnpack", "bench", "--run", str(onnx_only), "--runtimes",
+                          "onnxruntime,torchscript", "--max-seconds", "0.1"], capture_output=True, text=True)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "no torchscript export" in lines[0], bad.stderr

@@ -15,7 +15,8 @@ from cnnpack.cli import app, emit, handles_errors, int_list, usage_error
 @handles_errors
 def bench(
     run: Path = typer.Option(..., help="Run directory with exports (cnnpack export)."),
-    runtimes: str = typer.Option("eager,compiled,torchscript,onnxruntime", help="Comma list of runtimes."),
+    runtimes: Optional[str] = typer.Option(None, help="Comma list of runtimes (default: every runtime whose artifact "
+                                                      "the run has; the others are listed as skipped)."),
     batch_sizes: Optional[str] = typer.Option(None, help="Comma list of batch sizes (default 1,8,32; served: 1)."),
     threads: Optional[int] = typer.Option(None, help="Threads for every runtime (default: physical cores)."),
     max_seconds: float = typer.Option(10.0, help="Measurement time limit per runtime and batch size."),
@@ -45,7 +46,7 @@ def bench(
 
     if model is not None and triton_url is None:
         raise usage_error("--model names a served model: give the server with --triton-url HOST:PORT too")
-    names = tuple(n.strip() for n in runtimes.split(",") if n.strip())
+    names = tuple(n.strip() for n in runtimes.split(",") if n.strip()) if runtimes is not None else None
     sizes = int_list(batch_sizes, "--batch-sizes") if batch_sizes else ((1,) if triton_url else (1, 8, 32))
     arts = tuple(a.strip() for a in artifacts.split(",") if a.strip()) if artifacts else None
     cfg = BenchConfig(runtimes=names, batch_sizes=sizes, threads=threads, max_seconds=max_seconds, device=device,
