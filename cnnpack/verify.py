@@ -454,7 +454,7 @@ def by_format(results: list[dict]) -> dict:
                                          "contract": contract_line(r.get("tolerance"))})
         f["runtimes"].append(r["runtime"])
         f.setdefault("by_runtime", {})[r["runtime"]] = {
-            "precision": r.get("precision", "fp32"), "passed": r["passed"],
+            "precision": r.get("precision", "fp32"), "contract": contract_line(r.get("tolerance")), "passed": r["passed"],
             "max_abs_err": r["tensor"]["max_abs_err"] if r["tensor"] else None,
             **{k: (r["task"] or {}).get(k) for k in ("accuracy", "top1_agreement")}}
         f["passed"] = f["passed"] and r["passed"]
