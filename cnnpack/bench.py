@@ -5,32 +5,37 @@ Written once against the runtime registry: each runtime is loaded with its fair 
 inference, ONNX Runtime with full graph optimisation), all with the same thread count. The
 measurement follows perf_analyzer: warm-up, then windows of back-to-back requests until three
 consecutive windows agree within 10 % (or the time limit is reached: flagged unstable). Achieved GFLOP/s come from
-the model's counted FLOPs and are set against an fp32 matrix multiply measured in the same run.
+the model's counted FLOPs and are set against the measured matmul ceiling of the row's precision (`cnnpack.peak`).
 
-`measure` only needs a callable that issues one request, so a served model (Triton) is measured
-by the same loop.
+Beside it: `bench_served` (a served model under concurrent load, the same loop), `bench_outputs` (bench.json,
+bench.csv, bench.png), `host` (cores, memory, CPU time of other processes), `peak` (the ceilings).
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import functools
-import gc
-import io
-import os
-import platform
-import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cnnpack.bench_outputs import CSV_COLUMNS, plot_results, series, write_outputs  # noqa: F401 - re-exported
 from cnnpack.errors import MissingStageError, RuntimeUnavailable, UserInputError
+from cnnpack.host import (
+    cpu_ticks,
+    load_avg,
+    machine,
+    others_cpu_share,
+    release_memory,
+    reset_peak_rss,
+    status_kb,
+    sync,
+    torch_threads,
+)
 from cnnpack.measure import PERCENTILES, Load, Measurement, Window, WindowPolicy, agree, measure, run_window, summarise  # noqa: F401 - re-exported
-from cnnpack.rundir import Run, atomic_path, atomic_write_json, atomic_write_text, library_versions, sha256
+from cnnpack.peak import matmul_rate
+from cnnpack.rundir import Run, library_versions, sha256
 
 NOTES = {
     "latency": "one predict() call on a numpy batch (host-device copies included), time.perf_counter, GPU synchronised",
@@ -92,42 +97,7 @@ class BenchConfig:
                             warmup_s=self.warmup_s)
 
 
-# -- the machine's limit and the model's cost --------------------------------------------------------
-def matmul_rate(device, n: int = 2048, seconds: float = 1.0) -> dict:
-    """This machine's fp32 matrix-multiply rate (GFLOP/s) with the current torch thread count.
-
-    The median over at least 10 multiplies (after warm-up) is the figure used; the best one is
-    recorded too. TF32 stays off on a GPU, so it is an fp32 rate.
-    """
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
-    sync = _sync(device)
-    for _ in range(3):
-        a @ b
-    sync()
-    times: list[float] = []
-    t_end = time.perf_counter() + seconds
-    while len(times) < 10 or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        times.append(time.perf_counter() - t0)
-    flop = 2 * n ** 3
-    return {"gflops": flop / float(np.median(times)) / 1e9, "gflops_best": flop / min(times) / 1e9,
-            "n": n, "repeats": len(times), "dtype": "float32", "how": f"torch.matmul ({_blas(device)})",
-            "threads": torch.get_num_threads()}
-
-
-def _blas(device) -> str:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        return "cuBLAS, TF32 off" if not torch.backends.cuda.matmul.allow_tf32 else "cuBLAS, TF32 on"
-    return "MKL" if torch.backends.mkl.is_available() else "torch CPU BLAS"
-
-
+# -- the model's cost ---------------------------------------------------------------------------------
 def count_flops(run: Run) -> int:
     """FLOPs of one image through the eager model (convolutions and matmuls, 2 per multiply-add)."""
     import torch
@@ -141,72 +111,6 @@ def count_flops(run: Run) -> int:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(x)
     return int(counter.get_total_flops())
-
-
-# -- memory and threads -----------------------------------------------------------------------------
-def _status_kb(key: str) -> int | None:
-    try:
-        m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def _release_memory() -> None:
-    """Frees what Python and glibc still hold, so the next runtime's baseline is its own."""
-    import ctypes
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _reset_peak_rss() -> bool:
-    """Resets the kernel's peak-RSS counter (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _cpu_ticks() -> tuple[int, int, int] | None:
-    """(busy ticks of the machine, all ticks of the machine, ticks of this process), or None off Linux."""
-    try:
-        cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, ValueError):
-        return None
-    busy = sum(cpu) - cpu[3] - cpu[4]  # all but idle and iowait; steal counts as taken
-    return busy, sum(cpu), int(own[11]) + int(own[12])  # utime + stime
-
-
-def others_cpu_share(before, after) -> float | None:
-    """Share of the machine's CPU time that other processes (or the hypervisor) took in between."""
-    if before is None or after is None or after[1] == before[1]:
-        return None
-    others = (after[0] - before[0]) - (after[2] - before[2])
-    return max(0.0, others / (after[1] - before[1]))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _sync(device) -> Callable[[], None]:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
 
 
 # -- runtimes -----------------------------------------------------------------------------------------
@@ -325,7 +229,7 @@ def check_batch_sizes(ref, name: str, batch_sizes: tuple[int, ...]) -> None:
                                  f"({name}); re-export with `cnnpack export --max-batch-size {b}` or bench smaller")
 
 
-def _input(spec: dict, batch_size: int) -> np.ndarray:
+def input_batch(spec: dict, batch_size: int) -> np.ndarray:
     """A fixed raw-pixel batch (N, C, H, W), float32 in 0..255."""
     rng = np.random.default_rng(0)
     shape = (batch_size, spec["channels"], spec["image_size"], spec["image_size"])
@@ -334,7 +238,7 @@ def _input(spec: dict, batch_size: int) -> np.ndarray:
 
 # -- the stage ---------------------------------------------------------------------------------------
 @dataclass
-class _Ctx:
+class BenchContext:
     run: Run
     cfg: BenchConfig
     device: object
@@ -369,14 +273,14 @@ def row_precision(name: str, ref) -> str:
     return getattr(RUNTIMES.get(name), "precision", None) or precision_of(ref.record)
 
 
-def bench_runtime(ctx: _Ctx, name: str, ref) -> None:
+def bench_runtime(ctx: BenchContext, name: str, ref) -> None:
     """Loads one runtime and measures it at every batch size; an unusable one is recorded as skipped."""
     from cnnpack.runtimes import RUNTIMES
 
     cfg, spec = ctx.cfg, ctx.run.model_spec
-    inputs = {b: _input(spec, b) for b in cfg.batch_sizes}
-    _release_memory()
-    base_kb = _status_kb("VmRSS")
+    inputs = {b: input_batch(spec, b) for b in cfg.batch_sizes}
+    release_memory()
+    base_kb = status_kb("VmRSS")
     try:
         rt = RUNTIMES.get(name).load(ref, cfg.device, threads=cfg.threads, optimize=True)
     except RuntimeUnavailable as e:
@@ -384,10 +288,10 @@ def bench_runtime(ctx: _Ctx, name: str, ref) -> None:
         return
     for b in cfg.batch_sizes:
         ctx.progress(f"{name} batch {b}")
-        can_reset, ticks = _reset_peak_rss(), _cpu_ticks()
-        m = measure(functools.partial(rt.predict, inputs[b]), cfg.policy(), sync=_sync(ctx.device))
-        peak_kb = _status_kb("VmHWM") if can_reset else None
-        row_others = others_cpu_share(ticks, _cpu_ticks())
+        can_reset, ticks = reset_peak_rss(), cpu_ticks()
+        m = measure(functools.partial(rt.predict, inputs[b]), cfg.policy(), sync=sync(ctx.device))
+        peak_kb = status_kb("VmHWM") if can_reset else None
+        row_others = others_cpu_share(ticks, cpu_ticks())
         row = {"runtime": name, "format": ref.format, "artifact": ref.format, "batch_size": b, **summarise(m, b)}
         row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9
         row["peak_rss_mb"] = (peak_kb - base_kb) / 1024 if peak_kb and base_kb else None
@@ -398,7 +302,7 @@ def bench_runtime(ctx: _Ctx, name: str, ref) -> None:
     del rt
 
 
-def _speedups(results: list[dict]) -> None:
+def speedups(results: list[dict]) -> None:
     """speedup_vs_eager: eager's median latency over this row's, at the same batch size; speedup_vs_fp32 for a
     reduced-precision artifact: the same runtime's fp32 artifact (its format without the suffix) over this one."""
     eager = {r["batch_size"]: r["latency_ms_p50"] for r in results if r["runtime"] == "eager"}
@@ -409,19 +313,6 @@ def _speedups(results: list[dict]) -> None:
         r["speedup_vs_eager"] = e / r["latency_ms_p50"] if e else None
         base = local.get((r["runtime"], r["format"].rsplit("_", 1)[0], r["batch_size"]))
         r["speedup_vs_fp32"] = base / r["latency_ms_p50"] if base and r.get("precision", "fp32") != "fp32" else None
-
-
-def machine() -> dict:
-    """What the numbers were measured on, including how busy it was."""
-    model = platform.processor()
-    with contextlib.suppress(OSError):
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        model = m.group(1) if m else model
-    from cnnpack.peak import usable_cores
-
-    cpus = usable_cores()
-    return {"platform": platform.platform(), "cpu": model, "cpus_usable": cpus,
-            "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
@@ -444,7 +335,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     cfg = BenchConfig(**{**asdict(cfg), "threads": cfg.threads or torch.get_num_threads()})
     host = machine()
     with torch_threads(cfg.threads):
-        ctx = _Ctx(run, cfg, device, count_flops(run), progress)
+        ctx = BenchContext(run, cfg, device, count_flops(run), progress)
         if cfg.runtimes is None:
             ctx.skipped.update(default_runtimes(run)[1])
         ctx.ceilings = _ceilings(ctx, {row_precision(name, ref) for name, ref in pairs})
@@ -453,9 +344,9 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
             bench_runtime(ctx, name, ref)
     if not ctx.results:
         raise RuntimeUnavailable("no runtime could run here: " + "; ".join(ctx.skipped.values()))
-    host["load_avg_1_5_15_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    section = _section(ctx, host, [ref for _, ref in pairs])
-    old = _previous(run)  # rows of served models (bench --triton-url) stay
+    host["load_avg_1_5_15_end"] = load_avg()
+    section = make_section(ctx, host, [ref for _, ref in pairs])
+    old = previous_section(run)  # rows of served models (bench --triton-url) stay
     section["results"] += [r for r in old.get("results", []) if r.get("runtime") == "triton"]
     section["served"] = old.get("served", {})
     section["outputs"] = write_outputs(run, section, plot=cfg.plot)
@@ -463,7 +354,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     return run.read()["stages"]["bench"]
 
 
-def _ceilings(ctx: _Ctx, precisions: set[str]) -> dict:
+def _ceilings(ctx: BenchContext, precisions: set[str]) -> dict:
     """The measured ceiling of each precision the rows will have (fp32 always: eager and compiled are fp32)."""
     if ctx.device.type != "cpu":  # on a GPU the fp32 (TF32 off) matmul samples are the yardstick
         return {}
@@ -473,9 +364,9 @@ def _ceilings(ctx: _Ctx, precisions: set[str]) -> dict:
     return ceilings(ctx.cfg.threads, precisions={"fp32", *precisions})
 
 
-def _section(ctx: _Ctx, host: dict, refs: list) -> dict:
+def make_section(ctx: BenchContext, host: dict, refs: list) -> dict:
     """stages.bench; machine_peak_gflops is the fp32 ceiling (the best fp32 rate measured during the run)."""
-    _speedups(ctx.results)
+    speedups(ctx.results)
     rates = [m["gflops"] for m in ctx.matmul]
     matmul = {k: v for k, v in ctx.matmul[0].items() if k not in ("gflops", "gflops_best", "repeats")}
     matmul.update(samples_gflops=rates, spread=max(rates) / min(rates) - 1)
@@ -490,175 +381,6 @@ def _section(ctx: _Ctx, host: dict, refs: list) -> dict:
             "machine": host, "libraries": library_versions(), "config": asdict(ctx.cfg), "notes": NOTES}
 
 
-def _previous(run: Run) -> dict:
+def previous_section(run: Run) -> dict:
     section = run.read().get("stages", {}).get("bench") or {}
     return section if section.get("status") == "ok" else {}
-
-
-# -- a served model (`cnnpack bench --triton-url`) -------------------------------------------------------
-@dataclass(frozen=True)
-class ServedConfig:
-    """Which served model to put under load, and how."""
-
-    url: str | None = None  # default: 127.0.0.1 on Triton's port of the protocol
-    model: str | None = None  # default: the model of the run's `cnnpack triton` stage
-    protocol: str = "grpc"
-    concurrency: tuple[int, ...] = (1, 4, 16)  # requests in flight
-    timeout_s: float = 30.0  # per request
-
-    def validate(self) -> None:
-        from cnnpack.client import check_protocol
-
-        check_protocol(self.protocol)
-        if self.model == "":
-            raise UserInputError("--model is empty; name the served model (see `cnnpack serve`'s list)")
-        if not self.concurrency or min(self.concurrency) < 1:
-            raise UserInputError(f"--concurrency must be integers >= 1, got {list(self.concurrency)}")
-
-
-def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = BenchConfig(batch_sizes=(1,)), *,
-                 progress: Callable[[str], None] = lambda _: None) -> dict:
-    """Throughput and latency of a served model under closed-loop concurrent load (perf_analyzer-like).
-
-    One row per batch size x concurrency (runtime `triton`, format `triton:<model>`), with the server's
-    own view of it (mean executed batch, queue and compute time); the rows join those of the run's
-    local bench in bench.json and `stages.bench`. Raises StageFailed (exit 1) if a request fails.
-    """
-    import torch
-
-    from cnnpack.runtimes import RUNTIMES, served_ref
-    from cnnpack.train import resolve_device
-
-    cfg.validate()
-    served.validate()
-    run = Run.open(run_dir)
-    rt = RUNTIMES.get("triton").load(served_ref(run, served.url, served.model, served.protocol, served.timeout_s))
-    for b in cfg.batch_sizes:
-        rt.check_batch(b)
-    host = machine()
-    with torch_threads(cfg.threads or torch.get_num_threads()):  # the matmul rate of the client's machine
-        ctx = _Ctx(run, cfg, resolve_device("cpu"), count_flops(run), progress)
-        ctx.sample_matmul()
-        for b in cfg.batch_sizes:
-            for c in served.concurrency:
-                bench_load(ctx, rt, b, c)
-    host["load_avg_1_5_15_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    section = _merge_served(run, _section(ctx, host, {}), rt, served)
-    section["outputs"] = write_outputs(run, section, plot=cfg.plot)
-    run.set_stage("bench", section)
-    return run.read()["stages"]["bench"]
-
-
-def bench_load(ctx: _Ctx, rt, batch_size: int, concurrency: int) -> None:
-    """One row: `concurrency` clients sending batches of `batch_size` back to back, measured in windows."""
-    client, model = rt.client, rt.model
-    ctx.progress(f"triton {model.name} batch {batch_size} x {concurrency} in flight")
-    before = client.statistics(model.name)
-    with Load(client, model, _input(ctx.run.model_spec, batch_size), concurrency) as load:
-        m = measure(load.one, ctx.cfg.policy(), window=lambda _request, policy, _sync: load.window(
-            seconds=policy.window_s, min_requests=policy.min_requests))
-    after = client.statistics(model.name)
-    from cnnpack.client import server_side
-
-    row = {"runtime": "triton", "format": rt.format, "batch_size": batch_size, "concurrency": concurrency,
-           "protocol": client.protocol, **summarise(m, batch_size), "errors": 0, **server_side(before, after)}
-    row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9
-    row["peak_rss_mb"] = row["cpu_others"] = None  # the server is another process: not measured from here
-    row["artifact"] = rt.format
-    ctx.yardstick(row, model.parameters.get("precision", "fp32"))
-    row["info"] = rt.info
-    ctx.results.append(row)
-
-
-def _merge_served(run: Run, new: dict, rt, served: ServedConfig) -> dict:
-    """The run's bench section with the rows of this served model over this protocol replaced (the others stay).
-
-    `served.<format>.<protocol>` records how they were measured.
-    """
-    old = _previous(run)
-    info = {"url": rt.client.url, "concurrency": list(served.concurrency), "timeout_s": served.timeout_s,
-            "model": rt.model.describe(), "machine": new["machine"], "config": new["config"],
-            "libraries": new["libraries"]}
-    seen = old.get("served", {})
-    seen = {**seen, rt.format: {**seen.get(rt.format, {}), served.protocol: info}}
-    if not old:
-        return {**new, "served": seen}
-    rows = [r for r in old["results"] if (r.get("format"), r.get("protocol")) != (rt.format, served.protocol)]
-    rows += new["results"]
-    _speedups(rows)
-    return {**old, "results": rows, "machine_peak_gflops": max(old["machine_peak_gflops"], new["machine_peak_gflops"]),
-            "served": seen, "notes": NOTES}
-
-
-# -- outputs ------------------------------------------------------------------------------------------
-CSV_COLUMNS = ("runtime", "format", "precision", "batch_size", "concurrency", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95",
-               "latency_ms_p99", "latency_ms_mean", "throughput_ips", "gflops", "matmul_gflops", "matmul_share",
-               "speedup_vs_eager", "speedup_vs_fp32", "peak_rss_mb", "cpu_others", "stable", "requests", "server_batch_mean")
-
-
-def write_outputs(run: Run, section: dict, *, plot: bool = True) -> dict:
-    """bench.json (everything), bench.csv (one row per runtime x batch size) and bench.png."""
-    atomic_write_json(run.file("bench.json"), section)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(section["results"])
-    atomic_write_text(run.file("bench.csv"), buf.getvalue())
-    names = ["bench.json", "bench.csv"]
-    if plot:
-        plot_results(section, run.file("bench.png"))
-        names.append("bench.png")
-    return {n: run.file_record(run.file(n)) for n in names}
-
-
-def series(row: dict) -> str:
-    """A row's name in tables and plots: the runtime (with a precision other than fp32), or for a served model
-    its format and concurrency."""
-    if row.get("concurrency"):
-        return f"{row['format']} c{row['concurrency']}"
-    precision = row.get("precision", "fp32")
-    return row["runtime"] if precision == "fp32" or row["runtime"].endswith(precision) else f"{row['runtime']} {precision}"
-
-
-def plot_results(section: dict, path: Path) -> None:
-    """Left: median latency vs batch size (p99 as the band's top). Right: throughput per runtime."""
-    import matplotlib.ticker
-    from matplotlib.figure import Figure  # not pyplot: a notebook's backend is left alone
-
-    results = section["results"]
-    runtimes = list(dict.fromkeys(series(r) for r in results))
-    batches = sorted({r["batch_size"] for r in results})
-    fig = Figure(figsize=(12, 4.6))
-    a, b = fig.subplots(1, 2)
-    width = 0.8 / len(batches)
-    for name in runtimes:
-        rows = sorted((r for r in results if series(r) == name), key=lambda r: r["batch_size"])
-        x = [r["batch_size"] for r in rows]
-        line, = a.plot(x, [r["latency_ms_p50"] for r in rows], "o-", label=name)
-        a.fill_between(x, [r["latency_ms_p50"] for r in rows], [r["latency_ms_p99"] for r in rows],
-                       color=line.get_color(), alpha=0.15)
-    for j, bs in enumerate(batches):
-        vals = [next((r["throughput_ips"] for r in results if series(r) == n and r["batch_size"] == bs), np.nan)
-                for n in runtimes]
-        bars = b.bar(np.arange(len(runtimes)) + (j - (len(batches) - 1) / 2) * width, vals, width,
-                     label=f"batch {bs}")
-        b.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0f}" for v in vals], fontsize=7, padding=1)
-    a.set(xscale="log", yscale="log", xlabel="batch size", ylabel="latency (ms): median, band to p99",
-          title="latency per request")
-    a.set_xticks(batches, [str(x) for x in batches])
-    a.minorticks_off()
-    a.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
-    a.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    b.set_xticks(range(len(runtimes)), runtimes, rotation=20 if len(runtimes) > 4 else 0,
-                 ha="right" if len(runtimes) > 4 else "center", fontsize=8)
-    b.set(ylabel="images / s", title=f"throughput ({section['threads']} threads, {section['device']})")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    from cnnpack.peak import short
-
-    fig.suptitle(f"{section['model']} ({section['model_gflops_per_image']:.3g} GFLOP/image); this machine's measured "
-                 f"matmul ceilings (G(FL)OP/s): {short(section)}",
-                 fontsize=10)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

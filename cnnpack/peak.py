@@ -14,19 +14,16 @@ printed beside it, to show how far from the silicon the measured ceiling is.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import time
 from pathlib import Path
 
 import numpy as np
 
+from cnnpack.host import sync as sync_of
+from cnnpack.host import torch_threads, usable_cores  # noqa: F401 - usable_cores: peak's name for it stays
+
 SIZES = (512, 1024, 2048)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity), not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def short(section: dict) -> str:
@@ -34,6 +31,41 @@ def short(section: dict) -> str:
     c = section.get("ceilings") or {}
     return ", ".join(f"{p} {v['gflops']:.0f}" for p, v in c.items()) or f"fp32 {section.get('machine_peak_gflops', 0):.0f}"
 PRECISIONS = ("fp32", "int8", "bf16")
+
+
+def matmul_rate(device, n: int = 2048, seconds: float = 1.0) -> dict:
+    """This machine's fp32 matrix-multiply rate (GFLOP/s) with the current torch thread count.
+
+    The median over at least 10 multiplies (after warm-up) is the figure used; the best one is
+    recorded too. TF32 stays off on a GPU, so it is an fp32 rate.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
+    sync = sync_of(device)
+    for _ in range(3):
+        a @ b
+    sync()
+    times: list[float] = []
+    t_end = time.perf_counter() + seconds
+    while len(times) < 10 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    flop = 2 * n ** 3
+    return {"gflops": flop / float(np.median(times)) / 1e9, "gflops_best": flop / min(times) / 1e9,
+            "n": n, "repeats": len(times), "dtype": "float32", "how": f"torch.matmul ({_blas(device)})",
+            "threads": torch.get_num_threads()}
+
+
+def _blas(device) -> str:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return "cuBLAS, TF32 off" if not torch.backends.cuda.matmul.allow_tf32 else "cuBLAS, TF32 on"
+    return "MKL" if torch.backends.mkl.is_available() else "torch CPU BLAS"
 
 
 def _median_rate(fn, flop: float, seconds: float, min_reps: int = 5) -> float:
@@ -134,8 +166,6 @@ def _ov_bf16_rate(n: int, threads: int, seconds: float) -> float:
 def ceilings(threads: int, *, precisions: set[str] = frozenset(PRECISIONS), seconds: float = 0.25) -> dict[str, dict]:
     """{precision: {gflops (the best), best (which multiply), samples[], theoretical_gflops}} for `precisions`."""
     import torch
-
-    from cnnpack.bench import torch_threads
 
     result = {}
     with torch_threads(threads):

@@ -82,8 +82,9 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
     Raises StageFailed (exit 1) when a served model does not load, a request fails, or the served
     outputs differ from eager (the message names the check; details in verify.json).
     """
-    from cnnpack.bench import BenchConfig, bench_served
-    from cnnpack.bench import ServedConfig as LoadConfig
+    from cnnpack.bench import BenchConfig
+    from cnnpack.bench_served import ServedConfig as LoadConfig
+    from cnnpack.bench_served import bench_served
     from cnnpack.serve import ServeConfig, TritonServer
     from cnnpack.verify import VerifyConfig, VerifyFailed, served_target, verify
 

@@ -215,7 +215,8 @@ def test_verify_checks_the_served_model_like_a_file(server, served_run, tmp_path
 
 
 def test_bench_measures_served_throughput_under_concurrency(server, served_run, tmp_path):
-    from cnnpack.bench import BenchConfig, ServedConfig, bench_served
+    from cnnpack.bench import BenchConfig
+    from cnnpack.bench_served import ServedConfig, bench_served
 
     run_dir = tmp_path / "run"
     shutil.copytree(served_run[0], run_dir)

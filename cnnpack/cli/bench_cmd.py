@@ -41,8 +41,9 @@ def bench(
 
     Example (served): cnnpack bench --run runs/demo --triton-url 127.0.0.1:8001 --model cnn_onnx --concurrency 1,4,16
     """
-    from cnnpack.bench import BenchConfig, ServedConfig, bench_served
+    from cnnpack.bench import BenchConfig
     from cnnpack.bench import bench as do_bench
+    from cnnpack.bench_served import ServedConfig, bench_served
 
     if model is not None and triton_url is None:
         raise usage_error("--model names a served model: give the server with --triton-url HOST:PORT too")
