@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +41,16 @@ NOTES = {
     "latency": "one predict() call on a numpy batch (host-device copies included), time.perf_counter, GPU synchronised",
     "throughput_ips": "images / wall time of the reported windows (the last three)",
     "speedup_vs_eager": "eager latency_ms_p50 / this latency_ms_p50, same batch size",
-    "machine_peak_gflops": "the fp32 ceiling: the best median rate of several fp32 matrix multiplies (sizes 512..2048, "
-                           "torch.matmul NN/NT and ONNX Runtime MatMul, same thread count) and of the fp32 samples "
-                           "taken around each row",
-    "ceilings": "per precision, the best of several matrix multiplies of that precision (int8: ONNX Runtime "
-                "MatMulInteger u8 x s8), with the ISA's theoretical peak (cores x clock x ops/cycle) beside it",
+    "machine_peak_gflops": "the fp32 ceiling: the best median rate of the fp32 matmuls and convolutions of every engine "
+                           "(cnnpack.kernels) and of the fp32 matmul samples taken during the run",
+    "ceilings": "per precision, the best of the matrix kernels of every engine cnnpack runs for it (PyTorch, ONNX Runtime, "
+                "OpenVINO: matmuls n = 512..2048 and a 3x3 convolution; int8 as u8 x s8), measured once per machine "
+                "(ceilings_cache: keyed by CPU model, flags, threads, library versions), with the ISA's theoretical "
+                "peak (cores x clock x ops/cycle) and the matrix engine the CPU flags give it (AMX, AVX-512 VNNI/BF16, AVX2)",
     "matmul_gflops": "the ceiling of the row's own precision that matmul_share is taken against",
     "matmul_share": "gflops / matmul_gflops: the row's share of the machine's measured limit for its precision "
                     "(GOP/s for int8: the model's counted multiply-adds x 2 per second)",
-    "matmul_around_gflops": "the mean of the fp32 matmul rates measured right before and right after this row: "
+    "matmul_around_gflops": "the mean of the fp32 matmul rates measured right before and right after this row's runtime: "
                             "the machine's speed can drift during a run (a shared host)",
     "speedup_vs_fp32": "for a reduced-precision artifact: the same runtime's fp32 artifact latency_ms_p50 / this one, "
                        "same batch size",
@@ -72,10 +73,10 @@ class BenchConfig:
     max_seconds: float = 10.0  # measurement time limit per runtime x batch size (warm-up not counted)
     device: str = "cpu"
     stability: float = 0.10  # three consecutive windows agree within this fraction
-    warmup_s: float = 1.0  # and at least 3 requests
-    window_s: float | None = None  # None: max_seconds / 10, within 0.05 .. 2 s
-    matmul_n: int = 2048  # the sgemm that measures the machine's limit is n x n x n ...
-    matmul_s: float = 1.0  # ... repeated for this long (at least 10 times)
+    warmup_s: float = 0.5  # and at least 3 requests; for the first batch size of a runtime (the later ones: 3 requests)
+    window_s: float | None = None  # None: max_seconds / 20, within 0.05 .. 1 s
+    matmul_n: int = 1024  # the sgemm sampled before the first runtime and after each one (the drift detector) ...
+    matmul_s: float = 0.2  # ... repeated for this long (at least 10 times)
     artifacts: tuple[str, ...] | None = None  # formats to measure (None: every one the run has that a runtime reads)
     plot: bool = True
 
@@ -92,7 +93,8 @@ class BenchConfig:
             raise UserInputError(f"stability must be a fraction in (0, 1), got {self.stability}")
 
     def policy(self) -> WindowPolicy:
-        window_s = self.window_s or min(2.0, max(0.05, self.max_seconds / 10))
+        # short windows: a point stops as soon as three agree, and unsteady ones go on to max_seconds
+        window_s = self.window_s or min(1.0, max(0.05, self.max_seconds / 20))
         return WindowPolicy(window_s=window_s, max_s=self.max_seconds, stability=self.stability,
                             warmup_s=self.warmup_s)
 
@@ -248,17 +250,21 @@ class BenchContext:
     skipped: dict[str, str] = field(default_factory=dict)
     matmul: list[dict] = field(default_factory=list)
     ceilings: dict = field(default_factory=dict)  # precision -> peak.ceilings() entry
+    ceilings_cache: dict | None = None  # where the ceilings were read from or stored (peak.cached_ceilings)
 
-    def yardstick(self, row: dict, precision: str) -> None:
-        """Sets the row's share of the ceiling of its precision (fp32 when none was measured for it)."""
-        around = (self.matmul[-1]["gflops"] + self.sample_matmul()) / 2
+    def yardstick(self, row: dict, precision: str, around: float | None = None) -> None:
+        """Sets the row's share of the ceiling of its precision (fp32 when none was measured for it); `around`: the
+        mean fp32 matmul rate before and after the row (None: the last sample and one taken now)."""
+        if around is None:
+            around = (self.matmul[-1]["gflops"] + self.sample_matmul()) / 2
         ceiling = self.ceilings.get(precision) or self.ceilings.get("fp32") or {"gflops": around}
         if precision == "fp32" or precision not in self.ceilings:
             ceiling["gflops"] = max(ceiling["gflops"], self.matmul[-1]["gflops"])  # a faster sample raises it
         row.update(precision=precision, matmul_around_gflops=around, matmul_gflops=ceiling["gflops"],
                    matmul_share=row["gflops"] / ceiling["gflops"])
+
     def sample_matmul(self) -> float:
-        """Measures the fp32 matmul rate now (before the first and after every measurement)."""
+        """Measures the fp32 matmul rate now (before the first runtime and after each one): the drift detector."""
         self.progress("fp32 matmul")
         self.matmul.append(matmul_rate(self.device, self.cfg.matmul_n, self.cfg.matmul_s))
         return self.matmul[-1]["gflops"]
@@ -286,20 +292,27 @@ def bench_runtime(ctx: BenchContext, name: str, ref) -> None:
     except RuntimeUnavailable as e:
         ctx.skipped[name if ref.format == RUNTIMES.get(name).format else f"{name} ({ref.format})"] = str(e)
         return
-    for b in cfg.batch_sizes:
+    before, rows = ctx.matmul[-1]["gflops"], []
+    for i, b in enumerate(cfg.batch_sizes):
         ctx.progress(f"{name} batch {b}")
         can_reset, ticks = reset_peak_rss(), cpu_ticks()
-        m = measure(functools.partial(rt.predict, inputs[b]), cfg.policy(), sync=sync(ctx.device))
+        # the runtime's threads, arenas and caches warm up once; a later batch size needs only its first requests
+        # (a new shape: inductor compiles it, an arena grows); windows that still drift do not agree and go on
+        policy = cfg.policy() if i == 0 else replace(cfg.policy(), warmup_s=0.0)
+        m = measure(functools.partial(rt.predict, inputs[b]), policy, sync=sync(ctx.device))
         peak_kb = status_kb("VmHWM") if can_reset else None
         row_others = others_cpu_share(ticks, cpu_ticks())
         row = {"runtime": name, "format": ref.format, "artifact": ref.format, "batch_size": b, **summarise(m, b)}
         row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9
         row["peak_rss_mb"] = (peak_kb - base_kb) / 1024 if peak_kb and base_kb else None
         row["cpu_others"] = row_others
-        ctx.yardstick(row, row_precision(name, ref))
         row["info"] = rt.info
-        ctx.results.append(row)
+        rows.append(row)
     del rt
+    around = (before + ctx.sample_matmul()) / 2
+    for row in rows:
+        ctx.yardstick(row, row_precision(name, ref), around)
+    ctx.results += rows
 
 
 def speedups(results: list[dict]) -> None:
@@ -358,10 +371,11 @@ def _ceilings(ctx: BenchContext, precisions: set[str]) -> dict:
     """The measured ceiling of each precision the rows will have (fp32 always: eager and compiled are fp32)."""
     if ctx.device.type != "cpu":  # on a GPU the fp32 (TF32 off) matmul samples are the yardstick
         return {}
-    from cnnpack.peak import ceilings
+    from cnnpack.peak import cached_ceilings
 
     ctx.progress("the machine's ceilings")
-    return ceilings(ctx.cfg.threads, precisions={"fp32", *precisions})
+    found, ctx.ceilings_cache = cached_ceilings(ctx.cfg.threads, precisions={"fp32", *precisions})
+    return found
 
 
 def make_section(ctx: BenchContext, host: dict, refs: list) -> dict:
@@ -373,8 +387,12 @@ def make_section(ctx: BenchContext, host: dict, refs: list) -> dict:
     spec = ctx.run.model_spec
     peak = max([*rates, ctx.ceilings.get("fp32", {}).get("gflops", 0.0)])
     over = [f"{series(r)} b{r['batch_size']}" for r in ctx.results if r["matmul_share"] > 1]
+    if ctx.ceilings_cache and over:  # a cached ceiling that a row beat was measured low: measure it again next time
+        from cnnpack.peak import forget_ceilings
+
+        forget_ceilings(ctx.ceilings_cache["path"], {r["precision"] for r in ctx.results if r["matmul_share"] > 1})
     return {"status": "ok", "machine_peak_gflops": peak, "matmul": matmul, "ceilings": ctx.ceilings,
-            "over_ceiling": over,
+            "over_ceiling": over, "ceilings_cache": ctx.ceilings_cache,
             "model": f"{spec['arch']}@{spec['image_size']}px", "model_gflops_per_image": ctx.flops_per_image / 1e9,
             "threads": ctx.cfg.threads, "device": str(ctx.device), "results": ctx.results, "skipped": ctx.skipped,
             "inputs": {ref.format: ref.record.get("sha256") or sha256(ref.path) for ref in refs},
