@@ -8,7 +8,7 @@ alternated before/after, each with an empty ceilings cache ("cold", what a first
 trees that cache the ceilings, once more with the cache the cold run left ("warm"). The time between two progress
 messages is charged to the first one, so the record says where the time goes.
 
-    .venv/bin/python benchmarks/bench_speed.py RUN --before /tmp/before [--rounds 2]
+    .venv/bin/python benchmarks/bench_speed.py RUN --before /tmp/before [--after /tmp/after] [--rounds 2]
     # RUN: a run made by `cnnpack pipeline` (e.g. benchmarks/pipeline_default.py runs/default keeps one)
 """
 
@@ -80,13 +80,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
     ap.add_argument("--before", type=Path, required=True, help="source tree of the code before the change")
+    ap.add_argument("--after", type=Path, default=REPO, help="source tree of the code after it (default: this one)")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     results: dict[str, list] = {"before (cold)": [], "after (cold)": [], "after (warm cache)": []}
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory() as c1, tempfile.TemporaryDirectory() as c2:
-            for label, src, cache in (("before (cold)", args.before, c1), ("after (cold)", REPO, c2),
-                                      ("after (warm cache)", REPO, c2)):
+            for label, src, cache in (("before (cold)", args.before, c1), ("after (cold)", args.after, c2),
+                                      ("after (warm cache)", args.after, c2)):
                 res = one(src.resolve(), args.run.resolve(), Path(cache))
                 results[label].append(res)
                 print(f"round {r + 1} {label}: {res['points']} points in {res['wall_s']:.1f} s = "

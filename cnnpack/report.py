@@ -157,7 +157,9 @@ def _ceilings(b: dict, peak) -> str:
     def one(p: str, v: dict) -> str:
         t = v["theoretical_gflops"]
         note = f"; {t['note']}" if t.get("note") else ""
-        return (f"{p} {v['gflops']:.0f} G(FL)OP/s (best: {v['best']}; the ISA's theoretical peak {t['gflops']:.0f} at "
+        engine = f" on {v['matrix_engine']}" if v.get("matrix_engine") else ""
+        return (f"{p}{engine} {v['gflops']:.0f} G(FL)OP/s (best of every engine: {v['best']}; the ISA's theoretical "
+                f"peak {t['gflops']:.0f} at "
                 f"{t['mhz']:.0f} MHz, assuming {t['assumes']}{note})")
 
     return "; ".join(one(p, v) for p, v in c.items())

@@ -121,7 +121,7 @@ def _print_table(section: dict) -> None:
 
     from cnnpack.bench import series
 
-    ceilings = "; ".join(f"{p} {c['gflops']:.0f} G(FL)OP/s ({c['best']}; theoretical "
+    ceilings = "; ".join(f"{p} on {c.get('matrix_engine', '?')}: {c['gflops']:.0f} G(FL)OP/s ({c['best']}; theoretical "
                          f"{c['theoretical_gflops']['gflops']:.0f})" for p, c in section.get("ceilings", {}).items())
     ceilings = ceilings or f"fp32 {section['machine_peak_gflops']:.0f} GFLOP/s"
     t = Table(title=f"{section['model']} on {section['device']}, {section['threads']} threads",
