@@ -12,7 +12,7 @@ from cnnpack.rundir import Run, atomic_path, atomic_write_json, atomic_write_tex
 
 CSV_COLUMNS = ("runtime", "format", "precision", "batch_size", "concurrency", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95",
                "latency_ms_p99", "latency_ms_mean", "throughput_ips", "gflops", "matmul_gflops", "matmul_share",
-               "speedup_vs_eager", "speedup_vs_fp32", "peak_rss_mb", "cpu_others", "stable", "requests", "server_batch_mean")
+               "speedup_vs_eager", "speedup_vs_fp32", "peak_rss_mb", "cpu_others", "stable", "requests", "server_batch_mean", "load_generator")
 
 
 def write_outputs(run: Run, section: dict, *, plot: bool = True) -> dict:

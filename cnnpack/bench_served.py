@@ -23,7 +23,7 @@ from cnnpack.bench import (
 from cnnpack.bench_outputs import write_outputs
 from cnnpack.errors import UserInputError
 from cnnpack.host import load_avg, machine, torch_threads
-from cnnpack.measure import Load, measure, summarise
+from cnnpack.loadgen import describe, load, resolve
 from cnnpack.rundir import Run
 
 
@@ -36,11 +36,14 @@ class ServedConfig:
     protocol: str = "grpc"
     concurrency: tuple[int, ...] = (1, 4, 16)  # requests in flight
     timeout_s: float = 30.0  # per request
+    load_generator: str = "auto"  # perf_analyzer (when on PATH under auto) | cnnpack: `cnnpack.loadgen`
 
     def validate(self) -> None:
         from cnnpack.client import check_protocol
+        from cnnpack.loadgen import resolve
 
         check_protocol(self.protocol)
+        resolve(self.load_generator)
         if self.model == "":
             raise UserInputError("--model is empty; name the served model (see `cnnpack serve`'s list)")
         if not self.concurrency or min(self.concurrency) < 1:
@@ -67,12 +70,13 @@ def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = B
     for b in cfg.batch_sizes:
         rt.check_batch(b)
     host = machine()
+    generator = resolve(served.load_generator)
     with torch_threads(cfg.threads or torch.get_num_threads()):  # the matmul rate of the client's machine
         ctx = BenchContext(run, cfg, resolve_device("cpu"), count_flops(run), progress)
         ctx.sample_matmul()
         for b in cfg.batch_sizes:
             for c in served.concurrency:
-                bench_load(ctx, rt, b, c)
+                bench_load(ctx, rt, b, c, generator)
     host["load_avg_1_5_15_end"] = load_avg()
     section = _merge_served(run, make_section(ctx, host, {}), rt, served)
     section["outputs"] = write_outputs(run, section, plot=cfg.plot)
@@ -80,19 +84,19 @@ def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = B
     return run.read()["stages"]["bench"]
 
 
-def bench_load(ctx: BenchContext, rt, batch_size: int, concurrency: int) -> None:
-    """One row: `concurrency` clients sending batches of `batch_size` back to back, measured in windows."""
-    client, model = rt.client, rt.model
-    ctx.progress(f"triton {model.name} batch {batch_size} x {concurrency} in flight")
-    before = client.statistics(model.name)
-    with Load(client, model, input_batch(ctx.run.model_spec, batch_size), concurrency) as load:
-        m = measure(load.one, ctx.cfg.policy(), window=lambda _request, policy, _sync: load.window(
-            seconds=policy.window_s, min_requests=policy.min_requests))
-    after = client.statistics(model.name)
+def bench_load(ctx: BenchContext, rt, batch_size: int, concurrency: int, generator: str = "cnnpack") -> None:
+    """One row: `concurrency` clients sending batches of `batch_size` back to back, measured in windows by the
+    load generator `generator` (perf_analyzer | cnnpack)."""
     from cnnpack.client import server_side
 
+    client, model = rt.client, rt.model
+    ctx.progress(f"triton {model.name} batch {batch_size} x {concurrency} in flight ({generator})")
+    before = client.statistics(model.name)
+    figures = load(generator, client, model, input_batch(ctx.run.model_spec, batch_size), concurrency, ctx.cfg.policy())
+    after = client.statistics(model.name)
     row = {"runtime": "triton", "format": rt.format, "batch_size": batch_size, "concurrency": concurrency,
-           "protocol": client.protocol, **summarise(m, batch_size), "errors": 0, **server_side(before, after)}
+           "protocol": client.protocol, **figures, "load_generator": describe(generator), "errors": 0,
+           **server_side(before, after)}
     row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9
     row["peak_rss_mb"] = row["cpu_others"] = None  # the server is another process: not measured from here
     row["artifact"] = rt.format

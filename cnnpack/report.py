@@ -274,13 +274,14 @@ def _served(m: dict) -> list[Block]:
     load = served.get("load", [])
     if load:
         rows = [["requests in flight", "p50 ms", "p99 ms", "images/s", "mean batch run by Triton", "queue ms",
-                 "compute ms", "errors"]]
+                 "compute ms", "errors", "measured by"]]
         rows += [[str(r["concurrency"]), _num(r["latency_ms_p50"], "{:.2f}"), _num(r["latency_ms_p99"], "{:.2f}"),
                   _num(r["throughput_ips"], "{:,.0f}"), _num(r.get("server_batch_mean"), "{:.2f}"),
                   _num(r.get("server_queue_ms_mean"), "{:.2f}"), _num(r.get("server_compute_ms_mean"), "{:.2f}"),
-                  str(r.get("errors", 0))] for r in load]
-        out += [Block("p", "Batch-1 requests over gRPC from an asynchronous client on the same machine (closed loop: "
-                           "each client sends its next request when the previous one answers); dynamic batching "
+                  str(r.get("errors", 0)), r.get("load_generator") or "cnnpack asyncio client"] for r in load]
+        out += [Block("p", "Batch-1 requests over gRPC from a load generator on the same machine (closed loop: "
+                           "each client sends its next request when the previous one answers): Triton's perf_analyzer "
+                           "where it is on PATH, else cnnpack's asynchronous client; dynamic batching "
                            "merges concurrent requests into larger batches."), Block("table", rows=rows)]
     return out
 

@@ -31,6 +31,8 @@ def bench(
     protocol: str = typer.Option("grpc", help="With --triton-url: grpc | http (asyncio clients)."),
     concurrency: str = typer.Option("1,4,16", help="With --triton-url: requests in flight, comma list."),
     timeout: float = typer.Option(30.0, help="With --triton-url: seconds each request may take."),
+    load_generator: str = typer.Option("auto", help="With --triton-url: perf_analyzer | cnnpack | auto (perf_analyzer "
+                                                    "when on PATH, else cnnpack's asyncio client)."),
 ):
     """Latency and throughput of each runtime, artifact and batch size, against this machine's matmul ceiling of
     each row's precision.
@@ -56,7 +58,7 @@ def bench(
     with _status(progress and not as_json) as say:
         if triton_url:
             served = ServedConfig(url=triton_url, model=model, protocol=protocol, timeout_s=timeout,
-                                  concurrency=int_list(concurrency, "--concurrency"))
+                                  concurrency=int_list(concurrency, "--concurrency"), load_generator=load_generator)
             section = bench_served(run, served, cfg, progress=say)
         else:
             section = do_bench(run, cfg, progress=say)
