@@ -33,23 +33,22 @@ def short(section: dict) -> str:
 PRECISIONS = ("fp32", "int8", "bf16")
 
 
-def matmul_rate(device, n: int = 2048, seconds: float = 1.0) -> dict:
+def matmul_rate(device, n: int = 1024, seconds: float = 0.1, min_reps: int = 3) -> dict:
     """This machine's fp32 matrix-multiply rate (GFLOP/s) with the current torch thread count.
 
-    The median over at least 10 multiplies (after warm-up) is the figure used; the best one is
-    recorded too. TF32 stays off on a GPU, so it is an fp32 rate.
+    The median over at least `min_reps` multiplies and `seconds` (after one warm-up call) is the figure used; the
+    best one is recorded too. TF32 stays off on a GPU, so it is an fp32 rate.
     """
     import torch
 
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
     sync = sync_of(device)
-    for _ in range(3):
-        a @ b
+    a @ b  # warm-up
     sync()
     times: list[float] = []
     t_end = time.perf_counter() + seconds
-    while len(times) < 10 or time.perf_counter() < t_end:
+    while len(times) < min_reps or time.perf_counter() < t_end:
         t0 = time.perf_counter()
         a @ b
         sync()
