@@ -97,6 +97,7 @@ def bench_load(ctx: BenchContext, rt, batch_size: int, concurrency: int, generat
     row = {"runtime": "triton", "format": rt.format, "batch_size": batch_size, "concurrency": concurrency,
            "protocol": client.protocol, **figures, "load_generator": describe(generator), "errors": 0,
            **server_side(before, after)}
+    row["requests"] = row["requests"] or row["server_requests"]  # perf_analyzer does not say; the server does
     row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9
     row["peak_rss_mb"] = row["cpu_others"] = None  # the server is another process: not measured from here
     row["artifact"] = rt.format
