@@ -33,6 +33,7 @@ import json, shutil, sys, tempfile, time
 from pathlib import Path
 t_import = time.perf_counter()
 from cnnpack.bench import bench
+import torch  # already imported in the pipeline (train ran before bench): not part of the bench's time
 from cnnpack.pipeline import PipelineConfig
 cfg = PipelineConfig().bench_config()
 phases, last = [], ["setup (flops, loads)", time.perf_counter()]

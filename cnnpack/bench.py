@@ -75,7 +75,7 @@ class BenchConfig:
     stability: float = 0.10  # three consecutive windows agree within this fraction
     warmup_s: float = 0.5  # and at least 3 requests; for the first batch size of a runtime (the later ones: 3 requests)
     window_s: float | None = None  # None: max_seconds / 20, within 0.05 .. 1 s
-    matmul_n: int = 1024  # the sgemm sampled before the first runtime and after each one (the drift detector) ...
+    matmul_n: int = 512  # the sgemm sampled before the first runtime and after each one (the drift detector) ...
     matmul_s: float = 0.1  # ... repeated for this long (at least 3 times)
     artifacts: tuple[str, ...] | None = None  # formats to measure (None: every one the run has that a runtime reads)
     plot: bool = True
