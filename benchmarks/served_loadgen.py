@@ -69,7 +69,7 @@ def main() -> int:
     write({"benchmark": NAME, "target": f"cnnpack client within {100 * TARGET:.0f} % of perf_analyzer",
            "passed": passed, "ratios_cnnpack_over_perf_analyzer": ratios, "points": points,
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "lscpu": lscpu(),
-           "load_1min_end": os.getloadavg()[0], "policy": vars(args)})
+           "load_1min_end": os.getloadavg()[0], "policy": {k: str(v) for k, v in vars(args).items()}})
     return 0 if passed else 1
 
 

@@ -75,7 +75,7 @@ def perf_analyzer(client, model, batch_size: int, concurrency: int, policy: Wind
         cmd = ["perf_analyzer", "-m", model.name, "-u", client.address, "-i", client.protocol, "-b", str(batch_size),
                "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval",
                str(max(50, round(1000 * policy.window_s))), "--stability-percentage", f"{100 * policy.stability:g}",
-               "--max-trials", str(trials), "--input-data", "random", "-f", str(out)]
+               "--max-trials", str(trials), "--input-data", "random", "--verbose-csv", "-f", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 4 * policy.max_s)
         stable = done.returncode == 0 and out.is_file()
         if not stable and "stable" in done.stdout + done.stderr:
@@ -88,6 +88,8 @@ def perf_analyzer(client, model, batch_size: int, concurrency: int, policy: Wind
                               f"{tail[0]}")
         row = next(csv.DictReader(out.open()))
     us = {p: float(row[f"p{p} latency"]) / 1e3 for p in (50, 90, 95, 99)}
+    count = re.search(r"Request count: (\d+)", done.stdout)
     return {**{f"latency_ms_p{p}": v for p, v in us.items()}, "latency_ms_mean": float(row["Avg latency"]) / 1e3,
-            "throughput_ips": float(row["Inferences/Second"]), "stable": stable, "requests": None, "windows": None,
+            "throughput_ips": float(row["Inferences/Second"]), "stable": stable,
+            "requests": int(count.group(1)) if count else None, "windows": None,
             "warmup_s": None, "measured_s": None, "window_throughput_ips": []}

@@ -255,7 +255,7 @@ def test_perf_analyzer_measures_a_served_row_and_says_so(server, served_run, tmp
     assert set(rows) == {1, 2}
     for r in rows.values():
         assert r["load_generator"].startswith("perf_analyzer ") and r["server_failures"] == 0
-        assert r["requests"] == r["server_requests"] > 0 and 0 < r["latency_ms_p50"] <= r["latency_ms_p99"]
+        assert 0 < r["requests"] <= r["server_requests"] and 0 < r["latency_ms_p50"] <= r["latency_ms_p99"]
         assert r["throughput_ips"] > 0 and r["server_batch_mean"] >= 1
     assert "perf_analyzer" in (run_dir / "bench.csv").read_text()
 
