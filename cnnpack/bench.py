@@ -41,7 +41,7 @@ NOTES = {
     "latency": "one predict() call on a numpy batch (host-device copies included), time.perf_counter, GPU synchronised",
     "throughput_ips": "images / wall time of the reported windows (the last three)",
     "speedup_vs_eager": "eager latency_ms_p50 / this latency_ms_p50, same batch size",
-    "machine_peak_gflops": "the fp32 ceiling: the best median rate of the fp32 matmuls and convolutions of every engine "
+    "machine_peak_gflops": "the fp32 ceiling: the best rate (fastest call) of the fp32 matmuls and convolutions of every engine "
                            "(cnnpack.kernels) and of the fp32 matmul samples taken during the run",
     "ceilings": "per precision, the best of the matrix kernels of every engine cnnpack runs for it (PyTorch, ONNX Runtime, "
                 "OpenVINO: matmuls n = 512..2048 and a 3x3 convolution; int8 as u8 x s8), measured once per machine "

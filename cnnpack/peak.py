@@ -3,7 +3,7 @@
 A yardstick must be a ceiling: a row that reaches 103 % of it says the yardstick was too low, not
 that the model beat the machine. So the rate of each precision is the best of the matrix kernels of
 every engine cnnpack runs for it (`cnnpack.kernels`: matmuls and convolutions in PyTorch, ONNX Runtime
-and OpenVINO), each timed as the median of repeated calls after a warm-up, with the thread count of
+and OpenVINO), each timed as the fastest of repeated calls after a warm-up, with the thread count of
 the rows. They are measured once per machine and reused (`cached_ceilings`, keyed by CPU model,
 flags, threads and library versions). The ISA's theoretical peak (cores x clock x operations per
 cycle from the CPU flags) and the matrix engine the flags give each precision (AMX, AVX-512
@@ -93,7 +93,7 @@ def ceilings(threads: int, *, precisions: set[str] = frozenset(PRECISIONS), seco
 
 
 # -- once per machine -------------------------------------------------------------------------------
-CACHE_VERSION = 1  # bump when the multiplies measured change: older cached ceilings are then not reused
+CACHE_VERSION = 2  # bump when the multiplies measured change (2: the fastest call, was the median): old caches are not reused
 
 
 def machine_key(threads: int) -> dict:
