@@ -13,7 +13,7 @@ matmul (weights as a constant, prepacked once, as a model's are) and as a 3x3 co
 
 OpenVINO samples are taken when the openvino extra is installed; its bf16 samples only where the CPU computes bf16
 natively (elsewhere the plugin silently runs f32, which says nothing about bf16). Each sample is the fastest of
-repeated calls after a warm-up (the fastest), with the rows' thread count.
+repeated calls after a warm-up, with the rows' thread count.
 """
 
 from __future__ import annotations
