@@ -192,7 +192,7 @@ def main() -> None:
     results = {}
     with torch_threads(threads):
         wait_for_quiet(args.max_load, args.max_wait)
-        mm = matmul_rate(torch.device("cpu"))
+        mm = matmul_rate(torch.device("cpu"), 2048, 1.0, min_reps=10)
         for model, path in runs.items():
             run = Run.open(path)
             fns = {k: f for k, f in variants(run, threads).items() if k.startswith(args.only)}

@@ -105,7 +105,8 @@ def local(run: Path, threads: int, rounds: int, seconds: float) -> list[dict]:
 
 
 def served(run: Path, threads: int, seconds: float) -> list[dict]:
-    from cnnpack.bench import BenchConfig, ServedConfig, bench_served
+    from cnnpack.bench import BenchConfig
+    from cnnpack.bench_served import ServedConfig, bench_served
     from cnnpack.serve import ServeConfig, TritonServer
     from cnnpack.triton_repo import TritonConfig, build
 

@@ -34,7 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from cnnpack.bench import BenchConfig, ServedConfig, bench, bench_served, machine
+from cnnpack.bench import BenchConfig, bench, machine
+from cnnpack.bench_served import ServedConfig, bench_served
 from cnnpack.rundir import Run, library_versions
 from cnnpack.serve import ServeConfig, TritonServer
 

@@ -1,32 +1,29 @@
 """The machine's limit per precision: the yardstick a benchmark row's share is taken against.
 
 A yardstick must be a ceiling: a row that reaches 103 % of it says the yardstick was too low, not
-that the model beat the machine. So the rate of each precision is the best of several matrix
-multiplies (sizes, layouts and engines: PyTorch's BLAS and ONNX Runtime's MLAS, which runs the
-ONNX rows), each timed as the median of repeated calls after a warm-up, with the thread count of
-the rows. The ISA's theoretical peak (cores x clock x operations per cycle from the CPU flags) is
-printed beside it, to show how far from the silicon the measured ceiling is.
-
-    fp32: torch.matmul (NN and NT) and ORT MatMul (weights as an initializer, prepacked), n = 512..2048
-    int8: ORT MatMulInteger, uint8 x int8 -> int32 (the VNNI kernel the QDQ rows run on), n = 512..2048
+that the model beat the machine. So the rate of each precision is the best of the matrix kernels of
+every engine cnnpack runs for it (`cnnpack.kernels`: matmuls and convolutions in PyTorch, ONNX Runtime
+and OpenVINO), each timed as the fastest of repeated calls after a warm-up, with the thread count of
+the rows. They are measured once per machine and reused (`cached_ceilings`, keyed by CPU model,
+flags, threads and library versions). The ISA's theoretical peak (cores x clock x operations per
+cycle from the CPU flags) and the matrix engine the flags give each precision (AMX, AVX-512
+VNNI/BF16, AVX2) are recorded beside it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import copy
+import hashlib
+import json
 import re
 import time
 from pathlib import Path
 
 import numpy as np
 
-SIZES = (512, 1024, 2048)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity), not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+from cnnpack.host import sync as sync_of
+from cnnpack.host import torch_threads, usable_cores  # noqa: F401 - usable_cores: peak's name for it stays
 
 
 def short(section: dict) -> str:
@@ -36,110 +33,49 @@ def short(section: dict) -> str:
 PRECISIONS = ("fp32", "int8", "bf16")
 
 
-def _median_rate(fn, flop: float, seconds: float, min_reps: int = 5) -> float:
-    """flop / median seconds of `fn()` over at least `min_reps` calls and `seconds` (after 2 warm-up calls)."""
-    for _ in range(2):
-        fn()
+def matmul_rate(device, n: int = 1024, seconds: float = 0.1, min_reps: int = 3) -> dict:
+    """This machine's fp32 matrix-multiply rate (GFLOP/s) with the current torch thread count.
+
+    The median over at least `min_reps` multiplies and `seconds` (after one warm-up call) is the figure used; the
+    best one is recorded too. TF32 stays off on a GPU, so it is an fp32 rate.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
+    sync = sync_of(device)
+    a @ b  # warm-up
+    sync()
     times: list[float] = []
-    end = time.perf_counter() + seconds
-    while len(times) < min_reps or time.perf_counter() < end:
+    t_end = time.perf_counter() + seconds
+    while len(times) < min_reps or time.perf_counter() < t_end:
         t0 = time.perf_counter()
-        fn()
+        a @ b
+        sync()
         times.append(time.perf_counter() - t0)
-    return flop / float(np.median(times)) / 1e9
+    flop = 2 * n ** 3
+    return {"gflops": flop / float(np.median(times)) / 1e9, "gflops_best": flop / min(times) / 1e9,
+            "n": n, "repeats": len(times), "dtype": "float32", "how": f"torch.matmul ({_blas(device)})",
+            "threads": torch.get_num_threads()}
 
 
-def _ort_session(model, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-def _matmul_model(n: int, op: str, a_type: int, b: np.ndarray, out_type: int):
-    """y = a @ b with `b` an initializer (prepacked once, as a model's weights are); zero points default to 0."""
-    from onnx import helper, numpy_helper
-
-    inits = [numpy_helper.from_array(b, "b")]
-    graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], "mm",
-                              [helper.make_tensor_value_info("a", a_type, [n, n])],
-                              [helper.make_tensor_value_info("y", out_type, [n, n])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
-def _fp32_rates(threads: int, seconds: float) -> list[dict]:
-    import torch
-    from onnx import TensorProto
-
-    rng = np.random.default_rng(0)
-    out = []
-    for n in SIZES:
-        a, b = (torch.from_numpy(rng.standard_normal((n, n), np.float32)) for _ in range(2))
-        bt = b.t().contiguous()
-        flop = 2.0 * n ** 3
-        out.append({"engine": "torch.matmul NN", "n": n, "gflops": _median_rate(lambda: a @ b, flop, seconds)})  # noqa: B023 - called at once
-        out.append({"engine": "torch.matmul NT", "n": n, "gflops": _median_rate(lambda: a @ bt.t(), flop, seconds)})  # noqa: B023 - called at once
-        sess = _ort_session(_matmul_model(n, "MatMul", TensorProto.FLOAT, b.numpy(), TensorProto.FLOAT), threads)
-        feed = {"a": a.numpy()}
-        out.append({"engine": "onnxruntime MatMul", "n": n,
-                    "gflops": _median_rate(lambda: sess.run(None, feed), flop, seconds)})  # noqa: B023
-    return out
-
-
-def _int8_rates(threads: int, seconds: float) -> list[dict]:
-    from onnx import TensorProto
-
-    rng = np.random.default_rng(0)
-    out = []
-    for n in SIZES:
-        a = rng.integers(0, 256, (n, n), dtype=np.uint8)
-        b = rng.integers(-128, 128, (n, n), dtype=np.int8)
-        sess = _ort_session(_matmul_model(n, "MatMulInteger", TensorProto.UINT8, b, TensorProto.INT32), threads)
-        feed = {"a": a}
-        out.append({"engine": "onnxruntime MatMulInteger u8s8", "n": n,
-                    "gflops": _median_rate(lambda: sess.run(None, feed), 2.0 * n ** 3, seconds)})  # noqa: B023
-    return out
-
-
-def _bf16_rates(threads: int, seconds: float) -> list[dict]:
-    """torch.matmul in bf16 (oneDNN's AVX-512 BF16 / AMX kernels) and OpenVINO's MatMul at bf16 inference precision."""
+def _blas(device) -> str:
     import torch
 
-    rng = np.random.default_rng(0)
-    out = []
-    for n in SIZES:
-        a, b = (torch.from_numpy(rng.standard_normal((n, n), np.float32)).to(torch.bfloat16) for _ in range(2))
-        out.append({"engine": "torch.matmul bf16", "n": n,
-                    "gflops": _median_rate(lambda: a @ b, 2.0 * n ** 3, seconds)})  # noqa: B023
-        with contextlib.suppress(ImportError, RuntimeError):
-            out.append({"engine": "openvino MatMul bf16", "n": n, "gflops": _ov_bf16_rate(n, threads, seconds)})
-    return out
-
-
-def _ov_bf16_rate(n: int, threads: int, seconds: float) -> float:
-    import openvino as ov
-    import openvino.opset13 as ops
-
-    rng = np.random.default_rng(0)
-    a = ops.parameter([n, n], np.float32, name="a")
-    model = ov.Model([ops.matmul(a, ops.constant(rng.standard_normal((n, n)).astype(np.float32)), False, False)], [a])
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "NUM_STREAMS": "1",
-                                                       "INFERENCE_NUM_THREADS": str(threads)})
-    req, x = compiled.create_infer_request(), rng.standard_normal((n, n)).astype(np.float32)
-    return _median_rate(lambda: req.infer({0: x}), 2.0 * n ** 3, seconds)
+    if getattr(device, "type", str(device)) == "cuda":
+        return "cuBLAS, TF32 off" if not torch.backends.cuda.matmul.allow_tf32 else "cuBLAS, TF32 on"
+    return "MKL" if torch.backends.mkl.is_available() else "torch CPU BLAS"
 
 
 def ceilings(threads: int, *, precisions: set[str] = frozenset(PRECISIONS), seconds: float = 0.25) -> dict[str, dict]:
     """{precision: {gflops (the best), best (which multiply), samples[], theoretical_gflops}} for `precisions`."""
     import torch
 
-    from cnnpack.bench import torch_threads
+    from cnnpack.kernels import SAMPLES
 
     result = {}
     with torch_threads(threads):
-        for precision, fn in (("fp32", _fp32_rates), ("int8", _int8_rates), ("bf16", _bf16_rates)):
+        for precision, fn in SAMPLES.items():
             if precision not in precisions:
                 continue
             samples = fn(threads, seconds)
@@ -149,10 +85,63 @@ def ceilings(threads: int, *, precisions: set[str] = frozenset(PRECISIONS), seco
                 theory["implied_mhz_at_least"] = round(best["gflops"] * 1e3 / (theory["cores"] * theory["ops_per_cycle"]))
                 theory["note"] = (f"measured above it: the reported clock ({theory['mhz']:.0f} MHz, a VM's base clock?) "
                                   f"is below the real one, at least {theory['implied_mhz_at_least']} MHz")
-            result[precision] = {"gflops": best["gflops"], "best": f"{best['engine']} n={best['n']}",
+            result[precision] = {"gflops": best["gflops"], "best": f"{best['engine']} {best['shape']}",
+                                 "matrix_engine": matrix_engine(precision, cpu_info()),
                                  "samples": [{**s, "gflops": round(s["gflops"], 1)} for s in samples],
                                  "theoretical_gflops": theory, "threads": torch.get_num_threads()}
     return result
+
+
+# -- once per machine -------------------------------------------------------------------------------
+CACHE_VERSION = 2  # bump when the multiplies measured change (2: the fastest call, was the median): old caches are not reused
+
+
+def machine_key(threads: int) -> dict:
+    """What a measured ceiling depends on: the CPU (model and every flag), the threads, the libraries' versions."""
+    from cnnpack.rundir import library_versions
+
+    text = ""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+    flags = " ".join(sorted(set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or [None, ""])[1].split())))
+    libs = {k: v for k, v in library_versions().items() if k in ("torch", "onnxruntime", "onnxruntime-gpu", "openvino")}
+    return {"version": CACHE_VERSION, "cpu": cpu_info()["model"], "flags_sha256": hashlib.sha256(flags.encode()).hexdigest(),
+            "threads": threads, "libraries": libs}
+
+
+def cached_ceilings(threads: int, *, precisions: set[str], seconds: float = 0.25) -> tuple[dict[str, dict], dict]:
+    """`ceilings` measured once per machine: read from `$CNNPACK_CACHE/ceilings/<key>.json` when that file was
+    written for the same `machine_key`, measured (only the precisions it lacks) and stored otherwise.
+
+    Returns (ceilings, {path, reused: [...], measured: [...], measured_at}).
+    """
+    from cnnpack.rundir import atomic_write_json, now
+    from cnnpack.shapes import cache_root
+
+    key = machine_key(threads)
+    path = cache_root() / "ceilings" / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    stored: dict = {}
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(path.read_text())
+        stored = data["ceilings"] if data.get("key") == key else {}
+    missing = set(precisions) - set(stored)
+    if missing:
+        stored = {**stored, **ceilings(threads, precisions=missing, seconds=seconds)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"key": key, "ceilings": stored, "measured_at": now()})
+    info = {"path": str(path), "reused": sorted(set(precisions) - missing), "measured": sorted(missing)}
+    return {p: copy.deepcopy(stored[p]) for p in precisions}, info
+
+
+def forget_ceilings(path: str | Path, precisions: set[str]) -> None:
+    """Drops `precisions` from a cached ceilings file (a row measured above one: it was measured low), so the next
+    bench measures them again."""
+    from cnnpack.rundir import atomic_write_json
+
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        data = json.loads(Path(path).read_text())
+        data["ceilings"] = {p: v for p, v in data["ceilings"].items() if p not in precisions}
+        atomic_write_json(Path(path), data)
 
 
 # -- the silicon's number ---------------------------------------------------------------------------
@@ -169,6 +158,27 @@ def cpu_info() -> dict:
     keys = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
     return {"model": field("model name"), "vendor": field("vendor_id"), "mhz": mhz,
             "flags": sorted(k for k in keys if k in flags)}
+
+
+def matrix_engine(precision: str, info: dict) -> str:
+    """The CPU's matrix unit behind a precision, from its flags: AMX, AVX-512 VNNI / BF16, AVX-VNNI, AVX2."""
+    flags = set(info["flags"])
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+    if precision == "int8":
+        if "amx_int8" in flags:
+            return "AMX (int8 tiles)"
+        if "avx512_vnni" in flags:
+            return "AVX-512 VNNI"
+        if "avx_vnni" in flags:
+            return "AVX-VNNI"
+        return f"{simd} (no VNNI: int16 pairs)"
+    if precision == "bf16":
+        if "amx_bf16" in flags:
+            return "AMX (bf16 tiles)"
+        if "avx512_bf16" in flags:
+            return "AVX-512 BF16"
+        return f"{simd} (no native bf16: computed in fp32)"
+    return f"{simd} FMA" if "fma" in flags else simd
 
 
 def ops_per_cycle(precision: str, info: dict) -> tuple[float, str]:

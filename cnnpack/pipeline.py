@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError
-from cnnpack.precision import precision_table
+from cnnpack.precision import parity_table, precision_table
 from cnnpack.rundir import MANIFEST, Run, sha256
 
 SERVE_MODES = ("auto", "yes", "no")
@@ -502,14 +502,14 @@ def summary(run: Run, outcomes: list[Outcome], report: dict, wall_s: float) -> d
     train, verify = stages.get("train", {}), stages.get("verify", {})
     best = best_runtime(stages.get("bench", {}))
     triton, served = stages.get("triton", {}), stages.get("served", {})
+    parity = parity_table(stages)
     return {
         "run": str(run.path),
         "accuracy": train.get("metrics", {}).get("best_val_acc"),
         "parity_passed": verify.get("passed"),
-        "parity_max_abs_err": max((r["max_abs_err"] for f in verify.get("formats", {}).values()
-                                   for r in f.get("by_runtime", {}).values()
-                                   if r.get("max_abs_err") is not None and r.get("precision", "fp32") == "fp32"),
-                                  default=None),
+        "parity_max_abs_err": max((r["max_abs_err"] for r in parity if r["max_abs_err"] is not None
+                                   and r["precision"] == "fp32"), default=None),
+        "parity": parity,  # every (artifact, runtime) pair verify checked, each with its own precision and contract
         "precision": precision_table(stages),
         "best_runtime": best and {k: best.get(k, d) for k, d in (("runtime", None), ("artifact", None),
                                                                  ("precision", "fp32"), ("batch_size", None),

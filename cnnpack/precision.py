@@ -48,6 +48,34 @@ def precision_table(stages: dict) -> list[dict]:
 
 
 
+def parity_table(stages: dict) -> list[dict]:
+    """One row per (artifact, runtime) pair verify checked, each with its own precision, contract and figures
+    (openvino-bf16 on the fp32 IR is a bf16 row beside the IR's fp32 one, not hidden under it); [] before verify."""
+    out = []
+    for fmt, f in stages.get("verify", {}).get("formats", {}).items():
+        # manifests written before verify kept its pairs apart: the artifact's figures under its one runtime
+        pairs = f.get("by_runtime") or {(f.get("runtimes") or [FORMAT_RUNTIME.get(fmt, "?")])[0]: f}
+        for runtime, r in pairs.items():
+            precision = r.get("precision", "fp32")
+            contract = r.get("contract") or (f.get("contract") if precision == f.get("precision", "fp32") else None)
+            out.append({"artifact": fmt, "runtime": runtime, "precision": precision, "contract": contract,
+                        "passed": r.get("passed", f.get("passed")), "max_abs_err": r.get("max_abs_err"),
+                        "top1_agreement": r.get("top1_agreement"), "accuracy": r.get("accuracy")})
+    return out
+
+
+def parity_line(rows: list[dict]) -> str:
+    """The parity table in one line: the worst tensor error of each precision, and the pairs that failed."""
+    worst: dict[str, float] = {}
+    for r in rows:
+        if r["max_abs_err"] is not None:
+            worst[r["precision"]] = max(worst.get(r["precision"], 0.0), r["max_abs_err"])
+    failed = [f"{r['artifact']} in {r['runtime']} ({r['precision']})" for r in rows if not r["passed"]]
+    head = f"FAILED: {', '.join(failed)}" if failed else "every artifact x runtime pair within its precision's contract"
+    errs = "; ".join(f"{p} max abs err {e:.1e}" for p, e in worst.items())
+    return f"{head} ({errs})" if errs else head
+
+
 def plot_precision(rows: list[dict], path) -> bool:
     """Accuracy vs latency: top-1 against p50 at batch 1 (left) and against images/s at the largest batch
     (right), one labelled point per artifact. False (nothing written) when no row has both figures."""

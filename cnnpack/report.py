@@ -74,16 +74,19 @@ def _export(m: dict, run: Run) -> list[Block]:
 
 
 def _verify(m: dict) -> list[Block]:
+    """Every (artifact, runtime) pair verify checked, each under its own precision's contract."""
+    from cnnpack.precision import parity_table
+
     v = m.get("stages", {}).get("verify")
     if not v:
         return []
-    rows = [["artifact", "precision", "max abs err", "top-1 agreement", "accuracy", "contract", "verdict"]]
-    for fmt, f in v.get("formats", {}).items():
-        rows.append([fmt, f.get("precision", "fp32"), _num(f.get("max_abs_err"), "{:.2e}"), _pct(f.get("top1_agreement")),
-                     _pct(f.get("accuracy")), f.get("contract") or "–",
-                     "pass" if f.get("passed", v.get("passed")) else "FAIL"])
-    verdict = ("every artifact is within the contract of its precision (fp32: tensor parity; int8: task parity)"
-               if v.get("passed") else "**parity FAILED**")
+    rows = [["artifact", "runtime", "precision", "max abs err", "top-1 agreement", "accuracy", "contract", "verdict"]]
+    for r in parity_table(m["stages"]):
+        rows.append([r["artifact"], r["runtime"], r["precision"], _num(r["max_abs_err"], "{:.2e}"),
+                     _pct(r["top1_agreement"]), _pct(r["accuracy"]), r["contract"] or "–",
+                     "pass" if r["passed"] else "FAIL"])
+    verdict = ("every artifact x runtime pair is within the contract of its precision (fp32: tensor parity; "
+               "fp16/bf16: relative tolerances; int8: task parity)" if v.get("passed") else "**parity FAILED**")
     return [Block("h2", "Parity against eager PyTorch"), Block("p", f"Verdict: {verdict}."), Block("table", rows=rows)]
 
 
@@ -154,7 +157,9 @@ def _ceilings(b: dict, peak) -> str:
     def one(p: str, v: dict) -> str:
         t = v["theoretical_gflops"]
         note = f"; {t['note']}" if t.get("note") else ""
-        return (f"{p} {v['gflops']:.0f} G(FL)OP/s (best: {v['best']}; the ISA's theoretical peak {t['gflops']:.0f} at "
+        engine = f" on {v['matrix_engine']}" if v.get("matrix_engine") else ""
+        return (f"{p}{engine} {v['gflops']:.0f} G(FL)OP/s (best of every engine: {v['best']}; the ISA's theoretical "
+                f"peak {t['gflops']:.0f} at "
                 f"{t['mhz']:.0f} MHz, assuming {t['assumes']}{note})")
 
     return "; ".join(one(p, v) for p, v in c.items())
@@ -269,13 +274,14 @@ def _served(m: dict) -> list[Block]:
     load = served.get("load", [])
     if load:
         rows = [["requests in flight", "p50 ms", "p99 ms", "images/s", "mean batch run by Triton", "queue ms",
-                 "compute ms", "errors"]]
+                 "compute ms", "errors", "measured by"]]
         rows += [[str(r["concurrency"]), _num(r["latency_ms_p50"], "{:.2f}"), _num(r["latency_ms_p99"], "{:.2f}"),
                   _num(r["throughput_ips"], "{:,.0f}"), _num(r.get("server_batch_mean"), "{:.2f}"),
                   _num(r.get("server_queue_ms_mean"), "{:.2f}"), _num(r.get("server_compute_ms_mean"), "{:.2f}"),
-                  str(r.get("errors", 0))] for r in load]
-        out += [Block("p", "Batch-1 requests over gRPC from an asynchronous client on the same machine (closed loop: "
-                           "each client sends its next request when the previous one answers); dynamic batching "
+                  str(r.get("errors", 0)), r.get("load_generator") or "cnnpack asyncio client"] for r in load]
+        out += [Block("p", "Batch-1 requests over gRPC from a load generator on the same machine (closed loop: "
+                           "each client sends its next request when the previous one answers): Triton's perf_analyzer "
+                           "where it is on PATH, else cnnpack's asynchronous client; dynamic batching "
                            "merges concurrent requests into larger batches."), Block("table", rows=rows)]
     return out
 

@@ -82,8 +82,9 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
     Raises StageFailed (exit 1) when a served model does not load, a request fails, or the served
     outputs differ from eager (the message names the check; details in verify.json).
     """
-    from cnnpack.bench import BenchConfig, bench_served
-    from cnnpack.bench import ServedConfig as LoadConfig
+    from cnnpack.bench import BenchConfig
+    from cnnpack.bench_served import ServedConfig as LoadConfig
+    from cnnpack.bench_served import bench_served
     from cnnpack.serve import ServeConfig, TritonServer
     from cnnpack.verify import VerifyConfig, VerifyFailed, served_target, verify
 
@@ -132,7 +133,8 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
     summary = (f"{right}/{len(preds)} validation images right through Triton; served logits match eager "
                f"(max abs err {max(fp32, default=0):.1e}); {t['name']} over gRPC: "
                f"{throughput[c_lo]['latency_ms_p50']:.2f} ms p50 at concurrency {c_lo}, "
-               f"{throughput[c_hi]['throughput_ips']:,.0f} images/s at {c_hi} ({gain:.1f}x)")
+               f"{throughput[c_hi]['throughput_ips']:,.0f} images/s at {c_hi} ({gain:.1f}x, measured by "
+               f"{throughput[c_hi].get('load_generator', 'cnnpack asyncio client')})")
     int8_row = next((r for r in rows if r["format"] != f"triton:{t['name']}"), None)
     if int8_row:
         f = int8_row["format"].removeprefix("triton:")
@@ -142,7 +144,7 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
     result = {"summary": summary, "server": server_info, "predictions": preds, "parity": parity,
               "load": [{k: r.get(k) for k in ("format", "concurrency", "latency_ms_p50", "latency_ms_p99", "throughput_ips",
                                              "server_batch_mean", "server_queue_ms_mean",
-                                             "server_compute_ms_mean", "errors")} for r in rows],
+                                             "server_compute_ms_mean", "errors", "load_generator")} for r in rows],
               "config": asdict(cfg)}
     atomic_write_json(run.file(OUTPUT), result)
     run.set_stage("served", {"status": "ok", **{k: v for k, v in result.items() if k != "server"},

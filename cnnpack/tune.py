@@ -52,8 +52,16 @@ class TuneConfig:
     oversubscribe: bool = False  # allow instances x threads above the cores
     protocol: str = "grpc"
     timeout_s: float = 30.0
+    load_generator: str = "auto"  # perf_analyzer (when on PATH under auto) | cnnpack, as `bench --triton-url`
+    bf16: str = "auto"  # OpenVINO models with the bf16 inference hint as candidates: auto (where the CPU computes
+    # bf16 natively) | yes (also elsewhere: OpenVINO accepts the hint and computes f32) | no
 
     def validate(self) -> None:
+        from cnnpack.loadgen import resolve
+
+        resolve(self.load_generator)
+        if self.bf16 not in ("auto", "yes", "no"):
+            raise UserInputError(f"--bf16 {self.bf16!r}; valid: auto, yes, no")
         if not self.latency_budget_ms > 0:
             raise UserInputError(f"--latency-budget-ms must be > 0, got {self.latency_budget_ms}")
         if self.objective not in OBJECTIVES:
@@ -83,13 +91,20 @@ class Setting:
     dynamic_batching: bool = True
     queue_delay_us: int = 0
     default: bool = False
+    bf16: bool = False  # an OpenVINO model served with the bf16 inference hint
 
     @property
     def label(self) -> str:
         if self.default:
             return f"{self.model} (its config.pbtxt)"
         batching = f"batching {self.queue_delay_us} us" if self.dynamic_batching else "no batching"
-        return f"{self.model} x{self.instances} {self.threads}t {batching}"
+        return f"{self.model}{' bf16' if self.bf16 else ''} x{self.instances} {self.threads}t {batching}"
+
+    @property
+    def precision(self) -> str:
+        from cnnpack.runtimes import precision_of
+
+        return "bf16" if self.bf16 else "int8" if self.format.endswith("_int8") else precision_of({})
 
 
 # -- what to sweep -------------------------------------------------------------------------------------
@@ -118,14 +133,25 @@ def servable(run: Run, cfg: TuneConfig, *, required_by: str = "tune") -> list[tu
     return found
 
 
+def bf16_offered(cfg: TuneConfig) -> bool:
+    """Whether the OpenVINO models are also tried with the bf16 inference hint (auto: where the CPU computes bf16)."""
+    from cnnpack import openvino as ov
+
+    return cfg.bf16 == "yes" or (cfg.bf16 == "auto" and ov.has_bf16())
+
+
 def grid(models: list[tuple[str, str]], cfg: TuneConfig, delays: tuple[int, ...]) -> list[Setting]:
+    """Each model's own config, then every instances x threads x batching setting; an fp32 OpenVINO IR also with
+    the bf16 inference hint where `bf16_offered`."""
     cores = usable_cores()
     out = [Setting(m, f, default=True) for m, f in models]
+    bf16 = bf16_offered(cfg)
     for (m, f), n, t in itertools.product(models, cfg.instances, cfg.threads):
         if n * t > cores and not cfg.oversubscribe:
             continue
-        out.append(Setting(m, f, n, t, dynamic_batching=False))
-        out += [Setting(m, f, n, t, True, d) for d in delays]
+        for half in (False, True) if bf16 and f == "openvino" else (False,):
+            out.append(Setting(m, f, n, t, dynamic_batching=False, bf16=half))
+            out += [Setting(m, f, n, t, True, d, bf16=half) for d in delays]
     return out
 
 
@@ -138,14 +164,19 @@ def model_config_json(run: Run, s: Setting, repository: str) -> str:
     tc = TritonConfig(repository=repository, name=s.model, format=s.format, instances=s.instances, threads=s.threads,
                       dynamic_batching=s.dynamic_batching, max_queue_delay_us=s.queue_delay_us)
     io, _, _ = model_io(run, tc)
-    return json_format.MessageToJson(classifier_config(s.model, io, tc), preserving_proto_field_name=True)
+    mc = classifier_config(s.model, io, tc)
+    if s.bf16:  # the OpenVINO backends read HINT_BF16; verify holds a model whose precision says bf16 to that contract
+        for key, value in (("HINT_BF16", "YES"), ("precision", "bf16")):
+            mc.parameters[key].string_value = value
+    return json_format.MessageToJson(mc, preserving_proto_field_name=True)
 
 
 # -- measuring one point ----------------------------------------------------------------------------------
 def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfig, repository: str) -> dict:
     """Loads the model with the setting's config (no restart), puts it under load, returns the point."""
     from cnnpack.client import Client, server_side
-    from cnnpack.measure import Load, WindowPolicy, measure, summarise
+    from cnnpack.loadgen import describe, load, resolve
+    from cnnpack.measure import WindowPolicy
 
     url = server.grpc_address if cfg.protocol == "grpc" else server.http_address
     with Client(url, cfg.protocol, timeout_s=cfg.timeout_s) as client:
@@ -158,16 +189,29 @@ def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfi
         spec = run.model_spec
         x = np.random.default_rng(0).integers(0, 256, (1, spec["channels"], spec["image_size"],
                                                        spec["image_size"])).astype(np.float32)
+        if s.bf16:  # a bf16 config is served only after it holds the bf16 contract, like any served model
+            check_served(run, url, s, cfg)
         before = client.statistics(s.model)
         policy = WindowPolicy(window_s=max(0.2, cfg.max_seconds / 4), max_s=cfg.max_seconds, warmup_s=0.3)
-        with Load(client, model, x, concurrency) as load:
-            m = measure(load.one, policy, window=lambda _r, p, _s: load.window(seconds=p.window_s,
-                                                                              min_requests=p.min_requests))
+        generator = resolve(cfg.load_generator)
+        figures = load(generator, client, model, x, concurrency, policy)
         after = client.statistics(s.model)
-    row = {**asdict(s), "label": s.label, "concurrency": concurrency, **summarise(m, 1), **server_side(before, after)}
+    row = {**asdict(s), "label": s.label, "precision": s.precision, "concurrency": concurrency, **figures,
+           "load_generator": describe(generator), **server_side(before, after)}
     ips = row["window_throughput_ips"]
     row["noise"] = max(ips) / min(ips) - 1 if ips and min(ips) > 0 else None
     return row
+
+
+def check_served(run: Run, url: str, s: Setting, cfg: TuneConfig) -> None:
+    """Holds the served model, as loaded now, to the contract of its precision against eager (ParityError if not)."""
+    from cnnpack.verify import VerifyConfig, check, served_target
+
+    target = served_target(run.path, url, s.model, cfg.protocol, cfg.timeout_s)
+    results = check(run, VerifyConfig(batch_sizes=(1, 8)), (target,))
+    failures = [f for r in results for f in r["failures"]]
+    if failures:
+        raise ParityError(f"{s.label} fails the {s.precision} contract: {'; '.join(failures)}")
 
 
 # -- the choice ---------------------------------------------------------------------------------------------
@@ -229,6 +273,9 @@ def sweep(run: Run, cfg: TuneConfig, settings: list[Setting], repository: str, s
             say(f"point {i + 1}/{len(plan)}: {s.label} at concurrency {c}")
             try:
                 points.append(measure_point(run, server, s, c, cfg, repository))
+                p = points[-1]
+                say(f"measured {s.label} at concurrency {c}: {p['throughput_ips']:,.0f} images/s, p99 "
+                    f"{p['latency_ms_p99']:.2f} ms ({p['load_generator']})")
             except CnnpackError as e:  # a server that died or a config it refused: keep what was measured
                 info["error"] = f"{s.label} at concurrency {c}: {e}"
                 info["errors"].append(info["error"])
@@ -333,9 +380,10 @@ def plot(points: list[dict], winner: dict | None, cfg: TuneConfig, path: Path) -
 
     fig = Figure(figsize=(9, 5))
     ax = fig.subplots()
-    for model in dict.fromkeys(p["model"] for p in points):
-        mine = [p for p in points if p["model"] == model]
-        ax.scatter([p["latency_ms_p99"] for p in mine], [p["throughput_ips"] for p in mine], s=30, label=model)
+    for model, precision in dict.fromkeys((p["model"], p.get("precision", "fp32")) for p in points):
+        mine = [p for p in points if (p["model"], p.get("precision", "fp32")) == (model, precision)]
+        ax.scatter([p["latency_ms_p99"] for p in mine], [p["throughput_ips"] for p in mine], s=30,
+                   label=f"{model} ({precision})")
         for p in mine:
             if p["default"]:
                 ax.scatter(p["latency_ms_p99"], p["throughput_ips"], s=120, facecolors="none", edgecolors="black")

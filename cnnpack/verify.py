@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -454,7 +454,7 @@ def by_format(results: list[dict]) -> dict:
                                          "contract": contract_line(r.get("tolerance"))})
         f["runtimes"].append(r["runtime"])
         f.setdefault("by_runtime", {})[r["runtime"]] = {
-            "precision": r.get("precision", "fp32"), "passed": r["passed"],
+            "precision": r.get("precision", "fp32"), "contract": contract_line(r.get("tolerance")), "passed": r["passed"],
             "max_abs_err": r["tensor"]["max_abs_err"] if r["tensor"] else None,
             **{k: (r["task"] or {}).get(k) for k in ("accuracy", "top1_agreement")}}
         f["passed"] = f["passed"] and r["passed"]
@@ -490,11 +490,23 @@ def verify(run_dir: str | Path, cfg: VerifyConfig = VerifyConfig(), *, targets: 
         VerifyFailed (a ParityError, exit 1): a check failed; the message names each target, check and figure.
         UserInputError / MissingStageError / RuntimeUnavailable (exit 2): nothing could be checked.
     """
-    from cnnpack.runtimes import RUNTIMES, artifact_ref
 
     cfg.validate()
     run = Run.open(run_dir)
     plan = _plan(run, cfg, tuple(targets))
+    results, skipped, eager, val = _check_plan(run, cfg, plan, progress)
+    result = _result(run, cfg, results, skipped, eager, val)
+    _record(run, cfg, result)
+    if not result["passed"]:
+        raise VerifyFailed(f"parity check failed: {'; '.join(result['failures'])} (details: {run.file(OUTPUT)})",
+                           result)
+    return result
+
+
+def _check_plan(run: Run, cfg: VerifyConfig, plan, progress: Callable[[str], None]):
+    """(results, skipped, eager, validation) of the targets of `plan` against eager PyTorch."""
+    from cnnpack.runtimes import RUNTIMES, artifact_ref
+
     with exact_fp32(cfg.device):
         progress("loading eager reference")
         eager = RUNTIMES.get("eager").load(artifact_ref(run, "checkpoint"), cfg.device)
@@ -503,12 +515,15 @@ def verify(run_dir: str | Path, cfg: VerifyConfig = VerifyConfig(), *, targets: 
         spec = run.model_spec
         ref = Reference(eager, (spec["channels"], spec["image_size"], spec["image_size"]), cfg)
         results = [check_target(t, rt, sizes, ref, val, cfg, progress) for t, rt, sizes in loaded]
-    result = _result(run, cfg, results, skipped, eager, val)
-    _record(run, cfg, result)
-    if not result["passed"]:
-        raise VerifyFailed(f"parity check failed: {'; '.join(result['failures'])} (details: {run.file(OUTPUT)})",
-                           result)
-    return result
+    return results, skipped, eager, val
+
+
+def check(run: Run, cfg: VerifyConfig, targets: tuple[Target, ...]) -> list[dict]:
+    """The results of `targets` alone against eager, each under its precision's contract, recording nothing
+    (`cnnpack tune` checks a config it is about to measure this way)."""
+    cfg = replace(cfg, formats=())
+    cfg.validate()
+    return _check_plan(run, cfg, _plan(run, cfg, tuple(targets)), lambda _: None)[0]
 
 
 def _result(run: Run, cfg: VerifyConfig, results: list[dict], skipped: list[dict], eager,

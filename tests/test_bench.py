@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -54,10 +55,13 @@ def test_bench_measures_every_runtime_and_batch_size(benched):
 def test_bench_records_machine_limit_and_outputs(benched, exported):
     section = Run.open(exported).read()["stages"]["bench"]
     assert section["status"] == "ok" and section["threads"] == 1
-    assert section["matmul"]["threads"] == 1 and len(section["matmul"]["samples_gflops"]) == 7  # before + 6 rows
+    assert section["matmul"]["threads"] == 1 and len(section["matmul"]["samples_gflops"]) == 4  # before + 3 runtimes
     fp32 = section["ceilings"]["fp32"]  # the best of several multiplies, raised by any faster sample
     assert section["machine_peak_gflops"] == max([*section["matmul"]["samples_gflops"], fp32["gflops"]]) > 1
     assert len(fp32["samples"]) >= 6 and fp32["theoretical_gflops"]["gflops"] > 0
+    engines = {s["engine"].split()[0] for s in fp32["samples"]}  # every engine that runs fp32 rows, matmul and conv
+    assert {"torch.matmul", "torch", "onnxruntime"} <= engines and any("conv" in s["shape"] for s in fp32["samples"])
+    assert fp32["matrix_engine"] and section["ceilings_cache"]["path"].startswith(os.environ["CNNPACK_CACHE"])
     assert all(r["precision"] == "fp32" and r["matmul_gflops"] == fp32["gflops"] for r in section["results"])
     assert {"torch", "onnxruntime-gpu", "numpy"} & set(section["libraries"])
     assert section["machine"]["cpus_usable"] >= 1
@@ -109,6 +113,7 @@ def test_cli_bench_json_and_errors(exported):
     assert ok.returncode == 0, ok.stderr
     section = json.loads(ok.stdout)
     assert [(r["runtime"], r["batch_size"]) for r in section["results"]] == [("onnxruntime", 2)]
+    assert section["ceilings_cache"]["reused"] == ["fp32"]  # measured once per machine (the fixture's bench)
     assert "bench.png" not in section["outputs"]
     bad = subprocess.run(cli + ["--threads", "0"], capture_output=True, text=True)
     lines = bad.stderr.strip().splitlines()
@@ -122,3 +127,45 @@ def test_compiled_runtime_is_benched_frozen(exported):
     compiled = next(r for r in section["results"] if r["runtime"] == "compiled")
     assert compiled["info"]["freezing"] is True and compiled["latency_ms_p50"] > 0
     assert compiled["warmup_s"] > compiled["latency_ms_p50"] / 1e3  # the compile happens in the warm-up
+
+
+@pytest.fixture(scope="module")
+def onnx_only(tiny_run, tmp_path_factory):
+    """A copy of tiny_run exported to ONNX alone (no TorchScript)."""
+    run_dir = tmp_path_factory.mktemp("bench-onnx") / "run"
+    shutil.copytree(tiny_run, run_dir)
+    export(run_dir, ExportConfig(formats=("onnx",), max_batch_size=8))
+    return run_dir
+
+
+def test_default_runtimes_bench_what_the_run_has(onnx_only):
+    from cnnpack.bench import default_runtimes
+
+    chosen, skipped = default_runtimes(Run.open(onnx_only))
+    assert {"eager", "compiled", "onnxruntime"} <= set(chosen) and "torchscript" not in chosen
+    assert "no torchscript artifact" in skipped["torchscript"] and "triton" not in skipped
+    section = bench(onnx_only, BenchConfig(artifacts=("onnx",), batch_sizes=(1,), threads=1, max_seconds=0.2,
+                                           warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
+    assert {r["runtime"] for r in section["results"]} == {"onnxruntime"}
+    assert "no torchscript artifact" in section["skipped"]["torchscript"]
+
+
+def test_a_runtime_named_without_its_artifact_is_one_line_and_exit_2(onnx_only):
+    bad = subprocess.run([sys.executable, "-m", "cnnpack", "bench", "--run", str(onnx_only), "--runtimes",
+                          "onnxruntime,torchscript", "--max-seconds", "0.1"], capture_output=True, text=True)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "no torchscript export" in lines[0], bad.stderr
+
+
+@pytest.mark.parametrize("flags, vendor, engines", [
+    (["avx2", "fma"], "AuthenticAMD", ("AVX2 FMA", "AVX2 (no VNNI: int16 pairs)", "AVX2 (no native bf16: computed in fp32)")),
+    (["avx2", "avx512_bf16", "avx512_vnni", "avx512f", "fma"], "AuthenticAMD",
+     ("AVX-512 FMA", "AVX-512 VNNI", "AVX-512 BF16")),
+    (["amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "fma"], "GenuineIntel",
+     ("AVX-512 FMA", "AMX (int8 tiles)", "AMX (bf16 tiles)")),
+])
+def test_each_precision_names_its_matrix_engine(flags, vendor, engines):
+    from cnnpack.peak import matrix_engine
+
+    info = {"flags": flags, "vendor": vendor}
+    assert tuple(matrix_engine(p, info) for p in ("fp32", "int8", "bf16")) == engines

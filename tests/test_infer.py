@@ -215,13 +215,15 @@ def test_verify_checks_the_served_model_like_a_file(server, served_run, tmp_path
 
 
 def test_bench_measures_served_throughput_under_concurrency(server, served_run, tmp_path):
-    from cnnpack.bench import BenchConfig, ServedConfig, bench_served
+    from cnnpack.bench import BenchConfig
+    from cnnpack.bench_served import ServedConfig, bench_served
 
     run_dir = tmp_path / "run"
     shutil.copytree(served_run[0], run_dir)
     cfg = BenchConfig(batch_sizes=(1,), max_seconds=0.4, warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False)
     for model in ("cnn_onnx", "cnn_onnx_nobatch"):
-        section = bench_served(run_dir, ServedConfig(url=server.grpc_address, model=model, concurrency=(1, 8)), cfg)
+        section = bench_served(run_dir, ServedConfig(url=server.grpc_address, model=model, concurrency=(1, 8),
+                                                     load_generator="cnnpack"), cfg)
     rows = {(r["format"], r["concurrency"]): r for r in section["results"]}
     assert set(rows) == {(f"triton:{m}", c) for m in ("cnn_onnx", "cnn_onnx_nobatch") for c in (1, 8)}
     for r in rows.values():
@@ -230,12 +232,32 @@ def test_bench_measures_served_throughput_under_concurrency(server, served_run, 
     assert rows[("triton:cnn_onnx", 8)]["server_batch_mean"] > 1.5  # the dynamic batcher merged requests ...
     assert rows[("triton:cnn_onnx_nobatch", 8)]["server_batch_mean"] == 1  # ... and without it, none
     http = bench_served(run_dir, ServedConfig(url=server.http_address, model="cnn_onnx", protocol="http",
-                                              concurrency=(4,)), cfg)  # joins the gRPC rows, replaces none
+                                              concurrency=(4,), load_generator="cnnpack"), cfg)  # joins, replaces none
     assert [(r["format"], r["protocol"], r["concurrency"]) for r in http["results"]][-1] == ("triton:cnn_onnx", "http", 4)
     on_disk = json.loads((run_dir / "bench.json").read_text())
     assert len(on_disk["results"]) == 5 and set(on_disk["served"]) == {"triton:cnn_onnx", "triton:cnn_onnx_nobatch"}
     assert set(on_disk["served"]["triton:cnn_onnx"]) == {"grpc", "http"}
     assert "concurrency" in (run_dir / "bench.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.skipif(shutil.which("perf_analyzer") is None, reason="perf_analyzer is not on PATH (the tritonclient "
+                    "2.41.0 wheel's data/bin/perf_analyzer, with libb64-0d and libcudart.so.12)")
+def test_perf_analyzer_measures_a_served_row_and_says_so(server, served_run, tmp_path):
+    from cnnpack.bench import BenchConfig
+    from cnnpack.bench_served import ServedConfig, bench_served
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(served_run[0], run_dir)
+    cfg = BenchConfig(batch_sizes=(1, 2), max_seconds=2.0, window_s=0.3, matmul_n=256, matmul_s=0.05, plot=False)
+    section = bench_served(run_dir, ServedConfig(url=server.grpc_address, model="cnn_onnx", concurrency=(4,),
+                                                 load_generator="perf_analyzer"), cfg)
+    rows = {r["batch_size"]: r for r in section["results"] if r["runtime"] == "triton"}
+    assert set(rows) == {1, 2}
+    for r in rows.values():
+        assert r["load_generator"].startswith("perf_analyzer ") and r["server_failures"] == 0
+        assert 0 < r["requests"] <= r["server_requests"] and 0 < r["latency_ms_p50"] <= r["latency_ms_p99"]
+        assert r["throughput_ips"] > 0 and r["server_batch_mean"] >= 1
+    assert "perf_analyzer" in (run_dir / "bench.csv").read_text()
 
 
 # -- faults ----------------------------------------------------------------------------------------

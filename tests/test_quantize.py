@@ -260,7 +260,9 @@ def test_verify_and_bench_hold_int8_to_its_own_contract_and_ceiling(quantized, t
         assert r["precision"] == precision and r["matmul_gflops"] == section["ceilings"][precision]["gflops"]
     assert rows[("onnx_int8", 8)]["speedup_vs_fp32"] == pytest.approx(
         rows[("onnx", 8)]["latency_ms_p50"] / rows[("onnx_int8", 8)]["latency_ms_p50"])
-    assert section["ceilings"]["int8"]["best"].startswith("onnxruntime MatMulInteger")
+    # the int8 ceiling is the best of every engine's int8 kernel (which one wins depends on the host)
+    assert any(x["engine"].startswith("onnxruntime MatMulInteger") for x in section["ceilings"]["int8"]["samples"])
+    assert section["ceilings"]["int8"]["gflops"] == pytest.approx(max(x["gflops"] for x in section["ceilings"]["int8"]["samples"]), abs=0.06)
 
 
 def test_triton_lays_out_the_int8_model_with_its_precision(quantized, tmp_path):

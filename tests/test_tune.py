@@ -139,3 +139,46 @@ def test_a_server_that_dies_mid_sweep_keeps_the_points_and_changes_nothing(laid_
     assert (repo / "cnn_onnx" / "config.pbtxt").read_text() == before
     kept = json.loads((run / "tune.json").read_text())
     assert 1 <= len(kept["points"]) < 3 and kept["winner"] is None
+
+
+def test_bf16_candidates_are_offered_only_where_the_cpu_computes_bf16():
+    from cnnpack.openvino import has_bf16
+    from cnnpack.tune import TuneConfig, grid
+
+    models = [("cnn_openvino", "openvino"), ("cnn_onnx", "onnx")]
+    forced = grid(models, TuneConfig(bf16="yes", **SMALL), (500,))
+    assert [s.label for s in forced if s.bf16] == ["cnn_openvino bf16 x1 1t no batching",
+                                                    "cnn_openvino bf16 x1 1t batching 500 us"]
+    assert {s.precision for s in forced if s.bf16} == {"bf16"} and not any(s.bf16 for s in forced if s.format == "onnx")
+    auto = grid(models, TuneConfig(**SMALL), (500,))
+    assert any(s.bf16 for s in auto) == has_bf16()
+    assert not any(s.bf16 for s in grid(models, TuneConfig(bf16="no", **SMALL), (500,)))
+
+
+@pytest.mark.slow
+def test_a_forced_bf16_config_is_verified_measured_and_logged_a_line_per_point(laid_out, tmp_path):
+    """`--bf16 yes` serves the OpenVINO IR with the bf16 hint (on a CPU without bf16 OpenVINO computes f32, so the
+    bf16 contract holds trivially here; where bf16 is native the same path is the one `auto` takes)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("openvino")
+    from cnnpack.export import ExportConfig, export
+    from cnnpack.triton_repo import TritonConfig, build
+    from cnnpack.verify import VerifyConfig, verify
+
+    run, repo = _copy(laid_out, tmp_path)
+    export(run, ExportConfig(formats=("onnx", "openvino"), max_batch_size=16))
+    verify(run, VerifyConfig(batch_sizes=(1,)))
+    build(run, TritonConfig(repository=str(repo), format="openvino", threads=1))
+    out = subprocess.run([sys.executable, "-m", "cnnpack", "tune", "--run", str(run), "--models", "cnn_openvino",
+                          "--bf16", "yes", "--instances", "1", "--threads", "1", "--queue-delays-us", "500",
+                          "--concurrency", "4", "--max-seconds", "0.6", "--latency-budget-ms", "10000",
+                          "--load-generator", "cnnpack", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    points = {p["label"]: p for p in json.loads(out.stdout)["points"]}
+    bf16 = points["cnn_openvino bf16 x1 1t batching 500 us"]
+    assert bf16["precision"] == "bf16" and bf16["throughput_ips"] > 0 and points["cnn_openvino x1 1t no batching"]["precision"] == "fp32"
+    assert bf16["load_generator"] == "cnnpack asyncio client"
+    measured = [line for line in out.stderr.splitlines() if line.startswith("tune: measured ")]
+    assert len(measured) == len(points) == 5  # its config.pbtxt, fp32 and bf16 without and with batching

@@ -277,3 +277,34 @@ def test_an_fp16_target_is_held_to_fp16_tolerances(dtype, passes):
         assert result["tolerance"]["atol"] > 1e-2 and "fp16" in result["tolerance"]["basis"]
     else:
         assert "max_abs_err" in result["failures"][0] and "atol 1e-04" in result["failures"][0]
+
+
+def test_every_runtime_of_an_artifact_keeps_its_own_parity_row():
+    """openvino-bf16 on the fp32 IR is a bf16 row beside the IR's fp32 row, each with its own contract and error
+    (issue 21: the bf16 error once showed under the fp32 label, marked pass)."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from cnnpack.precision import parity_line, parity_table
+    from cnnpack.report import _verify
+    from cnnpack.verify import VerifyConfig, by_format, tolerances
+
+    ref = np.full((4, 3), 10.0, np.float32)
+
+    def result(runtime, precision, err):
+        tol = asdict(tolerances(VerifyConfig(), "float32", ref, precision))
+        return {"format": "openvino", "runtime": runtime, "precision": precision, "tolerance": tol, "passed": True,
+                "tensor": {"max_abs_err": err}, "task": {"accuracy": 0.9, "top1_agreement": 1.0}}
+
+    stages = {"verify": {"passed": True, "formats": by_format([result("openvino", "fp32", 4.3e-6),
+                                                               result("openvino-bf16", "bf16", 2.55e-2)])}}
+    rows = {r["runtime"]: r for r in parity_table(stages)}
+    assert rows["openvino"]["precision"] == "fp32" and rows["openvino"]["max_abs_err"] == 4.3e-6
+    assert rows["openvino"]["contract"].startswith("fp32: atol 1e-04")
+    assert rows["openvino-bf16"]["precision"] == "bf16" and rows["openvino-bf16"]["max_abs_err"] == 2.55e-2
+    assert rows["openvino-bf16"]["contract"].startswith("bf16: ")
+    table = _verify({"stages": stages})[-1].rows
+    assert [r[:4] for r in table[1:]] == [["openvino", "openvino", "fp32", "4.30e-06"],
+                                           ["openvino", "openvino-bf16", "bf16", "2.55e-02"]]
+    assert parity_line(list(rows.values())).endswith("(fp32 max abs err 4.3e-06; bf16 max abs err 2.5e-02)")

@@ -15,7 +15,8 @@ from cnnpack.cli import app, emit, handles_errors, int_list, usage_error
 @handles_errors
 def bench(
     run: Path = typer.Option(..., help="Run directory with exports (cnnpack export)."),
-    runtimes: str = typer.Option("eager,compiled,torchscript,onnxruntime", help="Comma list of runtimes."),
+    runtimes: Optional[str] = typer.Option(None, help="Comma list of runtimes (default: every runtime whose artifact "
+                                                      "the run has; the others are listed as skipped)."),
     batch_sizes: Optional[str] = typer.Option(None, help="Comma list of batch sizes (default 1,8,32; served: 1)."),
     threads: Optional[int] = typer.Option(None, help="Threads for every runtime (default: physical cores)."),
     max_seconds: float = typer.Option(10.0, help="Measurement time limit per runtime and batch size."),
@@ -30,6 +31,8 @@ def bench(
     protocol: str = typer.Option("grpc", help="With --triton-url: grpc | http (asyncio clients)."),
     concurrency: str = typer.Option("1,4,16", help="With --triton-url: requests in flight, comma list."),
     timeout: float = typer.Option(30.0, help="With --triton-url: seconds each request may take."),
+    load_generator: str = typer.Option("auto", help="With --triton-url: perf_analyzer | cnnpack | auto (perf_analyzer "
+                                                    "when on PATH, else cnnpack's asyncio client)."),
 ):
     """Latency and throughput of each runtime, artifact and batch size, against this machine's matmul ceiling of
     each row's precision.
@@ -40,12 +43,13 @@ def bench(
 
     Example (served): cnnpack bench --run runs/demo --triton-url 127.0.0.1:8001 --model cnn_onnx --concurrency 1,4,16
     """
-    from cnnpack.bench import BenchConfig, ServedConfig, bench_served
+    from cnnpack.bench import BenchConfig
     from cnnpack.bench import bench as do_bench
+    from cnnpack.bench_served import ServedConfig, bench_served
 
     if model is not None and triton_url is None:
         raise usage_error("--model names a served model: give the server with --triton-url HOST:PORT too")
-    names = tuple(n.strip() for n in runtimes.split(",") if n.strip())
+    names = tuple(n.strip() for n in runtimes.split(",") if n.strip()) if runtimes is not None else None
     sizes = int_list(batch_sizes, "--batch-sizes") if batch_sizes else ((1,) if triton_url else (1, 8, 32))
     arts = tuple(a.strip() for a in artifacts.split(",") if a.strip()) if artifacts else None
     cfg = BenchConfig(runtimes=names, batch_sizes=sizes, threads=threads, max_seconds=max_seconds, device=device,
@@ -54,7 +58,7 @@ def bench(
     with _status(progress and not as_json) as say:
         if triton_url:
             served = ServedConfig(url=triton_url, model=model, protocol=protocol, timeout_s=timeout,
-                                  concurrency=int_list(concurrency, "--concurrency"))
+                                  concurrency=int_list(concurrency, "--concurrency"), load_generator=load_generator)
             section = bench_served(run, served, cfg, progress=say)
         else:
             section = do_bench(run, cfg, progress=say)
@@ -119,7 +123,7 @@ def _print_table(section: dict) -> None:
 
     from cnnpack.bench import series
 
-    ceilings = "; ".join(f"{p} {c['gflops']:.0f} G(FL)OP/s ({c['best']}; theoretical "
+    ceilings = "; ".join(f"{p} on {c.get('matrix_engine', '?')}: {c['gflops']:.0f} G(FL)OP/s ({c['best']}; theoretical "
                          f"{c['theoretical_gflops']['gflops']:.0f})" for p, c in section.get("ceilings", {}).items())
     ceilings = ceilings or f"fp32 {section['machine_peak_gflops']:.0f} GFLOP/s"
     t = Table(title=f"{section['model']} on {section['device']}, {section['threads']} threads",

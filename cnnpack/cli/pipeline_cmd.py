@@ -90,8 +90,9 @@ def print_summary(s: dict) -> None:
     if s["accuracy"] is not None:
         t.add_row("accuracy", f"{100 * s['accuracy']:.2f}% validation top-1")
     if s["parity_passed"] is not None:
-        err = f" (fp32 max abs err {s['parity_max_abs_err']:.1e})" if s["parity_max_abs_err"] is not None else ""
-        t.add_row("parity", ("every artifact within its precision's contract" if s["parity_passed"] else "FAILED") + err)
+        from cnnpack.precision import parity_line
+
+        t.add_row("parity", parity_line(s.get("parity", [])))
     for row in s.get("precision", []):
         fast = f"{row['speedup_vs_fp32']:.2f}x fp32 ONNX Runtime" if row.get("speedup_vs_fp32") else "-"
         top1 = f"{100 * row['top1']:.2f}%" if row.get("top1") is not None else "-"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,9 @@ def tune(
     max_seconds: float = typer.Option(2.0, help="Measurement time per point."),
     time_limit: float = typer.Option(300.0, help="Time limit of the sweep, s (beyond it: coarse-to-fine)."),
     oversubscribe: bool = typer.Option(False, help="Allow instances x threads above the cores."),
+    load_generator: str = typer.Option("auto", help="perf_analyzer | cnnpack | auto (perf_analyzer when on PATH)."),
+    bf16: str = typer.Option("auto", help="OpenVINO models also with the bf16 inference hint: auto (where the CPU "
+                                          "computes bf16 natively) | yes | no."),
     undo: bool = typer.Option(False, help="Restore the config.pbtxt the last tune replaced, and stop."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
 ):
@@ -48,10 +52,14 @@ def tune(
                      concurrency=int_list(concurrency, "--concurrency"), instances=int_list(instances, "--instances"),
                      threads=int_list(threads, "--threads"), queue_delays_us=int_list(queue_delays_us, "--queue-delays-us"),
                      models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else None,
-                     max_seconds=max_seconds, time_limit_s=time_limit, oversubscribe=oversubscribe)
+                     max_seconds=max_seconds, time_limit_s=time_limit, oversubscribe=oversubscribe,
+                     load_generator=load_generator, bf16=bf16)
     cfg.validate()
-    with Console(stderr=True).status("tuning") as st:
-        section = do_tune(run, cfg, progress=lambda text: st.update(f"tuning: {text}"))
+    if not sys.stderr.isatty():  # a log file gets a line per step and per measured point, as they happen
+        section = do_tune(run, cfg, progress=lambda text: typer.echo(f"tune: {text}", err=True))
+    else:
+        with Console(stderr=True).status("tuning") as st:
+            section = do_tune(run, cfg, progress=lambda text: st.update(f"tuning: {text}"))
     emit(section, as_json)
     if not as_json:
         _table(section)
@@ -64,12 +72,12 @@ def _table(section: dict) -> None:
 
     t = Table(title=f"{len(section['points'])} served configs ({section['sweep']['search']}, "
                     f"{section['sweep']['wall_s']:.0f} s, server started {section['sweep'].get('server_starts')}x)")
-    for col in ("config", "c", "images/s", "p50 ms", "p99 ms", "batch", "stable"):
+    for col in ("config", "precision", "c", "images/s", "p50 ms", "p99 ms", "batch", "stable"):
         t.add_column(col, justify="left" if col == "config" else "right")
     best = section["winner"]
     for p in sorted(section["points"], key=lambda p: -p["throughput_ips"]):
         mark = " ★" if best and (p["label"], p["concurrency"]) == (best["label"], best["concurrency"]) else ""
-        t.add_row(p["label"] + mark, str(p["concurrency"]), f"{p['throughput_ips']:,.0f}", f"{p['latency_ms_p50']:.2f}",
+        t.add_row(p["label"] + mark, p.get("precision", "fp32"), str(p["concurrency"]), f"{p['throughput_ips']:,.0f}", f"{p['latency_ms_p50']:.2f}",
                   f"{p['latency_ms_p99']:.2f}", f"{p.get('server_batch_mean') or 0:.2f}",
                   "yes" if p["stable"] else "[red]no[/red]")
     Console(stderr=True).print(t)

@@ -1,0 +1,83 @@
+"""What `cnnpack bench` writes: bench.json, bench.csv and bench.png, and a row's name in tables and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from cnnpack.rundir import Run, atomic_path, atomic_write_json, atomic_write_text
+
+CSV_COLUMNS = ("runtime", "format", "precision", "batch_size", "concurrency", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95",
+               "latency_ms_p99", "latency_ms_mean", "throughput_ips", "gflops", "matmul_gflops", "matmul_share",
+               "speedup_vs_eager", "speedup_vs_fp32", "peak_rss_mb", "cpu_others", "stable", "requests", "server_batch_mean", "load_generator")
+
+
+def write_outputs(run: Run, section: dict, *, plot: bool = True) -> dict:
+    """bench.json (everything), bench.csv (one row per runtime x batch size) and bench.png."""
+    atomic_write_json(run.file("bench.json"), section)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(section["results"])
+    atomic_write_text(run.file("bench.csv"), buf.getvalue())
+    names = ["bench.json", "bench.csv"]
+    if plot:
+        plot_results(section, run.file("bench.png"))
+        names.append("bench.png")
+    return {n: run.file_record(run.file(n)) for n in names}
+
+
+def series(row: dict) -> str:
+    """A row's name in tables and plots: the runtime (with a precision other than fp32), or for a served model
+    its format and concurrency."""
+    if row.get("concurrency"):
+        return f"{row['format']} c{row['concurrency']}"
+    precision = row.get("precision", "fp32")
+    return row["runtime"] if precision == "fp32" or row["runtime"].endswith(precision) else f"{row['runtime']} {precision}"
+
+
+def plot_results(section: dict, path: Path) -> None:
+    """Left: median latency vs batch size (p99 as the band's top). Right: throughput per runtime."""
+    import matplotlib.ticker
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend is left alone
+
+    results = section["results"]
+    runtimes = list(dict.fromkeys(series(r) for r in results))
+    batches = sorted({r["batch_size"] for r in results})
+    fig = Figure(figsize=(12, 4.6))
+    a, b = fig.subplots(1, 2)
+    width = 0.8 / len(batches)
+    for name in runtimes:
+        rows = sorted((r for r in results if series(r) == name), key=lambda r: r["batch_size"])
+        x = [r["batch_size"] for r in rows]
+        line, = a.plot(x, [r["latency_ms_p50"] for r in rows], "o-", label=name)
+        a.fill_between(x, [r["latency_ms_p50"] for r in rows], [r["latency_ms_p99"] for r in rows],
+                       color=line.get_color(), alpha=0.15)
+    for j, bs in enumerate(batches):
+        vals = [next((r["throughput_ips"] for r in results if series(r) == n and r["batch_size"] == bs), np.nan)
+                for n in runtimes]
+        bars = b.bar(np.arange(len(runtimes)) + (j - (len(batches) - 1) / 2) * width, vals, width,
+                     label=f"batch {bs}")
+        b.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0f}" for v in vals], fontsize=7, padding=1)
+    a.set(xscale="log", yscale="log", xlabel="batch size", ylabel="latency (ms): median, band to p99",
+          title="latency per request")
+    a.set_xticks(batches, [str(x) for x in batches])
+    a.minorticks_off()
+    a.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    a.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    b.set_xticks(range(len(runtimes)), runtimes, rotation=20 if len(runtimes) > 4 else 0,
+                 ha="right" if len(runtimes) > 4 else "center", fontsize=8)
+    b.set(ylabel="images / s", title=f"throughput ({section['threads']} threads, {section['device']})")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    from cnnpack.peak import short
+
+    fig.suptitle(f"{section['model']} ({section['model_gflops_per_image']:.3g} GFLOP/image); this machine's measured "
+                 f"matmul ceilings (G(FL)OP/s): {short(section)}",
+                 fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

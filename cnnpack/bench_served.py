@@ -1,0 +1,126 @@
+"""`cnnpack bench --triton-url`: a served model under closed-loop concurrent load, in the run's bench table.
+
+The same windows and stability rule as a local runtime (`cnnpack.measure`); the rows join the run's
+`stages.bench` as runtime `triton`, replacing earlier ones of the same model and protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnnpack.bench import (
+    NOTES,
+    BenchConfig,
+    BenchContext,
+    count_flops,
+    input_batch,
+    make_section,
+    previous_section,
+    speedups,
+)
+from cnnpack.bench_outputs import write_outputs
+from cnnpack.errors import UserInputError
+from cnnpack.host import load_avg, machine, torch_threads
+from cnnpack.loadgen import describe, load, resolve
+from cnnpack.rundir import Run
+
+
+@dataclass(frozen=True)
+class ServedConfig:
+    """Which served model to put under load, and how."""
+
+    url: str | None = None  # default: 127.0.0.1 on Triton's port of the protocol
+    model: str | None = None  # default: the model of the run's `cnnpack triton` stage
+    protocol: str = "grpc"
+    concurrency: tuple[int, ...] = (1, 4, 16)  # requests in flight
+    timeout_s: float = 30.0  # per request
+    load_generator: str = "auto"  # perf_analyzer (when on PATH under auto) | cnnpack: `cnnpack.loadgen`
+
+    def validate(self) -> None:
+        from cnnpack.client import check_protocol
+        from cnnpack.loadgen import resolve
+
+        check_protocol(self.protocol)
+        resolve(self.load_generator)
+        if self.model == "":
+            raise UserInputError("--model is empty; name the served model (see `cnnpack serve`'s list)")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise UserInputError(f"--concurrency must be integers >= 1, got {list(self.concurrency)}")
+
+
+def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = BenchConfig(batch_sizes=(1,)), *,
+                 progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Throughput and latency of a served model under closed-loop concurrent load (perf_analyzer-like).
+
+    One row per batch size x concurrency (runtime `triton`, format `triton:<model>`), with the server's
+    own view of it (mean executed batch, queue and compute time); the rows join those of the run's
+    local bench in bench.json and `stages.bench`. Raises StageFailed (exit 1) if a request fails.
+    """
+    import torch
+
+    from cnnpack.runtimes import RUNTIMES, served_ref
+    from cnnpack.train import resolve_device
+
+    cfg.validate()
+    served.validate()
+    run = Run.open(run_dir)
+    rt = RUNTIMES.get("triton").load(served_ref(run, served.url, served.model, served.protocol, served.timeout_s))
+    for b in cfg.batch_sizes:
+        rt.check_batch(b)
+    host = machine()
+    generator = resolve(served.load_generator)
+    with torch_threads(cfg.threads or torch.get_num_threads()):  # the matmul rate of the client's machine
+        ctx = BenchContext(run, cfg, resolve_device("cpu"), count_flops(run), progress)
+        ctx.sample_matmul()
+        for b in cfg.batch_sizes:
+            for c in served.concurrency:
+                bench_load(ctx, rt, b, c, generator)
+    host["load_avg_1_5_15_end"] = load_avg()
+    section = _merge_served(run, make_section(ctx, host, {}), rt, served)
+    section["outputs"] = write_outputs(run, section, plot=cfg.plot)
+    run.set_stage("bench", section)
+    return run.read()["stages"]["bench"]
+
+
+def bench_load(ctx: BenchContext, rt, batch_size: int, concurrency: int, generator: str = "cnnpack") -> None:
+    """One row: `concurrency` clients sending batches of `batch_size` back to back, measured in windows by the
+    load generator `generator` (perf_analyzer | cnnpack)."""
+    from cnnpack.client import server_side
+
+    client, model = rt.client, rt.model
+    ctx.progress(f"triton {model.name} batch {batch_size} x {concurrency} in flight ({generator})")
+    before = client.statistics(model.name)
+    figures = load(generator, client, model, input_batch(ctx.run.model_spec, batch_size), concurrency, ctx.cfg.policy())
+    after = client.statistics(model.name)
+    row = {"runtime": "triton", "format": rt.format, "batch_size": batch_size, "concurrency": concurrency,
+           "protocol": client.protocol, **figures, "load_generator": describe(generator), "errors": 0,
+           **server_side(before, after)}
+    row["requests"] = row["requests"] or row["server_requests"]  # perf_analyzer does not say; the server does
+    row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9
+    row["peak_rss_mb"] = row["cpu_others"] = None  # the server is another process: not measured from here
+    row["artifact"] = rt.format
+    ctx.yardstick(row, model.parameters.get("precision", "fp32"))
+    row["info"] = rt.info
+    ctx.results.append(row)
+
+
+def _merge_served(run: Run, new: dict, rt, served: ServedConfig) -> dict:
+    """The run's bench section with the rows of this served model over this protocol replaced (the others stay).
+
+    `served.<format>.<protocol>` records how they were measured.
+    """
+    old = previous_section(run)
+    info = {"url": rt.client.url, "concurrency": list(served.concurrency), "timeout_s": served.timeout_s,
+            "model": rt.model.describe(), "machine": new["machine"], "config": new["config"],
+            "libraries": new["libraries"]}
+    seen = old.get("served", {})
+    seen = {**seen, rt.format: {**seen.get(rt.format, {}), served.protocol: info}}
+    if not old:
+        return {**new, "served": seen}
+    rows = [r for r in old["results"] if (r.get("format"), r.get("protocol")) != (rt.format, served.protocol)]
+    rows += new["results"]
+    speedups(rows)
+    return {**old, "results": rows, "machine_peak_gflops": max(old["machine_peak_gflops"], new["machine_peak_gflops"]),
+            "served": seen, "notes": NOTES}

@@ -1,0 +1,99 @@
+"""This machine as the operating system sees it: its cores, memory and CPU time, and how busy it is.
+
+The bench and the ceilings read it (`peak` for the threads it measures with, `bench` for each row's
+memory and the CPU time other processes took while it ran).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import platform
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load_avg() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def machine() -> dict:
+    """What the numbers were measured on, including how busy it was."""
+    model = platform.processor()
+    with contextlib.suppress(OSError):
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        model = m.group(1) if m else model
+    return {"platform": platform.platform(), "cpu": model, "cpus_usable": usable_cores(),
+            "load_avg_1_5_15": load_avg()}
+
+
+def status_kb(key: str) -> int | None:
+    try:
+        m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def release_memory() -> None:
+    """Frees what Python and glibc still hold, so the next runtime's baseline is its own."""
+    import ctypes
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS counter (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def cpu_ticks() -> tuple[int, int, int] | None:
+    """(busy ticks of the machine, all ticks of the machine, ticks of this process), or None off Linux."""
+    try:
+        cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError):
+        return None
+    busy = sum(cpu) - cpu[3] - cpu[4]  # all but idle and iowait; steal counts as taken
+    return busy, sum(cpu), int(own[11]) + int(own[12])  # utime + stime
+
+
+def others_cpu_share(before, after) -> float | None:
+    """Share of the machine's CPU time that other processes (or the hypervisor) took in between."""
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    others = (after[0] - before[0]) - (after[2] - before[2])
+    return max(0.0, others / (after[1] - before[1]))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def sync(device) -> Callable[[], None]:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None

@@ -1,0 +1,95 @@
+"""Who puts a served model under load: Triton's own perf_analyzer when it is on PATH, else cnnpack's asyncio client.
+
+Users of Triton quote perf_analyzer (C++, one thread per client). cnnpack's client (`measure.Load`) runs in the
+Python process beside the server and, on a machine of few cores, takes CPU the server needs (issue 21: 0.85-0.89x
+perf_analyzer's throughput on 2 cores). Both follow the same rule: a closed loop of `concurrency` requests in flight,
+windows until three agree within the stability fraction (or the trials run out: unstable). Every row says which
+one measured it (`load_generator`), and `cnnpack bench --triton-url` and `cnnpack tune` take the same choice:
+
+    --load-generator auto            perf_analyzer when on PATH, else cnnpack
+    --load-generator perf_analyzer   refused (exit 2) when it is not on PATH
+    --load-generator cnnpack
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from cnnpack.errors import StageFailed, UserInputError
+from cnnpack.measure import Load, WindowPolicy, measure, summarise
+
+GENERATORS = ("auto", "perf_analyzer", "cnnpack")
+
+
+def resolve(name: str) -> str:
+    """The load generator `name` stands for here: perf_analyzer | cnnpack."""
+    if name not in GENERATORS:
+        raise UserInputError(f"--load-generator {name!r}; valid: {', '.join(GENERATORS)}")
+    found = shutil.which("perf_analyzer")
+    if name == "perf_analyzer" and not found:
+        raise UserInputError("--load-generator perf_analyzer, but perf_analyzer is not on PATH (it ships in the "
+                             "tritonclient wheel's data/bin up to 2.41, or in the NGC SDK container); or use "
+                             "--load-generator cnnpack")
+    if name == "auto":
+        return "perf_analyzer" if found else "cnnpack"
+    return name
+
+
+def describe(name: str) -> str:
+    """The generator with its version, for a row: `perf_analyzer 2.41.0` or `cnnpack asyncio client`."""
+    if name != "perf_analyzer":
+        return "cnnpack asyncio client"
+    out = subprocess.run(["perf_analyzer", "--version"], capture_output=True, text=True, timeout=30)
+    m = re.search(r"(\d+\.\d+\.\d+)", out.stdout + out.stderr)
+    return f"perf_analyzer {m.group(1)}" if m else "perf_analyzer"
+
+
+def load(generator: str, client, model, batch: np.ndarray, concurrency: int, policy: WindowPolicy) -> dict:
+    """One closed-loop point: latency percentiles (ms), throughput (images/s), stable, by `generator`."""
+    if generator == "perf_analyzer":
+        return perf_analyzer(client, model, batch.shape[0], concurrency, policy)
+    with Load(client, model, batch, concurrency) as ld:
+        m = measure(ld.one, policy, window=lambda _request, p, _sync: ld.window(seconds=p.window_s,
+                                                                               min_requests=p.min_requests))
+    return summarise(m, batch.shape[0])
+
+
+def perf_analyzer(client, model, batch_size: int, concurrency: int, policy: WindowPolicy) -> dict:
+    """Runs perf_analyzer against the server of `client` at one concurrency; its figures in bench's row keys.
+
+    Its windows are time windows of `policy.window_s`, its stability threshold `policy.stability`, its trials as many
+    windows as fit in `policy.max_s`; when they run out perf_analyzer reports no figures, so the point is measured
+    once more without the stability check and flagged unstable.
+    """
+    trials = max(policy.stable_windows, math.ceil(policy.max_s / policy.window_s))
+    with tempfile.TemporaryDirectory(prefix="cnnpack-pa-") as tmp:
+        out = Path(tmp) / "pa.csv"
+        cmd = ["perf_analyzer", "-m", model.name, "-u", client.address, "-i", client.protocol, "-b", str(batch_size),
+               "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval",
+               str(max(50, round(1000 * policy.window_s))), "--stability-percentage", f"{100 * policy.stability:g}",
+               "--max-trials", str(trials), "--input-data", "random", "--verbose-csv", "-f", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 4 * policy.max_s)
+        stable = done.returncode == 0 and out.is_file()
+        if not stable and "stable" in done.stdout + done.stderr:
+            out.unlink(missing_ok=True)
+            done = subprocess.run([*cmd[:-2], "--max-trials", str(policy.stable_windows), "-s", "1000", "-f", str(out)],
+                                  capture_output=True, text=True, timeout=60 + 4 * policy.max_s)
+        if done.returncode != 0 or not out.is_file():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise StageFailed(f"perf_analyzer on {model.name} at {client.address} ({concurrency} in flight) failed: "
+                              f"{tail[0]}")
+        row = next(csv.DictReader(out.open()))
+    us = {p: float(row[f"p{p} latency"]) / 1e3 for p in (50, 90, 95, 99)}
+    count = re.search(r"Request count: (\d+)", done.stdout)
+    return {**{f"latency_ms_p{p}": v for p, v in us.items()}, "latency_ms_mean": float(row["Avg latency"]) / 1e3,
+            "throughput_ips": float(row["Inferences/Second"]), "stable": stable,
+            "requests": int(count.group(1)) if count else None, "windows": None,
+            "warmup_s": None, "measured_s": None, "window_throughput_ips": []}
