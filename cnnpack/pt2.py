@@ -89,7 +89,7 @@ def capture_error(e: BaseException) -> str:
     """torch.export's error in one line: its first line, and the model's source line that raised it."""
     text = str(e).strip()
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
-    first = re.sub(r"\s*\(unhinted: .*?\)\.?", "", first)
+    first = re.sub(r"\s*\((unhinted|Size-like symbols): [^()]*(\([^()]*\)[^()]*)*\)\.?", "", first)
     where = re.search(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)', text)
     if where:
         path, line, fn, code = where.groups()
