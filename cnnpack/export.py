@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from cnnpack import __version__
-from cnnpack.errors import MissingStageError, StageFailed, UserInputError
+from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInputError
 from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
 from cnnpack.rundir import Run, atomic_path, atomic_write_text, sha256
@@ -345,14 +345,17 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig()) -> dict:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
     model, spec = _deployable(run, cfg)
+    written: list[str] = []
     try:  # a format that fails leaves the ones before it written and recorded, and reproduce.sh up to date
         for fmt in sorted(cfg.formats, key=_order):
-            if fmt in FOLDERS:
-                _export_folder(run, model, spec, cfg, fmt)
-            else:
-                _export_file(run, model, spec, cfg, fmt)
+            record = (_export_folder if fmt in FOLDERS else _export_file)(run, model, spec, cfg, fmt)
+            written.append(f"{record['path']} ({fmt})")
+    except CnnpackError as e:
+        if written:  # say what is there after all
+            e.args = (f"{e}; written: {', '.join(written)}",)
+        raise
     finally:
-        if run.read().get("stages", {}).get("export"):
+        if written:
             write_reproduce(run)
     return run.read()["stages"]["export"]
 

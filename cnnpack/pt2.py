@@ -97,8 +97,9 @@ def capture_error(e: BaseException) -> str:
     return first
 
 
-def compile_package(program, dest: Path, *, metadata: dict[str, str]) -> float:
-    """AOTInductor-compiles `program` into the package `dest` (frozen weights); returns the compile seconds."""
+def compile_package(program, dest: Path, *, metadata: dict[str, str], configs: dict | None = None) -> float:
+    """AOTInductor-compiles `program` into the package `dest` with inductor `configs` (default INDUCTOR_CONFIGS:
+    frozen weights); returns the compile seconds."""
     import io
     import logging
 
@@ -111,7 +112,8 @@ def compile_package(program, dest: Path, *, metadata: dict[str, str]) -> float:
     try:
         with torch.no_grad():  # inductor freezes only an inference graph (grad disabled)
             torch._inductor.aoti_compile_and_package(
-                program, package_path=buf, inductor_configs={**INDUCTOR_CONFIGS, "aot_inductor.metadata": metadata})
+                program, package_path=buf,
+                inductor_configs={**(INDUCTOR_CONFIGS if configs is None else configs), "aot_inductor.metadata": metadata})
     except exc.InvalidCxxCompiler:
         find_compiler()  # names what is missing
         raise
@@ -202,6 +204,10 @@ class AotiRuntime:
                  source: str) -> None:
         self.compiled, self.device, self.shape, self.max_batch, self.half = compiled, device, shape, max_batch, half
         self.source = source
+        # one tensor in, one out: the loader's boxed_run directly, without the call spec's pytree round trip
+        # that AOTICompiledModel.__call__ makes on every call (it parses two JSON tree specs each time)
+        loader = getattr(compiled, "loader", None)
+        self._run = (lambda x: loader.boxed_run([x])[0]) if hasattr(loader, "boxed_run") else compiled
         self.info = {"device": device, "runner": "torch._inductor.aoti_load_package"}
 
     @classmethod
@@ -232,5 +238,5 @@ class AotiRuntime:
         self.check(batch)
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         with torch.inference_mode():
-            y = self.compiled(x.half() if self.half else x)
+            y = self._run(x.half() if self.half else x)
         return y.float().cpu().numpy()

@@ -65,7 +65,8 @@ def test_no_compiler_is_one_line_and_the_other_formats_are_written(tiny_run, tmp
     child = {k: v for k, v in os.environ.items() if k != "CXX"} | env
     proc = _cli("export", "--run", str(run), "--format", "torchscript,pt2", env=child)
     what = "CXX=/nonexistent/g++ is not an executable" if "CXX" in env else "g++ is not on PATH and CXX is not set"
-    _one_error_line(proc, "--format pt2 needs a C++ compiler", what, "apt-get install g++", "set CXX")
+    _one_error_line(proc, "--format pt2 needs a C++ compiler", what, "apt-get install g++", "set CXX",
+                    "written: export/model.pt (torchscript)")
     arts = Run.open(run).read()["stages"]["export"]["artifacts"]
     assert set(arts) == {"torchscript"} and arts["torchscript"]["sha256"] == sha256(run / "export/model.pt")
     assert not (run / "export/model.pt2").exists()

@@ -23,7 +23,7 @@ def verify(
     min_agreement: float = typer.Option(0.999, help="Least share of validation images classified as eager does."),
     int8_min_agreement: float = typer.Option(0.99, help="The same for int8 artifacts (their contract: task parity)."),
     data: Optional[str] = typer.Option(None, help="Dataset for task parity (default: the run's own)."),
-    device: str = typer.Option("cpu", help="Where eager and TorchScript run: cpu | cuda | auto."),
+    device: str = typer.Option("cpu", help="Where eager and TorchScript run: cpu | cuda | auto (a pt2 package runs where it was compiled)."),
     seed: int = typer.Option(0, help="Seed of the random input batches."),
     triton_url: Optional[str] = typer.Option(None, help="Also check a model served by Triton at HOST:PORT."),
     model: Optional[str] = typer.Option(None, help="With --triton-url: the served model (default: the run's triton stage's)."),
