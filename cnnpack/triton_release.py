@@ -31,13 +31,14 @@ WHY = {"torch_aoti": "pt2 (torch.export + AOTInductor) packages load in Triton's
 def read_configs(repository: str | Path) -> dict[str, object]:
     """{model folder name: ModelConfig} of every model folder whose config.pbtxt parses (the others are
     left for Triton to report)."""
+    root, out = Path(repository), {}
+    configs = sorted(root.glob("*/config.pbtxt")) if root.is_dir() else []
+    if not configs:
+        return out  # (and nothing imported: the docker line is also what a broken installation is told)
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    root, out = Path(repository), {}
-    if not root.is_dir():
-        return out
-    for config in sorted(root.glob("*/config.pbtxt")):
+    for config in configs:
         try:
             out[config.parent.name] = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
         except (text_format.ParseError, OSError, UnicodeDecodeError):
