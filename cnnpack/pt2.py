@@ -115,8 +115,8 @@ def compile_package(program, dest: Path, *, metadata: dict[str, str], configs: d
                 program, package_path=buf,
                 inductor_configs={**(INDUCTOR_CONFIGS if configs is None else configs), "aot_inductor.metadata": metadata})
     except exc.InvalidCxxCompiler:
-        find_compiler()  # names what is missing
-        raise
+        cxx = find_compiler()  # names what is missing; if it finds one, inductor disagreed with it
+        raise UserInputError(f"--format pt2: AOTInductor found no working C++ compiler (tried {cxx}); {INSTALL}") from None
     except Exception as e:  # noqa: BLE001 - inductor's lowering and the C++ compiler fail in many ways
         line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise StageFailed(f"AOTInductor could not compile the exported model: {line.strip()}") from None

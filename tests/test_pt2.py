@@ -96,6 +96,21 @@ def test_a_model_torch_export_cannot_capture_names_the_construct(tmp_path):
     assert not (tmp_path / "model.pt2").exists()
 
 
+def test_the_torch_aoti_config_matches_its_golden_file():
+    """What `cnnpack triton --format pt2 --threads 2 --warmup` writes (tests/assets/config_pt2_cpu.pbtxt)."""
+    from cnnpack.triton_repo import ModelIO, Tensor, TritonConfig, classifier_config, render
+
+    io = ModelIO(Tensor("INPUT__0", "float32", (-1, 3, 32, 32)), Tensor("OUTPUT__0", "float32", (-1, 3)), 16, "raw")
+    got = render(classifier_config("classifier", io, TritonConfig(format="pt2", threads=2, warmup=True)))
+    golden = Path(__file__).parent / "assets" / "config_pt2_cpu.pbtxt"
+    if os.environ.get("CNNPACK_UPDATE_GOLDEN"):
+        golden.write_text(got)
+    assert got == golden.read_text()
+    mc = text_format.Parse(got, model_config_pb2.ModelConfig())
+    assert (mc.backend, mc.platform, mc.default_model_filename) == ("pytorch", "torch_aoti", "model.pt2")
+    assert mc.parameters["INTRA_OP_THREAD_COUNT"].string_value == "2"
+
+
 def _configs(tmp_path: Path, platforms: dict[str, tuple[str, str]]) -> Path:
     """A repository of bare configs: name -> (platform, backend)."""
     pb = model_config_pb2

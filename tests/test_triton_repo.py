@@ -100,7 +100,7 @@ def test_config_matches_golden_and_parses(run, tmp_path, case):
 
 def test_golden_files_parse():
     for path in sorted(ASSETS.glob("config_*.pbtxt")):
-        assert _parse(path).platform in ("onnxruntime_onnx", "pytorch_libtorch"), path
+        assert _parse(path).platform in ("onnxruntime_onnx", "pytorch_libtorch", "torch_aoti"), path
 
 
 def test_gpu_tensorrt_config_names():
