@@ -43,6 +43,9 @@ from cnnpack.measure import WindowPolicy, measure
 from cnnpack.peak import cpu_info
 from cnnpack.rundir import Run, library_versions
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_shapes import wait_for_quiet  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CLI = [sys.executable, "-m", "cnnpack"]
 SHAPES = "circle,crescent,cross,square,star,triangle"  # the order of the class folders
@@ -136,6 +139,7 @@ def compile_variant(run_dir: str, name: str, dest: str) -> None:
 def variants(run: Path, out: Path) -> dict[str, dict]:
     """Each variant's package (or why there is none): {name: {path, compile_s} | {error}}."""
     res = {}
+    out.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(VARIANTS):
         dest = out / f"variant{i}.pt2"
         print(f"  compiling {run.name}: {name}", flush=True)
@@ -209,17 +213,18 @@ def ratios(lat: dict[str, list[float]], base: str) -> dict[str, dict]:
     return out
 
 
-def speed(run: Path, packages: dict, threads: int, n: int) -> dict:
+def speed(run: Path, packages: dict, threads: int, n: int, max_wait_s: float) -> dict:
     size = Run.open(run).model_spec["image_size"]
     fns = runners(run, packages, threads)
     out = {}
     for b in (1, 32):
-        print(f"  {run.name} batch {b}", flush=True)
+        waited = wait_for_quiet(sorted(os.sched_getaffinity(0)), time.monotonic() + max_wait_s)
+        print(f"  {run.name} batch {b} (waited {waited:.0f} s for idle cores)", flush=True)
         x = np.random.default_rng(b).integers(0, 256, (b, 3, size, size)).astype(np.float32)
         lat, others, err = rounds(fns, x, n, seed=b)
         out[str(b)] = {"latency_ms": lat, "p50_ms": {k: float(np.median(v)) for k, v in lat.items()},
                        "vs_eager": ratios(lat, "eager"), "vs_onnxruntime": ratios(lat, "onnxruntime (fp32)"),
-                       "others_cpu_share": others, "max_abs_err_vs_eager": err}
+                       "others_cpu_share": others, "max_abs_err_vs_eager": err, "waited_for_quiet_s": waited}
     return out
 
 
@@ -302,6 +307,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--models", default="cnn64,resnet18_224")
+    p.add_argument("--max-wait", type=float, default=600, help="Seconds to wait for idle cores before each speed table.")
     p.add_argument("--compile-variant", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.compile_variant:
@@ -317,7 +323,7 @@ def main() -> None:
         checked = parity(run, None if name == "cnn64" else "shapes")
         tried = variants(run, args.work / f"{name}-variants")
         models[name] = {"compile": compiled, "parity": checked, "variants": tried,
-                        "speed": speed(run, tried, args.threads, args.rounds)}
+                        "speed": speed(run, tried, args.threads, args.rounds, args.max_wait)}
     info = cpu_info()
     name = f"pt2-aoti-{'-'.join(models)}-cpu{len(os.sched_getaffinity(0))}-threads{args.threads}"
     report = {"name": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
