@@ -56,11 +56,14 @@ VARIANTS = {
     "no freezing": ({}, False),
     "freezing + max_autotune": ({"freezing": True, "max_autotune": True}, False),
     "freezing + dynamic OpenMP threads": ({"freezing": True, "cpp.dynamic_threads": True}, False),
-    "freezing, channels_last model": ({"freezing": True}, True),
+    "freezing, no layout optimization (NCHW activations)": ({"freezing": True, "layout_optimization": False}, False),
+    "freezing, no oneDNN weight prepacking": ({"freezing": True, "cpp.weight_prepack": False}, False),
+    "freezing, channels_last model (input converted per call)": ({"freezing": True}, True),
 }
-DEFAULT = "aoti (cnnpack: freezing, loader.boxed_run)"
+CHANNELS_LAST = "freezing, channels_last model (input converted per call)"
+DEFAULT = "aoti (cnnpack: freezing)"
 SINGLE = "aoti, run_single_threaded=True"
-CALL = "aoti, AOTICompiledModel.__call__ (pytree per call)"
+BOXED = "aoti, loader.boxed_run (no pytree per call)"
 
 
 def sh(*args: str, env: dict | None = None) -> float:
@@ -178,13 +181,18 @@ def runners(run: Path, packages: dict[str, dict], threads: int) -> dict:
            "onnxruntime (fp32)": load_runtime(r, "onnxruntime", threads=threads).predict,
            DEFAULT: load_runtime(r, "aoti").predict}
     default = str(run / "export/model.pt2")
-    packages = {CALL: torch._inductor.aoti_load_package(default),
+    packages = {BOXED: torch._inductor.aoti_load_package(default),
                 SINGLE: torch._inductor.aoti_load_package(default, run_single_threaded=True),
                 **{n: torch._inductor.aoti_load_package(v["path"]) for n, v in packages.items() if "path" in v}}
     for name, compiled in packages.items():
-        def predict(x, c=compiled, call=name == CALL):
+        def predict(x, c=compiled, name=name):
+            t = torch.from_numpy(x)
             with torch.inference_mode():
-                return (c(torch.from_numpy(x)) if call else c.loader.boxed_run([torch.from_numpy(x)])[0]).numpy()
+                if name == BOXED:
+                    return c.loader.boxed_run([t])[0].numpy()
+                if name == CHANNELS_LAST:  # compiled for channels_last strides: a client's NCHW batch converted
+                    t = t.contiguous(memory_format=torch.channels_last)
+                return c(t).numpy()
         fns[name] = predict
     return fns
 

@@ -204,10 +204,6 @@ class AotiRuntime:
                  source: str) -> None:
         self.compiled, self.device, self.shape, self.max_batch, self.half = compiled, device, shape, max_batch, half
         self.source = source
-        # one tensor in, one out: the loader's boxed_run directly, without the call spec's pytree round trip
-        # that AOTICompiledModel.__call__ makes on every call (it parses two JSON tree specs each time)
-        loader = getattr(compiled, "loader", None)
-        self._run = (lambda x: loader.boxed_run([x])[0]) if hasattr(loader, "boxed_run") else compiled
         self.info = {"device": device, "runner": "torch._inductor.aoti_load_package"}
 
     @classmethod
@@ -238,5 +234,5 @@ class AotiRuntime:
         self.check(batch)
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         with torch.inference_mode():
-            y = self._run(x.half() if self.half else x)
+            y = self.compiled(x.half() if self.half else x)
         return y.float().cpu().numpy()
