@@ -30,8 +30,8 @@ NAME = f"pipeline-default-cpu{CORES}"
 RUN = Path("runs/pipeline-shapes-cnn-64px")
 
 
-def one(cwd: Path, cache: Path, cores: list[int]) -> dict:
-    res = timed(cnnpack_cmd() + ["pipeline", "--no-progress"], cwd=cwd, env=child_env(str(cache)), cores=cores)
+def one(cwd: Path, cache: Path, cores: list[int], options: tuple[str, ...] = ()) -> dict:
+    res = timed(cnnpack_cmd() + ["pipeline", "--no-progress", *options], cwd=cwd, env=child_env(str(cache)), cores=cores)
     m = json.loads((cwd / RUN / "cnnpack.json").read_text())
     p = m["stages"]["pipeline"]
     res.update(stages={s["name"]: {"status": s["status"], "seconds": s["seconds"], "summary": s["summary"]}

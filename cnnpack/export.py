@@ -1,9 +1,15 @@
-"""`cnnpack export`: deployable TorchScript and ONNX artifacts, each checked before it replaces anything.
+"""`cnnpack export`: deployable ONNX, pt2, TorchScript and OpenVINO artifacts, each checked before it replaces anything.
 
 Each format is one registered function `(model, spec, cfg, dest) -> Artifact`; adding a format
 touches only this registry. An artifact is written to a temp file, checked (onnx.checker full
-check + shape inference, or a TorchScript reload and run), and only then moved into place and
-recorded in the manifest, so a failed export leaves the previous artifact and manifest as they were.
+check + shape inference, or a reload and run), and only then moved into place and recorded in the
+manifest, so a failed export leaves the previous artifact and manifest as they were. The pt2
+package (torch.export + AOTInductor, cnnpack/pt2.py) is made last: it is the slowest, and when it
+cannot be made (no C++ compiler, a model torch.export cannot capture) the other formats are already
+written when the error is raised.
+
+TorchScript is deprecated upstream (torch 2.14 warns on every torch.jit trace/script/save/load and
+names torch.export as the replacement); it stays because Triton's libtorch backend still needs it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 from torch import nn
 
 from cnnpack import __version__
-from cnnpack.errors import MissingStageError, StageFailed, UserInputError
+from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInputError
 from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
 from cnnpack.rundir import Run, atomic_path, atomic_write_text, sha256
@@ -30,9 +36,10 @@ from cnnpack.spec import ModelSpec, check_class_names
 from cnnpack.train import CHECKPOINT, load_checkpoint, save_torch
 
 EXPORTERS: Registry = Registry("format")
-warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning)
 ONNX_NAMES = ("input", "logits")
 TORCHSCRIPT_NAMES = ("INPUT__0", "OUTPUT__0")  # what Triton's libtorch backend expects
+TORCHSCRIPT_DEPRECATED = ("TorchScript (torch.jit) is deprecated upstream in favour of torch.export; kept for "
+                          "Triton's libtorch backend: pt2 (torch.export + AOTInductor) is its successor")
 DEFAULT_OPSET = 18  # the torch.export-based exporter's floor; loads in ORT >= 1.14 (Triton >= 23.02)
 OPSET_RANGE = {"dynamo": (18, 23), "legacy": (7, 20)}
 
@@ -91,6 +98,9 @@ class Artifact:
     export_s: float
     opset: int | None = None
     ir_version: int | None = None
+    device: str | None = None  # pt2: the device the package was compiled for (it runs there only)
+    torch_version: str | None = None  # pt2: the torch that compiled it (it loads in that one or a newer one)
+    compile_s: float | None = None  # pt2: AOTInductor's compile time
     extra: dict = field(default_factory=dict)
 
     def record(self) -> dict:
@@ -229,17 +239,40 @@ def export_torchscript(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, des
         ts = torch.jit.freeze(ts.eval())
     extra = {"cnnpack.json": json.dumps(metadata(spec, cfg))}
     buf = io.BytesIO()  # a buffer, not `dest`: the zip would embed the temp file's name and differ every time
-    torch.jit.save(ts, buf, _extra_files=extra)
-    dest.write_bytes(buf.getvalue())
-    # reload and run once: a file that cannot run is not an artifact
-    loaded = torch.jit.load(str(dest), map_location=cfg.device)
+    with warnings.catch_warnings():  # torch.jit's deprecation: the record and `cnnpack export` say it in our words
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(ts, buf, _extra_files=extra)
+        dest.write_bytes(buf.getvalue())
+        # reload and run once: a file that cannot run is not an artifact
+        loaded = torch.jit.load(str(dest), map_location=cfg.device)
     with torch.no_grad():
         y = loaded(x)
     if tuple(y.shape) != (x.shape[0], spec.num_classes):
         raise StageFailed(f"TorchScript output shape {tuple(y.shape)}, expected {(x.shape[0], spec.num_classes)}")
     inp, out = _io(spec, cfg, TORCHSCRIPT_NAMES)
     return Artifact("torchscript", str(dest), "", inp, out, cfg.static_batch or cfg.max_batch_size,
-                    cfg.static_batch, cfg.input, f"torch.jit.{cfg.torchscript_mode}", time.perf_counter() - t0)
+                    cfg.static_batch, cfg.input, f"torch.jit.{cfg.torchscript_mode}", time.perf_counter() - t0,
+                    extra={"deprecated": TORCHSCRIPT_DEPRECATED})
+
+
+# -- pt2: torch.export + AOTInductor ----------------------------------------------------------------------
+@EXPORTERS.register("pt2")
+def export_pt2(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path) -> Artifact:
+    """A `.pt2` package compiled for `cfg.device`, batch 1..max (exported at batch 2, so the dim stays dynamic)."""
+    from cnnpack import pt2
+
+    t0 = time.perf_counter()
+    meta = {**metadata(spec, cfg), "precision": "fp16" if cfg.half else "fp32",
+            "max_batch_size": str(cfg.static_batch or cfg.max_batch_size)}
+    x = _example(spec, cfg, cfg.static_batch or 2)
+    with _quiet_native_output():  # torch.export prints graph fragments when it fails; the error says what failed
+        info = pt2.export_pt2(model, x, dest, max_batch=None if cfg.static_batch else cfg.max_batch_size,
+                              metadata=meta, num_classes=spec.num_classes)
+    inp, out = _io(spec, cfg, pt2.NAMES)
+    device, torch_version, compile_s = info.pop("device"), info.pop("torch_version"), info.pop("compile_s")
+    return Artifact("pt2", str(dest), "", inp, out, cfg.static_batch or cfg.max_batch_size, cfg.static_batch,
+                    cfg.input, f"torch.export + AOTInductor (torch {torch_version})", time.perf_counter() - t0,
+                    device=device, torch_version=torch_version, compile_s=compile_s, extra=info)
 
 
 # -- OpenVINO IR (from the ONNX artifact) -----------------------------------------------------------
@@ -265,8 +298,14 @@ def export_openvino(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: 
                     f"openvino.convert_model {ov.require().__version__}", time.perf_counter() - t0)
 
 
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
 FOLDERS = {"openvino": "openvino"}  # formats written as a folder (export/<folder>/model.xml + .bin)
+
+
+def _order(fmt: str) -> tuple[bool, bool]:
+    """The ONNX file before OpenVINO (which converts it); pt2 last (the slowest, and the one that may need what
+    this machine lacks: a C++ compiler)."""
+    return fmt == "pt2", fmt in FOLDERS
 
 
 # -- the stage -------------------------------------------------------------------------------
@@ -306,22 +345,30 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig()) -> dict:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
     model, spec = _deployable(run, cfg)
-    out_dir = run.file("export")
-    records = {}
-    for fmt in sorted(cfg.formats, key=lambda f: f in FOLDERS):  # the ONNX file first: OpenVINO converts it
-        if fmt in FOLDERS:
-            records[fmt] = _export_folder(run, model, spec, cfg, fmt)
-            continue
-        dest = out_dir / f"model{SUFFIX[fmt]}"
-        with atomic_path(dest) as tmp:  # replaced only if the exporter and its checks succeed
-            art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)
-            art.sha256 = sha256(tmp)
-        art.path = run.rel(dest)
-        records[fmt] = {**art.record(), "precision": "fp16" if cfg.half else "fp32",
-                        "size_mb": dest.stat().st_size / 2**20}
-        _record(run, cfg, fmt, records[fmt])
-    write_reproduce(run)
+    written: list[str] = []
+    try:  # a format that fails leaves the ones before it written and recorded, and reproduce.sh up to date
+        for fmt in sorted(cfg.formats, key=_order):
+            record = (_export_folder if fmt in FOLDERS else _export_file)(run, model, spec, cfg, fmt)
+            written.append(f"{record['path']} ({fmt})")
+    except CnnpackError as e:
+        if written:  # say what is there after all
+            e.args = (f"{e}; written: {', '.join(written)}",)
+        raise
+    finally:
+        if written:
+            write_reproduce(run)
     return run.read()["stages"]["export"]
+
+
+def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str) -> dict:
+    dest = run.file("export") / f"model{SUFFIX[fmt]}"
+    with atomic_path(dest) as tmp:  # replaced only if the exporter and its checks succeed
+        art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)
+        art.sha256 = sha256(tmp)
+    art.path = run.rel(dest)
+    record = {**art.record(), "precision": "fp16" if cfg.half else "fp32", "size_mb": dest.stat().st_size / 2**20}
+    _record(run, cfg, fmt, record)
+    return record
 
 
 def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str) -> dict:

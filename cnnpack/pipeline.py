@@ -121,8 +121,9 @@ class PipelineConfig:
     def bench_config(self):
         from cnnpack.bench import BenchConfig
 
-        return BenchConfig(runtimes=self.bench_runtimes, batch_sizes=self.bench_batch_sizes, threads=self.threads,
-                           max_seconds=self.bench_max_seconds)
+        aoti = ("aoti",) if "pt2" in self.formats and "aoti" not in self.bench_runtimes else ()  # the pt2 package's
+        return BenchConfig(runtimes=(*self.bench_runtimes, *aoti), batch_sizes=self.bench_batch_sizes,
+                           threads=self.threads, max_seconds=self.bench_max_seconds)
 
     def served_config(self):
         from cnnpack.served import ServedConfig

@@ -70,7 +70,23 @@ def _export(m: dict, run: Run) -> list[Block]:
                      str(a.get("opset", "–")), _num(size, "{:.2f} MB"), a["sha256"][:12]])
     return [Block("h2", "Exported artifacts"), Block("table", rows=rows),
             Block("p", "Inputs are raw RGB pixels 0–255; scaling and mean/std normalisation happen inside the graph. "
-                       "`export/reproduce.sh` re-creates them.")]
+                       "`export/reproduce.sh` re-creates them.")] + [Block("p", n) for n in _export_notes(e)]
+
+
+def _export_notes(e: dict) -> list[str]:
+    """What a reader of the table must know about pt2 and TorchScript."""
+    arts, out = e.get("artifacts", {}), []
+    if "pt2" in arts:
+        a = arts["pt2"]
+        isa = f" ({a['extra']['cpu_isa']})" if a.get("extra", {}).get("cpu_isa") else ""
+        out.append(f"pt2: torch.export + AOTInductor package compiled for {a.get('device', 'cpu')}{isa} by torch "
+                   f"{a.get('torch_version', '?')} in {_num(a.get('compile_s'), '{:.0f}')} s; it runs there, with "
+                   "that torch or a newer one (Python: `torch._inductor.aoti_load_package`, C++: "
+                   "`AOTIModelPackageLoader`, Triton: `platform: \"torch_aoti\"`).")
+    if "torchscript" in arts:
+        why = arts["torchscript"].get("extra", {}).get("deprecated") or "deprecated upstream in favour of torch.export"
+        out.append(f"**torchscript**: {why}.")
+    return out
 
 
 def _verify(m: dict) -> list[Block]:
@@ -246,8 +262,18 @@ def _triton(m: dict, run: Run) -> list[Block]:
            Block("p", f"Model `{t['name']}` version {t['version']} ({t['format']}) in `{t['repository']}`:"),
            Block("code", _tree(repo) if repo.is_dir() else str(repo)),
            Block("p", "Serve it locally (real Triton server from the nvidia-pytriton wheel):"), Block("code", serve),
-           Block("p", "or with the NGC container:"), Block("code", docker)]
+           Block("p", f"or with the NGC container ({_release_note(repo)}):"), Block("code", docker)]
     return out
+
+
+def _release_note(repo: Path) -> str:
+    """Which NGC release the docker line names, and why."""
+    from cnnpack.triton_release import release_for
+
+    release, why = release_for(repo)
+    if not why:
+        return f"release {release}, which serves every model here"
+    return (f"release {release} or newer: " + "; ".join(f"`{m}`: {w}" for m, w in why.items()))
 
 
 def _served(m: dict) -> list[Block]:

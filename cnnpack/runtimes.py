@@ -397,13 +397,15 @@ def served_ref(run: Run | None, url: str | None, model: str | None, protocol: st
     return ArtifactRef(run, f"triton:{model}", None, record)
 
 
-for _rt in (EagerRuntime, CompiledRuntime, TorchScriptRuntime, OrtRuntime, OrtCudaRuntime, OrtTensorrtRuntime,
-            OpenVinoRuntime, OpenVinoBf16Runtime, TritonRuntime):
+from cnnpack.pt2 import AotiRuntime  # noqa: E402 - its own module (pt2.py), registered with the others here
+
+for _rt in (EagerRuntime, CompiledRuntime, AotiRuntime, TorchScriptRuntime, OrtRuntime, OrtCudaRuntime,
+            OrtTensorrtRuntime, OpenVinoRuntime, OpenVinoBf16Runtime, TritonRuntime):
     RUNTIMES.register(_rt.name)(_rt)
 
 # which runtime reads which format by default
-FORMAT_RUNTIME = {"checkpoint": "eager", "onnx": "onnxruntime", "onnx_int8": "onnxruntime", "torchscript": "torchscript",
-                  "openvino": "openvino", "openvino_int8": "openvino"}
+FORMAT_RUNTIME = {"checkpoint": "eager", "onnx": "onnxruntime", "onnx_int8": "onnxruntime", "pt2": "aoti",
+                  "torchscript": "torchscript", "openvino": "openvino", "openvino_int8": "openvino"}
 
 
 def precision_of(record: dict) -> str:

@@ -47,16 +47,23 @@ from importlib import resources
 from pathlib import Path
 
 from cnnpack.errors import CnnpackError, RuntimeUnavailable, StageFailed, UserInputError
+from cnnpack.triton_release import LOCAL_RELEASE, local_repository, release_for
 
-NGC_RELEASE = "24.10"  # the NGC container whose Triton (2.51) the wheel ships
+NGC_RELEASE = LOCAL_RELEASE  # 24.10: the NGC container whose Triton (2.51) the wheel ships; newer where a model needs it
 SHIPPED_BACKENDS = ("onnxruntime", "pytorch", "openvino")  # cnnpack/backends/<name>/model.py
 SHARED_MODULE = "cnnpack_batching.py"  # cnnpack/backends/, copied beside each backend's model.py
 NOISE = ("CudaDriverHelper has not been initialized",)  # E-level lines Triton prints on every CPU-only start
 
 
+def ngc_release(repository: str | Path | None = None) -> str:
+    """The oldest NGC release that serves every model in `repository` (read from each model's config.pbtxt):
+    NGC_RELEASE, or 26.06 when a model is a pt2 package (`platform: "torch_aoti"`, see triton_release.py)."""
+    return release_for(repository)[0]
+
+
 def ngc_image(repository: str | Path | None = None) -> str:
     """The NGC Triton image of the release that serves every model in `repository`."""
-    return f"nvcr.io/nvidia/tritonserver:{NGC_RELEASE}-py3"
+    return f"nvcr.io/nvidia/tritonserver:{ngc_release(repository)}-py3"
 
 
 def docker_line(repository: str | Path = "model_repository") -> str:
@@ -368,6 +375,7 @@ class TritonServer:
         self._tmp = Path(tempfile.mkdtemp(prefix="cnnpack-serve-"))
         try:
             self.backend_dir = self._backend_dir(dist, env)
+            repo = local_repository(repo, self._tmp / "repository")  # pt2 models: a 2.51-readable config beside them
             self.ports = resolve_ports(self.cfg)
             t0 = time.perf_counter()
             self._launch(dist, env, repo)

@@ -155,10 +155,12 @@ def grid(models: list[tuple[str, str]], cfg: TuneConfig, delays: tuple[int, ...]
     return out
 
 
-def model_config_json(run: Run, s: Setting, repository: str) -> str:
-    """The ModelConfig of a setting, as the JSON Triton's load API takes (snake_case field names)."""
+def model_config_json(run: Run, s: Setting, repository: str, *, local: bool = False) -> str:
+    """The ModelConfig of a setting, as the JSON Triton's load API takes (snake_case field names); with `local`,
+    as the local Triton 2.51 reads it (a pt2 model without `platform: "torch_aoti"`, see triton_release.py)."""
     from google.protobuf import json_format
 
+    from cnnpack.triton_release import local_config
     from cnnpack.triton_repo import TritonConfig, classifier_config, model_io
 
     tc = TritonConfig(repository=repository, name=s.model, format=s.format, instances=s.instances, threads=s.threads,
@@ -168,7 +170,7 @@ def model_config_json(run: Run, s: Setting, repository: str) -> str:
     if s.bf16:  # the OpenVINO backends read HINT_BF16; verify holds a model whose precision says bf16 to that contract
         for key, value in (("HINT_BF16", "YES"), ("precision", "bf16")):
             mc.parameters[key].string_value = value
-    return json_format.MessageToJson(mc, preserving_proto_field_name=True)
+    return json_format.MessageToJson(local_config(mc) if local else mc, preserving_proto_field_name=True)
 
 
 # -- measuring one point ----------------------------------------------------------------------------------
@@ -180,7 +182,7 @@ def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfi
 
     url = server.grpc_address if cfg.protocol == "grpc" else server.http_address
     with Client(url, cfg.protocol, timeout_s=cfg.timeout_s) as client:
-        config = None if s.default else model_config_json(run, s, repository)
+        config = None if s.default else model_config_json(run, s, repository, local=True)
         try:
             client._client.load_model(s.model, **({"config": config} if config else {}))
         except client.errors as e:

@@ -100,7 +100,7 @@ def test_config_matches_golden_and_parses(run, tmp_path, case):
 
 def test_golden_files_parse():
     for path in sorted(ASSETS.glob("config_*.pbtxt")):
-        assert _parse(path).platform in ("onnxruntime_onnx", "pytorch_libtorch"), path
+        assert _parse(path).platform in ("onnxruntime_onnx", "pytorch_libtorch", "torch_aoti"), path
 
 
 def test_gpu_tensorrt_config_names():
@@ -163,7 +163,7 @@ def test_failed_version_leaves_nothing(run, tmp_path, monkeypatch):
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("cnnpack.triton_repo.shutil.copyfile", full_disk)
+    monkeypatch.setattr("cnnpack.triton_publish.shutil.copyfile", full_disk)
     with pytest.raises(StageFailed):
         build(run, TritonConfig(repository=str(repo), name="clf", instances=2))
     assert _tree(repo) == before  # no 2/, no staging folder, config untouched
@@ -235,7 +235,7 @@ def test_manifest_and_graph_must_agree(run, tmp_path):
     (["--tensorrt-fp16"], "--device gpu"),
     (["--format", "torchscript", "--device", "gpu", "--tensorrt"], "--format onnx"),
     (["--device", "gpu", "--threads", "2"], "--device cpu"),
-    (["--format", "tflite"], "valid: onnx, onnx_int8, torchscript"),
+    (["--format", "tflite"], "valid: onnx, onnx_int8, pt2, torchscript"),
 ])
 def test_bad_options_refused(run, tmp_path, args, msg):
     r = _cli("--run", str(run), "--repository", str(tmp_path / "repo"), *args)

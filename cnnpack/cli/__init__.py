@@ -15,7 +15,7 @@ import typer
 
 app = typer.Typer(
     name="cnnpack",
-    help="Train an image-classification CNN, export it to TorchScript/ONNX, prove the exports match, "
+    help="Train an image-classification CNN, export it to ONNX/pt2/TorchScript, prove the exports match, "
     "benchmark them and serve them with Triton.\n\nExample: cnnpack pipeline",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -14,8 +14,10 @@ from cnnpack.cli import app, default_run_dir, emit, handles_errors, usage_error
 @handles_errors
 def export(
     run: Optional[Path] = typer.Option(None, help="Run directory (with --arch: the new run to create)."),
-    format: str = typer.Option("all", help="onnx | torchscript | openvino | all (or a comma list; all takes "
-                                           "openvino when the openvino extra is installed)."),
+    format: str = typer.Option("all", help="onnx | pt2 | torchscript | openvino | all (or a comma list; all takes "
+                                           "openvino when the openvino extra is installed and pt2 when a C++ "
+                                           "compiler is found). pt2: torch.export + AOTInductor package, "
+                                           "TorchScript's successor (torchscript is deprecated upstream)."),
     exporter: str = typer.Option("dynamo", help="ONNX exporter: dynamo (torch.export-based) | legacy."),
     opset: int = typer.Option(18, help="ONNX opset (18 loads in the ONNX Runtime of Triton >= 23.02)."),
     max_batch_size: int = typer.Option(64, help="Largest batch the dynamic batch dim accepts."),
@@ -24,7 +26,7 @@ def export(
     torchscript_mode: str = typer.Option("trace", help="trace | script"),
     input: str = typer.Option("raw", help="raw: 0-255 pixels, normalised in-graph | normalized: bare network."),
     half: bool = typer.Option(False, help="fp16 artifacts for GPU targets (needs --device cuda)."),
-    device: str = typer.Option("cpu", help="cpu | cuda: where the model is traced."),
+    device: str = typer.Option("cpu", help="cpu | cuda: where the model is traced (pt2: compiled for; it runs there)."),
     arch: Optional[str] = typer.Option(None, help="Export without training: any torchvision classifier or cnn."),
     num_classes: Optional[int] = typer.Option(None, help="With --arch: number of classes."),
     image_size: int = typer.Option(224, help="With --arch: input size in pixels."),
@@ -34,17 +36,20 @@ def export(
     force: bool = typer.Option(False, help="With --arch: replace a run that exists in --run."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
 ):
-    """Export a run's model to TorchScript and/or ONNX (raw RGB 0-255 in, logits out).
+    """Export a run's model to ONNX, pt2 (torch.export + AOTInductor), TorchScript, OpenVINO (raw RGB 0-255 in, logits out).
 
-    Example: cnnpack export --run runs/demo --format onnx
+    Example: cnnpack export --run runs/demo --format onnx,pt2
 
     Example (no training): cnnpack export --arch resnet18 --num-classes 10 --image-size 224 --run runs/r18
     """
-    from cnnpack.export import EXPORTERS, ExportConfig, create_run
+    from cnnpack.export import EXPORTERS, TORCHSCRIPT_DEPRECATED, ExportConfig, create_run
     from cnnpack.export import export as do_export
     from cnnpack.openvino import available
+    from cnnpack.pt2 import compiler_available
 
-    every = [f for f in EXPORTERS.names() if f != "openvino" or available()[0]]  # all: openvino when installed
+    # all: openvino when the extra is installed, pt2 when a C++ compiler is there (said below when it is not)
+    usable = {"openvino": available(), "pt2": compiler_available()}
+    every = [f for f in EXPORTERS.names() if usable.get(f, (True, ""))[0]]
     formats = tuple(every) if format == "all" else tuple(f.strip() for f in format.split(",") if f.strip())
     cfg = ExportConfig(formats=formats, exporter=exporter, opset=opset, max_batch_size=max_batch_size,
                        static_batch=static_batch, simplify=simplify, torchscript_mode=torchscript_mode,
@@ -67,4 +72,8 @@ def export(
             shape = "x".join("N" if d == -1 else str(d) for d in a["input"]["shape"])
             typer.echo(f"{fmt:12s} {run / a['path']}  input {a['input']['name']} {shape} {a['input']['dtype']}"
                        f"  ({a['export_s']:.1f} s)")
+        if "torchscript" in formats:
+            typer.echo(f"note: {TORCHSCRIPT_DEPRECATED}")
+        if format == "all" and not usable["pt2"][0]:
+            typer.echo(f"note: pt2 skipped: {usable['pt2'][1]}", err=True)
         typer.echo(f"reproduce: {run / 'export/reproduce.sh'}")

@@ -26,7 +26,9 @@ def pipeline(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="Training device: auto | cpu | cuda."),
     data_root: Optional[str] = typer.Option(None, help="Root folder for torchvision:NAME datasets."),
-    formats: str = typer.Option("onnx,torchscript", help="Export formats (onnx is required: it is served)."),
+    formats: str = typer.Option("onnx,torchscript", help="Export formats (onnx is required: it is served); add pt2 "
+                                                         "for the torch.export + AOTInductor package (opt-in: "
+                                                         "its compile takes the run past 150 s on 2 cores)."),
     max_batch_size: int = typer.Option(64, help="Largest batch the exported models accept."),
     int8: bool = typer.Option(True, "--int8/--no-int8", help="Quantize: an int8 ONNX model under the accuracy gate."),
     calibration_images: int = typer.Option(256, help="With --int8: training images to calibrate on."),

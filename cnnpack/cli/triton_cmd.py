@@ -73,3 +73,8 @@ def _report(s: dict, run: Path) -> None:
         typer.echo(f"{Path(s['repository']) / e['name']}  ensemble: {e['input']} (encoded image bytes) -> "
                    f"{e['preprocess']} -> {s['name']} -> {e['output']}")
     typer.echo(f"serve: cnnpack serve --run {run}  or  tritonserver --model-repository={s['repository']}")
+    from cnnpack.serve import ngc_image
+    from cnnpack.triton_release import release_for
+
+    why = release_for(s["repository"])[1]
+    typer.echo(f"NGC container: {ngc_image(s['repository'])}" + (f" ({'; '.join(sorted(set(why.values())))})" if why else ""))

@@ -15,7 +15,7 @@ from cnnpack.cli import app, emit, handles_errors, int_list, usage_error
 @handles_errors
 def verify(
     run: Path = typer.Option(..., help="Run directory with exports (cnnpack export)."),
-    formats: Optional[str] = typer.Option(None, help="Comma list: onnx,torchscript (default: every export)."),
+    formats: Optional[str] = typer.Option(None, help="Comma list: onnx,pt2,torchscript (default: every export)."),
     batch_sizes: Optional[str] = typer.Option(None, help="Comma list (default 1,8,32 within the export's max batch)."),
     samples: int = typer.Option(32, help="Random raw-pixel images per batch size (rounded up to whole batches)."),
     atol: float = typer.Option(1e-4, help="Absolute tolerance: an element passes within atol OR rtol."),
@@ -23,7 +23,7 @@ def verify(
     min_agreement: float = typer.Option(0.999, help="Least share of validation images classified as eager does."),
     int8_min_agreement: float = typer.Option(0.99, help="The same for int8 artifacts (their contract: task parity)."),
     data: Optional[str] = typer.Option(None, help="Dataset for task parity (default: the run's own)."),
-    device: str = typer.Option("cpu", help="Where eager and TorchScript run: cpu | cuda | auto."),
+    device: str = typer.Option("cpu", help="Where eager and TorchScript run: cpu | cuda | auto (a pt2 package runs where it was compiled)."),
     seed: int = typer.Option(0, help="Seed of the random input batches."),
     triton_url: Optional[str] = typer.Option(None, help="Also check a model served by Triton at HOST:PORT."),
     model: Optional[str] = typer.Option(None, help="With --triton-url: the served model (default: the run's triton stage's)."),

@@ -1,13 +1,17 @@
-"""A small TorchScript backend for Triton, written as a Triton *Python-based backend*.
+"""A small PyTorch backend for Triton (TorchScript and AOTInductor `.pt2` packages), written as a Triton
+*Python-based backend*.
 
 `cnnpack serve` copies this file to `<backend-dir>/pytorch/model.py` (with `cnnpack_batching.py`
 beside it). Triton 2.51 looks for `libtriton_pytorch.so` for a model whose config says
-`platform: "pytorch_libtorch"`; when that native backend is absent it falls back to
-`<backend-dir>/pytorch/model.py` and runs it with the Python backend. So the same model repository
-runs unchanged here and in the NGC container.
+`platform: "pytorch_libtorch"` (or `backend: "pytorch"`); when that native backend is absent it
+falls back to `<backend-dir>/pytorch/model.py` and runs it with the Python backend. So the same
+model repository runs unchanged here and in the NGC container. (2.51 predates `platform:
+"torch_aoti"`: `cnnpack serve` hands it such a model's config without that line, see
+cnnpack/triton_release.py; the model file is the same.)
 
-What it honours from config.pbtxt, as the native PyTorch (libtorch) backend names it:
-- `default_model_filename` (default `model.pt`, a TorchScript archive) in the version folder;
+What it honours from config.pbtxt, as the native PyTorch backend names it:
+- `default_model_filename` (default `model.pt`, a TorchScript archive; a `.pt2` file is an
+  AOTInductor package, run with `torch._inductor.aoti_load_package` on the device it was compiled for);
 - `parameters` `INTRA_OP_THREAD_COUNT` / `INTER_OP_THREAD_COUNT` (0 or absent: torch's default);
 - the `<name>__<index>` convention: input `INPUT__0` is forward argument 0, output `OUTPUT__1`
   element 1 of the returned tuple (other names: config order);
@@ -35,6 +39,15 @@ def set_threads(torch, config):
             pb_utils.Logger.log_warn(f"INTER_OP_THREAD_COUNT={inter} not applied: {e}")
 
 
+def load(torch, path, device):
+    """A TorchScript archive (torch.jit.load) or an AOTInductor package (.pt2, aoti_load_package)."""
+    if path.endswith(".pt2"):
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the package loads on the current CUDA device
+        return torch._inductor.aoti_load_package(path)
+    return torch.jit.load(path, map_location=device).eval()
+
+
 class TritonPythonModel:
     def initialize(self, args):
         import torch
@@ -47,7 +60,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{path} not found (version folder {args['model_version']})")
         gpu = args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
         self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
-        self.module = torch.jit.load(path, map_location=self.device).eval()
+        self.module = load(torch, path, self.device)
         self.torch = torch
         self.inputs = io_spec(config, "input", by_index=True)
         self.outputs = io_spec(config, "output", by_index=True)

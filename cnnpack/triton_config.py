@@ -1,0 +1,231 @@
+"""config.pbtxt as protobuf messages: the classifier's `ModelConfig` (and the image ensemble's two), built
+from a `TritonConfig` and the model's checked I/O, and printed with `text_format` (never from strings).
+
+The schema is tritonclient's `model_config_pb2`. Which platform or backend, model file and thread
+parameters each format gets is the table below; what an NGC release (or the local Triton 2.51) can
+load is decided in triton_release.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from cnnpack.errors import StageFailed, UserInputError
+
+# what config.pbtxt names: a platform (ONNX Runtime, LibTorch, AOTInductor) or, for OpenVINO, the backend
+PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx_int8": "onnxruntime_onnx", "pt2": "torch_aoti",
+             "torchscript": "pytorch_libtorch", "openvino": "openvino", "openvino_int8": "openvino"}
+OPENVINO_FORMATS = ("openvino", "openvino_int8")  # `backend: "openvino"`, model.xml + model.bin per version
+PT2_FORMATS = ("pt2",)  # `backend: "pytorch"` + `platform: "torch_aoti"` (Triton's PyTorch backend, NGC >= 26.06)
+MODEL_FILES = {"onnx": "model.onnx", "onnx_int8": "model.onnx", "pt2": "model.pt2", "torchscript": "model.pt",
+               "openvino": "model.xml", "openvino_int8": "model.xml"}
+ONNX_FORMATS = ("onnx", "onnx_int8")  # served by Triton's onnxruntime backend (the int8 one is a QDQ model)
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+# thread-count parameter keys as each Triton backend reads them (the PyTorch backend's for TorchScript and pt2 alike)
+THREAD_KEYS = {"onnx": ("intra_op_thread_count", "inter_op_thread_count"),
+               "onnx_int8": ("intra_op_thread_count", "inter_op_thread_count"),
+               "pt2": ("INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT"),
+               "torchscript": ("INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT")}
+OPENVINO_THREADS = "INFERENCE_NUM_THREADS"  # Triton's OpenVINO backend (with NUM_STREAMS 1, PERFORMANCE_HINT LATENCY)
+LABELS = "labels.txt"
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+ENSEMBLE_IO = ("image", "logits")  # the ensemble's input (encoded bytes) and output (logits)
+PIXELS = "pixels"  # preprocess output = classifier input
+TRT_WORKSPACE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    repository: str = "model_repository"
+    name: str | None = None  # default: <arch>_<format>
+    format: str = "onnx"
+    device: str = "cpu"  # cpu | gpu: instance group kind
+    instances: int = 1
+    max_batch_size: int | None = None  # default: the artifact's max (0 for a static-batch artifact)
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 100
+    dynamic_batching: bool = True  # off: Triton runs each request as it comes (for comparison)
+    threads: int = 0  # CPU threads per instance; 0: the runtime's default (all cores)
+    tensorrt: bool | None = None  # ONNX on GPU: the ONNX Runtime TensorRT accelerator (default on)
+    tensorrt_fp16: bool = False
+    warmup: bool = False
+    ensemble: bool = False
+    force: bool = False
+
+    def validate(self) -> None:
+        if self.format not in PLATFORMS:
+            raise UserInputError(f"--format {self.format!r}; valid: {', '.join(PLATFORMS)}")
+        if self.device not in ("cpu", "gpu"):
+            raise UserInputError(f"--device {self.device!r}; valid: cpu, gpu")
+        for flag, value, low in (("--instances", self.instances, 1), ("--threads", self.threads, 0),
+                                 ("--max-queue-delay-us", self.max_queue_delay_us, 0)):
+            if value < low:
+                raise UserInputError(f"{flag} must be >= {low}, got {value}")
+        if not self.dynamic_batching and self.preferred_batch_sizes:
+            raise UserInputError("--preferred-batch-sizes configures the dynamic batcher; drop it or "
+                                 "drop --no-dynamic-batching")
+        if self.format in OPENVINO_FORMATS and self.device != "cpu":
+            raise UserInputError(f"--format {self.format} is served on the CPU (Triton's OpenVINO backend, "
+                                 "TARGET_DEVICE CPU); use --device cpu")
+        if self.threads and self.device != "cpu":
+            raise UserInputError("--threads sets CPU thread pools; it applies to --device cpu only")
+        if (self.tensorrt or self.tensorrt_fp16) and (self.format not in ONNX_FORMATS or self.device != "gpu"):
+            raise UserInputError("TensorRT is the ONNX Runtime GPU accelerator: it needs --format onnx or onnx_int8 "
+                                 "and --device gpu")
+        if self.tensorrt is False and self.tensorrt_fp16:
+            raise UserInputError("--tensorrt-fp16 contradicts --no-tensorrt")
+        if self.name is not None:
+            check_name(self.name)
+
+    @property
+    def use_tensorrt(self) -> bool:
+        return self.format in ONNX_FORMATS and self.device == "gpu" and self.tensorrt is not False
+
+
+# -- input checks ---------------------------------------------------------------------------
+def check_name(name: str) -> str:
+    """A Triton model name that stays a single folder inside the repository."""
+    if not NAME_RE.fullmatch(name) or name.startswith("."):
+        raise UserInputError(f"model name {name!r} is not allowed: use letters, digits, '_', '.', '-', "
+                             "not starting with '.' (it must be one folder inside the repository)")
+    return name
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # numpy name: float32 | float16
+    shape: tuple[int, ...]  # with the batch dim; -1: dynamic
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """The classifier's I/O as Triton will see it, after the cross-checks."""
+
+    input: Tensor
+    output: Tensor
+    max_batch_size: int  # what config.pbtxt says; 0: no batching (static-batch artifact)
+    input_kind: str
+    precision: str = "fp32"
+    max_drop_pt: float | None = None  # int8: the quantize gate it was made under
+
+    def dims(self, t: Tensor) -> list[int]:
+        """Triton dims: without the batch dim when batching, else the full static shape."""
+        return list(t.shape[1:]) if self.max_batch_size > 0 else list(t.shape)
+
+
+# -- config.pbtxt as a ModelConfig message ------------------------------------------------------
+def _pb():
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2
+
+
+def _param(mc, key: str, value: str) -> None:
+    mc.parameters[key].string_value = value
+
+
+def classifier_config(name: str, io: ModelIO, cfg: TritonConfig):
+    """The classifier's ModelConfig."""
+    pb = _pb()
+    mc = pb.ModelConfig(name=name, max_batch_size=io.max_batch_size)
+    if cfg.format in OPENVINO_FORMATS:
+        mc.backend = PLATFORMS[cfg.format]
+    elif cfg.format in PT2_FORMATS:  # as Triton's PyTorch backend README and QA configs write it
+        mc.backend, mc.platform, mc.default_model_filename = "pytorch", PLATFORMS[cfg.format], MODEL_FILES[cfg.format]
+    else:
+        mc.platform = PLATFORMS[cfg.format]
+    fmt = pb.ModelInput.FORMAT_NCHW if io.max_batch_size > 0 else pb.ModelInput.FORMAT_NONE  # NCHW needs 3 dims
+    mc.input.add(name=io.input.name, data_type=pb.DataType.Value(TRITON_DTYPES[io.input.dtype]), format=fmt,
+                 dims=io.dims(io.input))
+    mc.output.add(name=io.output.name, data_type=pb.DataType.Value(TRITON_DTYPES[io.output.dtype]),
+                  dims=io.dims(io.output), label_filename=LABELS)
+    _batching(mc, io.max_batch_size, cfg)
+    if io.input_kind != "raw":  # clients (cnnpack infer, verify) must know it takes normalised pixels
+        _param(mc, "input_kind", io.input_kind)
+    if io.precision != "fp32":  # verify --triton-url holds the served model to its precision's contract
+        _param(mc, "precision", io.precision)
+    if io.max_drop_pt is not None:
+        _param(mc, "max_drop_pt", f"{io.max_drop_pt:g}")
+    kind = pb.ModelInstanceGroup.KIND_GPU if cfg.device == "gpu" else pb.ModelInstanceGroup.KIND_CPU
+    mc.instance_group.add(kind=kind, count=cfg.instances)
+    if cfg.format in OPENVINO_FORMATS:  # one stream per instance: parallelism comes from instances and threads
+        _param(mc, "NUM_STREAMS", "1")
+        _param(mc, "PERFORMANCE_HINT", "LATENCY")
+        if cfg.threads:
+            _param(mc, OPENVINO_THREADS, str(cfg.threads))
+    elif cfg.threads:
+        intra, inter = THREAD_KEYS[cfg.format]
+        _param(mc, intra, str(cfg.threads))
+        _param(mc, inter, "1")  # sequential execution; parallelism comes from instances and intra-op threads
+    if cfg.use_tensorrt:
+        trt = mc.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        # a QDQ model is TensorRT's explicit INT8; otherwise FP16 when asked
+        trt.parameters["precision_mode"] = "INT8" if io.precision == "int8" else (
+            "FP16" if cfg.tensorrt_fp16 else "FP32")
+        trt.parameters["max_workspace_size_bytes"] = str(TRT_WORKSPACE_BYTES)
+    if cfg.warmup:
+        _warmup(mc, io)
+    return mc
+
+
+def _batching(mc, max_batch_size: int, cfg: TritonConfig) -> None:
+    if max_batch_size > 0 and cfg.dynamic_batching:
+        mc.dynamic_batching.preferred_batch_size.extend(sorted(set(cfg.preferred_batch_sizes)))
+        mc.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
+
+
+def _warmup(mc, io: ModelIO) -> None:
+    """Zeros at batch 1 and random data at the max batch: the first requests then hit warm kernels."""
+    pb = _pb()
+    dtype = pb.DataType.Value(TRITON_DTYPES[io.input.dtype])
+    batches = (("zero_batch_1", 1, "zero_data"), (f"random_batch_{max(io.max_batch_size, 1)}",
+                                                  max(io.max_batch_size, 1), "random_data"))
+    for name, batch, data in batches:
+        w = mc.model_warmup.add(name=name, batch_size=batch)
+        inp = w.inputs[io.input.name]
+        inp.data_type = dtype
+        inp.dims.extend(io.dims(io.input))
+        setattr(inp, data, True)
+
+
+def preprocess_config(name: str, io: ModelIO, spec: dict, cfg: TritonConfig):
+    """The Python-backend model that turns encoded image bytes into the classifier's input."""
+    pb = _pb()
+    mc = pb.ModelConfig(name=name, backend="python", max_batch_size=io.max_batch_size)
+    mc.input.add(name=ENSEMBLE_IO[0], data_type=pb.TYPE_STRING, dims=[1])
+    mc.output.add(name=PIXELS, data_type=pb.DataType.Value(TRITON_DTYPES[io.input.dtype]), dims=io.dims(io.input))
+    _batching(mc, io.max_batch_size, cfg)
+    mc.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=cfg.instances)  # Pillow runs on the CPU
+    _param(mc, "input_kind", io.input_kind)
+    _param(mc, "mean", json.dumps(list(spec["mean"])))
+    _param(mc, "std", json.dumps(list(spec["std"])))
+    return mc
+
+
+def ensemble_config(name: str, preprocess: str, classifier: str, io: ModelIO):
+    """`<name>_image`: encoded bytes -> preprocess -> classifier, labelled like the classifier."""
+    pb = _pb()
+    mc = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=io.max_batch_size)
+    mc.input.add(name=ENSEMBLE_IO[0], data_type=pb.TYPE_STRING, dims=[1])
+    mc.output.add(name=ENSEMBLE_IO[1], data_type=pb.DataType.Value(TRITON_DTYPES[io.output.dtype]),
+                  dims=io.dims(io.output), label_filename=LABELS)
+    steps = mc.ensemble_scheduling.step
+    steps.add(model_name=preprocess, model_version=-1, input_map={ENSEMBLE_IO[0]: ENSEMBLE_IO[0]},
+              output_map={PIXELS: PIXELS})
+    steps.add(model_name=classifier, model_version=-1, input_map={io.input.name: PIXELS},
+              output_map={io.output.name: ENSEMBLE_IO[1]})
+    return mc
+
+
+def render(mc) -> str:
+    """config.pbtxt text; parsed back into a fresh ModelConfig to prove it round-trips."""
+    from google.protobuf import text_format
+
+    text = text_format.MessageToString(mc, use_short_repeated_primitives=True, as_utf8=True)
+    if text_format.Parse(text, type(mc)()) != mc:
+        raise StageFailed(f"config.pbtxt for {mc.name} does not parse back to the same ModelConfig")
+    return text
+

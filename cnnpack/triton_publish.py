@@ -1,0 +1,193 @@
+"""One model folder of a Triton repository: its identity, its versions, and their atomic publication.
+
+- A new artifact becomes version max+1; an existing version folder is never modified. If the
+  latest version already holds byte-identical files, no version is added (config.pbtxt and
+  labels.txt are still brought up to date).
+- A new version is built in a hidden folder inside the model folder (Triton ignores folders
+  whose names are not numbers) and renamed into place; a new model is built beside the
+  repository and renamed into it, so Triton never sees half a model. (A hidden folder at the
+  repository root would not do: Triton tries to load it as a model and fails to start.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cnnpack import __version__
+from cnnpack.errors import StageFailed, UserInputError
+from cnnpack.rundir import atomic_write_bytes, now, sha256
+from cnnpack.triton_config import check_name
+
+SIDECAR = "cnnpack-model.json"
+STAGING_PREFIX = ".cnnpack-staging-"
+
+
+def model_dir(root: Path, name: str) -> Path:
+    """`root/name`, refusing anything that resolves outside the repository (e.g. a symlink)."""
+    path = root / check_name(name)
+    if path.resolve().parent != root.resolve():
+        raise UserInputError(f"{path} resolves to {path.resolve()}, outside the repository {root}")
+    if path.exists() and not path.is_dir():
+        raise UserInputError(f"{path} is a file, not a model folder; remove it or choose another --name")
+    return path
+
+
+@dataclass
+class Draft:
+    """Everything one model folder should hold after this run."""
+
+    name: str
+    identity: dict  # what makes it "the same model": a different identity needs --force
+    top: dict[str, bytes]  # config.pbtxt, labels.txt
+    version: dict[str, Path | bytes]  # files of a new version folder (may be empty: ensembles)
+    source: dict = field(default_factory=dict)  # provenance recorded per version
+
+
+@dataclass
+class Published:
+    name: str
+    version: int
+    created: bool  # False: the latest version already held these files
+    replaced: bool = False  # --force replaced a different model of that name
+
+
+def _digest(src: Path | bytes) -> str:
+    if isinstance(src, bytes):
+        import hashlib
+
+        return hashlib.sha256(src).hexdigest()
+    return sha256(src)
+
+
+def versions(folder: Path) -> list[int]:
+    """Numeric version folders, ascending (what Triton counts as versions)."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def read_sidecar(folder: Path) -> dict | None:
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        return json.loads((folder / SIDECAR).read_text())
+    return None
+
+
+def conflict(folder: Path, draft: Draft) -> str | None:
+    """Why `folder` holds a different model than `draft` (None: same model, or nothing there)."""
+    if not folder.exists() or not any(p for p in folder.iterdir() if not p.name.startswith(STAGING_PREFIX)):
+        return None
+    side = read_sidecar(folder)
+    if side is None:
+        return "it was not made by cnnpack (no readable " + SIDECAR + ")"
+    old, new = side.get("identity", {}), json.loads(json.dumps(draft.identity))  # tuples -> lists, as stored
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return f"it holds a different model ({', '.join(diff)} differ)" if diff else None
+
+
+def same_as_latest(folder: Path, files: dict[str, Path | bytes]) -> int | None:
+    """The latest version if it holds exactly `files` (byte-identical), else None."""
+    vs = versions(folder)
+    if not vs:
+        return None
+    latest = folder / str(vs[-1])
+    present = {p.name for p in latest.iterdir()}
+    if present != set(files):
+        return None
+    same = all((latest / n).is_file() and sha256(latest / n) == _digest(src) for n, src in files.items())
+    return vs[-1] if same else None
+
+
+def _fill_version(dest: Path, files: dict[str, Path | bytes]) -> None:
+    dest.mkdir(parents=True)
+    for n, src in files.items():
+        if isinstance(src, bytes):
+            (dest / n).write_bytes(src)
+        else:
+            shutil.copyfile(src, dest / n)
+        with open(dest / n, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _sidecar(draft: Draft, old: dict | None, version: int | None) -> bytes:
+    hist = dict((old or {}).get("versions", {}))
+    if version is not None:
+        hist[str(version)] = {"created": now(), "cnnpack_version": __version__,
+                              "files": {n: _digest(s) for n, s in draft.version.items()}, **draft.source}
+    return (json.dumps({"name": draft.name, "identity": draft.identity, "versions": hist}, indent=2) + "\n").encode()
+
+
+def _same_device_parent(root: Path) -> Path | None:
+    """The repository's parent when a new model can be built there and renamed in, else None."""
+    parent = root.resolve().parent
+    with contextlib.suppress(OSError):
+        if os.stat(parent).st_dev == os.stat(root).st_dev and os.access(parent, os.W_OK):
+            return parent
+    return None
+
+
+def publish(root: Path, draft: Draft, *, force: bool) -> Published:
+    """Writes `draft` into `root/<name>`: a new version (or none if unchanged), never touching old ones."""
+    folder = model_dir(root, draft.name)
+    replace = conflict(folder, draft) is not None  # checked (and refused without --force) by the caller
+    if not replace and folder.is_dir() and (v := same_as_latest(folder, draft.version)):
+        _write_top(folder, draft.top)  # same artifact: bring config/labels up to date, no new version
+        return Published(draft.name, v, created=False)
+    version = max(versions(folder), default=0) + 1
+    root.mkdir(parents=True, exist_ok=True)
+    stage_root = _same_device_parent(root) if not folder.exists() else None
+    if stage_root is not None:
+        return _publish_new(root, folder, draft, stage_root)
+    return _publish_version(folder, draft, version, replace=replace and force)
+
+
+def _write_top(folder: Path, top: dict[str, bytes]) -> None:
+    for n, data in top.items():
+        path = folder / n
+        if not path.is_file() or path.read_bytes() != data:
+            atomic_write_bytes(path, data)
+
+
+def _publish_new(root: Path, folder: Path, draft: Draft, stage_root: Path) -> Published:
+    """A model that does not exist yet: built completely beside the repository, renamed in."""
+    tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=stage_root))
+    try:
+        built = tmp / draft.name
+        _fill_version(built / "1", draft.version)
+        for n, data in {**draft.top, SIDECAR: _sidecar(draft, None, 1)}.items():
+            (built / n).write_bytes(data)
+        os.rename(built, folder)
+    except OSError as e:
+        raise StageFailed(f"could not create {folder}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Published(draft.name, 1, created=True)
+
+
+def _publish_version(folder: Path, draft: Draft, version: int, *, replace: bool) -> Published:
+    """A new version of an existing model: built in a hidden folder inside it, renamed to `<version>`."""
+    old_versions = versions(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))  # not a number: Triton ignores it
+    try:
+        _fill_version(tmp / str(version), draft.version)
+        _write_top(folder, draft.top)  # same identity: config/labels fit the old versions too
+        os.rename(tmp / str(version), folder / str(version))
+        if replace:  # --force over a different model: its versions do not fit the new config
+            for v in old_versions:
+                shutil.rmtree(folder / str(v))
+        _write_top(folder, {SIDECAR: _sidecar(draft, None if replace else read_sidecar(folder), version)})
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise StageFailed(f"{folder / str(version)} appeared while cnnpack was writing it; re-run") from None
+        raise StageFailed(f"could not write {folder / str(version)}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Published(draft.name, version, created=True, replaced=replace)
+

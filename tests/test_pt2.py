@@ -1,0 +1,275 @@
+"""pt2: torch.export + AOTInductor packages, the aoti runtime, Triton's torch_aoti models, the NGC release choice.
+
+One package is compiled per module (AOTInductor's C++ compile is the cost: 20-50 s on 2 cores) from
+the session's 32 px tiny run and shared read-only by the slow tests; the quick ones need no package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from cnnpack.errors import UserInputError
+from cnnpack.export import EXPORTERS, ExportConfig, export
+from cnnpack.rundir import Run, sha256
+from cnnpack.spec import ModelSpec
+
+MAX_BATCH = 8
+CLI = [sys.executable, "-m", "cnnpack"]
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def pt2_run(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run with its pt2 package (batch 1..8) and the fp32 ONNX file; read-only."""
+    run = tmp_path_factory.mktemp("pt2") / "run"
+    shutil.copytree(tiny_run, run)
+    export(run, ExportConfig(formats=("onnx", "pt2"), max_batch_size=MAX_BATCH))
+    return run
+
+
+@pytest.fixture
+def run_copy(pt2_run, tmp_path) -> Path:
+    dest = tmp_path / "run"
+    shutil.copytree(pt2_run, dest)
+    return dest
+
+
+# -- quick: no package needed ---------------------------------------------------------------------------
+@pytest.mark.parametrize("env", [{"CXX": "/nonexistent/g++"}, {"PATH": "/nonexistent-bin"}])
+def test_no_compiler_is_one_line_and_the_other_formats_are_written(tiny_run, tmp_path, env):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    child = {k: v for k, v in os.environ.items() if k != "CXX"} | env
+    proc = _cli("export", "--run", str(run), "--format", "torchscript,pt2", env=child)
+    what = "CXX=/nonexistent/g++ is not an executable" if "CXX" in env else "g++ is not on PATH and CXX is not set"
+    _one_error_line(proc, "--format pt2 needs a C++ compiler", what, "apt-get install g++", "set CXX",
+                    "written: export/model.pt (torchscript)")
+    arts = Run.open(run).read()["stages"]["export"]["artifacts"]
+    assert set(arts) == {"torchscript"} and arts["torchscript"]["sha256"] == sha256(run / "export/model.pt")
+    assert not (run / "export/model.pt2").exists()
+    assert "--format torchscript" in (run / "export/reproduce.sh").read_text()
+    assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+class Branchy(torch.nn.Module):
+    """Data-dependent control flow: TorchScript's trace takes one branch, torch.export refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 2, 1), torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        if x.mean() > 100:
+            return self.a(x).mean((2, 3))
+        return self.b(x).mean((2, 3))
+
+
+def test_a_model_torch_export_cannot_capture_names_the_construct(tmp_path):
+    spec = ModelSpec(arch="branchy", num_classes=2, classes=("a", "b"), image_size=8)
+    with pytest.raises(UserInputError, match=r"torch.export cannot capture this model: Could not guard on "
+                                             r"data-dependent expression .* at `if x.mean\(\) > 100:` "
+                                             r"\(test_pt2.py:\d+ in forward\)"):
+        EXPORTERS.get("pt2")(Branchy().eval(), spec, ExportConfig(formats=("pt2",)), tmp_path / "model.pt2")
+    assert not (tmp_path / "model.pt2").exists()
+
+
+def test_the_torch_aoti_config_matches_its_golden_file():
+    """What `cnnpack triton --format pt2 --threads 2 --warmup` writes (tests/assets/config_pt2_cpu.pbtxt)."""
+    from cnnpack.triton_repo import ModelIO, Tensor, TritonConfig, classifier_config, render
+
+    io = ModelIO(Tensor("INPUT__0", "float32", (-1, 3, 32, 32)), Tensor("OUTPUT__0", "float32", (-1, 3)), 16, "raw")
+    got = render(classifier_config("classifier", io, TritonConfig(format="pt2", threads=2, warmup=True)))
+    golden = Path(__file__).parent / "assets" / "config_pt2_cpu.pbtxt"
+    if os.environ.get("CNNPACK_UPDATE_GOLDEN"):
+        golden.write_text(got)
+    assert got == golden.read_text()
+    mc = text_format.Parse(got, model_config_pb2.ModelConfig())
+    assert (mc.backend, mc.platform, mc.default_model_filename) == ("pytorch", "torch_aoti", "model.pt2")
+    assert mc.parameters["INTRA_OP_THREAD_COUNT"].string_value == "2"
+
+
+def _configs(tmp_path: Path, platforms: dict[str, tuple[str, str]]) -> Path:
+    """A repository of bare configs: name -> (platform, backend)."""
+    pb = model_config_pb2
+    for name, (platform, backend) in platforms.items():
+        (tmp_path / "repo" / name / "1").mkdir(parents=True)
+        mc = pb.ModelConfig(name=name, platform=platform, backend=backend, max_batch_size=4)
+        (tmp_path / "repo" / name / "config.pbtxt").write_text(text_format.MessageToString(mc))
+    return tmp_path / "repo"
+
+
+def test_the_ngc_release_serves_every_model_of_the_repository(tmp_path):
+    from cnnpack.serve import docker_line, ngc_image
+
+    plain = _configs(tmp_path / "a", {"m_onnx": ("onnxruntime_onnx", ""), "m_ts": ("pytorch_libtorch", ""),
+                                      "m_ov": ("", "openvino")})
+    assert ngc_image(plain) == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    with_pt2 = _configs(tmp_path / "b", {"m_onnx": ("onnxruntime_onnx", ""), "m_pt2": ("torch_aoti", "pytorch")})
+    assert ngc_image(with_pt2) == "nvcr.io/nvidia/tritonserver:26.06-py3"
+    assert "tritonserver:26.06-py3 tritonserver --model-repository=/models" in docker_line(with_pt2)
+    assert ngc_image(tmp_path / "missing") == "nvcr.io/nvidia/tritonserver:24.10-py3"
+
+
+def test_the_local_copy_differs_only_in_the_platform_line(tmp_path):
+    from cnnpack.triton_release import local_repository, read_configs
+
+    repo = _configs(tmp_path, {"m_onnx": ("onnxruntime_onnx", ""), "m_pt2": ("torch_aoti", "pytorch")})
+    (repo / "m_pt2" / "1" / "model.pt2").write_bytes(b"package")
+    assert local_repository(_configs(tmp_path / "plain", {"x": ("onnxruntime_onnx", "")}),
+                            tmp_path / "unused") == tmp_path / "plain" / "repo"
+    local = local_repository(repo, tmp_path / "local")
+    ours, theirs = read_configs(local)["m_pt2"], read_configs(repo)["m_pt2"]
+    assert ours.platform == "" and theirs.platform == "torch_aoti"
+    theirs.ClearField("platform")
+    assert ours == theirs
+    assert (local / "m_pt2" / "1" / "model.pt2").resolve() == (repo / "m_pt2" / "1" / "model.pt2").resolve()
+    assert (local / "m_onnx").resolve() == (repo / "m_onnx").resolve()
+    assert "torch_aoti" in (repo / "m_pt2" / "config.pbtxt").read_text()  # the repository itself is untouched
+
+
+# -- the shared package ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_manifest_and_the_package_carry_the_model_spec(pt2_run):
+    from cnnpack import pt2
+
+    rec = Run.open(pt2_run).read()["stages"]["export"]["artifacts"]["pt2"]
+    spec = Run.open(pt2_run).model_spec
+    assert rec["path"] == "export/model.pt2" and rec["sha256"] == sha256(pt2_run / rec["path"])
+    assert rec["precision"] == "fp32" and rec["device"] == "cpu" and rec["torch_version"] == torch.__version__
+    assert rec["compile_s"] > 0 and rec["max_batch_size"] == MAX_BATCH
+    assert rec["input"] == {"name": "INPUT__0", "dtype": "float32", "shape": [-1, 3, 32, 32]}
+    assert rec["output"] == {"name": "OUTPUT__0", "dtype": "float32", "shape": [-1, 6]}
+    inside = pt2.package_metadata(pt2_run / rec["path"])  # read from the zip, without torch
+    loaded = pt2.load(pt2_run / rec["path"], "cpu").get_metadata()  # what the C++ loader's get_metadata() gives
+    for meta in (inside, loaded):
+        assert json.loads(meta["classes"]) == spec["classes"] and meta["image_size"] == "32"
+        assert meta["precision"] == "fp32" and meta["cnnpack_version"] and meta["max_batch_size"] == str(MAX_BATCH)
+
+
+@pytest.mark.slow
+def test_verify_holds_pt2_to_the_fp32_contract(run_copy):
+    proc = _cli("verify", "--run", str(run_copy), "--formats", "pt2", "--batch-sizes", "1,5,8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (r,) = json.loads(proc.stdout)["results"]
+    assert r["runtime"] == "aoti" and r["precision"] == "fp32" and r["passed"]
+    assert r["tensor"]["max_abs_err"] <= 1e-4 and r["task"]["top1_agreement"] == 1.0
+    assert set(r["tensor"]["max_abs_err_by_input"]) == {"random_b1", "random_b5", "random_b8", "val"}
+
+
+@pytest.mark.slow
+def test_evaluate_and_bench_run_the_package(run_copy):
+    from cnnpack.bench import BenchConfig, bench
+    from cnnpack.evaluate import evaluate
+
+    assert evaluate(run_copy, fmt="pt2")["accuracy"] == evaluate(run_copy, fmt="checkpoint")["accuracy"]
+    section = bench(run_copy, BenchConfig(runtimes=("eager", "aoti"), batch_sizes=(1, 4), max_seconds=0.3,
+                                          warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
+    rows = {(r["runtime"], r["batch_size"]): r for r in section["results"]}
+    assert set(rows) == {("eager", 1), ("eager", 4), ("aoti", 1), ("aoti", 4)}
+    assert rows[("aoti", 4)]["artifact"] == "pt2" and rows[("aoti", 4)]["speedup_vs_eager"] > 0
+
+
+@pytest.mark.slow
+def test_a_batch_above_the_exported_maximum_is_refused(run_copy):
+    from cnnpack.runtimes import load_runtime
+
+    rt = load_runtime(Run.open(run_copy), "aoti")
+    with pytest.raises(UserInputError, match=r"a batch of 9 is outside 1..8.*re-export with --max-batch-size 9"):
+        rt.predict(np.zeros((9, 3, 32, 32), np.float32))
+    with pytest.raises(UserInputError, match=r"takes \(N, 3, 32, 32\)"):
+        rt.predict(np.zeros((2, 3, 31, 32), np.float32))
+    _one_error_line(_cli("verify", "--run", str(run_copy), "--formats", "pt2", "--batch-sizes", "16"),
+                    "exceeds the max batch size 8")
+    _one_error_line(_cli("bench", "--run", str(run_copy), "--runtimes", "aoti", "--batch-sizes", "16"),
+                    "exceeds the max batch size 8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "swapped"])
+def test_a_damaged_package_is_refused_by_its_sha256_before_loading(run_copy, damage):
+    pkg = run_copy / "export/model.pt2"
+    if damage == "truncated":
+        pkg.write_bytes(pkg.read_bytes()[: pkg.stat().st_size // 2])
+    else:  # another valid zip in its place
+        shutil.copyfile(run_copy / "export/model.onnx", pkg)
+    for args in (("verify", "--formats", "pt2"), ("evaluate", "--format", "pt2"),
+                 ("triton", "--format", "pt2", "--repository", str(run_copy / "repo"))):
+        _one_error_line(_cli(args[0], "--run", str(run_copy), *args[1:]), "model.pt2 changed since export",
+                        "sha256 differs")
+    assert not (run_copy / "repo").exists()
+
+
+@pytest.mark.slow
+def test_triton_lays_out_a_torch_aoti_model(run_copy, tmp_path):
+    from cnnpack.triton_repo import TritonConfig, build
+
+    repo = tmp_path / "repo"
+    section = build(run_copy, TritonConfig(repository=str(repo), format="pt2", warmup=True))
+    folder = repo / section["name"]
+    mc = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (mc.backend, mc.platform, mc.default_model_filename) == ("pytorch", "torch_aoti", "model.pt2")
+    assert [i.name for i in mc.input] == ["INPUT__0"] and [o.name for o in mc.output] == ["OUTPUT__0"]
+    assert mc.max_batch_size == MAX_BATCH and mc.HasField("dynamic_batching") and list(mc.input[0].dims) == [3, 32, 32]
+    assert mc.output[0].label_filename == "labels.txt" and mc.instance_group[0].kind == mc.instance_group[0].KIND_CPU
+    assert sha256(folder / "1" / "model.pt2") == sha256(run_copy / "export/model.pt2")
+    with pytest.raises(UserInputError, match="is compiled for cpu and runs only there: use --device cpu"):
+        build(run_copy, TritonConfig(repository=str(tmp_path / "gpu"), format="pt2", device="gpu"))
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_the_served_package_passes_verify_and_the_repository_stays_as_ngc_reads_it(run_copy, tmp_path):
+    from cnnpack.serve import ServeConfig, TritonServer, ngc_image
+    from cnnpack.triton_repo import TritonConfig, build
+
+    repo = tmp_path / "repo"
+    build(run_copy, TritonConfig(repository=str(repo), format="pt2", ensemble=True))
+    files = lambda: {p: p.read_bytes() for p in repo.rglob("*") if p.is_file() and "__pycache__" not in p.parts}  # noqa: E731
+    before = files()
+    with TritonServer(ServeConfig(repository=str(repo))) as server:
+        served = {m.name: m for m in server.models}
+        assert served["cnn_pt2"].state == "READY" and "pytorch" in served["cnn_pt2"].served_by
+        proc = _cli("verify", "--run", str(run_copy), "--formats", "pt2", "--triton-url", server.grpc_address,
+                    "--protocol", "grpc", "--model", "cnn_pt2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (r,) = [r for r in json.loads(proc.stdout)["results"] if r["runtime"] == "triton"]
+    assert r["format"] == "triton:cnn_pt2" and r["passed"] and r["tensor"]["max_abs_err"] <= 1e-4
+    assert r["task"]["top1_agreement"] == 1.0
+    assert files() == before  # the Python backend's own bytecode cache aside
+    assert ngc_image(repo) == "nvcr.io/nvidia/tritonserver:26.06-py3"
+
+
+@pytest.mark.slow
+def test_the_report_names_the_release_and_says_torchscript_is_deprecated(run_copy, tmp_path):
+    from cnnpack.report import write_report
+    from cnnpack.triton_repo import TritonConfig, build
+
+    export(run_copy, ExportConfig(formats=("torchscript",), max_batch_size=MAX_BATCH))
+    build(run_copy, TritonConfig(repository=str(tmp_path / "repo"), format="pt2"))
+    text = Path(write_report(run_copy)["markdown"]).read_text()
+    assert "pt2: torch.export + AOTInductor package compiled for cpu" in text
+    assert "**torchscript**: TorchScript (torch.jit) is deprecated upstream" in text
+    assert "nvcr.io/nvidia/tritonserver:26.06-py3" in text and "batched since 26.06" in text
