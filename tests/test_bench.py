@@ -80,7 +80,7 @@ def test_windows_must_agree_to_be_stable():
 
 
 @pytest.mark.parametrize("cfg, message", [
-    (BenchConfig(runtimes=("eager", "tensorflow")), "valid: eager, compiled, torchscript, onnxruntime"),
+    (BenchConfig(runtimes=("eager", "tensorflow")), "valid: eager, compiled, aoti, torchscript, onnxruntime"),
     (BenchConfig(runtimes=("onnxruntime",), batch_sizes=(1, 16)), "exceeds the max batch size 8"),
     (BenchConfig(threads=0), "--threads must be >= 1"),
     (BenchConfig(batch_sizes=(0,)), "--batch-sizes"),
