@@ -59,12 +59,17 @@ def _session(model: Path | bytes):
     return ort.InferenceSession(source, OrtRuntime.session_options(None), providers=["CPUExecutionProvider"])
 
 
+def _runner(model: Path | bytes, batch: int):
+    """The model in one ONNX Runtime session: raw-pixel images -> (N, K) float32 logits, `batch` at a time."""
+    sess = _session(model)
+    name = sess.get_inputs()[0].name
+    return lambda images: np.concatenate([sess.run(None, {name: images[i:i + batch].astype(np.float32)})[0]
+                                          for i in range(0, len(images), batch)])
+
+
 def logits(path: Path, images: np.ndarray, batch: int) -> np.ndarray:
     """(N, K) float32 logits of an ONNX file on raw-pixel images, on the CPU."""
-    sess = _session(path)
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: images[i:i + batch].astype(np.float32)})[0]
-                           for i in range(0, len(images), batch)])
+    return _runner(path, batch)(images)
 
 
 @contextlib.contextmanager
@@ -159,10 +164,7 @@ class OrtQdq:
         return m.SerializeToString()
 
     def runner(self, model: Path | bytes):
-        sess = _session(model)
-        name = sess.get_inputs()[0].name
-        return lambda images: np.concatenate([sess.run(None, {name: images[i:i + self.batch].astype(np.float32)})[0]
-                                              for i in range(0, len(images), self.batch)])
+        return _runner(model, self.batch)
 
 
 def _finish_model(src: Path, fp32: Path, dest: Path) -> object:
