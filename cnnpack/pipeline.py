@@ -45,6 +45,7 @@ class PipelineConfig:
     min_agreement: float = 0.99  # int8 vs fp32 (quantize's gate) and vs eager (verify's int8 contract)
     verify_min_agreement: float = 0.999  # verify's top-1 agreement with eager for fp32 (bf16/fp16: at most their own)
     openvino: str = "auto"  # auto: when the openvino extra is installed | yes | no
+    pt2: str = "auto"  # the pt2 package (torch.export + AOTInductor): auto (when a C++ compiler is found) | yes | no
     tune_budget_ms: float | None = None  # the tune stage (opt-in): the best served config for this p99 budget
     bench_runtimes: tuple[str, ...] = ("eager", "compiled", "torchscript", "onnxruntime")
     bench_batch_sizes: tuple[int, ...] = (1, 32)
@@ -61,6 +62,10 @@ class PipelineConfig:
             raise UserInputError(f"--serve {self.serve!r}; valid: {', '.join(SERVE_MODES)}")
         if self.openvino not in SERVE_MODES:
             raise UserInputError(f"--openvino {self.openvino!r}; valid: {', '.join(SERVE_MODES)}")
+        if self.pt2 not in SERVE_MODES:
+            raise UserInputError(f"--pt2 {self.pt2!r}; valid: {', '.join(SERVE_MODES)}")
+        if self.pt2 == "no" and "pt2" in self.formats:
+            raise UserInputError("--formats names pt2 and --pt2 is no: drop one of them")
         self.served_config().validate()
         if "onnx" not in self.formats:
             raise UserInputError("the pipeline serves the ONNX artifact: --formats must include onnx")
@@ -112,6 +117,19 @@ class PipelineConfig:
         return replace(self, openvino="yes", formats=tuple(dict.fromkeys([*self.formats, "openvino"])),
                        bench_runtimes=tuple(dict.fromkeys([*self.bench_runtimes, *runtimes])))
 
+    def with_pt2(self) -> PipelineConfig:
+        """The config with `pt2` decided (auto: when a C++ compiler is found; --formats naming pt2 means yes) and,
+        when on, the package among the exported formats and the aoti runtime among the benchmarked ones."""
+        from dataclasses import replace
+
+        from cnnpack.pt2 import compiler_available, find_compiler
+
+        if self.pt2 == "no" or (self.pt2 == "auto" and "pt2" not in self.formats and not compiler_available()[0]):
+            return replace(self, pt2="no")
+        find_compiler()  # yes (or --formats pt2) without one: exit 2 saying what to install, before any work
+        return replace(self, pt2="yes", formats=tuple(dict.fromkeys([*self.formats, "pt2"])),
+                       bench_runtimes=tuple(dict.fromkeys([*self.bench_runtimes, "aoti"])))
+
     def verify_config(self):
         from cnnpack.verify import VerifyConfig
 
@@ -121,9 +139,8 @@ class PipelineConfig:
     def bench_config(self):
         from cnnpack.bench import BenchConfig
 
-        aoti = ("aoti",) if "pt2" in self.formats and "aoti" not in self.bench_runtimes else ()  # the pt2 package's
-        return BenchConfig(runtimes=(*self.bench_runtimes, *aoti), batch_sizes=self.bench_batch_sizes,
-                           threads=self.threads, max_seconds=self.bench_max_seconds)
+        return BenchConfig(runtimes=self.bench_runtimes, batch_sizes=self.bench_batch_sizes, threads=self.threads,
+                           max_seconds=self.bench_max_seconds)
 
     def served_config(self):
         from cnnpack.served import ServedConfig
@@ -463,7 +480,9 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
         StageFailed (exit 1): a stage failed; the message says which and where its output is.
     """
     cfg.validate()
-    cfg = cfg.with_openvino()
+    asked, cfg = cfg, cfg.with_openvino().with_pt2()
+    if asked.pt2 == "auto" and cfg.pt2 == "no":
+        say("[export] pt2 off: no C++ compiler found (`apt-get install g++` or set CXX); --pt2 yes to require it")
     from cnnpack.data import check_class_folders
 
     check_class_folders(cfg.data)  # a name Triton cannot carry fails now, not after training

@@ -18,7 +18,8 @@ TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "32", "--runtimes
         # near ties), so whether int8 flips one of its 90 validation images depends on the kernels the host picks
         # (AMX, VNNI, AVX2). The gate's own behaviour is tested on a planted case in test_quantize.py.
         "--max-drop", "100", "--min-agreement", "0.5",
-        "--openvino", "no"]  # the OpenVINO stages have a test of their own below
+        "--openvino", "no",  # the OpenVINO stages have a test of their own below
+        "--pt2", "no"]  # the pt2 package (a C++ compile) joins the `first` run only, as it does by default
 
 
 def _can_serve() -> bool:
@@ -28,6 +29,15 @@ def _can_serve() -> bool:
 
 
 SERVED = "ran" if _can_serve() else "off"  # the local Triton server runs wherever the serve extra does
+
+
+def _has_compiler() -> bool:
+    from cnnpack.pt2 import compiler_available
+
+    return compiler_available()[0]
+
+
+PT2 = _has_compiler()  # --pt2 auto: the package joins every stage where a C++ compiler is found
 
 
 def _pipeline(*args: str):
@@ -45,6 +55,7 @@ def first(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     run, repo = tmp / "run", tmp / "repo"
     args = ["--data", str(tiny_data), "--run", str(run), "--repository", str(repo), *TINY]
+    args[args.index("--pt2") + 1] = "auto"  # the default
     code, out, err = _pipeline(*args, "--json")
     assert code == 0, err[-3000:]
     return {"run": run, "repo": repo, "args": args, "out": json.loads(out), "err": err}
@@ -61,13 +72,20 @@ def test_every_stage_runs_and_the_manifest_records_it(first):
     assert m["stages"]["pipeline"]["status"] == "ok"
     assert out["parity_passed"] is True and 0 < out["accuracy"] <= 1
     assert out["best_runtime"]["runtime"] == "onnxruntime"
-    assert set(out["models"]) == {"cnn_onnx", "cnn_onnx_image", "cnn_torchscript", "cnn_onnx_int8"}
+    assert set(out["models"]) == {"cnn_onnx", "cnn_onnx_image", "cnn_torchscript", "cnn_onnx_int8",
+                                  *(["cnn_pt2"] if PT2 else [])}
     assert m["stages"]["export"]["artifacts"]["onnx_int8"]["precision"] == "int8"
     assert m["stages"]["verify"]["formats"]["onnx_int8"]["passed"]  # held to the int8 contract
     assert {(r["runtime"], r["precision"]) for r in m["stages"]["bench"]["results"] if r["runtime"] != "triton"} >= {
         ("onnxruntime", "fp32"), ("onnxruntime", "int8")}
     table = {r["artifact"]: r for r in out["precision"]}
-    assert set(table) == {"onnx", "torchscript", "onnx_int8"} and table["onnx_int8"]["precision"] == "int8"
+    assert set(table) == {"onnx", "torchscript", "onnx_int8", *(["pt2"] if PT2 else [])}
+    assert table["onnx_int8"]["precision"] == "int8"
+    if PT2:  # the package in every stage: exported, held to fp32 parity, benched in aoti, laid out as torch_aoti
+        assert m["stages"]["export"]["artifacts"]["pt2"]["compile_s"] > 0
+        assert m["stages"]["verify"]["formats"]["pt2"]["passed"] and table["pt2"]["runtime"] == "aoti"
+        assert {r["batch_size"] for r in m["stages"]["bench"]["results"] if r["runtime"] == "aoti"} == {1, 4}
+        assert 'platform: "torch_aoti"' in (first["repo"] / "cnn_pt2" / "config.pbtxt").read_text()
     assert table["onnx_int8"]["speedup_vs_fp32"] > 0 and table["onnx_int8"]["size_mb"] < table["onnx"]["size_mb"]
     if SERVED == "ran":  # the served int8 model was verified and put under load
         served = m["stages"]["served"]
@@ -145,7 +163,8 @@ def test_bad_options_exit_2_before_any_work(tmp_path):
                       (["--formats", "torchscript"], "must include onnx"), (["--epochs", "0"], "--epochs"),
                       (["--runtimes", "nope"], "nope"), (["--batch-sizes", "1,128"], "--max-batch-size"),
                       (["--tune-budget-ms", "0"], "--latency-budget-ms must be > 0"),
-                      (["--openvino", "maybe"], "--openvino 'maybe'")):
+                      (["--openvino", "maybe"], "--openvino 'maybe'"), (["--pt2", "maybe"], "--pt2 'maybe'"),
+                      (["--formats", "onnx,pt2", "--pt2", "no"], "--formats names pt2 and --pt2 is no")):
         code, _, err = _pipeline("--run", str(run), *args)
         assert code == 2, (args, err)
         assert msg in err and len(err.strip().splitlines()) == 1, err
@@ -165,7 +184,8 @@ def test_the_served_stage_classifies_verifies_and_loads_the_served_model(first):
     assert len(s["predictions"]) == 6
     assert {p["true"] for p in s["predictions"]} == set(m["model"]["classes"])  # one per class
     assert all(p["ensemble_label"] == p["label"] for p in s["predictions"])  # PNG bytes and pixels agree
-    assert set(s["parity"]) == {"triton:cnn_onnx", "triton:cnn_torchscript", "triton:cnn_onnx_int8"}
+    assert set(s["parity"]) == {"triton:cnn_onnx", "triton:cnn_torchscript", "triton:cnn_onnx_int8",
+                                *(["triton:cnn_pt2"] if PT2 else [])}
     assert all(p["passed"] for p in s["parity"].values())
     assert all(p["max_abs_err"] <= 1e-4 for f, p in s["parity"].items() if not f.endswith("_int8"))  # fp32 contract
     assert [(r["format"], r["concurrency"]) for r in s["load"]] == [

@@ -26,9 +26,8 @@ def pipeline(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="Training device: auto | cpu | cuda."),
     data_root: Optional[str] = typer.Option(None, help="Root folder for torchvision:NAME datasets."),
-    formats: str = typer.Option("onnx,torchscript", help="Export formats (onnx is required: it is served); add pt2 "
-                                                         "for the torch.export + AOTInductor package (opt-in: "
-                                                         "its compile takes the run past 150 s on 2 cores)."),
+    formats: str = typer.Option("onnx,torchscript", help="Export formats (onnx is required: it is served); pt2 and "
+                                                         "openvino join by --pt2 and --openvino."),
     max_batch_size: int = typer.Option(64, help="Largest batch the exported models accept."),
     int8: bool = typer.Option(True, "--int8/--no-int8", help="Quantize: an int8 ONNX model under the accuracy gate."),
     calibration_images: int = typer.Option(256, help="With --int8: training images to calibrate on."),
@@ -44,6 +43,8 @@ def pipeline(
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to lay out."),
     openvino: str = typer.Option("auto", help="OpenVINO IR (fp32, bf16 inference, NNCF int8) through every stage: "
                                                "auto (when the openvino extra is installed) | yes | no."),
+    pt2: str = typer.Option("auto", help="The pt2 package (torch.export + AOTInductor, in the aoti runtime) through "
+                                         "every stage: auto (when a C++ compiler is found) | yes | no."),
     tune_budget_ms: Optional[float] = typer.Option(None, help="Add the tune stage: sweep served configs and keep the "
                                                               "best one for this p99 budget (ms), after served."),
     serve: str = typer.Option("auto", help="Serve, infer, verify and bench on a local Triton server: "
@@ -71,7 +72,7 @@ def pipeline(
                          int8=int8, calibration_images=calibration_images, max_drop=max_drop,
                          min_agreement=min_agreement, verify_min_agreement=verify_min_agreement,
                          bench_runtimes=_names(runtimes), bench_batch_sizes=int_list(batch_sizes, "--batch-sizes"),
-                         bench_max_seconds=max_seconds, threads=threads, repository=str(repository), serve=serve, openvino=openvino,
+                         bench_max_seconds=max_seconds, threads=threads, repository=str(repository), serve=serve, openvino=openvino, pt2=pt2,
                          tune_budget_ms=tune_budget_ms,
                          concurrency=int_list(concurrency, "--concurrency"), infer_images=infer_images)
     # stage lines go to stderr, so that stdout holds only the summary (the JSON with --json)
