@@ -1,12 +1,12 @@
 """Benchmark: served throughput measured by cnnpack's client against Triton's perf_analyzer (issue 21 item 8).
 
-One `cnnpack serve` (TritonServer) of a default pipeline run's repository; `cnn_onnx` over gRPC at concurrency 1 and
-16, measured alternately by the two load generators of `cnnpack.loadgen` (cnnpack's asyncio client, perf_analyzer)
-with the same window policy, `--rounds` times. Target: cnnpack within 5 % of perf_analyzer at both concurrencies.
+One `cnnpack serve` (TritonServer) of a default pipeline run's repository; `cnn_onnx` over gRPC and over HTTP at
+concurrency 1 and 16, measured alternately by the two load generators of `cnnpack.loadgen` (cnnpack's client,
+perf_analyzer) with the same window policy, `--rounds` times; the CPU time cnnpack's client took per request. Target: cnnpack within 5 % of perf_analyzer at both concurrencies.
 perf_analyzer must be on PATH (the tritonclient 2.41.0 wheel's data/bin/perf_analyzer, with Debian's libb64-0d and
 libcudart.so.12 from nvidia-cuda-runtime-cu12 on LD_LIBRARY_PATH).
 
-    PATH=/opt/pa/bin:$PATH .venv/bin/python benchmarks/served_loadgen.py RUN [--rounds 2]
+    PATH=/opt/pa/bin:$PATH .venv/bin/python benchmarks/served_loadgen.py RUN [--rounds 3] [--repository DIR]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,10 @@ def main() -> int:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--repository", type=Path, help="the run's model repository (default: the one its manifest names)")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", default="cnn_onnx")
+    ap.add_argument("--protocols", default="grpc,http")
     ap.add_argument("--window-s", type=float, default=1.0)
     args = ap.parse_args()
     resolve("perf_analyzer")  # refuses early when it is not on PATH
@@ -47,24 +50,34 @@ def main() -> int:
     spec = run.model_spec
     x = np.random.default_rng(0).integers(0, 256, (1, spec["channels"], spec["image_size"], spec["image_size"]))
     policy = WindowPolicy(window_s=args.window_s, max_s=10 * args.window_s, warmup_s=1.0)
+    protocols = args.protocols.split(",")
     points = []
-    repo = run.read()["stages"]["triton"]["repository"]
-    with TritonServer(ServeConfig(repository=repo, log_file=str(Path(os.environ.get("TMPDIR", "/tmp")) / "lg.log"))) as server:
-        with Client(server.grpc_address, "grpc") as client:
-            model = client.model(args.model)
-            for r in range(args.rounds):
-                for c in (1, 16):
-                    for gen in ("cnnpack", "perf_analyzer") if r % 2 == 0 else ("perf_analyzer", "cnnpack"):
-                        fig = load(gen, client, model, x.astype(np.float32), c, policy)
-                        points.append({"round": r + 1, "concurrency": c, "generator": describe(gen), **{
-                            k: fig[k] for k in ("throughput_ips", "latency_ms_p50", "latency_ms_p99", "stable")}})
-                        print(f"round {r + 1} c{c} {gen}: {fig['throughput_ips']:,.0f} images/s, "
-                              f"p50 {fig['latency_ms_p50']:.2f} ms", file=sys.stderr)
+    repo = args.repository or run.read()["stages"]["triton"]["repository"]
+    with TritonServer(ServeConfig(repository=str(repo), log_file=str(Path(os.environ.get("TMPDIR", "/tmp")) / "lg.log"))) as server:
+        for r in range(args.rounds):
+            for protocol in protocols:
+                url = server.grpc_address if protocol == "grpc" else server.http_address
+                with Client(url, protocol) as client:
+                    model = client.model(args.model)
+                    for c in (1, 16):
+                        for gen in ("cnnpack", "perf_analyzer") if r % 2 == 0 else ("perf_analyzer", "cnnpack"):
+                            cpu0 = time.process_time()
+                            fig = load(gen, client, model, x.astype(np.float32), c, policy)
+                            cpu = time.process_time() - cpu0  # this process: cnnpack's client (perf_analyzer is a child)
+                            points.append({"round": r + 1, "protocol": protocol, "concurrency": c,
+                                           "generator": describe(gen), **{k: fig[k] for k in (
+                                               "throughput_ips", "latency_ms_p50", "latency_ms_p99", "stable")},
+                                           "client_cpu_us_per_request": 1e6 * cpu / (fig["throughput_ips"] * (fig["warmup_s"] + fig["measured_s"]))
+                                           if gen == "cnnpack" else None})  # batch 1: images = requests
+                            print(f"round {r + 1} {protocol} c{c} {gen}: {fig['throughput_ips']:,.0f} images/s, "
+                                  f"p50 {fig['latency_ms_p50']:.2f} ms", file=sys.stderr)
     ratios = {}
-    for c in (1, 16):
-        mine = [p["throughput_ips"] for p in points if p["concurrency"] == c and p["generator"].startswith("cnnpack")]
-        pa = [p["throughput_ips"] for p in points if p["concurrency"] == c and p["generator"].startswith("perf")]
-        ratios[c] = statistics.mean(mine) / statistics.mean(pa)
+    for protocol in protocols:
+        for c in (1, 16):
+            sel = [p for p in points if p["concurrency"] == c and p["protocol"] == protocol]
+            mine = [p["throughput_ips"] for p in sel if p["generator"].startswith("cnnpack")]
+            pa = [p["throughput_ips"] for p in sel if p["generator"].startswith("perf")]
+            ratios[f"{protocol} c{c}"] = statistics.mean(mine) / statistics.mean(pa)
     passed = all(abs(v - 1) <= TARGET for v in ratios.values())
     write({"benchmark": NAME, "target": f"cnnpack client within {100 * TARGET:.0f} % of perf_analyzer",
            "passed": passed, "ratios_cnnpack_over_perf_analyzer": ratios, "points": points,
@@ -79,16 +92,19 @@ def write(rec: dict) -> None:
     flags = set(rec["lscpu"]["flags"].split())
     lines = [f"# Served throughput: cnnpack's client vs perf_analyzer ({rec['target']}): "
              f"**{'met' if rec['passed'] else 'NOT met'}**", "",
-             "| round | concurrency | load generator | images/s | p50 ms | p99 ms | stable |", "|--:|--:|---|--:|--:|--:|---|"]
-    lines += [f"| {p['round']} | {p['concurrency']} | {p['generator']} | {p['throughput_ips']:,.0f} | "
-              f"{p['latency_ms_p50']:.2f} | {p['latency_ms_p99']:.2f} | {p['stable']} |" for p in rec["points"]]
+             "| round | protocol | concurrency | load generator | images/s | p50 ms | p99 ms | stable | client CPU us/request |",
+             "|--:|---|--:|---|--:|--:|--:|---|--:|"]
+    lines += [f"| {p['round']} | {p['protocol']} | {p['concurrency']} | {p['generator']} | {p['throughput_ips']:,.0f} | "
+              f"{p['latency_ms_p50']:.2f} | {p['latency_ms_p99']:.2f} | {p['stable']} | "
+              f"{'-' if p['client_cpu_us_per_request'] is None else round(p['client_cpu_us_per_request'])} |"
+              for p in rec["points"]]
     lines += ["", "cnnpack / perf_analyzer (mean images/s over the rounds): " + ", ".join(
-        f"concurrency {c}: {v:.2f}x" for c, v in rec["ratios_cnnpack_over_perf_analyzer"].items()), "",
+        f"{k}: {v:.3f}x" for k, v in rec["ratios_cnnpack_over_perf_analyzer"].items()), "",
         f"Machine (lscpu): {rec['lscpu']['model']}, {rec['lscpu']['cpus']} CPUs, SIMD: "
         f"{', '.join(f for f in ('avx', 'avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_int8') if f in flags)}"
-        "; the server, the load generator and other engineers' work share the 2 cores (load average at the end "
+        "; the server and the load generator share the 2 cores (load average at the end "
         f"{rec['load_1min_end']:.1f}). {rec['date']}.", "",
-        "Reproduce: `PATH=<dir of perf_analyzer>:$PATH .venv/bin/python benchmarks/served_loadgen.py RUN --rounds 2`", ""]
+        "Reproduce: `PATH=<dir of perf_analyzer>:$PATH .venv/bin/python benchmarks/served_loadgen.py RUN --rounds 3`", ""]
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
 
 

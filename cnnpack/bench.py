@@ -33,7 +33,8 @@ from cnnpack.host import (
     sync,
     torch_threads,
 )
-from cnnpack.measure import PERCENTILES, Load, Measurement, Window, WindowPolicy, agree, measure, run_window, summarise  # noqa: F401 - re-exported
+from cnnpack.loadclient import Load  # noqa: F401 - re-exported
+from cnnpack.measure import PERCENTILES, Measurement, Window, WindowPolicy, agree, measure, run_window, summarise  # noqa: F401 - re-exported
 from cnnpack.peak import matmul_rate
 from cnnpack.rundir import Run, library_versions, sha256
 

@@ -33,7 +33,7 @@ class ServedConfig:
 
     url: str | None = None  # default: 127.0.0.1 on Triton's port of the protocol
     model: str | None = None  # default: the model of the run's `cnnpack triton` stage
-    protocol: str = "grpc"
+    protocol: str = "http"
     concurrency: tuple[int, ...] = (1, 4, 16)  # requests in flight
     timeout_s: float = 30.0  # per request
     load_generator: str = "auto"  # perf_analyzer (when on PATH under auto) | cnnpack: `cnnpack.loadgen`

@@ -233,6 +233,9 @@ class Client:
         try:
             ready = self._client.is_server_ready(**self._timeout)
         except self.errors as e:
+            if self.protocol == "http" and "Expected HTTP/" in str(e):
+                raise UserInputError(f"{self.address} answered, but not in HTTP: is it Triton's gRPC port? Pass "
+                                     f"--protocol grpc, or the HTTP port (default {DEFAULT_PORTS['http']})") from None
             raise UserInputError(f"cannot reach Triton at {self.url}: {reason(e)}; start it with `cnnpack serve` "
                                  f"or pass --url (defaults: HTTP {DEFAULT_PORTS['http']}, gRPC "
                                  f"{DEFAULT_PORTS['grpc']}, with --protocol)") from None

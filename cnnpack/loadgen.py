@@ -1,10 +1,10 @@
-"""Who puts a served model under load: Triton's own perf_analyzer when it is on PATH, else cnnpack's asyncio client.
+"""Who puts a served model under load: Triton's own perf_analyzer when it is on PATH, else cnnpack's own client.
 
-Users of Triton quote perf_analyzer (C++, one thread per client). cnnpack's client (`measure.Load`) runs in the
-Python process beside the server and, on a machine of few cores, takes CPU the server needs (issue 21: 0.85-0.89x
-perf_analyzer's throughput on 2 cores). Both follow the same rule: a closed loop of `concurrency` requests in flight,
-windows until three agree within the stability fraction (or the trials run out: unstable). Every row says which
-one measured it (`load_generator`), and `cnnpack bench --triton-url` and `cnnpack tune` take the same choice:
+Users of Triton quote perf_analyzer (C++, one thread per client). cnnpack's client (`loadclient.Load`) runs in the
+Python process beside the server and, on a machine of few cores, takes CPU the server needs, so it sends prebuilt
+request bytes (benchmarks/served_loadgen.py measures it against perf_analyzer). Both follow the same rule: a closed
+loop of `concurrency` requests in flight, windows until three agree within the stability fraction (or the trials run
+out: unstable). Every row says which one measured it (`load_generator`), and `cnnpack bench --triton-url` and `cnnpack tune` take the same choice:
 
     --load-generator auto            perf_analyzer when on PATH, else cnnpack
     --load-generator perf_analyzer   refused (exit 2) when it is not on PATH
@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnpack.errors import StageFailed, UserInputError
-from cnnpack.measure import Load, WindowPolicy, measure, summarise
+from cnnpack.loadclient import Load
+from cnnpack.measure import WindowPolicy, measure, summarise
 
 GENERATORS = ("auto", "perf_analyzer", "cnnpack")
 
@@ -44,9 +45,9 @@ def resolve(name: str) -> str:
 
 
 def describe(name: str) -> str:
-    """The generator with its version, for a row: `perf_analyzer 2.41.0` or `cnnpack asyncio client`."""
+    """The generator with its version, for a row: `perf_analyzer 2.41.0` or `cnnpack client`."""
     if name != "perf_analyzer":
-        return "cnnpack asyncio client"
+        return "cnnpack client"
     out = subprocess.run(["perf_analyzer", "--version"], capture_output=True, text=True, timeout=30)
     m = re.search(r"(\d+\.\d+\.\d+)", out.stdout + out.stderr)
     return f"perf_analyzer {m.group(1)}" if m else "perf_analyzer"

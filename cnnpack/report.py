@@ -305,9 +305,10 @@ def _served(m: dict) -> list[Block]:
                   _num(r["throughput_ips"], "{:,.0f}"), _num(r.get("server_batch_mean"), "{:.2f}"),
                   _num(r.get("server_queue_ms_mean"), "{:.2f}"), _num(r.get("server_compute_ms_mean"), "{:.2f}"),
                   str(r.get("errors", 0)), r.get("load_generator") or "cnnpack asyncio client"] for r in load]
-        out += [Block("p", "Batch-1 requests over gRPC from a load generator on the same machine (closed loop: "
+        wire = " and ".join(sorted({"gRPC" if r.get("protocol") == "grpc" else "HTTP" for r in load}))
+        out += [Block("p", f"Batch-1 requests over {wire} from a load generator on the same machine (closed loop: "
                            "each client sends its next request when the previous one answers): Triton's perf_analyzer "
-                           "where it is on PATH, else cnnpack's asynchronous client; dynamic batching "
+                           "where it is on PATH, else cnnpack's own client; dynamic batching "
                            "merges concurrent requests into larger batches."), Block("table", rows=rows)]
     return out
 

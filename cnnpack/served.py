@@ -22,7 +22,8 @@ from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.rundir import Run, atomic_write_json
 
 OUTPUT = "served.json"
-PROTOCOL = "grpc"
+PROTOCOL = "grpc"  # classification and parity through the server
+LOAD_PROTOCOL = "http"  # the load: cnnpack's client costs the server least over HTTP (benchmarks/results/served-loadgen-*)
 
 
 @dataclass(frozen=True)
@@ -111,18 +112,18 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
                                 "top1_agreement": (r["task"] or {}).get("top1_agreement"), "passed": r["passed"]}
                   for r in checked["results"] if r["runtime"] == "triton"}
         progress("[served] parity: " + ", ".join(f"{f} max abs err {p['max_abs_err']:.1e}" for f, p in parity.items()))
-        load = LoadConfig(url=server.grpc_address, model=t["name"], protocol=PROTOCOL, concurrency=cfg.concurrency,
+        load = LoadConfig(url=server.http_address, model=t["name"], protocol=LOAD_PROTOCOL, concurrency=cfg.concurrency,
                           timeout_s=cfg.timeout_s)
         section = bench_served(run.path, load, BenchConfig(batch_sizes=(1,), threads=cfg.threads,
                                                            max_seconds=cfg.max_seconds))
-        rows = [r for r in section["results"] if r.get("format") == f"triton:{t['name']}" and r.get("protocol") == PROTOCOL]
+        rows = [r for r in section["results"] if r.get("format") == f"triton:{t['name']}" and r.get("protocol") == LOAD_PROTOCOL]
         int8 = next((m for m in classifiers if m.endswith("_int8")), None)
         if int8:  # the int8 model at the highest concurrency, beside the fp32 one
             progress(f"[served] load on {int8} at concurrency {max(cfg.concurrency)}")
-            section = bench_served(run.path, LoadConfig(url=server.grpc_address, model=int8, protocol=PROTOCOL,
+            section = bench_served(run.path, LoadConfig(url=server.http_address, model=int8, protocol=LOAD_PROTOCOL,
                                                         concurrency=(max(cfg.concurrency),), timeout_s=cfg.timeout_s),
                                    BenchConfig(batch_sizes=(1,), threads=cfg.threads, max_seconds=cfg.max_seconds))
-            rows += [r for r in section["results"] if r.get("format") == f"triton:{int8}" and r.get("protocol") == PROTOCOL]
+            rows += [r for r in section["results"] if r.get("format") == f"triton:{int8}" and r.get("protocol") == LOAD_PROTOCOL]
         # what `cnnpack deploy` sizes the pod from: the start-up (every model loaded) and the memory after the load
         server_info = {"version": server.version, "urls": server.urls, "load_s": server.load_s,
                        "peak_rss_bytes": server.peak_rss_bytes(), "models": [asdict(m) for m in server.models]}
@@ -131,10 +132,10 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
     gain = throughput[c_hi]["throughput_ips"] / throughput[c_lo]["throughput_ips"]
     fp32 = [p["max_abs_err"] or 0 for f, p in parity.items() if not f.endswith("_int8")]
     summary = (f"{right}/{len(preds)} validation images right through Triton; served logits match eager "
-               f"(max abs err {max(fp32, default=0):.1e}); {t['name']} over gRPC: "
+               f"(max abs err {max(fp32, default=0):.1e}); {t['name']} over {'HTTP' if LOAD_PROTOCOL == 'http' else 'gRPC'}: "
                f"{throughput[c_lo]['latency_ms_p50']:.2f} ms p50 at concurrency {c_lo}, "
                f"{throughput[c_hi]['throughput_ips']:,.0f} images/s at {c_hi} ({gain:.1f}x, measured by "
-               f"{throughput[c_hi].get('load_generator', 'cnnpack asyncio client')})")
+               f"{throughput[c_hi].get('load_generator', 'cnnpack client')})")
     int8_row = next((r for r in rows if r["format"] != f"triton:{t['name']}"), None)
     if int8_row:
         f = int8_row["format"].removeprefix("triton:")

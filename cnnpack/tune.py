@@ -4,7 +4,7 @@ What Model Analyzer answers with Docker and perf_analyzer, in minutes and on the
 one local Triton in explicit model-control mode; for every candidate (model x settings) the model is
 (re)loaded with a config override (`POST /v2/repository/models/<name>/load` with the config as JSON,
 built by `triton_repo.classifier_config` like the ones `cnnpack triton` writes), so the server is never
-restarted between points; then the closed-loop load generator (`measure.Load`) drives it at each
+restarted between points; then the closed-loop load generator (`loadclient.Load`) drives it at each
 concurrency and Triton's own statistics say what it batched, queued and computed.
 
 Candidates: every servable model of the run that passed verify (fp32 ONNX, TorchScript, the int8 and
@@ -50,7 +50,7 @@ class TuneConfig:
     max_seconds: float = 2.0  # measurement per point (after a warm-up)
     time_limit_s: float = 300.0
     oversubscribe: bool = False  # allow instances x threads above the cores
-    protocol: str = "grpc"
+    protocol: str = "http"
     timeout_s: float = 30.0
     load_generator: str = "auto"  # perf_analyzer (when on PATH under auto) | cnnpack, as `bench --triton-url`
     bf16: str = "auto"  # OpenVINO models with the bf16 inference hint as candidates: auto (where the CPU computes

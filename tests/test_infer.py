@@ -185,11 +185,12 @@ def test_url_forms():
 
 
 # -- load, verify, bench ---------------------------------------------------------------------------
-def test_a_thousand_requests_at_concurrency_16_all_succeed_and_are_batched(server):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_thousand_requests_at_concurrency_16_all_succeed_and_are_batched(server, protocol):
     from cnnpack.bench import Load
     from cnnpack.client import server_side
 
-    rt = _served(server, "grpc", "cnn_onnx")
+    rt = _served(server, protocol, "cnn_onnx")
     before = rt.client.statistics("cnn_onnx")
     x = np.random.default_rng(1).uniform(0, 255, (1, 3, 32, 32)).astype(np.float32)
     with Load(rt.client, rt.model, x, concurrency=16) as load:
@@ -198,6 +199,20 @@ def test_a_thousand_requests_at_concurrency_16_all_succeed_and_are_batched(serve
     assert len(window.latencies_s) == 1000
     assert seen["server_requests"] == 1000 and seen["server_failures"] == 0
     assert seen["server_batch_mean"] > 1.5  # the dynamic batcher merged concurrent requests
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_request_the_server_rejects_stops_the_load_with_the_servers_reason(server, protocol):
+    """The load client sends prebuilt bytes and reads only the answer's status: a refusal must still read as one."""
+    from cnnpack.bench import Load
+
+    rt = _served(server, protocol, "cnn_onnx")
+    wrong = np.zeros((1, 3, 17, 17), np.float32)  # the model takes 32 x 32
+    with Load(rt.client, rt.model, wrong, concurrency=4) as load, pytest.raises(StageFailed) as err:
+        load.window(requests=20)
+    message = str(err.value)
+    assert message.startswith(f"Triton at {protocol}://{_url(server, protocol)}: request under load to cnn_onnx")
+    assert "\n" not in message and "17" in message and "still running" not in message
 
 
 def test_verify_checks_the_served_model_like_a_file(server, served_run, tmp_path):
@@ -222,8 +237,8 @@ def test_bench_measures_served_throughput_under_concurrency(server, served_run, 
     shutil.copytree(served_run[0], run_dir)
     cfg = BenchConfig(batch_sizes=(1,), max_seconds=0.4, warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False)
     for model in ("cnn_onnx", "cnn_onnx_nobatch"):
-        section = bench_served(run_dir, ServedConfig(url=server.grpc_address, model=model, concurrency=(1, 8),
-                                                     load_generator="cnnpack"), cfg)
+        section = bench_served(run_dir, ServedConfig(url=server.grpc_address, model=model, protocol="grpc",
+                                                     concurrency=(1, 8), load_generator="cnnpack"), cfg)
     rows = {(r["format"], r["concurrency"]): r for r in section["results"]}
     assert set(rows) == {(f"triton:{m}", c) for m in ("cnn_onnx", "cnn_onnx_nobatch") for c in (1, 8)}
     for r in rows.values():

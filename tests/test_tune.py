@@ -179,6 +179,6 @@ def test_a_forced_bf16_config_is_verified_measured_and_logged_a_line_per_point(l
     points = {p["label"]: p for p in json.loads(out.stdout)["points"]}
     bf16 = points["cnn_openvino bf16 x1 1t batching 500 us"]
     assert bf16["precision"] == "bf16" and bf16["throughput_ips"] > 0 and points["cnn_openvino x1 1t no batching"]["precision"] == "fp32"
-    assert bf16["load_generator"] == "cnnpack asyncio client"
+    assert bf16["load_generator"] == "cnnpack client"
     measured = [line for line in out.stderr.splitlines() if line.startswith("tune: measured ")]
     assert len(measured) == len(points) == 5  # its config.pbtxt, fp32 and bf16 without and with batching

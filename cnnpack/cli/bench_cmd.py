@@ -28,16 +28,16 @@ def bench(
                                                        "one a runtime reads: onnxruntime runs onnx and onnx_int8)."),
     triton_url: Optional[str] = typer.Option(None, help="Measure the model served by Triton at HOST:PORT instead."),
     model: Optional[str] = typer.Option(None, help="With --triton-url: the served model (default: the run's triton stage's)."),
-    protocol: str = typer.Option("grpc", help="With --triton-url: grpc | http (asyncio clients)."),
+    protocol: str = typer.Option("http", help="With --triton-url: http | grpc (cnnpack's own client costs the server less over HTTP)."),
     concurrency: str = typer.Option("1,4,16", help="With --triton-url: requests in flight, comma list."),
     timeout: float = typer.Option(30.0, help="With --triton-url: seconds each request may take."),
     load_generator: str = typer.Option("auto", help="With --triton-url: perf_analyzer | cnnpack | auto (perf_analyzer "
-                                                    "when on PATH, else cnnpack's asyncio client)."),
+                                                    "when on PATH, else cnnpack's own client)."),
 ):
     """Latency and throughput of each runtime, artifact and batch size, against this machine's matmul ceiling of
     each row's precision.
 
-    With --triton-url: a served model under closed-loop concurrent load (perf_analyzer-like, asyncio client), one row per batch size x concurrency, added to the run's bench results as runtime triton.
+    With --triton-url: a served model under closed-loop concurrent load (perf_analyzer-like), one row per batch size x concurrency, added to the run's bench results as runtime triton.
 
     Example: cnnpack bench --run runs/demo --runtimes eager,onnxruntime --batch-sizes 1,32 --threads 2
 
