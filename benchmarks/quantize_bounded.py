@@ -90,7 +90,7 @@ def compare_ranking(run: Path, work: Path) -> dict:
     out = {}
     for n in (64, 256):
         t0 = time.perf_counter()
-        ranking = rank_nodes(q, ref, data, QuantizeConfig(data="shapes", rank_images=n), Clock(1e9, lambda _: None))
+        ranking, _ = rank_nodes(q, ref, data, QuantizeConfig(data="shapes", rank_images=n), Clock(1e9, lambda _: None))
         out[n] = {"seconds": round(time.perf_counter() - t0, 1), "order": [x["node"] for x in ranking]}
     a, b = out[64]["order"], out[256]["order"]
     pos = {node: i for i, node in enumerate(b)}
@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/bench-quantize-bounded"))
     ap.add_argument("--compare-ranking", action="store_true")
     args = ap.parse_args()
+    previous = RESULTS / f"quantize-bounded-cpu{usable_cores()}.json"
     os.environ.setdefault("CNNPACK_CACHE", str(args.work.resolve() / "cache"))
     args.work.mkdir(parents=True, exist_ok=True)
     info = cpu_info()
@@ -132,6 +133,9 @@ def main() -> None:
         print(json.dumps(rows[-1], indent=1), flush=True)
     rows += two_epoch(args.work)
     ranking = compare_ranking(run, args.work) if args.compare_ranking else None
+    if ranking is None and previous.is_file():  # the last recorded comparison stays, marked with its date
+        old = json.loads(previous.read_text())
+        ranking = old.get("ranking") and {**old["ranking"], "recorded": old["ranking"].get("recorded", old["when"])}
     write(info, rows, ranking)
 
 
@@ -144,7 +148,7 @@ def write(info: dict, rows: list[dict], ranking: dict | None) -> None:
     lines = [f"# cnnpack quantize in bounded time ({stem})", "",
              f"{when}, {info['model']}, flags: {', '.join(info['flags']) or 'none of avx512/vnni/bf16/amx'}; "
              f"{usable_cores()} cores.", "Command: `python benchmarks/quantize_bounded.py"
-             + (" --compare-ranking`" if ranking else "`"), "",
+             + (" --compare-ranking`" if ranking and not ranking.get("recorded") else "`"), "",
              "resnet18@224 (random weights), default gate (0.5 pt, 99 % agreement), default --time-limit, a fresh copy "
              "of one exported run per backend, output to a file.", "",
              "| model | backend | exit | wall s | status | steps | kept in float | ranking s (images) | nodes | last line |",
@@ -165,7 +169,8 @@ def write(info: dict, rows: list[dict], ranking: dict | None) -> None:
             lines.append(f"- the 2-epoch cnn quantizes with {r['backend']} under the default gate: "
                          f"{'met' if r['exit_code'] == 0 else '**not met**'} (exit {r['exit_code']}).")
     if ranking:
-        lines += ["", "## Ranking on 64 vs 256 images (ONNX Runtime, one process)", "",
+        lines += ["", "## Ranking on 64 vs 256 images (ONNX Runtime, one process)"
+                  + (f", recorded {ranking['recorded']}" if ranking.get("recorded") else ""), "",
                   f"- {ranking['nodes']} nodes: {ranking['seconds_64']} s on 64 images, {ranking['seconds_256']} s on "
                   f"256; top-8 overlap {ranking['top8_overlap']}/8, Spearman's rho {ranking['spearman_rho']}."]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -7,7 +7,8 @@ the rest, the same way for every backend:
 1. the plain int8 model (every quantizable node in int8) against the fp32 artifact's top-1 on the
    validation split: a drop of at most `max_drop` points and an agreement of at least `min_agreement`;
 2. when it misses, every node is ranked once by the error (against fp32's logits, on the first
-   `rank_images` validation images) of a model where that node alone runs in int8;
+   `rank_images` validation images, fewer where that would leave the fallback steps less than half the
+   time left) of a model where that node alone runs in int8;
 3. the most harmful nodes are kept in float, one more per step, until the gate holds or `max_steps`
    are spent. An attempt that keeps every node in float is no int8 model and never passes.
 
@@ -220,24 +221,49 @@ class GateResult:
     harmful: int = 0  # ranked nodes whose int8 changes the logits (the fallback's candidates)
 
 
-def rank_nodes(c: Candidate, ref: np.ndarray, data: QuantData, cfg: QuantizeConfig, clock: Clock) -> list[dict]:
+RANKING_SHARE = 0.5  # of the time left when the ranking starts; the rest is for the fallback steps
+MIN_RANK_IMAGES = 8
+
+
+def rank_nodes(c: Candidate, ref: np.ndarray, data: QuantData, cfg: QuantizeConfig, clock: Clock) -> tuple[list[dict], int]:
     """Each quantized node's harm: the error (mean squared, against fp32's logits, on the ranking images)
     of a model where that node alone runs in int8, its inputs and outputs quantized; most harmful first.
+    Also returns on how many images every node was ranked.
 
     Quantizing one node at a time (rather than keeping one in float) also exposes a harmful tensor that
     two nodes share (a producer's output and its consumer's input): both rank high, and keeping both in
     float removes its quantization.
+
+    The first node is timed (its model build and its images apart): where ranking every node on
+    `rank_images` would take more than RANKING_SHARE of the time left, the rest are ranked on as many of
+    the same first images as fit (at least MIN_RANK_IMAGES), and the first node's error is taken on those
+    too, so that every node is ranked on the same images and the fallback steps keep their share.
     """
     n = min(cfg.rank_images, len(data.val_images))
     images, want = data.val_images[:n], ref[:n]
-    out, t0 = [], time.perf_counter()
+    out, t0, total = [], time.perf_counter(), len(c.nodes)
+    first: np.ndarray | None = None
     for i, node in enumerate(c.nodes):
-        if clock.over(f"ranking node {i + 1} of {len(c.nodes)}"):
+        if clock.over(f"ranking node {i + 1} of {total}"):
             break
-        clock.step(f"ranking node {i + 1}/{len(c.nodes)}: {node}", i, len(c.nodes), t0)
-        err = float(np.mean((c.runner(c.alone(node))(images) - want) ** 2))
-        out.append({"node": node, "mse_alone_in_int8": err})
-    return sorted(out, key=lambda r: -r["mse_alone_in_int8"])
+        clock.step(f"ranking node {i + 1}/{total}: {node}", i, total, t0)
+        t_build = time.perf_counter()
+        model = c.alone(node)
+        t_run = time.perf_counter()
+        got = c.runner(model)(images[:n])
+        if i == 0:
+            first = got
+            build_s, per_image_s = t_run - t_build, (time.perf_counter() - t_run) / n
+            budget = RANKING_SHARE * clock.left() / total
+            fit = int((budget - build_s) / per_image_s) if per_image_s > 0 else n
+            if fit < n:
+                n = max(min(fit, n), min(MIN_RANK_IMAGES, n))
+                clock.note(f"ranking {total} nodes on {n} of --rank-images {cfg.rank_images} images, so that it "
+                           f"takes about half the time left ({build_s:.2f} s per model, "
+                           f"{1e3 * per_image_s:.1f} ms per image)")
+            got = first[:n]
+        out.append({"node": node, "mse_alone_in_int8": float(np.mean((got - want[:n]) ** 2))})
+    return sorted(out, key=lambda r: -r["mse_alone_in_int8"]), n
 
 
 def run_gate(c: Candidate, first: Attempt, ref: np.ndarray, data: QuantData, cfg: QuantizeConfig,
@@ -248,8 +274,8 @@ def run_gate(c: Candidate, first: Attempt, ref: np.ndarray, data: QuantData, cfg
         res.stopped = clock.stopped
         return res
     t0 = time.perf_counter()
-    res.ranking = rank_nodes(c, ref, data, cfg, clock)
-    res.ranked_images, res.ranking_s = min(cfg.rank_images, len(data.val_images)), time.perf_counter() - t0
+    res.ranking, res.ranked_images = rank_nodes(c, ref, data, cfg, clock)
+    res.ranking_s = time.perf_counter() - t0
     harmful = [r["node"] for r in res.ranking if r["mse_alone_in_int8"] > 0]
     res.harmful = len(harmful)
     steps, t1 = min(cfg.max_steps, len(harmful)), time.perf_counter()

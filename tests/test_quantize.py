@@ -152,6 +152,40 @@ def test_at_the_time_limit_the_best_attempt_is_reported_and_nothing_recorded(qua
     assert any(line.startswith("[") and "(limit 8 s)" in line for line in lines)  # progress says the limit
 
 
+def test_the_ranking_ranks_every_node_on_fewer_images_when_all_would_not_leave_the_fallback_half_the_time():
+    """A backend whose models take 10 ms per image: 4 nodes on 64 images would take 2.6 s of the 2 s left."""
+    import time
+
+    from cnnpack.int8_gate import Clock, QuantData, rank_nodes
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(64, 3)).astype(np.float32)
+    harm = {"a": 0.1, "b": 3.0, "c": 1.0, "d": 0.0}
+
+    class Slow:
+        nodes = list(harm)
+
+        def alone(self, node):
+            return node
+
+        def runner(self, node):
+            def run(images):
+                time.sleep(0.01 * len(images))
+                return ref[:len(images)] + harm[node] * (1 + np.arange(len(images)))[:, None]
+            return run
+
+    data = QuantData(np.zeros((1, 3, 4, 4), np.float32), np.zeros((64, 3, 4, 4), np.uint8), np.zeros(64, int), "x", 1)
+    lines: list[str] = []
+    ranking, n = rank_nodes(Slow(), ref, data, QuantizeConfig(rank_images=64), Clock(2.0, lines.append))
+    assert 8 <= n < 40 and any(f"on {n} of --rank-images 64 images" in line for line in lines)
+    assert [r["node"] for r in ranking] == ["b", "c", "a", "d"]
+    for r in ranking:  # every node on the same first n images, the first one included
+        expect = harm[r["node"]] ** 2 * np.mean((1 + np.arange(n)) ** 2)
+        assert r["mse_alone_in_int8"] == pytest.approx(expect, rel=1e-5)
+    ranking, n = rank_nodes(Slow(), ref, data, QuantizeConfig(rank_images=16), Clock(60.0, lines.append))
+    assert n == 16 and len(ranking) == 4  # time enough: all of --rank-images
+
+
 def test_every_refusal_says_its_real_reason():
     from cnnpack.int8_gate import why_refused
 
