@@ -299,6 +299,18 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def http_get(url: str, method: str = "GET") -> tuple[int, bytes]:
+    """One request to a server's HTTP endpoint: (status, body); (0, b"") when nothing answers within 5 s."""
+    req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, b""
+
+
 @dataclass
 class TritonServer:
     """A tritonserver process over a model repository, as a context manager.
@@ -430,15 +442,7 @@ class TritonServer:
         self._pid = self._proc.pid
 
     def _get(self, path: str, method: str = "GET") -> tuple[int, bytes]:
-        req = urllib.request.Request(f"http://{self.http_address}{path}", method=method,
-                                     data=b"{}" if method == "POST" else None)
-        try:
-            with urllib.request.urlopen(req, timeout=5) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return 0, b""
+        return http_get(f"http://{self.http_address}{path}", method)
 
     def _wait_ready(self) -> None:
         """Polls /v2/health/ready until the deadline; fails fast on exit or a model that did not load."""

@@ -30,21 +30,26 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpack.contracts import (  # noqa: F401 - re-exported
+    BF16_ATOL,
+    BF16_MIN_AGREEMENT,
+    BF16_RTOL,
+    FP16_ATOL,
+    FP16_MIN_AGREEMENT,
+    FP16_RTOL,
+    INT8_MAX_DROP_PT,
+    INT8_MIN_AGREEMENT,
+    Tolerance,
+    failures,
+    task_stats,
+    tensor_stats,
+    tolerances,
+)
 from cnnpack.errors import ParityError, RuntimeUnavailable, UserInputError
 from cnnpack.rundir import Run, atomic_write_json, library_versions, sha256
 from cnnpack.runtimes import precision_of
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
-# fp16 artifacts: a 10-bit mantissa (relative step ~1e-3) rounded through every layer; the absolute error of a
-# logit grows with the logits' size, so atol is FP16_ATOL x the largest |eager logit| (at least FP16_ATOL)
-FP16_ATOL, FP16_RTOL, FP16_MIN_AGREEMENT = 1e-2, 1e-2, 0.995
-# bf16 inference (8 significant bits, rounding step 2^-8 relative, fp32 accumulation in OpenVINO's kernels): the
-# error of a logit grows with the logits' size and the depth; atol BF16_ATOL x max |eager logit|, rtol BF16_RTOL,
-# agreement as for fp16. Measured on the built-in cnn@32: max abs err 0.2 % of the largest logit (2.4e-2 of 12).
-BF16_ATOL, BF16_RTOL, BF16_MIN_AGREEMENT = 2e-2, 5e-2, 0.995
-# int8 artifacts: task parity (DESIGN §2); their tensor error is reported, not gated
-INT8_MIN_AGREEMENT, INT8_MAX_DROP_PT = 0.99, 0.5
-
 VAL_BATCH = 64  # batch size for the validation set (within each artifact's limits)
 OUTPUT = "verify.json"
 
@@ -103,125 +108,6 @@ class VerifyFailed(ParityError):
     def __init__(self, message: str, result: dict) -> None:
         super().__init__(message)
         self.result = result
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """What one target is held to."""
-
-    atol: float
-    rtol: float
-    min_agreement: float
-    basis: str  # why these values, for verify.json
-    contract: str = "fp32"  # the precision contract applied
-    tensor_gated: bool = True  # int8: tensor error reported, not a failure
-    max_drop_pt: float | None = None  # int8: the largest top-1 drop against eager, percentage points
-
-
-def tolerances(cfg: VerifyConfig, dtype: str, reference: np.ndarray, precision: str = "fp32",
-               max_drop_pt: float | None = None) -> Tolerance:
-    """The contract of the target's precision. fp32: the config's tolerances. fp16: the fp16 floor (never
-    tighter than the config): atol FP16_ATOL x max(1, max |eager logit|), rtol FP16_RTOL, top-1 agreement
-    >= FP16_MIN_AGREEMENT. int8: task parity, top-1 agreement >= INT8_MIN_AGREEMENT and a top-1 drop
-    against eager of at most the quantize gate; the tensor error is reported beside it."""
-    if precision == "int8":
-        drop = INT8_MAX_DROP_PT if max_drop_pt is None else max_drop_pt
-        return Tolerance(cfg.atol, cfg.rtol, cfg.int8_min_agreement,
-                         f"int8 artifact: task parity, top-1 agreement >= {cfg.int8_min_agreement:.0%} and top-1 drop "
-                         f"<= {drop:g} pt (the quantize gate); tensor error reported, not gated", "int8",
-                         tensor_gated=False, max_drop_pt=drop)
-    if precision == "bf16":
-        scale = max(1.0, float(np.abs(reference[np.isfinite(reference)]).max(initial=0.0)))
-        return Tolerance(max(cfg.atol, BF16_ATOL * scale), max(cfg.rtol, BF16_RTOL),
-                         min(cfg.min_agreement, BF16_MIN_AGREEMENT),
-                         f"bf16 inference: atol {BF16_ATOL:g} x max |eager logit| {scale:.3g}, rtol {BF16_RTOL:g}, "
-                         f"top-1 agreement >= {BF16_MIN_AGREEMENT:.1%}", "bf16")
-    if dtype != "float16" and precision != "fp16":
-        return Tolerance(cfg.atol, cfg.rtol, cfg.min_agreement, "as configured (fp32)")
-    scale = max(1.0, float(np.abs(reference[np.isfinite(reference)]).max(initial=0.0)))
-    return Tolerance(max(cfg.atol, FP16_ATOL * scale), max(cfg.rtol, FP16_RTOL),
-                     min(cfg.min_agreement, FP16_MIN_AGREEMENT),
-                     f"fp16 artifact: atol {FP16_ATOL:g} x max |eager logit| {scale:.3g}, rtol {FP16_RTOL:g}, "
-                     f"top-1 agreement >= {FP16_MIN_AGREEMENT:.1%} (or the configured values where looser)", "fp16")
-
-
-# -- statistics ------------------------------------------------------------------------------
-def tensor_stats(got: np.ndarray, want: np.ndarray, *, atol: float, rtol: float) -> dict:
-    """Error statistics of outputs `got` against the reference `want`, both (N, K)."""
-    g, w = got.astype(np.float64), want.astype(np.float64)
-    nonfinite = int((~np.isfinite(g)).sum())
-    both = np.isfinite(g) & np.isfinite(w)
-    diff, mag = np.abs(g - w)[both], np.abs(w)[both]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(diff == 0, 0.0, diff / mag)  # inf where eager is exactly 0 and the target is not
-    outside = ~((diff <= atol) | (diff <= rtol * mag))
-    return {
-        "elements": int(g.size),
-        "max_abs_err": float(diff.max(initial=0.0)),
-        "mean_abs_err": float(diff.mean()) if diff.size else 0.0,
-        "p99_abs_err": float(np.percentile(diff, 99)) if diff.size else 0.0,
-        "max_rel_err": _finite(rel.max(initial=0.0)),
-        "cosine_sim_min": _cosine_min(g, w),
-        "min_atol_to_pass": float(diff[rel > rtol].max(initial=0.0)),  # with rtol fixed
-        "min_rtol_to_pass": _finite(rel[diff > atol].max(initial=0.0)),  # with atol fixed
-        "outside_tolerance": int(outside.sum()) + nonfinite,
-        "nonfinite": nonfinite,
-    }
-
-
-def _finite(x: float) -> float | None:
-    """JSON has no Infinity: an infinite figure (relative to an exact zero) is recorded as null."""
-    return float(x) if np.isfinite(x) else None
-
-
-def _cosine_min(g: np.ndarray, w: np.ndarray) -> float | None:
-    """The lowest cosine similarity between a target's and eager's logits for one image."""
-    ok = np.isfinite(g).all(1) & np.isfinite(w).all(1)
-    g, w = g[ok], w[ok]
-    if not len(g):
-        return None
-    den = np.linalg.norm(g, axis=1) * np.linalg.norm(w, axis=1)
-    cos = np.where(den > 0, (g * w).sum(1) / np.where(den > 0, den, 1.0), 1.0)
-    return float(cos.min())
-
-
-def task_stats(got: np.ndarray, want: np.ndarray, labels: np.ndarray) -> dict:
-    """Top-1 accuracy of logits `got`, its delta to eager's `want`, and their top-1 agreement."""
-    pred, ref = got.argmax(1), want.argmax(1)
-    acc, eager_acc = float((pred == labels).mean()), float((ref == labels).mean())
-    return {"images": int(len(labels)), "accuracy": acc, "eager_accuracy": eager_acc,
-            "accuracy_delta": acc - eager_acc, "top1_agreement": float((pred == ref).mean()),
-            "top1_disagreements": int((pred != ref).sum())}
-
-
-def _tol(x: float) -> str:
-    return f"{x:.0e}" if float(f"{x:.0e}") == x else f"{x:.2e}"
-
-
-def failures(label: str, tensor: dict, task: dict | None, cfg: Tolerance | VerifyConfig) -> list[str]:
-    """One line per failed check, naming the target, the check and the figure."""
-    out = []
-    if tensor["nonfinite"]:
-        out.append(f"{label}: {tensor['nonfinite']} of {tensor['elements']} outputs are NaN/Inf (finite check)")
-    if tensor["outside_tolerance"] > tensor["nonfinite"] and getattr(cfg, "tensor_gated", True):
-        rtol_needed = tensor["min_rtol_to_pass"]
-        out.append(f"{label}: max_abs_err {tensor['max_abs_err']:.1e} > atol {_tol(cfg.atol)} (tensor parity: "
-                   f"{tensor['outside_tolerance']} of {tensor['elements']} logits outside atol {_tol(cfg.atol)} "
-                   f"/ rtol {_tol(cfg.rtol)}; would pass with atol {tensor['min_atol_to_pass']:.1e} or rtol "
-                   f"{'inf' if rtol_needed is None else f'{rtol_needed:.1e}'})")
-    if task and task["top1_agreement"] < cfg.min_agreement:
-        out.append(f"{label}: top1_agreement {100 * task['top1_agreement']:.2f}% < {100 * cfg.min_agreement:.2f}% "
-                   f"(task parity: {task['top1_disagreements']} of {task['images']} validation images classified "
-                   f"differently from eager; accuracy {100 * task['accuracy']:.2f}% vs eager "
-                   f"{100 * task['eager_accuracy']:.2f}%)")
-    drop = getattr(cfg, "max_drop_pt", None)
-    if drop is not None and not task:  # an int8 contract is task parity: without labelled images nothing holds it
-        out.append(f"{label}: the int8 contract is task parity, and there is no validation data to check it on "
-                   "(a run made by `export --arch`): pass --data PATH|shapes")
-    if task and drop is not None and -100 * task["accuracy_delta"] > drop + 1e-9:
-        out.append(f"{label}: top-1 drop {-100 * task['accuracy_delta']:.2f} pt > {drop:g} pt (int8 contract: "
-                   f"accuracy {100 * task['accuracy']:.2f}% vs eager {100 * task['eager_accuracy']:.2f}%)")
-    return out
 
 
 # -- what to check -----------------------------------------------------------------------------

@@ -24,14 +24,13 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from cnnpack.errors import MissingStageError, UserInputError
+from cnnpack.serve import http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = {  # kind: (file, version served, where it comes from)
@@ -450,17 +449,6 @@ def test_the_smoke_script_is_valid_shell_and_uses_what_deploy_writes(deployed):
 
 
 # -- the Deployment's arguments on the real server ---------------------------------------------------------------
-def _get(url: str, method: str = "GET") -> tuple[int, bytes]:
-    req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None)
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return 0, b""
-
-
 def local_args(container: dict, repository: Path, ports: dict[str, int]) -> list[str]:
     """The container's args as the local server runs them; only these values change, nothing else:
     the in-container repository (/models) -> the local repository the image was built from; each named
@@ -541,20 +529,20 @@ def test_the_deployment_args_start_the_real_server_probes_answer_and_the_hpa_met
     proc, log = _start(args, repository, tmp_path)
     try:
         t0 = time.monotonic()
-        while _get(url(startup["httpGet"]["port"], startup["httpGet"]["path"]))[0] != 200:
+        while http_get(url(startup["httpGet"]["port"], startup["httpGet"]["path"]))[0] != 200:
             assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
             assert time.monotonic() - t0 < window, f"not ready within the startup probe's {window} s"
             time.sleep(0.2)
         for probe in ("livenessProbe", "readinessProbe"):
             get = container[probe]["httpGet"]
-            assert _get(url(get["port"], get["path"]))[0] == 200, probe
-        index = json.loads(_get(url("http", "/v2/repository/index"), "POST")[1])
+            assert http_get(url(get["port"], get["path"]))[0] == 200, probe
+        index = json.loads(http_get(url("http", "/v2/repository/index"), "POST")[1])
         assert sorted(m["name"] for m in index if m.get("state") == "READY") == sorted(record["models"])
         client = http.InferenceServerClient(f"127.0.0.1:{ports['http']}")
         x = http.InferInput("input", [1, 3, 32, 32], "FP32")
         x.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
         client.infer(record["served_model"], [x])  # some metric families appear only once a model has served
-        status, body = _get(url("metrics", "/metrics"))
+        status, body = http_get(url("metrics", "/metrics"))
         metrics = {ln.split("{")[0].split()[0] for ln in body.decode().splitlines() if ln and not ln.startswith("#")}
     finally:
         _stop(proc, log)
@@ -571,10 +559,10 @@ def test_the_deployment_args_start_the_real_server_probes_answer_and_the_hpa_met
     proc, log = _start(local_args({**container, "args": gpu["args"]}, repository, ports), repository, tmp_path)
     try:
         t0 = time.monotonic()
-        while _get(url("http", "/v2/health/live"))[0] != 200:
+        while http_get(url("http", "/v2/health/live"))[0] != 200:
             assert proc.poll() is None and time.monotonic() - t0 < 120, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.2)
-        index = {m["name"]: m for m in json.loads(_get(url("http", "/v2/repository/index"), "POST")[1])}
+        index = {m["name"]: m for m in json.loads(http_get(url("http", "/v2/repository/index"), "POST")[1])}
         if shutil.which("nvidia-smi") is None:  # no GPU here: Triton says it wanted one for exactly those models
             assert "KIND_GPU but no GPUs are available" in index["cnn_onnx"].get("reason", "")
             assert index["cnn_onnx_preprocess"]["state"] == "READY"  # no gpu.pbtxt: its config.pbtxt

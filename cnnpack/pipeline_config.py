@@ -1,0 +1,149 @@
+"""`cnnpack pipeline`'s options, and the config of each stage built from them (`cnnpack.pipeline` runs them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cnnpack.errors import UserInputError
+
+SERVE_MODES = ("auto", "yes", "no")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The options of every stage that the pipeline exposes; the rest keep their commands' defaults."""
+
+    data: str = "shapes"
+    arch: str = "cnn"
+    image_size: int = 64
+    epochs: int = 8
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    data_root: str | None = None
+    formats: tuple[str, ...] = ("onnx", "torchscript")
+    max_batch_size: int = 64
+    int8: bool = True  # the quantize stage: an int8 ONNX model under the accuracy gate
+    calibration_images: int = 256
+    max_drop: float = 0.5
+    min_agreement: float = 0.99  # int8 vs fp32 (quantize's gate) and vs eager (verify's int8 contract)
+    verify_min_agreement: float = 0.999  # verify's top-1 agreement with eager for fp32 (bf16/fp16: at most their own)
+    openvino: str = "auto"  # auto: when the openvino extra is installed | yes | no
+    pt2: str = "auto"  # the pt2 package (torch.export + AOTInductor): auto (when a C++ compiler is found) | yes | no
+    tune_budget_ms: float | None = None  # the tune stage (opt-in): the best served config for this p99 budget
+    bench_runtimes: tuple[str, ...] = ("eager", "compiled", "torchscript", "onnxruntime")
+    bench_batch_sizes: tuple[int, ...] = (1, 32)
+    bench_max_seconds: float = 4.0
+    threads: int | None = None
+    repository: str = "model_repository"
+    serve: str = "auto"  # auto: when the local Triton server can run here | yes | no
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    infer_images: int = 8  # validation images sent through the served model
+
+    def validate(self) -> None:
+        """Refuses bad options before any stage runs (exit 2, nothing written)."""
+        if self.serve not in SERVE_MODES:
+            raise UserInputError(f"--serve {self.serve!r}; valid: {', '.join(SERVE_MODES)}")
+        if self.openvino not in SERVE_MODES:
+            raise UserInputError(f"--openvino {self.openvino!r}; valid: {', '.join(SERVE_MODES)}")
+        if self.pt2 not in SERVE_MODES:
+            raise UserInputError(f"--pt2 {self.pt2!r}; valid: {', '.join(SERVE_MODES)}")
+        if self.pt2 == "no" and "pt2" in self.formats:
+            raise UserInputError("--formats names pt2 and --pt2 is no: drop one of them")
+        self.served_config().validate()
+        if "onnx" not in self.formats:
+            raise UserInputError("the pipeline serves the ONNX artifact: --formats must include onnx")
+        for make in (self.train_config, self.export_config, self.verify_config, self.bench_config,
+                     self.quantize_config):
+            make().validate()
+        from cnnpack.bench import check_runtimes
+
+        check_runtimes(self.bench_runtimes)
+        if max(self.bench_batch_sizes) > self.max_batch_size:
+            raise UserInputError(f"--batch-sizes {max(self.bench_batch_sizes)} is more than the exported models "
+                                 f"accept (--max-batch-size {self.max_batch_size})")
+        for cfg in self.triton_configs():
+            cfg.validate()
+        if self.tune_budget_ms is not None:
+            self.tune_config().validate()
+
+    # the stage configs, built lazily (their modules import torch)
+    def train_config(self):
+        from cnnpack.train import TrainConfig
+
+        return TrainConfig(data=self.data, arch=self.arch, image_size=self.image_size, epochs=self.epochs,
+                           batch_size=self.batch_size, seed=self.seed, device=self.device, data_root=self.data_root)
+
+    def export_config(self):
+        from cnnpack.export import ExportConfig
+
+        return ExportConfig(formats=self.formats, max_batch_size=self.max_batch_size)
+
+    def quantize_config(self, fmt: str = "onnx_int8"):
+        from cnnpack.quantize import QuantizeConfig
+
+        return QuantizeConfig(format=fmt, calibration_images=self.calibration_images, max_drop=self.max_drop,
+                              min_agreement=self.min_agreement, seed=self.seed)
+
+    def with_openvino(self) -> PipelineConfig:
+        """The config with `openvino` decided (auto: when the extra is installed) and, when on, the IR among the
+        exported formats and the openvino runtimes (bf16 where the CPU has it) among the benchmarked ones."""
+        from dataclasses import replace
+
+        from cnnpack import openvino as ov
+
+        ok, why = ov.available() if self.openvino != "no" else (False, "--openvino no")
+        if self.openvino == "yes" and not ok:
+            raise UserInputError(f"--openvino yes, but {why}")
+        if not ok:
+            return replace(self, openvino="no")
+        runtimes = ["openvino", *(["openvino-bf16"] if ov.has_bf16() else [])]
+        return replace(self, openvino="yes", formats=tuple(dict.fromkeys([*self.formats, "openvino"])),
+                       bench_runtimes=tuple(dict.fromkeys([*self.bench_runtimes, *runtimes])))
+
+    def with_pt2(self) -> PipelineConfig:
+        """The config with `pt2` decided (auto: when a C++ compiler is found; --formats naming pt2 means yes) and,
+        when on, the package among the exported formats and the aoti runtime among the benchmarked ones."""
+        from dataclasses import replace
+
+        from cnnpack.pt2 import compiler_available, find_compiler
+
+        if self.pt2 == "no" or (self.pt2 == "auto" and "pt2" not in self.formats and not compiler_available()[0]):
+            return replace(self, pt2="no")
+        find_compiler()  # yes (or --formats pt2) without one: exit 2 saying what to install, before any work
+        return replace(self, pt2="yes", formats=tuple(dict.fromkeys([*self.formats, "pt2"])),
+                       bench_runtimes=tuple(dict.fromkeys([*self.bench_runtimes, "aoti"])))
+
+    def verify_config(self):
+        from cnnpack.verify import VerifyConfig
+
+        return VerifyConfig(batch_sizes=tuple(b for b in (1, 8, 32) if b <= self.max_batch_size) or (1,),
+                            min_agreement=self.verify_min_agreement, int8_min_agreement=self.min_agreement)
+
+    def bench_config(self):
+        from cnnpack.bench import BenchConfig
+
+        return BenchConfig(runtimes=self.bench_runtimes, batch_sizes=self.bench_batch_sizes, threads=self.threads,
+                           max_seconds=self.bench_max_seconds)
+
+    def served_config(self):
+        from cnnpack.served import ServedConfig
+
+        return ServedConfig(concurrency=self.concurrency, images=self.infer_images, threads=self.threads,
+                            max_seconds=self.bench_max_seconds, int8_min_agreement=self.min_agreement)
+
+    def tune_config(self):
+        from cnnpack.tune import TuneConfig
+
+        budget = 1.0 if self.tune_budget_ms is None else self.tune_budget_ms  # 0 is a bad budget, not "none"
+        return TuneConfig(latency_budget_ms=budget, concurrency=(max(self.concurrency),),
+                          max_seconds=min(self.bench_max_seconds, 2.0))
+
+    def triton_configs(self) -> list:
+        """TorchScript and int8 first, ONNX (with the image ensemble) last: `stages.triton` describes the ONNX model."""
+        from cnnpack.triton_repo import TritonConfig
+
+        int8 = ["onnx_int8", *(["openvino_int8"] if "openvino" in self.formats else [])] if self.int8 else []
+        formats = [*self.formats, *int8]
+        return [TritonConfig(repository=self.repository, format=f, ensemble=f == "onnx")
+                for f in sorted(formats, key=lambda f: f == "onnx")]
