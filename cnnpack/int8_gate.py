@@ -300,8 +300,11 @@ def why_refused(section: dict, cfg: QuantizeConfig) -> str:
     """The real reason no int8 model was kept, in words a user can act on."""
     n_nodes, steps = section.get("quantizable_nodes", 0), section["gate"]["steps"]
     if section.get("stopped"):
-        return (f"the time limit of {cfg.time_limit_s:g} s was reached during {section['stopped']}; raise --time-limit, "
-                "or rank on fewer images (--rank-images)")
+        what = section["stopped"]
+        fewer = ("or rank on fewer images (--rank-images)" if what.startswith("ranking") else
+                 "or calibrate on fewer images (--calibration-images)" if what.startswith("calibrat") else "")
+        return f"the time limit of {cfg.time_limit_s:g} s was reached during {what}; raise --time-limit" + \
+            (f", {fewer}" if fewer else "")
     if any(a.get("all_float") for a in section.get("attempts", [])):
         return "every layer had to stay in float to hold the gate: there is no int8 model of it; loosen the gate"
     if steps == 0 and cfg.max_steps == 0:

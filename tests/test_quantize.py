@@ -196,7 +196,9 @@ def test_every_refusal_says_its_real_reason():
         return why_refused(section, QuantizeConfig(**{"max_steps": 8, **extra.pop("cfg", {})}))
 
     assert "every layer had to stay in float" in reason(3, 10, all_float=True)
-    assert "time limit of 110 s was reached during ranking node 3 of 10" in reason(0, 0, stopped="ranking node 3 of 10")
+    assert "time limit of 110 s was reached during ranking node 3 of 10; raise --time-limit, or rank on fewer images " \
+        "(--rank-images)" in reason(0, 0, stopped="ranking node 3 of 10")
+    assert reason(2, 2, stopped="fallback step 3 of 8").endswith("during fallback step 3 of 8; raise --time-limit")
     assert "--max-steps 0 allows no fallback" in reason(0, 0, cfg={"max_steps": 0})
     assert "--max-steps 8 was spent (the last step kept the 8 most harmful of 10 node(s)" in reason(8, 8)
     assert "every one of the 3 node(s) the ranking found harmful never held the gate" in reason(3, 3, harmful_nodes=3)
