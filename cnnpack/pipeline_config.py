@@ -48,6 +48,9 @@ class PipelineConfig:
             raise UserInputError(f"--openvino {self.openvino!r}; valid: {', '.join(SERVE_MODES)}")
         if self.pt2 not in SERVE_MODES:
             raise UserInputError(f"--pt2 {self.pt2!r}; valid: {', '.join(SERVE_MODES)}")
+        for flag, value in (("--min-agreement", self.min_agreement), ("--verify-min-agreement", self.verify_min_agreement)):
+            if not 0 < value <= 1:  # also refuses NaN
+                raise UserInputError(f"{flag} is a fraction in (0, 1], got {value}")
         if self.pt2 == "no" and "pt2" in self.formats:
             raise UserInputError("--formats names pt2 and --pt2 is no: drop one of them")
         self.served_config().validate()
