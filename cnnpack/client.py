@@ -236,6 +236,9 @@ class Client:
             if self.protocol == "http" and "Expected HTTP/" in str(e):
                 raise UserInputError(f"{self.address} answered, but not in HTTP: is it Triton's gRPC port? Pass "
                                      f"--protocol grpc, or the HTTP port (default {DEFAULT_PORTS['http']})") from None
+            if self.protocol == "grpc" and "Socket closed" in str(e):
+                raise UserInputError(f"{self.address} closed the gRPC connection: is it Triton's HTTP port? Pass "
+                                     f"--protocol http, or the gRPC port (default {DEFAULT_PORTS['grpc']})") from None
             raise UserInputError(f"cannot reach Triton at {self.url}: {reason(e)}; start it with `cnnpack serve` "
                                  f"or pass --url (defaults: HTTP {DEFAULT_PORTS['http']}, gRPC "
                                  f"{DEFAULT_PORTS['grpc']}, with --protocol)") from None

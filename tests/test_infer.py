@@ -201,6 +201,14 @@ def test_a_thousand_requests_at_concurrency_16_all_succeed_and_are_batched(serve
     assert seen["server_batch_mean"] > 1.5  # the dynamic batcher merged concurrent requests
 
 
+def test_the_other_protocols_port_is_named_as_such(server):
+    """The load defaults to HTTP and a user may still pass gRPC's port (or the reverse): say which it is."""
+    with pytest.raises(UserInputError, match=r"not in HTTP: is it Triton's gRPC port\? Pass --protocol grpc"):
+        Client(server.grpc_address, "http").check_ready()
+    with pytest.raises(UserInputError, match=r"closed the gRPC connection: is it Triton's HTTP port\? Pass --protocol http"):
+        Client(server.http_address, "grpc").check_ready()
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_a_request_the_server_rejects_stops_the_load_with_the_servers_reason(server, protocol):
     """The load client sends prebuilt bytes and reads only the answer's status: a refusal must still read as one."""
