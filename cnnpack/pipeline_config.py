@@ -29,7 +29,8 @@ class PipelineConfig:
     min_agreement: float = 0.99  # int8 vs fp32 (quantize's gate) and vs eager (verify's int8 contract)
     verify_min_agreement: float = 0.999  # verify's top-1 agreement with eager for fp32 (bf16/fp16: at most their own)
     openvino: str = "auto"  # auto: when the openvino extra is installed | yes | no
-    pt2: str = "auto"  # the pt2 package (torch.export + AOTInductor): auto (when a C++ compiler is found) | yes | no
+    pt2: str | None = None  # the pt2 package (torch.export + AOTInductor): auto | yes | no; None: yes when --formats
+    # names pt2, else no (opt-in: the 150 s target, README)
     tune_budget_ms: float | None = None  # the tune stage (opt-in): the best served config for this p99 budget
     bench_runtimes: tuple[str, ...] = ("eager", "compiled", "torchscript", "onnxruntime")
     bench_batch_sizes: tuple[int, ...] = (1, 32)
@@ -46,7 +47,7 @@ class PipelineConfig:
             raise UserInputError(f"--serve {self.serve!r}; valid: {', '.join(SERVE_MODES)}")
         if self.openvino not in SERVE_MODES:
             raise UserInputError(f"--openvino {self.openvino!r}; valid: {', '.join(SERVE_MODES)}")
-        if self.pt2 not in SERVE_MODES:
+        if self.pt2 is not None and self.pt2 not in SERVE_MODES:
             raise UserInputError(f"--pt2 {self.pt2!r}; valid: {', '.join(SERVE_MODES)}")
         for flag, value in (("--min-agreement", self.min_agreement), ("--verify-min-agreement", self.verify_min_agreement)):
             if not 0 < value <= 1:  # also refuses NaN
@@ -105,13 +106,15 @@ class PipelineConfig:
                        bench_runtimes=tuple(dict.fromkeys([*self.bench_runtimes, *runtimes])))
 
     def with_pt2(self) -> PipelineConfig:
-        """The config with `pt2` decided (auto: when a C++ compiler is found; --formats naming pt2 means yes) and,
+        """The config with `pt2` decided (auto: when a C++ compiler is found; --formats naming pt2 means yes unless
+        --pt2 no, which validate refuses) and,
         when on, the package among the exported formats and the aoti runtime among the benchmarked ones."""
         from dataclasses import replace
 
         from cnnpack.pt2 import compiler_available, find_compiler
 
-        if self.pt2 == "no" or (self.pt2 == "auto" and "pt2" not in self.formats and not compiler_available()[0]):
+        asked = self.pt2 or ("yes" if "pt2" in self.formats else "no")
+        if asked == "no" or (asked == "auto" and "pt2" not in self.formats and not compiler_available()[0]):
             return replace(self, pt2="no")
         find_compiler()  # yes (or --formats pt2) without one: exit 2 saying what to install, before any work
         return replace(self, pt2="yes", formats=tuple(dict.fromkeys([*self.formats, "pt2"])),

@@ -19,7 +19,7 @@ TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "32", "--runtimes
         # (AMX, VNNI, AVX2). The gate's own behaviour is tested on a planted case in test_quantize.py.
         "--max-drop", "100", "--min-agreement", "0.5",
         "--openvino", "no",  # the OpenVINO stages have a test of their own below
-        "--pt2", "no"]  # the pt2 package (a C++ compile) joins the `first` run only, as it does by default
+        "--pt2", "no"]  # the pt2 package (a C++ compile) joins the `first` run only, by --pt2 auto
 
 
 def _can_serve() -> bool:
@@ -37,7 +37,7 @@ def _has_compiler() -> bool:
     return compiler_available()[0]
 
 
-PT2 = _has_compiler()  # --pt2 auto: the package joins every stage where a C++ compiler is found
+PT2 = _has_compiler()  # `first` runs --pt2 auto: the package joins every stage where a C++ compiler is found
 
 
 def _pipeline(*args: str):
@@ -55,7 +55,7 @@ def first(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     run, repo = tmp / "run", tmp / "repo"
     args = ["--data", str(tiny_data), "--run", str(run), "--repository", str(repo), *TINY]
-    args[args.index("--pt2") + 1] = "auto"  # the default
+    args[args.index("--pt2") + 1] = "auto"
     code, out, err = _pipeline(*args, "--json")
     assert code == 0, err[-3000:]
     return {"run": run, "repo": repo, "args": args, "out": json.loads(out), "err": err}

@@ -43,8 +43,10 @@ def pipeline(
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to lay out."),
     openvino: str = typer.Option("auto", help="OpenVINO IR (fp32, bf16 inference, NNCF int8) through every stage: "
                                                "auto (when the openvino extra is installed) | yes | no."),
-    pt2: str = typer.Option("auto", help="The pt2 package (torch.export + AOTInductor, in the aoti runtime) through "
-                                         "every stage: auto (when a C++ compiler is found) | yes | no."),
+    pt2: Optional[str] = typer.Option(None, help="The pt2 package (torch.export + AOTInductor, in the aoti runtime) "
+                                                 "through every stage: auto (when a C++ compiler is found) | yes | no. "
+                                                 "Default: no, unless --formats names pt2 (its compile would take "
+                                                 "the main job past 150 s on 2 cores)."),
     tune_budget_ms: Optional[float] = typer.Option(None, help="Add the tune stage: sweep served configs and keep the "
                                                               "best one for this p99 budget (ms), after served."),
     serve: str = typer.Option("auto", help="Serve, infer, verify and bench on a local Triton server: "
