@@ -356,6 +356,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         ctx.sample_matmul()
         for name, ref in pairs:
             bench_runtime(ctx, name, ref)
+        remeasure_beaten_ceilings(ctx)
     if not ctx.results:
         raise RuntimeUnavailable("no runtime could run here: " + "; ".join(ctx.skipped.values()))
     host["load_avg_1_5_15_end"] = load_avg()
@@ -366,6 +367,34 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     section["outputs"] = write_outputs(run, section, plot=cfg.plot)
     run.set_stage("bench", section)
     return run.read()["stages"]["bench"]
+
+
+def remeasure_beaten_ceilings(ctx: BenchContext) -> None:
+    """A row above its precision's ceiling means the ceiling was measured low (a slower moment of a shared host, or
+    a cached one from another day): it is measured again now, once, and the higher of the two is the ceiling; the
+    rows' shares are taken against it. A row still above it stays in `over_ceiling`."""
+    beaten = {r["precision"] for r in ctx.results if r["matmul_share"] > 1 and r["precision"] in ctx.ceilings}
+    if ctx.device.type != "cpu" or not beaten:
+        return
+    from cnnpack.peak import ceilings
+
+    ctx.progress(f"the {', '.join(sorted(beaten))} ceiling again: a row beat it")
+    again = ceilings(ctx.cfg.threads, precisions=beaten)
+    for precision, fresh in again.items():
+        old = ctx.ceilings[precision]
+        if fresh["gflops"] > old["gflops"]:
+            ctx.ceilings[precision] = {**fresh, "remeasured": True, "first_gflops": old["gflops"]}
+            if ctx.ceilings_cache:
+                from cnnpack.peak import remember_ceiling
+
+                remember_ceiling(ctx.ceilings_cache["path"], precision, fresh)
+        else:
+            old["remeasured_gflops"] = fresh["gflops"]
+        limit = ctx.ceilings[precision]["gflops"]
+        for r in ctx.results:
+            if r["precision"] == precision:
+                r["matmul_gflops"] = max(r["matmul_gflops"], limit)
+                r["matmul_share"] = r["gflops"] / r["matmul_gflops"]
 
 
 def _ceilings(ctx: BenchContext, precisions: set[str]) -> dict:

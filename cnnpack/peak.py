@@ -144,6 +144,16 @@ def forget_ceilings(path: str | Path, precisions: set[str]) -> None:
         atomic_write_json(Path(path), data)
 
 
+def remember_ceiling(path: str | Path, precision: str, entry: dict) -> None:
+    """Stores a ceiling measured higher than the cached one (bench re-measures one a row beat)."""
+    from cnnpack.rundir import atomic_write_json
+
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        data = json.loads(Path(path).read_text())
+        data["ceilings"][precision] = entry
+        atomic_write_json(Path(path), data)
+
+
 # -- the silicon's number ---------------------------------------------------------------------------
 def cpu_info() -> dict:
     """Model, vendor, flags of interest and the highest clock this machine reports."""

@@ -120,6 +120,26 @@ def test_cli_bench_json_and_errors(exported):
     assert bad.returncode == 2 and len(lines) == 1 and "--threads must be >= 1" in lines[0], bad.stderr
 
 
+def test_a_ceiling_a_row_beats_is_measured_again_in_the_run(exported, tmp_path):
+    """A ceiling measured low (a slower moment of a shared host; here planted at 1 GFLOP/s) is measured again, once,
+    when a row beats it: the rows' shares are taken against the new one, and the cache keeps it."""
+    import torch
+
+    from cnnpack.bench import BenchContext, remeasure_beaten_ceilings
+    from cnnpack.rundir import Run
+
+    cache = tmp_path / "ceilings.json"
+    cache.write_text(json.dumps({"key": {}, "ceilings": {"fp32": {"gflops": 1.0}}}))
+    ctx = BenchContext(Run.open(exported), BenchConfig(threads=1), torch.device("cpu"), 1, lambda _: None)
+    ctx.ceilings, ctx.ceilings_cache = {"fp32": {"gflops": 1.0}}, {"path": str(cache)}
+    ctx.results = [{"precision": "fp32", "gflops": 2.0, "matmul_gflops": 1.0, "matmul_share": 2.0}]
+    remeasure_beaten_ceilings(ctx)
+    fp32 = ctx.ceilings["fp32"]
+    assert fp32["remeasured"] and fp32["first_gflops"] == 1.0 and fp32["gflops"] > 2.0
+    assert ctx.results[0]["matmul_gflops"] == fp32["gflops"] and ctx.results[0]["matmul_share"] < 1
+    assert json.loads(cache.read_text())["ceilings"]["fp32"]["gflops"] == fp32["gflops"]  # stored for next time
+
+
 @pytest.mark.slow
 def test_compiled_runtime_is_benched_frozen(exported):
     section = bench(exported, BenchConfig(runtimes=("eager", "compiled"), batch_sizes=(2,), threads=1,
