@@ -61,14 +61,37 @@ def reset_peak_rss() -> bool:
 
 
 def cpu_ticks() -> tuple[int, int, int] | None:
-    """(busy ticks of the machine, all ticks of the machine, ticks of this process), or None off Linux."""
+    """(busy ticks of the machine, all ticks of the machine, ticks of this process and its descendants), or None
+    off Linux. The descendants count as this process: inductor compiles in worker processes of its own."""
     try:
         cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        own = _family_ticks(os.getpid())
     except (OSError, ValueError):
         return None
     busy = sum(cpu) - cpu[3] - cpu[4]  # all but idle and iowait; steal counts as taken
-    return busy, sum(cpu), int(own[11]) + int(own[12])  # utime + stime
+    return busy, sum(cpu), own
+
+
+def _family_ticks(root: int) -> int:
+    """utime + stime (and those of reaped children) of `root` and of every live process descended from it."""
+    stats: dict[int, tuple[int, int]] = {}  # pid -> (ppid, ticks)
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            f = (p / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        stats[int(p.name)] = (int(f[1]), sum(int(v) for v in f[11:15]))  # ppid; utime stime cutime cstime
+    if root not in stats:
+        raise OSError("no /proc entry for this process")
+    family, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        kids = [pid for pid, (ppid, _) in stats.items() if ppid == parent and pid not in family]
+        family.update(kids)
+        frontier += kids
+    return sum(stats[pid][1] for pid in family)
 
 
 def others_cpu_share(before, after) -> float | None:
