@@ -24,6 +24,7 @@ import numpy as np
 from cnnpack.errors import StageFailed, UserInputError
 
 PROTOCOLS = ("http", "grpc")
+PROTOCOL_NAMES = {"http": "HTTP", "grpc": "gRPC"}  # as a sentence names them
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}  # Triton's defaults, and `cnnpack serve`'s
 DEFAULT_TIMEOUT_S = 30.0
 NUMPY_DTYPES = {"FP32": np.float32, "FP16": np.float16, "BYTES": np.object_}

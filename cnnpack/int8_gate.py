@@ -242,7 +242,6 @@ def rank_nodes(c: Candidate, ref: np.ndarray, data: QuantData, cfg: QuantizeConf
     n = min(cfg.rank_images, len(data.val_images))
     images, want = data.val_images[:n], ref[:n]
     out, t0, total = [], time.perf_counter(), len(c.nodes)
-    first: np.ndarray | None = None
     for i, node in enumerate(c.nodes):
         if clock.over(f"ranking node {i + 1} of {total}"):
             break
@@ -252,7 +251,6 @@ def rank_nodes(c: Candidate, ref: np.ndarray, data: QuantData, cfg: QuantizeConf
         t_run = time.perf_counter()
         got = c.runner(model)(images[:n])
         if i == 0:
-            first = got
             build_s, per_image_s = t_run - t_build, (time.perf_counter() - t_run) / n
             budget = RANKING_SHARE * clock.left() / total
             fit = int((budget - build_s) / per_image_s) if per_image_s > 0 else n
@@ -261,7 +259,7 @@ def rank_nodes(c: Candidate, ref: np.ndarray, data: QuantData, cfg: QuantizeConf
                 clock.note(f"ranking {total} nodes on {n} of --rank-images {cfg.rank_images} images, so that it "
                            f"takes about half the time left ({build_s:.2f} s per model, "
                            f"{1e3 * per_image_s:.1f} ms per image)")
-            got = first[:n]
+            got = got[:n]
         out.append({"node": node, "mse_alone_in_int8": float(np.mean((got - want[:n]) ** 2))})
     return sorted(out, key=lambda r: -r["mse_alone_in_int8"]), n
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnnpack.client import PROTOCOL_NAMES
 from cnnpack.rundir import Run, atomic_write_text
 from cnnpack.serve import docker_line
 
@@ -305,7 +306,7 @@ def _served(m: dict) -> list[Block]:
                   _num(r["throughput_ips"], "{:,.0f}"), _num(r.get("server_batch_mean"), "{:.2f}"),
                   _num(r.get("server_queue_ms_mean"), "{:.2f}"), _num(r.get("server_compute_ms_mean"), "{:.2f}"),
                   str(r.get("errors", 0)), r.get("load_generator") or "cnnpack asyncio client"] for r in load]
-        wire = " and ".join(sorted({"gRPC" if r.get("protocol") == "grpc" else "HTTP" for r in load}))
+        wire = " and ".join(sorted({PROTOCOL_NAMES.get(r.get("protocol"), "HTTP") for r in load}))
         out += [Block("p", f"Batch-1 requests over {wire} from a load generator on the same machine (closed loop: "
                            "each client sends its next request when the previous one answers): Triton's perf_analyzer "
                            "where it is on PATH, else cnnpack's own client; dynamic batching "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpack.client import PROTOCOL_NAMES
 from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.rundir import Run, atomic_write_json
 
@@ -132,7 +133,7 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
     gain = throughput[c_hi]["throughput_ips"] / throughput[c_lo]["throughput_ips"]
     fp32 = [p["max_abs_err"] or 0 for f, p in parity.items() if not f.endswith("_int8")]
     summary = (f"{right}/{len(preds)} validation images right through Triton; served logits match eager "
-               f"(max abs err {max(fp32, default=0):.1e}); {t['name']} over {'HTTP' if LOAD_PROTOCOL == 'http' else 'gRPC'}: "
+               f"(max abs err {max(fp32, default=0):.1e}); {t['name']} over {PROTOCOL_NAMES[LOAD_PROTOCOL]}: "
                f"{throughput[c_lo]['latency_ms_p50']:.2f} ms p50 at concurrency {c_lo}, "
                f"{throughput[c_hi]['throughput_ips']:,.0f} images/s at {c_hi} ({gain:.1f}x, measured by "
                f"{throughput[c_hi].get('load_generator', 'cnnpack client')})")
