@@ -381,7 +381,8 @@ def test_a_server_that_drops_the_connection_mid_request_reads_as_gone(tmp_path):
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.close()
 
-    threading.Thread(target=reset_all, daemon=True).start()
+    resetter = threading.Thread(target=reset_all, daemon=True)
+    resetter.start()
     try:
         from cnnpack.bench import Load
 
@@ -393,6 +394,7 @@ def test_a_server_that_drops_the_connection_mid_request_reads_as_gone(tmp_path):
                 load.window(seconds=5)
     finally:
         stop.set()
+        resetter.join(timeout=5)  # before the close, so its accept() never sees a closed socket
         srv.close()
     assert "is the server still running?" in str(err.value)
 

@@ -63,8 +63,8 @@ def serve(
                       log_file=str(log) if log else None, ready_timeout_s=ready_timeout)
     server = TritonServer(cfg)
     with _sigterm_as_interrupt(), server:
-        _report(server, as_json)
-        try:
+        try:  # a SIGTERM right after the last line printed (before wait) stops it the same way
+            _report(server, as_json)
             code = server.wait()
         except KeyboardInterrupt:
             typer.echo(f"stopping Triton (pid {server.pid}) ...", err=True)
