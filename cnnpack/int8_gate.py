@@ -33,6 +33,7 @@ from cnnpack.rundir import Run
 
 QUANTIZERS: Registry = Registry("quantizer")
 METHODS = ("minmax", "entropy", "percentile")
+WEIGHT_TYPES = ("auto", "int8", "uint8")  # ONNX Runtime's weights: cnnpack/int8_ort.py weight_type()
 CALIBRATION_BATCH = 16
 DEFAULT_TIME_LIMIT_S = 110.0  # the whole call: resnet18@224 on 2 cores within 2 minutes, first attempt missing the gate
 
@@ -49,6 +50,7 @@ class QuantizeConfig:
     time_limit_s: float = DEFAULT_TIME_LIMIT_S  # the whole quantize call; at the limit: exit 1, nothing recorded
     seed: int = 0
     data: str | None = None  # default: the data the run was trained on
+    weight_type: str = "auto"  # ONNX Runtime only: int8 | uint8 | auto (uint8 on an x86 CPU without VNNI)
 
     def validate(self) -> None:
         QUANTIZERS.get(self.format)
@@ -66,6 +68,11 @@ class QuantizeConfig:
             raise UserInputError(f"--rank-images must be >= 1, got {self.rank_images}")
         if not self.time_limit_s > 0:
             raise UserInputError(f"--time-limit is in seconds and must be > 0, got {self.time_limit_s}")
+        if self.weight_type not in WEIGHT_TYPES:
+            raise UserInputError(f"--weight-type {self.weight_type!r}; valid: {', '.join(WEIGHT_TYPES)}")
+        if self.weight_type != "auto" and self.format != "onnx_int8":
+            raise UserInputError(f"--weight-type {self.weight_type} is ONNX Runtime's choice; the openvino backend "
+                                 "takes only auto (NNCF chooses its own int8 weights)")
 
 
 # -- data --------------------------------------------------------------------------------------------

@@ -59,6 +59,49 @@ def test_the_int8_artifact_is_a_qdq_model_with_the_fp32_contract(quantized):
     assert art["calibration"]["images"] == 64 and art["calibration"]["method"] == "minmax"
     assert art["kept_float"] == [] and section["gate"]["steps"] == 0
     assert "cnnpack quantize --run" in (run / "export/reproduce.sh").read_text()
+    # the weights' type is the one the host's kernels multiply exactly, recorded with why
+    stored = {n.input[0]: scales[n.input[0]].data_type for n in weights_dq if n.input[0].endswith("weight_quantized")}
+    want = onnx.TensorProto.UINT8 if art["weight_type"] == "uint8" else onnx.TensorProto.INT8
+    assert stored and set(stored.values()) == {want} and art["weight_type"] in art["quantization"]
+    assert section["weight_type"]["type"] == art["weight_type"] and section["weight_type"]["why"].startswith("auto: ")
+
+
+def test_weight_type_auto_takes_uint8_only_where_x86_multiplies_u8_by_s8_with_saturation():
+    from cnnpack.int8_ort import weight_type
+
+    def auto(vendor: str, *flags: str) -> str:
+        return weight_type("auto", {"model": "cpu", "vendor": vendor, "flags": list(flags)})[0]
+
+    assert auto("AuthenticAMD", "avx2", "fma") == "uint8"  # vpmaddubsw: two u8 x s8 products saturate an int16
+    assert auto("GenuineIntel", "avx2", "fma", "avx512f") == "uint8"
+    assert auto("AuthenticAMD", "avx2", "avx512f", "avx512_vnni") == "int8"
+    assert auto("GenuineIntel", "avx2", "avx_vnni") == "int8" and auto("GenuineIntel", "amx_int8") == "int8"
+    assert auto("", ) == "int8"  # not x86 (an Arm host's /proc/cpuinfo has no vendor_id)
+    assert weight_type("uint8") == ("uint8", "--weight-type uint8")
+
+
+def test_a_node_alone_in_int8_leaves_every_other_node_computing_fp32(exported, tmp_path):
+    """The ranking's models are cut from the plain QDQ model; ORT's quantizer drops each Relu after a quantized
+    Conv (its uint8 QuantizeLinear clamps instead), so the cut must put the Relus back for float readers."""
+    from cnnpack.int8_gate import load_quant_data
+    from cnnpack.int8_ort import OrtQdq, logits
+    from cnnpack.rundir import Run
+
+    cfg = QuantizeConfig(calibration_images=32)
+    data = load_quant_data(Run.open(exported), cfg)
+    fp32 = exported / "export/model.onnx"
+    q = OrtQdq(fp32, tmp_path, data, cfg, batch=32)
+    plain = q.build([])
+    ref = logits(fp32, data.val_images[:64], 32)
+    relus = sum(n.op_type == "Relu" for n in onnx.load(str(fp32)).graph.node)
+    qdq = onnx.load(str(plain)).graph
+    assert relus and not any(n.op_type == "Relu" for n in qdq.node)  # dropped by ORT
+    assert {n.op_type for n in qdq.node if n.output[0] in {o.name for o in qdq.output}} == {"Gemm"}
+    none = q.runner(q.alone("no such node"))(data.val_images[:64])
+    np.testing.assert_allclose(none, ref, atol=1e-4)  # the logits stay float too (no Q/DQ on a graph output)
+    alone = q.runner(q.alone(q.nodes[2]))(data.val_images[:64])
+    whole = q.runner(plain)(data.val_images[:64])
+    assert np.mean((alone - ref) ** 2) < np.mean((whole - ref) ** 2)  # one node in int8 errs less than all of them
 
 
 def test_int8_classifies_like_fp32_on_raw_pixels(quantized):
@@ -210,6 +253,8 @@ def test_every_refusal_says_its_real_reason():
     (QuantizeConfig(calibration_images=0), "--calibration-images must be >= 1"),
     (QuantizeConfig(calibration_images=100_000), "is more than the 360 images"),
     (QuantizeConfig(method="kl"), "--method 'kl'; valid: minmax, entropy, percentile"),
+    (QuantizeConfig(weight_type="int4"), "--weight-type 'int4'; valid: auto, int8, uint8"),
+    (QuantizeConfig(format="openvino_int8", weight_type="int8"), "--weight-type int8 is ONNX Runtime's choice"),
 ])
 def test_bad_options(exported, tmp_path, cfg, message):
     run = tmp_path / "run"

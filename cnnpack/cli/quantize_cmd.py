@@ -25,6 +25,8 @@ def quantize(
     data: Optional[str] = typer.Option(None, help="Data to calibrate and gate on (default: what the run was "
                                                   "trained on; needed for a run made by export --arch)."),
     seed: int = typer.Option(0, help="Seed of the calibration images' choice."),
+    weight_type: str = typer.Option("auto", help="onnxruntime's int8 weights: int8 | uint8 | auto (uint8 on an x86 "
+                                                 "CPU without VNNI, where u8 x s8 kernels saturate; else int8)."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime: QDQ ONNX (model.int8.onnx) | openvino: NNCF int8 "
                                                      "IR (export/openvino_int8/, needs the openvino extra)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
@@ -45,7 +47,8 @@ def quantize(
         raise usage_error(f"--backend {backend!r}; valid: {', '.join(BACKENDS)}")
     cfg = QuantizeConfig(format=BACKENDS[backend], calibration_images=calibration_images, method=method, max_drop=max_drop,
                          min_agreement=min_agreement, max_steps=max_steps,
-                         rank_images=rank_images, time_limit_s=time_limit, seed=seed, data=data)
+                         rank_images=rank_images, time_limit_s=time_limit, seed=seed, data=data,
+                         weight_type=weight_type)
     cfg.validate()
     console = Console(stderr=True)
     if console.is_terminal:
