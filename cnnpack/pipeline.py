@@ -295,7 +295,7 @@ class Stages:
 def serve_available() -> tuple[bool, str]:
     """Whether the local Triton server can run here (the serve extra, on Linux)."""
     try:
-        from cnnpack.serve import locate
+        from cnnpack.triton_dist import locate
 
         locate()
     except CnnpackError as e:

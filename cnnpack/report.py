@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cnnpack.client import PROTOCOL_NAMES
 from cnnpack.rundir import Run, atomic_write_text
-from cnnpack.serve import docker_line
+from cnnpack.triton_dist import docker_line
 
 
 @dataclass

@@ -137,7 +137,7 @@ def _configs(tmp_path: Path, platforms: dict[str, tuple[str, str]]) -> Path:
 
 
 def test_the_ngc_release_serves_every_model_of_the_repository(tmp_path):
-    from cnnpack.serve import docker_line, ngc_image
+    from cnnpack.triton_dist import docker_line, ngc_image
 
     plain = _configs(tmp_path / "a", {"m_onnx": ("onnxruntime_onnx", ""), "m_ts": ("pytorch_libtorch", ""),
                                       "m_ov": ("", "openvino")})
@@ -257,7 +257,8 @@ def test_triton_lays_out_a_torch_aoti_model(run_copy, tmp_path):
 @pytest.mark.slow
 @pytest.mark.triton
 def test_the_served_package_passes_verify_and_the_repository_stays_as_ngc_reads_it(run_copy, tmp_path):
-    from cnnpack.serve import ServeConfig, TritonServer, ngc_image
+    from cnnpack.serve import ServeConfig, TritonServer
+    from cnnpack.triton_dist import ngc_image
     from cnnpack.triton_repo import TritonConfig, build
 
     repo = tmp_path / "repo"

@@ -73,7 +73,7 @@ def _report(s: dict, run: Path) -> None:
         typer.echo(f"{Path(s['repository']) / e['name']}  ensemble: {e['input']} (encoded image bytes) -> "
                    f"{e['preprocess']} -> {s['name']} -> {e['output']}")
     typer.echo(f"serve: cnnpack serve --run {run}  or  tritonserver --model-repository={s['repository']}")
-    from cnnpack.serve import ngc_image
+    from cnnpack.triton_dist import ngc_image
     from cnnpack.triton_release import release_for
 
     why = release_for(s["repository"])[1]

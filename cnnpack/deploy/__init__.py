@@ -102,7 +102,7 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     from cnnpack.deploy import output
     from cnnpack.deploy import plan as plans
     from cnnpack.deploy import store as stores
-    from cnnpack.serve import ngc_image
+    from cnnpack.triton_dist import ngc_image
 
     cfg.validate()
     store = stores.parse(cfg.model_store)

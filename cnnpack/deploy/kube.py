@@ -3,7 +3,7 @@
 The container's arguments come from `serve.server_args`, the same function that builds `cnnpack
 serve`'s command line. The image's own entrypoint (the NGC image's nvidia_entrypoint.sh) stays and runs
 what it sets up before the command, so the arguments start with `tritonserver`, exactly like the
-`docker run IMAGE tritonserver --model-repository=/models` line that `serve.docker_line` prints.
+`docker run IMAGE tritonserver --model-repository=/models` line that `triton_dist.docker_line` prints.
 """
 
 from __future__ import annotations
