@@ -96,6 +96,7 @@ class Target:
     dtype: str = "float32"  # its input/output dtype: float16 selects fp16 tolerances
     precision: str = "fp32"  # fp32 | fp16 | bf16 | int8: the contract it is held to
     max_drop_pt: float | None = None  # int8: the quantize gate it was made under (default INT8_MAX_DROP_PT)
+    weight_type: str | None = None  # onnx_int8: int8 | uint8 weights (None: recorded before the choice, int8)
 
     @property
     def label(self) -> str:
@@ -125,7 +126,8 @@ def file_targets(run: Run, formats: list[str], device: str) -> list[Target]:
                            ref.max_batch_size, ref.record.get("static_batch"),
                            ref.record.get("input", {}).get("dtype", "float32"),
                            getattr(RUNTIMES.get(name), "precision", None) or precision_of(ref.record),
-                           ref.record.get("gate", {}).get("max_drop_pt")) for name in names]
+                           ref.record.get("gate", {}).get("max_drop_pt"),
+                           ref.record.get("weight_type", "int8") if fmt == "onnx_int8" else None) for name in names]
     return targets
 
 
@@ -286,8 +288,20 @@ def check_target(target: Target, rt, sizes: list[int], ref: Reference, val: Vali
         if val is not None:
             result["task"] = task_stats(by_input["val"][0][0], val.eager_logits, val.labels)
         result["failures"] = failures(target.label, result["tensor"], result["task"], tol)
+        if result["failures"] and target.weight_type == "int8" and target.runtime == "onnxruntime":
+            result["failures"][-1] += _saturation_hint()
     result["passed"] = not result["failures"]
     return result
+
+
+def _saturation_hint() -> str:
+    """Where ONNX Runtime's u8 x s8 kernels saturate (x86 without VNNI), why an int8-weight model may fail here."""
+    from cnnpack.int8_ort import weight_type
+
+    if weight_type("auto")[0] != "uint8":
+        return ""
+    return (" (its weights are int8 and this CPU has no VNNI, where ONNX Runtime's u8 x s8 kernels saturate: "
+            "re-quantize it here with `cnnpack quantize --weight-type uint8`)")
 
 
 def _load_targets(plan, say) -> tuple[list[tuple[Target, object, list[int]]], list[dict]]:

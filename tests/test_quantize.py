@@ -80,6 +80,17 @@ def test_weight_type_auto_takes_uint8_only_where_x86_multiplies_u8_by_s8_with_sa
     assert weight_type("uint8") == ("uint8", "--weight-type uint8")
 
 
+def test_verify_names_saturation_when_int8_weights_fail_on_a_cpu_without_vnni(monkeypatch):
+    import cnnpack.peak
+    from cnnpack.verify import _saturation_hint
+
+    cpu = {"model": "cpu", "vendor": "GenuineIntel", "mhz": 0.0, "flags": ["avx2", "fma"]}
+    monkeypatch.setattr(cnnpack.peak, "cpu_info", lambda: cpu)
+    assert "no VNNI" in _saturation_hint() and "--weight-type uint8" in _saturation_hint()
+    cpu["flags"].append("avx512_vnni")
+    assert _saturation_hint() == ""
+
+
 def test_a_node_alone_in_int8_leaves_every_other_node_computing_fp32(exported, tmp_path):
     """The ranking's models are cut from the plain QDQ model; ORT's quantizer drops each Relu after a quantized
     Conv (its uint8 QuantizeLinear clamps instead), so the cut must put the Relus back for float readers."""
