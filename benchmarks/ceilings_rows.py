@@ -35,6 +35,7 @@ with tempfile.TemporaryDirectory() as tmp:
     s = bench(run, BenchConfig(batch_sizes=(1, 32), max_seconds=4.0, plot=False))
 print(json.dumps({"ceilings": {p: {"gflops": c["gflops"], "best": c["best"], "matrix_engine": c.get("matrix_engine"),
                                    "theoretical_gflops": c["theoretical_gflops"]["gflops"],
+                                   "theoretical_note": c["theoretical_gflops"].get("note"),
                                    "samples": c["samples"]} for p, c in s["ceilings"].items()},
                   "rows": [{k: r.get(k) for k in ("runtime", "format", "precision", "batch_size", "gflops",
                                                   "matmul_gflops", "matmul_share", "stable", "cpu_others")}
@@ -79,16 +80,19 @@ def write(rec: dict) -> None:
                   "|---|--:|---|---|--:|"]
         lines += [f"| {p} | {c['gflops']:.1f} | {c['best']} | {c['matrix_engine']} | {c['theoretical_gflops']:.0f} |"
                   for p, c in r["ceilings"].items()]
+        lines += [f"\n{p}'s ISA peak: {c['theoretical_note']}." for p, c in r["ceilings"].items()
+                  if c.get("theoretical_note")]
         lines += ["", "| runtime | artifact | precision | batch | G(FL)OP/s | % of its ceiling | stable | others' CPU |",
                   "|---|---|---|--:|--:|--:|---|--:|"]
         lines += [f"| {x['runtime']} | {x['format']} | {x['precision']} | {x['batch_size']} | {x['gflops']:.1f} | "
                   f"{100 * x['matmul_share']:.0f} % | {x['stable']} | {100 * (x['cpu_others'] or 0):.0f} % |"
                   for x in r["rows"]]
         lines += ["", "Skipped: " + ("; ".join(f"{k}: {v}" for k, v in r["skipped"].items()) or "none"), ""]
+    others = max((x["cpu_others"] or 0) for r in rec["repeats"] for x in r["rows"])
     lines += [f"Machine (lscpu): {rec['lscpu']['model']}, {rec['lscpu']['cpus']} CPUs, SIMD: "
               f"{', '.join(f for f in ('avx', 'avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_int8') if f in flags)}"
-              " (no AVX-512, VNNI, BF16 or AMX); shared with other engineers' work while measured (the others' CPU "
-              f"column), load average at the end {rec['load_1min_end']:.1f}. {rec['date']}.", "",
+              f"; {'quiet' if others < 0.1 else 'shared with other work'} while measured (others' CPU at most "
+              f"{100 * others:.0f} %), load average at the end {rec['load_1min_end']:.1f}. {rec['date']}.", "",
               f"Reproduce: `{rec['reproduce']}`", ""]
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
 
