@@ -1,0 +1,166 @@
+"""cnnpack.grpc_wire: gRPC unary calls on a bare HTTP/2 connection.
+
+Against a real Triton (tests/test_infer.py: a thousand calls, a rejected request, a killed and a stuck server)
+and here against a scripted HTTP/2 peer, for what Triton sends rarely or never: a small flow-control window,
+header blocks split over CONTINUATION with padding, a gRPC error, RST_STREAM, GOAWAY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import hpack
+import pytest
+
+from cnnpack import grpc_wire as w
+
+PATH = "/inference.GRPCInferenceService/ModelInfer"
+
+
+class Peer:
+    """An HTTP/2 server of one connection, scripted by `answer(peer, stream, message)`."""
+
+    def __init__(self, answer, *, window: int = w.DEFAULT_WINDOW) -> None:
+        self.answer, self.window = answer, window
+        self.encoder = hpack.Encoder()
+        self.requests: list[tuple[int, dict, bytes]] = []
+        self.frames: list[tuple[int, int, int]] = []  # (type, flags, stream) of every frame the client sent
+        self.allowed = {0: w.DEFAULT_WINDOW}  # stream (0: the connection) -> bytes it may send so far
+        self.received = {0: 0}
+        self.overrun = False  # whether the client ever sent beyond a window
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        assert await reader.readexactly(len(w.PREFACE)) == w.PREFACE
+        writer.write(w.frame(w.SETTINGS, 0, 0, struct.pack(">HI", w.SETTINGS_INITIAL_WINDOW_SIZE, self.window)))
+        decoder, headers, body = hpack.Decoder(), {}, bytearray()
+        try:
+            while True:
+                head = await reader.readexactly(9)
+                length, kind, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
+                stream = int.from_bytes(head[5:], "big")
+                payload = await reader.readexactly(length)
+                self.frames.append((kind, flags, stream))
+                if kind == w.HEADERS:
+                    headers, body = dict(decoder.decode(payload)), bytearray()
+                elif kind == w.DATA:
+                    body += payload
+                    self.allowed.setdefault(stream, self.window)
+                    for s in (0, stream):  # open a window only once the client has used all of it
+                        self.received[s] = self.received.get(s, 0) + len(payload)
+                        self.overrun |= self.received[s] > self.allowed[s]
+                        if self.received[s] >= self.allowed[s] and not flags & w.END_STREAM:
+                            more = self.window if s else w.DEFAULT_WINDOW
+                            self.allowed[s] += more
+                            writer.write(w.frame(w.WINDOW_UPDATE, 0, s, more.to_bytes(4, "big")))
+                    if flags & w.END_STREAM:
+                        message = bytes(body[5:])
+                        assert body[:5] == b"\x00" + len(message).to_bytes(4, "big")
+                        self.requests.append((stream, headers, message))
+                        self.answer(self, stream, message)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    def headers(self, stream: int, fields: list, *, end: bool = False, split: bool = False) -> None:
+        block = self.encoder.encode(fields)
+        end_flag = w.END_STREAM if end else 0
+        if not split:
+            self.writer.write(w.frame(w.HEADERS, w.END_HEADERS | end_flag, stream, block))
+            return
+        half = len(block) // 2  # padded HEADERS, then CONTINUATION
+        first = bytes((3,)) + block[:half] + b"\x00" * 3
+        self.writer.write(w.frame(w.HEADERS, w.PADDED | end_flag, stream, first)
+                          + w.frame(w.CONTINUATION, w.END_HEADERS, stream, block[half:]))
+
+    def ok(self, stream: int, *, split: bool = False) -> None:
+        self.headers(stream, [(":status", "200"), ("content-type", "application/grpc")], split=split)
+        self.writer.write(w.frame(w.DATA, 0, stream, b"\x00\x00\x00\x00\x02ok"))
+        self.headers(stream, [("grpc-status", "0")], end=True, split=split)
+
+
+async def _calls(answer, messages: list[bytes], **peer_args) -> tuple[Peer, list]:
+    peer = Peer(answer, **peer_args)
+    port = await peer.start()
+    conn = await w.open_connection("127.0.0.1", port, PATH, timeout_s=5)
+    results = []
+    for m in messages:
+        try:
+            results.append(await conn.call(m, timeout_s=5))
+        except Exception as e:  # noqa: BLE001 - what each call ended with is the result
+            results.append(e)
+    conn.close()
+    peer.server.close()
+    return peer, results
+
+
+def test_calls_on_one_connection_send_the_message_and_the_headers_grpc_needs():
+    peer, results = asyncio.run(_calls(lambda p, s, m: p.ok(s), [b"first", b"second" * 1000, b"first"]))
+    assert results == [None, None, None]
+    assert [s for s, _, _ in peer.requests] == [1, 3, 5]  # a new stream per call
+    assert [m for _, _, m in peer.requests] == [b"first", b"second" * 1000, b"first"]
+    _, headers, _ = peer.requests[0]
+    assert headers[":method"] == "POST" and headers[":path"] == PATH and headers["te"] == "trailers"
+    assert headers["content-type"] == "application/grpc" and headers[":authority"].startswith("127.0.0.1:")
+    assert (w.SETTINGS, w.ACK, 0) in peer.frames  # the server's settings acknowledged
+
+
+def test_a_message_beyond_the_servers_window_waits_for_window_update():
+    big = bytes(range(256)) * 400  # 102,400 bytes against a window of 10,000 (the first call: the settings are in)
+    peer, results = asyncio.run(_calls(lambda p, s, m: p.ok(s), [b"first", big, big], window=10_000))
+    assert results == [None, None, None] and [m for _, _, m in peer.requests] == [b"first", big, big]
+    sent = [f for f in peer.frames if f[0] == w.DATA and f[2] == 3]
+    assert len(sent) >= 11 and sent[-1][1] & w.END_STREAM and not any(f[1] & w.END_STREAM for f in sent[:-1])
+    assert not peer.overrun  # never more than the connection's window: 64 KiB, then what WINDOW_UPDATE added
+
+
+def test_padded_headers_with_continuation_are_read():
+    _, results = asyncio.run(_calls(lambda p, s, m: p.ok(s, split=True), [b"a", b"b"]))
+    assert results == [None, None]
+
+
+def test_a_grpc_error_comes_back_with_its_status_and_decoded_message():
+    def refuse(peer, stream, message):
+        peer.headers(stream, [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "3"),
+                              ("grpc-message", "unexpected shape for input %27input%27")], end=True)
+
+    _, [e] = asyncio.run(_calls(refuse, [b"x"]))
+    assert isinstance(e, w.GrpcError) and e.status == "StatusCode.INVALID_ARGUMENT"
+    assert e.message == "unexpected shape for input 'input'"
+
+
+def test_rst_stream_and_goaway_end_the_call_as_a_connection_error():
+    def reset(peer, stream, message):
+        peer.writer.write(w.frame(w.RST_STREAM, 0, stream, (7).to_bytes(4, "big")))
+
+    def goaway(peer, stream, message):
+        peer.writer.write(w.frame(w.GOAWAY, 0, 0, (0).to_bytes(4, "big") + (0).to_bytes(4, "big") + b"shutting down"))
+
+    _, [e] = asyncio.run(_calls(reset, [b"x"]))
+    assert isinstance(e, ConnectionResetError) and "REFUSED_STREAM" in str(e)
+    _, [e, again] = asyncio.run(_calls(goaway, [b"x", b"y"]))
+    assert isinstance(e, ConnectionResetError) and "GOAWAY NO_ERROR: shutting down" in str(e)
+    assert again is e  # the connection is done: a later call fails at once, with the same reason
+
+
+def test_no_answer_is_a_timeout_and_the_connection_is_not_reused():
+    async def go():
+        peer = Peer(lambda p, s, m: None)
+        port = await peer.start()
+        conn = await w.open_connection("127.0.0.1", port, PATH)
+        with pytest.raises(TimeoutError):
+            await conn.call(b"x", timeout_s=0.2)
+        assert conn.closed is not None
+        peer.server.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(("n", "prefix", "encoded"), [(10, 5, b"\x0a"), (1337, 5, b"\x1f\x9a\x0a"), (42, 8, b"\x2a")])
+def test_hpack_integers_as_rfc_7541_gives_them(n, prefix, encoded):
+    assert w._hpack_int(n, prefix) == encoded  # RFC 7541 C.1.1-C.1.3
