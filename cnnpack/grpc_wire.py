@@ -9,7 +9,7 @@ server's HPACK table must be followed) for `:status` and `grpc-status`/`grpc-mes
 What HTTP/2 asks of a client is done: the preface and SETTINGS (acknowledged both ways), PING answered,
 the server's flow-control windows respected (the message waits for WINDOW_UPDATE), this side's windows
 opened wide and topped up, GOAWAY and RST_STREAM failing the call with their code, CONTINUATION and
-padding read. One stream at a time per connection: the load opens a connection per request in flight.
+padding read. Calls in flight share the connection, a stream each.
 
     conn = await open_connection("127.0.0.1", 8001, "/inference.GRPCInferenceService/ModelInfer")
     await conn.call(serialized_request, timeout_s=30)    # raises GrpcError, ConnectionError, TimeoutError
@@ -79,8 +79,20 @@ async def open_connection(host: str, port: int, path: str, *, timeout_s: float =
     return conn
 
 
+class _Call:
+    """One unary call in flight: its stream's answer, timer, unsent message and send window."""
+
+    __slots__ = ("answer", "timer", "pending", "window", "status")
+
+    def __init__(self, answer: asyncio.Future, window: int) -> None:
+        self.answer, self.window = answer, window
+        self.timer: asyncio.TimerHandle | None = None
+        self.pending = memoryview(b"")
+        self.status: str | None = None  # :status of the answer's headers
+
+
 class H2Connection(asyncio.Protocol):
-    """One HTTP/2 connection that carries one unary gRPC call at a time to one method."""
+    """One HTTP/2 connection carrying unary gRPC calls to one method, any number at a time (a stream each)."""
 
     def __init__(self, authority: str, path: str) -> None:
         import hpack
@@ -97,15 +109,9 @@ class H2Connection(asyncio.Protocol):
         self.max_frame = DEFAULT_FRAME
         self.received = 0  # DATA bytes since this side's connection window was last topped up
         self.closed: BaseException | None = None
-        # the call in flight
-        self.stream = 0
-        self.pending = memoryview(b"")
-        self.stream_window = 0
-        self.answer: asyncio.Future | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.calls: dict[int, _Call] = {}  # stream -> the call in flight on it
         self.fragments: list[bytes] = []  # a header block across HEADERS + CONTINUATION
         self.fragments_end = False  # whether that HEADERS frame ended the stream
-        self.status: str | None = None  # :status of the answer's headers
         self.known: dict[bytes, dict[str, str]] = {}  # header blocks that only index the table, decoded
         self.framed: tuple[bytes, int, bytearray, list[int]] | None = None  # the message's DATA frames, prebuilt
 
@@ -119,8 +125,8 @@ class H2Connection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self._fail_all(exc or ConnectionResetError("the server closed the connection"))
 
-    def close(self) -> None:
-        self._fail_all(ConnectionResetError("the connection was closed"))
+    def close(self, why: BaseException | None = None) -> None:
+        self._fail_all(why or ConnectionResetError("the connection was closed"))
         if self.transport is not None:
             self.transport.close()
 
@@ -137,15 +143,10 @@ class H2Connection(asyncio.Protocol):
                 self._frame(kind, flags, stream, bytes(buf[at + 9:at + 9 + length]))
                 at += 9 + length
         except ConnectionError as e:  # the server broke the protocol: nothing more on this connection is trusted
-            self._fail_all(e)
-            self.transport.close()
+            self.close(e)
         del buf[:at]
 
-    # -- the call ----------------------------------------------------------------------------------
-    @property
-    def busy(self) -> bool:
-        return self.answer is not None
-
+    # -- the calls ---------------------------------------------------------------------------------
     def call(self, message: bytes, timeout_s: float) -> asyncio.Future:
         """Sends one gRPC message (the serialized request); the future ends with None or the call's error."""
         loop = asyncio.get_running_loop()
@@ -153,24 +154,24 @@ class H2Connection(asyncio.Protocol):
         if self.closed is not None:
             answer.set_exception(self.closed)
             return answer
-        self.answer, self.status, self.fragments = answer, None, []
-        self.stream, self.next_stream = self.next_stream, self.next_stream + 2
-        self.stream_window = self.stream_window_initial
+        stream, self.next_stream = self.next_stream, self.next_stream + 2
+        c = self.calls[stream] = _Call(answer, self.stream_window_initial)
+        c.timer = loop.call_later(timeout_s, self._timed_out)
         body = b"\x00" + len(message).to_bytes(4, "big") + message
-        self.timer = loop.call_later(timeout_s, self._timed_out)
-        headers = frame(HEADERS, END_HEADERS, self.stream, self.block)
-        if len(body) <= min(self.send_window, self.stream_window):  # the usual case: all of it at once
+        headers = frame(HEADERS, END_HEADERS, stream, self.block)
+        queued = any(x.pending for x in self.calls.values())
+        if not queued and len(body) <= min(self.send_window, c.window):  # the usual case: all of it at once
             self.send_window -= len(body)
-            self.stream_window -= len(body)
-            self.transport.write(headers + self._frames(message, body))
-        else:
-            self.pending = memoryview(body)
+            c.window -= len(body)
+            self.transport.write(headers + self._frames(message, body, stream))
+        else:  # behind the calls still waiting for a window
+            c.pending = memoryview(body)
             self.transport.write(headers)
             self._pump()
         return answer
 
-    def _frames(self, message: bytes, body: bytes) -> bytes:
-        """The message in DATA frames for the stream in flight (built once per message and frame size)."""
+    def _frames(self, message: bytes, body: bytes, stream: int) -> bytes:
+        """The message in DATA frames for `stream` (built once per message and frame size)."""
         if self.framed is None or self.framed[0] is not message or self.framed[1] != self.max_frame:
             out, offsets = bytearray(), []
             for at in range(0, len(body), self.max_frame):
@@ -179,22 +180,26 @@ class H2Connection(asyncio.Protocol):
                 out += frame(DATA, END_STREAM if at + len(chunk) == len(body) else 0, 0, chunk)
             self.framed = (message, self.max_frame, out, offsets)
         _, _, out, offsets = self.framed
-        sid = self.stream.to_bytes(4, "big")
+        sid = stream.to_bytes(4, "big")
         for at in offsets:
             out[at:at + 4] = sid
         return bytes(out)
 
     def _pump(self) -> None:
-        """Writes as much of the message as the server's windows allow; the last frame ends the stream."""
+        """Writes as much of the waiting messages as the server's windows allow, oldest call first; the last
+        frame of each ends its stream."""
         out = []
-        while self.pending and self.answer is not None:
-            n = min(len(self.pending), self.max_frame, self.send_window, self.stream_window)
-            if n <= 0:
+        for stream, c in self.calls.items():
+            while c.pending:
+                n = min(len(c.pending), self.max_frame, self.send_window, c.window)
+                if n <= 0:
+                    break
+                chunk, c.pending = c.pending[:n], c.pending[n:]
+                self.send_window -= n
+                c.window -= n
+                out.append(frame(DATA, 0 if c.pending else END_STREAM, stream, bytes(chunk)))
+            if c.pending and self.send_window <= 0:
                 break
-            chunk, self.pending = self.pending[:n], self.pending[n:]
-            self.send_window -= n
-            self.stream_window -= n
-            out.append(frame(DATA, 0 if self.pending else END_STREAM, self.stream, bytes(chunk)))
         if out:
             self.transport.write(b"".join(out))
 
@@ -205,8 +210,8 @@ class H2Connection(asyncio.Protocol):
             if self.received > MAX_WINDOW // 2:  # keep this side's connection window open
                 self.transport.write(frame(WINDOW_UPDATE, 0, 0, self.received.to_bytes(4, "big")))
                 self.received = 0
-            if flags & END_STREAM and stream == self.stream:
-                self._settle(ConnectionError("the server ended the gRPC call without trailers"))
+            if flags & END_STREAM:
+                self._settle(stream, ConnectionError("the server ended the gRPC call without trailers"))
         elif kind in (HEADERS, CONTINUATION):
             if kind == HEADERS:
                 payload = _unpad(payload, flags)
@@ -228,18 +233,17 @@ class H2Connection(asyncio.Protocol):
             inc = int.from_bytes(payload[:4], "big") & MAX_WINDOW
             if stream == 0:
                 self.send_window += inc
-            elif stream == self.stream:
-                self.stream_window += inc
+            elif stream in self.calls:
+                self.calls[stream].window += inc
             self._pump()
         elif kind == RST_STREAM:
-            if stream == self.stream:
-                code = int.from_bytes(payload[:4], "big")
-                self._settle(ConnectionResetError(f"the server reset the gRPC call ({_h2_error(code)})"))
+            code = int.from_bytes(payload[:4], "big")
+            self._settle(stream, ConnectionResetError(f"the server reset the gRPC call ({_h2_error(code)})"))
         elif kind == GOAWAY:
             code = int.from_bytes(payload[4:8], "big")
             debug = payload[8:].decode("utf-8", "replace").strip()
-            self._fail_all(ConnectionResetError(f"the server closed the connection (GOAWAY {_h2_error(code)}"
-                                                + (f": {debug})" if debug else ")")))
+            self.close(ConnectionResetError(f"the server closed the connection (GOAWAY {_h2_error(code)}"
+                                            + (f": {debug})" if debug else ")")))
         elif kind == PUSH_PROMISE:
             raise ConnectionError("the server sent PUSH_PROMISE after push was disabled")
         # PRIORITY and unknown frame types are ignored, as RFC 9113 asks
@@ -248,7 +252,8 @@ class H2Connection(asyncio.Protocol):
         for i in range(0, len(payload) - 5, 6):
             key, value = struct.unpack(">HI", payload[i:i + 6])
             if key == SETTINGS_INITIAL_WINDOW_SIZE:
-                self.stream_window += value - self.stream_window_initial
+                for c in self.calls.values():
+                    c.window += value - self.stream_window_initial
                 self.stream_window_initial = value
             elif key == SETTINGS_MAX_FRAME_SIZE:
                 self.max_frame = value
@@ -266,47 +271,46 @@ class H2Connection(asyncio.Protocol):
                 self.known[block] = got  # left as it was, so the same bytes mean the same fields until it changes
             else:
                 self.known.clear()
-        if stream != self.stream or self.answer is None:
+        c = self.calls.get(stream)
+        if c is None:
             return
         if ":status" in got:
-            self.status = got[":status"]
-        if not ended:
-            if self.status != "200":
-                self._settle(ConnectionError(f"HTTP status {self.status} to a gRPC call: is it Triton's gRPC port?"))
-            return
-        if self.status is not None and self.status != "200":
-            self._settle(ConnectionError(f"HTTP status {self.status} to a gRPC call: is it Triton's gRPC port?"))
-            return
-        code = got.get("grpc-status")
-        if code is None:
-            self._settle(ConnectionError("the gRPC call ended without grpc-status"))
-        elif code == "0":
-            self._settle(None)
-        else:
-            self._settle(GrpcError(int(code), urllib.parse.unquote(got.get("grpc-message", ""))))
+            c.status = got[":status"]
+        if c.status is not None and c.status != "200":
+            self._settle(stream, ConnectionError(f"HTTP status {c.status} to a gRPC call: is it Triton's gRPC port?"))
+        elif ended:
+            code = got.get("grpc-status")
+            if code is None:
+                self._settle(stream, ConnectionError("the gRPC call ended without grpc-status"))
+            elif code == "0":
+                self._settle(stream, None)
+            else:
+                self._settle(stream, GrpcError(int(code), urllib.parse.unquote(got.get("grpc-message", ""))))
 
     # -- the end of a call ---------------------------------------------------------------------------
     def _timed_out(self) -> None:
-        self.timer = None
-        self._settle(TimeoutError())
-        self.close()  # its answer may still come: never read it as the next call's
+        # a call unanswered for its timeout: the server is stuck or overloaded, and an answer that comes later
+        # must never be read as another call's, so every call on this connection ends the same way
+        self.close(TimeoutError())
 
-    def _settle(self, error: BaseException | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        answer, self.answer, self.pending = self.answer, None, memoryview(b"")
-        if answer is None or answer.done():
+    def _settle(self, stream: int, error: BaseException | None) -> None:
+        c = self.calls.pop(stream, None)
+        if c is None:
+            return
+        if c.timer is not None:
+            c.timer.cancel()
+        if c.answer.done():
             return
         if error is None:
-            answer.set_result(None)
+            c.answer.set_result(None)
         else:
-            answer.set_exception(error)
+            c.answer.set_exception(error)
 
     def _fail_all(self, error: BaseException) -> None:
         if self.closed is None:
             self.closed = error
-        self._settle(error)
+        for stream in list(self.calls):
+            self._settle(stream, error)
 
 
 def _unpad(payload: bytes, flags: int) -> bytes:

@@ -9,8 +9,9 @@ here only what the wire needs: tritonclient's asyncio clients (which build and p
 300-550 us of CPU per request on 2 cores and left the server 0.65-0.89x perf_analyzer's throughput. The request is serialized once, by tritonclient's own request
 builders (so BYTES inputs and every dtype are encoded exactly as `Client.infer` encodes them), and then:
 
-- gRPC: sent as those bytes to the `ModelInfer` method on a bare HTTP/2 connection per request in flight
-  (`cnnpack.grpc_wire`: grpc.aio's own stack took 190-650 us of CPU per request, the wire 80-150);
+- gRPC: sent as those bytes to the `ModelInfer` method on a bare HTTP/2 connection shared by up to 16 requests
+  in flight (`cnnpack.grpc_wire`: grpc.aio's own stack took 190-650 us of CPU per request here, the wire 80-100
+  at concurrency 16);
 - HTTP: written as one prebuilt HTTP/1.1 request (the binary tensor extension) on a keep-alive connection
   per request in flight, the answer read by its Content-Length by an asyncio protocol.
 
@@ -106,8 +107,13 @@ def _server_error(message: str, status: str | None = None):
 
 
 class _Grpc:
-    """The request as serialized bytes, a call of the raw ModelInfer method on an HTTP/2 connection per request
-    in flight (cnnpack.grpc_wire)."""
+    """The request as serialized bytes, a call of the raw ModelInfer method on HTTP/2 connections
+    (cnnpack.grpc_wire), up to STREAMS_PER_CONNECTION requests in flight sharing one."""
+
+    # perf_analyzer's arrangement: one connection for the requests in flight. At concurrency 16 here: 16 per
+    # connection 1,642-1,776 requests/s, 4 per connection 1,682-1,924, one each 1,296-1,462 (the server pays per
+    # connection), perf_analyzer 1,664-1,839, interleaved in one process.
+    STREAMS_PER_CONNECTION = 16
 
     def __init__(self, host: str, port: int, body: bytes, timeout_s: float) -> None:
         self.host, self.port, self.body, self.timeout_s = host, port, body, timeout_s
@@ -128,11 +134,13 @@ class _Grpc:
     def sender(self, slot: int):
         from cnnpack.grpc_wire import GrpcError, open_connection
 
+        key = slot // self.STREAMS_PER_CONNECTION
+
         async def send() -> None:
-            conn = self.conns.get(slot)
+            conn = self.conns.get(key)
             if conn is None or conn.closed is not None:
-                conn = self.conns[slot] = await open_connection(self.host, self.port, GRPC_INFER,
-                                                                timeout_s=self.timeout_s)
+                conn = self.conns[key] = await open_connection(self.host, self.port, GRPC_INFER,
+                                                               timeout_s=self.timeout_s)
             try:
                 await conn.call(self.body, self.timeout_s)
             except GrpcError as e:  # as tritonclient reports it: status and details
