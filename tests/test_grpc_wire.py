@@ -38,7 +38,7 @@ class Peer:
         self.writer = writer
         assert await reader.readexactly(len(w.PREFACE)) == w.PREFACE
         writer.write(w.frame(w.SETTINGS, 0, 0, struct.pack(">HI", w.SETTINGS_INITIAL_WINDOW_SIZE, self.window)))
-        decoder, headers, body = hpack.Decoder(), {}, bytearray()
+        decoder, headers, bodies = hpack.Decoder(), {}, {}
         try:
             while True:
                 head = await reader.readexactly(9)
@@ -47,8 +47,9 @@ class Peer:
                 payload = await reader.readexactly(length)
                 self.frames.append((kind, flags, stream))
                 if kind == w.HEADERS:
-                    headers, body = dict(decoder.decode(payload)), bytearray()
+                    headers[stream], bodies[stream] = dict(decoder.decode(payload)), bytearray()
                 elif kind == w.DATA:
+                    body = bodies[stream]
                     body += payload
                     self.allowed.setdefault(stream, self.window)
                     for s in (0, stream):  # open a window only once the client has used all of it
@@ -61,7 +62,7 @@ class Peer:
                     if flags & w.END_STREAM:
                         message = bytes(body[5:])
                         assert body[:5] == b"\x00" + len(message).to_bytes(4, "big")
-                        self.requests.append((stream, headers, message))
+                        self.requests.append((stream, headers[stream], message))
                         self.answer(self, stream, message)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -164,3 +165,33 @@ def test_no_answer_is_a_timeout_and_the_connection_is_not_reused():
 @pytest.mark.parametrize(("n", "prefix", "encoded"), [(10, 5, b"\x0a"), (1337, 5, b"\x1f\x9a\x0a"), (42, 8, b"\x2a")])
 def test_hpack_integers_as_rfc_7541_gives_them(n, prefix, encoded):
     assert w._hpack_int(n, prefix) == encoded  # RFC 7541 C.1.1-C.1.3
+
+
+def test_calls_in_flight_share_the_connection_and_each_gets_its_own_answer():
+    """Three calls at once; the peer answers them in reverse order, the middle one with an error."""
+    held: list[int] = []
+
+    def later(peer, stream, message):
+        held.append(stream)
+        if len(held) < 3:
+            return
+        for s in reversed(held):
+            if s == 3:
+                peer.headers(s, [(":status", "200"), ("grpc-status", "5"), ("grpc-message", "no model m")], end=True)
+            else:
+                peer.ok(s)
+
+    async def go():
+        peer = Peer(later)
+        port = await peer.start()
+        conn = await w.open_connection("127.0.0.1", port, PATH)
+        out = await asyncio.gather(*(conn.call(m, timeout_s=5) for m in (b"a", b"b" * 70_000, b"c")),
+                                   return_exceptions=True)
+        conn.close()
+        peer.server.close()
+        return peer, out
+
+    peer, (a, b, c) = asyncio.run(go())
+    # the big one waits for WINDOW_UPDATEs, and the small one behind it goes ahead in the meantime
+    assert {s: m for s, _, m in peer.requests} == {1: b"a", 3: b"b" * 70_000, 5: b"c"} and not peer.overrun
+    assert a is None and c is None and isinstance(b, w.GrpcError) and b.message == "no model m"
