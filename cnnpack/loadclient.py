@@ -10,7 +10,7 @@ here only what the wire needs: tritonclient's asyncio clients (which build and p
 builders (so BYTES inputs and every dtype are encoded exactly as `Client.infer` encodes them), and then:
 
 - gRPC: sent as those bytes to the `ModelInfer` method on a bare HTTP/2 connection shared by up to 16 requests
-  in flight (`cnnpack.grpc_wire`: grpc.aio's own stack took 190-650 us of CPU per request here, the wire 80-100
+  in flight (`cnnpack.grpc_wire`: grpc.aio's own stack took 190-650 us of CPU per request here, the wire 75-105
   at concurrency 16);
 - HTTP: written as one prebuilt HTTP/1.1 request (the binary tensor extension) on a keep-alive connection
   per request in flight, the answer read by its Content-Length by an asyncio protocol.
