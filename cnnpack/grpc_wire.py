@@ -1,7 +1,7 @@
 """gRPC unary calls on a bare HTTP/2 connection (cleartext, prior knowledge): the load client's gRPC wire.
 
-grpc.aio costs 190-650 us of CPU per request here (benchmarks/results/served-loadgen-*.md), on the 2 cores the
-server needs too, so the load it drives reads 0.78-0.87x of perf_analyzer's. One request of the load is the
+grpc.aio cost 190-650 us of CPU per request here (benchmarks/results/served-loadgen-*.md), on the 2 cores the
+server needs too, so the load it drove read 0.78-0.87x of perf_analyzer's. One request of the load is the
 same bytes every time, so this connection writes a prebuilt HEADERS block (HPACK literals, no table) and
 the gRPC message in DATA frames, and reads back frames: the answer's headers and trailers are decoded (the
 server's HPACK table must be followed) for `:status` and `grpc-status`/`grpc-message`, its message is not.
