@@ -188,10 +188,10 @@ class OrtQdq:
             if n.name in fp32_inputs and n.name != node and n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 del n.input[:]
                 n.input.extend(restored[i].output[0] if i in restored else i for i in fp32_inputs[n.name])
-                for name in fp32_inputs[n.name]:
-                    if name in fp32_weights and name not in have:
-                        m.graph.initializer.append(fp32_weights[name])
-                        have.add(name)
+        for name in (i for n in m.graph.node for i in n.input):  # fp32 weights the put-back inputs name (a
+            if name in fp32_weights and name not in have:  # Clip's bounds too), where the plain model has none
+                m.graph.initializer.append(fp32_weights[name])
+                have.add(name)
         return m.SerializeToString()
 
     @staticmethod
@@ -241,7 +241,7 @@ def _float_outputs(path: Path) -> None:
         q = dq is not None and dq.op_type == "DequantizeLinear" and producer.get(dq.input[0])
         src = q and q.op_type == "QuantizeLinear" and producer.get(q.input[0])
         if not src or src.op_type in ("QuantizeLinear", "DequantizeLinear") or readers.get(q.input[0]) != 1 \
-                or readers.get(dq.input[0]) != 1:
+                or readers.get(dq.input[0]) != 1 or not q.name or not dq.name:
             continue
         src.output[list(src.output).index(q.input[0])] = out.name
         drop += [q.name, dq.name]
