@@ -117,7 +117,7 @@ class _Grpc:
 
     def __init__(self, host: str, port: int, body: bytes, timeout_s: float) -> None:
         self.host, self.port, self.body, self.timeout_s = host, port, body, timeout_s
-        self.conns: dict = {}
+        self.opening: dict[int, asyncio.Future] = {}  # connection number -> its (last) connection, being opened
 
     @classmethod
     async def open(cls, client, model, batch: np.ndarray) -> _Grpc:
@@ -131,16 +131,23 @@ class _Grpc:
         host, _, port = client.address.rpartition(":")
         return cls(host.strip("[]"), int(port), request.SerializeToString(), client.timeout_s)
 
+    async def connection(self, key: int):
+        """Connection `key`, opened once for the requests that share it (again once it has closed)."""
+        from cnnpack.grpc_wire import open_connection
+
+        opening = self.opening.get(key)
+        if opening is None or (opening.done() and (_opened(opening) is None or _opened(opening).closed is not None)):
+            opening = self.opening[key] = asyncio.ensure_future(
+                open_connection(self.host, self.port, GRPC_INFER, timeout_s=self.timeout_s))
+        return await asyncio.shield(opening)  # a cancelled request leaves the opening to the others
+
     def sender(self, slot: int):
-        from cnnpack.grpc_wire import GrpcError, open_connection
+        from cnnpack.grpc_wire import GrpcError
 
         key = slot // self.STREAMS_PER_CONNECTION
 
         async def send() -> None:
-            conn = self.conns.get(key)
-            if conn is None or conn.closed is not None:
-                conn = self.conns[key] = await open_connection(self.host, self.port, GRPC_INFER,
-                                                               timeout_s=self.timeout_s)
+            conn = await self.connection(key)
             try:
                 await conn.call(self.body, self.timeout_s)
             except GrpcError as e:  # as tritonclient reports it: status and details
@@ -149,8 +156,19 @@ class _Grpc:
         return send
 
     async def close(self) -> None:
-        for conn in self.conns.values():
-            conn.close()
+        for opening in self.opening.values():
+            if not opening.done():
+                opening.cancel()
+            elif _opened(opening) is not None:
+                _opened(opening).close()
+        await asyncio.gather(*self.opening.values(), return_exceptions=True)
+
+
+def _opened(opening: asyncio.Future):
+    """The connection an opening that is done gave, or None where it failed or was cancelled."""
+    if opening.cancelled() or opening.exception() is not None:
+        return None
+    return opening.result()
 
 
 class _Http:

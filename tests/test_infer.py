@@ -186,10 +186,18 @@ def test_url_forms():
 
 # -- load, verify, bench ---------------------------------------------------------------------------
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_a_thousand_requests_at_concurrency_16_all_succeed_and_are_batched(server, protocol):
+def test_a_thousand_requests_at_concurrency_16_all_succeed_and_are_batched(server, protocol, monkeypatch):
+    import cnnpack.grpc_wire as wire
     from cnnpack.bench import Load
     from cnnpack.client import server_side
 
+    opened, real = [], wire.open_connection
+
+    async def counted(*args, **kwargs):
+        opened.append(args)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(wire, "open_connection", counted)  # still the real connection: counted, not replaced
     rt = _served(server, protocol, "cnn_onnx")
     before = rt.client.statistics("cnn_onnx")
     x = np.random.default_rng(1).uniform(0, 255, (1, 3, 32, 32)).astype(np.float32)
@@ -197,6 +205,7 @@ def test_a_thousand_requests_at_concurrency_16_all_succeed_and_are_batched(serve
         window = load.window(requests=1000)
     seen = server_side(before, rt.client.statistics("cnn_onnx"))
     assert len(window.latencies_s) == 1000
+    assert len(opened) == (1 if protocol == "grpc" else 0)  # over gRPC the 16 in flight share one connection
     assert seen["server_requests"] == 1000 and seen["server_failures"] == 0
     assert seen["server_batch_mean"] > 1.5  # the dynamic batcher merged concurrent requests
 
