@@ -9,7 +9,8 @@ server's HPACK table must be followed) for `:status` and `grpc-status`/`grpc-mes
 What HTTP/2 asks of a client is done: the preface and SETTINGS (acknowledged both ways), PING answered,
 the server's flow-control windows respected (the message waits for WINDOW_UPDATE), this side's windows
 opened wide and topped up, GOAWAY and RST_STREAM failing the call with their code, CONTINUATION and
-padding read. Calls in flight share the connection, a stream each.
+padding read. Calls in flight share the connection, a stream each, up to the server's
+SETTINGS_MAX_CONCURRENT_STREAMS (a call beyond it waits for a stream to end).
 
     conn = await open_connection("127.0.0.1", 8001, "/inference.GRPCInferenceService/ModelInfer")
     await conn.call(serialized_request, timeout_s=30)    # raises GrpcError, ConnectionError, TimeoutError
@@ -18,6 +19,7 @@ padding read. Calls in flight share the connection, a stream each.
 from __future__ import annotations
 
 import asyncio
+import collections
 import struct
 import urllib.parse
 
@@ -25,7 +27,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
-SETTINGS_ENABLE_PUSH, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 2, 4, 5
+SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 2, 3, 4, 5
 MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW, DEFAULT_FRAME = 65_535, 16_384
 # HTTP/2 error codes (RFC 9113 section 7) and gRPC status codes, for messages
@@ -110,6 +112,8 @@ class H2Connection(asyncio.Protocol):
         self.received = 0  # DATA bytes since this side's connection window was last topped up
         self.closed: BaseException | None = None
         self.calls: dict[int, _Call] = {}  # stream -> the call in flight on it
+        self.max_streams = MAX_WINDOW  # the server's SETTINGS_MAX_CONCURRENT_STREAMS (none: unlimited)
+        self.waiting: collections.deque = collections.deque()  # (message, answer, timer) beyond that limit
         self.fragments: list[bytes] = []  # a header block across HEADERS + CONTINUATION
         self.fragments_end = False  # whether that HEADERS frame ended the stream
         self.known: dict[bytes, dict[str, str]] = {}  # header blocks that only index the table, decoded
@@ -148,15 +152,22 @@ class H2Connection(asyncio.Protocol):
 
     # -- the calls ---------------------------------------------------------------------------------
     def call(self, message: bytes, timeout_s: float) -> asyncio.Future:
-        """Sends one gRPC message (the serialized request); the future ends with None or the call's error."""
+        """Sends one gRPC message (the serialized request); the future ends with None or the call's error. Beyond
+        the server's limit of concurrent streams it waits for a stream to end (its timeout runs meanwhile)."""
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
         if self.closed is not None:
             answer.set_exception(self.closed)
-            return answer
+        elif len(self.calls) >= self.max_streams:
+            self.waiting.append((message, answer, loop.call_later(timeout_s, self._timed_out)))
+        else:
+            self._start(message, answer, loop.call_later(timeout_s, self._timed_out))
+        return answer
+
+    def _start(self, message: bytes, answer: asyncio.Future, timer: asyncio.TimerHandle) -> None:
         stream, self.next_stream = self.next_stream, self.next_stream + 2
         c = self.calls[stream] = _Call(answer, self.stream_window_initial)
-        c.timer = loop.call_later(timeout_s, self._timed_out)
+        c.timer = timer
         body = b"\x00" + len(message).to_bytes(4, "big") + message
         headers = frame(HEADERS, END_HEADERS, stream, self.block)
         queued = any(x.pending for x in self.calls.values())
@@ -168,7 +179,6 @@ class H2Connection(asyncio.Protocol):
             c.pending = memoryview(body)
             self.transport.write(headers)
             self._pump()
-        return answer
 
     def _frames(self, message: bytes, body: bytes, stream: int) -> bytes:
         """The message in DATA frames for `stream` (built once per message and frame size)."""
@@ -251,7 +261,9 @@ class H2Connection(asyncio.Protocol):
     def _settings(self, payload: bytes) -> None:
         for i in range(0, len(payload) - 5, 6):
             key, value = struct.unpack(">HI", payload[i:i + 6])
-            if key == SETTINGS_INITIAL_WINDOW_SIZE:
+            if key == SETTINGS_MAX_CONCURRENT_STREAMS:
+                self.max_streams = value
+            elif key == SETTINGS_INITIAL_WINDOW_SIZE:
                 for c in self.calls.values():
                     c.window += value - self.stream_window_initial
                 self.stream_window_initial = value
@@ -299,18 +311,28 @@ class H2Connection(asyncio.Protocol):
             return
         if c.timer is not None:
             c.timer.cancel()
-        if c.answer.done():
-            return
-        if error is None:
-            c.answer.set_result(None)
-        else:
-            c.answer.set_exception(error)
+        if not c.answer.done():
+            if error is None:
+                c.answer.set_result(None)
+            else:
+                c.answer.set_exception(error)
+        while self.waiting and self.closed is None and len(self.calls) < self.max_streams:
+            message, answer, timer = self.waiting.popleft()
+            if answer.done():  # cancelled while it waited
+                timer.cancel()
+                continue
+            self._start(message, answer, timer)
 
     def _fail_all(self, error: BaseException) -> None:
         if self.closed is None:
             self.closed = error
         for stream in list(self.calls):
             self._settle(stream, error)
+        while self.waiting:
+            _, answer, timer = self.waiting.popleft()
+            timer.cancel()
+            if not answer.done():
+                answer.set_exception(error)
 
 
 def _unpad(payload: bytes, flags: int) -> bytes:

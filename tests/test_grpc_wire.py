@@ -21,8 +21,9 @@ PATH = "/inference.GRPCInferenceService/ModelInfer"
 class Peer:
     """An HTTP/2 server of one connection, scripted by `answer(peer, stream, message)`."""
 
-    def __init__(self, answer, *, window: int = w.DEFAULT_WINDOW) -> None:
-        self.answer, self.window = answer, window
+    def __init__(self, answer, *, window: int = w.DEFAULT_WINDOW, max_streams: int | None = None) -> None:
+        self.answer, self.window, self.max_streams = answer, window, max_streams
+        self.open_streams, self.most_open = set(), 0
         self.encoder = hpack.Encoder()
         self.requests: list[tuple[int, dict, bytes]] = []
         self.frames: list[tuple[int, int, int]] = []  # (type, flags, stream) of every frame the client sent
@@ -37,7 +38,10 @@ class Peer:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         assert await reader.readexactly(len(w.PREFACE)) == w.PREFACE
-        writer.write(w.frame(w.SETTINGS, 0, 0, struct.pack(">HI", w.SETTINGS_INITIAL_WINDOW_SIZE, self.window)))
+        settings = struct.pack(">HI", w.SETTINGS_INITIAL_WINDOW_SIZE, self.window)
+        if self.max_streams is not None:
+            settings += struct.pack(">HI", w.SETTINGS_MAX_CONCURRENT_STREAMS, self.max_streams)
+        writer.write(w.frame(w.SETTINGS, 0, 0, settings))
         decoder, headers, bodies = hpack.Decoder(), {}, {}
         try:
             while True:
@@ -48,6 +52,8 @@ class Peer:
                 self.frames.append((kind, flags, stream))
                 if kind == w.HEADERS:
                     headers[stream], bodies[stream] = dict(decoder.decode(payload)), bytearray()
+                    self.open_streams.add(stream)
+                    self.most_open = max(self.most_open, len(self.open_streams))
                 elif kind == w.DATA:
                     body = bodies[stream]
                     body += payload
@@ -70,6 +76,8 @@ class Peer:
 
     def headers(self, stream: int, fields: list, *, end: bool = False, split: bool = False) -> None:
         block = self.encoder.encode(fields)
+        if end:
+            self.open_streams.discard(stream)
         end_flag = w.END_STREAM if end else 0
         if not split:
             self.writer.write(w.frame(w.HEADERS, w.END_HEADERS | end_flag, stream, block))
@@ -195,3 +203,22 @@ def test_calls_in_flight_share_the_connection_and_each_gets_its_own_answer():
     # the big one waits for WINDOW_UPDATEs, and the small one behind it goes ahead in the meantime
     assert {s: m for s, _, m in peer.requests} == {1: b"a", 3: b"b" * 70_000, 5: b"c"} and not peer.overrun
     assert a is None and c is None and isinstance(b, w.GrpcError) and b.message == "no model m"
+
+
+def test_beyond_the_servers_limit_of_concurrent_streams_a_call_waits_for_one_to_end():
+    def answer_later(peer, stream, message):  # a stream stays open 50 ms: long enough for the others to pile up
+        asyncio.get_running_loop().call_later(0.05, peer.ok, stream)
+
+    async def go():
+        peer = Peer(answer_later, max_streams=1)
+        port = await peer.start()
+        conn = await w.open_connection("127.0.0.1", port, PATH)
+        await conn.call(b"first", timeout_s=5)  # the server's settings are in
+        out = await asyncio.gather(*(conn.call(m, timeout_s=5) for m in (b"a", b"b", b"c")))
+        conn.close()
+        peer.server.close()
+        return peer, out
+
+    peer, out = asyncio.run(go())
+    assert out == [None, None, None] and [m for _, _, m in peer.requests] == [b"first", b"a", b"b", b"c"]
+    assert peer.most_open == 1
