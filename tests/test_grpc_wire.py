@@ -8,6 +8,7 @@ header blocks split over CONTINUATION with padding, a gRPC error, RST_STREAM, GO
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 
 import hpack
@@ -34,6 +35,14 @@ class Peer:
     async def start(self) -> int:
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
         return self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.server.close()
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self.writer.wait_closed()
+        await self.server.wait_closed()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
@@ -104,7 +113,7 @@ async def _calls(answer, messages: list[bytes], **peer_args) -> tuple[Peer, list
         except Exception as e:  # noqa: BLE001 - what each call ended with is the result
             results.append(e)
     conn.close()
-    peer.server.close()
+    await peer.stop()
     return peer, results
 
 
@@ -165,7 +174,7 @@ def test_no_answer_is_a_timeout_and_the_connection_is_not_reused():
         with pytest.raises(TimeoutError):
             await conn.call(b"x", timeout_s=0.2)
         assert conn.closed is not None
-        peer.server.close()
+        await peer.stop()
 
     asyncio.run(go())
 
@@ -196,7 +205,7 @@ def test_calls_in_flight_share_the_connection_and_each_gets_its_own_answer():
         out = await asyncio.gather(*(conn.call(m, timeout_s=5) for m in (b"a", b"b" * 70_000, b"c")),
                                    return_exceptions=True)
         conn.close()
-        peer.server.close()
+        await peer.stop()
         return peer, out
 
     peer, (a, b, c) = asyncio.run(go())
@@ -216,7 +225,7 @@ def test_beyond_the_servers_limit_of_concurrent_streams_a_call_waits_for_one_to_
         await conn.call(b"first", timeout_s=5)  # the server's settings are in
         out = await asyncio.gather(*(conn.call(m, timeout_s=5) for m in (b"a", b"b", b"c")))
         conn.close()
-        peer.server.close()
+        await peer.stop()
         return peer, out
 
     peer, out = asyncio.run(go())
