@@ -138,7 +138,7 @@ class H2Connection(asyncio.Protocol):
         self.buffer += data
         buf, at = self.buffer, 0
         try:
-            while len(buf) - at >= 9:
+            while len(buf) - at >= 9 and self.closed is None:  # (after GOAWAY nothing more is read)
                 length = int.from_bytes(buf[at:at + 3], "big")
                 if len(buf) - at < 9 + length:
                     break
