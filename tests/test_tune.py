@@ -109,7 +109,6 @@ def test_a_run_without_a_repository_is_refused(tiny_run):
 def test_a_server_that_dies_mid_sweep_keeps_the_points_and_changes_nothing(laid_out, tmp_path):
     import os
     import signal
-    import threading
     import time
 
     from cnnpack.errors import StageFailed
@@ -117,28 +116,38 @@ def test_a_server_that_dies_mid_sweep_keeps_the_points_and_changes_nothing(laid_
 
     run, repo = _copy(laid_out, tmp_path)
     before = (repo / "cnn_onnx" / "config.pbtxt").read_text()
-    log = run / "tune" / "server.log"
 
-    def kill_after_the_first_point():  # the third load in the log: two points measured, the third starting
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if log.is_file() and log.read_text(errors="replace").count("successfully loaded 'cnn_onnx'") >= 2:
-                for pid in os.listdir("/proc"):
-                    try:
-                        cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-                    except OSError:
-                        continue
-                    if b"tritonserver" in cmd and str(repo).encode() in cmd:
-                        os.kill(int(pid), signal.SIGKILL)
-                        return
-            time.sleep(0.05)
+    def kill_the_server(line: str) -> None:  # as the second point starts: one measured, the server gone for good
+        if not line.startswith("point 2/"):
+            return
+        pids = [int(pid) for pid in os.listdir("/proc") if pid.isdigit()
+                and b"tritonserver" in _cmdline(pid) and str(repo).encode() in _cmdline(pid)]
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _state(pids[0]) not in ("", "Z") and time.monotonic() < deadline:
+            time.sleep(0.01)  # gone, or a zombie its parent has not reaped yet
 
-    threading.Thread(target=kill_after_the_first_point, daemon=True).start()
     with pytest.raises(StageFailed, match="the Triton server died during the sweep"):
-        tune(run, TuneConfig(latency_budget_ms=10_000, **{**SMALL, "max_seconds": 1.5}))
+        tune(run, TuneConfig(latency_budget_ms=10_000, **{**SMALL, "max_seconds": 1.5}), progress=kill_the_server)
     assert (repo / "cnn_onnx" / "config.pbtxt").read_text() == before
     kept = json.loads((run / "tune.json").read_text())
-    assert 1 <= len(kept["points"]) < 3 and kept["winner"] is None
+    assert len(kept["points"]) == 1 and kept["winner"] is None
+
+
+def _cmdline(pid) -> bytes:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return b""
+
+
+def _state(pid) -> str:
+    """A process's state letter (Z: a zombie), "" once it is gone."""
+    try:
+        return open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
 
 
 def test_bf16_candidates_are_offered_only_where_the_cpu_computes_bf16():
