@@ -61,11 +61,11 @@ def weight_type(choice: str, info: dict | None = None) -> tuple[str, str]:
     """("int8" | "uint8", why) for `--weight-type` `choice` (auto: from the CPU's flags, `peak.cpu_info()`)."""
     if choice != "auto":
         return choice, f"--weight-type {choice}"
-    from cnnpack.peak import cpu_info
+    from cnnpack.peak import VNNI_FLAGS, cpu_info
 
     info = info or cpu_info()
     flags = set(info["flags"])
-    if info["vendor"] in ("GenuineIntel", "AuthenticAMD") and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+    if info["vendor"] in ("GenuineIntel", "AuthenticAMD") and not flags & (VNNI_FLAGS | {"amx_int8"}):
         return "uint8", (f"auto: {info['model'] or 'this x86 CPU'} has no VNNI, where ONNX Runtime's u8 x s8 kernels "
                          "saturate (vpmaddubsw): uint8 weights run exactly")
     return "int8", "auto: u8 x s8 runs exactly on this CPU (VNNI, AMX or not x86)"

@@ -31,6 +31,7 @@ def short(section: dict) -> str:
     c = section.get("ceilings") or {}
     return ", ".join(f"{p} {v['gflops']:.0f}" for p, v in c.items()) or f"fp32 {section.get('machine_peak_gflops', 0):.0f}"
 PRECISIONS = ("fp32", "int8", "bf16")
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})  # int8 dot products (u8 x s8 into int32, no int16 pair sums)
 
 
 def matmul_rate(device, n: int = 1024, seconds: float = 0.1, min_reps: int = 3) -> dict:
@@ -213,7 +214,7 @@ def ops_per_cycle(precision: str, info: dict) -> tuple[float, str]:
             return 2 * fp32, f"AVX-512 BF16: 2 bf16 MAC per 32-bit lane, {why}"
         return fp32, f"no native bf16: converted to fp32, {why}"
     if precision == "int8":
-        if flags & {"avx512_vnni", "avx_vnni"}:
+        if flags & VNNI_FLAGS:
             return 4 * fp32, f"VNNI: 4 int8 MAC per 32-bit lane, {why}"
         return 2 * fp32, f"no VNNI: int16 pairs (vpmaddubsw + vpmaddwd), {why}"
     return fp32, why
