@@ -71,6 +71,17 @@ def one(src: Path, run: Path, cache: Path) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+SIMD_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+              "amx_bf16")
+
+
+def simd(flags) -> str:
+    """The matrix-relevant flags a CPU has and those it lacks, from lscpu's flags (a string) or a list of them."""
+    have = set(flags.split() if isinstance(flags, str) else flags)
+    absent = [f for f in SIMD_FLAGS if f not in have]
+    return ", ".join(f for f in SIMD_FLAGS if f in have) + (f" (not: {', '.join(absent)})" if absent else "")
+
+
 def lscpu() -> dict:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
@@ -101,10 +112,8 @@ def main() -> int:
 def write(results: dict, args) -> None:
     cpu = lscpu()
     flags = set(cpu["flags"].split())
-    simd = [f for f in ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
-                        "amx_int8", "amx_bf16") if f in flags]
     rec = {"benchmark": NAME, "target_points_per_s": TARGET_POINTS_PER_S, "run": str(args.run),
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "lscpu": cpu, "simd_flags": simd,
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "lscpu": cpu, "simd_flags": [f for f in SIMD_FLAGS if f in flags],
            "load_1min_end": os.getloadavg()[0], "results": results,
            "reproduce": f".venv/bin/python benchmarks/bench_speed.py RUN --before DIR --rounds {args.rounds}"}
     RESULTS.mkdir(exist_ok=True)
@@ -119,8 +128,7 @@ def write(results: dict, args) -> None:
             lines.append(f"| {label} | {i} | {x['points']} | {x['wall_s']:.1f} | {x['points_per_s']:.2f} | "
                          f"{', '.join(x['unstable']) or '-'} | {', '.join(x['over_ceiling']) or '-'} | "
                          f"{100 * x['cpu_others_max']:.0f} % | {'; '.join(f'{k} {v:.1f}' for k, v in top)} |")
-    lines += ["", f"Machine (lscpu): {cpu['model']}, {cpu['cpus']} CPUs, SIMD flags: {', '.join(simd)} "
-                  "(no AVX-512, VNNI, BF16 or AMX). " + ("Shared with other work while measured" if busy else "Quiet while measured")
+    lines += ["", f"Machine (lscpu): {cpu['model']}, {cpu['cpus']} CPUs, SIMD flags: {simd(flags)}. " + ("Shared with other work while measured" if busy else "Quiet while measured")
               + ": the \"others' CPU\" column is the largest share of the machine's CPU time other processes took during "
                 "a row; before and after alternate in each round so both see the same load.", "",
               f"Config of the after tree: {results['after (cold)'][0]['config']}.", "",

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import lscpu  # noqa: E402
+from bench_speed import lscpu, simd  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "ceilings-rows-cnn64-cpu2"
@@ -90,7 +90,7 @@ def write(rec: dict) -> None:
         lines += ["", "Skipped: " + ("; ".join(f"{k}: {v}" for k, v in r["skipped"].items()) or "none"), ""]
     others = max((x["cpu_others"] or 0) for r in rec["repeats"] for x in r["rows"])
     lines += [f"Machine (lscpu): {rec['lscpu']['model']}, {rec['lscpu']['cpus']} CPUs, SIMD: "
-              f"{', '.join(f for f in ('avx', 'avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_int8') if f in flags)}"
+              f"{simd(flags)}"
               f"; {'quiet' if others < 0.1 else 'shared with other work'} while measured (others' CPU at most "
               f"{100 * others:.0f} %), load average at the end {rec['load_1min_end']:.1f}. {rec['date']}.", "",
               f"Reproduce: `{rec['reproduce']}`", ""]

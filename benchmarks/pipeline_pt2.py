@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import simd  # noqa: E402
 from pipeline_default import TARGET_S, one  # noqa: E402
 from train_shapes import CORES, RESULTS, machine, pin_cores, wait_for_quiet  # noqa: E402
 
@@ -53,7 +54,7 @@ def write(result: dict) -> None:
         skipped = sum(s["status"] == "skipped" for s in r["again"]["stages"].values())
         lines.append(f"| {key} | {r['first']['wall_s']} | {r['first']['cpu_s']} | {r['first']['others_cpu_s']} | "
                      f"{r['again']['wall_s']} ({skipped} of {len(r['again']['stages'])}) |")
-    lines += ["", f"Machine: {m['cpu']} (flags: {', '.join(cpu_info()['flags'])}; no AVX-512, VNNI, BF16 or AMX), "
+    lines += ["", f"Machine: {m['cpu']} (flags: {simd(cpu_info()['flags'])}), "
                   f"cores {m['cores_used']} of {m['cores_visible']}, torch {m['torch']}, cnnpack {m['commit']}. "
                   f"{result['date']}. Shared with other engineers' work (waited {result['waited_for_quiet_s']:.0f} s "
                   "for quiet cores first; the table gives the CPU time others took).", "",

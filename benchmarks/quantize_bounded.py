@@ -33,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import simd  # noqa: E402
+
 from cnnpack.peak import cpu_info, usable_cores
 from cnnpack.rundir import library_versions
 
@@ -150,7 +153,7 @@ def write(info: dict, rows: list[dict], ranking: dict | None) -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps({"when": when, "cpu": info, "libraries": library_versions(),
                                                         "rows": rows, "ranking": ranking}, indent=1))
     lines = [f"# cnnpack quantize in bounded time ({stem})", "",
-             f"{when}, {info['model']}, flags: {', '.join(info['flags']) or 'none of avx512/vnni/bf16/amx'}; "
+             f"{when}, {info['model']}, flags: {simd(info['flags'])}; "
              f"{usable_cores()} cores.", "Command: `python benchmarks/quantize_bounded.py"
              + (" --compare-ranking`" if ranking and not ranking.get("recorded") else "`"), "",
              "resnet18@224 (random weights), default gate (0.5 pt, 99 % agreement), default --time-limit, a fresh copy "

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import lscpu  # noqa: E402
+from bench_speed import lscpu, simd  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "served-loadgen-cnn64-onnx-cpu2"
@@ -108,7 +108,7 @@ def write(rec: dict) -> None:
         f"{k}: {v:.3f}x ({', '.join(f'{x:.2f}' for x in rec['ratios_per_round'][k])})"
         for k, v in rec["ratios_cnnpack_over_perf_analyzer"].items()), "",
         f"Machine (lscpu): {rec['lscpu']['model']}, {rec['lscpu']['cpus']} CPUs, SIMD: "
-        f"{', '.join(f for f in ('avx', 'avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_int8') if f in flags)}"
+        f"{simd(flags)}"
         "; the server and the load generator share the 2 cores (load average at the end "
         f"{rec['load_1min_end']:.1f}). {rec['date']}.", "",
         "Reproduce: `PATH=<dir of perf_analyzer>:$PATH .venv/bin/python benchmarks/served_loadgen.py RUN --rounds 5`", ""]
