@@ -376,10 +376,10 @@ def remeasure_beaten_ceilings(ctx: BenchContext) -> None:
     beaten = {r["precision"] for r in ctx.results if r["matmul_share"] > 1 and r["precision"] in ctx.ceilings}
     if ctx.device.type != "cpu" or not beaten:
         return
-    from cnnpack.peak import ceilings
+    from cnnpack.peak import RECHECK_S, ceilings
 
     ctx.progress(f"the {', '.join(sorted(beaten))} ceiling again: a row beat it")
-    again = ceilings(ctx.cfg.threads, precisions=beaten)
+    again = ceilings(ctx.cfg.threads, precisions=beaten, seconds=RECHECK_S)
     for precision, fresh in again.items():
         old = ctx.ceilings[precision]
         if fresh["gflops"] > old["gflops"]:
