@@ -73,11 +73,14 @@ def header_block(fields: list[tuple[str, str]]) -> bytes:
     return bytes(out)
 
 
+def authority(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def open_connection(host: str, port: int, path: str, *, timeout_s: float = 30.0) -> H2Connection:
     loop = asyncio.get_running_loop()
-    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    _, conn = await asyncio.wait_for(loop.create_connection(lambda: H2Connection(authority, path), host, port),
-                                     timeout_s)
+    _, conn = await asyncio.wait_for(
+        loop.create_connection(lambda: H2Connection(authority(host, port), path), host, port), timeout_s)
     return conn
 
 
@@ -94,7 +97,13 @@ class _Call:
 
 
 class H2Connection(asyncio.Protocol):
-    """One HTTP/2 connection carrying unary gRPC calls to one method, any number at a time (a stream each)."""
+    """One HTTP/2 connection carrying unary gRPC calls to one method, any number at a time (a stream each).
+
+    `loop` (None: the running one) makes its answers' futures and timeout timers; a driver without an event loop
+    (`loadclient.Blocking`) sets its own and calls `timed_out` itself.
+    """
+
+    loop = None
 
     def __init__(self, authority: str, path: str) -> None:
         import hpack
@@ -154,14 +163,14 @@ class H2Connection(asyncio.Protocol):
     def call(self, message: bytes, timeout_s: float) -> asyncio.Future:
         """Sends one gRPC message (the serialized request); the future ends with None or the call's error. Beyond
         the server's limit of concurrent streams it waits for a stream to end (its timeout runs meanwhile)."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         answer = loop.create_future()
         if self.closed is not None:
             answer.set_exception(self.closed)
         elif len(self.calls) >= self.max_streams:
-            self.waiting.append((message, answer, loop.call_later(timeout_s, self._timed_out)))
+            self.waiting.append((message, answer, loop.call_later(timeout_s, self.timed_out)))
         else:
-            self._start(message, answer, loop.call_later(timeout_s, self._timed_out))
+            self._start(message, answer, loop.call_later(timeout_s, self.timed_out))
         return answer
 
     def _start(self, message: bytes, answer: asyncio.Future, timer: asyncio.TimerHandle) -> None:
@@ -300,7 +309,7 @@ class H2Connection(asyncio.Protocol):
                 self._settle(stream, GrpcError(int(code), urllib.parse.unquote(got.get("grpc-message", ""))))
 
     # -- the end of a call ---------------------------------------------------------------------------
-    def _timed_out(self) -> None:
+    def timed_out(self) -> None:
         # a call unanswered for its timeout: the server is stuck or overloaded, and an answer that comes later
         # must never be read as another call's, so every call on this connection ends the same way
         self.close(TimeoutError())

@@ -15,6 +15,10 @@ builders (so BYTES inputs and every dtype are encoded exactly as `Client.infer` 
 - HTTP: written as one prebuilt HTTP/1.1 request (the binary tensor extension) on a keep-alive connection
   per request in flight, the answer read by its Content-Length by an asyncio protocol.
 
+Requests in flight share an asyncio event loop. A load of one request at a time (concurrency 1) runs the same
+protocols on one blocking socket instead (`Blocking`), as perf_analyzer's synchronous client does: there every
+request's latency includes the client's own time, and the event loop's wake-ups were most of it.
+
 An answer is taken as a success from its status alone (gRPC OK, HTTP 200); `Client.infer` is what checks
 outputs. The first failed request stops the load and cancels the requests still in flight; `window` then
 raises StageFailed naming the server and the first error, so a killed server is reported at once and a
@@ -65,8 +69,30 @@ class Load:
     def window(self, *, seconds: float = 0.0, requests: int = 0, min_requests: int = 1,
                concurrency: int | None = None) -> Window:
         """Load for at least `seconds` and `min_requests` requests, or for exactly `requests` requests."""
+        if self.concurrency == 1:  # one request at a time: on a blocking socket, no event loop between requests
+            return self._blocking_window(seconds, requests, max(min_requests, 1))
         return self._loop.run_until_complete(
             self._window(seconds, requests, max(min_requests, 1), concurrency or self.concurrency))
+
+    def _blocking_window(self, seconds: float, requests: int, min_requests: int) -> Window:
+        lat: list[float] = []
+        issued = 0
+        clock = time.perf_counter
+        start = clock()
+        until = start + seconds
+        try:
+            while (issued < requests) if requests else (clock() < until or issued < min_requests):
+                issued += 1
+                t0 = clock()
+                self._wire.send_blocking()
+                lat.append(clock() - t0)
+        except self.client.errors as e:
+            raise self._failure(1, len(lat), issued, e) from None
+        return Window(lat, clock() - start)
+
+    def _failure(self, concurrency: int, answered: int, issued: int, e: BaseException):
+        return self.client.failure(f"request under load to {self.model.name} ({concurrency} in flight; "
+                                   f"{answered} of {issued} sent were answered)", e)
 
     async def _window(self, seconds: float, requests: int, min_requests: int, concurrency: int) -> Window:
         lat: list[float] = []
@@ -95,8 +121,7 @@ class Load:
             e = failed[0]
             if not isinstance(e, self.client.errors):
                 raise e  # a bug here, not a server's answer: let it show
-            raise self.client.failure(f"request under load to {self.model.name} ({concurrency} in flight; "
-                                      f"{len(lat)} of {issued} sent were answered)", e) from None
+            raise self._failure(concurrency, len(lat), issued, e) from None
         return Window(lat, end - start)
 
 
@@ -118,6 +143,7 @@ class _Grpc:
     def __init__(self, host: str, port: int, body: bytes, timeout_s: float) -> None:
         self.host, self.port, self.body, self.timeout_s = host, port, body, timeout_s
         self.opening: dict[int, asyncio.Future] = {}  # connection number -> its (last) connection, being opened
+        self.blocking: Blocking | None = None  # the connection of a load of one request at a time
 
     @classmethod
     async def open(cls, client, model, batch: np.ndarray) -> _Grpc:
@@ -155,7 +181,21 @@ class _Grpc:
 
         return send
 
+    def send_blocking(self) -> None:
+        from cnnpack.grpc_wire import GrpcError, H2Connection, authority
+
+        b = self.blocking
+        if b is None or b.protocol.closed is not None:
+            b = self.blocking = Blocking(H2Connection(authority(self.host, self.port), GRPC_INFER), self.host,
+                                         self.port, self.timeout_s)
+        try:
+            b.wait(b.protocol.call(self.body, self.timeout_s), self.timeout_s)
+        except GrpcError as e:
+            raise _server_error(e.message, e.status) from None
+
     async def close(self) -> None:
+        if self.blocking is not None:
+            self.blocking.protocol.close()
         for opening in self.opening.values():
             if not opening.done():
                 opening.cancel()
@@ -177,6 +217,7 @@ class _Http:
     def __init__(self, host: str, port: int, request: bytes, timeout_s: float) -> None:
         self.host, self.port, self.request, self.timeout_s = host, port, request, timeout_s
         self.conns: dict[int, _HttpConnection] = {}
+        self.blocking: Blocking | None = None  # the connection of a load of one request at a time
 
     @classmethod
     async def open(cls, client, model, batch: np.ndarray) -> _Http:
@@ -204,13 +245,24 @@ class _Http:
 
         return send
 
+    def send_blocking(self) -> None:
+        b = self.blocking
+        if b is None or b.protocol.closed:
+            b = self.blocking = Blocking(_HttpConnection(), self.host, self.port, self.timeout_s)
+        b.wait(b.protocol.send(self.request, self.timeout_s), self.timeout_s)
+
     async def close(self) -> None:
+        if self.blocking is not None:
+            self.blocking.protocol.close()
         for conn in self.conns.values():
             conn.close()
 
 
 class _HttpConnection(asyncio.Protocol):
-    """An HTTP/1.1 keep-alive connection with one request at a time; answers are read by Content-Length."""
+    """An HTTP/1.1 keep-alive connection with one request at a time; answers are read by Content-Length.
+    `loop`: as `grpc_wire.H2Connection`'s."""
+
+    loop = None
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -233,9 +285,9 @@ class _HttpConnection(asyncio.Protocol):
             self.transport.close()
 
     def send(self, request: bytes, timeout_s: float) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         self.answer = loop.create_future()
-        self.timer = loop.call_later(timeout_s, self._timed_out)
+        self.timer = loop.call_later(timeout_s, self.timed_out)
         self.transport.write(request)
         return self.answer
 
@@ -269,7 +321,7 @@ class _HttpConnection(asyncio.Protocol):
                 message = body[:200].decode("utf-8", "replace")
             self._settle(error=_server_error(message, str(status)))
 
-    def _timed_out(self) -> None:
+    def timed_out(self) -> None:
         self.timer = None
         self._settle(error=TimeoutError())
         self.close()  # a late answer must not be read as the next request's
@@ -285,3 +337,94 @@ class _HttpConnection(asyncio.Protocol):
             answer.set_result(None)
         else:
             answer.set_exception(error)
+
+
+# -- one request at a time, without an event loop ---------------------------------------------------------
+class _Answer:
+    """A request's answer where no event loop runs: the part of asyncio.Future the protocols use."""
+
+    __slots__ = ("finished", "error")
+
+    def __init__(self) -> None:
+        self.finished, self.error = False, None
+
+    def done(self) -> bool:
+        return self.finished
+
+    def set_result(self, _value) -> None:
+        self.finished = True
+
+    def set_exception(self, error: BaseException) -> None:
+        self.finished, self.error = True, error
+
+
+class _NoTimer:
+    @staticmethod
+    def cancel() -> None:
+        pass
+
+
+class _NoLoop:
+    """What the protocols ask of an event loop, for `Blocking`: answers without callbacks; the timeout is kept by
+    the socket."""
+
+    @staticmethod
+    def create_future() -> _Answer:
+        return _Answer()
+
+    @staticmethod
+    def call_later(_delay: float, _callback) -> _NoTimer:
+        return _NoTimer()
+
+
+class Blocking:
+    """A connection's protocol (`grpc_wire.H2Connection`, `_HttpConnection`: asyncio.Protocol's methods) on a
+    blocking socket, driven by the caller's thread one request at a time.
+
+    At concurrency 1 every request's latency includes the client's own time, and an event loop's wake-ups
+    between the answer and the next request are most of it: gRPC through the event loop read 0.86-0.95x
+    perf_analyzer's requests/s at concurrency 1, a blocking socket 0.95-1.30x, interleaved (the host is noisy).
+    This object is the protocol's transport: `write` sends at once, `close` closes the socket.
+    """
+
+    def __init__(self, protocol, host: str, port: int, timeout_s: float) -> None:
+        import socket
+
+        self.protocol = protocol
+        protocol.loop = _NoLoop
+        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.inbox = memoryview(bytearray(1 << 16))
+        protocol.connection_made(self)
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            self.protocol.connection_lost(e)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def wait(self, answer: _Answer, timeout_s: float) -> None:
+        """Reads the server's bytes into the protocol until `answer` is settled; raises its error."""
+        deadline = time.monotonic() + timeout_s
+        while not answer.done():
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(left)
+                n = self.sock.recv_into(self.inbox)
+            except TimeoutError:
+                self.protocol.timed_out()
+                break
+            except OSError as e:
+                self.protocol.connection_lost(e)
+                break
+            if not n:
+                self.protocol.connection_lost(None)
+                break
+            self.protocol.data_received(self.inbox[:n])
+        if answer.error is not None:
+            raise answer.error

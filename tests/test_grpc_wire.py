@@ -231,3 +231,40 @@ def test_beyond_the_servers_limit_of_concurrent_streams_a_call_waits_for_one_to_
     peer, out = asyncio.run(go())
     assert out == [None, None, None] and [m for _, _, m in peer.requests] == [b"first", b"a", b"b", b"c"]
     assert peer.most_open == 1
+
+
+def test_the_same_connection_on_a_blocking_socket_answers_fails_and_times_out_like_on_the_event_loop():
+    """loadclient.Blocking drives H2Connection from the caller's thread (concurrency 1); the peer runs in its own."""
+    import threading
+
+    from cnnpack.loadclient import Blocking
+
+    def answer(peer, stream, message):
+        if message == b"bad":
+            peer.headers(stream, [(":status", "200"), ("grpc-status", "5"), ("grpc-message", "no model m")], end=True)
+        elif message != b"silent":
+            peer.ok(stream, split=message == b"split")
+
+    loop = asyncio.new_event_loop()
+    peer = Peer(answer, window=10_000)
+    port = loop.run_until_complete(peer.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        conn = Blocking(w.H2Connection(w.authority("127.0.0.1", port), PATH), "127.0.0.1", port, 5)
+        big = bytes(range(256)) * 400  # beyond the stream window: the rest waits for WINDOW_UPDATE, read meanwhile
+        for m in (b"first", big, b"split"):
+            assert conn.wait(conn.protocol.call(m, 5), 5) is None
+        with pytest.raises(w.GrpcError, match="no model m"):
+            conn.wait(conn.protocol.call(b"bad", 5), 5)
+        conn.wait(conn.protocol.call(b"after", 5), 5)  # an error of one call leaves the connection usable
+        with pytest.raises(TimeoutError):
+            conn.wait(conn.protocol.call(b"silent", 0.2), 0.2)
+        assert conn.protocol.closed is not None and conn.sock.fileno() == -1  # never reused after a timeout
+    finally:
+        asyncio.run_coroutine_threadsafe(peer.stop(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    assert [m for _, _, m in peer.requests] == [b"first", big, b"split", b"bad", b"after", b"silent"]
+    assert not peer.overrun and (w.SETTINGS, w.ACK, 0) in peer.frames

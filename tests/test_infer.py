@@ -210,6 +210,39 @@ def test_a_thousand_requests_at_concurrency_16_all_succeed_and_are_batched(serve
     assert seen["server_batch_mean"] > 1.5  # the dynamic batcher merged concurrent requests
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_one_request_at_a_time_runs_on_one_blocking_connection_without_the_event_loop(server, protocol, monkeypatch):
+    import cnnpack.grpc_wire as wire
+    import cnnpack.loadclient as lc
+    from cnnpack.client import server_side
+
+    opened, blocking = [], []
+
+    class Counted(lc.Blocking):
+        def __init__(self, *args, **kwargs):
+            blocking.append(self)
+            super().__init__(*args, **kwargs)
+
+    async def refused(*args, **kwargs):
+        opened.append(args)
+        raise AssertionError("an event-loop connection at concurrency 1")
+
+    monkeypatch.setattr(lc, "Blocking", Counted)
+    monkeypatch.setattr(wire, "open_connection", refused)
+    rt = _served(server, protocol, "cnn_onnx")
+    before = rt.client.statistics("cnn_onnx")
+    x = np.random.default_rng(2).uniform(0, 255, (1, 3, 32, 32)).astype(np.float32)
+    with lc.Load(rt.client, rt.model, x, concurrency=1) as load:
+        load.one()
+        window = load.window(requests=200)
+        timed = load.window(seconds=0.2)
+    seen = server_side(before, rt.client.statistics("cnn_onnx"))
+    assert len(window.latencies_s) == 200 and len(timed.latencies_s) >= 1 and timed.wall_s >= 0.2
+    assert len(blocking) == 1 and not opened  # one connection for all of them, kept between windows
+    assert blocking[0].sock.fileno() == -1  # closed with the load
+    assert seen["server_requests"] == 201 + len(timed.latencies_s) and seen["server_failures"] == 0
+
+
 def test_the_other_protocols_port_is_named_as_such(server):
     """The load defaults to HTTP and a user may still pass gRPC's port (or the reverse): say which it is."""
     with pytest.raises(UserInputError, match=r"not in HTTP: is it Triton's gRPC port\? Pass --protocol grpc"):
@@ -218,14 +251,16 @@ def test_the_other_protocols_port_is_named_as_such(server):
         Client(server.http_address, "grpc").check_ready()
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_a_request_the_server_rejects_stops_the_load_with_the_servers_reason(server, protocol):
-    """The load client sends prebuilt bytes and reads only the answer's status: a refusal must still read as one."""
+def test_a_request_the_server_rejects_stops_the_load_with_the_servers_reason(server, protocol, concurrency):
+    """The load client sends prebuilt bytes and reads only the answer's status: a refusal must still read as one
+    (at concurrency 1 on a blocking socket, beyond it through the event loop)."""
     from cnnpack.bench import Load
 
     rt = _served(server, protocol, "cnn_onnx")
     wrong = np.zeros((1, 3, 17, 17), np.float32)  # the model takes 32 x 32
-    with Load(rt.client, rt.model, wrong, concurrency=4) as load, pytest.raises(StageFailed) as err:
+    with Load(rt.client, rt.model, wrong, concurrency=concurrency) as load, pytest.raises(StageFailed) as err:
         load.window(requests=20)
     message = str(err.value)
     assert message.startswith(f"Triton at {protocol}://{_url(server, protocol)}: request under load to cnn_onnx")
@@ -293,11 +328,12 @@ def test_perf_analyzer_measures_a_served_row_and_says_so(server, served_run, tmp
 
 
 # -- faults ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("protocol", "fault"), [
-    pytest.param("grpc", signal.SIGKILL, id="grpc-killed"), pytest.param("http", signal.SIGKILL, id="http-killed"),
-    pytest.param("grpc", signal.SIGSTOP, id="grpc-stuck")])
+@pytest.mark.parametrize(("protocol", "fault", "concurrency"), [
+    pytest.param("grpc", signal.SIGKILL, 16, id="grpc-killed"), pytest.param("http", signal.SIGKILL, 16, id="http-killed"),
+    pytest.param("grpc", signal.SIGSTOP, 16, id="grpc-stuck"), pytest.param("http", signal.SIGSTOP, 1, id="http-stuck-c1"),
+    pytest.param("grpc", signal.SIGKILL, 1, id="grpc-killed-c1")])
 def test_a_server_killed_or_stuck_under_load_is_a_clear_error_within_the_timeout(served_run, tmp_path, protocol,
-                                                                                 fault):
+                                                                                 fault, concurrency):
     from cnnpack.bench import Load
     from cnnpack.triton_repo import TritonConfig, build
 
@@ -314,7 +350,7 @@ def test_a_server_killed_or_stuck_under_load_is_a_clear_error_within_the_timeout
     try:
         client = Client(_url(srv, protocol), protocol, timeout_s=2)
         model = client.check_ready().model("cnn_onnx")
-        with Load(client, model, np.zeros((1, 3, 32, 32), np.float32), concurrency=16) as load:
+        with Load(client, model, np.zeros((1, 3, 32, 32), np.float32), concurrency=concurrency) as load:
             threading.Timer(0.5, strike).start()
             with pytest.raises(StageFailed) as err:
                 load.window(seconds=60)
