@@ -60,7 +60,8 @@ def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = B
     """
     import torch
 
-    from cnnpack.runtimes import RUNTIMES, served_ref
+    from cnnpack.runtime_triton import served_ref
+    from cnnpack.runtimes import RUNTIMES
     from cnnpack.train import resolve_device
 
     cfg.validate()

@@ -323,81 +323,8 @@ class OpenVinoBf16Runtime(OpenVinoRuntime):
                                      "use the openvino runtime (f32)")
 
 
-class TritonRuntime:
-    """A model served by Triton, through tritonclient (HTTP or gRPC): what verify and bench see of a server.
-
-    There is no file: the ArtifactRef's record names the server (`url`, `protocol`, `timeout_s`) and
-    the `model`; its format key is `triton:<model>`. Everything else (input name, size, dtype, batch
-    limits) comes from the server's own model config. An unreachable server is a usage error.
-    """
-
-    name = "triton"
-    format = "triton"
-
-    def __init__(self, client, model, fmt: str) -> None:
-        self.client, self.model, self.format = client, model, fmt
-        self.info = {"url": client.url, "protocol": client.protocol, **model.describe()}
-
-    @classmethod
-    def load(cls, artifact: ArtifactRef, device: str = "cpu", **_: object) -> TritonRuntime:
-        from cnnpack.client import DEFAULT_TIMEOUT_S, Client
-
-        rec = artifact.record
-        if not rec.get("model"):
-            raise UserInputError("the triton runtime needs the served model's name (--model NAME)")
-        client = Client(rec.get("url"), rec.get("protocol", "http"),
-                        timeout_s=rec.get("timeout_s", DEFAULT_TIMEOUT_S)).check_ready()
-        model = client.model(rec["model"])
-        if model.takes_images:
-            raise UserInputError(f"{model.name} takes encoded image bytes (an ensemble); verify and bench the "
-                                 f"classifier it wraps instead (--model {model.name.removesuffix('_image')})")
-        rt = cls(client, model, artifact.format)
-        if artifact.run is not None:
-            rt.check_fits(artifact.run.model_spec)
-        return rt
-
-    def check_fits(self, spec: dict) -> None:
-        """Refuses a served model whose input or classes do not fit the run's model."""
-        want = (spec.get("channels", 3), spec["image_size"], spec["image_size"])
-        if tuple(self.model.input_shape) != want or self.model.num_classes != spec["num_classes"]:
-            raise UserInputError(f"served model {self.model.name} at {self.client.url} takes {list(self.model.input_shape)} "
-                                 f"-> {self.model.num_classes} classes, the run's model {list(want)} -> "
-                                 f"{spec['num_classes']}: is it served from this run? (`cnnpack triton --run RUN`)")
-
-    def check_batch(self, batch_size: int) -> None:
-        m = self.model
-        if m.static_batch and batch_size != m.static_batch:
-            raise UserInputError(f"batch size {batch_size}: {m.name} is served with a static batch of "
-                                 f"{m.static_batch}; use --batch-sizes {m.static_batch}")
-        if m.max_batch_size and batch_size > m.max_batch_size:
-            raise UserInputError(f"batch size {batch_size} exceeds {m.name}'s max_batch_size {m.max_batch_size} "
-                                 f"on the server; use --batch-sizes <= {m.max_batch_size}")
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Served logits (N, K) for raw pixels (N, C, H, W), in requests within the model's max batch."""
-        step = self.model.max_batch_size or len(batch)
-        out = [self.client.infer(self.model, batch[i:i + step]) for i in range(0, len(batch), step)]
-        return np.concatenate(out).astype(np.float32, copy=False)
-
-
-def served_ref(run: Run | None, url: str | None, model: str | None, protocol: str = "http",
-               timeout_s: float | None = None) -> ArtifactRef:
-    """What the triton runtime loads: `model` on the server at `url`, recorded under `triton:<model>`.
-
-    Without `model`: the model the run's `cnnpack triton` stage laid out.
-    """
-    from cnnpack.client import DEFAULT_TIMEOUT_S
-
-    if not model:
-        if run is None:
-            raise UserInputError("name the served model with --model")
-        model = run.stage("triton", required_by="this command", hint="`cnnpack triton` (or pass --model NAME)")["name"]
-
-    record = {"url": url, "model": model, "protocol": protocol, "timeout_s": timeout_s or DEFAULT_TIMEOUT_S}
-    return ArtifactRef(run, f"triton:{model}", None, record)
-
-
-from cnnpack.pt2 import AotiRuntime  # noqa: E402 - its own module (pt2.py), registered with the others here
+from cnnpack.pt2 import AotiRuntime  # noqa: E402 - in their own modules, registered with the others here
+from cnnpack.runtime_triton import TritonRuntime  # noqa: E402
 
 for _rt in (EagerRuntime, CompiledRuntime, AotiRuntime, TorchScriptRuntime, OrtRuntime, OrtCudaRuntime,
             OrtTensorrtRuntime, OpenVinoRuntime, OpenVinoBf16Runtime, TritonRuntime):

@@ -85,7 +85,8 @@ def _url(server, protocol: str) -> str:
 
 
 def _served(server, protocol: str, model: str):
-    from cnnpack.runtimes import RUNTIMES, served_ref
+    from cnnpack.runtime_triton import served_ref
+    from cnnpack.runtimes import RUNTIMES
 
     return RUNTIMES.get("triton").load(served_ref(None, _url(server, protocol), model, protocol))
 
