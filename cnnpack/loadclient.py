@@ -69,10 +69,10 @@ class Load:
     def window(self, *, seconds: float = 0.0, requests: int = 0, min_requests: int = 1,
                concurrency: int | None = None) -> Window:
         """Load for at least `seconds` and `min_requests` requests, or for exactly `requests` requests."""
-        if self.concurrency == 1:  # one request at a time: on a blocking socket, no event loop between requests
+        concurrency = concurrency or self.concurrency
+        if concurrency == self.concurrency == 1:  # a load of one request at a time: a blocking socket, no event loop
             return self._blocking_window(seconds, requests, max(min_requests, 1))
-        return self._loop.run_until_complete(
-            self._window(seconds, requests, max(min_requests, 1), concurrency or self.concurrency))
+        return self._loop.run_until_complete(self._window(seconds, requests, max(min_requests, 1), concurrency))
 
     def _blocking_window(self, seconds: float, requests: int, min_requests: int) -> Window:
         lat: list[float] = []
