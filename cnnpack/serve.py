@@ -410,6 +410,11 @@ class TritonServer:
                     total += int(hwm.group(1)) * 1024 if hwm else 0
         return total or None
 
+    def alive(self) -> bool:
+        """Whether the server runs and answers its liveness endpoint: a killed one can take a moment to be reaped
+        (its process not yet seen to exit), a stopped one never answers."""
+        return self._proc is not None and self._proc.poll() is None and self._get("/v2/health/live")[0] == 200
+
     def wait(self) -> int:
         """Blocks until the server exits (serving until then); returns its exit code."""
         return self._proc.wait() if self._proc else 0

@@ -400,15 +400,24 @@ def _save_epoch(run: Run, model, spec: ModelSpec, opt, sched, epoch: int, stats:
 
 @contextlib.contextmanager
 def _sigint_deferred():
-    """Holds back Ctrl-C (SIGINT) while the block runs; a Ctrl-C that came meanwhile is raised right after it."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Holds back Ctrl-C (SIGINT) while the block runs; a Ctrl-C that came meanwhile is raised right after it.
+
+    A Python-level handler, not the main thread's signal mask: Ctrl-C is sent to the process, and the kernel may
+    hand it to any thread that does not block it (the progress bar's refresh thread, started unblocked), which
+    Python turns into a KeyboardInterrupt in the main thread mid-block all the same. A Python handler runs in the
+    main thread whichever thread received the signal.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    came: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: came.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+    if came and callable(previous):
+        previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
 
 
 def _stale_epochs(history: list[dict]) -> int:

@@ -281,9 +281,9 @@ def sweep(run: Run, cfg: TuneConfig, settings: list[Setting], repository: str, s
             except CnnpackError as e:  # a server that died or a config it refused: keep what was measured
                 info["error"] = f"{s.label} at concurrency {c}: {e}"
                 info["errors"].append(info["error"])
-                if server._proc is not None and server._proc.poll() is not None:
+                if not server.alive():
                     break
-        info["server_alive"] = server._proc is not None and server._proc.poll() is None
+        info["server_alive"] = server.alive()
     info["wall_s"] = round(time.monotonic() - t0, 1)
     info["server_starts"] = log.read_text(errors="replace").count("Started GRPCInferenceService") if log.is_file() else None
     return points, info

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,16 +25,28 @@ def assert_gone(pid: int) -> None:
         time.sleep(0.1)
 
 
+# `python -m cnnpack ARGS`, with a Ctrl-C (a real SIGINT to the process) sent as the first epoch's files are written
+_CTRL_C_CHILD = """
+import os, signal, sys
+import cnnpack.train as train
+from cnnpack.cli import main
+save = train._save_epoch
+def save_then_ctrl_c(run, model, spec, opt, sched, epoch, *rest):
+    save(run, model, spec, opt, sched, epoch, *rest)
+    if epoch == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+train._save_epoch = save_then_ctrl_c
+sys.argv = ["cnnpack", *sys.argv[1:]]
+main()
+"""
+
+
 def ctrl_c_after_first_epoch(args: list[str], run: Path) -> tuple[int, str]:
-    """Runs `python -m cnnpack ARGS`, sends SIGINT once `run/last.pt` exists (during epoch 2); (exit code, stderr)."""
-    proc = subprocess.Popen([sys.executable, "-m", "cnnpack", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    return proc.returncode, stderr
+    """Runs `cnnpack ARGS` in a child that gets Ctrl-C while epoch 1's files are being written (so at the same
+    point on a fast host or a loaded one: a SIGINT sent from here once last.pt appeared came after the last epoch
+    on a fast host); (exit code, stderr). The Ctrl-C is held back until the epoch's files are whole."""
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_CHILD, *args], capture_output=True, text=True, timeout=240)
+    return proc.returncode, proc.stderr
 
 
 def outlier_channel(run: Path, factor: float = 1000.0) -> None:
