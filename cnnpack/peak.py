@@ -25,11 +25,6 @@ import numpy as np
 from cnnpack.host import sync as sync_of
 from cnnpack.host import torch_threads, usable_cores  # noqa: F401 - usable_cores: peak's name for it stays
 
-
-def short(section: dict) -> str:
-    """A bench section's ceilings in a few words (`fp32 229, int8 875`), for plot titles."""
-    c = section.get("ceilings") or {}
-    return ", ".join(f"{p} {v['gflops']:.0f}" for p, v in c.items()) or f"fp32 {section.get('machine_peak_gflops', 0):.0f}"
 PRECISIONS = ("fp32", "int8", "bf16")
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})  # int8 dot products (u8 x s8 into int32, no int16 pair sums)
 # Each kernel is timed for this long (the fastest call counts). 0.1 s gave the same ceilings as 0.25 s within 2 %
@@ -37,6 +32,12 @@ VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})  # int8 dot products (u8 x s
 # for the 17 kernels; a ceiling a row beats is measured again for longer (RECHECK_S).
 SAMPLE_S = 0.1
 RECHECK_S = 0.25
+
+
+def short(section: dict) -> str:
+    """A bench section's ceilings in a few words (`fp32 229, int8 875`), for plot titles."""
+    c = section.get("ceilings") or {}
+    return ", ".join(f"{p} {v['gflops']:.0f}" for p, v in c.items()) or f"fp32 {section.get('machine_peak_gflops', 0):.0f}"
 
 
 def matmul_rate(device, n: int = 1024, seconds: float = 0.1, min_reps: int = 3) -> dict:

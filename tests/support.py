@@ -36,6 +36,7 @@ def save_then_ctrl_c(run, model, spec, opt, sched, epoch, *rest):
     if epoch == 1:
         os.kill(os.getpid(), signal.SIGINT)
 train._save_epoch = save_then_ctrl_c
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a suite started with & ignores SIGINT)
 sys.argv = ["cnnpack", *sys.argv[1:]]
 main()
 """
