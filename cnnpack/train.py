@@ -417,7 +417,9 @@ def _sigint_deferred():
     finally:
         signal.signal(signal.SIGINT, previous)
     if came and callable(previous):
-        previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
+        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+    elif came and previous == signal.SIG_DFL:
+        signal.raise_signal(signal.SIGINT)  # (an ignored SIGINT stays ignored)
 
 
 def _stale_epochs(history: list[dict]) -> int:

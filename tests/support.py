@@ -42,10 +42,9 @@ main()
 """
 
 
-def ctrl_c_after_first_epoch(args: list[str], run: Path) -> tuple[int, str]:
-    """Runs `cnnpack ARGS` in a child that gets Ctrl-C while epoch 1's files are being written (so at the same
-    point on a fast host or a loaded one: a SIGINT sent from here once last.pt appeared came after the last epoch
-    on a fast host); (exit code, stderr). The Ctrl-C is held back until the epoch's files are whole."""
+def ctrl_c_after_first_epoch(args: list[str]) -> tuple[int, str]:
+    """Runs `cnnpack ARGS` in a child that gets Ctrl-C while epoch 1's files are being written, the same moment on
+    every host and under any load; (exit code, stderr). The Ctrl-C is to be held back until those files are whole."""
     proc = subprocess.run([sys.executable, "-c", _CTRL_C_CHILD, *args], capture_output=True, text=True, timeout=240)
     return proc.returncode, proc.stderr
 

@@ -140,7 +140,7 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(tiny_data, tmp_path):
     run = tmp_path / "run"
     args = ["train", "--data", str(tiny_data), "--image-size", "32", "--epochs", "3", "--batch-size", "32",
             "--no-progress", "--run", str(run)]
-    code, stderr = ctrl_c_after_first_epoch(args, run)
+    code, stderr = ctrl_c_after_first_epoch(args)
     assert code == 130, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in stderr, stderr

@@ -203,7 +203,7 @@ def test_ctrl_c_in_training_exits_130_and_the_next_run_resumes_it(tiny_data, tmp
     args = ["pipeline", "--data", str(tiny_data), "--run", str(run), "--repository", str(tmp_path / "repo"),
             "--serve", "no", "--no-progress", *TINY]
     args[args.index("--epochs") + 1] = "3"
-    code, stderr = ctrl_c_after_first_epoch(args, run)
+    code, stderr = ctrl_c_after_first_epoch(args)
     assert code == 130, stderr
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: pipeline interrupted in stage train") and "again to continue" in line
