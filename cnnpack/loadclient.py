@@ -79,9 +79,9 @@ class Load:
         issued = 0
         clock = time.perf_counter
         start = clock()
-        until = start + seconds
+        more = _goes_on(start, seconds, requests, min_requests)
         try:
-            while (issued < requests) if requests else (clock() < until or issued < min_requests):
+            while more(issued):
                 issued += 1
                 t0 = clock()
                 self._wire.send_blocking()
@@ -99,12 +99,12 @@ class Load:
         issued = 0
         clock = time.perf_counter
         start = clock()
-        until = start + seconds
+        more = _goes_on(start, seconds, requests, min_requests)
 
         async def client_loop(slot: int) -> None:
             nonlocal issued
             send = self._wire.sender(slot)
-            while (issued < requests) if requests else (clock() < until or issued < min_requests):
+            while more(issued):
                 issued += 1
                 t0 = clock()
                 await send()
@@ -123,6 +123,15 @@ class Load:
                 raise e  # a bug here, not a server's answer: let it show
             raise self._failure(concurrency, len(lat), issued, e) from None
         return Window(lat, end - start)
+
+
+def _goes_on(start: float, seconds: float, requests: int, min_requests: int):
+    """Whether a window started at `start` sends another request after `issued`: exactly `requests` of them, or
+    (with `requests` 0) until `seconds` have passed and at least `min_requests` were sent."""
+    if requests:
+        return lambda issued: issued < requests
+    until = start + seconds
+    return lambda issued: time.perf_counter() < until or issued < min_requests
 
 
 def _server_error(message: str, status: str | None = None):
