@@ -23,10 +23,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cnnpack.peak import isa_tag
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 TARGET_POINTS_PER_S = 0.5
-NAME = "bench-speed-default-cpu2"
+NAME = f"bench-speed-default-cpu2-{isa_tag()}"  # the host's matrix unit: records of other hosts stay
 
 CHILD = r"""
 import json, shutil, sys, tempfile, time

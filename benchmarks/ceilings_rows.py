@@ -22,8 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import lscpu, simd  # noqa: E402
 
+from cnnpack.peak import isa_tag  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-NAME = "ceilings-rows-cnn64-cpu2"
+NAME = f"ceilings-rows-cnn64-cpu2-{isa_tag()}"
 
 CHILD = r"""
 import json, shutil, sys, tempfile

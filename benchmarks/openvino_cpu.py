@@ -18,7 +18,7 @@ Targets (issue 15): int8 >= 3.5x fp32 ONNX Runtime at batch 1 and 32; bf16 >= 1.
 of ONNX Runtime fp32; served OpenVINO int8 at concurrency 16 >= 2.5x the served fp32 ONNX model.
 
     .venv/bin/python benchmarks/openvino_cpu.py --cnn-run runs/default/runs/pipeline-shapes-cnn-64px
-        # writes benchmarks/results/openvino-cpu<C>-threads<T>.{json,md}
+        # writes benchmarks/results/openvino-cpu<C>-threads<T>-<isa>.{json,md}
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.peak import cpu_info
+from cnnpack.peak import cpu_info, isa_tag
 from cnnpack.rundir import Run, library_versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -161,7 +161,7 @@ def main() -> None:
 
 def write(record: dict, args) -> None:
     RESULTS.mkdir(exist_ok=True)
-    stem = f"openvino-cpu{len(os.sched_getaffinity(0))}-threads{args.threads}"
+    stem = f"openvino-cpu{len(os.sched_getaffinity(0))}-threads{args.threads}-{isa_tag()}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     info = record["cpu"]
     lines = [f"# OpenVINO vs ONNX Runtime on the CPU ({stem})", "",

@@ -6,7 +6,7 @@ the same folder, which must skip every stage. Both are whole `cnnpack` processes
 cores and kept off any GPU; per-stage times come from the run's manifest. The script waits for
 idle cores first and records how much CPU other processes took while it measured.
 
-    .venv/bin/python benchmarks/pipeline_default.py   # writes benchmarks/results/pipeline-default-cpu2.{json,md}
+    .venv/bin/python benchmarks/pipeline_default.py   # writes benchmarks/results/pipeline-default-cpu2-<isa>.{json,md}
     .venv/bin/python benchmarks/pipeline_default.py runs/default   # also keeps the work folder there
 """
 
@@ -20,13 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from cnnpack.peak import cpu_info  # noqa: E402
+from cnnpack.peak import cpu_info, isa_tag  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapes import CORES, RESULTS, child_env, cnnpack_cmd, machine, pin_cores, timed, wait_for_quiet  # noqa: E402
 
 TARGET_S = 150.0  # issue 14: with the quantize stage, <= 150 s (it was 112-124 s without)
-NAME = f"pipeline-default-cpu{CORES}"
+NAME = f"pipeline-default-cpu{CORES}-{isa_tag()}"
 RUN = Path("runs/pipeline-shapes-cnn-64px")
 
 

@@ -16,7 +16,7 @@ misses the gate; the 2-epoch run (`cnnpack train --epochs 2`) quantizes with --b
 default gate.
 
     .venv/bin/python benchmarks/quantize_bounded.py [--work DIR] [--compare-ranking]
-        # writes benchmarks/results/quantize-bounded-cpu<C>.{json,md}
+        # writes benchmarks/results/quantize-bounded-cpu<C>-<isa>.{json,md}
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import simd  # noqa: E402
 
-from cnnpack.peak import cpu_info, usable_cores
+from cnnpack.peak import cpu_info, isa_tag, usable_cores
 from cnnpack.rundir import library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -147,7 +147,7 @@ def main() -> None:
 
 
 def write(info: dict, rows: list[dict], ranking: dict | None) -> None:
-    stem = f"quantize-bounded-cpu{usable_cores()}"
+    stem = f"quantize-bounded-cpu{usable_cores()}-{isa_tag()}"
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"when": when, "cpu": info, "libraries": library_versions(),

@@ -25,8 +25,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import lscpu, simd  # noqa: E402
 
+from cnnpack.peak import isa_tag  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-NAME = "served-loadgen-cnn64-onnx-cpu2"
+NAME = f"served-loadgen-cnn64-onnx-cpu2-{isa_tag()}"
 TARGET = 0.05
 
 

@@ -14,7 +14,7 @@ Targets (issue 16): >= 16 points on the cnn in <= 5 minutes with no server resta
 default config's images/s once the int8/OpenVINO models exist.
 
     .venv/bin/python benchmarks/tune_sweep.py --cnn-run runs/default/runs/pipeline-shapes-cnn-64px \
-        --r18-run runs/bench-openvino/resnet18_224    # writes benchmarks/results/tune-cpu<C>.{json,md}
+        --r18-run runs/bench-openvino/resnet18_224    # writes benchmarks/results/tune-cpu<C>-<isa>.{json,md} (<isa>: amx, avx512, avx2: peak.isa_tag)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from cnnpack.peak import cpu_info
+from cnnpack.peak import cpu_info, isa_tag
 from cnnpack.rundir import Run, library_versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,7 +69,7 @@ def main() -> None:
 
 
 def write(record: dict) -> None:
-    stem = f"tune-cpu{len(os.sched_getaffinity(0))}"
+    stem = f"tune-cpu{len(os.sched_getaffinity(0))}-{isa_tag()}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     info = record["cpu"]
     lines = [f"# cnnpack tune ({stem})", "", f"{record['when']}, {info['model']}, flags: {', '.join(info['flags'])}.",

@@ -177,6 +177,12 @@ def cpu_info() -> dict:
             "flags": sorted(k for k in keys if k in flags)}
 
 
+def isa_tag(info: dict | None = None) -> str:
+    """The widest matrix unit this CPU has in one word (amx, avx512, avx2, sse): what names a host's benchmark records."""
+    flags = set((info or cpu_info())["flags"])
+    return "amx" if "amx_tile" in flags else "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+
+
 def matrix_engine(precision: str, info: dict) -> str:
     """The CPU's matrix unit behind a precision, from its flags: AMX, AVX-512 VNNI / BF16, AVX-VNNI, AVX2."""
     flags = set(info["flags"])
