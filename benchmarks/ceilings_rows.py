@@ -25,7 +25,7 @@ from bench_speed import lscpu, simd  # noqa: E402
 from cnnpack.peak import isa_tag  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-NAME = f"ceilings-rows-cnn64-cpu2-{isa_tag()}"
+NAME = "ceilings-rows-{label}-cpu2-" + isa_tag()  # label: the model (cnn64, resnet18_224)
 
 CHILD = r"""
 import json, shutil, sys, tempfile
@@ -50,7 +50,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--label", default="cnn64", help="the model, in the record's name (default: cnn64)")
     args = ap.parse_args()
+    name = NAME.format(label=args.label)
     reps = []
     for i in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache:
@@ -63,17 +65,17 @@ def main() -> int:
             print(f"repeat {i + 1}: {len(reps[-1]['rows'])} rows, above their ceiling: {reps[-1]['over'] or 'none'}",
                   file=sys.stderr)
     over = sum(len(r["over"]) for r in reps)
-    rec = {"benchmark": NAME, "target": "0 rows above 100 % of their precision's ceiling", "passed": over == 0,
+    rec = {"benchmark": name, "target": "0 rows above 100 % of their precision's ceiling", "passed": over == 0,
            "rows_above": over, "repeats": reps, "lscpu": lscpu(), "load_1min_end": os.getloadavg()[0],
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "reproduce": f".venv/bin/python benchmarks/ceilings_rows.py RUN --repeats {args.repeats}"}
+           "reproduce": f".venv/bin/python benchmarks/ceilings_rows.py {args.run} --repeats {args.repeats} --label {args.label}"}
     write(rec)
     return 0 if rec["passed"] else 1
 
 
 def write(rec: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(rec, indent=2) + "\n")
+    (RESULTS / f"{rec['benchmark']}.json").write_text(json.dumps(rec, indent=2) + "\n")
     flags = set(rec["lscpu"]["flags"].split())
     lines = [f"# Bench rows against the ceiling of their own precision: {rec['target']}: "
              f"**{'met' if rec['passed'] else 'NOT met'}** ({rec['rows_above']} rows above)", ""]
@@ -96,7 +98,7 @@ def write(rec: dict) -> None:
               f"; {'quiet' if others < 0.1 else 'shared with other work'} while measured (others' CPU at most "
               f"{100 * others:.0f} %), load average at the end {rec['load_1min_end']:.1f}. {rec['date']}.", "",
               f"Reproduce: `{rec['reproduce']}`", ""]
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
+    (RESULTS / f"{rec['benchmark']}.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
