@@ -63,7 +63,7 @@ def quantize_once(run: Path, work: Path, backend: str, data: str | None = "shape
     copy = work / f"q-{run.name}-{backend}"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(run, copy)
-    log = work / f"q-{backend}.log"
+    log = work / f"q-{run.name}-{backend}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
         code = subprocess.run(CLI + ["quantize", "--run", str(copy), "--backend", backend]
