@@ -288,6 +288,7 @@ def bench_runtime(ctx: BenchContext, name: str, ref) -> None:
     inputs = {b: input_batch(spec, b) for b in cfg.batch_sizes}
     release_memory()
     base_kb = status_kb("VmRSS")
+    ctx.progress(f"{name} load")  # its own phase: loading (a session, a compile) is not the matmul sample before it
     try:
         rt = RUNTIMES.get(name).load(ref, cfg.device, threads=cfg.threads, optimize=True)
     except RuntimeUnavailable as e:
