@@ -26,6 +26,15 @@ app = typer.Typer(
 STATE = {"debug": False}
 
 
+def table_console(width: int, *, stderr: bool = False):
+    """A rich Console for a table: the terminal's width on a terminal; `width` columns when the output goes to a
+    file or a pipe, where rich would assume 80 and squeeze a wide table's cells to single letters."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else width)
+
+
 def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 

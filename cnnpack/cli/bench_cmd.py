@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -118,10 +117,10 @@ def _x(v) -> str:
 
 
 def _print_table(section: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from cnnpack.bench import series
+    from cnnpack.cli import table_console
 
     ceilings = "; ".join(f"{p} on {c.get('matrix_engine', '?')}: {c['gflops']:.0f} G(FL)OP/s ({c['best']}; theoretical "
                          f"{c['theoretical_gflops']['gflops']:.0f})" for p, c in section.get("ceilings", {}).items())
@@ -139,4 +138,4 @@ def _print_table(section: dict) -> None:
                   _fmt(r["latency_ms_p99"], ".2f"), _fmt(r["throughput_ips"], ".1f"), _fmt(r["gflops"], ".1f"),
                   _fmt(100 * r["matmul_share"], ".0f"), _x(r["speedup_vs_eager"]), _x(r.get("speedup_vs_fp32")),
                   _fmt(r["peak_rss_mb"], ".0f"), "yes" if r["stable"] else "[red]no[/red]")
-    Console(width=None if sys.stdout.isatty() else 130).print(t)  # a log file gets the whole table
+    table_console(130).print(t)

@@ -67,8 +67,9 @@ def tune(
 
 
 def _table(section: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from cnnpack.cli import table_console
 
     t = Table(title=f"{len(section['points'])} served configs ({section['sweep']['search']}, "
                     f"{section['sweep']['wall_s']:.0f} s, server started {section['sweep'].get('server_starts')}x)")
@@ -80,4 +81,4 @@ def _table(section: dict) -> None:
         t.add_row(p["label"] + mark, p.get("precision", "fp32"), str(p["concurrency"]), f"{p['throughput_ips']:,.0f}", f"{p['latency_ms_p50']:.2f}",
                   f"{p['latency_ms_p99']:.2f}", f"{p.get('server_batch_mean') or 0:.2f}",
                   "yes" if p["stable"] else "[red]no[/red]")
-    Console(stderr=True).print(t)
+    table_console(110, stderr=True).print(t)

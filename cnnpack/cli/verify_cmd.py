@@ -69,9 +69,9 @@ def _show(result: dict, run: Path, as_json: bool) -> None:
     emit(result, as_json)
     if as_json:
         return
-    from rich.console import Console
+    from cnnpack.cli import table_console
 
-    Console().print(parity_table(result))
+    table_console(30 + 18 * (len(result["results"]) + len(result["skipped"]))).print(parity_table(result))
     for skip in result["skipped"]:
         typer.echo(f"skipped: {skip['format']} in {skip['reason']}")
     if result["note"]:
