@@ -74,7 +74,10 @@ class BenchConfig:
     max_seconds: float = 10.0  # measurement time limit per runtime x batch size (warm-up not counted)
     device: str = "cpu"
     stability: float = 0.10  # three consecutive windows agree within this fraction
-    warmup_s: float = 0.5  # and at least 3 requests; for the first batch size of a runtime (the later ones: 3 requests)
+    # and at least 3 requests; for the first batch size of a runtime (the later ones: 3 requests). 0.25 s, was 0.5: the
+    # p50 of all 16 rows of the default run's bench agreed within their round-to-round noise (interleaved, 2 rounds,
+    # 2 AMX cores), none unstable, 3.4 s less per bench; the three agreeing windows still catch a runtime still warming
+    warmup_s: float = 0.25
     window_s: float | None = None  # None: max_seconds / 20, within 0.05 .. 1 s
     matmul_n: int = 512  # the sgemm sampled before the first runtime and after each one (the drift detector) ...
     matmul_s: float = 0.1  # ... repeated for this long (at least 3 times)
