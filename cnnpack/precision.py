@@ -8,6 +8,8 @@ the report and a script see the same figures:
 
 from __future__ import annotations
 
+import math
+
 from cnnpack.runtimes import FORMAT_RUNTIME
 
 
@@ -92,14 +94,19 @@ def plot_precision(rows: list[dict], path) -> bool:
     colours = {"fp32": "tab:blue", "fp16": "tab:orange", "bf16": "tab:green", "int8": "tab:red"}
     for ax, key, label in ((axes[0], "latency_ms_p50_b1", "p50 latency at batch 1 (ms, lower is better)"),
                            (axes[1], "images_per_s", f"images/s at batch {pts[0]['batch_size']} (higher is better)")):
-        for i, r in enumerate(pts):
-            if r.get(key) is None:
-                continue
-            ax.scatter(r[key], 100 * r["top1"], s=60, color=colours.get(r["precision"], "tab:gray"), zorder=3)
-            # labels staggered above and below: artifacts of equal accuracy would overwrite each other
+        placed: list[tuple[float, float, int]] = []  # (log10 x, top-1 %, label level) of the labels drawn so far
+        for r in sorted((r for r in pts if r.get(key) is not None), key=lambda r: r[key]):
+            x, y = math.log10(r[key]), 100 * r["top1"]
+            ax.scatter(r[key], y, s=60, color=colours.get(r["precision"], "tab:gray"), zorder=3)
+            # labels above, below, then further out: artifacts of equal accuracy and near speed would overwrite
+            # each other (on AMX, OpenVINO's int8 and bf16 sit within 5 % of each other)
+            near = {lvl for px, py, lvl in placed if abs(px - x) < 0.3 and abs(py - y) < 0.3}  # a label spans ~0.3 decades
+            level = next(k for k in range(len(placed) + 1) if k not in near)
+            placed.append((x, y, level))
             ax.annotate(f"{r['artifact']} ({r['precision']})" if r["runtime"] == FORMAT_RUNTIME.get(r["artifact"])
-                        else f"{r['runtime']} ({r['precision']})", (r[key], 100 * r["top1"]), fontsize=8,
-                        xytext=(0, 9 if i % 2 == 0 else -14), textcoords="offset points", ha="center")
+                        else f"{r['runtime']} ({r['precision']})", (r[key], y), fontsize=8,
+                        xytext=(0, (9 + 11 * (level // 2)) if level % 2 == 0 else -(14 + 11 * (level // 2))),
+                        textcoords="offset points", ha="center")
         ax.set(xlabel=label, ylabel="validation top-1 (%)", xscale="log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))

@@ -300,9 +300,9 @@ def _served(m: dict) -> list[Block]:
         out.append(Block("table", rows=rows))
     load = served.get("load", [])
     if load:
-        rows = [["requests in flight", "p50 ms", "p99 ms", "images/s", "mean batch run by Triton", "queue ms",
+        rows = [["model", "requests in flight", "p50 ms", "p99 ms", "images/s", "mean batch run by Triton", "queue ms",
                  "compute ms", "errors", "measured by"]]
-        rows += [[str(r["concurrency"]), _num(r["latency_ms_p50"], "{:.2f}"), _num(r["latency_ms_p99"], "{:.2f}"),
+        rows += [[r.get("format", "").removeprefix("triton:"), str(r["concurrency"]), _num(r["latency_ms_p50"], "{:.2f}"), _num(r["latency_ms_p99"], "{:.2f}"),
                   _num(r["throughput_ips"], "{:,.0f}"), _num(r.get("server_batch_mean"), "{:.2f}"),
                   _num(r.get("server_queue_ms_mean"), "{:.2f}"), _num(r.get("server_compute_ms_mean"), "{:.2f}"),
                   str(r.get("errors", 0)), r.get("load_generator") or "cnnpack asyncio client"] for r in load]
