@@ -317,8 +317,8 @@ def test_perf_analyzer_measures_a_served_row_and_says_so(server, served_run, tmp
     run_dir = tmp_path / "run"
     shutil.copytree(served_run[0], run_dir)
     cfg = BenchConfig(batch_sizes=(1, 2), max_seconds=2.0, window_s=0.3, matmul_n=256, matmul_s=0.05, plot=False)
-    section = bench_served(run_dir, ServedConfig(url=server.grpc_address, model="cnn_onnx", concurrency=(4,),
-                                                 load_generator="perf_analyzer"), cfg)
+    section = bench_served(run_dir, ServedConfig(url=server.grpc_address, model="cnn_onnx", protocol="grpc",
+                                                 concurrency=(4,), load_generator="perf_analyzer"), cfg)
     rows = {r["batch_size"]: r for r in section["results"] if r["runtime"] == "triton"}
     assert set(rows) == {1, 2}
     for r in rows.values():
