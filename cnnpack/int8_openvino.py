@@ -144,6 +144,11 @@ class OvInt8:
         return lambda images: _logits(compiled, images)
 
 
+def calibration_batches(data: QuantData) -> list[np.ndarray]:
+    """The calibration images in batches, as NNCF's Dataset takes them (NNCF counts batches, not images)."""
+    return [data.calibration[i:i + CALIBRATION_BATCH] for i in range(0, len(data.calibration), CALIBRATION_BATCH)]
+
+
 class _OutOfTime(Exception):
     """Raised from the validation callback to stop NNCF's accuracy control at the quantize deadline."""
 
@@ -185,7 +190,7 @@ def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str)
     model = ov.read(ref.path)
     clock.note("fp32 reference on the validation split")
     ref_logits = _logits(ov.compile_cpu(model, threads=None), data.val_images)
-    calibration = [data.calibration[i:i + CALIBRATION_BATCH] for i in range(0, len(data.calibration), CALIBRATION_BATCH)]
+    calibration = calibration_batches(data)
     clock.require("the fp32 reference")
     t0 = time.perf_counter()
     clock.note("calibrating and quantizing (NNCF)")

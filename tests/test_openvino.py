@@ -105,18 +105,26 @@ def test_nncf_int8_gets_the_same_ranked_fallback_as_onnx_runtime(tiny_run, tmp_p
     assert set(ov.float_compute_nodes(saved)) == set(rec["kept_float"])  # in float in the file, the rest int8
 
 
+def _nncf_inputs(run: Path):
+    """What quantize --backend openvino starts from: the gate's config, the run's images, the fp32 IR and the
+    calibration batches."""
+    from cnnpack.int8_gate import QuantizeConfig, load_quant_data
+    from cnnpack.int8_openvino import calibration_batches
+    from cnnpack.rundir import Run
+
+    cfg = QuantizeConfig(calibration_images=64)
+    data = load_quant_data(Run.open(run), cfg)
+    return cfg, data, ov.read(run / "export/openvino/model.xml"), calibration_batches(data)
+
+
 def test_every_layer_put_back_in_float_gives_back_the_fp32_model(ir_run):
     """The fallback's models are cut from one NNCF model: a layer kept in float gets back its fp32 weights, its fp32
     bias (NNCF's bias correction changed it) and an unquantized input also where a MaxPool or the pooled head's
     Concat sits between it and its FakeQuantize. With every layer kept, that is the fp32 IR: any residue of int8
     shows as an error far above fp32 noise (before both fixes: 0.39 on logits up to 7.8)."""
-    from cnnpack.int8_gate import CALIBRATION_BATCH, QuantizeConfig, load_quant_data
     from cnnpack.int8_openvino import OvInt8, _logits
-    from cnnpack.rundir import Run
 
-    data = load_quant_data(Run.open(ir_run), QuantizeConfig(calibration_images=64))
-    fp32 = ov.read(ir_run / "export/openvino/model.xml")
-    calibration = [data.calibration[i:i + CALIBRATION_BATCH] for i in range(0, len(data.calibration), CALIBRATION_BATCH)]
+    _, data, fp32, calibration = _nncf_inputs(ir_run)
     c = OvInt8(fp32, ov.nncf_quantize(fp32, calibration, subset_size=len(calibration)))
     assert len(c.nodes) >= 3 and any(op.get_type_name() == "MaxPool" for op in fp32.get_ordered_ops())
     want = _logits(ov.compile_cpu(fp32, threads=1), data.val_images)
@@ -130,15 +138,11 @@ def test_nncf_accuracy_control_stops_at_the_time_limit(ir_run):
     the quantize deadline has passed."""
     import time
 
-    from cnnpack.int8_gate import CALIBRATION_BATCH, Clock, QuantizeConfig, load_quant_data
+    from cnnpack.int8_gate import Clock
     from cnnpack.int8_openvino import _accuracy_control, _logits, _OutOfTime
-    from cnnpack.rundir import Run
 
-    cfg = QuantizeConfig(calibration_images=64)
-    data = load_quant_data(Run.open(ir_run), cfg)
-    fp32 = ov.read(ir_run / "export/openvino/model.xml")
+    cfg, data, fp32, calibration = _nncf_inputs(ir_run)
     ref = _logits(ov.compile_cpu(fp32, threads=1), data.val_images)
-    calibration = [data.calibration[i:i + CALIBRATION_BATCH] for i in range(0, len(data.calibration), CALIBRATION_BATCH)]
     clock = Clock(0.0, lambda line: None)
     t0 = time.perf_counter()
     with pytest.raises(_OutOfTime):
