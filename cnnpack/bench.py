@@ -24,6 +24,7 @@ from cnnpack.bench_outputs import CSV_COLUMNS, plot_results, series, write_outpu
 from cnnpack.errors import MissingStageError, RuntimeUnavailable, UserInputError
 from cnnpack.host import (
     cpu_ticks,
+    frozen_heap,
     load_avg,
     machine,
     others_cpu_share,
@@ -352,7 +353,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     device = resolve_device(cfg.device)
     cfg = BenchConfig(**{**asdict(cfg), "threads": cfg.threads or torch.get_num_threads()})
     host = machine()
-    with torch_threads(cfg.threads):
+    with torch_threads(cfg.threads), frozen_heap():
         ctx = BenchContext(run, cfg, device, count_flops(run), progress)
         if cfg.runtimes is None:
             ctx.skipped.update(default_runtimes(run)[1])

@@ -101,12 +101,13 @@ def compile_package(program, dest: Path, *, metadata: dict[str, str], configs: d
     """AOTInductor-compiles `program` into the package `dest` with inductor `configs` (default INDUCTOR_CONFIGS:
     frozen weights); returns the compile seconds."""
     import io
-    import logging
 
     import torch
     from torch._inductor import exc
 
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on a CPU machine
+    from cnnpack.host import prepare_inductor
+
+    prepare_inductor()
     buf = io.BytesIO()  # not `dest`: the archive's root folder would be named after the temp file
     t0 = time.perf_counter()
     try:

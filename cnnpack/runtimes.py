@@ -99,12 +99,11 @@ class CompiledRuntime(EagerRuntime):
     @classmethod
     def load(cls, artifact: ArtifactRef, device: str = "cpu", *, freezing: bool = True,
              **_: object) -> CompiledRuntime:
-        import logging
-
         import torch
 
-        # inductor's CPU build looks for a CUDA toolkit and warns on every CPU-only machine
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        from cnnpack.host import prepare_inductor
+
+        prepare_inductor()  # quiet (no CUDA toolkit here), and without inductor's redundant ISA probes
         model, dev = cls.build(artifact, device)
         try:
             compiled = torch.compile(model, dynamic=False)
