@@ -79,6 +79,26 @@ def test_windows_must_agree_to_be_stable():
     assert not agree(jumpy, 0.10)
 
 
+def test_inductor_trusts_the_cpu_flags_unless_the_user_chose(monkeypatch):
+    """torch.compile and the pt2 export skip inductor's per-ISA probe builds, but a TORCHINDUCTOR_VEC_ISA_OK the user
+    set (read by torch at import, or set later) is left as it is."""
+    from torch._inductor import config
+
+    from cnnpack.host import prepare_inductor
+
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
+    monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK", raising=False)
+    prepare_inductor()
+    assert config.cpp.vec_isa_ok is True
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
+    monkeypatch.setenv("TORCHINDUCTOR_VEC_ISA_OK", "0")
+    prepare_inductor()
+    assert config.cpp.vec_isa_ok is None
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", False)  # the user's 0, as torch read it at import
+    prepare_inductor()
+    assert config.cpp.vec_isa_ok is False
+
+
 @pytest.mark.parametrize("cfg, message", [
     (BenchConfig(runtimes=("eager", "tensorflow")), "valid: eager, compiled, aoti, torchscript, onnxruntime"),
     (BenchConfig(runtimes=("onnxruntime",), batch_sizes=(1, 16)), "exceeds the max batch size 8"),
