@@ -63,8 +63,8 @@ def status_kb(key: str) -> int | None:
 @contextlib.contextmanager
 def frozen_heap() -> Iterator[None]:
     """Within: the objects alive on entry are left out of garbage collection (`gc.freeze`), so `release_memory`
-    sweeps only what was made since. After torch, dynamo and the earlier stages each full collection took 0.11-0.20 s,
-    0.8 s of the default bench's 21 s on a first run."""
+    sweeps only what was made since. After torch, dynamo and the earlier stages the default bench's five collections
+    took 0.8 s; frozen, 0.5 s (what dynamo makes while compiling is still swept)."""
     gc.collect()
     gc.freeze()
     try:
