@@ -81,22 +81,24 @@ def test_windows_must_agree_to_be_stable():
 
 def test_inductor_trusts_the_cpu_flags_unless_the_user_chose(monkeypatch):
     """torch.compile and the pt2 export skip inductor's per-ISA probe builds, but a TORCHINDUCTOR_VEC_ISA_OK the user
-    set (read by torch at import, or set later) is left as it is."""
+    set (read by torch at import, or set later) is left as it is. (config.patch, not monkeypatch.setattr: undoing
+    the latter deletes the option from inductor's config, and every later compile in the process fails.)"""
     from torch._inductor import config
 
     from cnnpack.host import prepare_inductor
 
-    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
     monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK", raising=False)
-    prepare_inductor()
-    assert config.cpp.vec_isa_ok is True
-    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
+    with config.patch({"cpp.vec_isa_ok": None}):
+        prepare_inductor()
+        assert config.cpp.vec_isa_ok is True
+    with config.patch({"cpp.vec_isa_ok": False}):  # the user's 0, as torch read it at import
+        prepare_inductor()
+        assert config.cpp.vec_isa_ok is False
     monkeypatch.setenv("TORCHINDUCTOR_VEC_ISA_OK", "0")
-    prepare_inductor()
-    assert config.cpp.vec_isa_ok is None
-    monkeypatch.setattr(config.cpp, "vec_isa_ok", False)  # the user's 0, as torch read it at import
-    prepare_inductor()
-    assert config.cpp.vec_isa_ok is False
+    with config.patch({"cpp.vec_isa_ok": None}):  # set after torch's import
+        prepare_inductor()
+        assert config.cpp.vec_isa_ok is None
+    assert hasattr(config.cpp, "vec_isa_ok")
 
 
 @pytest.mark.parametrize("cfg, message", [
