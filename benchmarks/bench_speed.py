@@ -9,7 +9,7 @@ trees that cache the ceilings, once more with the cache the cold run left ("warm
 messages is charged to the first one, so the record says where the time goes.
 
     .venv/bin/python benchmarks/bench_speed.py RUN --before /tmp/before [--after /tmp/after] [--rounds 2]
-    # RUN: a run made by `cnnpack pipeline` (e.g. benchmarks/pipeline_default.py runs/default keeps one)
+    # RUN: a run made by `cnnpack pipeline` (e.g. benchmarks/pipeline_default.py --keep runs/default keeps one)
 """
 
 from __future__ import annotations
