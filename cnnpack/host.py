@@ -34,6 +34,14 @@ def machine() -> dict:
             "load_avg_1_5_15": load_avg()}
 
 
+def quiet_cpp_extension() -> None:
+    """torch's C++ build helper warns on every CPU-only machine that it found no CUDA toolkit: torch.compile,
+    AOTInductor (compiling or loading a package) and NNCF (which imports torch) all reach it."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def prepare_inductor() -> None:
     """Before torch.compile or AOTInductor compiles on this machine: quiet, and without inductor's redundant ISA probes.
 
@@ -43,11 +51,9 @@ def prepare_inductor() -> None:
     AMX). With `cpp.vec_isa_ok` it trusts the CPU flags for those base probes; the AMX and AVX512-BF16 ones still
     build and load theirs. TORCHINDUCTOR_VEC_ISA_OK, where the user set it, stays in force.
     """
-    import logging
-
     from torch._inductor import config
 
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on a CPU machine
+    quiet_cpp_extension()
     if config.cpp.vec_isa_ok is None and "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ:
         config.cpp.vec_isa_ok = True
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from cnnpack.errors import RuntimeUnavailable, UserInputError
+from cnnpack.host import quiet_cpp_extension
 
 INSTALL = "pip install 'cnnpack[openvino]'"
 XML, BIN = "model.xml", "model.bin"
@@ -129,7 +130,7 @@ def classes_of(model) -> list[str] | None:
 # -- int8 with NNCF ---------------------------------------------------------------------------------
 def _nncf():
     require("--backend openvino")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # NNCF imports torch: no CUDA warning
+    quiet_cpp_extension()  # NNCF imports torch
     try:
         import nncf
     except ImportError:

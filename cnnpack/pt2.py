@@ -176,11 +176,11 @@ def package_metadata(path: Path) -> dict[str, str]:
 
 def load(path: Path, device: str):
     """`aoti_load_package` on `device` (cpu or cuda), or UserInputError/RuntimeUnavailable saying why not."""
-    import logging
-
     import torch
 
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from cnnpack.host import quiet_cpp_extension
+
+    quiet_cpp_extension()
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeUnavailable(f"aoti: {path.name} was compiled for CUDA and no CUDA GPU is visible here")
     try:
