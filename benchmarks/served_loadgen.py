@@ -121,4 +121,9 @@ def write(rec: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cnnpack.errors import CnnpackError
+
+    try:
+        sys.exit(main())
+    except CnnpackError as e:  # no perf_analyzer, no such run, a server that failed: one line, as cnnpack says it
+        sys.exit(f"error: {e}")
