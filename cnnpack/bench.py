@@ -268,6 +268,16 @@ class BenchContext:
         row.update(precision=precision, matmul_around_gflops=around, matmul_gflops=ceiling["gflops"],
                    matmul_share=row["gflops"] / ceiling["gflops"])
 
+    def settle(self) -> None:
+        """Every row against the final ceiling of its precision: a sample that raised a ceiling after earlier rows were
+        measured (`yardstick`) or a ceiling measured again (`remeasure_beaten_ceilings`) counts for all of them, so one
+        bench never holds one precision's rows to two different ceilings."""
+        for r in self.results:
+            ceiling = self.ceilings.get(r["precision"]) or self.ceilings.get("fp32")
+            if ceiling:  # (no ceilings at all, as on a GPU: each row keeps the matmul rate around it)
+                r["matmul_gflops"] = ceiling["gflops"]
+                r["matmul_share"] = r["gflops"] / ceiling["gflops"]
+
     def sample_matmul(self) -> float:
         """Measures the fp32 matmul rate now (before the first runtime and after each one): the drift detector."""
         self.progress("fp32 matmul")
@@ -361,6 +371,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         ctx.sample_matmul()
         for name, ref in pairs:
             bench_runtime(ctx, name, ref)
+        ctx.settle()
         remeasure_beaten_ceilings(ctx)
     if not ctx.results:
         raise RuntimeUnavailable("no runtime could run here: " + "; ".join(ctx.skipped.values()))
@@ -395,11 +406,7 @@ def remeasure_beaten_ceilings(ctx: BenchContext) -> None:
                 remember_ceiling(ctx.ceilings_cache["path"], precision, fresh)
         else:
             old["remeasured_gflops"] = fresh["gflops"]
-        limit = ctx.ceilings[precision]["gflops"]
-        for r in ctx.results:
-            if r["precision"] == precision:
-                r["matmul_gflops"] = max(r["matmul_gflops"], limit)
-                r["matmul_share"] = r["gflops"] / r["matmul_gflops"]
+    ctx.settle()
 
 
 def _ceilings(ctx: BenchContext, precisions: set[str]) -> dict:

@@ -295,10 +295,15 @@ class _HttpConnection(asyncio.Protocol):
 
     def send(self, request: bytes, timeout_s: float) -> asyncio.Future:
         loop = self.loop or asyncio.get_running_loop()
-        self.answer = loop.create_future()
+        answer = self.answer = loop.create_future()
+        if self.closed:
+            # lost before this request was written (a reset right after the connect): the transport would drop the
+            # write silently and the answer wait for the timeout, a dead server read as a stuck one
+            self._settle(error=ConnectionResetError("the server closed the connection"))
+            return answer
         self.timer = loop.call_later(timeout_s, self.timed_out)
         self.transport.write(request)
-        return self.answer
+        return answer
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

@@ -162,6 +162,29 @@ def test_a_ceiling_a_row_beats_is_measured_again_in_the_run(exported, tmp_path):
     assert json.loads(cache.read_text())["ceilings"]["fp32"]["gflops"] == fp32["gflops"]  # stored for next time
 
 
+def test_one_precision_is_held_to_one_ceiling_when_a_later_sample_raises_it():
+    """A matmul sample taken after a runtime can beat the fp32 ceiling measured at the start (a shared host that got
+    quieter): it raises the ceiling, and the rows measured before it are held to the raised one too."""
+    import torch
+
+    from cnnpack.bench import BenchContext
+
+    ctx = BenchContext(None, BenchConfig(), torch.device("cpu"), 1, lambda _: None)
+    ctx.ceilings = {"fp32": {"gflops": 100.0}, "int8": {"gflops": 400.0}}
+    ctx.matmul = [{"gflops": 90.0}]
+    first, second, int8 = {"gflops": 50.0}, {"gflops": 60.0}, {"gflops": 200.0}
+    ctx.yardstick(first, "fp32", around=90.0)
+    ctx.matmul.append({"gflops": 120.0})
+    ctx.yardstick(second, "fp32", around=105.0)
+    ctx.yardstick(int8, "int8", around=105.0)
+    ctx.results = [first, second, int8]
+    assert first["matmul_gflops"] == 100.0 and second["matmul_gflops"] == 120.0  # two yardsticks until settled
+    ctx.settle()
+    assert first["matmul_gflops"] == second["matmul_gflops"] == ctx.ceilings["fp32"]["gflops"] == 120.0
+    assert first["matmul_share"] == pytest.approx(50 / 120) and second["matmul_share"] == pytest.approx(0.5)
+    assert int8["matmul_gflops"] == 400.0 and int8["matmul_share"] == 0.5  # its own ceiling, untouched
+
+
 @pytest.mark.slow
 def test_compiled_runtime_is_benched_frozen(exported):
     section = bench(exported, BenchConfig(runtimes=("eager", "compiled"), batch_sizes=(2,), threads=1,

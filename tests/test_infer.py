@@ -445,6 +445,41 @@ def test_a_server_that_drops_the_connection_mid_request_reads_as_gone(tmp_path):
     assert "is the server still running?" in str(err.value)
 
 
+def test_a_request_on_a_connection_the_server_already_reset_fails_at_once():
+    """The reset can come between the connect and the first write (the server accepts and resets at once): the write
+    would be dropped by the closed transport, so the request fails now as a reset, not after the client timeout."""
+    import asyncio
+    import socket
+    import struct
+
+    from cnnpack.loadclient import _HttpConnection
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(_HttpConnection, *srv.getsockname())
+        peer, _ = srv.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # RST
+        for _ in range(100):  # until the event loop has read the reset
+            if conn.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert conn.closed
+        t0 = time.perf_counter()
+        with pytest.raises(ConnectionResetError):
+            await conn.send(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", timeout_s=30)
+        return time.perf_counter() - t0
+
+    try:
+        assert asyncio.run(main()) < 1
+    finally:
+        srv.close()
+
+
 # -- class names with spaces, quotes and non-ASCII letters, end to end -------------------------------
 def test_names_with_spaces_quotes_and_non_ascii_are_served_and_read_back_exactly(tiny_data, tmp_path):
     """Trained from folders so named, served by Triton, read back by a stock-style client that splits
