@@ -78,7 +78,6 @@ def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = B
         for b in cfg.batch_sizes:
             for c in served.concurrency:
                 bench_load(ctx, rt, b, c, generator)
-        ctx.settle()
     host["load_avg_1_5_15_end"] = load_avg()
     section = _merge_served(run, make_section(ctx, host, {}), rt, served)
     section["outputs"] = write_outputs(run, section, plot=cfg.plot)
