@@ -49,7 +49,8 @@ NOTES = {
                 "OpenVINO: matmuls n = 512..2048 and a 3x3 convolution; int8 as u8 x s8), measured once per machine "
                 "(ceilings_cache: keyed by CPU model, flags, threads, library versions), with the ISA's theoretical "
                 "peak (cores x clock x ops/cycle) and the matrix engine the CPU flags give it (AMX, AVX-512 VNNI/BF16, AVX2)",
-    "matmul_gflops": "the ceiling of the row's own precision that matmul_share is taken against",
+    "matmul_gflops": "the ceiling of the row's own precision that matmul_share is taken against (a served model: the "
+                     "run's ceilings when the server is on this machine, else the client's fp32 matmul rate around it)",
     "matmul_share": "gflops / matmul_gflops: the row's share of the machine's measured limit for its precision "
                     "(GOP/s for int8: the model's counted multiply-adds x 2 per second)",
     "matmul_around_gflops": "the mean of the fp32 matmul rates measured right before and right after this row's runtime: "
@@ -272,17 +273,23 @@ class BenchContext:
         """Every row against the final ceiling of its precision: a sample that raised a ceiling after earlier rows were
         measured (`yardstick`) or a ceiling measured again (`remeasure_beaten_ceilings`) counts for all of them, so one
         bench never holds one precision's rows to two different ceilings."""
-        for r in self.results:
-            ceiling = self.ceilings.get(r["precision"]) or self.ceilings.get("fp32")
-            if ceiling:  # (no ceilings at all, as on a GPU: each row keeps the matmul rate around it)
-                r["matmul_gflops"] = ceiling["gflops"]
-                r["matmul_share"] = r["gflops"] / ceiling["gflops"]
+        hold_to_ceilings(self.results, self.ceilings)
 
     def sample_matmul(self) -> float:
         """Measures the fp32 matmul rate now (before the first runtime and after each one): the drift detector."""
         self.progress("fp32 matmul")
         self.matmul.append(matmul_rate(self.device, self.cfg.matmul_n, self.cfg.matmul_s))
         return self.matmul[-1]["gflops"]
+
+
+def hold_to_ceilings(rows: list[dict], ceilings: dict) -> None:
+    """Each row's share taken against the ceiling of its precision (fp32 where none was measured for it); with no
+    ceilings at all (as on a GPU) each row keeps the matmul rate measured around it."""
+    for r in rows:
+        ceiling = ceilings.get(r["precision"]) or ceilings.get("fp32")
+        if ceiling:
+            r["matmul_gflops"] = ceiling["gflops"]
+            r["matmul_share"] = r["gflops"] / ceiling["gflops"]
 
 
 def row_precision(name: str, ref) -> str:

@@ -6,6 +6,7 @@ The same windows and stability rule as a local runtime (`cnnpack.measure`); the 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,11 @@ from cnnpack.bench import (
     BenchConfig,
     BenchContext,
     count_flops,
+    hold_to_ceilings,
     input_batch,
     make_section,
     previous_section,
+    series,
     speedups,
 )
 from cnnpack.bench_outputs import write_outputs
@@ -72,12 +75,16 @@ def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = B
         rt.check_batch(b)
     host = machine()
     generator = resolve(served.load_generator)
+    ceilings = previous_section(run).get("ceilings") or {}
     with torch_threads(cfg.threads or torch.get_num_threads()):  # the matmul rate of the client's machine
         ctx = BenchContext(run, cfg, resolve_device("cpu"), count_flops(run), progress)
+        if ceilings and on_this_machine(rt.client.address):  # a server on this machine shares its ceilings: each
+            ctx.ceilings = copy.deepcopy(ceilings)  # row is held to its precision's, as the run's local rows are
         ctx.sample_matmul()
         for b in cfg.batch_sizes:
             for c in served.concurrency:
                 bench_load(ctx, rt, b, c, generator)
+        ctx.settle()
     host["load_avg_1_5_15_end"] = load_avg()
     section = _merge_served(run, make_section(ctx, host, {}), rt, served)
     section["outputs"] = write_outputs(run, section, plot=cfg.plot)
@@ -107,6 +114,19 @@ def bench_load(ctx: BenchContext, rt, batch_size: int, concurrency: int, generat
     ctx.results.append(row)
 
 
+def on_this_machine(address: str) -> bool:
+    """Whether HOST:PORT names this machine (a loopback address or localhost)."""
+    import ipaddress
+
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _merge_served(run: Run, new: dict, rt, served: ServedConfig) -> dict:
     """The run's bench section with the rows of this served model over this protocol replaced (the others stay).
 
@@ -123,5 +143,10 @@ def _merge_served(run: Run, new: dict, rt, served: ServedConfig) -> dict:
     rows = [r for r in old["results"] if (r.get("format"), r.get("protocol")) != (rt.format, served.protocol)]
     rows += new["results"]
     speedups(rows)
-    return {**old, "results": rows, "machine_peak_gflops": max(old["machine_peak_gflops"], new["machine_peak_gflops"]),
-            "served": seen, "notes": NOTES}
+    merged = {**old, "results": rows, "machine_peak_gflops": max(old["machine_peak_gflops"], new["machine_peak_gflops"]),
+              "served": seen, "notes": NOTES}
+    if new["ceilings"]:  # held to the run's ceilings, which a matmul sample of this bench may have raised: every row
+        hold_to_ceilings(rows, new["ceilings"])  # of the section is held to the same ones
+        merged.update(ceilings=new["ceilings"],
+                      over_ceiling=[f"{series(r)} b{r['batch_size']}" for r in rows if r["matmul_share"] > 1])
+    return merged

@@ -308,6 +308,30 @@ def test_bench_measures_served_throughput_under_concurrency(server, served_run, 
     assert "concurrency" in (run_dir / "bench.csv").read_text().splitlines()[0]
 
 
+def test_served_rows_are_held_to_the_run_s_ceilings_when_the_server_shares_this_machine(server, served_run, tmp_path):
+    """After a local bench, a served model on loopback is held to the same ceiling of its precision as the local
+    rows (not to the fp32 matmul rate around each row), and one section never holds two ceilings for a precision."""
+    from cnnpack.bench import BenchConfig, bench
+    from cnnpack.bench_served import ServedConfig, bench_served, on_this_machine
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(served_run[0], run_dir)
+    cfg = BenchConfig(runtimes=("onnxruntime",), batch_sizes=(1,), threads=1, max_seconds=0.2, warmup_s=0.05,
+                      matmul_n=256, matmul_s=0.05, plot=False)
+    local = bench(run_dir, cfg)
+    assert local["ceilings"]
+    section = bench_served(run_dir, ServedConfig(url=server.grpc_address, model="cnn_onnx", protocol="grpc",
+                                                 concurrency=(2,), load_generator="cnnpack"), cfg)
+    served = [r for r in section["results"] if r["runtime"] == "triton"]
+    assert served and len(section["results"]) == len(local["results"]) + len(served)
+    for r in section["results"]:
+        limit = (section["ceilings"].get(r["precision"]) or section["ceilings"]["fp32"])["gflops"]
+        assert r["matmul_gflops"] == limit and r["matmul_share"] == pytest.approx(r["gflops"] / limit)
+    assert section["ceilings"]["fp32"]["gflops"] >= local["ceilings"]["fp32"]["gflops"]  # raised, never lowered
+    assert on_this_machine("127.0.0.1:8001") and on_this_machine("[::1]:8001") and on_this_machine("localhost:8000")
+    assert not on_this_machine("10.0.0.5:8001") and not on_this_machine("triton.example:8001")
+
+
 @pytest.mark.skipif(shutil.which("perf_analyzer") is None, reason="perf_analyzer is not on PATH (the tritonclient "
                     "2.41.0 wheel's data/bin/perf_analyzer, with libb64-0d and libcudart.so.12)")
 def test_perf_analyzer_measures_a_served_row_and_says_so(server, served_run, tmp_path):
