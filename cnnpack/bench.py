@@ -427,6 +427,11 @@ def _ceilings(ctx: BenchContext, precisions: set[str]) -> dict:
     return found
 
 
+def over_ceiling(rows: list[dict]) -> list[str]:
+    """The rows above the ceiling of their precision, named as the bench table names them."""
+    return [f"{series(r)} b{r['batch_size']}" for r in rows if r["matmul_share"] > 1]
+
+
 def make_section(ctx: BenchContext, host: dict, refs: list) -> dict:
     """stages.bench; machine_peak_gflops is the fp32 ceiling (the best fp32 rate measured during the run)."""
     speedups(ctx.results)
@@ -435,7 +440,7 @@ def make_section(ctx: BenchContext, host: dict, refs: list) -> dict:
     matmul.update(samples_gflops=rates, spread=max(rates) / min(rates) - 1)
     spec = ctx.run.model_spec
     peak = max([*rates, ctx.ceilings.get("fp32", {}).get("gflops", 0.0)])
-    over = [f"{series(r)} b{r['batch_size']}" for r in ctx.results if r["matmul_share"] > 1]
+    over = over_ceiling(ctx.results)
     if ctx.ceilings_cache and over:  # a cached ceiling that a row beat was measured low: measure it again next time
         from cnnpack.peak import forget_ceilings
 

@@ -6,7 +6,6 @@ The same windows and stability rule as a local runtime (`cnnpack.measure`); the 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,8 @@ from cnnpack.bench import (
     hold_to_ceilings,
     input_batch,
     make_section,
+    over_ceiling,
     previous_section,
-    series,
     speedups,
 )
 from cnnpack.bench_outputs import write_outputs
@@ -75,18 +74,17 @@ def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = B
         rt.check_batch(b)
     host = machine()
     generator = resolve(served.load_generator)
-    ceilings = previous_section(run).get("ceilings") or {}
+    old = previous_section(run)
     with torch_threads(cfg.threads or torch.get_num_threads()):  # the matmul rate of the client's machine
         ctx = BenchContext(run, cfg, resolve_device("cpu"), count_flops(run), progress)
-        if ceilings and on_this_machine(rt.client.address):  # a server on this machine shares its ceilings: each
-            ctx.ceilings = copy.deepcopy(ceilings)  # row is held to its precision's, as the run's local rows are
+        if old.get("ceilings") and on_this_machine(rt.client.address):  # a server on this machine shares its
+            ctx.ceilings = old["ceilings"]  # ceilings: each row is held to its precision's, as the local rows are
         ctx.sample_matmul()
         for b in cfg.batch_sizes:
             for c in served.concurrency:
                 bench_load(ctx, rt, b, c, generator)
-        ctx.settle()
     host["load_avg_1_5_15_end"] = load_avg()
-    section = _merge_served(run, make_section(ctx, host, {}), rt, served)
+    section = _merge_served(old, make_section(ctx, host, {}), rt, served)
     section["outputs"] = write_outputs(run, section, plot=cfg.plot)
     run.set_stage("bench", section)
     return run.read()["stages"]["bench"]
@@ -127,12 +125,11 @@ def on_this_machine(address: str) -> bool:
         return False
 
 
-def _merge_served(run: Run, new: dict, rt, served: ServedConfig) -> dict:
-    """The run's bench section with the rows of this served model over this protocol replaced (the others stay).
+def _merge_served(old: dict, new: dict, rt, served: ServedConfig) -> dict:
+    """The run's bench section `old` with the rows of this served model over this protocol replaced (the others stay).
 
     `served.<format>.<protocol>` records how they were measured.
     """
-    old = previous_section(run)
     info = {"url": rt.client.url, "concurrency": list(served.concurrency), "timeout_s": served.timeout_s,
             "model": rt.model.describe(), "machine": new["machine"], "config": new["config"],
             "libraries": new["libraries"]}
@@ -147,6 +144,5 @@ def _merge_served(run: Run, new: dict, rt, served: ServedConfig) -> dict:
               "served": seen, "notes": NOTES}
     if new["ceilings"]:  # held to the run's ceilings, which a matmul sample of this bench may have raised: every row
         hold_to_ceilings(rows, new["ceilings"])  # of the section is held to the same ones
-        merged.update(ceilings=new["ceilings"],
-                      over_ceiling=[f"{series(r)} b{r['batch_size']}" for r in rows if r["matmul_share"] > 1])
+        merged.update(ceilings=new["ceilings"], over_ceiling=over_ceiling(rows))
     return merged
