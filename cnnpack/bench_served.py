@@ -116,7 +116,9 @@ def on_this_machine(address: str) -> bool:
     """Whether HOST:PORT names this machine (a loopback address or localhost)."""
     import ipaddress
 
-    host = address.rpartition(":")[0].strip("[]")
+    from cnnpack.client import host_and_port
+
+    host, _ = host_and_port(address)
     if host == "localhost":
         return True
     try:

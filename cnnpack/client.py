@@ -62,6 +62,12 @@ def address(url: str | None, protocol: str) -> str:
     return f"{host}:{port}"
 
 
+def host_and_port(address: str) -> tuple[str, int]:
+    """The host (IPv6 without its brackets) and port of an `address` result."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def _client_errors() -> tuple[type[BaseException], ...]:
     """What tritonclient raises for a failed call: its own exception, socket errors, aiohttp's."""
     from tritonclient.utils import InferenceServerException

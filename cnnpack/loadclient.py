@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from cnnpack.client import host_and_port
 from cnnpack.errors import UserInputError
 from cnnpack.measure import Window
 
@@ -163,8 +164,7 @@ class _Grpc:
                                          request_id="", outputs=[InferRequestedOutput(model.output)], sequence_id=0,
                                          sequence_start=False, sequence_end=False, priority=0, timeout=None,
                                          parameters=None)
-        host, _, port = client.address.rpartition(":")
-        return cls(host.strip("[]"), int(port), request.SerializeToString(), client.timeout_s)
+        return cls(*host_and_port(client.address), request.SerializeToString(), client.timeout_s)
 
     async def connection(self, key: int):
         """Connection `key`, opened once for the requests that share it (again once it has closed)."""
@@ -234,13 +234,12 @@ class _Http:
 
         body, json_size = http.InferenceServerClient.generate_request_body(
             client.inputs(model, batch), outputs=[http.InferRequestedOutput(model.output, binary_data=True)])
-        host, _, port = client.address.rpartition(":")
         head = [f"POST /v2/models/{model.name}/infer HTTP/1.1", f"Host: {client.address}",
                 "Content-Type: application/octet-stream", f"Content-Length: {len(body)}"]
         if json_size is not None:
             head.append(f"Inference-Header-Content-Length: {json_size}")
         request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-        return cls(host.strip("[]"), int(port), request, client.timeout_s)
+        return cls(*host_and_port(client.address), request, client.timeout_s)
 
     def sender(self, slot: int):
         async def send() -> None:
