@@ -22,12 +22,14 @@ PATH = "/inference.GRPCInferenceService/ModelInfer"
 class Peer:
     """An HTTP/2 server of one connection, scripted by `answer(peer, stream, message)`."""
 
-    def __init__(self, answer, *, window: int = w.DEFAULT_WINDOW, max_streams: int | None = None) -> None:
-        self.answer, self.window, self.max_streams = answer, window, max_streams
+    def __init__(self, answer, *, window: int = w.DEFAULT_WINDOW, max_streams: int | None = None,
+                 table_size: int | None = None) -> None:
+        self.answer, self.window, self.max_streams, self.table_size = answer, window, max_streams, table_size
         self.open_streams, self.most_open = set(), 0
         self.encoder = hpack.Encoder()
         self.requests: list[tuple[int, dict, bytes]] = []
         self.frames: list[tuple[int, int, int]] = []  # (type, flags, stream) of every frame the client sent
+        self.blocks: list[bytes] = []  # the header block of every call, as sent
         self.allowed = {0: w.DEFAULT_WINDOW}  # stream (0: the connection) -> bytes it may send so far
         self.received = {0: 0}
         self.overrun = False  # whether the client ever sent beyond a window
@@ -50,8 +52,11 @@ class Peer:
         settings = struct.pack(">HI", w.SETTINGS_INITIAL_WINDOW_SIZE, self.window)
         if self.max_streams is not None:
             settings += struct.pack(">HI", w.SETTINGS_MAX_CONCURRENT_STREAMS, self.max_streams)
+        self.decoder = decoder = hpack.Decoder()
+        if self.table_size is not None:
+            settings += struct.pack(">HI", w.SETTINGS_HEADER_TABLE_SIZE, self.table_size)
         writer.write(w.frame(w.SETTINGS, 0, 0, settings))
-        decoder, headers, bodies = hpack.Decoder(), {}, {}
+        headers, bodies = {}, {}
         try:
             while True:
                 head = await reader.readexactly(9)
@@ -59,7 +64,11 @@ class Peer:
                 stream = int.from_bytes(head[5:], "big")
                 payload = await reader.readexactly(length)
                 self.frames.append((kind, flags, stream))
+                if kind == w.SETTINGS and flags & w.ACK and self.table_size is not None:
+                    # the client has the settings (RFC 9113 6.5.3): a block must now keep the table within the size
+                    decoder.max_allowed_table_size = self.table_size
                 if kind == w.HEADERS:
+                    self.blocks.append(payload)
                     headers[stream], bodies[stream] = dict(decoder.decode(payload)), bytearray()
                     self.open_streams.add(stream)
                     self.most_open = max(self.most_open, len(self.open_streams))
@@ -128,6 +137,59 @@ def test_calls_on_one_connection_send_the_message_and_the_headers_grpc_needs():
     assert (w.SETTINGS, w.ACK, 0) in peer.frames  # the server's settings acknowledged
 
 
+def test_the_first_call_s_headers_enter_the_server_s_table_and_later_calls_index_them():
+    peer, results = asyncio.run(_calls(lambda p, s, m: p.ok(s), [b"a", b"b", b"c"]))
+    assert results == [None, None, None]
+    first, *later = peer.blocks
+    assert len(later) == 2 and all(b == later[0] and len(b) == 6 for b in later)  # one byte per field
+    assert len(first) > 100 and len(peer.decoder.header_table.dynamic_entries) == 6
+    assert peer.requests[0][1] == peer.requests[1][1] == peer.requests[2][1]  # the same fields each time
+
+
+@pytest.mark.parametrize("table_size", [0, 200])
+def test_a_server_whose_hpack_table_is_too_small_gets_literals_after_a_table_size_update(table_size):
+    peer, results = asyncio.run(_calls(lambda p, s, m: p.ok(s), [b"a", b"b", b"c"], table_size=table_size))
+    assert results == [None, None, None]
+    assert peer.requests[0][1] == peer.requests[2][1] and peer.requests[0][1][":path"] == PATH
+    update = w._hpack_int(table_size, 5, 0x20)
+    assert sum(b.startswith(update) for b in peer.blocks) == 1  # said once, at the start of the next block
+    assert all(len(b) > 100 for b in peer.blocks)  # never an index into a table the server could not keep
+    assert peer.decoder.header_table.maxsize == table_size
+
+
+def test_calls_started_in_one_turn_of_the_event_loop_leave_in_one_write():
+    """The answers of one batch arrive together and each sends its next request: those requests reach the server
+    together, in one write, not one syscall (and one scheduler slice of the client) apart."""
+    async def go():
+        peer = Peer(lambda p, s, m: p.ok(s))
+        port = await peer.start()
+        conn = await w.open_connection("127.0.0.1", port, PATH)
+        await conn.call(b"first", timeout_s=5)
+        real, writes = conn.transport, []
+
+        class Counted:  # the connection's own transport, its writes recorded on the way
+            def write(self, data):
+                writes.append(bytes(data))
+                real.write(data)
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+        conn.transport = Counted()
+        out = await asyncio.gather(*(conn.call(b"m%d" % i, timeout_s=5) for i in range(8)))
+        conn.close()
+        await peer.stop()
+        return peer, out, writes
+
+    peer, out, writes = asyncio.run(go())
+    assert out == [None] * 8 and sorted(m for _, _, m in peer.requests[1:]) == [b"m%d" % i for i in range(8)]
+    kinds, at = [], 0
+    while at < len(writes[0]):  # the frames of the first write
+        kinds.append(writes[0][at + 3])
+        at += 9 + int.from_bytes(writes[0][at:at + 3], "big")
+    assert kinds == [w.HEADERS, w.DATA] * 8
+
+
 def test_a_message_beyond_the_servers_window_waits_for_window_update():
     big = bytes(range(256)) * 400  # 102,400 bytes against a window of 10,000 (the first call: the settings are in)
     peer, results = asyncio.run(_calls(lambda p, s, m: p.ok(s), [b"first", big, big], window=10_000))
@@ -182,6 +244,7 @@ def test_no_answer_is_a_timeout_and_the_connection_is_not_reused():
 @pytest.mark.parametrize(("n", "prefix", "encoded"), [(10, 5, b"\x0a"), (1337, 5, b"\x1f\x9a\x0a"), (42, 8, b"\x2a")])
 def test_hpack_integers_as_rfc_7541_gives_them(n, prefix, encoded):
     assert w._hpack_int(n, prefix) == encoded  # RFC 7541 C.1.1-C.1.3
+    assert w._hpack_int(n, prefix, 0x20)[0] == encoded[0] | 0x20 and w._hpack_int(n, prefix, 0x20)[1:] == encoded[1:]
 
 
 def test_calls_in_flight_share_the_connection_and_each_gets_its_own_answer():
