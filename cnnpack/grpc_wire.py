@@ -10,18 +10,11 @@ What the server pays per request counts as much as the client's own CPU, because
 grpc's own client does, the first call's headers enter the server's HPACK table and every later call names
 them by index (6 bytes, the server decodes no literal), and the calls one turn of the event loop starts (the
 answers of one batch, each sending its next request) leave in one write, so they reach the server's batcher
-together instead of one by one. Both together, at concurrency 16 against Triton on 2 cores (interleaved with
-perf_analyzer): the server's mean batch 4.9-5.4 -> 6.8-6.9 (perf_analyzer's 7.8-8.4), its CPU per request
-142-147 -> 131-134 us and its Python backend stub's 405-411 -> 374-385 us, the client's p99 11-13 -> 7.8-8.5 ms.
-
-What HTTP/2 asks of a client is done: the preface and SETTINGS (acknowledged both ways), PING answered,
-the server's flow-control windows respected (the message waits for WINDOW_UPDATE), this side's windows
-opened wide and topped up, GOAWAY and RST_STREAM failing the call with their code, CONTINUATION and
-padding read. Calls in flight share the connection, a stream each, up to the server's
-SETTINGS_MAX_CONCURRENT_STREAMS (a call beyond it waits for a stream to end).
-
-    conn = await open_connection("127.0.0.1", 8001, "/inference.GRPCInferenceService/ModelInfer")
-    await conn.call(serialized_request, timeout_s=30)    # raises GrpcError, ConnectionError, TimeoutError
+together instead of one by one. Before them, at concurrency 16 against Triton on 2 cores, the server's Python
+backend stub spent 405-455 us of CPU per request on this load against 320-340 on perf_analyzer's and Triton 142-158
+against 117-131, and the load read 0.938x perf_analyzer's throughput (p99 12-14 ms); with them, 1.019x and 1.016x
+in two runs of 9 interleaved rounds (p99 7-8 ms, perf_analyzer's 7-8.5;
+benchmarks/results/served-loadgen-cnn64-onnx-cpu2-amx.md).
 """
 
 from __future__ import annotations
