@@ -15,6 +15,16 @@ backend stub spent 405-455 us of CPU per request on this load against 320-340 on
 against 117-131, and the load read 0.938x perf_analyzer's throughput (p99 12-14 ms); with them, 1.019x and 1.016x
 in two runs of 9 interleaved rounds (p99 7-8 ms, perf_analyzer's 7-8.5;
 benchmarks/results/served-loadgen-cnn64-onnx-cpu2-amx.md).
+
+What HTTP/2 asks of a client is done: the preface and SETTINGS (acknowledged both ways), PING answered,
+the server's flow-control windows respected (the message waits for WINDOW_UPDATE), this side's windows
+opened wide and topped up, GOAWAY and RST_STREAM failing the call with their code, CONTINUATION and
+padding read, a smaller HPACK table the server asks for signalled as RFC 7541 4.2 says. Calls in flight share
+the connection, a stream each, up to the server's SETTINGS_MAX_CONCURRENT_STREAMS (a call beyond it waits for
+a stream to end).
+
+    conn = await open_connection("127.0.0.1", 8001, "/inference.GRPCInferenceService/ModelInfer")
+    await conn.call(serialized_request, timeout_s=30)    # raises GrpcError, ConnectionError, TimeoutError
 """
 
 from __future__ import annotations
@@ -131,8 +141,11 @@ class H2Connection(asyncio.Protocol):
         self.blocks = {"first": header_block(fields, index=True), "indexed": indexed_block(fields),
                        "literal": header_block(fields)}
         self.table_need = table_bytes(fields)
-        self.hpack = "first"
-        self.table_update = b""  # a dynamic table size update owed at the start of the next block (RFC 7541 4.2)
+        self.hpack = "first" if self.table_need <= DEFAULT_TABLE else "literal"
+        self.table_size = DEFAULT_TABLE  # the size this side's table may have: the server's latest setting
+        # the smallest size the server's settings named since the last block, None: none changed it; the next block
+        # starts by signalling it, then the final size where that is larger (RFC 7541 4.2)
+        self.table_least: int | None = None
         self.out: list[bytes] = []  # writes of this turn of the event loop, sent together at its end (`_write`)
         self.decoder = hpack.Decoder()
         self.decoder.max_allowed_table_size = MAX_WINDOW  # the server's SETTINGS_HEADER_TABLE_SIZE is its own business
@@ -229,8 +242,13 @@ class H2Connection(asyncio.Protocol):
             self._pump()
 
     def _header_block(self) -> bytes:
-        block = self.table_update + self.blocks[self.hpack]
-        self.table_update = b""
+        update = b""
+        if self.table_least is not None:
+            update = _hpack_int(self.table_least, 5, 0x20)
+            if self.table_size > self.table_least:
+                update += _hpack_int(self.table_size, 5, 0x20)
+            self.table_least = None
+        block = update + self.blocks[self.hpack]
         if self.hpack == "first":
             self.hpack = "indexed"
         return block
@@ -324,11 +342,13 @@ class H2Connection(asyncio.Protocol):
                 self.stream_window_initial = value
             elif key == SETTINGS_MAX_FRAME_SIZE:
                 self.max_frame = value
-            elif key == SETTINGS_HEADER_TABLE_SIZE and value < DEFAULT_TABLE:
-                # this side's table may no longer exceed it: the next block says so; fields it cannot hold are
-                # evicted by that update, and literals that touch no table follow
-                self.table_update = _hpack_int(value, 5, 0x20)
-                if value < self.table_need:
+            elif key == SETTINGS_HEADER_TABLE_SIZE:
+                # this side's table may no longer exceed it (a larger one is not used: 4,096 bytes hold the fields)
+                value = min(value, DEFAULT_TABLE)
+                if value < self.table_size or self.table_least is not None:
+                    self.table_least = min(value, self.table_size if self.table_least is None else self.table_least)
+                    self.table_size = value
+                if value < self.table_need:  # the update evicts the fields: literals that touch no table follow
                     self.hpack = "literal"
         self._pump()
 

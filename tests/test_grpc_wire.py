@@ -23,13 +23,14 @@ class Peer:
     """An HTTP/2 server of one connection, scripted by `answer(peer, stream, message)`."""
 
     def __init__(self, answer, *, window: int = w.DEFAULT_WINDOW, max_streams: int | None = None,
-                 table_size: int | None = None) -> None:
-        self.answer, self.window, self.max_streams, self.table_size = answer, window, max_streams, table_size
+                 table_sizes: tuple[int, ...] = ()) -> None:
+        self.answer, self.window, self.max_streams, self.table_sizes = answer, window, max_streams, table_sizes
         self.open_streams, self.most_open = set(), 0
         self.encoder = hpack.Encoder()
         self.requests: list[tuple[int, dict, bytes]] = []
         self.frames: list[tuple[int, int, int]] = []  # (type, flags, stream) of every frame the client sent
         self.blocks: list[bytes] = []  # the header block of every call, as sent
+        self.fields: list[list[tuple[str, str]]] = []  # ... and its fields, decoded, in order
         self.allowed = {0: w.DEFAULT_WINDOW}  # stream (0: the connection) -> bytes it may send so far
         self.received = {0: 0}
         self.overrun = False  # whether the client ever sent beyond a window
@@ -53,8 +54,8 @@ class Peer:
         if self.max_streams is not None:
             settings += struct.pack(">HI", w.SETTINGS_MAX_CONCURRENT_STREAMS, self.max_streams)
         self.decoder = decoder = hpack.Decoder()
-        if self.table_size is not None:
-            settings += struct.pack(">HI", w.SETTINGS_HEADER_TABLE_SIZE, self.table_size)
+        for size in self.table_sizes:  # several: the last one holds
+            settings += struct.pack(">HI", w.SETTINGS_HEADER_TABLE_SIZE, size)
         writer.write(w.frame(w.SETTINGS, 0, 0, settings))
         headers, bodies = {}, {}
         try:
@@ -64,12 +65,13 @@ class Peer:
                 stream = int.from_bytes(head[5:], "big")
                 payload = await reader.readexactly(length)
                 self.frames.append((kind, flags, stream))
-                if kind == w.SETTINGS and flags & w.ACK and self.table_size is not None:
+                if kind == w.SETTINGS and flags & w.ACK and self.table_sizes:
                     # the client has the settings (RFC 9113 6.5.3): a block must now keep the table within the size
-                    decoder.max_allowed_table_size = self.table_size
+                    decoder.max_allowed_table_size = self.table_sizes[-1]
                 if kind == w.HEADERS:
                     self.blocks.append(payload)
-                    headers[stream], bodies[stream] = dict(decoder.decode(payload)), bytearray()
+                    self.fields.append(decoder.decode(payload))
+                    headers[stream], bodies[stream] = dict(self.fields[-1]), bytearray()
                     self.open_streams.add(stream)
                     self.most_open = max(self.most_open, len(self.open_streams))
                 elif kind == w.DATA:
@@ -111,10 +113,15 @@ class Peer:
         self.headers(stream, [("grpc-status", "0")], end=True, split=split)
 
 
-async def _calls(answer, messages: list[bytes], **peer_args) -> tuple[Peer, list]:
+async def _calls(answer, messages: list[bytes], *, settled: bool = False, **peer_args) -> tuple[Peer, list]:
+    """`messages` called one after another on one connection; `settled`: the first only once the server's settings
+    are in (without it the first call leaves with the preface, before them)."""
     peer = Peer(answer, **peer_args)
     port = await peer.start()
     conn = await w.open_connection("127.0.0.1", port, PATH, timeout_s=5)
+    if settled:
+        while (w.SETTINGS, w.ACK, 0) not in peer.frames:
+            await asyncio.sleep(0.005)
     results = []
     for m in messages:
         try:
@@ -141,20 +148,37 @@ def test_the_first_call_s_headers_enter_the_server_s_table_and_later_calls_index
     peer, results = asyncio.run(_calls(lambda p, s, m: p.ok(s), [b"a", b"b", b"c"]))
     assert results == [None, None, None]
     first, *later = peer.blocks
-    assert len(later) == 2 and all(b == later[0] and len(b) == 6 for b in later)  # one byte per field
+    assert later == [bytes((0xC3, 0xC2, 0xC1, 0xC0, 0xBF, 0xBE))] * 2  # entries 67..62: the first field was added first
     assert len(first) > 100 and len(peer.decoder.header_table.dynamic_entries) == 6
-    assert peer.requests[0][1] == peer.requests[1][1] == peer.requests[2][1]  # the same fields each time
+    assert peer.fields[0] == peer.fields[1] == peer.fields[2]  # the same fields, in the same order, each time
+    assert [k for k, _ in peer.fields[0]][:4] == [":method", ":scheme", ":path", ":authority"]  # pseudo-headers first
 
 
-@pytest.mark.parametrize("table_size", [0, 200])
-def test_a_server_whose_hpack_table_is_too_small_gets_literals_after_a_table_size_update(table_size):
-    peer, results = asyncio.run(_calls(lambda p, s, m: p.ok(s), [b"a", b"b", b"c"], table_size=table_size))
+@pytest.mark.parametrize("settled", [False, True])
+@pytest.mark.parametrize("table_size", [0, 200, 1000])
+def test_a_server_with_a_smaller_hpack_table_gets_a_size_update_and_only_what_fits(table_size, settled):
+    """The size update opens the first block after the settings; fields that no longer fit (the need is 323 bytes
+    here) come as literals that touch no table, fields that fit stay indexed."""
+    peer, results = asyncio.run(_calls(lambda p, s, m: p.ok(s), [b"a", b"b", b"c"], table_sizes=(table_size,),
+                                       settled=settled))
     assert results == [None, None, None]
-    assert peer.requests[0][1] == peer.requests[2][1] and peer.requests[0][1][":path"] == PATH
+    assert peer.fields[0] == peer.fields[1] == peer.fields[2] and dict(peer.fields[0])[":path"] == PATH
     update = w._hpack_int(table_size, 5, 0x20)
-    assert sum(b.startswith(update) for b in peer.blocks) == 1  # said once, at the start of the next block
-    assert all(len(b) > 100 for b in peer.blocks)  # never an index into a table the server could not keep
+    opened = [b.startswith(update) for b in peer.blocks]
+    assert sum(opened) == 1 and opened[2] is False  # once, in the first block after the settings
+    assert opened[0] if settled else True  # (unsettled, the first call usually leaves before them: the next block)
+    if table_size < 323:  # never an index into a table the server could not keep
+        assert all(len(b) > 100 for b in peer.blocks)
+    else:
+        assert peer.blocks[-1] == bytes((0xC3, 0xC2, 0xC1, 0xC0, 0xBF, 0xBE))
     assert peer.decoder.header_table.maxsize == table_size
+
+
+def test_a_table_size_lowered_and_raised_before_the_next_block_signals_the_least_then_the_last():
+    peer, results = asyncio.run(_calls(lambda p, s, m: p.ok(s), [b"a", b"b"], table_sizes=(0, 1000)))
+    assert results == [None, None] and peer.fields[0] == peer.fields[1]
+    assert peer.blocks[1].startswith(w._hpack_int(0, 5, 0x20) + w._hpack_int(1000, 5, 0x20))  # RFC 7541 4.2
+    assert peer.decoder.header_table.maxsize == 1000 and not peer.decoder.header_table.dynamic_entries
 
 
 def test_calls_started_in_one_turn_of_the_event_loop_leave_in_one_write():
