@@ -2,7 +2,9 @@
 
 One `cnnpack serve` (TritonServer) of a default pipeline run's repository; `cnn_onnx` over gRPC and over HTTP at
 concurrency 1 and 16, measured alternately by the two load generators of `cnnpack.loadgen` (cnnpack's client,
-perf_analyzer) with the same window policy, `--rounds` times; the CPU time cnnpack's client took per request. Target: cnnpack within 5 % of perf_analyzer at both concurrencies.
+perf_analyzer) with the same window policy, `--rounds` times; the CPU time each load generator, Triton and its
+backend stubs took per request, and the server's mean batch. Target: cnnpack within 5 % of perf_analyzer at both
+concurrencies.
 perf_analyzer must be on PATH (the tritonclient 2.41.0 wheel's data/bin/perf_analyzer, with Debian's libb64-0d and
 libcudart.so.12 from nvidia-cuda-runtime-cu12 on LD_LIBRARY_PATH).
 
@@ -64,16 +66,19 @@ def main() -> int:
                     model = client.model(args.model)
                     for c in (1, 16):
                         for gen in ("cnnpack", "perf_analyzer") if r % 2 == 0 else ("perf_analyzer", "cnnpack"):
-                            cpu0, stats0 = client_cpu(gen), client.statistics(args.model)
+                            cpu0, stats0, server0 = client_cpu(gen), client.statistics(args.model), server_cpu(server.pid)
                             fig = load(gen, client, model, x.astype(np.float32), c, policy)
                             cpu = client_cpu(gen) - cpu0
                             served = server_side(stats0, client.statistics(args.model))
+                            server1, n = server_cpu(server.pid), served["server_requests"]
                             batch = served["server_batch_mean"]
                             points.append({"round": r + 1, "protocol": protocol, "concurrency": c,
                                            "generator": describe(gen), "server_batch_mean": batch, **{k: fig[k] for k in (
                                                "throughput_ips", "latency_ms_p50", "latency_ms_p99", "stable")},
                                            # every request of the point, warm-up and unstable windows too
-                                           "client_cpu_us_per_request": 1e6 * cpu / served["server_requests"]})
+                                           "client_cpu_us_per_request": 1e6 * cpu / n,
+                                           "triton_cpu_us_per_request": 1e6 * (server1[0] - server0[0]) / n,
+                                           "backend_cpu_us_per_request": 1e6 * (server1[1] - server0[1]) / n})
                             print(f"round {r + 1} {protocol} c{c} {gen}: {fig['throughput_ips']:,.0f} images/s, "
                                   f"p50 {fig['latency_ms_p50']:.2f} ms", file=sys.stderr)
     # each round measures the two back to back, so their ratio is taken per round (the host's speed drifts by
@@ -117,6 +122,25 @@ def client_cpu(generator: str) -> float:
     return r.ru_utime + r.ru_stime
 
 
+def server_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of the tritonserver process and of its child processes (the Python backend stubs, which
+    run the model; a live child's time is not in its parent's)."""
+    def times(stat: str) -> tuple[float, int]:
+        f = stat.rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"), int(f[1])
+
+    own, children = times(Path(f"/proc/{pid}/stat").read_text())[0], 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cpu, parent = times((entry / "stat").read_text())
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+            if parent == pid:
+                children += cpu
+    return own, children
+
+
 def write(rec: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{NAME}.json").write_text(json.dumps(rec, indent=2) + "\n")
@@ -130,19 +154,25 @@ def write(rec: dict) -> None:
               f"{round(p['client_cpu_us_per_request'])} | "
               f"{p['server_batch_mean']:.2f} |"
               for p in rec["points"]]
-    lines += ["", "Medians over the rounds (client CPU: the load generator's own, per request the server answered, warm-up "
-              "included; above 1.00x the client left more of the 2 shared cores to the server than perf_analyzer did):",
+    lines += ["", "Medians over the rounds, each cell cnnpack's client then perf_analyzer (CPU per request the server "
+              "answered, warm-up included: the load generator's own, the tritonserver process's, and its child "
+              "processes', the Python backend stubs that run the model; above 1.00x the client left more of the 2 "
+              "shared cores to the server than perf_analyzer did):",
               "", "| protocol | concurrency | cnnpack / perf_analyzer | images/s cnnpack, perf_analyzer "
-              "| client CPU us/request | server's mean batch |", "|---|--:|--:|--:|--:|--:|"]
+              "| client CPU us/request | Triton's CPU us/request | its backend stubs' | server's mean batch |",
+              "|---|--:|--:|--:|--:|--:|--:|--:|"]
     for key, ratio in rec["ratios_cnnpack_over_perf_analyzer"].items():
         protocol, c = key.split(" c")
         med = {g: {k: statistics.median(p[k] for p in rec["points"] if p["protocol"] == protocol
                                           and p["concurrency"] == int(c) and p["generator"].startswith(g))
-                   for k in ("throughput_ips", "client_cpu_us_per_request", "server_batch_mean")}
+                   for k in ("throughput_ips", "client_cpu_us_per_request", "triton_cpu_us_per_request",
+                             "backend_cpu_us_per_request", "server_batch_mean")}
                for g in ("cnnpack", "perf")}
         lines.append(f"| {protocol} | {c} | {ratio:.3f}x | {med['cnnpack']['throughput_ips']:,.0f}, "
                      f"{med['perf']['throughput_ips']:,.0f} | {med['cnnpack']['client_cpu_us_per_request']:.0f}, "
-                     f"{med['perf']['client_cpu_us_per_request']:.0f} | {med['cnnpack']['server_batch_mean']:.2f}, "
+                     f"{med['perf']['client_cpu_us_per_request']:.0f} | {med['cnnpack']['triton_cpu_us_per_request']:.0f}, "
+                     f"{med['perf']['triton_cpu_us_per_request']:.0f} | {med['cnnpack']['backend_cpu_us_per_request']:.0f}, "
+                     f"{med['perf']['backend_cpu_us_per_request']:.0f} | {med['cnnpack']['server_batch_mean']:.2f}, "
                      f"{med['perf']['server_batch_mean']:.2f} |")
     lines += ["", "cnnpack / perf_analyzer, the median of the rounds' ratios (each round's two measured back to back; "
               "every round's ratio in brackets): " + ", ".join(
