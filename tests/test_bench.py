@@ -79,6 +79,27 @@ def test_windows_must_agree_to_be_stable():
     assert not agree(jumpy, 0.10)
 
 
+def test_a_concurrent_load_warms_up_under_that_load_not_one_request_at_a_time():
+    """A load generator that passes its own window (several requests in flight) gets its warm-up as one such window
+    of warmup_s: single requests would warm Triton's batcher for batches of one and count in its statistics."""
+    from cnnpack.measure import WindowPolicy, measure
+
+    asked = []
+
+    def window(request, policy, sync):
+        asked.append(policy.window_s)
+        return Window([0.001] * 16, 0.001)
+
+    def alone():
+        raise AssertionError("a single request during the warm-up of a concurrent load")
+
+    m = measure(alone, WindowPolicy(window_s=0.2, max_s=1.0, warmup_s=0.7), window=window)
+    assert asked == [0.7, 0.2, 0.2, 0.2] and m.stable and m.all_windows == 3
+    calls = []
+    measure(lambda: calls.append(1), WindowPolicy(window_s=0.01, max_s=0.1, warmup_s=0.0))  # local: single calls
+    assert len(calls) >= 3 + 3 * 3  # min_requests of warm-up, then three windows of at least min_requests
+
+
 def test_inductor_trusts_the_cpu_flags_unless_the_user_chose(monkeypatch):
     """torch.compile and the pt2 export skip inductor's per-ISA probe builds, but a TORCHINDUCTOR_VEC_ISA_OK the user
     set (read by torch at import, or set later) is left as it is. (config.patch, not monkeypatch.setattr: undoing
