@@ -10,11 +10,10 @@ What the server pays per request counts as much as the client's own CPU, because
 grpc's own client does, the first call's headers enter the server's HPACK table and every later call names
 them by index (6 bytes, the server decodes no literal), and the calls one turn of the event loop starts (the
 answers of one batch, each sending its next request) leave in one write, so they reach the server's batcher
-together instead of one by one. Before them, at concurrency 16 against Triton on 2 cores, the server's Python
-backend stub spent 405-455 us of CPU per request on this load against 320-340 on perf_analyzer's and Triton 142-158
-against 117-131, and the load read 0.938x perf_analyzer's throughput (p99 12-14 ms); with them, 1.019x and 1.016x
-in two runs of 9 interleaved rounds (p99 7-8 ms, perf_analyzer's 7-8.5;
-benchmarks/results/served-loadgen-cnn64-onnx-cpu2-amx.md).
+together instead of one by one. Before them, at concurrency 16 against Triton on 2 cores, the load stalled (up to 16
+answers read at once, p99 12-14 ms against perf_analyzer's 7-9) and read 0.938x perf_analyzer's throughput; with
+them, 0.99-1.02x in four runs of 9 interleaved rounds, p99 7-9 ms
+(benchmarks/results/served-loadgen-cnn64-onnx-cpu2-amx.md).
 
 What HTTP/2 asks of a client is done: the preface and SETTINGS (acknowledged both ways), PING answered,
 the server's flow-control windows respected (the message waits for WINDOW_UPDATE), this side's windows
