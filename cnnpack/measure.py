@@ -76,19 +76,13 @@ def measure(request: Callable[[], object], policy: WindowPolicy, *, sync: Callab
             window: Callable[..., Window] = run_window) -> Measurement:
     """Warms up, then measures windows until `stable_windows` consecutive ones agree or `max_s` runs out.
 
-    `window` produces one Window; a concurrent client (several requests in flight) passes its own, and then the
-    warm-up is one window of `warmup_s` under that same load: one request at a time would warm a server's batcher
-    and arenas for batches of one, and its executions would count in the server's statistics of the point.
+    `window` produces one Window; a concurrent client (several requests in flight) passes its own. The warm-up is
+    one window of `warmup_s` made the same way, so a concurrent load warms up under itself: one request at a time
+    would warm a server's batcher and arenas for batches of one, and its executions would count in the server's
+    statistics of the point.
     """
     t0 = time.perf_counter()
-    if window is run_window:
-        n = 0
-        while n < policy.min_requests or time.perf_counter() - t0 < policy.warmup_s:
-            request()
-            sync()
-            n += 1
-    elif policy.warmup_s > 0 or policy.min_requests > 0:
-        window(request, replace(policy, window_s=policy.warmup_s), sync)
+    window(request, replace(policy, window_s=policy.warmup_s), sync)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     windows: list[Window] = []
