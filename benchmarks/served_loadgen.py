@@ -66,11 +66,11 @@ def main() -> int:
                     model = client.model(args.model)
                     for c in (1, 16):
                         for gen in ("cnnpack", "perf_analyzer") if r % 2 == 0 else ("perf_analyzer", "cnnpack"):
-                            cpu0, stats0, server0 = client_cpu(gen), client.statistics(args.model), server_cpu(server.pid)
+                            cpu0, stats0, server0 = client_cpu(gen), client.statistics(args.model), server.cpu_seconds()
                             fig = load(gen, client, model, x.astype(np.float32), c, policy)
                             cpu = client_cpu(gen) - cpu0
                             served = server_side(stats0, client.statistics(args.model))
-                            server1, n = server_cpu(server.pid), served["server_requests"]
+                            server1, n = server.cpu_seconds(), served["server_requests"]
                             batch = served["server_batch_mean"]
                             points.append({"round": r + 1, "protocol": protocol, "concurrency": c,
                                            "generator": describe(gen), "server_batch_mean": batch, **{k: fig[k] for k in (
@@ -120,25 +120,6 @@ def client_cpu(generator: str) -> float:
         return time.process_time()
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
-
-
-def server_cpu(pid: int) -> tuple[float, float]:
-    """CPU seconds so far of the tritonserver process and of its child processes (the Python backend stubs, which
-    run the model; a live child's time is not in its parent's)."""
-    def times(stat: str) -> tuple[float, int]:
-        f = stat.rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"), int(f[1])
-
-    own, children = times(Path(f"/proc/{pid}/stat").read_text())[0], 0.0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cpu, parent = times((entry / "stat").read_text())
-            except (OSError, IndexError, ValueError):  # gone meanwhile
-                continue
-            if parent == pid:
-                children += cpu
-    return own, children
 
 
 def write(rec: dict) -> None:

@@ -403,12 +403,33 @@ class TritonServer:
         if self._proc is None or self._proc.poll() is not None:
             return None
         total = 0
+        for proc, _ in self._group():
+            with contextlib.suppress(OSError, ValueError):
+                hwm = re.search(r"^VmHWM:\s+(\d+) kB", (proc / "status").read_text(), re.M)
+                total += int(hwm.group(1)) * 1024 if hwm else 0
+        return total or None
+
+    def cpu_seconds(self) -> tuple[float, float] | None:
+        """CPU seconds so far of the tritonserver process and of the rest of its process group (the backend stubs
+        that run the models; a live child's time is not in its parent's); None when the server is not running."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        own = stubs = 0.0
+        for proc, fields in self._group():
+            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+            if proc.name == str(self._proc.pid):
+                own = cpu
+            else:
+                stubs += cpu
+        return own, stubs
+
+    def _group(self):
+        """(/proc/PID, the fields of its stat after the command) of each process in the server's process group."""
         for stat in Path("/proc").glob("[0-9]*/stat"):
             with contextlib.suppress(OSError, ValueError, IndexError):
-                if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == self._proc.pid:  # field 5: pgrp
-                    hwm = re.search(r"^VmHWM:\s+(\d+) kB", (stat.parent / "status").read_text(), re.M)
-                    total += int(hwm.group(1)) * 1024 if hwm else 0
-        return total or None
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == self._proc.pid:  # field 5: pgrp
+                    yield stat.parent, fields
 
     def alive(self) -> bool:
         """Whether the server runs and answers its liveness endpoint: a killed one can take a moment to be reaped

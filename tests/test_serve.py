@@ -186,6 +186,8 @@ def test_start_up_time_and_peak_memory_of_the_server_and_its_stubs_are_measured(
         own = int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
     stubs = [p for p in os.listdir("/proc") if p.isdigit() and p != str(server.pid) and _pgid(int(p)) == server.pid]
     assert stubs and peak > own > 0  # the two models' stubs are in the sum
+    server_cpu, stubs_cpu = server.cpu_seconds()  # what the served-load benchmark charges the server per request
+    assert server_cpu > 0 and stubs_cpu > 0  # both started Python or loaded models: neither is idle from birth
 
 
 def _pgid(pid: int) -> int | None:
