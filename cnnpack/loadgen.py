@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpack.client import NUMPY_DTYPES
 from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.loadclient import Load
 from cnnpack.measure import WindowPolicy, measure, summarise
@@ -56,15 +57,30 @@ def describe(name: str) -> str:
 def load(generator: str, client, model, batch: np.ndarray, concurrency: int, policy: WindowPolicy) -> dict:
     """One closed-loop point: latency percentiles (ms), throughput (images/s), stable, by `generator`."""
     if generator == "perf_analyzer":
-        return perf_analyzer(client, model, batch.shape[0], concurrency, policy)
+        return perf_analyzer(client, model, batch, concurrency, policy)
     with Load(client, model, batch, concurrency) as ld:
         m = measure(ld.one, policy, window=lambda _request, p, _sync: ld.window(seconds=p.window_s,
                                                                                min_requests=p.min_requests))
     return summarise(m, batch.shape[0])
 
 
-def perf_analyzer(client, model, batch_size: int, concurrency: int, policy: WindowPolicy) -> dict:
+def input_data(model, batch: np.ndarray, folder: Path) -> Path:
+    """perf_analyzer's --input-data folder for `batch`: one file named after the model's input holding the raw bytes
+    of the batch's first sample in the input's dtype (perf_analyzer repeats a batch-1 sample to its -b)."""
+    if model.takes_images:
+        raise UserInputError(f"model {model.name} takes encoded image bytes; perf_analyzer is given pixels, so measure "
+                             "the classifier it wraps")
+    folder.mkdir(parents=True, exist_ok=True)
+    sample = np.ascontiguousarray(batch[0], dtype=NUMPY_DTYPES.get(model.input_dtype, np.float32))
+    (folder / model.input).write_bytes(sample.tobytes())
+    return folder
+
+
+def perf_analyzer(client, model, batch: np.ndarray, concurrency: int, policy: WindowPolicy) -> dict:
     """Runs perf_analyzer against the server of `client` at one concurrency; its figures in bench's row keys.
+
+    It sends the pixels cnnpack's client would (`input_data`), not its default random bytes: as FP32 those are NaN,
+    infinities and denormals (1 value in 128), inputs no served classifier sees, and its answers are NaN.
 
     Its windows are time windows of `policy.window_s`, its stability threshold `policy.stability`, its trials as many
     windows as fit in `policy.max_s`; when they run out perf_analyzer reports no figures, so the point is measured
@@ -73,10 +89,11 @@ def perf_analyzer(client, model, batch_size: int, concurrency: int, policy: Wind
     trials = max(policy.stable_windows, math.ceil(policy.max_s / policy.window_s))
     with tempfile.TemporaryDirectory(prefix="cnnpack-pa-") as tmp:
         out = Path(tmp) / "pa.csv"
-        cmd = ["perf_analyzer", "-m", model.name, "-u", client.address, "-i", client.protocol, "-b", str(batch_size),
+        cmd = ["perf_analyzer", "-m", model.name, "-u", client.address, "-i", client.protocol, "-b", str(len(batch)),
                "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval",
                str(max(50, round(1000 * policy.window_s))), "--stability-percentage", f"{100 * policy.stability:g}",
-               "--max-trials", str(trials), "--input-data", "random", "--verbose-csv", "-f", str(out)]
+               "--max-trials", str(trials), "--input-data", str(input_data(model, batch, Path(tmp) / "data")),
+               "--verbose-csv", "-f", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 4 * policy.max_s)
         stable = done.returncode == 0 and out.is_file()
         if not stable and "stable" in done.stdout + done.stderr:
