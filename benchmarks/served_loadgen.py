@@ -49,8 +49,14 @@ def main() -> int:
     ap.add_argument("--model", default="cnn_onnx")
     ap.add_argument("--protocols", default="grpc,http")
     ap.add_argument("--window-s", type=float, default=1.0)
+    ap.add_argument("--pin", action="store_true",
+                    help="the server (and its backend stubs) on CPU 0, the load generators on CPU 1: a client's own CPU "
+                         "then takes nothing from the server, so a ratio off 1.00 is what its requests cost the server")
     args = ap.parse_args()
     resolve("perf_analyzer")  # refuses early when it is not on PATH
+    if args.pin and not {0, 1} <= os.sched_getaffinity(0):
+        sys.exit("error: --pin needs CPUs 0 and 1")
+    name = NAME + ("-pinned" if args.pin else "")
     run = Run.open(args.run)
     spec = run.model_spec
     x = np.random.default_rng(0).integers(0, 256, (1, spec["channels"], spec["image_size"], spec["image_size"]))
@@ -58,7 +64,11 @@ def main() -> int:
     protocols = args.protocols.split(",")
     points = []
     repo = args.repository or run.read()["stages"]["triton"]["repository"]
+    everywhere = os.sched_getaffinity(0)
+    if args.pin:
+        os.sched_setaffinity(0, {0})  # what the server starts inherits it
     with TritonServer(ServeConfig(repository=str(repo), log_file=str(Path(os.environ.get("TMPDIR", "/tmp")) / "lg.log"))) as server:
+        os.sched_setaffinity(0, {1} if args.pin else everywhere)  # this process's client, and perf_analyzer's runs
         for r in range(args.rounds):
             for protocol in protocols:
                 url = server.grpc_address if protocol == "grpc" else server.http_address
@@ -93,12 +103,12 @@ def main() -> int:
             per_round[f"{protocol} c{c}"] = [mine[r] / pa[r] for r in rounds]
             ratios[f"{protocol} c{c}"] = statistics.median(per_round[f"{protocol} c{c}"])
     passed = all(abs(v - 1) <= TARGET for v in ratios.values())
-    write({"benchmark": NAME, "target": f"cnnpack client within {100 * TARGET:.0f} % of perf_analyzer",
-           "passed": passed, "not_below": all(v >= 1 - TARGET for v in ratios.values()),
-           "ratios_cnnpack_over_perf_analyzer": ratios, "ratios_per_round": per_round,
-           "points": points,
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "lscpu": lscpu(),
-           "load_1min_end": os.getloadavg()[0], "policy": {k: str(v) for k, v in vars(args).items()}})
+    write(name, {"benchmark": name, "pinned": args.pin,
+                 "target": f"cnnpack client within {100 * TARGET:.0f} % of perf_analyzer", "passed": passed,
+                 "not_below": all(v >= 1 - TARGET for v in ratios.values()),
+                 "ratios_cnnpack_over_perf_analyzer": ratios, "ratios_per_round": per_round, "points": points,
+                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "lscpu": lscpu(),
+                 "load_1min_end": os.getloadavg()[0], "policy": {k: str(v) for k, v in vars(args).items()}})
     return 0 if passed else 1
 
 
@@ -122,9 +132,9 @@ def client_cpu(generator: str) -> float:
     return r.ru_utime + r.ru_stime
 
 
-def write(rec: dict) -> None:
+def write(name: str, rec: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(rec, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(rec, indent=2) + "\n")
     flags = set(rec["lscpu"]["flags"].split())
     lines = [f"# Served throughput: cnnpack's client vs perf_analyzer ({rec['target']}): "
              f"**{'met' if rec['passed'] else 'NOT met'}**" + verdict_detail(rec), "",
@@ -137,8 +147,9 @@ def write(rec: dict) -> None:
               for p in rec["points"]]
     lines += ["", "Medians over the rounds, each cell cnnpack's client then perf_analyzer (CPU per request the server "
               "answered, warm-up included: the load generator's own, the tritonserver process's, and its child "
-              "processes', the Python backend stubs that run the model; above 1.00x the client left more of the 2 "
-              "shared cores to the server than perf_analyzer did):",
+              "processes', the Python backend stubs that run the model" + (
+                  "; the server on CPU 0, the load generators on CPU 1):" if rec["pinned"] else
+                  "; above 1.00x the client left more of the 2 shared cores to the server than perf_analyzer did):"),
               "", "| protocol | concurrency | cnnpack / perf_analyzer | images/s cnnpack, perf_analyzer "
               "| client CPU us/request | Triton's CPU us/request | its backend stubs' | server's mean batch |",
               "|---|--:|--:|--:|--:|--:|--:|--:|"]
@@ -161,11 +172,12 @@ def write(rec: dict) -> None:
         for k, v in rec["ratios_cnnpack_over_perf_analyzer"].items()), "",
         f"Machine (lscpu): {rec['lscpu']['model']}, {rec['lscpu']['cpus']} CPUs, SIMD: "
         f"{simd(flags)}"
-        "; the server and the load generator share the 2 cores (load average at the end "
-        f"{rec['load_1min_end']:.1f}). {rec['date']}.", "",
+        + ("; the server (with its backend stubs) pinned to CPU 0, the load generator to CPU 1" if rec["pinned"] else
+           "; the server and the load generator share the 2 cores")
+        + f" (load average at the end {rec['load_1min_end']:.1f}). {rec['date']}.", "",
         "Reproduce: `PATH=<dir of perf_analyzer>:$PATH .venv/bin/python benchmarks/served_loadgen.py RUN --rounds "
-        f"{rec['policy']['rounds']}`", ""]
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
+        f"{rec['policy']['rounds']}{' --pin' if rec['pinned'] else ''}`", ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
