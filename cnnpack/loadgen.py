@@ -13,7 +13,9 @@ out: unstable). Every row says which one measured it (`load_generator`), and `cn
 
 from __future__ import annotations
 
+import base64
 import csv
+import json
 import math
 import re
 import shutil
@@ -64,16 +66,17 @@ def load(generator: str, client, model, batch: np.ndarray, concurrency: int, pol
     return summarise(m, batch.shape[0])
 
 
-def input_data(model, batch: np.ndarray, folder: Path) -> Path:
-    """perf_analyzer's --input-data folder for `batch`: one file named after the model's input holding the raw bytes
-    of the batch's first sample in the input's dtype (perf_analyzer repeats a batch-1 sample to its -b)."""
+def input_data(model, batch: np.ndarray, path: Path) -> Path:
+    """perf_analyzer's --input-data file for `batch`: JSON naming the model's input (any name, unlike its folder form,
+    which takes the name as a file name) with the raw bytes of the batch's first sample in the input's dtype, base64
+    (perf_analyzer repeats a batch-1 sample to its -b)."""
     if model.takes_images:
         raise UserInputError(f"model {model.name} takes encoded image bytes; perf_analyzer is given pixels, so measure "
                              "the classifier it wraps")
-    folder.mkdir(parents=True, exist_ok=True)
     sample = np.ascontiguousarray(batch[0], dtype=NUMPY_DTYPES.get(model.input_dtype, np.float32))
-    (folder / model.input).write_bytes(sample.tobytes())
-    return folder
+    step = {model.input: {"b64": base64.b64encode(sample.tobytes()).decode("ascii"), "shape": list(sample.shape)}}
+    path.write_text(json.dumps({"data": [step]}))
+    return path
 
 
 def perf_analyzer(client, model, batch: np.ndarray, concurrency: int, policy: WindowPolicy) -> dict:
@@ -92,7 +95,7 @@ def perf_analyzer(client, model, batch: np.ndarray, concurrency: int, policy: Wi
         cmd = ["perf_analyzer", "-m", model.name, "-u", client.address, "-i", client.protocol, "-b", str(len(batch)),
                "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval",
                str(max(50, round(1000 * policy.window_s))), "--stability-percentage", f"{100 * policy.stability:g}",
-               "--max-trials", str(trials), "--input-data", str(input_data(model, batch, Path(tmp) / "data")),
+               "--max-trials", str(trials), "--input-data", str(input_data(model, batch, Path(tmp) / "input.json")),
                "--verbose-csv", "-f", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 4 * policy.max_s)
         stable = done.returncode == 0 and out.is_file()

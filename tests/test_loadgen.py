@@ -37,18 +37,22 @@ def test_cli_refuses_a_missing_perf_analyzer_in_one_line(tmp_path):
 
 
 def test_perf_analyzer_is_given_the_callers_pixels_in_the_models_dtype_not_random_bytes(tmp_path):
+    import base64
+    import json
+
     from cnnpack.client import ServedModel
     from cnnpack.loadgen import input_data
 
     batch = np.random.default_rng(0).integers(0, 256, (4, 3, 8, 8)).astype(np.float32)
     for dtype, np_dtype in (("FP32", np.float32), ("FP16", np.float16)):
-        model = ServedModel(name="m", platform="onnxruntime_onnx", input="pixels", input_dtype=dtype,
+        model = ServedModel(name="m", platform="onnxruntime_onnx", input="serving_default/input:0", input_dtype=dtype,
                             input_shape=(3, 8, 8), output="logits", num_classes=6, max_batch_size=64)
-        folder = input_data(model, batch, tmp_path / dtype)
-        assert [p.name for p in folder.iterdir()] == ["pixels"]  # perf_analyzer reads a file named after the input
-        sent = np.frombuffer((folder / "pixels").read_bytes(), dtype=np_dtype).reshape(3, 8, 8)
+        steps = json.loads(input_data(model, batch, tmp_path / f"{dtype}.json").read_text())["data"]
+        assert len(steps) == 1 and list(steps[0]) == ["serving_default/input:0"]  # a name no file could carry
+        tensor = steps[0]["serving_default/input:0"]
+        sent = np.frombuffer(base64.b64decode(tensor["b64"]), dtype=np_dtype).reshape(tensor["shape"])
         assert np.array_equal(sent, batch[0].astype(np_dtype))  # one batch-1 sample, which it repeats to its -b
     images = ServedModel(name="cnn_onnx_image", platform="ensemble", input="image", input_dtype="BYTES",
                          input_shape=(1,), output="logits", num_classes=6, max_batch_size=64)
     with pytest.raises(UserInputError, match="takes encoded image bytes"):
-        input_data(images, batch, tmp_path / "bytes")
+        input_data(images, batch, tmp_path / "bytes.json")
