@@ -14,7 +14,7 @@ together instead of one by one. Before them, at concurrency 16 against Triton on
 answers read at once, p99 12-14 ms against perf_analyzer's 7-9) and read 0.938x perf_analyzer's throughput; with
 them, p99 7-9 ms and 0.99-1.02x in four runs of 9 interleaved rounds while perf_analyzer sent random bytes (NaNs
 as FP32); given the same pixels, 1.002x with the server and the load generator on
-separate cores and 0.91-0.97x beside it on the 2 cores, where a round swings by 20 % either way
+separate cores and 0.91-0.97x in three runs beside it on the 2 cores, where Triton batches its load smaller
 (benchmarks/results/served-loadgen-cnn64-onnx-cpu2-amx*.md).
 
 What HTTP/2 asks of a client is done: the preface and SETTINGS (acknowledged both ways), PING answered,
