@@ -145,9 +145,10 @@ class _Grpc:
     """The request as serialized bytes, a call of the raw ModelInfer method on HTTP/2 connections
     (cnnpack.grpc_wire), up to STREAMS_PER_CONNECTION requests in flight sharing one."""
 
-    # perf_analyzer's arrangement: one connection for the requests in flight. At concurrency 16 here: 16 per
-    # connection 1,642-1,776 requests/s, 4 per connection 1,682-1,924, one each 1,296-1,462 (the server pays per
-    # connection), perf_analyzer 1,664-1,839, interleaved in one process.
+    # At concurrency 16 here: 16 per connection 1,642-1,776 requests/s, 4 per connection 1,682-1,924, one each
+    # 1,296-1,462 (the server pays per connection), perf_analyzer 1,664-1,839, interleaved in one process (through
+    # grpc.aio). perf_analyzer 2.41 itself opens 3 connections at 16 (`ss`); on the raw wire 16, 8 and 6 requests per
+    # connection read the same (2,906-2,954 against perf_analyzer's 3,178 on 2 shared cores, 4 rounds).
     STREAMS_PER_CONNECTION = 16
 
     def __init__(self, host: str, port: int, body: bytes, timeout_s: float) -> None:
