@@ -64,11 +64,11 @@ def main() -> int:
     protocols = args.protocols.split(",")
     points = []
     repo = args.repository or run.read()["stages"]["triton"]["repository"]
-    everywhere = os.sched_getaffinity(0)
     if args.pin:
         os.sched_setaffinity(0, {0})  # what the server starts inherits it
     with TritonServer(ServeConfig(repository=str(repo), log_file=str(Path(os.environ.get("TMPDIR", "/tmp")) / "lg.log"))) as server:
-        os.sched_setaffinity(0, {1} if args.pin else everywhere)  # this process's client, and perf_analyzer's runs
+        if args.pin:
+            os.sched_setaffinity(0, {1})  # this process's client, and perf_analyzer's runs
         for r in range(args.rounds):
             for protocol in protocols:
                 url = server.grpc_address if protocol == "grpc" else server.http_address

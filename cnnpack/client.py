@@ -150,6 +150,10 @@ class ServedModel:
         """An ensemble (or any model) fed encoded image bytes rather than pixels."""
         return self.input_dtype == "BYTES"
 
+    def as_input(self, batch: np.ndarray) -> np.ndarray:
+        """`batch` as the request carries it: contiguous, in the input's dtype (pixels) or as objects (encoded bytes)."""
+        return np.ascontiguousarray(batch, dtype=NUMPY_DTYPES.get(self.input_dtype, np.float32))
+
     @property
     def image_size(self) -> int:
         """The square side the pixels must have; UserInputError for anything else."""
@@ -273,7 +277,7 @@ class Client:
 
     def inputs(self, model: ServedModel, batch: np.ndarray) -> list:
         """The request's input tensor for `batch` (pixels as the model's dtype, or encoded bytes)."""
-        batch = np.ascontiguousarray(batch, dtype=NUMPY_DTYPES.get(model.input_dtype, np.float32))
+        batch = model.as_input(batch)
         tensor = self.lib.InferInput(model.input, list(batch.shape), model.input_dtype)
         tensor.set_data_from_numpy(batch)
         return [tensor]

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.client import NUMPY_DTYPES
 from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.loadclient import Load
 from cnnpack.measure import WindowPolicy, measure, summarise
@@ -73,7 +72,7 @@ def input_data(model, batch: np.ndarray, path: Path) -> Path:
     if model.takes_images:
         raise UserInputError(f"model {model.name} takes encoded image bytes; perf_analyzer is given pixels, so measure "
                              "the classifier it wraps")
-    sample = np.ascontiguousarray(batch[0], dtype=NUMPY_DTYPES.get(model.input_dtype, np.float32))
+    sample = model.as_input(batch[0])
     step = {model.input: {"b64": base64.b64encode(sample.tobytes()).decode("ascii"), "shape": list(sample.shape)}}
     path.write_text(json.dumps({"data": [step]}))
     return path
