@@ -54,6 +54,8 @@ def main() -> int:
                          "then takes nothing from the server, so a ratio off 1.00 is what its requests cost the server")
     args = ap.parse_args()
     resolve("perf_analyzer")  # refuses early when it is not on PATH
+    if args.rounds < 1 or args.window_s <= 0:
+        sys.exit(f"error: --rounds must be >= 1 and --window-s > 0, got {args.rounds} and {args.window_s:g}")
     if args.pin and not {0, 1} <= os.sched_getaffinity(0):
         sys.exit("error: --pin needs CPUs 0 and 1")
     name = NAME + ("-pinned" if args.pin else "")
