@@ -64,7 +64,7 @@ def main() -> int:
     x = np.random.default_rng(0).integers(0, 256, (1, spec["channels"], spec["image_size"], spec["image_size"]))
     policy = WindowPolicy(window_s=args.window_s, max_s=10 * args.window_s, warmup_s=1.0)
     protocols = args.protocols.split(",")
-    points = []
+    points, measured = [], {}
     repo = args.repository or run.read()["stages"]["triton"]["repository"]
     if args.pin:
         os.sched_setaffinity(0, {0})  # what the server starts inherits it
@@ -76,6 +76,7 @@ def main() -> int:
                 url = server.grpc_address if protocol == "grpc" else server.http_address
                 with Client(url, protocol) as client:
                     model = client.model(args.model)
+                    measured = {"model": model.name, "precision": model.parameters.get("precision", "fp32")}  # as bench's
                     for c in (1, 16):
                         for gen in ("cnnpack", "perf_analyzer") if r % 2 == 0 else ("perf_analyzer", "cnnpack"):
                             cpu0, stats0, server0 = client_cpu(gen), client.statistics(args.model), server.cpu_seconds()
@@ -105,7 +106,7 @@ def main() -> int:
             per_round[f"{protocol} c{c}"] = [mine[r] / pa[r] for r in rounds]
             ratios[f"{protocol} c{c}"] = statistics.median(per_round[f"{protocol} c{c}"])
     passed = all(abs(v - 1) <= TARGET for v in ratios.values())
-    write(name, {"benchmark": name, "pinned": args.pin,
+    write(name, {"benchmark": name, "pinned": args.pin, **measured,
                  "target": f"cnnpack client within {100 * TARGET:.0f} % of perf_analyzer", "passed": passed,
                  "not_below": all(v >= 1 - TARGET for v in ratios.values()),
                  "ratios_cnnpack_over_perf_analyzer": ratios, "ratios_per_round": per_round, "points": points,
@@ -140,6 +141,7 @@ def write(name: str, rec: dict) -> None:
     flags = set(rec["lscpu"]["flags"].split())
     lines = [f"# Served throughput: cnnpack's client vs perf_analyzer ({rec['target']}): "
              f"**{'met' if rec['passed'] else 'NOT met'}**" + verdict_detail(rec), "",
+             f"Served model: `{rec['model']}` ({rec['precision']}), batch 1 per request.", "",
              "| round | protocol | concurrency | load generator | images/s | p50 ms | p99 ms | stable | client CPU us/request "
              "| server's mean batch |", "|--:|---|--:|---|--:|--:|--:|---|--:|--:|"]
     lines += [f"| {p['round']} | {p['protocol']} | {p['concurrency']} | {p['generator']} | {p['throughput_ips']:,.0f} | "
