@@ -149,7 +149,7 @@ def test_run_without_exports_is_refused_before_measuring(tiny_run):
     assert (tiny_run / "cnnpack.json").read_text() == before
 
 
-def test_cli_bench_json_and_errors(exported):
+def test_cli_bench_json_and_errors(benched, exported):  # benched: the ceilings it measured are reused
     cli = [sys.executable, "-m", "cnnpack", "bench", "--run", str(exported)]
     ok = subprocess.run(cli + ["--runtimes", "onnxruntime", "--batch-sizes", "2", "--max-seconds", "0.1",
                                "--threads", "1", "--no-plot", "--json"], capture_output=True, text=True)
@@ -158,6 +158,11 @@ def test_cli_bench_json_and_errors(exported):
     assert [(r["runtime"], r["batch_size"]) for r in section["results"]] == [("onnxruntime", 2)]
     assert section["ceilings_cache"]["reused"] == ["fp32"]  # measured once per machine (the fixture's bench)
     assert "bench.png" not in section["outputs"]
+    # a log file or a pipe gets a line per phase as it starts (a live status would leave it empty until the end)
+    logged = subprocess.run(cli + ["--runtimes", "onnxruntime", "--batch-sizes", "2", "--max-seconds", "0.1",
+                                   "--threads", "1", "--no-plot"], capture_output=True, text=True)
+    assert logged.returncode == 0, logged.stderr
+    assert "bench: measuring onnxruntime batch 2" in logged.stderr.splitlines(), logged.stderr
     bad = subprocess.run(cli + ["--threads", "0"], capture_output=True, text=True)
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and "--threads must be >= 1" in lines[0], bad.stderr

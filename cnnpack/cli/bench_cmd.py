@@ -69,13 +69,17 @@ def bench(
 
 
 def _status(enabled: bool):
-    """A live one-line status on stderr (what is being measured now)."""
+    """A live one-line status on stderr (what is being measured now); where stderr is a log file or a pipe, a line
+    per phase as it starts (a live status would write nothing there until the end)."""
     import contextlib
+    import sys
 
     from rich.console import Console
 
     if not enabled:
         return contextlib.nullcontext(lambda _: None)
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext(lambda text: typer.echo(f"bench: measuring {text}", err=True))
 
     @contextlib.contextmanager
     def ctx():
