@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_shapes import RESULTS, busy_s, machine, pin_cores, wait_for_quiet  # noqa: E402
+from train_shapes import CORES, RESULTS, busy_s, machine, pin_cores, wait_for_quiet  # noqa: E402
 
 from cnnpack.peak import cpu_info, isa_tag  # noqa: E402
 
@@ -116,13 +116,13 @@ def write(result: dict) -> None:
              f"Target: <= {TARGET_S:.0f} s. **{met_s} of {len(rounds)} rounds met** "
              f"({min(walls)}-{max(walls)} s). The bench stage (target >= {TARGET_POINTS_PER_S} points/s): "
              f"**{met_r} of {len(rounds)} rounds met** ({min(rates):.2f}-{max(rates):.2f} points/s).", "",
-             "| round | whole command (s) | install (s) | pipeline process (s) | train | bench | served | "
-             "of it torch.compile | bench points/s | others' CPU (s) |", "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "| round | whole command (s) | install (s) | pipeline process (s) | train | bench | of it torch.compile | "
+             "served | bench points/s | others' CPU (s) |", "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for i, r in enumerate(rounds, 1):
         s = r["stages"]
         lines.append(f"| {i} | {r['wall_s']} | {r['install_s']} | {r['pipeline_process_s']} | "
-                     f"{s['train']['seconds']} | {s['bench']['seconds']} | {s['served']['seconds']} | "
-                     f"{r.get('bench_compile_s', '-')} | "
+                     f"{s['train']['seconds']} | {s['bench']['seconds']} | {r.get('bench_compile_s', '-')} | "
+                     f"{s['served']['seconds']} | "
                      f"{r['bench_points_per_s']:.2f} | {r['others_cpu_s']} |")
     lines += ["", "Stage times come from the run's manifest (in-process, without interpreter start and imports); "
                   "\"others' CPU\": what other processes (or the hypervisor) took of the cores during the round, beside the "
@@ -140,7 +140,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--machine", choices=("used", "fresh"), default="used")
+    ap.add_argument("--render", action="store_true", help="write the .md again from the recorded .json")
     args = ap.parse_args()
+    if args.render:
+        write(json.loads((RESULTS / f"readme-command-cpu{CORES}-{isa_tag()}"
+                          f"{'-fresh' if args.machine == 'fresh' else ''}.json").read_text()))
+        return 0
     if args.rounds < 1:
         sys.exit(f"--rounds must be >= 1, got {args.rounds}")
     if shutil.disk_usage(tempfile.gettempdir()).free < 10 * 2**30:

@@ -15,7 +15,9 @@ answers read at once, p99 12-14 ms against perf_analyzer's 7-9) and read 0.938x 
 them, p99 7-9 ms and 0.99-1.02x in four runs of 9 interleaved rounds while perf_analyzer sent random bytes (NaNs
 as FP32); given the same pixels, 1.002x with the server and the load generator on
 separate cores and 0.91-0.97x in three runs beside it on the 2 cores, where Triton batches its load smaller
-(benchmarks/results/served-loadgen-cnn64-onnx-cpu2-amx*.md).
+(benchmarks/results/served-loadgen-cnn64-onnx-cpu2-amx*.md). Bursts are not what costs there: writing each request
+at once instead read 0.866x against 0.924x coalesced (6 rounds of the three alternated, gRPC at 16, shared cores;
+Triton's mean batch 3.7-5.6 against 7.5-8.2 and perf_analyzer's 7.7-8.5).
 
 What HTTP/2 asks of a client is done: the preface and SETTINGS (acknowledged both ways), PING answered,
 the server's flow-control windows respected (the message waits for WINDOW_UPDATE), this side's windows
