@@ -127,7 +127,7 @@ def write(result: dict) -> None:
     lines += ["", "Stage times come from the run's manifest (in-process, without interpreter start and imports); "
                   "\"others' CPU\": what other processes (or the hypervisor) took of the cores during the round, beside the "
                   "command's own.", "",
-              f"Machine: {m['cpu']} (flags: {', '.join(cpu_info()['flags'])}), {m['cores_visible']} cores, "
+              f"Machine: {m['cpu']} (flags: {', '.join(result['flags'])}), {m['cores_visible']} cores, "
               f"torch {m['torch']}, cnnpack {rounds[0]['commit']}. {result['date']}; waited "
               f"{result['waited_for_quiet_s']} s for quiet cores first.", "",
               f"Reproduce: `{result['reproduce']}`", ""]
@@ -166,7 +166,7 @@ def main() -> int:
            "reproduce": " ".join([".venv/bin/python benchmarks/readme_command.py", "--rounds", str(args.rounds),
                                   *(["--machine", "fresh"] if args.machine == "fresh" else [])]),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(cores),
-           "waited_for_quiet_s": waited, "rounds": rounds})
+           "flags": cpu_info()["flags"], "waited_for_quiet_s": waited, "rounds": rounds})
     return 0 if passed else 1
 
 
