@@ -48,6 +48,36 @@ def test_train_val_layout(tmp_path):
     assert d.skipped == []
 
 
+def test_a_folder_read_again_in_one_process_is_not_decoded_again_unless_a_file_changed(tmp_path, monkeypatch):
+    """A pipeline reads its data folder five times; the second read reuses the decoded pixels, a rewritten file is
+    decoded again, and what one caller does to its split never reaches the next."""
+    import os
+
+    from cnnpack import data
+
+    _folder(tmp_path, {"red": 4, "blue": 4})
+    decoded = []
+    real = data.read_image
+    monkeypatch.setattr(data, "read_image", lambda path, size: decoded.append(path) or real(path, size))
+    first = load_image_folder(tmp_path, SIZE)
+    assert len(decoded) == 8
+    first.train.images.zero_()  # a caller scribbling on its copy
+    again = load_image_folder(tmp_path, SIZE)
+    assert len(decoded) == 8  # nothing decoded again
+    np.testing.assert_allclose(_mean_rgb(again.train, 1), COLOURS["red"], atol=1)
+    changed = tmp_path / "red" / "img0.png"
+    Image.new("RGB", (24, 20), COLOURS["green"]).save(changed)
+    st = changed.stat()
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock must not hide the change
+    third = load_image_folder(tmp_path, SIZE)
+    assert [Path(p).name for p in decoded[8:]] == ["img0.png"]
+    pixels = {Path(f).name: img for f, img, lab in zip(third.train.files + third.val.files,
+                                                       torch.cat([third.train.images, third.val.images]),
+                                                       torch.cat([third.train.labels, third.val.labels]))
+              if lab == 1}
+    np.testing.assert_allclose(pixels["img0.png"].float().mean(dim=(1, 2)).numpy(), COLOURS["green"], atol=1)
+
+
 def test_single_folder_is_split_with_the_seed(tmp_path):
     _folder(tmp_path, {"red": 10, "blue": 10})
     a = load_image_folder(tmp_path, SIZE, val_fraction=0.2, seed=1)
