@@ -77,7 +77,8 @@ def one_round(command: str, fresh: bool, cores: list[int]) -> dict:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and every process it waited for
         own = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         if out.returncode != 0:
-            sys.exit(f"the README's command failed ({out.returncode}) in {clone}:\n{(out.stderr or out.stdout)[-3000:]}")
+            sys.exit(f"the README's command failed ({out.returncode}) in a clean clone (removed); its output ends:\n"
+                     f"{(out.stderr or out.stdout)[-3000:]}")
         install_s = float(mark.read_text()) - t0
         m = json.loads((clone / RUN / "cnnpack.json").read_text())
         p = m["stages"]["pipeline"]
@@ -143,8 +144,10 @@ def main() -> int:
     ap.add_argument("--render", action="store_true", help="write the .md again from the recorded .json")
     args = ap.parse_args()
     if args.render:
-        write(json.loads((RESULTS / f"readme-command-cpu{CORES}-{isa_tag()}"
-                          f"{'-fresh' if args.machine == 'fresh' else ''}.json").read_text()))
+        record = RESULTS / f"readme-command-cpu{CORES}-{isa_tag()}{'-fresh' if args.machine == 'fresh' else ''}.json"
+        if not record.is_file():
+            sys.exit(f"--render: no record {record} to render (run the benchmark first)")
+        write(json.loads(record.read_text()))
         return 0
     if args.rounds < 1:
         sys.exit(f"--rounds must be >= 1, got {args.rounds}")
