@@ -7,8 +7,9 @@ the bench stage's points per second in that setting. A new venv matters beyond t
 precompiled header and its kernels by the torch include folder, so the first `torch.compile` of a new venv
 builds them again even on a machine where cnnpack ran before (the bench stage's compiled runtime pays that).
 
-Each round clones HEAD into a new folder (a new venv path), runs the command with nothing else changed but a
-timestamp written between the install and the pipeline, reads the run's manifest, and deletes the clone (its
+Each round clones HEAD into a new folder (a new venv path), runs the command (on the 2 cores the record is named
+for, timed by `train_shapes.timed`) with nothing else changed but a timestamp written between the install and the
+pipeline, reads the run's manifest, and deletes the clone (its
 venv is 6 GB). `--machine used` (the default) keeps this user's caches (dataset, ceilings, inductor's ISA
 probes; pip's): a clean clone on a machine where cnnpack ran before, as the issue measured it. `--machine fresh`
 gives every round empty cnnpack and inductor caches and TMPDIR as well.
@@ -23,7 +24,6 @@ import datetime as dt
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_shapes import CORES, RESULTS, busy_s, machine, pin_cores, wait_for_quiet  # noqa: E402
+from train_shapes import CORES, RESULTS, machine, pin_cores, timed, wait_for_quiet  # noqa: E402
 
 from cnnpack.peak import cpu_info, isa_tag  # noqa: E402
 
@@ -69,16 +69,8 @@ def one_round(command: str, fresh: bool, cores: list[int]) -> dict:
                        CNNPACK_CACHE=str(work / "cnnpack-cache"))
         mark = work / "installed"
         script = command.replace(STEP, f"date +%s.%N > {mark} && {STEP}")
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        busy0, t0, wall0 = busy_s(cores), time.time(), time.perf_counter()
-        out = subprocess.run(["bash", "-c", script], cwd=clone, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - wall0
-        busy = busy_s(cores) - busy0
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and every process it waited for
-        own = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        if out.returncode != 0:
-            sys.exit(f"the README's command failed ({out.returncode}) in a clean clone (removed); its output ends:\n"
-                     f"{(out.stderr or out.stdout)[-3000:]}")
+        t0 = time.time()  # the clock `date` reads: the install ends at the timestamp it wrote
+        res = timed(["bash", "-c", script], cwd=clone, env=env, cores=cores)  # exits with the output's end on failure
         install_s = float(mark.read_text()) - t0
         m = json.loads((clone / RUN / "cnnpack.json").read_text())
         p = m["stages"]["pipeline"]
@@ -87,12 +79,12 @@ def one_round(command: str, fresh: bool, cores: list[int]) -> dict:
         points = len(rows)
         # the compiled runtime's warm-ups: its first call at each batch size is inductor's compile
         compile_s = sum(r["warmup_s"] for r in rows if r["runtime"] == "compiled")
-        return {"wall_s": round(wall, 1), "install_s": round(install_s, 1),
-                "pipeline_process_s": round(wall - install_s, 1), "pipeline_in_process_s": p["wall_s"],
+        return {"wall_s": round(res["wall_s"], 1), "install_s": round(install_s, 1),
+                "pipeline_process_s": round(res["wall_s"] - install_s, 1), "pipeline_in_process_s": p["wall_s"],
                 "stages": stages, "bench_points": points,
                 "bench_points_per_s": round(points / stages["bench"]["seconds"], 3),
                 "bench_compile_s": round(compile_s, 1),
-                "cpu_s": round(own, 1), "others_cpu_s": round(max(busy - own, 0.0), 1), "commit": commit, "path": str(clone),
+                "cpu_s": res["cpu_s"], "others_cpu_s": res["others_cpu_s"], "commit": commit, "path": str(clone),
                 "best_val_acc": m["stages"]["train"]["metrics"]["best_val_acc"]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
