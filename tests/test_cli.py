@@ -69,6 +69,7 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "resume-changed-options": ["train", "--run", str(existing), "--resume", "--epochs", "5", "--lr", "0.1"],
         "resume-and-force": ["train", "--run", str(existing), "--resume", "--force"],
         "export-half-on-cpu": ["export", "--run", str(existing), "--half"],
+        "repeated-option": ["export", "--run", str(existing), "--format", "onnx", "--format=torchscript"],
     }
     if not _cuda_available():
         cases["device-cuda"] = ["train", "--device", "cuda", "--run", str(tmp / "c")]
@@ -102,6 +103,7 @@ EXPECTED = {
     "resume-and-force": "--resume continues the run in --run, --force replaces it",
     "export-half-on-cpu": "--half makes fp16 artifacts for GPU targets; add --device cuda",
     "device-cuda": "--device cuda: no CUDA GPU",
+    "repeated-option": "--format is given more than once: give it once (where it takes a list, as one comma list)",
 }
 
 
