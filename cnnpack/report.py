@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,12 @@ def _data_and_training(m: dict) -> list[Block]:
     return out
 
 
+def exporter_label(text: str) -> str:
+    """The exporter as the artifacts table shows it: a release without its build suffix (OpenVINO's
+    `2026.4.1-22982-e213a147257-releases/2026/4` widened the table past the page); the manifest keeps it whole."""
+    return re.sub(r"(\d+\.\d+\.\d+)-\S+", r"\1", text)
+
+
 def _export(m: dict, run: Run) -> list[Block]:
     e = m.get("stages", {}).get("export")
     if not e:
@@ -67,7 +74,7 @@ def _export(m: dict, run: Run) -> list[Block]:
         shape = "×".join("N" if d == -1 else str(d) for d in a["input"]["shape"])
         size = os.path.getsize(run.file(a["path"])) / 1e6 if run.file(a["path"]).exists() else None
         rows.append([fmt, a.get("precision", "fp32"), f"`{a['path']}`", f"{a['input']['name']} {shape} {a['input']['dtype']}",
-                     a.get("exporter", ""),
+                     exporter_label(a.get("exporter", "")),
                      str(a.get("opset", "–")), _num(size, "{:.2f} MB"), a["sha256"][:12]])
     return [Block("h2", "Exported artifacts"), Block("table", rows=rows),
             Block("p", "Inputs are raw RGB pixels 0–255; scaling and mean/std normalisation happen inside the graph. "
@@ -375,9 +382,10 @@ def _inline(text: str) -> str:
 
 def to_html(title: str, blocks: list[Block], run: Run) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-             "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:0.92em}"
              "td:first-child,th:first-child{text-align:left}pre{background:#f4f4f4;padding:1em;overflow-x:auto}"
+             ".wide{overflow-x:auto}"  # a table wider than the page scrolls inside it, not past its right edge
              "img{max-width:100%}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     for b in blocks:
         if b.kind == "h2":
@@ -391,9 +399,9 @@ def to_html(title: str, blocks: list[Block], run: Run) -> str:
             parts.append(f"<p><img alt='{html.escape(b.text)}' src='data:image/png;base64,{data}'></p>")
         elif b.kind == "table":
             head, *rows = b.rows
-            parts.append("<table><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in head) + "</tr>"
+            parts.append("<div class='wide'><table><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in head) + "</tr>"
                          + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                         + "</table>")
+                         + "</table></div>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

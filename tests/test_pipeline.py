@@ -106,6 +106,8 @@ def test_report_has_every_section_and_inlines_its_images(first):
     html = (first["run"] / "report.html").read_text()
     assert html.count("src='data:image/png;base64,") == 6
     assert not re.search(r"src=['\"](?!data:)", html)  # self-contained: nothing linked
+    # every table scrolls inside the page: the artifacts table (8 columns) had run past its right edge
+    assert html.count("<table>") == html.count("<div class='wide'><table>") >= 5
 
 
 def test_rerun_skips_every_stage(first):
@@ -241,3 +243,12 @@ def test_openvino_joins_every_stage_when_installed(tiny_data, tmp_path):
     precisions = {(r["artifact"], r["precision"]) for r in summary["precision"]}
     assert {("openvino", "fp32"), ("openvino_int8", "int8")} <= precisions
     assert ("openvino", "bf16") in precisions or not has_bf16()
+
+
+def test_the_artifacts_table_shows_an_exporters_release_without_its_build_suffix():
+    from cnnpack.report import exporter_label
+
+    assert exporter_label("openvino.convert_model 2026.4.1-22982-e213a147257-releases/2026/4") == \
+        "openvino.convert_model 2026.4.1"
+    for kept in ("nncf 3.4.0", "dynamo", "torch.export + AOTInductor (torch 2.14.1+cu130)", "onnxruntime.quantization"):
+        assert exporter_label(kept) == kept
