@@ -14,6 +14,7 @@ bench.csv, bench.png), `host` (cores, memory, CPU time of other processes), `pea
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -61,6 +62,11 @@ NOTES = {
                      "and rows measured at different times are not comparable",
     "cpu_others": "share of the machine's CPU time taken by other processes or the hypervisor (steal) while "
                   "this runtime x batch size ran; above a few % the figure was disturbed",
+    "load_s": "seconds to load the runtime (read the artifact, build its session or compiled model), once per runtime: "
+              "the same on each of its rows",
+    "first_call_s": "seconds of the first call with this batch size, before the warm-up: inductor compiles it for "
+                    "`compiled`, other runtimes size their buffers. load_s + first_call_s is the cold start a new "
+                    "process (a new server instance) pays before it answers at the measured speed",
     "peak_rss_mb": "the process's peak resident memory while the runtime ran this batch size (VmHWM, reset "
                    "before its warm-up) minus the resident memory before the runtime was loaded: weights, "
                    "runtime caches and arenas, activations. Host memory only. Memory the process freed earlier "
@@ -310,11 +316,13 @@ def bench_runtime(ctx: BenchContext, name: str, ref) -> None:
     release_memory()
     base_kb = status_kb("VmRSS")
     ctx.progress(f"{name} load")  # its own phase: loading (a session, a compile) is not the matmul sample before it
+    t0 = time.perf_counter()
     try:
         rt = RUNTIMES.get(name).load(ref, cfg.device, threads=cfg.threads, optimize=True)
     except RuntimeUnavailable as e:
         ctx.skipped[name if ref.format == RUNTIMES.get(name).format else f"{name} ({ref.format})"] = str(e)
         return
+    load_s = time.perf_counter() - t0
     before, rows = ctx.matmul[-1]["gflops"], []
     for i, b in enumerate(cfg.batch_sizes):
         ctx.progress(f"{name} batch {b}")
@@ -322,6 +330,9 @@ def bench_runtime(ctx: BenchContext, name: str, ref) -> None:
         # the runtime's threads, arenas and caches warm up once; a later batch size needs only its first requests
         # (a new shape: inductor compiles it, an arena grows); windows that still drift do not agree and go on
         policy = cfg.policy() if i == 0 else replace(cfg.policy(), warmup_s=0.0)
+        t0 = time.perf_counter()
+        rt.predict(inputs[b])  # the first call with this shape, timed alone: what a new process pays (a compile)
+        first_call_s = time.perf_counter() - t0
         m = measure(functools.partial(rt.predict, inputs[b]), policy, sync=sync(ctx.device))
         peak_kb = status_kb("VmHWM") if can_reset else None
         row_others = others_cpu_share(ticks, cpu_ticks())
@@ -329,6 +340,7 @@ def bench_runtime(ctx: BenchContext, name: str, ref) -> None:
         row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9
         row["peak_rss_mb"] = (peak_kb - base_kb) / 1024 if peak_kb and base_kb else None
         row["cpu_others"] = row_others
+        row["load_s"], row["first_call_s"] = load_s, first_call_s
         row["info"] = rt.info
         rows.append(row)
     del rt

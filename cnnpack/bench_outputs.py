@@ -12,7 +12,7 @@ from cnnpack.rundir import Run, atomic_path, atomic_write_json, atomic_write_tex
 
 CSV_COLUMNS = ("runtime", "format", "precision", "batch_size", "concurrency", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95",
                "latency_ms_p99", "latency_ms_mean", "throughput_ips", "gflops", "matmul_gflops", "matmul_share",
-               "speedup_vs_eager", "speedup_vs_fp32", "peak_rss_mb", "cpu_others", "stable", "requests", "server_batch_mean", "load_generator")
+               "speedup_vs_eager", "speedup_vs_fp32", "peak_rss_mb", "load_s", "first_call_s", "cpu_others", "stable", "requests", "server_batch_mean", "load_generator")
 
 
 def write_outputs(run: Run, section: dict, *, plot: bool = True) -> dict:
@@ -81,3 +81,22 @@ def plot_results(section: dict, path: Path) -> None:
                  fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def _duration(s: float) -> str:
+    return f"{s:.1f} s" if s >= 1 else f"{s:.2f} s" if s >= 0.1 else f"{1e3 * s:.1f} ms"
+
+
+def cold_starts(results: list[dict]) -> str | None:
+    """One line: each runtime's load and its first call at each batch size (what a new process pays before it
+    answers at the measured speed; torch.compile's build shows here), or None when no row has them."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        if r.get("load_s") is not None and r.get("first_call_s") is not None:
+            groups.setdefault(series(r), []).append(r)
+    if not groups:
+        return None
+    parts = [f"{name}: load {_duration(rows[0]['load_s'])}, first call "
+             + ", ".join(f"{_duration(r['first_call_s'])} at batch {r['batch_size']}" for r in rows)
+             for name, rows in groups.items()]
+    return "; ".join(parts)

@@ -166,6 +166,10 @@ def _bench(m: dict, run: Run) -> list[Block]:
                       f"the row's own precision: {_ceilings(b, peak)}. Speedup: eager's median latency over the "
                       "runtime's, at the same batch size."),
            Block("table", rows=rows)]
+    from cnnpack.bench_outputs import cold_starts
+
+    if cold := cold_starts(res):
+        out.append(Block("p", f"**Cold start** ({COLD_START}): {cold}."))
     out += [Block("p", w) for w in _bench_warnings({**b, "results": res})]
     if _speedup_plot(b, run.file(SPEEDUP_PNG)):
         out.append(Block("img", text="speedup over eager and share of the machine's matmul rate", path=SPEEDUP_PNG))
@@ -209,6 +213,8 @@ def _bench_warnings(b: dict) -> list[str]:
 
 
 SPEEDUP_PNG = "speedup.png"
+COLD_START = ("each runtime's load, then its first call at each batch size, before the warm-up: what a new process "
+              "or server instance pays before it answers at the speeds above")
 
 
 def _speedup_plot(b: dict, path: Path) -> bool:

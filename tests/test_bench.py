@@ -46,6 +46,9 @@ def test_bench_measures_every_runtime_and_batch_size(benched):
         assert r["gflops"] == pytest.approx(r["throughput_ips"] * benched["model_gflops_per_image"])
         assert r["matmul_share"] == pytest.approx(r["gflops"] / r["matmul_gflops"])
         assert r["requests"] >= 3 and r["peak_rss_mb"] is not None
+        assert r["load_s"] > 0 and r["first_call_s"] > 0
+    for name in ("eager", "torchscript", "onnxruntime"):  # one load per runtime, a first call per batch size
+        assert rows[(name, 1)]["load_s"] == rows[(name, 8)]["load_s"]
     assert rows[("eager", 1)]["speedup_vs_eager"] == 1.0
     assert rows[("onnxruntime", 8)]["speedup_vs_eager"] == pytest.approx(
         rows[("eager", 8)]["latency_ms_p50"] / rows[("onnxruntime", 8)]["latency_ms_p50"])
@@ -163,6 +166,8 @@ def test_cli_bench_json_and_errors(benched, exported):  # benched: the ceilings 
                                    "--threads", "1", "--no-plot"], capture_output=True, text=True)
     assert logged.returncode == 0, logged.stderr
     assert "bench: measuring onnxruntime batch 2" in logged.stderr.splitlines(), logged.stderr
+    cold = [ln for ln in logged.stdout.splitlines() if ln.startswith("cold start")]
+    assert len(cold) == 1 and "onnxruntime: load " in cold[0] and " at batch 2" in cold[0], logged.stdout
     bad = subprocess.run(cli + ["--threads", "0"], capture_output=True, text=True)
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and "--threads must be >= 1" in lines[0], bad.stderr
@@ -217,7 +222,10 @@ def test_compiled_runtime_is_benched_frozen(exported):
                                           max_seconds=0.2, warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
     compiled = next(r for r in section["results"] if r["runtime"] == "compiled")
     assert compiled["info"]["freezing"] is True and compiled["latency_ms_p50"] > 0
-    assert compiled["warmup_s"] > compiled["latency_ms_p50"] / 1e3  # the compile happens in the warm-up
+    # inductor compiles in the first call, which is timed alone as the cold start and kept out of the windows
+    assert compiled["first_call_s"] > 20 * compiled["latency_ms_p50"] / 1e3
+    eager = next(r for r in section["results"] if r["runtime"] == "eager")
+    assert compiled["first_call_s"] > 10 * eager["first_call_s"]
 
 
 @pytest.fixture(scope="module")

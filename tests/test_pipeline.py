@@ -103,6 +103,9 @@ def test_report_has_every_section_and_inlines_its_images(first):
     for png in ("curves.png", "confusion.png", "samples.png", "bench.png", "speedup.png", "precision.png"):
         assert f"]({png})" in md and (first["run"] / png).is_file()
     assert "cnnpack serve --repository" in md and "nvcr.io/nvidia/tritonserver" in md
+    cold = next(ln for ln in md.splitlines() if ln.startswith("**Cold start**"))  # every locally benched runtime
+    bench = json.loads((first["run"] / "bench.json").read_text())
+    assert all(f"{r['runtime']}: load " in cold for r in bench["results"] if r["runtime"] != "triton")
     html = (first["run"] / "report.html").read_text()
     assert html.count("src='data:image/png;base64,") == 6
     assert not re.search(r"src=['\"](?!data:)", html)  # self-contained: nothing linked

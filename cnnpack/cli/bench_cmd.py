@@ -64,6 +64,7 @@ def bench(
     emit(section, as_json)
     if not as_json:
         _print_table(section)
+        _print_cold_starts(section)
         _print_warnings(section)
         typer.echo("written: " + ", ".join(str(run / o["path"]) for o in section["outputs"].values()))
 
@@ -87,6 +88,13 @@ def _status(enabled: bool):
             yield lambda text: st.update(f"measuring {text}")
 
     return ctx()
+
+
+def _print_cold_starts(section: dict) -> None:
+    from cnnpack.bench_outputs import cold_starts
+
+    if cold := cold_starts(section["results"]):
+        typer.echo(f"cold start (load, then the first call at each batch size): {cold}")
 
 
 def _print_warnings(section: dict) -> None:
