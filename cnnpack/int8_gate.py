@@ -112,6 +112,12 @@ def top1(x: np.ndarray, labels: np.ndarray) -> float:
 
 
 # -- time ----------------------------------------------------------------------------------------------
+def reading_share(read_s: float, limit_s: float) -> str:
+    """Where a tenth or more of the limit went into reading the images (the built-in data is drawn on its first
+    use at a size, then cached), the message says so: the next run starts with that time back."""
+    return f" (reading the images took {read_s:.0f} s of it)" if read_s >= 0.1 * limit_s else ""
+
+
 class TimeLimitReached(ParityError):
     """The gate ran out of time; `section` holds the attempts so far (nothing is recorded)."""
 
@@ -128,12 +134,22 @@ class Clock:
     say: Callable[[str], None]
     t0: float = field(default_factory=time.perf_counter)
     stopped: str | None = None  # what was running when the limit was reached
+    read_s: float = 0.0  # reading the images (drawing the built-in ones, on their first use at a size)
+
+    def read(self, run: Run, cfg: QuantizeConfig) -> QuantData:
+        """`load_quant_data`, with its progress line and its time kept for the messages."""
+        self.note("reading the calibration and validation images")
+        t = time.perf_counter()
+        data = load_quant_data(run, cfg)
+        self.read_s = time.perf_counter() - t
+        return data
 
     def require(self, doing: str) -> None:
         """Raises TimeLimitReached when the deadline passed during `doing`, before any int8 attempt."""
         if self.over(doing):
             raise TimeLimitReached(f"no int8 model: the time limit of {self.limit_s:g} s was reached during {doing}, "
-                                   "before any int8 attempt; raise --time-limit", {})
+                                   f"before any int8 attempt{reading_share(self.read_s, self.limit_s)}; "
+                                   "raise --time-limit", {})
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -308,8 +324,9 @@ def why_refused(section: dict, cfg: QuantizeConfig) -> str:
         what = section["stopped"]
         fewer = ("or rank on fewer images (--rank-images)" if what.startswith("ranking") else
                  "or calibrate on fewer images (--calibration-images)" if what.startswith("calibrat") else "")
-        return f"the time limit of {cfg.time_limit_s:g} s was reached during {what}; raise --time-limit" + \
-            (f", {fewer}" if fewer else "")
+        return (f"the time limit of {cfg.time_limit_s:g} s was reached during {what}"
+                f"{reading_share(section.get('read_s', 0.0), cfg.time_limit_s)}; raise --time-limit"
+                + (f", {fewer}" if fewer else ""))
     if any(a.get("all_float") for a in section.get("attempts", [])):
         return "every layer had to stay in float to hold the gate: there is no int8 model of it; loosen the gate"
     if steps == 0 and cfg.max_steps == 0:

@@ -31,7 +31,6 @@ from cnnpack.int8_gate import (
     QuantData,
     QuantizeConfig,
     evaluate,
-    load_quant_data,
     run_gate,
     section,
 )
@@ -186,7 +185,7 @@ def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str)
         raise MissingStageError(f"{run.path} has no OpenVINO IR to quantize; run `cnnpack export --run {run.path} "
                                 "--format onnx,openvino` first")
     ref = artifact_ref(run, "openvino")
-    data = load_quant_data(run, cfg)
+    data = clock.read(run, cfg)
     model = ov.read(ref.path)
     clock.note("fp32 reference on the validation split")
     ref_logits = _logits(ov.compile_cpu(model, threads=None), data.val_images)

@@ -34,7 +34,6 @@ from cnnpack.int8_gate import (
     QuantData,
     QuantizeConfig,
     evaluate,
-    load_quant_data,
     run_gate,
     section,
 )
@@ -294,7 +293,7 @@ def _fp32_artifact(run: Run):
 def quantize_onnx(run: Run, cfg: QuantizeConfig, clock: Clock, command: str) -> dict:
     """onnx -> onnx_int8 under the gate; returns the stage section (the artifact is recorded by `quantize`)."""
     ref = _fp32_artifact(run)
-    data = load_quant_data(run, cfg)
+    data = clock.read(run, cfg)
     batch = min(64, ref.record.get("max_batch_size") or 64)
     clock.note("fp32 reference on the validation split")
     ref_logits = logits(ref.path, data.val_images, batch)

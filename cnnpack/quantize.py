@@ -55,6 +55,7 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig(), *,
     run = Run.open(run_dir)
     clock = Clock(cfg.time_limit_s, progress)
     section = QUANTIZERS.get(cfg.format)(run, cfg, clock, command(run, cfg))
+    section["read_s"] = clock.read_s
     artifact = section.pop("artifact", None)
     if artifact is None:
         message = refusal(section, cfg, STAGE[cfg.format], run.manifest_path)

@@ -179,7 +179,7 @@ def test_a_gate_nothing_meets_is_exit_1_and_keeps_the_previous_artifact(quantize
     assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def test_at_the_time_limit_the_best_attempt_is_reported_and_nothing_recorded(quantized, tmp_path):
+def test_at_the_time_limit_the_best_attempt_is_reported_and_nothing_recorded(quantized, tmp_path, monkeypatch):
     import time
 
     run = tmp_path / "run"
@@ -200,6 +200,17 @@ def test_at_the_time_limit_the_best_attempt_is_reported_and_nothing_recorded(qua
         quantize(run, cfg, progress=slow_progress)
     with pytest.raises(TimeLimitReached, match=r"the time limit of 0.001 s was reached during the fp32 reference, before"):
         quantize(run, QuantizeConfig(time_limit_s=0.001))
+    import cnnpack.int8_gate as gate
+
+    def slow_read(*args):  # the built-in data drawn on its first use at a size: the message says where time went
+        time.sleep(2.2)
+        return load_quant_data(*args)
+
+    load_quant_data = gate.load_quant_data
+    monkeypatch.setattr(gate, "load_quant_data", slow_read)
+    with pytest.raises(TimeLimitReached, match=r"during the fp32 reference, before any int8 attempt \(reading the "
+                                               r"images took 2 s of it\); raise --time-limit$"):
+        quantize(run, QuantizeConfig(time_limit_s=2))
     assert (run / "cnnpack.json").read_bytes() == manifest  # nothing recorded
     assert (run / "export/model.int8.onnx").read_bytes() == model
     assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]
@@ -253,6 +264,9 @@ def test_every_refusal_says_its_real_reason():
     assert "time limit of 110 s was reached during ranking node 3 of 10; raise --time-limit, or rank on fewer images " \
         "(--rank-images)" in reason(0, 0, stopped="ranking node 3 of 10")
     assert reason(2, 2, stopped="fallback step 3 of 8").endswith("during fallback step 3 of 8; raise --time-limit")
+    assert reason(2, 2, stopped="fallback step 3 of 8", read_s=40.0).endswith(  # a tenth of the limit or more
+        "during fallback step 3 of 8 (reading the images took 40 s of it); raise --time-limit")
+    assert "reading" not in reason(2, 2, stopped="fallback step 3 of 8", read_s=10.0)
     assert "--max-steps 0 allows no fallback" in reason(0, 0, cfg={"max_steps": 0})
     assert "--max-steps 8 was spent (the last step kept the 8 most harmful of 10 node(s)" in reason(8, 8)
     assert "every one of the 3 node(s) the ranking found harmful never held the gate" in reason(3, 3, harmful_nodes=3)
