@@ -87,7 +87,9 @@ def simd(flags) -> str:
 def lscpu() -> dict:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
-    return {"model": field.get("Model name"), "cpus": field.get("CPU(s)"), "flags": field.get("Flags", "")}
+    from cnnpack.host import cpu_name
+
+    return {"model": cpu_name(), "cpus": field.get("CPU(s)"), "flags": field.get("Flags", "")}
 
 
 def main() -> int:

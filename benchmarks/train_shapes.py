@@ -132,10 +132,11 @@ def train_run(tmp: Path, i: int, cores: list[int]) -> dict:
 
 
 def machine(cores: list[int]) -> dict:
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     from importlib.metadata import version
+
+    from cnnpack.host import cpu_name
+
+    model = cpu_name()  # with family and model numbers where the name is a hypervisor's "AMD EPYC"
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()

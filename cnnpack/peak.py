@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpack.host import cpu_name, torch_threads, usable_cores  # noqa: F401 - usable_cores: peak's name for it stays
 from cnnpack.host import sync as sync_of
-from cnnpack.host import torch_threads, usable_cores  # noqa: F401 - usable_cores: peak's name for it stays
 
 PRECISIONS = ("fp32", "int8", "bf16")
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})  # int8 dot products (u8 x s8 into int32, no int16 pair sums)
@@ -173,7 +173,7 @@ def cpu_info() -> dict:
     with contextlib.suppress(OSError, ValueError):
         mhz = max(mhz, int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1000)
     keys = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-    return {"model": field("model name"), "vendor": field("vendor_id"), "mhz": mhz,
+    return {"model": cpu_name(text), "vendor": field("vendor_id"), "mhz": mhz,
             "flags": sorted(k for k in keys if k in flags)}
 
 

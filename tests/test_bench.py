@@ -270,6 +270,19 @@ def test_each_precision_names_its_matrix_engine(flags, vendor, engines):
     assert tuple(matrix_engine(p, info) for p in ("fp32", "int8", "bf16")) == engines
 
 
+@pytest.mark.parametrize("name, family, model, expect", [
+    ("AMD EPYC", 25, 1, "AMD EPYC (family 25, model 1: Zen 3)"),  # two hosts a VM names alike, told apart
+    ("AMD EPYC", 25, 17, "AMD EPYC (family 25, model 17: Zen 4)"),
+    ("AMD EPYC", 23, 49, "AMD EPYC (family 23, model 49: Zen 2)"),
+    ("Intel Xeon Processor (Sapphire Rapids)", 6, 143, "Intel Xeon Processor (Sapphire Rapids) (family 6, model 143)"),
+    ("Intel(R) Xeon(R) Platinum 8488C", 6, 143, "Intel(R) Xeon(R) Platinum 8488C"),  # the name says it already
+])
+def test_the_cpu_is_named_with_its_family_and_model_where_its_name_does_not_tell(name, family, model, expect):
+    from cnnpack.host import cpu_name
+
+    assert cpu_name(f"processor\t: 0\nmodel name\t: {name}\ncpu family\t: {family}\nmodel\t\t: {model}\n") == expect
+
+
 def test_the_cpu_of_this_process_s_own_children_is_not_counted_as_others():
     """inductor compiles in worker processes: their CPU is the row's own, not a disturbance."""
     import resource
