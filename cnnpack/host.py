@@ -31,6 +31,12 @@ _ZEN = ((23, range(0x00, 0x30), "Zen/Zen+"), (23, range(0x30, 0x100), "Zen 2"), 
         (25, range(0xA0, 0x100), "Zen 4"), (26, range(0x00, 0x100), "Zen 5"))
 
 
+def cpuinfo_field(cpuinfo: str, key: str) -> str:
+    """The value of `key` on the first processor of /proc/cpuinfo's text ("" when it is not there)."""
+    m = re.search(rf"^{key}\s*:\s*(.+)$", cpuinfo, re.M)
+    return m.group(1).strip() if m else ""
+
+
 def cpu_name(cpuinfo: str | None = None) -> str:
     """The CPU's model name, with its family and model numbers (and AMD's core generation) where the name alone
     does not tell one CPU from another (a hypervisor's "AMD EPYC")."""
@@ -39,11 +45,8 @@ def cpu_name(cpuinfo: str | None = None) -> str:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return platform.processor()
-    def field(key: str) -> str:
-        m = re.search(rf"^{key}\s*:\s*(.+)$", cpuinfo, re.M)
-        return m.group(1).strip() if m else ""
-
-    name, family, model = field("model name") or platform.processor(), field("cpu family"), field("model")
+    name = cpuinfo_field(cpuinfo, "model name") or platform.processor()
+    family, model = cpuinfo_field(cpuinfo, "cpu family"), cpuinfo_field(cpuinfo, "model")
     if not (family.isdigit() and model.isdigit()) or re.search(r"\d{3,}", name):  # "EPYC 9R14", "Xeon 8488C"
         return name
     f, m = int(family), int(model)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.host import cpu_name, torch_threads, usable_cores  # noqa: F401 - usable_cores: peak's name for it stays
+from cnnpack.host import cpu_name, cpuinfo_field, torch_threads, usable_cores  # noqa: F401 - usable_cores: peak's name for it stays
 from cnnpack.host import sync as sync_of
 
 PRECISIONS = ("fp32", "int8", "bf16")
@@ -110,7 +110,7 @@ def machine_key(threads: int) -> dict:
     text = ""
     with contextlib.suppress(OSError):
         text = Path("/proc/cpuinfo").read_text()
-    flags = " ".join(sorted(set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or [None, ""])[1].split())))
+    flags = " ".join(sorted(set(cpuinfo_field(text, "flags").split())))
     libs = {k: v for k, v in library_versions().items() if k in ("torch", "onnxruntime", "onnxruntime-gpu", "openvino")}
     return {"version": CACHE_VERSION, "cpu": cpu_info()["model"], "flags_sha256": hashlib.sha256(flags.encode()).hexdigest(),
             "threads": threads, "libraries": libs}
@@ -167,13 +167,12 @@ def cpu_info() -> dict:
     text = ""
     with contextlib.suppress(OSError):
         text = Path("/proc/cpuinfo").read_text()
-    field = lambda k: (re.search(rf"^{k}\s*:\s*(.+)$", text, re.M) or [None, ""])[1].strip()  # noqa: E731
-    flags = set(field("flags").split())
+    flags = set(cpuinfo_field(text, "flags").split())
     mhz = max((float(v) for v in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)), default=0.0)
     with contextlib.suppress(OSError, ValueError):
         mhz = max(mhz, int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1000)
     keys = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-    return {"model": cpu_name(text), "vendor": field("vendor_id"), "mhz": mhz,
+    return {"model": cpu_name(text), "vendor": cpuinfo_field(text, "vendor_id"), "mhz": mhz,
             "flags": sorted(k for k in keys if k in flags)}
 
 
