@@ -119,6 +119,30 @@ def test_bad_input_is_one_error_line_and_exit_2(bad_runs, case):
     assert "Traceback" not in out.stderr and out.stdout == ""
 
 
+USAGE_ERRORS = {
+    ("bench", "--run", "r", "--no-such"): "error: cnnpack bench: no such option: --no-such (see `cnnpack bench -h`)",
+    ("bench",): "error: cnnpack bench: missing option '--run' (see `cnnpack bench -h`)",
+    ("trian",): "error: cnnpack: no such command 'trian'",
+    ("train", "--epochs", "two"): "error: cnnpack train: invalid value for '--epochs'",
+}
+
+
+def test_a_usage_error_is_one_line_too_not_clicks_usage_box(tmp_path):
+    """An unknown option or command, a missing or malformed one: one line naming the command, exit 2, as for every
+    other bad input (click's default is a four-line box), and nothing written."""
+    procs = {a: subprocess.Popen([sys.executable, "-m", "cnnpack", *a], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, cwd=tmp_path) for a in USAGE_ERRORS}
+    for args, p in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        stderr = stderr.replace("python -m cnnpack", "cnnpack")  # click names the program as it was started
+        assert p.returncode == 2, (args, stderr)
+        assert stderr.count("\n") == 1 and stderr.startswith(USAGE_ERRORS[args]), (args, stderr)
+        assert stdout == ""
+    assert list(tmp_path.iterdir()) == []
+    bare = subprocess.run([sys.executable, "-m", "cnnpack"], capture_output=True, text=True)
+    assert "Example: cnnpack pipeline" in bare.stdout + bare.stderr  # `cnnpack` alone still shows the help
+
+
 def test_resume_with_a_changed_option_names_it(bad_runs):
     """--resume always continues the recorded config: a different --epochs would be silently ignored."""
     error = bad_runs["resume-changed-options"].stderr.strip()

@@ -6,14 +6,46 @@ Heavy libraries (torch, onnxruntime, tritonclient) are imported inside the comma
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
+
+# click's UsageError, from whichever click this typer carries (its own copy since typer 0.2x, click itself before)
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors(command_path: str):
+    """A usage error (unknown option or command, a missing or malformed one) as one stderr line and exit 2, like
+    every other bad input; click's default is a four-line usage box. `cnnpack` alone still shows the help."""
+    try:
+        yield
+    except _USAGE_ERROR as e:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            raise
+        path = e.ctx.command_path if e.ctx is not None else command_path
+        msg = e.format_message().strip().rstrip(".")
+        typer.echo(f"error: {path}: {msg[:1].lower()}{msg[1:]} (see `{path} -h`)", err=True)
+        raise typer.Exit(2) from None
+
+
+class _Group(TyperGroup):
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line_usage_errors(info_name or self.name or "cnnpack"):
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors(ctx.command_path):
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
+    cls=_Group,
     name="cnnpack",
     help="Train an image-classification CNN, export it to ONNX/pt2/TorchScript, prove the exports match, "
     "benchmark them and serve them with Triton.\n\nExample: cnnpack pipeline",
