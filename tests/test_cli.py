@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -54,6 +55,7 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
     existing = tmp / "existing"
     shutil.copytree(tiny_run, existing)
     (tmp / "plain").mkdir()
+    (tmp / "afile").write_text("not a folder")
     broken = tmp / "broken"
     shutil.copytree(tiny_run, broken)
     (broken / "last.pt").write_bytes((broken / "last.pt").read_bytes()[:1000])
@@ -70,6 +72,7 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "resume-and-force": ["train", "--run", str(existing), "--resume", "--force"],
         "export-half-on-cpu": ["export", "--run", str(existing), "--half"],
         "repeated-option": ["export", "--run", str(existing), "--format", "onnx", "--format=torchscript"],
+        "run-under-a-file": ["train", "--data", data, "--epochs", "1", "--run", str(tmp / "afile" / "run")],
     }
     if not _cuda_available():
         cases["device-cuda"] = ["train", "--device", "cuda", "--run", str(tmp / "c")]
@@ -104,6 +107,7 @@ EXPECTED = {
     "export-half-on-cpu": "--half makes fp16 artifacts for GPU targets; add --device cuda",
     "device-cuda": "--device cuda: no CUDA GPU",
     "repeated-option": "--format is given more than once: give it once (where it takes a list, as one comma list)",
+    "run-under-a-file": "afile is a file, not a folder: cannot make",
 }
 
 
@@ -141,6 +145,15 @@ def test_a_usage_error_is_one_line_too_not_clicks_usage_box(tmp_path):
     assert list(tmp_path.iterdir()) == []
     bare = subprocess.run([sys.executable, "-m", "cnnpack"], capture_output=True, text=True)
     assert "Example: cnnpack pipeline" in bare.stdout + bare.stderr  # `cnnpack` alone still shows the help
+
+
+def test_a_system_error_names_the_users_path_not_cnnpacks_temporary_sibling():
+    from cnnpack.cli import file_error
+
+    assert file_error(OSError(errno.ENOSPC, "No space left on device", "/m/.model.onnx.k2_x9a.tmp")) == \
+        "/m/model.onnx: No space left on device"
+    assert file_error(OSError(errno.EROFS, "Read-only file system", "/m/.deploy.new-3fz_q1")) == \
+        "/m/deploy: Read-only file system"
 
 
 def test_resume_with_a_changed_option_names_it(bad_runs):

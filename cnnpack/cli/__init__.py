@@ -7,8 +7,10 @@ Heavy libraries (torch, onnxruntime, tritonclient) are imported inside the comma
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -88,8 +90,33 @@ def handles_errors(fn):
         except KeyboardInterrupt:
             _err("interrupted")
             raise typer.Exit(130) from None
+        except OSError as e:  # a path the system refused: an output under a file, a read-only or full disk
+            if STATE["debug"] or e.filename is None:
+                raise
+            _err(file_error(e))
+            raise typer.Exit(2 if e.errno in _PATH_ERRNOS else 1) from None
 
     return wrapper
+
+
+# the path given cannot be used (bad input, exit 2); others (a full disk, an I/O error) are failures (exit 1)
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST,
+                errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def file_error(e: OSError) -> str:
+    """`PATH: reason` for an OSError, naming the path the user gave rather than cnnpack's temporary sibling of it
+    (`.model.onnx.x1y2.tmp`, `.deploy.new-x1y2`: outputs are written beside their place, then moved in)."""
+    path = Path(e.filename)
+    if m := re.fullmatch(r"\.(.+)\.(?:new-\w+|\w+\.tmp)", path.name):
+        path = path.with_name(m.group(1))
+    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST):
+        for folder in (path, *path.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    return f"{folder} is a file, not a folder" + (f": cannot make {path}" if folder != path else "")
+                break
+    return f"{path}: {e.strerror or e}"
 
 
 def emit(result: dict, as_json: bool) -> None:
