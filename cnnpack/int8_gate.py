@@ -35,13 +35,14 @@ QUANTIZERS: Registry = Registry("quantizer")
 METHODS = ("minmax", "entropy", "percentile")
 WEIGHT_TYPES = ("auto", "int8", "uint8")  # ONNX Runtime's weights: cnnpack/int8_ort.py weight_type()
 CALIBRATION_BATCH = 16
+CALIBRATION_IMAGES = 256  # the default: a training split smaller than this is calibrated on whole
 DEFAULT_TIME_LIMIT_S = 110.0  # the whole call: resnet18@224 on 2 cores within 2 minutes, first attempt missing the gate
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
     format: str = "onnx_int8"  # the quantizer (and the artifact's format key)
-    calibration_images: int = 256  # from the run's training split
+    calibration_images: int | None = None  # from the run's training split; None: all of it up to CALIBRATION_IMAGES
     method: str = "minmax"  # minmax | entropy | percentile
     max_drop: float = 0.5  # percentage points of validation top-1, int8 vs the fp32 artifact
     min_agreement: float = 0.99  # top-1 agreement with the fp32 artifact (verify's int8 contract)
@@ -60,7 +61,7 @@ class QuantizeConfig:
             raise UserInputError(f"--max-drop is in percentage points of top-1 and must be >= 0, got {self.max_drop}")
         if not 0 < self.min_agreement <= 1:
             raise UserInputError(f"--min-agreement is a fraction in (0, 1], got {self.min_agreement}")
-        if self.calibration_images < 1:
+        if self.calibration_images is not None and self.calibration_images < 1:
             raise UserInputError(f"--calibration-images must be >= 1, got {self.calibration_images}")
         if self.max_steps < 0:
             raise UserInputError(f"--max-steps must be >= 0, got {self.max_steps}")
@@ -99,10 +100,11 @@ def load_quant_data(run: Run, cfg: QuantizeConfig) -> QuantData:
         raise UserInputError(f"--data {d.source} has classes {d.classes}, the run's model {list(spec['classes'])}; "
                              "calibrate on the data the model classifies")
     n = len(d.train)
-    if cfg.calibration_images > n:
+    if cfg.calibration_images is not None and cfg.calibration_images > n:
         raise UserInputError(f"--calibration-images {cfg.calibration_images} is more than the {n} images of "
                              f"{d.source}'s training split; use at most {n}")
-    idx = np.random.default_rng(cfg.seed).permutation(n)[:cfg.calibration_images]
+    k = min(CALIBRATION_IMAGES, n) if cfg.calibration_images is None else cfg.calibration_images
+    idx = np.random.default_rng(cfg.seed).permutation(n)[:k]
     images = d.train.images.numpy()[np.sort(idx)].astype(np.float32)
     return QuantData(images, d.val.images.numpy(), d.val.labels.numpy(), d.source, n)
 

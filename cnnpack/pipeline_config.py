@@ -24,7 +24,7 @@ class PipelineConfig:
     formats: tuple[str, ...] = ("onnx", "torchscript")
     max_batch_size: int = 64
     int8: bool = True  # the quantize stage: an int8 ONNX model under the accuracy gate
-    calibration_images: int = 256
+    calibration_images: int | None = None  # None: quantize's default
     max_drop: float = 0.5
     min_agreement: float = 0.99  # int8 vs fp32 (quantize's gate) and vs eager (verify's int8 contract)
     verify_min_agreement: float = 0.999  # verify's top-1 agreement with eager for fp32 (bf16/fp16: at most their own)

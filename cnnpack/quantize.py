@@ -30,10 +30,11 @@ STAGE = {"onnx_int8": "quantize", "openvino_int8": "quantize_openvino"}  # its s
 
 
 def command(run: Run, cfg: QuantizeConfig) -> str:
-    args = ["cnnpack", "quantize", "--run", str(run.path), "--calibration-images", str(cfg.calibration_images),
-            "--method", cfg.method, "--max-drop", f"{cfg.max_drop:g}", "--min-agreement", f"{cfg.min_agreement:g}",
-            "--max-steps", str(cfg.max_steps), "--rank-images", str(cfg.rank_images),
-            "--time-limit", f"{cfg.time_limit_s:g}", "--seed", str(cfg.seed)]
+    args = ["cnnpack", "quantize", "--run", str(run.path)]
+    args += ["--calibration-images", str(cfg.calibration_images)] if cfg.calibration_images is not None else []
+    args += ["--method", cfg.method, "--max-drop", f"{cfg.max_drop:g}", "--min-agreement", f"{cfg.min_agreement:g}",
+             "--max-steps", str(cfg.max_steps), "--rank-images", str(cfg.rank_images),
+             "--time-limit", f"{cfg.time_limit_s:g}", "--seed", str(cfg.seed)]
     args += ["--data", cfg.data] if cfg.data else []
     args += ["--backend", "openvino"] if cfg.format == "openvino_int8" else []
     return " ".join(shlex.quote(a) for a in args)

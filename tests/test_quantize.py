@@ -289,6 +289,20 @@ def test_bad_options(exported, tmp_path, cfg, message):
     assert not (run / "export/model.int8.onnx").exists() and "quantize" not in _manifest(run)["stages"]
 
 
+def test_the_default_calibrates_on_a_smaller_training_split_whole(exported, monkeypatch):
+    """Without --calibration-images, a split smaller than the default count is used whole (a small dataset must not
+    stop the pipeline at quantize over a flag its user never gave); asked for by number, more than the split is
+    refused (test_bad_options)."""
+    from cnnpack import int8_gate
+    from cnnpack.rundir import Run
+
+    monkeypatch.setattr(int8_gate, "CALIBRATION_IMAGES", 100_000)
+    data = int8_gate.load_quant_data(Run.open(exported), QuantizeConfig())
+    assert len(data.calibration) == data.train_images == 360
+    monkeypatch.setattr(int8_gate, "CALIBRATION_IMAGES", 100)
+    assert len(int8_gate.load_quant_data(Run.open(exported), QuantizeConfig()).calibration) == 100
+
+
 def test_no_onnx_artifact_says_to_export(tiny_run):
     with pytest.raises(MissingStageError, match="has no ONNX artifact to quantize; run `cnnpack export"):
         quantize(tiny_run, QuantizeConfig())

@@ -30,7 +30,8 @@ def pipeline(
                                                          "openvino join by --pt2 and --openvino."),
     max_batch_size: int = typer.Option(64, help="Largest batch the exported models accept."),
     int8: bool = typer.Option(True, "--int8/--no-int8", help="Quantize: an int8 ONNX model under the accuracy gate."),
-    calibration_images: int = typer.Option(256, help="With --int8: training images to calibrate on."),
+    calibration_images: Optional[int] = typer.Option(None, help="Training images to calibrate int8 on (default: "
+                                                     "256, or the whole training split when smaller)."),
     max_drop: float = typer.Option(0.5, help="With --int8: largest top-1 drop vs fp32, percentage points."),
     min_agreement: float = typer.Option(0.99, help="With --int8: least top-1 agreement of int8 with fp32 "
                                                    "(quantize's gate) and with eager (verify's int8 contract)."),

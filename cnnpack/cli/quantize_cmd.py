@@ -14,7 +14,8 @@ from cnnpack.cli import app, emit, handles_errors
 @handles_errors
 def quantize(
     run: Path = typer.Option(..., help="Run directory with an fp32 ONNX export."),
-    calibration_images: int = typer.Option(256, help="Training-split images to calibrate on (seeded choice)."),
+    calibration_images: Optional[int] = typer.Option(None, help="Training-split images to calibrate on, a seeded "
+                                                     "choice (default: 256, or the whole split when smaller)."),
     method: str = typer.Option("minmax", help="Calibration: minmax | entropy | percentile."),
     max_drop: float = typer.Option(0.5, help="Accuracy gate: largest top-1 drop vs fp32 ONNX, percentage points."),
     min_agreement: float = typer.Option(0.99, help="Gate: top-1 agreement with fp32 ONNX on the validation split."),
