@@ -31,7 +31,9 @@ class InferConfig:
 
     @property
     def target(self) -> str:
-        return f"{self.model}_image" if self.ensemble else self.model
+        if self.ensemble and not self.model.endswith("_image"):  # --model cnn_onnx_image --ensemble: meant as given
+            return f"{self.model}_image"
+        return self.model
 
     def validate(self) -> None:
         from cnnpack.client import check_protocol
@@ -99,6 +101,28 @@ def _why(e: BaseException) -> str:
     return str(e).split("\n")[0] or type(e).__name__
 
 
+def expand_folders(paths: list[str | Path]) -> list[Path]:
+    """The paths, each folder replaced by the image files under it (by suffix, sorted, hidden ones left out); a file
+    named on its own is kept whatever its suffix, to be read or skipped with its reason."""
+    from PIL import Image
+
+    suffixes = set(Image.registered_extensions())
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            files.append(p)
+            continue
+        found = sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes and f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        if not found:
+            raise UserInputError(f"{p} is a folder with no image files ({', '.join(sorted(IMAGE_HINT))}, ...) in it")
+        files += found
+    return files
+
+
+IMAGE_HINT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
 def infer(paths: list[str | Path], cfg: InferConfig) -> dict:
     """Top-k labels of each readable image from the served model; unreadable images are listed as skipped.
 
@@ -113,7 +137,7 @@ def infer(paths: list[str | Path], cfg: InferConfig) -> dict:
         client.check_ready()
         model = client.model(cfg.target)
         _check_model(model, cfg)
-        files = [Path(p) for p in paths]
+        files = expand_folders(paths)
         ok, batch, skipped = read_encoded(files) if cfg.ensemble else read_pixels(files, model.image_size)
         if not ok:
             raise UserInputError(f"none of the {len(files)} images could be read ("

@@ -14,7 +14,7 @@ from cnnpack.cli import app, handles_errors
 @app.command()
 @handles_errors
 def infer(
-    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...) to classify."),
+    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...) to classify; a folder stands for the image files under it."),
     model: str = typer.Option(..., help="The served classifier's name (e.g. cnn_onnx; see `cnnpack serve`)."),
     url: Optional[str] = typer.Option(None, help="Triton's HOST:PORT (default 127.0.0.1:8000 for http, :8001 for grpc)."),
     protocol: str = typer.Option("http", help="http | grpc"),
@@ -28,6 +28,8 @@ def infer(
     The model's input size comes from the server's model config; images are resized here like the training data and sent as raw 0-255 FP32 NCHW (with --ensemble: as encoded bytes). Scores are logits. Unreadable images are skipped and named on stderr; the rest are still sent.
 
     Example: cnnpack infer cat.png dog.jpg --model cnn_onnx --top-k 3
+
+    Example (every image under a folder): cnnpack infer photos/ --model cnn_onnx
 
     Example (gRPC, server-side decoding): cnnpack infer *.png --model cnn_onnx --protocol grpc --ensemble
     """
