@@ -385,7 +385,11 @@ def test_an_out_with_a_different_deployment_is_refused_and_kept_unless_force(dep
             deploy(laid_out, DeployConfig(out=str(tmp_path / "plain"), force=force))
     assert (tmp_path / "plain" / "notes.txt").read_text() == "mine"
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    repo = Path(json.loads((laid_out / "cnnpack.json").read_text())["stages"]["triton"]["repository"])
+    gpu_config = repo / "cnn_onnx" / "configs" / "gpu.pbtxt"
+    stamp = gpu_config.stat().st_mtime_ns
     deploy(laid_out, DeployConfig(out=str(out)))  # the same deployment again: rewritten
+    assert gpu_config.stat().st_mtime_ns == stamp  # the repository's unchanged file is not (a polling Triton reloads)
     assert deploy(laid_out, DeployConfig(out=str(out), name="other", force=True))["name"] == "other"
     assert _yaml(out / "kubernetes" / "base" / "service.yaml")["metadata"]["name"] == "other"
 

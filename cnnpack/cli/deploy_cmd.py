@@ -68,6 +68,6 @@ def _report(r: dict) -> None:
         typer.echo(f"  apply    kubectl apply -k {out / 'kubernetes' / 'overlays' / overlay}")
     typer.echo(f"  kserve   kubectl apply -f {out / 'kserve'}")
     for path in r["repository_files_added"]:
-        typer.echo(f"  added    {Path(r['repository']) / path} (the gpu overlay's KIND_GPU config)")
+        typer.echo(f"  gpu cfg  {Path(r['repository']) / path} (the gpu overlay's KIND_GPU config)")
     for note in r["notes"]:
         typer.echo(f"note: {note}", err=True)

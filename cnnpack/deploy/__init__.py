@@ -157,7 +157,9 @@ def _write_gpu_configs(plan, configs: dict[str, bytes]) -> list[str]:
     from cnnpack.rundir import atomic_write_bytes
 
     for rel, data in configs.items():
-        atomic_write_bytes(plan.repository / rel, data)
+        path = plan.repository / rel
+        if not (path.is_file() and path.read_bytes() == data):  # unchanged: left alone (a polling Triton reloads
+            atomic_write_bytes(path, data)                        # a model whose files were rewritten)
     return list(configs)
 
 
