@@ -31,9 +31,7 @@ class InferConfig:
 
     @property
     def target(self) -> str:
-        if self.ensemble and not self.model.endswith("_image"):  # --model cnn_onnx_image --ensemble: meant as given
-            return f"{self.model}_image"
-        return self.model
+        return f"{self.model}_image" if self.ensemble else self.model
 
     def validate(self) -> None:
         from cnnpack.client import check_protocol
@@ -106,7 +104,7 @@ def expand_folders(paths: list[str | Path]) -> list[Path]:
     named on its own is kept whatever its suffix, to be read or skipped with its reason."""
     from PIL import Image
 
-    suffixes = set(Image.registered_extensions())
+    suffixes = set(Image.registered_extensions()) & set(FOLDER_SUFFIXES)
     files: list[Path] = []
     for p in map(Path, paths):
         if not p.is_dir():
@@ -120,6 +118,10 @@ def expand_folders(paths: list[str | Path]) -> list[Path]:
     return files
 
 
+# raster formats Pillow reads itself (its registry also names formats it only writes, like .pdf, and stubs that need
+# other software, like .eps or .h5): a folder's other files are left out, not tried and reported as skipped
+FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                   ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".qoi")
 IMAGE_HINT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -135,7 +137,10 @@ def infer(paths: list[str | Path], cfg: InferConfig) -> dict:
     cfg.validate()
     with Client(cfg.url, cfg.protocol, timeout_s=cfg.timeout_s) as client:
         client.check_ready()
-        model = client.model(cfg.target)
+        target = cfg.target
+        if cfg.ensemble and cfg.model.endswith("_image") and target not in client.model_names():
+            target = cfg.model  # `--model cnn_onnx_image --ensemble`: the ensemble named as served
+        model = client.model(target)
         _check_model(model, cfg)
         files = expand_folders(paths)
         ok, batch, skipped = read_encoded(files) if cfg.ensemble else read_pixels(files, model.image_size)
@@ -144,7 +149,7 @@ def infer(paths: list[str | Path], cfg: InferConfig) -> dict:
                                  + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
                                  + ("; ..." if len(skipped) > 3 else "") + "); nothing was sent")
         tops = classify(client, model, batch, min(cfg.top_k, model.num_classes))
-    return {"model": cfg.target, "url": client.url, "top_k": cfg.top_k, "score": "logit",
+    return {"model": target, "url": client.url, "top_k": cfg.top_k, "score": "logit",
             "results": [{"file": str(p), "top": top} for p, top in zip(ok, tops)], "skipped": skipped}
 
 

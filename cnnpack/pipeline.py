@@ -132,15 +132,25 @@ class Stages:
     def __init__(self, cfg: PipelineConfig, *, progress: bool, say: Callable[[str], None]) -> None:
         self.cfg, self.progress, self.say = cfg, progress, say
 
+    def quantize_inputs(self, fmt: str = "onnx_int8") -> dict:
+        """The quantize config as its stage's fingerprint, with the default calibration count resolved: the same
+        images fingerprint the same whether the count was given or defaulted (and as runs recorded it before the
+        default became `None`)."""
+        from cnnpack.int8_gate import CALIBRATION_IMAGES
+
+        config = asdict(self.cfg.quantize_config(fmt))
+        if config["calibration_images"] is None:
+            config["calibration_images"] = CALIBRATION_IMAGES
+        return config
+
     def all(self, serve: bool) -> list[Stage]:
         stages = [
             Stage("train", self.train_inputs, self.run_train, lambda r: str(r.file(MANIFEST))),
             Stage("export", lambda r: {"config": asdict(self.cfg.export_config()), "checkpoint": _checkpoint(r)},
                   self.run_export, lambda r: str(r.file(MANIFEST))),
-            *([Stage("quantize", lambda r: {"config": asdict(self.cfg.quantize_config()),
-                                            "onnx": _artifacts(r).get("onnx")},
+            *([Stage("quantize", lambda r: {"config": self.quantize_inputs(), "onnx": _artifacts(r).get("onnx")},
                      self.run_quantize, lambda r: str(r.file(MANIFEST)))] if self.cfg.int8 else []),
-            *([Stage("quantize_openvino", lambda r: {"config": asdict(self.cfg.quantize_config("openvino_int8")),
+            *([Stage("quantize_openvino", lambda r: {"config": self.quantize_inputs("openvino_int8"),
                                                      "openvino": _artifacts(r).get("openvino")},
                      self.run_quantize_openvino, lambda r: str(r.file(MANIFEST)))]
               if self.cfg.int8 and "openvino" in self.cfg.formats else []),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -42,6 +43,21 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def naming(dest: str | Path) -> Iterator[None]:
+    """A failing disk's error (no space, quota, I/O) raised by a write, a flush or an fsync carries no file name:
+    within, it is raised again naming `dest`, so the CLI's one line says which output could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno not in _DISK_ERRNOS:
+            raise
+        raise OSError(e.errno, e.strerror, str(dest)) from e
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yields a temp path beside `dest`; on success it replaces `dest`, on error it is removed."""
@@ -52,10 +68,11 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide models from a container's other user
     try:
-        yield tmp_path
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, dest)
+        with naming(dest):
+            yield tmp_path
+            with open(tmp_path, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
 

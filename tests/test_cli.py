@@ -154,6 +154,21 @@ def test_a_system_error_names_the_users_path_not_cnnpacks_temporary_sibling():
         "/m/model.onnx: No space left on device"
     assert file_error(OSError(errno.EROFS, "Read-only file system", "/m/.deploy.new-3fz_q1")) == \
         "/m/deploy: Read-only file system"
+    assert file_error(OSError(errno.EIO, "Input/output error", "/m/.deploy.new-3fz_q1/kubernetes/a.yaml")) == \
+        "/m/deploy/kubernetes/a.yaml: Input/output error"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_names_the_output_that_could_not_be_written(tmp_path):
+    """A write, flush or fsync that fails for want of space raises without a file name; the output is named."""
+    from cnnpack.cli import file_error
+    from cnnpack.rundir import atomic_path
+
+    with pytest.raises(OSError) as e, atomic_path(tmp_path / "model.onnx"), open("/dev/full", "wb") as full:
+        full.write(b"weights")
+        full.flush()
+    assert file_error(e.value) == f"{tmp_path / 'model.onnx'}: No space left on device"
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary sibling
 
 
 def test_resume_with_a_changed_option_names_it(bad_runs):

@@ -387,9 +387,9 @@ def test_an_out_with_a_different_deployment_is_refused_and_kept_unless_force(dep
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     repo = Path(json.loads((laid_out / "cnnpack.json").read_text())["stages"]["triton"]["repository"])
     gpu_config = repo / "cnn_onnx" / "configs" / "gpu.pbtxt"
-    stamp = gpu_config.stat().st_mtime_ns
+    stamp = gpu_config.stat().st_ino, gpu_config.stat().st_mtime_ns  # an atomic rewrite is a new inode
     deploy(laid_out, DeployConfig(out=str(out)))  # the same deployment again: rewritten
-    assert gpu_config.stat().st_mtime_ns == stamp  # the repository's unchanged file is not (a polling Triton reloads)
+    assert (gpu_config.stat().st_ino, gpu_config.stat().st_mtime_ns) == stamp  # not the repository's unchanged file
     assert deploy(laid_out, DeployConfig(out=str(out), name="other", force=True))["name"] == "other"
     assert _yaml(out / "kubernetes" / "base" / "service.yaml")["metadata"]["name"] == "other"
 

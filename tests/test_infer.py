@@ -163,27 +163,39 @@ def test_cli_skips_a_bad_image_and_sends_the_others(server, val_files, tmp_path)
     assert out["results"][0]["top"][0]["label"] == lines[0].split()[1]  # same label as the pixel path
 
 
-def test_a_folder_stands_for_the_image_files_under_it(server, val_files, tmp_path):
+def test_a_folder_stands_for_the_image_files_under_it(val_files, tmp_path):
     from cnnpack.errors import UserInputError
-    from cnnpack.infer import InferConfig, infer
+    from cnnpack.infer import expand_folders
 
     photos = tmp_path / "photos"
     (photos / "sub").mkdir(parents=True)
     (photos / ".hidden").mkdir()
     shutil.copy(val_files[0], photos / "b.png")
-    shutil.copy(val_files[1], photos / "sub" / "a.png")
+    shutil.copy(val_files[1], photos / "sub" / "a.JPG")  # suffixes in any case (the bytes are a PNG: read by content)
     shutil.copy(val_files[2], photos / ".hidden" / "c.png")
-    (photos / "README.txt").write_text("not an image, and not named: left out, not skipped")
-    result = infer([photos, val_files[3]], InferConfig(model="cnn_onnx", url=server.http_address))
-    assert [r["file"] for r in result["results"]] == [str(photos / "b.png"), str(photos / "sub" / "a.png"),
-                                                     str(val_files[3])]
-    assert result["skipped"] == []
+    (photos / "README.txt").write_text("not an image: left out, not tried and skipped")
+    (photos / "scan.pdf").write_bytes(b"%PDF-1.4")  # Pillow writes PDF but cannot read it
+    named = tmp_path / "notes.txt"  # a file named on its own is tried whatever its suffix
+    named.write_text("hello")
+    assert expand_folders([photos, named]) == [photos / "b.png", photos / "sub" / "a.JPG", named]
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserInputError, match="empty is a folder with no image files"):
-        infer([tmp_path / "empty"], InferConfig(model="cnn_onnx", url=server.http_address))
-    # the ensemble named as served, with --ensemble, is the ensemble (not `cnn_onnx_image_image`)
-    ens = infer([photos], InferConfig(model="cnn_onnx_image", url=server.http_address, ensemble=True))
-    assert ens["model"] == "cnn_onnx_image" and len(ens["results"]) == 2
+        expand_folders([tmp_path / "empty"])
+
+
+def test_a_folder_is_classified_and_the_ensemble_may_be_named_as_served(server, val_files, tmp_path):
+    from cnnpack.infer import InferConfig, infer
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for f in val_files[:2]:
+        shutil.copy(f, photos / f.name)
+    pixels = infer([photos], InferConfig(model="cnn_onnx", url=server.http_address))
+    assert [r["file"] for r in pixels["results"]] == sorted(str(photos / f.name) for f in val_files[:2])
+    for name in ("cnn_onnx", "cnn_onnx_image"):  # not `cnn_onnx_image_image`
+        ens = infer([photos], InferConfig(model=name, url=server.http_address, ensemble=True))
+        assert ens["model"] == "cnn_onnx_image"
+        assert [r["top"][0]["label"] for r in ens["results"]] == [r["top"][0]["label"] for r in pixels["results"]]
 
 
 def test_cli_errors_are_one_line_with_exit_2(server, tmp_path):

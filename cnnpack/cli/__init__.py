@@ -10,6 +10,7 @@ import contextlib
 import errno
 import functools
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -107,9 +108,8 @@ _PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.E
 def file_error(e: OSError) -> str:
     """`PATH: reason` for an OSError, naming the path the user gave rather than cnnpack's temporary sibling of it
     (`.model.onnx.x1y2.tmp`, `.deploy.new-x1y2`: outputs are written beside their place, then moved in)."""
-    path = Path(e.filename)
-    if m := re.fullmatch(r"\.(.+)\.(?:new-\w+|\w+\.tmp)", path.name):
-        path = path.with_name(m.group(1))
+    path = Path(*(m.group(1) if (m := re.fullmatch(r"\.(.+)\.(?:new-\w+|old-\w+|\w+\.tmp)", part)) else part
+                  for part in Path(os.fsdecode(e.filename)).parts))
     if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST):
         for folder in (path, *path.parents):
             if folder.exists():

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from cnnpack.errors import UserInputError
+from cnnpack.rundir import naming
 
 IDENTITY = "cnnpack-deploy.json"
 
@@ -55,7 +56,8 @@ def write_tree(out: Path, files: dict[str, str | bytes]) -> None:
         for rel, data in files.items():
             path = stage / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data.encode() if isinstance(data, str) else data)
+            with naming(out / rel):
+                path.write_bytes(data.encode() if isinstance(data, str) else data)
             os.chmod(path, 0o644)
         os.chmod(stage, 0o755)
         _swap(stage, out)
