@@ -92,7 +92,7 @@ def handles_errors(fn):
             _err("interrupted")
             raise typer.Exit(130) from None
         except OSError as e:  # a path the system refused: an output under a file, a read-only or full disk
-            if STATE["debug"] or e.filename is None:
+            if STATE["debug"] or not isinstance(e.filename, (str, bytes, os.PathLike)):
                 raise
             _err(file_error(e))
             raise typer.Exit(2 if e.errno in _PATH_ERRNOS else 1) from None
