@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from cnnpack.errors import UserInputError
+from cnnpack.errors import UserInputError, count
 from cnnpack.spec import check_class_names
 
 SHAPES = "shapes"
@@ -172,7 +172,7 @@ def _read_folder(root: Path, classes: list[str], size: int, skipped: list[str],
         if ci not in kept_labels:
             bad = [why for (arr, why), lab in zip(results, labels) if lab == ci and arr is None]
             raise UserInputError(f"class folder {root / cls} has no readable images "
-                                 f"({len(bad)} unreadable file{'' if len(bad) == 1 else 's'}, e.g. {bad[0]})")
+                                 f"({count(len(bad), 'unreadable file')}, e.g. {bad[0]})")
     images = torch.from_numpy(np.stack([results[i][0] for i in keep]))
     return Split(images, torch.tensor(kept_labels, dtype=torch.int64), [str(paths[i]) for i in keep])
 

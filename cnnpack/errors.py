@@ -29,3 +29,8 @@ class StageFailed(CnnpackError):
     """A stage ran but failed (a served model did not load, a pipeline stage broke)."""
 
     exit_code = 1
+
+
+def count(n: int, noun: str) -> str:
+    """`1 file`, `2 files`: a count in the one-line messages and the report."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -113,7 +113,7 @@ def expand_folders(paths: list[str | Path]) -> list[Path]:
         found = sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes and f.is_file()
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not found:
-            raise UserInputError(f"{p} is a folder with no image files ({', '.join(sorted(IMAGE_HINT))}, ...) in it")
+            raise UserInputError(f"{p} is a folder with no image files (.bmp, .jpeg, .jpg, .png, .webp, ...) in it")
         files += found
     return files
 
@@ -122,7 +122,6 @@ def expand_folders(paths: list[str | Path]) -> list[Path]:
 # other software, like .eps or .h5): a folder's other files are left out, not tried and reported as skipped
 FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                    ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".qoi")
-IMAGE_HINT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def infer(paths: list[str | Path], cfg: InferConfig) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnpack.client import PROTOCOL_NAMES
+from cnnpack.errors import count
 from cnnpack.rundir import Run, atomic_write_text
 from cnnpack.triton_dist import docker_line
 
@@ -31,10 +32,6 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.2f}%"
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
 def _num(x, fmt: str = "{:.3g}") -> str:
     return "–" if x is None else fmt.format(x)
 
@@ -50,7 +47,7 @@ def _data_and_training(m: dict) -> list[Block]:
         [c, str(a), str(b)] for c, a, b in zip(d.get("classes", []), d.get("train_per_class", []), d.get("val_per_class", []))]
     out = [Block("h2", "Data"),
            Block("p", f"Source `{d.get('source')}`: {d.get('train_images')} training and {d.get('val_images')} "
-                      f"validation images at {m['model']['image_size']} px; {_count(d.get('skipped_files', 0), 'unreadable file')} "
+                      f"validation images at {m['model']['image_size']} px; {count(d.get('skipped_files', 0), 'unreadable file')} "
                       "skipped."),
            Block("table", rows=rows),
            Block("h2", "Training"),
