@@ -99,7 +99,7 @@ def bench_load(ctx: BenchContext, rt, batch_size: int, concurrency: int, generat
     ctx.progress(f"triton {model.name} batch {batch_size} x {concurrency} in flight ({generator})")
     before = client.statistics(model.name)
     figures = load(generator, client, model, input_batch(ctx.run.model_spec, batch_size), concurrency, ctx.cfg.policy())
-    after = client.statistics(model.name)
+    after = client.settled_statistics(model.name)
     row = {"runtime": "triton", "format": rt.format, "batch_size": batch_size, "concurrency": concurrency,
            "protocol": client.protocol, **figures, "load_generator": describe(generator), "errors": 0,
            **server_side(before, after)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -304,6 +305,18 @@ class Client:
             out["queue_ns"] += int(s.get("queue", {}).get("ns", 0))
             out["compute_infer_ns"] += int(s.get("compute_infer", {}).get("ns", 0))
         return out
+
+    def settled_statistics(self, name: str, *, wait_s: float = 1.0) -> dict:
+        """`statistics` once its counters stop moving: Triton counts a request after its response has left, so a
+        reading taken the moment the last response arrives can miss that request."""
+        last, deadline = self.statistics(name), time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(0.005)
+            now = self.statistics(name)
+            if now == last:
+                break
+            last = now
+        return last
 
 
 def server_side(before: dict, after: dict) -> dict:

@@ -197,7 +197,7 @@ def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfi
         policy = WindowPolicy(window_s=max(0.2, cfg.max_seconds / 4), max_s=cfg.max_seconds, warmup_s=0.3)
         generator = resolve(cfg.load_generator)
         figures = load(generator, client, model, x, concurrency, policy)
-        after = client.statistics(s.model)
+        after = client.settled_statistics(s.model)
     row = {**asdict(s), "label": s.label, "precision": s.precision, "concurrency": concurrency, **figures,
            "load_generator": describe(generator), **server_side(before, after)}
     ips = row["window_throughput_ips"]

@@ -46,6 +46,16 @@ def test_help_answers_with_an_example_without_heavy_imports(command):
     imported = _imported(out.stderr)
     assert "typer" in imported  # the parse worked: the list is real
     assert not imported & set(HEAVY), f"`cnnpack {command} --help` imported {sorted(imported & set(HEAVY))}"
+    assert "<bool>" not in out.stdout  # a flag takes no value: typer's type label beside it would say it did
+
+
+@pytest.mark.parametrize(("command", "firsts"), [("evaluate", ["checkpoint"]), ("verify", [])])
+def test_format_help_names_every_format_the_command_reads(command, firsts):
+    from cnnpack.runtimes import FORMAT_RUNTIME
+
+    out = _cnnpack(command, "--help")
+    words = set(out.stdout.replace(",", " ").replace("|", " ").split())
+    assert set(FORMAT_RUNTIME) - {"checkpoint"} | set(firsts) <= words
 
 
 @pytest.fixture(scope="module")

@@ -239,7 +239,7 @@ def test_a_thousand_requests_at_concurrency_16_all_succeed_and_are_batched(serve
     x = np.random.default_rng(1).uniform(0, 255, (1, 3, 32, 32)).astype(np.float32)
     with Load(rt.client, rt.model, x, concurrency=16) as load:
         window = load.window(requests=1000)
-    seen = server_side(before, rt.client.statistics("cnn_onnx"))
+    seen = server_side(before, rt.client.settled_statistics("cnn_onnx"))
     assert len(window.latencies_s) == 1000
     assert len(opened) == (1 if protocol == "grpc" else 0)  # over gRPC the 16 in flight share one connection
     assert seen["server_requests"] == 1000 and seen["server_failures"] == 0
@@ -272,7 +272,7 @@ def test_one_request_at_a_time_runs_on_one_blocking_connection_without_the_event
         load.one()
         window = load.window(requests=200)
         timed = load.window(seconds=0.2)
-    seen = server_side(before, rt.client.statistics("cnn_onnx"))
+    seen = server_side(before, rt.client.settled_statistics("cnn_onnx"))
     assert len(window.latencies_s) == 200 and len(timed.latencies_s) >= 1 and timed.wall_s >= 0.2
     assert len(blocking) == 1 and not opened  # one connection for all of them, kept between windows
     assert blocking[0].sock.fileno() == -1  # closed with the load

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -153,8 +154,14 @@ def test_concurrent_requests_are_batched_and_split_back(server, net, model):
         served = list(pool.map(lambda x: infer(server, "http", model, x), images))
     for x, y in zip(images, served):  # each request got its own row back
         np.testing.assert_allclose(y, eager(net, x), atol=1e-4, rtol=0)
-    after = _batch_counts(server, model)
-    assert any(size > 1 and after[size] > stats_before.get(size, 0) for size in after), after
+    deadline = time.monotonic() + 1  # Triton counts a batch after its responses have left: allow it that moment
+    while not _merged(stats_before, after := _batch_counts(server, model)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _merged(stats_before, after), after
+
+
+def _merged(before: dict[int, int], after: dict[int, int]) -> bool:
+    return any(size > 1 and after[size] > before.get(size, 0) for size in after)
 
 
 def _batch_counts(server, model) -> dict[int, int]:

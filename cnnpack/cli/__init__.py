@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 # click's UsageError, from whichever click this typer carries (its own copy since typer 0.2x, click itself before)
 _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -35,6 +35,21 @@ def _one_line_usage_errors(command_path: str):
         msg = e.format_message().strip().rstrip(".")
         typer.echo(f"error: {path}: {msg[:1].lower()}{msg[1:]} (see `{path} -h`)", err=True)
         raise typer.Exit(2) from None
+
+
+def _flags_untyped(display_type_rich):
+    """typer (0.2x) labels every option in the help with its type; a flag takes no value, and `<bool>` beside it
+    reads as if it did."""
+
+    @functools.wraps(display_type_rich)
+    def without_bool(self, ctx):
+        return None if getattr(self, "is_flag", False) else display_type_rich(self, ctx)
+
+    return without_bool
+
+
+if hasattr(TyperOption, "display_type_rich"):
+    TyperOption.display_type_rich = _flags_untyped(TyperOption.display_type_rich)
 
 
 class _Group(TyperGroup):

@@ -33,8 +33,7 @@ def bench(
     load_generator: str = typer.Option("auto", help="With --triton-url: perf_analyzer | cnnpack | auto (perf_analyzer "
                                                     "when on PATH, else cnnpack's own client)."),
 ):
-    """Latency and throughput of each runtime, artifact and batch size, against this machine's matmul ceiling of
-    each row's precision.
+    """Latency and throughput per runtime, artifact and batch size, beside the machine's ceiling for each precision.
 
     With --triton-url: a served model under closed-loop concurrent load (perf_analyzer-like), one row per batch size x concurrency, added to the run's bench results as runtime triton.
 

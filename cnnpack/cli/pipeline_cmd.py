@@ -61,10 +61,11 @@ def pipeline(
     """Train, export, verify, benchmark and package for Triton in one go, then write report.md/report.html.
 
     Stages whose inputs are unchanged since their last successful run are skipped; --force redoes them.
-    With the serve extra installed, also serves the model on loopback, classifies a few images and
-    verifies and benchmarks the served model.
+
+    With the serve extra installed, also serves the model on loopback, classifies a few images through it, and verifies and benchmarks the served model.
 
     Example: cnnpack pipeline
+
     Example: cnnpack pipeline --data ~/flowers --arch resnet18 --image-size 128 --epochs 4
     """
     from cnnpack.pipeline import PipelineConfig

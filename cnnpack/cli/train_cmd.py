@@ -96,7 +96,8 @@ def _refuse_changed_options(ctx: typer.Context, run: Path) -> None:
 @handles_errors
 def evaluate(
     run: Path = typer.Option(..., help="Run directory."),
-    format: str = typer.Option("checkpoint", help="checkpoint | onnx | torchscript"),
+    format: str = typer.Option("checkpoint", help="checkpoint | onnx | onnx_int8 | pt2 | torchscript | openvino | "
+                                                    "openvino_int8 (each in its default runtime)."),
     data: Optional[str] = typer.Option(None, help="Dataset (default: the one the run was trained on)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

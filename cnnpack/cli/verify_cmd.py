@@ -15,7 +15,8 @@ from cnnpack.cli import app, emit, handles_errors, int_list, usage_error
 @handles_errors
 def verify(
     run: Path = typer.Option(..., help="Run directory with exports (cnnpack export)."),
-    formats: Optional[str] = typer.Option(None, help="Comma list: onnx,pt2,torchscript (default: every export)."),
+    formats: Optional[str] = typer.Option(None, help="Comma list of onnx, onnx_int8, pt2, torchscript, openvino, "
+                                                   "openvino_int8 (default: every export of the run)."),
     batch_sizes: Optional[str] = typer.Option(None, help="Comma list (default 1,8,32 within the export's max batch)."),
     samples: int = typer.Option(32, help="Random raw-pixel images per batch size (rounded up to whole batches)."),
     atol: float = typer.Option(1e-4, help="Absolute tolerance: an element passes within atol OR rtol."),
