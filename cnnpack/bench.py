@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from cnnpack.bench_outputs import CSV_COLUMNS, plot_results, series, write_outputs  # noqa: F401 - re-exported
-from cnnpack.errors import MissingStageError, RuntimeUnavailable, UserInputError
+from cnnpack.errors import MissingStageError, RuntimeUnavailable, UserInputError, shell
 from cnnpack.host import (
+    check_device,
     cpu_ticks,
     frozen_heap,
     load_avg,
@@ -103,6 +104,7 @@ class BenchConfig:
             raise UserInputError(f"--max-seconds must be > 0, got {self.max_seconds}")
         if not 0 < self.stability < 1:
             raise UserInputError(f"stability must be a fraction in (0, 1), got {self.stability}")
+        check_device(self.device)
 
     def policy(self) -> WindowPolicy:
         # short windows: a point stops as soon as three agree, and unsteady ones go on to max_seconds
@@ -172,7 +174,7 @@ def _artifact(run: Run, name: str, fmt: str | None = None):
         return artifact_ref(run, fmt)
     except MissingStageError:
         raise MissingStageError(f"{run.path} has no exports, which runtime {name} needs; run "
-                                f"`cnnpack export --run {run.path}` first (or bench only --runtimes eager,compiled)"
+                                f"`cnnpack export --run {shell(run.path)}` first (or bench only --runtimes eager,compiled)"
                                 ) from None
 
 
@@ -193,7 +195,7 @@ def default_runtimes(run: Run) -> tuple[tuple[str, ...], dict[str, str]]:
             continue
         why = unusable_reason(name)
         if why is None and not any(reads(cls, f) for f in recorded):
-            why = (f"the run has no {cls.format} artifact; `cnnpack export --run {run.path} --format {cls.format}` "
+            why = (f"the run has no {cls.format} artifact; `cnnpack export --run {shell(run.path)} --format {cls.format}` "
                    "makes one")
         if why:
             skipped[name] = why

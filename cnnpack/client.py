@@ -37,28 +37,29 @@ def check_protocol(protocol: str) -> str:
     return protocol
 
 
-def address(url: str | None, protocol: str) -> str:
+def address(url: str | None, protocol: str, flag: str = "--url") -> str:
     """`host:port` as tritonclient wants it, from `host`, `host:port` or `http://host:port` / `grpc://…`.
 
-    No URL: 127.0.0.1 on Triton's default port of the protocol (HTTP 8000, gRPC 8001).
+    No URL: 127.0.0.1 on Triton's default port of the protocol (HTTP 8000, gRPC 8001). `flag` is the option
+    that gave the URL, as the errors name it.
     """
     check_protocol(protocol)
     text = (url or "").strip() or "127.0.0.1"
     scheme, sep, rest = text.partition("://")
     if sep:
         if scheme not in PROTOCOLS:
-            raise UserInputError(f"--url {url!r}: scheme {scheme!r}; use http://HOST:PORT or grpc://HOST:PORT")
+            raise UserInputError(f"{flag} {url!r}: scheme {scheme!r}; use http://HOST:PORT or grpc://HOST:PORT")
         if scheme != protocol:
-            raise UserInputError(f"--url {url!r} is a {scheme} URL but --protocol is {protocol}; "
+            raise UserInputError(f"{flag} {url!r} is a {scheme} URL but --protocol is {protocol}; "
                                  f"pass --protocol {scheme} or a {protocol} address")
         text = rest
     parts = urllib.parse.urlsplit("//" + text.rstrip("/"))
     try:
         port = parts.port or DEFAULT_PORTS[protocol]
     except ValueError:
-        raise UserInputError(f"--url {url!r}: the port is not a number in 0-65535") from None
+        raise UserInputError(f"{flag} {url!r}: the port is not a number in 0-65535") from None
     if not parts.hostname or parts.path or parts.query:
-        raise UserInputError(f"--url {url!r} is not HOST[:PORT] (e.g. 127.0.0.1:{DEFAULT_PORTS[protocol]})")
+        raise UserInputError(f"{flag} {url!r} is not HOST[:PORT] (e.g. 127.0.0.1:{DEFAULT_PORTS[protocol]})")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{host}:{port}"
 
@@ -198,10 +199,11 @@ class Client:
     """tritonclient.http or .grpc against one server, every call bounded by `timeout_s`."""
 
     def __init__(self, url: str | None = None, protocol: str = "http", *,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, url_flag: str = "--url") -> None:
         if not timeout_s > 0:
             raise UserInputError(f"--timeout must be > 0 seconds, got {timeout_s}")
-        self.protocol, self.address, self.timeout_s = protocol, address(url, protocol), timeout_s
+        self.protocol, self.address, self.timeout_s = protocol, address(url, protocol, url_flag), timeout_s
+        self.url_flag = url_flag
         self.lib = importlib.import_module(f"tritonclient.{protocol}")
         if protocol == "http":
             self._client = self.lib.InferenceServerClient(self.address, connection_timeout=timeout_s,
@@ -252,7 +254,7 @@ class Client:
                 raise UserInputError(f"{self.address} closed the gRPC connection: is it Triton's HTTP port? Pass "
                                      f"--protocol http, or the gRPC port (default {DEFAULT_PORTS['grpc']})") from None
             raise UserInputError(f"cannot reach Triton at {self.url}: {reason(e)}; start it with `cnnpack serve` "
-                                 f"or pass --url (defaults: HTTP {DEFAULT_PORTS['http']}, gRPC "
+                                 f"or pass {self.url_flag} (defaults: HTTP {DEFAULT_PORTS['http']}, gRPC "
                                  f"{DEFAULT_PORTS['grpc']}, with --protocol)") from None
         if not ready:
             raise UserInputError(f"Triton at {self.url} is up but not ready (models still loading?); retry shortly")

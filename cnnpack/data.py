@@ -22,6 +22,7 @@ from cnnpack.errors import UserInputError, count
 from cnnpack.spec import check_class_names
 
 SHAPES = "shapes"
+MIN_IMAGE_SIZE = 8  # the smallest --image-size accepted
 
 
 @dataclass
@@ -185,15 +186,20 @@ def _check_classes(root: Path, classes: list[str]) -> None:
     check_class_names(classes, where=lambda i, c: f"class folder {c!r} in {root}", fix="rename the folder")
 
 
-def check_class_folders(data: str) -> None:
-    """Checks the class names of an ImageFolder `--data PATH` before any work (reads no image).
-
-    The built-in data and torchvision data sets have fixed, valid names; a missing folder is
-    reported by `load_data` as usual.
+def check_data(data: str, image_size: int) -> None:
+    """Checks `--data` and `--image-size` before any work (reads no image): the size, that an ImageFolder
+    path is a folder, and its class names. The built-in data and torchvision data sets have fixed, valid names.
     """
+    if image_size < MIN_IMAGE_SIZE:
+        raise UserInputError(f"--image-size {image_size} is too small (minimum {MIN_IMAGE_SIZE})")
     root = Path(data)
-    if data == SHAPES or data.startswith("torchvision:") or not root.is_dir():
+    if data == SHAPES or data.startswith("torchvision:"):
         return
+    if not root.exists():
+        raise UserInputError(f"data folder not found: {root} (--data takes {SHAPES}, a folder of "
+                             "<class>/<images>, or torchvision:NAME)")
+    if not root.is_dir():
+        raise UserInputError(f"--data {root} is a file; expected an ImageFolder directory")
     has_split = (root / "train").is_dir() and (root / "val").is_dir()
     for folder in (root / "train", root / "val") if has_split else (root,):
         names = [p.name for p in _class_dirs(folder)]
@@ -302,8 +308,8 @@ def load_torchvision(name: str, size: int, *, root: Path, download: bool) -> Dat
 def load_data(data: str, image_size: int, *, seed: int = 0, val_fraction: float = 0.2,
               data_root: str | None = None, download: bool = False) -> Data:
     """Resolves `--data` (shapes | PATH | torchvision:NAME) to decoded train/val splits."""
-    if image_size < 8:
-        raise UserInputError(f"--image-size {image_size} is too small (minimum 8)")
+    if image_size < MIN_IMAGE_SIZE:
+        raise UserInputError(f"--image-size {image_size} is too small (minimum {MIN_IMAGE_SIZE})")
     if data == SHAPES:
         from cnnpack import shapes
 

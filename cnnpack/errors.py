@@ -34,3 +34,10 @@ class StageFailed(CnnpackError):
 def count(n: int, noun: str) -> str:
     """`1 file`, `2 files`: a count in the one-line messages and the report."""
     return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def shell(path: object) -> str:
+    """A path as one word of a command printed for a person to paste (quoted only when the shell needs it)."""
+    import shlex
+
+    return shlex.quote(str(path))

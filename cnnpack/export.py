@@ -29,6 +29,7 @@ from torch import nn
 
 from cnnpack import __version__
 from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInputError
+from cnnpack.host import check_device
 from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
 from cnnpack.rundir import Run, atomic_path, atomic_write_text, sha256
@@ -58,8 +59,11 @@ class ExportConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
+        if not self.formats:
+            raise UserInputError(f"--format names no format; valid: {', '.join(EXPORTERS.names())}, all")
         for f in self.formats:
             EXPORTERS.get(f)  # raises listing the valid formats
+        check_device(self.device, ("cpu", "cuda"))
         if self.exporter not in OPSET_RANGE:
             raise UserInputError(f"--exporter {self.exporter!r}; valid: {', '.join(OPSET_RANGE)}")
         lo, hi = OPSET_RANGE[self.exporter]

@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from cnnpack.errors import UserInputError
+
 
 def usable_cores() -> int:
     """The cores this process may run on (its affinity), not the machine's count."""
@@ -183,3 +185,13 @@ def sync(device) -> Callable[[], None]:
     if getattr(device, "type", str(device)) == "cuda":
         return torch.cuda.synchronize
     return lambda: None
+
+
+DEVICES = ("auto", "cpu", "cuda")  # --device: auto takes the GPU when PyTorch sees one
+
+
+def check_device(name: str, valid: tuple[str, ...] = DEVICES) -> str:
+    """`--device NAME` when it is one of `valid`, else the usage error listing them."""
+    if name not in valid:
+        raise UserInputError(f"--device {name!r}; valid: {', '.join(valid)}")
+    return name

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.errors import UserInputError
+from cnnpack.errors import UserInputError, count
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,11 @@ def infer(paths: list[str | Path], cfg: InferConfig) -> dict:
     from cnnpack.client import Client
 
     cfg.validate()
+    files = expand_folders(paths)  # before the server: a wrong path is said as such, whether or not one serves
+    missing = [f for f in files if not f.exists()]
+    if missing and len(missing) == len(files):
+        more = f" (and {count(len(missing) - 1, 'other')})" if len(missing) > 1 else ""
+        raise UserInputError(f"no such file: {missing[0]}{more}; nothing was sent")
     with Client(cfg.url, cfg.protocol, timeout_s=cfg.timeout_s) as client:
         client.check_ready()
         target = cfg.target
@@ -141,7 +146,6 @@ def infer(paths: list[str | Path], cfg: InferConfig) -> dict:
             target = cfg.model  # `--model cnn_onnx_image --ensemble`: the ensemble named as served
         model = client.model(target)
         _check_model(model, cfg)
-        files = expand_folders(paths)
         ok, batch, skipped = read_encoded(files) if cfg.ensemble else read_pixels(files, model.image_size)
         if not ok:
             raise UserInputError(f"none of the {len(files)} images could be read ("

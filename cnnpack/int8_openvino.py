@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.errors import MissingStageError
+from cnnpack.errors import MissingStageError, shell
 from cnnpack.int8_gate import (
     CALIBRATION_BATCH,
     QUANTIZERS,
@@ -182,7 +182,7 @@ def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str)
 
     ov._nncf()
     if "openvino" not in run.read().get("stages", {}).get("export", {}).get("artifacts", {}):
-        raise MissingStageError(f"{run.path} has no OpenVINO IR to quantize; run `cnnpack export --run {run.path} "
+        raise MissingStageError(f"{run.path} has no OpenVINO IR to quantize; run `cnnpack export --run {shell(run.path)} "
                                 "--format onnx,openvino` first")
     ref = artifact_ref(run, "openvino")
     data = clock.read(run, cfg)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.errors import MissingStageError, UserInputError
+from cnnpack.errors import MissingStageError, UserInputError, shell
 from cnnpack.int8_gate import (
     CALIBRATION_BATCH,
     QUANTIZERS,
@@ -273,16 +273,16 @@ def _fp32_artifact(run: Run):
 
     arts = run.read().get("stages", {}).get("export", {}).get("artifacts", {})
     if "onnx" not in arts:
-        raise MissingStageError(f"{run.path} has no ONNX artifact to quantize; run `cnnpack export --run {run.path} "
+        raise MissingStageError(f"{run.path} has no ONNX artifact to quantize; run `cnnpack export --run {shell(run.path)} "
                                 "--format onnx` first")
     ref = artifact_ref(run, "onnx")  # refuses a missing file or one changed since export
     size = run.model_spec["image_size"]
     if ref.record["input"]["shape"][2:] != [size, size]:
         raise UserInputError(f"{ref.path} takes {ref.record['input']['shape'][2:]} images but the run's model spec "
-                             f"says {size}px; re-export it (`cnnpack export --run {run.path} --format onnx`)")
+                             f"says {size}px; re-export it (`cnnpack export --run {shell(run.path)} --format onnx`)")
     if ref.record.get("input", {}).get("dtype") == "float16" or ref.record.get("precision") == "fp16":
         raise UserInputError(f"{ref.path} is an fp16 artifact (export --half); int8 is calibrated from the fp32 one: "
-                             f"re-export without --half (`cnnpack export --run {run.path} --format onnx`)")
+                             f"re-export without --half (`cnnpack export --run {shell(run.path)} --format onnx`)")
     if ref.record.get("static_batch"):
         raise UserInputError(f"{ref.path} has a static batch of {ref.record['static_batch']}; int8 calibration "
                              "needs the dynamic-batch export (re-export without --static-batch)")

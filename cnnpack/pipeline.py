@@ -237,7 +237,10 @@ class Stages:
             section = bench(run.path, self.cfg.bench_config(), progress=st)
         best = best_runtime(section)
         if best is None:
-            return "no runtime besides eager measured"
+            ran = list(dict.fromkeys(r["runtime"] for r in section.get("results", [])))
+            if "eager" in ran or not ran:
+                return "no runtime besides eager measured"
+            return f"measured {', '.join(ran)}; no speedup figure without eager among --runtimes"
         from cnnpack.bench import series
 
         return (f"best: {series(best)} at batch {best['batch_size']}, {best['speedup_vs_eager']:.2f}x eager "
@@ -245,8 +248,10 @@ class Stages:
 
     # - triton -
     def run_triton(self, run: Run) -> str:
-        from cnnpack.triton_repo import build
+        from cnnpack.triton_repo import build, check
 
+        for cfg in self.cfg.triton_configs():  # every model refused before any is laid out
+            check(run, cfg)
         names = []
         for cfg in self.cfg.triton_configs():
             section = build(run.path, cfg)
@@ -352,9 +357,11 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     asked, cfg = cfg, cfg.with_openvino().with_pt2()
     if asked.pt2 == "auto" and cfg.pt2 == "no":
         say("[export] pt2 off: no C++ compiler found (`apt-get install g++` or set CXX); --pt2 yes to require it")
-    from cnnpack.data import check_class_folders
+    from cnnpack.data import check_data
+    from cnnpack.triton_repo import repository_root
 
-    check_class_folders(cfg.data)  # a name Triton cannot carry fails now, not after training
+    check_data(cfg.data, cfg.image_size)  # a missing folder or a name Triton cannot carry fails now, not in train
+    repository_root(cfg.repository)  # a file there fails now, not after train, export and bench
     run = Run(run_dir or default_run_dir(cfg))
     _check_run_dir(run, force)
     serve_ok, why = serve_available() if cfg.serve != "no" else (False, "--serve no")

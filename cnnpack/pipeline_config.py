@@ -54,11 +54,13 @@ class PipelineConfig:
                 raise UserInputError(f"{flag} is a fraction in (0, 1], got {value}")
         if self.pt2 == "no" and "pt2" in self.formats:
             raise UserInputError("--formats names pt2 and --pt2 is no: drop one of them")
+        if self.openvino == "no" and "openvino" in self.formats:
+            raise UserInputError("--formats names openvino and --openvino is no: drop one of them")
         self.served_config().validate()
+        self.export_config().validate()  # an unknown format is named as such (before the onnx rule below)
         if "onnx" not in self.formats:
             raise UserInputError("the pipeline serves the ONNX artifact: --formats must include onnx")
-        for make in (self.train_config, self.export_config, self.verify_config, self.bench_config,
-                     self.quantize_config):
+        for make in (self.train_config, self.verify_config, self.bench_config, self.quantize_config):
             make().validate()
         from cnnpack.bench import check_runtimes
 

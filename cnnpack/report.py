@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnpack.client import PROTOCOL_NAMES
-from cnnpack.errors import count
+from cnnpack.errors import count, shell
 from cnnpack.rundir import Run, atomic_write_text
 from cnnpack.triton_dist import docker_line
 
@@ -271,7 +271,7 @@ def _triton(m: dict, run: Run) -> list[Block]:
         return []
     repo = Path(t["repository"])
     repo = repo if repo.is_absolute() else Path.cwd() / repo
-    serve = f"cnnpack serve --repository {t['repository']}"
+    serve = f"cnnpack serve --repository {shell(t['repository'])}"
     docker = docker_line(repo.resolve())
     out = [Block("h2", "Triton model repository"),
            Block("p", f"Model `{t['name']}` version {t['version']} ({t['format']}) in `{t['repository']}`:"),
@@ -354,9 +354,22 @@ def _tune(m: dict, run: Run) -> list[Block]:
             Block("p", f"{len(t['points'])} configurations measured on one local Triton (no restart), p99 budget "
                        f"{t['config']['latency_budget_ms']:g} ms. {describe(t)}."),
             Block("table", rows=rows), Block("img", text="images/s against p99 per served config", path="tune.png"),
-            Block("code", text=f"cnnpack serve --repository {repo}\n{docker_line(repo)}"),
-            Block("p", f"Serve `{w['model']}` with it; `cnnpack tune --run {run.path} --undo` restores the previous "
-                       "config.pbtxt.")]
+            Block("code", text=f"cnnpack serve --repository {shell(repo)}\n{docker_line(repo)}"),
+            Block("p", _tuned_state(m["stages"], w, run))]
+
+
+def _tuned_state(stages: dict, winner: dict, run: Run) -> str:
+    """Whether the winner's config.pbtxt is what the repository serves now, and how to change that."""
+    from cnnpack.triton_config import tuned_in_place
+
+    t = stages["tune"]
+    if tuned_in_place(stages):
+        return (f"`{winner['model']}`'s config.pbtxt holds it; `cnnpack tune --run {shell(run.path)} --undo` restores "
+                "the previous one.")
+    if t.get("written") or t.get("undone"):
+        return (f"`{winner['model']}`'s config.pbtxt no longer holds it (undone, or laid out again by `cnnpack triton`);"
+                f" `cnnpack tune --run {shell(run.path)}` measures and writes it again.")
+    return "No config.pbtxt was changed: the served config is as good as the tuned one."
 
 
 # -- rendering --------------------------------------------------------------------------------

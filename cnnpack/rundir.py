@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnpack import __version__
-from cnnpack.errors import MissingStageError, UserInputError
+from cnnpack.errors import MissingStageError, UserInputError, shell
 
 SCHEMA_VERSION = 1
 MANIFEST = "cnnpack.json"
@@ -118,6 +118,8 @@ class Run:
         run = cls(path)
         if not run.path.exists():
             raise UserInputError(f"no such run directory: {run.path}")
+        if not run.path.is_dir():
+            raise UserInputError(f"--run {run.path} is a file, not a run directory")
         if not run.manifest_path.is_file():
             raise UserInputError(
                 f"{run.path} is not a cnnpack run (no {MANIFEST}); create one with `cnnpack train`"
@@ -126,14 +128,15 @@ class Run:
         return run
 
     @classmethod
-    def create(cls, path: str | Path, model_spec: dict, *, force: bool = False) -> Run:
-        """Creates a run with a fresh manifest. Refuses a folder that holds another run."""
+    def create(cls, path: str | Path, model_spec: dict, *, force: bool = False, resume_hint: str = "") -> Run:
+        """Creates a run with a fresh manifest. Refuses a folder that holds another run (the error ends with
+        `resume_hint` where the command can continue it instead)."""
         run = cls(path)
         if run.path.exists() and not run.path.is_dir():
             raise UserInputError(f"run path {run.path} is a file, not a directory")
         if run.manifest_path.exists() and not force:
             raise UserInputError(
-                f"{run.path} already holds a run; pass --force to replace it or --resume to continue it"
+                f"{run.path} already holds a run; pass --force to replace it{resume_hint}"
             )
         if run.path.is_dir() and any(run.path.iterdir()) and not run.manifest_path.exists() and not force:
             raise UserInputError(f"{run.path} is not empty and not a cnnpack run; choose another --run")
@@ -162,6 +165,9 @@ class Run:
             data = json.loads(self.manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise UserInputError(f"cannot read manifest {self.manifest_path}: {e}") from None
+        if not isinstance(data, dict):
+            raise UserInputError(f"{self.manifest_path} holds a JSON {type(data).__name__}, not a cnnpack manifest "
+                                 "(an object); restore it or re-create the run")
         if data.get("schema_version") != SCHEMA_VERSION:
             raise UserInputError(
                 f"{self.manifest_path} has schema_version {data.get('schema_version')!r}, "
@@ -188,10 +194,11 @@ class Run:
         """Returns `stages.<name>` or raises MissingStageError saying which command to run first."""
         section = self.read().get("stages", {}).get(name)
         if not section or section.get("status") != "ok":
-            who = f"`cnnpack {required_by}` needs" if required_by else "this needs"
-            raise MissingStageError(
-                f"{who} a successful `{name}` stage in {self.path}; run {hint or f'`cnnpack {name} --run {self.path}`'} first"
-            )
+            hint = hint or f"`cnnpack {name} --run {shell(self.path)}`"
+            if required_by:
+                raise MissingStageError(f"`cnnpack {required_by}` needs a successful `{name}` stage in {self.path}; "
+                                        f"run {hint} first")
+            raise MissingStageError(f"{self.path} has no successful `{name}` stage; run {hint} first")
         return section
 
     @property

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cnnpack.errors import UserInputError
+from cnnpack.errors import UserInputError, shell
 
 if TYPE_CHECKING:
     from cnnpack.rundir import Run
@@ -39,8 +39,8 @@ class TritonRuntime:
         rec = artifact.record
         if not rec.get("model"):
             raise UserInputError("the triton runtime needs the served model's name (--model NAME)")
-        client = Client(rec.get("url"), rec.get("protocol", "http"),
-                        timeout_s=rec.get("timeout_s", DEFAULT_TIMEOUT_S)).check_ready()
+        client = Client(rec.get("url"), rec.get("protocol", "http"), timeout_s=rec.get("timeout_s", DEFAULT_TIMEOUT_S),
+                        url_flag="--triton-url").check_ready()
         model = client.model(rec["model"])
         if model.takes_images:
             raise UserInputError(f"{model.name} takes encoded image bytes (an ensemble); verify and bench the "
@@ -86,7 +86,7 @@ def served_ref(run: Run | None, url: str | None, model: str | None, protocol: st
     if not model:
         if run is None:
             raise UserInputError("name the served model with --model")
-        model = run.stage("triton", required_by="this command", hint="`cnnpack triton` (or pass --model NAME)")["name"]
+        model = run.stage("triton", hint=f"`cnnpack triton --run {shell(run.path)}` (or pass --model NAME)")["name"]
 
     record = {"url": url, "model": model, "protocol": protocol, "timeout_s": timeout_s or DEFAULT_TIMEOUT_S}
     return ArtifactRef(run, f"triton:{model}", None, record)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from cnnpack.errors import RuntimeUnavailable, StageFailed, UserInputError
+from cnnpack.errors import RuntimeUnavailable, StageFailed, UserInputError, shell
 from cnnpack.registry import Registry
 from cnnpack.rundir import Run
 
@@ -346,27 +346,36 @@ def reads(cls, fmt: str) -> bool:
     return fmt in getattr(cls, "formats", (cls.format,))
 
 
+QUANTIZED = {"onnx_int8": "", "openvino_int8": " --backend openvino"}  # made by `cnnpack quantize`, not export
+
+
+def remake_command(run: Run, fmt: str) -> str:
+    """The command that makes (or re-makes) the artifact of `fmt` in `run`."""
+    if fmt in QUANTIZED:
+        return f"cnnpack quantize --run {shell(run.path)}{QUANTIZED[fmt]}"
+    return f"cnnpack export --run {shell(run.path)} --format {fmt}"
+
+
 def artifact_ref(run: Run, fmt: str) -> ArtifactRef:
     """The recorded artifact of `fmt` in a run (checked against its sha256), or the checkpoint."""
     if fmt == "checkpoint":
         return ArtifactRef(run, "checkpoint", run.file("checkpoint.pt"))
     from cnnpack.rundir import sha256
 
-    arts = run.stage("export", required_by="this command", hint=f"`cnnpack export --run {run.path} --format {fmt}`"
-                     ).get("artifacts", {})
+    make = remake_command(run, "onnx" if fmt in QUANTIZED else fmt)
+    arts = run.stage("export", hint=f"`{make}`").get("artifacts", {})
     if fmt not in arts:
-        raise UserInputError(f"{run.path} has no {fmt} export (has: {', '.join(arts) or 'none'}); "
-                             f"run `cnnpack export --run {run.path} --format {fmt}` first")
+        raise UserInputError(f"{run.path} has no {fmt} artifact (has: {', '.join(arts) or 'none'}); "
+                             f"run `{remake_command(run, fmt)}` first")
     rec = arts[fmt]
     path = run.file(rec["path"])
-    if not path.is_file():
-        raise UserInputError(f"{path} is missing; re-run `cnnpack export --run {run.path} --format {fmt}`")
     for f, digest in ((path, rec["sha256"]), *(((run.file(w["path"]), w["sha256"]),) if (w := rec.get("weights")) else ())):
         if not f.is_file():
-            raise UserInputError(f"{f} is missing; re-run `cnnpack export --run {run.path} --format {fmt}`")
+            raise UserInputError(f"{f} is missing; re-run `{remake_command(run, fmt)}`")
         if sha256(f) != digest:
-            raise UserInputError(f"{f} changed since export (its sha256 differs from the manifest's, truncated?); "
-                                 f"refusing to use it: re-run `cnnpack export --run {run.path} --format {fmt}`")
+            made = "quantize" if fmt in QUANTIZED else "export"
+            raise UserInputError(f"{f} changed since {made} (its sha256 differs from the manifest's, truncated?); "
+                                 f"refusing to use it: re-run `{remake_command(run, fmt)}`")
     return ArtifactRef(run, fmt, path, rec, rec.get("max_batch_size"))
 
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from cnnpack import data as data_mod
 from cnnpack import plots
-from cnnpack.errors import CnnpackError, UserInputError
+from cnnpack.errors import CnnpackError, UserInputError, count, shell
+from cnnpack.host import check_device
 from cnnpack.models import build_model, check_arch, load_weights
 from cnnpack.rundir import MANIFEST, Run, atomic_path, atomic_write_json
 from cnnpack.spec import ModelSpec
@@ -80,13 +81,13 @@ class TrainConfig:
             raise UserInputError(f"--optimizer {self.optimizer!r}; valid: adamw, sgd")
         if not 0 < self.val_fraction < 1:
             raise UserInputError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserInputError(f"--device {self.device!r}; valid: auto, cpu, cuda")
+        check_device(self.device)
         check_arch(self.arch)
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+    """`--device` as a torch device: auto takes the GPU when one is visible; cuda without one is refused."""
+    if check_device(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA GPU is visible to PyTorch on this machine; use --device cpu")
@@ -119,7 +120,7 @@ def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn
     """The best weights of a run, as an eval-mode model, and its spec."""
     path = run.file(CHECKPOINT)
     if not path.is_file():
-        raise UserInputError(f"{run.path} has no {CHECKPOINT}; train it first (`cnnpack train --run {run.path}`)")
+        raise UserInputError(f"{run.path} has no {CHECKPOINT}; train it first (`cnnpack train --run {shell(run.path)}`)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         spec = ModelSpec.from_dict(ckpt["spec"])
@@ -282,7 +283,13 @@ def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
     if resume:
         if not (run_dir / LAST).is_file():
             raise UserInputError(f"--resume: {run_dir} has no {LAST} (no epoch finished); "
-                                 f"start it again with `cnnpack train --run {run_dir} --force`")
+                                 f"start it again with `cnnpack train --run {shell(run_dir)} --force`")
+        done = Run.open(run_dir).read()["stages"].get("train", {})
+        if done.get("status") == "ok":
+            m = done.get("metrics", {})
+            raise UserInputError(f"--resume: {run_dir} finished training ({count(m.get('epochs', 0), 'epoch')}, best val "
+                                 f"top-1 {100 * m.get('best_val_acc', 0):.2f}%); nothing to continue "
+                                 f"(`cnnpack train --run {shell(run_dir)} --force` trains it again)")
     elif (run_dir / MANIFEST).exists() and not force:
         raise UserInputError(f"{run_dir} already holds a run; pass --force to replace it or --resume to continue it")
 
@@ -332,7 +339,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     if is_main and resume:
         run = Run.open(run_dir)
     elif is_main:
-        run = Run.create(run_dir, spec.to_dict(), force=force)
+        run = Run.create(run_dir, spec.to_dict(), force=force, resume_hint=" or --resume to continue it")
         for name in TRAIN_FILES:
             run.file(name).unlink(missing_ok=True)
         run.set_stage("train", {"status": "running", "config": asdict(cfg), "data": data.summary()})
@@ -377,10 +384,10 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                     run.update(lambda m: m["stages"]["train"].update(status="interrupted"))
                 if kept is None:
                     raise Interrupted(f"interrupted during epoch {epoch}, before any epoch finished; "
-                                      f"start again with `cnnpack train --run {run.path} --force`") from None
+                                      f"start again with `cnnpack train --run {shell(run.path)} --force`") from None
                 where = f"after epoch {epoch}" if kept == epoch else f"during epoch {epoch}"
                 raise Interrupted(f"interrupted {where}; epoch {kept} is kept in {run.file(LAST)}; "
-                                  f"continue with `cnnpack train --run {run.path} --resume`") from None
+                                  f"continue with `cnnpack train --run {shell(run.path)} --resume`") from None
     if not is_main:
         return {}
     run.update(lambda m: m["stages"]["train"].update(steps_per_epoch=steps_per_epoch))

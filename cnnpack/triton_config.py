@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from cnnpack.errors import StageFailed, UserInputError
+from cnnpack.rundir import sha256
 
 # what config.pbtxt names: a platform (ONNX Runtime, LibTorch, AOTInductor) or, for OpenVINO, the backend
 PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx_int8": "onnxruntime_onnx", "pt2": "torch_aoti",
@@ -229,3 +231,14 @@ def render(mc) -> str:
         raise StageFailed(f"config.pbtxt for {mc.name} does not parse back to the same ModelConfig")
     return text
 
+
+
+def tuned_in_place(stages: dict) -> dict | None:
+    """The config.pbtxt `cnnpack tune` wrote (its `written` record) while it is still the one in the repository:
+    None when tune wrote nothing, was undone, or a later `cnnpack triton` put the defaults back."""
+    tune = stages.get("tune") or {}
+    written = tune.get("written") if tune.get("status") == "ok" else None
+    if not written or not written.get("sha256"):
+        return None
+    path = Path(written["config"])
+    return written if path.is_file() and sha256(path) == written["sha256"] else None

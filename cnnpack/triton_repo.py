@@ -44,6 +44,7 @@ from cnnpack.triton_config import (  # noqa: F401 - re-exported: `from cnnpack.t
     ensemble_config,
     preprocess_config,
     render,
+    tuned_in_place,
 )
 from cnnpack.triton_publish import Draft, Published, conflict, model_dir, publish, versions  # noqa: F401
 
@@ -229,20 +230,30 @@ def drafts(run: Run, cfg: TritonConfig, name: str) -> tuple[list[Draft], ModelIO
 
 def build(run_dir: str | Path, cfg: TritonConfig = TritonConfig()) -> dict:
     """Lays out (or extends) the Triton model repository for a run; returns `stages.triton`."""
-    cfg.validate()
     run = Run.open(run_dir)
+    root, name, todo, io = check(run, cfg)
+    tuned = tuned_in_place(run.read()["stages"])
+    done = [publish(root, d, force=cfg.force) for d in todo]
+    section = _section(root, cfg, name, io, done)
+    if tuned and not tuned_in_place(run.read()["stages"]):  # said by the CLI: the tuned config is gone
+        section["tune_replaced"] = tuned["config"]
+    run.set_stage("triton", section)
+    return run.read()["stages"]["triton"]
+
+
+def check(run: Run, cfg: TritonConfig) -> tuple[Path, str, list[Draft], ModelIO]:
+    """(repository, model name, model folders to write, I/O) of `build`, refusing before anything is written: a
+    bad option, an artifact that cannot be served, a folder that holds a different model."""
+    cfg.validate()
     root = repository_root(cfg.repository)
     name = cfg.name or default_name(run.model_spec["arch"], cfg.format)
     todo, io = drafts(run, cfg, name)
-    for d in todo:  # refuse before anything is written
+    for d in todo:
         why = conflict(model_dir(root, d.name), d)
         if why and not cfg.force:
             raise UserInputError(f"{root / d.name} exists and {why}; choose another --name or pass --force "
                                  "to replace it (its versions are removed)")
-    done = [publish(root, d, force=cfg.force) for d in todo]
-    section = _section(root, cfg, name, io, done)
-    run.set_stage("triton", section)
-    return run.read()["stages"]["triton"]
+    return root, name, todo, io
 
 
 def default_name(arch: str, fmt: str) -> str:

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError
+from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError, shell
 from cnnpack.peak import usable_cores
-from cnnpack.rundir import Run, atomic_write_json, atomic_write_text
+from cnnpack.rundir import Run, atomic_write_json, atomic_write_text, sha256
 
 OUTPUT, PLOT = "tune.json", "tune.png"
 PREVIOUS = "config.pbtxt.prev"
@@ -115,7 +115,7 @@ def servable(run: Run, cfg: TuneConfig, *, required_by: str = "tune") -> list[tu
     """
     from cnnpack.triton_repo import PLATFORMS, default_name
 
-    triton = run.stage("triton", required_by=required_by, hint=f"`cnnpack triton --run {run.path}`")
+    triton = run.stage("triton", required_by=required_by, hint=f"`cnnpack triton --run {shell(run.path)}`")
     root = Path(triton["repository"])
     verified = run.read().get("stages", {}).get("verify", {}).get("formats", {})
     arch = run.model_spec["arch"]
@@ -129,7 +129,7 @@ def servable(run: Run, cfg: TuneConfig, *, required_by: str = "tune") -> list[tu
         found = [(m, f) for m, f in found if m in cfg.models]
     if not found:
         raise UserInputError(f"{root} holds no model that passed `cnnpack verify`; run `cnnpack verify --run "
-                             f"{run.path}` and `cnnpack triton --run {run.path} --format FORMAT` first")
+                             f"{run.path}` and `cnnpack triton --run {shell(run.path)} --format FORMAT` first")
     return found
 
 
@@ -299,7 +299,7 @@ def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None
     """
     cfg.validate()
     run = Run.open(run_dir)
-    repository = run.stage("triton", required_by="tune", hint=f"`cnnpack triton --run {run.path}`")["repository"]
+    repository = run.stage("triton", required_by="tune", hint=f"`cnnpack triton --run {shell(run.path)}`")["repository"]
     models = servable(run, cfg)
     full = grid(models, cfg, cfg.queue_delays_us)
     per_point = cfg.max_seconds + 1.5  # measurement, warm-up and the reload
@@ -359,7 +359,8 @@ def write_winner(run: Run, winner: dict) -> dict:
     current = (folder / "config.pbtxt").read_text()
     atomic_write_text(folder / PREVIOUS, current)
     atomic_write_text(folder / "config.pbtxt", render(mc))
-    return {"model": winner["model"], "config": str(folder / "config.pbtxt"), "previous": str(folder / PREVIOUS)}
+    return {"model": winner["model"], "config": str(folder / "config.pbtxt"), "previous": str(folder / PREVIOUS),
+            "sha256": sha256(folder / "config.pbtxt")}  # what deploy checks is still in place (triton_config)
 
 
 def undo(run_dir: str | Path) -> dict:

@@ -45,7 +45,8 @@ from cnnpack.contracts import (  # noqa: F401 - re-exported
     tensor_stats,
     tolerances,
 )
-from cnnpack.errors import ParityError, RuntimeUnavailable, UserInputError
+from cnnpack.errors import ParityError, RuntimeUnavailable, UserInputError, shell
+from cnnpack.host import check_device
 from cnnpack.rundir import Run, atomic_write_json, library_versions, sha256
 from cnnpack.runtimes import precision_of
 
@@ -79,8 +80,7 @@ class VerifyConfig:
             raise UserInputError(f"--min-agreement is a fraction in (0, 1], got {self.min_agreement}")
         if not 0 < self.int8_min_agreement <= 1:
             raise UserInputError(f"--int8-min-agreement is a fraction in (0, 1], got {self.int8_min_agreement}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise UserInputError(f"--device {self.device!r}; valid: cpu, cuda, auto")
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -159,15 +159,18 @@ def _load_file(name: str, ref, device: str):
 
 
 def _formats(run: Run, export: dict, cfg: VerifyConfig) -> list[str]:
-    from cnnpack.export import EXPORTERS
+    from cnnpack.runtimes import FORMAT_RUNTIME, remake_command
 
     arts = export.get("artifacts", {})
     wanted = list(cfg.formats or arts)
-    for fmt in wanted:
-        if fmt not in EXPORTERS and fmt not in arts:
-            raise UserInputError(f"unknown format {fmt!r}; valid: {', '.join(EXPORTERS.names())}")
+    known = [f for f in FORMAT_RUNTIME if f != "checkpoint"]
+    for fmt in (f for f in wanted if f not in arts):
+        if fmt not in known:
+            raise UserInputError(f"unknown format {fmt!r}; valid: {', '.join(known)}")
+        raise UserInputError(f"{run.path} has no {fmt} artifact (has: {', '.join(arts) or 'none'}); "
+                             f"run `{remake_command(run, fmt)}` first")
     if not wanted:
-        raise UserInputError(f"{run.path} records no artifacts; run `cnnpack export --run {run.path}` first")
+        raise UserInputError(f"{run.path} records no artifacts; run `cnnpack export --run {shell(run.path)}` first")
     return wanted
 
 
@@ -177,7 +180,7 @@ def _check_checkpoint(run: Run, export: dict) -> None:
     ckpt = run.file(src.get("checkpoint", "checkpoint.pt"))
     if src.get("sha256") and ckpt.is_file() and sha256(ckpt) != src["sha256"]:
         raise UserInputError(f"{ckpt} changed since the artifacts were exported from it (sha256 differs from "
-                             f"stages.export.source); re-run `cnnpack export --run {run.path}` first")
+                             f"stages.export.source); re-run `cnnpack export --run {shell(run.path)}` first")
 
 
 def batch_plan(target: Target, requested: tuple[int, ...] | None) -> list[int]:
@@ -201,7 +204,7 @@ def _plan(run: Run, cfg: VerifyConfig, extra: tuple[Target, ...]) -> list[tuple[
     """Every bad-input check, before any model runs."""
     targets = []
     if cfg.formats != ():
-        export = run.stage("export", required_by="verify", hint=f"`cnnpack export --run {run.path}`")
+        export = run.stage("export", required_by="verify", hint=f"`cnnpack export --run {shell(run.path)}`")
         _check_checkpoint(run, export)
         targets += file_targets(run, _formats(run, export, cfg), cfg.device)
     targets += extra
@@ -397,6 +400,8 @@ def verify(run_dir: str | Path, cfg: VerifyConfig = VerifyConfig(), *, targets: 
     plan = _plan(run, cfg, tuple(targets))
     results, skipped, eager, val = _check_plan(run, cfg, plan, progress)
     result = _result(run, cfg, results, skipped, eager, val)
+    if cfg.formats:  # a subset: the other formats keep their earlier verdicts
+        result = _keep_earlier(run, result)
     _record(run, cfg, result)
     if not result["passed"]:
         raise VerifyFailed(f"parity check failed: {'; '.join(result['failures'])} (details: {run.file(OUTPUT)})",
@@ -425,6 +430,32 @@ def check(run: Run, cfg: VerifyConfig, targets: tuple[Target, ...]) -> list[dict
     cfg = replace(cfg, formats=())
     cfg.validate()
     return _check_plan(run, cfg, _plan(run, cfg, tuple(targets)), lambda _: None)[0]
+
+
+def _keep_earlier(run: Run, result: dict) -> dict:
+    """`result` plus the earlier verify's results of the artifacts not checked this time, each kept only while the
+    artifact is the one it checked (same sha256); `kept` names them. A served model (triton:NAME) is not kept: what
+    a server serves can change without the run knowing."""
+    import json
+
+    path = run.file(OUTPUT)
+    stages = run.read().get("stages", {})
+    recorded = stages.get("verify", {}).get("outputs", {}).get("verify_json", {}).get("sha256")
+    if not path.is_file() or recorded != sha256(path):  # no earlier verify of this run (or not the recorded one)
+        return result
+    earlier = json.loads(path.read_text())
+    arts = stages.get("export", {}).get("artifacts", {})
+    checked = {r["format"] for r in result["results"]}
+    old_arts = earlier.get("artifacts", {})
+    kept = [r for r in earlier.get("results", []) if r["format"] not in checked and r["format"] in arts
+            and old_arts.get(r["format"], {}).get("sha256") == arts[r["format"]]["sha256"]]
+    if not kept:
+        return result
+    results = result["results"] + kept
+    return {**result, "passed": all(r["passed"] for r in results),
+            "failures": [f for r in results for f in r["failures"]], "results": results,
+            "artifacts": {**{f: a for f, a in old_arts.items() if f in {r["format"] for r in kept}}, **result["artifacts"]},
+            "kept": sorted({r["format"] for r in kept})}
 
 
 def _result(run: Run, cfg: VerifyConfig, results: list[dict], skipped: list[dict], eager,

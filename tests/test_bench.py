@@ -253,7 +253,7 @@ def test_a_runtime_named_without_its_artifact_is_one_line_and_exit_2(onnx_only):
     bad = subprocess.run([sys.executable, "-m", "cnnpack", "bench", "--run", str(onnx_only), "--runtimes",
                           "onnxruntime,torchscript", "--max-seconds", "0.1"], capture_output=True, text=True)
     lines = bad.stderr.strip().splitlines()
-    assert bad.returncode == 2 and len(lines) == 1 and "no torchscript export" in lines[0], bad.stderr
+    assert bad.returncode == 2 and len(lines) == 1 and "no torchscript artifact (has: onnx)" in lines[0], bad.stderr
 
 
 @pytest.mark.parametrize("flags, vendor, engines", [

@@ -49,12 +49,12 @@ def test_help_answers_with_an_example_without_heavy_imports(command):
     assert "<bool>" not in out.stdout  # a flag takes no value: typer's type label beside it would say it did
 
 
-@pytest.mark.parametrize(("command", "firsts"), [("evaluate", ["checkpoint"]), ("verify", [])])
+@pytest.mark.parametrize(("command", "firsts"), [("evaluate", ["checkpoint"]), ("verify", []), ("triton", [])])
 def test_format_help_names_every_format_the_command_reads(command, firsts):
     from cnnpack.runtimes import FORMAT_RUNTIME
 
     out = _cnnpack(command, "--help")
-    words = set(out.stdout.replace(",", " ").replace("|", " ").split())
+    words = set(out.stdout.replace(",", " ").replace("|", " ").replace(":", " ").split())
     assert set(FORMAT_RUNTIME) - {"checkpoint"} | set(firsts) <= words
 
 
@@ -69,7 +69,13 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
     broken = tmp / "broken"
     shutil.copytree(tiny_run, broken)
     (broken / "last.pt").write_bytes((broken / "last.pt").read_bytes()[:1000])
+    manifest = json.loads((broken / "cnnpack.json").read_text())
+    manifest["stages"]["train"]["status"] = "interrupted"  # (a finished run has nothing to resume)
+    (broken / "cnnpack.json").write_text(json.dumps(manifest))
     data = json.loads((tiny_run / "cnnpack.json").read_text())["stages"]["train"]["config"]["data"]
+    (tmp / "listrun").mkdir()
+    (tmp / "listrun" / "cnnpack.json").write_text("[]")
+    pipe = ["pipeline", "--run", str(tmp / "p"), "--serve", "no"]
     cases = {
         "unknown-arch": ["train", "--arch", "resnet19", "--run", str(tmp / "a")],
         "missing-data": ["train", "--data", str(tmp / "no-such-folder"), "--run", str(tmp / "b")],
@@ -83,6 +89,21 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "export-half-on-cpu": ["export", "--run", str(existing), "--half"],
         "repeated-option": ["export", "--run", str(existing), "--format", "onnx", "--format=torchscript"],
         "run-under-a-file": ["train", "--data", data, "--epochs", "1", "--run", str(tmp / "afile" / "run")],
+        "run-is-a-file": ["evaluate", "--run", str(tmp / "afile")],
+        "manifest-not-an-object": ["evaluate", "--run", str(tmp / "listrun")],
+        "resume-finished": ["train", "--run", str(existing), "--resume"],
+        "export-empty-format": ["export", "--run", str(existing), "--format", " , "],
+        "export-unknown-format": ["export", "--run", str(existing), "--format", "onnx,tflite"],
+        "export-device-tpu": ["export", "--run", str(existing), "--device", "tpu"],
+        "bench-device-tpu": ["bench", "--run", str(existing), "--device", "tpu"],
+        "bench-bad-triton-url": ["bench", "--run", str(existing), "--triton-url", "ftp://h", "--model", "m"],
+        "export-flag-without-arch": ["export", "--run", str(existing), "--num-classes", "3"],
+        "evaluate-without-export": ["evaluate", "--run", str(existing), "--format", "onnx"],
+        "pipeline-missing-data": [*pipe, "--data", str(tmp / "no-such-folder")],
+        "pipeline-tiny-image": [*pipe, "--image-size", "4"],
+        "pipeline-repository-file": [*pipe, "--repository", str(tmp / "afile")],
+        "pipeline-unknown-format": [*pipe, "--formats", "onnx,bogus"],
+        "pipeline-openvino-conflict": [*pipe, "--formats", "onnx,openvino", "--openvino", "no"],
     }
     if not _cuda_available():
         cases["device-cuda"] = ["train", "--device", "cuda", "--run", str(tmp / "c")]
@@ -118,6 +139,21 @@ EXPECTED = {
     "device-cuda": "--device cuda: no CUDA GPU",
     "repeated-option": "--format is given more than once: give it once (where it takes a list, as one comma list)",
     "run-under-a-file": "afile is a file, not a folder: cannot make",
+    "run-is-a-file": "afile is a file, not a run directory",
+    "manifest-not-an-object": "holds a JSON list, not a cnnpack manifest",
+    "resume-finished": "finished training (2 epochs",
+    "export-empty-format": "--format ' , '; valid: onnx,",
+    "export-unknown-format": "--format 'tflite'; valid: onnx,",
+    "export-device-tpu": "--device 'tpu'; valid: cpu, cuda",
+    "bench-device-tpu": "--device 'tpu'; valid: auto, cpu, cuda",
+    "bench-bad-triton-url": "--triton-url 'ftp://h': scheme 'ftp'",  # the option as bench names it
+    "export-flag-without-arch": "--num-classes goes with --arch",
+    "evaluate-without-export": "has no successful `export` stage; run `cnnpack export --run",
+    "pipeline-missing-data": "data folder not found",
+    "pipeline-tiny-image": "--image-size 4 is too small (minimum 8)",
+    "pipeline-repository-file": "afile is a file, not a directory; choose another --repository",
+    "pipeline-unknown-format": "unknown format 'bogus'",
+    "pipeline-openvino-conflict": "--formats names openvino and --openvino is no",
 }
 
 
@@ -131,6 +167,8 @@ def test_bad_input_is_one_error_line_and_exit_2(bad_runs, case):
     assert len(errors) == 1, out.stderr
     assert EXPECTED[case] in errors[0]
     assert "Traceback" not in out.stderr and out.stdout == ""
+    if case.startswith("pipeline"):
+        assert not (bad_runs["_tmp"] / "p").exists()  # refused before any stage ran
 
 
 USAGE_ERRORS = {

@@ -308,16 +308,23 @@ def test_the_volume_is_filled_once_by_a_job_from_the_repository_image(base, depl
 
 def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_path):
     from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.rundir import sha256
+    from cnnpack.triton_repo import TritonConfig, build
 
-    run = tmp_path / "run"
+    run, repo = tmp_path / "run", tmp_path / "repo"
     shutil.copytree(laid_out, run)
+    shutil.copytree(json.loads((run / "cnnpack.json").read_text())["stages"]["triton"]["repository"], repo)
+    _manifest(run, lambda m: m["stages"]["triton"].update(repository=str(repo)))
     plain = deploy(run, DeployConfig(out=str(tmp_path / "a")))["figures"]
     assert plain["cpu"]["value"] == 1 and plain["startup_s"]["value"] == 300  # no served stage: the fallback
+    config = repo / "cnn_onnx" / "config.pbtxt"
+    config.write_text(config.read_text() + "# written by tune\n")  # (a comment: the same config to Triton)
 
     def tuned_and_served(m):
         m["stages"]["tune"] = {"status": "ok", "config": {"latency_budget_ms": 20.0}, "winner": {
             "label": "cnn_onnx x2 1t batching 500 us", "model": "cnn_onnx", "instances": 2, "threads": 1,
-            "default": False, "latency_ms_p99": 4.0}}
+            "default": False, "latency_ms_p99": 4.0}, "written": {"model": "cnn_onnx", "config": str(config),
+                                                                   "sha256": sha256(config)}}
         m["stages"]["served"] = {"status": "ok", "server_load_s": 30.0, "server_peak_rss_bytes": 600 << 20}
 
     _manifest(run, tuned_and_served)
@@ -329,6 +336,11 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     dep = _yaml(tmp_path / "b" / "kubernetes" / "base" / "deployment.yaml")
     assert _container(dep)["startupProbe"]["failureThreshold"] * _container(dep)["startupProbe"]["periodSeconds"] == 150
     assert _container(dep)["resources"]["limits"] == {"cpu": "2", "memory": "1856Mi"}
+    # laid out again: config.pbtxt holds triton's settings, so the pod is sized from those, not the tuned winner's
+    section = build(run, TritonConfig(repository=str(repo), threads=1, ensemble=True))
+    assert section["tune_replaced"] == str(config) and "# written by tune" not in config.read_text()
+    again = deploy(run, DeployConfig(out=str(tmp_path / "c")))["figures"]
+    assert again["cpu"]["value"] == 1 and "tuned winner" not in again["cpu"]["source"]
 
 
 # -- bad input: one line, exit 2, nothing written -----------------------------------------------------------------

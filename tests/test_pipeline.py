@@ -149,17 +149,21 @@ def test_force_reruns_from_training(first, tmp_path):
 
 
 def test_a_failed_stage_stops_with_exit_1_and_a_pointer(first, tmp_path):
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a file where the repository should be")
+    repo = tmp_path / "repo"  # (a file there is refused up front: test_cli) its model's folder is someone else's
+    blocker = repo / "cnn_onnx" / "model.onnx"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a model cnnpack did not make")
     args = [*first["args"]]
-    args[args.index("--repository") + 1] = str(blocker)
+    args[args.index("--repository") + 1] = str(repo)
     code, _, err = _pipeline(*args)
     assert code == 1
     line = err.strip().splitlines()[-1]
-    assert line.startswith("error: pipeline stopped: stage triton failed") and f"(see {blocker})" in line
+    assert line.startswith("error: pipeline stopped: stage triton failed") and "it was not made by cnnpack" in line
+    assert f"(see {repo})" in line
     m = json.loads((first["run"] / "cnnpack.json").read_text())
     assert m["stages"]["triton"]["status"] == "failed" and m["stages"]["pipeline"]["status"] == "failed"
-    assert blocker.read_text() == "a file where the repository should be"  # nothing overwritten
+    assert [p.name for p in repo.rglob("*")] == ["cnn_onnx", "model.onnx"]  # nothing written beside it
+    assert blocker.read_text() == "a model cnnpack did not make"  # nor overwritten
 
 
 def test_bad_options_exit_2_before_any_work(tmp_path):

@@ -128,6 +128,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):
 
 def test_resume_refuses_a_truncated_or_foreign_last_pt(tiny_run, tmp_path):
     run = _copy(tiny_run, tmp_path)
+    Run(run).update(lambda m: m["stages"]["train"].update(status="interrupted"))  # a finished run has nothing to resume
     good = (run / "last.pt").read_bytes()
     before = {f: sha256(run / f) for f in ("checkpoint.pt", "cnnpack.json", "history.json")}
     foreign = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def test_static_batch_and_normalized_input_artifacts_are_fed_what_they_take(tiny
     assert result["results"][0]["batch_sizes"] == [4] and result["results"][0]["task"]["images"] == 90
     with pytest.raises(UserInputError, match="static batch of 4; use --batch-sizes 4"):
         verify(run_dir, VerifyConfig(batch_sizes=(1, 4)))
-    with pytest.raises(UserInputError, match="has no onnx export"):
+    with pytest.raises(UserInputError, match="has no onnx artifact"):
         verify(run_dir, VerifyConfig(formats=("onnx",)))
     ev = evaluate(run_dir, fmt="torchscript", device="cpu")
     assert ev["images"] == 90 and ev["accuracy"] == result["results"][0]["task"]["accuracy"]
@@ -155,8 +156,12 @@ def test_one_changed_onnx_weight_fails_verify_naming_onnx_and_the_check(exported
         verify(run_dir, QUICK)
     # the same artifact passes when the user accepts the error it has
     loose = saved["results"][0]["tensor"]["min_atol_to_pass"] * 1.01
-    assert verify(run_dir, VerifyConfig(batch_sizes=(1, 8), samples=8, atol=loose, min_agreement=0.5,
-                                        formats=("onnx",)))["passed"]
+    subset = verify(run_dir, VerifyConfig(batch_sizes=(1, 8), samples=8, atol=loose, min_agreement=0.5,
+                                          formats=("onnx",)))
+    # the formats not checked again keep their verdicts (their artifacts are unchanged), so the run stays verified
+    others = sorted(set(section["formats"]) - {"onnx"})
+    assert subset["passed"] and subset["kept"] == others
+    assert set(Run.open(run_dir).read()["stages"]["verify"]["formats"]) == set(section["formats"])
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -199,10 +204,11 @@ def test_a_checkpoint_changed_since_export_is_named(exported, tmp_path):
     (VerifyConfig(rtol=-1e-3), "--rtol must be > 0"),
     (VerifyConfig(atol=float("nan")), "--atol must be > 0"),
     (VerifyConfig(min_agreement=1.5), "--min-agreement"),
-    (VerifyConfig(formats=("tflite",)), "unknown format 'tflite'; valid: onnx, torchscript"),
+    (VerifyConfig(formats=("tflite",)), "unknown format 'tflite'; valid: onnx, onnx_int8, pt2, torchscript"),
+    (VerifyConfig(formats=("onnx_int8",)), "has no onnx_int8 artifact (has: onnx, torchscript); run `cnnpack quantize"),
 ])
 def test_bad_options_are_refused_before_any_work(exported, cfg, needle):
-    with pytest.raises(UserInputError, match=needle.replace("(", r"\(")):
+    with pytest.raises(UserInputError, match=re.escape(needle)):
         verify(exported, cfg)
 
 

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from cnnpack.cli import app, emit, handles_errors
+from cnnpack.errors import shell
 
 
 @app.command()
@@ -65,8 +66,8 @@ def _report(r: dict) -> None:
     typer.echo(f"  pod      {f['cpu']['value']} CPU, {f['memory_mib']['value']} MiB, startup window "
                f"{f['startup_s']['value']} s; HPA on queue time > {f['queue_target_us']['value']} us per request")
     for overlay in r["overlays"]:
-        typer.echo(f"  apply    kubectl apply -k {out / 'kubernetes' / 'overlays' / overlay}")
-    typer.echo(f"  kserve   kubectl apply -f {out / 'kserve'}")
+        typer.echo(f"  apply    kubectl apply -k {shell(out / 'kubernetes' / 'overlays' / overlay)}")
+    typer.echo(f"  kserve   kubectl apply -f {shell(out / 'kserve')}")
     for path in r["repository_files_added"]:
         typer.echo(f"  gpu cfg  {Path(r['repository']) / path} (the gpu overlay's KIND_GPU config)")
     for note in r["notes"]:

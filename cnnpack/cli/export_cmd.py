@@ -29,7 +29,7 @@ def export(
     device: str = typer.Option("cpu", help="cpu | cuda: where the model is traced (pt2: compiled for; it runs there)."),
     arch: Optional[str] = typer.Option(None, help="Export without training: any torchvision classifier or cnn."),
     num_classes: Optional[int] = typer.Option(None, help="With --arch: number of classes."),
-    image_size: int = typer.Option(224, help="With --arch: input size in pixels."),
+    image_size: Optional[int] = typer.Option(None, help="With --arch: input size in pixels (default 224)."),
     classes: Optional[str] = typer.Option(None, help="With --arch: comma-separated class names."),
     pretrained: bool = typer.Option(False, help="With --arch: torchvision weights (must be reachable)."),
     weights: Optional[Path] = typer.Option(None, help="With --arch: a state-dict file for that arch."),
@@ -51,6 +51,9 @@ def export(
     usable = {"openvino": available(), "pt2": compiler_available()}
     every = [f for f in EXPORTERS.names() if usable.get(f, (True, ""))[0]]
     formats = tuple(every) if format == "all" else tuple(f.strip() for f in format.split(",") if f.strip())
+    unknown = [f for f in formats if f not in EXPORTERS] if formats else [format]
+    if unknown:
+        raise usage_error(f"--format {unknown[0]!r}; valid: {', '.join(EXPORTERS.names())}, all (or a comma list)")
     cfg = ExportConfig(formats=formats, exporter=exporter, opset=opset, max_batch_size=max_batch_size,
                        static_batch=static_batch, simplify=simplify, torchscript_mode=torchscript_mode,
                        input=input, half=half, device=device)
@@ -60,10 +63,17 @@ def export(
             raise usage_error("--arch needs --num-classes K")
         run = run or default_run_dir(arch)
         names = [c.strip() for c in classes.split(",")] if classes else None
-        create_run(run, arch=arch, num_classes=num_classes, image_size=image_size, classes=names,
+        create_run(run, arch=arch, num_classes=num_classes, image_size=image_size or 224, classes=names,
                    pretrained=pretrained, weights=str(weights) if weights else None, force=force)
-    elif run is None:
-        raise usage_error("--run DIR is required (or --arch ... to export without training)")
+    else:
+        given = [flag for flag, v in (("--num-classes", num_classes), ("--image-size", image_size),
+                                      ("--classes", classes), ("--pretrained", pretrained or None),
+                                      ("--weights", weights), ("--force", force or None)) if v is not None]
+        if given:
+            raise usage_error(f"{given[0]} goes with --arch (a model made from flags); without --arch the run's own model "
+                              "is exported")
+        if run is None:
+            raise usage_error("--run DIR is required (or --arch ... to export without training)")
     section = do_export(run, cfg)
     emit(section, as_json)
     if not as_json:

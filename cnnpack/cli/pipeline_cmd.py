@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from cnnpack.cli import app, emit, handles_errors, int_list
+from cnnpack.errors import shell
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -115,7 +116,7 @@ def print_summary(s: dict) -> None:
                              f"{b['latency_ms_p50']:.2f} ms p50, {b['throughput_ips']:,.0f} images/s")
     if s["repository"]:
         t.add_row("triton", f"{s['repository']} ({', '.join(s['models'])})")
-        t.add_row("serve it", f"cnnpack serve --repository {s['repository']}")
+        t.add_row("serve it", f"cnnpack serve --repository {shell(s['repository'])}")
     if s["served"]:
         t.add_row("served", s["served"])
     ran = [o["name"] for o in s["stages"] if o["status"] == "ran"]

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from cnnpack.cli import app, emit, handles_errors, usage_error
+from cnnpack.errors import shell
 
 
 def _sizes(text: Optional[str]) -> tuple[int, ...]:
@@ -25,7 +26,7 @@ def triton(
     run: Path = typer.Option(..., help="Run directory with an export stage."),
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to create or extend."),
     name: Optional[str] = typer.Option(None, help="Model name, the folder in the repository (default: <arch>_<format>)."),
-    format: str = typer.Option("onnx", help="onnx | onnx_int8 | torchscript | openvino | openvino_int8: which artifact to serve."),
+    format: str = typer.Option("onnx", help="onnx | onnx_int8 | pt2 | torchscript | openvino | openvino_int8: which artifact to serve."),
     device: str = typer.Option("cpu", help="cpu | gpu: instance group kind."),
     instances: int = typer.Option(1, help="Model instances (per GPU with --device gpu)."),
     max_batch_size: Optional[int] = typer.Option(None, help="max_batch_size in config.pbtxt (default: the artifact's max)."),
@@ -72,7 +73,10 @@ def _report(s: dict, run: Path) -> None:
         e = s["ensemble"]
         typer.echo(f"{Path(s['repository']) / e['name']}  ensemble: {e['input']} (encoded image bytes) -> "
                    f"{e['preprocess']} -> {s['name']} -> {e['output']}")
-    typer.echo(f"serve: cnnpack serve --run {run}  or  tritonserver --model-repository={s['repository']}")
+    if s.get("tune_replaced"):
+        typer.echo(f"note: {s['tune_replaced']} now holds triton's settings, not the tuned ones; `cnnpack tune --run "
+                   f"{shell(run)}` measures and writes them again", err=True)
+    typer.echo(f"serve: cnnpack serve --run {shell(run)}  or  tritonserver --model-repository={s['repository']}")
     from cnnpack.triton_dist import ngc_image
     from cnnpack.triton_release import release_for
 

@@ -77,6 +77,8 @@ def _show(result: dict, run: Path, as_json: bool) -> None:
         typer.echo(f"skipped: {skip['format']} in {skip['reason']}")
     if result["note"]:
         typer.echo(f"note: {result['note']}")
+    if result.get("kept"):
+        typer.echo(f"kept: the earlier verdicts of {', '.join(result['kept'])} (artifacts unchanged; not checked again)")
     failed = [f"{r['format']} ({r['runtime']})" for r in result["results"] if not r["passed"]]
     verdict = f"FAILED: {', '.join(failed)}" if failed else "PASSED: every artifact checked matches eager"
     typer.echo(f"{verdict}; written: {run / 'verify.json'}")

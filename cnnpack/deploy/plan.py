@@ -131,9 +131,11 @@ def content_tag(repository: Path, models: list[str]) -> str:
 
 # -- the figures ----------------------------------------------------------------------------------------------
 def _winner(stages: dict) -> dict | None:
-    tune = stages.get("tune") or {}
-    w = tune.get("winner") if tune.get("status") == "ok" else None
-    return w if w and not w.get("default") else None
+    """The tuned winner while its config.pbtxt is what the repository serves (not undone, not re-laid out)."""
+    from cnnpack.triton_config import tuned_in_place
+
+    w = (stages.get("tune") or {}).get("winner")
+    return w if w and not w.get("default") and tuned_in_place(stages) else None
 
 
 def cpu(stages: dict, machine: dict) -> tuple[Figure, int]:
