@@ -260,3 +260,13 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(tiny_data, tmp_path):
     section = json.loads(out.stdout)
     assert section["status"] == "ok" and section["resumed"] is True and section["metrics"]["epochs"] == 3
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2, 3]
+
+
+def test_report_brings_a_run_made_stage_by_stage_up_to_date(tiny_run, tmp_path):
+    run = tmp_path / "my run"
+    shutil.copytree(tiny_run, run)
+    out = _cnnpack("report", "--run", str(run))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == [str(run / "report.html"), str(run / "report.md")]
+    md = (run / "report.md").read_text()
+    assert "## Training" in md and "## Exported artifacts" not in md  # what the run has, nothing it lacks

@@ -168,7 +168,7 @@ def int_list(text: str, flag: str) -> tuple[int, ...]:
 
 
 # Each command lives in its own module and registers itself on `app` when imported.
-from cnnpack.cli import bench_cmd, deploy_cmd, export_cmd, infer_cmd, pipeline_cmd, quantize_cmd, serve_cmd, train_cmd, triton_cmd, tune_cmd, verify_cmd  # noqa: E402,F401,I001,E501
+from cnnpack.cli import bench_cmd, deploy_cmd, export_cmd, infer_cmd, pipeline_cmd, quantize_cmd, report_cmd, serve_cmd, train_cmd, triton_cmd, tune_cmd, verify_cmd  # noqa: E402,F401,I001,E501
 
 
 def repeated_option(argv: list[str]) -> str | None:
