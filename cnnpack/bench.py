@@ -241,8 +241,11 @@ def check_batch_sizes(ref, name: str, batch_sizes: tuple[int, ...]) -> None:
             raise UserInputError(f"batch size {b}: {ref.path} ({name}) was exported with a static batch of "
                                  f"{static}; bench --batch-sizes {static}, or re-export without --static-batch")
         if ref.max_batch_size and b > ref.max_batch_size:
+            fp32 = ref.format.removesuffix("_int8")  # an int8 model is quantized from the fp32 export
+            again = " (then `cnnpack quantize` again)" if fp32 != ref.format else ""
             raise UserInputError(f"batch size {b} exceeds the max batch size {ref.max_batch_size} of {ref.path} "
-                                 f"({name}); re-export with `cnnpack export --max-batch-size {b}` or bench smaller")
+                                 f"({name}); re-export with `cnnpack export --run {shell(ref.run.path)} --format {fp32} "
+                                 f"--max-batch-size {b}`{again} or bench smaller")
 
 
 def input_batch(spec: dict, batch_size: int) -> np.ndarray:
@@ -398,7 +401,11 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         raise RuntimeUnavailable("no runtime could run here: " + "; ".join(ctx.skipped.values()))
     host["load_avg_1_5_15_end"] = load_avg()
     section = make_section(ctx, host, [ref for _, ref in pairs])
-    old = previous_section(run)  # rows of served models (bench --triton-url) stay
+    old = previous_section(run)  # rows of served models (bench --triton-url) stay; local rows are measured together
+    # (speedups and shares compare rows of one run), so an earlier run's local rows are replaced, and named
+    now = {(series(r), r["batch_size"]) for r in section["results"]}
+    section["replaced"] = sorted({f"{series(r)}@{r['batch_size']}" for r in old.get("results", [])
+                                  if r.get("runtime") != "triton" and (series(r), r["batch_size"]) not in now})
     section["results"] += [r for r in old.get("results", []) if r.get("runtime") == "triton"]
     section["served"] = old.get("served", {})
     section["outputs"] = write_outputs(run, section, plot=cfg.plot)

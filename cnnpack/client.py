@@ -253,8 +253,8 @@ class Client:
             if self.protocol == "grpc" and "Socket closed" in str(e):
                 raise UserInputError(f"{self.address} closed the gRPC connection: is it Triton's HTTP port? Pass "
                                      f"--protocol http, or the gRPC port (default {DEFAULT_PORTS['grpc']})") from None
-            raise UserInputError(f"cannot reach Triton at {self.url}: {reason(e)}; start it with `cnnpack serve` "
-                                 f"or pass {self.url_flag} (defaults: HTTP {DEFAULT_PORTS['http']}, gRPC "
+            raise UserInputError(f"cannot reach Triton at {self.url}: {reason(e)}; start it with `cnnpack serve`, "
+                                 f"or point {self.url_flag} at it (defaults: HTTP {DEFAULT_PORTS['http']}, gRPC "
                                  f"{DEFAULT_PORTS['grpc']}, with --protocol)") from None
         if not ready:
             raise UserInputError(f"Triton at {self.url} is up but not ready (models still loading?); retry shortly")

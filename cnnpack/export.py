@@ -331,14 +331,24 @@ def _command(run: Run, fmt: str, cfg: dict) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def _on_this_run(command: str) -> str:
+    """A recorded command with its `--run PATH` (as typed, maybe relative) replaced by the script's "$RUN"."""
+    args: list[str | None] = list(shlex.split(command))
+    if "--run" in args:
+        args[args.index("--run") + 1] = None
+    return " ".join('"$RUN"' if a is None else shlex.quote(a) for a in args)
+
+
 def write_reproduce(run: Run) -> None:
     """export/reproduce.sh: the command that made each recorded artifact (a derived one records its own)."""
     arts = run.read()["stages"]["export"]["artifacts"]
     lines = [f"# {fmt}: {rec['path']} (sha256 {rec['sha256'][:12]}...)\n"
-             f"{rec.get('command') or _command(run, fmt, rec['config'])}" for fmt, rec in arts.items()]
+             f"{_on_this_run(rec.get('command') or _command(run, fmt, rec['config']))}" for fmt, rec in arts.items()]
     script = run.file("export/reproduce.sh")
     atomic_write_text(script, "#!/usr/bin/env bash\n# Re-creates the artifacts of this run exactly as they were made.\n"
-                      "set -euo pipefail\n" + "\n".join(lines) + "\n")
+                      "set -euo pipefail\n"
+                      "RUN=\"$(cd \"$(dirname \"${BASH_SOURCE[0]}\")/..\" && pwd)\"  # the run holding this script, "
+                      "from any folder (and in a copy, the copy)\n" + "\n".join(lines) + "\n")
     os.chmod(script, 0o755)
 
 

@@ -105,6 +105,28 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+# what every stage reads of `model`, with the type each must have
+MODEL_KEYS = {"arch": (str, "a string"), "num_classes": (int, "an integer"), "classes": (list, "a list"),
+              "image_size": (int, "an integer")}
+
+
+def _damage(manifest: dict) -> str | None:
+    """What makes a parsed manifest unusable (a hand edit, another tool), or None: the shapes every stage relies
+    on, so that a damaged file is one line, not a traceback from whichever stage reads it first."""
+    model, stages = manifest.get("model"), manifest.get("stages", {})
+    if not isinstance(model, dict):
+        return "`model` is not an object"
+    for key, (kind, named) in MODEL_KEYS.items():
+        if not isinstance(model.get(key), kind):
+            return f"`model.{key}` is {'missing' if key not in model else 'not ' + named}"
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+        return "`stages` is not an object of objects"
+    for fmt, rec in (stages.get("export", {}).get("artifacts") or {}).items():
+        if not (isinstance(rec, dict) and isinstance(rec.get("path"), str) and isinstance(rec.get("sha256"), str)):
+            return f"`stages.export.artifacts.{fmt}` lacks its path or sha256"
+    return None
+
+
 class Run:
     """A run directory: `path/cnnpack.json` plus the files the stages write beside it."""
 
@@ -173,6 +195,8 @@ class Run:
                 f"{self.manifest_path} has schema_version {data.get('schema_version')!r}, "
                 f"this cnnpack reads {SCHEMA_VERSION}"
             )
+        if problem := _damage(data):
+            raise UserInputError(f"{self.manifest_path} is damaged: {problem}; restore it or re-create the run")
         return data
 
     def write(self, manifest: dict) -> None:

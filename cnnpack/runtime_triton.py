@@ -83,6 +83,8 @@ def served_ref(run: Run | None, url: str | None, model: str | None, protocol: st
     from cnnpack.client import DEFAULT_TIMEOUT_S
     from cnnpack.runtimes import ArtifactRef
 
+    if timeout_s is not None and not timeout_s > 0:  # (also refuses NaN)
+        raise UserInputError(f"--timeout must be > 0 seconds, got {timeout_s}")
     if not model:
         if run is None:
             raise UserInputError("name the served model with --model")

@@ -81,7 +81,7 @@ def check_class_names(classes: Sequence[str], *, where: Callable[[int, str], str
     for i, name in enumerate(classes):
         problem = class_name_problem(name)
         if problem:
-            raise UserInputError(f"{where(i, name)}: the name {problem}; {fix}, e.g. to "
+            raise UserInputError(f"{where(i, name)}: the name {problem}; {fix}, e.g. "
                                  f"{suggest_class_name(name)!r}")
         if name in classes[:i]:
             raise UserInputError(f"{where(i, name)}: the name is given twice; class names must be unique")

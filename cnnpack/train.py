@@ -77,6 +77,8 @@ class TrainConfig:
             raise UserInputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.lr is not None and self.lr < 0:
             raise UserInputError(f"--lr must be >= 0, got {self.lr}")
+        if not self.weight_decay >= 0:  # (also refuses NaN)
+            raise UserInputError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.optimizer not in ("adamw", "sgd"):
             raise UserInputError(f"--optimizer {self.optimizer!r}; valid: adamw, sgd")
         if not 0 < self.val_fraction < 1:
@@ -120,7 +122,9 @@ def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn
     """The best weights of a run, as an eval-mode model, and its spec."""
     path = run.file(CHECKPOINT)
     if not path.is_file():
-        raise UserInputError(f"{run.path} has no {CHECKPOINT}; train it first (`cnnpack train --run {shell(run.path)}`)")
+        raise UserInputError(f"{path} is missing: the run's weights are gone; restore the file, or train the run "
+                             f"again with `cnnpack train --run {shell(run.path)} --force` and the options it was "
+                             "trained with (stages.train.config in its cnnpack.json)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         spec = ModelSpec.from_dict(ckpt["spec"])
@@ -289,7 +293,7 @@ def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
             m = done.get("metrics", {})
             raise UserInputError(f"--resume: {run_dir} finished training ({count(m.get('epochs', 0), 'epoch')}, best val "
                                  f"top-1 {100 * m.get('best_val_acc', 0):.2f}%); nothing to continue "
-                                 f"(`cnnpack train --run {shell(run_dir)} --force` trains it again)")
+                                 f"(`cnnpack train --run {shell(run_dir)} --force` with its options trains it again)")
     elif (run_dir / MANIFEST).exists() and not force:
         raise UserInputError(f"{run_dir} already holds a run; pass --force to replace it or --resume to continue it")
 

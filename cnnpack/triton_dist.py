@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from cnnpack.errors import RuntimeUnavailable
+from cnnpack.errors import RuntimeUnavailable, shell
 from cnnpack.triton_release import LOCAL_RELEASE, release_for
 
 NGC_RELEASE = LOCAL_RELEASE  # 24.10: the NGC container whose Triton (2.51) the wheel ships; newer where a model needs it
@@ -60,9 +61,13 @@ def docker_line(repository: str | Path = "model_repository") -> str:
     A relative `repository` is mounted from the current directory ($PWD), an absolute one as it is.
     """
     path = Path(repository)
-    source = path if path.is_absolute() else f"$PWD/{path}"
+    here = "" if path.is_absolute() else "$PWD/"
+    volume = f"{here}{path}:/models"
+    if shell(path) != str(path):  # a space or the like: in double quotes, where $PWD still expands
+        escaped = re.sub(r'([\\"`$])', r"\\\1", str(path))
+        volume = f'"{here}{escaped}:/models"'
     return ("docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 "
-            f"-v {source}:/models {ngc_image(repository)} "
+            f"-v {volume} {ngc_image(repository)} "
             "tritonserver --model-repository=/models")
 
 

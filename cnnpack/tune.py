@@ -113,14 +113,22 @@ def servable(run: Run, cfg: TuneConfig, *, required_by: str = "tune") -> list[tu
 
     `cnnpack deploy` ships exactly these (`required_by` names the command in the error).
     """
-    from cnnpack.triton_repo import PLATFORMS, default_name
+    from cnnpack.triton_repo import MODEL_FILES, PLATFORMS, default_name, versions
 
     triton = run.stage("triton", required_by=required_by, hint=f"`cnnpack triton --run {shell(run.path)}`")
     root = Path(triton["repository"])
-    verified = run.read().get("stages", {}).get("verify", {}).get("formats", {})
+    verify = run.read().get("stages", {}).get("verify", {})
     arch = run.model_spec["arch"]
-    found = [(default_name(arch, fmt), fmt) for fmt, v in verified.items()
+    found = [(default_name(arch, fmt), fmt) for fmt, v in verify.get("formats", {}).items()
              if fmt in PLATFORMS and v.get("passed") and (root / default_name(arch, fmt) / "config.pbtxt").is_file()]
+    for name, fmt in found:  # Triton serves the latest version: it must hold the very file verify checked
+        latest = root / name / str(max(versions(root / name), default=0)) / MODEL_FILES[fmt]
+        checked = verify.get("artifacts", {}).get(fmt, {})
+        files = [(latest, checked.get("sha256"))] + ([(latest.with_suffix(".bin"), checked["weights_sha256"])]
+                                                     if "weights_sha256" in checked else [])
+        if not all(f.is_file() and sha256(f) == digest for f, digest in files):
+            raise UserInputError(f"{latest} is not the {fmt} artifact `cnnpack verify` checked (exported again "
+                                 f"since?); run `cnnpack verify --run {shell(run.path)}` first")
     if cfg.models:
         unknown = [m for m in cfg.models if m not in dict(found)]
         if unknown:
@@ -129,7 +137,8 @@ def servable(run: Run, cfg: TuneConfig, *, required_by: str = "tune") -> list[tu
         found = [(m, f) for m, f in found if m in cfg.models]
     if not found:
         raise UserInputError(f"{root} holds no model that passed `cnnpack verify`; run `cnnpack verify --run "
-                             f"{run.path}` and `cnnpack triton --run {shell(run.path)} --format FORMAT` first")
+                             f"{shell(run.path)}` and `cnnpack triton --run {shell(run.path)} --repository "
+                             f"{shell(root)} --format FORMAT` first")
     return found
 
 

@@ -470,7 +470,8 @@ def _result(run: Run, cfg: VerifyConfig, results: list[dict], skipped: list[dict
         "data": {"source": val.source, "images": int(len(val.labels))} if val is not None else None,
         "note": None if val is not None else ("no validation data (a run made by `cnnpack export --arch`): tensor "
                                               "parity on random inputs only; pass --data to check task parity too"),
-        "artifacts": {r["format"]: {"path": arts[r["format"]]["path"], "sha256": arts[r["format"]]["sha256"]}
+        "artifacts": {r["format"]: {"path": arts[r["format"]]["path"], "sha256": arts[r["format"]]["sha256"],
+                                    **({"weights_sha256": w["sha256"]} if (w := arts[r["format"]].get("weights")) else {})}
                       for r in results if r["format"] in arts},
         "results": results,
         "skipped": skipped,

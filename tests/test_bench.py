@@ -247,6 +247,9 @@ def test_default_runtimes_bench_what_the_run_has(onnx_only):
                                            warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
     assert {r["runtime"] for r in section["results"]} == {"onnxruntime"}
     assert "no torchscript artifact" in section["skipped"]["torchscript"]
+    again = bench(onnx_only, BenchConfig(runtimes=("eager",), batch_sizes=(1,), threads=1, max_seconds=0.2,
+                                         warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
+    assert again["replaced"] == ["onnxruntime@1"]  # the earlier run's row is gone, and said so
 
 
 def test_a_runtime_named_without_its_artifact_is_one_line_and_exit_2(onnx_only):

@@ -97,6 +97,8 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "export-device-tpu": ["export", "--run", str(existing), "--device", "tpu"],
         "bench-device-tpu": ["bench", "--run", str(existing), "--device", "tpu"],
         "bench-bad-triton-url": ["bench", "--run", str(existing), "--triton-url", "ftp://h", "--model", "m"],
+        "bench-served-option-alone": ["bench", "--run", str(existing), "--concurrency", "0"],
+        "verify-empty-batch-sizes": ["verify", "--run", str(existing), "--batch-sizes", ""],
         "export-flag-without-arch": ["export", "--run", str(existing), "--num-classes", "3"],
         "evaluate-without-export": ["evaluate", "--run", str(existing), "--format", "onnx"],
         "pipeline-missing-data": [*pipe, "--data", str(tmp / "no-such-folder")],
@@ -147,6 +149,8 @@ EXPECTED = {
     "export-device-tpu": "--device 'tpu'; valid: cpu, cuda",
     "bench-device-tpu": "--device 'tpu'; valid: auto, cpu, cuda",
     "bench-bad-triton-url": "--triton-url 'ftp://h': scheme 'ftp'",  # the option as bench names it
+    "bench-served-option-alone": "--concurrency is for a served model: give the server with --triton-url",
+    "verify-empty-batch-sizes": "--batch-sizes is empty",
     "export-flag-without-arch": "--num-classes goes with --arch",
     "evaluate-without-export": "has no successful `export` stage; run `cnnpack export --run",
     "pipeline-missing-data": "data folder not found",

@@ -379,6 +379,17 @@ def test_a_run_whose_repository_holds_no_verified_model_is_refused_as_tune_does(
         deploy(run, DeployConfig(out=str(tmp_path / "out")))
     with pytest.raises(MissingStageError, match="`cnnpack deploy` needs a successful `triton` stage"):
         deploy(tiny_run, DeployConfig(out=str(tmp_path / "out")))
+    # verified, then a version verify never saw laid out (a new export): refused, not shipped
+    shutil.rmtree(run)
+    shutil.copytree(laid_out, run)
+    repo = tmp_path / "repo"
+    shutil.copytree(json.loads((run / "cnnpack.json").read_text())["stages"]["triton"]["repository"], repo)
+    _manifest(run, lambda m: m["stages"]["triton"].update(repository=str(repo)))
+    shutil.copytree(repo / "cnn_onnx" / "1", repo / "cnn_onnx" / "2")
+    with open(repo / "cnn_onnx" / "2" / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserInputError, match=r"cnn_onnx/2/model.onnx is not the onnx artifact `cnnpack verify` checked"):
+        deploy(run, DeployConfig(out=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
 
@@ -400,7 +411,10 @@ def test_an_out_with_a_different_deployment_is_refused_and_kept_unless_force(dep
     repo = Path(json.loads((laid_out / "cnnpack.json").read_text())["stages"]["triton"]["repository"])
     gpu_config = repo / "cnn_onnx" / "configs" / "gpu.pbtxt"
     stamp = gpu_config.stat().st_ino, gpu_config.stat().st_mtime_ns  # an atomic rewrite is a new inode
-    deploy(laid_out, DeployConfig(out=str(out)))  # the same deployment again: rewritten
+    again = deploy(laid_out, DeployConfig(out=str(out), model_store="pvc"))  # the same deployment again: rewritten
+    earlier = set(json.loads((deployed["image"] / "cnnpack-deploy.json").read_text())["files"])
+    assert again["replaced"] is True and again["removed"] == sorted(earlier - set(again["files"]))
+    assert all(not (out / f).exists() for f in again["removed"])  # gone, and said (the CLI prints them)
     assert (gpu_config.stat().st_ino, gpu_config.stat().st_mtime_ns) == stamp  # not the repository's unchanged file
     assert deploy(laid_out, DeployConfig(out=str(out), name="other", force=True))["name"] == "other"
     assert _yaml(out / "kubernetes" / "base" / "service.yaml")["metadata"]["name"] == "other"

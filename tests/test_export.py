@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -65,6 +67,14 @@ def test_cnn_export_matches_eager(tiny_run, tmp_path):
     _check_artifacts(run_dir, 32, tmp_path)
     script = (run_dir / "export/reproduce.sh").read_text()
     assert "--format onnx" in script and "--format torchscript" in script
+    assert str(run_dir) not in script and script.count('--run "$RUN"') == 2  # the run it sits in, from any folder
+    moved = tmp_path / "a copy"
+    shutil.copytree(run_dir, moved)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    again = subprocess.run(["bash", str(moved / "export/reproduce.sh")], cwd="/", env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sha256(moved / "export/model.onnx") == onnx_rec["sha256"]  # made again, the same bytes
+    assert Run.open(moved).read()["stages"]["export"]["artifacts"]["onnx"]["sha256"] == onnx_rec["sha256"]
 
 
 def test_onnx_metadata_carries_the_model_spec(tiny_run, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -27,3 +28,25 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
         raise RuntimeError("writer died")
     assert dest.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["cnnpack.json"]
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (lambda m: m.update(stages=[]), "`stages` is not an object of objects"),
+    (lambda m: m.update(model="x"), "`model` is not an object"),
+    (lambda m: m["model"].pop("classes"), "`model.classes` is missing"),
+    (lambda m: m["model"].update(image_size="64"), "`model.image_size` is not an integer"),
+    (lambda m: m["stages"].update(export={"artifacts": {"onnx": {"sha256": "0"}}}),
+     "`stages.export.artifacts.onnx` lacks its path or sha256"),
+])
+def test_a_damaged_manifest_is_one_error_naming_the_damage(tmp_path, edit, says):
+    import json
+
+    from cnnpack.errors import UserInputError
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32})
+    m = run.read()
+    edit(m)
+    run.manifest_path.write_text(json.dumps(m))
+    with pytest.raises(UserInputError, match=f"cnnpack.json is damaged: {re.escape(says)}; restore it"):
+        Run.open(run.path).read()

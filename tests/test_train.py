@@ -217,6 +217,7 @@ def test_a_last_batch_of_one_image_trains(colours, tmp_path):
     ("epochs", 0, "--epochs must be >= 1"),
     ("batch_size", 0, "--batch-size must be >= 1"),
     ("patience", 0, "--patience must be >= 1"),
+    ("weight_decay", -1.0, "--weight-decay must be >= 0, got -1.0"),
     ("optimizer", "adam", "--optimizer 'adam'; valid: adamw, sgd"),
     ("device", "tpu", "--device 'tpu'; valid: auto, cpu, cuda"),
     ("arch", "resnet-18", "unknown arch 'resnet-18'"),

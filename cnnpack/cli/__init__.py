@@ -160,11 +160,26 @@ def usage_error(msg: str) -> typer.Exit:
 
 
 def int_list(text: str, flag: str) -> tuple[int, ...]:
-    """`1,8,32` -> (1, 8, 32); anything else is a usage error naming `flag`."""
+    """`1,8,32` -> (1, 8, 32); anything else (an empty list too) is a usage error naming `flag`."""
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise usage_error(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise usage_error(f"{flag} is empty; give comma-separated integers")
+    return values
+
+
+def served_options(triton_url: str | None, **given: tuple[object, object]) -> None:
+    """Refuses options of a served model (`flag_name=(value, default)`) given without --triton-url, where they would
+    be ignored, and an empty --triton-url."""
+    if triton_url is not None and not triton_url.strip():
+        raise usage_error("--triton-url is empty; give the server's HOST:PORT")
+    if triton_url is None:
+        for name, (value, default) in given.items():
+            if value != default:
+                raise usage_error(f"--{name.replace('_', '-')} is for a served model: give the server with "
+                                  "--triton-url HOST:PORT too")
 
 
 # Each command lives in its own module and registers itself on `app` when imported.

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors, int_list, usage_error
+from cnnpack.cli import app, emit, handles_errors, int_list, served_options, usage_error
 
 
 @app.command()
@@ -45,11 +45,13 @@ def bench(
     from cnnpack.bench import bench as do_bench
     from cnnpack.bench_served import ServedConfig, bench_served
 
-    if model is not None and triton_url is None:
-        raise usage_error("--model names a served model: give the server with --triton-url HOST:PORT too")
+    served_options(triton_url, model=(model, None), protocol=(protocol, "http"), concurrency=(concurrency, "1,4,16"),
+                   timeout=(timeout, 30.0), load_generator=(load_generator, "auto"))
     names = tuple(n.strip() for n in runtimes.split(",") if n.strip()) if runtimes is not None else None
-    sizes = int_list(batch_sizes, "--batch-sizes") if batch_sizes else ((1,) if triton_url else (1, 8, 32))
-    arts = tuple(a.strip() for a in artifacts.split(",") if a.strip()) if artifacts else None
+    sizes = int_list(batch_sizes, "--batch-sizes") if batch_sizes is not None else ((1,) if triton_url else (1, 8, 32))
+    arts = tuple(a.strip() for a in artifacts.split(",") if a.strip()) if artifacts is not None else None
+    if arts == ():
+        raise usage_error("--artifacts is empty; name at least one format (or leave the option out)")
     cfg = BenchConfig(runtimes=names, batch_sizes=sizes, threads=threads, max_seconds=max_seconds, device=device,
                       plot=plot, artifacts=arts)
     cfg.validate()
@@ -102,11 +104,14 @@ def _print_warnings(section: dict) -> None:
 
     for name, why in section["skipped"].items():
         typer.echo(f"skipped {name}: {why}", err=True)
+    if section.get("replaced"):
+        typer.echo(f"replaced: the earlier rows {', '.join(section['replaced'])} (a bench's rows are measured together; "
+                   "name their runtimes in --runtimes to keep them)", err=True)
     unstable = [f"{series(r)}@{r['batch_size']}" for r in section["results"] if not r["stable"]]
     if unstable:
         typer.echo(f"unstable (windows did not agree within {100 * section['config']['stability']:.0f} % before "
                    f"--max-seconds): {', '.join(unstable)}", err=True)
-    busy = [f"{r['runtime']}@{r['batch_size']} {100 * r['cpu_others']:.0f} %" for r in section["results"]
+    busy = [f"{series(r)}@{r['batch_size']} {100 * r['cpu_others']:.0f} %" for r in section["results"]
             if (r.get("cpu_others") or 0) > 0.05]
     if busy:
         typer.echo(f"other processes took CPU time during: {', '.join(busy)}; rerun on a quiet machine", err=True)

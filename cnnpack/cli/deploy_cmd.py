@@ -61,8 +61,15 @@ def deploy(
 
 def _report(r: dict) -> None:
     out, f = Path(r["out"]), r["figures"]
-    typer.echo(f"{out}  {r['name']}: {', '.join(r['models'])}")
-    typer.echo(f"  image    {r['image']}" + (f" (build: {out / 'README.md'})" if r["repository_image"] else ""))
+    typer.echo(f"{out}  {r['name']}: {', '.join(r['models'])}"
+               + (" (replaced the earlier deployment there)" if r.get("replaced") else ""))
+    if r.get("removed"):
+        typer.echo(f"  removed  {', '.join(r['removed'])} (not part of this deployment)")
+    build = f"(build: {out / 'README.md'})"
+    same = r["repository_image"] == r["image"]  # --model-store image: the served image carries the repository
+    typer.echo(f"  image    {r['image']}" + (f" {build}" if same else ""))
+    if r["repository_image"] and not same:  # --model-store pvc: a job copies it from this image to the volume
+        typer.echo(f"  build    {r['repository_image']}, the image the volume is filled from {build}")
     typer.echo(f"  pod      {f['cpu']['value']} CPU, {f['memory_mib']['value']} MiB, startup window "
                f"{f['startup_s']['value']} s; HPA on queue time > {f['queue_target_us']['value']} us per request")
     for overlay in r["overlays"]:

@@ -28,7 +28,7 @@ def export(
     half: bool = typer.Option(False, help="fp16 artifacts for GPU targets (needs --device cuda)."),
     device: str = typer.Option("cpu", help="cpu | cuda: where the model is traced (pt2: compiled for; it runs there)."),
     arch: Optional[str] = typer.Option(None, help="Export without training: any torchvision classifier or cnn."),
-    num_classes: Optional[int] = typer.Option(None, help="With --arch: number of classes."),
+    num_classes: Optional[int] = typer.Option(None, help="With --arch: number of classes (default: as many as --classes names)."),
     image_size: Optional[int] = typer.Option(None, help="With --arch: input size in pixels (default 224)."),
     classes: Optional[str] = typer.Option(None, help="With --arch: comma-separated class names."),
     pretrained: bool = typer.Option(False, help="With --arch: torchvision weights (must be reachable)."),
@@ -59,10 +59,11 @@ def export(
                        input=input, half=half, device=device)
     cfg.validate()
     if arch is not None:
-        if num_classes is None:
-            raise usage_error("--arch needs --num-classes K")
-        run = run or default_run_dir(arch)
         names = [c.strip() for c in classes.split(",")] if classes else None
+        if num_classes is None and names is None:
+            raise usage_error("--arch needs --num-classes K (or --classes NAME,NAME,...)")
+        num_classes = len(names) if num_classes is None else num_classes
+        run = run or default_run_dir(arch)
         create_run(run, arch=arch, num_classes=num_classes, image_size=image_size or 224, classes=names,
                    pretrained=pretrained, weights=str(weights) if weights else None, force=force)
     else:

@@ -76,7 +76,7 @@ def _report(s: dict, run: Path) -> None:
     if s.get("tune_replaced"):
         typer.echo(f"note: {s['tune_replaced']} now holds triton's settings, not the tuned ones; `cnnpack tune --run "
                    f"{shell(run)}` measures and writes them again", err=True)
-    typer.echo(f"serve: cnnpack serve --run {shell(run)}  or  tritonserver --model-repository={s['repository']}")
+    typer.echo(f"serve: cnnpack serve --run {shell(run)}  or  tritonserver --model-repository={shell(s['repository'])}")
     from cnnpack.triton_dist import ngc_image
     from cnnpack.triton_release import release_for
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors, int_list, usage_error
+from cnnpack.cli import app, emit, handles_errors, int_list, served_options, usage_error
 
 
 @app.command()
@@ -49,13 +49,12 @@ def verify(
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip()) if formats is not None else None
     if fmts == ():
         raise usage_error("--formats is empty; name at least one format (onnx, torchscript)")
-    cfg = VerifyConfig(formats=fmts, batch_sizes=int_list(batch_sizes, "--batch-sizes") if batch_sizes else None,
+    cfg = VerifyConfig(formats=fmts, batch_sizes=int_list(batch_sizes, "--batch-sizes") if batch_sizes is not None else None,
                        samples=samples, atol=atol, rtol=rtol, min_agreement=min_agreement,
                        int8_min_agreement=int8_min_agreement, device=device,
                        data=data, seed=seed)
     cfg.validate()
-    if model is not None and triton_url is None:
-        raise usage_error("--model names a served model: give the server with --triton-url HOST:PORT too")
+    served_options(triton_url, model=(model, None), protocol=(protocol, "http"), timeout=(timeout, 30.0))
     targets = (served_target(run, triton_url, model, protocol, timeout),) if triton_url else ()
     try:
         with _status(progress and not as_json) as say:

@@ -115,7 +115,7 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
         raise UserInputError(f"--out {out} is inside the model repository {plan.repository}, where Triton would take "
                              "it for a model; choose a folder outside it")
     identity = {"kind": "cnnpack-deploy", "run": str(plan.run), "name": name}
-    output.check_out(out, identity, force=cfg.force)
+    earlier = output.check_out(out, identity, force=cfg.force)
     gpu_configs = _gpu_configs(plan) if gpu else {}
     # checks are over: from here on, files are written
     added = _write_gpu_configs(plan, gpu_configs)
@@ -127,7 +127,9 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
               "repository_files_added": added, "args": _args(spec),
               "figures": {k: asdict(getattr(plan, k)) for k in ("cpu", "memory_mib", "startup_s", "startup_gpu_s",
                                                                  "queue_target_us")},
-              "notes": plan.notes, "out": str(out), "files": sorted([*files, output.IDENTITY])}
+              "notes": plan.notes, "out": str(out), "files": sorted([*files, output.IDENTITY]),
+              # what this replaced: an earlier deployment in --out, and its files this one no longer writes
+              "replaced": earlier is not None, "removed": sorted(set(earlier or ()) - {*files, output.IDENTITY})}
     files[output.IDENTITY] = json.dumps(record, indent=2) + "\n"
     output.write_tree(out, files)
     return record

@@ -27,25 +27,27 @@ def dump(obj: dict, header: str = "") -> str:
     return "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + text
 
 
-def check_out(out: Path, identity: dict, *, force: bool) -> None:
-    """Refuses an --out that holds something else than this deployment (nothing is written)."""
+def check_out(out: Path, identity: dict, *, force: bool) -> list[str] | None:
+    """Refuses an --out that holds something else than this deployment (nothing is written); returns the files of
+    the deployment it will replace (None: nothing to replace)."""
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} is a file, not a folder; choose another --out")
     if not out.is_dir() or not any(out.iterdir()):
-        return
+        return None
     marker = out / IDENTITY
     if not marker.is_file():  # not even --force: the whole folder is replaced, and it may be a run or a repository
         raise UserInputError(f"--out {out} is not empty and holds no cnnpack deployment; choose a new or empty folder")
-    if force:
-        return
     try:
         old = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
+        if force:
+            return []
         raise UserInputError(f"--out {out}: {marker} is unreadable; pass --force to replace the folder") from None
     same = {k: old.get(k) for k in ("run", "name")} == {k: identity[k] for k in ("run", "name")}
-    if not same:
+    if not same and not force:
         raise UserInputError(f"--out {out} holds a different deployment ({old.get('name')!r} of run {old.get('run')}); "
                              f"choose another --out or pass --force to replace it")
+    return list(old.get("files", []))
 
 
 def write_tree(out: Path, files: dict[str, str | bytes]) -> None:

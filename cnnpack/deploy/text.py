@@ -8,6 +8,7 @@ from pathlib import Path
 from cnnpack.deploy import kube
 from cnnpack.deploy import store as stores
 from cnnpack.deploy.plan import needs_pillow
+from cnnpack.errors import shell
 
 
 def header(plan, spec) -> str:
@@ -58,7 +59,7 @@ def readme(plan, spec, *, gpu: bool, out: Path) -> str:
     n = 1
     if spec.repo_image:
         parts += [f"## {n}. The repository image", "", "```bash",
-                  f"docker build -f image/Dockerfile -t {spec.repo_image} {repo}",
+                  f"docker build -f image/Dockerfile -t {spec.repo_image} {shell(repo)}",
                   f"docker push {spec.repo_image}          # to a registry the cluster pulls from, or for a local cluster:",
                   f"# kind load docker-image {spec.repo_image}   |   minikube image load {spec.repo_image}",
                   "```", ""]
