@@ -154,7 +154,7 @@ def test_missing_run_and_missing_checkpoint(tmp_path, tiny_run):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir)
     (run_dir / "checkpoint.pt").unlink()
-    with pytest.raises(UserInputError, match="no checkpoint.pt"):
+    with pytest.raises(UserInputError, match="checkpoint.pt is missing: the run.s weights are gone"):
         export(run_dir)
 
 

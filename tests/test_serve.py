@@ -269,7 +269,7 @@ def test_without_the_wheel_the_error_gives_the_ngc_docker_line(tmp_path):
 def test_run_names_its_repository(tmp_path):
     from cnnpack.rundir import Run
 
-    run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 3, "classes": CLASSES})
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 3, "classes": CLASSES, "image_size": 32})
     with pytest.raises(MissingStageError, match="cnnpack triton"):
         serve.repository_of(run.path)
     run.set_stage("triton", {"status": "ok", "repository": str(tmp_path / "repo"), "name": "tiny_onnx"})
