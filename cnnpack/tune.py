@@ -121,6 +121,12 @@ def servable(run: Run, cfg: TuneConfig, *, required_by: str = "tune") -> list[tu
     arch = run.model_spec["arch"]
     found = [(default_name(arch, fmt), fmt) for fmt, v in verify.get("formats", {}).items()
              if fmt in PLATFORMS and v.get("passed") and (root / default_name(arch, fmt) / "config.pbtxt").is_file()]
+    if cfg.models:
+        unknown = [m for m in cfg.models if m not in dict(found)]
+        if unknown:
+            raise UserInputError(f"--models {unknown[0]!r} is not a verified model of {root} "
+                                 f"(verified and laid out: {', '.join(m for m, _ in found) or 'none'})")
+        found = [(m, f) for m, f in found if m in cfg.models]
     for name, fmt in found:  # Triton serves the latest version: it must hold the very file verify checked
         latest = root / name / str(max(versions(root / name), default=0)) / MODEL_FILES[fmt]
         checked = verify.get("artifacts", {}).get(fmt, {})
@@ -129,12 +135,6 @@ def servable(run: Run, cfg: TuneConfig, *, required_by: str = "tune") -> list[tu
         if not all(f.is_file() and sha256(f) == digest for f, digest in files):
             raise UserInputError(f"{latest} is not the {fmt} artifact `cnnpack verify` checked (exported again "
                                  f"since?); run `cnnpack verify --run {shell(run.path)}` first")
-    if cfg.models:
-        unknown = [m for m in cfg.models if m not in dict(found)]
-        if unknown:
-            raise UserInputError(f"--models {unknown[0]!r} is not a verified model of {root} "
-                                 f"(verified and laid out: {', '.join(m for m, _ in found) or 'none'})")
-        found = [(m, f) for m, f in found if m in cfg.models]
     if not found:
         raise UserInputError(f"{root} holds no model that passed `cnnpack verify`; run `cnnpack verify --run "
                              f"{shell(run.path)}` and `cnnpack triton --run {shell(run.path)} --repository "
