@@ -192,6 +192,8 @@ def check_data(data: str, image_size: int) -> None:
     """
     if image_size < MIN_IMAGE_SIZE:
         raise UserInputError(f"--image-size {image_size} is too small (minimum {MIN_IMAGE_SIZE})")
+    if not data.strip():
+        raise UserInputError(f"--data is empty; give {SHAPES}, a folder of <class>/<images>, or torchvision:NAME")
     root = Path(data)
     if data == SHAPES or data.startswith("torchvision:"):
         return

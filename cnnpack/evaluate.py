@@ -12,9 +12,11 @@ from cnnpack.rundir import Run, atomic_write_json
 
 def dataset_of(run: Run, data: str | None):
     """The validation data a run was trained on (or `data`), sized for its model."""
-    from cnnpack.data import load_data
+    from cnnpack.data import check_data, load_data
 
     spec = run.model_spec
+    if data is not None:
+        check_data(data, spec["image_size"])
     cfg = run.read().get("stages", {}).get("train", {}).get("config", {})
     source = data or cfg.get("data")
     if not source:

@@ -140,6 +140,10 @@ class Clock:
 
     def read(self, run: Run, cfg: QuantizeConfig) -> QuantData:
         """`load_quant_data`, with its progress line and its time kept for the messages."""
+        if cfg.data is not None:  # a wrong --data is its one-line error, with no progress line before it
+            from cnnpack.data import check_data
+
+            check_data(cfg.data, run.model_spec["image_size"])
         self.note("reading the calibration and validation images")
         t = time.perf_counter()
         data = load_quant_data(run, cfg)

@@ -99,6 +99,7 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "bench-bad-triton-url": ["bench", "--run", str(existing), "--triton-url", "ftp://h", "--model", "m"],
         "bench-served-option-alone": ["bench", "--run", str(existing), "--concurrency", "0"],
         "verify-empty-batch-sizes": ["verify", "--run", str(existing), "--batch-sizes", ""],
+        "evaluate-empty-data": ["evaluate", "--run", str(existing), "--data", " "],
         "export-flag-without-arch": ["export", "--run", str(existing), "--num-classes", "3"],
         "evaluate-without-export": ["evaluate", "--run", str(existing), "--format", "onnx"],
         "pipeline-missing-data": [*pipe, "--data", str(tmp / "no-such-folder")],
@@ -151,6 +152,7 @@ EXPECTED = {
     "bench-bad-triton-url": "--triton-url 'ftp://h': scheme 'ftp'",  # the option as bench names it
     "bench-served-option-alone": "--concurrency is for a served model: give the server with --triton-url",
     "verify-empty-batch-sizes": "--batch-sizes is empty",
+    "evaluate-empty-data": "--data is empty; give shapes, a folder",
     "export-flag-without-arch": "--num-classes goes with --arch",
     "evaluate-without-export": "has no successful `export` stage; run `cnnpack export --run",
     "pipeline-missing-data": "data folder not found",
