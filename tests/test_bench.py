@@ -35,6 +35,7 @@ def benched(exported):
     return bench(exported, cfg)
 
 
+@pytest.mark.slow
 def test_bench_measures_every_runtime_and_batch_size(benched):
     rows = {(r["runtime"], r["batch_size"]): r for r in benched["results"]}
     assert set(rows) == {(n, b) for n in ("eager", "torchscript", "onnxruntime") for b in (1, 8)}
@@ -55,6 +56,7 @@ def test_bench_measures_every_runtime_and_batch_size(benched):
     assert rows[("onnxruntime", 1)]["info"]["threads"] == 1
 
 
+@pytest.mark.slow
 def test_bench_records_machine_limit_and_outputs(benched, exported):
     section = Run.open(exported).read()["stages"]["bench"]
     assert section["status"] == "ok" and section["threads"] == 1
@@ -152,6 +154,7 @@ def test_run_without_exports_is_refused_before_measuring(tiny_run):
     assert (tiny_run / "cnnpack.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_cli_bench_json_and_errors(benched, exported):  # benched: the ceilings it measured are reused
     cli = [sys.executable, "-m", "cnnpack", "bench", "--run", str(exported)]
     ok = subprocess.run(cli + ["--runtimes", "onnxruntime", "--batch-sizes", "2", "--max-seconds", "0.1",

@@ -163,6 +163,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", EXPECTED)
 def test_bad_input_is_one_error_line_and_exit_2(bad_runs, case):
     if case not in bad_runs:

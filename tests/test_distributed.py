@@ -146,6 +146,7 @@ def bad_launches(colour_data, tmp_path_factory) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_LAUNCHES)
 def test_bad_distributed_launch_is_one_error_line(bad_launches, case):
     """A missing or unreachable peer ends in CNNPACK_DIST_TIMEOUT_S with one line (no C++ stack), not a hang."""

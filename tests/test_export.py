@@ -53,6 +53,7 @@ def _check_artifacts(run_dir, size: int, tmp_path) -> None:
     assert res["classes"] == run.model_spec["classes"]
 
 
+@pytest.mark.slow
 def test_cnn_export_matches_eager(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir)
@@ -183,6 +184,7 @@ def test_weights_file_round_trip(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_cli_export_and_errors(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir)

@@ -388,6 +388,7 @@ def test_perf_analyzer_measures_a_served_row_and_says_so(server, served_run, tmp
 
 
 # -- faults ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize(("protocol", "fault", "concurrency"), [
     pytest.param("grpc", signal.SIGKILL, 16, id="grpc-killed"), pytest.param("http", signal.SIGKILL, 16, id="http-killed"),
     pytest.param("grpc", signal.SIGSTOP, 16, id="grpc-stuck"), pytest.param("http", signal.SIGSTOP, 1, id="http-stuck-c1"),
@@ -540,6 +541,7 @@ def test_a_request_on_a_connection_the_server_already_reset_fails_at_once():
 
 
 # -- class names with spaces, quotes and non-ASCII letters, end to end -------------------------------
+@pytest.mark.slow
 def test_names_with_spaces_quotes_and_non_ascii_are_served_and_read_back_exactly(tiny_data, tmp_path):
     """Trained from folders so named, served by Triton, read back by a stock-style client that splits
     `score:index:label` on ':' (as Triton's own image_client does)."""

@@ -218,6 +218,7 @@ def test_a_failed_conversion_keeps_the_previous_ir(ir_run, tmp_path):
     assert not [p for p in (run / "export").iterdir() if p.name.startswith(".openvino")]
 
 
+@pytest.mark.slow
 def test_cli_export_and_bench_rows(ir_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ir_run, run)

@@ -61,6 +61,7 @@ def first(tiny_data, tmp_path_factory):
     return {"run": run, "repo": repo, "args": args, "out": json.loads(out), "err": err}
 
 
+@pytest.mark.slow
 def test_every_stage_runs_and_the_manifest_records_it(first):
     out = first["out"]
     assert _statuses(out) == {"train": "ran", "export": "ran", "quantize": "ran", "verify": "ran", "bench": "ran",
@@ -95,6 +96,7 @@ def test_every_stage_runs_and_the_manifest_records_it(first):
         assert (first["repo"] / model / "config.pbtxt").is_file()
 
 
+@pytest.mark.slow
 def test_report_has_every_section_and_inlines_its_images(first):
     md = (first["run"] / "report.md").read_text()
     for heading in ("## Data", "## Training", "## Exported artifacts", "## Parity against eager PyTorch",
@@ -113,6 +115,7 @@ def test_report_has_every_section_and_inlines_its_images(first):
     assert html.count("<table>") == html.count("<div class='wide'><table>") >= 5
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_stage(first):
     code, out, err = _pipeline(*first["args"], "--json")
     assert code == 0, err[-3000:]
@@ -120,6 +123,7 @@ def test_rerun_skips_every_stage(first):
     assert err.count("skipped: inputs unchanged") == 6 + (SERVED == "ran")
 
 
+@pytest.mark.slow
 def test_a_changed_option_reruns_only_the_stages_it_feeds(first):
     args = [*first["args"]]
     args[args.index("--batch-sizes") + 1] = "1,2"  # feeds the local bench only
@@ -132,6 +136,7 @@ def test_a_changed_option_reruns_only_the_stages_it_feeds(first):
         assert {r["concurrency"] for r in rows if r["runtime"] == "triton"} == {1, 4}
 
 
+@pytest.mark.slow
 def test_a_deleted_or_changed_output_is_made_again(first):
     (first["run"] / "bench.csv").unlink()
     (first["run"] / "export" / "reproduce.sh").write_text("edited")
@@ -142,12 +147,14 @@ def test_a_deleted_or_changed_output_is_made_again(first):
     assert (first["run"] / "bench.csv").is_file()
 
 
+@pytest.mark.slow
 def test_force_reruns_from_training(first, tmp_path):
     code, out, err = _pipeline(*first["args"], "--force", "--json")
     assert code == 0, err[-3000:]
     assert all(s in ("ran", "off") for s in _statuses(json.loads(out)).values())
 
 
+@pytest.mark.slow
 def test_a_failed_stage_stops_with_exit_1_and_a_pointer(first, tmp_path):
     repo = tmp_path / "repo"  # (a file there is refused up front: test_cli) its model's folder is someone else's
     blocker = repo / "cnn_onnx" / "model.onnx"
@@ -186,6 +193,7 @@ def test_a_run_made_by_another_command_is_not_retrained_without_force(tiny_run, 
     assert code == 2 and "not made by `cnnpack pipeline`" in err
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 @pytest.mark.skipif(SERVED == "off", reason="the local Triton server cannot run here")
 def test_the_served_stage_classifies_verifies_and_loads_the_served_model(first):
@@ -207,6 +215,7 @@ def test_the_served_stage_classifies_verifies_and_loads_the_served_model(first):
     assert s["server_load_s"] > 0 and s["server_peak_rss_bytes"] > 50 << 20  # what deploy sizes the pod from
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_training_exits_130_and_the_next_run_resumes_it(tiny_data, tmp_path):
     run = tmp_path / "run"
     args = ["pipeline", "--data", str(tiny_data), "--run", str(run), "--repository", str(tmp_path / "repo"),
@@ -226,6 +235,7 @@ def test_ctrl_c_in_training_exits_130_and_the_next_run_resumes_it(tiny_data, tmp
     assert train["resumed"] is True and train["metrics"]["epochs"] == 3
 
 
+@pytest.mark.slow
 def test_openvino_joins_every_stage_when_installed(tiny_data, tmp_path):
     pytest.importorskip("openvino", reason="the openvino extra: pip install 'cnnpack[openvino]'")
     from cnnpack.openvino import has_bf16

@@ -179,6 +179,7 @@ def test_a_gate_nothing_meets_is_exit_1_and_keeps_the_previous_artifact(quantize
     assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+@pytest.mark.slow
 def test_at_the_time_limit_the_best_attempt_is_reported_and_nothing_recorded(quantized, tmp_path, monkeypatch):
     import time
 

@@ -47,6 +47,7 @@ def _copy(laid_out: Path, tmp_path: Path) -> tuple[Path, Path]:
     return run, repo
 
 
+@pytest.mark.slow
 def test_a_sweep_measures_every_point_on_one_server_and_writes_the_winner(laid_out, tmp_path):
     from cnnpack.tune import PREVIOUS, TuneConfig, tune, undo
 
@@ -74,6 +75,7 @@ def test_a_sweep_measures_every_point_on_one_server_and_writes_the_winner(laid_o
     assert (repo / "cnn_onnx" / "config.pbtxt").read_text() == before and not (repo / "cnn_onnx" / PREVIOUS).exists()
 
 
+@pytest.mark.slow
 def test_a_budget_no_point_meets_is_exit_1_naming_the_lowest_p99_and_changes_nothing(laid_out, tmp_path):
     from cnnpack.tune import TuneConfig, tune
 
