@@ -284,8 +284,16 @@ class TritonServer:
         if not repo.is_dir():
             raise UserInputError(f"model repository {repo} is not a directory; create it with "
                                  "`cnnpack triton --run RUN --repository DIR` or pass --repository")
-        if not any(p.is_dir() and not p.name.startswith(".") for p in repo.iterdir()):
+        folders = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
             raise UserInputError(f"model repository {repo} holds no model folders; add one with `cnnpack triton`")
+        # Triton polls every folder and reports one it cannot read only in its log, then waits as if loading
+        strays = [p.name for p in folders if not _is_model_folder(p)]
+        if strays:
+            shown = ", ".join(strays[:4]) + (f" and {len(strays) - 4} more" if len(strays) > 4 else "")
+            hint = _run_dir_hint(repo) or "pass the folder `cnnpack triton` wrote (--repository), or move these out"
+            raise UserInputError(f"{repo} is not a Triton model repository: {shown} {'holds' if len(strays) == 1 else 'hold'} "
+                                 f"no config.pbtxt and no version folder; {hint}")
         return repo.resolve()
 
     def _backend_dir(self, dist: TritonDist, env: dict[str, str]) -> Path:
@@ -456,6 +464,22 @@ class TritonServer:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """What Triton can load: a config.pbtxt, or a numeric version folder (its config auto-completed)."""
+    return (folder / "config.pbtxt").is_file() or any(p.is_dir() and p.name.isdigit() for p in folder.iterdir())
+
+
+def _run_dir_hint(folder: Path) -> str:
+    """For a run directory given as the repository: name the repository its triton stage laid out."""
+    if not (folder / "cnnpack.json").is_file():
+        return ""
+    try:
+        return f"it is a run directory; serve its repository, {repository_of(folder)} (or pass --run)"
+    except CnnpackError:
+        return "it is a run directory: lay out its repository with `cnnpack triton --run` and serve that"
 
 
 def _kill_group(pgid: int) -> None:

@@ -10,6 +10,7 @@ seconds); the fault tests start their own.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -274,3 +275,22 @@ def test_run_names_its_repository(tmp_path):
         serve.repository_of(run.path)
     run.set_stage("triton", {"status": "ok", "repository": str(tmp_path / "repo"), "name": "tiny_onnx"})
     assert serve.repository_of(run.path) == str(tmp_path / "repo")
+
+
+def test_a_folder_triton_cannot_read_as_a_repository_is_refused_before_starting(tmp_path):
+    """Triton would log the stray folder and wait as if loading (180 s to a misleading timeout): refuse up front."""
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 3, "classes": CLASSES, "image_size": 32})
+    (run.path / "export").mkdir()
+    run.set_stage("triton", {"status": "ok", "repository": str(run.path / "model_repository"), "name": "tiny_onnx"})
+    laid_out = re.escape(str(run.path / "model_repository"))
+    with pytest.raises(UserInputError, match=f"export holds no config.pbtxt .* serve its repository, {laid_out}"):
+        serve.TritonServer(serve.ServeConfig(repository=str(run.path)))._check_repository()
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    (tmp_path / "imgs" / "b").mkdir()
+    with pytest.raises(UserInputError, match="a, b hold no config.pbtxt and no version folder; pass the folder"):
+        serve.TritonServer(serve.ServeConfig(repository=str(tmp_path / "imgs")))._check_repository()
+    (tmp_path / "imgs" / "a" / "config.pbtxt").write_text('backend: "onnxruntime"')
+    (tmp_path / "imgs" / "b" / "1").mkdir()  # a version folder: Triton may auto-complete its config
+    assert serve.TritonServer(serve.ServeConfig(repository=str(tmp_path / "imgs")))._check_repository()
