@@ -258,6 +258,14 @@ class Client:
                                  f"{DEFAULT_PORTS['grpc']}, with --protocol)") from None
         if not ready:
             raise UserInputError(f"Triton at {self.url} is up but not ready (models still loading?); retry shortly")
+        if self.protocol == "http":  # Triton's metrics port also answers 200 (empty) to the readiness probe
+            try:
+                named = self._client.get_server_metadata(**self._timeout).get("name")
+            except (ValueError, AttributeError, *self.errors):
+                named = None
+            if not named:
+                raise UserInputError(f"{self.address} answered, but not as Triton's HTTP API: is it the metrics "
+                                     f"port? Point {self.url_flag} at the HTTP port (default {DEFAULT_PORTS['http']})")
         return self
 
     def model_names(self) -> list[str]:

@@ -285,6 +285,9 @@ def test_the_other_protocols_port_is_named_as_such(server):
         Client(server.grpc_address, "http").check_ready()
     with pytest.raises(UserInputError, match=r"closed the gRPC connection: is it Triton's HTTP port\? Pass --protocol http"):
         Client(server.http_address, "grpc").check_ready()
+    metrics = server.http_address.rsplit(":", 1)[0] + f":{server.ports.metrics}"  # answers 200 to /v2/health/ready
+    with pytest.raises(UserInputError, match=r"answered, but not as Triton's HTTP API: is it the metrics port\? Point"):
+        Client(metrics, "http").check_ready()
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
