@@ -54,7 +54,7 @@ class TuneConfig:
     timeout_s: float = 30.0
     load_generator: str = "auto"  # perf_analyzer (when on PATH under auto) | cnnpack, as `bench --triton-url`
     bf16: str = "auto"  # OpenVINO models with the bf16 inference hint as candidates: auto (where the CPU computes
-    # bf16 natively) | yes (also elsewhere: OpenVINO accepts the hint and computes f32) | no
+    # bf16 natively) | yes (also elsewhere: OpenVINO takes the hint and computes f32; measured, never the winner) | no
 
     def validate(self) -> None:
         from cnnpack.loadgen import resolve
@@ -142,11 +142,15 @@ def servable(run: Run, cfg: TuneConfig, *, required_by: str = "tune") -> list[tu
     return found
 
 
-def bf16_offered(cfg: TuneConfig) -> bool:
-    """Whether the OpenVINO models are also tried with the bf16 inference hint (auto: where the CPU computes bf16)."""
+def _native_bf16() -> bool:
     from cnnpack import openvino as ov
 
-    return cfg.bf16 == "yes" or (cfg.bf16 == "auto" and ov.has_bf16())
+    return ov.has_bf16()
+
+
+def bf16_offered(cfg: TuneConfig) -> bool:
+    """Whether the OpenVINO models are also tried with the bf16 inference hint (auto: where the CPU computes bf16)."""
+    return cfg.bf16 == "yes" or (cfg.bf16 == "auto" and _native_bf16())
 
 
 def grid(models: list[tuple[str, str]], cfg: TuneConfig, delays: tuple[int, ...]) -> list[Setting]:
@@ -209,6 +213,8 @@ def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfi
         after = client.settled_statistics(s.model)
     row = {**asdict(s), "label": s.label, "precision": s.precision, "concurrency": concurrency, **figures,
            "load_generator": describe(generator), **server_side(before, after)}
+    if s.bf16 and not _native_bf16():  # --bf16 yes: OpenVINO took the hint and computed f32
+        row["computed"] = "fp32"
     ips = row["window_throughput_ips"]
     row["noise"] = max(ips) / min(ips) - 1 if ips and min(ips) > 0 else None
     return row
@@ -237,7 +243,8 @@ def pareto(points: list[dict]) -> list[dict]:
 
 
 def choose(points: list[dict], cfg: TuneConfig) -> dict | None:
-    ok = [p for p in points if p["latency_ms_p99"] <= cfg.latency_budget_ms]
+    """The best point within the budget; never a bf16 config this CPU computed in f32 (its bf16 was not measured)."""
+    ok = [p for p in points if p["latency_ms_p99"] <= cfg.latency_budget_ms and "computed" not in p]
     if not ok:
         return None
     if cfg.objective == "latency":
@@ -311,6 +318,9 @@ def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None
     repository = run.stage("triton", required_by="tune", hint=f"`cnnpack triton --run {shell(run.path)}`")["repository"]
     models = servable(run, cfg)
     full = grid(models, cfg, cfg.queue_delays_us)
+    if any(s.bf16 for s in full) and not _native_bf16():
+        progress("tune: this CPU has no native bf16 (AVX-512 BF16 or AMX): OpenVINO computes the bf16-hint configs "
+                 "in f32 here, so they are measured and shown but none can be the winner")
     per_point = cfg.max_seconds + 1.5  # measurement, warm-up and the reload
     coarse = len(full) * len(cfg.concurrency) * per_point > cfg.time_limit_s and len(cfg.queue_delays_us) > 1
     settings = grid(models, cfg, cfg.queue_delays_us[len(cfg.queue_delays_us) // 2:][:1]) if coarse else full

@@ -200,5 +200,10 @@ def test_a_forced_bf16_config_is_verified_measured_and_logged_a_line_per_point(l
     bf16 = points["cnn_openvino bf16 x1 1t batching 500 us"]
     assert bf16["precision"] == "bf16" and bf16["throughput_ips"] > 0 and points["cnn_openvino x1 1t no batching"]["precision"] == "fp32"
     assert bf16["load_generator"] == "cnnpack client"
+    from cnnpack.openvino import has_bf16
+
+    if not has_bf16():  # measured and shown as computed in f32, never chosen: its bf16 behaviour was not measured
+        assert bf16["computed"] == "fp32" and "(fp32 here)" not in out.stdout  # (--json: the table is not printed)
+        assert "no native bf16" in out.stderr and "bf16" not in (json.loads(out.stdout)["winner"] or {}).get("label", "")
     measured = [line for line in out.stderr.splitlines() if line.startswith("tune: measured ")]
     assert len(measured) == len(points) == 5  # its config.pbtxt, fp32 and bf16 without and with batching

@@ -28,7 +28,8 @@ def tune(
     oversubscribe: bool = typer.Option(False, help="Allow instances x threads above the cores."),
     load_generator: str = typer.Option("auto", help="perf_analyzer | cnnpack | auto (perf_analyzer when on PATH)."),
     bf16: str = typer.Option("auto", help="OpenVINO models also with the bf16 inference hint: auto (where the CPU "
-                                          "computes bf16 natively) | yes | no."),
+                                          "computes bf16 natively) | yes (also elsewhere, where OpenVINO "
+                                          "computes them in f32: measured, never the winner) | no."),
     undo: bool = typer.Option(False, help="Restore the config.pbtxt the last tune replaced, and stop."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
 ):
@@ -78,7 +79,7 @@ def _table(section: dict) -> None:
     best = section["winner"]
     for p in sorted(section["points"], key=lambda p: -p["throughput_ips"]):
         mark = " ★" if best and (p["label"], p["concurrency"]) == (best["label"], best["concurrency"]) else ""
-        t.add_row(p["label"] + mark, p.get("precision", "fp32"), str(p["concurrency"]), f"{p['throughput_ips']:,.0f}", f"{p['latency_ms_p50']:.2f}",
+        t.add_row(p["label"] + mark, p.get("precision", "fp32") + (f" ({p['computed']} here)" if "computed" in p else ""), str(p["concurrency"]), f"{p['throughput_ips']:,.0f}", f"{p['latency_ms_p50']:.2f}",
                   f"{p['latency_ms_p99']:.2f}", f"{p.get('server_batch_mean') or 0:.2f}",
                   "yes" if p["stable"] else "[red]no[/red]")
     table_console(110, stderr=True).print(t)
