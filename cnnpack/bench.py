@@ -39,7 +39,7 @@ from cnnpack.host import (
 from cnnpack.loadclient import Load  # noqa: F401 - re-exported
 from cnnpack.measure import PERCENTILES, Measurement, Window, WindowPolicy, agree, measure, run_window, summarise  # noqa: F401 - re-exported
 from cnnpack.peak import matmul_rate
-from cnnpack.rundir import Run, library_versions, sha256
+from cnnpack.rundir import Run, artifact_digest, library_versions, sha256
 
 NOTES = {
     "latency": "one predict() call on a numpy batch (host-device copies included), time.perf_counter, GPU synchronised",
@@ -470,7 +470,8 @@ def make_section(ctx: BenchContext, host: dict, refs: list) -> dict:
             "over_ceiling": over, "ceilings_cache": ctx.ceilings_cache,
             "model": f"{spec['arch']}@{spec['image_size']}px", "model_gflops_per_image": ctx.flops_per_image / 1e9,
             "threads": ctx.cfg.threads, "device": str(ctx.device), "results": ctx.results, "skipped": ctx.skipped,
-            "inputs": {ref.format: ref.record.get("sha256") or sha256(ref.path) for ref in refs},
+            "inputs": {ref.format: artifact_digest(ref.record) if ref.record.get("sha256") else sha256(ref.path)
+                       for ref in refs},
             "machine": host, "libraries": library_versions(), "config": asdict(ctx.cfg), "notes": NOTES}
 
 

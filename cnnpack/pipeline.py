@@ -21,7 +21,7 @@ from pathlib import Path
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError
 from cnnpack.pipeline_config import SERVE_MODES, PipelineConfig  # noqa: F401 - re-exported
 from cnnpack.precision import parity_table, precision_table
-from cnnpack.rundir import MANIFEST, Run, sha256
+from cnnpack.rundir import MANIFEST, Run, artifact_digest, sha256
 
 
 class Interrupted(CnnpackError):
@@ -58,6 +58,7 @@ def _section(run: Run, name: str) -> dict:
 def _files_exist(run: Run, section: dict) -> bool:
     """Every `{path, sha256}` the stage recorded under outputs/artifacts is still there, unchanged."""
     records = [*section.get("outputs", {}).values(), *section.get("artifacts", {}).values()]
+    records += [r["weights"] for r in section.get("artifacts", {}).values() if isinstance(r, dict) and "weights" in r]
     return all(run.file(r["path"]).is_file() and sha256(run.file(r["path"])) == r["sha256"]
                for r in records if isinstance(r, dict) and "path" in r and "sha256" in r)
 
@@ -118,7 +119,7 @@ def data_identity(data: str) -> dict:
 
 
 def _artifacts(run: Run) -> dict:
-    return {f: a["sha256"] for f, a in _section(run, "export").get("artifacts", {}).items()}
+    return {f: artifact_digest(a) for f, a in _section(run, "export").get("artifacts", {}).items()}
 
 
 def _checkpoint(run: Run) -> str | None:

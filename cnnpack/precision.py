@@ -10,12 +10,37 @@ from __future__ import annotations
 
 import math
 
+from cnnpack.rundir import artifact_digest
 from cnnpack.runtimes import FORMAT_RUNTIME
 
 
 def _row(rows: list[dict], runtime: str, fmt: str, batch: int) -> dict | None:
     return next((r for r in rows if r["runtime"] == runtime and r.get("format") == fmt and r["batch_size"] == batch
                  and not r.get("concurrency")), None)
+
+
+def stale(stages: dict, stage: str) -> list[str]:
+    """The artifacts exported again since `stage` (verify or bench) checked them: its figures are an earlier file's."""
+    arts = stages.get("export", {}).get("artifacts", {})
+    if stage == "verify":
+        seen = {f: artifact_digest(r) for f, r in stages.get("verify", {}).get("artifacts", {}).items() if "sha256" in r}
+    else:
+        seen = stages.get("bench", {}).get("inputs", {})
+    out = []
+    for fmt, digest in seen.items():
+        now = artifact_digest(arts[fmt]) if fmt in arts else None
+        # a record made before the weights were part of it holds the file's sha256 alone
+        if now and digest != now and not ("+" not in digest and now.split("+")[0] == digest):
+            out.append(fmt)
+    return sorted(out)
+
+
+def unverified(stages: dict) -> list[str]:
+    """Artifacts exported that the last verify did not check (exported after it, or left out by --formats)."""
+    checked = stages.get("verify", {}).get("artifacts")
+    if checked is None:
+        return []
+    return sorted(f for f in stages.get("export", {}).get("artifacts", {}) if f not in checked)
 
 
 def precision_table(stages: dict) -> list[dict]:

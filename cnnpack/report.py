@@ -73,7 +73,9 @@ def _export(m: dict, run: Run) -> list[Block]:
     rows = [["format", "precision", "file", "input", "exporter", "opset", "size", "sha256"]]
     for fmt, a in e.get("artifacts", {}).items():
         shape = "×".join("N" if d == -1 else str(d) for d in a["input"]["shape"])
-        size = os.path.getsize(run.file(a["path"])) / 1e6 if run.file(a["path"]).exists() else None
+        files = [run.file(a["path"])] + ([run.file(a["weights"]["path"])] if isinstance(a.get("weights"), dict) else [])
+        # as the precision table and the summary count it: the model's files together (an IR's .xml and .bin)
+        size = sum(os.path.getsize(f) for f in files) / 2**20 if all(f.exists() for f in files) else None
         rows.append([fmt, a.get("precision", "fp32"), f"`{a['path']}`", f"{a['input']['name']} {shape} {a['input']['dtype']}",
                      exporter_label(a.get("exporter", "")),
                      str(a.get("opset", "–")), _num(size, "{:.2f} MB"), a["sha256"][:12]])
@@ -98,21 +100,33 @@ def _export_notes(e: dict) -> list[str]:
     return out
 
 
-def _verify(m: dict) -> list[Block]:
+def _verify(m: dict, run: Run) -> list[Block]:
     """Every (artifact, runtime) pair verify checked, each under its own precision's contract."""
-    from cnnpack.precision import parity_table
+    from cnnpack.precision import parity_table, stale, unverified
 
     v = m.get("stages", {}).get("verify")
     if not v:
         return []
+    old, missing = stale(m["stages"], "verify"), unverified(m["stages"])
     rows = [["artifact", "runtime", "precision", "max abs err", "top-1 agreement", "accuracy", "contract", "verdict"]]
     for r in parity_table(m["stages"]):
         rows.append([r["artifact"], r["runtime"], r["precision"], _num(r["max_abs_err"], "{:.2e}"),
                      _pct(r["top1_agreement"]), _pct(r["accuracy"]), r["contract"] or "–",
-                     "pass" if r["passed"] else "FAIL"])
+                     ("pass" if r["passed"] else "FAIL") + (" (an earlier file)" if r["artifact"] in old else "")])
     verdict = ("every artifact x runtime pair is within the contract of its precision (fp32: tensor parity; "
                "fp16/bf16: relative tolerances; int8: task parity)" if v.get("passed") else "**parity FAILED**")
-    return [Block("h2", "Parity against eager PyTorch"), Block("p", f"Verdict: {verdict}."), Block("table", rows=rows)]
+    if (old or missing) and v.get("passed"):
+        verdict = "every pair verify checked is within the contract of its precision, but not every current artifact was checked"
+    out = [Block("h2", "Parity against eager PyTorch"), Block("p", f"Verdict: {verdict}.")]
+    redo = f"run `cnnpack verify --run {shell(run.path)}` to check the files as they are now"
+    if old:
+        out.append(Block("p", f"**Stale**: {', '.join(old)} {'was' if len(old) == 1 else 'were'} exported again "
+                              f"after verify checked {'it' if len(old) == 1 else 'them'}: those rows are the earlier "
+                              f"file's; {redo}."))
+    if missing:
+        out.append(Block("p", f"**Not verified**: {', '.join(missing)} (exported after verify, or left out by its "
+                              f"--formats); {redo}."))
+    return out + [Block("table", rows=rows)]
 
 
 PRECISION_PNG = "precision.png"
@@ -133,6 +147,10 @@ def _precision(m: dict, run: Run) -> list[Block]:
                       _num(r["images_per_s"], "{:,.0f}"), _num(r["speedup_vs_fp32"], "{:.2f}×")])
     q = m.get("stages", {}).get("quantize", {})
     out = [Block("h2", "Precisions"), Block("table", rows=table)]
+    from cnnpack.precision import stale
+
+    if old := sorted({*stale(m["stages"], "verify"), *stale(m["stages"], "bench")} & {r["artifact"] for r in rows}):
+        out.append(Block("p", f"**Stale**: the figures of {', '.join(old)} are an earlier export's (see above)."))
     if q.get("status") == "ok":
         g, c = q["gate"], q["calibration"]
         kept = ", ".join(f"`{n}`" for n in q.get("kept_float", [])) or "none"
@@ -172,6 +190,12 @@ def _bench(m: dict, run: Run) -> list[Block]:
     if cold := cold_starts(res):
         out.append(Block("p", f"**Cold start** ({COLD_START}): {cold}."))
     out += [Block("p", w) for w in _bench_warnings({**b, "results": res})]
+    from cnnpack.precision import stale
+
+    if old := stale(m.get("stages", {}), "bench"):
+        out.append(Block("p", f"**Stale**: the rows of {', '.join(old)} measured an earlier export of "
+                              f"{'it' if len(old) == 1 else 'them'}; rerun `cnnpack bench --run {shell(run.path)}` "
+                              "for the files as they are now."))
     if _speedup_plot(b, run.file(SPEEDUP_PNG)):
         out.append(Block("img", text="speedup over eager and share of the machine's matmul rate", path=SPEEDUP_PNG))
     if run.file("bench.png").exists():
@@ -203,7 +227,7 @@ def _bench_warnings(b: dict) -> list[str]:
     if unstable:
         out.append(f"**Unstable**: the measurement windows of {', '.join(unstable)} did not agree within "
                    f"{100 * b.get('config', {}).get('stability', 0.1):.0f} % before the time limit.")
-    busy = [f"{r['runtime']}@{r['batch_size']} ({100 * r['cpu_others']:.0f} %)" for r in res
+    busy = [f"{series(r)}@{r['batch_size']} ({100 * r['cpu_others']:.0f} %)" for r in res
             if (r.get("cpu_others") or 0) > 0.05]
     if busy:
         out.append(f"**Disturbed**: other processes used CPU time while measuring {', '.join(busy)}; "
@@ -333,7 +357,7 @@ def build(run: Run) -> list[Block]:
     head = [Block("p", f"Run `{run.path}` · cnnpack {m['tool']['version']} · torch {m['libraries'].get('torch')} · "
                        f"onnxruntime {m['libraries'].get('onnxruntime-gpu') or m['libraries'].get('onnxruntime')} · "
                        f"{m['machine']['platform']}, {m['machine']['cpu_count']} CPUs")]
-    return (head + _data_and_training(m) + _export(m, run) + _verify(m) + _bench(m, run) + _precision(m, run)
+    return (head + _data_and_training(m) + _export(m, run) + _verify(m, run) + _bench(m, run) + _precision(m, run)
             + _triton(m, run) + _served(m) + _tune(m, run))
 
 

@@ -34,6 +34,15 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def artifact_digest(record: dict) -> str:
+    """What identifies an artifact's content: its file's sha256, and its weights' where they are a file of their own
+    (an OpenVINO IR's .xml is byte-identical for other weights of the same graph: its sha256 alone is not the model).
+    `record`: an export artifact (`weights: {path, sha256}`) or what verify says it checked (`weights_sha256`)."""
+    weights = record.get("weights")
+    weights = weights.get("sha256") if isinstance(weights, dict) else record.get("weights_sha256")
+    return record["sha256"] + (f"+{weights}" if weights else "")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

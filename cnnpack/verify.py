@@ -47,7 +47,7 @@ from cnnpack.contracts import (  # noqa: F401 - re-exported
 )
 from cnnpack.errors import ParityError, RuntimeUnavailable, UserInputError, shell
 from cnnpack.host import check_device
-from cnnpack.rundir import Run, atomic_write_json, library_versions, sha256
+from cnnpack.rundir import Run, artifact_digest, atomic_write_json, library_versions, sha256
 from cnnpack.runtimes import precision_of
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
@@ -448,7 +448,8 @@ def _keep_earlier(run: Run, result: dict) -> dict:
     checked = {r["format"] for r in result["results"]}
     old_arts = earlier.get("artifacts", {})
     kept = [r for r in earlier.get("results", []) if r["format"] not in checked and r["format"] in arts
-            and old_arts.get(r["format"], {}).get("sha256") == arts[r["format"]]["sha256"]]
+            and "sha256" in old_arts.get(r["format"], {})
+            and artifact_digest(old_arts[r["format"]]) == artifact_digest(arts[r["format"]])]
     if not kept:
         return result
     results = result["results"] + kept

@@ -263,3 +263,25 @@ def test_without_the_extra_the_error_names_the_install_command(monkeypatch):
     with pytest.raises(RuntimeUnavailable, match=r"pip install 'cnnpack\[openvino\]'"):
         ExportConfig(formats=("onnx", "openvino")).validate()
     assert np  # numpy stays importable
+
+
+def test_other_weights_under_the_same_xml_are_another_artifact(ir_run, tmp_path):
+    """The IR's .xml is byte-identical for other weights of the same graph: an earlier verdict is kept only while
+    the .bin is the one verify checked, and the pipeline's fingerprints see the .bin too."""
+    from cnnpack.pipeline import _artifacts
+    from cnnpack.rundir import Run, sha256
+    from cnnpack.verify import VerifyConfig, verify
+
+    run = tmp_path / "run"
+    shutil.copytree(ir_run, run)
+    quick = dict(batch_sizes=(1,), samples=4, min_agreement=0.5)
+    verify(run, VerifyConfig(formats=("onnx", "openvino"), **quick))
+    before = _artifacts(Run.open(run))
+    weights = run / "export/openvino/model.bin"
+    blob = bytearray(weights.read_bytes())
+    blob[-4:] = np.float32(0.25).tobytes()  # one weight changed, as a re-export from other weights would
+    weights.write_bytes(bytes(blob))
+    Run.open(run).update(lambda m: m["stages"]["export"]["artifacts"]["openvino"]["weights"].update(sha256=sha256(weights)))
+    assert _artifacts(Run.open(run))["openvino"] != before["openvino"]  # the stages fed by the IR run again
+    result = verify(run, VerifyConfig(formats=("onnx",), **quick))
+    assert "openvino" not in result.get("kept", [])  # its earlier verdict was another model's

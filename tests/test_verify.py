@@ -314,3 +314,23 @@ def test_every_runtime_of_an_artifact_keeps_its_own_parity_row():
     assert [r[:4] for r in table[1:]] == [["openvino", "openvino", "fp32", "4.30e-06"],
                                            ["openvino", "openvino-bf16", "bf16", "2.55e-02"]]
     assert parity_line(list(rows.values())).endswith("(fp32 max abs err 4.3e-06; bf16 max abs err 2.5e-02)")
+
+
+def test_the_report_says_which_verdicts_are_an_earlier_files_and_which_artifacts_were_never_verified(exported, tmp_path):
+    from cnnpack.precision import stale, unverified
+    from cnnpack.report import write_report
+
+    run_dir = _copy(exported, tmp_path)
+    verify(run_dir, VerifyConfig(batch_sizes=(1,), samples=4, formats=("onnx",)))
+    export(run_dir, ExportConfig(formats=("onnx",), max_batch_size=MAX_BATCH - 1))  # another file: its sha256 differs
+    stages = Run.open(run_dir).read()["stages"]
+    assert stale(stages, "verify") == ["onnx"] and unverified(stages) == ["torchscript"]
+    write_report(run_dir)
+    md = (run_dir / "report.md").read_text()
+    assert "but not every current artifact was checked" in md and "every artifact x runtime pair is within" not in md
+    assert "**Stale**: onnx was exported again after verify checked it" in md and "pass (an earlier file)" in md
+    assert "**Not verified**: torchscript" in md
+    # a record from before the weights were part of an artifact's identity is not called stale for lacking them
+    legacy = {"export": {"artifacts": {"openvino": {"sha256": "a", "weights": {"sha256": "b"}}}},
+              "verify": {"artifacts": {"openvino": {"sha256": "a"}}}, "bench": {"inputs": {"openvino": "a+c"}}}
+    assert stale(legacy, "verify") == [] and stale(legacy, "bench") == ["openvino"]
