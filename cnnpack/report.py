@@ -315,13 +315,27 @@ def _release_note(repo: Path) -> str:
     return (f"release {release} or newer: " + "; ".join(f"`{m}`: {w}" for m, w in why.items()))
 
 
+def _what_was_served(served: dict, triton: dict) -> str:
+    """The repository and versions the served stage measured, said apart from one `cnnpack triton` laid out since."""
+    repo, versions = served.get("repository"), served.get("versions") or {}
+    if not repo:  # recorded before the served stage named its repository
+        return "The repository the pipeline laid out"
+    shown = ", ".join(f"`{n}` v{v}" for n, v in sorted(versions.items()))
+    what = f"`{repo}` ({shown})" if shown else f"`{repo}`"
+    same = repo == triton.get("repository") and str(versions.get(triton.get("name"), triton.get("version"))) == str(triton.get("version"))
+    if same:
+        return f"The repository above, {what}"
+    return (f"**Not the repository above**: `cnnpack triton` laid out `{triton.get('name')}` version "
+            f"{triton.get('version')} in `{triton.get('repository')}` since; these figures are of {what}")
+
+
 def _served(m: dict) -> list[Block]:
     served = m.get("stages", {}).get("served")
     if not served:
         return []
     out = [Block("h2", "Served by Triton"),
-           Block("p", f"The repository above, served by a real Triton server {served.get('server_version', '')} on "
-                      f"loopback during the pipeline: {served.get('summary', '')}.")]
+           Block("p", f"{_what_was_served(served, m['stages'].get('triton', {}))}, served by a real Triton server "
+                      f"{served.get('server_version', '')} on loopback during the pipeline: {served.get('summary', '')}.")]
     preds = served.get("predictions", [])
     if preds:
         ens = any("ensemble_label" in p for p in preds)

@@ -152,5 +152,8 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
     run.set_stage("served", {"status": "ok", **{k: v for k, v in result.items() if k != "server"},
                              "server_version": server_info["version"], "server_load_s": server_info["load_s"],
                              "server_peak_rss_bytes": server_info["peak_rss_bytes"],
+                             # what was served: the report tells it apart from a repository laid out since
+                             "repository": t["repository"],
+                             "versions": {m["name"]: m["version"] for m in server_info["models"]},
                              "outputs": {"served_json": run.file_record(run.file(OUTPUT))}})
     return run.read()["stages"]["served"]

@@ -37,7 +37,7 @@ from importlib import resources
 from pathlib import Path
 
 from cnnpack.errors import RuntimeUnavailable, shell
-from cnnpack.triton_release import LOCAL_RELEASE, release_for
+from cnnpack.triton_release import LOCAL_RELEASE, needs_gpu, release_for
 
 NGC_RELEASE = LOCAL_RELEASE  # 24.10: the NGC container whose Triton (2.51) the wheel ships; newer where a model needs it
 SHIPPED_BACKENDS = ("onnxruntime", "pytorch", "openvino")  # cnnpack/backends/<name>/model.py
@@ -66,7 +66,8 @@ def docker_line(repository: str | Path = "model_repository") -> str:
     if shell(path) != str(path):  # a space or the like: in double quotes, where $PWD still expands
         escaped = re.sub(r'([\\"`$])', r"\\\1", str(path))
         volume = f'"{here}{escaped}:/models"'
-    return ("docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 "
+    gpus = "--gpus all " if needs_gpu(repository) else ""  # a KIND_GPU instance group fails to load without it
+    return (f"docker run --rm {gpus}-p8000:8000 -p8001:8001 -p8002:8002 "
             f"-v {volume} {ngc_image(repository)} "
             "tritonserver --model-repository=/models")
 

@@ -46,6 +46,18 @@ def read_configs(repository: str | Path) -> dict[str, object]:
     return out
 
 
+def needs_gpu(repository: str | Path | None) -> bool:
+    """Whether a model in `repository` asks for GPU instances (KIND_GPU, or KIND_AUTO with GPUs listed)."""
+    configs = read_configs(repository) if repository is not None else {}
+    if not configs:
+        return False
+    from tritonclient.grpc import model_config_pb2
+
+    group = model_config_pb2.ModelInstanceGroup
+    return any(g.kind == group.KIND_GPU or (g.kind == group.KIND_AUTO and len(g.gpus))
+               for mc in configs.values() for g in mc.instance_group)
+
+
 def _key(release: str) -> tuple[int, ...]:
     return tuple(int(p) for p in release.split("."))
 

@@ -210,6 +210,8 @@ def test_the_served_stage_classifies_verifies_and_loads_the_served_model(first):
         ("triton:cnn_onnx", 1), ("triton:cnn_onnx", 4), ("triton:cnn_onnx_int8", 4)]
     assert all(r["errors"] == 0 for r in s["load"])
     assert set(m["stages"]["verify"]["formats"]) >= {"onnx", "torchscript", "triton:cnn_onnx"}
+    assert s["repository"] == m["stages"]["triton"]["repository"] and s["versions"]["cnn_onnx"] == "1"
+    assert f"The repository above, `{s['repository']}` (" in (first["run"] / "report.md").read_text()
     assert "## Served by Triton" in (first["run"] / "report.md").read_text()
     assert (first["run"] / "served" / "server.log").is_file()
     assert s["server_load_s"] > 0 and s["server_peak_rss_bytes"] > 50 << 20  # what deploy sizes the pod from
@@ -269,3 +271,15 @@ def test_the_artifacts_table_shows_an_exporters_release_without_its_build_suffix
         "openvino.convert_model 2026.4.1"
     for kept in ("nncf 3.4.0", "dynamo", "torch.export + AOTInductor (torch 2.14.1+cu130)", "onnxruntime.quantization"):
         assert exporter_label(kept) == kept
+
+
+def test_the_report_says_when_the_served_figures_are_of_another_repository_or_version():
+    from cnnpack.report import _what_was_served
+
+    served = {"repository": "/r/a", "versions": {"cnn_onnx": "1", "cnn_onnx_int8": "1"}}
+    assert _what_was_served(served, {"repository": "/r/a", "name": "cnn_onnx", "version": 1}).startswith(
+        "The repository above, `/r/a` (`cnn_onnx` v1, `cnn_onnx_int8` v1)")
+    for later in ({"repository": "/r/gpu", "name": "cnn_onnx", "version": 1},  # laid out elsewhere since
+                  {"repository": "/r/a", "name": "cnn_onnx", "version": 2}):  # a new version since
+        line = _what_was_served(served, later)
+        assert line.startswith("**Not the repository above**") and "these figures are of `/r/a`" in line

@@ -335,3 +335,14 @@ def test_served_repository_classifies_png(run, tmp_path):
         res = client.infer("clf_image", [inp], outputs=[http.InferRequestedOutput("logits", class_count=3)])
         labels = [s.decode().split(":")[2] for s in res.as_numpy("logits")[0]]
         assert sorted(labels) == sorted(CLASSES)
+
+
+def test_the_docker_line_gives_the_container_the_gpus_a_gpu_config_asks_for(tmp_path):
+    from cnnpack.triton_dist import docker_line
+
+    for name, kind in (("cnn_onnx", "KIND_CPU"), ("cnn_torchscript", "KIND_CPU")):
+        (tmp_path / "cpu" / name).mkdir(parents=True)
+        (tmp_path / "cpu" / name / "config.pbtxt").write_text(f'name: "{name}"\ninstance_group {{ kind: {kind} }}\n')
+    assert "--gpus" not in docker_line(tmp_path / "cpu")
+    (tmp_path / "cpu" / "cnn_onnx" / "config.pbtxt").write_text('name: "cnn_onnx"\ninstance_group { kind: KIND_GPU }\n')
+    assert docker_line(tmp_path / "cpu").startswith("docker run --rm --gpus all -p8000:8000")  # else it fails to load
