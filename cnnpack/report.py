@@ -330,12 +330,17 @@ def _what_was_served(served: dict, triton: dict) -> str:
 
 
 def _served(m: dict) -> list[Block]:
-    served = m.get("stages", {}).get("served")
-    if not served:
+    served = m.get("stages", {}).get("served") or {}
+    # every served row bench recorded: the pipeline's load and any `cnnpack bench --triton-url` since
+    benched = [r for r in m.get("stages", {}).get("bench", {}).get("results", []) if r.get("runtime") == "triton"]
+    load = benched or served.get("load", [])
+    if not served and not load:
         return []
-    out = [Block("h2", "Served by Triton"),
-           Block("p", f"{_what_was_served(served, m['stages'].get('triton', {}))}, served by a real Triton server "
-                      f"{served.get('server_version', '')} on loopback during the pipeline: {served.get('summary', '')}.")]
+    out = [Block("h2", "Served by Triton")]
+    if served:
+        out.append(Block("p", f"{_what_was_served(served, m['stages'].get('triton', {}))}, served by a real Triton "
+                              f"server {served.get('server_version', '')} on loopback during the pipeline: "
+                              f"{served.get('summary', '')}."))
     preds = served.get("predictions", [])
     if preds:
         ens = any("ensemble_label" in p for p in preds)
@@ -350,16 +355,19 @@ def _served(m: dict) -> list[Block]:
         rows += [[f, _num(p.get("max_abs_err"), "{:.2e}"), _pct(p.get("top1_agreement")),
                   "pass" if p.get("passed") else "FAIL"] for f, p in parity.items()]
         out.append(Block("table", rows=rows))
-    load = served.get("load", [])
     if load:
-        rows = [["model", "requests in flight", "p50 ms", "p99 ms", "images/s", "mean batch run by Triton", "queue ms",
+        rows = [["model", "protocol", "requests in flight", "p50 ms", "p99 ms", "images/s", "mean batch run by Triton", "queue ms",
                  "compute ms", "errors", "measured by"]]
-        rows += [[r.get("format", "").removeprefix("triton:"), str(r["concurrency"]), _num(r["latency_ms_p50"], "{:.2f}"), _num(r["latency_ms_p99"], "{:.2f}"),
+        rows += [[r.get("format", "").removeprefix("triton:"), PROTOCOL_NAMES.get(r.get("protocol"), "HTTP"),
+                  str(r["concurrency"]), _num(r["latency_ms_p50"], "{:.2f}"), _num(r["latency_ms_p99"], "{:.2f}"),
                   _num(r["throughput_ips"], "{:,.0f}"), _num(r.get("server_batch_mean"), "{:.2f}"),
                   _num(r.get("server_queue_ms_mean"), "{:.2f}"), _num(r.get("server_compute_ms_mean"), "{:.2f}"),
                   str(r.get("errors", 0)), r.get("load_generator") or "cnnpack asyncio client"] for r in load]
         wire = " and ".join(sorted({PROTOCOL_NAMES.get(r.get("protocol"), "HTTP") for r in load}))
-        out += [Block("p", f"Batch-1 requests over {wire} from a load generator on the same machine (closed loop: "
+        urls = sorted({r.get("info", {}).get("url") for r in load} - {None})
+        at = f" at {', '.join(f'`{u}`' for u in urls)}" if urls else ""
+        out += [Block("p", f"Batch-1 requests over {wire}{at}, every served row `cnnpack bench` recorded, from a load "
+                           "generator on this machine (closed loop: "
                            "each client sends its next request when the previous one answers): Triton's perf_analyzer "
                            "where it is on PATH, else cnnpack's own client; dynamic batching "
                            "merges concurrent requests into larger batches."), Block("table", rows=rows)]

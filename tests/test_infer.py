@@ -344,6 +344,13 @@ def test_bench_measures_served_throughput_under_concurrency(server, served_run, 
     assert len(on_disk["results"]) == 5 and set(on_disk["served"]) == {"triton:cnn_onnx", "triton:cnn_onnx_nobatch"}
     assert set(on_disk["served"]["triton:cnn_onnx"]) == {"grpc", "http"}
     assert "concurrency" in (run_dir / "bench.csv").read_text().splitlines()[0]
+    from cnnpack.report import write_report
+
+    write_report(run_dir)  # a served bench run by hand (no pipeline served stage) is in the report, every row of it
+    md = (run_dir / "report.md").read_text()
+    served = md[md.index("## Served by Triton"):]
+    assert served.count("| cnn_onnx | gRPC |") == 2 and served.count("| cnn_onnx_nobatch | gRPC |") == 2
+    assert served.count("| cnn_onnx | HTTP | 4 |") == 1 and f"`http://{server.http_address}`" in served
 
 
 def test_served_rows_are_held_to_the_run_s_ceilings_when_the_server_shares_this_machine(server, served_run, tmp_path):
