@@ -144,6 +144,9 @@ def infer(paths: list[str | Path], cfg: InferConfig) -> dict:
         target = cfg.target
         if cfg.ensemble and cfg.model.endswith("_image") and target not in client.model_names():
             target = cfg.model  # `--model cnn_onnx_image --ensemble`: the ensemble named as served
+        if cfg.ensemble and target != cfg.model and target not in (names := client.model_names()) and cfg.model in names:
+            raise UserInputError(f"{cfg.model} has no image ensemble on this server ({target} is not served): lay "
+                                 f"it out with `cnnpack triton --ensemble`, or drop --ensemble to send pixels")
         model = client.model(target)
         _check_model(model, cfg)
         ok, batch, skipped = read_encoded(files) if cfg.ensemble else read_pixels(files, model.image_size)
@@ -161,8 +164,10 @@ def _check_model(model, cfg: InferConfig) -> None:
         raise UserInputError(f"{model.name} takes {model.input_dtype} pixels, not encoded images; lay out the "
                              "ensemble with `cnnpack triton --ensemble`, or drop --ensemble")
     if not cfg.ensemble and model.takes_images:
-        raise UserInputError(f"{model.name} takes encoded image bytes: pass --ensemble --model "
-                             f"{model.name.removesuffix('_image')}")
+        classifier = model.name.removesuffix("_image").removesuffix("_preprocess")
+        what = ("is the image ensemble's preprocessing step, not a classifier"
+                if model.name.endswith("_preprocess") else "takes encoded image bytes")
+        raise UserInputError(f"{model.name} {what}: pass --ensemble --model {classifier}")
     if model.parameters.get("input_kind") == "normalized":
         raise UserInputError(f"{model.name} takes normalised pixels; use --ensemble, which normalises on the server")
 

@@ -203,6 +203,12 @@ def test_cli_errors_are_one_line_with_exit_2(server, tmp_path):
     bad.write_text("hello")
     none_readable = _cli("infer", str(bad), "--model", "cnn_onnx", "--url", server.http_address)
     assert none_readable.returncode == 2 and "none of the 1 images could be read" in none_readable.stderr
+    for args, said in ((["--model", "cnn_onnx_preprocess"], "cnn_onnx_preprocess is the image ensemble's preprocessing "
+                                                          "step, not a classifier: pass --ensemble --model cnn_onnx"),
+                       (["--model", "cnn_torchscript", "--ensemble"], "cnn_torchscript has no image ensemble on this "
+                                                                     "server (cnn_torchscript_image is not served)")):
+        out = _cli("infer", str(bad), *args, "--url", server.http_address)
+        assert out.returncode == 2 and said in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     port = serve.free_ports("127.0.0.1", 1)[0]
     for protocol in ("http", "grpc"):
         down = _cli("infer", str(bad), "--model", "cnn_onnx", "--url", f"127.0.0.1:{port}", "--protocol", protocol)
