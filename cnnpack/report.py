@@ -100,7 +100,7 @@ def _export_notes(e: dict) -> list[str]:
     return out
 
 
-def _verify(m: dict, run: Run) -> list[Block]:
+def _verify(m: dict, run: Run | None = None) -> list[Block]:
     """Every (artifact, runtime) pair verify checked, each under its own precision's contract."""
     from cnnpack.precision import parity_table, stale, unverified
 
@@ -118,7 +118,7 @@ def _verify(m: dict, run: Run) -> list[Block]:
     if (old or missing) and v.get("passed"):
         verdict = "every pair verify checked is within the contract of its precision, but not every current artifact was checked"
     out = [Block("h2", "Parity against eager PyTorch"), Block("p", f"Verdict: {verdict}.")]
-    redo = f"run `cnnpack verify --run {shell(run.path)}` to check the files as they are now"
+    redo = f"run `cnnpack verify --run {shell(run.path) if run else 'RUN'}` to check the files as they are now"
     if old:
         out.append(Block("p", f"**Stale**: {', '.join(old)} {'was' if len(old) == 1 else 'were'} exported again "
                               f"after verify checked {'it' if len(old) == 1 else 'them'}: those rows are the earlier "
