@@ -141,10 +141,10 @@ def infer(paths: list[str | Path], cfg: InferConfig) -> dict:
         raise UserInputError(f"no such file: {missing[0]}{more}; nothing was sent")
     with Client(cfg.url, cfg.protocol, timeout_s=cfg.timeout_s) as client:
         client.check_ready()
-        target = cfg.target
-        if cfg.ensemble and cfg.model.endswith("_image") and target not in client.model_names():
+        target, names = cfg.target, client.model_names() if cfg.ensemble else []
+        if cfg.ensemble and cfg.model.endswith("_image") and target not in names:
             target = cfg.model  # `--model cnn_onnx_image --ensemble`: the ensemble named as served
-        if cfg.ensemble and target != cfg.model and target not in (names := client.model_names()) and cfg.model in names:
+        if cfg.ensemble and target != cfg.model and target not in names and cfg.model in names:
             raise UserInputError(f"{cfg.model} has no image ensemble on this server ({target} is not served): lay "
                                  f"it out with `cnnpack triton --ensemble`, or drop --ensemble to send pixels")
         model = client.model(target)

@@ -15,6 +15,7 @@ and image size in the model's rt_info under `cnnpack`. Weights stay fp32 in the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -45,6 +46,7 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+@functools.cache  # the CPU does not change under a process; tune asks once per measured point
 def has_bf16() -> bool:
     """Whether OpenVINO's CPU plugin runs bf16 natively here (AVX-512 BF16 or AMX)."""
     ov = require()

@@ -466,7 +466,6 @@ class TritonServer:
             self._tmp = None
 
 
-
 def _is_model_folder(folder: Path) -> bool:
     """What Triton can load: a config.pbtxt, or a numeric version folder (its config auto-completed)."""
     return (folder / "config.pbtxt").is_file() or any(p.is_dir() and p.name.isdigit() for p in folder.iterdir())
