@@ -29,7 +29,7 @@ from torch import nn
 
 from cnnpack import __version__
 from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInputError
-from cnnpack.host import check_device
+from cnnpack.host import check_device, exact_fp32
 from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
 from cnnpack.rundir import Run, atomic_path, atomic_write_text, sha256
@@ -145,14 +145,20 @@ def _example(spec: ModelSpec, cfg: ExportConfig, n: int | None = None) -> torch.
 # -- ONNX ----------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet_native_output():
-    """Silences what torch's C++ side prints (the legacy exporter dumps whole graphs on failure)."""
+    """Silences what torch's C++ side prints (the legacy exporter dumps whole graphs on failure).
+
+    A crash within (a segfault in a native library) still says where, on the real stderr: faulthandler writes there
+    meanwhile. Without it, a pt2 export that crashed in AOTInductor ended with exit 139 and not a word."""
+    import faulthandler
     import sys
     import tempfile
 
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with tempfile.TemporaryFile() as sink:
+    was_enabled = faulthandler.is_enabled()
+    with tempfile.TemporaryFile() as sink, os.fdopen(os.dup(saved[1]), "w") as real_stderr:
+        faulthandler.enable(file=real_stderr)
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:
@@ -164,6 +170,9 @@ def _quiet_native_output():
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+            faulthandler.disable()
+            if was_enabled:
+                faulthandler.enable()
 
 
 def _onnx_export(model: nn.Module, x: torch.Tensor, dest: Path, cfg: ExportConfig) -> None:
@@ -234,7 +243,7 @@ def _simplify(path: Path) -> None:
 def export_torchscript(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path) -> Artifact:
     t0 = time.perf_counter()
     x = _example(spec, cfg)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), exact_fp32(cfg.device):
         warnings.simplefilter("ignore")
         try:
             ts = torch.jit.script(model) if cfg.torchscript_mode == "script" else torch.jit.trace(model, (x,))

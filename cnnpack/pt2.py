@@ -127,15 +127,57 @@ def compile_package(program, dest: Path, *, metadata: dict[str, str], configs: d
 
 
 def check_package(path: Path, example, device: str, num_classes: int) -> None:
-    """Loads the package and runs it once: a file that cannot run is not an artifact."""
+    """Loads the package and runs it once: a file that cannot run is not an artifact.
+
+    A CUDA package is loaded in a fresh child process: on an H200 with torch 2.11, `aoti_load_package` of a freshly
+    compiled CUDA package crashed the process (SIGSEGV in torch's loader, plain torch as much as cnnpack), which
+    ended the whole export with exit 139 and the formats after pt2 unexported. A crash there is now this stage's
+    one-line error, and a package that loads in a fresh process is what verify, bench and Triton will load."""
     import torch
 
+    if device == "cuda":
+        _check_in_child(path, tuple(example.shape), str(example.dtype).removeprefix("torch."), num_classes, device)
+        return
     compiled = load(path, device)
     with torch.inference_mode():
         y = compiled(example)
     if tuple(y.shape) != (example.shape[0], num_classes) or not torch.isfinite(y).all():
         raise StageFailed(f"the compiled package answers {tuple(y.shape)} (finite: {bool(torch.isfinite(y).all())}), "
                           f"expected finite logits of shape {(example.shape[0], num_classes)}")
+
+
+_CHILD_CHECK = """
+import sys, torch
+path, shape, dtype, k = sys.argv[1], tuple(map(int, sys.argv[2].split(","))), getattr(torch, sys.argv[3]), int(sys.argv[4])
+model = torch._inductor.aoti_load_package(path)
+with torch.inference_mode():
+    y = model((torch.rand(shape, device=sys.argv[5]) * 255).to(dtype))
+print(tuple(y.shape), bool(torch.isfinite(y).all()))
+sys.exit(0 if tuple(y.shape) == (shape[0], k) and bool(torch.isfinite(y).all()) else 3)
+"""
+
+
+def _check_in_child(path: Path, shape: tuple[int, ...], dtype: str, num_classes: int, device: str) -> None:
+    import signal
+    import sys
+
+    import torch
+
+    argv = [sys.executable, "-c", _CHILD_CHECK, str(path), ",".join(map(str, shape)), dtype, str(num_classes), device]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise StageFailed(f"the compiled {device} package did not load and run within 600 s in a fresh process") from None
+    if done.returncode == 0:
+        return
+    if done.returncode < 0:
+        why = f"crashed PyTorch's loader ({signal.Signals(-done.returncode).name}, torch {torch.__version__})"
+    elif done.returncode == 3:
+        why = f"answers {done.stdout.strip()} (shape, finite), expected finite logits of shape {(shape[0], num_classes)}"
+    else:
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+        why = f"failed to load: {lines[-1].strip() if lines else f'exit {done.returncode}'}"
+    raise StageFailed(f"the compiled {device} package {why} when loaded and run in a fresh process; not recorded")
 
 
 def weights_bytes(model) -> int:

@@ -22,9 +22,8 @@ gate it was quantized under, its tensor error reported beside it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from cnnpack.contracts import (  # noqa: F401 - re-exported
     tolerances,
 )
 from cnnpack.errors import ParityError, RuntimeUnavailable, UserInputError, shell
-from cnnpack.host import check_device
+from cnnpack.host import check_device, exact_fp32
 from cnnpack.rundir import Run, artifact_digest, atomic_write_json, library_versions, sha256
 from cnnpack.runtimes import precision_of
 
@@ -319,22 +318,6 @@ def _load_targets(plan, say) -> tuple[list[tuple[Target, object, list[int]]], li
     if not loaded:
         raise RuntimeUnavailable("nothing could be verified here: " + "; ".join(s["reason"] for s in skipped))
     return loaded, skipped
-
-
-@contextlib.contextmanager
-def exact_fp32(device: str) -> Iterator[None]:
-    """No TF32 in PyTorch's CUDA convolutions and matmuls while verifying (a no-op on the CPU)."""
-    import torch
-
-    if device == "cpu" or not torch.cuda.is_available():
-        yield
-        return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # -- the stage -------------------------------------------------------------------------------

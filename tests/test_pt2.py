@@ -19,7 +19,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from cnnpack.errors import UserInputError
+from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.export import EXPORTERS, ExportConfig, export
 from cnnpack.rundir import Run, sha256
 from cnnpack.spec import ModelSpec
@@ -165,6 +165,22 @@ def test_the_local_copy_differs_only_in_the_platform_line(tmp_path):
     assert "torch_aoti" in (repo / "m_pt2" / "config.pbtxt").read_text()  # the repository itself is untouched
 
 
+@pytest.mark.parametrize("child, says", [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "crashed PyTorch's loader (SIGSEGV, torch "),
+    ("raise RuntimeError('PytorchStreamReader failed reading zip archive')", "failed to load: RuntimeError: Pytorch"),
+    ("import sys; print('(2, 5) True'); sys.exit(3)", "answers (2, 5) True (shape, finite), expected finite logits"),
+])
+def test_a_package_checked_in_a_child_says_how_it_failed(monkeypatch, tmp_path, child, says):
+    """A CUDA package is loaded and run once in a fresh process (on an H200, torch 2.11's loader crashed the export
+    itself with SIGSEGV): a crash, a load error and a wrong answer are each the stage's one line."""
+    from cnnpack import pt2
+
+    monkeypatch.setattr(pt2, "_CHILD_CHECK", child)
+    with pytest.raises(StageFailed) as e:
+        pt2._check_in_child(tmp_path / "model.pt2", (2, 3, 32, 32), "float32", 6, "cuda")
+    assert says in str(e.value) and str(e.value).endswith("in a fresh process; not recorded"), str(e.value)
+
+
 # -- the shared package ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_the_manifest_and_the_package_carry_the_model_spec(pt2_run):
@@ -182,6 +198,13 @@ def test_the_manifest_and_the_package_carry_the_model_spec(pt2_run):
     for meta in (inside, loaded):
         assert json.loads(meta["classes"]) == spec["classes"] and meta["image_size"] == "32"
         assert meta["precision"] == "fp32" and meta["cnnpack_version"] and meta["max_batch_size"] == str(MAX_BATCH)
+
+
+@pytest.mark.slow
+def test_a_package_that_loads_in_a_fresh_process_passes_the_child_check(pt2_run):
+    from cnnpack import pt2
+
+    pt2._check_in_child(pt2_run / "export" / "model.pt2", (2, 3, 32, 32), "float32", 6, "cpu")  # raises if not
 
 
 @pytest.mark.slow
