@@ -26,6 +26,7 @@ from cnnpack.errors import MissingStageError, RuntimeUnavailable, UserInputError
 from cnnpack.host import (
     check_device,
     cpu_ticks,
+    exact_fp32,
     frozen_heap,
     load_avg,
     machine,
@@ -295,7 +296,7 @@ class BenchContext:
 
 def hold_to_ceilings(rows: list[dict], ceilings: dict) -> None:
     """Each row's share taken against the ceiling of its precision (fp32 where none was measured for it); with no
-    ceilings at all (as on a GPU) each row keeps the matmul rate measured around it."""
+    ceilings at all (none measured: the GPU's kernels failed) each row keeps the matmul rate measured around it."""
     for r in rows:
         ceiling = ceilings.get(r["precision"]) or ceilings.get("fp32")
         if ceiling:
@@ -393,8 +394,9 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
             ctx.skipped.update(default_runtimes(run)[1])
         ctx.ceilings = _ceilings(ctx, {row_precision(name, ref) for name, ref in pairs})
         ctx.sample_matmul()
-        for name, ref in pairs:
-            bench_runtime(ctx, name, ref)
+        with exact_fp32(device.type):  # on a GPU fp32 rows compute fp32, as verify proved them (TF32 off)
+            for name, ref in pairs:
+                bench_runtime(ctx, name, ref)
         ctx.settle()
         remeasure_beaten_ceilings(ctx)
     if not ctx.results:
@@ -439,8 +441,11 @@ def remeasure_beaten_ceilings(ctx: BenchContext) -> None:
 
 def _ceilings(ctx: BenchContext, precisions: set[str]) -> dict:
     """The measured ceiling of each precision the rows will have (fp32 always: eager and compiled are fp32)."""
-    if ctx.device.type != "cpu":  # on a GPU the fp32 (TF32 off) matmul samples are the yardstick
-        return {}
+    if ctx.device.type != "cpu":  # a GPU's: its cuBLAS/cuDNN kernels at sizes that fill it, each bench
+        from cnnpack.peak import device_ceilings
+
+        ctx.progress("the GPU's ceilings")
+        return device_ceilings(ctx.device, precisions={"fp32", *precisions})
     from cnnpack.peak import cached_ceilings
 
     ctx.progress("the machine's ceilings")

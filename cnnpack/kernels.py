@@ -14,6 +14,10 @@ matmul (weights as a constant, prepacked once, as a model's are) and as a 3x3 co
 OpenVINO samples are taken when the openvino extra is installed; its bf16 samples only where the CPU computes bf16
 natively (elsewhere the plugin silently runs f32, which says nothing about bf16). Each sample is the fastest of
 repeated calls after a warm-up, with the rows' thread count.
+
+On a CUDA GPU (`device_samples`) the rows run in PyTorch's cuBLAS and cuDNN kernels: fp32 with TF32 off (as bench and
+verify run them), fp16 and bf16 on the tensor cores; matmuls of n = 2048..8192 and the 3x3 convolution at batch 64,
+sizes that fill a GPU (an H200's fp32 matmul at n = 1024 ran at a fifth of what resnet18's rows reached).
 """
 
 from __future__ import annotations
@@ -52,11 +56,11 @@ def _sample(engine: str, shape: str, fn: Callable[[], object], flop: float, seco
     return {"engine": engine, "shape": shape, "gflops": best_rate(fn, flop, seconds)}
 
 
-def _growing(one: Callable[[int], dict]) -> list[dict]:
-    """`one(n)` for n in SIZES while the rate still grows (by 5 % or more): a matmul that already saturates the
+def _growing(one: Callable[[int], dict], sizes: tuple[int, ...] = SIZES) -> list[dict]:
+    """`one(n)` for n in `sizes` while the rate still grows (by 5 % or more): a matmul that already saturates the
     cores at n = 1024 is not timed at 2048, the costliest size, on a machine of few cores."""
     out: list[dict] = []
-    for n in SIZES:
+    for n in sizes:
         out.append(one(n))
         if len(out) > 1 and out[-1]["gflops"] < 1.05 * max(s["gflops"] for s in out[:-1]):
             break
@@ -221,3 +225,37 @@ def bf16_samples(threads: int, seconds: float) -> list[dict]:
 
 
 SAMPLES = {"fp32": fp32_samples, "int8": int8_samples, "bf16": bf16_samples}
+
+# -- a GPU (PyTorch: cuBLAS, cuDNN) ----------------------------------------------------------------------
+DEVICE_SIZES = (2048, 4096, 8192)
+DEVICE_CONV = (64, 256, 14, 14)
+DEVICE_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def device_samples(precision: str, device, seconds: float) -> list[dict]:
+    """torch.matmul (n in DEVICE_SIZES, while the rate grows) and a 3x3 conv2d (DEVICE_CONV) in `precision` on
+    `device`, each call synchronised; the caller sets TF32 (cnnpack.host.exact_fp32)."""
+    import torch
+
+    from cnnpack.host import sync
+
+    sizes, conv = DEVICE_SIZES, DEVICE_CONV
+    dtype, wait = getattr(torch, DEVICE_PRECISIONS[precision]), sync(device)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def timed(op: Callable[[], object]) -> Callable[[], None]:
+        return lambda: (op(), wait())
+
+    def matmul(n: int) -> dict:
+        a, b = (torch.randn(n, n, generator=g, device=device, dtype=dtype) for _ in range(2))
+        return _sample(f"torch.matmul {precision}", f"n={n}", timed(lambda: a @ b), 2.0 * n ** 3, seconds)
+
+    out = _growing(matmul, sizes)
+    n, c, h, w = conv
+    x = torch.randn(conv, generator=g, device=device, dtype=dtype)
+    wt = torch.randn((c, c, 3, 3), generator=g, device=device, dtype=dtype)
+    with torch.inference_mode():
+        out.append(_sample(f"torch conv2d {precision}", "conv3x3 " + "x".join(map(str, conv)),
+                           timed(lambda: torch.nn.functional.conv2d(x, wt, padding=1)),
+                           2.0 * n * c * c * 9 * h * w, seconds))
+    return out

@@ -99,6 +99,29 @@ def ceilings(threads: int, *, precisions: set[str] = frozenset(PRECISIONS), seco
     return result
 
 
+def device_ceilings(device, *, precisions: set[str], seconds: float = SAMPLE_S) -> dict[str, dict]:
+    """On a GPU: {precision: {gflops, best, matrix_engine, samples, device}} for the precisions among fp32 (TF32 off:
+    the rows run so), fp16 and bf16; measured each bench (no cache: a GPU is not keyed by CPU flags)."""
+    import torch
+
+    from cnnpack.host import exact_fp32
+    from cnnpack.kernels import DEVICE_PRECISIONS, device_samples
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    result = {}
+    with exact_fp32(device.type):
+        for precision in sorted(precisions & DEVICE_PRECISIONS.keys()):
+            if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                continue
+            samples = device_samples(precision, device, seconds)
+            best = max(samples, key=lambda s: s["gflops"])
+            engine = "CUDA cores, TF32 off" if precision == "fp32" else "tensor cores"
+            result[precision] = {"gflops": best["gflops"], "best": f"{best['engine']} {best['shape']}",
+                                 "matrix_engine": f"{name} {engine}", "device": name,
+                                 "samples": [{**s, "gflops": round(s["gflops"], 1)} for s in samples]}
+    return result
+
+
 # -- once per machine -------------------------------------------------------------------------------
 CACHE_VERSION = 2  # bump when the multiplies measured change (2: the fastest call, was the median): old caches are not reused
 

@@ -208,9 +208,11 @@ def _ceilings(b: dict, peak) -> str:
     if not c:
         return f"fp32 {_num(peak, '{:.1f}')} GFLOP/s"
     def one(p: str, v: dict) -> str:
-        t = v["theoretical_gflops"]
-        note = f"; {t['note']}" if t.get("note") else ""
         engine = f" on {v['matrix_engine']}" if v.get("matrix_engine") else ""
+        t = v.get("theoretical_gflops")
+        if t is None:  # a GPU's: its own kernels, no ISA peak
+            return f"{p}{engine} {v['gflops']:.0f} G(FL)OP/s (best of its kernels: {v['best']})"
+        note = f"; {t['note']}" if t.get("note") else ""
         return (f"{p}{engine} {v['gflops']:.0f} G(FL)OP/s (best of every engine: {v['best']}; the ISA's theoretical "
                 f"peak {t['gflops']:.0f} at "
                 f"{t['mhz']:.0f} MHz, assuming {t['assumes']}{note})")

@@ -219,6 +219,29 @@ def test_one_precision_is_held_to_one_ceiling_when_a_later_sample_raises_it():
     assert int8["matmul_gflops"] == 400.0 and int8["matmul_share"] == 0.5  # its own ceiling, untouched
 
 
+def test_a_gpu_s_ceilings_are_its_own_kernels_per_precision(monkeypatch):
+    """On a GPU the fp32 yardstick was one n = 1024 matmul, and an H200's resnet18 rows ran at 3.5-5.1x it: its
+    ceilings are now cuBLAS/cuDNN matmuls and convolutions per precision (fp32 with TF32 off, fp16, bf16), each the
+    best of its samples. The same code runs here on the CPU device, at small sizes."""
+    import torch
+
+    from cnnpack import kernels
+    from cnnpack.peak import device_ceilings
+
+    monkeypatch.setattr(kernels, "DEVICE_SIZES", (64, 128))
+    monkeypatch.setattr(kernels, "DEVICE_CONV", (2, 16, 8, 8))
+    found = device_ceilings(torch.device("cpu"), precisions={"fp32", "fp16", "int8"}, seconds=0.01)
+    assert set(found) == {"fp32", "fp16"}  # int8 is no GPU kernel cnnpack samples: its rows fall back to fp32's
+    for precision, c in found.items():
+        engines = {s["engine"] for s in c["samples"]}
+        assert engines == {f"torch.matmul {precision}", f"torch conv2d {precision}"}
+        assert c["gflops"] == pytest.approx(max(s["gflops"] for s in c["samples"]), abs=0.05)  # samples: 0.1
+    assert "TF32 off" in found["fp32"]["matrix_engine"] and "tensor cores" in found["fp16"]["matrix_engine"]
+    from cnnpack.report import _ceilings
+
+    assert "fp16 on cpu tensor cores" in _ceilings({"ceilings": found}, 0.0)  # no ISA peak to name: still said
+
+
 @pytest.mark.slow
 def test_compiled_runtime_is_benched_frozen(exported):
     section = bench(exported, BenchConfig(runtimes=("eager", "compiled"), batch_sizes=(2,), threads=1,

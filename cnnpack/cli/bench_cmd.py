@@ -138,8 +138,11 @@ def _print_table(section: dict) -> None:
     from cnnpack.bench import series
     from cnnpack.cli import table_console
 
-    ceilings = "; ".join(f"{p} on {c.get('matrix_engine', '?')}: {c['gflops']:.0f} G(FL)OP/s ({c['best']}; theoretical "
-                         f"{c['theoretical_gflops']['gflops']:.0f})" for p, c in section.get("ceilings", {}).items())
+    def theory(c: dict) -> str:  # a GPU's ceilings have no ISA peak
+        return f"; theoretical {c['theoretical_gflops']['gflops']:.0f}" if c.get("theoretical_gflops") else ""
+
+    ceilings = "; ".join(f"{p} on {c.get('matrix_engine', '?')}: {c['gflops']:.0f} G(FL)OP/s ({c['best']}{theory(c)})"
+                         for p, c in section.get("ceilings", {}).items())
     ceilings = ceilings or f"fp32 {section['machine_peak_gflops']:.0f} GFLOP/s"
     t = Table(title=f"{section['model']} on {section['device']}, {section['threads']} threads",
               caption=f"%mm: G(FL)OP/s as a share of this machine's measured matmul ceiling of the row's precision "
