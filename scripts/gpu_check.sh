@@ -1,95 +1,174 @@
 #!/usr/bin/env bash
-# Checks every GPU path of cnnpack on a machine with an NVIDIA GPU, in well under 8 minutes:
-#   AMP + channels_last training (resnet18 @ 224), fp16 export, ONNX Runtime CUDA/TensorRT
-#   parity and latency, a pt2 package compiled for CUDA (torch.export + AOTInductor, needs g++) in
-#   the aoti runtime, KIND_GPU + TensorRT and KIND_GPU torch_aoti Triton configs; then one short table.
-# Usage: bash scripts/gpu_check.sh [OUT_DIR]        (from the repository root, venv active)
-set -euo pipefail
-OUT=${1:-${OUT:-gpu_check_out}}
-mkdir -p "$OUT"
-export CNNPACK_CACHE=${CNNPACK_CACHE:-$OUT/cache}
-export PYTHONUNBUFFERED=1
+# Checks cnnpack's GPU paths on a machine with an NVIDIA GPU, in about 6 minutes, and prints one short table:
+#   training with AMP and channels_last (and without either, for the speed-up), torch.compile, fp32 and fp16
+#   exports (ONNX, TorchScript, pt2 = torch.export + AOTInductor compiled for CUDA, needs g++), parity of each
+#   on the GPU, CUDA bench rows, and KIND_GPU Triton configs.
+#
+# Runs cnnpack from this checkout (PYTHONPATH), on the python it is given, with nothing installed from the
+# network: a machine that reaches nothing works. Packages that python lacks (tritonclient for the Triton
+# configs, say) travel as wheels in .whl/ (or $WHEELS) and are unpacked with pip --no-index into a scratch folder.
+# ONNX Runtime's CUDA and TensorRT providers are checked only where the installed onnxruntime has them
+# (onnxruntime-gpu); a CPU-only build leaves those rows as skipped, with the reason.
+#
+# Usage (from the repository root):  bash scripts/gpu_check.sh [OUT_DIR]
+#   PYTHON=python3   the interpreter (default: python3)
+#   DEVICE=cuda      cpu runs the same steps here, to try the script before spending GPU time on it
+#   IMAGE_SIZE=224 EPOCHS=2 BATCH=256 MAX_SECONDS=5   smaller for that dry run
+#   BUDGET=0         seconds for the whole script (0: none); near it, the remaining steps are cut or skipped
+#                    (exit 124 in the table) so that the summary is still written
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=$(mkdir -p "${1:-${OUT:-gpu_check_out}}" && cd "${1:-${OUT:-gpu_check_out}}" && pwd)
+WORK=${WORK:-$(mktemp -d /tmp/cnnpack-gpu-check.XXXXXX)}; mkdir -p "$WORK"
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+IMAGE_SIZE=${IMAGE_SIZE:-224}
+EPOCHS=${EPOCHS:-2}
+BATCH=${BATCH:-256}
+MAX_SECONDS=${MAX_SECONDS:-5}
+BUDGET=${BUDGET:-0}
+START=$(date +%s)
+export CNNPACK_CACHE=$WORK/cache PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+WHEELS=${WHEELS:-$ROOT/.whl}
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+    "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH="$PYTHONPATH:$WORK/site"
+fi
+: > "$OUT/steps.tsv"
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/gpu_check.log"; }
+# step NAME cnnpack ARGS...: runs one check (from this checkout), its output in $WORK/NAME.out; records exit status and seconds, goes on
+step() {
+  local name=$1 t0 rc left=0; shift
+  [ "$1" = cnnpack ] && { shift; set -- "$PY" -m cnnpack "$@"; }
+  if [ "$BUDGET" -gt 0 ]; then
+    left=$(( BUDGET - ($(date +%s) - START) - 20 ))
+    if [ "$left" -lt 15 ]; then
+      log "$name: skipped, the budget is spent"; printf '%s\t124\t0\n' "$name" >> "$OUT/steps.tsv"; return
+    fi
+  fi
+  log "$name"
+  t0=$(date +%s%N)
+  if [ "$left" -gt 0 ]; then
+    timeout "$left" "$@" > "$WORK/$name.out" 2> "$WORK/$name.err"; rc=$?
+  else
+    "$@" > "$WORK/$name.out" 2> "$WORK/$name.err"; rc=$?
+  fi
+  printf '%s\t%s\t%s\n' "$name" "$rc" $(( ($(date +%s%N) - t0) / 1000000 )) >> "$OUT/steps.tsv"
+  if [ "$rc" != 0 ]; then echo "   exit $rc: $(grep -v '^\s*$' "$WORK/$name.err" | tail -3)" | tee -a "$OUT/gpu_check.log"; fi
+}
 
 log "machine"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python - <<'PY' | tee -a "$OUT/gpu.txt"
-import torch, onnxruntime as ort
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0),
-      "bf16", torch.cuda.is_bf16_supported())
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  "$PY" - <<'PY'
+import sys, numpy, torch, onnxruntime as ort
+cuda = torch.cuda.is_available()
+print("python", sys.version.split()[0], "numpy", numpy.__version__, "| torch", torch.__version__, "cuda",
+      torch.version.cuda, "| device", torch.cuda.get_device_name(0) if cuda else "none",
+      "| bf16", cuda and torch.cuda.is_bf16_supported())
 print("onnxruntime", ort.__version__, ort.get_available_providers())
 PY
-# ONNX Runtime's TensorRT provider needs TensorRT 10 (libnvinfer.so.10) built for ORT's CUDA major
-if ! python -c "import ctypes; ctypes.CDLL('libnvinfer.so.10')" 2>/dev/null; then
-  cuda_major=$(python -c "import torch; print(torch.version.cuda.split('.')[0])")
-  pip install -q "tensorrt-cu${cuda_major}-libs>=10.13,<11" 2>&1 | tail -1 || true
-  trt_libs=$(python -c "import tensorrt_libs, os; print(os.path.dirname(tensorrt_libs.__file__))" 2>/dev/null || true)
-  [ -n "$trt_libs" ] && export LD_LIBRARY_PATH="$trt_libs:${LD_LIBRARY_PATH:-}"
+} | tee "$OUT/machine.txt"
+
+R=$WORK/r18
+# the GPU paths first (AMP + channels_last training, fp32 exports, parity, bench with torch.compile),
+# then fp16, Triton's GPU configs, and the comparisons
+step train_amp cnnpack train --arch resnet18 --image-size "$IMAGE_SIZE" --epochs "$EPOCHS" --batch-size "$BATCH" \
+  --device "$DEVICE" --amp --channels-last --run "$R" --force --no-progress --json
+step export_fp32 cnnpack export --run "$R" --format onnx,torchscript,pt2 --device "$DEVICE" --json
+cp -r "$R" "$R"_fp16
+step verify_fp32 cnnpack verify --run "$R" --device "$DEVICE" --batch-sizes 1,32 --no-progress --json
+step bench_fp32 cnnpack bench --run "$R" --device "$DEVICE" --batch-sizes 1,32 --max-seconds "$MAX_SECONDS" \
+  --no-plot --no-progress --json
+step export_fp16 cnnpack export --run "$R"_fp16 --format onnx,torchscript,pt2 --device "$DEVICE" --half --json
+step verify_fp16 cnnpack verify --run "$R"_fp16 --device "$DEVICE" --batch-sizes 1,32 --atol 5e-2 --rtol 5e-2 \
+  --min-agreement 0.99 --no-progress --json
+step triton_onnx_trt cnnpack triton --run "$R"_fp16 --repository "$WORK/repo" --device gpu --tensorrt-fp16 --json
+step triton_pt2 cnnpack triton --run "$R" --format pt2 --repository "$WORK/repo" --device gpu --json
+# the fp16 artifacts the export wrote (pt2 is refused where torch's loader fails), not the fp32 checkpoint again
+fp16=$("$PY" -c "import json, sys; a = json.load(open(sys.argv[1]))['stages']['export']['artifacts']
+print(','.join(f for f in ('pt2', 'torchscript', 'onnx') if a.get(f, {}).get('precision') == 'fp16'))" \
+  "$R"_fp16/cnnpack.json 2>/dev/null)
+if [ -n "$fp16" ]; then
+  step bench_fp16 cnnpack bench --run "$R"_fp16 --device "$DEVICE" --artifacts "$fp16" \
+    --batch-sizes 1,32 --max-seconds "$MAX_SECONDS" --no-plot --no-progress --json
+else
+  log "bench_fp16: skipped, no fp16 artifact was exported"; printf 'bench_fp16\t-\t0\n' >> "$OUT/steps.tsv"
 fi
-
-log "train resnet18@224, AMP + channels_last (2 epochs)"
-cnnpack train --arch resnet18 --image-size 224 --epochs 2 --batch-size 256 --device cuda \
-  --run "$OUT/r18" --force --no-progress --json > "$OUT/train.json"
-
-log "train the built-in cnn (default settings) on the GPU"
-cnnpack train --device cuda --run "$OUT/cnn" --force --no-progress --json > "$OUT/train_cnn.json"
-
-log "export fp32 and fp16 (all: pt2 too where a C++ compiler is found)"
-cnnpack export --run "$OUT/r18" --format all --device cuda > /dev/null
-cp -r "$OUT/r18" "$OUT/r18_fp16"
-cnnpack export --run "$OUT/r18_fp16" --format all --device cuda --half > /dev/null
-
-log "pt2 for CUDA: the package and its record (device, compile time, size against the weights)"
-if ! python -c "import json, sys; sys.exit('pt2' not in json.load(open('$OUT/r18/cnnpack.json'))['stages']['export']['artifacts'])"; then
-  cnnpack export --run "$OUT/r18" --format pt2 --device cuda > /dev/null || echo "pt2 export exit $?"
-fi
-python - "$OUT" <<'PY' | tee "$OUT/pt2.txt"
-import json, sys
-a = json.load(open(f"{sys.argv[1]}/r18/cnnpack.json"))["stages"]["export"]["artifacts"].get("pt2")
-print("pt2:", "not exported" if a is None else
-      f"device {a['device']}, torch {a['torch_version']}, compile {a['compile_s']} s, "
-      f"{a['extra']['package_mb']:.1f} MB package for {a['extra']['weights_mb']:.1f} MB of weights")
-PY
-
-log "verify fp32 (CPU, CUDA, TensorRT providers) and fp16 (fp16 tolerances)"
-cnnpack verify --run "$OUT/r18" --device cuda --json > "$OUT/verify_fp32.json" || echo "verify fp32 exit $?"
-cnnpack verify --run "$OUT/r18_fp16" --device cuda --atol 5e-2 --rtol 5e-2 --min-agreement 0.995 --json \
-  > "$OUT/verify_fp16.json" || echo "verify fp16 exit $?"
-
-log "bench batch 1 and 32"
-cnnpack bench --run "$OUT/r18" --device cuda --runtimes eager,compiled,aoti,torchscript,onnxruntime-cuda,onnxruntime-tensorrt \
-  --batch-sizes 1,32 --max-seconds 8 --json > "$OUT/bench_fp32.json"
-cnnpack bench --run "$OUT/r18_fp16" --device cuda --runtimes onnxruntime-tensorrt,onnxruntime-cuda \
-  --batch-sizes 1,32 --max-seconds 8 --json > "$OUT/bench_fp16.json"
-
-log "triton config: KIND_GPU + TensorRT fp16"
-cnnpack triton --run "$OUT/r18_fp16" --repository "$OUT/model_repository" --device gpu --tensorrt-fp16 --json \
-  > "$OUT/triton.json"
-cp "$OUT/model_repository"/*/config.pbtxt "$OUT/config_gpu.pbtxt"
-cnnpack triton --run "$OUT/r18" --format pt2 --repository "$OUT/model_repository_pt2" --device gpu --json \
-  > "$OUT/triton_pt2.json" || echo "triton pt2 exit $?"
-cp "$OUT/model_repository_pt2"/*/config.pbtxt "$OUT/config_gpu_pt2.pbtxt" 2>/dev/null || true
+step train_fp32 cnnpack train --arch resnet18 --image-size "$IMAGE_SIZE" --epochs "$EPOCHS" --batch-size "$BATCH" \
+  --device "$DEVICE" --no-amp --no-channels-last --run "$WORK/r18_plain" --force --no-progress --json
+step train_cnn cnnpack train --device "$DEVICE" --run "$WORK/cnn" --force --no-progress --json
 
 log "summary"
-python - "$OUT" <<'PY' | tee "$OUT/summary.md"
+"$PY" - "$WORK" "$OUT" <<'PY' | tee "$OUT/summary.md"
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
+
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+rc = {n: None if c == "-" else int(c) for n, c, _ in (l.split("\t") for l in (out / "steps.tsv").read_text().splitlines())}
+secs = {n: int(s) / 1000 for n, _, s in (l.split("\t") for l in (out / "steps.tsv").read_text().splitlines())}
+
+
 def load(name):
-    return json.loads((out / name).read_text())
-t = load("train.json")["metrics"]
-print(f"| check | figure |\n|---|---|")
-print(f"| resnet18@224 training (AMP, channels_last) | {t['train_images_per_s']:,.0f} images/s |")
-print(f"| built-in cnn on the GPU | top-1 {100 * load('train_cnn.json')['metrics']['best_val_acc']:.2f}% |")
+    try:
+        return json.loads((work / f"{name}.out").read_text()) if rc.get(name) == 0 else None
+    except ValueError:
+        return None
+
+
+print("| step | exit | s |\n|---|---|---|")
+for n in rc:
+    print(f"| {n} | {'skipped' if rc[n] is None else rc[n]} | {secs[n]:.0f} |")
+print("\n| check | figure |\n|---|---|")
+amp, plain = load("train_amp"), load("train_fp32")
+
+
+def last_epoch(run):  # steady state: the first epoch carries cuDNN's autotuning and the warm-up
+    return json.loads((work / run / "history.json").read_text())[-1]["train_images_per_s"]
+
+
+if amp:
+    a = amp["metrics"]
+    print(f"| train resnet18@{amp['config']['image_size']} on {amp['device']}, AMP + channels_last, "
+          f"{a['epochs']} epochs | {a['train_images_per_s']:,.0f} images/s overall, {last_epoch('r18'):,.0f} in the "
+          f"last epoch; top-1 {100 * a['best_val_acc']:.1f}% |")
+if amp and plain:
+    p = plain["metrics"]
+    print(f"| the same, fp32 and contiguous | {p['train_images_per_s']:,.0f} images/s overall, "
+          f"{last_epoch('r18_plain'):,.0f} in the last epoch: AMP + channels_last "
+          f"{last_epoch('r18') / last_epoch('r18_plain'):.2f}x there |")
+cnn = load("train_cnn")
+if cnn:
+    print(f"| built-in cnn, default settings | top-1 {100 * cnn['metrics']['best_val_acc']:.2f}% after "
+          f"{cnn['metrics']['epochs']} epochs, {cnn['metrics']['wall_s']:.0f} s |")
 for tag in ("fp32", "fp16"):
-    v = load(f"verify_{tag}.json")
-    for fmt, f in v.get("formats", {}).items():
-        print(f"| parity {tag} {fmt} | max_abs_err {f.get('max_abs_err'):.2e}, top-1 agreement "
-              f"{100 * f.get('top1_agreement', 0):.2f}% |")
-print(f"| {(out / 'pt2.txt').read_text().strip()} | |")
+    e = load(f"export_{tag}")
+    for fmt, a in (e or {}).get("artifacts", {}).items():
+        extra = f", compiled for {a['device']} in {a['compile_s']} s" if a.get("compile_s") is not None else ""
+        print(f"| export {tag} {fmt} | {a['precision']}, input {a['input']['dtype']}, {a['size_mb']:.1f} MB{extra} |")
+    v = load(f"verify_{tag}")
+    for r in (v or {}).get("results", []):
+        t, task = r.get("tensor") or {}, r.get("task") or {}
+        err = t.get("max_abs_err")
+        print(f"| parity {tag} {r['format']} in {r['runtime']} | {'pass' if r['passed'] else 'FAIL'} "
+              f"({r['tolerance']['contract']} contract): max abs err {'-' if err is None else f'{err:.2e}'}, "
+              f"top-1 agreement {100 * (task.get('top1_agreement') or 0):.2f}% |")
+    for r in (v or {}).get("skipped", []):
+        print(f"| parity {tag} {r['format']} in {r['runtime']} | skipped: {r['reason']} |")
 for tag in ("fp32", "fp16"):
-    for r in load(f"bench_{tag}.json").get("results", []):
-        print(f"| latency {tag} {r['runtime']} batch {r['batch_size']} | p50 {r['latency_ms_p50']:.3f} ms, "
-              f"{r['throughput_ips']:,.0f} images/s |")
+    b = load(f"bench_{tag}")
+    for r in (b or {}).get("results", []):
+        print(f"| bench {tag} {r['runtime']} {r.get('artifact', '')} batch {r['batch_size']} | p50 "
+              f"{r['latency_ms_p50']:.3f} ms, {r['throughput_ips']:,.0f} images/s |")
+    for name, why in (b or {}).get("skipped", {}).items():
+        print(f"| bench {tag} {name} | skipped: {why} |")
+for name in ("triton_onnx_trt", "triton_pt2"):
+    t = load(name)
+    if t:
+        print(f"| {name} | {t['name']}: {t.get('platform') or t.get('backend')}, input {t['input']['dtype']} |")
 PY
-log "done"
+for f in "$WORK"/repo/*/config.pbtxt; do [ -f "$f" ] && { echo "# $f"; cat "$f"; }; done > "$OUT/configs.pbtxt" 2>/dev/null
+tar -czf "$OUT/outputs.tar.gz" -C "$WORK" --exclude='*.onnx' --exclude='*.pt*' --exclude='*.data' --exclude='cache' \
+  --exclude='*.bin' --exclude='repo' . 2>/dev/null
+log "done: $OUT"
