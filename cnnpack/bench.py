@@ -51,7 +51,9 @@ NOTES = {
     "ceilings": "per precision, the best of the matrix kernels of every engine cnnpack runs for it (PyTorch, ONNX Runtime, "
                 "OpenVINO: matmuls n = 512..2048 and a 3x3 convolution; int8 as u8 x s8), measured once per machine "
                 "(ceilings_cache: keyed by CPU model, flags, threads, library versions), with the ISA's theoretical "
-                "peak (cores x clock x ops/cycle) and the matrix engine the CPU flags give it (AMX, AVX-512 VNNI/BF16, AVX2)",
+                "peak (cores x clock x ops/cycle) and the matrix engine the CPU flags give it (AMX, AVX-512 VNNI/BF16, AVX2); "
+                "on a GPU its own cuBLAS/cuDNN matmuls (n = 2048..8192) and 3x3 convolution per precision (fp32 with "
+                "TF32 off, as the rows run; fp16, bf16), measured each bench",
     "matmul_gflops": "the ceiling of the row's own precision that matmul_share is taken against (a served model: the "
                      "run's ceilings when the server is on this machine, else the client's fp32 matmul rate around it)",
     "matmul_share": "gflops / matmul_gflops: the row's share of the machine's measured limit for its precision "

@@ -77,8 +77,9 @@ def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = B
     old = previous_section(run)
     with torch_threads(cfg.threads or torch.get_num_threads()):  # the matmul rate of the client's machine
         ctx = BenchContext(run, cfg, resolve_device("cpu"), count_flops(run), progress)
-        if old.get("ceilings") and on_this_machine(rt.client.address):  # a server on this machine shares its
-            ctx.ceilings = old["ceilings"]  # ceilings: each row is held to its precision's, as the local rows are
+        if old.get("ceilings") and old.get("device") == "cpu" and on_this_machine(rt.client.address):  # a server
+            ctx.ceilings = old["ceilings"]  # on this machine shares its CPU's ceilings: each row is held to its
+            # precision's, as the local rows are (a GPU bench's are the GPU's: a KIND_CPU server is not held to them)
         ctx.sample_matmul()
         for b in cfg.batch_sizes:
             for c in served.concurrency:

@@ -155,24 +155,27 @@ def _quiet_native_output():
 
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
     was_enabled = faulthandler.is_enabled()
-    with tempfile.TemporaryFile() as sink, os.fdopen(os.dup(saved[1]), "w") as real_stderr:
-        faulthandler.enable(file=real_stderr)
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-            faulthandler.disable()
-            if was_enabled:
-                faulthandler.enable()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink, os.fdopen(os.dup(saved[1]), "w") as real_stderr:
+            faulthandler.enable(file=real_stderr)
+            try:
+                os.dup2(sink.fileno(), 1)
+                os.dup2(sink.fileno(), 2)
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                faulthandler.disable()
+                if was_enabled:  # back on, on the real stderr (the file it had before is not known)
+                    with contextlib.suppress(Exception):
+                        faulthandler.enable(file=sys.__stderr__)
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
 
 
 def _onnx_export(model: nn.Module, x: torch.Tensor, dest: Path, cfg: ExportConfig) -> None:

@@ -136,7 +136,7 @@ def check_package(path: Path, example, device: str, num_classes: int) -> None:
     import torch
 
     if device == "cuda":
-        _check_in_child(path, tuple(example.shape), str(example.dtype).removeprefix("torch."), num_classes, device)
+        _check_in_child(path, example, num_classes, device)
         return
     compiled = load(path, device)
     with torch.inference_mode():
@@ -148,32 +148,45 @@ def check_package(path: Path, example, device: str, num_classes: int) -> None:
 
 _CHILD_CHECK = """
 import sys, torch
-path, shape, dtype, k = sys.argv[1], tuple(map(int, sys.argv[2].split(","))), getattr(torch, sys.argv[3]), int(sys.argv[4])
+path, example, k, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 model = torch._inductor.aoti_load_package(path)
+x = torch.load(example, weights_only=True).to(device)
 with torch.inference_mode():
-    y = model((torch.rand(shape, device=sys.argv[5]) * 255).to(dtype))
+    y = model(x)
 print(tuple(y.shape), bool(torch.isfinite(y).all()))
-sys.exit(0 if tuple(y.shape) == (shape[0], k) and bool(torch.isfinite(y).all()) else 3)
+sys.exit(0 if tuple(y.shape) == (x.shape[0], k) and bool(torch.isfinite(y).all()) else 3)
 """
 
 
-def _check_in_child(path: Path, shape: tuple[int, ...], dtype: str, num_classes: int, device: str) -> None:
+def _check_in_child(path: Path, example, num_classes: int, device: str) -> None:
+    """`_CHILD_CHECK` in a fresh interpreter, on the export's own example batch (raw or normalised, fp32 or fp16)."""
     import signal
     import sys
+    import tempfile
 
     import torch
 
-    argv = [sys.executable, "-c", _CHILD_CHECK, str(path), ",".join(map(str, shape)), dtype, str(num_classes), device]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        raise StageFailed(f"the compiled {device} package did not load and run within 600 s in a fresh process") from None
+    with tempfile.TemporaryDirectory(prefix="cnnpack-pt2-check-") as tmp:
+        x = Path(tmp) / "example.pt"
+        torch.save(example.detach().cpu(), x)
+        argv = [sys.executable, "-c", _CHILD_CHECK, str(path), str(x), str(num_classes), device]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise StageFailed(f"the compiled {device} package did not load and run within 600 s in a fresh "
+                              "process") from None
     if done.returncode == 0:
         return
     if done.returncode < 0:
-        why = f"crashed PyTorch's loader ({signal.Signals(-done.returncode).name}, torch {torch.__version__})"
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:
+            name = f"signal {-done.returncode}"
+        why = f"crashed PyTorch's loader ({name}, torch {torch.__version__})"
     elif done.returncode == 3:
-        why = f"answers {done.stdout.strip()} (shape, finite), expected finite logits of shape {(shape[0], num_classes)}"
+        answer = (done.stdout.strip().splitlines() or ["nothing"])[-1]
+        why = (f"answers {answer} (shape, finite), expected finite logits of shape "
+               f"{(example.shape[0], num_classes)}")
     else:
         lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
         why = f"failed to load: {lines[-1].strip() if lines else f'exit {done.returncode}'}"

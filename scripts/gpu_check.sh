@@ -51,7 +51,7 @@ step() {
   log "$name"
   t0=$(date +%s%N)
   if [ "$left" -gt 0 ]; then
-    timeout "$left" "$@" > "$WORK/$name.out" 2> "$WORK/$name.err"; rc=$?
+    timeout -k 10 "$left" "$@" > "$WORK/$name.out" 2> "$WORK/$name.err"; rc=$?
   else
     "$@" > "$WORK/$name.out" 2> "$WORK/$name.err"; rc=$?
   fi
@@ -77,7 +77,7 @@ R=$WORK/r18
 step train_amp cnnpack train --arch resnet18 --image-size "$IMAGE_SIZE" --epochs "$EPOCHS" --batch-size "$BATCH" \
   --device "$DEVICE" --amp --channels-last --run "$R" --force --no-progress --json
 step export_fp32 cnnpack export --run "$R" --format onnx,torchscript,pt2 --device "$DEVICE" --json
-cp -r "$R" "$R"_fp16
+rm -rf "$R"_fp16 && cp -r "$R" "$R"_fp16
 step verify_fp32 cnnpack verify --run "$R" --device "$DEVICE" --batch-sizes 1,32 --no-progress --json
 step bench_fp32 cnnpack bench --run "$R" --device "$DEVICE" --batch-sizes 1,32 --max-seconds "$MAX_SECONDS" \
   --no-plot --no-progress --json
@@ -106,8 +106,9 @@ import json, sys
 from pathlib import Path
 
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
-rc = {n: None if c == "-" else int(c) for n, c, _ in (l.split("\t") for l in (out / "steps.tsv").read_text().splitlines())}
-secs = {n: int(s) / 1000 for n, _, s in (l.split("\t") for l in (out / "steps.tsv").read_text().splitlines())}
+steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
+rc = {n: None if c == "-" else int(c) for n, c, _ in steps}
+secs = {n: int(s) / 1000 for n, _, s in steps}
 
 
 def load(name):
@@ -117,56 +118,71 @@ def load(name):
         return None
 
 
-print("| step | exit | s |\n|---|---|---|")
-for n in rc:
-    print(f"| {n} | {'skipped' if rc[n] is None else rc[n]} | {secs[n]:.0f} |")
-print("\n| check | figure |\n|---|---|")
-amp, plain = load("train_amp"), load("train_fp32")
-
-
 def last_epoch(run):  # steady state: the first epoch carries cuDNN's autotuning and the warm-up
     return json.loads((work / run / "history.json").read_text())[-1]["train_images_per_s"]
 
 
-if amp:
-    a = amp["metrics"]
-    print(f"| train resnet18@{amp['config']['image_size']} on {amp['device']}, AMP + channels_last, "
-          f"{a['epochs']} epochs | {a['train_images_per_s']:,.0f} images/s overall, {last_epoch('r18'):,.0f} in the "
-          f"last epoch; top-1 {100 * a['best_val_acc']:.1f}% |")
-if amp and plain:
-    p = plain["metrics"]
-    print(f"| the same, fp32 and contiguous | {p['train_images_per_s']:,.0f} images/s overall, "
-          f"{last_epoch('r18_plain'):,.0f} in the last epoch: AMP + channels_last "
-          f"{last_epoch('r18') / last_epoch('r18_plain'):.2f}x there |")
-cnn = load("train_cnn")
-if cnn:
-    print(f"| built-in cnn, default settings | top-1 {100 * cnn['metrics']['best_val_acc']:.2f}% after "
-          f"{cnn['metrics']['epochs']} epochs, {cnn['metrics']['wall_s']:.0f} s |")
-for tag in ("fp32", "fp16"):
-    e = load(f"export_{tag}")
-    for fmt, a in (e or {}).get("artifacts", {}).items():
+def training():
+    amp, plain, cnn = load("train_amp"), load("train_fp32"), load("train_cnn")
+    if amp:
+        a = amp["metrics"]
+        print(f"| train resnet18@{amp['config']['image_size']} on {amp['device']}, AMP + channels_last, "
+              f"{a['epochs']} epochs | {a['train_images_per_s']:,.0f} images/s overall, {last_epoch('r18'):,.0f} in "
+              f"the last epoch; top-1 {100 * a['best_val_acc']:.1f}% |")
+    if amp and plain:
+        p = plain["metrics"]
+        print(f"| the same, fp32 and contiguous | {p['train_images_per_s']:,.0f} images/s overall, "
+              f"{last_epoch('r18_plain'):,.0f} in the last epoch: AMP + channels_last "
+              f"{last_epoch('r18') / last_epoch('r18_plain'):.2f}x there |")
+    if cnn:
+        print(f"| built-in cnn, default settings | top-1 {100 * cnn['metrics']['best_val_acc']:.2f}% after "
+              f"{cnn['metrics']['epochs']} epochs, {cnn['metrics']['wall_s']:.0f} s |")
+
+
+def exports_and_parity(tag):
+    for fmt, a in (load(f"export_{tag}") or {}).get("artifacts", {}).items():
         extra = f", compiled for {a['device']} in {a['compile_s']} s" if a.get("compile_s") is not None else ""
         print(f"| export {tag} {fmt} | {a['precision']}, input {a['input']['dtype']}, {a['size_mb']:.1f} MB{extra} |")
-    v = load(f"verify_{tag}")
-    for r in (v or {}).get("results", []):
+    v = load(f"verify_{tag}") or {}
+    for r in v.get("results", []):
         t, task = r.get("tensor") or {}, r.get("task") or {}
         err = t.get("max_abs_err")
         print(f"| parity {tag} {r['format']} in {r['runtime']} | {'pass' if r['passed'] else 'FAIL'} "
               f"({r['tolerance']['contract']} contract): max abs err {'-' if err is None else f'{err:.2e}'}, "
               f"top-1 agreement {100 * (task.get('top1_agreement') or 0):.2f}% |")
-    for r in (v or {}).get("skipped", []):
+    for r in v.get("skipped", []):
         print(f"| parity {tag} {r['format']} in {r['runtime']} | skipped: {r['reason']} |")
-for tag in ("fp32", "fp16"):
-    b = load(f"bench_{tag}")
-    for r in (b or {}).get("results", []):
+
+
+def bench(tag):
+    b = load(f"bench_{tag}") or {}
+    for p, c in (b.get("ceilings") or {}).items():
+        print(f"| ceiling {p} ({tag} bench) | {c['gflops']:,.0f} G(FL)OP/s on {c.get('matrix_engine')} ({c['best']}) |")
+    for r in b.get("results", []):
         print(f"| bench {tag} {r['runtime']} {r.get('artifact', '')} batch {r['batch_size']} | p50 "
-              f"{r['latency_ms_p50']:.3f} ms, {r['throughput_ips']:,.0f} images/s |")
-    for name, why in (b or {}).get("skipped", {}).items():
+              f"{r['latency_ms_p50']:.3f} ms, {r['throughput_ips']:,.0f} images/s, {100 * r['matmul_share']:.0f}% of "
+              f"its ceiling |")
+    for name, why in b.get("skipped", {}).items():
         print(f"| bench {tag} {name} | skipped: {why} |")
-for name in ("triton_onnx_trt", "triton_pt2"):
-    t = load(name)
-    if t:
-        print(f"| {name} | {t['name']}: {t.get('platform') or t.get('backend')}, input {t['input']['dtype']} |")
+
+
+def triton():
+    for name in ("triton_onnx_trt", "triton_pt2"):
+        t = load(name)
+        if t:
+            print(f"| {name} | {t['name']}: {t.get('platform') or t.get('backend')}, input {t['input']['dtype']} |")
+
+
+print("| step | exit | s |\n|---|---|---|")
+for n in rc:
+    print(f"| {n} | {'skipped' if rc[n] is None else rc[n]} | {secs[n]:.0f} |")
+print("\n| check | figure |\n|---|---|")
+for section, args in ((training, ()), (exports_and_parity, ("fp32",)), (exports_and_parity, ("fp16",)),
+                      (bench, ("fp32",)), (bench, ("fp16",)), (triton, ())):
+    try:  # one section's surprise costs that section, not the table
+        section(*args)
+    except Exception as e:  # noqa: BLE001
+        print(f"| {section.__name__}{args} | summary failed: {type(e).__name__}: {e} |")
 PY
 for f in "$WORK"/repo/*/config.pbtxt; do [ -f "$f" ] && { echo "# $f"; cat "$f"; }; done > "$OUT/configs.pbtxt" 2>/dev/null
 tar -czf "$OUT/outputs.tar.gz" -C "$WORK" --exclude='*.onnx' --exclude='*.pt*' --exclude='*.data' --exclude='cache' \

@@ -168,7 +168,9 @@ def test_the_local_copy_differs_only_in_the_platform_line(tmp_path):
 @pytest.mark.parametrize("child, says", [
     ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "crashed PyTorch's loader (SIGSEGV, torch "),
     ("raise RuntimeError('PytorchStreamReader failed reading zip archive')", "failed to load: RuntimeError: Pytorch"),
-    ("import sys; print('(2, 5) True'); sys.exit(3)", "answers (2, 5) True (shape, finite), expected finite logits"),
+    ("import sys; print('loaded'); print('(2, 5) True'); sys.exit(3)",
+     "answers (2, 5) True (shape, finite), expected finite logits"),
+    ("import os; os.kill(os.getpid(), 40)", "crashed PyTorch's loader (signal 40, torch "),
 ])
 def test_a_package_checked_in_a_child_says_how_it_failed(monkeypatch, tmp_path, child, says):
     """A CUDA package is loaded and run once in a fresh process (on an H200, torch 2.11's loader crashed the export
@@ -177,7 +179,7 @@ def test_a_package_checked_in_a_child_says_how_it_failed(monkeypatch, tmp_path, 
 
     monkeypatch.setattr(pt2, "_CHILD_CHECK", child)
     with pytest.raises(StageFailed) as e:
-        pt2._check_in_child(tmp_path / "model.pt2", (2, 3, 32, 32), "float32", 6, "cuda")
+        pt2._check_in_child(tmp_path / "model.pt2", torch.zeros(2, 3, 32, 32), 6, "cuda")
     assert says in str(e.value) and str(e.value).endswith("in a fresh process; not recorded"), str(e.value)
 
 
@@ -204,7 +206,7 @@ def test_the_manifest_and_the_package_carry_the_model_spec(pt2_run):
 def test_a_package_that_loads_in_a_fresh_process_passes_the_child_check(pt2_run):
     from cnnpack import pt2
 
-    pt2._check_in_child(pt2_run / "export" / "model.pt2", (2, 3, 32, 32), "float32", 6, "cpu")  # raises if not
+    pt2._check_in_child(pt2_run / "export" / "model.pt2", torch.rand(2, 3, 32, 32) * 255, 6, "cpu")  # raises if not
 
 
 @pytest.mark.slow
