@@ -7,6 +7,9 @@
 # Runs cnnpack from this checkout (PYTHONPATH), on the python it is given, with nothing installed from the
 # network: a machine that reaches nothing works. Packages that python lacks (tritonclient for the Triton
 # configs, say) travel as wheels in .whl/ (or $WHEELS) and are unpacked with pip --no-index into a scratch folder.
+# The wheels the H200's python 3.12 lacked (tritonclient, python-rapidjson; 1.9 MB), fetched on a machine with pip:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl tritonclient python-rapidjson
 # ONNX Runtime's CUDA and TensorRT providers are checked only where the installed onnxruntime has them
 # (onnxruntime-gpu); a CPU-only build leaves those rows as skipped, with the reason.
 #
