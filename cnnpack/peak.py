@@ -112,7 +112,7 @@ def device_ceilings(device, *, precisions: set[str], seconds: float = SAMPLE_S) 
     result = {}
     with exact_fp32(device.type):
         for precision in sorted(precisions & DEVICE_PRECISIONS.keys()):
-            if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
+            if precision == "bf16" and cuda and not _native_bf16(torch):
                 continue  # emulated bf16 (pre-Ampere) is no ceiling of tensor cores
             try:
                 samples = device_samples(precision, device, seconds)
@@ -127,6 +127,13 @@ def device_ceilings(device, *, precisions: set[str], seconds: float = SAMPLE_S) 
                                  "matrix_engine": f"{name} {engine}", "device": name,
                                  "samples": [{**s, "gflops": round(s["gflops"], 1)} for s in samples]}
     return result
+
+
+def _native_bf16(torch) -> bool:
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.5 has no such argument (and counted no emulation)
+        return torch.cuda.is_bf16_supported()
 
 
 # -- once per machine -------------------------------------------------------------------------------

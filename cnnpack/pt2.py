@@ -131,8 +131,9 @@ def check_package(path: Path, example, device: str, num_classes: int) -> None:
 
     A CUDA package is loaded in a fresh child process: on an H200 with torch 2.11, `aoti_load_package` of a freshly
     compiled CUDA package crashed the process (SIGSEGV in torch's loader, plain torch as much as cnnpack), which
-    ended the whole export with exit 139 and the formats after pt2 unexported. A crash there is now this stage's
-    one-line error, and a package that loads in a fresh process is what verify, bench and Triton will load."""
+    ended the export with exit 139 and not a word. A crash there is now this stage's one-line error (the formats
+    exported before pt2 stay recorded), and a package that loads in a fresh process is what verify, bench and Triton
+    will load."""
     import torch
 
     if device == "cuda":
