@@ -32,8 +32,9 @@ SIZES = (512, 1024, 2048)
 CONV = (8, 256, 14, 14)  # N, C (= K), H, W of the 3x3 convolution sampled (a resnet18 layer-3 conv at batch 8)
 
 
-def conv_flop() -> float:
-    n, c, h, w = CONV
+def conv_flop(shape: tuple[int, int, int, int] = CONV) -> float:
+    """Multiply-adds x 2 of the 3x3, C -> C, padded convolution of an N x C x H x W input."""
+    n, c, h, w = shape
     return 2.0 * n * c * c * 9 * h * w
 
 
@@ -251,11 +252,10 @@ def device_samples(precision: str, device, seconds: float) -> list[dict]:
         return _sample(f"torch.matmul {precision}", f"n={n}", timed(lambda: a @ b), 2.0 * n ** 3, seconds)
 
     out = _growing(matmul, sizes)
-    n, c, h, w = conv
+    c = conv[1]
     x = torch.randn(conv, generator=g, device=device, dtype=dtype)
     wt = torch.randn((c, c, 3, 3), generator=g, device=device, dtype=dtype)
     with torch.inference_mode():
         out.append(_sample(f"torch conv2d {precision}", "conv3x3 " + "x".join(map(str, conv)),
-                           timed(lambda: torch.nn.functional.conv2d(x, wt, padding=1)),
-                           2.0 * n * c * c * 9 * h * w, seconds))
+                           timed(lambda: torch.nn.functional.conv2d(x, wt, padding=1)), conv_flop(conv), seconds))
     return out

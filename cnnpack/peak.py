@@ -112,7 +112,7 @@ def device_ceilings(device, *, precisions: set[str], seconds: float = SAMPLE_S) 
     result = {}
     with exact_fp32(device.type):
         for precision in sorted(precisions & DEVICE_PRECISIONS.keys()):
-            if precision == "bf16" and cuda and not _native_bf16(torch):
+            if precision == "bf16" and cuda and not _native_bf16():
                 continue  # emulated bf16 (pre-Ampere) is no ceiling of tensor cores
             try:
                 samples = device_samples(precision, device, seconds)
@@ -129,7 +129,9 @@ def device_ceilings(device, *, precisions: set[str], seconds: float = SAMPLE_S) 
     return result
 
 
-def _native_bf16(torch) -> bool:
+def _native_bf16() -> bool:
+    import torch
+
     try:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:  # torch before 2.5 has no such argument (and counted no emulation)
