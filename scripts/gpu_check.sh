@@ -64,6 +64,8 @@ step() {
 
 log "machine"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  echo "cpu: $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores, flags:" \
+    "$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_vnni|avx512_bf16|amx_.*)$' | xargs)"
   "$PY" - <<'PY'
 import sys, numpy, torch, onnxruntime as ort
 cuda = torch.cuda.is_available()
