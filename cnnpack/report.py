@@ -283,9 +283,9 @@ def _speedup_plot(b: dict, path: Path) -> bool:
 
 def _tree(root: Path, limit: int = 60) -> str:
     lines = [f"{root}/"]
-    for path in sorted(root.rglob("*"))[:limit]:
-        if path.name.startswith("."):
-            continue
+    paths = [p for p in sorted(root.rglob("*")) if not any(part.startswith(".") or part == "__pycache__"
+                                                             for part in p.relative_to(root).parts)]
+    for path in paths[:limit]:
         depth = len(path.relative_to(root).parts)
         lines.append("  " * depth + path.name + ("/" if path.is_dir() else ""))
     return "\n".join(lines)

@@ -55,7 +55,14 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def free_ports(host: str, n: int) -> list[int]:
     """`n` distinct ports the OS says are free on `host` now."""
-    socks = [_bind(host, 0) for _ in range(n)]
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(_bind(host, 0))
+    except OSError as e:  # an address that does not resolve (gaierror) or is not this machine's
+        for sock in socks:
+            sock.close()
+        raise UserInputError(f"cannot listen on {host}: {e.strerror or e}; check --host") from None
     try:
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -110,6 +117,9 @@ class Ports:
 
 def resolve_ports(cfg: ServeConfig) -> Ports:
     """Explicit ports are checked (in use: UserInputError); 0 picks free ones."""
+    for flag, value in (("--ready-timeout", cfg.ready_timeout_s), ("stop timeout", cfg.stop_timeout_s)):
+        if not 0 < value < float("inf"):
+            raise UserInputError(f"{flag} must be a number of seconds > 0, got {value}")
     wanted = {"http": cfg.http_port, "grpc": cfg.grpc_port, "metrics": cfg.metrics_port}
     for what, port in wanted.items():
         if not 0 <= port <= 65535:
@@ -337,6 +347,8 @@ class TritonServer:
             if self._proc.poll() is not None:
                 raise self._exited()
             if self._get("/v2/health/ready")[0] == 200:
+                if not self.cfg.explicit:
+                    self._raise_unpolled_models()
                 return
             if self._get("/v2/health/live")[0] == 200:
                 self._raise_failed_models()  # with the default model control, live means loading is over
@@ -356,6 +368,21 @@ class TritonServer:
         lines = [f"model '{m['name']}' version {m.get('version', '?')}: {_reason(m.get('reason', ''))}" for m in failed]
         raise StageFailed(f"Triton could not load {len(failed)} model(s) from {self.cfg.repository}: "
                           + "; ".join(lines) + f" ({self._log_hint()})")
+
+    def _raise_unpolled_models(self) -> None:
+        """A model folder Triton could not even read (a config.pbtxt it cannot parse) is left out of loading, so
+        the server says ready without it: the index lists it with no state, the log says why."""
+        missing = [m["name"] for m in self._index() if m.get("state") != "READY"]
+        if not missing:
+            return
+        lines = self._log_lines()
+        reasons = []
+        for name in missing:
+            why = [m.group(1) for ln in lines
+                   if (m := re.search(rf"Poll failed for model directory '{re.escape(name)}': (.*?)\"?$", ln))]
+            reasons.append(f"model '{name}': {_reason(why[-1]) if why else 'not loaded (no reason in the log)'}")
+        raise StageFailed(f"Triton could not load {len(missing)} model(s) from {self.cfg.repository}: "
+                          + "; ".join(reasons) + f" ({self._log_hint()})")
 
     def _log_lines(self) -> list[str]:
         with contextlib.suppress(OSError):

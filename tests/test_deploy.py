@@ -352,6 +352,9 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     (["--gpu", "maybe"], "--gpu 'maybe'; valid: auto, yes, no"),
     (["--model-store", "ftp://host/models"], "use image, pvc, or an object-store URL"),
     (["--credentials-secret", "s3"], "--credentials-secret is for object storage"),
+    (["--queue-target-ms", "inf"], "--queue-target-ms must be > 0 and under an hour, got inf"),
+    (["--queue-target-ms", "0.1"], "--queue-target-ms 0.1 is under 1 ms"),
+    (["--replicas", "99999999999999999999"], "--replicas must be <= 2147483647"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(laid_out, tmp_path, args, message):
     out = tmp_path / "out"
@@ -418,6 +421,57 @@ def test_an_out_with_a_different_deployment_is_refused_and_kept_unless_force(dep
     assert (gpu_config.stat().st_ino, gpu_config.stat().st_mtime_ns) == stamp  # not the repository's unchanged file
     assert deploy(laid_out, DeployConfig(out=str(out), name="other", force=True))["name"] == "other"
     assert _yaml(out / "kubernetes" / "base" / "service.yaml")["metadata"]["name"] == "other"
+
+
+def test_a_rewrite_keeps_the_users_own_files_and_refuses_to_overwrite_one_unless_force(deployed, laid_out, tmp_path):
+    from cnnpack.deploy import DeployConfig, deploy
+
+    out = tmp_path / "out"
+    shutil.copytree(deployed["image"], out)
+    mine = {"kubernetes/overlays/prod/kustomization.yaml": "resources: [../cpu]\n", "NOTES.txt": "mine\n"}
+    for rel, text in mine.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    again = deploy(laid_out, DeployConfig(out=str(out), replicas=3))  # the same deployment, rewritten
+    assert again["kept"] == sorted(mine) and again["overwritten"] == []
+    assert {rel: (out / rel).read_text() for rel in mine} == mine
+    assert _yaml(out / "kubernetes" / "base" / "hpa.yaml")["spec"]["minReplicas"] == 3
+    # a file of the user's own where this deployment now writes one: refused, everything kept; --force replaces it
+    (out / "kubernetes/base/servicemonitor.yaml").unlink(missing_ok=True)
+    marker = json.loads((out / "cnnpack-deploy.json").read_text())
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (out / "kubernetes/base/servicemonitor.yaml").write_text("# mine\n")
+    before[out / "kubernetes/base/servicemonitor.yaml"] = b"# mine\n"
+    assert "kubernetes/base/servicemonitor.yaml" not in marker["files"]
+    with pytest.raises(UserInputError, match=r"did not write where it writes now \(kubernetes/base/servicemonitor"):
+        deploy(laid_out, DeployConfig(out=str(out), service_monitor=True))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    forced = deploy(laid_out, DeployConfig(out=str(out), service_monitor=True, force=True))
+    assert forced["overwritten"] == ["kubernetes/base/servicemonitor.yaml"] and forced["kept"] == sorted(mine)
+    assert _yaml(out / "kubernetes/base/servicemonitor.yaml")["kind"] == "ServiceMonitor"
+
+
+def test_a_deploy_that_cannot_write_its_folder_leaves_the_repository_alone_and_bytecode_is_not_shipped(laid_out,
+                                                                                                       tmp_path):
+    from cnnpack.deploy import DeployConfig, deploy
+
+    repo = Path(json.loads((laid_out / "cnnpack.json").read_text())["stages"]["triton"]["repository"])
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, so no folder can be made under it")
+    with pytest.raises((UserInputError, OSError)):
+        deploy(laid_out, DeployConfig(out=str(blocked / "out"), gpu="auto"))
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before  # no configs/gpu.pbtxt written
+    tag = deploy(laid_out, DeployConfig(out=str(tmp_path / "a")))["content_tag"]
+    model = next(p for p in repo.iterdir() if p.is_dir())
+    cache = model / "1" / "__pycache__" / "model.cpython-311.pyc"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(b"bytecode a local server left")
+    try:
+        assert deploy(laid_out, DeployConfig(out=str(tmp_path / "b")))["content_tag"] == tag
+        assert "**/__pycache__" in (tmp_path / "b" / "image" / "Dockerfile.dockerignore").read_text().splitlines()
+    finally:
+        shutil.rmtree(cache.parent)
 
 
 def test_an_out_inside_the_repository_is_refused(laid_out):

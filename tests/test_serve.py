@@ -230,6 +230,29 @@ def test_model_that_fails_to_load_gives_tritons_error_and_stops(server, tmp_path
     assert_gone(srv.pid)
 
 
+def test_a_config_triton_cannot_parse_is_its_error_not_a_server_ready_without_the_model(server, tmp_path, net):
+    repo = tmp_path / "repo"
+    add_model(repo, "tiny_onnx", net)
+    (repo / "tiny_onnx" / "config.pbtxt").write_text("garbage {{{\n")  # Triton leaves the folder out, then says ready
+    srv = serve.TritonServer(serve.ServeConfig(repository=str(repo), ready_timeout_s=60))
+    with pytest.raises(StageFailed, match=r"could not load 1 model\(s\).*'tiny_onnx': failed to read text proto"):
+        srv.start()
+    assert_gone(srv.pid)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(host="999.1.1.1"), "cannot listen on 999.1.1.1: "),
+    (dict(host="999.1.1.1", http_port=18000), "cannot listen on 999.1.1.1:18000 for http: "),
+    (dict(ready_timeout_s=-5), "--ready-timeout must be a number of seconds > 0, got -5"),
+    (dict(ready_timeout_s=float("nan")), "--ready-timeout must be a number of seconds > 0, got nan"),
+])
+def test_an_address_or_timeout_it_cannot_use_is_refused_before_starting(server, cfg, message):
+    srv = serve.TritonServer(serve.ServeConfig(repository=server.cfg.repository, **cfg))
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        srv.start()
+    assert srv.pid is None
+
+
 def test_cli_serves_until_sigterm(server, tmp_path):
     """`cnnpack serve` prints the URLs and backends, and SIGTERM stops it (and only its server) cleanly."""
     log = tmp_path / "triton.log"

@@ -65,6 +65,10 @@ def _report(r: dict) -> None:
                + (" (replaced the earlier deployment there)" if r.get("replaced") else ""))
     if r.get("removed"):
         typer.echo(f"  removed  {', '.join(r['removed'])} (not part of this deployment)")
+    if r.get("kept"):
+        typer.echo(f"  kept     {', '.join(r['kept'])} (your own: not written by cnnpack)")
+    if r.get("overwritten"):
+        typer.echo(f"  replaced {', '.join(r['overwritten'])} (your own, with --force)")
     build = f"(build: {out / 'README.md'})"
     same = r["repository_image"] == r["image"]  # --model-store image: the served image carries the repository
     typer.echo(f"  image    {r['image']}" + (f" {build}" if same else ""))

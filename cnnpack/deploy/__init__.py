@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cnnpack.errors import UserInputError
 
 GPU_MODES = ("auto", "yes", "no")
+INT32_MAX = 2**31 - 1  # a Kubernetes replica count is an int32
 NAME_MAX = 49  # a DNS label is at most 63 characters; "<name>-fill-<8 hex>", the longest derived name, must fit
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -54,12 +56,15 @@ class DeployConfig:
             check_name(self.name)
         if self.replicas < 1:
             raise UserInputError(f"--replicas must be >= 1 (the HPA's minimum), got {self.replicas}")
+        for flag, n in (("--replicas", self.replicas), ("--max-replicas", self.max_replicas)):
+            if n > INT32_MAX:
+                raise UserInputError(f"{flag} must be <= {INT32_MAX} (a Kubernetes replica count), got {n}")
         if self.max_replicas < self.replicas:
             raise UserInputError(f"--max-replicas {self.max_replicas} is below --replicas {self.replicas}")
         if self.gpu not in GPU_MODES:
             raise UserInputError(f"--gpu {self.gpu!r}; valid: {', '.join(GPU_MODES)}")
-        if self.queue_target_ms is not None and not self.queue_target_ms > 0:
-            raise UserInputError(f"--queue-target-ms must be > 0, got {self.queue_target_ms}")
+        if self.queue_target_ms is not None and not 0 < self.queue_target_ms < 3.6e6:  # nan, inf: refused too
+            raise UserInputError(f"--queue-target-ms must be > 0 and under an hour, got {self.queue_target_ms}")
         s = stores.parse(self.model_store)
         for flag, value in (("--credentials-secret", self.credentials_secret),
                             ("--service-account", self.service_account)):
@@ -117,21 +122,33 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     identity = {"kind": "cnnpack-deploy", "run": str(plan.run), "name": name}
     earlier = output.check_out(out, identity, force=cfg.force)
     gpu_configs = _gpu_configs(plan) if gpu else {}
-    # checks are over: from here on, files are written
-    added = _write_gpu_configs(plan, gpu_configs)
-    spec = _spec(cfg, plan, store, name, ngc_image(plan.repository))
+    spec = _spec(cfg, plan, store, name, ngc_image(plan.repository), gpu_configs)
     files = _files(plan, spec, gpu=gpu, out=out)
+    own = output.own_files(out, earlier)
+    clash = [f for f in own if f in files or f == output.IDENTITY]
+    if clash and not cfg.force:
+        raise UserInputError(f"--out {out} has {len(clash)} file(s) this deployment did not write where it writes now "
+                             f"({', '.join(clash[:3])}); move them, or pass --force to replace them")
+    kept = [f for f in own if f not in clash]
     record = {**identity, "config": asdict(cfg), "image": spec.image, "repository_image": spec.repo_image,
               "ngc_image": spec.ngc_image, "content_tag": spec.tag, "repository": str(plan.repository),
               "models": plan.models, "served_model": plan.served_model, "overlays": ["cpu", *(["gpu"] if gpu else [])],
-              "repository_files_added": added, "args": _args(spec),
+              "repository_files_added": list(gpu_configs), "args": _args(spec),
               "figures": {k: asdict(getattr(plan, k)) for k in ("cpu", "memory_mib", "startup_s", "startup_gpu_s",
                                                                  "queue_target_us")},
               "notes": plan.notes, "out": str(out), "files": sorted([*files, output.IDENTITY]),
-              # what this replaced: an earlier deployment in --out, and its files this one no longer writes
-              "replaced": earlier is not None, "removed": sorted(set(earlier or ()) - {*files, output.IDENTITY})}
+              # what this replaced: an earlier deployment in --out, and its files this one no longer writes;
+              # files of the user's own there are carried over (kept), or replaced with --force (overwritten)
+              "replaced": earlier is not None, "removed": sorted(set(earlier or ()) - {*files, output.IDENTITY}),
+              "kept": kept, "overwritten": clash}
     files[output.IDENTITY] = json.dumps(record, indent=2) + "\n"
-    output.write_tree(out, files)
+    stage = output.stage_tree(out, files, keep=kept)  # the deployment folder, complete, before anything is changed
+    try:
+        _write_gpu_configs(plan, gpu_configs)  # checks are over: from here on, the repository and --out change
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    output.swap_in(stage, out)
     return record
 
 
@@ -165,12 +182,12 @@ def _write_gpu_configs(plan, configs: dict[str, bytes]) -> list[str]:
     return list(configs)
 
 
-def _spec(cfg: DeployConfig, plan, store, name: str, ngc: str):
+def _spec(cfg: DeployConfig, plan, store, name: str, ngc: str, gpu_configs: dict[str, bytes]):
     from cnnpack.deploy.kube import Spec
     from cnnpack.deploy.plan import content_tag
     from cnnpack.deploy.store import has_tag
 
-    tag = content_tag(plan.repository, plan.models)
+    tag = content_tag(plan.repository, plan.models, gpu_configs)  # as the repository will be, gpu configs written
     repo_image = None
     if not store.remote:
         repo_image = cfg.image or f"cnnpack/{name}:{tag}"

@@ -2,7 +2,8 @@
 
 The folder is built beside `--out` and renamed into place; an existing deployment is moved aside
 first and removed only once the new one is in place, so a failure leaves the old files as they were.
-`cnnpack-deploy.json` at its root says which run and name it deploys: a different one is refused
+Files in it that the earlier deployment did not write (an overlay of the user's own, notes) are carried over;
+one where the new deployment writes a file is refused unless `--force`. `cnnpack-deploy.json` at its root says which run and name it deploys: a different one is refused
 unless `--force`.
 """
 
@@ -50,11 +51,26 @@ def check_out(out: Path, identity: dict, *, force: bool) -> list[str] | None:
     return list(old.get("files", []))
 
 
-def write_tree(out: Path, files: dict[str, str | bytes]) -> None:
-    """Writes every file into a fresh folder beside `out`, then swaps it in; the old folder survives a failure."""
+def own_files(out: Path, earlier: list[str] | None) -> list[str]:
+    """Files in --out that the earlier deployment did not write (a user's own overlay, notes): kept on a rewrite."""
+    if not earlier or not out.is_dir():  # nothing to replace, or an unreadable marker replaced with --force
+        return []
+    ours = {*earlier, IDENTITY}
+    return sorted(rel for p in out.rglob("*") if (p.is_file() or p.is_symlink())
+                  and (rel := p.relative_to(out).as_posix()) not in ours)
+
+
+def stage_tree(out: Path, files: dict[str, str | bytes], keep: list[str] = ()) -> Path:
+    """Writes every file, and the kept files of the folder it replaces, into a fresh folder beside `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    with naming(out.parent):
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     try:
+        for rel in keep:
+            path = stage / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with naming(out / rel):
+                shutil.copy2(out / rel, path, follow_symlinks=False)
         for rel, data in files.items():
             path = stage / rel
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,9 +78,23 @@ def write_tree(out: Path, files: dict[str, str | bytes]) -> None:
                 path.write_bytes(data.encode() if isinstance(data, str) else data)
             os.chmod(path, 0o644)
         os.chmod(stage, 0o755)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stage
+
+
+def swap_in(stage: Path, out: Path) -> None:
+    """Puts a staged folder in place of `out`; the old folder survives a failure (and the stage is removed)."""
+    try:
         _swap(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_tree(out: Path, files: dict[str, str | bytes]) -> None:
+    """Writes every file into a fresh folder beside `out`, then swaps it in; the old folder survives a failure."""
+    swap_in(stage_tree(out, files), out)
 
 
 def _swap(stage: Path, out: Path) -> None:

@@ -85,7 +85,8 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     triton = stages["triton"]
     repository = Path(triton["repository"])
     models = shipped(repository, [m for m, _ in classifiers], ensembles=ensembles)
-    size = sum(f.stat().st_size for m in models for f in (repository / m).rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for m in models for f in (repository / m).rglob("*")
+               if f.is_file() and not shipped_cache(f.relative_to(repository)))
     plan = Plan(run=run.path.resolve(), repository=repository, served_model=triton["name"], classifiers=classifiers,
                 models=models, gpu_models=[m for m, fmt in classifiers if fmt in GPU_FORMATS],
                 cpu=Figure(0, ""), memory_mib=Figure(0, ""), startup_s=Figure(0, ""), startup_gpu_s=Figure(0, ""),
@@ -120,13 +121,25 @@ def needs_pillow(models: list[str]) -> bool:
     return any(m.endswith("_preprocess") for m in models)
 
 
-def content_tag(repository: Path, models: list[str]) -> str:
-    """12 hex digits over every shipped file's path and bytes: the same models, the same image tag."""
+def content_tag(repository: Path, models: list[str], extra: dict[str, bytes] | None = None) -> str:
+    """12 hex digits over every shipped file's path and bytes: the same models, the same image tag.
+
+    `extra`: files (by path in the repository) as they are about to be written. Python's bytecode caches
+    (`__pycache__`, written when a server runs a Python model) are not shipped and do not count.
+    """
+    digests = {f.relative_to(repository).as_posix(): sha256(f) for m in models for f in (repository / m).rglob("*")
+               if f.is_file() and not shipped_cache(f.relative_to(repository))}
+    digests.update({rel: hashlib.sha256(data).hexdigest() for rel, data in (extra or {}).items()})
     h = hashlib.sha256()
     for m in models:
-        for f in sorted(p for p in (repository / m).rglob("*") if p.is_file()):
-            h.update(f"{f.relative_to(repository)}\0{sha256(f)}\n".encode())
+        for rel in sorted((r for r in digests if r.split("/")[0] == m), key=Path):
+            h.update(f"{rel}\0{digests[rel]}\n".encode())
     return h.hexdigest()[:12]
+
+
+def shipped_cache(rel: Path) -> bool:
+    """A Python bytecode cache: not part of a model (Triton's Python stub writes it when the model loads)."""
+    return "__pycache__" in rel.parts or rel.suffix == ".pyc"
 
 
 # -- the figures ----------------------------------------------------------------------------------------------
@@ -195,7 +208,11 @@ def queue_target(stages: dict, repository: Path, classifiers: list[tuple[str, st
     delay = max((_queue_delay_us(repository / m) for m, _ in classifiers), default=0)
     floor = max(1000, 2 * delay)  # the dynamic batcher's own wait is queue time too: never scale on it alone
     if override_ms is not None:
-        return Figure(int(override_ms * 1000), f"--queue-target-ms {override_ms:g}")
+        if override_ms * 1000 < floor:
+            raise UserInputError(f"--queue-target-ms {override_ms:g} is under {floor / 1000:g} ms (1 ms, and twice the "
+                                 f"longest dynamic-batcher delay, {delay} us): the HPA would add replicas on the "
+                                 "batcher's own wait")
+        return Figure(int(round(override_ms * 1000)), f"--queue-target-ms {override_ms:g}")
     w = _winner(stages)
     budget = (stages.get("tune") or {}).get("config", {}).get("latency_budget_ms")
     if w and budget:

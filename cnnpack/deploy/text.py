@@ -44,8 +44,9 @@ def _pillow() -> str:
 
 
 def dockerignore(plan) -> str:
-    """Sends only the shipped folders as the build context (BuildKit reads <Dockerfile>.dockerignore)."""
-    return "\n".join(["*", *(f"!{m}" for m in plan.models), ""])
+    """Sends only the shipped folders as the build context (BuildKit reads <Dockerfile>.dockerignore), without the
+    bytecode a local server's Python stub left in them."""
+    return "\n".join(["*", *(f"!{m}" for m in plan.models), "**/__pycache__", "**/*.pyc", ""])
 
 
 def readme(plan, spec, *, gpu: bool, out: Path) -> str:
