@@ -146,6 +146,7 @@ class ServedModel:
     dynamic_batching: bool = False
     max_queue_delay_us: int = 0
     parameters: dict = field(default_factory=dict)
+    instances: int = 1  # model instances across its instance groups
 
     @property
     def takes_images(self) -> bool:
@@ -185,7 +186,8 @@ class ServedModel:
                    num_classes=out_dims[-1] if out_dims else 0, max_batch_size=mbs, static_batch=static,
                    dynamic_batching=dyn is not None,
                    max_queue_delay_us=int((dyn or {}).get("max_queue_delay_microseconds", 0) or 0),
-                   parameters={k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()})
+                   parameters={k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()},
+                   instances=sum(int(g.get("count", 1) or 1) for g in config.get("instance_group", [])) or 1)
 
     def describe(self) -> dict:
         """What a result file records about the served model."""

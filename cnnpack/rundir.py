@@ -130,9 +130,29 @@ def _damage(manifest: dict) -> str | None:
             return f"`model.{key}` is {'missing' if key not in model else 'not ' + named}"
     if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
         return "`stages` is not an object of objects"
-    for fmt, rec in (stages.get("export", {}).get("artifacts") or {}).items():
+    artifacts = stages.get("export", {}).get("artifacts") or {}
+    if not isinstance(artifacts, dict):
+        return "`stages.export.artifacts` is not an object"
+    for fmt, rec in artifacts.items():
         if not (isinstance(rec, dict) and isinstance(rec.get("path"), str) and isinstance(rec.get("sha256"), str)):
             return f"`stages.export.artifacts.{fmt}` lacks its path or sha256"
+        if problem := _artifact_damage(rec):
+            return f"`stages.export.artifacts.{fmt}.{problem}"
+    return None
+
+
+def _artifact_damage(rec: dict) -> str | None:
+    """What an export record's tensors and batch limits lack (every stage that lays out or loads it reads them)."""
+    for key in ("input", "output"):
+        t = rec.get(key)
+        if key not in rec:
+            continue
+        if not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("dtype"), str)
+                and isinstance(t.get("shape"), list) and all(type(d) is int for d in t["shape"])):
+            return f"{key}` is not a tensor (name, dtype, shape of integers)"
+    for key in ("max_batch_size", "static_batch"):
+        if rec.get(key) is not None and type(rec[key]) is not int:
+            return f"{key}` is not an integer"
     return None
 
 
@@ -151,6 +171,9 @@ class Run:
             raise UserInputError(f"no such run directory: {run.path}")
         if not run.path.is_dir():
             raise UserInputError(f"--run {run.path} is a file, not a run directory")
+        if run.manifest_path.is_dir():
+            raise UserInputError(f"{run.manifest_path} is a folder, not a cnnpack manifest; restore the run's "
+                                 f"{MANIFEST} or re-create the run")
         if not run.manifest_path.is_file():
             raise UserInputError(
                 f"{run.path} is not a cnnpack run (no {MANIFEST}); create one with `cnnpack train`"
@@ -193,17 +216,23 @@ class Run:
 
     def read(self) -> dict:
         try:
-            data = json.loads(self.manifest_path.read_text())
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserInputError(f"cannot read manifest {self.manifest_path}: not UTF-8 text (byte {e.start}); "
+                                 "restore it or re-create the run") from None
         except (OSError, json.JSONDecodeError) as e:
             raise UserInputError(f"cannot read manifest {self.manifest_path}: {e}") from None
         if not isinstance(data, dict):
             raise UserInputError(f"{self.manifest_path} holds a JSON {type(data).__name__}, not a cnnpack manifest "
                                  "(an object); restore it or re-create the run")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise UserInputError(
-                f"{self.manifest_path} has schema_version {data.get('schema_version')!r}, "
-                f"this cnnpack reads {SCHEMA_VERSION}"
-            )
+        version = data.get("schema_version")
+        if type(version) is not int:
+            raise UserInputError(f"{self.manifest_path} is damaged: `schema_version` is "
+                                 f"{'missing' if version is None else repr(version) + ', not an integer'} "
+                                 f"(this cnnpack reads {SCHEMA_VERSION}); restore it or re-create the run")
+        if version != SCHEMA_VERSION:
+            raise UserInputError(f"{self.manifest_path} has schema_version {version}, this cnnpack reads "
+                                 f"{SCHEMA_VERSION}")
         if problem := _damage(data):
             raise UserInputError(f"{self.manifest_path} is damaged: {problem}; restore it or re-create the run")
         return data

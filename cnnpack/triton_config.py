@@ -61,10 +61,10 @@ class TritonConfig:
             raise UserInputError(f"--format {self.format!r}; valid: {', '.join(PLATFORMS)}")
         if self.device not in ("cpu", "gpu"):
             raise UserInputError(f"--device {self.device!r}; valid: cpu, gpu")
-        for flag, value, low in (("--instances", self.instances, 1), ("--threads", self.threads, 0),
-                                 ("--max-queue-delay-us", self.max_queue_delay_us, 0)):
-            if value < low:
-                raise UserInputError(f"{flag} must be >= {low}, got {value}")
+        for flag, value, low, high in (("--instances", self.instances, 1, 1024), ("--threads", self.threads, 0, 1024),
+                                       ("--max-queue-delay-us", self.max_queue_delay_us, 0, 60_000_000)):
+            if not low <= value <= high:  # high: far beyond any use (a minute's delay), and what the config holds
+                raise UserInputError(f"{flag} must be >= {low} and <= {high:,}, got {value}")
         if not self.dynamic_batching and self.preferred_batch_sizes:
             raise UserInputError("--preferred-batch-sizes configures the dynamic batcher; drop it or "
                                  "drop --no-dynamic-batching")

@@ -74,8 +74,11 @@ def versions(folder: Path) -> list[int]:
 
 
 def read_sidecar(folder: Path) -> dict | None:
-    with contextlib.suppress(OSError, json.JSONDecodeError):
-        return json.loads((folder / SIDECAR).read_text())
+    """The model folder's cnnpack-model.json, or None where it is missing or not a JSON object with an identity."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: not UTF-8, not JSON
+        side = json.loads((folder / SIDECAR).read_text(encoding="utf-8"))
+        if isinstance(side, dict) and isinstance(side.get("identity", {}), dict):
+            return side
     return None
 
 

@@ -62,8 +62,8 @@ class TuneConfig:
         resolve(self.load_generator)
         if self.bf16 not in ("auto", "yes", "no"):
             raise UserInputError(f"--bf16 {self.bf16!r}; valid: auto, yes, no")
-        if not self.latency_budget_ms > 0:
-            raise UserInputError(f"--latency-budget-ms must be > 0, got {self.latency_budget_ms}")
+        if not 0 < self.latency_budget_ms < 3.6e6:  # nan and inf too: the budget is written to JSON and compared
+            raise UserInputError(f"--latency-budget-ms must be > 0 and under an hour, got {self.latency_budget_ms}")
         if self.objective not in OBJECTIVES:
             raise UserInputError(f"--objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
         for flag, values in (("--concurrency", self.concurrency), ("--instances", self.instances),
@@ -213,11 +213,23 @@ def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfi
         after = client.settled_statistics(s.model)
     row = {**asdict(s), "label": s.label, "precision": s.precision, "concurrency": concurrency, **figures,
            "load_generator": describe(generator), **server_side(before, after)}
+    if s.default:  # its config.pbtxt's own settings, as the server loaded them
+        row.update(instances=model.instances, threads=_threads_of(model, s.format),
+                   dynamic_batching=model.dynamic_batching, queue_delay_us=model.max_queue_delay_us)
     if s.bf16 and not _native_bf16():  # --bf16 yes: OpenVINO took the hint and computed f32
         row["computed"] = "fp32"
     ips = row["window_throughput_ips"]
     row["noise"] = max(ips) / min(ips) - 1 if ips and min(ips) > 0 else None
     return row
+
+
+def _threads_of(model, fmt: str) -> int:
+    """The CPU threads per instance a served config sets (0: the runtime's default)."""
+    from cnnpack.triton_config import OPENVINO_THREADS, THREAD_KEYS
+
+    key = THREAD_KEYS.get(fmt, (OPENVINO_THREADS,))[0]
+    value = str(model.parameters.get(key, "")).strip()
+    return int(value) if value.isdigit() else 0
 
 
 def check_served(run: Run, url: str, s: Setting, cfg: TuneConfig) -> None:
@@ -327,9 +339,10 @@ def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None
     log = run.file("tune/server.log")
     points, info = sweep(run, cfg, settings, repository, progress, log)
     if coarse and info.get("server_alive") and points:  # refine: every delay for the best coarse setting
-        best = choose(points, cfg) or max(points, key=lambda p: p["throughput_ips"])
-        refine = [replace(s, queue_delay_us=d) for s in settings if s.label == best["label"] and s.dynamic_batching
-                  for d in cfg.queue_delays_us if d != s.queue_delay_us]
+        tried = [p for p in points if not p["default"]]  # a default is its config.pbtxt: no delay of ours to vary
+        best = tried and (choose(tried, cfg) or max(tried, key=lambda p: p["throughput_ips"]))
+        refine = [replace(s, queue_delay_us=d) for s in settings if best and s.label == best["label"]
+                  and s.dynamic_batching for d in cfg.queue_delays_us if d != s.queue_delay_us]
         if refine:
             more, info2 = sweep(run, cfg, refine, repository, progress, run.file("tune/server-refine.log"))
             points += more

@@ -30,6 +30,11 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["cnnpack.json"]
 
 
+_ART = {"path": "export/model.onnx", "sha256": "0" * 64, "max_batch_size": 64,
+        "input": {"name": "input", "dtype": "float32", "shape": [-1, 3, 32, 32]},
+        "output": {"name": "logits", "dtype": "float32", "shape": [-1, 2]}}
+
+
 @pytest.mark.parametrize(("edit", "says"), [
     (lambda m: m.update(stages=[]), "`stages` is not an object of objects"),
     (lambda m: m.update(model="x"), "`model` is not an object"),
@@ -37,6 +42,14 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     (lambda m: m["model"].update(image_size="64"), "`model.image_size` is not an integer"),
     (lambda m: m["stages"].update(export={"artifacts": {"onnx": {"sha256": "0"}}}),
      "`stages.export.artifacts.onnx` lacks its path or sha256"),
+    (lambda m: m["stages"].update(export={"artifacts": "x"}), "`stages.export.artifacts` is not an object"),
+    (lambda m: m["stages"].update(export={"artifacts": {"onnx": {**_ART, "max_batch_size": "big"}}}),
+     "`stages.export.artifacts.onnx.max_batch_size` is not an integer"),
+    (lambda m: m["stages"].update(export={"artifacts": {"onnx": {**_ART, "input": None}}}),
+     "`stages.export.artifacts.onnx.input` is not a tensor (name, dtype, shape of integers)"),
+    (lambda m: m["stages"].update(export={"artifacts": {"onnx": {**_ART, "output": {**_ART["output"], "shape": ["N"]}}}}),
+     "`stages.export.artifacts.onnx.output` is not a tensor (name, dtype, shape of integers)"),
+    (lambda m: m.update(schema_version="1"), "`schema_version` is '1', not an integer (this cnnpack reads 1)"),
 ])
 def test_a_damaged_manifest_is_one_error_naming_the_damage(tmp_path, edit, says):
     import json
@@ -50,3 +63,17 @@ def test_a_damaged_manifest_is_one_error_naming_the_damage(tmp_path, edit, says)
     run.manifest_path.write_text(json.dumps(m))
     with pytest.raises(UserInputError, match=f"cnnpack.json is damaged: {re.escape(says)}; restore it"):
         Run.open(run.path).read()
+
+
+@pytest.mark.parametrize(("make", "says"), [
+    (lambda p: p.write_bytes(b"\xff\xfe{}"), "cannot read manifest .*cnnpack.json: not UTF-8 text \\(byte 0\\)"),
+    (lambda p: p.mkdir(), "cnnpack.json is a folder, not a cnnpack manifest"),
+])
+def test_a_manifest_that_is_not_text_or_not_a_file_is_one_error(tmp_path, make, says):
+    from cnnpack.errors import UserInputError
+    from cnnpack.rundir import Run
+
+    (tmp_path / "run").mkdir()
+    make(tmp_path / "run" / "cnnpack.json")
+    with pytest.raises(UserInputError, match=says):
+        Run.open(tmp_path / "run")

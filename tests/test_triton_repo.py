@@ -215,6 +215,10 @@ def test_name_taken_by_another_model_needs_force(run, tmp_path):
     (repo / "handmade/config.pbtxt").write_text('name: "handmade"')
     r = _cli("--run", str(run), "--repository", str(repo), "--name", "handmade")
     assert r.exit_code == 2 and "not made by cnnpack" in r.stderr
+    for sidecar in (b"\xff", b"[]"):  # not UTF-8, not an object: not made by cnnpack either
+        (repo / "handmade/cnnpack-model.json").write_bytes(sidecar)
+        r = _cli("--run", str(run), "--repository", str(repo), "--name", "handmade")
+        assert r.exit_code == 2 and "not made by cnnpack (no readable cnnpack-model.json)" in r.stderr, r.stderr
     r = _cli("--run", str(run), "--repository", str(repo), "--name", "m", "--format", "torchscript", "--force")
     assert r.exit_code == 0, r.stderr
     assert sorted(p.name for p in (repo / "m").iterdir()) == ["2", "cnnpack-model.json", "config.pbtxt", "labels.txt"]
@@ -236,6 +240,9 @@ def test_manifest_and_graph_must_agree(run, tmp_path):
     (["--format", "torchscript", "--device", "gpu", "--tensorrt"], "--format onnx"),
     (["--device", "gpu", "--threads", "2"], "--device cpu"),
     (["--format", "tflite"], "valid: onnx, onnx_int8, pt2, torchscript"),
+    (["--instances", "99999999999999999999"], "--instances must be >= 1 and <= 1,024"),
+    (["--max-queue-delay-us", "99999999999999999999"], "--max-queue-delay-us must be >= 0 and <= 60,000,000"),
+    (["--no-dynamic-batching", "--max-queue-delay-us", "500"], "--max-queue-delay-us configures the dynamic batcher"),
 ])
 def test_bad_options_refused(run, tmp_path, args, msg):
     r = _cli("--run", str(run), "--repository", str(tmp_path / "repo"), *args)

@@ -57,7 +57,9 @@ def test_a_sweep_measures_every_point_on_one_server_and_writes_the_winner(laid_o
     labels = [p["label"] for p in section["points"]]
     assert labels == ["cnn_onnx (its config.pbtxt)", "cnn_onnx x1 1t no batching", "cnn_onnx x1 1t batching 500 us"]
     assert section["sweep"]["server_starts"] == 1 and section["sweep"]["search"] == "grid"  # no restart
-    no_batching = section["points"][1]
+    default, no_batching = section["points"][0], section["points"][1]
+    # the default point records its config.pbtxt's own settings (triton's defaults: 100 us, 1 thread), not ours
+    assert (default["queue_delay_us"], default["threads"], default["instances"]) == (100, 1, 1)
     assert no_batching["server_batch_mean"] == 1 and all(p["server_failures"] == 0 for p in section["points"])
     for p in section["points"]:
         assert 0 < p["latency_ms_p50"] <= p["latency_ms_p99"] and p["throughput_ips"] > 0

@@ -23,6 +23,7 @@ def _sizes(text: Optional[str]) -> tuple[int, ...]:
 @app.command()
 @handles_errors
 def triton(
+    ctx: typer.Context,
     run: Path = typer.Option(..., help="Run directory with an export stage."),
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to create or extend."),
     name: Optional[str] = typer.Option(None, help="Model name, the folder in the repository (default: <arch>_<format>)."),
@@ -49,8 +50,13 @@ def triton(
 
     Example: cnnpack triton --run runs/demo --ensemble --warmup
     """
+    from cnnpack.errors import UserInputError
     from cnnpack.triton_repo import TritonConfig, build
 
+    given = ctx.get_parameter_source("max_queue_delay_us")
+    if not dynamic_batching and getattr(given, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP"):
+        raise UserInputError("--max-queue-delay-us configures the dynamic batcher; drop it or drop "
+                             "--no-dynamic-batching")
     cfg = TritonConfig(repository=str(repository), name=name, format=format, device=device, instances=instances,
                        max_batch_size=max_batch_size, preferred_batch_sizes=_sizes(preferred_batch_sizes),
                        max_queue_delay_us=max_queue_delay_us, dynamic_batching=dynamic_batching, threads=threads, tensorrt=tensorrt,
