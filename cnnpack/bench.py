@@ -82,6 +82,7 @@ NOTES = {
 class BenchConfig:
     runtimes: tuple[str, ...] | None = None  # None: every local runtime whose artifact the run has (`default_targets`)
     batch_sizes: tuple[int, ...] = (1, 8, 32)
+    fit_batch_sizes: bool = False  # the sizes are defaults, not asked for: each artifact takes those it accepts
     threads: int | None = None  # None: torch's default (the physical cores)
     max_seconds: float = 10.0  # measurement time limit per runtime x batch size (warm-up not counted)
     device: str = "cpu"
@@ -103,7 +104,7 @@ class BenchConfig:
             raise UserInputError(f"--batch-sizes must be integers >= 1, got {list(self.batch_sizes)}")
         if self.threads is not None and self.threads < 1:
             raise UserInputError(f"--threads must be >= 1, got {self.threads}")
-        if self.max_seconds <= 0:
+        if not 0 < self.max_seconds < float("inf"):  # nan too
             raise UserInputError(f"--max-seconds must be > 0, got {self.max_seconds}")
         if not 0 < self.stability < 1:
             raise UserInputError(f"stability must be a fraction in (0, 1), got {self.stability}")
@@ -236,6 +237,14 @@ def targets(run: Run, cfg: BenchConfig) -> list[tuple[str, object]]:
     return pairs
 
 
+def fitted_batch_sizes(ref, batch_sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """Default batch sizes within what the artifact takes: its static batch alone, or each size up to its max."""
+    if static := ref.record.get("static_batch"):
+        return (static,)
+    cap = ref.max_batch_size
+    return tuple(sorted({min(b, cap) if cap else b for b in batch_sizes}))
+
+
 def check_batch_sizes(ref, name: str, batch_sizes: tuple[int, ...]) -> None:
     """Refuses a batch size the artifact cannot take (beyond its max, or not its static batch)."""
     static = ref.record.get("static_batch")
@@ -315,12 +324,12 @@ def row_precision(name: str, ref) -> str:
     return getattr(RUNTIMES.get(name), "precision", None) or precision_of(ref.record)
 
 
-def bench_runtime(ctx: BenchContext, name: str, ref) -> None:
+def bench_runtime(ctx: BenchContext, name: str, ref, sizes: tuple[int, ...]) -> None:
     """Loads one runtime and measures it at every batch size; an unusable one is recorded as skipped."""
     from cnnpack.runtimes import RUNTIMES
 
     cfg, spec = ctx.cfg, ctx.run.model_spec
-    inputs = {b: input_batch(spec, b) for b in cfg.batch_sizes}
+    inputs = {b: input_batch(spec, b) for b in sizes}
     release_memory()
     base_kb = status_kb("VmRSS")
     ctx.progress(f"{name} load")  # its own phase: loading (a session, a compile) is not the matmul sample before it
@@ -332,7 +341,7 @@ def bench_runtime(ctx: BenchContext, name: str, ref) -> None:
         return
     load_s = time.perf_counter() - t0
     before, rows = ctx.matmul[-1]["gflops"], []
-    for i, b in enumerate(cfg.batch_sizes):
+    for i, b in enumerate(sizes):
         ctx.progress(f"{name} batch {b}")
         can_reset, ticks = reset_peak_rss(), cpu_ticks()
         # the runtime's threads, arenas and caches warm up once; a later batch size needs only its first requests
@@ -385,8 +394,9 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
                              "`cnnpack bench --run RUN --triton-url HOST:PORT --model NAME`")
     run = Run.open(run_dir)
     pairs = targets(run, cfg)
-    for name, ref in pairs:
-        check_batch_sizes(ref, name, cfg.batch_sizes)
+    sizes = [fitted_batch_sizes(ref, cfg.batch_sizes) if cfg.fit_batch_sizes else cfg.batch_sizes for _, ref in pairs]
+    for (name, ref), wanted in zip(pairs, sizes):
+        check_batch_sizes(ref, name, wanted)
     device = resolve_device(cfg.device)
     cfg = BenchConfig(**{**asdict(cfg), "threads": cfg.threads or torch.get_num_threads()})
     host = machine()
@@ -397,12 +407,12 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         ctx.ceilings = _ceilings(ctx, {row_precision(name, ref) for name, ref in pairs})
         ctx.sample_matmul()
         with exact_fp32(device.type):  # on a GPU fp32 rows compute fp32, as verify proved them (TF32 off)
-            for name, ref in pairs:
-                bench_runtime(ctx, name, ref)
+            for (name, ref), wanted in zip(pairs, sizes):
+                bench_runtime(ctx, name, ref, wanted)
         ctx.settle()
         remeasure_beaten_ceilings(ctx)
     if not ctx.results:
-        raise RuntimeUnavailable("no runtime could run here: " + "; ".join(ctx.skipped.values()))
+        raise RuntimeUnavailable("no runtime could run here: " + "; ".join(dict.fromkeys(ctx.skipped.values())))
     host["load_avg_1_5_15_end"] = load_avg()
     section = make_section(ctx, host, [ref for _, ref in pairs])
     old = previous_section(run)  # rows of served models (bench --triton-url) stay; local rows are measured together

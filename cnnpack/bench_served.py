@@ -144,7 +144,8 @@ def _merge_served(old: dict, new: dict, rt, served: ServedConfig) -> dict:
     rows += new["results"]
     speedups(rows)
     merged = {**old, "results": rows, "machine_peak_gflops": max(old["machine_peak_gflops"], new["machine_peak_gflops"]),
-              "served": seen, "notes": NOTES}
+              "served": seen, "notes": NOTES,
+              "replaced": []}  # what the earlier local bench replaced is not this bench's doing (its rows stay)
     if new["ceilings"]:  # held to the run's ceilings, which a matmul sample of this bench may have raised: every row
         hold_to_ceilings(rows, new["ceilings"])  # of the section is held to the same ones
         merged.update(ceilings=new["ceilings"], over_ceiling=over_ceiling(rows))

@@ -82,7 +82,7 @@ def read_encoded(paths: list[Path]) -> tuple[list[Path], np.ndarray, list[dict]]
     for p in paths:
         try:
             data = Path(p).read_bytes()
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data)) as img:  # (PIL names the BytesIO in its error: the file is named below)
                 img.load()
             ok.append(p)
             blobs.append(data)
@@ -94,9 +94,12 @@ def read_encoded(paths: list[Path]) -> tuple[list[Path], np.ndarray, list[dict]]
 
 
 def _why(e: BaseException) -> str:
+    import re
+
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    return str(e).split("\n")[0] or type(e).__name__
+    text = str(e).split("\n")[0] or type(e).__name__
+    return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text)  # the file is named by the caller
 
 
 def expand_folders(paths: list[str | Path]) -> list[Path]:

@@ -351,8 +351,8 @@ def refusal(section: dict, cfg: QuantizeConfig, stage: str, manifest: Path) -> s
     return (f"no int8 model within --max-drop {cfg.max_drop:g} pt and --min-agreement {100 * cfg.min_agreement:g}%: "
             f"{why_refused(section, cfg)} (the best int8 attempt{seen}: drop {g['drop_pt']:.2f} pt, top-1 "
             f"{100 * g['int8_accuracy']:.2f}% vs fp32 {100 * g['fp32_accuracy_on_those']:.2f}%, "
-            f"{100 * g['top1_agreement_vs_fp32']:.2f}% agreement, {len(section['kept_float'])} node(s) in float, "
-            f"after {g['steps']} fallback step(s); details: stages.{stage} in {manifest})")
+            f"{100 * g['top1_agreement_vs_fp32']:.2f}% agreement with {len(section['kept_float'])} node(s) in float; "
+            f"{g['steps']} fallback step(s) tried; details: stages.{stage} in {manifest})")
 
 
 def section(cfg: QuantizeConfig, ref_record: dict, ref_format: str, data: QuantData, ref_logits: np.ndarray,

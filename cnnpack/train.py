@@ -75,7 +75,7 @@ class TrainConfig:
             raise UserInputError(f"--patience must be >= 1 (epochs without a val-accuracy gain), got {self.patience}")
         if not 0 <= self.label_smoothing < 1:
             raise UserInputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.lr is not None and self.lr < 0:
+        if self.lr is not None and not 0 <= self.lr < float("inf"):  # nan too
             raise UserInputError(f"--lr must be >= 0, got {self.lr}")
         if not self.weight_decay >= 0:  # (also refuses NaN)
             raise UserInputError(f"--weight-decay must be >= 0, got {self.weight_decay}")

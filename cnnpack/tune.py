@@ -72,7 +72,7 @@ class TuneConfig:
                 raise UserInputError(f"{flag} must be integers >= 1, got {list(values)}")
         if self.queue_delays_us and min(self.queue_delays_us) < 0:
             raise UserInputError(f"--queue-delays-us must be >= 0, got {list(self.queue_delays_us)}")
-        if self.max_seconds <= 0 or self.time_limit_s <= 0:
+        if not (0 < self.max_seconds < float("inf") and 0 < self.time_limit_s < float("inf")):  # nan too
             raise UserInputError("--max-seconds and --time-limit must be > 0")
         cores = usable_cores()
         if not self.oversubscribe and min(self.instances) * min(self.threads) > cores:

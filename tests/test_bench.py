@@ -278,6 +278,33 @@ def test_default_runtimes_bench_what_the_run_has(onnx_only):
     assert again["replaced"] == ["onnxruntime@1"]  # the earlier run's row is gone, and said so
 
 
+def test_default_batch_sizes_fit_each_export_and_asked_ones_are_held_to_it(onnx_only):
+    from types import SimpleNamespace
+
+    from cnnpack.bench import fitted_batch_sizes
+
+    capped = SimpleNamespace(record={"static_batch": None}, max_batch_size=8)
+    assert fitted_batch_sizes(capped, (1, 8, 32)) == (1, 8)
+    assert fitted_batch_sizes(SimpleNamespace(record={"static_batch": 4}, max_batch_size=4), (1, 8, 32)) == (4,)
+    assert fitted_batch_sizes(SimpleNamespace(record={}, max_batch_size=None), (1, 8, 32)) == (1, 8, 32)
+    fast = dict(threads=1, max_seconds=0.2, warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False)
+    section = bench(onnx_only, BenchConfig(runtimes=("onnxruntime",), batch_sizes=(1, 32), fit_batch_sizes=True, **fast))
+    assert [r["batch_size"] for r in section["results"] if r["runtime"] == "onnxruntime"] == [1, 8]
+    with pytest.raises(UserInputError, match="batch size 32 exceeds the max batch size 8"):
+        bench(onnx_only, BenchConfig(runtimes=("onnxruntime",), batch_sizes=(1, 32), **fast))
+
+
+def test_lists_drop_repeats_and_no_number_option_takes_nan_or_inf():
+    from typer.testing import CliRunner
+
+    from cnnpack.cli import app, int_list, name_list
+
+    assert int_list("1,1,8", "--batch-sizes") == (1, 8) and name_list("onnx, onnx,torchscript") == ("onnx", "torchscript")
+    for args in (["bench", "--run", "x", "--max-seconds", "nan"], ["tune", "--run", "x", "--time-limit", "inf"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and "must be a finite number, got" in r.output, r.output
+
+
 def test_a_runtime_named_without_its_artifact_is_one_line_and_exit_2(onnx_only):
     bad = subprocess.run([sys.executable, "-m", "cnnpack", "bench", "--run", str(onnx_only), "--runtimes",
                           "onnxruntime,torchscript", "--max-seconds", "0.1"], capture_output=True, text=True)

@@ -97,6 +97,7 @@ def handles_errors(fn):
         from cnnpack.errors import CnnpackError
 
         try:
+            _refuse_non_finite(kwargs)
             return fn(*args, **kwargs)
         except CnnpackError as e:
             if STATE["debug"]:
@@ -113,6 +114,18 @@ def handles_errors(fn):
             raise typer.Exit(2 if e.errno in _PATH_ERRNOS else 1) from None
 
     return wrapper
+
+
+def _refuse_non_finite(options: dict) -> None:
+    """nan and inf parse as floats but are no option's value: every number cnnpack takes is finite (a limit, a
+    tolerance, a budget), and a non-finite one would pass `> 0` checks (nan) and be written as invalid JSON."""
+    import math
+
+    from cnnpack.errors import UserInputError
+
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserInputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
 # the path given cannot be used (bad input, exit 2); others (a full disk, an I/O error) are failures (exit 1)
@@ -160,14 +173,19 @@ def usage_error(msg: str) -> typer.Exit:
 
 
 def int_list(text: str, flag: str) -> tuple[int, ...]:
-    """`1,8,32` -> (1, 8, 32); anything else (an empty list too) is a usage error naming `flag`."""
+    """`1,8,32` -> (1, 8, 32), a repeat dropped; anything else (an empty list too) is a usage error naming `flag`."""
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(dict.fromkeys(int(v) for v in text.split(",") if v.strip()))
     except ValueError:
         raise usage_error(f"{flag} takes comma-separated integers, got {text!r}") from None
     if not values:
         raise usage_error(f"{flag} is empty; give comma-separated integers")
     return values
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """`onnx, torchscript,onnx` -> ("onnx", "torchscript"): stripped, empty items and repeats dropped (in order)."""
+    return tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
 
 
 def served_options(triton_url: str | None, **given: tuple[object, object]) -> None:

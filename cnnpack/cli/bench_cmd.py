@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors, int_list, served_options, usage_error
+from cnnpack.cli import app, emit, handles_errors, int_list, name_list, served_options, usage_error
 
 
 @app.command()
@@ -16,7 +16,7 @@ def bench(
     run: Path = typer.Option(..., help="Run directory with exports (cnnpack export)."),
     runtimes: Optional[str] = typer.Option(None, help="Comma list of runtimes (default: every runtime whose artifact "
                                                       "the run has; the others are listed as skipped)."),
-    batch_sizes: Optional[str] = typer.Option(None, help="Comma list of batch sizes (default 1,8,32; served: 1)."),
+    batch_sizes: Optional[str] = typer.Option(None, help="Comma list of batch sizes (default 1,8,32, each within what the export takes; served: 1)."),
     threads: Optional[int] = typer.Option(None, help="Threads for every runtime (default: physical cores)."),
     max_seconds: float = typer.Option(10.0, help="Measurement time limit per runtime and batch size."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
@@ -47,12 +47,13 @@ def bench(
 
     served_options(triton_url, model=(model, None), protocol=(protocol, "http"), concurrency=(concurrency, "1,4,16"),
                    timeout=(timeout, 30.0), load_generator=(load_generator, "auto"))
-    names = tuple(n.strip() for n in runtimes.split(",") if n.strip()) if runtimes is not None else None
+    names = name_list(runtimes) if runtimes is not None else None
     sizes = int_list(batch_sizes, "--batch-sizes") if batch_sizes is not None else ((1,) if triton_url else (1, 8, 32))
-    arts = tuple(a.strip() for a in artifacts.split(",") if a.strip()) if artifacts is not None else None
+    arts = name_list(artifacts) if artifacts is not None else None
     if arts == ():
         raise usage_error("--artifacts is empty; name at least one format (or leave the option out)")
-    cfg = BenchConfig(runtimes=names, batch_sizes=sizes, threads=threads, max_seconds=max_seconds, device=device,
+    cfg = BenchConfig(runtimes=names, batch_sizes=sizes, fit_batch_sizes=batch_sizes is None, threads=threads,
+                      max_seconds=max_seconds, device=device,
                       plot=plot, artifacts=arts)
     cfg.validate()
     with _status(progress and not as_json) as say:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, default_run_dir, emit, handles_errors, usage_error
+from cnnpack.cli import app, default_run_dir, emit, handles_errors, name_list, usage_error
 
 
 @app.command()
@@ -50,7 +50,7 @@ def export(
     # all: openvino when the extra is installed, pt2 when a C++ compiler is there (said below when it is not)
     usable = {"openvino": available(), "pt2": compiler_available()}
     every = [f for f in EXPORTERS.names() if usable.get(f, (True, ""))[0]]
-    formats = tuple(every) if format == "all" else tuple(f.strip() for f in format.split(",") if f.strip())
+    formats = tuple(every) if format == "all" else name_list(format)
     unknown = [f for f in formats if f not in EXPORTERS] if formats else [format]
     if unknown:
         raise usage_error(f"--format {unknown[0]!r}; valid: {', '.join(EXPORTERS.names())}, all (or a comma list)")

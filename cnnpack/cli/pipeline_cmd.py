@@ -7,12 +7,12 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors, int_list
+from cnnpack.cli import app, emit, handles_errors, int_list, name_list
 from cnnpack.errors import shell
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+    return name_list(text)
 
 
 @app.command()
@@ -39,7 +39,7 @@ def pipeline(
     verify_min_agreement: float = typer.Option(0.999, help="Verify: least top-1 agreement with eager on the "
                                                            "validation split (bf16/fp16: their contract's, where lower)."),
     runtimes: str = typer.Option("eager,compiled,torchscript,onnxruntime", help="Runtimes to benchmark."),
-    batch_sizes: str = typer.Option("1,32", help="Benchmark batch sizes."),
+    batch_sizes: Optional[str] = typer.Option(None, help="Benchmark batch sizes (default 1,32, within --max-batch-size)."),
     max_seconds: float = typer.Option(4.0, help="Benchmark time limit per runtime and batch size."),
     threads: Optional[int] = typer.Option(None, help="Threads for every benchmarked runtime (default: all cores)."),
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to lay out."),
@@ -72,11 +72,13 @@ def pipeline(
     from cnnpack.pipeline import PipelineConfig
     from cnnpack.pipeline import pipeline as do_pipeline
 
+    sizes = (int_list(batch_sizes, "--batch-sizes") if batch_sizes is not None
+             else tuple(sorted({min(b, max(max_batch_size, 1)) for b in (1, 32)})))  # the defaults, within the export
     cfg = PipelineConfig(data=data, arch=arch, image_size=image_size, epochs=epochs, batch_size=batch_size, seed=seed,
                          device=device, data_root=data_root, formats=_names(formats), max_batch_size=max_batch_size,
                          int8=int8, calibration_images=calibration_images, max_drop=max_drop,
                          min_agreement=min_agreement, verify_min_agreement=verify_min_agreement,
-                         bench_runtimes=_names(runtimes), bench_batch_sizes=int_list(batch_sizes, "--batch-sizes"),
+                         bench_runtimes=_names(runtimes), bench_batch_sizes=sizes,
                          bench_max_seconds=max_seconds, threads=threads, repository=str(repository), serve=serve, openvino=openvino, pt2=pt2,
                          tune_budget_ms=tune_budget_ms,
                          concurrency=int_list(concurrency, "--concurrency"), infer_images=infer_images)

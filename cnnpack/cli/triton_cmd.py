@@ -15,7 +15,7 @@ def _sizes(text: Optional[str]) -> tuple[int, ...]:
     if not text:
         return ()
     try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
+        return tuple(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
     except ValueError:
         raise usage_error(f"--preferred-batch-sizes {text!r}: expected comma-separated integers, e.g. 4,8") from None
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors, int_list
+from cnnpack.cli import app, emit, handles_errors, int_list, name_list
 
 
 @app.command()
@@ -52,7 +52,7 @@ def tune(
     cfg = TuneConfig(latency_budget_ms=latency_budget_ms, objective=objective,
                      concurrency=int_list(concurrency, "--concurrency"), instances=int_list(instances, "--instances"),
                      threads=int_list(threads, "--threads"), queue_delays_us=int_list(queue_delays_us, "--queue-delays-us"),
-                     models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else None,
+                     models=name_list(models) if models else None,
                      max_seconds=max_seconds, time_limit_s=time_limit, oversubscribe=oversubscribe,
                      load_generator=load_generator, bf16=bf16)
     cfg.validate()

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors, int_list, served_options, usage_error
+from cnnpack.cli import app, emit, handles_errors, int_list, name_list, served_options, usage_error
 
 
 @app.command()
@@ -46,7 +46,7 @@ def verify(
     from cnnpack.verify import VerifyConfig, VerifyFailed, served_target
     from cnnpack.verify import verify as do_verify
 
-    fmts = tuple(f.strip() for f in formats.split(",") if f.strip()) if formats is not None else None
+    fmts = name_list(formats) if formats is not None else None
     if fmts == ():
         raise usage_error("--formats is empty; name at least one format (onnx, torchscript)")
     cfg = VerifyConfig(formats=fmts, batch_sizes=int_list(batch_sizes, "--batch-sizes") if batch_sizes is not None else None,
