@@ -6,25 +6,15 @@ code) and rendered twice: Markdown with image links, HTML with the images inline
 
 from __future__ import annotations
 
-import base64
-import html
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from cnnpack.client import PROTOCOL_NAMES
 from cnnpack.errors import count, shell
+from cnnpack.report_render import Block, to_html, to_markdown
 from cnnpack.rundir import Run, atomic_write_text
 from cnnpack.triton_dist import docker_line
-
-
-@dataclass
-class Block:
-    kind: str  # h2 | p | table | img | code
-    text: str = ""
-    rows: list[list[str]] | None = None  # first row is the header
-    path: str = ""  # img: relative to the run directory
 
 
 # -- content --------------------------------------------------------------------------------
@@ -382,7 +372,7 @@ def build(run: Run) -> list[Block]:
                        f"onnxruntime {m['libraries'].get('onnxruntime-gpu') or m['libraries'].get('onnxruntime')} · "
                        f"{m['machine']['platform']}, {m['machine']['cpu_count']} CPUs")]
     return (head + _data_and_training(m) + _export(m, run) + _verify(m, run) + _bench(m, run) + _precision(m, run)
-            + _triton(m, run) + _served(m) + _tune(m, run))
+            + _triton(m, run) + _served(m) + _tune(m, run) + _deploy(m, run))
 
 
 def _tune(m: dict, run: Run) -> list[Block]:
@@ -406,6 +396,32 @@ def _tune(m: dict, run: Run) -> list[Block]:
             Block("p", _tuned_state(m["stages"], w, run))]
 
 
+def _deploy(m: dict, run: Run) -> list[Block]:
+    """Where `cnnpack deploy` wrote the cluster's files, what the pods are sized to, and whether it is stale."""
+    d = m.get("stages", {}).get("deploy")
+    if not d or d.get("status") != "ok":
+        return []
+    from cnnpack.deploy.plan import content_tag
+
+    f = {k: v["value"] for k, v in d["figures"].items()}
+    store = {"image": "the repository image", "pvc": "a volume filled from the repository image"}.get(
+        d["model_store"], f"object storage ({d['model_store']})")
+    text = (f"`{d['out']}`: `{d['name']}` serves {', '.join(f'`{x}`' for x in d['models'])} from {store}, image "
+            f"`{d['image']}`, overlays {', '.join(d['overlays'])}. Each pod requests {f['cpu']} CPU and "
+            f"{f['memory_mib']} MiB; its startup probe allows {f['startup_s']} s; the HPA adds replicas above "
+            f"{f['queue_target_us'] / 1000:g} ms of queue time per request. Its README.md has the commands that build "
+            "and apply it.")
+    repo = Path(d["repository"])
+    try:
+        now = content_tag(repo, d["models"]) if all((repo / x).is_dir() for x in d["models"]) else None
+    except OSError:
+        now = None
+    if now != d["content_tag"]:
+        text += (f" **The repository changed since** (its models no longer match content tag {d['content_tag']}): "
+                 f"`cnnpack deploy --run {shell(run.path)}` writes it again.")
+    return [Block("h2", "Deployment (Kubernetes)"), Block("p", text)]
+
+
 def _tuned_state(stages: dict, winner: dict, run: Run) -> str:
     """Whether the winner's config.pbtxt is what the repository serves now, and how to change that."""
     from cnnpack.triton_config import tuned_in_place
@@ -420,65 +436,12 @@ def _tuned_state(stages: dict, winner: dict, run: Run) -> str:
     return "No config.pbtxt was changed: the served config is as good as the tuned one."
 
 
-# -- rendering --------------------------------------------------------------------------------
-def to_markdown(title: str, blocks: list[Block]) -> str:
-    out = [f"# {title}", ""]
-    for b in blocks:
-        if b.kind == "h2":
-            out += [f"## {b.text}", ""]
-        elif b.kind == "p":
-            out += [b.text, ""]
-        elif b.kind == "code":
-            out += ["```", b.text, "```", ""]
-        elif b.kind == "img":
-            out += [f"![{b.text}]({b.path})", ""]
-        elif b.kind == "table":
-            head, *rows = b.rows
-            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            out += ["| " + " | ".join(r) + " |" for r in rows] + [""]
-    return "\n".join(out)
-
-
-def _inline(text: str) -> str:
-    """Escapes text and renders the two Markdown marks the report uses: `code` and **bold**."""
-    import re
-
-    s = html.escape(text)
-    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
-
-
-def to_html(title: str, blocks: list[Block], run: Run) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:0.92em}"
-             "td:first-child,th:first-child{text-align:left}pre{background:#f4f4f4;padding:1em;overflow-x:auto}"
-             ".wide{overflow-x:auto}"  # a table wider than the page scrolls inside it, not past its right edge
-             "img{max-width:100%}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
-    for b in blocks:
-        if b.kind == "h2":
-            parts.append(f"<h2>{html.escape(b.text)}</h2>")
-        elif b.kind == "p":
-            parts.append(f"<p>{_inline(b.text)}</p>")
-        elif b.kind == "code":
-            parts.append(f"<pre>{html.escape(b.text)}</pre>")
-        elif b.kind == "img":
-            data = base64.b64encode(run.file(b.path).read_bytes()).decode()
-            parts.append(f"<p><img alt='{html.escape(b.text)}' src='data:image/png;base64,{data}'></p>")
-        elif b.kind == "table":
-            head, *rows = b.rows
-            parts.append("<div class='wide'><table><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in head) + "</tr>"
-                         + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                         + "</table></div>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
 def write_report(run_dir: str | Path) -> dict:
     """Writes report.md and report.html into the run; returns their paths."""
     run = Run.open(run_dir)
     title = f"cnnpack report: {run.model_spec['arch']} on {run.path.name}"
-    blocks = build(run)
+    blocks = [b if b.kind != "img" or run.file(b.path).is_file() else  # a figure deleted since: said, not a crash
+              Block("p", f"({b.text}: `{b.path}` is missing from the run directory)") for b in build(run)]
     atomic_write_text(run.file("report.md"), to_markdown(title, blocks))
     atomic_write_text(run.file("report.html"), to_html(title, blocks, run))
     return {"markdown": str(run.file("report.md")), "html": str(run.file("report.html"))}

@@ -25,6 +25,8 @@ from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.rundir import atomic_write_bytes, now, sha256
 from cnnpack.triton_config import check_name
 
+PREVIOUS = "config.pbtxt.prev"  # the config.pbtxt that `cnnpack tune` replaced, kept for `tune --undo`
+
 SIDECAR = "cnnpack-model.json"
 STAGING_PREFIX = ".cnnpack-staging-"
 
@@ -182,9 +184,11 @@ def _publish_version(folder: Path, draft: Draft, version: int, *, replace: bool)
         _fill_version(tmp / str(version), draft.version)
         _write_top(folder, draft.top)  # same identity: config/labels fit the old versions too
         os.rename(tmp / str(version), folder / str(version))
-        if replace:  # --force over a different model: its versions do not fit the new config
-            for v in old_versions:
+        if replace:  # --force over a different model: its versions do not fit the new config, nor do the configs
+            for v in old_versions:  # other commands left for it (deploy's configs/gpu.pbtxt, tune's undo copy)
                 shutil.rmtree(folder / str(v))
+            shutil.rmtree(folder / "configs", ignore_errors=True)
+            (folder / PREVIOUS).unlink(missing_ok=True)
         _write_top(folder, {SIDECAR: _sidecar(draft, None if replace else read_sidecar(folder), version)})
     except OSError as e:
         if e.errno in (errno.EEXIST, errno.ENOTEMPTY):

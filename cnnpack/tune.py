@@ -32,9 +32,9 @@ import numpy as np
 from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError, shell
 from cnnpack.peak import usable_cores
 from cnnpack.rundir import Run, atomic_write_json, atomic_write_text, sha256
+from cnnpack.triton_publish import PREVIOUS
 
 OUTPUT, PLOT = "tune.json", "tune.png"
-PREVIOUS = "config.pbtxt.prev"
 OBJECTIVES = ("throughput", "latency")
 
 

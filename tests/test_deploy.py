@@ -352,7 +352,8 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     (["--gpu", "maybe"], "--gpu 'maybe'; valid: auto, yes, no"),
     (["--model-store", "ftp://host/models"], "use image, pvc, or an object-store URL"),
     (["--credentials-secret", "s3"], "--credentials-secret is for object storage"),
-    (["--queue-target-ms", "inf"], "--queue-target-ms must be > 0 and under an hour, got inf"),
+    (["--queue-target-ms", "inf"], "--queue-target-ms must be a finite number, got inf"),
+    (["--queue-target-ms", "4e6"], "--queue-target-ms must be > 0 and under an hour, got 4000000.0"),
     (["--queue-target-ms", "0.1"], "--queue-target-ms 0.1 is under 1 ms"),
     (["--replicas", "99999999999999999999"], "--replicas must be <= 2147483647"),
 ])
@@ -472,6 +473,28 @@ def test_a_deploy_that_cannot_write_its_folder_leaves_the_repository_alone_and_b
         assert "**/__pycache__" in (tmp_path / "b" / "image" / "Dockerfile.dockerignore").read_text().splitlines()
     finally:
         shutil.rmtree(cache.parent)
+
+
+def test_the_deployment_is_a_stage_of_the_run_and_its_report_says_when_the_repository_moved_on(laid_out, tmp_path):
+    from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(laid_out, run)  # (the copy shares the fixture's repository)
+    r = deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    stage = json.loads((run / "cnnpack.json").read_text())["stages"]["deploy"]
+    assert r["recorded"] is None and stage["status"] == "ok" and stage["out"] == str((tmp_path / "out").resolve())
+    assert stage["content_tag"] == r["content_tag"] and stage["models"] == r["models"]
+    write_report(run)
+    report = (run / "report.md").read_text()
+    assert "## Deployment (Kubernetes)" in report and r["content_tag"] in report and "changed since" not in report
+    extra = Path(r["repository"]) / r["models"][0] / "notes.txt"
+    extra.write_text("a file added to a shipped model folder")
+    try:
+        write_report(run)
+        assert "**The repository changed since**" in (run / "report.md").read_text()
+    finally:
+        extra.unlink()
 
 
 def test_an_out_inside_the_repository_is_refused(laid_out):

@@ -219,6 +219,9 @@ def test_name_taken_by_another_model_needs_force(run, tmp_path):
         (repo / "handmade/cnnpack-model.json").write_bytes(sidecar)
         r = _cli("--run", str(run), "--repository", str(repo), "--name", "handmade")
         assert r.exit_code == 2 and "not made by cnnpack (no readable cnnpack-model.json)" in r.stderr, r.stderr
+    (repo / "m/configs").mkdir()  # what deploy and tune leave for the old model: they do not fit the new one
+    (repo / "m/configs/gpu.pbtxt").write_text('name: "m"\nplatform: "onnxruntime_onnx"')
+    (repo / "m/config.pbtxt.prev").write_text('name: "m"')
     r = _cli("--run", str(run), "--repository", str(repo), "--name", "m", "--format", "torchscript", "--force")
     assert r.exit_code == 0, r.stderr
     assert sorted(p.name for p in (repo / "m").iterdir()) == ["2", "cnnpack-model.json", "config.pbtxt", "labels.txt"]

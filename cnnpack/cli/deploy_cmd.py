@@ -57,6 +57,9 @@ def deploy(
     emit(record, as_json)
     if not as_json:
         _report(record)
+    if record.get("recorded"):  # the folder is complete; only the run's report will not show it
+        typer.echo(f"note: the deployment is not recorded in the run ({record['recorded']}); its report will not "
+                   "show it", err=True)
 
 
 def _report(r: dict) -> None:

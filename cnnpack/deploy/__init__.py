@@ -99,7 +99,8 @@ def suggest_name(text: str) -> str:
 
 
 def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
-    """Writes the deployment folder for a run; returns what `cnnpack-deploy.json` records.
+    """Writes the deployment folder for a run and records it as the run's `deploy` stage; returns what
+    `cnnpack-deploy.json` records (and `recorded`: None, or why the run's manifest could not take the stage).
 
     Raises UserInputError (exit 2, nothing written): bad options, a run without a verified and laid-out
     model, a gpu overlay for CPU-only models, an --out that holds a different deployment (without force).
@@ -149,7 +150,22 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     output.swap_in(stage, out)
+    record["recorded"] = _record_in_run(plan.run, record)
     return record
+
+
+def _record_in_run(run_dir: Path, record: dict) -> str | None:
+    """`stages.deploy` in the run's manifest (what the report shows); None, or why it could not be written."""
+    from cnnpack.rundir import Run
+
+    keep = ("out", "name", "image", "repository_image", "content_tag", "repository", "models", "served_model",
+            "overlays", "figures", "notes")
+    try:
+        Run(run_dir).set_stage("deploy", {"status": "ok", "model_store": record["config"]["model_store"],
+                                          **{k: record[k] for k in keep}, "out": str(Path(record["out"]).resolve())})
+    except OSError as e:
+        return f"{e.filename or run_dir}: {e.strerror or e}"
+    return None
 
 
 def _want_gpu(cfg: DeployConfig, plan) -> bool:
