@@ -35,9 +35,11 @@ def read_configs(repository: str | Path) -> dict[str, object]:
     configs = sorted(root.glob("*/config.pbtxt")) if root.is_dir() else []
     if not configs:
         return out  # (and nothing imported: the docker line is also what a broken installation is told)
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:  # a broken installation: it is told the docker line, for the release that serves most models
+        return out
     for config in configs:
         try:
             out[config.parent.name] = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())

@@ -10,6 +10,7 @@ seconds); the fault tests start their own.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -284,7 +285,10 @@ def test_without_the_wheel_the_error_gives_the_ngc_docker_line(tmp_path):
     package_root = Path(serve.__file__).resolve().parents[1]
     code = ("import sys; sys.path = [p for p in sys.path if 'site-packages' not in p]; "
             "from cnnpack.serve import locate; locate()")
-    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=package_root, capture_output=True, text=True)
+    (tmp_path / "model_repository" / "m").mkdir(parents=True)  # a repository it cannot read without protobuf
+    (tmp_path / "model_repository" / "m" / "config.pbtxt").write_text('name: "m"')
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(package_root)})
     assert "RuntimeUnavailable" in proc.stderr and "nvidia-pytriton" in proc.stderr
     assert ("docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD/model_repository:/models "
             "nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models") in proc.stderr
