@@ -395,6 +395,9 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     run = Run.open(run_dir)
     pairs = targets(run, cfg)
     sizes = [fitted_batch_sizes(ref, cfg.batch_sizes) if cfg.fit_batch_sizes else cfg.batch_sizes for _, ref in pairs]
+    if cfg.fit_batch_sizes:  # eager and compiled (the checkpoint) at the sizes the files run, so each row has its x eager
+        of_files = tuple(sorted({b for (_, ref), s in zip(pairs, sizes) if ref.format != "checkpoint" for b in s}))
+        sizes = [of_files if ref.format == "checkpoint" and of_files else s for (_, ref), s in zip(pairs, sizes)]
     for (name, ref), wanted in zip(pairs, sizes):
         check_batch_sizes(ref, name, wanted)
     device = resolve_device(cfg.device)

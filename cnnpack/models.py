@@ -6,6 +6,7 @@ The checkpoint stores the model spec beside the weights, so `build_model(spec)` 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -133,11 +134,12 @@ def load_state_dict_file(path: str | Path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserInputError(f"weights file not found: {path}") from None
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt/foreign file
-        # torch's own text is not repeated: for a foreign pickle it advises weights_only=False, which runs its code
+    except pickle.UnpicklingError:  # torch's text would advise weights_only=False, which runs the file's code
         raise UserInputError(f"{path} is not a loadable weights file: torch.load found no tensors it may read safely "
-                             f"({type(e).__name__}); give a state dict saved with torch.save, or a cnnpack "
+                             "(a foreign pickle); give a state dict saved with torch.save, or a cnnpack "
                              "checkpoint.pt") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt/foreign file
+        raise UserInputError(f"{path} is not a loadable weights file ({type(e).__name__}: {e})".splitlines()[0]) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

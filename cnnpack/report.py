@@ -401,6 +401,7 @@ def _deploy(m: dict, run: Run) -> list[Block]:
     d = m.get("stages", {}).get("deploy")
     if not d or d.get("status") != "ok":
         return []
+    from cnnpack.deploy import command
     from cnnpack.deploy.plan import content_tag
 
     f = {k: v["value"] for k, v in d["figures"].items()}
@@ -418,7 +419,7 @@ def _deploy(m: dict, run: Run) -> list[Block]:
         now = None
     if now != d["content_tag"]:
         text += (f" **The repository changed since** (its models no longer match content tag {d['content_tag']}): "
-                 f"`cnnpack deploy --run {shell(run.path)}` writes it again.")
+                 f"`{command(run.path, {**d.get('config', {}), 'out': d['out']})}` writes it again.")
     return [Block("h2", "Deployment (Kubernetes)"), Block("p", text)]
 
 

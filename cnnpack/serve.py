@@ -363,7 +363,14 @@ class TritonServer:
     def _raise_failed_models(self) -> None:
         index = self._index()
         failed = [m for m in index if m.get("state") == "UNAVAILABLE"]
-        if not failed or any(m.get("state") in ("LOADING", "UNLOADING") for m in index):
+        if any(m.get("state") in ("LOADING", "UNLOADING") for m in index):
+            return
+        if not failed:  # a folder Triton refused before loading (no version folder, a hidden folder): only its log says
+            unlisted = self._log_failures() if not self.cfg.explicit else []
+            if unlisted:
+                raise StageFailed(f"Triton could not load {len(unlisted)} model(s) from {self.cfg.repository}: "
+                                  + "; ".join(f"model '{n}': {_reason(why)}" for n, why in unlisted)
+                                  + f" ({self._log_hint()})")
             return
         lines = [f"model '{m['name']}' version {m.get('version', '?')}: {_reason(m.get('reason', ''))}" for m in failed]
         raise StageFailed(f"Triton could not load {len(failed)} model(s) from {self.cfg.repository}: "
@@ -383,6 +390,14 @@ class TritonServer:
             reasons.append(f"model '{name}': {_reason(why[-1]) if why else 'not loaded (no reason in the log)'}")
         raise StageFailed(f"Triton could not load {len(missing)} model(s) from {self.cfg.repository}: "
                           + "; ".join(reasons) + f" ({self._log_hint()})")
+
+    def _log_failures(self) -> list[tuple[str, str]]:
+        """(model, reason) of each "failed to load model" line of the server's log."""
+        found = {}
+        for ln in self._log_lines():
+            if m := re.search(r"failed to load model '(.+?)': (.*?)\"?$", ln):
+                found[m.group(1)] = m.group(2)
+        return list(found.items())
 
     def _log_lines(self) -> list[str]:
         with contextlib.suppress(OSError):

@@ -36,6 +36,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 ENSEMBLE_IO = ("image", "logits")  # the ensemble's input (encoded bytes) and output (logits)
 PIXELS = "pixels"  # preprocess output = classifier input
 TRT_WORKSPACE_BYTES = 1 << 30
+GPU_CONFIG = "gpu"  # <model>/configs/gpu.pbtxt (written by `cnnpack deploy`), chosen by --model-config-name=gpu
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 from cnnpack import __version__
 from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.rundir import atomic_write_bytes, now, sha256
-from cnnpack.triton_config import check_name
+from cnnpack.triton_config import GPU_CONFIG, check_name
 
 PREVIOUS = "config.pbtxt.prev"  # the config.pbtxt that `cnnpack tune` replaced, kept for `tune --undo`
 
@@ -187,7 +187,9 @@ def _publish_version(folder: Path, draft: Draft, version: int, *, replace: bool)
         if replace:  # --force over a different model: its versions do not fit the new config, nor do the configs
             for v in old_versions:  # other commands left for it (deploy's configs/gpu.pbtxt, tune's undo copy)
                 shutil.rmtree(folder / str(v))
-            shutil.rmtree(folder / "configs", ignore_errors=True)
+            (folder / "configs" / f"{GPU_CONFIG}.pbtxt").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # only if that was all it held (a config of the user's own stays)
+                (folder / "configs").rmdir()
             (folder / PREVIOUS).unlink(missing_ok=True)
         _write_top(folder, {SIDECAR: _sidecar(draft, None if replace else read_sidecar(folder), version)})
     except OSError as e:

@@ -450,6 +450,23 @@ def test_a_rewrite_keeps_the_users_own_files_and_refuses_to_overwrite_one_unless
     forced = deploy(laid_out, DeployConfig(out=str(out), service_monitor=True, force=True))
     assert forced["overwritten"] == ["kubernetes/base/servicemonitor.yaml"] and forced["kept"] == sorted(mine)
     assert _yaml(out / "kubernetes/base/servicemonitor.yaml")["kind"] == "ServiceMonitor"
+    # a file of the user's own where the deployment needs a folder: a clash too, said as one
+    shutil.rmtree(out / "kubernetes" / "overlays" / "cpu")
+    (out / "kubernetes" / "overlays" / "cpu").write_text("mine")
+    with pytest.raises(UserInputError, match=r"did not write where it writes now \(kubernetes/overlays/cpu\)"):
+        deploy(laid_out, DeployConfig(out=str(out), service_monitor=True))
+
+
+@pytest.mark.parametrize("marker", [b"[]", b"\xff\xfe", b'{"files": 5}', b'{"files": [{"a": 1}]}'])
+def test_a_damaged_deployment_marker_is_refused_unless_force(deployed, laid_out, tmp_path, marker):
+    from cnnpack.deploy import DeployConfig, deploy
+
+    out = tmp_path / "out"
+    shutil.copytree(deployed["image"], out)
+    (out / "cnnpack-deploy.json").write_bytes(marker)
+    with pytest.raises(UserInputError, match="cnnpack-deploy.json is unreadable; pass --force"):
+        deploy(laid_out, DeployConfig(out=str(out)))
+    assert deploy(laid_out, DeployConfig(out=str(out), force=True))["replaced"] is True
 
 
 def test_a_deploy_that_cannot_write_its_folder_leaves_the_repository_alone_and_bytecode_is_not_shipped(laid_out,
@@ -457,12 +474,20 @@ def test_a_deploy_that_cannot_write_its_folder_leaves_the_repository_alone_and_b
     from cnnpack.deploy import DeployConfig, deploy
 
     repo = Path(json.loads((laid_out / "cnnpack.json").read_text())["stages"]["triton"]["repository"])
-    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
-    blocked = tmp_path / "blocked"
-    blocked.write_text("a file, so no folder can be made under it")
-    with pytest.raises((UserInputError, OSError)):
-        deploy(laid_out, DeployConfig(out=str(blocked / "out"), gpu="auto"))
-    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before  # no configs/gpu.pbtxt written
+    earlier = {p: p.read_bytes() for p in repo.glob("*/configs/gpu.pbtxt")}  # the fixture's deploy wrote them
+    for path in earlier:
+        path.unlink()
+    try:
+        before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+        blocked = tmp_path / "blocked"
+        blocked.write_text("a file, so no folder can be made under it")
+        with pytest.raises((UserInputError, OSError)):
+            deploy(laid_out, DeployConfig(out=str(blocked / "out"), gpu="auto"))
+        assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before  # no configs/gpu.pbtxt written
+        assert not list(repo.glob("*/configs/gpu.pbtxt"))
+    finally:
+        for path, data in earlier.items():
+            path.write_bytes(data)
     tag = deploy(laid_out, DeployConfig(out=str(tmp_path / "a")))["content_tag"]
     model = next(p for p in repo.iterdir() if p.is_dir())
     cache = model / "1" / "__pycache__" / "model.cpython-311.pyc"
@@ -481,7 +506,7 @@ def test_the_deployment_is_a_stage_of_the_run_and_its_report_says_when_the_repos
 
     run = tmp_path / "run"
     shutil.copytree(laid_out, run)  # (the copy shares the fixture's repository)
-    r = deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    r = deploy(run, DeployConfig(out=str(tmp_path / "out"), replicas=2, gpu="no"))
     stage = json.loads((run / "cnnpack.json").read_text())["stages"]["deploy"]
     assert r["recorded"] is None and stage["status"] == "ok" and stage["out"] == str((tmp_path / "out").resolve())
     assert stage["content_tag"] == r["content_tag"] and stage["models"] == r["models"]
@@ -492,7 +517,9 @@ def test_the_deployment_is_a_stage_of_the_run_and_its_report_says_when_the_repos
     extra.write_text("a file added to a shipped model folder")
     try:
         write_report(run)
-        assert "**The repository changed since**" in (run / "report.md").read_text()
+        report = (run / "report.md").read_text()
+        assert "**The repository changed since**" in report
+        assert f"`cnnpack deploy --run {run} --out {(tmp_path / 'out').resolve()} --replicas 2 --gpu no`" in report
     finally:
         extra.unlink()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -239,6 +240,14 @@ def test_a_config_triton_cannot_parse_is_its_error_not_a_server_ready_without_th
     with pytest.raises(StageFailed, match=r"could not load 1 model\(s\).*'tiny_onnx': failed to read text proto"):
         srv.start()
     assert_gone(srv.pid)
+    shutil.rmtree(repo / "tiny_onnx")
+    add_model(repo, "tiny_onnx", net)
+    shutil.rmtree(repo / "tiny_onnx" / "1")  # a config without a version: never listed, the server never ready
+    srv = serve.TritonServer(serve.ServeConfig(repository=str(repo), ready_timeout_s=60))
+    t0 = time.monotonic()
+    with pytest.raises(StageFailed, match=r"'tiny_onnx': at least one version must be available"):
+        srv.start()
+    assert time.monotonic() - t0 < 30  # said at once, not after the timeout
 
 
 @pytest.mark.parametrize("cfg, message", [

@@ -126,7 +126,7 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     spec = _spec(cfg, plan, store, name, ngc_image(plan.repository), gpu_configs)
     files = _files(plan, spec, gpu=gpu, out=out)
     own = output.own_files(out, earlier)
-    clash = [f for f in own if f in files or f == output.IDENTITY]
+    clash = output.clashes(own, [*files, output.IDENTITY])
     if clash and not cfg.force:
         raise UserInputError(f"--out {out} has {len(clash)} file(s) this deployment did not write where it writes now "
                              f"({', '.join(clash[:3])}); move them, or pass --force to replace them")
@@ -158,14 +158,30 @@ def _record_in_run(run_dir: Path, record: dict) -> str | None:
     """`stages.deploy` in the run's manifest (what the report shows); None, or why it could not be written."""
     from cnnpack.rundir import Run
 
-    keep = ("out", "name", "image", "repository_image", "content_tag", "repository", "models", "served_model",
-            "overlays", "figures", "notes")
+    keep = ("config", "out", "name", "image", "repository_image", "content_tag", "repository", "models",
+            "served_model", "overlays", "figures", "notes")
     try:
         Run(run_dir).set_stage("deploy", {"status": "ok", "model_store": record["config"]["model_store"],
                                           **{k: record[k] for k in keep}, "out": str(Path(record["out"]).resolve())})
     except OSError as e:
         return f"{e.filename or run_dir}: {e.strerror or e}"
     return None
+
+
+def command(run_dir: str | Path, config: dict) -> str:
+    """The `cnnpack deploy` command line that writes the same deployment again (its options as recorded)."""
+    from dataclasses import fields
+
+    from cnnpack.errors import shell
+
+    parts = ["cnnpack deploy --run", shell(run_dir)]
+    for f in fields(DeployConfig):
+        value = config.get(f.name, f.default)
+        if f.name == "force" or value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        parts += [flag] if value is True else [flag, shell(str(value))]
+    return " ".join(parts)
 
 
 def _want_gpu(cfg: DeployConfig, plan) -> bool:
@@ -183,7 +199,8 @@ def _want_gpu(cfg: DeployConfig, plan) -> bool:
 
 def _gpu_configs(plan) -> dict[str, bytes]:
     """`<model>/configs/gpu.pbtxt` (relative to the repository) -> its text, for each GPU-capable model."""
-    from cnnpack.deploy.plan import GPU_CONFIG, gpu_config
+    from cnnpack.deploy.plan import gpu_config
+    from cnnpack.triton_config import GPU_CONFIG
 
     return {f"{m}/configs/{GPU_CONFIG}.pbtxt": gpu_config(plan.repository / m) for m in plan.gpu_models}
 
@@ -217,7 +234,7 @@ def _spec(cfg: DeployConfig, plan, store, name: str, ngc: str, gpu_configs: dict
 
 def _args(spec) -> dict:
     from cnnpack.deploy.kube import container_args
-    from cnnpack.deploy.plan import GPU_CONFIG
+    from cnnpack.triton_config import GPU_CONFIG
 
     return {"cpu": container_args(spec), "gpu": container_args(spec, config_name=GPU_CONFIG)}
 

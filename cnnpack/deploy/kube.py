@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cnnpack.deploy import store as stores
-from cnnpack.deploy.plan import GPU_CONFIG, PROBE_PERIOD_S, Plan
+from cnnpack.deploy.plan import PROBE_PERIOD_S, Plan
+from cnnpack.triton_config import GPU_CONFIG
 
 CONTAINER = "tritonserver"
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's defaults, named

@@ -39,11 +39,14 @@ def check_out(out: Path, identity: dict, *, force: bool) -> list[str] | None:
     if not marker.is_file():  # not even --force: the whole folder is replaced, and it may be a run or a repository
         raise UserInputError(f"--out {out} is not empty and holds no cnnpack deployment; choose a new or empty folder")
     try:
-        old = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
+        old = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: not UTF-8, not JSON
+        old = None
+    if not (isinstance(old, dict) and isinstance(old.get("files", []), list)
+            and all(isinstance(f, str) for f in old.get("files", []))):
         if force:
             return []
-        raise UserInputError(f"--out {out}: {marker} is unreadable; pass --force to replace the folder") from None
+        raise UserInputError(f"--out {out}: {marker} is unreadable; pass --force to replace the folder")
     same = {k: old.get(k) for k in ("run", "name")} == {k: identity[k] for k in ("run", "name")}
     if not same and not force:
         raise UserInputError(f"--out {out} holds a different deployment ({old.get('name')!r} of run {old.get('run')}); "
@@ -58,6 +61,14 @@ def own_files(out: Path, earlier: list[str] | None) -> list[str]:
     ours = {*earlier, IDENTITY}
     return sorted(rel for p in out.rglob("*") if (p.is_file() or p.is_symlink())
                   and (rel := p.relative_to(out).as_posix()) not in ours)
+
+
+def clashes(own: list[str], files) -> list[str]:
+    """The user's own paths that the new deployment's files would overwrite: the same path, a file where a
+    folder of them must go, or a file inside what is now one of them."""
+    wanted = set(files)
+    folders = {"/".join(f.split("/")[:i]) for f in wanted for i in range(1, f.count("/") + 1)}
+    return [p for p in own if p in wanted or p in folders or any(p.startswith(f + "/") for f in wanted)]
 
 
 def stage_tree(out: Path, files: dict[str, str | bytes], keep: list[str] = ()) -> Path:

@@ -232,7 +232,6 @@ def _queue_delay_us(folder: Path) -> int:
 
 
 # -- the GPU variant of each model's config ---------------------------------------------------------------------
-GPU_CONFIG = "gpu"  # <model>/configs/gpu.pbtxt, chosen by tritonserver --model-config-name=gpu
 
 
 def gpu_config(folder: Path) -> bytes:
