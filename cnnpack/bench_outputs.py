@@ -100,3 +100,24 @@ def cold_starts(results: list[dict]) -> str | None:
              + ", ".join(f"{_duration(r['first_call_s'])} at batch {r['batch_size']}" for r in rows)
              for name, rows in groups.items()]
     return "; ".join(parts)
+
+
+def disturbances(section: dict) -> list[str]:
+    """What makes a bench's numbers less than trustworthy, one sentence each (empty: nothing seen)."""
+    out = []
+    unstable = [f"{series(r)}@{r['batch_size']}" for r in section["results"] if not r.get("stable", True)]
+    if unstable:
+        out.append(f"unstable (windows did not agree within {100 * section['config']['stability']:.0f} % before "
+                   f"--max-seconds): {', '.join(unstable)}")
+    busy = [f"{series(r)}@{r['batch_size']} {100 * r['cpu_others']:.0f} %" for r in section["results"]
+            if (r.get("cpu_others") or 0) > 0.05]
+    if busy:
+        out.append(f"other processes took CPU time during: {', '.join(busy)}; rerun on a quiet machine")
+    if section.get("over_ceiling"):
+        out.append(f"rows above the measured ceiling of their precision: {', '.join(section['over_ceiling'])}: the "
+                   "ceiling was measured low (a busy machine?); rerun on a quiet machine")
+    rates = section.get("matmul", {}).get("samples_gflops") or []
+    if rates and section["matmul"].get("spread", 0) > 0.10:
+        out.append(f"the fp32 matmul rate varied from {min(rates):.0f} to {max(rates):.0f} GFLOP/s during the run: "
+                   "the machine was busy or its speed changed; rerun on a quiet machine")
+    return out

@@ -195,7 +195,14 @@ def check_data(data: str, image_size: int) -> None:
     if not data.strip():
         raise UserInputError(f"--data is empty; give {SHAPES}, a folder of <class>/<images>, or torchvision:NAME")
     root = Path(data)
-    if data == SHAPES or data.startswith("torchvision:"):
+    if data.startswith("torchvision:"):
+        import torchvision.datasets as tvd
+
+        name = data.split(":", 1)[1]
+        if not isinstance(getattr(tvd, name, None), type):
+            raise UserInputError(f"torchvision has no dataset {name!r} (e.g. MNIST, FashionMNIST, CIFAR10)")
+        return
+    if data == SHAPES:
         return
     if not root.exists():
         raise UserInputError(f"data folder not found: {root} (--data takes {SHAPES}, a folder of "

@@ -37,14 +37,35 @@ def evaluate(run_dir: str | Path, *, fmt: str = "checkpoint", data: str | None =
         raise UserInputError(f"--data classes {d.classes} differ from the model's {spec['classes']}")
     record = run.read()["stages"]["export"]["artifacts"][fmt] if fmt != "checkpoint" else {}
     batch, static = split_batching(record)  # within the artifact's max batch; padded for a static one
-    logits = predict_split(runtime, d.val.images.numpy(), batch, static=static)
+    images, true, split = _scored(run, d, data)
+    logits = predict_split(runtime, images, batch, static=static)
     pred = logits.argmax(1)
-    true = d.val.labels.numpy()
     k = len(d.classes)
     cm = np.bincount(true * k + pred, minlength=k * k).reshape(k, k)
-    out = run.file(f"eval-{fmt}.json")
-    result = {"format": fmt, "runtime": runtime.name, "data": d.source, "images": int(len(true)),
+    out = run.file(f"eval-{fmt}.json" if split == "validation" else f"eval-{fmt}-{_slug(d.source)}.json")
+    result = {"format": fmt, "runtime": runtime.name, "data": d.source, "split": split, "images": int(len(true)),
               "accuracy": float((pred == true).mean()), "classes": d.classes, "confusion_matrix": cm.tolist(),
               "per_class_acc": (np.diag(cm) / np.maximum(cm.sum(1), 1)).round(4).tolist(), "output": str(out)}
     atomic_write_json(out, result)
     return result
+
+
+def _scored(run: Run, d, data: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images, labels, which): the validation split of the run's own data; every image of other data given as one
+    folder of <class>/<images> (it has no split of its own: the model never saw any of it)."""
+    trained_on = run.read().get("stages", {}).get("train", {}).get("config", {}).get("data")
+    root = Path(data) if data else None
+    own_split = root is None or data == trained_on or not root.is_dir() or (root / "val").is_dir()
+    if own_split:
+        return d.val.images.numpy(), d.val.labels.numpy(), "validation"
+    images = np.concatenate([d.train.images.numpy(), d.val.images.numpy()])
+    return images, np.concatenate([d.train.labels.numpy(), d.val.labels.numpy()]), "all"
+
+
+def _slug(source: str) -> str:
+    """A file-name-safe short name of a data source (the result of other data does not replace the run's own)."""
+    import hashlib
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source.rstrip("/")).name or "data")[:40]
+    return f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:6]}"

@@ -393,8 +393,20 @@ def _record(run: Run, cfg: PipelineConfig, outcomes: list[Outcome], t0: float, s
                                    "wall_s": round(time.perf_counter() - t0, 1)})
 
 
+def tuned_line(stages: dict) -> str | None:
+    """The tune stage's outcome in one line (None: tune did not run)."""
+    t = stages.get("tune") or {}
+    if t.get("status") != "ok" or not t.get("winner"):
+        return None
+    from cnnpack.tune import describe
+
+    return describe(t)
+
+
 def summary(run: Run, outcomes: list[Outcome], report: dict, wall_s: float) -> dict:
     """The figures a person wants at the end: accuracy, parity, best runtime, where things are."""
+    from cnnpack.bench_outputs import disturbances
+
     stages = run.read()["stages"]
     train, verify = stages.get("train", {}), stages.get("verify", {})
     best = best_runtime(stages.get("bench", {}))
@@ -415,6 +427,8 @@ def summary(run: Run, outcomes: list[Outcome], report: dict, wall_s: float) -> d
         "repository": triton.get("repository"),
         "models": triton.get("models", []),
         "served": served.get("summary"),
+        "tuned": tuned_line(stages),
+        "bench_disturbed": disturbances(stages["bench"]) if stages.get("bench", {}).get("results") else [],
         "report": report,
         "stages": [asdict(o) for o in outcomes],
         "wall_s": round(wall_s, 1),

@@ -57,6 +57,11 @@ class PipelineConfig:
         if self.openvino == "no" and "openvino" in self.formats:
             raise UserInputError("--formats names openvino and --openvino is no: drop one of them")
         self.served_config().validate()
+        if not self.formats:
+            from cnnpack.export import EXPORTERS
+
+            raise UserInputError(f"--formats names no format; valid: {', '.join(EXPORTERS.names())} (a comma list "
+                                 "that includes onnx)")
         self.export_config().validate()  # an unknown format is named as such (before the onnx rule below)
         if "onnx" not in self.formats:
             raise UserInputError("the pipeline serves the ONNX artifact: --formats must include onnx")
@@ -71,6 +76,11 @@ class PipelineConfig:
         for cfg in self.triton_configs():
             cfg.validate()
         if self.tune_budget_ms is not None:
+            if self.serve == "no":
+                raise UserInputError("--tune-budget-ms tunes the served models on a local Triton: it needs the served "
+                                     "stage; drop --serve no or drop --tune-budget-ms")
+            if not 0 < self.tune_budget_ms < 3.6e6:
+                raise UserInputError(f"--tune-budget-ms must be > 0 and under an hour, got {self.tune_budget_ms}")
             self.tune_config().validate()
 
     # the stage configs, built lazily (their modules import torch)

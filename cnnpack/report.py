@@ -299,12 +299,17 @@ def _triton(m: dict, run: Run) -> list[Block]:
 
 def _release_note(repo: Path) -> str:
     """Which NGC release the docker line names, and why."""
-    from cnnpack.triton_release import release_for
+    from cnnpack.triton_release import read_configs, release_for
 
     release, why = release_for(repo)
-    if not why:
-        return f"release {release}, which serves every model here"
-    return (f"release {release} or newer: " + "; ".join(f"`{m}`: {w}" for m, w in why.items()))
+    note = (f"release {release}, which serves every model here" if not why else
+            f"release {release} or newer: " + "; ".join(f"`{m}`: {w}" for m, w in why.items()))
+    python = sorted(name for name, mc in read_configs(repo).items() if mc.backend == "python")
+    if python:  # the image ensemble's preprocessing decodes with Pillow, which the NGC image's Python lacks
+        note += (f"; {', '.join(f'`{m}`' for m in python)} runs in its Python backend and imports Pillow, which the "
+                 f"stock image lacks: build `FROM nvcr.io/nvidia/tritonserver:{release}-py3` with `RUN pip install "
+                 "pillow` (`cnnpack deploy` writes that Dockerfile)")
+    return note
 
 
 def _what_was_served(served: dict, triton: dict) -> str:

@@ -168,6 +168,17 @@ def grid(models: list[tuple[str, str]], cfg: TuneConfig, delays: tuple[int, ...]
     return out
 
 
+POINT_OVERHEAD_S = 2.5  # per point beyond --max-seconds: the reload, the warm-up, the statistics (the default
+# pipeline's 71 points at --max-seconds 2 took 307 s on 2 cores: 4.3 s each; 1.5 s had chosen the grid, cut at 300 s)
+BF16_CHECK_S = 3.0  # per bf16 setting: the served model held to the bf16 contract before it is measured
+
+
+def estimate_s(settings: list[Setting], cfg: TuneConfig) -> float:
+    """Seconds a sweep of `settings` at every concurrency should take (to choose between grid and coarse-to-fine)."""
+    return sum((cfg.max_seconds + POINT_OVERHEAD_S) * len(cfg.concurrency) + (BF16_CHECK_S if s.bf16 else 0.0)
+               for s in settings)
+
+
 def model_config_json(run: Run, s: Setting, repository: str, *, local: bool = False) -> str:
     """The ModelConfig of a setting, as the JSON Triton's load API takes (snake_case field names); with `local`,
     as the local Triton 2.51 reads it (a pt2 model without `platform: "torch_aoti"`, see triton_release.py)."""
@@ -333,8 +344,7 @@ def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None
     if any(s.bf16 for s in full) and not _native_bf16():
         progress("tune: this CPU has no native bf16 (AVX-512 BF16 or AMX): OpenVINO computes the bf16-hint configs "
                  "in f32 here, so they are measured and shown but none can be the winner")
-    per_point = cfg.max_seconds + 1.5  # measurement, warm-up and the reload
-    coarse = len(full) * len(cfg.concurrency) * per_point > cfg.time_limit_s and len(cfg.queue_delays_us) > 1
+    coarse = estimate_s(full, cfg) > cfg.time_limit_s and len(cfg.queue_delays_us) > 1
     settings = grid(models, cfg, cfg.queue_delays_us[len(cfg.queue_delays_us) // 2:][:1]) if coarse else full
     log = run.file("tune/server.log")
     points, info = sweep(run, cfg, settings, repository, progress, log)

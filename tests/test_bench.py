@@ -353,3 +353,17 @@ def test_the_cpu_of_this_process_s_own_children_is_not_counted_as_others():
     after, kids1 = cpu_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
     child_ticks = (kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime) * os.sysconf("SC_CLK_TCK")
     assert child_ticks >= 40 and after[2] - before[2] >= 0.8 * child_ticks
+
+
+def test_what_disturbed_a_bench_is_said_in_one_sentence_each():
+    from cnnpack.bench_outputs import disturbances
+
+    row = {"runtime": "eager", "format": "checkpoint", "artifact": "checkpoint", "precision": "fp32", "batch_size": 1}
+    quiet = {"results": [{**row, "stable": True, "cpu_others": 0.01}], "config": {"stability": 0.1},
+             "matmul": {"samples_gflops": [100, 104], "spread": 0.04}}
+    assert disturbances(quiet) == []
+    busy = {**quiet, "results": [{**row, "stable": False, "cpu_others": 0.23}], "over_ceiling": ["eager@1"],
+            "matmul": {"samples_gflops": [60, 104], "spread": 0.73}}
+    said = disturbances(busy)
+    assert len(said) == 4 and said[0].startswith("unstable") and "eager@1 23 %" in said[1]
+    assert "varied from 60 to 104 GFLOP/s" in said[3]

@@ -178,7 +178,10 @@ def test_bad_options_exit_2_before_any_work(tmp_path):
     for args, msg in ((["--serve", "maybe"], "--serve 'maybe'"), (["--concurrency", "0"], "--concurrency"),
                       (["--formats", "torchscript"], "must include onnx"), (["--epochs", "0"], "--epochs"),
                       (["--runtimes", "nope"], "nope"), (["--batch-sizes", "1,128"], "--max-batch-size"),
-                      (["--tune-budget-ms", "0"], "--latency-budget-ms must be > 0"),
+                      (["--tune-budget-ms", "0"], "--tune-budget-ms must be > 0"),
+                      (["--serve", "no", "--tune-budget-ms", "5"], "it needs the served stage"),
+                      (["--formats", ""], "--formats names no format; valid: onnx,"),
+                      (["--data", "torchvision:NOPE"], "torchvision has no dataset 'NOPE'"),
                       (["--openvino", "maybe"], "--openvino 'maybe'"), (["--pt2", "maybe"], "--pt2 'maybe'"),
                       (["--formats", "onnx,pt2", "--pt2", "no"], "--formats names pt2 and --pt2 is no"),
                       (["--verify-min-agreement", "1.5"], "--verify-min-agreement is a fraction in (0, 1], got 1.5")):

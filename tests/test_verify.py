@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -229,6 +230,14 @@ def test_evaluate_artifacts_through_the_runtimes_matches_the_checkpoint(exported
         assert ev["runtime"] == runtime and ev["images"] == ref["images"] == 90
         assert ev["accuracy"] == ref["accuracy"] and ev["confusion_matrix"] == ref["confusion_matrix"]
         assert json.loads((run_dir / f"eval-{fmt}.json").read_text())["accuracy"] == ev["accuracy"]
+    # a folder of <class>/<images> it was not trained on: every image scored, in a file of its own
+    flat = tmp_path / "flat"
+    for c in ref["classes"]:
+        shutil.copytree(Path(ref["data"]) / "val" / c, flat / c)
+    other = evaluate(run_dir, fmt="onnx", data=str(flat), device="cpu")
+    assert other["split"] == "all" and other["images"] == 90 and other["accuracy"] == ref["accuracy"]
+    assert Path(other["output"]).name.startswith("eval-onnx-flat-")
+    assert json.loads((run_dir / "eval-onnx.json").read_text())["split"] == "validation"  # the run's own: kept
     _perturb_one_onnx_weight(run_dir / "export/model.onnx")
     with pytest.raises(UserInputError, match="changed since export"):
         evaluate(run_dir, fmt="onnx")

@@ -100,9 +100,12 @@ def handles_errors(fn):
             _refuse_non_finite(kwargs)
             return fn(*args, **kwargs)
         except CnnpackError as e:
-            if STATE["debug"]:
-                raise
-            _err(str(e))
+            if STATE["debug"]:  # the traceback too, with the same exit code
+                import traceback
+
+                traceback.print_exc()
+            else:
+                _err(str(e))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             _err("interrupted")

@@ -101,28 +101,15 @@ def _print_cold_starts(section: dict) -> None:
 
 def _print_warnings(section: dict) -> None:
     """What makes these numbers less than trustworthy, on stderr."""
-    from cnnpack.bench import series
+    from cnnpack.bench_outputs import disturbances
 
     for name, why in section["skipped"].items():
         typer.echo(f"skipped {name}: {why}", err=True)
     if section.get("replaced"):
         typer.echo(f"replaced: the earlier rows {', '.join(section['replaced'])} (a bench's rows are measured together; "
                    "name their runtimes in --runtimes to keep them)", err=True)
-    unstable = [f"{series(r)}@{r['batch_size']}" for r in section["results"] if not r["stable"]]
-    if unstable:
-        typer.echo(f"unstable (windows did not agree within {100 * section['config']['stability']:.0f} % before "
-                   f"--max-seconds): {', '.join(unstable)}", err=True)
-    busy = [f"{series(r)}@{r['batch_size']} {100 * r['cpu_others']:.0f} %" for r in section["results"]
-            if (r.get("cpu_others") or 0) > 0.05]
-    if busy:
-        typer.echo(f"other processes took CPU time during: {', '.join(busy)}; rerun on a quiet machine", err=True)
-    if section.get("over_ceiling"):
-        typer.echo(f"rows above the measured ceiling of their precision: {', '.join(section['over_ceiling'])}: the "
-                   "ceiling was measured low (a busy machine?); rerun on a quiet machine", err=True)
-    rates = section["matmul"]["samples_gflops"]
-    if section["matmul"]["spread"] > 0.10:
-        typer.echo(f"the fp32 matmul rate varied from {min(rates):.0f} to {max(rates):.0f} GFLOP/s during the run: "
-                   "the machine was busy or its speed changed; rerun on a quiet machine", err=True)
+    for line in disturbances(section):
+        typer.echo(line, err=True)
 
 
 def _fmt(v, spec: str) -> str:

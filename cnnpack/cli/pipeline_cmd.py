@@ -119,8 +119,12 @@ def print_summary(s: dict) -> None:
     if s["repository"]:
         t.add_row("triton", f"{s['repository']} ({', '.join(s['models'])})")
         t.add_row("serve it", f"cnnpack serve --repository {shell(s['repository'])}")
+    if s.get("bench_disturbed"):
+        t.add_row("caution", "bench: " + "; ".join(s["bench_disturbed"]))
     if s["served"]:
         t.add_row("served", s["served"])
+    if s.get("tuned"):
+        t.add_row("tuned", s["tuned"])
     ran = [o["name"] for o in s["stages"] if o["status"] == "ran"]
     skipped = [o["name"] for o in s["stages"] if o["status"] == "skipped"]
     t.add_row("stages", f"ran: {', '.join(ran) or 'none'}; skipped (unchanged): {', '.join(skipped) or 'none'}")

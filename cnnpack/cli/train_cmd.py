@@ -98,7 +98,9 @@ def evaluate(
     run: Path = typer.Option(..., help="Run directory."),
     format: str = typer.Option("checkpoint", help="checkpoint | onnx | onnx_int8 | pt2 | torchscript | openvino | "
                                                     "openvino_int8 (each in its default runtime)."),
-    data: Optional[str] = typer.Option(None, help="Dataset (default: the one the run was trained on)."),
+    data: Optional[str] = typer.Option(None, help="Dataset (default: the one the run was trained on, its validation "
+                                                  "split; a folder of <class>/<images> it was not trained on: every "
+                                                  "image)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
@@ -119,7 +121,8 @@ def _print_eval(result: dict) -> None:
     from rich.table import Table
 
     classes, cm = result["classes"], result["confusion_matrix"]
-    t = Table(title=f"{result['format']}: top-1 {100 * result['accuracy']:.2f}% on {result['images']} images")
+    which = "validation images" if result.get("split", "validation") == "validation" else f"images (all of {result['data']})"
+    t = Table(title=f"{result['format']}: top-1 {100 * result['accuracy']:.2f}% on {result['images']} {which}")
     t.add_column("true \\ pred")
     for c in classes:
         t.add_column(c, justify="right")
