@@ -197,7 +197,7 @@ def test_at_the_time_limit_the_best_attempt_is_reported_and_nothing_recorded(qua
             time.sleep(8)
 
     with pytest.raises(TimeLimitReached, match=r"the time limit of 8 s was reached during ranking; raise --time-limit.* "
-                                               r"\(the best int8 attempt.*: drop .* agreement, 0 node\(s\) in float"):
+                                               r"\(the best int8 attempt.*: drop .* agreement with 0 node\(s\) in float"):
         quantize(run, cfg, progress=slow_progress)
     with pytest.raises(TimeLimitReached, match=r"the time limit of 0.001 s was reached during the fp32 reference, before"):
         quantize(run, QuantizeConfig(time_limit_s=0.001))
