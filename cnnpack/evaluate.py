@@ -55,7 +55,9 @@ def _scored(run: Run, d, data: str | None) -> tuple[np.ndarray, np.ndarray, str]
     folder of <class>/<images> (it has no split of its own: the model never saw any of it)."""
     trained_on = run.read().get("stages", {}).get("train", {}).get("config", {}).get("data")
     root = Path(data) if data else None
-    own_split = root is None or data == trained_on or not root.is_dir() or (root / "val").is_dir()
+    same = data == trained_on or (trained_on is not None and root is not None and root.exists()
+                                  and root.resolve() == Path(trained_on).resolve())  # ./data/ and /abs/data alike
+    own_split = root is None or same or not root.is_dir() or (root / "val").is_dir()
     if own_split:
         return d.val.images.numpy(), d.val.labels.numpy(), "validation"
     images = np.concatenate([d.train.images.numpy(), d.val.images.numpy()])
