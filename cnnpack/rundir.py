@@ -114,6 +114,8 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+LOCK = ".cnnpack.lock"  # held while the manifest is read, changed and written back
+
 # what every stage reads of `model`, with the type each must have
 MODEL_KEYS = {"arch": (str, "a string"), "num_classes": (int, "an integer"), "classes": (list, "a list"),
               "image_size": (int, "an integer")}
@@ -241,11 +243,27 @@ class Run:
         atomic_write_json(self.manifest_path, manifest)
 
     def update(self, fn: Callable[[dict], None]) -> dict:
-        """Read-modify-write of the manifest; `fn` mutates the dict in place."""
-        manifest = self.read()
-        fn(manifest)
-        self.write(manifest)
+        """Read-modify-write of the manifest; `fn` mutates the dict in place. Under an exclusive lock of the run, so
+        that two commands on one run (a bench while a tune runs) never write over each other's stage."""
+        with self._locked():
+            manifest = self.read()
+            fn(manifest)
+            self.write(manifest)
         return manifest
+
+    @contextlib.contextmanager
+    def _locked(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock (the write itself stays atomic)
+            yield
+            return
+        with open(self.path / LOCK, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def set_stage(self, name: str, section: dict) -> dict:
         """Replaces `stages.<name>` with `section` (stamped with the time)."""

@@ -77,3 +77,31 @@ def test_a_manifest_that_is_not_text_or_not_a_file_is_one_error(tmp_path, make, 
     make(tmp_path / "run" / "cnnpack.json")
     with pytest.raises(UserInputError, match=says):
         Run.open(tmp_path / "run")
+
+
+def _stamp_stages(path: str, prefix: str, n: int, start) -> None:
+    from cnnpack.rundir import Run
+
+    run = Run(path)
+    start.wait(30)  # both processes write at the same time
+    for i in range(n):
+        run.set_stage(f"{prefix}{i}", {"status": "ok"})
+
+
+def test_two_commands_on_one_run_never_write_over_each_others_stage(tmp_path):
+    """Two processes updating one manifest (a bench while a tune runs): every stage either wrote is there."""
+    import multiprocessing
+
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32})
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_stamp_stages, args=(str(run.path), p, 150, start)) for p in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    stages = run.read()["stages"]
+    assert {f"{p}{i}" for p in "ab" for i in range(150)} <= set(stages)  # none lost to the other's read-modify-write
