@@ -251,6 +251,16 @@ class Run:
             self.write(manifest)
         return manifest
 
+    def check_writable(self) -> None:
+        """Raises OSError (the CLI names the path) where the manifest could not be written now: called before a
+        command changes anything outside the run (a model repository) that the manifest must then record."""
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=self.path)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.manifest_path)) from None
+        os.close(fd)
+        os.unlink(tmp)
+
     @contextlib.contextmanager
     def _locked(self):
         try:

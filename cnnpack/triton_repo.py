@@ -233,6 +233,7 @@ def build(run_dir: str | Path, cfg: TritonConfig = TritonConfig()) -> dict:
     run = Run.open(run_dir)
     root, name, todo, io = check(run, cfg)
     tuned = tuned_in_place(run.read()["stages"])
+    run.check_writable()  # the repository is not touched when the manifest could not record it
     done = [publish(root, d, force=cfg.force) for d in todo]
     section = _section(root, cfg, name, io, done)
     if tuned and not tuned_in_place(run.read()["stages"]):  # said by the CLI: the tuned config is gone

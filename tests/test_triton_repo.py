@@ -228,6 +228,23 @@ def test_name_taken_by_another_model_needs_force(run, tmp_path):
     assert _parse(repo / "m/config.pbtxt").platform == "pytorch_libtorch"
 
 
+def test_a_run_whose_manifest_cannot_be_written_leaves_the_repository_alone(run, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def read_only_run(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == Path(run):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_run)
+    r = _cli("--run", str(run), "--repository", str(tmp_path / "repo"))
+    assert r.exit_code == 2 and "cnnpack.json: Read-only file system" in r.stderr, r.stderr
+    assert not (tmp_path / "repo").exists()
+
+
 def test_manifest_and_graph_must_agree(run, tmp_path):
     m = Run(run).read()
     m["stages"]["export"]["artifacts"]["onnx"]["input"]["name"] = "images"
