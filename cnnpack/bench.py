@@ -238,11 +238,10 @@ def targets(run: Run, cfg: BenchConfig) -> list[tuple[str, object]]:
 
 
 def fitted_batch_sizes(ref, batch_sizes: tuple[int, ...]) -> tuple[int, ...]:
-    """Default batch sizes within what the artifact takes: its static batch alone, or each size up to its max."""
-    if static := ref.record.get("static_batch"):
-        return (static,)
-    cap = ref.max_batch_size
-    return tuple(sorted({min(b, cap) if cap else b for b in batch_sizes}))
+    """Default batch sizes within what the artifact takes (`runtimes.fit_batch_sizes` on its record)."""
+    from cnnpack.runtimes import fit_batch_sizes
+
+    return tuple(fit_batch_sizes(batch_sizes, cap=ref.max_batch_size, static=ref.record.get("static_batch")))
 
 
 def check_batch_sizes(ref, name: str, batch_sizes: tuple[int, ...]) -> None:

@@ -432,6 +432,14 @@ def predict_split(rt: Loaded, images: np.ndarray, batch_size: int = 64, *, stati
     return np.concatenate(out)
 
 
+def fit_batch_sizes(sizes: tuple[int, ...], *, cap: int | None, static: int | None = None) -> list[int]:
+    """Default batch sizes within what an artifact takes: its static batch alone, else each size up to its max
+    (verify's and bench's defaults alike)."""
+    if static:
+        return [static]
+    return sorted({min(b, cap) if cap else b for b in sizes})
+
+
 def split_batching(record: dict, preferred: int = 64) -> tuple[int, bool]:
     """(batch size, static) for running a whole split through an artifact with export record `record`."""
     if record.get("static_batch"):

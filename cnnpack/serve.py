@@ -368,13 +368,14 @@ class TritonServer:
         if not failed:  # a folder Triton refused before loading (no version folder, a hidden folder): only its log says
             unlisted = self._log_failures() if not self.cfg.explicit else []
             if unlisted:
-                raise StageFailed(f"Triton could not load {len(unlisted)} model(s) from {self.cfg.repository}: "
-                                  + "; ".join(f"model '{n}': {_reason(why)}" for n, why in unlisted)
-                                  + f" ({self._log_hint()})")
+                raise self._could_not_load([f"model '{n}': {_reason(why)}" for n, why in unlisted])
             return
-        lines = [f"model '{m['name']}' version {m.get('version', '?')}: {_reason(m.get('reason', ''))}" for m in failed]
-        raise StageFailed(f"Triton could not load {len(failed)} model(s) from {self.cfg.repository}: "
-                          + "; ".join(lines) + f" ({self._log_hint()})")
+        raise self._could_not_load([f"model '{m['name']}' version {m.get('version', '?')}: "
+                                    f"{_reason(m.get('reason', ''))}" for m in failed])
+
+    def _could_not_load(self, reasons: list[str]) -> StageFailed:
+        return StageFailed(f"Triton could not load {len(reasons)} model(s) from {self.cfg.repository}: "
+                           + "; ".join(reasons) + f" ({self._log_hint()})")
 
     def _raise_unpolled_models(self) -> None:
         """A model folder Triton could not even read (a config.pbtxt it cannot parse) is left out of loading, so
@@ -388,8 +389,7 @@ class TritonServer:
             why = [m.group(1) for ln in lines
                    if (m := re.search(rf"Poll failed for model directory '{re.escape(name)}': (.*?)\"?$", ln))]
             reasons.append(f"model '{name}': {_reason(why[-1]) if why else 'not loaded (no reason in the log)'}")
-        raise StageFailed(f"Triton could not load {len(missing)} model(s) from {self.cfg.repository}: "
-                          + "; ".join(reasons) + f" ({self._log_hint()})")
+        raise self._could_not_load(reasons)
 
     def _log_failures(self) -> list[tuple[str, str]]:
         """(model, reason) of each "failed to load model" line of the server's log."""

@@ -47,7 +47,7 @@ from cnnpack.contracts import (  # noqa: F401 - re-exported
 from cnnpack.errors import ParityError, RuntimeUnavailable, UserInputError, shell
 from cnnpack.host import check_device, exact_fp32
 from cnnpack.rundir import Run, artifact_digest, atomic_write_json, library_versions, sha256
-from cnnpack.runtimes import precision_of
+from cnnpack.runtimes import fit_batch_sizes, precision_of
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 VAL_BATCH = 64  # batch size for the validation set (within each artifact's limits)
@@ -191,7 +191,7 @@ def batch_plan(target: Target, requested: tuple[int, ...] | None) -> list[int]:
                                  f"was exported with a static batch of {fixed}; use --batch-sizes {fixed}")
         return [fixed]
     if requested is None:
-        return sorted({min(b, cap) if cap else b for b in DEFAULT_BATCH_SIZES})
+        return fit_batch_sizes(DEFAULT_BATCH_SIZES, cap=cap)
     if cap and max(requested) > cap:
         raise UserInputError(f"--batch-sizes {max(requested)} exceeds the max batch size {cap} that {target.format} "
                              f"({target.source}) was exported with; use sizes <= {cap} or re-export with "
