@@ -10,13 +10,11 @@ what serves each model, and stops it (SIGTERM, then SIGKILL).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -27,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError
+from cnnpack.ports import Ports, check_port, free_ports, url_host
 from cnnpack.triton_dist import TritonDist, build_backend_dir, check_stub, locate, server_env
 from cnnpack.triton_release import local_repository
 
@@ -38,46 +37,6 @@ def repository_of(run_dir: str | Path) -> str:
     from cnnpack.rundir import Run
 
     return Run.open(run_dir).stage("triton", required_by="serve")["repository"]
-
-
-# -- ports -----------------------------------------------------------------------------------------
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a port in TIME_WAIT is free
-    try:
-        s.bind((host, port))
-    except OSError:
-        s.close()
-        raise
-    return s
-
-
-def free_ports(host: str, n: int) -> list[int]:
-    """`n` distinct ports the OS says are free on `host` now."""
-    socks = []
-    try:
-        for _ in range(n):
-            socks.append(_bind(host, 0))
-    except OSError as e:  # an address that does not resolve (gaierror) or is not this machine's
-        for sock in socks:
-            sock.close()
-        raise UserInputError(f"cannot listen on {host}: {e.strerror or e}; check --host") from None
-    try:
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def check_port(host: str, port: int, what: str) -> None:
-    try:
-        _bind(host, port).close()
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise UserInputError(f"{what} port {port} on {host} is already in use (another Triton server?); "
-                                 f"stop that process or choose another --{what}-port (0: any free port)") from None
-        raise UserInputError(f"cannot listen on {host}:{port} for {what}: {e.strerror}; check --host") from None
 
 
 # -- configuration and results ---------------------------------------------------------------------
@@ -108,13 +67,6 @@ class ModelInfo:
     reason: str = ""  # why it is not READY
 
 
-@dataclass
-class Ports:
-    http: int
-    grpc: int
-    metrics: int
-
-
 def resolve_ports(cfg: ServeConfig) -> Ports:
     """Explicit ports are checked (in use: UserInputError); 0 picks free ones."""
     for flag, value in (("--ready-timeout", cfg.ready_timeout_s), ("stop timeout", cfg.stop_timeout_s)):
@@ -131,15 +83,6 @@ def resolve_ports(cfg: ServeConfig) -> Ports:
         raise UserInputError(f"--http-port, --grpc-port and --metrics-port must differ, got {wanted}")
     free = iter(p for p in free_ports(cfg.host, 6) if p not in taken)
     return Ports(**{w: p or next(free) for w, p in wanted.items()})
-
-
-def _url_host(host: str) -> str:
-    """Where a local client reaches a server bound to `host`."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 # -- the server's command line ------------------------------------------------------------------
@@ -235,16 +178,16 @@ class TritonServer:
     @property
     def http_address(self) -> str:
         """host:port, as tritonclient.http wants it."""
-        return f"{_url_host(self.cfg.host)}:{self.ports.http}"
+        return f"{url_host(self.cfg.host)}:{self.ports.http}"
 
     @property
     def grpc_address(self) -> str:
         """host:port, as tritonclient.grpc wants it."""
-        return f"{_url_host(self.cfg.host)}:{self.ports.grpc}"
+        return f"{url_host(self.cfg.host)}:{self.ports.grpc}"
 
     @property
     def urls(self) -> dict[str, str]:
-        h = _url_host(self.cfg.host)
+        h = url_host(self.cfg.host)
         return {"http": f"http://{h}:{self.ports.http}", "grpc": f"grpc://{h}:{self.ports.grpc}",
                 "metrics": f"http://{h}:{self.ports.metrics}/metrics"}
 

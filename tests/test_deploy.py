@@ -644,6 +644,7 @@ def test_the_deployment_args_start_the_real_server_probes_answer_and_the_hpa_met
     import tritonclient.http as http
 
     from cnnpack import serve
+    from cnnpack.ports import free_ports
 
     try:
         serve.locate()
@@ -653,7 +654,7 @@ def test_the_deployment_args_start_the_real_server_probes_answer_and_the_hpa_met
     record = json.loads((folder / "cnnpack-deploy.json").read_text())
     repository = Path(record["repository"])
     container = _container(_yaml(folder / "kubernetes" / "base" / "deployment.yaml"))
-    ports = dict(zip(("http", "grpc", "metrics"), serve.free_ports("127.0.0.1", 3)))
+    ports = dict(zip(("http", "grpc", "metrics"), free_ports("127.0.0.1", 3)))
     args = local_args(container, repository, ports)
     changed = [a for a, b in zip(args, container["args"][1:]) if a != b]
     assert len(args) == len(container["args"]) - 1 and len(changed) == 7  # repository, 3 ports, 3 addresses

@@ -24,6 +24,7 @@ from support import assert_gone
 
 from cnnpack.client import Client, address
 from cnnpack.errors import StageFailed, UserInputError
+from cnnpack.ports import free_ports
 
 pytestmark = pytest.mark.triton
 
@@ -209,7 +210,7 @@ def test_cli_errors_are_one_line_with_exit_2(server, tmp_path):
                                                                      "server (cnn_torchscript_image is not served)")):
         out = _cli("infer", str(bad), *args, "--url", server.http_address)
         assert out.returncode == 2 and said in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    port = serve.free_ports("127.0.0.1", 1)[0]
+    port = free_ports("127.0.0.1", 1)[0]
     for protocol in ("http", "grpc"):
         down = _cli("infer", str(bad), "--model", "cnn_onnx", "--url", f"127.0.0.1:{port}", "--protocol", protocol)
         assert down.returncode == 2, down.stderr

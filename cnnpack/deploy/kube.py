@@ -64,7 +64,8 @@ def repository_path(spec: Spec) -> str:
 
 
 def container_args(spec: Spec, *, config_name: str | None = None) -> list[str]:
-    from cnnpack.serve import Ports, server_args
+    from cnnpack.ports import Ports
+    from cnnpack.serve import server_args
 
     return [CONTAINER, *server_args(repository_path(spec), host="0.0.0.0", ports=Ports(**PORTS),
                                     stop_timeout_s=GRACE_S, config_name=config_name)]
