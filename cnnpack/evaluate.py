@@ -37,31 +37,34 @@ def evaluate(run_dir: str | Path, *, fmt: str = "checkpoint", data: str | None =
         raise UserInputError(f"--data classes {d.classes} differ from the model's {spec['classes']}")
     record = run.read()["stages"]["export"]["artifacts"][fmt] if fmt != "checkpoint" else {}
     batch, static = split_batching(record)  # within the artifact's max batch; padded for a static one
-    images, true, split = _scored(run, d, data)
+    images, true, split, own = _scored(run, d, data)
     logits = predict_split(runtime, images, batch, static=static)
     pred = logits.argmax(1)
     k = len(d.classes)
     cm = np.bincount(true * k + pred, minlength=k * k).reshape(k, k)
-    out = run.file(f"eval-{fmt}.json" if split == "validation" else f"eval-{fmt}-{_slug(d.source)}.json")
+    out = run.file(f"eval-{fmt}.json" if own else f"eval-{fmt}-{_slug(d.source)}.json")  # other data: its own file
+    seen = cm.sum(1)
     result = {"format": fmt, "runtime": runtime.name, "data": d.source, "split": split, "images": int(len(true)),
               "accuracy": float((pred == true).mean()), "classes": d.classes, "confusion_matrix": cm.tolist(),
-              "per_class_acc": (np.diag(cm) / np.maximum(cm.sum(1), 1)).round(4).tolist(), "output": str(out)}
+              "per_class_acc": [round(float(c) / n, 4) if n else None for c, n in zip(np.diag(cm), seen)],  # None: no image
+              "output": str(out)}
     atomic_write_json(out, result)
     return result
 
 
-def _scored(run: Run, d, data: str | None) -> tuple[np.ndarray, np.ndarray, str]:
-    """(images, labels, which): the validation split of the run's own data; every image of other data given as one
-    folder of <class>/<images> (it has no split of its own: the model never saw any of it)."""
+def _scored(run: Run, d, data: str | None) -> tuple[np.ndarray, np.ndarray, str, bool]:
+    """(images, labels, which, own): the validation split of the run's own data (own) or of other data that has one
+    (train/ and val/ folders, a torchvision dataset); every image of other data given as one folder of
+    <class>/<images> (it has no split of its own: the model never saw any of it)."""
     trained_on = run.read().get("stages", {}).get("train", {}).get("config", {}).get("data")
     root = Path(data) if data else None
     same = data == trained_on or (trained_on is not None and root is not None and root.exists()
                                   and root.resolve() == Path(trained_on).resolve())  # ./data/ and /abs/data alike
-    own_split = root is None or same or not root.is_dir() or (root / "val").is_dir()
-    if own_split:
-        return d.val.images.numpy(), d.val.labels.numpy(), "validation"
+    own = root is None or same
+    if own or not root.is_dir() or (root / "val").is_dir():
+        return d.val.images.numpy(), d.val.labels.numpy(), "validation", own
     images = np.concatenate([d.train.images.numpy(), d.val.images.numpy()])
-    return images, np.concatenate([d.train.labels.numpy(), d.val.labels.numpy()]), "all"
+    return images, np.concatenate([d.train.labels.numpy(), d.val.labels.numpy()]), "all", False
 
 
 def _slug(source: str) -> str:

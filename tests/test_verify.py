@@ -238,6 +238,15 @@ def test_evaluate_artifacts_through_the_runtimes_matches_the_checkpoint(exported
     assert other["split"] == "all" and other["images"] == 90 and other["accuracy"] == ref["accuracy"]
     assert Path(other["output"]).name.startswith("eval-onnx-flat-")
     assert json.loads((run_dir / "eval-onnx.json").read_text())["split"] == "validation"  # the run's own: kept
+    # other data with a split of its own (train/ and val/), one class absent from its val/: its validation split,
+    # in a file of its own, that class's accuracy unknown (None), not 0
+    split = tmp_path / "split"
+    shutil.copytree(Path(ref["data"]), split)
+    shutil.rmtree(split / "val" / ref["classes"][0])
+    theirs = evaluate(run_dir, fmt="onnx", data=str(split), device="cpu")
+    assert theirs["split"] == "validation" and Path(theirs["output"]).name.startswith("eval-onnx-split-")
+    assert theirs["per_class_acc"][0] is None and None not in theirs["per_class_acc"][1:]
+    assert json.loads((run_dir / "eval-onnx.json").read_text())["images"] == ref["images"]  # the run's own: kept
     _perturb_one_onnx_weight(run_dir / "export/model.onnx")
     with pytest.raises(UserInputError, match="changed since export"):
         evaluate(run_dir, fmt="onnx")
