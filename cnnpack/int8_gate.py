@@ -208,13 +208,16 @@ class Attempt:  # noqa: D101 - one quantized model and its figures on the valida
     images: int = 0  # validation images it was evaluated on (fewer: given up once it could not pass)
     fp32_accuracy: float = 0.0  # fp32's top-1 on those images
 
+    by: str = ""  # "" for the gate's own attempts (plain, then the ranked fallback); else what made it
+
     def holds(self, cfg: QuantizeConfig) -> bool:
-        return self.drop_pt <= cfg.max_drop and self.agreement >= cfg.min_agreement and not self.all_float
+        # 1 image in 200 is 0.5000000000000004 pt: a drop equal to --max-drop holds, as verify's gate says
+        return self.drop_pt <= cfg.max_drop + 1e-9 and self.agreement >= cfg.min_agreement - 1e-12 and not self.all_float
 
     def record(self) -> dict:
         return {"kept_float": self.kept_float, "accuracy": self.accuracy, "drop_pt": round(self.drop_pt, 4),
                 "top1_agreement_vs_fp32": self.agreement, "all_float": self.all_float, "images": self.images,
-                "fp32_accuracy": self.fp32_accuracy}
+                "fp32_accuracy": self.fp32_accuracy, **({"by": self.by} if self.by else {})}
 
 
 def evaluate(c: Candidate, model, kept: list[str], ref: np.ndarray, data: QuantData,
@@ -248,6 +251,11 @@ class GateResult:
     ranking_s: float = 0.0
     stopped: str | None = None  # set when the time limit stopped the gate
     harmful: int = 0  # ranked nodes whose int8 changes the logits (the fallback's candidates)
+
+    @property
+    def steps(self) -> int:
+        """The ranked fallback steps tried (not the plain attempt, nor one another method made: NNCF's)."""
+        return sum(1 for a in self.attempts[1:] if not a.by)
 
 
 RANKING_SHARE = 0.5  # of the time left when the ranking starts; the rest is for the fallback steps
@@ -337,10 +345,15 @@ def why_refused(section: dict, cfg: QuantizeConfig) -> str:
         return "every layer had to stay in float to hold the gate: there is no int8 model of it; loosen the gate"
     if steps == 0 and cfg.max_steps == 0:
         return "the plain int8 model misses the gate and --max-steps 0 allows no fallback; raise --max-steps"
-    if steps < cfg.max_steps and steps >= section.get("harmful_nodes", n_nodes):
+    harmful = section.get("harmful_nodes", n_nodes)
+    if section.get("ranking") and harmful == 0:
+        return ("no single node's int8 changed the logits on the ranking images, so there was no node to keep in "
+                "float; loosen the gate, or rank on more images (--rank-images)")
+    if steps >= harmful:  # a larger --max-steps would try nothing more
         return (f"keeping in float, one more per step, every one of the {steps} node(s) the ranking found harmful "
                 "never held the gate; loosen the gate")
-    last = len(section["attempts"][-1].get("kept_float", [])) if section.get("attempts") else steps
+    ranked = [a for a in section.get("attempts", [])[1:] if not a.get("by")]
+    last = len(ranked[-1].get("kept_float", [])) if ranked else steps
     return (f"--max-steps {cfg.max_steps} was spent (the last step kept the {last} most harmful of {n_nodes} node(s) in "
             "float); raise --max-steps or --max-drop, or calibrate on more images")
 
@@ -348,11 +361,14 @@ def why_refused(section: dict, cfg: QuantizeConfig) -> str:
 def refusal(section: dict, cfg: QuantizeConfig, stage: str, manifest: Path) -> str:
     g = section["gate"]
     seen = "" if g["int8_images"] == g["val_images"] else f", given up after {g['int8_images']} of {g['val_images']} images"
+    also = f"; {section['note']}" if section.get("note") else ""  # what another method (NNCF's) made of it
+    # at the time limit nothing is recorded: no manifest section to point at
+    details = "" if section.get("stopped") else f"; details: stages.{stage} in {manifest}"
     return (f"no int8 model within --max-drop {cfg.max_drop:g} pt and --min-agreement {100 * cfg.min_agreement:g}%: "
             f"{why_refused(section, cfg)} (the best int8 attempt{seen}: drop {g['drop_pt']:.2f} pt, top-1 "
             f"{100 * g['int8_accuracy']:.2f}% vs fp32 {100 * g['fp32_accuracy_on_those']:.2f}%, "
             f"{100 * g['top1_agreement_vs_fp32']:.2f}% agreement with {len(section['kept_float'])} node(s) in float; "
-            f"{g['steps']} fallback step(s) tried; details: stages.{stage} in {manifest})")
+            f"{g['steps']} fallback step(s) tried{also}{details})")
 
 
 def section(cfg: QuantizeConfig, ref_record: dict, ref_format: str, data: QuantData, ref_logits: np.ndarray,
@@ -368,7 +384,7 @@ def section(cfg: QuantizeConfig, ref_record: dict, ref_format: str, data: QuantD
                  "fp32_accuracy": top1(ref_logits, data.val_labels), "int8_accuracy": chosen.accuracy, "int8_images": chosen.images,
                  "fp32_accuracy_on_those": chosen.fp32_accuracy,
                  "drop_pt": round(chosen.drop_pt, 4), "top1_agreement_vs_fp32": chosen.agreement,
-                 "val_images": int(len(data.val_labels)), "steps": len(res.attempts) - 1},
+                 "val_images": int(len(data.val_labels)), "steps": res.steps},
         "attempts": [a.record() for a in res.attempts], "ranking": res.ranking[:32],
         "ranking_images": res.ranked_images, "ranking_s": round(res.ranking_s, 1),
         "quantizable_nodes": len(nodes), "harmful_nodes": res.harmful, "kept_float": chosen.kept_float, "wall_s": round(wall_s, 1),

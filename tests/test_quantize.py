@@ -196,8 +196,10 @@ def test_at_the_time_limit_the_best_attempt_is_reported_and_nothing_recorded(qua
         if "calibrating" in line:
             time.sleep(8)
 
-    with pytest.raises(TimeLimitReached, match=r"the time limit of 8 s was reached during ranking; raise --time-limit.* "
-                                               r"\(the best int8 attempt.*: drop .* agreement with 0 node\(s\) in float"):
+    with pytest.raises(TimeLimitReached, match=r"the time limit of 8 s was reached during calibrating and quantizing; "
+                                               r"raise --time-limit, or calibrate on fewer images \(--calibration-images\) "
+                                               r"\(the best int8 attempt.*: drop .* agreement with 0 node\(s\) in float; "
+                                               r"0 fallback step\(s\) tried\)$"):  # nothing recorded: no details
         quantize(run, cfg, progress=slow_progress)
     with pytest.raises(TimeLimitReached, match=r"the time limit of 0.001 s was reached during the fp32 reference, before"):
         quantize(run, QuantizeConfig(time_limit_s=0.001))
@@ -271,6 +273,31 @@ def test_every_refusal_says_its_real_reason():
     assert "--max-steps 0 allows no fallback" in reason(0, 0, cfg={"max_steps": 0})
     assert "--max-steps 8 was spent (the last step kept the 8 most harmful of 10 node(s)" in reason(8, 8)
     assert "every one of the 3 node(s) the ranking found harmful never held the gate" in reason(3, 3, harmful_nodes=3)
+    # --max-steps equal to the harmful nodes: a larger one would try nothing more, so it is not the advice
+    assert "every one of the 3 node(s)" in reason(3, 3, harmful_nodes=3, cfg={"max_steps": 3})
+    assert "no single node's int8 changed the logits" in reason(
+        0, 0, harmful_nodes=0, ranking=[{"node": "n", "mse_alone_in_int8": 0.0}])
+
+
+def test_the_gate_counts_its_own_steps_and_holds_at_its_bounds():
+    from cnnpack.int8_gate import Attempt, GateResult, refusal
+
+    cfg = QuantizeConfig()  # --max-drop 0.5, --min-agreement 0.99
+    edge = Attempt([], accuracy=0.495, drop_pt=100 * (0.5 - 0.495), agreement=0.99)  # 1 image in 200 lost
+    assert edge.drop_pt > 0.5 and edge.holds(cfg)  # 0.5000000000000004 pt is the bound, not past it
+    assert not Attempt([], accuracy=0.49, drop_pt=1.0, agreement=0.99).holds(cfg)
+    plain, step, nncf = Attempt([], 0.4, 2.0, 0.9), Attempt(["a"], 0.4, 1.0, 0.95), Attempt(["b", "c"], 0.4, 1.0, 0.96)
+    nncf.by = "nncf_accuracy_control"
+    res = GateResult(None, [plain, step, nncf], [])
+    assert res.steps == 1 and nncf.record()["by"] == "nncf_accuracy_control" and "by" not in step.record()
+    section = {"gate": {"steps": 1, "int8_images": 90, "val_images": 90, "drop_pt": 1.0, "int8_accuracy": 0.4,
+                        "fp32_accuracy_on_those": 0.41, "top1_agreement_vs_fp32": 0.96},
+               "attempts": [a.record() for a in res.attempts], "kept_float": ["b", "c"], "quantizable_nodes": 5,
+               "harmful_nodes": 4, "ranking": [{"node": "a"}], "note": "NNCF's accuracy control did not hold the gate"}
+    said = refusal(section, QuantizeConfig(max_steps=1), "quantize_openvino", Path("run/cnnpack.json"))
+    assert "the last step kept the 1 most harmful of 5" in said and "1 fallback step(s) tried; NNCF's accuracy " \
+        "control did not hold the gate; details: stages.quantize_openvino in run/cnnpack.json)" in said
+    assert "details" not in refusal({**section, "stopped": "fallback step 2 of 4"}, cfg, "quantize", Path("m"))
 
 
 # -- bad input: one line, exit 2, nothing written ----------------------------------------------------------
