@@ -267,7 +267,7 @@ def pareto(points: list[dict]) -> list[dict]:
 
 def choose(points: list[dict], cfg: TuneConfig) -> dict | None:
     """The best point within the budget; never a bf16 config this CPU computed in f32 (its bf16 was not measured)."""
-    ok = [p for p in points if p["latency_ms_p99"] <= cfg.latency_budget_ms and "computed" not in p]
+    ok = [p for p in points if within_budget(p, cfg)]
     if not ok:
         return None
     if cfg.objective == "latency":
@@ -275,9 +275,17 @@ def choose(points: list[dict], cfg: TuneConfig) -> dict | None:
     return max(ok, key=lambda p: (p["throughput_ips"], -p["latency_ms_p99"]))
 
 
-def verdict(winner: dict, points: list[dict], served: str | None = None) -> dict:
+def within_budget(p: dict, cfg: TuneConfig) -> bool:
+    """A point that may win: its p99 within the budget, and its precision measured (not bf16 computed in f32)."""
+    return p["latency_ms_p99"] <= cfg.latency_budget_ms and "computed" not in p
+
+
+def verdict(winner: dict, points: list[dict], served: str | None, cfg: TuneConfig) -> dict:
     """The winner against the default config of its model (same concurrency), with the measured noise, and
-    against the default of the model the run serves today (`served`, the triton stage's model)."""
+    against the default of the model the run serves today (`served`, the triton stage's model).
+
+    `as_good` (the default is kept, nothing written) only where the default itself could have won (within the
+    budget) and the winner beats it by no more than the noise on the objective: images/s, or p99 for latency."""
     def default_of(model):
         return next((p for p in points if p["default"] and p["model"] == model
                      and p["concurrency"] == winner["concurrency"]), None)
@@ -289,8 +297,9 @@ def verdict(winner: dict, points: list[dict], served: str | None = None) -> dict
         return {**out, "default": None, "gain": None, "noise": None, "as_good": False}
     gain = winner["throughput_ips"] / default["throughput_ips"]
     noise = max(winner.get("noise") or 0.0, default.get("noise") or 0.0, 0.05)
+    better = (default["latency_ms_p99"] / winner["latency_ms_p99"] if cfg.objective == "latency" else gain) - 1
     return {**out, "default": default["label"], "default_throughput_ips": default["throughput_ips"], "gain": gain,
-            "noise": noise, "as_good": not winner["default"] and gain - 1 <= noise}
+            "noise": noise, "as_good": not winner["default"] and within_budget(default, cfg) and better <= noise}
 
 
 # -- the stage ----------------------------------------------------------------------------------------------
@@ -348,13 +357,17 @@ def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None
     settings = grid(models, cfg, cfg.queue_delays_us[len(cfg.queue_delays_us) // 2:][:1]) if coarse else full
     log = run.file("tune/server.log")
     points, info = sweep(run, cfg, settings, repository, progress, log)
-    if coarse and info.get("server_alive") and points:  # refine: every delay for the best coarse setting
+    left = cfg.time_limit_s - info["wall_s"]  # the refine gets what the coarse sweep left of --time-limit
+    if coarse and info["truncated"]:
+        info["refine"] = {"skipped": "the time limit was reached in the coarse sweep"}
+    elif coarse and info.get("server_alive") and points and left > 0:  # refine: every delay for the best coarse one
         tried = [p for p in points if not p["default"]]  # a default is its config.pbtxt: no delay of ours to vary
         best = tried and (choose(tried, cfg) or max(tried, key=lambda p: p["throughput_ips"]))
         refine = [replace(s, queue_delay_us=d) for s in settings if best and s.label == best["label"]
                   and s.dynamic_batching for d in cfg.queue_delays_us if d != s.queue_delay_us]
         if refine:
-            more, info2 = sweep(run, cfg, refine, repository, progress, run.file("tune/server-refine.log"))
+            more, info2 = sweep(run, replace(cfg, time_limit_s=left), refine, repository, progress,
+                                run.file("tune/server-refine.log"))
             points += more
             info["refine"] = info2
         info["search"] = "coarse-to-fine"
@@ -362,13 +375,16 @@ def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None
 
 
 def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
+    from cnnpack.triton_config import tuned_in_place
+
     died = bool(info["error"]) and not info.get("server_alive", True)
     winner = None if died else choose(points, cfg)  # a config the server refused is a lost point, not a lost sweep
+    earlier = tuned_in_place(run.read()["stages"])  # an earlier tune's config, still served: its undo must survive
     result = {"config": asdict(cfg), "points": points, "pareto": [p["label"] + f" c{p['concurrency']}" for p in pareto(points)],
-              "sweep": info, "winner": winner, "written": None,
-              "verdict": verdict(winner, points, run.stage("triton")["name"]) if winner else None}
+              "sweep": info, "winner": winner, "written": earlier,
+              "verdict": verdict(winner, points, run.stage("triton")["name"], cfg) if winner else None}
     if winner and not result["verdict"]["as_good"] and not winner["default"]:
-        result["written"] = write_winner(run, winner)
+        result["written"] = write_winner(run, winner, earlier)
     atomic_write_json(run.file(OUTPUT), result)
     plot(points, winner, cfg, run.file(PLOT))
     status = "ok" if winner else "failed"
@@ -387,8 +403,12 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
     return run.read()["stages"]["tune"]
 
 
-def write_winner(run: Run, winner: dict) -> dict:
-    """The winner's config.pbtxt into its model folder, the previous one kept as config.pbtxt.prev."""
+def write_winner(run: Run, winner: dict, earlier: dict | None = None) -> dict:
+    """The winner's config.pbtxt into its model folder, the previous one kept as config.pbtxt.prev.
+
+    Over an earlier tune's config of the same model (`earlier`, still in place) its config.pbtxt.prev, the config
+    from before any tune, is kept, so that `--undo` goes back to it; an earlier tune of another model stays in
+    place and is undone with this one (`earlier` in the record)."""
     from google.protobuf import json_format
     from tritonclient.grpc import model_config_pb2 as pb
 
@@ -398,21 +418,28 @@ def write_winner(run: Run, winner: dict) -> dict:
     folder = Path(repository) / winner["model"]
     s = Setting(**{k: winner[k] for k in Setting.__dataclass_fields__})
     mc = json_format.Parse(model_config_json(run, s, repository), pb.ModelConfig())
-    current = (folder / "config.pbtxt").read_text()
-    atomic_write_text(folder / PREVIOUS, current)
+    same = earlier is not None and Path(earlier["config"]) == folder / "config.pbtxt" \
+        and Path(earlier["previous"]).is_file()
+    if not same:
+        atomic_write_text(folder / PREVIOUS, (folder / "config.pbtxt").read_text())
     atomic_write_text(folder / "config.pbtxt", render(mc))
     return {"model": winner["model"], "config": str(folder / "config.pbtxt"), "previous": str(folder / PREVIOUS),
-            "sha256": sha256(folder / "config.pbtxt")}  # what deploy checks is still in place (triton_config)
+            "sha256": sha256(folder / "config.pbtxt"),  # what deploy checks is still in place (triton_config)
+            **({"earlier": earlier} if earlier and not same else {})}
 
 
 def undo(run_dir: str | Path) -> dict:
-    """Restores the config.pbtxt that the last tune replaced; UserInputError when there is nothing to undo."""
+    """Restores the config.pbtxt(s) that tune replaced (the last one's, and an earlier tune's of another model still
+    in place); UserInputError when there is nothing to undo."""
     run = Run.open(run_dir)
     written = (run.read().get("stages", {}).get("tune") or {}).get("written")
     if not written or not Path(written["previous"]).is_file():
         raise UserInputError(f"{run.path}: no config written by `cnnpack tune` to undo")
-    atomic_write_text(Path(written["config"]), Path(written["previous"]).read_text())
-    Path(written["previous"]).unlink()
+    w: dict | None = written
+    while w and Path(w["previous"]).is_file():
+        atomic_write_text(Path(w["config"]), Path(w["previous"]).read_text())
+        Path(w["previous"]).unlink()
+        w = w.get("earlier")
     run.update(lambda m: m["stages"]["tune"].update(written=None, undone=written))
     return written
 
@@ -462,7 +489,7 @@ def describe(section: dict) -> str:
         line += f"; {today['gain']:.2f}x {today['model']} as served today"
     if v.get("as_good"):
         line += "; within the noise: the default config is as good and was kept"
-    elif section.get("written"):
+    elif section.get("written") and not w["default"]:  # else it is an earlier tune's, still in place
         line += f"; written to {section['written']['config']} (previous: {PREVIOUS})"
     return line
 

@@ -148,6 +148,77 @@ def test_a_server_that_dies_mid_sweep_keeps_the_points_and_changes_nothing(laid_
     assert len(kept["points"]) == 1 and kept["winner"] is None
 
 
+def _point(label_settings: dict, ips: float, p99: float) -> dict:
+    from dataclasses import asdict
+
+    from cnnpack.tune import Setting
+
+    s = Setting(model="cnn_onnx", format="onnx", **label_settings)
+    return {**asdict(s), "label": s.label, "precision": "fp32", "concurrency": 4, "throughput_ips": ips,
+            "latency_ms_p99": p99, "noise": 0.01}
+
+
+def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survives_a_second_tune(laid_out, tmp_path):
+    """No server: `finish` on planted points. A default outside the budget, or slower on the latency objective,
+    is not 'as good'; a second tune that keeps the first one's config (or writes over it) still undoes to the
+    config.pbtxt from before any tune."""
+    from cnnpack.rundir import Run
+    from cnnpack.tune import PREVIOUS, TuneConfig, finish, undo
+
+    run_dir, repo = _copy(laid_out, tmp_path)
+    run = Run.open(run_dir)
+    config = repo / "cnn_onnx" / "config.pbtxt"
+    original = config.read_text()
+    info = {"error": None, "server_alive": True}
+    default = {"default": True}
+    tuned = {"instances": 1, "threads": 1, "dynamic_batching": True, "queue_delay_us": 500}
+    # the default 2 % faster but past the 50 ms budget: the tuned config wins and is written
+    first = finish(run, TuneConfig(), [_point(default, 1000, 120), _point(tuned, 980, 40)], dict(info))
+    assert not first["verdict"]["as_good"] and first["written"] and config.read_text() != original
+    written_once = config.read_text()
+    assert (repo / "cnn_onnx" / PREVIOUS).read_text() == original
+    # latency objective: the default (now the first tune's config) within the noise on images/s, 9x the p99
+    lat = finish(run, TuneConfig(objective="latency"), [_point(default, 1000, 45), _point(tuned | {"queue_delay_us": 0},
+                                                                                        990, 5)], dict(info))
+    assert not lat["verdict"]["as_good"] and config.read_text() != written_once
+    assert (repo / "cnn_onnx" / PREVIOUS).read_text() == original  # the config from before any tune, kept
+    # a tune that keeps what is served (as good) still knows how to undo it
+    kept = finish(run, TuneConfig(), [_point(default, 1000, 10), _point(tuned, 1010, 9)], dict(info))
+    assert kept["verdict"]["as_good"] and kept["written"] == lat["written"]
+    undo(run_dir)
+    assert config.read_text() == original and not (repo / "cnn_onnx" / PREVIOUS).exists()
+
+
+def test_the_refine_gets_only_what_the_coarse_sweep_left_of_the_time_limit(laid_out, tmp_path, monkeypatch):
+    """No server: the sweeps are planted. A coarse sweep cut at the limit is not refined; one that left time is
+    refined within what is left (it had the whole --time-limit again, up to twice the limit in all)."""
+    from dataclasses import asdict
+
+    import cnnpack.tune as t
+
+    run_dir, _ = _copy(laid_out, tmp_path)
+    limits: list[float] = []
+
+    def planted(wall_s: float, truncated: bool):
+        def sweep(run, cfg, settings, repository, say, log):
+            limits.append(cfg.time_limit_s)
+            points = [{**asdict(s), "label": s.label, "precision": "fp32", "concurrency": 4, "latency_ms_p99": 5.0,
+                       "throughput_ips": 1000.0 + s.queue_delay_us, "noise": 0.01} for s in settings]
+            return points, {"search": "grid", "truncated": truncated, "error": None, "errors": [],
+                            "server_alive": True, "wall_s": wall_s}
+        return sweep
+
+    cfg = t.TuneConfig(latency_budget_ms=50, instances=(1,), threads=(1,), queue_delays_us=(0, 100, 500),
+                       concurrency=(4,), max_seconds=1.0, time_limit_s=5)
+    monkeypatch.setattr(t, "sweep", planted(5.2, True))
+    cut = t.tune(run_dir, cfg)
+    assert limits == [5] and cut["sweep"]["refine"] == {"skipped": "the time limit was reached in the coarse sweep"}
+    limits.clear()
+    monkeypatch.setattr(t, "sweep", planted(3.0, False))
+    refined = t.tune(run_dir, cfg)
+    assert limits == [5, pytest.approx(2.0)] and refined["sweep"]["search"] == "coarse-to-fine"
+
+
 def _cmdline(pid) -> bytes:
     try:
         return open(f"/proc/{pid}/cmdline", "rb").read()
