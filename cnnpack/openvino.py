@@ -120,7 +120,12 @@ def swap_in(tmp: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if dest.exists():
         dest.rename(old)
-    tmp.rename(dest)
+    try:
+        tmp.rename(dest)
+    except OSError:
+        if old.exists() and not dest.exists():
+            old.rename(dest)  # the previous folder back where the manifest says it is
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -285,3 +285,23 @@ def test_other_weights_under_the_same_xml_are_another_artifact(ir_run, tmp_path)
     assert _artifacts(Run.open(run))["openvino"] != before["openvino"]  # the stages fed by the IR run again
     result = verify(run, VerifyConfig(formats=("onnx",), **quick))
     assert "openvino" not in result.get("kept", [])  # its earlier verdict was another model's
+
+
+def test_a_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    """The new IR folder could not take the old one's place: the old one is back under its name, not left as
+    `.openvino_int8-old` with the manifest pointing at nothing."""
+    dest, new = tmp_path / "openvino_int8", tmp_path / ".openvino_int8-new"
+    dest.mkdir()
+    (dest / "model.xml").write_text("old")
+    new.mkdir()
+    real = Path.rename
+
+    def rename(self, target):
+        if self == new:
+            raise OSError(18, "Invalid cross-device link")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError):
+        ov.swap_in(new, dest)
+    assert (dest / "model.xml").read_text() == "old" and not (tmp_path / ".openvino_int8-old").exists()
