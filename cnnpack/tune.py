@@ -133,13 +133,29 @@ def servable(run: Run, cfg: TuneConfig, *, required_by: str = "tune") -> list[tu
         files = [(latest, checked.get("sha256"))] + ([(latest.with_suffix(".bin"), checked["weights_sha256"])]
                                                      if "weights_sha256" in checked else [])
         if not all(f.is_file() and sha256(f) == digest for f, digest in files):
-            raise UserInputError(f"{latest} is not the {fmt} artifact `cnnpack verify` checked (exported again "
-                                 f"since?); run `cnnpack verify --run {shell(run.path)}` first")
+            raise UserInputError(_not_verified(run, root, name, fmt, latest, checked))
     if not found:
         raise UserInputError(f"{root} holds no model that passed `cnnpack verify`; run `cnnpack verify --run "
                              f"{shell(run.path)}` and `cnnpack triton --run {shell(run.path)} --repository "
                              f"{shell(root)} --format FORMAT` first")
     return found
+
+
+def _not_verified(run: Run, root: Path, name: str, fmt: str, latest: Path, checked: dict) -> str:
+    """Why the latest version is not the file verify checked, and the command that mends it."""
+    from cnnpack.triton_publish import read_sidecar
+
+    lay_out = f"`cnnpack triton --run {shell(run.path)} --repository {shell(root)} --format {fmt}`"
+    origin = ((read_sidecar(root / name) or {}).get("versions", {}).get(latest.parent.name) or {}).get("run")
+    if origin and Path(origin) != run.path.resolve():
+        return (f"{latest} is version {latest.parent.name} of {name}, laid out from another run ({origin}), and "
+                f"Triton serves the latest version; run {lay_out} to lay this run's out again as the latest, or give "
+                "each run its own --repository")
+    exported = run.read().get("stages", {}).get("export", {}).get("artifacts", {}).get(fmt, {}).get("sha256")
+    if exported and exported == checked.get("sha256"):  # verify is current: the repository is behind it
+        return f"{latest} is not the {fmt} artifact `cnnpack verify` checked; run {lay_out} to lay that one out"
+    return (f"{latest} is not the {fmt} artifact `cnnpack verify` checked (exported again since?); run "
+            f"`cnnpack verify --run {shell(run.path)}`, then {lay_out}")
 
 
 def _native_bf16() -> bool:
@@ -304,36 +320,31 @@ def verdict(winner: dict, points: list[dict], served: str | None, cfg: TuneConfi
 
 # -- the stage ----------------------------------------------------------------------------------------------
 def sweep(run: Run, cfg: TuneConfig, settings: list[Setting], repository: str, say: Callable[[str], None],
-          log: Path) -> tuple[list[dict], dict]:
-    """Measures every setting at every concurrency within the time limit; (points, how the sweep went)."""
-    from cnnpack.serve import ServeConfig, TritonServer
-
+          server) -> tuple[list[dict], dict]:
+    """Measures every setting at every concurrency on `server` (explicit model control) within the time limit;
+    (points, how the sweep went)."""
     points: list[dict] = []
     t0 = time.monotonic()
-    info: dict = {"search": "grid", "truncated": False, "error": None, "errors": []}
-    server = TritonServer(ServeConfig(repository=repository, explicit=True, log_file=str(log)))
-    with server:
-        info["server_pid"] = server.pid
-        plan = [(s, c) for s in settings for c in cfg.concurrency]
-        for i, (s, c) in enumerate(plan):
-            if time.monotonic() - t0 > cfg.time_limit_s:
-                info["truncated"] = True
-                say(f"time limit {cfg.time_limit_s:g} s reached after {len(points)} points")
+    info: dict = {"search": "grid", "truncated": False, "error": None, "errors": [], "server_pid": server.pid}
+    plan = [(s, c) for s in settings for c in cfg.concurrency]
+    for i, (s, c) in enumerate(plan):
+        if time.monotonic() - t0 > cfg.time_limit_s:
+            info["truncated"] = True
+            say(f"time limit {cfg.time_limit_s:g} s reached after {len(points)} points")
+            break
+        say(f"point {i + 1}/{len(plan)}: {s.label} at concurrency {c}")
+        try:
+            points.append(measure_point(run, server, s, c, cfg, repository))
+            p = points[-1]
+            say(f"measured {s.label} at concurrency {c}: {p['throughput_ips']:,.0f} images/s, p99 "
+                f"{p['latency_ms_p99']:.2f} ms ({p['load_generator']})")
+        except CnnpackError as e:  # a server that died or a config it refused: keep what was measured
+            info["error"] = f"{s.label} at concurrency {c}: {e}"
+            info["errors"].append(info["error"])
+            if not server.alive():
                 break
-            say(f"point {i + 1}/{len(plan)}: {s.label} at concurrency {c}")
-            try:
-                points.append(measure_point(run, server, s, c, cfg, repository))
-                p = points[-1]
-                say(f"measured {s.label} at concurrency {c}: {p['throughput_ips']:,.0f} images/s, p99 "
-                    f"{p['latency_ms_p99']:.2f} ms ({p['load_generator']})")
-            except CnnpackError as e:  # a server that died or a config it refused: keep what was measured
-                info["error"] = f"{s.label} at concurrency {c}: {e}"
-                info["errors"].append(info["error"])
-                if not server.alive():
-                    break
-        info["server_alive"] = server.alive()
+    info["server_alive"] = server.alive()
     info["wall_s"] = round(time.monotonic() - t0, 1)
-    info["server_starts"] = log.read_text(errors="replace").count("Started GRPCInferenceService") if log.is_file() else None
     return points, info
 
 
@@ -355,8 +366,20 @@ def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None
                  "in f32 here, so they are measured and shown but none can be the winner")
     coarse = estimate_s(full, cfg) > cfg.time_limit_s and len(cfg.queue_delays_us) > 1
     settings = grid(models, cfg, cfg.queue_delays_us[len(cfg.queue_delays_us) // 2:][:1]) if coarse else full
+    from cnnpack.serve import ServeConfig, TritonServer
+
     log = run.file("tune/server.log")
-    points, info = sweep(run, cfg, settings, repository, progress, log)
+    with TritonServer(ServeConfig(repository=repository, explicit=True, log_file=str(log))) as server:
+        points, info = _sweeps(run, cfg, settings, coarse, repository, progress, server)
+    info["server_starts"] = log.read_text(errors="replace").count("Started GRPCInferenceService") if log.is_file() else None
+    return finish(run, cfg, points, info)
+
+
+def _sweeps(run: Run, cfg: TuneConfig, settings: list[Setting], coarse: bool, repository: str,
+            progress: Callable[[str], None], server) -> tuple[list[dict], dict]:
+    """The sweep of `settings`, then, when it was the coarse one, every delay for its best setting on the same
+    server, within what is left of --time-limit."""
+    points, info = sweep(run, cfg, settings, repository, progress, server)
     left = cfg.time_limit_s - info["wall_s"]  # the refine gets what the coarse sweep left of --time-limit
     if coarse and info["truncated"]:
         info["refine"] = {"skipped": "the time limit was reached in the coarse sweep"}
@@ -366,12 +389,14 @@ def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None
         refine = [replace(s, queue_delay_us=d) for s in settings if best and s.label == best["label"]
                   and s.dynamic_batching for d in cfg.queue_delays_us if d != s.queue_delay_us]
         if refine:
-            more, info2 = sweep(run, replace(cfg, time_limit_s=left), refine, repository, progress,
-                                run.file("tune/server-refine.log"))
+            more, info2 = sweep(run, replace(cfg, time_limit_s=left), refine, repository, progress, server)
             points += more
             info["refine"] = info2
+            info["server_alive"] = info2["server_alive"]
+            info["errors"] += info2["errors"]
+            info["error"] = info2["error"] or info["error"]
         info["search"] = "coarse-to-fine"
-    return finish(run, cfg, points, info)
+    return points, info
 
 
 def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:

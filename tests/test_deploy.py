@@ -392,7 +392,16 @@ def test_a_run_whose_repository_holds_no_verified_model_is_refused_as_tune_does(
     shutil.copytree(repo / "cnn_onnx" / "1", repo / "cnn_onnx" / "2")
     with open(repo / "cnn_onnx" / "2" / "model.onnx", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(UserInputError, match=r"cnn_onnx/2/model.onnx is not the onnx artifact `cnnpack verify` checked"):
+    with pytest.raises(UserInputError, match=r"cnn_onnx/2/model.onnx is not the onnx artifact `cnnpack verify` "
+                                             r"checked; run `cnnpack triton --run .* --format onnx` to lay that one out"):
+        deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    # the latest version laid out by another run (two runs sharing one repository): said, with what mends it
+    side = json.loads((repo / "cnn_onnx" / "cnnpack-model.json").read_text())
+    side["versions"]["2"] = {**side["versions"]["1"], "run": str(tmp_path / "another-run")}
+    (repo / "cnn_onnx" / "cnnpack-model.json").write_text(json.dumps(side))
+    with pytest.raises(UserInputError, match=r"model.onnx is version 2 of cnn_onnx, laid out from another run \(.*"
+                                             r"another-run\), and Triton serves the latest version; run `cnnpack "
+                                             r"triton --run .* --format onnx` to lay this run's out again"):
         deploy(run, DeployConfig(out=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 

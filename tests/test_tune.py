@@ -200,7 +200,7 @@ def test_the_refine_gets_only_what_the_coarse_sweep_left_of_the_time_limit(laid_
     limits: list[float] = []
 
     def planted(wall_s: float, truncated: bool):
-        def sweep(run, cfg, settings, repository, say, log):
+        def sweep(run, cfg, settings, repository, say, server):
             limits.append(cfg.time_limit_s)
             points = [{**asdict(s), "label": s.label, "precision": "fp32", "concurrency": 4, "latency_ms_p99": 5.0,
                        "throughput_ips": 1000.0 + s.queue_delay_us, "noise": 0.01} for s in settings]
@@ -217,6 +217,7 @@ def test_the_refine_gets_only_what_the_coarse_sweep_left_of_the_time_limit(laid_
     monkeypatch.setattr(t, "sweep", planted(3.0, False))
     refined = t.tune(run_dir, cfg)
     assert limits == [5, pytest.approx(2.0)] and refined["sweep"]["search"] == "coarse-to-fine"
+    assert refined["sweep"]["server_starts"] == 1  # the refine measures on the coarse sweep's server
 
 
 def _cmdline(pid) -> bytes:
