@@ -65,8 +65,9 @@ class _Group(TyperGroup):
 app = typer.Typer(
     cls=_Group,
     name="cnnpack",
-    help="Train an image-classification CNN, export it to ONNX/pt2/TorchScript, prove the exports match, "
-    "benchmark them and serve them with Triton.\n\nExample: cnnpack pipeline",
+    help="Train an image-classification CNN, export it (ONNX, pt2, TorchScript, OpenVINO), quantize it to int8 "
+    "under an accuracy gate, prove the exports match, benchmark them, serve them with Triton, tune the served "
+    "config and deploy it to Kubernetes.\n\nExample: cnnpack pipeline",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

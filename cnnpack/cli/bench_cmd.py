@@ -39,7 +39,7 @@ def bench(
 
     Example: cnnpack bench --run runs/demo --runtimes eager,onnxruntime --batch-sizes 1,32 --threads 2
 
-    Example (served): cnnpack bench --run runs/demo --triton-url 127.0.0.1:8001 --model cnn_onnx --concurrency 1,4,16
+    Example (served): cnnpack bench --run runs/demo --triton-url 127.0.0.1:8000 --model cnn_onnx --concurrency 1,4,16
     """
     from cnnpack.bench import BenchConfig
     from cnnpack.bench import bench as do_bench

@@ -41,7 +41,7 @@ def pipeline(
     runtimes: str = typer.Option("eager,compiled,torchscript,onnxruntime", help="Runtimes to benchmark."),
     batch_sizes: Optional[str] = typer.Option(None, help="Benchmark batch sizes (default 1,32, within --max-batch-size)."),
     max_seconds: float = typer.Option(4.0, help="Benchmark time limit per runtime and batch size."),
-    threads: Optional[int] = typer.Option(None, help="Threads for every benchmarked runtime (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, help="Threads for every benchmarked runtime (default: physical cores, as bench)."),
     repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to lay out."),
     openvino: str = typer.Option("auto", help="OpenVINO IR (fp32, bf16 inference, NNCF int8) through every stage: "
                                                "auto (when the openvino extra is installed) | yes | no."),
@@ -59,7 +59,7 @@ def pipeline(
     progress: bool = typer.Option(True, help="Show live progress."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
-    """Train, export, verify, benchmark and package for Triton in one go, then write report.md/report.html.
+    """Train, export, quantize (int8), verify, benchmark and package for Triton in one go, then write report.md/report.html.
 
     Stages whose inputs are unchanged since their last successful run are skipped; --force redoes them.
 
