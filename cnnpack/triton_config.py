@@ -237,7 +237,8 @@ def render(mc) -> str:
 def tuned_in_place(stages: dict) -> dict | None:
     """The config.pbtxt `cnnpack tune` wrote (its `written` record) while it is still the one in the repository:
     None when tune wrote nothing, was undone, or a later `cnnpack triton` put the defaults back."""
-    written = (stages.get("tune") or {}).get("written")  # a failed tune carries an earlier one's forward
+    tune = stages.get("tune") or {}
+    written = tune.get("written") if tune.get("status") == "ok" else None
     if not written:
         return None
     path = Path(written["config"])

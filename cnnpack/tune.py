@@ -380,10 +380,13 @@ def _sweeps(run: Run, cfg: TuneConfig, settings: list[Setting], coarse: bool, re
     """The sweep of `settings`, then, when it was the coarse one, every delay for its best setting on the same
     server, within what is left of --time-limit."""
     points, info = sweep(run, cfg, settings, repository, progress, server)
+    if not coarse:
+        return points, info
+    info["search"] = "coarse-to-fine"
     left = cfg.time_limit_s - info["wall_s"]  # the refine gets what the coarse sweep left of --time-limit
-    if coarse and info["truncated"]:
+    if info["truncated"] or left <= 0:
         info["refine"] = {"skipped": "the time limit was reached in the coarse sweep"}
-    elif coarse and info.get("server_alive") and points and left > 0:  # refine: every delay for the best coarse one
+    elif info.get("server_alive") and points:  # refine: every delay for the best coarse setting
         tried = [p for p in points if not p["default"]]  # a default is its config.pbtxt: no delay of ours to vary
         best = tried and (choose(tried, cfg) or max(tried, key=lambda p: p["throughput_ips"]))
         refine = [replace(s, queue_delay_us=d) for s in settings if best and s.label == best["label"]
@@ -395,26 +398,25 @@ def _sweeps(run: Run, cfg: TuneConfig, settings: list[Setting], coarse: bool, re
             info["server_alive"] = info2["server_alive"]
             info["errors"] += info2["errors"]
             info["error"] = info2["error"] or info["error"]
-        info["search"] = "coarse-to-fine"
+            info["wall_s"] = round(info["wall_s"] + info2["wall_s"], 1)
     return points, info
 
 
 def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
-    from cnnpack.triton_config import tuned_in_place
-
     died = bool(info["error"]) and not info.get("server_alive", True)
     winner = None if died else choose(points, cfg)  # a config the server refused is a lost point, not a lost sweep
-    earlier = tuned_in_place(run.read()["stages"])  # an earlier tune's config, still served: its undo must survive
+    tuned = undoable(run.read()["stages"])  # configs earlier tunes wrote, still served: their undo must survive
     result = {"config": asdict(cfg), "points": points, "pareto": [p["label"] + f" c{p['concurrency']}" for p in pareto(points)],
-              "sweep": info, "winner": winner, "written": earlier,
+              "sweep": info, "winner": winner, "written": None,
               "verdict": verdict(winner, points, run.stage("triton")["name"], cfg) if winner else None}
     if winner and not result["verdict"]["as_good"] and not winner["default"]:
-        result["written"] = write_winner(run, winner, earlier)
+        w = result["written"] = write_winner(run, winner, keep_previous=_config_of(run, winner) in tuned)
+        tuned[w["config"]] = {"previous": w["previous"], "sha256": w["sha256"]}
     atomic_write_json(run.file(OUTPUT), result)
     plot(points, winner, cfg, run.file(PLOT))
     status = "ok" if winner else "failed"
     run.set_stage("tune", {"status": status, "config": asdict(cfg), "points": points, "winner": winner,
-                           "verdict": result["verdict"], "written": result["written"], "sweep": info,
+                           "verdict": result["verdict"], "written": result["written"], "tuned": tuned, "sweep": info,
                            "outputs": {n: run.file_record(run.file(n)) for n in (OUTPUT, PLOT)}})
     if died:
         raise StageFailed(f"the Triton server died during the sweep ({info['error']}); the {len(points)} points "
@@ -428,12 +430,27 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
     return run.read()["stages"]["tune"]
 
 
-def write_winner(run: Run, winner: dict, earlier: dict | None = None) -> dict:
-    """The winner's config.pbtxt into its model folder, the previous one kept as config.pbtxt.prev.
+def undoable(stages: dict) -> dict[str, dict]:
+    """Every config.pbtxt a tune of this run wrote that the repository still serves (its digest unchanged: not undone,
+    not laid out again), config path -> {"previous": its config.pbtxt.prev, "sha256"}. Each tune carries it forward,
+    so `--undo` after a second tune still goes back to the configs from before any tune."""
+    t = stages.get("tune") or {}
+    entries = dict(t.get("tuned") or {})
+    w = t.get("written")  # a record from before `tuned` was kept
+    if w and "sha256" in w and w["config"] not in entries:
+        entries[w["config"]] = {"previous": w["previous"], "sha256": w["sha256"]}
+    return {c: e for c, e in entries.items()
+            if Path(c).is_file() and Path(e["previous"]).is_file() and sha256(Path(c)) == e["sha256"]}
 
-    Over an earlier tune's config of the same model (`earlier`, still in place) its config.pbtxt.prev, the config
-    from before any tune, is kept, so that `--undo` goes back to it; an earlier tune of another model stays in
-    place and is undone with this one (`earlier` in the record)."""
+
+def _config_of(run: Run, winner: dict) -> str:
+    """The config.pbtxt the winner would be written to."""
+    return str(Path(run.stage("triton")["repository"]) / winner["model"] / "config.pbtxt")
+
+
+def write_winner(run: Run, winner: dict, *, keep_previous: bool = False) -> dict:
+    """The winner's config.pbtxt into its model folder, the previous one kept as config.pbtxt.prev (over a config
+    an earlier tune wrote, `keep_previous`: its .prev, the config from before any tune, stays)."""
     from google.protobuf import json_format
     from tritonclient.grpc import model_config_pb2 as pb
 
@@ -443,30 +460,27 @@ def write_winner(run: Run, winner: dict, earlier: dict | None = None) -> dict:
     folder = Path(repository) / winner["model"]
     s = Setting(**{k: winner[k] for k in Setting.__dataclass_fields__})
     mc = json_format.Parse(model_config_json(run, s, repository), pb.ModelConfig())
-    same = earlier is not None and Path(earlier["config"]) == folder / "config.pbtxt" \
-        and Path(earlier["previous"]).is_file()
-    if not same:
+    if not keep_previous:
         atomic_write_text(folder / PREVIOUS, (folder / "config.pbtxt").read_text())
     atomic_write_text(folder / "config.pbtxt", render(mc))
     return {"model": winner["model"], "config": str(folder / "config.pbtxt"), "previous": str(folder / PREVIOUS),
-            "sha256": sha256(folder / "config.pbtxt"),  # what deploy checks is still in place (triton_config)
-            **({"earlier": earlier} if earlier and not same else {})}
+            "sha256": sha256(folder / "config.pbtxt")}  # what deploy checks is still in place (triton_config)
 
 
-def undo(run_dir: str | Path) -> dict:
-    """Restores the config.pbtxt(s) that tune replaced (the last one's, and an earlier tune's of another model still
-    in place); UserInputError when there is nothing to undo."""
+def undo(run_dir: str | Path) -> list[dict]:
+    """Restores every config.pbtxt this run's tunes wrote that is still served (`undoable`) to the one from before
+    any tune; [{config, previous}] restored; UserInputError when there is nothing to undo."""
     run = Run.open(run_dir)
-    written = (run.read().get("stages", {}).get("tune") or {}).get("written")
-    if not written or not Path(written["previous"]).is_file():
+    entries = undoable(run.read().get("stages", {}))
+    if not entries:
         raise UserInputError(f"{run.path}: no config written by `cnnpack tune` to undo")
-    w: dict | None = written
-    while w and Path(w["previous"]).is_file():
-        atomic_write_text(Path(w["config"]), Path(w["previous"]).read_text())
-        Path(w["previous"]).unlink()
-        w = w.get("earlier")
-    run.update(lambda m: m["stages"]["tune"].update(written=None, undone=written))
-    return written
+    restored = []
+    for config, e in entries.items():
+        atomic_write_text(Path(config), Path(e["previous"]).read_text())
+        Path(e["previous"]).unlink()
+        restored.append({"config": config, "previous": e["previous"]})
+    run.update(lambda m: m["stages"]["tune"].update(written=None, tuned={}, undone=restored))
+    return restored
 
 
 def plot(points: list[dict], winner: dict | None, cfg: TuneConfig, path: Path) -> None:
@@ -514,7 +528,7 @@ def describe(section: dict) -> str:
         line += f"; {today['gain']:.2f}x {today['model']} as served today"
     if v.get("as_good"):
         line += "; within the noise: the default config is as good and was kept"
-    elif section.get("written") and not w["default"]:  # else it is an earlier tune's, still in place
+    elif section.get("written"):
         line += f"; written to {section['written']['config']} (previous: {PREVIOUS})"
     return line
 

@@ -159,10 +159,11 @@ def _point(label_settings: dict, ips: float, p99: float) -> dict:
 
 
 def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survives_a_second_tune(laid_out, tmp_path):
-    """No server: `finish` on planted points. A default outside the budget, or slower on the latency objective,
-    is not 'as good'; a second tune that keeps the first one's config (or writes over it) still undoes to the
-    config.pbtxt from before any tune."""
+    """No sweep: `finish` on planted points. A default outside the budget, or slower on the latency objective,
+    is not 'as good'; after a second tune that writes over the first one's config, or keeps it, `--undo` still
+    goes back to the config.pbtxt from before any tune, and to another model's too."""
     from cnnpack.rundir import Run
+    from cnnpack.triton_config import tuned_in_place
     from cnnpack.tune import PREVIOUS, TuneConfig, finish, undo
 
     run_dir, repo = _copy(laid_out, tmp_path)
@@ -177,21 +178,37 @@ def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survi
     assert not first["verdict"]["as_good"] and first["written"] and config.read_text() != original
     written_once = config.read_text()
     assert (repo / "cnn_onnx" / PREVIOUS).read_text() == original
+    # another model a tune wrote earlier, still served (planted in the record as a tune leaves it)
+    other = repo / "other" / "config.pbtxt"
+    other.parent.mkdir()
+    other.write_text("tuned other")
+    (other.parent / PREVIOUS).write_text("other as laid out")
+    from cnnpack.rundir import sha256
+
+    run.update(lambda m: m["stages"]["tune"]["tuned"].update(
+        {str(other): {"previous": str(other.parent / PREVIOUS), "sha256": sha256(other)}}))
     # latency objective: the default (now the first tune's config) within the noise on images/s, 9x the p99
     lat = finish(run, TuneConfig(objective="latency"), [_point(default, 1000, 45), _point(tuned | {"queue_delay_us": 0},
                                                                                         990, 5)], dict(info))
     assert not lat["verdict"]["as_good"] and config.read_text() != written_once
     assert (repo / "cnn_onnx" / PREVIOUS).read_text() == original  # the config from before any tune, kept
-    # a tune that keeps what is served (as good) still knows how to undo it
+    # a tune that keeps what is served (as good) writes nothing, says so, and the undo survives it
     kept = finish(run, TuneConfig(), [_point(default, 1000, 10), _point(tuned, 1010, 9)], dict(info))
-    assert kept["verdict"]["as_good"] and kept["written"] == lat["written"]
-    undo(run_dir)
+    assert kept["verdict"]["as_good"] and kept["written"] is None
+    assert tuned_in_place(run.read()["stages"]) is None  # deploy and the report read the served config itself
+    assert set(kept["tuned"]) == {str(config), str(other)}
+    restored = undo(run_dir)
+    assert {r["config"] for r in restored} == {str(config), str(other)}
     assert config.read_text() == original and not (repo / "cnn_onnx" / PREVIOUS).exists()
+    assert other.read_text() == "other as laid out"
+    with pytest.raises(UserInputError, match="no config written by `cnnpack tune` to undo"):
+        undo(run_dir)
 
 
 def test_the_refine_gets_only_what_the_coarse_sweep_left_of_the_time_limit(laid_out, tmp_path, monkeypatch):
-    """No server: the sweeps are planted. A coarse sweep cut at the limit is not refined; one that left time is
-    refined within what is left (it had the whole --time-limit again, up to twice the limit in all)."""
+    """The sweeps are planted (one real server starts, measuring nothing). A coarse sweep cut at the limit is not
+    refined; one that left time is refined within what is left (it had the whole --time-limit again, up to twice
+    the limit in all), on the same server."""
     from dataclasses import asdict
 
     import cnnpack.tune as t

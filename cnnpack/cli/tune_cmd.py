@@ -30,7 +30,7 @@ def tune(
     bf16: str = typer.Option("auto", help="OpenVINO models also with the bf16 inference hint: auto (where the CPU "
                                           "computes bf16 natively) | yes (also elsewhere, where OpenVINO "
                                           "computes them in f32: measured, never the winner) | no."),
-    undo: bool = typer.Option(False, help="Restore the config.pbtxt the last tune replaced, and stop."),
+    undo: bool = typer.Option(False, help="Restore the config.pbtxt(s) this run's tunes replaced, as they were before any tune, and stop."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
 ):
     """Sweep served configs on a local Triton (no restart between points); keep the best one for a p99 budget.
@@ -46,8 +46,8 @@ def tune(
     from cnnpack.tune import undo as do_undo
 
     if undo:
-        written = do_undo(run)
-        typer.echo(f"restored {written['config']} (from {written['previous']})")
+        for r in do_undo(run):
+            typer.echo(f"restored {r['config']} (from {r['previous']})")
         return
     cfg = TuneConfig(latency_budget_ms=latency_budget_ms, objective=objective,
                      concurrency=int_list(concurrency, "--concurrency"), instances=int_list(instances, "--instances"),
