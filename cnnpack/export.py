@@ -32,7 +32,7 @@ from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInp
 from cnnpack.host import check_device, exact_fp32
 from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
-from cnnpack.rundir import Run, atomic_path, atomic_write_text, sha256
+from cnnpack.rundir import Run, atomic_path, atomic_write_text, sha256, swap_dir
 from cnnpack.spec import ModelSpec, check_class_names
 from cnnpack.train import CHECKPOINT, load_checkpoint, save_torch
 
@@ -418,7 +418,7 @@ def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfi
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would keep a Triton container of another user out
     try:
         art = EXPORTERS.get(fmt)(model, spec, cfg, tmp, onnx=onnx)
-        ov.swap_in(tmp, dest)
+        swap_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     xml, weights = dest / ov.XML, dest / ov.BIN

@@ -34,7 +34,7 @@ from cnnpack.int8_gate import (
     run_gate,
     section,
 )
-from cnnpack.rundir import Run, sha256
+from cnnpack.rundir import Run, sha256, swap_dir
 
 COMPUTE = ("Convolution", "GroupConvolution", "MatMul")
 _DECOMPRESSION = ("Convert", "Subtract", "Multiply", "Reshape", "Transpose")
@@ -222,7 +222,7 @@ def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str)
     try:
         os.chmod(tmp, 0o755)
         ov.save(res.passed.model, tmp)
-        ov.swap_in(tmp, dest)
+        swap_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     xml, weights = dest / ov.XML, dest / ov.BIN

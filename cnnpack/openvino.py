@@ -18,7 +18,6 @@ import contextlib
 import functools
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -112,21 +111,6 @@ def io_record(model, batch_dim: int = -1) -> tuple[dict, dict]:
         return {"name": port.get_any_name(), "dtype": str(port.get_element_type().to_dtype()), "shape": shape}
 
     return one(model.inputs[0]), one(model.outputs[0])
-
-
-def swap_in(tmp: Path, dest: Path) -> None:
-    """Replaces the folder `dest` by `tmp` (both in one parent): the old one is removed only after."""
-    old = dest.with_name(f".{dest.name}-old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    try:
-        tmp.rename(dest)
-    except OSError:
-        if old.exists() and not dest.exists():
-            old.rename(dest)  # the previous folder back where the manifest says it is
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def classes_of(model) -> list[str] | None:

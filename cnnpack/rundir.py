@@ -95,6 +95,25 @@ def atomic_write_text(dest: str | Path, text: str) -> None:
     atomic_write_bytes(dest, text.encode("utf-8"))
 
 
+def swap_dir(new: Path, dest: Path) -> None:
+    """Replaces the folder `dest` by `new` (in the same parent): where that fails the old one is put back under its
+    name, and it is removed only after the new one is in place."""
+    import shutil
+
+    if not dest.exists():
+        os.replace(new, dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    old.rmdir()
+    os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except OSError:
+        os.replace(old, dest)  # the previous folder back where its record says it is
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def atomic_write_json(dest: str | Path, obj: Any) -> None:
     atomic_write_text(dest, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 

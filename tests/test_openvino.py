@@ -288,20 +288,23 @@ def test_other_weights_under_the_same_xml_are_another_artifact(ir_run, tmp_path)
 
 
 def test_a_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
-    """The new IR folder could not take the old one's place: the old one is back under its name, not left as
-    `.openvino_int8-old` with the manifest pointing at nothing."""
+    """The new IR folder could not take the old one's place: the old one is back under its name, not left hidden
+    with the manifest pointing at nothing."""
+    from cnnpack.rundir import swap_dir
+
     dest, new = tmp_path / "openvino_int8", tmp_path / ".openvino_int8-new"
     dest.mkdir()
     (dest / "model.xml").write_text("old")
     new.mkdir()
-    real = Path.rename
+    real = os.replace
 
-    def rename(self, target):
-        if self == new:
+    def replace(src, dst):
+        if Path(src) == new:
             raise OSError(18, "Invalid cross-device link")
-        return real(self, target)
+        return real(src, dst)
 
-    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError):
-        ov.swap_in(new, dest)
-    assert (dest / "model.xml").read_text() == "old" and not (tmp_path / ".openvino_int8-old").exists()
+        swap_dir(new, dest)
+    assert (dest / "model.xml").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
+        ".openvino_int8-new", "openvino_int8"]

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from cnnpack.errors import UserInputError
-from cnnpack.rundir import naming
+from cnnpack.rundir import naming, swap_dir
 
 IDENTITY = "cnnpack-deploy.json"
 
@@ -98,7 +98,7 @@ def stage_tree(out: Path, files: dict[str, str | bytes], keep: list[str] = ()) -
 def swap_in(stage: Path, out: Path) -> None:
     """Puts a staged folder in place of `out`; the old folder survives a failure (and the stage is removed)."""
     try:
-        _swap(stage, out)
+        swap_dir(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -106,18 +106,3 @@ def swap_in(stage: Path, out: Path) -> None:
 def write_tree(out: Path, files: dict[str, str | bytes]) -> None:
     """Writes every file into a fresh folder beside `out`, then swaps it in; the old folder survives a failure."""
     swap_in(stage_tree(out, files), out)
-
-
-def _swap(stage: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(stage, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    os.replace(out, old)
-    try:
-        os.replace(stage, out)
-    except OSError:
-        os.replace(old, out)  # put the previous deployment back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
