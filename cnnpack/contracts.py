@@ -119,6 +119,20 @@ def _tol(x: float) -> str:
     return f"{x:.0e}" if float(f"{x:.0e}") == x else f"{x:.2e}"
 
 
+def at_least(x: float) -> str:
+    """`x` in two significant digits, rounded up: a tolerance printed as enough must be enough (1.24e-02 is 1.3e-02;
+    rounded to nearest, 1.2e-02 still failed)."""
+    import math
+
+    if not x or not math.isfinite(x):
+        return f"{x:.1e}"
+    exp = math.floor(math.log10(abs(x)))
+    mant = math.ceil(round(x / 10 ** (exp - 1), 9)) / 10  # round() drops float noise (1.2000000001 stays 1.2)
+    if mant >= 10:
+        mant, exp = mant / 10, exp + 1
+    return f"{mant:.1f}e{exp:+03d}"
+
+
 def failures(label: str, tensor: dict, task: dict | None, cfg: Tolerance | VerifyConfig) -> list[str]:
     """One line per failed check, naming the target, the check and the figure."""
     out = []
@@ -128,8 +142,8 @@ def failures(label: str, tensor: dict, task: dict | None, cfg: Tolerance | Verif
         rtol_needed = tensor["min_rtol_to_pass"]
         out.append(f"{label}: max_abs_err {tensor['max_abs_err']:.1e} > atol {_tol(cfg.atol)} (tensor parity: "
                    f"{tensor['outside_tolerance']} of {tensor['elements']} logits outside atol {_tol(cfg.atol)} "
-                   f"/ rtol {_tol(cfg.rtol)}; would pass with atol {tensor['min_atol_to_pass']:.1e} or rtol "
-                   f"{'inf' if rtol_needed is None else f'{rtol_needed:.1e}'})")
+                   f"/ rtol {_tol(cfg.rtol)}; would pass with atol {at_least(tensor['min_atol_to_pass'])} or rtol "
+                   f"{'inf' if rtol_needed is None else at_least(rtol_needed)})")
     if task and task["top1_agreement"] < cfg.min_agreement:
         out.append(f"{label}: top1_agreement {100 * task['top1_agreement']:.2f}% < {100 * cfg.min_agreement:.2f}% "
                    f"(task parity: {task['top1_disagreements']} of {task['images']} validation images classified "

@@ -149,7 +149,9 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """The files under `folder`, none in a hidden folder (`.ipynb_checkpoints` copies would be images twice)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _read_folder(root: Path, classes: list[str], size: int, skipped: list[str],
@@ -224,7 +226,7 @@ def split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple
     for c in labels.unique():
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
-        n_val = max(1, round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        n_val = min(max(1, round(len(idx) * val_fraction)), len(idx) - 1) if len(idx) > 1 else 0  # 1 left to train
         val_idx.append(idx[:n_val])
         train_idx.append(idx[n_val:])
     return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
@@ -264,6 +266,8 @@ def load_image_folder(root: Path, size: int, *, val_fraction: float = 0.2, seed:
         train, val = _subset(full, tr), _subset(full, va)
     if len(val) == 0:
         raise UserInputError(f"{root}: too few images to hold out a validation split")
+    if len(train) < 2:  # BatchNorm trains on batches of 2 or more
+        raise UserInputError(f"{root}: {len(train)} training image(s) after the validation split; it needs at least 2")
     return Data(train, val, classes, str(root), skipped)
 
 

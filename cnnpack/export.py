@@ -69,8 +69,9 @@ class ExportConfig:
         lo, hi = OPSET_RANGE[self.exporter]
         if "onnx" in self.formats and not lo <= self.opset <= hi:
             raise UserInputError(f"--opset {self.opset}: the {self.exporter} exporter produces opsets {lo}..{hi}")
-        if self.max_batch_size < 1:
-            raise UserInputError(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
+        if self.max_batch_size < 2 and self.static_batch is None:  # torch.export's batch dimension spans 1..max
+            raise UserInputError(f"--max-batch-size must be >= 2, got {self.max_batch_size} (for a batch of one "
+                                 "only, export --static-batch 1)")
         if self.static_batch is not None and self.static_batch < 1:
             raise UserInputError(f"--static-batch must be >= 1, got {self.static_batch}")
         if self.torchscript_mode not in ("trace", "script"):

@@ -69,8 +69,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.epochs < 1:
             raise UserInputError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise UserInputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.batch_size < 2:  # a batch of one is skipped: BatchNorm cannot train on it, and nothing would train
+            raise UserInputError(f"--batch-size must be >= 2 (BatchNorm trains on 2 images or more), got {self.batch_size}")
         if self.patience < 1:
             raise UserInputError(f"--patience must be >= 1 (epochs without a val-accuracy gain), got {self.patience}")
         if not 0 <= self.label_smoothing < 1:

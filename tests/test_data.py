@@ -91,6 +91,23 @@ def test_single_folder_is_split_with_the_seed(tmp_path):
     assert len(set(a.train.files) | set(a.val.files)) == 20
 
 
+def test_a_large_val_fraction_leaves_every_class_an_image_to_train_and_hidden_folders_are_not_read(tmp_path):
+    import shutil
+
+    _folder(tmp_path, {"red": 3, "blue": 3})
+    d = load_image_folder(tmp_path, SIZE, val_fraction=0.95)  # round(3 * 0.95) = 3 of 3 went to validation
+    assert torch.bincount(d.train.labels).tolist() == [1, 1] and len(d.val) == 4
+    hidden = tmp_path / "red" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    shutil.copy(tmp_path / "red" / "img0.png", hidden / "img0-checkpoint.png")  # a copy: a train/val leak if read
+    d = load_image_folder(tmp_path, SIZE)
+    assert not [f for f in d.train.files + d.val.files if ".ipynb_checkpoints" in f] and len(d.train) + len(d.val) == 6
+    one = tmp_path / "one"
+    _folder(one, {"red": 1, "blue": 1})
+    with pytest.raises(UserInputError, match="too few images to hold out a validation split|needs at least 2"):
+        load_image_folder(one, SIZE)
+
+
 def test_bad_files_are_skipped_and_counted(tmp_path):
     root = _folder(tmp_path, {"red": 4, "blue": 4})
     good = (root / "red" / "img0.png").read_bytes()

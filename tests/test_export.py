@@ -140,7 +140,8 @@ def test_failed_export_keeps_previous_artifact_and_manifest(tiny_run, tmp_path):
         (ExportConfig(formats=("tflite",)), "unknown format 'tflite'; valid: onnx, torchscript"),
         (ExportConfig(opset=12), "opsets 18..23"),
         (ExportConfig(exporter="legacy", opset=30), "opsets 7..20"),
-        (ExportConfig(max_batch_size=0), "--max-batch-size must be >= 1"),
+        (ExportConfig(max_batch_size=0), "--max-batch-size must be >= 2"),
+        (ExportConfig(max_batch_size=1), "for a batch of one only, export --static-batch 1"),
         (ExportConfig(half=True), "--half"),
     ],
 )

@@ -215,7 +215,8 @@ def test_a_last_batch_of_one_image_trains(colours, tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("epochs", 0, "--epochs must be >= 1"),
-    ("batch_size", 0, "--batch-size must be >= 1"),
+    ("batch_size", 0, "--batch-size must be >= 2"),
+    ("batch_size", 1, r"--batch-size must be >= 2 \(BatchNorm trains on 2 images or more\), got 1"),
     ("patience", 0, "--patience must be >= 1"),
     ("weight_decay", -1.0, "--weight-decay must be >= 0, got -1.0"),
     ("optimizer", "adam", "--optimizer 'adam'; valid: adamw, sgd"),

@@ -352,3 +352,12 @@ def test_the_report_says_which_verdicts_are_an_earlier_files_and_which_artifacts
     legacy = {"export": {"artifacts": {"openvino": {"sha256": "a", "weights": {"sha256": "b"}}}},
               "verify": {"artifacts": {"openvino": {"sha256": "a"}}}, "bench": {"inputs": {"openvino": "a+c"}}}
     assert stale(legacy, "verify") == [] and stale(legacy, "bench") == ["openvino"]
+
+
+def test_the_tolerance_said_to_pass_is_rounded_up_so_it_passes():
+    from cnnpack.contracts import at_least
+
+    assert at_least(1.24e-2) == "1.3e-02"  # to nearest it read 1.2e-02, which still failed
+    assert at_least(1.2e-2) == "1.2e-02" and at_least(9.95e-3) == "1.0e-02" and at_least(1e-4) == "1.0e-04"
+    for x in (1.24e-2, 3.01e-7, 9.99e-1, 4.2e5):
+        assert float(at_least(x)) >= x

@@ -102,6 +102,13 @@ def _e(v) -> str:
     return "-" if v is None else "0" if v == 0 else f"{v:.1e}"
 
 
+def _up(v) -> str:
+    """A tolerance that passes, rounded up (never printed below what is needed)."""
+    from cnnpack.contracts import at_least
+
+    return "-" if v is None else "0" if v == 0 else at_least(v)
+
+
 def _pct(v, signed: bool = False) -> str:
     return "-" if v is None else f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
 
@@ -118,8 +125,8 @@ def _tensor_rows(result: dict) -> list[tuple[str, callable]]:
         ("p99 abs err", lambda t: _e(t.get("p99_abs_err"))),
         ("max rel err", lambda t: _e(t.get("max_rel_err"))),
         ("cosine sim (min)", cos),
-        ("atol to pass", lambda t: _e(t.get("min_atol_to_pass"))),
-        ("rtol to pass", lambda t: _e(t.get("min_rtol_to_pass"))),
+        ("atol to pass", lambda t: _up(t.get("min_atol_to_pass"))),
+        ("rtol to pass", lambda t: _up(t.get("min_rtol_to_pass"))),
         ("NaN/Inf", lambda t: str(t.get("nonfinite", "-"))),
     ]
 
