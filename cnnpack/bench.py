@@ -308,8 +308,8 @@ def hold_to_ceilings(rows: list[dict], ceilings: dict) -> None:
     """Each row's share taken against the ceiling of its precision (fp32 where none was measured for it); with no
     ceilings at all (none measured: the GPU's kernels failed) each row keeps the matmul rate measured around it."""
     for r in rows:
-        ceiling = ceilings.get(r["precision"]) or ceilings.get("fp32")
-        if ceiling:
+        ceiling = ceilings.get(r.get("precision", "fp32")) or ceilings.get("fp32")
+        if ceiling and r.get("gflops") is not None:
             r["matmul_gflops"] = ceiling["gflops"]
             r["matmul_share"] = r["gflops"] / ceiling["gflops"]
 
@@ -375,8 +375,12 @@ def speedups(results: list[dict]) -> None:
     for r in results:
         e = eager.get(r["batch_size"])
         r["speedup_vs_eager"] = e / r["latency_ms_p50"] if e else None
-        base = local.get((r["runtime"], r["format"].rsplit("_", 1)[0], r["batch_size"]))
-        r["speedup_vs_fp32"] = base / r["latency_ms_p50"] if base and r.get("precision", "fp32") != "fp32" else None
+        precision = r.get("precision", "fp32")
+        # the fp32 twin: onnx_int8 -> onnx in the same runtime; openvino-bf16 (the fp32 IR, a bf16 hint) -> openvino
+        runtime = r["runtime"].removesuffix(f"-{precision}")
+        key = (runtime, r["format"].rsplit("_", 1)[0], r["batch_size"])
+        base = local.get(key) if key != (r["runtime"], r["format"], r["batch_size"]) else None  # never itself
+        r["speedup_vs_fp32"] = base / r["latency_ms_p50"] if base and precision != "fp32" else None
 
 
 def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
@@ -423,6 +427,10 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     section["replaced"] = sorted({f"{series(r)}@{r['batch_size']}" for r in old.get("results", [])
                                   if r.get("runtime") != "triton" and (series(r), r["batch_size"]) not in now})
     section["results"] += [r for r in old.get("results", []) if r.get("runtime") == "triton"]
+    speedups(section["results"])  # the served rows kept: against this bench's eager, held to its ceilings
+    if section["ceilings"]:
+        hold_to_ceilings(section["results"], section["ceilings"])
+        section["over_ceiling"] = over_ceiling(section["results"])
     section["served"] = old.get("served", {})
     section["outputs"] = write_outputs(run, section, plot=cfg.plot)
     run.set_stage("bench", section)

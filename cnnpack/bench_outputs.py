@@ -27,6 +27,8 @@ def write_outputs(run: Run, section: dict, *, plot: bool = True) -> dict:
     if plot:
         plot_results(section, run.file("bench.png"))
         names.append("bench.png")
+    else:  # an earlier bench's figure would show rows this one replaced
+        run.file("bench.png").unlink(missing_ok=True)
     return {n: run.file_record(run.file(n)) for n in names}
 
 

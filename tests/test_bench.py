@@ -164,6 +164,7 @@ def test_cli_bench_json_and_errors(benched, exported):  # benched: the ceilings 
     assert [(r["runtime"], r["batch_size"]) for r in section["results"]] == [("onnxruntime", 2)]
     assert section["ceilings_cache"]["reused"] == ["fp32"]  # measured once per machine (the fixture's bench)
     assert "bench.png" not in section["outputs"]
+    assert not (exported / "bench.png").exists()  # the earlier figure showed rows this bench replaced
     # a log file or a pipe gets a line per phase as it starts (a live status would leave it empty until the end)
     logged = subprocess.run(cli + ["--runtimes", "onnxruntime", "--batch-sizes", "2", "--max-seconds", "0.1",
                                    "--threads", "1", "--no-plot"], capture_output=True, text=True)
@@ -367,3 +368,36 @@ def test_what_disturbed_a_bench_is_said_in_one_sentence_each():
     said = disturbances(busy)
     assert len(said) == 4 and said[0].startswith("unstable") and "eager@1 23 %" in said[1]
     assert "varied from 60 to 104 GFLOP/s" in said[3]
+
+
+def test_speedup_vs_fp32_is_the_fp32_twin_never_the_row_itself():
+    from cnnpack.bench import speedups
+
+    def row(runtime, fmt, precision, p50, bs=1):
+        return {"runtime": runtime, "format": fmt, "precision": precision, "latency_ms_p50": p50, "batch_size": bs}
+
+    rows = [row("eager", "checkpoint", "fp32", 2.0), row("openvino", "openvino", "fp32", 1.0),
+            row("openvino-bf16", "openvino", "bf16", 0.5), row("openvino", "openvino_int8", "int8", 0.25),
+            row("onnxruntime", "onnx_int8", "int8", 0.4)]  # no fp32 onnx row: no ratio, not one against itself
+    speedups(rows)
+    assert [r["speedup_vs_fp32"] for r in rows] == [None, None, 2.0, 4.0, None]
+    assert [r["speedup_vs_eager"] for r in rows] == [1.0, 2.0, 4.0, 8.0, 5.0]
+
+
+def test_served_rows_kept_by_a_later_local_bench_are_compared_with_its_eager(benched, exported, tmp_path):
+    """A served row (planted as `bench --triton-url` leaves it) stays through a local bench, its x eager taken
+    against that bench's eager at its batch size (it kept the ratio, or None, of the bench before)."""
+    from cnnpack.rundir import Run
+
+    run = tmp_path / "run"
+    shutil.copytree(exported, run)
+    served = {"runtime": "triton", "format": "onnx", "artifact": "triton:cnn_onnx", "precision": "fp32",
+              "batch_size": 1, "concurrency": 1, "protocol": "http", "latency_ms_p50": 1.0, "gflops": 1.0,
+              "speedup_vs_eager": 123.0, "speedup_vs_fp32": None, "matmul_share": 0.0, "matmul_gflops": 1.0}
+    Run.open(run).update(lambda m: m["stages"]["bench"]["results"].append(served))
+    section = bench(run, BenchConfig(runtimes=("eager",), batch_sizes=(1,), threads=1, max_seconds=0.1,
+                                     warmup_s=0.05, plot=False))
+    eager = next(r for r in section["results"] if r["runtime"] == "eager")
+    kept = next(r for r in section["results"] if r["runtime"] == "triton")
+    assert kept["speedup_vs_eager"] == pytest.approx(eager["latency_ms_p50"] / 1.0)
+    assert kept["matmul_gflops"] == section["ceilings"]["fp32"]["gflops"]

@@ -106,8 +106,8 @@ def _print_warnings(section: dict) -> None:
     for name, why in section["skipped"].items():
         typer.echo(f"skipped {name}: {why}", err=True)
     if section.get("replaced"):
-        typer.echo(f"replaced: the earlier rows {', '.join(section['replaced'])} (a bench's rows are measured together; "
-                   "name their runtimes in --runtimes to keep them)", err=True)
+        typer.echo(f"replaced: the earlier rows {', '.join(section['replaced'])} (a bench's rows are measured together: to keep "
+                   "them, bench their runtimes, artifacts and batch sizes again in one run)", err=True)
     for line in disturbances(section):
         typer.echo(line, err=True)
 
