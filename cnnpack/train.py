@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +315,8 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         cfg = _recorded_config(run_dir)
     _check_run_dir(run_dir, force=force, resume=resume)
     cfg.validate()
+    if cfg.data != data_mod.SHAPES and not cfg.data.startswith("torchvision:") and Path(cfg.data).exists():
+        cfg = replace(cfg, data=str(Path(cfg.data).resolve()))  # recorded: evaluate, verify, resume from anywhere
     device = resolve_device(cfg.device)
     is_main = dist is None or dist.rank == 0
     t_start = time.perf_counter()

@@ -417,7 +417,8 @@ def check(run: Run, cfg: VerifyConfig, targets: tuple[Target, ...]) -> list[dict
 
 def _keep_earlier(run: Run, result: dict) -> dict:
     """`result` plus the earlier verify's results of the artifacts not checked this time, each kept only while the
-    artifact is the one it checked (same sha256); `kept` names them. A served model (triton:NAME) is not kept: what
+    artifact is the one it checked (same sha256), on the same data, under the same tolerances (or a pass under
+    stricter ones); `kept` names them. A served model (triton:NAME) is not kept: what
     a server serves can change without the run knowing."""
     import json
 
@@ -427,10 +428,18 @@ def _keep_earlier(run: Run, result: dict) -> dict:
     if not path.is_file() or recorded != sha256(path):  # no earlier verify of this run (or not the recorded one)
         return result
     earlier = json.loads(path.read_text())
+    then, now = earlier.get("config", {}), result["config"]
+    if any(then.get(k) != now.get(k) for k in ("data", "device")):
+        return result  # judged on other data: not this verify's verdicts
+    same = all(then.get(k) == now.get(k) for k in ("atol", "rtol", "min_agreement", "int8_min_agreement"))
+    # under other tolerances only a pass under ones at least as strict still holds (a fail may not)
+    stricter = all(then.get(k, float("inf")) <= now[k] for k in ("atol", "rtol")) and all(
+        then.get(k, 0.0) >= now[k] for k in ("min_agreement", "int8_min_agreement"))
     arts = stages.get("export", {}).get("artifacts", {})
     checked = {r["format"] for r in result["results"]}
     old_arts = earlier.get("artifacts", {})
     kept = [r for r in earlier.get("results", []) if r["format"] not in checked and r["format"] in arts
+            and (same or (stricter and r["passed"]))
             and "sha256" in old_arts.get(r["format"], {})
             and artifact_digest(old_arts[r["format"]]) == artifact_digest(arts[r["format"]])]
     if not kept:

@@ -207,10 +207,13 @@ def test_early_stopping_after_patience_epochs_without_gain(colours, tmp_path):
     assert m["epochs"] == m["best_epoch"] + 2 < 12
 
 
-def test_a_last_batch_of_one_image_trains(colours, tmp_path):
-    """resnet18 at 16 px has a 1x1 feature map: BatchNorm cannot train on a batch of one."""
-    cfg = TrainConfig(data=str(colours), arch="resnet18", image_size=16, epochs=1, batch_size=65)
-    assert train(tmp_path / "r", cfg, progress=False)["status"] == "ok"
+def test_a_last_batch_of_one_image_trains(colours, tmp_path, monkeypatch):
+    """resnet18 at 16 px has a 1x1 feature map: BatchNorm cannot train on a batch of one. The data folder, given
+    relative, is recorded absolute: evaluate, verify and resume read it from any directory."""
+    monkeypatch.chdir(colours.parent)
+    cfg = TrainConfig(data=colours.name, arch="resnet18", image_size=16, epochs=1, batch_size=65)
+    section = train(tmp_path / "r", cfg, progress=False)
+    assert section["status"] == "ok" and section["config"]["data"] == str(colours.resolve())
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -163,6 +163,12 @@ def test_one_changed_onnx_weight_fails_verify_naming_onnx_and_the_check(exported
     others = sorted(set(section["formats"]) - {"onnx"})
     assert subset["passed"] and subset["kept"] == others
     assert set(Run.open(run_dir).read()["stages"]["verify"]["formats"]) == set(section["formats"])
+    # a failure under tolerances stricter than a later subset's is not that subset's verdict
+    with pytest.raises(ParityError):
+        verify(run_dir, VerifyConfig(batch_sizes=(1,), samples=8, atol=1e-12, rtol=1e-12, min_agreement=0.9999,
+                                     formats=("onnx",)))
+    again = verify(run_dir, VerifyConfig(batch_sizes=(1, 8), samples=8, formats=("torchscript",)))
+    assert again["passed"] and "onnx" not in again.get("kept", [])
 
 
 # -- bad input -------------------------------------------------------------------------------------
