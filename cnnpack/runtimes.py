@@ -101,10 +101,12 @@ class CompiledRuntime(EagerRuntime):
              **_: object) -> CompiledRuntime:
         import torch
 
-        from cnnpack.host import prepare_inductor
+        from cnnpack.host import prepare_inductor, start_header_build
 
         prepare_inductor()  # quiet (no CUDA toolkit here), and without inductor's redundant ISA probes
         model, dev = cls.build(artifact, device)
+        if dev.type == "cpu":
+            start_header_build()  # its kernels' precompiled header, built while the first call traces
         try:
             compiled = torch.compile(model, dynamic=False)
         except RuntimeError as e:  # no C++ compiler, unsupported platform
