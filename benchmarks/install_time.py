@@ -40,6 +40,10 @@ VARIANTS = {
     "bundled": ("", "pip install -e '.[serve]'"),
     "upgraded": ("pip install -q -U pip", "pip install -e '.[serve]'"),
     "no-compile": ("pip install -q -U pip", "pip install --no-compile -e '.[serve]'"),
+    # pip byte-compiles on one core; compileall on every core. Not `&&`: compileall exits 1 on a file this Python
+    # cannot compile (torch ships one written for 3.12), which pip's own byte-compiling skips the same way
+    "parallel-compile": ("pip install -q -U pip",
+                         "pip install --no-compile -e '.[serve]' && { python -m compileall -qq -j 0 .venv/lib; true; }"),
 }
 # what `cnnpack pipeline` imports on its way (train, export, compile, quantize, serve's client)
 IMPORTS = ("import torch, torchvision, onnx, onnxruntime, onnxscript, torch.onnx, torch._dynamo, "
@@ -95,7 +99,8 @@ def write(result: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{result['benchmark']}.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
-    lines = [f"# The README's install step three ways, {result['rounds_n']} interleaved rounds", "",
+    lines = [f"# The README's install step, {len(set(r['variant'] for r in result['rows']))} ways, {result['rounds_n']} "
+             "interleaved rounds", "",
              "Each variant in a new venv at a path never used before, this user's pip cache as it was; "
              "`total` = venv + pip upgrade + install + (first import - warm import): what is paid before the "
              "pipeline's imports run warm.", "",
@@ -106,7 +111,8 @@ def write(result: dict) -> None:
         lines.append(f"| {r['round']} | {r['variant']} | {r['pip']} | {r['pip_upgrade_s']} | {r['install_s']} | "
                      f"{r['resolve_s']} | {r['unpack_s']} | {r['first_import_s']} | {r['warm_import_s']} | "
                      f"**{r['total_s']}** | {r['others_cpu_s']} |")
-    lines += ["", "Commands:", ""] + [f"- `{k}`: `{' && '.join(x for x in v if x)}`" for k, v in VARIANTS.items()]
+    shown = dict.fromkeys(r["variant"] for r in result["rows"])
+    lines += ["", "Commands:", ""] + [f"- `{k}`: `{' && '.join(x for x in VARIANTS[k] if x)}`" for k in shown]
     lines += ["", f"Machine: {m['cpu']} (flags: {', '.join(result['flags'])}), {m['cores_visible']} cores, "
                   f"Python {result['python']}. {result['date']}; waited {result['waited_for_quiet_s']} s for quiet "
                   "cores first.", "", f"Reproduce: `{result['reproduce']}`", ""]
@@ -118,7 +124,11 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     args = ap.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants or set(variants) - set(VARIANTS):
+        sys.exit(f"--variants: choose from {', '.join(VARIANTS)}, got {args.variants!r}")
     if args.rounds < 1:
         sys.exit(f"--rounds must be >= 1, got {args.rounds}")
     if shutil.disk_usage(tempfile.gettempdir()).free < 10 * 2**30:
@@ -127,14 +137,14 @@ def main() -> int:
     waited = wait_for_quiet(cores, time.monotonic() + 600)
     rows = []
     for i in range(args.rounds):
-        order = list(VARIANTS) if i % 2 == 0 else list(reversed(VARIANTS))
+        order = variants if i % 2 == 0 else list(reversed(variants))
         for v in order:
             rows.append({"round": i + 1, **one(v, cores)})
             r = rows[-1]
             print(f"round {i + 1} {v}: install {r['install_s']} s (resolve {r['resolve_s']}, unpack "
                   f"{r['unpack_s']}), first import {r['first_import_s']} s, total {r['total_s']} s", file=sys.stderr)
     write({"benchmark": f"install-time-cpu{len(cores)}-{isa_tag()}", "rounds_n": args.rounds,
-           "reproduce": f".venv/bin/python benchmarks/install_time.py --rounds {args.rounds}",
+           "reproduce": f".venv/bin/python benchmarks/install_time.py --rounds {args.rounds} --variants {','.join(variants)}",
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(cores),
            "python": sys.version.split()[0], "flags": cpu_info()["flags"], "waited_for_quiet_s": waited,
            "rows": rows})
