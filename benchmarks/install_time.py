@@ -1,4 +1,4 @@
-"""The README's install step, three ways, interleaved: which one a new user should copy.
+"""The README's install step, several ways, interleaved: which one a new user should copy.
 
 Half of the README's main command on 2 cores is `pip install -e '.[serve]'` into a new venv (90-123 s on AMD EPYC
 hosts), and its pip is the one `python3 -m venv` bundles (pip 23.2 with Python 3.11). Each round makes a new venv
@@ -9,12 +9,16 @@ at a path never used before for each variant, one after another, and times:
 - `no-compile`: pip install -U pip && pip install --no-compile -e '.[serve]' (no .pyc written at install), plus what
   that defers: the first import of what `cnnpack pipeline` imports, which then compiles those modules (timed as
   `first_import_s`, beside a second import as the warm reference).
+- `parallel-compile`: the same install, then `python -m compileall -qq -j 0 .venv/lib` (the README's command since
+  the record install-time-cpu2-avx512-parallel-compile): pip compiles on one core, compileall on every core, and the
+  first import finds every module compiled. `--variants` picks some of them.
 
 pip's log splits each install into resolving (index pages, downloads; up to "Created wheel for cnnpack") and
 installing (unpacking and, unless --no-compile, byte-compiling). This user's caches are kept as they are, as on a
 machine where pip ran before; PYTHONDONTWRITEBYTECODE is unset for the import timings (a new user's shell).
 
     .venv/bin/python benchmarks/install_time.py               # 2 rounds -> results/install-time-cpu2-<isa>.{json,md}
+    .venv/bin/python benchmarks/install_time.py --variants upgraded,parallel-compile
 """
 
 from __future__ import annotations
