@@ -87,40 +87,34 @@ def prepare_inductor() -> None:
         config.cpp.vec_isa_ok = True
 
 
-def start_header_build() -> threading.Thread | None:
-    """Starts building inductor's precompiled header for CPU kernels in a thread, while the caller traces the model.
+def start_header_build() -> threading.Thread:
+    """Starts building inductor's precompiled header for CPU kernels in a thread; returns the thread.
 
     Inductor builds it (one g++ run over its kernel prelude, 5.4 s on 2 cores of a Zen 4) only once it has traced,
     lowered and generated code (2.8 s), then waits for it, and it keys the header by the venv's torch include folder:
-    the first torch.compile of every new venv pays it. Started first, it overlaps that work: the CNN's compile at
-    batch 1 and 32 went from 14.4-15.0 to 11.1-11.6 s in a new venv. Inductor finds the header built (the same
-    arguments to the same cached function, under its file lock); where its internals differ (another torch), nothing
-    is started. Call after `prepare_inductor`: the thread runs with this thread's inductor settings (they are
-    per-thread), and the vector ISA it picks (its probes) is picked here first, as inductor would pick it.
+    the first torch.compile of every new venv pays it. Started before, it overlaps that work (the CNN's compile at
+    batch 1 and 32 went from 14.4-15.0 to 11.1-11.6 s in a new venv), or other stages' (the pipeline starts it as
+    export begins). The thread picks the vector ISA (inductor's probes) and calls inductor's own cached header build
+    with the arguments a CPU kernel's compile passes, so inductor finds the header built, under its file lock; where
+    its internals differ (another torch) the thread does nothing. Call after `prepare_inductor`: the thread runs with
+    the caller's inductor settings (they are per-thread).
     """
     import contextvars
 
-    from torch._inductor import config
-
-    if not config.cpp_cache_precompile_headers:
-        return None
-    try:
-        from torch._inductor import codecache as cc
-        from torch._inductor.cpp_builder import CppBuilder, CppTorchDeviceOptions
-
-        # what CppPythonBindingsCodeCache.load_async passes for a CPU kernel: the header and the kernel's command
-        header = cc._get_cpp_prefix_header("cpu")
-        command = {**cc.CppPythonBindingsCodeCache.cpp_compile_command_flags, "device_type": "cpu", "extra_flags": (),
-                   "use_relative_path": config.is_fbcode(), "vec_isa": cc.pick_vec_isa()}
-        option = CppTorchDeviceOptions(compile_only=False, min_optimize=False, **command)
-        line = CppBuilder(name="o", sources="i", BuildOption=option).get_command_line()
-        build = cc._precompile_header
-    except (ImportError, AttributeError, TypeError):  # another torch's internals: inductor builds it when it needs it
-        return None
-
     def run() -> None:
-        with contextlib.suppress(Exception):  # inductor builds it itself, and reports what fails
-            build(header, line, min_optimize=False, **command)
+        with contextlib.suppress(Exception):  # another torch's internals: inductor builds the header when it needs it
+            from torch._inductor import codecache as cc
+            from torch._inductor import config
+            from torch._inductor.cpp_builder import CppBuilder, CppTorchDeviceOptions
+
+            if not config.cpp_cache_precompile_headers:
+                return
+            # what CppPythonBindingsCodeCache.load_async passes for a CPU kernel: the header and the kernel's command
+            command = {**cc.CppPythonBindingsCodeCache.cpp_compile_command_flags, "device_type": "cpu",
+                       "extra_flags": (), "use_relative_path": config.is_fbcode(), "vec_isa": cc.pick_vec_isa()}
+            option = CppTorchDeviceOptions(compile_only=False, min_optimize=False, **command)
+            line = CppBuilder(name="o", sources="i", BuildOption=option).get_command_line()
+            cc._precompile_header(cc._get_cpp_prefix_header("cpu"), line, min_optimize=False, **command)
 
     thread = threading.Thread(target=contextvars.copy_context().run, args=(run,), name="inductor-header", daemon=True)
     thread.start()

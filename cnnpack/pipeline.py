@@ -201,8 +201,20 @@ class Stages:
     def run_export(self, run: Run) -> str:
         from cnnpack.export import export
 
+        self.warm_compiler()
         section = export(run.path, self.cfg.export_config())
         return ", ".join(f"{f} {section['artifacts'][f]['path']}" for f in self.cfg.formats)
+
+    def warm_compiler(self) -> None:
+        """The bench compiles the checkpoint (its `compiled` runtime on the CPU), and the first torch.compile in a new
+        venv builds inductor's precompiled header, 5.4 s of one core: it is built now, beside export, quantize and
+        verify, which leave a core idle for most of their time (1.4 of 2 busy on average on a Zen 4)."""
+        bench = self.cfg.bench_config()
+        if "compiled" in (bench.runtimes or ()) and bench.device == "cpu":
+            from cnnpack.host import prepare_inductor, start_header_build
+
+            prepare_inductor()
+            start_header_build()
 
     # - quantize -
     def run_quantize(self, run: Run) -> str:

@@ -106,7 +106,7 @@ class CompiledRuntime(EagerRuntime):
         prepare_inductor()  # quiet (no CUDA toolkit here), and without inductor's redundant ISA probes
         model, dev = cls.build(artifact, device)
         if dev.type == "cpu":
-            start_header_build()  # its kernels' precompiled header, built while the first call traces
+            start_header_build()  # its kernels' precompiled header, built while the first call traces (or found built)
         try:
             compiled = torch.compile(model, dynamic=False)
         except RuntimeError as e:  # no C++ compiler, unsupported platform
