@@ -132,6 +132,7 @@ class Stages:
 
     def __init__(self, cfg: PipelineConfig, *, progress: bool, say: Callable[[str], None]) -> None:
         self.cfg, self.progress, self.say = cfg, progress, say
+        self._warming = False  # inductor's header build started (warm_compiler)
 
     def quantize_inputs(self, fmt: str = "onnx_int8") -> dict:
         """The quantize config as its stage's fingerprint, with the default calibration count resolved: the same
@@ -192,7 +193,7 @@ class Stages:
         if resume:
             self.say("[train] resuming the interrupted training from last.pt")
         section = train(run.path, cfg, force=run.manifest_path.exists() and not resume, resume=resume,
-                        progress=self.progress)
+                        progress=self.progress, on_epoch_end=lambda epoch, _: epoch >= cfg.epochs and self.warm_compiler())
         m = section["metrics"]
         return (f"best val top-1 {100 * m['best_val_acc']:.2f}% (epoch {m['best_epoch']}/{m['epochs']}), "
                 f"{m['train_images_per_s']:.0f} images/s")
@@ -207,10 +208,12 @@ class Stages:
 
     def warm_compiler(self) -> None:
         """The bench compiles the checkpoint (its `compiled` runtime on the CPU), and the first torch.compile in a new
-        venv builds inductor's precompiled header, 5.4 s of one core: it is built now, beside export, quantize and
-        verify, which leave a core idle for most of their time (1.4 of 2 busy on average on a Zen 4)."""
+        venv builds inductor's precompiled header, 5.4 s of one core. It is built from the end of the last epoch, when
+        training draws its figures and export runs, both on one core most of the time (after an early stop, from the
+        start of export): started with export, it overlapped verify too, which slowed by 2 s on 2 Zen 4 cores."""
         bench = self.cfg.bench_config()
-        if "compiled" in (bench.runtimes or ()) and bench.device == "cpu":
+        if not self._warming and "compiled" in (bench.runtimes or ()) and bench.device == "cpu":
+            self._warming = True
             from cnnpack.host import prepare_inductor, start_header_build
 
             prepare_inductor()
