@@ -93,10 +93,10 @@ def start_header_build() -> threading.Thread:
     Inductor builds it (one g++ run over its kernel prelude, 5.4 s on 2 cores of a Zen 4) only once it has traced,
     lowered and generated code (2.8 s), then waits for it, and it keys the header by the venv's torch include folder:
     the first torch.compile of every new venv pays it. Started before, it overlaps that work (the CNN's compile at
-    batch 1 and 32 went from 14.4-15.0 to 11.1-11.6 s in a new venv), or other stages' (the pipeline starts it as
-    export begins). The thread picks the vector ISA (inductor's probes) and calls inductor's own cached header build
-    with the arguments a CPU kernel's compile passes, so inductor finds the header built, under its file lock; where
-    its internals differ (another torch) the thread does nothing. Call after `prepare_inductor`: the thread runs with
+    batch 1 and 32 went from 14.4-15.0 to 11.1-11.6 s in a new venv), or other stages' (the pipeline starts it at
+    the end of training, `Stages.warm_compiler`). The thread picks the vector ISA (inductor's probes) and calls
+    inductor's own cached header build with the arguments a CPU kernel's compile passes, so inductor finds the header
+    built, under its file lock; where its internals differ (another torch) the thread does nothing. Call after `prepare_inductor`: the thread runs with
     the caller's inductor settings (they are per-thread).
     """
     import contextvars

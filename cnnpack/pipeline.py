@@ -192,8 +192,12 @@ class Stages:
         resume = run.file("last.pt").is_file() and last.get("status") != "ok" and last.get("config") == asdict(cfg)
         if resume:
             self.say("[train] resuming the interrupted training from last.pt")
+        def last_epoch_done(epoch: int, _: dict) -> None:
+            if epoch >= cfg.epochs:
+                self.warm_compiler()
+
         section = train(run.path, cfg, force=run.manifest_path.exists() and not resume, resume=resume,
-                        progress=self.progress, on_epoch_end=lambda epoch, _: epoch >= cfg.epochs and self.warm_compiler())
+                        progress=self.progress, on_epoch_end=last_epoch_done)
         m = section["metrics"]
         return (f"best val top-1 {100 * m['best_val_acc']:.2f}% (epoch {m['best_epoch']}/{m['epochs']}), "
                 f"{m['train_images_per_s']:.0f} images/s")

@@ -116,8 +116,9 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
         load = LoadConfig(url=server.http_address, model=t["name"], protocol=LOAD_PROTOCOL, concurrency=cfg.concurrency,
                           timeout_s=cfg.timeout_s)
         int8 = next((m for m in classifiers if m.endswith("_int8")), None)
-        section = bench_served(run.path, load, BenchConfig(batch_sizes=(1,), threads=cfg.threads, max_seconds=cfg.max_seconds,
-                                                           plot=int8 is None))  # bench.png once, with every row
+        fp32_bench = BenchConfig(batch_sizes=(1,), threads=cfg.threads, max_seconds=cfg.max_seconds,
+                                 plot=int8 is None)  # bench.png drawn once, with every row
+        section = bench_served(run.path, load, fp32_bench)
         rows = [r for r in section["results"] if r.get("format") == f"triton:{t['name']}" and r.get("protocol") == LOAD_PROTOCOL]
         if int8:  # the int8 model at the highest concurrency, beside the fp32 one
             progress(f"[served] load on {int8} at concurrency {max(cfg.concurrency)}")
