@@ -96,8 +96,8 @@ def start_header_build() -> threading.Thread:
     batch 1 and 32 went from 14.4-15.0 to 11.1-11.6 s in a new venv), or other stages' (the pipeline starts it at
     the end of training, `Stages.warm_compiler`). The thread picks the vector ISA (inductor's probes) and calls
     inductor's own cached header build with the arguments a CPU kernel's compile passes, so inductor finds the header
-    built, under its file lock; where its internals differ (another torch) the thread does nothing. Call after `prepare_inductor`: the thread runs with
-    the caller's inductor settings (they are per-thread).
+    built, under its file lock; where its internals differ (another torch) the thread does nothing. Call after
+    `prepare_inductor`: the thread runs with the caller's inductor settings (they are per-thread).
     """
     import contextvars
 

@@ -27,6 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
+from cnnpack.contracts import drop_within
 from cnnpack.errors import ParityError, UserInputError
 from cnnpack.registry import Registry
 from cnnpack.rundir import Run
@@ -211,8 +212,7 @@ class Attempt:  # noqa: D101 - one quantized model and its figures on the valida
     by: str = ""  # "" for the gate's own attempts (plain, then the ranked fallback); else what made it
 
     def holds(self, cfg: QuantizeConfig) -> bool:
-        # 1 image in 200 is 0.5000000000000004 pt: a drop equal to --max-drop holds, as verify's gate says
-        return self.drop_pt <= cfg.max_drop + 1e-9 and self.agreement >= cfg.min_agreement - 1e-12 and not self.all_float
+        return drop_within(self.drop_pt, cfg.max_drop) and self.agreement >= cfg.min_agreement - 1e-12 and not self.all_float
 
     def record(self) -> dict:
         return {"kept_float": self.kept_float, "accuracy": self.accuracy, "drop_pt": round(self.drop_pt, 4),

@@ -192,6 +192,7 @@ class Stages:
         resume = run.file("last.pt").is_file() and last.get("status") != "ok" and last.get("config") == asdict(cfg)
         if resume:
             self.say("[train] resuming the interrupted training from last.pt")
+
         def last_epoch_done(epoch: int, _: dict) -> None:
             if epoch >= cfg.epochs:
                 self.warm_compiler()
