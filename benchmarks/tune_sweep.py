@@ -46,7 +46,8 @@ def prepare(run: Path, data: str | None) -> None:
 
 
 def one(run: Path, budget_ms: float, time_limit: float) -> dict:
-    from cnnpack.tune import TuneConfig, describe, tune
+    from cnnpack.tune import TuneConfig, tune
+    from cnnpack.tune_outputs import describe
 
     t0 = time.perf_counter()
     section = tune(run, TuneConfig(latency_budget_ms=budget_ms, concurrency=(16,), time_limit_s=time_limit),

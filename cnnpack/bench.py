@@ -8,7 +8,8 @@ consecutive windows agree within 10 % (or the time limit is reached: flagged uns
 the model's counted FLOPs and are set against the measured matmul ceiling of the row's precision (`cnnpack.peak`).
 
 Beside it: `bench_served` (a served model under concurrent load, the same loop), `bench_outputs` (bench.json,
-bench.csv, bench.png), `host` (cores, memory, CPU time of other processes), `peak` (the ceilings).
+bench.csv, bench.png), `bench_ceilings` (the rows held to their precision's ceiling), `host` (cores, memory, CPU
+time of other processes), `peak` (the ceilings measured).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpack.bench_ceilings import hold_to_ceilings, measured_ceilings, over_ceiling, remeasure_beaten_ceilings
 from cnnpack.bench_outputs import CSV_COLUMNS, plot_results, series, write_outputs  # noqa: F401 - re-exported
 from cnnpack.errors import MissingStageError, RuntimeUnavailable, UserInputError, shell
 from cnnpack.host import (
@@ -304,16 +306,6 @@ class BenchContext:
         return self.matmul[-1]["gflops"]
 
 
-def hold_to_ceilings(rows: list[dict], ceilings: dict) -> None:
-    """Each row's share taken against the ceiling of its precision (fp32 where none was measured for it); with no
-    ceilings at all (none measured: the GPU's kernels failed) each row keeps the matmul rate measured around it."""
-    for r in rows:
-        ceiling = ceilings.get(r.get("precision", "fp32")) or ceilings.get("fp32")
-        if ceiling and r.get("gflops") is not None:
-            r["matmul_gflops"] = ceiling["gflops"]
-            r["matmul_share"] = r["gflops"] / ceiling["gflops"]
-
-
 def row_precision(name: str, ref) -> str:
     """The precision a runtime computes an artifact in: the runtime's own (openvino-bf16) or the artifact's."""
     from cnnpack.runtimes import RUNTIMES, precision_of
@@ -410,7 +402,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         ctx = BenchContext(run, cfg, device, count_flops(run), progress)
         if cfg.runtimes is None:
             ctx.skipped.update(default_runtimes(run)[1])
-        ctx.ceilings = _ceilings(ctx, {row_precision(name, ref) for name, ref in pairs})
+        ctx.ceilings = measured_ceilings(ctx, {row_precision(name, ref) for name, ref in pairs})
         ctx.sample_matmul()
         with exact_fp32(device.type):  # on a GPU fp32 rows compute fp32, as verify proved them (TF32 off)
             for (name, ref), wanted in zip(pairs, sizes):
@@ -435,49 +427,6 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     section["outputs"] = write_outputs(run, section, plot=cfg.plot)
     run.set_stage("bench", section)
     return run.read()["stages"]["bench"]
-
-
-def remeasure_beaten_ceilings(ctx: BenchContext) -> None:
-    """A row above its precision's ceiling means the ceiling was measured low (a slower moment of a shared host, or
-    a cached one from another day): it is measured again now, once, and the higher of the two is the ceiling; the
-    rows' shares are taken against it. A row still above it stays in `over_ceiling`."""
-    beaten = {r["precision"] for r in ctx.results if r["matmul_share"] > 1 and r["precision"] in ctx.ceilings}
-    if ctx.device.type != "cpu" or not beaten:
-        return
-    from cnnpack.peak import RECHECK_S, ceilings
-
-    ctx.progress(f"the {', '.join(sorted(beaten))} ceiling again: a row beat it")
-    again = ceilings(ctx.cfg.threads, precisions=beaten, seconds=RECHECK_S)
-    for precision, fresh in again.items():
-        old = ctx.ceilings[precision]
-        if fresh["gflops"] > old["gflops"]:
-            ctx.ceilings[precision] = {**fresh, "remeasured": True, "first_gflops": old["gflops"]}
-            if ctx.ceilings_cache:
-                from cnnpack.peak import remember_ceiling
-
-                remember_ceiling(ctx.ceilings_cache["path"], precision, fresh)
-        else:
-            old["remeasured_gflops"] = fresh["gflops"]
-    ctx.settle()
-
-
-def _ceilings(ctx: BenchContext, precisions: set[str]) -> dict:
-    """The measured ceiling of each precision the rows will have (fp32 always: eager and compiled are fp32)."""
-    if ctx.device.type != "cpu":  # a GPU's: its cuBLAS/cuDNN kernels at sizes that fill it, each bench
-        from cnnpack.peak import device_ceilings
-
-        ctx.progress("the GPU's ceilings")
-        return device_ceilings(ctx.device, precisions={"fp32", *precisions})
-    from cnnpack.peak import cached_ceilings
-
-    ctx.progress("the machine's ceilings")
-    found, ctx.ceilings_cache = cached_ceilings(ctx.cfg.threads, precisions={"fp32", *precisions})
-    return found
-
-
-def over_ceiling(rows: list[dict]) -> list[str]:
-    """The rows above the ceiling of their precision, named as the bench table names them."""
-    return [f"{series(r)} b{r['batch_size']}" for r in rows if r["matmul_share"] > 1]
 
 
 def make_section(ctx: BenchContext, host: dict, refs: list) -> dict:

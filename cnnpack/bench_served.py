@@ -15,13 +15,12 @@ from cnnpack.bench import (
     BenchConfig,
     BenchContext,
     count_flops,
-    hold_to_ceilings,
     input_batch,
     make_section,
-    over_ceiling,
     previous_section,
     speedups,
 )
+from cnnpack.bench_ceilings import hold_to_ceilings, over_ceiling
 from cnnpack.bench_outputs import write_outputs
 from cnnpack.errors import UserInputError
 from cnnpack.host import load_avg, machine, torch_threads

@@ -175,7 +175,8 @@ class Stages:
         return stages
 
     def run_tune(self, run: Run) -> str:
-        from cnnpack.tune import describe, tune
+        from cnnpack.tune import tune
+        from cnnpack.tune_outputs import describe
 
         section = tune(run.path, self.cfg.tune_config(), progress=lambda text: self.say(f"[tune] {text}"))
         return describe(section)
@@ -418,7 +419,7 @@ def tuned_line(stages: dict) -> str | None:
     t = stages.get("tune") or {}
     if t.get("status") != "ok" or not t.get("winner"):
         return None
-    from cnnpack.tune import describe
+    from cnnpack.tune_outputs import describe
 
     return describe(t)
 

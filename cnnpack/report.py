@@ -385,7 +385,7 @@ def _tune(m: dict, run: Run) -> list[Block]:
     t = m.get("stages", {}).get("tune")
     if not t or not t.get("winner"):
         return []
-    from cnnpack.tune import describe
+    from cnnpack.tune_outputs import describe
 
     w, repo = t["winner"], m["stages"]["triton"]["repository"]
     rows = [["config", "concurrency", "images/s", "p50 ms", "p99 ms", "mean batch"]]

@@ -17,6 +17,9 @@ then every delay for the best coarse setting). The winner (most images/s with p9
 or the lowest p99 with `objective="latency"`) is written as its model's config.pbtxt, the previous one
 kept beside it as config.pbtxt.prev (`undo` restores it); when its gain over the default is within the
 measured noise, the default is kept and the result says so.
+
+Beside it: `tune_handover` (the winner's config.pbtxt written, `--undo`), `tune_outputs` (the Pareto front,
+tune.png, the winner's one-line description).
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ import numpy as np
 
 from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError, shell
 from cnnpack.peak import usable_cores
-from cnnpack.rundir import Run, atomic_write_json, atomic_write_text, sha256
-from cnnpack.triton_publish import PREVIOUS
+from cnnpack.rundir import Run, atomic_write_json, sha256
+from cnnpack.tune_handover import config_of, undoable, write_winner
+from cnnpack.tune_outputs import pareto, plot
 
 OUTPUT, PLOT = "tune.json", "tune.png"
 OBJECTIVES = ("throughput", "latency")
@@ -271,16 +275,6 @@ def check_served(run: Run, url: str, s: Setting, cfg: TuneConfig) -> None:
 
 
 # -- the choice ---------------------------------------------------------------------------------------------
-def pareto(points: list[dict]) -> list[dict]:
-    """The points no other point beats on both images/s and p99 (sorted by p99)."""
-    front, best = [], -1.0
-    for p in sorted(points, key=lambda p: (p["latency_ms_p99"], -p["throughput_ips"])):
-        if p["throughput_ips"] > best:
-            front.append(p)
-            best = p["throughput_ips"]
-    return front
-
-
 def choose(points: list[dict], cfg: TuneConfig) -> dict | None:
     """The best point within the budget; never a bf16 config this CPU computed in f32 (its bf16 was not measured)."""
     ok = [p for p in points if within_budget(p, cfg)]
@@ -410,10 +404,11 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
               "sweep": info, "winner": winner, "written": None,
               "verdict": verdict(winner, points, run.stage("triton")["name"], cfg) if winner else None}
     if winner and not result["verdict"]["as_good"] and not winner["default"]:
-        w = result["written"] = write_winner(run, winner, keep_previous=_config_of(run, winner) in tuned)
+        w = result["written"] = write_winner(run, winner["model"], winner_config(run, winner),
+                                             keep_previous=config_of(run, winner["model"]) in tuned)
         tuned[w["config"]] = {"previous": w["previous"], "sha256": w["sha256"]}
     atomic_write_json(run.file(OUTPUT), result)
-    plot(points, winner, cfg, run.file(PLOT))
+    plot(points, winner, cfg.latency_budget_ms, run.file(PLOT))
     status = "ok" if winner else "failed"
     run.set_stage("tune", {"status": status, "config": asdict(cfg), "points": points, "winner": winner,
                            "verdict": result["verdict"], "written": result["written"], "tuned": tuned, "sweep": info,
@@ -430,105 +425,12 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
     return run.read()["stages"]["tune"]
 
 
-def undoable(stages: dict) -> dict[str, dict]:
-    """Every config.pbtxt a tune of this run wrote that the repository still serves (its digest unchanged: not undone,
-    not laid out again), config path -> {"previous": its config.pbtxt.prev, "sha256"}. Each tune carries it forward,
-    so `--undo` after a second tune still goes back to the configs from before any tune."""
-    t = stages.get("tune") or {}
-    entries = dict(t.get("tuned") or {})
-    w = t.get("written")  # a record from before `tuned` was kept
-    if w and "sha256" in w and w["config"] not in entries:
-        entries[w["config"]] = {"previous": w["previous"], "sha256": w["sha256"]}
-    return {c: e for c, e in entries.items()
-            if Path(c).is_file() and Path(e["previous"]).is_file() and sha256(Path(c)) == e["sha256"]}
-
-
-def _config_of(run: Run, winner: dict) -> str:
-    """The config.pbtxt the winner would be written to."""
-    return str(Path(run.stage("triton")["repository"]) / winner["model"] / "config.pbtxt")
-
-
-def write_winner(run: Run, winner: dict, *, keep_previous: bool = False) -> dict:
-    """The winner's config.pbtxt into its model folder, the previous one kept as config.pbtxt.prev (over a config
-    an earlier tune wrote, `keep_previous`: its .prev, the config from before any tune, stays)."""
+def winner_config(run: Run, winner: dict) -> str:
+    """The winner's config.pbtxt, rendered as `cnnpack triton` renders its own."""
     from google.protobuf import json_format
     from tritonclient.grpc import model_config_pb2 as pb
 
     from cnnpack.triton_repo import render
 
-    repository = run.stage("triton")["repository"]
-    folder = Path(repository) / winner["model"]
     s = Setting(**{k: winner[k] for k in Setting.__dataclass_fields__})
-    mc = json_format.Parse(model_config_json(run, s, repository), pb.ModelConfig())
-    if not keep_previous:
-        atomic_write_text(folder / PREVIOUS, (folder / "config.pbtxt").read_text())
-    atomic_write_text(folder / "config.pbtxt", render(mc))
-    return {"model": winner["model"], "config": str(folder / "config.pbtxt"), "previous": str(folder / PREVIOUS),
-            "sha256": sha256(folder / "config.pbtxt")}  # what deploy checks is still in place (triton_config)
-
-
-def undo(run_dir: str | Path) -> list[dict]:
-    """Restores every config.pbtxt this run's tunes wrote that is still served (`undoable`) to the one from before
-    any tune; [{config, previous}] restored; UserInputError when there is nothing to undo."""
-    run = Run.open(run_dir)
-    entries = undoable(run.read().get("stages", {}))
-    if not entries:
-        raise UserInputError(f"{run.path}: no config written by `cnnpack tune` to undo")
-    restored = []
-    for config, e in entries.items():
-        atomic_write_text(Path(config), Path(e["previous"]).read_text())
-        Path(e["previous"]).unlink()
-        restored.append({"config": config, "previous": e["previous"]})
-    run.update(lambda m: m["stages"]["tune"].update(written=None, tuned={}, undone=restored))
-    return restored
-
-
-def plot(points: list[dict], winner: dict | None, cfg: TuneConfig, path: Path) -> None:
-    """Images/s against p99 per point (one colour per model), the Pareto front, the budget, the winner."""
-    from matplotlib.figure import Figure
-
-    from cnnpack.rundir import atomic_path
-
-    fig = Figure(figsize=(9, 5))
-    ax = fig.subplots()
-    for model, precision in dict.fromkeys((p["model"], p.get("precision", "fp32")) for p in points):
-        mine = [p for p in points if (p["model"], p.get("precision", "fp32")) == (model, precision)]
-        ax.scatter([p["latency_ms_p99"] for p in mine], [p["throughput_ips"] for p in mine], s=30,
-                   label=f"{model} ({precision})")
-        for p in mine:
-            if p["default"]:
-                ax.scatter(p["latency_ms_p99"], p["throughput_ips"], s=120, facecolors="none", edgecolors="black")
-    front = pareto(points)
-    ax.plot([p["latency_ms_p99"] for p in front], [p["throughput_ips"] for p in front], "k--", lw=1, label="Pareto front")
-    ax.axvline(cfg.latency_budget_ms, color="red", lw=1, label=f"budget p99 {cfg.latency_budget_ms:g} ms")
-    if winner:
-        ax.scatter(winner["latency_ms_p99"], winner["throughput_ips"], marker="*", s=300, color="gold",
-                   edgecolors="black", zorder=5, label=f"winner: {winner['label']}")
-    import matplotlib.ticker
-
-    ax.set(xlabel="p99 latency (ms)", ylabel="images/s", xscale="log",
-           title=f"{len(points)} served configs (circled: each model's config.pbtxt as laid out)")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.tick_params(axis="x", which="both", labelsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-
-
-def describe(section: dict) -> str:
-    w, v = section["winner"], section["verdict"] or {}
-    line = (f"winner: {w['label']} at concurrency {w['concurrency']}: {w['throughput_ips']:,.0f} images/s, "
-            f"p99 {w['latency_ms_p99']:.2f} ms")
-    if v.get("gain") is not None:
-        line += f"; {v['gain']:.2f}x the default ({v['default']}, noise {100 * v['noise']:.0f} %)"
-    today = v.get("vs_served_default")
-    if today and today["model"] != w["model"]:
-        line += f"; {today['gain']:.2f}x {today['model']} as served today"
-    if v.get("as_good"):
-        line += "; within the noise: the default config is as good and was kept"
-    elif section.get("written"):
-        line += f"; written to {section['written']['config']} (previous: {PREVIOUS})"
-    return line
-
+    return render(json_format.Parse(model_config_json(run, s, run.stage("triton")["repository"]), pb.ModelConfig()))

@@ -206,7 +206,8 @@ def test_a_ceiling_a_row_beats_is_measured_again_in_the_run(exported, tmp_path):
     when a row beats it: the rows' shares are taken against the new one, and the cache keeps it."""
     import torch
 
-    from cnnpack.bench import BenchContext, remeasure_beaten_ceilings
+    from cnnpack.bench import BenchContext
+    from cnnpack.bench_ceilings import remeasure_beaten_ceilings
     from cnnpack.rundir import Run
 
     cache = tmp_path / "ceilings.json"

@@ -49,7 +49,9 @@ def _copy(laid_out: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_a_sweep_measures_every_point_on_one_server_and_writes_the_winner(laid_out, tmp_path):
-    from cnnpack.tune import PREVIOUS, TuneConfig, tune, undo
+    from cnnpack.triton_publish import PREVIOUS
+    from cnnpack.tune import TuneConfig, tune
+    from cnnpack.tune_handover import undo
 
     run, repo = _copy(laid_out, tmp_path)
     before = (repo / "cnn_onnx" / "config.pbtxt").read_text()
@@ -164,7 +166,9 @@ def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survi
     goes back to the config.pbtxt from before any tune, and to another model's too."""
     from cnnpack.rundir import Run
     from cnnpack.triton_config import tuned_in_place
-    from cnnpack.tune import PREVIOUS, TuneConfig, finish, undo
+    from cnnpack.triton_publish import PREVIOUS
+    from cnnpack.tune import TuneConfig, finish
+    from cnnpack.tune_handover import undo
 
     run_dir, repo = _copy(laid_out, tmp_path)
     run = Run.open(run_dir)

@@ -41,9 +41,10 @@ def tune(
     """
     from rich.console import Console
 
-    from cnnpack.tune import TuneConfig, describe
+    from cnnpack.tune import TuneConfig
     from cnnpack.tune import tune as do_tune
-    from cnnpack.tune import undo as do_undo
+    from cnnpack.tune_handover import undo as do_undo
+    from cnnpack.tune_outputs import describe
 
     if undo:
         for r in do_undo(run):

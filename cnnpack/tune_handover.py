@@ -1,0 +1,59 @@
+"""The handover of `cnnpack tune`: the winner's config.pbtxt written into the run's repository, the previous one
+kept beside it as config.pbtxt.prev, and `cnnpack tune --undo`, which puts back the configs from before any tune.
+
+The run's manifest keeps every config a tune wrote with its digest (`tuned`), so an undo restores only what the
+repository still serves as tune left it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cnnpack.errors import UserInputError
+from cnnpack.rundir import Run, atomic_write_text, sha256
+from cnnpack.triton_publish import PREVIOUS
+
+
+def undoable(stages: dict) -> dict[str, dict]:
+    """Every config.pbtxt a tune of this run wrote that the repository still serves (its digest unchanged: not undone,
+    not laid out again), config path -> {"previous": its config.pbtxt.prev, "sha256"}. Each tune carries it forward,
+    so `--undo` after a second tune still goes back to the configs from before any tune."""
+    t = stages.get("tune") or {}
+    entries = dict(t.get("tuned") or {})
+    w = t.get("written")  # a record from before `tuned` was kept
+    if w and "sha256" in w and w["config"] not in entries:
+        entries[w["config"]] = {"previous": w["previous"], "sha256": w["sha256"]}
+    return {c: e for c, e in entries.items()
+            if Path(c).is_file() and Path(e["previous"]).is_file() and sha256(Path(c)) == e["sha256"]}
+
+
+def config_of(run: Run, model: str) -> str:
+    """The config.pbtxt a winner of `model` is written to."""
+    return str(Path(run.stage("triton")["repository"]) / model / "config.pbtxt")
+
+
+def write_winner(run: Run, model: str, config_pbtxt: str, *, keep_previous: bool = False) -> dict:
+    """`config_pbtxt` as `model`'s config.pbtxt, the previous one kept as config.pbtxt.prev (over a config an
+    earlier tune wrote, `keep_previous`: its .prev, the config from before any tune, stays)."""
+    folder = Path(run.stage("triton")["repository"]) / model
+    if not keep_previous:
+        atomic_write_text(folder / PREVIOUS, (folder / "config.pbtxt").read_text())
+    atomic_write_text(folder / "config.pbtxt", config_pbtxt)
+    return {"model": model, "config": str(folder / "config.pbtxt"), "previous": str(folder / PREVIOUS),
+            "sha256": sha256(folder / "config.pbtxt")}  # what deploy checks is still in place (triton_config)
+
+
+def undo(run_dir: str | Path) -> list[dict]:
+    """Restores every config.pbtxt this run's tunes wrote that is still served (`undoable`) to the one from before
+    any tune; [{config, previous}] restored; UserInputError when there is nothing to undo."""
+    run = Run.open(run_dir)
+    entries = undoable(run.read().get("stages", {}))
+    if not entries:
+        raise UserInputError(f"{run.path}: no config written by `cnnpack tune` to undo")
+    restored = []
+    for config, e in entries.items():
+        atomic_write_text(Path(config), Path(e["previous"]).read_text())
+        Path(e["previous"]).unlink()
+        restored.append({"config": config, "previous": e["previous"]})
+    run.update(lambda m: m["stages"]["tune"].update(written=None, tuned={}, undone=restored))
+    return restored

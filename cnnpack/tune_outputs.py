@@ -1,0 +1,69 @@
+"""What `cnnpack tune` shows: the Pareto front of its points, tune.png (images/s against p99) and the one-line
+description of its winner that the CLI, the pipeline and the report print.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cnnpack.triton_publish import PREVIOUS
+
+
+def pareto(points: list[dict]) -> list[dict]:
+    """The points no other point beats on both images/s and p99 (sorted by p99)."""
+    front, best = [], -1.0
+    for p in sorted(points, key=lambda p: (p["latency_ms_p99"], -p["throughput_ips"])):
+        if p["throughput_ips"] > best:
+            front.append(p)
+            best = p["throughput_ips"]
+    return front
+
+
+def plot(points: list[dict], winner: dict | None, latency_budget_ms: float, path: Path) -> None:
+    """Images/s against p99 per point (one colour per model), the Pareto front, the budget, the winner."""
+    from matplotlib.figure import Figure
+
+    from cnnpack.rundir import atomic_path
+
+    fig = Figure(figsize=(9, 5))
+    ax = fig.subplots()
+    for model, precision in dict.fromkeys((p["model"], p.get("precision", "fp32")) for p in points):
+        mine = [p for p in points if (p["model"], p.get("precision", "fp32")) == (model, precision)]
+        ax.scatter([p["latency_ms_p99"] for p in mine], [p["throughput_ips"] for p in mine], s=30,
+                   label=f"{model} ({precision})")
+        for p in mine:
+            if p["default"]:
+                ax.scatter(p["latency_ms_p99"], p["throughput_ips"], s=120, facecolors="none", edgecolors="black")
+    front = pareto(points)
+    ax.plot([p["latency_ms_p99"] for p in front], [p["throughput_ips"] for p in front], "k--", lw=1, label="Pareto front")
+    ax.axvline(latency_budget_ms, color="red", lw=1, label=f"budget p99 {latency_budget_ms:g} ms")
+    if winner:
+        ax.scatter(winner["latency_ms_p99"], winner["throughput_ips"], marker="*", s=300, color="gold",
+                   edgecolors="black", zorder=5, label=f"winner: {winner['label']}")
+    import matplotlib.ticker
+
+    ax.set(xlabel="p99 latency (ms)", ylabel="images/s", xscale="log",
+           title=f"{len(points)} served configs (circled: each model's config.pbtxt as laid out)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.tick_params(axis="x", which="both", labelsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def describe(section: dict) -> str:
+    w, v = section["winner"], section["verdict"] or {}
+    line = (f"winner: {w['label']} at concurrency {w['concurrency']}: {w['throughput_ips']:,.0f} images/s, "
+            f"p99 {w['latency_ms_p99']:.2f} ms")
+    if v.get("gain") is not None:
+        line += f"; {v['gain']:.2f}x the default ({v['default']}, noise {100 * v['noise']:.0f} %)"
+    today = v.get("vs_served_default")
+    if today and today["model"] != w["model"]:
+        line += f"; {today['gain']:.2f}x {today['model']} as served today"
+    if v.get("as_good"):
+        line += "; within the noise: the default config is as good and was kept"
+    elif section.get("written"):
+        line += f"; written to {section['written']['config']} (previous: {PREVIOUS})"
+    return line
