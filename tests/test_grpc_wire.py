@@ -214,6 +214,81 @@ def test_calls_started_in_one_turn_of_the_event_loop_leave_in_one_write():
     assert kinds == [w.HEADERS, w.DATA] * 8
 
 
+def test_the_calls_the_answers_of_one_read_start_leave_in_one_write_as_the_read_ends():
+    """The load client's closed loops start their next requests while their answers are read (loadclient._Then):
+    those requests leave together in one write at the end of that read, not a turn of the event loop later."""
+    from cnnpack.loadclient import _Then
+
+    async def go():
+        conn, writes = w.H2Connection("127.0.0.1:1", PATH), []
+
+        class Recorded:  # a transport that keeps what is written
+            def write(self, data):
+                writes.append(bytes(data))
+
+            def is_closing(self):
+                return False
+
+            def close(self):
+                pass
+
+        conn.connection_made(Recorded())
+        settled, started = [], []
+
+        def again(error):  # an answer that starts the next call as it is settled
+            settled.append(error)
+            started.append(conn.call(b"next", 5, _Then(lambda e: None)))
+
+        for _ in range(4):
+            conn.call(b"first", 5, _Then(again))
+        await asyncio.sleep(0)  # the preface and the four calls leave at the end of this turn
+        writes.clear()
+        enc = hpack.Encoder()
+        conn.data_received(b"".join(
+            w.frame(w.HEADERS, w.END_HEADERS, s, enc.encode([(":status", "200")])) + w.frame(w.DATA, 0, s, b"\0" * 5)
+            + w.frame(w.HEADERS, w.END_HEADERS | w.END_STREAM, s, enc.encode([("grpc-status", "0")]))
+            for s in (1, 3, 5, 7)))
+        in_the_read = list(writes)
+        await asyncio.sleep(0)
+        conn.close()
+        return settled, started, in_the_read, writes
+
+    settled, started, in_the_read, writes = asyncio.run(go())
+    assert settled == [None] * 4 and len(started) == 4
+    assert len(in_the_read) == 1 and writes == in_the_read  # one write, before the event loop turned; none after
+    frames, at = [], 0
+    while at < len(in_the_read[0]):
+        b = in_the_read[0]
+        frames.append((b[at + 3], int.from_bytes(b[at + 5:at + 9], "big")))
+        at += 9 + int.from_bytes(b[at:at + 3], "big")
+    assert frames == [(kind, s) for s in (9, 11, 13, 15) for kind in (w.HEADERS, w.DATA)]
+
+
+def test_a_load_s_request_on_a_connection_closed_since_opens_it_again():
+    """loadclient._Grpc.start sends on the connection its slot shares; closed since (GOAWAY after a previous
+    window, say), the connection is opened again and the request sent on it."""
+    from cnnpack.loadclient import _Grpc, _Then
+
+    async def go():
+        peer = Peer(lambda p, s, m: p.ok(s))
+        port = await peer.start()
+        wire = _Grpc("127.0.0.1", port, b"m", 5)
+        await wire.ready(1)
+        first = await wire.connection(0)
+        first.close()
+        done = asyncio.get_running_loop().create_future()
+        wire.start(0, _Then(done.set_result))
+        error = await asyncio.wait_for(done, 5)
+        second = await wire.connection(0)
+        await wire.close()
+        await peer.stop()
+        return error, first, second, peer
+
+    error, first, second, peer = asyncio.run(go())
+    assert error is None and second is not first and second.closed is not None  # (closed with the wire)
+    assert [m for _, _, m in peer.requests] == [b"m"]
+
+
 def test_a_message_beyond_the_servers_window_waits_for_window_update():
     big = bytes(range(256)) * 400  # 102,400 bytes against a window of 10,000 (the first call: the settings are in)
     peer, results = asyncio.run(_calls(lambda p, s, m: p.ok(s), [b"first", big, big], window=10_000))

@@ -522,6 +522,38 @@ def test_a_server_that_drops_the_connection_mid_request_reads_as_gone(tmp_path):
     assert "is the server still running?" in str(err.value)
 
 
+def test_a_load_s_request_on_an_http_connection_closed_since_opens_it_again():
+    """loadclient._Http.start writes on its slot's keep-alive connection; closed since, it is opened again."""
+    import asyncio
+    import contextlib
+
+    from cnnpack.loadclient import _Http, _Then
+
+    async def main():
+        accepted = []
+
+        async def answer(reader, writer):
+            accepted.append(writer)
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):  # until the client closes
+                while await reader.readuntil(b"\r\n\r\n"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+        srv = await asyncio.start_server(answer, "127.0.0.1", 0)
+        wire = _Http("127.0.0.1", srv.sockets[0].getsockname()[1], b"GET / HTTP/1.1\r\n\r\n", 5)
+        await wire.ready(2)
+        first = wire.conns[0]
+        first.close()
+        done = asyncio.get_running_loop().create_future()
+        wire.start(0, _Then(done.set_result))
+        error = await asyncio.wait_for(done, 5)
+        await wire.close()
+        srv.close()
+        return error, first, wire.conns[0], len(accepted)
+
+    error, first, second, accepted = asyncio.run(main())
+    assert error is None and second is not first and accepted == 3  # 2 opened by ready, 1 again
+
+
 def test_a_request_on_a_connection_the_server_already_reset_fails_at_once():
     """The reset can come between the connect and the first write (the server accepts and resets at once): the write
     would be dropped by the closed transport, so the request fails now as a reset, not after the client timeout."""
