@@ -234,7 +234,8 @@ class H2Connection(asyncio.Protocol):
         answer = loop.create_future() if answer is None else answer
         if self.closed is not None:
             answer.set_exception(self.closed)
-        elif len(self.calls) >= self.max_streams:
+        elif self.waiting or len(self.calls) >= self.max_streams:  # behind the calls already waiting: a stream freed
+            # while an answer is settled (its callback may call again at once) goes to the oldest, not the newest
             self.waiting.append((message, answer, loop.call_later(timeout_s, self.timed_out)))
         else:
             self._start(message, answer, loop.call_later(timeout_s, self.timed_out))

@@ -142,7 +142,7 @@ class Load:
                     if not finished.done():
                         finished.set_exception(e)
 
-            self._wire.start(slot, _Then(answered))
+            self._wire.start(slot, _Then(answered, finished.done))
 
         for slot in range(concurrency):
             issue(slot)
@@ -155,15 +155,16 @@ class Load:
 
 class _Then:
     """A request's answer that calls `then(error or None)` as it is settled: the part of asyncio.Future the
-    protocols use, without the turn of the event loop a future's callbacks wait for."""
+    protocols use, without the turn of the event loop a future's callbacks wait for. Once `abandoned()` (its window
+    ended by a failure) it reads as done, so a protocol neither settles it nor sends it from a queue."""
 
-    __slots__ = ("then", "finished")
+    __slots__ = ("then", "finished", "abandoned")
 
-    def __init__(self, then) -> None:
-        self.then, self.finished = then, False
+    def __init__(self, then, abandoned=lambda: False) -> None:
+        self.then, self.finished, self.abandoned = then, False, abandoned
 
     def done(self) -> bool:
-        return self.finished
+        return self.finished or self.abandoned()
 
     def set_result(self, _value) -> None:
         self.finished = True
@@ -202,6 +203,7 @@ class _Grpc:
     def __init__(self, host: str, port: int, body: bytes, timeout_s: float) -> None:
         self.host, self.port, self.body, self.timeout_s = host, port, body, timeout_s
         self.opening: dict[int, asyncio.Future] = {}  # connection number -> its (last) connection, being opened
+        self.tasks: set[asyncio.Task] = set()  # requests waiting for their connection to open again (`start`)
         self.blocking: Blocking | None = None  # the connection of a load of one request at a time
 
     @classmethod
@@ -234,7 +236,7 @@ class _Grpc:
         opening = self.opening.get(slot // self.STREAMS_PER_CONNECTION)
         conn = _opened(opening) if opening is not None and opening.done() else None
         if conn is None or conn.closed is not None:  # closed since (or still opening): open it, then send
-            _settle_later(self._start_when_open(slot, answer), answer)
+            _settle_later(self._start_when_open(slot, answer), answer, self.tasks)
             return
         conn.call(self.body, self.timeout_s, _GrpcStatus(answer))
 
@@ -257,6 +259,7 @@ class _Grpc:
     async def close(self) -> None:
         if self.blocking is not None:
             self.blocking.protocol.close()
+        await _cancel(self.tasks)
         for opening in self.opening.values():
             if not opening.done():
                 opening.cancel()
@@ -287,14 +290,18 @@ class _GrpcStatus:
         self.answer.set_exception(error)
 
 
-def _settle_later(opening, answer) -> None:
-    """Runs `opening` (a connection opened, then the request sent on it); its failure settles `answer`."""
+def _settle_later(opening, answer, tasks: set) -> None:
+    """Runs `opening` (a connection opened, then the request sent on it) as a task kept in `tasks` until it ends
+    (the wire's close cancels what is left); its failure settles `answer`."""
     def failed(task: asyncio.Task) -> None:
+        tasks.discard(task)
         error = task.exception() if not task.cancelled() else ConnectionError("the connection's opening was cancelled")
         if error is not None and not answer.done():
             answer.set_exception(error)
 
-    asyncio.ensure_future(opening).add_done_callback(failed)
+    task = asyncio.ensure_future(opening)
+    tasks.add(task)
+    task.add_done_callback(failed)
 
 
 def _opened(opening: asyncio.Future):
@@ -310,6 +317,7 @@ class _Http:
     def __init__(self, host: str, port: int, request: bytes, timeout_s: float) -> None:
         self.host, self.port, self.request, self.timeout_s = host, port, request, timeout_s
         self.conns: dict[int, _HttpConnection] = {}
+        self.tasks: set[asyncio.Task] = set()  # connections being opened (`ready`, `start`)
         self.blocking: Blocking | None = None  # the connection of a load of one request at a time
 
     @classmethod
@@ -336,14 +344,20 @@ class _Http:
         return conn
 
     async def ready(self, concurrency: int) -> None:
-        """A connection for each of `concurrency` requests in flight, open."""
-        await asyncio.gather(*(self.connection(slot) for slot in range(concurrency)))
+        """A connection for each of `concurrency` requests in flight, open (where one fails, the others opening
+        are left to `close`)."""
+        opening = [asyncio.ensure_future(self.connection(slot)) for slot in range(concurrency)]
+        self.tasks.update(opening)
+        try:
+            await asyncio.gather(*opening)
+        finally:
+            self.tasks.difference_update(t for t in opening if t.done())
 
     def start(self, slot: int, answer) -> None:
         """Writes the request of `slot` on its connection; `answer` is settled with None or the server's error."""
         conn = self.conns.get(slot)
         if conn is None or conn.closed:  # the server closed it since: open it again, then send
-            _settle_later(self._start_when_open(slot, answer), answer)
+            _settle_later(self._start_when_open(slot, answer), answer, self.tasks)
             return
         conn.send(self.request, self.timeout_s, answer)
 
@@ -359,8 +373,18 @@ class _Http:
     async def close(self) -> None:
         if self.blocking is not None:
             self.blocking.protocol.close()
+        await _cancel(self.tasks)
         for conn in self.conns.values():
             conn.close()
+
+
+async def _cancel(tasks: set) -> None:
+    """Cancels the tasks still running and waits for them to end."""
+    pending = list(tasks)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    tasks.clear()
 
 
 class _HttpConnection(asyncio.Protocol):
