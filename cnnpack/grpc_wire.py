@@ -17,12 +17,12 @@ as FP32); given the same pixels, 1.002x with the server and the load generator o
 separate cores and 0.91-0.97x in three runs beside it on the 2 cores, where Triton batches its load smaller
 (benchmarks/results/served-loadgen-cnn64-onnx-cpu2-amx*.md). Bursts are not what costs there: writing each request
 at once instead read 0.866x against 0.924x coalesced (6 rounds of the three alternated, gRPC at 16, shared cores;
-Triton's mean batch 3.7-5.6 against 7.5-8.2 and perf_analyzer's 7.7-8.5). What cost there was the turn of the event
-loop between an answer and the next request: the load client now starts its next calls while their answers are read
+Triton's mean batch 3.7-5.6 against 7.5-8.2 and perf_analyzer's 7.7-8.5). Part of what cost there was the turn of the
+event loop between an answer and the next request: the load client now starts its next calls while their answers are read
 (`call(..., answer=)` settles an object of its own at once, not a future), and a read writes what it started as it
-ends. On 2 shared Zen 4 cores that raised the load 1.087x over the tasks that awaited each answer (9 rounds
-interleaved with perf_analyzer, higher in 8), to 1.064x perf_analyzer's against their 0.956x, Triton's mean batch
-7.81 against their 7.62 (perf_analyzer's 7.90), the client's CPU 53 us per request against 63.
+ends. On 2 shared Zen 4 cores that raised the load 1.026-1.087x over the tasks that awaited each answer (three runs of
+9-12 rounds interleaved with perf_analyzer), to 0.958-1.064x perf_analyzer's against their 0.941-0.956x, on 49-57 us of
+the client's CPU per request against 56-64.
 
 What HTTP/2 asks of a client is done: the preface and SETTINGS (acknowledged both ways), PING answered,
 the server's flow-control windows respected (the message waits for WINDOW_UPDATE), this side's windows

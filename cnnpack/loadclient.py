@@ -101,9 +101,9 @@ class Load:
     async def _window(self, seconds: float, requests: int, min_requests: int, concurrency: int) -> Window:
         """`concurrency` closed loops, each a chain of callbacks: an answer is settled while the protocol reads it
         (`_Then`), and its loop's next request is started there, so the answers of one read start their next
-        requests in one write (grpc_wire) with no task to wake between them. Tasks awaiting each answer cost the
-        server's batcher: Triton on 2 shared Zen 4 cores batched their gRPC load at 16 into 7.62 requests against
-        7.81 now and perf_analyzer's 7.90, and it read 0.956x perf_analyzer's against 1.064x now (9 rounds)."""
+        requests in one write (grpc_wire) with no task to wake between them. Tasks awaiting each answer read
+        0.941-0.956x perf_analyzer's gRPC load at 16 on 2 shared Zen 4 cores, these callbacks 0.958-1.064x (three
+        interleaved runs of 9-12 rounds)."""
         try:
             await self._wire.ready(concurrency)
         except self.client.errors as e:
