@@ -395,43 +395,9 @@ def test_beyond_the_servers_limit_of_concurrent_streams_a_call_waits_for_one_to_
     assert peer.most_open == 1
 
 
-def test_a_load_beyond_the_servers_stream_limit_takes_the_streams_in_turn():
-    """Below the load's requests in flight, a server's SETTINGS_MAX_CONCURRENT_STREAMS makes calls wait for a stream.
-    An answer's next call, started while the answer is settled, queues behind them: every request in flight keeps
-    going, and none waits out the window (or, in a longer one, the client timeout)."""
-    import types
-
-    from cnnpack.client import _client_errors
-    from cnnpack.errors import StageFailed
-    from cnnpack.loadclient import Load, _Grpc
-
-    class Client:  # what Load asks of cnnpack.client.Client beyond the wire
-        errors, protocol = _client_errors(), "grpc"
-
-        def failure(self, what, e):
-            return StageFailed(f"{what}: {e}")
-
-    def answer_later(peer, stream, message):
-        asyncio.get_running_loop().call_later(0.002, peer.ok, stream)
-
-    async def go():
-        peer = Peer(answer_later, max_streams=2)
-        port = await peer.start()
-        load = Load(Client(), types.SimpleNamespace(name="m"), None, concurrency=4)
-        load._wire = _Grpc("127.0.0.1", port, b"m", timeout_s=5)
-        await (await load._wire.connection(0)).call(b"first", timeout_s=5)  # the server's settings are in
-        window = await load._window(1.0, 0, 1, 4)
-        await load._wire.close()
-        await peer.stop()
-        return window, peer
-
-    window, peer = asyncio.run(go())
-    assert peer.most_open == 2 and len(window.latencies_s) > 40
-    assert max(window.latencies_s) < 0.5  # each waited for a stream a few answers long, not for the others to stop
-
-
-def test_after_a_failed_request_the_calls_waiting_for_a_stream_are_not_sent():
-    """The first failure ends the load's window: the calls still waiting for a stream are abandoned with it."""
+async def _load_on(peer: Peer, concurrency: int):
+    """A loadclient.Load of `concurrency` gRPC calls of b"m" on `peer` (started here), its first call made so the
+    peer's settings are in; Load's client is what it asks of cnnpack.client.Client beyond the wire."""
     import types
 
     from cnnpack.client import _client_errors
@@ -444,6 +410,37 @@ def test_after_a_failed_request_the_calls_waiting_for_a_stream_are_not_sent():
         def failure(self, what, e):
             return StageFailed(f"{what}: {e}")
 
+    port = await peer.start()
+    load = Load(Client(), types.SimpleNamespace(name="m"), None, concurrency=concurrency)
+    load._wire = _Grpc("127.0.0.1", port, b"m", timeout_s=5)
+    await (await load._wire.connection(0)).call(b"first", timeout_s=5)
+    return load
+
+
+def test_a_load_beyond_the_servers_stream_limit_takes_the_streams_in_turn():
+    """Below the load's requests in flight, a server's SETTINGS_MAX_CONCURRENT_STREAMS makes calls wait for a stream.
+    An answer's next call, started while the answer is settled, queues behind them: every request in flight keeps
+    going, and none waits out the window (or, in a longer one, the client timeout)."""
+    def answer_later(peer, stream, message):
+        asyncio.get_running_loop().call_later(0.002, peer.ok, stream)
+
+    async def go():
+        peer = Peer(answer_later, max_streams=2)
+        load = await _load_on(peer, concurrency=4)
+        window = await load._window(1.0, 0, 1, 4)
+        await load._wire.close()
+        await peer.stop()
+        return window, peer
+
+    window, peer = asyncio.run(go())
+    assert peer.most_open == 2 and len(window.latencies_s) > 40
+    assert max(window.latencies_s) < 0.5  # each waited for a stream a few answers long, not for the others to stop
+
+
+def test_after_a_failed_request_the_calls_waiting_for_a_stream_are_not_sent():
+    """The first failure ends the load's window: the calls still waiting for a stream are abandoned with it."""
+    from cnnpack.errors import StageFailed
+
     def refuse_the_second(peer, stream, message):  # the warm-up call passes, the load's first is refused
         if len(peer.requests) == 1:
             peer.ok(stream)
@@ -452,10 +449,7 @@ def test_after_a_failed_request_the_calls_waiting_for_a_stream_are_not_sent():
 
     async def go():
         peer = Peer(refuse_the_second, max_streams=1)
-        port = await peer.start()
-        load = Load(Client(), types.SimpleNamespace(name="m"), None, concurrency=4)
-        load._wire = _Grpc("127.0.0.1", port, b"m", timeout_s=5)
-        await (await load._wire.connection(0)).call(b"first", timeout_s=5)  # the server's settings are in
+        load = await _load_on(peer, concurrency=4)
         with pytest.raises(StageFailed, match="bad") as err:
             await load._window(1.0, 0, 1, 4)
         await asyncio.sleep(0.1)  # what the connection would still send, it would have sent by now
