@@ -245,16 +245,15 @@ class _Grpc:
         conn.call(self.body, self.timeout_s, _GrpcStatus(answer))
 
     def send_blocking(self) -> None:
-        from cnnpack.grpc_wire import GrpcError, H2Connection, authority
+        from cnnpack.grpc_wire import H2Connection, authority
 
         b = self.blocking
         if b is None or b.protocol.closed is not None:
             b = self.blocking = Blocking(H2Connection(authority(self.host, self.port), GRPC_INFER), self.host,
                                          self.port, self.timeout_s)
-        try:
-            b.wait(b.protocol.call(self.body, self.timeout_s), self.timeout_s)
-        except GrpcError as e:
-            raise _server_error(e.message, e.status) from None
+        answer = _Answer()
+        b.protocol.call(self.body, self.timeout_s, _GrpcStatus(answer))  # a gRPC status as tritonclient reports it
+        b.wait(answer, self.timeout_s)
 
     async def close(self) -> None:
         if self.blocking is not None:
