@@ -58,9 +58,15 @@ def one(run: Path, budget_ms: float, time_limit: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cnn-run", type=Path, required=True)
-    ap.add_argument("--r18-run", type=Path, required=True)
+    ap.add_argument("--cnn-run", type=Path)
+    ap.add_argument("--r18-run", type=Path)
+    ap.add_argument("--render", type=Path, help="write the .md again from a recorded .json, measuring nothing")
     args = ap.parse_args()
+    if args.render:
+        write(json.loads(args.render.read_text()), args.render.stem)
+        return
+    if not (args.cnn_run and args.r18_run):
+        ap.error("--cnn-run and --r18-run are required (or --render JSON)")
     prepare(args.cnn_run, None)
     prepare(args.r18_run, "shapes")
     record = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_info(),
@@ -69,11 +75,15 @@ def main() -> None:
     write(record)
 
 
-def write(record: dict) -> None:
-    stem = f"tune-cpu{len(os.sched_getaffinity(0))}-{isa_tag()}"
+def write(record: dict, stem: str | None = None) -> None:
+    stem = stem or f"tune-cpu{len(os.sched_getaffinity(0))}-{isa_tag()}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     info = record["cpu"]
-    lines = [f"# cnnpack tune ({stem})", "", f"{record['when']}, {info['model']}, flags: {', '.join(info['flags'])}.",
+    amx = "amx_int8" in info["flags"] or "amx_bf16" in info["flags"]
+    lines = [f"# cnnpack tune ({stem})", "", f"{record['when']}, {info['model']}, flags: {', '.join(info['flags'])}"
+             f"{'' if amx else ' (no amx_int8, amx_bf16)'}.",
+             "Precision: what the model computes (bf16: the OpenVINO model served with the bf16 inference hint; "
+             "\"bf16 in f32\": a CPU without native bf16 computed it in f32, so it could not win).",
              f"Command: `python {record['command']}`", ""]
     for name in ("cnn", "resnet18"):
         r = record[name]
@@ -81,10 +91,12 @@ def write(record: dict) -> None:
         lines += [f"## {name}: {len(r['points'])} points, {s['search']}, {r['wall_s']:.0f} s, server started "
                   f"{s['server_starts']}x{' (+ refine)' if s.get('refine') else ''}", "",
                   f"Budget p99 {r['config']['latency_budget_ms']:g} ms at concurrency 16. {r['describe']}.", "",
-                  "| config | images/s | p50 ms | p99 ms | mean batch | stable |", "|---|--:|--:|--:|--:|:-:|"]
+                  "| config | precision | images/s | p50 ms | p99 ms | mean batch | stable |",
+                  "|---|---|--:|--:|--:|--:|:-:|"]
         for p in sorted(r["points"], key=lambda p: -p["throughput_ips"]):
             star = " ★" if w and p["label"] == w["label"] else ""
-            lines.append(f"| {p['label']}{star} | {p['throughput_ips']:,.1f} | {p['latency_ms_p50']:.2f} | "
+            precision = p.get("precision", "fp32") + (" in f32" if "computed" in p else "")
+            lines.append(f"| {p['label']}{star} | {precision} | {p['throughput_ips']:,.1f} | {p['latency_ms_p50']:.2f} | "
                          f"{p['latency_ms_p99']:.2f} | {p.get('server_batch_mean') or 0:.2f} | "
                          f"{'yes' if p['stable'] else 'no'} |")
         today = v.get("vs_served_default") or {}
@@ -99,7 +111,6 @@ def write(record: dict) -> None:
         lines.append(f"- {name}: winner {today.get('gain') or 0:.2f}x the served fp32 ONNX default (>= 1.3x: "
                      f"{'met' if (today.get('gain') or 0) >= 1.3 else '**not met**'})")
     gain = ((record["resnet18"]["verdict"] or {}).get("vs_served_default") or {}).get("gain") or 0
-    amx = "amx_int8" in info["flags"] or "amx_bf16" in info["flags"]
     want = 5.0 if amx else 3.3
     lines.append(f"- resnet18 (issue 21): winner {gain:.2f}x the served fp32 ONNX default (>= {want:g}x on a host "
                  f"{'with' if amx else 'without'} AMX: {'met' if gain >= want else '**not met**'})")
