@@ -134,7 +134,7 @@ class H2Connection(asyncio.Protocol):
     """One HTTP/2 connection carrying unary gRPC calls to one method, any number at a time (a stream each).
 
     `loop` (None: the running one) makes its answers' futures and timeout timers; a driver without an event loop
-    (`loadclient.Blocking`) sets its own and calls `timed_out` itself.
+    (`blocking_wire.Blocking`) sets its own and calls `timed_out` itself.
     """
 
     loop = None

@@ -13,13 +13,13 @@ builders (so BYTES inputs and every dtype are encoded exactly as `Client.infer` 
   in flight (`cnnpack.grpc_wire`: grpc.aio's own stack took 190-650 us of CPU per request here, the wire 75-105
   at concurrency 16);
 - HTTP: written as one prebuilt HTTP/1.1 request (the binary tensor extension) on a keep-alive connection
-  per request in flight, the answer read by its Content-Length by an asyncio protocol.
+  per request in flight, the answer read by its Content-Length by an asyncio protocol (`cnnpack.http_wire`).
 
 Requests in flight share an asyncio event loop, each closed loop a chain of callbacks rather than a task: an
 answer is settled while its protocol reads it and starts its loop's next request there, so no task wakes between an
 answer and the next request, and over gRPC the requests the answers of one read start leave in one write. A load of
-one request at a time (concurrency 1) runs the same protocols on one blocking socket instead (`Blocking`), as
-perf_analyzer's synchronous client does: there every request's latency includes the client's own time, and the
+one request at a time (concurrency 1) runs the same protocols on one blocking socket instead (`cnnpack.blocking_wire`),
+as perf_analyzer's synchronous client does: there every request's latency includes the client's own time, and the
 event loop's wake-ups were most of it.
 
 An answer is taken as a success from its status alone (gRPC OK, HTTP 200); `Client.infer` is what checks
@@ -35,8 +35,10 @@ import time
 
 import numpy as np
 
+from cnnpack.blocking_wire import Answer, Blocking
 from cnnpack.client import host_and_port
 from cnnpack.errors import UserInputError
+from cnnpack.http_wire import HttpConnection, server_error
 from cnnpack.measure import Window
 
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -184,12 +186,6 @@ def _goes_on(start: float, seconds: float, requests: int, min_requests: int):
     return lambda issued: time.perf_counter() < until or issued < min_requests
 
 
-def _server_error(message: str, status: str | None = None):
-    from tritonclient.utils import InferenceServerException
-
-    return InferenceServerException(msg=message, status=status)
-
-
 class _Grpc:
     """The request as serialized bytes, a call of the raw ModelInfer method on HTTP/2 connections
     (cnnpack.grpc_wire), up to STREAMS_PER_CONNECTION requests in flight sharing one."""
@@ -251,7 +247,7 @@ class _Grpc:
         if b is None or b.protocol.closed is not None:
             b = self.blocking = Blocking(H2Connection(authority(self.host, self.port), GRPC_INFER), self.host,
                                          self.port, self.timeout_s)
-        answer = _Answer()
+        answer = Answer()
         b.protocol.call(self.body, self.timeout_s, _GrpcStatus(answer))  # a gRPC status as tritonclient reports it
         b.wait(answer, self.timeout_s)
 
@@ -285,7 +281,7 @@ class _GrpcStatus:
         from cnnpack.grpc_wire import GrpcError
 
         if isinstance(error, GrpcError):  # as tritonclient reports it: status and details
-            error = _server_error(error.message, error.status)
+            error = server_error(error.message, error.status)
         self.answer.set_exception(error)
 
 
@@ -315,7 +311,7 @@ class _Http:
 
     def __init__(self, host: str, port: int, request: bytes, timeout_s: float) -> None:
         self.host, self.port, self.request, self.timeout_s = host, port, request, timeout_s
-        self.conns: dict[int, _HttpConnection] = {}
+        self.conns: dict[int, HttpConnection] = {}
         self.tasks: set[asyncio.Task] = set()  # connections being opened (`ready`, `start`)
         self.blocking: Blocking | None = None  # the connection of a load of one request at a time
 
@@ -332,12 +328,12 @@ class _Http:
         request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
         return cls(*host_and_port(client.address), request, client.timeout_s)
 
-    async def connection(self, slot: int) -> _HttpConnection:
+    async def connection(self, slot: int) -> HttpConnection:
         """The keep-alive connection of `slot`, opened again once it has closed."""
         conn = self.conns.get(slot)
         if conn is None or conn.closed:
             loop = asyncio.get_running_loop()
-            _, conn = await asyncio.wait_for(loop.create_connection(_HttpConnection, self.host, self.port),
+            _, conn = await asyncio.wait_for(loop.create_connection(HttpConnection, self.host, self.port),
                                              self.timeout_s)
             self.conns[slot] = conn
         return conn
@@ -366,7 +362,7 @@ class _Http:
     def send_blocking(self) -> None:
         b = self.blocking
         if b is None or b.protocol.closed:
-            b = self.blocking = Blocking(_HttpConnection(), self.host, self.port, self.timeout_s)
+            b = self.blocking = Blocking(HttpConnection(), self.host, self.port, self.timeout_s)
         b.wait(b.protocol.send(self.request, self.timeout_s), self.timeout_s)
 
     async def close(self) -> None:
@@ -384,181 +380,3 @@ async def _cancel(tasks: set) -> None:
         t.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     tasks.clear()
-
-
-class _HttpConnection(asyncio.Protocol):
-    """An HTTP/1.1 keep-alive connection with one request at a time; answers are read by Content-Length.
-    `loop`: as `grpc_wire.H2Connection`'s."""
-
-    loop = None
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.answer: asyncio.Future | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.head: tuple[int, int, int] | None = None  # status, header length, total length
-        self.closed = False
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def connection_lost(self, exc) -> None:
-        self.closed = True
-        self._settle(error=exc or ConnectionResetError("the server closed the connection"))
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-    def send(self, request: bytes, timeout_s: float, answer=None) -> asyncio.Future:
-        """Writes `request`; the answer (a new future, or `answer`: settled instead) ends with None or its error."""
-        loop = self.loop or asyncio.get_running_loop()
-        answer = self.answer = loop.create_future() if answer is None else answer
-        if self.closed:
-            # lost before this request was written (a reset right after the connect): the transport would drop the
-            # write silently and the answer wait for the timeout, a dead server read as a stuck one
-            self._settle(error=ConnectionResetError("the server closed the connection"))
-            return answer
-        self.timer = loop.call_later(timeout_s, self.timed_out)
-        self.transport.write(request)
-        return answer
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if self.head is None:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
-            fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-            if "content-length" not in fields:  # Triton always sends one; anything else is not Triton
-                self._settle(error=ConnectionError(f"an answer without Content-Length: {lines[0]!r}"))
-                self.close()
-                return
-            self.head = (int(lines[0].split()[1]), end + 4, end + 4 + int(fields["content-length"]))
-        status, start, total = self.head
-        if len(self.buffer) < total:
-            return
-        body = bytes(self.buffer[start:total])
-        del self.buffer[:total]
-        self.head = None
-        if status == 200:
-            self._settle()
-        else:
-            import json
-
-            try:
-                message = json.loads(body)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = body[:200].decode("utf-8", "replace")
-            self._settle(error=_server_error(message, str(status)))
-
-    def timed_out(self) -> None:
-        self.timer = None
-        self._settle(error=TimeoutError())
-        self.close()  # a late answer must not be read as the next request's
-
-    def _settle(self, error: BaseException | None = None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        answer, self.answer = self.answer, None
-        if answer is None or answer.done():
-            return
-        if error is None:
-            answer.set_result(None)
-        else:
-            answer.set_exception(error)
-
-
-# -- one request at a time, without an event loop ---------------------------------------------------------
-class _Answer:
-    """A request's answer where no event loop runs: the part of asyncio.Future the protocols use."""
-
-    __slots__ = ("finished", "error")
-
-    def __init__(self) -> None:
-        self.finished, self.error = False, None
-
-    def done(self) -> bool:
-        return self.finished
-
-    def set_result(self, _value) -> None:
-        self.finished = True
-
-    def set_exception(self, error: BaseException) -> None:
-        self.finished, self.error = True, error
-
-
-class _NoTimer:
-    @staticmethod
-    def cancel() -> None:
-        pass
-
-
-class _NoLoop:
-    """What the protocols ask of an event loop, for `Blocking`: answers without callbacks; the timeout is kept by
-    the socket."""
-
-    @staticmethod
-    def create_future() -> _Answer:
-        return _Answer()
-
-    @staticmethod
-    def call_later(_delay: float, _callback) -> _NoTimer:
-        return _NoTimer()
-
-
-class Blocking:
-    """A connection's protocol (`grpc_wire.H2Connection`, `_HttpConnection`: asyncio.Protocol's methods) on a
-    blocking socket, driven by the caller's thread one request at a time.
-
-    At concurrency 1 every request's latency includes the client's own time, and an event loop's wake-ups
-    between the answer and the next request are most of it: gRPC through the event loop read 0.86-0.95x
-    perf_analyzer's requests/s at concurrency 1, a blocking socket 0.95-1.30x, interleaved (the host is noisy).
-    This object is the protocol's transport: `write` sends at once, `close` closes the socket.
-    """
-
-    def __init__(self, protocol, host: str, port: int, timeout_s: float) -> None:
-        import socket
-
-        self.protocol = protocol
-        protocol.loop = _NoLoop
-        self.sock = socket.create_connection((host, port), timeout=timeout_s)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.inbox = memoryview(bytearray(1 << 16))
-        protocol.connection_made(self)
-
-    def write(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except OSError as e:
-            self.protocol.connection_lost(e)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def wait(self, answer: _Answer, timeout_s: float) -> None:
-        """Reads the server's bytes into the protocol until `answer` is settled; raises its error."""
-        deadline = time.monotonic() + timeout_s
-        while not answer.done():
-            left = deadline - time.monotonic()
-            try:
-                if left <= 0:
-                    raise TimeoutError
-                self.sock.settimeout(left)
-                n = self.sock.recv_into(self.inbox)
-            except TimeoutError:
-                self.protocol.timed_out()
-                break
-            except OSError as e:
-                self.protocol.connection_lost(e)
-                break
-            if not n:
-                self.protocol.connection_lost(None)
-                break
-            self.protocol.data_received(self.inbox[:n])
-        if answer.error is not None:
-            raise answer.error

@@ -463,10 +463,10 @@ def test_after_a_failed_request_the_calls_waiting_for_a_stream_are_not_sent():
 
 
 def test_the_same_connection_on_a_blocking_socket_answers_fails_and_times_out_like_on_the_event_loop():
-    """loadclient.Blocking drives H2Connection from the caller's thread (concurrency 1); the peer runs in its own."""
+    """blocking_wire.Blocking drives H2Connection from the caller's thread (concurrency 1); the peer runs in its own."""
     import threading
 
-    from cnnpack.loadclient import Blocking
+    from cnnpack.blocking_wire import Blocking
 
     def answer(peer, stream, message):
         if message == b"bad":

@@ -561,7 +561,7 @@ def test_a_request_on_a_connection_the_server_already_reset_fails_at_once():
     import socket
     import struct
 
-    from cnnpack.loadclient import _HttpConnection
+    from cnnpack.http_wire import HttpConnection
 
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -569,7 +569,7 @@ def test_a_request_on_a_connection_the_server_already_reset_fails_at_once():
 
     async def main():
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(_HttpConnection, *srv.getsockname())
+        _, conn = await loop.create_connection(HttpConnection, *srv.getsockname())
         peer, _ = srv.accept()
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         peer.close()  # RST
