@@ -554,41 +554,6 @@ def test_a_load_s_request_on_an_http_connection_closed_since_opens_it_again():
     assert error is None and second is not first and accepted == 3  # 2 opened by ready, 1 again
 
 
-def test_a_request_on_a_connection_the_server_already_reset_fails_at_once():
-    """The reset can come between the connect and the first write (the server accepts and resets at once): the write
-    would be dropped by the closed transport, so the request fails now as a reset, not after the client timeout."""
-    import asyncio
-    import socket
-    import struct
-
-    from cnnpack.http_wire import HttpConnection
-
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(HttpConnection, *srv.getsockname())
-        peer, _ = srv.accept()
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        peer.close()  # RST
-        for _ in range(100):  # until the event loop has read the reset
-            if conn.closed:
-                break
-            await asyncio.sleep(0.01)
-        assert conn.closed
-        t0 = time.perf_counter()
-        with pytest.raises(ConnectionResetError):
-            await conn.send(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", timeout_s=30)
-        return time.perf_counter() - t0
-
-    try:
-        assert asyncio.run(main()) < 1
-    finally:
-        srv.close()
-
-
 # -- class names with spaces, quotes and non-ASCII letters, end to end -------------------------------
 @pytest.mark.slow
 def test_names_with_spaces_quotes_and_non_ascii_are_served_and_read_back_exactly(tiny_data, tmp_path):
