@@ -80,8 +80,12 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
     t0 = time.perf_counter()
     try:
         summary = stage.run(run)
+    except KeyboardInterrupt:  # Ctrl-C outside a training epoch (which train turns into its own Interrupted)
+        _mark_failed(run, stage.name, "interrupted", status="interrupted")
+        raise Interrupted(f"pipeline interrupted in stage {stage.name}; run the same `cnnpack pipeline` command "
+                          "again to continue") from None
     except CnnpackError as e:
-        _mark_failed(run, stage.name, str(e))
+        _mark_failed(run, stage.name, str(e), status="interrupted" if e.exit_code == 130 else "failed")
         if e.exit_code == 130:  # Ctrl-C during training: the next pipeline run resumes it
             raise Interrupted(f"pipeline interrupted in stage {stage.name}: {str(e).split('; continue with')[0]}; "
                               "run the same `cnnpack pipeline` command again to continue") from None
@@ -94,14 +98,14 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
     return out
 
 
-def _mark_failed(run: Run, name: str, error: str) -> None:
+def _mark_failed(run: Run, name: str, error: str, status: str = "failed") -> None:
     """Records the failure in the manifest (a stage that failed before writing its section gets one)."""
     if not run.manifest_path.is_file():
         return
 
     def mark(m: dict) -> None:
         section = m.setdefault("stages", {}).setdefault(name, {})
-        section.update(status="failed", error=error)
+        section.update(status=status, error=error)
         section.pop("inputs_sha256", None)
 
     run.update(mark)
@@ -395,15 +399,18 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     try:
         for stage in stages:
             outcomes.append(run_stage(run, stage, force=force, say=say))
+        if not serve_ok:
+            outcomes.append(Outcome("served", "off", summary=why))
+            say(f"[served] off: {why}")
+        from cnnpack.report import write_report
+
+        report = write_report(run.path)
+    except KeyboardInterrupt:  # between stages or in the report: the run stays the pipeline's to continue
+        _record(run, cfg, outcomes, t0, status="interrupted")
+        raise Interrupted("pipeline interrupted; run the same `cnnpack pipeline` command again to continue") from None
     except CnnpackError as e:
         _record(run, cfg, outcomes, t0, status="interrupted" if e.exit_code == 130 else "failed")
         raise
-    if not serve_ok:
-        outcomes.append(Outcome("served", "off", summary=why))
-        say(f"[served] off: {why}")
-    from cnnpack.report import write_report
-
-    report = write_report(run.path)
     _record(run, cfg, outcomes, t0, status="ok")
     return summary(run, outcomes, report, time.perf_counter() - t0)
 

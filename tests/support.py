@@ -42,6 +42,30 @@ main()
 """
 
 
+# `python -m cnnpack ARGS`, with a Ctrl-C sent as MODULE.FUNCTION (argv[1]) is called: the moment a stage begins
+_CTRL_C_AT_CHILD = """
+import importlib, os, signal, sys
+from cnnpack.cli import main
+module, name = sys.argv[1].split(":")
+module = importlib.import_module(module)
+def ctrl_c(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    raise AssertionError("the Ctrl-C did not interrupt")
+setattr(module, name, ctrl_c)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.argv = ["cnnpack", *sys.argv[2:]]
+main()
+"""
+
+
+def ctrl_c_at(function: str, args: list[str]) -> tuple[int, str]:
+    """Runs `cnnpack ARGS` in a child that gets Ctrl-C (a real SIGINT) as `function` ("module:name", looked up
+    when called) is called; (exit code, stderr)."""
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_AT_CHILD, function, *args], capture_output=True, text=True,
+                          timeout=240)
+    return proc.returncode, proc.stderr
+
+
 def ctrl_c_after_first_epoch(args: list[str]) -> tuple[int, str]:
     """Runs `cnnpack ARGS` in a child that gets Ctrl-C while epoch 1's files are being written, the same moment on
     every host and under any load; (exit code, stderr). The Ctrl-C is to be held back until those files are whole."""

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from support import ctrl_c_after_first_epoch
+from support import ctrl_c_after_first_epoch, ctrl_c_at
 from typer.testing import CliRunner
 
 from cnnpack.cli import app
@@ -238,6 +238,26 @@ def test_ctrl_c_in_training_exits_130_and_the_next_run_resumes_it(tiny_data, tmp
     assert "[train] resuming the interrupted training" in err
     train = json.loads((run / "cnnpack.json").read_text())["stages"]["train"]
     assert train["resumed"] is True and train["metrics"]["epochs"] == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_after_training_exits_130_and_the_next_run_continues_from_the_stage_it_stopped(tiny_data, tmp_path):
+    """Outside a training epoch the Ctrl-C is a KeyboardInterrupt of the stage itself: the run stays the pipeline's
+    (it was refused as 'not made by cnnpack pipeline'), and the stages that finished are not done again."""
+    run = tmp_path / "run"
+    args = ["pipeline", "--data", str(tiny_data), "--run", str(run), "--repository", str(tmp_path / "repo"),
+            "--serve", "no", "--no-progress", *TINY]
+    code, stderr = ctrl_c_at("cnnpack.verify:verify", args)
+    assert code == 130, stderr
+    assert stderr.strip().splitlines()[-1] == ("error: pipeline interrupted in stage verify; run the same "
+                                               "`cnnpack pipeline` command again to continue")
+    stages = json.loads((run / "cnnpack.json").read_text())["stages"]
+    assert stages["pipeline"]["status"] == "interrupted" and stages["verify"]["status"] == "interrupted"
+
+    code, out, err = _pipeline(*args[1:], "--json")
+    assert code == 0, err[-3000:]
+    assert _statuses(json.loads(out)) == {"train": "skipped", "export": "skipped", "quantize": "skipped",
+                                          "verify": "ran", "bench": "ran", "triton": "ran", "served": "off"}
 
 
 @pytest.mark.slow
