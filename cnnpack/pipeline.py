@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cnnpack.errors import CnnpackError, StageFailed, UserInputError
+from cnnpack.errors import CnnpackError, StageFailed, UserInputError, shell
 from cnnpack.pipeline_config import SERVE_MODES, PipelineConfig  # noqa: F401 - re-exported
 from cnnpack.precision import parity_table, precision_table
 from cnnpack.rundir import MANIFEST, Run, artifact_digest, sha256
@@ -175,7 +175,7 @@ class Stages:
         if serve and self.cfg.tune_budget_ms is not None:
             stages.append(Stage("tune", lambda r: {**self.served_inputs(r), "tune": asdict(self.cfg.tune_config()),
                                                    "verify": _section(r, "verify").get("formats")},
-                                self.run_tune, lambda r: str(r.file("tune.json"))))
+                                self.run_tune, lambda r: str(r.file("tune.json")), _tuned_config_kept))
         return stages
 
     def run_tune(self, run: Run) -> str:
@@ -278,25 +278,34 @@ class Stages:
 
         for cfg in self.cfg.triton_configs():  # every model refused before any is laid out
             check(run, cfg)
-        names = []
+        names, replaced = [], []
         for cfg in self.cfg.triton_configs():
             section = build(run.path, cfg)
             names += [section["name"]] + ([section["ensemble"]["name"]] if "ensemble" in section else [])
+            replaced += [section["tune_replaced"]] if section.get("tune_replaced") else []
         run.update(lambda m: m["stages"]["triton"].update(models=names))
-        return f"{', '.join(names)} in {section['repository']}"
+        note = "".join(f"; {c} now holds triton's settings, not the tuned ones (`cnnpack tune --run {shell(run.path)}` "
+                       "tunes it again)" for c in replaced)
+        return f"{', '.join(names)} in {section['repository']}{note}"
 
     def repository_intact(self, run: Run, section: dict) -> bool:
-        """The repository still holds what the stage laid out (a deleted repository is laid out again)."""
-        root = Path(section.get("repository", ""))
-        files = section.get("files", {}).values()
-        return root.is_dir() and all((root / f["path"]).is_file() for f in files) and all(
-            (root / n).is_dir() for n in section.get("models", []))
+        """The repository still holds what the stage laid out, byte for byte (a file edited or deleted by hand, or
+        the whole repository, is laid out again)."""
+        from cnnpack.triton_repo import laid_out
+
+        return all(laid_out(run, cfg) for cfg in self.cfg.triton_configs())
 
     # - served -
     def served_inputs(self, run: Run) -> dict:
-        return {"repository": {k: v.get("sha256") for k, v in _section(run, "triton").get("files", {}).items()},
-                "models": _section(run, "triton").get("models"), "config": asdict(self.cfg.served_config()),
-                "checkpoint": _checkpoint(run)}
+        from cnnpack.triton_publish import versions
+
+        triton = _section(run, "triton")
+        root = Path(triton.get("repository", ""))
+        return {"repository": {k: v.get("sha256") for k, v in triton.get("files", {}).items()},
+                "models": triton.get("models"), "config": asdict(self.cfg.served_config()),
+                "checkpoint": _checkpoint(run),
+                # Triton serves each model's latest version: a new one (laid out again, or by another run) is served
+                "versions": {m: versions(root / m) for m in triton.get("models") or []}}
 
     def served_rows_kept(self, run: Run, section: dict) -> bool:
         """The served rows are still in verify and bench (a rerun of verify drops them; bench keeps them)."""
@@ -421,13 +430,24 @@ def _record(run: Run, cfg: PipelineConfig, outcomes: list[Outcome], t0: float, s
                                    "wall_s": round(time.perf_counter() - t0, 1)})
 
 
+def _tuned_config_kept(run: Run, section: dict) -> bool:
+    """The config.pbtxt tune wrote is still served (a triton stage that laid the repository out again replaced it)."""
+    from cnnpack.triton_config import tuned_in_place
+
+    return not section.get("written") or tuned_in_place(run.read()["stages"]) is not None
+
+
 def tuned_line(stages: dict) -> str | None:
     """The tune stage's outcome in one line (None: tune did not run)."""
+    from cnnpack.triton_config import tuned_in_place
+    from cnnpack.tune_outputs import describe
+
     t = stages.get("tune") or {}
     if t.get("status") != "ok" or not t.get("winner"):
         return None
-    from cnnpack.tune_outputs import describe
-
+    if t.get("written") and tuned_in_place(stages) is None:
+        return (f"{describe(t)}; since replaced: {t['written']['config']} no longer holds it "
+                "(laid out again, undone or edited)")
     return describe(t)
 
 

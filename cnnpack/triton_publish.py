@@ -99,14 +99,21 @@ def conflict(folder: Path, draft: Draft) -> str | None:
 def same_as_latest(folder: Path, files: dict[str, Path | bytes]) -> int | None:
     """The latest version if it holds exactly `files` (byte-identical), else None."""
     vs = versions(folder)
-    if not vs:
-        return None
-    latest = folder / str(vs[-1])
-    present = {p.name for p in latest.iterdir()}
-    if present != set(files):
-        return None
-    same = all((latest / n).is_file() and sha256(latest / n) == _digest(src) for n, src in files.items())
-    return vs[-1] if same else None
+    return vs[-1] if vs and _holds(folder / str(vs[-1]), files) else None
+
+
+def holding(folder: Path, files: dict[str, Path | bytes]) -> int | None:
+    """The latest version that holds exactly `files` (byte-identical), else None: where they were published, also
+    under a later version another run sharing the repository laid out."""
+    return next((v for v in reversed(versions(folder)) if _holds(folder / str(v), files)), None)
+
+
+def _holds(version: Path, files: dict[str, Path | bytes]) -> bool:
+    # not the __pycache__ Python's import writes beside a served model.py (the preprocess model): a version served once
+    # would otherwise differ from its own files, and each `cnnpack triton` after a serve added a copy of it
+    if {p.name for p in version.iterdir()} - {"__pycache__"} != set(files):
+        return False
+    return all((version / n).is_file() and sha256(version / n) == _digest(src) for n, src in files.items())
 
 
 def _fill_version(dest: Path, files: dict[str, Path | bytes]) -> None:

@@ -24,7 +24,7 @@ from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 
-from cnnpack.errors import UserInputError
+from cnnpack.errors import CnnpackError, UserInputError
 from cnnpack.rundir import Run, sha256
 from cnnpack.spec import check_class_names
 from cnnpack.triton_config import (  # noqa: F401 - re-exported: `from cnnpack.triton_repo import ...` keeps working
@@ -46,7 +46,7 @@ from cnnpack.triton_config import (  # noqa: F401 - re-exported: `from cnnpack.t
     render,
     tuned_in_place,
 )
-from cnnpack.triton_publish import Draft, Published, conflict, model_dir, publish, versions  # noqa: F401
+from cnnpack.triton_publish import Draft, Published, conflict, holding, model_dir, publish, versions  # noqa: F401
 
 
 def check_classes(classes: list[str]) -> list[str]:
@@ -240,6 +240,37 @@ def build(run_dir: str | Path, cfg: TritonConfig = TritonConfig()) -> dict:
         section["tune_replaced"] = tuned["config"]
     run.set_stage("triton", section)
     return run.read()["stages"]["triton"]
+
+
+def laid_out(run: Run, cfg: TritonConfig) -> bool:
+    """Whether the repository still holds what `build` lays out for this run, unchanged: each model folder's
+    config.pbtxt (or the one `cnnpack tune` wrote in its place) and labels.txt as drafted, and a version holding this
+    run's files byte for byte (a file edited, truncated or deleted by hand is laid out again, as a new version)."""
+    try:
+        root, _, todo, _ = check(run, cfg)
+    except CnnpackError:  # a folder that holds another model: `build` says so
+        return False
+    tuned = _tuned_configs(run.read()["stages"])
+    for d in todo:
+        folder = model_dir(root, d.name)
+        for n, data in d.top.items():
+            path = folder / n
+            if path.resolve() in tuned:
+                continue
+            if not path.is_file() or path.read_bytes() != data:
+                return False
+        if not folder.is_dir() or holding(folder, d.version) is None:
+            return False
+    return True
+
+
+def _tuned_configs(stages: dict) -> set[Path]:
+    """The config.pbtxt files this run's tunes wrote that still hold what they wrote (by the digest each recorded)."""
+    entries = dict((stages.get("tune") or {}).get("tuned") or {})  # config path -> {previous, sha256}
+    if w := tuned_in_place(stages):  # (digest checked there; a record from before `tuned` may have none)
+        entries[w["config"]] = {}
+    return {Path(c).resolve() for c, e in entries.items()
+            if Path(c).is_file() and ("sha256" not in e or sha256(Path(c)) == e["sha256"])}
 
 
 def check(run: Run, cfg: TritonConfig) -> tuple[Path, str, list[Draft], ModelIO]:

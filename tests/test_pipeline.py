@@ -221,6 +221,30 @@ def test_the_served_stage_classifies_verifies_and_loads_the_served_model(first):
 
 
 @pytest.mark.slow
+def test_a_served_file_changed_by_hand_is_laid_out_and_served_again(first):
+    """The served model's file corrupted in its version folder, another model's labels edited: the rerun lays the
+    repository out again (the model as a new version, the labels in place) and serves what it laid out."""
+    repo = first["repo"]
+    onnx = sorted((repo / "cnn_onnx").glob("[0-9]*"))[-1]
+    (onnx / "model.onnx").write_bytes(b"junk")
+    torchscript = sorted(p.name for p in (repo / "cnn_torchscript").glob("[0-9]*"))
+    labels = repo / "cnn_torchscript" / "labels.txt"
+    labels.write_text(labels.read_text().replace("\n", "!\n", 1))
+    code, out, err = _pipeline(*first["args"], "--json")
+    assert code == 0, err[-3000:]
+    ran = {k for k, v in _statuses(json.loads(out)).items() if v == "ran"}
+    assert ran == {"triton", *(["served"] if SERVED == "ran" else [])}
+    m = json.loads((first["run"] / "cnnpack.json").read_text())["stages"]
+    new = str(int(onnx.name) + 1)
+    assert m["triton"]["files"]["model"]["path"] == f"cnn_onnx/{new}/model.onnx"
+    assert (repo / "cnn_onnx" / new / "model.onnx").read_bytes() == (first["run"] / "export/model.onnx").read_bytes()
+    assert "!" not in labels.read_text()
+    assert sorted(p.name for p in (repo / "cnn_torchscript").glob("[0-9]*")) == torchscript  # mended in place
+    if SERVED == "ran":
+        assert m["served"]["versions"]["cnn_onnx"] == new
+
+
+@pytest.mark.slow
 def test_ctrl_c_in_training_exits_130_and_the_next_run_resumes_it(tiny_data, tmp_path):
     run = tmp_path / "run"
     args = ["pipeline", "--data", str(tiny_data), "--run", str(run), "--repository", str(tmp_path / "repo"),
@@ -285,6 +309,24 @@ def test_openvino_joins_every_stage_when_installed(tiny_data, tmp_path):
     precisions = {(r["artifact"], r["precision"]) for r in summary["precision"]}
     assert {("openvino", "fp32"), ("openvino_int8", "int8")} <= precisions
     assert ("openvino", "bf16") in precisions or not has_bf16()
+
+
+def test_the_summary_no_longer_claims_a_tuned_config_that_was_replaced(tmp_path):
+    from cnnpack.pipeline import tuned_line
+    from cnnpack.rundir import sha256
+
+    config = tmp_path / "cnn_onnx" / "config.pbtxt"
+    config.parent.mkdir()
+    config.write_text("tuned")
+    written = {"model": "cnn_onnx", "config": str(config), "previous": str(config) + ".prev", "sha256": sha256(config)}
+    tune = {"status": "ok", "written": written, "verdict": {"gain": 1.5, "default": "cnn_onnx (its config.pbtxt)",
+                                                             "noise": 0.05},
+            "winner": {"label": "cnn_onnx x2 1t", "model": "cnn_onnx", "concurrency": 16, "throughput_ips": 3000.0,
+                       "latency_ms_p99": 9.0}}
+    assert tuned_line({"tune": tune}).endswith(f"written to {config} (previous: config.pbtxt.prev)")
+    config.write_text("laid out again by triton")
+    assert tuned_line({"tune": tune}).endswith(f"since replaced: {config} no longer holds it "
+                                               "(laid out again, undone or edited)")
 
 
 def test_the_artifacts_table_shows_an_exporters_release_without_its_build_suffix():

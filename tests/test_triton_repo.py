@@ -154,6 +154,49 @@ def test_two_exports_give_versions_1_and_2(run, tmp_path):
     assert m["repository"] == str(repo.resolve())
 
 
+def test_laid_out_holds_while_the_repository_is_as_built_or_as_tune_left_it(run, tmp_path):
+    """What the pipeline asks before it skips its triton stage: a file edited by hand is not what was laid out, a
+    config.pbtxt `cnnpack tune` wrote (its digest in the manifest) is, and another run's later version is no harm."""
+    from cnnpack.triton_repo import laid_out
+    from cnnpack.tune_handover import write_winner
+
+    repo = tmp_path / "repo"
+    cfg = TritonConfig(repository=str(repo), name="clf", ensemble=True)
+    assert not laid_out(Run(run), cfg)  # nothing there yet
+    build(run, cfg)
+    assert laid_out(Run(run), cfg)
+    cache = repo / "clf_preprocess/1/__pycache__"  # what serving it leaves: Python's import of model.py
+    cache.mkdir()
+    (cache / "model.cpython-311.pyc").write_bytes(b"compiled")
+    build(run, cfg)
+    assert laid_out(Run(run), cfg) and not (repo / "clf_preprocess/2").exists()  # no copy of an unchanged model.py
+
+    model = repo / "clf/1/model.onnx"
+    good = model.read_bytes()
+    model.write_bytes(good + b"junk")
+    assert not laid_out(Run(run), cfg)
+    model.write_bytes(good)
+    labels = repo / "clf_image/labels.txt"
+    labels.write_text(labels.read_text().replace("circle", "CIRCLE"))
+    assert not laid_out(Run(run), cfg)
+    build(run, cfg)  # mended in place: same artifact, no new version
+    assert laid_out(Run(run), cfg) and not (repo / "clf/2").exists()
+
+    r = Run(run)
+    w = write_winner(r, "clf", (repo / "clf/config.pbtxt").read_text().replace("max_queue_delay_microseconds: 100",
+                                                                                "max_queue_delay_microseconds: 500"))
+    r.set_stage("tune", {"status": "ok", "written": w, "tuned": {w["config"]: {"previous": w["previous"],
+                                                                                  "sha256": w["sha256"]}}})
+    assert laid_out(Run(run), cfg)  # tune's config stands
+    Path(w["config"]).write_text(Path(w["config"]).read_text() + "\n# edited by hand\n")
+    assert not laid_out(Run(run), cfg)
+
+    other = _make_run(tmp_path / "other", seed=1, formats=("onnx",))  # the same model retrained, same repository
+    build(other, TritonConfig(repository=str(repo), name="clf"))  # (its config.pbtxt over the edited one)
+    assert (repo / "clf/2").is_dir() and laid_out(Run(other), TritonConfig(repository=str(repo), name="clf"))
+    assert laid_out(Run(run), cfg)  # this run's files are still version 1's: no third version for them
+
+
 def test_failed_version_leaves_nothing(run, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     build(run, TritonConfig(repository=str(repo), name="clf"))
