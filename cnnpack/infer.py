@@ -44,11 +44,13 @@ class InferConfig:
 
 
 def parse_classification(row) -> list[dict]:
-    """One image's classification-extension entries (b"score:index:label") as dicts, best first."""
+    """One image's classification-extension entries (b"score:index:label") as dicts, best first. An output without a
+    label (a model with no labels.txt, or fewer lines in it than outputs) comes as b"score:index": its label is the
+    index, as Triton's own image_client prints it."""
     out = []
     for entry in row:
-        score, index, label = (entry.decode() if isinstance(entry, bytes) else str(entry)).split(":", 2)
-        out.append({"label": label, "index": int(index), "score": float(score)})
+        score, index, *label = (entry.decode() if isinstance(entry, bytes) else str(entry)).split(":", 2)
+        out.append({"label": label[0] if label else index, "index": int(index), "score": float(score)})
     return out
 
 

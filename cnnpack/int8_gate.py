@@ -66,6 +66,8 @@ class QuantizeConfig:
             raise UserInputError(f"--calibration-images must be >= 1, got {self.calibration_images}")
         if self.max_steps < 0:
             raise UserInputError(f"--max-steps must be >= 0, got {self.max_steps}")
+        if self.seed < 0:  # numpy's generators take none below 0
+            raise UserInputError(f"--seed must be >= 0, got {self.seed}")
         if self.rank_images < 1:
             raise UserInputError(f"--rank-images must be >= 1, got {self.rank_images}")
         if not self.time_limit_s > 0:

@@ -218,6 +218,16 @@ def test_cli_errors_are_one_line_with_exit_2(server, tmp_path):
         assert len(down.stderr.strip().splitlines()) == 1 and "Traceback" not in down.stderr
 
 
+def test_an_output_without_a_label_is_named_by_its_index():
+    """Triton sends `score:index` for an output its labels.txt has no line for (a hand-shortened file); infer
+    printed a traceback ('not enough values to unpack')."""
+    from cnnpack.infer import parse_classification
+
+    assert parse_classification([b"0.9:1:star", b"0.05:4", "0.01:5:a:b"]) == [
+        {"label": "star", "index": 1, "score": 0.9}, {"label": "4", "index": 4, "score": 0.05},
+        {"label": "a:b", "index": 5, "score": 0.01}]
+
+
 def test_url_forms():
     assert address(None, "http") == "127.0.0.1:8000" and address(None, "grpc") == "127.0.0.1:8001"
     assert address("grpc://example:9001/", "grpc") == "example:9001" and address("[::1]", "http") == "[::1]:8000"

@@ -306,6 +306,8 @@ def test_the_gate_counts_its_own_steps_and_holds_at_its_bounds():
     (QuantizeConfig(calibration_images=0), "--calibration-images must be >= 1"),
     (QuantizeConfig(calibration_images=100_000), "is more than the 360 images"),
     (QuantizeConfig(method="kl"), "--method 'kl'; valid: minmax, entropy, percentile"),
+    (QuantizeConfig(seed=-1), "--seed must be >= 0, got -1"),  # was numpy's traceback
+    (QuantizeConfig(format="openvino_int8", seed=-1), "--seed must be >= 0, got -1"),
     (QuantizeConfig(weight_type="int4"), "--weight-type 'int4'; valid: auto, int8, uint8"),
     (QuantizeConfig(format="openvino_int8", weight_type="int8"), "--weight-type int8 is ONNX Runtime's choice"),
 ])
