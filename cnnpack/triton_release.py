@@ -87,13 +87,15 @@ def local_config(mc):
 
 
 def local_repository(repository: Path, dest: Path) -> Path:
-    """`repository` itself when the local server reads every config in it; otherwise `dest`, built as a copy
-    of symbolic links to the same model folders and files, with each torch_aoti model's config.pbtxt
-    replaced by its local form."""
+    """`repository` itself when the local server reads every config in it and its path has no whitespace;
+    otherwise `dest`, built as a copy of symbolic links to the same model folders and files, with each torch_aoti
+    model's config.pbtxt replaced by its local form. (The Python backend starts each model's stub with the model's
+    path on a command line split at spaces: under a folder like `My Projects` no model loaded, the stubs dying with
+    "stol" in the log. Triton resolves the repository's own path, not the model folders' links, so the links hold.)"""
     from google.protobuf import text_format
 
     changed = {name: mc for name, mc in read_configs(repository).items() if local_config(mc) is not mc}
-    if not changed:
+    if not changed and not any(c.isspace() for c in str(repository)):
         return repository
     dest.mkdir(parents=True)
     for entry in sorted(repository.iterdir()):

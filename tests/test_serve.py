@@ -221,6 +221,17 @@ def test_port_in_use_is_a_user_error(server, tmp_path):
         serve.TritonServer(serve.ServeConfig(repository=server.cfg.repository, grpc_port=server.ports.grpc)).start()
 
 
+def test_a_repository_under_a_folder_with_a_space_is_served(server, tmp_path, net):
+    """The Python backend's stub takes the model's path on a command line split at spaces: every model of a
+    repository under `My Projects` died loading ("stol" in the log) and the start waited out its timeout."""
+    repo = tmp_path / "My Projects" / "model repository"
+    add_model(repo, "tiny_onnx", net)
+    with serve.TritonServer(serve.ServeConfig(repository=str(repo), ready_timeout_s=60)) as srv:
+        x = pixels(2, seed=3)
+        np.testing.assert_allclose(infer(srv, "http", "tiny_onnx", x), eager(net, x), atol=1e-4)
+    assert_gone(srv.pid)
+
+
 def test_model_that_fails_to_load_gives_tritons_error_and_stops(server, tmp_path, net):
     repo = tmp_path / "repo"
     add_model(repo, "tiny_onnx", net)
