@@ -331,6 +331,9 @@ class TritonServer:
         for name in missing:
             why = [m.group(1) for ln in lines
                    if (m := re.search(rf"Poll failed for model directory '{re.escape(name)}': (.*?)\"?$", ln))]
+            # else an error of the repository manager's that names it: an ensemble whose step refuses its batch size
+            why = why or [_strip_prefix(ln) for ln in lines
+                          if ln.startswith("E") and re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", ln)]
             reasons.append(f"model '{name}': {_reason(why[-1]) if why else 'not loaded (no reason in the log)'}")
         raise self._could_not_load(reasons)
 

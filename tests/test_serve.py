@@ -243,6 +243,28 @@ def test_model_that_fails_to_load_gives_tritons_error_and_stops(server, tmp_path
     assert_gone(srv.pid)
 
 
+def test_an_ensemble_its_step_refuses_gives_the_repository_managers_reason(server, tmp_path, net):
+    """Triton leaves out an ensemble whose batch size its step cannot take (a model laid out again with a smaller
+    --max-batch-size) and says why only in its log, as its repository manager's error."""
+    repo = tmp_path / "repo"
+    add_model(repo, "tiny_onnx", net)
+    ens = repo / "tiny_image"
+    (ens / "1").mkdir(parents=True)
+    (ens / "config.pbtxt").write_text(f"""name: "tiny_image"
+platform: "ensemble"
+max_batch_size: {2 * MAX_BATCH}
+input [{{ name: "IMAGE" data_type: TYPE_FP32 dims: [3, 32, 32] }}]
+output [{{ name: "LOGITS" data_type: TYPE_FP32 dims: [{len(CLASSES)}] }}]
+ensemble_scheduling {{ step [{{ model_name: "tiny_onnx" model_version: -1
+  input_map {{ key: "input" value: "IMAGE" }} output_map {{ key: "logits" value: "LOGITS" }} }}] }}
+""")
+    srv = serve.TritonServer(serve.ServeConfig(repository=str(repo), ready_timeout_s=60))
+    with pytest.raises(StageFailed, match=rf"'tiny_image': Invalid argument: ensemble tiny_image allows maximum batch "
+                                          rf"size {2 * MAX_BATCH}, but it contains model tiny_onnx"):
+        srv.start()
+    assert_gone(srv.pid)
+
+
 def test_a_config_triton_cannot_parse_is_its_error_not_a_server_ready_without_the_model(server, tmp_path, net):
     repo = tmp_path / "repo"
     add_model(repo, "tiny_onnx", net)
