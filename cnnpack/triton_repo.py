@@ -17,10 +17,11 @@ device a pt2 package was compiled for, and that the name is not taken by another
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
 
@@ -46,7 +47,16 @@ from cnnpack.triton_config import (  # noqa: F401 - re-exported: `from cnnpack.t
     render,
     tuned_in_place,
 )
-from cnnpack.triton_publish import Draft, Published, conflict, holding, model_dir, publish, versions  # noqa: F401
+from cnnpack.triton_publish import (  # noqa: F401
+    Draft,
+    Published,
+    conflict,
+    holding,
+    model_dir,
+    publish,
+    read_sidecar,
+    versions,
+)
 
 
 def check_classes(classes: list[str]) -> list[str]:
@@ -231,6 +241,7 @@ def drafts(run: Run, cfg: TritonConfig, name: str) -> tuple[list[Draft], ModelIO
 def build(run_dir: str | Path, cfg: TritonConfig = TritonConfig()) -> dict:
     """Lays out (or extends) the Triton model repository for a run; returns `stages.triton`."""
     run = Run.open(run_dir)
+    cfg = with_its_ensemble(cfg, run)
     root, name, todo, io = check(run, cfg)
     tuned = tuned_in_place(run.read()["stages"])
     run.check_writable()  # the repository is not touched when the manifest could not record it
@@ -247,7 +258,7 @@ def laid_out(run: Run, cfg: TritonConfig) -> bool:
     config.pbtxt (or the one `cnnpack tune` wrote in its place) and labels.txt as drafted, and a version holding this
     run's files byte for byte (a file edited, truncated or deleted by hand is laid out again, as a new version)."""
     try:
-        root, _, todo, _ = check(run, cfg)
+        root, _, todo, _ = check(run, with_its_ensemble(cfg, run))
     except CnnpackError:  # a folder that holds another model: `build` says so
         return False
     tuned = _tuned_configs(run.read()["stages"])
@@ -271,6 +282,20 @@ def _tuned_configs(stages: dict) -> set[Path]:
         entries[w["config"]] = {}
     return {Path(c).resolve() for c, e in entries.items()
             if Path(c).is_file() and ("sha256" not in e or sha256(Path(c)) == e["sha256"])}
+
+
+def with_its_ensemble(cfg: TritonConfig, run: Run) -> TritonConfig:
+    """`cfg` with --ensemble where the repository already holds this model's image ensemble (made by cnnpack for
+    it): laid out again with the model, it keeps fitting it (a smaller --max-batch-size alone left an ensemble
+    Triton refuses to load)."""
+    if cfg.ensemble:
+        return cfg
+    name = cfg.name or default_name(run.model_spec["arch"], cfg.format)
+    with contextlib.suppress(CnnpackError):  # a bad name or repository: `check` says so
+        side = read_sidecar(model_dir(repository_root(cfg.repository), f"{name}_image")) or {}
+        if side.get("identity", {}).get("kind") == "ensemble" and side["identity"].get("for") == name:
+            return replace(cfg, ensemble=True)
+    return cfg
 
 
 def check(run: Run, cfg: TritonConfig) -> tuple[Path, str, list[Draft], ModelIO]:

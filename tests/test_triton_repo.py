@@ -197,6 +197,19 @@ def test_laid_out_holds_while_the_repository_is_as_built_or_as_tune_left_it(run,
     assert laid_out(Run(run), cfg)  # this run's files are still version 1's: no third version for them
 
 
+def test_a_model_laid_out_again_without_ensemble_keeps_its_image_ensemble_in_step(run, tmp_path):
+    """`triton --max-batch-size 8` after `triton --ensemble` left the ensemble at 16 with a step that takes 8: Triton
+    refused to load it. Its ensemble is now laid out with the model."""
+    repo = tmp_path / "repo"
+    build(run, TritonConfig(repository=str(repo), name="clf", ensemble=True))
+    section = build(run, TritonConfig(repository=str(repo), name="clf", max_batch_size=8))
+    assert section["ensemble"]["name"] == "clf_image"
+    for model in ("clf", "clf_preprocess", "clf_image"):
+        assert _parse(repo / model / "config.pbtxt").max_batch_size == 8, model
+    other = build(run, TritonConfig(repository=str(repo), name="plain"))  # no ensemble there: none is made
+    assert "ensemble" not in other and not (repo / "plain_image").exists()
+
+
 def test_failed_version_leaves_nothing(run, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     build(run, TritonConfig(repository=str(repo), name="clf"))
