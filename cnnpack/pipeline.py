@@ -126,6 +126,14 @@ def _artifacts(run: Run) -> dict:
     return {f: artifact_digest(a) for f, a in _section(run, "export").get("artifacts", {}).items()}
 
 
+def _int8_gates(run: Run) -> dict:
+    """The drop each int8 artifact's gate allowed, which verify's int8 contract holds it to: a quantize under another
+    --max-drop may write the same bytes. ({} where none is recorded: fingerprints stay as before.)"""
+    gates = {f: a["gate"].get("max_drop_pt") for f, a in _section(run, "export").get("artifacts", {}).items()
+             if isinstance(a, dict) and isinstance(a.get("gate"), dict)}
+    return {"int8_gates": gates} if gates else {}
+
+
 def _checkpoint(run: Run) -> str | None:
     path = run.file("checkpoint.pt")
     return sha256(path) if path.is_file() else None
@@ -161,7 +169,7 @@ class Stages:
                      self.run_quantize_openvino, lambda r: str(r.file(MANIFEST)))]
               if self.cfg.int8 and "openvino" in self.cfg.formats else []),
             Stage("verify", lambda r: {"config": asdict(self.cfg.verify_config()), "checkpoint": _checkpoint(r),
-                                       "artifacts": _artifacts(r)},
+                                       "artifacts": _artifacts(r), **_int8_gates(r)},
                   self.run_verify, lambda r: str(r.file("verify.json"))),
             Stage("bench", lambda r: {"config": asdict(self.cfg.bench_config()), "artifacts": _artifacts(r)},
                   self.run_bench, lambda r: str(r.file(MANIFEST))),

@@ -137,6 +137,24 @@ def test_a_changed_option_reruns_only_the_stages_it_feeds(first):
 
 
 @pytest.mark.slow
+def test_another_max_drop_verifies_the_int8_model_under_its_new_gate(first):
+    """quantize under another --max-drop may write the same bytes; verify holds int8 to the gate it was made under, so
+    it runs again (it was skipped, and verify.json kept the old gate)."""
+    args = [*first["args"]]
+    args[args.index("--max-drop") + 1] = "99"
+    try:
+        code, out, err = _pipeline(*args, "--json")
+        assert code == 0, err[-3000:]
+        ran = {k for k, v in _statuses(json.loads(out)).items() if v == "ran"}
+        assert {"quantize", "verify"} <= ran and "train" not in ran
+        int8 = [r for r in json.loads((first["run"] / "verify.json").read_text())["results"]
+                if r["format"] == "onnx_int8"]
+        assert int8 and all(r["tolerance"]["max_drop_pt"] == 99 for r in int8)
+    finally:
+        assert _pipeline(*first["args"])[0] == 0  # back to the module's options for the tests after this one
+
+
+@pytest.mark.slow
 def test_a_deleted_or_changed_output_is_made_again(first):
     (first["run"] / "bench.csv").unlink()
     (first["run"] / "export" / "reproduce.sh").write_text("edited")
