@@ -271,6 +271,22 @@ def load_image_folder(root: Path, size: int, *, val_fraction: float = 0.2, seed:
     return Data(train, val, classes, str(root), skipped)
 
 
+def read_class_folders(root: Path, classes: list[str], size: int) -> tuple[Split, list[str]]:
+    """Every image of `root/<class>/*`, labelled by its index in `classes` (a model's), and the unreadable files.
+
+    For scoring a model on data it was not trained on: no split is held out, and the folders may be any of
+    `classes` (one will do); a folder not among them is refused by name.
+    """
+    present = [p.name for p in _class_dirs(root)]
+    if not present:
+        raise UserInputError(f"{root} has no class folders; expected {root}/<class>/<image files>")
+    if unknown := [c for c in present if c not in classes]:
+        raise UserInputError(f"class folder {root / unknown[0]} is not one of the model's classes "
+                             f"({', '.join(classes)}); rename or remove it")
+    skipped: list[str] = []
+    return _read_folder(root, classes, size, skipped, present=present), skipped
+
+
 # -- torchvision datasets --------------------------------------------------------------------
 def _resize_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
     """(N, C, H, W) uint8 -> (N, 3, size, size) uint8, in chunks to bound memory."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,21 @@ from cnnpack.errors import UserInputError
 from cnnpack.rundir import Run, atomic_write_json
 
 
-def dataset_of(run: Run, data: str | None):
-    """The validation data a run was trained on (or `data`), sized for its model."""
+@dataclass
+class Scored:
+    """The images evaluate scores, labelled by the model's class indices, and where they came from."""
+
+    images: np.ndarray  # (N, 3, S, S) uint8
+    labels: np.ndarray  # (N,) int64, indices into the model's classes
+    split: str  # "validation" | "all"
+    own: bool  # the run's own data: its result is eval-<format>.json, other data's a file of its own
+    source: str
+    skipped: list[str]  # unreadable files, as "path: reason"
+
+
+def dataset_of(run: Run, data: str | None, *, data_root: str | None = None, download: bool = False):
+    """The data a run was trained on (or `data`), sized for its model (torchvision data sets under `data_root`, else
+    the run's root)."""
     from cnnpack.data import check_data, load_data
 
     spec = run.model_spec
@@ -21,50 +35,71 @@ def dataset_of(run: Run, data: str | None):
     source = data or cfg.get("data")
     if not source:
         raise UserInputError(f"{run.path} was not trained by cnnpack; pass --data to say what to evaluate on")
-    return load_data(source, spec["image_size"], seed=cfg.get("seed", 0),
-                     val_fraction=cfg.get("val_fraction", 0.2), data_root=cfg.get("data_root"))
+    return load_data(source, spec["image_size"], seed=cfg.get("seed", 0), val_fraction=cfg.get("val_fraction", 0.2),
+                     data_root=data_root or cfg.get("data_root"), download=download)
 
 
-def evaluate(run_dir: str | Path, *, fmt: str = "checkpoint", data: str | None = None, device: str = "auto") -> dict:
-    """Accuracy and confusion matrix on the validation split; writes `eval-<format>.json`."""
+def scored_data(run: Run, data: str | None = None, *, data_root: str | None = None,
+                download: bool = False) -> Scored:
+    """The validation split of the run's own data (or of other data that has one: train/ and val/ folders, shapes,
+    a torchvision data set), or every image of a folder of <class>/<images> the model was not trained on (it has
+    no split of its own: the model never saw any of it). The data's classes may be any of the model's."""
+    from cnnpack.data import SHAPES, check_data, read_class_folders
+
+    spec = run.model_spec
+    own = _is_own(data, run.read().get("stages", {}).get("train", {}).get("config", {}).get("data"))
+    if not own and data != SHAPES and not data.startswith("torchvision:"):
+        check_data(data, spec["image_size"])
+        root = Path(data)
+        has_split = (root / "train").is_dir() and (root / "val").is_dir()
+        s, skipped = read_class_folders(root / "val" if has_split else root, spec["classes"], spec["image_size"])
+        return Scored(s.images.numpy(), s.labels.numpy(), "validation" if has_split else "all", False, str(root),
+                      skipped)
+    d = dataset_of(run, data, data_root=data_root, download=download)
+    labels = _model_indices(d.classes, list(spec["classes"]), d.source)[d.val.labels.numpy()]
+    return Scored(d.val.images.numpy(), labels, "validation", own, d.source, d.skipped)
+
+
+def evaluate(run_dir: str | Path, *, fmt: str = "checkpoint", data: str | None = None, device: str = "auto",
+             data_root: str | None = None, download: bool = False) -> dict:
+    """Accuracy and confusion matrix on `scored_data`; writes `eval-<format>.json` (other data: its own file)."""
+    from cnnpack.host import check_device
     from cnnpack.runtimes import predict_split, runtime_for_format, split_batching
 
+    check_device(device)
     run = Run.open(run_dir)
     runtime = runtime_for_format(run, fmt, device)  # first: a missing or changed artifact fails fast
-    d = dataset_of(run, data)
-    spec = run.model_spec
-    if d.classes != list(spec["classes"]):
-        raise UserInputError(f"--data classes {d.classes} differ from the model's {spec['classes']}")
+    s = scored_data(run, data, data_root=data_root, download=download)
+    classes = list(run.model_spec["classes"])
     record = run.read()["stages"]["export"]["artifacts"][fmt] if fmt != "checkpoint" else {}
     batch, static = split_batching(record)  # within the artifact's max batch; padded for a static one
-    images, true, split, own = _scored(run, d, data)
-    logits = predict_split(runtime, images, batch, static=static)
-    pred = logits.argmax(1)
-    k = len(d.classes)
-    cm = np.bincount(true * k + pred, minlength=k * k).reshape(k, k)
-    out = run.file(f"eval-{fmt}.json" if own else f"eval-{fmt}-{_slug(d.source)}.json")  # other data: its own file
+    pred = predict_split(runtime, s.images, batch, static=static).argmax(1)
+    k = len(classes)
+    cm = np.bincount(s.labels * k + pred, minlength=k * k).reshape(k, k)
+    out = run.file(f"eval-{fmt}.json" if s.own else f"eval-{fmt}-{_slug(s.source)}.json")
     seen = cm.sum(1)
-    result = {"format": fmt, "runtime": runtime.name, "data": d.source, "split": split, "images": int(len(true)),
-              "accuracy": float((pred == true).mean()), "classes": d.classes, "confusion_matrix": cm.tolist(),
+    result = {"format": fmt, "runtime": runtime.name, "data": s.source, "split": s.split, "images": int(len(s.labels)),
+              "accuracy": float((pred == s.labels).mean()), "classes": classes, "confusion_matrix": cm.tolist(),
               "per_class_acc": [round(float(c) / n, 4) if n else None for c, n in zip(np.diag(cm), seen)],  # None: no image
-              "output": str(out)}
+              "skipped_files": len(s.skipped), "skipped_examples": s.skipped[:5], "output": str(out)}
     atomic_write_json(out, result)
     return result
 
 
-def _scored(run: Run, d, data: str | None) -> tuple[np.ndarray, np.ndarray, str, bool]:
-    """(images, labels, which, own): the validation split of the run's own data (own) or of other data that has one
-    (train/ and val/ folders, a torchvision dataset); every image of other data given as one folder of
-    <class>/<images> (it has no split of its own: the model never saw any of it)."""
-    trained_on = run.read().get("stages", {}).get("train", {}).get("config", {}).get("data")
-    root = Path(data) if data else None
-    same = data == trained_on or (trained_on is not None and root is not None and root.exists()
-                                  and root.resolve() == Path(trained_on).resolve())  # ./data/ and /abs/data alike
-    own = root is None or same
-    if own or not root.is_dir() or (root / "val").is_dir():
-        return d.val.images.numpy(), d.val.labels.numpy(), "validation", own
-    images = np.concatenate([d.train.images.numpy(), d.val.images.numpy()])
-    return images, np.concatenate([d.train.labels.numpy(), d.val.labels.numpy()]), "all", False
+def _is_own(data: str | None, trained_on: str | None) -> bool:
+    """Whether `--data` names the data the run was trained on (./data/ and /abs/data alike)."""
+    if data is None or data == trained_on:
+        return True
+    root = Path(data)
+    return trained_on is not None and root.exists() and root.resolve() == Path(trained_on).resolve()
+
+
+def _model_indices(classes: list[str], model_classes: list[str], source: str) -> np.ndarray:
+    """For each of a data set's classes, its index among the model's (every one must be there)."""
+    if unknown := [c for c in classes if c not in model_classes]:
+        raise UserInputError(f"{source} has class {unknown[0]!r}, not one of the model's classes "
+                             f"({', '.join(model_classes)}); evaluate on data of the classes the model was trained on")
+    return np.array([model_classes.index(c) for c in classes], dtype=np.int64)
 
 
 def _slug(source: str) -> str:

@@ -381,14 +381,28 @@ def artifact_ref(run: Run, fmt: str) -> ArtifactRef:
     return ArtifactRef(run, fmt, path, rec, rec.get("max_batch_size"))
 
 
+# the runtime of a format on a CUDA GPU where its default one (above) computes on the CPU whatever `device` says
+CUDA_RUNTIME = {"onnx": "onnxruntime-cuda", "onnx_int8": "onnxruntime-cuda"}
+
+
 def runtime_for_format(run: Run, fmt: str, device: str = "auto") -> Loaded:
-    """The default runtime of `fmt` on the run's artifact, taking raw pixels whatever the artifact's input kind."""
+    """The default runtime of `fmt` on the run's artifact, taking raw pixels whatever the artifact's input kind.
+
+    ONNX on `cuda` runs in the CUDA provider, refused when it would not really run there; with `auto` it does so
+    when that works, else on the CPU.
+    """
     if fmt not in FORMAT_RUNTIME:
         raise UserInputError(f"unknown format {fmt!r}; valid: {', '.join(FORMAT_RUNTIME)}")
     name = FORMAT_RUNTIME[fmt]
     if name not in RUNTIMES:
         raise RuntimeUnavailable(f"runtime {name} for {fmt} is not available in this build")
     ref = artifact_ref(run, fmt)
+    if fmt in CUDA_RUNTIME and device != "cpu":
+        try:
+            return raw_pixel_input(RUNTIMES.get(CUDA_RUNTIME[fmt]).load(ref, device), ref)
+        except RuntimeUnavailable as e:
+            if device == "cuda":
+                raise RuntimeUnavailable(f"--device cuda: {e}; use --device cpu") from None
     return raw_pixel_input(RUNTIMES.get(name).load(ref, device), ref)
 
 

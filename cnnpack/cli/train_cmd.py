@@ -99,9 +99,13 @@ def evaluate(
     format: str = typer.Option("checkpoint", help="checkpoint | onnx | onnx_int8 | pt2 | torchscript | openvino | "
                                                     "openvino_int8 (each in its default runtime)."),
     data: Optional[str] = typer.Option(None, help="Dataset (default: the one the run was trained on, its validation "
-                                                  "split; a folder of <class>/<images> it was not trained on: every "
-                                                  "image)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+                                                  "split; a folder of <class>/<images> it was not trained on, any of "
+                                                  "the model's classes: every image, or every image of its val/ when "
+                                                  "it has train/ and val/)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (ONNX on cuda: ONNX Runtime's CUDA provider)."),
+    data_root: Optional[str] = typer.Option(None, help="Root folder for torchvision:NAME datasets (default: the "
+                                                       "run's)."),
+    download: bool = typer.Option(False, help="Let torchvision:NAME download (only when online)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Accuracy and confusion matrix of a checkpoint or an exported artifact.
@@ -110,7 +114,7 @@ def evaluate(
     """
     from cnnpack.evaluate import evaluate as do_eval
 
-    result = do_eval(run, fmt=format, data=data, device=device)
+    result = do_eval(run, fmt=format, data=data, device=device, data_root=data_root, download=download)
     emit(result, as_json)
     if not as_json:
         _print_eval(result)
@@ -120,15 +124,21 @@ def _print_eval(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from cnnpack.errors import count
+
     classes, cm = result["classes"], result["confusion_matrix"]
     which = "validation images" if result.get("split", "validation") == "validation" else f"images (all of {result['data']})"
-    t = Table(title=f"{result['format']}: top-1 {100 * result['accuracy']:.2f}% on {result['images']} {which}")
+    skipped = result.get("skipped_files", 0)
+    unread = f"; {count(skipped, 'unreadable file')} skipped" if skipped else ""
+    t = Table(title=f"{result['format']}: top-1 {100 * result['accuracy']:.2f}% on {result['images']} {which}{unread}")
     t.add_column("true \\ pred")
     for c in classes:
         t.add_column(c, justify="right")
     for c, row in zip(classes, cm):
         t.add_row(c, *[str(v) for v in row])
     Console().print(t)
+    if skipped:
+        typer.echo(f"skipped {count(skipped, 'unreadable file')}, e.g. {result['skipped_examples'][0]}")
     typer.echo(f"written: {result['output']}")
 
 

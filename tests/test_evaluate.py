@@ -1,0 +1,151 @@
+"""cnnpack evaluate: the runtime --device picks, other data (any of the model's classes, every image scored),
+unreadable files counted and reported. A real trained run, real ONNX Runtime, real image folders in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnpack.errors import RuntimeUnavailable, UserInputError
+from cnnpack.evaluate import evaluate
+from cnnpack.export import ExportConfig, export
+from cnnpack.rundir import Run
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def onnx_run(tiny_run, tmp_path_factory) -> Path:
+    """tiny_run exported to ONNX alone (read-only: copy it to evaluate into it)."""
+    run = tmp_path_factory.mktemp("evaluate") / "onnx"
+    shutil.copytree(tiny_run, run)
+    export(run, ExportConfig(formats=("onnx",), max_batch_size=16))
+    return run
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_run, tmp_path / "run"))
+
+
+def _classes(run: Path) -> list[str]:
+    return list(Run.open(run).model_spec["classes"])
+
+
+def _folder(tiny_data: Path, dest: Path, classes: list[str], n: int | None = None) -> Path:
+    """dest/<class>/ with the first `n` (default: all 15) validation images of each of `classes`."""
+    for c in classes:
+        (dest / c).mkdir(parents=True)
+        for f in sorted((tiny_data / "val" / c).iterdir())[:n]:
+            shutil.copy(f, dest / c)
+    return dest
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cnnpack", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "COLUMNS": "200"})
+
+
+# -- --device: ONNX on cuda runs in the CUDA provider, or is refused -----------------------------------
+@pytest.mark.skipif(CUDA, reason="this machine has a CUDA GPU")
+def test_onnx_on_cuda_without_a_gpu_is_refused_and_auto_runs_on_the_cpu(onnx_run, tmp_path):
+    run = shutil.copytree(onnx_run, tmp_path / "run")
+    with pytest.raises(RuntimeUnavailable, match=re.escape("--device cuda: onnxruntime-cuda: no CUDA GPU is visible "
+                                                           "on this machine; use --device cpu")):
+        evaluate(run, fmt="onnx", device="cuda")
+    assert not (run / "eval-onnx.json").exists()
+    assert evaluate(run, fmt="onnx")["runtime"] == "onnxruntime"  # auto: the CPU where no GPU works
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_onnx_on_cuda_runs_in_the_cuda_provider(onnx_run, tmp_path):
+    run = shutil.copytree(onnx_run, tmp_path / "run")
+    cpu = evaluate(run, fmt="onnx", device="cpu")
+    gpu = evaluate(run, fmt="onnx", device="cuda")
+    assert (cpu["runtime"], gpu["runtime"]) == ("onnxruntime", "onnxruntime-cuda")
+    assert abs(gpu["accuracy"] - cpu["accuracy"]) <= 1 / cpu["images"]  # TF32 may flip a near tie, no more
+    assert evaluate(run, fmt="onnx")["runtime"] == "onnxruntime-cuda"  # auto: the GPU where it works
+
+
+# -- other data: every image of PATH/<class>/*, any of the model's classes ------------------------------
+def test_other_data_with_one_image_per_class_is_scored_whole(tiny_data, run_copy, tmp_path):
+    classes = _classes(run_copy)
+    r = evaluate(run_copy, data=str(_folder(tiny_data, tmp_path / "one", classes, n=1)), device="cpu")
+    assert (r["split"], r["images"], r["classes"]) == ("all", len(classes), classes)
+    assert np.array(r["confusion_matrix"]).sum(1).tolist() == [1] * len(classes)
+
+
+def test_other_data_may_hold_some_of_the_models_classes_or_one(tiny_data, run_copy, tmp_path):
+    classes = _classes(run_copy)
+    full = evaluate(run_copy, data=str(_folder(tiny_data, tmp_path / "all", classes)), device="cpu")
+    pick = [classes[3], classes[1]]
+    some = evaluate(run_copy, data=str(_folder(tiny_data, tmp_path / "some", pick)), device="cpu")
+    assert some["classes"] == classes and some["images"] == 30
+    for i, row in enumerate(some["confusion_matrix"]):  # labelled by the model's classes, not the folder's order
+        assert row == (full["confusion_matrix"][i] if classes[i] in pick else [0] * len(classes))
+    assert [a is None for a in some["per_class_acc"]] == [c not in pick for c in classes]
+    one = evaluate(run_copy, data=str(_folder(tiny_data, tmp_path / "one", [classes[2]])), device="cpu")
+    assert one["images"] == 15 and one["confusion_matrix"][2] == full["confusion_matrix"][2]
+
+
+def test_a_class_folder_the_model_does_not_know_is_named(tiny_data, run_copy, tmp_path):
+    data = _folder(tiny_data, tmp_path / "data", _classes(run_copy)[:2], n=2)
+    (data / "dog").mkdir()
+    Image.new("RGB", (32, 32), (90, 60, 30)).save(data / "dog" / "rex.png")
+    with pytest.raises(UserInputError, match=re.escape(f"class folder {data / 'dog'} is not one of the model's "
+                                                       "classes (")):
+        evaluate(run_copy, data=str(data), device="cpu")
+
+
+# -- unreadable files: skipped, counted, reported -------------------------------------------------------
+@pytest.mark.slow
+def test_unreadable_files_are_skipped_counted_and_reported(tiny_data, run_copy, tmp_path):
+    classes = _classes(run_copy)
+    data = _folder(tiny_data, tmp_path / "data", classes[:2], n=5)
+    (data / classes[0] / "garbage.png").write_bytes(b"not an image")
+    (data / classes[1] / "empty.jpg").write_bytes(b"")
+    r = evaluate(run_copy, data=str(data), device="cpu")
+    assert r["images"] == 10 and r["skipped_files"] == 2
+    assert sorted(Path(e.split(": ")[0]).name for e in r["skipped_examples"]) == ["empty.jpg", "garbage.png"]
+    assert json.loads(Path(r["output"]).read_text())["skipped_files"] == 2
+    out = _cli("evaluate", "--run", str(run_copy), "--data", str(data), "--device", "cpu")
+    stdout, stderr = out.communicate(timeout=300)
+    assert out.returncode == 0, stderr
+    line = " ".join(stdout.split())  # the table's title, however rich wraps it
+    assert "on 10 images (all of" in line and "2 unreadable files skipped" in line
+    assert "skipped 2 unreadable files, e.g. " in stdout
+
+
+# -- the command line: bad input is one line and exit 2 ---------------------------------------------------
+@pytest.mark.slow
+def test_cli_bad_input_is_one_error_line_and_exit_2(tiny_data, onnx_run, tmp_path):
+    unknown = _folder(tiny_data, tmp_path / "unknown", _classes(onnx_run)[:1], n=1)
+    shutil.copytree(unknown / _classes(onnx_run)[0], unknown / "dog")
+    run = ["evaluate", "--run", str(onnx_run)]
+    cases = {
+        (*run, "--data", str(unknown)): f"class folder {unknown / 'dog'} is not one of the model's classes (",
+        (*run, "--data", "torchvision:MNIST", "--data-root", str(tmp_path / "tv")):  # the hint names a real option
+            f"torchvision:MNIST not found under {tmp_path / 'tv'}",
+        (*run, "--data", "torchvision:NoSuchSet", "--download"): "torchvision has no dataset 'NoSuchSet'",
+        (*run, "--format", "onnx", "--device", "tpu"): "--device 'tpu'; valid: auto, cpu, cuda",
+    }
+    if not CUDA:
+        cases[(*run, "--format", "onnx", "--device", "cuda")] = "--device cuda: onnxruntime-cuda: no CUDA GPU"
+    procs = {args: _cli(*args) for args in cases}
+    for args, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 2 and stdout == "", (args, stderr)
+        assert stderr.count("\n") == 1 and stderr.startswith("error: ") and cases[args] in stderr, (args, stderr)
+        assert ("pass --download to fetch it" in stderr) == ("torchvision:MNIST" in args), (args, stderr)
+    assert not list(onnx_run.glob("eval-*.json"))
