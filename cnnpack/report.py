@@ -40,10 +40,14 @@ def _data_and_training(m: dict) -> list[Block]:
                       f"validation images at {m['model']['image_size']} px; {count(d.get('skipped_files', 0), 'unreadable file')} "
                       "skipped."),
            Block("table", rows=rows),
-           Block("h2", "Training"),
-           Block("p", f"`{m['model']['arch']}`: best validation top-1 **{_pct(met.get('best_val_acc'))}** at epoch "
-                      f"{met.get('best_epoch')} of {met.get('epochs')}, {met.get('wall_s')} s wall on "
-                      f"{t.get('device')}, {met.get('train_images_per_s')} training images/s.")]
+           Block("h2", "Training")]
+    if met:
+        out.append(Block("p", f"`{m['model']['arch']}`: best validation top-1 **{_pct(met.get('best_val_acc'))}** at "
+                              f"epoch {met.get('best_epoch')} of {met.get('epochs')}, {met.get('wall_s')} s wall on "
+                              f"{t.get('device')}, {met.get('train_images_per_s')} training images/s."))
+    else:  # interrupted or failed before its first finished training: no figures to give
+        out.append(Block("p", f"`{m['model']['arch']}`: training has not finished (status `{t.get('status')}`); "
+                              "continue it with `cnnpack train --resume` (or the same `cnnpack pipeline`)."))
     out += [Block("img", text=alt, path=f) for f, alt in
             (("curves.png", "training curves"), ("confusion.png", "confusion matrix"),
              ("samples.png", "validation predictions")) if f in {v["path"] for v in t.get("outputs", {}).values()}]
@@ -96,7 +100,11 @@ def _verify(m: dict, run: Run | None = None) -> list[Block]:
 
     v = m.get("stages", {}).get("verify")
     if not v:
-        return []
+        if not m.get("stages", {}).get("export", {}).get("artifacts"):
+            return []
+        return [Block("h2", "Parity against eager PyTorch"),
+                Block("p", "**Not verified**: no artifact here has been checked against the eager model; "
+                           "`cnnpack verify` proves each one computes what it computes.")]
     old, missing = stale(m["stages"], "verify"), unverified(m["stages"])
     rows = [["artifact", "runtime", "precision", "max abs err", "top-1 agreement", "accuracy", "contract", "verdict"]]
     for r in parity_table(m["stages"]):
@@ -129,8 +137,9 @@ def _precision(m: dict, run: Run) -> list[Block]:
     rows = precision_table(m.get("stages", {}))
     if len({r["precision"] for r in rows}) < 2:
         return []
+    big = rows[0]["batch_size"]  # None: not benchmarked
     table = [["artifact", "runtime", "precision", "size MB", "top-1", "drop vs fp32 (pt)", "p50 ms @ batch 1",
-              f"images/s @ batch {rows[0]['batch_size']}", "× fp32 ONNX Runtime"]]
+              f"images/s @ batch {big}" if big else "images/s", "× fp32 ONNX Runtime"]]
     for r in rows:
         table.append([r["artifact"], r["runtime"], r["precision"], _num(r["size_mb"], "{:.2f}"), _pct(r["top1"]),
                       _num(r["drop_pt"], "{:+.2f}"), _num(r["latency_ms_p50_b1"], "{:.3f}"),

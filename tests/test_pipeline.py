@@ -274,6 +274,10 @@ def test_ctrl_c_in_training_exits_130_and_the_next_run_resumes_it(tiny_data, tmp
     assert line.startswith("error: pipeline interrupted in stage train") and "again to continue" in line
     m = json.loads((run / "cnnpack.json").read_text())
     assert m["stages"]["pipeline"]["status"] == "interrupted"
+    report = CliRunner().invoke(app, ["report", "--run", str(run)])  # of the run as it stands
+    assert report.exit_code == 0, report.stderr
+    text = (run / "report.md").read_text()
+    assert "training has not finished (status `interrupted`)" in text and "None" not in text
 
     code, out, err = _pipeline(*args[1:], "--json")  # the same command: accepted as the pipeline's run
     assert code == 0, err[-3000:]
@@ -354,6 +358,14 @@ def test_the_artifacts_table_shows_an_exporters_release_without_its_build_suffix
         "openvino.convert_model 2026.4.1"
     for kept in ("nncf 3.4.0", "dynamo", "torch.export + AOTInductor (torch 2.14.1+cu130)", "onnxruntime.quantization"):
         assert exporter_label(kept) == kept
+
+
+def test_the_report_says_an_export_was_never_verified():
+    from cnnpack.report import _verify
+
+    blocks = _verify({"stages": {"export": {"artifacts": {"onnx": {"path": "export/model.onnx"}}}}})
+    assert [b.text for b in blocks][0] == "Parity against eager PyTorch" and "**Not verified**" in blocks[1].text
+    assert _verify({"stages": {}}) == []  # nothing exported: nothing to verify
 
 
 def test_the_report_says_when_the_served_figures_are_of_another_repository_or_version():
