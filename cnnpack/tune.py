@@ -306,10 +306,12 @@ def verdict(winner: dict, points: list[dict], served: str | None, cfg: TuneConfi
     if default is None:
         return {**out, "default": None, "gain": None, "noise": None, "as_good": False}
     gain = winner["throughput_ips"] / default["throughput_ips"]
+    p99_gain = default["latency_ms_p99"] / winner["latency_ms_p99"]  # how much lower the winner's p99 is
     noise = max(winner.get("noise") or 0.0, default.get("noise") or 0.0, 0.05)
-    better = (default["latency_ms_p99"] / winner["latency_ms_p99"] if cfg.objective == "latency" else gain) - 1
+    better = (p99_gain if cfg.objective == "latency" else gain) - 1
     return {**out, "default": default["label"], "default_throughput_ips": default["throughput_ips"], "gain": gain,
-            "noise": noise, "as_good": not winner["default"] and within_budget(default, cfg) and better <= noise}
+            "p99_gain": p99_gain, "objective": cfg.objective, "noise": noise,
+            "as_good": not winner["default"] and within_budget(default, cfg) and better <= noise}
 
 
 # -- the stage ----------------------------------------------------------------------------------------------
@@ -321,6 +323,7 @@ def sweep(run: Run, cfg: TuneConfig, settings: list[Setting], repository: str, s
     t0 = time.monotonic()
     info: dict = {"search": "grid", "truncated": False, "error": None, "errors": [], "server_pid": server.pid}
     plan = [(s, c) for s in settings for c in cfg.concurrency]
+    info["planned"] = len(plan)
     for i, (s, c) in enumerate(plan):
         if time.monotonic() - t0 > cfg.time_limit_s:
             info["truncated"] = True

@@ -57,11 +57,17 @@ def describe(section: dict) -> str:
     w, v = section["winner"], section["verdict"] or {}
     line = (f"winner: {w['label']} at concurrency {w['concurrency']}: {w['throughput_ips']:,.0f} images/s, "
             f"p99 {w['latency_ms_p99']:.2f} ms")
-    if v.get("gain") is not None:
+    if v.get("objective") == "latency" and v.get("p99_gain") is not None:  # what it was chosen on
+        line += f"; p99 {v['p99_gain']:.2f}x lower than the default's ({v['default']}, noise {100 * v['noise']:.0f} %)"
+    elif v.get("gain") is not None:
         line += f"; {v['gain']:.2f}x the default ({v['default']}, noise {100 * v['noise']:.0f} %)"
     today = v.get("vs_served_default")
     if today and today["model"] != w["model"]:
         line += f"; {today['gain']:.2f}x {today['model']} as served today"
+    sweep = section.get("sweep") or {}
+    if sweep.get("truncated"):  # points run model by model: the models after the cut were not all tried
+        line += (f"; the sweep was cut at --time-limit after {len(section.get('points', []))} of "
+                 f"{sweep.get('planned', '?')} planned points, so not every config was tried")
     if v.get("as_good"):
         line += "; within the noise: the default config is as good and was kept"
     elif section.get("written"):

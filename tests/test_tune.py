@@ -302,3 +302,22 @@ def test_a_forced_bf16_config_is_verified_measured_and_logged_a_line_per_point(l
         assert "no native bf16" in out.stderr and "bf16" not in (json.loads(out.stdout)["winner"] or {}).get("label", "")
     measured = [line for line in out.stderr.splitlines() if line.startswith("tune: measured ")]
     assert len(measured) == len(points) == 5  # its config.pbtxt, fp32 and bf16 without and with batching
+
+
+def test_the_verdict_line_gives_the_figure_the_winner_was_chosen_on_and_says_when_the_sweep_was_cut():
+    """--objective latency chose on p99 but the line gave the throughput ratio (1.12x, a gain below the noise read as
+    applied anyway); a sweep cut by --time-limit read as complete."""
+    from cnnpack.tune_outputs import describe
+
+    winner = {"label": "cnn_onnx x1 2t batching 0 us", "model": "cnn_onnx", "concurrency": 1, "throughput_ips": 560.0,
+              "latency_ms_p99": 1.79}
+    verdict = {"default": "cnn_onnx (its config.pbtxt)", "gain": 1.12, "p99_gain": 2.81 / 1.79, "noise": 0.16,
+               "objective": "latency", "as_good": False}
+    section = {"winner": winner, "verdict": verdict, "points": [{}] * 6, "written": None,
+               "sweep": {"truncated": True, "planned": 14}}
+    line = describe(section)
+    assert "p99 1.57x lower than the default's (cnn_onnx (its config.pbtxt), noise 16 %)" in line
+    assert "1.12x" not in line
+    assert "cut at --time-limit after 6 of 14 planned points, so not every config was tried" in line
+    throughput = describe({**section, "verdict": {**verdict, "objective": "throughput"}, "sweep": {}})
+    assert "; 1.12x the default (cnn_onnx (its config.pbtxt), noise 16 %)" in throughput and "cut" not in throughput

@@ -73,8 +73,11 @@ def _table(section: dict) -> None:
 
     from cnnpack.cli import table_console
 
-    t = Table(title=f"{len(section['points'])} served configs ({section['sweep']['search']}, "
-                    f"{section['sweep']['wall_s']:.0f} s, server started {section['sweep'].get('server_starts')}x)")
+    sweep = section["sweep"]
+    cut = f", cut at --time-limit: {len(section['points'])} of {sweep.get('planned', '?')} planned points" \
+        if sweep.get("truncated") else ""
+    t = Table(title=f"{len(section['points'])} served configs ({sweep['search']}{cut}, {sweep['wall_s']:.0f} s, "
+                    f"server started {sweep.get('server_starts')}x)")
     for col in ("config", "precision", "c", "images/s", "p50 ms", "p99 ms", "batch", "stable"):
         t.add_column(col, justify="left" if col == "config" else "right")
     best = section["winner"]
