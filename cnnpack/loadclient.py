@@ -64,6 +64,12 @@ class Load:
 
     def __exit__(self, *exc) -> None:
         try:
+            # a window a Ctrl-C left pending (KeyboardInterrupt leaves run_until_complete with its task still
+            # waiting): cancelled first, so the requests the close fails are not errors nobody reads
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.run_until_complete(self._wire.close())
         finally:
             self._loop.close()
@@ -152,6 +158,9 @@ class Load:
             await finished
         except self.client.errors as e:
             raise self._failure(concurrency, len(lat), issued, e) from None
+        finally:
+            if not finished.done():  # left early (cancelled): the requests in flight are abandoned, their errors too
+                finished.cancel()
         return Window(lat, clock() - start)
 
 

@@ -497,3 +497,46 @@ def test_the_same_connection_on_a_blocking_socket_answers_fails_and_times_out_li
         loop.close()
     assert [m for _, _, m in peer.requests] == [b"first", big, b"split", b"bad", b"after", b"silent"]
     assert not peer.overrun and (w.SETTINGS, w.ACK, 0) in peer.frames
+
+
+def test_a_ctrl_c_in_a_load_s_window_leaves_no_error_unretrieved_as_the_load_closes():
+    """A Ctrl-C under load (tune, bench --triton-url) left the window pending with requests in flight; closing the
+    wire then failed them into a future nobody awaited: 'Future exception was never retrieved ... ConnectionResetError'
+    printed after cnnpack's 'error: interrupted'."""
+    import gc
+    import threading
+    import types
+
+    from cnnpack.client import _client_errors
+    from cnnpack.errors import StageFailed
+    from cnnpack.loadclient import Load, _Grpc
+
+    class Client:
+        errors, protocol = _client_errors(), "grpc"
+
+        def failure(self, what, e):
+            return StageFailed(f"{what}: {e}")
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    peer = Peer(lambda peer, stream, message: None)  # answers nothing: every request stays in flight
+    peer_loop = asyncio.new_event_loop()  # the server in a thread of its own, as Triton is another process
+    port = peer_loop.run_until_complete(peer.start())
+    thread = threading.Thread(target=peer_loop.run_forever, daemon=True)
+    thread.start()
+    load = Load(Client(), types.SimpleNamespace(name="m"), None, concurrency=4)
+    load._loop = loop = asyncio.new_event_loop()
+    unretrieved = []
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context.get("message")))
+    load._wire = _Grpc("127.0.0.1", port, b"m", timeout_s=5)
+    loop.call_later(0.3, ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            load.window(seconds=5)
+        load.__exit__(KeyboardInterrupt, None, None)
+        gc.collect()
+    finally:
+        peer_loop.call_soon_threadsafe(peer_loop.stop)
+        thread.join(5)
+    assert len(peer.requests) == 4 and unretrieved == []
