@@ -66,10 +66,10 @@ class Load:
         try:
             # a window a Ctrl-C left pending (KeyboardInterrupt leaves run_until_complete with its task still
             # waiting): cancelled first, so the requests the close fails are not errors nobody reads
-            pending = asyncio.all_tasks(self._loop)
-            for task in pending:
-                task.cancel()
-            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending := asyncio.all_tasks(self._loop):
+                for task in pending:
+                    task.cancel()
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.run_until_complete(self._wire.close())
         finally:
             self._loop.close()
