@@ -62,6 +62,15 @@ def _manifest(run: Path, fn) -> None:
     (run / "cnnpack.json").write_text(json.dumps(m))
 
 
+def _own_copy(laid_out: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the run with its own copy of the repository (to damage), as (run, repository)."""
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    shutil.copytree(laid_out, run)
+    shutil.copytree(json.loads((run / "cnnpack.json").read_text())["stages"]["triton"]["repository"], repo)
+    _manifest(run, lambda m: m["stages"]["triton"].update(repository=str(repo)))
+    return run, repo
+
+
 # -- fixtures ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def laid_out(tiny_run, tmp_path_factory) -> Path:
@@ -306,6 +315,17 @@ def test_the_volume_is_filled_once_by_a_job_from_the_repository_image(base, depl
     assert {"claimName": claim, "readOnly": True} in [v.get("persistentVolumeClaim") for v in volumes]
 
 
+def test_the_volume_is_mounted_by_every_replica_on_any_node_and_the_readme_says_what_storage_that_needs(base,
+                                                                                                     deployed):
+    hpa = _of(base["pvc"], "HorizontalPodAutoscaler")
+    assert hpa["spec"]["maxReplicas"] > 1  # replicas (and the rollout's surge) land on other nodes
+    # ReadWriteOnce attaches to one node only: the other nodes' pods would never start
+    assert _of(base["pvc"], "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+    readme = (deployed["pvc"] / "README.md").read_text()
+    assert "ReadWriteMany" in readme and "StorageClass" in readme
+    assert any("ReadWriteMany" in n for n in json.loads((deployed["pvc"] / "cnnpack-deploy.json").read_text())["notes"])
+
+
 def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_path):
     from cnnpack.deploy import DeployConfig, deploy
     from cnnpack.rundir import sha256
@@ -356,6 +376,7 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     (["--queue-target-ms", "4e6"], "--queue-target-ms must be > 0 and under an hour, got 4000000.0"),
     (["--queue-target-ms", "0.1"], "--queue-target-ms 0.1 is under 1 ms"),
     (["--replicas", "99999999999999999999"], "--replicas must be <= 2147483647"),
+    (["--image", "reg.example.com/x@sha256:" + "0" * 64], "names a digest; deploy writes the command that builds"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(laid_out, tmp_path, args, message):
     out = tmp_path / "out"
@@ -540,6 +561,80 @@ def test_an_out_inside_the_repository_is_refused(laid_out):
     with pytest.raises(UserInputError, match="inside the model repository"):
         deploy(laid_out, DeployConfig(out=str(repo / "deploy")))
     assert not (repo / "deploy").exists()
+
+
+def test_an_out_that_holds_the_repository_is_refused_and_the_repository_left_alone(laid_out, tmp_path):
+    from cnnpack.deploy import DeployConfig, deploy
+
+    run, repo = _own_copy(laid_out, tmp_path)
+    out = tmp_path / "wrap"
+    deploy(run, DeployConfig(out=str(out)))  # a deployment there first: a rewrite would replace the whole folder
+    shutil.move(repo, out / "repo")
+    (out / "repo" / "cnn_onnx_image" / "2").mkdir()  # an empty version folder: a copy of the files would drop it
+    _manifest(run, lambda m: m["stages"]["triton"].update(repository=str(out / "repo")))
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    with pytest.raises(UserInputError, match=r"--out .*wrap holds the model repository .*wrap/repo, and deploy "
+                                             r"replaces the whole folder"):
+        deploy(run, DeployConfig(out=str(out)))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    with pytest.raises(UserInputError, match=r"holds the run"):
+        deploy(run, DeployConfig(out=str(tmp_path)))
+
+
+def test_an_unparsable_config_pbtxt_is_one_line_exit_2_naming_the_file(laid_out, tmp_path):
+    run, repo = _own_copy(laid_out, tmp_path)
+    config = repo / "cnn_onnx" / "config.pbtxt"
+    with open(config, "a") as f:
+        f.write("garbage {\n")
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    for gpu in ("auto", "no"):  # not only for the gpu overlay's config: Triton would not load it either
+        proc = _cnnpack("deploy", "--run", str(run), "--out", str(tmp_path / "out"), "--gpu", gpu)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"{config} is not a Triton model config" in proc.stderr
+        assert f"cnnpack triton --run {run} --repository {repo} --format onnx --ensemble" in proc.stderr
+    assert not (tmp_path / "out").exists() and {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+
+
+def test_a_missing_repository_or_version_is_said_as_such(laid_out, tmp_path):
+    from cnnpack.deploy import DeployConfig, deploy
+
+    run, repo = _own_copy(laid_out, tmp_path)
+    repo.rename(tmp_path / "moved")
+    with pytest.raises(UserInputError, match=rf"the run's model repository {repo} is missing .*; move it back, or lay "
+                                             rf"it out again with `cnnpack triton --run {run} --repository {repo} "
+                                             r"--format onnx --ensemble`"):
+        deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    (tmp_path / "moved").rename(repo)
+    shutil.rmtree(repo / "cnn_onnx" / "1")
+    with pytest.raises(UserInputError, match=rf"{repo / 'cnn_onnx'} has no version folder \(changed since `cnnpack "
+                                             r"triton` laid it out\), so Triton has nothing to serve; lay it out again"):
+        deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_dockerfile_pins_a_pillow_that_the_ngc_image_s_python_installs(deployed):
+    from cnnpack.deploy.text import PILLOW, ngc_python
+
+    record = json.loads((deployed["image"] / "cnnpack-deploy.json").read_text())
+    assert record["ngc_image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"  # Ubuntu 22.04, Python 3.10
+    dockerfile = (deployed["image"] / "image" / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir pillow==12.3.0\n" in dockerfile  # 13 needs Python >= 3.11
+    assert "its Python is 3.10" in dockerfile
+    assert ngc_python("nvcr.io/nvidia/tritonserver:26.06-py3") == "3.12" and PILLOW["3.12"] == "13.0.0"  # pt2's
+
+
+def test_kserve_runs_the_image_ensemble_in_the_repository_image_and_the_stock_runtime_otherwise(deployed):
+    record = json.loads((deployed["image"] / "cnnpack-deploy.json").read_text())
+    assert "cnn_onnx_preprocess" in record["models"]  # a Python backend model that imports Pillow
+    model = _yaml(deployed["image"] / "kserve" / "inferenceservice.yaml")["spec"]["predictor"]["model"]
+    # the stock runtime (the NGC image) has no Pillow: the model would fail to load and Triton exit
+    assert model["image"] == record["repository_image"] and model["storageUri"] == f"oci://{record['repository_image']}"
+    assert "runtimeVersion" not in model  # KServe would re-tag the repository image with it
+    readme = (deployed["image"] / "README.md").read_text()
+    assert f"in the repository image `{record['repository_image']}` in place of KServe's Triton runtime" in readme
+    for store in ("pvc", "s3"):  # no ensemble shipped: KServe's own runtime, at the release that serves the models
+        model = _yaml(deployed[store] / "kserve" / "inferenceservice.yaml")["spec"]["predictor"]["model"]
+        assert model["runtimeVersion"] == "24.10-py3" and "image" not in model
 
 
 def test_a_failed_write_keeps_the_old_deployment_and_leaves_no_temp_folder(deployed, laid_out, tmp_path, monkeypatch):

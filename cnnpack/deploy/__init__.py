@@ -29,6 +29,12 @@ from cnnpack.errors import UserInputError
 GPU_MODES = ("auto", "yes", "no")
 INT32_MAX = 2**31 - 1  # a Kubernetes replica count is an int32
 NAME_MAX = 49  # a DNS label is at most 63 characters; "<name>-fill-<8 hex>", the longest derived name, must fit
+# pvc: the claim is ReadWriteMany, since the fill Job writes it and every replica, on whatever node the HPA and the
+# rollout's surge put it, mounts it (read-only); a ReadWriteOnce volume attaches to one node only
+PVC_NOTE = ("the models' volume is a ReadWriteMany claim: the fill Job writes it once and every replica, on any node, "
+            "mounts it read-only; it needs a StorageClass that offers ReadWriteMany (NFS, CephFS, EFS, Filestore, Azure "
+            "Files). On a single-node cluster whose storage is ReadWriteOnce only (kind's local-path), patch the claim's "
+            "accessModes to [ReadWriteOnce] in an overlay")
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -80,6 +86,12 @@ class DeployConfig:
                 raise UserInputError("--image names the repository image (--model-store image or pvc); with object "
                                      "storage the pod runs the NGC image")
             stores.check_image(self.image)
+            if "@" in self.image:  # the README's `docker build -t` and `docker push` name it: a digest cannot be a tag
+                named = self.image.split("@")[0]
+                raise UserInputError(f"--image {self.image!r} names a digest; deploy writes the command that builds and "
+                                     "pushes this image (docker build -t), and a digest is what a push yields, not a "
+                                     "name a build takes: give a tag, e.g. --image "
+                                     + (named if stores.has_tag(named) else f"{named}:1"))
 
 
 def check_name(name: str) -> str:
@@ -115,11 +127,17 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     plan = plans.make(run_dir, queue_target_ms=cfg.queue_target_ms, ensembles=store.mode == "image",
                       remote=store.remote)
     gpu = _want_gpu(cfg, plan)
+    if store.mode == "pvc":
+        plan.notes.append(PVC_NOTE)
     name = cfg.name or suggest_name(plan.served_model)
     out = Path(cfg.out) if cfg.out else plan.run / "deploy"
     if out.resolve().is_relative_to(plan.repository.resolve()):
         raise UserInputError(f"--out {out} is inside the model repository {plan.repository}, where Triton would take "
                              "it for a model; choose a folder outside it")
+    for what, folder in (("run", plan.run), ("model repository", plan.repository)):
+        if folder.resolve().is_relative_to(out.resolve()):  # the whole --out folder is replaced: a copy in its place
+            raise UserInputError(f"--out {out} holds the {what} {folder}, and deploy replaces the whole folder; "
+                                 "choose a folder that does not contain it")
     identity = {"kind": "cnnpack-deploy", "run": str(plan.run), "name": name}
     earlier = output.check_out(out, identity, force=cfg.force)
     gpu_configs = _gpu_configs(plan) if gpu else {}

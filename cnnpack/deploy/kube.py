@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cnnpack.deploy import store as stores
-from cnnpack.deploy.plan import PROBE_PERIOD_S, Plan
+from cnnpack.deploy.plan import PROBE_PERIOD_S, Plan, needs_pillow
 from cnnpack.triton_config import GPU_CONFIG
 
 CONTAINER = "tritonserver"
@@ -179,8 +179,11 @@ def job_name(spec: Spec) -> str:
 
 def pvc(plan: Plan, spec: Spec) -> dict:
     gib = max(1, -(-plan.repository_bytes * 3 // (1 << 30)))  # room for this content and two more versions
+    # ReadWriteMany: the fill Job writes it, and every replica mounts it (read-only) on whichever node it runs: up to
+    # maxReplicas, plus the rollout's surge. ReadWriteOnce attaches to one node (the others' pods would not start), and
+    # a ReadOnlyMany claim could not be filled by the Job. The README says which StorageClasses offer it.
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta(pvc_name(spec), spec),
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": f"{gib}Gi"}}}}
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": f"{gib}Gi"}}}}
 
 
 def fill_job(spec: Spec) -> dict:
@@ -247,9 +250,19 @@ def storage_account(spec: Spec) -> dict:
 def inference_service(plan: Plan, spec: Spec) -> dict:
     account = spec.service_account or (f"{spec.name}-storage" if spec.secret and spec.store.remote else None)
     model = {"modelFormat": {"name": "triton"}, "protocolVersion": "v2",
-             "runtimeVersion": spec.ngc_image.rsplit(":", 1)[1],
+             **runtime_image(plan, spec),
              "storageUri": stores.kserve_uri(spec.store, image=spec.repo_image or "", pvc=pvc_name(spec), tag=spec.tag),
              "resources": resources(plan), "securityContext": container_security()}
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta(spec.name, spec),
             "spec": {"predictor": {"minReplicas": spec.replicas, "maxReplicas": spec.max_replicas,
                                    **({"serviceAccountName": account} if account else {}), "model": model}}}
+
+
+def runtime_image(plan: Plan, spec: Spec) -> dict:
+    """The predictor's image: KServe's Triton runtime (the stock NGC image, at our release), or the repository image
+    where a shipped model needs Pillow (the image ensemble's preprocessing), which the stock image lacks: without it
+    that model fails to load and Triton exits. KServe merges `image` into its runtime's container (its args stay);
+    `runtimeVersion` would re-tag that image, so it is left out then."""
+    if needs_pillow(plan.models) and spec.repo_image:
+        return {"image": spec.repo_image}
+    return {"runtimeVersion": spec.ngc_image.rsplit(":", 1)[1]}

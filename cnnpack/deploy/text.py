@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from cnnpack.deploy import kube
@@ -28,19 +29,33 @@ def dockerfile(plan, spec) -> str:
     lines = ["# syntax=docker/dockerfile:1", *(f"# {ln}" for ln in header(plan, spec).splitlines()),
              "# Build context: the model repository (see ../README.md for the exact command).",
              f"FROM {spec.ngc_image}",
-             *([f"# the image ensemble's preprocessing (Python backend) decodes with Pillow, which {spec.ngc_image} lacks",
-                f"RUN python3 -m pip install --no-cache-dir pillow=={_pillow()}"] if needs_pillow(plan.models) else []),
+             *(_pillow_lines(spec.ngc_image) if needs_pillow(plan.models) else []),
              *(f"COPY {m} {stores.MOUNT}/{m}" for m in plan.models),
              f"USER {kube.UID}:{kube.UID}",
              f'CMD ["tritonserver", "--model-repository={stores.MOUNT}"]', ""]
     return "\n".join(lines)
 
 
-def _pillow() -> str:
-    """The Pillow that the served stage's preprocessing ran with here."""
-    from importlib.metadata import version
+# The NGC Triton image's Python, by release (each release's notes, "Contents of the Triton Inference Server
+# container"): Ubuntu 22.04 with Python 3.10 up to 24.10 (LOCAL_RELEASE); Ubuntu 24.04 with Python 3.12 from 24.11
+# (the release whose build.py moved to ubuntu:24.04; 24.12's notes list it), which includes 26.06 (FIRST_RELEASE).
+NGC_PYTHON = (("24.11", "3.12"), ("0", "3.10"))  # (first release, its Python), newest first
+# The newest Pillow release whose Requires-Python admits that Python, with manylinux wheels (x86_64 and aarch64).
+# Not the Pillow installed here: 13 needs Python >= 3.11, so the 24.10 image's pip cannot install it.
+PILLOW = {"3.10": "12.3.0", "3.12": "13.0.0"}
 
-    return version("pillow")
+
+def ngc_python(image: str) -> str:
+    """The Python of an nvcr.io/nvidia/tritonserver:<YY.MM>-py3 image."""
+    release = tuple(int(p) for p in re.findall(r"\d+", image.rsplit(":", 1)[-1])[:2])
+    return next(py for first, py in NGC_PYTHON if release >= tuple(int(p) for p in first.split(".")))
+
+
+def _pillow_lines(ngc_image: str) -> list[str]:
+    py = ngc_python(ngc_image)
+    return [f"# the image ensemble's preprocessing (Python backend) decodes with Pillow, which {ngc_image} lacks;",
+            f"# its Python is {py}: Pillow {PILLOW[py]} is the newest release that installs there",
+            f"RUN python3 -m pip install --no-cache-dir pillow=={PILLOW[py]}"]
 
 
 def dockerignore(plan) -> str:
@@ -93,10 +108,14 @@ def readme(plan, spec, *, gpu: bool, out: Path) -> str:
               f'kubectl get --raw "/apis/custom.metrics.k8s.io/v1beta1/namespaces/default/pods/*/{kube.QUEUE_METRIC}"',
               f"kubectl get hpa {name}", "```", ""]
     n += 1
+    model = kube.inference_service(plan, spec)["spec"]["predictor"]["model"]
     parts += [f"## {n}. KServe instead", "", "```bash", "kubectl apply -f kserve/", "```", "",
-              f"storageUri `{kube.inference_service(plan, spec)['spec']['predictor']['model']['storageUri']}`"
+              f"It serves {', '.join(f'`{m}`' for m in plan.models)} from storageUri `{model['storageUri']}`"
               + (" (a modelcar: needs `storageInitializer.enableModelcar: true` in KServe's config)"
-                 if spec.store.mode == "image" else "") + ".", ""]
+                 if spec.store.mode == "image" else "")
+              + (f", in the repository image `{model['image']}` in place of KServe's Triton runtime image: "
+                 "the image ensemble's preprocessing needs Pillow, which the stock NGC image lacks"
+                 if "image" in model else "") + ".", ""]
     parts += [*(f"Note: {n}." for n in plan.notes), *([""] if plan.notes else []),
               "## Sizes and where they come from", "",
               f"- CPU {plan.cpu.value}: {plan.cpu.source}.",
