@@ -69,6 +69,12 @@ def repository_root(path: str | Path) -> Path:
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise UserInputError(f"repository path {root} is a file, not a directory; choose another --repository")
+    if (root / "config.pbtxt").is_file() or (root / "cnnpack-model.json").is_file():  # models would nest in a model
+        raise UserInputError(f"--repository {root} is a model folder; pass the repository that holds it, "
+                             f"{root.parent}")
+    if (root / "cnnpack.json").is_file():  # the models would sit among the run's files, which serve refuses
+        raise UserInputError(f"--repository {root} is a run directory; lay the models out in a folder of their own "
+                             "(e.g. model_repository)")
     return root
 
 

@@ -260,6 +260,19 @@ def test_repository_that_is_a_file_refused(run, tmp_path):
     assert r.exit_code == 2 and "is a file" in r.stderr
 
 
+def test_a_model_folder_or_a_run_directory_is_not_a_repository(run, tmp_path):
+    """A model folder given as the repository nested a model in it (repo/clf/clf/1); a run directory took the models
+    among its own files, and serve then refused it as a run directory."""
+    repo = tmp_path / "repo"
+    assert _cli("--run", str(run), "--repository", str(repo), "--name", "clf").exit_code == 0
+    before = _tree(repo)
+    r = _cli("--run", str(run), "--repository", str(repo / "clf"))
+    assert r.exit_code == 2 and f"--repository {repo / 'clf'} is a model folder; pass the repository that holds " \
+        f"it, {repo}" in r.stderr and _tree(repo) == before
+    r = _cli("--run", str(run), "--repository", str(run))
+    assert r.exit_code == 2 and "is a run directory" in r.stderr and not (run / "cnn_onnx").exists()
+
+
 def test_name_taken_by_another_model_needs_force(run, tmp_path):
     repo = tmp_path / "repo"
     assert _cli("--run", str(run), "--repository", str(repo), "--name", "m").exit_code == 0
