@@ -17,6 +17,23 @@ class Ports:
     metrics: int
 
 
+def bind_address(host: str) -> str:
+    """The IPv4 address the local Triton server is to bind for `--host` (a name resolved): its 2.51 binds nothing
+    else as asked (`localhost` bound HTTP to 255.255.255.255, `::1` failed as "already in use")."""
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return host
+    except OSError:
+        pass
+    if ":" in host:
+        raise UserInputError(f"--host {host}: the local Triton server binds IPv4 addresses only; use 127.0.0.1 "
+                             "(this machine) or 0.0.0.0 (every interface)")
+    try:
+        return socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
+    except (socket.gaierror, IndexError) as e:
+        raise UserInputError(f"cannot listen on {host}: {getattr(e, 'strerror', None) or e}; check --host") from None
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)

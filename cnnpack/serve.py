@@ -21,11 +21,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError
-from cnnpack.ports import Ports, check_port, free_ports, url_host
+from cnnpack.ports import Ports, bind_address, check_port, free_ports, url_host
 from cnnpack.triton_dist import TritonDist, build_backend_dir, check_stub, locate, server_env
 from cnnpack.triton_release import local_repository
 
@@ -212,6 +212,7 @@ class TritonServer:
         """Starts the server and waits until it and every model are ready."""
         if self._proc is not None and self._proc.poll() is None:
             return self  # already running
+        self.cfg = replace(self.cfg, host=bind_address(self.cfg.host))
         repo = self._check_repository()
         dist = locate()
         env = server_env(dist)

@@ -283,9 +283,20 @@ def test_a_config_triton_cannot_parse_is_its_error_not_a_server_ready_without_th
     assert time.monotonic() - t0 < 30  # said at once, not after the timeout
 
 
+def test_a_host_name_is_served_on_its_address(server, tmp_path, net):
+    """`--host localhost` bound Triton's HTTP to 255.255.255.255 and waited out the start's timeout."""
+    srv = serve.TritonServer(serve.ServeConfig(repository=server.cfg.repository, host="localhost", ready_timeout_s=60))
+    with srv:
+        assert srv.cfg.host == "127.0.0.1" and srv.http_address.startswith("127.0.0.1:")
+        x = pixels(2, seed=4)
+        np.testing.assert_allclose(infer(srv, "http", "tiny_onnx", x), eager(net, x), atol=1e-4)
+    assert_gone(srv.pid)
+
+
 @pytest.mark.parametrize("cfg, message", [
     (dict(host="999.1.1.1"), "cannot listen on 999.1.1.1: "),
-    (dict(host="999.1.1.1", http_port=18000), "cannot listen on 999.1.1.1:18000 for http: "),
+    (dict(host="192.0.2.1", http_port=18000), "cannot listen on 192.0.2.1:18000 for http: "),  # no interface's
+    (dict(host="::1"), "--host ::1: the local Triton server binds IPv4 addresses only; use 127.0.0.1"),
     (dict(ready_timeout_s=-5), "--ready-timeout must be a number of seconds > 0, got -5"),
     (dict(ready_timeout_s=float("nan")), "--ready-timeout must be a number of seconds > 0, got nan"),
 ])
