@@ -82,6 +82,12 @@ class TuneConfig:
         if not self.oversubscribe and min(self.instances) * min(self.threads) > cores:
             raise UserInputError(f"--instances x --threads is at least {min(self.instances) * min(self.threads)}, "
                                  f"more than the {cores} cores here; pass --oversubscribe to measure it anyway")
+        for flag, values, other in (("--instances", self.instances, min(self.threads)),
+                                    ("--threads", self.threads, min(self.instances))):
+            if not self.oversubscribe and (unused := [v for v in values if v * other > cores]):
+                # the grid leaves out settings past the cores: a value only they use would be dropped unsaid
+                raise UserInputError(f"{flag} {','.join(map(str, unused))} needs more than the {cores} cores here "
+                                     f"with any value of the other option; drop it or pass --oversubscribe")
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,14 @@ def undo(run_dir: str | Path) -> list[dict]:
     """Restores every config.pbtxt this run's tunes wrote that is still served (`undoable`) to the one from before
     any tune; [{config, previous}] restored; UserInputError when there is nothing to undo."""
     run = Run.open(run_dir)
-    entries = undoable(run.read().get("stages", {}))
+    stages = run.read().get("stages", {})
+    entries = undoable(stages)
     if not entries:
+        t = stages.get("tune") or {}
+        wrote = [*(t.get("tuned") or {}), *([t["written"]["config"]] if t.get("written") else [])]
+        if changed := sorted({c for c in wrote if Path(c).is_file()}):
+            raise UserInputError(f"{changed[0]} changed since `cnnpack tune` wrote it (edited by hand, or laid out "
+                                 "again by `cnnpack triton`): nothing to undo, the repository's config stays")
         raise UserInputError(f"{run.path}: no config written by `cnnpack tune` to undo")
     restored = []
     for config, e in entries.items():

@@ -94,6 +94,9 @@ def test_a_budget_no_point_meets_is_exit_1_naming_the_lowest_p99_and_changes_not
 
 @pytest.mark.parametrize(("cfg", "message"), [
     (dict(instances=(4,), threads=(4,)), "more than the .* cores here; pass --oversubscribe"),
+    (dict(instances=(1, 512), threads=(1,)),  # was measured as --instances 1 alone, without a word
+     "--instances 512 needs more than the .* cores here with any value of the other option; drop it or pass "
+     "--oversubscribe"),
     (dict(latency_budget_ms=0), "--latency-budget-ms must be > 0"),
     (dict(objective="cost"), "--objective 'cost'; valid: throughput, latency"),
     (dict(models=("nope",)), "--models 'nope' is not a verified model"),
@@ -201,6 +204,13 @@ def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survi
     assert kept["verdict"]["as_good"] and kept["written"] is None
     assert tuned_in_place(run.read()["stages"]) is None  # deploy and the report read the served config itself
     assert set(kept["tuned"]) == {str(config), str(other)}
+    texts = {f: f.read_text() for f in (config, other)}
+    for f in texts:  # both edited by hand since: undo would overwrite someone's work, and says why it does not
+        f.write_text(texts[f] + "# edited\n")
+    with pytest.raises(UserInputError, match=r"changed since `cnnpack tune` wrote it \(edited by hand"):
+        undo(run_dir)
+    for f, text in texts.items():
+        f.write_text(text)
     restored = undo(run_dir)
     assert {r["config"] for r in restored} == {str(config), str(other)}
     assert config.read_text() == original and not (repo / "cnn_onnx" / PREVIOUS).exists()
