@@ -34,3 +34,21 @@ def test_plots_leave_the_backend_alone(tmp_path, svg_backend):
     assert matplotlib.get_backend() == "svg"
     for name in ("curves.png", "confusion.png", "samples.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG, name
+
+
+@pytest.mark.parametrize("span", [(0.085, 0.52), (5500, 20500), (0.3, 0.45), (1, 5000), (0.31, 0.36)])
+def test_the_precision_plot_s_log_axis_labels_do_not_overlap(span):
+    """Every minor tick was labelled: "0.090.1" and "8000 9000 10000" ran into each other in report.html."""
+    import math
+
+    from matplotlib.figure import Figure
+
+    from cnnpack.precision import _spaced_log_ticks
+
+    ax = Figure().subplots()
+    ax.set_xscale("log")
+    ax.set_xlim(*span)
+    _spaced_log_ticks(ax)
+    shown = [t for t in ax.get_xticks() if span[0] * 0.99 <= t <= span[1] * 1.01]
+    assert shown and all(math.log10(b) - math.log10(a) >= 0.1 for a, b in zip(shown, shown[1:]))
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"{t:g}" for t in ax.get_xticks()]
