@@ -81,7 +81,9 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
     try:
         summary = stage.run(run)
     except KeyboardInterrupt:  # Ctrl-C outside a training epoch (which train turns into its own Interrupted)
-        _mark_failed(run, stage.name, "interrupted", status="interrupted")
+        # only the stage's own record: an earlier run's (a train not begun yet) stays, so nothing stale is resumed
+        if _section(run, stage.name).get("status") in (None, "running"):
+            _mark_failed(run, stage.name, "interrupted", status="interrupted")
         raise Interrupted(f"pipeline interrupted in stage {stage.name}; run the same `cnnpack pipeline` command "
                           "again to continue") from None
     except CnnpackError as e:
@@ -126,12 +128,19 @@ def _artifacts(run: Run) -> dict:
     return {f: artifact_digest(a) for f, a in _section(run, "export").get("artifacts", {}).items()}
 
 
-def _int8_gates(run: Run) -> dict:
-    """The drop each int8 artifact's gate allowed, which verify's int8 contract holds it to: a quantize under another
-    --max-drop may write the same bytes. ({} where none is recorded: fingerprints stay as before.)"""
+def _int8_gates_kept(run: Run, section: dict) -> bool:
+    """verify held each int8 artifact to the drop its gate allows now: a quantize under another --max-drop may write
+    the same bytes, and verify.json would keep the old gate."""
     gates = {f: a["gate"].get("max_drop_pt") for f, a in _section(run, "export").get("artifacts", {}).items()
              if isinstance(a, dict) and isinstance(a.get("gate"), dict)}
-    return {"int8_gates": gates} if gates else {}
+    if not gates:
+        return True
+    try:
+        results = json.loads(run.file("verify.json").read_text())["results"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all(r.get("tolerance", {}).get("max_drop_pt") == gates[r["format"]] for r in results
+               if r.get("format") in gates)
 
 
 def _checkpoint(run: Run) -> str | None:
@@ -169,8 +178,8 @@ class Stages:
                      self.run_quantize_openvino, lambda r: str(r.file(MANIFEST)))]
               if self.cfg.int8 and "openvino" in self.cfg.formats else []),
             Stage("verify", lambda r: {"config": asdict(self.cfg.verify_config()), "checkpoint": _checkpoint(r),
-                                       "artifacts": _artifacts(r), **_int8_gates(r)},
-                  self.run_verify, lambda r: str(r.file("verify.json"))),
+                                       "artifacts": _artifacts(r)},
+                  self.run_verify, lambda r: str(r.file("verify.json")), _int8_gates_kept),
             Stage("bench", lambda r: {"config": asdict(self.cfg.bench_config()), "artifacts": _artifacts(r)},
                   self.run_bench, lambda r: str(r.file(MANIFEST))),
             Stage("triton", lambda r: {"configs": [asdict(c) for c in self.cfg.triton_configs()],
@@ -305,21 +314,20 @@ class Stages:
 
     # - served -
     def served_inputs(self, run: Run) -> dict:
-        from cnnpack.triton_publish import versions
-
-        triton = _section(run, "triton")
-        root = Path(triton.get("repository", ""))
-        return {"repository": {k: v.get("sha256") for k, v in triton.get("files", {}).items()},
-                "models": triton.get("models"), "config": asdict(self.cfg.served_config()),
-                "checkpoint": _checkpoint(run),
-                # Triton serves each model's latest version: a new one (laid out again, or by another run) is served
-                "versions": {m: versions(root / m) for m in triton.get("models") or []}}
+        return {"repository": {k: v.get("sha256") for k, v in _section(run, "triton").get("files", {}).items()},
+                "models": _section(run, "triton").get("models"), "config": asdict(self.cfg.served_config()),
+                "checkpoint": _checkpoint(run)}
 
     def served_rows_kept(self, run: Run, section: dict) -> bool:
-        """The served rows are still in verify and bench (a rerun of verify drops them; bench keeps them)."""
+        """The served rows are still in verify and bench (a rerun of verify drops them; bench keeps them), and each
+        model's latest version is still the one served (Triton serves the latest: one laid out since is served anew)."""
+        from cnnpack.triton_publish import versions
+
         formats = set(_section(run, "verify").get("formats", {}))
         rows = {r.get("format") for r in _section(run, "bench").get("results", [])}
-        return set(section.get("parity", {})) <= formats and any(f and f.startswith("triton:") for f in rows)
+        root = Path(section.get("repository", ""))
+        served = all(str(max(versions(root / m), default=0)) == str(v) for m, v in section.get("versions", {}).items())
+        return served and set(section.get("parity", {})) <= formats and any(f and f.startswith("triton:") for f in rows)
 
     def served_output(self, run: Run) -> str:
         return str(run.file("served/server.log"))

@@ -99,12 +99,13 @@ def _verify(m: dict, run: Run | None = None) -> list[Block]:
     from cnnpack.precision import parity_table, stale, unverified
 
     v = m.get("stages", {}).get("verify")
-    if not v:
+    if not v or (v.get("status") != "ok" and "passed" not in v):  # never run, or stopped before its verdict (Ctrl-C)
         if not m.get("stages", {}).get("export", {}).get("artifacts"):
             return []
+        why = f"verify stopped ({v['status']}) before its verdict" if v else "no artifact here has been checked " \
+            "against the eager model"
         return [Block("h2", "Parity against eager PyTorch"),
-                Block("p", "**Not verified**: no artifact here has been checked against the eager model; "
-                           "`cnnpack verify` proves each one computes what it computes.")]
+                Block("p", f"**Not verified**: {why}; `cnnpack verify` proves each one computes what it computes.")]
     old, missing = stale(m["stages"], "verify"), unverified(m["stages"])
     rows = [["artifact", "runtime", "precision", "max abs err", "top-1 agreement", "accuracy", "contract", "verdict"]]
     for r in parity_table(m["stages"]):

@@ -102,12 +102,6 @@ def same_as_latest(folder: Path, files: dict[str, Path | bytes]) -> int | None:
     return vs[-1] if vs and _holds(folder / str(vs[-1]), files) else None
 
 
-def holding(folder: Path, files: dict[str, Path | bytes]) -> int | None:
-    """The latest version that holds exactly `files` (byte-identical), else None: where they were published, also
-    under a later version another run sharing the repository laid out."""
-    return next((v for v in reversed(versions(folder)) if _holds(folder / str(v), files)), None)
-
-
 def _holds(version: Path, files: dict[str, Path | bytes]) -> bool:
     # not the __pycache__ Python's import writes beside a served model.py (the preprocess model): a version served once
     # would otherwise differ from its own files, and each `cnnpack triton` after a serve added a copy of it

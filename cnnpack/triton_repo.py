@@ -51,10 +51,10 @@ from cnnpack.triton_publish import (  # noqa: F401
     Draft,
     Published,
     conflict,
-    holding,
     model_dir,
     publish,
     read_sidecar,
+    same_as_latest,
     versions,
 )
 
@@ -262,9 +262,10 @@ def build(run_dir: str | Path, cfg: TritonConfig = TritonConfig()) -> dict:
 def laid_out(run: Run, cfg: TritonConfig) -> bool:
     """Whether the repository still holds what `build` lays out for this run, unchanged: each model folder's
     config.pbtxt (or the one `cnnpack tune` wrote in its place) and labels.txt as drafted, and a version holding this
-    run's files byte for byte (a file edited, truncated or deleted by hand is laid out again, as a new version)."""
+    run's files byte for byte as the latest (a file edited, truncated or deleted by hand is laid out again, as a new
+    version; so is a model another run sharing the repository laid out since, as `cnnpack triton` would)."""
     try:
-        root, _, todo, _ = check(run, with_its_ensemble(cfg, run))
+        root, _, todo, _ = check(run, cfg)
     except CnnpackError:  # a folder that holds another model: `build` says so
         return False
     tuned = _tuned_configs(run.read()["stages"])
@@ -276,7 +277,7 @@ def laid_out(run: Run, cfg: TritonConfig) -> bool:
                 continue
             if not path.is_file() or path.read_bytes() != data:
                 return False
-        if not folder.is_dir() or holding(folder, d.version) is None:
+        if not folder.is_dir() or same_as_latest(folder, d.version) is None:  # Triton serves the latest
             return False
     return True
 
@@ -306,8 +307,10 @@ def with_its_ensemble(cfg: TritonConfig, run: Run) -> TritonConfig:
 
 def check(run: Run, cfg: TritonConfig) -> tuple[Path, str, list[Draft], ModelIO]:
     """(repository, model name, model folders to write, I/O) of `build`, refusing before anything is written: a
-    bad option, an artifact that cannot be served, a folder that holds a different model."""
+    bad option, an artifact that cannot be served, a folder that holds a different model (with the model's image
+    ensemble where the repository holds one, as `build` lays it out)."""
     cfg.validate()
+    cfg = with_its_ensemble(cfg, run)
     root = repository_root(cfg.repository)
     name = cfg.name or default_name(run.model_spec["arch"], cfg.format)
     todo, io = drafts(run, cfg, name)

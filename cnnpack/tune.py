@@ -82,12 +82,6 @@ class TuneConfig:
         if not self.oversubscribe and min(self.instances) * min(self.threads) > cores:
             raise UserInputError(f"--instances x --threads is at least {min(self.instances) * min(self.threads)}, "
                                  f"more than the {cores} cores here; pass --oversubscribe to measure it anyway")
-        for flag, values, other in (("--instances", self.instances, min(self.threads)),
-                                    ("--threads", self.threads, min(self.instances))):
-            if not self.oversubscribe and (unused := [v for v in values if v * other > cores]):
-                # the grid leaves out settings past the cores: a value only they use would be dropped unsaid
-                raise UserInputError(f"{flag} {','.join(map(str, unused))} needs more than the {cores} cores here "
-                                     f"with any value of the other option; drop it or pass --oversubscribe")
 
 
 @dataclass(frozen=True)
@@ -177,6 +171,18 @@ def _native_bf16() -> bool:
 def bf16_offered(cfg: TuneConfig) -> bool:
     """Whether the OpenVINO models are also tried with the bf16 inference hint (auto: where the CPU computes bf16)."""
     return cfg.bf16 == "yes" or (cfg.bf16 == "auto" and _native_bf16())
+
+
+def past_the_cores(cfg: TuneConfig) -> str:
+    """The --instances and --threads values no setting of the grid uses (each, with every value of the other, past
+    the cores), as the options would name them; "" when there are none."""
+    cores = usable_cores()
+    if cfg.oversubscribe:
+        return ""
+    out = [f"{flag} {','.join(map(str, unused))}" for flag, values, other in
+           (("--instances", cfg.instances, min(cfg.threads)), ("--threads", cfg.threads, min(cfg.instances)))
+           if (unused := [v for v in values if v * other > cores])]
+    return " and ".join(out)
 
 
 def grid(models: list[tuple[str, str]], cfg: TuneConfig, delays: tuple[int, ...]) -> list[Setting]:
@@ -364,6 +370,9 @@ def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None
     repository = run.stage("triton", required_by="tune", hint=f"`cnnpack triton --run {shell(run.path)}`")["repository"]
     models = servable(run, cfg)
     full = grid(models, cfg, cfg.queue_delays_us)
+    if left_out := past_the_cores(cfg):  # the grid leaves them out: said, not dropped unsaid
+        progress(f"tune: {left_out} left out: with any value of the other option it needs more than the "
+                 f"{usable_cores()} cores here (--oversubscribe measures it)")
     if any(s.bf16 for s in full) and not _native_bf16():
         progress("tune: this CPU has no native bf16 (AVX-512 BF16 or AMX): OpenVINO computes the bf16-hint configs "
                  "in f32 here, so they are measured and shown but none can be the winner")

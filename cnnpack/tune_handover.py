@@ -51,10 +51,14 @@ def undo(run_dir: str | Path) -> list[dict]:
     entries = undoable(stages)
     if not entries:
         t = stages.get("tune") or {}
-        wrote = [*(t.get("tuned") or {}), *([t["written"]["config"]] if t.get("written") else [])]
-        if changed := sorted({c for c in wrote if Path(c).is_file()}):
+        entries = {**(t.get("tuned") or {}), **({t["written"]["config"]: t["written"]} if t.get("written") else {})}
+        if changed := sorted(c for c, e in entries.items() if Path(c).is_file() and "sha256" in e
+                             and sha256(Path(c)) != e["sha256"]):
             raise UserInputError(f"{changed[0]} changed since `cnnpack tune` wrote it (edited by hand, or laid out "
                                  "again by `cnnpack triton`): nothing to undo, the repository's config stays")
+        if gone := sorted(e["previous"] for e in entries.values() if e.get("previous")
+                          and not Path(e["previous"]).is_file()):
+            raise UserInputError(f"{gone[0]}, the config from before the tune, is gone: nothing to undo it to")
         raise UserInputError(f"{run.path}: no config written by `cnnpack tune` to undo")
     restored = []
     for config, e in entries.items():

@@ -142,6 +142,8 @@ def test_another_max_drop_verifies_the_int8_model_under_its_new_gate(first):
     it runs again (it was skipped, and verify.json kept the old gate)."""
     args = [*first["args"]]
     args[args.index("--max-drop") + 1] = "99"
+    before = json.loads((first["run"] / "cnnpack.json").read_text())["stages"]["export"]["artifacts"]["onnx_int8"]
+    before = before["sha256"]
     try:
         code, out, err = _pipeline(*args, "--json")
         assert code == 0, err[-3000:]
@@ -150,6 +152,8 @@ def test_another_max_drop_verifies_the_int8_model_under_its_new_gate(first):
         int8 = [r for r in json.loads((first["run"] / "verify.json").read_text())["results"]
                 if r["format"] == "onnx_int8"]
         assert int8 and all(r["tolerance"]["max_drop_pt"] == 99 for r in int8)
+        artifact = json.loads((first["run"] / "cnnpack.json").read_text())["stages"]["export"]["artifacts"]["onnx_int8"]
+        assert artifact["sha256"] == before  # the same bytes: only the gate tells verify to run again
     finally:
         assert _pipeline(*first["args"])[0] == 0  # back to the module's options for the tests after this one
 
@@ -366,6 +370,8 @@ def test_the_report_says_an_export_was_never_verified():
     blocks = _verify({"stages": {"export": {"artifacts": {"onnx": {"path": "export/model.onnx"}}}}})
     assert [b.text for b in blocks][0] == "Parity against eager PyTorch" and "**Not verified**" in blocks[1].text
     assert _verify({"stages": {}}) == []  # nothing exported: nothing to verify
+    stopped = {"export": {"artifacts": {"onnx": {}}}, "verify": {"status": "interrupted", "error": "interrupted"}}
+    assert "**Not verified**: verify stopped (interrupted) before its verdict" in _verify({"stages": stopped})[1].text
 
 
 def test_the_report_says_when_the_served_figures_are_of_another_repository_or_version():

@@ -156,7 +156,8 @@ def test_two_exports_give_versions_1_and_2(run, tmp_path):
 
 def test_laid_out_holds_while_the_repository_is_as_built_or_as_tune_left_it(run, tmp_path):
     """What the pipeline asks before it skips its triton stage: a file edited by hand is not what was laid out, a
-    config.pbtxt `cnnpack tune` wrote (its digest in the manifest) is, and another run's later version is no harm."""
+    config.pbtxt `cnnpack tune` wrote (its digest in the manifest) is, and another run's later version is not (Triton
+    serves the latest)."""
     from cnnpack.triton_repo import laid_out
     from cnnpack.tune_handover import write_winner
 
@@ -194,7 +195,9 @@ def test_laid_out_holds_while_the_repository_is_as_built_or_as_tune_left_it(run,
     other = _make_run(tmp_path / "other", seed=1, formats=("onnx",))  # the same model retrained, same repository
     build(other, TritonConfig(repository=str(repo), name="clf"))  # (its config.pbtxt over the edited one)
     assert (repo / "clf/2").is_dir() and laid_out(Run(other), TritonConfig(repository=str(repo), name="clf"))
-    assert laid_out(Run(run), cfg)  # this run's files are still version 1's: no third version for them
+    assert not laid_out(Run(run), cfg)  # Triton serves version 2, the other run's: this run's is laid out again
+    build(run, cfg)
+    assert laid_out(Run(run), cfg) and (repo / "clf/3").is_dir()
 
 
 def test_a_model_laid_out_again_without_ensemble_keeps_its_image_ensemble_in_step(run, tmp_path):

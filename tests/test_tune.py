@@ -94,9 +94,6 @@ def test_a_budget_no_point_meets_is_exit_1_naming_the_lowest_p99_and_changes_not
 
 @pytest.mark.parametrize(("cfg", "message"), [
     (dict(instances=(4,), threads=(4,)), "more than the .* cores here; pass --oversubscribe"),
-    (dict(instances=(1, 512), threads=(1,)),  # was measured as --instances 1 alone, without a word
-     "--instances 512 needs more than the .* cores here with any value of the other option; drop it or pass "
-     "--oversubscribe"),
     (dict(latency_budget_ms=0), "--latency-budget-ms must be > 0"),
     (dict(objective="cost"), "--objective 'cost'; valid: throughput, latency"),
     (dict(models=("nope",)), "--models 'nope' is not a verified model"),
@@ -211,6 +208,13 @@ def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survi
         undo(run_dir)
     for f, text in texts.items():
         f.write_text(text)
+    prevs = [f.parent / PREVIOUS for f in texts]
+    for prev in prevs:  # the configs from before the tune deleted: nothing to go back to
+        prev.rename(prev.with_suffix(".aside"))
+    with pytest.raises(UserInputError, match=r"the config from before the tune, is gone: nothing to undo it to"):
+        undo(run_dir)
+    for prev in prevs:
+        prev.with_suffix(".aside").rename(prev)
     restored = undo(run_dir)
     assert {r["config"] for r in restored} == {str(config), str(other)}
     assert config.read_text() == original and not (repo / "cnn_onnx" / PREVIOUS).exists()
@@ -331,3 +335,17 @@ def test_the_verdict_line_gives_the_figure_the_winner_was_chosen_on_and_says_whe
     assert "cut at --time-limit after 6 of 14 planned points, so not every config was tried" in line
     throughput = describe({**section, "verdict": {**verdict, "objective": "throughput"}, "sweep": {}})
     assert "; 1.12x the default (cnn_onnx (its config.pbtxt), noise 16 %)" in throughput and "cut" not in throughput
+
+
+def test_instances_or_threads_past_the_cores_are_said_to_be_left_out(monkeypatch):
+    """--instances 1,3 --threads 1 on 2 cores measured 1 alone without a word; the defaults (1,2 and 1,2) on one core
+    must still run (a refusal would stop plain `cnnpack tune` there)."""
+    import cnnpack.tune as t
+
+    monkeypatch.setattr(t, "usable_cores", lambda: 2)
+    assert t.past_the_cores(t.TuneConfig(instances=(1, 3), threads=(1,))) == "--instances 3"
+    assert t.past_the_cores(t.TuneConfig(instances=(1, 2), threads=(1, 2))) == ""
+    assert t.past_the_cores(t.TuneConfig(instances=(1, 3), threads=(1, 3), oversubscribe=True)) == ""
+    monkeypatch.setattr(t, "usable_cores", lambda: 1)
+    t.TuneConfig().validate()
+    assert t.past_the_cores(t.TuneConfig()) == "--instances 2 and --threads 2"

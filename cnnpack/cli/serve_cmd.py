@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import signal
 from dataclasses import asdict
@@ -84,6 +85,6 @@ def _report(server, as_json: bool) -> None:
     width = max(len(m.name) for m in server.models) if server.models else 5
     for m in server.models:
         typer.echo(f"  model {m.name:<{width}}  v{m.version}  {m.state}  {m.served_by or m.platform or m.backend}")
-    if server.cfg.host not in ("127.0.0.1", "localhost", "::1"):
+    if not ipaddress.ip_address(server.cfg.host).is_loopback:  # (127.0.1.1, a Debian hostname's, is loopback)
         typer.echo(f"note: listening on {server.cfg.host}: reachable from other machines", err=True)
     typer.echo("Ctrl-C stops it.", err=True)
