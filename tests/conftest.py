@@ -7,6 +7,7 @@ written by the shapes generator into a per-session cache.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,4 +41,15 @@ def tiny_run(tmp_path_factory, tiny_data) -> Path:
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
     train(run, TrainConfig(data=str(tiny_data), image_size=32, epochs=2, batch_size=32), progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_run(tmp_path_factory, tiny_run) -> Path:
+    """`tiny_run` exported to ONNX alone, max batch 32 (read-only for tests: copy it to modify)."""
+    from cnnpack.export import ExportConfig, export
+
+    run = tmp_path_factory.mktemp("runs") / "tiny_onnx"
+    shutil.copytree(tiny_run, run)
+    export(run, ExportConfig(formats=("onnx",), max_batch_size=32))
     return run

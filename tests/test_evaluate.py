@@ -18,19 +18,9 @@ from PIL import Image
 
 from cnnpack.errors import RuntimeUnavailable, UserInputError
 from cnnpack.evaluate import evaluate
-from cnnpack.export import ExportConfig, export
 from cnnpack.rundir import Run
 
 CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture(scope="module")
-def onnx_run(tiny_run, tmp_path_factory) -> Path:
-    """tiny_run exported to ONNX alone (read-only: copy it to evaluate into it)."""
-    run = tmp_path_factory.mktemp("evaluate") / "onnx"
-    shutil.copytree(tiny_run, run)
-    export(run, ExportConfig(formats=("onnx",), max_batch_size=16))
-    return run
 
 
 @pytest.fixture
@@ -58,8 +48,8 @@ def _cli(*args: str) -> subprocess.Popen:
 
 # -- --device: ONNX on cuda runs in the CUDA provider, or is refused -----------------------------------
 @pytest.mark.skipif(CUDA, reason="this machine has a CUDA GPU")
-def test_onnx_on_cuda_without_a_gpu_is_refused_and_auto_runs_on_the_cpu(onnx_run, tmp_path):
-    run = shutil.copytree(onnx_run, tmp_path / "run")
+def test_onnx_on_cuda_without_a_gpu_is_refused_and_auto_runs_on_the_cpu(tiny_onnx_run, tmp_path):
+    run = shutil.copytree(tiny_onnx_run, tmp_path / "run")
     with pytest.raises(RuntimeUnavailable, match=re.escape("--device cuda: onnxruntime-cuda: no CUDA GPU is visible "
                                                            "on this machine; use --device cpu")):
         evaluate(run, fmt="onnx", device="cuda")
@@ -69,8 +59,8 @@ def test_onnx_on_cuda_without_a_gpu_is_refused_and_auto_runs_on_the_cpu(onnx_run
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_onnx_on_cuda_runs_in_the_cuda_provider(onnx_run, tmp_path):
-    run = shutil.copytree(onnx_run, tmp_path / "run")
+def test_onnx_on_cuda_runs_in_the_cuda_provider(tiny_onnx_run, tmp_path):
+    run = shutil.copytree(tiny_onnx_run, tmp_path / "run")
     cpu = evaluate(run, fmt="onnx", device="cpu")
     gpu = evaluate(run, fmt="onnx", device="cuda")
     assert (cpu["runtime"], gpu["runtime"]) == ("onnxruntime", "onnxruntime-cuda")
@@ -129,10 +119,10 @@ def test_unreadable_files_are_skipped_counted_and_reported(tiny_data, run_copy, 
 
 # -- the command line: bad input is one line and exit 2 ---------------------------------------------------
 @pytest.mark.slow
-def test_cli_bad_input_is_one_error_line_and_exit_2(tiny_data, onnx_run, tmp_path):
-    unknown = _folder(tiny_data, tmp_path / "unknown", _classes(onnx_run)[:1], n=1)
-    shutil.copytree(unknown / _classes(onnx_run)[0], unknown / "dog")
-    run = ["evaluate", "--run", str(onnx_run)]
+def test_cli_bad_input_is_one_error_line_and_exit_2(tiny_data, tiny_onnx_run, tmp_path):
+    unknown = _folder(tiny_data, tmp_path / "unknown", _classes(tiny_onnx_run)[:1], n=1)
+    shutil.copytree(unknown / _classes(tiny_onnx_run)[0], unknown / "dog")
+    run = ["evaluate", "--run", str(tiny_onnx_run)]
     cases = {
         (*run, "--data", str(unknown)): f"class folder {unknown / 'dog'} is not one of the model's classes (",
         (*run, "--data", "torchvision:MNIST", "--data-root", str(tmp_path / "tv")):  # the hint names a real option
@@ -148,4 +138,4 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(tiny_data, onnx_run, tmp_pat
         assert p.returncode == 2 and stdout == "", (args, stderr)
         assert stderr.count("\n") == 1 and stderr.startswith("error: ") and cases[args] in stderr, (args, stderr)
         assert ("pass --download to fetch it" in stderr) == ("torchvision:MNIST" in args), (args, stderr)
-    assert not list(onnx_run.glob("eval-*.json"))
+    assert not list(tiny_onnx_run.glob("eval-*.json"))

@@ -20,17 +20,9 @@ from cnnpack.quantize import QuantizeConfig, TimeLimitReached, quantize
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("quantize") / "run"
-    shutil.copytree(tiny_run, run)
-    export(run, ExportConfig(formats=("onnx",), max_batch_size=32))
-    return run
-
-
-@pytest.fixture(scope="module")
-def quantized(exported, tmp_path_factory) -> tuple[Path, dict]:
+def quantized(tiny_onnx_run, tmp_path_factory) -> tuple[Path, dict]:
     run = tmp_path_factory.mktemp("quantized") / "run"
-    shutil.copytree(exported, run)
+    shutil.copytree(tiny_onnx_run, run)
     return run, quantize(run, QuantizeConfig(calibration_images=64, max_drop=100, min_agreement=0.5))
 
 
@@ -91,7 +83,7 @@ def test_verify_names_saturation_when_int8_weights_fail_on_a_cpu_without_vnni(mo
     assert _saturation_hint() == ""
 
 
-def test_a_node_alone_in_int8_leaves_every_other_node_computing_fp32(exported, tmp_path):
+def test_a_node_alone_in_int8_leaves_every_other_node_computing_fp32(tiny_onnx_run, tmp_path):
     """The ranking's models are cut from the plain QDQ model; ORT's quantizer drops each Relu after a quantized
     Conv (its uint8 QuantizeLinear clamps instead), so the cut must put the Relus back for float readers."""
     from cnnpack.int8_gate import load_quant_data
@@ -99,8 +91,8 @@ def test_a_node_alone_in_int8_leaves_every_other_node_computing_fp32(exported, t
     from cnnpack.rundir import Run
 
     cfg = QuantizeConfig(calibration_images=32)
-    data = load_quant_data(Run.open(exported), cfg)
-    fp32 = exported / "export/model.onnx"
+    data = load_quant_data(Run.open(tiny_onnx_run), cfg)
+    fp32 = tiny_onnx_run / "export/model.onnx"
     q = OrtQdq(fp32, tmp_path, data, cfg, batch=32)
     plain = q.build([])
     ref = logits(fp32, data.val_images[:64], 32)
@@ -311,15 +303,15 @@ def test_the_gate_counts_its_own_steps_and_holds_at_its_bounds():
     (QuantizeConfig(weight_type="int4"), "--weight-type 'int4'; valid: auto, int8, uint8"),
     (QuantizeConfig(format="openvino_int8", weight_type="int8"), "--weight-type int8 is ONNX Runtime's choice"),
 ])
-def test_bad_options(exported, tmp_path, cfg, message):
+def test_bad_options(tiny_onnx_run, tmp_path, cfg, message):
     run = tmp_path / "run"
-    shutil.copytree(exported, run)
+    shutil.copytree(tiny_onnx_run, run)
     with pytest.raises(UserInputError, match=message):
         quantize(run, cfg)
     assert not (run / "export/model.int8.onnx").exists() and "quantize" not in _manifest(run)["stages"]
 
 
-def test_the_default_calibrates_on_a_smaller_training_split_whole(exported, monkeypatch):
+def test_the_default_calibrates_on_a_smaller_training_split_whole(tiny_onnx_run, monkeypatch):
     """Without --calibration-images, a split smaller than the default count is used whole (a small dataset must not
     stop the pipeline at quantize over a flag its user never gave); asked for by number, more than the split is
     refused (test_bad_options)."""
@@ -327,10 +319,10 @@ def test_the_default_calibrates_on_a_smaller_training_split_whole(exported, monk
     from cnnpack.rundir import Run
 
     monkeypatch.setattr(int8_gate, "CALIBRATION_IMAGES", 100_000)
-    data = int8_gate.load_quant_data(Run.open(exported), QuantizeConfig())
+    data = int8_gate.load_quant_data(Run.open(tiny_onnx_run), QuantizeConfig())
     assert len(data.calibration) == data.train_images == 360
     monkeypatch.setattr(int8_gate, "CALIBRATION_IMAGES", 100)
-    assert len(int8_gate.load_quant_data(Run.open(exported), QuantizeConfig()).calibration) == 100
+    assert len(int8_gate.load_quant_data(Run.open(tiny_onnx_run), QuantizeConfig()).calibration) == 100
 
 
 def test_no_onnx_artifact_says_to_export(tiny_run):
@@ -350,19 +342,19 @@ def test_a_run_without_data_needs_data_and_data_with_other_classes_is_refused(tm
         quantize(run, QuantizeConfig(data=str(tiny_data)))
 
 
-def test_a_calibration_folder_without_readable_images_is_refused(exported, tmp_path):
+def test_a_calibration_folder_without_readable_images_is_refused(tiny_onnx_run, tmp_path):
     data = tmp_path / "data"
-    classes = _manifest(exported)["model"]["classes"]
+    classes = _manifest(tiny_onnx_run)["model"]["classes"]
     for c in classes:
         (data / c).mkdir(parents=True)
         (data / c / "x.png").write_bytes(b"not a png")
     with pytest.raises(UserInputError, match="no readable images"):
-        quantize(exported, QuantizeConfig(data=str(data)))
+        quantize(tiny_onnx_run, QuantizeConfig(data=str(data)))
 
 
-def test_an_fp16_artifact_is_refused(exported, tmp_path):
+def test_an_fp16_artifact_is_refused(tiny_onnx_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(exported, run)
+    shutil.copytree(tiny_onnx_run, run)
     m = _manifest(run)
     m["stages"]["export"]["artifacts"]["onnx"]["input"]["dtype"] = "float16"
     (run / "cnnpack.json").write_text(json.dumps(m))
@@ -370,9 +362,9 @@ def test_an_fp16_artifact_is_refused(exported, tmp_path):
         quantize(run, QuantizeConfig())
 
 
-def test_cli(exported, tmp_path):
+def test_cli(tiny_onnx_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(exported, run)
+    shutil.copytree(tiny_onnx_run, run)
     env = {**os.environ, "COLUMNS": "200"}
     p = subprocess.run([sys.executable, "-m", "cnnpack", "quantize", "--run", str(run), "--calibration-images", "32",
                         "--max-drop", "100", "--min-agreement", "0.5"], capture_output=True, text=True, env=env, timeout=300)
