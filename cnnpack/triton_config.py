@@ -234,6 +234,18 @@ def render(mc) -> str:
 
 
 
+def tune_records(stages: dict) -> dict[str, dict]:
+    """Every config.pbtxt this run's tunes wrote, config path -> {"previous": its config.pbtxt.prev, "sha256"} as
+    recorded (`tuned`, carried forward by each tune, and the last tune's `written`, which a record from before
+    `tuned` was kept has alone; such a record may have no digest). Nothing is checked against the files here."""
+    t = stages.get("tune") or {}
+    entries = dict(t.get("tuned") or {})
+    w = t.get("written")
+    if w and w["config"] not in entries:
+        entries[w["config"]] = {k: w[k] for k in ("previous", "sha256") if k in w}
+    return entries
+
+
 def tuned_in_place(stages: dict) -> dict | None:
     """The config.pbtxt `cnnpack tune` wrote (its `written` record) while it is still the one in the repository:
     None when tune wrote nothing, was undone, or a later `cnnpack triton` put the defaults back."""

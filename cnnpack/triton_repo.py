@@ -45,6 +45,7 @@ from cnnpack.triton_config import (  # noqa: F401 - re-exported: `from cnnpack.t
     ensemble_config,
     preprocess_config,
     render,
+    tune_records,
     tuned_in_place,
 )
 from cnnpack.triton_publish import (  # noqa: F401
@@ -284,10 +285,7 @@ def laid_out(run: Run, cfg: TritonConfig) -> bool:
 
 def _tuned_configs(stages: dict) -> set[Path]:
     """The config.pbtxt files this run's tunes wrote that still hold what they wrote (by the digest each recorded)."""
-    entries = dict((stages.get("tune") or {}).get("tuned") or {})  # config path -> {previous, sha256}
-    if w := tuned_in_place(stages):  # (digest checked there; a record from before `tuned` may have none)
-        entries[w["config"]] = {}
-    return {Path(c).resolve() for c, e in entries.items()
+    return {Path(c).resolve() for c, e in tune_records(stages).items()
             if Path(c).is_file() and ("sha256" not in e or sha256(Path(c)) == e["sha256"])}
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cnnpack.errors import UserInputError
 from cnnpack.rundir import Run, atomic_write_text, sha256
+from cnnpack.triton_config import tune_records
 from cnnpack.triton_publish import PREVIOUS
 
 
@@ -18,13 +19,8 @@ def undoable(stages: dict) -> dict[str, dict]:
     """Every config.pbtxt a tune of this run wrote that the repository still serves (its digest unchanged: not undone,
     not laid out again), config path -> {"previous": its config.pbtxt.prev, "sha256"}. Each tune carries it forward,
     so `--undo` after a second tune still goes back to the configs from before any tune."""
-    t = stages.get("tune") or {}
-    entries = dict(t.get("tuned") or {})
-    w = t.get("written")  # a record from before `tuned` was kept
-    if w and "sha256" in w and w["config"] not in entries:
-        entries[w["config"]] = {"previous": w["previous"], "sha256": w["sha256"]}
-    return {c: e for c, e in entries.items()
-            if Path(c).is_file() and Path(e["previous"]).is_file() and sha256(Path(c)) == e["sha256"]}
+    return {c: e for c, e in tune_records(stages).items() if "sha256" in e and "previous" in e
+            and Path(c).is_file() and Path(e["previous"]).is_file() and sha256(Path(c)) == e["sha256"]}
 
 
 def config_of(run: Run, model: str) -> str:
@@ -50,8 +46,7 @@ def undo(run_dir: str | Path) -> list[dict]:
     stages = run.read().get("stages", {})
     entries = undoable(stages)
     if not entries:
-        t = stages.get("tune") or {}
-        entries = {**(t.get("tuned") or {}), **({t["written"]["config"]: t["written"]} if t.get("written") else {})}
+        entries = tune_records(stages)
         if changed := sorted(c for c, e in entries.items() if Path(c).is_file() and "sha256" in e
                              and sha256(Path(c)) != e["sha256"]):
             raise UserInputError(f"{changed[0]} changed since `cnnpack tune` wrote it (edited by hand, or laid out "
