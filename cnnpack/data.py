@@ -219,6 +219,25 @@ def check_data(data: str, image_size: int) -> None:
                               fix="rename the folder")
 
 
+def training_images_at_most(data: str, *, val_fraction: float = 0.2) -> int | None:
+    """How many images the training split of `--data` can hold, counted without decoding any (unreadable files
+    only lower it); None where it is not known before loading (torchvision data sets)."""
+    if data == SHAPES:
+        from cnnpack import shapes
+
+        return shapes.TRAIN_PER_CLASS * len(shapes.CLASSES)
+    root = Path(data)
+    if data.startswith("torchvision:") or not root.is_dir():
+        return None
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return sum(len(_files(c)) for c in _class_dirs(root / "train"))
+    total = 0
+    for c in _class_dirs(root):  # as split_indices leaves them
+        n = len(_files(c))
+        total += n - (min(max(1, round(n * val_fraction)), n - 1) if n > 1 else 0)
+    return total
+
+
 def split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified seeded split: each class keeps ~val_fraction of its images for validation."""
     g = torch.Generator().manual_seed(seed)

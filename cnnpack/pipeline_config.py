@@ -83,6 +83,17 @@ class PipelineConfig:
                 raise UserInputError(f"--tune-budget-ms must be > 0 and under an hour, got {self.tune_budget_ms}")
             self.tune_config().validate()
 
+    def check_calibration(self) -> None:
+        """--calibration-images past the training split of --data (counted, no image read) is refused (exit 2)."""
+        from cnnpack.data import training_images_at_most
+
+        if not self.int8 or self.calibration_images is None:
+            return
+        n = training_images_at_most(self.data)
+        if n and self.calibration_images > n:  # none: loading the data says what is wrong
+            raise UserInputError(f"--calibration-images {self.calibration_images} is more than the {n} images of "
+                                 f"{self.data}'s training split; use at most {n}")
+
     # the stage configs, built lazily (their modules import torch)
     def train_config(self):
         from cnnpack.train import TrainConfig

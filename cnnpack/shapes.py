@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter
 CLASSES = ("circle", "cross", "crescent", "square", "star", "triangle")
 VERSION = 1  # bump when drawing changes, so old caches are not reused
 SUPERSAMPLE = 4
+TRAIN_PER_CLASS, VAL_PER_CLASS = 600, 150  # the built-in data's split, per class
 
 
 def cache_root() -> Path:
@@ -118,8 +119,8 @@ def _write_class(args: tuple[Path, int, str, int, int, int, int]) -> None:
         draw(cls, size, rng).save(folder / f"{cls}_{i:05d}.png", optimize=False)
 
 
-def materialise(*, image_size: int = 64, seed: int = 0, train_per_class: int = 600,
-                val_per_class: int = 150) -> Path:
+def materialise(*, image_size: int = 64, seed: int = 0, train_per_class: int = TRAIN_PER_CLASS,
+                val_per_class: int = VAL_PER_CLASS) -> Path:
     """Writes the dataset as PNGs (once) and returns its ImageFolder root (`train/`, `val/`).
 
     Each (split, class) folder is drawn by its own process; every image has its own seeded

@@ -274,3 +274,20 @@ def test_shapes_is_materialised_once_and_sized_on_request(tiny_data):
     assert (tiny_data / ".complete").stat().st_mtime_ns == first  # reused, not redrawn
     with Image.open(next((tiny_data / "val" / "star").iterdir())) as img:
         assert img.mode == "RGB" and img.size == (32, 32)
+
+
+def test_the_training_split_is_counted_before_any_image_is_read(tmp_path):
+    """The pipeline refuses --calibration-images past it before training: the count must be the loader's own."""
+    from PIL import Image
+
+    from cnnpack.data import load_data, training_images_at_most
+
+    for cls, n in (("a", 7), ("b", 2), ("c", 1)):
+        (tmp_path / "flat" / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(tmp_path / "flat" / cls / f"{i}.png")
+    assert training_images_at_most(str(tmp_path / "flat")) == len(load_data(str(tmp_path / "flat"), 12).train) == 8
+    (tmp_path / "split" / "val" / "a").mkdir(parents=True)
+    (tmp_path / "flat").rename(tmp_path / "split" / "train")
+    assert training_images_at_most(str(tmp_path / "split")) == 10
+    assert training_images_at_most("torchvision:MNIST") is None

@@ -206,7 +206,8 @@ def test_bad_options_exit_2_before_any_work(tmp_path):
                       (["--data", "torchvision:NOPE"], "torchvision has no dataset 'NOPE'"),
                       (["--openvino", "maybe"], "--openvino 'maybe'"), (["--pt2", "maybe"], "--pt2 'maybe'"),
                       (["--formats", "onnx,pt2", "--pt2", "no"], "--formats names pt2 and --pt2 is no"),
-                      (["--verify-min-agreement", "1.5"], "--verify-min-agreement is a fraction in (0, 1], got 1.5")):
+                      (["--verify-min-agreement", "1.5"], "--verify-min-agreement is a fraction in (0, 1], got 1.5"),
+                      (["--calibration-images", "3601"], "more than the 3600 images of shapes's training split")):
         code, _, err = _pipeline("--run", str(run), *args)
         assert code == 2, (args, err)
         assert msg in err and len(err.strip().splitlines()) == 1, err
