@@ -57,7 +57,16 @@ def scored_data(run: Run, data: str | None = None, *, data_root: str | None = No
                       skipped)
     d = dataset_of(run, data, data_root=data_root, download=download)
     labels = _model_indices(d.classes, list(spec["classes"]), d.source)[d.val.labels.numpy()]
-    return Scored(d.val.images.numpy(), labels, "validation", own, d.source, d.skipped)
+    return Scored(d.val.images.numpy(), labels, "validation", own, d.source, _val_skipped(d))
+
+
+def _val_skipped(d) -> list[str]:
+    """The unreadable files of the scored split: under val/ where the data has train/ and val/ folders (a file of a
+    folder split by seed was dropped before the split: it is counted whichever side it would have fallen on)."""
+    val = Path(d.source) / "val"
+    if not (val.is_dir() and (Path(d.source) / "train").is_dir()):
+        return d.skipped
+    return [w for w in d.skipped if Path(w.split(": ", 1)[0]).is_relative_to(val)]
 
 
 def evaluate(run_dir: str | Path, *, fmt: str = "checkpoint", data: str | None = None, device: str = "auto",

@@ -139,3 +139,20 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(tiny_data, tiny_onnx_run, tm
         assert stderr.count("\n") == 1 and stderr.startswith("error: ") and cases[args] in stderr, (args, stderr)
         assert ("pass --download to fetch it" in stderr) == ("torchvision:MNIST" in args), (args, stderr)
     assert not list(tiny_onnx_run.glob("eval-*.json"))
+
+
+def test_the_run_s_own_data_counts_the_unreadable_files_of_its_validation_split_only(tmp_path):
+    """evaluate scores the validation split: a broken file among the training images is not 'skipped' by it."""
+    from cnnpack.data import load_data
+    from cnnpack.evaluate import _val_skipped
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (12, 12), (90 * i, 0, 0)).save(tmp_path / split / cls / f"{i}.png")
+    (tmp_path / "train" / "a" / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "val" / "b" / "empty.png").write_bytes(b"")
+    d = load_data(str(tmp_path), 12)
+    assert len(d.skipped) == 2
+    assert [Path(w.split(": ")[0]).name for w in _val_skipped(d)] == ["empty.png"]
