@@ -295,12 +295,18 @@ def with_its_ensemble(cfg: TritonConfig, run: Run) -> TritonConfig:
     Triton refuses to load)."""
     if cfg.ensemble:
         return cfg
-    name = cfg.name or default_name(run.model_spec["arch"], cfg.format)
+    name, side = cfg.name or default_name(run.model_spec["arch"], cfg.format), {}
     with contextlib.suppress(CnnpackError):  # a bad name or repository: `check` says so
-        side = read_sidecar(model_dir(repository_root(cfg.repository), f"{name}_image")) or {}
-        if side.get("identity", {}).get("kind") == "ensemble" and side["identity"].get("for") == name:
-            return replace(cfg, ensemble=True)
-    return cfg
+        folder = model_dir(repository_root(cfg.repository), f"{name}_image")
+        side = read_sidecar(folder) or {}
+    if side.get("identity", {}).get("kind") != "ensemble" or side["identity"].get("for") != name:
+        return cfg
+    record = run.read().get("stages", {}).get("export", {}).get("artifacts", {}).get(cfg.format, {})
+    if record.get("static_batch"):  # the user did not ask for --ensemble: its error would not say why
+        raise UserInputError(f"{folder} is {name}'s image ensemble, which needs a dynamic-batch export (this one has "
+                             f"--static-batch {record['static_batch']}); re-export without --static-batch, or remove "
+                             f"{name}_image and {name}_preprocess from the repository to serve {name} without them")
+    return replace(cfg, ensemble=True)
 
 
 def check(run: Run, cfg: TritonConfig) -> tuple[Path, str, list[Draft], ModelIO]:

@@ -211,6 +211,12 @@ def test_a_model_laid_out_again_without_ensemble_keeps_its_image_ensemble_in_ste
         assert _parse(repo / model / "config.pbtxt").max_batch_size == 8, model
     other = build(run, TritonConfig(repository=str(repo), name="plain"))  # no ensemble there: none is made
     assert "ensemble" not in other and not (repo / "plain_image").exists()
+    export(run, ExportConfig(formats=("onnx",), max_batch_size=4, static_batch=4))  # an ensemble cannot serve it
+    before = _tree(repo)
+    with pytest.raises(UserInputError, match=r"clf_image is clf's image ensemble, which needs a dynamic-batch export "
+                                             r"\(this one has --static-batch 4\); re-export without --static-batch, or"):
+        build(run, TritonConfig(repository=str(repo), name="clf", max_batch_size=4))
+    assert _tree(repo) == before
 
 
 def test_failed_version_leaves_nothing(run, tmp_path, monkeypatch):
