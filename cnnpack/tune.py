@@ -117,9 +117,10 @@ def servable(run: Run, cfg: TuneConfig, *, required_by: str = "tune") -> list[tu
 
     `cnnpack deploy` ships exactly these (`required_by` names the command in the error).
     """
-    from cnnpack.triton_repo import MODEL_FILES, PLATFORMS, default_name, versions
+    from cnnpack.triton_repo import MODEL_FILES, PLATFORMS, check_laid_out, default_name, versions
 
     triton = run.stage("triton", required_by=required_by, hint=f"`cnnpack triton --run {shell(run.path)}`")
+    check_laid_out(run)
     root = Path(triton["repository"])
     verify = run.read().get("stages", {}).get("verify", {})
     arch = run.model_spec["arch"]

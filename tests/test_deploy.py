@@ -596,14 +596,19 @@ def test_an_unparsable_config_pbtxt_is_one_line_exit_2_naming_the_file(laid_out,
 
 
 def test_a_missing_repository_or_version_is_said_as_such(laid_out, tmp_path):
+    """By deploy and by tune alike (tune said 'holds no model that passed `cnnpack verify`')."""
     from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.rundir import Run
+    from cnnpack.tune import TuneConfig, servable
 
     run, repo = _own_copy(laid_out, tmp_path)
     repo.rename(tmp_path / "moved")
-    with pytest.raises(UserInputError, match=rf"the run's model repository {repo} is missing .*; move it back, or lay "
-                                             rf"it out again with `cnnpack triton --run {run} --repository {repo} "
-                                             r"--format onnx --ensemble`"):
+    missing = (rf"the run's model repository {repo} is missing .*; move it back, or lay it out again with `cnnpack "
+               rf"triton --run {run} --repository {repo} --format onnx --ensemble`")
+    with pytest.raises(UserInputError, match=missing):
         deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    with pytest.raises(UserInputError, match=missing):
+        servable(Run.open(run), TuneConfig())
     (tmp_path / "moved").rename(repo)
     shutil.rmtree(repo / "cnn_onnx" / "1")
     with pytest.raises(UserInputError, match=rf"{repo / 'cnn_onnx'} has no version folder \(changed since `cnnpack "

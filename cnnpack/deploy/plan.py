@@ -76,10 +76,10 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     the stock NGC image lacks: only the repository image (which installs it) can serve them.
     `remote`: Triton downloads the repository from object storage before it loads it (a longer start-up).
     """
+    from cnnpack.triton_repo import lay_out
     from cnnpack.tune import TuneConfig, servable
 
     run = Run.open(run_dir)
-    check_laid_out(run)
     classifiers = servable(run, TuneConfig(), required_by="deploy")
     manifest = run.read()
     stages = manifest["stages"]
@@ -107,42 +107,6 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     if plan.served_model not in plan.models:
         plan.served_model = classifiers[0][0]
     return plan
-
-
-def check_laid_out(run: Run) -> None:
-    """The repository the triton stage laid out is there, each verified model in it with a version: said as such
-    (before `servable` takes a missing folder for an unverified model, and a missing version for version 0)."""
-    from cnnpack.triton_repo import default_name, versions
-
-    manifest = run.read()
-    stages = manifest.get("stages", {})
-    triton = stages.get("triton") or {}
-    if triton.get("status") != "ok":
-        return  # servable says which stage to run
-    root = Path(triton["repository"])
-    if not root.is_dir():
-        raise UserInputError(f"the run's model repository {root} is missing (moved or deleted since `cnnpack triton` "
-                             f"laid it out); move it back, or lay it out again with "
-                             f"{lay_out(run.path, triton, triton.get('name', ''), [])}")
-    for fmt, v in stages.get("verify", {}).get("formats", {}).items():
-        folder = root / default_name(manifest["model"]["arch"], fmt)
-        if v.get("passed") and (folder / "config.pbtxt").is_file() and not versions(folder):
-            raise UserInputError(f"{folder} has no version folder (changed since `cnnpack triton` laid it out), so "
-                                 f"Triton has nothing to serve; lay it out again with "
-                                 f"{lay_out(run.path, triton, folder.name, [(folder.name, fmt)])}")
-
-
-def lay_out(run_path: Path, triton: dict, model: str, classifiers: list[tuple[str, str]]) -> str:
-    """The `cnnpack triton` command that lays `model` (a classifier, or its ensemble's part) out again; `triton`:
-    the run's triton stage (its format and ensemble, for a model `classifiers` does not name)."""
-    from cnnpack.errors import shell
-
-    base = {m: m for m, _ in classifiers} | {f"{m}{s}": m for m, _ in classifiers for s in ("_preprocess", "_image")}
-    classifier = base.get(model, triton.get("name", ""))
-    fmt = dict(classifiers).get(classifier) or triton.get("format")
-    ensemble = model != classifier or (fmt == triton.get("format") and bool(triton.get("ensemble")))
-    return (f"`cnnpack triton --run {shell(run_path)} --repository {shell(triton['repository'])}"
-            + (f" --format {fmt}" if fmt else "") + (" --ensemble" if ensemble else "") + "`")
 
 
 def read_config(folder: Path, *, fix: str = "`cnnpack triton`"):
