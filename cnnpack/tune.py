@@ -188,17 +188,21 @@ def past_the_cores(cfg: TuneConfig) -> str:
 
 def grid(models: list[tuple[str, str]], cfg: TuneConfig, delays: tuple[int, ...]) -> list[Setting]:
     """Each model's own config, then every instances x threads x batching setting; an fp32 OpenVINO IR also with
-    the bf16 inference hint where `bf16_offered`."""
+    the bf16 inference hint where `bf16_offered`. The models take turns (one setting of each, then the next), so a
+    sweep cut by --time-limit has measured every model about as far, not the first ones only."""
     cores = usable_cores()
-    out = [Setting(m, f, default=True) for m, f in models]
     bf16 = bf16_offered(cfg)
-    for (m, f), n, t in itertools.product(models, cfg.instances, cfg.threads):
-        if n * t > cores and not cfg.oversubscribe:
-            continue
-        for half in (False, True) if bf16 and f == "openvino" else (False,):
-            out.append(Setting(m, f, n, t, dynamic_batching=False, bf16=half))
-            out += [Setting(m, f, n, t, True, d, bf16=half) for d in delays]
-    return out
+    own: list[list[Setting]] = []
+    for m, f in models:
+        own.append([])
+        for n, t in itertools.product(cfg.instances, cfg.threads):
+            if n * t > cores and not cfg.oversubscribe:
+                continue
+            for half in (False, True) if bf16 and f == "openvino" else (False,):
+                own[-1].append(Setting(m, f, n, t, dynamic_batching=False, bf16=half))
+                own[-1] += [Setting(m, f, n, t, True, d, bf16=half) for d in delays]
+    turns = [s for turn in itertools.zip_longest(*own) for s in turn if s is not None]
+    return [Setting(m, f, default=True) for m, f in models] + turns
 
 
 POINT_OVERHEAD_S = 2.5  # per point beyond --max-seconds: the reload, the warm-up, the statistics (the default
