@@ -61,8 +61,7 @@ def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = B
     """
     import torch
 
-    from cnnpack.runtime_triton import served_ref
-    from cnnpack.runtimes import RUNTIMES
+    from cnnpack.runtimes import RUNTIMES, served_ref
     from cnnpack.train import resolve_device
 
     cfg.validate()

@@ -1,7 +1,7 @@
 """The runtime of a served model (`triton`): what verify and bench see of a Triton server, beside the runtimes
 of local files (`cnnpack.runtimes`, which registers it with them).
 
-    rt = RUNTIMES.get("triton").load(served_ref(run, "127.0.0.1:8000", "cnn_onnx"))
+    rt = RUNTIMES.get("triton").load(served_ref(run, "127.0.0.1:8000", "cnn_onnx"))  # served_ref: in runtimes
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cnnpack.errors import UserInputError, shell
+from cnnpack.errors import UserInputError
 
 if TYPE_CHECKING:
-    from cnnpack.rundir import Run
     from cnnpack.runtimes import ArtifactRef
 
 
@@ -72,23 +71,3 @@ class TritonRuntime:
         step = self.model.max_batch_size or len(batch)
         out = [self.client.infer(self.model, batch[i:i + step]) for i in range(0, len(batch), step)]
         return np.concatenate(out).astype(np.float32, copy=False)
-
-
-def served_ref(run: Run | None, url: str | None, model: str | None, protocol: str = "http",
-               timeout_s: float | None = None) -> ArtifactRef:
-    """What the triton runtime loads: `model` on the server at `url`, recorded under `triton:<model>`.
-
-    Without `model`: the model the run's `cnnpack triton` stage laid out.
-    """
-    from cnnpack.client import DEFAULT_TIMEOUT_S
-    from cnnpack.runtimes import ArtifactRef
-
-    if timeout_s is not None and not timeout_s > 0:  # (also refuses NaN)
-        raise UserInputError(f"--timeout must be > 0 seconds, got {timeout_s}")
-    if not model:
-        if run is None:
-            raise UserInputError("name the served model with --model")
-        model = run.stage("triton", hint=f"`cnnpack triton --run {shell(run.path)}` (or pass --model NAME)")["name"]
-
-    record = {"url": url, "model": model, "protocol": protocol, "timeout_s": timeout_s or DEFAULT_TIMEOUT_S}
-    return ArtifactRef(run, f"triton:{model}", None, record)

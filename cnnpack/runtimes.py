@@ -324,6 +324,25 @@ class OpenVinoBf16Runtime(OpenVinoRuntime):
                                      "use the openvino runtime (f32)")
 
 
+def served_ref(run: Run | None, url: str | None, model: str | None, protocol: str = "http",
+               timeout_s: float | None = None) -> ArtifactRef:
+    """What the triton runtime loads: `model` on the server at `url`, recorded under `triton:<model>`.
+
+    Without `model`: the model the run's `cnnpack triton` stage laid out.
+    """
+    from cnnpack.client import DEFAULT_TIMEOUT_S
+
+    if timeout_s is not None and not timeout_s > 0:  # (also refuses NaN)
+        raise UserInputError(f"--timeout must be > 0 seconds, got {timeout_s}")
+    if not model:
+        if run is None:
+            raise UserInputError("name the served model with --model")
+        model = run.stage("triton", hint=f"`cnnpack triton --run {shell(run.path)}` (or pass --model NAME)")["name"]
+
+    record = {"url": url, "model": model, "protocol": protocol, "timeout_s": timeout_s or DEFAULT_TIMEOUT_S}
+    return ArtifactRef(run, f"triton:{model}", None, record)
+
+
 from cnnpack.pt2 import AotiRuntime  # noqa: E402 - in their own modules, registered with the others here
 from cnnpack.runtime_triton import TritonRuntime  # noqa: E402
 

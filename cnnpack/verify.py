@@ -137,8 +137,7 @@ def served_target(run_dir: str | Path, url: str | None, model: str, protocol: st
     Connects now, so an unreachable server or a model that does not fit the run is refused before
     anything is computed.
     """
-    from cnnpack.runtime_triton import served_ref
-    from cnnpack.runtimes import RUNTIMES, _Normalizing
+    from cnnpack.runtimes import RUNTIMES, _Normalizing, served_ref
 
     run = Run.open(run_dir)
     rt = RUNTIMES.get("triton").load(served_ref(run, url, model, protocol, timeout_s))

@@ -86,8 +86,7 @@ def _url(server, protocol: str) -> str:
 
 
 def _served(server, protocol: str, model: str):
-    from cnnpack.runtime_triton import served_ref
-    from cnnpack.runtimes import RUNTIMES
+    from cnnpack.runtimes import RUNTIMES, served_ref
 
     return RUNTIMES.get("triton").load(served_ref(None, _url(server, protocol), model, protocol))
 
