@@ -331,7 +331,9 @@ def contract_line(tol: dict | None) -> str | None:
 
 
 def by_format(results: list[dict]) -> dict:
-    """`stages.verify.formats`: per format the worst figures over the runtimes that ran it."""
+    """`stages.verify.formats`: per format, `passed` over every runtime that ran it, and the worst figures of the
+    runtimes of its own precision (the first that ran it); a runtime of another precision (openvino-bf16 of an fp32
+    IR) only under `by_runtime`, so an fp32 line never carries bf16 figures."""
     out: dict[str, dict] = {}
     for r in results:
         f = out.setdefault(r["format"], {"max_abs_err": 0.0, "top1_agreement": None, "accuracy": None,
@@ -344,6 +346,8 @@ def by_format(results: list[dict]) -> dict:
             "max_abs_err": r["tensor"]["max_abs_err"] if r["tensor"] else None,
             **{k: (r["task"] or {}).get(k) for k in ("accuracy", "top1_agreement")}}
         f["passed"] = f["passed"] and r["passed"]
+        if r.get("precision", "fp32") != f["precision"]:
+            continue
         if r["tensor"] is None:
             f["max_abs_err"] = None
         elif f["max_abs_err"] is not None:

@@ -329,6 +329,8 @@ def test_every_runtime_of_an_artifact_keeps_its_own_parity_row():
 
     stages = {"verify": {"passed": True, "formats": by_format([result("openvino", "fp32", 4.3e-6),
                                                                result("openvino-bf16", "bf16", 2.55e-2)])}}
+    own = stages["verify"]["formats"]["openvino"]  # the manifest's fixed keys: the fp32 line holds fp32 figures
+    assert (own["precision"], own["max_abs_err"], own["passed"]) == ("fp32", 4.3e-6, True)
     rows = {r["runtime"]: r for r in parity_table(stages)}
     assert rows["openvino"]["precision"] == "fp32" and rows["openvino"]["max_abs_err"] == 4.3e-6
     assert rows["openvino"]["contract"].startswith("fp32: atol 1e-04")
