@@ -21,6 +21,7 @@ import os
 import shlex
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -365,8 +366,14 @@ def write_reproduce(run: Run) -> None:
     os.chmod(script, 0o755)
 
 
-def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig()) -> dict:
-    """Exports the run's checkpoint in each of `cfg.formats`; returns `stages.export`."""
+STEPS = {"onnx": "torch.onnx", "torchscript": "torch.jit", "openvino": "converting the ONNX model",
+         "pt2": "torch.export, then AOTInductor compiles C++: the longest step"}
+
+
+def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig(), *,
+           progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Exports the run's checkpoint in each of `cfg.formats` (`progress` is told each format as it starts);
+    returns `stages.export`."""
     cfg.validate()
     run = Run.open(run_dir)
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -375,6 +382,7 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig()) -> dict:
     written: list[str] = []
     try:  # a format that fails leaves the ones before it written and recorded, and reproduce.sh up to date
         for fmt in sorted(cfg.formats, key=_order):
+            progress(f"{fmt} ({STEPS[fmt]})" if fmt in STEPS else fmt)
             record = (_export_folder if fmt in FOLDERS else _export_file)(run, model, spec, cfg, fmt)
             written.append(f"{record['path']} ({fmt})")
     except CnnpackError as e:

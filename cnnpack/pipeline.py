@@ -230,7 +230,8 @@ class Stages:
         from cnnpack.export import export
 
         self.warm_compiler()
-        section = export(run.path, self.cfg.export_config())
+        with self._status("exporting") as st:
+            section = export(run.path, self.cfg.export_config(), progress=st)
         return ", ".join(f"{f} {section['artifacts'][f]['path']}" for f in self.cfg.formats)
 
     def warm_compiler(self) -> None:

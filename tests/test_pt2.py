@@ -34,7 +34,7 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
     assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and not ln.startswith("export: ")]  # progress
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     for n in needles:
         assert n in lines[0], lines[0]

@@ -42,6 +42,8 @@ def export(
 
     Example (no training): cnnpack export --arch resnet18 --num-classes 10 --image-size 224 --run runs/r18
     """
+    from rich.console import Console
+
     from cnnpack.export import EXPORTERS, TORCHSCRIPT_DEPRECATED, ExportConfig, create_run
     from cnnpack.export import export as do_export
     from cnnpack.openvino import available
@@ -75,7 +77,12 @@ def export(
                               "is exported")
         if run is None:
             raise usage_error("--run DIR is required (or --arch ... to export without training)")
-    section = do_export(run, cfg)
+    console = Console(stderr=True)
+    if console.is_terminal:
+        with console.status("exporting") as st:
+            section = do_export(run, cfg, progress=lambda text: st.update(f"exporting {text}"))
+    else:  # a log file or a pipe: a line per format, so a pt2 compile of a minute is not silent
+        section = do_export(run, cfg, progress=lambda text: typer.echo(f"export: {text}", err=True))
     emit(section, as_json)
     if not as_json:
         for fmt in formats:
