@@ -148,7 +148,9 @@ def _torch_samples(dtype, label: str, seconds: float, *, layouts: bool) -> list[
 
 # -- OpenVINO ------------------------------------------------------------------------------------------
 def _ov_compile(y, x, precision: str, threads: int):
-    import openvino as ov
+    from cnnpack.openvino import require
+
+    ov = require()  # through cnnpack's import: its telemetry off
 
     return ov.Core().compile_model(ov.Model([y], [x]), "CPU", {"INFERENCE_PRECISION_HINT": precision,
                                                                  "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(threads)})
@@ -164,6 +166,9 @@ def _fq(node, lo: float, hi: float, levels: int = 256):
 
 def _ov_samples(precision: str, threads: int, seconds: float) -> list[dict]:
     """OpenVINO's MatMul (n = 512..2048) and 3x3 Convolution at `precision` (f32 | bf16 | int8)."""
+    from cnnpack.openvino import require
+
+    require()  # before openvino's own import: its telemetry off
     import openvino.opset13 as ops
 
     rng = np.random.default_rng(0)

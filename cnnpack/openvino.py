@@ -30,11 +30,31 @@ XML, BIN = "model.xml", "model.bin"
 
 def require(what: str = "OpenVINO"):
     """The openvino module, or RuntimeUnavailable saying which command installs it."""
+    _no_telemetry()  # before the import: `import openvino` starts OpenVINO's telemetry
     try:
         import openvino
     except ImportError:
         raise RuntimeUnavailable(f"{what} needs the openvino extra: {INSTALL}") from None
     return openvino
+
+
+@functools.cache
+def _no_telemetry() -> None:
+    """OpenVINO's converter and NNCF send usage data to Google Analytics unless the user opted out, without asking
+    (`enable_opt_in_dialog=False`: no consent file counts as yes), each send holding the process up to 3 s and a
+    Ctrl-C printing its tracebacks. cnnpack sends nothing its user did not agree to: only an explicit opt-in
+    (`opt_in_out --opt_in`, consent file "1") is kept."""
+    try:
+        from openvino_telemetry.utils import opt_in_checker as oc
+    except ImportError:  # another openvino layout: nothing of ours to turn off
+        return
+    asked = oc.OptInChecker.check
+
+    def check(self, enable_opt_in_dialog, disable_in_ci=False):
+        said = asked(self, enable_opt_in_dialog, disable_in_ci)
+        return said if said == oc.ConsentCheckResult.ACCEPTED else oc.ConsentCheckResult.DECLINED
+
+    oc.OptInChecker.check = check
 
 
 def available() -> tuple[bool, str]:

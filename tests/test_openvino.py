@@ -308,3 +308,18 @@ def test_a_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
         swap_dir(new, dest)
     assert (dest / "model.xml").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
         ".openvino_int8-new", "openvino_int8"]
+
+
+def test_openvino_s_telemetry_is_off_unless_its_user_opted_in(tmp_path):
+    """`import openvino` and its converter send usage data to Google Analytics when no consent file says no;
+    through cnnpack they send nothing, and write nothing under ~/intel, unless the consent file says yes."""
+    probe = ("from cnnpack import openvino as ov; ov.require(); import openvino; "
+             "from openvino_telemetry import Telemetry; print(Telemetry().consent)")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")} | {"HOME": str(tmp_path)}
+    said = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert said.stdout.split() == ["False"], said.stderr[-2000:]
+    assert not (tmp_path / "intel").exists()
+    (tmp_path / "intel").mkdir()
+    (tmp_path / "intel" / "openvino_telemetry").write_text("1")  # opt_in_out --opt_in
+    said = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert said.stdout.split() == ["True"], said.stderr[-2000:]
