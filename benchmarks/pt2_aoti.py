@@ -130,7 +130,7 @@ def compile_variant(run_dir: str, name: str, dest: str) -> None:
 
     configs, channels_last = VARIANTS[name]
     run = Run.open(run_dir)
-    model, _ = EagerRuntime.build(ArtifactRef(run, "checkpoint"), "cpu")
+    model, _, _ = EagerRuntime.build(ArtifactRef(run, "checkpoint"), "cpu")
     size = run.model_spec["image_size"]
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255
     if channels_last:

@@ -127,7 +127,7 @@ def count_flops(run: Run) -> int:
 
     from cnnpack.runtimes import ArtifactRef, EagerRuntime
 
-    model, _ = EagerRuntime.build(ArtifactRef(run, "checkpoint"), "cpu")
+    model, _, _ = EagerRuntime.build(ArtifactRef(run, "checkpoint"), "cpu")
     spec = run.model_spec
     x = torch.zeros(1, spec["channels"], spec["image_size"], spec["image_size"])
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:

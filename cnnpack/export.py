@@ -327,11 +327,12 @@ def _order(fmt: str) -> tuple[bool, bool]:
 
 
 # -- the stage -------------------------------------------------------------------------------
-def _deployable(run: Run, cfg: ExportConfig) -> tuple[nn.Module, ModelSpec]:
-    net, spec = load_checkpoint(run, device=cfg.device)
+def _deployable(run: Run, cfg: ExportConfig) -> tuple[nn.Module, ModelSpec, str]:
+    """The model to export, its spec, and the sha256 of the checkpoint bytes it was loaded from."""
+    net, spec, digest = load_checkpoint(run, device=cfg.device)
     model = net if cfg.input == "normalized" else RawPixels(net, spec.mean, spec.std)
     model = model.to(cfg.device).eval()
-    return (model.half() if cfg.half else model), spec
+    return (model.half() if cfg.half else model), spec, digest
 
 
 def _command(run: Run, fmt: str, cfg: dict) -> str:
@@ -378,12 +379,12 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig(), *,
     run = Run.open(run_dir)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
-    model, spec = _deployable(run, cfg)
+    model, spec, source = _deployable(run, cfg)
     written: list[str] = []
     try:  # a format that fails leaves the ones before it written and recorded, and reproduce.sh up to date
         for fmt in sorted(cfg.formats, key=_order):
             progress(f"{fmt} ({STEPS[fmt]})" if fmt in STEPS else fmt)
-            record = (_export_folder if fmt in FOLDERS else _export_file)(run, model, spec, cfg, fmt)
+            record = (_export_folder if fmt in FOLDERS else _export_file)(run, model, spec, cfg, fmt, source)
             written.append(f"{record['path']} ({fmt})")
     except CnnpackError as e:
         if written:  # say what is there after all
@@ -395,18 +396,18 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig(), *,
     return run.read()["stages"]["export"]
 
 
-def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str) -> dict:
+def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str, source: str) -> dict:
     dest = run.file("export") / f"model{SUFFIX[fmt]}"
     with atomic_path(dest) as tmp:  # replaced only if the exporter and its checks succeed
         art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)
         art.sha256 = sha256(tmp)
     art.path = run.rel(dest)
     record = {**art.record(), "precision": "fp16" if cfg.half else "fp32", "size_mb": dest.stat().st_size / 2**20}
-    _record(run, cfg, fmt, record)
+    _record(run, cfg, fmt, record, source)
     return record
 
 
-def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str) -> dict:
+def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str, source: str) -> dict:
     """A format of two files (OpenVINO's .xml + .bin), built in a temp folder and swapped in whole."""
     import shutil
     import tempfile
@@ -435,11 +436,12 @@ def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfi
     record = {**art.record(), "precision": "fp32", "weights": run.file_record(weights),
               "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20,
               "source": {"format": "onnx", "sha256": arts["onnx"]["sha256"]}}
-    _record(run, cfg, fmt, record)
+    _record(run, cfg, fmt, record, source)
     return record
 
 
-def _record(run: Run, cfg: ExportConfig, fmt: str, record: dict) -> None:
+def _record(run: Run, cfg: ExportConfig, fmt: str, record: dict, source: str) -> None:
+    """`source`: the sha256 of the checkpoint bytes the model was loaded from (not of the file now)."""
     ckpt = run.file(CHECKPOINT)
 
     def update(m: dict) -> None:
@@ -447,7 +449,7 @@ def _record(run: Run, cfg: ExportConfig, fmt: str, record: dict) -> None:
         arts = dict(prior.get("artifacts", {}))
         arts[fmt] = {**record, "config": asdict(cfg)}
         m["stages"]["export"] = {"status": "ok", "updated": record.get("updated"), "artifacts": arts,
-                                 "source": {"checkpoint": run.rel(ckpt), "sha256": sha256(ckpt)},
+                                 "source": {"checkpoint": run.rel(ckpt), "sha256": source},
                                  "reproduce": "export/reproduce.sh"}
         m["stages"]["export"].pop("updated")
 

@@ -64,12 +64,15 @@ class EagerRuntime:
         from cnnpack.train import load_checkpoint
 
         dev = _torch_device(device)
-        net, spec = load_checkpoint(artifact.run, device=dev)
-        return RawPixels(net, spec.mean, spec.std).to(dev).eval(), dev
+        net, spec, digest = load_checkpoint(artifact.run, device=dev)
+        return RawPixels(net, spec.mean, spec.std).to(dev).eval(), dev, digest
 
     @classmethod
     def load(cls, artifact: ArtifactRef, device: str = "cpu", **_: object) -> EagerRuntime:
-        return cls(*cls.build(artifact, device))
+        model, dev, digest = cls.build(artifact, device)
+        rt = cls(model, dev)
+        rt.info["checkpoint_sha256"] = digest  # the bytes loaded: verify holds them to the export's source
+        return rt
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -104,7 +107,7 @@ class CompiledRuntime(EagerRuntime):
         from cnnpack.host import prepare_inductor, start_header_build
 
         prepare_inductor()  # quiet (no CUDA toolkit here), and without inductor's redundant ISA probes
-        model, dev = cls.build(artifact, device)
+        model, dev, _ = cls.build(artifact, device)
         if dev.type == "cpu":
             start_header_build()  # its kernels' precompiled header, built while the first call traces (or found built)
         try:

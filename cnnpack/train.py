@@ -118,22 +118,27 @@ def save_torch(obj, path: Path) -> None:
         tmp.write_bytes(buf.getvalue())
 
 
-def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
-    """The best weights of a run, as an eval-mode model, and its spec."""
+def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec, str]:
+    """The best weights of a run, as an eval-mode model, its spec, and the sha256 of the very bytes loaded (a
+    training in progress may replace the file meanwhile: what was loaded is what gets recorded)."""
+    import hashlib
+
     path = run.file(CHECKPOINT)
-    if not path.is_file():
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
         raise UserInputError(f"{path} is missing: the run's weights are gone; restore the file, or train the run "
                              f"again with `cnnpack train --run {shell(run.path)} --force` and the options it was "
-                             "trained with (stages.train.config in its cnnpack.json)")
+                             "trained with (stages.train.config in its cnnpack.json)") from None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         spec = ModelSpec.from_dict(ckpt["spec"])
         state = ckpt["state_dict"]
     except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, missing keys
         raise UserInputError(f"{path} is not a readable cnnpack checkpoint ({type(e).__name__})") from None
     model = build_model(spec)
     load_weights(model, state, source=str(path))
-    return model.to(device).eval(), spec
+    return model.to(device).eval(), spec, hashlib.sha256(data).hexdigest()
 
 
 def _epoch_rng(seed: int, epoch: int) -> torch.Generator:
@@ -444,7 +449,7 @@ def _stale_epochs(history: list[dict]) -> int:
 
 
 def _finish(run: Run, data, spec, device, history, t_start, resumed: bool, dist=None) -> dict:
-    model, _ = load_checkpoint(run, device=device)
+    model, _, _ = load_checkpoint(run, device=device)
     figures = _write_plots(run, model, data, spec, device, history)
     best = max(history, key=lambda h: h["val_acc"])
     prior = run.read()["stages"]["train"]

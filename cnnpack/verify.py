@@ -172,11 +172,13 @@ def _formats(run: Run, export: dict, cfg: VerifyConfig) -> list[str]:
     return wanted
 
 
-def _check_checkpoint(run: Run, export: dict) -> None:
-    """Artifacts exported from an older checkpoint would fail for a reason verify should name."""
+def _check_checkpoint(run: Run, export: dict, loaded: str | None = None) -> None:
+    """Artifacts exported from an older checkpoint would fail for a reason verify should name; `loaded`: the sha256
+    of the bytes the eager reference was loaded from (the file may be replaced between the check and the load)."""
     src = export.get("source", {})
     ckpt = run.file(src.get("checkpoint", "checkpoint.pt"))
-    if src.get("sha256") and ckpt.is_file() and sha256(ckpt) != src["sha256"]:
+    now = loaded or (sha256(ckpt) if ckpt.is_file() else None)
+    if src.get("sha256") and now and now != src["sha256"]:
         raise UserInputError(f"{ckpt} changed since the artifacts were exported from it (sha256 differs from "
                              f"stages.export.source); re-run `cnnpack export --run {shell(run.path)}` first")
 
@@ -402,6 +404,8 @@ def _check_plan(run: Run, cfg: VerifyConfig, plan, progress: Callable[[str], Non
     with exact_fp32(cfg.device):
         progress("loading eager reference")
         eager = RUNTIMES.get("eager").load(artifact_ref(run, "checkpoint"), cfg.device)
+        if any(t.format != "checkpoint" and not t.format.startswith("triton:") for t, _ in plan):
+            _check_checkpoint(run, run.read()["stages"].get("export", {}), eager.info["checkpoint_sha256"])
         loaded, skipped = _load_targets(plan, progress)
         val = _validation(run, cfg, eager)
         spec = run.model_spec

@@ -68,7 +68,8 @@ def test_checkpoint_loads_safely_and_reproduces_the_best_accuracy(tiny_run, tiny
     assert correct / len(val) == best
     last = torch.load(tiny_run / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 2 and {"model", "optimizer", "scheduler", "history"} <= last.keys()
-    loaded, _ = load_checkpoint(Run.open(tiny_run))
+    loaded, _, digest = load_checkpoint(Run.open(tiny_run))
+    assert digest == sha256(Path(tiny_run) / "checkpoint.pt")
     assert not loaded.training
 
 

@@ -205,6 +205,34 @@ def test_a_checkpoint_changed_since_export_is_named(exported, tmp_path):
         verify(run_dir, QUICK)
 
 
+def test_export_records_the_checkpoint_it_loaded_when_a_training_replaces_it_meanwhile(exported, tmp_path,
+                                                                                        monkeypatch):
+    """A `cnnpack train` in another terminal saved a new best epoch while export ran: the artifacts hold the weights
+    export loaded, and the record said the new file's sha256, so verify failed them on parity (exit 1) instead of
+    naming the checkpoint that changed."""
+    import torch
+
+    import cnnpack.export
+    import cnnpack.train
+
+    run_dir = _copy(exported, tmp_path)
+    loaded = sha256(run_dir / "checkpoint.pt")
+    real = cnnpack.train.load_checkpoint
+
+    def then_a_new_best_epoch(run, **kw):
+        out = real(run, **kw)
+        ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+        ckpt["state_dict"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+        torch.save(ckpt, run_dir / "checkpoint.pt")
+        return out
+
+    monkeypatch.setattr(cnnpack.export, "load_checkpoint", then_a_new_best_epoch)
+    export(run_dir, ExportConfig(formats=("onnx",), max_batch_size=MAX_BATCH))
+    assert Run.open(run_dir).read()["stages"]["export"]["source"]["sha256"] == loaded != sha256(run_dir / "checkpoint.pt")
+    with pytest.raises(UserInputError, match="checkpoint.pt changed since the artifacts were exported"):
+        verify(run_dir, QUICK)
+
+
 @pytest.mark.parametrize("cfg,needle", [
     (VerifyConfig(batch_sizes=(1, 32)), "--batch-sizes 32 exceeds the max batch size 16"),
     (VerifyConfig(atol=0), "--atol must be > 0"),
