@@ -388,6 +388,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         raise UserInputError("runtime triton measures a served model, not a file: use "
                              "`cnnpack bench --run RUN --triton-url HOST:PORT --model NAME`")
     run = Run.open(run_dir)
+    run.check_writable()  # a run it cannot write to fails now, not after the work
     pairs = targets(run, cfg)
     sizes = [fitted_batch_sizes(ref, cfg.batch_sizes) if cfg.fit_batch_sizes else cfg.batch_sizes for _, ref in pairs]
     if cfg.fit_batch_sizes:  # eager and compiled (the checkpoint) at the sizes the files run, so each row has its x eager
@@ -424,8 +425,9 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         hold_to_ceilings(section["results"], section["ceilings"])
         section["over_ceiling"] = over_ceiling(section["results"])
     section["served"] = old.get("served", {})
-    section["outputs"] = write_outputs(run, section, plot=cfg.plot)
-    run.set_stage("bench", section)
+    with run.committing():  # bench.json and its record: both, or the earlier pair
+        section["outputs"] = write_outputs(run, section, plot=cfg.plot)
+        run.set_stage("bench", section)
     return run.read()["stages"]["bench"]
 
 

@@ -77,6 +77,7 @@ def evaluate(run_dir: str | Path, *, fmt: str = "checkpoint", data: str | None =
 
     check_device(device)
     run = Run.open(run_dir)
+    run.check_writable()  # a run it cannot write to fails now, not after the work
     runtime = runtime_for_format(run, fmt, device)  # first: a missing or changed artifact fails fast
     s = scored_data(run, data, data_root=data_root, download=download)
     classes = list(run.model_spec["classes"])

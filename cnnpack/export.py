@@ -33,7 +33,7 @@ from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInp
 from cnnpack.host import check_device, exact_fp32
 from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
-from cnnpack.rundir import Run, atomic_path, atomic_write_text, sha256, swap_dir
+from cnnpack.rundir import Run, atomic_write_text, place, scratch_beside, sha256, swap_dir
 from cnnpack.spec import ModelSpec, check_class_names
 from cnnpack.train import CHECKPOINT, load_checkpoint, save_torch
 
@@ -377,6 +377,7 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig(), *,
     returns `stages.export`."""
     cfg.validate()
     run = Run.open(run_dir)
+    run.check_writable()  # a run it cannot write to fails now, not after the work
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
     model, spec, source = _deployable(run, cfg)
@@ -398,12 +399,13 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig(), *,
 
 def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str, source: str) -> dict:
     dest = run.file("export") / f"model{SUFFIX[fmt]}"
-    with atomic_path(dest) as tmp:  # replaced only if the exporter and its checks succeed
+    with scratch_beside(dest) as tmp:  # put in place only if the exporter and its checks succeed
         art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)
-        art.sha256 = sha256(tmp)
-    art.path = run.rel(dest)
-    record = {**art.record(), "precision": "fp16" if cfg.half else "fp32", "size_mb": dest.stat().st_size / 2**20}
-    _record(run, cfg, fmt, record, source)
+        art.sha256, art.path = sha256(tmp), run.rel(dest)
+        record = {**art.record(), "precision": "fp16" if cfg.half else "fp32", "size_mb": tmp.stat().st_size / 2**20}
+        with run.committing():
+            place(tmp, dest)
+            _record(run, cfg, fmt, record, source)
     return record
 
 
@@ -428,15 +430,17 @@ def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfi
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would keep a Triton container of another user out
     try:
         art = EXPORTERS.get(fmt)(model, spec, cfg, tmp, onnx=onnx)
-        swap_dir(tmp, dest)
+        xml, weights = tmp / ov.XML, tmp / ov.BIN
+        art.path, art.sha256 = run.rel(dest / ov.XML), sha256(xml)
+        record = {**art.record(), "precision": "fp32",
+                  "weights": {"path": run.rel(dest / ov.BIN), "sha256": sha256(weights)},
+                  "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20,
+                  "source": {"format": "onnx", "sha256": arts["onnx"]["sha256"]}}
+        with run.committing():
+            swap_dir(tmp, dest)
+            _record(run, cfg, fmt, record, source)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    xml, weights = dest / ov.XML, dest / ov.BIN
-    art.path, art.sha256 = run.rel(xml), sha256(xml)
-    record = {**art.record(), "precision": "fp32", "weights": run.file_record(weights),
-              "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20,
-              "source": {"format": "onnx", "sha256": arts["onnx"]["sha256"]}}
-    _record(run, cfg, fmt, record, source)
     return record
 
 

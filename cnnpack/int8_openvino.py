@@ -34,7 +34,7 @@ from cnnpack.int8_gate import (
     run_gate,
     section,
 )
-from cnnpack.rundir import Run, sha256, swap_dir
+from cnnpack.rundir import Run, sha256
 
 COMPUTE = ("Convolution", "GroupConvolution", "MatMul")
 _DECOMPRESSION = ("Convert", "Subtract", "Multiply", "Reshape", "Transpose")
@@ -222,12 +222,14 @@ def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str)
     try:
         os.chmod(tmp, 0o755)
         ov.save(res.passed.model, tmp)
-        swap_dir(tmp, dest)
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-    xml, weights = dest / ov.XML, dest / ov.BIN
+        raise
+    out["staged"] = [str(tmp), str(dest)]  # quantize swaps it in as it records it
+    xml, weights = tmp / ov.XML, tmp / ov.BIN
     out["artifact"] = {
-        "format": "openvino_int8", "path": run.rel(xml), "sha256": sha256(xml), "weights": run.file_record(weights),
+        "format": "openvino_int8", "path": run.rel(dest / ov.XML), "sha256": sha256(xml),
+        "weights": {"path": run.rel(dest / ov.BIN), "sha256": sha256(weights)},
         "precision": "int8", "input": ref.record["input"], "output": ref.record["output"],
         "max_batch_size": ref.record["max_batch_size"], "input_kind": ref.record.get("input_kind", "raw"),
         "exporter": f"nncf {__import__('nncf').__version__}", "quantization": "NNCF post-training int8 (FakeQuantize)",

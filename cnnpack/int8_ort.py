@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 import time
 from dataclasses import asdict
@@ -37,7 +38,7 @@ from cnnpack.int8_gate import (
     run_gate,
     section,
 )
-from cnnpack.rundir import Run, atomic_path, sha256
+from cnnpack.rundir import Run, sha256
 
 INT8_PATH = "export/model.int8.onnx"
 
@@ -142,7 +143,7 @@ class OrtQdq:
         self.attempts += 1
         t0 = time.perf_counter()
         first = not self.cache.is_file()
-        with _quiet_root_logger():  # ORT logs a warning per call (about pre-processing) on the root logger
+        with _quiet_root_logger(), _disk_said(self.work, self.prepared.stat().st_size):  # ORT logs a warning per call on the root logger
             quantize_static(str(self.prepared), str(out), _Reader(self.data.calibration, self.input_name) if first else None,
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QUInt8 if self.weights == "uint8" else QuantType.QInt8,
@@ -251,6 +252,25 @@ def _float_outputs(path: Path) -> None:
         onnx.save(m, str(path))
 
 
+@contextlib.contextmanager
+def _disk_said(folder: Path, model_bytes: int):
+    """A full disk under ONNX Runtime's quantizer shows as a truncated model it cannot parse back (protobuf's
+    DecodeError) or an OSError without a file name: said as the disk it is, naming the folder (one line, exit 1)."""
+    import errno
+    import shutil
+
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, onnx's errors: what a truncated file raises
+        if isinstance(e, OSError) and e.filename is not None:
+            raise
+        free = shutil.disk_usage(folder).free
+        if free < max(64 * 2**20, 4 * model_bytes):  # quantizing writes several copies of the model
+            raise OSError(errno.ENOSPC, f"No space left on device ({free / 2**20:.1f} MiB free; quantizing writes "
+                                        "several copies of the model there)", str(folder)) from None
+        raise
+
+
 def _finish_model(src: Path, fp32: Path, dest: Path) -> object:
     """The QDQ model with the fp32 artifact's metadata_props (and precision int8), checked by onnx.checker."""
     import onnx
@@ -312,9 +332,16 @@ def quantize_onnx(run: Run, cfg: QuantizeConfig, clock: Clock, command: str) -> 
         if res.passed is None:
             return out
         dest = run.file(INT8_PATH)
-        with atomic_path(dest) as path:
-            m = _finish_model(res.passed.model, ref.path, path)
-            digest = sha256(path)
+        fd, staged = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".staged", dir=dest.parent)
+        os.close(fd)
+        os.chmod(staged, 0o644)  # mkstemp's 0600 would hide the model from a container's other user
+        try:
+            m = _finish_model(res.passed.model, ref.path, Path(staged))
+        except BaseException:
+            os.unlink(staged)
+            raise
+        out["staged"] = [staged, str(dest)]  # quantize puts it in place as it records it
+        digest = sha256(staged)
     opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
     out["artifact"] = {
         "format": "onnx_int8", "path": run.rel(dest), "sha256": digest, "precision": "int8",
@@ -325,5 +352,5 @@ def quantize_onnx(run: Run, cfg: QuantizeConfig, clock: Clock, command: str) -> 
         "weight_type": q.weights,
         "calibration": out["calibration"], "kept_float": res.passed.kept_float, "gate": out["gate"],
         "source": {"format": "onnx", "path": ref.record["path"], "sha256": ref.record["sha256"]},
-        "size_mb": dest.stat().st_size / 2**20, "command": command, "config": asdict(cfg)}
+        "size_mb": os.path.getsize(staged) / 2**20, "command": command, "config": asdict(cfg)}
     return out

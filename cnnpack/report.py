@@ -13,7 +13,7 @@ from pathlib import Path
 from cnnpack.client import PROTOCOL_NAMES
 from cnnpack.errors import count, shell
 from cnnpack.report_render import Block, to_html, to_markdown
-from cnnpack.rundir import Run, atomic_write_text
+from cnnpack.rundir import Run, place, scratch_beside, sigint_deferred
 from cnnpack.triton_dist import docker_line
 
 
@@ -458,6 +458,11 @@ def write_report(run_dir: str | Path) -> dict:
     title = f"cnnpack report: {run.model_spec['arch']} on {run.path.name}"
     blocks = [b if b.kind != "img" or run.file(b.path).is_file() else  # a figure deleted since: said, not a crash
               Block("p", f"({b.text}: `{b.path}` is missing from the run directory)") for b in build(run)]
-    atomic_write_text(run.file("report.md"), to_markdown(title, blocks))
-    atomic_write_text(run.file("report.html"), to_html(title, blocks, run))
+    md, html = run.file("report.md"), run.file("report.html")
+    with scratch_beside(md) as md_tmp, scratch_beside(html) as html_tmp:  # both written, then both put in place
+        md_tmp.write_text(to_markdown(title, blocks), encoding="utf-8")
+        html_tmp.write_text(to_html(title, blocks, run), encoding="utf-8")
+        with sigint_deferred():
+            place(md_tmp, md)
+            place(html_tmp, html)
     return {"markdown": str(run.file("report.md")), "html": str(run.file("report.html"))}

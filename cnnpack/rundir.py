@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,9 @@ def naming(dest: str | Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | Path) -> Iterator[Path]:
-    """Yields a temp path beside `dest`; on success it replaces `dest`, on error it is removed."""
+def scratch_beside(dest: str | Path) -> Iterator[Path]:
+    """A temp path beside `dest` (in its folder, so `place` renames it over `dest`), removed at the end unless
+    placed meanwhile."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -79,11 +81,50 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     try:
         with naming(dest):
             yield tmp_path
-            with open(tmp_path, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def place(tmp: Path, dest: str | Path) -> None:
+    """Flushes `tmp` to disk and renames it over `dest`."""
+    with naming(dest):
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yields a temp path beside `dest`; on success it replaces `dest`, on error it is removed."""
+    with scratch_beside(dest) as tmp:
+        yield tmp
+        place(tmp, dest)
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Holds back Ctrl-C (SIGINT) while the block runs; a Ctrl-C that came meanwhile is raised right after it.
+
+    A Python-level handler, not the main thread's signal mask: Ctrl-C is sent to the process, and the kernel may
+    hand it to any thread that does not block it (a progress bar's refresh thread, started unblocked), which
+    Python turns into a KeyboardInterrupt in the main thread mid-block all the same. A Python handler runs in the
+    main thread whichever thread received the signal.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if came and callable(previous):
+        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+    elif came and previous == signal.SIG_DFL:
+        signal.raise_signal(signal.SIGINT)  # (an ignored SIGINT stays ignored)
 
 
 def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
@@ -134,6 +175,7 @@ def now() -> str:
 
 
 LOCK = ".cnnpack.lock"  # held while the manifest is read, changed and written back
+_HELD = threading.local()  # the runs whose lock this thread holds (flock is not reentrant)
 
 # what every stage reads of `model`, with the type each must have
 MODEL_KEYS = {"arch": (str, "a string"), "num_classes": (int, "an integer"), "classes": (list, "a list"),
@@ -281,17 +323,33 @@ class Run:
         os.unlink(tmp)
 
     @contextlib.contextmanager
+    def committing(self) -> Iterator[None]:
+        """New outputs put in place and recorded as one step: under the run's lock (another command's
+        place-and-record comes before or after, never between) and with Ctrl-C held back until both are done, so a
+        file in the run never stands unrecorded beside a record of the one it replaced."""
+        with sigint_deferred(), self._locked():
+            yield
+
+    @contextlib.contextmanager
     def _locked(self):
+        """The run's exclusive lock; taken again inside (a record within `committing`), it is already held."""
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock (the write itself stays atomic)
             yield
             return
+        held = _HELD.__dict__.setdefault("runs", set())
+        key = self.path.resolve()
+        if key in held:
+            yield
+            return
         with open(self.path / LOCK, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
+            held.add(key)
             try:
                 yield
             finally:
+                held.discard(key)
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def set_stage(self, name: str, section: dict) -> dict:

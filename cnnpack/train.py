@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -27,7 +25,7 @@ from cnnpack import plots
 from cnnpack.errors import CnnpackError, UserInputError, count, shell
 from cnnpack.host import check_device
 from cnnpack.models import build_model, check_arch, load_weights
-from cnnpack.rundir import MANIFEST, Run, atomic_path, atomic_write_json
+from cnnpack.rundir import MANIFEST, Run, atomic_path, atomic_write_json, sigint_deferred
 from cnnpack.spec import ModelSpec
 
 CHECKPOINT = "checkpoint.pt"
@@ -380,7 +378,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                 if bar is not None:
                     bar.update(task, val=f"  val loss {stats['val_loss']:.3f} acc {100 * stats['val_acc']:.2f}%")
                 stats = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats}
-                with _sigint_deferred():  # an epoch's files are written whole, or the epoch is not kept
+                with sigint_deferred():  # an epoch's files are written whole, or the epoch is not kept
                     history.append(stats)
                     improved = stats["val_acc"] > best
                     best = max(best, stats["val_acc"])
@@ -414,30 +412,6 @@ def _save_epoch(run: Run, model, spec: ModelSpec, opt, sched, epoch: int, stats:
     save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "epoch": epoch, "history": history, "rng": torch.get_rng_state()}, run.file(LAST))
     atomic_write_json(run.file("history.json"), history)
-
-
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Holds back Ctrl-C (SIGINT) while the block runs; a Ctrl-C that came meanwhile is raised right after it.
-
-    A Python-level handler, not the main thread's signal mask: Ctrl-C is sent to the process, and the kernel may
-    hand it to any thread that does not block it (the progress bar's refresh thread, started unblocked), which
-    Python turns into a KeyboardInterrupt in the main thread mid-block all the same. A Python handler runs in the
-    main thread whichever thread received the signal.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    came: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: came.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if came and callable(previous):
-        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
-    elif came and previous == signal.SIG_DFL:
-        signal.raise_signal(signal.SIGINT)  # (an ignored SIGINT stays ignored)
 
 
 def _stale_epochs(history: list[dict]) -> int:

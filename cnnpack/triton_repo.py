@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from cnnpack.errors import CnnpackError, UserInputError, shell
-from cnnpack.rundir import Run, sha256
+from cnnpack.rundir import Run, atomic_write_bytes, sha256
 from cnnpack.spec import check_class_names
 from cnnpack.triton_config import (  # noqa: F401 - re-exported: `from cnnpack.triton_repo import ...` keeps working
     ENSEMBLE_IO,
@@ -252,12 +252,42 @@ def build(run_dir: str | Path, cfg: TritonConfig = TritonConfig()) -> dict:
     root, name, todo, io = check(run, cfg)
     tuned = tuned_in_place(run.read()["stages"])
     run.check_writable()  # the repository is not touched when the manifest could not record it
-    done = [publish(root, d, force=cfg.force) for d in todo]
-    section = _section(root, cfg, name, io, done)
-    if tuned and not tuned_in_place(run.read()["stages"]):  # said by the CLI: the tuned config is gone
-        section["tune_replaced"] = tuned["config"]
-    run.set_stage("triton", section)
+    with run.committing():  # published and recorded as one step (a Ctrl-C waits for the record)
+        before = {d.name: _top_files(model_dir(root, d.name)) for d in todo}
+        done = [publish(root, d, force=cfg.force) for d in todo]
+        section = _section(root, cfg, name, io, done)
+        if tuned and not tuned_in_place(run.read()["stages"]):  # said by the CLI: the tuned config is gone
+            section["tune_replaced"] = tuned["config"]
+        try:
+            run.set_stage("triton", section)
+        except OSError:  # the manifest could not record them after all (a disk filled meanwhile)
+            _withdraw(root, done, before)
+            raise
     return run.read()["stages"]["triton"]
+
+
+def _top_files(folder: Path) -> dict[str, bytes]:
+    """A model folder's own files (config.pbtxt, labels.txt, the sidecar), as they are before a publish."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+
+
+def _withdraw(root: Path, done: list[Published], before: dict[str, dict[str, bytes]]) -> None:
+    """Takes a publish back: Triton serves the latest version, and one the manifest does not record is one verify,
+    tune and deploy know nothing of. A model made now goes whole; another gets its new version removed and its own
+    files back as they were (a --force over another model's versions cannot be taken back: said by the error)."""
+    import shutil
+
+    for p in done:
+        folder = model_dir(root, p.name)
+        if p.replaced:
+            continue
+        if p.created and not before.get(p.name):
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        if p.created:
+            shutil.rmtree(folder / str(p.version), ignore_errors=True)
+        for name, data in before[p.name].items():  # config.pbtxt and labels.txt, as the versions left fit them
+            atomic_write_bytes(folder / name, data)
 
 
 def laid_out(run: Run, cfg: TritonConfig) -> bool:

@@ -362,13 +362,14 @@ def by_format(results: list[dict]) -> dict:
 
 def _record(run: Run, cfg: VerifyConfig, result: dict) -> dict:
     out = run.file(OUTPUT)
-    atomic_write_json(out, result)
-    section = {"status": "ok" if result["passed"] else "failed", "passed": result["passed"],
-               "formats": by_format(result["results"]), "skipped": result["skipped"],
-               "failures": result["failures"], "reference": result["reference"], "data": result["data"],
-               "artifacts": result["artifacts"], "config": result["config"],
-               "outputs": {"verify_json": run.file_record(out)}}
-    run.set_stage("verify", section)
+    with run.committing():  # verify.json and its record: both, or the earlier pair
+        atomic_write_json(out, result)
+        section = {"status": "ok" if result["passed"] else "failed", "passed": result["passed"],
+                   "formats": by_format(result["results"]), "skipped": result["skipped"],
+                   "failures": result["failures"], "reference": result["reference"], "data": result["data"],
+                   "artifacts": result["artifacts"], "config": result["config"],
+                   "outputs": {"verify_json": run.file_record(out)}}
+        run.set_stage("verify", section)
     return section
 
 
@@ -385,6 +386,7 @@ def verify(run_dir: str | Path, cfg: VerifyConfig = VerifyConfig(), *, targets: 
 
     cfg.validate()
     run = Run.open(run_dir)
+    run.check_writable()  # a run it cannot write to fails now, not after the work
     plan = _plan(run, cfg, tuple(targets))
     results, skipped, eager, val = _check_plan(run, cfg, plan, progress)
     result = _result(run, cfg, results, skipped, eager, val)

@@ -58,6 +58,32 @@ main()
 """
 
 
+# the same, the Ctrl-C sent right after MODULE.FUNCTION returns (a file just put in place, not yet recorded)
+_CTRL_C_AFTER_CHILD = """
+import importlib, os, signal, sys
+from cnnpack.cli import main
+module, name = sys.argv[1].split(":")
+module = importlib.import_module(module)
+real = getattr(module, name)
+def then_ctrl_c(*args, **kwargs):
+    out = real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)
+    return out
+setattr(module, name, then_ctrl_c)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.argv = ["cnnpack", *sys.argv[2:]]
+main()
+"""
+
+
+def ctrl_c_after(function: str, args: list[str]) -> tuple[int, str]:
+    """Runs `cnnpack ARGS` in a child that gets Ctrl-C (a real SIGINT) as soon as `function` ("module:name") has
+    returned; (exit code, stderr)."""
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_AFTER_CHILD, function, *args], capture_output=True,
+                          text=True, timeout=240)
+    return proc.returncode, proc.stderr
+
+
 def ctrl_c_at(function: str, args: list[str]) -> tuple[int, str]:
     """Runs `cnnpack ARGS` in a child that gets Ctrl-C (a real SIGINT) as `function` ("module:name", looked up
     when called) is called; (exit code, stderr)."""

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from support import outlier_channel
+from support import ctrl_c_after, outlier_channel
 
 from cnnpack.errors import MissingStageError, ParityError, UserInputError
 from cnnpack.export import ExportConfig, export
 from cnnpack.quantize import QuantizeConfig, TimeLimitReached, quantize
+from cnnpack.rundir import sha256
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,40 @@ def test_a_gate_nothing_meets_is_exit_1_and_keeps_the_previous_artifact(quantize
     assert _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"] == before[1]
     assert _manifest(run)["stages"]["quantize"]["status"] == "failed"
     assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_a_ctrl_c_as_the_artifact_is_put_in_place_waits_for_its_record(quantized, tmp_path):
+    """The new int8 file stood in place unrecorded after a Ctrl-C (or a second quantize's record won), and every
+    later command refused it as 'changed since quantize'. It is put in place and recorded as one step now."""
+    run = tmp_path / "run"
+    shutil.copytree(quantized[0], run)
+    before = _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]["sha256"]
+    code, stderr = ctrl_c_after("cnnpack.quantize:place", ["quantize", "--run", str(run), "--calibration-images",
+                                                           "32", "--seed", "3", "--max-drop", "100", "--min-agreement", "0.5"])
+    assert code == 130 and stderr.strip().splitlines()[-1].startswith("error: interrupted"), stderr
+    recorded = _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]["sha256"]
+    assert recorded == sha256(run / "export/model.int8.onnx") != before  # the new file, recorded
+    assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # nothing staged left
+
+
+def test_a_full_disk_under_onnx_runtime_s_quantizer_is_said_as_such(tmp_path, monkeypatch):
+    """On a full disk ORT's quantizer leaves a truncated model and fails parsing it back (a protobuf DecodeError
+    traceback); it is the disk, said in one line naming the folder."""
+    import errno
+    import shutil as sh
+
+    from google.protobuf.message import DecodeError
+
+    from cnnpack.int8_ort import _disk_said
+
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=300 << 10))
+    with pytest.raises(OSError) as e, _disk_said(tmp_path, 1 << 20):
+        raise DecodeError("Error parsing message with type 'onnx.ModelProto'")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path) and "0.3 MiB free" in str(e.value)
+    monkeypatch.setattr(sh, "disk_usage", real)
+    with pytest.raises(DecodeError), _disk_said(tmp_path, 1 << 20):  # room enough: not the disk, said as it is
+        raise DecodeError("not the disk")
 
 
 @pytest.mark.slow

@@ -323,6 +323,31 @@ def test_a_run_whose_manifest_cannot_be_written_leaves_the_repository_alone(run,
     assert not (tmp_path / "repo").exists()
 
 
+def test_versions_the_manifest_could_not_record_are_taken_out_again(run, tmp_path, monkeypatch):
+    """The disk filled between the check and the record: Triton serves the latest version, so one left there
+    unrecorded would be served unverified."""
+    import errno
+
+    from cnnpack.rundir import Run as RunDir
+
+    repo = tmp_path / "repo"
+    build(run, TritonConfig(repository=str(repo), name="clf"))
+    before = _tree(repo)
+    export(run, ExportConfig(formats=("onnx",), max_batch_size=8))  # another file: a version 2 to lay out
+    real = RunDir.set_stage
+
+    def full(self, name, section):
+        if name == "triton":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.manifest_path))
+        return real(self, name, section)
+
+    monkeypatch.setattr(RunDir, "set_stage", full)
+    for name in ("clf", "fresh"):  # a new version of a model, and a model made now
+        with pytest.raises(OSError, match="No space left"):
+            build(run, TritonConfig(repository=str(repo), name=name, max_batch_size=8))
+    assert sorted(p.name for p in repo.iterdir()) == ["clf"] and _tree(repo) == before
+
+
 def test_manifest_and_graph_must_agree(run, tmp_path):
     m = Run(run).read()
     m["stages"]["export"]["artifacts"]["onnx"]["input"]["name"] = "images"
