@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, shell
 from cnnpack.pipeline_config import SERVE_MODES, PipelineConfig  # noqa: F401 - re-exported
-from cnnpack.precision import parity_table, precision_table
+from cnnpack.pipeline_summary import best_runtime, summary
 from cnnpack.rundir import MANIFEST, Run, artifact_digest, sha256
 
 
@@ -92,7 +91,8 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
             raise Interrupted(f"pipeline interrupted in stage {stage.name}: {str(e).split('; continue with')[0]}; "
                               "run the same `cnnpack pipeline` command again to continue") from None
         pointer = stage.output(run)
-        see = f" (see {pointer})" if Path(pointer).exists() else ""  # e.g. no manifest when train failed first
+        see = f" (see {pointer})" if Path(pointer).exists() and str(pointer) not in str(e) else ""  # e.g. no
+        # manifest when train failed first; verify's own message already names verify.json
         raise StageFailed(f"pipeline stopped: stage {stage.name} failed: {e}{see}") from None
     run.update(lambda m: m["stages"][stage.name].update(inputs_sha256=inputs))
     out = Outcome(stage.name, "ran", round(time.perf_counter() - t0, 1), summary)
@@ -391,12 +391,6 @@ def _check_run_dir(run: Run, force: bool) -> None:
                              "the pipeline redo its stages there, or choose another --run")
 
 
-def best_runtime(bench: dict) -> dict | None:
-    """The non-eager result with the largest speedup over eager (at any batch size)."""
-    rows = [r for r in bench.get("results", []) if r["runtime"] not in ("eager", "triton") and r.get("speedup_vs_eager")]
-    return max(rows, key=lambda r: r["speedup_vs_eager"], default=None)
-
-
 def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineConfig(), *, force: bool = False,
              progress: bool = True, say: Callable[[str], None] = print) -> dict:
     """Runs every stage in order (skipping up-to-date ones), writes the report, returns the summary.
@@ -438,6 +432,9 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     except CnnpackError as e:
         _record(run, cfg, outcomes, t0, status="interrupted" if e.exit_code == 130 else "failed")
         raise
+    except Exception:  # a bug of ours (a traceback): the run stays the pipeline's, so the same command continues
+        _record(run, cfg, outcomes, t0, status="failed")
+        raise
     _record(run, cfg, outcomes, t0, status="ok")
     return summary(run, outcomes, report, time.perf_counter() - t0)
 
@@ -453,50 +450,3 @@ def _tuned_config_kept(run: Run, section: dict) -> bool:
     from cnnpack.triton_config import tuned_in_place
 
     return not section.get("written") or tuned_in_place(run.read()["stages"]) is not None
-
-
-def tuned_line(stages: dict) -> str | None:
-    """The tune stage's outcome in one line (None: tune did not run)."""
-    from cnnpack.triton_config import tuned_in_place
-    from cnnpack.tune_outputs import describe
-
-    t = stages.get("tune") or {}
-    if t.get("status") != "ok" or not t.get("winner"):
-        return None
-    if t.get("written") and tuned_in_place(stages) is None:
-        return (f"{describe(t)}; since replaced: {t['written']['config']} no longer holds it "
-                "(laid out again, undone or edited)")
-    return describe(t)
-
-
-def summary(run: Run, outcomes: list[Outcome], report: dict, wall_s: float) -> dict:
-    """The figures a person wants at the end: accuracy, parity, best runtime, where things are."""
-    from cnnpack.bench_outputs import disturbances
-
-    stages = run.read()["stages"]
-    train, verify = stages.get("train", {}), stages.get("verify", {})
-    best = best_runtime(stages.get("bench", {}))
-    triton, served = stages.get("triton", {}), stages.get("served", {})
-    parity = parity_table(stages)
-    return {
-        "run": str(run.path),
-        "accuracy": train.get("metrics", {}).get("best_val_acc"),
-        "parity_passed": verify.get("passed"),
-        "parity_max_abs_err": max((r["max_abs_err"] for r in parity if r["max_abs_err"] is not None
-                                   and r["precision"] == "fp32"), default=None),
-        "parity": parity,  # every (artifact, runtime) pair verify checked, each with its own precision and contract
-        "precision": precision_table(stages),
-        "best_runtime": best and {k: best.get(k, d) for k, d in (("runtime", None), ("artifact", None),
-                                                                 ("precision", "fp32"), ("batch_size", None),
-                                                                 ("speedup_vs_eager", None), ("latency_ms_p50", None),
-                                                                 ("throughput_ips", None))},
-        "repository": triton.get("repository"),
-        "models": triton.get("models", []),
-        "served": served.get("summary"),
-        "tuned": tuned_line(stages),
-        "bench_disturbed": disturbances(stages["bench"]) if stages.get("bench", {}).get("results") else [],
-        "report": report,
-        "stages": [asdict(o) for o in outcomes],
-        "wall_s": round(wall_s, 1),
-        "cwd": os.getcwd(),
-    }

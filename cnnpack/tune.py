@@ -355,6 +355,7 @@ def sweep(run: Run, cfg: TuneConfig, settings: list[Setting], repository: str, s
         except CnnpackError as e:  # a server that died or a config it refused: keep what was measured
             info["error"] = f"{s.label} at concurrency {c}: {e}"
             info["errors"].append(info["error"])
+            say(f"not measured: {info['error']}")
             if not server.alive():
                 break
     info["server_alive"] = server.alive()

@@ -57,7 +57,9 @@ def describe(section: dict) -> str:
     w, v = section["winner"], section["verdict"] or {}
     line = (f"winner: {w['label']} at concurrency {w['concurrency']}: {w['throughput_ips']:,.0f} images/s, "
             f"p99 {w['latency_ms_p99']:.2f} ms")
-    if v.get("objective") == "latency" and v.get("p99_gain") is not None:  # what it was chosen on
+    if w.get("default"):  # nothing else measured beat the model's own config
+        line += "; its model's own config.pbtxt won: nothing to change"
+    elif v.get("objective") == "latency" and v.get("p99_gain") is not None:  # what it was chosen on
         line += f"; p99 {v['p99_gain']:.2f}x lower than the default's ({v['default']}, noise {100 * v['noise']:.0f} %)"
     elif v.get("gain") is not None:
         line += f"; {v['gain']:.2f}x the default ({v['default']}, noise {100 * v['noise']:.0f} %)"
@@ -65,7 +67,7 @@ def describe(section: dict) -> str:
     if today and today["model"] != w["model"]:
         line += f"; {today['gain']:.2f}x {today['model']} as served today"
     sweep = section.get("sweep") or {}
-    if sweep.get("truncated"):  # points run model by model: the models after the cut were not all tried
+    if sweep.get("truncated"):  # the models take turns: each was cut about as far
         line += (f"; the sweep was cut at --time-limit after {len(section.get('points', []))} of "
                  f"{sweep.get('planned', '?')} planned points, so not every config was tried")
     if v.get("as_good"):

@@ -337,6 +337,10 @@ def test_the_verdict_line_gives_the_figure_the_winner_was_chosen_on_and_says_whe
     assert "cut at --time-limit after 6 of 14 planned points, so not every config was tried" in line
     throughput = describe({**section, "verdict": {**verdict, "objective": "throughput"}, "sweep": {}})
     assert "; 1.12x the default (cnn_onnx (its config.pbtxt), noise 16 %)" in throughput and "cut" not in throughput
+    own = {**winner, "label": "cnn_onnx (its config.pbtxt)", "default": True}  # it read 'p99 1.00x lower than
+    # the default's (cnn_onnx (its config.pbtxt) ...)': itself
+    line = describe({**section, "winner": own, "verdict": {**verdict, "p99_gain": 1.0}, "sweep": {}})
+    assert "; its model's own config.pbtxt won: nothing to change" in line and "lower than" not in line
 
 
 def test_instances_or_threads_past_the_cores_are_said_to_be_left_out(monkeypatch):
