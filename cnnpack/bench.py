@@ -425,7 +425,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         hold_to_ceilings(section["results"], section["ceilings"])
         section["over_ceiling"] = over_ceiling(section["results"])
     section["served"] = old.get("served", {})
-    with run.committing():  # bench.json and its record: both, or the earlier pair
+    with run.committing():  # bench.json and its record: a Ctrl-C waits for both
         section["outputs"] = write_outputs(run, section, plot=cfg.plot)
         run.set_stage("bench", section)
     return run.read()["stages"]["bench"]

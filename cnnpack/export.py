@@ -33,7 +33,7 @@ from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInp
 from cnnpack.host import check_device, exact_fp32
 from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
-from cnnpack.rundir import Run, atomic_write_text, place, scratch_beside, sha256, swap_dir
+from cnnpack.rundir import Run, atomic_write_text, scratch_beside, sha256
 from cnnpack.spec import ModelSpec, check_class_names
 from cnnpack.train import CHECKPOINT, load_checkpoint, save_torch
 
@@ -391,8 +391,8 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig(), *,
         if written:  # say what is there after all
             e.args = (f"{e}; written: {', '.join(written)}",)
         raise
-    finally:
-        if written:
+    finally:  # also after a Ctrl-C held back until a format was recorded: its line is in reproduce.sh
+        with contextlib.suppress(CnnpackError, KeyError):
             write_reproduce(run)
     return run.read()["stages"]["export"]
 
@@ -403,9 +403,7 @@ def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig,
         art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)
         art.sha256, art.path = sha256(tmp), run.rel(dest)
         record = {**art.record(), "precision": "fp16" if cfg.half else "fp32", "size_mb": tmp.stat().st_size / 2**20}
-        with run.committing():
-            place(tmp, dest)
-            _record(run, cfg, fmt, record, source)
+        run.commit([(tmp, dest)], _record(run, cfg, fmt, record, source))
     return record
 
 
@@ -436,28 +434,28 @@ def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfi
                   "weights": {"path": run.rel(dest / ov.BIN), "sha256": sha256(weights)},
                   "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20,
                   "source": {"format": "onnx", "sha256": arts["onnx"]["sha256"]}}
-        with run.committing():
-            swap_dir(tmp, dest)
-            _record(run, cfg, fmt, record, source)
+        run.commit([(tmp, dest)], _record(run, cfg, fmt, record, source))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return record
 
 
-def _record(run: Run, cfg: ExportConfig, fmt: str, record: dict, source: str) -> None:
-    """`source`: the sha256 of the checkpoint bytes the model was loaded from (not of the file now)."""
+def _record(run: Run, cfg: ExportConfig, fmt: str, record: dict, source: str) -> Callable[[dict], None]:
+    """The manifest update that records one artifact (for `Run.commit`). `source`: the sha256 of the checkpoint
+    bytes the model was loaded from (not of the file now), kept by each artifact too: another format exported
+    later from a newer checkpoint does not make this one's source look current."""
     ckpt = run.file(CHECKPOINT)
 
     def update(m: dict) -> None:
         prior = m.setdefault("stages", {}).get("export", {})
         arts = dict(prior.get("artifacts", {}))
-        arts[fmt] = {**record, "config": asdict(cfg)}
+        arts[fmt] = {**record, "checkpoint_sha256": source, "config": asdict(cfg)}
         m["stages"]["export"] = {"status": "ok", "updated": record.get("updated"), "artifacts": arts,
                                  "source": {"checkpoint": run.rel(ckpt), "sha256": source},
                                  "reproduce": "export/reproduce.sh"}
         m["stages"]["export"].pop("updated")
 
-    run.update(update)
+    return update
 
 
 # -- export without a training run ----------------------------------------------------------

@@ -14,12 +14,8 @@ kept only where it holds the gate with an int8 model.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +30,7 @@ from cnnpack.int8_gate import (
     run_gate,
     section,
 )
-from cnnpack.rundir import Run, sha256
+from cnnpack.rundir import Run, sha256, staged_beside
 
 COMPUTE = ("Convolution", "GroupConvolution", "MatMul")
 _DECOMPRESSION = ("Convert", "Subtract", "Multiply", "Reshape", "Transpose")
@@ -218,14 +214,9 @@ def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str)
     if res.passed is None:
         return out
     dest = run.file("export") / "openvino_int8"
-    tmp = Path(tempfile.mkdtemp(prefix=".openvino_int8-", dir=dest.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        ov.save(res.passed.model, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    out["staged"] = [str(tmp), str(dest)]  # quantize swaps it in as it records it
+    tmp = staged_beside(dest, folder=True)
+    clock.staged.append((tmp, dest))  # quantize swaps it in as it records it, or removes it
+    ov.save(res.passed.model, tmp)
     xml, weights = tmp / ov.XML, tmp / ov.BIN
     out["artifact"] = {
         "format": "openvino_int8", "path": run.rel(dest / ov.XML), "sha256": sha256(xml),
@@ -235,5 +226,6 @@ def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str)
         "exporter": f"nncf {__import__('nncf').__version__}", "quantization": "NNCF post-training int8 (FakeQuantize)",
         "calibration": out["calibration"], "kept_float": res.passed.kept_float, "gate": out["gate"],
         "source": {"format": "openvino", "path": ref.record["path"], "sha256": ref.record["sha256"]},
-        "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20, "command": command, "config": asdict(cfg)}
+        "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20, "command": command, "config": asdict(cfg),
+        "checkpoint_sha256": ref.record.get("checkpoint_sha256")}
     return out

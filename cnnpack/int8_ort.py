@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 import time
 from dataclasses import asdict
@@ -38,7 +37,7 @@ from cnnpack.int8_gate import (
     run_gate,
     section,
 )
-from cnnpack.rundir import Run, sha256
+from cnnpack.rundir import Run, sha256, staged_beside
 
 INT8_PATH = "export/model.int8.onnx"
 
@@ -259,15 +258,17 @@ def _disk_said(folder: Path, model_bytes: int):
     import errno
     import shutil
 
+    from google.protobuf.message import DecodeError
+
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, onnx's errors: what a truncated file raises
-        if isinstance(e, OSError) and e.filename is not None:
+    except (DecodeError, OSError) as e:  # what a model truncated by a full disk raises when it is read back
+        if isinstance(e, OSError) and (e.filename is not None or e.errno not in (None, errno.ENOSPC, errno.EDQUOT)):
             raise
         free = shutil.disk_usage(folder).free
         if free < max(64 * 2**20, 4 * model_bytes):  # quantizing writes several copies of the model
             raise OSError(errno.ENOSPC, f"No space left on device ({free / 2**20:.1f} MiB free; quantizing writes "
-                                        "several copies of the model there)", str(folder)) from None
+                                        "several copies of the model there)", str(folder)) from e
         raise
 
 
@@ -332,15 +333,9 @@ def quantize_onnx(run: Run, cfg: QuantizeConfig, clock: Clock, command: str) -> 
         if res.passed is None:
             return out
         dest = run.file(INT8_PATH)
-        fd, staged = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".staged", dir=dest.parent)
-        os.close(fd)
-        os.chmod(staged, 0o644)  # mkstemp's 0600 would hide the model from a container's other user
-        try:
-            m = _finish_model(res.passed.model, ref.path, Path(staged))
-        except BaseException:
-            os.unlink(staged)
-            raise
-        out["staged"] = [staged, str(dest)]  # quantize puts it in place as it records it
+        staged = staged_beside(dest)
+        clock.staged.append((staged, dest))  # quantize puts it in place as it records it, or removes it
+        m = _finish_model(res.passed.model, ref.path, staged)
         digest = sha256(staged)
     opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
     out["artifact"] = {
@@ -352,5 +347,6 @@ def quantize_onnx(run: Run, cfg: QuantizeConfig, clock: Clock, command: str) -> 
         "weight_type": q.weights,
         "calibration": out["calibration"], "kept_float": res.passed.kept_float, "gate": out["gate"],
         "source": {"format": "onnx", "path": ref.record["path"], "sha256": ref.record["sha256"]},
-        "size_mb": os.path.getsize(staged) / 2**20, "command": command, "config": asdict(cfg)}
+        "size_mb": staged.stat().st_size / 2**20, "command": command, "config": asdict(cfg),
+        "checkpoint_sha256": ref.record.get("checkpoint_sha256")}
     return out

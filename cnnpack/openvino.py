@@ -50,8 +50,8 @@ def _no_telemetry() -> None:
         return
     asked = oc.OptInChecker.check
 
-    def check(self, enable_opt_in_dialog, disable_in_ci=False):
-        said = asked(self, enable_opt_in_dialog, disable_in_ci)
+    def check(self, *args, **kwargs):
+        said = asked(self, *args, **kwargs)
         return said if said == oc.ConsentCheckResult.ACCEPTED else oc.ConsentCheckResult.DECLINED
 
     oc.OptInChecker.check = check

@@ -22,7 +22,7 @@ from cnnpack import int8_openvino, int8_ort  # noqa: F401 - registers the quanti
 from cnnpack.errors import ParityError
 from cnnpack.int8_gate import QUANTIZERS, Clock, QuantizeConfig, TimeLimitReached, refusal
 from cnnpack.int8_ort import INT8_PATH
-from cnnpack.rundir import Run, now, place, swap_dir
+from cnnpack.rundir import Run, now
 
 __all__ = ["BACKENDS", "INT8_PATH", "STAGE", "QuantizeConfig", "TimeLimitReached", "command", "describe", "quantize"]
 
@@ -57,17 +57,16 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig(), *,
     run = Run.open(run_dir)
     run.check_writable()  # a run it cannot write to fails now, not after the work
     clock = Clock(cfg.time_limit_s, progress)
-    section = QUANTIZERS.get(cfg.format)(run, cfg, clock, command(run, cfg))
-    staged = section.pop("staged", None)  # [the artifact written beside its place, its place]
     try:
-        return _record(run, cfg, clock, section, staged)
+        section = QUANTIZERS.get(cfg.format)(run, cfg, clock, command(run, cfg))
+        return _record(run, cfg, clock, section)
     finally:
-        if staged and Path(staged[0]).exists():  # not put in place: removed
-            shutil.rmtree(staged[0]) if Path(staged[0]).is_dir() else Path(staged[0]).unlink()
+        for staged, _ in clock.staged:  # not put in place (a refusal, an error, a Ctrl-C): removed
+            shutil.rmtree(staged, ignore_errors=True) if staged.is_dir() else staged.unlink(missing_ok=True)
 
 
-def _record(run: Run, cfg: QuantizeConfig, clock: Clock, section: dict, staged: list[str] | None) -> dict:
-    """Records the attempt; with an artifact, puts it in place and records it as one step (`Run.committing`)."""
+def _record(run: Run, cfg: QuantizeConfig, clock: Clock, section: dict) -> dict:
+    """Records the attempt; with an artifact, puts it in place and records it as one step (`Run.commit`)."""
     section["read_s"] = clock.read_s
     artifact = section.pop("artifact", None)
     if artifact is None:
@@ -82,13 +81,12 @@ def _record(run: Run, cfg: QuantizeConfig, clock: Clock, section: dict, staged: 
         m["stages"]["export"]["artifacts"][cfg.format] = artifact
         m["stages"][STAGE[cfg.format]] = {"updated": now(), **section}
 
-    with run.committing():  # a Ctrl-C or a second quantize never leaves the file and its record apart
-        tmp, dest = map(Path, staged)
-        (swap_dir if tmp.is_dir() else place)(tmp, dest)
-        run.update(record)
     from cnnpack.export import write_reproduce
 
-    write_reproduce(run)
+    try:  # a Ctrl-C, a second quantize or a full disk never leaves the file and its record apart
+        run.commit(clock.staged, record)
+    finally:  # its line in reproduce.sh also when a Ctrl-C waited for the record
+        write_reproduce(run)
     return run.read()["stages"][STAGE[cfg.format]]
 
 

@@ -85,6 +85,20 @@ def scratch_beside(dest: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def staged_beside(dest: Path, *, folder: bool = False) -> Path:
+    """A new empty file (or folder) beside `dest`, readable by others as the umask allows (mkstemp's 0600 would hide
+    a model from a container's other user), for `Run.commit` to put in place; the caller removes it otherwise."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".staged", dir=dest.parent))
+        os.chmod(path, 0o777 & ~_UMASK)
+        return path
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".staged", dir=dest.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return Path(tmp)
+
+
 def place(tmp: Path, dest: str | Path) -> None:
     """Flushes `tmp` to disk and renames it over `dest`."""
     with naming(dest):
@@ -134,6 +148,15 @@ def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
 
 def atomic_write_text(dest: str | Path, text: str) -> None:
     atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def swap_dir(new: Path, dest: Path) -> None:
@@ -324,11 +347,46 @@ class Run:
 
     @contextlib.contextmanager
     def committing(self) -> Iterator[None]:
-        """New outputs put in place and recorded as one step: under the run's lock (another command's
-        place-and-record comes before or after, never between) and with Ctrl-C held back until both are done, so a
-        file in the run never stands unrecorded beside a record of the one it replaced."""
-        with sigint_deferred(), self._locked():
+        """Outputs written and recorded as one step: under the run's lock (another command's write-and-record comes
+        before or after, never between), then with Ctrl-C held back until both are done (not while waiting for
+        the lock: a Ctrl-C there stops the command)."""
+        with self._locked(), sigint_deferred():
             yield
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The run's lock alone (a command that puts things outside the run in place and takes them back itself)."""
+        with self._locked():
+            yield
+
+    def commit(self, moves: list[tuple[Path, Path]], record: Callable[[dict], None]) -> dict:
+        """Puts each staged file or folder (`moves`: (staged, its place) pairs, beside each other) in place and
+        records them (`record`, as `update` takes it) as one step (`committing`). Where the record fails (a disk that
+        filled since), what stood there before is put back: a file never stands beside the record of another."""
+        with self.committing():
+            done: list[tuple[Path | None, Path]] = []
+            try:
+                for staged, dest in moves:
+                    old = None
+                    if dest.exists():
+                        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+                        os.replace(dest, old)
+                    done.append((old, dest))
+                    if staged.is_file():
+                        place(staged, dest)
+                    else:
+                        os.replace(staged, dest)
+                manifest = self.update(record)
+            except BaseException:
+                for old, dest in reversed(done):
+                    _remove(dest)
+                    if old is not None:
+                        os.replace(old, dest)
+                raise
+            for old, _ in done:
+                if old is not None:
+                    _remove(old)
+        return manifest
 
     @contextlib.contextmanager
     def _locked(self):

@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from cnnpack.errors import CnnpackError, UserInputError, shell
-from cnnpack.rundir import Run, atomic_write_bytes, sha256
+from cnnpack.rundir import Run, atomic_write_bytes, sha256, sigint_deferred
 from cnnpack.spec import check_class_names
 from cnnpack.triton_config import (  # noqa: F401 - re-exported: `from cnnpack.triton_repo import ...` keeps working
     ENSEMBLE_IO,
@@ -252,26 +252,30 @@ def build(run_dir: str | Path, cfg: TritonConfig = TritonConfig()) -> dict:
     root, name, todo, io = check(run, cfg)
     tuned = tuned_in_place(run.read()["stages"])
     run.check_writable()  # the repository is not touched when the manifest could not record it
-    with run.committing():  # published and recorded as one step (a Ctrl-C waits for the record)
+    with run.locked():  # published and recorded as one step, or taken back
         before = {d.name: _top_files(model_dir(root, d.name)) for d in todo}
-        done = [publish(root, d, force=cfg.force) for d in todo]
-        section = _section(root, cfg, name, io, done)
-        if tuned and not tuned_in_place(run.read()["stages"]):  # said by the CLI: the tuned config is gone
-            section["tune_replaced"] = tuned["config"]
+        done: list[Published] = []
         try:
-            run.set_stage("triton", section)
-        except OSError:  # the manifest could not record them after all (a disk filled meanwhile)
+            for d in todo:
+                done.append(publish(root, d, force=cfg.force))
+            section = _section(root, cfg, name, io, done)
+            if tuned and not tuned_in_place(run.read()["stages"]):  # said by the CLI: the tuned config is gone
+                section["tune_replaced"] = tuned["config"]
+            with sigint_deferred():
+                run.set_stage("triton", section)
+        except BaseException:  # a model that failed after the first, a Ctrl-C, a manifest that cannot be written
             _withdraw(root, done, before)
             raise
     return run.read()["stages"]["triton"]
 
 
-def _top_files(folder: Path) -> dict[str, bytes]:
-    """A model folder's own files (config.pbtxt, labels.txt, the sidecar), as they are before a publish."""
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+def _top_files(folder: Path) -> dict[str, bytes] | None:
+    """A model folder's own files (config.pbtxt, labels.txt, the sidecar), as they are before a publish; None: no
+    folder."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} if folder.is_dir() else None
 
 
-def _withdraw(root: Path, done: list[Published], before: dict[str, dict[str, bytes]]) -> None:
+def _withdraw(root: Path, done: list[Published], before: dict[str, dict[str, bytes] | None]) -> None:
     """Takes a publish back: Triton serves the latest version, and one the manifest does not record is one verify,
     tune and deploy know nothing of. A model made now goes whole; another gets its new version removed and its own
     files back as they were (a --force over another model's versions cannot be taken back: said by the error)."""
@@ -281,12 +285,12 @@ def _withdraw(root: Path, done: list[Published], before: dict[str, dict[str, byt
         folder = model_dir(root, p.name)
         if p.replaced:
             continue
-        if p.created and not before.get(p.name):
+        if p.created and before.get(p.name) is None:
             shutil.rmtree(folder, ignore_errors=True)
             continue
         if p.created:
             shutil.rmtree(folder / str(p.version), ignore_errors=True)
-        for name, data in before[p.name].items():  # config.pbtxt and labels.txt, as the versions left fit them
+        for name, data in (before[p.name] or {}).items():  # config.pbtxt and labels.txt, as the old versions fit
             atomic_write_bytes(folder / name, data)
 
 

@@ -58,7 +58,7 @@ def describe(section: dict) -> str:
     line = (f"winner: {w['label']} at concurrency {w['concurrency']}: {w['throughput_ips']:,.0f} images/s, "
             f"p99 {w['latency_ms_p99']:.2f} ms")
     if w.get("default"):  # nothing else measured beat the model's own config
-        line += "; its model's own config.pbtxt won: nothing to change"
+        line += "; it is its model's own config.pbtxt (no config to write)"
     elif v.get("objective") == "latency" and v.get("p99_gain") is not None:  # what it was chosen on
         line += f"; p99 {v['p99_gain']:.2f}x lower than the default's ({v['default']}, noise {100 * v['noise']:.0f} %)"
     elif v.get("gain") is not None:

@@ -183,6 +183,26 @@ def _check_checkpoint(run: Run, export: dict, loaded: str | None = None) -> None
                              f"stages.export.source); re-run `cnnpack export --run {shell(run.path)}` first")
 
 
+def _check_sources(run: Run, formats: list[str], loaded: str) -> None:
+    """Each artifact was made from the checkpoint bytes eager was loaded from (its own record says which; a run
+    recorded before artifacts kept it: the export's one source): an artifact of older weights fails for a reason
+    verify names instead of a parity failure."""
+    export = run.read().get("stages", {}).get("export", {})
+    arts = export.get("artifacts", {})
+    for fmt in formats:
+        made_from = arts.get(fmt, {}).get("checkpoint_sha256")
+        if made_from and made_from != loaded:
+            base, run_arg = {"onnx_int8": "onnx", "openvino_int8": "openvino"}.get(fmt, fmt), shell(run.path)
+            again = f"`cnnpack export --run {run_arg} --format {base}`" + (
+                f" then `cnnpack quantize --run {run_arg}{' --backend openvino' if base == 'openvino' else ''}`"
+                if base != fmt else "")
+            raise UserInputError(f"{fmt} ({arts[fmt].get('path')}) was made from another "
+                                 f"{export.get('source', {}).get('checkpoint', 'checkpoint.pt')} than the run holds "
+                                 f"now (a training since?); make it again: {again}")
+    if any(fmt in arts and not arts[fmt].get("checkpoint_sha256") for fmt in formats):
+        _check_checkpoint(run, export, loaded)
+
+
 def batch_plan(target: Target, requested: tuple[int, ...] | None) -> list[int]:
     """The batch sizes to feed `target`: the requested ones if it accepts them, else a usage error."""
     fixed, cap = target.static_batch, target.max_batch_size
@@ -362,7 +382,7 @@ def by_format(results: list[dict]) -> dict:
 
 def _record(run: Run, cfg: VerifyConfig, result: dict) -> dict:
     out = run.file(OUTPUT)
-    with run.committing():  # verify.json and its record: both, or the earlier pair
+    with run.committing():  # verify.json and its record: a Ctrl-C waits for both
         atomic_write_json(out, result)
         section = {"status": "ok" if result["passed"] else "failed", "passed": result["passed"],
                    "formats": by_format(result["results"]), "skipped": result["skipped"],
@@ -406,8 +426,7 @@ def _check_plan(run: Run, cfg: VerifyConfig, plan, progress: Callable[[str], Non
     with exact_fp32(cfg.device):
         progress("loading eager reference")
         eager = RUNTIMES.get("eager").load(artifact_ref(run, "checkpoint"), cfg.device)
-        if any(t.format != "checkpoint" and not t.format.startswith("triton:") for t, _ in plan):
-            _check_checkpoint(run, run.read()["stages"].get("export", {}), eager.info["checkpoint_sha256"])
+        _check_sources(run, [t.format for t, _ in plan], eager.info["checkpoint_sha256"])
         loaded, skipped = _load_targets(plan, progress)
         val = _validation(run, cfg, eager)
         spec = run.model_spec

@@ -178,7 +178,7 @@ def test_a_ctrl_c_as_the_artifact_is_put_in_place_waits_for_its_record(quantized
     run = tmp_path / "run"
     shutil.copytree(quantized[0], run)
     before = _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]["sha256"]
-    code, stderr = ctrl_c_after("cnnpack.quantize:place", ["quantize", "--run", str(run), "--calibration-images",
+    code, stderr = ctrl_c_after("cnnpack.rundir:place", ["quantize", "--run", str(run), "--calibration-images",
                                                            "32", "--seed", "3", "--max-drop", "100", "--min-agreement", "0.5"])
     assert code == 130 and stderr.strip().splitlines()[-1].startswith("error: interrupted"), stderr
     recorded = _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]["sha256"]

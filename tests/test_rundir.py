@@ -105,3 +105,36 @@ def test_two_commands_on_one_run_never_write_over_each_others_stage(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     stages = run.read()["stages"]
     assert {f"{p}{i}" for p in "ab" for i in range(150)} <= set(stages)  # none lost to the other's read-modify-write
+
+
+def test_a_commit_whose_record_fails_puts_back_what_stood_there(tmp_path):
+    """A file put in place beside the record of the one it replaced is refused by every later command: where the
+    record fails (a disk that filled since the work began), the earlier file and folder come back."""
+    import errno
+
+    from cnnpack.rundir import Run, staged_beside
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32})
+    dest, folder = run.file("export/model.onnx"), run.file("export/openvino")
+    atomic_write_text(dest, "old")
+    (folder / "model.xml").parent.mkdir(parents=True)
+    (folder / "model.xml").write_text("old ir")
+    staged, staged_dir = staged_beside(dest), staged_beside(folder, folder=True)
+    staged.write_text("new")
+    (staged_dir / "model.xml").write_text("new ir")
+
+    def full(m: dict) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(run.manifest_path))
+
+    with pytest.raises(OSError, match="No space left"):
+        run.commit([(staged, dest), (staged_dir, folder)], full)
+    assert dest.read_text() == "old" and (folder / "model.xml").read_text() == "old ir"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["model.onnx", "openvino"]  # nothing aside left
+    staged = staged_beside(dest)
+    staged.write_text("new")
+    run.commit([(staged, dest)], lambda m: m.setdefault("stages", {}).update(export={"status": "ok"}))
+    assert dest.read_text() == "new" and not staged.exists() and run.read()["stages"]["export"] == {"status": "ok"}
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["model.onnx", "openvino"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o666 & ~mask  # as atomic files get them

@@ -346,6 +346,20 @@ def test_versions_the_manifest_could_not_record_are_taken_out_again(run, tmp_pat
         with pytest.raises(OSError, match="No space left"):
             build(run, TritonConfig(repository=str(repo), name=name, max_batch_size=8))
     assert sorted(p.name for p in repo.iterdir()) == ["clf"] and _tree(repo) == before
+    monkeypatch.undo()
+    import cnnpack.triton_repo as tr
+
+    real_publish = tr.publish
+
+    def second_fails(root, draft, **kw):  # the classifier published, then its ensemble's preprocessing fails
+        if draft.name.endswith("_preprocess"):
+            raise StageFailed(f"could not write {root / draft.name}: [Errno 28] No space left on device")
+        return real_publish(root, draft, **kw)
+
+    monkeypatch.setattr(tr, "publish", second_fails)
+    with pytest.raises(StageFailed, match="No space left"):
+        build(run, TritonConfig(repository=str(repo), name="clf", max_batch_size=8, ensemble=True))
+    assert _tree(repo) == before
 
 
 def test_manifest_and_graph_must_agree(run, tmp_path):

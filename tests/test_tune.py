@@ -340,7 +340,7 @@ def test_the_verdict_line_gives_the_figure_the_winner_was_chosen_on_and_says_whe
     own = {**winner, "label": "cnn_onnx (its config.pbtxt)", "default": True}  # it read 'p99 1.00x lower than
     # the default's (cnn_onnx (its config.pbtxt) ...)': itself
     line = describe({**section, "winner": own, "verdict": {**verdict, "p99_gain": 1.0}, "sweep": {}})
-    assert "; its model's own config.pbtxt won: nothing to change" in line and "lower than" not in line
+    assert "; it is its model's own config.pbtxt (no config to write)" in line and "lower than" not in line
 
 
 def test_instances_or_threads_past_the_cores_are_said_to_be_left_out(monkeypatch):

@@ -233,6 +233,21 @@ def test_export_records_the_checkpoint_it_loaded_when_a_training_replaces_it_mea
         verify(run_dir, QUICK)
 
 
+def test_an_artifact_made_from_earlier_weights_than_another_format_is_named(exported, tmp_path):
+    """export --format onnx, a training saves new weights, export --format torchscript: the export's one source
+    said the new checkpoint, so the ONNX file of the old weights failed on parity instead."""
+    import torch
+
+    run_dir = _copy(exported, tmp_path)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    ckpt["state_dict"] = {k: v * 1.5 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    export(run_dir, ExportConfig(formats=("torchscript",), max_batch_size=MAX_BATCH))
+    with pytest.raises(UserInputError, match=r"onnx \(export/model.onnx\) was made from another checkpoint.pt than "
+                                             r"the run holds now .*make it again: `cnnpack export --run .* --format onnx`"):
+        verify(run_dir, QUICK)
+
+
 @pytest.mark.parametrize("cfg,needle", [
     (VerifyConfig(batch_sizes=(1, 32)), "--batch-sizes 32 exceeds the max batch size 16"),
     (VerifyConfig(atol=0), "--atol must be > 0"),
