@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -91,8 +92,8 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
             raise Interrupted(f"pipeline interrupted in stage {stage.name}: {str(e).split('; continue with')[0]}; "
                               "run the same `cnnpack pipeline` command again to continue") from None
         pointer = stage.output(run)
-        see = f" (see {pointer})" if Path(pointer).exists() and str(pointer) not in str(e) else ""  # e.g. no
-        # manifest when train failed first; verify's own message already names verify.json
+        named = re.search(re.escape(str(pointer)) + r"(?![\w/.-])", str(e))  # verify's names verify.json itself
+        see = f" (see {pointer})" if Path(pointer).exists() and not named else ""  # no manifest: train failed first
         raise StageFailed(f"pipeline stopped: stage {stage.name} failed: {e}{see}") from None
     run.update(lambda m: m["stages"][stage.name].update(inputs_sha256=inputs))
     out = Outcome(stage.name, "ran", round(time.perf_counter() - t0, 1), summary)
