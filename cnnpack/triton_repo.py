@@ -278,20 +278,22 @@ def _top_files(folder: Path) -> dict[str, bytes] | None:
 def _withdraw(root: Path, done: list[Published], before: dict[str, dict[str, bytes] | None]) -> None:
     """Takes a publish back: Triton serves the latest version, and one the manifest does not record is one verify,
     tune and deploy know nothing of. A model made now goes whole; another gets its new version removed and its own
-    files back as they were (a --force over another model's versions cannot be taken back: said by the error)."""
+    files back as they were, also the model whose publish failed part way (its config may be written already). A
+    --force over another model's versions cannot be taken back."""
     import shutil
 
-    for p in done:
-        folder = model_dir(root, p.name)
-        if p.replaced:
+    published = {p.name: p for p in done}
+    for name, files in before.items():
+        p, folder = published.get(name), model_dir(root, name)
+        if p is not None and p.replaced:
             continue
-        if p.created and before.get(p.name) is None:
+        if files is None and (p is None or p.created):  # no folder before: whatever stands there now is this publish's
             shutil.rmtree(folder, ignore_errors=True)
             continue
-        if p.created:
+        if p is not None and p.created:
             shutil.rmtree(folder / str(p.version), ignore_errors=True)
-        for name, data in (before[p.name] or {}).items():  # config.pbtxt and labels.txt, as the old versions fit
-            atomic_write_bytes(folder / name, data)
+        for file, data in (files or {}).items():  # config.pbtxt and labels.txt, as the old versions fit them
+            atomic_write_bytes(folder / file, data)
 
 
 def laid_out(run: Run, cfg: TritonConfig) -> bool:
