@@ -33,7 +33,7 @@ from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInp
 from cnnpack.host import check_device, exact_fp32
 from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
-from cnnpack.rundir import Run, atomic_write_text, scratch_beside, sha256
+from cnnpack.rundir import Run, atomic_write_text, scratch_beside, sha256, staged_beside
 from cnnpack.spec import ModelSpec, check_class_names
 from cnnpack.train import CHECKPOINT, load_checkpoint, save_torch
 
@@ -410,7 +410,6 @@ def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig,
 def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str, source: str) -> dict:
     """A format of two files (OpenVINO's .xml + .bin), built in a temp folder and swapped in whole."""
     import shutil
-    import tempfile
 
     from cnnpack import openvino as ov
 
@@ -422,10 +421,7 @@ def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfi
 
     onnx = artifact_ref(run, "onnx").path  # refuses a missing ONNX file or one changed since its export
     dest = run.file("export") / FOLDERS[fmt]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDERS[fmt]}-", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would keep a Triton container of another user out
+    tmp = staged_beside(dest, folder=True)  # readable by a Triton container of another user
     try:
         art = EXPORTERS.get(fmt)(model, spec, cfg, tmp, onnx=onnx)
         xml, weights = tmp / ov.XML, tmp / ov.BIN

@@ -72,12 +72,7 @@ def naming(dest: str | Path) -> Iterator[None]:
 def scratch_beside(dest: str | Path) -> Iterator[Path]:
     """A temp path beside `dest` (in its folder, so `place` renames it over `dest`), removed at the end unless
     placed meanwhile."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide models from a container's other user
+    tmp_path = staged_beside(Path(dest), suffix=".tmp")
     try:
         with naming(dest):
             yield tmp_path
@@ -85,15 +80,15 @@ def scratch_beside(dest: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def staged_beside(dest: Path, *, folder: bool = False) -> Path:
+def staged_beside(dest: Path, *, folder: bool = False, suffix: str = ".staged") -> Path:
     """A new empty file (or folder) beside `dest`, readable by others as the umask allows (mkstemp's 0600 would hide
     a model from a container's other user), for `Run.commit` to put in place; the caller removes it otherwise."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if folder:
-        path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".staged", dir=dest.parent))
+        path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent))
         os.chmod(path, 0o777 & ~_UMASK)
         return path
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".staged", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)
     return Path(tmp)
