@@ -24,6 +24,12 @@ FP16_ATOL, FP16_RTOL, FP16_MIN_AGREEMENT = 1e-2, 1e-2, 0.995
 BF16_ATOL, BF16_RTOL, BF16_MIN_AGREEMENT = 2e-2, 5e-2, 0.995
 # int8 artifacts: task parity (DESIGN §2); their tensor error is reported, not gated
 INT8_MIN_AGREEMENT, INT8_MAX_DROP_PT = 0.99, 0.5
+# A tie: an image whose eager logits for two classes lie closer than one step of the target's precision at that image's
+# scale (machine epsilon x its largest |eager logit|). A number format cannot order two values that close: which of the
+# two wins there is rounding, not the model. A disagreement on such a tie is reported, not counted against the agreement
+# gate (measured: a 2-epoch built-in cnn, top-1 52 %, in OpenVINO bf16: 6 of 900 images differ, 5 of them within one
+# bf16 step; 11 of the 900 are ties at all; benchmarks/results/bf16-ties.md). int8 keeps the quantize gate's count.
+TIE_EPS = {"fp32": 2.0 ** -23, "fp16": 2.0 ** -10, "bf16": 2.0 ** -7}
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class Tolerance:
     contract: str = "fp32"  # the precision contract applied
     tensor_gated: bool = True  # int8: tensor error reported, not a failure
     max_drop_pt: float | None = None  # int8: the largest top-1 drop against eager, percentage points
+    tie_eps: float | None = None  # a disagreement within this x the image's largest |logit| is a tie (TIE_EPS)
 
 
 def tolerances(cfg: VerifyConfig, dtype: str, reference: np.ndarray, precision: str = "fp32",
@@ -56,14 +63,16 @@ def tolerances(cfg: VerifyConfig, dtype: str, reference: np.ndarray, precision: 
         return Tolerance(max(cfg.atol, BF16_ATOL * scale), max(cfg.rtol, BF16_RTOL),
                          min(cfg.min_agreement, BF16_MIN_AGREEMENT),
                          f"bf16 inference: atol {BF16_ATOL:g} x max |eager logit| {scale:.3g}, rtol {BF16_RTOL:g}, "
-                         f"top-1 agreement >= {BF16_MIN_AGREEMENT:.1%}", "bf16")
+                         f"top-1 agreement >= {BF16_MIN_AGREEMENT:.1%} (ties within one bf16 step not counted)", "bf16",
+                         tie_eps=TIE_EPS["bf16"])
     if dtype != "float16" and precision != "fp16":
-        return Tolerance(cfg.atol, cfg.rtol, cfg.min_agreement, "as configured (fp32)")
+        return Tolerance(cfg.atol, cfg.rtol, cfg.min_agreement, "as configured (fp32)", tie_eps=TIE_EPS["fp32"])
     scale = max(1.0, float(np.abs(reference[np.isfinite(reference)]).max(initial=0.0)))
     return Tolerance(max(cfg.atol, FP16_ATOL * scale), max(cfg.rtol, FP16_RTOL),
                      min(cfg.min_agreement, FP16_MIN_AGREEMENT),
                      f"fp16 artifact: atol {FP16_ATOL:g} x max |eager logit| {scale:.3g}, rtol {FP16_RTOL:g}, "
-                     f"top-1 agreement >= {FP16_MIN_AGREEMENT:.1%} (or the configured values where looser)", "fp16")
+                     f"top-1 agreement >= {FP16_MIN_AGREEMENT:.1%} (or the configured values where looser; ties within "
+                     "one fp16 step not counted)", "fp16", tie_eps=TIE_EPS["fp16"])
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -106,13 +115,31 @@ def _cosine_min(g: np.ndarray, w: np.ndarray) -> float | None:
     return float(cos.min())
 
 
-def task_stats(got: np.ndarray, want: np.ndarray, labels: np.ndarray) -> dict:
-    """Top-1 accuracy of logits `got`, its delta to eager's `want`, and their top-1 agreement."""
+def task_stats(got: np.ndarray, want: np.ndarray, labels: np.ndarray, tie_eps: float | None = None) -> dict:
+    """Top-1 accuracy of logits `got`, its delta to eager's `want`, and their top-1 agreement.
+
+    With `tie_eps` (TIE_EPS of the target's precision), a disagreement where eager's logits for its class and the
+    target's lie within tie_eps x the image's largest |eager logit| is a tie: `top1_agreement` counts it (the plain
+    figure), `top1_agreement_gated` does not (what the agreement gate reads)."""
     pred, ref = got.argmax(1), want.argmax(1)
     acc, eager_acc = float((pred == labels).mean()), float((ref == labels).mean())
-    return {"images": int(len(labels)), "accuracy": acc, "eager_accuracy": eager_acc,
-            "accuracy_delta": acc - eager_acc, "top1_agreement": float((pred == ref).mean()),
-            "top1_disagreements": int((pred != ref).sum())}
+    differ = pred != ref
+    out = {"images": int(len(labels)), "accuracy": acc, "eager_accuracy": eager_acc,
+           "accuracy_delta": acc - eager_acc, "top1_agreement": float((~differ).mean()),
+           "top1_disagreements": int(differ.sum())}
+    if tie_eps is not None and len(labels):
+        w = want.astype(np.float64)
+        rows = np.arange(len(w))
+        step = tie_eps * np.abs(np.where(np.isfinite(w), w, 0.0)).max(1)
+        tied = differ & (w[rows, ref] - w[rows, pred] < step)  # NaN margins (a NaN logit) are never ties
+        out.update(top1_tie_disagreements=int(tied.sum()),
+                   top1_agreement_gated=float(1 - (differ & ~tied).sum() / len(labels)))
+    return out
+
+
+def gated_agreement(task: dict) -> float:
+    """The agreement the gate reads: without the disagreements on ties (task_stats), where they were told apart."""
+    return task.get("top1_agreement_gated", task["top1_agreement"])
 
 
 def _tol(x: float) -> str:
@@ -150,10 +177,13 @@ def failures(label: str, tensor: dict, task: dict | None, cfg: Tolerance | Verif
                    f"{tensor['outside_tolerance']} of {tensor['elements']} logits outside atol {_tol(cfg.atol)} "
                    f"/ rtol {_tol(cfg.rtol)}; would pass with atol {at_least(tensor['min_atol_to_pass'])} or rtol "
                    f"{'inf' if rtol_needed is None else at_least(rtol_needed)})")
-    if task and task["top1_agreement"] < cfg.min_agreement:
-        out.append(f"{label}: top1_agreement {100 * task['top1_agreement']:.2f}% < {100 * cfg.min_agreement:.2f}% "
-                   f"(task parity: {task['top1_disagreements']} of {task['images']} validation images classified "
-                   f"differently from eager; accuracy {100 * task['accuracy']:.2f}% vs eager "
+    if task and gated_agreement(task) < cfg.min_agreement:
+        ties = task.get("top1_tie_disagreements", 0)
+        tied = (f", {ties} more on ties within one {getattr(cfg, 'contract', 'fp32')} step (not counted)"
+                if ties else "")
+        out.append(f"{label}: top1_agreement {100 * gated_agreement(task):.2f}% < {100 * cfg.min_agreement:.2f}% "
+                   f"(task parity: {task['top1_disagreements'] - ties} of {task['images']} validation images "
+                   f"classified differently from eager{tied}; accuracy {100 * task['accuracy']:.2f}% vs eager "
                    f"{100 * task['eager_accuracy']:.2f}%)")
     drop = getattr(cfg, "max_drop_pt", None)
     if drop is not None and not task:  # an int8 contract is task parity: without labelled images nothing holds it

@@ -87,7 +87,9 @@ def parity_table(stages: dict) -> list[dict]:
             contract = r.get("contract") or (f.get("contract") if precision == f.get("precision", "fp32") else None)
             out.append({"artifact": fmt, "runtime": runtime, "precision": precision, "contract": contract,
                         "passed": r.get("passed", f.get("passed")), "max_abs_err": r.get("max_abs_err"),
-                        "top1_agreement": r.get("top1_agreement"), "accuracy": r.get("accuracy")})
+                        "top1_agreement": r.get("top1_agreement"), "accuracy": r.get("accuracy"),
+                        "tie_disagreements": r.get("top1_tie_disagreements") or 0,
+                        "agreement_gated": r.get("top1_agreement_gated")})
     return out
 
 

@@ -110,7 +110,9 @@ def _verify(m: dict, run: Run | None = None) -> list[Block]:
     rows = [["artifact", "runtime", "precision", "max abs err", "top-1 agreement", "accuracy", "contract", "verdict"]]
     for r in parity_table(m["stages"]):
         rows.append([r["artifact"], r["runtime"], r["precision"], _num(r["max_abs_err"], "{:.2e}"),
-                     _pct(r["top1_agreement"]), _pct(r["accuracy"]), r["contract"] or "–",
+                     _pct(r["top1_agreement"]) + (f" ({_pct(r['agreement_gated'])} without {r['tie_disagreements']} "
+                                                  "on ties)" if r["tie_disagreements"] else ""),
+                     _pct(r["accuracy"]), r["contract"] or "–",
                      ("pass" if r["passed"] else "FAIL") + (" (an earlier file)" if r["artifact"] in old else "")])
     verdict = ("every artifact x runtime pair is within the contract of its precision (fp32: tensor parity; "
                "fp16/bf16: relative tolerances; int8: task parity)" if v.get("passed") else "**parity FAILED**")
@@ -125,7 +127,12 @@ def _verify(m: dict, run: Run | None = None) -> list[Block]:
     if missing:
         out.append(Block("p", f"**Not verified**: {', '.join(missing)} (exported after verify, or left out by its "
                               f"--formats); {redo}."))
-    return out + [Block("table", rows=rows)]
+    out.append(Block("table", rows=rows))
+    if any(r[4].endswith("on ties)") for r in rows[1:]):
+        out.append(Block("p", "A tie: an image whose eager logits for two classes lie within one step of the target's "
+                              "precision (its machine epsilon x the image's largest logit), so that rounding decides "
+                              "which wins; the agreement gate does not count a difference there."))
+    return out
 
 
 PRECISION_PNG = "precision.png"

@@ -405,12 +405,13 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
 
 def _save_epoch(run: Run, model, spec: ModelSpec, opt, sched, epoch: int, stats: dict, history: list[dict],
                 improved: bool) -> None:
-    """checkpoint.pt (when val accuracy improved), last.pt (resume state) and history.json for one epoch."""
+    """checkpoint.pt (when val accuracy improved), last.pt (resume state) and history.json for one epoch. last.pt holds
+    no RNG state: each epoch reseeds its RNGs from (seed, epoch) (`_epoch_rng`), so a resumed run replays them."""
     if improved:
         save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": epoch,
                     "val_acc": stats["val_acc"]}, run.file(CHECKPOINT))
     save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch, "history": history, "rng": torch.get_rng_state()}, run.file(LAST))
+                "epoch": epoch, "history": history}, run.file(LAST))
     atomic_write_json(run.file("history.json"), history)
 
 

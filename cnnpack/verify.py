@@ -96,6 +96,7 @@ class Target:
     precision: str = "fp32"  # fp32 | fp16 | bf16 | int8: the contract it is held to
     max_drop_pt: float | None = None  # int8: the quantize gate it was made under (default INT8_MAX_DROP_PT)
     weight_type: str | None = None  # onnx_int8: int8 | uint8 weights (None: recorded before the choice, int8)
+    artifact_precision: str | None = None  # the artifact's own, where the runtime computes in another (openvino-bf16)
 
     @property
     def label(self) -> str:
@@ -126,7 +127,8 @@ def file_targets(run: Run, formats: list[str], device: str) -> list[Target]:
                            ref.record.get("input", {}).get("dtype", "float32"),
                            getattr(RUNTIMES.get(name), "precision", None) or precision_of(ref.record),
                            ref.record.get("gate", {}).get("max_drop_pt"),
-                           ref.record.get("weight_type", "int8") if fmt == "onnx_int8" else None) for name in names]
+                           ref.record.get("weight_type", "int8") if fmt == "onnx_int8" else None,
+                           precision_of(ref.record)) for name in names]
     return targets
 
 
@@ -297,7 +299,7 @@ def check_target(target: Target, rt, sizes: list[int], ref: Reference, val: Vali
     by_input = _outputs(target, rt, sizes, ref, val, say)
     pairs = [p for v in by_input.values() for p in v]
     result = {"format": target.format, "runtime": target.runtime, "source": target.source,
-              "precision": target.precision,
+              "precision": target.precision, "artifact_precision": target.artifact_precision or target.precision,
               "info": getattr(rt, "info", {}), "batch_sizes": sizes, "tensor": None, "task": None}
     bad = next(((g.shape, w.shape) for g, w in pairs if g.shape != w.shape), None)
     if bad:
@@ -310,7 +312,7 @@ def check_target(target: Target, rt, sizes: list[int], ref: Reference, val: Vali
         result["tensor"]["max_abs_err_by_input"] = {
             k: max(float(np.abs(g.astype(np.float64) - w).max(initial=0.0)) for g, w in v) for k, v in by_input.items()}
         if val is not None:
-            result["task"] = task_stats(by_input["val"][0][0], val.eager_logits, val.labels)
+            result["task"] = task_stats(by_input["val"][0][0], val.eager_logits, val.labels, tol.tie_eps)
         result["failures"] = failures(target.label, result["tensor"], result["task"], tol)
         if result["failures"] and target.weight_type == "int8" and target.runtime == "onnxruntime":
             result["failures"][-1] += _saturation_hint()
@@ -354,29 +356,24 @@ def contract_line(tol: dict | None) -> str | None:
 
 def by_format(results: list[dict]) -> dict:
     """`stages.verify.formats`: per format, `passed` over every runtime that ran it, and the worst figures of the
-    runtimes of its own precision (the first that ran it); a runtime of another precision (openvino-bf16 of an fp32
-    IR) only under `by_runtime`, so an fp32 line never carries bf16 figures."""
+    runtimes of the artifact's own precision (none where only another precision's ran); a runtime of another
+    precision (openvino-bf16 of an fp32 IR) only under `by_runtime`, so an fp32 line never carries bf16 figures."""
     out: dict[str, dict] = {}
-    for r in results:
-        f = out.setdefault(r["format"], {"max_abs_err": 0.0, "top1_agreement": None, "accuracy": None,
-                                         "passed": True, "runtimes": [],
-                                         "precision": r.get("precision", "fp32"),
-                                         "contract": contract_line(r.get("tolerance"))})
-        f["runtimes"].append(r["runtime"])
-        f.setdefault("by_runtime", {})[r["runtime"]] = {
-            "precision": r.get("precision", "fp32"), "contract": contract_line(r.get("tolerance")), "passed": r["passed"],
-            "max_abs_err": r["tensor"]["max_abs_err"] if r["tensor"] else None,
-            **{k: (r["task"] or {}).get(k) for k in ("accuracy", "top1_agreement")}}
-        f["passed"] = f["passed"] and r["passed"]
-        if r.get("precision", "fp32") != f["precision"]:
-            continue
-        if r["tensor"] is None:
-            f["max_abs_err"] = None
-        elif f["max_abs_err"] is not None:
-            f["max_abs_err"] = max(f["max_abs_err"], r["tensor"]["max_abs_err"])
-        if r["task"]:
-            for key in ("top1_agreement", "accuracy"):
-                f[key] = r["task"][key] if f[key] is None else min(f[key], r["task"][key])
+    for fmt in dict.fromkeys(r["format"] for r in results):
+        rows = [r for r in results if r["format"] == fmt]
+        precision = rows[0].get("artifact_precision", rows[0].get("precision", "fp32"))
+        own = [r for r in rows if r.get("precision", "fp32") == precision]
+        tasks = [r["task"] for r in own if r["task"]]
+        out[fmt] = {"max_abs_err": None if not own or any(r["tensor"] is None for r in own) else
+                    max(r["tensor"]["max_abs_err"] for r in own),
+                    **{k: min((t[k] for t in tasks), default=None) for k in ("top1_agreement", "accuracy")},
+                    "passed": all(r["passed"] for r in rows), "runtimes": [r["runtime"] for r in rows],
+                    "precision": precision, "contract": next((contract_line(r.get("tolerance")) for r in own), None),
+                    "by_runtime": {r["runtime"]: {
+                        "precision": r.get("precision", "fp32"), "contract": contract_line(r.get("tolerance")),
+                        "passed": r["passed"], "max_abs_err": r["tensor"]["max_abs_err"] if r["tensor"] else None,
+                        **{k: (r["task"] or {}).get(k) for k in ("accuracy", "top1_agreement", "top1_tie_disagreements",
+                                                                 "top1_agreement_gated")}} for r in rows}}
     return out
 
 
