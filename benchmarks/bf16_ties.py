@@ -54,11 +54,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="*", help="run directories with an openvino export (default: fresh runs, --epochs)")
     ap.add_argument("--epochs", type=int, nargs="+", default=[2, 8])
-    ap.add_argument("--out", default=str(HERE / "results" / "bf16-ties"))
+    ap.add_argument("--out", help="output path without .md/.json (default: results/bf16-ties-<the host's ISA>)")
     a = ap.parse_args()
     from cnnpack.host import cpu_name
     from cnnpack.openvino import has_bf16
-    from cnnpack.peak import cpu_info
+    from cnnpack.peak import cpu_info, isa_tag
 
     if not has_bf16():
         sys.exit("this CPU has no native bf16 (AVX-512 BF16 or AMX): the openvino-bf16 runtime does not run here")
@@ -81,6 +81,7 @@ def main() -> None:
     flags = [f for f in cpu_info()["flags"] if f.startswith(("avx512_bf16", "avx512_vnni", "amx"))]
     lines += ["", f"Machine: {cpu_name()} (flags: {', '.join(flags)}).", "", "Reproduce: `.venv/bin/python benchmarks/bf16_ties.py "
               f"{'--epochs ' + ' '.join(map(str, a.epochs)) if not a.runs else ' '.join(a.runs)}`"]
+    a.out = a.out or str(HERE / "results" / f"bf16-ties-{isa_tag()}")
     Path(a.out + ".md").write_text("\n".join(lines) + "\n")
     Path(a.out + ".json").write_text(json.dumps(out, indent=1) + "\n")
     print("\n".join(lines))
