@@ -414,18 +414,18 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         raise RuntimeUnavailable("no runtime could run here: " + "; ".join(dict.fromkeys(ctx.skipped.values())))
     host["load_avg_1_5_15_end"] = load_avg()
     section = make_section(ctx, host, [ref for _, ref in pairs])
-    old = previous_section(run)  # rows of served models (bench --triton-url) stay; local rows are measured together
-    # (speedups and shares compare rows of one run), so an earlier run's local rows are replaced, and named
-    now = {(series(r), r["batch_size"]) for r in section["results"]}
-    section["replaced"] = sorted({f"{series(r)}@{r['batch_size']}" for r in old.get("results", [])
-                                  if r.get("runtime") != "triton" and (series(r), r["batch_size"]) not in now})
-    section["results"] += [r for r in old.get("results", []) if r.get("runtime") == "triton"]
-    speedups(section["results"])  # the served rows kept: against this bench's eager, held to its ceilings
-    if section["ceilings"]:
-        hold_to_ceilings(section["results"], section["ceilings"])
-        section["over_ceiling"] = over_ceiling(section["results"])
-    section["served"] = old.get("served", {})
-    with run.committing():  # bench.json and its record: a Ctrl-C waits for both
+    with run.committing():  # merged with the recorded section, written and recorded as one step (Ctrl-C waits)
+        old = previous_section(run)  # rows of served models (bench --triton-url) stay; local rows are measured together
+        # (speedups and shares compare rows of one run), so an earlier run's local rows are replaced, and named
+        now = {(series(r), r["batch_size"]) for r in section["results"]}
+        section["replaced"] = sorted({f"{series(r)}@{r['batch_size']}" for r in old.get("results", [])
+                                      if r.get("runtime") != "triton" and (series(r), r["batch_size"]) not in now})
+        section["results"] += [r for r in old.get("results", []) if r.get("runtime") == "triton"]
+        speedups(section["results"])  # the served rows kept: against this bench's eager, held to its ceilings
+        if section["ceilings"]:
+            hold_to_ceilings(section["results"], section["ceilings"])
+            section["over_ceiling"] = over_ceiling(section["results"])
+        section["served"] = old.get("served", {})
         section["outputs"] = write_outputs(run, section, plot=cfg.plot)
         run.set_stage("bench", section)
     return run.read()["stages"]["bench"]

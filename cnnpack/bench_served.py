@@ -83,9 +83,10 @@ def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = B
             for c in served.concurrency:
                 bench_load(ctx, rt, b, c, generator)
     host["load_avg_1_5_15_end"] = load_avg()
-    section = _merge_served(old, make_section(ctx, host, {}), rt, served)
-    section["outputs"] = write_outputs(run, section, plot=cfg.plot)
-    run.set_stage("bench", section)
+    with run.committing():  # merged with the section as recorded now (a bench may have run meanwhile), one step
+        section = _merge_served(previous_section(run), make_section(ctx, host, {}), rt, served)
+        section["outputs"] = write_outputs(run, section, plot=cfg.plot)
+        run.set_stage("bench", section)
     return run.read()["stages"]["bench"]
 
 

@@ -28,7 +28,8 @@ INT8_MIN_AGREEMENT, INT8_MAX_DROP_PT = 0.99, 0.5
 # scale (machine epsilon x its largest |eager logit|). A number format cannot order two values that close: which of the
 # two wins there is rounding, not the model. A disagreement on such a tie is reported, not counted against the agreement
 # gate (measured: a 2-epoch built-in cnn, top-1 52 %, in OpenVINO bf16: 6 of 900 images differ, 5 of them within one
-# bf16 step; 11 of the 900 are ties at all; benchmarks/results/bf16-ties-avx512.md). int8 keeps the quantize gate's count.
+# bf16 step; 11 of the 900 are ties at all; benchmarks/results/bf16-ties-avx512.md). int8 keeps the quantize gate's
+# count.
 TIE_EPS = {"fp32": 2.0 ** -23, "fp16": 2.0 ** -10, "bf16": 2.0 ** -7}
 
 

@@ -149,12 +149,13 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
                                              "server_batch_mean", "server_queue_ms_mean",
                                              "server_compute_ms_mean", "errors", "load_generator")} for r in rows],
               "config": asdict(cfg)}
-    atomic_write_json(run.file(OUTPUT), result)
-    run.set_stage("served", {"status": "ok", **{k: v for k, v in result.items() if k != "server"},
-                             "server_version": server_info["version"], "server_load_s": server_info["load_s"],
-                             "server_peak_rss_bytes": server_info["peak_rss_bytes"],
-                             # what was served: the report tells it apart from a repository laid out since
-                             "repository": t["repository"],
-                             "versions": {m["name"]: m["version"] for m in server_info["models"]},
-                             "outputs": {"served_json": run.file_record(run.file(OUTPUT))}})
+    with run.committing():  # served.json and its record as one step
+        atomic_write_json(run.file(OUTPUT), result)
+        run.set_stage("served", {"status": "ok", **{k: v for k, v in result.items() if k != "server"},
+                                 "server_version": server_info["version"], "server_load_s": server_info["load_s"],
+                                 "server_peak_rss_bytes": server_info["peak_rss_bytes"],
+                                 # what was served: the report tells it apart from a repository laid out since
+                                 "repository": t["repository"],
+                                 "versions": {m["name"]: m["version"] for m in server_info["models"]},
+                                 "outputs": {"served_json": run.file_record(run.file(OUTPUT))}})
     return run.read()["stages"]["served"]

@@ -423,20 +423,22 @@ def _sweeps(run: Run, cfg: TuneConfig, settings: list[Setting], coarse: bool, re
 def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
     died = bool(info["error"]) and not info.get("server_alive", True)
     winner = None if died else choose(points, cfg)  # a config the server refused is a lost point, not a lost sweep
-    tuned = undoable(run.read()["stages"])  # configs earlier tunes wrote, still served: their undo must survive
-    result = {"config": asdict(cfg), "points": points, "pareto": [p["label"] + f" c{p['concurrency']}" for p in pareto(points)],
-              "sweep": info, "winner": winner, "written": None,
-              "verdict": verdict(winner, points, run.stage("triton")["name"], cfg) if winner else None}
-    if winner and not result["verdict"]["as_good"] and not winner["default"]:
-        w = result["written"] = write_winner(run, winner["model"], winner_config(run, winner),
-                                             keep_previous=config_of(run, winner["model"]) in tuned)
-        tuned[w["config"]] = {"previous": w["previous"], "sha256": w["sha256"]}
-    atomic_write_json(run.file(OUTPUT), result)
-    plot(points, winner, cfg.latency_budget_ms, run.file(PLOT))
-    status = "ok" if winner else "failed"
-    run.set_stage("tune", {"status": status, "config": asdict(cfg), "points": points, "winner": winner,
-                           "verdict": result["verdict"], "written": result["written"], "tuned": tuned, "sweep": info,
-                           "outputs": {n: run.file_record(run.file(n)) for n in (OUTPUT, PLOT)}})
+    with run.committing():  # the config written, tune.json and their record as one step, after any other command's
+        tuned = undoable(run.read()["stages"])  # configs earlier tunes wrote, still served: their undo must survive
+        result = {"config": asdict(cfg), "points": points,
+                  "pareto": [p["label"] + f" c{p['concurrency']}" for p in pareto(points)], "sweep": info, "winner": winner, "written": None,
+                  "verdict": verdict(winner, points, run.stage("triton")["name"], cfg) if winner else None}
+        if winner and not result["verdict"]["as_good"] and not winner["default"]:
+            w = result["written"] = write_winner(run, winner["model"], winner_config(run, winner),
+                                                 keep_previous=config_of(run, winner["model"]) in tuned)
+            tuned[w["config"]] = {"previous": w["previous"], "sha256": w["sha256"]}
+        atomic_write_json(run.file(OUTPUT), result)
+        plot(points, winner, cfg.latency_budget_ms, run.file(PLOT))
+        status = "ok" if winner else "failed"
+        run.set_stage("tune", {"status": status, "config": asdict(cfg), "points": points, "winner": winner,
+                               "verdict": result["verdict"], "written": result["written"], "tuned": tuned,
+                               "sweep": info,
+                               "outputs": {n: run.file_record(run.file(n)) for n in (OUTPUT, PLOT)}})
     if died:
         raise StageFailed(f"the Triton server died during the sweep ({info['error']}); the {len(points)} points "
                           f"measured are in {run.file(OUTPUT)}, no config was changed")
