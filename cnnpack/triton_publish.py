@@ -58,6 +58,7 @@ class Published:
     version: int
     created: bool  # False: the latest version already held these files
     replaced: bool = False  # --force replaced a different model of that name
+    set_aside: Path | None = None  # --force: the replaced model's versions and files, until the publish is recorded
 
 
 def _digest(src: Path | bytes) -> str:
@@ -177,27 +178,63 @@ def _publish_new(root: Path, folder: Path, draft: Draft, stage_root: Path) -> Pu
 
 
 def _publish_version(folder: Path, draft: Draft, version: int, *, replace: bool) -> Published:
-    """A new version of an existing model: built in a hidden folder inside it, renamed to `<version>`."""
+    """A new version of an existing model: built in a hidden folder inside it, renamed to `<version>`. With `replace`
+    (--force over a different model), the old model's versions and the files other commands left for it are set
+    aside in a hidden folder (`Published.set_aside`): the caller removes it once the publish is recorded, or puts it
+    back (`put_back`). A publish that fails part way takes its own version back; its caller, config.pbtxt."""
     old_versions = versions(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))  # not a number: Triton ignores it
+    aside, placed = None, False
     try:
         _fill_version(tmp / str(version), draft.version)
         _write_top(folder, draft.top)  # same identity: config/labels fit the old versions too
         os.rename(tmp / str(version), folder / str(version))
+        placed = True
         if replace:  # --force over a different model: its versions do not fit the new config, nor do the configs
-            for v in old_versions:  # other commands left for it (deploy's configs/gpu.pbtxt, tune's undo copy)
-                shutil.rmtree(folder / str(v))
-            (folder / "configs" / f"{GPU_CONFIG}.pbtxt").unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # only if that was all it held (a config of the user's own stays)
-                (folder / "configs").rmdir()
-            (folder / PREVIOUS).unlink(missing_ok=True)
+            aside = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))  # other commands left for it
+            _set_aside(folder, old_versions, aside)
         _write_top(folder, {SIDECAR: _sidecar(draft, None if replace else read_sidecar(folder), version)})
-    except OSError as e:
-        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+    except BaseException as e:  # an OSError, a Ctrl-C: Triton would serve a version the manifest never records
+        if placed:
+            shutil.rmtree(folder / str(version), ignore_errors=True)
+        if aside is not None:
+            put_back(folder, aside)
+        if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTEMPTY):
             raise StageFailed(f"{folder / str(version)} appeared while cnnpack was writing it; re-run") from None
-        raise StageFailed(f"could not write {folder / str(version)}: {e}") from None
+        if isinstance(e, OSError):
+            raise StageFailed(f"could not write {folder / str(version)}: {e}") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Published(draft.name, version, created=True, replaced=replace)
+    return Published(draft.name, version, created=True, replaced=replace, set_aside=aside)
+
+
+_ASIDE_FILES = (f"configs/{GPU_CONFIG}.pbtxt", PREVIOUS)  # deploy's GPU config, tune's undo copy
+
+
+def _set_aside(folder: Path, old_versions: list[int], aside: Path) -> None:
+    """Moves the replaced model's versions and the files other commands left for it into `aside` (renames: no copy,
+    nothing lost on a full disk)."""
+    for v in old_versions:
+        os.rename(folder / str(v), aside / str(v))
+    for rel in _ASIDE_FILES:
+        if (folder / rel).is_file():
+            (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(folder / rel, aside / rel)
+    with contextlib.suppress(OSError):  # only if that was all it held (a config of the user's own stays)
+        (folder / "configs").rmdir()
+
+
+def put_back(folder: Path, aside: Path) -> None:
+    """Undoes `_set_aside`: the replaced model's versions and files back in their places."""
+    for p in sorted(aside.iterdir()):
+        if p.is_dir() and p.name.isdigit():
+            os.rename(p, folder / p.name)
+    for rel in _ASIDE_FILES:
+        if (aside / rel).is_file():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(aside / rel, folder / rel)
+    shutil.rmtree(aside, ignore_errors=True)
+
 

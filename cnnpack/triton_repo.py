@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import zipfile
 from dataclasses import asdict, replace
 from importlib import resources
@@ -54,6 +55,7 @@ from cnnpack.triton_publish import (  # noqa: F401
     conflict,
     model_dir,
     publish,
+    put_back,
     read_sidecar,
     same_as_latest,
     versions,
@@ -266,6 +268,9 @@ def build(run_dir: str | Path, cfg: TritonConfig = TritonConfig()) -> dict:
         except BaseException:  # a model that failed after the first, a Ctrl-C, a manifest that cannot be written
             _withdraw(root, done, before)
             raise
+    for p in done:  # recorded: what --force replaced goes
+        if p.set_aside is not None:
+            shutil.rmtree(p.set_aside, ignore_errors=True)
     return run.read()["stages"]["triton"]
 
 
@@ -278,20 +283,18 @@ def _top_files(folder: Path) -> dict[str, bytes] | None:
 def _withdraw(root: Path, done: list[Published], before: dict[str, dict[str, bytes] | None]) -> None:
     """Takes a publish back: Triton serves the latest version, and one the manifest does not record is one verify,
     tune and deploy know nothing of. A model made now goes whole; another gets its new version removed and its own
-    files back as they were, also the model whose publish failed part way (its config may be written already). A
-    --force over another model's versions cannot be taken back."""
-    import shutil
-
+    files back as they were, also the model whose publish failed part way (its config may be written already); a
+    model --force replaced gets its versions back."""
     published = {p.name: p for p in done}
     for name, files in before.items():
         p, folder = published.get(name), model_dir(root, name)
-        if p is not None and p.replaced:
-            continue
         if files is None and (p is None or p.created):  # no folder before: whatever stands there now is this publish's
             shutil.rmtree(folder, ignore_errors=True)
             continue
         if p is not None and p.created:
             shutil.rmtree(folder / str(p.version), ignore_errors=True)
+        if p is not None and p.set_aside is not None:
+            put_back(folder, p.set_aside)
         for file, data in (files or {}).items():  # config.pbtxt and labels.txt, as the old versions fit them
             atomic_write_bytes(folder / file, data)
 

@@ -362,6 +362,50 @@ def test_versions_the_manifest_could_not_record_are_taken_out_again(run, tmp_pat
     assert _tree(repo) == before
 
 
+def test_a_force_that_cannot_be_recorded_gives_the_replaced_model_back(run, tmp_path, monkeypatch):
+    """--force over another model of that name, then a full disk at the record, or in its own publish after the old
+    versions went aside: the old model comes back whole (versions, deploy's GPU config, tune's undo copy)."""
+    import errno
+
+    import cnnpack.triton_publish as tp
+    from cnnpack.rundir import Run as RunDir
+
+    repo = tmp_path / "repo"
+    build(run, TritonConfig(repository=str(repo), name="m"))
+    (repo / "m/configs").mkdir()
+    (repo / "m/configs/gpu.pbtxt").write_text('name: "m"\nplatform: "onnxruntime_onnx"')
+    (repo / "m/config.pbtxt.prev").write_text('name: "m"')
+    before = _tree(repo)
+    forced = TritonConfig(repository=str(repo), name="m", format="torchscript", force=True)
+    real = RunDir.set_stage
+
+    def full(self, name, section):
+        if name == "triton":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.manifest_path))
+        return real(self, name, section)
+
+    monkeypatch.setattr(RunDir, "set_stage", full)
+    with pytest.raises(OSError, match="No space left"):
+        build(run, forced)
+    assert _tree(repo) == before and sorted(p.name for p in (repo / "m").iterdir()) == [
+        "1", "cnnpack-model.json", "config.pbtxt", "config.pbtxt.prev", "configs", "labels.txt"]
+    monkeypatch.undo()
+    real_top = tp._write_top
+
+    def sidecar_fails(folder, top):  # the new version is in place and the old ones aside: then the disk fills
+        if tp.SIDECAR in top:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_top(folder, top)
+
+    monkeypatch.setattr(tp, "_write_top", sidecar_fails)
+    with pytest.raises(StageFailed, match="No space left"):
+        build(run, forced)
+    assert _tree(repo) == before
+    monkeypatch.undo()
+    build(run, forced)  # and once it is recorded, what was set aside is gone
+    assert sorted(p.name for p in (repo / "m").iterdir()) == ["2", "cnnpack-model.json", "config.pbtxt", "labels.txt"]
+
+
 def test_manifest_and_graph_must_agree(run, tmp_path):
     m = Run(run).read()
     m["stages"]["export"]["artifacts"]["onnx"]["input"]["name"] = "images"
