@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from cnnpack.errors import UserInputError, count
-from cnnpack.spec import check_class_names
+from cnnpack.spec import MIN_IMAGE_SIZE, check_class_names
 
 SHAPES = "shapes"
-MIN_IMAGE_SIZE = 8  # the smallest --image-size accepted
 
 
 @dataclass

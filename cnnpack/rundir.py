@@ -21,6 +21,7 @@ from typing import Any
 
 from cnnpack import __version__
 from cnnpack.errors import MissingStageError, UserInputError, shell
+from cnnpack.manifest_shape import manifest_problem
 
 SCHEMA_VERSION = 1
 MANIFEST = "cnnpack.json"
@@ -196,45 +197,10 @@ LOCK = ".cnnpack.lock"  # held while the manifest is read, changed and written b
 _HELD = threading.local()  # the runs whose lock this thread holds (flock is not reentrant)
 
 # what every stage reads of `model`, with the type each must have
-MODEL_KEYS = {"arch": (str, "a string"), "num_classes": (int, "an integer"), "classes": (list, "a list"),
-              "image_size": (int, "an integer")}
-
-
 def _damage(manifest: dict) -> str | None:
-    """What makes a parsed manifest unusable (a hand edit, another tool), or None: the shapes every stage relies
-    on, so that a damaged file is one line, not a traceback from whichever stage reads it first."""
-    model, stages = manifest.get("model"), manifest.get("stages", {})
-    if not isinstance(model, dict):
-        return "`model` is not an object"
-    for key, (kind, named) in MODEL_KEYS.items():
-        if not isinstance(model.get(key), kind):
-            return f"`model.{key}` is {'missing' if key not in model else 'not ' + named}"
-    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
-        return "`stages` is not an object of objects"
-    artifacts = stages.get("export", {}).get("artifacts") or {}
-    if not isinstance(artifacts, dict):
-        return "`stages.export.artifacts` is not an object"
-    for fmt, rec in artifacts.items():
-        if not (isinstance(rec, dict) and isinstance(rec.get("path"), str) and isinstance(rec.get("sha256"), str)):
-            return f"`stages.export.artifacts.{fmt}` lacks its path or sha256"
-        if problem := _artifact_damage(rec):
-            return f"`stages.export.artifacts.{fmt}.{problem}"
-    return None
-
-
-def _artifact_damage(rec: dict) -> str | None:
-    """What an export record's tensors and batch limits lack (every stage that lays out or loads it reads them)."""
-    for key in ("input", "output"):
-        t = rec.get(key)
-        if key not in rec:
-            continue
-        if not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("dtype"), str)
-                and isinstance(t.get("shape"), list) and all(type(d) is int for d in t["shape"])):
-            return f"{key}` is not a tensor (name, dtype, shape of integers)"
-    for key in ("max_batch_size", "static_batch"):
-        if rec.get(key) is not None and type(rec[key]) is not int:
-            return f"{key}` is not an integer"
-    return None
+    """What makes a parsed manifest unusable (a hand edit, another tool), or None: the shapes the commands rely on
+    (`manifest_shape`), so that a damaged file is one line, not a traceback from whichever command reads it first."""
+    return manifest_problem(manifest)
 
 
 class Run:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from cnnpack.errors import UserInputError
 
+MIN_IMAGE_SIZE = 8  # the smallest --image-size accepted (train, export --arch, a manifest's model.image_size)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -417,8 +417,8 @@ def test_served_rows_kept_by_a_later_local_bench_are_compared_with_its_eager(ben
     run = tmp_path / "run"
     shutil.copytree(exported, run)
     served = {"runtime": "triton", "format": "onnx", "artifact": "triton:cnn_onnx", "precision": "fp32",
-              "batch_size": 1, "concurrency": 1, "protocol": "http", "latency_ms_p50": 1.0, "gflops": 1.0,
-              "speedup_vs_eager": 123.0, "speedup_vs_fp32": None, "matmul_share": 0.0, "matmul_gflops": 1.0}
+              "batch_size": 1, "concurrency": 1, "protocol": "http", "latency_ms_p50": 1.0, "latency_ms_p99": 1.5,
+              "throughput_ips": 1000.0, "gflops": 1.0, "speedup_vs_eager": 123.0, "speedup_vs_fp32": None, "matmul_share": 0.0, "matmul_gflops": 1.0}
     Run.open(run).update(lambda m: m["stages"]["bench"]["results"].append(served))
     section = bench(run, BenchConfig(runtimes=("eager",), batch_sizes=(1,), threads=1, max_seconds=0.1,
                                      warmup_s=0.05, plot=False))

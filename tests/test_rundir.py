@@ -36,19 +36,20 @@ _ART = {"path": "export/model.onnx", "sha256": "0" * 64, "max_batch_size": 64,
 
 
 @pytest.mark.parametrize(("edit", "says"), [
-    (lambda m: m.update(stages=[]), "`stages` is not an object of objects"),
+    (lambda m: m.update(stages=[]), "`stages` is not an object"),
+    (lambda m: m["stages"].update(other=[]), "`stages` is not an object of objects"),
     (lambda m: m.update(model="x"), "`model` is not an object"),
     (lambda m: m["model"].pop("classes"), "`model.classes` is missing"),
     (lambda m: m["model"].update(image_size="64"), "`model.image_size` is not an integer"),
     (lambda m: m["stages"].update(export={"artifacts": {"onnx": {"sha256": "0"}}}),
-     "`stages.export.artifacts.onnx` lacks its path or sha256"),
+     "`stages.export.artifacts.onnx.path` is missing"),
     (lambda m: m["stages"].update(export={"artifacts": "x"}), "`stages.export.artifacts` is not an object"),
     (lambda m: m["stages"].update(export={"artifacts": {"onnx": {**_ART, "max_batch_size": "big"}}}),
      "`stages.export.artifacts.onnx.max_batch_size` is not an integer"),
     (lambda m: m["stages"].update(export={"artifacts": {"onnx": {**_ART, "input": None}}}),
-     "`stages.export.artifacts.onnx.input` is not a tensor (name, dtype, shape of integers)"),
+     "`stages.export.artifacts.onnx.input` is not an object"),
     (lambda m: m["stages"].update(export={"artifacts": {"onnx": {**_ART, "output": {**_ART["output"], "shape": ["N"]}}}}),
-     "`stages.export.artifacts.onnx.output` is not a tensor (name, dtype, shape of integers)"),
+     "`stages.export.artifacts.onnx.output.shape[0]` is not an integer"),
     (lambda m: m.update(schema_version="1"), "`schema_version` is '1', not an integer (this cnnpack reads 1)"),
 ])
 def test_a_damaged_manifest_is_one_error_naming_the_damage(tmp_path, edit, says):
@@ -63,6 +64,57 @@ def test_a_damaged_manifest_is_one_error_naming_the_damage(tmp_path, edit, says)
     run.manifest_path.write_text(json.dumps(m))
     with pytest.raises(UserInputError, match=f"cnnpack.json is damaged: {re.escape(says)}; restore it"):
         Run.open(run.path).read()
+
+
+_STAGES = {"quantize": {"status": "ok", "gate": {"max_drop_pt": 0.5, "drop_pt": 0.0, "top1_agreement_vs_fp32": 1.0,
+                                                  "steps": 0}, "calibration": {"images": 8, "method": "minmax", "seed": 0}},
+           "bench": {"status": "ok", "results": [{"runtime": "eager", "format": "checkpoint", "batch_size": 1,
+                                                  "latency_ms_p50": 1.0, "latency_ms_p99": 2.0, "throughput_ips": 9.0}]},
+           "verify": {"status": "ok", "passed": True, "formats": {"onnx": {"max_abs_err": 1e-6, "precision": "fp32"}}},
+           "triton": {"status": "ok", "repository": "/r", "name": "cnn_onnx"}}
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (lambda m: m["stages"].update(quantize={"status": "ok"}), "`stages.quantize.gate` is missing"),
+    (lambda m: m["stages"].update(triton={"status": "ok"}), "`stages.triton.repository` is missing"),
+    (lambda m: m["stages"].update(deploy={"status": "ok"}), "`stages.deploy.figures` is missing"),
+    (lambda m: m["stages"]["quantize"]["gate"].update(max_drop_pt="0.5"), "`stages.quantize.gate.max_drop_pt` is not a number"),
+    (lambda m: m["stages"]["bench"]["results"][0].pop("throughput_ips"),
+     "`stages.bench.results[0].throughput_ips` is missing"),
+    (lambda m: m["stages"]["bench"].update(results={}), "`stages.bench.results` is not a list"),
+    (lambda m: m["stages"]["verify"].update(formats=[]), "`stages.verify.formats` is not an object"),
+    (lambda m: m["stages"]["verify"]["formats"]["onnx"].update(precision="fp99"),
+     "`stages.verify.formats.onnx.precision` is not one of fp32, fp16, bf16, int8"),
+    (lambda m: m["model"].update(classes=[1, 2]), "`model.classes[0]` is not a string"),
+    (lambda m: m["model"].update(classes=["a", "b", "c"]), "`model.classes` names 3 classes, `model.num_classes` says 2"),
+    (lambda m: m["model"].update(image_size=0), "`model.image_size` is not an integer >= 8"),
+    (lambda m: m.pop("tool"), "`tool` is missing"),
+])
+def test_a_manifest_whose_stages_lack_what_the_commands_read_is_refused_in_one_line(tmp_path, edit, says):
+    """Each of these was a traceback in report, deploy, triton or bench (a helper's hand edits of a real run)."""
+    import json
+
+    from cnnpack.errors import UserInputError
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32})
+    m = run.read()
+    m["stages"].update(json.loads(json.dumps(_STAGES)))
+    run.manifest_path.write_text(json.dumps(m))
+    Run.open(run.path).read()  # as written, it is whole
+    edit(m)
+    run.manifest_path.write_text(json.dumps(m))
+    with pytest.raises(UserInputError, match=f"cnnpack.json is damaged: {re.escape(says)}; restore it"):
+        Run.open(run.path).read()
+
+
+def test_a_stage_that_did_not_finish_records_less_and_is_not_damaged(tmp_path):
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32})
+    for status in ("failed", "running", "interrupted"):
+        run.update(lambda m, s=status: m["stages"].update(quantize={"status": s}, bench={"status": s}))
+        assert Run.open(run.path).read()["stages"]["quantize"]["status"] == status
 
 
 @pytest.mark.parametrize(("make", "says"), [
@@ -132,8 +184,8 @@ def test_a_commit_whose_record_fails_puts_back_what_stood_there(tmp_path):
     assert sorted(p.name for p in dest.parent.iterdir()) == ["model.onnx", "openvino"]  # nothing aside left
     staged = staged_beside(dest)
     staged.write_text("new")
-    run.commit([(staged, dest)], lambda m: m.setdefault("stages", {}).update(export={"status": "ok"}))
-    assert dest.read_text() == "new" and not staged.exists() and run.read()["stages"]["export"] == {"status": "ok"}
+    run.commit([(staged, dest)], lambda m: m.setdefault("stages", {}).update(export={"status": "ok", "artifacts": {}}))
+    assert dest.read_text() == "new" and not staged.exists() and run.read()["stages"]["export"]["status"] == "ok"
     assert sorted(p.name for p in dest.parent.iterdir()) == ["model.onnx", "openvino"]
     mask = os.umask(0)
     os.umask(mask)

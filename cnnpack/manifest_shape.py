@@ -1,0 +1,175 @@
+"""The shape of cnnpack.json that the commands read: a hand-edited or foreign manifest is refused in one line naming
+the first key that is wrong (`rundir.Run.read`), not met as a traceback in whichever command reads that key first.
+
+A shape is a type (`str`, `int`, `NUM`, `bool`, `dict`, `list`), a dict of key -> shape (a key ending in "?" may
+be absent), `Each(shape)` (an object whose every value has that shape), `[shape]` (a list whose every item has it),
+`Nullable(shape)`, `OneOf(...)` or `Check(shape, predicate, says)`. Only what some command reads is described; other
+keys are free. A stage's keys are required only while its status is "ok": a stage that failed, or that a Ctrl-C or
+a crash stopped ("running", "interrupted"), records less, and its readers only look at what is there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cnnpack.spec import MIN_IMAGE_SIZE
+
+
+class NUM:  # an int or a float, not a bool
+    pass
+
+
+@dataclass(frozen=True)
+class Each:
+    shape: Any
+
+
+@dataclass(frozen=True)
+class Nullable:
+    shape: Any
+
+
+@dataclass(frozen=True)
+class OneOf:
+    values: tuple
+
+
+@dataclass(frozen=True)
+class Check:
+    shape: Any
+    ok: Callable[[Any], bool]
+    says: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage section: `keys` are required (those ending in "?" excepted) when its status is "ok"."""
+
+    keys: dict
+
+
+_NAMES = {str: "a string", int: "an integer", NUM: "a number", bool: "true or false", dict: "an object",
+          list: "a list"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _at(path: str, key: str | int) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+
+
+def problem(value: Any, shape: Any, path: str = "", *, required: bool = True) -> str | None:
+    """What is wrong with `value` at `path` against `shape`, or None."""
+    if isinstance(shape, Nullable):
+        return None if value is None else problem(value, shape.shape, path, required=required)
+    if isinstance(shape, type):
+        return None if _is(value, shape) else f"`{path}` is not {_NAMES[shape]}"
+    if isinstance(shape, OneOf):
+        return None if value in shape.values else f"`{path}` is not one of {', '.join(map(str, shape.values))}"
+    if isinstance(shape, Check):
+        return problem(value, shape.shape, path, required=required) or (
+            None if shape.ok(value) else f"`{path}` {shape.says}")
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"`{path}` is not a list"
+        return next((p for i, v in enumerate(value) if (p := problem(v, shape[0], _at(path, i)))), None)
+    if isinstance(shape, Each):
+        if not isinstance(value, dict):
+            return f"`{path}` is not an object"
+        return next((p for k, v in value.items() if (p := problem(v, shape.shape, _at(path, k)))), None)
+    if isinstance(shape, Stage):
+        if not isinstance(value, dict):
+            return f"`{path}` is not an object"
+        return _keys(value, shape.keys, path, required=value.get("status") == "ok")
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"`{path}` is not an object"
+        return _keys(value, shape, path, required=required)
+    raise TypeError(f"not a shape: {shape!r}")
+
+
+def _keys(value: dict, shape: dict, path: str, *, required: bool) -> str | None:
+    for key, sub in shape.items():
+        name, optional = key.rstrip("?"), key.endswith("?")
+        if name not in value:
+            if required and not optional:
+                return f"`{_at(path, name)}` is missing"
+            continue
+        if p := problem(value[name], sub, _at(path, name), required=required):
+            return p
+    return None
+
+
+# -- what the commands read --------------------------------------------------------------------------------------
+POSITIVE = Check(int, lambda v: v >= 1, "is not an integer >= 1")
+FILE = {"path": str, "sha256": str}
+TENSOR = {"name": str, "dtype": str, "shape": [int]}
+PRECISION = OneOf(("fp32", "fp16", "bf16", "int8"))
+
+ARTIFACT = {
+    "path": str, "sha256": str, "input": TENSOR, "output": TENSOR,
+    "max_batch_size?": Nullable(POSITIVE), "static_batch?": Nullable(POSITIVE), "precision?": PRECISION,
+    "format?": str, "exporter?": str, "input_kind?": str, "size_mb?": NUM, "extra?": dict, "source?": dict,
+    "config?": dict, "weights?": FILE, "gate?": {"max_drop_pt?": NUM}, "checkpoint_sha256?": str,
+}
+GATE = {"max_drop_pt": NUM, "min_agreement?": NUM, "drop_pt": NUM, "top1_agreement_vs_fp32": NUM, "steps": int}
+QUANTIZE = Stage({"gate": GATE, "calibration": {"images": int, "method": str, "seed": int},
+                  "kept_float?": [str], "outputs?": Each(FILE)})
+VERIFIED = {"precision?": PRECISION, "contract?": Nullable(str), "passed?": bool, "max_abs_err?": Nullable(NUM),
+            "top1_agreement?": Nullable(NUM), "accuracy?": Nullable(NUM), "top1_tie_disagreements?": Nullable(int),
+            "top1_agreement_gated?": Nullable(NUM)}
+BENCH_ROW = {
+    "runtime": str, "format": str, "batch_size": POSITIVE, "latency_ms_p50": NUM, "latency_ms_p99": NUM,
+    "throughput_ips": NUM, "precision?": PRECISION, "artifact?": str, "cpu_others?": Nullable(NUM),
+    "load_s?": Nullable(NUM), "first_call_s?": Nullable(NUM), "speedup_vs_eager?": Nullable(NUM),
+    "matmul_share?": Nullable(NUM), "gflops?": Nullable(NUM), "stable?": bool, "concurrency?": Nullable(int),
+}
+CEILING = {"gflops": NUM, "best?": str, "matrix_engine?": str, "theoretical_gflops?": Nullable({"gflops?": NUM})}
+
+MODEL = {"arch": str, "num_classes": POSITIVE, "classes": Check([str], lambda v: len(v) >= 1, "is empty"),
+         "image_size": Check(int, lambda v: v >= MIN_IMAGE_SIZE, f"is not an integer >= {MIN_IMAGE_SIZE}"),
+         "channels?": POSITIVE, "mean?": [NUM], "std?": [NUM], "input_layout?": str, "arch_kwargs?": dict}
+
+MANIFEST = {
+    "model": MODEL,
+    "tool": {"name": str, "version": str},
+    "machine?": {"cpu_count?": Nullable(int), "processor?": Nullable(str), "platform?": Nullable(str)},
+    "libraries?": Each(Nullable(str)),
+    "stages?": Check({
+        "train?": Stage({"config": {"data?": Nullable(str)}, "metrics": {"best_val_acc": NUM, "best_epoch?": int,
+                                                                         "epochs?": int, "wall_s?": NUM},
+                         "data?": {"classes?": [str], "source?": str}, "outputs?": Each(FILE)}),
+        "export?": Stage({"artifacts": Each(ARTIFACT), "source?": dict}),
+        "quantize?": QUANTIZE,
+        "quantize_openvino?": QUANTIZE,
+        "verify?": Stage({"passed": bool, "formats": Each({**VERIFIED, "runtimes?": [str],
+                                                           "by_runtime?": Each(VERIFIED)}),
+                          "artifacts?": Each({"path?": str, "sha256?": str, "weights_sha256?": Nullable(str)}),
+                          "outputs?": Each(FILE)}),
+        "bench?": Stage({"results": [BENCH_ROW], "ceilings?": Each(CEILING), "inputs?": Each(str),
+                         "outputs?": Each(FILE)}),
+        "triton?": Stage({"repository": str, "name": str, "version?": int, "format?": str,
+                          "models?": list, "files?": Each(FILE)}),
+        "served?": Stage({"repository?": str, "outputs?": Each(FILE)}),
+        "tune?": Stage({"points?": [dict], "outputs?": Each(FILE)}),
+        "deploy?": Stage({"figures": dict}),
+    }, lambda v: all(isinstance(x, dict) for x in v.values()), "is not an object of objects"),
+}
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """The first key of `manifest` that is not as the commands read it, or None."""
+    if p := problem(manifest, MANIFEST):
+        return p
+    model = manifest["model"]
+    if len(model["classes"]) != model["num_classes"]:
+        return f"`model.classes` names {len(model['classes'])} classes, `model.num_classes` says {model['num_classes']}"
+    return None
