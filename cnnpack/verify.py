@@ -10,7 +10,9 @@ each such *target* is compared with the eager checkpoint on exactly the same inp
    with rtol fixed and the smallest rtol that would pass with atol fixed. An element passes if
    |a - b| <= atol or |a - b| <= rtol * |b|, b being eager's value.
 2. Task parity: over the whole validation set, each target's top-1 accuracy, its delta to eager and
-   the share of images whose predicted class equals eager's (gated by `min_agreement`).
+   the share of images whose predicted class equals eager's (gated by `min_agreement`; a difference on a
+   tie, where eager's two classes lie within one step of the target's precision, is reported and not
+   counted: `contracts.task_stats`).
 
 A target needs nothing but `predict`, so a served model is checked by the same code: pass it in
 `targets`. GPU runtimes run in exact fp32 (no TF32, no fp16 engines): the contract is fp32 parity.
