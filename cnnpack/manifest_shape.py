@@ -4,8 +4,9 @@ the first key that is wrong (`rundir.Run.read`), not met as a traceback in which
 A shape is a type (`str`, `int`, `NUM`, `bool`, `dict`, `list`), a dict of key -> shape (a key ending in "?" may
 be absent), `Each(shape)` (an object whose every value has that shape), `[shape]` (a list whose every item has it),
 `Nullable(shape)`, `OneOf(...)` or `Check(shape, predicate, says)`. Only what some command reads is described; other
-keys are free. A stage's keys are required only while its status is "ok": a stage that failed, or that a Ctrl-C or
-a crash stopped ("running", "interrupted"), records less, and its readers only look at what is there.
+keys are free. A stage's own keys are required only while its status is "ok": a stage that failed, or that a Ctrl-C
+or a crash stopped ("running", "interrupted"), records less, and its readers only look at what is there; what it
+does record (an artifact, a bench row) is whole.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Stage:
     keys: dict
 
 
+STATUSES = ("ok", "failed", "running", "interrupted")
 _NAMES = {str: "a string", int: "an integer", NUM: "a number", bool: "true or false", dict: "an object",
           list: "a list"}
 
@@ -66,17 +68,16 @@ def _at(path: str, key: str | int) -> str:
     return f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
 
 
-def problem(value: Any, shape: Any, path: str = "", *, required: bool = True) -> str | None:
+def problem(value: Any, shape: Any, path: str = "") -> str | None:
     """What is wrong with `value` at `path` against `shape`, or None."""
     if isinstance(shape, Nullable):
-        return None if value is None else problem(value, shape.shape, path, required=required)
+        return None if value is None else problem(value, shape.shape, path)
     if isinstance(shape, type):
         return None if _is(value, shape) else f"`{path}` is not {_NAMES[shape]}"
     if isinstance(shape, OneOf):
         return None if value in shape.values else f"`{path}` is not one of {', '.join(map(str, shape.values))}"
     if isinstance(shape, Check):
-        return problem(value, shape.shape, path, required=required) or (
-            None if shape.ok(value) else f"`{path}` {shape.says}")
+        return problem(value, shape.shape, path) or (None if shape.ok(value) else f"`{path}` {shape.says}")
     if isinstance(shape, list):
         if not isinstance(value, list):
             return f"`{path}` is not a list"
@@ -88,11 +89,13 @@ def problem(value: Any, shape: Any, path: str = "", *, required: bool = True) ->
     if isinstance(shape, Stage):
         if not isinstance(value, dict):
             return f"`{path}` is not an object"
+        if "status" in value and value["status"] not in STATUSES:
+            return f"`{_at(path, 'status')}` is not one of {', '.join(STATUSES)}"
         return _keys(value, shape.keys, path, required=value.get("status") == "ok")
     if isinstance(shape, dict):
         if not isinstance(value, dict):
             return f"`{path}` is not an object"
-        return _keys(value, shape, path, required=required)
+        return _keys(value, shape, path, required=True)
     raise TypeError(f"not a shape: {shape!r}")
 
 
@@ -103,20 +106,21 @@ def _keys(value: dict, shape: dict, path: str, *, required: bool) -> str | None:
             if required and not optional:
                 return f"`{_at(path, name)}` is missing"
             continue
-        if p := problem(value[name], sub, _at(path, name), required=required):
+        if p := problem(value[name], sub, _at(path, name)):  # what is there is whole, in any stage
             return p
     return None
 
 
 # -- what the commands read --------------------------------------------------------------------------------------
 POSITIVE = Check(int, lambda v: v >= 1, "is not an integer >= 1")
+FORMATS = ("onnx", "onnx_int8", "pt2", "torchscript", "openvino", "openvino_int8")  # runtimes.FORMAT_RUNTIME's
 FILE = {"path": str, "sha256": str}
 TENSOR = {"name": str, "dtype": str, "shape": [int]}
 PRECISION = OneOf(("fp32", "fp16", "bf16", "int8"))
 
 ARTIFACT = {
     "path": str, "sha256": str, "input": TENSOR, "output": TENSOR,
-    "max_batch_size?": Nullable(POSITIVE), "static_batch?": Nullable(POSITIVE), "precision?": PRECISION,
+    "max_batch_size": POSITIVE, "static_batch?": Nullable(POSITIVE), "precision?": PRECISION,
     "format?": str, "exporter?": str, "input_kind?": str, "size_mb?": NUM, "extra?": dict, "source?": dict,
     "config?": dict, "weights?": FILE, "gate?": {"max_drop_pt?": NUM}, "checkpoint_sha256?": str,
 }
@@ -126,28 +130,36 @@ QUANTIZE = Stage({"gate": GATE, "calibration": {"images": int, "method": str, "s
 VERIFIED = {"precision?": PRECISION, "contract?": Nullable(str), "passed?": bool, "max_abs_err?": Nullable(NUM),
             "top1_agreement?": Nullable(NUM), "accuracy?": Nullable(NUM), "top1_tie_disagreements?": Nullable(int),
             "top1_agreement_gated?": Nullable(NUM)}
+_SERVED_ROW = {"concurrency": POSITIVE, "latency_ms_p50": NUM, "latency_ms_p99": NUM, "throughput_ips": NUM,
+               "format?": str, "protocol?": Nullable(str)}
 BENCH_ROW = {
     "runtime": str, "format": str, "batch_size": POSITIVE, "latency_ms_p50": NUM, "latency_ms_p99": NUM,
     "throughput_ips": NUM, "precision?": PRECISION, "artifact?": str, "cpu_others?": Nullable(NUM),
     "load_s?": Nullable(NUM), "first_call_s?": Nullable(NUM), "speedup_vs_eager?": Nullable(NUM),
     "matmul_share?": Nullable(NUM), "gflops?": Nullable(NUM), "stable?": bool, "concurrency?": Nullable(int),
 }
+BENCH_ROW = Check(BENCH_ROW, lambda r: r.get("runtime") != "triton" or problem(r, _SERVED_ROW) is None,
+                  "is a served row without its concurrency")  # bench --triton-url's rows: one per concurrency
 CEILING = {"gflops": NUM, "best?": str, "matrix_engine?": str, "theoretical_gflops?": Nullable({"gflops?": NUM})}
 
 MODEL = {"arch": str, "num_classes": POSITIVE, "classes": Check([str], lambda v: len(v) >= 1, "is empty"),
          "image_size": Check(int, lambda v: v >= MIN_IMAGE_SIZE, f"is not an integer >= {MIN_IMAGE_SIZE}"),
-         "channels?": POSITIVE, "mean?": [NUM], "std?": [NUM], "input_layout?": str, "arch_kwargs?": dict}
+         "channels?": POSITIVE, "input_layout?": str, "arch_kwargs?": dict,
+         "mean?": [NUM], "std?": [NUM]}  # absent: ImageNet's (spec.ModelSpec.from_dict)
 
 MANIFEST = {
     "model": MODEL,
     "tool": {"name": str, "version": str},
-    "machine?": {"cpu_count?": Nullable(int), "processor?": Nullable(str), "platform?": Nullable(str)},
-    "libraries?": Each(Nullable(str)),
+    "machine": {"cpu_count?": Nullable(int), "processor?": Nullable(str), "platform?": Nullable(str)},
+    "libraries": Each(Nullable(str)),
     "stages?": Check({
         "train?": Stage({"config": {"data?": Nullable(str)}, "metrics": {"best_val_acc": NUM, "best_epoch?": int,
                                                                          "epochs?": int, "wall_s?": NUM},
                          "data?": {"classes?": [str], "source?": str}, "outputs?": Each(FILE)}),
-        "export?": Stage({"artifacts": Each(ARTIFACT), "source?": dict}),
+        "model?": Stage({"source?": dict}),  # a run made by `export --arch` (no training)
+        "export?": Stage({"artifacts": Check(Each(ARTIFACT), lambda a: set(a) <= set(FORMATS),
+                                             f"names a format that is none of {', '.join(FORMATS)}"),
+                          "source?": dict}),
         "quantize?": QUANTIZE,
         "quantize_openvino?": QUANTIZE,
         "verify?": Stage({"passed": bool, "formats": Each({**VERIFIED, "runtimes?": [str],
@@ -155,11 +167,14 @@ MANIFEST = {
                           "artifacts?": Each({"path?": str, "sha256?": str, "weights_sha256?": Nullable(str)}),
                           "outputs?": Each(FILE)}),
         "bench?": Stage({"results": [BENCH_ROW], "ceilings?": Each(CEILING), "inputs?": Each(str),
-                         "outputs?": Each(FILE)}),
-        "triton?": Stage({"repository": str, "name": str, "version?": int, "format?": str,
-                          "models?": list, "files?": Each(FILE)}),
-        "served?": Stage({"repository?": str, "outputs?": Each(FILE)}),
-        "tune?": Stage({"points?": [dict], "outputs?": Each(FILE)}),
+                         "outputs?": Each(FILE), "machine_peak_gflops?": Nullable(NUM), "skipped?": Each(str),
+                         "config?": {"stability?": NUM}, "matmul?": {"spread?": NUM, "samples_gflops?": [NUM]}}),
+        "triton?": Stage({"repository": str, "name": str, "version": int, "format": str,
+                          "models?": list, "files?": Each(FILE), "config?": {"instances?": Nullable(POSITIVE)}}),
+        "served?": Stage({"repository?": str, "outputs?": Each(FILE), "load?": [_SERVED_ROW],
+                          "server_peak_rss_bytes?": Nullable(NUM)}),
+        "tune?": Stage({"points?": [dict], "outputs?": Each(FILE), "tuned?": Each(dict),
+                        "written?": Nullable({"config": str}), "winner?": Nullable(dict)}),
         "deploy?": Stage({"figures": dict}),
     }, lambda v: all(isinstance(x, dict) for x in v.values()), "is not an object of objects"),
 }
@@ -171,5 +186,6 @@ def manifest_problem(manifest: Any) -> str | None:
         return p
     model = manifest["model"]
     if len(model["classes"]) != model["num_classes"]:
-        return f"`model.classes` names {len(model['classes'])} classes, `model.num_classes` says {model['num_classes']}"
+        return (f"`model.classes` names {len(model['classes'])} classes, `model.num_classes` says "
+                f"{model['num_classes']}")
     return None

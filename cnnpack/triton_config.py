@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.rundir import sha256
+from cnnpack.spec import ModelSpec
 
 # what config.pbtxt names: a platform (ONNX Runtime, LibTorch, AOTInductor) or, for OpenVINO, the backend
 PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx_int8": "onnxruntime_onnx", "pt2": "torch_aoti",
@@ -203,8 +204,9 @@ def preprocess_config(name: str, io: ModelIO, spec: dict, cfg: TritonConfig):
     _batching(mc, io.max_batch_size, cfg)
     mc.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=cfg.instances)  # Pillow runs on the CPU
     _param(mc, "input_kind", io.input_kind)
-    _param(mc, "mean", json.dumps(list(spec["mean"])))
-    _param(mc, "std", json.dumps(list(spec["std"])))
+    norm = ModelSpec.from_dict(spec)  # a spec recorded without mean/std normalizes as ImageNet's
+    _param(mc, "mean", json.dumps(list(norm.mean)))
+    _param(mc, "std", json.dumps(list(norm.std)))
     return mc
 
 

@@ -71,7 +71,7 @@ _STAGES = {"quantize": {"status": "ok", "gate": {"max_drop_pt": 0.5, "drop_pt": 
            "bench": {"status": "ok", "results": [{"runtime": "eager", "format": "checkpoint", "batch_size": 1,
                                                   "latency_ms_p50": 1.0, "latency_ms_p99": 2.0, "throughput_ips": 9.0}]},
            "verify": {"status": "ok", "passed": True, "formats": {"onnx": {"max_abs_err": 1e-6, "precision": "fp32"}}},
-           "triton": {"status": "ok", "repository": "/r", "name": "cnn_onnx"}}
+           "triton": {"status": "ok", "repository": "/r", "name": "cnn_onnx", "version": 1, "format": "onnx"}}
 
 
 @pytest.mark.parametrize(("edit", "says"), [
@@ -89,6 +89,16 @@ _STAGES = {"quantize": {"status": "ok", "gate": {"max_drop_pt": 0.5, "drop_pt": 
     (lambda m: m["model"].update(classes=["a", "b", "c"]), "`model.classes` names 3 classes, `model.num_classes` says 2"),
     (lambda m: m["model"].update(image_size=0), "`model.image_size` is not an integer >= 8"),
     (lambda m: m.pop("tool"), "`tool` is missing"),
+    (lambda m: m.pop("machine"), "`machine` is missing"),
+    (lambda m: m["stages"]["bench"].update(status=1), "`stages.bench.status` is not one of ok, failed, running, interrupted"),
+    (lambda m: m["model"].update(mean="0.5"), "`model.mean` is not a list"),
+    (lambda m: m["stages"]["triton"].pop("version"), "`stages.triton.version` is missing"),
+    (lambda m: m["stages"]["bench"]["results"].append({**m["stages"]["bench"]["results"][0], "runtime": "triton"}),
+     "`stages.bench.results[1]` is a served row without its concurrency"),
+    (lambda m: m["stages"]["bench"].update(skipped=["x"]), "`stages.bench.skipped` is not an object"),
+    (lambda m: m["stages"].update(export={"status": "ok", "artifacts": {"tflite": _ART}}),
+     "`stages.export.artifacts` names a format that is none of onnx, onnx_int8, pt2, torchscript, openvino, "
+     "openvino_int8"),
 ])
 def test_a_manifest_whose_stages_lack_what_the_commands_read_is_refused_in_one_line(tmp_path, edit, says):
     """Each of these was a traceback in report, deploy, triton or bench (a helper's hand edits of a real run)."""
@@ -106,6 +116,13 @@ def test_a_manifest_whose_stages_lack_what_the_commands_read_is_refused_in_one_l
     run.manifest_path.write_text(json.dumps(m))
     with pytest.raises(UserInputError, match=f"cnnpack.json is damaged: {re.escape(says)}; restore it"):
         Run.open(run.path).read()
+
+
+def test_the_manifest_shape_knows_every_format():
+    from cnnpack.manifest_shape import FORMATS
+    from cnnpack.runtimes import FORMAT_RUNTIME
+
+    assert set(FORMATS) == set(FORMAT_RUNTIME) - {"checkpoint"}
 
 
 def test_a_stage_that_did_not_finish_records_less_and_is_not_damaged(tmp_path):

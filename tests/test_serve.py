@@ -353,7 +353,8 @@ def test_run_names_its_repository(tmp_path):
     run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 3, "classes": CLASSES, "image_size": 32})
     with pytest.raises(MissingStageError, match="cnnpack triton"):
         serve.repository_of(run.path)
-    run.set_stage("triton", {"status": "ok", "repository": str(tmp_path / "repo"), "name": "tiny_onnx"})
+    run.set_stage("triton", {"status": "ok", "repository": str(tmp_path / "repo"), "name": "tiny_onnx",
+                             "version": 1, "format": "onnx"})
     assert serve.repository_of(run.path) == str(tmp_path / "repo")
 
 
@@ -363,7 +364,8 @@ def test_a_folder_triton_cannot_read_as_a_repository_is_refused_before_starting(
 
     run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 3, "classes": CLASSES, "image_size": 32})
     (run.path / "export").mkdir()
-    run.set_stage("triton", {"status": "ok", "repository": str(run.path / "model_repository"), "name": "tiny_onnx"})
+    run.set_stage("triton", {"status": "ok", "repository": str(run.path / "model_repository"), "name": "tiny_onnx",
+                             "version": 1, "format": "onnx"})
     laid_out = re.escape(str(run.path / "model_repository"))
     with pytest.raises(UserInputError, match=f"export holds no config.pbtxt .* serve its repository, {laid_out}"):
         serve.TritonServer(serve.ServeConfig(repository=str(run.path)))._check_repository()
