@@ -3,7 +3,7 @@ the first key that is wrong (`rundir.Run.read`), not met as a traceback in which
 
 A shape is a type (`str`, `int`, `NUM`, `bool`, `dict`, `list`), a dict of key -> shape (a key ending in "?" may
 be absent), `Each(shape)` (an object whose every value has that shape), `[shape]` (a list whose every item has it),
-`Nullable(shape)`, `OneOf(...)` or `Check(shape, predicate, says)`. Only what some command reads is described; other
+`Nullable(shape)`, `OneOf(values)`, `OneOfTypes(types)` or `Check(shape, predicate, says)`. Only what some command reads is described; other
 keys are free. A stage's own keys are required only while its status is "ok": a stage that failed, or that a Ctrl-C
 or a crash stopped ("running", "interrupted"), records less, and its readers only look at what is there; what it
 does record (an artifact, a bench row) is whole.
@@ -45,6 +45,11 @@ class Check:
 
 
 @dataclass(frozen=True)
+class OneOfTypes:
+    kinds: tuple
+
+
+@dataclass(frozen=True)
 class Stage:
     """A stage section: `keys` are required (those ending in "?" excepted) when its status is "ok"."""
 
@@ -74,6 +79,9 @@ def problem(value: Any, shape: Any, path: str = "") -> str | None:
         return None if value is None else problem(value, shape.shape, path)
     if isinstance(shape, type):
         return None if _is(value, shape) else f"`{path}` is not {_NAMES[shape]}"
+    if isinstance(shape, OneOfTypes):
+        return None if any(_is(value, k) for k in shape.kinds) else (
+            f"`{path}` is not {' or '.join(_NAMES[k] for k in shape.kinds)}")
     if isinstance(shape, OneOf):
         return None if value in shape.values else f"`{path}` is not one of {', '.join(map(str, shape.values))}"
     if isinstance(shape, Check):
@@ -140,6 +148,9 @@ BENCH_ROW = {
 }
 BENCH_ROW = Check(BENCH_ROW, lambda r: r.get("runtime") != "triton" or problem(r, _SERVED_ROW) is None,
                   "is a served row without its concurrency")  # bench --triton-url's rows: one per concurrency
+POINT = {"label": str, "model": str, "concurrency": POSITIVE, "instances": POSITIVE, "threads": Check(int, lambda v: v >= 0, "is negative"),
+         "throughput_ips": NUM, "latency_ms_p50": NUM, "latency_ms_p99": NUM, "default?": bool,
+         "server_batch_mean?": Nullable(NUM)}  # one served config at one concurrency (cnnpack tune); threads 0: default
 CEILING = {"gflops": NUM, "best?": str, "matrix_engine?": str, "theoretical_gflops?": Nullable({"gflops?": NUM})}
 
 MODEL = {"arch": str, "num_classes": POSITIVE, "classes": Check([str], lambda v: len(v) >= 1, "is empty"),
@@ -172,9 +183,12 @@ MANIFEST = {
         "triton?": Stage({"repository": str, "name": str, "version": int, "format": str,
                           "models?": list, "files?": Each(FILE), "config?": {"instances?": Nullable(POSITIVE)}}),
         "served?": Stage({"repository?": str, "outputs?": Each(FILE), "load?": [_SERVED_ROW],
-                          "server_peak_rss_bytes?": Nullable(NUM)}),
-        "tune?": Stage({"points?": [dict], "outputs?": Each(FILE), "tuned?": Each(dict),
-                        "written?": Nullable({"config": str}), "winner?": Nullable(dict)}),
+                          "server_peak_rss_bytes?": Nullable(NUM), "server_load_s?": Nullable(NUM),
+                          "predictions?": [{"image": str, "true": str, "label": str, "score": NUM}],
+                          "parity?": Each(VERIFIED), "versions?": Each(OneOfTypes((str, int)))}),
+        "tune?": Stage({"points": [POINT], "config": {"latency_budget_ms": NUM}, "verdict": Nullable(dict),
+                        "winner": Nullable(POINT), "outputs?": Each(FILE), "tuned?": Each(dict),
+                        "written?": Nullable({"config": str})}),
         "deploy?": Stage({"figures": dict}),
     }, lambda v: all(isinstance(x, dict) for x in v.values()), "is not an object of objects"),
 }

@@ -341,10 +341,12 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     config.write_text(config.read_text() + "# written by tune\n")  # (a comment: the same config to Triton)
 
     def tuned_and_served(m):
-        m["stages"]["tune"] = {"status": "ok", "config": {"latency_budget_ms": 20.0}, "winner": {
-            "label": "cnn_onnx x2 1t batching 500 us", "model": "cnn_onnx", "instances": 2, "threads": 1,
-            "default": False, "latency_ms_p99": 4.0}, "written": {"model": "cnn_onnx", "config": str(config),
-                                                                   "sha256": sha256(config)}}
+        winner = {"label": "cnn_onnx x2 1t batching 500 us", "model": "cnn_onnx", "instances": 2, "threads": 1,
+                  "default": False, "concurrency": 16, "throughput_ips": 900.0, "latency_ms_p50": 2.0,
+                  "latency_ms_p99": 4.0}
+        m["stages"]["tune"] = {"status": "ok", "config": {"latency_budget_ms": 20.0}, "points": [winner],
+                               "verdict": {"as_good": False}, "winner": winner,
+                               "written": {"model": "cnn_onnx", "config": str(config), "sha256": sha256(config)}}
         m["stages"]["served"] = {"status": "ok", "server_load_s": 30.0, "server_peak_rss_bytes": 600 << 20}
 
     _manifest(run, tuned_and_served)

@@ -186,8 +186,9 @@ def test_laid_out_holds_while_the_repository_is_as_built_or_as_tune_left_it(run,
     r = Run(run)
     w = write_winner(r, "clf", (repo / "clf/config.pbtxt").read_text().replace("max_queue_delay_microseconds: 100",
                                                                                 "max_queue_delay_microseconds: 500"))
-    r.set_stage("tune", {"status": "ok", "written": w, "tuned": {w["config"]: {"previous": w["previous"],
-                                                                                  "sha256": w["sha256"]}}})
+    r.set_stage("tune", {"status": "ok", "points": [], "config": {"latency_budget_ms": 10.0}, "verdict": None,
+                         "winner": None, "written": w,
+                         "tuned": {w["config"]: {"previous": w["previous"], "sha256": w["sha256"]}}})
     assert laid_out(Run(run), cfg)  # tune's config stands
     Path(w["config"]).write_text(Path(w["config"]).read_text() + "\n# edited by hand\n")
     assert not laid_out(Run(run), cfg)

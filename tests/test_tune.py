@@ -157,7 +157,7 @@ def _point(label_settings: dict, ips: float, p99: float) -> dict:
 
     s = Setting(model="cnn_onnx", format="onnx", **label_settings)
     return {**asdict(s), "label": s.label, "precision": "fp32", "concurrency": 4, "throughput_ips": ips,
-            "latency_ms_p99": p99, "noise": 0.01}
+            "latency_ms_p50": p99 / 2, "latency_ms_p99": p99, "noise": 0.01}
 
 
 def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survives_a_second_tune(laid_out, tmp_path):
@@ -237,8 +237,8 @@ def test_the_refine_gets_only_what_the_coarse_sweep_left_of_the_time_limit(laid_
     def planted(wall_s: float, truncated: bool):
         def sweep(run, cfg, settings, repository, say, server):
             limits.append(cfg.time_limit_s)
-            points = [{**asdict(s), "label": s.label, "precision": "fp32", "concurrency": 4, "latency_ms_p99": 5.0,
-                       "throughput_ips": 1000.0 + s.queue_delay_us, "noise": 0.01} for s in settings]
+            points = [{**asdict(s), "label": s.label, "precision": "fp32", "concurrency": 4, "latency_ms_p50": 2.0,
+                       "latency_ms_p99": 5.0, "throughput_ips": 1000.0 + s.queue_delay_us, "noise": 0.01} for s in settings]
             return points, {"search": "grid", "truncated": truncated, "error": None, "errors": [],
                             "server_alive": True, "wall_s": wall_s}
         return sweep
