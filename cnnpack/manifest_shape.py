@@ -131,6 +131,7 @@ ARTIFACT = {
     "max_batch_size": POSITIVE, "static_batch?": Nullable(POSITIVE), "precision?": PRECISION,
     "format?": str, "exporter?": str, "input_kind?": str, "size_mb?": NUM, "extra?": dict, "source?": dict,
     "config?": dict, "weights?": FILE, "gate?": {"max_drop_pt?": NUM}, "checkpoint_sha256?": str,
+    "compile_s?": Nullable(NUM), "export_s?": Nullable(NUM), "device?": Nullable(str), "torch_version?": Nullable(str),
 }
 GATE = {"max_drop_pt": NUM, "min_agreement?": NUM, "drop_pt": NUM, "top1_agreement_vs_fp32": NUM, "steps": int}
 QUANTIZE = Stage({"gate": GATE, "calibration": {"images": int, "method": str, "seed": int},
@@ -139,7 +140,9 @@ VERIFIED = {"precision?": PRECISION, "contract?": Nullable(str), "passed?": bool
             "top1_agreement?": Nullable(NUM), "accuracy?": Nullable(NUM), "top1_tie_disagreements?": Nullable(int),
             "top1_agreement_gated?": Nullable(NUM)}
 _SERVED_ROW = {"concurrency": POSITIVE, "latency_ms_p50": NUM, "latency_ms_p99": NUM, "throughput_ips": NUM,
-               "format?": str, "protocol?": Nullable(str)}
+               "format?": str, "protocol?": Nullable(str), "load_generator?": Nullable(str), "info?": dict,
+               **dict.fromkeys(("server_batch_mean?", "server_queue_ms_mean?", "server_compute_ms_mean?"),
+                               Nullable(NUM))}
 BENCH_ROW = {
     "runtime": str, "format": str, "batch_size": POSITIVE, "latency_ms_p50": NUM, "latency_ms_p99": NUM,
     "throughput_ips": NUM, "precision?": PRECISION, "artifact?": str, "cpu_others?": Nullable(NUM),
@@ -148,15 +151,19 @@ BENCH_ROW = {
 }
 BENCH_ROW = Check(BENCH_ROW, lambda r: r.get("runtime") != "triton" or problem(r, _SERVED_ROW) is None,
                   "is a served row without its concurrency")  # bench --triton-url's rows: one per concurrency
+VERDICT = {"gain?": Nullable(NUM), "noise?": Nullable(NUM), "p99_gain?": Nullable(NUM), "default?": str,
+           "objective?": str, "as_good?": bool, "vs_served_default?": Nullable({"model": str, "gain": NUM})}
 POINT = {"label": str, "model": str, "concurrency": POSITIVE, "instances": POSITIVE, "threads": Check(int, lambda v: v >= 0, "is negative"),
          "throughput_ips": NUM, "latency_ms_p50": NUM, "latency_ms_p99": NUM, "default?": bool,
          "server_batch_mean?": Nullable(NUM)}  # one served config at one concurrency (cnnpack tune); threads 0: default
-CEILING = {"gflops": NUM, "best?": str, "matrix_engine?": str, "theoretical_gflops?": Nullable({"gflops?": NUM})}
+CEILING = {"gflops": NUM, "best": str, "matrix_engine?": str,
+           "theoretical_gflops?": Nullable({"gflops": NUM, "mhz": NUM, "assumes": str, "note?": Nullable(str)})}
 
 MODEL = {"arch": str, "num_classes": POSITIVE, "classes": Check([str], lambda v: len(v) >= 1, "is empty"),
          "image_size": Check(int, lambda v: v >= MIN_IMAGE_SIZE, f"is not an integer >= {MIN_IMAGE_SIZE}"),
          "channels?": POSITIVE, "input_layout?": str, "arch_kwargs?": dict,
-         "mean?": [NUM], "std?": [NUM]}  # absent: ImageNet's (spec.ModelSpec.from_dict)
+         "mean?": [NUM], "std?": Check([NUM], lambda v: all(x != 0 for x in v), "holds a 0 (it divides)")}
+# mean/std absent: ImageNet's (spec.ModelSpec.from_dict); their length is checked against channels below
 
 MANIFEST = {
     "model": MODEL,
@@ -164,7 +171,8 @@ MANIFEST = {
     "machine": {"cpu_count?": Nullable(int), "processor?": Nullable(str), "platform?": Nullable(str)},
     "libraries": Each(Nullable(str)),
     "stages?": Check({
-        "train?": Stage({"config": {"data?": Nullable(str)}, "metrics": {"best_val_acc": NUM, "best_epoch?": int,
+        "train?": Stage({"config": {"data?": Nullable(str), "seed?": int, "data_root?": Nullable(str),
+                                    "val_fraction?": Check(NUM, lambda v: 0 < v < 1, "is not in (0, 1)")}, "metrics": {"best_val_acc": NUM, "best_epoch?": int,
                                                                          "epochs?": int, "wall_s?": NUM},
                          "data?": {"classes?": [str], "source?": str}, "outputs?": Each(FILE)}),
         "model?": Stage({"source?": dict}),  # a run made by `export --arch` (no training)
@@ -180,16 +188,23 @@ MANIFEST = {
         "bench?": Stage({"results": [BENCH_ROW], "ceilings?": Each(CEILING), "inputs?": Each(str),
                          "outputs?": Each(FILE), "machine_peak_gflops?": Nullable(NUM), "skipped?": Each(str),
                          "config?": {"stability?": NUM}, "matmul?": {"spread?": NUM, "samples_gflops?": [NUM]}}),
-        "triton?": Stage({"repository": str, "name": str, "version": int, "format": str,
-                          "models?": list, "files?": Each(FILE), "config?": {"instances?": Nullable(POSITIVE)}}),
+        "triton?": Stage({"repository": Check(str, bool, "is empty"), "name": str, "version": int, "format": str,
+                          "models?": list, "files?": Each(FILE),
+                          "config?": {"instances?": Nullable(POSITIVE),
+                                      "threads?": Nullable(Check(int, lambda v: v >= 0, "is negative"))}}),
         "served?": Stage({"repository?": str, "outputs?": Each(FILE), "load?": [_SERVED_ROW],
                           "server_peak_rss_bytes?": Nullable(NUM), "server_load_s?": Nullable(NUM),
-                          "predictions?": [{"image": str, "true": str, "label": str, "score": NUM}],
+                          "predictions?": [{"image": str, "true": str, "label": str, "score": NUM,
+                                            "ensemble_label?": str}],
                           "parity?": Each(VERIFIED), "versions?": Each(OneOfTypes((str, int)))}),
-        "tune?": Stage({"points": [POINT], "config": {"latency_budget_ms": NUM}, "verdict": Nullable(dict),
-                        "winner": Nullable(POINT), "outputs?": Each(FILE), "tuned?": Each(dict),
-                        "written?": Nullable({"config": str})}),
-        "deploy?": Stage({"figures": dict}),
+        "tune?": Stage({"points": [POINT], "config": {"latency_budget_ms": NUM}, "verdict": Nullable(VERDICT),
+                        "winner": Nullable(POINT), "outputs?": Each(FILE),
+                        "tuned?": Each({"previous?": str, "sha256?": str}),
+                        "written?": Nullable({"config": str, "previous?": str, "sha256?": str}), "sweep?": {"truncated?": bool}}),
+        "deploy?": Stage({"figures": {k: {"value": NUM, "source?": str} for k in (
+                              "cpu", "memory_mib", "startup_s", "queue_target_us")},
+                          **dict.fromkeys(("out", "name", "image", "model_store", "repository", "content_tag"), str),
+                          "models": [str], "overlays": [str], "config?": dict}),
     }, lambda v: all(isinstance(x, dict) for x in v.values()), "is not an object of objects"),
 }
 
@@ -199,6 +214,9 @@ def manifest_problem(manifest: Any) -> str | None:
     if p := problem(manifest, MANIFEST):
         return p
     model = manifest["model"]
+    for key in ("mean", "std"):  # one per input channel: the image ensemble normalizes each channel by them
+        if key in model and len(model[key]) != model.get("channels", 3):
+            return f"`model.{key}` holds {len(model[key])} numbers for {model.get('channels', 3)} channels"
     if len(model["classes"]) != model["num_classes"]:
         return (f"`model.classes` names {len(model['classes'])} classes, `model.num_classes` says "
                 f"{model['num_classes']}")

@@ -300,7 +300,7 @@ def _tree(root: Path, limit: int = 60) -> str:
 
 def _triton(m: dict, run: Run) -> list[Block]:
     t = m.get("stages", {}).get("triton")
-    if not t:
+    if not t or t.get("status") != "ok":  # a failed layout records only its error (the pipeline's summary says it)
         return []
     repo = Path(t["repository"])
     repo = repo if repo.is_absolute() else Path.cwd() / repo
@@ -345,6 +345,7 @@ def _what_was_served(served: dict, triton: dict) -> str:
 
 def _served(m: dict) -> list[Block]:
     served = m.get("stages", {}).get("served") or {}
+    served = served if served.get("status") == "ok" else {}  # a failed serve records only its error
     # every served row bench recorded: the pipeline's load and any `cnnpack bench --triton-url` since
     benched = [r for r in m.get("stages", {}).get("bench", {}).get("results", []) if r.get("runtime") == "triton"]
     load = benched or served.get("load", [])

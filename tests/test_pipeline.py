@@ -389,6 +389,15 @@ def test_the_report_says_an_export_was_never_verified():
     assert "**Not verified**: verify stopped (interrupted) before its verdict" in _verify({"stages": stopped})[1].text
 
 
+def test_the_report_leaves_out_a_triton_or_served_stage_that_failed():
+    """A pipeline that failed at triton records {status, error} alone: the report read its repository (KeyError)."""
+    from cnnpack.report import _served, _triton
+
+    failed = {"status": "failed", "error": "could not write /r/cnn_onnx: [Errno 28] No space left on device"}
+    assert _triton({"stages": {"triton": failed}}, None) == []
+    assert _served({"stages": {"served": failed}}) == []
+
+
 def test_the_report_says_when_the_served_figures_are_of_another_repository_or_version():
     from cnnpack.report import _what_was_served
 
