@@ -405,7 +405,7 @@ def _tune(m: dict, run: Run) -> list[Block]:
         return []
     from cnnpack.tune_outputs import describe
 
-    w, repo = t["winner"], m["stages"]["triton"]["repository"]
+    w, repo = t["winner"], (m["stages"].get("triton") or {}).get("repository")  # none after a failed layout
     rows = [["config", "concurrency", "images/s", "p50 ms", "p99 ms", "mean batch"]]
     for p in sorted(t["points"], key=lambda p: -p["throughput_ips"])[:10]:
         rows.append([p["label"], str(p["concurrency"]), _num(p["throughput_ips"], "{:,.0f}"),
@@ -415,7 +415,7 @@ def _tune(m: dict, run: Run) -> list[Block]:
             Block("p", f"{len(t['points'])} configurations measured on one local Triton (no restart), p99 budget "
                        f"{t['config']['latency_budget_ms']:g} ms. {describe(t)}."),
             Block("table", rows=rows), Block("img", text="images/s against p99 per served config", path="tune.png"),
-            Block("code", text=f"cnnpack serve --repository {shell(repo)}\n{docker_line(repo)}"),
+            *([Block("code", text=f"cnnpack serve --repository {shell(repo)}\n{docker_line(repo)}")] if repo else []),
             Block("p", _tuned_state(m["stages"], w, run))]
 
 
