@@ -132,7 +132,7 @@ def task_stats(got: np.ndarray, want: np.ndarray, labels: np.ndarray, tie_eps: f
         w = want.astype(np.float64)
         rows = np.arange(len(w))
         step = tie_eps * np.abs(np.where(np.isfinite(w), w, 0.0)).max(1)
-        tied = differ & (w[rows, ref] - w[rows, pred] < step)  # NaN margins (a NaN logit) are never ties
+        tied = differ & (w[rows, ref] - w[rows, pred] < step) & np.isfinite(got).all(1)  # NaN is never a tie
         out.update(top1_tie_disagreements=int(tied.sum()),
                    top1_agreement_gated=float(1 - (differ & ~tied).sum() / len(labels)))
     return out

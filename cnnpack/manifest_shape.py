@@ -130,13 +130,14 @@ ARTIFACT = {
     "path": str, "sha256": str, "input": TENSOR, "output": TENSOR,
     "max_batch_size": POSITIVE, "static_batch?": Nullable(POSITIVE), "precision?": PRECISION,
     "format?": str, "exporter?": str, "input_kind?": str, "size_mb?": NUM, "extra?": dict, "source?": dict,
-    "config?": dict, "weights?": FILE, "gate?": {"max_drop_pt?": NUM}, "checkpoint_sha256?": str,
+    "config?": dict, "weights?": FILE, "gate?": {"max_drop_pt?": NUM}, "checkpoint_sha256?": Nullable(str),  # null: made from a record older than it
     "compile_s?": Nullable(NUM), "export_s?": Nullable(NUM), "device?": Nullable(str), "torch_version?": Nullable(str),
 }
 GATE = {"max_drop_pt": NUM, "min_agreement?": NUM, "drop_pt": NUM, "top1_agreement_vs_fp32": NUM, "steps": int}
 QUANTIZE = Stage({"gate": GATE, "calibration": {"images": int, "method": str, "seed": int},
                   "kept_float?": [str], "outputs?": Each(FILE)})
-VERIFIED = {"precision?": PRECISION, "contract?": Nullable(str), "passed?": bool, "max_abs_err?": Nullable(NUM),
+# a served model's precision comes from its config.pbtxt: any name
+VERIFIED = {"precision?": str, "contract?": Nullable(str), "passed?": bool, "max_abs_err?": Nullable(NUM),
             "top1_agreement?": Nullable(NUM), "accuracy?": Nullable(NUM), "top1_tie_disagreements?": Nullable(int),
             "top1_agreement_gated?": Nullable(NUM)}
 _SERVED_ROW = {"concurrency": POSITIVE, "latency_ms_p50": NUM, "latency_ms_p99": NUM, "throughput_ips": NUM,
@@ -145,13 +146,13 @@ _SERVED_ROW = {"concurrency": POSITIVE, "latency_ms_p50": NUM, "latency_ms_p99":
                                Nullable(NUM))}
 BENCH_ROW = {
     "runtime": str, "format": str, "batch_size": POSITIVE, "latency_ms_p50": NUM, "latency_ms_p99": NUM,
-    "throughput_ips": NUM, "precision?": PRECISION, "artifact?": str, "cpu_others?": Nullable(NUM),
+    "throughput_ips": NUM, "precision?": str, "artifact?": str, "cpu_others?": Nullable(NUM),
     "load_s?": Nullable(NUM), "first_call_s?": Nullable(NUM), "speedup_vs_eager?": Nullable(NUM),
     "matmul_share?": Nullable(NUM), "gflops?": Nullable(NUM), "stable?": bool, "concurrency?": Nullable(int),
 }
 BENCH_ROW = Check(BENCH_ROW, lambda r: r.get("runtime") != "triton" or problem(r, _SERVED_ROW) is None,
                   "is a served row without its concurrency")  # bench --triton-url's rows: one per concurrency
-VERDICT = {"gain?": Nullable(NUM), "noise?": Nullable(NUM), "p99_gain?": Nullable(NUM), "default?": str,
+VERDICT = {"gain?": Nullable(NUM), "noise?": Nullable(NUM), "p99_gain?": Nullable(NUM), "default?": Nullable(str),
            "objective?": str, "as_good?": bool, "vs_served_default?": Nullable({"model": str, "gain": NUM})}
 POINT = {"label": str, "model": str, "concurrency": POSITIVE, "instances": POSITIVE, "threads": Check(int, lambda v: v >= 0, "is negative"),
          "throughput_ips": NUM, "latency_ms_p50": NUM, "latency_ms_p99": NUM, "default?": bool,

@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,26 +216,39 @@ _ASIDE_FILES = (f"configs/{GPU_CONFIG}.pbtxt", PREVIOUS)  # deploy's GPU config,
 
 def _set_aside(folder: Path, old_versions: list[int], aside: Path) -> None:
     """Moves the replaced model's versions and the files other commands left for it into `aside` (renames: no copy,
-    nothing lost on a full disk)."""
+    nothing lost on a full disk). Its `configs/` folder stays (putting back needs no new folder); `cleared` removes it
+    once the publish is recorded, if that was all it held."""
     for v in old_versions:
         os.rename(folder / str(v), aside / str(v))
     for rel in _ASIDE_FILES:
         if (folder / rel).is_file():
             (aside / rel).parent.mkdir(parents=True, exist_ok=True)
             os.rename(folder / rel, aside / rel)
+
+
+def cleared(aside: Path) -> None:
+    """The publish that set `aside` apart is recorded: the replaced model goes, and its empty `configs/` folder."""
+    shutil.rmtree(aside, ignore_errors=True)
     with contextlib.suppress(OSError):  # only if that was all it held (a config of the user's own stays)
-        (folder / "configs").rmdir()
+        (aside.parent / "configs").rmdir()
 
 
 def put_back(folder: Path, aside: Path) -> None:
-    """Undoes `_set_aside`: the replaced model's versions and files back in their places."""
-    for p in sorted(aside.iterdir()):
-        if p.is_dir() and p.name.isdigit():
-            os.rename(p, folder / p.name)
-    for rel in _ASIDE_FILES:
-        if (aside / rel).is_file():
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.rename(aside / rel, folder / rel)
-    shutil.rmtree(aside, ignore_errors=True)
+    """Undoes `_set_aside`: the replaced model's versions and files back in their places. It does what it can and
+    never raises (it runs while another error is on its way out): what could not go back stays in `aside`, named
+    on stderr."""
+    failed = []
+    moves = [(p, folder / p.name) for p in sorted(aside.iterdir()) if p.is_dir() and p.name.isdigit()]
+    moves += [(aside / rel, folder / rel) for rel in _ASIDE_FILES if (aside / rel).is_file()]
+    for src, dest in moves:
+        try:
+            os.rename(src, dest)
+        except OSError as e:
+            failed.append(f"{dest.relative_to(folder)} ({e.strerror or e})")
+    if failed:
+        sys.stderr.write(f"warning: could not put back {', '.join(failed)} of the model --force replaced; "
+                         f"they are in {aside}\n")
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
 
 

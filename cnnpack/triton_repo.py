@@ -21,6 +21,7 @@ import contextlib
 import json
 import re
 import shutil
+import sys
 import zipfile
 from dataclasses import asdict, replace
 from importlib import resources
@@ -52,6 +53,7 @@ from cnnpack.triton_config import (  # noqa: F401 - re-exported: `from cnnpack.t
 from cnnpack.triton_publish import (  # noqa: F401
     Draft,
     Published,
+    cleared,
     conflict,
     model_dir,
     publish,
@@ -270,7 +272,7 @@ def build(run_dir: str | Path, cfg: TritonConfig = TritonConfig()) -> dict:
             raise
     for p in done:  # recorded: what --force replaced goes
         if p.set_aside is not None:
-            shutil.rmtree(p.set_aside, ignore_errors=True)
+            cleared(p.set_aside)
     return run.read()["stages"]["triton"]
 
 
@@ -295,8 +297,11 @@ def _withdraw(root: Path, done: list[Published], before: dict[str, dict[str, byt
             shutil.rmtree(folder / str(p.version), ignore_errors=True)
         if p is not None and p.set_aside is not None:
             put_back(folder, p.set_aside)
-        for file, data in (files or {}).items():  # config.pbtxt and labels.txt, as the old versions fit them
-            atomic_write_bytes(folder / file, data)
+        try:  # the error on its way out is the one to report; each model gets its own files back, as far as it can
+            for file, data in (files or {}).items():  # config.pbtxt and labels.txt, as the old versions fit them
+                atomic_write_bytes(folder / file, data)
+        except OSError as e:
+            sys.stderr.write(f"warning: could not put back {folder}'s own files: {e}\n")
 
 
 def laid_out(run: Run, cfg: TritonConfig) -> bool:

@@ -34,7 +34,8 @@ import numpy as np
 
 from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError, shell
 from cnnpack.peak import usable_cores
-from cnnpack.rundir import Run, atomic_write_json, sha256
+from cnnpack.rundir import Run, atomic_write_bytes, atomic_write_json, sha256
+from cnnpack.triton_publish import PREVIOUS
 from cnnpack.tune_handover import config_of, undoable, write_winner
 from cnnpack.tune_outputs import pareto, plot
 
@@ -420,6 +421,20 @@ def _sweeps(run: Run, cfg: TuneConfig, settings: list[Setting], coarse: bool, re
     return points, info
 
 
+def _as_they_are(config: Path) -> Callable[[], None]:
+    """What puts `config` and its config.pbtxt.prev back as they are now (the .prev removed if there is none now)."""
+    prev = config.with_name(PREVIOUS)
+    files = {p: p.read_bytes() if p.is_file() else None for p in (config, prev)}
+
+    def back() -> None:
+        for p, data in files.items():
+            if data is None:
+                p.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(p, data)
+    return back
+
+
 def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
     died = bool(info["error"]) and not info.get("server_alive", True)
     winner = None if died else choose(points, cfg)  # a config the server refused is a lost point, not a lost sweep
@@ -428,17 +443,24 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
         result = {"config": asdict(cfg), "points": points,
                   "pareto": [p["label"] + f" c{p['concurrency']}" for p in pareto(points)], "sweep": info, "winner": winner, "written": None,
                   "verdict": verdict(winner, points, run.stage("triton")["name"], cfg) if winner else None}
+        plot(points, winner, cfg.latency_budget_ms, run.file(PLOT))
+        taken_back = None
         if winner and not result["verdict"]["as_good"] and not winner["default"]:
+            taken_back = _as_they_are(Path(config_of(run, winner["model"])))
             w = result["written"] = write_winner(run, winner["model"], winner_config(run, winner),
                                                  keep_previous=config_of(run, winner["model"]) in tuned)
             tuned[w["config"]] = {"previous": w["previous"], "sha256": w["sha256"]}
-        atomic_write_json(run.file(OUTPUT), result)
-        plot(points, winner, cfg.latency_budget_ms, run.file(PLOT))
         status = "ok" if winner else "failed"
-        run.set_stage("tune", {"status": status, "config": asdict(cfg), "points": points, "winner": winner,
-                               "verdict": result["verdict"], "written": result["written"], "tuned": tuned,
-                               "sweep": info,
-                               "outputs": {n: run.file_record(run.file(n)) for n in (OUTPUT, PLOT)}})
+        try:  # a config written but not recorded is one `tune --undo` cannot find: it goes back if the record fails
+            atomic_write_json(run.file(OUTPUT), result)
+            run.set_stage("tune", {"status": status, "config": asdict(cfg), "points": points, "winner": winner,
+                                   "verdict": result["verdict"], "written": result["written"], "tuned": tuned,
+                                   "sweep": info,
+                                   "outputs": {n: run.file_record(run.file(n)) for n in (OUTPUT, PLOT)}})
+        except BaseException:
+            if taken_back:
+                taken_back()
+            raise
     if died:
         raise StageFailed(f"the Triton server died during the sweep ({info['error']}); the {len(points)} points "
                           f"measured are in {run.file(OUTPUT)}, no config was changed")

@@ -369,7 +369,8 @@ def by_format(results: list[dict]) -> dict:
         out[fmt] = {"max_abs_err": None if not own or any(r["tensor"] is None for r in own) else
                     max(r["tensor"]["max_abs_err"] for r in own),
                     **{k: min((t[k] for t in tasks), default=None) for k in ("top1_agreement", "accuracy")},
-                    "passed": all(r["passed"] for r in rows), "runtimes": [r["runtime"] for r in rows],
+                    # an artifact no runtime of its own precision checked is not verified (tune and deploy read this)
+                    "passed": bool(own) and all(r["passed"] for r in rows), "runtimes": [r["runtime"] for r in rows],
                     "precision": precision, "contract": next((contract_line(r.get("tolerance")) for r in own), None),
                     "by_runtime": {r["runtime"]: {
                         "precision": r.get("precision", "fp32"), "contract": contract_line(r.get("tolerance")),

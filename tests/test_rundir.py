@@ -87,8 +87,10 @@ _STAGES = {"quantize": {"status": "ok", "gate": {"max_drop_pt": 0.5, "drop_pt": 
      "`stages.bench.results[0].throughput_ips` is missing"),
     (lambda m: m["stages"]["bench"].update(results={}), "`stages.bench.results` is not a list"),
     (lambda m: m["stages"]["verify"].update(formats=[]), "`stages.verify.formats` is not an object"),
-    (lambda m: m["stages"]["verify"]["formats"]["onnx"].update(precision="fp99"),
-     "`stages.verify.formats.onnx.precision` is not one of fp32, fp16, bf16, int8"),
+    (lambda m: m["stages"]["verify"]["formats"]["onnx"].update(max_abs_err="1e-6"),
+     "`stages.verify.formats.onnx.max_abs_err` is not a number"),
+    (lambda m: m["stages"].update(export={"status": "ok", "artifacts": {"onnx": {**_ART, "precision": "fp99"}}}),
+     "`stages.export.artifacts.onnx.precision` is not one of fp32, fp16, bf16, int8"),
     (lambda m: m["model"].update(classes=[1, 2]), "`model.classes[0]` is not a string"),
     (lambda m: m["model"].update(classes=["a", "b", "c"]), "`model.classes` names 3 classes, `model.num_classes` says 2"),
     (lambda m: m["model"].update(image_size=0), "`model.image_size` is not an integer >= 8"),
@@ -123,6 +125,20 @@ def test_a_manifest_whose_stages_lack_what_the_commands_read_is_refused_in_one_l
     run.manifest_path.write_text(json.dumps(m))
     with pytest.raises(UserInputError, match=f"cnnpack.json is damaged: {re.escape(says)}; restore it"):
         Run.open(run.path).read()
+
+
+def test_what_cnnpack_writes_in_its_rarer_cases_is_not_damage():
+    """A review traced these writers: a tune whose default point was not measured (verdict default None), an int8
+    artifact made from a record older than checkpoint digests, a served model whose config names its own precision."""
+    from cnnpack.manifest_shape import manifest_problem
+
+    m = {"model": {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32},
+         "tool": {"name": "cnnpack", "version": "0"}, "machine": {}, "libraries": {}, "stages": {
+             "export": {"status": "ok", "artifacts": {"onnx_int8": {**_ART, "checkpoint_sha256": None}}},
+             "verify": {"status": "ok", "passed": True, "formats": {"triton:m": {"precision": "FP16"}}},
+             "tune": {"status": "ok", "points": [], "config": {"latency_budget_ms": 50.0}, "winner": None,
+                      "verdict": {"default": None, "gain": None, "noise": None, "as_good": False}}}}
+    assert manifest_problem(m) is None
 
 
 def test_the_manifest_shape_knows_every_format():

@@ -160,6 +160,34 @@ def _point(label_settings: dict, ips: float, p99: float) -> dict:
             "latency_ms_p50": p99 / 2, "latency_ms_p99": p99, "noise": 0.01}
 
 
+def test_a_winner_whose_record_fails_is_taken_back(laid_out, tmp_path, monkeypatch):
+    """A config.pbtxt written but not recorded is one `tune --undo` cannot find: a full disk at the record puts the
+    served config (and its missing .prev) back as they were."""
+    import errno
+
+    from cnnpack.rundir import Run
+    from cnnpack.triton_publish import PREVIOUS
+    from cnnpack.tune import TuneConfig, finish
+
+    run_dir, repo = _copy(laid_out, tmp_path)
+    run = Run.open(run_dir)
+    config = repo / "cnn_onnx" / "config.pbtxt"
+    original = config.read_bytes()
+    real = Run.set_stage
+
+    def full(self, name, section):
+        if name == "tune":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.manifest_path))
+        return real(self, name, section)
+
+    monkeypatch.setattr(Run, "set_stage", full)
+    tuned = {"instances": 1, "threads": 1, "dynamic_batching": True, "queue_delay_us": 500}
+    with pytest.raises(OSError, match="No space left"):
+        finish(run, TuneConfig(), [_point({"default": True}, 1000, 120), _point(tuned, 980, 40)],
+               {"error": None, "server_alive": True})
+    assert config.read_bytes() == original and not (repo / "cnn_onnx" / PREVIOUS).exists()
+
+
 def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survives_a_second_tune(laid_out, tmp_path):
     """No sweep: `finish` on planted points. A default outside the budget, or slower on the latency objective,
     is not 'as good'; after a second tune that writes over the first one's config, or keeps it, `--undo` still
