@@ -112,3 +112,19 @@ def outlier_channel(run: Path, factor: float = 1000.0) -> None:
     sd["features.0.1.bias"][c] *= factor
     sd["features.1.0.weight"][:, c] /= factor
     torch.save(ckpt, run / "checkpoint.pt")
+
+
+def record_fails(monkeypatch, stage: str) -> None:
+    """The disk fills when the run records `stage` (after the stage's own files were written)."""
+    import errno
+
+    from cnnpack.rundir import Run
+
+    real = Run.set_stage
+
+    def full(self, name, section):
+        if name == stage:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.manifest_path))
+        return real(self, name, section)
+
+    monkeypatch.setattr(Run, "set_stage", full)

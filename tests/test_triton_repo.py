@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from google.protobuf import json_format, text_format
 from PIL import Image
+from support import record_fails
 from tritonclient.grpc import model_config_pb2
 from typer.testing import CliRunner
 
@@ -324,22 +325,6 @@ def test_a_run_whose_manifest_cannot_be_written_leaves_the_repository_alone(run,
     assert not (tmp_path / "repo").exists()
 
 
-def _triton_record_fails(monkeypatch) -> None:
-    """The disk fills when the run records its triton stage (after the repository was written)."""
-    import errno
-
-    from cnnpack.rundir import Run as RunDir
-
-    real = RunDir.set_stage
-
-    def full(self, name, section):
-        if name == "triton":
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.manifest_path))
-        return real(self, name, section)
-
-    monkeypatch.setattr(RunDir, "set_stage", full)
-
-
 def test_versions_the_manifest_could_not_record_are_taken_out_again(run, tmp_path, monkeypatch):
     """The disk filled between the check and the record: Triton serves the latest version, so one left there
     unrecorded would be served unverified."""
@@ -347,7 +332,7 @@ def test_versions_the_manifest_could_not_record_are_taken_out_again(run, tmp_pat
     build(run, TritonConfig(repository=str(repo), name="clf"))
     before = _tree(repo)
     export(run, ExportConfig(formats=("onnx",), max_batch_size=8))  # another file: a version 2 to lay out
-    _triton_record_fails(monkeypatch)
+    record_fails(monkeypatch, "triton")
     for name in ("clf", "fresh"):  # a new version of a model, and a model made now
         with pytest.raises(OSError, match="No space left"):
             build(run, TritonConfig(repository=str(repo), name=name, max_batch_size=8))
@@ -382,7 +367,7 @@ def test_a_force_that_cannot_be_recorded_gives_the_replaced_model_back(run, tmp_
     (repo / "m/config.pbtxt.prev").write_text('name: "m"')
     before = _tree(repo)
     forced = TritonConfig(repository=str(repo), name="m", format="torchscript", force=True)
-    _triton_record_fails(monkeypatch)
+    record_fails(monkeypatch, "triton")
     with pytest.raises(OSError, match="No space left"):
         build(run, forced)
     assert _tree(repo) == before and sorted(p.name for p in (repo / "m").iterdir()) == [

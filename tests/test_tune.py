@@ -163,7 +163,7 @@ def _point(label_settings: dict, ips: float, p99: float) -> dict:
 def test_a_winner_whose_record_fails_is_taken_back(laid_out, tmp_path, monkeypatch):
     """A config.pbtxt written but not recorded is one `tune --undo` cannot find: a full disk at the record puts the
     served config (and its missing .prev) back as they were."""
-    import errno
+    from support import record_fails
 
     from cnnpack.rundir import Run
     from cnnpack.triton_publish import PREVIOUS
@@ -173,14 +173,7 @@ def test_a_winner_whose_record_fails_is_taken_back(laid_out, tmp_path, monkeypat
     run = Run.open(run_dir)
     config = repo / "cnn_onnx" / "config.pbtxt"
     original = config.read_bytes()
-    real = Run.set_stage
-
-    def full(self, name, section):
-        if name == "tune":
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.manifest_path))
-        return real(self, name, section)
-
-    monkeypatch.setattr(Run, "set_stage", full)
+    record_fails(monkeypatch, "tune")
     tuned = {"instances": 1, "threads": 1, "dynamic_batching": True, "queue_delay_us": 500}
     with pytest.raises(OSError, match="No space left"):
         finish(run, TuneConfig(), [_point({"default": True}, 1000, 120), _point(tuned, 980, 40)],
