@@ -196,12 +196,6 @@ def now() -> str:
 LOCK = ".cnnpack.lock"  # held while the manifest is read, changed and written back
 _HELD = threading.local()  # the runs whose lock this thread holds (flock is not reentrant)
 
-# what every stage reads of `model`, with the type each must have
-def _damage(manifest: dict) -> str | None:
-    """What makes a parsed manifest unusable (a hand edit, another tool), or None: the shapes the commands rely on
-    (`manifest_shape`), so that a damaged file is one line, not a traceback from whichever command reads it first."""
-    return manifest_problem(manifest)
-
 
 class Run:
     """A run directory: `path/cnnpack.json` plus the files the stages write beside it."""
@@ -280,7 +274,7 @@ class Run:
         if version != SCHEMA_VERSION:
             raise UserInputError(f"{self.manifest_path} has schema_version {version}, this cnnpack reads "
                                  f"{SCHEMA_VERSION}")
-        if problem := _damage(data):
+        if problem := manifest_problem(data):  # the shape the commands read (manifest_shape): one line, no traceback
             raise UserInputError(f"{self.manifest_path} is damaged: {problem}; restore it or re-create the run")
         return data
 
