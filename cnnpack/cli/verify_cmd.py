@@ -142,14 +142,14 @@ def _tensor_verdict(r: dict) -> str:
 
 
 def _task_verdict(r: dict) -> str:
-    from cnnpack.contracts import gated_agreement
+    from cnnpack.contracts import drop_within, gated_agreement
 
     k, tol = r["task"], r.get("tolerance") or {}
     if not k:
         return "-"
     ok = gated_agreement(k) >= tol.get("min_agreement", 0)
     if tol.get("max_drop_pt") is not None:
-        ok = ok and -100 * k["accuracy_delta"] <= tol["max_drop_pt"] + 1e-9
+        ok = ok and drop_within(-100 * k["accuracy_delta"], tol["max_drop_pt"])
     counted = f"{_pct(gated_agreement(k))}% " if k.get("top1_tie_disagreements") else ""  # the ties left out
     return f"{_verdict(ok)} ({counted}>= {100 * tol.get('min_agreement', 0):g}%)"
 
