@@ -325,7 +325,7 @@ def test_default_batch_sizes_fit_each_export_and_asked_ones_are_held_to_it(onnx_
 def test_lists_drop_repeats_and_no_number_option_takes_nan_or_inf():
     from typer.testing import CliRunner
 
-    from cnnpack.cli import app, int_list, name_list
+    from cnnpack.cli.common import app, int_list, name_list
 
     assert int_list("1,1,8", "--batch-sizes") == (1, 8) and name_list("onnx, onnx,torchscript") == ("onnx", "torchscript")
     for args in (["bench", "--run", "x", "--max-seconds", "nan"], ["tune", "--run", "x", "--time-limit", "inf"]):

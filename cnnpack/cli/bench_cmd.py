@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors, int_list, name_list, served_options, usage_error
+from cnnpack.cli.common import app, emit, handles_errors, int_list, name_list, served_options, usage_error
 
 
 @app.command()
@@ -124,7 +124,7 @@ def _print_table(section: dict) -> None:
     from rich.table import Table
 
     from cnnpack.bench import series
-    from cnnpack.cli import table_console
+    from cnnpack.cli.common import table_console
 
     def theory(c: dict) -> str:  # a GPU's ceilings have no ISA peak
         return f"; theoretical {c['theoretical_gflops']['gflops']:.0f}" if c.get("theoretical_gflops") else ""

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors
+from cnnpack.cli.common import app, emit, handles_errors
 from cnnpack.errors import shell
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, default_run_dir, emit, handles_errors, name_list, usage_error
+from cnnpack.cli.common import app, default_run_dir, emit, handles_errors, name_list, usage_error
 
 
 @app.command()

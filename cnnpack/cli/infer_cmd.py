@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, handles_errors
+from cnnpack.cli.common import app, handles_errors
 
 
 @app.command()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors, int_list, name_list
+from cnnpack.cli.common import app, emit, handles_errors, int_list, name_list
 from cnnpack.errors import shell
 
 

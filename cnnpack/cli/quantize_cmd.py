@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors
+from cnnpack.cli.common import app, emit, handles_errors
 
 
 @app.command()
@@ -40,7 +40,7 @@ def quantize(
     """
     from rich.console import Console
 
-    from cnnpack.cli import usage_error
+    from cnnpack.cli.common import usage_error
     from cnnpack.quantize import BACKENDS, QuantizeConfig, describe
     from cnnpack.quantize import quantize as do_quantize
 

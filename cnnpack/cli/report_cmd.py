@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors
+from cnnpack.cli.common import app, emit, handles_errors
 
 
 @app.command()

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, handles_errors, usage_error
+from cnnpack.cli.common import app, handles_errors, usage_error
 
 
 @contextlib.contextmanager

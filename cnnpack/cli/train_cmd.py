@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, default_run_dir, emit, handles_errors, usage_error
+from cnnpack.cli.common import app, default_run_dir, emit, handles_errors, usage_error
 
 
 @app.command()

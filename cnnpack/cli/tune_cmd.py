@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors, int_list, name_list
+from cnnpack.cli.common import app, emit, handles_errors, int_list, name_list
 
 
 @app.command()
@@ -71,7 +71,7 @@ def tune(
 def _table(section: dict) -> None:
     from rich.table import Table
 
-    from cnnpack.cli import table_console
+    from cnnpack.cli.common import table_console
 
     sweep = section["sweep"]
     cut = f", cut at --time-limit: {len(section['points'])} of {sweep.get('planned', '?')} planned points" \

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli import app, emit, handles_errors, int_list, name_list, served_options, usage_error
+from cnnpack.cli.common import app, emit, handles_errors, int_list, name_list, served_options, usage_error
 
 
 @app.command()
@@ -69,7 +69,7 @@ def _show(result: dict, run: Path, as_json: bool) -> None:
     emit(result, as_json)
     if as_json:
         return
-    from cnnpack.cli import table_console
+    from cnnpack.cli.common import table_console
 
     table_console(30 + 18 * (len(result["results"]) + len(result["skipped"]))).print(parity_table(result))
     for skip in result["skipped"]:

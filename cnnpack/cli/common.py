@@ -1,0 +1,205 @@
+"""What every command module shares: the `app` they register on, the one-line error handling, the option parsers.
+
+The command modules import this; `cnnpack.cli` imports them (so each registers itself) and this, never the other
+way round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import typer
+from typer.core import TyperGroup, TyperOption
+
+# click's UsageError, from whichever click this typer carries (its own copy since typer 0.2x, click itself before)
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors(command_path: str):
+    """A usage error (unknown option or command, a missing or malformed one) as one stderr line and exit 2, like
+    every other bad input; click's default is a four-line usage box. `cnnpack` alone still shows the help."""
+    try:
+        yield
+    except _USAGE_ERROR as e:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            raise
+        path = e.ctx.command_path if e.ctx is not None else command_path
+        msg = e.format_message().strip().rstrip(".")
+        typer.echo(f"error: {path}: {msg[:1].lower()}{msg[1:]} (see `{path} -h`)", err=True)
+        raise typer.Exit(2) from None
+
+
+def _flags_untyped(display_type_rich):
+    """typer (0.2x) labels every option in the help with its type; a flag takes no value, and `<bool>` beside it
+    reads as if it did."""
+
+    @functools.wraps(display_type_rich)
+    def without_bool(self, ctx):
+        return None if getattr(self, "is_flag", False) else display_type_rich(self, ctx)
+
+    return without_bool
+
+
+if hasattr(TyperOption, "display_type_rich"):
+    TyperOption.display_type_rich = _flags_untyped(TyperOption.display_type_rich)
+
+
+class _Group(TyperGroup):
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line_usage_errors(info_name or self.name or "cnnpack"):
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors(ctx.command_path):
+            return super().invoke(ctx)
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="cnnpack",
+    help="Train an image-classification CNN, export it (ONNX, pt2, TorchScript, OpenVINO), quantize it to int8 "
+    "under an accuracy gate, prove the exports match, benchmark them, serve them with Triton, tune the served "
+    "config and deploy it to Kubernetes.\n\nExample: cnnpack pipeline",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+STATE = {"debug": False}
+
+
+def table_console(width: int, *, stderr: bool = False):
+    """A rich Console for a table: the terminal's width on a terminal; `width` columns when the output goes to a
+    file or a pipe, where rich would assume 80 and squeeze a wide table's cells to single letters."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else width)
+
+
+def print_error(msg: str) -> None:
+    """`error: <msg>` on stderr: the one line every refusal prints."""
+    typer.echo(f"error: {msg}", err=True)
+
+
+def handles_errors(fn):
+    """Turns cnnpack errors into one stderr line and the exit code of their class."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from cnnpack.errors import CnnpackError
+
+        try:
+            _refuse_non_finite(kwargs)
+            return fn(*args, **kwargs)
+        except CnnpackError as e:
+            if STATE["debug"]:  # the traceback too, with the same exit code
+                import traceback
+
+                traceback.print_exc()
+            else:
+                print_error(str(e))
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            print_error("interrupted")
+            raise typer.Exit(130) from None
+        except OSError as e:  # a path the system refused: an output under a file, a read-only or full disk
+            if STATE["debug"] or not isinstance(e.filename, (str, bytes, os.PathLike)):
+                raise
+            print_error(file_error(e))
+            raise typer.Exit(2 if e.errno in _PATH_ERRNOS else 1) from None
+
+    return wrapper
+
+
+def _refuse_non_finite(options: dict) -> None:
+    """nan and inf parse as floats but are no option's value: every number cnnpack takes is finite (a limit, a
+    tolerance, a budget), and a non-finite one would pass `> 0` checks (nan) and be written as invalid JSON."""
+    import math
+
+    from cnnpack.errors import UserInputError
+
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserInputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+# the path given cannot be used (bad input, exit 2); others (a full disk, an I/O error) are failures (exit 1)
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST,
+                errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def file_error(e: OSError) -> str:
+    """`PATH: reason` for an OSError, naming the path the user gave rather than cnnpack's temporary sibling of it
+    (`.model.onnx.x1y2.tmp`, `.deploy.new-x1y2`: outputs are written beside their place, then moved in)."""
+    path = Path(*(m.group(1) if (m := re.fullmatch(r"\.(.+)\.(?:new-\w+|old-\w+|\w+\.tmp)", part)) else part
+                  for part in Path(os.fsdecode(e.filename)).parts))
+    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST):
+        for folder in (path, *path.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    return f"{folder} is a file, not a folder" + (f": cannot make {path}" if folder != path else "")
+                break
+    return f"{path}: {e.strerror or e}"
+
+
+def emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+
+
+def default_run_dir(prefix: str) -> Path:
+    """A new folder under runs/: runs/<prefix>-<n>."""
+    root = Path("runs")
+    n = 1
+    while (root / f"{prefix}-{n}").exists():
+        n += 1
+    return root / f"{prefix}-{n}"
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
+    STATE["debug"] = debug
+
+
+def usage_error(msg: str) -> typer.Exit:
+    """Prints a usage error; `raise usage_error(...)` exits 2."""
+    print_error(msg)
+    return typer.Exit(2)
+
+
+def int_list(text: str, flag: str) -> tuple[int, ...]:
+    """`1,8,32` -> (1, 8, 32), a repeat dropped; anything else (an empty list too) is a usage error naming `flag`."""
+    try:
+        values = tuple(dict.fromkeys(int(v) for v in text.split(",") if v.strip()))
+    except ValueError:
+        raise usage_error(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise usage_error(f"{flag} is empty; give comma-separated integers")
+    return values
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """`onnx, torchscript,onnx` -> ("onnx", "torchscript"): stripped, empty items and repeats dropped (in order)."""
+    return tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+
+
+def served_options(triton_url: str | None, **given: tuple[object, object]) -> None:
+    """Refuses options of a served model (`flag_name=(value, default)`) given without --triton-url, where they would
+    be ignored, and an empty --triton-url."""
+    if triton_url is not None and not triton_url.strip():
+        raise usage_error("--triton-url is empty; give the server's HOST:PORT")
+    if triton_url is None:
+        for name, (value, default) in given.items():
+            if value != default:
+                raise usage_error(f"--{name.replace('_', '-')} is for a served model: give the server with "
+                                  "--triton-url HOST:PORT too")
