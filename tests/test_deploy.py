@@ -29,8 +29,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cnnpack.deploy import plan as plans
 from cnnpack.errors import MissingStageError, UserInputError
 from cnnpack.serve import http_get
+from cnnpack.triton_publish import STAGING_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = {  # kind: (file, version served, where it comes from)
@@ -525,11 +527,17 @@ def test_a_deploy_that_cannot_write_its_folder_leaves_the_repository_alone_and_b
     cache = model / "1" / "__pycache__" / "model.cpython-311.pyc"
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_bytes(b"bytecode a local server left")
+    killed = model / f"{STAGING_PREFIX}x1" / "1" / "model.onnx"  # what a `cnnpack triton` killed mid-publish leaves
+    killed.parent.mkdir(parents=True)
+    killed.write_bytes(b"\0" * 1_000_000)
     try:
         assert deploy(laid_out, DeployConfig(out=str(tmp_path / "b")))["content_tag"] == tag
-        assert "**/__pycache__" in (tmp_path / "b" / "image" / "Dockerfile.dockerignore").read_text().splitlines()
+        ignored = (tmp_path / "b" / "image" / "Dockerfile.dockerignore").read_text().splitlines()
+        assert "**/__pycache__" in ignored and f"**/{STAGING_PREFIX}*" in ignored
+        assert plans.make(laid_out).repository_bytes < 1_000_000  # the left-behind copy is no model to download
     finally:
         shutil.rmtree(cache.parent)
+        shutil.rmtree(killed.parent.parent)
 
 
 def test_the_deployment_is_a_stage_of_the_run_and_its_report_says_when_the_repository_moved_on(laid_out, tmp_path):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cnnpack.errors import UserInputError
 from cnnpack.rundir import Run, sha256
+from cnnpack.triton_publish import STAGING_PREFIX
 
 MiB = 1 << 20
 # memory: measured peak x headroom, or (without a measurement) a base for the server plus each model file
@@ -155,8 +156,9 @@ def content_tag(repository: Path, models: list[str], extra: dict[str, bytes] | N
 
 
 def shipped_cache(rel: Path) -> bool:
-    """A Python bytecode cache: not part of a model (Triton's Python stub writes it when the model loads)."""
-    return "__pycache__" in rel.parts or rel.suffix == ".pyc"
+    """Not part of a model: a Python bytecode cache (Triton's Python stub writes it when the model loads), or the
+    hidden folder a `cnnpack triton` killed mid-publish left behind (Triton ignores it, and so does the plan)."""
+    return "__pycache__" in rel.parts or rel.suffix == ".pyc" or any(p.startswith(STAGING_PREFIX) for p in rel.parts)
 
 
 # -- the figures ----------------------------------------------------------------------------------------------
@@ -198,7 +200,8 @@ def memory(stages: dict, repository: Path, classifiers: list[tuple[str, str]], i
                f"x {MEMORY_HEADROOM:g} headroom" + (f" x {scale:g} for the tuned instance count" if scale > 1 else "")
                + f" (at least {MEMORY_FLOOR_MIB} MiB)")
     else:
-        model_bytes = sum(f.stat().st_size for m, _ in classifiers for f in (repository / m).rglob("*") if f.is_file())
+        model_bytes = sum(f.stat().st_size for m, _ in classifiers for f in (repository / m).rglob("*")
+                          if f.is_file() and not shipped_cache(f.relative_to(repository)))
         mib = MEMORY_BASE_MIB + model_bytes * MEMORY_PER_MODEL_BYTE * instances / MiB
         why = (f"no measured memory (the served stage did not run): {MEMORY_BASE_MIB} MiB for the server + "
                f"{MEMORY_PER_MODEL_BYTE} x the model files ({model_bytes / MiB:.1f} MiB) x {instances} instance(s)")

@@ -10,6 +10,7 @@ from cnnpack.deploy import kube
 from cnnpack.deploy import store as stores
 from cnnpack.deploy.plan import needs_pillow
 from cnnpack.errors import shell
+from cnnpack.triton_publish import STAGING_PREFIX
 
 
 def header(plan, spec) -> str:
@@ -60,8 +61,8 @@ def _pillow_lines(ngc_image: str) -> list[str]:
 
 def dockerignore(plan) -> str:
     """Sends only the shipped folders as the build context (BuildKit reads <Dockerfile>.dockerignore), without the
-    bytecode a local server's Python stub left in them."""
-    return "\n".join(["*", *(f"!{m}" for m in plan.models), "**/__pycache__", "**/*.pyc", ""])
+    bytecode a local server's Python stub left in them, nor a folder a killed `cnnpack triton` left."""
+    return "\n".join(["*", *(f"!{m}" for m in plan.models), "**/__pycache__", "**/*.pyc", f"**/{STAGING_PREFIX}*", ""])
 
 
 def readme(plan, spec, *, gpu: bool, out: Path) -> str:
