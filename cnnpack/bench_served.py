@@ -75,9 +75,8 @@ def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = B
     old = previous_section(run)
     with torch_threads(cfg.threads or torch.get_num_threads()):  # the matmul rate of the client's machine
         ctx = BenchContext(run, cfg, resolve_device("cpu"), count_flops(run), progress)
-        if old.get("ceilings") and old.get("device") == "cpu" and on_this_machine(rt.client.address):  # a server
-            ctx.ceilings = old["ceilings"]  # on this machine shares its CPU's ceilings: each row is held to its
-            # precision's, as the local rows are (a GPU bench's are the GPU's: a KIND_CPU server is not held to them)
+        if shares_ceilings(old, rt):
+            ctx.ceilings = old["ceilings"]
         ctx.sample_matmul()
         for b in cfg.batch_sizes:
             for c in served.concurrency:
@@ -127,6 +126,13 @@ def on_this_machine(address: str) -> bool:
         return False
 
 
+def shares_ceilings(section: dict, rt) -> bool:
+    """Whether the served rows are held to the local bench's ceilings: a server on this machine shares its CPU's, so
+    each row is held to its precision's ceiling, as the local rows are (a GPU bench's ceilings are the GPU's: a
+    KIND_CPU server is not held to them)."""
+    return bool(section.get("ceilings")) and section.get("device") == "cpu" and on_this_machine(rt.client.address)
+
+
 def _merge_served(old: dict, new: dict, rt, served: ServedConfig) -> dict:
     """The run's bench section `old` with the rows of this served model over this protocol replaced (the others stay).
 
@@ -145,7 +151,10 @@ def _merge_served(old: dict, new: dict, rt, served: ServedConfig) -> dict:
     merged = {**old, "results": rows, "machine_peak_gflops": max(old["machine_peak_gflops"], new["machine_peak_gflops"]),
               "served": seen, "notes": NOTES,
               "replaced": []}  # what the earlier local bench replaced is not this bench's doing (its rows stay)
-    if new["ceilings"]:  # held to the run's ceilings, which a matmul sample of this bench may have raised: every row
-        hold_to_ceilings(rows, new["ceilings"])  # of the section is held to the same ones
-        merged.update(ceilings=new["ceilings"], over_ceiling=over_ceiling(rows))
+    # the ceilings as recorded now: a local bench that ran during the load may have measured them again since this
+    # bench read them; every row of the section is held to the same ones
+    ceilings = old["ceilings"] if shares_ceilings(old, rt) else new["ceilings"]
+    if ceilings:
+        hold_to_ceilings(rows, ceilings)
+        merged.update(ceilings=ceilings, over_ceiling=over_ceiling(rows))
     return merged
