@@ -186,7 +186,7 @@ MANIFEST = {
                                                            "by_runtime?": Each(VERIFIED)}),
                           "artifacts?": Each({"path?": str, "sha256?": str, "weights_sha256?": Nullable(str)}),
                           "outputs?": Each(FILE)}),
-        "bench?": Stage({"results": [BENCH_ROW], "ceilings?": Each(CEILING), "inputs?": Each(str),
+        "bench?": Stage({"results": [BENCH_ROW], "ceilings?": Each(CEILING), "inputs?": Each(str), "over_ceiling?": [str],
                          "outputs?": Each(FILE), "machine_peak_gflops?": Nullable(NUM), "skipped?": Each(str),
                          "config?": {"stability?": NUM}, "matmul?": {"spread?": NUM, "samples_gflops?": [NUM]}}),
         "triton?": Stage({"repository": Check(str, bool, "is empty"), "name": str, "version": int, "format": str,

@@ -105,6 +105,7 @@ _STAGES = {"quantize": {"status": "ok", "gate": {"max_drop_pt": 0.5, "drop_pt": 
     (lambda m: m["stages"]["bench"]["results"].append({**m["stages"]["bench"]["results"][0], "runtime": "triton"}),
      "`stages.bench.results[1]` is a served row without its concurrency"),
     (lambda m: m["stages"]["bench"].update(skipped=["x"]), "`stages.bench.skipped` is not an object"),
+    (lambda m: m["stages"]["bench"].update(over_ceiling="eager b1"), "`stages.bench.over_ceiling` is not a list"),
     (lambda m: m["stages"].update(export={"status": "ok", "artifacts": {"tflite": _ART}}),
      "`stages.export.artifacts` names a format that is none of onnx, onnx_int8, pt2, torchscript, openvino, "
      "openvino_int8"),
