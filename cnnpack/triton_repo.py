@@ -406,12 +406,24 @@ def check_laid_out(run: Run) -> None:
         raise UserInputError(f"the run's model repository {root} is missing (moved or deleted since `cnnpack triton` "
                              f"laid it out); move it back, or lay it out again with "
                              f"{lay_out(run.path, triton, triton.get('name', ''), [])}")
+    # what the run laid out: the pipeline's models, or the one `cnnpack triton` laid out last (and its ensemble)
+    laid = {*triton.get("models", []), triton.get("name"), (triton.get("ensemble") or {}).get("name")}
     for fmt, v in stages.get("verify", {}).get("formats", {}).items():
+        if not v.get("passed") or fmt not in PLATFORMS:
+            continue
         folder = root / default_name(manifest["model"]["arch"], fmt)
-        if v.get("passed") and (folder / "config.pbtxt").is_file() and not versions(folder):
+        classifier = [(folder.name, fmt)]
+        if (folder / "config.pbtxt").is_file() and not versions(folder):
             raise UserInputError(f"{folder} has no version folder (changed since `cnnpack triton` laid it out), so "
                                  f"Triton has nothing to serve; lay it out again with "
-                                 f"{lay_out(run.path, triton, folder.name, [(folder.name, fmt)])}")
+                                 f"{lay_out(run.path, triton, folder.name, classifier)}")
+        # what the run laid out and is gone: serving the others instead would change the model without a word, and
+        # an image ensemble without its preprocessing model keeps Triton from ever being ready
+        ensemble = [f"{folder.name}_preprocess", f"{folder.name}_image"] if f"{folder.name}_image" in laid else []
+        for m in ([folder.name] if folder.name in laid else []) + ensemble:
+            if not (root / m / "config.pbtxt").is_file():
+                raise UserInputError(f"{root / m / 'config.pbtxt'} is missing (deleted since `cnnpack triton` laid "
+                                     f"{m} out); lay it out again with {lay_out(run.path, triton, m, classifier)}")
 
 
 def lay_out(run_path: Path, triton: dict, model: str, classifiers: list[tuple[str, str]]) -> str:

@@ -305,6 +305,74 @@ def test_object_storage_is_triton_s_repository_with_credentials_only_by_referenc
     assert "aws s3 sync" in (deployed["s3"] / "README.md").read_text()
 
 
+def _base_objects(folder: Path) -> list[dict]:
+    names = _yaml(folder / "kubernetes" / "base" / "kustomization.yaml")["resources"]
+    return [_yaml(folder / "kubernetes" / "base" / n) for n in names]
+
+
+def test_an_image_tag_of_the_users_own_is_pulled_at_each_start_and_changed_models_roll_out(base, deployed, laid_out,
+                                                                                          tmp_path):
+    """The content tag names the models: a node may keep its copy. A tag given with --image stays when the models
+    change: cached, it would serve (or fill the volume with) the old ones, and the unchanged pod template would not
+    roll out."""
+    from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.deploy.kube import CONTENT_ANNOTATION
+
+    tag = json.loads((deployed["image"] / "cnnpack-deploy.json").read_text())["content_tag"]
+    ours = _of(base["image"], "Deployment")
+    assert _container(ours)["imagePullPolicy"] == "IfNotPresent"
+    assert ours["spec"]["template"]["metadata"]["annotations"][CONTENT_ANNOTATION] == tag
+    assert _of(base["pvc"], "Job")["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] == "IfNotPresent"
+    for store in ("image", "pvc"):
+        r = deploy(laid_out, DeployConfig(out=str(tmp_path / store), model_store=store, image="reg.example.com/cnn:v1"))
+        objects = _base_objects(Path(r["out"]))
+        dep, filler = _of(objects, "Deployment"), _of(objects, "Job") if store == "pvc" else None
+        assert dep["spec"]["template"]["metadata"]["annotations"][CONTENT_ANNOTATION] == r["content_tag"]
+        own = filler["spec"]["template"]["spec"]["containers"][0] if filler else _container(dep)
+        assert own["image"] == "reg.example.com/cnn:v1" and own["imagePullPolicy"] == "Always"
+        if filler:  # the stock NGC image runs the pod: its release tag is fixed bytes
+            assert _container(dep)["imagePullPolicy"] == "IfNotPresent"
+        assert "push it again after each `cnnpack deploy`" in (Path(r["out"]) / "README.md").read_text()
+    assert "push it again" not in (deployed["image"] / "README.md").read_text()
+
+
+def test_written_yaml_has_no_anchors_and_the_hpa_metric_counts_each_request_once(deployed):
+    """A dict used twice (the Job's labels) is written out twice: an alias (&id001) is hard to review. The adapter's
+    query leaves out the image ensemble and its preprocessing step: a request through the ensemble counts once."""
+    for folder in deployed.values():
+        for path in folder.rglob("*.yaml"):
+            text = path.read_text()
+            assert not re.search(r"[&*]id\d+", text), path
+    rule = _yaml(deployed["image"] / "kubernetes" / "prometheus-adapter" / "values.yaml")["rules"]["custom"][0]
+    assert rule["metricsQuery"].count('model!~".+_(image|preprocess)"') == 2
+
+
+def test_an_out_that_is_a_link_is_written_through(laid_out, tmp_path):
+    """A link to a folder (a GitOps checkout) stays a link; the folder it names holds the deployment."""
+    from cnnpack.deploy import DeployConfig, deploy
+
+    target, link = tmp_path / "gitops" / "deploy", tmp_path / "link"
+    deploy(laid_out, DeployConfig(out=str(target)))
+    link.symlink_to(target)
+    deploy(laid_out, DeployConfig(out=str(link), replicas=2))
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert _of(_base_objects(target), "HorizontalPodAutoscaler")["spec"]["minReplicas"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gitops", "link"]  # nothing set aside and left
+
+
+def test_upload_commands_are_quoted_for_the_shell(laid_out, tmp_path):
+    import shlex
+
+    from cnnpack.deploy import store as stores
+
+    for url, program in (("s3://bucket/my models", "aws"), ("gs://bucket/my models", "gcloud"),
+                         ("as://acct/cont/my models", "az")):
+        (line,) = stores.upload_lines(stores.parse(url), "../my repo", ["cnn_onnx"])
+        argv = shlex.split(line)
+        assert argv[0] == program and "../my repo/cnn_onnx" in argv, line
+        assert any(a.endswith("my models/cnn_onnx") or a == "my models/cnn_onnx" for a in argv), line
+
+
 def test_the_volume_is_filled_once_by_a_job_from_the_repository_image(base, deployed):
     objects = base["pvc"]
     job, dep = _of(objects, "Job"), _of(objects, "Deployment")
@@ -337,8 +405,13 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     shutil.copytree(laid_out, run)
     shutil.copytree(json.loads((run / "cnnpack.json").read_text())["stages"]["triton"]["repository"], repo)
     _manifest(run, lambda m: m["stages"]["triton"].update(repository=str(repo)))
-    plain = deploy(run, DeployConfig(out=str(tmp_path / "a")))["figures"]
-    assert plain["cpu"]["value"] == 1 and plain["startup_s"]["value"] == 300  # no served stage: the fallback
+    plain = deploy(run, DeployConfig(out=str(tmp_path / "a")))
+    assert plain["figures"]["cpu"]["value"] == 1 and plain["figures"]["startup_s"]["value"] == 300  # the fallback
+    assert not any("threads at 0" in n for n in plain["notes"])  # laid out with --threads 1
+    _manifest(run, lambda m: m["stages"]["triton"]["config"].update(threads=0))  # as `cnnpack triton` lays it out
+    unbounded = deploy(run, DeployConfig(out=str(tmp_path / "a"), force=True))["notes"]
+    assert any("as large as the node's cores" in n and "`cnnpack triton --threads " in n for n in unbounded)
+    _manifest(run, lambda m: m["stages"]["triton"]["config"].update(threads=1))
     config = repo / "cnn_onnx" / "config.pbtxt"
     config.write_text(config.read_text() + "# written by tune\n")  # (a comment: the same config to Triton)
 
@@ -381,6 +454,9 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     (["--queue-target-ms", "0.1"], "--queue-target-ms 0.1 is under 1 ms"),
     (["--replicas", "99999999999999999999"], "--replicas must be <= 2147483647"),
     (["--image", "reg.example.com/x@sha256:" + "0" * 64], "names a digest; deploy writes the command that builds"),
+    (["--model-store", "s3://b/m", "--credentials-secret", "a", "--service-account", "b"],
+     "--credentials-secret and --service-account are two ways to reach the bucket"),
+    (["--model-store", "as://acct/cont/m", "--service-account", "b"], "Triton's Azure client signs in with an account"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(laid_out, tmp_path, args, message):
     out = tmp_path / "out"
@@ -620,6 +696,12 @@ def test_a_missing_repository_or_version_is_said_as_such(laid_out, tmp_path):
     with pytest.raises(UserInputError, match=missing):
         servable(Run.open(run), TuneConfig())
     (tmp_path / "moved").rename(repo)
+    for gone in ("cnn_onnx", "cnn_onnx_preprocess"):  # not another model served in its place, nor an ensemble that
+        (repo / gone).rename(tmp_path / gone)         # Triton cannot load without its preprocessing step
+        with pytest.raises(UserInputError, match=rf"{repo / gone / 'config.pbtxt'} is missing \(deleted since `cnnpack "
+                                                 rf"triton` laid {gone} out\); lay it out again with `cnnpack triton"):
+            deploy(run, DeployConfig(out=str(tmp_path / "out")))
+        (tmp_path / gone).rename(repo / gone)
     shutil.rmtree(repo / "cnn_onnx" / "1")
     with pytest.raises(UserInputError, match=rf"{repo / 'cnn_onnx'} has no version folder \(changed since `cnnpack "
                                              r"triton` laid it out\), so Triton has nothing to serve; lay it out again"):

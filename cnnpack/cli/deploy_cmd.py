@@ -25,8 +25,9 @@ def deploy(
                                                    "cnnpack/<name>:<content tag>)."),
     credentials_secret: Optional[str] = typer.Option(None, help="Object storage: the Secret holding the credentials "
                                                                 "(its name only)."),
-    service_account: Optional[str] = typer.Option(None, help="Object storage: a ServiceAccount bound to a cloud "
-                                                             "identity (workload identity)."),
+    service_account: Optional[str] = typer.Option(None, help="Object storage (s3, gs): a ServiceAccount bound to "
+                                                             "a cloud identity (workload identity); instead of "
+                                                             "--credentials-secret."),
     replicas: int = typer.Option(1, help="Replicas at least (the HPA's minimum)."),
     max_replicas: int = typer.Option(4, help="Replicas at most (the HPA's maximum)."),
     gpu: str = typer.Option("auto", help="The gpu overlay: auto (when a model can run on a GPU) | yes | no."),
@@ -42,7 +43,7 @@ def deploy(
 
     A kustomize base with cpu and gpu overlays (Deployment of the NGC Triton image with the same flags as `cnnpack serve`, Service, PodDisruptionBudget, HPA on Triton's queue time), the prometheus-adapter rule for that metric, a KServe InferenceService, and the Dockerfile or volume or object-store wiring that brings the repository to the pod. Nothing is applied: the folder's README.md has the exact commands.
 
-    Example: cnnpack deploy --run runs/demo && kubectl apply -k runs/demo/deploy/kubernetes/overlays/cpu
+    Example: cnnpack deploy --run runs/demo --image registry.example.com/ml/cnn, then the steps in runs/demo/deploy/README.md (build and push the image, kubectl apply -k runs/demo/deploy/kubernetes/overlays/cpu)
 
     Example (object storage, credentials by reference): cnnpack deploy --run runs/demo --model-store s3://bucket/models --credentials-secret triton-s3
     """

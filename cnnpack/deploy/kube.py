@@ -15,6 +15,7 @@ from cnnpack.deploy.plan import PROBE_PERIOD_S, Plan, needs_pillow
 from cnnpack.triton_config import GPU_CONFIG
 
 CONTAINER = "tritonserver"
+CONTENT_ANNOTATION = "cnnpack.dev/content-tag"  # on the pod template: changed models roll the pods out
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's defaults, named
 APP_PROTOCOL = {"http": "http", "grpc": "kubernetes.io/h2c", "metrics": "http"}  # gRPC is HTTP/2 without TLS
 LIVE, READY = "/v2/health/live", "/v2/health/ready"
@@ -24,6 +25,7 @@ GRACE_S = 30  # terminationGracePeriodSeconds: Triton gets 2/3 of it to finish r
 QUEUE_METRIC = "triton_queue_us_per_request"
 QUEUE_US, REQUESTS = "nv_inference_queue_duration_us", "nv_inference_request_success"
 RATE_WINDOW = "2m"
+ENSEMBLE_PARTS = ".+_(image|preprocess)"  # the names cnnpack gives an image ensemble and its preprocessing model
 SHM_LIMIT = "256Mi"  # /dev/shm for the Python backend's tensors (the runtime's default is 64 MiB)
 
 
@@ -50,6 +52,13 @@ def labels(name: str) -> dict:
 
 def selector(name: str) -> dict:
     return {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "inference-server"}
+
+
+def pull_policy(image: str, spec: Spec) -> str:
+    """IfNotPresent for an image whose tag is the content tag (or the NGC release): the same tag, the same bytes.
+    A tag given with --image stays the same when the models change: each start pulls it, or a node that cached the
+    old image would run (or fill the volume with) the old models."""
+    return "IfNotPresent" if image == spec.ngc_image or image.endswith(f":{spec.tag}") else "Always"
 
 
 def meta(name: str, spec: Spec) -> dict:
@@ -114,7 +123,7 @@ def deployment(plan: Plan, spec: Spec) -> dict:
                  "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}},
                  "securityContext": container_security()}]
     container = {
-        "name": CONTAINER, "image": spec.image, "imagePullPolicy": "IfNotPresent",
+        "name": CONTAINER, "image": spec.image, "imagePullPolicy": pull_policy(spec.image, spec),
         "args": container_args(spec),
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in PORTS.items()],
         # the startup probe holds the other two off until every model is loaded, however long that takes
@@ -136,7 +145,8 @@ def deployment(plan: Plan, spec: Spec) -> dict:
                      "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
                      "template": {"metadata": {"labels": labels(spec.name), "annotations": {
                          "prometheus.io/scrape": "true", "prometheus.io/port": str(PORTS["metrics"]),
-                         "prometheus.io/path": "/metrics"}}, "spec": pod}}}
+                         "prometheus.io/path": "/metrics",
+                         CONTENT_ANNOTATION: spec.tag}}, "spec": pod}}}  # changed models: a rollout, whatever the tag
 
 
 def service(spec: Spec) -> dict:
@@ -195,7 +205,8 @@ def fill_job(spec: Spec) -> dict:
                 "metadata": {"labels": job_labels},
                 "spec": {"restartPolicy": "OnFailure", "securityContext": pod_security(),
                          "automountServiceAccountToken": False,
-                         "containers": [{"name": "fill", "image": spec.repo_image, "imagePullPolicy": "IfNotPresent",
+                         "containers": [{"name": "fill", "image": spec.repo_image,
+                                         "imagePullPolicy": pull_policy(spec.repo_image, spec),
                                          "command": ["sh", "-ec", stores.fill_script(spec.tag)],
                                          "volumeMounts": [{"name": "models", "mountPath": "/target"}],
                                          "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
@@ -225,11 +236,14 @@ def gpu_patch(plan: Plan, spec: Spec) -> dict:
 def adapter_values() -> dict:
     """prometheus-adapter (Helm chart prometheus-community/prometheus-adapter) values: the HPA's metric.
 
-    Per pod: rate of queue microseconds / rate of successful requests, over every model the pod serves.
+    Per pod: rate of queue microseconds / rate of successful requests, over the classifiers the pod serves. The
+    image ensemble and its preprocessing step are left out: one request through the ensemble is a success of each
+    of the three models, and counting them all would read its queue time up to 3x low (the HPA scaling late).
     The labels `namespace` and `pod` are the ones a ServiceMonitor (and kube-prometheus) put on each series.
     """
     def rate(metric: str) -> str:
-        return f"sum by (<<.GroupBy>>) (rate({metric}{{<<.LabelMatchers>>}}[{RATE_WINDOW}]))"
+        return (f"sum by (<<.GroupBy>>) (rate({metric}{{<<.LabelMatchers>>,model!~\"{ENSEMBLE_PARTS}\"}}"
+                f"[{RATE_WINDOW}]))")
 
     return {"rules": {"custom": [{
         "seriesQuery": f'{QUEUE_US}{{namespace!="",pod!=""}}',

@@ -24,7 +24,12 @@ IDENTITY = "cnnpack-deploy.json"
 def dump(obj: dict, header: str = "") -> str:
     import yaml
 
-    text = yaml.safe_dump(obj, sort_keys=False, default_flow_style=False, width=1 << 16)  # long queries on one line
+    class Plain(yaml.SafeDumper):  # a dict used twice is written out twice, not as an anchor and an alias (&id001)
+        def ignore_aliases(self, data):
+            return True
+
+    text = yaml.dump(obj, Dumper=Plain, sort_keys=False, default_flow_style=False,
+                     width=1 << 16)  # long queries on one line
     return "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + text
 
 

@@ -100,13 +100,22 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
         plan.notes.append(f"not shipped: {', '.join(left)} (the image ensemble's preprocessing needs Pillow, which "
                           "the stock NGC image lacks; --model-store image builds an image with it)")
     plan.cpu, instances = cpu(stages, manifest.get("machine", {}))
+    if "threads 0" in plan.cpu.source:
+        per = max(1, plan.cpu.value // instances)
+        plan.notes.append(f"the served config leaves the runtime's threads at 0 (its default): its thread pool is as "
+                          f"large as the node's cores, not the pod's CPU limit ({plan.cpu.value}), and on a larger node "
+                          f"the pod is throttled; bound it with `cnnpack triton --threads {per}` or "
+                          "`cnnpack tune`")
     plan.memory_mib = memory(stages, repository, classifiers, instances)
     download_s = math.ceil(size / DOWNLOAD_BYTES_PER_S) if remote else 0
     plan.startup_s = startup(stages, floor=STARTUP_FLOOR_S, download_s=download_s)
     plan.startup_gpu_s = startup(stages, floor=STARTUP_FLOOR_GPU_S, download_s=download_s)
     plan.queue_target_us = queue_target(stages, repository, classifiers, queue_target_ms)
-    if plan.served_model not in plan.models:
+    if plan.served_model not in plan.models:  # the triton stage's model did not pass verify (a later verify)
         plan.served_model = classifiers[0][0]
+        plan.notes.append(f"{triton['name']}, the model the run's triton stage laid out last, did not pass `cnnpack "
+                          f"verify` and is not shipped; the deployment is named after {plan.served_model}, the first "
+                          "verified one")
     return plan
 
 
@@ -125,12 +134,14 @@ def read_config(folder: Path, *, fix: str = "`cnnpack triton`"):
 
 
 def shipped(repository: Path, classifiers: list[str], *, ensembles: bool = True) -> list[str]:
-    """The classifiers and, where the repository has them (and `ensembles`), their image ensembles."""
+    """The classifiers and, where the repository has them (and `ensembles`), their image ensembles: the ensemble and
+    its preprocessing model together or neither (Triton does not load an ensemble whose step is missing)."""
     out = []
     for m in classifiers:
         out.append(m)
-        if ensembles:
-            out += [e for e in (f"{m}_preprocess", f"{m}_image") if (repository / e / "config.pbtxt").is_file()]
+        pair = [f"{m}_preprocess", f"{m}_image"]
+        if ensembles and all((repository / e / "config.pbtxt").is_file() for e in pair):
+            out += pair
     return out
 
 

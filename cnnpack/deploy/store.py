@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from cnnpack.errors import UserInputError
+from cnnpack.errors import UserInputError, shell
 
 MODES = ("image", "pvc")
 SCHEMES = ("s3", "gs", "as")
@@ -145,11 +145,12 @@ def upload_lines(store: Store, repository: str, models: list[str]) -> list[str]:
         first, _, after = rest.partition("/")
         endpoint = f" --endpoint-url {scheme.group(1) if scheme else 'http'}://{first}" if ":" in first and after else ""
         target = f"s3://{after}" if endpoint else f"s3://{rest}"
-        return [f"aws s3 sync --delete {repository}/{m} {target}/{m}{endpoint}" for m in models]
+        return [f"aws s3 sync --delete {shell(f'{repository}/{m}')} {shell(f'{target}/{m}')}{endpoint}" for m in models]
     if store.mode == "gs":
-        return [f"gcloud storage rsync --recursive --delete-unmatched-destination-objects {repository}/{m} {base}/{m}"
-                for m in models]
+        return [f"gcloud storage rsync --recursive --delete-unmatched-destination-objects {shell(f'{repository}/{m}')} "
+                f"{shell(f'{base}/{m}')}" for m in models]
     account, container_path = base.split("://", 1)[1].split("/", 1)
     container, _, prefix = container_path.partition("/")
-    return [f"az storage blob upload-batch --overwrite --account-name {account} --destination {container} "
-            f"--destination-path {'/'.join(filter(None, [prefix, m]))} --source {repository}/{m}" for m in models]
+    return [f"az storage blob upload-batch --overwrite --account-name {shell(account)} --destination {shell(container)} "
+            f"--destination-path {shell('/'.join(filter(None, [prefix, m])))} --source {shell(f'{repository}/{m}')}"
+            for m in models]

@@ -80,6 +80,10 @@ def readme(plan, spec, *, gpu: bool, out: Path) -> str:
                   f"docker push {spec.repo_image}          # to a registry the cluster pulls from, or for a local cluster:",
                   f"# kind load docker-image {spec.repo_image}   |   minikube image load {spec.repo_image}",
                   "```", ""]
+        if kube.pull_policy(spec.repo_image, spec) == "Always":
+            parts += [f"The tag of `{spec.repo_image}` is yours and stays the same when the models change: build and "
+                      "push it again after each `cnnpack deploy`. The pods pull it at each start (imagePullPolicy "
+                      f"Always), and a change of models (annotation `{kube.CONTENT_ANNOTATION}`) rolls them out.", ""]
         n += 1
     if spec.store.remote:
         lines = stores.upload_lines(spec.store, repo, plan.models)
@@ -106,8 +110,13 @@ def readme(plan, spec, *, gpu: bool, out: Path) -> str:
               "labels (the ServiceMonitor of `cnnpack deploy --service-monitor` does).", "", "```bash",
               "helm upgrade --install prometheus-adapter prometheus-community/prometheus-adapter -n monitoring \\",
               "  -f kubernetes/prometheus-adapter/values.yaml --set prometheus.url=http://prometheus-operated.monitoring.svc",
-              f'kubectl get --raw "/apis/custom.metrics.k8s.io/v1beta1/namespaces/default/pods/*/{kube.QUEUE_METRIC}"',
-              f"kubectl get hpa {name}", "```", ""]
+              "NS=$(kubectl config view --minify -o jsonpath='{..namespace}'); NS=${NS:-default}   # where you applied it",
+              f'kubectl get --raw "/apis/custom.metrics.k8s.io/v1beta1/namespaces/$NS/pods/*/{kube.QUEUE_METRIC}"',
+              f"kubectl get hpa {name}", "```", "",
+              "kube-prometheus-stack's Prometheus picks up only the ServiceMonitors that carry its Helm release's "
+              "label (`release: <its release name>`) unless installed with "
+              "`prometheus.prometheusSpec.serviceMonitorSelectorNilUsesHelmValues=false`: add that label in an overlay "
+              "if yours is such.", ""]
     n += 1
     model = kube.inference_service(plan, spec)["spec"]["predictor"]["model"]
     parts += [f"## {n}. KServe instead", "", "```bash", "kubectl apply -f kserve/", "```", "",
@@ -117,6 +126,10 @@ def readme(plan, spec, *, gpu: bool, out: Path) -> str:
               + (f", in the repository image `{model['image']}` in place of KServe's Triton runtime image: "
                  "the image ensemble's preprocessing needs Pillow, which the stock NGC image lacks"
                  if "image" in model else "") + ".", ""]
+    if spec.store.mode == "s3" and model["storageUri"] != spec.store.url:  # an endpoint of its own (MinIO, Ceph...)
+        parts += ["KServe's storage initializer takes an S3 endpoint of your own from annotations on the Secret of "
+                  "its ServiceAccount (`serving.kserve.io/s3-endpoint`, `serving.kserve.io/s3-usehttps`), not from the "
+                  "URL: add them to that Secret.", ""]
     parts += [*(f"Note: {n}." for n in plan.notes), *([""] if plan.notes else []),
               "## Sizes and where they come from", "",
               f"- CPU {plan.cpu.value}: {plan.cpu.source}.",
