@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -110,6 +110,18 @@ def load_quant_data(run: Run, cfg: QuantizeConfig) -> QuantData:
     idx = np.random.default_rng(cfg.seed).permutation(n)[:k]
     images = d.train.images.numpy()[np.sort(idx)].astype(np.float32)
     return QuantData(images, d.val.images.numpy(), d.val.labels.numpy(), d.source, n)
+
+
+def model_input(data: QuantData, record: dict, spec: dict) -> QuantData:
+    """`data` as the artifact `record` takes it: raw pixels, or normalised for one exported with `--input normalized`
+    (as verify and the servers feed it). Calibrated on raw pixels, its int8 ranges would be 255x too wide, and the
+    gate would compare two models fed what neither is ever fed."""
+    if record.get("input_kind") != "normalized":
+        return data
+    from cnnpack.spec import normalizer
+
+    normalize = normalizer(spec["mean"], spec["std"])
+    return replace(data, calibration=normalize(data.calibration), val_images=normalize(data.val_images))
 
 
 def top1(x: np.ndarray, labels: np.ndarray) -> float:

@@ -27,6 +27,7 @@ from cnnpack.int8_gate import (
     QuantData,
     QuantizeConfig,
     evaluate,
+    model_input,
     run_gate,
     section,
 )
@@ -181,7 +182,7 @@ def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str)
         raise MissingStageError(f"{run.path} has no OpenVINO IR to quantize; run `cnnpack export --run {shell(run.path)} "
                                 "--format onnx,openvino` first")
     ref = artifact_ref(run, "openvino")
-    data = clock.read(run, cfg)
+    data = model_input(clock.read(run, cfg), ref.record, run.model_spec)
     model = ov.read(ref.path)
     clock.note("fp32 reference on the validation split")
     ref_logits = _logits(ov.compile_cpu(model, threads=None), data.val_images)

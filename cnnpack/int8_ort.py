@@ -34,6 +34,7 @@ from cnnpack.int8_gate import (
     QuantData,
     QuantizeConfig,
     evaluate,
+    model_input,
     run_gate,
     section,
 )
@@ -314,7 +315,7 @@ def _fp32_artifact(run: Run):
 def quantize_onnx(run: Run, cfg: QuantizeConfig, clock: Clock, command: str) -> dict:
     """onnx -> onnx_int8 under the gate; returns the stage section (the artifact is recorded by `quantize`)."""
     ref = _fp32_artifact(run)
-    data = clock.read(run, cfg)
+    data = model_input(clock.read(run, cfg), ref.record, run.model_spec)
     batch = min(64, ref.record.get("max_batch_size") or 64)
     clock.note("fp32 reference on the validation split")
     ref_logits = logits(ref.path, data.val_images, batch)

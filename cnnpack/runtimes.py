@@ -438,12 +438,13 @@ class _Normalizing:
     """Feeds an artifact exported with `--input normalized` the raw pixels every other runtime takes."""
 
     def __init__(self, rt: Loaded, mean, std) -> None:
+        from cnnpack.spec import normalizer
+
         self.rt, self.name, self.info = rt, rt.name, {**rt.info, "input": "normalized on the host"}
-        self.scale = (1 / (255 * np.asarray(std, np.float32))).reshape(1, -1, 1, 1)
-        self.shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).reshape(1, -1, 1, 1)
+        self.normalize = normalizer(mean, std)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self.rt.predict(np.asarray(batch, np.float32) * self.scale - self.shift)  # (x/255 - mean)/std
+        return self.rt.predict(self.normalize(batch))
 
 
 def raw_pixel_input(rt: Loaded, ref: ArtifactRef) -> Loaded:

@@ -45,6 +45,16 @@ class ModelSpec:
         return cls(**known)
 
 
+def normalizer(mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """(x / 255 - mean) / std for raw NCHW pixels, as one multiply-add: what an artifact exported with
+    `--input normalized` takes."""
+    import numpy as np
+
+    scale = (1 / (255 * np.asarray(std, np.float32))).reshape(1, -1, 1, 1)
+    shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).reshape(1, -1, 1, 1)
+    return lambda x: np.asarray(x, np.float32) * scale - shift
+
+
 # -- class names ----------------------------------------------------------------------------------
 # A class name travels through labels.txt (one line each), Triton's classification extension
 # (`score:index:label`, which stock clients split on ':'), ONNX metadata_props, TorchScript extra

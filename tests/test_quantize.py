@@ -126,6 +126,30 @@ def test_int8_classifies_like_fp32_on_raw_pixels(quantized):
     assert agreement >= 0.5 and agreement == pytest.approx(section["gate"]["top1_agreement_vs_fp32"])
 
 
+def test_an_artifact_that_takes_normalised_pixels_is_calibrated_and_gated_on_them(tiny_onnx_run, tmp_path):
+    """Calibrated on raw pixels, an `--input normalized` model's int8 ranges were 255x too wide and its logits
+    unrelated to fp32's (cosine -0.68 on a helper's run), while the gate, fed raw pixels too, passed it."""
+    import onnxruntime as ort
+
+    from cnnpack import shapes
+    from cnnpack.data import load_image_folder
+    from cnnpack.spec import normalizer
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_onnx_run, run)
+    export(run, ExportConfig(formats=("onnx",), input="normalized"))
+    section = quantize(run, QuantizeConfig(calibration_images=64, max_drop=100, min_agreement=0.5))
+    spec = _manifest(run)["model"]
+    root = shapes.materialise(image_size=32, seed=1, train_per_class=60, val_per_class=15)
+    x = normalizer(spec["mean"], spec["std"])(load_image_folder(root, 32).val.images.numpy())
+    fp32, int8 = (ort.InferenceSession(str(run / f"export/{f}"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+                  for f in ("model.onnx", "model.int8.onnx"))
+    cosine = (fp32 * int8).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))
+    assert cosine.min() > 0.9, cosine.min()
+    agreement = float((fp32.argmax(1) == int8.argmax(1)).mean())
+    assert agreement == pytest.approx(section["gate"]["top1_agreement_vs_fp32"])  # the gate saw what it is fed
+
+
 def test_calibration_is_deterministic_for_a_seed(quantized, tmp_path):
     run, _ = quantized
     again = tmp_path / "again"
