@@ -84,13 +84,19 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
     setattr(parent, attr, nn.Linear(old.in_features, num_classes))
 
 
+# their training forward returns the logits with auxiliary heads' (a namedtuple): trained and exported without them
+_AUX_HEADS = ("googlenet", "inception_v3")
+
+
 def _torchvision_model(arch: str, spec: ModelSpec, pretrained: bool) -> nn.Module:
     import torchvision
 
-    if not pretrained:
-        return torchvision.models.get_model(arch, num_classes=spec.num_classes, **spec.arch_kwargs)
+    kwargs = {**({"aux_logits": False} if arch in _AUX_HEADS else {}), **spec.arch_kwargs}
+    if not pretrained:  # init_weights given: their initialisation as it is, without the warning that it may change
+        return torchvision.models.get_model(arch, num_classes=spec.num_classes,
+                                            **({"init_weights": True} if arch in _AUX_HEADS else {}), **kwargs)
     try:
-        model = torchvision.models.get_model(arch, weights="DEFAULT", **spec.arch_kwargs)
+        model = torchvision.models.get_model(arch, weights="DEFAULT", **kwargs)
     except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
         raise UserInputError(
             f"--pretrained: cannot get torchvision weights for {arch} ({type(e).__name__}: {e}); "
@@ -111,6 +117,32 @@ def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
     if spec.arch in torchvision_classifiers():
         return _torchvision_model(spec.arch, spec, pretrained)
     raise _unknown_arch(spec.arch)
+
+
+def check_input_size(model: nn.Module, spec: ModelSpec) -> None:
+    """Raises UserInputError where the network cannot classify spec.image_size images (a ViT built for 224, a
+    pooling that shrinks 32 px to nothing): one forward pass of two blank images, in training and in eval mode,
+    before anything is written. The model's batch-norm statistics are left as they were."""
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    was_training = model.training
+    x = torch.zeros(2, 3, spec.image_size, spec.image_size, device=next(model.parameters()).device)
+    try:
+        with torch.no_grad():
+            for train_mode in (True, False):
+                out = model.train(train_mode)(x)
+                if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, spec.num_classes):
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ValueError(f"its forward gives {got}, not the (N, {spec.num_classes}) logits a classifier "
+                                     "gives")
+    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserInputError(f"--arch {spec.arch} cannot classify {spec.image_size}px images ({why}); try a larger "
+                             "--image-size (torchvision's classifiers are made for 224), or another --arch") from None
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
 
 
 def check_arch(arch: str) -> None:

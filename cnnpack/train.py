@@ -22,9 +22,9 @@ from torch import nn
 
 from cnnpack import data as data_mod
 from cnnpack import plots
-from cnnpack.errors import CnnpackError, UserInputError, count, shell
+from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, shell
 from cnnpack.host import check_device
-from cnnpack.models import build_model, check_arch, load_weights
+from cnnpack.models import build_model, check_arch, check_input_size, load_weights
 from cnnpack.rundir import MANIFEST, Run, atomic_path, atomic_write_json, sigint_deferred
 from cnnpack.spec import ModelSpec
 
@@ -125,6 +125,11 @@ def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn
     try:
         data = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError):
+        train = run.read().get("stages", {}).get("train") or {}
+        if train.get("status") in ("running", "failed", "interrupted"):  # no epoch finished: there never were weights
+            error = f": {train['error']}" if train.get("error") else ""
+            raise UserInputError(f"{run.path}'s training did not finish an epoch (train {train['status']}{error}); "
+                                 f"train it with `cnnpack train --run {shell(run.path)} --force`") from None
         raise UserInputError(f"{path} is missing: the run's weights are gone; restore the file, or train the run "
                              f"again with `cnnpack train --run {shell(run.path)} --force` and the options it was "
                              "trained with (stages.train.config in its cnnpack.json)") from None
@@ -298,7 +303,8 @@ def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
                                  f"top-1 {100 * m.get('best_val_acc', 0):.2f}%); nothing to continue "
                                  f"(`cnnpack train --run {shell(run_dir)} --force` with its options trains it again)")
     elif (run_dir / MANIFEST).exists() and not force:
-        raise UserInputError(f"{run_dir} already holds a run; pass --force to replace it or --resume to continue it")
+        resumable = " or --resume to continue it" if (run_dir / LAST).is_file() else ""
+        raise UserInputError(f"{run_dir} already holds a run; pass --force to replace it{resumable}")
 
 
 def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool = False, resume: bool = False,
@@ -332,6 +338,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                      image_size=cfg.image_size)
     torch.manual_seed(cfg.seed)
     model = build_model(spec, pretrained=cfg.pretrained).to(device)
+    check_input_size(model, spec)  # before the run is created: an arch that cannot take the size writes nothing
     channels_last = cfg.channels_last if cfg.channels_last is not None else True  # ~15 % faster on 2 CPU cores
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -397,6 +404,12 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                 where = f"after epoch {epoch}" if kept == epoch else f"during epoch {epoch}"
                 raise Interrupted(f"interrupted {where}; epoch {kept} is kept in {run.file(LAST)}; "
                                   f"continue with `cnnpack train --run {shell(run.path)} --resume`") from None
+            except (RuntimeError, ValueError) as e:  # out of memory, a NaN loss the optimizer refused...
+                why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                if is_main:
+                    run.update(lambda m, why=why: m["stages"]["train"].update(status="failed", error=why))
+                kept_note = (f"; epoch {kept} is kept in {run.file(LAST)}" if kept is not None else "")
+                raise StageFailed(f"training failed in epoch {epoch} ({why}){kept_note}") from e
     if not is_main:
         return {}
     run.update(lambda m: m["stages"]["train"].update(steps_per_epoch=steps_per_epoch))

@@ -63,6 +63,18 @@ def test_pretrained_head_is_resized_to_the_class_count(arch, head):
     assert all(torch.equal(after[k], v) for k, v in before.items())  # the backbone is untouched
 
 
+def test_googlenet_trains_without_its_auxiliary_heads_and_a_vit_refuses_a_size_it_cannot_take():
+    """googlenet's training forward returned a namedtuple of logits and aux logits, which training cannot use."""
+    from cnnpack.models import check_input_size
+
+    spec = _spec("googlenet", k=3, size=32)
+    model = build_model(spec)
+    check_input_size(model, spec)
+    assert model.train()(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    with pytest.raises(UserInputError, match=r"--arch vit_b_32 cannot classify 32px images \(Wrong image height"):
+        check_input_size(build_model(_spec("vit_b_32", k=3, size=32)), _spec("vit_b_32", k=3, size=32))
+
+
 @pytest.mark.parametrize("size", [32, 48, 64, 96, 224])
 def test_cnn_works_from_32_to_224_px(size):
     model = build_model(_spec("cnn", k=3, size=size))

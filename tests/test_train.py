@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cnnpack.data import load_image_folder
-from cnnpack.errors import UserInputError
+from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.models import build_model
 from cnnpack.rundir import Run, sha256
 from cnnpack.spec import ModelSpec
@@ -232,6 +232,35 @@ def test_bad_config_is_refused_before_anything_is_written(tmp_path, field, value
     with pytest.raises(UserInputError, match=message):
         train(tmp_path / "r", TrainConfig(**{field: value}), progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_an_arch_that_cannot_take_the_size_is_refused_before_anything_is_written(colours, tmp_path):
+    """alexnet's pooling shrinks 16 px to nothing: said in one line before the run exists (it was a traceback
+    that left a run `running` forever)."""
+    cfg = TrainConfig(data=str(colours), arch="alexnet", image_size=16, epochs=1, batch_size=16)
+    with pytest.raises(UserInputError, match=r"--arch alexnet cannot classify 16px images \(.+\); try a larger "):
+        train(tmp_path / "r", cfg, progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_training_that_fails_before_an_epoch_is_recorded_failed_and_said_so(colours, tmp_path, monkeypatch):
+    import cnnpack.train as training
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (planted)")
+
+    cfg = TrainConfig(data=str(colours), image_size=16, epochs=1, batch_size=16)
+    monkeypatch.setattr(training, "_train_one_epoch", out_of_memory)
+    with pytest.raises(StageFailed, match=r"^training failed in epoch 1 \(RuntimeError: CUDA out of memory \(planted\)\)$"):
+        train(tmp_path / "r", cfg, progress=False)
+    monkeypatch.undo()
+    stage = Run.open(tmp_path / "r").read()["stages"]["train"]
+    assert stage["status"] == "failed" and stage["error"] == "RuntimeError: CUDA out of memory (planted)"
+    with pytest.raises(UserInputError, match=r"already holds a run; pass --force to replace it$"):  # no --resume
+        train(tmp_path / "r", cfg, progress=False)
+    with pytest.raises(UserInputError, match=r"training did not finish an epoch \(train failed: RuntimeError: CUDA"):
+        load_checkpoint(Run.open(tmp_path / "r"))  # what export and the others say: not "the weights are gone"
+    assert train(tmp_path / "r", cfg, force=True, progress=False)["status"] == "ok"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
