@@ -73,30 +73,43 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# what Pillow raises for a file it cannot decode: besides OSError and ValueError, a PNG with a damaged chunk raises
+# SyntaxError and the AVIF plugin RuntimeError
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, UnidentifiedImageError, Image.DecompressionBombError)
+THIN = 16  # resized whole, an image more than this many times as long as the crop is wide takes gigabytes (1 x 200,000)
+
+
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resizes the shorter side to `size`, then crops the centre square."""
+    """Resizes the shorter side to `size`, then crops the centre square. A very thin image has only the part that is
+    kept resampled (the same sampling, within 1 of 255), not all of it first."""
     w, h = img.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return img
+    if (w, h) == (size, size):
+        return img
+    scale = size / min(w, h)
+    big_w, big_h = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (big_w - size) // 2, (big_h - size) // 2
+    if big_w * big_h > THIN * size * size:
+        sx, sy = w / big_w, h / big_h
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return img.resize((size, size), Image.BILINEAR, box=box)
+    return img.resize((big_w, big_h), Image.BILINEAR).crop((left, top, left + size, top + size))
 
 
 def read_image(path: str | Path, size: int) -> np.ndarray:
-    """One image file as a (3, S, S) uint8 array; raises OSError/ValueError if unreadable."""
+    """One image file as a (3, S, S) uint8 array, turned upright by its EXIF orientation (a phone's photo);
+    raises one of DECODE_ERRORS if unreadable."""
+    from PIL import ImageOps
+
     with Image.open(path) as img:
         img.load()
-        rgb = resize_center_crop(to_rgb(img), size)
+        rgb = resize_center_crop(to_rgb(ImageOps.exif_transpose(img)), size)
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
 
 def _try_read(path: Path, size: int) -> tuple[np.ndarray | None, str]:
     try:
         return read_image(path, size), ""
-    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         return None, f"{path}: {type(e).__name__}"
 
 

@@ -56,16 +56,14 @@ def parse_classification(row) -> list[dict]:
 
 def read_pixels(paths: list[Path], size: int) -> tuple[list[Path], np.ndarray, list[dict]]:
     """(readable files, their pixels (N, 3, S, S) float32 0-255, unreadable files with the reason)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from cnnpack.data import read_image  # the training loader's own decode + resize + crop
+    from cnnpack.data import DECODE_ERRORS, read_image  # the training loader's own decode + resize + crop
 
     ok, images, skipped = [], [], []
     for p in paths:
         try:
             images.append(read_image(p, size))
             ok.append(p)
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        except DECODE_ERRORS as e:
             skipped.append({"file": str(p), "reason": _why(e)})
     batch = np.stack(images).astype(np.float32) if images else np.zeros((0, 3, size, size), np.float32)
     return ok, batch, skipped
@@ -78,7 +76,9 @@ def read_encoded(paths: list[Path]) -> tuple[list[Path], np.ndarray, list[dict]]
     """
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from cnnpack.data import DECODE_ERRORS
 
     ok, blobs, skipped = [], [], []
     for p in paths:
@@ -88,7 +88,7 @@ def read_encoded(paths: list[Path]) -> tuple[list[Path], np.ndarray, list[dict]]
                 img.load()
             ok.append(p)
             blobs.append(data)
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        except DECODE_ERRORS as e:
             skipped.append({"file": str(p), "reason": _why(e)})
     batch = np.empty((len(blobs), 1), dtype=np.object_)
     batch[:, 0] = blobs

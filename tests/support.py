@@ -128,3 +128,19 @@ def record_fails(monkeypatch, stage: str) -> None:
         return real(self, name, section)
 
     monkeypatch.setattr(Run, "set_stage", full)
+
+
+def broken_chunk_png() -> bytes:
+    """A PNG whose first IDAT chunk says half its length: `SyntaxError: broken PNG file` from Pillow's load()."""
+    import io
+    import struct
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    n = struct.unpack(">I", data[33:37])[0]
+    data[33:37] = struct.pack(">I", n // 2)
+    return bytes(data)

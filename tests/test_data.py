@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import broken_chunk_png
 
 from cnnpack import shapes
 from cnnpack.data import load_data, load_image_folder, read_image
@@ -119,13 +120,42 @@ def test_bad_files_are_skipped_and_counted(tmp_path):
     Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, quality=90)
     (root / "blue" / "truncated.jpg").write_bytes(buf.read_bytes()[:300])
     buf.unlink()
+    (root / "blue" / "badchunk.png").write_bytes(broken_chunk_png())  # Pillow raises SyntaxError for it
     d = load_image_folder(root, SIZE, val_fraction=0.25, seed=0)
     assert len(d.train) + len(d.val) == 8
-    assert len(d.skipped) == 5
+    assert len(d.skipped) == 6
     named = " ".join(d.skipped)
-    for name in ("truncated.png", "corrupt.png", "notes.txt", "empty.jpg", "truncated.jpg"):
+    for name in ("truncated.png", "corrupt.png", "notes.txt", "empty.jpg", "truncated.jpg", "badchunk.png"):
         assert name in named
-    assert d.summary()["skipped_files"] == 5
+    assert d.summary()["skipped_files"] == 6
+
+
+def test_a_phone_photo_is_read_upright_and_a_thin_image_without_gigabytes(tmp_path):
+    """EXIF orientation 6 (a phone held upright) is applied, as a viewer shows the photo. A 1 x 200,000 image
+    was resized whole before its crop (64 x 12.8 million pixels, 4.3 GB)."""
+    import subprocess
+    import sys
+
+    from PIL import ImageOps
+
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (220, 30, 30)  # left half red, right half blue, as stored
+    pixels[:, 20:] = (30, 30, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = ImageOps.exif_transpose(Image.open(tmp_path / "phone.jpg"))
+    upright.save(tmp_path / "upright.png")
+    assert upright.size == (20, 40)
+    np.testing.assert_array_equal(read_image(tmp_path / "phone.jpg", 16), read_image(tmp_path / "upright.png", 16))
+    ramp = np.linspace(0, 255, 200_000).astype(np.uint8)[:, None, None].repeat(3, 2)  # (200000, 1, 3)
+    Image.fromarray(ramp).save(tmp_path / "thin.png")
+    code = (f"import resource; from cnnpack.data import read_image; x = read_image({str(tmp_path / 'thin.png')!r}, 64)"
+            "; assert x.shape == (3, 64, 64) and abs(int(x[0, 32, 32]) - 127) <= 2, x[0, :, 32]"
+            "; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    peak_mib = int(subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True,
+                                  text=True).stdout) / 1024
+    assert peak_mib < 1500, peak_mib  # the import of torch and numpy: about 400 MiB
 
 
 def test_a_class_with_only_unreadable_files_is_an_error(tmp_path):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from google.protobuf import json_format, text_format
 from PIL import Image
-from support import record_fails
+from support import broken_chunk_png, record_fails
 from tritonclient.grpc import model_config_pb2
 from typer.testing import CliRunner
 
@@ -476,16 +476,24 @@ def test_preprocess_matches_training_pipeline(run, tmp_path, monkeypatch):
     Image.new("L", (20, 64), 90).save(tmp_path / "b.png")
     ramp = np.linspace(0, 65535, 36 * 36).reshape(36, 36).astype(np.uint16)  # 16-bit grey: scaled, not clipped
     Image.fromarray(ramp).save(tmp_path / "c.png")
-    names = ("a.png", "b.png", "c.png")
+    thin = np.linspace(0, 255, 3000).astype(np.uint8)[None, :, None].repeat(3, 2)  # 1 x 3000: resampled in place
+    Image.fromarray(thin).save(tmp_path / "d.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone's photo: turned upright, as in training
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 40, 3), dtype=np.uint8)).save(
+        tmp_path / "e.jpg", exif=exif)
+    names = ("a.png", "b.png", "c.png", "d.png", "e.jpg")
     blobs = [[(tmp_path / n).read_bytes()] for n in names]
     good = _Req(image=np.array(blobs, dtype=object))
     bad = _Req(image=np.array([[b"not an image"]], dtype=object))
-    ok, err = model.execute([good, bad])  # two requests in one call, as the dynamic batcher sends them
+    broken = _Req(image=np.array([[broken_chunk_png()]], dtype=object))  # SyntaxError from Pillow
+    ok, err, err2 = model.execute([good, bad, broken])  # requests in one call, as the dynamic batcher sends them
     (name, pixels), = ok.out
-    assert name == "pixels" and pixels.dtype == np.float32 and pixels.shape == (3, 3, 32, 32)
+    assert name == "pixels" and pixels.dtype == np.float32 and pixels.shape == (5, 3, 32, 32)
     for i, n in enumerate(names):
         np.testing.assert_array_equal(pixels[i], read_image(tmp_path / n, 32).astype(np.float32))
-    assert err.out == [] and "cannot decode image" in err.error
+    assert err.out == [] and "cannot decode image" in err.error and "BytesIO" not in err.error
+    assert err2.out == [] and "cannot decode image: SyntaxError: broken PNG file" in err2.error
 
 
 # -- a real Triton server ---------------------------------------------------------------------------------
