@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from cnnpack.errors import UserInputError, count
+from cnnpack.folders import walk_files
 from cnnpack.spec import MIN_IMAGE_SIZE, check_class_names
 
 SHAPES = "shapes"
@@ -160,10 +161,24 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+TRAIN_SPLITS, VAL_SPLITS, TEST_SPLITS = ("train", "training"), ("val", "valid", "validation"), ("test", "testing")
+
+
+def split_dirs(root: Path) -> tuple[Path | None, Path | None]:
+    """The (training, validation) folders of a dataset laid out by split, named in any case: train/ or training/,
+    and val/, valid/ or validation/ (test/ or testing/ beside a training folder where none of those is there).
+    (None, None): the class folders are directly under `root`; one of the two alone is refused by the loader."""
+    dirs: dict[str, Path] = {}
+    for p in _class_dirs(root) if root.is_dir() else []:
+        dirs.setdefault(p.name.lower(), p)
+    train = next((dirs[n] for n in TRAIN_SPLITS if n in dirs), None)
+    val = next((dirs[n] for n in (*VAL_SPLITS, *(TEST_SPLITS if train else ())) if n in dirs), None)
+    return train, val
+
+
 def _files(folder: Path) -> list[Path]:
-    """The files under `folder`, none in a hidden folder (`.ipynb_checkpoints` copies would be images twice)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """The files under `folder` (linked folders followed), none hidden or in a hidden folder."""
+    return walk_files(folder)
 
 
 def _read_folder(root: Path, classes: list[str], size: int, skipped: list[str],
@@ -223,8 +238,8 @@ def check_data(data: str, image_size: int) -> None:
                              "<class>/<images>, or torchvision:NAME)")
     if not root.is_dir():
         raise UserInputError(f"--data {root} is a file; expected an ImageFolder directory")
-    has_split = (root / "train").is_dir() and (root / "val").is_dir()
-    for folder in (root / "train", root / "val") if has_split else (root,):
+    train, val = split_dirs(root)
+    for folder in (train, val) if train and val else (root,):
         names = [p.name for p in _class_dirs(folder)]
         if names:
             check_class_names(names, where=lambda i, c, f=folder: f"class folder {c!r} in {f}",
@@ -241,8 +256,9 @@ def training_images_at_most(data: str, *, val_fraction: float = 0.2) -> int | No
     root = Path(data)
     if data.startswith("torchvision:") or not root.is_dir():
         return None
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        return sum(len(_files(c)) for c in _class_dirs(root / "train"))
+    train, val = split_dirs(root)
+    if train and val:
+        return sum(len(_files(c)) for c in _class_dirs(train))
     total = 0
     for c in _class_dirs(root):  # as split_indices leaves them
         n = len(_files(c))
@@ -274,21 +290,21 @@ def load_image_folder(root: Path, size: int, *, val_fraction: float = 0.2, seed:
     if not root.is_dir():
         raise UserInputError(f"--data {root} is a file; expected an ImageFolder directory")
     skipped: list[str] = []
-    has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
-    if has_train != has_val:  # otherwise `train` would silently become a class of a one-folder dataset
-        have, lack = ("train", "val") if has_train else ("val", "train")
-        raise UserInputError(f"{root} has {have}/ but no {lack}/; add {root / lack}/<class>/<images> "
+    train_dir, val_dir = split_dirs(root)
+    if bool(train_dir) != bool(val_dir):  # otherwise `train` would silently become a class of a one-folder dataset
+        have, lack = ((train_dir, "val") if train_dir else (val_dir, "train"))
+        raise UserInputError(f"{root} has {have.name}/ but no {lack}/; add {root / lack}/<class>/<images> "
                              f"or put the class folders directly under {root}")
-    if has_train:
-        classes = [p.name for p in _class_dirs(root / "train")]
-        _check_classes(root / "train", classes)
-        val_classes = [p.name for p in _class_dirs(root / "val")]
+    if train_dir and val_dir:
+        classes = [p.name for p in _class_dirs(train_dir)]
+        _check_classes(train_dir, classes)
+        val_classes = [p.name for p in _class_dirs(val_dir)]
         if not val_classes:
-            raise UserInputError(f"{root / 'val'} has no class folders; expected {root / 'val'}/<class>/<image files>")
+            raise UserInputError(f"{val_dir} has no class folders; expected {val_dir}/<class>/<image files>")
         if extra := sorted(set(val_classes) - set(classes)):
-            raise UserInputError(f"{root / 'val'} has classes not in train: {', '.join(extra)}")
-        train = _read_folder(root / "train", classes, size, skipped)
-        val = _read_folder(root / "val", classes, size, skipped, present=val_classes)
+            raise UserInputError(f"{val_dir} has classes not in {train_dir.name}: {', '.join(extra)}")
+        train = _read_folder(train_dir, classes, size, skipped)
+        val = _read_folder(val_dir, classes, size, skipped, present=val_classes)
     else:
         classes = [p.name for p in _class_dirs(root)]
         _check_classes(root, classes)

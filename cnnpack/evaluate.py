@@ -44,17 +44,17 @@ def scored_data(run: Run, data: str | None = None, *, data_root: str | None = No
     """The validation split of the run's own data (or of other data that has one: train/ and val/ folders, shapes,
     a torchvision data set), or every image of a folder of <class>/<images> the model was not trained on (it has
     no split of its own: the model never saw any of it). The data's classes may be any of the model's."""
-    from cnnpack.data import SHAPES, check_data, read_class_folders
+    from cnnpack.data import SHAPES, check_data, read_class_folders, split_dirs
 
     spec = run.model_spec
     own = _is_own(data, run.read().get("stages", {}).get("train", {}).get("config", {}).get("data"))
     if not own and data != SHAPES and not data.startswith("torchvision:"):
         check_data(data, spec["image_size"])
         root = Path(data)
-        has_split = (root / "train").is_dir() and (root / "val").is_dir()
-        s, skipped = read_class_folders(root / "val" if has_split else root, spec["classes"], spec["image_size"])
-        return Scored(s.images.numpy(), s.labels.numpy(), "validation" if has_split else "all", False, str(root),
-                      skipped)
+        train, val = split_dirs(root)
+        s, skipped = read_class_folders(val if train and val else root, spec["classes"], spec["image_size"])
+        return Scored(s.images.numpy(), s.labels.numpy(), "validation" if train and val else "all", False,
+                      str(root), skipped)
     d = dataset_of(run, data, data_root=data_root, download=download)
     labels = _model_indices(d.classes, list(spec["classes"]), d.source)[d.val.labels.numpy()]
     return Scored(d.val.images.numpy(), labels, "validation", own, d.source, _val_skipped(d))
@@ -63,8 +63,10 @@ def scored_data(run: Run, data: str | None = None, *, data_root: str | None = No
 def _val_skipped(d) -> list[str]:
     """The unreadable files of the scored split: under val/ where the data has train/ and val/ folders (a file of a
     folder split by seed was dropped before the split: it is counted whichever side it would have fallen on)."""
-    val = Path(d.source) / "val"
-    if not (val.is_dir() and (Path(d.source) / "train").is_dir()):
+    from cnnpack.data import split_dirs
+
+    train, val = split_dirs(Path(d.source))
+    if not (train and val):
         return d.skipped
     return [w for w in d.skipped if Path(w.split(": ", 1)[0]).is_relative_to(val)]
 

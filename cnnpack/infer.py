@@ -109,14 +109,15 @@ def expand_folders(paths: list[str | Path]) -> list[Path]:
     named on its own is kept whatever its suffix, to be read or skipped with its reason."""
     from PIL import Image
 
+    from cnnpack.folders import walk_files
+
     suffixes = set(Image.registered_extensions()) & set(FOLDER_SUFFIXES)
     files: list[Path] = []
     for p in map(Path, paths):
         if not p.is_dir():
             files.append(p)
             continue
-        found = sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes and f.is_file()
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        found = [f for f in walk_files(p) if f.suffix.lower() in suffixes]  # linked folders followed
         if not found:
             raise UserInputError(f"{p} is a folder with no image files (.bmp, .jpeg, .jpg, .png, .webp, ...) in it")
         files += found

@@ -120,8 +120,10 @@ def data_identity(data: str) -> dict:
     path = Path(data)
     if data == "shapes" or data.startswith("torchvision:") or not path.exists():
         return {"data": data}
+    from cnnpack.folders import walk_files
+
     listing = sorted((str(p.relative_to(path)), p.stat().st_size, int(p.stat().st_mtime))
-                     for p in path.rglob("*") if p.is_file())
+                     for p in walk_files(path, hidden=True) if p.is_file())  # through linked folders, as training
     return {"data": str(path.resolve()), "files_sha256": fingerprint({"files": listing})}
 
 

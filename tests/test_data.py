@@ -49,6 +49,31 @@ def test_train_val_layout(tmp_path):
     assert d.skipped == []
 
 
+@pytest.mark.parametrize("train, val", [("Train", "Val"), ("training", "validation"), ("TRAIN", "valid"),
+                                        ("train", "test")])
+def test_split_folders_are_known_by_their_usual_names_in_any_case(tmp_path, train, val):
+    """`Train/` and `Val/` were read as two classes named Train and Val (exit 0)."""
+    for split, n in ((train, 3), (val, 1)):
+        _folder(tmp_path / split, {"red": n, "blue": n})
+    d = load_image_folder(tmp_path, SIZE)
+    assert d.classes == ["blue", "red"] and (len(d.train), len(d.val)) == (6, 2)
+
+
+def test_linked_folders_and_files_are_read_and_a_dangling_link_is_counted(tmp_path):
+    """A class folder or a sub-folder that is a link is read (a linked sub-folder's images were dropped without a
+    word); a link to nothing is an unreadable file; a link loop ends."""
+    elsewhere = _folder(tmp_path / "elsewhere", {"red": 3, "blue": 2})
+    root = tmp_path / "data"
+    (root / "blue").mkdir(parents=True)
+    (root / "red").symlink_to(elsewhere / "red")
+    (root / "blue" / "more").symlink_to(elsewhere / "blue")
+    (root / "blue" / "loop").symlink_to(root / "blue")
+    _write(root / "blue", 1, COLOURS["blue"], start=10)
+    (root / "blue" / "gone.png").symlink_to(tmp_path / "nothing.png")
+    d = load_image_folder(root, SIZE, val_fraction=0.2, seed=0)
+    assert len(d.train) + len(d.val) == 6 and len(d.skipped) == 1 and "gone.png" in d.skipped[0]
+
+
 def test_a_folder_read_again_in_one_process_is_not_decoded_again_unless_a_file_changed(tmp_path, monkeypatch):
     """A pipeline reads its data folder five times; the second read reuses the decoded pixels, a rewritten file is
     decoded again, and what one caller does to its split never reaches the next."""

@@ -1,0 +1,26 @@
+"""Listing the files under a folder the way a user who links folders into a dataset expects."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def walk_files(folder: Path, *, hidden: bool = False) -> list[Path]:
+    """Every file under `folder`, sorted, following linked folders (each real folder once, so a link loop ends);
+    a dangling link is listed too (reading it says what is wrong). Without `hidden`, nothing whose name, or a
+    folder's on the way, starts with '.' (`.ipynb_checkpoints` copies would be images twice)."""
+    out, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        if not hidden:
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            path = Path(top) / name
+            if (hidden or not name.startswith(".")) and (path.is_file() or path.is_symlink()):
+                out.append(path)
+    return sorted(out)
