@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cnnpack.errors import UserInputError, count
 from cnnpack.folders import walk_files
-from cnnpack.spec import MIN_IMAGE_SIZE, check_class_names
+from cnnpack.spec import check_class_names, check_image_size
 
 SHAPES = "shapes"
 
@@ -219,8 +219,7 @@ def check_data(data: str, image_size: int) -> None:
     """Checks `--data` and `--image-size` before any work (reads no image): the size, that an ImageFolder
     path is a folder, and its class names. The built-in data and torchvision data sets have fixed, valid names.
     """
-    if image_size < MIN_IMAGE_SIZE:
-        raise UserInputError(f"--image-size {image_size} is too small (minimum {MIN_IMAGE_SIZE})")
+    check_image_size(image_size)
     if not data.strip():
         raise UserInputError(f"--data is empty; give {SHAPES}, a folder of <class>/<images>, or torchvision:NAME")
     root = Path(data)
@@ -371,9 +370,10 @@ def load_torchvision(name: str, size: int, *, root: Path, download: bool) -> Dat
         val_ds = cls(str(root), train=False, download=download)
     except TypeError:
         raise UserInputError(f"torchvision:{name} has no train/test split cnnpack can read") from None
-    except RuntimeError as e:
-        hint = "" if download else " (pass --download to fetch it when online)"
-        raise UserInputError(f"torchvision:{name} not found under {root}: {e}{hint}".splitlines()[0]) from None
+    except (RuntimeError, OSError) as e:  # not there, or (with download) not reachable: an offline machine
+        why = " ".join(str(e).split())[:300].rstrip(":")
+        hint = "" if download else " (`cnnpack train --download` fetches it, when online)"
+        raise UserInputError(f"torchvision:{name} not found under {root}: {why}{hint}") from None
     if not hasattr(train_ds, "data"):
         raise UserInputError(f"torchvision:{name} does not expose in-memory `data`; export it as an ImageFolder")
     classes = [str(c) for c in train_ds.classes]
@@ -384,8 +384,7 @@ def load_torchvision(name: str, size: int, *, root: Path, download: bool) -> Dat
 def load_data(data: str, image_size: int, *, seed: int = 0, val_fraction: float = 0.2,
               data_root: str | None = None, download: bool = False) -> Data:
     """Resolves `--data` (shapes | PATH | torchvision:NAME) to decoded train/val splits."""
-    if image_size < MIN_IMAGE_SIZE:
-        raise UserInputError(f"--image-size {image_size} is too small (minimum {MIN_IMAGE_SIZE})")
+    check_image_size(image_size)
     if data == SHAPES:
         from cnnpack import shapes
 

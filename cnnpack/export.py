@@ -34,7 +34,7 @@ from cnnpack.host import check_device, exact_fp32
 from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
 from cnnpack.rundir import Run, atomic_write_text, scratch_beside, sha256, staged_beside
-from cnnpack.spec import MIN_IMAGE_SIZE, ModelSpec, check_class_names
+from cnnpack.spec import ModelSpec, check_class_names, check_image_size
 from cnnpack.train import CHECKPOINT, load_checkpoint, save_torch
 
 EXPORTERS: Registry = Registry("format")
@@ -462,8 +462,7 @@ def create_run(run_dir: str | Path, *, arch: str, num_classes: int, image_size: 
     check_arch(arch)
     if num_classes < 2:
         raise UserInputError(f"--num-classes must be >= 2, got {num_classes}")
-    if image_size < MIN_IMAGE_SIZE:
-        raise UserInputError(f"--image-size {image_size} is too small (minimum {MIN_IMAGE_SIZE})")
+    check_image_size(image_size)
     if pretrained and weights:
         raise UserInputError("use either --pretrained or --weights FILE, not both")
     classes = classes or [f"class_{i}" for i in range(num_classes)]

@@ -100,7 +100,8 @@ def _torchvision_model(arch: str, spec: ModelSpec, pretrained: bool) -> nn.Modul
     except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
         raise UserInputError(
             f"--pretrained: cannot get torchvision weights for {arch} ({type(e).__name__}: {e}); "
-            "use --weights FILE or train from scratch"
+            "train from scratch (without --pretrained), or give weights of your own to `cnnpack export --arch "
+            f"{arch} --weights FILE`"
         ) from None
     _replace_head(model, spec.num_classes)
     return model

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from cnnpack.errors import UserInputError
 
 MIN_IMAGE_SIZE = 8  # the smallest --image-size accepted (train, export --arch, a manifest's model.image_size)
+MAX_IMAGE_SIZE = 4096  # the largest: a 4096 px batch of 64 images is 3 GiB of uint8 already (100000 was a MemoryError)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -43,6 +44,14 @@ class ModelSpec:
         known["mean"] = tuple(known.get("mean", IMAGENET_MEAN))
         known["std"] = tuple(known.get("std", IMAGENET_STD))
         return cls(**known)
+
+
+def check_image_size(image_size: int) -> None:
+    """--image-size within [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE]."""
+    if image_size < MIN_IMAGE_SIZE:
+        raise UserInputError(f"--image-size {image_size} is too small (minimum {MIN_IMAGE_SIZE})")
+    if image_size > MAX_IMAGE_SIZE:
+        raise UserInputError(f"--image-size {image_size} is too large (maximum {MAX_IMAGE_SIZE})")
 
 
 def normalizer(mean: Sequence[float], std: Sequence[float]) -> Callable:

@@ -69,6 +69,8 @@ class TrainConfig:
             raise UserInputError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 2:  # a batch of one is skipped: BatchNorm cannot train on it, and nothing would train
             raise UserInputError(f"--batch-size must be >= 2 (BatchNorm trains on 2 images or more), got {self.batch_size}")
+        if self.seed < 0:  # numpy's generators (calibration, the split of a folder) take no negative seed
+            raise UserInputError(f"--seed must be >= 0, got {self.seed}")
         if self.patience < 1:
             raise UserInputError(f"--patience must be >= 1 (epochs without a val-accuracy gain), got {self.patience}")
         if not 0 <= self.label_smoothing < 1:
@@ -83,6 +85,7 @@ class TrainConfig:
             raise UserInputError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         check_device(self.device)
         check_arch(self.arch)
+        data_mod.check_data(self.data, self.image_size)  # an empty --data was the current folder
 
 
 def resolve_device(name: str) -> torch.device:

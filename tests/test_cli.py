@@ -66,6 +66,11 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
     shutil.copytree(tiny_run, existing)
     (tmp / "plain").mkdir()
     (tmp / "afile").write_text("not a folder")
+    from PIL import Image
+
+    for cls in ("a", "b"):  # one image a class: none to hold out for validation
+        (tmp / "few" / cls).mkdir(parents=True)
+        Image.new("RGB", (20, 20), (200, 0, 0) if cls == "a" else (0, 0, 200)).save(tmp / "few" / cls / "1.png")
     broken = tmp / "broken"
     shutil.copytree(tiny_run, broken)
     (broken / "last.pt").write_bytes((broken / "last.pt").read_bytes()[:1000])
@@ -107,6 +112,7 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "pipeline-repository-file": [*pipe, "--repository", str(tmp / "afile")],
         "pipeline-unknown-format": [*pipe, "--formats", "onnx,bogus"],
         "pipeline-openvino-conflict": [*pipe, "--formats", "onnx,openvino", "--openvino", "no"],
+        "pipeline-too-few-images": [*pipe, "--data", str(tmp / "few")],  # found by the train stage: still exit 2
     }
     if not _cuda_available():
         cases["device-cuda"] = ["train", "--device", "cuda", "--run", str(tmp / "c")]
@@ -160,6 +166,7 @@ EXPECTED = {
     "pipeline-repository-file": "afile is a file, not a directory; choose another --repository",
     "pipeline-unknown-format": "unknown format 'bogus'",
     "pipeline-openvino-conflict": "--formats names openvino and --openvino is no",
+    "pipeline-too-few-images": "pipeline stopped: stage train failed: ",
 }
 
 

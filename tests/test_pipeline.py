@@ -177,7 +177,7 @@ def test_force_reruns_from_training(first, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_stage_stops_with_exit_1_and_a_pointer(first, tmp_path):
+def test_a_failed_stage_stops_with_its_exit_code_and_a_pointer(first, tmp_path):
     repo = tmp_path / "repo"  # (a file there is refused up front: test_cli) its model's folder is someone else's
     blocker = repo / "cnn_onnx" / "model.onnx"
     blocker.parent.mkdir(parents=True)
@@ -185,7 +185,7 @@ def test_a_failed_stage_stops_with_exit_1_and_a_pointer(first, tmp_path):
     args = [*first["args"]]
     args[args.index("--repository") + 1] = str(repo)
     code, _, err = _pipeline(*args)
-    assert code == 1
+    assert code == 2  # bad input (the repository holds another model), as from `cnnpack triton` itself
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: pipeline stopped: stage triton failed") and "it was not made by cnnpack" in line
     assert f"(see {repo})" in line

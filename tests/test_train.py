@@ -227,6 +227,9 @@ def test_a_last_batch_of_one_image_trains(colours, tmp_path, monkeypatch):
     ("device", "tpu", "--device 'tpu'; valid: auto, cpu, cuda"),
     ("arch", "resnet-18", "unknown arch 'resnet-18'"),
     ("image_size", 4, "--image-size 4 is too small"),
+    ("image_size", 100_000, r"--image-size 100000 is too large \(maximum 4096\)"),
+    ("data", "", "--data is empty"),  # it trained on the current folder
+    ("seed", -3, "--seed must be >= 0, got -3"),
 ])
 def test_bad_config_is_refused_before_anything_is_written(tmp_path, field, value, message):
     with pytest.raises(UserInputError, match=message):

@@ -23,8 +23,8 @@ def pipeline(
     run: Optional[Path] = typer.Option(None, help="Run directory (default: runs/pipeline-<data>-<arch>-<size>px)."),
     image_size: int = typer.Option(64, help="Square input size in pixels."),
     epochs: int = typer.Option(8, help="Training epochs."),
-    batch_size: int = typer.Option(64, help="Training batch size."),
-    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(64, min=2, help="Training batch size."),
+    seed: int = typer.Option(0, min=0),
     device: str = typer.Option("auto", help="Training device: auto | cpu | cuda."),
     data_root: Optional[str] = typer.Option(None, help="Root folder for torchvision:NAME datasets."),
     formats: str = typer.Option("onnx,torchscript", help="Export formats (onnx is required: it is served); pt2 and "
