@@ -376,13 +376,37 @@ def serve_available() -> tuple[bool, str]:
 
 
 def default_run_dir(cfg: PipelineConfig) -> Path:
-    """A stable name, so that running the same pipeline again finds (and skips) its own work."""
+    """A stable name, so that running the same pipeline again finds (and skips) its own work: the first of
+    runs/pipeline-<data>-<arch>-<size>px, then -2, -3, ... that is free or holds a run of the same data (two folders
+    both named `data` would otherwise share one, the second training over the first)."""
     data = cfg.data.split(":", 1)[1].lower() if cfg.data.startswith("torchvision:") else Path(cfg.data).name
-    return Path("runs") / f"pipeline-{data}-{cfg.arch}-{cfg.image_size}px"
+    base = Path("runs") / f"pipeline-{data}-{cfg.arch}-{cfg.image_size}px"
+    path, n = base, 1
+    while _trained_on(path) not in (None, _data_key(cfg.data)):
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
-def _check_run_dir(run: Run, force: bool) -> None:
-    """A run that some other command made is the pipeline's only with --force (it may retrain it)."""
+def _data_key(data: str) -> str:
+    """`--data` as a train stage records it: a folder by its absolute path."""
+    if data == "shapes" or data.startswith("torchvision:") or not Path(data).exists():
+        return data
+    return str(Path(data).resolve())
+
+
+def _trained_on(path: Path) -> str | None:
+    """The data the run at `path` was trained on, as recorded; None where there is no such record to read."""
+    try:
+        data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["stages"]["train"]["config"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data if isinstance(data, str) else None
+
+
+def _check_run_dir(run: Run, force: bool, data: str) -> None:
+    """A run that some other command made is the pipeline's only with --force (it may retrain it), and so is a
+    pipeline's run of other data (a changed folder trains again; another folder is another run)."""
     if force or not run.path.exists():
         return
     if not run.path.is_dir():
@@ -394,6 +418,10 @@ def _check_run_dir(run: Run, force: bool) -> None:
     if "pipeline" not in run.read().get("stages", {}):
         raise UserInputError(f"--run {run.path} holds a run not made by `cnnpack pipeline`; pass --force to let "
                              "the pipeline redo its stages there, or choose another --run")
+    other = _trained_on(run.path)
+    if other is not None and other != _data_key(data):
+        raise UserInputError(f"--run {run.path} holds a pipeline run trained on {other}, not on {_data_key(data)}; "
+                             "choose another --run, or pass --force to train it again on this data there")
 
 
 def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineConfig(), *, force: bool = False,
@@ -415,7 +443,7 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     cfg.check_calibration()  # past the training split: fails now, not in quantize after training
     repository_root(cfg.repository)  # a file there fails now, not after train, export and bench
     run = Run(run_dir or default_run_dir(cfg))
-    _check_run_dir(run, force)
+    _check_run_dir(run, force, cfg.data)
     serve_ok, why = serve_available() if cfg.serve != "no" else (False, "--serve no")
     if cfg.serve == "yes" and not serve_ok:
         raise UserInputError(f"--serve yes, but the local Triton server cannot run here: {why}")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from support import ctrl_c_after_first_epoch, ctrl_c_at
 from typer.testing import CliRunner
 
 from cnnpack.cli import app
+from cnnpack.errors import UserInputError
 
 TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "32", "--runtimes", "eager,onnxruntime",
         "--batch-sizes", "1,4", "--max-seconds", "0.3", "--max-batch-size", "8", "--threads", "1",
@@ -217,6 +219,29 @@ def test_bad_options_exit_2_before_any_work(tmp_path):
 def test_a_run_made_by_another_command_is_not_retrained_without_force(tiny_run, tmp_path):
     code, _, err = _pipeline("--run", str(tiny_run), "--serve", "no")
     assert code == 2 and "not made by `cnnpack pipeline`" in err
+
+
+def test_two_data_folders_of_one_name_get_runs_of_their_own(tmp_path, monkeypatch):
+    """runs/pipeline-data-cnn-32px was the default of every folder named `data`: the second pipeline trained over
+    the first's run without a word. The default moves on to -2; a --run of other data needs --force."""
+    from cnnpack.pipeline import PipelineConfig, _check_run_dir, default_run_dir
+    from cnnpack.rundir import Run
+
+    monkeypatch.chdir(tmp_path)
+    a, b = tmp_path / "a" / "data", tmp_path / "b" / "data"
+    for folder in (a, b):
+        folder.mkdir(parents=True)
+    first = default_run_dir(PipelineConfig(data=str(a), image_size=32))
+    assert first == Path("runs/pipeline-data-cnn-32px")
+    run = Run.create(first, {"arch": "cnn", "num_classes": 2, "classes": ["x", "y"], "image_size": 32})
+    run.update(lambda m: m["stages"].update(train={"status": "running", "config": {"data": str(a)}},
+                                            pipeline={"status": "ok"}))
+    assert default_run_dir(PipelineConfig(data=str(a), image_size=32)) == first  # the same data: its own run again
+    assert default_run_dir(PipelineConfig(data=str(b), image_size=32)) == Path("runs/pipeline-data-cnn-32px-2")
+    with pytest.raises(UserInputError, match=rf"holds a pipeline run trained on {a}, not on {b}; choose another"):
+        _check_run_dir(run, False, str(b))
+    _check_run_dir(run, True, str(b))  # --force: trained again there
+    _check_run_dir(run, False, str(a))
 
 
 @pytest.mark.slow
