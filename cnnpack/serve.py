@@ -290,6 +290,9 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise self._exited()
+            if not self._listening():
+                time.sleep(0.2)
+                continue
             if self._get("/v2/health/ready")[0] == 200:
                 if not self.cfg.explicit:
                     self._raise_unpolled_models()
@@ -299,6 +302,13 @@ class TritonServer:
             time.sleep(0.2)
         raise StageFailed(f"Triton at {self.http_address} was not ready within {self.cfg.ready_timeout_s:.0f} s "
                           f"(still loading? raise the timeout); {self._log_hint()}")
+
+    def _listening(self) -> bool:
+        """Whether this server says it listens on all three ports: before that, what answers on the HTTP port may
+        be another server (one started at the same moment on the same ports: this one fails to bind, and exits)."""
+        started = "\n".join(ln for ln in self._log_lines() if "Started " in ln)
+        return all(f"Started {service}" in started for service in ("GRPCInferenceService", "HTTPService",
+                                                                    "Metrics Service"))
 
     def _index(self) -> list[dict]:
         status, body = self._get("/v2/repository/index", method="POST")

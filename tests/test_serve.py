@@ -221,6 +221,16 @@ def test_port_in_use_is_a_user_error(server, tmp_path):
         serve.TritonServer(serve.ServeConfig(repository=server.cfg.repository, grpc_port=server.ports.grpc)).start()
 
 
+def test_a_server_that_loses_the_race_for_its_ports_says_so_not_that_it_serves(server, monkeypatch):
+    """Two servers started at once on the same ports both pass the check that the ports are free; the one that
+    cannot bind said it served every model (the other answered its readiness check), then exited."""
+    monkeypatch.setattr(serve, "resolve_ports", lambda cfg: server.ports)  # as if checked a moment before
+    loser = serve.TritonServer(serve.ServeConfig(repository=server.cfg.repository, ready_timeout_s=60))
+    with pytest.raises(UserInputError, match=r"Triton could not listen: failed to start .* already in use"):
+        loser.start()
+    assert_gone(loser.pid)
+
+
 def test_a_repository_under_a_folder_with_a_space_is_served(server, tmp_path, net):
     """The Python backend's stub takes the model's path on a command line split at spaces: every model of a
     repository under `My Projects` died loading ("stol" in the log) and the start waited out its timeout."""
