@@ -258,16 +258,17 @@ class Client:
             raise UserInputError(f"cannot reach Triton at {self.url}: {reason(e)}; start it with `cnnpack serve`, "
                                  f"or point {self.url_flag} at it (defaults: HTTP {DEFAULT_PORTS['http']}, gRPC "
                                  f"{DEFAULT_PORTS['grpc']}, with --protocol)") from None
-        if not ready:
-            raise UserInputError(f"Triton at {self.url} is up but not ready (models still loading?); retry shortly")
-        if self.protocol == "http":  # Triton's metrics port also answers 200 (empty) to the readiness probe
-            try:
+        if self.protocol == "http":  # Triton's metrics port also answers 200 (empty) to the readiness probe, and
+            try:                     # another web server 404: neither names a server in its metadata
                 named = self._client.get_server_metadata(**self._timeout).get("name")
             except (ValueError, AttributeError, *self.errors):
                 named = None
             if not named:
                 raise UserInputError(f"{self.address} answered, but not as Triton's HTTP API: is it the metrics "
-                                     f"port? Point {self.url_flag} at the HTTP port (default {DEFAULT_PORTS['http']})")
+                                     f"port, or another server? Point {self.url_flag} at Triton's HTTP port "
+                                     f"(default {DEFAULT_PORTS['http']})")
+        if not ready:
+            raise UserInputError(f"Triton at {self.url} is up but not ready (models still loading?); retry shortly")
         return self
 
     def model_names(self) -> list[str]:

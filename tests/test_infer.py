@@ -302,8 +302,20 @@ def test_the_other_protocols_port_is_named_as_such(server):
     with pytest.raises(UserInputError, match=r"closed the gRPC connection: is it Triton's HTTP port\? Pass --protocol http"):
         Client(server.http_address, "grpc").check_ready()
     metrics = server.http_address.rsplit(":", 1)[0] + f":{server.ports.metrics}"  # answers 200 to /v2/health/ready
-    with pytest.raises(UserInputError, match=r"answered, but not as Triton's HTTP API: is it the metrics port\? Point"):
+    with pytest.raises(UserInputError, match=r"answered, but not as Triton's HTTP API: is it the metrics port, or"):
         Client(metrics, "http").check_ready()
+    import http.server
+    import threading
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)  # 404 to /v2/...
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:  # it said "Triton ... is up but not ready (models still loading?)"
+        with pytest.raises(UserInputError, match=r"answered, but not as Triton's HTTP API: is it the metrics port, or "
+                                                 r"another server\?"):
+            Client(f"127.0.0.1:{web.server_address[1]}", "http").check_ready()
+    finally:
+        web.shutdown()
+        web.server_close()
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
