@@ -41,3 +41,22 @@ def shell(path: object) -> str:
     import shlex
 
     return shlex.quote(str(path))
+
+
+def file_error(e: OSError) -> str:
+    """`PATH: reason` for an OSError, naming the path the user gave rather than cnnpack's temporary sibling of it
+    (`.model.onnx.x1y2.tmp`, `.deploy.new-x1y2`: outputs are written beside their place, then moved in)."""
+    import errno
+    import os
+    import re
+    from pathlib import Path
+
+    path = Path(*(m.group(1) if (m := re.fullmatch(r"\.(.+)\.(?:new-\w+|old-\w+|\w+\.tmp)", part)) else part
+                  for part in Path(os.fsdecode(e.filename)).parts))
+    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST):
+        for folder in (path, *path.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    return f"{folder} is a file, not a folder" + (f": cannot make {path}" if folder != path else "")
+                break
+    return f"{path}: {e.strerror or e}"

@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cnnpack.errors import CnnpackError, StageFailed, UserInputError
+from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error
 from cnnpack.ports import Ports, bind_address, check_port, free_ports, url_host
 from cnnpack.triton_dist import TritonDist, build_backend_dir, check_stub, locate, server_env
 from cnnpack.triton_release import local_repository
@@ -272,7 +272,7 @@ class TritonServer:
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
             log = open(self._log_path, "wb")  # noqa: SIM115 - the child holds it; closed below
         except OSError as e:
-            raise UserInputError(f"cannot write the server log {self._log_path}: {e.strerror}") from None
+            raise UserInputError(f"cannot write the server log: {file_error(e)}") from None
         with log:
             # A new session: Ctrl-C in the terminal reaches cnnpack, which stops the server in order,
             # and the process group holds exactly the server and its Python backend stubs.

@@ -11,12 +11,13 @@ import errno
 import functools
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 import typer
 from typer.core import TyperGroup, TyperOption
+
+from cnnpack.errors import file_error
 
 # click's UsageError, from whichever click this typer carries (its own copy since typer 0.2x, click itself before)
 _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -136,20 +137,6 @@ def _refuse_non_finite(options: dict) -> None:
 # the path given cannot be used (bad input, exit 2); others (a full disk, an I/O error) are failures (exit 1)
 _PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST,
                 errno.ENAMETOOLONG, errno.ELOOP}
-
-
-def file_error(e: OSError) -> str:
-    """`PATH: reason` for an OSError, naming the path the user gave rather than cnnpack's temporary sibling of it
-    (`.model.onnx.x1y2.tmp`, `.deploy.new-x1y2`: outputs are written beside their place, then moved in)."""
-    path = Path(*(m.group(1) if (m := re.fullmatch(r"\.(.+)\.(?:new-\w+|old-\w+|\w+\.tmp)", part)) else part
-                  for part in Path(os.fsdecode(e.filename)).parts))
-    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST):
-        for folder in (path, *path.parents):
-            if folder.exists():
-                if not folder.is_dir():
-                    return f"{folder} is a file, not a folder" + (f": cannot make {path}" if folder != path else "")
-                break
-    return f"{path}: {e.strerror or e}"
 
 
 def emit(result: dict, as_json: bool) -> None:
