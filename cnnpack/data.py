@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from cnnpack.errors import UserInputError, count
 from cnnpack.folders import walk_files
+from cnnpack.images import DECODE_ERRORS, read_image
 from cnnpack.spec import check_class_names, check_image_size
 
 SHAPES = "shapes"
@@ -56,57 +56,7 @@ class Data:
         }
 
 
-# -- decoding ------------------------------------------------------------------------------
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale (8/16 bit), RGBA, palette and CMYK images become RGB (alpha over white)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode.startswith("I"):  # I, I;16, I;16B, ...: 16-bit PNG and TIFF grayscale
-        # Pillow's convert() clips at 255 (a 16-bit photo turns white): scale 16 bits to 8 instead
-        gray = np.asarray(img, dtype=np.float64) / 257.0
-        img = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA"):
-        bg = Image.new("RGB", img.size, (255, 255, 255))
-        bg.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
-        return bg
-    return img.convert("RGB")
-
-
-# what Pillow raises for a file it cannot decode: besides OSError and ValueError, a PNG with a damaged chunk raises
-# SyntaxError and the AVIF plugin RuntimeError
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, UnidentifiedImageError, Image.DecompressionBombError)
-THIN = 16  # resized whole, an image more than this many times as long as the crop is wide takes gigabytes (1 x 200,000)
-
-
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resizes the shorter side to `size`, then crops the centre square. A very thin image has only the part that is
-    kept resampled (the same sampling, within 1 of 255), not all of it first."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    scale = size / min(w, h)
-    big_w, big_h = max(size, round(w * scale)), max(size, round(h * scale))
-    left, top = (big_w - size) // 2, (big_h - size) // 2
-    if big_w * big_h > THIN * size * size:
-        sx, sy = w / big_w, h / big_h
-        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-        return img.resize((size, size), Image.BILINEAR, box=box)
-    return img.resize((big_w, big_h), Image.BILINEAR).crop((left, top, left + size, top + size))
-
-
-def read_image(path: str | Path, size: int) -> np.ndarray:
-    """One image file as a (3, S, S) uint8 array, turned upright by its EXIF orientation (a phone's photo);
-    raises one of DECODE_ERRORS if unreadable."""
-    from PIL import ImageOps
-
-    with Image.open(path) as img:
-        img.load()
-        rgb = resize_center_crop(to_rgb(ImageOps.exif_transpose(img)), size)
-    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
-
-
+# -- decoding (cnnpack.images) ------------------------------------------------------------
 def _try_read(path: Path, size: int) -> tuple[np.ndarray | None, str]:
     try:
         return read_image(path, size), ""

@@ -56,7 +56,7 @@ def parse_classification(row) -> list[dict]:
 
 def read_pixels(paths: list[Path], size: int) -> tuple[list[Path], np.ndarray, list[dict]]:
     """(readable files, their pixels (N, 3, S, S) float32 0-255, unreadable files with the reason)."""
-    from cnnpack.data import DECODE_ERRORS, read_image  # the training loader's own decode + resize + crop
+    from cnnpack.images import DECODE_ERRORS, read_image  # training's own decode + resize + crop (no torch)
 
     ok, images, skipped = [], [], []
     for p in paths:
@@ -78,7 +78,7 @@ def read_encoded(paths: list[Path]) -> tuple[list[Path], np.ndarray, list[dict]]
 
     from PIL import Image
 
-    from cnnpack.data import DECODE_ERRORS
+    from cnnpack.images import DECODE_ERRORS
 
     ok, blobs, skipped = [], [], []
     for p in paths:

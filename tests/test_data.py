@@ -12,8 +12,9 @@ from PIL import Image
 from support import broken_chunk_png
 
 from cnnpack import shapes
-from cnnpack.data import load_data, load_image_folder, read_image
+from cnnpack.data import load_data, load_image_folder
 from cnnpack.errors import UserInputError
+from cnnpack.images import read_image
 
 SIZE = 16
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 60), "red": (220, 30, 30)}
@@ -175,7 +176,7 @@ def test_a_phone_photo_is_read_upright_and_a_thin_image_without_gigabytes(tmp_pa
     np.testing.assert_array_equal(read_image(tmp_path / "phone.jpg", 16), read_image(tmp_path / "upright.png", 16))
     ramp = np.linspace(0, 255, 200_000).astype(np.uint8)[:, None, None].repeat(3, 2)  # (200000, 1, 3)
     Image.fromarray(ramp).save(tmp_path / "thin.png")
-    code = (f"import resource; from cnnpack.data import read_image; x = read_image({str(tmp_path / 'thin.png')!r}, 64)"
+    code = (f"import resource; from cnnpack.images import read_image; x = read_image({str(tmp_path / 'thin.png')!r}, 64)"
             "; assert x.shape == (3, 64, 64) and abs(int(x[0, 32, 32]) - 127) <= 2, x[0, :, 32]"
             "; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     peak_mib = int(subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True,

@@ -110,7 +110,7 @@ def test_an_ensemble_is_not_a_pixel_runtime_and_a_missing_model_names_the_served
 
 # -- cnnpack infer ---------------------------------------------------------------------------------
 def _eager_labels(eager, files, classes) -> tuple[list[str], np.ndarray]:
-    from cnnpack.data import read_image
+    from cnnpack.images import read_image
 
     logits = eager.predict(np.stack([read_image(f, 32) for f in files]).astype(np.float32))
     return [classes[i] for i in logits.argmax(1)], logits

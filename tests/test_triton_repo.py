@@ -459,7 +459,7 @@ def _fake_pb_utils() -> types.ModuleType:
 
 
 def test_preprocess_matches_training_pipeline(run, tmp_path, monkeypatch):
-    from cnnpack.data import read_image
+    from cnnpack.images import read_image
 
     repo = tmp_path / "repo"
     build(run, TritonConfig(repository=str(repo), name="clf", ensemble=True))
