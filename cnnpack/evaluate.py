@@ -31,12 +31,29 @@ def dataset_of(run: Run, data: str | None, *, data_root: str | None = None, down
     spec = run.model_spec
     if data is not None:
         check_data(data, spec["image_size"])
-    cfg = run.read().get("stages", {}).get("train", {}).get("config", {})
+    train = run.read().get("stages", {}).get("train", {})
+    cfg = train.get("config", {})
     source = data or cfg.get("data")
     if not source:
         raise UserInputError(f"{run.path} was not trained by cnnpack; pass --data to say what to evaluate on")
-    return load_data(source, spec["image_size"], seed=cfg.get("seed", 0), val_fraction=cfg.get("val_fraction", 0.2),
-                     data_root=data_root or cfg.get("data_root"), download=download)
+    d = load_data(source, spec["image_size"], seed=cfg.get("seed", 0), val_fraction=cfg.get("val_fraction", 0.2),
+                  data_root=data_root or cfg.get("data_root"), download=download)
+    if _is_own(data, cfg.get("data")):
+        _warn_if_changed(train.get("data") or {}, d.summary())
+    return d
+
+
+def _warn_if_changed(then: dict, now: dict) -> None:
+    """Images added to the training data or taken out since the run trained move its seeded split: the validation
+    images are no longer the ones held out, and some may be images the model trained on."""
+    import logging
+
+    keys = ("train_per_class", "val_per_class")
+    if all(k in then for k in keys) and any(then[k] != now[k] for k in keys):
+        n_then, n_now = (sum(x["train_per_class"]) + sum(x["val_per_class"]) for x in (then, now))
+        logging.getLogger("cnnpack").warning(
+            f"warning: {now['source']} has changed since the run was trained ({n_then} images then, {n_now} now): "
+            "its validation split is no longer the one held out, and may hold images the model trained on")
 
 
 def scored_data(run: Run, data: str | None = None, *, data_root: str | None = None,

@@ -46,6 +46,23 @@ def _cli(*args: str) -> subprocess.Popen:
                             text=True, env={**os.environ, "COLUMNS": "200"})
 
 
+def test_training_data_changed_since_the_run_is_said(tiny_data, run_copy, tmp_path, caplog):
+    """quantize's gate, verify and evaluate read the run's own data again: images added or taken out since
+    training make its validation split another one, which they said nothing about."""
+    from cnnpack.evaluate import dataset_of
+
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    Run.open(run_copy).update(lambda m: m["stages"]["train"]["config"].update(data=str(data)))
+    dataset_of(Run.open(run_copy), None)
+    assert "has changed" not in caplog.text
+    next(p for p in sorted((data / "val").rglob("*.png"))).unlink()
+    dataset_of(Run.open(run_copy), None)
+    assert f"warning: {data} has changed since the run was trained" in caplog.text
+    caplog.clear()
+    dataset_of(Run.open(run_copy), str(tiny_data))  # other data, named: no comparison with the run's
+    assert "has changed" not in caplog.text
+
+
 # -- --device: ONNX on cuda runs in the CUDA provider, or is refused -----------------------------------
 @pytest.mark.skipif(CUDA, reason="this machine has a CUDA GPU")
 def test_onnx_on_cuda_without_a_gpu_is_refused_and_auto_runs_on_the_cpu(tiny_onnx_run, tmp_path):
