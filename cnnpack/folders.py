@@ -8,10 +8,11 @@ from pathlib import Path
 
 def walk_files(folder: Path, *, hidden: bool = False) -> list[Path]:
     """Every file under `folder`, sorted, following linked folders (each real folder once, so a link loop ends);
-    a dangling link is listed too (reading it says what is wrong). Without `hidden`, nothing whose name, or a
-    folder's on the way, starts with '.' (`.ipynb_checkpoints` copies would be images twice)."""
+    a dangling link is listed too (reading it says what is wrong), and a folder that cannot be listed raises its
+    OSError. Without `hidden`, nothing whose name, or a folder's on the way, starts with '.' (`.ipynb_checkpoints`
+    copies would be images twice)."""
     out, seen = [], set()
-    for top, dirs, files in os.walk(folder, followlinks=True):
+    for top, dirs, files in os.walk(folder, followlinks=True, onerror=_unreadable):
         real = os.path.realpath(top)
         if real in seen:
             dirs[:] = []
@@ -24,3 +25,9 @@ def walk_files(folder: Path, *, hidden: bool = False) -> list[Path]:
             if (hidden or not name.startswith(".")) and (path.is_file() or path.is_symlink()):
                 out.append(path)
     return sorted(out)
+
+
+def _unreadable(e: OSError) -> None:
+    """A folder that cannot be listed (no permission) is an error naming it: skipped, its images would be missing
+    without a word, or its class said to have no files."""
+    raise e

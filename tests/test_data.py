@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,19 @@ def test_linked_folders_and_files_are_read_and_a_dangling_link_is_counted(tmp_pa
     (root / "blue" / "gone.png").symlink_to(tmp_path / "nothing.png")
     d = load_image_folder(root, SIZE, val_fraction=0.2, seed=0)
     assert len(d.train) + len(d.val) == 6 and len(d.skipped) == 1 and "gone.png" in d.skipped[0]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder whatever its mode")
+def test_a_class_folder_that_cannot_be_listed_is_said_so(tmp_path):
+    """It was "class folder red has no files; remove it or add images"."""
+    root = _folder(tmp_path / "data", {"red": 3, "blue": 3})
+    (root / "red").chmod(0)
+    try:
+        with pytest.raises(PermissionError) as e:
+            load_image_folder(root, SIZE)
+        assert e.value.filename == str(root / "red")
+    finally:
+        (root / "red").chmod(0o755)
 
 
 def test_a_folder_read_again_in_one_process_is_not_decoded_again_unless_a_file_changed(tmp_path, monkeypatch):
