@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from cnnpack.rundir import atomic_path
+
+# a class name in a script the plot's font lacks (Chinese, say) is drawn as boxes: said once per letter as a raw
+# Python warning on stderr, it told the user nothing the plot does not show
+warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
 
 
 def _figure(**kwargs):

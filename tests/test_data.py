@@ -247,6 +247,9 @@ def test_colour_modes_become_rgb(tmp_path):
     r, g, b = px(cmyk)[:, 4, 4].astype(int)
     assert r < 40 and g > 215 and b > 215  # cyan, not garbage from reading CMYK bytes as RGB
     assert (px(la) == 255).all()
+    unit = _save(Image.fromarray(np.full((20, 20), 0.5, np.float32)), tmp_path / "unit.tif")  # float in 0-1
+    bytes32 = _save(Image.fromarray(np.full((20, 20), 200, np.int32)), tmp_path / "i32.tif")  # 32-bit holding 0-255
+    assert (px(unit) == 128).all() and (px(bytes32) == 200).all()  # they were near black
 
 
 def test_mixed_modes_load_through_the_folder_loader(tmp_path):

@@ -23,14 +23,25 @@ INPUT, OUTPUT = "image", "pixels"
 THIN = 16  # as cnnpack.data: a very thin image has only the part kept resampled (resized whole: gigabytes)
 
 
+def gray8(img):
+    """16-bit, 32-bit and float grayscale as 8 bits (Pillow's convert() clips at 255: a 16-bit photo turned white,
+    and a float one in 0-1 black): 16 bits scaled by 1/257; a 32-bit image holding 0-255 kept, more scaled as 16
+    bits; a float image in 0-1 scaled by 255, else kept. As cnnpack.images and the ensemble's preprocessing do."""
+    x = np.asarray(img, dtype=np.float64)
+    top = float(x.max()) if x.size else 0.0
+    if img.mode.startswith("I;16") or (img.mode == "I" and top > 255):
+        x = x / 257.0
+    elif img.mode == "F" and top <= 1.0:
+        x = x * 255.0
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 def to_rgb(img):
     """Grayscale (8/16 bit), RGBA, palette and CMYK images become RGB (alpha over white), as in training."""
     if img.mode == "RGB":
         return img
-    if img.mode.startswith("I"):  # I, I;16, I;16B, ...: 16-bit PNG and TIFF grayscale
-        # Pillow's convert() clips at 255 (a 16-bit photo turns white): scale 16 bits to 8, as cnnpack.data does
-        gray = np.asarray(img, dtype=np.float64) / 257.0
-        img = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L")
+    if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer and float grayscale (PNG, TIFF)
+        img = Image.fromarray(gray8(img), "L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):
