@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from cnnpack import __version__
-from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInputError
+from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInputError, shell
 from cnnpack.host import check_device, exact_fp32
 from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
@@ -330,6 +330,14 @@ def _order(fmt: str) -> tuple[bool, bool]:
 def _deployable(run: Run, cfg: ExportConfig) -> tuple[nn.Module, ModelSpec, str]:
     """The model to export, its spec, and the sha256 of the checkpoint bytes it was loaded from."""
     net, spec, digest = load_checkpoint(run, device=cfg.device)
+    train = run.read().get("stages", {}).get("train") or {}
+    if train.get("status") in ("running", "failed", "interrupted"):  # its best epoch so far: exported, and said
+        import logging
+
+        resume = (f"; `cnnpack train --run {shell(run.path)} --resume` continues it"
+                  if train["status"] == "interrupted" else "")
+        logging.getLogger("cnnpack").warning(f"warning: {run.path}'s training has not finished (train "
+                                             f"{train['status']}): exporting its best epoch so far{resume}")
     model = net if cfg.input == "normalized" else RawPixels(net, spec.mean, spec.std)
     model = model.to(cfg.device).eval()
     return (model.half() if cfg.half else model), spec, digest

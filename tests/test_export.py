@@ -98,6 +98,16 @@ def test_torchvision_export_without_training(arch, tmp_path):
     _check_artifacts(run_dir, 64, tmp_path)
 
 
+def test_a_run_whose_training_has_not_finished_is_exported_with_a_warning(tiny_run, tmp_path, caplog):
+    """Its best epoch so far is what a user may want to try, but not without a word (it was exported silently)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    Run.open(run).update(lambda m: m["stages"]["train"].update(status="interrupted"))
+    export(run, ExportConfig(formats=("onnx",)))
+    assert (f"warning: {run}'s training has not finished (train interrupted): exporting its best epoch so far; "
+            f"`cnnpack train --run {run} --resume` continues it") in caplog.text
+
+
 def test_legacy_exporter_and_static_batch(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir)
