@@ -337,6 +337,11 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     if data.skipped and is_main:
         log.warning("warning: skipped %d unreadable or non-image files in %s (e.g. %s)",
                     len(data.skipped), data.source, data.skipped[0])
+    unseen = [c for c, n in zip(data.classes, data.summary()["val_per_class"]) if n == 0]
+    if unseen and is_main:  # a class of one image keeps it to train (or val/ lacks the class): its accuracy is unknown
+        log.warning("warning: no validation image of %s: the validation accuracy leaves %s out; add images",
+                    ", ".join(unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""),
+                    "it" if len(unseen) == 1 else "them")
     spec = ModelSpec(arch=cfg.arch, num_classes=len(data.classes), classes=tuple(data.classes),
                      image_size=cfg.image_size)
     torch.manual_seed(cfg.seed)

@@ -282,6 +282,10 @@ def test_skipped_files_are_recorded(colours, tmp_path, caplog):
     assert section["data"]["skipped_files"] == 2
     assert any("broken.png" in s for s in section["data"]["skipped_examples"])
     assert "skipped 2 unreadable or non-image files" in caplog.text
+    assert "no validation image of" not in caplog.text
+    shutil.rmtree(data / "val" / "red")  # val/ without red: its accuracy is not measured, and said so
+    train(tmp_path / "r2", cfg, progress=False)
+    assert "warning: no validation image of red: the validation accuracy leaves it out" in caplog.text
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
