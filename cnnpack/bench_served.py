@@ -151,9 +151,12 @@ def _merge_served(old: dict, new: dict, rt, served: ServedConfig) -> dict:
     merged = {**old, "results": rows, "machine_peak_gflops": max(old["machine_peak_gflops"], new["machine_peak_gflops"]),
               "served": seen, "notes": NOTES,
               "replaced": []}  # what the earlier local bench replaced is not this bench's doing (its rows stay)
-    # the ceilings as recorded now: a local bench that ran during the load may have measured them again since this
-    # bench read them; every row of the section is held to the same ones
-    ceilings = old["ceilings"] if shares_ceilings(old, rt) else new["ceilings"]
+    # the higher of each precision's ceiling as recorded now (a local bench that ran during the load may have measured
+    # it again) and as this bench has it (its matmul samples may have raised it): every row is held to the same ones
+    ceilings = new["ceilings"]
+    if shares_ceilings(old, rt):
+        ceilings = {p: max((c for c in (old["ceilings"].get(p), new["ceilings"].get(p)) if c),
+                           key=lambda c: c["gflops"]) for p in {*old["ceilings"], *new["ceilings"]}}
     if ceilings:
         hold_to_ceilings(rows, ceilings)
         merged.update(ceilings=ceilings, over_ceiling=over_ceiling(rows))

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnpack.errors import UserInputError, count
+from cnnpack.errors import UserInputError, count, one_line
 from cnnpack.folders import walk_files
-from cnnpack.images import DECODE_ERRORS, read_image
+from cnnpack.images import DECODE_ERRORS, quiet, read_image
 from cnnpack.spec import check_class_names, check_image_size
 
 SHAPES = "shapes"
@@ -93,7 +93,7 @@ class _Decoded:
                 results[i] = (hit[1], "")
             else:
                 todo.append(i)
-        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        with quiet(), ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
             for i, r in zip(todo, pool.map(lambda i: _try_read(paths[i], size), todo)):
                 results[i] = r
                 if r[0] is not None and stamps[i] is not None and self.held + r[0].nbytes <= self.limit:
@@ -115,12 +115,18 @@ TRAIN_SPLITS, VAL_SPLITS, TEST_SPLITS = ("train", "training"), ("val", "valid", 
 
 
 def split_dirs(root: Path) -> tuple[Path | None, Path | None]:
-    """The (training, validation) folders of a dataset laid out by split, named in any case: train/ or training/,
-    and val/, valid/ or validation/ (test/ or testing/ beside a training folder where none of those is there).
-    (None, None): the class folders are directly under `root`; one of the two alone is refused by the loader."""
+    """The (training, validation) folders of a dataset laid out by split: train/ and val/ as they are named, or,
+    where every folder under `root` is named as a split, in any case: train/ or training/, and val/, valid/ or
+    validation/ (test/ or testing/ where none of those is there). Otherwise the folders are classes (`valid/` and
+    `invalid/` are two classes), and (None, None); one of the two alone is refused by the loader."""
+    folders = _class_dirs(root) if root.is_dir() else []
+    if {"train", "val"} <= {p.name for p in folders}:
+        return root / "train", root / "val"
     dirs: dict[str, Path] = {}
-    for p in _class_dirs(root) if root.is_dir() else []:
+    for p in folders:
         dirs.setdefault(p.name.lower(), p)
+    if not dirs or not set(dirs) <= {*TRAIN_SPLITS, *VAL_SPLITS, *TEST_SPLITS}:
+        return None, None
     train = next((dirs[n] for n in TRAIN_SPLITS if n in dirs), None)
     val = next((dirs[n] for n in (*VAL_SPLITS, *(TEST_SPLITS if train else ())) if n in dirs), None)
     return train, val
@@ -240,9 +246,11 @@ def load_image_folder(root: Path, size: int, *, val_fraction: float = 0.2, seed:
         raise UserInputError(f"--data {root} is a file; expected an ImageFolder directory")
     skipped: list[str] = []
     train_dir, val_dir = split_dirs(root)
-    if bool(train_dir) != bool(val_dir):  # otherwise `train` would silently become a class of a one-folder dataset
-        have, lack = ((train_dir, "val") if train_dir else (val_dir, "train"))
-        raise UserInputError(f"{root} has {have.name}/ but no {lack}/; add {root / lack}/<class>/<images> "
+    lone = None if train_dir and val_dir else (  # otherwise `train` would silently become a class
+        train_dir or val_dir or next((root / n for n in ("train", "val") if (root / n).is_dir()), None))
+    if lone is not None:
+        lack = "val" if lone.name.lower() in TRAIN_SPLITS else "train"
+        raise UserInputError(f"{root} has {lone.name}/ but no {lack}/; add {root / lack}/<class>/<images> "
                              f"or put the class folders directly under {root}")
     if train_dir and val_dir:
         classes = [p.name for p in _class_dirs(train_dir)]
@@ -321,7 +329,7 @@ def load_torchvision(name: str, size: int, *, root: Path, download: bool) -> Dat
     except TypeError:
         raise UserInputError(f"torchvision:{name} has no train/test split cnnpack can read") from None
     except (RuntimeError, OSError) as e:  # not there, or (with download) not reachable: an offline machine
-        why = " ".join(str(e).split())[:300].rstrip(":")
+        why = one_line(e).rstrip(":")
         hint = "" if download else " (`cnnpack train --download` fetches it, when online)"
         raise UserInputError(f"torchvision:{name} not found under {root}: {why}{hint}") from None
     if not hasattr(train_ds, "data"):

@@ -36,6 +36,12 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (a library's may span several), at most `limit` characters; its class
+    name where it says nothing."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__
+
+
 def shell(path: object) -> str:
     """A path as one word of a command printed for a person to paste (quoted only when the shell needs it)."""
     import shlex

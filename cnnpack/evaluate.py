@@ -44,16 +44,24 @@ def dataset_of(run: Run, data: str | None, *, data_root: str | None = None, down
 
 
 def _warn_if_changed(then: dict, now: dict) -> None:
-    """Images added to the training data or taken out since the run trained move its seeded split: the validation
-    images are no longer the ones held out, and some may be images the model trained on."""
+    """Images added to the training data or taken out since the run trained: in a folder split by seed, they move
+    the split, and the validation images are no longer the ones held out (some may be images the model trained
+    on); with val/ of its own, only a change there changes what is scored."""
     import logging
 
-    keys = ("train_per_class", "val_per_class")
-    if all(k in then for k in keys) and any(then[k] != now[k] for k in keys):
-        n_then, n_now = (sum(x["train_per_class"]) + sum(x["val_per_class"]) for x in (then, now))
-        logging.getLogger("cnnpack").warning(
-            f"warning: {now['source']} has changed since the run was trained ({n_then} images then, {n_now} now): "
-            "its validation split is no longer the one held out, and may hold images the model trained on")
+    from cnnpack.data import split_dirs
+
+    source = Path(now["source"])
+    own_val = source.is_dir() and all(split_dirs(source))
+    keys = ("val_per_class",) if own_val else ("train_per_class", "val_per_class")
+    if not all(k in then for k in keys) or all(then[k] == now[k] for k in keys):
+        return
+    n_then, n_now = (sum(sum(x[k]) for k in keys) for x in (then, now))
+    where = "its validation images" if own_val else "its images"
+    why = ("the validation images are not the ones the run was scored on" if own_val else
+           "its validation split is no longer the one held out, and may hold images the model trained on")
+    logging.getLogger("cnnpack").warning(f"warning: {source} has changed since the run was trained ({where}: "
+                                         f"{n_then} then, {n_now} now): {why}")
 
 
 def scored_data(run: Run, data: str | None = None, *, data_root: str | None = None,

@@ -5,15 +5,13 @@ PIL and numpy only (no torch): `cnnpack infer` decodes with it without loading P
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-
-# an image past Pillow's warning size (89 million pixels) is read all the same, without a raw Python warning on
-# stderr; one past twice that is refused by Pillow (DecompressionBombError) and skipped as unreadable
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # what Pillow raises for a file it cannot decode: besides OSError and ValueError, a PNG with a damaged chunk raises
 # SyntaxError and the AVIF plugin RuntimeError
@@ -24,7 +22,7 @@ THIN = 16  # resized whole, an image more than this many times as long as the cr
 def gray8(img):
     """16-bit, 32-bit and float grayscale as 8 bits (Pillow's convert() clips at 255: a 16-bit photo turned white,
     and a float one in 0-1 black): 16 bits scaled by 1/257; a 32-bit image holding 0-255 kept, more scaled as 16
-    bits; a float image in 0-1 scaled by 255, else kept. As cnnpack.images and the ensemble's preprocessing do."""
+    bits; a float image in 0-1 scaled by 255, else kept. The image ensemble's preprocessing does the same."""
     x = np.asarray(img, dtype=np.float64)
     top = float(x.max()) if x.size else 0.0
     if img.mode.startswith("I;16") or (img.mode == "I" and top > 255):
@@ -49,7 +47,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """Resizes the shorter side to `size`, then crops the centre square. A very thin image has only the part that is
     kept resampled (the same sampling, within 1 of 255), not all of it first."""
@@ -69,9 +66,30 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 def read_image(path: str | Path, size: int) -> np.ndarray:
     """One image file as a (3, S, S) uint8 array, turned upright by its EXIF orientation (a phone's photo);
     raises one of DECODE_ERRORS if unreadable."""
-    from PIL import ImageOps
-
     with Image.open(path) as img:
         img.load()
-        rgb = resize_center_crop(to_rgb(ImageOps.exif_transpose(img)), size)
+        rgb = resize_center_crop(to_rgb(upright(img)), size)
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says; as it is where the EXIF block is damaged (the pixels are
+    fine: the image is not refused for it)."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - whatever a damaged EXIF block makes Pillow raise
+        return img
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Pillow's warnings about one file, while files are decoded: an image past its warning size (89 million
+    pixels) is read all the same, a damaged EXIF block is left out; neither is worth a raw Python warning on stderr
+    (an image past twice that size is refused, DecompressionBombError, and skipped as unreadable with its reason).
+    Entered by the thread that decodes, or that waits for the threads that do."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        yield

@@ -56,15 +56,16 @@ def parse_classification(row) -> list[dict]:
 
 def read_pixels(paths: list[Path], size: int) -> tuple[list[Path], np.ndarray, list[dict]]:
     """(readable files, their pixels (N, 3, S, S) float32 0-255, unreadable files with the reason)."""
-    from cnnpack.images import DECODE_ERRORS, read_image  # training's own decode + resize + crop (no torch)
+    from cnnpack.images import DECODE_ERRORS, quiet, read_image  # training's own decode + resize + crop (no torch)
 
     ok, images, skipped = [], [], []
-    for p in paths:
-        try:
-            images.append(read_image(p, size))
-            ok.append(p)
-        except DECODE_ERRORS as e:
-            skipped.append({"file": str(p), "reason": _why(e)})
+    with quiet():
+        for p in paths:
+            try:
+                images.append(read_image(p, size))
+                ok.append(p)
+            except DECODE_ERRORS as e:
+                skipped.append({"file": str(p), "reason": _why(e)})
     batch = np.stack(images).astype(np.float32) if images else np.zeros((0, 3, size, size), np.float32)
     return ok, batch, skipped
 
@@ -78,18 +79,19 @@ def read_encoded(paths: list[Path]) -> tuple[list[Path], np.ndarray, list[dict]]
 
     from PIL import Image
 
-    from cnnpack.images import DECODE_ERRORS
+    from cnnpack.images import DECODE_ERRORS, quiet
 
     ok, blobs, skipped = [], [], []
-    for p in paths:
-        try:
-            data = Path(p).read_bytes()
-            with Image.open(io.BytesIO(data)) as img:  # (PIL names the BytesIO in its error: the file is named below)
-                img.load()
-            ok.append(p)
-            blobs.append(data)
-        except DECODE_ERRORS as e:
-            skipped.append({"file": str(p), "reason": _why(e)})
+    with quiet():
+        for p in paths:
+            try:
+                data = Path(p).read_bytes()
+                with Image.open(io.BytesIO(data)) as img:  # (PIL names the BytesIO in its error: the file is named)
+                    img.load()
+                ok.append(p)
+                blobs.append(data)
+            except DECODE_ERRORS as e:
+                skipped.append({"file": str(p), "reason": _why(e)})
     batch = np.empty((len(blobs), 1), dtype=np.object_)
     batch[:, 0] = blobs
     return ok, batch, skipped

@@ -82,8 +82,8 @@ class QuantizeConfig:
 # -- data --------------------------------------------------------------------------------------------
 @dataclass
 class QuantData:
-    calibration: np.ndarray  # (N, 3, S, S) float32 raw pixels from the training split
-    val_images: np.ndarray  # (M, 3, S, S) uint8
+    calibration: np.ndarray  # (N, 3, S, S) float32 from the training split, as the artifact takes them (model_input)
+    val_images: np.ndarray  # (M, 3, S, S) raw uint8 pixels, or float32 normalised ones (model_input)
     val_labels: np.ndarray  # (M,)
     source: str
     train_images: int

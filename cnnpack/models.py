@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnpack.errors import UserInputError
+from cnnpack.errors import UserInputError, one_line
 from cnnpack.registry import Registry
 from cnnpack.spec import ModelSpec
 
@@ -85,18 +85,19 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
 
 
 # their training forward returns the logits with auxiliary heads' (a namedtuple): trained and exported without them
+# (torchvision's pretrained ones come without them already; their weights are left out of a state dict on loading)
 _AUX_HEADS = ("googlenet", "inception_v3")
+_AUX_KEYS = ("aux1.", "aux2.", "AuxLogits.")
 
 
 def _torchvision_model(arch: str, spec: ModelSpec, pretrained: bool) -> nn.Module:
     import torchvision
 
-    kwargs = {**({"aux_logits": False} if arch in _AUX_HEADS else {}), **spec.arch_kwargs}
     if not pretrained:  # init_weights given: their initialisation as it is, without the warning that it may change
-        return torchvision.models.get_model(arch, num_classes=spec.num_classes,
-                                            **({"init_weights": True} if arch in _AUX_HEADS else {}), **kwargs)
+        aux = {"aux_logits": False, "init_weights": True} if arch in _AUX_HEADS else {}
+        return torchvision.models.get_model(arch, num_classes=spec.num_classes, **{**aux, **spec.arch_kwargs})
     try:
-        model = torchvision.models.get_model(arch, weights="DEFAULT", **kwargs)
+        model = torchvision.models.get_model(arch, weights="DEFAULT", **spec.arch_kwargs)
     except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
         raise UserInputError(
             f"--pretrained: cannot get torchvision weights for {arch} ({type(e).__name__}: {e}); "
@@ -136,7 +137,7 @@ def check_input_size(model: nn.Module, spec: ModelSpec) -> None:
                     raise ValueError(f"its forward gives {got}, not the (N, {spec.num_classes}) logits a classifier "
                                      "gives")
     except (RuntimeError, ValueError, AssertionError, IndexError) as e:
-        why = " ".join(str(e).split())[:200] or type(e).__name__
+        why = one_line(e, 200)
         raise UserInputError(f"--arch {spec.arch} cannot classify {spec.image_size}px images ({why}); try a larger "
                              "--image-size (torchvision's classifiers are made for 224), or another --arch") from None
     finally:
@@ -181,8 +182,11 @@ def load_state_dict_file(path: str | Path) -> dict:
 
 
 def load_weights(model: nn.Module, state: dict, *, source: str) -> None:
-    """Loads `state` into `model` strictly, or raises saying what did not fit (nothing loaded)."""
+    """Loads `state` into `model` strictly, or raises saying what did not fit (nothing loaded). The weights of
+    auxiliary heads the model is built without (googlenet's, inception_v3's: a torchvision state dict has them) are
+    left out."""
     own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(_AUX_KEYS)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

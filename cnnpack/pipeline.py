@@ -94,9 +94,9 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
         pointer = stage.output(run)
         named = re.search(re.escape(str(pointer)) + r"(?![\w/.-])", str(e))  # verify's names verify.json itself
         see = f" (see {pointer})" if Path(pointer).exists() and not named else ""  # no manifest: train failed first
-        # bad input stays exit 2 (an empty class folder, a repository holding another model), as from the command
-        cls = UserInputError if isinstance(e, UserInputError) else StageFailed
-        raise cls(f"pipeline stopped: stage {stage.name} failed: {e}{see}") from None
+        stopped = StageFailed(f"pipeline stopped: stage {stage.name} failed: {e}{see}")
+        stopped.exit_code = e.exit_code  # bad input stays exit 2 (an empty class folder), as from the command itself
+        raise stopped from None
     run.update(lambda m: m["stages"][stage.name].update(inputs_sha256=inputs))
     out = Outcome(stage.name, "ran", round(time.perf_counter() - t0, 1), summary)
     say(f"[{stage.name}] done in {out.seconds:.1f} s: {summary}")

@@ -9,10 +9,6 @@ import numpy as np
 
 from cnnpack.rundir import atomic_path
 
-# a class name in a script the plot's font lacks (Chinese, say) is drawn as boxes: said once per letter as a raw
-# Python warning on stderr, it told the user nothing the plot does not show
-warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
-
 
 def _figure(**kwargs):
     """A figure outside pyplot: no GUI, and the caller's backend is left alone (switching it to Agg
@@ -23,7 +19,10 @@ def _figure(**kwargs):
 
 
 def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
+    # a class name in a script the font lacks (Chinese, say) is drawn as boxes: said once per letter as a raw Python
+    # warning on stderr, it told the user nothing the plot does not show
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from cnnpack import data as data_mod
 from cnnpack import plots
-from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, shell
+from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, one_line, shell
 from cnnpack.host import check_device
 from cnnpack.models import build_model, check_arch, check_input_size, load_weights
 from cnnpack.rundir import MANIFEST, Run, atomic_path, atomic_write_json, sigint_deferred
@@ -413,7 +413,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                 raise Interrupted(f"interrupted {where}; epoch {kept} is kept in {run.file(LAST)}; "
                                   f"continue with `cnnpack train --run {shell(run.path)} --resume`") from None
             except (RuntimeError, ValueError) as e:  # out of memory, a NaN loss the optimizer refused...
-                why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                why = f"{type(e).__name__}: {one_line(e)}"
                 if is_main:
                     run.update(lambda m, why=why: m["stages"]["train"].update(status="failed", error=why))
                 kept_note = (f"; epoch {kept} is kept in {run.file(LAST)}" if kept is not None else "")

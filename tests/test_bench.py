@@ -426,3 +426,31 @@ def test_served_rows_kept_by_a_later_local_bench_are_compared_with_its_eager(ben
     kept = next(r for r in section["results"] if r["runtime"] == "triton")
     assert kept["speedup_vs_eager"] == pytest.approx(eager["latency_ms_p50"] / 1.0)
     assert kept["matmul_gflops"] == section["ceilings"]["fp32"]["gflops"]
+
+
+def test_a_served_bench_keeps_the_higher_of_each_ceiling_it_and_the_recorded_section_have():
+    """The section on disk may have been raised by a local bench during the load, this bench's by its own matmul
+    samples: each precision keeps the higher, and every row is held to it."""
+    from types import SimpleNamespace
+
+    from cnnpack.bench_served import ServedConfig, _merge_served
+
+    def ceiling(gflops):
+        return {"gflops": gflops, "engine": "torch", "kernel": "matmul"}
+
+    def row(runtime, precision, gflops, **served):
+        return {"runtime": runtime, "format": served.get("format", "onnx"), "precision": precision, "batch_size": 1,
+                "gflops": gflops, "latency_ms_p50": 1.0, "throughput_ips": 100.0, "matmul_share": 0.0, **served}
+
+    rt = SimpleNamespace(format="triton:cnn_onnx", client=SimpleNamespace(url="http://127.0.0.1:8000",
+                                                                          address="127.0.0.1:8000"),
+                         model=SimpleNamespace(describe=lambda: {"name": "cnn_onnx"}))
+    old = {"device": "cpu", "machine_peak_gflops": 100.0, "ceilings": {"fp32": ceiling(100.0), "int8": ceiling(400.0)},
+           "results": [row("onnxruntime", "fp32", 50.0)]}
+    new = {"device": "cpu", "machine_peak_gflops": 130.0, "ceilings": {"fp32": ceiling(130.0), "int8": ceiling(300.0)},
+           "machine": {}, "config": {}, "libraries": {},
+           "results": [row("triton", "fp32", 65.0, format="triton:cnn_onnx", concurrency=1, protocol="http")]}
+    merged = _merge_served(old, new, rt, ServedConfig(url="127.0.0.1:8000", model="cnn_onnx", protocol="http"))
+    assert {p: c["gflops"] for p, c in merged["ceilings"].items()} == {"fp32": 130.0, "int8": 400.0}
+    assert merged["machine_peak_gflops"] == 130.0
+    assert [r["matmul_share"] for r in merged["results"]] == [50.0 / 130.0, 65.0 / 130.0]

@@ -61,6 +61,16 @@ def test_split_folders_are_known_by_their_usual_names_in_any_case(tmp_path, trai
     assert d.classes == ["blue", "red"] and (len(d.train), len(d.val)) == (6, 2)
 
 
+def test_classes_named_like_splits_stay_classes(tmp_path):
+    """`valid/` and `invalid/` are two classes: a folder named as a split is one only where all of them are."""
+    _write(tmp_path / "valid", 4, COLOURS["green"])
+    _write(tmp_path / "invalid", 4, COLOURS["red"])
+    assert load_image_folder(tmp_path, SIZE).classes == ["invalid", "valid"]
+    _write(tmp_path / "train", 4, COLOURS["blue"])  # train/ among classes: refused, as before
+    with pytest.raises(UserInputError, match="has train/ but no val/"):
+        load_image_folder(tmp_path, SIZE)
+
+
 def test_linked_folders_and_files_are_read_and_a_dangling_link_is_counted(tmp_path):
     """A class folder or a sub-folder that is a link is read (a linked sub-folder's images were dropped without a
     word); a link to nothing is an unreadable file; a link loop ends."""
@@ -190,7 +200,8 @@ def test_a_phone_photo_is_read_upright_and_a_thin_image_without_gigabytes(tmp_pa
     np.testing.assert_array_equal(read_image(tmp_path / "phone.jpg", 16), read_image(tmp_path / "upright.png", 16))
     ramp = np.linspace(0, 255, 200_000).astype(np.uint8)[:, None, None].repeat(3, 2)  # (200000, 1, 3)
     Image.fromarray(ramp).save(tmp_path / "thin.png")
-    code = (f"import resource; from cnnpack.images import read_image; x = read_image({str(tmp_path / 'thin.png')!r}, 64)"
+    code = ("import resource; from cnnpack.images import read_image"
+            f"; x = read_image({str(tmp_path / 'thin.png')!r}, 64)"
             "; assert x.shape == (3, 64, 64) and abs(int(x[0, 32, 32]) - 127) <= 2, x[0, :, 32]"
             "; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     peak_mib = int(subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True,

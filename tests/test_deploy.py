@@ -338,13 +338,14 @@ def test_an_image_tag_of_the_users_own_is_pulled_at_each_start_and_changed_model
 
 def test_written_yaml_has_no_anchors_and_the_hpa_metric_counts_each_request_once(deployed):
     """A dict used twice (the Job's labels) is written out twice: an alias (&id001) is hard to review. The adapter's
-    query leaves out the image ensemble and its preprocessing step: a request through the ensemble counts once."""
+    query counts requests at the classifiers (a request through the ensemble once) and queue time everywhere."""
     for folder in deployed.values():
         for path in folder.rglob("*.yaml"):
             text = path.read_text()
             assert not re.search(r"[&*]id\d+", text), path
     rule = _yaml(deployed["image"] / "kubernetes" / "prometheus-adapter" / "values.yaml")["rules"]["custom"][0]
-    assert rule["metricsQuery"].count('model!~".+_(image|preprocess)"') == 2
+    queue, requests = rule["metricsQuery"].split(" / ")
+    assert "model!~" not in queue and requests.count('model!~".+_(image|preprocess)"') == 1
 
 
 def test_an_out_that_is_a_link_is_written_through(laid_out, tmp_path):

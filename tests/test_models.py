@@ -71,6 +71,10 @@ def test_googlenet_trains_without_its_auxiliary_heads_and_a_vit_refuses_a_size_i
     model = build_model(spec)
     check_input_size(model, spec)
     assert model.train()(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    import torchvision  # torchvision's own, with its auxiliary heads (a --weights file): those weights are left out
+
+    load_weights(model, torchvision.models.googlenet(num_classes=3, aux_logits=True, init_weights=True).state_dict(),
+                 source="torchvision's googlenet")
     with pytest.raises(UserInputError, match=r"--arch vit_b_32 cannot classify 32px images \(Wrong image height"):
         check_input_size(build_model(_spec("vit_b_32", k=3, size=32)), _spec("vit_b_32", k=3, size=32))
 

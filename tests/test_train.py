@@ -254,7 +254,8 @@ def test_a_training_that_fails_before_an_epoch_is_recorded_failed_and_said_so(co
 
     cfg = TrainConfig(data=str(colours), image_size=16, epochs=1, batch_size=16)
     monkeypatch.setattr(training, "_train_one_epoch", out_of_memory)
-    with pytest.raises(StageFailed, match=r"^training failed in epoch 1 \(RuntimeError: CUDA out of memory \(planted\)\)$"):
+    planted = r"^training failed in epoch 1 \(RuntimeError: CUDA out of memory \(planted\)\)$"
+    with pytest.raises(StageFailed, match=planted):
         train(tmp_path / "r", cfg, progress=False)
     monkeypatch.undo()
     stage = Run.open(tmp_path / "r").read()["stages"]["train"]

@@ -34,9 +34,9 @@ NAME_MAX = 49  # a DNS label is at most 63 characters; "<name>-fill-<8 hex>", th
 PVC_NOTE = ("the models' volume is a ReadWriteMany claim: the fill Job writes it once and every replica, on any node, "
             "mounts it read-only; it needs a StorageClass that offers ReadWriteMany (NFS, CephFS, EFS, Filestore, Azure "
             "Files). On a single-node cluster whose storage is ReadWriteOnce only (kind's local-path), patch the claim's "
-            "accessModes to [ReadWriteOnce] in an overlay. The Job writes as uid 1000 and relies on fsGroup 1000 for "
-            "the volume's permissions; storage that ignores fsGroup (many NFS and Azure Files setups) must let that uid "
-            "write (its export's or share's own options)")
+            "accessModes to [ReadWriteOnce] in an overlay. The Job writes as uid 1000 and relies on fsGroup 1000 "
+            "for the volume's permissions; storage that ignores fsGroup (many NFS and Azure Files setups) must let "
+            "that uid write (its export's or share's own options)")
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -84,8 +84,8 @@ class DeployConfig:
             if len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
                 raise UserInputError(f"{flag} {value!r} is not a Kubernetes object name (lowercase a-z, 0-9, '-', '.')")
         if self.credentials_secret and self.service_account:  # KServe would use the account, Triton the Secret
-            raise UserInputError("--credentials-secret and --service-account are two ways to reach the bucket (a Secret "
-                                 "Triton reads, or workload identity); give one")
+            raise UserInputError("--credentials-secret and --service-account are two ways to reach the bucket (a "
+                                 "Secret Triton reads, or workload identity); give one")
         if self.service_account and s.mode == "as":
             raise UserInputError("--service-account with as://: Triton's Azure client signs in with an account key "
                                  "only (AZURE_STORAGE_KEY), never as a workload identity; give --credentials-secret "

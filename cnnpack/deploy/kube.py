@@ -26,6 +26,7 @@ QUEUE_METRIC = "triton_queue_us_per_request"
 QUEUE_US, REQUESTS = "nv_inference_queue_duration_us", "nv_inference_request_success"
 RATE_WINDOW = "2m"
 ENSEMBLE_PARTS = ".+_(image|preprocess)"  # the names cnnpack gives an image ensemble and its preprocessing model
+CLASSIFIERS_ONLY = f',model!~"{ENSEMBLE_PARTS}"'  # a matcher: the series of the classifiers alone
 SHM_LIMIT = "256Mi"  # /dev/shm for the Python backend's tensors (the runtime's default is 64 MiB)
 
 
@@ -236,21 +237,21 @@ def gpu_patch(plan: Plan, spec: Spec) -> dict:
 def adapter_values() -> dict:
     """prometheus-adapter (Helm chart prometheus-community/prometheus-adapter) values: the HPA's metric.
 
-    Per pod: rate of queue microseconds / rate of successful requests, over the classifiers the pod serves. The
-    image ensemble and its preprocessing step are left out: one request through the ensemble is a success of each
-    of the three models, and counting them all would read its queue time up to 3x low (the HPA scaling late).
+    Per pod: rate of queue microseconds over every model the pod serves / rate of requests served, counted at the
+    classifiers: one request through the image ensemble is a success of the ensemble, its preprocessing step and
+    the classifier, and counting all three would read the queue time up to 3x low (the HPA scaling late), while
+    the preprocessing step's own queue time is load the HPA must see.
     The labels `namespace` and `pod` are the ones a ServiceMonitor (and kube-prometheus) put on each series.
     """
-    def rate(metric: str) -> str:
-        return (f"sum by (<<.GroupBy>>) (rate({metric}{{<<.LabelMatchers>>,model!~\"{ENSEMBLE_PARTS}\"}}"
-                f"[{RATE_WINDOW}]))")
+    def rate(metric: str, matchers: str = "") -> str:
+        return f"sum by (<<.GroupBy>>) (rate({metric}{{<<.LabelMatchers>>{matchers}}}[{RATE_WINDOW}]))"
 
     return {"rules": {"custom": [{
         "seriesQuery": f'{QUEUE_US}{{namespace!="",pod!=""}}',
         "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
         "name": {"matches": f"^{QUEUE_US}$", "as": QUEUE_METRIC},
         # no requests in the window: 0 us, not a division by zero (the adapter drops NaN and the HPA stalls)
-        "metricsQuery": f"{rate(QUEUE_US)} / clamp_min({rate(REQUESTS)}, 0.001)",
+        "metricsQuery": f"{rate(QUEUE_US)} / clamp_min({rate(REQUESTS, CLASSIFIERS_ONLY)}, 0.001)",
     }]}}
 
 

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnnpack.errors import UserInputError
+from cnnpack.errors import UserInputError, one_line
 from cnnpack.rundir import Run, sha256
 from cnnpack.triton_publish import STAGING_PREFIX
 
@@ -99,13 +99,12 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     if left:
         plan.notes.append(f"not shipped: {', '.join(left)} (the image ensemble's preprocessing needs Pillow, which "
                           "the stock NGC image lacks; --model-store image builds an image with it)")
-    plan.cpu, instances = cpu(stages, manifest.get("machine", {}))
-    if "threads 0" in plan.cpu.source:
-        per = max(1, plan.cpu.value // instances)
+    plan.cpu, instances, threads = cpu(stages, manifest.get("machine", {}))
+    if not threads:
         plan.notes.append(f"the served config leaves the runtime's threads at 0 (its default): its thread pool is as "
-                          f"large as the node's cores, not the pod's CPU limit ({plan.cpu.value}), and on a larger node "
-                          f"the pod is throttled; bound it with `cnnpack triton --threads {per}` or "
-                          "`cnnpack tune`")
+                          f"large as the node's cores, not the pod's CPU limit ({plan.cpu.value}), and on a larger "
+                          f"node the pod is throttled; bound it with `cnnpack triton --threads "
+                          f"{max(1, plan.cpu.value // instances)}` or `cnnpack tune`")
     plan.memory_mib = memory(stages, repository, classifiers, instances)
     download_s = math.ceil(size / DOWNLOAD_BYTES_PER_S) if remote else 0
     plan.startup_s = startup(stages, floor=STARTUP_FLOOR_S, download_s=download_s)
@@ -128,7 +127,7 @@ def read_config(folder: Path, *, fix: str = "`cnnpack triton`"):
     try:
         return text_format.Parse(path.read_text(encoding="utf-8"), pb.ModelConfig())
     except (text_format.ParseError, UnicodeDecodeError) as e:
-        why = " ".join(str(e).split()).rstrip(".")
+        why = one_line(e).rstrip(".")
         raise UserInputError(f"{path} is not a Triton model config ({why}; edited by hand?); lay the model out "
                              f"again with {fix}") from None
 
@@ -181,8 +180,9 @@ def _winner(stages: dict) -> dict | None:
     return w if w and not w.get("default") and tuned_in_place(stages) else None
 
 
-def cpu(stages: dict, machine: dict) -> tuple[Figure, int]:
-    """(cores the pod requests, model instances) from the tuned winner or the served model's config."""
+def cpu(stages: dict, machine: dict) -> tuple[Figure, int, int]:
+    """(cores the pod requests, model instances, threads per instance: 0 for the runtime's default) from the tuned
+    winner or the served model's config."""
     run_cores = int(machine.get("cpu_count") or 1)
     w = _winner(stages)
     if w:
@@ -196,7 +196,7 @@ def cpu(stages: dict, machine: dict) -> tuple[Figure, int]:
     why = f"{n} instance(s) x {t} thread(s) of {where}" if t else (
         f"{n} instance(s) x {run_cores} cores ({where}: threads 0 is the runtime's default of every core, and the run "
         f"measured on {run_cores}; bound it with `cnnpack triton --threads N` or `cnnpack tune`)")
-    return Figure(cores, why), n
+    return Figure(cores, why), n, t
 
 
 def memory(stages: dict, repository: Path, classifiers: list[tuple[str, str]], instances: int) -> Figure:

@@ -151,6 +151,6 @@ def upload_lines(store: Store, repository: str, models: list[str]) -> list[str]:
                 f"{shell(f'{base}/{m}')}" for m in models]
     account, container_path = base.split("://", 1)[1].split("/", 1)
     container, _, prefix = container_path.partition("/")
-    return [f"az storage blob upload-batch --overwrite --account-name {shell(account)} --destination {shell(container)} "
-            f"--destination-path {shell('/'.join(filter(None, [prefix, m])))} --source {shell(f'{repository}/{m}')}"
+    return [f"az storage blob upload-batch --overwrite --account-name {shell(account)} "
+            f"--destination {shell(container)} --destination-path {shell('/'.join(filter(None, [prefix, m])))} --source {shell(f'{repository}/{m}')}"
             for m in models]

@@ -110,7 +110,7 @@ def readme(plan, spec, *, gpu: bool, out: Path) -> str:
               "labels (the ServiceMonitor of `cnnpack deploy --service-monitor` does).", "", "```bash",
               "helm upgrade --install prometheus-adapter prometheus-community/prometheus-adapter -n monitoring \\",
               "  -f kubernetes/prometheus-adapter/values.yaml --set prometheus.url=http://prometheus-operated.monitoring.svc",
-              "NS=$(kubectl config view --minify -o jsonpath='{..namespace}'); NS=${NS:-default}   # where you applied it",
+              "NS=$(kubectl config view --minify -o jsonpath='{..namespace}'); NS=${NS:-default}  # where it runs",
               f'kubectl get --raw "/apis/custom.metrics.k8s.io/v1beta1/namespaces/$NS/pods/*/{kube.QUEUE_METRIC}"',
               f"kubectl get hpa {name}", "```", "",
               "kube-prometheus-stack's Prometheus picks up only the ServiceMonitors that carry its Helm release's "

@@ -20,13 +20,13 @@ import triton_python_backend_utils as pb_utils
 from PIL import Image, ImageOps
 
 INPUT, OUTPUT = "image", "pixels"
-THIN = 16  # as cnnpack.data: a very thin image has only the part kept resampled (resized whole: gigabytes)
+THIN = 16  # as cnnpack.images: a very thin image has only the part kept resampled (resized whole: gigabytes)
 
 
 def gray8(img):
     """16-bit, 32-bit and float grayscale as 8 bits (Pillow's convert() clips at 255: a 16-bit photo turned white,
     and a float one in 0-1 black): 16 bits scaled by 1/257; a 32-bit image holding 0-255 kept, more scaled as 16
-    bits; a float image in 0-1 scaled by 255, else kept. As cnnpack.images and the ensemble's preprocessing do."""
+    bits; a float image in 0-1 scaled by 255, else kept. As cnnpack.images does for training."""
     x = np.asarray(img, dtype=np.float64)
     top = float(x.max()) if x.size else 0.0
     if img.mode.startswith("I;16") or (img.mode == "I" and top > 255):
@@ -67,6 +67,14 @@ def resize_center_crop(img, height, width):
     return img.resize((big_w, big_h), Image.BILINEAR).crop((left, top, left + width, top + height))
 
 
+def upright(img):
+    """Turned as its EXIF orientation says; as it is where the EXIF block is damaged (as cnnpack.images does)."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - whatever a damaged EXIF block makes Pillow raise
+        return img
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -83,7 +91,7 @@ class TritonPythonModel:
         """One encoded image -> (C, H, W) float32 in 0-255 (or normalised)."""
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            img = resize_center_crop(to_rgb(ImageOps.exif_transpose(img)), self.height, self.width)
+            img = resize_center_crop(to_rgb(upright(img)), self.height, self.width)
             if self.channels == 1:
                 img = img.convert("L")
         x = np.asarray(img, dtype=np.float32).reshape(self.height, self.width, self.channels).transpose(2, 0, 1)
