@@ -38,6 +38,7 @@ from cnnpack.host import (
     status_kb,
     sync,
     torch_threads,
+    usable_cores,
 )
 from cnnpack.loadclient import Load  # noqa: F401 - re-exported
 from cnnpack.measure import PERCENTILES, Measurement, Window, WindowPolicy, agree, measure, run_window, summarise  # noqa: F401 - re-exported
@@ -106,6 +107,10 @@ class BenchConfig:
             raise UserInputError(f"--batch-sizes must be integers >= 1, got {list(self.batch_sizes)}")
         if self.threads is not None and self.threads < 1:
             raise UserInputError(f"--threads must be >= 1, got {self.threads}")
+        cores = usable_cores()
+        if self.threads is not None and self.threads > cores:  # 100000 was a MemoryError; 1000 took minutes a point
+            raise UserInputError(f"--threads {self.threads} is more than the {cores} cores here: threads beyond them "
+                                 "measure their contention, not the runtime")
         if not 0 < self.max_seconds < float("inf"):  # nan too
             raise UserInputError(f"--max-seconds must be > 0, got {self.max_seconds}")
         if not 0 < self.stability < 1:
@@ -454,5 +459,7 @@ def make_section(ctx: BenchContext, host: dict, refs: list) -> dict:
 
 
 def previous_section(run: Run) -> dict:
+    """The recorded bench section that a new bench merges with: one marked failed or interrupted by the pipeline
+    still holds the rows of the bench before (kept, not dropped without a word); one with no rows is nothing."""
     section = run.read().get("stages", {}).get("bench") or {}
-    return section if section.get("status") == "ok" else {}
+    return section if section.get("results") is not None else {}

@@ -148,7 +148,9 @@ def _merge_served(old: dict, new: dict, rt, served: ServedConfig) -> dict:
     rows = [r for r in old["results"] if (r.get("format"), r.get("protocol")) != (rt.format, served.protocol)]
     rows += new["results"]
     speedups(rows)
-    merged = {**old, "results": rows, "machine_peak_gflops": max(old["machine_peak_gflops"], new["machine_peak_gflops"]),
+    old = {k: v for k, v in old.items() if k != "error"}  # a section the pipeline marked failed: this bench ran
+    merged = {**old, "status": "ok", "results": rows,
+              "machine_peak_gflops": max(old.get("machine_peak_gflops") or 0.0, new["machine_peak_gflops"]),
               "served": seen, "notes": NOTES,
               "replaced": []}  # what the earlier local bench replaced is not this bench's doing (its rows stay)
     # the higher of each precision's ceiling as recorded now (a local bench that ran during the load may have measured

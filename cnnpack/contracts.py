@@ -1,4 +1,5 @@
-"""The contract each precision is held to, and the statistics verify compares a target with eager by.
+"""The contract each precision is held to, the statistics verify compares a target with eager by, and the per-format
+summary of the verdicts (`stages.verify.formats`) that tune, deploy and the report read.
 
 fp32: the configured tolerances; fp16 and bf16: relative floors that grow with the logits' size;
 int8: task parity only (top-1 agreement and drop), its tensor error reported beside it (DESIGN §2).
@@ -193,4 +194,38 @@ def failures(label: str, tensor: dict, task: dict | None, cfg: Tolerance | Verif
     if task and drop is not None and not drop_within(-100 * task["accuracy_delta"], drop):
         out.append(f"{label}: top-1 drop {-100 * task['accuracy_delta']:.2f} pt > {drop:g} pt (int8 contract: "
                    f"accuracy {100 * task['accuracy']:.2f}% vs eager {100 * task['eager_accuracy']:.2f}%)")
+    return out
+
+
+def contract_line(tol: dict | None) -> str | None:
+    """A target's contract in a few words, for tables (verify.json keeps the full basis)."""
+    if not tol:
+        return None
+    agree = f"agreement >= {100 * tol['min_agreement']:g}%"
+    if not tol.get("tensor_gated", True):
+        return f"{tol.get('contract', 'int8')}: {agree}, top-1 drop <= {tol['max_drop_pt']:g} pt (tensor error reported)"
+    return f"{tol.get('contract', 'fp32')}: atol {tol['atol']:.0e}, rtol {tol['rtol']:.0e}, {agree}"
+
+
+def by_format(results: list[dict]) -> dict:
+    """`stages.verify.formats`: per format, `passed` over every runtime that ran it, and the worst figures of the
+    runtimes of the artifact's own precision (none where only another precision's ran); a runtime of another
+    precision (openvino-bf16 of an fp32 IR) only under `by_runtime`, so an fp32 line never carries bf16 figures."""
+    out: dict[str, dict] = {}
+    for fmt in dict.fromkeys(r["format"] for r in results):
+        rows = [r for r in results if r["format"] == fmt]
+        precision = rows[0].get("artifact_precision", rows[0].get("precision", "fp32"))
+        own = [r for r in rows if r.get("precision", "fp32") == precision]
+        tasks = [r["task"] for r in own if r["task"]]
+        out[fmt] = {"max_abs_err": None if not own or any(r["tensor"] is None for r in own) else
+                    max(r["tensor"]["max_abs_err"] for r in own),
+                    **{k: min((t[k] for t in tasks), default=None) for k in ("top1_agreement", "accuracy")},
+                    # an artifact no runtime of its own precision checked is not verified (tune and deploy read this)
+                    "passed": bool(own) and all(r["passed"] for r in rows), "runtimes": [r["runtime"] for r in rows],
+                    "precision": precision, "contract": next((contract_line(r.get("tolerance")) for r in own), None),
+                    "by_runtime": {r["runtime"]: {
+                        "precision": r.get("precision", "fp32"), "contract": contract_line(r.get("tolerance")),
+                        "passed": r["passed"], "max_abs_err": r["tensor"]["max_abs_err"] if r["tensor"] else None,
+                        **{k: (r["task"] or {}).get(k) for k in ("accuracy", "top1_agreement", "top1_tie_disagreements",
+                                                                 "top1_agreement_gated")}} for r in rows}}
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 from cnnpack.client import PROTOCOL_NAMES
 from cnnpack.errors import count, shell
 from cnnpack.report_render import Block, to_html, to_markdown
-from cnnpack.rundir import Run, place, scratch_beside, sigint_deferred
+from cnnpack.rundir import Run, artifact_changed, place, scratch_beside, sigint_deferred
 from cnnpack.triton_dist import docker_line
 
 
@@ -70,12 +70,24 @@ def _export(m: dict, run: Run) -> list[Block]:
         files = [run.file(a["path"])] + ([run.file(a["weights"]["path"])] if isinstance(a.get("weights"), dict) else [])
         # as the precision table and the summary count it: the model's files together (an IR's .xml and .bin)
         size = sum(os.path.getsize(f) for f in files) / 2**20 if all(f.exists() for f in files) else None
+        changed = artifact_changed(run, a)
         rows.append([fmt, a.get("precision", "fp32"), f"`{a['path']}`", f"{a['input']['name']} {shape} {a['input']['dtype']}",
-                     exporter_label(a.get("exporter", "")),
-                     str(a.get("opset", "–")), _num(size, "{:.2f} MB"), a["sha256"][:12]])
+                     exporter_label(a.get("exporter", "")), str(a.get("opset", "–")),
+                     _num(size, "{:.2f} MB") if not changed else ("missing" if size is None else "changed on disk"),
+                     a["sha256"][:12]])
+    gone = _changed_on_disk(m, run)
+    notes = [f"**Changed on disk**: {'; '.join(gone.values())}: the size, sha256 and every figure of "
+             f"{'it' if len(gone) == 1 else 'them'} in this report are of the file as it was made; re-create "
+             f"{'it' if len(gone) == 1 else 'them'} (`export/reproduce.sh`)."] if gone else []
     return [Block("h2", "Exported artifacts"), Block("table", rows=rows),
             Block("p", "Inputs are raw RGB pixels 0–255; scaling and mean/std normalisation happen inside the graph. "
-                       "`export/reproduce.sh` re-creates them.")] + [Block("p", n) for n in _export_notes(e)]
+                       "`export/reproduce.sh` re-creates them.")] + [Block("p", n) for n in notes + _export_notes(e)]
+
+
+def _changed_on_disk(m: dict, run: Run | None) -> dict[str, str]:
+    """The artifacts whose files are no longer the ones recorded (deleted, or changed since): format -> why."""
+    arts = m.get("stages", {}).get("export", {}).get("artifacts", {})
+    return {f: why for f, a in arts.items() if run is not None and (why := artifact_changed(run, a))}
 
 
 def _export_notes(e: dict) -> list[str]:
@@ -106,18 +118,22 @@ def _verify(m: dict, run: Run | None = None) -> list[Block]:
             "against the eager model"
         return [Block("h2", "Parity against eager PyTorch"),
                 Block("p", f"**Not verified**: {why}; `cnnpack verify` proves each one computes what it computes.")]
-    old, missing = stale(m["stages"], "verify"), unverified(m["stages"])
+    old, missing, gone = stale(m["stages"], "verify"), unverified(m["stages"]), _changed_on_disk(m, run)
     rows = [["artifact", "runtime", "precision", "max abs err", "top-1 agreement", "accuracy", "contract", "verdict"]]
     for r in parity_table(m["stages"]):
         rows.append([r["artifact"], r["runtime"], r["precision"], _num(r["max_abs_err"], "{:.2e}"),
                      _pct(r["top1_agreement"]) + (f" ({_pct(r['agreement_gated'])} without {r['tie_disagreements']} "
                                                   "on ties)" if r["tie_disagreements"] else ""),
                      _pct(r["accuracy"]), r["contract"] or "–",
-                     ("pass" if r["passed"] else "FAIL") + (" (an earlier file)" if r["artifact"] in old else "")])
+                     ("pass" if r["passed"] else "FAIL") + (" (an earlier file)" if r["artifact"] in old else
+                                                             " (file changed since)" if r["artifact"] in gone else "")])
     verdict = ("every artifact x runtime pair is within the contract of its precision (fp32: tensor parity; "
                "fp16/bf16: relative tolerances; int8: task parity)" if v.get("passed") else "**parity FAILED**")
-    if (old or missing) and v.get("passed"):
+    if (old or missing or gone) and v.get("passed"):
         verdict = "every pair verify checked is within the contract of its precision, but not every current artifact was checked"
+    if v.get("status") not in (None, "ok"):  # the last verify stopped on an error: the rows are of the one before
+        verdict = (f"**the last verify {v['status']}** ({v.get('error', 'no reason recorded')}); the rows below are of "
+                   "the verify before it")
     out = [Block("h2", "Parity against eager PyTorch"), Block("p", f"Verdict: {verdict}.")]
     redo = f"run `cnnpack verify --run {shell(run.path) if run else 'RUN'}` to check the files as they are now"
     if old:
@@ -127,6 +143,9 @@ def _verify(m: dict, run: Run | None = None) -> list[Block]:
     if missing:
         out.append(Block("p", f"**Not verified**: {', '.join(missing)} (exported after verify, or left out by its "
                               f"--formats); {redo}."))
+    if gone and v.get("status", "ok") == "ok":
+        out.append(Block("p", f"**Changed on disk since verify**: {', '.join(gone)}: those rows are of the file as "
+                              f"it was; {redo}."))
     out.append(Block("table", rows=rows))
     if any(r[4].endswith("on ties)") for r in rows[1:]):
         out.append(Block("p", "A tie: an image whose eager logits for two classes lie within one step of the target's "
@@ -176,6 +195,11 @@ def _bench(m: dict, run: Run) -> list[Block]:
     if not b:
         return []
     res = [r for r in b.get("results", []) if r["runtime"] != "triton"]  # served rows: in their own section
+    failed = [Block("p", f"**The last bench {b['status']}** ({b.get('error') or 'no reason recorded'})"
+                         + ("; the rows below are of the bench before it." if res else "."))
+              ] if b.get("status", "ok") != "ok" else []
+    if not res:  # no local bench (only a served one: in its own section), or none that finished
+        return [Block("h2", "Latency and throughput"), *failed] if failed else []
     peak = b.get("machine_peak_gflops")
     from cnnpack.bench import series
 
@@ -186,7 +210,7 @@ def _bench(m: dict, run: Run) -> list[Block]:
                      _num(r["latency_ms_p99"], "{:.2f}"), _num(r["throughput_ips"], "{:,.0f}"),
                      _num(r.get("speedup_vs_eager"), "{:.2f}×"), _num(r.get("gflops"), "{:.1f}"),
                      _pct(r.get("matmul_share")), "yes" if r.get("stable", True) else "**no**"])
-    out = [Block("h2", "Latency and throughput"),
+    out = [Block("h2", "Latency and throughput"), *failed,
            Block("p", f"`{b.get('model')}` on {b.get('device')}, {b.get('threads', '?')} threads for every runtime. "
                       f"The share column compares each row with this machine's measured matrix-multiply ceiling of "
                       f"the row's own precision: {_ceilings(b, peak)}. Speedup: eager's median latency over the "

@@ -45,6 +45,20 @@ def artifact_digest(record: dict) -> str:
     return record["sha256"] + (f"+{weights}" if weights else "")
 
 
+def artifact_changed(run: Run, record: dict) -> str | None:
+    """None where an export artifact's files (`record`: its manifest record) are the ones recorded; else why not
+    (`PATH is missing`, `PATH changed since export`, or since quantize for an int8 one)."""
+    made = "quantize" if record.get("precision") == "int8" else "export"
+    weights = record.get("weights")
+    for rel, digest in ((record["path"], record["sha256"]), *(((weights["path"], weights["sha256"]),) if weights else ())):
+        f = run.file(rel)
+        if not f.is_file():
+            return f"{f} is missing"
+        if sha256(f) != digest:
+            return f"{f} changed since {made} (its sha256 differs from the manifest's, truncated?)"
+    return None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

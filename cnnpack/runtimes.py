@@ -384,7 +384,7 @@ def artifact_ref(run: Run, fmt: str) -> ArtifactRef:
     """The recorded artifact of `fmt` in a run (checked against its sha256), or the checkpoint."""
     if fmt == "checkpoint":
         return ArtifactRef(run, "checkpoint", run.file("checkpoint.pt"))
-    from cnnpack.rundir import sha256
+    from cnnpack.rundir import artifact_changed
 
     make = remake_command(run, "onnx" if fmt in QUANTIZED else fmt)
     arts = run.stage("export", hint=f"`{make}`").get("artifacts", {})
@@ -392,15 +392,9 @@ def artifact_ref(run: Run, fmt: str) -> ArtifactRef:
         raise UserInputError(f"{run.path} has no {fmt} artifact (has: {', '.join(arts) or 'none'}); "
                              f"run `{remake_command(run, fmt)}` first")
     rec = arts[fmt]
-    path = run.file(rec["path"])
-    for f, digest in ((path, rec["sha256"]), *(((run.file(w["path"]), w["sha256"]),) if (w := rec.get("weights")) else ())):
-        if not f.is_file():
-            raise UserInputError(f"{f} is missing; re-run `{remake_command(run, fmt)}`")
-        if sha256(f) != digest:
-            made = "quantize" if fmt in QUANTIZED else "export"
-            raise UserInputError(f"{f} changed since {made} (its sha256 differs from the manifest's, truncated?); "
-                                 f"refusing to use it: re-run `{remake_command(run, fmt)}`")
-    return ArtifactRef(run, fmt, path, rec, rec.get("max_batch_size"))
+    if why := artifact_changed(run, rec):
+        raise UserInputError(f"{why}; refusing to use it: re-run `{remake_command(run, fmt)}`")
+    return ArtifactRef(run, fmt, run.file(rec["path"]), rec, rec.get("max_batch_size"))
 
 
 # the runtime of a format on a CUDA GPU where its default one (above) computes on the CPU whatever `device` says

@@ -41,6 +41,8 @@ from cnnpack.contracts import (  # noqa: F401 - re-exported
     INT8_MAX_DROP_PT,
     INT8_MIN_AGREEMENT,
     Tolerance,
+    by_format,
+    contract_line,
     failures,
     task_stats,
     tensor_stats,
@@ -48,7 +50,7 @@ from cnnpack.contracts import (  # noqa: F401 - re-exported
 )
 from cnnpack.errors import ParityError, RuntimeUnavailable, UserInputError, shell
 from cnnpack.host import check_device, exact_fp32
-from cnnpack.rundir import Run, artifact_digest, atomic_write_json, library_versions, sha256
+from cnnpack.rundir import Run, artifact_changed, artifact_digest, atomic_write_json, library_versions, sha256
 from cnnpack.runtimes import fit_batch_sizes, precision_of
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
@@ -72,8 +74,10 @@ class VerifyConfig:
     def validate(self) -> None:
         if self.batch_sizes is not None and (not self.batch_sizes or min(self.batch_sizes) < 1):
             raise UserInputError(f"--batch-sizes must be integers >= 1, got {list(self.batch_sizes or [])}")
-        if self.samples < 1:
-            raise UserInputError(f"--samples must be >= 1, got {self.samples}")
+        if not 1 <= self.samples <= MAX_SAMPLES:  # held in memory at once: 100,000,000 was the kernel's OOM kill
+            raise UserInputError(f"--samples must be in 1..{MAX_SAMPLES}, got {self.samples}")
+        if self.seed < 0:
+            raise UserInputError(f"--seed must be >= 0, got {self.seed}")
         for flag, value in (("--atol", self.atol), ("--rtol", self.rtol)):
             if not value > 0:  # also refuses NaN
                 raise UserInputError(f"{flag} must be > 0, got {value}")
@@ -82,6 +86,9 @@ class VerifyConfig:
         if not 0 < self.int8_min_agreement <= 1:
             raise UserInputError(f"--int8-min-agreement is a fraction in (0, 1], got {self.int8_min_agreement}")
         check_device(self.device)
+
+
+MAX_SAMPLES = 4096  # random images per batch size: 2.4 GB of float32 at 224 px
 
 
 @dataclass(frozen=True)
@@ -346,40 +353,6 @@ def _load_targets(plan, say) -> tuple[list[tuple[Target, object, list[int]]], li
 
 
 # -- the stage -------------------------------------------------------------------------------
-def contract_line(tol: dict | None) -> str | None:
-    """A target's contract in a few words, for tables (verify.json keeps the full basis)."""
-    if not tol:
-        return None
-    agree = f"agreement >= {100 * tol['min_agreement']:g}%"
-    if not tol.get("tensor_gated", True):
-        return f"{tol.get('contract', 'int8')}: {agree}, top-1 drop <= {tol['max_drop_pt']:g} pt (tensor error reported)"
-    return f"{tol.get('contract', 'fp32')}: atol {tol['atol']:.0e}, rtol {tol['rtol']:.0e}, {agree}"
-
-
-def by_format(results: list[dict]) -> dict:
-    """`stages.verify.formats`: per format, `passed` over every runtime that ran it, and the worst figures of the
-    runtimes of the artifact's own precision (none where only another precision's ran); a runtime of another
-    precision (openvino-bf16 of an fp32 IR) only under `by_runtime`, so an fp32 line never carries bf16 figures."""
-    out: dict[str, dict] = {}
-    for fmt in dict.fromkeys(r["format"] for r in results):
-        rows = [r for r in results if r["format"] == fmt]
-        precision = rows[0].get("artifact_precision", rows[0].get("precision", "fp32"))
-        own = [r for r in rows if r.get("precision", "fp32") == precision]
-        tasks = [r["task"] for r in own if r["task"]]
-        out[fmt] = {"max_abs_err": None if not own or any(r["tensor"] is None for r in own) else
-                    max(r["tensor"]["max_abs_err"] for r in own),
-                    **{k: min((t[k] for t in tasks), default=None) for k in ("top1_agreement", "accuracy")},
-                    # an artifact no runtime of its own precision checked is not verified (tune and deploy read this)
-                    "passed": bool(own) and all(r["passed"] for r in rows), "runtimes": [r["runtime"] for r in rows],
-                    "precision": precision, "contract": next((contract_line(r.get("tolerance")) for r in own), None),
-                    "by_runtime": {r["runtime"]: {
-                        "precision": r.get("precision", "fp32"), "contract": contract_line(r.get("tolerance")),
-                        "passed": r["passed"], "max_abs_err": r["tensor"]["max_abs_err"] if r["tensor"] else None,
-                        **{k: (r["task"] or {}).get(k) for k in ("accuracy", "top1_agreement", "top1_tie_disagreements",
-                                                                 "top1_agreement_gated")}} for r in rows}}
-    return out
-
-
 def _record(run: Run, cfg: VerifyConfig, result: dict) -> dict:
     out = run.file(OUTPUT)
     with run.committing():  # verify.json and its record: a Ctrl-C waits for both
@@ -469,7 +442,8 @@ def _keep_earlier(run: Run, result: dict) -> dict:
     kept = [r for r in earlier.get("results", []) if r["format"] not in checked and r["format"] in arts
             and (same or (stricter and r["passed"]))
             and "sha256" in old_arts.get(r["format"], {})
-            and artifact_digest(old_arts[r["format"]]) == artifact_digest(arts[r["format"]])]
+            and artifact_digest(old_arts[r["format"]]) == artifact_digest(arts[r["format"]])
+            and not artifact_changed(run, arts[r["format"]])]  # the file verify checked is still there as it was
     if not kept:
         return result
     results = result["results"] + kept

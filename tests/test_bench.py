@@ -155,6 +155,7 @@ def test_the_header_built_ahead_is_the_one_inductor_compiles_with(tmp_path):
     (BenchConfig(runtimes=("eager", "tensorflow")), "valid: eager, compiled, aoti, torchscript, onnxruntime"),
     (BenchConfig(runtimes=("onnxruntime",), batch_sizes=(1, 16)), "exceeds the max batch size 8"),
     (BenchConfig(threads=0), "--threads must be >= 1"),
+    (BenchConfig(threads=100_000), "--threads 100000 is more than the"),  # a MemoryError
     (BenchConfig(batch_sizes=(0,)), "--batch-sizes"),
 ])
 def test_bad_bench_input(exported, cfg, message):
@@ -407,6 +408,29 @@ def test_speedup_vs_fp32_is_the_fp32_twin_never_the_row_itself():
     speedups(rows)
     assert [r["speedup_vs_fp32"] for r in rows] == [None, None, 2.0, 4.0, None]
     assert [r["speedup_vs_eager"] for r in rows] == [1.0, 2.0, 4.0, 8.0, 5.0]
+
+
+def test_a_bench_the_pipeline_marked_failed_keeps_its_rows_and_the_report_says_it_failed(benched, exported, tmp_path):
+    """The pipeline marks a bench that failed `failed` over the rows of the bench before: the report printed
+    "`None` on None" and an empty table, and the next bench dropped the served rows without a word."""
+    from cnnpack.report import write_report
+    from cnnpack.rundir import Run
+
+    run = tmp_path / "run"
+    shutil.copytree(exported, run)
+    served = {"runtime": "triton", "format": "triton:cnn_onnx", "artifact": "triton:cnn_onnx", "precision": "fp32",
+              "batch_size": 1, "concurrency": 1, "protocol": "http", "latency_ms_p50": 1.0, "latency_ms_p99": 1.5,
+              "throughput_ips": 1000.0, "gflops": 1.0, "speedup_vs_eager": None, "speedup_vs_fp32": None,
+              "matmul_share": 0.0, "matmul_gflops": 1.0}
+    Run.open(run).update(lambda m: (m["stages"]["bench"]["results"].append(served),
+                                    m["stages"]["bench"].update(status="failed", error="boom")))
+    write_report(run)
+    md = (run / "report.md").read_text()
+    assert "**The last bench failed** (boom); the rows below are of the bench before it." in md
+    assert "`None` on None" not in md
+    section = bench(run, BenchConfig(runtimes=("eager",), batch_sizes=(1,), threads=1, max_seconds=0.1,
+                                     warmup_s=0.05, plot=False))
+    assert section["status"] == "ok" and [r["runtime"] for r in section["results"]].count("triton") == 1
 
 
 def test_served_rows_kept_by_a_later_local_bench_are_compared_with_its_eager(benched, exported, tmp_path):

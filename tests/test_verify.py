@@ -186,6 +186,25 @@ def test_an_artifact_changed_since_export_is_refused(exported, tmp_path):
     assert "verify" not in Run.open(run_dir).read()["stages"]
 
 
+def test_a_verdict_is_not_kept_for_a_file_changed_or_deleted_since_and_the_report_says_so(exported, tmp_path):
+    """`verify --formats torchscript` kept onnx's pass for a model.onnx swapped or deleted after it was checked,
+    and the report showed it as pass, the new file's size beside the old sha256."""
+    from cnnpack.report import write_report
+
+    run_dir = _copy(exported, tmp_path)
+    verify(run_dir, QUICK)
+    onnx = run_dir / "export" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")  # changed on disk, the manifest not told
+    again = verify(run_dir, VerifyConfig(batch_sizes=(1,), samples=8, formats=("torchscript",)))
+    assert "onnx" not in again.get("kept", []) and "onnx" not in Run.open(run_dir).read()["stages"]["verify"]["formats"]
+    write_report(run_dir)
+    md = (run_dir / "report.md").read_text()
+    assert f"**Changed on disk**: {onnx} changed since export" in md and "| changed on disk |" in md
+    onnx.unlink()
+    write_report(run_dir)
+    assert f"**Changed on disk**: {onnx} is missing" in (run_dir / "report.md").read_text()
+
+
 @pytest.mark.parametrize("fmt,needle", [("onnx", "ONNX Runtime cannot load"), ("torchscript", "cannot load")])
 def test_an_artifact_that_fails_to_load_is_named(exported, tmp_path, fmt, needle):
     run_dir = _copy(exported, tmp_path)
@@ -256,6 +275,8 @@ def test_an_artifact_made_from_earlier_weights_than_another_format_is_named(expo
     (VerifyConfig(min_agreement=1.5), "--min-agreement"),
     (VerifyConfig(formats=("tflite",)), "unknown format 'tflite'; valid: onnx, onnx_int8, pt2, torchscript"),
     (VerifyConfig(formats=("onnx_int8",)), "has no onnx_int8 artifact (has: onnx, torchscript); run `cnnpack quantize"),
+    (VerifyConfig(seed=-1), "--seed must be >= 0, got -1"),  # a numpy traceback
+    (VerifyConfig(samples=100_000_000), "--samples must be in 1..4096"),  # the kernel's OOM kill after 52 s
 ])
 def test_bad_options_are_refused_before_any_work(exported, cfg, needle):
     with pytest.raises(UserInputError, match=re.escape(needle)):
