@@ -6,6 +6,7 @@ of local files (`cnnpack.runtimes`, which registers it with them).
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,7 +44,7 @@ class TritonRuntime:
         model = client.model(rec["model"])
         if model.takes_images:
             raise UserInputError(f"{model.name} takes encoded image bytes (an ensemble); verify and bench the "
-                                 f"classifier it wraps instead (--model {model.name.removesuffix('_image')})")
+                                 f"classifier it wraps instead (--model {re.sub(r'_(image|preprocess)$', '', model.name)})")
         rt = cls(client, model, artifact.format)
         if artifact.run is not None:
             rt.check_fits(artifact.run.model_spec)

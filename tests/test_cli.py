@@ -113,6 +113,7 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "pipeline-unknown-format": [*pipe, "--formats", "onnx,bogus"],
         "pipeline-openvino-conflict": [*pipe, "--formats", "onnx,openvino", "--openvino", "no"],
         "pipeline-too-few-images": [*pipe, "--data", str(tmp / "few")],  # found by the train stage: still exit 2
+        "tune-empty-models": ["tune", "--run", str(existing), "--models", " "],  # it swept every model
     }
     if not _cuda_available():
         cases["device-cuda"] = ["train", "--device", "cuda", "--run", str(tmp / "c")]
@@ -167,6 +168,7 @@ EXPECTED = {
     "pipeline-unknown-format": "unknown format 'bogus'",
     "pipeline-openvino-conflict": "--formats names openvino and --openvino is no",
     "pipeline-too-few-images": "pipeline stopped: stage train failed: ",
+    "tune-empty-models": "--models is empty; name at least one served model",
 }
 
 

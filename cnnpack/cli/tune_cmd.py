@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli.common import app, emit, handles_errors, int_list, name_list
+from cnnpack.cli.common import app, emit, handles_errors, int_list, name_list, usage_error
 
 
 @app.command()
@@ -53,7 +53,7 @@ def tune(
     cfg = TuneConfig(latency_budget_ms=latency_budget_ms, objective=objective,
                      concurrency=int_list(concurrency, "--concurrency"), instances=int_list(instances, "--instances"),
                      threads=int_list(threads, "--threads"), queue_delays_us=int_list(queue_delays_us, "--queue-delays-us"),
-                     models=name_list(models) if models else None,
+                     models=_models(models),
                      max_seconds=max_seconds, time_limit_s=time_limit, oversubscribe=oversubscribe,
                      load_generator=load_generator, bf16=bf16)
     cfg.validate()
@@ -87,3 +87,13 @@ def _table(section: dict) -> None:
                   f"{p['latency_ms_p99']:.2f}", f"{p.get('server_batch_mean') or 0:.2f}",
                   "yes" if p["stable"] else "[red]no[/red]")
     table_console(110, stderr=True).print(t)
+
+
+def _models(text: str | None) -> tuple[str, ...] | None:
+    """--models as names; an empty one is refused (an unset $MODELS in a script swept and rewrote every model)."""
+    if text is None:
+        return None
+    names = name_list(text)
+    if not names:
+        raise usage_error("--models is empty; name at least one served model, or leave --models out for every one")
+    return names
