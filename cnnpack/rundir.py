@@ -379,6 +379,27 @@ class Run:
                 held.discard(key)
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def only_one(self, command: str) -> Iterator[None]:
+        """Held for the whole of a command that must not run twice at once on a run (two tunes each wrote the served
+        config.pbtxt from their own sweep, and the one recorded last said another config was served); a second
+        one is refused at once. One guard per run, whichever command takes it (tune alone, today)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no guard
+            yield
+            return
+        fd = os.open(self.path, os.O_RDONLY)  # the run folder itself: nothing written into it for the guard
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserInputError(f"another `cnnpack {command}` is running on {self.path}; wait for it to "
+                                     "finish (or stop it), then run this one") from None
+            yield
+        finally:
+            os.close(fd)  # (closing it lets the lock go)
+
     def set_stage(self, name: str, section: dict) -> dict:
         """Replaces `stages.<name>` with `section` (stamped with the time)."""
         section = {"updated": now(), **section}

@@ -374,6 +374,11 @@ def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None
     """
     cfg.validate()
     run = Run.open(run_dir)
+    with run.only_one("tune"):
+        return _tune(run, cfg, progress)
+
+
+def _tune(run: Run, cfg: TuneConfig, progress: Callable[[str], None]) -> dict:
     repository = run.stage("triton", required_by="tune", hint=f"`cnnpack triton --run {shell(run.path)}`")["repository"]
     models = servable(run, cfg)
     full = grid(models, cfg, cfg.queue_delays_us)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -110,6 +111,26 @@ def test_a_run_without_a_repository_is_refused(tiny_run):
 
     with pytest.raises(MissingStageError, match="cnnpack triton --run"):
         tune(tiny_run, TuneConfig())
+
+
+def test_a_second_tune_on_a_run_is_refused_while_one_runs(tiny_run, tmp_path):
+    """Two tunes at once each wrote config.pbtxt from their own sweep; the one recorded last then said another
+    config was served than the one on disk."""
+    import fcntl
+
+    from cnnpack.tune import TuneConfig, tune
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    held = os.open(run, os.O_RDONLY)  # as the first tune holds it
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserInputError, match=rf"another `cnnpack tune` is running on {run}; wait for it"):
+            tune(run, TuneConfig())
+    finally:
+        os.close(held)
+    with pytest.raises(MissingStageError):  # the first one done: this one goes on (to its own reason here)
+        tune(run, TuneConfig())
 
 
 def test_a_server_that_dies_mid_sweep_keeps_the_points_and_changes_nothing(laid_out, tmp_path):
