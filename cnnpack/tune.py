@@ -349,7 +349,9 @@ def sweep(run: Run, cfg: TuneConfig, settings: list[Setting], repository: str, s
             break
         say(f"point {i + 1}/{len(plan)}: {s.label} at concurrency {c}")
         try:
-            points.append(measure_point(run, server, s, c, cfg, repository))
+            left = cfg.time_limit_s - (time.monotonic() - t0)  # a point ends by the limit too (--max-seconds 1e9)
+            within = replace(cfg, max_seconds=max(0.5, min(cfg.max_seconds, left)))
+            points.append(measure_point(run, server, s, c, within, repository))
             p = points[-1]
             say(f"measured {s.label} at concurrency {c}: {p['throughput_ips']:,.0f} images/s, p99 "
                 f"{p['latency_ms_p99']:.2f} ms ({p['load_generator']})")
@@ -469,6 +471,9 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
     if died:
         raise StageFailed(f"the Triton server died during the sweep ({info['error']}); the {len(points)} points "
                           f"measured are in {run.file(OUTPUT)}, no config was changed")
+    if winner is None and not points and info["errors"]:  # nothing measured: the budget is not the reason
+        raise StageFailed(f"no point could be measured: {len(info['errors'])} failed, the last: {info['errors'][-1]} "
+                          f"(all in {run.file(OUTPUT)}); no config was changed")
     if winner is None:
         fastest = min(points, key=lambda p: p["latency_ms_p99"], default=None)
         seen = f"; the lowest p99 seen was {fastest['latency_ms_p99']:.2f} ms ({fastest['label']}, concurrency " \
