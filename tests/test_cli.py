@@ -114,6 +114,8 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "pipeline-openvino-conflict": [*pipe, "--formats", "onnx,openvino", "--openvino", "no"],
         "pipeline-too-few-images": [*pipe, "--data", str(tmp / "few")],  # found by the train stage: still exit 2
         "tune-empty-models": ["tune", "--run", str(existing), "--models", " "],  # it swept every model
+        "bench-served-with-runtimes": ["bench", "--run", str(existing), "--triton-url", "127.0.0.1:9", "--model", "m",
+                                       "--runtimes", "onnxruntime"],  # ignored without a word
     }
     if not _cuda_available():
         cases["device-cuda"] = ["train", "--device", "cuda", "--run", str(tmp / "c")]
@@ -169,6 +171,7 @@ EXPECTED = {
     "pipeline-openvino-conflict": "--formats names openvino and --openvino is no",
     "pipeline-too-few-images": "pipeline stopped: stage train failed: ",
     "tune-empty-models": "--models is empty; name at least one served model",
+    "bench-served-with-runtimes": "--runtimes is for a local bench; with --triton-url the served model is --model",
 }
 
 

@@ -47,6 +47,9 @@ def bench(
 
     served_options(triton_url, model=(model, None), protocol=(protocol, "http"), concurrency=(concurrency, "1,4,16"),
                    timeout=(timeout, 30.0), load_generator=(load_generator, "auto"))
+    for flag, value in (("--runtimes", runtimes), ("--artifacts", artifacts)):
+        if triton_url and value is not None:  # they name local runtimes and files: the server's model is --model
+            raise usage_error(f"{flag} is for a local bench; with --triton-url the served model is --model")
     names = name_list(runtimes) if runtimes is not None else None
     sizes = int_list(batch_sizes, "--batch-sizes") if batch_sizes is not None else ((1,) if triton_url else (1, 8, 32))
     arts = name_list(artifacts) if artifacts is not None else None
