@@ -52,30 +52,41 @@ def plot_results(section: dict, path: Path) -> None:
     fig = Figure(figsize=(12, 4.6))
     a, b = fig.subplots(1, 2)
     width = 0.8 / len(batches)
-    for name in runtimes:
+    # past 10 series the default colours repeat (a served row took eager's blue): 20 of them; served rows dashed
+    colours = matplotlib.colormaps["tab20" if len(runtimes) > 10 else "tab10"].colors
+    for k, name in enumerate(runtimes):
         rows = sorted((r for r in results if series(r) == name), key=lambda r: r["batch_size"])
         x = [r["batch_size"] for r in rows]
-        line, = a.plot(x, [r["latency_ms_p50"] for r in rows], "o-", label=name)
+        served = rows[0].get("runtime") == "triton"
+        line, = a.plot(x, [r["latency_ms_p50"] for r in rows], "s--" if served else "o-", label=name,
+                       color=colours[k % len(colours)])
         a.fill_between(x, [r["latency_ms_p50"] for r in rows], [r["latency_ms_p99"] for r in rows],
                        color=line.get_color(), alpha=0.15)
+    crowded = len(runtimes) * len(batches) > 12  # bar values side by side would print over each other
     for j, bs in enumerate(batches):
         vals = [next((r["throughput_ips"] for r in results if series(r) == n and r["batch_size"] == bs), np.nan)
                 for n in runtimes]
         bars = b.bar(np.arange(len(runtimes)) + (j - (len(batches) - 1) / 2) * width, vals, width,
                      label=f"batch {bs}")
-        b.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0f}" for v in vals], fontsize=7, padding=1)
+        b.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0f}" for v in vals], fontsize=6 if crowded else 7,
+                    padding=1, rotation=90 if crowded else 0)
     a.set(xscale="log", yscale="log", xlabel="batch size", ylabel="latency (ms): median, band to p99",
           title="latency per request")
     a.set_xticks(batches, [str(x) for x in batches])
     a.minorticks_off()
     a.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
     a.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    b.set_xticks(range(len(runtimes)), runtimes, rotation=20 if len(runtimes) > 4 else 0,
-                 ha="right" if len(runtimes) > 4 else "center", fontsize=8)
+    b.set_xticks(range(len(runtimes)), runtimes, rotation=35 if len(runtimes) > 4 else 0,
+                 ha="right" if len(runtimes) > 4 else "center", fontsize=7 if len(runtimes) > 8 else 8)
+    if crowded:
+        b.margins(y=0.15)  # room above the tallest bar for its upright value
     b.set(ylabel="images / s", title=f"throughput ({section['threads']} threads, {section['device']})")
     for ax in (a, b):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    # many series: the legend below the plot, not over its lines
+    a.legend(fontsize=7, **({"ncol": 3, "loc": "upper center", "bbox_to_anchor": (0.5, -0.14)}
+                            if len(runtimes) > 6 else {}))
+    b.legend(fontsize=8)
     from cnnpack.peak import short
 
     fig.suptitle(f"{section['model']} ({section['model_gflops_per_image']:.3g} GFLOP/image); this machine's measured "
