@@ -140,15 +140,18 @@ def sigint_deferred() -> Iterator[None]:
         yield
         return
     came: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: came.append(signum))
+    # SIGTERM too where the CLI turned it into an interrupt (a Python handler): the same unwinding as Ctrl-C
+    held = [signal.SIGINT, *([signal.SIGTERM] if callable(signal.getsignal(signal.SIGTERM)) else [])]
+    previous = {s: signal.signal(s, lambda signum, _frame: came.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if came and callable(previous):
-        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
-    elif came and previous == signal.SIG_DFL:
-        signal.raise_signal(signal.SIGINT)  # (an ignored SIGINT stays ignored)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if came and callable(previous[came[0]]):
+        previous[came[0]](came[0], None)  # Python's default SIGINT handler raises KeyboardInterrupt
+    elif came and previous[came[0]] == signal.SIG_DFL:
+        signal.raise_signal(came[0])  # (an ignored SIGINT stays ignored)
 
 
 def atomic_write_bytes(dest: str | Path, data: bytes) -> None:

@@ -62,24 +62,25 @@ main()
 _CTRL_C_AFTER_CHILD = """
 import importlib, os, signal, sys
 from cnnpack.cli import main
-module, name = sys.argv[1].split(":")
+sig = getattr(signal, sys.argv[1])
+module, name = sys.argv[2].split(":")
 module = importlib.import_module(module)
 real = getattr(module, name)
 def then_ctrl_c(*args, **kwargs):
     out = real(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), sig)
     return out
 setattr(module, name, then_ctrl_c)
 signal.signal(signal.SIGINT, signal.default_int_handler)
-sys.argv = ["cnnpack", *sys.argv[2:]]
+sys.argv = ["cnnpack", *sys.argv[3:]]
 main()
 """
 
 
-def ctrl_c_after(function: str, args: list[str]) -> tuple[int, str]:
-    """Runs `cnnpack ARGS` in a child that gets Ctrl-C (a real SIGINT) as soon as `function` ("module:name") has
-    returned; (exit code, stderr)."""
-    proc = subprocess.run([sys.executable, "-c", _CTRL_C_AFTER_CHILD, function, *args], capture_output=True,
+def ctrl_c_after(function: str, args: list[str], sig: str = "SIGINT") -> tuple[int, str]:
+    """Runs `cnnpack ARGS` in a child that gets Ctrl-C (a real SIGINT; or `sig`, e.g. SIGTERM) as soon as `function`
+    ("module:name") has returned; (exit code, stderr)."""
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_AFTER_CHILD, sig, function, *args], capture_output=True,
                           text=True, timeout=240)
     return proc.returncode, proc.stderr
 

@@ -197,14 +197,17 @@ def test_a_gate_nothing_meets_is_exit_1_and_keeps_the_previous_artifact(quantize
     assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def test_a_ctrl_c_as_the_artifact_is_put_in_place_waits_for_its_record(quantized, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_ctrl_c_as_the_artifact_is_put_in_place_waits_for_its_record(quantized, tmp_path, sig):
     """The new int8 file stood in place unrecorded after a Ctrl-C (or a second quantize's record won), and every
-    later command refused it as 'changed since quantize'. It is put in place and recorded as one step now."""
+    later command refused it as 'changed since quantize'. It is put in place and recorded as one step now. A
+    SIGTERM (`kill`) is an interrupt too: it ended the process at once, cleaning nothing up."""
     run = tmp_path / "run"
     shutil.copytree(quantized[0], run)
     before = _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]["sha256"]
     code, stderr = ctrl_c_after("cnnpack.rundir:place", ["quantize", "--run", str(run), "--calibration-images",
-                                                           "32", "--seed", "3", "--max-drop", "100", "--min-agreement", "0.5"])
+                                                           "32", "--seed", "3", "--max-drop", "100", "--min-agreement", "0.5"],
+                                sig=sig)
     assert code == 130 and stderr.strip().splitlines()[-1].startswith("error: interrupted"), stderr
     recorded = _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]["sha256"]
     assert recorded == sha256(run / "export/model.int8.onnx") != before  # the new file, recorded

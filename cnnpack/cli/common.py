@@ -92,6 +92,27 @@ def print_error(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (from `kill`, systemd, a CI runner) stops a command the way Ctrl-C does: what it started (a Triton
+    server, its temporary folder) is stopped and removed, and a write in progress is finished first."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def handles_errors(fn):
     """Turns cnnpack errors into one stderr line and the exit code of their class."""
 
@@ -101,7 +122,8 @@ def handles_errors(fn):
 
         try:
             _refuse_non_finite(kwargs)
-            return fn(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except CnnpackError as e:
             if STATE["debug"]:  # the traceback too, with the same exit code
                 import traceback

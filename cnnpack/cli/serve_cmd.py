@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
-import signal
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from cnnpack.cli.common import app, handles_errors, usage_error
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (from `kill`, systemd, a CI runner) stops the server like Ctrl-C does."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+from cnnpack.cli.common import app, handles_errors, sigterm_as_interrupt, usage_error
 
 
 @app.command()
@@ -63,7 +47,7 @@ def serve(
                       metrics_port=metrics_port, backend_directory=str(backend_directory) if backend_directory else None,
                       log_file=str(log) if log else None, ready_timeout_s=ready_timeout)
     server = TritonServer(cfg)
-    with _sigterm_as_interrupt(), server:
+    with sigterm_as_interrupt(), server:
         try:  # a SIGTERM right after the last line printed (before wait) stops it the same way
             _report(server, as_json)
             code = server.wait()
