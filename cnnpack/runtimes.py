@@ -393,7 +393,8 @@ def artifact_ref(run: Run, fmt: str) -> ArtifactRef:
                              f"run `{remake_command(run, fmt)}` first")
     rec = arts[fmt]
     if why := artifact_changed(run, rec):
-        raise UserInputError(f"{why}; refusing to use it: re-run `{remake_command(run, fmt)}`")
+        refuse = "" if why.endswith("is missing") else " refusing to use it:"
+        raise UserInputError(f"{why};{refuse} re-run `{remake_command(run, fmt)}`")
     return ArtifactRef(run, fmt, run.file(rec["path"]), rec, rec.get("max_batch_size"))
 
 
