@@ -131,7 +131,8 @@ def _verify(m: dict, run: Run | None = None) -> list[Block]:
                "fp16/bf16: relative tolerances; int8: task parity)" if v.get("passed") else "**parity FAILED**")
     if (old or missing or gone) and v.get("passed"):
         verdict = "every pair verify checked is within the contract of its precision, but not every current artifact was checked"
-    if v.get("status") not in (None, "ok"):  # the last verify stopped on an error: the rows are of the one before
+    stopped = v.get("status") not in (None, "ok") and v.get("passed")  # (a parity failure records its own rows)
+    if stopped:  # the last verify stopped on an error before its verdict: the rows are of the one before
         verdict = (f"**the last verify {v['status']}** ({v.get('error', 'no reason recorded')}); the rows below are of "
                    "the verify before it")
     out = [Block("h2", "Parity against eager PyTorch"), Block("p", f"Verdict: {verdict}.")]
@@ -143,7 +144,7 @@ def _verify(m: dict, run: Run | None = None) -> list[Block]:
     if missing:
         out.append(Block("p", f"**Not verified**: {', '.join(missing)} (exported after verify, or left out by its "
                               f"--formats); {redo}."))
-    if gone and v.get("status", "ok") == "ok":
+    if gone and not stopped:
         out.append(Block("p", f"**Changed on disk since verify**: {', '.join(gone)}: those rows are of the file as "
                               f"it was; {redo}."))
     out.append(Block("table", rows=rows))

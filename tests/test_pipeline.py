@@ -423,6 +423,20 @@ def test_the_report_leaves_out_a_triton_or_served_stage_that_failed():
     assert _served({"stages": {"served": failed}}) == []
 
 
+def test_the_report_tells_a_verify_stopped_by_an_error_from_one_whose_parity_failed():
+    """The pipeline marks a verify that stopped on an error `failed` over the earlier verdict (passed: true): the
+    report said every pair was within the contract. A parity failure records its own rows, and says so."""
+    from cnnpack.report import _verify
+
+    fmt = {"onnx": {"passed": True, "precision": "fp32", "max_abs_err": 1e-6, "runtimes": ["onnxruntime"]}}
+    stopped = {"status": "failed", "error": "a runtime crashed", "passed": True, "formats": fmt}
+    text = " ".join(b.text or "" for b in _verify({"stages": {"verify": stopped}}))
+    assert "**the last verify failed** (a runtime crashed); the rows below are of the verify before it" in text
+    parity = {**stopped, "passed": False, "error": "onnx (onnxruntime): max_abs_err 1 > atol 1e-04"}
+    text = " ".join(b.text or "" for b in _verify({"stages": {"verify": parity}}))
+    assert "**parity FAILED**" in text and "the last verify" not in text
+
+
 def test_the_report_says_when_the_served_figures_are_of_another_repository_or_version():
     from cnnpack.report import _what_was_served
 
