@@ -49,8 +49,10 @@ def artifact_changed(run: Run, record: dict) -> str | None:
     """None where an export artifact's files (`record`: its manifest record) are the ones recorded; else why not
     (`PATH is missing`, `PATH changed since export`, or since quantize for an int8 one)."""
     made = "quantize" if record.get("precision") == "int8" else "export"
-    weights = record.get("weights")
-    for rel, digest in ((record["path"], record["sha256"]), *(((weights["path"], weights["sha256"]),) if weights else ())):
+    files = [(record["path"], record["sha256"])]
+    if weights := record.get("weights"):  # an OpenVINO IR's .bin
+        files.append((weights["path"], weights["sha256"]))
+    for rel, digest in files:
         f = run.file(rel)
         if not f.is_file():
             return f"{f} is missing"

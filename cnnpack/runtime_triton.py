@@ -43,8 +43,9 @@ class TritonRuntime:
                         url_flag="--triton-url").check_ready()
         model = client.model(rec["model"])
         if model.takes_images:
+            classifier = re.sub(r"_(image|preprocess)$", "", model.name)
             raise UserInputError(f"{model.name} takes encoded image bytes (an ensemble); verify and bench the "
-                                 f"classifier it wraps instead (--model {re.sub(r'_(image|preprocess)$', '', model.name)})")
+                                 f"classifier it wraps instead (--model {classifier})")
         rt = cls(client, model, artifact.format)
         if artifact.run is not None:
             rt.check_fits(artifact.run.model_spec)
