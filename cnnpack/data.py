@@ -132,11 +132,6 @@ def split_dirs(root: Path) -> tuple[Path | None, Path | None]:
     return train, val
 
 
-def _files(folder: Path) -> list[Path]:
-    """The files under `folder` (linked folders followed), none hidden or in a hidden folder."""
-    return walk_files(folder)
-
-
 def _read_folder(root: Path, classes: list[str], size: int, skipped: list[str],
                  present: list[str] | None = None) -> Split:
     """Reads `root/<class>/*` for each class in `present` (default: all), labelled by `classes`."""
@@ -144,7 +139,7 @@ def _read_folder(root: Path, classes: list[str], size: int, skipped: list[str],
     for cls in present or classes:
         ci = classes.index(cls)
         folder = root / cls
-        files = _files(folder) if folder.is_dir() else []
+        files = walk_files(folder) if folder.is_dir() else []
         if not files:
             raise UserInputError(f"class folder {folder} has no files; remove it or add images")
         paths += files
@@ -169,6 +164,14 @@ def _check_classes(root: Path, classes: list[str]) -> None:
     if len(classes) < 2:
         raise UserInputError(f"{root} has only one class ({classes[0]}); a classifier needs at least two")
     check_class_names(classes, where=lambda i, c: f"class folder {c!r} in {root}", fix="rename the folder")
+
+
+def recorded_source(data: str) -> str:
+    """`--data` as a run records it: a folder by its absolute path (evaluate, verify and resume read it from any
+    directory, and a pipeline knows its own run by it); the built-in data and torchvision names as given."""
+    if data == SHAPES or data.startswith("torchvision:") or not Path(data).exists():
+        return data
+    return str(Path(data).resolve())
 
 
 def check_data(data: str, image_size: int) -> None:
@@ -213,10 +216,10 @@ def training_images_at_most(data: str, *, val_fraction: float = 0.2) -> int | No
         return None
     train, val = split_dirs(root)
     if train and val:
-        return sum(len(_files(c)) for c in _class_dirs(train))
+        return sum(len(walk_files(c)) for c in _class_dirs(train))
     total = 0
     for c in _class_dirs(root):  # as split_indices leaves them
-        n = len(_files(c))
+        n = len(walk_files(c))
         total += n - (min(max(1, round(n * val_fraction)), n - 1) if n > 1 else 0)
     return total
 

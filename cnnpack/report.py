@@ -60,7 +60,8 @@ def exporter_label(text: str) -> str:
     return re.sub(r"(\d+\.\d+\.\d+)-\S+", r"\1", text)
 
 
-def _export(m: dict, run: Run) -> list[Block]:
+def _export(m: dict, run: Run, gone: dict[str, str]) -> list[Block]:
+    """The artifacts table; `gone`: `_changed_on_disk`, each file hashed once for the whole report."""
     e = m.get("stages", {}).get("export")
     if not e:
         return []
@@ -70,12 +71,10 @@ def _export(m: dict, run: Run) -> list[Block]:
         files = [run.file(a["path"])] + ([run.file(a["weights"]["path"])] if isinstance(a.get("weights"), dict) else [])
         # as the precision table and the summary count it: the model's files together (an IR's .xml and .bin)
         size = sum(os.path.getsize(f) for f in files) / 2**20 if all(f.exists() for f in files) else None
-        changed = artifact_changed(run, a)
         rows.append([fmt, a.get("precision", "fp32"), f"`{a['path']}`", f"{a['input']['name']} {shape} {a['input']['dtype']}",
                      exporter_label(a.get("exporter", "")), str(a.get("opset", "–")),
-                     _num(size, "{:.2f} MB") if not changed else ("missing" if size is None else "changed on disk"),
+                     _num(size, "{:.2f} MB") if fmt not in gone else ("missing" if size is None else "changed on disk"),
                      a["sha256"][:12]])
-    gone = _changed_on_disk(m, run)
     notes = [f"**Changed on disk**: {'; '.join(gone.values())}: the size, sha256 and every figure of "
              f"{'it' if len(gone) == 1 else 'them'} in this report are of the file as it was made; re-create "
              f"{'it' if len(gone) == 1 else 'them'} (`export/reproduce.sh`)."] if gone else []
@@ -84,10 +83,10 @@ def _export(m: dict, run: Run) -> list[Block]:
                        "`export/reproduce.sh` re-creates them.")] + [Block("p", n) for n in notes + _export_notes(e)]
 
 
-def _changed_on_disk(m: dict, run: Run | None) -> dict[str, str]:
+def _changed_on_disk(m: dict, run: Run) -> dict[str, str]:
     """The artifacts whose files are no longer the ones recorded (deleted, or changed since): format -> why."""
     arts = m.get("stages", {}).get("export", {}).get("artifacts", {})
-    return {f: why for f, a in arts.items() if run is not None and (why := artifact_changed(run, a))}
+    return {f: why for f, a in arts.items() if (why := artifact_changed(run, a))}
 
 
 def _export_notes(e: dict) -> list[str]:
@@ -106,7 +105,7 @@ def _export_notes(e: dict) -> list[str]:
     return out
 
 
-def _verify(m: dict, run: Run | None = None) -> list[Block]:
+def _verify(m: dict, run: Run | None = None, gone: dict[str, str] | None = None) -> list[Block]:
     """Every (artifact, runtime) pair verify checked, each under its own precision's contract."""
     from cnnpack.precision import parity_table, stale, unverified
 
@@ -118,7 +117,7 @@ def _verify(m: dict, run: Run | None = None) -> list[Block]:
             "against the eager model"
         return [Block("h2", "Parity against eager PyTorch"),
                 Block("p", f"**Not verified**: {why}; `cnnpack verify` proves each one computes what it computes.")]
-    old, missing, gone = stale(m["stages"], "verify"), unverified(m["stages"]), _changed_on_disk(m, run)
+    old, missing, gone = stale(m["stages"], "verify"), unverified(m["stages"]), gone or {}
     rows = [["artifact", "runtime", "precision", "max abs err", "top-1 agreement", "accuracy", "contract", "verdict"]]
     for r in parity_table(m["stages"]):
         rows.append([r["artifact"], r["runtime"], r["precision"], _num(r["max_abs_err"], "{:.2e}"),
@@ -419,8 +418,9 @@ def build(run: Run) -> list[Block]:
     head = [Block("p", f"Run `{run.path}` · cnnpack {m['tool']['version']} · torch {m['libraries'].get('torch')} · "
                        f"onnxruntime {m['libraries'].get('onnxruntime-gpu') or m['libraries'].get('onnxruntime')} · "
                        f"{m['machine']['platform']}, {m['machine']['cpu_count']} CPUs")]
-    return (head + _data_and_training(m) + _export(m, run) + _verify(m, run) + _bench(m, run) + _precision(m, run)
-            + _triton(m, run) + _served(m) + _tune(m, run) + _deploy(m, run))
+    gone = _changed_on_disk(m, run)
+    return (head + _data_and_training(m) + _export(m, run, gone) + _verify(m, run, gone) + _bench(m, run)
+            + _precision(m, run) + _triton(m, run) + _served(m) + _tune(m, run) + _deploy(m, run))
 
 
 def _tune(m: dict, run: Run) -> list[Block]:
