@@ -172,9 +172,11 @@ def _check_model(model, cfg: InferConfig) -> None:
         raise UserInputError(f"{model.name} takes {model.input_dtype} pixels, not encoded images; lay out the "
                              "ensemble with `cnnpack triton --ensemble`, or drop --ensemble")
     if not cfg.ensemble and model.takes_images:
-        classifier = model.name.removesuffix("_image").removesuffix("_preprocess")
+        from cnnpack.triton_config import PREPROCESS, classifier_of
+
+        classifier = classifier_of(model.name)
         what = ("is the image ensemble's preprocessing step, not a classifier"
-                if model.name.endswith("_preprocess") else "takes encoded image bytes")
+                if model.name.endswith(PREPROCESS) else "takes encoded image bytes")
         raise UserInputError(f"{model.name} {what}: pass --ensemble --model {classifier}")
     if model.parameters.get("input_kind") == "normalized":
         raise UserInputError(f"{model.name} takes normalised pixels; use --ensemble, which normalises on the server")

@@ -6,7 +6,6 @@ of local files (`cnnpack.runtimes`, which registers it with them).
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,7 +42,9 @@ class TritonRuntime:
                         url_flag="--triton-url").check_ready()
         model = client.model(rec["model"])
         if model.takes_images:
-            classifier = re.sub(r"_(image|preprocess)$", "", model.name)
+            from cnnpack.triton_config import classifier_of
+
+            classifier = classifier_of(model.name)
             raise UserInputError(f"{model.name} takes encoded image bytes (an ensemble); verify and bench the "
                                  f"classifier it wraps instead (--model {classifier})")
         rt = cls(client, model, artifact.format)

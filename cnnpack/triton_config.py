@@ -38,6 +38,17 @@ ENSEMBLE_IO = ("image", "logits")  # the ensemble's input (encoded bytes) and ou
 PIXELS = "pixels"  # preprocess output = classifier input
 TRT_WORKSPACE_BYTES = 1 << 30
 GPU_CONFIG = "gpu"  # <model>/configs/gpu.pbtxt (written by `cnnpack deploy`), chosen by --model-config-name=gpu
+PREPROCESS, ENSEMBLE = "_preprocess", "_image"  # a classifier's image ensemble and its preprocessing step: <name><suffix>
+
+
+def ensemble_parts(classifier: str) -> tuple[str, str]:
+    """(preprocessing model, ensemble) of `classifier`'s image ensemble, by name."""
+    return f"{classifier}{PREPROCESS}", f"{classifier}{ENSEMBLE}"
+
+
+def classifier_of(name: str) -> str:
+    """The classifier a served model's name belongs to: itself, or the one its ensemble or preprocessing wraps."""
+    return name.removesuffix(ENSEMBLE).removesuffix(PREPROCESS)
 
 
 @dataclass(frozen=True)

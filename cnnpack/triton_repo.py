@@ -45,6 +45,7 @@ from cnnpack.triton_config import (  # noqa: F401 - re-exported: `from cnnpack.t
     check_name,
     classifier_config,
     ensemble_config,
+    ensemble_parts,
     preprocess_config,
     render,
     tune_records,
@@ -237,7 +238,7 @@ def drafts(run: Run, cfg: TritonConfig, name: str) -> tuple[list[Draft], ModelIO
         if io.max_batch_size == 0:
             raise UserInputError("--ensemble needs a dynamic-batch export (this artifact has a static batch); "
                                  "re-export without --static-batch")
-        pre, ens = f"{name}_preprocess", f"{name}_image"
+        pre, ens = ensemble_parts(name)
         check_name(pre)
         check_name(ens)
         pre_id = {"kind": "preprocess", "for": name, "input": asdict(io.input), "input_kind": io.input_kind}
@@ -341,7 +342,7 @@ def with_its_ensemble(cfg: TritonConfig, run: Run) -> TritonConfig:
         return cfg
     name, side = cfg.name or default_name(run.model_spec["arch"], cfg.format), {}
     with contextlib.suppress(CnnpackError):  # a bad name or repository: `check` says so
-        folder = model_dir(repository_root(cfg.repository), f"{name}_image")
+        folder = model_dir(repository_root(cfg.repository), ensemble_parts(name)[1])
         side = read_sidecar(folder) or {}
     if side.get("identity", {}).get("kind") != "ensemble" or side["identity"].get("for") != name:
         return cfg
@@ -419,7 +420,8 @@ def check_laid_out(run: Run) -> None:
                                  f"{lay_out(run.path, triton, folder.name, classifier)}")
         # what the run laid out and is gone: serving the others instead would change the model without a word, and
         # an image ensemble without its preprocessing model keeps Triton from ever being ready
-        ensemble = [f"{folder.name}_preprocess", f"{folder.name}_image"] if f"{folder.name}_image" in laid else []
+        pre, ens = ensemble_parts(folder.name)
+        ensemble = [pre, ens] if ens in laid else []
         for m in ([folder.name] if folder.name in laid else []) + ensemble:
             if not (root / m / "config.pbtxt").is_file():
                 raise UserInputError(f"{root / m / 'config.pbtxt'} is missing (deleted since `cnnpack triton` laid "
@@ -429,7 +431,7 @@ def check_laid_out(run: Run) -> None:
 def lay_out(run_path: Path, triton: dict, model: str, classifiers: list[tuple[str, str]]) -> str:
     """The `cnnpack triton` command that lays `model` (a classifier, or its ensemble's part) out again; `triton`:
     the run's triton stage (its format and ensemble, for a model `classifiers` does not name)."""
-    base = {m: m for m, _ in classifiers} | {f"{m}{s}": m for m, _ in classifiers for s in ("_preprocess", "_image")}
+    base = {m: m for m, _ in classifiers} | {part: m for m, _ in classifiers for part in ensemble_parts(m)}
     classifier = base.get(model, triton.get("name", ""))
     fmt = dict(classifiers).get(classifier) or triton.get("format")
     ensemble = model != classifier or (fmt == triton.get("format") and bool(triton.get("ensemble")))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cnnpack.errors import UserInputError, one_line
 from cnnpack.rundir import Run, sha256
+from cnnpack.triton_config import PREPROCESS, ensemble_parts
 from cnnpack.triton_publish import STAGING_PREFIX
 
 MiB = 1 << 20
@@ -138,7 +139,7 @@ def shipped(repository: Path, classifiers: list[str], *, ensembles: bool = True)
     out = []
     for m in classifiers:
         out.append(m)
-        pair = [f"{m}_preprocess", f"{m}_image"]
+        pair = ensemble_parts(m)
         if ensembles and all((repository / e / "config.pbtxt").is_file() for e in pair):
             out += pair
     return out
@@ -146,7 +147,7 @@ def shipped(repository: Path, classifiers: list[str], *, ensembles: bool = True)
 
 def needs_pillow(models: list[str]) -> bool:
     """The image ensemble's preprocessing model (cnnpack/backends/preprocess) imports Pillow."""
-    return any(m.endswith("_preprocess") for m in models)
+    return any(m.endswith(PREPROCESS) for m in models)
 
 
 def content_tag(repository: Path, models: list[str], extra: dict[str, bytes] | None = None) -> str:
