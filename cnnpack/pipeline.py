@@ -380,19 +380,14 @@ def default_run_dir(cfg: PipelineConfig) -> Path:
     runs/pipeline-<data>-<arch>-<size>px, then -2, -3, ... that is free or holds a run of the same data (two folders
     both named `data` would otherwise share one, the second training over the first)."""
     data = cfg.data.split(":", 1)[1].lower() if cfg.data.startswith("torchvision:") else Path(cfg.data).name
+    from cnnpack.data import recorded_source
+
     base = Path("runs") / f"pipeline-{data}-{cfg.arch}-{cfg.image_size}px"
     path, n = base, 1
-    while _trained_on(path) not in (None, _data_key(cfg.data)):
+    while _trained_on(path) not in (None, recorded_source(cfg.data)):
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
-
-
-def _data_key(data: str) -> str:
-    """`--data` as a train stage records it: a folder by its absolute path."""
-    if data == "shapes" or data.startswith("torchvision:") or not Path(data).exists():
-        return data
-    return str(Path(data).resolve())
 
 
 def _trained_on(path: Path) -> str | None:
@@ -418,9 +413,11 @@ def _check_run_dir(run: Run, force: bool, data: str) -> None:
     if "pipeline" not in run.read().get("stages", {}):
         raise UserInputError(f"--run {run.path} holds a run not made by `cnnpack pipeline`; pass --force to let "
                              "the pipeline redo its stages there, or choose another --run")
-    other = _trained_on(run.path)
-    if other is not None and other != _data_key(data):
-        raise UserInputError(f"--run {run.path} holds a pipeline run trained on {other}, not on {_data_key(data)}; "
+    from cnnpack.data import recorded_source
+
+    other, mine = _trained_on(run.path), recorded_source(data)
+    if other is not None and other != mine:
+        raise UserInputError(f"--run {run.path} holds a pipeline run trained on {other}, not on {mine}; "
                              "choose another --run, or pass --force to train it again on this data there")
 
 

@@ -327,8 +327,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         cfg = _recorded_config(run_dir)
     _check_run_dir(run_dir, force=force, resume=resume)
     cfg.validate()
-    if cfg.data != data_mod.SHAPES and not cfg.data.startswith("torchvision:") and Path(cfg.data).exists():
-        cfg = replace(cfg, data=str(Path(cfg.data).resolve()))  # recorded: evaluate, verify, resume from anywhere
+    cfg = replace(cfg, data=data_mod.recorded_source(cfg.data))
     device = resolve_device(cfg.device)
     is_main = dist is None or dist.rank == 0
     t_start = time.perf_counter()
