@@ -10,22 +10,13 @@ import os
 import re
 from pathlib import Path
 
-from cnnpack.client import PROTOCOL_NAMES
 from cnnpack.errors import count, shell
-from cnnpack.report_render import Block, to_html, to_markdown
+from cnnpack.report_render import Block, num, pct, to_html, to_markdown
+from cnnpack.report_serving import deploy_section, served_section, triton_section, tune_section
 from cnnpack.rundir import Run, artifact_changed, place, scratch_beside, sigint_deferred
-from cnnpack.triton_dist import docker_line
 
 
 # -- content --------------------------------------------------------------------------------
-def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.2f}%"
-
-
-def _num(x, fmt: str = "{:.3g}") -> str:
-    return "–" if x is None else fmt.format(x)
-
-
 def _data_and_training(m: dict) -> list[Block]:
     t = m.get("stages", {}).get("train")
     if not t:
@@ -42,7 +33,7 @@ def _data_and_training(m: dict) -> list[Block]:
            Block("table", rows=rows),
            Block("h2", "Training")]
     if met:
-        out.append(Block("p", f"`{m['model']['arch']}`: best validation top-1 **{_pct(met.get('best_val_acc'))}** at "
+        out.append(Block("p", f"`{m['model']['arch']}`: best validation top-1 **{pct(met.get('best_val_acc'))}** at "
                               f"epoch {met.get('best_epoch')} of {met.get('epochs')}, {met.get('wall_s')} s wall on "
                               f"{t.get('device')}, {met.get('train_images_per_s')} training images/s."))
     else:  # interrupted or failed before its first finished training: no figures to give
@@ -73,7 +64,7 @@ def _export(m: dict, run: Run, gone: dict[str, str]) -> list[Block]:
         size = sum(os.path.getsize(f) for f in files) / 2**20 if all(f.exists() for f in files) else None
         rows.append([fmt, a.get("precision", "fp32"), f"`{a['path']}`", f"{a['input']['name']} {shape} {a['input']['dtype']}",
                      exporter_label(a.get("exporter", "")), str(a.get("opset", "–")),
-                     _num(size, "{:.2f} MB") if fmt not in gone else ("missing" if size is None else "changed on disk"),
+                     num(size, "{:.2f} MB") if fmt not in gone else ("missing" if size is None else "changed on disk"),
                      a["sha256"][:12]])
     notes = [f"**Changed on disk**: {'; '.join(gone.values())}: the size, sha256 and every figure of "
              f"{'it' if len(gone) == 1 else 'them'} in this report are of the file as it was made; re-create "
@@ -96,7 +87,7 @@ def _export_notes(e: dict) -> list[str]:
         a = arts["pt2"]
         isa = f" ({a['extra']['cpu_isa']})" if a.get("extra", {}).get("cpu_isa") else ""
         out.append(f"pt2: torch.export + AOTInductor package compiled for {a.get('device', 'cpu')}{isa} by torch "
-                   f"{a.get('torch_version', '?')} in {_num(a.get('compile_s'), '{:.0f}')} s; it runs there, with "
+                   f"{a.get('torch_version', '?')} in {num(a.get('compile_s'), '{:.0f}')} s; it runs there, with "
                    "that torch or a newer one (Python: `torch._inductor.aoti_load_package`, C++: "
                    "`AOTIModelPackageLoader`, Triton: `platform: \"torch_aoti\"`).")
     if "torchscript" in arts:
@@ -120,10 +111,10 @@ def _verify(m: dict, run: Run | None = None, gone: dict[str, str] | None = None)
     old, missing, gone = stale(m["stages"], "verify"), unverified(m["stages"]), gone or {}
     rows = [["artifact", "runtime", "precision", "max abs err", "top-1 agreement", "accuracy", "contract", "verdict"]]
     for r in parity_table(m["stages"]):
-        rows.append([r["artifact"], r["runtime"], r["precision"], _num(r["max_abs_err"], "{:.2e}"),
-                     _pct(r["top1_agreement"]) + (f" ({_pct(r['agreement_gated'])} without {r['tie_disagreements']} "
+        rows.append([r["artifact"], r["runtime"], r["precision"], num(r["max_abs_err"], "{:.2e}"),
+                     pct(r["top1_agreement"]) + (f" ({pct(r['agreement_gated'])} without {r['tie_disagreements']} "
                                                   "on ties)" if r["tie_disagreements"] else ""),
-                     _pct(r["accuracy"]), r["contract"] or "–",
+                     pct(r["accuracy"]), r["contract"] or "–",
                      ("pass" if r["passed"] else "FAIL") + (" (an earlier file)" if r["artifact"] in old else
                                                              " (file changed since)" if r["artifact"] in gone else "")])
     verdict = ("every artifact x runtime pair is within the contract of its precision (fp32: tensor parity; "
@@ -168,9 +159,9 @@ def _precision(m: dict, run: Run) -> list[Block]:
     table = [["artifact", "runtime", "precision", "size MB", "top-1", "drop vs fp32 (pt)", "p50 ms @ batch 1",
               f"images/s @ batch {big}" if big else "images/s", "× fp32 ONNX Runtime"]]
     for r in rows:
-        table.append([r["artifact"], r["runtime"], r["precision"], _num(r["size_mb"], "{:.2f}"), _pct(r["top1"]),
-                      _num(r["drop_pt"], "{:+.2f}"), _num(r["latency_ms_p50_b1"], "{:.3f}"),
-                      _num(r["images_per_s"], "{:,.0f}"), _num(r["speedup_vs_fp32"], "{:.2f}×")])
+        table.append([r["artifact"], r["runtime"], r["precision"], num(r["size_mb"], "{:.2f}"), pct(r["top1"]),
+                      num(r["drop_pt"], "{:+.2f}"), num(r["latency_ms_p50_b1"], "{:.3f}"),
+                      num(r["images_per_s"], "{:,.0f}"), num(r["speedup_vs_fp32"], "{:.2f}×")])
     q = m.get("stages", {}).get("quantize", {})
     out = [Block("h2", "Precisions"), Block("table", rows=table)]
     from cnnpack.precision import stale
@@ -206,10 +197,10 @@ def _bench(m: dict, run: Run) -> list[Block]:
     rows = [["runtime", "precision", "batch", "p50 ms", "p99 ms", "images/s", "speedup vs eager", "G(FL)OP/s",
              "% of ceiling", "stable"]]
     for r in res:
-        rows.append([series(r), r.get("precision", "fp32"), str(r["batch_size"]), _num(r["latency_ms_p50"], "{:.2f}"),
-                     _num(r["latency_ms_p99"], "{:.2f}"), _num(r["throughput_ips"], "{:,.0f}"),
-                     _num(r.get("speedup_vs_eager"), "{:.2f}×"), _num(r.get("gflops"), "{:.1f}"),
-                     _pct(r.get("matmul_share")), "yes" if r.get("stable", True) else "**no**"])
+        rows.append([series(r), r.get("precision", "fp32"), str(r["batch_size"]), num(r["latency_ms_p50"], "{:.2f}"),
+                     num(r["latency_ms_p99"], "{:.2f}"), num(r["throughput_ips"], "{:,.0f}"),
+                     num(r.get("speedup_vs_eager"), "{:.2f}×"), num(r.get("gflops"), "{:.1f}"),
+                     pct(r.get("matmul_share")), "yes" if r.get("stable", True) else "**no**"])
     out = [Block("h2", "Latency and throughput"), *failed,
            Block("p", f"`{b.get('model')}` on {b.get('device')}, {b.get('threads', '?')} threads for every runtime. "
                       f"The share column compares each row with this machine's measured matrix-multiply ceiling of "
@@ -237,7 +228,7 @@ def _bench(m: dict, run: Run) -> list[Block]:
 def _ceilings(b: dict, peak) -> str:
     c = b.get("ceilings") or {}
     if not c:
-        return f"fp32 {_num(peak, '{:.1f}')} GFLOP/s"
+        return f"fp32 {num(peak, '{:.1f}')} GFLOP/s"
     def one(p: str, v: dict) -> str:
         engine = f" on {v['matrix_engine']}" if v.get("matrix_engine") else ""
         t = v.get("theoretical_gflops")
@@ -312,107 +303,6 @@ def _speedup_plot(b: dict, path: Path) -> bool:
     return True
 
 
-def _tree(root: Path, limit: int = 60) -> str:
-    lines = [f"{root}/"]
-    paths = [p for p in sorted(root.rglob("*")) if not any(part.startswith(".") or part == "__pycache__"
-                                                             for part in p.relative_to(root).parts)]
-    for path in paths[:limit]:
-        depth = len(path.relative_to(root).parts)
-        lines.append("  " * depth + path.name + ("/" if path.is_dir() else ""))
-    return "\n".join(lines)
-
-
-def _triton(m: dict, run: Run) -> list[Block]:
-    t = m.get("stages", {}).get("triton")
-    if not t or t.get("status") != "ok":  # a failed layout records only its error (the pipeline's summary says it)
-        return []
-    repo = Path(t["repository"])
-    repo = repo if repo.is_absolute() else Path.cwd() / repo
-    serve = f"cnnpack serve --repository {shell(t['repository'])}"
-    docker = docker_line(repo.resolve())
-    out = [Block("h2", "Triton model repository"),
-           Block("p", f"Model `{t['name']}` version {t['version']} ({t['format']}) in `{t['repository']}`:"),
-           Block("code", _tree(repo) if repo.is_dir() else str(repo)),
-           Block("p", "Serve it locally (real Triton server from the nvidia-pytriton wheel):"), Block("code", serve),
-           Block("p", f"or with the NGC container ({_release_note(repo)}):"), Block("code", docker)]
-    return out
-
-
-def _release_note(repo: Path) -> str:
-    """Which NGC release the docker line names, and why."""
-    from cnnpack.triton_release import read_configs, release_for
-
-    release, why = release_for(repo)
-    note = (f"release {release}, which serves every model here" if not why else
-            f"release {release} or newer: " + "; ".join(f"`{m}`: {w}" for m, w in why.items()))
-    python = sorted(name for name, mc in read_configs(repo).items() if mc.backend == "python")
-    if python:  # the image ensemble's preprocessing decodes with Pillow, which the NGC image's Python lacks
-        note += (f"; {', '.join(f'`{m}`' for m in python)} runs in its Python backend and imports Pillow, which the "
-                 f"stock image lacks: build `FROM nvcr.io/nvidia/tritonserver:{release}-py3` with `RUN pip install "
-                 "pillow` (`cnnpack deploy` writes that Dockerfile)")
-    return note
-
-
-def _what_was_served(served: dict, triton: dict) -> str:
-    """The repository and versions the served stage measured, said apart from one `cnnpack triton` laid out since."""
-    repo, versions = served.get("repository"), served.get("versions") or {}
-    if not repo:  # recorded before the served stage named its repository
-        return "The repository the pipeline laid out"
-    shown = ", ".join(f"`{n}` v{v}" for n, v in sorted(versions.items()))
-    what = f"`{repo}` ({shown})" if shown else f"`{repo}`"
-    same = repo == triton.get("repository") and str(versions.get(triton.get("name"), triton.get("version"))) == str(triton.get("version"))
-    if same:
-        return f"The repository above, {what}"
-    return (f"**Not the repository above**: `cnnpack triton` laid out `{triton.get('name')}` version "
-            f"{triton.get('version')} in `{triton.get('repository')}` since; these figures are of {what}")
-
-
-def _served(m: dict) -> list[Block]:
-    served = m.get("stages", {}).get("served") or {}
-    served = served if served.get("status") == "ok" else {}  # a failed serve records only its error
-    # every served row bench recorded: the pipeline's load and any `cnnpack bench --triton-url` since
-    benched = [r for r in m.get("stages", {}).get("bench", {}).get("results", []) if r.get("runtime") == "triton"]
-    load = benched or served.get("load", [])
-    if not served and not load:
-        return []
-    out = [Block("h2", "Served by Triton")]
-    if served:
-        out.append(Block("p", f"{_what_was_served(served, m['stages'].get('triton', {}))}, served by a real Triton "
-                              f"server {served.get('server_version', '')} on loopback during the pipeline: "
-                              f"{served.get('summary', '')}."))
-    preds = served.get("predictions", [])
-    if preds:
-        ens = any("ensemble_label" in p for p in preds)
-        rows = [["image", "true class", "prediction (classification extension)", "logit"]
-                + (["image ensemble (PNG bytes)"] if ens else [])]
-        rows += [[p["image"], p["true"], p["label"], f"{p['score']:.2f}"] + ([p.get("ensemble_label", "–")] if ens else [])
-                 for p in preds]
-        out.append(Block("table", rows=rows))
-    parity = served.get("parity", {})
-    if parity:
-        rows = [["served model", "max abs err vs eager", "top-1 agreement", "verdict"]]
-        rows += [[f, _num(p.get("max_abs_err"), "{:.2e}"), _pct(p.get("top1_agreement")),
-                  "pass" if p.get("passed") else "FAIL"] for f, p in parity.items()]
-        out.append(Block("table", rows=rows))
-    if load:
-        rows = [["model", "protocol", "requests in flight", "p50 ms", "p99 ms", "images/s", "mean batch run by Triton", "queue ms",
-                 "compute ms", "errors", "measured by"]]
-        rows += [[r.get("format", "").removeprefix("triton:"), PROTOCOL_NAMES.get(r.get("protocol"), "HTTP"),
-                  str(r["concurrency"]), _num(r["latency_ms_p50"], "{:.2f}"), _num(r["latency_ms_p99"], "{:.2f}"),
-                  _num(r["throughput_ips"], "{:,.0f}"), _num(r.get("server_batch_mean"), "{:.2f}"),
-                  _num(r.get("server_queue_ms_mean"), "{:.2f}"), _num(r.get("server_compute_ms_mean"), "{:.2f}"),
-                  str(r.get("errors", 0)), r.get("load_generator") or "cnnpack asyncio client"] for r in load]
-        wire = " and ".join(sorted({PROTOCOL_NAMES.get(r.get("protocol"), "HTTP") for r in load}))
-        urls = sorted({r.get("info", {}).get("url") for r in load} - {None})
-        at = f" at {', '.join(f'`{u}`' for u in urls)}" if urls else ""
-        out += [Block("p", f"Batch-1 requests over {wire}{at}, every served row `cnnpack bench` recorded, from a load "
-                           "generator on this machine (closed loop: "
-                           "each client sends its next request when the previous one answers): Triton's perf_analyzer "
-                           "where it is on PATH, else cnnpack's own client; dynamic batching "
-                           "merges concurrent requests into larger batches."), Block("table", rows=rows)]
-    return out
-
-
 def build(run: Run) -> list[Block]:
     m = run.read()
     head = [Block("p", f"Run `{run.path}` · cnnpack {m['tool']['version']} · torch {m['libraries'].get('torch')} · "
@@ -420,69 +310,8 @@ def build(run: Run) -> list[Block]:
                        f"{m['machine']['platform']}, {m['machine']['cpu_count']} CPUs")]
     gone = _changed_on_disk(m, run)
     return (head + _data_and_training(m) + _export(m, run, gone) + _verify(m, run, gone) + _bench(m, run)
-            + _precision(m, run) + _triton(m, run) + _served(m) + _tune(m, run) + _deploy(m, run))
-
-
-def _tune(m: dict, run: Run) -> list[Block]:
-    """Recommended serving config: the tune stage's winner, its plot and the commands that serve it."""
-    t = m.get("stages", {}).get("tune")
-    if not t or not t.get("winner"):
-        return []
-    from cnnpack.tune_outputs import describe
-
-    w, repo = t["winner"], (m["stages"].get("triton") or {}).get("repository")  # none after a failed layout
-    rows = [["config", "concurrency", "images/s", "p50 ms", "p99 ms", "mean batch"]]
-    for p in sorted(t["points"], key=lambda p: -p["throughput_ips"])[:10]:
-        rows.append([p["label"], str(p["concurrency"]), _num(p["throughput_ips"], "{:,.0f}"),
-                     _num(p["latency_ms_p50"], "{:.2f}"), _num(p["latency_ms_p99"], "{:.2f}"),
-                     _num(p.get("server_batch_mean"), "{:.2f}")])
-    return [Block("h2", "Recommended serving config"),
-            Block("p", f"{len(t['points'])} configurations measured on one local Triton (no restart), p99 budget "
-                       f"{t['config']['latency_budget_ms']:g} ms. {describe(t)}."),
-            Block("table", rows=rows), Block("img", text="images/s against p99 per served config", path="tune.png"),
-            *([Block("code", text=f"cnnpack serve --repository {shell(repo)}\n{docker_line(repo)}")] if repo else []),
-            Block("p", _tuned_state(m["stages"], w, run))]
-
-
-def _deploy(m: dict, run: Run) -> list[Block]:
-    """Where `cnnpack deploy` wrote the cluster's files, what the pods are sized to, and whether it is stale."""
-    d = m.get("stages", {}).get("deploy")
-    if not d or d.get("status") != "ok":
-        return []
-    from cnnpack.deploy import command
-    from cnnpack.deploy.plan import content_tag
-
-    f = {k: v["value"] for k, v in d["figures"].items()}
-    store = {"image": "the repository image", "pvc": "a volume filled from the repository image"}.get(
-        d["model_store"], f"object storage ({d['model_store']})")
-    text = (f"`{d['out']}`: `{d['name']}` serves {', '.join(f'`{x}`' for x in d['models'])} from {store}, image "
-            f"`{d['image']}`, overlays {', '.join(d['overlays'])}. Each pod requests {f['cpu']} CPU and "
-            f"{f['memory_mib']} MiB; its startup probe allows {f['startup_s']} s; the HPA adds replicas above "
-            f"{f['queue_target_us'] / 1000:g} ms of queue time per request. Its README.md has the commands that build "
-            "and apply it.")
-    repo = Path(d["repository"])
-    try:
-        now = content_tag(repo, d["models"]) if all((repo / x).is_dir() for x in d["models"]) else None
-    except OSError:
-        now = None
-    if now != d["content_tag"]:
-        text += (f" **The repository changed since** (its models no longer match content tag {d['content_tag']}): "
-                 f"`{command(run.path, {**d.get('config', {}), 'out': d['out']})}` writes it again.")
-    return [Block("h2", "Deployment (Kubernetes)"), Block("p", text)]
-
-
-def _tuned_state(stages: dict, winner: dict, run: Run) -> str:
-    """Whether the winner's config.pbtxt is what the repository serves now, and how to change that."""
-    from cnnpack.triton_config import tuned_in_place
-
-    t = stages["tune"]
-    if tuned_in_place(stages):
-        return (f"`{winner['model']}`'s config.pbtxt holds it; `cnnpack tune --run {shell(run.path)} --undo` restores "
-                "the previous one.")
-    if t.get("written") or t.get("undone"):
-        return (f"`{winner['model']}`'s config.pbtxt no longer holds it (undone, or laid out again by `cnnpack triton`);"
-                f" `cnnpack tune --run {shell(run.path)}` measures and writes it again.")
-    return "No config.pbtxt was changed: the served config is as good as the tuned one."
+            + _precision(m, run) + triton_section(m, run) + served_section(m) + tune_section(m, run)
+            + deploy_section(m, run))
 
 
 def write_report(run_dir: str | Path) -> dict:

@@ -68,3 +68,13 @@ def to_html(title: str, blocks: list[Block], run: Run) -> str:
                          + "</table></div>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def pct(x) -> str:
+    """A fraction as a percentage, or a dash when not recorded."""
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def num(x, fmt: str = "{:.3g}") -> str:
+    """A figure in its format, or a dash when not recorded."""
+    return "–" if x is None else fmt.format(x)

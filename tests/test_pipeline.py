@@ -416,11 +416,11 @@ def test_the_report_says_an_export_was_never_verified():
 
 def test_the_report_leaves_out_a_triton_or_served_stage_that_failed():
     """A pipeline that failed at triton records {status, error} alone: the report read its repository (KeyError)."""
-    from cnnpack.report import _served, _triton
+    from cnnpack.report_serving import served_section, triton_section
 
     failed = {"status": "failed", "error": "could not write /r/cnn_onnx: [Errno 28] No space left on device"}
-    assert _triton({"stages": {"triton": failed}}, None) == []
-    assert _served({"stages": {"served": failed}}) == []
+    assert triton_section({"stages": {"triton": failed}}, None) == []
+    assert served_section({"stages": {"served": failed}}) == []
 
 
 def test_the_report_tells_a_verify_stopped_by_an_error_from_one_whose_parity_failed():
@@ -438,7 +438,7 @@ def test_the_report_tells_a_verify_stopped_by_an_error_from_one_whose_parity_fai
 
 
 def test_the_report_says_when_the_served_figures_are_of_another_repository_or_version():
-    from cnnpack.report import _what_was_served
+    from cnnpack.report_serving import _what_was_served
 
     served = {"repository": "/r/a", "versions": {"cnn_onnx": "1", "cnn_onnx_int8": "1"}}
     assert _what_was_served(served, {"repository": "/r/a", "name": "cnn_onnx", "version": 1}).startswith(

@@ -429,7 +429,7 @@ def test_ensemble_layout(run, tmp_path):
     assert (repo / "clf_preprocess/1/model.py").read_bytes() == shipped.read_bytes()
     pre = _parse(repo / "clf_preprocess/config.pbtxt")
     assert pre.backend == "python" and list(pre.output[0].dims) == [3, 32, 32]
-    from cnnpack.report import _release_note  # the report's docker line says the stock image lacks Pillow
+    from cnnpack.report_serving import _release_note  # the report's docker line says the stock image lacks Pillow
 
     assert "`clf_preprocess` runs in its Python backend and imports Pillow" in _release_note(repo)
     ens = _parse(repo / "clf_image/config.pbtxt")

@@ -1,0 +1,175 @@
+"""The report's sections past the bench: the Triton repository and how to serve it, what the served stage measured,
+the tuned config and the Kubernetes deployment (report.py assembles them with the sections before)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cnnpack.client import PROTOCOL_NAMES
+from cnnpack.errors import shell
+from cnnpack.report_render import Block, num, pct
+from cnnpack.rundir import Run
+from cnnpack.triton_dist import docker_line
+
+
+def _tree(root: Path, limit: int = 60) -> str:
+    lines = [f"{root}/"]
+    paths = [p for p in sorted(root.rglob("*")) if not any(part.startswith(".") or part == "__pycache__"
+                                                             for part in p.relative_to(root).parts)]
+    for path in paths[:limit]:
+        depth = len(path.relative_to(root).parts)
+        lines.append("  " * depth + path.name + ("/" if path.is_dir() else ""))
+    return "\n".join(lines)
+
+
+def triton_section(m: dict, run: Run) -> list[Block]:
+    t = m.get("stages", {}).get("triton")
+    if not t or t.get("status") != "ok":  # a failed layout records only its error (the pipeline's summary says it)
+        return []
+    repo = Path(t["repository"])
+    repo = repo if repo.is_absolute() else Path.cwd() / repo
+    serve = f"cnnpack serve --repository {shell(t['repository'])}"
+    docker = docker_line(repo.resolve())
+    out = [Block("h2", "Triton model repository"),
+           Block("p", f"Model `{t['name']}` version {t['version']} ({t['format']}) in `{t['repository']}`:"),
+           Block("code", _tree(repo) if repo.is_dir() else str(repo)),
+           Block("p", "Serve it locally (real Triton server from the nvidia-pytriton wheel):"), Block("code", serve),
+           Block("p", f"or with the NGC container ({_release_note(repo)}):"), Block("code", docker)]
+    return out
+
+
+def _release_note(repo: Path) -> str:
+    """Which NGC release the docker line names, and why."""
+    from cnnpack.triton_release import read_configs, release_for
+
+    release, why = release_for(repo)
+    note = (f"release {release}, which serves every model here" if not why else
+            f"release {release} or newer: " + "; ".join(f"`{m}`: {w}" for m, w in why.items()))
+    python = sorted(name for name, mc in read_configs(repo).items() if mc.backend == "python")
+    if python:  # the image ensemble's preprocessing decodes with Pillow, which the NGC image's Python lacks
+        note += (f"; {', '.join(f'`{m}`' for m in python)} runs in its Python backend and imports Pillow, which the "
+                 f"stock image lacks: build `FROM nvcr.io/nvidia/tritonserver:{release}-py3` with `RUN pip install "
+                 "pillow` (`cnnpack deploy` writes that Dockerfile)")
+    return note
+
+
+def _what_was_served(served: dict, triton: dict) -> str:
+    """The repository and versions the served stage measured, said apart from one `cnnpack triton` laid out since."""
+    repo, versions = served.get("repository"), served.get("versions") or {}
+    if not repo:  # recorded before the served stage named its repository
+        return "The repository the pipeline laid out"
+    shown = ", ".join(f"`{n}` v{v}" for n, v in sorted(versions.items()))
+    what = f"`{repo}` ({shown})" if shown else f"`{repo}`"
+    same = repo == triton.get("repository") and str(versions.get(triton.get("name"), triton.get("version"))) == str(triton.get("version"))
+    if same:
+        return f"The repository above, {what}"
+    return (f"**Not the repository above**: `cnnpack triton` laid out `{triton.get('name')}` version "
+            f"{triton.get('version')} in `{triton.get('repository')}` since; these figures are of {what}")
+
+
+def served_section(m: dict) -> list[Block]:
+    served = m.get("stages", {}).get("served") or {}
+    served = served if served.get("status") == "ok" else {}  # a failed serve records only its error
+    # every served row bench recorded: the pipeline's load and any `cnnpack bench --triton-url` since
+    benched = [r for r in m.get("stages", {}).get("bench", {}).get("results", []) if r.get("runtime") == "triton"]
+    load = benched or served.get("load", [])
+    if not served and not load:
+        return []
+    out = [Block("h2", "Served by Triton")]
+    if served:
+        out.append(Block("p", f"{_what_was_served(served, m['stages'].get('triton', {}))}, served by a real Triton "
+                              f"server {served.get('server_version', '')} on loopback during the pipeline: "
+                              f"{served.get('summary', '')}."))
+    preds = served.get("predictions", [])
+    if preds:
+        ens = any("ensemble_label" in p for p in preds)
+        rows = [["image", "true class", "prediction (classification extension)", "logit"]
+                + (["image ensemble (PNG bytes)"] if ens else [])]
+        rows += [[p["image"], p["true"], p["label"], f"{p['score']:.2f}"] + ([p.get("ensemble_label", "–")] if ens else [])
+                 for p in preds]
+        out.append(Block("table", rows=rows))
+    parity = served.get("parity", {})
+    if parity:
+        rows = [["served model", "max abs err vs eager", "top-1 agreement", "verdict"]]
+        rows += [[f, num(p.get("max_abs_err"), "{:.2e}"), pct(p.get("top1_agreement")),
+                  "pass" if p.get("passed") else "FAIL"] for f, p in parity.items()]
+        out.append(Block("table", rows=rows))
+    if load:
+        rows = [["model", "protocol", "requests in flight", "p50 ms", "p99 ms", "images/s", "mean batch run by Triton", "queue ms",
+                 "compute ms", "errors", "measured by"]]
+        rows += [[r.get("format", "").removeprefix("triton:"), PROTOCOL_NAMES.get(r.get("protocol"), "HTTP"),
+                  str(r["concurrency"]), num(r["latency_ms_p50"], "{:.2f}"), num(r["latency_ms_p99"], "{:.2f}"),
+                  num(r["throughput_ips"], "{:,.0f}"), num(r.get("server_batch_mean"), "{:.2f}"),
+                  num(r.get("server_queue_ms_mean"), "{:.2f}"), num(r.get("server_compute_ms_mean"), "{:.2f}"),
+                  str(r.get("errors", 0)), r.get("load_generator") or "cnnpack asyncio client"] for r in load]
+        wire = " and ".join(sorted({PROTOCOL_NAMES.get(r.get("protocol"), "HTTP") for r in load}))
+        urls = sorted({r.get("info", {}).get("url") for r in load} - {None})
+        at = f" at {', '.join(f'`{u}`' for u in urls)}" if urls else ""
+        out += [Block("p", f"Batch-1 requests over {wire}{at}, every served row `cnnpack bench` recorded, from a load "
+                           "generator on this machine (closed loop: "
+                           "each client sends its next request when the previous one answers): Triton's perf_analyzer "
+                           "where it is on PATH, else cnnpack's own client; dynamic batching "
+                           "merges concurrent requests into larger batches."), Block("table", rows=rows)]
+    return out
+
+
+def tune_section(m: dict, run: Run) -> list[Block]:
+    """Recommended serving config: the tune stage's winner, its plot and the commands that serve it."""
+    t = m.get("stages", {}).get("tune")
+    if not t or not t.get("winner"):
+        return []
+    from cnnpack.tune_outputs import describe
+
+    w, repo = t["winner"], (m["stages"].get("triton") or {}).get("repository")  # none after a failed layout
+    rows = [["config", "concurrency", "images/s", "p50 ms", "p99 ms", "mean batch"]]
+    for p in sorted(t["points"], key=lambda p: -p["throughput_ips"])[:10]:
+        rows.append([p["label"], str(p["concurrency"]), num(p["throughput_ips"], "{:,.0f}"),
+                     num(p["latency_ms_p50"], "{:.2f}"), num(p["latency_ms_p99"], "{:.2f}"),
+                     num(p.get("server_batch_mean"), "{:.2f}")])
+    return [Block("h2", "Recommended serving config"),
+            Block("p", f"{len(t['points'])} configurations measured on one local Triton (no restart), p99 budget "
+                       f"{t['config']['latency_budget_ms']:g} ms. {describe(t)}."),
+            Block("table", rows=rows), Block("img", text="images/s against p99 per served config", path="tune.png"),
+            *([Block("code", text=f"cnnpack serve --repository {shell(repo)}\n{docker_line(repo)}")] if repo else []),
+            Block("p", _tuned_state(m["stages"], w, run))]
+
+
+def deploy_section(m: dict, run: Run) -> list[Block]:
+    """Where `cnnpack deploy` wrote the cluster's files, what the pods are sized to, and whether it is stale."""
+    d = m.get("stages", {}).get("deploy")
+    if not d or d.get("status") != "ok":
+        return []
+    from cnnpack.deploy import command
+    from cnnpack.deploy.plan import content_tag
+
+    f = {k: v["value"] for k, v in d["figures"].items()}
+    store = {"image": "the repository image", "pvc": "a volume filled from the repository image"}.get(
+        d["model_store"], f"object storage ({d['model_store']})")
+    text = (f"`{d['out']}`: `{d['name']}` serves {', '.join(f'`{x}`' for x in d['models'])} from {store}, image "
+            f"`{d['image']}`, overlays {', '.join(d['overlays'])}. Each pod requests {f['cpu']} CPU and "
+            f"{f['memory_mib']} MiB; its startup probe allows {f['startup_s']} s; the HPA adds replicas above "
+            f"{f['queue_target_us'] / 1000:g} ms of queue time per request. Its README.md has the commands that build "
+            "and apply it.")
+    repo = Path(d["repository"])
+    try:
+        now = content_tag(repo, d["models"]) if all((repo / x).is_dir() for x in d["models"]) else None
+    except OSError:
+        now = None
+    if now != d["content_tag"]:
+        text += (f" **The repository changed since** (its models no longer match content tag {d['content_tag']}): "
+                 f"`{command(run.path, {**d.get('config', {}), 'out': d['out']})}` writes it again.")
+    return [Block("h2", "Deployment (Kubernetes)"), Block("p", text)]
+
+
+def _tuned_state(stages: dict, winner: dict, run: Run) -> str:
+    """Whether the winner's config.pbtxt is what the repository serves now, and how to change that."""
+    from cnnpack.triton_config import tuned_in_place
+
+    t = stages["tune"]
+    if tuned_in_place(stages):
+        return (f"`{winner['model']}`'s config.pbtxt holds it; `cnnpack tune --run {shell(run.path)} --undo` restores "
+                "the previous one.")
+    if t.get("written") or t.get("undone"):
+        return (f"`{winner['model']}`'s config.pbtxt no longer holds it (undone, or laid out again by `cnnpack triton`);"
+                f" `cnnpack tune --run {shell(run.path)}` measures and writes it again.")
+    return "No config.pbtxt was changed: the served config is as good as the tuned one."
