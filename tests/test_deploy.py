@@ -374,6 +374,31 @@ def test_upload_commands_are_quoted_for_the_shell(laid_out, tmp_path):
         assert any(a.endswith("my models/cnn_onnx") or a == "my models/cnn_onnx" for a in argv), line
 
 
+def test_upload_commands_leave_out_what_the_image_leaves_out():
+    """aws and gcloud uploaded a local Triton's __pycache__ and a killed `cnnpack triton`'s staging folder into the
+    bucket; their exclusion patterns (aws: fnmatch, `*` across `/`; gcloud: a Python regex from the start of the path
+    in the folder) leave out exactly what the image and the content tag do."""
+    import fnmatch
+    import re
+    import shlex
+    from pathlib import Path
+
+    from cnnpack.deploy import store as stores
+    from cnnpack.deploy.plan import shipped_cache
+
+    inside = ["1/model.onnx", "config.pbtxt", "1/model.py", "1/__pycache__/model.cpython-312.pyc", "1/stray.pyc",
+              ".cnnpack-staging-ab12/1/model.onnx", "1/.cnnpack-staging-x/model.py", "labels.txt", "1/pycache.txt"]
+    argv = shlex.split(stores.upload_lines(stores.parse("s3://b/m"), "repo", ["cnn_onnx"])[0])
+    aws = [argv[i + 1] for i, a in enumerate(argv) if a == "--exclude"]
+    argv = shlex.split(stores.upload_lines(stores.parse("gs://b/m"), "repo", ["cnn_onnx"])[0])
+    gcloud = re.compile(argv[argv.index("--exclude") + 1])
+    for rel in inside:
+        left_out = shipped_cache(Path("cnn_onnx", rel))
+        assert any(fnmatch.fnmatchcase(rel, p) for p in aws) == left_out, rel
+        assert bool(gcloud.match(rel)) == left_out, rel
+    assert sum(shipped_cache(Path("cnn_onnx", rel)) for rel in inside) == 4
+
+
 def test_the_volume_is_filled_once_by_a_job_from_the_repository_image(base, deployed):
     objects = base["pvc"]
     job, dep = _of(objects, "Job"), _of(objects, "Deployment")

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from cnnpack.errors import UserInputError, shell
+from cnnpack.triton_publish import STAGING_PREFIX
 
 MODES = ("image", "pvc")
 SCHEMES = ("s3", "gs", "as")
@@ -136,7 +137,9 @@ def kserve_uri(store: Store, *, image: str, pvc: str, tag: str) -> str:
 
 
 def upload_lines(store: Store, repository: str, models: list[str]) -> list[str]:
-    """The exact commands that put the shipped model folders where the URL points."""
+    """The exact commands that put the shipped model folders where the URL points, without what the image leaves out
+    too (deploy/plan.py's shipped_cache: Python's bytecode caches, a killed `cnnpack triton`'s staging folder).
+    `az storage blob upload-batch` has no exclusion: its README line says to remove them first."""
     base = store.url.rstrip("/")
     if store.mode == "s3":
         rest = base.split("://", 1)[1]
@@ -145,10 +148,14 @@ def upload_lines(store: Store, repository: str, models: list[str]) -> list[str]:
         first, _, after = rest.partition("/")
         endpoint = f" --endpoint-url {scheme.group(1) if scheme else 'http'}://{first}" if ":" in first and after else ""
         target = f"s3://{after}" if endpoint else f"s3://{rest}"
-        return [f"aws s3 sync --delete {shell(f'{repository}/{m}')} {shell(f'{target}/{m}')}{endpoint}" for m in models]
+        skip = " ".join(f"--exclude {shell(p)}" for p in ("*__pycache__/*", "*.pyc", f"*{STAGING_PREFIX}*"))
+        return [f"aws s3 sync --delete {skip} {shell(f'{repository}/{m}')} {shell(f'{target}/{m}')}{endpoint}"
+                for m in models]
     if store.mode == "gs":
-        return [f"gcloud storage rsync --recursive --delete-unmatched-destination-objects {shell(f'{repository}/{m}')} "
-                f"{shell(f'{base}/{m}')}" for m in models]
+        staging = STAGING_PREFIX.replace(".", r"\.")
+        skip = shell(rf"(.*/)?(__pycache__/.*|[^/]*\.pyc|{staging}[^/]*/.*)$")  # a Python regex
+        return [f"gcloud storage rsync --recursive --delete-unmatched-destination-objects --exclude {skip} "
+                f"{shell(f'{repository}/{m}')} {shell(f'{base}/{m}')}" for m in models]
     account, container_path = base.split("://", 1)[1].split("/", 1)
     container, _, prefix = container_path.partition("/")
     return [f"az storage blob upload-batch --overwrite --account-name {shell(account)} "
