@@ -93,9 +93,9 @@ def readme(plan, spec, *, gpu: bool, out: Path) -> str:
         parts += [f"## {n}. Upload the models", "", "```bash", *lines, "```", "", f"{creds}.", ""]
         if spec.store.mode == "as":  # upload-batch has no exclusion (aws and gcloud lines exclude them)
             parts += ["`az storage blob upload-batch` uploads every file in the folders: remove the `__pycache__` "
-                            f"folders a local Triton wrote and any `{STAGING_PREFIX}*` folder first; they are not "
-                            "part of the models. It overwrites but deletes nothing: remove a version you dropped "
-                            "from the container too.", ""]
+                      f"folders a local Triton wrote and any `{STAGING_PREFIX}*` folder first; they are not "
+                      "part of the models. It overwrites but deletes nothing: remove a version you dropped "
+                      "from the container too.", ""]
         n += 1
     parts += [f"## {n}. Apply", "", "```bash", "kubectl apply -k kubernetes/overlays/cpu" + (
         "        # or kubernetes/overlays/gpu: one GPU per pod, KIND_GPU instance groups" if gpu else "")]
