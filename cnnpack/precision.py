@@ -8,6 +8,7 @@ the report and a script see the same figures:
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from cnnpack.rundir import artifact_digest
@@ -134,24 +135,20 @@ def plot_precision(rows: list[dict], path) -> bool:
     pts = [r for r in rows if r.get("top1") is not None and r.get("latency_ms_p50_b1")]
     if not pts:
         return False
-    fig = Figure(figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.6))
     axes = fig.subplots(1, 2)
     colours = {"fp32": "tab:blue", "fp16": "tab:orange", "bf16": "tab:green", "int8": "tab:red"}
+    # a marker per artifact and one legend below: labels beside the points overlapped where artifacts sit close
+    # (on AMX, OpenVINO's int8 and bf16 within 5 % of each other) and were cut at the plot's edges
+    names = [f"{r['artifact']} ({r['precision']})" if r["runtime"] == FORMAT_RUNTIME.get(r["artifact"])
+             else f"{r['runtime']} ({r['precision']})" for r in pts]
+    markers = dict(zip(dict.fromkeys(names), itertools.cycle("osD^vPX*hp<>")))
     for ax, key, label in ((axes[0], "latency_ms_p50_b1", "p50 latency at batch 1 (ms, lower is better)"),
                            (axes[1], "images_per_s", f"images/s at batch {pts[0]['batch_size']} (higher is better)")):
-        placed: list[tuple[float, float, int]] = []  # (log10 x, top-1 %, label level) of the labels drawn so far
-        for r in sorted((r for r in pts if r.get(key) is not None), key=lambda r: r[key]):
-            x, y = math.log10(r[key]), 100 * r["top1"]
-            ax.scatter(r[key], y, s=60, color=colours.get(r["precision"], "tab:gray"), zorder=3)
-            # labels above, below, then further out: artifacts of equal accuracy and near speed would overwrite
-            # each other (on AMX, OpenVINO's int8 and bf16 sit within 5 % of each other)
-            near = {lvl for px, py, lvl in placed if abs(px - x) < 0.3 and abs(py - y) < 0.3}  # a label spans ~0.3 decades
-            level = next(k for k in range(len(placed) + 1) if k not in near)
-            placed.append((x, y, level))
-            ax.annotate(f"{r['artifact']} ({r['precision']})" if r["runtime"] == FORMAT_RUNTIME.get(r["artifact"])
-                        else f"{r['runtime']} ({r['precision']})", (r[key], y), fontsize=8,
-                        xytext=(0, (9 + 11 * (level // 2)) if level % 2 == 0 else -(14 + 11 * (level // 2))),
-                        textcoords="offset points", ha="center")
+        for r, name in zip(pts, names):
+            if r.get(key) is not None:
+                ax.scatter(r[key], 100 * r["top1"], s=70, marker=markers[name], label=name, alpha=0.85,
+                           color=colours.get(r["precision"], "tab:gray"), edgecolors="black", linewidths=0.5, zorder=3)
         ax.set(xlabel=label, ylabel="validation top-1 (%)", xscale="log")
         ax.margins(x=0.15)
         _spaced_log_ticks(ax)
@@ -159,6 +156,11 @@ def plot_precision(rows: list[dict], path) -> bool:
         ax.grid(alpha=0.3)
         lo = min(100 * r["top1"] for r in pts)
         ax.set_ylim(max(0, lo - 2), min(100.5, max(100 * r["top1"] for r in pts) + 1))
+    handles, labels = axes[0].get_legend_handles_labels()
+    more = [(h, lab) for h, lab in zip(*axes[1].get_legend_handles_labels()) if lab not in labels]
+    fig.legend(handles + [h for h, _ in more], labels + [lab for _, lab in more], loc="lower center", fontsize=8,
+               ncol=min(4, len(markers)), frameon=False, bbox_to_anchor=(0.5, 0.0))  # below the axes' labels
+    fig.subplots_adjust(bottom=0.2 + 0.05 * ((len(markers) - 1) // 4), wspace=0.25)
     fig.suptitle("accuracy vs speed per artifact and precision (each in its own runtime, same threads)", fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
