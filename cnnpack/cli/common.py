@@ -53,6 +53,31 @@ if hasattr(TyperOption, "display_type_rich"):
     TyperOption.display_type_rich = _flags_untyped(TyperOption.display_type_rich)
 
 
+def _folded(make):
+    """rich cuts a cell that does not fit with an ellipsis: at 80 columns the help showed `--latency-budget-…` and
+    `cnnpack/<name>:<c…`, names a user must type. Wrapped onto the next line instead, whole."""
+
+    @functools.wraps(make)
+    def fold(*args, **kwargs):
+        made = make(*args, **kwargs)
+        for text in [made, *getattr(made, "renderables", [])]:  # an option's help is Columns of Texts
+            if hasattr(text, "overflow"):
+                text.overflow = "fold"
+        return made
+
+    return fold
+
+
+try:  # typer's rich help (absent where typer runs without rich: then click's plain help wraps by itself)
+    from typer import rich_utils as _rich_utils
+
+    for _name in ("highlighter", "negative_highlighter", "_get_parameter_help"):
+        if callable(getattr(_rich_utils, _name, None)):
+            setattr(_rich_utils, _name, _folded(getattr(_rich_utils, _name)))
+except ImportError:
+    pass
+
+
 class _Group(TyperGroup):
     def make_context(self, info_name, args, parent=None, **extra):
         with _one_line_usage_errors(info_name or self.name or "cnnpack"):
