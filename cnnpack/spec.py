@@ -7,6 +7,7 @@ downstream re-derives it.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -105,4 +106,10 @@ def check_class_names(classes: Sequence[str], *, where: Callable[[int, str], str
                                  f"{suggest_class_name(name)!r}")
         if name in classes[:i]:
             raise UserInputError(f"{where(i, name)}: the name is given twice; class names must be unique")
+        nfc = unicodedata.normalize("NFC", name)
+        if twin := next((c for c in classes[:i] if unicodedata.normalize("NFC", c) == nfc), None):
+            # `café` typed on Linux and `café` copied from macOS are two folders with one look: the labels, the
+            # report and the served labels would show two classes of one name
+            raise UserInputError(f"{where(i, name)}: the name reads the same as {twin!r} (its accents are encoded "
+                                 f"another way); {fix} so they differ, or merge the two")
     return list(classes)

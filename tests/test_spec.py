@@ -37,6 +37,19 @@ def test_duplicate_names_are_refused():
         check_class_names(["a", "b", "a"], where=lambda i, c: f"class {i}", fix="rename it")
 
 
+def test_names_that_differ_only_in_how_their_accents_are_encoded_are_refused(tmp_path):
+    """`café` composed (NFC, as typed on Linux) and decomposed (NFD, as macOS writes file names) are two folders
+    that look like one class: two labels would print the same."""
+    from cnnpack.data import load_data
+
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    with pytest.raises(UserInputError, match="reads the same as 'café'"):
+        check_class_names([composed, "tea", decomposed], where=lambda i, c: f"class {i}", fix="rename it")
+    check_class_names([composed, "cafe"], where=lambda i, c: f"class {i}", fix="rename it")  # another name
+    with pytest.raises(UserInputError, match="rename the folder so they differ"):
+        load_data(str(_image_folder(tmp_path / "d", [composed, decomposed, "tea"])), image_size=16)
+
+
 # -- every entry point, as a user runs it: exit 2, one line, before any work, nothing written --------
 def _image_folder(root: Path, names: list[str]) -> Path:
     for i, name in enumerate(names):
