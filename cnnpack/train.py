@@ -289,8 +289,9 @@ def resume_conflicts(run_dir: str | Path, given: dict) -> dict[str, tuple]:
     and the checkpoints depend on it), so a different value would be silently ignored.
     """
     recorded = asdict(_recorded_config(Path(run_dir)))
-    return {name: (value, recorded[name]) for name, value in given.items()
-            if name in recorded and recorded[name] != value}
+    as_recorded = {**given, **({"data": data_mod.recorded_source(given["data"])} if "data" in given else {})}
+    return {name: (value, recorded[name]) for name, value in given.items()  # `ds` is the recorded /abs/ds
+            if name in recorded and recorded[name] != as_recorded[name]}
 
 
 def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:

@@ -301,10 +301,16 @@ def test_every_small_schedule_runs_to_the_end(optimizer):
             sched.step()
 
 
-def test_resume_conflicts_are_the_options_that_differ_from_the_recorded_ones(tiny_run):
+def test_resume_conflicts_are_the_options_that_differ_from_the_recorded_ones(tiny_run, monkeypatch):
     from cnnpack.train import resume_conflicts
 
     recorded = json.loads((tiny_run / "cnnpack.json").read_text())["stages"]["train"]["config"]
     same = {k: recorded[k] for k in ("data", "image_size", "epochs", "batch_size", "lr")}
     assert resume_conflicts(tiny_run, same) == {}
     assert resume_conflicts(tiny_run, {**same, "epochs": 9, "seed": recorded["seed"]}) == {"epochs": (9, 2)}
+    # the data folder as the user typed it first (relative, a trailing slash): the run records its absolute path
+    data = Path(recorded["data"])
+    monkeypatch.chdir(data.parent)
+    for typed in (data.name, f"./{data.name}/"):
+        assert resume_conflicts(tiny_run, {**same, "data": typed}) == {}
+    assert resume_conflicts(tiny_run, {**same, "data": "elsewhere"}) == {"data": ("elsewhere", str(data))}
