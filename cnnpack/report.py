@@ -35,7 +35,8 @@ def _data_and_training(m: dict) -> list[Block]:
     if met:
         out.append(Block("p", f"`{m['model']['arch']}`: best validation top-1 **{pct(met.get('best_val_acc'))}** at "
                               f"epoch {met.get('best_epoch')} of {met.get('epochs')}, {met.get('wall_s')} s wall on "
-                              f"{t.get('device')}, {met.get('train_images_per_s')} training images/s."))
+                              f"{t.get('device')}{_sessions(t)}, {met.get('train_images_per_s')} training images/s "
+                              "(median of the epochs)."))
     else:  # interrupted or failed before its first finished training: no figures to give
         out.append(Block("p", f"`{m['model']['arch']}`: training has not finished (status `{t.get('status')}`); "
                               "continue it with `cnnpack train --resume` (or the same `cnnpack pipeline`)."))
@@ -43,6 +44,22 @@ def _data_and_training(m: dict) -> list[Block]:
             (("curves.png", "training curves"), ("confusion.png", "confusion matrix"),
              ("samples.png", "validation predictions")) if f in {v["path"] for v in t.get("outputs", {}).values()}]
     return out
+
+
+def _sessions(t: dict) -> str:
+    """How the training ran, where more than one process or invocation: the wall time is of them all."""
+    sessions = t.get("sessions") or []
+    if len(sessions) < 2 and not any(x.get("processes", 1) > 1 for x in sessions):
+        return ""
+
+    def part(x: dict) -> str:
+        e = x.get("epochs") or []
+        epochs = "no epoch finished" if not e else f"epoch {e[0]}" if e[0] == e[1] else f"epochs {e[0]}–{e[1]}"
+        procs = x.get("processes", 1)
+        return f"{epochs} on {procs} process{'es' if procs > 1 else ''}" + (f" ({x['backend']})" if procs > 1 else "")
+
+    return (f" in {count(len(sessions), 'session')}, resumed after a stop: " if len(sessions) > 1 else ", ") + \
+        "; ".join(part(x) for x in sessions)
 
 
 def exporter_label(text: str) -> str:

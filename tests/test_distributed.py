@@ -105,6 +105,10 @@ def test_a_torchrun_run_resumes_in_one_process(colour_data, tmp_path):
     section = train(run, cfg, resume=True, progress=False)
     assert section["status"] == "ok" and section["metrics"]["epochs"] == 3
     assert section["steps_per_epoch"] == 12  # 192 images / 16, in one process
+    # the record keeps how each part ran (it said nothing of the 2 processes of epoch 1)
+    assert [(x["epochs"], x["processes"], x["steps_per_epoch"]) for x in section["sessions"]] == [
+        ([1, 1], 2, 6), ([2, 3], 1, 12)]
+    assert section["distributed"] == {"world_size": 2, "backend": "gloo"}
 
 
 def _free_port() -> int:

@@ -125,6 +125,30 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):
         assert full["metrics"][key] == resumed["metrics"][key], key
     assert resumed["resumed"] is True and resumed["status"] == "ok"
     assert resumed["confusion_matrix"] == full["confusion_matrix"]
+    # the record covers both invocations: the wall time of each, the epochs each finished
+    assert [x["epochs"] for x in resumed["sessions"]] == [[1, 2], [3, 3]]
+    assert resumed["metrics"]["wall_s"] == pytest.approx(sum(x["wall_s"] for x in resumed["sessions"]), abs=0.02)
+    assert [x["epochs"] for x in full["sessions"]] == [[1, 3]] and "distributed" not in resumed
+
+
+def test_ctrl_c_while_the_last_epochs_plots_are_drawn_keeps_every_epoch_and_resume_finishes(colours, tmp_path,
+                                                                                           monkeypatch):
+    """The Ctrl-C after the last epoch (the plots take a second) was a bare `interrupted`: the manifest said
+    `running` for good and export warned the training had not finished."""
+    import cnnpack.train as train_mod
+
+    draw = train_mod._write_plots
+    monkeypatch.setattr(train_mod, "_write_plots", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    cfg = TrainConfig(data=str(colours), image_size=16, epochs=1, batch_size=16)
+    with pytest.raises(Interrupted, match=r"after the last epoch \(1\).*every epoch is kept.*--resume"):
+        train(tmp_path / "r", cfg, progress=False)
+    record = Run.open(tmp_path / "r").read()["stages"]["train"]
+    assert record["status"] == "interrupted" and [x["epochs"] for x in record["sessions"]] == [[1, 1]]
+    monkeypatch.setattr(train_mod, "_write_plots", draw)
+    done = train(tmp_path / "r", cfg, resume=True, progress=False)
+    assert done["status"] == "ok" and done["metrics"]["epochs"] == 1
+    assert [x["epochs"] for x in done["sessions"]] == [[1, 1], []]  # the second drew the plots, trained nothing
+    assert (tmp_path / "r" / "curves.png").is_file()
 
 
 def test_resume_refuses_a_truncated_or_foreign_last_pt(tiny_run, tmp_path):
