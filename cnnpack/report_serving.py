@@ -96,12 +96,13 @@ def served_section(m: dict) -> list[Block]:
         out.append(Block("table", rows=rows))
     if load:
         rows = [["model", "protocol", "requests in flight", "p50 ms", "p99 ms", "images/s", "mean batch run by Triton", "queue ms",
-                 "compute ms", "errors", "measured by"]]
+                 "compute ms", "errors", "stable", "measured by"]]
         rows += [[r.get("format", "").removeprefix("triton:"), PROTOCOL_NAMES.get(r.get("protocol"), "HTTP"),
                   str(r["concurrency"]), num(r["latency_ms_p50"], "{:.2f}"), num(r["latency_ms_p99"], "{:.2f}"),
                   num(r["throughput_ips"], "{:,.0f}"), num(r.get("server_batch_mean"), "{:.2f}"),
                   num(r.get("server_queue_ms_mean"), "{:.2f}"), num(r.get("server_compute_ms_mean"), "{:.2f}"),
-                  str(r.get("errors", 0)), r.get("load_generator") or "cnnpack asyncio client"] for r in load]
+                  str(r.get("errors", 0)), "yes" if r.get("stable", True) else "**no**",
+                  r.get("load_generator") or "cnnpack asyncio client"] for r in load]
         wire = " and ".join(sorted({PROTOCOL_NAMES.get(r.get("protocol"), "HTTP") for r in load}))
         urls = sorted({r.get("info", {}).get("url") for r in load} - {None})
         at = f" at {', '.join(f'`{u}`' for u in urls)}" if urls else ""
@@ -110,6 +111,12 @@ def served_section(m: dict) -> list[Block]:
                            "each client sends its next request when the previous one answers): Triton's perf_analyzer "
                            "where it is on PATH, else cnnpack's own client; dynamic batching "
                            "merges concurrent requests into larger batches."), Block("table", rows=rows)]
+        shaky = [f"{r.get('format', '').removeprefix('triton:')} at {r['concurrency']}" for r in load
+                 if not r.get("stable", True)]
+        if shaky:
+            out.append(Block("p", f"**Unstable**: the measurement windows of {', '.join(shaky)} did not agree "
+                                  "before the time limit: quote them with care (other load on this machine, or too "
+                                  "short a --max-seconds)."))
     return out
 
 

@@ -136,18 +136,20 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
     summary = (f"{right}/{len(preds)} validation images right through Triton; served logits match eager "
                f"(max abs err {max(fp32, default=0):.1e}); {t['name']} over {PROTOCOL_NAMES[LOAD_PROTOCOL]}: "
                f"{throughput[c_lo]['latency_ms_p50']:.2f} ms p50 at concurrency {c_lo}, "
-               f"{throughput[c_hi]['throughput_ips']:,.0f} images/s at {c_hi} ({gain:.1f}x, measured by "
+               f"{throughput[c_hi]['throughput_ips']:,.0f} images/s at {c_hi}{_unstable(throughput[c_hi])} "
+               f"({gain:.1f}x, measured by "
                f"{throughput[c_hi].get('load_generator', 'cnnpack client')})")
     int8_row = next((r for r in rows if r["format"] != f"triton:{t['name']}"), None)
     if int8_row:
         f = int8_row["format"].removeprefix("triton:")
         summary += (f"; {f}: top-1 agreement {100 * parity[int8_row['format']]['top1_agreement']:.1f}%, "
-                    f"{int8_row['throughput_ips']:,.0f} images/s at {c_hi} "
+                    f"{int8_row['throughput_ips']:,.0f} images/s at {c_hi}{_unstable(int8_row)} "
                     f"({int8_row['throughput_ips'] / throughput[c_hi]['throughput_ips']:.2f}x fp32)")
     result = {"summary": summary, "server": server_info, "predictions": preds, "parity": parity,
               "load": [{k: r.get(k) for k in ("format", "concurrency", "latency_ms_p50", "latency_ms_p99", "throughput_ips",
                                              "server_batch_mean", "server_queue_ms_mean",
-                                             "server_compute_ms_mean", "errors", "load_generator")} for r in rows],
+                                             "server_compute_ms_mean", "errors", "load_generator", "stable")}
+                       for r in rows],
               "config": asdict(cfg)}
     with run.committing():  # served.json and its record as one step
         atomic_write_json(run.file(OUTPUT), result)
@@ -159,3 +161,8 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
                                  "versions": {m["name"]: m["version"] for m in server_info["models"]},
                                  "outputs": {"served_json": run.file_record(run.file(OUTPUT))}})
     return run.read()["stages"]["served"]
+
+
+def _unstable(row: dict) -> str:
+    """Said beside a quoted figure whose measurement windows did not agree (bench.json marks it `stable: false`)."""
+    return "" if row.get("stable", True) else " (unstable: its windows did not agree)"

@@ -423,6 +423,21 @@ def test_the_report_leaves_out_a_triton_or_served_stage_that_failed():
     assert served_section({"stages": {"served": failed}}) == []
 
 
+def test_the_report_marks_a_served_row_whose_windows_did_not_agree():
+    """bench.json marked a served row `stable: false`; the served table and its note said nothing (local rows did)."""
+    from cnnpack.report_render import to_markdown
+    from cnnpack.report_serving import served_section
+    from cnnpack.served import _unstable
+
+    row = {"runtime": "triton", "format": "triton:cnn_onnx", "protocol": "http", "concurrency": 16,
+           "latency_ms_p50": 6.1, "latency_ms_p99": 9.0, "throughput_ips": 1674.0, "errors": 0}
+    steady = to_markdown("t", served_section({"stages": {"bench": {"results": [{**row, "stable": True}]}}}))
+    shaky = to_markdown("t", served_section({"stages": {"bench": {"results": [{**row, "stable": False}]}}}))
+    assert "| **no** |" in shaky and "**Unstable**: the measurement windows of cnn_onnx at 16 did not agree" in shaky
+    assert "| yes |" in steady and "Unstable" not in steady
+    assert _unstable({**row, "stable": False}) == " (unstable: its windows did not agree)" and _unstable(row) == ""
+
+
 def test_the_report_tells_a_verify_stopped_by_an_error_from_one_whose_parity_failed():
     """The pipeline marks a verify that stopped on an error `failed` over the earlier verdict (passed: true): the
     report said every pair was within the contract. A parity failure records its own rows, and says so."""
