@@ -407,7 +407,8 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig(), *,
 
 def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str, source: str) -> dict:
     dest = run.file("export") / f"model{SUFFIX[fmt]}"
-    with scratch_beside(dest) as tmp:  # put in place only if the exporter and its checks succeed
+    # put in place only if the exporter and its checks succeed; named `.tmp.pt2`, as torch's loader warns of any other
+    with scratch_beside(dest, suffix=".tmp" + (SUFFIX[fmt] if fmt == "pt2" else "")) as tmp:
         art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)
         art.sha256, art.path = sha256(tmp), run.rel(dest)
         record = {**art.record(), "precision": "fp16" if cfg.half else "fp32", "size_mb": tmp.stat().st_size / 2**20}

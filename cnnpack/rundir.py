@@ -86,10 +86,10 @@ def naming(dest: str | Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def scratch_beside(dest: str | Path) -> Iterator[Path]:
+def scratch_beside(dest: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temp path beside `dest` (in its folder, so `place` renames it over `dest`), removed at the end unless
-    placed meanwhile."""
-    tmp_path = staged_beside(Path(dest), suffix=".tmp")
+    placed meanwhile. `suffix`: where a library reads the file by its ending (torch's pt2 loader: `.pt2`)."""
+    tmp_path = staged_beside(Path(dest), suffix=suffix)
     try:
         with naming(dest):
             yield tmp_path

@@ -74,6 +74,26 @@ def test_no_compiler_is_one_line_and_the_other_formats_are_written(tiny_run, tmp
     assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # no temp file left
 
 
+def test_the_package_is_compiled_and_checked_under_a_name_ending_in_pt2(tiny_run, tmp_path, monkeypatch):
+    """torch's pt2 loader warns ("Unable to load package. f must be ... a file ending in .pt2", a TODO to make it an
+    error) of the `.tmp` name the package was checked under before it was put in place."""
+    import cnnpack.pt2
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    seen = []
+
+    def record(model, x, dest, **kwargs):
+        seen.append(Path(dest))
+        raise StageFailed("stopped by the test")
+
+    monkeypatch.setattr(cnnpack.pt2, "export_pt2", record)
+    with pytest.raises(StageFailed, match="stopped by the test"):
+        export(run, ExportConfig(formats=("pt2",)))
+    assert seen[0].name.endswith(".pt2") and seen[0].name.startswith(".model.pt2.") and seen[0].parent == run / "export"
+    assert not seen[0].exists()  # the scratch file is removed after a failure
+
+
 def test_the_pipeline_takes_pt2_where_a_compiler_is_found(monkeypatch):
     from cnnpack.pipeline import PipelineConfig
 
