@@ -133,7 +133,7 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
     c_lo, c_hi = min(throughput), max(throughput)
     gain = throughput[c_hi]["throughput_ips"] / throughput[c_lo]["throughput_ips"]
     fp32 = [p["max_abs_err"] or 0 for f, p in parity.items() if not f.endswith("_int8")]
-    summary = (f"{right}/{len(preds)} validation images right through Triton; served logits match eager "
+    summary = (f"{right}/{len(preds)} validation images right through Triton; served fp32 logits match eager "
                f"(max abs err {max(fp32, default=0):.1e}); {t['name']} over {PROTOCOL_NAMES[LOAD_PROTOCOL]}: "
                f"{throughput[c_lo]['latency_ms_p50']:.2f} ms p50 at concurrency {c_lo}, "
                f"{throughput[c_hi]['throughput_ips']:,.0f} images/s at {c_hi}{_unstable(throughput[c_hi])} "
