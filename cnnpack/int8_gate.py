@@ -10,7 +10,7 @@ the rest, the same way for every backend:
    `rank_images` validation images, fewer where that would leave the fallback steps less than half the
    time left) of a model where that node alone runs in int8;
 3. the most harmful nodes are kept in float, one more per step, until the gate holds or `max_steps`
-   are spent. An attempt that keeps every node in float is no int8 model and never passes.
+   are spent. An attempt that keeps every convolution and matmul in float is no int8 model and never passes.
 
 Everything runs under a deadline (`time_limit_s`, the whole quantize call, reading the images included): each model
 build and each evaluation is checked against it, progress lines carry an estimate of what is left,
@@ -202,7 +202,8 @@ class Clock:
 class Candidate(Protocol):
     """What a backend gives the gate: its quantizable compute nodes and models built on one calibration."""
 
-    nodes: list[str]  # the compute nodes of the plain int8 model that run in int8
+    nodes: list[str]  # the nodes of the plain int8 model that run in int8: what the fallback keeps in float
+    compute: list[str]  # those of them that make it an int8 model (convolutions, matmuls): all in float, it is not
 
     def build(self, kept_float: list[str]) -> object:
         """The int8 model with `kept_float` in float (ranges from the one calibration)."""
@@ -253,7 +254,7 @@ def evaluate(c: Candidate, model, kept: list[str], ref: np.ndarray, data: QuantD
     seen, labels = len(out), data.val_labels[:len(out)]
     acc32, acc8 = top1(ref[:seen], labels), top1(out, labels)
     a = Attempt(list(kept), acc8, 100 * (acc32 - acc8), float((out.argmax(1) == ref[:seen].argmax(1)).mean()), model,
-                all_float=bool(c.nodes) and set(c.nodes) <= set(kept))
+                all_float=set(c.compute) <= set(kept))  # none at all: not int8 either
     a.images, a.fp32_accuracy = seen, acc32
     return a
 

@@ -104,6 +104,7 @@ class OvInt8:
         self.nodes = [op.get_friendly_name() for op in quantized.get_ordered_ops()
                       if op.get_type_name() in COMPUTE and op.get_friendly_name() not in float_now
                       and op.get_friendly_name() in self.fp32_weights]
+        self.compute = self.nodes  # every node the fallback keeps in float is a compute node
 
     def build(self, kept_float: list[str]):
         """A copy of the quantized model with `kept_float` computing in fp32 (input before its FakeQuantize,

@@ -105,12 +105,22 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def quantized_nodes(path: Path) -> list[str]:
-    """Names of the compute nodes of a QDQ model that take a dequantized input (those running in int8)."""
+# the ops whose int8 makes a model int8; the others ORT quantizes (MaxPool, Concat, Reshape...) stay in int8 only
+# beside one of these, and lose their Q/DQ once every one of these is kept in float
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def quantized_nodes(path: Path, ops: tuple[str, ...] = ()) -> list[str]:
+    """Names of the nodes of a QDQ model that take a dequantized input (those running in int8). With `ops`: the
+    nodes of those types whose input and weights are both dequantized (a Conv kept in float still reads a
+    dequantized input where its producer stays in int8, and computes in float)."""
     import onnx
 
     g = onnx.load(str(path), load_external_data=False).graph
     dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    if ops:
+        return [n.name for n in g.node if n.op_type in ops and len(n.input) > 1 and n.input[0] in dq_out
+                and n.input[1] in dq_out]
     return [n.name for n in g.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
             and any(i in dq_out for i in n.input)]
 
@@ -131,6 +141,7 @@ class OrtQdq:
         self.weights, self.weights_why = weight_type(cfg.weight_type)
         self.attempts = 0
         self.nodes: list[str] = []
+        self.compute: list[str] = []
         self._plain: Path | None = None
         self._cut: tuple | None = None  # the plain QDQ model, the fp32 nodes' inputs and weights (for alone())
 
@@ -159,6 +170,7 @@ class OrtQdq:
         out = self._quantize(exclude=kept_float)
         if not kept_float:
             self.nodes = quantized_nodes(out)
+            self.compute = quantized_nodes(out, COMPUTE_OPS)
             self._plain = out
         return out
 

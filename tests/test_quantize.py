@@ -108,6 +108,27 @@ def test_a_node_alone_in_int8_leaves_every_other_node_computing_fp32(tiny_onnx_r
     assert np.mean((alone - ref) ** 2) < np.mean((whole - ref) ** 2)  # one node in int8 errs less than all of them
 
 
+def test_an_attempt_with_every_convolution_and_matmul_in_float_is_not_int8(tiny_onnx_run, tmp_path):
+    """The fallback kept the Convs and the Gemm in float one step at a time while MaxPool, Concat and Reshape were
+    still listed as int8: the gate recorded a model with no Q/DQ left (fp32's size) as the int8 artifact, exit 0."""
+    from cnnpack.int8_gate import evaluate, load_quant_data
+    from cnnpack.int8_ort import COMPUTE_OPS, OrtQdq, logits, quantized_nodes
+    from cnnpack.rundir import Run
+
+    cfg = QuantizeConfig(calibration_images=32, min_agreement=0.0, max_drop=100.0)
+    data = load_quant_data(Run.open(tiny_onnx_run), cfg)
+    fp32 = tiny_onnx_run / "export/model.onnx"
+    q = OrtQdq(fp32, tmp_path, data, cfg, batch=32)
+    plain = q.build([])
+    ref = logits(fp32, data.val_images, 32)
+    assert set(q.compute) < set(q.nodes)  # some int8 nodes are not compute nodes (the pools, the head's concat)
+    floated = q.build(list(q.compute))
+    assert quantized_nodes(floated, COMPUTE_OPS) == []  # nothing that computes runs in int8 any more
+    attempt = evaluate(q, floated, list(q.compute), ref, data, cfg)
+    assert attempt.all_float and not attempt.holds(cfg)  # never passes, whatever the gate
+    assert not evaluate(q, plain, [], ref, data, cfg).all_float
+
+
 def test_int8_classifies_like_fp32_on_raw_pixels(quantized):
     import onnxruntime as ort
 
