@@ -13,7 +13,8 @@ from pathlib import Path
 from cnnpack.errors import count, shell
 from cnnpack.report_render import Block, num, pct, to_html, to_markdown
 from cnnpack.report_serving import deploy_section, served_section, triton_section, tune_section
-from cnnpack.rundir import Run, artifact_changed, place, scratch_beside, sigint_deferred
+from cnnpack.rundir import Run, artifact_changed, place, scratch_beside, sha256, sigint_deferred
+from cnnpack.runtimes import other_source
 
 
 # -- content --------------------------------------------------------------------------------
@@ -73,6 +74,7 @@ def _export(m: dict, run: Run, gone: dict[str, str]) -> list[Block]:
     e = m.get("stages", {}).get("export")
     if not e:
         return []
+    older = _of_older_weights(e, run, gone)
     rows = [["format", "precision", "file", "input", "exporter", "opset", "size", "sha256"]]
     for fmt, a in e.get("artifacts", {}).items():
         shape = "×".join("N" if d == -1 else str(d) for d in a["input"]["shape"])
@@ -82,10 +84,12 @@ def _export(m: dict, run: Run, gone: dict[str, str]) -> list[Block]:
         rows.append([fmt, a.get("precision", "fp32"), f"`{a['path']}`", f"{a['input']['name']} {shape} {a['input']['dtype']}",
                      exporter_label(a.get("exporter", "")), str(a.get("opset", "–")),
                      num(size, "{:.2f} MB") if fmt not in gone else ("missing" if size is None else "changed on disk"),
-                     a["sha256"][:12]])
+                     a["sha256"][:12] + (" (older weights)" if fmt in older else "")])
     notes = [f"**Changed on disk**: {'; '.join(gone.values())}: the size, sha256 and every figure of "
              f"{'it' if len(gone) == 1 else 'them'} in this report are of the file as it was made; re-create "
              f"{'it' if len(gone) == 1 else 'them'} (`export/reproduce.sh`)."] if gone else []
+    notes += [f"**Of older weights**: {why}; its figures in this report are not of the model the run trained."
+              for why in older.values()]
     return [Block("h2", "Exported artifacts"), Block("table", rows=rows),
             Block("p", "Inputs are raw RGB pixels 0–255; scaling and mean/std normalisation happen inside the graph. "
                        "`export/reproduce.sh` re-creates them.")] + [Block("p", n) for n in notes + _export_notes(e)]
@@ -95,6 +99,14 @@ def _changed_on_disk(m: dict, run: Run) -> dict[str, str]:
     """The artifacts whose files are no longer the ones recorded (deleted, or changed since): format -> why."""
     arts = m.get("stages", {}).get("export", {}).get("artifacts", {})
     return {f: why for f, a in arts.items() if (why := artifact_changed(run, a))}
+
+
+def _of_older_weights(e: dict, run: Run, gone: dict[str, str]) -> dict[str, str]:
+    """The artifacts made from another checkpoint than the run holds now (a training since): format -> why."""
+    ckpt = run.file("checkpoint.pt")
+    now = sha256(ckpt) if ckpt.is_file() else None  # hashed once for every artifact
+    return {f: why for f, a in e.get("artifacts", {}).items()
+            if f not in gone and now and (why := other_source(run, f, a, now))}
 
 
 def _export_notes(e: dict) -> list[str]:

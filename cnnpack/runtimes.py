@@ -380,8 +380,27 @@ def remake_command(run: Run, fmt: str) -> str:
     return f"cnnpack export --run {shell(run.path)} --format {fmt}"
 
 
+def other_source(run: Run, fmt: str, record: dict, checkpoint_sha256: str | None = None) -> str | None:
+    """Why the artifact of `fmt` is not of the run's weights now: it was made from another checkpoint (a training
+    since: resumed, or trained again), with the commands that make it again; None where it is of them (or its record
+    is older than that field). `checkpoint_sha256`: the bytes a caller loaded, else the checkpoint file's now."""
+    from cnnpack.rundir import sha256
+
+    made_from = record.get("checkpoint_sha256")
+    ckpt = run.file("checkpoint.pt")
+    if not made_from or (checkpoint_sha256 is None and not ckpt.is_file()):
+        return None
+    if made_from == (checkpoint_sha256 or sha256(ckpt)):
+        return None
+    base = {"onnx_int8": "onnx", "openvino_int8": "openvino"}.get(fmt, fmt)
+    again = f"`{remake_command(run, base)}`" + (f" then `{remake_command(run, fmt)}`" if base != fmt else "")
+    return (f"{fmt} ({record.get('path')}) was made from another {run.rel(ckpt)} than the run holds now (a "
+            f"training since?); make it again: {again}")
+
+
 def artifact_ref(run: Run, fmt: str) -> ArtifactRef:
-    """The recorded artifact of `fmt` in a run (checked against its sha256), or the checkpoint."""
+    """The recorded artifact of `fmt` in a run (checked against its sha256, and made from the run's checkpoint
+    now), or the checkpoint."""
     if fmt == "checkpoint":
         return ArtifactRef(run, "checkpoint", run.file("checkpoint.pt"))
     from cnnpack.rundir import artifact_changed
@@ -395,6 +414,8 @@ def artifact_ref(run: Run, fmt: str) -> ArtifactRef:
     if why := artifact_changed(run, rec):
         refuse = "" if why.endswith("is missing") else " refusing to use it:"
         raise UserInputError(f"{why};{refuse} re-run `{remake_command(run, fmt)}`")
+    if why := other_source(run, fmt, rec):  # served, benched or quantized as the run's model, it is not
+        raise UserInputError(why)
     return ArtifactRef(run, fmt, run.file(rec["path"]), rec, rec.get("max_batch_size"))
 
 

@@ -51,7 +51,7 @@ from cnnpack.contracts import (  # noqa: F401 - re-exported
 from cnnpack.errors import ParityError, RuntimeUnavailable, UserInputError, shell
 from cnnpack.host import check_device, exact_fp32
 from cnnpack.rundir import Run, artifact_changed, artifact_digest, atomic_write_json, library_versions, sha256
-from cnnpack.runtimes import fit_batch_sizes, precision_of
+from cnnpack.runtimes import fit_batch_sizes, other_source, precision_of
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 VAL_BATCH = 64  # batch size for the validation set (within each artifact's limits)
@@ -201,15 +201,8 @@ def _check_sources(run: Run, formats: list[str], loaded: str) -> None:
     export = run.read().get("stages", {}).get("export", {})
     arts = export.get("artifacts", {})
     for fmt in formats:
-        made_from = arts.get(fmt, {}).get("checkpoint_sha256")
-        if made_from and made_from != loaded:
-            base, run_arg = {"onnx_int8": "onnx", "openvino_int8": "openvino"}.get(fmt, fmt), shell(run.path)
-            again = f"`cnnpack export --run {run_arg} --format {base}`" + (
-                f" then `cnnpack quantize --run {run_arg}{' --backend openvino' if base == 'openvino' else ''}`"
-                if base != fmt else "")
-            raise UserInputError(f"{fmt} ({arts[fmt].get('path')}) was made from another "
-                                 f"{export.get('source', {}).get('checkpoint', 'checkpoint.pt')} than the run holds "
-                                 f"now (a training since?); make it again: {again}")
+        if fmt in arts and (why := other_source(run, fmt, arts[fmt], loaded)):
+            raise UserInputError(why)
     if any(fmt in arts and not arts[fmt].get("checkpoint_sha256") for fmt in formats):
         _check_checkpoint(run, export, loaded)
 

@@ -265,6 +265,23 @@ def test_an_artifact_made_from_earlier_weights_than_another_format_is_named(expo
     with pytest.raises(UserInputError, match=r"onnx \(export/model.onnx\) was made from another checkpoint.pt than "
                                              r"the run holds now .*make it again: `cnnpack export --run .* --format onnx`"):
         verify(run_dir, QUICK)
+    # triton, bench and evaluate served, measured and scored it as the run's model without a word (verify alone said)
+    from cnnpack.bench import BenchConfig, bench
+    from cnnpack.evaluate import evaluate
+    from cnnpack.triton_repo import TritonConfig, build
+
+    for use in (lambda: build(run_dir, TritonConfig(repository=str(tmp_path / "repo"), format="onnx")),
+                lambda: bench(run_dir, BenchConfig(runtimes=("onnxruntime",), batch_sizes=(1,))),
+                lambda: evaluate(run_dir, fmt="onnx")):
+        with pytest.raises(UserInputError, match=r"onnx \(export/model.onnx\) was made from another checkpoint.pt"):
+            use()
+    assert not (tmp_path / "repo" / "cnn_onnx").exists()
+    build(run_dir, TritonConfig(repository=str(tmp_path / "repo"), format="torchscript"))  # the current one lays out
+    from cnnpack.report import write_report
+
+    md = Path(write_report(run_dir)["markdown"]).read_text()
+    assert "**Of older weights**: onnx (export/model.onnx) was made from another checkpoint.pt" in md
+    assert "(older weights)" in md and "torchscript (export/model.pt) was made" not in md
 
 
 @pytest.mark.parametrize("cfg,needle", [
