@@ -296,6 +296,25 @@ def test_at_the_time_limit_the_best_attempt_is_reported_and_nothing_recorded(qua
     assert any(line.startswith("[") and "(limit 8 s)" in line for line in lines)  # progress says the limit
 
 
+@pytest.mark.slow
+def test_a_first_attempt_that_holds_the_gate_past_the_time_limit_is_kept_and_said(quantized, tmp_path, caplog):
+    """The help said "at the limit: ... nothing recorded", and a first attempt that held the gate after the limit
+    was recorded without a word. It is kept (calibration cannot stop halfway, and it holds), and said."""
+    import time
+
+    run = tmp_path / "run"
+    shutil.copytree(quantized[0], run)
+
+    def slow_progress(line: str) -> None:
+        if "calibrating" in line:
+            time.sleep(3)
+
+    cfg = QuantizeConfig(calibration_images=16, max_drop=100, min_agreement=0.5, time_limit_s=3)  # a gate it holds
+    section = quantize(run, cfg, progress=slow_progress)
+    assert section["past_time_limit_s"] > 0 and section["stopped"] is None
+    assert "the first attempt held the gate" in caplog.text and "past --time-limit 3" in caplog.text
+
+
 def test_the_ranking_ranks_every_node_on_fewer_images_when_all_would_not_leave_the_fallback_half_the_time():
     """A backend whose models take 10 ms per image: 4 nodes on 64 images would take 2.6 s of the 2 s left."""
     import time
