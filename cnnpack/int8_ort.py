@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -154,7 +155,10 @@ class OrtQdq:
         self.attempts += 1
         t0 = time.perf_counter()
         first = not self.cache.is_file()
-        with _quiet_root_logger(), _disk_said(self.work, self.prepared.stat().st_size):  # ORT logs a warning per call on the root logger
+        # ORT logs a warning per call on the root logger, and its entropy and percentile calibrators print() their
+        # progress: to stderr, stdout is the result's (--json)
+        with _quiet_root_logger(), _disk_said(self.work, self.prepared.stat().st_size), \
+                contextlib.redirect_stdout(sys.stderr):
             quantize_static(str(self.prepared), str(out), _Reader(self.data.calibration, self.input_name) if first else None,
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QUInt8 if self.weights == "uint8" else QuantType.QInt8,
