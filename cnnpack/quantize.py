@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cnnpack import int8_openvino, int8_ort  # noqa: F401 - registers the quantizers
+from cnnpack.data import recorded_source
 from cnnpack.errors import ParityError
 from cnnpack.int8_gate import QUANTIZERS, Clock, QuantizeConfig, TimeLimitReached, refusal
 from cnnpack.int8_ort import INT8_PATH
@@ -38,8 +39,10 @@ def command(run: Run, cfg: QuantizeConfig) -> str:
     args += ["--method", cfg.method, "--max-drop", f"{cfg.max_drop:g}", "--min-agreement", f"{cfg.min_agreement:g}",
              "--max-steps", str(cfg.max_steps), "--rank-images", str(cfg.rank_images),
              "--time-limit", f"{cfg.time_limit_s:g}", "--seed", str(cfg.seed)]
-    args += ["--data", cfg.data] if cfg.data else []
-    args += ["--backend", "openvino"] if cfg.format == "openvino_int8" else []
+    # as the artifact was made, from any folder: the data by its absolute path, the weights as auto chose them here
+    args += ["--data", recorded_source(cfg.data)] if cfg.data else []
+    args += ["--backend", "openvino"] if cfg.format == "openvino_int8" else [
+        "--weight-type", int8_ort.weight_type(cfg.weight_type)[0]]
     return " ".join(shlex.quote(a) for a in args)
 
 

@@ -59,6 +59,23 @@ def test_the_int8_artifact_is_a_qdq_model_with_the_fp32_contract(quantized):
     assert section["weight_type"]["type"] == art["weight_type"] and section["weight_type"]["why"].startswith("auto: ")
 
 
+
+def test_reproduce_sh_names_the_weights_auto_chose_and_the_data_by_its_absolute_path(tmp_path, monkeypatch):
+    """reproduce.sh dropped --weight-type (auto, or a uint8 asked for, came back as another model on another host)
+    and kept a relative --data (its line failed from any other folder, as the script says it runs)."""
+    from cnnpack.int8_ort import weight_type
+    from cnnpack.quantize import command
+    from cnnpack.rundir import Run
+
+    (tmp_path / "d").mkdir()
+    monkeypatch.chdir(tmp_path)
+    run = Run(tmp_path / "run")
+    line = command(run, QuantizeConfig(data="d", weight_type="uint8"))
+    assert f"--data {tmp_path / 'd'}" in line and "--weight-type uint8" in line
+    assert f"--weight-type {weight_type('auto')[0]}" in command(run, QuantizeConfig())
+    assert "--weight-type" not in command(run, QuantizeConfig(format="openvino_int8"))  # it takes auto only
+
+
 def test_weight_type_auto_takes_uint8_only_where_x86_multiplies_u8_by_s8_with_saturation():
     from cnnpack.int8_ort import weight_type
 
