@@ -77,6 +77,9 @@ class QuantizeConfig:
         if self.weight_type != "auto" and self.format != "onnx_int8":
             raise UserInputError(f"--weight-type {self.weight_type} is ONNX Runtime's choice; the openvino backend "
                                  "takes only auto (NNCF chooses its own int8 weights)")
+        if self.method != "minmax" and self.format != "onnx_int8":  # it was recorded, and NNCF did the same
+            raise UserInputError(f"--method {self.method} is ONNX Runtime's calibration; the openvino backend "
+                                 "calibrates with NNCF's own range estimators: drop --method")
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -395,7 +398,8 @@ def section(cfg: QuantizeConfig, ref_record: dict, ref_format: str, data: QuantD
     return {
         "status": "ok" if res.passed else "failed", "passed": res.passed is not None, "config": asdict(cfg),
         "calibration": {"images": len(data.calibration), "of_train_images": data.train_images, "split": "train",
-                        "method": cfg.method, "seed": cfg.seed, "source": data.source,
+                        "method": cfg.method if cfg.format == "onnx_int8" else "nncf", "seed": cfg.seed,
+                        "source": data.source,
                         "calibration_s": round(calibrated_s or 0.0, 2)},
         "gate": {"max_drop_pt": cfg.max_drop, "min_agreement": cfg.min_agreement,
                  "fp32_accuracy": top1(ref_logits, data.val_labels), "int8_accuracy": chosen.accuracy, "int8_images": chosen.images,

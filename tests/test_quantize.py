@@ -422,6 +422,7 @@ def test_the_gate_counts_its_own_steps_and_holds_at_its_bounds():
     (QuantizeConfig(format="openvino_int8", seed=-1), "--seed must be >= 0, got -1"),
     (QuantizeConfig(weight_type="int4"), "--weight-type 'int4'; valid: auto, int8, uint8"),
     (QuantizeConfig(format="openvino_int8", weight_type="int8"), "--weight-type int8 is ONNX Runtime's choice"),
+    (QuantizeConfig(format="openvino_int8", method="entropy"), "--method entropy is ONNX Runtime's calibration"),  # ignored, recorded
 ])
 def test_bad_options(tiny_onnx_run, tmp_path, cfg, message):
     run = tmp_path / "run"

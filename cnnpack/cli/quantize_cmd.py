@@ -16,7 +16,8 @@ def quantize(
     run: Path = typer.Option(..., help="Run directory with an fp32 ONNX export."),
     calibration_images: Optional[int] = typer.Option(None, help="Training-split images to calibrate on, a seeded "
                                                      "choice (default: 256, or the whole split when smaller)."),
-    method: str = typer.Option("minmax", help="Calibration: minmax | entropy | percentile."),
+    method: str = typer.Option("minmax", help="Calibration: minmax | entropy | percentile (onnxruntime; the "
+                                              "openvino backend calibrates with NNCF's range estimators)."),
     max_drop: float = typer.Option(0.5, help="Accuracy gate: largest top-1 drop vs fp32 ONNX, percentage points."),
     min_agreement: float = typer.Option(0.99, help="Gate: top-1 agreement with fp32 ONNX on the validation split."),
     max_steps: int = typer.Option(8, help="Fallback: at most this many steps, each keeping one more node in float."),
