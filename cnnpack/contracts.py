@@ -49,15 +49,20 @@ class Tolerance:
 
 
 def tolerances(cfg: VerifyConfig, dtype: str, reference: np.ndarray, precision: str = "fp32",
-               max_drop_pt: float | None = None) -> Tolerance:
+               max_drop_pt: float | None = None, gate_agreement: float | None = None) -> Tolerance:
     """The contract of the target's precision. fp32: the config's tolerances. fp16: the fp16 floor (never
     tighter than the config): atol FP16_ATOL x max(1, max |eager logit|), rtol FP16_RTOL, top-1 agreement
     >= FP16_MIN_AGREEMENT. int8: task parity, top-1 agreement >= INT8_MIN_AGREEMENT and a top-1 drop
-    against eager of at most the quantize gate; the tensor error is reported beside it."""
+    against eager of at most the quantize gate; the tensor error is reported beside it. The int8 agreement is
+    `cfg.int8_min_agreement` where given, else the artifact's quantize gate's (`gate_agreement`), else
+    INT8_MIN_AGREEMENT: an int8 model is held to the gate it was made under, its drop and its agreement alike."""
     if precision == "int8":
         drop = INT8_MAX_DROP_PT if max_drop_pt is None else max_drop_pt
-        return Tolerance(cfg.atol, cfg.rtol, cfg.int8_min_agreement,
-                         f"int8 artifact: task parity, top-1 agreement >= {cfg.int8_min_agreement:.0%} and top-1 drop "
+        given = cfg.int8_min_agreement is not None
+        agree = cfg.int8_min_agreement if given else INT8_MIN_AGREEMENT if gate_agreement is None else gate_agreement
+        whence = "as given" if given else "the default" if gate_agreement is None else "the quantize gate"
+        return Tolerance(cfg.atol, cfg.rtol, agree,
+                         f"int8 artifact: task parity, top-1 agreement >= {agree:.0%} ({whence}) and top-1 drop "
                          f"<= {drop:g} pt (the quantize gate); tensor error reported, not gated", "int8",
                          tensor_gated=False, max_drop_pt=drop)
     if precision == "bf16":

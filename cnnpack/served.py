@@ -34,7 +34,7 @@ class ServedConfig:
     threads: int | None = None  # client-side threads for the matmul reference of the served bench
     max_seconds: float = 4.0  # per concurrency level
     timeout_s: float = 30.0
-    int8_min_agreement: float = 0.99  # verify's int8 contract for a served int8 model
+    int8_min_agreement: float | None = None  # verify's int8 contract for a served int8 model (None: its gate's)
 
     def validate(self) -> None:
         if self.images < 1:

@@ -125,6 +125,7 @@ class ModelIO:
     input_kind: str
     precision: str = "fp32"
     max_drop_pt: float | None = None  # int8: the quantize gate it was made under
+    min_agreement: float | None = None  # int8: that gate's top-1 agreement
 
     def dims(self, t: Tensor) -> list[int]:
         """Triton dims: without the batch dim when batching, else the full static shape."""
@@ -164,6 +165,8 @@ def classifier_config(name: str, io: ModelIO, cfg: TritonConfig):
         _param(mc, "precision", io.precision)
     if io.max_drop_pt is not None:
         _param(mc, "max_drop_pt", f"{io.max_drop_pt:g}")
+    if io.min_agreement is not None:
+        _param(mc, "min_agreement", f"{io.min_agreement:g}")
     kind = pb.ModelInstanceGroup.KIND_GPU if cfg.device == "gpu" else pb.ModelInstanceGroup.KIND_CPU
     mc.instance_group.add(kind=kind, count=cfg.instances)
     if cfg.format in OPENVINO_FORMATS:  # one stream per instance: parallelism comes from instances and threads

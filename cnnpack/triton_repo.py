@@ -201,7 +201,7 @@ def model_io(run: Run, cfg: TritonConfig) -> tuple[ModelIO, Path, dict]:
     from cnnpack.runtimes import precision_of
 
     io = ModelIO(inp, out, mbs, ref.record.get("input_kind", "raw"), precision_of(ref.record),
-                 ref.record.get("gate", {}).get("max_drop_pt"))
+                 ref.record.get("gate", {}).get("max_drop_pt"), ref.record.get("gate", {}).get("min_agreement"))
     return io, ref.path, ref.record
 
 

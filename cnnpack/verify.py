@@ -66,7 +66,7 @@ class VerifyConfig:
     atol: float = 1e-4
     rtol: float = 1e-3
     min_agreement: float = 0.999  # top-1 agreement with eager over the validation set
-    int8_min_agreement: float = INT8_MIN_AGREEMENT  # the same, for int8 artifacts (their contract)
+    int8_min_agreement: float | None = None  # the same, for int8 artifacts; None: each one's quantize gate's
     device: str = "cpu"  # where eager and TorchScript run; an ONNX Runtime provider decides its own
     data: str | None = None  # default: the validation split the run was trained on
     seed: int = 0
@@ -83,7 +83,7 @@ class VerifyConfig:
                 raise UserInputError(f"{flag} must be > 0, got {value}")
         if not 0 < self.min_agreement <= 1:
             raise UserInputError(f"--min-agreement is a fraction in (0, 1], got {self.min_agreement}")
-        if not 0 < self.int8_min_agreement <= 1:
+        if self.int8_min_agreement is not None and not 0 < self.int8_min_agreement <= 1:
             raise UserInputError(f"--int8-min-agreement is a fraction in (0, 1], got {self.int8_min_agreement}")
         check_device(self.device)
 
@@ -106,6 +106,7 @@ class Target:
     max_drop_pt: float | None = None  # int8: the quantize gate it was made under (default INT8_MAX_DROP_PT)
     weight_type: str | None = None  # onnx_int8: int8 | uint8 weights (None: recorded before the choice, int8)
     artifact_precision: str | None = None  # the artifact's own, where the runtime computes in another (openvino-bf16)
+    gate_agreement: float | None = None  # int8: that gate's top-1 agreement (default INT8_MIN_AGREEMENT)
 
     @property
     def label(self) -> str:
@@ -137,7 +138,8 @@ def file_targets(run: Run, formats: list[str], device: str) -> list[Target]:
                            getattr(RUNTIMES.get(name), "precision", None) or precision_of(ref.record),
                            ref.record.get("gate", {}).get("max_drop_pt"),
                            ref.record.get("weight_type", "int8") if fmt == "onnx_int8" else None,
-                           precision_of(ref.record)) for name in names]
+                           precision_of(ref.record), ref.record.get("gate", {}).get("min_agreement"))
+                    for name in names]
     return targets
 
 
@@ -157,9 +159,10 @@ def served_target(run_dir: str | Path, url: str | None, model: str, protocol: st
         spec = run.model_spec
         rt = _Normalizing(rt, spec["mean"], spec["std"])
     precision = m.parameters.get("precision", "fp32")
-    max_drop = m.parameters.get("max_drop_pt")
+    max_drop, agreement = m.parameters.get("max_drop_pt"), m.parameters.get("min_agreement")
     return Target(f"triton:{m.name}", "triton", lambda: rt, source, m.max_batch_size or None, m.static_batch,
-                  precision=precision, max_drop_pt=float(max_drop) if max_drop else None)
+                  precision=precision, max_drop_pt=float(max_drop) if max_drop else None,
+                  gate_agreement=float(agreement) if agreement else None)
 
 def _load_file(name: str, ref, device: str):
     from cnnpack.runtimes import RUNTIMES, raw_pixel_input
@@ -308,7 +311,7 @@ def check_target(target: Target, rt, sizes: list[int], ref: Reference, val: Vali
         result["failures"] = [f"{target.label}: output shape {list(bad[0])} != eager's {list(bad[1])} (shape check)"]
     else:
         want = np.concatenate([w for _, w in pairs])
-        tol = tolerances(cfg, target.dtype, want, target.precision, target.max_drop_pt)
+        tol = tolerances(cfg, target.dtype, want, target.precision, target.max_drop_pt, target.gate_agreement)
         result["tolerance"] = asdict(tol)
         result["tensor"] = tensor_stats(np.concatenate([g for g, _ in pairs]), want, atol=tol.atol, rtol=tol.rtol)
         result["tensor"]["max_abs_err_by_input"] = {
@@ -427,8 +430,11 @@ def _keep_earlier(run: Run, result: dict) -> dict:
         return result  # judged on other data: not this verify's verdicts
     same = all(then.get(k) == now.get(k) for k in ("atol", "rtol", "min_agreement", "int8_min_agreement"))
     # under other tolerances only a pass under ones at least as strict still holds (a fail may not)
-    stricter = all(then.get(k, float("inf")) <= now[k] for k in ("atol", "rtol")) and all(
-        then.get(k, 0.0) >= now[k] for k in ("min_agreement", "int8_min_agreement"))
+    stricter = all(then.get(k, float("inf")) <= now[k] for k in ("atol", "rtol")) and then.get(
+        "min_agreement", 0.0) >= now["min_agreement"] and (  # None: each artifact's gate, the same only as None
+        then.get("int8_min_agreement") == now["int8_min_agreement"] or None not in (
+            then.get("int8_min_agreement"), now["int8_min_agreement"]) and then["int8_min_agreement"] >= now[
+            "int8_min_agreement"])
     arts = stages.get("export", {}).get("artifacts", {})
     checked = {r["format"] for r in result["results"]}
     old_arts = earlier.get("artifacts", {})

@@ -22,7 +22,9 @@ def verify(
     atol: float = typer.Option(1e-4, help="Absolute tolerance: an element passes within atol OR rtol."),
     rtol: float = typer.Option(1e-3, help="Relative tolerance (relative to eager's value)."),
     min_agreement: float = typer.Option(0.999, help="Least share of validation images classified as eager does."),
-    int8_min_agreement: float = typer.Option(0.99, help="The same for int8 artifacts (their contract: task parity)."),
+    int8_min_agreement: Optional[float] = typer.Option(None, help="The same for int8 artifacts (their contract: task "
+                                                                "parity; default: the quantize gate each was made "
+                                                                "under, else 0.99)."),
     data: Optional[str] = typer.Option(None, help="Dataset for task parity (default: the run's own)."),
     device: str = typer.Option("cpu", help="Where eager and TorchScript run: cpu | cuda | auto (a pt2 package runs where it was compiled)."),
     seed: int = typer.Option(0, help="Seed of the random input batches."),
