@@ -191,6 +191,24 @@ def classify(client, model, batch: np.ndarray, k: int) -> list[list[dict]]:
         n = len(chunk)
         if model.static_batch and n < step:  # pad to the fixed batch; the padding's rows are dropped
             chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
+        if model.static_batch:
+            tops += _static_tops(client.infer(model, chunk, class_count=step * model.num_classes), model, n, k)
+            continue
         rows = client.infer(model, chunk, class_count=k)[:n]
         tops += [parse_classification(r) for r in rows.reshape(n, -1)]
     return tops
+
+
+def _static_tops(entries: np.ndarray, model, n: int, k: int) -> list[list[dict]]:
+    """Top-k per image of a model without batching (a static batch): Triton's classification extension ranks its
+    whole (batch, classes) output as one array, by flat index; every entry asked for, then split by image. Only the
+    first image's indices are within labels.txt, so the labels come from there."""
+    flat = parse_classification(entries.reshape(-1))
+    classes = model.num_classes
+    labels = {e["index"]: e["label"] for e in flat if e["index"] < classes}
+    tops: list[list[dict]] = [[] for _ in range(n)]
+    for e in flat:
+        row, index = divmod(e["index"], classes)
+        if row < n:  # not a padding row
+            tops[row].append({"label": labels.get(index, str(index)), "index": index, "score": e["score"]})
+    return [sorted(t, key=lambda e: -e["score"])[:k] for t in tops]

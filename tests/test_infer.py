@@ -52,6 +52,10 @@ def served_run(tiny_run, tmp_path_factory) -> tuple[Path, Path]:
     export(run_dir, ExportConfig(max_batch_size=16))
     build(run_dir, TritonConfig(repository=str(repo), format="torchscript", threads=1))
     build(run_dir, TritonConfig(repository=str(repo), name="cnn_onnx_nobatch", dynamic_batching=False, threads=1))
+    static = root / "static"  # a static batch of 4: its config has max_batch_size 0, the batch in its dims
+    shutil.copytree(tiny_run, static)
+    export(static, ExportConfig(formats=("onnx",), static_batch=4))
+    build(static, TritonConfig(repository=str(repo), name="cnn_onnx_static4", threads=1))
     build(run_dir, TritonConfig(repository=str(repo), format="onnx", ensemble=True, threads=1,
                                 max_queue_delay_us=2000))  # last: the run's triton stage names cnn_onnx
     return run_dir, repo
@@ -125,6 +129,24 @@ def test_infer_labels_come_from_the_classification_extension(server, eager, val_
     result = infer(val_files, InferConfig(model="cnn_onnx", url=_url(server, protocol), protocol=protocol, top_k=2))
     labels, logits = _eager_labels(eager, val_files, classes)
     assert [r["file"] for r in result["results"]] == [str(f) for f in val_files] and not result["skipped"]
+    assert [r["top"][0]["label"] for r in result["results"]] == labels
+    for r, ref in zip(result["results"], logits):
+        best = np.argsort(-ref)[:2]
+        assert [t["index"] for t in r["top"]] == list(best)
+        np.testing.assert_allclose([t["score"] for t in r["top"]], ref[best], atol=1e-4)
+
+
+@pytest.mark.parametrize("images", [3, 4, 5])  # a padded batch, a full one, a full one and a padded one
+def test_a_static_batch_model_gives_each_image_its_own_top_k(server, eager, val_files, served_run, images):
+    """Triton ranks a model without batching as one (4, classes) array: infer printed a flat index of a padding row
+    as the label and its logit as the score (exit 0), or crashed reshaping 2 entries into 4 rows."""
+    from cnnpack.infer import InferConfig, infer
+    from cnnpack.rundir import Run
+
+    files = val_files[:images]
+    classes = Run.open(served_run[0]).model_spec["classes"]
+    result = infer(files, InferConfig(model="cnn_onnx_static4", url=server.http_address, top_k=2))
+    labels, logits = _eager_labels(eager, files, classes)
     assert [r["top"][0]["label"] for r in result["results"]] == labels
     for r, ref in zip(result["results"], logits):
         best = np.argsort(-ref)[:2]
