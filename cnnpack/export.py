@@ -294,6 +294,26 @@ def export_pt2(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path)
 
 
 # -- OpenVINO IR (from the ONNX artifact) -----------------------------------------------------------
+def _same_as_its_onnx(run: Run, onnx: dict, cfg: ExportConfig, fmt: str) -> None:
+    """The IR is the ONNX file converted: what it takes (raw or normalised pixels, a static batch, fp16) is the ONNX
+    file's, and options that say otherwise are refused (they were recorded as the IR's while the IR did not follow
+    them: verify failed it, and Triton was told raw pixels for a network that wants normalised ones)."""
+    both = f"`cnnpack export --run {shell(run.path)} --format onnx,{fmt}` with the options you want for both"
+    kind = onnx.get("input_kind", "raw")
+    if cfg.input != kind:
+        raise UserInputError(f"--input {cfg.input}: the {fmt} model is converted from {onnx['path']}, which takes "
+                             f"{kind} pixels; pass --input {kind}, or export both: {both}")
+    if (onnx.get("static_batch") or None) != (cfg.static_batch or None):
+        has = f"a static batch of {onnx['static_batch']}" if onnx.get("static_batch") else "a dynamic batch"
+        asked = f"--static-batch {cfg.static_batch}" if cfg.static_batch else "no --static-batch"
+        raise UserInputError(f"{asked}: the {fmt} model is converted from {onnx['path']}, which has {has}; "
+                             f"export both: {both}")
+    if onnx.get("precision") == "fp16":
+        raise UserInputError(f"{onnx['path']} is fp16 (--half): the {fmt} model is converted from an fp32 ONNX "
+                             f"file; export both without --half: {both}")
+
+
+
 @EXPORTERS.register("openvino")
 def export_openvino(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path, *, onnx: Path) -> Artifact:
     """`dest/model.xml` + `model.bin` converted from the ONNX file `onnx` by OpenVINO's converter."""
@@ -428,7 +448,9 @@ def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfi
                                 f"export --format onnx,{fmt}")
     from cnnpack.runtimes import artifact_ref
 
-    onnx = artifact_ref(run, "onnx").path  # refuses a missing ONNX file or one changed since its export
+    ref = artifact_ref(run, "onnx")  # refuses a missing ONNX file, one changed since, one of older weights
+    _same_as_its_onnx(run, ref.record, cfg, fmt)
+    onnx = ref.path
     dest = run.file("export") / FOLDERS[fmt]
     tmp = staged_beside(dest, folder=True)  # readable by a Triton container of another user
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -205,6 +206,26 @@ def test_openvino_needs_the_onnx_artifact_and_int8_needs_the_ir(tiny_run, tmp_pa
     with pytest.raises(MissingStageError, match="no OpenVINO IR to quantize"):
         quantize(run, QuantizeConfig(format="openvino_int8"))
     assert "openvino" not in _manifest(run)["stages"]["export"]["artifacts"]
+
+
+def test_the_ir_takes_what_its_onnx_file_takes_and_other_options_are_refused(ir_run, tmp_path):
+    """The IR is converted from the ONNX file: --input raw over a normalised ONNX file (and --static-batch over a
+    dynamic one) were recorded as the IR's, verify failed it, and its Triton config said raw pixels."""
+    run = tmp_path / "run"
+    shutil.copytree(ir_run, run)
+    before = (run / "cnnpack.json").read_bytes(), (run / "export/openvino/model.xml").read_bytes()
+    for cfg, says in ((ExportConfig(formats=("openvino",), input="normalized"),
+                       "--input normalized: the openvino model is converted from export/model.onnx, which takes raw "
+                       "pixels; pass --input raw, or export both"),
+                      (ExportConfig(formats=("openvino",), static_batch=4),
+                       "--static-batch 4: the openvino model is converted from export/model.onnx, which has a "
+                       "dynamic batch; export both")):
+        with pytest.raises(UserInputError, match=re.escape(says)):
+            export(run, cfg)
+    assert ((run / "cnnpack.json").read_bytes(), (run / "export/openvino/model.xml").read_bytes()) == before
+    export(run, ExportConfig(formats=("onnx", "openvino"), input="normalized", max_batch_size=16))  # both: as asked
+    arts = _manifest(run)["stages"]["export"]["artifacts"]
+    assert arts["openvino"]["input_kind"] == arts["onnx"]["input_kind"] == "normalized"
 
 
 def test_a_failed_conversion_keeps_the_previous_ir(ir_run, tmp_path):
