@@ -31,7 +31,7 @@ from torch import nn
 from cnnpack import __version__
 from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInputError, shell
 from cnnpack.host import check_device, exact_fp32
-from cnnpack.models import RawPixels, build_model, check_arch, load_state_dict_file, load_weights
+from cnnpack.models import RawPixels, build_model, check_arch, check_input_size, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
 from cnnpack.rundir import Run, atomic_write_text, scratch_beside, sha256, staged_beside
 from cnnpack.spec import ModelSpec, check_class_names, check_image_size
@@ -206,6 +206,14 @@ def check_onnx(path: Path) -> object:
     return model
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of the error that started it: torch.onnx's own begins with boilerplate ("Failed to export the
+    model with torch.export. This is step 1/3 ..."), the reason being in the torch.export error it wraps."""
+    while e.__cause__ is not None and str(e.__cause__).strip():
+        e = e.__cause__
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 @EXPORTERS.register("onnx")
 def export_onnx(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path) -> Artifact:
     import onnx
@@ -215,7 +223,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path
         with _quiet_native_output():
             _onnx_export(model, _example(spec, cfg), dest, cfg)
     except Exception as e:  # noqa: BLE001 - torch.onnx raises many kinds; report the first line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = _first_line(e)
         if "opset" in msg.lower():  # the model needs an operator this opset lacks: a choice the user can fix
             raise UserInputError(f"--opset {cfg.opset} cannot express this model: {msg}") from None
         raise StageFailed(f"ONNX export ({cfg.exporter}, opset {cfg.opset}) failed: {msg}") from None
@@ -505,6 +513,7 @@ def create_run(run_dir: str | Path, *, arch: str, num_classes: int, image_size: 
     model = build_model(spec, pretrained=pretrained)
     if weights:
         load_weights(model, load_state_dict_file(weights), source=weights)  # validates before any write
+    check_input_size(model, spec)  # an arch that cannot take the size: said, and no run left behind to --force
     run = Run.create(run_dir, spec.to_dict(), force=force)
     save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": 0, "val_acc": None},
                run.file(CHECKPOINT))

@@ -181,6 +181,28 @@ def test_foreign_weights_are_refused_before_anything_is_written(tmp_path):
         create_run(tmp_path / "r", arch="resnet18", num_classes=3, image_size=64, weights=str(tmp_path / "junk.pt"))
 
 
+def test_an_arch_that_cannot_take_the_size_is_refused_before_a_run_is_made(tmp_path):
+    """export --arch alexnet at 32 px: torch.onnx's boilerplate first line ("Failed to export the model with
+    torch.export...") hid the reason, and the run it had made needed --force before a larger size could be tried."""
+    with pytest.raises(UserInputError, match=r"--arch alexnet cannot classify 32px images \(.*\); try a larger"):
+        create_run(tmp_path / "r", arch="alexnet", num_classes=3, image_size=32)
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_onnx_export_failure_names_the_error_torch_onnx_wraps():
+    from cnnpack.export import _first_line
+
+    try:
+        try:
+            raise RuntimeError("Given input size: (256x1x1). Calculated output size: (256x0x0). Output size is too small")
+        except RuntimeError as inner:
+            raise RuntimeError("Failed to export the model with torch.export. This is step 1/3 of exporting\nmore") \
+                from inner
+    except RuntimeError as e:
+        assert _first_line(e).startswith("Given input size: (256x1x1)")
+    assert _first_line(ValueError()) == "ValueError"
+
+
 def test_weights_file_round_trip(tmp_path):
     """--weights FILE: the exported model computes with exactly those weights."""
     from cnnpack.models import build_model
