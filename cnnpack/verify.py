@@ -265,6 +265,16 @@ class Reference:
             self._random[batch] = [(x, self.eager.predict(x)) for x in xs]
         return self._random[batch]
 
+    def spread(self, val: Validation | None) -> tuple[float, int]:
+        """(the largest range of any logit over every input eager was given, how many inputs): ~0 when eager answers
+        the same whatever the input (an untrained network whose logits are all 0, a collapsed one)."""
+        outs = [y for batches in self._random.values() for _, y in batches] + ([val.eager_logits] if val else [])
+        if not outs:
+            return float("inf"), 0
+        logits = np.concatenate([o.reshape(len(o), -1) for o in outs]).astype(np.float64)
+        finite = logits[np.isfinite(logits).all(axis=1)]
+        return (float(np.ptp(finite, axis=0).max()) if len(finite) > 1 else float("inf")), len(logits)
+
 
 def _validation(run: Run, cfg: VerifyConfig, eager) -> Validation | None:
     """The run's validation split with eager's logits, or None for a run without data (export --arch)."""
@@ -377,8 +387,8 @@ def verify(run_dir: str | Path, cfg: VerifyConfig = VerifyConfig(), *, targets: 
     run = Run.open(run_dir)
     run.check_writable()  # a run it cannot write to fails now, not after the work
     plan = _plan(run, cfg, tuple(targets))
-    results, skipped, eager, val = _check_plan(run, cfg, plan, progress)
-    result = _result(run, cfg, results, skipped, eager, val)
+    results, skipped, eager, val, spread = _check_plan(run, cfg, plan, progress)
+    result = _result(run, cfg, results, skipped, eager, val, spread)
     if cfg.formats:  # a subset: the other formats keep their earlier verdicts
         result = _keep_earlier(run, result)
     _record(run, cfg, result)
@@ -401,7 +411,7 @@ def _check_plan(run: Run, cfg: VerifyConfig, plan, progress: Callable[[str], Non
         spec = run.model_spec
         ref = Reference(eager, (spec["channels"], spec["image_size"], spec["image_size"]), cfg)
         results = [check_target(t, rt, sizes, ref, val, cfg, progress) for t, rt, sizes in loaded]
-    return results, skipped, eager, val
+    return results, skipped, eager, val, ref.spread(val)
 
 
 def check(run: Run, cfg: VerifyConfig, targets: tuple[Target, ...]) -> list[dict]:
@@ -453,17 +463,23 @@ def _keep_earlier(run: Run, result: dict) -> dict:
 
 
 def _result(run: Run, cfg: VerifyConfig, results: list[dict], skipped: list[dict], eager,
-            val: Validation | None) -> dict:
+            val: Validation | None, spread: tuple[float, int] = (float("inf"), 0)) -> dict:
     arts = run.read().get("stages", {}).get("export", {}).get("artifacts", {})
     eager_acc = float((val.eager_logits.argmax(1) == val.labels).mean()) if val is not None else None
+    notes = [] if val is not None else ["no validation data (a run made by `cnnpack export --arch`): tensor parity on "
+                                        "random inputs only; pass --data to check task parity too"]
+    if spread[0] <= cfg.atol:  # within atol, an artifact that answered a constant would pass too
+        notes.append(f"eager's logits hardly change with the input (no logit moves more than {spread[0]:.1e} over "
+                     f"{spread[1]} inputs, within atol {cfg.atol:g}): the passes say little; check a trained model, or "
+                     "export --arch with --pretrained or --weights")
     return {
         "passed": all(r["passed"] for r in results),
         "failures": [f for r in results for f in r["failures"]],
         "config": asdict(cfg),
         "reference": {"runtime": "eager", "device": eager.info.get("device"), "accuracy": eager_acc},
         "data": {"source": val.source, "images": int(len(val.labels))} if val is not None else None,
-        "note": None if val is not None else ("no validation data (a run made by `cnnpack export --arch`): tensor "
-                                              "parity on random inputs only; pass --data to check task parity too"),
+        "note": "; ".join(notes) or None,
+        "reference_spread": None if spread[1] == 0 or not np.isfinite(spread[0]) else spread[0],
         "artifacts": {r["format"]: {"path": arts[r["format"]]["path"], "sha256": arts[r["format"]]["sha256"],
                                     **({"weights_sha256": w["sha256"]} if (w := arts[r["format"]].get("weights")) else {})}
                       for r in results if r["format"] in arts},

@@ -284,6 +284,29 @@ def test_an_artifact_made_from_earlier_weights_than_another_format_is_named(expo
     assert "(older weights)" in md and "torchscript (export/model.pt) was made" not in md
 
 
+def test_a_reference_that_answers_the_same_for_every_input_is_said(tmp_path):
+    """A randomly initialised squeezenet's logits are all 0: verify said PASSED, max abs err 0, cosine 1, while an
+    artifact that answered 0 to everything would pass as well."""
+    import torch
+
+    from cnnpack.export import create_run
+    from cnnpack.models import build_model
+    from cnnpack.spec import ModelSpec
+
+    model = build_model(ModelSpec(arch="cnn", num_classes=3, classes=("a", "b", "c"), image_size=32))
+    weights = {k: (torch.zeros_like(v) if k.startswith("head.2.") else v) for k, v in model.state_dict().items()}
+    torch.save(weights, tmp_path / "dead.pt")
+    run = create_run(tmp_path / "r", arch="cnn", num_classes=3, image_size=32, weights=str(tmp_path / "dead.pt"))
+    export(run.path, ExportConfig(formats=("onnx",), max_batch_size=8))
+    result = verify(run.path, QUICK)
+    assert result["passed"] and result["reference_spread"] == 0.0
+    assert "eager's logits hardly change with the input (no logit moves more than 0.0e+00 over" in result["note"]
+    assert "no validation data" in result["note"]  # both notes
+    live = create_run(tmp_path / "live", arch="cnn", num_classes=3, image_size=32)
+    export(live.path, ExportConfig(formats=("onnx",), max_batch_size=8))
+    assert "hardly change" not in (verify(live.path, QUICK)["note"] or "")
+
+
 @pytest.mark.parametrize("cfg,needle", [
     (VerifyConfig(batch_sizes=(1, 32)), "--batch-sizes 32 exceeds the max batch size 16"),
     (VerifyConfig(atol=0), "--atol must be > 0"),
