@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import os
-import shlex
 import time
 import warnings
 from collections.abc import Callable
@@ -33,7 +32,8 @@ from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInp
 from cnnpack.host import check_device, exact_fp32
 from cnnpack.models import RawPixels, build_model, check_arch, check_input_size, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
-from cnnpack.rundir import Run, atomic_write_text, scratch_beside, sha256, staged_beside
+from cnnpack.reproduce import write_reproduce
+from cnnpack.rundir import Run, scratch_beside, sha256, staged_beside
 from cnnpack.spec import ModelSpec, check_class_names, check_image_size
 from cnnpack.train import CHECKPOINT, load_checkpoint, save_torch
 
@@ -369,38 +369,6 @@ def _deployable(run: Run, cfg: ExportConfig) -> tuple[nn.Module, ModelSpec, str]
     model = net if cfg.input == "normalized" else RawPixels(net, spec.mean, spec.std)
     model = model.to(cfg.device).eval()
     return (model.half() if cfg.half else model), spec, digest
-
-
-def _command(run: Run, fmt: str, cfg: dict) -> str:
-    """The exact `cnnpack export` command that re-creates one artifact from its recorded config."""
-    args = ["cnnpack", "export", "--run", str(run.path), "--format", fmt, "--exporter", cfg["exporter"],
-            "--opset", str(cfg["opset"]), "--max-batch-size", str(cfg["max_batch_size"]),
-            "--torchscript-mode", cfg["torchscript_mode"], "--input", cfg["input"], "--device", cfg["device"]]
-    args += ["--static-batch", str(cfg["static_batch"])] if cfg.get("static_batch") else []
-    args += ["--simplify"] if cfg.get("simplify") else []
-    args += ["--half"] if cfg.get("half") else []
-    return " ".join(shlex.quote(a) for a in args)
-
-
-def _on_this_run(command: str) -> str:
-    """A recorded command with its `--run PATH` (as typed, maybe relative) replaced by the script's "$RUN"."""
-    args: list[str | None] = list(shlex.split(command))
-    if "--run" in args:
-        args[args.index("--run") + 1] = None
-    return " ".join('"$RUN"' if a is None else shlex.quote(a) for a in args)
-
-
-def write_reproduce(run: Run) -> None:
-    """export/reproduce.sh: the command that made each recorded artifact (a derived one records its own)."""
-    arts = run.read()["stages"]["export"]["artifacts"]
-    lines = [f"# {fmt}: {rec['path']} (sha256 {rec['sha256'][:12]}...)\n"
-             f"{_on_this_run(rec.get('command') or _command(run, fmt, rec['config']))}" for fmt, rec in arts.items()]
-    script = run.file("export/reproduce.sh")
-    atomic_write_text(script, "#!/usr/bin/env bash\n# Re-creates the artifacts of this run exactly as they were made.\n"
-                      "set -euo pipefail\n"
-                      "RUN=\"$(cd \"$(dirname \"${BASH_SOURCE[0]}\")/..\" && pwd)\"  # the run holding this script, "
-                      "from any folder (and in a copy, the copy)\n" + "\n".join(lines) + "\n")
-    os.chmod(script, 0o755)
 
 
 STEPS = {"onnx": "torch.onnx", "torchscript": "torch.jit", "openvino": "converting the ONNX model",

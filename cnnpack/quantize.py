@@ -90,7 +90,7 @@ def _record(run: Run, cfg: QuantizeConfig, clock: Clock, section: dict) -> dict:
         m["stages"]["export"]["artifacts"][cfg.format] = artifact
         m["stages"][STAGE[cfg.format]] = {"updated": now(), **section}
 
-    from cnnpack.export import write_reproduce
+    from cnnpack.reproduce import write_reproduce
 
     try:  # a Ctrl-C, a second quantize or a full disk never leaves the file and its record apart
         run.commit(clock.staged, record)
