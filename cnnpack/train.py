@@ -27,6 +27,7 @@ from cnnpack.host import check_device
 from cnnpack.models import build_model, check_arch, check_input_size, load_weights
 from cnnpack.rundir import MANIFEST, Run, atomic_path, atomic_write_json, sigint_deferred
 from cnnpack.spec import ModelSpec
+from cnnpack.train_sessions import record_session, session
 
 CHECKPOINT = "checkpoint.pt"
 LAST = "last.pt"
@@ -405,7 +406,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                     on_epoch_end(epoch, stats)
             except KeyboardInterrupt:
                 if is_main:
-                    _record_session(run, "interrupted", start_epoch, kept, t_start, steps_per_epoch, dist)
+                    record_session(run, "interrupted", start_epoch, kept, t_start, steps_per_epoch, dist)
                 if kept is None:
                     raise Interrupted(f"interrupted during epoch {epoch}, before any epoch finished; "
                                       f"start again with `cnnpack train --run {shell(run.path)} --force`") from None
@@ -415,39 +416,19 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
             except (RuntimeError, ValueError) as e:  # out of memory, a NaN loss the optimizer refused...
                 why = f"{type(e).__name__}: {one_line(e)}"
                 if is_main:
-                    _record_session(run, "failed", start_epoch, kept, t_start, steps_per_epoch, dist, error=why)
+                    record_session(run, "failed", start_epoch, kept, t_start, steps_per_epoch, dist, error=why)
                 kept_note = (f"; epoch {kept} is kept in {run.file(LAST)}" if kept is not None else "")
                 raise StageFailed(f"training failed in epoch {epoch} ({why}){kept_note}") from e
     if not is_main:
         return {}
     try:  # the plots of the best epoch: a Ctrl-C here keeps every epoch, and --resume draws them
         return _finish(run, data, spec, device, history, t_start, resume, dist,
-                       _session(start_epoch, kept, t_start, steps_per_epoch, dist))
+                       session(start_epoch, kept, t_start, steps_per_epoch, dist))
     except KeyboardInterrupt:
-        _record_session(run, "interrupted", start_epoch, kept, t_start, steps_per_epoch, dist)
+        record_session(run, "interrupted", start_epoch, kept, t_start, steps_per_epoch, dist)
         raise Interrupted(f"interrupted after the last epoch ({kept}), while its plots were drawn; every epoch is "
                           f"kept in {run.file(LAST)}; finish with `cnnpack train --run {shell(run.path)} "
                           "--resume`") from None
-
-
-def _session(start_epoch: int, kept: int | None, t_start: float, steps_per_epoch: int, dist) -> dict:
-    """One invocation of the training: the epochs it finished, its wall time (data loading included), its processes.
-    A run resumed in another world size has sessions of each: the manifest keeps them all."""
-    return {"epochs": [start_epoch + 1, kept] if kept is not None and kept > start_epoch else [],
-            "wall_s": round(time.perf_counter() - t_start, 2), "steps_per_epoch": steps_per_epoch,
-            "processes": dist.world_size if dist is not None else 1,
-            **({"backend": dist.backend} if dist is not None else {})}
-
-
-def _record_session(run: Run, status: str, start_epoch: int, kept: int | None, t_start: float,
-                    steps_per_epoch: int, dist, **extra) -> None:
-    session = _session(start_epoch, kept, t_start, steps_per_epoch, dist)
-
-    def record(m):
-        m["stages"]["train"].update(status=status, **extra)
-        m["stages"]["train"].setdefault("sessions", []).append(session)
-
-    run.update(record)
 
 
 def _save_epoch(run: Run, model, spec: ModelSpec, opt, sched, epoch: int, stats: dict, history: list[dict],
@@ -470,13 +451,13 @@ def _stale_epochs(history: list[dict]) -> int:
     return stale
 
 
-def _finish(run: Run, data, spec, device, history, t_start, resumed: bool, dist, session: dict) -> dict:
+def _finish(run: Run, data, spec, device, history, t_start, resumed: bool, dist, this: dict) -> dict:
     model, _, _ = load_checkpoint(run, device=device)
     figures = _write_plots(run, model, data, spec, device, history)
     best = max(history, key=lambda h: h["val_acc"])
     prior = run.read()["stages"]["train"]
-    session["wall_s"] = round(time.perf_counter() - t_start, 2)  # the plots included
-    sessions = [*prior.get("sessions", []), session]
+    this["wall_s"] = round(time.perf_counter() - t_start, 2)  # the plots included
+    sessions = [*prior.get("sessions", []), this]
     wall = sum(x["wall_s"] for x in sessions)  # every invocation's, an interrupted epoch's time included
     parallel = [x for x in sessions if x["processes"] > 1]
     section = {
@@ -491,7 +472,7 @@ def _finish(run: Run, data, spec, device, history, t_start, resumed: bool, dist,
                      ("curves", "curves.png"), ("confusion", "confusion.png"), ("samples", "samples.png"))},
         "device": str(device),
         "resumed": resumed or prior.get("resumed", False),
-        "steps_per_epoch": session["steps_per_epoch"],
+        "steps_per_epoch": this["steps_per_epoch"],
         "sessions": sessions,
     }
     section.pop("distributed", None)
