@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import typer
-from typer.core import TyperGroup, TyperOption
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from cnnpack.errors import file_error
 
@@ -53,29 +53,31 @@ if hasattr(TyperOption, "display_type_rich"):
     TyperOption.display_type_rich = _flags_untyped(TyperOption.display_type_rich)
 
 
-def _folded(make):
-    """rich cuts a cell that does not fit with an ellipsis: at 80 columns the help showed `--latency-budget-…` and
-    `cnnpack/<name>:<c…`, names a user must type. Wrapped onto the next line instead, whole."""
-
-    @functools.wraps(make)
-    def fold(*args, **kwargs):
-        made = make(*args, **kwargs)
-        for text in [made, *getattr(made, "renderables", [])]:  # an option's help is Columns of Texts
-            if hasattr(text, "overflow"):
-                text.overflow = "fold"
-        return made
-
-    return fold
+NARROW = 100  # columns: below, rich's help table cuts or splits option names (`--latency-budget-…`)
 
 
-try:  # typer's rich help (absent where typer runs without rich: then click's plain help wraps by itself)
-    from typer import rich_utils as _rich_utils
+def _plain_when_narrow(format_help):
+    """Help in click's plain layout on a terminal narrower than NARROW: rich's table gives each of its six columns a
+    share of the width and cut names a user must type (`--latency-budget-…`, or `--credentials-secr` + `et`); click's
+    two columns keep each name whole and wrap only the prose. Wide terminals keep rich's panels."""
 
-    for _name in ("highlighter", "negative_highlighter", "_get_parameter_help"):
-        if callable(getattr(_rich_utils, _name, None)):
-            setattr(_rich_utils, _name, _folded(getattr(_rich_utils, _name)))
-except ImportError:
-    pass
+    @functools.wraps(format_help)
+    def choose(self, ctx, formatter):
+        import shutil
+
+        if shutil.get_terminal_size().columns >= NARROW or getattr(self, "rich_markup_mode", None) is None:
+            return format_help(self, ctx, formatter)
+        self.rich_markup_mode, mode = None, self.rich_markup_mode
+        try:
+            return format_help(self, ctx, formatter)
+        finally:
+            self.rich_markup_mode = mode
+
+    return choose
+
+
+TyperGroup.format_help = _plain_when_narrow(TyperGroup.format_help)
+TyperCommand.format_help = _plain_when_narrow(TyperCommand.format_help)
 
 
 class _Group(TyperGroup):
