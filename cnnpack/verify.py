@@ -438,21 +438,15 @@ def _keep_earlier(run: Run, result: dict) -> dict:
     then, now = earlier.get("config", {}), result["config"]
     if any(then.get(k) != now.get(k) for k in ("data", "device")):
         return result  # judged on other data: not this verify's verdicts
-    same = all(then.get(k) == now.get(k) for k in ("atol", "rtol", "min_agreement", "int8_min_agreement"))
-    # under other tolerances only a pass under ones at least as strict still holds (a fail may not)
-    stricter = all(then.get(k, float("inf")) <= now[k] for k in ("atol", "rtol")) and then.get(
-        "min_agreement", 0.0) >= now["min_agreement"] and (  # None: each artifact's gate, the same only as None
-        then.get("int8_min_agreement") == now["int8_min_agreement"] or None not in (
-            then.get("int8_min_agreement"), now["int8_min_agreement"]) and then["int8_min_agreement"] >= now[
-            "int8_min_agreement"])
     arts = stages.get("export", {}).get("artifacts", {})
     checked = {r["format"] for r in result["results"]}
     old_arts = earlier.get("artifacts", {})
     kept = [r for r in earlier.get("results", []) if r["format"] not in checked and r["format"] in arts
-            and (same or (stricter and r["passed"]))
+            and _still_holds(r, then, now, arts[r["format"]])
             and "sha256" in old_arts.get(r["format"], {})
             and artifact_digest(old_arts[r["format"]]) == artifact_digest(arts[r["format"]])
-            and not artifact_changed(run, arts[r["format"]])]  # the file verify checked is still there as it was
+            and not artifact_changed(run, arts[r["format"]])  # the file verify checked is still there as it was
+            and not other_source(run, r["format"], arts[r["format"]])]  # and of the weights the run holds now
     if not kept:
         return result
     results = result["results"] + kept
@@ -460,6 +454,26 @@ def _keep_earlier(run: Run, result: dict) -> dict:
             "failures": [f for r in results for f in r["failures"]], "results": results,
             "artifacts": {**{f: a for f, a in old_arts.items() if f in {r["format"] for r in kept}}, **result["artifacts"]},
             "kept": sorted({r["format"] for r in kept})}
+
+
+def _still_holds(r: dict, then: dict, now: dict, art: dict) -> bool:
+    """Whether an earlier verdict `r` holds under this verify's contract: judged under the same one, or a pass under
+    one at least as strict. An int8 result by its own recorded contract (its gate's drop and agreement, or an
+    --int8-min-agreement given), set against the one it gets now; the others by the fp32 tolerances."""
+    if r.get("precision") == "int8":
+        tol, gate = r.get("tolerance", {}), art.get("gate", {})
+        agree = now["int8_min_agreement"] if now.get("int8_min_agreement") is not None else gate.get(
+            "min_agreement", INT8_MIN_AGREEMENT)
+        drop = gate.get("max_drop_pt", INT8_MAX_DROP_PT)
+        had_agree, had_drop = tol.get("min_agreement"), tol.get("max_drop_pt")
+        if had_agree is None or had_drop is None:  # recorded before int8 results kept their contract
+            return False
+        return (had_agree == agree and had_drop == drop) or (r["passed"] and had_agree >= agree and had_drop <= drop)
+    if all(then.get(k) == now.get(k) for k in ("atol", "rtol", "min_agreement")):
+        return True
+    # under other tolerances only a pass under ones at least as strict still holds (a fail may not)
+    return r["passed"] and all(then.get(k, float("inf")) <= now[k] for k in ("atol", "rtol")) and \
+        then.get("min_agreement", 0.0) >= now["min_agreement"]
 
 
 def _result(run: Run, cfg: VerifyConfig, results: list[dict], skipped: list[dict], eager,

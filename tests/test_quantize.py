@@ -511,6 +511,9 @@ def test_verify_and_bench_hold_int8_to_its_own_contract_and_ceiling(quantized, t
     # held to the gate it was quantized under (50 %, 100 pt) by default, its agreement as its drop (the drop alone
     # was: quantize kept a model the next verify refused): whether the barely trained model's int8 reaches 99 %
     # depends on the host's int8 kernels (AMX, VNNI, AVX2), so the test does not ask for it
+    verify(run, VerifyConfig(batch_sizes=(1, 8), int8_min_agreement=0.5))  # as the pipeline passes its gate
+    # the next verify of onnx alone, the gate's agreement by default: the same contract, so int8's verdict is kept
+    assert verify(run, VerifyConfig(batch_sizes=(1,), formats=("onnx",))).get("kept") == ["onnx_int8"]
     result = verify(run, VerifyConfig(batch_sizes=(1, 8)))
     int8 = next(r for r in result["results"] if r["format"] == "onnx_int8" and r["runtime"] == "onnxruntime")
     assert int8["precision"] == "int8" and int8["passed"]

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -258,10 +259,13 @@ def test_an_artifact_made_from_earlier_weights_than_another_format_is_named(expo
     import torch
 
     run_dir = _copy(exported, tmp_path)
+    assert verify(run_dir, QUICK)["passed"]  # both verdicts recorded, of the old weights
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     ckpt["state_dict"] = {k: v * 1.5 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     torch.save(ckpt, run_dir / "checkpoint.pt")
     export(run_dir, ExportConfig(formats=("torchscript",), max_batch_size=MAX_BATCH))
+    # the new torchscript alone: onnx's pass was of the old weights, and is not kept beside it
+    assert "onnx" not in verify(run_dir, replace(QUICK, formats=("torchscript",))).get("kept", [])
     with pytest.raises(UserInputError, match=r"onnx \(export/model.onnx\) was made from another checkpoint.pt than "
                                              r"the run holds now .*make it again: `cnnpack export --run .* --format onnx`"):
         verify(run_dir, QUICK)
