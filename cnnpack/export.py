@@ -424,7 +424,9 @@ def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfi
                                 f"export --format onnx,{fmt}")
     from cnnpack.runtimes import artifact_ref
 
-    ref = artifact_ref(run, "onnx")  # refuses a missing ONNX file, one changed since, one of older weights
+    # refuses a missing ONNX file, one changed since, one of other weights than this export loaded (a training that
+    # saves a new best epoch meanwhile makes the checkpoint file newer than both)
+    ref = artifact_ref(run, "onnx", source)
     _same_as_its_onnx(run, ref.record, cfg, fmt)
     onnx = ref.path
     dest = run.file("export") / FOLDERS[fmt]

@@ -398,9 +398,9 @@ def other_source(run: Run, fmt: str, record: dict, checkpoint_sha256: str | None
             f"training since?); make it again: {again}")
 
 
-def artifact_ref(run: Run, fmt: str) -> ArtifactRef:
+def artifact_ref(run: Run, fmt: str, checkpoint_sha256: str | None = None) -> ArtifactRef:
     """The recorded artifact of `fmt` in a run (checked against its sha256, and made from the run's checkpoint
-    now), or the checkpoint."""
+    now, or from the bytes `checkpoint_sha256` a caller loaded), or the checkpoint."""
     if fmt == "checkpoint":
         return ArtifactRef(run, "checkpoint", run.file("checkpoint.pt"))
     from cnnpack.rundir import artifact_changed
@@ -414,7 +414,7 @@ def artifact_ref(run: Run, fmt: str) -> ArtifactRef:
     if why := artifact_changed(run, rec):
         refuse = "" if why.endswith("is missing") else " refusing to use it:"
         raise UserInputError(f"{why};{refuse} re-run `{remake_command(run, fmt)}`")
-    if why := other_source(run, fmt, rec):  # served, benched or quantized as the run's model, it is not
+    if why := other_source(run, fmt, rec, checkpoint_sha256):  # served, benched or quantized as the run's model, it is not
         raise UserInputError(why)
     return ArtifactRef(run, fmt, run.file(rec["path"]), rec, rec.get("max_batch_size"))
 

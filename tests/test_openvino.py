@@ -228,6 +228,30 @@ def test_the_ir_takes_what_its_onnx_file_takes_and_other_options_are_refused(ir_
     assert arts["openvino"]["input_kind"] == arts["onnx"]["input_kind"] == "normalized"
 
 
+def test_a_new_best_epoch_saved_during_the_export_does_not_refuse_its_own_onnx_file(tiny_run, tmp_path, monkeypatch):
+    """Exporting while training runs is allowed: a checkpoint saved between the ONNX step and the IR made the IR
+    refuse the ONNX file just written as "made from another checkpoint.pt"; it is of the bytes this export loaded."""
+    import torch
+
+    import cnnpack.export
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    real = cnnpack.export._export_file
+
+    def then_a_new_best_epoch(*args, **kwargs):
+        out = real(*args, **kwargs)
+        ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+        ckpt["epoch"] = 99
+        torch.save(ckpt, run / "checkpoint.pt")
+        return out
+
+    monkeypatch.setattr(cnnpack.export, "_export_file", then_a_new_best_epoch)
+    export(run, ExportConfig(formats=("onnx", "openvino")))
+    arts = _manifest(run)["stages"]["export"]["artifacts"]
+    assert arts["openvino"]["checkpoint_sha256"] == arts["onnx"]["checkpoint_sha256"]
+
+
 def test_a_failed_conversion_keeps_the_previous_ir(ir_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ir_run, run)
