@@ -62,7 +62,7 @@ def tolerances(cfg: VerifyConfig, dtype: str, reference: np.ndarray, precision: 
         agree = cfg.int8_min_agreement if given else INT8_MIN_AGREEMENT if gate_agreement is None else gate_agreement
         whence = "as given" if given else "the default" if gate_agreement is None else "the quantize gate"
         return Tolerance(cfg.atol, cfg.rtol, agree,
-                         f"int8 artifact: task parity, top-1 agreement >= {agree:.0%} ({whence}) and top-1 drop "
+                         f"int8 artifact: task parity, top-1 agreement >= {100 * agree:g}% ({whence}) and top-1 drop "
                          f"<= {drop:g} pt (the quantize gate); tensor error reported, not gated", "int8",
                          tensor_gated=False, max_drop_pt=drop)
     if precision == "bf16":

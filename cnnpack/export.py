@@ -224,7 +224,10 @@ def export_onnx(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path
             _onnx_export(model, _example(spec, cfg), dest, cfg)
     except Exception as e:  # noqa: BLE001 - torch.onnx raises many kinds; report the first line
         msg = _first_line(e)
-        if "opset" in msg.lower():  # the model needs an operator this opset lacks: a choice the user can fix
+        chain, c = [], e
+        while c is not None:
+            chain, c = [*chain, str(c).lower()], c.__cause__
+        if any("opset" in m for m in chain):  # the model needs an operator this opset lacks: a choice the user can fix
             raise UserInputError(f"--opset {cfg.opset} cannot express this model: {msg}") from None
         raise StageFailed(f"ONNX export ({cfg.exporter}, opset {cfg.opset}) failed: {msg}") from None
     if cfg.simplify:
@@ -314,12 +317,12 @@ def _same_as_its_onnx(run: Run, onnx: dict, cfg: ExportConfig, fmt: str) -> None
     if (onnx.get("static_batch") or None) != (cfg.static_batch or None):
         has = f"a static batch of {onnx['static_batch']}" if onnx.get("static_batch") else "a dynamic batch"
         asked = f"--static-batch {cfg.static_batch}" if cfg.static_batch else "no --static-batch"
+        fix = f"pass --static-batch {onnx['static_batch']}" if onnx.get("static_batch") else "drop --static-batch"
         raise UserInputError(f"{asked}: the {fmt} model is converted from {onnx['path']}, which has {has}; "
-                             f"export both: {both}")
+                             f"{fix}, or export both: {both}")
     if onnx.get("precision") == "fp16":
         raise UserInputError(f"{onnx['path']} is fp16 (--half): the {fmt} model is converted from an fp32 ONNX "
                              f"file; export both without --half: {both}")
-
 
 
 @EXPORTERS.register("openvino")

@@ -81,10 +81,10 @@ def _record(run: Run, cfg: QuantizeConfig, clock: Clock, section: dict) -> dict:
         run.set_stage(STAGE[cfg.format], section)
         raise ParityError(message)
     section["outputs"] = {cfg.format: {"path": artifact["path"], "sha256": artifact["sha256"]}}
-    if clock.left() < 0:  # the plain attempt runs to its end (calibration cannot stop halfway) and holds the gate
+    if clock.left() < 0:  # an attempt under way at the limit runs to its end (calibration cannot stop halfway)
         section["past_time_limit_s"] = round(-clock.left(), 1)
-        log.warning("note: the first attempt held the gate %.1f s past --time-limit %g; it is kept (the limit stops "
-                    "the search for one, not an attempt that holds)", -clock.left(), cfg.time_limit_s)
+        log.warning("note: the attempt kept held the gate %.1f s past --time-limit %g; an attempt under way at the "
+                    "limit runs to its end, and one that holds is kept", -clock.left(), cfg.time_limit_s)
 
     def record(m: dict) -> None:
         m["stages"]["export"]["artifacts"][cfg.format] = artifact

@@ -110,7 +110,8 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
         except VerifyFailed as e:
             raise StageFailed(str(e)) from None
         parity = {r["format"]: {"max_abs_err": r["tensor"]["max_abs_err"] if r["tensor"] else None,
-                                "top1_agreement": (r["task"] or {}).get("top1_agreement"), "passed": r["passed"]}
+                                "top1_agreement": (r["task"] or {}).get("top1_agreement"), "passed": r["passed"],
+                                "precision": r.get("precision", "fp32")}
                   for r in checked["results"] if r["runtime"] == "triton"}
         progress("[served] parity: " + ", ".join(f"{f} max abs err {p['max_abs_err']:.1e}" for f, p in parity.items()))
         load = LoadConfig(url=server.http_address, model=t["name"], protocol=LOAD_PROTOCOL, concurrency=cfg.concurrency,
@@ -132,7 +133,7 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
     throughput = {r["concurrency"]: r for r in rows if r["format"] == f"triton:{t['name']}"}
     c_lo, c_hi = min(throughput), max(throughput)
     gain = throughput[c_hi]["throughput_ips"] / throughput[c_lo]["throughput_ips"]
-    fp32 = [p["max_abs_err"] or 0 for f, p in parity.items() if not f.endswith("_int8")]
+    fp32 = [p["max_abs_err"] or 0 for p in parity.values() if p.get("precision", "fp32") == "fp32"]
     summary = (f"{right}/{len(preds)} validation images right through Triton; served fp32 logits match eager "
                f"(max abs err {max(fp32, default=0):.1e}); {t['name']} over {PROTOCOL_NAMES[LOAD_PROTOCOL]}: "
                f"{throughput[c_lo]['latency_ms_p50']:.2f} ms p50 at concurrency {c_lo}, "

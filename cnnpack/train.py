@@ -291,8 +291,9 @@ def resume_conflicts(run_dir: str | Path, given: dict) -> dict[str, tuple]:
     """
     recorded = asdict(_recorded_config(Path(run_dir)))
     as_recorded = {**given, **({"data": data_mod.recorded_source(given["data"])} if "data" in given else {})}
-    return {name: (value, recorded[name]) for name, value in given.items()  # `ds` is the recorded /abs/ds
-            if name in recorded and recorded[name] != as_recorded[name]}
+    # `ds` is the recorded /abs/ds, or `ds` as a run recorded it before --data was made absolute
+    return {name: (value, recorded[name]) for name, value in given.items()
+            if name in recorded and recorded[name] not in (value, as_recorded[name])}
 
 
 def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
@@ -427,8 +428,8 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     except KeyboardInterrupt:
         record_session(run, "interrupted", start_epoch, kept, t_start, steps_per_epoch, dist)
         raise Interrupted(f"interrupted after the last epoch ({kept}), while its plots were drawn; every epoch is "
-                          f"kept in {run.file(LAST)}; finish with `cnnpack train --run {shell(run.path)} "
-                          "--resume`") from None
+                          f"kept in {run.file(LAST)}; continue with `cnnpack train --run {shell(run.path)} "
+                          "--resume`, which draws them") from None
 
 
 def _save_epoch(run: Run, model, spec: ModelSpec, opt, sched, epoch: int, stats: dict, history: list[dict],

@@ -707,11 +707,28 @@ def test_an_unparsable_config_pbtxt_is_one_line_exit_2_naming_the_file(laid_out,
     assert not (tmp_path / "out").exists() and {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
 
 
+def test_a_model_of_weights_older_than_the_runs_is_not_shipped(laid_out, tmp_path):
+    """A training since verify (--resume, or trained again): deploy shipped the repository laid out before it, of
+    the earlier weights, as verified."""
+    import torch
+
+    from cnnpack.deploy import DeployConfig, deploy
+
+    run, _ = _own_copy(laid_out, tmp_path)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["epoch"] = 99
+    torch.save(ckpt, run / "checkpoint.pt")
+    with pytest.raises(UserInputError, match=r"cnn_onnx serves onnx \(export/model.onnx\) was made from another "
+                                             r"checkpoint.pt than the run holds now .*then `cnnpack verify`"):
+        deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_repository_or_version_is_said_as_such(laid_out, tmp_path):
     """By deploy and by tune alike (tune said 'holds no model that passed `cnnpack verify`')."""
     from cnnpack.deploy import DeployConfig, deploy
     from cnnpack.rundir import Run
-    from cnnpack.tune import TuneConfig, servable
+    from cnnpack.servable import servable
 
     run, repo = _own_copy(laid_out, tmp_path)
     repo.rename(tmp_path / "moved")
@@ -720,7 +737,7 @@ def test_a_missing_repository_or_version_is_said_as_such(laid_out, tmp_path):
     with pytest.raises(UserInputError, match=missing):
         deploy(run, DeployConfig(out=str(tmp_path / "out")))
     with pytest.raises(UserInputError, match=missing):
-        servable(Run.open(run), TuneConfig())
+        servable(Run.open(run))
     (tmp_path / "moved").rename(repo)
     for gone in ("cnn_onnx", "cnn_onnx_preprocess"):  # not another model served in its place, nor an ensemble that
         (repo / gone).rename(tmp_path / gone)         # Triton cannot load without its preprocessing step

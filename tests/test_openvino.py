@@ -219,7 +219,7 @@ def test_the_ir_takes_what_its_onnx_file_takes_and_other_options_are_refused(ir_
                        "pixels; pass --input raw, or export both"),
                       (ExportConfig(formats=("openvino",), static_batch=4),
                        "--static-batch 4: the openvino model is converted from export/model.onnx, which has a "
-                       "dynamic batch; export both")):
+                       "dynamic batch; drop --static-batch, or export both")):
         with pytest.raises(UserInputError, match=re.escape(says)):
             export(run, cfg)
     assert ((run / "cnnpack.json").read_bytes(), (run / "export/openvino/model.xml").read_bytes()) == before

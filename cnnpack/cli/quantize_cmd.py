@@ -23,8 +23,8 @@ def quantize(
     max_steps: int = typer.Option(8, help="Fallback: at most this many steps, each keeping one more node in float."),
     rank_images: int = typer.Option(64, help="Validation images used to rank nodes for the fallback."),
     time_limit: float = typer.Option(110.0, help="Seconds for the whole quantize; at the limit: the best attempt's "
-                                                 "figures, exit 1, nothing recorded. The first attempt runs to its "
-                                                 "end, and is kept if it holds the gate."),
+                                                 "figures, exit 1, nothing recorded. An attempt under way at the "
+                                                 "limit runs to its end, and is kept if it holds the gate."),
     data: Optional[str] = typer.Option(None, help="Data to calibrate and gate on (default: what the run was "
                                                   "trained on; needed for a run made by export --arch)."),
     seed: int = typer.Option(0, help="Seed of the calibration images' choice."),

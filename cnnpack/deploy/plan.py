@@ -78,11 +78,11 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     the stock NGC image lacks: only the repository image (which installs it) can serve them.
     `remote`: Triton downloads the repository from object storage before it loads it (a longer start-up).
     """
+    from cnnpack.servable import servable
     from cnnpack.triton_repo import lay_out
-    from cnnpack.tune import TuneConfig, servable
 
     run = Run.open(run_dir)
-    classifiers = servable(run, TuneConfig(), required_by="deploy")
+    classifiers = servable(run, required_by="deploy")
     manifest = run.read()
     stages = manifest["stages"]
     triton = stages["triton"]
