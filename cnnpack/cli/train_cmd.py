@@ -45,7 +45,7 @@ def train(
     Example: cnnpack train --data shapes --arch cnn --epochs 8 --run runs/demo
     """
     from cnnpack.distributed import context_from_env
-    from cnnpack.train import TrainConfig
+    from cnnpack.train import Interrupted, TrainConfig
     from cnnpack.train import train as do_train
 
     if resume and run is None:
@@ -62,6 +62,10 @@ def train(
     dist = context_from_env(device)
     try:
         section = do_train(run, cfg, force=force, resume=resume, progress=progress and not as_json, dist=dist)
+    except Interrupted:
+        if dist is not None and dist.rank != 0:  # rank 0 says what is kept; N copies of its line said nothing more
+            raise typer.Exit(130) from None
+        raise
     finally:
         if dist is not None:
             dist.close()
