@@ -53,7 +53,7 @@ if hasattr(TyperOption, "display_type_rich"):
     TyperOption.display_type_rich = _flags_untyped(TyperOption.display_type_rich)
 
 
-NARROW = 100  # columns: below, rich's help table cuts or splits option names (`--latency-budget-…`)
+NARROW = 110  # columns: below, rich's help table cuts or splits names and defaults (`--latency-budget-…`)
 
 
 def _plain_when_narrow(format_help):
