@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from cnnpack.errors import UserInputError
 
 SERVE_MODES = ("auto", "yes", "no")
+# with no --runtimes: eager, compiled and the runtime of each exported format, in this order (the bench table's)
+DEFAULT_RUNTIMES = {"checkpoint": ("eager", "compiled"), "torchscript": ("torchscript",), "onnx": ("onnxruntime",),
+                    "pt2": ("aoti",), "openvino": ("openvino",)}
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class PipelineConfig:
     pt2: str | None = None  # the pt2 package (torch.export + AOTInductor): auto | yes | no; None: yes when --formats
     # names pt2, else no (opt-in: the 150 s target, README)
     tune_budget_ms: float | None = None  # the tune stage (opt-in): the best served config for this p99 budget
-    bench_runtimes: tuple[str, ...] = ("eager", "compiled", "torchscript", "onnxruntime")
+    bench_runtimes: tuple[str, ...] | None = None  # None: DEFAULT_RUNTIMES of the exported formats
     bench_batch_sizes: tuple[int, ...] = (1, 32)
     bench_max_seconds: float = 4.0
     threads: int | None = None
@@ -67,9 +70,7 @@ class PipelineConfig:
             raise UserInputError("the pipeline serves the ONNX artifact: --formats must include onnx")
         for make in (self.train_config, self.verify_config, self.bench_config, self.quantize_config):
             make().validate()
-        from cnnpack.bench import check_runtimes
-
-        check_runtimes(self.bench_runtimes)
+        self._check_runtimes()
         if max(self.bench_batch_sizes) > self.max_batch_size:
             raise UserInputError(f"--batch-sizes {max(self.bench_batch_sizes)} is more than the exported models "
                                  f"accept (--max-batch-size {self.max_batch_size})")
@@ -82,6 +83,36 @@ class PipelineConfig:
             if not 0 < self.tune_budget_ms < 3.6e6:
                 raise UserInputError(f"--tune-budget-ms must be > 0 and under an hour, got {self.tune_budget_ms}")
             self.tune_config().validate()
+
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtimes the bench stage measures: --runtimes, or DEFAULT_RUNTIMES of the formats exported."""
+        if self.bench_runtimes is not None:
+            return self.bench_runtimes
+        return tuple(r for fmt, names in DEFAULT_RUNTIMES.items() if fmt == "checkpoint" or fmt in self.formats
+                     for r in names)
+
+    def _check_runtimes(self) -> None:
+        """--runtimes that the pipeline gives nothing to run are refused now, not after training (`--formats onnx`
+        with torchscript among the runtimes failed at the bench stage, and did again at each rerun)."""
+        from cnnpack.bench import check_runtimes
+        from cnnpack.runtimes import RUNTIMES, reads
+
+        check_runtimes(self.runtimes())
+        made = {"checkpoint", *self.formats, *(["onnx_int8"] if self.int8 else []),
+                *(["openvino", "openvino_int8"] if self.openvino != "no" else []),
+                *(["pt2"] if self.pt2 in ("auto", "yes") else [])}
+        for name in self.runtimes():
+            cls = RUNTIMES.get(name)
+            if name == "triton":
+                raise UserInputError("--runtimes triton: the pipeline's served stage measures the served models; drop "
+                                     "it from --runtimes")
+            if not any(reads(cls, f) for f in made):
+                why = {"openvino": "--openvino no leaves out; drop {}, or drop --openvino no",
+                       "pt2": "the pipeline makes only with --pt2 auto|yes; drop {}, or pass --pt2 yes"}.get(cls.format)
+                if why:
+                    raise UserInputError(f"--runtimes {name} runs the {cls.format} artifact, which {why.format(name)}")
+                raise UserInputError(f"--runtimes {name} runs the {cls.format} artifact, which this pipeline does not "
+                                     f"make; add {cls.format} to --formats, or drop {name}")
 
     def check_calibration(self) -> None:
         """--calibration-images past the training split of --data (counted, no image read) is refused (exit 2)."""
@@ -126,7 +157,7 @@ class PipelineConfig:
             return replace(self, openvino="no")
         runtimes = ["openvino", *(["openvino-bf16"] if ov.has_bf16() else [])]
         return replace(self, openvino="yes", formats=tuple(dict.fromkeys([*self.formats, "openvino"])),
-                       bench_runtimes=tuple(dict.fromkeys([*self.bench_runtimes, *runtimes])))
+                       bench_runtimes=tuple(dict.fromkeys([*self.runtimes(), *runtimes])))
 
     def with_pt2(self) -> PipelineConfig:
         """The config with `pt2` decided (auto: when a C++ compiler is found; --formats naming pt2 means yes unless
@@ -141,7 +172,7 @@ class PipelineConfig:
             return replace(self, pt2="no")
         find_compiler()  # yes (or --formats pt2) without one: exit 2 saying what to install, before any work
         return replace(self, pt2="yes", formats=tuple(dict.fromkeys([*self.formats, "pt2"])),
-                       bench_runtimes=tuple(dict.fromkeys([*self.bench_runtimes, "aoti"])))
+                       bench_runtimes=tuple(dict.fromkeys([*self.runtimes(), "aoti"])))
 
     def verify_config(self):
         from cnnpack.verify import VerifyConfig
@@ -152,7 +183,7 @@ class PipelineConfig:
     def bench_config(self):
         from cnnpack.bench import BenchConfig
 
-        return BenchConfig(runtimes=self.bench_runtimes, batch_sizes=self.bench_batch_sizes, threads=self.threads,
+        return BenchConfig(runtimes=self.runtimes(), batch_sizes=self.bench_batch_sizes, threads=self.threads,
                            max_seconds=self.bench_max_seconds)
 
     def served_config(self):

@@ -197,6 +197,16 @@ def test_a_failed_stage_stops_with_its_exit_code_and_a_pointer(first, tmp_path):
     assert blocker.read_text() == "a model cnnpack did not make"  # nor overwritten
 
 
+def test_the_default_runtimes_are_those_of_the_exported_formats():
+    """--formats onnx with the default runtimes stopped at bench: torchscript was among them whatever was exported."""
+    from cnnpack.pipeline_config import PipelineConfig
+
+    assert PipelineConfig().runtimes() == ("eager", "compiled", "torchscript", "onnxruntime")  # as before
+    assert PipelineConfig(formats=("onnx",)).runtimes() == ("eager", "compiled", "onnxruntime")
+    assert PipelineConfig(bench_runtimes=("onnxruntime",)).runtimes() == ("onnxruntime",)
+    PipelineConfig(formats=("onnx",)).validate()
+
+
 def test_bad_options_exit_2_before_any_work(tmp_path):
     run = tmp_path / "run"
     for args, msg in ((["--serve", "maybe"], "--serve 'maybe'"), (["--concurrency", "0"], "--concurrency"),
@@ -209,7 +219,12 @@ def test_bad_options_exit_2_before_any_work(tmp_path):
                       (["--openvino", "maybe"], "--openvino 'maybe'"), (["--pt2", "maybe"], "--pt2 'maybe'"),
                       (["--formats", "onnx,pt2", "--pt2", "no"], "--formats names pt2 and --pt2 is no"),
                       (["--verify-min-agreement", "1.5"], "--verify-min-agreement is a fraction in (0, 1], got 1.5"),
-                      (["--calibration-images", "3601"], "more than the 3600 images of shapes's training split")):
+                      (["--calibration-images", "3601"], "more than the 3600 images of shapes's training split"),
+                      # found at the bench stage after training, and again at each rerun
+                      (["--formats", "onnx", "--runtimes", "eager,torchscript"],
+                       "--runtimes torchscript runs the torchscript artifact, which this pipeline does not make"),
+                      (["--runtimes", "eager,triton"], "--runtimes triton: the pipeline's served stage measures"),
+                      (["--openvino", "no", "--runtimes", "openvino"], "which --openvino no leaves out")):
         code, _, err = _pipeline("--run", str(run), *args)
         assert code == 2, (args, err)
         assert msg in err and len(err.strip().splitlines()) == 1, err

@@ -99,11 +99,11 @@ def test_the_pipeline_takes_pt2_where_a_compiler_is_found(monkeypatch):
 
     assert PipelineConfig().with_pt2().pt2 == "no"  # opt-in: the main job's 150 s (README)
     on = PipelineConfig(pt2="auto").with_pt2()  # g++ is here
-    assert on.pt2 == "yes" and "pt2" in on.formats and "aoti" in on.bench_runtimes
+    assert on.pt2 == "yes" and "pt2" in on.formats and "aoti" in on.runtimes()
     assert PipelineConfig(pt2="no").with_pt2().formats == ("onnx", "torchscript")
     monkeypatch.setenv("CXX", "/nonexistent/g++")
     off = PipelineConfig(pt2="auto").with_pt2()
-    assert off.pt2 == "no" and "pt2" not in off.formats and "aoti" not in off.bench_runtimes
+    assert off.pt2 == "no" and "pt2" not in off.formats and "aoti" not in off.runtimes()
     for cfg in (PipelineConfig(pt2="yes"), PipelineConfig(formats=("onnx", "pt2"))):
         with pytest.raises(UserInputError, match="needs a C.. compiler.*CXX=/nonexistent/g.. is not an executable"):
             cfg.with_pt2()

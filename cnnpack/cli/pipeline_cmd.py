@@ -38,7 +38,8 @@ def pipeline(
                                                    "(quantize's gate) and with eager (verify's int8 contract)."),
     verify_min_agreement: float = typer.Option(0.999, help="Verify: least top-1 agreement with eager on the "
                                                            "validation split (bf16/fp16: their contract's, where lower)."),
-    runtimes: str = typer.Option("eager,compiled,torchscript,onnxruntime", help="Runtimes to benchmark."),
+    runtimes: Optional[str] = typer.Option(None, help="Runtimes to benchmark (default: eager, compiled and the "
+                                                       "runtime of each exported format)."),
     batch_sizes: Optional[str] = typer.Option(None, help="Benchmark batch sizes (default 1,32, within --max-batch-size)."),
     max_seconds: float = typer.Option(4.0, help="Benchmark time limit per runtime and batch size."),
     threads: Optional[int] = typer.Option(None, help="Threads for every benchmarked runtime (default: physical cores, as bench)."),
@@ -78,7 +79,7 @@ def pipeline(
                          device=device, data_root=data_root, formats=_names(formats), max_batch_size=max_batch_size,
                          int8=int8, calibration_images=calibration_images, max_drop=max_drop,
                          min_agreement=min_agreement, verify_min_agreement=verify_min_agreement,
-                         bench_runtimes=_names(runtimes), bench_batch_sizes=sizes,
+                         bench_runtimes=_names(runtimes) if runtimes is not None else None, bench_batch_sizes=sizes,
                          bench_max_seconds=max_seconds, threads=threads, repository=str(repository), serve=serve, openvino=openvino, pt2=pt2,
                          tune_budget_ms=tune_budget_ms,
                          concurrency=int_list(concurrency, "--concurrency"), infer_images=infer_images)
