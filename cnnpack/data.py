@@ -174,6 +174,18 @@ def recorded_source(data: str) -> str:
     return str(Path(data).resolve())
 
 
+def check_outside(data: str, path: str | Path, what: str) -> None:
+    """Refuses a folder the command writes (`what`: "--run", "--repository") inside the --data folder: its images
+    and plots would be read as a class of images the next time (`--data .` from the data folder, with the default
+    runs/ there, trained a class named `runs`)."""
+    if data == SHAPES or data.startswith("torchvision:") or not Path(data).is_dir():
+        return
+    root, inside = Path(data).resolve(), Path(path).resolve()
+    if inside == root or root in inside.parents:
+        raise UserInputError(f"{what} {path} is inside --data {data}: what it writes would be read as images of a "
+                             f"class; choose a {what} outside {root}")
+
+
 def check_data(data: str, image_size: int) -> None:
     """Checks `--data` and `--image-size` before any work (reads no image): the size, that an ImageFolder
     path is a folder, and its class names. The built-in data and torchvision data sets have fixed, valid names.

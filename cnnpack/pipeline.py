@@ -209,7 +209,10 @@ class Stages:
 
     # - train -
     def train_inputs(self, run: Run) -> dict:
-        return {"config": asdict(self.cfg.train_config()), "data": data_identity(self.cfg.data)}
+        from cnnpack.data import recorded_source  # `dss`, `./dss` and `/abs/dss` are one folder: not a new training
+
+        return {"config": {**asdict(self.cfg.train_config()), "data": recorded_source(self.cfg.data)},
+                "data": data_identity(self.cfg.data)}
 
     def run_train(self, run: Run) -> str:
         from cnnpack.train import train
@@ -379,7 +382,7 @@ def default_run_dir(cfg: PipelineConfig) -> Path:
     """A stable name, so that running the same pipeline again finds (and skips) its own work: the first of
     runs/pipeline-<data>-<arch>-<size>px, then -2, -3, ... that is free or holds a run of the same data (two folders
     both named `data` would otherwise share one, the second training over the first)."""
-    data = cfg.data.split(":", 1)[1].lower() if cfg.data.startswith("torchvision:") else Path(cfg.data).name
+    data = cfg.data.split(":", 1)[1].lower() if cfg.data.startswith("torchvision:") else Path(cfg.data).resolve().name
     from cnnpack.data import recorded_source
 
     base = Path("runs") / f"pipeline-{data}-{cfg.arch}-{cfg.image_size}px"
@@ -433,13 +436,15 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     asked, cfg = cfg, cfg.with_openvino().with_pt2()
     if asked.pt2 == "auto" and cfg.pt2 == "no":
         say("[export] pt2 off: no C++ compiler found (`apt-get install g++` or set CXX); --pt2 yes to require it")
-    from cnnpack.data import check_data
+    from cnnpack.data import check_data, check_outside
     from cnnpack.triton_repo import repository_root
 
     check_data(cfg.data, cfg.image_size)  # a missing folder or a name Triton cannot carry fails now, not in train
     cfg.check_calibration()  # past the training split: fails now, not in quantize after training
     repository_root(cfg.repository)  # a file there fails now, not after train, export and bench
     run = Run(run_dir or default_run_dir(cfg))
+    for what, path in (("--run", run.path), ("--repository", cfg.repository)):
+        check_outside(cfg.data, path, what)
     _check_run_dir(run, force, cfg.data)
     serve_ok, why = serve_available() if cfg.serve != "no" else (False, "--serve no")
     if cfg.serve == "yes" and not serve_ok:

@@ -330,6 +330,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         cfg = _recorded_config(run_dir)
     _check_run_dir(run_dir, force=force, resume=resume)
     cfg.validate()
+    data_mod.check_outside(cfg.data, run_dir, "--run")
     cfg = replace(cfg, data=data_mod.recorded_source(cfg.data))
     device = resolve_device(cfg.device)
     is_main = dist is None or dist.rank == 0

@@ -338,3 +338,33 @@ def test_resume_conflicts_are_the_options_that_differ_from_the_recorded_ones(tin
     for typed in (data.name, f"./{data.name}/"):
         assert resume_conflicts(tiny_run, {**same, "data": typed}) == {}
     assert resume_conflicts(tiny_run, {**same, "data": "elsewhere"}) == {"data": ("elsewhere", str(data))}
+
+
+def test_a_run_inside_the_data_folder_is_refused_before_anything_is_written(colours, tmp_path, monkeypatch):
+    """`--data .` from the data folder with the default runs/ there: the run's plots were read back as a class."""
+    import shutil
+
+    from cnnpack.pipeline import PipelineConfig, default_run_dir, pipeline
+
+    data = tmp_path / "photos"
+    shutil.copytree(colours, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    with pytest.raises(UserInputError, match=rf"--run {data / 'runs/r'} is inside --data {data}: what it writes "):
+        train(data / "runs" / "r", TrainConfig(data=str(data), image_size=16, epochs=1))
+    monkeypatch.chdir(data)
+    assert default_run_dir(PipelineConfig(data=".")).name.startswith("pipeline-photos-")  # the folder's own name
+    with pytest.raises(UserInputError, match=r"--run runs/pipeline-photos-cnn-64px is inside --data \."):
+        pipeline(cfg=PipelineConfig(data="."), progress=False, say=lambda _: None)
+    with pytest.raises(UserInputError, match=r"--repository model_repository is inside --data \."):
+        pipeline(tmp_path / "run", PipelineConfig(data="."), progress=False, say=lambda _: None)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written there
+
+
+def test_the_pipeline_knows_one_data_folder_however_it_is_spelled(colours, monkeypatch):
+    """`--data dss`, `./dss/` and `/abs/dss` trained everything again: the fingerprint held the string as typed."""
+    from cnnpack.pipeline import PipelineConfig, Stages
+
+    monkeypatch.chdir(colours.parent)
+    spellings = (colours.name, f"./{colours.name}/", str(colours))
+    inputs = [Stages(PipelineConfig(data=d), progress=False, say=print).train_inputs(None) for d in spellings]
+    assert inputs[0] == inputs[1] == inputs[2] and inputs[0]["config"]["data"] == str(colours)
