@@ -336,7 +336,8 @@ class Stages:
         rows = {r.get("format") for r in _section(run, "bench").get("results", [])}
         root = Path(section.get("repository", ""))
         served = all(str(max(versions(root / m), default=0)) == str(v) for m, v in section.get("versions", {}).items())
-        return served and set(section.get("parity", {})) <= formats and any(f and f.startswith("triton:") for f in rows)
+        here = Path(_section(run, "triton").get("repository", "")).resolve() == root.resolve()  # not another --repository
+        return served and here and set(section.get("parity", {})) <= formats and any(f and f.startswith("triton:") for f in rows)
 
     def served_output(self, run: Run) -> str:
         return str(run.file("served/server.log"))

@@ -477,3 +477,26 @@ def test_the_report_says_when_the_served_figures_are_of_another_repository_or_ve
                   {"repository": "/r/a", "name": "cnn_onnx", "version": 2}):  # a new version since
         line = _what_was_served(served, later)
         assert line.startswith("**Not the repository above**") and "these figures are of `/r/a`" in line
+
+
+def test_served_figures_of_another_repository_are_not_kept(tmp_path):
+    """--repository changed on a finished run: triton laid out the new one, and the served stage said `skipped:
+    inputs unchanged` with the old repository's figures in the summary (the report said they were of another)."""
+    from cnnpack.pipeline import PipelineConfig, Stages
+    from cnnpack.rundir import Run
+
+    for repo in ("old", "new"):
+        (tmp_path / repo / "cnn_onnx" / "1").mkdir(parents=True)
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "classes": ["a", "b"], "num_classes": 2, "image_size": 32})
+    section = {"repository": str(tmp_path / "old"), "versions": {"cnn_onnx": "1"},
+               "parity": {"triton:cnn_onnx": {"passed": True}}}
+    row = {"runtime": "triton", "format": "triton:cnn_onnx", "batch_size": 1, "concurrency": 16,
+           "latency_ms_p50": 1.0, "latency_ms_p99": 2.0, "throughput_ips": 900.0}
+    run.update(lambda m: m["stages"].update(
+        verify={"status": "ok", "passed": True, "formats": {"triton:cnn_onnx": {"passed": True}}},
+        bench={"status": "ok", "results": [row]}, served={"status": "ok", **section}))
+    stages = Stages(PipelineConfig(), progress=False, say=print)
+    for repo, kept in (("old", True), ("new", False)):
+        run.update(lambda m, repo=repo: m["stages"].update(triton={
+            "status": "ok", "repository": str(tmp_path / repo), "name": "cnn_onnx", "version": 1, "format": "onnx"}))
+        assert stages.served_rows_kept(run, section) is kept, repo
