@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cnnpack.errors import CnnpackError, StageFailed, UserInputError, shell
+from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error, shell
 from cnnpack.pipeline_config import SERVE_MODES, PipelineConfig  # noqa: F401 - re-exported
 from cnnpack.pipeline_summary import best_runtime, summary
 from cnnpack.rundir import MANIFEST, Run, artifact_digest, sha256
@@ -81,8 +81,9 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
     try:
         summary = stage.run(run)
     except KeyboardInterrupt:  # Ctrl-C outside a training epoch (which train turns into its own Interrupted)
-        # only the stage's own record: an earlier run's (a train not begun yet) stays, so nothing stale is resumed
-        if _section(run, stage.name).get("status") in (None, "running"):
+        # an earlier training's record stays while this one has not begun (nothing stale is resumed); any other
+        # stage that began may have rewritten some of its outputs (the served stage: verify's served rows, its log)
+        if stage.name != "train" or _section(run, stage.name).get("status") in (None, "running"):
             _mark_failed(run, stage.name, "interrupted", status="interrupted")
         raise Interrupted(f"pipeline interrupted in stage {stage.name}; run the same `cnnpack pipeline` command "
                           "again to continue") from None
@@ -97,6 +98,9 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
         stopped = StageFailed(f"pipeline stopped: stage {stage.name} failed: {e}{see}")
         stopped.exit_code = e.exit_code  # bad input stays exit 2 (an empty class folder), as from the command itself
         raise stopped from None
+    except OSError as e:  # a full disk, a folder that cannot be written: the stage is marked failed like any other
+        _mark_failed(run, stage.name, file_error(e))
+        raise StageFailed(f"pipeline stopped: stage {stage.name} failed: {file_error(e)}") from None
     run.update(lambda m: m["stages"][stage.name].update(inputs_sha256=inputs))
     out = Outcome(stage.name, "ran", round(time.perf_counter() - t0, 1), summary)
     say(f"[{stage.name}] done in {out.seconds:.1f} s: {summary}")

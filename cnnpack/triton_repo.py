@@ -75,6 +75,8 @@ def repository_root(path: str | Path) -> Path:
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise UserInputError(f"repository path {root} is a file, not a directory; choose another --repository")
+    if above := next((p for p in root.parents if p.exists() and not p.is_dir()), None):  # found now, not after work
+        raise UserInputError(f"--repository {root}: {above} is a file, not a folder; choose another --repository")
     if (root / "config.pbtxt").is_file() or (root / "cnnpack-model.json").is_file():  # models would nest in a model
         raise UserInputError(f"--repository {root} is a model folder; pass the repository that holds it, "
                              f"{root.parent}")

@@ -224,7 +224,10 @@ def test_bad_options_exit_2_before_any_work(tmp_path):
                       (["--formats", "onnx", "--runtimes", "eager,torchscript"],
                        "--runtimes torchscript runs the torchscript artifact, which this pipeline does not make"),
                       (["--runtimes", "eager,triton"], "--runtimes triton: the pipeline's served stage measures"),
-                      (["--openvino", "no", "--runtimes", "openvino"], "which --openvino no leaves out")):
+                      (["--openvino", "no", "--runtimes", "openvino"], "which --openvino no leaves out"),
+                      (["--repository", str(tmp_path / "afile" / "sub")],  # found after train..bench, uncaught
+                       f"--repository {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a folder")):
+        (tmp_path / "afile").write_text("")
         code, _, err = _pipeline("--run", str(run), *args)
         assert code == 2, (args, err)
         assert msg in err and len(err.strip().splitlines()) == 1, err
@@ -500,3 +503,28 @@ def test_served_figures_of_another_repository_are_not_kept(tmp_path):
         run.update(lambda m, repo=repo: m["stages"].update(triton={
             "status": "ok", "repository": str(tmp_path / repo), "name": "cnn_onnx", "version": 1, "format": "onnx"}))
         assert stages.served_rows_kept(run, section) is kept, repo
+
+
+def test_a_stage_stopped_by_ctrl_c_or_a_disk_error_is_marked_so_over_its_earlier_ok(tmp_path):
+    """Ctrl-C in the served stage left it `ok` with the earlier summary while verify.json and its log were rewritten;
+    an OSError (a full disk) escaped unrecorded."""
+    import errno
+
+    from cnnpack.errors import StageFailed
+    from cnnpack.pipeline import Interrupted, Stage, run_stage
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "classes": ["a", "b"], "num_classes": 2, "image_size": 32})
+
+    def stop(what):
+        def raise_(_run):
+            raise what
+        return raise_
+
+    for name, what, err, status in (("served", KeyboardInterrupt(), Interrupted, "interrupted"),
+                                    ("served", OSError(errno.ENOSPC, "No space left on device", str(run.path / "x")),
+                                     StageFailed, "failed")):
+        run.update(lambda m, name=name: m["stages"].update({name: {"status": "ok", "summary": "the earlier run"}}))
+        with pytest.raises(err):
+            run_stage(run, Stage(name, lambda _: {"n": 1}, stop(what), lambda _: ""), force=True, say=print)
+        assert run.read()["stages"][name]["status"] == status, name
