@@ -38,6 +38,7 @@ def summary(run: Run, outcomes: list, report: dict, wall_s: float) -> dict:
     best = best_runtime(stages.get("bench", {}))
     triton, served = stages.get("triton", {}), stages.get("served", {})
     parity = parity_table(stages)
+    off = {o.name for o in outcomes if o.status == "off"}  # not this run's: an earlier run's figures are not quoted
     return {
         "run": str(run.path),
         "accuracy": train.get("metrics", {}).get("best_val_acc"),
@@ -52,8 +53,8 @@ def summary(run: Run, outcomes: list, report: dict, wall_s: float) -> dict:
                                                                  ("throughput_ips", None))},
         "repository": triton.get("repository"),
         "models": triton.get("models", []),
-        "served": served.get("summary"),
-        "tuned": tuned_line(stages),
+        "served": None if "served" in off else served.get("summary"),
+        "tuned": None if "tune" in off else tuned_line(stages),
         "bench_disturbed": disturbances(stages["bench"]) if stages.get("bench", {}).get("results") else [],
         "report": report,
         "stages": [asdict(o) for o in outcomes],

@@ -528,3 +528,15 @@ def test_a_stage_stopped_by_ctrl_c_or_a_disk_error_is_marked_so_over_its_earlier
         with pytest.raises(err):
             run_stage(run, Stage(name, lambda _: {"n": 1}, stop(what), lambda _: ""), force=True, say=print)
         assert run.read()["stages"][name]["status"] == status, name
+
+
+def test_the_summary_quotes_no_served_figures_when_this_run_left_the_stage_off(tmp_path):
+    """--serve no on a run served before: the summary still printed the earlier run's `served 8/8 ...` line."""
+    from cnnpack.pipeline import Outcome
+    from cnnpack.pipeline_summary import summary
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "classes": ["a", "b"], "num_classes": 2, "image_size": 32})
+    run.update(lambda m: m["stages"].update(served={"status": "ok", "summary": "8/8 validation images right"}))
+    assert summary(run, [Outcome("served", "ran")], {}, 1.0)["served"] == "8/8 validation images right"
+    assert summary(run, [Outcome("served", "off", summary="--serve no")], {}, 1.0)["served"] is None
