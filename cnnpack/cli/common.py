@@ -31,7 +31,10 @@ def _one_line_usage_errors(command_path: str):
         yield
     except _USAGE_ERROR as e:
         if type(e).__name__ == "NoArgsIsHelpError":
-            raise
+            if e.format_message().strip():  # the plain help (a narrow terminal) is its message: typer shows none
+                typer.echo(e.format_message())
+                raise typer.Exit(2) from None
+            raise  # rich printed the help while making the message
         path = e.ctx.command_path if e.ctx is not None else command_path
         msg = e.format_message().strip().rstrip(".")
         typer.echo(f"error: {path}: {msg[:1].lower()}{msg[1:]} (see `{path} -h`)", err=True)
