@@ -130,7 +130,8 @@ def count_flops(run: Run) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cnnpack.runtimes import ArtifactRef, EagerRuntime
+    from cnnpack.artifacts import ArtifactRef
+    from cnnpack.runtimes import EagerRuntime
 
     model, _, _ = EagerRuntime.build(ArtifactRef(run, "checkpoint"), "cpu")
     spec = run.model_spec
@@ -178,7 +179,8 @@ def check_runtimes(names: tuple[str, ...]) -> None:
 
 
 def _artifact(run: Run, name: str, fmt: str | None = None):
-    from cnnpack.runtimes import RUNTIMES, artifact_ref
+    from cnnpack.artifacts import artifact_ref
+    from cnnpack.runtimes import RUNTIMES
 
     fmt = fmt or RUNTIMES.get(name).format
     try:
@@ -313,7 +315,8 @@ class BenchContext:
 
 def row_precision(name: str, ref) -> str:
     """The precision a runtime computes an artifact in: the runtime's own (openvino-bf16) or the artifact's."""
-    from cnnpack.runtimes import RUNTIMES, precision_of
+    from cnnpack.artifacts import precision_of
+    from cnnpack.runtimes import RUNTIMES
 
     if ref.format == "checkpoint":
         return "fp32"

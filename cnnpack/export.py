@@ -425,7 +425,7 @@ def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfi
     if "onnx" not in arts:
         raise MissingStageError(f"--format {fmt} is converted from the ONNX artifact, which {run.path} lacks: "
                                 f"export --format onnx,{fmt}")
-    from cnnpack.runtimes import artifact_ref
+    from cnnpack.artifacts import artifact_ref
 
     # refuses a missing ONNX file, one changed since, one of other weights than this export loaded (a training that
     # saves a new best epoch meanwhile makes the checkpoint file newer than both)

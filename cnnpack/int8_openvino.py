@@ -176,7 +176,7 @@ def _accuracy_control(ov, model, calibration: list, ref_logits: np.ndarray, data
 def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str) -> dict:
     """openvino -> openvino_int8 under the gate; returns the stage section (the artifact is recorded by `quantize`)."""
     from cnnpack import openvino as ov
-    from cnnpack.runtimes import artifact_ref
+    from cnnpack.artifacts import artifact_ref
 
     ov._nncf()
     if "openvino" not in run.read().get("stages", {}).get("export", {}).get("artifacts", {}):

@@ -307,7 +307,7 @@ def _finish_model(src: Path, fp32: Path, dest: Path) -> object:
 
 def _fp32_artifact(run: Run):
     """The run's fp32 ONNX artifact (sha256-checked), or a clear error."""
-    from cnnpack.runtimes import artifact_ref
+    from cnnpack.artifacts import artifact_ref
 
     arts = run.read().get("stages", {}).get("export", {}).get("artifacts", {})
     if "onnx" not in arts:

@@ -10,11 +10,11 @@ import os
 import re
 from pathlib import Path
 
+from cnnpack.artifacts import other_source
 from cnnpack.errors import count, shell
 from cnnpack.report_render import Block, num, pct, to_html, to_markdown
 from cnnpack.report_serving import deploy_section, served_section, triton_section, tune_section
 from cnnpack.rundir import Run, artifact_changed, place, scratch_beside, sha256, sigint_deferred
-from cnnpack.runtimes import other_source
 
 
 # -- content --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 from cnnpack.errors import UserInputError
 
 if TYPE_CHECKING:
-    from cnnpack.runtimes import ArtifactRef
+    from cnnpack.artifacts import ArtifactRef
 
 
 class TritonRuntime:

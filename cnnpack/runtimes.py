@@ -10,26 +10,14 @@ with the reason; callers skip it and say so, never silently.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from cnnpack.artifacts import ArtifactRef, artifact_ref
 from cnnpack.errors import RuntimeUnavailable, StageFailed, UserInputError, shell
 from cnnpack.registry import Registry
 from cnnpack.rundir import Run
-
-
-@dataclass
-class ArtifactRef:
-    """What a runtime needs to load a model: the run, the format and (for files) the path."""
-
-    run: Run
-    format: str  # "checkpoint" | "onnx" | "torchscript" | ...
-    path: Path | None = None
-    record: dict = field(default_factory=dict)  # stages.export.artifacts.<format>
-    max_batch_size: int | None = None
 
 
 class Loaded(Protocol):
@@ -358,65 +346,9 @@ FORMAT_RUNTIME = {"checkpoint": "eager", "onnx": "onnxruntime", "onnx_int8": "on
                   "torchscript": "torchscript", "openvino": "openvino", "openvino_int8": "openvino"}
 
 
-def precision_of(record: dict) -> str:
-    """An artifact record's precision (records written before precisions existed: from the dtype)."""
-    if record.get("precision"):
-        return record["precision"]
-    return "fp16" if record.get("input", {}).get("dtype") == "float16" else "fp32"
-
-
 def reads(cls, fmt: str) -> bool:
     """Whether runtime class `cls` loads artifacts of format `fmt`."""
     return fmt in getattr(cls, "formats", (cls.format,))
-
-
-QUANTIZED = {"onnx_int8": "", "openvino_int8": " --backend openvino"}  # made by `cnnpack quantize`, not export
-
-
-def remake_command(run: Run, fmt: str) -> str:
-    """The command that makes (or re-makes) the artifact of `fmt` in `run`."""
-    if fmt in QUANTIZED:
-        return f"cnnpack quantize --run {shell(run.path)}{QUANTIZED[fmt]}"
-    return f"cnnpack export --run {shell(run.path)} --format {fmt}"
-
-
-def other_source(run: Run, fmt: str, record: dict, checkpoint_sha256: str | None = None) -> str | None:
-    """Why the artifact of `fmt` is not of the run's weights now: it was made from another checkpoint (a training
-    since: resumed, or trained again), with the commands that make it again; None where it is of them (or its record
-    is older than that field). `checkpoint_sha256`: the bytes a caller loaded, else the checkpoint file's now."""
-    from cnnpack.rundir import sha256
-
-    made_from = record.get("checkpoint_sha256")
-    ckpt = run.file("checkpoint.pt")
-    if not made_from or (checkpoint_sha256 is None and not ckpt.is_file()):
-        return None
-    if made_from == (checkpoint_sha256 or sha256(ckpt)):
-        return None
-    base = {"onnx_int8": "onnx", "openvino_int8": "openvino"}.get(fmt, fmt)
-    again = f"`{remake_command(run, base)}`" + (f" then `{remake_command(run, fmt)}`" if base != fmt else "")
-    return (f"{fmt} ({record.get('path')}) was made from another {run.rel(ckpt)} than the run holds now (a "
-            f"training since?); make it again: {again}")
-
-
-def artifact_ref(run: Run, fmt: str, checkpoint_sha256: str | None = None) -> ArtifactRef:
-    """The recorded artifact of `fmt` in a run (checked against its sha256, and made from the run's checkpoint
-    now, or from the bytes `checkpoint_sha256` a caller loaded), or the checkpoint."""
-    if fmt == "checkpoint":
-        return ArtifactRef(run, "checkpoint", run.file("checkpoint.pt"))
-    from cnnpack.rundir import artifact_changed
-
-    make = remake_command(run, "onnx" if fmt in QUANTIZED else fmt)
-    arts = run.stage("export", hint=f"`{make}`").get("artifacts", {})
-    if fmt not in arts:
-        raise UserInputError(f"{run.path} has no {fmt} artifact (has: {', '.join(arts) or 'none'}); "
-                             f"run `{remake_command(run, fmt)}` first")
-    rec = arts[fmt]
-    if why := artifact_changed(run, rec):
-        refuse = "" if why.endswith("is missing") else " refusing to use it:"
-        raise UserInputError(f"{why};{refuse} re-run `{remake_command(run, fmt)}`")
-    if why := other_source(run, fmt, rec, checkpoint_sha256):  # served, benched or quantized as the run's model, it is not
-        raise UserInputError(why)
-    return ArtifactRef(run, fmt, run.file(rec["path"]), rec, rec.get("max_batch_size"))
 
 
 # the runtime of a format on a CUDA GPU where its default one (above) computes on the CPU whatever `device` says

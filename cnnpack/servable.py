@@ -30,7 +30,7 @@ def servable(run: Run, models: tuple[str, ...] = (), *, required_by: str = "tune
             raise UserInputError(f"--models {unknown[0]!r} is not a verified model of {root} "
                                  f"(verified and laid out: {', '.join(m for m, _ in found) or 'none'})")
         found = [(m, f) for m, f in found if m in models]
-    from cnnpack.runtimes import other_source
+    from cnnpack.artifacts import other_source
 
     arts = run.read().get("stages", {}).get("export", {}).get("artifacts", {})
     ckpt = run.file("checkpoint.pt")

@@ -193,14 +193,14 @@ def check_device(rec: dict, cfg: TritonConfig, path: Path) -> None:
 
 def model_io(run: Run, cfg: TritonConfig) -> tuple[ModelIO, Path, dict]:
     """The checked artifact (path, record) and its I/O as the config will declare it."""
-    from cnnpack.runtimes import artifact_ref
+    from cnnpack.artifacts import artifact_ref
 
     ref = artifact_ref(run, cfg.format)  # raises if missing or changed since export
     spec = run.model_spec
     inp, out = cross_check(ref.record, ref.path, cfg.format, spec)
     mbs = batch_limits(ref.record, cfg, ref.path)
     check_device(ref.record, cfg, ref.path)
-    from cnnpack.runtimes import precision_of
+    from cnnpack.artifacts import precision_of
 
     io = ModelIO(inp, out, mbs, ref.record.get("input_kind", "raw"), precision_of(ref.record),
                  ref.record.get("gate", {}).get("max_drop_pt"), ref.record.get("gate", {}).get("min_agreement"))

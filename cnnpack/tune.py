@@ -108,7 +108,7 @@ class Setting:
 
     @property
     def precision(self) -> str:
-        from cnnpack.runtimes import precision_of
+        from cnnpack.artifacts import precision_of
 
         return "bf16" if self.bf16 else "int8" if self.format.endswith("_int8") else precision_of({})
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpack.artifacts import other_source, precision_of
 from cnnpack.contracts import (  # noqa: F401 - re-exported
     BF16_ATOL,
     BF16_MIN_AGREEMENT,
@@ -51,7 +52,7 @@ from cnnpack.contracts import (  # noqa: F401 - re-exported
 from cnnpack.errors import ParityError, RuntimeUnavailable, UserInputError, shell
 from cnnpack.host import check_device, exact_fp32
 from cnnpack.rundir import Run, artifact_changed, artifact_digest, atomic_write_json, library_versions, sha256
-from cnnpack.runtimes import fit_batch_sizes, other_source, precision_of
+from cnnpack.runtimes import fit_batch_sizes
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 VAL_BATCH = 64  # batch size for the validation set (within each artifact's limits)
@@ -124,7 +125,8 @@ class VerifyFailed(ParityError):
 # -- what to check -----------------------------------------------------------------------------
 def file_targets(run: Run, formats: list[str], device: str) -> list[Target]:
     """Every (artifact, runtime) pair: each exported format in every registered runtime that reads it."""
-    from cnnpack.runtimes import RUNTIMES, artifact_ref, reads
+    from cnnpack.artifacts import artifact_ref
+    from cnnpack.runtimes import RUNTIMES, reads
 
     targets = []
     for fmt in formats:
@@ -171,7 +173,8 @@ def _load_file(name: str, ref, device: str):
 
 
 def _formats(run: Run, export: dict, cfg: VerifyConfig) -> list[str]:
-    from cnnpack.runtimes import FORMAT_RUNTIME, remake_command
+    from cnnpack.artifacts import remake_command
+    from cnnpack.runtimes import FORMAT_RUNTIME
 
     arts = export.get("artifacts", {})
     wanted = list(cfg.formats or arts)
@@ -400,7 +403,8 @@ def verify(run_dir: str | Path, cfg: VerifyConfig = VerifyConfig(), *, targets: 
 
 def _check_plan(run: Run, cfg: VerifyConfig, plan, progress: Callable[[str], None]):
     """(results, skipped, eager, validation) of the targets of `plan` against eager PyTorch."""
-    from cnnpack.runtimes import RUNTIMES, artifact_ref
+    from cnnpack.artifacts import artifact_ref
+    from cnnpack.runtimes import RUNTIMES
 
     with exact_fp32(cfg.device):
         progress("loading eager reference")

@@ -71,8 +71,9 @@ def server(served_run):
 
 @pytest.fixture(scope="module")
 def eager(served_run):
+    from cnnpack.artifacts import artifact_ref
     from cnnpack.rundir import Run
-    from cnnpack.runtimes import artifact_ref, load_runtime
+    from cnnpack.runtimes import load_runtime
 
     run = Run.open(served_run[0])
     assert artifact_ref(run, "checkpoint").path.is_file()
