@@ -1,0 +1,63 @@
+"""Which verdicts of an earlier `cnnpack verify` still hold beside a later one that checked only some artifacts
+(`verify --formats X`): each one's file unchanged and of the weights the run holds, judged on the same data, under
+the same contract or a pass under a stricter one."""
+
+from __future__ import annotations
+
+import json
+
+from cnnpack.artifacts import other_source
+from cnnpack.contracts import INT8_MAX_DROP_PT, INT8_MIN_AGREEMENT
+from cnnpack.rundir import Run, artifact_changed, artifact_digest, sha256
+
+
+def keep_earlier(run: Run, result: dict, output: str) -> dict:
+    """`result` plus the earlier verify's results of the artifacts not checked this time, each kept only while the
+    artifact is the one it checked (same sha256), on the same data, under the same tolerances (or a pass under
+    stricter ones); `kept` names them. A served model (triton:NAME) is not kept: what
+    a server serves can change without the run knowing."""
+    path = run.file(output)
+    stages = run.read().get("stages", {})
+    recorded = stages.get("verify", {}).get("outputs", {}).get("verify_json", {}).get("sha256")
+    if not path.is_file() or recorded != sha256(path):  # no earlier verify of this run (or not the recorded one)
+        return result
+    earlier = json.loads(path.read_text())
+    then, now = earlier.get("config", {}), result["config"]
+    if any(then.get(k) != now.get(k) for k in ("data", "device")):
+        return result  # judged on other data: not this verify's verdicts
+    arts = stages.get("export", {}).get("artifacts", {})
+    checked = {r["format"] for r in result["results"]}
+    old_arts = earlier.get("artifacts", {})
+    kept = [r for r in earlier.get("results", []) if r["format"] not in checked and r["format"] in arts
+            and _still_holds(r, then, now, arts[r["format"]])
+            and "sha256" in old_arts.get(r["format"], {})
+            and artifact_digest(old_arts[r["format"]]) == artifact_digest(arts[r["format"]])
+            and not artifact_changed(run, arts[r["format"]])  # the file verify checked is still there as it was
+            and not other_source(run, r["format"], arts[r["format"]])]  # and of the weights the run holds now
+    if not kept:
+        return result
+    results = result["results"] + kept
+    return {**result, "passed": all(r["passed"] for r in results),
+            "failures": [f for r in results for f in r["failures"]], "results": results,
+            "artifacts": {**{f: a for f, a in old_arts.items() if f in {r["format"] for r in kept}}, **result["artifacts"]},
+            "kept": sorted({r["format"] for r in kept})}
+
+
+def _still_holds(r: dict, then: dict, now: dict, art: dict) -> bool:
+    """Whether an earlier verdict `r` holds under this verify's contract: judged under the same one, or a pass under
+    one at least as strict. An int8 result by its own recorded contract (its gate's drop and agreement, or an
+    --int8-min-agreement given), set against the one it gets now; the others by the fp32 tolerances."""
+    if r.get("precision") == "int8":
+        tol, gate = r.get("tolerance", {}), art.get("gate", {})
+        agree = now["int8_min_agreement"] if now.get("int8_min_agreement") is not None else gate.get(
+            "min_agreement", INT8_MIN_AGREEMENT)
+        drop = gate.get("max_drop_pt", INT8_MAX_DROP_PT)
+        had_agree, had_drop = tol.get("min_agreement"), tol.get("max_drop_pt")
+        if had_agree is None or had_drop is None:  # recorded before int8 results kept their contract
+            return False
+        return (had_agree == agree and had_drop == drop) or (r["passed"] and had_agree >= agree and had_drop <= drop)
+    if all(then.get(k) == now.get(k) for k in ("atol", "rtol", "min_agreement")):
+        return True
+    # under other tolerances only a pass under ones at least as strict still holds (a fail may not)
+    return r["passed"] and all(then.get(k, float("inf")) <= now[k] for k in ("atol", "rtol")) and \
+        then.get("min_agreement", 0.0) >= now["min_agreement"]
