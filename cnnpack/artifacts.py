@@ -40,18 +40,27 @@ def remake_command(run: Run, fmt: str) -> str:
     return f"cnnpack export --run {shell(run.path)} --format {fmt}"
 
 
+def checkpoint_digest(run: Run) -> str | None:
+    """The sha256 of the run's checkpoint.pt now (None without one): hashed once by a caller that holds several
+    artifacts to it (`other_source`)."""
+    from cnnpack.rundir import sha256
+
+    ckpt = run.file("checkpoint.pt")
+    return sha256(ckpt) if ckpt.is_file() else None
+
+
 def other_source(run: Run, fmt: str, record: dict, checkpoint_sha256: str | None = None) -> str | None:
     """Why the artifact of `fmt` is not of the run's weights now: it was made from another checkpoint (a training
     since: resumed, or trained again), with the commands that make it again; None where it is of them (or its record
-    is older than that field). `checkpoint_sha256`: the bytes a caller loaded, else the checkpoint file's now."""
-    from cnnpack.rundir import sha256
-
+    is older than that field, or the run has no checkpoint). `checkpoint_sha256`: the bytes a caller loaded (or
+    `checkpoint_digest`), else the checkpoint file's now."""
     made_from = record.get("checkpoint_sha256")
+    if not made_from:
+        return None
+    now = checkpoint_sha256 or checkpoint_digest(run)
+    if now is None or made_from == now:
+        return None
     ckpt = run.file("checkpoint.pt")
-    if not made_from or (checkpoint_sha256 is None and not ckpt.is_file()):
-        return None
-    if made_from == (checkpoint_sha256 or sha256(ckpt)):
-        return None
     base = {"onnx_int8": "onnx", "openvino_int8": "openvino"}.get(fmt, fmt)
     again = f"`{remake_command(run, base)}`" + (f" then `{remake_command(run, fmt)}`" if base != fmt else "")
     return (f"{fmt} ({record.get('path')}) was made from another {run.rel(ckpt)} than the run holds now (a "

@@ -48,6 +48,17 @@ class Tolerance:
     tie_eps: float | None = None  # a disagreement within this x the image's largest |logit| is a tie (TIE_EPS)
 
 
+def int8_contract(given: float | None, max_drop_pt: float | None, gate_agreement: float | None) -> tuple[float, float, str]:
+    """(top-1 agreement, top-1 drop in pt, whence the agreement) an int8 model is held to: the agreement `given`
+    (--int8-min-agreement) where there is one, else its quantize gate's, else INT8_MIN_AGREEMENT; the gate's drop,
+    else INT8_MAX_DROP_PT. Verify judges by it, and keeps an earlier int8 verdict only under it."""
+    drop = INT8_MAX_DROP_PT if max_drop_pt is None else max_drop_pt
+    if given is not None:
+        return given, drop, "as given"
+    return (INT8_MIN_AGREEMENT, drop, "the default") if gate_agreement is None else (gate_agreement, drop,
+                                                                                      "the quantize gate")
+
+
 def tolerances(cfg: VerifyConfig, dtype: str, reference: np.ndarray, precision: str = "fp32",
                max_drop_pt: float | None = None, gate_agreement: float | None = None) -> Tolerance:
     """The contract of the target's precision. fp32: the config's tolerances. fp16: the fp16 floor (never
@@ -57,10 +68,7 @@ def tolerances(cfg: VerifyConfig, dtype: str, reference: np.ndarray, precision: 
     `cfg.int8_min_agreement` where given, else the artifact's quantize gate's (`gate_agreement`), else
     INT8_MIN_AGREEMENT: an int8 model is held to the gate it was made under, its drop and its agreement alike."""
     if precision == "int8":
-        drop = INT8_MAX_DROP_PT if max_drop_pt is None else max_drop_pt
-        given = cfg.int8_min_agreement is not None
-        agree = cfg.int8_min_agreement if given else INT8_MIN_AGREEMENT if gate_agreement is None else gate_agreement
-        whence = "as given" if given else "the default" if gate_agreement is None else "the quantize gate"
+        agree, drop, whence = int8_contract(cfg.int8_min_agreement, max_drop_pt, gate_agreement)
         return Tolerance(cfg.atol, cfg.rtol, agree,
                          f"int8 artifact: task parity, top-1 agreement >= {100 * agree:g}% ({whence}) and top-1 drop "
                          f"<= {drop:g} pt (the quantize gate); tensor error reported, not gated", "int8",

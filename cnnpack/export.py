@@ -206,11 +206,21 @@ def check_onnx(path: Path) -> object:
     return model
 
 
+def _causes(e: BaseException) -> list[BaseException]:
+    """`e` and the errors it was raised from, outermost first."""
+    chain = [e]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
 def _first_line(e: BaseException) -> str:
     """The first line of the error that started it: torch.onnx's own begins with boilerplate ("Failed to export the
     model with torch.export. This is step 1/3 ..."), the reason being in the torch.export error it wraps."""
-    while e.__cause__ is not None and str(e.__cause__).strip():
-        e = e.__cause__
+    for cause in _causes(e)[1:]:
+        if not str(cause).strip():
+            break
+        e = cause
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
@@ -224,10 +234,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path
             _onnx_export(model, _example(spec, cfg), dest, cfg)
     except Exception as e:  # noqa: BLE001 - torch.onnx raises many kinds; report the first line
         msg = _first_line(e)
-        chain, c = [], e
-        while c is not None:
-            chain, c = [*chain, str(c).lower()], c.__cause__
-        if any("opset" in m for m in chain):  # the model needs an operator this opset lacks: a choice the user can fix
+        if any("opset" in str(c).lower() for c in _causes(e)):  # an operator this opset lacks: the user can fix that
             raise UserInputError(f"--opset {cfg.opset} cannot express this model: {msg}") from None
         raise StageFailed(f"ONNX export ({cfg.exporter}, opset {cfg.opset}) failed: {msg}") from None
     if cfg.simplify:

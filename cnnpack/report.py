@@ -10,11 +10,11 @@ import os
 import re
 from pathlib import Path
 
-from cnnpack.artifacts import other_source
+from cnnpack.artifacts import checkpoint_digest, other_source
 from cnnpack.errors import count, shell
 from cnnpack.report_render import Block, num, pct, to_html, to_markdown
 from cnnpack.report_serving import deploy_section, served_section, triton_section, tune_section
-from cnnpack.rundir import Run, artifact_changed, place, scratch_beside, sha256, sigint_deferred
+from cnnpack.rundir import Run, artifact_changed, place, scratch_beside, sigint_deferred
 
 
 # -- content --------------------------------------------------------------------------------
@@ -103,8 +103,7 @@ def _changed_on_disk(m: dict, run: Run) -> dict[str, str]:
 
 def _of_older_weights(e: dict, run: Run, gone: dict[str, str]) -> dict[str, str]:
     """The artifacts made from another checkpoint than the run holds now (a training since): format -> why."""
-    ckpt = run.file("checkpoint.pt")
-    now = sha256(ckpt) if ckpt.is_file() else None  # hashed once for every artifact
+    now = checkpoint_digest(run)  # hashed once for every artifact
     return {f: why for f, a in e.get("artifacts", {}).items()
             if f not in gone and now and (why := other_source(run, f, a, now))}
 

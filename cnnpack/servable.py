@@ -30,11 +30,10 @@ def servable(run: Run, models: tuple[str, ...] = (), *, required_by: str = "tune
             raise UserInputError(f"--models {unknown[0]!r} is not a verified model of {root} "
                                  f"(verified and laid out: {', '.join(m for m, _ in found) or 'none'})")
         found = [(m, f) for m, f in found if m in models]
-    from cnnpack.artifacts import other_source
+    from cnnpack.artifacts import checkpoint_digest, other_source
 
     arts = run.read().get("stages", {}).get("export", {}).get("artifacts", {})
-    ckpt = run.file("checkpoint.pt")
-    now = sha256(ckpt) if ckpt.is_file() else None  # hashed once for every model
+    now = checkpoint_digest(run)  # hashed once for every model
     for name, fmt in found:  # Triton serves the latest version: it must hold the very file verify checked
         if now and fmt in arts and (why := other_source(run, fmt, arts[fmt], now)):  # a training since verify
             raise UserInputError(f"{name} serves {why}, then `cnnpack verify` and `cnnpack triton`")

@@ -403,7 +403,7 @@ def verify(run_dir: str | Path, cfg: VerifyConfig = VerifyConfig(), *, targets: 
 
 
 def _check_plan(run: Run, cfg: VerifyConfig, plan, progress: Callable[[str], None]):
-    """(results, skipped, eager, validation) of the targets of `plan` against eager PyTorch."""
+    """(results, skipped, eager, validation, eager's logit spread) of the targets of `plan` against eager PyTorch."""
     from cnnpack.artifacts import artifact_ref
     from cnnpack.runtimes import RUNTIMES
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from cnnpack.artifacts import other_source
-from cnnpack.contracts import INT8_MAX_DROP_PT, INT8_MIN_AGREEMENT
+from cnnpack.artifacts import checkpoint_digest, other_source
+from cnnpack.contracts import int8_contract
 from cnnpack.rundir import Run, artifact_changed, artifact_digest, sha256
 
 
@@ -26,6 +26,7 @@ def keep_earlier(run: Run, result: dict, output: str) -> dict:
     if any(then.get(k) != now.get(k) for k in ("data", "device")):
         return result  # judged on other data: not this verify's verdicts
     arts = stages.get("export", {}).get("artifacts", {})
+    weights = checkpoint_digest(run)  # hashed once for every earlier verdict
     checked = {r["format"] for r in result["results"]}
     old_arts = earlier.get("artifacts", {})
     kept = [r for r in earlier.get("results", []) if r["format"] not in checked and r["format"] in arts
@@ -33,7 +34,7 @@ def keep_earlier(run: Run, result: dict, output: str) -> dict:
             and "sha256" in old_arts.get(r["format"], {})
             and artifact_digest(old_arts[r["format"]]) == artifact_digest(arts[r["format"]])
             and not artifact_changed(run, arts[r["format"]])  # the file verify checked is still there as it was
-            and not other_source(run, r["format"], arts[r["format"]])]  # and of the weights the run holds now
+            and not other_source(run, r["format"], arts[r["format"]], weights)]  # of the weights the run holds now
     if not kept:
         return result
     results = result["results"] + kept
@@ -49,9 +50,7 @@ def _still_holds(r: dict, then: dict, now: dict, art: dict) -> bool:
     --int8-min-agreement given), set against the one it gets now; the others by the fp32 tolerances."""
     if r.get("precision") == "int8":
         tol, gate = r.get("tolerance", {}), art.get("gate", {})
-        agree = now["int8_min_agreement"] if now.get("int8_min_agreement") is not None else gate.get(
-            "min_agreement", INT8_MIN_AGREEMENT)
-        drop = gate.get("max_drop_pt", INT8_MAX_DROP_PT)
+        agree, drop, _ = int8_contract(now.get("int8_min_agreement"), gate.get("max_drop_pt"), gate.get("min_agreement"))
         had_agree, had_drop = tol.get("min_agreement"), tol.get("max_drop_pt")
         if had_agree is None or had_drop is None:  # recorded before int8 results kept their contract
             return False
