@@ -360,6 +360,8 @@ def test_each_precision_names_its_matrix_engine(flags, vendor, engines):
     ("AMD EPYC", 25, 17, "AMD EPYC (family 25, model 17: Zen 4)"),
     ("AMD EPYC", 23, 49, "AMD EPYC (family 23, model 49: Zen 2)"),
     ("Intel Xeon Processor (Sapphire Rapids)", 6, 143, "Intel Xeon Processor (Sapphire Rapids) (family 6, model 143)"),
+    ("Intel(R) Xeon(R) Processor", 6, 207, "Intel(R) Xeon(R) Processor (family 6, model 207: Emerald Rapids)"),
+    ("Intel(R) Xeon(R) Processor", 6, 143, "Intel(R) Xeon(R) Processor (family 6, model 143: Sapphire Rapids)"),
     ("Intel(R) Xeon(R) Platinum 8488C", 6, 143, "Intel(R) Xeon(R) Platinum 8488C"),  # the name says it already
 ])
 def test_the_cpu_is_named_with_its_family_and_model_where_its_name_does_not_tell(name, family, model, expect):
