@@ -23,13 +23,18 @@ import torch
 from cnnpack.host import prepare_inductor
 from cnnpack.models import CompactCNN
 
+MODES = ("prepack", "noprepack", "nofreeze")
+
 
 def main() -> None:
     prepare_inductor()
     from torch._dynamo.utils import counters
     from torch._inductor import config
 
-    mode, r18 = sys.argv[1], len(sys.argv) > 2
+    args = sys.argv[1:]
+    if not args or args[0] not in MODES or args[1:] not in ([], ["r18"]):
+        sys.exit(f"usage: compiled_prepack.py {{{'|'.join(MODES)}}} [r18]")
+    mode, r18 = args[0], args[1:] == ["r18"]
     torch.set_num_threads(2)
     torch.manual_seed(0)
     if r18:
