@@ -108,14 +108,20 @@ def start_header_build() -> threading.Thread:
     """
     import contextvars
 
-    def run() -> None:
-        with contextlib.suppress(Exception):  # another torch's internals: inductor builds the header when it needs it
-            from torch._inductor import codecache as cc
-            from torch._inductor import config
-            from torch._inductor.cpp_builder import CppBuilder, CppTorchDeviceOptions
+    try:  # imported here, not in the thread: a thread importing torch's modules while the caller's torch.compile or
+        # torch.export imports others broke one of those imports ("No module named 'torch._functorch.
+        # _activation_checkpointing.ac_logging_utils'", once in a bench); the caller needs most of them next anyway
+        from torch._inductor import codecache as cc
+        from torch._inductor import config
+        from torch._inductor.cpp_builder import CppBuilder, CppTorchDeviceOptions
+        from torch.utils import cpp_extension  # noqa: F401  what the ISA probes import (setuptools, distutils)
+    except Exception:  # another torch's internals: inductor builds the header when it needs it
+        cc = None
 
-            if not config.cpp_cache_precompile_headers:
-                return
+    def run() -> None:
+        if cc is None or not config.cpp_cache_precompile_headers:
+            return
+        with contextlib.suppress(Exception):  # another torch's internals: inductor builds the header when it needs it
             # what CppPythonBindingsCodeCache.load_async passes for a CPU kernel: the header and the kernel's command
             command = {**cc.CppPythonBindingsCodeCache.cpp_compile_command_flags, "device_type": "cpu",
                        "extra_flags": (), "use_relative_path": config.is_fbcode(), "vec_isa": cc.pick_vec_isa()}

@@ -128,11 +128,14 @@ def test_inductor_trusts_the_cpu_flags_unless_the_user_chose(monkeypatch):
 
 
 HEADER_BUILD = """
-import glob, os, torch
+import glob, os, sys, torch
 from torch._inductor.codecache import _HEADER_DIR
 from cnnpack.host import prepare_inductor, start_header_build
 prepare_inductor()
-start_header_build().join()
+thread = start_header_build()
+before = set(sys.modules)
+thread.join()
+assert set(sys.modules) == before, sorted(set(sys.modules) - before)  # the thread imported nothing
 built = sorted(glob.glob(os.path.join(_HEADER_DIR, "*.gch")))
 assert len(built) == 1, built
 torch.compile(lambda x: (x * 2).relu().sum(1), dynamic=False)(torch.rand(4, 8))
@@ -145,7 +148,8 @@ print("ok", built[0])
 def test_the_header_built_ahead_is_the_one_inductor_compiles_with(tmp_path):
     """start_header_build builds the precompiled header inductor's CPU kernels include, with their command line: a
     compile after it finds it and builds no other (a torch whose internals moved would build none, or a second, and
-    the early start would only cost CPU). A new process with its own TMPDIR: inductor keeps the headers there, not in its cache."""
+    the early start would only cost CPU). The thread imports no module: torch's imports from two threads at once broke
+    one of the caller's (torch.compile's, once in a bench). A new process with its own TMPDIR: inductor keeps the headers there, not in its cache."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     out = subprocess.run([sys.executable, "-c", HEADER_BUILD], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith("ok " + str(tmp_path)), out.stdout + out.stderr[-3000:]
