@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -35,6 +36,23 @@ LAST = "last.pt"
 # stops early can never be resumed from (or evaluated with) the old run's state
 TRAIN_FILES = (CHECKPOINT, LAST, "history.json", "curves.png", "confusion.png", "samples.png")
 log = logging.getLogger("cnnpack")
+
+
+class Diverged(ValueError):
+    """An epoch left the model's weights or its validation loss NaN or infinite: it is not kept."""
+
+
+def _check_finite(model, stats: dict, lr: float) -> None:
+    """Raises Diverged when an epoch's weights (parameters and BatchNorm statistics) or validation loss are not
+    finite: saved, such a checkpoint predicts one class for every image, which evaluate reported as an accuracy and
+    verify as every export's parity failure. The weights rather than the training loss: under a CUDA GradScaler an
+    overflowing step is skipped, and its loss alone says nothing of the model."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if math.isfinite(stats["val_loss"]) and bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+        return
+    raise Diverged(f"training diverged: the weights or the loss became NaN or infinite (training loss "
+                   f"{stats['train_loss']:.4g}, validation loss {stats['val_loss']:.4g}); train again with a lower "
+                   f"learning rate than --lr {lr:g}")
 
 
 class Interrupted(CnnpackError):
@@ -393,6 +411,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                 if dist is not None:
                     stats = dist.reduce_stats(stats)
                 stats.update(_validate(model, data.val, spec, device, loss_fn, channels_last))
+                _check_finite(model, stats, opt.defaults["lr"])
                 if bar is not None:
                     bar.update(task, val=f"  val loss {stats['val_loss']:.3f} acc {100 * stats['val_acc']:.2f}%")
                 stats = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats}
@@ -416,7 +435,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                 raise Interrupted(f"interrupted {where}; epoch {kept} is kept in {run.file(LAST)}; "
                                   f"continue with `cnnpack train --run {shell(run.path)} --resume`") from None
             except (RuntimeError, ValueError) as e:  # out of memory, a NaN loss the optimizer refused...
-                why = f"{type(e).__name__}: {one_line(e)}"
+                why = one_line(e) if isinstance(e, Diverged) else f"{type(e).__name__}: {one_line(e)}"
                 if is_main:
                     record_session(run, "failed", start_epoch, kept, t_start, steps_per_epoch, dist, error=why)
                 kept_note = (f"; epoch {kept} is kept in {run.file(LAST)}" if kept is not None else "")

@@ -291,6 +291,19 @@ def test_a_training_that_fails_before_an_epoch_is_recorded_failed_and_said_so(co
     assert train(tmp_path / "r", cfg, force=True, progress=False)["status"] == "ok"
 
 
+def test_a_training_that_diverges_is_a_failure_not_a_checkpoint(colours, tmp_path):
+    """A learning rate that turns the weights to NaN: reported as a success with a checkpoint that predicted one class
+    for every image (evaluate called it an accuracy; verify blamed every export). Now the epoch is not kept, the stage
+    is failed and the line says what to change."""
+    cfg = TrainConfig(data=str(colours), image_size=16, epochs=2, batch_size=16, optimizer="sgd", lr=1e30)
+    with pytest.raises(StageFailed, match=r"^training failed in epoch 1 \(training diverged: the weights or the loss "
+                                          r"became NaN or infinite \(.+\); train again with a lower learning rate "
+                                          r"than --lr 1e\+30\)$"):
+        train(tmp_path / "r", cfg, progress=False)
+    assert Run.open(tmp_path / "r").read()["stages"]["train"]["status"] == "failed"
+    assert not (tmp_path / "r" / "checkpoint.pt").exists() and not (tmp_path / "r" / "history.json").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(UserInputError, match="--device cuda: no CUDA GPU"):
