@@ -305,6 +305,9 @@ def _finish_model(src: Path, fp32: Path, dest: Path) -> object:
     return check_onnx(dest)
 
 
+MIN_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights) came with opset 13
+
+
 def _fp32_artifact(run: Run):
     """The run's fp32 ONNX artifact (sha256-checked), or a clear error."""
     from cnnpack.artifacts import artifact_ref
@@ -324,6 +327,11 @@ def _fp32_artifact(run: Run):
     if ref.record.get("static_batch"):
         raise UserInputError(f"{ref.path} has a static batch of {ref.record['static_batch']}; int8 calibration "
                              "needs the dynamic-batch export (re-export without --static-batch)")
+    opset = ref.record.get("opset")
+    if isinstance(opset, int) and opset < MIN_OPSET:  # ONNX Runtime's QDQ model failed to load with a traceback
+        raise UserInputError(f"{ref.path} is at ONNX opset {opset}; int8 (QDQ with per-channel weights) needs opset "
+                             f"{MIN_OPSET} or newer: re-export it (`cnnpack export --run {shell(run.path)} --format onnx`"
+                             f" with no --opset, or --opset {MIN_OPSET} or more)")
     return ref
 
 

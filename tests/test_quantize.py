@@ -482,6 +482,18 @@ def test_an_fp16_artifact_is_refused(tiny_onnx_run, tmp_path):
         quantize(run, QuantizeConfig())
 
 
+def test_an_export_below_opset_13_is_refused_in_one_line(tiny_run, tmp_path):
+    """The legacy exporter takes opsets down to 7; ONNX Runtime's QDQ model of an opset-12 export failed to load
+    ("DequantizeLinear ... Unrecognized attribute: axis") with a traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    export(run, ExportConfig(formats=("onnx",), exporter="legacy", opset=12))
+    with pytest.raises(UserInputError, match=r"model.onnx is at ONNX opset 12; int8 \(QDQ with per-channel weights\) "
+                                             r"needs opset 13 or newer: re-export it"):
+        quantize(run, QuantizeConfig())
+    assert not (run / "export" / "model.int8.onnx").exists()
+
+
 def test_cli(tiny_onnx_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_onnx_run, run)
