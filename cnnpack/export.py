@@ -33,9 +33,9 @@ from cnnpack.host import check_device, exact_fp32
 from cnnpack.models import RawPixels, build_model, check_arch, check_input_size, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
 from cnnpack.reproduce import write_reproduce
-from cnnpack.rundir import Run, scratch_beside, sha256, staged_beside
+from cnnpack.rundir import MANIFEST, Run, scratch_beside, sha256, staged_beside
 from cnnpack.spec import ModelSpec, check_class_names, check_image_size
-from cnnpack.train import CHECKPOINT, load_checkpoint, save_torch
+from cnnpack.train import CHECKPOINT, load_checkpoint, remove_replaced_outputs, save_torch
 
 EXPORTERS: Registry = Registry("format")
 ONNX_NAMES = ("input", "logits")
@@ -494,7 +494,10 @@ def create_run(run_dir: str | Path, *, arch: str, num_classes: int, image_size: 
     if weights:
         load_weights(model, load_state_dict_file(weights), source=weights)  # validates before any write
     check_input_size(model, spec)  # an arch that cannot take the size: said, and no run left behind to --force
+    replaced = Path(run_dir, MANIFEST).exists()
     run = Run.create(run_dir, spec.to_dict(), force=force)
+    if replaced:  # the replaced model's training files, exports and report go with it
+        remove_replaced_outputs(run)
     save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": 0, "val_acc": None},
                run.file(CHECKPOINT))
     source = {"pretrained": pretrained, "weights": weights, "weights_sha256": sha256(weights) if weights else None,

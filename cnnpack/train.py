@@ -35,6 +35,10 @@ LAST = "last.pt"
 # what a training writes; `--force` removes the previous run's copies first, so a new run that
 # stops early can never be resumed from (or evaluated with) the old run's state
 TRAIN_FILES = (CHECKPOINT, LAST, "history.json", "curves.png", "confusion.png", "samples.png")
+# what the later stages write into a run (their records go with the old manifest): removed by `--force` too, so the
+# report and results a user opens in the folder are never the replaced model's (report.md quoted its accuracy)
+LATER_OUTPUTS = ("export", "verify.json", "bench.json", "bench.csv", "bench.png", "speedup.png", "precision.png",
+                 "served.json", "served", "tune.json", "tune.png", "tune", "report.md", "report.html")
 log = logging.getLogger("cnnpack")
 
 
@@ -384,9 +388,12 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     if is_main and resume:
         run = Run.open(run_dir)
     elif is_main:
+        replaced = run_dir.joinpath(MANIFEST).exists()
         run = Run.create(run_dir, spec.to_dict(), force=force, resume_hint=" or --resume to continue it")
         for name in TRAIN_FILES:
             run.file(name).unlink(missing_ok=True)
+        if replaced:
+            remove_replaced_outputs(run)
         run.set_stage("train", {"status": "running", "config": asdict(cfg), "data": data.summary()})
     else:
         run = Run(run_dir)
@@ -450,6 +457,19 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         raise Interrupted(f"interrupted after the last epoch ({kept}), while its plots were drawn; every epoch is "
                           f"kept in {run.file(LAST)}; continue with `cnnpack train --run {shell(run.path)} "
                           "--resume`, which draws them") from None
+
+
+def remove_replaced_outputs(run: Run) -> None:
+    """What a run replaced by `--force` (train, export --arch) wrote: its training files, exports, results and report
+    (`TRAIN_FILES`, `LATER_OUTPUTS`, eval-*.json). Other files in the folder stay."""
+    import shutil
+
+    names = (*TRAIN_FILES, *LATER_OUTPUTS)
+    for path in [*(run.file(n) for n in names), *run.path.glob("eval-*.json")]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _save_epoch(run: Run, model, spec: ModelSpec, opt, sched, epoch: int, stats: dict, history: list[dict],

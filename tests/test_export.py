@@ -217,6 +217,23 @@ def test_weights_file_round_trip(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 
 
+def test_export_arch_with_force_replaces_the_trained_run_and_its_files(tiny_run, tmp_path):
+    """export --arch --force over a trained run: the trained model's history, plots, exports and report went stale
+    beside the new model's checkpoint; they go with the run they belonged to (a user's own file stays)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    (run_dir / "export").mkdir()
+    (run_dir / "export" / "model.onnx").write_bytes(b"old")
+    (run_dir / "report.md").write_text("old")
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="already holds a run; pass --force"):
+        create_run(run_dir, arch="cnn", num_classes=3, image_size=32)
+    assert (run_dir / "report.md").exists() and (run_dir / "history.json").exists()  # refused: nothing lost
+    create_run(run_dir, arch="cnn", num_classes=3, image_size=32, force=True)
+    left = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+    assert left == ["checkpoint.pt", "cnnpack.json", "notes.txt"]
+
+
 @pytest.mark.slow
 def test_cli_export_and_errors(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
