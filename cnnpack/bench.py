@@ -404,6 +404,9 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         sizes = [of_files if ref.format == "checkpoint" and of_files else s for (_, ref), s in zip(pairs, sizes)]
     for (name, ref), wanted in zip(pairs, sizes):
         check_batch_sizes(ref, name, wanted)
+    # what is measured, taken before it is: a checkpoint that a resumed training replaces meanwhile is not this one
+    inputs = {ref.format: artifact_digest(ref.record) if ref.record.get("sha256") else sha256(ref.path)
+              for _, ref in pairs}
     device = resolve_device(cfg.device)
     cfg = BenchConfig(**{**asdict(cfg), "threads": cfg.threads or torch.get_num_threads()})
     host = machine()
@@ -421,7 +424,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     if not ctx.results:
         raise RuntimeUnavailable("no runtime could run here: " + "; ".join(dict.fromkeys(ctx.skipped.values())))
     host["load_avg_1_5_15_end"] = load_avg()
-    section = make_section(ctx, host, [ref for _, ref in pairs])
+    section = make_section(ctx, host, inputs)
     with run.committing():  # merged with the recorded section, written and recorded as one step (Ctrl-C waits)
         old = previous_section(run)  # rows of served models (bench --triton-url) stay; local rows are measured together
         # (speedups and shares compare rows of one run), so an earlier run's local rows are replaced, and named
@@ -439,7 +442,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
     return run.read()["stages"]["bench"]
 
 
-def make_section(ctx: BenchContext, host: dict, refs: list) -> dict:
+def make_section(ctx: BenchContext, host: dict, inputs: dict) -> dict:
     """stages.bench; machine_peak_gflops is the fp32 ceiling (the best fp32 rate measured during the run)."""
     speedups(ctx.results)
     rates = [m["gflops"] for m in ctx.matmul]
@@ -456,8 +459,7 @@ def make_section(ctx: BenchContext, host: dict, refs: list) -> dict:
             "over_ceiling": over, "ceilings_cache": ctx.ceilings_cache,
             "model": f"{spec['arch']}@{spec['image_size']}px", "model_gflops_per_image": ctx.flops_per_image / 1e9,
             "threads": ctx.cfg.threads, "device": str(ctx.device), "results": ctx.results, "skipped": ctx.skipped,
-            "inputs": {ref.format: artifact_digest(ref.record) if ref.record.get("sha256") else sha256(ref.path)
-                       for ref in refs},
+            "inputs": inputs,
             "machine": host, "libraries": library_versions(), "config": asdict(ctx.cfg), "notes": NOTES}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 
-from cnnpack.rundir import Run, atomic_write_text
+from cnnpack.rundir import Run, atomic_write_text, identity
 
 
 def export_command(run: Run, fmt: str, cfg: dict) -> str:
@@ -33,7 +33,10 @@ def _on_this_run(command: str) -> str:
 
 def write_reproduce(run: Run) -> None:
     """export/reproduce.sh: the command that made each recorded artifact (a derived one records its own)."""
-    arts = run.read()["stages"]["export"]["artifacts"]
+    m = run.read()
+    if run.opened_as not in (None, identity(m)):  # replaced since the command opened it: not this command's script
+        return
+    arts = m["stages"]["export"]["artifacts"]
     lines = [f"# {fmt}: {rec['path']} (sha256 {rec['sha256'][:12]}...)\n"
              f"{_on_this_run(rec.get('command') or export_command(run, fmt, rec['config']))}" for fmt, rec in arts.items()]
     script = run.file("export/reproduce.sh")

@@ -15,12 +15,13 @@ import os
 import platform
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from cnnpack import __version__
-from cnnpack.errors import MissingStageError, UserInputError, shell
+from cnnpack.errors import MissingStageError, StageFailed, UserInputError, shell
 from cnnpack.manifest_shape import manifest_problem
 
 SCHEMA_VERSION = 1
@@ -208,6 +209,12 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def identity(manifest: dict) -> tuple:
+    """Which run a manifest is: `train --force` writes a new one in the same folder (`created`, and `run_id` where
+    the manifest has one: older ones do not)."""
+    return manifest.get("created"), manifest.get("run_id")
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -221,6 +228,7 @@ class Run:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.opened_as: tuple | None = None  # `identity` when `open` read it: a run replaced since is not written to
 
     # -- creation / opening -------------------------------------------------------------
     @classmethod
@@ -238,7 +246,7 @@ class Run:
             raise UserInputError(
                 f"{run.path} is not a cnnpack run (no {MANIFEST}); create one with `cnnpack train`"
             )
-        run.read()  # fail early on a corrupt manifest
+        run.opened_as = identity(run.read())  # fail early on a corrupt manifest
         return run
 
     @classmethod
@@ -259,6 +267,7 @@ class Run:
             {
                 "schema_version": SCHEMA_VERSION,
                 "created": now(),
+                "run_id": uuid.uuid4().hex,  # tells apart two runs created in one second (`identity`)
                 "tool": {"name": "cnnpack", "version": __version__},
                 "libraries": library_versions(),
                 "machine": {"platform": platform.platform(), "processor": platform.machine(),
@@ -305,9 +314,18 @@ class Run:
         that two commands on one run (a bench while a tune runs) never write over each other's stage."""
         with self._locked():
             manifest = self.read()
+            self._check_not_replaced(manifest)
             fn(manifest)
             self.write(manifest)
         return manifest
+
+    def _check_not_replaced(self, manifest: dict | None = None) -> None:
+        """Under the lock: refuses to write into a run that `train --force` (or `export --arch --force`) replaced
+        since this command opened it. A bench that measured the old model recorded its rows in the new model's
+        manifest, under the new checkpoint's digest."""
+        if self.opened_as is not None and identity(manifest or self.read()) != self.opened_as:
+            raise StageFailed(f"{self.path} was replaced by a new run (trained again with --force) while this "
+                              "command ran on the old one; nothing was recorded: run the command again")
 
     def check_writable(self) -> None:
         """Raises OSError (the CLI names the path) where the manifest could not be written now: called before a
@@ -325,6 +343,7 @@ class Run:
         before or after, never between), then with Ctrl-C held back until both are done (not while waiting for
         the lock: a Ctrl-C there stops the command)."""
         with self._locked(), sigint_deferred():
+            self._check_not_replaced()
             yield
 
     @contextlib.contextmanager

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from cnnpack.bench import BenchConfig, Window, agree, bench
-from cnnpack.errors import MissingStageError, UserInputError
+from cnnpack.errors import MissingStageError, StageFailed, UserInputError
 from cnnpack.export import ExportConfig, export
 from cnnpack.rundir import Run
 
@@ -153,6 +153,32 @@ def test_the_header_built_ahead_is_the_one_inductor_compiles_with(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     out = subprocess.run([sys.executable, "-c", HEADER_BUILD], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith("ok " + str(tmp_path)), out.stdout + out.stderr[-3000:]
+
+
+def test_a_run_replaced_while_bench_measured_gets_none_of_its_rows(exported, tmp_path):
+    """`train --force` while a bench measured the old model: the bench recorded the old model's rows in the new
+    run's manifest (under the new checkpoint's digest) and report.md showed them. Now the bench records nothing."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(exported, run_dir)
+    out = run_dir / "bench.json"
+    before = out.read_bytes() if out.exists() else None  # a module bench may have written one
+    replaced = []
+
+    def train_again(text: str) -> None:  # what `cnnpack train --run R --force` does, while bench measures
+        if "batch 1" in text and not replaced:
+            replaced.append(Run.create(run_dir, Run.open(run_dir).model_spec, force=True))
+
+    cfg = BenchConfig(runtimes=("eager",), batch_sizes=(1,), threads=1, max_seconds=0.2, warmup_s=0.05,
+                      matmul_s=0.05)
+    with pytest.raises(StageFailed, match=r"was replaced by a new run \(trained again with --force\) while this "
+                                          r"command ran on the old one; nothing was recorded"):
+        bench(run_dir, cfg, progress=train_again)
+    assert replaced and "bench" not in Run.open(run_dir).read()["stages"]
+    assert (out.read_bytes() if out.exists() else None) == before
+    with pytest.raises(StageFailed, match="was replaced"):  # any command's write: a stage record too
+        stale = Run.open(tmp_path / "run")
+        Run.create(run_dir, stale.model_spec, force=True)
+        stale.set_stage("verify", {"status": "ok"})
 
 
 @pytest.mark.parametrize("cfg, message", [
