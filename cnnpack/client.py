@@ -277,6 +277,13 @@ class Client:
         rows = index.get("models", []) if isinstance(index, dict) else index
         return sorted({m["name"] for m in rows if m.get("state", "READY") == "READY"})
 
+    def versions(self, name: str) -> list[str]:
+        """The versions of model `name` the server has ready (its metadata); a request without a version reaches
+        the highest of them."""
+        meta = self._call(f"reading the metadata of {name}", self._client.get_model_metadata, name,
+                          **({"as_json": True} if self.protocol == "grpc" else {}))
+        return sorted(meta.get("versions") or [], key=lambda v: int(v) if str(v).isdigit() else -1)
+
     def model(self, name: str) -> ServedModel:
         """The model's config as the server reports it; UserInputError naming the served ones if absent."""
         extra = {"as_json": True} if self.protocol == "grpc" else {}

@@ -48,9 +48,28 @@ class TritonRuntime:
             raise UserInputError(f"{model.name} takes encoded image bytes (an ensemble); verify and bench the "
                                  f"classifier it wraps instead (--model {classifier})")
         rt = cls(client, model, artifact.format)
+        rt.info["versions"] = client.versions(model.name)
         if artifact.run is not None:
             rt.check_fits(artifact.run.model_spec)
+            rt.check_version(artifact.run)
         return rt
+
+    def check_version(self, run) -> None:
+        """Refuses a server that answers with another version of the run's model than the one `cnnpack triton` laid
+        out for it (a server started before the run's new version was added): bench recorded that version's figures
+        as the run's and verify failed on a bare parity error."""
+        from cnnpack.errors import shell
+
+        stage = run.read().get("stages", {}).get("triton") or {}
+        served = self.info["versions"]
+        if stage.get("status") != "ok" or stage.get("name") != self.model.name or not served:
+            return
+        if str(served[-1]) != str(stage.get("version")):
+            raise UserInputError(
+                f"Triton at {self.client.url} answers for {self.model.name} with version {served[-1]}, but the run's "
+                f"model is version {stage.get('version')} of it (in {stage.get('repository')}): the server has not "
+                f"loaded it; restart the server on that repository (`cnnpack serve --run {shell(run.path)}`), or "
+                "name another --model")
 
     def check_fits(self, spec: dict) -> None:
         """Refuses a served model whose input or classes do not fit the run's model."""

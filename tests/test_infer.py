@@ -435,6 +435,28 @@ def test_served_rows_are_held_to_the_run_s_ceilings_when_the_server_shares_this_
     assert not on_this_machine("10.0.0.5:8001") and not on_this_machine("triton.example:8001")
 
 
+def test_a_server_answering_with_another_version_of_the_runs_model_is_refused(server, served_run, tmp_path):
+    """The run's `cnnpack triton` added version 2 of cnn_onnx after the server loaded version 1: bench --triton-url
+    recorded version 1's figures as the run's (the report put them under "version 2") and verify failed on a bare
+    parity error. The run's record is changed by hand here, as a second export and layout would change it."""
+    from cnnpack.bench import BenchConfig
+    from cnnpack.bench_served import ServedConfig, bench_served
+    from cnnpack.rundir import Run
+    from cnnpack.verify import served_target
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(served_run[0], run_dir)
+    Run(run_dir).update(lambda m: m["stages"]["triton"].update(version=2, versions=[1, 2]))
+    said = (r"Triton at \S+ answers for cnn_onnx with version 1, but the run's model is version 2 "
+            r"of it \(in .+\): the server has not loaded it; restart the server on that repository")
+    cfg = BenchConfig(batch_sizes=(1,), max_seconds=0.2, matmul_s=0.05, plot=False)
+    with pytest.raises(UserInputError, match=said):
+        bench_served(run_dir, ServedConfig(url=server.http_address, model="cnn_onnx", concurrency=(1,)), cfg)
+    with pytest.raises(UserInputError, match=said):  # what `cnnpack verify --triton-url` checks first
+        served_target(run_dir, server.http_address, "cnn_onnx")
+    assert "bench" not in Run.open(run_dir).read()["stages"]
+
+
 @pytest.mark.skipif(shutil.which("perf_analyzer") is None, reason="perf_analyzer is not on PATH (the tritonclient "
                     "2.41.0 wheel's data/bin/perf_analyzer, with libb64-0d and libcudart.so.12)")
 def test_perf_analyzer_measures_a_served_row_and_says_so(server, served_run, tmp_path):
