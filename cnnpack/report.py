@@ -14,11 +14,11 @@ from cnnpack.artifacts import checkpoint_digest, other_source
 from cnnpack.errors import count, shell
 from cnnpack.report_render import Block, num, pct, to_html, to_markdown
 from cnnpack.report_serving import deploy_section, served_section, triton_section, tune_section
-from cnnpack.rundir import Run, artifact_changed, place, scratch_beside, sigint_deferred
+from cnnpack.rundir import Run, artifact_changed, place, scratch_beside, sha256, sigint_deferred
 
 
 # -- content --------------------------------------------------------------------------------
-def _data_and_training(m: dict) -> list[Block]:
+def _data_and_training(m: dict, run: Run) -> list[Block]:
     t = m.get("stages", {}).get("train")
     if not t:
         src = m.get("stages", {}).get("model", {}).get("source", {})
@@ -44,7 +44,22 @@ def _data_and_training(m: dict) -> list[Block]:
     out += [Block("img", text=alt, path=f) for f, alt in
             (("curves.png", "training curves"), ("confusion.png", "confusion matrix"),
              ("samples.png", "validation predictions")) if f in {v["path"] for v in t.get("outputs", {}).values()}]
-    return out
+    return out + _checkpoint_note(t, run)
+
+
+def _checkpoint_note(t: dict, run: Run) -> list[Block]:
+    """A note where the checkpoint training recorded is missing or no longer its bytes (the report said nothing,
+    while export, verify and bench refuse such a run)."""
+    rec = t.get("outputs", {}).get("checkpoint") or {}
+    if not rec.get("path"):
+        return []
+    path = run.file(rec["path"])
+    if path.is_file() and sha256(path) == rec.get("sha256"):
+        return []
+    what = "is missing" if not path.is_file() else "is not the one training wrote (its sha256 differs)"
+    return [Block("p", f"**Checkpoint changed on disk**: `{rec['path']}` {what}: the figures above are of the model "
+                       "as trained; export, verify and bench need it back (restore it, or train the run again: "
+                       "`cnnpack train --force` replaces it).")]
 
 
 def _sessions(t: dict) -> str:
@@ -337,7 +352,7 @@ def build(run: Run) -> list[Block]:
                        f"onnxruntime {m['libraries'].get('onnxruntime-gpu') or m['libraries'].get('onnxruntime')} · "
                        f"{m['machine']['platform']}, {m['machine']['cpu_count']} CPUs")]
     gone = _changed_on_disk(m, run)
-    return (head + _data_and_training(m) + _export(m, run, gone) + _verify(m, run, gone) + _bench(m, run)
+    return (head + _data_and_training(m, run) + _export(m, run, gone) + _verify(m, run, gone) + _bench(m, run)
             + _precision(m, run) + triton_section(m, run) + served_section(m) + tune_section(m, run)
             + deploy_section(m, run))
 

@@ -432,6 +432,22 @@ def test_the_report_says_an_export_was_never_verified():
     assert "**Not verified**: verify stopped (interrupted) before its verdict" in _verify({"stages": stopped})[1].text
 
 
+def test_the_report_says_the_checkpoint_is_missing_or_changed(tmp_path):
+    """A deleted checkpoint.pt: the report said nothing (a deleted export is "missing"), while export, verify and
+    bench refuse the run."""
+    from cnnpack.report import _checkpoint_note
+    from cnnpack.rundir import Run, sha256
+
+    run = Run(tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"weights")
+    train = {"outputs": {"checkpoint": {"path": "checkpoint.pt", "sha256": sha256(tmp_path / "checkpoint.pt")}}}
+    assert _checkpoint_note(train, run) == []
+    (tmp_path / "checkpoint.pt").write_bytes(b"other weights")
+    assert "`checkpoint.pt` is not the one training wrote" in _checkpoint_note(train, run)[0].text
+    (tmp_path / "checkpoint.pt").unlink()
+    assert _checkpoint_note(train, run)[0].text.startswith("**Checkpoint changed on disk**: `checkpoint.pt` is missing")
+
+
 def test_the_report_leaves_out_a_triton_or_served_stage_that_failed():
     """A pipeline that failed at triton records {status, error} alone: the report read its repository (KeyError)."""
     from cnnpack.report_serving import served_section, triton_section
