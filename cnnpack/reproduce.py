@@ -32,16 +32,51 @@ def _on_this_run(command: str) -> str:
 
 
 def write_reproduce(run: Run) -> None:
-    """export/reproduce.sh: the command that made each recorded artifact (a derived one records its own)."""
+    """export/reproduce.sh: the command that made each recorded artifact (a derived one records its own).
+
+    A derived artifact (the OpenVINO IR, an int8 model) is made from the file its `source` names as it was then.
+    Where that file was exported again since (`--input normalized`, a static batch), the script runs the
+    derived one's commands first: the IR's after re-creating its ONNX source with the IR's own export options;
+    an int8 model, whose source's options are not recorded, is named as not re-creatable here rather than
+    quantized from another file (the script stopped at the IR's line, or quantized the new ONNX file)."""
     m = run.read()
     if run.opened_as not in (None, identity(m)):  # replaced since the command opened it: not this command's script
         return
     arts = m["stages"]["export"]["artifacts"]
-    lines = [f"# {fmt}: {rec['path']} (sha256 {rec['sha256'][:12]}...)\n"
-             f"{_on_this_run(rec.get('command') or export_command(run, fmt, rec['config']))}" for fmt, rec in arts.items()]
+
+    def made(fmt: str, rec: dict) -> str:
+        return _on_this_run(rec.get("command") or export_command(run, fmt, rec["config"]))
+
+    def head(fmt: str, rec: dict) -> str:
+        return f"# {fmt}: {rec['path']} (sha256 {rec['sha256'][:12]}...)"
+
+    def stale(rec: dict) -> dict:  # the source a derived artifact was made from, where it is no longer that file
+        src = rec.get("source") or {}
+        return src if src and (arts.get(src.get("format")) or {}).get("sha256") != src.get("sha256") else {}
+
+    first: dict[str, list[str]] = {}  # an earlier source re-created (by its sha256): the lines made from it
+    for fmt, rec in arts.items():
+        src = stale(rec)
+        if fmt == "openvino" and src and rec.get("config") and not rec.get("command"):
+            first.setdefault(src.get("sha256"), []).append(
+                f"{head(fmt, rec)}, converted from an earlier {src['format']} export (sha256 "
+                f"{src.get('sha256', '')[:12]}...), re-created first with the IR's own options\n"
+                f"{_on_this_run(export_command(run, src['format'], rec['config']))}\n{made(fmt, rec)}")
+    lines = []
+    for fmt, rec in arts.items():
+        src = stale(rec)
+        if not src:
+            lines.append(f"{head(fmt, rec)}\n{made(fmt, rec)}")
+        elif src.get("sha256") in first and fmt != "openvino":  # made from the file the IR's block re-creates
+            first[src["sha256"]].append(f"{head(fmt, rec)}, from that earlier {src['format']} export\n{made(fmt, rec)}")
+        elif fmt != "openvino" or src.get("sha256") not in first:
+            lines.append(f"{head(fmt, rec)}\n# made from an earlier {src.get('path') or src.get('format')} (sha256 "
+                         f"{src.get('sha256', '')[:12]}...), exported again since with options this run does not "
+                         f"record: not re-created here")
+    first_lines = [line for block in first.values() for line in block]
     script = run.file("export/reproduce.sh")
     atomic_write_text(script, "#!/usr/bin/env bash\n# Re-creates the artifacts of this run exactly as they were made.\n"
                       "set -euo pipefail\n"
                       "RUN=\"$(cd \"$(dirname \"${BASH_SOURCE[0]}\")/..\" && pwd)\"  # the run holding this script, "
-                      "from any folder (and in a copy, the copy)\n" + "\n".join(lines) + "\n")
+                      "from any folder (and in a copy, the copy)\n" + "\n".join(first_lines + lines) + "\n")
     os.chmod(script, 0o755)

@@ -217,6 +217,45 @@ def test_weights_file_round_trip(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 
 
+def test_reproduce_sh_makes_what_came_from_an_earlier_onnx_export_before_exporting_it_again(tmp_path):
+    """export all + quantize, then `export --format onnx --input normalized`: the script's OpenVINO line converted
+    the new ONNX file (refused: it takes normalized pixels) and its quantize line quantized the new file. Now the IR's
+    source is re-created first with the IR's own options, and what was made from the same file follows it; an artifact
+    of a source the run cannot re-create is said, not made from another file."""
+    from cnnpack.reproduce import write_reproduce
+    from cnnpack.spec import ModelSpec
+
+    run = Run.create(tmp_path / "run", ModelSpec(arch="cnn", num_classes=2, classes=("a", "b"), image_size=32).to_dict())
+    raw = {"exporter": "dynamo", "opset": 18, "max_batch_size": 64, "static_batch": None, "torchscript_mode": "trace",
+           "input": "raw", "device": "cpu"}
+    io = {"input": {"name": "input", "dtype": "float32", "shape": [-1, 3, 32, 32]},
+          "output": {"name": "logits", "dtype": "float32", "shape": [-1, 2]}, "max_batch_size": 64}
+    arts = {"onnx": {"path": "export/model.onnx", "sha256": "b" * 64, "config": {**raw, "input": "normalized"}},
+            "openvino": {"path": "export/openvino/model.xml", "sha256": "c" * 64, "config": raw,
+                         "source": {"format": "onnx", "sha256": "a" * 64}},
+            "onnx_int8": {"path": "export/model.int8.onnx", "sha256": "d" * 64, "command": "cnnpack quantize --run x",
+                          "source": {"format": "onnx", "path": "export/model.onnx", "sha256": "a" * 64}},
+            "openvino_int8": {"path": "export/openvino_int8/model.xml", "sha256": "e" * 64,
+                              "command": "cnnpack quantize --run x --backend openvino",
+                              "source": {"format": "openvino", "sha256": "c" * 64}}}
+    arts = {fmt: {**io, **rec} for fmt, rec in arts.items()}
+    run.update(lambda m: m["stages"].update(export={"status": "ok", "artifacts": arts}))
+    (tmp_path / "run" / "export").mkdir()
+    write_reproduce(run)
+    commands = [line for line in (tmp_path / "run/export/reproduce.sh").read_text().splitlines()
+                if line.startswith("cnnpack ")]
+    assert [c.split(" --exporter")[0] for c in commands] == [
+        'cnnpack export --run "$RUN" --format onnx', 'cnnpack export --run "$RUN" --format openvino',
+        'cnnpack quantize --run "$RUN"', 'cnnpack export --run "$RUN" --format onnx',
+        'cnnpack quantize --run "$RUN" --backend openvino']
+    assert "--input raw" in commands[0] and "--input normalized" in commands[3]
+    del arts["openvino"], arts["openvino_int8"]  # nothing re-creates the earlier ONNX file: the int8 one is said
+    run.update(lambda m: m["stages"]["export"].update(artifacts=arts))
+    write_reproduce(run)
+    script = (tmp_path / "run/export/reproduce.sh").read_text()
+    assert "cnnpack quantize" not in script and "exported again since with options this run does not record" in script
+
+
 def test_export_arch_with_force_replaces_the_trained_run_and_its_files(tiny_run, tmp_path):
     """export --arch --force over a trained run: the trained model's history, plots, exports and report went stale
     beside the new model's checkpoint; they go with the run they belonged to (a user's own file stays)."""
