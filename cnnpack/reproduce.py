@@ -48,7 +48,9 @@ def write_reproduce(run: Run) -> None:
         return _on_this_run(rec.get("command") or export_command(run, fmt, rec["config"]))
 
     def head(fmt: str, rec: dict) -> str:
-        return f"# {fmt}: {rec['path']} (sha256 {rec['sha256'][:12]}...)"
+        return f"# {fmt}: {rec['path']} (sha256 {rec['sha256'][:12]}...)" + (
+            ": the same model, not the same bytes (torch writes a random serialization id and generated kernel "
+            "names into a package; `cnnpack verify` checks what it computes)" if fmt == "pt2" else "")
 
     def stale(rec: dict) -> dict:  # the source a derived artifact was made from, where it is no longer that file
         src = rec.get("source") or {}
