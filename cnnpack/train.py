@@ -38,7 +38,7 @@ TRAIN_FILES = (CHECKPOINT, LAST, "history.json", "curves.png", "confusion.png", 
 # what the later stages write into a run (their records go with the old manifest): removed by `--force` too, so the
 # report and results a user opens in the folder are never the replaced model's (report.md quoted its accuracy)
 LATER_OUTPUTS = ("export", "verify.json", "bench.json", "bench.csv", "bench.png", "speedup.png", "precision.png",
-                 "served.json", "served", "tune.json", "tune.png", "tune", "report.md", "report.html")
+                 "served.json", "served", "tune.json", "tune.png", "tune", "report.md", "report.html", "deploy")
 log = logging.getLogger("cnnpack")
 
 

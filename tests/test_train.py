@@ -207,6 +207,7 @@ def test_existing_run_is_refused_unless_force(tiny_run, tiny_data, tmp_path):
     # the replaced model's exports, results and report go with it (report.md quoted its accuracy); the user's stay
     (run / "export" / "openvino").mkdir(parents=True)
     (run / "export" / "openvino" / "model.xml").write_text("<net/>")
+    (run / "deploy" / "kubernetes").mkdir(parents=True)
     for name in ("report.md", "report.html", "bench.json", "verify.json", "eval-onnx.json", "notes.txt"):
         (run / name).write_text("old")
     section = train(run, cfg, force=True, progress=False)
