@@ -167,6 +167,26 @@ def estimate_s(settings: list[Setting], cfg: TuneConfig) -> float:
                for s in settings)
 
 
+def laid_out_settings(repository: str, model: str) -> dict:
+    """What tune does not vary, as the model's config.pbtxt in the repository has it (TritonConfig fields): the batch
+    cap, the preferred batch sizes, warm-up, the instance kind. Tune built its configs from the defaults and dropped
+    `--max-batch-size 4` and `--warmup` from the points it measured and from the winner it wrote."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    try:
+        mc = text_format.Parse(Path(repository, model, "config.pbtxt").read_text(encoding="utf-8"), pb.ModelConfig())
+    except (OSError, UnicodeDecodeError, text_format.ParseError):
+        return {}  # no readable config: `cnnpack triton`'s defaults, as before
+    out: dict = {"warmup": bool(mc.model_warmup),
+                 "preferred_batch_sizes": tuple(mc.dynamic_batching.preferred_batch_size)}
+    if mc.max_batch_size > 0:
+        out["max_batch_size"] = mc.max_batch_size
+    if any(g.kind == pb.ModelInstanceGroup.KIND_GPU for g in mc.instance_group):
+        out["device"] = "gpu"
+    return out
+
+
 def model_config_json(run: Run, s: Setting, repository: str, *, local: bool = False) -> str:
     """The ModelConfig of a setting, as the JSON Triton's load API takes (snake_case field names); with `local`,
     as the local Triton 2.51 reads it (a pt2 model without `platform: "torch_aoti"`, see triton_release.py)."""
@@ -175,8 +195,11 @@ def model_config_json(run: Run, s: Setting, repository: str, *, local: bool = Fa
     from cnnpack.triton_release import local_config
     from cnnpack.triton_repo import TritonConfig, classifier_config, model_io
 
+    kept = laid_out_settings(repository, s.model)
+    if not s.dynamic_batching:
+        kept.pop("preferred_batch_sizes", None)
     tc = TritonConfig(repository=repository, name=s.model, format=s.format, instances=s.instances, threads=s.threads,
-                      dynamic_batching=s.dynamic_batching, max_queue_delay_us=s.queue_delay_us)
+                      dynamic_batching=s.dynamic_batching, max_queue_delay_us=s.queue_delay_us, **kept)
     io, _, _ = model_io(run, tc)
     mc = classifier_config(s.model, io, tc)
     if s.bf16:  # the OpenVINO backends read HINT_BF16; verify holds a model whose precision says bf16 to that contract

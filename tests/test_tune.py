@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cnnpack.errors import MissingStageError, ParityError, UserInputError
+from cnnpack.rundir import Run
 
 pytestmark = pytest.mark.triton
 serve = pytest.importorskip("cnnpack.serve")
@@ -104,6 +105,27 @@ def test_bad_input(laid_out, cfg, message):
 
     with pytest.raises(UserInputError, match=message):
         tune(laid_out, TuneConfig(**{**SMALL, **cfg}))
+
+
+def test_the_configs_tune_measures_and_writes_keep_what_the_layout_chose_and_tune_does_not_vary(laid_out, tmp_path):
+    """`cnnpack triton --max-batch-size 4 --warmup --preferred-batch-sizes 2,4`: tune's points and its winner were
+    built from the defaults, so the winner written over config.pbtxt had max_batch_size 16 and no warm-up."""
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from cnnpack.triton_repo import TritonConfig, build
+    from cnnpack.tune import Setting, model_config_json
+
+    run, repo = _copy(laid_out, tmp_path)
+    build(run, TritonConfig(repository=str(repo), threads=1, max_batch_size=4, warmup=True, preferred_batch_sizes=(2, 4)))
+    s = Setting("cnn_onnx", "onnx", instances=2, threads=1, queue_delay_us=300)
+    mc = json_format.Parse(model_config_json(Run.open(run), s, str(repo)), pb.ModelConfig())
+    assert mc.max_batch_size == 4 and len(mc.model_warmup) > 0
+    assert list(mc.dynamic_batching.preferred_batch_size) == [2, 4]
+    assert mc.dynamic_batching.max_queue_delay_microseconds == 300 and mc.instance_group[0].count == 2  # varied
+    unbatched = json_format.Parse(model_config_json(Run.open(run), Setting("cnn_onnx", "onnx", dynamic_batching=False),
+                                                    str(repo)), pb.ModelConfig())
+    assert unbatched.max_batch_size == 4 and not unbatched.HasField("dynamic_batching")
 
 
 def test_a_run_without_a_repository_is_refused(tiny_run):
