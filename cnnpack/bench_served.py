@@ -24,6 +24,7 @@ from cnnpack.bench_ceilings import hold_to_ceilings, over_ceiling
 from cnnpack.bench_outputs import write_outputs
 from cnnpack.errors import UserInputError
 from cnnpack.host import load_avg, machine, torch_threads
+from cnnpack.loadclient import check_concurrency
 from cnnpack.loadgen import describe, load, resolve
 from cnnpack.rundir import Run
 
@@ -47,8 +48,7 @@ class ServedConfig:
         resolve(self.load_generator)
         if self.model == "":
             raise UserInputError("--model is empty; name the served model (see `cnnpack serve`'s list)")
-        if not self.concurrency or min(self.concurrency) < 1:
-            raise UserInputError(f"--concurrency must be integers >= 1, got {list(self.concurrency)}")
+        check_concurrency(self.concurrency)
 
 
 def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = BenchConfig(batch_sizes=(1,)), *,

@@ -42,12 +42,21 @@ from cnnpack.http_wire import HttpConnection, server_error
 from cnnpack.measure import Window
 
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+# requests in flight at most: over HTTP each is a connection (a file descriptor, 1,024 by default on Linux); an
+# absurd --concurrency (1e8) grew the client to gigabytes opening them, deaf to Ctrl-C, and orphaned tune's server
+MAX_CONCURRENCY = 1000
+
+
+def check_concurrency(values) -> None:
+    """Refuses a --concurrency list with a value below 1 or above MAX_CONCURRENCY, in one line."""
+    if not values or min(values) < 1 or max(values) > MAX_CONCURRENCY:
+        raise UserInputError(f"--concurrency must be integers from 1 to {MAX_CONCURRENCY:,} (requests in flight), "
+                             f"got {list(values)}")
 
 
 class Load:
     def __init__(self, client, model, batch: np.ndarray, concurrency: int) -> None:
-        if concurrency < 1:
-            raise UserInputError(f"--concurrency must be >= 1, got {concurrency}")
+        check_concurrency((concurrency,))
         self.client, self.model, self.batch, self.concurrency = client, model, batch, concurrency
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wire: _Grpc | _Http | None = None

@@ -20,6 +20,7 @@ import numpy as np
 
 from cnnpack.client import PROTOCOL_NAMES
 from cnnpack.errors import StageFailed, UserInputError
+from cnnpack.loadclient import check_concurrency
 from cnnpack.rundir import Run, atomic_write_json
 
 OUTPUT = "served.json"
@@ -39,8 +40,7 @@ class ServedConfig:
     def validate(self) -> None:
         if self.images < 1:
             raise UserInputError(f"--infer-images must be >= 1, got {self.images}")
-        if not self.concurrency or min(self.concurrency) < 1:
-            raise UserInputError(f"--concurrency must be integers >= 1, got {list(self.concurrency)}")
+        check_concurrency(self.concurrency)
 
 
 def pick_images(run: Run, n: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError, shell
+from cnnpack.loadclient import check_concurrency
 from cnnpack.peak import usable_cores
 from cnnpack.rundir import Run, atomic_write_bytes, atomic_write_json
 from cnnpack.servable import servable
@@ -72,8 +73,8 @@ class TuneConfig:
             raise UserInputError(f"--latency-budget-ms must be > 0 and under an hour, got {self.latency_budget_ms}")
         if self.objective not in OBJECTIVES:
             raise UserInputError(f"--objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
-        for flag, values in (("--concurrency", self.concurrency), ("--instances", self.instances),
-                             ("--threads", self.threads)):
+        check_concurrency(self.concurrency)
+        for flag, values in (("--instances", self.instances), ("--threads", self.threads)):
             if not values or min(values) < 1:
                 raise UserInputError(f"{flag} must be integers >= 1, got {list(values)}")
         if self.queue_delays_us and min(self.queue_delays_us) < 0:

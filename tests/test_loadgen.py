@@ -56,3 +56,22 @@ def test_perf_analyzer_is_given_the_callers_pixels_in_the_models_dtype_not_rando
                          input_shape=(1,), output="logits", num_classes=6, max_batch_size=64)
     with pytest.raises(UserInputError, match="takes encoded image bytes"):
         input_data(images, batch, tmp_path / "bytes.json")
+
+
+def test_a_concurrency_past_the_bound_is_refused_before_any_connection_or_server():
+    """tune --concurrency 100000000 grew to gigabytes opening connections, deaf to Ctrl-C, and left its Triton
+    running when killed: bench --triton-url, the pipeline and tune refuse it in one line now."""
+    from cnnpack.bench_served import ServedConfig
+    from cnnpack.loadclient import MAX_CONCURRENCY, Load
+    from cnnpack.pipeline_config import PipelineConfig
+    from cnnpack.tune import TuneConfig
+
+    said = rf"--concurrency must be integers from 1 to {MAX_CONCURRENCY:,} \(requests in flight\), got \[1, 100000000\]"
+    for cfg in (ServedConfig(url="127.0.0.1:8000", concurrency=(1, 100_000_000)),
+                TuneConfig(latency_budget_ms=10, concurrency=(1, 100_000_000)),
+                PipelineConfig(concurrency=(1, 100_000_000))):
+        with pytest.raises(UserInputError, match=said):
+            cfg.validate()
+    with pytest.raises(UserInputError, match=r"got \[0\]"):
+        Load(None, None, np.zeros((1, 3, 8, 8), np.float32), concurrency=0)
+    ServedConfig(url="127.0.0.1:8000", concurrency=(1, MAX_CONCURRENCY)).validate()
