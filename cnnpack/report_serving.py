@@ -123,6 +123,8 @@ def served_section(m: dict) -> list[Block]:
 def tune_section(m: dict, run: Run) -> list[Block]:
     """Recommended serving config: the tune stage's winner, its plot and the commands that serve it."""
     t = m.get("stages", {}).get("tune")
+    if t and not t.get("winner") and (t.get("kept") or {}).get("winner"):
+        return _kept_section(m, run)
     if not t or not t.get("winner"):
         return []
     from cnnpack.tune_outputs import describe
@@ -139,6 +141,23 @@ def tune_section(m: dict, run: Run) -> list[Block]:
             Block("table", rows=rows), Block("img", text="images/s against p99 per served config", path="tune.png"),
             *([Block("code", text=f"cnnpack serve --repository {shell(repo)}\n{docker_line(repo)}")] if repo else []),
             Block("p", _tuned_state(m["stages"], w, run))]
+
+
+def _kept_section(m: dict, run: Run) -> list[Block]:
+    """The last tune chose nothing (its budget, a server that died) and changed no config; the one an earlier tune
+    wrote, while still served, is the recommended config (the section was left out and deploy sized by the defaults)."""
+    from cnnpack.triton_config import served_winner
+
+    t, w = m["stages"]["tune"], served_winner(m["stages"])
+    last = (f"The last `cnnpack tune` (p99 budget {t['config']['latency_budget_ms']:g} ms, {len(t['points'])} "
+            "configurations measured) chose none and changed no config.")
+    if not w:
+        return [Block("h2", "Recommended serving config"),
+                Block("p", last + " The config an earlier tune wrote is no longer served (undone, or laid out again).")]
+    return [Block("h2", "Recommended serving config"),
+            Block("p", f"{last} The config an earlier tune wrote is still served: {w['label']} at concurrency "
+                       f"{w['concurrency']}, {w['throughput_ips']:,.0f} images/s, p99 {w['latency_ms_p99']:.2f} ms "
+                       f"(`cnnpack tune --run {shell(run.path)} --undo` restores the one before it).")]
 
 
 def deploy_section(m: dict, run: Run) -> list[Block]:

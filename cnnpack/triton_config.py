@@ -262,11 +262,24 @@ def tune_records(stages: dict) -> dict[str, dict]:
     return entries
 
 
+def served_winner(stages: dict) -> dict | None:
+    """The tune winner whose config.pbtxt the repository serves now: the last tune's, or, where the last tune failed
+    or wrote nothing, the one an earlier tune wrote and it kept on record (`kept`); None when none is in place."""
+    tune = stages.get("tune") or {}
+    if not tuned_in_place(stages):
+        return None
+    if tune.get("status") == "ok" and tune.get("written"):
+        return tune.get("winner")
+    return (tune.get("kept") or {}).get("winner")
+
+
 def tuned_in_place(stages: dict) -> dict | None:
-    """The config.pbtxt `cnnpack tune` wrote (its `written` record) while it is still the one in the repository:
-    None when tune wrote nothing, was undone, or a later `cnnpack triton` put the defaults back."""
+    """The config.pbtxt `cnnpack tune` wrote (its `written` record, or the `kept` one of an earlier tune where the last
+    wrote nothing) while it is still the one in the repository: None when no tune wrote one, it was undone, or a later
+    `cnnpack triton` put the defaults back."""
     tune = stages.get("tune") or {}
     written = tune.get("written") if tune.get("status") == "ok" else None
+    written = written or (tune.get("kept") or {}).get("written")  # a later tune that wrote nothing: the earlier one's
     if not written:
         return None
     path = Path(written["config"])

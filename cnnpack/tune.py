@@ -37,6 +37,7 @@ from cnnpack.loadclient import check_concurrency
 from cnnpack.peak import usable_cores
 from cnnpack.rundir import Run, atomic_write_bytes, atomic_write_json
 from cnnpack.servable import servable
+from cnnpack.triton_config import served_winner, tuned_in_place
 from cnnpack.triton_publish import PREVIOUS
 from cnnpack.tune_handover import config_of, undoable, write_winner
 from cnnpack.tune_outputs import pareto, plot
@@ -420,7 +421,10 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
     died = bool(info["error"]) and not info.get("server_alive", True)
     winner = None if died else choose(points, cfg)  # a config the server refused is a lost point, not a lost sweep
     with run.committing():  # the config written, tune.json and their record as one step, after any other command's
-        tuned = undoable(run.read()["stages"])  # configs earlier tunes wrote, still served: their undo must survive
+        stages = run.read()["stages"]
+        tuned = undoable(stages)  # configs earlier tunes wrote, still served: their undo must survive
+        earlier = served_winner(stages)  # still served where this tune writes nothing: deploy and the report size by it
+        kept = {"winner": earlier, "written": tuned_in_place(stages)} if earlier else None
         result = {"config": asdict(cfg), "points": points,
                   "pareto": [p["label"] + f" c{p['concurrency']}" for p in pareto(points)], "sweep": info, "winner": winner, "written": None,
                   "verdict": verdict(winner, points, run.stage("triton")["name"], cfg) if winner else None}
@@ -436,7 +440,7 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
             atomic_write_json(run.file(OUTPUT), result)
             run.set_stage("tune", {"status": status, "config": asdict(cfg), "points": points, "winner": winner,
                                    "verdict": result["verdict"], "written": result["written"], "tuned": tuned,
-                                   "sweep": info,
+                                   "sweep": info, **({"kept": kept} if kept and status == "failed" else {}),
                                    "outputs": {n: run.file_record(run.file(n)) for n in (OUTPUT, PLOT)}})
         except BaseException:
             if taken_back:

@@ -287,6 +287,35 @@ def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survi
         undo(run_dir)
 
 
+def test_a_tune_that_chooses_nothing_keeps_the_earlier_winner_that_is_still_served_on_record(laid_out, tmp_path):
+    """A second tune whose budget nothing meets changes no config, but its record replaced the first one's winner:
+    deploy then sized the pods by the untuned layout and the report dropped the recommended config, while the
+    repository still served the first tune's. No sweep: `finish` on planted points."""
+    from cnnpack.deploy.plan import _winner
+    from cnnpack.report_serving import tune_section
+    from cnnpack.rundir import Run
+    from cnnpack.triton_config import served_winner, tuned_in_place
+    from cnnpack.tune import TuneConfig, finish
+
+    run_dir, repo = _copy(laid_out, tmp_path)
+    run = Run.open(run_dir)
+    info = {"error": None, "server_alive": True, "errors": []}
+    tuned = {"instances": 1, "threads": 1, "dynamic_batching": True, "queue_delay_us": 500}
+    first = finish(run, TuneConfig(), [_point({"default": True}, 1000, 120), _point(tuned, 980, 40)], dict(info))
+    assert first["written"]
+    with pytest.raises(ParityError, match="no served config meets p99 <= 1 ms"):
+        finish(run, TuneConfig(latency_budget_ms=1), [_point({"default": True}, 900, 30), _point(tuned, 950, 20)],
+               dict(info))
+    stages = run.read()["stages"]
+    assert stages["tune"]["status"] == "failed" and stages["tune"]["winner"] is None
+    assert tuned_in_place(stages) == first["written"] and served_winner(stages) == first["winner"]
+    assert _winner(stages) == first["winner"]  # deploy sizes by it
+    text = " ".join(b.text or "" for b in tune_section(run.read(), run))
+    assert "chose none and changed no config" in text and "still served: cnn_onnx x1 1t batching 500 us" in text
+    (repo / "cnn_onnx" / "config.pbtxt").write_text("laid out again")  # `cnnpack triton` put the defaults back
+    assert served_winner(run.read()["stages"]) is None and _winner(run.read()["stages"]) is None
+
+
 def test_the_refine_gets_only_what_the_coarse_sweep_left_of_the_time_limit(laid_out, tmp_path, monkeypatch):
     """The sweeps are planted (one real server starts, measuring nothing). A coarse sweep cut at the limit is not
     refined; one that left time is refined within what is left (it had the whole --time-limit again, up to twice

@@ -175,10 +175,10 @@ def shipped_cache(rel: Path) -> bool:
 # -- the figures ----------------------------------------------------------------------------------------------
 def _winner(stages: dict) -> dict | None:
     """The tuned winner while its config.pbtxt is what the repository serves (not undone, not re-laid out)."""
-    from cnnpack.triton_config import tuned_in_place
+    from cnnpack.triton_config import served_winner
 
-    w = (stages.get("tune") or {}).get("winner")
-    return w if w and not w.get("default") and tuned_in_place(stages) else None
+    w = served_winner(stages)  # a later tune that failed or wrote nothing keeps the earlier winner's config served
+    return w if w and not w.get("default") else None
 
 
 def cpu(stages: dict, machine: dict) -> tuple[Figure, int, int]:
