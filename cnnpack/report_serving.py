@@ -53,6 +53,25 @@ def _release_note(repo: Path) -> str:
     return note
 
 
+def latest_on_disk(repository: str | None, model: str) -> str | None:
+    """The highest version folder of `model` in the repository now (what Triton serves by default); None if unreadable."""
+    try:
+        versions = [int(p.name) for p in Path(repository or "", model).iterdir() if p.name.isdigit() and p.is_dir()]
+    except OSError:
+        return None
+    return str(max(versions)) if versions and repository else None
+
+
+def row_version(row: dict, served: dict) -> str | None:
+    """The version of its model a served row measured: the one the server answered with (recorded since), else the
+    pipeline's served stage's record of it."""
+    versions = (row.get("info") or {}).get("versions")
+    if versions:
+        return str(versions[-1])
+    v = (served.get("versions") or {}).get(row.get("format", "").removeprefix("triton:"))
+    return None if v is None else str(v)
+
+
 def _what_was_served(served: dict, triton: dict) -> str:
     """The repository and versions the served stage measured, said apart from one `cnnpack triton` laid out since."""
     repo, versions = served.get("repository"), served.get("versions") or {}
@@ -61,6 +80,10 @@ def _what_was_served(served: dict, triton: dict) -> str:
     shown = ", ".join(f"`{n}` v{v}" for n, v in sorted(versions.items()))
     what = f"`{repo}` ({shown})" if shown else f"`{repo}`"
     same = repo == triton.get("repository") and str(versions.get(triton.get("name"), triton.get("version"))) == str(triton.get("version"))
+    newer = {n: latest for n, v in versions.items() if (latest := latest_on_disk(repo, n)) not in (None, str(v))}
+    if same and newer:  # another model of the repository got a new version since (a new int8 model)
+        return (f"The repository above, {what}; laid out again since: "
+                f"{', '.join(f'`{n}` is at version {v} now' for n, v in sorted(newer.items()))}")
     if same:
         return f"The repository above, {what}"
     return (f"**Not the repository above**: `cnnpack triton` laid out `{triton.get('name')}` version "
@@ -68,8 +91,9 @@ def _what_was_served(served: dict, triton: dict) -> str:
 
 
 def served_section(m: dict) -> list[Block]:
-    served = m.get("stages", {}).get("served") or {}
-    served = served if served.get("status") == "ok" else {}  # a failed serve records only its error
+    recorded = m.get("stages", {}).get("served") or {}
+    served = recorded if recorded.get("status") == "ok" else {}  # a failed serve records only its error
+    repo = (m.get("stages", {}).get("triton") or {}).get("repository")
     # every served row bench recorded: the pipeline's load and any `cnnpack bench --triton-url` since
     benched = [r for r in m.get("stages", {}).get("bench", {}).get("results", []) if r.get("runtime") == "triton"]
     load = benched or served.get("load", [])
@@ -97,12 +121,18 @@ def served_section(m: dict) -> list[Block]:
     if load:
         rows = [["model", "protocol", "requests in flight", "p50 ms", "p99 ms", "images/s", "mean batch run by Triton", "queue ms",
                  "compute ms", "errors", "stable", "measured by"]]
-        rows += [[r.get("format", "").removeprefix("triton:"), PROTOCOL_NAMES.get(r.get("protocol"), "HTTP"),
+        older = {}  # rows of a version the run's repository has since replaced: row index -> (model, measured, now)
+        for i, r in enumerate(load):
+            name, v = r.get("format", "").removeprefix("triton:"), row_version(r, recorded)
+            if v and (now := latest_on_disk(repo, name)) not in (None, v):
+                older[i] = (name, v, now)
+        rows += [[r.get("format", "").removeprefix("triton:") + (f" v{older[i][1]} (older)" if i in older else ""),
+                  PROTOCOL_NAMES.get(r.get("protocol"), "HTTP"),
                   str(r["concurrency"]), num(r["latency_ms_p50"], "{:.2f}"), num(r["latency_ms_p99"], "{:.2f}"),
                   num(r["throughput_ips"], "{:,.0f}"), num(r.get("server_batch_mean"), "{:.2f}"),
                   num(r.get("server_queue_ms_mean"), "{:.2f}"), num(r.get("server_compute_ms_mean"), "{:.2f}"),
                   str(r.get("errors", 0)), "yes" if r.get("stable", True) else "**no**",
-                  r.get("load_generator") or "cnnpack asyncio client"] for r in load]
+                  r.get("load_generator") or "cnnpack asyncio client"] for i, r in enumerate(load)]
         wire = " and ".join(sorted({PROTOCOL_NAMES.get(r.get("protocol"), "HTTP") for r in load}))
         urls = sorted({r.get("info", {}).get("url") for r in load} - {None})
         at = f" at {', '.join(f'`{u}`' for u in urls)}" if urls else ""
@@ -111,6 +141,11 @@ def served_section(m: dict) -> list[Block]:
                            "each client sends its next request when the previous one answers): Triton's perf_analyzer "
                            "where it is on PATH, else cnnpack's own client; dynamic batching "
                            "merges concurrent requests into larger batches."), Block("table", rows=rows)]
+        if older:
+            out.append(Block("p", "**Of an older version**: " + "; ".join(
+                f"`{n}` was measured at version {v}, and `{repo}` holds version {now} of it now" for n, v, now
+                in sorted(set(older.values()))) + ": those rows are not of the model served from it today (serve it "
+                "and measure again: `cnnpack bench --triton-url`, or the pipeline with `--serve yes`)."))
         shaky = [f"{r.get('format', '').removeprefix('triton:')} at {r['concurrency']}" for r in load
                  if not r.get("stable", True)]
         if shaky:

@@ -498,6 +498,30 @@ def test_the_report_says_when_the_served_figures_are_of_another_repository_or_ve
         assert line.startswith("**Not the repository above**") and "these figures are of `/r/a`" in line
 
 
+def test_the_report_marks_served_rows_of_a_version_the_repository_has_replaced(tmp_path):
+    """A new int8 model laid out as cnn_onnx_int8 version 2 (pipeline --serve no): the report still called the
+    repository the one served, with version 1's row in the load table and nothing said."""
+    from cnnpack.report_serving import served_section
+
+    repo = tmp_path / "repo"
+    for model, versions in (("cnn_onnx", (1,)), ("cnn_onnx_int8", (1, 2))):
+        for v in versions:
+            (repo / model / str(v)).mkdir(parents=True)
+    row = {"runtime": "triton", "batch_size": 1, "concurrency": 16, "latency_ms_p50": 1.0, "latency_ms_p99": 2.0,
+           "throughput_ips": 900.0}
+    m = {"stages": {"triton": {"repository": str(repo), "name": "cnn_onnx", "version": 1},
+                    "served": {"status": "ok", "repository": str(repo), "versions": {"cnn_onnx": 1, "cnn_onnx_int8": 1}},
+                    "bench": {"results": [{**row, "format": "triton:cnn_onnx"},
+                                          {**row, "format": "triton:cnn_onnx_int8"},  # recorded before versions were
+                                          {**row, "format": "triton:cnn_onnx_int8", "info": {"versions": ["2"]}}]}}}
+    blocks = served_section(m)
+    text = " ".join(b.text or "" for b in blocks)
+    assert "laid out again since: `cnn_onnx_int8` is at version 2 now" in text
+    assert "**Of an older version**: `cnn_onnx_int8` was measured at version 1, and" in text
+    table = next(b.rows for b in blocks if b.kind == "table" and b.rows[0][0] == "model")
+    assert [r[0] for r in table[1:]] == ["cnn_onnx", "cnn_onnx_int8 v1 (older)", "cnn_onnx_int8"]
+
+
 def test_served_figures_of_another_repository_are_not_kept(tmp_path):
     """--repository changed on a finished run: triton laid out the new one, and the served stage said `skipped:
     inputs unchanged` with the old repository's figures in the summary (the report said they were of another)."""
