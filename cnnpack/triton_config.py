@@ -273,6 +273,14 @@ def served_winner(stages: dict) -> dict | None:
     return (tune.get("kept") or {}).get("winner")
 
 
+def served_budget(stages: dict) -> float | None:
+    """The p99 budget the served winner (`served_winner`) was chosen under."""
+    tune = stages.get("tune") or {}
+    if tune.get("status") == "ok" and tune.get("written"):
+        return tune.get("config", {}).get("latency_budget_ms")
+    return (tune.get("kept") or {}).get("latency_budget_ms")
+
+
 def tuned_in_place(stages: dict) -> dict | None:
     """The config.pbtxt `cnnpack tune` wrote (its `written` record, or the `kept` one of an earlier tune where the last
     wrote nothing) while it is still the one in the repository: None when no tune wrote one, it was undone, or a later

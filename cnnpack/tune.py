@@ -37,7 +37,7 @@ from cnnpack.loadclient import check_concurrency
 from cnnpack.peak import usable_cores
 from cnnpack.rundir import Run, atomic_write_bytes, atomic_write_json
 from cnnpack.servable import servable
-from cnnpack.triton_config import served_winner, tuned_in_place
+from cnnpack.triton_config import served_budget, served_winner, tuned_in_place
 from cnnpack.triton_publish import PREVIOUS
 from cnnpack.tune_handover import config_of, undoable, write_winner
 from cnnpack.tune_outputs import pareto, plot
@@ -424,7 +424,8 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
         stages = run.read()["stages"]
         tuned = undoable(stages)  # configs earlier tunes wrote, still served: their undo must survive
         earlier = served_winner(stages)  # still served where this tune writes nothing: deploy and the report size by it
-        kept = {"winner": earlier, "written": tuned_in_place(stages)} if earlier else None
+        kept = {"winner": earlier, "written": tuned_in_place(stages),
+                "latency_budget_ms": served_budget(stages)} if earlier else None
         result = {"config": asdict(cfg), "points": points,
                   "pareto": [p["label"] + f" c{p['concurrency']}" for p in pareto(points)], "sweep": info, "winner": winner, "written": None,
                   "verdict": verdict(winner, points, run.stage("triton")["name"], cfg) if winner else None}

@@ -291,7 +291,7 @@ def test_a_tune_that_chooses_nothing_keeps_the_earlier_winner_that_is_still_serv
     """A second tune whose budget nothing meets changes no config, but its record replaced the first one's winner:
     deploy then sized the pods by the untuned layout and the report dropped the recommended config, while the
     repository still served the first tune's. No sweep: `finish` on planted points."""
-    from cnnpack.deploy.plan import _winner
+    from cnnpack.deploy.plan import _winner, queue_target
     from cnnpack.report_serving import tune_section
     from cnnpack.rundir import Run
     from cnnpack.triton_config import served_winner, tuned_in_place
@@ -309,7 +309,8 @@ def test_a_tune_that_chooses_nothing_keeps_the_earlier_winner_that_is_still_serv
     stages = run.read()["stages"]
     assert stages["tune"]["status"] == "failed" and stages["tune"]["winner"] is None
     assert tuned_in_place(stages) == first["written"] and served_winner(stages) == first["winner"]
-    assert _winner(stages) == first["winner"]  # deploy sizes by it
+    assert _winner(stages) == first["winner"]  # deploy sizes by it, and its HPA target by its own budget (50 ms)
+    assert "under its p99 budget (50 ms - 40.00 ms)" in queue_target(stages, repo, [], None).source
     text = " ".join(b.text or "" for b in tune_section(run.read(), run))
     assert "chose none and changed no config" in text and "still served: cnn_onnx x1 1t batching 500 us" in text
     (repo / "cnn_onnx" / "config.pbtxt").write_text("laid out again")  # `cnnpack triton` put the defaults back

@@ -245,8 +245,10 @@ def queue_target(stages: dict, repository: Path, classifiers: list[tuple[str, st
                                  f"longest dynamic-batcher delay, {delay} us): the HPA would add replicas on the "
                                  "batcher's own wait")
         return Figure(int(round(override_ms * 1000)), f"--queue-target-ms {override_ms:g}")
+    from cnnpack.triton_config import served_budget
+
     w = _winner(stages)
-    budget = (stages.get("tune") or {}).get("config", {}).get("latency_budget_ms")
+    budget = served_budget(stages)  # the budget the served winner was chosen under (not a later failed tune's)
     if w and budget:
         headroom_us = (budget - w["latency_ms_p99"]) * 1000
         us = max(floor, int(headroom_us / 2))
