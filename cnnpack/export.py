@@ -494,13 +494,14 @@ def create_run(run_dir: str | Path, *, arch: str, num_classes: int, image_size: 
     if weights:
         load_weights(model, load_state_dict_file(weights), source=weights)  # validates before any write
     check_input_size(model, spec)  # an arch that cannot take the size: said, and no run left behind to --force
+    weights_sha256 = sha256(weights) if weights else None  # before the run it may sit in is replaced
     replaced = Path(run_dir, MANIFEST).exists()
     run = Run.create(run_dir, spec.to_dict(), force=force)
     if replaced:  # the replaced model's training files, exports and report go with it
         remove_replaced_outputs(run)
     save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": 0, "val_acc": None},
                run.file(CHECKPOINT))
-    source = {"pretrained": pretrained, "weights": weights, "weights_sha256": sha256(weights) if weights else None,
+    source = {"pretrained": pretrained, "weights": weights, "weights_sha256": weights_sha256,
               "seed": seed, "init": "pretrained" if pretrained else ("file" if weights else "random")}
     run.set_stage("model", {"status": "ok", "source": source, "checkpoint": run.file_record(run.file(CHECKPOINT))})
     return run

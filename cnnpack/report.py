@@ -21,9 +21,11 @@ from cnnpack.rundir import Run, artifact_changed, place, scratch_beside, sha256,
 def _data_and_training(m: dict, run: Run) -> list[Block]:
     t = m.get("stages", {}).get("train")
     if not t:
-        src = m.get("stages", {}).get("model", {}).get("source", {})
+        made = m.get("stages", {}).get("model", {})
+        src = made.get("source", {})
         return [Block("h2", "Model"), Block("p", f"Not trained by cnnpack: `{m['model']['arch']}` with "
-                                                f"{src.get('init', 'given')} weights.")]
+                                                f"{src.get('init', 'given')} weights.")] + \
+            _checkpoint_note({"outputs": {"checkpoint": made.get("checkpoint") or {}}}, run)
     d, met = t.get("data", {}), t.get("metrics", {})
     rows = [["class", "train images", "val images"]] + [
         [c, str(a), str(b)] for c, a, b in zip(d.get("classes", []), d.get("train_per_class", []), d.get("val_per_class", []))]
@@ -57,9 +59,9 @@ def _checkpoint_note(t: dict, run: Run) -> list[Block]:
     if path.is_file() and sha256(path) == rec.get("sha256"):
         return []
     what = "is missing" if not path.is_file() else "is not the one training wrote (its sha256 differs)"
-    return [Block("p", f"**Checkpoint changed on disk**: `{rec['path']}` {what}: the figures above are of the model "
-                       "as trained; export, verify and bench need it back (restore it, or train the run again: "
-                       "`cnnpack train --force` replaces it).")]
+    return [Block("p", f"**Checkpoint changed on disk**: `{rec['path']}` {what}: the figures in this report are of "
+                       "the model it held; export, verify and bench need it back (restore it, or make the run again "
+                       "with --force).")]
 
 
 def _sessions(t: dict) -> str:

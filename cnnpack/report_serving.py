@@ -80,7 +80,8 @@ def _what_was_served(served: dict, triton: dict) -> str:
     shown = ", ".join(f"`{n}` v{v}" for n, v in sorted(versions.items()))
     what = f"`{repo}` ({shown})" if shown else f"`{repo}`"
     same = repo == triton.get("repository") and str(versions.get(triton.get("name"), triton.get("version"))) == str(triton.get("version"))
-    newer = {n: latest for n, v in versions.items() if (latest := latest_on_disk(repo, n)) not in (None, str(v))}
+    newer = {n: latest for n, v in versions.items()
+             if (latest := latest_on_disk(repo, n)) and str(v).isdigit() and int(v) < int(latest)}
     if same and newer:  # another model of the repository got a new version since (a new int8 model)
         return (f"The repository above, {what}; laid out again since: "
                 f"{', '.join(f'`{n}` is at version {v} now' for n, v in sorted(newer.items()))}")
@@ -124,7 +125,7 @@ def served_section(m: dict) -> list[Block]:
         older = {}  # rows of a version the run's repository has since replaced: row index -> (model, measured, now)
         for i, r in enumerate(load):
             name, v = r.get("format", "").removeprefix("triton:"), row_version(r, recorded)
-            if v and (now := latest_on_disk(repo, name)) not in (None, v):
+            if v and v.isdigit() and (now := latest_on_disk(repo, name)) and int(v) < int(now):
                 older[i] = (name, v, now)
         rows += [[r.get("format", "").removeprefix("triton:") + (f" v{older[i][1]} (older)" if i in older else ""),
                   PROTOCOL_NAMES.get(r.get("protocol"), "HTTP"),

@@ -31,6 +31,14 @@ def _on_this_run(command: str) -> str:
     return " ".join('"$RUN"' if a is None else shlex.quote(a) for a in args)
 
 
+def _same_bytes(path: str, digest: str) -> str:
+    """A script line that stops it where a re-created source is not the file a derived artifact was made from (the
+    IR's recorded options are its own command's: an earlier ONNX export with another --opset is not re-created)."""
+    return (f'[ "$(sha256sum "$RUN"/{shlex.quote(path)} | cut -d" " -f1)" = {digest} ] || {{ echo "reproduce.sh: '
+            f'{path} came back with other bytes than the file the artifacts below were made from (sha256 {digest[:12]}'
+            f'...): its options are not recorded; stopping" >&2; exit 1; }}')
+
+
 def write_reproduce(run: Run) -> None:
     """export/reproduce.sh: the command that made each recorded artifact (a derived one records its own).
 
@@ -63,7 +71,8 @@ def write_reproduce(run: Run) -> None:
             first.setdefault(src.get("sha256"), []).append(
                 f"{head(fmt, rec)}, converted from an earlier {src['format']} export (sha256 "
                 f"{src.get('sha256', '')[:12]}...), re-created first with the IR's own options\n"
-                f"{_on_this_run(export_command(run, src['format'], rec['config']))}\n{made(fmt, rec)}")
+                f"{_on_this_run(export_command(run, src['format'], rec['config']))}\n"
+                f"{_same_bytes(arts[src['format']]['path'], src.get('sha256', ''))}\n{made(fmt, rec)}")
     lines = []
     for fmt, rec in arts.items():
         src = stale(rec)

@@ -263,19 +263,20 @@ class Run:
         if run.path.is_dir() and any(run.path.iterdir()) and not run.manifest_path.exists() and not force:
             raise UserInputError(f"{run.path} is not empty and not a cnnpack run; choose another --run")
         run.path.mkdir(parents=True, exist_ok=True)
-        run.write(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "created": now(),
-                "run_id": uuid.uuid4().hex,  # tells apart two runs created in one second (`identity`)
-                "tool": {"name": "cnnpack", "version": __version__},
-                "libraries": library_versions(),
-                "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                            "cpu_count": os.cpu_count()},
-                "model": model_spec,
-                "stages": {},
-            }
-        )
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "created": now(),
+            "run_id": uuid.uuid4().hex,  # tells apart two runs created in one second (`identity`)
+            "tool": {"name": "cnnpack", "version": __version__},
+            "libraries": library_versions(),
+            "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                        "cpu_count": os.cpu_count()},
+            "model": model_spec,
+            "stages": {},
+        }
+        with run._locked():  # not between another command's read and write of the run it replaces
+            run.write(manifest)
+        run.opened_as = identity(manifest)  # its own records are refused too, once another --force replaced it
         return run
 
     # -- manifest -----------------------------------------------------------------------
@@ -318,6 +319,11 @@ class Run:
             fn(manifest)
             self.write(manifest)
         return manifest
+
+    def check_not_replaced(self) -> None:
+        """Raises StageFailed where the run was replaced since this command opened it (before writing files)."""
+        with self._locked():
+            self._check_not_replaced()
 
     def _check_not_replaced(self, manifest: dict | None = None) -> None:
         """Under the lock: refuses to write into a run that `train --force` (or `export --arch --force`) replaced

@@ -55,16 +55,19 @@ class TritonRuntime:
         return rt
 
     def check_version(self, run) -> None:
-        """Refuses a server that answers with another version of the run's model than the one `cnnpack triton` laid
-        out for it (a server started before the run's new version was added): bench recorded that version's figures
-        as the run's and verify failed on a bare parity error."""
+        """Refuses a server that answers for the run's model with an older version of its repository than the one
+        `cnnpack triton` laid out (a server started before the new version was added): bench recorded that version's
+        figures as the run's and verify failed on a bare parity error. A higher version, or one the repository never
+        held, is another repository's: not refused here (verify's parity says whether it computes the same)."""
         from cnnpack.errors import shell
 
         stage = run.read().get("stages", {}).get("triton") or {}
         served = self.info["versions"]
         if stage.get("status") != "ok" or stage.get("name") != self.model.name or not served:
             return
-        if str(served[-1]) != str(stage.get("version")):
+        laid, now = stage.get("version"), served[-1]
+        history = {str(v) for v in stage.get("versions") or [laid]}  # versions the run's repository held at layout
+        if str(now).isdigit() and str(laid).isdigit() and int(now) < int(laid) and str(now) in history:
             raise UserInputError(
                 f"Triton at {self.client.url} answers for {self.model.name} with version {served[-1]}, but the run's "
                 f"model is version {stage.get('version')} of it (in {stage.get('repository')}): the server has not "

@@ -38,7 +38,8 @@ TRAIN_FILES = (CHECKPOINT, LAST, "history.json", "curves.png", "confusion.png", 
 # what the later stages write into a run (their records go with the old manifest): removed by `--force` too, so the
 # report and results a user opens in the folder are never the replaced model's (report.md quoted its accuracy)
 LATER_OUTPUTS = ("export", "verify.json", "bench.json", "bench.csv", "bench.png", "speedup.png", "precision.png",
-                 "served.json", "served", "tune.json", "tune.png", "tune", "report.md", "report.html", "deploy")
+                 "served.json", "served", "tune.json", "tune.png", "tune", "report.md", "report.html")
+# not deploy/: `cnnpack deploy` keeps a user's own files in it, and writes it again for the new model
 log = logging.getLogger("cnnpack")
 
 
@@ -428,6 +429,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                     best = max(best, stats["val_acc"])
                     stale = 0 if improved else stale + 1
                     if is_main:
+                        run.check_not_replaced()  # a --force since: the new run's checkpoint is not overwritten
                         _save_epoch(run, model, spec, opt, sched, epoch, stats, history, improved)
                     kept = epoch
                 if on_epoch_end is not None:

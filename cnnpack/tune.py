@@ -171,7 +171,7 @@ def estimate_s(settings: list[Setting], cfg: TuneConfig) -> float:
 
 def laid_out_settings(repository: str, model: str) -> dict:
     """What tune does not vary, as the model's config.pbtxt in the repository has it (TritonConfig fields): the batch
-    cap, the preferred batch sizes, warm-up, the instance kind. Tune built its configs from the defaults and dropped
+    cap, the preferred batch sizes, warm-up. Tune built its configs from the defaults and dropped
     `--max-batch-size 4` and `--warmup` from the points it measured and from the winner it wrote."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as pb
@@ -184,9 +184,7 @@ def laid_out_settings(repository: str, model: str) -> dict:
                  "preferred_batch_sizes": tuple(mc.dynamic_batching.preferred_batch_size)}
     if mc.max_batch_size > 0:
         out["max_batch_size"] = mc.max_batch_size
-    if any(g.kind == pb.ModelInstanceGroup.KIND_GPU for g in mc.instance_group):
-        out["device"] = "gpu"
-    return out
+    return out  # the instance kind is not carried: tune measures CPU configs (a GPU layout's TensorRT is not read)
 
 
 def model_config_json(run: Run, s: Setting, repository: str, *, local: bool = False) -> str:
@@ -441,7 +439,7 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
             atomic_write_json(run.file(OUTPUT), result)
             run.set_stage("tune", {"status": status, "config": asdict(cfg), "points": points, "winner": winner,
                                    "verdict": result["verdict"], "written": result["written"], "tuned": tuned,
-                                   "sweep": info, **({"kept": kept} if kept and status == "failed" else {}),
+                                   "sweep": info, **({"kept": kept} if kept and not result["written"] else {}),
                                    "outputs": {n: run.file_record(run.file(n)) for n in (OUTPUT, PLOT)}})
         except BaseException:
             if taken_back:

@@ -207,13 +207,13 @@ def test_existing_run_is_refused_unless_force(tiny_run, tiny_data, tmp_path):
     # the replaced model's exports, results and report go with it (report.md quoted its accuracy); the user's stay
     (run / "export" / "openvino").mkdir(parents=True)
     (run / "export" / "openvino" / "model.xml").write_text("<net/>")
-    (run / "deploy" / "kubernetes").mkdir(parents=True)
+    (run / "deploy" / "kubernetes").mkdir(parents=True)  # cnnpack deploy writes it again: it may hold the user's
     for name in ("report.md", "report.html", "bench.json", "verify.json", "eval-onnx.json", "notes.txt"):
         (run / name).write_text("old")
     section = train(run, cfg, force=True, progress=False)
     assert section["status"] == "ok" and section["metrics"]["epochs"] == 1 and not section["resumed"]
     left = sorted(p.name for p in run.iterdir() if not p.name.startswith("."))  # .cnnpack.lock
-    assert left == sorted([*TRAIN_FILES, "cnnpack.json", "notes.txt"])
+    assert left == sorted([*TRAIN_FILES, "cnnpack.json", "deploy", "notes.txt"])
     assert Run.open(run).model_spec["image_size"] == 24
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
 

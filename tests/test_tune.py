@@ -263,7 +263,8 @@ def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survi
     # a tune that keeps what is served (as good) writes nothing, says so, and the undo survives it
     kept = finish(run, TuneConfig(), [_point(default, 1000, 10), _point(tuned, 1010, 9)], dict(info))
     assert kept["verdict"]["as_good"] and kept["written"] is None
-    assert tuned_in_place(run.read()["stages"]) is None  # deploy and the report read the served config itself
+    # the config the latency tune wrote is still what is served: kept on record, deploy sizes by it
+    assert tuned_in_place(run.read()["stages"]) == lat["written"] and kept["kept"]["winner"] == lat["winner"]
     assert set(kept["tuned"]) == {str(config), str(other)}
     texts = {f: f.read_text() for f in (config, other)}
     for f in texts:  # both edited by hand since: undo would overwrite someone's work, and says why it does not
