@@ -228,7 +228,7 @@ def _tuned_state(stages: dict, winner: dict, run: Run) -> str:
     from cnnpack.triton_config import tuned_in_place
 
     t = stages["tune"]
-    if tuned_in_place(stages):
+    if t.get("written") and tuned_in_place(stages):  # (not a `kept` earlier winner: this tune's own config)
         return (f"`{winner['model']}`'s config.pbtxt holds it; `cnnpack tune --run {shell(run.path)} --undo` restores "
                 "the previous one.")
     if t.get("written") or t.get("undone"):

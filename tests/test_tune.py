@@ -265,6 +265,10 @@ def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survi
     assert kept["verdict"]["as_good"] and kept["written"] is None
     # the config the latency tune wrote is still what is served: kept on record, deploy sizes by it
     assert tuned_in_place(run.read()["stages"]) == lat["written"] and kept["kept"]["winner"] == lat["winner"]
+    from cnnpack.report_serving import tune_section
+
+    said = tune_section(run.read(), run)[-1].text  # this tune wrote nothing: not "its config.pbtxt holds it"
+    assert said == "No config.pbtxt was changed: the served config is as good as the tuned one."
     assert set(kept["tuned"]) == {str(config), str(other)}
     texts = {f: f.read_text() for f in (config, other)}
     for f in texts:  # both edited by hand since: undo would overwrite someone's work, and says why it does not
