@@ -67,7 +67,7 @@ def write_reproduce(run: Run) -> None:
     first: dict[str, list[str]] = {}  # an earlier source re-created (by its sha256): the lines made from it
     for fmt, rec in arts.items():
         src = stale(rec)
-        if fmt == "openvino" and src and rec.get("config") and not rec.get("command"):
+        if fmt == "openvino" and src.get("format") in arts and rec.get("config") and not rec.get("command"):
             first.setdefault(src.get("sha256"), []).append(
                 f"{head(fmt, rec)}, converted from an earlier {src['format']} export (sha256 "
                 f"{src.get('sha256', '')[:12]}...), re-created first with the IR's own options\n"
