@@ -54,12 +54,11 @@ def _release_note(repo: Path) -> str:
 
 
 def latest_on_disk(repository: str | None, model: str) -> str | None:
-    """The highest version folder of `model` in the repository now (what Triton serves by default); None if unreadable."""
-    try:
-        versions = [int(p.name) for p in Path(repository or "", model).iterdir() if p.name.isdigit() and p.is_dir()]
-    except OSError:
-        return None
-    return str(max(versions)) if versions and repository else None
+    """The highest version folder of `model` in the repository now (what Triton serves by default); None if none."""
+    from cnnpack.triton_publish import versions
+
+    held = versions(Path(repository, model)) if repository else []
+    return str(held[-1]) if held else None
 
 
 def row_version(row: dict, served: dict) -> str | None:
