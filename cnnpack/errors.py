@@ -31,6 +31,10 @@ class StageFailed(CnnpackError):
     exit_code = 1
 
 
+class RunReplaced(StageFailed):
+    """The run was replaced (`train --force`) while a command ran on the old one: nothing of it is recorded."""
+
+
 def count(n: int, noun: str) -> str:
     """`1 file`, `2 files`: a count in the one-line messages and the report."""
     return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -10,6 +10,7 @@ the file that shows what went wrong.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -18,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error, shell
+from cnnpack.errors import CnnpackError, RunReplaced, StageFailed, UserInputError, file_error, shell
 from cnnpack.pipeline_config import SERVE_MODES, PipelineConfig  # noqa: F401 - re-exported
 from cnnpack.pipeline_summary import best_runtime, summary
-from cnnpack.rundir import MANIFEST, Run, artifact_digest, sha256
+from cnnpack.rundir import MANIFEST, Run, artifact_digest, identity, sha256
 
 
 class Interrupted(CnnpackError):
@@ -117,7 +118,8 @@ def _mark_failed(run: Run, name: str, error: str, status: str = "failed") -> Non
         section.update(status=status, error=error)
         section.pop("inputs_sha256", None)
 
-    run.update(mark)
+    with contextlib.suppress(RunReplaced):  # the new run is not this pipeline's: its stages are not marked
+        run.update(mark)
 
 
 # -- the stages -------------------------------------------------------------------------------------
@@ -231,8 +233,11 @@ class Stages:
             if epoch >= cfg.epochs:
                 self.warm_compiler()
 
+        def hold(trained: Run) -> None:  # the run --force made is the pipeline's own from here on
+            run.opened_as = trained.opened_as
+
         section = train(run.path, cfg, force=run.manifest_path.exists() and not resume, resume=resume,
-                        progress=self.progress, on_epoch_end=last_epoch_done)
+                        progress=self.progress, on_epoch_end=last_epoch_done, on_run=hold)
         m = section["metrics"]
         return (f"best val top-1 {100 * m['best_val_acc']:.2f}% (epoch {m['best_epoch']}/{m['epochs']}), "
                 f"{m['train_images_per_s']:.0f} images/s")
@@ -451,6 +456,8 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     for what, path in (("--run", run.path), ("--repository", cfg.repository)):
         check_outside(cfg.data, path, what)
     _check_run_dir(run, force, cfg.data)
+    if run.manifest_path.is_file():  # its records go to this run only, not to one another command's --force made
+        run.opened_as = identity(run.read())
     serve_ok, why = serve_available() if cfg.serve != "no" else (False, "--serve no")
     if cfg.serve == "yes" and not serve_ok:
         raise UserInputError(f"--serve yes, but the local Triton server cannot run here: {why}")
@@ -480,9 +487,14 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
 
 
 def _record(run: Run, cfg: PipelineConfig, outcomes: list[Outcome], t0: float, status: str) -> None:
-    if run.manifest_path.is_file():
+    if not run.manifest_path.is_file():
+        return
+    try:
         run.set_stage("pipeline", {"status": status, "config": asdict(cfg), "stages": [asdict(o) for o in outcomes],
                                    "wall_s": round(time.perf_counter() - t0, 1)})
+    except RunReplaced:  # a failed pipeline's error says more; a finished one was replaced before its record
+        if status == "ok":
+            raise
 
 
 def _tuned_config_kept(run: Run, section: dict) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnpack import __version__
-from cnnpack.errors import MissingStageError, StageFailed, UserInputError, shell
+from cnnpack.errors import MissingStageError, RunReplaced, UserInputError, shell
 from cnnpack.manifest_shape import manifest_problem
 
 SCHEMA_VERSION = 1
@@ -321,7 +321,8 @@ class Run:
         return manifest
 
     def check_not_replaced(self) -> None:
-        """Raises StageFailed where the run was replaced since this command opened it (before writing files)."""
+        """Raises RunReplaced (a StageFailed) where the run was replaced since this command opened it (before
+        writing files)."""
         with self._locked():
             self._check_not_replaced()
 
@@ -330,7 +331,7 @@ class Run:
         since this command opened it. A bench that measured the old model recorded its rows in the new model's
         manifest, under the new checkpoint's digest."""
         if self.opened_as is not None and identity(manifest or self.read()) != self.opened_as:
-            raise StageFailed(f"{self.path} was replaced by a new run (trained again with --force) while this "
+            raise RunReplaced(f"{self.path} was replaced by a new run (trained again with --force) while this "
                               "command ran on the old one; nothing was recorded: run the command again")
 
     def check_writable(self) -> None:

@@ -338,7 +338,7 @@ def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
 
 def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool = False, resume: bool = False,
           progress: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None,
-          dist: object | None = None) -> dict:
+          on_run: Callable[[Run], None] | None = None, dist: object | None = None) -> dict:
     """Trains into `run_dir` and returns the `stages.train` manifest section.
 
     Args:
@@ -346,6 +346,8 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         cfg: the training configuration (recorded in the manifest).
         resume: continue the run in `run_dir` from its `last.pt`, with its recorded config.
         on_epoch_end: called after each finished epoch (tests use it to interrupt).
+        on_run: called with the run it writes to once it is created or opened (the pipeline then holds the new run
+            `--force` made, and records nothing into a run another command replaced since).
         dist: a `cnnpack.distributed.Context` when launched under torchrun.
     """
     run_dir = Path(run_dir)
@@ -398,6 +400,8 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         run.set_stage("train", {"status": "running", "config": asdict(cfg), "data": data.summary()})
     else:
         run = Run(run_dir)
+    if is_main and on_run is not None:
+        on_run(run)
     start_epoch, history = (_resume_state(run, model, opt, sched, steps_per_epoch) if resume else (0, []))
     train_model = dist.wrap(model) if dist is not None else model
     best = max((h["val_acc"] for h in history), default=-1.0)

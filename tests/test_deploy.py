@@ -666,6 +666,28 @@ def test_the_deployment_is_a_stage_of_the_run_and_its_report_says_when_the_repos
         extra.unlink()
 
 
+def test_a_run_replaced_while_deploy_read_it_gets_no_deployment(laid_out, tmp_path, monkeypatch):
+    """`train --force` between deploy's reading of the run and its writing: deploy wrote the old model's deployment
+    and recorded it in the new run. Now it writes nothing and records nothing."""
+    from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.errors import StageFailed
+    from cnnpack.rundir import Run
+
+    run = tmp_path / "run"
+    shutil.copytree(laid_out, run)
+    make = plans.make
+
+    def make_then_replaced(*a, **k):
+        plan = make(*a, **k)
+        Run.create(run, Run.open(run).model_spec, force=True)
+        return plan
+
+    monkeypatch.setattr(plans, "make", make_then_replaced)
+    with pytest.raises(StageFailed, match="was replaced by a new run .* nothing was recorded"):
+        deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no"))
+    assert not (tmp_path / "out").exists() and json.loads((run / "cnnpack.json").read_text())["stages"] == {}
+
+
 def test_an_out_inside_the_repository_is_refused(laid_out):
     from cnnpack.deploy import DeployConfig, deploy
 

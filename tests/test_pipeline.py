@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,32 @@ def test_force_reruns_from_training(first, tmp_path):
     code, out, err = _pipeline(*first["args"], "--force", "--json")
     assert code == 0, err[-3000:]
     assert all(s in ("ran", "off") for s in _statuses(json.loads(out)).values())
+
+
+@pytest.mark.slow
+def test_a_run_replaced_during_the_pipeline_gets_none_of_its_records(first, tmp_path, monkeypatch):
+    """`train --force` by another command while the pipeline ran (after its own training): the pipeline marked its
+    stages and itself in the new run's manifest. Now it stops, exit 1, and the new run holds nothing of it."""
+    from cnnpack.pipeline import Stages
+    from cnnpack.rundir import Run
+
+    run = tmp_path / "run"
+    shutil.copytree(first["run"], run)
+    args = [*first["args"]]
+    args[args.index("--run") + 1] = str(run)
+    args[args.index("--batch-sizes") + 1] = "1,2"  # reruns the local bench only
+    bench = Stages.run_bench
+
+    def bench_then_replaced(self, r):
+        summary = bench(self, r)
+        Run.create(run, Run.open(run).model_spec, force=True)  # what `cnnpack train --run R --force` writes first
+        return summary
+
+    monkeypatch.setattr(Stages, "run_bench", bench_then_replaced)
+    code, _, err = _pipeline(*args)
+    assert code == 1, err[-3000:]
+    assert "was replaced by a new run (trained again with --force)" in err.strip().splitlines()[-1]
+    assert json.loads((run / "cnnpack.json").read_text())["stages"] == {}
 
 
 @pytest.mark.slow

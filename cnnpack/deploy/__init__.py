@@ -23,8 +23,13 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cnnpack.errors import UserInputError
+from cnnpack.errors import RunReplaced, UserInputError
+
+if TYPE_CHECKING:
+    from cnnpack.deploy.plan import Plan
+    from cnnpack.rundir import Run
 
 GPU_MODES = ("auto", "yes", "no")
 INT32_MAX = 2**31 - 1  # a Kubernetes replica count is an int32
@@ -174,26 +179,36 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     files[output.IDENTITY] = json.dumps(record, indent=2) + "\n"
     stage = output.stage_tree(out, files, keep=kept)  # the deployment folder, complete, before anything is changed
     try:
+        _opened(plan).check_not_replaced()  # a deployment of the model a `train --force` since replaced: none
         _write_gpu_configs(plan, gpu_configs)  # checks are over: from here on, the repository and --out change
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     output.swap_in(stage, out)
-    record["recorded"] = _record_in_run(plan.run, record)
+    record["recorded"] = _record_in_run(_opened(plan), record)
     return record
 
 
-def _record_in_run(run_dir: Path, record: dict) -> str | None:
-    """`stages.deploy` in the run's manifest (what the report shows); None, or why it could not be written."""
+def _opened(plan: Plan) -> Run:
+    """The run as `plan.make` read it: what is recorded goes to that run, not to one replaced since."""
     from cnnpack.rundir import Run
 
+    run = Run(plan.run)
+    run.opened_as = plan.opened_as
+    return run
+
+
+def _record_in_run(run: Run, record: dict) -> str | None:
+    """`stages.deploy` in the run's manifest (what the report shows); None, or why it could not be written."""
     keep = ("config", "out", "name", "image", "repository_image", "content_tag", "repository", "models",
             "served_model", "overlays", "figures", "notes")
     try:
-        Run(run_dir).set_stage("deploy", {"status": "ok", "model_store": record["config"]["model_store"],
-                                          **{k: record[k] for k in keep}, "out": str(Path(record["out"]).resolve())})
+        run.set_stage("deploy", {"status": "ok", "model_store": record["config"]["model_store"],
+                                 **{k: record[k] for k in keep}, "out": str(Path(record["out"]).resolve())})
     except OSError as e:
-        return f"{e.filename or run_dir}: {e.strerror or e}"
+        return f"{e.filename or run.path}: {e.strerror or e}"
+    except RunReplaced:  # replaced between the check before writing and now: the folder stands, the new run is not
+        return f"{run.path} was replaced by a new run (trained again with --force) meanwhile"
     return None
 
 

@@ -68,6 +68,7 @@ class Plan:
     queue_target_us: Figure
     repository_bytes: int
     notes: list[str] = field(default_factory=list)
+    opened_as: tuple | None = None  # the run's identity when read: a run replaced since is not recorded into
 
 
 def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles: bool = True,
@@ -95,7 +96,7 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     plan = Plan(run=run.path.resolve(), repository=repository, served_model=triton["name"], classifiers=classifiers,
                 models=models, gpu_models=[m for m, fmt in classifiers if fmt in GPU_FORMATS],
                 cpu=Figure(0, ""), memory_mib=Figure(0, ""), startup_s=Figure(0, ""), startup_gpu_s=Figure(0, ""),
-                queue_target_us=Figure(0, ""), repository_bytes=size)
+                queue_target_us=Figure(0, ""), repository_bytes=size, opened_as=run.opened_as)
     left = [e for e in shipped(repository, [m for m, _ in classifiers]) if e not in models]
     if left:
         plan.notes.append(f"not shipped: {', '.join(left)} (the image ensemble's preprocessing needs Pillow, which "
