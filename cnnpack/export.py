@@ -394,6 +394,7 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig(), *,
     run.check_writable()  # a run it cannot write to fails now, not after the work
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
+    _check_folders(run, cfg)
     model, spec, source = _deployable(run, cfg)
     written: list[str] = []
     try:  # a format that fails leaves the ones before it written and recorded, and reproduce.sh up to date
@@ -420,6 +421,22 @@ def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig,
         record = {**art.record(), "precision": "fp16" if cfg.half else "fp32", "size_mb": tmp.stat().st_size / 2**20}
         run.commit([(tmp, dest)], _record(run, cfg, fmt, record, source))
     return record
+
+
+def _check_folders(run: Run, cfg: ExportConfig) -> None:
+    """What a format converted from the ONNX file (OpenVINO's IR) refuses, refused before any format is written:
+    `--format torchscript,openvino --input normalized` replaced model.pt, then stopped at the IR, exit 2."""
+    for fmt in (f for f in cfg.formats if f in FOLDERS):
+        if cfg.half:
+            raise UserInputError(f"--half does not apply to --format {fmt}: its precision is chosen at inference "
+                                 "(the openvino-bf16 runtime) or by `cnnpack quantize --backend openvino`")
+        if "onnx" in cfg.formats:  # exported again now, with these options
+            continue
+        arts = run.read().get("stages", {}).get("export", {}).get("artifacts", {})
+        if "onnx" not in arts:
+            raise MissingStageError(f"--format {fmt} is converted from the ONNX artifact, which {run.path} lacks: "
+                                    f"export --format onnx,{fmt}")
+        _same_as_its_onnx(run, arts["onnx"], cfg, fmt)
 
 
 def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str, source: str) -> dict:

@@ -214,7 +214,8 @@ def test_the_ir_takes_what_its_onnx_file_takes_and_other_options_are_refused(ir_
     run = tmp_path / "run"
     shutil.copytree(ir_run, run)
     before = (run / "cnnpack.json").read_bytes(), (run / "export/openvino/model.xml").read_bytes()
-    for cfg, says in ((ExportConfig(formats=("openvino",), input="normalized"),
+    # refused before any format: torchscript beside it was replaced (exit 2 and a changed model.pt)
+    for cfg, says in ((ExportConfig(formats=("torchscript", "openvino"), input="normalized"),
                        "--input normalized: the openvino model is converted from export/model.onnx, which takes raw "
                        "pixels; pass --input raw, or export both"),
                       (ExportConfig(formats=("openvino",), static_batch=4),
@@ -223,6 +224,7 @@ def test_the_ir_takes_what_its_onnx_file_takes_and_other_options_are_refused(ir_
         with pytest.raises(UserInputError, match=re.escape(says)):
             export(run, cfg)
     assert ((run / "cnnpack.json").read_bytes(), (run / "export/openvino/model.xml").read_bytes()) == before
+    assert not (run / "export/model.pt").exists()
     export(run, ExportConfig(formats=("onnx", "openvino"), input="normalized", max_batch_size=16))  # both: as asked
     arts = _manifest(run)["stages"]["export"]["artifacts"]
     assert arts["openvino"]["input_kind"] == arts["onnx"]["input_kind"] == "normalized"
