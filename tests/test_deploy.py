@@ -580,16 +580,32 @@ def test_a_rewrite_keeps_the_users_own_files_and_refuses_to_overwrite_one_unless
     (out / "kubernetes/base/servicemonitor.yaml").write_text("# mine\n")
     before[out / "kubernetes/base/servicemonitor.yaml"] = b"# mine\n"
     assert "kubernetes/base/servicemonitor.yaml" not in marker["files"]
-    with pytest.raises(UserInputError, match=r"did not write where it writes now \(kubernetes/base/servicemonitor"):
+    with pytest.raises(UserInputError, match=r"of yours \(not written by cnnpack, or edited since\) where this deployment writes now "
+                                                 r"\(kubernetes/base/servicemonitor"):
         deploy(laid_out, DeployConfig(out=str(out), service_monitor=True))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     forced = deploy(laid_out, DeployConfig(out=str(out), service_monitor=True, force=True))
     assert forced["overwritten"] == ["kubernetes/base/servicemonitor.yaml"] and forced["kept"] == sorted(mine)
     assert _yaml(out / "kubernetes/base/servicemonitor.yaml")["kind"] == "ServiceMonitor"
+    # a file deploy wrote and the user edited since: the user's now (it was replaced without a word)
+    deploy(laid_out, DeployConfig(out=str(out), service_monitor=True))
+    hpa = out / "kubernetes/base/hpa.yaml"
+    hpa.write_text(hpa.read_text() + "# tuned by hand\n")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserInputError, match=r"1 file\(s\) of yours .* \(kubernetes/base/hpa.yaml\)"):
+        deploy(laid_out, DeployConfig(out=str(out), service_monitor=True))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    forced = deploy(laid_out, DeployConfig(out=str(out), service_monitor=True, force=True))
+    assert forced["overwritten"] == ["kubernetes/base/hpa.yaml"] and "tuned by hand" not in hpa.read_text()
+    monitor = out / "kubernetes/base/servicemonitor.yaml"  # one the new deployment no longer writes is kept
+    monitor.write_text(monitor.read_text() + "# tuned by hand\n")
+    kept = deploy(laid_out, DeployConfig(out=str(out)))
+    assert "kubernetes/base/servicemonitor.yaml" in kept["kept"] and monitor.read_text().endswith("by hand\n")
+    deploy(laid_out, DeployConfig(out=str(out), service_monitor=True, force=True))
     # a file of the user's own where the deployment needs a folder: a clash too, said as one
     shutil.rmtree(out / "kubernetes" / "overlays" / "cpu")
     (out / "kubernetes" / "overlays" / "cpu").write_text("mine")
-    with pytest.raises(UserInputError, match=r"did not write where it writes now \(kubernetes/overlays/cpu\)"):
+    with pytest.raises(UserInputError, match=r"where this deployment writes now \(kubernetes/overlays/cpu\)"):
         deploy(laid_out, DeployConfig(out=str(out), service_monitor=True))
 
 

@@ -70,7 +70,7 @@ def _report(r: dict) -> None:
     if r.get("removed"):
         typer.echo(f"  removed  {', '.join(r['removed'])} (not part of this deployment)")
     if r.get("kept"):
-        typer.echo(f"  kept     {', '.join(r['kept'])} (your own: not written by cnnpack)")
+        typer.echo(f"  kept     {', '.join(r['kept'])} (yours: not written by cnnpack, or edited since)")
     if r.get("overwritten"):
         typer.echo(f"  replaced {', '.join(r['overwritten'])} (your own, with --force)")
     build = f"(build: {out / 'README.md'})"

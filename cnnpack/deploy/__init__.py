@@ -162,8 +162,9 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     own = output.own_files(out, earlier)
     clash = output.clashes(own, [*files, output.IDENTITY])
     if clash and not cfg.force:
-        raise UserInputError(f"--out {out} has {len(clash)} file(s) this deployment did not write where it writes now "
-                             f"({', '.join(clash[:3])}); move them, or pass --force to replace them")
+        raise UserInputError(f"--out {out} has {len(clash)} file(s) of yours (not written by cnnpack, or edited since) "
+                             f"where this deployment writes now ({', '.join(clash[:3])}); move them, or pass --force "
+                             "to replace them")
     kept = [f for f in own if f not in clash]
     record = {**identity, "config": asdict(cfg), "image": spec.image, "repository_image": spec.repo_image,
               "ngc_image": spec.ngc_image, "content_tag": spec.tag, "repository": str(plan.repository),
@@ -176,6 +177,7 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
               # files of the user's own there are carried over (kept), or replaced with --force (overwritten)
               "replaced": earlier is not None, "removed": sorted(set(earlier or ()) - {*files, output.IDENTITY}),
               "kept": kept, "overwritten": clash}
+    record["sha256"] = output.digests(files)  # a file edited after this is the user's (`output.edited`)
     files[output.IDENTITY] = json.dumps(record, indent=2) + "\n"
     stage = output.stage_tree(out, files, keep=kept)  # the deployment folder, complete, before anything is changed
     try:

@@ -2,8 +2,9 @@
 
 The folder is built beside `--out` and renamed into place; an existing deployment is moved aside
 first and removed only once the new one is in place, so a failure leaves the old files as they were.
-Files in it that the earlier deployment did not write (an overlay of the user's own, notes) are carried over;
-one where the new deployment writes a file is refused unless `--force`. `cnnpack-deploy.json` at its root says which run and name it deploys: a different one is refused
+Files in it that the earlier deployment did not write (an overlay of the user's own, notes), and files it wrote that
+were edited since (the marker keeps each one's sha256), are carried over; one where the new deployment writes a file
+is refused unless `--force`. `cnnpack-deploy.json` at its root says which run and name it deploys: a different one is refused
 unless `--force`.
 """
 
@@ -60,12 +61,40 @@ def check_out(out: Path, identity: dict, *, force: bool) -> list[str] | None:
 
 
 def own_files(out: Path, earlier: list[str] | None) -> list[str]:
-    """Files in --out that the earlier deployment did not write (a user's own overlay, notes): kept on a rewrite."""
+    """Files in --out that the earlier deployment did not write (a user's own overlay, notes), or wrote and the user
+    has edited since (`edited`): kept on a rewrite, or refused where it writes them again."""
     if not earlier or not out.is_dir():  # nothing to replace, or an unreadable marker replaced with --force
         return []
-    ours = {*earlier, IDENTITY}
+    ours = {*earlier, IDENTITY} - set(edited(out))
     return sorted(rel for p in out.rglob("*") if (p.is_file() or p.is_symlink())
                   and (rel := p.relative_to(out).as_posix()) not in ours)
+
+
+def digests(files: dict[str, str | bytes]) -> dict[str, str]:
+    """The sha256 of each file written (recorded in the marker, so that a rewrite can tell an edited file)."""
+    import hashlib
+
+    return {rel: hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+            for rel, data in sorted(files.items())}
+
+
+def edited(out: Path) -> list[str]:
+    """The files the deployment in `out` wrote whose bytes are no longer what it wrote (a patch the user made in
+    place): a rewrite replaced them without a word. A marker without digests (an older cnnpack's) names none."""
+    import hashlib
+
+    try:
+        recorded = json.loads((out / IDENTITY).read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    changed = []
+    for rel, digest in recorded.items():
+        path = out / str(rel)
+        if path.is_file() and not path.is_symlink() and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            changed.append(str(rel))
+    return sorted(changed)
 
 
 def clashes(own: list[str], files) -> list[str]:
