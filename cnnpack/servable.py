@@ -22,8 +22,11 @@ def servable(run: Run, models: tuple[str, ...] = (), *, required_by: str = "tune
     root = Path(triton["repository"])
     verify = run.read().get("stages", {}).get("verify", {})
     arch = run.model_spec["arch"]
-    found = [(default_name(arch, fmt), fmt) for fmt, v in verify.get("formats", {}).items()
-             if fmt in PLATFORMS and v.get("passed") and (root / default_name(arch, fmt) / "config.pbtxt").is_file()]
+    passed = [fmt for fmt, v in verify.get("formats", {}).items() if fmt in PLATFORMS and v.get("passed")]
+    found = [(default_name(arch, fmt), fmt) for fmt in passed]
+    if triton.get("format") in passed and triton.get("name") not in dict(found):  # laid out last with --name
+        found.append((triton["name"], triton["format"]))
+    found = [(m, fmt) for m, fmt in found if (root / m / "config.pbtxt").is_file()]
     if models:
         unknown = [m for m in models if m not in dict(found)]
         if unknown:

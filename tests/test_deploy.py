@@ -682,6 +682,23 @@ def test_the_deployment_is_a_stage_of_the_run_and_its_report_says_when_the_repos
         extra.unlink()
 
 
+def test_a_verified_model_laid_out_under_a_name_of_its_own_is_shipped(laid_out, tmp_path):
+    """`cnnpack triton --name shapes_image`: deploy said the repository held no verified model (or, beside a model of
+    the default name, that this one 'did not pass verify'), though it is the very file verify checked."""
+    from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.triton_repo import TritonConfig, build
+
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    shutil.copytree(laid_out, run)
+    build(run, TritonConfig(repository=str(repo), threads=1, name="shapes_image"))
+    r = deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no"))
+    assert r["models"] == ["shapes_image"] and r["served_model"] == "shapes_image"
+    build(run, TritonConfig(repository=str(repo), threads=1))  # the default name beside it: both ship
+    build(run, TritonConfig(repository=str(repo), threads=1, name="mycnn"))
+    r = deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no", force=True))
+    assert {"cnn_onnx", "mycnn"} <= set(r["models"]) and not any("did not pass" in n for n in r["notes"])
+
+
 def test_a_run_replaced_while_deploy_read_it_gets_no_deployment(laid_out, tmp_path, monkeypatch):
     """`train --force` between deploy's reading of the run and its writing: deploy wrote the old model's deployment
     and recorded it in the new run. Now it writes nothing and records nothing."""
