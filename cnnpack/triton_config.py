@@ -38,6 +38,7 @@ ENSEMBLE_IO = ("image", "logits")  # the ensemble's input (encoded bytes) and ou
 PIXELS = "pixels"  # preprocess output = classifier input
 TRT_WORKSPACE_BYTES = 1 << 30
 GPU_CONFIG = "gpu"  # <model>/configs/gpu.pbtxt (written by `cnnpack deploy`), chosen by --model-config-name=gpu
+CPU_CONFIG = "cpu"  # <model>/configs/cpu.pbtxt: the CPU variant `cnnpack deploy` writes of a model laid out for a GPU
 PREPROCESS, ENSEMBLE = "_preprocess", "_image"  # a classifier's image ensemble and its preprocessing step: <name><suffix>
 
 

@@ -1004,3 +1004,43 @@ def test_the_deployment_args_start_the_real_server_probes_answer_and_the_hpa_met
             assert index["cnn_onnx"]["state"] == "READY"
     finally:
         _stop(proc, log)
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_a_repository_laid_out_for_a_gpu_gets_a_cpu_config_in_the_base_that_the_real_server_loads(laid_out, tmp_path):
+    """`cnnpack triton --device gpu`: the base (cpu overlay) shipped config.pbtxt's KIND_GPU and TensorRT to a pod
+    without a GPU, where Triton cannot load the model. Now the base serves configs/cpu.pbtxt, which loads here."""
+    from cnnpack import serve
+    from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.ports import free_ports
+    from cnnpack.triton_repo import TritonConfig, build
+
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    shutil.copytree(laid_out, run)
+    build(run, TritonConfig(repository=str(repo), device="gpu"))
+    laid = (repo / "cnn_onnx" / "config.pbtxt").read_bytes()
+    assert b"KIND_GPU" in laid and b"tensorrt" in laid
+    r = deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    assert (repo / "cnn_onnx" / "config.pbtxt").read_bytes() == laid  # the layout itself is left as it was
+    cpu = (repo / "cnn_onnx" / "configs" / "cpu.pbtxt").read_text()
+    assert "KIND_CPU" in cpu and "KIND_GPU" not in cpu and "tensorrt" not in cpu
+    assert b"tensorrt" in (repo / "cnn_onnx" / "configs" / "gpu.pbtxt").read_bytes()  # the gpu overlay keeps it
+    container = _container(_yaml(tmp_path / "out" / "kubernetes" / "base" / "deployment.yaml"))
+    assert "--model-config-name=cpu" in container["args"] and "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert r["args"]["gpu"][-1] == "--model-config-name=gpu" and any("laid out for a GPU" in n for n in r["notes"])
+    try:
+        serve.locate()
+    except serve.RuntimeUnavailable as e:
+        pytest.skip(str(e))
+    ports = dict(zip(("http", "grpc", "metrics"), free_ports("127.0.0.1", 3)))
+    proc, log = _start(local_args(container, repo, ports), repo, tmp_path)
+    try:
+        t0 = time.monotonic()
+        while http_get(f"http://127.0.0.1:{ports['http']}/v2/health/ready")[0] != 200:
+            assert proc.poll() is None and time.monotonic() - t0 < 120, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.2)
+        index = json.loads(http_get(f"http://127.0.0.1:{ports['http']}/v2/repository/index", "POST")[1])
+        assert {m["name"]: m["state"] for m in index}["cnn_onnx"] == "READY"
+    finally:
+        _stop(proc, log)

@@ -156,7 +156,7 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
                                  "choose a folder that does not contain it")
     identity = {"kind": "cnnpack-deploy", "run": str(plan.run), "name": name}
     earlier = output.check_out(out, identity, force=cfg.force)
-    gpu_configs = _gpu_configs(plan) if gpu else {}
+    gpu_configs = _gpu_configs(plan, gpu)
     spec = _spec(cfg, plan, store, name, ngc_image(plan.repository), gpu_configs)
     files = _files(plan, spec, gpu=gpu, out=out)
     own = output.own_files(out, earlier)
@@ -243,12 +243,15 @@ def _want_gpu(cfg: DeployConfig, plan) -> bool:
     return True
 
 
-def _gpu_configs(plan) -> dict[str, bytes]:
-    """`<model>/configs/gpu.pbtxt` (relative to the repository) -> its text, for each GPU-capable model."""
-    from cnnpack.deploy.plan import gpu_config
-    from cnnpack.triton_config import GPU_CONFIG
+def _gpu_configs(plan, gpu: bool) -> dict[str, bytes]:
+    """`<model>/configs/gpu.pbtxt` (relative to the repository) -> its text, for each GPU-capable model where the
+    gpu overlay is written, and `configs/cpu.pbtxt` for each model laid out for a GPU (the base's)."""
+    from cnnpack.deploy.plan import cpu_config, gpu_config
+    from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG
 
-    return {f"{m}/configs/{GPU_CONFIG}.pbtxt": gpu_config(plan.repository / m) for m in plan.gpu_models}
+    cpu = {f"{m}/configs/{CPU_CONFIG}.pbtxt": cpu_config(plan.repository / m) for m in plan.gpu_laid}
+    return cpu | ({f"{m}/configs/{GPU_CONFIG}.pbtxt": gpu_config(plan.repository / m) for m in plan.gpu_models}
+                  if gpu else {})
 
 
 def _write_gpu_configs(plan, configs: dict[str, bytes]) -> list[str]:
@@ -265,6 +268,7 @@ def _spec(cfg: DeployConfig, plan, store, name: str, ngc: str, gpu_configs: dict
     from cnnpack.deploy.kube import Spec
     from cnnpack.deploy.plan import content_tag
     from cnnpack.deploy.store import has_tag
+    from cnnpack.triton_config import CPU_CONFIG
 
     tag = content_tag(plan.repository, plan.models, gpu_configs)  # as the repository will be, gpu configs written
     repo_image = None
@@ -275,14 +279,14 @@ def _spec(cfg: DeployConfig, plan, store, name: str, ngc: str, gpu_configs: dict
     return Spec(name=name, image=repo_image if store.mode == "image" else ngc, repo_image=repo_image, ngc_image=ngc,
                 store=store, tag=tag, replicas=cfg.replicas, max_replicas=cfg.max_replicas,
                 secret=cfg.credentials_secret, service_account=cfg.service_account,
-                service_monitor=cfg.service_monitor)
+                service_monitor=cfg.service_monitor, cpu_config=CPU_CONFIG if plan.gpu_laid else None)
 
 
 def _args(spec) -> dict:
     from cnnpack.deploy.kube import container_args
     from cnnpack.triton_config import GPU_CONFIG
 
-    return {"cpu": container_args(spec), "gpu": container_args(spec, config_name=GPU_CONFIG)}
+    return {"cpu": container_args(spec, config_name=spec.cpu_config), "gpu": container_args(spec, config_name=GPU_CONFIG)}
 
 
 def _files(plan, spec, *, gpu: bool, out: Path) -> dict[str, str]:

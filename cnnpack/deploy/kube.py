@@ -45,6 +45,7 @@ class Spec:
     secret: str | None
     service_account: str | None
     service_monitor: bool
+    cpu_config: str | None = None  # the base's --model-config-name (a repository laid out for a GPU)
 
 
 def labels(name: str) -> dict:
@@ -125,7 +126,7 @@ def deployment(plan: Plan, spec: Spec) -> dict:
                  "securityContext": container_security()}]
     container = {
         "name": CONTAINER, "image": spec.image, "imagePullPolicy": pull_policy(spec.image, spec),
-        "args": container_args(spec),
+        "args": container_args(spec, config_name=spec.cpu_config),
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in PORTS.items()],
         # the startup probe holds the other two off until every model is loaded, however long that takes
         "startupProbe": probe(READY, period=PROBE_PERIOD_S, failures=startup_failures(plan.startup_s.value)),
@@ -267,7 +268,8 @@ def inference_service(plan: Plan, spec: Spec) -> dict:
     model = {"modelFormat": {"name": "triton"}, "protocolVersion": "v2",
              **runtime_image(plan, spec),
              "storageUri": stores.kserve_uri(spec.store, image=spec.repo_image or "", pvc=pvc_name(spec), tag=spec.tag),
-             "resources": resources(plan), "securityContext": container_security()}
+             # it serves config.pbtxt as laid out (KServe's runtime sets the args): a GPU where that puts models
+             "resources": resources(plan, gpu=bool(plan.gpu_laid)), "securityContext": container_security()}
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta(spec.name, spec),
             "spec": {"predictor": {"minReplicas": spec.replicas, "maxReplicas": spec.max_replicas,
                                    **({"serviceAccountName": account} if account else {}), "model": model}}}

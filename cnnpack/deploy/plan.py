@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cnnpack.errors import UserInputError, one_line
 from cnnpack.rundir import Run, sha256
-from cnnpack.triton_config import PREPROCESS, ensemble_parts
+from cnnpack.triton_config import CPU_CONFIG, PREPROCESS, ensemble_parts
 from cnnpack.triton_publish import STAGING_PREFIX
 
 MiB = 1 << 20
@@ -61,6 +61,7 @@ class Plan:
     classifiers: list[tuple[str, str]]  # (name, format): verified and laid out
     models: list[str]  # every folder that ships: classifiers + their ensembles
     gpu_models: list[str]  # classifiers that can run on a GPU
+    gpu_laid: list[str]  # models whose config.pbtxt puts them on a GPU (`cnnpack triton --device gpu`)
     cpu: Figure
     memory_mib: Figure
     startup_s: Figure
@@ -89,12 +90,14 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     triton = stages["triton"]
     repository = Path(triton["repository"])
     models = shipped(repository, [m for m, _ in classifiers], ensembles=ensembles)
-    for m in models:  # Triton would not load it (and the gpu overlay's config is made from it)
-        read_config(repository / m, fix=lay_out(run.path, triton, m, classifiers))
+    configs = {m: read_config(repository / m, fix=lay_out(run.path, triton, m, classifiers))  # Triton would not
+               for m in models}                                                                 # load it either
+    gpu_laid = [m for m, mc in configs.items() if on_gpu(mc)]
     size = sum(f.stat().st_size for m in models for f in (repository / m).rglob("*")
                if f.is_file() and not shipped_cache(f.relative_to(repository)))
     plan = Plan(run=run.path.resolve(), repository=repository, served_model=triton["name"], classifiers=classifiers,
-                models=models, gpu_models=[m for m, fmt in classifiers if fmt in GPU_FORMATS],
+                models=models, gpu_laid=gpu_laid,
+                gpu_models=[m for m, fmt in classifiers if fmt in GPU_FORMATS or m in gpu_laid],
                 cpu=Figure(0, ""), memory_mib=Figure(0, ""), startup_s=Figure(0, ""), startup_gpu_s=Figure(0, ""),
                 queue_target_us=Figure(0, ""), repository_bytes=size, opened_as=run.opened_as)
     left = [e for e in shipped(repository, [m for m, _ in classifiers]) if e not in models]
@@ -112,6 +115,10 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     plan.startup_s = startup(stages, floor=STARTUP_FLOOR_S, download_s=download_s)
     plan.startup_gpu_s = startup(stages, floor=STARTUP_FLOOR_GPU_S, download_s=download_s)
     plan.queue_target_us = queue_target(stages, repository, classifiers, queue_target_ms)
+    if gpu_laid:
+        plan.notes.append(f"laid out for a GPU (KIND_GPU): {', '.join(gpu_laid)}; the base (cpu overlay) serves "
+                          f"configs/{CPU_CONFIG}.pbtxt of each, on the CPU and without its GPU accelerators, and the "
+                          "KServe InferenceService, which serves config.pbtxt, requests a GPU")
     if plan.served_model not in plan.models:  # the triton stage's model did not pass verify (a later verify)
         plan.served_model = classifiers[0][0]
         plan.notes.append(f"{triton['name']}, the model the run's triton stage laid out last, did not pass `cnnpack "
@@ -267,6 +274,29 @@ def _queue_delay_us(folder: Path) -> int:
 
 
 # -- the GPU variant of each model's config ---------------------------------------------------------------------
+
+
+def on_gpu(mc) -> bool:
+    """A model config with an instance group on a GPU (KIND_GPU, or KIND_AUTO given GPUs)."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    return any(g.kind == pb.ModelInstanceGroup.KIND_GPU or (g.kind == pb.ModelInstanceGroup.KIND_AUTO and g.gpus)
+               for g in mc.instance_group)
+
+
+def cpu_config(folder: Path) -> bytes:
+    """The config.pbtxt of a model laid out for a GPU, as Triton's custom config for a pod without one: KIND_CPU
+    instance groups (same counts, no GPU ids), no GPU execution accelerator (TensorRT)."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from cnnpack.triton_repo import render
+
+    mc = read_config(folder)
+    for g in mc.instance_group:
+        g.kind = pb.ModelInstanceGroup.KIND_CPU
+        del g.gpus[:]
+    mc.optimization.execution_accelerators.ClearField("gpu_execution_accelerator")
+    return render(mc).encode()
 
 
 def gpu_config(folder: Path) -> bytes:
