@@ -332,8 +332,11 @@ def test_an_image_tag_of_the_users_own_is_pulled_at_each_start_and_changed_model
         assert own["image"] == "reg.example.com/cnn:v1" and own["imagePullPolicy"] == "Always"
         if filler:  # the stock NGC image runs the pod: its release tag is fixed bytes
             assert _container(dep)["imagePullPolicy"] == "IfNotPresent"
-        assert "push it again after each `cnnpack deploy`" in (Path(r["out"]) / "README.md").read_text()
+        readme = (Path(r["out"]) / "README.md").read_text()
+        assert "push it again after each `cnnpack deploy`" in readme
+        assert "# kind load" not in readme and "deploy without `--image`" in readme  # a loaded image is not pulled
     assert "push it again" not in (deployed["image"] / "README.md").read_text()
+    assert "# kind load docker-image" in (deployed["image"] / "README.md").read_text()
 
 
 def test_written_yaml_has_no_anchors_and_the_hpa_metric_counts_each_request_once(deployed):

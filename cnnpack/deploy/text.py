@@ -75,15 +75,21 @@ def readme(plan, spec, *, gpu: bool, out: Path) -> str:
              "Run every command from this folder.", ""]
     n = 1
     if spec.repo_image:
+        always = kube.pull_policy(spec.repo_image, spec) == "Always"
         parts += [f"## {n}. The repository image", "", "```bash",
                   f"docker build -f image/Dockerfile -t {spec.repo_image} {shell(repo)}",
-                  f"docker push {spec.repo_image}          # to a registry the cluster pulls from, or for a local cluster:",
-                  f"# kind load docker-image {spec.repo_image}   |   minikube image load {spec.repo_image}",
+                  *([f"docker push {spec.repo_image}          # to a registry the cluster pulls from"] if always else
+                    [f"docker push {spec.repo_image}          # to a registry the cluster pulls from, or for a local "
+                     "cluster:", f"# kind load docker-image {spec.repo_image}   |   minikube image load "
+                     f"{spec.repo_image}"]),
                   "```", ""]
-        if kube.pull_policy(spec.repo_image, spec) == "Always":
+        if always:
             parts += [f"The tag of `{spec.repo_image}` is yours and stays the same when the models change: build and "
                       "push it again after each `cnnpack deploy`. The pods pull it at each start (imagePullPolicy "
-                      f"Always), and a change of models (annotation `{kube.CONTENT_ANNOTATION}`) rolls them out.", ""]
+                      f"Always), and a change of models (annotation `{kube.CONTENT_ANNOTATION}`) rolls them out. So "
+                      "an image loaded into a local cluster (`kind load`, `minikube image load`) is not used: they "
+                      "pull from the registry; for such a cluster, deploy without `--image` (its content tag is "
+                      "pulled only where missing).", ""]
         n += 1
     if spec.store.remote:
         lines = stores.upload_lines(spec.store, repo, plan.models)
