@@ -334,3 +334,17 @@ def test_the_report_names_the_release_and_says_torchscript_is_deprecated(run_cop
     assert "pt2: torch.export + AOTInductor package compiled for cpu" in text
     assert "**torchscript**: TorchScript (torch.jit) is deprecated upstream" in text
     assert "nvcr.io/nvidia/tritonserver:26.06-py3" in text and "batched since 26.06" in text
+
+
+def test_deploy_says_which_cpus_and_torch_the_shipped_package_needs(run_copy, tmp_path):
+    """A pt2 package runs only on CPUs with the ISA it was compiled for and under a torch not older: the deployment
+    had no word of it (no nodeSelector, no note), and a pod on an AVX2 node never got ready."""
+    from cnnpack.deploy import plan as plans
+    from cnnpack.triton_repo import TritonConfig, build
+    from cnnpack.verify import VerifyConfig, verify
+
+    verify(run_copy, VerifyConfig(formats=("pt2",), batch_sizes=(1,)))
+    build(run_copy, TritonConfig(repository=str(tmp_path / "repo"), format="pt2"))
+    rec = json.loads((run_copy / "cnnpack.json").read_text())["stages"]["export"]["artifacts"]["pt2"]
+    (note,) = [n for n in plans.make(run_copy).notes if "pt2 package" in n]
+    assert f"cnn_pt2 is a pt2 package compiled for CPUs with {rec['extra']['cpu_isa']} by torch {rec['torch_version']}" in note

@@ -115,6 +115,14 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     plan.startup_s = startup(stages, floor=STARTUP_FLOOR_S, download_s=download_s)
     plan.startup_gpu_s = startup(stages, floor=STARTUP_FLOOR_GPU_S, download_s=download_s)
     plan.queue_target_us = queue_target(stages, repository, classifiers, queue_target_ms)
+    arts = stages.get("export", {}).get("artifacts", {})
+    for m, fmt in classifiers:  # AOTInductor's C++ runs only where it was compiled for (cnnpack/pt2.py)
+        if fmt == "pt2" and m in models and (rec := arts.get("pt2") or {}).get("device", "cpu") == "cpu":
+            isa = (rec.get("extra") or {}).get("cpu_isa") or "the exporting host's instruction set"
+            plan.notes.append(f"{m} is a pt2 package compiled for CPUs with {isa} "
+                              f"by torch {rec.get('torch_version', '?')}: a node without that instruction set, or "
+                              "a Triton whose PyTorch is older, fails to load it; keep the pods on such nodes (a "
+                              "nodeSelector on Node Feature Discovery's cpu-cpuid labels) or ship the ONNX model")
     if gpu_laid:
         plan.notes.append(f"laid out for a GPU (KIND_GPU): {', '.join(gpu_laid)}; the base (cpu overlay) serves "
                           f"configs/{CPU_CONFIG}.pbtxt of each, on the CPU and without its GPU accelerators, and the "
