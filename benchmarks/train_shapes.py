@@ -12,6 +12,9 @@ processes took on those cores while it measured: a run with other work on its co
 marked as contended, because CPU training slows down far more than the stolen share.
 
     .venv/bin/python benchmarks/train_shapes.py            # writes benchmarks/results/train_shapes-cnn-64px-cpu2.*
+    .venv/bin/python benchmarks/train_shapes.py --compare-amp --repeats 2
+        # `cnnpack train` (bf16 autocast where the CPU has AMX) against `cnnpack train --no-amp` (fp32), alternated
+        # round by round: writes benchmarks/results/train-amp-cnn-64px-cpu2-<isa>.*
 """
 
 from __future__ import annotations
@@ -114,16 +117,17 @@ def generation(tmp: Path, cores: list[int]) -> dict:
     return res
 
 
-def train_run(tmp: Path, i: int, cores: list[int]) -> dict:
-    """`cnnpack train` with no options, from an empty folder (it creates runs/train-1 there)."""
+def train_run(tmp: Path, i: int, cores: list[int], extra: tuple[str, ...] = ()) -> dict:
+    """`cnnpack train` with no options (but `extra`), from an empty folder (it creates runs/train-1 there)."""
     cwd = tmp / f"run{i}"
     cwd.mkdir()
-    res = timed(cnnpack_cmd() + ["train"], cwd=cwd, env=child_env(None), cores=cores)
+    res = timed(cnnpack_cmd() + ["train", *extra], cwd=cwd, env=child_env(None), cores=cores)
     manifest = json.loads((cwd / "runs" / "train-1" / "cnnpack.json").read_text())
     t = manifest["stages"]["train"]
     res.update(best_val_acc=t["metrics"]["best_val_acc"], best_epoch=t["metrics"]["best_epoch"],
                epochs=t["metrics"]["epochs"], in_process_wall_s=t["metrics"]["wall_s"],
                train_images_per_s=t["metrics"]["train_images_per_s"], device=t["device"],
+               autocast=t.get("autocast"), command=" ".join(["cnnpack train", *extra]),
                val_images=t["data"]["val_images"], train_images=t["data"]["train_images"])
     res["passed"] = res["best_val_acc"] >= TARGET_ACC and res["wall_s"] <= TARGET_WALL_S
     del res["stdout_tail"]
@@ -191,13 +195,76 @@ def write(result: dict) -> None:
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
 
 
+def write_amp(result: dict) -> None:
+    """The --compare-amp record: each round's two trainings, and the ratio of their medians."""
+    name = result["benchmark"]
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    s, m = result["summary"], result["machine"]
+    lines = [f"# `cnnpack train` (amp: bf16 autocast where the CPU has AMX) against `cnnpack train --no-amp` "
+             f"(fp32), {CORES} CPU cores", "",
+             f"Alternated round by round, each a fresh process in an empty folder, the dataset cached. Median wall "
+             f"**{s['amp']['wall_s_median']} s** against **{s['no-amp']['wall_s_median']} s** "
+             f"(**{s['wall_ratio']}x** as fast); training images/s {s['amp']['images_per_s_median']:.0f} against "
+             f"{s['no-amp']['images_per_s_median']:.0f} (**{s['images_per_s_ratio']}x**); lowest top-1 "
+             f"{100 * s['amp']['best_val_acc_min']:.2f} % against {100 * s['no-amp']['best_val_acc_min']:.2f} %.", "",
+             "| round | command | autocast | wall (s) | CPU (s) | val top-1 | best epoch / epochs | train img/s | "
+             "other processes' CPU (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['round']} | `{r['command']}` | {r['autocast'] or 'none (fp32)'} | {r['wall_s']} | "
+                     f"{r['cpu_s']} | {100 * r['best_val_acc']:.2f} % | {r['best_epoch']} / {r['epochs']} | "
+                     f"{r['train_images_per_s']:.0f} | {r['others_cpu_s']}{' (contended)' if r['contended'] else ''} |")
+    lines += ["", f"Machine: {m['cpu']} (flags: {', '.join(m['flags'])}), cores {m['cores_used']} of "
+              f"{m['cores_visible']}, torch {m['torch']}, cnnpack {m['commit']}; 1-min load average "
+              f"{result['load_1min_start']} at start, {result['load_1min_end']} at end; waited "
+              f"{result['waited_for_quiet_s']} s for quiet cores. {result['date']}.", "",
+              f"Reproduce: `{result['reproduce']}`", ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+
+
+def compare_amp(args, cores: list[int], deadline: float) -> int:
+    from cnnpack import shapes
+    from cnnpack.peak import cpu_info, isa_tag
+
+    info = cpu_info()
+    variants = (("amp", ()), ("no-amp", ("--no-amp",)))
+    waited, load_start, runs = 0.0, round(os.getloadavg()[0], 2), []
+    with tempfile.TemporaryDirectory(prefix="cnnpack-bench-") as tmp:
+        shapes.materialise()
+        for rnd in range(1, args.repeats + 1):
+            for name, extra in (variants if rnd % 2 else variants[::-1]):  # each goes first in every other round
+                waited += wait_for_quiet(cores, deadline)
+                r = train_run(Path(tmp), len(runs), cores, extra) | {"round": rnd, "variant": name}
+                print(f"round {rnd} {name}: {r['wall_s']} s, {r['train_images_per_s']:.0f} img/s, top-1 "
+                      f"{100 * r['best_val_acc']:.2f} %, others' CPU {r['others_cpu_s']} s", file=sys.stderr)
+                runs.append(r)
+    by = {name: [r for r in runs if r["variant"] == name] for name, _ in variants}
+    med = {name: {"wall_s_median": round(statistics.median(r["wall_s"] for r in rs), 2),
+                  "images_per_s_median": statistics.median(r["train_images_per_s"] for r in rs),
+                  "best_val_acc_min": min(r["best_val_acc"] for r in rs)} for name, rs in by.items()}
+    summary = {**med, "wall_ratio": round(med["no-amp"]["wall_s_median"] / med["amp"]["wall_s_median"], 2),
+               "images_per_s_ratio": round(med["amp"]["images_per_s_median"] / med["no-amp"]["images_per_s_median"],
+                                           2)}
+    write_amp({"benchmark": f"train-amp-cnn-64px-cpu{CORES}-{isa_tag(info)}",
+               "reproduce": f".venv/bin/python benchmarks/train_shapes.py --compare-amp --repeats {args.repeats}",
+               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "machine": machine(cores) | {"flags": info["flags"]}, "waited_for_quiet_s": round(waited, 1),
+               "load_1min_start": load_start, "load_1min_end": round(os.getloadavg()[0], 2), "runs": runs,
+               "summary": summary})
+    print(json.dumps(summary), file=sys.stderr)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3, help="timed training runs (fresh processes)")
     ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait in all for idle cores")
+    ap.add_argument("--compare-amp", action="store_true",
+                    help="alternate `cnnpack train` and `cnnpack train --no-amp` (--repeats rounds of both)")
     args = ap.parse_args()
     cores = pin_cores()
     deadline = time.monotonic() + args.max_wait
+    if args.compare_amp:
+        return compare_amp(args, cores, deadline)
 
     from cnnpack import shapes  # numpy + PIL only
 

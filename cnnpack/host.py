@@ -44,6 +44,14 @@ def cpuinfo_field(cpuinfo: str, key: str) -> str:
     return m.group(1).strip() if m else ""
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo's `flags` of the first processor); empty where it cannot be read."""
+    try:
+        return set(cpuinfo_field(Path("/proc/cpuinfo").read_text(), "flags").split())
+    except OSError:
+        return set()
+
+
 def cpu_name(cpuinfo: str | None = None) -> str:
     """The CPU's model name, with its family and model numbers (and AMD's or Intel's generation) where the name alone
     does not tell one CPU from another (a hypervisor's "AMD EPYC")."""

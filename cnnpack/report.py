@@ -38,7 +38,8 @@ def _data_and_training(m: dict, run: Run) -> list[Block]:
     if met:
         out.append(Block("p", f"`{m['model']['arch']}`: best validation top-1 **{pct(met.get('best_val_acc'))}** at "
                               f"epoch {met.get('best_epoch')} of {met.get('epochs')}, {met.get('wall_s')} s wall on "
-                              f"{t.get('device')}{_sessions(t)}, {met.get('train_images_per_s')} training images/s "
+                              f"{t.get('device')}{_mixed(t)}{_sessions(t)}, {met.get('train_images_per_s')} training "
+                              "images/s "
                               "(median of the epochs)."))
     else:  # interrupted or failed before its first finished training: no figures to give
         out.append(Block("p", f"`{m['model']['arch']}`: training has not finished (status `{t.get('status')}`); "
@@ -62,6 +63,11 @@ def _checkpoint_note(t: dict, run: Run) -> list[Block]:
     return [Block("p", f"**Checkpoint changed on disk**: `{rec['path']}` {what}: the figures in this report are of "
                        "the model it held; export, verify and bench need it back (restore it, or make the run again "
                        "with --force).")]
+
+
+def _mixed(t: dict) -> str:
+    """The training's mixed precision, where it had one (the weights and the checkpoint are fp32 either way)."""
+    return f" with {t['autocast']} autocast" if t.get("autocast") else ""
 
 
 def _sessions(t: dict) -> str:

