@@ -394,7 +394,7 @@ def test_the_pipeline_knows_one_data_folder_however_it_is_spelled(colours, monke
 @pytest.mark.parametrize("flags, amp, mixed", [({"amx_bf16", "amx_tile"}, True, "bf16"), ({"amx_bf16"}, False, None),
                                                ({"avx512_bf16", "avx2"}, True, None)])
 def test_a_cpu_with_amx_trains_in_bf16_autocast_and_the_run_says_so(colours, tmp_path, monkeypatch, flags, amp, mixed):
-    """bf16 autocast on the CPU where AMX computes it (the default training 1.7-2.4x the images/s of fp32 on an
+    """bf16 autocast on the CPU where AMX computes it (the default training 1.40x the images/s of fp32 on an
     Emerald Rapids Xeon); fp32 elsewhere and with --no-amp. The checkpoint's weights are fp32 either way."""
     import cnnpack.host
     from cnnpack.report import write_report
