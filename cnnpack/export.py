@@ -381,6 +381,7 @@ def _deployable(run: Run, cfg: ExportConfig) -> tuple[nn.Module, ModelSpec, str]
     return (model.half() if cfg.half else model), spec, digest
 
 
+ONNX_OPTIONS = ("exporter", "opset", "simplify")  # what shapes the ONNX file, and so an IR converted from it
 STEPS = {"onnx": "torch.onnx", "torchscript": "torch.jit", "openvino": "converting the ONNX model",
          "pt2": "torch.export, then AOTInductor compiles C++: the longest step"}
 
@@ -466,22 +467,26 @@ def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfi
                   "weights": {"path": run.rel(dest / ov.BIN), "sha256": sha256(weights)},
                   "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20,
                   "source": {"format": "onnx", "sha256": arts["onnx"]["sha256"]}}
-        run.commit([(tmp, dest)], _record(run, cfg, fmt, record, source))
+        run.commit([(tmp, dest)], _record(run, cfg, fmt, record, source, onnx_config=ref.record.get("config")))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return record
 
 
-def _record(run: Run, cfg: ExportConfig, fmt: str, record: dict, source: str) -> Callable[[dict], None]:
+def _record(run: Run, cfg: ExportConfig, fmt: str, record: dict, source: str,
+            onnx_config: dict | None = None) -> Callable[[dict], None]:
     """The manifest update that records one artifact (for `Run.commit`). `source`: the sha256 of the checkpoint
     bytes the model was loaded from (not of the file now), kept by each artifact too: another format exported
-    later from a newer checkpoint does not make this one's source look current."""
+    later from a newer checkpoint does not make this one's source look current. `onnx_config`: the config of the ONNX
+    file an IR was converted from, whose ONNX options (exporter, opset, simplify) are the IR's: `--format openvino
+    --opset 99` recorded opset 99 for an IR of an opset-18 file, and reproduce.sh re-created its source so."""
     ckpt = run.file(CHECKPOINT)
+    config = asdict(cfg) | {k: v for k, v in (onnx_config or {}).items() if k in ONNX_OPTIONS}
 
     def update(m: dict) -> None:
         prior = m.setdefault("stages", {}).get("export", {})
         arts = dict(prior.get("artifacts", {}))
-        arts[fmt] = {**record, "checkpoint_sha256": source, "config": asdict(cfg)}
+        arts[fmt] = {**record, "checkpoint_sha256": source, "config": config}
         m["stages"]["export"] = {"status": "ok", "updated": record.get("updated"), "artifacts": arts,
                                  "source": {"checkpoint": run.rel(ckpt), "sha256": source},
                                  "reproduce": "export/reproduce.sh"}

@@ -228,6 +228,11 @@ def test_the_ir_takes_what_its_onnx_file_takes_and_other_options_are_refused(ir_
     export(run, ExportConfig(formats=("onnx", "openvino"), input="normalized", max_batch_size=16))  # both: as asked
     arts = _manifest(run)["stages"]["export"]["artifacts"]
     assert arts["openvino"]["input_kind"] == arts["onnx"]["input_kind"] == "normalized"
+    # options of the ONNX exporter do not apply to the conversion: the IR records its ONNX file's (it recorded
+    # --opset 17 for an IR of an opset-18 file, and reproduce.sh re-created its source with opset 17)
+    export(run, ExportConfig(formats=("openvino",), input="normalized", opset=17))
+    arts = _manifest(run)["stages"]["export"]["artifacts"]
+    assert arts["openvino"]["config"]["opset"] == arts["onnx"]["config"]["opset"] != 17
 
 
 def test_a_new_best_epoch_saved_during_the_export_does_not_refuse_its_own_onnx_file(tiny_run, tmp_path, monkeypatch):
