@@ -17,7 +17,13 @@ def servable(run: Run, models: tuple[str, ...] = (), *, required_by: str = "tune
     """
     from cnnpack.triton_repo import MODEL_FILES, PLATFORMS, check_laid_out, default_name, versions
 
-    triton = run.stage("triton", required_by=required_by, hint=f"`cnnpack triton --run {shell(run.path)}`")
+    stages = run.read().get("stages", {})
+    first = next((s for s in ("export", "verify") if (stages.get(s) or {}).get("status") != "ok"), None)
+    hint = f"`cnnpack triton --run {shell(run.path)}`"
+    if first:  # the triton stage needs them first: the line names the first missing one, then the rest
+        hint = (f"`cnnpack {first} --run {shell(run.path)}`, then "
+                + ("`cnnpack verify` and " if first == "export" else "") + "`cnnpack triton`")
+    triton = run.stage("triton", required_by=required_by, hint=hint)
     check_laid_out(run)
     root = Path(triton["repository"])
     verify = run.read().get("stages", {}).get("verify", {})

@@ -511,7 +511,9 @@ def test_a_run_whose_repository_holds_no_verified_model_is_refused_as_tune_does(
     _manifest(run, lambda m: m["stages"].pop("verify"))
     with pytest.raises(UserInputError, match="holds no model that passed `cnnpack verify`"):
         deploy(run, DeployConfig(out=str(tmp_path / "out")))
-    with pytest.raises(MissingStageError, match="`cnnpack deploy` needs a successful `triton` stage"):
+    with pytest.raises(MissingStageError, match=r"`cnnpack deploy` needs a successful `triton` stage in .*; run "
+                                                r"`cnnpack export --run .*`, then `cnnpack verify` and `cnnpack "
+                                                r"triton` first"):  # (triton alone would fail: nothing exported)
         deploy(tiny_run, DeployConfig(out=str(tmp_path / "out")))
     # verified, then a version verify never saw laid out (a new export): refused, not shipped
     shutil.rmtree(run)
