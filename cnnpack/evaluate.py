@@ -75,7 +75,7 @@ def scored_data(run: Run, data: str | None = None, *, data_root: str | None = No
     own = _is_own(data, run.read().get("stages", {}).get("train", {}).get("config", {}).get("data"))
     if not own and data != SHAPES and not data.startswith("torchvision:"):
         check_data(data, spec["image_size"])
-        root = Path(data)
+        root = Path(data).resolve()  # named (and its result file keyed) by where it is, not as typed from here
         train, val = split_dirs(root)
         s, skipped = read_class_folders(val if train and val else root, spec["classes"], spec["image_size"])
         return Scored(s.images.numpy(), s.labels.numpy(), "validation" if train and val else "all", False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import time
@@ -166,6 +167,13 @@ def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn
         state = ckpt["state_dict"]
     except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, missing keys
         raise UserInputError(f"{path} is not a readable cnnpack checkpoint ({type(e).__name__})") from None
+    recorded = ModelSpec.from_dict(run.model_spec)
+    # another run's file copied in: evaluate scored a 32 px model on 64 px images as this run's (compared as JSON)
+    if ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) != recorded:
+        said = lambda s: f"{s.arch}, {s.image_size} px, {s.num_classes} classes"  # noqa: E731
+        raise UserInputError(f"{path} holds another model ({said(spec)}) than {run.path} records ({said(recorded)}"
+                             f"{'' if said(spec) != said(recorded) else ', other class names or normalisation'}); "
+                             "restore the run's own checkpoint.pt, or train the run again with --force")
     model = build_model(spec)
     load_weights(model, state, source=str(path))
     return model.to(device).eval(), spec, hashlib.sha256(data).hexdigest()

@@ -96,6 +96,38 @@ def test_other_data_with_one_image_per_class_is_scored_whole(tiny_data, run_copy
     assert np.array(r["confusion_matrix"]).sum(1).tolist() == [1] * len(classes)
 
 
+def test_two_folders_of_one_relative_name_get_results_of_their_own(tiny_data, run_copy, tmp_path, monkeypatch):
+    """`--data ev` typed in two folders: the second result replaced the first (one file name, hashed from the name as
+    typed), and neither said which folder it scored; `ev`, `ev/` and its absolute path gave three files."""
+    classes = _classes(run_copy)
+    for where, n in (("x1", 1), ("x2", 2)):
+        _folder(tiny_data, tmp_path / where / "ev", classes, n=n)
+    monkeypatch.chdir(tmp_path / "x1")
+    one = evaluate(run_copy, data="ev", device="cpu")
+    assert evaluate(run_copy, data=str(tmp_path / "x1" / "ev") + "/", device="cpu")["output"] == one["output"]
+    monkeypatch.chdir(tmp_path / "x2")
+    two = evaluate(run_copy, data="ev", device="cpu")
+    assert one["output"] != two["output"] and (one["images"], two["images"]) == (len(classes), 2 * len(classes))
+    assert json.loads(Path(one["output"]).read_text())["data"] == str(tmp_path / "x1" / "ev")
+
+
+def test_a_checkpoint_of_another_model_is_refused(tiny_run, run_copy, tmp_path):
+    """Another run's checkpoint.pt copied in: evaluate scored it on this run's data as this run's result (a 32 px
+    model on 64 px images); every other format was already refused as made from another checkpoint."""
+    import torch
+
+    from cnnpack.spec import ModelSpec
+
+    ckpt = torch.load(run_copy / "checkpoint.pt", weights_only=True)
+    spec = ModelSpec.from_dict(ckpt["spec"])
+    ckpt["spec"] = {**spec.to_dict(), "image_size": spec.image_size * 2}
+    torch.save(ckpt, run_copy / "checkpoint.pt")
+    with pytest.raises(UserInputError, match=rf"checkpoint.pt holds another model \(cnn, {2 * spec.image_size} px, "
+                                             rf"\d+ classes\) than .* records \(cnn, {spec.image_size} px"):
+        evaluate(run_copy, device="cpu")
+    assert not (run_copy / "eval-checkpoint.json").exists()
+
+
 def test_other_data_may_hold_some_of_the_models_classes_or_one(tiny_data, run_copy, tmp_path):
     classes = _classes(run_copy)
     full = evaluate(run_copy, data=str(_folder(tiny_data, tmp_path / "all", classes)), device="cpu")
