@@ -27,6 +27,7 @@ from cnnpack.errors import StageFailed, UserInputError
 PROTOCOLS = ("http", "grpc")
 PROTOCOL_NAMES = {"http": "HTTP", "grpc": "gRPC"}  # as a sentence names them
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}  # Triton's defaults, and `cnnpack serve`'s
+MAX_TIMEOUT_S = 1_000_000  # 11.6 days; gRPC's deadline overflowed at 1e10 s and every call failed at once
 DEFAULT_TIMEOUT_S = 30.0
 NUMPY_DTYPES = {"FP32": np.float32, "FP16": np.float16, "BYTES": np.object_}
 
@@ -55,9 +56,12 @@ def address(url: str | None, protocol: str, flag: str = "--url") -> str:
         text = rest
     parts = urllib.parse.urlsplit("//" + text.rstrip("/"))
     try:
-        port = parts.port or DEFAULT_PORTS[protocol]
+        port = parts.port
     except ValueError:
-        raise UserInputError(f"{flag} {url!r}: the port is not a number in 0-65535") from None
+        raise UserInputError(f"{flag} {url!r}: the port is not a number in 1-65535") from None
+    if port == 0 or (port is None and text.rstrip("/").endswith(":")):  # not quietly the default port
+        raise UserInputError(f"{flag} {url!r}: the port is not a number in 1-65535")
+    port = port or DEFAULT_PORTS[protocol]
     if not parts.hostname or parts.path or parts.query:
         raise UserInputError(f"{flag} {url!r} is not HOST[:PORT] (e.g. 127.0.0.1:{DEFAULT_PORTS[protocol]})")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
@@ -202,8 +206,8 @@ class Client:
 
     def __init__(self, url: str | None = None, protocol: str = "http", *,
                  timeout_s: float = DEFAULT_TIMEOUT_S, url_flag: str = "--url") -> None:
-        if not timeout_s > 0:
-            raise UserInputError(f"--timeout must be > 0 seconds, got {timeout_s}")
+        if not 0 < timeout_s <= MAX_TIMEOUT_S:  # gRPC's deadline overflows past ~1e9 s: "no answer" at once
+            raise UserInputError(f"--timeout must be > 0 and at most {MAX_TIMEOUT_S:,} seconds, got {timeout_s}")
         self.protocol, self.address, self.timeout_s = protocol, address(url, protocol, url_flag), timeout_s
         self.url_flag = url_flag
         self.lib = importlib.import_module(f"tritonclient.{protocol}")
@@ -286,11 +290,15 @@ class Client:
 
     def model(self, name: str) -> ServedModel:
         """The model's config as the server reports it; UserInputError naming the served ones if absent."""
+        from cnnpack.triton_config import NAME_RE
+
+        if not NAME_RE.fullmatch(name):  # over HTTP a name is part of the URL: `../m` read another path's answer
+            raise UserInputError(f"--model {name!r} is not a Triton model name (letters, digits, _ . -)")
         extra = {"as_json": True} if self.protocol == "grpc" else {}
         try:
             config = self._client.get_model_config(name, **extra, **self._timeout)
         except self.errors as e:
-            if "unknown model" in str(e) or "not found" in str(e):
+            if "unknown model" in str(e).lower() or "not found" in str(e).lower():
                 raise UserInputError(f"Triton at {self.url} serves no model {name!r} (ready: "
                                      f"{', '.join(self.model_names()) or 'none'}); pass --model") from None
             raise self.failure(f"reading the config of {name}", e) from None

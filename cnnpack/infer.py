@@ -61,6 +61,9 @@ def read_pixels(paths: list[Path], size: int) -> tuple[list[Path], np.ndarray, l
     ok, images, skipped = [], [], []
     with quiet():
         for p in paths:
+            if why := _special(p):
+                skipped.append({"file": str(p), "reason": why})
+                continue
             try:
                 images.append(read_image(p, size))
                 ok.append(p)
@@ -84,6 +87,9 @@ def read_encoded(paths: list[Path]) -> tuple[list[Path], np.ndarray, list[dict]]
     ok, blobs, skipped = [], [], []
     with quiet():
         for p in paths:
+            if why := _special(p):
+                skipped.append({"file": str(p), "reason": why})
+                continue
             try:
                 data = Path(p).read_bytes()
                 with Image.open(io.BytesIO(data)) as img:  # (PIL names the BytesIO in its error: the file is named)
@@ -95,6 +101,12 @@ def read_encoded(paths: list[Path]) -> tuple[list[Path], np.ndarray, list[dict]]
     batch = np.empty((len(blobs), 1), dtype=np.object_)
     batch[:, 0] = blobs
     return ok, batch, skipped
+
+
+def _special(path: Path) -> str | None:
+    """Why a named path that is there is not read: a pipe waits for a writer forever, /dev/zero never ends."""
+    p = Path(path)
+    return "not a regular file (a pipe, a device or a socket)" if p.exists() and not p.is_file() else None
 
 
 def _why(e: BaseException) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error
 from cnnpack.ports import Ports, bind_address, check_port, free_ports, url_host
+from cnnpack.rundir import MANIFEST
 from cnnpack.triton_dist import TritonDist, build_backend_dir, check_stub, locate, server_env
 from cnnpack.triton_release import local_repository
 
@@ -165,6 +166,7 @@ class TritonServer:
     _pid: int | None = field(default=None, init=False)  # kept after stop: a caller can check the process is gone
     _tmp: Path | None = field(default=None, init=False, repr=False)
     _log_path: Path | None = field(default=None, init=False, repr=False)
+    _log_start: int = field(default=0, init=False, repr=False)  # where this server's lines begin in its log
 
     def __post_init__(self) -> None:
         if not isinstance(self.cfg, ServeConfig):
@@ -268,11 +270,16 @@ class TritonServer:
 
     def _launch(self, dist: TritonDist, env: dict[str, str], repo: Path) -> None:
         self._log_path = Path(self.cfg.log_file) if self.cfg.log_file else self._tmp / "tritonserver.log"
-        try:
-            self._log_path.parent.mkdir(parents=True, exist_ok=True)
-            log = open(self._log_path, "wb")  # noqa: SIM115 - the child holds it; closed below
+        if self.cfg.log_file and not self._log_path.parent.is_dir():  # a typo made folders from the root down
+            raise UserInputError(f"--log {self._log_path}: no folder {self._log_path.parent}; make it first")
+        if self.cfg.log_file and self._log_path.name == MANIFEST:
+            raise UserInputError(f"--log {self._log_path} would write the server log into a cnnpack run's manifest; "
+                                 "choose another file")
+        try:  # appended to: an existing file of the user's (an earlier log) is not emptied
+            log = open(self._log_path, "ab")  # noqa: SIM115 - the child holds it; closed below
         except OSError as e:
             raise UserInputError(f"cannot write the server log: {file_error(e)}") from None
+        self._log_start = log.tell()  # this server's lines begin here
         with log:
             # A new session: Ctrl-C in the terminal reaches cnnpack, which stops the server in order,
             # and the process group holds exactly the server and its Python backend stubs.
@@ -357,8 +364,11 @@ class TritonServer:
         return list(found.items())
 
     def _log_lines(self) -> list[str]:
+        """This server's lines of its log (an appended --log file holds earlier ones before them)."""
         with contextlib.suppress(OSError):
-            return self._log_path.read_text(errors="replace").splitlines()
+            with open(self._log_path, "rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode(errors="replace").splitlines()
         return []
 
     def _log_hint(self) -> str:

@@ -232,6 +232,15 @@ def test_cli_errors_are_one_line_with_exit_2(server, tmp_path):
                                                                      "server (cnn_torchscript_image is not served)")):
         out = _cli("infer", str(bad), *args, "--url", server.http_address)
         assert out.returncode == 2 and said in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    for protocol, url in (("http", server.http_address), ("grpc", server.grpc_address)):  # a path is no model name
+        out = _cli("infer", str(bad), "--model", "../cnn_onnx", "--url", url, "--protocol", protocol)
+        assert out.returncode == 2 and "--model '../cnn_onnx' is not a Triton model name" in out.stderr, out.stderr
+    if Path("/dev/zero").exists():  # a pipe or a device named as an image: skipped, not read forever
+        os.mkfifo(tmp_path / "fifo.png")
+        for extra in ([], ["--ensemble"]):
+            out = _cli("infer", str(tmp_path / "fifo.png"), "/dev/zero", "--model", "cnn_onnx", *extra, "--url",
+                       server.http_address)
+            assert out.returncode == 2 and "none of the 2 images could be read" in out.stderr, out.stderr
     port = free_ports("127.0.0.1", 1)[0]
     for protocol in ("http", "grpc"):
         down = _cli("infer", str(bad), "--model", "cnn_onnx", "--url", f"127.0.0.1:{port}", "--protocol", protocol)
@@ -257,6 +266,11 @@ def test_url_forms():
         address("http://localhost:8000", "grpc")
     with pytest.raises(UserInputError, match="not a number"):
         address("localhost:http", "http")
+    for url in ("127.0.0.1:0", "127.0.0.1:", "grpc://127.0.0.1:/"):  # not quietly Triton's default port
+        with pytest.raises(UserInputError, match=r"the port is not a number in 1-65535"):
+            address(url, "grpc")
+    with pytest.raises(UserInputError, match=r"--timeout must be > 0 and at most 1,000,000 seconds, got 10000000000.0"):
+        Client("127.0.0.1:1", "grpc", timeout_s=1e10)  # gRPC's deadline overflowed: "no answer" at once
 
 
 # -- load, verify, bench ---------------------------------------------------------------------------

@@ -317,6 +317,29 @@ def test_an_address_or_timeout_it_cannot_use_is_refused_before_starting(server, 
     assert srv.pid is None
 
 
+def test_a_hangup_stops_it_in_order_and_an_existing_log_is_appended_to(server, tmp_path):
+    """SIGHUP (the terminal closed) killed `cnnpack serve` without its orderly stop and left its temporary folder;
+    --log emptied an existing file and made missing folders from the root down."""
+    log = tmp_path / "triton.log"
+    log.write_text("IMPORTANT: an earlier line of the user's\n")
+    base = [sys.executable, "-m", "cnnpack", "serve", "--repository", server.cfg.repository, "--http-port", "0",
+            "--grpc-port", "0", "--metrics-port", "0"]
+    for where, says in ((tmp_path / "no" / "such" / "t.log", "no folder"), (tmp_path / "cnnpack.json", "manifest")):
+        out = subprocess.run([*base, "--log", str(where)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and says in out.stderr and not (tmp_path / "no").exists(), out.stderr
+    proc = subprocess.Popen([*base, "--log", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(4 + len(MODELS))]
+    finally:
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    pid = int("".join(lines).split("(pid ")[1].split(")")[0])
+    assert_gone(pid)
+    text = log.read_text()
+    assert text.startswith("IMPORTANT: an earlier line") and "successfully loaded 'tiny_onnx'" in text
+
+
 def test_cli_serves_until_sigterm(server, tmp_path):
     """`cnnpack serve` prints the URLs and backends, and SIGTERM stops it (and only its server) cleanly."""
     log = tmp_path / "triton.log"

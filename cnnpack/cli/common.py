@@ -124,8 +124,9 @@ def print_error(msg: str) -> None:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM (from `kill`, systemd, a CI runner) stops a command the way Ctrl-C does: what it started (a Triton
-    server, its temporary folder) is stopped and removed, and a write in progress is finished first."""
+    """SIGTERM (from `kill`, systemd, a CI runner) and SIGHUP (the terminal closed, an ssh session dropped) stop a
+    command the way Ctrl-C does: what it started (a Triton server, its temporary folder) is stopped and removed, and a
+    write in progress is finished first. A SIGHUP ignored already (`nohup`) stays ignored."""
     import signal
     import threading
 
@@ -136,11 +137,13 @@ def sigterm_as_interrupt():
     def handler(signum, frame):
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, handler)
+    signals = [signal.SIGTERM] + [signal.SIGHUP] * (signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN)
+    old = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, was in old.items():
+            signal.signal(sig, was)
 
 
 def handles_errors(fn):
