@@ -25,7 +25,7 @@ def serve(
     metrics_port: int = typer.Option(8002, help="Prometheus metrics port (0: any free port)."),
     backend_directory: Optional[Path] = typer.Option(
         None, help="Triton backends to use instead of cnnpack's Python-based CPU ones (e.g. native ones)."),
-    log: Optional[Path] = typer.Option(None, help="Write the server's log to this file (kept after exit)."),
+    log: Optional[Path] = typer.Option(None, help="Append the server's log to this file (kept after exit; its folder must exist)."),
     ready_timeout: float = typer.Option(180.0, help="Seconds to wait for the server and every model to be ready."),
     as_json: bool = typer.Option(False, "--json", help="Print URLs and models as JSON once ready."),
 ):
