@@ -702,6 +702,12 @@ def test_a_verified_model_laid_out_under_a_name_of_its_own_is_shipped(laid_out, 
     build(run, TritonConfig(repository=str(repo), threads=1, name="mycnn"))
     r = deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no", force=True))
     assert {"cnn_onnx", "mycnn"} <= set(r["models"]) and not any("did not pass" in n for n in r["notes"])
+    assert not any("threads" in n for n in r["notes"])
+    # a shipped model other than the one the pod is sized for, on every core of the node: said too
+    build(run, TritonConfig(repository=str(repo), force=True))
+    build(run, TritonConfig(repository=str(repo), threads=1, name="mycnn"))
+    r = deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no", force=True))
+    assert any(n.startswith("cnn_onnx also leaves the runtime's threads at 0") for n in r["notes"]), r["notes"]
 
 
 def test_a_run_replaced_while_deploy_read_it_gets_no_deployment(laid_out, tmp_path, monkeypatch):

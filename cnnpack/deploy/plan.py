@@ -110,6 +110,12 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
                           f"large as the node's cores, not the pod's CPU limit ({plan.cpu.value}), and on a larger "
                           f"node the pod is throttled; bound it with `cnnpack triton --threads "
                           f"{max(1, plan.cpu.value // instances)}` or `cnnpack tune`")
+    if others := [m for m, fmt in classifiers if m != triton["name"] and m not in gpu_laid
+                  and not _threads(configs[m], fmt)]:
+        plan.notes.append(f"{', '.join(others)} also {'leave' if len(others) > 1 else 'leaves'} the runtime's threads "
+                          "at 0: a request to it runs on as many threads as the node has cores, beyond the pod's CPU "
+                          f"limit ({plan.cpu.value}, sized for {triton['name']}); lay it out with `cnnpack triton "
+                          "--threads N`")
     plan.memory_mib = memory(stages, repository, classifiers, instances)
     download_s = math.ceil(size / DOWNLOAD_BYTES_PER_S) if remote else 0
     plan.startup_s = startup(stages, floor=STARTUP_FLOOR_S, download_s=download_s)
@@ -133,6 +139,15 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
                           f"verify` and is not shipped; the deployment is named after {plan.served_model}, the first "
                           "verified one")
     return plan
+
+
+def _threads(mc, fmt: str) -> int:
+    """The threads per instance a model's config gives its runtime; 0: the runtime's default (every core)."""
+    from cnnpack.triton_config import OPENVINO_THREADS, THREAD_KEYS
+
+    key = THREAD_KEYS[fmt][0] if fmt in THREAD_KEYS else OPENVINO_THREADS
+    value = mc.parameters[key].string_value if key in mc.parameters else "0"
+    return int(value) if value.isdigit() else 0
 
 
 def read_config(folder: Path, *, fix: str = "`cnnpack triton`"):
