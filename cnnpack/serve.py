@@ -50,6 +50,7 @@ class ServeConfig:
     metrics_port: int = 0
     backend_directory: str | None = None  # native Triton backends instead of cnnpack's Python-based ones
     log_file: str | None = None  # the server's log (default: a temporary file, removed on stop)
+    log_append: bool = False  # a user's --log: appended to (an earlier file of theirs is kept), in a folder that exists
     ready_timeout_s: float = 180.0  # until every model is loaded
     stop_timeout_s: float = 30.0  # SIGTERM, then SIGKILL
     explicit: bool = False  # explicit model control: nothing loaded at start; clients load (with a config) and unload
@@ -270,13 +271,15 @@ class TritonServer:
 
     def _launch(self, dist: TritonDist, env: dict[str, str], repo: Path) -> None:
         self._log_path = Path(self.cfg.log_file) if self.cfg.log_file else self._tmp / "tritonserver.log"
-        if self.cfg.log_file and not self._log_path.parent.is_dir():  # a typo made folders from the root down
+        if self.cfg.log_append and not self._log_path.parent.is_dir():  # a typo made folders from the root down
             raise UserInputError(f"--log {self._log_path}: no folder {self._log_path.parent}; make it first")
         if self.cfg.log_file and self._log_path.name == MANIFEST:
             raise UserInputError(f"--log {self._log_path} would write the server log into a cnnpack run's manifest; "
                                  "choose another file")
-        try:  # appended to: an existing file of the user's (an earlier log) is not emptied
-            log = open(self._log_path, "ab")  # noqa: SIM115 - the child holds it; closed below
+        try:  # a user's file is appended to (an earlier log of theirs is not emptied); tune's and served's are its own
+            if not self.cfg.log_append:
+                self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(self._log_path, "ab" if self.cfg.log_append else "wb")  # noqa: SIM115 - the child holds it
         except OSError as e:
             raise UserInputError(f"cannot write the server log: {file_error(e)}") from None
         self._log_start = log.tell()  # this server's lines begin here

@@ -45,7 +45,7 @@ def serve(
     repo = repository_of(run) if run is not None else str(repository or "model_repository")
     cfg = ServeConfig(repository=repo, host=host, http_port=http_port, grpc_port=grpc_port,
                       metrics_port=metrics_port, backend_directory=str(backend_directory) if backend_directory else None,
-                      log_file=str(log) if log else None, ready_timeout_s=ready_timeout)
+                      log_file=str(log) if log else None, log_append=True, ready_timeout_s=ready_timeout)
     server = TritonServer(cfg)
     with sigterm_as_interrupt(), server:
         try:  # a SIGTERM right after the last line printed (before wait) stops it the same way
