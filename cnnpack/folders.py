@@ -7,14 +7,16 @@ from pathlib import Path
 
 
 def walk_files(folder: Path, *, hidden: bool = False) -> list[Path]:
-    """Every file under `folder`, sorted, following linked folders (each real folder once, so a link loop ends);
+    """Every file under `folder`, sorted, following linked folders (each real folder once, so a link loop ends, and
+    none that holds `folder`: a link up, `ln -s .. a/up`, read the other classes' images as this one's);
     a dangling link is listed too (reading it says what is wrong), and a folder that cannot be listed raises its
     OSError. Without `hidden`, nothing whose name, or a folder's on the way, starts with '.' (`.ipynb_checkpoints`
     copies would be images twice)."""
     out, seen = [], set()
+    root = os.path.realpath(folder)
     for top, dirs, files in os.walk(folder, followlinks=True, onerror=_unreadable):
         real = os.path.realpath(top)
-        if real in seen:
+        if real in seen or root.startswith(real.rstrip(os.sep) + os.sep):  # a link up (`ln -s ..`): other classes
             dirs[:] = []
             continue
         seen.add(real)

@@ -24,15 +24,17 @@ from torch import nn
 
 from cnnpack import data as data_mod
 from cnnpack import plots
-from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, one_line, shell
+from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, file_error, one_line, shell
 from cnnpack.host import check_device
 from cnnpack.models import build_model, check_arch, check_input_size, load_weights
-from cnnpack.rundir import MANIFEST, Run, atomic_path, atomic_write_json, sigint_deferred
+from cnnpack.rundir import MANIFEST, Run, atomic_path, sigint_deferred
 from cnnpack.spec import ModelSpec
 from cnnpack.train_sessions import record_session, session
 
 CHECKPOINT = "checkpoint.pt"
 LAST = "last.pt"
+HISTORY = "history.json"
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators, with seed x 100,003 + epoch within torch's int64
 # what a training writes; `--force` removes the previous run's copies first, so a new run that
 # stops early can never be resumed from (or evaluated with) the old run's state
 TRAIN_FILES = (CHECKPOINT, LAST, "history.json", "curves.png", "confusion.png", "samples.png")
@@ -94,8 +96,8 @@ class TrainConfig:
             raise UserInputError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 2:  # a batch of one is skipped: BatchNorm cannot train on it, and nothing would train
             raise UserInputError(f"--batch-size must be >= 2 (BatchNorm trains on 2 images or more), got {self.batch_size}")
-        if self.seed < 0:  # numpy's generators (calibration, the split of a folder) take no negative seed
-            raise UserInputError(f"--seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:  # numpy's generators take no negative seed; epochs reseed from seed x 100,003
+            raise UserInputError(f"--seed must be an integer from 0 to {MAX_SEED:,}, got {self.seed}")
         if self.patience < 1:
             raise UserInputError(f"--patience must be >= 1 (epochs without a val-accuracy gain), got {self.patience}")
         if not 0 <= self.label_smoothing < 1:
@@ -317,6 +319,17 @@ def _resume_state(run: Run, model, opt, sched, steps_per_epoch: int) -> tuple[in
     return epoch, history
 
 
+def _check_same_data(run: Run, now: dict) -> None:
+    """--resume on data that changed since the interrupted training: the split moved (images it trained on are now
+    validation images), the record kept the old counts, and a changed class list read as a damaged last.pt."""
+    then = run.read()["stages"]["train"].get("data") or {}
+    keys = ("classes", "train_per_class", "val_per_class")
+    if all(k in then for k in keys) and any(then[k] != now.get(k) for k in keys):
+        n = lambda d: f"{len(d['classes'])} classes, {sum(d['train_per_class'])} + {sum(d['val_per_class'])} images"  # noqa: E731
+        raise UserInputError(f"--resume: {now.get('source', 'the data')} has changed since the training began ({n(then)} "
+                             f"then, {n(now)} now): the epochs would not be of one split; train again with --force")
+
+
 def _recorded_config(run_dir: Path) -> TrainConfig:
     """The config a run was started with (what `--resume` continues)."""
     recorded = Run.open(run_dir).read().get("stages", {}).get("train", {}).get("config")
@@ -378,7 +391,8 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     _check_run_dir(run_dir, force=force, resume=resume)
     cfg.validate()
     data_mod.check_outside(cfg.data, run_dir, "--run")
-    cfg = replace(cfg, data=data_mod.recorded_source(cfg.data))
+    cfg = replace(cfg, data=data_mod.recorded_source(cfg.data),  # both as paths that hold from any folder
+                  data_root=str(Path(cfg.data_root).resolve()) if cfg.data_root else None)
     device = resolve_device(cfg.device)
     is_main = dist is None or dist.rank == 0
     t_start = time.perf_counter()
@@ -412,6 +426,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
 
     if is_main and resume:
         run = Run.open(run_dir)
+        _check_same_data(run, data.summary())
     elif is_main:
         replaced = run_dir.joinpath(MANIFEST).exists()
         run = Run.create(run_dir, spec.to_dict(), force=force, resume_hint=" or --resume to continue it")
@@ -462,26 +477,37 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                     on_epoch_end(epoch, stats)
             except KeyboardInterrupt:
                 if is_main:
-                    record_session(run, "interrupted", start_epoch, kept, t_start, steps_per_epoch, dist)
+                    record_session(run, "interrupted", start_epoch, kept, t_start, steps_per_epoch, dist,
+                                   autocast=mixed)
                 if kept is None:
                     raise Interrupted(f"interrupted during epoch {epoch}, before any epoch finished; "
                                       f"start again with `cnnpack train --run {shell(run.path)} --force`") from None
                 where = f"after epoch {epoch}" if kept == epoch else f"during epoch {epoch}"
                 raise Interrupted(f"interrupted {where}; epoch {kept} is kept in {run.file(LAST)}; "
                                   f"continue with `cnnpack train --run {shell(run.path)} --resume`") from None
-            except (RuntimeError, ValueError) as e:  # out of memory, a NaN loss the optimizer refused...
-                why = one_line(e) if isinstance(e, Diverged) else f"{type(e).__name__}: {one_line(e)}"
+            except (RuntimeError, ValueError, OSError) as e:  # out of memory, a NaN loss, a full disk...
+                why = (file_error(e) if isinstance(e, OSError) else one_line(e) if isinstance(e, Diverged)
+                       else f"{type(e).__name__}: {one_line(e)}")
                 if is_main:
-                    record_session(run, "failed", start_epoch, kept, t_start, steps_per_epoch, dist, error=why)
+                    with contextlib.suppress(OSError):  # a full disk may not take the record either
+                        record_session(run, "failed", start_epoch, kept, t_start, steps_per_epoch, dist,
+                                       autocast=mixed, error=why)
                 kept_note = (f"; epoch {kept} is kept in {run.file(LAST)}" if kept is not None else "")
                 raise StageFailed(f"training failed in epoch {epoch} ({why}){kept_note}") from e
     if not is_main:
         return {}
     try:  # the plots of the best epoch: a Ctrl-C here keeps every epoch, and --resume draws them
         return _finish(run, data, spec, device, history, t_start, resume, dist,
-                       session(start_epoch, kept, t_start, steps_per_epoch, dist) | {"autocast": mixed})
+                       session(start_epoch, kept, t_start, steps_per_epoch, dist, autocast=mixed))
+    except OSError as e:  # a full disk while the plots are drawn: failed, not left "running"
+        with contextlib.suppress(OSError):
+            record_session(run, "failed", start_epoch, kept, t_start, steps_per_epoch, dist, autocast=mixed,
+                           error=file_error(e))
+        raise StageFailed(f"training failed after its last epoch ({kept}), while its plots were drawn: "
+                          f"{file_error(e)}; every epoch is kept in {run.file(LAST)}: free space and continue with "
+                          f"`cnnpack train --run {shell(run.path)} --resume`") from None
     except KeyboardInterrupt:
-        record_session(run, "interrupted", start_epoch, kept, t_start, steps_per_epoch, dist)
+        record_session(run, "interrupted", start_epoch, kept, t_start, steps_per_epoch, dist, autocast=mixed)
         raise Interrupted(f"interrupted after the last epoch ({kept}), while its plots were drawn; every epoch is "
                           f"kept in {run.file(LAST)}; continue with `cnnpack train --run {shell(run.path)} "
                           "--resume`, which draws them") from None
@@ -504,12 +530,14 @@ def _save_epoch(run: Run, model, spec: ModelSpec, opt, sched, epoch: int, stats:
                 improved: bool) -> None:
     """checkpoint.pt (when val accuracy improved), last.pt (resume state) and history.json for one epoch. last.pt holds
     no RNG state: each epoch reseeds its RNGs from (seed, epoch) (`_epoch_rng`), so a resumed run replays them."""
-    if improved:
-        save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": epoch,
-                    "val_acc": stats["val_acc"]}, run.file(CHECKPOINT))
-    save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch, "history": history}, run.file(LAST))
-    atomic_write_json(run.file("history.json"), history)
+    with contextlib.ExitStack() as files:  # all written first, then put in place: a full disk leaves the last epoch's
+        tmp = {n: files.enter_context(atomic_path(run.file(n))) for n in ((CHECKPOINT,) * improved + (LAST, HISTORY))}
+        if improved:
+            torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": epoch,
+                        "val_acc": stats["val_acc"]}, tmp[CHECKPOINT])
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "epoch": epoch, "history": history}, tmp[LAST])
+        tmp[HISTORY].write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
 
 
 def _stale_epochs(history: list[dict]) -> int:

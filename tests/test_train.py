@@ -263,7 +263,8 @@ def test_a_last_batch_of_one_image_trains(colours, tmp_path, monkeypatch):
     ("image_size", 4, "--image-size 4 is too small"),
     ("image_size", 100_000, r"--image-size 100000 is too large \(maximum 4096\)"),
     ("data", "", "--data is empty"),  # it trained on the current folder
-    ("seed", -3, "--seed must be >= 0, got -3"),
+    ("seed", -3, "--seed must be an integer from 0 to 4,294,967,295, got -3"),
+    ("seed", 2**47, "--seed must be an integer from 0 to 4,294,967,295"),  # it failed in epoch 1, the run replaced
 ])
 def test_bad_config_is_refused_before_anything_is_written(tmp_path, field, value, message):
     with pytest.raises(UserInputError, match=message):
@@ -418,3 +419,48 @@ def test_a_cpu_with_amx_trains_in_bf16_autocast_and_the_run_says_so(colours, tmp
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     write_report(tmp_path / "r")
     assert ("with bf16 autocast" in (tmp_path / "r" / "report.md").read_text()) == (mixed == "bf16")
+
+
+def test_resume_on_data_that_changed_is_refused(colours, tmp_path):
+    """Images added after the stop: the epochs after it trained on another split (images of the first epoch's
+    training now scored as validation) and the record kept the old counts; a class added read as a damaged last.pt."""
+    data = tmp_path / "data"
+    shutil.copytree(colours, data)
+    cfg = TrainConfig(data=str(data), image_size=16, epochs=3, batch_size=16)
+    with pytest.raises(Interrupted):
+        train(tmp_path / "r", cfg, progress=False, on_epoch_end=_stop_after(1))
+    shutil.copy(data / "train" / "red" / "0.png", data / "train" / "red" / "extra.png")
+    with pytest.raises(UserInputError, match=r"--resume: .* has changed since the training began \(2 classes, 66 \+ 16 "
+                                             r"images then, 2 classes, 67 \+ 16 images now\)"):
+        train(tmp_path / "r", resume=True, progress=False)
+    (data / "train" / "red" / "extra.png").unlink()
+    assert train(tmp_path / "r", resume=True, progress=False)["status"] == "ok"  # the same data again: it resumes
+
+
+def test_a_full_disk_while_an_epoch_is_saved_fails_the_stage_and_keeps_the_epoch_before_whole(colours, tmp_path,
+                                                                                               monkeypatch):
+    """No space for last.pt: checkpoint.pt already held the new epoch while last.pt and history.json held the one
+    before, and the stage stayed "running" after the process ended."""
+    import errno
+
+    import cnnpack.train as training
+
+    real, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(obj.get("epoch"))
+        if obj.get("epoch") == 2 and "optimizer" in obj:  # last.pt of epoch 2, after its checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(training.torch, "save", save)
+    cfg = TrainConfig(data=str(colours), image_size=16, epochs=2, batch_size=16, lr=1e-3)
+    with pytest.raises(StageFailed, match=r"^training failed in epoch 2 \(.*last.pt: No space left on device\); "
+                                          r"epoch 1 is kept in"):
+        train(tmp_path / "r", cfg, progress=False)
+    monkeypatch.undo()
+    t = Run.open(tmp_path / "r").read()["stages"]["train"]
+    assert t["status"] == "failed" and "No space left" in t["error"] and t["sessions"][-1]["epochs"] == [1, 1]
+    epochs = {torch.load(tmp_path / "r" / n, weights_only=True)["epoch"] for n in ("checkpoint.pt", "last.pt")}
+    assert epochs == {1} and len(json.loads((tmp_path / "r" / "history.json").read_text())) == 1
+    assert not [p for p in (tmp_path / "r").glob(".*") if p.name != ".cnnpack.lock"], "a temp file was left"
