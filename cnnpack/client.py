@@ -27,7 +27,7 @@ from cnnpack.errors import StageFailed, UserInputError
 PROTOCOLS = ("http", "grpc")
 PROTOCOL_NAMES = {"http": "HTTP", "grpc": "gRPC"}  # as a sentence names them
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}  # Triton's defaults, and `cnnpack serve`'s
-MAX_TIMEOUT_S = 1_000_000  # 11.6 days; gRPC's deadline overflowed at 1e10 s and every call failed at once
+MAX_TIMEOUT_S = 1_000_000  # 11.6 days; gRPC's deadline overflowed past ~1e9 s and every call failed at once
 DEFAULT_TIMEOUT_S = 30.0
 NUMPY_DTYPES = {"FP32": np.float32, "FP16": np.float16, "BYTES": np.object_}
 
@@ -290,10 +290,8 @@ class Client:
 
     def model(self, name: str) -> ServedModel:
         """The model's config as the server reports it; UserInputError naming the served ones if absent."""
-        from cnnpack.triton_config import NAME_RE
-
-        if not NAME_RE.fullmatch(name):  # over HTTP a name is part of the URL: `../m` read another path's answer
-            raise UserInputError(f"--model {name!r} is not a Triton model name (letters, digits, _ . -)")
+        if not name or name in (".", "..") or "/" in name or any(ord(c) < 32 for c in name):  # over HTTP a name is
+            raise UserInputError(f"model name {name!r} cannot name a model folder")  # part of the URL: `../m`, `m/x`
         extra = {"as_json": True} if self.protocol == "grpc" else {}
         try:
             config = self._client.get_model_config(name, **extra, **self._timeout)

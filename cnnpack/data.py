@@ -345,7 +345,7 @@ def load_torchvision(name: str, size: int, *, root: Path, download: bool) -> Dat
         raise UserInputError(f"torchvision:{name} has no train/test split cnnpack can read") from None
     except (RuntimeError, OSError) as e:  # not there, or (with download) not reachable: an offline machine
         why = one_line(e).rstrip(":")
-        hint = "" if download else " (--download fetches it, when online)"
+        hint = "" if download else " (`cnnpack train --download` or `cnnpack evaluate --download` fetches it, when online)"
         raise UserInputError(f"torchvision:{name} not found under {root}: {why}{hint}") from None
     if not hasattr(train_ds, "data"):
         raise UserInputError(f"torchvision:{name} does not expose in-memory `data`; export it as an ImageFolder")

@@ -16,7 +16,7 @@ def walk_files(folder: Path, *, hidden: bool = False) -> list[Path]:
     root = os.path.realpath(folder)
     for top, dirs, files in os.walk(folder, followlinks=True, onerror=_unreadable):
         real = os.path.realpath(top)
-        if real in seen or root.startswith(real.rstrip(os.sep) + os.sep):  # a link up (`ln -s ..`): other classes
+        if real in seen or (real != root and root.startswith(real.rstrip(os.sep) + os.sep)):  # a link up: `ln -s ..`
             dirs[:] = []
             continue
         seen.add(real)

@@ -73,6 +73,7 @@ def up_to_date(run: Run, stage: Stage, inputs: str) -> bool:
 
 
 def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]) -> Outcome:
+    run.check_not_replaced()  # a `train --force` since the last stage: no stage runs on (or lays out) the new run
     inputs = fingerprint(stage.inputs(run))
     if not force and up_to_date(run, stage, inputs):
         say(f"[{stage.name}] skipped: inputs unchanged since its last successful run")
@@ -221,11 +222,12 @@ class Stages:
                 "data": data_identity(self.cfg.data)}
 
     def run_train(self, run: Run) -> str:
-        from cnnpack.train import train
+        from cnnpack.train import as_recorded, train
 
         cfg, last = self.cfg.train_config(), _section(run, "train")
         # an interrupted training with these options continues from its last finished epoch
-        resume = run.file("last.pt").is_file() and last.get("status") != "ok" and last.get("config") == asdict(cfg)
+        resume = (run.file("last.pt").is_file() and last.get("status") != "ok"  # (as recorded: absolute paths)
+                  and last.get("config") == asdict(as_recorded(cfg)))
         if resume:
             self.say("[train] resuming the interrupted training from last.pt")
 

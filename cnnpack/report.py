@@ -66,8 +66,13 @@ def _checkpoint_note(t: dict, run: Run) -> list[Block]:
 
 
 def _mixed(t: dict) -> str:
-    """The training's mixed precision, where it had one (the weights and the checkpoint are fp32 either way)."""
-    return f" with {t['autocast']} autocast" if t.get("autocast") else ""
+    """The training's mixed precision, where it had one (the weights and the checkpoint are fp32 either way); a run
+    resumed on another host may have had it in some sessions only."""
+    kinds = [x.get("autocast") for x in t.get("sessions") or [] if x.get("epochs")] or [t.get("autocast")]
+    mixed = sorted({k for k in kinds if k})
+    if not mixed:
+        return ""
+    return f" with {'/'.join(mixed)} autocast" + ("" if all(kinds) else " in some of its sessions (fp32 in the others)")
 
 
 def _sessions(t: dict) -> str:

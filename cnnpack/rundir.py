@@ -143,8 +143,8 @@ def sigint_deferred() -> Iterator[None]:
         yield
         return
     came: list[int] = []
-    # SIGTERM too where the CLI turned it into an interrupt (a Python handler): the same unwinding as Ctrl-C
-    held = [signal.SIGINT, *([signal.SIGTERM] if callable(signal.getsignal(signal.SIGTERM)) else [])]
+    # SIGTERM and SIGHUP too where the CLI turned them into an interrupt (a Python handler): the same unwinding
+    held = [signal.SIGINT, *(s for s in (signal.SIGTERM, signal.SIGHUP) if callable(signal.getsignal(s)))]
     previous = {s: signal.signal(s, lambda signum, _frame: came.append(signum)) for s in held}
     try:
         yield
@@ -323,6 +323,8 @@ class Run:
     def check_not_replaced(self) -> None:
         """Raises RunReplaced (a StageFailed) where the run was replaced since this command opened it (before
         writing files)."""
+        if self.opened_as is None:  # nothing held (a pipeline before its first training): nothing to check
+            return
         with self._locked():
             self._check_not_replaced()
 

@@ -138,12 +138,16 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, steps: int):
     return opt, sched
 
 
-def save_torch(obj, path: Path) -> None:
-    """torch.save through a temp file + os.replace."""
+def _torch_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save through a temp file + os.replace."""
     with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+        tmp.write_bytes(_torch_bytes(obj))
 
 
 def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec, str]:
@@ -174,7 +178,7 @@ def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn
     if ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) != recorded:
         said = lambda s: f"{s.arch}, {s.image_size} px, {s.num_classes} classes"  # noqa: E731
         raise UserInputError(f"{path} holds another model ({said(spec)}) than {run.path} records ({said(recorded)}"
-                             f"{'' if said(spec) != said(recorded) else ', other class names or normalisation'}); "
+                             f"{'' if said(spec) != said(recorded) else ', other class names, normalisation or input'}); "
                              "restore the run's own checkpoint.pt, or train the run again with --force")
     model = build_model(spec)
     load_weights(model, state, source=str(path))
@@ -341,6 +345,13 @@ def _recorded_config(run_dir: Path) -> TrainConfig:
         raise UserInputError(f"--resume: {run_dir} was trained by an incompatible cnnpack version") from None
 
 
+def as_recorded(cfg: TrainConfig) -> TrainConfig:
+    """The config as a run records it: --data and --data-root as paths that hold from any folder (evaluate, resume
+    and the pipeline run from elsewhere), the built-in and torchvision names as they are."""
+    return replace(cfg, data=data_mod.recorded_source(cfg.data),
+                   data_root=str(Path(cfg.data_root).resolve()) if cfg.data_root else None)
+
+
 def resume_conflicts(run_dir: str | Path, given: dict) -> dict[str, tuple]:
     """The `TrainConfig` fields in `given` whose values differ from the run's recorded ones: {name: (given, recorded)}.
 
@@ -348,10 +359,12 @@ def resume_conflicts(run_dir: str | Path, given: dict) -> dict[str, tuple]:
     and the checkpoints depend on it), so a different value would be silently ignored.
     """
     recorded = asdict(_recorded_config(Path(run_dir)))
-    as_recorded = {**given, **({"data": data_mod.recorded_source(given["data"])} if "data" in given else {})}
-    # `ds` is the recorded /abs/ds, or `ds` as a run recorded it before --data was made absolute
+    fields = {f: given.get(f) for f in ("data", "data_root")} | {"data": given.get("data") or "shapes"}
+    normal = asdict(as_recorded(replace(TrainConfig(), **fields)))
+    recorded_as = {**given, **{k: normal[k] for k in ("data", "data_root") if given.get(k)}}
+    # `ds` is the recorded /abs/ds, or `ds` as a run recorded it before --data (--data-root) was made absolute
     return {name: (value, recorded[name]) for name, value in given.items()
-            if name in recorded and recorded[name] not in (value, as_recorded[name])}
+            if name in recorded and recorded[name] not in (value, recorded_as[name])}
 
 
 def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
@@ -391,8 +404,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     _check_run_dir(run_dir, force=force, resume=resume)
     cfg.validate()
     data_mod.check_outside(cfg.data, run_dir, "--run")
-    cfg = replace(cfg, data=data_mod.recorded_source(cfg.data),  # both as paths that hold from any folder
-                  data_root=str(Path(cfg.data_root).resolve()) if cfg.data_root else None)
+    cfg = as_recorded(cfg)
     device = resolve_device(cfg.device)
     is_main = dist is None or dist.rank == 0
     t_start = time.perf_counter()
@@ -531,12 +543,13 @@ def _save_epoch(run: Run, model, spec: ModelSpec, opt, sched, epoch: int, stats:
     """checkpoint.pt (when val accuracy improved), last.pt (resume state) and history.json for one epoch. last.pt holds
     no RNG state: each epoch reseeds its RNGs from (seed, epoch) (`_epoch_rng`), so a resumed run replays them."""
     with contextlib.ExitStack() as files:  # all written first, then put in place: a full disk leaves the last epoch's
-        tmp = {n: files.enter_context(atomic_path(run.file(n))) for n in ((CHECKPOINT,) * improved + (LAST, HISTORY))}
-        if improved:
-            torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": epoch,
-                        "val_acc": stats["val_acc"]}, tmp[CHECKPOINT])
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "epoch": epoch, "history": history}, tmp[LAST])
+        names = [CHECKPOINT, LAST, HISTORY] if improved else [LAST, HISTORY]
+        tmp = {n: files.enter_context(atomic_path(run.file(n))) for n in names}
+        if improved:  # serialised in memory: torch's zip writer reports a full disk as a RuntimeError of its own
+            tmp[CHECKPOINT].write_bytes(_torch_bytes({"spec": spec.to_dict(), "state_dict": model.state_dict(),
+                                                      "epoch": epoch, "val_acc": stats["val_acc"]}))
+        tmp[LAST].write_bytes(_torch_bytes({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                            "scheduler": sched.state_dict(), "epoch": epoch, "history": history}))
         tmp[HISTORY].write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from cnnpack import __version__
 from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.rundir import atomic_write_bytes, now, sha256
-from cnnpack.triton_config import GPU_CONFIG, check_name
+from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG, check_name
 
 PREVIOUS = "config.pbtxt.prev"  # the config.pbtxt that `cnnpack tune` replaced, kept for `tune --undo`
 
@@ -211,7 +211,7 @@ def _publish_version(folder: Path, draft: Draft, version: int, *, replace: bool)
     return Published(draft.name, version, created=True, replaced=replace, set_aside=aside)
 
 
-_ASIDE_FILES = (f"configs/{GPU_CONFIG}.pbtxt", PREVIOUS)  # deploy's GPU config, tune's undo copy
+_ASIDE_FILES = (f"configs/{GPU_CONFIG}.pbtxt", f"configs/{CPU_CONFIG}.pbtxt", PREVIOUS)  # deploy's, tune's undo
 
 
 def _set_aside(folder: Path, old_versions: list[int], aside: Path) -> None:

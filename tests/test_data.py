@@ -85,7 +85,6 @@ def test_linked_folders_and_files_are_read_and_a_dangling_link_is_counted(tmp_pa
     (root / "blue" / "up").symlink_to("..")  # a link up: the other classes' images read as blue's
     d = load_image_folder(root, SIZE, val_fraction=0.2, seed=0)
     assert len(d.train) + len(d.val) == 6 and len(d.skipped) == 1 and "gone.png" in d.skipped[0]
-    assert d.summary()["train_per_class"] + d.summary()["val_per_class"] != [0, 0]
     assert [a + b for a, b in zip(d.summary()["train_per_class"], d.summary()["val_per_class"])] == [3, 3]
 
 

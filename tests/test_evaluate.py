@@ -189,7 +189,7 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(tiny_data, tiny_onnx_run, tm
         stdout, stderr = p.communicate(timeout=300)
         assert p.returncode == 2 and stdout == "", (args, stderr)
         assert stderr.count("\n") == 1 and stderr.startswith("error: ") and cases[args] in stderr, (args, stderr)
-        assert ("(--download fetches it" in stderr) == ("torchvision:MNIST" in args), (args, stderr)
+        assert ("`cnnpack evaluate --download` fetches it" in stderr) == ("torchvision:MNIST" in args), (args, stderr)
     assert not list(tiny_onnx_run.glob("eval-*.json"))
 
 

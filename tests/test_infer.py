@@ -234,7 +234,7 @@ def test_cli_errors_are_one_line_with_exit_2(server, tmp_path):
         assert out.returncode == 2 and said in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     for protocol, url in (("http", server.http_address), ("grpc", server.grpc_address)):  # a path is no model name
         out = _cli("infer", str(bad), "--model", "../cnn_onnx", "--url", url, "--protocol", protocol)
-        assert out.returncode == 2 and "--model '../cnn_onnx' is not a Triton model name" in out.stderr, out.stderr
+        assert out.returncode == 2 and "model name '../cnn_onnx' cannot name a model folder" in out.stderr, out.stderr
     if Path("/dev/zero").exists():  # a pipe or a device named as an image: skipped, not read forever
         os.mkfifo(tmp_path / "fifo.png")
         for extra in ([], ["--ensemble"]):

@@ -327,7 +327,8 @@ def test_a_hangup_stops_it_in_order_and_an_existing_log_is_appended_to(server, t
     for where, says in ((tmp_path / "no" / "such" / "t.log", "no folder"), (tmp_path / "cnnpack.json", "manifest")):
         out = subprocess.run([*base, "--log", str(where)], capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and says in out.stderr and not (tmp_path / "no").exists(), out.stderr
-    proc = subprocess.Popen([*base, "--log", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*base, "--log", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # (a CI runner's nohup)
     try:
         lines = [proc.stdout.readline() for _ in range(4 + len(MODELS))]
     finally:

@@ -45,9 +45,8 @@ def test_manifest_has_the_fixed_keys(tiny_run):
     t = m["stages"]["train"]
     assert t["status"] == "ok"
     assert t["metrics"]["epochs"] == 2 and 0 < t["metrics"]["wall_s"] < 600
-    # 2 epochs of 12 steps end near chance (15-19 of 90 images, by seed and by the host's kernels, bf16 autocast on
-    # AMX or fp32): whether the model learns is not this test's question (benchmarks/train_shapes.py asks it)
-    assert 0 <= t["metrics"]["best_val_acc"] <= 1
+    # (2 epochs of 12 steps end near chance, 15-19 of 90 images by seed and by the host's kernels, bf16 autocast on
+    # AMX or fp32: whether the model learns is not this test's question; benchmarks/train_shapes.py asks it)
     assert t["config"]["epochs"] == 2 and t["data"]["train_images"] == 360 and t["data"]["val_images"] == 90
     for key, rec in t["outputs"].items():  # relative paths with the hash of what is on disk
         assert not Path(rec["path"]).is_absolute(), key
@@ -443,17 +442,16 @@ def test_a_full_disk_while_an_epoch_is_saved_fails_the_stage_and_keeps_the_epoch
     before, and the stage stayed "running" after the process ended."""
     import errno
 
-    import cnnpack.train as training
+    real, epochs = Path.write_bytes, []
 
-    real, calls = torch.save, []
+    def write_bytes(self, data):
+        if ".last.pt." in self.name:  # the temp file of last.pt, written after the checkpoint's
+            epochs.append(len(epochs) + 1)
+            if len(epochs) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, data)
 
-    def save(obj, f, *a, **k):
-        calls.append(obj.get("epoch"))
-        if obj.get("epoch") == 2 and "optimizer" in obj:  # last.pt of epoch 2, after its checkpoint
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
-        return real(obj, f, *a, **k)
-
-    monkeypatch.setattr(training.torch, "save", save)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
     cfg = TrainConfig(data=str(colours), image_size=16, epochs=2, batch_size=16, lr=1e-3)
     with pytest.raises(StageFailed, match=r"^training failed in epoch 2 \(.*last.pt: No space left on device\); "
                                           r"epoch 1 is kept in"):

@@ -92,8 +92,8 @@ def edited(out: Path) -> list[str]:
     changed = []
     for rel, digest in recorded.items():
         path = out / str(rel)
-        if path.is_file() and not path.is_symlink() and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            changed.append(str(rel))
+        if path.is_symlink() or (path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != digest):
+            changed.append(str(rel))  # (a link put in its place is the user's too)
     return sorted(changed)
 
 
