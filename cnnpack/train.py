@@ -195,8 +195,8 @@ def _autocast(device: torch.device, cfg: TrainConfig):
 
     On a CPU with AMX (amx_bf16), bf16 autocast: its convolutions and matmuls run on the tile unit; the default
     training took 1.40x the images/s of fp32 and 30.7 s for 38.3 s on an Emerald Rapids Xeon, at the same top-1
-    (benchmarks/results/train-amp-cnn-64px-cpu2-amx.md); the weights, the validation and the checkpoint stay fp32. Elsewhere on a CPU
-    (AVX-512 BF16 without AMX was not measured faster, AVX2 emulates bf16) it trains in fp32."""
+    (benchmarks/results/train-amp-cnn-64px-cpu2-amx.md); the weights, the validation and the checkpoint stay fp32.
+    Elsewhere on a CPU it trains in fp32 (AVX-512 BF16 without AMX was not measured; AVX2 emulates bf16)."""
     if not cfg.amp:
         return contextlib.nullcontext(), None, None
     if device.type == "cpu":
