@@ -124,12 +124,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-2}  # per optimizer, where --lr is not given
+
+
 def make_optimizer(cfg: TrainConfig, model: nn.Module, steps: int):
+    lr = DEFAULT_LR[cfg.optimizer] if cfg.lr is None else cfg.lr  # (`cfg.lr or 0.1` would turn --lr 0 into 0.1)
     if cfg.optimizer == "sgd":
-        lr = 0.1 if cfg.lr is None else cfg.lr  # (`cfg.lr or 0.1` would turn --lr 0 into 0.1)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     else:
-        lr = 1e-2 if cfg.lr is None else cfg.lr
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     # OneCycleLR divides by (warm-up steps - 1): 4 steps in all (1 epoch of 4 batches) would make exactly
     # one warm-up step and a ZeroDivisionError, so that case warms up over 2
@@ -362,9 +364,15 @@ def resume_conflicts(run_dir: str | Path, given: dict) -> dict[str, tuple]:
     fields = {f: given.get(f) for f in ("data", "data_root")} | {"data": given.get("data") or "shapes"}
     normal = asdict(as_recorded(replace(TrainConfig(), **fields)))
     recorded_as = {**given, **{k: normal[k] for k in ("data", "data_root") if given.get(k)}}
+    # what a recorded default (None, auto) came to: `--resume --channels-last` on a run with the default is no change
+    came_to = {"channels_last": True if recorded["channels_last"] is None else recorded["channels_last"],
+               "lr": DEFAULT_LR.get(recorded["optimizer"]) if recorded["lr"] is None else recorded["lr"],
+               "device": ("cuda" if torch.cuda.is_available() else "cpu") if recorded["device"] == "auto"
+               else recorded["device"]}
     # `ds` is the recorded /abs/ds, or `ds` as a run recorded it before --data (--data-root) was made absolute
     return {name: (value, recorded[name]) for name, value in given.items()
-            if name in recorded and recorded[name] not in (value, recorded_as[name])}
+            if name in recorded and recorded[name] not in (value, recorded_as[name])
+            and (name not in came_to or came_to[name] != value)}
 
 
 def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:

@@ -95,7 +95,8 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "resume-missing-dir": ["train", "--run", str(tmp / "nope"), "--resume"],
         "resume-truncated": ["train", "--run", str(broken), "--resume"],
         "evaluate-no-run": ["evaluate", "--run", str(tmp / "nope")],
-        "resume-changed-options": ["train", "--run", str(existing), "--resume", "--epochs", "5", "--lr", "0.1"],
+        "resume-changed-options": ["train", "--run", str(existing), "--resume", "--epochs", "5", "--lr", "0.1",
+                                   "--no-amp", "--channels-last"],  # (the latter as the default came to: no change)
         "resume-and-force": ["train", "--run", str(existing), "--resume", "--force"],
         "export-half-on-cpu": ["export", "--run", str(existing), "--half"],
         "repeated-option": ["export", "--run", str(existing), "--format", "onnx", "--format=torchscript"],
@@ -247,7 +248,8 @@ def test_a_full_disk_names_the_output_that_could_not_be_written(tmp_path):
 def test_resume_with_a_changed_option_names_it(bad_runs):
     """--resume always continues the recorded config: a different --epochs would be silently ignored."""
     error = bad_runs["resume-changed-options"].stderr.strip()
-    assert "but --epochs 5 (recorded: 2), --lr 0.1 (recorded: default): drop the option" in error
+    assert "but --epochs 5 (recorded: 2), --lr 0.1 (recorded: default), --no-amp (recorded: True): drop the option" \
+        in error
 
 
 def test_bad_input_loses_nothing(bad_runs):

@@ -361,6 +361,12 @@ def test_resume_conflicts_are_the_options_that_differ_from_the_recorded_ones(tin
     for typed in (data.name, f"./{data.name}/"):
         assert resume_conflicts(tiny_run, {**same, "data": typed}) == {}
     assert resume_conflicts(tiny_run, {**same, "data": "elsewhere"}) == {"data": ("elsewhere", str(data))}
+    # an option given as what the recorded default came to is no change (it was refused as one)
+    assert recorded["channels_last"] is None and recorded["lr"] is None and recorded["device"] == "auto"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resume_conflicts(tiny_run, {"channels_last": True, "lr": 1e-2, "device": device}) == {}
+    assert resume_conflicts(tiny_run, {"channels_last": False, "lr": 0.1}) == {"channels_last": (False, None),
+                                                                              "lr": (0.1, None)}
 
 
 def test_a_run_inside_the_data_folder_is_refused_before_anything_is_written(colours, tmp_path, monkeypatch):

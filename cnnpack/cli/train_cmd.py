@@ -87,12 +87,20 @@ def _refuse_changed_options(ctx: typer.Context, run: Path) -> None:
     """--resume with an option whose value differs from the run's recorded config: exit 2, not ignored."""
     from cnnpack.train import resume_conflicts
 
-    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    params = {p.name: p for p in ctx.command.params}
+
+    def said(name: str, value) -> str:  # `--no-amp`, not `--amp False`
+        p = params[name]
+        if isinstance(value, bool) and p.secondary_opts:
+            return p.opts[0] if value else p.secondary_opts[0]
+        return f"{p.opts[0]} {value}"
+
     given = {name: value for name, value in ctx.params.items() if name not in RESUME_OPTIONS
              and getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
     conflicts = resume_conflicts(run, given) if given else {}
     if conflicts:
-        shown = ", ".join(f"{flags[name]} {value} (recorded: {'default' if recorded is None else recorded})" for name, (value, recorded) in conflicts.items())
+        shown = ", ".join(f"{said(name, value)} (recorded: {'default' if recorded is None else recorded})"
+                          for name, (value, recorded) in conflicts.items())
         raise usage_error(f"--resume continues {run} with the options it was started with, but {shown}: "
                           f"drop the option, or start a new run (--force replaces this one)")
 
