@@ -44,12 +44,15 @@ def cpuinfo_field(cpuinfo: str, key: str) -> str:
     return m.group(1).strip() if m else ""
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo's `flags` of the first processor); empty where it cannot be read."""
-    try:
-        return set(cpuinfo_field(Path("/proc/cpuinfo").read_text(), "flags").split())
-    except OSError:
-        return set()
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags (`flags` of the first processor of /proc/cpuinfo, or of its text `cpuinfo`); empty
+    where it cannot be read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    return set(cpuinfo_field(cpuinfo, "flags").split())
 
 
 def cpu_name(cpuinfo: str | None = None) -> str:

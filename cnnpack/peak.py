@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.host import cpu_name, cpuinfo_field, torch_threads, usable_cores  # noqa: F401 - usable_cores: peak's name for it stays
+from cnnpack.host import cpu_flags, cpu_name, cpuinfo_field, torch_threads, usable_cores  # noqa: F401 - usable_cores: peak's name for it stays
 from cnnpack.host import sync as sync_of
 
 PRECISIONS = ("fp32", "int8", "bf16")
@@ -149,7 +149,7 @@ def machine_key(threads: int) -> dict:
     text = ""
     with contextlib.suppress(OSError):
         text = Path("/proc/cpuinfo").read_text()
-    flags = " ".join(sorted(set(cpuinfo_field(text, "flags").split())))
+    flags = " ".join(sorted(cpu_flags(text)))
     libs = {k: v for k, v in library_versions().items() if k in ("torch", "onnxruntime", "onnxruntime-gpu", "openvino")}
     return {"version": CACHE_VERSION, "cpu": cpu_info()["model"], "flags_sha256": hashlib.sha256(flags.encode()).hexdigest(),
             "threads": threads, "libraries": libs}
@@ -206,7 +206,7 @@ def cpu_info() -> dict:
     text = ""
     with contextlib.suppress(OSError):
         text = Path("/proc/cpuinfo").read_text()
-    flags = set(cpuinfo_field(text, "flags").split())
+    flags = cpu_flags(text)
     mhz = max((float(v) for v in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)), default=0.0)
     with contextlib.suppress(OSError, ValueError):
         mhz = max(mhz, int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1000)

@@ -33,6 +33,13 @@ THREAD_KEYS = {"onnx": ("intra_op_thread_count", "inter_op_thread_count"),
                "torchscript": ("INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT")}
 OPENVINO_THREADS = "INFERENCE_NUM_THREADS"  # Triton's OpenVINO backend (with NUM_STREAMS 1, PERFORMANCE_HINT LATENCY)
 LABELS = "labels.txt"
+
+
+def threads_in(parameters, fmt: str) -> int:
+    """The CPU threads per instance a model config's parameters ({key: text}) give its runtime; 0: the runtime's
+    default (every core)."""
+    value = str(parameters.get(THREAD_KEYS.get(fmt, (OPENVINO_THREADS,))[0], "")).strip()
+    return int(value) if value.isdigit() else 0
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 ENSEMBLE_IO = ("image", "logits")  # the ensemble's input (encoded bytes) and output (logits)
 PIXELS = "pixels"  # preprocess output = classifier input

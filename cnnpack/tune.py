@@ -247,11 +247,9 @@ def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfi
 
 def _threads_of(model, fmt: str) -> int:
     """The CPU threads per instance a served config sets (0: the runtime's default)."""
-    from cnnpack.triton_config import OPENVINO_THREADS, THREAD_KEYS
+    from cnnpack.triton_config import threads_in
 
-    key = THREAD_KEYS.get(fmt, (OPENVINO_THREADS,))[0]
-    value = str(model.parameters.get(key, "")).strip()
-    return int(value) if value.isdigit() else 0
+    return threads_in(model.parameters, fmt)
 
 
 def check_served(run: Run, url: str, s: Setting, cfg: TuneConfig) -> None:

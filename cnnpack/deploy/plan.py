@@ -142,12 +142,10 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
 
 
 def _threads(mc, fmt: str) -> int:
-    """The threads per instance a model's config gives its runtime; 0: the runtime's default (every core)."""
-    from cnnpack.triton_config import OPENVINO_THREADS, THREAD_KEYS
+    """The threads per instance a model's config.pbtxt gives its runtime; 0: the runtime's default (every core)."""
+    from cnnpack.triton_config import threads_in
 
-    key = THREAD_KEYS[fmt][0] if fmt in THREAD_KEYS else OPENVINO_THREADS
-    value = mc.parameters[key].string_value if key in mc.parameters else "0"
-    return int(value) if value.isdigit() else 0
+    return threads_in({k: v.string_value for k, v in mc.parameters.items()}, fmt)
 
 
 def read_config(folder: Path, *, fix: str = "`cnnpack triton`"):
