@@ -708,6 +708,15 @@ def test_a_verified_model_laid_out_under_a_name_of_its_own_is_shipped(laid_out, 
     build(run, TritonConfig(repository=str(repo), threads=1, name="mycnn"))
     r = deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no", force=True))
     assert any(n.startswith("cnn_onnx also leaves the runtime's threads at 0") for n in r["notes"]), r["notes"]
+    # and the pod is sized for the one that asks for the most, not only for the model laid out last
+    cores = int(json.loads((run / "cnnpack.json").read_text())["machine"]["cpu_count"])
+    assert r["served_model"] == "mycnn" and r["figures"]["cpu"]["value"] == cores
+    assert cores == 1 or "of cnn_onnx's config, the most any shipped model asks for (the served model, mycnn, 1:" in (
+        r["figures"]["cpu"]["source"])
+    build(run, TritonConfig(repository=str(repo), threads=1, instances=cores + 1, force=True))
+    r = deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no", force=True))
+    assert r["figures"]["cpu"]["value"] == cores + 1 and r["figures"]["cpu"]["source"].startswith(
+        f"{cores + 1} instance(s) x 1 thread(s) of cnn_onnx's config")
 
 
 def test_a_run_replaced_while_deploy_read_it_gets_no_deployment(laid_out, tmp_path, monkeypatch):
@@ -1015,6 +1024,43 @@ def test_the_deployment_args_start_the_real_server_probes_answer_and_the_hpa_met
             assert index["cnn_onnx"]["state"] == "READY"
     finally:
         _stop(proc, log)
+
+
+def test_a_cpu_config_deploy_wrote_goes_once_a_tune_puts_the_model_back_on_the_cpu(laid_out, tmp_path):
+    """A model laid out for a GPU gets configs/cpu.pbtxt (the base's); a tune's winner (a KIND_CPU config) then
+    replaced its config.pbtxt. The stale cpu.pbtxt stayed, and where the base runs --model-config-name=cpu Triton
+    served it: the instances and threads from before the tune. Now the next deploy removes it (and not one edited
+    since, which is the user's), and the image's content tag is the repository's without it."""
+    from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.deploy.plan import content_tag
+    from cnnpack.rundir import Run
+    from cnnpack.triton_repo import TritonConfig, build
+    from cnnpack.tune_handover import write_winner
+
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    shutil.copytree(laid_out, run)
+    build(run, TritonConfig(repository=str(repo), device="gpu"))
+    first = deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    cpu = repo / "cnn_onnx" / "configs" / "cpu.pbtxt"
+    assert "cnn_onnx/configs/cpu.pbtxt" in first["repository_files_added"] and cpu.is_file()
+    recorded = Run.open(run).read()["stages"]["deploy"]["repository_files"]
+    assert set(recorded) == {"cnn_onnx/configs/cpu.pbtxt", "cnn_onnx/configs/gpu.pbtxt"}
+
+    write_winner(Run.open(run), "cnn_onnx", cpu.read_text().replace("count: 1", "count: 2"))  # as tune writes it
+    second = deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    assert not cpu.exists() and second["repository_files_removed"] == ["cnn_onnx/configs/cpu.pbtxt"]
+    assert "cnn_onnx/configs/cpu.pbtxt" not in second["repository_files_added"]
+    assert (repo / "cnn_onnx" / "configs" / "gpu.pbtxt").is_file()  # the gpu overlay's, which still fits
+    assert second["content_tag"] == content_tag(repo, second["models"]) != first["content_tag"]
+    base = _container(_yaml(tmp_path / "out" / "kubernetes" / "base" / "deployment.yaml"))
+    assert not any(a.startswith("--model-config-name") for a in base["args"])  # no model left on a GPU layout
+    assert set(Run.open(run).read()["stages"]["deploy"]["repository_files"]) == {"cnn_onnx/configs/gpu.pbtxt"}
+
+    # one the user wrote (or edited) stays: only what a deploy wrote, unchanged, is removed
+    cpu.write_text("# mine\n")
+    (repo / "cnn_onnx" / "configs" / "gpu.pbtxt").write_text("# mine too\n")
+    third = deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no"))
+    assert cpu.read_text() == "# mine\n" and third["repository_files_removed"] == []
 
 
 @pytest.mark.triton

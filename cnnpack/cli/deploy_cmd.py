@@ -84,6 +84,11 @@ def _report(r: dict) -> None:
         typer.echo(f"  apply    kubectl apply -k {shell(out / 'kubernetes' / 'overlays' / overlay)}")
     typer.echo(f"  kserve   kubectl apply -f {shell(out / 'kserve')}")
     for path in r["repository_files_added"]:
-        typer.echo(f"  gpu cfg  {Path(r['repository']) / path} (the gpu overlay's KIND_GPU config)")
+        gpu = path.endswith("/gpu.pbtxt")
+        typer.echo(f"  {'gpu' if gpu else 'cpu'} cfg  {Path(r['repository']) / path} ("
+                   + ("the gpu overlay's KIND_GPU config)" if gpu else "the base's KIND_CPU config of a model laid "
+                      "out for a GPU)"))
+    for path in r["repository_files_removed"]:
+        typer.echo(f"  removed  {Path(r['repository']) / path} (an earlier deploy's, no longer fits its model)")
     for note in r["notes"]:
         typer.echo(f"note: {note}", err=True)

@@ -12,8 +12,10 @@
       image/Dockerfile                      FROM the NGC Triton image, the shipped models at /models
 
 With the gpu overlay, each GPU-capable model also gets `<model>/configs/gpu.pbtxt` in the repository
-(Triton's custom model configuration: its config.pbtxt with KIND_GPU instance groups); config.pbtxt,
-which `cnnpack serve` and the cpu overlay use, is not touched.
+(Triton's custom model configuration: its config.pbtxt with KIND_GPU instance groups), and a model laid out for a
+GPU gets `configs/cpu.pbtxt`, the base's; config.pbtxt, which `cnnpack serve` uses, is not touched. The run
+records what deploy wrote there, and a later deploy removes such a file once it no longer fits its model (a tune
+put the model back on the CPU) and was not edited since.
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     identity = {"kind": "cnnpack-deploy", "run": str(plan.run), "name": name}
     earlier = output.check_out(out, identity, force=cfg.force)
     gpu_configs = _gpu_configs(plan, gpu)
-    spec = _spec(cfg, plan, store, name, ngc_image(plan.repository), gpu_configs)
+    stale = plans.stale_configs(plan)
+    spec = _spec(cfg, plan, store, name, ngc_image(plan.repository), gpu_configs, stale)
     files = _files(plan, spec, gpu=gpu, out=out)
     own = output.own_files(out, earlier)
     clash = output.clashes(own, [*files, output.IDENTITY])
@@ -169,7 +172,8 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     record = {**identity, "config": asdict(cfg), "image": spec.image, "repository_image": spec.repo_image,
               "ngc_image": spec.ngc_image, "content_tag": spec.tag, "repository": str(plan.repository),
               "models": plan.models, "served_model": plan.served_model, "overlays": ["cpu", *(["gpu"] if gpu else [])],
-              "repository_files_added": list(gpu_configs), "args": _args(spec),
+              "repository_files_added": list(gpu_configs), "repository_files_removed": sorted(stale),
+              "args": _args(spec),
               "figures": {k: asdict(getattr(plan, k)) for k in ("cpu", "memory_mib", "startup_s", "startup_gpu_s",
                                                                  "queue_target_us")},
               "notes": plan.notes, "out": str(out), "files": sorted([*files, output.IDENTITY]),
@@ -183,12 +187,37 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     try:
         _opened(plan).check_not_replaced()  # a deployment of the model a `train --force` since replaced: none
         _write_gpu_configs(plan, gpu_configs)  # checks are over: from here on, the repository and --out change
+        _remove_stale(plan, stale)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     output.swap_in(stage, out)
-    record["recorded"] = _record_in_run(_opened(plan), record)
+    record["recorded"] = _record_in_run(_opened(plan), record, _repository_files(plan, gpu_configs, stale))
     return record
+
+
+def _remove_stale(plan, stale: set[str]) -> None:
+    """Removes the configs an earlier deploy wrote that no longer fit their model (`plan.stale_configs`), and the
+    `configs/` folder they leave empty (a config of the user's own there stays)."""
+    import contextlib
+
+    for rel in sorted(stale):
+        path = plan.repository / rel
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+
+
+def _repository_files(plan, gpu_configs: dict[str, bytes], stale: set[str]) -> dict[str, str]:
+    """The configs deploys of this run wrote into the repository and that are there as written, path -> sha256:
+    this one's, and an earlier one's still in place (a later deploy removes the ones that no longer fit)."""
+    import hashlib
+
+    from cnnpack.rundir import sha256
+
+    kept = {rel: d for rel, d in plan.deployed_files.items() if rel not in stale and rel not in gpu_configs
+            and (plan.repository / rel).is_file() and sha256(plan.repository / rel) == d}
+    return kept | {rel: hashlib.sha256(data).hexdigest() for rel, data in gpu_configs.items()}
 
 
 def _opened(plan: Plan) -> Run:
@@ -200,13 +229,15 @@ def _opened(plan: Plan) -> Run:
     return run
 
 
-def _record_in_run(run: Run, record: dict) -> str | None:
-    """`stages.deploy` in the run's manifest (what the report shows); None, or why it could not be written."""
+def _record_in_run(run: Run, record: dict, repository_files: dict[str, str]) -> str | None:
+    """`stages.deploy` in the run's manifest (what the report shows, and the configs deploys wrote into the
+    repository); None, or why it could not be written."""
     keep = ("config", "out", "name", "image", "repository_image", "content_tag", "repository", "models",
             "served_model", "overlays", "figures", "notes")
     try:
         run.set_stage("deploy", {"status": "ok", "model_store": record["config"]["model_store"],
-                                 **{k: record[k] for k in keep}, "out": str(Path(record["out"]).resolve())})
+                                 **{k: record[k] for k in keep}, "out": str(Path(record["out"]).resolve()),
+                                 "repository_files": repository_files})
     except OSError as e:
         return f"{e.filename or run.path}: {e.strerror or e}"
     except RunReplaced:  # replaced between the check before writing and now: the folder stands, the new run is not
@@ -264,13 +295,13 @@ def _write_gpu_configs(plan, configs: dict[str, bytes]) -> list[str]:
     return list(configs)
 
 
-def _spec(cfg: DeployConfig, plan, store, name: str, ngc: str, gpu_configs: dict[str, bytes]):
+def _spec(cfg: DeployConfig, plan, store, name: str, ngc: str, gpu_configs: dict[str, bytes], stale: set[str]):
     from cnnpack.deploy.kube import Spec
     from cnnpack.deploy.plan import content_tag
     from cnnpack.deploy.store import has_tag
     from cnnpack.triton_config import CPU_CONFIG
 
-    tag = content_tag(plan.repository, plan.models, gpu_configs)  # as the repository will be, gpu configs written
+    tag = content_tag(plan.repository, plan.models, gpu_configs, stale)  # as the repository will be once written
     repo_image = None
     if not store.remote:
         repo_image = cfg.image or f"cnnpack/{name}:{tag}"

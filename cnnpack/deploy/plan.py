@@ -4,7 +4,8 @@ Every figure comes from the run's manifest, and says where it came from:
 - the models: those `cnnpack tune` would sweep (laid out and passed verify), with their image
   ensembles (`<model>_preprocess`, `<model>_image`) when the repository has them;
 - CPU: the tuned winner's instances x threads when `cnnpack tune` ran, else the served model's
-  config (threads 0, the runtime's default of every core, counts the cores the run measured on);
+  config (threads 0, the runtime's default of every core, counts the cores the run measured on); more where
+  another shipped model's config.pbtxt asks for more;
 - memory: the peak resident memory of the local server after the served stage's load test, with
   headroom (an upper bound: cnnpack's Python-based backends hold more than the container's native
   ones); without a served stage, an estimate from the model files;
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from cnnpack.errors import UserInputError, one_line
 from cnnpack.rundir import Run, sha256
-from cnnpack.triton_config import CPU_CONFIG, PREPROCESS, ensemble_parts
+from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG, PREPROCESS, ensemble_parts
 from cnnpack.triton_publish import STAGING_PREFIX
 
 MiB = 1 << 20
@@ -70,6 +71,7 @@ class Plan:
     repository_bytes: int
     notes: list[str] = field(default_factory=list)
     opened_as: tuple | None = None  # the run's identity when read: a run replaced since is not recorded into
+    deployed_files: dict[str, str] = field(default_factory=dict)  # configs/*.pbtxt an earlier deploy wrote: sha256
 
 
 def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles: bool = True,
@@ -99,12 +101,14 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
                 models=models, gpu_laid=gpu_laid,
                 gpu_models=[m for m, fmt in classifiers if fmt in GPU_FORMATS or m in gpu_laid],
                 cpu=Figure(0, ""), memory_mib=Figure(0, ""), startup_s=Figure(0, ""), startup_gpu_s=Figure(0, ""),
-                queue_target_us=Figure(0, ""), repository_bytes=size, opened_as=run.opened_as)
+                queue_target_us=Figure(0, ""), repository_bytes=size, opened_as=run.opened_as,
+                deployed_files=dict((stages.get("deploy") or {}).get("repository_files") or {}))
     left = [e for e in shipped(repository, [m for m, _ in classifiers]) if e not in models]
     if left:
         plan.notes.append(f"not shipped: {', '.join(left)} (the image ensemble's preprocessing needs Pillow, which "
                           "the stock NGC image lacks; --model-store image builds an image with it)")
     plan.cpu, instances, threads = cpu(stages, manifest.get("machine", {}))
+    plan.cpu = _largest_other(plan, configs, int(manifest.get("machine", {}).get("cpu_count") or 1))
     if not threads:
         plan.notes.append(f"the served config leaves the runtime's threads at 0 (its default): its thread pool is as "
                           f"large as the node's cores, not the pod's CPU limit ({plan.cpu.value}), and on a larger "
@@ -114,8 +118,7 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
                   and not _threads(configs[m], fmt)]:
         plan.notes.append(f"{', '.join(others)} also {'leave' if len(others) > 1 else 'leaves'} the runtime's threads "
                           "at 0: a request to it runs on as many threads as the node has cores, beyond the pod's CPU "
-                          f"limit ({plan.cpu.value}, sized for {triton['name']}); lay it out with `cnnpack triton "
-                          "--threads N`")
+                          f"limit ({plan.cpu.value}); lay it out with `cnnpack triton --threads N`")
     plan.memory_mib = memory(stages, repository, classifiers, instances)
     download_s = math.ceil(size / DOWNLOAD_BYTES_PER_S) if remote else 0
     plan.startup_s = startup(stages, floor=STARTUP_FLOOR_S, download_s=download_s)
@@ -179,14 +182,17 @@ def needs_pillow(models: list[str]) -> bool:
     return any(m.endswith(PREPROCESS) for m in models)
 
 
-def content_tag(repository: Path, models: list[str], extra: dict[str, bytes] | None = None) -> str:
+def content_tag(repository: Path, models: list[str], extra: dict[str, bytes] | None = None,
+                without: set[str] = frozenset()) -> str:
     """12 hex digits over every shipped file's path and bytes: the same models, the same image tag.
 
-    `extra`: files (by path in the repository) as they are about to be written. Python's bytecode caches
-    (`__pycache__`, written when a server runs a Python model) are not shipped and do not count.
+    `extra`: files (by path in the repository) as they are about to be written; `without`: files about to be
+    removed. Python's bytecode caches (`__pycache__`, written when a server runs a Python model) are not shipped and
+    do not count.
     """
     digests = {f.relative_to(repository).as_posix(): sha256(f) for m in models for f in (repository / m).rglob("*")
-               if f.is_file() and not shipped_cache(f.relative_to(repository))}
+               if f.is_file() and not shipped_cache(f.relative_to(repository))
+               and f.relative_to(repository).as_posix() not in without}
     digests.update({rel: hashlib.sha256(data).hexdigest() for rel, data in (extra or {}).items()})
     h = hashlib.sha256()
     for m in models:
@@ -227,6 +233,26 @@ def cpu(stages: dict, machine: dict) -> tuple[Figure, int, int]:
         f"{n} instance(s) x {run_cores} cores ({where}: threads 0 is the runtime's default of every core, and the run "
         f"measured on {run_cores}; bound it with `cnnpack triton --threads N` or `cnnpack tune`)")
     return Figure(cores, why), n, t
+
+
+def _largest_other(plan: Plan, configs: dict, run_cores: int) -> Figure:
+    """The pod's CPU: the served model's (`cpu`), or more where another shipped classifier's config.pbtxt asks for
+    more (its instances x threads): a pod sized for the served model alone throttles that one's requests."""
+    needs = {}
+    for m, fmt in plan.classifiers:
+        if m == plan.served_model or m not in configs:
+            continue
+        mc = configs[m]
+        n = sum(g.count or 1 for g in mc.instance_group) or 1
+        t = _threads(mc, fmt)
+        needs[m] = (n * (t or run_cores), n, t)
+    top = max(needs, key=lambda m: needs[m][0], default=None)
+    if top is None or needs[top][0] <= plan.cpu.value:
+        return plan.cpu
+    cores, n, t = needs[top]
+    return Figure(cores, f"{n} instance(s) x {f'{t} thread(s)' if t else f'{run_cores} cores (threads 0)'} of "
+                         f"{top}'s config, the most any shipped model asks for (the served model, {plan.served_model}, "
+                         f"{plan.cpu.value}: {plan.cpu.source})")
 
 
 def memory(stages: dict, repository: Path, classifiers: list[tuple[str, str]], instances: int) -> Figure:
@@ -318,6 +344,17 @@ def cpu_config(folder: Path) -> bytes:
         del g.gpus[:]
     mc.optimization.execution_accelerators.ClearField("gpu_execution_accelerator")
     return render(mc).encode()
+
+
+def stale_configs(plan: Plan) -> set[str]:
+    """The configs/cpu.pbtxt and configs/gpu.pbtxt an earlier deploy wrote (unchanged since) that no longer fit their
+    model: a cpu.pbtxt where config.pbtxt is no longer laid out for a GPU (a tune's winner, which is a CPU config,
+    replaced it), a gpu.pbtxt of a model that cannot run on one. Triton would serve them over config.pbtxt (the
+    base's --model-config-name=cpu, the gpu overlay's =gpu), with the instances and threads from before."""
+    fits = {f"{m}/configs/{CPU_CONFIG}.pbtxt" for m in plan.gpu_laid} | {
+        f"{m}/configs/{GPU_CONFIG}.pbtxt" for m in plan.gpu_models}
+    return {rel for rel, digest in plan.deployed_files.items() if rel not in fits
+            and (plan.repository / rel).is_file() and sha256(plan.repository / rel) == digest}
 
 
 def gpu_config(folder: Path) -> bytes:
