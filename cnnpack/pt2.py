@@ -61,6 +61,30 @@ def find_compiler() -> str:
     return cxx
 
 
+def compiler_fails() -> str | None:
+    """Why the compiler `find_compiler` names cannot build a one-line C++ file into an object file; None when it can.
+    Run only after a compile failed (it costs a compiler start)."""
+    import tempfile
+
+    try:
+        argv = shlex.split(find_compiler())
+    except UserInputError as e:
+        return str(e).split(": ", 1)[-1].split(";")[0]
+    with tempfile.TemporaryDirectory(prefix="cnnpack-cxx-") as d:
+        src, obj = Path(d) / "probe.cpp", Path(d) / "probe.o"
+        src.write_text("int probe() { return 0; }\n")
+        try:
+            proc = subprocess.run([*argv, "-c", str(src), "-o", str(obj)], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"{shlex.join(argv)} -c probe.cpp failed ({type(e).__name__})"
+        if proc.returncode != 0:
+            err = next((ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()), "")
+            return f"{shlex.join(argv)} -c probe.cpp exited {proc.returncode}" + (f" ({err.strip()})" if err else "")
+        if not obj.is_file() or obj.stat().st_size == 0:
+            return f"{shlex.join(argv)} -c probe.cpp exited 0 but wrote no object file"
+    return None
+
+
 def compiler_available() -> tuple[bool, str]:
     try:
         find_compiler()
@@ -119,6 +143,8 @@ def compile_package(program, dest: Path, *, metadata: dict[str, str], configs: d
         cxx = find_compiler()  # names what is missing; if it finds one, inductor disagreed with it
         raise UserInputError(f"--format pt2: AOTInductor found no working C++ compiler (tried {cxx}); {INSTALL}") from None
     except Exception as e:  # noqa: BLE001 - inductor's lowering and the C++ compiler fail in many ways
+        if why := compiler_fails():  # a compiler that runs but writes nothing (CXX=true): inductor's IndexError
+            raise UserInputError(f"--format pt2: the C++ compiler does not work: {why}; {INSTALL}") from None
         line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise StageFailed(f"AOTInductor could not compile the exported model: {line.strip()}") from None
     seconds = time.perf_counter() - t0

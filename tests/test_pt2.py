@@ -74,6 +74,20 @@ def test_no_compiler_is_one_line_and_the_other_formats_are_written(tiny_run, tmp
     assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # no temp file left
 
 
+def test_a_compiler_that_writes_nothing_is_named_not_inductors_index_error(monkeypatch):
+    """CXX=/bin/true answers --version and exits 0 on every compile: the export failed with "AOTInductor could not
+    compile the exported model: IndexError: list index out of range". compile_package's failure path now probes the
+    compiler and says what it did; a working one passes the probe."""
+    from cnnpack.pt2 import compiler_fails
+
+    assert compiler_fails() is None  # g++ is here
+    true = shutil.which("true")
+    monkeypatch.setenv("CXX", true)
+    assert compiler_fails() == f"{true} -c probe.cpp exited 0 but wrote no object file"
+    monkeypatch.setenv("CXX", f"{shutil.which('g++')} -Werror=nonexistent-warning-flag")
+    assert " -c probe.cpp exited 1 (" in compiler_fails()
+
+
 def test_the_package_is_compiled_and_checked_under_a_name_ending_in_pt2(tiny_run, tmp_path, monkeypatch):
     """torch's pt2 loader warns ("Unable to load package. f must be ... a file ending in .pt2", a TODO to make it an
     error) of the `.tmp` name the package was checked under before it was put in place."""
