@@ -313,9 +313,10 @@ def export_pt2(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path)
 
 # -- OpenVINO IR (from the ONNX artifact) -----------------------------------------------------------
 def _same_as_its_onnx(run: Run, onnx: dict, cfg: ExportConfig, fmt: str) -> None:
-    """The IR is the ONNX file converted: what it takes (raw or normalised pixels, a static batch, fp16) is the ONNX
-    file's, and options that say otherwise are refused (they were recorded as the IR's while the IR did not follow
-    them: verify failed it, and Triton was told raw pixels for a network that wants normalised ones)."""
+    """The IR is the ONNX file converted: what it takes (raw or normalised pixels, a static batch, its largest
+    batch, fp16) is the ONNX file's, and options that say otherwise are refused (they were recorded as the IR's while
+    the IR did not follow them: verify failed it, and Triton was told raw pixels for a network that wants normalised
+    ones; reproduce.sh re-created the ONNX source with the IR's --max-batch-size, other bytes, and stopped)."""
     both = f"`cnnpack export --run {shell(run.path)} --format onnx,{fmt}` with the options you want for both"
     kind = onnx.get("input_kind", "raw")
     if cfg.input != kind:
@@ -327,6 +328,10 @@ def _same_as_its_onnx(run: Run, onnx: dict, cfg: ExportConfig, fmt: str) -> None
         fix = f"pass --static-batch {onnx['static_batch']}" if onnx.get("static_batch") else "drop --static-batch"
         raise UserInputError(f"{asked}: the {fmt} model is converted from {onnx['path']}, which has {has}; "
                              f"{fix}, or export both: {both}")
+    if not cfg.static_batch and onnx.get("max_batch_size") not in (None, cfg.max_batch_size):
+        raise UserInputError(f"--max-batch-size {cfg.max_batch_size}: the {fmt} model is converted from {onnx['path']}, "
+                             f"exported with --max-batch-size {onnx['max_batch_size']} (its bytes depend on it); pass "
+                             f"--max-batch-size {onnx['max_batch_size']}, or export both: {both}")
     if onnx.get("precision") == "fp16":
         raise UserInputError(f"{onnx['path']} is fp16 (--half): the {fmt} model is converted from an fp32 ONNX "
                              f"file; export both without --half: {both}")

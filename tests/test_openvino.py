@@ -230,9 +230,16 @@ def test_the_ir_takes_what_its_onnx_file_takes_and_other_options_are_refused(ir_
     assert arts["openvino"]["input_kind"] == arts["onnx"]["input_kind"] == "normalized"
     # options of the ONNX exporter do not apply to the conversion: the IR records its ONNX file's (it recorded
     # --opset 17 for an IR of an opset-18 file, and reproduce.sh re-created its source with opset 17)
-    export(run, ExportConfig(formats=("openvino",), input="normalized", opset=17))
+    export(run, ExportConfig(formats=("openvino",), input="normalized", opset=17, max_batch_size=16))
     arts = _manifest(run)["stages"]["export"]["artifacts"]
     assert arts["openvino"]["config"]["opset"] == arts["onnx"]["config"]["opset"] != 17
+    # the ONNX file's bytes depend on its largest batch: an IR recorded with another one had reproduce.sh re-create
+    # its source with that, other bytes, and stop
+    with pytest.raises(UserInputError, match=re.escape(
+            "--max-batch-size 64: the openvino model is converted from export/model.onnx, exported with "
+            "--max-batch-size 16 (its bytes depend on it); pass --max-batch-size 16, or export both")):
+        export(run, ExportConfig(formats=("openvino",), input="normalized"))
+    assert _manifest(run)["stages"]["export"]["artifacts"]["openvino"]["max_batch_size"] == 16
 
 
 def test_a_new_best_epoch_saved_during_the_export_does_not_refuse_its_own_onnx_file(tiny_run, tmp_path, monkeypatch):
