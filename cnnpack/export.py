@@ -32,7 +32,7 @@ from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInp
 from cnnpack.host import check_device, exact_fp32
 from cnnpack.models import RawPixels, build_model, check_arch, check_input_size, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
-from cnnpack.reproduce import write_reproduce
+from cnnpack.reproduce import write_reproduce_or_warn
 from cnnpack.rundir import MANIFEST, Run, scratch_beside, sha256, staged_beside
 from cnnpack.spec import ModelSpec, check_class_names, check_image_size
 from cnnpack.train import CHECKPOINT, load_checkpoint, remove_replaced_outputs, save_torch
@@ -414,7 +414,7 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig(), *,
         raise
     finally:  # also after a Ctrl-C held back until a format was recorded: its line is in reproduce.sh
         with contextlib.suppress(CnnpackError, KeyError):
-            write_reproduce(run)
+            write_reproduce_or_warn(run)
     return run.read()["stages"]["export"]
 
 

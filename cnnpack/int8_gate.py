@@ -138,12 +138,16 @@ def reading_share(read_s: float, limit_s: float) -> str:
     return f" (reading the images took {read_s:.0f} s of it)" if read_s >= 0.1 * limit_s else ""
 
 
-class TimeLimitReached(ParityError):
-    """The gate ran out of time; `section` holds the attempts so far (nothing is recorded)."""
+class GateMissed(ParityError):
+    """No attempt held the gate; `section` is what the run's manifest records of it (`--json` prints it)."""
 
     def __init__(self, message: str, section: dict) -> None:
         super().__init__(message)
         self.section = section
+
+
+class TimeLimitReached(GateMissed):
+    """The gate ran out of time; `section` holds the attempts so far (nothing is recorded)."""
 
 
 @dataclass
@@ -168,6 +172,7 @@ class Clock:
         t = time.perf_counter()
         data = load_quant_data(run, cfg)
         self.read_s = time.perf_counter() - t
+        self.require("reading the images")  # not said as the phase after it (the fp32 reference)
         return data
 
     def require(self, doing: str) -> None:
@@ -351,6 +356,16 @@ def best_of(attempts: list[Attempt], cfg: QuantizeConfig) -> Attempt:
     return min(attempts, key=lambda a: (a.all_float, max(a.drop_pt - cfg.max_drop, 0), -a.agreement))
 
 
+def _loosen(section: dict, cfg: QuantizeConfig) -> str:
+    """The gate option that the best attempt missed, as advice: raising --max-drop does not help an attempt whose
+    drop already held (a negative one) and only missed --min-agreement."""
+    g = section["gate"]
+    drop, agreement = g.get("drop_pt"), g.get("top1_agreement_vs_fp32")
+    missed = (["raise --max-drop"] if drop is not None and not drop_within(drop, cfg.max_drop) else []) + (
+        ["lower --min-agreement"] if agreement is not None and agreement < cfg.min_agreement - 1e-12 else [])
+    return " or ".join(missed) or "loosen the gate (--max-drop, --min-agreement)"
+
+
 def why_refused(section: dict, cfg: QuantizeConfig) -> str:
     """The real reason no int8 model was kept, in words a user can act on."""
     n_nodes, steps = section.get("quantizable_nodes", 0), section["gate"]["steps"]
@@ -362,20 +377,21 @@ def why_refused(section: dict, cfg: QuantizeConfig) -> str:
                 f"{reading_share(section.get('read_s', 0.0), cfg.time_limit_s)}; raise --time-limit"
                 + (f", {fewer}" if fewer else ""))
     if any(a.get("all_float") for a in section.get("attempts", [])):
-        return "every layer had to stay in float to hold the gate: there is no int8 model of it; loosen the gate"
+        return ("every layer had to stay in float to hold the gate: there is no int8 model of it; "
+                + _loosen(section, cfg))
     if steps == 0 and cfg.max_steps == 0:
         return "the plain int8 model misses the gate and --max-steps 0 allows no fallback; raise --max-steps"
     harmful = section.get("harmful_nodes", n_nodes)
     if section.get("ranking") and harmful == 0:
         return ("no single node's int8 changed the logits on the ranking images, so there was no node to keep in "
-                "float; loosen the gate, or rank on more images (--rank-images)")
+                f"float; {_loosen(section, cfg)}, or rank on more images (--rank-images)")
     if steps >= harmful:  # a larger --max-steps would try nothing more
         return (f"keeping in float, one more per step, every one of the {steps} node(s) the ranking found harmful "
-                "never held the gate; loosen the gate")
+                f"never held the gate; {_loosen(section, cfg)}")
     ranked = [a for a in section.get("attempts", [])[1:] if not a.get("by")]
     last = len(ranked[-1].get("kept_float", [])) if ranked else steps
     return (f"--max-steps {cfg.max_steps} was spent (the last step kept the {last} most harmful of {n_nodes} node(s) in "
-            "float); raise --max-steps or --max-drop, or calibrate on more images")
+            f"float); raise --max-steps, {_loosen(section, cfg)}, or calibrate on more images")
 
 
 def refusal(section: dict, cfg: QuantizeConfig, stage: str, manifest: Path) -> str:

@@ -19,7 +19,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from cnnpack.errors import MissingStageError, shell
+from cnnpack.errors import MissingStageError, UserInputError, shell
 from cnnpack.int8_gate import (
     CALIBRATION_BATCH,
     QUANTIZERS,
@@ -183,6 +183,10 @@ def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str)
         raise MissingStageError(f"{run.path} has no OpenVINO IR to quantize; run `cnnpack export --run {shell(run.path)} "
                                 "--format onnx,openvino` first")
     ref = artifact_ref(run, "openvino")
+    if ref.record.get("static_batch"):  # the fp32 reference and calibration run batches of up to 64
+        raise UserInputError(f"{ref.path} has a static batch of {ref.record['static_batch']}; int8 calibration needs "
+                             f"the dynamic-batch export (`cnnpack export --run {shell(run.path)} --format onnx,openvino`"
+                             " without --static-batch)")
     data = model_input(clock.read(run, cfg), ref.record, run.model_spec)
     model = ov.read(ref.path)
     clock.note("fp32 reference on the validation split")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -135,7 +136,8 @@ class OrtQdq:
         self.work, self.cfg, self.data, self.batch = work, cfg, data, batch
         self.prepared = work / "prepared.onnx"
         # ONNX shape inference only, no ORT-specific fusions: the QDQ file must stay portable (TensorRT)
-        quant_pre_process(str(fp32), str(self.prepared), skip_optimization=True, skip_symbolic_shape=True)
+        with _disk_said(work, fp32.stat().st_size):
+            quant_pre_process(str(fp32), str(self.prepared), skip_optimization=True, skip_symbolic_shape=True)
         self.cache = work / "calibration.json"
         self.input_name = _session(self.prepared).get_inputs()[0].name
         self.calibrated_s: float | None = None
@@ -268,6 +270,38 @@ def _float_outputs(path: Path) -> None:
         onnx.save(m, str(path))
 
 
+WORK_PREFIX, OWNER = ".quantize-", "owner.pid"
+
+
+@contextlib.contextmanager
+def _work_dir(export: Path):
+    """quantize's scratch folder in `export/` (the attempts, several copies of the model), with its owner's pid: the
+    folders of killed quantizes (SIGKILL, out of memory) are removed first; a live one's stays."""
+    _remove_orphans(export)
+    with tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=export) as tmp:
+        (Path(tmp) / OWNER).write_text(str(os.getpid()))
+        yield tmp
+
+
+def _remove_orphans(export: Path) -> None:
+    import shutil
+
+    for folder in export.glob(f"{WORK_PREFIX}*"):
+        try:
+            pid = int((folder / OWNER).read_text())
+        except (OSError, ValueError):  # not written yet (a quantize starting now), or an older cnnpack's: by its age
+            with contextlib.suppress(OSError):
+                if time.time() - folder.stat().st_mtime > 3600:
+                    shutil.rmtree(folder, ignore_errors=True)
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # another user's live process
+            pass
+
+
 @contextlib.contextmanager
 def _disk_said(folder: Path, model_bytes: int):
     """A full disk under ONNX Runtime's quantizer shows as a truncated model it cannot parse back (protobuf's
@@ -344,7 +378,7 @@ def quantize_onnx(run: Run, cfg: QuantizeConfig, clock: Clock, command: str) -> 
     clock.note("fp32 reference on the validation split")
     ref_logits = logits(ref.path, data.val_images, batch)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=run.file("export")) as tmp:
+    with _work_dir(run.file("export")) as tmp:
         q = OrtQdq(ref.path, Path(tmp), data, cfg, batch)
         clock.require("the fp32 reference")
         clock.note("calibrating and quantizing")

@@ -84,9 +84,21 @@ def convert(onnx_path: Path, folder: Path, metadata: dict[str, str]) -> object:
 
 
 def save(model, folder: Path) -> None:
+    """`folder/model.xml` + `model.bin`. A full disk shows as OpenVINO's "basic_ios::clear: iostream error"
+    (a RuntimeError): said as the disk it is, naming the folder (an OSError: one line, exit 1)."""
+    import errno
+    import shutil
+
     ov = require()
     folder.mkdir(parents=True, exist_ok=True)
-    ov.save_model(model, str(folder / XML), compress_to_fp16=False)
+    try:
+        ov.save_model(model, str(folder / XML), compress_to_fp16=False)
+    except RuntimeError as e:
+        free = shutil.disk_usage(folder).free
+        if free < 64 * 2**20:
+            raise OSError(errno.ENOSPC, f"No space left on device ({free / 2**20:.1f} MiB free) writing the IR",
+                          str(folder)) from e
+        raise
 
 
 def read(xml: Path):

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from cnnpack import int8_openvino, int8_ort  # noqa: F401 - registers the quantizers
 from cnnpack.data import recorded_source
-from cnnpack.errors import ParityError
-from cnnpack.int8_gate import QUANTIZERS, Clock, QuantizeConfig, TimeLimitReached, refusal
+from cnnpack.int8_gate import QUANTIZERS, Clock, GateMissed, QuantizeConfig, TimeLimitReached, refusal
 from cnnpack.int8_ort import INT8_PATH
 from cnnpack.rundir import Run, now
 
@@ -36,14 +35,19 @@ log = logging.getLogger("cnnpack")
 def command(run: Run, cfg: QuantizeConfig) -> str:
     args = ["cnnpack", "quantize", "--run", str(run.path)]
     args += ["--calibration-images", str(cfg.calibration_images)] if cfg.calibration_images is not None else []
-    args += ["--method", cfg.method, "--max-drop", f"{cfg.max_drop:g}", "--min-agreement", f"{cfg.min_agreement:g}",
+    args += ["--method", cfg.method, "--max-drop", _exact(cfg.max_drop), "--min-agreement", _exact(cfg.min_agreement),
              "--max-steps", str(cfg.max_steps), "--rank-images", str(cfg.rank_images),
-             "--time-limit", f"{cfg.time_limit_s:g}", "--seed", str(cfg.seed)]
+             "--time-limit", _exact(cfg.time_limit_s), "--seed", str(cfg.seed)]
     # as the artifact was made, from any folder: the data by its absolute path, the weights as auto chose them here
     args += ["--data", recorded_source(cfg.data)] if cfg.data else []
     args += ["--backend", "openvino"] if cfg.format == "openvino_int8" else [
         "--weight-type", int8_ort.weight_type(cfg.weight_type)[0]]
     return " ".join(shlex.quote(a) for a in args)
+
+
+def _exact(x: float) -> str:
+    """A number as short as it reads back the same: `:g` alone wrote --max-drop 0.1234567 as 0.123457."""
+    return f"{x:g}" if float(f"{x:g}") == x else repr(float(x))
 
 
 def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig(), *,
@@ -55,12 +59,13 @@ def quantize(run_dir: str | Path, cfg: QuantizeConfig = QuantizeConfig(), *,
         UserInputError / MissingStageError (exit 2): bad options, no fp32 artifact, unusable data; nothing written.
         TimeLimitReached (exit 1): `cfg.time_limit_s` ran out; the best attempt's figures in the message,
             nothing recorded (the manifest and the previous int8 artifact stay as they were).
-        ParityError (exit 1): no attempt within the gate; `stages.quantize` records the attempts and the
+        GateMissed (a ParityError, exit 1): no attempt within the gate; `stages.quantize` records the attempts (also
+            the error's `section`) and the
             reason, the previous int8 artifact and its record stay as they were.
     """
     cfg.validate()
     run = Run.open(run_dir)
-    run.check_writable()  # a run it cannot write to fails now, not after the work
+    run.check_writable(run.file("export"))  # a run (or export/) it cannot write to fails now, not after the work
     clock = Clock(cfg.time_limit_s, progress)
     try:
         section = QUANTIZERS.get(cfg.format)(run, cfg, clock, command(run, cfg))
@@ -79,7 +84,7 @@ def _record(run: Run, cfg: QuantizeConfig, clock: Clock, section: dict) -> dict:
         if section.get("stopped"):
             raise TimeLimitReached(message, section)
         run.set_stage(STAGE[cfg.format], section)
-        raise ParityError(message)
+        raise GateMissed(message, run.read()["stages"][STAGE[cfg.format]])
     section["outputs"] = {cfg.format: {"path": artifact["path"], "sha256": artifact["sha256"]}}
     if clock.left() < 0:  # an attempt under way at the limit runs to its end (calibration cannot stop halfway)
         section["past_time_limit_s"] = round(-clock.left(), 1)
@@ -90,12 +95,12 @@ def _record(run: Run, cfg: QuantizeConfig, clock: Clock, section: dict) -> dict:
         m["stages"]["export"]["artifacts"][cfg.format] = artifact
         m["stages"][STAGE[cfg.format]] = {"updated": now(), **section}
 
-    from cnnpack.reproduce import write_reproduce
+    from cnnpack.reproduce import write_reproduce_or_warn
 
     try:  # a Ctrl-C, a second quantize or a full disk never leaves the file and its record apart
         run.commit(clock.staged, record)
     finally:  # its line in reproduce.sh also when a Ctrl-C waited for the record
-        write_reproduce(run)
+        write_reproduce_or_warn(run)
     return run.read()["stages"][STAGE[cfg.format]]
 
 

@@ -39,6 +39,21 @@ def _same_bytes(path: str, digest: str) -> str:
             f'...): its options are not recorded; stopping" >&2; exit 1; }}')
 
 
+def write_reproduce_or_warn(run: Run) -> None:
+    """`write_reproduce` after an artifact was put in place and recorded: a script that cannot be written (a folder
+    in its place, a full disk) is a warning, not the command's failure (it said exit 2 over a recorded model)."""
+    import logging
+
+    from cnnpack.errors import file_error
+
+    try:
+        write_reproduce(run)
+    except OSError as e:
+        logging.getLogger("cnnpack").warning(
+            f"warning: {file_error(e) if e.filename else e}: export/reproduce.sh was not updated (what is written and "
+            "recorded stands; the next export or quantize writes it again)")
+
+
 def write_reproduce(run: Run) -> None:
     """export/reproduce.sh: the command that made each recorded artifact (a derived one records its own).
 

@@ -336,15 +336,20 @@ class Run:
             raise RunReplaced(f"{self.path} was replaced by a new run (trained again with --force) while this "
                               "command ran on the old one; nothing was recorded: run the command again")
 
-    def check_writable(self) -> None:
+    def check_writable(self, *folders: Path) -> None:
         """Raises OSError (the CLI names the path) where the manifest could not be written now: called before a
-        command changes anything outside the run (a model repository) that the manifest must then record."""
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=self.path)
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, str(self.manifest_path)) from None
-        os.close(fd)
-        os.unlink(tmp)
+        command changes anything outside the run (a model repository) that the manifest must then record. Each of
+        `folders` that exists is checked too (where the command writes its outputs: quantize's `export/`), so a
+        protected one fails now, not after the work and under a temporary file's name."""
+        for folder, named in ((self.path, self.manifest_path), *((Path(f), Path(f)) for f in folders)):
+            if folder is not self.path and not folder.is_dir():
+                continue
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=folder)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(named)) from None
+            os.close(fd)
+            os.unlink(tmp)
 
     @contextlib.contextmanager
     def committing(self) -> Iterator[None]:

@@ -206,6 +206,35 @@ def test_openvino_needs_the_onnx_artifact_and_int8_needs_the_ir(tiny_run, tmp_pa
     with pytest.raises(MissingStageError, match="no OpenVINO IR to quantize"):
         quantize(run, QuantizeConfig(format="openvino_int8"))
     assert "openvino" not in _manifest(run)["stages"]["export"]["artifacts"]
+    # a static batch: ONNX Runtime's backend refused it in one line, NNCF's ended in a traceback (batches of 64)
+    export(run, ExportConfig(formats=("onnx", "openvino"), static_batch=4))
+    with pytest.raises(UserInputError, match=r"model.xml has a static batch of 4; int8 calibration needs the "
+                                             r"dynamic-batch export \(`cnnpack export --run .* --format onnx,openvino` "
+                                             r"without --static-batch\)"):
+        quantize(run, QuantizeConfig(format="openvino_int8"))
+
+
+def test_a_full_disk_under_openvino_s_writer_is_said_as_such(tmp_path, monkeypatch):
+    """A full disk as OpenVINO writes an IR: "RuntimeError: basic_ios::clear: iostream error", with a traceback."""
+    import errno
+    import shutil as sh
+
+    import openvino
+
+    from cnnpack import openvino as ov
+
+    def full(*args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(openvino, "save_model", full)
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=150 << 10))
+    with pytest.raises(OSError) as e:
+        ov.save(object(), tmp_path / "ir")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "ir") and "0.1 MiB free" in str(e.value)
+    monkeypatch.setattr(sh, "disk_usage", real)
+    with pytest.raises(RuntimeError, match="iostream error"):  # room enough: not the disk, said as it is
+        ov.save(object(), tmp_path / "ir")
 
 
 def test_the_ir_takes_what_its_onnx_file_takes_and_other_options_are_refused(ir_run, tmp_path):

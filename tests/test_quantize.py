@@ -226,12 +226,63 @@ def test_a_gate_nothing_meets_is_exit_1_and_keeps_the_previous_artifact(quantize
     export(run, ExportConfig(formats=("onnx",), max_batch_size=32))
     before = (run / "export/model.int8.onnx").read_bytes(), _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]
     with pytest.raises(ParityError, match=r"no int8 model within --max-drop 0 pt and --min-agreement 99%: --max-steps 1 "
-                                          r"was spent .* raise --max-steps .*; 1 fallback step\(s\) tried"):
+                                          r"was spent .* raise --max-steps, raise --max-drop or lower --min-agreement, .*; "
+                                          r"1 fallback step\(s\) tried"):
         quantize(run, QuantizeConfig(calibration_images=16, max_drop=0, max_steps=1))
     assert (run / "export/model.int8.onnx").read_bytes() == before[0]
     assert _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"] == before[1]
     assert _manifest(run)["stages"]["quantize"]["status"] == "failed"
     assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # no temp files left
+    # --json printed nothing on a refusal: now the section it recorded, then the one-line error (exit 1)
+    from typer.testing import CliRunner
+
+    from cnnpack.cli.common import app
+
+    r = CliRunner().invoke(app, ["quantize", "--run", str(run), "--calibration-images", "16", "--max-drop", "0",
+                                 "--max-steps", "1", "--json"])
+    assert r.exit_code == 1 and "error: no int8 model within --max-drop 0 pt" in r.stderr, r.output
+    printed = json.loads(r.stdout)
+    assert printed["passed"] is False and printed == _manifest(run)["stages"]["quantize"]
+
+
+def test_a_killed_quantize_s_scratch_folder_goes_and_an_unwritable_reproduce_sh_is_a_warning(quantized, tmp_path,
+                                                                                            caplog):
+    """A quantize killed mid-fallback (SIGKILL, out of memory) left export/.quantize-*/ (copies of the model) for
+    good; a reproduce.sh that could not be written after the model was put in place and recorded said exit 2."""
+    run = tmp_path / "run"
+    shutil.copytree(quantized[0], run)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name, pid in (("dead", dead.pid), ("live", os.getpid())):
+        (run / "export" / f".quantize-{name}").mkdir()
+        (run / "export" / f".quantize-{name}" / "owner.pid").write_text(str(pid))
+    (run / "export/reproduce.sh").unlink()
+    (run / "export/reproduce.sh").mkdir()
+    section = quantize(run, QuantizeConfig(calibration_images=16, max_drop=100, min_agreement=0.5, seed=9))
+    assert section["status"] == "ok" and _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]["sha256"] == \
+        sha256(run / "export/model.int8.onnx")
+    assert "export/reproduce.sh was not updated (what is written and recorded stands" in caplog.text
+    assert not (run / "export/.quantize-dead").exists() and (run / "export/.quantize-live").is_dir()
+
+
+def test_a_protected_export_folder_is_refused_before_the_work(quantized, tmp_path, monkeypatch):
+    """`chattr +i export/`: the error named a hidden temp folder, and the openvino backend said it only after
+    calibrating, ranking and falling back."""
+    import tempfile as tf
+
+    run = tmp_path / "run"
+    shutil.copytree(quantized[0], run)
+    real = tf.mkstemp
+
+    def protected(*args, dir=None, **kwargs):
+        if Path(dir) == run / "export":
+            raise PermissionError(1, "Operation not permitted")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tf, "mkstemp", protected)
+    with pytest.raises(PermissionError) as e:
+        quantize(run, QuantizeConfig(calibration_images=16))
+    assert e.value.filename == str(run / "export")
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
@@ -293,7 +344,7 @@ def test_at_the_time_limit_the_best_attempt_is_reported_and_nothing_recorded(qua
                                                r"\(the best int8 attempt.*: drop .* agreement with 0 node\(s\) in float; "
                                                r"0 fallback step\(s\) tried\)$"):  # nothing recorded: no details
         quantize(run, cfg, progress=slow_progress)
-    with pytest.raises(TimeLimitReached, match=r"the time limit of 0.001 s was reached during the fp32 reference, before"):
+    with pytest.raises(TimeLimitReached, match=r"the time limit of 0.001 s was reached during reading the images, before"):
         quantize(run, QuantizeConfig(time_limit_s=0.001))
     import cnnpack.int8_gate as gate
 
@@ -303,7 +354,8 @@ def test_at_the_time_limit_the_best_attempt_is_reported_and_nothing_recorded(qua
 
     load_quant_data = gate.load_quant_data
     monkeypatch.setattr(gate, "load_quant_data", slow_read)
-    with pytest.raises(TimeLimitReached, match=r"during the fp32 reference, before any int8 attempt \(reading the "
+    # said as the phase it passed in, not the one after it (the fp32 reference)
+    with pytest.raises(TimeLimitReached, match=r"during reading the images, before any int8 attempt \(reading the "
                                                r"images took 2 s of it\); raise --time-limit$"):
         quantize(run, QuantizeConfig(time_limit_s=2))
     assert (run / "cnnpack.json").read_bytes() == manifest  # nothing recorded
@@ -369,7 +421,7 @@ def test_every_refusal_says_its_real_reason():
     from cnnpack.int8_gate import why_refused
 
     def reason(steps: int, kept: int, nodes: int = 10, **extra) -> str:
-        section = {"gate": {"steps": steps}, "attempts": [{"all_float": extra.pop("all_float", False),
+        section = {"gate": extra.pop("gate", {"steps": steps}), "attempts": [{"all_float": extra.pop("all_float", False),
                                                            "kept_float": ["n"] * steps}],
                    "kept_float": ["n"] * kept, "quantizable_nodes": nodes, **extra}
         return why_refused(section, QuantizeConfig(**{"max_steps": 8, **extra.pop("cfg", {})}))
@@ -383,6 +435,13 @@ def test_every_refusal_says_its_real_reason():
     assert "reading" not in reason(2, 2, stopped="fallback step 3 of 8", read_s=10.0)
     assert "--max-steps 0 allows no fallback" in reason(0, 0, cfg={"max_steps": 0})
     assert "--max-steps 8 was spent (the last step kept the 8 most harmful of 10 node(s)" in reason(8, 8)
+    # the advice names the criterion the best attempt missed: a drop that held is not helped by a larger --max-drop
+    assert reason(8, 8, gate={"steps": 8, "drop_pt": -0.11, "top1_agreement_vs_fp32": 0.9888}).endswith(
+        "float); raise --max-steps, lower --min-agreement, or calibrate on more images")
+    assert reason(8, 8, gate={"steps": 8, "drop_pt": 1.2, "top1_agreement_vs_fp32": 0.995}).endswith(
+        "raise --max-steps, raise --max-drop, or calibrate on more images")
+    assert "raise --max-drop or lower --min-agreement" in reason(
+        3, 3, harmful_nodes=3, gate={"steps": 3, "drop_pt": 1.2, "top1_agreement_vs_fp32": 0.9})
     assert "every one of the 3 node(s) the ranking found harmful never held the gate" in reason(3, 3, harmful_nodes=3)
     # --max-steps equal to the harmful nodes: a larger one would try nothing more, so it is not the advice
     assert "every one of the 3 node(s)" in reason(3, 3, harmful_nodes=3, cfg={"max_steps": 3})

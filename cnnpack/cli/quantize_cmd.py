@@ -43,6 +43,7 @@ def quantize(
     from rich.console import Console
 
     from cnnpack.cli.common import usage_error
+    from cnnpack.int8_gate import GateMissed
     from cnnpack.quantize import BACKENDS, QuantizeConfig, describe
     from cnnpack.quantize import quantize as do_quantize
 
@@ -54,11 +55,16 @@ def quantize(
                          weight_type=weight_type)
     cfg.validate()
     console = Console(stderr=True)
-    if console.is_terminal:
-        with console.status("quantizing") as st:
-            section = do_quantize(run, cfg, progress=lambda text: st.update(f"quantizing: {text}"))
-    else:  # a log file or a pipe: a line per step, so a long fallback is never silent
-        section = do_quantize(run, cfg, progress=lambda text: typer.echo(f"quantize: {text}", err=True))
+    try:
+        if console.is_terminal:
+            with console.status("quantizing") as st:
+                section = do_quantize(run, cfg, progress=lambda text: st.update(f"quantizing: {text}"))
+        else:  # a log file or a pipe: a line per step, so a long fallback is never silent
+            section = do_quantize(run, cfg, progress=lambda text: typer.echo(f"quantize: {text}", err=True))
+    except GateMissed as e:  # --json: the attempts (as recorded; at the time limit, not recorded), then the error
+        if as_json:
+            emit(e.section, True)
+        raise
     emit(section, as_json)
     if not as_json:
         art = section["outputs"][cfg.format]
