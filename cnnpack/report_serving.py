@@ -233,4 +233,8 @@ def _tuned_state(stages: dict, winner: dict, run: Run) -> str:
     if t.get("written") or t.get("undone"):
         return (f"`{winner['model']}`'s config.pbtxt no longer holds it (undone, or laid out again by `cnnpack triton`);"
                 f" `cnnpack tune --run {shell(run.path)}` measures and writes it again.")
-    return "No config.pbtxt was changed: the served config is as good as the tuned one."
+    if (t.get("verdict") or {}).get("as_good"):
+        return "No config.pbtxt was changed: within the noise, the served config is as good as the tuned one."
+    if winner.get("default") and not [p for p in t["points"] if not p["default"]]:
+        return "No config.pbtxt was changed: no other config could be measured, so none was compared with it."
+    return "No config.pbtxt was changed: no other config measured beat the model's own config.pbtxt."

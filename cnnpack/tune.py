@@ -354,6 +354,7 @@ def tune(run_dir: str | Path, cfg: TuneConfig, *, progress: Callable[[str], None
 def _tune(run: Run, cfg: TuneConfig, progress: Callable[[str], None]) -> dict:
     repository = run.stage("triton", required_by="tune", hint=f"`cnnpack triton --run {shell(run.path)}`")["repository"]
     models = servable(run, cfg.models)
+    _check_current(run, models)
     full = grid(models, cfg, cfg.queue_delays_us)
     if left_out := past_the_cores(cfg):  # the grid leaves them out: said, not dropped unsaid
         progress(f"tune: {left_out} left out: with any value of the other option it needs more than the "
@@ -370,6 +371,20 @@ def _tune(run: Run, cfg: TuneConfig, progress: Callable[[str], None]) -> dict:
         points, info = _sweeps(run, cfg, settings, coarse, repository, progress, server)
     info["server_starts"] = log.read_text(errors="replace").count("Started GRPCInferenceService") if log.is_file() else None
     return finish(run, cfg, points, info)
+
+
+def _check_current(run: Run, models: list[tuple[str, str]]) -> None:
+    """The configs tune loads are built from the run's artifact records (its max batch, its I/O): the served file
+    must be the one exported now. After an export since `cnnpack verify`, the repository still serves the file verify
+    checked, and every config built from the new record (another --max-batch-size) failed to load, unsaid."""
+    stages = run.read()["stages"]
+    arts, checked = stages["export"].get("artifacts", {}), stages.get("verify", {}).get("artifacts", {})
+    for name, fmt in models:
+        if fmt in arts and fmt in checked and arts[fmt].get("sha256") != checked[fmt].get("sha256"):
+            raise UserInputError(f"{name} serves the {fmt} artifact `cnnpack verify` checked, and the run's {fmt} "
+                                 f"artifact was exported again since: run `cnnpack verify --run {shell(run.path)}`, "
+                                 f"then `cnnpack triton --run {shell(run.path)} --repository "
+                                 f"{shell(stages['triton']['repository'])} --format {fmt}`, to tune the new one")
 
 
 def _sweeps(run: Run, cfg: TuneConfig, settings: list[Setting], coarse: bool, repository: str,

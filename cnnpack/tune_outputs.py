@@ -70,6 +70,9 @@ def describe(section: dict) -> str:
     if sweep.get("truncated"):  # the models take turns: each was cut about as far
         line += (f"; the sweep was cut at --time-limit after {len(section.get('points', []))} of "
                  f"{sweep.get('planned', '?')} planned points, so not every config was tried")
+    if errors := sweep.get("errors"):  # said here too: on a terminal the progress line that said it is overwritten
+        line += (f"; {len(errors)} of {sweep.get('planned', '?')} planned points could not be measured (the first: "
+                 f"{errors[0]}; all in tune.json)")
     if v.get("as_good"):
         line += "; within the noise: the default config is as good and was kept"
     elif section.get("written"):

@@ -224,6 +224,44 @@ def test_a_winner_whose_record_fails_is_taken_back(laid_out, tmp_path, monkeypat
     assert config.read_bytes() == original and not (repo / "cnn_onnx" / PREVIOUS).exists()
 
 
+def test_a_model_exported_again_since_verify_is_refused_before_any_server(laid_out, tmp_path, monkeypatch):
+    """`export --max-batch-size 8` after `triton`: the repository serves the verified file (max batch 16), but tune
+    built each config from the new record, every one failed to load, and the sweep ended with the default alone."""
+    from cnnpack.errors import UserInputError
+    from cnnpack.export import ExportConfig, export
+    from cnnpack.tune import TuneConfig, tune
+
+    run, repo = _copy(laid_out, tmp_path)
+    export(run, ExportConfig(formats=("onnx",), max_batch_size=8))
+    monkeypatch.setattr(serve, "TritonServer", None)  # refused before a server is started
+    with pytest.raises(UserInputError, match=rf"cnn_onnx serves the onnx artifact `cnnpack verify` checked, and the "
+                                             rf"run's onnx artifact was exported again since: run `cnnpack verify "
+                                             rf"--run {run}`, then `cnnpack triton --run {run} --repository {repo} "
+                                             rf"--format onnx`, to tune the new one"):
+        tune(run, TuneConfig())
+
+
+def test_points_that_could_not_be_measured_are_said_and_no_comparison_is_claimed(laid_out, tmp_path):
+    """Every config but the default failed to load: tune said only "it is its model's own config.pbtxt" (the
+    reason was in a progress line a terminal overwrites) and the report "the served config is as good as the tuned
+    one", though nothing was compared."""
+    from cnnpack.report_serving import tune_section
+    from cnnpack.rundir import Run
+    from cnnpack.tune import TuneConfig, finish
+    from cnnpack.tune_outputs import describe
+
+    run_dir, _ = _copy(laid_out, tmp_path)
+    run = Run.open(run_dir)
+    errors = [f"cnn_onnx x1 1t no batching at concurrency 4: could not load it ({i})" for i in (1, 2)]
+    section = finish(run, TuneConfig(), [_point({"default": True}, 1000, 10)],
+                     {"error": errors[-1], "errors": errors, "server_alive": True, "planned": 3})
+    assert section["winner"]["default"] and "2 of 3 planned points could not be measured (the first: cnn_onnx x1 " \
+        "1t no batching at concurrency 4: could not load it (1); all in tune.json)" in describe(section)
+    said = [b.text for b in tune_section(run.read(), run)]
+    assert "2 of 3 planned points could not be measured" in said[1]
+    assert said[-1] == "No config.pbtxt was changed: no other config could be measured, so none was compared with it."
+
+
 def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survives_a_second_tune(laid_out, tmp_path):
     """No sweep: `finish` on planted points. A default outside the budget, or slower on the latency objective,
     is not 'as good'; after a second tune that writes over the first one's config, or keeps it, `--undo` still
@@ -268,7 +306,7 @@ def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survi
     from cnnpack.report_serving import tune_section
 
     said = tune_section(run.read(), run)[-1].text  # this tune wrote nothing: not "its config.pbtxt holds it"
-    assert said == "No config.pbtxt was changed: the served config is as good as the tuned one."
+    assert said == "No config.pbtxt was changed: within the noise, the served config is as good as the tuned one."
     assert set(kept["tuned"]) == {str(config), str(other)}
     texts = {f: f.read_text() for f in (config, other)}
     for f in texts:  # both edited by hand since: undo would overwrite someone's work, and says why it does not
