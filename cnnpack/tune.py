@@ -35,7 +35,7 @@ import numpy as np
 from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError, shell
 from cnnpack.loadclient import check_concurrency
 from cnnpack.peak import usable_cores
-from cnnpack.rundir import Run, atomic_write_bytes, atomic_write_json
+from cnnpack.rundir import Run, atomic_write_bytes, atomic_write_json, now, sha256, staged_beside
 from cnnpack.servable import servable
 from cnnpack.triton_config import served_budget, served_winner, tuned_in_place
 from cnnpack.triton_publish import PREVIOUS
@@ -355,6 +355,7 @@ def _tune(run: Run, cfg: TuneConfig, progress: Callable[[str], None]) -> dict:
     repository = run.stage("triton", required_by="tune", hint=f"`cnnpack triton --run {shell(run.path)}`")["repository"]
     models = servable(run, cfg.models)
     _check_current(run, models)
+    run.check_writable(*(Path(repository) / m for m, _ in models))  # where a winner is written: now, not after the sweep
     full = grid(models, cfg, cfg.queue_delays_us)
     if left_out := past_the_cores(cfg):  # the grid leaves them out: said, not dropped unsaid
         progress(f"tune: {left_out} left out: with any value of the other option it needs more than the "
@@ -440,23 +441,31 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
         result = {"config": asdict(cfg), "points": points,
                   "pareto": [p["label"] + f" c{p['concurrency']}" for p in pareto(points)], "sweep": info, "winner": winner, "written": None,
                   "verdict": verdict(winner, points, run.stage("triton")["name"], cfg) if winner else None}
-        plot(points, winner, cfg.latency_budget_ms, run.file(PLOT))
+        # tune.json and tune.png staged, put in place with their record (a failure after the plot left a new
+        # tune.png beside the old tune.json and record: the report's plot contradicted its table)
+        staged = {n: staged_beside(run.file(n), suffix=Path(n).suffix) for n in (OUTPUT, PLOT)}
         taken_back = None
-        if winner and not result["verdict"]["as_good"] and not winner["default"]:
-            taken_back = _as_they_are(Path(config_of(run, winner["model"])))
-            w = result["written"] = write_winner(run, winner["model"], winner_config(run, winner),
-                                                 keep_previous=config_of(run, winner["model"]) in tuned)
-            tuned[w["config"]] = {"previous": w["previous"], "sha256": w["sha256"]}
-        status = "ok" if winner else "failed"
-        try:  # a config written but not recorded is one `tune --undo` cannot find: it goes back if the record fails
-            atomic_write_json(run.file(OUTPUT), result)
-            run.set_stage("tune", {"status": status, "config": asdict(cfg), "points": points, "winner": winner,
-                                   "verdict": result["verdict"], "written": result["written"], "tuned": tuned,
-                                   "sweep": info, **({"kept": kept} if kept and not result["written"] else {}),
-                                   "outputs": {n: run.file_record(run.file(n)) for n in (OUTPUT, PLOT)}})
+        try:
+            plot(points, winner, cfg.latency_budget_ms, staged[PLOT])
+            if winner and not result["verdict"]["as_good"] and not winner["default"]:
+                taken_back = _as_they_are(Path(config_of(run, winner["model"])))
+                w = result["written"] = write_winner(run, winner["model"], winner_config(run, winner),
+                                                     keep_previous=config_of(run, winner["model"]) in tuned)
+                tuned[w["config"]] = {"previous": w["previous"], "sha256": w["sha256"]}
+            status = "ok" if winner else "failed"
+            # a config written but not recorded is one `tune --undo` cannot find: it goes back if the record fails
+            atomic_write_json(staged[OUTPUT], result)
+            section = {"updated": now(), "status": status, "config": asdict(cfg), "points": points, "winner": winner,
+                       "verdict": result["verdict"], "written": result["written"], "tuned": tuned, "sweep": info,
+                       **({"kept": kept} if kept and not result["written"] else {}),
+                       "outputs": {n: {"path": n, "sha256": sha256(f)} for n, f in staged.items()}}
+            run.commit([(f, run.file(n)) for n, f in staged.items()],
+                       lambda m: m.setdefault("stages", {}).__setitem__("tune", section))
         except BaseException:
             if taken_back:
                 taken_back()
+            for f in staged.values():
+                f.unlink(missing_ok=True)
             raise
     if died:
         raise StageFailed(f"the Triton server died during the sweep ({info['error']}); the {len(points)} points "

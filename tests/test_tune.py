@@ -205,8 +205,9 @@ def _point(label_settings: dict, ips: float, p99: float) -> dict:
 
 def test_a_winner_whose_record_fails_is_taken_back(laid_out, tmp_path, monkeypatch):
     """A config.pbtxt written but not recorded is one `tune --undo` cannot find: a full disk at the record puts the
-    served config (and its missing .prev) back as they were."""
-    from support import record_fails
+    served config (and its missing .prev) back as they were; tune.json and tune.png stay as they were too (a new
+    tune.png stood beside the old tune.json and record)."""
+    import errno
 
     from cnnpack.rundir import Run
     from cnnpack.triton_publish import PREVIOUS
@@ -216,12 +217,24 @@ def test_a_winner_whose_record_fails_is_taken_back(laid_out, tmp_path, monkeypat
     run = Run.open(run_dir)
     config = repo / "cnn_onnx" / "config.pbtxt"
     original = config.read_bytes()
-    record_fails(monkeypatch, "tune")
+    (run_dir / "tune.png").write_bytes(b"the earlier plot")
+    real = Run.update
+
+    def full(self, change):
+        probe = {"stages": {}}
+        change(probe)
+        if "tune" in probe["stages"]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.manifest_path))
+        return real(self, change)
+
+    monkeypatch.setattr(Run, "update", full)
     tuned = {"instances": 1, "threads": 1, "dynamic_batching": True, "queue_delay_us": 500}
     with pytest.raises(OSError, match="No space left"):
         finish(run, TuneConfig(), [_point({"default": True}, 1000, 120), _point(tuned, 980, 40)],
                {"error": None, "server_alive": True})
     assert config.read_bytes() == original and not (repo / "cnn_onnx" / PREVIOUS).exists()
+    assert (run_dir / "tune.png").read_bytes() == b"the earlier plot" and not (run_dir / "tune.json").exists()
+    assert not [f for f in run_dir.iterdir() if f.name.startswith(".tune")]  # nothing staged left
 
 
 def test_a_model_exported_again_since_verify_is_refused_before_any_server(laid_out, tmp_path, monkeypatch):
@@ -239,6 +252,27 @@ def test_a_model_exported_again_since_verify_is_refused_before_any_server(laid_o
                                              rf"--run {run}`, then `cnnpack triton --run {run} --repository {repo} "
                                              rf"--format onnx`, to tune the new one"):
         tune(run, TuneConfig())
+
+
+def test_a_repository_it_cannot_write_is_refused_before_the_sweep(laid_out, tmp_path, monkeypatch):
+    """A read-only repository: the whole sweep ran, then the winner's config.pbtxt.prev could not be written."""
+    import tempfile as tf
+
+    from cnnpack.tune import TuneConfig, tune
+
+    run, repo = _copy(laid_out, tmp_path)
+    real = tf.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if Path(dir) == repo / "cnn_onnx":
+            raise OSError(30, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tf, "mkstemp", read_only)
+    monkeypatch.setattr(serve, "TritonServer", None)  # refused before a server is started
+    with pytest.raises(OSError, match="Read-only file system") as e:
+        tune(run, TuneConfig())
+    assert e.value.filename == str(repo / "cnn_onnx")
 
 
 def test_points_that_could_not_be_measured_are_said_and_no_comparison_is_claimed(laid_out, tmp_path):
