@@ -119,15 +119,15 @@ def served_section(m: dict) -> list[Block]:
                   "pass" if p.get("passed") else "FAIL"] for f, p in parity.items()]
         out.append(Block("table", rows=rows))
     if load:
-        rows = [["model", "protocol", "requests in flight", "p50 ms", "p99 ms", "images/s", "mean batch run by Triton", "queue ms",
-                 "compute ms", "errors", "stable", "measured by"]]
+        rows = [["model", "protocol", "images per request", "requests in flight", "p50 ms", "p99 ms", "images/s",
+                 "mean batch run by Triton", "queue ms", "compute ms", "errors", "stable", "measured by"]]
         older = {}  # rows of a version the run's repository has since replaced: row index -> (model, measured, now)
         for i, r in enumerate(load):
             name, v = r.get("format", "").removeprefix("triton:"), row_version(r, recorded)
             if v and v.isdigit() and (now := latest_on_disk(repo, name)) and int(v) < int(now):
                 older[i] = (name, v, now)
         rows += [[r.get("format", "").removeprefix("triton:") + (f" v{older[i][1]} (older)" if i in older else ""),
-                  PROTOCOL_NAMES.get(r.get("protocol"), "HTTP"),
+                  PROTOCOL_NAMES.get(r.get("protocol"), "HTTP"), str(r.get("batch_size", 1)),
                   str(r["concurrency"]), num(r["latency_ms_p50"], "{:.2f}"), num(r["latency_ms_p99"], "{:.2f}"),
                   num(r["throughput_ips"], "{:,.0f}"), num(r.get("server_batch_mean"), "{:.2f}"),
                   num(r.get("server_queue_ms_mean"), "{:.2f}"), num(r.get("server_compute_ms_mean"), "{:.2f}"),
@@ -136,7 +136,10 @@ def served_section(m: dict) -> list[Block]:
         wire = " and ".join(sorted({PROTOCOL_NAMES.get(r.get("protocol"), "HTTP") for r in load}))
         urls = sorted({r.get("info", {}).get("url") for r in load} - {None})
         at = f" at {', '.join(f'`{u}`' for u in urls)}" if urls else ""
-        out += [Block("p", f"Batch-1 requests over {wire}{at}, every served row `cnnpack bench` recorded, from a load "
+        sizes = sorted({int(r.get("batch_size", 1)) for r in load})
+        per = ("Batch-1 requests" if sizes == [1] else
+               f"Requests of {', '.join(map(str, sizes))} images (the images-per-request column)")
+        out += [Block("p", f"{per} over {wire}{at}, every served row `cnnpack bench` recorded, from a load "
                            "generator on this machine (closed loop: "
                            "each client sends its next request when the previous one answers): Triton's perf_analyzer "
                            "where it is on PATH, else cnnpack's own client; dynamic batching "
@@ -146,7 +149,8 @@ def served_section(m: dict) -> list[Block]:
                 f"`{n}` was measured at version {v}, and `{repo}` holds version {now} of it now" for n, v, now
                 in sorted(set(older.values()))) + ": those rows are not of the model served from it today (serve it "
                 "and measure again: `cnnpack bench --triton-url`, or the pipeline with `--serve yes`)."))
-        shaky = [f"{r.get('format', '').removeprefix('triton:')} at {r['concurrency']}" for r in load
+        shaky = [f"{r.get('format', '').removeprefix('triton:')} at {r['concurrency']}"
+                 + (f" x {r['batch_size']} images" if r.get("batch_size", 1) != 1 else "") for r in load
                  if not r.get("stable", True)]
         if shaky:
             out.append(Block("p", f"**Unstable**: the measurement windows of {', '.join(shaky)} did not agree "

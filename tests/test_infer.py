@@ -415,7 +415,7 @@ def test_bench_measures_served_throughput_under_concurrency(server, served_run, 
     md = (run_dir / "report.md").read_text()
     served = md[md.index("## Served by Triton"):]
     assert served.count("| cnn_onnx | gRPC |") == 2 and served.count("| cnn_onnx_nobatch | gRPC |") == 2
-    assert served.count("| cnn_onnx | HTTP | 4 |") == 1 and f"`http://{server.http_address}`" in served
+    assert served.count("| cnn_onnx | HTTP | 1 | 4 |") == 1 and f"`http://{server.http_address}`" in served
 
 
 def test_served_rows_are_held_to_the_run_s_ceilings_when_the_server_shares_this_machine(server, served_run, tmp_path):

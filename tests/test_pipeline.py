@@ -496,6 +496,12 @@ def test_the_report_marks_a_served_row_whose_windows_did_not_agree():
     shaky = to_markdown("t", served_section({"stages": {"bench": {"results": [{**row, "stable": False}]}}}))
     assert "| **no** |" in shaky and "**Unstable**: the measurement windows of cnn_onnx at 16 did not agree" in shaky
     assert "| yes |" in steady and "Unstable" not in steady
+    assert "Batch-1 requests over HTTP" in steady and "| cnn_onnx | HTTP | 1 | 16 |" in steady
+    # requests of 4 images: said in their own column and in the text (it said "Batch-1 requests", two rows alike)
+    both = to_markdown("t", served_section({"stages": {"bench": {"results": [
+        {**row, "stable": True}, {**row, "batch_size": 4, "stable": False}]}}}))
+    assert "Requests of 1, 4 images (the images-per-request column) over HTTP" in both and "Batch-1" not in both
+    assert "| cnn_onnx | HTTP | 4 | 16 |" in both and "windows of cnn_onnx at 16 x 4 images did not agree" in both
     assert _unstable({**row, "stable": False}) == " (unstable: its windows did not agree)" and _unstable(row) == ""
 
 
