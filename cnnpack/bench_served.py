@@ -52,7 +52,7 @@ class ServedConfig:
 
 
 def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = BenchConfig(batch_sizes=(1,)), *,
-                 progress: Callable[[str], None] = lambda _: None) -> dict:
+                 progress: Callable[[str], None] = lambda _: None, parity: bool = True) -> dict:
     """Throughput and latency of a served model under closed-loop concurrent load (perf_analyzer-like).
 
     One row per batch size x concurrency (runtime `triton`, format `triton:<model>`), with the server's
@@ -70,6 +70,9 @@ def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = B
     rt = RUNTIMES.get("triton").load(served_ref(run, served.url, served.model, served.protocol, served.timeout_s))
     for b in cfg.batch_sizes:
         rt.check_batch(b)
+    if parity:  # (the pipeline's served stage has checked its models' parity itself)
+        progress("parity of the served model with the run's")
+        same_model(run, served)
     host = machine()
     generator = resolve(served.load_generator)
     old = previous_section(run)
@@ -87,6 +90,21 @@ def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = B
         section["outputs"] = write_outputs(run, section, plot=cfg.plot)
         run.set_stage("bench", section)
     return run.read()["stages"]["bench"]
+
+
+def same_model(run: Run, served: ServedConfig) -> None:
+    """Refuses a served model that does not compute what the run's model computes (its precision's contract, as
+    `cnnpack verify --triton-url` holds it): only its name and shapes were matched, and another run's model of the
+    same shape (random weights) was recorded as this run's served model."""
+    from cnnpack.errors import UserInputError
+    from cnnpack.verify import VerifyConfig, check, served_target
+
+    target = served_target(run.path, served.url, served.model, served.protocol, served.timeout_s)
+    failures = [f for r in check(run, VerifyConfig(batch_sizes=(1,), samples=8), (target,)) for f in r["failures"]]
+    if failures:
+        raise UserInputError(f"{served.model} at {served.url} does not compute what {run.path}'s model computes "
+                             f"({failures[0]}): its figures would be recorded as this run's; bench it with the run it "
+                             "was laid out from, or serve this run's repository")
 
 
 def bench_load(ctx: BenchContext, rt, batch_size: int, concurrency: int, generator: str = "cnnpack") -> None:

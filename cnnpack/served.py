@@ -119,13 +119,14 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
         int8 = next((m for m in classifiers if m.endswith("_int8")), None)
         fp32_bench = BenchConfig(batch_sizes=(1,), threads=cfg.threads, max_seconds=cfg.max_seconds,
                                  plot=int8 is None)  # bench.png drawn once, with every row
-        section = bench_served(run.path, load, fp32_bench)
+        section = bench_served(run.path, load, fp32_bench, parity=False)
         rows = [r for r in section["results"] if r.get("format") == f"triton:{t['name']}" and r.get("protocol") == LOAD_PROTOCOL]
         if int8:  # the int8 model at the highest concurrency, beside the fp32 one
             progress(f"[served] load on {int8} at concurrency {max(cfg.concurrency)}")
             section = bench_served(run.path, LoadConfig(url=server.http_address, model=int8, protocol=LOAD_PROTOCOL,
                                                         concurrency=(max(cfg.concurrency),), timeout_s=cfg.timeout_s),
-                                   BenchConfig(batch_sizes=(1,), threads=cfg.threads, max_seconds=cfg.max_seconds))
+                                   BenchConfig(batch_sizes=(1,), threads=cfg.threads, max_seconds=cfg.max_seconds),
+                                   parity=False)
             rows += [r for r in section["results"] if r.get("format") == f"triton:{int8}" and r.get("protocol") == LOAD_PROTOCOL]
         # what `cnnpack deploy` sizes the pod from: the start-up (every model loaded) and the memory after the load
         server_info = {"version": server.version, "urls": server.urls, "load_s": server.load_s,

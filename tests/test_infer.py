@@ -449,6 +449,31 @@ def test_served_rows_are_held_to_the_run_s_ceilings_when_the_server_shares_this_
     assert not on_this_machine("10.0.0.5:8001") and not on_this_machine("triton.example:8001")
 
 
+def test_a_served_model_that_is_not_the_runs_is_refused_before_its_figures_are_recorded(server, served_run, tmp_path):
+    """Another run's model of the same name and shapes (random weights): bench --triton-url recorded its figures as
+    this run's served model, and the report showed them under this run's repository. Its parity is checked first."""
+    import torch
+
+    from cnnpack.bench import BenchConfig
+    from cnnpack.bench_served import ServedConfig, bench_served
+    from cnnpack.rundir import Run, sha256
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(served_run[0], run_dir)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    torch.manual_seed(1)
+    ckpt["state_dict"] = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, run_dir / "checkpoint.pt")  # this run now holds other weights than the served model
+    Run(run_dir).update(lambda m: m["stages"]["train"]["outputs"]["checkpoint"].update(
+        sha256=sha256(run_dir / "checkpoint.pt")))
+    before = (run_dir / "cnnpack.json").read_bytes()
+    cfg = BenchConfig(batch_sizes=(1,), max_seconds=0.2, matmul_s=0.05, plot=False)
+    with pytest.raises(UserInputError, match=r"cnn_onnx at \S+ does not compute what .*'s model computes \(.*\): "
+                                             r"its figures would be recorded as this run's"):
+        bench_served(run_dir, ServedConfig(url=server.http_address, model="cnn_onnx", concurrency=(1,)), cfg)
+    assert (run_dir / "cnnpack.json").read_bytes() == before
+
+
 def test_a_server_answering_with_another_version_of_the_runs_model_is_refused(server, served_run, tmp_path):
     """The run's `cnnpack triton` added version 2 of cnn_onnx after the server loaded version 1: bench --triton-url
     recorded version 1's figures as the run's (the report put them under "version 2") and verify failed on a bare
