@@ -78,8 +78,9 @@ class TuneConfig:
         for flag, values in (("--instances", self.instances), ("--threads", self.threads)):
             if not values or min(values) < 1:
                 raise UserInputError(f"{flag} must be integers >= 1, got {list(values)}")
-        if self.queue_delays_us and min(self.queue_delays_us) < 0:
-            raise UserInputError(f"--queue-delays-us must be >= 0, got {list(self.queue_delays_us)}")
+        if self.queue_delays_us and not 0 <= min(self.queue_delays_us) <= max(self.queue_delays_us) <= 60_000_000:
+            raise UserInputError(f"--queue-delays-us must be in 0..60,000,000 (a minute; `cnnpack triton "
+                                 f"--max-queue-delay-us` takes the same), got {list(self.queue_delays_us)}")
         if not (0 < self.max_seconds < float("inf") and 0 < self.time_limit_s < float("inf")):  # nan too
             raise UserInputError("--max-seconds and --time-limit must be > 0")
         cores = usable_cores()

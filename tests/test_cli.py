@@ -108,6 +108,7 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "export-unknown-format": ["export", "--run", str(existing), "--format", "onnx,tflite"],
         "export-device-tpu": ["export", "--run", str(existing), "--device", "tpu"],
         "bench-device-tpu": ["bench", "--run", str(existing), "--device", "tpu"],
+        "bench-huge-batch": ["bench", "--run", str(existing), "--runtimes", "eager", "--batch-sizes", "100000000"],
         "bench-bad-triton-url": ["bench", "--run", str(existing), "--triton-url", "ftp://h", "--model", "m"],
         "bench-served-option-alone": ["bench", "--run", str(existing), "--concurrency", "0"],
         "verify-empty-batch-sizes": ["verify", "--run", str(existing), "--batch-sizes", ""],
@@ -121,6 +122,7 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "pipeline-openvino-conflict": [*pipe, "--formats", "onnx,openvino", "--openvino", "no"],
         "pipeline-too-few-images": [*pipe, "--data", str(tmp / "few")],  # found by the train stage: still exit 2
         "tune-empty-models": ["tune", "--run", str(existing), "--models", " "],  # it swept every model
+        "tune-huge-delay": ["tune", "--run", str(existing), "--queue-delays-us", "99999999999999999999"],  # a traceback
         "bench-served-with-runtimes": ["bench", "--run", str(existing), "--triton-url", "127.0.0.1:9", "--model", "m",
                                        "--runtimes", "onnxruntime"],  # ignored without a word
     }
@@ -165,6 +167,7 @@ EXPECTED = {
     "export-unknown-format": "--format 'tflite'; valid: onnx,",
     "export-device-tpu": "--device 'tpu'; valid: cpu, cuda",
     "bench-device-tpu": "--device 'tpu'; valid: auto, cpu, cuda",
+    "bench-huge-batch": "--batch-sizes must be at most 4,096 (a batch is held in memory",
     "bench-bad-triton-url": "--triton-url 'ftp://h': scheme 'ftp'",  # the option as bench names it
     "bench-served-option-alone": "--concurrency is for a served model: give the server with --triton-url",
     "verify-empty-batch-sizes": "--batch-sizes is empty",
@@ -178,6 +181,7 @@ EXPECTED = {
     "pipeline-openvino-conflict": "--formats names openvino and --openvino is no",
     "pipeline-too-few-images": "pipeline stopped: stage train failed: ",
     "tune-empty-models": "--models is empty; name at least one served model",
+    "tune-huge-delay": "--queue-delays-us must be in 0..60,000,000 (a minute;",
     "bench-served-with-runtimes": "--runtimes is for a local bench; with --triton-url the served model is --model",
 }
 
