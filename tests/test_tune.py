@@ -275,6 +275,26 @@ def test_a_repository_it_cannot_write_is_refused_before_the_sweep(laid_out, tmp_
     assert e.value.filename == str(repo / "cnn_onnx")
 
 
+def test_undo_with_json_prints_json(laid_out, tmp_path):
+    """`tune --undo --json` printed the text lines."""
+    from typer.testing import CliRunner
+
+    from cnnpack.cli.common import app
+    from cnnpack.rundir import Run
+    from cnnpack.tune import TuneConfig, finish
+
+    run_dir, repo = _copy(laid_out, tmp_path)
+    config = repo / "cnn_onnx" / "config.pbtxt"
+    original = config.read_text()
+    tuned = {"instances": 1, "threads": 1, "dynamic_batching": True, "queue_delay_us": 500}
+    assert finish(Run.open(run_dir), TuneConfig(), [_point({"default": True}, 1000, 120), _point(tuned, 980, 40)],
+                  {"error": None, "server_alive": True})["written"]
+    r = CliRunner().invoke(app, ["tune", "--run", str(run_dir), "--undo", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"restored": [
+        {"config": str(config), "previous": str(config.with_name("config.pbtxt.prev"))}]}, r.output
+    assert config.read_text() == original
+
+
 def test_points_that_could_not_be_measured_are_said_and_no_comparison_is_claimed(laid_out, tmp_path):
     """Every config but the default failed to load: tune said only "it is its model's own config.pbtxt" (the
     reason was in a progress line a terminal overwrites) and the report "the served config is as good as the tuned

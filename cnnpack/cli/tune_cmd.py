@@ -47,7 +47,9 @@ def tune(
     from cnnpack.tune_outputs import describe
 
     if undo:
-        for r in do_undo(run):
+        restored = do_undo(run)
+        emit({"restored": restored}, as_json)
+        for r in restored if not as_json else ():
             typer.echo(f"restored {r['config']} (from {r['previous']})")
         return
     cfg = TuneConfig(latency_budget_ms=latency_budget_ms, objective=objective,
