@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnpack.bench_ceilings import hold_to_ceilings, measured_ceilings, over_ceiling, remeasure_beaten_ceilings
-from cnnpack.bench_outputs import CSV_COLUMNS, plot_results, series, write_outputs  # noqa: F401 - re-exported
+from cnnpack.bench_outputs import CSV_COLUMNS, commit_outputs, plot_results, series  # noqa: F401 - re-exported
 from cnnpack.errors import MissingStageError, RuntimeUnavailable, UserInputError, shell
 from cnnpack.host import (
     check_device,
@@ -443,8 +443,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
             hold_to_ceilings(section["results"], section["ceilings"])
             section["over_ceiling"] = over_ceiling(section["results"])
         section["served"] = old.get("served", {})
-        section["outputs"] = write_outputs(run, section, plot=cfg.plot)
-        run.set_stage("bench", section)
+        commit_outputs(run, section, plot=cfg.plot)
     return run.read()["stages"]["bench"]
 
 

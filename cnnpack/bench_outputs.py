@@ -8,28 +8,43 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.rundir import Run, atomic_path, atomic_write_json, atomic_write_text
+from cnnpack.rundir import Run, atomic_path, atomic_write_json, atomic_write_text, now, sha256, staged_beside
 
 CSV_COLUMNS = ("runtime", "format", "precision", "batch_size", "concurrency", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95",
                "latency_ms_p99", "latency_ms_mean", "throughput_ips", "gflops", "matmul_gflops", "matmul_share",
                "speedup_vs_eager", "speedup_vs_fp32", "peak_rss_mb", "load_s", "first_call_s", "cpu_others", "stable", "requests", "server_batch_mean", "load_generator")
 
 
-def write_outputs(run: Run, section: dict, *, plot: bool = True) -> dict:
-    """bench.json (everything), bench.csv (one row per runtime x batch size) and bench.png."""
-    atomic_write_json(run.file("bench.json"), section)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(section["results"])
-    atomic_write_text(run.file("bench.csv"), buf.getvalue())
-    names = ["bench.json", "bench.csv"]
-    if plot:
-        plot_results(section, run.file("bench.png"))
-        names.append("bench.png")
-    else:  # an earlier bench's figure would show rows this one replaced
+def commit_outputs(run: Run, section: dict, *, plot: bool = True) -> None:
+    """bench.json (everything), bench.csv (one row per runtime x batch size) and bench.png, written beside their
+    places, then put in place with `stages.bench` as one step (a bench.png that could not be written left the new
+    bench.json and bench.csv beside the old record, and the report disagreeing with them). Call under
+    `run.committing()`."""
+    import errno
+
+    names = ["bench.json", "bench.csv", *(["bench.png"] if plot else [])]
+    for n in names:  # Run.commit would set a folder in the way aside and remove it
+        if run.file(n).is_dir():
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(run.file(n)))
+    staged = {n: staged_beside(run.file(n), suffix=Path(n).suffix) for n in names}
+    try:
+        atomic_write_json(staged["bench.json"], section)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(section["results"])
+        atomic_write_text(staged["bench.csv"], buf.getvalue())
+        if plot:
+            plot_results(section, staged["bench.png"])
+        section["outputs"] = {n: {"path": n, "sha256": sha256(f)} for n, f in staged.items()}
+        stamped = {"updated": now(), **section}
+        run.commit([(f, run.file(n)) for n, f in staged.items()],
+                   lambda m: m.setdefault("stages", {}).__setitem__("bench", stamped))
+    finally:
+        for f in staged.values():
+            f.unlink(missing_ok=True)
+    if not plot:  # an earlier bench's figure would show rows this one replaced
         run.file("bench.png").unlink(missing_ok=True)
-    return {n: run.file_record(run.file(n)) for n in names}
 
 
 def series(row: dict) -> str:

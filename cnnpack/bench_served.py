@@ -21,7 +21,7 @@ from cnnpack.bench import (
     speedups,
 )
 from cnnpack.bench_ceilings import hold_to_ceilings, over_ceiling
-from cnnpack.bench_outputs import write_outputs
+from cnnpack.bench_outputs import commit_outputs
 from cnnpack.errors import UserInputError
 from cnnpack.host import load_avg, machine, torch_threads
 from cnnpack.loadclient import check_concurrency
@@ -87,8 +87,7 @@ def bench_served(run_dir: str | Path, served: ServedConfig, cfg: BenchConfig = B
     host["load_avg_1_5_15_end"] = load_avg()
     with run.committing():  # merged with the section as recorded now (a bench may have run meanwhile), one step
         section = _merge_served(previous_section(run), make_section(ctx, host, {}), rt, served)
-        section["outputs"] = write_outputs(run, section, plot=cfg.plot)
-        run.set_stage("bench", section)
+        commit_outputs(run, section, plot=cfg.plot)
     return run.read()["stages"]["bench"]
 
 

@@ -377,6 +377,11 @@ def write_report(run_dir: str | Path) -> dict:
     blocks = [b if b.kind != "img" or run.file(b.path).is_file() else  # a figure deleted since: said, not a crash
               Block("p", f"({b.text}: `{b.path}` is missing from the run directory)") for b in build(run)]
     md, html = run.file("report.md"), run.file("report.html")
+    for path in (md, html):  # a folder in the way failed the second rename, after report.md was replaced
+        if path.is_dir():
+            import errno
+
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
     with scratch_beside(md) as md_tmp, scratch_beside(html) as html_tmp:  # both written, then both put in place
         md_tmp.write_text(to_markdown(title, blocks), encoding="utf-8")
         html_tmp.write_text(to_html(title, blocks, run), encoding="utf-8")

@@ -14,7 +14,7 @@ import pytest
 from cnnpack.bench import BenchConfig, Window, agree, bench
 from cnnpack.errors import MissingStageError, StageFailed, UserInputError
 from cnnpack.export import ExportConfig, export
-from cnnpack.rundir import Run
+from cnnpack.rundir import Run, sha256
 
 RESULT_KEYS = {"runtime", "batch_size", "latency_ms_p50", "latency_ms_p99", "throughput_ips", "gflops"}
 
@@ -318,6 +318,45 @@ def onnx_only(tiny_run, tmp_path_factory):
     shutil.copytree(tiny_run, run_dir)
     export(run_dir, ExportConfig(formats=("onnx",), max_batch_size=8))
     return run_dir
+
+
+def test_bench_s_files_and_record_are_replaced_together_or_not_at_all(onnx_only, tmp_path, monkeypatch):
+    """A bench.png that could not be written left the new bench.json and bench.csv beside the old record (the report,
+    read from the record, disagreed with them); report.md was replaced where report.html could not be."""
+    import cnnpack.bench_outputs as outputs
+    from cnnpack.bench import BenchConfig, bench
+    from cnnpack.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(onnx_only, run)
+    cfg = BenchConfig(runtimes=("eager",), batch_sizes=(1,), threads=1, max_seconds=0.2, warmup_s=0.05,
+                      matmul_n=256, matmul_s=0.05)
+    first = bench(run, cfg)
+    before = {n: (run / n).read_bytes() for n in ("bench.json", "bench.csv", "bench.png", "cnnpack.json")}
+    assert first["outputs"]["bench.png"]["sha256"] == sha256(run / "bench.png")
+
+    def broken(section, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(outputs, "plot_results", broken)
+    with pytest.raises(OSError, match="No space left"):
+        bench(run, cfg)
+    assert {n: (run / n).read_bytes() for n in before} == before
+    assert not [f for f in run.iterdir() if f.name.startswith(".bench")]  # nothing staged left
+    monkeypatch.undo()
+    (run / "bench.png").unlink()
+    (run / "bench.png").mkdir()  # a folder in the way: refused before anything is replaced
+    with pytest.raises(IsADirectoryError):
+        bench(run, cfg)
+    assert (run / "bench.json").read_bytes() == before["bench.json"] and (run / "bench.png").is_dir()
+    write_report(run)
+    md = (run / "report.md").read_bytes()
+    (run / "report.html").unlink()
+    (run / "report.html").mkdir()
+    (run / "bench.png").rmdir()
+    with pytest.raises(IsADirectoryError):
+        write_report(run)
+    assert (run / "report.md").read_bytes() == md
 
 
 def test_default_runtimes_bench_what_the_run_has(onnx_only):
