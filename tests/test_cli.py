@@ -108,6 +108,8 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "export-unknown-format": ["export", "--run", str(existing), "--format", "onnx,tflite"],
         "export-device-tpu": ["export", "--run", str(existing), "--device", "tpu"],
         "bench-device-tpu": ["bench", "--run", str(existing), "--device", "tpu"],
+        "bench-served-device": ["bench", "--run", str(existing), "--triton-url", "127.0.0.1:9", "--model", "m",
+                                "--device", "cuda"],
         "bench-huge-batch": ["bench", "--run", str(existing), "--runtimes", "eager", "--batch-sizes", "100000000"],
         "bench-bad-triton-url": ["bench", "--run", str(existing), "--triton-url", "ftp://h", "--model", "m"],
         "bench-served-option-alone": ["bench", "--run", str(existing), "--concurrency", "0"],
@@ -167,6 +169,7 @@ EXPECTED = {
     "export-unknown-format": "--format 'tflite'; valid: onnx,",
     "export-device-tpu": "--device 'tpu'; valid: cpu, cuda",
     "bench-device-tpu": "--device 'tpu'; valid: auto, cpu, cuda",
+    "bench-served-device": "--device cuda is for a local bench; with --triton-url the server runs the model on",
     "bench-huge-batch": "--batch-sizes must be at most 4,096 (a batch is held in memory",
     "bench-bad-triton-url": "--triton-url 'ftp://h': scheme 'ftp'",  # the option as bench names it
     "bench-served-option-alone": "--concurrency is for a served model: give the server with --triton-url",

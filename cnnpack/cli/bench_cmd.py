@@ -50,6 +50,9 @@ def bench(
     for flag, value in (("--runtimes", runtimes), ("--artifacts", artifacts)):
         if triton_url and value is not None:  # they name local runtimes and files: the server's model is --model
             raise usage_error(f"{flag} is for a local bench; with --triton-url the served model is --model")
+    if triton_url and device != "cpu":  # the server picks its devices (the model's instance groups)
+        raise usage_error(f"--device {device} is for a local bench; with --triton-url the server runs the model on the "
+                          "devices its config.pbtxt names")
     names = name_list(runtimes) if runtimes is not None else None
     sizes = int_list(batch_sizes, "--batch-sizes") if batch_sizes is not None else ((1,) if triton_url else (1, 8, 32))
     arts = name_list(artifacts) if artifacts is not None else None
