@@ -21,7 +21,7 @@ from cnnpack.bench import (
     speedups,
 )
 from cnnpack.bench_ceilings import hold_to_ceilings, over_ceiling
-from cnnpack.bench_outputs import commit_outputs
+from cnnpack.bench_outputs import commit_outputs, series
 from cnnpack.errors import UserInputError
 from cnnpack.host import load_avg, machine, torch_threads
 from cnnpack.loadclient import check_concurrency
@@ -162,14 +162,19 @@ def _merge_served(old: dict, new: dict, rt, served: ServedConfig) -> dict:
     seen = {**seen, rt.format: {**seen.get(rt.format, {}), served.protocol: info}}
     if not old:
         return {**new, "served": seen}
-    rows = [r for r in old["results"] if (r.get("format"), r.get("protocol")) != (rt.format, served.protocol)]
-    rows += new["results"]
+    ours = lambda r: (r.get("format"), r.get("protocol")) == (rt.format, served.protocol)  # noqa: E731
+    now = {(r["batch_size"], r.get("concurrency")) for r in new["results"]}
+    dropped = sorted({f"{series(r)}@{r['batch_size']}" for r in old["results"]
+                      if ours(r) and (r["batch_size"], r.get("concurrency")) not in now})
+    rows = [r for r in old["results"] if not ours(r)] + new["results"]
     speedups(rows)
     old = {k: v for k, v in old.items() if k != "error"}  # a section the pipeline marked failed: this bench ran
     merged = {**old, "status": "ok", "results": rows,
               "machine_peak_gflops": max(old.get("machine_peak_gflops") or 0.0, new["machine_peak_gflops"]),
               "served": seen, "notes": NOTES,
-              "replaced": []}  # what the earlier local bench replaced is not this bench's doing (its rows stay)
+              # the earlier rows of this model and protocol that this one did not measure again: dropped, and named
+              # (what the earlier local bench replaced is not this bench's doing: its rows stay)
+              "replaced": [f"{d} ({served.protocol})" for d in dropped]}
     # the higher of each precision's ceiling as recorded now (a local bench that ran during the load may have measured
     # it again) and as this bench has it (its matmul samples may have raised it): every row is held to the same ones
     ceilings = new["ceilings"]

@@ -405,6 +405,7 @@ def test_bench_measures_served_throughput_under_concurrency(server, served_run, 
     http = bench_served(run_dir, ServedConfig(url=server.http_address, model="cnn_onnx", protocol="http",
                                               concurrency=(4,), load_generator="cnnpack"), cfg)  # joins, replaces none
     assert [(r["format"], r["protocol"], r["concurrency"]) for r in http["results"]][-1] == ("triton:cnn_onnx", "http", 4)
+    assert http["replaced"] == [] and section["replaced"] == []  # rows of other models or protocols stay
     on_disk = json.loads((run_dir / "bench.json").read_text())
     assert len(on_disk["results"]) == 5 and set(on_disk["served"]) == {"triton:cnn_onnx", "triton:cnn_onnx_nobatch"}
     assert set(on_disk["served"]["triton:cnn_onnx"]) == {"grpc", "http"}
@@ -416,6 +417,13 @@ def test_bench_measures_served_throughput_under_concurrency(server, served_run, 
     served = md[md.index("## Served by Triton"):]
     assert served.count("| cnn_onnx | gRPC |") == 2 and served.count("| cnn_onnx_nobatch | gRPC |") == 2
     assert served.count("| cnn_onnx | HTTP | 1 | 4 |") == 1 and f"`http://{server.http_address}`" in served
+    # the same model and protocol again at another concurrency: the earlier rows go, named (they went unsaid)
+    again = bench_served(run_dir, ServedConfig(url=server.grpc_address, model="cnn_onnx", protocol="grpc",
+                                               concurrency=(2,), load_generator="cnnpack"), cfg)
+    assert again["replaced"] == ["triton:cnn_onnx c1@1 (grpc)", "triton:cnn_onnx c8@1 (grpc)"]
+    assert {(r["format"], r.get("protocol"), r["concurrency"]) for r in again["results"]} == {
+        ("triton:cnn_onnx", "grpc", 2), ("triton:cnn_onnx", "http", 4), ("triton:cnn_onnx_nobatch", "grpc", 1),
+        ("triton:cnn_onnx_nobatch", "grpc", 8)}
 
 
 def test_served_rows_are_held_to_the_run_s_ceilings_when_the_server_shares_this_machine(server, served_run, tmp_path):

@@ -113,7 +113,8 @@ def _print_warnings(section: dict) -> None:
         typer.echo(f"skipped {name}: {why}", err=True)
     if section.get("replaced"):
         typer.echo(f"replaced: the earlier rows {', '.join(section['replaced'])} (a bench's rows are measured together: to keep "
-                   "them, bench their runtimes, artifacts and batch sizes again in one run)", err=True)
+                   "them, measure them again in one bench: runtimes, artifacts and batch sizes, or a served model's "
+                   "concurrencies)", err=True)
     for line in disturbances(section):
         typer.echo(line, err=True)
 
