@@ -163,6 +163,11 @@ def test_one_changed_onnx_weight_fails_verify_naming_onnx_and_the_check(exported
     # the formats not checked again keep their verdicts (their artifacts are unchanged), so the run stays verified
     others = sorted(set(section["formats"]) - {"onnx"})
     assert subset["passed"] and subset["kept"] == others
+    from cnnpack.cli.verify_cmd import parity_table  # its caption said the kept verdicts' batch sizes as this run's
+
+    caption = parity_table(json.loads((run_dir / "verify.json").read_text())).caption
+    assert "8 random raw-pixel images per batch size, at batch 1, 8 " in caption
+    assert f"; {', '.join(others)}: kept from the earlier verify, with its own images and batch sizes." in caption
     assert set(Run.open(run_dir).read()["stages"]["verify"]["formats"]) == set(section["formats"])
     # a failure under tolerances stricter than a later subset's is not that subset's verdict
     with pytest.raises(ParityError):

@@ -172,12 +172,16 @@ def parity_table(result: dict):
     from rich.table import Table
 
     runs, skipped, cfg = result["results"], result["skipped"], result["config"]
-    sizes = ", ".join(str(b) for b in sorted({b for r in runs for b in r["batch_sizes"]}))
+    kept = set(result.get("kept") or ())  # an earlier verify's verdicts: checked with that verify's settings
+    sizes = ", ".join(str(b) for b in sorted({b for r in runs if r["format"] not in kept for b in r["batch_sizes"]}))
     val = f" + {result['data']['images']} validation images" if result["data"] else ""
     task = (f"; task parity: {result['data']['images']} validation images (eager top-1 "
             f"{_pct(result['reference']['accuracy'])}%)") if result["data"] else ""
+    earlier = (f"; {', '.join(sorted(kept))}: kept from the earlier verify, with its own images and batch sizes"
+               if kept else "")
     t = Table(title="Parity against eager PyTorch", box=box.SIMPLE_HEAD, header_style="bold", caption=(
-        f"tensor parity: {cfg['samples']} random raw-pixel images at batch {sizes}{val}{task}. abs/rel err: "
+        f"tensor parity: {cfg['samples']} random raw-pixel images per batch size, at batch {sizes}{val}{task}"
+        f"{earlier}. abs/rel err: "
         "|artifact - eager| over all logits (rel: over |eager|); cosine: the lowest per-image value; "
         "atol (rtol) to pass: the smallest that passes with rtol (atol) as given; ties: images whose two classes' eager "
         "logits lie within one step of the target's precision, where rounding decides (not counted by the gate)"))
