@@ -89,7 +89,7 @@ def resolve_ports(cfg: ServeConfig) -> Ports:
 
 # -- the server's command line ------------------------------------------------------------------
 def server_args(repository: str | Path, *, host: str, ports: Ports, explicit: bool = False,
-                stop_timeout_s: float = 30.0, config_name: str | None = None) -> list[str]:
+                stop_timeout_s: float = 30.0, config_name: str | None = None, load: tuple[str, ...] = ()) -> list[str]:
     """tritonserver's flags, without the binary: the one source for `cnnpack serve` and `cnnpack deploy`.
 
     `cnnpack serve` runs `tritonserver` with these plus its local `--backend-directory`; the
@@ -105,6 +105,7 @@ def server_args(repository: str | Path, *, host: str, ports: Ports, explicit: bo
         stop_timeout_s: how long the caller waits after SIGTERM before SIGKILL (a pod's grace period);
             the server gets two thirds of it to finish requests in flight.
         config_name: `<model>/configs/<name>.pbtxt` instead of config.pbtxt where a model has one.
+        load: with `explicit`, the models loaded at start (`--load-model`): the others stay unloaded.
     """
     exit_timeout = max(1, int(stop_timeout_s * 2 / 3))  # leaves time to SIGKILL after it
     return [f"--model-repository={repository}",
@@ -115,7 +116,8 @@ def server_args(repository: str | Path, *, host: str, ports: Ports, explicit: bo
             "--strict-readiness=true",  # /v2/health/ready only once every model is: what callers and probes wait on
             # keep serving while a caller asks the server which model failed and why (it is then not ready)
             "--exit-on-error=false", f"--exit-timeout-secs={exit_timeout}",
-            *([f"--model-config-name={config_name}"] if config_name else [])]
+            *([f"--model-config-name={config_name}"] if config_name else []),
+            *(f"--load-model={m}" for m in (load if explicit else ()))]
 
 
 # -- the server process ---------------------------------------------------------------------------

@@ -1065,6 +1065,82 @@ def test_a_cpu_config_deploy_wrote_goes_once_a_tune_puts_the_model_back_on_the_c
 
 @pytest.mark.triton
 @pytest.mark.slow
+def test_a_cuda_pt2_package_stays_out_of_the_base_which_the_real_server_makes_ready(laid_out, tmp_path):
+    """A pt2 package compiled for CUDA (`export --format pt2 --device cuda`, laid out with --device gpu) got a
+    configs/cpu.pbtxt and the base loaded it on a pod without a GPU: no CPU runs its code, so Triton never became
+    ready (--strict-readiness) and no pod of the cpu overlay ever served. The base now loads every other model
+    (explicit model control); the gpu overlay loads them all. Planted: no CUDA here to compile such a package."""
+    from cnnpack import serve
+    from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.ports import free_ports
+    from cnnpack.rundir import sha256
+
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    shutil.copytree(laid_out, run)
+    shutil.copytree(json.loads((run / "cnnpack.json").read_text())["stages"]["triton"]["repository"], repo)
+    (repo / "cnn_pt2" / "1").mkdir(parents=True)
+    package = repo / "cnn_pt2" / "1" / "model.pt2"
+    package.write_bytes(b"a package of CUDA kernels")
+    (repo / "cnn_pt2" / "config.pbtxt").write_text(
+        'name: "cnn_pt2"\nbackend: "pytorch"\nplatform: "torch_aoti"\nmax_batch_size: 16\n'
+        'instance_group { count: 1 kind: KIND_GPU }\n')
+
+    def planted(m):
+        m["stages"]["triton"]["repository"] = str(repo)
+        onnx = m["stages"]["export"]["artifacts"]["onnx"]
+        m["stages"]["export"]["artifacts"]["pt2"] = {**onnx, "format": "pt2", "path": "export/model.pt2",
+                                                     "sha256": sha256(package), "device": "cuda"}
+        m["stages"]["verify"]["formats"]["pt2"] = {**m["stages"]["verify"]["formats"]["onnx"]}
+        m["stages"]["verify"]["artifacts"]["pt2"] = {"sha256": sha256(package)}
+
+    _manifest(run, planted)
+    r = deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    assert "cnn_pt2" in r["models"] and not (repo / "cnn_pt2" / "configs" / "cpu.pbtxt").exists()
+    assert (repo / "cnn_pt2" / "configs" / "gpu.pbtxt").is_file()
+    base = _container(_yaml(tmp_path / "out" / "kubernetes" / "base" / "deployment.yaml"))
+    loaded = [a.removeprefix("--load-model=") for a in base["args"] if a.startswith("--load-model=")]
+    assert "--model-control-mode=explicit" in base["args"] and set(loaded) == set(r["models"]) - {"cnn_pt2"}
+    assert not any(a.startswith("--model-config-name") for a in base["args"])  # no other model laid out for a GPU
+    assert "--model-control-mode=none" in r["args"]["gpu"] and not any("--load-model" in a for a in r["args"]["gpu"])
+    assert any(n.startswith("cnn_pt2: a pt2 package compiled for CUDA") for n in r["notes"]), r["notes"]
+    try:
+        serve.locate()
+    except serve.RuntimeUnavailable as e:
+        pytest.skip(str(e))
+    ports = dict(zip(("http", "grpc", "metrics"), free_ports("127.0.0.1", 3)))
+    proc, log = _start(local_args(base, repo, ports), repo, tmp_path)
+    try:
+        t0 = time.monotonic()
+        while http_get(f"http://127.0.0.1:{ports['http']}/v2/health/ready")[0] != 200:
+            assert proc.poll() is None and time.monotonic() - t0 < 120, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.2)
+        index = {m["name"]: m.get("state") for m in
+                 json.loads(http_get(f"http://127.0.0.1:{ports['http']}/v2/repository/index", "POST")[1])}
+        assert index["cnn_onnx"] == "READY" and index.get("cnn_pt2") != "READY"
+    finally:
+        _stop(proc, log)
+
+
+def test_gpu_no_is_refused_where_every_model_is_a_cuda_pt2_package(laid_out, tmp_path):
+    from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.deploy.plan import make
+
+    run = tmp_path / "run"
+    shutil.copytree(laid_out, run)
+    plan = make(run)
+    plan.cuda_only = [m for m, _ in plan.classifiers]
+    import cnnpack.deploy.plan as plans_mod
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plans_mod, "make", lambda *a, **k: plan)
+        with pytest.raises(UserInputError, match=r"--gpu no, but every shipped model is a pt2 package compiled for "
+                                                 r"CUDA \(cnn_onnx\): the cpu overlay would serve none"):
+            deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.triton
+@pytest.mark.slow
 def test_a_repository_laid_out_for_a_gpu_gets_a_cpu_config_in_the_base_that_the_real_server_loads(laid_out, tmp_path):
     """`cnnpack triton --device gpu`: the base (cpu overlay) shipped config.pbtxt's KIND_GPU and TensorRT to a pod
     without a GPU, where Triton cannot load the model. Now the base serves configs/cpu.pbtxt, which loads here."""

@@ -262,6 +262,10 @@ def command(run_dir: str | Path, config: dict) -> str:
 
 
 def _want_gpu(cfg: DeployConfig, plan) -> bool:
+    if cfg.gpu == "no" and plan.cuda_only and all(m in plan.cuda_only for m, _ in plan.classifiers):
+        raise UserInputError(f"--gpu no, but every shipped model is a pt2 package compiled for CUDA "
+                             f"({', '.join(m for m, _ in plan.classifiers)}): the cpu overlay would serve none; "
+                             "use --gpu auto, or ship a model the CPU runs (`cnnpack triton --format onnx`)")
     if cfg.gpu == "no":
         return False
     if not plan.gpu_models:
@@ -280,7 +284,8 @@ def _gpu_configs(plan, gpu: bool) -> dict[str, bytes]:
     from cnnpack.deploy.plan import cpu_config, gpu_config
     from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG
 
-    cpu = {f"{m}/configs/{CPU_CONFIG}.pbtxt": cpu_config(plan.repository / m) for m in plan.gpu_laid}
+    cpu = {f"{m}/configs/{CPU_CONFIG}.pbtxt": cpu_config(plan.repository / m) for m in plan.gpu_laid
+           if m not in plan.cuda_only}  # a CUDA pt2 package has no CPU variant: the base does not load it
     return cpu | ({f"{m}/configs/{GPU_CONFIG}.pbtxt": gpu_config(plan.repository / m) for m in plan.gpu_models}
                   if gpu else {})
 
@@ -310,14 +315,17 @@ def _spec(cfg: DeployConfig, plan, store, name: str, ngc: str, gpu_configs: dict
     return Spec(name=name, image=repo_image if store.mode == "image" else ngc, repo_image=repo_image, ngc_image=ngc,
                 store=store, tag=tag, replicas=cfg.replicas, max_replicas=cfg.max_replicas,
                 secret=cfg.credentials_secret, service_account=cfg.service_account,
-                service_monitor=cfg.service_monitor, cpu_config=CPU_CONFIG if plan.gpu_laid else None)
+                service_monitor=cfg.service_monitor,
+                cpu_config=CPU_CONFIG if set(plan.gpu_laid) - set(plan.cuda_only) else None,
+                base_models=tuple(m for m in plan.models if m not in plan.cuda_only) if plan.cuda_only else None)
 
 
 def _args(spec) -> dict:
     from cnnpack.deploy.kube import container_args
     from cnnpack.triton_config import GPU_CONFIG
 
-    return {"cpu": container_args(spec, config_name=spec.cpu_config), "gpu": container_args(spec, config_name=GPU_CONFIG)}
+    return {"cpu": container_args(spec, config_name=spec.cpu_config, base=True),
+            "gpu": container_args(spec, config_name=GPU_CONFIG)}
 
 
 def _files(plan, spec, *, gpu: bool, out: Path) -> dict[str, str]:

@@ -46,6 +46,7 @@ class Spec:
     service_account: str | None
     service_monitor: bool
     cpu_config: str | None = None  # the base's --model-config-name (a repository laid out for a GPU)
+    base_models: tuple[str, ...] | None = None  # the models the base loads (explicit model control); None: all
 
 
 def labels(name: str) -> dict:
@@ -74,12 +75,16 @@ def repository_path(spec: Spec) -> str:
     return f"{stores.MOUNT}/{spec.tag}" if spec.store.mode == "pvc" else stores.MOUNT
 
 
-def container_args(spec: Spec, *, config_name: str | None = None) -> list[str]:
+def container_args(spec: Spec, *, config_name: str | None = None, base: bool = False) -> list[str]:
+    """The container's arguments: the base's (`base`: only `spec.base_models` loaded, where set) or the gpu
+    overlay's (every model)."""
     from cnnpack.ports import Ports
     from cnnpack.serve import server_args
 
+    load = spec.base_models if base else None
     return [CONTAINER, *server_args(repository_path(spec), host="0.0.0.0", ports=Ports(**PORTS),
-                                    stop_timeout_s=GRACE_S, config_name=config_name)]
+                                    explicit=load is not None, stop_timeout_s=GRACE_S, config_name=config_name,
+                                    load=load or ())]
 
 
 def resources(plan: Plan, *, gpu: bool = False) -> dict:
@@ -126,7 +131,7 @@ def deployment(plan: Plan, spec: Spec) -> dict:
                  "securityContext": container_security()}]
     container = {
         "name": CONTAINER, "image": spec.image, "imagePullPolicy": pull_policy(spec.image, spec),
-        "args": container_args(spec, config_name=spec.cpu_config),
+        "args": container_args(spec, config_name=spec.cpu_config, base=True),
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in PORTS.items()],
         # the startup probe holds the other two off until every model is loaded, however long that takes
         "startupProbe": probe(READY, period=PROBE_PERIOD_S, failures=startup_failures(plan.startup_s.value)),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cnnpack.errors import UserInputError, one_line
 from cnnpack.rundir import Run, sha256
-from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG, PREPROCESS, ensemble_parts
+from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG, PREPROCESS, PT2_FORMATS, classifier_of, ensemble_parts
 from cnnpack.triton_publish import STAGING_PREFIX
 
 MiB = 1 << 20
@@ -72,6 +72,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     opened_as: tuple | None = None  # the run's identity when read: a run replaced since is not recorded into
     deployed_files: dict[str, str] = field(default_factory=dict)  # configs/*.pbtxt an earlier deploy wrote: sha256
+    cuda_only: list[str] = field(default_factory=list)  # CUDA pt2 packages and their ensembles: not in the base
 
 
 def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles: bool = True,
@@ -95,6 +96,8 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     configs = {m: read_config(repository / m, fix=lay_out(run.path, triton, m, classifiers))  # Triton would not
                for m in models}                                                                 # load it either
     gpu_laid = [m for m, mc in configs.items() if on_gpu(mc)]
+    arts = stages.get("export", {}).get("artifacts", {})
+    cuda = [m for m, fmt in classifiers if fmt in PT2_FORMATS and (arts.get(fmt) or {}).get("device") == "cuda"]
     size = sum(f.stat().st_size for m in models for f in (repository / m).rglob("*")
                if f.is_file() and not shipped_cache(f.relative_to(repository)))
     plan = Plan(run=run.path.resolve(), repository=repository, served_model=triton["name"], classifiers=classifiers,
@@ -102,7 +105,8 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
                 gpu_models=[m for m, fmt in classifiers if fmt in GPU_FORMATS or m in gpu_laid],
                 cpu=Figure(0, ""), memory_mib=Figure(0, ""), startup_s=Figure(0, ""), startup_gpu_s=Figure(0, ""),
                 queue_target_us=Figure(0, ""), repository_bytes=size, opened_as=run.opened_as,
-                deployed_files=dict((stages.get("deploy") or {}).get("repository_files") or {}))
+                deployed_files=dict((stages.get("deploy") or {}).get("repository_files") or {}),
+                cuda_only=[m for m in models if classifier_of(m) in cuda])
     left = [e for e in shipped(repository, [m for m, _ in classifiers]) if e not in models]
     if left:
         plan.notes.append(f"not shipped: {', '.join(left)} (the image ensemble's preprocessing needs Pillow, which "
@@ -124,7 +128,6 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     plan.startup_s = startup(stages, floor=STARTUP_FLOOR_S, download_s=download_s)
     plan.startup_gpu_s = startup(stages, floor=STARTUP_FLOOR_GPU_S, download_s=download_s)
     plan.queue_target_us = queue_target(stages, repository, classifiers, queue_target_ms)
-    arts = stages.get("export", {}).get("artifacts", {})
     for m, fmt in classifiers:  # AOTInductor's C++ runs only where it was compiled for (cnnpack/pt2.py)
         if fmt == "pt2" and m in models and (rec := arts.get("pt2") or {}).get("device", "cpu") == "cpu":
             isa = (rec.get("extra") or {}).get("cpu_isa") or "the exporting host's instruction set"
@@ -132,8 +135,15 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
                               f"by torch {rec.get('torch_version', '?')}: a node without that instruction set, or "
                               "a Triton whose PyTorch is older, fails to load it; keep the pods on such nodes (a "
                               "nodeSelector on Node Feature Discovery's cpu-cpuid labels) or ship the ONNX model")
-    if gpu_laid:
-        plan.notes.append(f"laid out for a GPU (KIND_GPU): {', '.join(gpu_laid)}; the base (cpu overlay) serves "
+    if cuda:
+        plan.notes.append(f"{', '.join(cuda)}: a pt2 package compiled for CUDA, which no CPU runs: the base (cpu overlay) "
+                          "loads every other model (explicit model control, --load-model for each), not "
+                          f"{'them' if len(cuda) > 1 else 'it'} or {'their' if len(cuda) > 1 else 'its'} image "
+                          "ensemble; the gpu overlay and the KServe InferenceService serve it"
+                          + ("; with no other model, the cpu overlay serves none: apply the gpu overlay"
+                             if all(m in cuda for m, _ in classifiers) else ""))
+    if laid_cpu := [m for m in gpu_laid if m not in plan.cuda_only]:
+        plan.notes.append(f"laid out for a GPU (KIND_GPU): {', '.join(laid_cpu)}; the base (cpu overlay) serves "
                           f"configs/{CPU_CONFIG}.pbtxt of each, on the CPU and without its GPU accelerators, and the "
                           "KServe InferenceService, which serves config.pbtxt, requests a GPU")
     if plan.served_model not in plan.models:  # the triton stage's model did not pass verify (a later verify)
@@ -351,7 +361,7 @@ def stale_configs(plan: Plan) -> set[str]:
     model: a cpu.pbtxt where config.pbtxt is no longer laid out for a GPU (a tune's winner, which is a CPU config,
     replaced it), a gpu.pbtxt of a model that cannot run on one. Triton would serve them over config.pbtxt (the
     base's --model-config-name=cpu, the gpu overlay's =gpu), with the instances and threads from before."""
-    fits = {f"{m}/configs/{CPU_CONFIG}.pbtxt" for m in plan.gpu_laid} | {
+    fits = {f"{m}/configs/{CPU_CONFIG}.pbtxt" for m in plan.gpu_laid if m not in plan.cuda_only} | {
         f"{m}/configs/{GPU_CONFIG}.pbtxt" for m in plan.gpu_models}
     return {rel for rel, digest in plan.deployed_files.items() if rel not in fits
             and (plan.repository / rel).is_file() and sha256(plan.repository / rel) == digest}
