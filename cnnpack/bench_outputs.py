@@ -20,14 +20,11 @@ def commit_outputs(run: Run, section: dict, *, plot: bool = True) -> None:
     places, then put in place with `stages.bench` as one step (a bench.png that could not be written left the new
     bench.json and bench.csv beside the old record, and the report disagreeing with them). Call under
     `run.committing()`."""
-    import errno
-
     names = ["bench.json", "bench.csv", *(["bench.png"] if plot else [])]
-    for n in names:  # Run.commit would set a folder in the way aside and remove it
-        if run.file(n).is_dir():
-            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(run.file(n)))
-    staged = {n: staged_beside(run.file(n), suffix=Path(n).suffix) for n in names}
+    staged: dict[str, Path] = {}
     try:
+        for n in names:  # each one kept as it is made: removed below whatever stops this
+            staged[n] = staged_beside(run.file(n), suffix=Path(n).suffix)
         atomic_write_json(staged["bench.json"], section)
         buf = io.StringIO()
         w = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")

@@ -99,9 +99,10 @@ def same_model(run: Run, served: ServedConfig) -> None:
     from cnnpack.verify import VerifyConfig, check, served_target
 
     target = served_target(run.path, served.url, served.model, served.protocol, served.timeout_s)
-    failures = [f for r in check(run, VerifyConfig(batch_sizes=(1,), samples=8), (target,)) for f in r["failures"]]
+    sizes = (target.static_batch,) if target.static_batch else (1,)  # a static batch is checked at its size
+    failures = [f for r in check(run, VerifyConfig(batch_sizes=sizes, samples=8), (target,)) for f in r["failures"]]
     if failures:
-        raise UserInputError(f"{served.model} at {served.url} does not compute what {run.path}'s model computes "
+        raise UserInputError(f"{target.source} does not compute what {run.path}'s model computes "
                              f"({failures[0]}): its figures would be recorded as this run's; bench it with the run it "
                              "was laid out from, or serve this run's repository")
 

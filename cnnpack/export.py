@@ -46,6 +46,9 @@ DEFAULT_OPSET = 18  # the torch.export-based exporter's floor; loads in ORT >= 1
 OPSET_RANGE = {"dynamo": (18, 23), "legacy": (7, 20)}
 
 
+MAX_STATIC_BATCH = 4096  # as bench's largest batch: 2.4 GB of float32 at 224 px, traced at once
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     formats: tuple[str, ...] = ("onnx", "torchscript")
@@ -73,8 +76,9 @@ class ExportConfig:
         if self.max_batch_size < 2 and self.static_batch is None:  # torch.export's batch dimension spans 1..max
             raise UserInputError(f"--max-batch-size must be >= 2, got {self.max_batch_size} (for a batch of one "
                                  "only, export --static-batch 1)")
-        if self.static_batch is not None and self.static_batch < 1:
-            raise UserInputError(f"--static-batch must be >= 1, got {self.static_batch}")
+        if self.static_batch is not None and not 1 <= self.static_batch <= MAX_STATIC_BATCH:
+            raise UserInputError(f"--static-batch must be in 1..{MAX_STATIC_BATCH:,} (the export traces a batch of "
+                                 f"that many images in memory), got {self.static_batch:,}")
         if self.torchscript_mode not in ("trace", "script"):
             raise UserInputError(f"--torchscript-mode {self.torchscript_mode!r}; valid: trace, script")
         if self.input not in ("raw", "normalized"):

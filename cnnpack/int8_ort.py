@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -279,7 +280,7 @@ def _work_dir(export: Path):
     folders of killed quantizes (SIGKILL, out of memory) are removed first; a live one's stays."""
     _remove_orphans(export)
     with tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=export) as tmp:
-        (Path(tmp) / OWNER).write_text(str(os.getpid()))
+        (Path(tmp) / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
         yield tmp
 
 
@@ -288,8 +289,11 @@ def _remove_orphans(export: Path) -> None:
 
     for folder in export.glob(f"{WORK_PREFIX}*"):
         try:
-            pid = int((folder / OWNER).read_text())
-        except (OSError, ValueError):  # not written yet (a quantize starting now), or an older cnnpack's: by its age
+            host, pid = (folder / OWNER).read_text().split()
+            pid = int(pid) if host == socket.gethostname() else None  # another host's pid says nothing here
+        except (OSError, ValueError):
+            pid = None
+        if pid is None:  # not written yet (a quantize starting now), another host's (a shared folder): by its age
             with contextlib.suppress(OSError):
                 if time.time() - folder.stat().st_mtime > 3600:
                     shutil.rmtree(folder, ignore_errors=True)

@@ -370,6 +370,12 @@ class Run:
         """Puts each staged file or folder (`moves`: (staged, its place) pairs, beside each other) in place and
         records them (`record`, as `update` takes it) as one step (`committing`). Where the record fails (a disk that
         filled since), what stood there before is put back: a file never stands beside the record of another."""
+        for staged, dest in moves:  # what stands in the way would be set aside and removed: a folder of the user's
+            if dest.exists() and not dest.is_symlink() and dest.is_dir() != staged.is_dir():
+                import errno
+
+                raise (IsADirectoryError(errno.EISDIR, "Is a directory", str(dest)) if dest.is_dir() else
+                       NotADirectoryError(errno.ENOTDIR, "Not a directory", str(dest)))
         with self.committing():
             done: list[tuple[Path | None, Path]] = []
             try:

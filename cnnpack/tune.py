@@ -78,6 +78,8 @@ class TuneConfig:
         for flag, values in (("--instances", self.instances), ("--threads", self.threads)):
             if not values or min(values) < 1:
                 raise UserInputError(f"{flag} must be integers >= 1, got {list(values)}")
+            if max(values) > 1024:  # as `cnnpack triton` bounds them (99999999999: a protobuf traceback)
+                raise UserInputError(f"{flag} must be at most 1024, got {max(values)}")
         if self.queue_delays_us and not 0 <= min(self.queue_delays_us) <= max(self.queue_delays_us) <= 60_000_000:
             raise UserInputError(f"--queue-delays-us must be in 0..60,000,000 (a minute; `cnnpack triton "
                                  f"--max-queue-delay-us` takes the same), got {list(self.queue_delays_us)}")
@@ -411,6 +413,7 @@ def _sweeps(run: Run, cfg: TuneConfig, settings: list[Setting], coarse: bool, re
             info["refine"] = info2
             info["server_alive"] = info2["server_alive"]
             info["errors"] += info2["errors"]
+            info["planned"] += info2["planned"]  # "N of planned could not be measured" counts the refine's too
             info["error"] = info2["error"] or info["error"]
             info["wall_s"] = round(info["wall_s"] + info2["wall_s"], 1)
     return points, info
@@ -444,9 +447,11 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
                   "verdict": verdict(winner, points, run.stage("triton")["name"], cfg) if winner else None}
         # tune.json and tune.png staged, put in place with their record (a failure after the plot left a new
         # tune.png beside the old tune.json and record: the report's plot contradicted its table)
-        staged = {n: staged_beside(run.file(n), suffix=Path(n).suffix) for n in (OUTPUT, PLOT)}
+        staged: dict[str, Path] = {}
         taken_back = None
         try:
+            for n in (OUTPUT, PLOT):  # each one kept as it is made: removed below whatever stops this
+                staged[n] = staged_beside(run.file(n), suffix=Path(n).suffix)
             plot(points, winner, cfg.latency_budget_ms, staged[PLOT])
             if winner and not result["verdict"]["as_good"] and not winner["default"]:
                 taken_back = _as_they_are(Path(config_of(run, winner["model"])))

@@ -125,6 +125,8 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "pipeline-too-few-images": [*pipe, "--data", str(tmp / "few")],  # found by the train stage: still exit 2
         "tune-empty-models": ["tune", "--run", str(existing), "--models", " "],  # it swept every model
         "tune-huge-delay": ["tune", "--run", str(existing), "--queue-delays-us", "99999999999999999999"],  # a traceback
+        "tune-huge-instances": ["tune", "--run", str(existing), "--instances", "99999999999", "--oversubscribe"],
+        "export-huge-static-batch": ["export", "--run", str(existing), "--static-batch", "100000000"],
         "bench-served-with-runtimes": ["bench", "--run", str(existing), "--triton-url", "127.0.0.1:9", "--model", "m",
                                        "--runtimes", "onnxruntime"],  # ignored without a word
     }
@@ -185,6 +187,8 @@ EXPECTED = {
     "pipeline-too-few-images": "pipeline stopped: stage train failed: ",
     "tune-empty-models": "--models is empty; name at least one served model",
     "tune-huge-delay": "--queue-delays-us must be in 0..60,000,000 (a minute;",
+    "tune-huge-instances": "--instances must be at most 1024, got 99999999999",
+    "export-huge-static-batch": "--static-batch must be in 1..4,096 (the export traces a batch of that many images",
     "bench-served-with-runtimes": "--runtimes is for a local bench; with --triton-url the served model is --model",
 }
 

@@ -711,12 +711,24 @@ def test_a_verified_model_laid_out_under_a_name_of_its_own_is_shipped(laid_out, 
     # and the pod is sized for the one that asks for the most, not only for the model laid out last
     cores = int(json.loads((run / "cnnpack.json").read_text())["machine"]["cpu_count"])
     assert r["served_model"] == "mycnn" and r["figures"]["cpu"]["value"] == cores
-    assert cores == 1 or "of cnn_onnx's config, the most any shipped model asks for (the served model, mycnn, 1:" in (
-        r["figures"]["cpu"]["source"])
+    assert cores == 1 or "of cnn_onnx's config, the most any shipped model asks for (mycnn: 1, 1 instance(s) x 1 " \
+        "thread(s) of mycnn's config" in r["figures"]["cpu"]["source"]
+    # a tune winner of mycnn sizes the pod while cnn_onnx, laid out last, asks for more: counted (it was skipped as the
+    # served model, and mycnn compared with itself)
+    from cnnpack.rundir import sha256
+
     build(run, TritonConfig(repository=str(repo), threads=1, instances=cores + 1, force=True))
+    mine = repo / "mycnn" / "config.pbtxt"
+    winner = {"label": "mycnn x1 1t no batching", "model": "mycnn", "instances": 1, "threads": 1, "default": False,
+              "concurrency": 4, "throughput_ips": 900.0, "latency_ms_p50": 2.0, "latency_ms_p99": 4.0}
+    _manifest(run, lambda m: m["stages"].update(tune={
+        "status": "ok", "config": {"latency_budget_ms": 50.0}, "points": [winner], "winner": winner,
+        "verdict": {"as_good": False}, "written": {"model": "mycnn", "config": str(mine), "sha256": sha256(mine)}}))
     r = deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no", force=True))
-    assert r["figures"]["cpu"]["value"] == cores + 1 and r["figures"]["cpu"]["source"].startswith(
-        f"{cores + 1} instance(s) x 1 thread(s) of cnn_onnx's config")
+    assert r["served_model"] == "cnn_onnx" and r["figures"]["cpu"]["value"] == cores + 1
+    assert r["figures"]["cpu"]["source"].startswith(f"{cores + 1} instance(s) x 1 thread(s) of cnn_onnx's config, "
+                                                    "the most any shipped model asks for (mycnn: 1, 1 instance(s) x "
+                                                    "1 thread(s) of the tuned winner")
 
 
 def test_a_run_replaced_while_deploy_read_it_gets_no_deployment(laid_out, tmp_path, monkeypatch):

@@ -231,3 +231,25 @@ def test_a_commit_whose_record_fails_puts_back_what_stood_there(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(dest.stat().st_mode) == 0o666 & ~mask  # as atomic files get them
+
+
+def test_a_commit_refuses_a_folder_where_a_file_goes_and_removes_nothing(tmp_path):
+    """Run.commit set what stood at a file's place aside and removed it: a folder of the user's named tune.json went,
+    with its contents, without a word (bench and tune put their outputs in place through it)."""
+    from cnnpack.rundir import Run, staged_beside
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32})
+    mine = run.file("tune.json")
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    staged = staged_beside(mine)
+    before = run.manifest_path.read_bytes()
+    with pytest.raises(IsADirectoryError) as e:
+        run.commit([(staged, mine)], lambda m: m.setdefault("stages", {}).update(tune={"status": "ok"}))
+    assert e.value.filename == str(mine) and (mine / "notes.txt").read_text() == "mine"
+    assert run.manifest_path.read_bytes() == before
+    folder = staged_beside(run.file("openvino"), folder=True)
+    run.file("openvino").write_text("a file where a folder goes")
+    with pytest.raises(NotADirectoryError):
+        run.commit([(folder, run.file("openvino"))], lambda m: None)
+    assert run.file("openvino").read_text() == "a file where a folder goes"

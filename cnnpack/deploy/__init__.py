@@ -186,6 +186,8 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     stage = output.stage_tree(out, files, keep=kept)  # the deployment folder, complete, before anything is changed
     try:
         _opened(plan).check_not_replaced()  # a deployment of the model a `train --force` since replaced: none
+        if gpu_configs or stale:  # what it writes into the repository must be recorded (a later deploy removes it)
+            _opened(plan).check_writable()
         _write_gpu_configs(plan, gpu_configs)  # checks are over: from here on, the repository and --out change
         _remove_stale(plan, stale)
     except BaseException:

@@ -111,13 +111,14 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     if left:
         plan.notes.append(f"not shipped: {', '.join(left)} (the image ensemble's preprocessing needs Pillow, which "
                           "the stock NGC image lacks; --model-store image builds an image with it)")
-    plan.cpu, instances, threads = cpu(stages, manifest.get("machine", {}))
-    plan.cpu = _largest_other(plan, configs, int(manifest.get("machine", {}).get("cpu_count") or 1))
+    own, instances, threads = cpu(stages, manifest.get("machine", {}))
+    sized_by = (_winner(stages) or {}).get("model") or triton["name"]  # the model whose config `own` is of
+    plan.cpu = _largest_other(plan, own, sized_by, configs, int(manifest.get("machine", {}).get("cpu_count") or 1))
     if not threads:
         plan.notes.append(f"the served config leaves the runtime's threads at 0 (its default): its thread pool is as "
                           f"large as the node's cores, not the pod's CPU limit ({plan.cpu.value}), and on a larger "
                           f"node the pod is throttled; bound it with `cnnpack triton --threads "
-                          f"{max(1, plan.cpu.value // instances)}` or `cnnpack tune`")
+                          f"{max(1, own.value // instances)}` or `cnnpack tune`")
     if others := [m for m, fmt in classifiers if m != triton["name"] and m not in gpu_laid
                   and not _threads(configs[m], fmt)]:
         plan.notes.append(f"{', '.join(others)} also {'leave' if len(others) > 1 else 'leaves'} the runtime's threads "
@@ -245,24 +246,25 @@ def cpu(stages: dict, machine: dict) -> tuple[Figure, int, int]:
     return Figure(cores, why), n, t
 
 
-def _largest_other(plan: Plan, configs: dict, run_cores: int) -> Figure:
-    """The pod's CPU: the served model's (`cpu`), or more where another shipped classifier's config.pbtxt asks for
-    more (its instances x threads): a pod sized for the served model alone throttles that one's requests."""
+def _largest_other(plan: Plan, own: Figure, sized_by: str, configs: dict, run_cores: int) -> Figure:
+    """The pod's CPU: `own` (of `sized_by`'s config: the tuned winner's model, else the served model), or more where
+    another shipped classifier's config.pbtxt asks for more (its instances x threads): a pod sized for one model
+    alone throttles the other's requests. A CUDA pt2 package is not counted: the base does not load it."""
     needs = {}
     for m, fmt in plan.classifiers:
-        if m == plan.served_model or m not in configs:
+        if m == sized_by or m not in configs or m in plan.cuda_only:
             continue
         mc = configs[m]
         n = sum(g.count or 1 for g in mc.instance_group) or 1
         t = _threads(mc, fmt)
         needs[m] = (n * (t or run_cores), n, t)
     top = max(needs, key=lambda m: needs[m][0], default=None)
-    if top is None or needs[top][0] <= plan.cpu.value:
-        return plan.cpu
+    if top is None or needs[top][0] <= own.value:
+        return own
     cores, n, t = needs[top]
     return Figure(cores, f"{n} instance(s) x {f'{t} thread(s)' if t else f'{run_cores} cores (threads 0)'} of "
-                         f"{top}'s config, the most any shipped model asks for (the served model, {plan.served_model}, "
-                         f"{plan.cpu.value}: {plan.cpu.source})")
+                         f"{top}'s config, the most any shipped model asks for ({sized_by}: {own.value}, "
+                         f"{own.source})")
 
 
 def memory(stages: dict, repository: Path, classifiers: list[tuple[str, str]], instances: int) -> Figure:
