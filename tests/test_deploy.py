@@ -1082,9 +1082,7 @@ def test_a_cuda_pt2_package_stays_out_of_the_base_which_the_real_server_makes_re
     configs/cpu.pbtxt and the base loaded it on a pod without a GPU: no CPU runs its code, so Triton never became
     ready (--strict-readiness) and no pod of the cpu overlay ever served. The base now loads every other model
     (explicit model control); the gpu overlay loads them all. Planted: no CUDA here to compile such a package."""
-    from cnnpack import serve
     from cnnpack.deploy import DeployConfig, deploy
-    from cnnpack.ports import free_ports
     from cnnpack.rundir import sha256
 
     run, repo = tmp_path / "run", tmp_path / "repo"
@@ -1115,22 +1113,8 @@ def test_a_cuda_pt2_package_stays_out_of_the_base_which_the_real_server_makes_re
     assert not any(a.startswith("--model-config-name") for a in base["args"])  # no other model laid out for a GPU
     assert "--model-control-mode=none" in r["args"]["gpu"] and not any("--load-model" in a for a in r["args"]["gpu"])
     assert any(n.startswith("cnn_pt2: a pt2 package compiled for CUDA") for n in r["notes"]), r["notes"]
-    try:
-        serve.locate()
-    except serve.RuntimeUnavailable as e:
-        pytest.skip(str(e))
-    ports = dict(zip(("http", "grpc", "metrics"), free_ports("127.0.0.1", 3)))
-    proc, log = _start(local_args(base, repo, ports), repo, tmp_path)
-    try:
-        t0 = time.monotonic()
-        while http_get(f"http://127.0.0.1:{ports['http']}/v2/health/ready")[0] != 200:
-            assert proc.poll() is None and time.monotonic() - t0 < 120, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.2)
-        index = {m["name"]: m.get("state") for m in
-                 json.loads(http_get(f"http://127.0.0.1:{ports['http']}/v2/repository/index", "POST")[1])}
-        assert index["cnn_onnx"] == "READY" and index.get("cnn_pt2") != "READY"
-    finally:
-        _stop(proc, log)
+    index = _ready_index(base, repo, tmp_path)
+    assert index["cnn_onnx"] == "READY" and index.get("cnn_pt2") != "READY"
 
 
 def test_gpu_no_is_refused_where_every_model_is_a_cuda_pt2_package(laid_out, tmp_path):
@@ -1156,9 +1140,7 @@ def test_gpu_no_is_refused_where_every_model_is_a_cuda_pt2_package(laid_out, tmp
 def test_a_repository_laid_out_for_a_gpu_gets_a_cpu_config_in_the_base_that_the_real_server_loads(laid_out, tmp_path):
     """`cnnpack triton --device gpu`: the base (cpu overlay) shipped config.pbtxt's KIND_GPU and TensorRT to a pod
     without a GPU, where Triton cannot load the model. Now the base serves configs/cpu.pbtxt, which loads here."""
-    from cnnpack import serve
     from cnnpack.deploy import DeployConfig, deploy
-    from cnnpack.ports import free_ports
     from cnnpack.triton_repo import TritonConfig, build
 
     run, repo = tmp_path / "run", tmp_path / "repo"
@@ -1174,6 +1156,15 @@ def test_a_repository_laid_out_for_a_gpu_gets_a_cpu_config_in_the_base_that_the_
     container = _container(_yaml(tmp_path / "out" / "kubernetes" / "base" / "deployment.yaml"))
     assert "--model-config-name=cpu" in container["args"] and "nvidia.com/gpu" not in container["resources"]["limits"]
     assert r["args"]["gpu"][-1] == "--model-config-name=gpu" and any("laid out for a GPU" in n for n in r["notes"])
+    assert _ready_index(container, repo, tmp_path)["cnn_onnx"] == "READY"
+
+
+def _ready_index(container: dict, repo: Path, tmp_path: Path) -> dict[str, str | None]:
+    """The real local Triton started with a Deployment container's arguments, once ready (--strict-readiness):
+    each model of its repository index -> its state. Skips where no local Triton runs."""
+    from cnnpack import serve
+    from cnnpack.ports import free_ports
+
     try:
         serve.locate()
     except serve.RuntimeUnavailable as e:
@@ -1186,6 +1177,6 @@ def test_a_repository_laid_out_for_a_gpu_gets_a_cpu_config_in_the_base_that_the_
             assert proc.poll() is None and time.monotonic() - t0 < 120, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.2)
         index = json.loads(http_get(f"http://127.0.0.1:{ports['http']}/v2/repository/index", "POST")[1])
-        assert {m["name"]: m["state"] for m in index}["cnn_onnx"] == "READY"
+        return {m["name"]: m.get("state") for m in index}
     finally:
         _stop(proc, log)
