@@ -16,7 +16,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cnnpack.errors import CnnpackError, RunReplaced, StageFailed, UserInputError, file_error, shell
@@ -313,10 +313,11 @@ class Stages:
     def run_triton(self, run: Run) -> str:
         from cnnpack.triton_repo import build, check
 
-        for cfg in self.cfg.triton_configs():  # every model refused before any is laid out
+        configs = [self._over_its_own(run, cfg) for cfg in self.cfg.triton_configs()]
+        for cfg in configs:  # every model refused before any is laid out
             check(run, cfg)
         names, replaced = [], []
-        for cfg in self.cfg.triton_configs():
+        for cfg in configs:
             section = build(run.path, cfg)
             names += [section["name"]] + ([section["ensemble"]["name"]] if "ensemble" in section else [])
             replaced += [section["tune_replaced"]] if section.get("tune_replaced") else []
@@ -324,6 +325,21 @@ class Stages:
         note = "".join(f"; {c} now holds triton's settings, not the tuned ones (`cnnpack tune --run {shell(run.path)}` "
                        "tunes it again)" for c in replaced)
         return f"{', '.join(names)} in {section['repository']}{note}"
+
+    def _over_its_own(self, run: Run, cfg):
+        """`cfg` with force where the folders it would write hold a model this run laid out before (options changed
+        since: another image size, --no-int8): this pipeline's to replace. A model of another run, or not of
+        cnnpack, is refused in one line that names --repository (it said to pass --name, which the pipeline lacks, or
+        --force, which trains again and fails the same way)."""
+        from cnnpack.triton_repo import clashes, laid_out_from, repository_root
+
+        name, why = clashes(run, cfg)
+        if not why:
+            return cfg
+        if str(run.path.resolve()) in laid_out_from(repository_root(cfg.repository) / name):
+            return replace(cfg, force=True)
+        raise UserInputError(f"--repository {cfg.repository}: {why[0]}, laid out by another run or by hand; give this "
+                             "run a repository of its own (--repository), or remove that model folder")
 
     def repository_intact(self, run: Run, section: dict) -> bool:
         """The repository still holds what the stage laid out, byte for byte (a file edited or deleted by hand, or

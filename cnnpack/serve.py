@@ -28,6 +28,7 @@ from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error
 from cnnpack.ports import Ports, bind_address, check_port, free_ports, url_host
 from cnnpack.rundir import MANIFEST
 from cnnpack.triton_dist import TritonDist, build_backend_dir, check_stub, locate, server_env
+from cnnpack.triton_publish import stray_folders
 from cnnpack.triton_release import local_repository
 
 NOISE = ("CudaDriverHelper has not been initialized",)  # E-level lines Triton prints on every CPU-only start
@@ -247,7 +248,7 @@ class TritonServer:
         if not folders:
             raise UserInputError(f"model repository {repo} holds no model folders; add one with `cnnpack triton`")
         # Triton polls every folder and reports one it cannot read only in its log, then waits as if loading
-        strays = [p.name for p in folders if not _is_model_folder(p)]
+        strays = stray_folders(repo)
         if strays:
             shown = ", ".join(strays[:4]) + (f" and {len(strays) - 4} more" if len(strays) > 4 else "")
             hint = _run_dir_hint(repo) or "pass the folder `cnnpack triton` wrote (--repository), or move these out"
@@ -478,11 +479,6 @@ class TritonServer:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-
-
-def _is_model_folder(folder: Path) -> bool:
-    """What Triton can load: a config.pbtxt, or a numeric version folder (its config auto-completed)."""
-    return (folder / "config.pbtxt").is_file() or any(p.is_dir() and p.name.isdigit() for p in folder.iterdir())
 
 
 def _run_dir_hint(folder: Path) -> str:

@@ -77,6 +77,16 @@ def versions(folder: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def stray_folders(repository: Path) -> list[str]:
+    """The visible folders of `repository` Triton cannot load as models (no config.pbtxt, no numeric version folder):
+    Triton polls them, reports them only in its log and is never ready, so `cnnpack serve` refuses such a repository
+    and `cnnpack triton` and the pipeline refuse to lay models out into one."""
+    if not repository.is_dir():
+        return []
+    return sorted(p.name for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and not ((p / "config.pbtxt").is_file() or any(c.is_dir() and c.name.isdigit() for c in p.iterdir())))
+
+
 def read_sidecar(folder: Path) -> dict | None:
     """The model folder's cnnpack-model.json, or None where it is missing or not a JSON object with an identity."""
     with contextlib.suppress(OSError, ValueError):  # ValueError: not UTF-8, not JSON
@@ -95,7 +105,7 @@ def conflict(folder: Path, draft: Draft) -> str | None:
         return "it was not made by cnnpack (no readable " + SIDECAR + ")"
     old, new = side.get("identity", {}), json.loads(json.dumps(draft.identity))  # tuples -> lists, as stored
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return f"it holds a different model ({', '.join(diff)} differ)" if diff else None
+    return f"it holds a different model ({', '.join(diff)} {'differs' if len(diff) == 1 else 'differ'})" if diff else None
 
 
 def same_as_latest(folder: Path, files: dict[str, Path | bytes]) -> int | None:

@@ -61,6 +61,7 @@ from cnnpack.triton_publish import (  # noqa: F401
     put_back,
     read_sidecar,
     same_as_latest,
+    stray_folders,
     versions,
 )
 
@@ -72,6 +73,8 @@ def check_classes(classes: list[str]) -> list[str]:
 
 
 def repository_root(path: str | Path) -> Path:
+    if not str(path).strip():  # Path("") is the working folder: every model would land among its files
+        raise UserInputError("--repository is empty; name the folder to lay the models out in (e.g. model_repository)")
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise UserInputError(f"repository path {root} is a file, not a directory; choose another --repository")
@@ -83,6 +86,12 @@ def repository_root(path: str | Path) -> Path:
     if (root / "cnnpack.json").is_file():  # the models would sit among the run's files, which serve refuses
         raise UserInputError(f"--repository {root} is a run directory; lay the models out in a folder of their own "
                              "(e.g. model_repository)")
+    # `cnnpack serve` would refuse it, after the work that laid the models out (a link is left to the name checks)
+    if strays := [f for f in stray_folders(root) if not (root / f).is_symlink()]:
+        shown = ", ".join(strays[:3]) + (f" and {len(strays) - 3} more" if len(strays) > 3 else "")
+        raise UserInputError(f"--repository {root} holds {shown}, not model folders (no config.pbtxt, no version "
+                             "folder): Triton cannot serve a repository with them in it; lay the models out in a "
+                             "folder of their own (e.g. model_repository)")
     return root
 
 
@@ -354,6 +363,21 @@ def with_its_ensemble(cfg: TritonConfig, run: Run) -> TritonConfig:
                              f"--static-batch {record['static_batch']}); re-export without --static-batch, or remove "
                              f"{name}_image and {name}_preprocess from the repository to serve {name} without them")
     return replace(cfg, ensemble=True)
+
+
+def clashes(run: Run, cfg: TritonConfig) -> tuple[str, list[str]]:
+    """(model name, why each folder `build` would write holds a different model): empty where none does."""
+    cfg = with_its_ensemble(cfg, run)
+    root = repository_root(cfg.repository)
+    name = cfg.name or default_name(run.model_spec["arch"], cfg.format)
+    todo, _ = drafts(run, cfg, name)
+    return name, [f"{root / d.name}: {why}" for d in todo if (why := conflict(model_dir(root, d.name), d))]
+
+
+def laid_out_from(folder: Path) -> set[str]:
+    """The runs (resolved paths) whose models a model folder's versions are, as its cnnpack-model.json records."""
+    return {str(v["run"]) for v in ((read_sidecar(folder) or {}).get("versions") or {}).values()
+            if isinstance(v, dict) and v.get("run")}
 
 
 def check(run: Run, cfg: TritonConfig) -> tuple[Path, str, list[Draft], ModelIO]:

@@ -613,3 +613,38 @@ def test_the_summary_quotes_no_served_figures_when_this_run_left_the_stage_off(t
     run.update(lambda m: m["stages"].update(served={"status": "ok", "summary": "8/8 validation images right"}))
     assert summary(run, [Outcome("served", "ran")], {}, 1.0)["served"] == "8/8 validation images right"
     assert summary(run, [Outcome("served", "off", summary="--serve no")], {}, 1.0)["served"] is None
+
+
+def test_the_triton_stage_replaces_its_own_run_s_models_and_names_repository_for_another_s(tiny_onnx_run, tmp_path):
+    """A second pipeline into the same repository with other options (--image-size 40) trained, exported, verified and
+    benched, then failed at the triton stage: "holds a different model ...; choose another --name or pass --force"
+    (the pipeline has no --name; its --force trains again and fails the same way). A model this run laid out is its to
+    replace; another run's is refused naming --repository. Also: a repository Triton could not serve is refused."""
+    from cnnpack.errors import UserInputError
+    from cnnpack.pipeline import PipelineConfig, Stages
+    from cnnpack.rundir import Run
+    from cnnpack.triton_repo import TritonConfig, build
+
+    run_dir, repo = tmp_path / "run", tmp_path / "repo"
+    shutil.copytree(tiny_onnx_run, run_dir)
+    build(run_dir, TritonConfig(repository=str(repo), format="onnx"))
+    side = repo / "cnn_onnx" / "cnnpack-model.json"
+    planted = json.loads(side.read_text())
+    planted["identity"]["input"] = "another image size"  # as the model laid out before the options changed
+    side.write_text(json.dumps(planted))
+    stages = Stages(PipelineConfig(repository=str(repo)), progress=lambda _: None, say=lambda _: None)
+    cfg = TritonConfig(repository=str(repo), format="onnx")
+    assert stages._over_its_own(Run.open(run_dir), cfg).force  # this run's: replaced
+    for v in planted["versions"].values():
+        v["run"] = "/elsewhere/run"
+    side.write_text(json.dumps(planted))
+    with pytest.raises(UserInputError, match=rf"--repository {repo}: {repo / 'cnn_onnx'}: it holds a different model "
+                                             r"\(input differs\), laid out by another run or by hand; give this run a "
+                                             r"repository of its own \(--repository\)"):
+        stages._over_its_own(Run.open(run_dir), cfg)
+    (repo / "notes").mkdir()  # not a model folder: `cnnpack serve` refuses the repository, so laying out does too
+    with pytest.raises(UserInputError, match=r"holds notes, not model folders .*: Triton cannot serve a repository "
+                                             r"with them in it"):
+        build(run_dir, TritonConfig(repository=str(repo), format="onnx"))
+    with pytest.raises(UserInputError, match="--repository is empty"):
+        build(run_dir, TritonConfig(repository="", format="onnx"))
