@@ -72,6 +72,11 @@ def up_to_date(run: Run, stage: Stage, inputs: str) -> bool:
     return _files_exist(run, section) and stage.outputs_exist(run, section)
 
 
+def _again(force: bool) -> str:
+    """How to continue an interrupted pipeline: the same command, less --force (which would start it over)."""
+    return ("run the same `cnnpack pipeline` command again" + (" without --force" if force else "") + " to continue")
+
+
 def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]) -> Outcome:
     run.check_not_replaced()  # a `train --force` since the last stage: no stage runs on (or lays out) the new run
     inputs = fingerprint(stage.inputs(run))
@@ -87,13 +92,12 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
         # stage that began may have rewritten some of its outputs (the served stage: verify's served rows, its log)
         if stage.name != "train" or _section(run, stage.name).get("status") in (None, "running"):
             _mark_failed(run, stage.name, "interrupted", status="interrupted")
-        raise Interrupted(f"pipeline interrupted in stage {stage.name}; run the same `cnnpack pipeline` command "
-                          "again to continue") from None
+        raise Interrupted(f"pipeline interrupted in stage {stage.name}; {_again(force)}") from None
     except CnnpackError as e:
         _mark_failed(run, stage.name, str(e), status="interrupted" if e.exit_code == 130 else "failed")
         if e.exit_code == 130:  # Ctrl-C during training: the next pipeline run resumes it
             raise Interrupted(f"pipeline interrupted in stage {stage.name}: {str(e).split('; continue with')[0]}; "
-                              "run the same `cnnpack pipeline` command again to continue") from None
+                              f"{_again(force)}") from None
         pointer = stage.output(run)
         named = re.search(re.escape(str(pointer)) + r"(?![\w/.-])", str(e))  # verify's names verify.json itself
         see = f" (see {pointer})" if Path(pointer).exists() and not named else ""  # no manifest: train failed first
@@ -268,18 +272,27 @@ class Stages:
 
     # - quantize -
     def run_quantize(self, run: Run) -> str:
-        from cnnpack.quantize import describe, quantize
-
         with self._status("quantizing") as st:
-            section = quantize(run.path, self.cfg.quantize_config(), progress=st)
-        return f"{section['outputs']['onnx_int8']['path']}: {describe(section)}"
+            return self._quantized(run, "onnx_int8", st)
 
     def run_quantize_openvino(self, run: Run) -> str:
-        from cnnpack.quantize import describe, quantize
-
         with self._status("quantizing with NNCF") as st:
-            section = quantize(run.path, self.cfg.quantize_config("openvino_int8"), progress=st)
-        return f"{section['outputs']['openvino_int8']['path']}: {describe(section)}"
+            return self._quantized(run, "openvino_int8", st)
+
+    def _quantized(self, run: Run, fmt: str, progress: Callable[[str], None]) -> str:
+        """One quantize stage. A refusal's advice may name options only `cnnpack quantize` has (--max-steps,
+        --rank-images, --time-limit): the line says so, with the command that takes them."""
+        from cnnpack.int8_gate import GateMissed
+        from cnnpack.quantize import command, describe, quantize
+
+        cfg = self.cfg.quantize_config(fmt)
+        try:
+            section = quantize(run.path, cfg, progress=progress)
+        except GateMissed as e:
+            e.args = (f"{e}; --max-steps, --rank-images and --time-limit are `cnnpack quantize`'s options: "
+                      f"`{command(run, cfg)}` with them changed, then this pipeline again",)
+            raise
+        return f"{section['outputs'][fmt]['path']}: {describe(section)}"
 
     # - verify -
     def run_verify(self, run: Run) -> str:
@@ -493,7 +506,7 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
         report = write_report(run.path)
     except KeyboardInterrupt:  # between stages or in the report: the run stays the pipeline's to continue
         _record(run, cfg, outcomes, t0, status="interrupted")
-        raise Interrupted("pipeline interrupted; run the same `cnnpack pipeline` command again to continue") from None
+        raise Interrupted(f"pipeline interrupted; {_again(force)}") from None
     except CnnpackError as e:
         _record(run, cfg, outcomes, t0, status="interrupted" if e.exit_code == 130 else "failed")
         raise

@@ -157,7 +157,14 @@ class PipelineConfig:
             return replace(self, openvino="no")
         runtimes = ["openvino", *(["openvino-bf16"] if ov.has_bf16() else [])]
         return replace(self, openvino="yes", formats=tuple(dict.fromkeys([*self.formats, "openvino"])),
-                       bench_runtimes=tuple(dict.fromkeys([*self.runtimes(), *runtimes])))
+                       bench_runtimes=self._added(runtimes))
+
+    def _added(self, runtimes: list[str]) -> tuple[str, ...] | None:
+        """The benchmarked runtimes with a format's own added, unless --runtimes named them: what the user listed is
+        measured, no more (--runtimes eager measured openvino and openvino-bf16 too)."""
+        if self.bench_runtimes is not None:
+            return self.bench_runtimes
+        return tuple(dict.fromkeys([*self.runtimes(), *runtimes]))
 
     def with_pt2(self) -> PipelineConfig:
         """The config with `pt2` decided (auto: when a C++ compiler is found; --formats naming pt2 means yes unless
@@ -172,7 +179,7 @@ class PipelineConfig:
             return replace(self, pt2="no")
         find_compiler()  # yes (or --formats pt2) without one: exit 2 saying what to install, before any work
         return replace(self, pt2="yes", formats=tuple(dict.fromkeys([*self.formats, "pt2"])),
-                       bench_runtimes=tuple(dict.fromkeys([*self.runtimes(), "aoti"])))
+                       bench_runtimes=self._added(["aoti"]))
 
     def verify_config(self):
         from cnnpack.verify import VerifyConfig

@@ -232,6 +232,13 @@ def test_the_default_runtimes_are_those_of_the_exported_formats():
     assert PipelineConfig(formats=("onnx",)).runtimes() == ("eager", "compiled", "onnxruntime")
     assert PipelineConfig(bench_runtimes=("onnxruntime",)).runtimes() == ("onnxruntime",)
     PipelineConfig(formats=("onnx",)).validate()
+    # --runtimes is what is measured: a format switched on adds its runtime only to the default list (--runtimes
+    # eager measured openvino and openvino-bf16 too)
+    assert PipelineConfig(bench_runtimes=("eager",))._added(["openvino"]) == ("eager",)
+    assert PipelineConfig()._added(["aoti"]) == ("eager", "compiled", "torchscript", "onnxruntime", "aoti")
+    from cnnpack.pipeline import _again
+
+    assert _again(True) == "run the same `cnnpack pipeline` command again without --force to continue"
 
 
 def test_bad_options_exit_2_before_any_work(tmp_path):
@@ -648,3 +655,23 @@ def test_the_triton_stage_replaces_its_own_run_s_models_and_names_repository_for
         build(run_dir, TritonConfig(repository=str(repo), format="onnx"))
     with pytest.raises(UserInputError, match="--repository is empty"):
         build(run_dir, TritonConfig(repository="", format="onnx"))
+
+
+def test_a_quantize_refusal_in_the_pipeline_names_the_command_that_takes_its_advice(tiny_onnx_run, tmp_path,
+                                                                                    monkeypatch):
+    """The refusal said "raise --max-steps": `cnnpack pipeline --max-steps` is no such option. (The refusal itself
+    is planted: whether a gate holds depends on the host's kernels, tests/test_quantize.py has the real ones.)"""
+    import cnnpack.quantize
+    from cnnpack.int8_gate import GateMissed
+    from cnnpack.pipeline import PipelineConfig, Stages
+    from cnnpack.rundir import Run
+
+    def refused(*args, **kwargs):
+        raise GateMissed("no int8 model within --max-drop 0 pt: --max-steps 8 was spent; raise --max-steps", {})
+
+    monkeypatch.setattr(cnnpack.quantize, "quantize", refused)
+    stages = Stages(PipelineConfig(max_drop=0.0), progress=lambda _: None, say=lambda _: None)
+    with pytest.raises(GateMissed, match=r"raise --max-steps; --max-steps, --rank-images and --time-limit are "
+                                         r"`cnnpack quantize`'s options: `cnnpack quantize --run \S+ .*--max-drop 0 "
+                                         r".*--max-steps 8 .*` with them changed, then this pipeline again$"):
+        stages._quantized(Run.open(tiny_onnx_run), "onnx_int8", lambda _: None)
