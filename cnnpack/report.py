@@ -232,6 +232,18 @@ def _precision(m: dict, run: Run) -> list[Block]:
                               f"{100 * g.get('min_agreement', 0.99):g}% against the fp32 ONNX model; reached "
                               f"{g['drop_pt']:+.2f} pt and {100 * g['top1_agreement_vs_fp32']:.2f}% after "
                               f"{g['steps']} fallback step(s); nodes kept in float: {kept}."))
+    for stage, fmt in (("quantize", "onnx_int8"), ("quantize_openvino", "openvino_int8")):
+        last = m.get("stages", {}).get(stage) or {}
+        art = (m.get("stages", {}).get("export", {}).get("artifacts", {}) or {}).get(fmt)
+        if last.get("status") == "failed" and art:  # the refused attempt kept the earlier model: said, not hidden
+            g = art.get("gate") or {}
+            was = (f" (made under top-1 drop ≤ {g['max_drop_pt']:g} pt, agreement ≥ "
+                   f"{100 * g.get('min_agreement', 0.99):g}%)" if "max_drop_pt" in g else "")
+            asked = last.get("config") or {}
+            out.append(Block("p", f"**The last `cnnpack quantize` for {fmt} found no model within its gate** (top-1 "
+                                  f"drop ≤ {asked.get('max_drop', 0):g} pt, agreement ≥ "
+                                  f"{100 * asked.get('min_agreement', 0.99):g}%): the {fmt} model here is the earlier "
+                                  f"one{was}, which that gate did not hold to."))
     if plot_precision(rows, run.file(PRECISION_PNG)):
         out.append(Block("img", text="accuracy vs speed per precision", path=PRECISION_PNG))
     return out

@@ -243,6 +243,13 @@ def test_a_gate_nothing_meets_is_exit_1_and_keeps_the_previous_artifact(quantize
     assert r.exit_code == 1 and "error: no int8 model within --max-drop 0 pt" in r.stderr, r.output
     printed = json.loads(r.stdout)
     assert printed["passed"] is False and printed == _manifest(run)["stages"]["quantize"]
+    # the report said nothing of it: the int8 row passed "top-1 drop <= 100 pt" under a gate of 0 pt now refused
+    from cnnpack.report import write_report
+
+    write_report(run)
+    assert ("**The last `cnnpack quantize` for onnx_int8 found no model within its gate** (top-1 drop ≤ 0 pt, "
+            "agreement ≥ 99%): the onnx_int8 model here is the earlier one (made under top-1 drop ≤ 100 pt, agreement "
+            "≥ 50%), which that gate did not hold to.") in (run / "report.md").read_text()
 
 
 def test_a_killed_quantize_s_scratch_folder_goes_and_an_unwritable_reproduce_sh_is_a_warning(quantized, tmp_path,

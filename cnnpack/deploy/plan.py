@@ -136,6 +136,12 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
                               f"by torch {rec.get('torch_version', '?')}: a node without that instruction set, or "
                               "a Triton whose PyTorch is older, fails to load it; keep the pods on such nodes (a "
                               "nodeSelector on Node Feature Discovery's cpu-cpuid labels) or ship the ONNX model")
+    for stage, fmt in (("quantize", "onnx_int8"), ("quantize_openvino", "openvino_int8")):
+        if (stages.get(stage) or {}).get("status") == "failed" and (shipped_int8 := [m for m, f in classifiers
+                                                                                     if f == fmt and m in models]):
+            plan.notes.append(f"the last `cnnpack quantize` for {fmt} found no model within its gate; "
+                              f"{', '.join(shipped_int8)} ships the earlier {fmt} model, which passed `cnnpack verify` "
+                              "under the gate it was made with, not that one")
     if cuda:
         plan.notes.append(f"{', '.join(cuda)}: a pt2 package compiled for CUDA, which no CPU runs: the base (cpu overlay) "
                           "loads every other model (explicit model control, --load-model for each), not "
