@@ -454,7 +454,12 @@ def _check_run_dir(run: Run, force: bool, data: str) -> None:
         if any(run.path.iterdir()):
             raise UserInputError(f"--run {run.path} is not empty and not a cnnpack run; choose another --run")
         return
-    if "pipeline" not in run.read().get("stages", {}):
+    stages = run.read().get("stages", {})
+    if "pipeline" not in stages:
+        if (stages.get("train") or {}).get("status") == "running":  # a `pipeline --force` or `train` at work there
+            raise UserInputError(f"--run {run.path} holds a training under way (another cnnpack command at work on "
+                                 "it, or one that was killed); wait for it to finish, or choose another --run (if it "
+                                 "was killed: --force trains again there)")
         raise UserInputError(f"--run {run.path} holds a run not made by `cnnpack pipeline`; pass --force to let "
                              "the pipeline redo its stages there, or choose another --run")
     from cnnpack.data import recorded_source

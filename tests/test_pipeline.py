@@ -675,3 +675,19 @@ def test_a_quantize_refusal_in_the_pipeline_names_the_command_that_takes_its_adv
                                          r"`cnnpack quantize`'s options: `cnnpack quantize --run \S+ .*--max-drop 0 "
                                          r".*--max-steps 8 .*` with them changed, then this pipeline again$"):
         stages._quantized(Run.open(tiny_onnx_run), "onnx_int8", lambda _: None)
+
+
+def test_a_run_whose_training_is_under_way_is_not_called_foreign(tmp_path):
+    """While `pipeline --force` retrained a run, a second pipeline on it said "a run not made by cnnpack pipeline;
+    pass --force", inviting two processes to write one run."""
+    from cnnpack.errors import UserInputError
+    from cnnpack.pipeline import _check_run_dir
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "classes": ["a", "b"], "num_classes": 2, "image_size": 32})
+    run.set_stage("train", {"status": "running"})
+    with pytest.raises(UserInputError, match="holds a training under way .*; wait for it to finish"):
+        _check_run_dir(run, False, "shapes")
+    run.update(lambda m: m["stages"].pop("train"))  # a run of another command, at rest
+    with pytest.raises(UserInputError, match="holds a run not made by `cnnpack pipeline`"):
+        _check_run_dir(run, False, "shapes")
