@@ -266,6 +266,8 @@ def test_the_cpu_overlay_runs_the_serve_flags_securely_with_probes_and_named_por
     image = (deployed["image"] / "image" / "Dockerfile").read_text()
     assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\S+$", image, re.M)
     assert "python3 -m pip install --no-cache-dir pillow==" in image  # the ensemble's preprocessing needs it
+    # owned by the user Triton runs as (a repository written under umask 077 was unreadable to it)
+    assert "COPY --chown=1000:1000 cnn_onnx /models/cnn_onnx" in image.splitlines() and "USER 1000:1000" in image
     assert c["image"] in (deployed["image"] / "README.md").read_text()  # the build line tags what the pod runs
 
 

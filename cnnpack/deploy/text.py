@@ -31,7 +31,8 @@ def dockerfile(plan, spec) -> str:
              "# Build context: the model repository (see ../README.md for the exact command).",
              f"FROM {spec.ngc_image}",
              *(_pillow_lines(spec.ngc_image) if needs_pillow(plan.models) else []),
-             *(f"COPY {m} {stores.MOUNT}/{m}" for m in plan.models),
+             # owned by the user Triton runs as: a repository written under umask 077 (0600 files) stays readable
+             *(f"COPY --chown={kube.UID}:{kube.UID} {m} {stores.MOUNT}/{m}" for m in plan.models),
              f"USER {kube.UID}:{kube.UID}",
              f'CMD ["tritonserver", "--model-repository={stores.MOUNT}"]', ""]
     return "\n".join(lines)
