@@ -72,6 +72,16 @@ def up_to_date(run: Run, stage: Stage, inputs: str) -> bool:
     return _files_exist(run, section) and stage.outputs_exist(run, section)
 
 
+def _earlier_models(run: Run, repository: Path, laid: list[str]) -> list[str]:
+    """The model folders of `repository` laid out from `run` that this pipeline did not lay out now."""
+    from cnnpack.triton_config import classifier_of
+    from cnnpack.triton_repo import laid_out_from
+
+    here = str(run.path.resolve())
+    return sorted(p.name for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and classifier_of(p.name) not in laid and here in laid_out_from(p))
+
+
 def _again(force: bool) -> str:
     """How to continue an interrupted pipeline: the same command, less --force (which would start it over)."""
     return ("run the same `cnnpack pipeline` command again" + (" without --force" if force else "") + " to continue")
@@ -337,6 +347,10 @@ class Stages:
         run.update(lambda m: m["stages"]["triton"].update(models=names))
         note = "".join(f"; {c} now holds triton's settings, not the tuned ones (`cnnpack tune --run {shell(run.path)}` "
                        "tunes it again)" for c in replaced)
+        if earlier := _earlier_models(run, Path(section["repository"]), names):  # formats switched off since
+            note += (f"; the repository also holds {', '.join(earlier)}, laid out from this run before and not by this "
+                     "pipeline: `cnnpack serve` and `cnnpack deploy` take them too (remove their folders to leave "
+                     "them out)")
         return f"{', '.join(names)} in {section['repository']}{note}"
 
     def _over_its_own(self, run: Run, cfg):

@@ -190,8 +190,15 @@ class PipelineConfig:
     def bench_config(self):
         from cnnpack.bench import BenchConfig
 
+        # the artifacts this pipeline makes, not every one the run holds: formats switched off on a rerun (--formats
+        # onnx, --no-int8, --openvino no) were benched from the earlier run's files ("best: onnxruntime int8")
         return BenchConfig(runtimes=self.runtimes(), batch_sizes=self.bench_batch_sizes, threads=self.threads,
-                           max_seconds=self.bench_max_seconds)
+                           max_seconds=self.bench_max_seconds, artifacts=("checkpoint", *self.made()))
+
+    def made(self) -> tuple[str, ...]:
+        """The artifacts this pipeline exports and quantizes (after `with_openvino` and `with_pt2`)."""
+        int8 = ["onnx_int8", *(["openvino_int8"] if "openvino" in self.formats else [])] if self.int8 else []
+        return tuple(dict.fromkeys([*self.formats, *int8]))
 
     def served_config(self):
         from cnnpack.served import ServedConfig
@@ -210,7 +217,5 @@ class PipelineConfig:
         """TorchScript and int8 first, ONNX (with the image ensemble) last: `stages.triton` describes the ONNX model."""
         from cnnpack.triton_repo import TritonConfig
 
-        int8 = ["onnx_int8", *(["openvino_int8"] if "openvino" in self.formats else [])] if self.int8 else []
-        formats = [*self.formats, *int8]
         return [TritonConfig(repository=self.repository, format=f, ensemble=f == "onnx")
-                for f in sorted(formats, key=lambda f: f == "onnx")]
+                for f in sorted(self.made(), key=lambda f: f == "onnx")]

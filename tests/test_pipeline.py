@@ -691,3 +691,19 @@ def test_a_run_whose_training_is_under_way_is_not_called_foreign(tmp_path):
     run.update(lambda m: m["stages"].pop("train"))  # a run of another command, at rest
     with pytest.raises(UserInputError, match="holds a run not made by `cnnpack pipeline`"):
         _check_run_dir(run, False, "shapes")
+
+
+def test_a_rerun_with_formats_switched_off_benches_and_names_only_what_it_makes(tiny_onnx_run, tmp_path):
+    """`--formats onnx --no-int8` after a default run benched the earlier run's int8 and TorchScript files ("best:
+    onnxruntime int8") and said nothing of their models left in the repository, which deploy then shipped."""
+    from cnnpack.pipeline import PipelineConfig, _earlier_models
+    from cnnpack.rundir import Run
+    from cnnpack.triton_repo import TritonConfig, build
+
+    assert PipelineConfig(formats=("onnx",), int8=False).bench_config().artifacts == ("checkpoint", "onnx")
+    assert PipelineConfig().bench_config().artifacts == ("checkpoint", "onnx", "torchscript", "onnx_int8")
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    shutil.copytree(tiny_onnx_run, run)
+    build(run, TritonConfig(repository=str(repo), format="onnx", ensemble=True))
+    build(run, TritonConfig(repository=str(repo), format="onnx", name="older"))
+    assert _earlier_models(Run.open(run), repo, ["cnn_onnx", "cnn_onnx_image"]) == ["older"]  # the ensemble's are its
