@@ -413,7 +413,7 @@ def _sweeps(run: Run, cfg: TuneConfig, settings: list[Setting], coarse: bool, re
             info["refine"] = info2
             info["server_alive"] = info2["server_alive"]
             info["errors"] += info2["errors"]
-            info["planned"] += info2["planned"]  # "N of planned could not be measured" counts the refine's too
+            info["planned"] = info.get("planned", 0) + info2.get("planned", 0)  # "N of planned could not be measured" counts the refine's too
             info["error"] = info2["error"] or info["error"]
             info["wall_s"] = round(info["wall_s"] + info2["wall_s"], 1)
     return points, info

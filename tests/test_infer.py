@@ -476,7 +476,7 @@ def test_a_served_model_that_is_not_the_runs_is_refused_before_its_figures_are_r
         sha256=sha256(run_dir / "checkpoint.pt")))
     before = (run_dir / "cnnpack.json").read_bytes()
     cfg = BenchConfig(batch_sizes=(1,), max_seconds=0.2, matmul_s=0.05, plot=False)
-    with pytest.raises(UserInputError, match=r"cnn_onnx at \S+ does not compute what .*'s model computes \(.*\): "
+    with pytest.raises(UserInputError, match=r"http://\S+ model cnn_onnx does not compute what .*'s model computes \(.*\): "
                                              r"its figures would be recorded as this run's"):
         bench_served(run_dir, ServedConfig(url=server.http_address, model="cnn_onnx", concurrency=(1,)), cfg)
     assert (run_dir / "cnnpack.json").read_bytes() == before

@@ -59,6 +59,8 @@ def first(tiny_data, tmp_path_factory):
     run, repo = tmp / "run", tmp / "repo"
     args = ["--data", str(tiny_data), "--run", str(run), "--repository", str(repo), *TINY]
     args[args.index("--pt2") + 1] = "auto"
+    if PT2:  # --runtimes measures what it lists: the package's own runtime named with it
+        args[args.index("--runtimes") + 1] += ",aoti"
     code, out, err = _pipeline(*args, "--json")
     assert code == 0, err[-3000:]
     return {"run": run, "repo": repo, "args": args, "out": json.loads(out), "err": err}
@@ -208,19 +210,20 @@ def test_a_run_replaced_during_the_pipeline_gets_none_of_its_records(first, tmp_
 @pytest.mark.slow
 def test_a_failed_stage_stops_with_its_exit_code_and_a_pointer(first, tmp_path):
     repo = tmp_path / "repo"  # (a file there is refused up front: test_cli) its model's folder is someone else's
-    blocker = repo / "cnn_onnx" / "model.onnx"
+    blocker = repo / "cnn_onnx" / "1" / "model.onnx"  # a model folder Triton would load, not made by cnnpack
     blocker.parent.mkdir(parents=True)
     blocker.write_text("a model cnnpack did not make")
+    (repo / "cnn_onnx" / "config.pbtxt").write_text('name: "cnn_onnx"\nbackend: "onnxruntime"\n')
     args = [*first["args"]]
     args[args.index("--repository") + 1] = str(repo)
     code, _, err = _pipeline(*args)
     assert code == 2  # bad input (the repository holds another model), as from `cnnpack triton` itself
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: pipeline stopped: stage triton failed") and "it was not made by cnnpack" in line
-    assert f"(see {repo})" in line
+    assert f"--repository {repo}: " in line and "give this run a repository of its own (--repository)" in line
     m = json.loads((first["run"] / "cnnpack.json").read_text())
     assert m["stages"]["triton"]["status"] == "failed" and m["stages"]["pipeline"]["status"] == "failed"
-    assert [p.name for p in repo.rglob("*")] == ["cnn_onnx", "model.onnx"]  # nothing written beside it
+    assert sorted(p.name for p in repo.rglob("*")) == ["1", "cnn_onnx", "config.pbtxt", "model.onnx"]  # nothing beside
     assert blocker.read_text() == "a model cnnpack did not make"  # nor overwritten
 
 
@@ -410,7 +413,7 @@ def test_openvino_joins_every_stage_when_installed(tiny_data, tmp_path):
     run = tmp_path / "run"
     args = ["--data", str(tiny_data), "--run", str(run), "--repository", str(tmp_path / "repo"), *TINY]
     args[args.index("--openvino") + 1] = "auto"
-    args[args.index("--runtimes") + 1] = "onnxruntime"
+    args[args.index("--runtimes") + 1] = "onnxruntime,openvino" + (",openvino-bf16" if has_bf16() else "")
     # bf16 (on hosts with it) rounds logits by ~0.3 %; the one-epoch model's closest top-2 margin is ~0.4 %, so a
     # flip would depend on the host's kernels: this test of the plumbing sets verify's agreement below one flip
     args += ["--verify-min-agreement", "0.9"]
