@@ -1075,6 +1075,16 @@ def test_a_cpu_config_deploy_wrote_goes_once_a_tune_puts_the_model_back_on_the_c
     (repo / "cnn_onnx" / "configs" / "gpu.pbtxt").write_text("# mine too\n")
     third = deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no"))
     assert cpu.read_text() == "# mine\n" and third["repository_files_removed"] == []
+    # a record names deploy's own configs only: a path out of the repository is never removed, whatever it holds
+    outside = tmp_path / "outside" / "configs" / "cpu.pbtxt"
+    outside.parent.mkdir(parents=True)
+    outside.write_text("not deploy's")
+    from cnnpack.rundir import sha256
+
+    Run.open(run).update(lambda m: m["stages"]["deploy"]["repository_files"].update(
+        {"../outside/configs/cpu.pbtxt": sha256(outside)}))
+    assert deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no"))["repository_files_removed"] == []
+    assert outside.read_text() == "not deploy's"
 
 
 @pytest.mark.triton

@@ -371,7 +371,10 @@ def stale_configs(plan: Plan) -> set[str]:
     base's --model-config-name=cpu, the gpu overlay's =gpu), with the instances and threads from before."""
     fits = {f"{m}/configs/{CPU_CONFIG}.pbtxt" for m in plan.gpu_laid if m not in plan.cuda_only} | {
         f"{m}/configs/{GPU_CONFIG}.pbtxt" for m in plan.gpu_models}
+    ours = {f"configs/{CPU_CONFIG}.pbtxt", f"configs/{GPU_CONFIG}.pbtxt"}  # a record names nothing else (nor `..`)
     return {rel for rel, digest in plan.deployed_files.items() if rel not in fits
+            and len(Path(rel).parts) == 3 and Path(rel).parts[0] not in ("..", ".")
+            and "/".join(Path(rel).parts[1:]) in ours
             and (plan.repository / rel).is_file() and sha256(plan.repository / rel) == digest}
 
 
