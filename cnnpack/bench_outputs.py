@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.rundir import Run, atomic_path, atomic_write_json, atomic_write_text, now, sha256, staged_beside
+from cnnpack.rundir import Run, atomic_path, atomic_write_json, atomic_write_text
 
 CSV_COLUMNS = ("runtime", "format", "precision", "batch_size", "concurrency", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95",
                "latency_ms_p99", "latency_ms_mean", "throughput_ips", "gflops", "matmul_gflops", "matmul_share",
@@ -21,10 +21,7 @@ def commit_outputs(run: Run, section: dict, *, plot: bool = True) -> None:
     bench.json and bench.csv beside the old record, and the report disagreeing with them). Call under
     `run.committing()`."""
     names = ["bench.json", "bench.csv", *(["bench.png"] if plot else [])]
-    staged: dict[str, Path] = {}
-    try:
-        for n in names:  # each one kept as it is made: removed below whatever stops this
-            staged[n] = staged_beside(run.file(n), suffix=Path(n).suffix)
+    with run.staged_outputs(*names) as staged:
         atomic_write_json(staged["bench.json"], section)
         buf = io.StringIO()
         w = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -33,13 +30,7 @@ def commit_outputs(run: Run, section: dict, *, plot: bool = True) -> None:
         atomic_write_text(staged["bench.csv"], buf.getvalue())
         if plot:
             plot_results(section, staged["bench.png"])
-        section["outputs"] = {n: {"path": n, "sha256": sha256(f)} for n, f in staged.items()}
-        stamped = {"updated": now(), **section}
-        run.commit([(f, run.file(n)) for n, f in staged.items()],
-                   lambda m: m.setdefault("stages", {}).__setitem__("bench", stamped))
-    finally:
-        for f in staged.values():
-            f.unlink(missing_ok=True)
+        run.commit_stage("bench", section, staged)
     if not plot:  # an earlier bench's figure would show rows this one replaced
         run.file("bench.png").unlink(missing_ok=True)
 

@@ -366,6 +366,27 @@ class Run:
         with self._locked():
             yield
 
+    @contextlib.contextmanager
+    def staged_outputs(self, *names: str) -> Iterator[dict[str, Path]]:
+        """A staged file beside each of the run's files `names` (`staged_beside`), name -> path, for `commit_stage`;
+        whatever it did not put in place is removed on the way out (each one as soon as it exists)."""
+        staged: dict[str, Path] = {}
+        try:
+            for n in names:
+                staged[n] = staged_beside(self.file(n), suffix=Path(n).suffix)
+            yield staged
+        finally:
+            for f in staged.values():
+                f.unlink(missing_ok=True)
+
+    def commit_stage(self, name: str, section: dict, staged: dict[str, Path]) -> dict:
+        """`section` as `stages.<name>` (stamped as `set_stage` stamps it, its `outputs` the staged files' digests),
+        the staged files put in place with it as one step (`commit`): a file never stands beside another's record."""
+        section["outputs"] = {n: {"path": n, "sha256": sha256(f)} for n, f in staged.items()}
+        stamped = {"updated": now(), **section}
+        return self.commit([(f, self.file(n)) for n, f in staged.items()],
+                           lambda m: m.setdefault("stages", {}).__setitem__(name, stamped))
+
     def commit(self, moves: list[tuple[Path, Path]], record: Callable[[dict], None]) -> dict:
         """Puts each staged file or folder (`moves`: (staged, its place) pairs, beside each other) in place and
         records them (`record`, as `update` takes it) as one step (`committing`). Where the record fails (a disk that

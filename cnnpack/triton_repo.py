@@ -365,13 +365,21 @@ def with_its_ensemble(cfg: TritonConfig, run: Run) -> TritonConfig:
     return replace(cfg, ensemble=True)
 
 
-def clashes(run: Run, cfg: TritonConfig) -> tuple[str, list[str]]:
-    """(model name, why each folder `build` would write holds a different model): empty where none does."""
+def _planned(run: Run, cfg: TritonConfig) -> tuple[Path, str, list[Draft], ModelIO, list[tuple[Draft, str]]]:
+    """(repository, model name, model folders to write, I/O, (folder, why) for each that holds a different model)
+    of `build` with `cfg` (with the model's image ensemble where the repository holds one, as `build` lays it out)."""
+    cfg.validate()
     cfg = with_its_ensemble(cfg, run)
     root = repository_root(cfg.repository)
     name = cfg.name or default_name(run.model_spec["arch"], cfg.format)
-    todo, _ = drafts(run, cfg, name)
-    return name, [f"{root / d.name}: {why}" for d in todo if (why := conflict(model_dir(root, d.name), d))]
+    todo, io = drafts(run, cfg, name)
+    return root, name, todo, io, [(d, why) for d in todo if (why := conflict(model_dir(root, d.name), d))]
+
+
+def clashes(run: Run, cfg: TritonConfig) -> tuple[str, list[str]]:
+    """(model name, why each folder `build` would write holds a different model): empty where none does."""
+    root, name, _, _, found = _planned(run, cfg)
+    return name, [f"{root / d.name}: {why}" for d, why in found]
 
 
 def laid_out_from(folder: Path) -> set[str]:
@@ -382,18 +390,12 @@ def laid_out_from(folder: Path) -> set[str]:
 
 def check(run: Run, cfg: TritonConfig) -> tuple[Path, str, list[Draft], ModelIO]:
     """(repository, model name, model folders to write, I/O) of `build`, refusing before anything is written: a
-    bad option, an artifact that cannot be served, a folder that holds a different model (with the model's image
-    ensemble where the repository holds one, as `build` lays it out)."""
-    cfg.validate()
-    cfg = with_its_ensemble(cfg, run)
-    root = repository_root(cfg.repository)
-    name = cfg.name or default_name(run.model_spec["arch"], cfg.format)
-    todo, io = drafts(run, cfg, name)
-    for d in todo:
-        why = conflict(model_dir(root, d.name), d)
-        if why and not cfg.force:
-            raise UserInputError(f"{root / d.name} exists and {why}; choose another --name or pass --force "
-                                 "to replace it (its versions are removed)")
+    bad option, an artifact that cannot be served, a folder that holds a different model (`_planned`)."""
+    root, name, todo, io, found = _planned(run, cfg)
+    if found and not cfg.force:
+        d, why = found[0]
+        raise UserInputError(f"{root / d.name} exists and {why}; choose another --name or pass --force "
+                             "to replace it (its versions are removed)")
     return root, name, todo, io
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError, shell
 from cnnpack.loadclient import check_concurrency
 from cnnpack.peak import usable_cores
-from cnnpack.rundir import Run, atomic_write_bytes, atomic_write_json, now, sha256, staged_beside
+from cnnpack.rundir import Run, atomic_write_bytes, atomic_write_json
 from cnnpack.servable import servable
 from cnnpack.triton_config import served_budget, served_winner, tuned_in_place
 from cnnpack.triton_publish import PREVIOUS
@@ -447,31 +447,25 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
                   "verdict": verdict(winner, points, run.stage("triton")["name"], cfg) if winner else None}
         # tune.json and tune.png staged, put in place with their record (a failure after the plot left a new
         # tune.png beside the old tune.json and record: the report's plot contradicted its table)
-        staged: dict[str, Path] = {}
         taken_back = None
         try:
-            for n in (OUTPUT, PLOT):  # each one kept as it is made: removed below whatever stops this
-                staged[n] = staged_beside(run.file(n), suffix=Path(n).suffix)
-            plot(points, winner, cfg.latency_budget_ms, staged[PLOT])
-            if winner and not result["verdict"]["as_good"] and not winner["default"]:
-                taken_back = _as_they_are(Path(config_of(run, winner["model"])))
-                w = result["written"] = write_winner(run, winner["model"], winner_config(run, winner),
-                                                     keep_previous=config_of(run, winner["model"]) in tuned)
-                tuned[w["config"]] = {"previous": w["previous"], "sha256": w["sha256"]}
-            status = "ok" if winner else "failed"
-            # a config written but not recorded is one `tune --undo` cannot find: it goes back if the record fails
-            atomic_write_json(staged[OUTPUT], result)
-            section = {"updated": now(), "status": status, "config": asdict(cfg), "points": points, "winner": winner,
-                       "verdict": result["verdict"], "written": result["written"], "tuned": tuned, "sweep": info,
-                       **({"kept": kept} if kept and not result["written"] else {}),
-                       "outputs": {n: {"path": n, "sha256": sha256(f)} for n, f in staged.items()}}
-            run.commit([(f, run.file(n)) for n, f in staged.items()],
-                       lambda m: m.setdefault("stages", {}).__setitem__("tune", section))
+            with run.staged_outputs(OUTPUT, PLOT) as staged:
+                plot(points, winner, cfg.latency_budget_ms, staged[PLOT])
+                if winner and not result["verdict"]["as_good"] and not winner["default"]:
+                    taken_back = _as_they_are(Path(config_of(run, winner["model"])))
+                    w = result["written"] = write_winner(run, winner["model"], winner_config(run, winner),
+                                                         keep_previous=config_of(run, winner["model"]) in tuned)
+                    tuned[w["config"]] = {"previous": w["previous"], "sha256": w["sha256"]}
+                status = "ok" if winner else "failed"
+                # a config written but not recorded is one `tune --undo` cannot find: it goes back if the record fails
+                atomic_write_json(staged[OUTPUT], result)
+                run.commit_stage("tune", {
+                    "status": status, "config": asdict(cfg), "points": points, "winner": winner,
+                    "verdict": result["verdict"], "written": result["written"], "tuned": tuned, "sweep": info,
+                    **({"kept": kept} if kept and not result["written"] else {})}, staged)
         except BaseException:
             if taken_back:
                 taken_back()
-            for f in staged.values():
-                f.unlink(missing_ok=True)
             raise
     if died:
         raise StageFailed(f"the Triton server died during the sweep ({info['error']}); the {len(points)} points "

@@ -115,6 +115,21 @@ def outlier_channel(run: Path, factor: float = 1000.0) -> None:
     torch.save(ckpt, run / "checkpoint.pt")
 
 
+def unwritable(monkeypatch, folder: Path, error: OSError) -> None:
+    """Nothing can be created in `folder` (as `chattr +i` or a read-only mount make it): `tempfile.mkstemp` there
+    raises `error`, elsewhere it works."""
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def refused(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise error
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+
+
 def record_fails(monkeypatch, stage: str) -> None:
     """The disk fills when the run records `stage` (after the stage's own files were written)."""
     import errno

@@ -280,18 +280,11 @@ def test_a_killed_quantize_s_scratch_folder_goes_and_an_unwritable_reproduce_sh_
 def test_a_protected_export_folder_is_refused_before_the_work(quantized, tmp_path, monkeypatch):
     """`chattr +i export/`: the error named a hidden temp folder, and the openvino backend said it only after
     calibrating, ranking and falling back."""
-    import tempfile as tf
+    from support import unwritable
 
     run = tmp_path / "run"
     shutil.copytree(quantized[0], run)
-    real = tf.mkstemp
-
-    def protected(*args, dir=None, **kwargs):
-        if Path(dir) == run / "export":
-            raise PermissionError(1, "Operation not permitted")
-        return real(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tf, "mkstemp", protected)
+    unwritable(monkeypatch, run / "export", PermissionError(1, "Operation not permitted"))
     with pytest.raises(PermissionError) as e:
         quantize(run, QuantizeConfig(calibration_images=16))
     assert e.value.filename == str(run / "export")

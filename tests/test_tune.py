@@ -256,19 +256,12 @@ def test_a_model_exported_again_since_verify_is_refused_before_any_server(laid_o
 
 def test_a_repository_it_cannot_write_is_refused_before_the_sweep(laid_out, tmp_path, monkeypatch):
     """A read-only repository: the whole sweep ran, then the winner's config.pbtxt.prev could not be written."""
-    import tempfile as tf
+    from support import unwritable
 
     from cnnpack.tune import TuneConfig, tune
 
     run, repo = _copy(laid_out, tmp_path)
-    real = tf.mkstemp
-
-    def read_only(*args, dir=None, **kwargs):
-        if Path(dir) == repo / "cnn_onnx":
-            raise OSError(30, "Read-only file system")
-        return real(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tf, "mkstemp", read_only)
+    unwritable(monkeypatch, repo / "cnn_onnx", OSError(30, "Read-only file system"))
     monkeypatch.setattr(serve, "TritonServer", None)  # refused before a server is started
     with pytest.raises(OSError, match="Read-only file system") as e:
         tune(run, TuneConfig())
