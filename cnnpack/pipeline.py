@@ -82,6 +82,43 @@ def _earlier_models(run: Run, repository: Path, laid: list[str]) -> list[str]:
                   and classifier_of(p.name) not in laid and here in laid_out_from(p))
 
 
+# a triton stage's config settings and the `cnnpack triton` option that sets each (max_batch_size: the laid-out one)
+_TRITON_FLAGS = {"device": "--device", "instances": "--instances", "max_batch_size": "--max-batch-size",
+                 "preferred_batch_sizes": "--preferred-batch-sizes", "max_queue_delay_us": "--max-queue-delay-us",
+                 "dynamic_batching": "--dynamic-batching", "threads": "--threads", "tensorrt": "--tensorrt",
+                 "tensorrt_fp16": "--tensorrt-fp16", "warmup": "--warmup"}
+
+
+def _settings(section: dict) -> dict:
+    """As recorded (tuples as lists): a section just built and one read back from the manifest compare equal."""
+    return json.loads(json.dumps({**{k: (section.get("config") or {}).get(k) for k in _TRITON_FLAGS},
+                                  "max_batch_size": section.get("max_batch_size")}))
+
+
+def _option(key: str, value) -> str:
+    flag = _TRITON_FLAGS[key]
+    if isinstance(value, bool) or value is None:
+        return flag if value else flag.replace("--", "--no-", 1)
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+
+
+def _settings_replaced(run: Run, before: dict, sections: list[dict]) -> str:
+    """A note where the pipeline laid out again a model that `cnnpack triton` had laid out since with other settings
+    (--threads 4): they are replaced by the pipeline's, which the stage would not say otherwise."""
+    new = next((s for s in sections if s.get("name") == before.get("name")
+                and s.get("repository") == before.get("repository")), None)
+    if new is None or before.get("status") != "ok":
+        return ""
+    old, now = _settings(before), _settings(new)
+    if not (changed := [k for k in _TRITON_FLAGS if old[k] != now[k] and not (k == "tensorrt" and old[k] is None)]):
+        return ""
+    options = " ".join(_option(k, old[k]) for k in changed)
+    again = (f"cnnpack triton --run {shell(run.path)} --repository {shell(new['repository'])} --format "
+             f"{new['format']}{' --ensemble' if 'ensemble' in new else ''} {options}")
+    return (f"; {new['name']} had {options} from `cnnpack triton`, now the pipeline's settings (`{again}` sets "
+            "them again)")
+
+
 def _again(force: bool) -> str:
     """How to continue an interrupted pipeline: the same command, less --force (which would start it over)."""
     return ("run the same `cnnpack pipeline` command again" + (" without --force" if force else "") + " to continue")
@@ -339,14 +376,17 @@ class Stages:
         configs = [self._over_its_own(run, cfg) for cfg in self.cfg.triton_configs()]
         for cfg in configs:  # every model refused before any is laid out
             check(run, cfg)
-        names, replaced = [], []
+        before = _section(run, "triton")  # `cnnpack triton`'s, where one laid a model out since
+        names, replaced, sections = [], [], []
         for cfg in configs:
             section = build(run.path, cfg)
+            sections.append(section)
             names += [section["name"]] + ([section["ensemble"]["name"]] if "ensemble" in section else [])
             replaced += [section["tune_replaced"]] if section.get("tune_replaced") else []
         run.update(lambda m: m["stages"]["triton"].update(models=names))
         note = "".join(f"; {c} now holds triton's settings, not the tuned ones (`cnnpack tune --run {shell(run.path)}` "
                        "tunes it again)" for c in replaced)
+        note += _settings_replaced(run, before, sections)
         if earlier := _earlier_models(run, Path(section["repository"]), names):  # formats switched off since
             note += (f"; the repository also holds {', '.join(earlier)}, laid out from this run before and not by this "
                      "pipeline: `cnnpack serve` and `cnnpack deploy` take them too (remove their folders to leave "
@@ -457,6 +497,26 @@ def _trained_on(path: Path) -> str | None:
     return data if isinstance(data, str) else None
 
 
+def _check_foreign_models(cfg: PipelineConfig) -> None:
+    """A model folder the triton stage would write that cnnpack did not make (no model record) is refused before
+    training, with the triton stage's own words (it was found there, after training, export and bench). Another run's
+    cnnpack model is judged there: whether it is the same model (a new version) needs this run's exports."""
+    from cnnpack.triton_config import ensemble_parts
+    from cnnpack.triton_publish import STAGING_PREFIX, read_sidecar
+    from cnnpack.triton_repo import default_name, repository_root
+
+    root = repository_root(cfg.repository)
+    for tc in cfg.triton_configs():
+        name = default_name(cfg.arch, tc.format)
+        for folder in [root / name] + ([root / n for n in ensemble_parts(name)] if tc.ensemble else []):
+            if not folder.is_dir() or read_sidecar(folder) is not None:
+                continue
+            if any(not p.name.startswith(STAGING_PREFIX) for p in folder.iterdir()):
+                raise UserInputError(f"--repository {cfg.repository}: {folder}: it was not made by cnnpack (no "
+                                     "readable cnnpack-model.json), laid out by another tool or by hand; give this run "
+                                     "a repository of its own (--repository), or remove that model folder")
+
+
 def _check_run_dir(run: Run, force: bool, data: str) -> None:
     """A run that some other command made is the pipeline's only with --force (it may retrain it), and so is a
     pipeline's run of other data (a changed folder trains again; another folder is another run)."""
@@ -502,6 +562,7 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     check_data(cfg.data, cfg.image_size)  # a missing folder or a name Triton cannot carry fails now, not in train
     cfg.check_calibration()  # past the training split: fails now, not in quantize after training
     repository_root(cfg.repository)  # a file there fails now, not after train, export and bench
+    _check_foreign_models(cfg)
     run = Run(run_dir or default_run_dir(cfg))
     for what, path in (("--run", run.path), ("--repository", cfg.repository)):
         check_outside(cfg.data, path, what)

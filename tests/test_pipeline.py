@@ -660,6 +660,49 @@ def test_the_triton_stage_replaces_its_own_run_s_models_and_names_repository_for
         build(run_dir, TritonConfig(repository="", format="onnx"))
 
 
+def test_the_triton_stage_says_which_settings_of_cnnpack_triton_it_replaced(tiny_onnx_run, tmp_path):
+    """`cnnpack triton --threads 1 --instances 2` after a pipeline, then the pipeline again: its triton stage laid the
+    model out with its own settings and said nothing of the user's."""
+    from cnnpack.pipeline import PipelineConfig, Stages
+    from cnnpack.rundir import Run
+    from cnnpack.triton_repo import TritonConfig, build
+
+    run_dir, repo = tmp_path / "run", tmp_path / "repo"
+    shutil.copytree(tiny_onnx_run, run_dir)
+    stages = Stages(PipelineConfig(repository=str(repo), formats=("onnx",), int8=False), progress=lambda _: None,
+                    say=lambda _: None)
+    assert "cnnpack triton`" not in stages.run_triton(Run.open(run_dir))  # its own settings: nothing to say
+    assert "cnnpack triton`" not in stages.run_triton(Run.open(run_dir))
+    build(run_dir, TritonConfig(repository=str(repo), format="onnx", threads=1, instances=2, max_batch_size=8,
+                                dynamic_batching=False))
+    said = stages.run_triton(Run.open(run_dir))
+    assert said.endswith(f"; cnn_onnx had --instances 2 --max-batch-size 8 --no-dynamic-batching --threads 1 from "
+                         f"`cnnpack triton`, now the pipeline's settings (`cnnpack triton --run {run_dir} --repository "
+                         f"{repo.resolve()} --format onnx --ensemble --instances 2 --max-batch-size 8 "
+                         "--no-dynamic-batching --threads 1` sets them again)"), said
+    assert "instance_group" in (repo / "cnn_onnx" / "config.pbtxt").read_text()
+    assert "count: 1" in (repo / "cnn_onnx" / "config.pbtxt").read_text()  # the pipeline's: one instance
+
+
+def test_a_model_folder_cnnpack_did_not_make_is_refused_before_training(tmp_path):
+    """It was refused at the triton stage, after training, export, quantize, verify and bench had run."""
+    from cnnpack.errors import UserInputError
+    from cnnpack.pipeline import PipelineConfig, pipeline
+
+    repo = tmp_path / "repo"
+    (repo / "cnn_onnx_preprocess" / "1").mkdir(parents=True)  # the image ensemble's part, laid out by hand
+    (repo / "cnn_onnx_preprocess" / "config.pbtxt").write_text('backend: "python"\n')
+    cfg = PipelineConfig(repository=str(repo), openvino="no", pt2="no", serve="no")
+    with pytest.raises(UserInputError, match=rf"--repository {repo}: {repo / 'cnn_onnx_preprocess'}: it was not made "
+                                             r"by cnnpack .*; give this run a repository of its own \(--repository\)"):
+        pipeline(tmp_path / "run", cfg, progress=False, say=lambda _: None)
+    assert not (tmp_path / "run").exists()  # nothing trained
+    (repo / "cnn_onnx_preprocess" / "cnnpack-model.json").write_text('{"identity": {"kind": "preprocess"}}')
+    from cnnpack.pipeline import _check_foreign_models
+
+    _check_foreign_models(cfg)  # cnnpack's: the triton stage judges whether it is this run's model
+
+
 def test_a_quantize_refusal_in_the_pipeline_names_the_command_that_takes_its_advice(tiny_onnx_run, tmp_path,
                                                                                     monkeypatch):
     """The refusal said "raise --max-steps": `cnnpack pipeline --max-steps` is no such option. (The refusal itself
