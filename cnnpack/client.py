@@ -62,7 +62,7 @@ def address(url: str | None, protocol: str, flag: str = "--url") -> str:
     if port == 0 or (port is None and text.rstrip("/").endswith(":")):  # not quietly the default port
         raise UserInputError(f"{flag} {url!r}: the port is not a number in 1-65535")
     port = port or DEFAULT_PORTS[protocol]
-    if not parts.hostname or parts.path or parts.query:
+    if not parts.hostname or parts.path or parts.query or parts.fragment or "#" in text:
         raise UserInputError(f"{flag} {url!r} is not HOST[:PORT] (e.g. 127.0.0.1:{DEFAULT_PORTS[protocol]})")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{host}:{port}"

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnnpack.errors import UserInputError
+
 if TYPE_CHECKING:
     from cnnpack.verify import VerifyConfig
 
@@ -52,6 +54,11 @@ def int8_contract(given: float | None, max_drop_pt: float | None, gate_agreement
     """(top-1 agreement, top-1 drop in pt, whence the agreement) an int8 model is held to: the agreement `given`
     (--int8-min-agreement) where there is one, else its quantize gate's, else INT8_MIN_AGREEMENT; the gate's drop,
     else INT8_MAX_DROP_PT. Verify judges by it, and keeps an earlier int8 verdict only under it."""
+    for key, value, high in (("max_drop_pt", max_drop_pt, 100), ("min_agreement", gate_agreement, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= high):  # a manifest edited by hand: said, not a traceback
+            raise UserInputError(f"the int8 artifact's recorded quantize gate is damaged ({key} {value!r}, expected a "
+                                 f"number from 0 to {high}); quantize it again (`cnnpack quantize`)")
     drop = INT8_MAX_DROP_PT if max_drop_pt is None else max_drop_pt
     if given is not None:
         return given, drop, "as given"

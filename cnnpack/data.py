@@ -216,6 +216,13 @@ def check_data(data: str, image_size: int) -> None:
                               fix="rename the folder")
 
 
+def check_torchvision_options(data: str, data_root: str | None, download: bool) -> None:
+    """--data-root and --download name where a torchvision data set lies: with other data they were ignored."""
+    if (data_root is not None or download) and not data.startswith("torchvision:"):
+        flag = "--data-root" if data_root is not None else "--download"
+        raise UserInputError(f"{flag} is for torchvision:NAME data sets, and --data is {data!r}; drop {flag}")
+
+
 def training_images_at_most(data: str, *, val_fraction: float = 0.2) -> int | None:
     """How many images the training split of `--data` can hold, counted without decoding any (unreadable files
     only lower it); None where it is not known before loading (torchvision data sets)."""

@@ -26,7 +26,7 @@ class Scored:
 def dataset_of(run: Run, data: str | None, *, data_root: str | None = None, download: bool = False):
     """The data a run was trained on (or `data`), sized for its model (torchvision data sets under `data_root`, else
     the run's root)."""
-    from cnnpack.data import check_data, load_data
+    from cnnpack.data import check_data, check_torchvision_options, load_data
 
     spec = run.model_spec
     if data is not None:
@@ -36,6 +36,7 @@ def dataset_of(run: Run, data: str | None, *, data_root: str | None = None, down
     source = data or cfg.get("data")
     if not source:
         raise UserInputError(f"{run.path} was not trained by cnnpack; pass --data to say what to evaluate on")
+    check_torchvision_options(source, data_root, download)  # the user's: the run's own root is only a default
     d = load_data(source, spec["image_size"], seed=cfg.get("seed", 0), val_fraction=cfg.get("val_fraction", 0.2),
                   data_root=data_root or cfg.get("data_root"), download=download)
     if _is_own(data, cfg.get("data")):

@@ -58,8 +58,9 @@ class QuantizeConfig:
         QUANTIZERS.get(self.format)
         if self.method not in METHODS:
             raise UserInputError(f"--method {self.method!r}; valid: {', '.join(METHODS)}")
-        if not self.max_drop >= 0:  # also refuses NaN
-            raise UserInputError(f"--max-drop is in percentage points of top-1 and must be >= 0, got {self.max_drop}")
+        if not 0 <= self.max_drop <= 100:  # also refuses NaN; over 100 points no model can miss (a fraction meant?)
+            raise UserInputError(f"--max-drop is in percentage points of top-1 and must be >= 0 and <= 100, got "
+                                 f"{self.max_drop}")
         if not 0 < self.min_agreement <= 1:
             raise UserInputError(f"--min-agreement is a fraction in (0, 1], got {self.min_agreement}")
         if self.calibration_images is not None and self.calibration_images < 1:

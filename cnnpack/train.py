@@ -113,6 +113,7 @@ class TrainConfig:
         check_device(self.device)
         check_arch(self.arch)
         data_mod.check_data(self.data, self.image_size)  # an empty --data was the current folder
+        data_mod.check_torchvision_options(self.data, self.data_root, self.download)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -393,9 +393,9 @@ def test_upload_commands_leave_out_what_the_image_leaves_out():
 
     inside = ["1/model.onnx", "config.pbtxt", "1/model.py", "1/__pycache__/model.cpython-312.pyc", "1/stray.pyc",
               ".cnnpack-staging-ab12/1/model.onnx", "1/.cnnpack-staging-x/model.py", "labels.txt", "1/pycache.txt"]
-    argv = shlex.split(stores.upload_lines(stores.parse("s3://b/m"), "repo", ["cnn_onnx"])[0])
+    argv = shlex.split(stores.upload_lines(stores.parse("s3://bkt/m"), "repo", ["cnn_onnx"])[0])
     aws = [argv[i + 1] for i, a in enumerate(argv) if a == "--exclude"]
-    argv = shlex.split(stores.upload_lines(stores.parse("gs://b/m"), "repo", ["cnn_onnx"])[0])
+    argv = shlex.split(stores.upload_lines(stores.parse("gs://bkt/m"), "repo", ["cnn_onnx"])[0])
     gcloud = re.compile(argv[argv.index("--exclude") + 1])
     for rel in inside:
         left_out = shipped_cache(Path("cnn_onnx", rel))
@@ -485,7 +485,10 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     (["--queue-target-ms", "0.1"], "--queue-target-ms 0.1 is under 1 ms"),
     (["--replicas", "99999999999999999999"], "--replicas must be <= 2147483647"),
     (["--image", "reg.example.com/x@sha256:" + "0" * 64], "names a digest; deploy writes the command that builds"),
-    (["--model-store", "s3://b/m", "--credentials-secret", "a", "--service-account", "b"],
+    (["--model-store", "s3://My_Models/cnn"], "'My_Models' is not an S3 bucket name (3-63 lowercase letters"),
+    (["--model-store", "as://acct/c/cnn"], "'c' is not an Azure container name"),
+    (["--model-store", "s3://minio:9000/"], "names an endpoint but no bucket: e.g. s3://host:port/bucket/path"),
+    (["--model-store", "s3://bkt/m", "--credentials-secret", "a", "--service-account", "b"],
      "--credentials-secret and --service-account are two ways to reach the bucket"),
     (["--model-store", "as://acct/cont/m", "--service-account", "b"], "Triton's Azure client signs in with an account"),
 ])

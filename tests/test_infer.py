@@ -266,6 +266,9 @@ def test_url_forms():
         address("http://localhost:8000", "grpc")
     with pytest.raises(UserInputError, match="not a number"):
         address("localhost:http", "http")
+    for url in ("127.0.0.1:8000#frag", "127.0.0.1:8000/v2", "127.0.0.1:8000?x=1", "127.0.0.1#"):  # not ignored
+        with pytest.raises(UserInputError, match=r"is not HOST\[:PORT\] \(e.g. 127.0.0.1:8000\)"):
+            address(url, "http")
     for url in ("127.0.0.1:0", "127.0.0.1:", "grpc://127.0.0.1:/"):  # not quietly Triton's default port
         with pytest.raises(UserInputError, match=r"the port is not a number in 1-65535"):
             address(url, "grpc")

@@ -74,6 +74,18 @@ def test_an_element_passes_within_atol_or_rtol_and_the_needed_tolerances_are_exa
 
 
 # -- good artifacts pass ---------------------------------------------------------------------------
+def test_a_damaged_recorded_gate_is_one_error_line():
+    """A cnnpack.json edited by hand ("min_agreement": "0.99") was a TypeError's traceback from verify."""
+    from cnnpack.contracts import int8_contract
+    from cnnpack.errors import UserInputError
+
+    assert int8_contract(None, 0.5, 0.99) == (0.99, 0.5, "the quantize gate")
+    for drop, agreement, said in ((0.5, "0.99", "min_agreement '0.99'"), (-1, 0.99, "max_drop_pt -1"),
+                                  (0.5, True, "min_agreement True"), (float("nan"), 0.99, "max_drop_pt nan")):
+        with pytest.raises(UserInputError, match=rf"recorded quantize gate is damaged \({said}, expected a number"):
+            int8_contract(None, drop, agreement)
+
+
 def test_cnn_artifacts_pass_on_every_usable_runtime_and_unusable_ones_say_why(exported, tmp_path):
     run_dir = _copy(exported, tmp_path)
     result = verify(run_dir, VerifyConfig(samples=16))

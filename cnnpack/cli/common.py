@@ -220,13 +220,14 @@ def usage_error(msg: str) -> typer.Exit:
 
 
 def int_list(text: str, flag: str) -> tuple[int, ...]:
-    """`1,8,32` -> (1, 8, 32), a repeat dropped; anything else (an empty list too) is a usage error naming `flag`."""
+    """`1,8,32` -> (1, 8, 32), a repeat dropped; anything else (an empty list or item too: `1,,2` is a typo, one
+    trailing comma is not) is a usage error naming `flag`."""
+    if not text.strip():
+        raise usage_error(f"{flag} is empty; give comma-separated integers")
     try:
-        values = tuple(dict.fromkeys(int(v) for v in text.split(",") if v.strip()))
+        values = tuple(dict.fromkeys(int(v) for v in text.strip().removesuffix(",").split(",")))
     except ValueError:
         raise usage_error(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values:
-        raise usage_error(f"{flag} is empty; give comma-separated integers")
     return values
 
 

@@ -7,17 +7,12 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli.common import app, emit, handles_errors, usage_error
+from cnnpack.cli.common import app, emit, handles_errors, int_list
 from cnnpack.errors import shell
 
 
 def _sizes(text: Optional[str]) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
-    except ValueError:
-        raise usage_error(f"--preferred-batch-sizes {text!r}: expected comma-separated integers, e.g. 4,8") from None
+    return int_list(text, "--preferred-batch-sizes") if text is not None else ()
 
 
 @app.command()

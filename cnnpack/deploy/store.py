@@ -68,7 +68,36 @@ def parse(text: str) -> Store:
     if not rest or (scheme == "as" and rest.count("/") < 1):
         raise UserInputError(f"--model-store {text!r} names no bucket/container: e.g. {scheme}://bucket/path"
                              if scheme != "as" else f"--model-store {text!r}: Azure needs as://account/container/path")
+    _check_bucket(scheme, rest, text)
     return Store(scheme, text.rstrip("/"))
+
+
+# the providers' own naming rules: a name outside them fails only in the cluster, as Triton's load error
+_BUCKET_RULES = {
+    "s3": (re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"), "an S3 bucket name (3-63 lowercase letters, digits, "
+                                                              "dots and hyphens, a letter or digit at each end)"),
+    "gs": (re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$"), "a Cloud Storage bucket name (3-63 lowercase "
+                                                                "letters, digits, dots, hyphens and underscores, up "
+                                                                "to 222 with dots, a letter or digit at each end)"),
+    "account": (re.compile(r"^[a-z0-9]{3,24}$"), "an Azure storage account name (3-24 lowercase letters and digits)"),
+    "as": (re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$"), "an Azure container name (3-63 lowercase "
+                                                                      "letters, digits and single hyphens)"),
+}
+
+
+def _check_bucket(scheme: str, rest: str, text: str) -> None:
+    parts = rest.split("/")
+    if scheme == "s3":  # s3://[http(s)://]host:port/bucket/path names an endpoint first
+        endpoint = re.match(r"^https?:/+", rest) or ":" in parts[0]
+        parts = re.sub(r"^https?:/+", "", rest).split("/")[1:] if endpoint else parts
+        if not parts or not parts[0]:
+            raise UserInputError(f"--model-store {text!r} names an endpoint but no bucket: e.g. "
+                                 "s3://host:port/bucket/path")
+    named = [("account", parts[0]), ("as", parts[1])] if scheme == "as" else [(scheme, parts[0])]
+    for rule, name in named:
+        pattern, what = _BUCKET_RULES[rule]
+        if not pattern.match(name) or (rule == "s3" and (".." in name or re.match(r"^\d+\.\d+\.\d+\.\d+$", name))):
+            raise UserInputError(f"--model-store {text!r}: {name!r} is not {what}")
 
 
 def check_no_credentials(url: str) -> None:
