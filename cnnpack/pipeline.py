@@ -22,7 +22,7 @@ from pathlib import Path
 from cnnpack.errors import CnnpackError, RunReplaced, StageFailed, UserInputError, file_error, shell
 from cnnpack.pipeline_config import SERVE_MODES, PipelineConfig  # noqa: F401 - re-exported
 from cnnpack.pipeline_summary import best_runtime, summary
-from cnnpack.rundir import MANIFEST, Run, artifact_digest, identity, sha256
+from cnnpack.rundir import MANIFEST, Run, artifact_digest, check_makeable, identity, sha256
 
 
 class Interrupted(CnnpackError):
@@ -281,6 +281,11 @@ class Stages:
                   and last.get("config") == asdict(as_recorded(cfg)))
         if resume:
             self.say("[train] resuming the interrupted training from last.pt")
+        elif run.file("last.pt").is_file() and last.get("status") not in ("ok", None):
+            was, now = last.get("config") or {}, asdict(as_recorded(cfg))
+            changed = ", ".join(f"{k} {was.get(k)!r} -> {now[k]!r}" for k in now if was.get(k) != now[k])
+            self.say(f"[train] the interrupted training had other options ({changed or 'not recorded'}): training "
+                     "again from the start (the pipeline with its options as before continues it)")
 
         def last_epoch_done(epoch: int, _: dict) -> None:
             if epoch >= cfg.epochs:
@@ -520,10 +525,9 @@ def _check_foreign_models(cfg: PipelineConfig) -> None:
 def _check_run_dir(run: Run, force: bool, data: str) -> None:
     """A run that some other command made is the pipeline's only with --force (it may retrain it), and so is a
     pipeline's run of other data (a changed folder trains again; another folder is another run)."""
+    check_makeable(run.path)
     if force or not run.path.exists():
         return
-    if not run.path.is_dir():
-        raise UserInputError(f"--run {run.path} is a file, not a directory")
     if not run.manifest_path.exists():
         if any(run.path.iterdir()):
             raise UserInputError(f"--run {run.path} is not empty and not a cnnpack run; choose another --run")

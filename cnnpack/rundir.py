@@ -209,6 +209,16 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def check_makeable(path: str | Path, flag: str = "--run") -> None:
+    """Refuses a folder to make that cannot be (it is a file, or a folder above it is) before any work, not when the
+    first file is written (after loading the data, in training)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserInputError(f"{flag} {path} is a file, not a directory")
+    if above := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
+        raise UserInputError(f"{flag} {path}: {above} is a file, not a folder")
+
+
 def identity(manifest: dict) -> tuple:
     """Which run a manifest is: `train --force` writes a new one in the same folder (`created`, and `run_id` where
     the manifest has one: older ones do not)."""

@@ -27,7 +27,7 @@ from cnnpack import plots
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, file_error, one_line, shell
 from cnnpack.host import check_device
 from cnnpack.models import build_model, check_arch, check_input_size, load_weights
-from cnnpack.rundir import MANIFEST, Run, atomic_path, sigint_deferred
+from cnnpack.rundir import MANIFEST, Run, atomic_path, check_makeable, sigint_deferred
 from cnnpack.spec import ModelSpec
 from cnnpack.train_sessions import record_session, session
 
@@ -378,6 +378,7 @@ def resume_conflicts(run_dir: str | Path, given: dict) -> dict[str, tuple]:
 
 def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
     """Refuses a bad --run before any data is loaded (Run.create checks again when it writes)."""
+    check_makeable(run_dir)
     if resume:
         if not (run_dir / LAST).is_file():
             raise UserInputError(f"--resume: {run_dir} has no {LAST} (no epoch finished); "

@@ -117,6 +117,7 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "train-data-root-with-shapes": ["train", "--data", "shapes", "--data-root", str(tmp), "--run",
                                         str(tmp / "dr")],
         "evaluate-download-with-folder": ["evaluate", "--run", str(existing), "--download"],
+        "tune-undo-with-budget": ["tune", "--run", str(existing), "--undo", "--latency-budget-ms", "-1"],
         "bench-empty-batch-size": ["bench", "--run", str(existing), "--batch-sizes", "1,,32"],
         "quantize-max-drop-over-100": ["quantize", "--run", str(existing), "--max-drop", "101"],
         "evaluate-empty-data": ["evaluate", "--run", str(existing), "--data", " "],
@@ -168,7 +169,7 @@ EXPECTED = {
     "export-half-on-cpu": "--half makes fp16 artifacts for GPU targets; add --device cuda",
     "device-cuda": "--device cuda: no CUDA GPU",
     "repeated-option": "--format is given more than once: give it once (where it takes a list, as one comma list)",
-    "run-under-a-file": "afile is a file, not a folder: cannot make",
+    "run-under-a-file": "afile is a file, not a folder",  # found before the data is loaded
     "run-is-a-file": "afile is a file, not a run directory",
     "manifest-not-an-object": "holds a JSON list, not a cnnpack manifest",
     "resume-finished": "finished training (2 epochs",
@@ -183,6 +184,8 @@ EXPECTED = {
     "verify-empty-batch-sizes": "--batch-sizes is empty",
     "train-data-root-with-shapes": "--data-root is for torchvision:NAME data sets, and --data is 'shapes'; drop",
     "evaluate-download-with-folder": "--download is for torchvision:NAME data sets, and --data is '/",
+    "tune-undo-with-budget": "--undo restores the configs before any tune and stops; it takes no sweep options "
+                             "(drop --latency-budget-ms)",
     "bench-empty-batch-size": "--batch-sizes takes comma-separated integers, got '1,,32'",
     "quantize-max-drop-over-100": "--max-drop is in percentage points of top-1 and must be >= 0 and <= 100, got 101",
     "evaluate-empty-data": "--data is empty; give shapes, a folder",

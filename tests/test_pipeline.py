@@ -684,6 +684,30 @@ def test_the_triton_stage_says_which_settings_of_cnnpack_triton_it_replaced(tiny
     assert "count: 1" in (repo / "cnn_onnx" / "config.pbtxt").read_text()  # the pipeline's: one instance
 
 
+def test_an_interrupted_training_with_other_options_is_said_to_start_again(tiny_run, tmp_path, monkeypatch):
+    """The pipeline again with another --epochs after a Ctrl-C in training trained from the first epoch without a
+    word (the same options continue it)."""
+    import cnnpack.train
+    from cnnpack.pipeline import PipelineConfig, Stages
+    from cnnpack.rundir import Run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    Run.open(run_dir).update(lambda m: m["stages"]["train"].update(status="interrupted"))
+    (run_dir / "last.pt").write_bytes(b"an epoch")
+    calls, said = [], []
+    monkeypatch.setattr(cnnpack.train, "train", lambda *a, **k: calls.append(k) or {"metrics": {
+        "best_val_acc": 1.0, "best_epoch": 1, "epochs": 1, "train_images_per_s": 1.0}})
+    recorded = Run.open(run_dir).read()["stages"]["train"]["config"]
+    cfg = PipelineConfig(data=recorded["data"], image_size=recorded["image_size"], epochs=recorded["epochs"] + 1,
+                         batch_size=recorded["batch_size"])
+    Stages(cfg, progress=False, say=said.append).run_train(Run.open(run_dir))
+    assert calls[-1]["resume"] is False and calls[-1]["force"] is True
+    assert said == [f"[train] the interrupted training had other options (epochs {recorded['epochs']} -> "
+                    f"{recorded['epochs'] + 1}): training again from the start (the pipeline with its options as "
+                    "before continues it)"], said
+
+
 def test_a_model_folder_cnnpack_did_not_make_is_refused_before_training(tmp_path):
     """It was refused at the triton stage, after training, export, quantize, verify and bench had run."""
     from cnnpack.errors import UserInputError

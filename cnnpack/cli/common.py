@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -217,6 +218,19 @@ def usage_error(msg: str) -> typer.Exit:
     """Prints a usage error; `raise usage_error(...)` exits 2."""
     print_error(msg)
     return typer.Exit(2)
+
+
+def given_options(command: Callable, values: dict, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The flags of `command`'s options whose `values` (its arguments) differ from their defaults."""
+    import inspect
+
+    flags = []
+    for name, param in inspect.signature(command).parameters.items():
+        default = getattr(param.default, "default", param.default)  # a typer.Option's own default
+        if name not in exclude and name in values and values[name] != default:
+            decls = [d for d in getattr(param.default, "param_decls", ()) or () if d.startswith("--")]
+            flags.append(decls[0].split("/")[0] if decls else "--" + name.replace("_", "-"))
+    return flags
 
 
 def int_list(text: str, flag: str) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli.common import app, emit, handles_errors, int_list, name_list, usage_error
+from cnnpack.cli.common import app, emit, given_options, handles_errors, int_list, name_list, usage_error
 
 
 @app.command()
@@ -46,7 +46,10 @@ def tune(
     from cnnpack.tune_handover import undo as do_undo
     from cnnpack.tune_outputs import describe
 
-    if undo:
+    if undo:  # it restores and stops: a sweep option beside it was taken in silence (a bad budget too)
+        if extra := given_options(tune, locals(), exclude=("run", "undo", "as_json")):
+            raise usage_error(f"--undo restores the configs before any tune and stops; it takes no sweep options "
+                              f"(drop {', '.join(extra)})")
         restored = do_undo(run)
         emit({"restored": restored}, as_json)
         for r in restored if not as_json else ():
