@@ -1132,6 +1132,26 @@ def test_a_cuda_pt2_package_stays_out_of_the_base_which_the_real_server_makes_re
     assert index["cnn_onnx"] == "READY" and index.get("cnn_pt2") != "READY"
 
 
+def test_a_shipped_int8_model_whose_last_quantize_failed_is_noted(laid_out, tmp_path):
+    """After a `cnnpack quantize` that missed its gate, deploy ships the earlier int8 model: the note says which and
+    under which gate it passed. (The gate here is wide: this test is of the note, not of the kernels' accuracy.)"""
+    from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.quantize import QuantizeConfig, quantize
+    from cnnpack.triton_repo import TritonConfig, build
+    from cnnpack.verify import VerifyConfig, verify
+
+    run, repo = _own_copy(laid_out, tmp_path)
+    quantize(run, QuantizeConfig(max_drop=100, min_agreement=0.01, max_steps=0))
+    verify(run, VerifyConfig(batch_sizes=(1,)))
+    build(run, TritonConfig(repository=str(repo), format="onnx_int8", threads=1))
+    assert not [n for n in deploy(run, DeployConfig(out=str(tmp_path / "out")))["notes"] if "cnnpack quantize" in n]
+    _manifest(run, lambda m: m["stages"].update(quantize={"status": "failed", "error": "missed the gate"}))
+    notes = deploy(run, DeployConfig(out=str(tmp_path / "out")))["notes"]
+    assert ("the last `cnnpack quantize` for onnx_int8 found no model within its gate; cnn_onnx_int8 ships the "
+            "earlier onnx_int8 model, which passed `cnnpack verify` under the gate it was made with, not that one"
+            ) in notes, notes
+
+
 def test_gpu_no_is_refused_where_every_model_is_a_cuda_pt2_package(laid_out, tmp_path):
     from cnnpack.deploy import DeployConfig, deploy
     from cnnpack.deploy.plan import make
