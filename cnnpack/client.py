@@ -275,11 +275,20 @@ class Client:
             raise UserInputError(f"Triton at {self.url} is up but not ready (models still loading?); retry shortly")
         return self
 
-    def model_names(self) -> list[str]:
+    def model_index(self) -> dict[str, str]:
+        """Every model of the server's repository -> its state ("READY"; "" for a folder it has not loaded, as one
+        laid out after `cnnpack serve` started: Triton's index gives such a model no state)."""
         index = self._call("listing the repository", self._client.get_model_repository_index,
                            **({"as_json": True} if self.protocol == "grpc" else {}))
         rows = index.get("models", []) if isinstance(index, dict) else index
-        return sorted({m["name"] for m in rows if m.get("state", "READY") == "READY"})
+        states: dict[str, str] = {}
+        for m in rows:  # one row per version: a model is ready where any version is
+            states[m["name"]] = "READY" if "READY" in (states.get(m["name"]), m.get("state")) else m.get("state", "")
+        return states
+
+    def model_names(self) -> list[str]:
+        """The models the server has loaded (ready)."""
+        return sorted(n for n, state in self.model_index().items() if state == "READY")
 
     def versions(self, name: str) -> list[str]:
         """The versions of model `name` the server has ready (its metadata); a request without a version reaches
@@ -297,8 +306,14 @@ class Client:
             config = self._client.get_model_config(name, **extra, **self._timeout)
         except self.errors as e:
             if "unknown model" in str(e).lower() or "not found" in str(e).lower():
-                raise UserInputError(f"Triton at {self.url} serves no model {name!r} (ready: "
-                                     f"{', '.join(self.model_names()) or 'none'}); pass --model") from None
+                index = self.model_index()
+                ready = ", ".join(sorted(n for n, state in index.items() if state == "READY")) or "none"
+                if name in index:  # laid out after the server started: Triton polls no repository here
+                    raise UserInputError(f"Triton at {self.url} has {name!r} in its repository but has not loaded it "
+                                         f"({index[name] or 'laid out after it started'}; ready: {ready}); restart "
+                                         "`cnnpack serve` to load it") from None
+                raise UserInputError(f"Triton at {self.url} serves no model {name!r} (ready: {ready}); pass --model"
+                                     ) from None
             raise self.failure(f"reading the config of {name}", e) from None
         return ServedModel.from_config(config.get("config", config))
 

@@ -58,6 +58,8 @@ class Data:
 
 # -- decoding (cnnpack.images) ------------------------------------------------------------
 def _try_read(path: Path, size: int) -> tuple[np.ndarray | None, str]:
+    if path.exists() and not path.is_file():  # a link to a pipe: opening it waited for a writer forever
+        return None, f"{path}: not a regular file (a pipe, a device or a socket)"
     try:
         return read_image(path, size), ""
     except DECODE_ERRORS as e:

@@ -70,12 +70,13 @@ def scored_data(run: Run, data: str | None = None, *, data_root: str | None = No
     """The validation split of the run's own data (or of other data that has one: train/ and val/ folders, shapes,
     a torchvision data set), or every image of a folder of <class>/<images> the model was not trained on (it has
     no split of its own: the model never saw any of it). The data's classes may be any of the model's."""
-    from cnnpack.data import SHAPES, check_data, read_class_folders, split_dirs
+    from cnnpack.data import SHAPES, check_data, check_torchvision_options, read_class_folders, split_dirs
 
     spec = run.model_spec
     own = _is_own(data, run.read().get("stages", {}).get("train", {}).get("config", {}).get("data"))
     if not own and data != SHAPES and not data.startswith("torchvision:"):
         check_data(data, spec["image_size"])
+        check_torchvision_options(data, data_root, download)
         root = Path(data).resolve()  # named (and its result file keyed) by where it is, not as typed from here
         train, val = split_dirs(root)
         s, skipped = read_class_folders(val if train and val else root, spec["classes"], spec["image_size"])

@@ -159,9 +159,14 @@ def infer(paths: list[str | Path], cfg: InferConfig) -> dict:
     if missing and len(missing) == len(files):
         more = f" (and {count(len(missing) - 1, 'other')})" if len(missing) > 1 else ""
         raise UserInputError(f"no such file: {missing[0]}{more}; nothing was sent")
+    from cnnpack.triton_config import PREPROCESS, classifier_of
+
     with Client(cfg.url, cfg.protocol, timeout_s=cfg.timeout_s) as client:
         client.check_ready()
         target, names = cfg.target, client.model_names() if cfg.ensemble else []
+        if cfg.ensemble and cfg.model.endswith(PREPROCESS):  # a step of an ensemble: the classifier names it
+            raise UserInputError(f"{cfg.model} is the image ensemble's preprocessing step, not a model to ask; pass "
+                                 f"--ensemble --model {classifier_of(cfg.model)}")
         if cfg.ensemble and cfg.model.endswith("_image") and target not in names:
             target = cfg.model  # `--model cnn_onnx_image --ensemble`: the ensemble named as served
         if cfg.ensemble and target != cfg.model and target not in names and cfg.model in names:
@@ -175,7 +180,7 @@ def infer(paths: list[str | Path], cfg: InferConfig) -> dict:
                                  + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
                                  + ("; ..." if len(skipped) > 3 else "") + "); nothing was sent")
         tops = classify(client, model, batch, min(cfg.top_k, model.num_classes))
-    return {"model": target, "url": client.url, "top_k": cfg.top_k, "score": "logit",
+    return {"model": target, "url": client.url, "top_k": min(cfg.top_k, model.num_classes), "score": "logit",
             "results": [{"file": str(p), "top": top} for p, top in zip(ok, tops)], "skipped": skipped}
 
 

@@ -224,6 +224,10 @@ def batch_plan(target: Target, requested: tuple[int, ...] | None) -> list[int]:
         return [fixed]
     if requested is None:
         return fit_batch_sizes(DEFAULT_BATCH_SIZES, cap=cap)
+    if cap and max(requested) > cap and target.runtime == "triton":  # its config.pbtxt's, not the export's
+        raise UserInputError(f"--batch-sizes {max(requested)} exceeds the max batch size {cap} that {target.format} "
+                             f"({target.source}) is served with (its config.pbtxt); use sizes <= {cap} or lay it out "
+                             f"again with `cnnpack triton --max-batch-size {max(requested)}` and restart the server")
     if cap and max(requested) > cap:
         raise UserInputError(f"--batch-sizes {max(requested)} exceeds the max batch size {cap} that {target.format} "
                              f"({target.source}) was exported with; use sizes <= {cap} or re-export with "

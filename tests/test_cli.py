@@ -117,6 +117,8 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "train-data-root-with-shapes": ["train", "--data", "shapes", "--data-root", str(tmp), "--run",
                                         str(tmp / "dr")],
         "evaluate-download-with-folder": ["evaluate", "--run", str(existing), "--download"],
+        "evaluate-root-with-other-folder": ["evaluate", "--run", str(existing), "--data", str(tmp / "few"),
+                                            "--data-root", str(tmp)],
         "tune-undo-with-budget": ["tune", "--run", str(existing), "--undo", "--latency-budget-ms", "-1"],
         "bench-empty-batch-size": ["bench", "--run", str(existing), "--batch-sizes", "1,,32"],
         "quantize-max-drop-over-100": ["quantize", "--run", str(existing), "--max-drop", "101"],
@@ -184,6 +186,7 @@ EXPECTED = {
     "verify-empty-batch-sizes": "--batch-sizes is empty",
     "train-data-root-with-shapes": "--data-root is for torchvision:NAME data sets, and --data is 'shapes'; drop",
     "evaluate-download-with-folder": "--download is for torchvision:NAME data sets, and --data is '/",
+    "evaluate-root-with-other-folder": "--data-root is for torchvision:NAME data sets, and --data is '",
     "tune-undo-with-budget": "--undo restores the configs before any tune and stops; it takes no sweep options "
                              "(drop --latency-budget-ms)",
     "bench-empty-batch-size": "--batch-sizes takes comma-separated integers, got '1,,32'",

@@ -83,8 +83,11 @@ def test_linked_folders_and_files_are_read_and_a_dangling_link_is_counted(tmp_pa
     _write(root / "blue", 1, COLOURS["blue"], start=10)
     (root / "blue" / "gone.png").symlink_to(tmp_path / "nothing.png")
     (root / "blue" / "up").symlink_to("..")  # a link up: the other classes' images read as blue's
+    os.mkfifo(tmp_path / "fifo")
+    (root / "blue" / "pipe.png").symlink_to(tmp_path / "fifo")  # opening it waited for a writer forever
     d = load_image_folder(root, SIZE, val_fraction=0.2, seed=0)
-    assert len(d.train) + len(d.val) == 6 and len(d.skipped) == 1 and "gone.png" in d.skipped[0]
+    assert len(d.train) + len(d.val) == 6 and len(d.skipped) == 2 and "gone.png" in d.skipped[0]
+    assert d.skipped[1].endswith("pipe.png: not a regular file (a pipe, a device or a socket)")
     assert [a + b for a, b in zip(d.summary()["train_per_class"], d.summary()["val_per_class"])] == [3, 3]
 
 
@@ -245,6 +248,12 @@ def test_colour_modes_become_rgb(tmp_path):
     gif = _save(Image.new("RGB", (20, 20), (250, 250, 0)).convert("P"), tmp_path / "anim.gif")
     cmyk = _save(Image.new("CMYK", (20, 20), (255, 0, 0, 0)), tmp_path / "cmyk.jpg")  # pure cyan
     la = _save(Image.new("LA", (20, 20), (50, 0)), tmp_path / "la.png")  # transparent grey: white
+    keyed = Image.new("L", (20, 20), 0)
+    keyed.paste(200, (0, 10, 20, 20))
+    keyed_l = tmp_path / "keyed_l.png"
+    keyed.save(keyed_l, transparency=0)  # a tRNS colour key: black is transparent (it stayed black)
+    keyed_rgb = tmp_path / "keyed_rgb.png"
+    keyed.convert("RGB").save(keyed_rgb, transparency=(0, 0, 0))
 
     def px(path):
         arr = read_image(path, 8)
@@ -260,6 +269,8 @@ def test_colour_modes_become_rgb(tmp_path):
     r, g, b = px(cmyk)[:, 4, 4].astype(int)
     assert r < 40 and g > 215 and b > 215  # cyan, not garbage from reading CMYK bytes as RGB
     assert (px(la) == 255).all()
+    for keyed in (keyed_l, keyed_rgb):
+        assert px(keyed)[:, 1, 4].tolist() == [255, 255, 255] and px(keyed)[:, 6, 4].tolist() == [200, 200, 200]
     unit = _save(Image.fromarray(np.full((20, 20), 0.5, np.float32)), tmp_path / "unit.tif")  # float in 0-1
     bytes32 = _save(Image.fromarray(np.full((20, 20), 200, np.int32)), tmp_path / "i32.tif")  # 32-bit holding 0-255
     assert (px(unit) == 128).all() and (px(bytes32) == 200).all()  # they were near black

@@ -111,6 +111,17 @@ def test_an_ensemble_is_not_a_pixel_runtime_and_a_missing_model_names_the_served
         _served(server, "http", "cnn_onnx_image")
     with pytest.raises(UserInputError, match="serves no model 'nope'.*cnn_onnx, cnn_onnx_image"):
         _served(server, "grpc", "nope")
+    later = Path(server.cfg.repository) / "cnn_later"  # laid out after the server started: not loaded, not "ready"
+    shutil.copytree(Path(server.cfg.repository) / "cnn_onnx", later)
+    try:
+        for protocol in ("http", "grpc"):
+            with pytest.raises(UserInputError, match=r"has 'cnn_later' in its repository but has not loaded it "
+                                                     r"\(laid out after it started; ready: cnn_onnx, .*\); restart "
+                                                     r"`cnnpack serve` to load it$") as e:
+                _served(server, protocol, "cnn_later")
+            assert "cnn_later," not in str(e.value) and not str(e.value).endswith("cnn_later")
+    finally:
+        shutil.rmtree(later)
 
 
 # -- cnnpack infer ---------------------------------------------------------------------------------
@@ -179,9 +190,10 @@ def test_cli_skips_a_bad_image_and_sends_the_others(server, val_files, tmp_path)
     assert [ln.split()[0] for ln in lines] == good and all(len(ln.split()) == 5 for ln in lines)  # file + 2 x (label score)
     assert proc.stderr.strip().splitlines() == [f"skipped {bad}: cannot identify image file '{bad}'"]
     ens = _cli("infer", str(bad), good[0], "--model", "cnn_onnx", "--url", server.grpc_address, "--protocol", "grpc",
-               "--ensemble", "--json")
+               "--ensemble", "--json", "--top-k", "100")
     assert ens.returncode == 0, ens.stderr
     out = json.loads(ens.stdout)
+    assert out["top_k"] == len(out["results"][0]["top"]) < 100  # what was given: every class the model has
     assert [r["file"] for r in out["results"]] == [good[0]] and out["skipped"][0]["file"] == str(bad)
     assert out["results"][0]["top"][0]["label"] == lines[0].split()[1]  # same label as the pixel path
 
@@ -228,6 +240,8 @@ def test_cli_errors_are_one_line_with_exit_2(server, tmp_path):
     assert none_readable.returncode == 2 and "none of the 1 images could be read" in none_readable.stderr
     for args, said in ((["--model", "cnn_onnx_preprocess"], "cnn_onnx_preprocess is the image ensemble's preprocessing "
                                                           "step, not a classifier: pass --ensemble --model cnn_onnx"),
+                       (["--model", "cnn_onnx_preprocess", "--ensemble"], "cnn_onnx_preprocess is the image "
+                        "ensemble's preprocessing step, not a model to ask; pass --ensemble --model cnn_onnx"),
                        (["--model", "cnn_torchscript", "--ensemble"], "cnn_torchscript has no image ensemble on this "
                                                                      "server (cnn_torchscript_image is not served)")):
         out = _cli("infer", str(bad), *args, "--url", server.http_address)

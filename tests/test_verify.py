@@ -352,6 +352,20 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(exported):
         "use sizes <= 16 or re-export with --max-batch-size 64"]
 
 
+def test_a_served_model_s_batch_limit_names_triton_not_a_re_export():
+    """It said to re-export with --max-batch-size: the limit was `cnnpack triton --max-batch-size 1`'s (the export
+    took 64), so re-exporting changed nothing."""
+    from cnnpack.verify import Target, batch_plan
+
+    served = Target("triton:cnn_mb1", "triton", lambda: None, "grpc://127.0.0.1:8001 model cnn_mb1", max_batch_size=1)
+    with pytest.raises(UserInputError, match=r"^--batch-sizes 8 exceeds the max batch size 1 that triton:cnn_mb1 "
+                                             r"\(grpc://127.0.0.1:8001 model cnn_mb1\) is served with \(its "
+                                             r"config.pbtxt\); use sizes <= 1 or lay it out again with `cnnpack "
+                                             r"triton --max-batch-size 8` and restart the server$"):
+        batch_plan(served, (1, 8))
+    assert batch_plan(served, (1,)) == [1]
+
+
 # -- evaluate on artifacts -------------------------------------------------------------------------
 def test_evaluate_artifacts_through_the_runtimes_matches_the_checkpoint(exported, tmp_path):
     run_dir = _copy(exported, tmp_path)

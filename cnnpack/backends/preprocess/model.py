@@ -38,11 +38,11 @@ def gray8(img):
 
 def to_rgb(img):
     """Grayscale (8/16 bit), RGBA, palette and CMYK images become RGB (alpha over white), as in training."""
-    if img.mode == "RGB":
+    if img.mode == "RGB" and "transparency" not in img.info:  # a tRNS colour key is transparency too
         return img
     if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer and float grayscale (PNG, TIFF)
         img = Image.fromarray(gray8(img), "L")
-    if img.mode == "P":
+    if img.mode == "P" or (img.mode in ("L", "RGB") and "transparency" in img.info):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):
         rgba = img.convert("RGBA")
