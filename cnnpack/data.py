@@ -218,6 +218,20 @@ def check_data(data: str, image_size: int) -> None:
                               fix="rename the folder")
 
 
+def class_names(data: str) -> list[str] | None:
+    """The classes `load_data` gives `data`, known without reading an image (None for a torchvision data set, or a
+    folder the loader would refuse: it says why)."""
+    if data == SHAPES:
+        from cnnpack import shapes
+
+        return sorted(shapes.CLASSES)  # the materialised folders, as the loader lists them
+    root = Path(data)
+    if data.startswith("torchvision:") or not root.is_dir():
+        return None
+    train, val = split_dirs(root)
+    return [p.name for p in _class_dirs(train if train and val else root)]
+
+
 def check_torchvision_options(data: str, data_root: str | None, download: bool) -> None:
     """--data-root and --download name where a torchvision data set lies: with other data they were ignored."""
     if (data_root is not None or download) and not data.startswith("torchvision:"):

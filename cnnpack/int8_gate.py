@@ -101,8 +101,13 @@ def load_quant_data(run: Run, cfg: QuantizeConfig) -> QuantData:
     if not (cfg.data or trained_on):
         raise UserInputError(f"{run.path} has no training data to calibrate on (made by `cnnpack export --arch`); "
                              "name it with --data PATH|shapes")
-    d = dataset_of(run, cfg.data)
+    from cnnpack.data import class_names
+
     spec = run.model_spec
+    if (cfg.data and (known := class_names(cfg.data)) is not None and known != list(spec["classes"])):
+        raise UserInputError(f"--data {cfg.data} has classes {known}, the run's model {list(spec['classes'])}; "
+                             "calibrate on the data the model classifies")  # said before its images are read
+    d = dataset_of(run, cfg.data)
     if d.classes != list(spec["classes"]):
         raise UserInputError(f"--data {d.source} has classes {d.classes}, the run's model {list(spec['classes'])}; "
                              "calibrate on the data the model classifies")

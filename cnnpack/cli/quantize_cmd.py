@@ -34,7 +34,8 @@ def quantize(
                                                      "IR (export/openvino_int8/, needs the openvino extra)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
 ):
-    """INT8 (QDQ) ONNX model calibrated on the run's own images, kept only if top-1 drops <= --max-drop.
+    """INT8 model calibrated on the run's own images (a QDQ ONNX model with ONNX Runtime, an NNCF OpenVINO IR with
+    --backend openvino), kept only if top-1 drops <= --max-drop and agrees with fp32 on >= --min-agreement.
 
     Example: cnnpack quantize --run runs/demo --max-drop 0.5
 

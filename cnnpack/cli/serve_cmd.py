@@ -31,7 +31,7 @@ def serve(
 ):
     """Serve a model repository with a real Triton Inference Server until Ctrl-C.
 
-    Runs the tritonserver (2.51) of the nvidia-pytriton wheel, bound to loopback; ONNX, pt2 and TorchScript models are served by cnnpack's Python-based CPU backends, so the same repository runs unchanged in the NGC container (pt2 models: 26.06 or newer; 2.51 gets their config without the torch_aoti platform line). Prints the URLs and which backend serves each model.
+    Runs the tritonserver (2.51) of the nvidia-pytriton wheel, bound to loopback; ONNX, pt2, TorchScript and OpenVINO models are served by cnnpack's Python-based CPU backends, so the same repository runs unchanged in the NGC container (pt2 models: 26.06 or newer; 2.51 gets their config without the torch_aoti platform line). Prints the URLs and which backend serves each model.
 
     Example: cnnpack serve --repository model_repository
 
