@@ -40,6 +40,18 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
+def reraise_interrupt(e: BaseException) -> None:
+    """Raises KeyboardInterrupt where one is in `e`'s chain (its causes and contexts): a Ctrl-C that landed inside a
+    library's lazy import came out as that import's AttributeError ("module 'torch._dynamo' has no attribute 'exc'"),
+    which a broad `except Exception` around the library call reported as the export failing, exit 1."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+
+
 def one_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message on one line (a library's may span several), at most `limit` characters; its class
     name where it says nothing."""

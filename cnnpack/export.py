@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from cnnpack import __version__
-from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInputError, shell
+from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInputError, reraise_interrupt, shell
 from cnnpack.host import check_device, exact_fp32
 from cnnpack.models import RawPixels, build_model, check_arch, check_input_size, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
@@ -237,6 +237,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path
         with _quiet_native_output():
             _onnx_export(model, _example(spec, cfg), dest, cfg)
     except Exception as e:  # noqa: BLE001 - torch.onnx raises many kinds; report the first line
+        reraise_interrupt(e)
         msg = _first_line(e)
         if any("opset" in str(c).lower() for c in _causes(e)):  # an operator this opset lacks: the user can fix that
             raise UserInputError(f"--opset {cfg.opset} cannot express this model: {msg}") from None
@@ -275,6 +276,7 @@ def export_torchscript(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, des
         try:
             ts = torch.jit.script(model) if cfg.torchscript_mode == "script" else torch.jit.trace(model, (x,))
         except Exception as e:  # noqa: BLE001 - scripting errors are many kinds
+            reraise_interrupt(e)
             raise StageFailed(f"TorchScript {cfg.torchscript_mode} failed: {str(e).strip().splitlines()[0]}") from None
         ts = torch.jit.freeze(ts.eval())
     extra = {"cnnpack.json": json.dumps(metadata(spec, cfg))}

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.errors import RuntimeUnavailable, StageFailed, UserInputError
+from cnnpack.errors import RuntimeUnavailable, StageFailed, UserInputError, reraise_interrupt
 
 NAMES = ("INPUT__0", "OUTPUT__0")  # Triton's PyTorch backend: ordinal names, for torch_aoti as for TorchScript
 INSTALL = "install one (`apt-get install g++`) or set CXX to a C++ compiler"
@@ -105,6 +105,7 @@ def capture(model, example, *, max_batch: int | None):
     try:
         return torch.export.export(model, (example,), dynamic_shapes=dynamic)
     except Exception as e:  # noqa: BLE001 - torch.export raises many kinds (dynamo, symbolic shapes, user errors)
+        reraise_interrupt(e)
         raise UserInputError(f"--format pt2: torch.export cannot capture this model: {capture_error(e)}; "
                              "the other formats do not depend on it") from None
 
@@ -143,6 +144,7 @@ def compile_package(program, dest: Path, *, metadata: dict[str, str], configs: d
         cxx = find_compiler()  # names what is missing; if it finds one, inductor disagreed with it
         raise UserInputError(f"--format pt2: AOTInductor found no working C++ compiler (tried {cxx}); {INSTALL}") from None
     except Exception as e:  # noqa: BLE001 - inductor's lowering and the C++ compiler fail in many ways
+        reraise_interrupt(e)
         if why := compiler_fails():  # a compiler that runs but writes nothing (CXX=true): inductor's IndexError
             raise UserInputError(f"--format pt2: the C++ compiler does not work: {why}; {INSTALL}") from None
         line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)

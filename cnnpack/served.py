@@ -21,7 +21,7 @@ import numpy as np
 from cnnpack.client import PROTOCOL_NAMES
 from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.loadclient import check_concurrency
-from cnnpack.rundir import Run, atomic_write_json
+from cnnpack.rundir import Run, atomic_write_json, now, sha256
 
 OUTPUT = "served.json"
 PROTOCOL = "grpc"  # classification and parity through the server
@@ -153,15 +153,16 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
                                              "server_compute_ms_mean", "errors", "load_generator", "stable")}
                        for r in rows],
               "config": asdict(cfg)}
-    with run.committing():  # served.json and its record as one step
-        atomic_write_json(run.file(OUTPUT), result)
-        run.set_stage("served", {"status": "ok", **{k: v for k, v in result.items() if k != "server"},
-                                 "server_version": server_info["version"], "server_load_s": server_info["load_s"],
-                                 "server_peak_rss_bytes": server_info["peak_rss_bytes"],
-                                 # what was served: the report tells it apart from a repository laid out since
-                                 "repository": t["repository"],
-                                 "versions": {m["name"]: m["version"] for m in server_info["models"]},
-                                 "outputs": {"served_json": run.file_record(run.file(OUTPUT))}})
+    section = {"status": "ok", **{k: v for k, v in result.items() if k != "server"},
+               "server_version": server_info["version"], "server_load_s": server_info["load_s"],
+               "server_peak_rss_bytes": server_info["peak_rss_bytes"],
+               # what was served: the report tells it apart from a repository laid out since
+               "repository": t["repository"], "versions": {m["name"]: m["version"] for m in server_info["models"]}}
+    with run.staged_outputs(OUTPUT) as staged:  # served.json and its record as one step (a full disk: the old back)
+        atomic_write_json(staged[OUTPUT], result)
+        section["outputs"] = {"served_json": {"path": OUTPUT, "sha256": sha256(staged[OUTPUT])}}
+        run.commit([(staged[OUTPUT], run.file(OUTPUT))],
+                   lambda m: m.setdefault("stages", {}).__setitem__("served", {"updated": now(), **section}))
     return run.read()["stages"]["served"]
 
 

@@ -49,9 +49,9 @@ from cnnpack.contracts import (  # noqa: F401 - re-exported
     tensor_stats,
     tolerances,
 )
-from cnnpack.errors import ParityError, RuntimeUnavailable, UserInputError, shell
+from cnnpack.errors import ParityError, RuntimeUnavailable, StageFailed, UserInputError, shell
 from cnnpack.host import check_device, exact_fp32
-from cnnpack.rundir import Run, atomic_write_json, library_versions, sha256
+from cnnpack.rundir import Run, atomic_write_json, library_versions, now, sha256
 from cnnpack.runtimes import fit_batch_sizes
 from cnnpack.verify_kept import keep_earlier
 
@@ -368,15 +368,27 @@ def _load_targets(plan, say) -> tuple[list[tuple[Target, object, list[int]]], li
 
 # -- the stage -------------------------------------------------------------------------------
 def _record(run: Run, cfg: VerifyConfig, result: dict) -> dict:
-    out = run.file(OUTPUT)
-    with run.committing():  # verify.json and its record: a Ctrl-C waits for both
-        atomic_write_json(out, result)
-        section = {"status": "ok" if result["passed"] else "failed", "passed": result["passed"],
-                   "formats": by_format(result["results"]), "skipped": result["skipped"],
-                   "failures": result["failures"], "reference": result["reference"], "data": result["data"],
-                   "artifacts": result["artifacts"], "config": result["config"],
-                   "outputs": {"verify_json": run.file_record(out)}}
-        run.set_stage("verify", section)
+    """verify.json and `stages.verify` as one step (`Run.commit`: a disk that fills on the record puts the old
+    verify.json back), refused where an artifact was exported again while verify ran: the digests it records are
+    the manifest's when it began, the files it loaded (an `export` that finished meanwhile had its new file's
+    digest recorded as verified)."""
+    section = {"status": "ok" if result["passed"] else "failed", "passed": result["passed"],
+               "formats": by_format(result["results"]), "skipped": result["skipped"],
+               "failures": result["failures"], "reference": result["reference"], "data": result["data"],
+               "artifacts": result["artifacts"], "config": result["config"]}
+
+    def record(m: dict) -> None:
+        now_arts = m.get("stages", {}).get("export", {}).get("artifacts", {})
+        if moved := [a["path"] for f, a in result["artifacts"].items()
+                     if (now_arts.get(f) or {}).get("sha256") != a["sha256"]]:
+            raise StageFailed(f"{', '.join(moved)} changed while verify ran (exported again?); nothing was recorded: "
+                              f"run `cnnpack verify --run {shell(run.path)}` again")
+        m.setdefault("stages", {})["verify"] = {"updated": now(), **section}
+
+    with run.staged_outputs(OUTPUT) as staged:
+        atomic_write_json(staged[OUTPUT], result)
+        section["outputs"] = {"verify_json": {"path": OUTPUT, "sha256": sha256(staged[OUTPUT])}}
+        run.commit([(staged[OUTPUT], run.file(OUTPUT))], record)
     return section
 
 
@@ -394,9 +406,10 @@ def verify(run_dir: str | Path, cfg: VerifyConfig = VerifyConfig(), *, targets: 
     cfg.validate()
     run = Run.open(run_dir)
     run.check_writable()  # a run it cannot write to fails now, not after the work
+    arts = run.read().get("stages", {}).get("export", {}).get("artifacts", {})  # what is loaded: recorded as such
     plan = _plan(run, cfg, tuple(targets))
     results, skipped, eager, val, spread = _check_plan(run, cfg, plan, progress)
-    result = _result(run, cfg, results, skipped, eager, val, spread)
+    result = _result(run, cfg, results, skipped, eager, val, spread, arts)
     if cfg.formats:  # a subset: the other formats keep their earlier verdicts
         result = keep_earlier(run, result, OUTPUT)
     _record(run, cfg, result)
@@ -432,8 +445,8 @@ def check(run: Run, cfg: VerifyConfig, targets: tuple[Target, ...]) -> list[dict
 
 
 def _result(run: Run, cfg: VerifyConfig, results: list[dict], skipped: list[dict], eager,
-            val: Validation | None, spread: tuple[float, int] = (float("inf"), 0)) -> dict:
-    arts = run.read().get("stages", {}).get("export", {}).get("artifacts", {})
+            val: Validation | None, spread: tuple[float, int] = (float("inf"), 0), arts: dict | None = None) -> dict:
+    arts = run.read().get("stages", {}).get("export", {}).get("artifacts", {}) if arts is None else arts
     eager_acc = float((val.eager_logits.argmax(1) == val.labels).mean()) if val is not None else None
     notes = [] if val is not None else ["no validation data (a run made by `cnnpack export --arch`): tensor parity on "
                                         "random inputs only; pass --data to check task parity too"]

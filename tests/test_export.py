@@ -203,6 +203,26 @@ def test_an_onnx_export_failure_names_the_error_torch_onnx_wraps():
     assert _first_line(ValueError()) == "ValueError"
 
 
+def test_a_ctrl_c_inside_torch_s_lazy_import_is_an_interrupt_not_a_failed_export(tiny_run, tmp_path, monkeypatch):
+    """SIGINT during `cnnpack export` came out as "ONNX export (dynamo, opset 18) failed: module 'torch._dynamo' has
+    no attribute 'exc'", exit 1: the KeyboardInterrupt was the context of the AttributeError torch then raised."""
+    import cnnpack.export as ex
+
+    def interrupted_import(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'") from None  # a context, not a cause
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = (run / "cnnpack.json").read_bytes()
+    monkeypatch.setattr(ex, "_onnx_export", interrupted_import)
+    with pytest.raises(KeyboardInterrupt):
+        export(run, ExportConfig(formats=("onnx",)))
+    assert (run / "cnnpack.json").read_bytes() == before and not list(run.glob("export/*.onnx"))
+
+
 def test_weights_file_round_trip(tmp_path):
     """--weights FILE: the exported model computes with exactly those weights."""
     from cnnpack.models import build_model

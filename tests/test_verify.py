@@ -352,6 +352,43 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(exported):
         "use sizes <= 16 or re-export with --max-batch-size 64"]
 
 
+def test_an_artifact_exported_again_while_verify_ran_is_not_recorded_as_verified(exported, tmp_path, monkeypatch):
+    """`verify` beside `export`: the new file's digest was recorded as verified, though verify had checked the old
+    one. And a record that fails (a full disk) puts the earlier verify.json back, beside its own record."""
+    import errno
+
+    import cnnpack.verify as v
+    from cnnpack.errors import StageFailed
+    from cnnpack.rundir import Run
+
+    run_dir = _copy(exported, tmp_path, "run")
+    verify(run_dir, VerifyConfig(formats=("onnx",), batch_sizes=(1,)))
+    before = (run_dir / "verify.json").read_bytes(), json.loads((run_dir / "cnnpack.json").read_text())["stages"]
+    checked = v._check_plan
+
+    def meanwhile(run, *args):  # an export that finished while the checks ran
+        out = checked(run, *args)
+        run.update(lambda m: m["stages"]["export"]["artifacts"]["onnx"].update(sha256="0" * 64))
+        return out
+
+    monkeypatch.setattr(v, "_check_plan", meanwhile)
+    with pytest.raises(StageFailed, match=r"^export/model.onnx changed while verify ran \(exported again\?\); nothing "
+                                          r"was recorded: run `cnnpack verify --run .*` again$"):
+        verify(run_dir, VerifyConfig(formats=("onnx",), batch_sizes=(1, 2)))
+    after = json.loads((run_dir / "cnnpack.json").read_text())["stages"]
+    assert (run_dir / "verify.json").read_bytes() == before[0] and after["verify"] == before[1]["verify"]
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".verify")]
+    monkeypatch.setattr(v, "_check_plan", checked)
+
+    def full(self, fn):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.manifest_path))
+
+    monkeypatch.setattr(Run, "update", full)
+    with pytest.raises(OSError, match="No space left"):
+        verify(run_dir, VerifyConfig(formats=("torchscript",), batch_sizes=(1,)))
+    assert (run_dir / "verify.json").read_bytes() == before[0]  # it was the new one, beside the old record
+
+
 def test_a_served_model_s_batch_limit_names_triton_not_a_re_export():
     """It said to re-export with --max-batch-size: the limit was `cnnpack triton --max-batch-size 1`'s (the export
     took 64), so re-exporting changed nothing."""
