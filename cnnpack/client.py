@@ -15,6 +15,7 @@ server that fails later is a failed stage (exit 1).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import time
 import urllib.parse
@@ -72,6 +73,18 @@ def host_and_port(address: str) -> tuple[str, int]:
     """The host (IPv6 without its brackets) and port of an `address` result."""
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def _quiet_gevent_interrupts() -> None:
+    """tritonclient.http runs its calls in gevent, whose hub prints a Ctrl-C that lands in one of its greenlets (a
+    traceback's last line and a timestamp, above cnnpack's "error: interrupted") before raising it in the caller as
+    it should: it is not printed (it is still raised)."""
+    with contextlib.suppress(Exception):  # another gevent: it prints, nothing worse
+        import gevent
+
+        hub = gevent.get_hub()
+        if not issubclass(KeyboardInterrupt, hub.NOT_ERROR):
+            hub.NOT_ERROR = (*hub.NOT_ERROR, KeyboardInterrupt)
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:
@@ -214,6 +227,7 @@ class Client:
         if protocol == "http":
             self._client = self.lib.InferenceServerClient(self.address, connection_timeout=timeout_s,
                                                           network_timeout=timeout_s)
+            _quiet_gevent_interrupts()
             self._timeout: dict = {}
         else:
             self._client = self.lib.InferenceServerClient(self.address)

@@ -311,6 +311,9 @@ def _withdraw(root: Path, done: list[Published], before: dict[str, dict[str, byt
             put_back(folder, p.set_aside)
         try:  # the error on its way out is the one to report; each model gets its own files back, as far as it can
             for file, data in (files or {}).items():  # config.pbtxt and labels.txt, as the old versions fit them
+                with contextlib.suppress(OSError):
+                    if (folder / file).read_bytes() == data:  # untouched (a read-only repository): nothing to put back
+                        continue
                 atomic_write_bytes(folder / file, data)
         except OSError as e:
             sys.stderr.write(f"warning: could not put back {folder}'s own files: {e}\n")

@@ -325,7 +325,7 @@ def test_a_run_whose_manifest_cannot_be_written_leaves_the_repository_alone(run,
     assert not (tmp_path / "repo").exists()
 
 
-def test_versions_the_manifest_could_not_record_are_taken_out_again(run, tmp_path, monkeypatch):
+def test_versions_the_manifest_could_not_record_are_taken_out_again(run, tmp_path, monkeypatch, capsys):
     """The disk filled between the check and the record: Triton serves the latest version, so one left there
     unrecorded would be served unverified."""
     repo = tmp_path / "repo"
@@ -350,6 +350,19 @@ def test_versions_the_manifest_could_not_record_are_taken_out_again(run, tmp_pat
     monkeypatch.setattr(tr, "publish", second_fails)
     with pytest.raises(StageFailed, match="No space left"):
         build(run, TritonConfig(repository=str(repo), name="clf", max_batch_size=8, ensemble=True))
+    assert _tree(repo) == before
+
+    def read_only(root, draft, **kw):
+        raise StageFailed(f"{root / draft.name}: Read-only file system")
+
+    def cannot_write(path, data):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(tr, "publish", read_only)
+    monkeypatch.setattr(tr, "atomic_write_bytes", cannot_write)
+    with pytest.raises(StageFailed, match="Read-only file system"):
+        build(run, TritonConfig(repository=str(repo), name="clf", max_batch_size=8, ensemble=True))
+    assert "could not put back" not in capsys.readouterr().err  # nothing had changed: said as if it had
     assert _tree(repo) == before
 
 
