@@ -30,6 +30,33 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["cnnpack.json"]
 
 
+def test_what_a_killed_process_staged_is_removed_by_the_next_write_beside_it(tmp_path):
+    """SIGKILL during `cnnpack export` left export/.model.onnx.<random>.tmp (a partial model) for good, a rerun's
+    success included. A live process's staged file stays (another command at work), and so does one not named by
+    cnnpack."""
+    import subprocess
+    import sys
+
+    from cnnpack.rundir import _owner, staged_beside
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now (reused in the instant between: then kept, as any live one's)
+    host = _owner().split("_")[0]
+    killed = tmp_path / f".model.onnx.{host}_{dead.pid}_k1ll3d.tmp"
+    killed.write_bytes(b"half a model")
+    folder = tmp_path / f".model.onnx.{host}_{dead.pid}_f0ld3r.staged"
+    (folder / "1").mkdir(parents=True)
+    live = tmp_path / f".model.onnx.{host}_{os.getppid()}_al1ve.tmp"
+    live.write_bytes(b"at work")
+    other = tmp_path / ".model.onnx.user.tmp"
+    other.write_bytes(b"not ours")
+    with atomic_path(tmp_path / "model.onnx") as tmp:
+        assert tmp.name.startswith(f".model.onnx.{_owner()}")
+        tmp.write_text("the model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.onnx", live.name, other.name])
+    staged_beside(tmp_path / "model.onnx").unlink()
+
+
 _ART = {"path": "export/model.onnx", "sha256": "0" * 64, "max_batch_size": 64,
         "input": {"name": "input", "dtype": "float32", "shape": [-1, 3, 32, 32]},
         "output": {"name": "logits", "dtype": "float32", "shape": [-1, 2]}}
