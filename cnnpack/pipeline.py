@@ -143,8 +143,8 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
     except CnnpackError as e:
         _mark_failed(run, stage.name, str(e), status="interrupted" if e.exit_code == 130 else "failed")
         if e.exit_code == 130:  # Ctrl-C during training: the next pipeline run resumes it
-            raise Interrupted(f"pipeline interrupted in stage {stage.name}: {str(e).split('; continue with')[0]}; "
-                              f"{_again(force)}") from None
+            said = re.split(r"; (?:continue with|start again with) `cnnpack train", str(e))[0]  # train's own advice
+            raise Interrupted(f"pipeline interrupted in stage {stage.name}: {said}; {_again(force)}") from None
         pointer = stage.output(run)
         named = re.search(re.escape(str(pointer)) + r"(?![\w/.-])", str(e))  # verify's names verify.json itself
         see = f" (see {pointer})" if Path(pointer).exists() and not named else ""  # no manifest: train failed first
