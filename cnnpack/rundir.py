@@ -98,36 +98,45 @@ def scratch_beside(dest: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def _owner() -> str:
-    """This process, as the names of its staged files carry it: a hash of the host's name and the pid."""
+def owner_tag() -> str:
+    """This process, as the names of its staged files (and serve's scratch folder) carry it: a hash of the host's
+    name and the pid, `<hash>_<pid>_`."""
     import socket
     import zlib
 
     return f"{zlib.crc32(socket.gethostname().encode()) & 0xFFFF:04x}_{os.getpid()}_"
 
 
-def _remove_dead_owners(dest: Path) -> None:
-    """The staged files and folders beside `dest` of processes of this host that are gone (SIGKILL, out of memory:
-    a partial model.onnx stayed hidden in export/ for good, a rerun's success included). A live one's stay, and so
-    does another host's (a shared folder: its pid says nothing here)."""
+def owner_gone(name: str, prefix: str) -> bool:
+    """Whether `name` (`<prefix><owner_tag>...`) is of a process of this host that is gone (SIGKILL, out of memory).
+    A live one's is not, nor another host's (a shared folder: its pid says nothing here), nor a name without a tag."""
     import re
+
+    m = re.match(rf"{re.escape(prefix)}([0-9a-f]{{4}})_(\d+)_", name)
+    if m is None or m.group(1) != owner_tag().split("_")[0] or int(m.group(2)) == os.getpid():
+        return False
+    try:
+        os.kill(int(m.group(2)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's live process; a pid no process can have
+        pass
+    return False
+
+
+def _remove_dead_owners(dest: Path) -> None:
+    """The staged files and folders beside `dest` of processes that are gone (`owner_gone`): a SIGKILLed export left
+    a partial model.onnx hidden in export/ for good, a rerun's success included."""
     import shutil
 
-    host = _owner().split("_")[0]
-    pattern = re.compile(rf"\.{re.escape(dest.name)}\.{host}_(\d+)_\w+(\..*)?")
     with contextlib.suppress(OSError):
         for sib in dest.parent.iterdir():
-            if (m := pattern.fullmatch(sib.name)) is None or int(m.group(1)) == os.getpid():
+            if not owner_gone(sib.name, f".{dest.name}."):
                 continue
-            try:
-                os.kill(int(m.group(1)), 0)
-            except ProcessLookupError:
-                if sib.is_dir() and not sib.is_symlink():
-                    shutil.rmtree(sib, ignore_errors=True)
-                else:
-                    _unlink(sib)
-            except (PermissionError, OverflowError):  # another user's live process; a pid no process can have
-                pass
+            if sib.is_dir() and not sib.is_symlink():
+                shutil.rmtree(sib, ignore_errors=True)
+            else:
+                _unlink(sib)
 
 
 def _unlink(path: Path) -> None:
@@ -138,14 +147,14 @@ def _unlink(path: Path) -> None:
 def staged_beside(dest: Path, *, folder: bool = False, suffix: str = ".staged") -> Path:
     """A new empty file (or folder) beside `dest`, readable by others as the umask allows (mkstemp's 0600 would hide
     a model from a container's other user), for `Run.commit` to put in place; the caller removes it otherwise. Its
-    name carries its owner (`_owner`): the next one beside `dest` removes those of killed processes."""
+    name carries its owner (`owner_tag`): the next one beside `dest` removes those of killed processes."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_owners(dest)
     if folder:
-        path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{_owner()}", suffix=suffix, dir=dest.parent))
+        path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{owner_tag()}", suffix=suffix, dir=dest.parent))
         os.chmod(path, 0o777 & ~_UMASK)
         return path
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{_owner()}", suffix=suffix, dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{owner_tag()}", suffix=suffix, dir=dest.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)
     return Path(tmp)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error
 from cnnpack.ports import Ports, bind_address, check_port, free_ports, url_host
-from cnnpack.rundir import MANIFEST
+from cnnpack.rundir import MANIFEST, owner_gone, owner_tag
 from cnnpack.triton_dist import TritonDist, build_backend_dir, check_stub, locate, server_env
 from cnnpack.triton_publish import stray_folders
 from cnnpack.triton_release import local_repository
@@ -39,6 +39,20 @@ def repository_of(run_dir: str | Path) -> str:
     from cnnpack.rundir import Run
 
     return Run.open(run_dir).stage("triton", required_by="serve")["repository"]
+
+
+SCRATCH_PREFIX = "cnnpack-serve-"
+
+
+def _remove_dead_scratch() -> None:
+    """The scratch folders (backends, the log) of `cnnpack serve`s that were killed (SIGKILL): not removed by them,
+    they stayed in the temp folder for good. Their server may outlive them a little: only those an hour old go."""
+    root = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for folder in root.glob(f"{SCRATCH_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                if owner_gone(folder.name, SCRATCH_PREFIX) and time.time() - folder.stat().st_mtime > 3600:
+                    shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- configuration and results ---------------------------------------------------------------------
@@ -222,7 +236,8 @@ class TritonServer:
         repo = self._check_repository()
         dist = locate()
         env = server_env(dist)
-        self._tmp = Path(tempfile.mkdtemp(prefix="cnnpack-serve-"))
+        _remove_dead_scratch()
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{owner_tag()}"))
         try:
             self.backend_dir = self._backend_dir(dist, env)
             repo = local_repository(repo, self._tmp / "repository")  # pt2 models: a 2.51-readable config beside them

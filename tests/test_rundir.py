@@ -37,11 +37,11 @@ def test_what_a_killed_process_staged_is_removed_by_the_next_write_beside_it(tmp
     import subprocess
     import sys
 
-    from cnnpack.rundir import _owner, staged_beside
+    from cnnpack.rundir import owner_tag, staged_beside
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid is free now (reused in the instant between: then kept, as any live one's)
-    host = _owner().split("_")[0]
+    host = owner_tag().split("_")[0]
     killed = tmp_path / f".model.onnx.{host}_{dead.pid}_k1ll3d.tmp"
     killed.write_bytes(b"half a model")
     folder = tmp_path / f".model.onnx.{host}_{dead.pid}_f0ld3r.staged"
@@ -51,7 +51,7 @@ def test_what_a_killed_process_staged_is_removed_by_the_next_write_beside_it(tmp
     other = tmp_path / ".model.onnx.user.tmp"
     other.write_bytes(b"not ours")
     with atomic_path(tmp_path / "model.onnx") as tmp:
-        assert tmp.name.startswith(f".model.onnx.{_owner()}")
+        assert tmp.name.startswith(f".model.onnx.{owner_tag()}")
         tmp.write_text("the model")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.onnx", live.name, other.name])
     staged_beside(tmp_path / "model.onnx").unlink()

@@ -127,6 +127,26 @@ def infer(server, protocol: str, model: str, x: np.ndarray, class_count: int = 0
     return result.as_numpy(out)
 
 
+def test_a_killed_serve_s_scratch_folder_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    """SIGKILL of `cnnpack serve` (or of a pipeline in its served stage) left /tmp/cnnpack-serve-*/ for good."""
+    import tempfile
+
+    from cnnpack.rundir import owner_tag
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = owner_tag().split("_")[0]
+    old, fresh, live = (tmp_path / f"{serve.SCRATCH_PREFIX}{host}_{pid}_{n}" for pid, n in
+                        ((dead.pid, "old"), (dead.pid, "fresh"), (os.getppid(), "live")))
+    for folder in (old, fresh, live):
+        (folder / "backends").mkdir(parents=True)
+    for folder in (old, live):
+        os.utime(folder, (time.time() - 7200, time.time() - 7200))
+    serve._remove_dead_scratch()
+    assert not old.exists() and fresh.exists() and live.exists()  # a fresh one's server may still be stopping
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("model", list(MODELS))
 def test_served_logits_equal_eager(server, net, model, protocol):
