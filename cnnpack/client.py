@@ -289,20 +289,22 @@ class Client:
             raise UserInputError(f"Triton at {self.url} is up but not ready (models still loading?); retry shortly")
         return self
 
-    def model_index(self) -> dict[str, str]:
-        """Every model of the server's repository -> its state ("READY"; "" for a folder it has not loaded, as one
-        laid out after `cnnpack serve` started: Triton's index gives such a model no state)."""
+    def model_index(self) -> dict[str, tuple[str, str]]:
+        """Every model of the server's repository -> (its state, why): ("READY", ""); ("UNAVAILABLE", the load
+        error); ("", "") for a folder the server has not loaded (laid out after it started, or left out under
+        explicit model control: Triton's index gives such a model no state)."""
         index = self._call("listing the repository", self._client.get_model_repository_index,
                            **({"as_json": True} if self.protocol == "grpc" else {}))
         rows = index.get("models", []) if isinstance(index, dict) else index
-        states: dict[str, str] = {}
+        states: dict[str, tuple[str, str]] = {}
         for m in rows:  # one row per version: a model is ready where any version is
-            states[m["name"]] = "READY" if "READY" in (states.get(m["name"]), m.get("state")) else m.get("state", "")
+            if states.get(m["name"], ("",))[0] != "READY":
+                states[m["name"]] = (m.get("state", ""), m.get("reason", ""))
         return states
 
     def model_names(self) -> list[str]:
         """The models the server has loaded (ready)."""
-        return sorted(n for n, state in self.model_index().items() if state == "READY")
+        return sorted(n for n, (state, _) in self.model_index().items() if state == "READY")
 
     def versions(self, name: str) -> list[str]:
         """The versions of model `name` the server has ready (its metadata); a request without a version reaches
@@ -321,11 +323,13 @@ class Client:
         except self.errors as e:
             if "unknown model" in str(e).lower() or "not found" in str(e).lower():
                 index = self.model_index()
-                ready = ", ".join(sorted(n for n, state in index.items() if state == "READY")) or "none"
-                if name in index:  # laid out after the server started: Triton polls no repository here
+                ready = ", ".join(sorted(n for n, (state, _) in index.items() if state == "READY")) or "none"
+                if name in index:  # laid out after the server started, left out (explicit control), or it failed
+                    state, why = index[name]
+                    said = f"{state}: {why}" if why else state or "laid out after it started, or not loaded"
                     raise UserInputError(f"Triton at {self.url} has {name!r} in its repository but has not loaded it "
-                                         f"({index[name] or 'laid out after it started'}; ready: {ready}); restart "
-                                         "`cnnpack serve` to load it") from None
+                                         f"({said}; ready: {ready}); load it (restart `cnnpack serve`, or "
+                                         "--load-model under explicit model control)") from None
                 raise UserInputError(f"Triton at {self.url} serves no model {name!r} (ready: {ready}); pass --model"
                                      ) from None
             raise self.failure(f"reading the config of {name}", e) from None

@@ -50,15 +50,23 @@ class Tolerance:
     tie_eps: float | None = None  # a disagreement within this x the image's largest |logit| is a tie (TIE_EPS)
 
 
+def gate_damage(max_drop_pt, gate_agreement) -> str | None:
+    """What is wrong with a recorded quantize gate's figures (not numbers, negative, an agreement above 1), or None.
+    A drop above 100 points is no damage: quantize took any drop >= 0 before it capped --max-drop at 100."""
+    for key, value, high in (("max_drop_pt", max_drop_pt, float("inf")), ("min_agreement", gate_agreement, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= high):
+            return f"{key} {value!r}, expected a number from 0" + ("" if high == float("inf") else f" to {high}")
+    return None
+
+
 def int8_contract(given: float | None, max_drop_pt: float | None, gate_agreement: float | None) -> tuple[float, float, str]:
     """(top-1 agreement, top-1 drop in pt, whence the agreement) an int8 model is held to: the agreement `given`
     (--int8-min-agreement) where there is one, else its quantize gate's, else INT8_MIN_AGREEMENT; the gate's drop,
     else INT8_MAX_DROP_PT. Verify judges by it, and keeps an earlier int8 verdict only under it."""
-    for key, value, high in (("max_drop_pt", max_drop_pt, 100), ("min_agreement", gate_agreement, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0 <= value <= high):  # a manifest edited by hand: said, not a traceback
-            raise UserInputError(f"the int8 artifact's recorded quantize gate is damaged ({key} {value!r}, expected a "
-                                 f"number from 0 to {high}); quantize it again (`cnnpack quantize`)")
+    if why := gate_damage(max_drop_pt, gate_agreement):  # a manifest edited by hand: said, not a traceback
+        raise UserInputError(f"the int8 artifact's recorded quantize gate is damaged ({why}); quantize it again "
+                             "(`cnnpack quantize`)")
     drop = INT8_MAX_DROP_PT if max_drop_pt is None else max_drop_pt
     if given is not None:
         return given, drop, "as given"

@@ -229,14 +229,18 @@ def class_names(data: str) -> list[str] | None:
     if data.startswith("torchvision:") or not root.is_dir():
         return None
     train, val = split_dirs(root)
-    return [p.name for p in _class_dirs(train if train and val else root)]
+    names = [p.name for p in _class_dirs(train if train and val else root)]
+    if not (train and val) and any(n in ("train", "val") for n in names):  # one split alone: the loader says so
+        return None
+    return names
 
 
-def check_torchvision_options(data: str, data_root: str | None, download: bool) -> None:
-    """--data-root and --download name where a torchvision data set lies: with other data they were ignored."""
+def check_torchvision_options(data: str, data_root: str | None, download: bool, what: str = "--data is") -> None:
+    """--data-root and --download name where a torchvision data set lies: with other data they were ignored.
+    `what`: how the message names `data` (the run's own, where no --data was given)."""
     if (data_root is not None or download) and not data.startswith("torchvision:"):
         flag = "--data-root" if data_root is not None else "--download"
-        raise UserInputError(f"{flag} is for torchvision:NAME data sets, and --data is {data!r}; drop {flag}")
+        raise UserInputError(f"{flag} is for torchvision:NAME data sets, and {what} {data!r}; drop {flag}")
 
 
 def training_images_at_most(data: str, *, val_fraction: float = 0.2) -> int | None:

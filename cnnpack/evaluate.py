@@ -36,7 +36,8 @@ def dataset_of(run: Run, data: str | None, *, data_root: str | None = None, down
     source = data or cfg.get("data")
     if not source:
         raise UserInputError(f"{run.path} was not trained by cnnpack; pass --data to say what to evaluate on")
-    check_torchvision_options(source, data_root, download)  # the user's: the run's own root is only a default
+    # the user's options: the run's own root is only a default
+    check_torchvision_options(source, data_root, download, "--data is" if data else "the run's data is")
     d = load_data(source, spec["image_size"], seed=cfg.get("seed", 0), val_fraction=cfg.get("val_fraction", 0.2),
                   data_root=data_root or cfg.get("data_root"), download=download)
     if _is_own(data, cfg.get("data")):

@@ -37,8 +37,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB" and "transparency" not in img.info:  # a tRNS colour key is transparency too
         return img
     if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer and float grayscale (PNG, TIFF)
-        img = Image.fromarray(gray8(img), "L")
-    if img.mode == "P" or (img.mode in ("L", "RGB") and "transparency" in img.info):
+        key = img.info.get("transparency")  # a 16-bit PNG's tRNS key: matched on the 16-bit values, not the 8
+        gray = Image.fromarray(gray8(img), "L")
+        img = (Image.merge("LA", (gray, Image.fromarray(np.where(np.asarray(img) == key, 0, 255).astype(np.uint8))))
+               if isinstance(key, int) else gray)
+    if img.mode == "P" or (img.mode in ("1", "L", "RGB") and "transparency" in img.info):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):
         bg = Image.new("RGB", img.size, (255, 255, 255))

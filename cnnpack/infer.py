@@ -161,12 +161,12 @@ def infer(paths: list[str | Path], cfg: InferConfig) -> dict:
         raise UserInputError(f"no such file: {missing[0]}{more}; nothing was sent")
     from cnnpack.triton_config import PREPROCESS, classifier_of
 
+    if cfg.ensemble and cfg.model.endswith(PREPROCESS):  # a step of an ensemble: the classifier names it
+        raise UserInputError(f"{cfg.model} is the image ensemble's preprocessing step, not a classifier: pass "
+                             f"--ensemble --model {classifier_of(cfg.model)}")
     with Client(cfg.url, cfg.protocol, timeout_s=cfg.timeout_s) as client:
         client.check_ready()
         target, names = cfg.target, client.model_names() if cfg.ensemble else []
-        if cfg.ensemble and cfg.model.endswith(PREPROCESS):  # a step of an ensemble: the classifier names it
-            raise UserInputError(f"{cfg.model} is the image ensemble's preprocessing step, not a model to ask; pass "
-                                 f"--ensemble --model {classifier_of(cfg.model)}")
         if cfg.ensemble and cfg.model.endswith("_image") and target not in names:
             target = cfg.model  # `--model cnn_onnx_image --ensemble`: the ensemble named as served
         if cfg.ensemble and target != cfg.model and target not in names and cfg.model in names:

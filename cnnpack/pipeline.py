@@ -82,35 +82,32 @@ def _earlier_models(run: Run, repository: Path, laid: list[str]) -> list[str]:
                   and classifier_of(p.name) not in laid and here in laid_out_from(p))
 
 
-# a triton stage's config settings and the `cnnpack triton` option that sets each (max_batch_size: the laid-out one)
+# the settings of a triton stage's config and the `cnnpack triton` option that sets each
 _TRITON_FLAGS = {"device": "--device", "instances": "--instances", "max_batch_size": "--max-batch-size",
                  "preferred_batch_sizes": "--preferred-batch-sizes", "max_queue_delay_us": "--max-queue-delay-us",
                  "dynamic_batching": "--dynamic-batching", "threads": "--threads", "tensorrt": "--tensorrt",
                  "tensorrt_fp16": "--tensorrt-fp16", "warmup": "--warmup"}
 
 
-def _settings(section: dict) -> dict:
-    """As recorded (tuples as lists): a section just built and one read back from the manifest compare equal."""
-    return json.loads(json.dumps({**{k: (section.get("config") or {}).get(k) for k in _TRITON_FLAGS},
-                                  "max_batch_size": section.get("max_batch_size")}))
-
-
 def _option(key: str, value) -> str:
     flag = _TRITON_FLAGS[key]
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, bool):
         return flag if value else flag.replace("--", "--no-", 1)
-    return f"{flag} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 def _settings_replaced(run: Run, before: dict, sections: list[dict]) -> str:
     """A note where the pipeline laid out again a model that `cnnpack triton` had laid out since with other settings
-    (--threads 4): they are replaced by the pipeline's, which the stage would not say otherwise."""
+    (--threads 4): they are replaced by the pipeline's, which the stage would not say otherwise. Judged by the
+    options as given (the pipeline's own earlier layout gives none of them; a max batch size it did not set is the
+    export's), each as recorded (a setting an older cnnpack did not record is not one the user gave)."""
     new = next((s for s in sections if s.get("name") == before.get("name")
                 and s.get("repository") == before.get("repository")), None)
     if new is None or before.get("status") != "ok":
         return ""
-    old, now = _settings(before), _settings(new)
-    if not (changed := [k for k in _TRITON_FLAGS if old[k] != now[k] and not (k == "tensorrt" and old[k] is None)]):
+    old, mine = (json.loads(json.dumps({k: (sec.get("config") or {}).get(k) for k in _TRITON_FLAGS}))
+                 for sec in (before, new))  # tuples as lists: a section just built and one read back compare equal
+    if not (changed := [k for k in _TRITON_FLAGS if old[k] is not None and old[k] != mine[k]]):
         return ""
     options = " ".join(_option(k, old[k]) for k in changed)
     again = (f"cnnpack triton --run {shell(run.path)} --repository {shell(new['repository'])} --format "

@@ -99,20 +99,28 @@ def scratch_beside(dest: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
 
 
 def owner_tag() -> str:
-    """This process, as the names of its staged files (and serve's scratch folder) carry it: a hash of the host's
-    name and the pid, `<hash>_<pid>_`."""
+    """This process, as the names of its staged files (and serve's scratch folder) carry it: `<where>_<pid>_`, where
+    `<where>` hashes the machine's boot (its hostname where there is no /proc) and the pid namespace: a pid means the
+    same process only to processes of the same kernel and namespace (a container of another namespace on this host
+    sees another process, or none, under it)."""
     import socket
     import zlib
 
-    return f"{zlib.crc32(socket.gethostname().encode()) & 0xFFFF:04x}_{os.getpid()}_"
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        space = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot, space = socket.gethostname(), 0
+    return f"{zlib.crc32(f'{boot}:{space}'.encode()):08x}_{os.getpid()}_"
 
 
 def owner_gone(name: str, prefix: str) -> bool:
     """Whether `name` (`<prefix><owner_tag>...`) is of a process of this host that is gone (SIGKILL, out of memory).
-    A live one's is not, nor another host's (a shared folder: its pid says nothing here), nor a name without a tag."""
+    A live one's is not, nor another host's or pid namespace's (its pid says nothing here), nor a name without a
+    tag."""
     import re
 
-    m = re.match(rf"{re.escape(prefix)}([0-9a-f]{{4}})_(\d+)_", name)
+    m = re.match(rf"{re.escape(prefix)}([0-9a-f]{{8}})_(\d+)_", name)
     if m is None or m.group(1) != owner_tag().split("_")[0] or int(m.group(2)) == os.getpid():
         return False
     try:

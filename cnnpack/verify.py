@@ -51,7 +51,7 @@ from cnnpack.contracts import (  # noqa: F401 - re-exported
 )
 from cnnpack.errors import ParityError, RuntimeUnavailable, StageFailed, UserInputError, shell
 from cnnpack.host import check_device, exact_fp32
-from cnnpack.rundir import Run, atomic_write_json, library_versions, now, sha256
+from cnnpack.rundir import Run, artifact_digest, atomic_write_json, library_versions, now, sha256
 from cnnpack.runtimes import fit_batch_sizes
 from cnnpack.verify_kept import keep_earlier
 
@@ -379,8 +379,8 @@ def _record(run: Run, cfg: VerifyConfig, result: dict) -> dict:
 
     def record(m: dict) -> None:
         now_arts = m.get("stages", {}).get("export", {}).get("artifacts", {})
-        if moved := [a["path"] for f, a in result["artifacts"].items()
-                     if (now_arts.get(f) or {}).get("sha256") != a["sha256"]]:
+        if moved := [a["path"] for f, a in result["artifacts"].items()  # an IR's weights too (its .xml may be the same)
+                     if f not in now_arts or artifact_digest(now_arts[f]) != artifact_digest(a)]:
             raise StageFailed(f"{', '.join(moved)} changed while verify ran (exported again?); nothing was recorded: "
                               f"run `cnnpack verify --run {shell(run.path)}` again")
         m.setdefault("stages", {})["verify"] = {"updated": now(), **section}

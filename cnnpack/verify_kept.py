@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from cnnpack.artifacts import checkpoint_digest, other_source
-from cnnpack.contracts import int8_contract
+from cnnpack.contracts import gate_damage, int8_contract
 from cnnpack.rundir import Run, artifact_changed, artifact_digest, sha256
 
 
@@ -50,6 +50,8 @@ def _still_holds(r: dict, then: dict, now: dict, art: dict) -> bool:
     --int8-min-agreement given), set against the one it gets now; the others by the fp32 tolerances."""
     if r.get("precision") == "int8":
         tol, gate = r.get("tolerance", {}), art.get("gate", {})
+        if gate_damage(gate.get("max_drop_pt"), gate.get("min_agreement")):  # not kept: checked again, which says it
+            return False
         agree, drop, _ = int8_contract(now.get("int8_min_agreement"), gate.get("max_drop_pt"), gate.get("min_agreement"))
         had_agree, had_drop = tol.get("min_agreement"), tol.get("max_drop_pt")
         if had_agree is None or had_drop is None:  # recorded before int8 results kept their contract

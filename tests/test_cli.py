@@ -185,7 +185,7 @@ EXPECTED = {
     "bench-served-option-alone": "--concurrency is for a served model: give the server with --triton-url",
     "verify-empty-batch-sizes": "--batch-sizes is empty",
     "train-data-root-with-shapes": "--data-root is for torchvision:NAME data sets, and --data is 'shapes'; drop",
-    "evaluate-download-with-folder": "--download is for torchvision:NAME data sets, and --data is '/",
+    "evaluate-download-with-folder": "--download is for torchvision:NAME data sets, and the run's data is '/",
     "evaluate-root-with-other-folder": "--data-root is for torchvision:NAME data sets, and --data is '",
     "tune-undo-with-budget": "--undo restores the configs before any tune and stops; it takes no sweep options "
                              "(drop --latency-budget-ms)",

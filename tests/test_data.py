@@ -254,6 +254,11 @@ def test_colour_modes_become_rgb(tmp_path):
     keyed.save(keyed_l, transparency=0)  # a tRNS colour key: black is transparent (it stayed black)
     keyed_rgb = tmp_path / "keyed_rgb.png"
     keyed.convert("RGB").save(keyed_rgb, transparency=(0, 0, 0))
+    keyed_16 = tmp_path / "keyed_16.png"  # the key on the 16-bit values: 1 is opaque, though 8 bits make it 0 too
+    Image.fromarray(np.array([[0] * 20] * 10 + [[1] * 10 + [51400] * 10] * 10, np.uint16)).save(keyed_16,
+                                                                                                 transparency=0)
+    keyed_1 = tmp_path / "keyed_1.png"
+    Image.fromarray(np.array([[True] * 20] * 10 + [[False] * 20] * 10)).save(keyed_1, transparency=1)
 
     def px(path):
         arr = read_image(path, 8)
@@ -271,6 +276,9 @@ def test_colour_modes_become_rgb(tmp_path):
     assert (px(la) == 255).all()
     for keyed in (keyed_l, keyed_rgb):
         assert px(keyed)[:, 1, 4].tolist() == [255, 255, 255] and px(keyed)[:, 6, 4].tolist() == [200, 200, 200]
+    assert px(keyed_16)[:, 1, 4].tolist() == [255] * 3 and px(keyed_16)[:, 6, 1].tolist() == [0] * 3
+    assert px(keyed_16)[:, 6, 6].tolist() == [200] * 3
+    assert px(keyed_1)[:, 1, 4].tolist() == [255] * 3 and px(keyed_1)[:, 6, 4].tolist() == [0] * 3
     unit = _save(Image.fromarray(np.full((20, 20), 0.5, np.float32)), tmp_path / "unit.tif")  # float in 0-1
     bytes32 = _save(Image.fromarray(np.full((20, 20), 200, np.int32)), tmp_path / "i32.tif")  # 32-bit holding 0-255
     assert (px(unit) == 128).all() and (px(bytes32) == 200).all()  # they were near black

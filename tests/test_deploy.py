@@ -485,7 +485,7 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     (["--queue-target-ms", "0.1"], "--queue-target-ms 0.1 is under 1 ms"),
     (["--replicas", "99999999999999999999"], "--replicas must be <= 2147483647"),
     (["--image", "reg.example.com/x@sha256:" + "0" * 64], "names a digest; deploy writes the command that builds"),
-    (["--model-store", "s3://My_Models/cnn"], "'My_Models' is not an S3 bucket name (3-63 lowercase letters"),
+    (["--model-store", "s3://my models/cnn"], "'my models' is not an S3 bucket name (3-255 letters"),
     (["--model-store", "as://acct/c/cnn"], "'c' is not an Azure container name"),
     (["--model-store", "s3://minio:9000/"], "names an endpoint but no bucket: e.g. s3://host:port/bucket/path"),
     (["--model-store", "s3://bkt/m", "--credentials-secret", "a", "--service-account", "b"],

@@ -116,8 +116,9 @@ def test_an_ensemble_is_not_a_pixel_runtime_and_a_missing_model_names_the_served
     try:
         for protocol in ("http", "grpc"):
             with pytest.raises(UserInputError, match=r"has 'cnn_later' in its repository but has not loaded it "
-                                                     r"\(laid out after it started; ready: cnn_onnx, .*\); restart "
-                                                     r"`cnnpack serve` to load it$") as e:
+                                                     r"\(laid out after it started, or not loaded; ready: cnn_onnx, "
+                                                     r".*\); load it \(restart `cnnpack serve`, or --load-model "
+                                                     r"under explicit model control\)$") as e:
                 _served(server, protocol, "cnn_later")
             assert "cnn_later," not in str(e.value) and not str(e.value).endswith("cnn_later")
     finally:
@@ -241,7 +242,7 @@ def test_cli_errors_are_one_line_with_exit_2(server, tmp_path):
     for args, said in ((["--model", "cnn_onnx_preprocess"], "cnn_onnx_preprocess is the image ensemble's preprocessing "
                                                           "step, not a classifier: pass --ensemble --model cnn_onnx"),
                        (["--model", "cnn_onnx_preprocess", "--ensemble"], "cnn_onnx_preprocess is the image "
-                        "ensemble's preprocessing step, not a model to ask; pass --ensemble --model cnn_onnx"),
+                        "ensemble's preprocessing step, not a classifier: pass --ensemble --model cnn_onnx"),
                        (["--model", "cnn_torchscript", "--ensemble"], "cnn_torchscript has no image ensemble on this "
                                                                      "server (cnn_torchscript_image is not served)")):
         out = _cli("infer", str(bad), *args, "--url", server.http_address)

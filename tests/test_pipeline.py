@@ -682,6 +682,9 @@ def test_the_triton_stage_says_which_settings_of_cnnpack_triton_it_replaced(tiny
                          "--no-dynamic-batching --threads 1` sets them again)"), said
     assert "instance_group" in (repo / "cnn_onnx" / "config.pbtxt").read_text()
     assert "count: 1" in (repo / "cnn_onnx" / "config.pbtxt").read_text()  # the pipeline's: one instance
+    # a record of an older cnnpack without a setting: not a setting the user gave ("--no-dynamic-batching")
+    Run.open(run_dir).update(lambda m: [m["stages"]["triton"]["config"].pop(k) for k in ("dynamic_batching", "threads")])
+    assert "cnnpack triton`" not in stages.run_triton(Run.open(run_dir))
 
 
 def test_an_interrupted_training_with_other_options_is_said_to_start_again(tiny_run, tmp_path, monkeypatch):

@@ -498,14 +498,15 @@ def test_preprocess_matches_training_pipeline(run, tmp_path, monkeypatch):
     Image.fromarray(np.linspace(0, 1, 30 * 30, dtype=np.float32).reshape(30, 30)).save(tmp_path / "f.tif")
     keyed = np.random.default_rng(2).integers(0, 4, (24, 24, 3), dtype=np.uint8) * 60
     Image.fromarray(keyed).save(tmp_path / "g.png", transparency=(0, 0, 0))  # a tRNS colour key: over white too
-    names = ("a.png", "b.png", "c.png", "d.png", "e.jpg", "f.tif", "g.png")
+    Image.fromarray(keyed[:, :, 0].astype(np.uint16) * 257).save(tmp_path / "h.png", transparency=0)  # 16-bit key
+    names = ("a.png", "b.png", "c.png", "d.png", "e.jpg", "f.tif", "g.png", "h.png")
     blobs = [[(tmp_path / n).read_bytes()] for n in names]
     good = _Req(image=np.array(blobs, dtype=object))
     bad = _Req(image=np.array([[b"not an image"]], dtype=object))
     broken = _Req(image=np.array([[broken_chunk_png()]], dtype=object))  # SyntaxError from Pillow
     ok, err, err2 = model.execute([good, bad, broken])  # requests in one call, as the dynamic batcher sends them
     (name, pixels), = ok.out
-    assert name == "pixels" and pixels.dtype == np.float32 and pixels.shape == (7, 3, 32, 32)
+    assert name == "pixels" and pixels.dtype == np.float32 and pixels.shape == (8, 3, 32, 32)
     for i, n in enumerate(names):
         np.testing.assert_array_equal(pixels[i], read_image(tmp_path / n, 32).astype(np.float32))
     assert err.out == [] and "cannot decode image" in err.error and "BytesIO" not in err.error

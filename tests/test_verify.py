@@ -78,10 +78,16 @@ def test_a_damaged_recorded_gate_is_one_error_line():
     """A cnnpack.json edited by hand ("min_agreement": "0.99") was a TypeError's traceback from verify."""
     from cnnpack.contracts import int8_contract
     from cnnpack.errors import UserInputError
+    from cnnpack.verify_kept import _still_holds
 
     assert int8_contract(None, 0.5, 0.99) == (0.99, 0.5, "the quantize gate")
+    assert int8_contract(None, 150, 0.9) == (0.9, 150, "the quantize gate")  # an earlier cnnpack took any drop >= 0
+    kept = {"precision": "int8", "passed": True, "tolerance": {"min_agreement": 0.9, "max_drop_pt": 150}}
+    assert _still_holds(kept, {}, {"int8_min_agreement": None}, {"gate": {"max_drop_pt": 150, "min_agreement": 0.9}})
+    assert not _still_holds(kept, {}, {"int8_min_agreement": None}, {"gate": {"max_drop_pt": "x"}})  # checked again
     for drop, agreement, said in ((0.5, "0.99", "min_agreement '0.99'"), (-1, 0.99, "max_drop_pt -1"),
-                                  (0.5, True, "min_agreement True"), (float("nan"), 0.99, "max_drop_pt nan")):
+                                  (0.5, True, "min_agreement True"), (float("nan"), 0.99, "max_drop_pt nan"),
+                                  (0.5, 1.5, "min_agreement 1.5")):
         with pytest.raises(UserInputError, match=rf"recorded quantize gate is damaged \({said}, expected a number"):
             int8_contract(None, drop, agreement)
 

@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -220,17 +219,18 @@ def usage_error(msg: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def given_options(command: Callable, values: dict, exclude: tuple[str, ...] = ()) -> list[str]:
-    """The flags of `command`'s options whose `values` (its arguments) differ from their defaults."""
-    import inspect
-
-    flags = []
-    for name, param in inspect.signature(command).parameters.items():
-        default = getattr(param.default, "default", param.default)  # a typer.Option's own default
-        if name not in exclude and name in values and values[name] != default:
-            decls = [d for d in getattr(param.default, "param_decls", ()) or () if d.startswith("--")]
-            flags.append(decls[0].split("/")[0] if decls else "--" + name.replace("_", "-"))
-    return flags
+def given_options(ctx: typer.Context, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """The options of the running command given on its command line (not left at their defaults): name -> the flag
+    as given (`--no-amp`, not `--amp`)."""
+    out = {}
+    for p in ctx.command.params:
+        if p.name in exclude or getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") in ("DEFAULT",
+                                                                                                  "DEFAULT_MAP"):
+            continue
+        value = ctx.params.get(p.name)
+        out[p.name] = (p.secondary_opts[0] if isinstance(value, bool) and not value and p.secondary_opts
+                       else p.opts[0])
+    return out
 
 
 def int_list(text: str, flag: str) -> tuple[int, ...]:

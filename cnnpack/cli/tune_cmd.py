@@ -14,6 +14,7 @@ from cnnpack.cli.common import app, emit, given_options, handles_errors, int_lis
 @app.command()
 @handles_errors
 def tune(
+    ctx: typer.Context,
     run: Path = typer.Option(..., help="Run directory with a Triton repository (`cnnpack triton`)."),
     latency_budget_ms: float = typer.Option(50.0, help="p99 latency budget per request, ms."),
     objective: str = typer.Option("throughput", help="throughput: most images/s within the budget | latency: "
@@ -47,9 +48,9 @@ def tune(
     from cnnpack.tune_outputs import describe
 
     if undo:  # it restores and stops: a sweep option beside it was taken in silence (a bad budget too)
-        if extra := given_options(tune, locals(), exclude=("run", "undo", "as_json")):
+        if extra := given_options(ctx, exclude=("run", "undo", "as_json")):
             raise usage_error(f"--undo restores the configs before any tune and stops; it takes no sweep options "
-                              f"(drop {', '.join(extra)})")
+                              f"(drop {', '.join(extra.values())})")
         restored = do_undo(run)
         emit({"restored": restored}, as_json)
         for r in restored if not as_json else ():

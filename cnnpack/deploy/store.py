@@ -74,14 +74,17 @@ def parse(text: str) -> Store:
 
 # the providers' own naming rules: a name outside them fails only in the cluster, as Triton's load error
 _BUCKET_RULES = {
-    "s3": (re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"), "an S3 bucket name (3-63 lowercase letters, digits, "
-                                                              "dots and hyphens, a letter or digit at each end)"),
+    # S3 also has legacy buckets (us-east-1, before 2018) with capitals and underscores, which Triton's client
+    # reaches by path-style addressing: refused here are names no bucket has (a space, a slash, 2 or 256 characters)
+    "s3": (re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]$"), "an S3 bucket name (3-255 letters, "
+                                                                          "digits, dots, hyphens and underscores, a "
+                                                                          "letter or digit at each end)"),
     "gs": (re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$"), "a Cloud Storage bucket name (3-63 lowercase "
                                                                 "letters, digits, dots, hyphens and underscores, up "
                                                                 "to 222 with dots, a letter or digit at each end)"),
     "account": (re.compile(r"^[a-z0-9]{3,24}$"), "an Azure storage account name (3-24 lowercase letters and digits)"),
-    "as": (re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$"), "an Azure container name (3-63 lowercase "
-                                                                      "letters, digits and single hyphens)"),
+    "as": (re.compile(r"^(?:[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}|\$root|\$web)$"),
+           "an Azure container name (3-63 lowercase letters, digits and single hyphens, or $root or $web)"),
 }
 
 
