@@ -117,7 +117,9 @@ def context_from_env(device: str) -> Context | None:
         StageFailed: the process group did not start within the timeout (a peer missing or unreachable).
     """
     world = _env_int("WORLD_SIZE", "1")
-    if world <= 1:
+    if world < 1:  # 0 or negative trained in one process, as if torchrun had not been used
+        raise UserInputError(f"WORLD_SIZE={world}: the number of processes must be >= 1")
+    if world == 1:
         return None
     missing = [v for v in TORCHRUN_VARS if v not in os.environ]
     if missing:
@@ -128,6 +130,11 @@ def context_from_env(device: str) -> Context | None:
     import torch.distributed as dist
 
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK", "0")
+    if not 0 <= rank < world:  # no peer would ever come: it waited for the timeout
+        raise UserInputError(f"RANK={rank} with WORLD_SIZE={world}: a rank is from 0 to {world - 1}")
+    port = os.environ["MASTER_PORT"]
+    if not (port.isdigit() and 1 <= int(port) <= 65535):  # it failed as the process group's, exit 1
+        raise UserInputError(f"MASTER_PORT={port!r} is not a port number (1-65535)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA GPU is visible to PyTorch on this machine; use --device cpu")

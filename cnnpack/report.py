@@ -37,17 +37,45 @@ def _data_and_training(m: dict, run: Run) -> list[Block]:
            Block("h2", "Training")]
     if met:
         out.append(Block("p", f"`{m['model']['arch']}`: best validation top-1 **{pct(met.get('best_val_acc'))}** at "
-                              f"epoch {met.get('best_epoch')} of {met.get('epochs')}, {met.get('wall_s')} s wall on "
+                              f"epoch {met.get('best_epoch')} of {met.get('epochs')}{_paren(stopped_early(t))}, "
+                              f"{met.get('wall_s')} s wall on "
                               f"{t.get('device')}{_mixed(t)}{_sessions(t)}, {met.get('train_images_per_s')} training "
                               "images/s "
                               "(median of the epochs)."))
     else:  # interrupted or failed before its first finished training: no figures to give
         out.append(Block("p", f"`{m['model']['arch']}`: training has not finished (status `{t.get('status')}`); "
-                              "continue it with `cnnpack train --resume` (or the same `cnnpack pipeline`)."))
+                              f"{_how_to_go_on(t, run)}."))
     out += [Block("img", text=alt, path=f) for f, alt in
             (("curves.png", "training curves"), ("confusion.png", "confusion matrix"),
              ("samples.png", "validation predictions")) if f in {v["path"] for v in t.get("outputs", {}).values()}]
     return out + _checkpoint_note(t, run)
+
+
+def _paren(text: str) -> str:
+    return f" ({text})" if text else ""
+
+
+def stopped_early(t: dict) -> str:
+    """`stopped early: ...` where --patience ended the training before its --epochs, else ""."""
+    asked, ran = (t.get("config") or {}).get("epochs"), (t.get("metrics") or {}).get("epochs")
+    if isinstance(asked, int) and isinstance(ran, int) and ran < asked and t.get("status") == "ok":
+        return f"stopped early: no validation gain for --patience {(t.get('config') or {}).get('patience')} epochs, " \
+               f"of {asked} asked"
+    return ""
+
+
+def _how_to_go_on(t: dict, run: Run) -> str:
+    """What continues an unfinished training: --resume from its last finished epoch, where one finished; else it
+    starts again (--force), after a divergence with other options (resuming keeps them)."""
+    from cnnpack.train import LAST
+
+    again = f"`cnnpack train --run {shell(run.path)} --force`"
+    if t.get("status") == "failed" and "diverged" in str(t.get("error", "")):
+        return f"it diverged: start it again with {again} and a lower --lr"
+    if run.file(LAST).is_file():
+        return (f"continue it with `cnnpack train --run {shell(run.path)} --resume` (or the same `cnnpack "
+                "pipeline`)")
+    return f"no epoch finished: start it again with {again} (or run the same `cnnpack pipeline`)"
 
 
 def _checkpoint_note(t: dict, run: Run) -> list[Block]:

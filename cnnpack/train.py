@@ -50,7 +50,7 @@ class Diverged(ValueError):
     """An epoch left the model's weights or its validation loss NaN or infinite: it is not kept."""
 
 
-def _check_finite(model, stats: dict, lr: float) -> None:
+def _check_finite(model, stats: dict, lr: float, weight_decay: float = 0.0) -> None:
     """Raises Diverged when an epoch's weights (parameters and BatchNorm statistics) or validation loss are not
     finite: saved, such a checkpoint predicts one class for every image, which evaluate reported as an accuracy and
     verify as every export's parity failure. The weights rather than the training loss: under a CUDA GradScaler an
@@ -60,7 +60,8 @@ def _check_finite(model, stats: dict, lr: float) -> None:
         return
     raise Diverged(f"training diverged: the weights or the loss became NaN or infinite (training loss "
                    f"{stats['train_loss']:.4g}, validation loss {stats['val_loss']:.4g}); train again with a lower "
-                   f"learning rate than --lr {lr:g}")
+                   f"learning rate than --lr {lr:g}"
+                   + (f" or a lower --weight-decay than {weight_decay:g}" if weight_decay > 1 else ""))
 
 
 class Interrupted(CnnpackError):
@@ -440,6 +441,9 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         torch.backends.cudnn.benchmark = True
     shard = dist.shard(len(data.train)) if dist is not None else None
     n_train = len(shard) if shard is not None else len(data.train)
+    if n_train < 2:  # each process's batches would be of one image, which BatchNorm cannot train on: no step ran
+        raise UserInputError(f"{len(data.train)} training images over {dist.world_size} processes leave each 1 per "
+                             "epoch, and a batch of 1 image cannot train; use fewer processes or more images")
     steps_per_epoch = data_mod.num_batches(n_train, cfg.batch_size)
     opt, sched = make_optimizer(cfg, model, cfg.epochs * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -482,7 +486,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                 if dist is not None:
                     stats = dist.reduce_stats(stats)
                 stats.update(_validate(model, data.val, spec, device, loss_fn, channels_last))
-                _check_finite(model, stats, opt.defaults["lr"])
+                _check_finite(model, stats, opt.defaults["lr"], cfg.weight_decay)
                 if bar is not None:
                     bar.update(task, val=f"  val loss {stats['val_loss']:.3f} acc {100 * stats['val_acc']:.2f}%")
                 stats = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats}

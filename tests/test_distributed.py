@@ -88,6 +88,27 @@ class _HalfShard:
         return stats
 
 
+def test_processes_left_one_training_image_each_are_refused_before_training(colour_data, tmp_path):
+    """4 images over 2 processes... each of 200 ranks got one: batches of one never train (BatchNorm), so no
+    optimizer step ran, and the run was recorded ok with a training loss of 0."""
+    from cnnpack.errors import UserInputError
+    from cnnpack.train import TrainConfig, train
+
+    class Crowd(_HalfShard):
+        world_size = 200  # 192 training images: one each
+
+        def shard(self, n: int, *, epoch: int = 0, seed: int = 0):
+            import torch
+
+            return torch.arange(n)[:1]
+
+    with pytest.raises(UserInputError, match=r"^192 training images over 200 processes leave each 1 per epoch, and a "
+                                             r"batch of 1 image cannot train; use fewer processes or more images$"):
+        train(tmp_path / "r", TrainConfig(data=str(colour_data), image_size=32, epochs=1), progress=False,
+              dist=Crowd())
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_torchrun_run_resumes_in_one_process(colour_data, tmp_path):
     """Resumed with another number of processes, the epochs have other step counts: the LR schedule is
     re-divided (it used to raise "Tried to step 33 times. The specified number of total steps is 32")."""
@@ -126,6 +147,9 @@ BAD_LAUNCHES = {  # environment -> (exit code, what the error line says)
                      "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set; start multi-process training with `torchrun"),
     "bad-timeout": ({"RANK": "0", "MASTER_PORT": "free", "CNNPACK_DIST_TIMEOUT_S": "soon"}, 2,
                     "CNNPACK_DIST_TIMEOUT_S='soon' is not a number of seconds > 0"),
+    "bad-port": ({"RANK": "0", "MASTER_PORT": "abc"}, 2, "MASTER_PORT='abc' is not a port number (1-65535)"),
+    "rank-past-world": ({"RANK": "5", "MASTER_PORT": "free"}, 2, "RANK=5 with WORLD_SIZE=2: a rank is from 0 to 1"),
+    "no-world": ({"WORLD_SIZE": "0", "RANK": "0", "MASTER_PORT": "free"}, 2, "WORLD_SIZE=0: the number of processes"),
 }
 
 

@@ -485,6 +485,26 @@ def test_the_report_says_the_checkpoint_is_missing_or_changed(tmp_path):
     assert _checkpoint_note(train, run)[0].text.startswith("**Checkpoint changed on disk**: `checkpoint.pt` is missing")
 
 
+def test_the_report_says_how_an_unfinished_training_goes_on_and_when_one_stopped_early(tmp_path):
+    """It said "continue it with `cnnpack train --resume`" for a run with no finished epoch, or one that diverged
+    (both refused by --resume), and without --run; an early stop was shown as 'epoch 1 of 2' of 6 asked."""
+    from cnnpack.report import _how_to_go_on, stopped_early
+    from cnnpack.rundir import Run
+
+    run = Run(tmp_path)
+    diverged = {"status": "failed", "error": "training diverged: the weights or the loss became NaN"}
+    assert _how_to_go_on(diverged, run) == (f"it diverged: start it again with `cnnpack train --run {tmp_path} "
+                                            "--force` and a lower --lr")
+    assert _how_to_go_on({"status": "interrupted"}, run).startswith("no epoch finished: start it again with "
+                                                                   f"`cnnpack train --run {tmp_path} --force`")
+    (tmp_path / "last.pt").write_bytes(b"an epoch")
+    assert _how_to_go_on({"status": "interrupted"}, run).startswith(f"continue it with `cnnpack train --run "
+                                                                   f"{tmp_path} --resume`")
+    early = {"status": "ok", "config": {"epochs": 6, "patience": 1}, "metrics": {"epochs": 2}}
+    assert stopped_early(early) == "stopped early: no validation gain for --patience 1 epochs, of 6 asked"
+    assert stopped_early({**early, "metrics": {"epochs": 6}}) == ""
+
+
 def test_the_report_leaves_out_a_triton_or_served_stage_that_failed():
     """A pipeline that failed at triton records {status, error} alone: the report read its repository (KeyError)."""
     from cnnpack.report_serving import served_section, triton_section

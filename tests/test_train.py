@@ -312,6 +312,9 @@ def test_a_training_that_diverges_is_a_failure_not_a_checkpoint(colours, tmp_pat
         train(tmp_path / "r", cfg, progress=False)
     assert Run.open(tmp_path / "r").read()["stages"]["train"]["status"] == "failed"
     assert not (tmp_path / "r" / "checkpoint.pt").exists() and not (tmp_path / "r" / "history.json").exists()
+    huge_decay = TrainConfig(data=str(colours), image_size=16, epochs=1, batch_size=16, weight_decay=1e308)
+    with pytest.raises(StageFailed, match=r"than --lr 0.01 or a lower --weight-decay than 1e\+308\)$"):
+        train(tmp_path / "wd", huge_decay, progress=False)  # the default --lr was blamed alone
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
