@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -103,6 +104,11 @@ def owner_tag() -> str:
     `<where>` hashes the machine's boot (its hostname where there is no /proc) and the pid namespace: a pid means the
     same process only to processes of the same kernel and namespace (a container of another namespace on this host
     sees another process, or none, under it)."""
+    return f"{_where()}_{os.getpid()}_"  # the pid at each call: a forked child is another owner
+
+
+@functools.cache
+def _where() -> str:
     import socket
     import zlib
 
@@ -111,7 +117,7 @@ def owner_tag() -> str:
         space = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         boot, space = socket.gethostname(), 0
-    return f"{zlib.crc32(f'{boot}:{space}'.encode()):08x}_{os.getpid()}_"
+    return f"{zlib.crc32(f'{boot}:{space}'.encode()):08x}"
 
 
 def owner_gone(name: str, prefix: str) -> bool:
@@ -121,7 +127,7 @@ def owner_gone(name: str, prefix: str) -> bool:
     import re
 
     m = re.match(rf"{re.escape(prefix)}([0-9a-f]{{8}})_(\d+)_", name)
-    if m is None or m.group(1) != owner_tag().split("_")[0] or int(m.group(2)) == os.getpid():
+    if m is None or m.group(1) != _where() or int(m.group(2)) == os.getpid():
         return False
     try:
         os.kill(int(m.group(2)), 0)
