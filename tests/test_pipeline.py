@@ -209,21 +209,25 @@ def test_a_run_replaced_during_the_pipeline_gets_none_of_its_records(first, tmp_
 
 @pytest.mark.slow
 def test_a_failed_stage_stops_with_its_exit_code_and_a_pointer(first, tmp_path):
-    repo = tmp_path / "repo"  # (a file there is refused up front: test_cli) its model's folder is someone else's
-    blocker = repo / "cnn_onnx" / "1" / "model.onnx"  # a model folder Triton would load, not made by cnnpack
-    blocker.parent.mkdir(parents=True)
+    repo = tmp_path / "repo"  # (a file there is refused up front: test_cli) its model's folder is another run's
+    blocker = repo / "cnn_onnx" / "1" / "model.onnx"  # a model of other classes (a folder cnnpack did not make at
+    blocker.parent.mkdir(parents=True)  # all is refused before training: test_a_model_folder_cnnpack_did_not_make...)
     blocker.write_text("a model cnnpack did not make")
     (repo / "cnn_onnx" / "config.pbtxt").write_text('name: "cnn_onnx"\nbackend: "onnxruntime"\n')
+    (repo / "cnn_onnx" / "cnnpack-model.json").write_text(json.dumps({
+        "identity": {"kind": "classifier", "arch": "cnn", "classes": ["other"]},
+        "versions": {"1": {"run": str(tmp_path / "another-run")}}}))
     args = [*first["args"]]
     args[args.index("--repository") + 1] = str(repo)
     code, _, err = _pipeline(*args)
     assert code == 2  # bad input (the repository holds another model), as from `cnnpack triton` itself
     line = err.strip().splitlines()[-1]
-    assert line.startswith("error: pipeline stopped: stage triton failed") and "it was not made by cnnpack" in line
+    assert line.startswith("error: pipeline stopped: stage triton failed") and "it holds a different model" in line
     assert f"--repository {repo}: " in line and "give this run a repository of its own (--repository)" in line
     m = json.loads((first["run"] / "cnnpack.json").read_text())
     assert m["stages"]["triton"]["status"] == "failed" and m["stages"]["pipeline"]["status"] == "failed"
-    assert sorted(p.name for p in repo.rglob("*")) == ["1", "cnn_onnx", "config.pbtxt", "model.onnx"]  # nothing beside
+    assert sorted(p.name for p in repo.rglob("*")) == ["1", "cnn_onnx", "cnnpack-model.json", "config.pbtxt",
+                                                       "model.onnx"]  # nothing beside
     assert blocker.read_text() == "a model cnnpack did not make"  # nor overwritten
 
 
