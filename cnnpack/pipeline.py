@@ -22,7 +22,7 @@ from pathlib import Path
 from cnnpack.errors import CnnpackError, RunReplaced, StageFailed, UserInputError, file_error, shell
 from cnnpack.pipeline_config import SERVE_MODES, PipelineConfig  # noqa: F401 - re-exported
 from cnnpack.pipeline_summary import best_runtime, summary
-from cnnpack.rundir import MANIFEST, Run, artifact_digest, check_makeable, identity, sha256
+from cnnpack.rundir import LAST, MANIFEST, Run, artifact_digest, check_makeable, identity, sha256
 
 
 class Interrupted(CnnpackError):
@@ -274,11 +274,11 @@ class Stages:
 
         cfg, last = self.cfg.train_config(), _section(run, "train")
         # an interrupted training with these options continues from its last finished epoch
-        resume = (run.file("last.pt").is_file() and last.get("status") != "ok"  # (as recorded: absolute paths)
+        resume = (run.file(LAST).is_file() and last.get("status") != "ok"  # (as recorded: absolute paths)
                   and last.get("config") == asdict(as_recorded(cfg)))
         if resume:
             self.say("[train] resuming the interrupted training from last.pt")
-        elif run.file("last.pt").is_file() and last.get("status") not in ("ok", None):
+        elif run.file(LAST).is_file() and last.get("status") not in ("ok", None):
             was, now = last.get("config") or {}, asdict(as_recorded(cfg))
             changed = ", ".join(f"{k} {was.get(k)!r} -> {now[k]!r}" for k in now if was.get(k) != now[k])
             self.say(f"[train] the interrupted training had other options ({changed or 'not recorded'}): training "

@@ -14,7 +14,7 @@ from cnnpack.artifacts import checkpoint_digest, other_source
 from cnnpack.errors import count, shell
 from cnnpack.report_render import Block, num, pct, to_html, to_markdown
 from cnnpack.report_serving import deploy_section, served_section, triton_section, tune_section
-from cnnpack.rundir import Run, artifact_changed, place, scratch_beside, sha256, sigint_deferred
+from cnnpack.rundir import LAST, Run, artifact_changed, place, scratch_beside, sha256, sigint_deferred
 
 
 # -- content --------------------------------------------------------------------------------
@@ -67,8 +67,6 @@ def stopped_early(t: dict) -> str:
 def _how_to_go_on(t: dict, run: Run) -> str:
     """What continues an unfinished training: --resume from its last finished epoch, where one finished; else it
     starts again (--force), after a divergence with other options (resuming keeps them)."""
-    from cnnpack.train import LAST
-
     again = f"`cnnpack train --run {shell(run.path)} --force`"
     if t.get("status") == "failed" and "diverged" in str(t.get("error", "")):
         return f"it diverged: start it again with {again} and a lower --lr"

@@ -27,6 +27,7 @@ from cnnpack.manifest_shape import manifest_problem
 
 SCHEMA_VERSION = 1
 MANIFEST = "cnnpack.json"
+LAST = "last.pt"  # training's last finished epoch (what --resume continues)
 
 
 def sha256(path: str | Path) -> str:

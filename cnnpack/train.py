@@ -27,12 +27,11 @@ from cnnpack import plots
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, file_error, one_line, shell
 from cnnpack.host import check_device
 from cnnpack.models import build_model, check_arch, check_input_size, load_weights
-from cnnpack.rundir import MANIFEST, Run, atomic_path, check_makeable, sigint_deferred
+from cnnpack.rundir import LAST, MANIFEST, Run, atomic_path, check_makeable, sigint_deferred
 from cnnpack.spec import ModelSpec
 from cnnpack.train_sessions import record_session, session
 
 CHECKPOINT = "checkpoint.pt"
-LAST = "last.pt"
 HISTORY = "history.json"
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators, with seed x 100,003 + epoch within torch's int64
 # what a training writes; `--force` removes the previous run's copies first, so a new run that
@@ -441,7 +440,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         torch.backends.cudnn.benchmark = True
     shard = dist.shard(len(data.train)) if dist is not None else None
     n_train = len(shard) if shard is not None else len(data.train)
-    if n_train < 2:  # each process's batches would be of one image, which BatchNorm cannot train on: no step ran
+    if dist is not None and n_train < 2:  # each process's batches would be of one image, which BatchNorm cannot train on: no step ran
         raise UserInputError(f"{len(data.train)} training images over {dist.world_size} processes leave each 1 per "
                              "epoch, and a batch of 1 image cannot train; use fewer processes or more images")
     steps_per_epoch = data_mod.num_batches(n_train, cfg.batch_size)

@@ -77,8 +77,9 @@ def train(
     if not as_json:
         from cnnpack.report import stopped_early
 
-        typer.echo(f"best val top-1 {100 * m['best_val_acc']:.2f}% (epoch {m['best_epoch']}/{m['epochs']}"
-                   f"{'; ' + early if (early := stopped_early(section)) else ''}), {m['wall_s']:.1f} s, {m['train_images_per_s']:.0f} img/s; run: {run}")
+        early = f"; {said}" if (said := stopped_early(section)) else ""
+        typer.echo(f"best val top-1 {100 * m['best_val_acc']:.2f}% (epoch {m['best_epoch']}/{m['epochs']}{early}), "
+                   f"{m['wall_s']:.1f} s, {m['train_images_per_s']:.0f} img/s; run: {run}")
 
 
 # what --resume may be given with; every other option must repeat the recorded value or be left out
