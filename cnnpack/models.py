@@ -157,7 +157,8 @@ def _unknown_arch(arch: str) -> UserInputError:
     import difflib
 
     names = arch_names()
-    close = difflib.get_close_matches(arch, names, n=3)
+    lower = {n.lower(): n for n in names}
+    close = [lower[arch.lower()]] if arch.lower() in lower else difflib.get_close_matches(arch.lower(), names, n=3)
     hint = f" (closest: {', '.join(close)})" if close else ""
     return UserInputError(f"unknown arch {arch!r}{hint}; valid: {', '.join(names)}")
 

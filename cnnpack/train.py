@@ -370,10 +370,20 @@ def resume_conflicts(run_dir: str | Path, given: dict) -> dict[str, tuple]:
                "lr": DEFAULT_LR.get(recorded["optimizer"]) if recorded["lr"] is None else recorded["lr"],
                "device": ("cuda" if torch.cuda.is_available() else "cpu") if recorded["device"] == "auto"
                else recorded["device"]}
+    # --val-fraction splits only a folder of <class>/ folders: the built-in data, torchvision's and train/ + val/ have
+    # their own split, so the option had no effect there and a different value changes nothing
+    ignored = {"val_fraction"} if _split_given(recorded["data"]) else set()
     # `ds` is the recorded /abs/ds, or `ds` as a run recorded it before --data (--data-root) was made absolute
     return {name: (value, recorded[name]) for name, value in given.items()
-            if name in recorded and recorded[name] not in (value, recorded_as[name])
+            if name in recorded and name not in ignored and recorded[name] not in (value, recorded_as[name])
             and (name not in came_to or came_to[name] != value)}
+
+
+def _split_given(data: str) -> bool:
+    """Whether `--data` comes with its own train/validation split (so --val-fraction does not apply)."""
+    if data == data_mod.SHAPES or data.startswith("torchvision:"):
+        return True
+    return all(data_mod.split_dirs(Path(data)))
 
 
 def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:

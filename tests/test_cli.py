@@ -274,8 +274,8 @@ def test_a_full_disk_names_the_output_that_could_not_be_written(tmp_path):
 def test_resume_with_a_changed_option_names_it(bad_runs):
     """--resume always continues the recorded config: a different --epochs would be silently ignored."""
     error = bad_runs["resume-changed-options"].stderr.strip()
-    assert "but --epochs 5 (recorded: 2), --lr 0.1 (recorded: default), --no-amp (recorded: True): drop the option" \
-        in error
+    assert ("but --epochs 5 (recorded: --epochs 2), --lr 0.1 (recorded: the default), --no-amp (recorded: --amp): "
+            "drop the option") in error
 
 
 def test_bad_input_loses_nothing(bad_runs):

@@ -96,6 +96,8 @@ def test_unknown_arch_lists_the_valid_ones():
     msg = str(e.value)
     assert "unknown arch 'resnet19'" in msg and "closest: resnet18" in msg
     assert "valid: cnn, " in msg and "mobilenet_v3_small" in msg and "\n" not in msg
+    with pytest.raises(UserInputError, match=r"unknown arch 'RESNET18' \(closest: resnet18\); valid"):  # by case
+        check_arch("RESNET18")
     with pytest.raises(UserInputError, match="unknown arch 'nope'; valid: cnn"):
         build_model(_spec("nope"))
 

@@ -370,6 +370,16 @@ def test_resume_conflicts_are_the_options_that_differ_from_the_recorded_ones(tin
     assert resume_conflicts(tiny_run, {"channels_last": True, "lr": 1e-2, "device": device}) == {}
     assert resume_conflicts(tiny_run, {"channels_last": False, "lr": 0.1}) == {"channels_last": (False, None),
                                                                               "lr": (0.1, None)}
+    # tiny_data has train/ and val/, so --val-fraction never applied: a different one is no change
+    assert resume_conflicts(tiny_run, {**same, "val_fraction": 0.5}) == {}
+
+
+def test_only_a_folder_of_class_folders_is_split_by_val_fraction(tiny_data, tmp_path):
+    from cnnpack.train import _split_given
+
+    (tmp_path / "cats").mkdir()
+    assert _split_given("shapes") and _split_given("torchvision:CIFAR10") and _split_given(str(tiny_data))
+    assert not _split_given(str(tmp_path)) and not _split_given(str(tmp_path / "missing"))
 
 
 def test_a_run_inside_the_data_folder_is_refused_before_anything_is_written(colours, tmp_path, monkeypatch):

@@ -222,15 +222,17 @@ def usage_error(msg: str) -> typer.Exit:
 def given_options(ctx: typer.Context, exclude: tuple[str, ...] = ()) -> dict[str, str]:
     """The options of the running command given on its command line (not left at their defaults): name -> the flag
     as given (`--no-amp`, not `--amp`)."""
-    out = {}
-    for p in ctx.command.params:
-        if p.name in exclude or getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") in ("DEFAULT",
-                                                                                                  "DEFAULT_MAP"):
-            continue
-        value = ctx.params.get(p.name)
-        out[p.name] = (p.secondary_opts[0] if isinstance(value, bool) and not value and p.secondary_opts
-                       else p.opts[0])
-    return out
+    return {p.name: as_flag(p, ctx.params.get(p.name), with_value=False) for p in ctx.command.params
+            if p.name not in exclude
+            and getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def as_flag(param, value, *, with_value: bool = True) -> str:
+    """An option and its value as a user types them: `--no-amp` (not `--amp False`), `--epochs 5`; `--epochs` alone
+    without `with_value`."""
+    if isinstance(value, bool) and param.secondary_opts:
+        return param.opts[0] if value else param.secondary_opts[0]
+    return f"{param.opts[0]} {value}" if with_value and not isinstance(value, bool) else param.opts[0]
 
 
 def int_list(text: str, flag: str) -> tuple[int, ...]:

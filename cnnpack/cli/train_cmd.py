@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli.common import app, default_run_dir, emit, handles_errors, usage_error
+from cnnpack.cli.common import app, as_flag, default_run_dir, emit, given_options, handles_errors, usage_error
 
 
 @app.command()
@@ -91,18 +91,11 @@ def _refuse_changed_options(ctx: typer.Context, run: Path) -> None:
     from cnnpack.train import resume_conflicts
 
     params = {p.name: p for p in ctx.command.params}
-
-    def said(name: str, value) -> str:  # `--no-amp`, not `--amp False`
-        p = params[name]
-        if isinstance(value, bool) and p.secondary_opts:
-            return p.opts[0] if value else p.secondary_opts[0]
-        return f"{p.opts[0]} {value}"
-
-    given = {name: value for name, value in ctx.params.items() if name not in RESUME_OPTIONS
-             and getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+    given = {name: ctx.params[name] for name in given_options(ctx, exclude=tuple(RESUME_OPTIONS))}
     conflicts = resume_conflicts(run, given) if given else {}
     if conflicts:
-        shown = ", ".join(f"{said(name, value)} (recorded: {'default' if recorded is None else recorded})"
+        shown = ", ".join(f"{as_flag(params[name], value)} (recorded: "
+                          f"{'the default' if recorded is None else as_flag(params[name], recorded)})"
                           for name, (value, recorded) in conflicts.items())
         raise usage_error(f"--resume continues {run} with the options it was started with, but {shown}: "
                           f"drop the option, or start a new run (--force replaces this one)")
