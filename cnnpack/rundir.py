@@ -277,9 +277,9 @@ def check_makeable(path: str | Path, flag: str = "--run") -> None:
     first file is written (after loading the data, in training)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserInputError(f"{flag} {path} is a file, not a directory")
+        raise UserInputError(f"{flag} {path} is a file, not a folder; choose another {flag}")
     if above := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
-        raise UserInputError(f"{flag} {path}: {above} is a file, not a folder")
+        raise UserInputError(f"{flag} {path}: {above} is a file, not a folder; choose another {flag}")
 
 
 def identity(manifest: dict) -> tuple:

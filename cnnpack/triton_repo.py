@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 from cnnpack.errors import CnnpackError, UserInputError, shell
-from cnnpack.rundir import Run, atomic_write_bytes, sha256, sigint_deferred
+from cnnpack.rundir import Run, atomic_write_bytes, check_makeable, sha256, sigint_deferred
 from cnnpack.spec import check_class_names
 from cnnpack.triton_config import (  # noqa: F401 - re-exported: `from cnnpack.triton_repo import ...` keeps working
     ENSEMBLE_IO,
@@ -76,10 +76,7 @@ def repository_root(path: str | Path) -> Path:
     if not str(path).strip():  # Path("") is the working folder: every model would land among its files
         raise UserInputError("--repository is empty; name the folder to lay the models out in (e.g. model_repository)")
     root = Path(path)
-    if root.exists() and not root.is_dir():
-        raise UserInputError(f"repository path {root} is a file, not a directory; choose another --repository")
-    if above := next((p for p in root.parents if p.exists() and not p.is_dir()), None):  # found now, not after work
-        raise UserInputError(f"--repository {root}: {above} is a file, not a folder; choose another --repository")
+    check_makeable(root, "--repository")  # found now, not after the work
     if (root / "config.pbtxt").is_file() or (root / "cnnpack-model.json").is_file():  # models would nest in a model
         raise UserInputError(f"--repository {root} is a model folder; pass the repository that holds it, "
                              f"{root.parent}")

@@ -196,7 +196,7 @@ EXPECTED = {
     "evaluate-without-export": "has no successful `export` stage; run `cnnpack export --run",
     "pipeline-missing-data": "data folder not found",
     "pipeline-tiny-image": "--image-size 4 is too small (minimum 8)",
-    "pipeline-repository-file": "afile is a file, not a directory; choose another --repository",
+    "pipeline-repository-file": "afile is a file, not a folder; choose another --repository",
     "pipeline-unknown-format": "unknown format 'bogus'",
     "pipeline-openvino-conflict": "--formats names openvino and --openvino is no",
     "pipeline-too-few-images": "pipeline stopped: stage train failed: ",

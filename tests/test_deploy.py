@@ -500,6 +500,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(laid_out, tmp_path, arg
     assert not out.exists()
 
 
+def test_an_out_that_is_or_lies_under_a_file_is_refused_and_the_file_kept(laid_out, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        proc = _cnnpack("deploy", "--run", str(laid_out), "--out", str(out))
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.endswith(f"{tmp_path / 'afile'} is a file, not a folder; choose another --out\n")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_a_bad_name_gets_a_valid_suggestion(laid_out, tmp_path):
     proc = _cnnpack("deploy", "--run", str(laid_out), "--out", str(tmp_path / "o"), "--name", "1st_Model.v2")
     suggestion = re.search(r"e\.g\. --name (\S+)$", proc.stderr.strip()).group(1)

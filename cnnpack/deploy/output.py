@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from cnnpack.errors import UserInputError
-from cnnpack.rundir import naming, swap_dir
+from cnnpack.rundir import check_makeable, naming, swap_dir
 
 IDENTITY = "cnnpack-deploy.json"
 
@@ -37,8 +37,7 @@ def dump(obj: dict, header: str = "") -> str:
 def check_out(out: Path, identity: dict, *, force: bool) -> list[str] | None:
     """Refuses an --out that holds something else than this deployment (nothing is written); returns the files of
     the deployment it will replace (None: nothing to replace)."""
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--out {out} is a file, not a folder; choose another --out")
+    check_makeable(out, "--out")
     if not out.is_dir() or not any(out.iterdir()):
         return None
     marker = out / IDENTITY
