@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
 import sys
 import tempfile
 import time
@@ -41,7 +39,7 @@ from cnnpack.int8_gate import (
     run_gate,
     section,
 )
-from cnnpack.rundir import Run, sha256, staged_beside
+from cnnpack.rundir import Run, owner_gone, owner_tag, sha256, staged_beside
 
 INT8_PATH = "export/model.int8.onnx"
 
@@ -271,16 +269,16 @@ def _float_outputs(path: Path) -> None:
         onnx.save(m, str(path))
 
 
-WORK_PREFIX, OWNER = ".quantize-", "owner.pid"
+WORK_PREFIX = ".quantize-"
 
 
 @contextlib.contextmanager
 def _work_dir(export: Path):
-    """quantize's scratch folder in `export/` (the attempts, several copies of the model), with its owner's pid: the
-    folders of killed quantizes (SIGKILL, out of memory) are removed first; a live one's stays."""
+    """quantize's scratch folder in `export/` (the attempts, several copies of the model), named with its owner
+    (`rundir.owner_tag`): the folders of killed quantizes (SIGKILL, out of memory) are removed first; a live one's
+    stays, and so does another host's (a shared folder), which its own next quantize removes."""
     _remove_orphans(export)
-    with tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=export) as tmp:
-        (Path(tmp) / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
+    with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{owner_tag()}", dir=export) as tmp:
         yield tmp
 
 
@@ -288,22 +286,8 @@ def _remove_orphans(export: Path) -> None:
     import shutil
 
     for folder in export.glob(f"{WORK_PREFIX}*"):
-        try:
-            host, pid = (folder / OWNER).read_text().split()
-            pid = int(pid) if host == socket.gethostname() else None  # another host's pid says nothing here
-        except (OSError, ValueError):
-            pid = None
-        if pid is None:  # not written yet (a quantize starting now), another host's (a shared folder): by its age
-            with contextlib.suppress(OSError):
-                if time.time() - folder.stat().st_mtime > 3600:
-                    shutil.rmtree(folder, ignore_errors=True)
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if owner_gone(folder.name, WORK_PREFIX):
             shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # another user's live process
-            pass
 
 
 @contextlib.contextmanager
