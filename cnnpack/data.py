@@ -56,6 +56,20 @@ class Data:
         }
 
 
+def changed_since(then: dict, now: dict, keys: tuple[str, ...] = ("classes", "train_per_class", "val_per_class")
+                  ) -> str | None:
+    """How the data differs in `keys` from the summary (`Data.summary`) a run recorded: "2 classes, 66 + 16 images
+    then, 2 classes, 67 + 16 images now"; None where it does not, or where the record lacks a key (an older run's)."""
+    if not all(k in then for k in keys) or all(then[k] == now.get(k) for k in keys):
+        return None
+
+    def said(d: dict) -> str:
+        counts = " + ".join(str(sum(d[k])) for k in keys if k != "classes") + " images"
+        return f"{len(d['classes'])} classes, {counts}" if "classes" in keys else counts
+
+    return f"{said(then)} then, {said(now)} now"
+
+
 # -- decoding (cnnpack.images) ------------------------------------------------------------
 def _try_read(path: Path, size: int) -> tuple[np.ndarray | None, str]:
     if path.exists() and not path.is_file():  # a link to a pipe: opening it waited for a writer forever

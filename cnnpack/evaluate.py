@@ -51,19 +51,18 @@ def _warn_if_changed(then: dict, now: dict) -> None:
     on); with val/ of its own, only a change there changes what is scored."""
     import logging
 
-    from cnnpack.data import split_dirs
+    from cnnpack.data import changed_since, split_dirs
 
     source = Path(now["source"])
     own_val = source.is_dir() and all(split_dirs(source))
-    keys = ("val_per_class",) if own_val else ("train_per_class", "val_per_class")
-    if not all(k in then for k in keys) or all(then[k] == now[k] for k in keys):
+    change = changed_since(then, now, ("val_per_class",) if own_val else ("train_per_class", "val_per_class"))
+    if change is None:
         return
-    n_then, n_now = (sum(sum(x[k]) for k in keys) for x in (then, now))
-    where = "its validation images" if own_val else "its images"
+    where = "its validation split" if own_val else "train + validation"
     why = ("the validation images are not the ones the run was scored on" if own_val else
            "its validation split is no longer the one held out, and may hold images the model trained on")
     logging.getLogger("cnnpack").warning(f"warning: {source} has changed since the run was trained ({where}: "
-                                         f"{n_then} then, {n_now} now): {why}")
+                                         f"{change}): {why}")
 
 
 def scored_data(run: Run, data: str | None = None, *, data_root: str | None = None,

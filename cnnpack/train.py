@@ -329,12 +329,9 @@ def _resume_state(run: Run, model, opt, sched, steps_per_epoch: int) -> tuple[in
 def _check_same_data(run: Run, now: dict) -> None:
     """--resume on data that changed since the interrupted training: the split moved (images it trained on are now
     validation images), the record kept the old counts, and a changed class list read as a damaged last.pt."""
-    then = run.read()["stages"]["train"].get("data") or {}
-    keys = ("classes", "train_per_class", "val_per_class")
-    if all(k in then for k in keys) and any(then[k] != now.get(k) for k in keys):
-        n = lambda d: f"{len(d['classes'])} classes, {sum(d['train_per_class'])} + {sum(d['val_per_class'])} images"  # noqa: E731
-        raise UserInputError(f"--resume: {now.get('source', 'the data')} has changed since the training began ({n(then)} "
-                             f"then, {n(now)} now): the epochs would not be of one split; train again with --force")
+    if change := data_mod.changed_since(run.read()["stages"]["train"].get("data") or {}, now):
+        raise UserInputError(f"--resume: {now.get('source', 'the data')} has changed since the training began "
+                             f"({change}): the epochs would not be of one split; train again with --force")
 
 
 def _recorded_config(run_dir: Path) -> TrainConfig:

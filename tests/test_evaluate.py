@@ -60,7 +60,8 @@ def test_training_data_changed_since_the_run_is_said(tiny_data, run_copy, tmp_pa
     assert "has changed" not in caplog.text
     next(p for p in sorted((data / "val").rglob("*.png"))).unlink()
     dataset_of(Run.open(run_copy), None)
-    assert f"warning: {data} has changed since the run was trained (its validation images: " in caplog.text
+    assert f"warning: {data} has changed since the run was trained (its validation split: 90 images then, 89 images now)" \
+        in caplog.text
     caplog.clear()
     dataset_of(Run.open(run_copy), str(tiny_data))  # other data, named: no comparison with the run's
     assert "has changed" not in caplog.text
