@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.errors import UserInputError
+from cnnpack.errors import UserInputError, shell
 from cnnpack.rundir import Run, atomic_write_json
 
 
@@ -79,9 +79,12 @@ def scored_data(run: Run, data: str | None = None, *, data_root: str | None = No
         check_torchvision_options(data, data_root, download)
         root = Path(data).resolve()  # named (and its result file keyed) by where it is, not as typed from here
         train, val = split_dirs(root)
-        s, skipped = read_class_folders(val if train and val else root, spec["classes"], spec["image_size"])
-        return Scored(s.images.numpy(), s.labels.numpy(), "validation" if train and val else "all", False,
-                      str(root), skipped)
+        if train and not val:  # its folder would be read as a class the model does not have
+            raise UserInputError(f"--data {root} has {train.name}/ but no validation folder: evaluate scores val/ of "
+                                 f"train/ + val/, or every image of a folder of <class> folders: --data "
+                                 f"{shell(train)} scores every image of {train.name}/")
+        s, skipped = read_class_folders(val or root, spec["classes"], spec["image_size"])  # val/ alone: the images
+        return Scored(s.images.numpy(), s.labels.numpy(), "validation" if val else "all", False, str(root), skipped)
     d = dataset_of(run, data, data_root=data_root, download=download)
     labels = _model_indices(d.classes, list(spec["classes"]), d.source)[d.val.labels.numpy()]
     return Scored(d.val.images.numpy(), labels, "validation", own, d.source, _val_skipped(d))

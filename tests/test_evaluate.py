@@ -142,6 +142,26 @@ def test_other_data_may_hold_some_of_the_models_classes_or_one(tiny_data, run_co
     assert one["images"] == 15 and one["confusion_matrix"][2] == full["confusion_matrix"][2]
 
 
+def test_a_val_folder_alone_is_scored_and_a_narrow_terminal_gets_accuracy_per_class(tiny_data, run_copy, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """val/ alone was read as a class the model does not have; a confusion matrix wider than the terminal was
+    squeezed to columns of a letter or two."""
+    from cnnpack.cli.train_cmd import _print_eval
+
+    classes = _classes(run_copy)
+    _folder(tiny_data, tmp_path / "data" / "val", classes[:2])
+    result = evaluate(run_copy, data=str(tmp_path / "data"), device="cpu")
+    assert result["split"] == "validation" and result["images"] == 30
+    for columns, matrix in (("200", True), ("40", False)):
+        monkeypatch.setenv("COLUMNS", columns)
+        _print_eval(result)
+        out = capsys.readouterr().out
+        assert ("true \\ pred" in out) == matrix and ("per class (the confusion matrix is in the file" in out) != matrix
+        table = [line for line in out.splitlines() if line[0] in "┏┃┡│└"]
+        assert len(table) == 4 + len(classes) and max(map(len, table)) <= int(columns), out
+        assert out.startswith(f"checkpoint: top-1 {100 * result['accuracy']:.2f}% on 30 validation images\n")
+
+
 def test_a_class_folder_the_model_does_not_know_is_named(tiny_data, run_copy, tmp_path):
     data = _folder(tiny_data, tmp_path / "data", _classes(run_copy)[:2], n=2)
     (data / "dog").mkdir()
@@ -174,6 +194,8 @@ def test_unreadable_files_are_skipped_counted_and_reported(tiny_data, run_copy, 
 @pytest.mark.slow
 def test_cli_bad_input_is_one_error_line_and_exit_2(tiny_data, tiny_onnx_run, tmp_path):
     unknown = _folder(tiny_data, tmp_path / "unknown", _classes(tiny_onnx_run)[:1], n=1)
+    (tmp_path / "lone").mkdir()
+    (tmp_path / "lone" / "train").symlink_to(unknown)  # train/ alone: read as a class of the model's
     shutil.copytree(unknown / _classes(tiny_onnx_run)[0], unknown / "dog")
     run = ["evaluate", "--run", str(tiny_onnx_run)]
     cases = {
@@ -182,6 +204,7 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(tiny_data, tiny_onnx_run, tm
             f"torchvision:MNIST not found under {tmp_path / 'tv'}",
         (*run, "--data", "torchvision:NoSuchSet", "--download"): "torchvision has no dataset 'NoSuchSet'",
         (*run, "--format", "onnx", "--device", "tpu"): "--device 'tpu'; valid: auto, cpu, cuda",
+        (*run, "--data", str(tmp_path / "lone")): f"--data {tmp_path / 'lone'} has train/ but no validation folder: ",
     }
     if not CUDA:
         cases[(*run, "--format", "onnx", "--device", "cuda")] = "--device cuda: onnxruntime-cuda: no CUDA GPU"

@@ -139,13 +139,26 @@ def _print_eval(result: dict) -> None:
     which = "validation images" if result.get("split", "validation") == "validation" else f"images (all of {result['data']})"
     skipped = result.get("skipped_files", 0)
     unread = f"; {count(skipped, 'unreadable file')} skipped" if skipped else ""
-    t = Table(title=f"{result['format']}: top-1 {100 * result['accuracy']:.2f}% on {result['images']} {which}{unread}")
+    typer.echo(f"{result['format']}: top-1 {100 * result['accuracy']:.2f}% on {result['images']} {which}{unread}")
+    console = Console()
+    t = Table()
     t.add_column("true \\ pred")
     for c in classes:
         t.add_column(c, justify="right")
     for c, row in zip(classes, cm):
         t.add_row(c, *[str(v) for v in row])
-    Console().print(t)
+    # the confusion matrix where it fits the terminal; per class otherwise (a thousand classes, a narrow window): its
+    # columns squeezed to a letter or two said nothing, and the matrix is in the written file
+    if t.__rich_measure__(console, console.options).maximum > console.width or len(classes) > 30:
+        typer.echo("per class (the confusion matrix is in the file written):")
+        t = Table()
+        for name in ("class", "images", "top-1"):
+            t.add_column(name, justify="left" if name == "class" else "right")
+        for c, row, acc in zip(classes, cm, result["per_class_acc"]):
+            t.add_row(c, str(sum(row)), "-" if acc is None else f"{100 * acc:.1f}%")
+    else:
+        typer.echo("confusion matrix (rows: the true class, columns: the predicted one):")
+    console.print(t)
     if skipped:
         typer.echo(f"skipped {count(skipped, 'unreadable file')}, e.g. {result['skipped_examples'][0]}")
     typer.echo(f"written: {result['output']}")
