@@ -11,65 +11,17 @@ the file that shows what went wrong.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from cnnpack.errors import CnnpackError, RunReplaced, StageFailed, UserInputError, file_error, shell
+from cnnpack.errors import CnnpackError, RunReplaced, UserInputError, shell
 from cnnpack.pipeline_config import SERVE_MODES, PipelineConfig  # noqa: F401 - re-exported
+from cnnpack.pipeline_stage import Interrupted, Outcome, Stage, again_hint, fingerprint, run_stage, stage_section
 from cnnpack.pipeline_summary import best_runtime, summary
 from cnnpack.rundir import LAST, MANIFEST, Run, artifact_digest, check_makeable, identity, sha256
-
-
-class Interrupted(CnnpackError):
-    """Ctrl-C during a stage (exit 130)."""
-
-    exit_code = 130
-
-
-@dataclass
-class Stage:
-    name: str
-    inputs: Callable[[Run], dict]  # what the stage reads; a change means it must run again
-    run: Callable[[Run], str]  # does the work; returns a one-line summary
-    output: Callable[[Run], str]  # where to look when it fails
-    outputs_exist: Callable[[Run, dict], bool] = lambda run, section: True
-
-
-@dataclass
-class Outcome:
-    name: str
-    status: str  # ran | skipped | failed | off
-    seconds: float = 0.0
-    summary: str = ""
-
-
-def fingerprint(obj: dict) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _section(run: Run, name: str) -> dict:
-    return run.read().get("stages", {}).get(name, {}) if run.manifest_path.is_file() else {}
-
-
-def _files_exist(run: Run, section: dict) -> bool:
-    """Every `{path, sha256}` the stage recorded under outputs/artifacts is still there, unchanged."""
-    records = [*section.get("outputs", {}).values(), *section.get("artifacts", {}).values()]
-    records += [r["weights"] for r in section.get("artifacts", {}).values() if isinstance(r, dict) and "weights" in r]
-    return all(run.file(r["path"]).is_file() and sha256(run.file(r["path"])) == r["sha256"]
-               for r in records if isinstance(r, dict) and "path" in r and "sha256" in r)
-
-
-def up_to_date(run: Run, stage: Stage, inputs: str) -> bool:
-    """The stage last succeeded on exactly these inputs (a fingerprint) and what it wrote is still there."""
-    section = _section(run, stage.name)
-    if section.get("status") != "ok" or section.get("inputs_sha256") != inputs:
-        return False
-    return _files_exist(run, section) and stage.outputs_exist(run, section)
 
 
 def _earlier_models(run: Run, repository: Path, laid: list[str]) -> list[str]:
@@ -116,61 +68,6 @@ def _settings_replaced(run: Run, before: dict, sections: list[dict]) -> str:
             "them again)")
 
 
-def _again(force: bool) -> str:
-    """How to continue an interrupted pipeline: the same command, less --force (which would start it over)."""
-    return ("run the same `cnnpack pipeline` command again" + (" without --force" if force else "") + " to continue")
-
-
-def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]) -> Outcome:
-    run.check_not_replaced()  # a `train --force` since the last stage: no stage runs on (or lays out) the new run
-    inputs = fingerprint(stage.inputs(run))
-    if not force and up_to_date(run, stage, inputs):
-        say(f"[{stage.name}] skipped: inputs unchanged since its last successful run")
-        return Outcome(stage.name, "skipped", summary="inputs unchanged")
-    say(f"[{stage.name}] running")
-    t0 = time.perf_counter()
-    try:
-        summary = stage.run(run)
-    except KeyboardInterrupt:  # Ctrl-C outside a training epoch (which train turns into its own Interrupted)
-        # an earlier training's record stays while this one has not begun (nothing stale is resumed); any other
-        # stage that began may have rewritten some of its outputs (the served stage: verify's served rows, its log)
-        if stage.name != "train" or _section(run, stage.name).get("status") in (None, "running"):
-            _mark_failed(run, stage.name, "interrupted", status="interrupted")
-        raise Interrupted(f"pipeline interrupted in stage {stage.name}; {_again(force)}") from None
-    except CnnpackError as e:
-        _mark_failed(run, stage.name, str(e), status="interrupted" if e.exit_code == 130 else "failed")
-        if e.exit_code == 130:  # Ctrl-C during training: the next pipeline run resumes it
-            said = re.split(r"; (?:continue with|start again with) `cnnpack train", str(e))[0]  # train's own advice
-            raise Interrupted(f"pipeline interrupted in stage {stage.name}: {said}; {_again(force)}") from None
-        pointer = stage.output(run)
-        named = re.search(re.escape(str(pointer)) + r"(?![\w/.-])", str(e))  # verify's names verify.json itself
-        see = f" (see {pointer})" if Path(pointer).exists() and not named else ""  # no manifest: train failed first
-        stopped = StageFailed(f"pipeline stopped: stage {stage.name} failed: {e}{see}")
-        stopped.exit_code = e.exit_code  # bad input stays exit 2 (an empty class folder), as from the command itself
-        raise stopped from None
-    except OSError as e:  # a full disk, a folder that cannot be written: the stage is marked failed like any other
-        _mark_failed(run, stage.name, file_error(e))
-        raise StageFailed(f"pipeline stopped: stage {stage.name} failed: {file_error(e)}") from None
-    run.update(lambda m: m["stages"][stage.name].update(inputs_sha256=inputs))
-    out = Outcome(stage.name, "ran", round(time.perf_counter() - t0, 1), summary)
-    say(f"[{stage.name}] done in {out.seconds:.1f} s: {summary}")
-    return out
-
-
-def _mark_failed(run: Run, name: str, error: str, status: str = "failed") -> None:
-    """Records the failure in the manifest (a stage that failed before writing its section gets one)."""
-    if not run.manifest_path.is_file():
-        return
-
-    def mark(m: dict) -> None:
-        section = m.setdefault("stages", {}).setdefault(name, {})
-        section.update(status=status, error=error)
-        section.pop("inputs_sha256", None)
-
-    with contextlib.suppress(RunReplaced):  # the new run is not this pipeline's: its stages are not marked
-        run.update(mark)
-
-
 # -- the stages -------------------------------------------------------------------------------------
 def data_identity(data: str) -> dict:
     """What identifies the training data: the built-in generator's name, or a folder's file listing."""
@@ -185,13 +82,13 @@ def data_identity(data: str) -> dict:
 
 
 def _artifacts(run: Run) -> dict:
-    return {f: artifact_digest(a) for f, a in _section(run, "export").get("artifacts", {}).items()}
+    return {f: artifact_digest(a) for f, a in stage_section(run, "export").get("artifacts", {}).items()}
 
 
 def _int8_gates_kept(run: Run, section: dict) -> bool:
     """verify held each int8 artifact to the drop its gate allows now: a quantize under another --max-drop may write
     the same bytes, and verify.json would keep the old gate."""
-    gates = {f: a["gate"].get("max_drop_pt") for f, a in _section(run, "export").get("artifacts", {}).items()
+    gates = {f: a["gate"].get("max_drop_pt") for f, a in stage_section(run, "export").get("artifacts", {}).items()
              if isinstance(a, dict) and isinstance(a.get("gate"), dict)}
     if not gates:
         return True
@@ -251,7 +148,7 @@ class Stages:
                                 self.served_rows_kept))
         if serve and self.cfg.tune_budget_ms is not None:
             stages.append(Stage("tune", lambda r: {**self.served_inputs(r), "tune": asdict(self.cfg.tune_config()),
-                                                   "verify": _section(r, "verify").get("formats")},
+                                                   "verify": stage_section(r, "verify").get("formats")},
                                 self.run_tune, lambda r: str(r.file("tune.json")), _tuned_config_kept))
         return stages
 
@@ -272,7 +169,7 @@ class Stages:
     def run_train(self, run: Run) -> str:
         from cnnpack.train import as_recorded, train
 
-        cfg, last = self.cfg.train_config(), _section(run, "train")
+        cfg, last = self.cfg.train_config(), stage_section(run, "train")
         # an interrupted training with these options continues from its last finished epoch
         resume = (run.file(LAST).is_file() and last.get("status") != "ok"  # (as recorded: absolute paths)
                   and last.get("config") == asdict(as_recorded(cfg)))
@@ -378,7 +275,7 @@ class Stages:
         configs = [self._over_its_own(run, cfg) for cfg in self.cfg.triton_configs()]
         for cfg in configs:  # every model refused before any is laid out
             check(run, cfg)
-        before = _section(run, "triton")  # `cnnpack triton`'s, where one laid a model out since
+        before = stage_section(run, "triton")  # `cnnpack triton`'s, where one laid a model out since
         names, replaced, sections = [], [], []
         for cfg in configs:
             section = build(run.path, cfg)
@@ -419,8 +316,8 @@ class Stages:
 
     # - served -
     def served_inputs(self, run: Run) -> dict:
-        return {"repository": {k: v.get("sha256") for k, v in _section(run, "triton").get("files", {}).items()},
-                "models": _section(run, "triton").get("models"), "config": asdict(self.cfg.served_config()),
+        return {"repository": {k: v.get("sha256") for k, v in stage_section(run, "triton").get("files", {}).items()},
+                "models": stage_section(run, "triton").get("models"), "config": asdict(self.cfg.served_config()),
                 "checkpoint": _checkpoint(run)}
 
     def served_rows_kept(self, run: Run, section: dict) -> bool:
@@ -428,11 +325,11 @@ class Stages:
         model's latest version is still the one served (Triton serves the latest: one laid out since is served anew)."""
         from cnnpack.triton_publish import versions
 
-        formats = set(_section(run, "verify").get("formats", {}))
-        rows = {r.get("format") for r in _section(run, "bench").get("results", [])}
+        formats = set(stage_section(run, "verify").get("formats", {}))
+        rows = {r.get("format") for r in stage_section(run, "bench").get("results", [])}
         root = Path(section.get("repository", ""))
         served = all(str(max(versions(root / m), default=0)) == str(v) for m, v in section.get("versions", {}).items())
-        here = Path(_section(run, "triton").get("repository", "")).resolve() == root.resolve()  # not another --repository
+        here = Path(stage_section(run, "triton").get("repository", "")).resolve() == root.resolve()  # not another --repository
         return served and here and set(section.get("parity", {})) <= formats and any(f and f.startswith("triton:") for f in rows)
 
     def served_output(self, run: Run) -> str:
@@ -441,7 +338,7 @@ class Stages:
     def run_served(self, run: Run) -> str:
         from cnnpack.served import served
 
-        kept = {s: _section(run, s).get("inputs_sha256") for s in ("verify", "bench")}
+        kept = {s: stage_section(run, s).get("inputs_sha256") for s in ("verify", "bench")}
         section = served(run.path, self.cfg.served_config(), progress=self.say)
         # served rows were added to verify and bench; those stages' own inputs did not change
         run.update(lambda m: [m["stages"][s].update(inputs_sha256=fp) for s, fp in kept.items() if fp])
@@ -449,7 +346,6 @@ class Stages:
 
     def _status(self, verb: str):
         """A live one-line status on stderr while a stage works (nothing when progress is off)."""
-        import contextlib
 
         if not self.progress:
             return contextlib.nullcontext(lambda _: None)
@@ -588,7 +484,7 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
         report = write_report(run.path)
     except KeyboardInterrupt:  # between stages or in the report: the run stays the pipeline's to continue
         _record(run, cfg, outcomes, t0, status="interrupted")
-        raise Interrupted(f"pipeline interrupted; {_again(force)}") from None
+        raise Interrupted(f"pipeline interrupted; {again_hint(force)}") from None
     except CnnpackError as e:
         _record(run, cfg, outcomes, t0, status="interrupted" if e.exit_code == 130 else "failed")
         raise

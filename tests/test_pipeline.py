@@ -243,9 +243,9 @@ def test_the_default_runtimes_are_those_of_the_exported_formats():
     # eager measured openvino and openvino-bf16 too)
     assert PipelineConfig(bench_runtimes=("eager",))._added(["openvino"]) == ("eager",)
     assert PipelineConfig()._added(["aoti"]) == ("eager", "compiled", "torchscript", "onnxruntime", "aoti")
-    from cnnpack.pipeline import _again
+    from cnnpack.pipeline_stage import again_hint
 
-    assert _again(True) == "run the same `cnnpack pipeline` command again without --force to continue"
+    assert again_hint(True) == "run the same `cnnpack pipeline` command again without --force to continue"
 
 
 def test_bad_options_exit_2_before_any_work(tmp_path):
@@ -618,7 +618,7 @@ def test_a_stage_stopped_by_ctrl_c_or_a_disk_error_is_marked_so_over_its_earlier
     import errno
 
     from cnnpack.errors import StageFailed
-    from cnnpack.pipeline import Interrupted, Stage, run_stage
+    from cnnpack.pipeline_stage import Interrupted, Stage, run_stage
     from cnnpack.rundir import Run
 
     run = Run.create(tmp_path / "run", {"arch": "cnn", "classes": ["a", "b"], "num_classes": 2, "image_size": 32})
@@ -639,7 +639,7 @@ def test_a_stage_stopped_by_ctrl_c_or_a_disk_error_is_marked_so_over_its_earlier
 
 def test_the_summary_quotes_no_served_figures_when_this_run_left_the_stage_off(tmp_path):
     """--serve no on a run served before: the summary still printed the earlier run's `served 8/8 ...` line."""
-    from cnnpack.pipeline import Outcome
+    from cnnpack.pipeline_stage import Outcome
     from cnnpack.pipeline_summary import summary
     from cnnpack.rundir import Run
 
