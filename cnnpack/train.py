@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +26,15 @@ from cnnpack import data as data_mod
 from cnnpack import plots
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, file_error, one_line, shell
 from cnnpack.host import check_device
-from cnnpack.models import build_model, check_arch, check_input_size, load_weights
+from cnnpack.models import build_model, check_input_size, load_weights
 from cnnpack.rundir import LAST, MANIFEST, Run, atomic_path, check_makeable, sigint_deferred
 from cnnpack.spec import ModelSpec
+from cnnpack.train_config import DEFAULT_LR, TrainConfig
+from cnnpack.train_resume import as_recorded, check_same_data, recorded_config, resume_state
 from cnnpack.train_sessions import record_session, session
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
-MAX_SEED = 2**32 - 1  # numpy's and torch's generators, with seed x 100,003 + epoch within torch's int64
 # what a training writes; `--force` removes the previous run's copies first, so a new run that
 # stops early can never be resumed from (or evaluated with) the old run's state
 TRAIN_FILES = (CHECKPOINT, LAST, "history.json", "curves.png", "confusion.png", "samples.png")
@@ -69,53 +70,6 @@ class Interrupted(CnnpackError):
     exit_code = 130
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    data: str = "shapes"
-    arch: str = "cnn"
-    image_size: int = 64
-    epochs: int = 8
-    batch_size: int = 64
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float | None = None  # default per optimizer
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.05
-    patience: int = 4  # early stopping: epochs without a val-accuracy gain
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # CUDA: bf16 where supported, else fp16 with a scaler; a CPU with AMX: bf16 (`_autocast`)
-    channels_last: bool | None = None  # default (None): on; NHWC convs are faster on CPU (oneDNN) and GPU
-    pretrained: bool = False
-    val_fraction: float = 0.2
-    data_root: str | None = None
-    download: bool = False
-    workers_note: str = "in-memory dataset, no loader workers"
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise UserInputError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 2:  # a batch of one is skipped: BatchNorm cannot train on it, and nothing would train
-            raise UserInputError(f"--batch-size must be >= 2 (BatchNorm trains on 2 images or more), got {self.batch_size}")
-        if not 0 <= self.seed <= MAX_SEED:  # numpy's generators take no negative seed; epochs reseed from seed x 100,003
-            raise UserInputError(f"--seed must be an integer from 0 to {MAX_SEED:,}, got {self.seed}")
-        if self.patience < 1:
-            raise UserInputError(f"--patience must be >= 1 (epochs without a val-accuracy gain), got {self.patience}")
-        if not 0 <= self.label_smoothing < 1:
-            raise UserInputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.lr is not None and not 0 <= self.lr < float("inf"):  # nan too
-            raise UserInputError(f"--lr must be >= 0, got {self.lr}")
-        if not self.weight_decay >= 0:  # (also refuses NaN)
-            raise UserInputError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise UserInputError(f"--optimizer {self.optimizer!r}; valid: adamw, sgd")
-        if not 0 < self.val_fraction < 1:
-            raise UserInputError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        check_device(self.device)
-        check_arch(self.arch)
-        data_mod.check_data(self.data, self.image_size)  # an empty --data was the current folder
-        data_mod.check_torchvision_options(self.data, self.data_root, self.download)
-
-
 def resolve_device(name: str) -> torch.device:
     """`--device` as a torch device: auto takes the GPU when one is visible; cuda without one is refused."""
     if check_device(name) == "auto":
@@ -123,9 +77,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA GPU is visible to PyTorch on this machine; use --device cpu")
     return torch.device(name)
-
-
-DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-2}  # per optimizer, where --lr is not given
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module, steps: int):
@@ -310,79 +261,6 @@ def sample_indices(pred: np.ndarray, true: np.ndarray, n: int = 32, max_wrong: i
     return np.concatenate([wrong, np.asarray(right[: n - len(wrong)], dtype=np.int64)]).astype(np.int64)
 
 
-def _resume_state(run: Run, model, opt, sched, steps_per_epoch: int) -> tuple[int, list[dict]]:
-    path = run.file(LAST)
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        history, epoch = st["history"], int(st["epoch"])
-        if st["scheduler"]["total_steps"] == sched.total_steps:
-            sched.load_state_dict(st["scheduler"])
-        else:  # resumed with another number of processes (torchrun run resumed in one): same schedule, re-divided
-            sched.last_epoch = epoch * steps_per_epoch
-    except Exception as e:  # noqa: BLE001 - truncated zip, foreign file, wrong keys or shapes
-        raise UserInputError(f"--resume: {path} is truncated or not a cnnpack resume state ({type(e).__name__})") from None
-    return epoch, history
-
-
-def _check_same_data(run: Run, now: dict) -> None:
-    """--resume on data that changed since the interrupted training: the split moved (images it trained on are now
-    validation images), the record kept the old counts, and a changed class list read as a damaged last.pt."""
-    if change := data_mod.changed_since(run.read()["stages"]["train"].get("data") or {}, now):
-        raise UserInputError(f"--resume: {now.get('source', 'the data')} has changed since the training began "
-                             f"({change}): the epochs would not be of one split; train again with --force")
-
-
-def _recorded_config(run_dir: Path) -> TrainConfig:
-    """The config a run was started with (what `--resume` continues)."""
-    recorded = Run.open(run_dir).read().get("stages", {}).get("train", {}).get("config")
-    if not recorded:
-        raise UserInputError(f"--resume: {run_dir} has no recorded training to resume")
-    try:
-        return TrainConfig(**recorded)
-    except TypeError:
-        raise UserInputError(f"--resume: {run_dir} was trained by an incompatible cnnpack version") from None
-
-
-def as_recorded(cfg: TrainConfig) -> TrainConfig:
-    """The config as a run records it: --data and --data-root as paths that hold from any folder (evaluate, resume
-    and the pipeline run from elsewhere), the built-in and torchvision names as they are."""
-    return replace(cfg, data=data_mod.recorded_source(cfg.data),
-                   data_root=str(Path(cfg.data_root).resolve()) if cfg.data_root else None)
-
-
-def resume_conflicts(run_dir: str | Path, given: dict) -> dict[str, tuple]:
-    """The `TrainConfig` fields in `given` whose values differ from the run's recorded ones: {name: (given, recorded)}.
-
-    A resumed run always continues with the config it was started with (the schedule, the data split
-    and the checkpoints depend on it), so a different value would be silently ignored.
-    """
-    recorded = asdict(_recorded_config(Path(run_dir)))
-    fields = {f: given.get(f) for f in ("data", "data_root")} | {"data": given.get("data") or "shapes"}
-    normal = asdict(as_recorded(replace(TrainConfig(), **fields)))
-    recorded_as = {**given, **{k: normal[k] for k in ("data", "data_root") if given.get(k)}}
-    # what a recorded default (None, auto) came to: `--resume --channels-last` on a run with the default is no change
-    came_to = {"channels_last": True if recorded["channels_last"] is None else recorded["channels_last"],
-               "lr": DEFAULT_LR.get(recorded["optimizer"]) if recorded["lr"] is None else recorded["lr"],
-               "device": ("cuda" if torch.cuda.is_available() else "cpu") if recorded["device"] == "auto"
-               else recorded["device"]}
-    # --val-fraction splits only a folder of <class>/ folders: the built-in data, torchvision's and train/ + val/ have
-    # their own split, so the option had no effect there and a different value changes nothing
-    ignored = {"val_fraction"} if _split_given(recorded["data"]) else set()
-    # `ds` is the recorded /abs/ds, or `ds` as a run recorded it before --data (--data-root) was made absolute
-    return {name: (value, recorded[name]) for name, value in given.items()
-            if name in recorded and name not in ignored and recorded[name] not in (value, recorded_as[name])
-            and (name not in came_to or came_to[name] != value)}
-
-
-def _split_given(data: str) -> bool:
-    """Whether `--data` comes with its own train/validation split (so --val-fraction does not apply)."""
-    if data == data_mod.SHAPES or data.startswith("torchvision:"):
-        return True
-    return all(data_mod.split_dirs(Path(data)))
-
-
 def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
     """Refuses a bad --run before any data is loaded (Run.create checks again when it writes)."""
     check_makeable(run_dir)
@@ -417,7 +295,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     """
     run_dir = Path(run_dir)
     if resume:
-        cfg = _recorded_config(run_dir)
+        cfg = recorded_config(run_dir)
     _check_run_dir(run_dir, force=force, resume=resume)
     cfg.validate()
     data_mod.check_outside(cfg.data, run_dir, "--run")
@@ -458,7 +336,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
 
     if is_main and resume:
         run = Run.open(run_dir)
-        _check_same_data(run, data.summary())
+        check_same_data(run, data.summary())
     elif is_main:
         replaced = run_dir.joinpath(MANIFEST).exists()
         run = Run.create(run_dir, spec.to_dict(), force=force, resume_hint=" or --resume to continue it")
@@ -471,7 +349,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         run = Run(run_dir)
     if is_main and on_run is not None:
         on_run(run)
-    start_epoch, history = (_resume_state(run, model, opt, sched, steps_per_epoch) if resume else (0, []))
+    start_epoch, history = (resume_state(run, model, opt, sched, steps_per_epoch) if resume else (0, []))
     train_model = dist.wrap(model) if dist is not None else model
     best = max((h["val_acc"] for h in history), default=-1.0)
     stale = _stale_epochs(history)

@@ -352,7 +352,7 @@ def test_every_small_schedule_runs_to_the_end(optimizer):
 
 
 def test_resume_conflicts_are_the_options_that_differ_from_the_recorded_ones(tiny_run, monkeypatch):
-    from cnnpack.train import resume_conflicts
+    from cnnpack.train_resume import resume_conflicts
 
     recorded = json.loads((tiny_run / "cnnpack.json").read_text())["stages"]["train"]["config"]
     same = {k: recorded[k] for k in ("data", "image_size", "epochs", "batch_size", "lr")}
@@ -375,7 +375,7 @@ def test_resume_conflicts_are_the_options_that_differ_from_the_recorded_ones(tin
 
 
 def test_only_a_folder_of_class_folders_is_split_by_val_fraction(tiny_data, tmp_path):
-    from cnnpack.train import _split_given
+    from cnnpack.train_resume import _split_given
 
     (tmp_path / "cats").mkdir()
     assert _split_given("shapes") and _split_given("torchvision:CIFAR10") and _split_given(str(tiny_data))

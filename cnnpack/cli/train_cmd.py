@@ -88,7 +88,7 @@ RESUME_OPTIONS = {"run", "resume", "progress", "as_json"}
 
 def _refuse_changed_options(ctx: typer.Context, run: Path) -> None:
     """--resume with an option whose value differs from the run's recorded config: exit 2, not ignored."""
-    from cnnpack.train import resume_conflicts
+    from cnnpack.train_resume import resume_conflicts
 
     params = {p.name: p for p in ctx.command.params}
     given = {name: ctx.params[name] for name in given_options(ctx, exclude=tuple(RESUME_OPTIONS))}
