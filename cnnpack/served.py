@@ -157,7 +157,9 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
                "server_version": server_info["version"], "server_load_s": server_info["load_s"],
                "server_peak_rss_bytes": server_info["peak_rss_bytes"],
                # what was served: the report tells it apart from a repository laid out since
-               "repository": t["repository"], "versions": {m["name"]: m["version"] for m in server_info["models"]}}
+               "repository": t["repository"], "versions": {m["name"]: m["version"] for m in server_info["models"]},
+               # the layout it measured: deploy sizes a pod by these figures only while the repository is this one
+               "triton_files": {k: v.get("sha256") for k, v in t.get("files", {}).items()}}
     with run.staged_outputs(OUTPUT) as staged:  # served.json and its record as one step (a full disk: the old back)
         atomic_write_json(staged[OUTPUT], result)
         section["outputs"] = {"served_json": {"path": OUTPUT, "sha256": sha256(staged[OUTPUT])}}

@@ -453,7 +453,9 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
         m["stages"]["tune"] = {"status": "ok", "config": {"latency_budget_ms": 20.0}, "points": [winner],
                                "verdict": {"as_good": False}, "winner": winner,
                                "written": {"model": "cnn_onnx", "config": str(config), "sha256": sha256(config)}}
-        m["stages"]["served"] = {"status": "ok", "server_load_s": 30.0, "server_peak_rss_bytes": 600 << 20}
+        m["stages"]["served"] = {"status": "ok", "server_load_s": 30.0, "server_peak_rss_bytes": 600 << 20,
+                                 "repository": str(repo), "versions": {"cnn_onnx": m["stages"]["triton"]["version"]},
+                                 "triton_files": {k: v["sha256"] for k, v in m["stages"]["triton"]["files"].items()}}
 
     _manifest(run, tuned_and_served)
     r = deploy(run, DeployConfig(out=str(tmp_path / "b")))
@@ -469,6 +471,17 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     assert section["tune_replaced"] == str(config) and "# written by tune" not in config.read_text()
     again = deploy(run, DeployConfig(out=str(tmp_path / "c")))["figures"]
     assert again["cpu"]["value"] == 1 and "tuned winner" not in again["cpu"]["source"]
+    assert again["memory_mib"]["value"] == 960 and again["startup_s"]["value"] == 150  # the layout served: measured
+    # laid out again with other settings, or elsewhere: the served stage's memory and load time are not of it
+    build(run, TritonConfig(repository=str(repo), threads=1, instances=4, ensemble=True))
+    other = deploy(run, DeployConfig(out=str(tmp_path / "d")))["figures"]
+    build(run, TritonConfig(repository=str(tmp_path / "repo2"), threads=1, ensemble=True))
+    elsewhere = deploy(run, DeployConfig(out=str(tmp_path / "e")))["figures"]
+    for figures, why in ((other, "`cnnpack triton` laid the repository out again since the served stage measured it"),
+                         (elsewhere, f"the served stage measured {repo}, not the repository shipped")):
+        assert figures["startup_s"]["value"] == 300 and figures["startup_s"]["source"].startswith(
+            f"no measured load time ({why}): the fallback")
+        assert figures["memory_mib"]["source"].startswith(f"no measured memory ({why}): ")
 
 
 # -- bad input: one line, exit 2, nothing written -----------------------------------------------------------------

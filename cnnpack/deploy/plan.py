@@ -273,10 +273,31 @@ def _largest_other(plan: Plan, own: Figure, sized_by: str, configs: dict, run_co
                          f"{own.source})")
 
 
+def measured(stages: dict) -> tuple[dict, str]:
+    """The served stage's record where it measured the repository deploy ships as it is laid out now ({} otherwise),
+    and why not: a `cnnpack triton` since (--instances 4, another --repository, a new version) serves another thing,
+    whose memory and load time those figures are not (a pod sized by them was OOM-killed). A tune's config since is
+    the triton stage's layout still: memory scales by its instance count."""
+    from cnnpack.triton_publish import versions
+
+    served, triton = stages.get("served") or {}, stages.get("triton") or {}
+    if served.get("status") != "ok":
+        return {}, "the served stage did not run"
+    repo = served.get("repository")
+    if repo and Path(repo).resolve() != Path(triton.get("repository", "")).resolve():
+        return {}, f"the served stage measured {repo}, not the repository shipped"
+    laid = {k: v.get("sha256") for k, v in triton.get("files", {}).items()}
+    newer = [n for n, v in (served.get("versions") or {}).items()
+             if repo and str(max(versions(Path(repo, n)), default=0)) != str(v)]
+    if ("triton_files" in served and served["triton_files"] != laid) or newer:
+        return {}, "`cnnpack triton` laid the repository out again since the served stage measured it"
+    return served, ""
+
+
 def memory(stages: dict, repository: Path, classifiers: list[tuple[str, str]], instances: int) -> Figure:
     """MiB for requests and limits (equal: the pod's memory is not overcommitted)."""
-    served = stages.get("served") or {}
-    peak = served.get("server_peak_rss_bytes") if served.get("status") == "ok" else None
+    served, why_not = measured(stages)
+    peak, why_not = served.get("server_peak_rss_bytes"), why_not or "the served stage predates it"
     base_instances = int(stages["triton"].get("config", {}).get("instances", 1)) or 1
     if peak:
         scale = max(1.0, instances / base_instances)
@@ -288,20 +309,20 @@ def memory(stages: dict, repository: Path, classifiers: list[tuple[str, str]], i
         model_bytes = sum(f.stat().st_size for m, _ in classifiers for f in (repository / m).rglob("*")
                           if f.is_file() and not shipped_cache(f.relative_to(repository)))
         mib = MEMORY_BASE_MIB + model_bytes * MEMORY_PER_MODEL_BYTE * instances / MiB
-        why = (f"no measured memory (the served stage did not run): {MEMORY_BASE_MIB} MiB for the server + "
+        why = (f"no measured memory ({why_not}): {MEMORY_BASE_MIB} MiB for the server + "
                f"{MEMORY_PER_MODEL_BYTE} x the model files ({model_bytes / MiB:.1f} MiB) x {instances} instance(s)")
     return Figure(int(math.ceil(mib / 64) * 64), why)
 
 
 def startup(stages: dict, *, floor: int, download_s: int = 0) -> Figure:
     """Seconds the startup probe waits for every model to be loaded."""
-    served = stages.get("served") or {}
-    load = served.get("server_load_s") if served.get("status") == "ok" else None
+    served, why_not = measured(stages)
+    load, why_not = served.get("server_load_s"), why_not or "the served stage predates it"
     download = (f" + {download_s} s to download the repository at {DOWNLOAD_BYTES_PER_S // MiB} MiB/s"
                 if download_s else "")
     if load is None:
-        return Figure(STARTUP_FALLBACK_S + download_s, f"no measured load time (the served stage did not run, or "
-                                                       f"predates it): the fallback of {STARTUP_FALLBACK_S} s{download}")
+        return Figure(STARTUP_FALLBACK_S + download_s,
+                      f"no measured load time ({why_not}): the fallback of {STARTUP_FALLBACK_S} s{download}")
     s = max(floor, math.ceil(load * STARTUP_MARGIN)) + download_s
     return Figure(s, f"the served stage's start-up with every model loaded, {load:.1f} s, x {STARTUP_MARGIN:g} "
                      f"for a slower node (at least {floor} s){download}")
