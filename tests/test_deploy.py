@@ -288,6 +288,29 @@ def test_the_gpu_overlay_adds_one_gpu_and_kind_gpu_configs_without_touching_conf
     assert sha256(repo / "cnn_onnx" / "config.pbtxt") == triton["files"]["config.pbtxt"]["sha256"]
 
 
+def test_a_gpu_config_of_the_users_own_in_the_repository_is_refused_and_kept_unless_force(laid_out, deployed,
+                                                                                          tmp_path):
+    """deploy wrote its configs/gpu.pbtxt over one the user had tuned by hand, without a word."""
+    from cnnpack.deploy import DeployConfig, deploy
+
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    shutil.copytree(laid_out, run)
+    shutil.copytree(json.loads((run / "cnnpack.json").read_text())["stages"]["triton"]["repository"], repo)
+    _manifest(run, lambda m: m["stages"]["triton"].update(repository=str(repo)))
+    mine = repo / "cnn_onnx" / "configs" / "gpu.pbtxt"
+    mine.write_text(mine.read_text().replace("count: 1", "count: 4") + "# tuned by hand\n")  # edited since
+    proc = _cnnpack("deploy", "--run", str(run), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: {mine} is not a config a deploy wrote (yours, or edited since), and the gpu overlay needs its own "
+        "there; move it, or pass --force to replace it\n")
+    assert mine.read_text().endswith("# tuned by hand\n") and not (tmp_path / "out").exists()
+    record = deploy(run, DeployConfig(out=str(tmp_path / "out"), force=True))
+    assert "# tuned by hand" not in mine.read_text() and any(n.startswith(f"replaced (--force): {mine}, a config of "
+                                                                          "yours") for n in record["notes"])
+    assert deploy(run, DeployConfig(out=str(tmp_path / "out"), force=True))["notes"] == [  # its own now: no note
+        n for n in record["notes"] if not n.startswith("replaced (--force)")]
+
+
 def test_object_storage_is_triton_s_repository_with_credentials_only_by_reference(base, deployed):
     s3 = _container(_of(base["s3"], "Deployment"))
     assert "--model-repository=s3://models-bucket/cnn" in s3["args"]

@@ -159,6 +159,14 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     identity = {"kind": "cnnpack-deploy", "run": str(plan.run), "name": name}
     earlier = output.check_out(out, identity, force=cfg.force)
     gpu_configs = _gpu_configs(plan, gpu)
+    theirs = _users_configs(plan, gpu_configs)
+    if theirs and not cfg.force:
+        raise UserInputError(f"{plan.repository / theirs[0]} is not a config a deploy wrote (yours, or edited since), "
+                             f"and the gpu overlay needs its own there{_more(theirs)}; move it, or pass --force to "
+                             "replace it")
+    if theirs:
+        plan.notes.append(f"replaced (--force): {', '.join(str(plan.repository / rel) for rel in theirs)}, a config "
+                          "of yours, with the gpu overlay's")
     stale = plans.stale_configs(plan)
     spec = _spec(cfg, plan, store, name, ngc_image(plan.repository), gpu_configs, stale)
     files = _files(plan, spec, gpu=gpu, out=out)
@@ -196,6 +204,19 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     output.swap_in(stage, out)
     record["recorded"] = _record_in_run(_opened(plan), record, _repository_files(plan, gpu_configs, stale))
     return record
+
+
+def _users_configs(plan, configs: dict[str, bytes]) -> list[str]:
+    """The configs deploy would write over that it did not write (a user's hand-tuned configs/gpu.pbtxt), or that
+    were edited since it did: the repository is the user's too, and the bytes are theirs."""
+    from cnnpack.rundir import sha256
+
+    return sorted(rel for rel, data in configs.items() if (path := plan.repository / rel).is_file()
+                  and path.read_bytes() != data and plan.deployed_files.get(rel) != sha256(path))
+
+
+def _more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
 
 
 def _remove_stale(plan, stale: set[str]) -> None:
