@@ -373,7 +373,14 @@ def test_written_yaml_has_no_anchors_and_the_hpa_metric_counts_each_request_once
             assert not re.search(r"[&*]id\d+", text), path
     rule = _yaml(deployed["image"] / "kubernetes" / "prometheus-adapter" / "values.yaml")["rules"]["custom"][0]
     queue, requests = rule["metricsQuery"].split(" / ")
-    assert "model!~" not in queue and requests.count('model!~".+_(image|preprocess)"') == 1
+    assert "model=~" not in queue and requests.count(',model=~"cnn_onnx"}') == 1  # the classifier, by name
+    from types import SimpleNamespace
+
+    from cnnpack.deploy.kube import classifiers_only
+
+    plan = SimpleNamespace(classifiers=[("shapes_image", "onnx"), ("a.b", "onnx"), ("off", "onnx")],
+                           models=["shapes_image", "a.b", "a.b_image", "a.b_preprocess"])  # `off`: not shipped
+    assert classifiers_only(plan) == ',model=~"shapes_image|a[.]b"'  # a pattern took shapes_image for an ensemble
 
 
 def test_an_out_that_is_a_link_is_written_through(laid_out, tmp_path):
@@ -1066,6 +1073,9 @@ def test_the_deployment_args_start_the_real_server_probes_answer_and_the_hpa_met
     used = set(re.findall(r"\bnv_[a-z_]+", rule["seriesQuery"] + " " + rule["metricsQuery"]))
     assert used == {"nv_inference_queue_duration_us", "nv_inference_request_success"}
     assert status == 200 and not used - metrics, f"missing on /metrics: {sorted(used - metrics)}"
+    names = re.search(r'model=~"([^"]+)"', rule["metricsQuery"]).group(1).replace("[.]", ".").split("|")
+    counted = set(re.findall(r'^nv_inference_request_success\{model="([^"]+)"', body.decode(), re.M))
+    assert set(names) == {record["served_model"]} and set(names) <= counted  # the requests counted exist
     hpa = _yaml(folder / "kubernetes" / "base" / "hpa.yaml")
     assert [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]] == [rule["name"]["as"]]
 

@@ -25,8 +25,12 @@ GRACE_S = 30  # terminationGracePeriodSeconds: Triton gets 2/3 of it to finish r
 QUEUE_METRIC = "triton_queue_us_per_request"
 QUEUE_US, REQUESTS = "nv_inference_queue_duration_us", "nv_inference_request_success"
 RATE_WINDOW = "2m"
-ENSEMBLE_PARTS = ".+_(image|preprocess)"  # the names cnnpack gives an image ensemble and its preprocessing model
-CLASSIFIERS_ONLY = f',model!~"{ENSEMBLE_PARTS}"'  # a matcher: the series of the classifiers alone
+def classifiers_only(plan) -> str:
+    """A label matcher for the series of the shipped classifiers alone, by name (not by a pattern of the names
+    cnnpack gives an ensemble and its preprocessing: a classifier named `shapes_image` matched it, and the HPA's
+    metric had no series). A model name's one regex character is `.`."""
+    names = [m for m, _ in plan.classifiers if m in plan.models]
+    return f',model=~"{"|".join(n.replace(".", "[.]") for n in names)}"'
 SHM_LIMIT = "256Mi"  # /dev/shm for the Python backend's tensors (the runtime's default is 64 MiB)
 
 
@@ -240,7 +244,7 @@ def gpu_patch(plan: Plan, spec: Spec) -> dict:
                                                       failures=startup_failures(plan.startup_gpu_s.value))}]}}}}
 
 
-def adapter_values() -> dict:
+def adapter_values(plan) -> dict:
     """prometheus-adapter (Helm chart prometheus-community/prometheus-adapter) values: the HPA's metric.
 
     Per pod: rate of queue microseconds over every model the pod serves / rate of requests served, counted at the
@@ -257,7 +261,7 @@ def adapter_values() -> dict:
         "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
         "name": {"matches": f"^{QUEUE_US}$", "as": QUEUE_METRIC},
         # no requests in the window: 0 us, not a division by zero (the adapter drops NaN and the HPA stalls)
-        "metricsQuery": f"{rate(QUEUE_US)} / clamp_min({rate(REQUESTS, CLASSIFIERS_ONLY)}, 0.001)",
+        "metricsQuery": f"{rate(QUEUE_US)} / clamp_min({rate(REQUESTS, classifiers_only(plan))}, 0.001)",
     }]}}
 
 
