@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -301,8 +301,11 @@ def verdict(winner: dict, points: list[dict], served: str | None, cfg: TuneConfi
     p99_gain = default["latency_ms_p99"] / winner["latency_ms_p99"]  # how much lower the winner's p99 is
     noise = max(winner.get("noise") or 0.0, default.get("noise") or 0.0, 0.05)
     better = (p99_gain if cfg.objective == "latency" else gain) - 1
+    # its windows did not agree (a busy machine), measured again by `_settle` where there was time: the noise is then
+    # the machine's, and the verdict says so rather than that the default is as good
+    unsteady = list(dict.fromkeys(p["label"] for p in (default, winner) if not p.get("stable", True)))
     return {**out, "default": default["label"], "default_throughput_ips": default["throughput_ips"], "gain": gain,
-            "p99_gain": p99_gain, "objective": cfg.objective, "noise": noise,
+            "p99_gain": p99_gain, "objective": cfg.objective, "noise": noise, "unsteady": unsteady,
             "as_good": not winner["default"] and within_budget(default, cfg) and better <= noise}
 
 
@@ -373,6 +376,7 @@ def _tune(run: Run, cfg: TuneConfig, progress: Callable[[str], None]) -> dict:
     log = run.file("tune/server.log")
     with TritonServer(ServeConfig(repository=repository, explicit=True, log_file=str(log))) as server:
         points, info = _sweeps(run, cfg, settings, coarse, repository, progress, server)
+        _settle(run, cfg, points, info, repository, progress, server)
     info["server_starts"] = log.read_text(errors="replace").count("Started GRPCInferenceService") if log.is_file() else None
     return finish(run, cfg, points, info)
 
@@ -389,6 +393,36 @@ def _check_current(run: Run, models: list[tuple[str, str]]) -> None:
                                  f"artifact was exported again since: run `cnnpack verify --run {shell(run.path)}`, "
                                  f"then `cnnpack triton --run {shell(run.path)} --repository "
                                  f"{shell(stages['triton']['repository'])} --format {fmt}`, to tune the new one")
+
+
+def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repository: str,
+            say: Callable[[str], None], server) -> None:
+    """Where the winner or its model's default was unsteady (its windows did not agree within --max-seconds: a busy
+    machine), both are measured once more, the default first, and the new figures replace theirs: the verdict rested
+    on one stalled window (windows of 4,693, 888 and 46 images/s made the default's "noise" 10,000 %, and a winner
+    with a tenth of its p99 was "within the noise"). Still unsteady, the verdict says so (`verdict`)."""
+    winner = choose(points, cfg)
+    default = winner and next((p for p in points if p["default"] and p["model"] == winner["model"]
+                               and p["concurrency"] == winner["concurrency"]), None)
+    if not default or winner["default"] or (winner.get("stable", True) and default.get("stable", True)):
+        return
+    if not server.alive() or cfg.time_limit_s - info["wall_s"] <= 0:
+        info["settle"] = {"skipped": "the time limit was reached" if server.alive() else "the server is gone"}
+        return
+    t0, names = time.monotonic(), {f.name for f in fields(Setting)}
+    info["settle"] = {"points": [default["label"], winner["label"]]}
+    for p in (default, winner):
+        say(f"measuring {p['label']} at concurrency {p['concurrency']} again: its windows did not agree "
+            f"({', '.join(f'{w:,.0f}' for w in p['window_throughput_ips'])} images/s)")
+        s = Setting(**{k: v for k, v in p.items() if k in names})  # a default: its config.pbtxt, whatever it holds
+        try:
+            again = measure_point(run, server, s, p["concurrency"], cfg, repository)
+        except CnnpackError as e:  # the first figures stand
+            info["settle"]["error"] = f"{p['label']}: {e}"
+            break
+        again["first_measure"] = {k: p[k] for k in ("throughput_ips", "latency_ms_p99", "window_throughput_ips")}
+        points[points.index(p)] = again
+    info["wall_s"] = round(info["wall_s"] + time.monotonic() - t0, 1)
 
 
 def _sweeps(run: Run, cfg: TuneConfig, settings: list[Setting], coarse: bool, repository: str,

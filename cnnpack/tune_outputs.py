@@ -73,7 +73,12 @@ def describe(section: dict) -> str:
     if errors := sweep.get("errors"):  # said here too: on a terminal the progress line that said it is overwritten
         line += (f"; {len(errors)} of {sweep.get('planned', '?')} planned points could not be measured (the first: "
                  f"{errors[0]}; all in tune.json)")
-    if v.get("as_good"):
+    if v.get("as_good") and v.get("unsteady"):  # the noise is the machine's: nothing says the default is as good
+        again = " even measured twice" if (section.get("sweep") or {}).get("settle", {}).get("points") else ""
+        line += (f"; unsteady{again} ({', '.join(v['unsteady'])}: its windows of load did not agree, the machine "
+                 "being busy), so no figure tells the two apart: the default config was kept; tune again on a quieter "
+                 "machine or with a longer --max-seconds")
+    elif v.get("as_good"):
         line += "; within the noise: the default config is as good and was kept"
     elif section.get("written"):
         line += f"; written to {section['written']['config']} (previous: {PREVIOUS})"

@@ -504,6 +504,36 @@ def test_a_forced_bf16_config_is_verified_measured_and_logged_a_line_per_point(l
     assert len(measured) == len(points) == 5  # its config.pbtxt, fp32 and bf16 without and with batching
 
 
+def test_an_unsteady_winner_or_default_is_measured_again_on_the_same_server(laid_out, tmp_path, monkeypatch):
+    """One stalled window (4,693, 888 and 46 images/s) made the default's noise 10,000 %, and a winner with a tenth of
+    its p99 was "within the noise". The sweep is planted; the second measurements are real."""
+    import cnnpack.tune as t
+
+    run_dir, _ = _copy(laid_out, tmp_path)
+    default = {**_point({"default": True}, 1736.0, 23.9), "stable": False, "window_throughput_ips": [4693, 888, 46],
+               "noise": 101.0}
+    winner = {**_point({"instances": 1, "threads": 1}, 1980.0, 2.2), "stable": True,
+              "window_throughput_ips": [1990, 1970, 1980]}
+    monkeypatch.setattr(t, "sweep", lambda run, cfg, settings, repository, say, server: (
+        [dict(default), dict(winner)], {"search": "grid", "truncated": False, "error": None, "errors": [],
+                                        "server_alive": True, "wall_s": 1.0}))
+    said: list[str] = []
+    cfg = t.TuneConfig(latency_budget_ms=500, instances=(1,), threads=(1,), queue_delays_us=(0,), concurrency=(4,),
+                       max_seconds=1.0, time_limit_s=60)
+    section = t.tune(run_dir, cfg, progress=said.append)
+    assert section["sweep"]["settle"] == {"points": [default["label"], winner["label"]]}
+    assert [line for line in said if line.startswith("measuring ")] == [
+        f"measuring {default['label']} at concurrency 4 again: its windows did not agree (4,693, 888, 46 images/s)",
+        f"measuring {winner['label']} at concurrency 4 again: its windows did not agree (1,990, 1,970, 1,980 images/s)"]
+    again = {p["label"]: p for p in section["points"]}
+    for p in (default, winner):  # the real figures now, the planted ones kept beside them
+        assert again[p["label"]]["first_measure"]["window_throughput_ips"] == p["window_throughput_ips"]
+        assert again[p["label"]]["throughput_ips"] != p["throughput_ips"] and again[p["label"]]["load_generator"]
+    chosen = again[section["winner"]["label"]]  # either: the default's stalled window is gone
+    assert section["verdict"]["unsteady"] == list(dict.fromkeys(
+        p["label"] for p in (again[default["label"]], chosen) if not p["stable"]))
+
+
 def test_the_verdict_line_gives_the_figure_the_winner_was_chosen_on_and_says_when_the_sweep_was_cut():
     """--objective latency chose on p99 but the line gave the throughput ratio (1.12x, a gain below the noise read as
     applied anyway); a sweep cut by --time-limit read as complete."""
@@ -525,6 +555,12 @@ def test_the_verdict_line_gives_the_figure_the_winner_was_chosen_on_and_says_whe
     # the default's (cnn_onnx (its config.pbtxt) ...)': itself
     line = describe({**section, "winner": own, "verdict": {**verdict, "p99_gain": 1.0}, "sweep": {}})
     assert "; it is its model's own config.pbtxt (no config to write)" in line and "lower than" not in line
+    shaky = describe({**section, "verdict": {**verdict, "as_good": True, "unsteady": ["cnn_onnx (its config.pbtxt)"]},
+                      "sweep": {"settle": {"points": ["a", "b"]}}})
+    assert shaky.endswith("; unsteady even measured twice (cnn_onnx (its config.pbtxt): its windows of load did not "
+                          "agree, the machine being busy), so no figure tells the two apart: the default config was "
+                          "kept; tune again on a quieter machine or with a longer --max-seconds")
+    assert "within the noise" not in shaky
 
 
 def test_instances_or_threads_past_the_cores_are_said_to_be_left_out(monkeypatch):
