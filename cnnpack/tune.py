@@ -25,6 +25,7 @@ tune.png, the winner's one-line description).
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -43,6 +44,7 @@ from cnnpack.tune_handover import config_of, undoable, write_winner
 from cnnpack.tune_outputs import pareto, plot
 
 OUTPUT, PLOT = "tune.json", "tune.png"
+log = logging.getLogger("cnnpack")
 OBJECTIVES = ("throughput", "latency")
 
 
@@ -363,21 +365,23 @@ def _tune(run: Run, cfg: TuneConfig, progress: Callable[[str], None]) -> dict:
     _check_current(run, models)
     run.check_writable(*(Path(repository) / m for m, _ in models))  # where a winner is written: now, not after the sweep
     full = grid(models, cfg, cfg.queue_delays_us)
+    # said as warnings, which stay on a terminal (a progress line is overwritten by the next)
     if left_out := past_the_cores(cfg):  # the grid leaves them out: said, not dropped unsaid
-        progress(f"tune: {left_out} left out: with any value of the other option it needs more than the "
-                 f"{usable_cores()} cores here (--oversubscribe measures it)")
+        log.warning(f"warning: tune: {left_out} left out: with any value of the other option it needs more than the "
+                    f"{usable_cores()} cores here (--oversubscribe measures it)")
     if any(s.bf16 for s in full) and not _native_bf16():
-        progress("tune: this CPU has no native bf16 (AVX-512 BF16 or AMX): OpenVINO computes the bf16-hint configs "
-                 "in f32 here, so they are measured and shown but none can be the winner")
+        log.warning("warning: tune: this CPU has no native bf16 (AVX-512 BF16 or AMX): OpenVINO computes the bf16-hint "
+                    "configs in f32 here, so they are measured and shown but none can be the winner")
     coarse = estimate_s(full, cfg) > cfg.time_limit_s and len(cfg.queue_delays_us) > 1
     settings = grid(models, cfg, cfg.queue_delays_us[len(cfg.queue_delays_us) // 2:][:1]) if coarse else full
     from cnnpack.serve import ServeConfig, TritonServer
 
-    log = run.file("tune/server.log")
-    with TritonServer(ServeConfig(repository=repository, explicit=True, log_file=str(log))) as server:
+    server_log = run.file("tune/server.log")
+    with TritonServer(ServeConfig(repository=repository, explicit=True, log_file=str(server_log))) as server:
         points, info = _sweeps(run, cfg, settings, coarse, repository, progress, server)
         _settle(run, cfg, points, info, repository, progress, server)
-    info["server_starts"] = log.read_text(errors="replace").count("Started GRPCInferenceService") if log.is_file() else None
+    info["server_starts"] = (server_log.read_text(errors="replace").count("Started GRPCInferenceService")
+                             if server_log.is_file() else None)
     return finish(run, cfg, points, info)
 
 

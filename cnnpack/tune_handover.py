@@ -43,6 +43,11 @@ def undo(run_dir: str | Path) -> list[dict]:
     """Restores every config.pbtxt this run's tunes wrote that is still served (`undoable`) to the one from before
     any tune; [{config, previous}] restored; UserInputError when there is nothing to undo."""
     run = Run.open(run_dir)
+    with run.only_one("tune"):  # a sweep running compares against the config it found: not one undone under it
+        return _undo(run)
+
+
+def _undo(run: Run) -> list[dict]:
     stages = run.read().get("stages", {})
     entries = undoable(stages)
     if not entries:

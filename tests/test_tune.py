@@ -141,6 +141,7 @@ def test_a_second_tune_on_a_run_is_refused_while_one_runs(tiny_run, tmp_path):
     import fcntl
 
     from cnnpack.tune import TuneConfig, tune
+    from cnnpack.tune_handover import undo
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -149,6 +150,8 @@ def test_a_second_tune_on_a_run_is_refused_while_one_runs(tiny_run, tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UserInputError, match=rf"another `cnnpack tune` is running on {run}; wait for it"):
             tune(run, TuneConfig())
+        with pytest.raises(UserInputError, match="another `cnnpack tune` is running"):  # --undo under its sweep too
+            undo(run)
     finally:
         os.close(held)
     with pytest.raises(MissingStageError):  # the first one done: this one goes on (to its own reason here)
