@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cnnpack.artifacts import checkpoint_digest, other_source
 from cnnpack.errors import count, shell
-from cnnpack.report_render import Block, num, pct, to_html, to_markdown
+from cnnpack.report_render import Block, num, pct, times, to_html, to_markdown
 from cnnpack.report_serving import deploy_section, served_section, triton_section, tune_section
 from cnnpack.rundir import LAST, Run, artifact_changed, place, scratch_beside, sha256, sigint_deferred
 
@@ -243,7 +243,7 @@ def _precision(m: dict, run: Run) -> list[Block]:
     for r in rows:
         table.append([r["artifact"], r["runtime"], r["precision"], num(r["size_mb"], "{:.2f}"), pct(r["top1"]),
                       num(r["drop_pt"], "{:+.2f}"), num(r["latency_ms_p50_b1"], "{:.3f}"),
-                      num(r["images_per_s"], "{:,.0f}"), num(r["speedup_vs_fp32"], "{:.2f}×")])
+                      num(r["images_per_s"], "{:,.0f}"), times(r["speedup_vs_fp32"])])
     q = m.get("stages", {}).get("quantize", {})
     out = [Block("h2", "Precisions"), Block("table", rows=table)]
     from cnnpack.precision import stale
@@ -293,7 +293,7 @@ def _bench(m: dict, run: Run) -> list[Block]:
     for r in res:
         rows.append([series(r), r.get("precision", "fp32"), str(r["batch_size"]), num(r["latency_ms_p50"], "{:.2f}"),
                      num(r["latency_ms_p99"], "{:.2f}"), num(r["throughput_ips"], "{:,.0f}"),
-                     num(r.get("speedup_vs_eager"), "{:.2f}×"), num(r.get("gflops"), "{:.1f}"),
+                     times(r.get("speedup_vs_eager")), num(r.get("gflops"), "{:.1f}"),
                      pct(r.get("matmul_share")), "yes" if r.get("stable", True) else "**no**"])
     out = [Block("h2", "Latency and throughput"), *failed,
            Block("p", f"`{b.get('model')}` on {b.get('device')}, {b.get('threads', '?')} threads for every runtime. "

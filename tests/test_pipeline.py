@@ -518,6 +518,13 @@ def test_the_report_leaves_out_a_triton_or_served_stage_that_failed():
     assert served_section({"stages": {"served": failed}}) == []
 
 
+def test_a_ratio_far_below_one_keeps_its_figures():
+    """TorchScript at a 200th of the fastest runtime read 0.00× in the report's tables."""
+    from cnnpack.report_render import times
+
+    assert [times(x) for x in (None, 0.0048, 0.096, 0.1, 1.734)] == ["–", "0.0048×", "0.096×", "0.10×", "1.73×"]
+
+
 def test_the_report_marks_a_served_row_whose_windows_did_not_agree():
     """bench.json marked a served row `stable: false`; the served table and its note said nothing (local rows did)."""
     from cnnpack.report_render import to_markdown
