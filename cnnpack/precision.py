@@ -9,8 +9,8 @@ the report and a script see the same figures:
 from __future__ import annotations
 
 import itertools
-import math
 
+from cnnpack.plots import spaced_log_ticks
 from cnnpack.rundir import artifact_digest
 from cnnpack.runtimes import FORMAT_RUNTIME
 
@@ -106,25 +106,6 @@ def parity_line(rows: list[dict]) -> str:
     return f"{head} ({errs})" if errs else head
 
 
-def _spaced_log_ticks(ax, gap: float = 0.1) -> None:
-    """Labels on a log x axis at least `gap` decades apart: the decades first, then 2x and 5x, then the other
-    multiples where they fit (every minor tick labelled overlapped: "0.090.1", "8000 9000 10000")."""
-    import matplotlib.ticker
-
-    lo, hi = ax.get_xlim()
-    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-    candidates = [(0 if m == 1 else 1 if m in (2, 5) else 2, m * 10.0 ** d) for d in decades for m in range(1, 10)]
-    shown: list[float] = []
-    for _, t in sorted(c for c in candidates if lo <= c[1] <= hi):
-        if all(abs(math.log10(t) - math.log10(u)) >= gap for u in shown):
-            shown.append(t)
-    if not shown:  # a span between two multiples (one point and its margins): its middle
-        shown = [float(f"{math.sqrt(lo * hi):.2g}")]
-    ax.set_xticks(sorted(shown), [f"{t:g}" for t in sorted(shown)])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlim(lo, hi)
-
-
 def plot_precision(rows: list[dict], path) -> bool:
     """Accuracy vs latency: top-1 against p50 at batch 1 (left) and against images/s at the largest batch
     (right), one labelled point per artifact. False (nothing written) when no row has both figures."""
@@ -151,7 +132,7 @@ def plot_precision(rows: list[dict], path) -> bool:
                            color=colours.get(r["precision"], "tab:gray"), edgecolors="black", linewidths=0.5, zorder=3)
         ax.set(xlabel=label, ylabel="validation top-1 (%)", xscale="log")
         ax.margins(x=0.15)
-        _spaced_log_ticks(ax)
+        spaced_log_ticks(ax, fontsize=8)
         ax.tick_params(axis="x", which="both", labelsize=8)
         ax.grid(alpha=0.3)
         lo = min(100 * r["top1"] for r in pts)

@@ -40,12 +40,11 @@ def plot(points: list[dict], winner: dict | None, latency_budget_ms: float, path
     if winner:
         ax.scatter(winner["latency_ms_p99"], winner["throughput_ips"], marker="*", s=300, color="gold",
                    edgecolors="black", zorder=5, label=f"winner: {winner['label']}")
-    import matplotlib.ticker
+    from cnnpack.plots import spaced_log_ticks
 
     ax.set(xlabel="p99 latency (ms)", ylabel="images/s", xscale="log",
            title=f"{len(points)} served configs (circled: each model's config.pbtxt as laid out)")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    spaced_log_ticks(ax, fontsize=8)
     ax.tick_params(axis="x", which="both", labelsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -36,19 +36,27 @@ def test_plots_leave_the_backend_alone(tmp_path, svg_backend):
         assert (tmp_path / name).read_bytes()[:8] == PNG, name
 
 
-@pytest.mark.parametrize("span", [(0.085, 0.52), (5500, 20500), (0.3, 0.45), (1, 5000), (0.31, 0.36)])
-def test_the_precision_plot_s_log_axis_labels_do_not_overlap(span):
-    """Every minor tick was labelled: "0.090.1" and "8000 9000 10000" ran into each other in report.html."""
-    import math
-
+@pytest.mark.parametrize("span", [(0.085, 0.52), (5500, 20500), (0.3, 0.45), (1, 5000), (0.31, 0.36),
+                                  (0.002, 100), (20, 120000), (0.05, 1000)])
+@pytest.mark.parametrize("width", [4.5, 9])  # a panel of precision.png, tune.png
+def test_log_axis_labels_do_not_overlap_as_drawn(span, width):
+    """Every minor tick was labelled: "0.090.1" and "8000 9000 10000" ran into each other in report.html; labels a
+    fixed 0.1 decade apart still did over 5 decades ("0.00203.0507.1", "3000050000 70000100000")."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cnnpack.precision import _spaced_log_ticks
+    from cnnpack.plots import spaced_log_ticks
 
-    ax = Figure().subplots()
+    fig = Figure(figsize=(width, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.set_xscale("log")
     ax.set_xlim(*span)
-    _spaced_log_ticks(ax)
-    shown = [t for t in ax.get_xticks() if span[0] * 0.99 <= t <= span[1] * 1.01]
-    assert shown and all(math.log10(b) - math.log10(a) >= 0.1 for a, b in zip(shown, shown[1:]))
+    spaced_log_ticks(ax, fontsize=8)
+    ax.tick_params(axis="x", which="both", labelsize=8)
+    fig.canvas.draw()
+    labels = [t for t in ax.get_xticklabels() if t.get_text() and span[0] <= t.get_position()[0] <= span[1]]
+    boxes = sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
+    assert boxes and all(a.x1 + 2 < b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
+    assert len(boxes) >= min(3, 1 + int(np.log10(span[1] / span[0])))  # and not bare: a label per decade, where 3 fit
     assert [t.get_text() for t in ax.get_xticklabels()] == [f"{t:g}" for t in ax.get_xticks()]
