@@ -162,39 +162,76 @@ def served_section(m: dict) -> list[Block]:
 def tune_section(m: dict, run: Run) -> list[Block]:
     """Recommended serving config: the tune stage's winner, its plot and the commands that serve it."""
     t = m.get("stages", {}).get("tune")
-    if t and not t.get("winner") and (t.get("kept") or {}).get("winner"):
-        return _kept_section(m, run)
-    if not t or not t.get("winner"):
+    if not t or not t.get("config"):
         return []
+    if not t.get("winner"):
+        return _none_chosen(m, run)
     from cnnpack.tune_outputs import describe
 
     w, repo = t["winner"], (m["stages"].get("triton") or {}).get("repository")  # none after a failed layout
-    rows = [["config", "concurrency", "images/s", "p50 ms", "p99 ms", "mean batch"]]
-    for p in sorted(t["points"], key=lambda p: -p["throughput_ips"])[:10]:
-        rows.append([p["label"], str(p["concurrency"]), num(p["throughput_ips"], "{:,.0f}"),
-                     num(p["latency_ms_p50"], "{:.2f}"), num(p["latency_ms_p99"], "{:.2f}"),
-                     num(p.get("server_batch_mean"), "{:.2f}")])
     return [Block("h2", "Recommended serving config"),
             Block("p", f"{len(t['points'])} configurations measured on one local Triton (no restart), p99 budget "
                        f"{t['config']['latency_budget_ms']:g} ms. {describe(t)}."),
-            Block("table", rows=rows), Block("img", text="images/s against p99 per served config", path="tune.png"),
+            *_points_table(t), Block("img", text="images/s against p99 per served config", path="tune.png"),
             *([Block("code", text=f"cnnpack serve --repository {shell(repo)}\n{docker_line(repo)}")] if repo else []),
             Block("p", _tuned_state(m["stages"], w, run))]
 
 
+def _points_table(t: dict) -> list[Block]:
+    """The ten fastest points, and the winner and the defaults it was compared with wherever they rank: ★ marks the
+    winner; a point past the budget, or not steady, says so (the table read as ten candidates alike)."""
+    budget, w = t["config"]["latency_budget_ms"], t.get("winner") or {}
+    key = lambda p: (p.get("label"), p.get("concurrency"))  # noqa: E731
+    compared = {key(p) for p in t["points"] if w and (key(p) == key(w) or (p["default"] and p["concurrency"] ==
+                                                                              w["concurrency"]))}
+    ranked = sorted(t["points"], key=lambda p: -p["throughput_ips"])
+    shown = [p for i, p in enumerate(ranked) if i < 10 or key(p) in compared]
+    rows = [["config", "precision", "concurrency", "images/s", "p50 ms", "p99 ms", "within budget", "steady",
+             "mean batch"]]
+    for p in shown:
+        over = p["latency_ms_p99"] > budget
+        rows.append([("★ " if w and key(p) == key(w) else "") + p["label"], p.get("precision", "fp32"),
+                     str(p["concurrency"]), num(p["throughput_ips"], "{:,.0f}"), num(p["latency_ms_p50"], "{:.2f}"),
+                     num(p["latency_ms_p99"], "{:.2f}"),
+                     "**no**" if over else "no (bf16 computed in f32)" if "computed" in p else "yes",
+                     "–" if "stable" not in p else "yes" if p["stable"] else "**no**",
+                     num(p.get("server_batch_mean"), "{:.2f}")])
+    more = len(ranked) - len(shown)
+    return [Block("table", rows=rows), *([Block("p", f"{more} slower points are in tune.json.")] if more else [])]
+
+
+def _none_chosen(m: dict, run: Run) -> list[Block]:
+    """The last tune chose nothing (no point within its budget, a server that died, nothing measured) and changed no
+    config: said with why (the section was left out, and an earlier tune's result with it), and the config an
+    earlier tune wrote where it is still served."""
+    t = m["stages"]["tune"]
+    points, sweep = t.get("points") or [], t.get("sweep") or {}
+    if sweep.get("error") and not sweep.get("server_alive", True):
+        why = f"the Triton server died during the sweep ({sweep['error']})"
+    elif not points:
+        why = "no point could be measured" + (f" (the last error: {sweep['errors'][-1]})" if sweep.get("errors") else "")
+    else:
+        low = min(points, key=lambda p: p["latency_ms_p99"])
+        why = (f"no point met its p99 budget of {t['config']['latency_budget_ms']:g} ms (the lowest p99 seen was "
+               f"{low['latency_ms_p99']:.2f} ms, {low['label']} at concurrency {low['concurrency']})")
+    last = f"The last `cnnpack tune` ({len(points)} configurations measured) chose none: {why}; it changed no config."
+    out = [Block("h2", "Recommended serving config"), Block("p", last)]
+    if (t.get("kept") or {}).get("winner"):
+        out += _kept_section(m, run)
+    if points:
+        out += [*_points_table(t), Block("img", text="images/s against p99 per served config", path="tune.png")]
+    return out
+
+
 def _kept_section(m: dict, run: Run) -> list[Block]:
-    """The last tune chose nothing (its budget, a server that died) and changed no config; the one an earlier tune
-    wrote, while still served, is the recommended config (the section was left out and deploy sized by the defaults)."""
+    """Where the last tune chose nothing: the config an earlier tune wrote, while still served, is the recommended
+    config (deploy sizes by it)."""
     from cnnpack.triton_config import served_winner
 
-    t, w = m["stages"]["tune"], served_winner(m["stages"])
-    last = (f"The last `cnnpack tune` (p99 budget {t['config']['latency_budget_ms']:g} ms, {len(t['points'])} "
-            "configurations measured) chose none and changed no config.")
+    w = served_winner(m["stages"])
     if not w:
-        return [Block("h2", "Recommended serving config"),
-                Block("p", last + " The config an earlier tune wrote is no longer served (undone, or laid out again).")]
-    return [Block("h2", "Recommended serving config"),
-            Block("p", f"{last} The config an earlier tune wrote is still served: {w['label']} at concurrency "
+        return [Block("p", "The config an earlier tune wrote is no longer served (undone, or laid out again).")]
+    return [Block("p", f"The config an earlier tune wrote is still served: {w['label']} at concurrency "
                        f"{w['concurrency']}, {w['throughput_ips']:,.0f} images/s, p99 {w['latency_ms_p99']:.2f} ms "
                        f"(`cnnpack tune --run {shell(run.path)} --undo` restores the one before it).")]
 
@@ -237,8 +274,16 @@ def _tuned_state(stages: dict, winner: dict, run: Run) -> str:
     if t.get("written") or t.get("undone"):
         return (f"`{winner['model']}`'s config.pbtxt no longer holds it (undone, or laid out again by `cnnpack triton`);"
                 f" `cnnpack tune --run {shell(run.path)}` measures and writes it again.")
-    if (t.get("verdict") or {}).get("as_good"):
-        return "No config.pbtxt was changed: within the noise, the served config is as good as the tuned one."
+    if (v := t.get("verdict") or {}).get("as_good"):
+        why = ("the measurements were unsteady" if v.get("unsteady") else
+               f"the winner beat it by {v['gain']:.2f}x, within the noise ({100 * v['noise']:.0f} %)")
+        said = f"No config.pbtxt was changed: `{winner['model']}`'s own config.pbtxt was kept ({why})."
+        today = v.get("vs_served_default")
+        if today and today["model"] != winner["model"] and v.get("default_throughput_ips"):
+            said += (f" As laid out, `{winner['model']}` is {v['default_throughput_ips'] / today['throughput_ips']:.2f}x "
+                     f"`{today['model']}`, the model the run serves by default: clients get that by requesting "
+                     f"`{winner['model']}`.")
+        return said
     if winner.get("default") and not [p for p in t["points"] if not p["default"]]:
         return "No config.pbtxt was changed: no other config could be measured, so none was compared with it."
     return "No config.pbtxt was changed: no other config measured beat the model's own config.pbtxt."

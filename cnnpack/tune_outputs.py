@@ -78,7 +78,7 @@ def describe(section: dict) -> str:
                  "being busy), so no figure tells the two apart: the default config was kept; tune again on a quieter "
                  "machine or with a longer --max-seconds")
     elif v.get("as_good"):
-        line += "; within the noise: the default config is as good and was kept"
+        line += f"; within the noise: {w['model']}'s own config.pbtxt is as good and was kept"
     elif section.get("written"):
         line += f"; written to {section['written']['config']} (previous: {PREVIOUS})"
     return line

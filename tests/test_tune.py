@@ -312,6 +312,35 @@ def test_points_that_could_not_be_measured_are_said_and_no_comparison_is_claimed
     assert said[-1] == "No config.pbtxt was changed: no other config could be measured, so none was compared with it."
 
 
+def test_the_report_marks_the_winner_and_the_budget_and_a_tune_that_chose_none_says_why(laid_out, tmp_path):
+    """The report's table was the ten fastest points alike (one past the budget beside the winner, unmarked); a tune
+    that met no budget left the section out, and the earlier tune's result with it, saying nothing."""
+    from cnnpack.errors import ParityError
+    from cnnpack.report_serving import tune_section
+    from cnnpack.rundir import Run
+    from cnnpack.tune import TuneConfig, finish
+
+    run_dir, _ = _copy(laid_out, tmp_path)
+    run = Run.open(run_dir)
+    fast = [_point({"instances": 1, "threads": 1, "queue_delay_us": d}, 3000 - d, 60) for d in range(12)]  # past 50
+    points = [_point({"default": True}, 900, 10), _point({"instances": 1, "threads": 2}, 1000, 9), *fast]
+    finish(run, TuneConfig(), points, {"error": None, "server_alive": True})
+    blocks = tune_section(run.read(), run)
+    rows = next(b.rows for b in blocks if b.kind == "table")
+    assert rows[0] == ["config", "precision", "concurrency", "images/s", "p50 ms", "p99 ms", "within budget", "steady",
+                       "mean batch"]
+    assert len(rows) == 1 + 10 + 2  # the ten fastest, then the winner and the default it beat, wherever they rank
+    assert rows[1][6] == "**no**" and rows[-2][0] == "★ cnn_onnx x1 2t batching 0 us" and rows[-2][6] == "yes"
+    assert rows[-1][0] == "cnn_onnx (its config.pbtxt)" and "2 slower points are in tune.json." in [b.text for b in blocks]
+    with pytest.raises(ParityError):
+        finish(run, TuneConfig(latency_budget_ms=1), points, {"error": None, "server_alive": True})
+    said = [b.text for b in tune_section(run.read(), run)]
+    assert said[1] == ("The last `cnnpack tune` (14 configurations measured) chose none: no point met its p99 budget "
+                       "of 1 ms (the lowest p99 seen was 9.00 ms, cnn_onnx x1 2t batching 0 us at concurrency 4); it "
+                       "changed no config.")
+    assert "The config an earlier tune wrote is still served: cnn_onnx x1 2t batching 0 us" in said[2]
+
+
 def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survives_a_second_tune(laid_out, tmp_path):
     """No sweep: `finish` on planted points. A default outside the budget, or slower on the latency objective,
     is not 'as good'; after a second tune that writes over the first one's config, or keeps it, `--undo` still
@@ -356,7 +385,8 @@ def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survi
     from cnnpack.report_serving import tune_section
 
     said = tune_section(run.read(), run)[-1].text  # this tune wrote nothing: not "its config.pbtxt holds it"
-    assert said == "No config.pbtxt was changed: within the noise, the served config is as good as the tuned one."
+    assert said == ("No config.pbtxt was changed: `cnn_onnx`'s own config.pbtxt was kept (the winner beat it by "
+                    "1.01x, within the noise (5 %)).")
     assert set(kept["tuned"]) == {str(config), str(other)}
     texts = {f: f.read_text() for f in (config, other)}
     for f in texts:  # both edited by hand since: undo would overwrite someone's work, and says why it does not
@@ -405,7 +435,7 @@ def test_a_tune_that_chooses_nothing_keeps_the_earlier_winner_that_is_still_serv
     assert _winner(stages) == first["winner"]  # deploy sizes by it, and its HPA target by its own budget (50 ms)
     assert "under its p99 budget (50 ms - 40.00 ms)" in queue_target(stages, repo, [], None).source
     text = " ".join(b.text or "" for b in tune_section(run.read(), run))
-    assert "chose none and changed no config" in text and "still served: cnn_onnx x1 1t batching 500 us" in text
+    assert "chose none: no point met its p99 budget of 1 ms" in text and "still served: cnn_onnx x1 1t batching 500 us" in text
     (repo / "cnn_onnx" / "config.pbtxt").write_text("laid out again")  # `cnnpack triton` put the defaults back
     assert served_winner(run.read()["stages"]) is None and _winner(run.read()["stages"]) is None
 
