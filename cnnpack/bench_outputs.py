@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.rundir import Run, atomic_path, atomic_write_json, atomic_write_text
+from cnnpack.atomic import atomic_path, atomic_write_json, atomic_write_text
+from cnnpack.rundir import Run
 
 CSV_COLUMNS = ("runtime", "format", "precision", "batch_size", "concurrency", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95",
                "latency_ms_p99", "latency_ms_mean", "throughput_ips", "gflops", "matmul_gflops", "matmul_share",

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpack.atomic import atomic_write_json
 from cnnpack.errors import UserInputError, shell
-from cnnpack.rundir import Run, atomic_write_json
+from cnnpack.rundir import Run
 
 
 @dataclass

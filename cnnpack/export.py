@@ -28,12 +28,13 @@ import torch
 from torch import nn
 
 from cnnpack import __version__
+from cnnpack.atomic import scratch_beside, staged_beside
 from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInputError, reraise_interrupt, shell
 from cnnpack.host import check_device, exact_fp32
 from cnnpack.models import RawPixels, build_model, check_arch, check_input_size, load_state_dict_file, load_weights
 from cnnpack.registry import Registry
 from cnnpack.reproduce import write_reproduce_or_warn
-from cnnpack.rundir import MANIFEST, Run, scratch_beside, sha256, staged_beside
+from cnnpack.rundir import MANIFEST, Run, sha256
 from cnnpack.spec import ModelSpec, check_class_names, check_image_size
 from cnnpack.train import CHECKPOINT, load_checkpoint, remove_replaced_outputs, save_torch
 

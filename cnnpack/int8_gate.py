@@ -165,7 +165,7 @@ class Clock:
     t0: float = field(default_factory=time.perf_counter)
     stopped: str | None = None  # what was running when the limit was reached
     read_s: float = 0.0  # reading the images (drawing the built-in ones, on their first use at a size)
-    staged: list = field(default_factory=list)  # the artifact written beside its place (rundir.staged_beside), as
+    staged: list = field(default_factory=list)  # the artifact written beside its place (atomic.staged_beside), as
     # soon as it exists: quantize puts it in place as it records it, or removes it whatever stopped it
 
     def read(self, run: Run, cfg: QuantizeConfig) -> QuantData:

@@ -19,6 +19,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from cnnpack.atomic import staged_beside
 from cnnpack.errors import MissingStageError, UserInputError, shell
 from cnnpack.int8_gate import (
     CALIBRATION_BATCH,
@@ -31,7 +32,7 @@ from cnnpack.int8_gate import (
     run_gate,
     section,
 )
-from cnnpack.rundir import Run, sha256, staged_beside
+from cnnpack.rundir import Run, sha256
 
 COMPUTE = ("Convolution", "GroupConvolution", "MatMul")
 _DECOMPRESSION = ("Convert", "Subtract", "Multiply", "Reshape", "Transpose")

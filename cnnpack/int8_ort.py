@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpack.atomic import owner_gone, owner_tag, staged_beside
 from cnnpack.errors import MissingStageError, UserInputError, shell
 from cnnpack.int8_gate import (
     CALIBRATION_BATCH,
@@ -39,7 +40,7 @@ from cnnpack.int8_gate import (
     run_gate,
     section,
 )
-from cnnpack.rundir import Run, owner_gone, owner_tag, sha256, staged_beside
+from cnnpack.rundir import Run, sha256
 
 INT8_PATH = "export/model.int8.onnx"
 
@@ -275,7 +276,7 @@ WORK_PREFIX = ".quantize-"
 @contextlib.contextmanager
 def _work_dir(export: Path):
     """quantize's scratch folder in `export/` (the attempts, several copies of the model), named with its owner
-    (`rundir.owner_tag`): the folders of killed quantizes (SIGKILL, out of memory) are removed first; a live one's
+    (`atomic.owner_tag`): the folders of killed quantizes (SIGKILL, out of memory) are removed first; a live one's
     stays, and so does another host's (a shared folder), which its own next quantize removes."""
     _remove_orphans(export)
     with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{owner_tag()}", dir=export) as tmp:

@@ -161,7 +161,8 @@ def cached_ceilings(threads: int, *, precisions: set[str], seconds: float = SAMP
 
     Returns (ceilings, {path, reused: [...], measured: [...], measured_at}).
     """
-    from cnnpack.rundir import atomic_write_json, now
+    from cnnpack.atomic import atomic_write_json
+    from cnnpack.rundir import now
     from cnnpack.shapes import cache_root
 
     key = machine_key(threads)
@@ -182,7 +183,7 @@ def cached_ceilings(threads: int, *, precisions: set[str], seconds: float = SAMP
 def forget_ceilings(path: str | Path, precisions: set[str]) -> None:
     """Drops `precisions` from a cached ceilings file (a row measured above one: it was measured low), so the next
     bench measures them again."""
-    from cnnpack.rundir import atomic_write_json
+    from cnnpack.atomic import atomic_write_json
 
     with contextlib.suppress(OSError, ValueError, KeyError):
         data = json.loads(Path(path).read_text())
@@ -192,7 +193,7 @@ def forget_ceilings(path: str | Path, precisions: set[str]) -> None:
 
 def remember_ceiling(path: str | Path, precision: str, entry: dict) -> None:
     """Stores a ceiling measured higher than the cached one (bench re-measures one a row beat)."""
-    from cnnpack.rundir import atomic_write_json
+    from cnnpack.atomic import atomic_write_json
 
     with contextlib.suppress(OSError, ValueError, KeyError):
         data = json.loads(Path(path).read_text())

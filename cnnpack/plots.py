@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.rundir import atomic_path
+from cnnpack.atomic import atomic_path
 
 
 def _figure(**kwargs):

@@ -111,7 +111,7 @@ def plot_precision(rows: list[dict], path) -> bool:
     (right), one labelled point per artifact. False (nothing written) when no row has both figures."""
     from matplotlib.figure import Figure  # not pyplot: a notebook's backend is left alone
 
-    from cnnpack.rundir import atomic_path
+    from cnnpack.atomic import atomic_path
 
     pts = [r for r in rows if r.get("top1") is not None and r.get("latency_ms_p50_b1")]
     if not pts:

@@ -11,10 +11,11 @@ import re
 from pathlib import Path
 
 from cnnpack.artifacts import checkpoint_digest, other_source
+from cnnpack.atomic import place, scratch_beside, sigint_deferred
 from cnnpack.errors import count, shell
 from cnnpack.report_render import Block, num, pct, times, to_html, to_markdown
 from cnnpack.report_serving import deploy_section, served_section, triton_section, tune_section
-from cnnpack.rundir import LAST, Run, artifact_changed, place, scratch_beside, sha256, sigint_deferred
+from cnnpack.rundir import LAST, Run, artifact_changed, sha256
 
 
 # -- content --------------------------------------------------------------------------------
@@ -368,8 +369,8 @@ def _speedup_plot(b: dict, path: Path) -> bool:
     import numpy as np
     from matplotlib.figure import Figure
 
+    from cnnpack.atomic import atomic_path
     from cnnpack.bench import series
-    from cnnpack.rundir import atomic_path
 
     runtimes = list(dict.fromkeys(series(r) for r in res))
     sizes = sorted({r["batch_size"] for r in res})

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import shlex
 
-from cnnpack.rundir import Run, atomic_write_text, identity
+from cnnpack.atomic import atomic_write_text
+from cnnpack.rundir import Run, identity
 
 
 def export_command(run: Run, fmt: str, cfg: dict) -> str:

@@ -24,9 +24,10 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from cnnpack.atomic import owner_gone, owner_tag
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error
 from cnnpack.ports import Ports, bind_address, check_port, free_ports, url_host
-from cnnpack.rundir import MANIFEST, owner_gone, owner_tag
+from cnnpack.rundir import MANIFEST
 from cnnpack.triton_dist import TritonDist, build_backend_dir, check_stub, locate, server_env
 from cnnpack.triton_publish import stray_folders
 from cnnpack.triton_release import local_repository

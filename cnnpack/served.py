@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpack.atomic import atomic_write_json
 from cnnpack.client import PROTOCOL_NAMES
 from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.loadclient import check_concurrency
-from cnnpack.rundir import Run, atomic_write_json, now, sha256
+from cnnpack.rundir import Run, now, sha256
 
 OUTPUT = "served.json"
 PROTOCOL = "grpc"  # classification and parity through the server

@@ -24,10 +24,11 @@ from torch import nn
 
 from cnnpack import data as data_mod
 from cnnpack import plots
+from cnnpack.atomic import atomic_path, sigint_deferred
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, file_error, one_line, shell
 from cnnpack.host import check_device
 from cnnpack.models import build_model, check_input_size, load_weights
-from cnnpack.rundir import LAST, MANIFEST, Run, atomic_path, check_makeable, sigint_deferred
+from cnnpack.rundir import LAST, MANIFEST, Run, check_makeable
 from cnnpack.spec import ModelSpec
 from cnnpack.train_config import DEFAULT_LR, TrainConfig
 from cnnpack.train_resume import as_recorded, check_same_data, recorded_config, resume_state

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnpack import __version__
+from cnnpack.atomic import atomic_write_bytes
 from cnnpack.errors import StageFailed, UserInputError
-from cnnpack.rundir import atomic_write_bytes, now, sha256
+from cnnpack.rundir import now, sha256
 from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG, check_name
 
 PREVIOUS = "config.pbtxt.prev"  # the config.pbtxt that `cnnpack tune` replaced, kept for `tune --undo`

@@ -27,8 +27,9 @@ from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
 
+from cnnpack.atomic import atomic_write_bytes, sigint_deferred
 from cnnpack.errors import CnnpackError, UserInputError, shell
-from cnnpack.rundir import Run, atomic_write_bytes, check_makeable, sha256, sigint_deferred
+from cnnpack.rundir import Run, check_makeable, sha256
 from cnnpack.spec import check_class_names
 from cnnpack.triton_config import (  # noqa: F401 - re-exported: `from cnnpack.triton_repo import ...` keeps working
     ENSEMBLE_IO,

@@ -33,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpack.atomic import atomic_write_bytes, atomic_write_json
 from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError, shell
 from cnnpack.loadclient import check_concurrency
 from cnnpack.peak import usable_cores
-from cnnpack.rundir import Run, atomic_write_bytes, atomic_write_json
+from cnnpack.rundir import Run
 from cnnpack.servable import servable
 from cnnpack.triton_config import served_budget, served_winner, tuned_in_place
 from cnnpack.triton_publish import PREVIOUS

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cnnpack.atomic import atomic_write_text
 from cnnpack.errors import UserInputError
-from cnnpack.rundir import Run, atomic_write_text, sha256
+from cnnpack.rundir import Run, sha256
 from cnnpack.triton_config import tune_records
 from cnnpack.triton_publish import PREVIOUS
 

@@ -23,7 +23,7 @@ def plot(points: list[dict], winner: dict | None, latency_budget_ms: float, path
     """Images/s against p99 per point (one colour per model), the Pareto front, the budget, the winner."""
     from matplotlib.figure import Figure
 
-    from cnnpack.rundir import atomic_path
+    from cnnpack.atomic import atomic_path
 
     fig = Figure(figsize=(9, 5))
     ax = fig.subplots()

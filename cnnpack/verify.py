@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnpack.artifacts import other_source, precision_of
+from cnnpack.atomic import atomic_write_json
 from cnnpack.contracts import (  # noqa: F401 - re-exported
     BF16_ATOL,
     BF16_MIN_AGREEMENT,
@@ -51,7 +52,7 @@ from cnnpack.contracts import (  # noqa: F401 - re-exported
 )
 from cnnpack.errors import ParityError, RuntimeUnavailable, StageFailed, UserInputError, shell
 from cnnpack.host import check_device, exact_fp32
-from cnnpack.rundir import Run, artifact_digest, atomic_write_json, library_versions, now, sha256
+from cnnpack.rundir import Run, artifact_digest, library_versions, now, sha256
 from cnnpack.runtimes import fit_batch_sizes
 from cnnpack.verify_kept import keep_earlier
 

@@ -261,8 +261,8 @@ def test_a_system_error_names_the_users_path_not_cnnpacks_temporary_sibling():
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 def test_a_full_disk_names_the_output_that_could_not_be_written(tmp_path):
     """A write, flush or fsync that fails for want of space raises without a file name; the output is named."""
+    from cnnpack.atomic import atomic_path
     from cnnpack.errors import file_error
-    from cnnpack.rundir import atomic_path
 
     with pytest.raises(OSError) as e, atomic_path(tmp_path / "model.onnx"), open("/dev/full", "wb") as full:
         full.write(b"weights")

@@ -378,7 +378,7 @@ def test_other_weights_under_the_same_xml_are_another_artifact(ir_run, tmp_path)
 def test_a_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
     """The new IR folder could not take the old one's place: the old one is back under its name, not left hidden
     with the manifest pointing at nothing."""
-    from cnnpack.rundir import swap_dir
+    from cnnpack.atomic import swap_dir
 
     dest, new = tmp_path / "openvino_int8", tmp_path / ".openvino_int8-new"
     dest.mkdir()

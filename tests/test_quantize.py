@@ -260,7 +260,7 @@ def test_a_killed_quantize_s_scratch_folder_goes_and_an_unwritable_reproduce_sh_
     shutil.copytree(quantized[0], run)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    from cnnpack.rundir import owner_tag
+    from cnnpack.atomic import owner_tag
 
     here = owner_tag().split("_")[0]
     names = {"dead": f"{here}_{dead.pid}_x", "live": f"{here}_{os.getpid()}_x",

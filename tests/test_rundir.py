@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from cnnpack.rundir import atomic_path, atomic_write_text
+from cnnpack.atomic import atomic_path, atomic_write_text
 
 
 def test_atomic_files_get_the_usual_permissions(tmp_path):
@@ -37,7 +37,7 @@ def test_what_a_killed_process_staged_is_removed_by_the_next_write_beside_it(tmp
     import subprocess
     import sys
 
-    from cnnpack.rundir import owner_tag, staged_beside
+    from cnnpack.atomic import owner_tag, staged_beside
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid is free now (reused in the instant between: then kept, as any live one's)
@@ -232,7 +232,8 @@ def test_a_commit_whose_record_fails_puts_back_what_stood_there(tmp_path):
     record fails (a disk that filled since the work began), the earlier file and folder come back."""
     import errno
 
-    from cnnpack.rundir import Run, staged_beside
+    from cnnpack.atomic import staged_beside
+    from cnnpack.rundir import Run
 
     run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32})
     dest, folder = run.file("export/model.onnx"), run.file("export/openvino")
@@ -263,7 +264,8 @@ def test_a_commit_whose_record_fails_puts_back_what_stood_there(tmp_path):
 def test_a_commit_refuses_a_folder_where_a_file_goes_and_removes_nothing(tmp_path):
     """Run.commit set what stood at a file's place aside and removed it: a folder of the user's named tune.json went,
     with its contents, without a word (bench and tune put their outputs in place through it)."""
-    from cnnpack.rundir import Run, staged_beside
+    from cnnpack.atomic import staged_beside
+    from cnnpack.rundir import Run
 
     run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32})
     mine = run.file("tune.json")

@@ -131,7 +131,7 @@ def test_a_killed_serve_s_scratch_folder_is_removed_by_the_next_one(tmp_path, mo
     """SIGKILL of `cnnpack serve` (or of a pipeline in its served stage) left /tmp/cnnpack-serve-*/ for good."""
     import tempfile
 
-    from cnnpack.rundir import owner_tag
+    from cnnpack.atomic import owner_tag
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

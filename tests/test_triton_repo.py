@@ -26,10 +26,11 @@ from support import broken_chunk_png, record_fails
 from tritonclient.grpc import model_config_pb2
 from typer.testing import CliRunner
 
+from cnnpack.atomic import atomic_write_json
 from cnnpack.cli import app
 from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.export import ExportConfig, create_run, export
-from cnnpack.rundir import Run, atomic_write_json
+from cnnpack.rundir import Run
 from cnnpack.triton_repo import ModelIO, Tensor, TritonConfig, batch_limits, build, classifier_config, render
 
 ASSETS = Path(__file__).parent / "assets"

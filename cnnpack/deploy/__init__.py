@@ -314,7 +314,7 @@ def _gpu_configs(plan, gpu: bool) -> dict[str, bytes]:
 
 
 def _write_gpu_configs(plan, configs: dict[str, bytes]) -> list[str]:
-    from cnnpack.rundir import atomic_write_bytes
+    from cnnpack.atomic import atomic_write_bytes
 
     for rel, data in configs.items():
         path = plan.repository / rel

@@ -16,8 +16,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cnnpack.atomic import naming, swap_dir
 from cnnpack.errors import UserInputError
-from cnnpack.rundir import check_makeable, naming, swap_dir
+from cnnpack.rundir import check_makeable
 
 IDENTITY = "cnnpack-deploy.json"
 

@@ -1,0 +1,213 @@
+"""Writes that never leave a half-written file: each goes to a scratch file beside its place (named with its owner,
+so the next write removes a killed process's) and is renamed over it; Ctrl-C is held back over the steps that
+must happen together (`sigint_deferred`)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def naming(dest: str | Path) -> Iterator[None]:
+    """A failing disk's error (no space, quota, I/O) raised by a write, a flush or an fsync carries no file name:
+    within, it is raised again naming `dest`, so the CLI's one line says which output could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno not in _DISK_ERRNOS:
+            raise
+        raise OSError(e.errno, e.strerror, str(dest)) from e
+
+
+@contextlib.contextmanager
+def scratch_beside(dest: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temp path beside `dest` (in its folder, so `place` renames it over `dest`), removed at the end unless
+    placed meanwhile. `suffix`: where a library reads the file by its ending (torch's pt2 loader: `.pt2`)."""
+    tmp_path = staged_beside(Path(dest), suffix=suffix)
+    try:
+        with naming(dest):
+            yield tmp_path
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def owner_tag() -> str:
+    """This process, as the names of its staged files (and serve's scratch folder) carry it: `<where>_<pid>_`, where
+    `<where>` hashes the machine's boot (its hostname where there is no /proc) and the pid namespace: a pid means the
+    same process only to processes of the same kernel and namespace (a container of another namespace on this host
+    sees another process, or none, under it)."""
+    return f"{_where()}_{os.getpid()}_"  # the pid at each call: a forked child is another owner
+
+
+@functools.cache
+def _where() -> str:
+    import socket
+    import zlib
+
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        space = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot, space = socket.gethostname(), 0
+    return f"{zlib.crc32(f'{boot}:{space}'.encode()):08x}"
+
+
+def owner_gone(name: str, prefix: str) -> bool:
+    """Whether `name` (`<prefix><owner_tag>...`) is of a process of this host that is gone (SIGKILL, out of memory).
+    A live one's is not, nor another host's or pid namespace's (its pid says nothing here), nor a name without a
+    tag."""
+    import re
+
+    m = re.match(rf"{re.escape(prefix)}([0-9a-f]{{8}})_(\d+)_", name)
+    if m is None or m.group(1) != _where() or int(m.group(2)) == os.getpid():
+        return False
+    try:
+        os.kill(int(m.group(2)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's live process; a pid no process can have
+        pass
+    return False
+
+
+def _remove_dead_owners(dest: Path) -> None:
+    """The staged files and folders beside `dest` of processes that are gone (`owner_gone`): a SIGKILLed export left
+    a partial model.onnx hidden in export/ for good, a rerun's success included."""
+    import shutil
+
+    with contextlib.suppress(OSError):
+        for sib in dest.parent.iterdir():
+            if not owner_gone(sib.name, f".{dest.name}."):
+                continue
+            if sib.is_dir() and not sib.is_symlink():
+                shutil.rmtree(sib, ignore_errors=True)
+            else:
+                _unlink(sib)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def staged_beside(dest: Path, *, folder: bool = False, suffix: str = ".staged") -> Path:
+    """A new empty file (or folder) beside `dest`, readable by others as the umask allows (mkstemp's 0600 would hide
+    a model from a container's other user), for `Run.commit` to put in place; the caller removes it otherwise. Its
+    name carries its owner (`owner_tag`): the next one beside `dest` removes those of killed processes."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_owners(dest)
+    if folder:
+        path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{owner_tag()}", suffix=suffix, dir=dest.parent))
+        os.chmod(path, 0o777 & ~_UMASK)
+        return path
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{owner_tag()}", suffix=suffix, dir=dest.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return Path(tmp)
+
+
+def place(tmp: Path, dest: str | Path) -> None:
+    """Flushes `tmp` to disk and renames it over `dest`."""
+    with naming(dest):
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yields a temp path beside `dest`; on success it replaces `dest`, on error it is removed."""
+    with scratch_beside(dest) as tmp:
+        yield tmp
+        place(tmp, dest)
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Holds back Ctrl-C (SIGINT) while the block runs; a Ctrl-C that came meanwhile is raised right after it.
+
+    A Python-level handler, not the main thread's signal mask: Ctrl-C is sent to the process, and the kernel may
+    hand it to any thread that does not block it (a progress bar's refresh thread, started unblocked), which
+    Python turns into a KeyboardInterrupt in the main thread mid-block all the same. A Python handler runs in the
+    main thread whichever thread received the signal.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    # SIGTERM and SIGHUP too where the CLI turned them into an interrupt (a Python handler): the same unwinding
+    held = [signal.SIGINT, *(s for s in (signal.SIGTERM, signal.SIGHUP) if callable(signal.getsignal(s)))]
+    previous = {s: signal.signal(s, lambda signum, _frame: came.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if came and callable(previous[came[0]]):
+        previous[came[0]](came[0], None)  # Python's default SIGINT handler raises KeyboardInterrupt
+    elif came and previous[came[0]] == signal.SIG_DFL:
+        signal.raise_signal(came[0])  # (an ignored SIGINT stays ignored)
+
+
+def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(dest: str | Path, text: str) -> None:
+    atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+def remove_path(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def swap_dir(new: Path, dest: Path) -> None:
+    """Replaces the folder `dest` by `new` (in the same parent): where that fails the old one is put back under its
+    name, and it is removed only after the new one is in place."""
+    import shutil
+
+    if not dest.exists():
+        os.replace(new, dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    old.rmdir()
+    os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except OSError:
+        os.replace(old, dest)  # the previous folder back where its record says it is
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_json(dest: str | Path, obj: Any) -> None:
+    atomic_write_text(dest, json.dumps(obj, indent=2, sort_keys=False) + "\n")
