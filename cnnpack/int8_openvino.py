@@ -232,7 +232,8 @@ def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str)
         "max_batch_size": ref.record["max_batch_size"], "input_kind": ref.record.get("input_kind", "raw"),
         "exporter": f"nncf {__import__('nncf').__version__}", "quantization": "NNCF post-training int8 (FakeQuantize)",
         "calibration": out["calibration"], "kept_float": res.passed.kept_float, "gate": out["gate"],
-        "source": {"format": "openvino", "path": ref.record["path"], "sha256": ref.record["sha256"]},
+        "source": {"format": "openvino", "path": ref.record["path"], "sha256": ref.record["sha256"],
+                   "weights_sha256": (ref.record.get("weights") or {}).get("sha256")},
         "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20, "command": command, "config": asdict(cfg),
         "checkpoint_sha256": ref.record.get("checkpoint_sha256")}
     return out

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from cnnpack import int8_openvino, int8_ort  # noqa: F401 - registers the quantizers
 from cnnpack.data import recorded_source
+from cnnpack.errors import UserInputError, shell
 from cnnpack.int8_gate import QUANTIZERS, Clock, GateMissed, QuantizeConfig, TimeLimitReached, refusal
 from cnnpack.int8_ort import INT8_PATH
-from cnnpack.rundir import Run, now
+from cnnpack.rundir import Run, artifact_digest, now
 
 __all__ = ["BACKENDS", "INT8_PATH", "STAGE", "QuantizeConfig", "TimeLimitReached", "command", "describe", "quantize"]
 
@@ -92,6 +93,14 @@ def _record(run: Run, cfg: QuantizeConfig, clock: Clock, section: dict) -> dict:
                     "limit runs to its end, and one that holds is kept", -clock.left(), cfg.time_limit_s)
 
     def record(m: dict) -> None:
+        # the source exported again while quantize read it (it reads the file more than once, seconds apart): the
+        # int8 model may be of the new file and its record of the old one (a gate of two models fed the wrong input)
+        source = artifact["source"]
+        now_rec = m["stages"].get("export", {}).get("artifacts", {}).get(source["format"])
+        if not now_rec or artifact_digest(now_rec) != artifact_digest(source):
+            raise UserInputError(f"{run.file(source['path'])} changed while quantize ran (exported again?); nothing "
+                                 f"was recorded: run `cnnpack quantize --run {shell(run.path)}"
+                                 f"{' --backend openvino' if cfg.format == 'openvino_int8' else ''}` again")
         m["stages"]["export"]["artifacts"][cfg.format] = artifact
         m["stages"][STAGE[cfg.format]] = {"updated": now(), **section}
 

@@ -277,6 +277,31 @@ def test_a_killed_quantize_s_scratch_folder_goes_and_an_unwritable_reproduce_sh_
         sorted(f".quantize-{names[k]}" for k in ("live", "elsewhere"))  # and this one's own went when it was done
 
 
+def test_an_onnx_exported_again_while_quantize_reads_it_is_refused_and_nothing_recorded(quantized, tmp_path,
+                                                                                       monkeypatch):
+    """An export that finished while quantize read its images: the int8 model was built from the new (normalized-
+    input) ONNX, recorded as made from the old (raw-input) one, and its gate compared models fed the wrong input."""
+    from cnnpack import int8_gate
+    from cnnpack.export import ExportConfig, export
+
+    run = tmp_path / "run"
+    shutil.copytree(quantized[0], run)
+    before = _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]
+    read = int8_gate.Clock.read
+
+    def exported_meanwhile(self, r, cfg):
+        data = read(self, r, cfg)
+        export(run, ExportConfig(formats=("onnx",), input="normalized"))  # another shell's, finishing now
+        return data
+
+    monkeypatch.setattr(int8_gate.Clock, "read", exported_meanwhile)
+    with pytest.raises(UserInputError, match=rf"^{run / 'export' / 'model.onnx'} changed while quantize ran \(exported "
+                                             rf"again\?\); nothing was recorded: run `cnnpack quantize --run {run}` again$"):
+        quantize(run, QuantizeConfig(calibration_images=16, max_drop=100, min_agreement=0.5))
+    assert _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"] == before
+    assert sha256(run / before["path"]) == before["sha256"] and not list((run / "export").glob(".*staged*"))
+
+
 def test_a_protected_export_folder_is_refused_before_the_work(quantized, tmp_path, monkeypatch):
     """`chattr +i export/`: the error named a hidden temp folder, and the openvino backend said it only after
     calibrating, ranking and falling back."""
