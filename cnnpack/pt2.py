@@ -48,7 +48,9 @@ def find_compiler() -> str:
     cxx = os.environ.get("CXX") or "g++"
     argv = shlex.split(cxx) or ["g++"]
     why = None
-    if shutil.which(argv[0]) is None:
+    if "CXX" in os.environ and not os.environ["CXX"].strip():  # inductor takes "" as the compiler, and finds none
+        why = "CXX is set but empty (unset it)"
+    elif shutil.which(argv[0]) is None:
         why = f"CXX={cxx} is not an executable" if os.environ.get("CXX") else "g++ is not on PATH and CXX is not set"
     else:
         try:
@@ -145,6 +147,13 @@ def compile_package(program, dest: Path, *, metadata: dict[str, str], configs: d
         raise UserInputError(f"--format pt2: AOTInductor found no working C++ compiler (tried {cxx}); {INSTALL}") from None
     except Exception as e:  # noqa: BLE001 - inductor's lowering and the C++ compiler fail in many ways
         reraise_interrupt(e)
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, exc.InvalidCxxCompiler):  # inductor wraps it (its backend)
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            cxx = find_compiler()
+            raise UserInputError(f"--format pt2: AOTInductor found no working C++ compiler (tried {cxx}); "
+                                 f"{INSTALL}") from None
         if why := compiler_fails():  # a compiler that runs but writes nothing (CXX=true): inductor's IndexError
             raise UserInputError(f"--format pt2: the C++ compiler does not work: {why}; {INSTALL}") from None
         line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)

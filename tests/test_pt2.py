@@ -58,13 +58,15 @@ def run_copy(pt2_run, tmp_path) -> Path:
 
 
 # -- quick: no package needed ---------------------------------------------------------------------------
-@pytest.mark.parametrize("env", [{"CXX": "/nonexistent/g++"}, {"PATH": "/nonexistent-bin"}])
+@pytest.mark.parametrize("env", [{"CXX": "/nonexistent/g++"}, {"PATH": "/nonexistent-bin"},
+                                 {"CXX": ""}])  # set but empty: inductor took "" (exit 1 and its own error)
 def test_no_compiler_is_one_line_and_the_other_formats_are_written(tiny_run, tmp_path, env):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     child = {k: v for k, v in os.environ.items() if k != "CXX"} | env
     proc = _cli("export", "--run", str(run), "--format", "torchscript,pt2", env=child)
-    what = "CXX=/nonexistent/g++ is not an executable" if "CXX" in env else "g++ is not on PATH and CXX is not set"
+    what = {"/nonexistent/g++": "CXX=/nonexistent/g++ is not an executable", "": "CXX is set but empty (unset it)",
+            None: "g++ is not on PATH and CXX is not set"}[env.get("CXX")]
     _one_error_line(proc, "--format pt2 needs a C++ compiler", what, "apt-get install g++", "set CXX",
                     "written: export/model.pt (torchscript)")
     arts = Run.open(run).read()["stages"]["export"]["artifacts"]
