@@ -93,6 +93,19 @@ class QuantData:
     train_images: int
 
 
+def _other_classes(source: str, have: list[str], want: list[str]) -> UserInputError:
+    """--data whose classes are not the model's, said by what differs, a few names each (a folder of 400 folders
+    was listed whole on the one line)."""
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    missing, extra = [c for c in want if c not in have], [c for c in have if c not in want]
+    said = [f"lacks the model's {few(missing)}"] if missing else []
+    said += [f"has {few(extra)}, which the model does not classify"] if extra else []
+    said = said or [f"has the model's classes in another order ({few(have)})"]
+    return UserInputError(f"--data {source} {' and '.join(said)}; calibrate on the data the model classifies")
+
+
 def load_quant_data(run: Run, cfg: QuantizeConfig) -> QuantData:
     """The run's own training split (calibration) and validation split (the gate), through its own loader."""
     from cnnpack.evaluate import dataset_of
@@ -105,12 +118,10 @@ def load_quant_data(run: Run, cfg: QuantizeConfig) -> QuantData:
 
     spec = run.model_spec
     if (cfg.data and (known := class_names(cfg.data)) is not None and known != list(spec["classes"])):
-        raise UserInputError(f"--data {cfg.data} has classes {known}, the run's model {list(spec['classes'])}; "
-                             "calibrate on the data the model classifies")  # said before its images are read
+        raise _other_classes(cfg.data, known, list(spec["classes"]))  # said before its images are read
     d = dataset_of(run, cfg.data)
     if d.classes != list(spec["classes"]):
-        raise UserInputError(f"--data {d.source} has classes {d.classes}, the run's model {list(spec['classes'])}; "
-                             "calibrate on the data the model classifies")
+        raise _other_classes(d.source, d.classes, list(spec["classes"]))
     n = len(d.train)
     if cfg.calibration_images is not None and cfg.calibration_images > n:
         raise UserInputError(f"--calibration-images {cfg.calibration_images} is more than the {n} images of "

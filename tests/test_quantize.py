@@ -555,8 +555,10 @@ def test_a_run_without_data_needs_data_and_data_with_other_classes_is_refused(tm
     for data in (str(tiny_data), "shapes"):  # found before its images are read (15 s for resnet18's at 224)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(cnnpack.data, "load_data", no_reading)
-            with pytest.raises(UserInputError, match=r"has classes \[.*\], the run's model \['class_0', .* "
-                                                     "calibrate on the data the model classifies"):
+            with pytest.raises(UserInputError, match=r" lacks the model's class_0, class_1, class_2, class_3, class_4 "
+                                                     r"and 1 more and has circle, crescent, cross, square, star and 1 "
+                                                     r"more, which the model does not classify; calibrate on the data "
+                                                     r"the model classifies$"):
                 quantize(run, QuantizeConfig(data=data))
 
 
