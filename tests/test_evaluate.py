@@ -75,7 +75,11 @@ def test_onnx_on_cuda_without_a_gpu_is_refused_and_auto_runs_on_the_cpu(tiny_onn
                                                            "on this machine; use --device cpu")):
         evaluate(run, fmt="onnx", device="cuda")
     assert not (run / "eval-onnx.json").exists()
-    assert evaluate(run, fmt="onnx")["runtime"] == "onnxruntime"  # auto: the CPU where no GPU works
+    result = evaluate(run, fmt="onnx")
+    assert result["runtime"] == "onnxruntime"  # auto: the CPU where no GPU works
+    from cnnpack.rundir import sha256
+
+    assert result["artifact"] == {"path": "export/model.onnx", "sha256": sha256(run / "export/model.onnx")}
 
 
 @pytest.mark.gpu
@@ -152,6 +156,9 @@ def test_a_val_folder_alone_is_scored_and_a_narrow_terminal_gets_accuracy_per_cl
     _folder(tiny_data, tmp_path / "data" / "val", classes[:2])
     result = evaluate(run_copy, data=str(tmp_path / "data"), device="cpu")
     assert result["split"] == "validation" and result["images"] == 30
+    from cnnpack.rundir import sha256
+
+    assert result["artifact"] == {"path": "checkpoint.pt", "sha256": sha256(run_copy / "checkpoint.pt")}
     for columns, matrix in (("200", True), ("40", False)):
         monkeypatch.setenv("COLUMNS", columns)
         _print_eval(result)
