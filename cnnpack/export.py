@@ -17,261 +17,42 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cnnpack import __version__
 from cnnpack.atomic import scratch_beside, staged_beside
 from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInputError, reraise_interrupt, shell
-from cnnpack.host import check_device, exact_fp32
+from cnnpack.export_config import (
+    EXPORTERS,
+    ONNX_NAMES,
+    TORCHSCRIPT_DEPRECATED,
+    TORCHSCRIPT_NAMES,
+    Artifact,
+    ExportConfig,
+    example_input,
+    io_spec,
+    metadata,
+)
+from cnnpack.export_onnx import quiet_native_output  # (registers the onnx exporter)
+from cnnpack.host import exact_fp32
 from cnnpack.models import RawPixels, build_model, check_arch, check_input_size, load_state_dict_file, load_weights
-from cnnpack.registry import Registry
 from cnnpack.reproduce import write_reproduce_or_warn
 from cnnpack.rundir import MANIFEST, Run, sha256
 from cnnpack.spec import ModelSpec, check_class_names, check_image_size
 from cnnpack.train import CHECKPOINT, load_checkpoint, remove_replaced_outputs, save_torch
-
-EXPORTERS: Registry = Registry("format")
-ONNX_NAMES = ("input", "logits")
-TORCHSCRIPT_NAMES = ("INPUT__0", "OUTPUT__0")  # what Triton's libtorch backend expects
-TORCHSCRIPT_DEPRECATED = ("TorchScript (torch.jit) is deprecated upstream in favour of torch.export; kept for "
-                          "Triton's libtorch backend: pt2 (torch.export + AOTInductor) is its successor")
-DEFAULT_OPSET = 18  # the torch.export-based exporter's floor; loads in ORT >= 1.14 (Triton >= 23.02)
-OPSET_RANGE = {"dynamo": (18, 23), "legacy": (7, 20)}
-
-
-MAX_STATIC_BATCH = 4096  # as bench's largest batch: 2.4 GB of float32 at 224 px, traced at once
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    formats: tuple[str, ...] = ("onnx", "torchscript")
-    exporter: str = "dynamo"  # dynamo (torch.export-based) | legacy (TorchScript-based) for ONNX
-    opset: int = DEFAULT_OPSET
-    max_batch_size: int = 64
-    static_batch: int | None = None
-    simplify: bool = False
-    torchscript_mode: str = "trace"  # trace | script
-    input: str = "raw"  # raw: 0-255 pixels, normalised in-graph | normalized: the bare network
-    half: bool = False  # fp16 weights and I/O (GPU targets)
-    device: str = "cpu"
-
-    def validate(self) -> None:
-        if not self.formats:
-            raise UserInputError(f"--format names no format; valid: {', '.join(EXPORTERS.names())}, all")
-        for f in self.formats:
-            EXPORTERS.get(f)  # raises listing the valid formats
-        check_device(self.device, ("cpu", "cuda"))
-        if self.exporter not in OPSET_RANGE:
-            raise UserInputError(f"--exporter {self.exporter!r}; valid: {', '.join(OPSET_RANGE)}")
-        lo, hi = OPSET_RANGE[self.exporter]
-        if "onnx" in self.formats and not lo <= self.opset <= hi:
-            raise UserInputError(f"--opset {self.opset}: the {self.exporter} exporter produces opsets {lo}..{hi}")
-        if self.max_batch_size < 2 and self.static_batch is None:  # torch.export's batch dimension spans 1..max
-            raise UserInputError(f"--max-batch-size must be >= 2, got {self.max_batch_size} (for a batch of one "
-                                 "only, export --static-batch 1)")
-        if self.static_batch is not None and not 1 <= self.static_batch <= MAX_STATIC_BATCH:
-            raise UserInputError(f"--static-batch must be in 1..{MAX_STATIC_BATCH:,} (the export traces a batch of "
-                                 f"that many images in memory), got {self.static_batch:,}")
-        if self.torchscript_mode not in ("trace", "script"):
-            raise UserInputError(f"--torchscript-mode {self.torchscript_mode!r}; valid: trace, script")
-        if self.input not in ("raw", "normalized"):
-            raise UserInputError(f"--input {self.input!r}; valid: raw, normalized")
-        if "openvino" in self.formats:
-            from cnnpack.openvino import require
-
-            require("--format openvino")  # exit 2 with the install command, before anything is written
-        if self.half and self.device != "cuda":
-            raise UserInputError("--half makes fp16 artifacts for GPU targets; add --device cuda "
-                                 "(fp16 on the CPU is slow and loses accuracy)")
-
-
-@dataclass
-class Artifact:
-    """What an exporter produced: enough for a runtime or Triton to load and feed it."""
-
-    format: str
-    path: str  # relative to the run directory
-    sha256: str
-    input: dict  # {name, dtype, shape}; -1 marks the dynamic batch dim
-    output: dict
-    max_batch_size: int
-    static_batch: int | None
-    input_kind: str
-    exporter: str
-    export_s: float
-    opset: int | None = None
-    ir_version: int | None = None
-    device: str | None = None  # pt2: the device the package was compiled for (it runs there only)
-    torch_version: str | None = None  # pt2: the torch that compiled it (it loads in that one or a newer one)
-    compile_s: float | None = None  # pt2: AOTInductor's compile time
-    extra: dict = field(default_factory=dict)
-
-    def record(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-# -- helpers -------------------------------------------------------------------------------
-def metadata(spec: ModelSpec, cfg: ExportConfig) -> dict[str, str]:
-    """What the artifact says about itself (ONNX metadata_props / TorchScript extra files)."""
-    return {
-        "classes": json.dumps(list(spec.classes)),
-        "mean": json.dumps(list(spec.mean)),
-        "std": json.dumps(list(spec.std)),
-        "image_size": str(spec.image_size),
-        "arch": spec.arch,
-        "input_kind": cfg.input,
-        "input_layout": "NCHW RGB, raw pixels 0-255" if cfg.input == "raw" else "NCHW RGB, normalised",
-        "cnnpack_version": __version__,
-    }
-
-
-def _io(spec: ModelSpec, cfg: ExportConfig, names: tuple[str, str]) -> tuple[dict, dict]:
-    batch = cfg.static_batch or -1
-    dtype = "float16" if cfg.half else "float32"
-    return ({"name": names[0], "dtype": dtype, "shape": [batch, spec.channels, spec.image_size, spec.image_size]},
-            {"name": names[1], "dtype": dtype, "shape": [batch, spec.num_classes]})
-
-
-def _example(spec: ModelSpec, cfg: ExportConfig, n: int | None = None) -> torch.Tensor:
-    n = n or cfg.static_batch or 2
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(n, spec.channels, spec.image_size, spec.image_size, generator=g) * 255
-    if cfg.input == "normalized":
-        x = (x / 255 - 0.45) / 0.225
-    return x.to(cfg.device, torch.float16 if cfg.half else torch.float32)
-
-
-# -- ONNX ----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet_native_output():
-    """Silences what torch's C++ side prints (the legacy exporter dumps whole graphs on failure).
-
-    A crash within (a segfault in a native library) still says where, on the real stderr: faulthandler writes there
-    meanwhile. Without it, a pt2 export that crashed in AOTInductor ended with exit 139 and not a word."""
-    import faulthandler
-    import sys
-    import tempfile
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    was_enabled = faulthandler.is_enabled()
-    saved = os.dup(1), os.dup(2)
-    try:
-        with tempfile.TemporaryFile() as sink, os.fdopen(os.dup(saved[1]), "w") as real_stderr:
-            faulthandler.enable(file=real_stderr)
-            try:
-                os.dup2(sink.fileno(), 1)
-                os.dup2(sink.fileno(), 2)
-                yield
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-                faulthandler.disable()
-                if was_enabled:  # back on, on the real stderr (the file it had before is not known)
-                    with contextlib.suppress(Exception):
-                        faulthandler.enable(file=sys.__stderr__)
-    finally:
-        os.close(saved[0])
-        os.close(saved[1])
-
-
-def _onnx_export(model: nn.Module, x: torch.Tensor, dest: Path, cfg: ExportConfig) -> None:
-    names = dict(input_names=[ONNX_NAMES[0]], output_names=[ONNX_NAMES[1]], opset_version=cfg.opset)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if cfg.exporter == "legacy":
-            axes = None if cfg.static_batch else {ONNX_NAMES[0]: {0: "batch"}, ONNX_NAMES[1]: {0: "batch"}}
-            torch.onnx.export(model, (x,), str(dest), dynamo=False, dynamic_axes=axes, **names)
-            return
-        dyn = None if cfg.static_batch else ({0: torch.export.Dim("batch", min=1, max=cfg.max_batch_size)},)
-        prog = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dyn, verbose=False, **names)
-        prog.save(str(dest))
-
-
-def check_onnx(path: Path) -> object:
-    """Full onnx.checker check plus strict shape inference; raises StageFailed naming the problem."""
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-        model = onnx.load(str(path))
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise StageFailed(f"ONNX check failed for {path.name}: {str(e).strip().splitlines()[0]}") from None
-    return model
-
-
-def _causes(e: BaseException) -> list[BaseException]:
-    """`e` and the errors it was raised from, outermost first."""
-    chain = [e]
-    while chain[-1].__cause__ is not None:
-        chain.append(chain[-1].__cause__)
-    return chain
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of the error that started it: torch.onnx's own begins with boilerplate ("Failed to export the
-    model with torch.export. This is step 1/3 ..."), the reason being in the torch.export error it wraps."""
-    for cause in _causes(e)[1:]:
-        if not str(cause).strip():
-            break
-        e = cause
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-@EXPORTERS.register("onnx")
-def export_onnx(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path) -> Artifact:
-    import onnx
-
-    t0 = time.perf_counter()
-    try:
-        with _quiet_native_output():
-            _onnx_export(model, _example(spec, cfg), dest, cfg)
-    except Exception as e:  # noqa: BLE001 - torch.onnx raises many kinds; report the first line
-        reraise_interrupt(e)
-        msg = _first_line(e)
-        if any("opset" in str(c).lower() for c in _causes(e)):  # an operator this opset lacks: the user can fix that
-            raise UserInputError(f"--opset {cfg.opset} cannot express this model: {msg}") from None
-        raise StageFailed(f"ONNX export ({cfg.exporter}, opset {cfg.opset}) failed: {msg}") from None
-    if cfg.simplify:
-        _simplify(dest)
-    m = check_onnx(dest)
-    for k, v in metadata(spec, cfg).items():
-        m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    m.doc_string = f"cnnpack {__version__}: {spec.arch}, {spec.num_classes} classes, {spec.image_size}px"
-    onnx.save(m, str(dest))
-    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-    inp, out = _io(spec, cfg, ONNX_NAMES)
-    return Artifact("onnx", str(dest), "", inp, out, cfg.static_batch or cfg.max_batch_size, cfg.static_batch,
-                    cfg.input, cfg.exporter, time.perf_counter() - t0, opset=opset, ir_version=m.ir_version,
-                    extra={"simplified": cfg.simplify})
-
-
-def _simplify(path: Path) -> None:
-    try:
-        import onnxslim
-    except ImportError:
-        raise UserInputError("--simplify needs onnxslim: pip install 'cnnpack[simplify]'") from None
-    import onnx
-
-    onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
 
 
 # -- TorchScript -----------------------------------------------------------------------------
 @EXPORTERS.register("torchscript")
 def export_torchscript(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path) -> Artifact:
     t0 = time.perf_counter()
-    x = _example(spec, cfg)
+    x = example_input(spec, cfg)
     with torch.no_grad(), warnings.catch_warnings(), exact_fp32(cfg.device):
         warnings.simplefilter("ignore")
         try:
@@ -292,7 +73,7 @@ def export_torchscript(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, des
         y = loaded(x)
     if tuple(y.shape) != (x.shape[0], spec.num_classes):
         raise StageFailed(f"TorchScript output shape {tuple(y.shape)}, expected {(x.shape[0], spec.num_classes)}")
-    inp, out = _io(spec, cfg, TORCHSCRIPT_NAMES)
+    inp, out = io_spec(spec, cfg, TORCHSCRIPT_NAMES)
     return Artifact("torchscript", str(dest), "", inp, out, cfg.static_batch or cfg.max_batch_size,
                     cfg.static_batch, cfg.input, f"torch.jit.{cfg.torchscript_mode}", time.perf_counter() - t0,
                     extra={"deprecated": TORCHSCRIPT_DEPRECATED})
@@ -307,11 +88,11 @@ def export_pt2(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path)
     t0 = time.perf_counter()
     meta = {**metadata(spec, cfg), "precision": "fp16" if cfg.half else "fp32",
             "max_batch_size": str(cfg.static_batch or cfg.max_batch_size)}
-    x = _example(spec, cfg, cfg.static_batch or 2)
-    with _quiet_native_output():  # torch.export prints graph fragments when it fails; the error says what failed
+    x = example_input(spec, cfg, cfg.static_batch or 2)
+    with quiet_native_output():  # torch.export prints graph fragments when it fails; the error says what failed
         info = pt2.export_pt2(model, x, dest, max_batch=None if cfg.static_batch else cfg.max_batch_size,
                               metadata=meta, num_classes=spec.num_classes)
-    inp, out = _io(spec, cfg, pt2.NAMES)
+    inp, out = io_spec(spec, cfg, pt2.NAMES)
     device, torch_version, compile_s = info.pop("device"), info.pop("torch_version"), info.pop("compile_s")
     return Artifact("pt2", str(dest), "", inp, out, cfg.static_batch or cfg.max_batch_size, cfg.static_batch,
                     cfg.input, f"torch.export + AOTInductor (torch {torch_version})", time.perf_counter() - t0,

@@ -316,7 +316,7 @@ def _finish_model(src: Path, fp32: Path, dest: Path) -> object:
     """The QDQ model with the fp32 artifact's metadata_props (and precision int8), checked by onnx.checker."""
     import onnx
 
-    from cnnpack.export import check_onnx
+    from cnnpack.export_onnx import check_onnx
 
     m, meta = onnx.load(str(src)), onnx.load(str(fp32), load_external_data=False).metadata_props
     del m.metadata_props[:]

@@ -190,7 +190,7 @@ def test_an_arch_that_cannot_take_the_size_is_refused_before_a_run_is_made(tmp_p
 
 
 def test_an_onnx_export_failure_names_the_error_torch_onnx_wraps():
-    from cnnpack.export import _first_line
+    from cnnpack.export_onnx import first_line
 
     try:
         try:
@@ -199,14 +199,14 @@ def test_an_onnx_export_failure_names_the_error_torch_onnx_wraps():
             raise RuntimeError("Failed to export the model with torch.export. This is step 1/3 of exporting\nmore") \
                 from inner
     except RuntimeError as e:
-        assert _first_line(e).startswith("Given input size: (256x1x1)")
-    assert _first_line(ValueError()) == "ValueError"
+        assert first_line(e).startswith("Given input size: (256x1x1)")
+    assert first_line(ValueError()) == "ValueError"
 
 
 def test_a_ctrl_c_inside_torch_s_lazy_import_is_an_interrupt_not_a_failed_export(tiny_run, tmp_path, monkeypatch):
     """SIGINT during `cnnpack export` came out as "ONNX export (dynamo, opset 18) failed: module 'torch._dynamo' has
     no attribute 'exc'", exit 1: the KeyboardInterrupt was the context of the AttributeError torch then raised."""
-    import cnnpack.export as ex
+    import cnnpack.export_onnx as ex
 
     def interrupted_import(*args, **kwargs):
         try:

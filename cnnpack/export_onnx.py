@@ -1,0 +1,135 @@
+"""The ONNX exporter (torch.onnx, the torch.export-based one or the legacy one), its check (onnx.checker and strict
+shape inference) and its errors said in one line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnpack import __version__
+from cnnpack.errors import StageFailed, UserInputError, reraise_interrupt
+from cnnpack.export_config import EXPORTERS, ONNX_NAMES, Artifact, ExportConfig, example_input, io_spec, metadata
+from cnnpack.spec import ModelSpec
+
+
+@contextlib.contextmanager
+def quiet_native_output():
+    """Silences what torch's C++ side prints (the legacy exporter dumps whole graphs on failure).
+
+    A crash within (a segfault in a native library) still says where, on the real stderr: faulthandler writes there
+    meanwhile. Without it, a pt2 export that crashed in AOTInductor ended with exit 139 and not a word."""
+    import faulthandler
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    was_enabled = faulthandler.is_enabled()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink, os.fdopen(os.dup(saved[1]), "w") as real_stderr:
+            faulthandler.enable(file=real_stderr)
+            try:
+                os.dup2(sink.fileno(), 1)
+                os.dup2(sink.fileno(), 2)
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                faulthandler.disable()
+                if was_enabled:  # back on, on the real stderr (the file it had before is not known)
+                    with contextlib.suppress(Exception):
+                        faulthandler.enable(file=sys.__stderr__)
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def _onnx_export(model: nn.Module, x: torch.Tensor, dest: Path, cfg: ExportConfig) -> None:
+    names = dict(input_names=[ONNX_NAMES[0]], output_names=[ONNX_NAMES[1]], opset_version=cfg.opset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cfg.exporter == "legacy":
+            axes = None if cfg.static_batch else {ONNX_NAMES[0]: {0: "batch"}, ONNX_NAMES[1]: {0: "batch"}}
+            torch.onnx.export(model, (x,), str(dest), dynamo=False, dynamic_axes=axes, **names)
+            return
+        dyn = None if cfg.static_batch else ({0: torch.export.Dim("batch", min=1, max=cfg.max_batch_size)},)
+        prog = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dyn, verbose=False, **names)
+        prog.save(str(dest))
+
+
+def check_onnx(path: Path) -> object:
+    """Full onnx.checker check plus strict shape inference; raises StageFailed naming the problem."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path))
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise StageFailed(f"ONNX check failed for {path.name}: {str(e).strip().splitlines()[0]}") from None
+    return model
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """`e` and the errors it was raised from, outermost first."""
+    chain = [e]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of the error that started it: torch.onnx's own begins with boilerplate ("Failed to export the
+    model with torch.export. This is step 1/3 ..."), the reason being in the torch.export error it wraps."""
+    for cause in _causes(e)[1:]:
+        if not str(cause).strip():
+            break
+        e = cause
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+@EXPORTERS.register("onnx")
+def export_onnx(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path) -> Artifact:
+    import onnx
+
+    t0 = time.perf_counter()
+    try:
+        with quiet_native_output():
+            _onnx_export(model, example_input(spec, cfg), dest, cfg)
+    except Exception as e:  # noqa: BLE001 - torch.onnx raises many kinds; report the first line
+        reraise_interrupt(e)
+        msg = first_line(e)
+        if any("opset" in str(c).lower() for c in _causes(e)):  # an operator this opset lacks: the user can fix that
+            raise UserInputError(f"--opset {cfg.opset} cannot express this model: {msg}") from None
+        raise StageFailed(f"ONNX export ({cfg.exporter}, opset {cfg.opset}) failed: {msg}") from None
+    if cfg.simplify:
+        _simplify(dest)
+    m = check_onnx(dest)
+    for k, v in metadata(spec, cfg).items():
+        m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    m.doc_string = f"cnnpack {__version__}: {spec.arch}, {spec.num_classes} classes, {spec.image_size}px"
+    onnx.save(m, str(dest))
+    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    inp, out = io_spec(spec, cfg, ONNX_NAMES)
+    return Artifact("onnx", str(dest), "", inp, out, cfg.static_batch or cfg.max_batch_size, cfg.static_batch,
+                    cfg.input, cfg.exporter, time.perf_counter() - t0, opset=opset, ir_version=m.ir_version,
+                    extra={"simplified": cfg.simplify})
+
+
+def _simplify(path: Path) -> None:
+    try:
+        import onnxslim
+    except ImportError:
+        raise UserInputError("--simplify needs onnxslim: pip install 'cnnpack[simplify]'") from None
+    import onnx
+
+    onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
