@@ -1,6 +1,6 @@
 """The Kubernetes and KServe objects, as plain data (dicts) that a YAML library writes.
 
-The container's arguments come from `serve.server_args`, the same function that builds `cnnpack
+The container's arguments come from `serve_config.server_args`, the same function that builds `cnnpack
 serve`'s command line. The image's own entrypoint (the NGC image's nvidia_entrypoint.sh) stays and runs
 what it sets up before the command, so the arguments start with `tritonserver`, exactly like the
 `docker run IMAGE tritonserver --model-repository=/models` line that `triton_dist.docker_line` prints.
@@ -83,7 +83,7 @@ def container_args(spec: Spec, *, config_name: str | None = None, base: bool = F
     """The container's arguments: the base's (`base`: only `spec.base_models` loaded, where set) or the gpu
     overlay's (every model)."""
     from cnnpack.ports import Ports
-    from cnnpack.serve import server_args
+    from cnnpack.serve_config import server_args
 
     load = spec.base_models if base else None
     return [CONTAINER, *server_args(repository_path(spec), host="0.0.0.0", ports=Ports(**PORTS),
