@@ -207,7 +207,7 @@ class PipelineConfig:
                             max_seconds=self.bench_max_seconds, int8_min_agreement=self.min_agreement)
 
     def tune_config(self):
-        from cnnpack.tune import TuneConfig
+        from cnnpack.tune_grid import TuneConfig
 
         budget = 1.0 if self.tune_budget_ms is None else self.tune_budget_ms  # 0 is a bad budget, not "none"
         return TuneConfig(latency_budget_ms=budget, concurrency=(max(self.concurrency),),

@@ -64,7 +64,7 @@ def test_a_concurrency_past_the_bound_is_refused_before_any_connection_or_server
     from cnnpack.bench_served import ServedConfig
     from cnnpack.loadclient import MAX_CONCURRENCY, Load
     from cnnpack.pipeline_config import PipelineConfig
-    from cnnpack.tune import TuneConfig
+    from cnnpack.tune_grid import TuneConfig
 
     said = rf"--concurrency must be integers from 1 to {MAX_CONCURRENCY:,} \(requests in flight\), got \[1, 100000000\]"
     for cfg in (ServedConfig(url="127.0.0.1:8000", concurrency=(1, 100_000_000)),

@@ -114,7 +114,7 @@ def test_the_configs_tune_measures_and_writes_keep_what_the_layout_chose_and_tun
     from tritonclient.grpc import model_config_pb2 as pb
 
     from cnnpack.triton_repo import TritonConfig, build
-    from cnnpack.tune import Setting, model_config_json
+    from cnnpack.tune_grid import Setting, model_config_json
 
     run, repo = _copy(laid_out, tmp_path)
     build(run, TritonConfig(repository=str(repo), threads=1, max_batch_size=4, warmup=True, preferred_batch_sizes=(2, 4)))
@@ -199,7 +199,7 @@ def test_a_server_that_dies_mid_sweep_keeps_the_points_and_changes_nothing(laid_
 def _point(label_settings: dict, ips: float, p99: float) -> dict:
     from dataclasses import asdict
 
-    from cnnpack.tune import Setting
+    from cnnpack.tune_grid import Setting
 
     s = Setting(model="cnn_onnx", format="onnx", **label_settings)
     return {**asdict(s), "label": s.label, "precision": "fp32", "concurrency": 4, "throughput_ips": ips,
@@ -599,7 +599,7 @@ def test_the_verdict_line_gives_the_figure_the_winner_was_chosen_on_and_says_whe
 def test_instances_or_threads_past_the_cores_are_said_to_be_left_out(monkeypatch):
     """--instances 1,3 --threads 1 on 2 cores measured 1 alone without a word; the defaults (1,2 and 1,2) on one core
     must still run (a refusal would stop plain `cnnpack tune` there)."""
-    import cnnpack.tune as t
+    import cnnpack.tune_grid as t
 
     monkeypatch.setattr(t, "usable_cores", lambda: 2)
     assert t.past_the_cores(t.TuneConfig(instances=(1, 3), threads=(1,))) == "--instances 3"
