@@ -42,8 +42,8 @@ def tune(
     """
     from rich.console import Console
 
-    from cnnpack.tune_grid import TuneConfig
     from cnnpack.tune import tune as do_tune
+    from cnnpack.tune_grid import TuneConfig
     from cnnpack.tune_handover import undo as do_undo
     from cnnpack.tune_outputs import describe
 
