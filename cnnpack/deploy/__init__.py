@@ -371,7 +371,8 @@ def _files(plan, spec, *, gpu: bool, out: Path) -> dict[str, str]:
         files["kubernetes/overlays/gpu/kustomization.yaml"] = dump(
             kube.kustomization(["../../base"], ["gpu.yaml"]), head)
         files["kubernetes/overlays/gpu/gpu.yaml"] = dump(kube.gpu_patch(plan, spec), head)
-    files["kubernetes/prometheus-adapter/values.yaml"] = dump(kube.adapter_values(plan), text.adapter_header(head))
+    files["kubernetes/prometheus-adapter/values.yaml"] = dump(kube.adapter_values(plan, spec),
+                                                                text.adapter_header(head, spec))
     files["kserve/inferenceservice.yaml"] = dump(kube.inference_service(plan, spec), head)
     if spec.secret and spec.store.remote:
         files["kserve/serviceaccount.yaml"] = dump(kube.storage_account(spec), head)

@@ -22,15 +22,8 @@ LIVE, READY = "/v2/health/live", "/v2/health/ready"
 UID = 1000  # the NGC image's triton-server user
 GRACE_S = 30  # terminationGracePeriodSeconds: Triton gets 2/3 of it to finish requests in flight (server_args)
 # the HPA's metric: the average queue time per request, from two of Triton's own counters
-QUEUE_METRIC = "triton_queue_us_per_request"
 QUEUE_US, REQUESTS = "nv_inference_queue_duration_us", "nv_inference_request_success"
 RATE_WINDOW = "2m"
-def classifiers_only(plan) -> str:
-    """A label matcher for the series of the shipped classifiers alone, by name (not by a pattern of the names
-    cnnpack gives an ensemble and its preprocessing: a classifier named `shapes_image` matched it, and the HPA's
-    metric had no series). A model name's one regex character is `.`."""
-    names = [m for m, _ in plan.classifiers if m in plan.models]
-    return f',model=~"{"|".join(n.replace(".", "[.]") for n in names)}"'
 SHM_LIMIT = "256Mi"  # /dev/shm for the Python backend's tensors (the runtime's default is 64 MiB)
 
 
@@ -178,7 +171,7 @@ def hpa(plan: Plan, spec: Spec) -> dict:
             "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": spec.name},
                      "minReplicas": spec.replicas, "maxReplicas": spec.max_replicas,
                      "metrics": [{"type": "Pods", "pods": {
-                         "metric": {"name": QUEUE_METRIC},
+                         "metric": {"name": queue_metric(spec.name)},
                          "target": {"type": "AverageValue", "averageValue": str(plan.queue_target_us.value)}}}],
                      "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}}}}
 
@@ -244,22 +237,38 @@ def gpu_patch(plan: Plan, spec: Spec) -> dict:
                                                       failures=startup_failures(plan.startup_gpu_s.value))}]}}}}
 
 
-def adapter_values(plan) -> dict:
+def queue_metric(name: str) -> str:
+    """The HPA's metric, one per deployment: prometheus-adapter's rules are the whole cluster's, and each
+    deployment's counts its own classifiers (`classifiers_only`), which another deployment's rule would not."""
+    return f"triton_queue_us_per_request_{name.replace('-', '_')}"
+
+
+def classifiers_only(plan) -> str:
+    """A label matcher for the series of the shipped classifiers alone, by name (not by a pattern of the names
+    cnnpack gives an ensemble and its preprocessing: a classifier named `shapes_image` matched it, and the HPA's
+    metric had no series). A model name's one regex character is `.`."""
+    names = [m for m, _ in plan.classifiers if m in plan.models]
+    return f',model=~"{"|".join(n.replace(".", "[.]") for n in names)}"'
+
+
+def adapter_values(plan, spec: Spec) -> dict:
     """prometheus-adapter (Helm chart prometheus-community/prometheus-adapter) values: the HPA's metric.
 
     Per pod: rate of queue microseconds over every model the pod serves / rate of requests served, counted at the
     classifiers: one request through the image ensemble is a success of the ensemble, its preprocessing step and
     the classifier, and counting all three would read the queue time up to 3x low (the HPA scaling late), while
     the preprocessing step's own queue time is load the HPA must see.
-    The labels `namespace` and `pod` are the ones a ServiceMonitor (and kube-prometheus) put on each series.
+    The labels `namespace` and `pod` are the ones a ServiceMonitor (and kube-prometheus) put on each series; the
+    rule finds this deployment's pods by their names (`<name>-<replica set hash>-<pod hash>`: not those of a
+    deployment named `<name>-int8`), under a metric of its own (`queue_metric`).
     """
     def rate(metric: str, matchers: str = "") -> str:
         return f"sum by (<<.GroupBy>>) (rate({metric}{{<<.LabelMatchers>>{matchers}}}[{RATE_WINDOW}]))"
 
     return {"rules": {"custom": [{
-        "seriesQuery": f'{QUEUE_US}{{namespace!="",pod!=""}}',
+        "seriesQuery": f'{QUEUE_US}{{namespace!="",pod=~"{spec.name}-[a-z0-9]+-[a-z0-9]+"}}',
         "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
-        "name": {"matches": f"^{QUEUE_US}$", "as": QUEUE_METRIC},
+        "name": {"matches": f"^{QUEUE_US}$", "as": queue_metric(spec.name)},
         # no requests in the window: 0 us, not a division by zero (the adapter drops NaN and the HPA stalls)
         "metricsQuery": f"{rate(QUEUE_US)} / clamp_min({rate(REQUESTS, classifiers_only(plan))}, 0.001)",
     }]}}

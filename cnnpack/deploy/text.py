@@ -19,10 +19,12 @@ def header(plan, spec) -> str:
             "override with kustomize patches in an overlay of your own.")
 
 
-def adapter_header(head: str) -> str:
+def adapter_header(head: str, spec) -> str:
     return (f"{head}\nValues for the prometheus-adapter Helm chart (prometheus-community/prometheus-adapter): "
-            f"exposes {kube.QUEUE_METRIC}\n(average queue time per request, us) on the custom metrics API for the "
-            "HPA. Set prometheus.url to your Prometheus.")
+            f"exposes {kube.queue_metric(spec.name)}\n(average queue time per request, us) on the custom metrics API "
+            "for the HPA. Set prometheus.url to your Prometheus.\nThe adapter has one list of rules for the whole "
+            "cluster: where it serves others (another\ndeployment's), add this rule to them; these values alone "
+            "replace them.")
 
 
 def dockerfile(plan, spec) -> str:
@@ -116,14 +118,16 @@ def readme(plan, spec, *, gpu: bool, out: Path) -> str:
               f"cnnpack infer IMAGE.png --model {plan.served_model} --url localhost:8001 --protocol grpc", "```", ""]
     n += 1
     parts += [f"## {n}. Autoscaling", "",
-              f"The HPA scales on `{kube.QUEUE_METRIC}` (average queue time per request, target "
+              f"The HPA scales on `{kube.queue_metric(name)}` (average queue time per request, target "
               f"{plan.queue_target_us.value} us), which prometheus-adapter computes from Triton's "
               f"`{kube.QUEUE_US}` and `{kube.REQUESTS}`. Prometheus must scrape the pods with `namespace` and `pod` "
-              "labels (the ServiceMonitor of `cnnpack deploy --service-monitor` does).", "", "```bash",
+              "labels (the ServiceMonitor of `cnnpack deploy --service-monitor` does). prometheus-adapter has one "
+              "list of rules for the whole cluster: where it already serves rules (another deployment's), add this "
+              "one to its values rather than installing these alone, which replace them.", "", "```bash",
               "helm upgrade --install prometheus-adapter prometheus-community/prometheus-adapter -n monitoring \\",
               "  -f kubernetes/prometheus-adapter/values.yaml --set prometheus.url=http://prometheus-operated.monitoring.svc",
               "NS=$(kubectl config view --minify -o jsonpath='{..namespace}'); NS=${NS:-default}  # where it runs",
-              f'kubectl get --raw "/apis/custom.metrics.k8s.io/v1beta1/namespaces/$NS/pods/*/{kube.QUEUE_METRIC}"',
+              f'kubectl get --raw "/apis/custom.metrics.k8s.io/v1beta1/namespaces/$NS/pods/*/{kube.queue_metric(name)}"',
               f"kubectl get hpa {name}", "```", "",
               "kube-prometheus-stack's Prometheus picks up only the ServiceMonitors that carry its Helm release's "
               "label (`release: <its release name>`) unless installed with "
