@@ -442,5 +442,12 @@ def section(cfg: QuantizeConfig, ref_record: dict, ref_format: str, data: QuantD
         "attempts": [a.record() for a in res.attempts], "ranking": res.ranking[:32],
         "ranking_images": res.ranked_images, "ranking_s": round(res.ranking_s, 1),
         "quantizable_nodes": len(nodes), "harmful_nodes": res.harmful, "kept_float": chosen.kept_float, "wall_s": round(wall_s, 1),
-        "stopped": None if res.passed else res.stopped, "input": {"format": ref_format, "sha256": ref_record["sha256"]},
+        "stopped": None if res.passed else res.stopped, "input": {"format": ref_format, "sha256": ref_record["sha256"],
+                                                                  **weights_digest(ref_record)},
     }
+
+
+def weights_digest(record: dict) -> dict:
+    """An IR's weights file's digest, as `rundir.artifact_digest` reads it beside the .xml's."""
+    w = (record.get("weights") or {}).get("sha256")
+    return {"weights_sha256": w} if w else {}

@@ -31,6 +31,7 @@ from cnnpack.int8_gate import (
     model_input,
     run_gate,
     section,
+    weights_digest,
 )
 from cnnpack.rundir import Run, sha256
 
@@ -233,7 +234,7 @@ def quantize_openvino(run: Run, cfg: QuantizeConfig, clock: Clock, command: str)
         "exporter": f"nncf {__import__('nncf').__version__}", "quantization": "NNCF post-training int8 (FakeQuantize)",
         "calibration": out["calibration"], "kept_float": res.passed.kept_float, "gate": out["gate"],
         "source": {"format": "openvino", "path": ref.record["path"], "sha256": ref.record["sha256"],
-                   "weights_sha256": (ref.record.get("weights") or {}).get("sha256")},
+                   **weights_digest(ref.record)},
         "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20, "command": command, "config": asdict(cfg),
         "checkpoint_sha256": ref.record.get("checkpoint_sha256")}
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cnnpack import int8_openvino, int8_ort  # noqa: F401 - registers the quantizers
 from cnnpack.data import recorded_source
-from cnnpack.errors import UserInputError, shell
+from cnnpack.errors import StageFailed
 from cnnpack.int8_gate import QUANTIZERS, Clock, GateMissed, QuantizeConfig, TimeLimitReached, refusal
 from cnnpack.int8_ort import INT8_PATH
 from cnnpack.rundir import Run, artifact_digest, now
@@ -84,7 +84,12 @@ def _record(run: Run, cfg: QuantizeConfig, clock: Clock, section: dict) -> dict:
         message = refusal(section, cfg, STAGE[cfg.format], run.manifest_path)
         if section.get("stopped"):
             raise TimeLimitReached(message, section)
-        run.set_stage(STAGE[cfg.format], section)
+
+        def missed(m: dict) -> None:  # a gate of two other models is no figure of this one
+            _check_source(run, cfg, m, section["input"])
+            m["stages"][STAGE[cfg.format]] = {"updated": now(), **section}
+
+        run.update(missed)
         raise GateMissed(message, run.read()["stages"][STAGE[cfg.format]])
     section["outputs"] = {cfg.format: {"path": artifact["path"], "sha256": artifact["sha256"]}}
     if clock.left() < 0:  # an attempt under way at the limit runs to its end (calibration cannot stop halfway)
@@ -93,14 +98,7 @@ def _record(run: Run, cfg: QuantizeConfig, clock: Clock, section: dict) -> dict:
                     "limit runs to its end, and one that holds is kept", -clock.left(), cfg.time_limit_s)
 
     def record(m: dict) -> None:
-        # the source exported again while quantize read it (it reads the file more than once, seconds apart): the
-        # int8 model may be of the new file and its record of the old one (a gate of two models fed the wrong input)
-        source = artifact["source"]
-        now_rec = m["stages"].get("export", {}).get("artifacts", {}).get(source["format"])
-        if not now_rec or artifact_digest(now_rec) != artifact_digest(source):
-            raise UserInputError(f"{run.file(source['path'])} changed while quantize ran (exported again?); nothing "
-                                 f"was recorded: run `cnnpack quantize --run {shell(run.path)}"
-                                 f"{' --backend openvino' if cfg.format == 'openvino_int8' else ''}` again")
+        _check_source(run, cfg, m, artifact["source"])
         m["stages"]["export"]["artifacts"][cfg.format] = artifact
         m["stages"][STAGE[cfg.format]] = {"updated": now(), **section}
 
@@ -111,6 +109,16 @@ def _record(run: Run, cfg: QuantizeConfig, clock: Clock, section: dict) -> dict:
     finally:  # its line in reproduce.sh also when a Ctrl-C waited for the record
         write_reproduce_or_warn(run)
     return run.read()["stages"][STAGE[cfg.format]]
+
+
+def _check_source(run: Run, cfg: QuantizeConfig, m: dict, source: dict) -> None:
+    """The fp32 source exported again while quantize read it (it reads the file more than once, seconds apart): the
+    int8 model may be of the new file and its record of the old one, its gate of two models fed the wrong input."""
+    now_rec = m["stages"].get("export", {}).get("artifacts", {}).get(source["format"])
+    if not now_rec or artifact_digest(now_rec) != artifact_digest(source):
+        where = run.file(now_rec["path"]) if now_rec else f"the {source['format']} artifact"
+        raise StageFailed(f"{where} changed while quantize ran (exported again?); nothing was recorded: run "
+                          f"`{command(run, cfg)}` again")
 
 
 def describe(section: dict) -> str:

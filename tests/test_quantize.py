@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from support import ctrl_c_after, outlier_channel
 from cnnpack.errors import MissingStageError, ParityError, UserInputError
 from cnnpack.export import ExportConfig, export
 from cnnpack.quantize import QuantizeConfig, TimeLimitReached, quantize
-from cnnpack.rundir import sha256
+from cnnpack.rundir import Run, sha256
 
 
 @pytest.fixture(scope="module")
@@ -287,18 +288,26 @@ def test_an_onnx_exported_again_while_quantize_reads_it_is_refused_and_nothing_r
     run = tmp_path / "run"
     shutil.copytree(quantized[0], run)
     before = _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]
-    read = int8_gate.Clock.read
+    read, inputs = int8_gate.Clock.read, iter(["normalized", "raw"])
 
     def exported_meanwhile(self, r, cfg):
         data = read(self, r, cfg)
-        export(run, ExportConfig(formats=("onnx",), input="normalized"))  # another shell's, finishing now
+        export(run, ExportConfig(formats=("onnx",), input=next(inputs)))  # another shell's, finishing now
         return data
 
     monkeypatch.setattr(int8_gate.Clock, "read", exported_meanwhile)
-    with pytest.raises(UserInputError, match=rf"^{run / 'export' / 'model.onnx'} changed while quantize ran \(exported "
-                                             rf"again\?\); nothing was recorded: run `cnnpack quantize --run {run}` again$"):
-        quantize(run, QuantizeConfig(calibration_images=16, max_drop=100, min_agreement=0.5))
-    assert _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"] == before
+    from cnnpack.errors import StageFailed
+    from cnnpack.quantize import command
+
+    stages = _manifest(run)["stages"]
+    for cfg in (QuantizeConfig(calibration_images=16, max_drop=100, min_agreement=0.5),  # holds: a model to record
+                QuantizeConfig(calibration_images=16, max_drop=0, min_agreement=1.0, max_steps=0)):  # misses
+        with pytest.raises(StageFailed, match=re.escape(
+                f"{run / 'export' / 'model.onnx'} changed while quantize ran (exported again?); nothing was recorded: "
+                f"run `{command(Run.open(run), cfg)}` again")):  # the command as given: its gate, not the default
+            quantize(run, cfg)
+        now = _manifest(run)["stages"]
+        assert now["export"]["artifacts"]["onnx_int8"] == before and now["quantize"] == stages["quantize"]
     assert sha256(run / before["path"]) == before["sha256"] and not list((run / "export").glob(".*staged*"))
 
 
