@@ -275,8 +275,10 @@ def _tuned_state(stages: dict, winner: dict, run: Run) -> str:
         return (f"`{winner['model']}`'s config.pbtxt no longer holds it (undone, or laid out again by `cnnpack triton`);"
                 f" `cnnpack tune --run {shell(run.path)}` measures and writes it again.")
     if (v := t.get("verdict") or {}).get("as_good"):
+        beat = (f"p99 {v['p99_gain']:.2f}x lower" if v.get("objective") == "latency" and v.get("p99_gain")
+                else f"{v['gain']:.2f}x the images/s")  # the figure it was chosen on
         why = ("the measurements were unsteady" if v.get("unsteady") else
-               f"the winner beat it by {v['gain']:.2f}x, within the noise ({100 * v['noise']:.0f} %)")
+               f"the winner's gain over it, {beat}, is within the noise ({100 * v['noise']:.0f} %)")
         said = f"No config.pbtxt was changed: `{winner['model']}`'s own config.pbtxt was kept ({why})."
         today = v.get("vs_served_default")
         if today and today["model"] != winner["model"] and v.get("default_throughput_ips"):

@@ -248,8 +248,9 @@ def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repositor
     t0, names = time.monotonic(), {f.name for f in fields(Setting)}
     info["settle"] = {"points": [default["label"], winner["label"]]}
     for p in (default, winner):
-        say(f"measuring {p['label']} at concurrency {p['concurrency']} again: its windows did not agree "
-            f"({', '.join(f'{w:,.0f}' for w in p['window_throughput_ips'])} images/s)")
+        windows = ", ".join(f"{w:,.0f}" for w in p.get("window_throughput_ips") or [])  # (none from perf_analyzer)
+        say(f"measuring {p['label']} at concurrency {p['concurrency']} again: its windows did not agree"
+            + (f" ({windows} images/s)" if windows else ""))
         s = Setting(**{k: v for k, v in p.items() if k in names})  # a default: its config.pbtxt, whatever it holds
         try:
             again = measure_point(run, server, s, p["concurrency"], cfg, repository)

@@ -73,7 +73,9 @@ def describe(section: dict) -> str:
         line += (f"; {len(errors)} of {sweep.get('planned', '?')} planned points could not be measured (the first: "
                  f"{errors[0]}; all in tune.json)")
     if v.get("as_good") and v.get("unsteady"):  # the noise is the machine's: nothing says the default is as good
-        again = " even measured twice" if (section.get("sweep") or {}).get("settle", {}).get("points") else ""
+        settle = (section.get("sweep") or {}).get("settle") or {}
+        twice = "error" not in settle and set(v["unsteady"]) <= set(settle.get("points") or [])
+        again = " even measured twice" if twice else ""
         line += (f"; unsteady{again} ({', '.join(v['unsteady'])}: its windows of load did not agree, the machine "
                  "being busy), so no figure tells the two apart: the default config was kept; tune again on a quieter "
                  "machine or with a longer --max-seconds")

@@ -385,8 +385,11 @@ def test_the_verdict_keeps_a_default_only_where_it_could_have_won_and_undo_survi
     from cnnpack.report_serving import tune_section
 
     said = tune_section(run.read(), run)[-1].text  # this tune wrote nothing: not "its config.pbtxt holds it"
-    assert said == ("No config.pbtxt was changed: `cnn_onnx`'s own config.pbtxt was kept (the winner beat it by "
-                    "1.01x, within the noise (5 %)).")
+    assert said == ("No config.pbtxt was changed: `cnn_onnx`'s own config.pbtxt was kept (the winner's gain over it, "
+                    "1.01x the images/s, is within the noise (5 %)).")
+    latency = {**run.read(), "stages": {**run.read()["stages"], "tune": {**kept, "verdict": {
+        **kept["verdict"], "objective": "latency", "gain": 0.8, "p99_gain": 1.03}}}}
+    assert "(the winner's gain over it, p99 1.03x lower, is within the noise (5 %))" in tune_section(latency, run)[-1].text
     assert set(kept["tuned"]) == {str(config), str(other)}
     texts = {f: f.read_text() for f in (config, other)}
     for f in texts:  # both edited by hand since: undo would overwrite someone's work, and says why it does not
@@ -589,11 +592,14 @@ def test_the_verdict_line_gives_the_figure_the_winner_was_chosen_on_and_says_whe
     line = describe({**section, "winner": own, "verdict": {**verdict, "p99_gain": 1.0}, "sweep": {}})
     assert "; it is its model's own config.pbtxt (no config to write)" in line and "lower than" not in line
     shaky = describe({**section, "verdict": {**verdict, "as_good": True, "unsteady": ["cnn_onnx (its config.pbtxt)"]},
-                      "sweep": {"settle": {"points": ["a", "b"]}}})
+                      "sweep": {"settle": {"points": ["cnn_onnx (its config.pbtxt)", "b"]}}})
     assert shaky.endswith("; unsteady even measured twice (cnn_onnx (its config.pbtxt): its windows of load did not "
                           "agree, the machine being busy), so no figure tells the two apart: the default config was "
                           "kept; tune again on a quieter machine or with a longer --max-seconds")
     assert "within the noise" not in shaky
+    failed = describe({**section, "verdict": {**verdict, "as_good": True, "unsteady": ["a"]},
+                       "sweep": {"settle": {"points": ["a", "b"], "error": "a: the server died"}}})
+    assert "; unsteady (a: its windows" in failed  # measured once: not "even measured twice"
 
 
 def test_instances_or_threads_past_the_cores_are_said_to_be_left_out(monkeypatch):
