@@ -73,6 +73,14 @@ def _where() -> str:
     return f"{zlib.crc32(f'{boot}:{space}'.encode()):08x}"
 
 
+def tagged_here(name: str, prefix: str) -> bool:
+    """Whether `name` carries an owner tag of this boot and pid namespace (whose pid `owner_gone` can judge)."""
+    import re
+
+    m = re.match(rf"{re.escape(prefix)}([0-9a-f]{{8}})_(\d+)_", name)
+    return m is not None and m.group(1) == _where()
+
+
 def owner_gone(name: str, prefix: str) -> bool:
     """Whether `name` (`<prefix><owner_tag>...`) is of a process of this host that is gone (SIGKILL, out of memory).
     A live one's is not, nor another host's or pid namespace's (its pid says nothing here), nor a name without a

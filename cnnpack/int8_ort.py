@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.atomic import owner_gone, owner_tag, staged_beside
+from cnnpack.atomic import owner_gone, owner_tag, staged_beside, tagged_here
 from cnnpack.errors import MissingStageError, UserInputError, shell
 from cnnpack.int8_gate import (
     CALIBRATION_BATCH,
@@ -277,7 +277,8 @@ WORK_PREFIX = ".quantize-"
 def _work_dir(export: Path):
     """quantize's scratch folder in `export/` (the attempts, several copies of the model), named with its owner
     (`atomic.owner_tag`): the folders of killed quantizes (SIGKILL, out of memory) are removed first; a live one's
-    stays, and so does another host's (a shared folder), which its own next quantize removes."""
+    stays. One whose owner cannot be judged here (another host's on a shared folder, one from before a reboot, an
+    older cnnpack's without the tag) goes when it is a day old."""
     _remove_orphans(export)
     with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{owner_tag()}", dir=export) as tmp:
         yield tmp
@@ -287,8 +288,10 @@ def _remove_orphans(export: Path) -> None:
     import shutil
 
     for folder in export.glob(f"{WORK_PREFIX}*"):
-        if owner_gone(folder.name, WORK_PREFIX):
-            shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            if owner_gone(folder.name, WORK_PREFIX) or (not tagged_here(folder.name, WORK_PREFIX)
+                                                        and time.time() - folder.stat().st_mtime > 86400):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

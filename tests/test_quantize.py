@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -265,9 +266,13 @@ def test_a_killed_quantize_s_scratch_folder_goes_and_an_unwritable_reproduce_sh_
 
     here = owner_tag().split("_")[0]
     names = {"dead": f"{here}_{dead.pid}_x", "live": f"{here}_{os.getpid()}_x",
-             "elsewhere": f"{int(here, 16) ^ 1:08x}_{dead.pid}_x"}  # another host's pid says nothing here
-    for name in names.values():
+             "elsewhere": f"{int(here, 16) ^ 1:08x}_{dead.pid}_x",  # another host's pid says nothing here
+             "old-untagged": "abc", "old-elsewhere": f"{int(here, 16) ^ 1:08x}_{dead.pid}_y",  # a day old: gone
+             "old-live": f"{here}_{os.getpid()}_y"}  # a live one's stays, however old
+    for key, name in names.items():
         (run / "export" / f".quantize-{name}").mkdir()
+        if key.startswith("old-"):
+            os.utime(run / "export" / f".quantize-{name}", (time.time() - 90_000, time.time() - 90_000))
     (run / "export/reproduce.sh").unlink()
     (run / "export/reproduce.sh").mkdir()
     section = quantize(run, QuantizeConfig(calibration_images=16, max_drop=100, min_agreement=0.5, seed=9))
@@ -275,7 +280,7 @@ def test_a_killed_quantize_s_scratch_folder_goes_and_an_unwritable_reproduce_sh_
         sha256(run / "export/model.int8.onnx")
     assert "export/reproduce.sh was not updated (what is written and recorded stands" in caplog.text
     assert sorted(p.name for p in (run / "export").glob(".quantize-*")) == \
-        sorted(f".quantize-{names[k]}" for k in ("live", "elsewhere"))  # and this one's own went when it was done
+        sorted(f".quantize-{names[k]}" for k in ("live", "elsewhere", "old-live"))  # and its own went when done
 
 
 def test_an_onnx_exported_again_while_quantize_reads_it_is_refused_and_nothing_recorded(quantized, tmp_path,
