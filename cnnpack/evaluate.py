@@ -9,7 +9,7 @@ import numpy as np
 
 from cnnpack.atomic import atomic_write_json
 from cnnpack.errors import UserInputError, shell
-from cnnpack.rundir import Run, artifact_digest, now, sha256
+from cnnpack.rundir import Run, now
 
 
 @dataclass
@@ -126,8 +126,8 @@ def evaluate(run_dir: str | Path, *, fmt: str = "checkpoint", data: str | None =
               "per_class_acc": [round(float(c) / n, 4) if n else None for c, n in zip(np.diag(cm), seen)],  # None: no image
               "skipped_files": len(s.skipped), "skipped_examples": s.skipped[:5], "output": str(out),
               # what was scored: a file exported again since makes this result another model's (nothing else says so)
-              "artifact": ({"path": record["path"], "sha256": artifact_digest(record)} if record else
-                           {"path": "checkpoint.pt", "sha256": sha256(run.file("checkpoint.pt"))}),
+              "artifact": runtime.info.get("artifact") or {"path": "checkpoint.pt",
+                                                            "sha256": runtime.info.get("checkpoint_sha256")},
               "evaluated": now()}
     atomic_write_json(out, result)
     return result

@@ -17,7 +17,7 @@ import numpy as np
 from cnnpack.artifacts import ArtifactRef, artifact_ref
 from cnnpack.errors import RuntimeUnavailable, StageFailed, UserInputError, shell
 from cnnpack.registry import Registry
-from cnnpack.rundir import Run
+from cnnpack.rundir import Run, artifact_digest
 
 
 class Loaded(Protocol):
@@ -367,13 +367,17 @@ def runtime_for_format(run: Run, fmt: str, device: str = "auto") -> Loaded:
     if name not in RUNTIMES:
         raise RuntimeUnavailable(f"runtime {name} for {fmt} is not available in this build")
     ref = artifact_ref(run, fmt)
+    loaded = None
     if fmt in CUDA_RUNTIME and device != "cpu":
         try:
-            return raw_pixel_input(RUNTIMES.get(CUDA_RUNTIME[fmt]).load(ref, device), ref)
+            loaded = raw_pixel_input(RUNTIMES.get(CUDA_RUNTIME[fmt]).load(ref, device), ref)
         except RuntimeUnavailable as e:
             if device == "cuda":
                 raise RuntimeUnavailable(f"--device cuda: {e}; use --device cpu") from None
-    return raw_pixel_input(RUNTIMES.get(name).load(ref, device), ref)
+    loaded = loaded or raw_pixel_input(RUNTIMES.get(name).load(ref, device), ref)
+    if ref.record:  # what was loaded, as the manifest said it then (one exported again later is another)
+        loaded.info["artifact"] = {"path": ref.record["path"], "sha256": artifact_digest(ref.record)}
+    return loaded
 
 
 def load_runtime(run: Run, name: str, device: str = "cpu", **options) -> Loaded:
