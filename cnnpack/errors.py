@@ -40,6 +40,11 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
+def first_few(names: list[str], n: int = 5) -> str:
+    """`a, b, c and 4 more`: a list in a one-line message, however long it is."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def reraise_interrupt(e: BaseException) -> None:
     """Raises KeyboardInterrupt where one is in `e`'s chain (its causes and contexts): a Ctrl-C that landed inside a
     library's lazy import came out as that import's AttributeError ("module 'torch._dynamo' has no attribute 'exc'"),

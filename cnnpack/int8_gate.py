@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from cnnpack.contracts import drop_within
-from cnnpack.errors import ParityError, UserInputError
+from cnnpack.errors import ParityError, UserInputError, first_few
 from cnnpack.registry import Registry
 from cnnpack.rundir import Run
 
@@ -96,13 +96,10 @@ class QuantData:
 def _other_classes(source: str, have: list[str], want: list[str]) -> UserInputError:
     """--data whose classes are not the model's, said by what differs, a few names each (a folder of 400 folders
     was listed whole on the one line)."""
-    def few(names: list[str]) -> str:
-        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
     missing, extra = [c for c in want if c not in have], [c for c in have if c not in want]
-    said = [f"lacks the model's {few(missing)}"] if missing else []
-    said += [f"has {few(extra)}, which the model does not classify"] if extra else []
-    said = said or [f"has the model's classes in another order ({few(have)})"]
+    said = [f"lacks the model's {first_few(missing)}"] if missing else []
+    said += [f"has {first_few(extra)}, which the model does not classify"] if extra else []
+    said = said or [f"has the model's classes in another order ({first_few(have)})"]
     return UserInputError(f"--data {source} {' and '.join(said)}; calibrate on the data the model classifies")
 
 

@@ -323,14 +323,13 @@ class Stages:
     def served_rows_kept(self, run: Run, section: dict) -> bool:
         """The served rows are still in verify and bench (a rerun of verify drops them; bench keeps them), and each
         model's latest version is still the one served (Triton serves the latest: one laid out since is served anew)."""
-        from cnnpack.triton_publish import versions
+        from cnnpack.served import layout_changed
 
         formats = set(stage_section(run, "verify").get("formats", {}))
         rows = {r.get("format") for r in stage_section(run, "bench").get("results", [])}
-        root = Path(section.get("repository", ""))
-        served = all(str(max(versions(root / m), default=0)) == str(v) for m, v in section.get("versions", {}).items())
-        here = Path(stage_section(run, "triton").get("repository", "")).resolve() == root.resolve()  # not another --repository
-        return served and here and set(section.get("parity", {})) <= formats and any(f and f.startswith("triton:") for f in rows)
+        # (the repository named in the record: an older one without it is laid out anew)
+        current = bool(section.get("repository")) and not layout_changed(run.read()["stages"])
+        return current and set(section.get("parity", {})) <= formats and any(f and f.startswith("triton:") for f in rows)
 
     def served_output(self, run: Run) -> str:
         return str(run.file("served/server.log"))

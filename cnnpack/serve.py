@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cnnpack.atomic import owner_gone, owner_tag
-from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error
+from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error, first_few
 from cnnpack.ports import Ports, bind_address, url_host
 from cnnpack.rundir import MANIFEST
 from cnnpack.serve_config import ModelInfo, ServeConfig, resolve_ports, server_args
@@ -187,7 +187,7 @@ class TritonServer:
         # Triton polls every folder and reports one it cannot read only in its log, then waits as if loading
         strays = stray_folders(repo)
         if strays:
-            shown = ", ".join(strays[:4]) + (f" and {len(strays) - 4} more" if len(strays) > 4 else "")
+            shown = first_few(strays, 4)
             hint = _run_dir_hint(repo) or "pass the folder `cnnpack triton` wrote (--repository), or move these out"
             raise UserInputError(f"{repo} is not a Triton model repository: {shown} {'holds' if len(strays) == 1 else 'hold'} "
                                  f"no config.pbtxt and no version folder; {hint}")

@@ -24,6 +24,24 @@ from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.loadclient import check_concurrency
 from cnnpack.rundir import Run, now, sha256
 
+
+def layout_changed(stages: dict) -> str:
+    """Why the served stage's figures are not of the repository as the triton stage laid it out now ("" where they
+    are): `cnnpack triton` since laid it out elsewhere, in other files (--instances 4), or a newer model version. A
+    tune's config since is not a new layout (the triton stage's files stay): deploy scales by its instance count."""
+    from cnnpack.triton_publish import versions
+
+    served, triton = stages.get("served") or {}, stages.get("triton") or {}
+    repo = served.get("repository")
+    if repo and Path(repo).resolve() != Path(triton.get("repository", "")).resolve():
+        return f"the served stage measured {repo}, not the repository shipped"
+    laid = {k: v.get("sha256") for k, v in triton.get("files", {}).items()}
+    newer = [n for n, v in (served.get("versions") or {}).items()
+             if repo and str(max(versions(Path(repo, n)), default=0)) != str(v)]
+    if ("triton_files" in served and served["triton_files"] != laid) or newer:
+        return "`cnnpack triton` laid the repository out again since the served stage measured it"
+    return ""
+
 OUTPUT = "served.json"
 PROTOCOL = "grpc"  # classification and parity through the server
 LOAD_PROTOCOL = "http"  # the load: cnnpack's client costs the server least over HTTP (benchmarks/results/served-loadgen-*)

@@ -25,7 +25,7 @@ from torch import nn
 from cnnpack import data as data_mod
 from cnnpack import plots
 from cnnpack.atomic import atomic_path, sigint_deferred
-from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, file_error, one_line, shell
+from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, file_error, first_few, one_line, shell
 from cnnpack.host import check_device
 from cnnpack.models import build_model, check_input_size, load_weights
 from cnnpack.rundir import LAST, MANIFEST, Run, check_makeable
@@ -312,7 +312,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     unseen = [c for c, n in zip(data.classes, data.summary()["val_per_class"]) if n == 0]
     if unseen and is_main:  # a class of one image keeps it to train (or val/ lacks the class): its accuracy is unknown
         log.warning("warning: no validation image of %s: the validation accuracy leaves %s out; add images",
-                    ", ".join(unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""),
+                    first_few(unseen),
                     "it" if len(unseen) == 1 else "them")
     spec = ModelSpec(arch=cfg.arch, num_classes=len(data.classes), classes=tuple(data.classes),
                      image_size=cfg.image_size)

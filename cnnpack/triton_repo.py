@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 from cnnpack.atomic import atomic_write_bytes, sigint_deferred
-from cnnpack.errors import CnnpackError, UserInputError, shell
+from cnnpack.errors import CnnpackError, UserInputError, first_few, shell
 from cnnpack.rundir import Run, check_makeable, sha256
 from cnnpack.spec import check_class_names
 from cnnpack.triton_config import (  # noqa: F401 - re-exported: `from cnnpack.triton_repo import ...` keeps working
@@ -86,7 +86,7 @@ def repository_root(path: str | Path) -> Path:
                              "(e.g. model_repository)")
     # `cnnpack serve` would refuse it, after the work that laid the models out (a link is left to the name checks)
     if strays := [f for f in stray_folders(root) if not (root / f).is_symlink()]:
-        shown = ", ".join(strays[:3]) + (f" and {len(strays) - 3} more" if len(strays) > 3 else "")
+        shown = first_few(strays, 3)
         raise UserInputError(f"--repository {root} holds {shown}, not model folders (no config.pbtxt, no version "
                              "folder): Triton cannot serve a repository with them in it; lay the models out in a "
                              "folder of their own (e.g. model_repository)")

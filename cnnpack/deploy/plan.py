@@ -275,23 +275,14 @@ def _largest_other(plan: Plan, own: Figure, sized_by: str, configs: dict, run_co
 
 def measured(stages: dict) -> tuple[dict, str]:
     """The served stage's record where it measured the repository deploy ships as it is laid out now ({} otherwise),
-    and why not: a `cnnpack triton` since (--instances 4, another --repository, a new version) serves another thing,
-    whose memory and load time those figures are not (a pod sized by them was OOM-killed). A tune's config since is
-    the triton stage's layout still: memory scales by its instance count."""
-    from cnnpack.triton_publish import versions
+    and why not: its memory and load time are not another layout's (a pod sized by them was OOM-killed)."""
+    from cnnpack.served import layout_changed
 
-    served, triton = stages.get("served") or {}, stages.get("triton") or {}
+    served = stages.get("served") or {}
     if served.get("status") != "ok":
         return {}, "the served stage did not run"
-    repo = served.get("repository")
-    if repo and Path(repo).resolve() != Path(triton.get("repository", "")).resolve():
-        return {}, f"the served stage measured {repo}, not the repository shipped"
-    laid = {k: v.get("sha256") for k, v in triton.get("files", {}).items()}
-    newer = [n for n, v in (served.get("versions") or {}).items()
-             if repo and str(max(versions(Path(repo, n)), default=0)) != str(v)]
-    if ("triton_files" in served and served["triton_files"] != laid) or newer:
-        return {}, "`cnnpack triton` laid the repository out again since the served stage measured it"
-    return served, ""
+    why = layout_changed(stages)
+    return ({}, why) if why else (served, "")
 
 
 def memory(stages: dict, repository: Path, classifiers: list[tuple[str, str]], instances: int) -> Figure:
