@@ -142,16 +142,13 @@ def compile_package(program, dest: Path, *, metadata: dict[str, str], configs: d
             torch._inductor.aoti_compile_and_package(
                 program, package_path=buf,
                 inductor_configs={**(INDUCTOR_CONFIGS if configs is None else configs), "aot_inductor.metadata": metadata})
-    except exc.InvalidCxxCompiler:
-        cxx = find_compiler()  # names what is missing; if it finds one, inductor disagreed with it
-        raise UserInputError(f"--format pt2: AOTInductor found no working C++ compiler (tried {cxx}); {INSTALL}") from None
     except Exception as e:  # noqa: BLE001 - inductor's lowering and the C++ compiler fail in many ways
         reraise_interrupt(e)
         cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, exc.InvalidCxxCompiler):  # inductor wraps it (its backend)
+        while cause is not None and not isinstance(cause, exc.InvalidCxxCompiler):  # raised, or wrapped by inductor
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
-            cxx = find_compiler()
+            cxx = find_compiler()  # names what is missing; if it finds one, inductor disagreed with it
             raise UserInputError(f"--format pt2: AOTInductor found no working C++ compiler (tried {cxx}); "
                                  f"{INSTALL}") from None
         if why := compiler_fails():  # a compiler that runs but writes nothing (CXX=true): inductor's IndexError

@@ -8,6 +8,7 @@ import html
 import re
 from dataclasses import dataclass
 
+from cnnpack.errors import ratio
 from cnnpack.rundir import Run
 
 
@@ -81,6 +82,5 @@ def num(x, fmt: str = "{:.3g}") -> str:
 
 
 def times(x) -> str:
-    """A ratio: two decimals (1.73×), two significant figures below 0.1 (0.0048×: a TorchScript at a 200th of the
-    fastest runtime read 0.00×); a dash when not recorded."""
-    return "–" if x is None else f"{x:.2f}×" if x >= 0.1 or x == 0 else f"{x:.2g}×"
+    """A ratio (`errors.ratio`, 1.73× or 0.0048×), or a dash when not recorded."""
+    return "–" if x is None else ratio(x, "×")

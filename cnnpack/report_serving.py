@@ -188,12 +188,15 @@ def _points_table(t: dict) -> list[Block]:
     shown = [p for i, p in enumerate(ranked) if i < 10 or key(p) in compared]
     rows = [["config", "precision", "concurrency", "images/s", "p50 ms", "p99 ms", "within budget", "steady",
              "mean batch"]]
+    from cnnpack.tune_outputs import within_budget
+
     for p in shown:
-        over = p["latency_ms_p99"] > budget
+        fits = ("yes" if within_budget(p, budget) else "**no**" if p["latency_ms_p99"] > budget
+                else "no (bf16 computed in f32)")
         rows.append([("★ " if w and key(p) == key(w) else "") + p["label"], p.get("precision", "fp32"),
                      str(p["concurrency"]), num(p["throughput_ips"], "{:,.0f}"), num(p["latency_ms_p50"], "{:.2f}"),
                      num(p["latency_ms_p99"], "{:.2f}"),
-                     "**no**" if over else "no (bf16 computed in f32)" if "computed" in p else "yes",
+                     fits,
                      "–" if "stable" not in p else "yes" if p["stable"] else "**no**",
                      num(p.get("server_batch_mean"), "{:.2f}")])
     more = len(ranked) - len(shown)

@@ -41,7 +41,7 @@ from cnnpack.triton_config import served_budget, served_winner, tuned_in_place
 from cnnpack.triton_publish import PREVIOUS
 from cnnpack.tune_grid import Setting, TuneConfig, estimate_s, grid, model_config_json, native_bf16, past_the_cores
 from cnnpack.tune_handover import config_of, undoable, write_winner
-from cnnpack.tune_outputs import pareto, plot
+from cnnpack.tune_outputs import pareto, plot, within_budget
 
 OUTPUT, PLOT = "tune.json", "tune.png"
 log = logging.getLogger("cnnpack")
@@ -103,17 +103,12 @@ def check_served(run: Run, url: str, s: Setting, cfg: TuneConfig) -> None:
 # -- the choice ---------------------------------------------------------------------------------------------
 def choose(points: list[dict], cfg: TuneConfig) -> dict | None:
     """The best point within the budget; never a bf16 config this CPU computed in f32 (its bf16 was not measured)."""
-    ok = [p for p in points if within_budget(p, cfg)]
+    ok = [p for p in points if within_budget(p, cfg.latency_budget_ms)]
     if not ok:
         return None
     if cfg.objective == "latency":
         return min(ok, key=lambda p: (p["latency_ms_p99"], -p["throughput_ips"]))
     return max(ok, key=lambda p: (p["throughput_ips"], -p["latency_ms_p99"]))
-
-
-def within_budget(p: dict, cfg: TuneConfig) -> bool:
-    """A point that may win: its p99 within the budget, and its precision measured (not bf16 computed in f32)."""
-    return p["latency_ms_p99"] <= cfg.latency_budget_ms and "computed" not in p
 
 
 def verdict(winner: dict, points: list[dict], served: str | None, cfg: TuneConfig) -> dict:
@@ -140,7 +135,7 @@ def verdict(winner: dict, points: list[dict], served: str | None, cfg: TuneConfi
     unsteady = list(dict.fromkeys(p["label"] for p in (default, winner) if not p.get("stable", True)))
     return {**out, "default": default["label"], "default_throughput_ips": default["throughput_ips"], "gain": gain,
             "p99_gain": p99_gain, "objective": cfg.objective, "noise": noise, "unsteady": unsteady,
-            "as_good": not winner["default"] and within_budget(default, cfg) and better <= noise}
+            "as_good": not winner["default"] and within_budget(default, cfg.latency_budget_ms) and better <= noise}
 
 
 # -- the stage ----------------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ from pathlib import Path
 from cnnpack.triton_publish import PREVIOUS
 
 
+def within_budget(p: dict, budget_ms: float) -> bool:
+    """A point that may win: its p99 within the budget, and its precision measured (not bf16 computed in f32)."""
+    return p["latency_ms_p99"] <= budget_ms and "computed" not in p
+
+
 def pareto(points: list[dict]) -> list[dict]:
     """The points no other point beats on both images/s and p99 (sorted by p99)."""
     front, best = [], -1.0

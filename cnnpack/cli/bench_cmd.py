@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from cnnpack.cli.common import app, emit, handles_errors, int_list, name_list, served_options, usage_error
+from cnnpack.errors import ratio
 
 
 @app.command()
@@ -124,7 +125,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def _x(v) -> str:
-    return "-" if v is None else f"{v:.2f}x"
+    return "-" if v is None else ratio(v)
 
 
 def _print_table(section: dict) -> None:

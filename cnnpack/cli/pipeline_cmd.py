@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from cnnpack.cli.common import app, emit, handles_errors, int_list, name_list
-from cnnpack.errors import shell
+from cnnpack.errors import ratio, shell
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -105,7 +105,7 @@ def print_summary(s: dict) -> None:
 
         t.add_row("parity", parity_line(s.get("parity", [])))
     for row in s.get("precision", []):
-        fast = f"{row['speedup_vs_fp32']:.2f}x fp32 ONNX Runtime" if row.get("speedup_vs_fp32") else "-"
+        fast = f"{ratio(row['speedup_vs_fp32'])} fp32 ONNX Runtime" if row.get("speedup_vs_fp32") else "-"
         top1 = f"{100 * row['top1']:.2f}%" if row.get("top1") is not None else "-"
         drop = f" (drop {row['drop_pt']:+.2f} pt)" if row.get("drop_pt") is not None else ""
         size = f" {row['size_mb']:.2f} MB" if row.get("size_mb") else ""
@@ -115,7 +115,7 @@ def print_summary(s: dict) -> None:
     b = s["best_runtime"]
     if b:
         name = b["runtime"] + ("" if b.get("precision", "fp32") == "fp32" else f" {b['precision']}")
-        t.add_row("fastest", f"{name} at batch {b['batch_size']}: {b['speedup_vs_eager']:.2f}x eager, "
+        t.add_row("fastest", f"{name} at batch {b['batch_size']}: {ratio(b['speedup_vs_eager'])} eager, "
                              f"{b['latency_ms_p50']:.2f} ms p50, {b['throughput_ips']:,.0f} images/s")
     if s["repository"]:
         t.add_row("triton", f"{s['repository']} ({', '.join(s['models'])})")
