@@ -167,7 +167,8 @@ class Stages:
                 "data": data_identity(self.cfg.data)}
 
     def run_train(self, run: Run) -> str:
-        from cnnpack.train import as_recorded, train
+        from cnnpack.train import train
+        from cnnpack.train_resume import as_recorded
 
         cfg, last = self.cfg.train_config(), stage_section(run, "train")
         # an interrupted training with these options continues from its last finished epoch

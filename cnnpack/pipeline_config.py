@@ -127,7 +127,7 @@ class PipelineConfig:
 
     # the stage configs, built lazily (their modules import torch)
     def train_config(self):
-        from cnnpack.train import TrainConfig
+        from cnnpack.train_config import TrainConfig
 
         return TrainConfig(data=self.data, arch=self.arch, image_size=self.image_size, epochs=self.epochs,
                            batch_size=self.batch_size, seed=self.seed, device=self.device, data_root=self.data_root)

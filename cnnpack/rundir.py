@@ -19,7 +19,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cnnpack import __version__
-from cnnpack.atomic import atomic_write_json, place, remove_path, sigint_deferred, staged_beside
+from cnnpack.atomic import (  # noqa: F401 - the writes are importable from here too, where they were before
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    place,
+    remove_path,
+    sigint_deferred,
+    staged_beside,
+    swap_dir,
+)
 from cnnpack.errors import MissingStageError, RunReplaced, UserInputError, shell
 from cnnpack.manifest_shape import manifest_problem
 

@@ -1,14 +1,13 @@
 """`cnnpack train`'s options as one record (what a run's manifest keeps, and what `--resume` continues), checked
-before any data is read."""
+before any data is read. Importing it imports no torch: the checks that need the data and model modules import
+them when they run."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnpack import data as data_mod
 from cnnpack.errors import UserInputError
 from cnnpack.host import check_device
-from cnnpack.models import check_arch
 
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators, with seed x 100,003 + epoch within torch's int64
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-2}  # per optimizer, where --lr is not given
@@ -55,6 +54,9 @@ class TrainConfig:
             raise UserInputError(f"--optimizer {self.optimizer!r}; valid: adamw, sgd")
         if not 0 < self.val_fraction < 1:
             raise UserInputError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        from cnnpack import data as data_mod
+        from cnnpack.models import check_arch
+
         check_device(self.device)
         check_arch(self.arch)
         data_mod.check_data(self.data, self.image_size)  # an empty --data was the current folder

@@ -131,6 +131,7 @@ def evaluate(
 
 def _print_eval(result: dict) -> None:
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     from cnnpack.errors import count
@@ -149,7 +150,8 @@ def _print_eval(result: dict) -> None:
         t.add_row(c, *[str(v) for v in row])
     # the confusion matrix where it fits the terminal; per class otherwise (a thousand classes, a narrow window): its
     # columns squeezed to a letter or two said nothing, and the matrix is in the written file
-    if t.__rich_measure__(console, console.options).maximum > console.width or len(classes) > 30:
+    wide = Measurement.get(console, console.options.update_width(1 << 16), t).maximum  # (unclamped to the window)
+    if wide > console.width or len(classes) > 30:
         typer.echo("per class (the confusion matrix is in the file written):")
         t = Table()
         for name in ("class", "images", "top-1"):
