@@ -24,6 +24,8 @@ from cnnpack.atomic import (  # noqa: F401 - the writes are importable from here
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    owner_gone,
+    owner_tag,
     place,
     remove_path,
     sigint_deferred,
@@ -93,6 +95,24 @@ def check_makeable(path: str | Path, flag: str = "--run") -> None:
         raise UserInputError(f"{flag} {path}: {above} is a file, not a folder; choose another {flag}")
 
 
+def _recover_set_aside(folder: Path) -> None:
+    """What a commit killed mid-way (SIGKILL) left set aside in `folder` (`.<name>.old-<owner>`, its owner gone): put
+    back where `<name>` is missing (killed between its two renames: the file was hidden, its record still naming
+    it), removed where a file stands there again."""
+    import re
+
+    with contextlib.suppress(OSError):
+        for old in folder.glob(".*.old-*"):
+            if not (m := re.fullmatch(r"\.(.+)\.old-(.+)", old.name)) or not owner_gone(old.name, f".{m.group(1)}.old-"):
+                continue
+            dest = folder / m.group(1)
+            with contextlib.suppress(OSError):
+                if dest.exists() or dest.is_symlink():
+                    remove_path(old)
+                else:
+                    os.replace(old, dest)
+
+
 def identity(manifest: dict) -> tuple:
     """Which run a manifest is: `train --force` writes a new one in the same folder (`created`, and `run_id` where
     the manifest has one: older ones do not)."""
@@ -131,6 +151,8 @@ class Run:
                 f"{run.path} is not a cnnpack run (no {MANIFEST}); create one with `cnnpack train`"
             )
         run.opened_as = identity(run.read())  # fail early on a corrupt manifest
+        for folder in (run.path, run.path / "export"):  # where a commit killed between its renames hid a file
+            _recover_set_aside(folder)
         return run
 
     @classmethod
@@ -287,7 +309,7 @@ class Run:
                 for staged, dest in moves:
                     old = None
                     if dest.exists():
-                        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+                        old = dest.with_name(f".{dest.name}.old-{owner_tag()}")
                         os.replace(dest, old)
                     done.append((old, dest))
                     if staged.is_file():

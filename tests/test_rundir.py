@@ -57,6 +57,31 @@ def test_what_a_killed_process_staged_is_removed_by_the_next_write_beside_it(tmp
     staged_beside(tmp_path / "model.onnx").unlink()
 
 
+def test_a_file_a_killed_commit_set_aside_is_put_back_when_the_run_is_opened(tmp_path):
+    """SIGKILL between a commit's two renames left model.onnx hidden as .model.onnx.old-<pid>, its record naming a
+    file that was gone for good."""
+    import subprocess
+    import sys
+
+    from cnnpack.atomic import owner_tag
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = owner_tag().split("_")[0]
+    export = run.path / "export"
+    export.mkdir()
+    (export / f".model.onnx.old-{here}_{dead.pid}_").write_bytes(b"the model")  # hidden, nothing in its place
+    (export / "model.pt").write_bytes(b"the new one")  # a file in place again: the one set aside goes
+    (export / f".model.pt.old-{here}_{dead.pid}_").write_bytes(b"the old one")
+    (export / f".report.md.old-{here}_{os.getpid()}_").write_bytes(b"a live commit's")  # its owner is at work
+    Run.open(run.path)
+    live = f".report.md.old-{here}_{os.getpid()}_"
+    assert sorted(p.name for p in export.iterdir()) == sorted(["model.onnx", "model.pt", live])
+    assert (export / "model.onnx").read_bytes() == b"the model" and (export / "model.pt").read_bytes() == b"the new one"
+
+
 _ART = {"path": "export/model.onnx", "sha256": "0" * 64, "max_batch_size": 64,
         "input": {"name": "input", "dtype": "float32", "shape": [-1, 3, 32, 32]},
         "output": {"name": "logits", "dtype": "float32", "shape": [-1, 2]}}
