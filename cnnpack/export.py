@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnpack import export_onnx  # noqa: F401 - registers the onnx exporter (before torchscript: the formats' order)
 from cnnpack.atomic import scratch_beside, staged_beside
 from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInputError, reraise_interrupt, shell
 from cnnpack.export_config import (
@@ -39,8 +40,7 @@ from cnnpack.export_config import (
     io_spec,
     metadata,
 )
-from cnnpack.export_onnx import quiet_native_output  # (registers the onnx exporter)
-from cnnpack.host import exact_fp32
+from cnnpack.host import exact_fp32, quiet_native_output
 from cnnpack.models import RawPixels, build_model, check_arch, check_input_size, load_state_dict_file, load_weights
 from cnnpack.reproduce import write_reproduce_or_warn
 from cnnpack.rundir import MANIFEST, Run, sha256

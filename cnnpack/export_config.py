@@ -14,7 +14,7 @@ from cnnpack.host import check_device
 from cnnpack.registry import Registry
 from cnnpack.spec import ModelSpec
 
-EXPORTERS: Registry = Registry("format")
+EXPORTERS: Registry = Registry("format", filled_by="cnnpack.export")  # the exporters register there
 ONNX_NAMES = ("input", "logits")
 TORCHSCRIPT_NAMES = ("INPUT__0", "OUTPUT__0")  # what Triton's libtorch backend expects
 TORCHSCRIPT_DEPRECATED = ("TorchScript (torch.jit) is deprecated upstream in favour of torch.export; kept for "

@@ -3,8 +3,6 @@ shape inference) and its errors said in one line."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 import warnings
 from pathlib import Path
@@ -15,42 +13,8 @@ from torch import nn
 from cnnpack import __version__
 from cnnpack.errors import StageFailed, UserInputError, reraise_interrupt
 from cnnpack.export_config import EXPORTERS, ONNX_NAMES, Artifact, ExportConfig, example_input, io_spec, metadata
+from cnnpack.host import quiet_native_output
 from cnnpack.spec import ModelSpec
-
-
-@contextlib.contextmanager
-def quiet_native_output():
-    """Silences what torch's C++ side prints (the legacy exporter dumps whole graphs on failure).
-
-    A crash within (a segfault in a native library) still says where, on the real stderr: faulthandler writes there
-    meanwhile. Without it, a pt2 export that crashed in AOTInductor ended with exit 139 and not a word."""
-    import faulthandler
-    import sys
-    import tempfile
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    was_enabled = faulthandler.is_enabled()
-    saved = os.dup(1), os.dup(2)
-    try:
-        with tempfile.TemporaryFile() as sink, os.fdopen(os.dup(saved[1]), "w") as real_stderr:
-            faulthandler.enable(file=real_stderr)
-            try:
-                os.dup2(sink.fileno(), 1)
-                os.dup2(sink.fileno(), 2)
-                yield
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-                faulthandler.disable()
-                if was_enabled:  # back on, on the real stderr (the file it had before is not known)
-                    with contextlib.suppress(Exception):
-                        faulthandler.enable(file=sys.__stderr__)
-    finally:
-        os.close(saved[0])
-        os.close(saved[1])
 
 
 def _onnx_export(model: nn.Module, x: torch.Tensor, dest: Path, cfg: ExportConfig) -> None:

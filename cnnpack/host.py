@@ -148,6 +148,41 @@ def start_header_build() -> threading.Thread:
     return thread
 
 
+@contextlib.contextmanager
+def quiet_native_output():
+    """Silences what torch's C++ side prints (the legacy exporter dumps whole graphs on failure).
+
+    A crash within (a segfault in a native library) still says where, on the real stderr: faulthandler writes there
+    meanwhile. Without it, a pt2 export that crashed in AOTInductor ended with exit 139 and not a word."""
+    import faulthandler
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    was_enabled = faulthandler.is_enabled()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink, os.fdopen(os.dup(saved[1]), "w") as real_stderr:
+            faulthandler.enable(file=real_stderr)
+            try:
+                os.dup2(sink.fileno(), 1)
+                os.dup2(sink.fileno(), 2)
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                faulthandler.disable()
+                if was_enabled:  # back on, on the real stderr (the file it had before is not known)
+                    with contextlib.suppress(Exception):
+                        faulthandler.enable(file=sys.__stderr__)
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
+
+
 def status_kb(key: str) -> int | None:
     try:
         m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)

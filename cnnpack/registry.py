@@ -13,9 +13,18 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps names to registered objects (models, exporters, runtimes)."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    def __init__(self, kind: str, filled_by: str | None = None) -> None:
+        """`filled_by`: the module whose import registers the entries (a plug-in's), imported on the first lookup:
+        a registry defined apart from its entries is then never read empty."""
+        self.kind, self.filled_by = kind, filled_by
         self._items: dict[str, T] = {}
+
+    def _fill(self) -> None:
+        if self.filled_by:
+            import importlib
+
+            filled_by, self.filled_by = self.filled_by, None
+            importlib.import_module(filled_by)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: `@REG.register("onnx")` adds the decorated object under `name`."""
@@ -30,6 +39,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Returns the object registered as `name`, or raises listing the valid names."""
+        self._fill()
         try:
             return self._items[name]
         except KeyError:
@@ -38,10 +48,13 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        self._fill()
         return list(self._items)
 
     def __contains__(self, name: object) -> bool:
+        self._fill()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
+        self._fill()
         return iter(self._items)

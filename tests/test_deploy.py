@@ -376,8 +376,7 @@ def test_written_yaml_has_no_anchors_and_the_hpa_metric_counts_each_request_once
     assert "model=~" not in queue and requests.count(',model=~"cnn_onnx"}') == 1  # the classifier, by name
     # a rule and a metric of the deployment's own (the adapter's rules are the cluster's): its pods, not another's
     name = json.loads((deployed["image"] / "cnnpack-deploy.json").read_text())["name"]
-    pods = re.search(r'pod=~"([^"]+)"', rule["seriesQuery"]).group(1)
-    assert re.fullmatch(pods, f"{name}-7d9c8b5f6c-x2x7q") and not re.fullmatch(pods, f"{name}-int8-7d9c8b5f6c-x2x7q")
+    assert 'pod!=""' in rule["seriesQuery"] and "pod=~" not in rule["seriesQuery"]  # any pod name: the HPA names its own
     hpa = _yaml(deployed["image"] / "kubernetes" / "base" / "hpa.yaml")
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == rule["name"]["as"] == \
         f"triton_queue_us_per_request_{name.replace('-', '_')}"

@@ -309,3 +309,12 @@ def test_cli_export_and_errors(tiny_run, tmp_path):
         assert bad.returncode == 2, (args, bad.stderr)
         lines = bad.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], bad.stderr
+
+
+def test_the_formats_are_known_to_export_config_imported_alone():
+    """The exporters register in cnnpack.export: `ExportConfig().validate()` with export_config alone imported said
+    "unknown format 'onnx'; valid: " (the registry was read empty)."""
+    code = ("from cnnpack.export_config import EXPORTERS, ExportConfig; ExportConfig().validate(); "
+            "print(','.join(EXPORTERS.names()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "onnx,torchscript,pt2,openvino", out.stderr

@@ -301,18 +301,29 @@ def test_an_onnx_exported_again_while_quantize_reads_it_is_refused_and_nothing_r
         return data
 
     monkeypatch.setattr(int8_gate.Clock, "read", exported_meanwhile)
+    import dataclasses
+
+    from cnnpack import int8_ort
     from cnnpack.errors import StageFailed
     from cnnpack.quantize import command
 
     stages = _manifest(run)["stages"]
-    for cfg in (QuantizeConfig(calibration_images=16, max_drop=100, min_agreement=0.5),  # holds: a model to record
-                QuantizeConfig(calibration_images=16, max_drop=0, min_agreement=1.0, max_steps=0)):  # misses
-        with pytest.raises(StageFailed, match=re.escape(
+    cfg = QuantizeConfig(calibration_images=16, max_drop=100, min_agreement=0.5)
+    gate = int8_ort.run_gate
+    for miss in (False, True):  # the gate held (a model to record), or missed (its figures to record)
+        if miss:
+            monkeypatch.setattr(int8_ort, "run_gate", lambda *a, **k: dataclasses.replace(gate(*a, **k), passed=None))
+        with pytest.raises(StageFailed, match="^" + re.escape(
                 f"{run / 'export' / 'model.onnx'} changed while quantize ran (exported again?); nothing was recorded: "
-                f"run `{command(Run.open(run), cfg)}` again")):  # the command as given: its gate, not the default
+                f"run `{command(Run.open(run), cfg)}` again") + "$"):  # the command as given: its gate, not the default
             quantize(run, cfg)
         now = _manifest(run)["stages"]
         assert now["export"]["artifacts"]["onnx_int8"] == before and now["quantize"] == stages["quantize"]
+    monkeypatch.setattr(int8_gate.Clock, "read", read)  # nothing exported meanwhile: the miss is recorded as one
+    from cnnpack.int8_gate import GateMissed
+
+    with pytest.raises(GateMissed):
+        quantize(run, cfg)
     assert sha256(run / before["path"]) == before["sha256"] and not list((run / "export").glob(".*staged*"))
 
 

@@ -258,15 +258,15 @@ def adapter_values(plan, spec: Spec) -> dict:
     classifiers: one request through the image ensemble is a success of the ensemble, its preprocessing step and
     the classifier, and counting all three would read the queue time up to 3x low (the HPA scaling late), while
     the preprocessing step's own queue time is load the HPA must see.
-    The labels `namespace` and `pod` are the ones a ServiceMonitor (and kube-prometheus) put on each series; the
-    rule finds this deployment's pods by their names (`<name>-<replica set hash>-<pod hash>`: not those of a
-    deployment named `<name>-int8`), under a metric of its own (`queue_metric`).
+    The labels `namespace` and `pod` are the ones a ServiceMonitor (and kube-prometheus) put on each series. The
+    metric is the deployment's own (`queue_metric`), its HPA's query naming its pods: not a pattern of pod names,
+    which a long --name (the pod name cut to 63 characters) or an overlay's namePrefix would no longer match.
     """
     def rate(metric: str, matchers: str = "") -> str:
         return f"sum by (<<.GroupBy>>) (rate({metric}{{<<.LabelMatchers>>{matchers}}}[{RATE_WINDOW}]))"
 
     return {"rules": {"custom": [{
-        "seriesQuery": f'{QUEUE_US}{{namespace!="",pod=~"{spec.name}-[a-z0-9]+-[a-z0-9]+"}}',
+        "seriesQuery": f'{QUEUE_US}{{namespace!="",pod!=""}}',  # the HPA's query names its own pods
         "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
         "name": {"matches": f"^{QUEUE_US}$", "as": queue_metric(spec.name)},
         # no requests in the window: 0 us, not a division by zero (the adapter drops NaN and the HPA stalls)
