@@ -474,10 +474,25 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     _manifest(run, lambda m: m["stages"]["triton"].update(repository=str(repo)))
     plain = deploy(run, DeployConfig(out=str(tmp_path / "a")))
     assert plain["figures"]["cpu"]["value"] == 1 and plain["figures"]["startup_s"]["value"] == 300  # the fallback
+    assert plain["figures"]["queue_target_us"]["source"] == ("the default 5 ms (no `cnnpack tune` budget in the run; "
+                                                            "--queue-target-ms sets it)")
+    # a tune that kept the served config (as good as its winner): its budget still sizes the target ("no budget")
+    kept_point = {"label": "cnn_onnx (its config.pbtxt)", "model": "cnn_onnx", "default": True, "concurrency": 16,
+                  "instances": 1, "threads": 1, "latency_ms_p50": 5.0, "latency_ms_p99": 10.0, "throughput_ips": 900.0}
+    _manifest(run, lambda m: m["stages"].__setitem__("tune", {
+        "status": "ok", "config": {"latency_budget_ms": 30.0}, "points": [kept_point], "written": None,
+        "winner": {**kept_point, "label": "cnn_onnx x1 1t batching 0 us", "default": False},
+        "verdict": {"as_good": True}}))
+    kept = deploy(run, DeployConfig(out=str(tmp_path / "a"), force=True))["figures"]["queue_target_us"]
+    assert kept["value"] == 10_000 and kept["source"].startswith(
+        "half the headroom the served config (tune kept it) left under the p99 budget (30 ms - 10.00 ms)")
+    _manifest(run, lambda m: m["stages"].pop("tune"))
     assert not any("threads at 0" in n for n in plain["notes"])  # laid out with --threads 1
     _manifest(run, lambda m: m["stages"]["triton"]["config"].update(threads=0))  # as `cnnpack triton` lays it out
     unbounded = deploy(run, DeployConfig(out=str(tmp_path / "a"), force=True))["notes"]
-    assert any("as large as the node's cores" in n and "`cnnpack triton --threads " in n for n in unbounded)
+    note = next(n for n in unbounded if "as large as the node's cores" in n)
+    # the command as it can be pasted: the run, its repository, the model's format (a bare --threads was exit 2)
+    assert f"bound it with `cnnpack triton --run {run} --repository {repo} --format onnx --ensemble --threads " in note
     _manifest(run, lambda m: m["stages"]["triton"]["config"].update(threads=1))
     config = repo / "cnn_onnx" / "config.pbtxt"
     config.write_text(config.read_text() + "# written by tune\n")  # (a comment: the same config to Triton)

@@ -111,19 +111,24 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     if left:
         plan.notes.append(f"not shipped: {', '.join(left)} (the image ensemble's preprocessing needs Pillow, which "
                           "the stock NGC image lacks; --model-store image builds an image with it)")
+    def bounded(model: str, n: int | str) -> str:  # the command that lays `model` out again, with its threads
+        return lay_out(run.path, triton, model, classifiers)[:-1] + f" --threads {n}`"
+
     own, instances, threads = cpu(stages, manifest.get("machine", {}))
     sized_by = (_winner(stages) or {}).get("model") or triton["name"]  # the model whose config `own` is of
     plan.cpu = _largest_other(plan, own, sized_by, configs, int(manifest.get("machine", {}).get("cpu_count") or 1))
     if not threads:
         plan.notes.append(f"the served config leaves the runtime's threads at 0 (its default): its thread pool is as "
                           f"large as the node's cores, not the pod's CPU limit ({plan.cpu.value}), and on a larger "
-                          f"node the pod is throttled; bound it with `cnnpack triton --threads "
-                          f"{max(1, own.value // instances)}` or `cnnpack tune`")
+                          f"node the pod is throttled; bound it with {bounded(sized_by, max(1, own.value // instances))}"
+                          " or `cnnpack tune`")
     if others := [m for m, fmt in classifiers if m != triton["name"] and m not in gpu_laid
                   and not _threads(configs[m], fmt)]:
-        plan.notes.append(f"{', '.join(others)} also {'leave' if len(others) > 1 else 'leaves'} the runtime's threads "
-                          "at 0: a request to it runs on as many threads as the node has cores, beyond the pod's CPU "
-                          f"limit ({plan.cpu.value}); lay it out with `cnnpack triton --threads N`")
+        one = len(others) == 1
+        plan.notes.append(f"{', '.join(others)} also {'leaves' if one else 'leave'} the runtime's threads at 0: a "
+                          f"request to {'it' if one else 'each'} runs on as many threads as the node has cores, beyond "
+                          f"the pod's CPU limit ({plan.cpu.value}); lay {'it' if one else 'each'} out again with its "
+                          f"threads bounded: {'; '.join(bounded(m, 'N') for m in others)}")
     plan.memory_mib = memory(stages, repository, classifiers, instances)
     download_s = math.ceil(size / DOWNLOAD_BYTES_PER_S) if remote else 0
     plan.startup_s = startup(stages, floor=STARTUP_FLOOR_S, download_s=download_s)
@@ -248,7 +253,7 @@ def cpu(stages: dict, machine: dict) -> tuple[Figure, int, int]:
     cores = n * (t or run_cores)
     why = f"{n} instance(s) x {t} thread(s) of {where}" if t else (
         f"{n} instance(s) x {run_cores} cores ({where}: threads 0 is the runtime's default of every core, and the run "
-        f"measured on {run_cores}; bound it with `cnnpack triton --threads N` or `cnnpack tune`)")
+        f"measured on {run_cores}; bound it with `cnnpack triton ... --threads N` or `cnnpack tune`: see the notes)")
     return Figure(cores, why), n, t
 
 
@@ -302,7 +307,7 @@ def memory(stages: dict, repository: Path, classifiers: list[tuple[str, str]], i
         mib = MEMORY_BASE_MIB + model_bytes * MEMORY_PER_MODEL_BYTE * instances / MiB
         why = (f"no measured memory ({why_not}): {MEMORY_BASE_MIB} MiB for the server + "
                f"{MEMORY_PER_MODEL_BYTE} x the model files ({model_bytes / MiB:.1f} MiB) x {instances} instance(s)")
-    return Figure(int(math.ceil(mib / 64) * 64), why)
+    return Figure(int(math.ceil(mib / 64) * 64), why + ", rounded up to a multiple of 64 MiB")
 
 
 def startup(stages: dict, *, floor: int, download_s: int = 0) -> Figure:
@@ -334,14 +339,22 @@ def queue_target(stages: dict, repository: Path, classifiers: list[tuple[str, st
 
     w = _winner(stages)
     budget = served_budget(stages)  # the budget the served winner was chosen under (not a later failed tune's)
-    if w and budget:
+    what = "the tuned winner"
+    if not (w and budget):  # a tune that kept the served config (as good): its own point under that tune's budget
+        t = stages.get("tune") or {}
+        kept = (t.get("verdict") or {}).get("as_good") or (t.get("winner") or {}).get("default")
+        w = kept and t.get("status") == "ok" and next(
+            (p for p in t.get("points", []) if p["default"] and p["model"] == stages["triton"]["name"]
+             and p["concurrency"] == t["winner"]["concurrency"]), None)
+        budget, what = (t.get("config") or {}).get("latency_budget_ms"), "the served config (tune kept it)"
+    if w and budget and w["latency_ms_p99"] < budget:
         headroom_us = (budget - w["latency_ms_p99"]) * 1000
         us = max(floor, int(headroom_us / 2))
-        return Figure(us, f"half the headroom the tuned winner left under its p99 budget ({budget:g} ms - "
+        return Figure(us, f"half the headroom {what} left under the p99 budget ({budget:g} ms - "
                           f"{w['latency_ms_p99']:.2f} ms), at least {floor} us (2 x the batching delay, >= 1 ms)")
+    why = "no `cnnpack tune` budget in the run" if not stages.get("tune") else "no tuned config in place"
     us = max(floor, int(QUEUE_TARGET_DEFAULT_MS * 1000))
-    return Figure(us, f"the default {QUEUE_TARGET_DEFAULT_MS:g} ms (no `cnnpack tune` budget in the run; "
-                      "--queue-target-ms sets it)")
+    return Figure(us, f"the default {QUEUE_TARGET_DEFAULT_MS:g} ms ({why}; --queue-target-ms sets it)")
 
 
 def _queue_delay_us(folder: Path) -> int:
