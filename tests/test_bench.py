@@ -274,6 +274,12 @@ def test_one_precision_is_held_to_one_ceiling_when_a_later_sample_raises_it():
     assert first["matmul_gflops"] == second["matmul_gflops"] == ctx.ceilings["fp32"]["gflops"] == 120.0
     assert first["matmul_share"] == pytest.approx(50 / 120) and second["matmul_share"] == pytest.approx(0.5)
     assert int8["matmul_gflops"] == 400.0 and int8["matmul_share"] == 0.5  # its own ceiling, untouched
+    # the sample taken before the first runtime raises it too (only the latest did: the report's ceiling was under
+    # bench.json's machine_peak_gflops, and every share 1.4x too high)
+    ctx.ceilings, ctx.matmul = {"fp32": {"gflops": 100.0}}, [{"gflops": 288.0}, {"gflops": 200.0}]
+    row = {"gflops": 144.0}
+    ctx.yardstick(row, "fp32", around=244.0)
+    assert row["matmul_gflops"] == ctx.ceilings["fp32"]["gflops"] == 288.0 and row["matmul_share"] == 0.5
 
 
 def test_a_gpu_s_ceilings_are_its_own_kernels_per_precision(monkeypatch):
