@@ -245,20 +245,26 @@ def _precision(m: dict, run: Run) -> list[Block]:
         table.append([r["artifact"], r["runtime"], r["precision"], num(r["size_mb"], "{:.2f}"), pct(r["top1"]),
                       num(r["drop_pt"], "{:+.2f}"), num(r["latency_ms_p50_b1"], "{:.3f}"),
                       num(r["images_per_s"], "{:,.0f}"), times(r["speedup_vs_fp32"])])
-    q = m.get("stages", {}).get("quantize", {})
     out = [Block("h2", "Precisions"), Block("table", rows=table)]
     from cnnpack.precision import stale
 
     if old := sorted({*stale(m["stages"], "verify"), *stale(m["stages"], "bench")} & {r["artifact"] for r in rows}):
         out.append(Block("p", f"**Stale**: the figures of {', '.join(old)} are an earlier export's (see above)."))
-    if q.get("status") == "ok":
-        g, c = q["gate"], q["calibration"]
-        kept = ", ".join(f"`{n}`" for n in q.get("kept_float", [])) or "none"
-        out.append(Block("p", f"int8: calibrated on {c['images']} training images ({c['method']}, seed {c['seed']}); "
+    for stage, fmt, ref in (("quantize", "onnx_int8", "the fp32 ONNX model"),
+                            ("quantize_openvino", "openvino_int8", "the fp32 OpenVINO IR")):
+        q = m.get("stages", {}).get(stage) or {}
+        if q.get("status") != "ok":
+            continue
+        g, c, kept_float = q["gate"], q["calibration"], q.get("kept_float", [])
+        kept = ", ".join(f"`{n}`" for n in kept_float) or "none"
+        of = f" ({len(kept_float)} of its {q['quantizable_nodes']} quantizable)" if q.get("quantizable_nodes") else ""
+        mostly = (" — **most of it computes in float**: its speed and size are close to fp32's"
+                  if q.get("quantizable_nodes") and len(kept_float) * 2 > q["quantizable_nodes"] else "")
+        out.append(Block("p", f"{fmt}: calibrated on {c['images']} training images ({c['method']}, seed {c['seed']}); "
                               f"gate: top-1 drop ≤ {g['max_drop_pt']:g} pt and agreement ≥ "
-                              f"{100 * g.get('min_agreement', 0.99):g}% against the fp32 ONNX model; reached "
+                              f"{100 * g.get('min_agreement', 0.99):g}% against {ref}; reached "
                               f"{g['drop_pt']:+.2f} pt and {100 * g['top1_agreement_vs_fp32']:.2f}% after "
-                              f"{g['steps']} fallback step(s); nodes kept in float: {kept}."))
+                              f"{g['steps']} fallback step(s); nodes kept in float{of}: {kept}{mostly}."))
     for stage, fmt in (("quantize", "onnx_int8"), ("quantize_openvino", "openvino_int8")):
         last = m.get("stages", {}).get(stage) or {}
         art = (m.get("stages", {}).get("export", {}).get("artifacts", {}) or {}).get(fmt)

@@ -254,6 +254,24 @@ def test_a_gate_nothing_meets_is_exit_1_and_keeps_the_previous_artifact(quantize
             "≥ 50%), which that gate did not hold to.") in (run / "report.md").read_text()
 
 
+def test_the_report_describes_each_int8_model_and_says_when_most_of_one_stayed_float(quantized, tmp_path):
+    """The report's int8 note was the ONNX Runtime model's alone: an OpenVINO int8 model that kept 4 of its 5 nodes in
+    float was called int8 everywhere and said nothing. Its stage is planted from the ONNX one's, with 4 of 5 kept."""
+    from cnnpack.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(quantized[0], run)
+    m = _manifest(run)
+    m["stages"]["quantize_openvino"] = {**m["stages"]["quantize"], "quantizable_nodes": 5,
+                                        "kept_float": ["conv_1", "conv_2", "conv_3", "linear"]}
+    (run / "cnnpack.json").write_text(json.dumps(m))
+    write_report(run)
+    text = (run / "report.md").read_text()
+    assert "onnx_int8: calibrated on 64 training images" in text and "against the fp32 ONNX model" in text
+    assert ("against the fp32 OpenVINO IR; reached" in text and "nodes kept in float (4 of its 5 quantizable): "
+            "`conv_1`, `conv_2`, `conv_3`, `linear` — **most of it computes in float**" in text)
+
+
 def test_a_killed_quantize_s_scratch_folder_goes_and_an_unwritable_reproduce_sh_is_a_warning(quantized, tmp_path,
                                                                                             caplog):
     """A quantize killed mid-fallback (SIGKILL, out of memory) left export/.quantize-*/ (copies of the model) for
