@@ -153,7 +153,7 @@ BENCH_ROW = {
 BENCH_ROW = Check(BENCH_ROW, lambda r: r.get("runtime") != "triton" or problem(r, _SERVED_ROW) is None,
                   "is a served row without its concurrency")  # bench --triton-url's rows: one per concurrency
 VERDICT = {"gain?": Nullable(NUM), "noise?": Nullable(NUM), "p99_gain?": Nullable(NUM), "default?": Nullable(str),
-           "objective?": str, "as_good?": bool, "vs_served_default?": Nullable({"model": str, "gain": NUM})}
+           "objective?": str, "as_good?": bool, "vs_served_default?": Nullable({"model": str, "gain": NUM, "noise?": Nullable(NUM)})}
 POINT = {"label": str, "model": str, "concurrency": POSITIVE, "instances": POSITIVE, "threads": Check(int, lambda v: v >= 0, "is negative"),
          "throughput_ips": NUM, "latency_ms_p50": NUM, "latency_ms_p99": NUM, "default?": bool,
          "server_batch_mean?": Nullable(NUM)}  # one served config at one concurrency (cnnpack tune); threads 0: default

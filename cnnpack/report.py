@@ -390,7 +390,8 @@ def _speedup_plot(b: dict, path: Path) -> bool:
             vals = [scale * (cell[(rt, bs)].get(key) or 0) if (rt, bs) in cell else 0 for rt in runtimes]
             bars = ax.bar(x + (i - (len(sizes) - 1) / 2) * width, vals, width, label=f"batch {bs}")
             ax.bar_label(bars, fmt="%.1f" if scale == 1 else "%.0f", fontsize=8)
-        ax.set_xticks(x, runtimes, rotation=15 if len(runtimes) > 4 else 0, fontsize=8)
+        ax.set_xticks(x, runtimes, rotation=30 if len(runtimes) > 3 else 0, fontsize=8,  # right-aligned: no overlap
+                      ha="right" if len(runtimes) > 3 else "center", rotation_mode="anchor")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
@@ -418,7 +419,9 @@ def build(run: Run) -> list[Block]:
 def write_report(run_dir: str | Path) -> dict:
     """Writes report.md and report.html into the run; returns their paths."""
     run = Run.open(run_dir)
-    title = f"cnnpack report: {run.model_spec['arch']} on {run.path.name}"
+    data = ((run.read().get("stages", {}).get("train") or {}).get("config") or {}).get("data")
+    on = f" on {Path(data).name if Path(data).is_absolute() else data}" if data else ""  # `cnn on p` named the folder
+    title = f"cnnpack report: {run.path.name} ({run.model_spec['arch']}{on})"
     blocks = [b if b.kind != "img" or run.file(b.path).is_file() else  # a figure deleted since: said, not a crash
               Block("p", f"({b.text}: `{b.path}` is missing from the run directory)") for b in build(run)]
     md, html = run.file("report.md"), run.file("report.html")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cnnpack.client import PROTOCOL_NAMES
-from cnnpack.errors import shell
+from cnnpack.errors import ratio, shell
 from cnnpack.report_render import Block, num, pct
 from cnnpack.rundir import Run
 from cnnpack.triton_dist import docker_line
@@ -200,7 +200,7 @@ def _points_table(t: dict) -> list[Block]:
                      "–" if "stable" not in p else "yes" if p["stable"] else "**no**",
                      num(p.get("server_batch_mean"), "{:.2f}")])
     more = len(ranked) - len(shown)
-    return [Block("table", rows=rows), *([Block("p", f"{more} slower points are in tune.json.")] if more else [])]
+    return [Block("table", rows=rows), *([Block("p", f"{more} more points (not shown) are in tune.json.")] if more else [])]
 
 
 def _none_chosen(m: dict, run: Run) -> list[Block]:
@@ -285,9 +285,10 @@ def _tuned_state(stages: dict, winner: dict, run: Run) -> str:
         said = f"No config.pbtxt was changed: `{winner['model']}`'s own config.pbtxt was kept ({why})."
         today = v.get("vs_served_default")
         if today and today["model"] != winner["model"] and v.get("default_throughput_ips"):
-            said += (f" As laid out, `{winner['model']}` is {v['default_throughput_ips'] / today['throughput_ips']:.2f}x "
-                     f"`{today['model']}`, the model the run serves by default: clients get that by requesting "
-                     f"`{winner['model']}`.")
+            gain, noise = v["default_throughput_ips"] / today["throughput_ips"], max(v["noise"], today.get("noise") or 0)
+            said += (f" As laid out, `{winner['model']}` is {ratio(gain)} `{today['model']}`, the model the run serves "
+                     "by default" + (f": clients get that by requesting `{winner['model']}`." if gain - 1 > noise else
+                                     f", within the noise ({100 * noise:.0f} %)."))
         return said
     if winner.get("default") and not [p for p in t["points"] if not p["default"]]:
         return "No config.pbtxt was changed: no other config could be measured, so none was compared with it."

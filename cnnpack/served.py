@@ -20,7 +20,7 @@ import numpy as np
 
 from cnnpack.atomic import atomic_write_json
 from cnnpack.client import PROTOCOL_NAMES
-from cnnpack.errors import StageFailed, UserInputError
+from cnnpack.errors import StageFailed, UserInputError, ratio
 from cnnpack.loadclient import check_concurrency
 from cnnpack.rundir import Run, now, sha256
 
@@ -158,7 +158,7 @@ def served(run_dir: str | Path, cfg: ServedConfig = ServedConfig(), *,
                f"(max abs err {max(fp32, default=0):.1e}); {t['name']} over {PROTOCOL_NAMES[LOAD_PROTOCOL]}: "
                f"{throughput[c_lo]['latency_ms_p50']:.2f} ms p50 at concurrency {c_lo}, "
                f"{throughput[c_hi]['throughput_ips']:,.0f} images/s at {c_hi}{_unstable(throughput[c_hi])} "
-               f"({gain:.1f}x, measured by "
+               f"({ratio(gain)} its rate at {c_lo}, measured by "
                f"{throughput[c_hi].get('load_generator', 'cnnpack client')})")
     int8_row = next((r for r in rows if r["format"] != f"triton:{t['name']}"), None)
     if int8_row:

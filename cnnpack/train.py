@@ -254,12 +254,15 @@ def _write_plots(run: Run, model, data: data_mod.Data, spec: ModelSpec, device, 
 
 
 def sample_indices(pred: np.ndarray, true: np.ndarray, n: int = 32, max_wrong: int = 16) -> np.ndarray:
-    """Which validation images the samples grid shows: mistakes first, then correct ones taken
-    round-robin over the classes (the split is sorted by class, so "the first n" is one class)."""
-    wrong = np.nonzero(pred != true)[0][:max_wrong]
-    per_class = [np.nonzero((pred == true) & (true == c))[0] for c in np.unique(true)]
-    right = [idx[r] for r in range(max((len(i) for i in per_class), default=0)) for idx in per_class if r < len(idx)]
-    return np.concatenate([wrong, np.asarray(right[: n - len(wrong)], dtype=np.int64)]).astype(np.int64)
+    """Which validation images the samples grid shows: mistakes first, then correct ones, each taken round-robin
+    over the classes (the split is sorted by class, so "the first n" is one class: 16 mistakes of one class)."""
+    def round_robin(hit: np.ndarray) -> list[int]:
+        per_class = [np.nonzero(hit & (true == c))[0] for c in np.unique(true)]
+        return [idx[r] for r in range(max((len(i) for i in per_class), default=0)) for idx in per_class if r < len(idx)]
+
+    wrong = round_robin(pred != true)[:max_wrong]
+    right = round_robin(pred == true)[: n - len(wrong)]
+    return np.asarray([*wrong, *right], dtype=np.int64)
 
 
 def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:

@@ -123,7 +123,8 @@ def verdict(winner: dict, points: list[dict], served: str | None, cfg: TuneConfi
 
     default, today = default_of(winner["model"]), default_of(served)
     out = {"vs_served_default": today and {"model": served, "throughput_ips": today["throughput_ips"],
-                                           "gain": winner["throughput_ips"] / today["throughput_ips"]}}
+                                           "gain": winner["throughput_ips"] / today["throughput_ips"],
+                                           "noise": today.get("noise")}}  # (the served default's own)
     if default is None:
         return {**out, "default": None, "gain": None, "noise": None, "as_good": False}
     gain = winner["throughput_ips"] / default["throughput_ips"]

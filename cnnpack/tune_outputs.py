@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cnnpack.errors import ratio
 from cnnpack.triton_publish import PREVIOUS
 
 
@@ -69,7 +70,8 @@ def describe(section: dict) -> str:
         line += f"; {v['gain']:.2f}x the default ({v['default']}, noise {100 * v['noise']:.0f} %)"
     today = v.get("vs_served_default")
     if today and today["model"] != w["model"]:
-        line += f"; {today['gain']:.2f}x {today['model']} as served today"
+        shaky = f", whose own noise was {100 * today['noise']:.0f} %" if (today.get("noise") or 0) > 0.1 else ""
+        line += f"; {ratio(today['gain'])} {today['model']} as served today{shaky}"
     sweep = section.get("sweep") or {}
     if sweep.get("truncated"):  # the models take turns: each was cut about as far
         line += (f"; the sweep was cut at --time-limit after {len(section.get('points', []))} of "

@@ -92,6 +92,9 @@ def test_samples_grid_shows_mistakes_first_then_every_class():
     assert idx[:2].tolist() == [3, 25]
     assert set(true[idx[2:]]) == {0, 1, 2, 3} and (pred[idx[2:]] == true[idx[2:]]).all()
     assert len(set(idx.tolist())) == 12
+    pred = (true + 1) % 4  # every image wrong: the 16 mistakes shown were all of the first class
+    idx = sample_indices(pred, true, n=12, max_wrong=8)
+    assert sorted(true[idx[:8]].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3] and len(idx) == 8  # and none right to show
 
 
 def _deterministic(history: list[dict]) -> list[dict]:

@@ -331,7 +331,7 @@ def test_the_report_marks_the_winner_and_the_budget_and_a_tune_that_chose_none_s
                        "mean batch"]
     assert len(rows) == 1 + 10 + 2  # the ten fastest, then the winner and the default it beat, wherever they rank
     assert rows[1][6] == "**no**" and rows[-2][0] == "★ cnn_onnx x1 2t batching 0 us" and rows[-2][6] == "yes"
-    assert rows[-1][0] == "cnn_onnx (its config.pbtxt)" and "2 slower points are in tune.json." in [b.text for b in blocks]
+    assert rows[-1][0] == "cnn_onnx (its config.pbtxt)" and "2 more points (not shown) are in tune.json." in [b.text for b in blocks]
     with pytest.raises(ParityError):
         finish(run, TuneConfig(latency_budget_ms=1), points, {"error": None, "server_alive": True})
     said = [b.text for b in tune_section(run.read(), run)]
@@ -436,7 +436,7 @@ def test_a_tune_that_chooses_nothing_keeps_the_earlier_winner_that_is_still_serv
     assert stages["tune"]["status"] == "failed" and stages["tune"]["winner"] is None
     assert tuned_in_place(stages) == first["written"] and served_winner(stages) == first["winner"]
     assert _winner(stages) == first["winner"]  # deploy sizes by it, and its HPA target by its own budget (50 ms)
-    assert "under its p99 budget (50 ms - 40.00 ms)" in queue_target(stages, repo, [], None).source
+    assert "left under the p99 budget (50 ms - 40.00 ms)" in queue_target(stages, repo, [], None).source
     text = " ".join(b.text or "" for b in tune_section(run.read(), run))
     assert "chose none: no point met its p99 budget of 1 ms" in text and "still served: cnn_onnx x1 1t batching 500 us" in text
     (repo / "cnn_onnx" / "config.pbtxt").write_text("laid out again")  # `cnnpack triton` put the defaults back
