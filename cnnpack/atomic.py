@@ -73,25 +73,29 @@ def _where() -> str:
     return f"{zlib.crc32(f'{boot}:{space}'.encode()):08x}"
 
 
-def tagged_here(name: str, prefix: str) -> bool:
-    """Whether `name` carries an owner tag of this boot and pid namespace (whose pid `owner_gone` can judge)."""
+def _owner_pid(name: str, prefix: str) -> int | None:
+    """The pid in `name`'s owner tag where the tag is of this boot and pid namespace (None otherwise: no tag, or one
+    whose pid says nothing here)."""
     import re
 
     m = re.match(rf"{re.escape(prefix)}([0-9a-f]{{8}})_(\d+)_", name)
-    return m is not None and m.group(1) == _where()
+    return int(m.group(2)) if m is not None and m.group(1) == _where() else None
+
+
+def tagged_here(name: str, prefix: str) -> bool:
+    """Whether `name` carries an owner tag of this boot and pid namespace (whose pid `owner_gone` can judge)."""
+    return _owner_pid(name, prefix) is not None
 
 
 def owner_gone(name: str, prefix: str) -> bool:
     """Whether `name` (`<prefix><owner_tag>...`) is of a process of this host that is gone (SIGKILL, out of memory).
     A live one's is not, nor another host's or pid namespace's (its pid says nothing here), nor a name without a
     tag."""
-    import re
-
-    m = re.match(rf"{re.escape(prefix)}([0-9a-f]{{8}})_(\d+)_", name)
-    if m is None or m.group(1) != _where() or int(m.group(2)) == os.getpid():
+    pid = _owner_pid(name, prefix)
+    if pid is None or pid == os.getpid():
         return False
     try:
-        os.kill(int(m.group(2)), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except (PermissionError, OverflowError):  # another user's live process; a pid no process can have
@@ -99,14 +103,27 @@ def owner_gone(name: str, prefix: str) -> bool:
     return False
 
 
+def abandoned(path: Path, prefix: str, max_age_s: float = 86400) -> bool:
+    """Whether a scratch file or folder named `<prefix><owner_tag>...` is left over: its owner is gone, or, where its
+    owner cannot be judged here (another host's on a shared folder, one from before a reboot), it is a day old."""
+    if owner_gone(path.name, prefix):
+        return True
+    import time
+
+    return (not tagged_here(path.name, prefix) and path.name.startswith(prefix)
+            and time.time() - path.lstat().st_mtime > max_age_s)
+
+
 def _remove_dead_owners(dest: Path) -> None:
-    """The staged files and folders beside `dest` of processes that are gone (`owner_gone`): a SIGKILLed export left
-    a partial model.onnx hidden in export/ for good, a rerun's success included."""
+    """The staged files and folders beside `dest` that are left over (`abandoned`): a SIGKILLed export left a
+    partial model.onnx hidden in export/ for good, a rerun's success included."""
+    import re
     import shutil
 
     with contextlib.suppress(OSError):
         for sib in dest.parent.iterdir():
-            if not owner_gone(sib.name, f".{dest.name}."):
+            prefix = f".{dest.name}."  # a staged name's tag follows at once (not `.model.onnx.old-`: commit's)
+            if not re.match(rf"{re.escape(prefix)}[0-9a-f]{{8}}_\d+_", sib.name) or not abandoned(sib, prefix):
                 continue
             if sib.is_dir() and not sib.is_symlink():
                 shutil.rmtree(sib, ignore_errors=True)

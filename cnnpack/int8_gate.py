@@ -30,7 +30,7 @@ import numpy as np
 from cnnpack.contracts import drop_within
 from cnnpack.errors import ParityError, UserInputError, first_few
 from cnnpack.registry import Registry
-from cnnpack.rundir import Run
+from cnnpack.rundir import Run, weights_digest
 
 QUANTIZERS: Registry = Registry("quantizer")
 METHODS = ("minmax", "entropy", "percentile")
@@ -443,8 +443,3 @@ def section(cfg: QuantizeConfig, ref_record: dict, ref_format: str, data: QuantD
                                                                   **weights_digest(ref_record)},
     }
 
-
-def weights_digest(record: dict) -> dict:
-    """An IR's weights file's digest, as `rundir.artifact_digest` reads it beside the .xml's."""
-    w = (record.get("weights") or {}).get("sha256")
-    return {"weights_sha256": w} if w else {}

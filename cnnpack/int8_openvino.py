@@ -31,9 +31,8 @@ from cnnpack.int8_gate import (
     model_input,
     run_gate,
     section,
-    weights_digest,
 )
-from cnnpack.rundir import Run, sha256
+from cnnpack.rundir import Run, sha256, weights_digest
 
 COMPUTE = ("Convolution", "GroupConvolution", "MatMul")
 _DECOMPRESSION = ("Convert", "Subtract", "Multiply", "Reshape", "Transpose")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.atomic import owner_gone, owner_tag, staged_beside, tagged_here
+from cnnpack.atomic import abandoned, owner_tag, staged_beside
 from cnnpack.errors import MissingStageError, UserInputError, shell
 from cnnpack.int8_gate import (
     CALIBRATION_BATCH,
@@ -289,8 +289,7 @@ def _remove_orphans(export: Path) -> None:
 
     for folder in export.glob(f"{WORK_PREFIX}*"):
         with contextlib.suppress(OSError):
-            if owner_gone(folder.name, WORK_PREFIX) or (not tagged_here(folder.name, WORK_PREFIX)
-                                                        and time.time() - folder.stat().st_mtime > 86400):
+            if abandoned(folder, WORK_PREFIX):
                 shutil.rmtree(folder, ignore_errors=True)
 
 

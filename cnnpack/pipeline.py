@@ -328,7 +328,7 @@ class Stages:
 
         formats = set(stage_section(run, "verify").get("formats", {}))
         rows = {r.get("format") for r in stage_section(run, "bench").get("results", [])}
-        # (the repository named in the record: an older one without it is laid out anew)
+        # (the repository named in the record: an older one without it is served anew)
         current = bool(section.get("repository")) and not layout_changed(run.read()["stages"])
         return current and set(section.get("parity", {})) <= formats and any(f and f.startswith("triton:") for f in rows)
 

@@ -58,6 +58,13 @@ def artifact_digest(record: dict) -> str:
     return record["sha256"] + (f"+{weights}" if weights else "")
 
 
+def weights_digest(record: dict) -> dict:
+    """An export artifact's weights file's digest where it has one (an IR's .bin), as `artifact_digest` reads it in a
+    record of what was checked or made from it: {"weights_sha256": ...}, or {}."""
+    w = (record.get("weights") or {}).get("sha256")
+    return {"weights_sha256": w} if w else {}
+
+
 def artifact_changed(run: Run, record: dict) -> str | None:
     """None where an export artifact's files (`record`: its manifest record) are the ones recorded; else why not
     (`PATH is missing`, `PATH changed since export`, or since quantize for an int8 one)."""

@@ -24,6 +24,10 @@ from cnnpack.errors import StageFailed, UserInputError, ratio
 from cnnpack.loadclient import check_concurrency
 from cnnpack.rundir import Run, now, sha256
 
+OUTPUT = "served.json"
+PROTOCOL = "grpc"  # classification and parity through the server
+LOAD_PROTOCOL = "http"  # the load: cnnpack's client costs the server least over HTTP (benchmarks/results/served-loadgen-*)
+
 
 def layout_changed(stages: dict) -> str:
     """Why the served stage's figures are not of the repository as the triton stage laid it out now ("" where they
@@ -41,10 +45,6 @@ def layout_changed(stages: dict) -> str:
     if ("triton_files" in served and served["triton_files"] != laid) or newer:
         return "`cnnpack triton` laid the repository out again since the served stage measured it"
     return ""
-
-OUTPUT = "served.json"
-PROTOCOL = "grpc"  # classification and parity through the server
-LOAD_PROTOCOL = "http"  # the load: cnnpack's client costs the server least over HTTP (benchmarks/results/served-loadgen-*)
 
 
 @dataclass(frozen=True)

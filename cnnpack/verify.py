@@ -52,7 +52,7 @@ from cnnpack.contracts import (  # noqa: F401 - re-exported
 )
 from cnnpack.errors import ParityError, RuntimeUnavailable, StageFailed, UserInputError, shell
 from cnnpack.host import check_device, exact_fp32
-from cnnpack.rundir import Run, artifact_digest, library_versions, now, sha256
+from cnnpack.rundir import Run, artifact_digest, library_versions, now, sha256, weights_digest
 from cnnpack.runtimes import fit_batch_sizes
 from cnnpack.verify_kept import keep_earlier
 
@@ -464,7 +464,7 @@ def _result(run: Run, cfg: VerifyConfig, results: list[dict], skipped: list[dict
         "note": "; ".join(notes) or None,
         "reference_spread": None if spread[1] == 0 or not np.isfinite(spread[0]) else spread[0],
         "artifacts": {r["format"]: {"path": arts[r["format"]]["path"], "sha256": arts[r["format"]]["sha256"],
-                                    **({"weights_sha256": w["sha256"]} if (w := arts[r["format"]].get("weights")) else {})}
+                                    **weights_digest(arts[r["format"]])}
                       for r in results if r["format"] in arts},
         "results": results,
         "skipped": skipped,

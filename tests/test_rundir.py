@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 
 import pytest
 
@@ -50,10 +51,15 @@ def test_what_a_killed_process_staged_is_removed_by_the_next_write_beside_it(tmp
     live.write_bytes(b"at work")
     other = tmp_path / ".model.onnx.user.tmp"
     other.write_bytes(b"not ours")
+    elsewhere = f"{int(host, 16) ^ 1:08x}"  # another boot's or host's tag: its pid says nothing here
+    young, old = (tmp_path / f".model.onnx.{elsewhere}_{dead.pid}_{n}.tmp" for n in ("y0ung", "0ld"))
+    for p in (young, old):
+        p.write_bytes(b"from before a reboot")
+    os.utime(old, (time.time() - 90_000, time.time() - 90_000))  # a day old: left over
     with atomic_path(tmp_path / "model.onnx") as tmp:
         assert tmp.name.startswith(f".model.onnx.{owner_tag()}")
         tmp.write_text("the model")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.onnx", live.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.onnx", live.name, other.name, young.name])
     staged_beside(tmp_path / "model.onnx").unlink()
 
 
