@@ -102,22 +102,31 @@ def check_makeable(path: str | Path, flag: str = "--run") -> None:
         raise UserInputError(f"{flag} {path}: {above} is a file, not a folder; choose another {flag}")
 
 
-def _recover_set_aside(folder: Path) -> None:
-    """What a commit killed mid-way (SIGKILL) left set aside in `folder` (`.<name>.old-<owner>`, its owner gone): put
-    back where `<name>` is missing (killed between its two renames: the file was hidden, its record still naming
-    it), removed where a file stands there again."""
+def _set_aside(folder: Path) -> list[tuple[Path, Path]]:
+    """(set-aside file, its place) pairs a commit killed mid-way (SIGKILL) left in `folder`: `.<name>.old-<owner>`
+    of an owner that is gone (a live commit's are its own)."""
     import re
 
+    out = []
     with contextlib.suppress(OSError):
         for old in folder.glob(".*.old-*"):
-            if not (m := re.fullmatch(r"\.(.+)\.old-(.+)", old.name)) or not owner_gone(old.name, f".{m.group(1)}.old-"):
-                continue
-            dest = folder / m.group(1)
-            with contextlib.suppress(OSError):
-                if dest.exists() or dest.is_symlink():
-                    remove_path(old)
-                else:
-                    os.replace(old, dest)
+            if (m := re.fullmatch(r"\.(.+)\.old-(.+)", old.name)) and owner_gone(old.name, f".{m.group(1)}.old-"):
+                out.append((old, folder / m.group(1)))
+    return out
+
+
+def _recorded_digests(obj, out: dict | None = None) -> dict[str, str]:
+    """Every `{path, sha256}` the manifest records, path -> sha256."""
+    out = {} if out is None else out
+    if isinstance(obj, dict):
+        if isinstance(obj.get("path"), str) and isinstance(obj.get("sha256"), str):
+            out[obj["path"]] = obj["sha256"]
+        for v in obj.values():
+            _recorded_digests(v, out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _recorded_digests(v, out)
+    return out
 
 
 def identity(manifest: dict) -> tuple:
@@ -158,9 +167,36 @@ class Run:
                 f"{run.path} is not a cnnpack run (no {MANIFEST}); create one with `cnnpack train`"
             )
         run.opened_as = identity(run.read())  # fail early on a corrupt manifest
-        for folder in (run.path, run.path / "export"):  # where a commit killed between its renames hid a file
-            _recover_set_aside(folder)
+        run._recover_set_aside()
         return run
+
+    def _recover_set_aside(self) -> None:
+        """What a commit killed mid-way (SIGKILL) left set aside (`_set_aside`), judged by the record under the lock:
+        the set-aside file goes back where its place is empty (killed between its two renames: the file was hidden)
+        or where it, not the file in its place, is the one the manifest records (killed before the record: the new
+        file was never recorded); otherwise it is removed."""
+        pairs = [p for folder in (self.path, self.path / "export") for p in _set_aside(folder)]
+        if not pairs:
+            return
+        with contextlib.suppress(OSError), self._locked():
+            recorded = _recorded_digests(self.read())
+
+            def is_recorded(root: Path, place: Path) -> bool:  # every recorded file at or under `place`, in `root`
+                rel = self.rel(place)
+                under = {p: d for p, d in recorded.items() if p == rel or p.startswith(rel + "/")}
+                return bool(under) and all((f := root / Path(p).relative_to(rel)).is_file() and sha256(f) == d
+                                           for p, d in under.items())
+
+            for old, place in pairs:
+                with contextlib.suppress(OSError):
+                    if not old.exists():  # another opener put it back
+                        continue
+                    if place.exists() or place.is_symlink():
+                        if not (is_recorded(old, place) and not is_recorded(place, place)):
+                            remove_path(old)
+                            continue
+                        remove_path(place)
+                    os.replace(old, place)
 
     @classmethod
     def create(cls, path: str | Path, model_spec: dict, *, force: bool = False, resume_hint: str = "") -> Run:

@@ -82,10 +82,18 @@ def test_a_file_a_killed_commit_set_aside_is_put_back_when_the_run_is_opened(tmp
     (export / "model.pt").write_bytes(b"the new one")  # a file in place again: the one set aside goes
     (export / f".model.pt.old-{here}_{dead.pid}_").write_bytes(b"the old one")
     (export / f".report.md.old-{here}_{os.getpid()}_").write_bytes(b"a live commit's")  # its owner is at work
+    # killed after placing the new file but before recording it: the set-aside one is what the manifest names
+    (run.path / "bench.json").write_bytes(b"never recorded")
+    (run.path / f".bench.json.old-{here}_{dead.pid}_").write_bytes(b"recorded")
+    from cnnpack.rundir import sha256
+
+    run.update(lambda m: m["stages"].__setitem__("bench", {"outputs": {"json": {
+        "path": "bench.json", "sha256": sha256(run.path / f".bench.json.old-{here}_{dead.pid}_")}}}))
     Run.open(run.path)
     live = f".report.md.old-{here}_{os.getpid()}_"
     assert sorted(p.name for p in export.iterdir()) == sorted(["model.onnx", "model.pt", live])
     assert (export / "model.onnx").read_bytes() == b"the model" and (export / "model.pt").read_bytes() == b"the new one"
+    assert (run.path / "bench.json").read_bytes() == b"recorded" and not list(run.path.glob(".bench.json.old-*"))
 
 
 _ART = {"path": "export/model.onnx", "sha256": "0" * 64, "max_batch_size": 64,
