@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -491,8 +492,21 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     _manifest(run, lambda m: m["stages"]["triton"]["config"].update(threads=0))  # as `cnnpack triton` lays it out
     unbounded = deploy(run, DeployConfig(out=str(tmp_path / "a"), force=True))["notes"]
     note = next(n for n in unbounded if "as large as the node's cores" in n)
-    # the command as it can be pasted: the run, its repository, the model's format (a bare --threads was exit 2)
-    assert f"bound it with `cnnpack triton --run {run} --repository {repo} --format onnx --ensemble --threads " in note
+    # the command as it can be pasted: the run, its repository, every setting it was laid out with but the threads
+    # (a bare --threads was exit 2; one with --format alone reset the others to the defaults)
+    command = re.search(r"bound it with `([^`]+)`", note).group(1)
+    assert command.startswith(f"cnnpack triton --run {run} --repository {repo} --format onnx ") and \
+        re.search(r" --threads \d+ --ensemble$", command)
+    from typer.testing import CliRunner
+
+    from cnnpack.cli.common import app
+
+    laid = json.loads((run / "cnnpack.json").read_text())["stages"]["triton"]["config"]
+    as_laid = re.sub(r"--threads \d+", "--threads 1", command)  # as its config.pbtxt is (the test sizes by it below)
+    assert CliRunner().invoke(app, shlex.split(as_laid)[1:]).exit_code == 0  # it runs, and changes only the threads
+    again = json.loads((run / "cnnpack.json").read_text())["stages"]["triton"]["config"]
+    moved = ("threads", "repository")  # (this copy's repository is recorded in the section, its config the original's)
+    assert {k: v for k, v in again.items() if k not in moved} == {k: v for k, v in laid.items() if k not in moved}
     _manifest(run, lambda m: m["stages"]["triton"]["config"].update(threads=1))
     config = repo / "cnn_onnx" / "config.pbtxt"
     config.write_text(config.read_text() + "# written by tune\n")  # (a comment: the same config to Triton)

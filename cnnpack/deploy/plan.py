@@ -112,7 +112,9 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
         plan.notes.append(f"not shipped: {', '.join(left)} (the image ensemble's preprocessing needs Pillow, which "
                           "the stock NGC image lacks; --model-store image builds an image with it)")
     def bounded(model: str, n: int | str) -> str:  # the command that lays `model` out again, with its threads
-        return lay_out(run.path, triton, model, classifiers)[:-1] + f" --threads {n}`"
+        if model == triton["name"] and isinstance(triton.get("config"), dict):  # every setting as it was laid out
+            return relayout_command(run.path, {**triton["config"], "repository": triton["repository"]}, threads=n)
+        return lay_out(run.path, triton, model, classifiers)[:-1] + f" --threads {n}` (with the other options it was laid out with)"
 
     own, instances, threads = cpu(stages, manifest.get("machine", {}))
     sized_by = (_winner(stages) or {}).get("model") or triton["name"]  # the model whose config `own` is of
@@ -276,6 +278,28 @@ def _largest_other(plan: Plan, own: Figure, sized_by: str, configs: dict, run_co
     return Figure(cores, f"{n} instance(s) x {f'{t} thread(s)' if t else f'{run_cores} cores (threads 0)'} of "
                          f"{top}'s config, the most any shipped model asks for ({sized_by}: {own.value}, "
                          f"{own.source})")
+
+
+def relayout_command(run_path: Path, config: dict, **changed) -> str:
+    """The `cnnpack triton` command that lays a model out again as its recorded TritonConfig has it, with `changed`
+    settings (threads=2): each option that differs from the default, so nothing else is reset by pasting it."""
+    from dataclasses import fields
+
+    from cnnpack.errors import shell
+    from cnnpack.triton_config import TritonConfig
+
+    cfg, out = {**config, **changed}, [f"cnnpack triton --run {shell(run_path)}"]
+    for f in fields(TritonConfig):
+        value = cfg.get(f.name, f.default)
+        value = tuple(value) if isinstance(value, list) else value  # (a tuple read back from JSON)
+        if f.name == "force" or (value == f.default and f.name not in ("repository", "format", *changed)):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else flag.replace("--", "--no-", 1))
+        elif value is not None:
+            out.append(f"{flag} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else shell(value)}")
+    return f"`{' '.join(out)}`"
 
 
 def measured(stages: dict) -> tuple[dict, str]:
