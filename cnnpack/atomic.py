@@ -120,9 +120,12 @@ def _remove_dead_owners(dest: Path) -> None:
     import re
     import shutil
 
+    prefix = f".{dest.name}."  # a staged name's tag follows at once (not `.model.onnx.old-`: commit's)
+    siblings: list[Path] = []
     with contextlib.suppress(OSError):
-        for sib in dest.parent.iterdir():
-            prefix = f".{dest.name}."  # a staged name's tag follows at once (not `.model.onnx.old-`: commit's)
+        siblings = list(dest.parent.iterdir())
+    for sib in siblings:
+        with contextlib.suppress(OSError):  # each on its own: one that went meanwhile stops none of the others
             if not re.match(rf"{re.escape(prefix)}[0-9a-f]{{8}}_\d+_", sib.name) or not abandoned(sib, prefix):
                 continue
             if sib.is_dir() and not sib.is_symlink():

@@ -439,6 +439,8 @@ def section(cfg: QuantizeConfig, ref_record: dict, ref_format: str, data: QuantD
         "attempts": [a.record() for a in res.attempts], "ranking": res.ranking[:32],
         "ranking_images": res.ranked_images, "ranking_s": round(res.ranking_s, 1),
         "quantizable_nodes": len(nodes), "harmful_nodes": res.harmful, "kept_float": chosen.kept_float, "wall_s": round(wall_s, 1),
+        # of them (OpenVINO's kept_float also names layers NNCF left float, which are not among `nodes`)
+        "kept_float_quantizable": len(set(chosen.kept_float) & set(nodes)),
         "stopped": None if res.passed else res.stopped, "input": {"format": ref_format, "sha256": ref_record["sha256"],
                                                                   **weights_digest(ref_record)},
     }

@@ -23,8 +23,8 @@ class Registry(Generic[T]):
         if self.filled_by:
             import importlib
 
-            filled_by, self.filled_by = self.filled_by, None
-            importlib.import_module(filled_by)
+            importlib.import_module(self.filled_by)  # (a lookup within that import finds the module as it is)
+            self.filled_by = None  # not before: an import that failed is tried again, not read as an empty registry
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: `@REG.register("onnx")` adds the decorated object under `name`."""

@@ -257,9 +257,10 @@ def _precision(m: dict, run: Run) -> list[Block]:
             continue
         g, c, kept_float = q["gate"], q["calibration"], q.get("kept_float", [])
         kept = ", ".join(f"`{n}`" for n in kept_float) or "none"
-        of = f" ({len(kept_float)} of its {q['quantizable_nodes']} quantizable)" if q.get("quantizable_nodes") else ""
+        n_kept, n_all = q.get("kept_float_quantizable"), q.get("quantizable_nodes")  # (older records: not said)
+        of = f" ({n_kept} of its {n_all} quantizable)" if n_all and n_kept is not None else ""
         mostly = (" — **most of it computes in float**: its speed and size are close to fp32's"
-                  if q.get("quantizable_nodes") and len(kept_float) * 2 > q["quantizable_nodes"] else "")
+                  if of and n_kept * 2 > n_all else "")
         out.append(Block("p", f"{fmt}: calibrated on {c['images']} training images ({c['method']}, seed {c['seed']}); "
                               f"gate: top-1 drop ≤ {g['max_drop_pt']:g} pt and agreement ≥ "
                               f"{100 * g.get('min_agreement', 0.99):g}% against {ref}; reached "

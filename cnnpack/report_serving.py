@@ -288,7 +288,8 @@ def _tuned_state(stages: dict, winner: dict, run: Run) -> str:
             gain, noise = v["default_throughput_ips"] / today["throughput_ips"], max(v["noise"], today.get("noise") or 0)
             said += (f" As laid out, `{winner['model']}` is {ratio(gain)} `{today['model']}`, the model the run serves "
                      "by default" + (f": clients get that by requesting `{winner['model']}`." if gain - 1 > noise else
-                                     f", within the noise ({100 * noise:.0f} %)."))
+                                     f", within the noise ({100 * noise:.0f} %)." if abs(gain - 1) <= noise else
+                                     ": slower."))
         return said
     if winner.get("default") and not [p for p in t["points"] if not p["default"]]:
         return "No config.pbtxt was changed: no other config could be measured, so none was compared with it."

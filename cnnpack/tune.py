@@ -255,12 +255,14 @@ def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repositor
             say(f"measuring {p['label']} at concurrency {p['concurrency']} again: its windows did not agree"
                 + (f" ({windows} images/s)" if windows else ""))
             s = Setting(**{k: v for k, v in p.items() if k in names})  # a default: its config.pbtxt, whatever it holds
-            try:
-                again = measure_point(run, server, s, p["concurrency"], cfg, repository)
+            left = cfg.time_limit_s - (info["wall_s"] + time.monotonic() - t0)
+            try:  # within what is left of --time-limit, as a sweep's point is
+                again = measure_point(run, server, s, p["concurrency"],
+                                      replace(cfg, max_seconds=max(0.5, min(cfg.max_seconds, left))), repository)
             except CnnpackError as e:  # the first figures stand
                 settle["error"] = f"{p['label']}: {e}"
                 break
-            settle["points"].append(p["label"])
+            settle["points"].append(f"{p['label']} c{p['concurrency']}")
             first = {k: p.get(k) for k in ("throughput_ips", "latency_ms_p99", "window_throughput_ips", "noise",
                                            "stable")}
             steadier = again.get("stable") or (again.get("noise") or float("inf")) < (p.get("noise") or float("inf"))

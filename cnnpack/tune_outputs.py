@@ -81,8 +81,8 @@ def describe(section: dict) -> str:
                  f"{errors[0]}; all in tune.json)")
     if v.get("as_good") and v.get("unsteady"):  # the noise is the machine's: nothing says the default is as good
         settle = (section.get("sweep") or {}).get("settle") or {}
-        # (by label: the winner and its default share their concurrency, and settling measures those two alone)
-        twice = "error" not in settle and set(v["unsteady"]) <= set(settle.get("points") or [])
+        twice = "error" not in settle and {f"{u} c{w['concurrency']}" for u in v["unsteady"]} <= set(
+            settle.get("points") or [])  # measured again at the winner's concurrency
         again = " even measured twice" if twice else ""
         line += (f"; unsteady{again} ({', '.join(v['unsteady'])}: its windows of load did not agree, the machine "
                  "being busy), so no figure tells the two apart: the default config was kept; tune again on a quieter "

@@ -481,12 +481,15 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     kept_point = {"label": "cnn_onnx (its config.pbtxt)", "model": "cnn_onnx", "default": True, "concurrency": 16,
                   "instances": 1, "threads": 1, "latency_ms_p50": 5.0, "latency_ms_p99": 10.0, "throughput_ips": 900.0}
     _manifest(run, lambda m: m["stages"].__setitem__("tune", {
-        "status": "ok", "config": {"latency_budget_ms": 30.0}, "points": [kept_point], "written": None,
+        "status": "ok", "updated": "9999-01-01T00:00:00+00:00", "config": {"latency_budget_ms": 30.0}, "points": [kept_point], "written": None,
         "winner": {**kept_point, "label": "cnn_onnx x1 1t batching 0 us", "default": False},
         "verdict": {"as_good": True}}))
     kept = deploy(run, DeployConfig(out=str(tmp_path / "a"), force=True))["figures"]["queue_target_us"]
     assert kept["value"] == 10_000 and kept["source"].startswith(
-        "half the headroom the served config (tune kept it) left under the p99 budget (30 ms - 10.00 ms)")
+        "half the headroom the served config (as tune measured it) left under the p99 budget (30 ms - 10.00 ms)")
+    _manifest(run, lambda m: m["stages"]["tune"].update(updated="1970-01-01T00:00:00+00:00"))  # laid out since
+    stale = deploy(run, DeployConfig(out=str(tmp_path / "a"), force=True))["figures"]["queue_target_us"]
+    assert stale["value"] == 5000 and "(no tuned config in place;" in stale["source"]
     _manifest(run, lambda m: m["stages"].pop("tune"))
     assert not any("threads at 0" in n for n in plain["notes"])  # laid out with --threads 1
     _manifest(run, lambda m: m["stages"]["triton"]["config"].update(threads=0))  # as `cnnpack triton` lays it out

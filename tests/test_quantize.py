@@ -262,7 +262,7 @@ def test_the_report_describes_each_int8_model_and_says_when_most_of_one_stayed_f
     run = tmp_path / "run"
     shutil.copytree(quantized[0], run)
     m = _manifest(run)
-    m["stages"]["quantize_openvino"] = {**m["stages"]["quantize"], "quantizable_nodes": 5,
+    m["stages"]["quantize_openvino"] = {**m["stages"]["quantize"], "quantizable_nodes": 5, "kept_float_quantizable": 4,
                                         "kept_float": ["conv_1", "conv_2", "conv_3", "linear"]}
     (run / "cnnpack.json").write_text(json.dumps(m))
     write_report(run)

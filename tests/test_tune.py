@@ -560,7 +560,7 @@ def test_an_unsteady_winner_or_default_is_measured_again_on_the_same_server(laid
     measured_again = [line for line in said if line.startswith("measuring ")]
     assert measured_again[0] == (f"measuring {default['label']} at concurrency 4 again: its windows did not agree "
                                  "(4,693, 888, 46 images/s)")  # the steady winner is not measured again for it
-    assert section["sweep"]["settle"]["points"][0] == default["label"] and len(measured_again) <= 2
+    assert section["sweep"]["settle"]["points"][0] == f"{default['label']} c4" and len(measured_again) <= 2
     again = {p["label"]: p for p in section["points"]}
     # the steadier measurement stands (the real one, over a noise of 10,000 %), the planted one kept beside it
     assert again[default["label"]]["first_measure"]["window_throughput_ips"] == default["window_throughput_ips"]
@@ -592,7 +592,7 @@ def test_settling_keeps_the_steadier_measurement_and_judges_a_new_winner_again(m
     assert measured == [default["label"], a["label"]]  # a stays first (its first figure), so b is never needed
     assert by[a["label"]]["throughput_ips"] == 3363.0 and by[a["label"]]["second_measure"]["throughput_ips"] == 2009.0
     assert by[default["label"]]["throughput_ips"] == 2902.0 and by[default["label"]]["first_measure"]["noise"] == 1.0
-    assert info["settle"]["points"] == [default["label"], a["label"]]
+    assert info["settle"]["points"] == [f"{default['label']} c4", f"{a['label']} c4"]
     # a measured steadier and slower: b leads now, measured once and unsteady, so it is measured again too
     second[a["label"]] = {**a, "throughput_ips": 2009.0, "noise": 0.02, "stable": True}
     measured.clear()
@@ -625,7 +625,7 @@ def test_the_verdict_line_gives_the_figure_the_winner_was_chosen_on_and_says_whe
     line = describe({**section, "winner": own, "verdict": {**verdict, "p99_gain": 1.0}, "sweep": {}})
     assert "; it is its model's own config.pbtxt (no config to write)" in line and "lower than" not in line
     shaky = describe({**section, "verdict": {**verdict, "as_good": True, "unsteady": ["cnn_onnx (its config.pbtxt)"]},
-                      "sweep": {"settle": {"points": ["cnn_onnx (its config.pbtxt)", "b"]}}})
+                      "sweep": {"settle": {"points": ["cnn_onnx (its config.pbtxt) c1", "b"]}}})
     assert shaky.endswith("; unsteady even measured twice (cnn_onnx (its config.pbtxt): its windows of load did not "
                           "agree, the machine being busy), so no figure tells the two apart: the default config was "
                           "kept; tune again on a quieter machine or with a longer --max-seconds")
