@@ -248,7 +248,9 @@ def test_a_last_batch_of_one_image_trains(colours, tmp_path, monkeypatch):
     """resnet18 at 16 px has a 1x1 feature map: BatchNorm cannot train on a batch of one. The data folder, given
     relative, is recorded absolute: evaluate, verify and resume read it from any directory."""
     monkeypatch.chdir(colours.parent)
-    cfg = TrainConfig(data=colours.name, arch="resnet18", image_size=16, epochs=1, batch_size=65)
+    # fp32 (amp off): in bf16 autocast on an AMX host this one epoch of resnet18 once ended in NaN weights (Diverged),
+    # which is not what the test is about (see the session's note on issue 21)
+    cfg = TrainConfig(data=colours.name, arch="resnet18", image_size=16, epochs=1, batch_size=65, amp=False)
     section = train(tmp_path / "r", cfg, progress=False)
     assert section["status"] == "ok" and section["config"]["data"] == str(colours.resolve())
 
