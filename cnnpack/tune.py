@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpack import tune_grid
 from cnnpack.atomic import atomic_write_bytes, atomic_write_json
 from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError, shell
 from cnnpack.peak import usable_cores
@@ -54,7 +55,8 @@ def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfi
 
     url = server.grpc_address if cfg.protocol == "grpc" else server.http_address
     with Client(url, cfg.protocol, timeout_s=cfg.timeout_s) as client:
-        config = None if s.default else model_config_json(run, s, repository, local=True)
+        config = (tune_grid.own_config_json(repository, s.model) if s.default
+                  else model_config_json(run, s, repository, local=True))
         try:
             client._client.load_model(s.model, **({"config": config} if config else {}))
         except client.errors as e:

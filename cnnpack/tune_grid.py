@@ -159,6 +159,24 @@ def laid_out_settings(repository: str, model: str) -> dict:
     return out  # the instance kind is not carried: tune measures CPU configs (a GPU layout's TensorRT is not read)
 
 
+def own_config_json(repository: str, model: str) -> str | None:
+    """The model's config.pbtxt in the repository, as the JSON Triton's load API takes; None where it cannot be read
+    (Triton's plain load then says why), in the form the local server reads (`local_config`). A default point loads
+    this, not nothing: a plain load of a model an earlier point loaded with its own config keeps that config (Triton
+    2.51 reloads what it holds, the repository being unchanged), and a default measured again after the sweep was
+    measured as the last point's 500 us batching."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from cnnpack.triton_release import local_config
+
+    try:
+        mc = text_format.Parse(Path(repository, model, "config.pbtxt").read_text(encoding="utf-8"), pb.ModelConfig())
+    except (OSError, UnicodeDecodeError, text_format.ParseError):
+        return None
+    return json_format.MessageToJson(local_config(mc), preserving_proto_field_name=True)
+
+
 def model_config_json(run: Run, s: Setting, repository: str, *, local: bool = False) -> str:
     """The ModelConfig of a setting, as the JSON Triton's load API takes (snake_case field names); with `local`,
     as the local Triton 2.51 reads it (a pt2 model without `platform: "torch_aoti"`, see triton_release.py)."""

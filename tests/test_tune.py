@@ -569,6 +569,22 @@ def test_an_unsteady_winner_or_default_is_measured_again_on_the_same_server(laid
         assert again[winner["label"]]["throughput_ips"] == winner["throughput_ips"]
 
 
+def test_a_default_measured_after_another_point_is_its_config_pbtxt_not_the_last_config_loaded(laid_out, tmp_path):
+    """Triton reloads what it holds on a plain load of a model loaded with an override: the default, measured again
+    by settling after the 500 us point, was that point (its row read "queue_delay_us": 500, config.pbtxt has 100)."""
+    import cnnpack.tune as t
+    from cnnpack.serve import ServeConfig, TritonServer
+
+    run_dir, repo = _copy(laid_out, tmp_path)
+    cfg = t.TuneConfig(concurrency=(1,), max_seconds=0.5)
+    run = Run.open(run_dir)
+    with TritonServer(ServeConfig(repository=str(repo), explicit=True)) as server:
+        other = t.measure_point(run, server, t.Setting("cnn_onnx", "onnx", 1, 1, True, 500), 1, cfg, str(repo))
+        default = t.measure_point(run, server, t.Setting("cnn_onnx", "onnx", default=True), 1, cfg, str(repo))
+    assert other["queue_delay_us"] == 500 and other["threads"] == 1
+    assert (default["queue_delay_us"], default["threads"], default["dynamic_batching"]) == (100, 1, True)
+
+
 def test_settling_keeps_the_steadier_measurement_and_judges_a_new_winner_again(monkeypatch):
     """The step measured a steady winner again for its default's sake and replaced its steady figure by an unsteady
     one; the winner that then came first had been measured once and decided the verdict. Measurements planted."""
