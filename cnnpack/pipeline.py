@@ -19,9 +19,10 @@ from pathlib import Path
 
 from cnnpack.errors import CnnpackError, RunReplaced, UserInputError, shell
 from cnnpack.pipeline_config import SERVE_MODES, PipelineConfig  # noqa: F401 - re-exported
+from cnnpack.pipeline_rundir import check_foreign_models, check_run_dir, default_run_dir
 from cnnpack.pipeline_stage import Interrupted, Outcome, Stage, again_hint, fingerprint, run_stage, stage_section
 from cnnpack.pipeline_summary import best_runtime, summary
-from cnnpack.rundir import LAST, MANIFEST, Run, artifact_digest, check_makeable, identity, sha256
+from cnnpack.rundir import LAST, MANIFEST, Run, artifact_digest, identity, sha256
 
 
 def _earlier_models(run: Run, repository: Path, laid: list[str]) -> list[str]:
@@ -371,76 +372,6 @@ def serve_available() -> tuple[bool, str]:
     return True, ""
 
 
-def default_run_dir(cfg: PipelineConfig) -> Path:
-    """A stable name, so that running the same pipeline again finds (and skips) its own work: the first of
-    runs/pipeline-<data>-<arch>-<size>px, then -2, -3, ... that is free or holds a run of the same data (two folders
-    both named `data` would otherwise share one, the second training over the first)."""
-    data = cfg.data.split(":", 1)[1].lower() if cfg.data.startswith("torchvision:") else Path(cfg.data).resolve().name
-    from cnnpack.data import recorded_source
-
-    base = Path("runs") / f"pipeline-{data}-{cfg.arch}-{cfg.image_size}px"
-    path, n = base, 1
-    while _trained_on(path) not in (None, recorded_source(cfg.data)):
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
-
-
-def _trained_on(path: Path) -> str | None:
-    """The data the run at `path` was trained on, as recorded; None where there is no such record to read."""
-    try:
-        data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["stages"]["train"]["config"]["data"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return data if isinstance(data, str) else None
-
-
-def _check_foreign_models(cfg: PipelineConfig) -> None:
-    """A model folder the triton stage would write that cnnpack did not make (no model record) is refused before
-    training, with the triton stage's own words (it was found there, after training, export and bench). Another run's
-    cnnpack model is judged there: whether it is the same model (a new version) needs this run's exports."""
-    from cnnpack.triton_config import ensemble_parts
-    from cnnpack.triton_publish import STAGING_PREFIX, read_sidecar
-    from cnnpack.triton_repo import default_name, repository_root
-
-    root = repository_root(cfg.repository)
-    for tc in cfg.triton_configs():
-        name = default_name(cfg.arch, tc.format)
-        for folder in [root / name] + ([root / n for n in ensemble_parts(name)] if tc.ensemble else []):
-            if not folder.is_dir() or read_sidecar(folder) is not None:
-                continue
-            if any(not p.name.startswith(STAGING_PREFIX) for p in folder.iterdir()):
-                raise UserInputError(f"--repository {cfg.repository}: {folder}: it was not made by cnnpack (no "
-                                     "readable cnnpack-model.json), laid out by another tool or by hand; give this run "
-                                     "a repository of its own (--repository), or remove that model folder")
-
-
-def _check_run_dir(run: Run, force: bool, data: str) -> None:
-    """A run that some other command made is the pipeline's only with --force (it may retrain it), and so is a
-    pipeline's run of other data (a changed folder trains again; another folder is another run)."""
-    check_makeable(run.path)
-    if force or not run.path.exists():
-        return
-    if not run.manifest_path.exists():
-        if any(run.path.iterdir()):
-            raise UserInputError(f"--run {run.path} is not empty and not a cnnpack run; choose another --run")
-        return
-    stages = run.read().get("stages", {})
-    if "pipeline" not in stages:
-        if (stages.get("train") or {}).get("status") == "running":  # a `pipeline --force` or `train` at work there
-            raise UserInputError(f"--run {run.path} holds a training under way (another cnnpack command at work on "
-                                 "it, or one that was killed); wait for it to finish, or choose another --run (if it "
-                                 "was killed: --force trains again there)")
-        raise UserInputError(f"--run {run.path} holds a run not made by `cnnpack pipeline`; pass --force to let "
-                             "the pipeline redo its stages there, or choose another --run")
-    from cnnpack.data import recorded_source
-
-    other, mine = _trained_on(run.path), recorded_source(data)
-    if other is not None and other != mine:
-        raise UserInputError(f"--run {run.path} holds a pipeline run trained on {other}, not on {mine}; "
-                             "choose another --run, or pass --force to train it again on this data there")
-
-
 def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineConfig(), *, force: bool = False,
              progress: bool = True, say: Callable[[str], None] = print) -> dict:
     """Runs every stage in order (skipping up-to-date ones), writes the report, returns the summary.
@@ -460,11 +391,11 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     check_torchvision_options(cfg.data, cfg.data_root, False)
     cfg.check_calibration()  # past the training split: fails now, not in quantize after training
     repository_root(cfg.repository)  # a file there fails now, not after train, export and bench
-    _check_foreign_models(cfg)
+    check_foreign_models(cfg)
     run = Run(run_dir or default_run_dir(cfg))
     for what, path in (("--run", run.path), ("--repository", cfg.repository)):
         check_outside(cfg.data, path, what)
-    _check_run_dir(run, force, cfg.data)
+    check_run_dir(run, force, cfg.data)
     if run.manifest_path.is_file():  # its records go to this run only, not to one another command's --force made
         run.opened_as = identity(run.read())
     serve_ok, why = serve_available() if cfg.serve != "no" else (False, "--serve no")

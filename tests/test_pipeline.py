@@ -283,7 +283,8 @@ def test_a_run_made_by_another_command_is_not_retrained_without_force(tiny_run, 
 def test_two_data_folders_of_one_name_get_runs_of_their_own(tmp_path, monkeypatch):
     """runs/pipeline-data-cnn-32px was the default of every folder named `data`: the second pipeline trained over
     the first's run without a word. The default moves on to -2; a --run of other data needs --force."""
-    from cnnpack.pipeline import PipelineConfig, _check_run_dir, default_run_dir
+    from cnnpack.pipeline import PipelineConfig
+    from cnnpack.pipeline_rundir import check_run_dir, default_run_dir
     from cnnpack.rundir import Run
 
     monkeypatch.chdir(tmp_path)
@@ -298,9 +299,9 @@ def test_two_data_folders_of_one_name_get_runs_of_their_own(tmp_path, monkeypatc
     assert default_run_dir(PipelineConfig(data=str(a), image_size=32)) == first  # the same data: its own run again
     assert default_run_dir(PipelineConfig(data=str(b), image_size=32)) == Path("runs/pipeline-data-cnn-32px-2")
     with pytest.raises(UserInputError, match=rf"holds a pipeline run trained on {a}, not on {b}; choose another"):
-        _check_run_dir(run, False, str(b))
-    _check_run_dir(run, True, str(b))  # --force: trained again there
-    _check_run_dir(run, False, str(a))
+        check_run_dir(run, False, str(b))
+    check_run_dir(run, True, str(b))  # --force: trained again there
+    check_run_dir(run, False, str(a))
 
 
 @pytest.mark.slow
@@ -756,9 +757,9 @@ def test_a_model_folder_cnnpack_did_not_make_is_refused_before_training(tmp_path
         pipeline(tmp_path / "run", cfg, progress=False, say=lambda _: None)
     assert not (tmp_path / "run").exists()  # nothing trained
     (repo / "cnn_onnx_preprocess" / "cnnpack-model.json").write_text('{"identity": {"kind": "preprocess"}}')
-    from cnnpack.pipeline import _check_foreign_models
+    from cnnpack.pipeline_rundir import check_foreign_models
 
-    _check_foreign_models(cfg)  # cnnpack's: the triton stage judges whether it is this run's model
+    check_foreign_models(cfg)  # cnnpack's: the triton stage judges whether it is this run's model
 
 
 def test_a_quantize_refusal_in_the_pipeline_names_the_command_that_takes_its_advice(tiny_onnx_run, tmp_path,
@@ -785,16 +786,16 @@ def test_a_run_whose_training_is_under_way_is_not_called_foreign(tmp_path):
     """While `pipeline --force` retrained a run, a second pipeline on it said "a run not made by cnnpack pipeline;
     pass --force", inviting two processes to write one run."""
     from cnnpack.errors import UserInputError
-    from cnnpack.pipeline import _check_run_dir
+    from cnnpack.pipeline_rundir import check_run_dir
     from cnnpack.rundir import Run
 
     run = Run.create(tmp_path / "run", {"arch": "cnn", "classes": ["a", "b"], "num_classes": 2, "image_size": 32})
     run.set_stage("train", {"status": "running"})
     with pytest.raises(UserInputError, match="holds a training under way .*; wait for it to finish"):
-        _check_run_dir(run, False, "shapes")
+        check_run_dir(run, False, "shapes")
     run.update(lambda m: m["stages"].pop("train"))  # a run of another command, at rest
     with pytest.raises(UserInputError, match="holds a run not made by `cnnpack pipeline`"):
-        _check_run_dir(run, False, "shapes")
+        check_run_dir(run, False, "shapes")
 
 
 def test_a_rerun_with_formats_switched_off_benches_and_names_only_what_it_makes(tiny_onnx_run, tmp_path):
