@@ -111,10 +111,11 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     if left:
         plan.notes.append(f"not shipped: {', '.join(left)} (the image ensemble's preprocessing needs Pillow, which "
                           "the stock NGC image lacks; --model-store image builds an image with it)")
-    def bounded(model: str, n: int | str) -> str:  # the command that lays `model` out again, with its threads
+    def bounded(model: str, n: int | str, same: str = " (with the other options it was laid out with)") -> str:
+        """The command that lays `model` out again, with its threads (`same`: what else it must be given)."""
         if model == triton["name"] and isinstance(triton.get("config"), dict):  # every setting as it was laid out
             return relayout_command(run.path, {**triton["config"], "repository": triton["repository"]}, threads=n)
-        return lay_out(run.path, triton, model, classifiers)[:-1] + f" --threads {n}` (with the other options it was laid out with)"
+        return lay_out(run.path, triton, model, classifiers)[:-1] + f" --threads {n}`{same}"
 
     own, instances, threads = cpu(stages, manifest.get("machine", {}))
     sized_by = (_winner(stages) or {}).get("model") or triton["name"]  # the model whose config `own` is of
@@ -130,7 +131,9 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
         plan.notes.append(f"{', '.join(others)} also {'leaves' if one else 'leave'} the runtime's threads at 0: a "
                           f"request to {'it' if one else 'each'} runs on as many threads as the node has cores, beyond "
                           f"the pod's CPU limit ({plan.cpu.value}); lay {'it' if one else 'each'} out again with its "
-                          f"threads bounded: {'; '.join(bounded(m, 'N') for m in others)}")
+                          f"threads bounded: {'; '.join(bounded(m, 'N', same='') for m in others)}"
+                          + (" (each with the other options it was laid out with)" if not one
+                             else " (with the other options it was laid out with)"))
     plan.memory_mib = memory(stages, repository, classifiers, instances)
     download_s = math.ceil(size / DOWNLOAD_BYTES_PER_S) if remote else 0
     plan.startup_s = startup(stages, floor=STARTUP_FLOOR_S, download_s=download_s)
