@@ -145,12 +145,7 @@ def laid_out_settings(repository: str, model: str) -> dict:
     """What tune does not vary, as the model's config.pbtxt in the repository has it (TritonConfig fields): the batch
     cap, the preferred batch sizes, warm-up. Tune built its configs from the defaults and dropped
     `--max-batch-size 4` and `--warmup` from the points it measured and from the winner it wrote."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as pb
-
-    try:
-        mc = text_format.Parse(Path(repository, model, "config.pbtxt").read_text(encoding="utf-8"), pb.ModelConfig())
-    except (OSError, UnicodeDecodeError, text_format.ParseError):
+    if (mc := _config_pbtxt(repository, model)) is None:
         return {}  # no readable config: `cnnpack triton`'s defaults, as before
     out: dict = {"warmup": bool(mc.model_warmup),
                  "preferred_batch_sizes": tuple(mc.dynamic_batching.preferred_batch_size)}
@@ -165,16 +160,23 @@ def own_config_json(repository: str, model: str) -> str | None:
     this, not nothing: a plain load of a model an earlier point loaded with its own config keeps that config (Triton
     2.51 reloads what it holds, the repository being unchanged), and a default measured again after the sweep was
     measured as the last point's 500 us batching."""
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2 as pb
+    from google.protobuf import json_format
 
     from cnnpack.triton_release import local_config
 
+    mc = _config_pbtxt(repository, model)
+    return None if mc is None else json_format.MessageToJson(local_config(mc), preserving_proto_field_name=True)
+
+
+def _config_pbtxt(repository: str, model: str):
+    """The model's config.pbtxt in the repository, parsed (a ModelConfig); None where it cannot be read or parsed."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
     try:
-        mc = text_format.Parse(Path(repository, model, "config.pbtxt").read_text(encoding="utf-8"), pb.ModelConfig())
+        return text_format.Parse(Path(repository, model, "config.pbtxt").read_text(encoding="utf-8"), pb.ModelConfig())
     except (OSError, UnicodeDecodeError, text_format.ParseError):
         return None
-    return json_format.MessageToJson(local_config(mc), preserving_proto_field_name=True)
 
 
 def model_config_json(run: Run, s: Setting, repository: str, *, local: bool = False) -> str:
