@@ -121,6 +121,33 @@ def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
     raise _unknown_arch(spec.arch)
 
 
+def strided_convs_on_one_pixel(model: nn.Module, spec: ModelSpec) -> list[str]:
+    """The convolutions of `model` that stride over a padded 1x1 map at spec.image_size (resnet18's layer4.0.conv1
+    below 32 px), by name; found by one eval-mode forward pass of a blank image (nothing of the model changes).
+    In bf16 on the CPU their weight gradient is NaN at a padding tap now and then: oneDNN's bf16 backward on an
+    Emerald Rapids Xeon (AMX), torch 2.14.1, gave NaN in 18-26 of 300 steps of a lone Conv2d(256, 512, 3, stride 2,
+    padding 1) over 1x1 inputs, and in none of 200 over 2x2, 4x4 or 8x8 inputs, in fp32, or at stride 1."""
+    found: list[str] = []
+
+    def hook(name: str):
+        def seen(module, args, _out) -> None:
+            if args and isinstance(args[0], torch.Tensor) and tuple(args[0].shape[-2:]) == (1, 1):
+                found.append(name)
+        return seen
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
+               if isinstance(m, nn.Conv2d) and max(m.stride) > 1 and not isinstance(m.padding, str) and max(m.padding) > 0]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, spec.image_size, spec.image_size, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
+
+
 def check_input_size(model: nn.Module, spec: ModelSpec) -> None:
     """Raises UserInputError where the network cannot classify spec.image_size images (a ViT built for 224, a
     pooling that shrinks 32 px to nothing): one forward pass of two blank images, in training and in eval mode,
