@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -27,10 +26,11 @@ from cnnpack import plots
 from cnnpack.atomic import atomic_path, sigint_deferred
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, file_error, first_few, one_line, shell
 from cnnpack.host import check_device
-from cnnpack.models import build_model, check_input_size, load_weights, strided_convs_on_one_pixel
+from cnnpack.models import build_model, check_input_size, load_weights
 from cnnpack.rundir import LAST, MANIFEST, Run, check_makeable
 from cnnpack.spec import ModelSpec
 from cnnpack.train_config import DEFAULT_LR, TrainConfig
+from cnnpack.train_precision import Diverged, autocast_for, check_finite
 from cnnpack.train_resume import as_recorded, check_same_data, recorded_config, resume_state
 from cnnpack.train_sessions import record_session, session
 
@@ -45,24 +45,6 @@ LATER_OUTPUTS = ("export", "verify.json", "bench.json", "bench.csv", "bench.png"
                  "served.json", "served", "tune.json", "tune.png", "tune", "report.md", "report.html")
 # not deploy/: `cnnpack deploy` keeps a user's own files in it, and writes it again for the new model
 log = logging.getLogger("cnnpack")
-
-
-class Diverged(ValueError):
-    """An epoch left the model's weights or its validation loss NaN or infinite: it is not kept."""
-
-
-def _check_finite(model, stats: dict, lr: float, weight_decay: float = 0.0) -> None:
-    """Raises Diverged when an epoch's weights (parameters and BatchNorm statistics) or validation loss are not
-    finite: saved, such a checkpoint predicts one class for every image, which evaluate reported as an accuracy and
-    verify as every export's parity failure. The weights rather than the training loss: under a CUDA GradScaler an
-    overflowing step is skipped, and its loss alone says nothing of the model."""
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    if math.isfinite(stats["val_loss"]) and bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
-        return
-    raise Diverged(f"training diverged: the weights or the loss became NaN or infinite (training loss "
-                   f"{stats['train_loss']:.4g}, validation loss {stats['val_loss']:.4g}); train again with a lower "
-                   f"learning rate than --lr {lr:g}"
-                   + (f" or a lower --weight-decay than {weight_decay:g}" if weight_decay > 1 else ""))
 
 
 class Interrupted(CnnpackError):
@@ -143,37 +125,6 @@ def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn
 def _epoch_rng(seed: int, epoch: int) -> torch.Generator:
     torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
-
-def _autocast(device: torch.device, cfg: TrainConfig, model: nn.Module, spec: ModelSpec, say: bool = True):
-    """(context, grad scaler, what it computes in: "bf16", "fp16" or None) for the forward pass of a training step.
-
-    On a CPU with AMX (amx_bf16), bf16 autocast: its convolutions and matmuls run on the tile unit; the default
-    training took 1.40x the images/s of fp32 and 30.7 s for 38.3 s on an Emerald Rapids Xeon, at the same top-1
-    (benchmarks/results/train-amp-cnn-64px-cpu2-amx.md); the weights, the validation and the checkpoint stay fp32.
-    Not where a convolution strides over a 1x1 map (`strided_convs_on_one_pixel`): its bf16 weight gradient is NaN
-    now and then, and resnet18 at 16 px ended its first epoch with NaN weights (Diverged) in 65 of 214 tries.
-    Elsewhere on a CPU it trains in fp32 (AVX-512 BF16 without AMX was not measured; AVX2 emulates bf16)."""
-    if not cfg.amp:
-        return contextlib.nullcontext(), None, None
-    if device.type == "cpu":
-        from cnnpack.host import cpu_flags
-
-        if "amx_bf16" not in cpu_flags():
-            return contextlib.nullcontext(), None, None
-        if convs := strided_convs_on_one_pixel(model, spec):
-            if say:
-                log.warning(f"warning: training in fp32, not bf16: {first_few(convs)} "
-                            f"{'strides' if len(convs) == 1 else 'stride'} over a 1x1 map at {spec.image_size} px, "
-                            "where the CPU's bf16 weight gradient is NaN now and then (a larger --image-size "
-                            "trains in bf16)")
-            return contextlib.nullcontext(), None, None
-        return torch.autocast("cpu", dtype=torch.bfloat16), None, "bf16"
-    if device.type != "cuda":
-        return contextlib.nullcontext(), None, None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler, "bf16" if dtype == torch.bfloat16 else "fp16"
 
 
 def _to_input(x: torch.Tensor, spec: ModelSpec, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -344,7 +295,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     steps_per_epoch = data_mod.num_batches(n_train, cfg.batch_size)
     opt, sched = make_optimizer(cfg, model, cfg.epochs * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    autocast, scaler, mixed = _autocast(device, cfg, model, spec, say=is_main)
+    autocast, scaler, mixed = autocast_for(device, cfg, model, spec, say=is_main)
     state = {"autocast": autocast, "scaler": scaler, "channels_last": channels_last, "shard": shard}
 
     if is_main and resume:
@@ -383,7 +334,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                 if dist is not None:
                     stats = dist.reduce_stats(stats)
                 stats.update(_validate(model, data.val, spec, device, loss_fn, channels_last))
-                _check_finite(model, stats, opt.defaults["lr"], cfg.weight_decay)
+                check_finite(model, stats, opt.defaults["lr"], cfg.weight_decay)
                 if bar is not None:
                     bar.update(task, val=f"  val loss {stats['val_loss']:.3f} acc {100 * stats['val_acc']:.2f}%")
                 stats = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats}
