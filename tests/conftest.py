@@ -6,11 +6,42 @@ written by the shapes generator into a per-session cache.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
+
+
+def _servers_started_here() -> list[tuple[int, str]]:
+    """(pid, command line) of each tritonserver this test process started that still runs (not a zombie)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            state, ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            cmd = [c.decode(errors="replace") for c in (d / "cmdline").read_bytes().split(b"\0") if c]
+        except (OSError, ValueError):
+            continue
+        if int(ppid) == os.getpid() and state != "Z" and cmd and Path(cmd[0]).name == "tritonserver":
+            out.append((int(d.name), " ".join(cmd)))
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_server_left(request):
+    """A module whose tests leave a Triton server running fails, naming it, and the server is killed: one of a CI
+    run outlived it by 14 minutes, its test unknown."""
+    yield
+    left = _servers_started_here()
+    for pid, _ in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # the server and its Python backend stubs (its own process group)
+    assert not left, f"{request.module.__name__} left {len(left)} Triton server(s) running: " + "; ".join(
+        f"pid {pid}: {cmd[:300]}" for pid, cmd in left)
 
 
 @pytest.fixture(scope="session", autouse=True)
