@@ -125,8 +125,9 @@ def strided_convs_on_one_pixel(model: nn.Module, spec: ModelSpec) -> list[str]:
     """The convolutions of `model` that stride over a padded 1x1 map at spec.image_size (resnet18's layer4.0.conv1
     below 32 px), by name; found by one eval-mode forward pass of a blank image (nothing of the model changes).
     In bf16 on the CPU their weight gradient is NaN at a padding tap now and then: oneDNN's bf16 backward on an
-    Emerald Rapids Xeon (AMX), torch 2.14.1, gave NaN in 18-26 of 300 steps of a lone Conv2d(256, 512, 3, stride 2,
-    padding 1) over 1x1 inputs, and in none of 200 over 2x2, 4x4 or 8x8 inputs, in fp32, or at stride 1."""
+    Emerald Rapids Xeon (AMX), torch 2.14.1, gave NaN in 2 to 6 of 900 steps of a lone Conv2d(256, 512, 3, stride 2,
+    padding 1) over 1x1 inputs, and in none over 2x2, 4x4 or 8x8 inputs, in fp32, or at stride 1
+    (benchmarks/bf16_conv_grad.py)."""
     found: list[str] = []
 
     def hook(name: str):

@@ -44,7 +44,7 @@ def autocast_for(device: torch.device, cfg: TrainConfig, model: nn.Module, spec:
     training took 1.40x the images/s of fp32 and 30.7 s for 38.3 s on an Emerald Rapids Xeon, at the same top-1
     (benchmarks/results/train-amp-cnn-64px-cpu2-amx.md); the weights, the validation and the checkpoint stay fp32.
     Not where a convolution strides over a 1x1 map (`strided_convs_on_one_pixel`): its bf16 weight gradient is NaN
-    now and then, and resnet18 at 16 px ended its first epoch with NaN weights (Diverged) in 65 of 220 tries.
+    now and then, and resnet18 at 16 px ended its first epoch with NaN weights (Diverged), at random.
     Elsewhere on a CPU it trains in fp32 (AVX-512 BF16 without AMX was not measured; AVX2 emulates bf16)."""
     if not cfg.amp:
         return contextlib.nullcontext(), None, None
