@@ -123,25 +123,28 @@ def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
 
 def strided_convs_on_one_pixel(model: nn.Module, spec: ModelSpec) -> list[str]:
     """The convolutions of `model` that stride over a padded 1x1 map at spec.image_size (resnet18's layer4.0.conv1
-    below 32 px), by name; found by one eval-mode forward pass of a blank image (nothing of the model changes).
-    In bf16 on the CPU their weight gradient is NaN at a padding tap now and then: oneDNN's bf16 backward on an
-    Emerald Rapids Xeon (AMX), torch 2.14.1, gave NaN in 2 to 6 of 900 steps of a lone Conv2d(256, 512, 3, stride 2,
-    padding 1) over 1x1 inputs, and in none over 2x2, 4x4 or 8x8 inputs, in fp32, or at stride 1
-    (benchmarks/bf16_conv_grad.py)."""
+    at 16 px or less), by name, each once; found by one eval-mode forward pass of a blank image (nothing of the
+    model changes). In bf16 on the CPU their weight gradient is NaN at a padding tap now and then: oneDNN's bf16
+    backward on an Emerald Rapids Xeon (AMX), torch 2.14.1, gave NaN in 2 to 4 of 900 steps of a lone Conv2d(256,
+    512, 3, stride 2, padding 1) over 1x1 inputs (6 of 900 with 512 channels in), and in none over 2x2, 4x4 or 8x8
+    inputs, in fp32, or at stride 1 (benchmarks/bf16_conv_grad.py)."""
     found: list[str] = []
 
     def hook(name: str):
         def seen(module, args, _out) -> None:
-            if args and isinstance(args[0], torch.Tensor) and tuple(args[0].shape[-2:]) == (1, 1):
-                found.append(name)
+            x = args[0] if args else None  # (a keyword-called convolution is not seen)
+            if isinstance(x, torch.Tensor) and tuple(x.shape[-2:]) == (1, 1) and name not in found:
+                found.append(name)  # (a convolution called twice is named once)
         return seen
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
-               if isinstance(m, nn.Conv2d) and max(m.stride) > 1 and not isinstance(m.padding, str) and max(m.padding) > 0]
+               if isinstance(m, nn.Conv2d) and max(m.stride) > 1 and not isinstance(m.padding, str)
+               and max(m.padding) > 0]
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, spec.image_size, spec.image_size, device=next(model.parameters()).device))
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            model.eval()(torch.zeros(1, 3, spec.image_size, spec.image_size, device=device))
     finally:
         model.train(was_training)
         for h in handles:

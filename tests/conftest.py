@@ -14,19 +14,30 @@ from pathlib import Path
 
 import pytest
 
+# every process this test session starts carries this mark in its environment, a server a `cnnpack` subprocess
+# starts too (server_env copies the environment): that is how a server left running is told from anyone else's
+SESSION_MARK = f"CNNPACK_TEST_SESSION={os.getpid()}"
+os.environ["CNNPACK_TEST_SESSION"] = str(os.getpid())
+
 
 def _servers_started_here() -> list[tuple[int, str]]:
-    """(pid, command line) of each tritonserver this test process started that still runs (not a zombie)."""
-    out = []
-    for d in Path("/proc").iterdir():
+    """(pid, command line) of each tritonserver this test session started (itself, or a `cnnpack` it ran) that still
+    runs (not a zombie)."""
+    proc, out = Path("/proc"), []
+    if not proc.is_dir():
+        return out
+    for d in proc.iterdir():
         if not d.name.isdigit():
             continue
         try:
-            state, ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[:2]
             cmd = [c.decode(errors="replace") for c in (d / "cmdline").read_bytes().split(b"\0") if c]
-        except (OSError, ValueError):
+            if not cmd or Path(cmd[0]).name != "tritonserver":
+                continue
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            marked = SESSION_MARK.encode() in (d / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
             continue
-        if int(ppid) == os.getpid() and state != "Z" and cmd and Path(cmd[0]).name == "tritonserver":
+        if marked and state != "Z":
             out.append((int(d.name), " ".join(cmd)))
     return out
 
@@ -39,7 +50,12 @@ def _no_server_left(request):
     left = _servers_started_here()
     for pid, _ in left:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)  # the server and its Python backend stubs (its own process group)
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)  # the server and its Python backend stubs (its own process group)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, 0)  # reaped where it is this process's child
     assert not left, f"{request.module.__name__} left {len(left)} Triton server(s) running: " + "; ".join(
         f"pid {pid}: {cmd[:300]}" for pid, cmd in left)
 

@@ -585,6 +585,24 @@ def test_a_default_measured_after_another_point_is_its_config_pbtxt_not_the_last
     assert (default["queue_delay_us"], default["threads"], default["dynamic_batching"]) == (100, 1, True)
 
 
+def test_a_default_loads_its_config_pbtxt_as_the_local_server_reads_it(tmp_path):
+    """A pt2 model's config.pbtxt names `platform: "torch_aoti"`, which the local Triton 2.51 refuses: the default
+    point loads it without that line (as `cnnpack serve` gives it), everything else as written; no readable config
+    is None (Triton's plain load then says why)."""
+    from cnnpack.tune_grid import own_config_json
+
+    (tmp_path / "cnn_pt2").mkdir()
+    (tmp_path / "cnn_pt2" / "config.pbtxt").write_text(
+        'name: "cnn_pt2"\nplatform: "torch_aoti"\nbackend: "pytorch"\ndefault_model_filename: "model.pt2"\n'
+        "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 100 }\n")
+    got = json.loads(own_config_json(str(tmp_path), "cnn_pt2"))
+    assert got == {"name": "cnn_pt2", "backend": "pytorch", "default_model_filename": "model.pt2", "max_batch_size": 8,
+                   "dynamic_batching": {"max_queue_delay_microseconds": "100"}}
+    assert own_config_json(str(tmp_path), "missing") is None
+    (tmp_path / "cnn_pt2" / "config.pbtxt").write_text("max_batch_size: {")
+    assert own_config_json(str(tmp_path), "cnn_pt2") is None
+
+
 def test_settling_keeps_the_steadier_measurement_and_judges_a_new_winner_again(monkeypatch):
     """The step measured a steady winner again for its default's sake and replaced its steady figure by an unsteady
     one; the winner that then came first had been measured once and decided the verdict. Measurements planted."""
