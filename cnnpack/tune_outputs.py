@@ -71,7 +71,7 @@ def describe(section: dict) -> str:
     today = v.get("vs_served_default")
     if today and today["model"] != w["model"]:
         shaky = f", whose own noise was {100 * today['noise']:.0f} %" if (today.get("noise") or 0) > 0.1 else ""
-        line += f"; {ratio(today['gain'])} {today['model']} as served today{shaky}"
+        line += f"; {ratio(today['gain'])} {today['model']} as laid out (its config.pbtxt, in this sweep){shaky}"
     sweep = section.get("sweep") or {}
     if sweep.get("truncated"):  # the models take turns: each was cut about as far
         line += (f"; the sweep was cut at --time-limit after {len(section.get('points', []))} of "

@@ -681,3 +681,29 @@ def test_instances_or_threads_past_the_cores_are_said_to_be_left_out(monkeypatch
     monkeypatch.setattr(t, "usable_cores", lambda: 1)
     t.TuneConfig().validate()
     assert t.past_the_cores(t.TuneConfig()) == "--instances 2 and --threads 2"
+
+
+def test_the_report_says_where_the_sweep_and_the_served_stage_measured_the_same_config_apart():
+    """"Served by Triton" showed cnn_onnx at 2,410 images/s at 16 and the tune paragraph "1.02x cnn_onnx as served
+    today" for a winner at 3,866: the sweep had measured the same config at 3,774. Said, with when; not within the
+    noise, over another protocol, or where the served stage measured another layout."""
+    from cnnpack.report_serving import _measured_apart
+
+    served = {"status": "ok", "updated": "2026-12-06T16:36:37+00:00", "load": [
+        {"format": "triton:cnn_onnx", "concurrency": 16, "throughput_ips": 2410.0, "load_generator": "cnnpack client"}]}
+    stages = {"triton": {"name": "cnn_onnx"}, "served": served}
+    own = {"default": True, "model": "cnn_onnx", "concurrency": 16, "throughput_ips": 3774.0, "noise": 0.08,
+           "load_generator": "cnnpack client"}
+    t = {"config": {"protocol": "http"}, "updated": "2026-12-06T16:39:46+00:00", "winner": {"concurrency": 16},
+         "points": [own]}
+    assert _measured_apart(stages, t) == (
+        " `cnn_onnx` as laid out ran 3,774 images/s at concurrency 16 in this sweep (ended 16:39 UTC) and 2,410 in the "
+        "served stage above (16:36 UTC), 1.57x apart: one config measured at two times on a host whose speed varies; "
+        "the gains here compare points of this sweep only.")
+    assert _measured_apart(stages, {**t, "points": [{**own, "throughput_ips": 2600.0}]}) == ""  # within 10 %
+    assert _measured_apart(stages, {**t, "points": [{**own, "throughput_ips": 2900.0, "noise": 0.3}]}) == ""
+    assert _measured_apart(stages, {**t, "config": {"protocol": "grpc"}}) == ""  # the served load is HTTP
+    assert _measured_apart(stages, {**t, "winner": {"concurrency": 4}}) == ""  # no served row at 4
+    moved = {**stages, "served": {**served, "repository": "/elsewhere"}, "triton": {"name": "cnn_onnx",
+                                                                                   "repository": "/here"}}
+    assert _measured_apart(moved, t) == ""  # the served stage measured another repository
