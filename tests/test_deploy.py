@@ -802,7 +802,9 @@ def test_a_verified_model_laid_out_under_a_name_of_its_own_is_shipped(laid_out, 
     build(run, TritonConfig(repository=str(repo), force=True))
     build(run, TritonConfig(repository=str(repo), threads=1, name="mycnn"))
     r = deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no", force=True))
-    assert any(n.startswith("cnn_onnx also leaves the runtime's threads at 0") for n in r["notes"]), r["notes"]
+    also = [n for n in r["notes"] if n.startswith("cnn_onnx also leaves the runtime's threads at 0")]
+    assert len(also) == 1 and also[0].endswith("--format onnx --threads N` (with the other options it was laid out "
+                                                "with)") and also[0].count("other options") == 1, r["notes"]
     # and the pod is sized for the one that asks for the most, not only for the model laid out last
     cores = int(json.loads((run / "cnnpack.json").read_text())["machine"]["cpu_count"])
     assert r["served_model"] == "mycnn" and r["figures"]["cpu"]["value"] == cores
