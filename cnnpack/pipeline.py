@@ -35,18 +35,9 @@ def _earlier_models(run: Run, repository: Path, laid: list[str]) -> list[str]:
                   and classifier_of(p.name) not in laid and here in laid_out_from(p))
 
 
-# the settings of a triton stage's config and the `cnnpack triton` option that sets each
-_TRITON_FLAGS = {"device": "--device", "instances": "--instances", "max_batch_size": "--max-batch-size",
-                 "preferred_batch_sizes": "--preferred-batch-sizes", "max_queue_delay_us": "--max-queue-delay-us",
-                 "dynamic_batching": "--dynamic-batching", "threads": "--threads", "tensorrt": "--tensorrt",
-                 "tensorrt_fp16": "--tensorrt-fp16", "warmup": "--warmup"}
-
-
-def _option(key: str, value) -> str:
-    flag = _TRITON_FLAGS[key]
-    if isinstance(value, bool):
-        return flag if value else flag.replace("--", "--no-", 1)
-    return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
+# the settings of a triton stage's config that the pipeline sets its own way (each a `cnnpack triton` option)
+_TRITON_SETTINGS = ("device", "instances", "max_batch_size", "preferred_batch_sizes", "max_queue_delay_us",
+                    "dynamic_batching", "threads", "tensorrt", "tensorrt_fp16", "warmup")
 
 
 def _settings_replaced(run: Run, before: dict, sections: list[dict]) -> str:
@@ -58,11 +49,13 @@ def _settings_replaced(run: Run, before: dict, sections: list[dict]) -> str:
                 and s.get("repository") == before.get("repository")), None)
     if new is None or before.get("status") != "ok":
         return ""
-    old, mine = (json.loads(json.dumps({k: (sec.get("config") or {}).get(k) for k in _TRITON_FLAGS}))
+    old, mine = (json.loads(json.dumps({k: (sec.get("config") or {}).get(k) for k in _TRITON_SETTINGS}))
                  for sec in (before, new))  # tuples as lists: a section just built and one read back compare equal
-    if not (changed := [k for k in _TRITON_FLAGS if old[k] is not None and old[k] != mine[k]]):
+    if not (changed := [k for k in _TRITON_SETTINGS if old[k] is not None and old[k] != mine[k]]):
         return ""
-    options = " ".join(_option(k, old[k]) for k in changed)
+    from cnnpack.triton_config import option
+
+    options = " ".join(option(k, old[k]) for k in changed)
     again = (f"cnnpack triton --run {shell(run.path)} --repository {shell(new['repository'])} --format "
              f"{new['format']}{' --ensemble' if 'ensemble' in new else ''} {options}")
     return (f"; {new['name']} had {options} from `cnnpack triton`, now the pipeline's settings (`{again}` sets "

@@ -107,6 +107,19 @@ class TritonConfig:
         return self.format in ONNX_FORMATS and self.device == "gpu" and self.tensorrt is not False
 
 
+def option(name: str, value) -> str:
+    """A TritonConfig setting as the `cnnpack triton` option that sets it, as a person pastes it: `--warmup` or
+    `--no-warmup`, `--preferred-batch-sizes 2,4`, `--threads 2` (a list read back from JSON as a tuple)."""
+    from cnnpack.errors import shell
+
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else flag.replace("--", "--no-", 1)
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {','.join(map(str, value))}"
+    return f"{flag} {shell(value)}"
+
+
 # -- input checks ---------------------------------------------------------------------------
 def check_name(name: str) -> str:
     """A Triton model name that stays a single folder inside the repository."""

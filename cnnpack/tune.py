@@ -238,6 +238,7 @@ def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repositor
     point measured again once at most). Still unsteady, the verdict says so (`verdict`)."""
     t0, names, again_done = time.monotonic(), {f.name for f in fields(Setting)}, set()
     key = lambda p: (p["label"], p["concurrency"])  # noqa: E731
+    left = lambda: cfg.time_limit_s - (info["wall_s"] + time.monotonic() - t0)  # noqa: E731 - of --time-limit
     while True:
         winner = choose(points, cfg)
         default = winner and next((p for p in points if p["default"] and p["model"] == winner["model"]
@@ -246,7 +247,7 @@ def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repositor
                  and key(p) not in again_done]
         if not shaky:
             break
-        if not server.alive() or cfg.time_limit_s - (info["wall_s"] + time.monotonic() - t0) <= 0:
+        if not server.alive() or left() <= 0:
             info.setdefault("settle", {})["skipped"] = ("the time limit was reached" if server.alive()
                                                         else "the server is gone")
             break
@@ -257,10 +258,9 @@ def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repositor
             say(f"measuring {p['label']} at concurrency {p['concurrency']} again: its windows did not agree"
                 + (f" ({windows} images/s)" if windows else ""))
             s = Setting(**{k: v for k, v in p.items() if k in names})  # a default: its config.pbtxt, whatever it holds
-            left = cfg.time_limit_s - (info["wall_s"] + time.monotonic() - t0)
             try:  # within what is left of --time-limit, as a sweep's point is
                 again = measure_point(run, server, s, p["concurrency"],
-                                      replace(cfg, max_seconds=max(0.5, min(cfg.max_seconds, left))), repository)
+                                      replace(cfg, max_seconds=max(0.5, min(cfg.max_seconds, left()))), repository)
             except CnnpackError as e:  # the first figures stand
                 settle["error"] = f"{p['label']}: {e}"
                 break

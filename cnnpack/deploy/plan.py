@@ -289,7 +289,7 @@ def relayout_command(run_path: Path, config: dict, **changed) -> str:
     from dataclasses import fields
 
     from cnnpack.errors import shell
-    from cnnpack.triton_config import TritonConfig
+    from cnnpack.triton_config import TritonConfig, option
 
     cfg, out = {**config, **changed}, [f"cnnpack triton --run {shell(run_path)}"]
     for f in fields(TritonConfig):
@@ -297,11 +297,8 @@ def relayout_command(run_path: Path, config: dict, **changed) -> str:
         value = tuple(value) if isinstance(value, list) else value  # (a tuple read back from JSON)
         if f.name == "force" or (value == f.default and f.name not in ("repository", "format", *changed)):
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else flag.replace("--", "--no-", 1))
-        elif value is not None:
-            out.append(f"{flag} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else shell(value)}")
+        if value is not None:
+            out.append(option(f.name, value))
     return f"`{' '.join(out)}`"
 
 
