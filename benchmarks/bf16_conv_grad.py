@@ -1,7 +1,7 @@
 """How often the CPU's bf16 weight gradient of a convolution is not finite, by the shape of its input map.
 
 One Conv2d at a time, a batch of 65 random images per step, the forward in bf16 autocast (as `cnnpack train` runs on
-a CPU with AMX), the loss in fp32; a step counts when any entry of the weight's gradient is NaN or infinite. The
+a CPU with native bf16), the loss in fp32; a step counts when any entry of the weight's gradient is NaN or infinite. The
 case that made resnet18 at 16 px diverge (its layer4.0.conv1: 3x3, stride 2, padding 1 over a 1x1 map) beside the
 same convolution over larger maps, at stride 1, in fp32 and with no padding: which cnnpack.models.
 strided_convs_on_one_pixel names, and which it does not. The cases take turns, --rounds times: how often it
@@ -59,7 +59,7 @@ def main() -> None:
             print(r + 1, row, flush=True)
     lines = ["# The CPU's bf16 weight gradient of a convolution, by its input map", "",
              "Steps whose weight gradient held a NaN or infinite entry (batch 65, random inputs; the forward in bf16 "
-             "autocast as `cnnpack train` runs on an AMX CPU).", "",
+             "autocast as `cnnpack train` runs on a CPU with native bf16).", "",
              f"| input map | convolution | precision | steps per round | not finite, each of {a.rounds} rounds | all |",
              "|---|---|---|--:|--:|--:|"]
     lines += [f"| {r['map']} | {r['conv']} | {r['precision']} | {r['steps']} | {', '.join(map(str, r['not_finite']))} "

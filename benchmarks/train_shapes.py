@@ -13,8 +13,11 @@ marked as contended, because CPU training slows down far more than the stolen sh
 
     .venv/bin/python benchmarks/train_shapes.py            # writes benchmarks/results/train_shapes-cnn-64px-cpu2.*
     .venv/bin/python benchmarks/train_shapes.py --compare-amp --repeats 2
-        # `cnnpack train` (bf16 autocast where the CPU has AMX) against `cnnpack train --no-amp` (fp32), alternated
+        # `cnnpack train` (bf16 autocast where the CPU has native bf16) against `cnnpack train --no-amp` (fp32), alternated
         # round by round: writes benchmarks/results/train-amp-cnn-64px-cpu2-<isa>.*
+    .venv/bin/python benchmarks/train_shapes.py --compare-amp --force-bf16 --repeats 2
+        # the same where the CPU has no AMX (AVX-512 BF16, AVX2): the amp run is told the CPU has amx_bf16, so it
+        # trains in bf16 autocast as cnnpack would there: writes ...-<isa>-forced-bf16.*
 """
 
 from __future__ import annotations
@@ -117,17 +120,26 @@ def generation(tmp: Path, cores: list[int]) -> dict:
     return res
 
 
-def train_run(tmp: Path, i: int, cores: list[int], extra: tuple[str, ...] = ()) -> dict:
-    """`cnnpack train` with no options (but `extra`), from an empty folder (it creates runs/train-1 there)."""
+# `cnnpack` in a process whose CPU flag probe adds amx_bf16: training takes bf16 autocast as on an AMX host
+FORCED_BF16 = ("import sys, cnnpack.host as h; probe = h.cpu_flags; "
+               "h.cpu_flags = lambda cpuinfo=None: probe(cpuinfo) | {'amx_bf16'}; "
+               "from cnnpack.cli import main; sys.argv[0] = 'cnnpack'; sys.exit(main())")
+
+
+def train_run(tmp: Path, i: int, cores: list[int], extra: tuple[str, ...] = (), force_bf16: bool = False) -> dict:
+    """`cnnpack train` with no options (but `extra`), from an empty folder (it creates runs/train-1 there);
+    `force_bf16`: in a process that believes the CPU has amx_bf16."""
     cwd = tmp / f"run{i}"
     cwd.mkdir()
-    res = timed(cnnpack_cmd() + ["train", *extra], cwd=cwd, env=child_env(None), cores=cores)
+    cmd = [sys.executable, "-c", FORCED_BF16] if force_bf16 else cnnpack_cmd()
+    res = timed(cmd + ["train", *extra], cwd=cwd, env=child_env(None), cores=cores)
     manifest = json.loads((cwd / "runs" / "train-1" / "cnnpack.json").read_text())
     t = manifest["stages"]["train"]
     res.update(best_val_acc=t["metrics"]["best_val_acc"], best_epoch=t["metrics"]["best_epoch"],
                epochs=t["metrics"]["epochs"], in_process_wall_s=t["metrics"]["wall_s"],
                train_images_per_s=t["metrics"]["train_images_per_s"], device=t["device"],
-               autocast=t.get("autocast"), command=" ".join(["cnnpack train", *extra]),
+               autocast=t.get("autocast"),
+               command=" ".join(["cnnpack train", *extra]) + (" (told the CPU has amx_bf16)" if force_bf16 else ""),
                val_images=t["data"]["val_images"], train_images=t["data"]["train_images"])
     res["passed"] = res["best_val_acc"] >= TARGET_ACC and res["wall_s"] <= TARGET_WALL_S
     del res["stdout_tail"]
@@ -200,7 +212,9 @@ def write_amp(result: dict) -> None:
     name = result["benchmark"]
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     s, m = result["summary"], result["machine"]
-    lines = [f"# `cnnpack train` (amp: bf16 autocast where the CPU has AMX) against `cnnpack train --no-amp` "
+    amp = ("bf16 autocast, forced: the process is told the CPU has amx_bf16" if result.get("forced_bf16")
+           else "bf16 autocast where the CPU has native bf16: AMX or AVX-512 BF16")
+    lines = [f"# `cnnpack train` (amp: {amp}) against `cnnpack train --no-amp` "
              f"(fp32), {CORES} CPU cores", "",
              f"Alternated round by round, each a fresh process in an empty folder, the dataset cached. Median wall "
              f"**{s['amp']['wall_s_median']} s** against **{s['no-amp']['wall_s_median']} s** "
@@ -233,7 +247,10 @@ def compare_amp(args, cores: list[int], deadline: float) -> int:
         for rnd in range(1, args.repeats + 1):
             for name, extra in (variants if rnd % 2 else variants[::-1]):  # each goes first in every other round
                 waited += wait_for_quiet(cores, deadline)
-                r = train_run(Path(tmp), len(runs), cores, extra) | {"round": rnd, "variant": name}
+                forced = args.force_bf16 and name == "amp"
+                r = train_run(Path(tmp), len(runs), cores, extra, forced) | {"round": rnd, "variant": name}
+                if forced and r["autocast"] != "bf16":
+                    sys.exit(f"the forced amp run trained with autocast {r['autocast']}, not bf16")
                 print(f"round {rnd} {name}: {r['wall_s']} s, {r['train_images_per_s']:.0f} img/s, top-1 "
                       f"{100 * r['best_val_acc']:.2f} %, others' CPU {r['others_cpu_s']} s", file=sys.stderr)
                 runs.append(r)
@@ -244,9 +261,12 @@ def compare_amp(args, cores: list[int], deadline: float) -> int:
     summary = {**med, "wall_ratio": round(med["no-amp"]["wall_s_median"] / med["amp"]["wall_s_median"], 2),
                "images_per_s_ratio": round(med["amp"]["images_per_s_median"] / med["no-amp"]["images_per_s_median"],
                                            2)}
-    write_amp({"benchmark": f"train-amp-cnn-64px-cpu{CORES}-{isa_tag(info)}",
-               "reproduce": f".venv/bin/python benchmarks/train_shapes.py --compare-amp --repeats {args.repeats}",
+    forced = "-forced-bf16" if args.force_bf16 else ""
+    write_amp({"benchmark": f"train-amp-cnn-64px-cpu{CORES}-{isa_tag(info)}{forced}",
+               "reproduce": f".venv/bin/python benchmarks/train_shapes.py --compare-amp"
+                            f"{' --force-bf16' if forced else ''} --repeats {args.repeats}",
                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "forced_bf16": bool(forced),
                "machine": machine(cores) | {"flags": info["flags"]}, "waited_for_quiet_s": round(waited, 1),
                "load_1min_start": load_start, "load_1min_end": round(os.getloadavg()[0], 2), "runs": runs,
                "summary": summary})
@@ -260,9 +280,14 @@ def main() -> int:
     ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait in all for idle cores")
     ap.add_argument("--compare-amp", action="store_true",
                     help="alternate `cnnpack train` and `cnnpack train --no-amp` (--repeats rounds of both)")
+    ap.add_argument("--force-bf16", action="store_true",
+                    help="with --compare-amp: the amp run trains in bf16 autocast whatever the CPU (it is told the "
+                         "CPU has amx_bf16), to measure bf16 where cnnpack trains in fp32")
     args = ap.parse_args()
     cores = pin_cores()
     deadline = time.monotonic() + args.max_wait
+    if args.force_bf16 and not args.compare_amp:
+        ap.error("--force-bf16 goes with --compare-amp")
     if args.compare_amp:
         return compare_amp(args, cores, deadline)
 

@@ -27,7 +27,7 @@ class TrainConfig:
     patience: int = 4  # early stopping: epochs without a val-accuracy gain
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # CUDA: bf16 where supported, else fp16 with a scaler; a CPU with AMX: bf16 (autocast_for)
+    amp: bool = True  # CUDA: bf16 where supported, else fp16 with a scaler; a CPU with native bf16: bf16 (autocast_for)
     channels_last: bool | None = None  # default (None): on; NHWC convs are faster on CPU (oneDNN) and GPU
     pretrained: bool = False
     val_fraction: float = 0.2

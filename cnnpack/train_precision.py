@@ -1,6 +1,6 @@
 """What a training step computes in, and the check that an epoch left finite weights: bf16 autocast on a CPU with
-AMX (not over a convolution that strides over a 1x1 map), bf16 or fp16 on CUDA, fp32 elsewhere; `Diverged` when an
-epoch's weights or validation loss are NaN or infinite."""
+native bf16 (AMX, or AVX-512 BF16; on AMX not over a convolution that strides over a 1x1 map), bf16 or fp16 on CUDA,
+fp32 elsewhere; `Diverged` when an epoch's weights or validation loss are NaN or infinite."""
 
 from __future__ import annotations
 
@@ -40,20 +40,22 @@ def check_finite(model, stats: dict, lr: float, weight_decay: float = 0.0) -> No
 def autocast_for(device: torch.device, cfg: TrainConfig, model: nn.Module, spec: ModelSpec, say: bool = True):
     """(context, grad scaler, what it computes in: "bf16", "fp16" or None) for the forward pass of a training step.
 
-    On a CPU with AMX (amx_bf16), bf16 autocast: its convolutions and matmuls run on the tile unit; the default
-    training took 1.40x the images/s of fp32 and 30.7 s for 38.3 s on an Emerald Rapids Xeon, at the same top-1
-    (benchmarks/results/train-amp-cnn-64px-cpu2-amx.md); the weights, the validation and the checkpoint stay fp32.
-    Not where a convolution strides over a 1x1 map (`strided_convs_on_one_pixel`): its bf16 weight gradient is NaN
-    now and then, and resnet18 at 16 px ended its first epoch with NaN weights (Diverged), at random.
-    Elsewhere on a CPU it trains in fp32 (AVX-512 BF16 without AMX was not measured; AVX2 emulates bf16)."""
+    On a CPU with native bf16, bf16 autocast: its convolutions and matmuls run on the tile unit (amx_bf16) or on
+    AVX-512 BF16's dot products (avx512_bf16). The default training, at the same top-1, took 1.40x the images/s of
+    fp32 and 30.7 s for 38.3 s on an Emerald Rapids Xeon (benchmarks/results/train-amp-cnn-64px-cpu2-amx.md), 1.42x
+    and 31.7 s for 38.5 s on an AMD Zen 4 (…-avx512.md); the weights, the validation and the checkpoint stay fp32. On AMX, not where a convolution strides over a 1x1 map (`strided_convs_on_one_pixel`): its bf16 weight
+    gradient is NaN now and then there, and resnet18 at 16 px ended its first epoch with NaN weights (Diverged), at
+    random; AVX-512 BF16 without AMX gave none in the same probe (benchmarks/results/bf16-conv-grad-*.md).
+    Elsewhere on a CPU it trains in fp32 (AVX2 emulates bf16)."""
     if not cfg.amp:
         return contextlib.nullcontext(), None, None
     if device.type == "cpu":
         from cnnpack.host import cpu_flags
 
-        if "amx_bf16" not in cpu_flags():
+        flags = cpu_flags()
+        if not flags & {"amx_bf16", "avx512_bf16"}:
             return contextlib.nullcontext(), None, None
-        if convs := strided_convs_on_one_pixel(model, spec):
+        if "amx_bf16" in flags and (convs := strided_convs_on_one_pixel(model, spec)):
             if say:
                 log.warning(f"warning: training in fp32, not bf16: {first_few(convs)} "
                             f"{'strides' if len(convs) == 1 else 'stride'} over a 1x1 map at {spec.image_size} px, "

@@ -256,13 +256,15 @@ def test_a_last_batch_of_one_image_trains(colours, tmp_path, monkeypatch, caplog
     with caplog.at_level("WARNING"):
         section = train(tmp_path / "r", cfg, progress=False)
     assert section["status"] == "ok" and section["config"]["data"] == str(colours.resolve())
-    assert section["autocast"] is None
     said = [r.getMessage() for r in caplog.records if "not bf16" in r.getMessage()]
-    if "amx_bf16" in cpu_flags():
+    flags = cpu_flags()
+    # AVX-512 BF16 without AMX computes that gradient finite (0 of 2,700 steps of three such convolutions): bf16 there
+    assert section["autocast"] == ("bf16" if "avx512_bf16" in flags and "amx_bf16" not in flags else None)
+    if "amx_bf16" in flags:
         assert said == ["warning: training in fp32, not bf16: layer4.0.conv1 strides over a 1x1 map at 16 px, where "
                         "the CPU's bf16 weight gradient is NaN now and then (a larger --image-size trains in bf16)"]
     else:
-        assert not said  # fp32 anyway: no bf16 to turn off
+        assert not said  # bf16 without AMX, or fp32 anyway: nothing turned off
 
 
 @pytest.mark.parametrize(("arch", "size", "found"), [("resnet18", 16, ["layer4.0.conv1"]), ("resnet18", 24, []),
@@ -441,10 +443,12 @@ def test_the_pipeline_knows_one_data_folder_however_it_is_spelled(colours, monke
 
 
 @pytest.mark.parametrize("flags, amp, mixed", [({"amx_bf16", "amx_tile"}, True, "bf16"), ({"amx_bf16"}, False, None),
-                                               ({"avx512_bf16", "avx2"}, True, None)])
-def test_a_cpu_with_amx_trains_in_bf16_autocast_and_the_run_says_so(colours, tmp_path, monkeypatch, flags, amp, mixed):
-    """bf16 autocast on the CPU where AMX computes it (the default training 1.40x the images/s of fp32 on an
-    Emerald Rapids Xeon); fp32 elsewhere and with --no-amp. The checkpoint's weights are fp32 either way."""
+                                               ({"avx512_bf16", "avx2"}, True, "bf16"), ({"avx512f", "avx2"}, True, None)])
+def test_a_cpu_with_native_bf16_trains_in_bf16_autocast_and_the_run_says_so(colours, tmp_path, monkeypatch, flags, amp,
+                                                                             mixed):
+    """bf16 autocast on the CPU where AMX or AVX-512 BF16 computes it (the default training 1.40x the images/s of fp32
+    on an Emerald Rapids Xeon, 1.42x on a Zen 4); fp32 elsewhere and with --no-amp. The checkpoint's weights are fp32
+    either way."""
     import cnnpack.host
     from cnnpack.report import write_report
 

@@ -28,8 +28,9 @@ def train(
     patience: int = typer.Option(4, help="Early stopping: epochs without a val-accuracy gain."),
     seed: int = typer.Option(0, min=0),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    amp: bool = typer.Option(True, help="Mixed precision: bf16 on a CPU with AMX; on CUDA bf16 where supported, else fp16. "
-                             "--no-amp trains in fp32. The weights and the checkpoint are fp32 either way."),
+    amp: bool = typer.Option(True, help="Mixed precision: bf16 on a CPU with native bf16 (AMX, AVX-512 BF16); on CUDA "
+                             "bf16 where supported, else fp16. --no-amp trains in fp32. The weights and the "
+                             "checkpoint are fp32 either way."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
                                                  help="NHWC memory layout (default: on; faster on CPU and GPU)."),
     pretrained: bool = typer.Option(False, help="Start from torchvision weights (needs them reachable)."),
