@@ -100,11 +100,24 @@ def same_model(run: Run, served: ServedConfig) -> None:
 
     target = served_target(run.path, served.url, served.model, served.protocol, served.timeout_s)
     sizes = (target.static_batch,) if target.static_batch else (1,)  # a static batch is checked at its size
-    failures = [f for r in check(run, VerifyConfig(batch_sizes=sizes, samples=8), (target,)) for f in r["failures"]]
+    data = gated_on(run) if target.precision == "int8" else None
+    failures = [f for r in check(run, VerifyConfig(batch_sizes=sizes, samples=8, data=data), (target,))
+                for f in r["failures"]]
     if failures:
         raise UserInputError(f"{target.source} does not compute what {run.path}'s model computes "
                              f"({failures[0]}): its figures would be recorded as this run's; bench it with the run it "
                              "was laid out from, or serve this run's repository")
+
+
+def gated_on(run: Run) -> str | None:
+    """The data the run's int8 models were quantized and gated on (`quantize --data`) where the run records none of
+    its own (made by `export --arch`), else None: a served int8 model's contract is task parity, which needs labelled
+    images, and bench has no --data to name them (it said "pass --data PATH|shapes", an option bench does not have)."""
+    stages = run.read().get("stages", {})
+    if stages.get("train", {}).get("config", {}).get("data"):
+        return None
+    return next((data for name in ("quantize", "quantize_openvino")
+                 if (data := stages.get(name, {}).get("config", {}).get("data"))), None)
 
 
 def bench_load(ctx: BenchContext, rt, batch_size: int, concurrency: int, generator: str = "cnnpack") -> None:

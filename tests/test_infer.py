@@ -500,6 +500,32 @@ def test_a_served_model_that_is_not_the_runs_is_refused_before_its_figures_are_r
     assert (run_dir / "cnnpack.json").read_bytes() == before
 
 
+def test_a_served_int8_model_of_a_run_without_data_is_checked_on_the_images_it_was_quantized_with(tiny_data,
+                                                                                                     tmp_path):
+    """A run made by `export --arch` records no data: its served int8 model's parity (task parity, on labelled
+    images) had none to be checked on, and `bench --triton-url` refused it with "pass --data PATH|shapes", an option
+    bench does not have. It is checked on the images `quantize --data` gated it on, and measured."""
+    from cnnpack.bench import BenchConfig
+    from cnnpack.bench_served import ServedConfig, bench_served
+    from cnnpack.export import ExportConfig, create_run, export
+    from cnnpack.quantize import QuantizeConfig, quantize
+    from cnnpack.triton_repo import TritonConfig, build
+
+    classes = sorted(p.name for p in (tiny_data / "train").iterdir())
+    run_dir, repo = tmp_path / "arch", tmp_path / "model_repository"
+    create_run(run_dir, arch="cnn", num_classes=len(classes), image_size=32, classes=classes)  # random weights
+    export(run_dir, ExportConfig(formats=("onnx",), max_batch_size=8))
+    # random weights leave near-tied logits: a gate any int8 model holds, as benchmarks/openvino_cpu.py sets it
+    quantize(run_dir, QuantizeConfig(data=str(tiny_data), max_drop=100, min_agreement=0.01))
+    build(run_dir, TritonConfig(repository=str(repo), format="onnx_int8", threads=1))
+    cfg = BenchConfig(batch_sizes=(1,), max_seconds=0.2, matmul_s=0.05, plot=False)
+    with serve.TritonServer(serve.ServeConfig(repository=str(repo))) as srv:
+        section = bench_served(run_dir, ServedConfig(url=srv.http_address, model="cnn_onnx_int8", concurrency=(1,)),
+                               cfg)
+    rows = [r for r in section["results"] if r["format"] == "triton:cnn_onnx_int8"]
+    assert len(rows) == 1 and rows[0]["precision"] == "int8" and rows[0]["throughput_ips"] > 0
+
+
 def test_a_server_answering_with_another_version_of_the_runs_model_is_refused(server, served_run, tmp_path):
     """The run's `cnnpack triton` added version 2 of cnn_onnx after the server loaded version 1: bench --triton-url
     recorded version 1's figures as the run's (the report put them under "version 2") and verify failed on a bare
