@@ -43,9 +43,10 @@ def autocast_for(device: torch.device, cfg: TrainConfig, model: nn.Module, spec:
     On a CPU with native bf16, bf16 autocast: its convolutions and matmuls run on the tile unit (amx_bf16) or on
     AVX-512 BF16's dot products (avx512_bf16). The default training, at the same top-1, took 1.40x the images/s of
     fp32 and 30.7 s for 38.3 s on an Emerald Rapids Xeon (benchmarks/results/train-amp-cnn-64px-cpu2-amx.md), 1.42x
-    and 31.7 s for 38.5 s on an AMD Zen 4 (…-avx512.md); the weights, the validation and the checkpoint stay fp32. On AMX, not where a convolution strides over a 1x1 map (`strided_convs_on_one_pixel`): its bf16 weight
-    gradient is NaN now and then there, and resnet18 at 16 px ended its first epoch with NaN weights (Diverged), at
-    random; AVX-512 BF16 without AMX gave none in the same probe (benchmarks/results/bf16-conv-grad-*.md).
+    and 31.7 s for 38.5 s on an AMD Zen 4 (…-avx512.md); the weights, the validation and the checkpoint stay fp32.
+    On AMX, not where a convolution strides over a 1x1 map (`strided_convs_on_one_pixel`): its bf16 weight gradient
+    is NaN now and then there, and resnet18 at 16 px ended its first epoch with NaN weights (Diverged), at random;
+    AVX-512 BF16 without AMX gave none in the same probe (benchmarks/results/bf16-conv-grad-*.md).
     Elsewhere on a CPU it trains in fp32 (AVX2 emulates bf16)."""
     if not cfg.amp:
         return contextlib.nullcontext(), None, None
