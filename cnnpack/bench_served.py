@@ -113,9 +113,9 @@ def gated_on(run: Run) -> str | None:
     """The data the run's int8 models were quantized and gated on (`quantize --data`) where the run records none of
     its own (made by `export --arch`), else None: a served int8 model's contract is task parity, which needs labelled
     images, and bench has no --data to name them (it said "pass --data PATH|shapes", an option bench does not have)."""
-    stages = run.read().get("stages", {})
-    if stages.get("train", {}).get("config", {}).get("data"):
+    if run.trained_on:
         return None
+    stages = run.read().get("stages", {})
     return next((data for name in ("quantize", "quantize_openvino")
                  if (data := stages.get(name, {}).get("config", {}).get("data"))), None)
 

@@ -74,7 +74,7 @@ def scored_data(run: Run, data: str | None = None, *, data_root: str | None = No
     from cnnpack.data import SHAPES, check_data, check_torchvision_options, read_class_folders, split_dirs
 
     spec = run.model_spec
-    own = _is_own(data, run.read().get("stages", {}).get("train", {}).get("config", {}).get("data"))
+    own = _is_own(data, run.trained_on)
     if not own and data != SHAPES and not data.startswith("torchvision:"):
         check_data(data, spec["image_size"])
         check_torchvision_options(data, data_root, download)

@@ -107,8 +107,7 @@ def load_quant_data(run: Run, cfg: QuantizeConfig) -> QuantData:
     """The run's own training split (calibration) and validation split (the gate), through its own loader."""
     from cnnpack.evaluate import dataset_of
 
-    trained_on = run.read().get("stages", {}).get("train", {}).get("config", {}).get("data")
-    if not (cfg.data or trained_on):
+    if not (cfg.data or run.trained_on):
         raise UserInputError(f"{run.path} has no training data to calibrate on (made by `cnnpack export --arch`); "
                              "name it with --data PATH|shapes")
     from cnnpack.data import class_names

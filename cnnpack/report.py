@@ -420,7 +420,7 @@ def build(run: Run) -> list[Block]:
 def write_report(run_dir: str | Path) -> dict:
     """Writes report.md and report.html into the run; returns their paths."""
     run = Run.open(run_dir)
-    data = ((run.read().get("stages", {}).get("train") or {}).get("config") or {}).get("data")
+    data = run.trained_on
     on = f" on {Path(data).name if Path(data).is_absolute() else data}" if data else ""  # `cnn on p` named the folder
     title = f"cnnpack report: {run.path.name} ({run.model_spec['arch']}{on})"
     blocks = [b if b.kind != "img" or run.file(b.path).is_file() else  # a figure deleted since: said, not a crash

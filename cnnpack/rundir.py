@@ -434,6 +434,12 @@ class Run:
     def model_spec(self) -> dict:
         return self.read()["model"]
 
+    @property
+    def trained_on(self) -> str | None:
+        """The data the run was trained on (its train stage's --data, as recorded), or None: made by
+        `cnnpack export --arch`, it has no data of its own."""
+        return ((self.read().get("stages", {}).get("train") or {}).get("config") or {}).get("data")
+
     # -- files --------------------------------------------------------------------------
     def file(self, rel: str | Path) -> Path:
         return self.path / rel

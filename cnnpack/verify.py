@@ -290,8 +290,7 @@ def _validation(run: Run, cfg: VerifyConfig, eager) -> Validation | None:
     from cnnpack.evaluate import dataset_of
     from cnnpack.runtimes import predict_split
 
-    train_cfg = run.read().get("stages", {}).get("train", {}).get("config", {})
-    if not (cfg.data or train_cfg.get("data")):
+    if not (cfg.data or run.trained_on):
         return None
     d = dataset_of(run, cfg.data)
     if d.classes != list(run.model_spec["classes"]):
