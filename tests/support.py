@@ -93,6 +93,70 @@ def ctrl_c_at(function: str, args: list[str]) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
+# one process per case, forked from one that imported the CLI and torch once: each `python -m cnnpack` paid 2-4 s of
+# CPU for its interpreter and imports, and test_cli's bad inputs are 48 processes (56 s of the suite on 2 cores)
+_FORKED_CLI = r"""
+import atexit, json, os, sys, traceback
+from cnnpack.cli import main
+import torch, torchvision  # what most commands import next, once for all
+cases, folder, width = json.load(sys.stdin), sys.argv[1], int(sys.argv[2])
+running, codes = {}, {}
+
+def child(i, args):
+    code = 1
+    try:
+        for fd, name in ((1, "out"), (2, "err")):
+            os.dup2(os.open(os.path.join(folder, f"{i}.{name}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = ["cnnpack", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as e:  # as the interpreter ends a process: an int is the code, None 0, else printed and 1
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+
+for i, args in enumerate(cases):
+    if len(running) >= width:
+        pid, status = os.wait()
+        codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+    pid = os.fork()
+    if pid == 0:
+        child(i, args)
+    running[pid] = i
+while running:
+    pid, status = os.wait()
+    codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+print(json.dumps(codes))
+"""
+
+
+def forked_cli(cases: dict, *, tmp: Path, width: int = 2, env: dict | None = None,
+               timeout: float = 600) -> dict:
+    """`cnnpack ARGS` for every case, each in a process of its own (its own exit code, stdout and stderr, nothing
+    shared after it starts), forked `width` at a time from one process that imported the CLI and torch once. For
+    checks of what a command says and exits with; what a fresh interpreter imports stays `python -m cnnpack`'s.
+    `cases`: key -> the arguments; returns key -> subprocess.CompletedProcess."""
+    import json
+
+    keys, folder = list(cases), tmp / "forked-cli"
+    folder.mkdir()
+    p = subprocess.run([sys.executable, "-c", _FORKED_CLI, str(folder), str(width)], input=json.dumps(
+        [cases[k] for k in keys]), capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    codes = json.loads(p.stdout.strip().splitlines()[-1])
+    return {k: subprocess.CompletedProcess(["cnnpack", *cases[k]], codes[str(i)], (folder / f"{i}.out").read_text(),
+                                           (folder / f"{i}.err").read_text()) for i, k in enumerate(keys)}
+
+
 def ctrl_c_after_first_epoch(args: list[str]) -> tuple[int, str]:
     """Runs `cnnpack ARGS` in a child that gets Ctrl-C while epoch 1's files are being written, the same moment on
     every host and under any load; (exit code, stderr). The Ctrl-C is to be held back until those files are whole."""

@@ -1,4 +1,5 @@
-"""The command line as a user runs it: a real `python -m cnnpack` process per call."""
+"""The command line as a user runs it: a process per call, `python -m cnnpack` (the bad inputs: forked from one
+that imported the CLI and torch once, `support.forked_cli`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 import typer
-from support import ctrl_c_after_first_epoch
+from support import ctrl_c_after_first_epoch, forked_cli
 
 from cnnpack.cli import app
 
@@ -66,7 +67,7 @@ def test_format_help_names_every_format_the_command_reads(command, firsts):
 
 @pytest.fixture(scope="module")
 def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    """Every bad input at once (in parallel: each process pays for importing torch)."""
+    """Every bad input, each in a process of its own (forked from one that imported torch once)."""
     tmp = tmp_path_factory.mktemp("cli")
     existing = tmp / "existing"
     shutil.copytree(tiny_run, existing)
@@ -140,12 +141,7 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
     }
     if not _cuda_available():
         cases["device-cuda"] = ["train", "--device", "cuda", "--run", str(tmp / "c")]
-    procs = {k: subprocess.Popen([sys.executable, "-m", "cnnpack", *v], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for k, v in cases.items()}
-    results = {}
-    for k, p in procs.items():
-        stdout, stderr = p.communicate(timeout=300)
-        results[k] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    results: dict = forked_cli(cases, tmp=tmp)
     results["_existing_before"] = {f.name: f.read_bytes() for f in tiny_run.iterdir()}
     results["_existing_after"] = {f.name: f.read_bytes() for f in existing.iterdir()}
     results["_tmp"] = tmp

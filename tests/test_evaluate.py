@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import forked_cli
 
 from cnnpack.errors import RuntimeUnavailable, UserInputError
 from cnnpack.evaluate import evaluate
@@ -215,9 +216,9 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(tiny_data, tiny_onnx_run, tm
     }
     if not CUDA:
         cases[(*run, "--format", "onnx", "--device", "cuda")] = "--device cuda: onnxruntime-cuda: no CUDA GPU"
-    procs = {args: _cli(*args) for args in cases}
-    for args, p in procs.items():
-        stdout, stderr = p.communicate(timeout=300)
+    done = forked_cli({args: list(args) for args in cases}, tmp=tmp_path, env={**os.environ, "COLUMNS": "200"})
+    for args, p in done.items():
+        stdout, stderr = p.stdout, p.stderr
         assert p.returncode == 2 and stdout == "", (args, stderr)
         assert stderr.count("\n") == 1 and stderr.startswith("error: ") and cases[args] in stderr, (args, stderr)
         assert ("`cnnpack evaluate --download` fetches it" in stderr) == ("torchvision:MNIST" in args), (args, stderr)

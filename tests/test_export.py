@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from support import forked_cli
 
 from cnnpack.errors import UserInputError
 from cnnpack.export import ExportConfig, create_run, export
@@ -297,15 +298,17 @@ def test_export_arch_with_force_replaces_the_trained_run_and_its_files(tiny_run,
 def test_cli_export_and_errors(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir)
-    cli = [sys.executable, "-m", "cnnpack", "export"]
-    ok = subprocess.run(cli + ["--run", str(run_dir), "--format", "onnx", "--json"], capture_output=True, text=True)
+    bad_cases = {("--run", str(run_dir), "--format", "tflite"): "valid: onnx, torchscript",
+                 ("--run", str(tmp_path / "missing")): "no such run directory",
+                 ("--run", str(run_dir), "--max-batch-size", "0"): "--max-batch-size",
+                 ("--arch", "resnet1000", "--num-classes", "3", "--run", str(tmp_path / "x")): "unknown arch"}
+    done = forked_cli({"ok": ["export", "--run", str(run_dir), "--format", "onnx", "--json"],
+                       **{args: ["export", *args] for args in bad_cases}}, tmp=tmp_path, width=1)  # ok, then the rest
+    ok = done.pop("ok")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["artifacts"]["onnx"]["path"] == "export/model.onnx"
-    for args, msg in [(["--run", str(run_dir), "--format", "tflite"], "valid: onnx, torchscript"),
-                      (["--run", str(tmp_path / "missing")], "no such run directory"),
-                      (["--run", str(run_dir), "--max-batch-size", "0"], "--max-batch-size"),
-                      (["--arch", "resnet1000", "--num-classes", "3", "--run", str(tmp_path / "x")], "unknown arch")]:
-        bad = subprocess.run(cli + args, capture_output=True, text=True)
+    for args, bad in done.items():
+        msg = bad_cases[args]
         assert bad.returncode == 2, (args, bad.stderr)
         lines = bad.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], bad.stderr
