@@ -21,25 +21,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from cnnpack.bench import BenchConfig, bench
-from cnnpack.rundir import Run, library_versions
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cnnpack, save_json, save_md, wait_for_load  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from cnnpack.bench import BenchConfig, bench  # noqa: E402
+from cnnpack.rundir import Run, library_versions  # noqa: E402
+
 RUNTIMES = ("eager", "compiled", "torchscript", "onnxruntime")
 BATCH_SIZES = (1, 32)
-CLI = [sys.executable, "-m", "cnnpack"]
-
-
-def sh(*args: str) -> None:
-    print("$ cnnpack " + " ".join(args), flush=True)
-    subprocess.run(CLI + list(args), check=True)
 
 
 def has_exports(run: Path) -> bool:
@@ -50,26 +42,17 @@ def prepare(work: Path, cnn_run: Path | None) -> dict[str, Path]:
     """The two runs: trained / created and exported on first use, reused afterwards."""
     cnn = cnn_run or work / "cnn64"
     if not (cnn / "checkpoint.pt").is_file():
-        sh("train", "--run", str(cnn), "--no-progress")  # every training option at its default
+        cnnpack("train", "--run", str(cnn), "--no-progress")  # every training option at its default
     if not has_exports(cnn):
-        sh("export", "--run", str(cnn))
+        cnnpack("export", "--run", str(cnn))
     r18 = work / "resnet18_224"
     if not has_exports(r18):
-        sh("export", "--arch", "resnet18", "--num-classes", "10", "--image-size", "224", "--run", str(r18))
+        cnnpack("export", "--arch", "resnet18", "--num-classes", "10", "--image-size", "224", "--run", str(r18))
     return {"cnn64": cnn, "resnet18_224": r18}
 
 
-def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
-    """Waits until the 1-minute load average is at most `max_load`; returns the load it started at."""
-    deadline = time.monotonic() + max_wait_s
-    while (load := os.getloadavg()[0]) > max_load and time.monotonic() < deadline:
-        print(f"load {load:.2f} > {max_load}: waiting", flush=True)
-        time.sleep(60)
-    return load
-
-
 def one_run(run: Path, cfg: BenchConfig, args) -> dict:
-    load = wait_for_quiet(args.max_load, args.max_wait)
+    load = wait_for_load(args.max_load, args.max_wait, poll_s=60)
     section = bench(run, cfg, progress=lambda s: print(f"  {s}", flush=True))
     section["load_avg_1min_before"] = load
     return section
@@ -151,9 +134,8 @@ def main() -> None:
               "command": " ".join(["python", "benchmarks/bench_reference.py"] + sys.argv[1:]),
               "machine": first["machine"], "threads": threads, "libraries": library_versions(), "models": models}
     report["targets"] = targets(models)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{report['name']}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{report['name']}.md").write_text(markdown(report))
+    save_json(report["name"], report)
+    save_md(report["name"], markdown(report))
     print(markdown(report))
 
 

@@ -32,7 +32,8 @@ from cnnpack.rundir import Run, library_versions
 from cnnpack.runtimes import OrtRuntime, artifact_ref, load_runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_reference import RESULTS, prepare, wait_for_quiet  # noqa: E402
+from bench_reference import prepare  # noqa: E402
+from common import save_json, save_md, wait_for_load  # noqa: E402
 
 POLICY = WindowPolicy(window_s=2.0, max_s=0.0, warmup_s=0.0, min_requests=3, stable_windows=1)
 
@@ -191,7 +192,7 @@ def main() -> None:
     threads = args.threads or torch.get_num_threads()
     results = {}
     with torch_threads(threads):
-        wait_for_quiet(args.max_load, args.max_wait)
+        wait_for_load(args.max_load, args.max_wait, poll_s=60)  # as bench_reference.py waits
         mm = matmul_rate(torch.device("cpu"), 2048, 1.0, min_reps=10)
         for model, path in runs.items():
             run = Run.open(path)
@@ -209,9 +210,8 @@ def main() -> None:
               "machine": host, "threads": threads, "rounds": args.rounds, "pairs": args.pairs,
               "matmul_gflops": mm["gflops"], "libraries": library_versions(), "load_avg_end": os.getloadavg()[0],
               "results": results}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(report))
+    save_json(name, report)
+    save_md(name, markdown(report))
     print(markdown(report))
 
 

@@ -23,9 +23,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cnnpack.peak import isa_tag
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SIMD_FLAGS, lscpu, save_json, save_md, simd  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from cnnpack.peak import isa_tag  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 TARGET_POINTS_PER_S = 0.5
 NAME = f"bench-speed-default-cpu2-{isa_tag()}"  # the host's matrix unit: records of other hosts stay
@@ -73,25 +75,6 @@ def one(src: Path, run: Path, cache: Path) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-SIMD_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
-              "amx_bf16")
-
-
-def simd(flags) -> str:
-    """The matrix-relevant flags a CPU has and those it lacks, from lscpu's flags (a string) or a list of them."""
-    have = set(flags.split() if isinstance(flags, str) else flags)
-    absent = [f for f in SIMD_FLAGS if f not in have]
-    return ", ".join(f for f in SIMD_FLAGS if f in have) + (f" (not: {', '.join(absent)})" if absent else "")
-
-
-def lscpu() -> dict:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
-    from cnnpack.host import cpu_name
-
-    return {"model": cpu_name(), "cpus": field.get("CPU(s)"), "flags": field.get("Flags", "")}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
@@ -120,8 +103,7 @@ def write(results: dict, args) -> None:
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "lscpu": cpu, "simd_flags": [f for f in SIMD_FLAGS if f in flags],
            "load_1min_end": os.getloadavg()[0], "results": results,
            "reproduce": f".venv/bin/python benchmarks/bench_speed.py RUN --before DIR --rounds {args.rounds}"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(rec, indent=2) + "\n")
+    save_json(NAME, rec)
     busy = max(x["cpu_others_max"] for runs in results.values() for x in runs) > 0.10
     lines = [f"# The pipeline's default bench: points per second (target >= {TARGET_POINTS_PER_S})", "",
              "| tree | round | points | wall s | points/s | unstable | over ceiling | others' CPU (max) | where the time went (s) |",
@@ -137,7 +119,7 @@ def write(results: dict, args) -> None:
                 "a row; before and after alternate in each round so both see the same load.", "",
               f"Config of the after tree: {results['after (cold)'][0]['config']}.", "",
               f"Reproduce: `{rec['reproduce']}`", ""]
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
+    save_md(NAME, "\n".join(lines))
 
 
 if __name__ == "__main__":

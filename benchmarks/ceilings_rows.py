@@ -20,11 +20,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import lscpu, simd  # noqa: E402
+from common import lscpu, save_json, save_md, simd  # noqa: E402
 
 from cnnpack.peak import isa_tag  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "ceilings-rows-{label}-cpu2-" + isa_tag()  # label: the model (cnn64, resnet18_224)
 
 CHILD = r"""
@@ -74,8 +73,7 @@ def main() -> int:
 
 
 def write(rec: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{rec['benchmark']}.json").write_text(json.dumps(rec, indent=2) + "\n")
+    save_json(rec["benchmark"], rec)
     flags = set(rec["lscpu"]["flags"].split())
     lines = [f"# Bench rows against the ceiling of their own precision: {rec['target']}: "
              f"**{'met' if rec['passed'] else 'NOT met'}** ({rec['rows_above']} rows above)", ""]
@@ -98,7 +96,7 @@ def write(rec: dict) -> None:
               f"; {'quiet' if others < 0.1 else 'shared with other work'} while measured (others' CPU at most "
               f"{100 * others:.0f} %), load average at the end {rec['load_1min_end']:.1f}. {rec['date']}.", "",
               f"Reproduce: `{rec['reproduce']}`", ""]
-    (RESULTS / f"{rec['benchmark']}.md").write_text("\n".join(lines))
+    save_md(rec["benchmark"], "\n".join(lines))
 
 
 if __name__ == "__main__":

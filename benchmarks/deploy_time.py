@@ -23,7 +23,7 @@ from pathlib import Path
 from cnnpack.peak import cpu_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_shapes import CORES, RESULTS, child_env, cnnpack_cmd, machine, pin_cores, timed, wait_for_quiet  # noqa: E402
+from common import CORES, child_env, cnnpack_cmd, machine, pin_cores, save_json, save_md, timed, wait_for_quiet  # noqa: E402
 
 TARGET_S = 5.0
 REPEATS = 5
@@ -64,8 +64,7 @@ def main() -> int:
 
 
 def write(r: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(r, indent=2) + "\n")
+    save_json(NAME, r)
     m, f = r["machine"], r["deployment"]["figures"]
     made = (f"The run was made by `cnnpack pipeline` (no options) in an empty folder just before: {r['pipeline']['wall_s']} s."
             if r["pipeline"] else "The run was an existing default pipeline run.")
@@ -82,7 +81,7 @@ def write(r: dict) -> None:
                   f"{m['cores_used']} of {m['cores_visible']}, cnnpack {m['commit']}. {r['date']}. The machine is shared "
                   f"with other engineers' work: other processes used {r['others_cpu_s']} CPU s during the runs "
                   f"(contended: {r['contended']}).", "", f"Reproduce: `{r['reproduce']}`", ""]
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
+    save_md(NAME, "\n".join(lines))
 
 
 if __name__ == "__main__":

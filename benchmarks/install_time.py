@@ -24,7 +24,6 @@ machine where pip ran before; PYTHONDONTWRITEBYTECODE is unset for the import ti
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 import shutil
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_shapes import RESULTS, machine, pin_cores, timed, wait_for_quiet  # noqa: E402
+from common import machine, pin_cores, save_json, save_md, timed, wait_for_quiet  # noqa: E402
 
 from cnnpack.peak import cpu_info, isa_tag  # noqa: E402
 
@@ -100,8 +99,7 @@ def one(variant: str, cores: list[int]) -> dict:
 
 
 def write(result: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{result['benchmark']}.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result["benchmark"], result)
     m = result["machine"]
     lines = [f"# The README's install step, {len(set(r['variant'] for r in result['rows']))} ways, {result['rounds_n']} "
              "interleaved rounds", "",
@@ -120,7 +118,7 @@ def write(result: dict) -> None:
     lines += ["", f"Machine: {m['cpu']} (flags: {', '.join(result['flags'])}), {m['cores_visible']} cores, "
                   f"Python {result['python']}. {result['date']}; waited {result['waited_for_quiet_s']} s for quiet "
                   "cores first.", "", f"Reproduce: `{result['reproduce']}`", ""]
-    (RESULTS / f"{result['benchmark']}.md").write_text("\n".join(lines))
+    save_md(result["benchmark"], "\n".join(lines))
 
 
 def main() -> int:

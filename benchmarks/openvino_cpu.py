@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 import time
@@ -37,7 +36,8 @@ from cnnpack.peak import cpu_info, isa_tag
 from cnnpack.rundir import Run, library_versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize_int8 import RESULTS, SHAPES, sh  # noqa: E402 - the same helpers, one place
+from common import cnnpack, save_json, save_md  # noqa: E402
+from quantize_int8 import SHAPES  # noqa: E402 - the class order, one place
 
 
 def artifacts(run: Path) -> dict:
@@ -46,15 +46,15 @@ def artifacts(run: Path) -> dict:
 
 def prepare(run: Path, *, arch: bool, data: str | None) -> None:
     if arch and "onnx" not in artifacts(run):
-        sh("export", "--arch", "resnet18", "--num-classes", "6", "--classes", SHAPES, "--image-size", "224",
-           "--format", "onnx", "--max-batch-size", "32", "--run", str(run), "--force")
+        cnnpack("export", "--arch", "resnet18", "--num-classes", "6", "--classes", SHAPES, "--image-size", "224",
+                "--format", "onnx", "--max-batch-size", "32", "--run", str(run), "--force")
     if "openvino" not in artifacts(run):
-        sh("export", "--run", str(run), "--format", "openvino", "--max-batch-size",
-           str(artifacts(run)["onnx"]["max_batch_size"]))
+        cnnpack("export", "--run", str(run), "--format", "openvino", "--max-batch-size",
+                str(artifacts(run)["onnx"]["max_batch_size"]))
     if "openvino_int8" not in artifacts(run):
         gate = ["--max-drop", "100", "--min-agreement", "0.01"] if arch else []
-        sh("quantize", "--run", str(run), "--backend", "openvino", "--calibration-images", "256",
-           *(["--data", data] if data else []), *gate)
+        cnnpack("quantize", "--run", str(run), "--backend", "openvino", "--calibration-images", "256",
+                *(["--data", data] if data else []), *gate)
 
 
 def loaded(run: Path, threads: int) -> dict:
@@ -132,7 +132,7 @@ def served(run: Path, threads: int, seconds: float) -> list[dict]:
 
 
 def cnn_contracts(run: Path) -> list[dict]:
-    sh("verify", "--run", str(run), "--formats", "openvino,openvino_int8")
+    cnnpack("verify", "--run", str(run), "--formats", "openvino,openvino_int8")
     f = Run.open(run).read()["stages"]["verify"]["formats"]
     return [{"format": fmt, "runtime": rt, **v} for fmt in ("openvino", "openvino_int8")
             for rt, v in f[fmt]["by_runtime"].items()]
@@ -160,9 +160,8 @@ def main() -> None:
 
 
 def write(record: dict, args) -> None:
-    RESULTS.mkdir(exist_ok=True)
     stem = f"openvino-cpu{len(os.sched_getaffinity(0))}-threads{args.threads}-{isa_tag()}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    save_json(stem, record)
     info = record["cpu"]
     lines = [f"# OpenVINO vs ONNX Runtime on the CPU ({stem})", "",
              f"{record['when']}, {info['model']}, flags: {', '.join(info['flags'])}; {args.threads} threads; openvino "
@@ -198,7 +197,7 @@ def write(record: dict, args) -> None:
     lines.append(f"- served OpenVINO int8 vs served fp32 ONNX at concurrency 16: {gain:.2f}x (>= 2.5x: {met(gain >= 2.5)})")
     lines.append(f"- int8 IR agreement with the fp32 IR on shapes@224 (random weights, gate opened): "
                  f"{100 * record['int8_gate']['top1_agreement_vs_fp32']:.1f}%")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    save_md(stem, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

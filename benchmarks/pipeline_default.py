@@ -28,7 +28,7 @@ from pathlib import Path
 from cnnpack.peak import cpu_info, isa_tag  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_shapes import CORES, RESULTS, child_env, cnnpack_cmd, machine, pin_cores, timed, wait_for_quiet  # noqa: E402
+from common import CORES, child_env, cnnpack_cmd, machine, pin_cores, save_json, save_md, timed, wait_for_quiet  # noqa: E402
 
 TARGET_S = 150.0  # issue 14: with the quantize stage, <= 150 s (it was 112-124 s without)
 TARGET_POINTS_PER_S = 0.5  # issue 21: the default bench
@@ -58,8 +58,7 @@ def one(cwd: Path, cache: Path | None, cores: list[int], options: tuple[str, ...
 
 
 def write(result: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{result['benchmark']}.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result["benchmark"], result)
     first, again, m = result["first"], result["again"], result["machine"]
     verdict = "met" if result["passed"] else "NOT met"
     bench_s = first["stages"]["bench"]["seconds"]
@@ -86,7 +85,7 @@ def write(result: dict) -> None:
               f"{m['cores_visible']}, torch {m['torch']}, "
               f"cnnpack {m['commit']}. {result['date']}.", "",
               f"Reproduce: `{result['reproduce']}`", ""]
-    (RESULTS / f"{result['benchmark']}.md").write_text("\n".join(lines))
+    save_md(result["benchmark"], "\n".join(lines))
 
 
 def main() -> int:

@@ -17,7 +17,6 @@ Per-stage times come from each run's manifest; the extra time of B is what pt2 c
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import sys
 import tempfile
@@ -25,9 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import simd  # noqa: E402
+from common import CORES, machine, pin_cores, save_json, save_md, simd, wait_for_quiet  # noqa: E402
 from pipeline_default import TARGET_S, one  # noqa: E402
-from train_shapes import CORES, RESULTS, machine, pin_cores, wait_for_quiet  # noqa: E402
 
 from cnnpack.peak import cpu_info  # noqa: E402
 
@@ -36,8 +34,7 @@ OPTIONS = {"without pt2": ("--openvino", "no"), "with pt2": ("--openvino", "no",
 
 
 def write(result: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_json(NAME, result)
     a, b, m = result["runs"]["without pt2"], result["runs"]["with pt2"], result["machine"]
     stages = list(dict.fromkeys([*a["first"]["stages"], *b["first"]["stages"]]))
     lines = [f"# `cnnpack pipeline` with and without pt2 on {CORES} CPU cores", "",
@@ -59,7 +56,7 @@ def write(result: dict) -> None:
                   f"{result['date']}. Shared with other engineers' work (waited {result['waited_for_quiet_s']:.0f} s "
                   "for quiet cores first; the table gives the CPU time others took).", "",
               f"Reproduce: `{result['reproduce']}`", ""]
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
+    save_md(NAME, "\n".join(lines))
 
 
 def main() -> int:

@@ -44,10 +44,8 @@ from cnnpack.peak import cpu_info
 from cnnpack.rundir import Run, library_versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_shapes import wait_for_quiet  # noqa: E402
+from common import CLI, cnnpack, lscpu, save_json, save_md, wait_for_quiet  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-CLI = [sys.executable, "-m", "cnnpack"]
 SHAPES = "circle,crescent,cross,square,star,triangle"  # the order of the class folders
 POLICY = WindowPolicy(window_s=1.5, max_s=0.0, warmup_s=0.0, min_requests=3, stable_windows=1)
 MAX_OTHERS, REDO = 0.10, 3  # a round in which others took more than 10 % of the CPU is measured again (3 times at most)
@@ -67,13 +65,6 @@ SINGLE = "aoti, run_single_threaded=True"
 BOXED = "aoti, loader.boxed_run (no pytree per call)"
 
 
-def sh(*args: str, env: dict | None = None) -> float:
-    print("$ cnnpack " + " ".join(args), flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(CLI + list(args), check=True, env=env)
-    return time.perf_counter() - t0
-
-
 def artifacts(run: Path) -> dict:
     return Run.open(run).read().get("stages", {}).get("export", {}).get("artifacts", {}) \
         if (run / "cnnpack.json").is_file() else {}
@@ -83,12 +74,12 @@ def prepare(work: Path) -> dict[str, Path]:
     """cnn64 (trained with defaults) and resnet18_224 (random weights), each with its fp32 ONNX file."""
     cnn, r18 = work / "cnn64", work / "resnet18_224"
     if not (cnn / "checkpoint.pt").is_file():
-        sh("train", "--run", str(cnn), "--no-progress")
+        cnnpack("train", "--run", str(cnn), "--no-progress")
     if "onnx" not in artifacts(cnn):
-        sh("export", "--run", str(cnn), "--format", "onnx")
+        cnnpack("export", "--run", str(cnn), "--format", "onnx")
     if "onnx" not in artifacts(r18):
-        sh("export", "--arch", "resnet18", "--num-classes", "6", "--classes", SHAPES, "--image-size", "224",
-           "--format", "onnx", "--run", str(r18), "--force")
+        cnnpack("export", "--arch", "resnet18", "--num-classes", "6", "--classes", SHAPES, "--image-size", "224",
+                "--format", "onnx", "--run", str(r18), "--force")
     return {"cnn64": cnn, "resnet18_224": r18}
 
 
@@ -98,7 +89,7 @@ def compile_times(run: Path) -> dict:
     out = {}
     with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
         for key in ("cold", "warm"):
-            wall = sh("export", "--run", str(run), "--format", "pt2", env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+            wall = cnnpack("export", "--run", str(run), "--format", "pt2", env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
             rec = artifacts(run)["pt2"]
             out[key] = {"compile_s": rec["compile_s"], "capture_s": rec["extra"]["capture_s"],
                         "process_wall_s": round(wall, 1)}
@@ -257,8 +248,9 @@ def speed(run: Path, packages: dict, threads: int, n: int, max_wait_s: float) ->
 
 # -- the report ----------------------------------------------------------------------------------------------
 def lscpu_flags() -> dict:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("Flags")), []))
+    """This record's own flag list (with f16c; of AMX only amx_tile), present and absent, from lscpu: its records
+    have listed these from the first, so it keeps them rather than take common.SIMD_FLAGS."""
+    flags = set(lscpu()["flags"].split())
     keys = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")
     return {"present": [k for k in keys if k in flags], "absent": [k for k in keys if k not in flags]}
 
@@ -365,9 +357,8 @@ def main() -> None:
         report["targets"] = targets(report)
     else:
         report["targets"] = []
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(report))
+    save_json(name, report)
+    save_md(name, markdown(report))
     print(markdown(report))
 
 

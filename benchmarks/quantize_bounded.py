@@ -34,13 +34,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import simd  # noqa: E402
+from common import CLI, RESULTS, simd  # noqa: E402
 
 from cnnpack.peak import cpu_info, isa_tag, usable_cores
 from cnnpack.rundir import library_versions
 
-RESULTS = Path(__file__).resolve().parent / "results"
-CLI = [sys.executable, "-m", "cnnpack"]
 SHAPES = "circle,crescent,cross,square,star,triangle"  # the order of the class folders
 TARGET_S = 120.0
 

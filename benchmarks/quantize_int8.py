@@ -25,44 +25,38 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from cnnpack.peak import ceilings, cpu_info
-from cnnpack.rundir import Run, library_versions
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cnnpack, save_json, save_md  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-CLI = [sys.executable, "-m", "cnnpack"]
+from cnnpack.peak import ceilings, cpu_info  # noqa: E402
+from cnnpack.rundir import Run, library_versions  # noqa: E402
+
 SHAPES = "circle,crescent,cross,square,star,triangle"  # the order of the class folders
-
-
-def sh(*args: str) -> None:
-    print("$ cnnpack " + " ".join(args), flush=True)
-    subprocess.run(CLI + list(args), check=True)
 
 
 def prepare_resnet18(work: Path) -> Path:
     run = work / "resnet18_224"
     arts = Run.open(run).read()["stages"].get("export", {}).get("artifacts", {}) if (run / "cnnpack.json").is_file() else {}
     if "onnx" not in arts:
-        sh("export", "--arch", "resnet18", "--num-classes", "6", "--classes", SHAPES, "--image-size", "224",
-           "--format", "onnx", "--max-batch-size", "32", "--run", str(run), "--force")
+        cnnpack("export", "--arch", "resnet18", "--num-classes", "6", "--classes", SHAPES, "--image-size", "224",
+                "--format", "onnx", "--max-batch-size", "32", "--run", str(run), "--force")
     if "onnx_int8" not in Run.open(run).read()["stages"]["export"]["artifacts"]:
-        sh("quantize", "--run", str(run), "--data", "shapes", "--calibration-images", "256",
-           "--max-drop", "100", "--min-agreement", "0.01")
+        cnnpack("quantize", "--run", str(run), "--data", "shapes", "--calibration-images", "256",
+                "--max-drop", "100", "--min-agreement", "0.01")
     return run
 
 
 def prepare_cnn(cnn_run: Path) -> Path:
     arts = Run.open(cnn_run).read()["stages"]["export"]["artifacts"]
     if "onnx_int8" not in arts:
-        sh("quantize", "--run", str(cnn_run))  # the default gate
+        cnnpack("quantize", "--run", str(cnn_run))  # the default gate
     return cnn_run
 
 
@@ -143,12 +137,11 @@ def main() -> None:
 
 
 def write(args, info: dict, ceil: dict, models: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
     stem = f"quantize-int8-cpu{len(os.sched_getaffinity(0))}-threads{args.threads}"
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     record = {"when": when, "cpu": info, "threads": args.threads, "ceilings": ceil, "models": models,
               "libraries": library_versions(), "command": " ".join(sys.argv)}
-    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    save_json(stem, record)
     r18, cnn = models["resnet18_224"], models["cnn64"]
     lines = [f"# cnnpack quantize: int8 vs fp32 ONNX Runtime ({stem})", "",
              f"{when}, {info['model']}, flags: {', '.join(info['flags'])}; {args.threads} threads; "
@@ -179,7 +172,7 @@ def write(args, info: dict, ceil: dict, models: dict) -> None:
               f"{target(g['drop_pt'] <= 0.5)}.",
               f"- cnn int8 >= 1.5x fp32 at batch 32: {cnn['rows'][1]['ratio_median']:.2f}x, "
               f"{target(cnn['rows'][1]['ratio_median'] >= 1.5)}."]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    save_md(stem, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

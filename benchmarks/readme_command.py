@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_shapes import CORES, RESULTS, machine, pin_cores, timed, wait_for_quiet  # noqa: E402
+from common import CORES, RESULTS, machine, pin_cores, save_json, save_md, timed, wait_for_quiet  # noqa: E402
 
 from cnnpack.peak import cpu_info, isa_tag  # noqa: E402
 
@@ -95,8 +95,7 @@ def one_round(command: str, fresh: bool, cores: list[int]) -> dict:
 
 
 def write(result: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{result['benchmark']}.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result["benchmark"], result)
     rounds, m = result["rounds"], result["machine"]
     walls = [r["wall_s"] for r in rounds]
     rates = [r["bench_points_per_s"] for r in rounds]
@@ -128,7 +127,7 @@ def write(result: dict) -> None:
               f"torch {m['torch']}, cnnpack {rounds[0]['commit']}. {result['date']}; waited "
               f"{result['waited_for_quiet_s']} s for quiet cores first.", "",
               f"Reproduce: `{result['reproduce']}`", ""]
-    (RESULTS / f"{result['benchmark']}.md").write_text("\n".join(lines))
+    save_md(result["benchmark"], "\n".join(lines))
 
 
 def main() -> int:

@@ -26,31 +26,24 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from cnnpack.bench import BenchConfig, bench, machine
-from cnnpack.bench_served import ServedConfig, bench_served
-from cnnpack.rundir import Run, library_versions
-from cnnpack.serve import ServeConfig, TritonServer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cnnpack, save_json, save_md, wait_for_load  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-CLI = [sys.executable, "-m", "cnnpack"]
+from cnnpack.bench import BenchConfig, bench, machine  # noqa: E402
+from cnnpack.bench_served import ServedConfig, bench_served  # noqa: E402
+from cnnpack.rundir import Run, library_versions  # noqa: E402
+from cnnpack.serve import ServeConfig, TritonServer  # noqa: E402
+
 MODELS = {"cnn_onnx": [], "cnn_onnx_nobatch": ["--no-dynamic-batching"],
           "cnn_onnx_1thread": ["--threads", "1"]}  # name: extra `cnnpack triton` flags
 # (model, protocol, concurrency) rows, in the order measured
 PLAN = [("cnn_onnx", "grpc", (1, 4, 16)), ("cnn_onnx_nobatch", "grpc", (1, 16)), ("cnn_onnx", "http", (1, 16)),
         ("cnn_onnx_1thread", "grpc", (1, 16))]
-
-
-def sh(*args: str) -> None:
-    print("$ cnnpack " + " ".join(args), flush=True)
-    subprocess.run(CLI + list(args), check=True)
 
 
 def prepare(work: Path, cnn_run: Path | None) -> tuple[Path, Path]:
@@ -60,21 +53,13 @@ def prepare(work: Path, cnn_run: Path | None) -> tuple[Path, Path]:
         if cnn_run:
             shutil.copytree(cnn_run, run)
         else:
-            sh("train", "--run", str(run), "--no-progress")  # every training option at its default
+            cnnpack("train", "--run", str(run), "--no-progress")  # every training option at its default
     if "onnx" not in Run.open(run).read()["stages"].get("export", {}).get("artifacts", {}):
-        sh("export", "--run", str(run), "--format", "onnx")
+        cnnpack("export", "--run", str(run), "--format", "onnx")
     shutil.rmtree(repo, ignore_errors=True)  # exactly the models below, configured as below
     for name, flags in MODELS.items():
-        sh("triton", "--run", str(run), "--repository", str(repo), "--name", name, *flags)
+        cnnpack("triton", "--run", str(run), "--repository", str(repo), "--name", name, *flags)
     return run, repo
-
-
-def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
-    deadline = time.monotonic() + max_wait_s
-    while (load := os.getloadavg()[0]) > max_load and time.monotonic() < deadline:
-        print(f"load {load:.2f} > {max_load}: waiting", flush=True)
-        time.sleep(30)
-    return load
 
 
 def measure(run: Path, repo: Path, args) -> tuple[dict, dict]:
@@ -175,7 +160,7 @@ def main() -> None:
     run, repo = prepare(args.work, args.cnn_run)
     repeats = []
     for _ in range(args.repeat):
-        load_before = wait_for_quiet(args.max_load, args.max_wait)
+        load_before = wait_for_load(args.max_load, args.max_wait, poll_s=30)
         section, server = measure(run, repo, args)
         repeats.append({"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                         "load_before": load_before, "load_after": os.getloadavg()[0], "server": server,
@@ -183,9 +168,8 @@ def main() -> None:
     name = f"serve-cnn64-onnx-cpu{machine()['cpus_usable']}"
     result = {"name": name, "command": "python benchmarks/serve_throughput.py " + " ".join(sys.argv[1:]),
               "repeats": repeats}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(result))
+    save_json(name, result)
+    save_md(name, markdown(result))
     print(markdown(result))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import resource
 import statistics
@@ -26,11 +25,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import lscpu, simd  # noqa: E402
+from common import lscpu, save_json, save_md, simd  # noqa: E402
 
 from cnnpack.peak import isa_tag  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NAME = f"served-loadgen-cnn64-onnx-cpu2-{isa_tag()}"
 TARGET = 0.05
 
@@ -136,8 +134,7 @@ def client_cpu(generator: str) -> float:
 
 
 def write(name: str, rec: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(rec, indent=2) + "\n")
+    save_json(name, rec)
     flags = set(rec["lscpu"]["flags"].split())
     lines = [f"# Served throughput: cnnpack's client vs perf_analyzer ({rec['target']}): "
              f"**{'met' if rec['passed'] else 'NOT met'}**" + verdict_detail(rec), "",
@@ -181,7 +178,7 @@ def write(name: str, rec: dict) -> None:
         + f" (load average at the end {rec['load_1min_end']:.1f}). {rec['date']}.", "",
         "Reproduce: `PATH=<dir of perf_analyzer>:$PATH .venv/bin/python benchmarks/served_loadgen.py RUN --rounds "
         f"{rec['policy']['rounds']}{' --pin' if rec['pinned'] else ''}`", ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    save_md(name, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -26,85 +26,19 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CORES, child_env, cnnpack_cmd, machine, pin_cores, save_json, save_md, timed, wait_for_quiet  # noqa: E402
+
 TARGET_ACC = 0.98
 TARGET_WALL_S = 60.0
-CORES = 2
-RESULTS = Path(__file__).resolve().parent / "results"
 NAME = f"train_shapes-cnn-64px-cpu{CORES}"
-
-
-def pin_cores() -> list[int]:
-    """The first CORES cores this process may use (the child inherits the affinity)."""
-    cores = sorted(os.sched_getaffinity(0))[:CORES]
-    if len(cores) < CORES:
-        sys.exit(f"this machine offers {len(cores)} cores; the target is stated for {CORES}")
-    return cores
-
-
-def child_env(cache: str | None) -> dict:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # a CPU measurement, even on a GPU machine
-    if cache is not None:
-        env["CNNPACK_CACHE"] = cache
-    return env
-
-
-def busy_s(cores: list[int]) -> float:
-    """CPU seconds spent so far (by anyone) on `cores`, from /proc/stat."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    with open("/proc/stat") as f:
-        for line in f:
-            name, *vals = line.split()
-            if name in {f"cpu{c}" for c in cores}:
-                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, vals[:8])
-                total += user + nice + system + irq + softirq + steal
-    return total / tick
-
-
-def timed(cmd: list[str], *, cwd: Path, env: dict, cores: list[int]) -> dict:
-    """Runs `cmd` as its own process: wall and CPU seconds, and the CPU others took meanwhile."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    load, busy0 = os.getloadavg()[0], busy_s(cores)
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                         preexec_fn=lambda: os.sched_setaffinity(0, cores))
-    wall = time.perf_counter() - t0
-    busy = busy_s(cores) - busy0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if out.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    others = max(busy - cpu, 0.0)
-    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 1), "others_cpu_s": round(others, 1),
-            "contended": others > 0.05 * wall * len(cores), "load_1min_before": round(load, 2),
-            "stdout_tail": out.stdout.strip().splitlines()[-1:] if out.stdout.strip() else []}
-
-
-def cnnpack_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "cnnpack"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cnnpack"]
-
-
-def wait_for_quiet(cores: list[int], deadline: float, max_busy: float = 0.1) -> float:
-    """Waits until `cores` are idle (others use < max_busy of a core for 5 s) or the deadline; returns the wait."""
-    t0 = time.monotonic()
-    while True:
-        b0 = busy_s(cores)
-        time.sleep(5)
-        busy = (busy_s(cores) - b0) / 5
-        if busy < max_busy or time.monotonic() > deadline:
-            return round(time.monotonic() - t0, 1)
-        print(f"{busy:.2f} cores busy with other work: waiting for a quiet machine", file=sys.stderr)
 
 
 def generation(tmp: Path, cores: list[int]) -> dict:
@@ -147,25 +81,8 @@ def train_run(tmp: Path, i: int, cores: list[int], extra: tuple[str, ...] = (), 
     return res
 
 
-def machine(cores: list[int]) -> dict:
-    from importlib.metadata import version
-
-    from cnnpack.host import cpu_name
-
-    model = cpu_name()  # with family and model numbers where the name is a hypervisor's "AMD EPYC"
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "../cnnpack"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip())
-    return {"cpu": model, "cores_visible": os.cpu_count(), "cores_used": cores, "python": platform.python_version(),
-            "torch": version("torch"), "cnnpack": version("cnnpack"), "commit": commit + ("+dirty" if dirty else ""),
-            "platform": platform.platform()}
-
-
 def write(result: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_json(NAME, result)
     runs, gen, s, m = result["runs"], result["generation"], result["summary"], result["machine"]
     verdict = "met" if s["passed"] else "NOT met"
     lines = [
@@ -204,13 +121,12 @@ def write(result: dict) -> None:
         f"Measured command: `{result['command']}` (in an empty folder). Reproduce: `{result['reproduce']}`",
         "",
     ]
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
+    save_md(NAME, "\n".join(lines))
 
 
 def write_amp(result: dict) -> None:
     """The --compare-amp record: each round's two trainings, and the ratio of their medians."""
-    name = result["benchmark"]
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result["benchmark"], result)
     s, m = result["summary"], result["machine"]
     amp = ("bf16 autocast, forced: the process is told the CPU has amx_bf16" if result.get("forced_bf16")
            else "bf16 autocast where the CPU has native bf16: AMX or AVX-512 BF16")
@@ -232,7 +148,7 @@ def write_amp(result: dict) -> None:
               f"{result['load_1min_start']} at start, {result['load_1min_end']} at end; waited "
               f"{result['waited_for_quiet_s']} s for quiet cores. {result['date']}.", "",
               f"Reproduce: `{result['reproduce']}`", ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    save_md(result["benchmark"], "\n".join(lines))
 
 
 def compare_amp(args, cores: list[int], deadline: float) -> int:

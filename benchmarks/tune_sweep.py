@@ -31,7 +31,7 @@ from cnnpack.peak import cpu_info, isa_tag
 from cnnpack.rundir import Run, library_versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize_int8 import RESULTS, sh  # noqa: E402
+from common import cnnpack, save_json, save_md  # noqa: E402
 
 
 def prepare(run: Path, data: str | None) -> None:
@@ -40,9 +40,10 @@ def prepare(run: Path, data: str | None) -> None:
     # random weights: near-tied logits make int8/bf16 disagree on ~5 % of images; the contracts are relaxed to 90 %
     # agreement for this speed benchmark (and said so in the results)
     loose = ["--data", data, "--min-agreement", "0.9", "--int8-min-agreement", "0.9"] if data else []
-    sh("verify", "--run", str(run), *loose)
+    cnnpack("verify", "--run", str(run), *loose)
     for fmt in sorted(arts, key=lambda f: f == "onnx"):
-        sh("triton", "--run", str(run), "--format", fmt, "--repository", str(run / "model_repository"), "--threads", "2")
+        cnnpack("triton", "--run", str(run), "--format", fmt, "--repository", str(run / "model_repository"),
+                "--threads", "2")
 
 
 def one(run: Path, budget_ms: float, time_limit: float) -> dict:
@@ -77,7 +78,7 @@ def main() -> None:
 
 def write(record: dict, stem: str | None = None) -> None:
     stem = stem or f"tune-cpu{len(os.sched_getaffinity(0))}-{isa_tag()}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    save_json(stem, record, default=str)
     info = record["cpu"]
     amx = "amx_int8" in info["flags"] or "amx_bf16" in info["flags"]
     lines = [f"# cnnpack tune ({stem})", "", f"{record['when']}, {info['model']}, flags: {', '.join(info['flags'])}"
@@ -114,7 +115,7 @@ def write(record: dict, stem: str | None = None) -> None:
     want = 5.0 if amx else 3.3
     lines.append(f"- resnet18 (issue 21): winner {gain:.2f}x the served fp32 ONNX default (>= {want:g}x on a host "
                  f"{'with' if amx else 'without'} AMX: {'met' if gain >= want else '**not met**'})")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    save_md(stem, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
