@@ -65,8 +65,12 @@ NOTES = {
                             "the machine's speed can drift during a run (a shared host)",
     "speedup_vs_fp32": "for a reduced-precision artifact: the same runtime's fp32 artifact latency_ms_p50 / this one, "
                        "same batch size",
-    "matmul.spread": "max / min - 1 of the matmul samples: beyond 10 % the machine's speed changed during the run "
-                     "and rows measured at different times are not comparable",
+    "matmul_before_gflops": "the fp32 matmul rate measured right before this row's runtime (matmul_after_gflops: "
+                            "right after it); both more than 10 % under the run's median sample: the machine ran "
+                            "slower while the row was measured, and its figures may be low (a caution says so)",
+    "matmul.spread": "max / min - 1 of the matmul samples: how much the machine's speed moved during the run (one "
+                     "0.1 s sample can dip 15-30 % on a quiet shared host; the caution goes by the samples around "
+                     "each row)",
     "cpu_others": "share of the machine's CPU time taken by other processes or the hypervisor (steal) while "
                   "this runtime x batch size ran; above a few % the figure was disturbed",
     "load_s": "seconds to load the runtime (read the artifact, build its session or compiled model), once per runtime: "
@@ -295,11 +299,12 @@ class BenchContext:
     ceilings: dict = field(default_factory=dict)  # precision -> peak.ceilings() entry
     ceilings_cache: dict | None = None  # where the ceilings were read from or stored (peak.cached_ceilings)
 
-    def yardstick(self, row: dict, precision: str, around: float | None = None) -> None:
+    def yardstick(self, row: dict, precision: str, around: tuple[float, float] | None = None) -> None:
         """Sets the row's share of the ceiling of its precision (fp32 when none was measured for it); `around`: the
-        mean fp32 matmul rate before and after the row (None: the last sample and one taken now)."""
-        if around is None:
-            around = (self.matmul[-1]["gflops"] + self.sample_matmul()) / 2
+        fp32 matmul rates measured right before and right after the row (None: the last sample and one taken now)."""
+        before, after = around or (self.matmul[-1]["gflops"], self.sample_matmul())
+        row.update(matmul_before_gflops=before, matmul_after_gflops=after)
+        around = (before + after) / 2
         ceiling = self.ceilings.get(precision) or self.ceilings.get("fp32") or {"gflops": around}
         if precision == "fp32" or precision not in self.ceilings:
             # a faster sample raises it: any of them (the one before the first runtime was left out, and the report
@@ -368,7 +373,7 @@ def bench_runtime(ctx: BenchContext, name: str, ref, sizes: tuple[int, ...]) -> 
         row["info"] = rt.info
         rows.append(row)
     del rt
-    around = (before + ctx.sample_matmul()) / 2
+    around = (before, ctx.sample_matmul())
     for row in rows:
         ctx.yardstick(row, row_precision(name, ref), around)
     ctx.results += rows
