@@ -66,8 +66,8 @@ NOTES = {
     "speedup_vs_fp32": "for a reduced-precision artifact: the same runtime's fp32 artifact latency_ms_p50 / this one, "
                        "same batch size",
     "matmul_before_gflops": "the fp32 matmul rate measured right before this row's runtime (matmul_after_gflops: "
-                            "right after it); both more than 10 % under the run's median sample: the machine ran "
-                            "slower while the row was measured, and its figures may be low (a caution says so)",
+                            "right after it); both more than 10 % under the run's best sample: the machine ran slower "
+                            "while the row was measured, and its figures may be low (a caution says so)",
     "matmul.spread": "max / min - 1 of the matmul samples: how much the machine's speed moved during the run (one "
                      "0.1 s sample can dip 15-30 % on a quiet shared host; the caution goes by the samples around "
                      "each row)",

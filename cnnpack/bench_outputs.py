@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -135,13 +134,14 @@ def disturbances(section: dict) -> list[str]:
         out.append(f"rows above the measured ceiling of their precision: {', '.join(section['over_ceiling'])}: the "
                    "ceiling was measured low (a busy machine?); rerun on a quiet machine")
     rates = section.get("matmul", {}).get("samples_gflops") or []
-    local = [r for r in section["results"] if r.get("runtime") != "triton"]  # served rows: their own bench's samples
-    if local and all("matmul_before_gflops" in r for r in local):
-        if slow := slower_rows(local, rates):
+    # the local rows (served rows merged in were measured by their own bench, against its samples), else the served
+    rows = [r for r in section["results"] if r.get("runtime") != "triton"] or section["results"]
+    if len(rates) >= 3 and rows and all("matmul_before_gflops" in r for r in rows):
+        if slow := slower_rows(rows, rates):
             out.append(f"the machine ran slower while {', '.join(slow)} were measured (the fp32 matmul rate before and "
-                       f"after each more than 10 % under the run's median, {statistics.median(rates):.0f} GFLOP/s): "
-                       "their figures may be low; rerun on a quiet machine")
-    elif rates and section["matmul"].get("spread", 0) > 0.10:  # recorded before the rows kept their two samples
+                       f"after each more than 10 % under the run's best, {max(rates):.0f} GFLOP/s): their figures "
+                       "may be low; rerun on a quiet machine")
+    elif rates and section["matmul"].get("spread", 0) > 0.10:  # one runtime's two samples, or an older record
         out.append(f"the fp32 matmul rate varied from {min(rates):.0f} to {max(rates):.0f} GFLOP/s during the run: "
                    "the machine was busy or its speed changed; rerun on a quiet machine")
     return out
@@ -149,9 +149,10 @@ def disturbances(section: dict) -> list[str]:
 
 def slower_rows(rows: list[dict], rates: list[float]) -> list[str]:
     """The rows measured while the machine ran slower: the fp32 matmul samples right before and right after their
-    runtime both more than 10 % under the run's median sample (`rates`). One sample alone says little: a 0.1 s matmul
-    dipped 15-30 % a few times in 60 on a quiet 2-core VM (Zen 4), so the spread of all samples, the rule before,
-    cautioned nearly every run on such a host."""
-    floor = 0.9 * statistics.median(rates) if rates else 0.0
+    runtime both more than 10 % under the run's best sample (`rates`; the fp32 ceiling is the best too, and a long
+    slowdown would pull a median down with it). One sample alone says little: a 0.1 s matmul dipped 15-30 % a few
+    times in 60 on a quiet 2-core VM (Zen 4), so the spread of all samples, the rule before, cautioned nearly every
+    run on such a host."""
+    floor = 0.9 * max(rates)
     return [f"{series(r)}@{r['batch_size']}" for r in rows
             if max(r["matmul_before_gflops"], r["matmul_after_gflops"]) < floor]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -96,10 +97,13 @@ def ctrl_c_at(function: str, args: list[str]) -> tuple[int, str]:
 # one process per case, forked from one that imported the CLI and torch once: each `python -m cnnpack` paid 2-4 s of
 # CPU for its interpreter and imports, and test_cli's bad inputs are 48 processes (56 s of the suite on 2 cores)
 _FORKED_CLI = r"""
-import atexit, json, os, sys, traceback
+import atexit, json, os, signal, sys, threading, traceback, warnings
 from cnnpack.cli import main
 import torch, torchvision  # what most commands import next, once for all
-cases, folder, width = json.load(sys.stdin), sys.argv[1], int(sys.argv[2])
+sys.stderr.write("imported\n")  # what came before it was said by the imports: a real process would say it too
+sys.stderr.flush()
+warnings.filterwarnings("ignore", "This process .* is multi-threaded")  # 3.12: OpenBLAS' idle pool, fork-safe
+cases, folder, width, case_s = json.load(sys.stdin), sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 running, codes = {}, {}
 
 def child(i, args):
@@ -108,6 +112,7 @@ def child(i, args):
         for fd, name in ((1, "out"), (2, "err")):
             os.dup2(os.open(os.path.join(folder, f"{i}.{name}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
         sys.argv = ["cnnpack", *args]
+        signal.alarm(case_s)  # a case that hangs ends alone (SIGALRM: exit code -14), not the whole batch
         try:
             main()
             code = 0
@@ -119,9 +124,14 @@ def child(i, args):
                 code = 1
         except BaseException:
             traceback.print_exc()
+        threading._shutdown()  # then as the interpreter ends: its other threads joined, its atexit functions run
         atexit._run_exitfuncs()
     finally:
-        sys.stdout.flush(), sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # the interpreter ignores a stream it cannot flush at exit
+                pass
         os._exit(code)
 
 for i, args in enumerate(cases):
@@ -135,24 +145,32 @@ for i, args in enumerate(cases):
 while running:
     pid, status = os.wait()
     codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-print(json.dumps(codes))
+with open(os.path.join(folder, "codes.json"), "w") as f:
+    json.dump(codes, f)
 """
 
 
-def forked_cli(cases: dict, *, tmp: Path, width: int = 2, env: dict | None = None,
-               timeout: float = 600) -> dict:
+def forked_cli(cases: dict, *, tmp: Path, width: int = 2, env: dict | None = None, case_s: int = 300) -> dict:
     """`cnnpack ARGS` for every case, each in a process of its own (its own exit code, stdout and stderr, nothing
     shared after it starts), forked `width` at a time from one process that imported the CLI and torch once. For
     checks of what a command says and exits with; what a fresh interpreter imports stays `python -m cnnpack`'s.
-    `cases`: key -> the arguments; returns key -> subprocess.CompletedProcess."""
+    Anything the imports print fails it (a real process would print it in each case's stderr); a case still running
+    after `case_s` seconds is killed alone. `cases`: key -> the arguments; returns key -> subprocess.CompletedProcess."""
     import json
+    import signal
 
     keys, folder = list(cases), tmp / "forked-cli"
     folder.mkdir()
-    p = subprocess.run([sys.executable, "-c", _FORKED_CLI, str(folder), str(width)], input=json.dumps(
-        [cases[k] for k in keys]), capture_output=True, text=True, timeout=timeout, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    codes = json.loads(p.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, "-c", _FORKED_CLI, str(folder), str(width), str(case_s)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)  # its own group: nothing forked outlives a failure
+    try:
+        out, err = proc.communicate(json.dumps([cases[k] for k in keys]), timeout=case_s * len(keys) / width + 120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and err == "imported\n", (out + err)[-3000:]
+    codes = json.loads((folder / "codes.json").read_text())
     return {k: subprocess.CompletedProcess(["cnnpack", *cases[k]], codes[str(i)], (folder / f"{i}.out").read_text(),
                                            (folder / f"{i}.err").read_text()) for i, k in enumerate(keys)}
 

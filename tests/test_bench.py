@@ -493,8 +493,23 @@ def test_a_slower_machine_is_said_for_the_rows_it_slowed_not_for_one_sample_that
         ("eager", "compiled", "torchscript", "onnxruntime", "openvino")) for b in (1, 32)],
         "matmul": {"samples_gflops": samples, "spread": 0.22}}
     assert disturbances(slowed) == ["the machine ran slower while eager@1, eager@32 were measured (the fp32 matmul "
-                                    "rate before and after each more than 10 % under the run's median, 200 GFLOP/s): "
+                                    "rate before and after each more than 10 % under the run's best, 202 GFLOP/s): "
                                     "their figures may be low; rerun on a quiet machine"]
+
+    def names(samples, runtimes=("eager", "compiled", "torchscript", "onnxruntime", "openvino"), served=False):
+        rows = [row(n, 1, samples[i], samples[i + 1]) for i, n in enumerate(runtimes[:len(samples) - 1])]
+        for r in rows if served else ():
+            r.update(runtime="triton", format=f"triton:{r['runtime']}", concurrency=1)
+        said = disturbances({"results": rows, "config": {"stability": 0.1},
+                             "matmul": {"samples_gflops": samples, "spread": max(samples) / min(samples) - 1}})
+        return said[0].split(" were measured")[0].removeprefix("the machine ran slower while ") if said else None
+
+    assert names([200, 200, 100, 100, 100, 100]) == "torchscript@1, onnxruntime@1, openvino@1"  # slow from then on
+    assert names([200, 100, 100]) == "compiled@1"  # the median would have been the slow rate
+    assert names([200, 100, 200]) is None  # a dip between two runtimes
+    assert names([200, 100]) == "the fp32 matmul rate varied from 100 to 200 GFLOP/s during the run: the machine was " \
+        "busy or its speed changed; rerun on a quiet machine"  # one runtime: two samples cannot tell a dip
+    assert names([200, 150, 140], served=True) == "triton:compiled c1@1"  # bench --triton-url alone
 
 
 def test_speedup_vs_fp32_is_the_fp32_twin_never_the_row_itself():
