@@ -254,7 +254,7 @@ def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repositor
         settle = info.setdefault("settle", {"points": []})
         for p in shaky:
             again_done.add(key(p))
-            windows = ", ".join(f"{w:,.0f}" for w in p.get("window_throughput_ips") or [])  # (none: perf_analyzer)
+            windows = ", ".join(f"{w:,.0f}" for w in p.get("window_throughput_ips") or [])  # (none: an older record)
             say(f"measuring {p['label']} at concurrency {p['concurrency']} again: its windows did not agree"
                 + (f" ({windows} images/s)" if windows else ""))
             s = Setting(**{k: v for k, v in p.items() if k in names})  # a default: its config.pbtxt, whatever it holds
