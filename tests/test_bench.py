@@ -475,35 +475,31 @@ def test_what_disturbed_a_bench_is_said_in_one_sentence_each():
 
 def test_a_slower_machine_is_said_for_the_rows_it_slowed_not_for_one_sample_that_dipped():
     """Each row keeps the fp32 matmul samples before and after its runtime; the caution names the rows whose two
-    samples both fell more than 10 % under the run's median. One sample that dipped (a 0.1 s matmul does, now and
+    samples both fell more than 10 % under the run's best. One sample that dipped (a 0.1 s matmul does, now and
     then, on a quiet shared host) cautioned nearly every pipeline run on a 2-core Zen 4 VM."""
     from cnnpack.bench_outputs import disturbances
 
-    def row(runtime, b, before, after):
-        return {"runtime": runtime, "format": "onnx", "artifact": "onnx", "precision": "fp32", "batch_size": b,
-                "stable": True, "cpu_others": 0.0, "matmul_before_gflops": before, "matmul_after_gflops": after}
-
-    samples = [196, 192, 192, 164, 195, 197]  # a pipeline's bench on a quiet Zen 4: one sample dipped
-    rows = [row(n, b, samples[i], samples[i + 1]) for i, n in enumerate(("eager", "compiled", "torchscript",
-                                                                          "onnxruntime", "openvino")) for b in (1, 32)]
-    dipped = {"results": rows, "config": {"stability": 0.1}, "matmul": {"samples_gflops": samples, "spread": 0.2}}
-    assert disturbances(dipped) == []
-    samples = [165, 174, 202, 200, 199, 200]  # the first runtime measured between two slow samples
-    slowed = {**dipped, "results": [row(n, b, samples[i], samples[i + 1]) for i, n in enumerate(
-        ("eager", "compiled", "torchscript", "onnxruntime", "openvino")) for b in (1, 32)],
-        "matmul": {"samples_gflops": samples, "spread": 0.22}}
-    assert disturbances(slowed) == ["the machine ran slower while eager@1, eager@32 were measured (the fp32 matmul "
-                                    "rate before and after each more than 10 % under the run's best, 202 GFLOP/s): "
-                                    "their figures may be low; rerun on a quiet machine"]
-
-    def names(samples, runtimes=("eager", "compiled", "torchscript", "onnxruntime", "openvino"), served=False):
-        rows = [row(n, 1, samples[i], samples[i + 1]) for i, n in enumerate(runtimes[:len(samples) - 1])]
+    def said(samples, batch_sizes=(1,), served=False):
+        """The caution of a bench whose runtimes (one between each two samples) were measured at `batch_sizes`."""
+        runtimes = ("eager", "compiled", "torchscript", "onnxruntime", "openvino")[:len(samples) - 1]
+        rows = [{"runtime": n, "format": "onnx", "artifact": "onnx", "precision": "fp32", "batch_size": b,
+                 "stable": True, "cpu_others": 0.0, "matmul_before_gflops": samples[i],
+                 "matmul_after_gflops": samples[i + 1]} for i, n in enumerate(runtimes) for b in batch_sizes]
         for r in rows if served else ():
             r.update(runtime="triton", format=f"triton:{r['runtime']}", concurrency=1)
-        said = disturbances({"results": rows, "config": {"stability": 0.1},
+        return disturbances({"results": rows, "config": {"stability": 0.1},
                              "matmul": {"samples_gflops": samples, "spread": max(samples) / min(samples) - 1}})
-        return said[0].split(" were measured")[0].removeprefix("the machine ran slower while ") if said else None
 
+    def names(samples, served=False):
+        out = said(samples, served=served)
+        return out[0].split(" were measured")[0].removeprefix("the machine ran slower while ") if out else None
+
+    # a pipeline's bench on a quiet Zen 4: one sample dipped
+    assert said([196, 192, 192, 164, 195, 197], batch_sizes=(1, 32)) == []
+    # another: the first runtime measured between two slow samples
+    assert said([165, 174, 202, 200, 199, 200], batch_sizes=(1, 32)) == [
+        "the machine ran slower while eager@1, eager@32 were measured (the fp32 matmul rate before and after each "
+        "more than 10 % under the run's best, 202 GFLOP/s): their figures may be low; rerun on a quiet machine"]
     assert names([200, 200, 100, 100, 100, 100]) == "torchscript@1, onnxruntime@1, openvino@1"  # slow from then on
     assert names([200, 100, 100]) == "compiled@1"  # the median would have been the slow rate
     assert names([200, 100, 200]) is None  # a dip between two runtimes
