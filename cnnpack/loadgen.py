@@ -30,6 +30,7 @@ from cnnpack.loadclient import Load
 from cnnpack.measure import WindowPolicy, measure, summarise
 
 GENERATORS = ("auto", "perf_analyzer", "cnnpack")
+PA_WINDOWS = 3  # perf_analyzer judges stability on its last 3 windows (a constant of its profiler)
 
 
 def resolve(name: str) -> str:
@@ -88,7 +89,7 @@ def perf_analyzer(client, model, batch: np.ndarray, concurrency: int, policy: Wi
     windows as fit in `policy.max_s`; when they run out perf_analyzer reports no figures, so the point is measured
     once more without the stability check and flagged unstable.
     """
-    trials = max(policy.stable_windows, math.ceil(policy.max_s / policy.window_s))
+    trials = max(PA_WINDOWS, math.ceil(policy.max_s / policy.window_s))
     with tempfile.TemporaryDirectory(prefix="cnnpack-pa-") as tmp:
         out = Path(tmp) / "pa.csv"
         cmd = ["perf_analyzer", "-m", model.name, "-u", client.address, "-i", client.protocol, "-b", str(len(batch)),
@@ -98,10 +99,12 @@ def perf_analyzer(client, model, batch: np.ndarray, concurrency: int, policy: Wi
                "--verbose-csv", "-v", "-f", str(out)]  # -v: a line per window ("Pass [n] throughput: ...")
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 4 * policy.max_s)
         stable = done.returncode == 0 and out.is_file()
+        windows = len(window_rates(done.stdout))
         if not stable and "stable" in done.stdout + done.stderr:
             out.unlink(missing_ok=True)
-            done = subprocess.run([*cmd[:-2], "--max-trials", str(policy.stable_windows), "-s", "1000", "-f", str(out)],
+            done = subprocess.run([*cmd[:-2], "--max-trials", str(PA_WINDOWS), "-s", "1000", "-f", str(out)],
                                   capture_output=True, text=True, timeout=60 + 4 * policy.max_s)
+            windows += len(window_rates(done.stdout))
         if done.returncode != 0 or not out.is_file():
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise StageFailed(f"perf_analyzer on {model.name} at {client.address} ({concurrency} in flight) failed: "
@@ -111,8 +114,16 @@ def perf_analyzer(client, model, batch: np.ndarray, concurrency: int, policy: Wi
     count = re.search(r"Request count: (\d+)", done.stdout)
     # its windows' rates, the last ones those it judged: tune tells a steadier measurement by them (with none, a
     # point measured again by perf_analyzer never replaced one whose windows had varied 10,000 %)
-    passes = [float(x) for x in re.findall(r"Pass \[\d+\] throughput: ([\d.]+) infer/sec", done.stdout)]
+    passes = window_rates(done.stdout)
     return {**{f"latency_ms_p{p}": v for p, v in us.items()}, "latency_ms_mean": float(row["Avg latency"]) / 1e3,
             "throughput_ips": float(row["Inferences/Second"]), "stable": stable,
-            "requests": int(count.group(1)) if count else None, "windows": len(passes) or None,
-            "warmup_s": None, "measured_s": None, "window_throughput_ips": passes[-policy.stable_windows:]}
+            "requests": int(count.group(1)) if count else None, "windows": windows or None,
+            "warmup_s": None, "measured_s": None, "window_throughput_ips": passes[-PA_WINDOWS:]}
+
+
+def window_rates(stdout: str) -> list[float]:
+    """The throughput of each window perf_analyzer's `-v` printed, in order: "Pass [n] throughput: R infer/sec" (R in
+    C++'s default float format: 1.00211e+06 at a million), a window whose requests failed ("Pass [n] cb::Error: ...")
+    as 0, as perf_analyzer itself counts it."""
+    found = re.findall(r"^\s*Pass \[\d+\] (?:throughput: ([\d.]+(?:e[+-]?\d+)?) infer/sec|cb::Error)", stdout, re.M)
+    return [float(x) if x else 0.0 for x in found]

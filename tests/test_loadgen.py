@@ -75,3 +75,49 @@ def test_a_concurrency_past_the_bound_is_refused_before_any_connection_or_server
     with pytest.raises(UserInputError, match=r"got \[0\]"):
         Load(None, None, np.zeros((1, 3, 8, 8), np.float32), concurrency=0)
     ServedConfig(url="127.0.0.1:8000", concurrency=(1, MAX_CONCURRENCY)).validate()
+
+
+FAKE_PA = r'''#!PYTHON
+"""Prints what perf_analyzer -v prints (its windows' lines indented, a failed window as cb::Error, a million in C++'s
+default float format) and writes its CSV; unstable on the first call, stable on the retry (-s 1000)."""
+import pathlib, sys
+args = sys.argv[1:]
+retry = "-s" in args
+rates = (["1001.5", "1.00211e+06", "2000.25"] if retry else ["900", "950", "cb::Error", "980", "1000"])
+for i, r in enumerate(rates, 1):
+    print(f"  Pass [{i}] " + (r + ": Failed to retrieve results" if r == "cb::Error" else
+                              f"throughput: {r} infer/sec. Avg latency: 700 usec (std 40 usec)"))
+if not retry:
+    print("Failed to obtain stable measurement within 5 measurement windows for concurrency 16. Please try to "
+          "increase the --measurement-interval.")
+    sys.exit(1)
+print("  Client: \n    Request count: 4321")
+out = pathlib.Path(args[args.index("-f") + 1])
+out.write_text("Concurrency,Inferences/Second,Avg latency,p50 latency,p90 latency,p95 latency,p99 latency\n"
+               "16,2000.5,7000,6000,9000,9500,12000\n")
+'''
+
+
+def test_perf_analyzers_windows_are_read_as_it_judged_them(tmp_path, monkeypatch):
+    """Its last 3 windows (a constant of perf_analyzer, whatever cnnpack's policy counts), a failed one as 0, a rate of
+    a million in exponent form, and the windows of both of its runs when the first found no stable point."""
+    from types import SimpleNamespace
+
+    from cnnpack.client import ServedModel
+    from cnnpack.loadgen import perf_analyzer
+    from cnnpack.measure import WindowPolicy
+
+    fake = tmp_path / "perf_analyzer"
+    fake.write_text(FAKE_PA.replace("PYTHON", sys.executable))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    model = ServedModel(name="m", platform="onnxruntime_onnx", input="input", input_dtype="FP32", input_shape=(3, 8, 8),
+                        output="logits", num_classes=6, max_batch_size=64)
+    client = SimpleNamespace(address="127.0.0.1:1", protocol="grpc")
+    batch = np.zeros((1, 3, 8, 8), np.float32)
+    row = perf_analyzer(client, model, batch, 16, WindowPolicy(window_s=0.1, max_s=0.5, stable_windows=1))
+    assert row["window_throughput_ips"] == [1001.5, 1002110.0, 2000.25] and row["windows"] == 8
+    assert row["stable"] is False and row["throughput_ips"] == 2000.5 and row["requests"] == 4321
+    from cnnpack.loadgen import window_rates
+
+    assert window_rates("  Pass [1] throughput: 10 infer/sec.\n  Pass [2] cb::Error: x\n") == [10.0, 0.0]
