@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnpack.bench_ceilings import hold_to_ceilings, measured_ceilings, over_ceiling, remeasure_beaten_ceilings
-from cnnpack.bench_outputs import CSV_COLUMNS, commit_outputs, plot_results, series  # noqa: F401 - re-exported
+from cnnpack.bench_outputs import CSV_COLUMNS, commit_outputs, plot_results, series, series_at  # noqa: F401 - re-exported
 from cnnpack.errors import MissingStageError, RuntimeUnavailable, UserInputError, shell
 from cnnpack.host import (
     check_device,
@@ -68,6 +68,8 @@ NOTES = {
     "matmul_before_gflops": "the fp32 matmul rate measured right before this row's runtime (matmul_after_gflops: "
                             "right after it); both more than 10 % under the run's best sample: the machine ran slower "
                             "while the row was measured, and its figures may be low (a caution says so)",
+    "matmul_best_gflops": "the best fp32 matmul sample of the bench that measured this row (a served row merged in "
+                          "from another bench keeps its own): what matmul_before/after_gflops are judged against",
     "matmul.spread": "max / min - 1 of the matmul samples: how much the machine's speed moved during the run (one "
                      "0.1 s sample can dip 15-30 % on a quiet shared host; the caution goes by the samples around "
                      "each row)",
@@ -442,7 +444,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         old = previous_section(run)  # rows of served models (bench --triton-url) stay; local rows are measured together
         # (speedups and shares compare rows of one run), so an earlier run's local rows are replaced, and named
         now = {(series(r), r["batch_size"]) for r in section["results"]}
-        section["replaced"] = sorted({f"{series(r)}@{r['batch_size']}" for r in old.get("results", [])
+        section["replaced"] = sorted({series_at(r) for r in old.get("results", [])
                                       if r.get("runtime") != "triton" and (series(r), r["batch_size"]) not in now})
         section["results"] += [r for r in old.get("results", []) if r.get("runtime") == "triton"]
         speedups(section["results"])  # the served rows kept: against this bench's eager, held to its ceilings
@@ -460,6 +462,8 @@ def make_section(ctx: BenchContext, host: dict, inputs: dict) -> dict:
     rates = [m["gflops"] for m in ctx.matmul]
     matmul = {k: v for k, v in ctx.matmul[0].items() if k not in ("gflops", "gflops_best", "repeats")}
     matmul.update(samples_gflops=rates, spread=max(rates) / min(rates) - 1)
+    for r in ctx.results:  # what each row's two samples are judged against, also once merged with another bench's
+        r["matmul_best_gflops"] = max(rates)
     spec = ctx.run.model_spec
     peak = max([*rates, ctx.ceilings.get("fp32", {}).get("gflops", 0.0)])
     over = over_ceiling(ctx.results)

@@ -122,7 +122,7 @@ def cold_starts(results: list[dict]) -> str | None:
 def disturbances(section: dict) -> list[str]:
     """What makes a bench's numbers less than trustworthy, one sentence each (empty: nothing seen)."""
     out = []
-    unstable = [f"{series(r)}@{r['batch_size']}" for r in section["results"] if not r.get("stable", True)]
+    unstable = [series_at(r) for r in section["results"] if not r.get("stable", True)]
     if unstable:
         out.append(f"unstable (windows did not agree within {100 * section['config']['stability']:.0f} % before "
                    f"--max-seconds): {', '.join(unstable)}")
@@ -138,9 +138,10 @@ def disturbances(section: dict) -> list[str]:
     rows = [r for r in section["results"] if r.get("runtime") != "triton"] or section["results"]
     if len(rates) >= 3 and rows and all("matmul_before_gflops" in r for r in rows):
         if slow := slower_rows(rows, rates):
+            bests = ", ".join(f"{b:.0f}" for b in sorted({best_sample(r, rates) for r in rows if series_at(r) in slow}))
             out.append(f"the machine ran slower while {', '.join(slow)} were measured (the fp32 matmul rate before and "
-                       f"after each more than 10 % under the run's best, {max(rates):.0f} GFLOP/s): their figures "
-                       "may be low; rerun on a quiet machine")
+                       f"after each more than 10 % under its bench's best, {bests} GFLOP/s): their figures may be low; "
+                       "rerun on a quiet machine")
     elif rates and section["matmul"].get("spread", 0) > 0.10:  # one runtime's two samples, or an older record
         out.append(f"the fp32 matmul rate varied from {min(rates):.0f} to {max(rates):.0f} GFLOP/s during the run: "
                    "the machine was busy or its speed changed; rerun on a quiet machine")
@@ -153,6 +154,15 @@ def slower_rows(rows: list[dict], rates: list[float]) -> list[str]:
     slowdown would pull a median down with it). One sample alone says little: a 0.1 s matmul dipped 15-30 % a few
     times in 60 on a quiet 2-core VM (Zen 4), so the spread of all samples, the rule before, cautioned nearly every
     run on such a host."""
-    floor = 0.9 * max(rates)
-    return [f"{series(r)}@{r['batch_size']}" for r in rows
-            if max(r["matmul_before_gflops"], r["matmul_after_gflops"]) < floor]
+    return [series_at(r) for r in rows
+            if max(r["matmul_before_gflops"], r["matmul_after_gflops"]) < 0.9 * best_sample(r, rates)]
+
+
+def best_sample(row: dict, rates: list[float]) -> float:
+    """The best fp32 matmul sample of the bench that measured `row` (rows a served bench merged in were measured by
+    their own; a record from before rows kept it: the section's samples, `rates`)."""
+    return row.get("matmul_best_gflops") or max(rates)
+
+
+def series_at(row: dict) -> str:
+    return f"{series(row)}@{row['batch_size']}"

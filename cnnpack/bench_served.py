@@ -21,7 +21,7 @@ from cnnpack.bench import (
     speedups,
 )
 from cnnpack.bench_ceilings import hold_to_ceilings, over_ceiling
-from cnnpack.bench_outputs import commit_outputs, series
+from cnnpack.bench_outputs import commit_outputs, series_at
 from cnnpack.errors import UserInputError
 from cnnpack.host import load_avg, machine, torch_threads
 from cnnpack.loadclient import check_concurrency
@@ -133,7 +133,7 @@ def bench_load(ctx: BenchContext, rt, batch_size: int, concurrency: int, generat
     row = {"runtime": "triton", "format": rt.format, "batch_size": batch_size, "concurrency": concurrency,
            "protocol": client.protocol, **figures, "load_generator": describe(generator), "errors": 0,
            **server_side(before, after)}
-    row["requests"] = row["requests"] or row["server_requests"]  # perf_analyzer does not say; the server does
+    row["requests"] = row["requests"] or row["server_requests"]  # when perf_analyzer's output lacks its count, the server's
     row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9
     row["peak_rss_mb"] = row["cpu_others"] = None  # the server is another process: not measured from here
     row["artifact"] = rt.format
@@ -178,11 +178,13 @@ def _merge_served(old: dict, new: dict, rt, served: ServedConfig) -> dict:
         return {**new, "served": seen}
     ours = lambda r: (r.get("format"), r.get("protocol")) == (rt.format, served.protocol)  # noqa: E731
     now = {(r["batch_size"], r.get("concurrency")) for r in new["results"]}
-    dropped = sorted({f"{series(r)}@{r['batch_size']}" for r in old["results"]
+    dropped = sorted({series_at(r) for r in old["results"]
                       if ours(r) and (r["batch_size"], r.get("concurrency")) not in now})
     rows = [r for r in old["results"] if not ours(r)] + new["results"]
     speedups(rows)
     old = {k: v for k, v in old.items() if k != "error"}  # a section the pipeline marked failed: this bench ran
+    if all(r.get("runtime") == "triton" for r in rows):  # no local bench's samples to keep: this bench's
+        old["matmul"] = new["matmul"]
     merged = {**old, "status": "ok", "results": rows,
               "machine_peak_gflops": max(old.get("machine_peak_gflops") or 0.0, new["machine_peak_gflops"]),
               "served": seen, "notes": NOTES,

@@ -149,7 +149,7 @@ BENCH_ROW = {
     "throughput_ips": NUM, "precision?": str, "artifact?": str, "cpu_others?": Nullable(NUM),
     "load_s?": Nullable(NUM), "first_call_s?": Nullable(NUM), "speedup_vs_eager?": Nullable(NUM),
     "matmul_share?": Nullable(NUM), "gflops?": Nullable(NUM), "stable?": bool, "concurrency?": Nullable(int),
-    "matmul_before_gflops?": NUM, "matmul_after_gflops?": NUM,
+    "matmul_before_gflops?": NUM, "matmul_after_gflops?": NUM, "matmul_best_gflops?": NUM,
 }
 BENCH_ROW = Check(BENCH_ROW, lambda r: r.get("runtime") != "triton" or problem(r, _SERVED_ROW) is None,
                   "is a served row without its concurrency")  # bench --triton-url's rows: one per concurrency

@@ -346,10 +346,10 @@ def _ceilings(b: dict, peak) -> str:
 
 def _bench_warnings(b: dict) -> list[str]:
     """What makes these numbers less than trustworthy, said in the report itself."""
-    from cnnpack.bench import series
+    from cnnpack.bench import series, series_at
 
     res, out = b.get("results", []), []
-    unstable = [f"{series(r)}@{r['batch_size']}" for r in res if not r.get("stable", True)]
+    unstable = [series_at(r) for r in res if not r.get("stable", True)]
     if unstable:
         out.append(f"**Unstable**: the measurement windows of {', '.join(unstable)} did not agree within "
                    f"{100 * b.get('config', {}).get('stability', 0.1):.0f} % before the time limit.")

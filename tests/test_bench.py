@@ -499,13 +499,23 @@ def test_a_slower_machine_is_said_for_the_rows_it_slowed_not_for_one_sample_that
     # another: the first runtime measured between two slow samples
     assert said([165, 174, 202, 200, 199, 200], batch_sizes=(1, 32)) == [
         "the machine ran slower while eager@1, eager@32 were measured (the fp32 matmul rate before and after each "
-        "more than 10 % under the run's best, 202 GFLOP/s): their figures may be low; rerun on a quiet machine"]
+        "more than 10 % under its bench's best, 202 GFLOP/s): their figures may be low; rerun on a quiet machine"]
     assert names([200, 200, 100, 100, 100, 100]) == "torchscript@1, onnxruntime@1, openvino@1"  # slow from then on
     assert names([200, 100, 100]) == "compiled@1"  # the median would have been the slow rate
     assert names([200, 100, 200]) is None  # a dip between two runtimes
     assert names([200, 100]) == "the fp32 matmul rate varied from 100 to 200 GFLOP/s during the run: the machine was " \
         "busy or its speed changed; rerun on a quiet machine"  # one runtime: two samples cannot tell a dip
     assert names([200, 150, 140], served=True) == "triton:compiled c1@1"  # bench --triton-url alone
+    # two served benches merged into one section, each steady at its own rate: each row judged by its own bench's best
+    rows = [{"runtime": "triton", "format": f"triton:{m}", "concurrency": 1, "batch_size": 1, "stable": True,
+             "matmul_before_gflops": rate, "matmul_after_gflops": rate, "matmul_best_gflops": rate}
+            for m, rate in (("cnn_onnx", 200), ("cnn_torchscript", 170))]
+    merged = {"results": rows, "config": {"stability": 0.1}, "matmul": {"samples_gflops": [200, 200, 200]}}
+    assert disturbances(merged) == []  # against the first bench's samples the second's rows were called slow
+    rows[1].update(matmul_before_gflops=140, matmul_after_gflops=150)
+    assert disturbances(merged)[0].startswith("the machine ran slower while triton:cnn_torchscript c1@1 were measured (the "
+                                              "fp32 matmul rate before and after each more than 10 % under its bench's "
+                                              "best, 170 GFLOP/s)")
 
 
 def test_speedup_vs_fp32_is_the_fp32_twin_never_the_row_itself():
