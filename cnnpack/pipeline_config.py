@@ -88,8 +88,13 @@ class PipelineConfig:
         """The runtimes the bench stage measures: --runtimes, or DEFAULT_RUNTIMES of the formats exported."""
         if self.bench_runtimes is not None:
             return self.bench_runtimes
-        return tuple(r for fmt, names in DEFAULT_RUNTIMES.items() if fmt == "checkpoint" or fmt in self.formats
-                     for r in names)
+        names = [r for fmt, names in DEFAULT_RUNTIMES.items() if fmt == "checkpoint" or fmt in self.formats
+                 for r in names]
+        if "openvino" in self.formats and self.openvino != "no":
+            from cnnpack.openvino import has_bf16
+
+            names += ["openvino-bf16"] if has_bf16() else []  # where the CPU computes bf16 itself
+        return tuple(names)
 
     def _check_runtimes(self) -> None:
         """--runtimes that the pipeline gives nothing to run are refused now, not after training (`--formats onnx`
@@ -155,16 +160,7 @@ class PipelineConfig:
             raise UserInputError(f"--openvino yes, but {why}")
         if not ok:
             return replace(self, openvino="no")
-        runtimes = ["openvino", *(["openvino-bf16"] if ov.has_bf16() else [])]
-        return replace(self, openvino="yes", formats=tuple(dict.fromkeys([*self.formats, "openvino"])),
-                       bench_runtimes=self._added(runtimes))
-
-    def _added(self, runtimes: list[str]) -> tuple[str, ...] | None:
-        """The benchmarked runtimes with a format's own added, unless --runtimes named them: what the user listed is
-        measured, no more (--runtimes eager measured openvino and openvino-bf16 too)."""
-        if self.bench_runtimes is not None:
-            return self.bench_runtimes
-        return tuple(dict.fromkeys([*self.runtimes(), *runtimes]))
+        return replace(self, openvino="yes", formats=tuple(dict.fromkeys([*self.formats, "openvino"])))
 
     def with_pt2(self) -> PipelineConfig:
         """The config with `pt2` decided (auto: when a C++ compiler is found; --formats naming pt2 means yes unless
@@ -178,8 +174,7 @@ class PipelineConfig:
         if asked == "no" or (asked == "auto" and "pt2" not in self.formats and not compiler_available()[0]):
             return replace(self, pt2="no")
         find_compiler()  # yes (or --formats pt2) without one: exit 2 saying what to install, before any work
-        return replace(self, pt2="yes", formats=tuple(dict.fromkeys([*self.formats, "pt2"])),
-                       bench_runtimes=self._added(["aoti"]))
+        return replace(self, pt2="yes", formats=tuple(dict.fromkeys([*self.formats, "pt2"])))
 
     def verify_config(self):
         from cnnpack.verify import VerifyConfig

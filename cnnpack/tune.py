@@ -92,14 +92,25 @@ def _threads_of(model, fmt: str) -> int:
 
 
 def check_served(run: Run, url: str, s: Setting, cfg: TuneConfig) -> None:
-    """Holds the served model, as loaded now, to the contract of its precision against eager (ParityError if not)."""
-    from cnnpack.verify import VerifyConfig, check, served_target
+    """Holds the served model, as loaded now, to the contract of its precision against eager (ParityError if not),
+    with the tolerances and agreement the run's verify stage held its artifacts to (a run verified with a lower
+    --min-agreement had every bf16 point refused here at the default)."""
+    from cnnpack.verify import check, served_target
 
     target = served_target(run.path, url, s.model, cfg.protocol, cfg.timeout_s)
-    results = check(run, VerifyConfig(batch_sizes=(1, 8)), (target,))
+    results = check(run, verify_config(run), (target,))
     failures = [f for r in results for f in r["failures"]]
     if failures:
         raise ParityError(f"{s.label} fails the {s.precision} contract: {'; '.join(failures)}")
+
+
+def verify_config(run: Run):
+    """The run's recorded verify contract (its defaults where it recorded none) at batch sizes 1 and 8."""
+    from cnnpack.verify import VerifyConfig
+
+    recorded = run.read().get("stages", {}).get("verify", {}).get("config") or {}
+    keep = ("samples", "atol", "rtol", "min_agreement", "int8_min_agreement", "data", "seed")
+    return VerifyConfig(batch_sizes=(1, 8), **{k: recorded[k] for k in keep if recorded.get(k) is not None})
 
 
 # -- the choice ---------------------------------------------------------------------------------------------

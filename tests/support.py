@@ -242,3 +242,12 @@ def broken_chunk_png() -> bytes:
     n = struct.unpack(">I", data[33:37])[0]
     data[33:37] = struct.pack(">I", n // 2)
     return bytes(data)
+
+
+def matches_golden(got: str, golden: Path) -> None:
+    """`got` equals the golden file; with CNNPACK_UPDATE_GOLDEN=1 a changed one is rewritten, and the test still
+    fails that once (a variable left set must not turn every change into a pass)."""
+    if os.environ.get("CNNPACK_UPDATE_GOLDEN") and (not golden.is_file() or golden.read_text() != got):
+        golden.write_text(got)
+        pytest.fail(f"{golden.name} rewritten (CNNPACK_UPDATE_GOLDEN): review its diff, then run again without it")
+    assert got == golden.read_text()

@@ -607,10 +607,10 @@ def test_a_server_killed_or_stuck_under_load_is_a_clear_error_within_the_timeout
     assert message.startswith(f"Triton at {protocol}://{_url(srv, protocol)}: request under load to cnn_onnx")
     assert "\n" not in message
     if fault == signal.SIGKILL:
-        assert took < 2 and "is the server still running?" in message  # at once, not after the timeout
+        assert took < 5 and "is the server still running?" in message  # at once, not after the 60 s window
     else:
         # the requests in flight when it stopped were sent up to a moment before: their 2 s end a little sooner
-        assert 1 < took < 4 and "no answer within 2 s (--timeout)" in message
+        assert 1 < took < 8 and "no answer within 2 s (--timeout)" in message  # not the 60 s window (a busy host)
     assert_gone(srv.pid)
 
 

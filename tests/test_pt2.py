@@ -6,6 +6,7 @@ the session's 32 px tiny run and shared read-only by the slow tests; the quick o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from google.protobuf import text_format
+from support import matches_golden
 from tritonclient.grpc import model_config_pb2
 
 from cnnpack.errors import StageFailed, UserInputError
@@ -117,6 +119,11 @@ def test_the_pipeline_takes_pt2_where_a_compiler_is_found(monkeypatch):
     on = PipelineConfig(pt2="auto").with_pt2()  # g++ is here
     assert on.pt2 == "yes" and "pt2" in on.formats and "aoti" in on.runtimes()
     assert PipelineConfig(pt2="no").with_pt2().formats == ("onnx", "torchscript")
+    if importlib.util.find_spec("openvino"):  # with OpenVINO on too, aoti was left out of the bench
+        both = PipelineConfig(pt2="yes", openvino="yes").with_openvino().with_pt2()
+        assert {"aoti", "openvino", "onnxruntime"} <= set(both.runtimes())
+        picked = PipelineConfig(pt2="yes", openvino="yes", bench_runtimes=("eager",)).with_openvino().with_pt2()
+        assert picked.runtimes() == ("eager",) and {"pt2", "openvino"} <= set(picked.formats)  # --runtimes: as listed
     monkeypatch.setenv("CXX", "/nonexistent/g++")
     off = PipelineConfig(pt2="auto").with_pt2()
     assert off.pt2 == "no" and "pt2" not in off.formats and "aoti" not in off.runtimes()
@@ -154,9 +161,7 @@ def test_the_torch_aoti_config_matches_its_golden_file():
     io = ModelIO(Tensor("INPUT__0", "float32", (-1, 3, 32, 32)), Tensor("OUTPUT__0", "float32", (-1, 3)), 16, "raw")
     got = render(classifier_config("classifier", io, TritonConfig(format="pt2", threads=2, warmup=True)))
     golden = Path(__file__).parent / "assets" / "config_pt2_cpu.pbtxt"
-    if os.environ.get("CNNPACK_UPDATE_GOLDEN"):
-        golden.write_text(got)
-    assert got == golden.read_text()
+    matches_golden(got, golden)
     mc = text_format.Parse(got, model_config_pb2.ModelConfig())
     assert (mc.backend, mc.platform, mc.default_model_filename) == ("pytorch", "torch_aoti", "model.pt2")
     assert mc.parameters["INTRA_OP_THREAD_COUNT"].string_value == "2"

@@ -162,7 +162,8 @@ def test_int8_classifies_like_fp32_on_raw_pixels(quantized):
             for f in ("model.onnx", "model.int8.onnx")]
     agreement = float((outs[0].argmax(1) == outs[1].argmax(1)).mean())
     # made under a 50 % gate for a barely trained model: how far above 50 % depends on the host's int8 kernels
-    assert agreement >= 0.5 and agreement == pytest.approx(section["gate"]["top1_agreement_vs_fp32"])
+    # (one near-tie may fall the other way in one batch of 90 than in the gate's batches of 32)
+    assert agreement >= 0.5 and agreement == pytest.approx(section["gate"]["top1_agreement_vs_fp32"], abs=1.01 / len(x))
 
 
 def test_an_artifact_that_takes_normalised_pixels_is_calibrated_and_gated_on_them(tiny_onnx_run, tmp_path):
@@ -187,7 +188,8 @@ def test_an_artifact_that_takes_normalised_pixels_is_calibrated_and_gated_on_the
     cosine = (fp32 * int8).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))
     assert cosine.min() > 0.9, cosine.min()
     agreement = float((fp32.argmax(1) == int8.argmax(1)).mean())
-    assert agreement == pytest.approx(section["gate"]["top1_agreement_vs_fp32"])  # the gate saw what it is fed
+    # the gate saw what it is fed (within one near-tie: one batch of 90 here, the gate's batches of 32)
+    assert agreement == pytest.approx(section["gate"]["top1_agreement_vs_fp32"], abs=1.01 / len(x))
 
 
 def test_calibration_is_deterministic_for_a_seed(quantized, tmp_path):
@@ -227,9 +229,10 @@ def test_a_gate_nothing_meets_is_exit_1_and_keeps_the_previous_artifact(quantize
     outlier_channel(run, factor=1e5)
     export(run, ExportConfig(formats=("onnx",), max_batch_size=32))
     before = (run / "export/model.int8.onnx").read_bytes(), _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"]
+    # the advice names what the best attempt missed: its drop too, unless it lost no image (a model at chance can't)
     with pytest.raises(ParityError, match=r"no int8 model within --max-drop 0 pt and --min-agreement 99%: --max-steps 1 "
-                                          r"was spent .* raise --max-steps, raise --max-drop or lower --min-agreement, .*; "
-                                          r"1 fallback step\(s\) tried"):
+                                          r"was spent .* raise --max-steps, (raise --max-drop or )?lower --min-agreement, "
+                                          r".*; 1 fallback step\(s\) tried"):
         quantize(run, QuantizeConfig(calibration_images=16, max_drop=0, max_steps=1))
     assert (run / "export/model.int8.onnx").read_bytes() == before[0]
     assert _manifest(run)["stages"]["export"]["artifacts"]["onnx_int8"] == before[1]
@@ -429,7 +432,7 @@ def test_at_the_time_limit_the_best_attempt_is_reported_and_nothing_recorded(qua
     monkeypatch.setattr(gate, "load_quant_data", slow_read)
     # said as the phase it passed in, not the one after it (the fp32 reference)
     with pytest.raises(TimeLimitReached, match=r"during reading the images, before any int8 attempt \(reading the "
-                                               r"images took 2 s of it\); raise --time-limit$"):
+                                               r"images took [23] s of it\); raise --time-limit$"):
         quantize(run, QuantizeConfig(time_limit_s=2))
     assert (run / "cnnpack.json").read_bytes() == manifest  # nothing recorded
     assert (run / "export/model.int8.onnx").read_bytes() == model
