@@ -446,8 +446,12 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         now = {(series(r), r["batch_size"]) for r in section["results"]}
         section["replaced"] = sorted({series_at(r) for r in old.get("results", [])
                                       if r.get("runtime") != "triton" and (series(r), r["batch_size"]) not in now})
-        section["results"] += [r for r in old.get("results", []) if r.get("runtime") == "triton"]
-        speedups(section["results"])  # the served rows kept: against this bench's eager, held to its ceilings
+        kept = [r for r in old.get("results", []) if r.get("runtime") == "triton"]
+        section["results"] += kept
+        speedups(section["results"])  # the served rows kept: against this bench's eager, held to its ceilings ...
+        for precision in {r.get("precision", "fp32") for r in kept} - set(section["ceilings"] or {"fp32"}):
+            if precision in (old.get("ceilings") or {}):  # ... or, for a precision it did not measure, the earlier
+                section["ceilings"][precision] = old["ceilings"][precision]  # (an int8 row held to the fp32 one)
         if section["ceilings"]:
             hold_to_ceilings(section["results"], section["ceilings"])
             section["over_ceiling"] = over_ceiling(section["results"])

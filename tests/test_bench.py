@@ -565,13 +565,26 @@ def test_served_rows_kept_by_a_later_local_bench_are_compared_with_its_eager(ben
     served = {"runtime": "triton", "format": "onnx", "artifact": "triton:cnn_onnx", "precision": "fp32",
               "batch_size": 1, "concurrency": 1, "protocol": "http", "latency_ms_p50": 1.0, "latency_ms_p99": 1.5,
               "throughput_ips": 1000.0, "gflops": 1.0, "speedup_vs_eager": 123.0, "speedup_vs_fp32": None, "matmul_share": 0.0, "matmul_gflops": 1.0}
-    Run.open(run).update(lambda m: m["stages"]["bench"]["results"].append(served))
+    int8 = {**served, "artifact": "triton:cnn_onnx_int8", "format": "onnx_int8", "precision": "int8", "gflops": 4.0}
+    int8_ceiling = None
+
+    def plant(m):
+        nonlocal int8_ceiling
+        ceilings = m["stages"]["bench"]["ceilings"]
+        int8_ceiling = {**ceilings["fp32"], "gflops": 800.0, "best": "onnxruntime MatMulInteger u8s8 n=1024"}
+        m["stages"]["bench"]["results"] += [served, int8]
+        ceilings["int8"] = int8_ceiling
+
+    Run.open(run).update(plant)
     section = bench(run, BenchConfig(runtimes=("eager",), batch_sizes=(1,), threads=1, max_seconds=0.1,
                                      warmup_s=0.05, plot=False))
     eager = next(r for r in section["results"] if r["runtime"] == "eager")
-    kept = next(r for r in section["results"] if r["runtime"] == "triton")
+    kept = next(r for r in section["results"] if r["artifact"] == "triton:cnn_onnx")
     assert kept["speedup_vs_eager"] == pytest.approx(eager["latency_ms_p50"] / 1.0)
     assert kept["matmul_gflops"] == section["ceilings"]["fp32"]["gflops"]
+    # an fp32 bench measures no int8 ceiling: the kept int8 row stays held to the one it was measured against
+    kept8 = next(r for r in section["results"] if r["artifact"] == "triton:cnn_onnx_int8")
+    assert kept8["matmul_gflops"] == 800.0 and section["ceilings"]["int8"] == int8_ceiling
 
 
 def test_a_served_bench_keeps_the_higher_of_each_ceiling_it_and_the_recorded_section_have():
