@@ -23,25 +23,50 @@ def keep_earlier(run: Run, result: dict, output: str) -> dict:
         return result
     earlier = json.loads(path.read_text())
     then, now = earlier.get("config", {}), result["config"]
-    if any(then.get(k) != now.get(k) for k in ("data", "device")):
-        return result  # judged on other data: not this verify's verdicts
+    checked = {r["format"] for r in result["results"]}
+    others = [r for r in earlier.get("results", []) if r["format"] not in checked
+              and not r["format"].startswith("triton:")]
+    if any(then.get(k) != now.get(k) for k in ("data", "device")):  # judged on other data: not this verify's verdicts
+        return _dropped(result, {r["format"]: f"judged on other {'data' if then.get('data') != now.get('data') else 'device'}"
+                                 for r in others})
     arts = stages.get("export", {}).get("artifacts", {})
     weights = checkpoint_digest(run)  # hashed once for every earlier verdict
-    checked = {r["format"] for r in result["results"]}
     old_arts = earlier.get("artifacts", {})
-    kept = [r for r in earlier.get("results", []) if r["format"] not in checked and r["format"] in arts
-            and _still_holds(r, then, now, arts[r["format"]])
-            and "sha256" in old_arts.get(r["format"], {})
-            and artifact_digest(old_arts[r["format"]]) == artifact_digest(arts[r["format"]])
-            and not artifact_changed(run, arts[r["format"]])  # the file verify checked is still there as it was
-            and not other_source(run, r["format"], arts[r["format"]], weights)]  # of the weights the run holds now
+    kept, dropped = [], {}
+    for r in others:
+        if why := _why_not_kept(run, r, then, now, arts.get(r["format"]), old_arts.get(r["format"], {}), weights):
+            dropped[r["format"]] = why
+        else:
+            kept.append(r)
     if not kept:
-        return result
+        return _dropped(result, dropped)
     results = result["results"] + kept
-    return {**result, "passed": all(r["passed"] for r in results),
-            "failures": [f for r in results for f in r["failures"]], "results": results,
-            "artifacts": {**{f: a for f, a in old_arts.items() if f in {r["format"] for r in kept}}, **result["artifacts"]},
-            "kept": sorted({r["format"] for r in kept})}
+    return _dropped({**result, "passed": all(r["passed"] for r in results),
+                     "failures": [f for r in results for f in r["failures"]], "results": results,
+                     "artifacts": {**{f: a for f, a in old_arts.items() if f in {r["format"] for r in kept}},
+                                   **result["artifacts"]},
+                     "kept": sorted({r["format"] for r in kept})}, dropped)
+
+
+def _why_not_kept(run: Run, r: dict, then: dict, now: dict, art: dict | None, old_art: dict, weights) -> str | None:
+    """Why an earlier verdict no longer stands (None: it does): the artifact it judged is gone, changed or of other
+    weights, or the contract it was judged under is looser than this verify's."""
+    if art is None:
+        return "no longer exported"
+    if "sha256" not in old_art or artifact_digest(old_art) != artifact_digest(art):
+        return "exported again since"
+    if changed := artifact_changed(run, art):  # the file verify checked is still there as it was
+        return changed
+    if other_source(run, r["format"], art, weights):  # of the weights the run holds now
+        return "made from other weights than the run's checkpoint"
+    if not _still_holds(r, then, now, art):
+        return "judged under another contract"
+    return None
+
+
+def _dropped(result: dict, dropped: dict[str, str]) -> dict:
+    """`result` naming the earlier verdicts that were not kept, each with its reason (said, not lost unseen)."""
+    return {**result, "dropped": [{"format": f, "reason": why} for f, why in sorted(dropped.items())]} if dropped else result
 
 
 def _still_holds(r: dict, then: dict, now: dict, art: dict) -> bool:

@@ -80,6 +80,10 @@ def _show(result: dict, run: Path, as_json: bool) -> None:
         typer.echo(f"note: {result['note']}")
     if result.get("kept"):
         typer.echo(f"kept: the earlier verdicts of {', '.join(result['kept'])} (artifacts unchanged; not checked again)")
+    if result.get("dropped"):
+        typer.echo("dropped: the earlier verdicts of " + ", ".join(f"{d['format']} ({d['reason']})"
+                                                                  for d in result["dropped"])
+                   + f"; check them again with `cnnpack verify --run {run}`")
     failed = [f"{r['format']} ({r['runtime']})" for r in result["results"] if not r["passed"]]
     verdict = f"FAILED: {', '.join(failed)}" if failed else "PASSED: every artifact checked matches eager"
     typer.echo(f"{verdict}; written: {run / 'verify.json'}")
