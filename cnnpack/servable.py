@@ -59,6 +59,23 @@ def servable(run: Run, models: tuple[str, ...] = (), *, required_by: str = "tune
     return found
 
 
+def unverified(run: Run, found: list[tuple[str, str]]) -> list[str]:
+    """The classifiers laid out in the run's repository under their default names that `servable` did not take
+    (`found`), each with why: no verdict of its artifact now, or a failed one (deploy names what it leaves out)."""
+    from cnnpack.triton_repo import PLATFORMS, default_name
+
+    stages = run.read().get("stages", {})
+    root, verdicts = Path(stages["triton"]["repository"]), stages.get("verify", {}).get("formats", {})
+    out = []
+    for fmt in PLATFORMS:
+        name = default_name(run.model_spec["arch"], fmt)
+        if name not in dict(found) and (root / name / "config.pbtxt").is_file():
+            verdict = verdicts.get(fmt)
+            out.append(f"{name} ({'failed' if verdict else 'has no verdict of'} `cnnpack verify`"
+                       + (" as its artifact is now" if not verdict else "") + ")")
+    return out
+
+
 def _not_verified(run: Run, root: Path, name: str, fmt: str, latest: Path, checked: dict) -> str:
     """Why the latest version is not the file verify checked, and the command that mends it."""
     from cnnpack.triton_publish import read_sidecar

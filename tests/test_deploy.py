@@ -908,6 +908,24 @@ def test_a_model_of_weights_older_than_the_runs_is_not_shipped(laid_out, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_a_laid_out_model_without_a_passing_verdict_is_named_as_not_shipped(laid_out, tmp_path):
+    """verify --formats onnx dropped the verdicts of artifacts changed since, and deploy shipped the rest, leaving
+    those models out without a word (and advised bounding the threads of one it did not ship)."""
+    from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.export import ExportConfig, export
+    from cnnpack.triton_repo import TritonConfig, build
+
+    run, repo = _own_copy(laid_out, tmp_path)
+    export(run, ExportConfig(formats=("torchscript",), max_batch_size=16))  # exported and laid out, never verified
+    build(run, TritonConfig(repository=str(repo), format="torchscript"))
+    out = deploy(run, DeployConfig(out=str(tmp_path / "out")))
+    assert "cnn_torchscript" not in out["models"] and out["served_model"] == "cnn_onnx"
+    assert ("not shipped: cnn_torchscript (has no verdict of `cnnpack verify` as its artifact is now): laid out in "
+            f"{repo}, but only what passed verify ships; `cnnpack verify --run {run}` checks every artifact again"
+            ) in out["notes"]
+    assert not any("cnn_torchscript" in n or "torchscript --threads" in n for n in out["notes"] if "not shipped" not in n)
+
+
 def test_a_missing_repository_or_version_is_said_as_such(laid_out, tmp_path):
     """By deploy and by tune alike (tune said 'holds no model that passed `cnnpack verify`')."""
     from cnnpack.deploy import DeployConfig, deploy

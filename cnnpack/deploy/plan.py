@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnnpack.errors import UserInputError, one_line
+from cnnpack.errors import UserInputError, one_line, shell
 from cnnpack.rundir import Run, sha256
 from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG, PREPROCESS, PT2_FORMATS, classifier_of, ensemble_parts
 from cnnpack.triton_publish import STAGING_PREFIX
@@ -83,7 +83,7 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     the stock NGC image lacks: only the repository image (which installs it) can serve them.
     `remote`: Triton downloads the repository from object storage before it loads it (a longer start-up).
     """
-    from cnnpack.servable import servable
+    from cnnpack.servable import servable, unverified
     from cnnpack.triton_repo import lay_out
 
     run = Run.open(run_dir)
@@ -107,6 +107,9 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
                 queue_target_us=Figure(0, ""), repository_bytes=size, opened_as=run.opened_as,
                 deployed_files=dict((stages.get("deploy") or {}).get("repository_files") or {}),
                 cuda_only=[m for m in models if classifier_of(m) in cuda])
+    if unchecked := unverified(run, classifiers):
+        plan.notes.append(f"not shipped: {', '.join(unchecked)}: laid out in {repository}, but only what passed "
+                          f"verify ships; `cnnpack verify --run {shell(run.path)}` checks every artifact again")
     left = [e for e in shipped(repository, [m for m, _ in classifiers]) if e not in models]
     if left:
         plan.notes.append(f"not shipped: {', '.join(left)} (the image ensemble's preprocessing needs Pillow, which "
@@ -120,7 +123,7 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     own, instances, threads = cpu(stages, manifest.get("machine", {}))
     sized_by = (_winner(stages) or {}).get("model") or triton["name"]  # the model whose config `own` is of
     plan.cpu = _largest_other(plan, own, sized_by, configs, int(manifest.get("machine", {}).get("cpu_count") or 1))
-    if not threads:
+    if not threads and sized_by in models:  # (one not shipped: no advice about it)
         plan.notes.append(f"the served config leaves the runtime's threads at 0 (its default): its thread pool is as "
                           f"large as the node's cores, not the pod's CPU limit ({plan.cpu.value}), and on a larger "
                           f"node the pod is throttled; bound it with {bounded(sized_by, max(1, own.value // instances))}"
