@@ -133,7 +133,8 @@ class Stages:
                   self.run_verify, lambda r: str(r.file("verify.json")), _int8_gates_kept),
             Stage("bench", lambda r: {"config": asdict(self.cfg.bench_config()), "artifacts": _artifacts(r)},
                   self.run_bench, lambda r: str(r.file(MANIFEST))),
-            Stage("triton", lambda r: {"configs": [asdict(c) for c in self.cfg.triton_configs()],
+            Stage("triton", lambda r: {"configs": [{**asdict(c), "repository": str(Path(c.repository).resolve())}
+                                                   for c in self.cfg.triton_configs()],  # the folder, from anywhere
                                        "artifacts": _artifacts(r)},
                   self.run_triton, lambda r: str(Path(self.cfg.repository)), self.repository_intact),
         ]
@@ -374,6 +375,10 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
         StageFailed (exit 1): a stage failed; the message says which and where its output is.
     """
     cfg.validate()
+    if cfg.repository is None:  # a run laid out before stays where it was (the pipeline run again from elsewhere)
+        from cnnpack.triton_repo import default_repository
+
+        cfg = replace(cfg, repository=default_repository(run_dir or default_run_dir(cfg)))
     asked, cfg = cfg, cfg.with_openvino().with_pt2()
     if asked.pt2 == "auto" and cfg.pt2 == "no":
         say("[export] pt2 off: no C++ compiler found (`apt-get install g++` or set CXX); --pt2 yes to require it")

@@ -39,7 +39,7 @@ class PipelineConfig:
     bench_batch_sizes: tuple[int, ...] = (1, 32)
     bench_max_seconds: float = 4.0
     threads: int | None = None
-    repository: str = "model_repository"
+    repository: str | None = None  # None: the one the run laid its models out in, else ./model_repository
     serve: str = "auto"  # auto: when the local Triton server can run here | yes | no
     concurrency: tuple[int, ...] = (1, 4, 16)
     infer_images: int = 8  # validation images sent through the served model

@@ -259,6 +259,16 @@ def drafts(run: Run, cfg: TritonConfig, name: str) -> tuple[list[Draft], ModelIO
     return out, io
 
 
+def default_repository(run_dir: str | Path) -> str:
+    """Where `cnnpack triton` and the pipeline lay a run's models out when no --repository is given: the repository
+    its triton stage laid them out in before (so a second call from another folder adds to it, rather than starting
+    one there and moving the run's record away from the first), else `model_repository` in the current folder."""
+    try:
+        return (Run.open(run_dir).read().get("stages", {}).get("triton") or {}).get("repository") or "model_repository"
+    except CnnpackError:  # no run there yet (the pipeline makes it), or one the command refuses in its own words
+        return "model_repository"
+
+
 def build(run_dir: str | Path, cfg: TritonConfig = TritonConfig()) -> dict:
     """Lays out (or extends) the Triton model repository for a run; returns `stages.triton`."""
     run = Run.open(run_dir)

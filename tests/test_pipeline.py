@@ -244,8 +244,9 @@ def test_the_default_runtimes_are_those_of_the_exported_formats():
     PipelineConfig(formats=("onnx",)).validate()
     # --runtimes is what is measured: a format switched on adds its runtime only to the default list (--runtimes
     # eager measured openvino and openvino-bf16 too)
-    assert PipelineConfig(bench_runtimes=("eager",))._added(["openvino"]) == ("eager",)
-    assert PipelineConfig()._added(["aoti"]) == ("eager", "compiled", "torchscript", "onnxruntime", "aoti")
+    assert PipelineConfig(bench_runtimes=("eager",), formats=("onnx", "pt2", "openvino")).runtimes() == ("eager",)
+    assert PipelineConfig(formats=("onnx", "torchscript", "pt2")).runtimes() == (
+        "eager", "compiled", "torchscript", "onnxruntime", "aoti")
     from cnnpack.pipeline_stage import again_hint
 
     assert again_hint(True) == "run the same `cnnpack pipeline` command again without --force to continue"

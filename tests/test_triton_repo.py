@@ -547,3 +547,22 @@ def test_the_docker_line_gives_the_container_the_gpus_a_gpu_config_asks_for(tmp_
     assert "--gpus" not in docker_line(tmp_path / "cpu")
     (tmp_path / "cpu" / "cnn_onnx" / "config.pbtxt").write_text('name: "cnn_onnx"\ninstance_group { kind: KIND_GPU }\n')
     assert docker_line(tmp_path / "cpu").startswith("docker run --rm --gpus all -p8000:8000")  # else it fails to load
+
+
+def test_without_repository_a_run_laid_out_before_is_added_to_where_it_was_from_any_folder(run, tmp_path, monkeypatch):
+    """`cnnpack triton --run ../run` from another folder started a ./model_repository there and moved the run's
+    triton stage to it; a following deploy shipped that one model alone."""
+    first = tmp_path / "repo"
+    assert _cli("--run", str(run), "--repository", str(first), "--format", "onnx").exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    res = _cli("--run", str(run), "--format", "torchscript")
+    assert res.exit_code == 0, res.output
+    assert not (elsewhere / "model_repository").exists()
+    assert {p.name for p in first.iterdir() if p.is_dir()} >= {"cnn_onnx", "cnn_torchscript"}
+    assert Run.open(run).read()["stages"]["triton"]["repository"] == str(first.resolve())
+    fresh = tmp_path / "fresh"  # a run never laid out: ./model_repository, as before
+    shutil.copytree(run, fresh)
+    Run.open(fresh).update(lambda m: m["stages"].pop("triton"))
+    assert _cli("--run", str(fresh), "--format", "onnx").exit_code == 0 and (elsewhere / "model_repository/cnn_onnx").is_dir()

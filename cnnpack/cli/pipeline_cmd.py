@@ -43,7 +43,8 @@ def pipeline(
     batch_sizes: Optional[str] = typer.Option(None, help="Benchmark batch sizes (default 1,32, within --max-batch-size)."),
     max_seconds: float = typer.Option(4.0, help="Benchmark time limit per runtime and batch size."),
     threads: Optional[int] = typer.Option(None, help="Threads for every benchmarked runtime (default: physical cores, as bench)."),
-    repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to lay out."),
+    repository: Optional[Path] = typer.Option(None, help="Triton model repository to lay out (default: the one the "
+                                              "run's models were laid out in, else ./model_repository)."),
     openvino: str = typer.Option("auto", help="OpenVINO IR (fp32, bf16 inference, NNCF int8) through every stage: "
                                                "auto (when the openvino extra is installed) | yes | no."),
     pt2: Optional[str] = typer.Option(None, help="The pt2 package (torch.export + AOTInductor, in the aoti runtime) "
@@ -80,7 +81,7 @@ def pipeline(
                          int8=int8, calibration_images=calibration_images, max_drop=max_drop,
                          min_agreement=min_agreement, verify_min_agreement=verify_min_agreement,
                          bench_runtimes=_names(runtimes) if runtimes is not None else None, bench_batch_sizes=sizes,
-                         bench_max_seconds=max_seconds, threads=threads, repository=str(repository), serve=serve, openvino=openvino, pt2=pt2,
+                         bench_max_seconds=max_seconds, threads=threads, repository=str(repository) if repository else None, serve=serve, openvino=openvino, pt2=pt2,
                          tune_budget_ms=tune_budget_ms,
                          concurrency=int_list(concurrency, "--concurrency"), infer_images=infer_images)
     # stage lines go to stderr, so that stdout holds only the summary (the JSON with --json)

@@ -20,7 +20,8 @@ def _sizes(text: Optional[str]) -> tuple[int, ...]:
 def triton(
     ctx: typer.Context,
     run: Path = typer.Option(..., help="Run directory with an export stage."),
-    repository: Path = typer.Option(Path("model_repository"), help="Triton model repository to create or extend."),
+    repository: Optional[Path] = typer.Option(None, help="Triton model repository to create or extend (default: the "
+                                              "one the run's models were laid out in, else ./model_repository)."),
     name: Optional[str] = typer.Option(None, help="Model name, the folder in the repository (default: <arch>_<format>)."),
     format: str = typer.Option("onnx", help="onnx | onnx_int8 | pt2 | torchscript | openvino | openvino_int8: which artifact to serve."),
     device: str = typer.Option("cpu", help="cpu | gpu: instance group kind."),
@@ -46,13 +47,13 @@ def triton(
     Example: cnnpack triton --run runs/demo --ensemble --warmup
     """
     from cnnpack.errors import UserInputError
-    from cnnpack.triton_repo import TritonConfig, build
+    from cnnpack.triton_repo import TritonConfig, build, default_repository
 
     given = ctx.get_parameter_source("max_queue_delay_us")
     if not dynamic_batching and getattr(given, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP"):
         raise UserInputError("--max-queue-delay-us configures the dynamic batcher; drop it or drop "
                              "--no-dynamic-batching")
-    cfg = TritonConfig(repository=str(repository), name=name, format=format, device=device, instances=instances,
+    cfg = TritonConfig(repository=str(repository or default_repository(run)), name=name, format=format, device=device, instances=instances,
                        max_batch_size=max_batch_size, preferred_batch_sizes=_sizes(preferred_batch_sizes),
                        max_queue_delay_us=max_queue_delay_us, dynamic_batching=dynamic_batching, threads=threads, tensorrt=tensorrt,
                        tensorrt_fp16=tensorrt_fp16, warmup=warmup, ensemble=ensemble, force=force)
