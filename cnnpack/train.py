@@ -109,7 +109,10 @@ def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn
         spec = ModelSpec.from_dict(ckpt["spec"])
         state = ckpt["state_dict"]
     except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, missing keys
-        raise UserInputError(f"{path} is not a readable cnnpack checkpoint ({type(e).__name__})") from None
+        raise UserInputError(f"{path} is not a readable cnnpack checkpoint ({type(e).__name__}: truncated or replaced?); "
+                             f"restore the file, or train the run again with `cnnpack train --run {shell(run.path)} "
+                             "--force` and the options it was trained with (stages.train.config in its cnnpack.json)"
+                             ) from None
     recorded = ModelSpec.from_dict(run.model_spec)
     # another run's file copied in: evaluate scored a 32 px model on 64 px images as this run's (compared as JSON)
     if ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) != recorded:

@@ -198,6 +198,10 @@ def _check_checkpoint(run: Run, export: dict, loaded: str | None = None) -> None
     ckpt = run.file(src.get("checkpoint", "checkpoint.pt"))
     now = loaded or (sha256(ckpt) if ckpt.is_file() else None)
     if src.get("sha256") and now and now != src["sha256"]:
+        if not loaded:  # an unreadable file (truncated): exporting again cannot mend that, restoring it can
+            from cnnpack.train import load_checkpoint
+
+            load_checkpoint(run)
         raise UserInputError(f"{ckpt} changed since the artifacts were exported from it (sha256 differs from "
                              f"stages.export.source); re-run `cnnpack export --run {shell(run.path)}` first")
 

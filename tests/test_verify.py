@@ -249,6 +249,10 @@ def test_a_checkpoint_changed_since_export_is_named(exported, tmp_path):
         f.write(b"\0")
     with pytest.raises(UserInputError, match="checkpoint.pt changed since the artifacts were exported"):
         verify(run_dir, QUICK)
+    (run_dir / "checkpoint.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes()[:5000])  # truncated: export
+    with pytest.raises(UserInputError, match=r"checkpoint.pt is not a readable cnnpack checkpoint \(.*truncated or "
+                                             r"replaced\?\); restore the file, or train the run again"):  # can't mend it
+        verify(run_dir, QUICK)
 
 
 def test_export_records_the_checkpoint_it_loaded_when_a_training_replaces_it_meanwhile(exported, tmp_path,
