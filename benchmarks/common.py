@@ -116,8 +116,9 @@ def cnnpack_cmd() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "cnnpack"]
 
 
-def timed(cmd: list[str], *, cwd: Path, env: dict, cores: list[int]) -> dict:
-    """Runs `cmd` as its own process: wall and CPU seconds, and the CPU others took meanwhile."""
+def timed(cmd: list[str], *, cwd: Path, env: dict, cores: list[int], keep_stdout: bool = False) -> dict:
+    """Runs `cmd` as its own process: wall and CPU seconds, and the CPU others took meanwhile (`keep_stdout`: and
+    all it printed, as `stdout`)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load, busy0 = os.getloadavg()[0], busy_s(cores)
     t0 = time.perf_counter()
@@ -132,7 +133,8 @@ def timed(cmd: list[str], *, cwd: Path, env: dict, cores: list[int]) -> dict:
     others = max(busy - cpu, 0.0)
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 1), "others_cpu_s": round(others, 1),
             "contended": others > 0.05 * wall * len(cores), "load_1min_before": round(load, 2),
-            "stdout_tail": out.stdout.strip().splitlines()[-1:] if out.stdout.strip() else []}
+            "stdout_tail": out.stdout.strip().splitlines()[-1:] if out.stdout.strip() else [],
+            **({"stdout": out.stdout} if keep_stdout else {})}
 
 
 def cnnpack(*args: str, env: dict | None = None) -> float:

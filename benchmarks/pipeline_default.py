@@ -44,7 +44,7 @@ def one(cwd: Path, cache: Path | None, cores: list[int], options: tuple[str, ...
         tmp = cache / "tmp"  # inductor keeps its precompiled headers under $TMPDIR/torchinductor_<user>, whatever
         tmp.mkdir(parents=True, exist_ok=True)  # TORCHINDUCTOR_CACHE_DIR says: 5.5 s of g++ on a machine's first compile
         env = {**child_env(str(cache / "cnnpack")), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TMPDIR": str(tmp)}
-    res = timed(cnnpack_cmd() + ["pipeline", "--no-progress", *options], cwd=cwd, env=env, cores=cores)
+    res = timed(cnnpack_cmd() + ["pipeline", "--no-progress", *options], cwd=cwd, env=env, cores=cores, keep_stdout=True)
     m = json.loads((cwd / RUN / "cnnpack.json").read_text())
     p = m["stages"]["pipeline"]
     res.update(stages={s["name"]: {"status": s["status"], "seconds": s["seconds"], "summary": s["summary"]}
@@ -53,6 +53,7 @@ def one(cwd: Path, cache: Path | None, cores: list[int], options: tuple[str, ...
                best_val_acc=m["stages"]["train"]["metrics"]["best_val_acc"],
                bench_points=sum(r["runtime"] != "triton" for r in m["stages"]["bench"]["results"]),
                parity_passed=m["stages"]["verify"]["passed"])
+    res["summary_printed"] = res.pop("stdout").rstrip().splitlines()  # what the user sees (the README quotes it)
     del res["stdout_tail"]
     return res
 
@@ -84,7 +85,9 @@ def write(result: dict) -> None:
               f"Machine: {m['cpu']} (flags: {', '.join(cpu_info()['flags'])}), cores {m['cores_used']} of "
               f"{m['cores_visible']}, torch {m['torch']}, "
               f"cnnpack {m['commit']}. {result['date']}.", "",
-              f"Reproduce: `{result['reproduce']}`", ""]
+              f"Reproduce: `{result['reproduce']}`", "",
+              "The summary the first run printed (its stdout, not a terminal):", "",
+              *(f"    {line}" for line in first["summary_printed"]), ""]
     save_md(result["benchmark"], "\n".join(lines))
 
 
