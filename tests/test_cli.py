@@ -35,8 +35,12 @@ def _imported(importtime_stderr: str) -> set[str]:
     return names
 
 
-def test_every_command_is_listed():
+def test_every_command_is_listed_and_the_version_is_said():
     assert {"train", "evaluate"} <= set(COMMANDS)
+    from importlib.metadata import version
+
+    out = _cnnpack("--version")
+    assert (out.returncode, out.stdout, out.stderr) == (0, f"cnnpack {version('cnnpack')}\n", "")
 
 
 @pytest.mark.parametrize("command", ["", *COMMANDS])
@@ -136,6 +140,8 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "tune-huge-delay": ["tune", "--run", str(existing), "--queue-delays-us", "99999999999999999999"],  # a traceback
         "tune-huge-instances": ["tune", "--run", str(existing), "--instances", "99999999999", "--oversubscribe"],
         "export-huge-static-batch": ["export", "--run", str(existing), "--static-batch", "100000000"],
+        "export-static-and-max-batch": ["export", "--run", str(existing), "--static-batch", "4", "--max-batch-size",
+                                        "8"],  # the second was ignored without a word
         "bench-served-with-runtimes": ["bench", "--run", str(existing), "--triton-url", "127.0.0.1:9", "--model", "m",
                                        "--runtimes", "onnxruntime"],  # ignored without a word
     }
@@ -201,6 +207,8 @@ EXPECTED = {
     "tune-huge-instances": "--instances must be at most 1024, got 99999999999",
     "export-huge-static-batch": "--static-batch must be in 1..4,096 (the export traces a batch of that many images",
     "bench-served-with-runtimes": "--runtimes is for a local bench; with --triton-url the served model is --model",
+    "export-static-and-max-batch": "--max-batch-size bounds the dynamic batch dimension, which --static-batch "
+                                   "replaces; give one of them",
 }
 
 

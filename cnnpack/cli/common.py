@@ -208,8 +208,18 @@ def default_run_dir(prefix: str) -> Path:
     return root / f"{prefix}-{n}"
 
 
+def _version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"cnnpack {version('cnnpack')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+          _: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print cnnpack's version and exit.")):
     STATE["debug"] = debug
 
 

@@ -13,6 +13,7 @@ from cnnpack.cli.common import app, default_run_dir, emit, handles_errors, name_
 @app.command()
 @handles_errors
 def export(
+    ctx: typer.Context,
     run: Optional[Path] = typer.Option(None, help="Run directory (with --arch: the new run to create)."),
     format: str = typer.Option("all", help="onnx | pt2 | torchscript | openvino | all (or a comma list; all takes "
                                            "openvino when the openvino extra is installed and pt2 when a C++ "
@@ -56,6 +57,10 @@ def export(
     unknown = [f for f in formats if f not in EXPORTERS] if formats else [format]
     if unknown:
         raise usage_error(f"--format {unknown[0]!r}; valid: {', '.join(EXPORTERS.names())}, all (or a comma list)")
+    given = getattr(ctx.get_parameter_source("max_batch_size"), "name", "DEFAULT")
+    if static_batch is not None and given not in ("DEFAULT", "DEFAULT_MAP"):
+        raise usage_error("--max-batch-size bounds the dynamic batch dimension, which --static-batch replaces; give one "
+                          "of them")
     cfg = ExportConfig(formats=formats, exporter=exporter, opset=opset, max_batch_size=max_batch_size,
                        static_batch=static_batch, simplify=simplify, torchscript_mode=torchscript_mode,
                        input=input, half=half, device=device)
