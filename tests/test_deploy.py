@@ -701,6 +701,7 @@ def test_a_rewrite_keeps_the_users_own_files_and_refuses_to_overwrite_one_unless
     monitor.write_text(monitor.read_text() + "# tuned by hand\n")
     kept = deploy(laid_out, DeployConfig(out=str(out)))
     assert "kubernetes/base/servicemonitor.yaml" in kept["kept"] and monitor.read_text().endswith("by hand\n")
+    assert "kubernetes/base/servicemonitor.yaml" not in kept["removed"]  # (it said both "removed" and "kept")
     deploy(laid_out, DeployConfig(out=str(out), service_monitor=True, force=True))
     # a file of the user's own where the deployment needs a folder: a clash too, said as one
     shutil.rmtree(out / "kubernetes" / "overlays" / "cpu")

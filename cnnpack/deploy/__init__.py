@@ -187,7 +187,7 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
               "notes": plan.notes, "out": str(out), "files": sorted([*files, output.IDENTITY]),
               # what this replaced: an earlier deployment in --out, and its files this one no longer writes;
               # files of the user's own there are carried over (kept), or replaced with --force (overwritten)
-              "replaced": earlier is not None, "removed": sorted(set(earlier or ()) - {*files, output.IDENTITY}),
+              "replaced": earlier is not None, "removed": sorted(set(earlier or ()) - {*files, output.IDENTITY, *kept}),  # (edited: kept)
               "kept": kept, "overwritten": clash}
     record["sha256"] = output.digests(files)  # a file edited after this is the user's (`output.edited`)
     files[output.IDENTITY] = json.dumps(record, indent=2) + "\n"
