@@ -263,8 +263,8 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     run_dir = Path(run_dir)
     if resume:
         cfg = recorded_config(run_dir)
+    cfg.validate()  # a bad option is said before "already holds a run": not one error, then the next
     _check_run_dir(run_dir, force=force, resume=resume)
-    cfg.validate()
     data_mod.check_outside(cfg.data, run_dir, "--run")
     cfg = as_recorded(cfg)
     device = resolve_device(cfg.device)

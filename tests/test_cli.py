@@ -103,6 +103,7 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "resume-changed-options": ["train", "--run", str(existing), "--resume", "--epochs", "5", "--lr", "0.1",
                                    "--no-amp", "--channels-last"],  # (the latter as the default came to: no change)
         "resume-and-force": ["train", "--run", str(existing), "--resume", "--force"],
+        "existing-run-bad-option": ["train", "--run", str(existing), "--optimizer", "adam"],  # said after --force
         "export-half-on-cpu": ["export", "--run", str(existing), "--half"],
         "repeated-option": ["export", "--run", str(existing), "--format", "onnx", "--format=torchscript"],
         "run-under-a-file": ["train", "--data", data, "--epochs", "1", "--run", str(tmp / "afile" / "run")],
@@ -170,6 +171,7 @@ EXPECTED = {
     "evaluate-no-run": "no such run directory",
     "resume-changed-options": "--resume continues",  # (the whole line is checked below)
     "resume-and-force": "--resume continues the run in --run, --force replaces it",
+    "existing-run-bad-option": "--optimizer 'adam'; valid: adamw, sgd",
     "export-half-on-cpu": "--half makes fp16 artifacts for GPU targets; add --device cuda",
     "device-cuda": "--device cuda: no CUDA GPU",
     "repeated-option": "--format is given more than once: give it once (where it takes a list, as one comma list)",
