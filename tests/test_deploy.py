@@ -927,6 +927,21 @@ def test_a_laid_out_model_without_a_passing_verdict_is_named_as_not_shipped(laid
     assert not any("cnn_torchscript" in n or "torchscript --threads" in n for n in out["notes"] if "not shipped" not in n)
 
 
+def test_a_copied_run_is_told_its_repository_is_the_original_runs(laid_out, deployed, tmp_path):
+    """`cp -a runs/a runs/b`: b's manifest names a's repository, and deploy of b wrote its gpu configs there."""
+    from cnnpack.deploy import DeployConfig, deploy
+
+    assert not any("laid out from" in n for n in json.loads((deployed["image"] / "cnnpack-deploy.json").read_text())[
+        "notes"])  # the run itself: nothing to say
+    copy = tmp_path / "copy"
+    shutil.copytree(laid_out, copy)
+    notes = deploy(copy, DeployConfig(out=str(tmp_path / "out")))["notes"]
+    repo = json.loads((laid_out / "cnnpack.json").read_text())["stages"]["triton"]["repository"]
+    assert (f"{repo} was laid out from another run ({laid_out.resolve()}; this run a copy of it?): deploy writes its "
+            f"gpu configs there too; `cnnpack triton --run {copy} --repository NEW` gives this run a repository of its "
+            "own") in notes
+
+
 def test_a_missing_repository_or_version_is_said_as_such(laid_out, tmp_path):
     """By deploy and by tune alike (tune said 'holds no model that passed `cnnpack verify`')."""
     from cnnpack.deploy import DeployConfig, deploy

@@ -84,7 +84,7 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     `remote`: Triton downloads the repository from object storage before it loads it (a longer start-up).
     """
     from cnnpack.servable import servable, unverified
-    from cnnpack.triton_repo import lay_out
+    from cnnpack.triton_repo import laid_out_from, lay_out
 
     run = Run.open(run_dir)
     classifiers = servable(run, required_by="deploy")
@@ -107,6 +107,12 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
                 queue_target_us=Figure(0, ""), repository_bytes=size, opened_as=run.opened_as,
                 deployed_files=dict((stages.get("deploy") or {}).get("repository_files") or {}),
                 cuda_only=[m for m in models if classifier_of(m) in cuda])
+    if foreign := sorted({origin for m, _ in classifiers for origin in laid_out_from(repository / m)}
+                         - {str(run.path.resolve())}):  # the same bytes verify checked, laid out by another run
+        plan.notes.append(f"{repository} was laid out from {'another run' if len(foreign) == 1 else 'other runs'} "
+                          f"({', '.join(foreign)}; this run a copy of it?): deploy writes its gpu configs there too; "
+                          f"`cnnpack triton --run {shell(run.path)} --repository NEW` gives this run a repository "
+                          "of its own")
     if unchecked := unverified(run, classifiers):
         plan.notes.append(f"not shipped: {', '.join(unchecked)}: laid out in {repository}, but only what passed "
                           f"verify ships; `cnnpack verify --run {shell(run.path)}` checks every artifact again")
