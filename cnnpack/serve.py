@@ -46,6 +46,10 @@ def repository_of(run_dir: str | Path) -> str:
 SCRATCH_PREFIX = "cnnpack-serve-"
 
 
+class PortTaken(UserInputError):
+    """A port Triton was to listen on was in use when it bound it."""
+
+
 def _remove_dead_scratch() -> None:
     """The scratch folders (backends, the log) of `cnnpack serve`s that were killed (SIGKILL): not removed by them,
     they stayed in the temp folder for good. Their server may outlive them a little: only those an hour old go."""
@@ -163,10 +167,16 @@ class TritonServer:
         try:
             self.backend_dir = self._backend_dir(dist, env)
             repo = local_repository(repo, self._tmp / "repository")  # pt2 models: a 2.51-readable config beside them
-            self.ports = resolve_ports(self.cfg)
-            t0 = time.perf_counter()
-            self._launch(dist, env, repo)
-            self._wait_ready()
+            for attempt in (1, 2):  # a free port another process took before Triton bound it: other free ones, once
+                self.ports = resolve_ports(self.cfg)
+                t0 = time.perf_counter()
+                self._launch(dist, env, repo)
+                try:
+                    self._wait_ready()
+                    break
+                except PortTaken:
+                    if attempt == 2 or all((self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port)):
+                        raise
             self.load_s = round(time.perf_counter() - t0, 2)
             self.models = self._describe()
             status, body = self._get("/v2")
@@ -322,8 +332,8 @@ class TritonServer:
         lines = self._log_lines()
         in_use = [_strip_prefix(ln) for ln in lines if re.search(r"failed to start .* already in use", ln)]
         if in_use:  # taken between our check and Triton's bind
-            return UserInputError(f"Triton could not listen: {in_use[0].strip()}; stop the process using that port "
-                                  "or choose other ports (0: any free port)")
+            return PortTaken(f"Triton could not listen: {in_use[0].strip()}; stop the process using that port "
+                             "or choose other ports (0: any free port)")
         errors = [ln for ln in lines if (ln.startswith("E") or ln.startswith("error:")) and not any(n in ln for n in NOISE)]
         text = " | ".join(_strip_prefix(ln) for ln in errors[-3:]) or " | ".join(lines[-3:]) or "no output"
         return StageFailed(f"tritonserver exited during startup (exit code {self._proc.returncode}): {_reason(text)} "

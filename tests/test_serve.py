@@ -251,6 +251,21 @@ def test_a_server_that_loses_the_race_for_its_ports_says_so_not_that_it_serves(s
     assert_gone(loser.pid)
 
 
+def test_free_ports_another_process_took_before_triton_bound_them_are_chosen_again_once(server, monkeypatch):
+    """free_ports binds, releases, and Triton binds them later: a connection may take one between."""
+    real, calls = serve.resolve_ports, []
+
+    def racing(cfg):
+        calls.append(cfg)
+        return server.ports if len(calls) == 1 else real(cfg)  # the first choice taken meanwhile
+
+    monkeypatch.setattr(serve, "resolve_ports", racing)
+    with serve.TritonServer(serve.ServeConfig(repository=server.cfg.repository, ready_timeout_s=60)) as srv:
+        assert len(calls) == 2 and srv.ports != server.ports
+        assert srv.models and all(m.state == "READY" for m in srv.models)
+    assert_gone(srv.pid)
+
+
 def test_a_repository_under_a_folder_with_a_space_is_served(server, tmp_path, net):
     """The Python backend's stub takes the model's path on a command line split at spaces: every model of a
     repository under `My Projects` died loading ("stol" in the log) and the start waited out its timeout."""
