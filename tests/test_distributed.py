@@ -132,14 +132,6 @@ def test_a_torchrun_run_resumes_in_one_process(colour_data, tmp_path):
     assert section["distributed"] == {"world_size": 2, "backend": "gloo"}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 BAD_LAUNCHES = {  # environment -> (exit code, what the error line says)
     "peer-never-comes": ({"RANK": "0", "MASTER_PORT": "free"}, 1, "Timed out after"),
     "master-unreachable": ({"RANK": "1", "MASTER_PORT": "free"}, 1, "timed out"),
@@ -159,9 +151,12 @@ def bad_launches(colour_data, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("bad-dist")
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     base.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", CNNPACK_DIST_TIMEOUT_S="3", OMP_NUM_THREADS="1")
+    from cnnpack.ports import free_ports
+
+    ports = iter(free_ports("127.0.0.1", len(BAD_LAUNCHES)))  # distinct: two cases on one port formed a world of 2
     procs = {}
     for case, (env, _, _) in BAD_LAUNCHES.items():
-        env = {**base, **{k: (str(_free_port()) if v == "free" else v) for k, v in env.items()}}
+        env = {**base, **{k: (str(next(ports)) if v == "free" else v) for k, v in env.items()}}
         env = {k: v for k, v in env.items() if v is not None}
         cmd = [sys.executable, "-m", "cnnpack", "train", "--data", str(colour_data), "--image-size", "32",
                "--epochs", "1", "--no-progress", "--run", str(tmp / case)]
