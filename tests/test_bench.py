@@ -210,7 +210,8 @@ def test_run_without_exports_is_refused_before_measuring(tiny_run):
 
 
 @pytest.mark.slow
-def test_cli_bench_json_and_errors(benched, exported):  # benched: the ceilings it measured are reused
+def test_cli_bench_json_and_errors(benched, exported, tmp_path):  # benched: the ceilings it measured are reused
+    exported = shutil.copytree(exported, tmp_path / "run")  # its own copy: others read the module's bench
     cli = [sys.executable, "-m", "cnnpack", "bench", "--run", str(exported)]
     ok = subprocess.run(cli + ["--runtimes", "onnxruntime", "--batch-sizes", "2", "--max-seconds", "0.1",
                                "--threads", "1", "--no-plot", "--json"], capture_output=True, text=True)
@@ -306,8 +307,8 @@ def test_a_gpu_s_ceilings_are_its_own_kernels_per_precision(monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_runtime_is_benched_frozen(exported):
-    section = bench(exported, BenchConfig(runtimes=("eager", "compiled"), batch_sizes=(2,), threads=1,
+def test_compiled_runtime_is_benched_frozen(exported, tmp_path):
+    section = bench(shutil.copytree(exported, tmp_path / "run"), BenchConfig(runtimes=("eager", "compiled"), batch_sizes=(2,), threads=1,
                                           max_seconds=0.2, warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
     compiled = next(r for r in section["results"] if r["runtime"] == "compiled")
     assert compiled["info"]["freezing"] is True and compiled["latency_ms_p50"] > 0
