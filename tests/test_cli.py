@@ -1,5 +1,5 @@
 """The command line as a user runs it: a process per call, `python -m cnnpack` (the bad inputs: forked from one
-that imported the CLI and torch once, `support.forked_cli`)."""
+that imported the CLI and torch once, `support.forked_cli`, named `cnnpack` as the console script names itself)."""
 
 from __future__ import annotations
 
