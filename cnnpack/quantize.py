@@ -128,4 +128,15 @@ def describe(section: dict) -> str:
     return (f"top-1 {100 * g['int8_accuracy']:.2f}% vs fp32 {100 * g['fp32_accuracy']:.2f}% (drop {g['drop_pt']:.2f} pt "
             f"<= {g['max_drop_pt']:g}), agreement with fp32 {100 * g['top1_agreement_vs_fp32']:.2f}% "
             f"(>= {100 * g['min_agreement']:g}%), "
-            + (f"{len(kept)} node(s) kept in float: {', '.join(kept)}" if kept else "every quantizable node in int8"))
+            + (f"{len(kept)} node(s) kept in float: {', '.join(kept)}" if kept else "every quantizable node in int8")
+            + coarse_gate(g))
+
+
+def coarse_gate(gate: dict) -> str:
+    """A caution where one validation image is more than --max-drop: on so few images the gate let no image be
+    lost, whatever --max-drop says (4 images: each one is 25 pt)."""
+    n = gate.get("int8_images") or gate.get("val_images")
+    if not n or 100 / n <= gate["max_drop_pt"]:
+        return ""
+    return (f"; the gate judged {n} validation image(s): one is {100 / n:.3g} pt of top-1, more than --max-drop "
+            f"{gate['max_drop_pt']:g}, so it allowed no net loss of even one image (more validation images make it finer)")

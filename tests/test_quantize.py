@@ -710,3 +710,15 @@ def test_triton_lays_out_the_int8_model_with_its_precision(quantized, tmp_path):
     mc = text_format.Parse((folder / "config.pbtxt").read_text(), pb.ModelConfig())
     assert mc.platform == "onnxruntime_onnx" and mc.parameters["precision"].string_value == "int8"
     assert (folder / "labels.txt").read_text().splitlines() == _manifest(quantized[0])["model"]["classes"]
+
+
+def test_a_gate_on_too_few_images_to_tell_max_drop_says_so():
+    from cnnpack.quantize import describe
+
+    gate = {"max_drop_pt": 0.5, "min_agreement": 0.99, "fp32_accuracy": 0.75, "int8_accuracy": 0.75, "int8_images": 4,
+            "drop_pt": 0.0, "top1_agreement_vs_fp32": 1.0, "val_images": 4, "steps": 0}
+    assert describe({"gate": gate, "kept_float": []}).endswith(
+        "; the gate judged 4 validation image(s): one is 25 pt of top-1, more than --max-drop 0.5, so it allowed no "
+        "net loss of even one image (more validation images make it finer)")
+    assert describe({"gate": {**gate, "int8_images": 900, "val_images": 900}, "kept_float": []}).endswith(
+        "every quantizable node in int8")  # one image is 0.11 pt: the gate tells 0.5 pt
