@@ -66,7 +66,7 @@ NOTES = {
     "speedup_vs_fp32": "for a reduced-precision artifact: the same runtime's fp32 artifact latency_ms_p50 / this one, "
                        "same batch size",
     "matmul_before_gflops": "the fp32 matmul rate measured right before this row's runtime (matmul_after_gflops: "
-                            "right after it); both more than 10 % under the run's best sample: the machine ran slower "
+                            "right after it); both more than 10 % under matmul_best_gflops: the machine ran slower "
                             "while the row was measured, and its figures may be low (a caution says so)",
     "matmul_best_gflops": "the best fp32 matmul sample of the bench that measured this row (a served row merged in "
                           "from another bench keeps its own): what matmul_before/after_gflops are judged against",

@@ -91,9 +91,13 @@ class PipelineConfig:
         names = [r for fmt, names in DEFAULT_RUNTIMES.items() if fmt == "checkpoint" or fmt in self.formats
                  for r in names]
         if "openvino" in self.formats and self.openvino != "no":
+            from cnnpack.errors import RuntimeUnavailable
             from cnnpack.openvino import has_bf16
 
-            names += ["openvino-bf16"] if has_bf16() else []  # where the CPU computes bf16 itself
+            try:  # where the CPU computes bf16 itself
+                names += ["openvino-bf16"] if has_bf16() else []
+            except RuntimeUnavailable:  # not installed: with_openvino and export say so in their words
+                pass
         return tuple(names)
 
     def _check_runtimes(self) -> None:

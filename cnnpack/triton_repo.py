@@ -393,6 +393,14 @@ def clashes(run: Run, cfg: TritonConfig) -> tuple[str, list[str]]:
     return name, [f"{root / d.name}: {why}" for d, why in found]
 
 
+def latest_from(folder: Path) -> str | None:
+    """The run (resolved path) whose model the latest version of a model folder is (Triton serves that one), as its
+    cnnpack-model.json records; None where it records none."""
+    latest = max(versions(folder), default=None)
+    found = ((read_sidecar(folder) or {}).get("versions") or {}).get(str(latest))
+    return str(found["run"]) if isinstance(found, dict) and found.get("run") else None
+
+
 def laid_out_from(folder: Path) -> set[str]:
     """The runs (resolved paths) whose models a model folder's versions are, as its cnnpack-model.json records."""
     return {str(v["run"]) for v in ((read_sidecar(folder) or {}).get("versions") or {}).values()

@@ -105,11 +105,12 @@ def check_served(run: Run, url: str, s: Setting, cfg: TuneConfig) -> None:
 
 
 def verify_config(run: Run):
-    """The run's recorded verify contract (its defaults where it recorded none) at batch sizes 1 and 8."""
+    """The run's recorded verify contract (its defaults where it recorded none) at batch sizes 1 and 8, on the run's
+    own validation split (a --data verify was given may be a path relative to another folder)."""
     from cnnpack.verify import VerifyConfig
 
     recorded = run.read().get("stages", {}).get("verify", {}).get("config") or {}
-    keep = ("samples", "atol", "rtol", "min_agreement", "int8_min_agreement", "data", "seed")
+    keep = ("atol", "rtol", "min_agreement", "int8_min_agreement")
     return VerifyConfig(batch_sizes=(1, 8), **{k: recorded[k] for k in keep if recorded.get(k) is not None})
 
 

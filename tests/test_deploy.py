@@ -925,6 +925,9 @@ def test_a_laid_out_model_without_a_passing_verdict_is_named_as_not_shipped(laid
             f"{repo}, but only what passed verify ships; `cnnpack verify --run {run}` checks every artifact again"
             ) in out["notes"]
     assert not any("cnn_torchscript" in n or "torchscript --threads" in n for n in out["notes"] if "not shipped" not in n)
+    # sized by what ships (cnn_onnx: 1 instance x 1 thread), not by the unshipped model laid out last (threads 0)
+    cpu = out["figures"]["cpu"]
+    assert cpu["value"] == 1 and "cnn_onnx's config (1 instance(s), 1 threads)" in cpu["source"], cpu
 
 
 def test_a_copied_run_is_told_its_repository_is_the_original_runs(laid_out, deployed, tmp_path):

@@ -513,9 +513,11 @@ def test_served_models_are_held_to_the_contract_the_runs_verify_used(tiny_run, t
     run = Run(shutil.copytree(tiny_run, tmp_path / "run"))
     assert verify_config(run).min_agreement == 0.999 and verify_config(run).batch_sizes == (1, 8)  # not verified yet
     run.update(lambda m: m["stages"].setdefault("verify", {}).update(
-        config={"min_agreement": 0.9, "atol": 1e-3, "int8_min_agreement": None, "batch_sizes": [1, 8, 32]}))
+        config={"min_agreement": 0.9, "atol": 1e-3, "int8_min_agreement": None, "batch_sizes": [1, 8, 32],
+                "data": "./elsewhere", "samples": 4096}))
     cfg = verify_config(run)
     assert (cfg.min_agreement, cfg.atol, cfg.int8_min_agreement, cfg.batch_sizes) == (0.9, 1e-3, None, (1, 8))
+    assert (cfg.data, cfg.samples) == (None, 32)  # the contract, not a relative path or a slow sample count
 
 
 @pytest.mark.slow

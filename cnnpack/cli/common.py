@@ -210,9 +210,9 @@ def default_run_dir(prefix: str) -> Path:
 
 def _version(asked: bool) -> None:
     if asked:
-        from importlib.metadata import version
+        from cnnpack import __version__
 
-        typer.echo(f"cnnpack {version('cnnpack')}")
+        typer.echo(f"cnnpack {__version__}")
         raise typer.Exit()
 
 

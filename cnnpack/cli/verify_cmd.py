@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from cnnpack.cli.common import app, emit, handles_errors, int_list, name_list, served_options, usage_error
+from cnnpack.errors import shell
 
 
 @app.command()
@@ -83,7 +84,7 @@ def _show(result: dict, run: Path, as_json: bool) -> None:
     if result.get("dropped"):
         typer.echo("dropped: the earlier verdicts of " + ", ".join(f"{d['format']} ({d['reason']})"
                                                                   for d in result["dropped"])
-                   + f"; check them again with `cnnpack verify --run {run}`")
+                   + f"; check them again with `cnnpack verify --run {shell(run)}`")
     failed = [f"{r['format']} ({r['runtime']})" for r in result["results"] if not r["passed"]]
     verdict = f"FAILED: {', '.join(failed)}" if failed else "PASSED: every artifact checked matches eager"
     typer.echo(f"{verdict}; written: {run / 'verify.json'}")

@@ -84,7 +84,7 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     `remote`: Triton downloads the repository from object storage before it loads it (a longer start-up).
     """
     from cnnpack.servable import servable, unverified
-    from cnnpack.triton_repo import laid_out_from, lay_out
+    from cnnpack.triton_repo import latest_from, lay_out
 
     run = Run.open(run_dir)
     classifiers = servable(run, required_by="deploy")
@@ -107,7 +107,7 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
                 queue_target_us=Figure(0, ""), repository_bytes=size, opened_as=run.opened_as,
                 deployed_files=dict((stages.get("deploy") or {}).get("repository_files") or {}),
                 cuda_only=[m for m in models if classifier_of(m) in cuda])
-    if foreign := sorted({origin for m, _ in classifiers for origin in laid_out_from(repository / m)}
+    if foreign := sorted({origin for m, _ in classifiers if (origin := latest_from(repository / m))}
                          - {str(run.path.resolve())}):  # the same bytes verify checked, laid out by another run
         plan.notes.append(f"{repository} was laid out from {'another run' if len(foreign) == 1 else 'other runs'} "
                           f"({', '.join(foreign)}; this run a copy of it?): deploy writes its gpu configs there too; "
@@ -126,15 +126,23 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
             return relayout_command(run.path, {**triton["config"], "repository": triton["repository"]}, threads=n)
         return lay_out(run.path, triton, model, classifiers)[:-1] + f" --threads {n}`{same}"
 
+    if plan.served_model not in plan.models:  # the triton stage's model did not pass verify (a later verify)
+        plan.served_model = classifiers[0][0]
+        plan.notes.append(f"the deployment is named after {plan.served_model}, the first verified model "
+                          f"({triton['name']}, the one the run's triton stage laid out last, is not shipped)")
     own, instances, threads = cpu(stages, manifest.get("machine", {}))
     sized_by = (_winner(stages) or {}).get("model") or triton["name"]  # the model whose config `own` is of
+    if sized_by not in models:  # sized by a model that ships instead: the served one, by its config.pbtxt
+        sized_by = plan.served_model
+        own, instances, threads = cpu_of(configs[sized_by], dict(classifiers)[sized_by], sized_by,
+                                         int(manifest.get("machine", {}).get("cpu_count") or 1))
     plan.cpu = _largest_other(plan, own, sized_by, configs, int(manifest.get("machine", {}).get("cpu_count") or 1))
-    if not threads and sized_by in models:  # (one not shipped: no advice about it)
+    if not threads:
         plan.notes.append(f"the served config leaves the runtime's threads at 0 (its default): its thread pool is as "
                           f"large as the node's cores, not the pod's CPU limit ({plan.cpu.value}), and on a larger "
                           f"node the pod is throttled; bound it with {bounded(sized_by, max(1, own.value // instances))}"
                           " or `cnnpack tune`")
-    if others := [m for m, fmt in classifiers if m != triton["name"] and m not in gpu_laid
+    if others := [m for m, fmt in classifiers if m != sized_by and m not in gpu_laid
                   and not _threads(configs[m], fmt)]:
         one = len(others) == 1
         plan.notes.append(f"{', '.join(others)} also {'leaves' if one else 'leave'} the runtime's threads at 0: a "
@@ -172,11 +180,6 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
         plan.notes.append(f"laid out for a GPU (KIND_GPU): {', '.join(laid_cpu)}; the base (cpu overlay) serves "
                           f"configs/{CPU_CONFIG}.pbtxt of each, on the CPU and without its GPU accelerators, and the "
                           "KServe InferenceService, which serves config.pbtxt, requests a GPU")
-    if plan.served_model not in plan.models:  # the triton stage's model did not pass verify (a later verify)
-        plan.served_model = classifiers[0][0]
-        plan.notes.append(f"{triton['name']}, the model the run's triton stage laid out last, did not pass `cnnpack "
-                          f"verify` and is not shipped; the deployment is named after {plan.served_model}, the first "
-                          "verified one")
     return plan
 
 
@@ -264,6 +267,17 @@ def cpu(stages: dict, machine: dict) -> tuple[Figure, int, int]:
         cfg = stages["triton"].get("config", {})
         n, t = int(cfg.get("instances", 1)), int(cfg.get("threads", 0))
         where = f"{stages['triton']['name']}'s config ({n} instance(s), {t or 'default'} threads)"
+    return _figure(n, t, where, run_cores)
+
+
+def cpu_of(mc, fmt: str, name: str, run_cores: int) -> tuple[Figure, int, int]:
+    """`cpu` from a model's config.pbtxt (the model the run laid out last is not shipped)."""
+    n = sum(int(g.count or 1) for g in mc.instance_group) or 1
+    t = _threads(mc, fmt)
+    return _figure(n, t, f"{name}'s config ({n} instance(s), {t or 'default'} threads)", run_cores)
+
+
+def _figure(n: int, t: int, where: str, run_cores: int) -> tuple[Figure, int, int]:
     cores = n * (t or run_cores)
     why = f"{n} instance(s) x {t} thread(s) of {where}" if t else (
         f"{n} instance(s) x {run_cores} cores ({where}: threads 0 is the runtime's default of every core, and the run "
