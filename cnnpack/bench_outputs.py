@@ -130,6 +130,13 @@ def disturbances(section: dict) -> list[str]:
             if (r.get("cpu_others") or 0) > 0.05]
     if busy:
         out.append(f"other processes took CPU time during: {', '.join(busy)}; rerun on a quiet machine")
+    return out + speed_cautions(section)
+
+
+def speed_cautions(section: dict) -> list[str]:
+    """The cautions of `disturbances` that the fp32 matmul samples and the ceilings give (the report words the
+    unstable and busy rows itself)."""
+    out = []
     if section.get("over_ceiling"):
         out.append(f"rows above the measured ceiling of their precision: {', '.join(section['over_ceiling'])}: the "
                    "ceiling was measured low (a busy machine?); rerun on a quiet machine")
@@ -140,8 +147,8 @@ def disturbances(section: dict) -> list[str]:
         if slow := slower_rows(rows, rates):
             bests = ", ".join(f"{b:.0f}" for b in sorted({best_sample(r, rates) for r in rows if series_at(r) in slow}))
             out.append(f"the machine ran slower while {', '.join(slow)} were measured (the fp32 matmul rate before and "
-                       f"after each more than 10 % under its bench's best, {bests} GFLOP/s): their figures may be low; "
-                       "rerun on a quiet machine")
+                       f"after each more than 10 % under its bench's best, {bests} GFLOP/s, or one of the two under "
+                       "half of it): their figures may be low; rerun on a quiet machine")
     elif rates and section["matmul"].get("spread", 0) > 0.10:  # one runtime's two samples, or an older record
         out.append(f"the fp32 matmul rate varied from {min(rates):.0f} to {max(rates):.0f} GFLOP/s during the run: "
                    "the machine was busy or its speed changed; rerun on a quiet machine")
@@ -153,9 +160,13 @@ def slower_rows(rows: list[dict], rates: list[float]) -> list[str]:
     runtime both more than 10 % under the run's best sample (`rates`; the fp32 ceiling is the best too, and a long
     slowdown would pull a median down with it). One sample alone says little: a 0.1 s matmul dipped 15-30 % a few
     times in 60 on a quiet 2-core VM (Zen 4), so the spread of all samples, the rule before, cautioned nearly every
-    run on such a host."""
-    return [series_at(r) for r in rows
-            if max(r["matmul_before_gflops"], r["matmul_after_gflops"]) < 0.9 * best_sample(r, rates)]
+    run on such a host. A sample under half the best is no such dip (one fell to 9 % of it while another process
+    took the cores, and eager at batch 1 ran 100x slower than its own first call): both rows beside it are named."""
+    def slow(r: dict) -> bool:
+        best, pair = best_sample(r, rates), (r["matmul_before_gflops"], r["matmul_after_gflops"])
+        return max(pair) < 0.9 * best or min(pair) < 0.5 * best
+
+    return [series_at(r) for r in rows if slow(r)]
 
 
 def best_sample(row: dict, rates: list[float]) -> float:

@@ -358,6 +358,9 @@ def _bench_warnings(b: dict) -> list[str]:
     if busy:
         out.append(f"**Disturbed**: other processes used CPU time while measuring {', '.join(busy)}; "
                    "rerun `cnnpack bench` on a quiet machine for numbers to quote.")
+    from cnnpack.bench_outputs import speed_cautions
+
+    out += [f"**Slower machine**: {c[0].upper()}{c[1:]}." for c in speed_cautions(b)]
     for name, why in b.get("skipped", {}).items():
         out.append(f"Skipped `{name}`: {why}")
     return out
