@@ -291,7 +291,14 @@ def deploy_section(m: dict, run: Run) -> list[Block]:
     if now != d["content_tag"]:
         text += (f" **The repository changed since** (its models no longer match content tag {d['content_tag']}): "
                  f"`{command(run.path, {**d.get('config', {}), 'out': d['out']})}` writes it again.")
-    return [Block("h2", "Deployment (Kubernetes)"), Block("p", text)]
+    out = [Block("h2", "Deployment (Kubernetes)"), Block("p", text)]
+    # how each figure was reached (a fallback where nothing was measured), then deploy's own notes, as it printed them
+    said = {"cpu": "CPU", "memory_mib": "memory", "startup_s": "startup probe", "startup_gpu_s": "startup probe on a GPU",
+            "queue_target_us": "HPA queue target"}
+    out += [Block("p", "How each figure was reached: " + "; ".join(
+        f"{said.get(k, k)}: {v['source']}" for k, v in d["figures"].items() if v.get("source")) + ".")]
+    out += [Block("p", f"**Note**: {n}.") for n in d.get("notes") or []]
+    return out
 
 
 def _tuned_state(stages: dict, winner: dict, run: Run) -> str:

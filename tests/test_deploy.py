@@ -772,6 +772,9 @@ def test_the_deployment_is_a_stage_of_the_run_and_its_report_says_when_the_repos
     write_report(run)
     report = (run / "report.md").read_text()
     assert "## Deployment (Kubernetes)" in report and r["content_tag"] in report and "changed since" not in report
+    # deploy's notes and where each figure came from (a fallback where nothing was measured): not hidden in its folder
+    assert r["notes"] and all(f"**Note**: {n}." in report for n in r["notes"])  # (a copy: the copied-run note)
+    assert f"How each figure was reached: CPU: {r['figures']['cpu']['source']}; memory: " in report
     extra = Path(r["repository"]) / r["models"][0] / "notes.txt"
     extra.write_text("a file added to a shipped model folder")
     try:
