@@ -60,6 +60,7 @@ def precision_table(stages: dict) -> list[dict]:
               for r in rows if r["format"] == fmt and r["batch_size"] == big and r["runtime"] != FORMAT_RUNTIME.get(fmt)
               and r.get("precision", "fp32") != rec.get("precision", "fp32")]
     order = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}
+    shaky = doubtful(stages.get("bench", {}))
     for fmt, rec, runtime, precision in sorted(pairs, key=lambda p: (order.get(p[3], 9), p[0])):
         one, many = (_row(rows, runtime, fmt, 1), _row(rows, runtime, fmt, big)) if big else (None, None)
         v = verified.get(fmt) or {}
@@ -71,8 +72,23 @@ def precision_table(stages: dict) -> list[dict]:
             "latency_ms_p50_b1": one and one["latency_ms_p50"], "batch_size": big,
             "images_per_s": many and many["throughput_ips"],
             "speedup_vs_fp32": (many["throughput_ips"] / ort32["throughput_ips"]) if many and ort32 else None,
+            # which of its figures rest on a bench row measured unstable or on a disturbed machine
+            "doubtful": [k for k, used in (("latency_ms_p50_b1", [one]), ("images_per_s", [many]),
+                                           ("speedup_vs_fp32", [many, ort32])) if any(id(r) in shaky for r in used if r)],
         })
     return out
+
+
+def doubtful(bench: dict) -> set[int]:
+    """The ids of a bench section's rows whose figures it cautions about: windows that did not agree, other
+    processes' CPU time over 5 %, or a slower machine around them (`bench_outputs.disturbances`' rules)."""
+    from cnnpack.bench_outputs import series_at, slower_rows
+
+    rows = [r for r in bench.get("results", []) if r.get("runtime") != "triton"]
+    rates = (bench.get("matmul") or {}).get("samples_gflops") or []
+    slow = set(slower_rows(rows, rates)) if len(rates) >= 3 and all("matmul_before_gflops" in r for r in rows) else set()
+    return {id(r) for r in rows if not r.get("stable", True) or (r.get("cpu_others") or 0) > 0.05
+            or series_at(r) in slow}
 
 
 

@@ -241,11 +241,25 @@ def _precision(m: dict, run: Run) -> list[Block]:
     big = rows[0]["batch_size"]  # None: not benchmarked
     table = [["artifact", "runtime", "precision", "size MB", "top-1", "drop vs fp32 (pt)", "p50 ms @ batch 1",
               f"images/s @ batch {big}" if big else "images/s", "× fp32 ONNX Runtime"]]
+    def mark(r: dict, key: str, text: str) -> str:
+        return f"{text} †" if key in r.get("doubtful", ()) and text != "–" else text
+
     for r in rows:
         table.append([r["artifact"], r["runtime"], r["precision"], num(r["size_mb"], "{:.2f}"), pct(r["top1"]),
-                      num(r["drop_pt"], "{:+.2f}"), num(r["latency_ms_p50_b1"], "{:.3f}"),
-                      num(r["images_per_s"], "{:,.0f}"), times(r["speedup_vs_fp32"])])
+                      num(r["drop_pt"], "{:+.2f}"), mark(r, "latency_ms_p50_b1", num(r["latency_ms_p50_b1"], "{:.3f}")),
+                      mark(r, "images_per_s", num(r["images_per_s"], "{:,.0f}")),
+                      mark(r, "speedup_vs_fp32", times(r["speedup_vs_fp32"]))])
     out = [Block("h2", "Precisions"), Block("table", rows=table)]
+    if any(r.get("doubtful") for r in rows):
+        out.append(Block("p", "† from a bench row measured unstable or while the machine was busy or slower (its "
+                              "caution is under Latency and throughput), or, for × fp32, against such a baseline; "
+                              "rerun `cnnpack bench` on a quiet machine for figures to quote."))
+    if unbenched := [r for r in rows if big and r["latency_ms_p50_b1"] is None and r["images_per_s"] is None]:
+        benched = [r["runtime"] for r in m["stages"]["bench"]["results"] if r["runtime"] != "triton"]
+        every = ",".join(dict.fromkeys([*benched, *(r["runtime"] for r in unbenched)]))  # a bench replaces local rows
+        out.append(Block("p", f"Not benchmarked: {', '.join(r['artifact'] + ' in ' + r['runtime'] for r in unbenched)} "
+                              f"(`cnnpack bench --run {shell(run.path)} --runtimes {every}` measures them beside the "
+                              "others)."))
     from cnnpack.precision import stale
 
     if old := sorted({*stale(m["stages"], "verify"), *stale(m["stages"], "bench")} & {r["artifact"] for r in rows}):

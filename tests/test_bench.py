@@ -625,3 +625,32 @@ def test_a_served_bench_keeps_the_higher_of_each_ceiling_it_and_the_recorded_sec
     assert {p: c["gflops"] for p, c in merged["ceilings"].items()} == {"fp32": 130.0, "int8": 400.0}
     assert merged["machine_peak_gflops"] == 130.0
     assert [r["matmul_share"] for r in merged["results"]] == [50.0 / 130.0, 65.0 / 130.0]
+
+
+def test_the_precision_table_marks_figures_from_doubtful_rows_and_names_what_was_not_benched(tmp_path):
+    """The Precisions section put an unstable row's figure and ratios against a slowed baseline beside the others
+    unmarked, and left a pt2 row of dashes unexplained."""
+    from cnnpack.precision import precision_table
+    from cnnpack.report import _precision
+    from cnnpack.report_render import to_markdown
+    from cnnpack.rundir import Run
+
+    def row(runtime, fmt, precision, bs, ips, **kw):
+        return {"runtime": runtime, "format": fmt, "precision": precision, "batch_size": bs, "throughput_ips": ips,
+                "latency_ms_p50": 1000 * bs / ips, "stable": True, "cpu_others": 0.0, **kw}
+
+    stages = {"export": {"artifacts": {"onnx": {"precision": "fp32"}, "onnx_int8": {"precision": "int8"},
+                                       "pt2": {"precision": "fp32"}}},
+              "verify": {"formats": {f: {"accuracy": 0.9, "passed": True} for f in ("onnx", "onnx_int8", "pt2")}},
+              "bench": {"results": [row("onnxruntime", "onnx", "fp32", 1, 1000), row("onnxruntime", "onnx", "fp32", 32, 2000),
+                                    row("onnxruntime", "onnx_int8", "int8", 1, 3000, stable=False),
+                                    row("onnxruntime", "onnx_int8", "int8", 32, 6000)]}}
+    got = {r["artifact"]: r["doubtful"] for r in precision_table(stages)}
+    assert got == {"onnx": [], "onnx_int8": ["latency_ms_p50_b1"], "pt2": []}
+    stages["bench"]["results"][1]["cpu_others"] = 0.3  # the fp32 baseline at 32, disturbed: every ratio to it
+    got = {r["artifact"]: r["doubtful"] for r in precision_table(stages)}
+    assert got["onnx"] == ["images_per_s", "speedup_vs_fp32"] and got["onnx_int8"] == ["latency_ms_p50_b1", "speedup_vs_fp32"]
+    md = to_markdown("r", _precision({"stages": stages}, Run(tmp_path)))
+    assert "| onnx_int8 | onnxruntime | int8 |" in md and "| 0.333 † | 6,000 | 3.00× † |" in md
+    assert "| pt2 | aoti | fp32 | – | 90.00% | +0.00 | – | – | – |" in md  # no dagger on a dash
+    assert "Not benchmarked: pt2 in aoti (`cnnpack bench --run " in md and "--runtimes onnxruntime,aoti`" in md
