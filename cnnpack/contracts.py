@@ -232,7 +232,12 @@ def contract_line(tol: dict | None) -> str | None:
     agree = f"agreement >= {100 * tol['min_agreement']:g}%"
     if not tol.get("tensor_gated", True):
         return f"{tol.get('contract', 'int8')}: {agree}, top-1 drop <= {tol['max_drop_pt']:g} pt (tensor error reported)"
-    return f"{tol.get('contract', 'fp32')}: atol {tol['atol']:.0e}, rtol {tol['rtol']:.0e}, {agree}"
+    # the tolerances as set (1e-04), or to two figures where scaled to the logits (bf16: 0.02 x the largest, 0.32)
+    return f"{tol.get('contract', 'fp32')}: atol {_short(tol['atol'])}, rtol {_short(tol['rtol'])}, {agree}"
+
+
+def _short(x: float) -> str:
+    return f"{x:.0e}" if float(f"{x:.0e}") == x else f"{x:.2g}"
 
 
 def by_format(results: list[dict]) -> dict:

@@ -527,6 +527,10 @@ def test_every_runtime_of_an_artifact_keeps_its_own_parity_row():
     assert rows["openvino"]["contract"].startswith("fp32: atol 1e-04")
     assert rows["openvino-bf16"]["precision"] == "bf16" and rows["openvino-bf16"]["max_abs_err"] == 2.55e-2
     assert rows["openvino-bf16"]["contract"].startswith("bf16: ")
+    from cnnpack.contracts import contract_line  # a tolerance scaled to the logits (0.02 x 15.8) to two figures
+
+    assert contract_line({"contract": "bf16", "atol": 0.315, "rtol": 0.05, "min_agreement": 0.995}) == (
+        "bf16: atol 0.32, rtol 5e-02, agreement >= 99.5%")  # it said "atol 3e-01"
     table = _verify({"stages": stages})[-1].rows
     assert [r[:4] for r in table[1:]] == [["openvino", "openvino", "fp32", "4.30e-06"],
                                            ["openvino", "openvino-bf16", "bf16", "2.55e-02"]]
