@@ -141,9 +141,8 @@ def speed_cautions(section: dict) -> list[str]:
         out.append(f"rows above the measured ceiling of their precision: {', '.join(section['over_ceiling'])}: the "
                    "ceiling was measured low (a busy machine?); rerun on a quiet machine")
     rates = section.get("matmul", {}).get("samples_gflops") or []
-    # the local rows (served rows merged in were measured by their own bench, against its samples), else the served
-    rows = [r for r in section["results"] if r.get("runtime") != "triton"] or section["results"]
-    if len(rates) >= 3 and rows and all("matmul_before_gflops" in r for r in rows):
+    rows = [r for r in section["results"] if "matmul_before_gflops" in r]  # (records from before: none)
+    if len(rates) >= 3 and rows:
         if slow := slower_rows(rows, rates):
             bests = ", ".join(f"{b:.0f}" for b in sorted({best_sample(r, rates) for r in rows if series_at(r) in slow}))
             out.append(f"the machine ran slower while {', '.join(slow)} were measured (the fp32 matmul rate before and "
@@ -162,9 +161,9 @@ def slower_rows(rows: list[dict], rates: list[float]) -> list[str]:
     times in 60 on a quiet 2-core VM (Zen 4), so the spread of all samples, the rule before, cautioned nearly every
     run on such a host. A sample under half the best is no such dip (one fell to 9 % of it while another process
     took the cores, and eager at batch 1 ran 100x slower than its own first call): both rows beside it are named."""
-    def slow(r: dict) -> bool:
-        best, pair = best_sample(r, rates), (r["matmul_before_gflops"], r["matmul_after_gflops"])
-        return max(pair) < 0.9 * best or min(pair) < 0.5 * best
+    def slow(r: dict) -> bool:  # (a served row merged in: the halving also against this section's best, as its
+        best, pair = best_sample(r, rates), (r["matmul_before_gflops"], r["matmul_after_gflops"])  # own bench may
+        return max(pair) < 0.9 * best or min(pair) < 0.5 * max(best, *rates)  # have run starved throughout)
 
     return [series_at(r) for r in rows if slow(r)]
 

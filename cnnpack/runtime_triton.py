@@ -42,11 +42,13 @@ class TritonRuntime:
                         url_flag="--triton-url").check_ready()
         model = client.model(rec["model"])
         if model.takes_images:
-            from cnnpack.triton_config import classifier_of
+            from cnnpack.triton_config import PREPROCESS, classifier_of
 
             classifier = classifier_of(model.name)
-            raise UserInputError(f"{model.name} takes encoded image bytes (an ensemble); verify and bench the "
-                                 f"classifier it wraps instead (--model {classifier})")
+            what = ("is the image ensemble's preprocessing step, not a classifier" if model.name.endswith(PREPROCESS)
+                    else "takes encoded image bytes (an ensemble)")
+            raise UserInputError(f"{model.name} {what}; verify and bench the classifier it wraps instead "
+                                 f"(--model {classifier})")
         rt = cls(client, model, artifact.format)
         rt.info["versions"] = client.versions(model.name)
         if artifact.run is not None:

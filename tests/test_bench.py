@@ -524,6 +524,15 @@ def test_a_slower_machine_is_said_for_the_rows_it_slowed_not_for_one_sample_that
             for m, rate in (("cnn_onnx", 200), ("cnn_torchscript", 170))]
     merged = {"results": rows, "config": {"stability": 0.1}, "matmul": {"samples_gflops": [200, 200, 200]}}
     assert disturbances(merged) == []  # against the first bench's samples the second's rows were called slow
+    # a served bench that ran starved throughout (16.6 and 13.5 against the local bench's 203): its own best tells
+    # nothing, the section's does
+    local = [{"runtime": "onnxruntime", "format": "onnx", "batch_size": 1, "stable": True,
+              "matmul_before_gflops": 203, "matmul_after_gflops": 200}]
+    starved = {"runtime": "triton", "format": "triton:cnn_torchscript", "concurrency": 1, "batch_size": 1,
+               "stable": True, "matmul_before_gflops": 16.6, "matmul_after_gflops": 13.5, "matmul_best_gflops": 16.6}
+    assert disturbances({"results": [*local, starved], "config": {"stability": 0.1},
+                         "matmul": {"samples_gflops": [203, 200, 201]}})[0].startswith(
+        "the machine ran slower while triton:cnn_torchscript c1@1 were measured")
     rows[1].update(matmul_before_gflops=140, matmul_after_gflops=150)
     assert disturbances(merged)[0].startswith("the machine ran slower while triton:cnn_torchscript c1@1 were measured (the "
                                               "fp32 matmul rate before and after each more than 10 % under its bench's "
