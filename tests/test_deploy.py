@@ -819,6 +819,7 @@ def test_a_verified_model_laid_out_under_a_name_of_its_own_is_shipped(laid_out, 
     from cnnpack.rundir import sha256
 
     build(run, TritonConfig(repository=str(repo), threads=1, instances=cores + 1, force=True))
+    build(run, TritonConfig(repository=str(repo), threads=1, name="mycnn"))  # last: shipped under its own name
     mine = repo / "mycnn" / "config.pbtxt"
     winner = {"label": "mycnn x1 1t no batching", "model": "mycnn", "instances": 1, "threads": 1, "default": False,
               "concurrency": 4, "throughput_ips": 900.0, "latency_ms_p50": 2.0, "latency_ms_p99": 4.0}
@@ -826,10 +827,15 @@ def test_a_verified_model_laid_out_under_a_name_of_its_own_is_shipped(laid_out, 
         "status": "ok", "config": {"latency_budget_ms": 50.0}, "points": [winner], "winner": winner,
         "verdict": {"as_good": False}, "written": {"model": "mycnn", "config": str(mine), "sha256": sha256(mine)}}))
     r = deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no", force=True))
-    assert r["served_model"] == "cnn_onnx" and r["figures"]["cpu"]["value"] == cores + 1
+    assert r["served_model"] == "mycnn" and r["figures"]["cpu"]["value"] == cores + 1
     assert r["figures"]["cpu"]["source"].startswith(f"{cores + 1} instance(s) x 1 thread(s) of cnn_onnx's config, "
                                                     "the most any shipped model asks for (mycnn: 1, 1 instance(s) x "
                                                     "1 thread(s) of the tuned winner")
+    # a winner whose model is no longer shipped (another laid out last under its name) does not size the pod
+    build(run, TritonConfig(repository=str(repo), threads=1, instances=cores + 1, force=True))
+    r = deploy(run, DeployConfig(out=str(tmp_path / "out"), gpu="no", force=True))
+    assert "mycnn" not in r["models"] and r["figures"]["cpu"]["source"].startswith(
+        f"{cores + 1} instance(s) x 1 thread(s) of cnn_onnx's config ({cores + 1} instance(s), 1 threads)")
 
 
 def test_a_run_replaced_while_deploy_read_it_gets_no_deployment(laid_out, tmp_path, monkeypatch):
