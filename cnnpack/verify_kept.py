@@ -27,7 +27,8 @@ def keep_earlier(run: Run, result: dict, output: str) -> dict:
     others = [r for r in earlier.get("results", []) if r["format"] not in checked
               and not r["format"].startswith("triton:")]
     if any(then.get(k) != now.get(k) for k in ("data", "device")):  # judged on other data: not this verify's verdicts
-        return _dropped(result, {r["format"]: f"judged on other {'data' if then.get('data') != now.get('data') else 'device'}"
+        return _dropped(result, {(r["format"], r.get("runtime", "")):
+                                 f"judged on other {'data' if then.get('data') != now.get('data') else 'device'}"
                                  for r in others})
     arts = stages.get("export", {}).get("artifacts", {})
     weights = checkpoint_digest(run)  # hashed once for every earlier verdict
@@ -35,7 +36,7 @@ def keep_earlier(run: Run, result: dict, output: str) -> dict:
     kept, dropped = [], {}
     for r in others:
         if why := _why_not_kept(run, r, then, now, arts.get(r["format"]), old_arts.get(r["format"], {}), weights):
-            dropped[r["format"]] = why
+            dropped[r["format"], r.get("runtime", "")] = why  # (one runtime of a format may stay, another go)
         else:
             kept.append(r)
     if not kept:
@@ -64,9 +65,10 @@ def _why_not_kept(run: Run, r: dict, then: dict, now: dict, art: dict | None, ol
     return None
 
 
-def _dropped(result: dict, dropped: dict[str, str]) -> dict:
+def _dropped(result: dict, dropped: dict[tuple[str, str], str]) -> dict:
     """`result` naming the earlier verdicts that were not kept, each with its reason (said, not lost unseen)."""
-    return {**result, "dropped": [{"format": f, "reason": why} for f, why in sorted(dropped.items())]} if dropped else result
+    return {**result, "dropped": [{"format": f, "runtime": rt, "reason": why}
+                                  for (f, rt), why in sorted(dropped.items())]} if dropped else result
 
 
 def _still_holds(r: dict, then: dict, now: dict, art: dict) -> bool:

@@ -193,7 +193,7 @@ def test_one_changed_onnx_weight_fails_verify_naming_onnx_and_the_check(exported
                                      formats=("onnx",)))
     again = verify(run_dir, VerifyConfig(batch_sizes=(1, 8), samples=8, formats=("torchscript",)))
     assert again["passed"] and "onnx" not in again.get("kept", [])
-    assert {"format": "onnx", "reason": "judged under another contract"} in again["dropped"]  # said, not lost unseen
+    assert {"format": "onnx", "runtime": "onnxruntime", "reason": "judged under another contract"} in again["dropped"]  # said, not lost unseen
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -222,8 +222,9 @@ def test_a_verdict_is_not_kept_for_a_file_changed_or_deleted_since_and_the_repor
     onnx.write_bytes(onnx.read_bytes() + b"\0")  # changed on disk, the manifest not told
     again = verify(run_dir, VerifyConfig(batch_sizes=(1,), samples=8, formats=("torchscript",)))
     assert "onnx" not in again.get("kept", []) and "onnx" not in Run.open(run_dir).read()["stages"]["verify"]["formats"]
-    assert again["dropped"] == [{"format": "onnx", "reason": f"{onnx} changed since export (its sha256 differs from "
-                                                               "the manifest's, truncated?)"}]
+    assert again["dropped"] == [{"format": "onnx", "runtime": "onnxruntime",
+                                 "reason": f"{onnx} changed since export (its sha256 differs from the manifest's, "
+                                           "truncated?)"}]
     write_report(run_dir)
     md = (run_dir / "report.md").read_text()
     assert f"**Changed on disk**: {onnx} changed since export" in md and "| changed on disk |" in md
@@ -297,7 +298,7 @@ def test_an_artifact_made_from_earlier_weights_than_another_format_is_named(expo
     # the new torchscript alone: onnx's pass was of the old weights, and is not kept beside it
     newer = verify(run_dir, replace(QUICK, formats=("torchscript",)))
     assert "onnx" not in newer.get("kept", []) and newer["dropped"] == [
-        {"format": "onnx", "reason": "made from other weights than the run's checkpoint"}]
+        {"format": "onnx", "runtime": "onnxruntime", "reason": "made from other weights than the run's checkpoint"}]
     with pytest.raises(UserInputError, match=r"onnx \(export/model.onnx\) was made from another checkpoint.pt than "
                                              r"the run holds now .*make it again: `cnnpack export --run .* --format onnx`"):
         verify(run_dir, QUICK)

@@ -82,7 +82,7 @@ def _show(result: dict, run: Path, as_json: bool) -> None:
     if result.get("kept"):
         typer.echo(f"kept: the earlier verdicts of {', '.join(result['kept'])} (artifacts unchanged; not checked again)")
     if result.get("dropped"):
-        typer.echo("dropped: the earlier verdicts of " + ", ".join(f"{d['format']} ({d['reason']})"
+        typer.echo("dropped: the earlier verdicts of " + ", ".join(f"{d['format']} in {d['runtime']} ({d['reason']})"
                                                                   for d in result["dropped"])
                    + f"; check them again with `cnnpack verify --run {shell(run)}`")
     failed = [f"{r['format']} ({r['runtime']})" for r in result["results"] if not r["passed"]]
