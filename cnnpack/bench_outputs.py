@@ -119,6 +119,9 @@ def cold_starts(results: list[dict]) -> str | None:
     return "; ".join(parts)
 
 
+BUSY = 0.05  # other processes' share of the machine's CPU above which a row's figures were disturbed
+
+
 def disturbances(section: dict) -> list[str]:
     """What makes a bench's numbers less than trustworthy, one sentence each (empty: nothing seen)."""
     out = []
@@ -127,7 +130,7 @@ def disturbances(section: dict) -> list[str]:
         out.append(f"unstable (windows did not agree within {100 * section['config']['stability']:.0f} % before "
                    f"--max-seconds): {', '.join(unstable)}")
     busy = [f"{series(r)}@{r['batch_size']} {100 * r['cpu_others']:.0f} %" for r in section["results"]
-            if (r.get("cpu_others") or 0) > 0.05]
+            if (r.get("cpu_others") or 0) > BUSY]
     if busy:
         out.append(f"other processes took CPU time during: {', '.join(busy)}; rerun on a quiet machine")
     return out + speed_cautions(section)
@@ -143,7 +146,7 @@ def speed_cautions(section: dict) -> list[str]:
     rates = section.get("matmul", {}).get("samples_gflops") or []
     rows = [r for r in section["results"] if "matmul_before_gflops" in r]  # (records from before: none)
     if len(rates) >= 3 and rows:
-        if slow := slower_rows(rows, rates):
+        if slow := slowed(section):
             bests = ", ".join(f"{b:.0f}" for b in sorted({best_sample(r, rates) for r in rows if series_at(r) in slow}))
             out.append(f"the machine ran slower while {', '.join(slow)} were measured (the fp32 matmul rate before and "
                        f"after each more than 10 % under its bench's best, {bests} GFLOP/s, or one of the two under "
@@ -152,6 +155,14 @@ def speed_cautions(section: dict) -> list[str]:
         out.append(f"the fp32 matmul rate varied from {min(rates):.0f} to {max(rates):.0f} GFLOP/s during the run: "
                    "the machine was busy or its speed changed; rerun on a quiet machine")
     return out
+
+
+def slowed(section: dict) -> list[str]:
+    """`slower_rows` of a bench section: its rows that kept their two samples, judged where it has samples enough to
+    tell a slowdown from a dip (3 or more; else none: the spread rule of `speed_cautions` speaks for it)."""
+    rates = section.get("matmul", {}).get("samples_gflops") or []
+    rows = [r for r in section.get("results", []) if "matmul_before_gflops" in r]
+    return slower_rows(rows, rates) if len(rates) >= 3 and rows else []
 
 
 def slower_rows(rows: list[dict], rates: list[float]) -> list[str]:

@@ -82,13 +82,11 @@ def precision_table(stages: dict) -> list[dict]:
 def doubtful(bench: dict) -> set[int]:
     """The ids of a bench section's rows whose figures it cautions about: windows that did not agree, other
     processes' CPU time over 5 %, or a slower machine around them (`bench_outputs.disturbances`' rules)."""
-    from cnnpack.bench_outputs import series_at, slower_rows
+    from cnnpack.bench_outputs import BUSY, series_at, slowed
 
-    rows = [r for r in bench.get("results", []) if r.get("runtime") != "triton"]
-    rates = (bench.get("matmul") or {}).get("samples_gflops") or []
-    slow = set(slower_rows(rows, rates)) if len(rates) >= 3 and all("matmul_before_gflops" in r for r in rows) else set()
-    return {id(r) for r in rows if not r.get("stable", True) or (r.get("cpu_others") or 0) > 0.05
-            or series_at(r) in slow}
+    slow = set(slowed(bench))
+    return {id(r) for r in bench.get("results", []) if r.get("runtime") != "triton"
+            and (not r.get("stable", True) or (r.get("cpu_others") or 0) > BUSY or series_at(r) in slow)}
 
 
 

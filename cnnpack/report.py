@@ -361,6 +361,7 @@ def _ceilings(b: dict, peak) -> str:
 def _bench_warnings(b: dict) -> list[str]:
     """What makes these numbers less than trustworthy, said in the report itself."""
     from cnnpack.bench import series, series_at
+    from cnnpack.bench_outputs import BUSY, speed_cautions
 
     res, out = b.get("results", []), []
     unstable = [series_at(r) for r in res if not r.get("stable", True)]
@@ -368,12 +369,10 @@ def _bench_warnings(b: dict) -> list[str]:
         out.append(f"**Unstable**: the measurement windows of {', '.join(unstable)} did not agree within "
                    f"{100 * b.get('config', {}).get('stability', 0.1):.0f} % before the time limit.")
     busy = [f"{series(r)}@{r['batch_size']} ({100 * r['cpu_others']:.0f} %)" for r in res
-            if (r.get("cpu_others") or 0) > 0.05]
+            if (r.get("cpu_others") or 0) > BUSY]
     if busy:
         out.append(f"**Disturbed**: other processes used CPU time while measuring {', '.join(busy)}; "
                    "rerun `cnnpack bench` on a quiet machine for numbers to quote.")
-    from cnnpack.bench_outputs import speed_cautions
-
     out += [f"**Slower machine**: {c[0].upper()}{c[1:]}." for c in speed_cautions(b)]
     for name, why in b.get("skipped", {}).items():
         out.append(f"Skipped `{name}`: {why}")
