@@ -293,10 +293,12 @@ def deploy_section(m: dict, run: Run) -> list[Block]:
                  f"`{command(run.path, {**d.get('config', {}), 'out': d['out']})}` writes it again.")
     out = [Block("h2", "Deployment (Kubernetes)"), Block("p", text)]
     # how each figure was reached (a fallback where nothing was measured), then deploy's own notes, as it printed them
-    said = {"cpu": "CPU", "memory_mib": "memory", "startup_s": "startup probe", "startup_gpu_s": "startup probe on a GPU",
-            "queue_target_us": "HPA queue target"}
+    said = {"cpu": "CPU", "memory_mib": "memory", "memory_gpu_mib": "memory on a GPU", "startup_s": "startup probe",
+            "startup_gpu_s": "startup probe on a GPU", "queue_target_us": "HPA queue target"}
+    figures = d["figures"]
     out += [Block("p", "How each figure was reached: " + "; ".join(
-        f"{said.get(k, k)}: {v['source']}" for k, v in d["figures"].items() if v.get("source")) + ".")]
+        f"{said.get(k, k)}: {v['source']}" for k, v in figures.items() if v.get("source")
+        and not (k == "memory_gpu_mib" and v == figures.get("memory_mib"))) + ".")]
     out += [Block("p", f"**Note**: {n}.") for n in d.get("notes") or []]
     return out
 

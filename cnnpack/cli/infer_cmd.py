@@ -18,7 +18,7 @@ def infer(
     model: str = typer.Option(..., help="The served classifier's name (e.g. cnn_onnx; see `cnnpack serve`)."),
     url: Optional[str] = typer.Option(None, help="Triton's HOST:PORT (default 127.0.0.1:8000 for http, :8001 for grpc)."),
     protocol: str = typer.Option("http", help="http | grpc"),
-    top_k: int = typer.Option(1, help="Labels per image, best first (Triton's classification extension)."),
+    top_k: int = typer.Option(1, help="Labels per image, best first (Triton's classification extension); at most the model's class count."),
     ensemble: bool = typer.Option(False, help="Send the encoded files to <model>_image; the server decodes them."),
     timeout: float = typer.Option(30.0, help="Seconds each request may take."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),

@@ -86,7 +86,8 @@ def container_args(spec: Spec, *, config_name: str | None = None, base: bool = F
 
 def resources(plan: Plan, *, gpu: bool = False) -> dict:
     """Requests equal to limits (Guaranteed QoS: whole cores with the static CPU manager, no memory overcommit)."""
-    r = {"cpu": str(plan.cpu.value), "memory": f"{plan.memory_mib.value}Mi"}
+    memory = plan.memory_gpu_mib if gpu else plan.memory_mib
+    r = {"cpu": str(plan.cpu.value), "memory": f"{memory.value}Mi"}
     if gpu:
         r["nvidia.com/gpu"] = "1"
     return {"requests": dict(r), "limits": dict(r)}

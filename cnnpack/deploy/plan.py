@@ -8,7 +8,8 @@ Every figure comes from the run's manifest, and says where it came from:
   another shipped model's config.pbtxt asks for more;
 - memory: the peak resident memory of the local server after the served stage's load test, with
   headroom (an upper bound: cnnpack's Python-based backends hold more than the container's native
-  ones); without a served stage, an estimate from the model files;
+  ones); without a served stage of the layout that ships, an estimate per model instance from the
+  local server's measured memory per backend (cnnpack.deploy.memory);
 - the startup probe's window: the served stage's measured start-up (every model loaded), times a
   margin for a slower node, never under a floor; without one, a documented fallback.
 """
@@ -27,11 +28,6 @@ from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG, PREPROCESS, PT2_FORMAT
 from cnnpack.triton_publish import STAGING_PREFIX
 
 MiB = 1 << 20
-# memory: measured peak x headroom, or (without a measurement) a base for the server plus each model file
-MEMORY_HEADROOM = 1.5
-MEMORY_FLOOR_MIB = 512
-MEMORY_BASE_MIB = 512
-MEMORY_PER_MODEL_BYTE = 4  # weights + the runtime's arena, per instance
 # startup probe: measured load time x margin, at least the floor; without a measurement, the fallback
 STARTUP_MARGIN = 5.0
 STARTUP_FLOOR_S = 60
@@ -65,6 +61,7 @@ class Plan:
     gpu_laid: list[str]  # models whose config.pbtxt puts them on a GPU (`cnnpack triton --device gpu`)
     cpu: Figure
     memory_mib: Figure
+    memory_gpu_mib: Figure
     startup_s: Figure
     startup_gpu_s: Figure
     queue_target_us: Figure
@@ -103,7 +100,7 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     plan = Plan(run=run.path.resolve(), repository=repository, served_model=triton["name"], classifiers=classifiers,
                 models=models, gpu_laid=gpu_laid,
                 gpu_models=[m for m, fmt in classifiers if fmt in GPU_FORMATS or m in gpu_laid],
-                cpu=Figure(0, ""), memory_mib=Figure(0, ""), startup_s=Figure(0, ""), startup_gpu_s=Figure(0, ""),
+                cpu=Figure(0, ""), memory_mib=Figure(0, ""), memory_gpu_mib=Figure(0, ""), startup_s=Figure(0, ""), startup_gpu_s=Figure(0, ""),
                 queue_target_us=Figure(0, ""), repository_bytes=size, opened_as=run.opened_as,
                 deployed_files=dict((stages.get("deploy") or {}).get("repository_files") or {}),
                 cuda_only=[m for m in models if classifier_of(m) in cuda])
@@ -151,7 +148,8 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
                           f"threads bounded: {'; '.join(bounded(m, 'N', same='') for m in others)}"
                           + (" (each with the other options it was laid out with)" if not one
                              else " (with the other options it was laid out with)"))
-    plan.memory_mib = memory(stages, repository, classifiers, instances)
+    plan.memory_mib = memory(stages, repository, {m: configs[m] for m in models}, instances, sized_by)
+    plan.memory_gpu_mib = gpu_memory(plan, configs)
     download_s = math.ceil(size / DOWNLOAD_BYTES_PER_S) if remote else 0
     plan.startup_s = startup(stages, floor=STARTUP_FLOOR_S, download_s=download_s)
     plan.startup_gpu_s = startup(stages, floor=STARTUP_FLOOR_GPU_S, download_s=download_s)
@@ -337,24 +335,44 @@ def measured(stages: dict) -> tuple[dict, str]:
     return ({}, why) if why else (served, "")
 
 
-def memory(stages: dict, repository: Path, classifiers: list[tuple[str, str]], instances: int) -> Figure:
-    """MiB for requests and limits (equal: the pod's memory is not overcommitted)."""
+def memory(stages: dict, repository: Path, configs: dict, instances: int, sized_by: str) -> Figure:
+    """MiB for requests and limits (equal: the pod's memory is not overcommitted): the measured peak of the layout
+    that ships, or the estimate of cnnpack.deploy.memory for every shipped model (`configs`) at its instances (the
+    model the CPU is sized by at `instances`, its tuned count, where more)."""
+    from cnnpack.deploy import memory as mem
+
     served, why_not = measured(stages)
     peak, why_not = served.get("server_peak_rss_bytes"), why_not or "the served stage predates it"
     base_instances = int(stages["triton"].get("config", {}).get("instances", 1)) or 1
     if peak:
         scale = max(1.0, instances / base_instances)
-        mib = max(MEMORY_FLOOR_MIB, peak * MEMORY_HEADROOM * scale / MiB)
+        mib = max(mem.FLOOR_MIB, peak * mem.HEADROOM * scale / MiB)
         why = (f"the local server's peak resident memory after the served stage's load test, {peak / MiB:.0f} MiB, "
-               f"x {MEMORY_HEADROOM:g} headroom" + (f" x {scale:g} for the tuned instance count" if scale > 1 else "")
-               + f" (at least {MEMORY_FLOOR_MIB} MiB)")
+               f"x {mem.HEADROOM:g} headroom" + (f" x {scale:g} for the tuned instance count" if scale > 1 else "")
+               + f" (at least {mem.FLOOR_MIB} MiB)")
     else:
-        model_bytes = sum(f.stat().st_size for m, _ in classifiers for f in (repository / m).rglob("*")
-                          if f.is_file() and not shipped_cache(f.relative_to(repository)))
-        mib = MEMORY_BASE_MIB + model_bytes * MEMORY_PER_MODEL_BYTE * instances / MiB
-        why = (f"no measured memory ({why_not}): {MEMORY_BASE_MIB} MiB for the server + "
-               f"{MEMORY_PER_MODEL_BYTE} x the model files ({model_bytes / MiB:.1f} MiB) x {instances} instance(s)")
-    return Figure(int(math.ceil(mib / 64) * 64), why + ", rounded up to a multiple of 64 MiB")
+        counts = {m: mem.instances_of(mc) for m, mc in configs.items()}
+        if sized_by in counts:
+            counts[sized_by] = max(counts[sized_by], instances)
+        files = {m: mem.model_bytes(repository, m, shipped_cache) for m in configs}
+        est, how = mem.estimate(configs, files, counts)
+        mib = max(mem.FLOOR_MIB, est * mem.HEADROOM)
+        why = (f"no measured memory ({why_not}), an estimate of {est:.0f} MiB x {mem.HEADROOM:g} headroom "
+               f"(at least {mem.FLOOR_MIB} MiB): {how}")
+    return Figure(mem.rounded(mib), why + ", rounded up to a multiple of 64 MiB")
+
+
+def gpu_memory(plan: Plan, configs: dict) -> Figure:
+    """The gpu overlay's memory: the pod's, plus host memory for CUDA in each backend that runs a model on the GPU."""
+    from cnnpack.deploy import memory as mem
+
+    extra, backends = mem.gpu_allowance(configs, plan.gpu_models)
+    if not extra:
+        return plan.memory_mib
+    return Figure(mem.rounded(plan.memory_mib.value + extra),
+                  f"the pod's {plan.memory_mib.value} MiB + {mem.CUDA_HOST_MIB} MiB of host memory for CUDA (its "
+                  f"runtime, cuDNN and cuBLAS) in each backend that runs a model on the GPU ({', '.join(backends)}): "
+                  "an allowance, not measured (the figures above come from a CPU-only server)")
 
 
 def startup(stages: dict, *, floor: int, download_s: int = 0) -> Figure:

@@ -150,6 +150,8 @@ def readme(plan, spec, *, gpu: bool, out: Path) -> str:
               "## Sizes and where they come from", "",
               f"- CPU {plan.cpu.value}: {plan.cpu.source}.",
               f"- memory {plan.memory_mib.value} MiB: {plan.memory_mib.source}.",
+              *([f"- memory in the gpu overlay {plan.memory_gpu_mib.value} MiB: {plan.memory_gpu_mib.source}."]
+                if gpu and plan.memory_gpu_mib.value != plan.memory_mib.value else []),
               f"- startup window {plan.startup_s.value} s" + (f" (gpu overlay {plan.startup_gpu_s.value} s)" if gpu else "")
               + f": {plan.startup_s.source}.",
               f"- HPA target {plan.queue_target_us.value} us: {plan.queue_target_us.source}.", ""]
