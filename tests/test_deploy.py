@@ -456,6 +456,28 @@ def test_the_volume_is_filled_once_by_a_job_from_the_repository_image(base, depl
     assert {"claimName": claim, "readOnly": True} in [v.get("persistentVolumeClaim") for v in volumes]
 
 
+def test_the_fill_job_keeps_the_current_content_and_two_earlier_ones_and_nothing_else_it_made(tmp_path):
+    """The fill Job's own shell, run here on folders standing in for the image's /models and the volume: the volume
+    did not fill up over model updates only if the script removes old contents, and only those."""
+    import os
+    import subprocess
+
+    from cnnpack.deploy.store import MOUNT, fill_script
+
+    models, target = tmp_path / "models", tmp_path / "target"
+    (models / "cnn_onnx" / "1").mkdir(parents=True)
+    (models / "cnn_onnx" / "1" / "model.onnx").write_bytes(b"onnx")
+    olds = [f"{i:012x}" for i in range(1, 5)]
+    for age, name in enumerate([*olds, "notes", "0123"]):  # the user's folder, a name not of a content tag
+        (target / name).mkdir(parents=True)
+        os.utime(target / name, (1e9 + age, 1e9 + age))
+    script = fill_script("abcdef012345").replace("/target", str(target)).replace(MOUNT, str(models))
+    for _ in range(2):  # once more: the content is there, nothing changes
+        subprocess.run(["sh", "-ec", script], check=True)
+        assert (target / "abcdef012345" / "cnn_onnx" / "1" / "model.onnx").read_bytes() == b"onnx"
+        assert sorted(p.name for p in target.iterdir()) == sorted(["abcdef012345", *olds[2:], "notes", "0123"])
+
+
 def test_the_volume_is_mounted_by_every_replica_on_any_node_and_the_readme_says_what_storage_that_needs(base,
                                                                                                      deployed):
     hpa = _of(base["pvc"], "HorizontalPodAutoscaler")
@@ -579,6 +601,11 @@ def test_sizes_come_from_the_run_tune_winner_and_measured_load(laid_out, tmp_pat
     (["--model-store", "s3://bkt/m", "--credentials-secret", "a", "--service-account", "b"],
      "--credentials-secret and --service-account are two ways to reach the bucket"),
     (["--model-store", "as://acct/cont/m", "--service-account", "b"], "Triton's Azure client signs in with an account"),
+    # a trailing newline passed the `$` of the checks and went into every manifest; a tag Docker refuses
+    (["--image", "foo:1\n"], "--image 'foo:1\\n' is not an image reference"),
+    (["--image", "foo:t\u00e4g"], "--image 'foo:t\u00e4g' is not an image reference"),
+    (["--name", "abc\n"], "is not a valid DNS-1123 label"),
+    (["--model-store", "s3://bucket/m\n"], "holds '\\n': a control character"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(laid_out, tmp_path, args, message):
     out = tmp_path / "out"
@@ -1363,3 +1390,20 @@ def _ready_index(container: dict, repo: Path, tmp_path: Path) -> dict[str, str |
         return {m["name"]: m.get("state") for m in index}
     finally:
         _stop(proc, log)
+
+
+def test_configs_written_into_the_repository_before_a_failed_one_are_taken_back(tmp_path):
+    from types import SimpleNamespace
+
+    from cnnpack.deploy import _write_gpu_configs
+
+    (tmp_path / "a" / "configs").mkdir(parents=True)
+    (tmp_path / "a" / "configs" / "gpu.pbtxt").write_bytes(b"the user's")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "c").write_text("a file where a model folder would be")  # c/configs/gpu.pbtxt cannot be written
+    configs = {"a/configs/gpu.pbtxt": b"new a", "b/configs/gpu.pbtxt": b"new b", "c/configs/gpu.pbtxt": b"new c"}
+    with pytest.raises(OSError):
+        _write_gpu_configs(SimpleNamespace(repository=tmp_path), configs)
+    assert (tmp_path / "a" / "configs" / "gpu.pbtxt").read_bytes() == b"the user's"  # put back
+    assert not (tmp_path / "b" / "configs").exists()  # removed, with the folder it made
+    assert (tmp_path / "c").read_text() == "a file where a model folder would be"

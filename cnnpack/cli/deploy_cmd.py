@@ -36,7 +36,7 @@ def deploy(
     queue_target_ms: Optional[float] = typer.Option(None, help="Average queue time per request above which the HPA "
                                                                "adds replicas (default: from the run's tune budget, "
                                                                "else 5 ms)."),
-    force: bool = typer.Option(False, help="Replace an --out that holds a different deployment."),
+    force: bool = typer.Option(False, help="Replace an --out that holds a different deployment, and overwrite what deploy would otherwise keep: files you edited in --out, and configs/gpu.pbtxt files of your own in the model repository."),
     as_json: bool = typer.Option(False, "--json", help="Print what cnnpack-deploy.json records."),
 ):
     """Write what a Kubernetes cluster needs to serve the run's verified Triton repository.

@@ -20,6 +20,7 @@ put the model back on the CPU) and was not edited since.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -88,7 +89,7 @@ class DeployConfig:
             if not s.remote:
                 raise UserInputError(f"{flag} is for object storage (--model-store s3://|gs://|as://); "
                                      f"--model-store {self.model_store} needs no credentials")
-            if len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+            if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
                 raise UserInputError(f"{flag} {value!r} is not a Kubernetes object name (lowercase a-z, 0-9, '-', '.')")
         if self.credentials_secret and self.service_account:  # KServe would use the account, Triton the Secret
             raise UserInputError("--credentials-secret and --service-account are two ways to reach the bucket (a "
@@ -111,7 +112,7 @@ class DeployConfig:
 
 
 def check_name(name: str) -> str:
-    if len(name) <= NAME_MAX and _DNS_LABEL.match(name):
+    if len(name) <= NAME_MAX and _DNS_LABEL.fullmatch(name):
         return name
     raise UserInputError(f"--name {name!r} is not a valid DNS-1123 label for the objects: lowercase letters, digits "
                          f"and '-', starting with a letter, ending with a letter or digit, at most {NAME_MAX} "
@@ -222,8 +223,6 @@ def _more(items: list) -> str:
 def _remove_stale(plan, stale: set[str]) -> None:
     """Removes the configs an earlier deploy wrote that no longer fit their model (`plan.stale_configs`), and the
     `configs/` folder they leave empty (a config of the user's own there stays)."""
-    import contextlib
-
     for rel in sorted(stale):
         path = plan.repository / rel
         path.unlink(missing_ok=True)
@@ -316,10 +315,25 @@ def _gpu_configs(plan, gpu: bool) -> dict[str, bytes]:
 def _write_gpu_configs(plan, configs: dict[str, bytes]) -> list[str]:
     from cnnpack.atomic import atomic_write_bytes
 
-    for rel, data in configs.items():
-        path = plan.repository / rel
-        if not (path.is_file() and path.read_bytes() == data):  # unchanged: left alone (a polling Triton reloads
-            atomic_write_bytes(path, data)                        # a model whose files were rewritten)
+    done: list[tuple[Path, bytes | None, bool]] = []  # (path, its bytes before or None, its folder made here)
+    try:
+        for rel, data in configs.items():
+            path = plan.repository / rel
+            before = path.read_bytes() if path.is_file() else None
+            if before != data:  # unchanged: left alone (a polling Triton reloads a model whose files were rewritten)
+                made = not path.parent.exists()
+                atomic_write_bytes(path, data)
+                done.append((path, before, made))
+    except BaseException:  # all or nothing: the configs written before the failure are taken back
+        for path, before, made in reversed(done):
+            with contextlib.suppress(OSError):
+                if before is None:
+                    path.unlink()
+                    if made:
+                        path.parent.rmdir()
+                else:
+                    atomic_write_bytes(path, before)
+        raise
     return list(configs)
 
 

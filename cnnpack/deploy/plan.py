@@ -83,7 +83,8 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     from cnnpack.servable import servable, unverified
     from cnnpack.triton_repo import latest_from, lay_out
 
-    run = Run.open(run_dir)
+    # absolute: the commands in its notes go into the deployment's README, whose commands run from --out
+    run = Run.open(Path(run_dir).resolve())
     classifiers = servable(run, required_by="deploy")
     manifest = run.read()
     stages = manifest["stages"]

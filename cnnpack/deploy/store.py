@@ -40,7 +40,8 @@ _USERINFO = re.compile(r"://[^/?#]*@")  # scheme://user[:password]@host
 _CREDENTIAL_QUERY = re.compile(r"(?i)(^|[?&;])[^=&;]*(sig|token|key|secret|passw|credential|x-amz-|x-goog-)[^=&;]*=")
 _ACCESS_KEY_ID = re.compile(r"(?<![A-Z0-9])(AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])")
 _IMAGE_REF = re.compile(r"^(?:[a-zA-Z0-9.-]+(?::\d+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-                        r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
+                        r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
+NAME_MAX = 255  # the distribution spec's limit on an image name (registry and path, without the tag)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ def parse(text: str) -> Store:
     """`--model-store`: image | pvc | s3://... | gs://... | as://...; UserInputError for anything else."""
     if text in MODES:
         return Store(text)
+    if bad := [c for c in text if not c.isprintable()]:  # a newline, a tab: spaces are fine (one argv element)
+        raise UserInputError(f"--model-store {text!r} holds {bad[0]!r}: a control character would reach Triton's "
+                             "--model-repository as it is")
     scheme = text.split("://", 1)[0] if "://" in text else ""
     if scheme not in SCHEMES:
         raise UserInputError(f"--model-store {text!r}: use image, pvc, or an object-store URL that Triton reads: "
@@ -99,7 +103,7 @@ def _check_bucket(scheme: str, rest: str, text: str) -> None:
     named = [("account", parts[0]), ("as", parts[1])] if scheme == "as" else [(scheme, parts[0])]
     for rule, name in named:
         pattern, what = _BUCKET_RULES[rule]
-        if not pattern.match(name) or (rule == "s3" and (".." in name or re.match(r"^\d+\.\d+\.\d+\.\d+$", name))):
+        if not pattern.fullmatch(name) or (rule == "s3" and (".." in name or re.match(r"^\d+\.\d+\.\d+\.\d+$", name))):
             raise UserInputError(f"--model-store {text!r}: {name!r} is not {what}")
 
 
@@ -119,9 +123,16 @@ def check_no_credentials(url: str) -> None:
 
 
 def check_image(ref: str) -> str:
-    if not _IMAGE_REF.match(ref):
+    # fullmatch: `$` also matches before a trailing newline, which went into every manifest
+    if not _IMAGE_REF.fullmatch(ref):
         raise UserInputError(f"--image {ref!r} is not an image reference: [registry[:port]/]name[:tag], "
                              "lowercase name, e.g. registry.example.com/team/cnn:1")
+    name = ref.split("@")[0]
+    if ":" in name.rsplit("/", 1)[-1]:  # the tag (a colon before the last slash is the registry's port)
+        name = name.rsplit(":", 1)[0]
+    if len(name) > NAME_MAX:
+        raise UserInputError(f"--image names an image of {len(name)} characters (registry and path, without the tag); "
+                             f"registries take at most {NAME_MAX}")
     return ref
 
 
@@ -144,10 +155,17 @@ def credentials(store: Store, secret: str | None) -> tuple[list[dict], list[dict
     return env, [], []
 
 
+EARLIER_KEPT = 2  # contents the volume keeps besides the current one (the claim's size, `kube.pvc`)
+
+
 def fill_script(tag: str) -> str:
-    """The fill Job's shell: copy /models into <volume>/<tag> once, publishing the folder by a rename."""
-    return (f"test -d /target/{tag} && exit 0; rm -rf /target/{tag}.partial; "
-            f"cp -R {MOUNT} /target/{tag}.partial; mv /target/{tag}.partial /target/{tag}")
+    """The fill Job's shell: copy /models into <volume>/<tag> once, publishing the folder by a rename; then remove
+    all but the EARLIER_KEPT newest other contents (folders named as content tags are: nothing else on the volume),
+    so the volume does not fill up over model updates while a rollout's old pods still have theirs."""
+    return (f"if ! test -d /target/{tag}; then rm -rf /target/{tag}.partial; "
+            f"cp -R {MOUNT} /target/{tag}.partial; mv /target/{tag}.partial /target/{tag}; fi; "
+            f"touch /target/{tag}; cd /target; ls -1dt -- * 2>/dev/null | grep -E '^[0-9a-f]{{{len(tag)}}}$' | "
+            f"grep -vx {tag} | tail -n +{EARLIER_KEPT + 1} | while read -r old; do rm -rf -- \"$old\"; done")
 
 
 def kserve_uri(store: Store, *, image: str, pvc: str, tag: str) -> str:

@@ -111,6 +111,11 @@ def readme(plan, spec, *, gpu: bool, out: Path) -> str:
     if spec.store.mode == "pvc":
         parts.append(f"kubectl wait --for=condition=complete job/{kube.job_name(spec)} --timeout=15m")
     parts += [f"kubectl rollout status deployment/{name} --timeout={wait_s}s", "```", ""]
+    if gpu:
+        parts += ["A rollout starts each new pod before it stops an old one (maxSurge 1, maxUnavailable 0: no gap "
+                  "in serving). With the gpu overlay that new pod needs a GPU of its own: where every GPU is taken, "
+                  "it stays Pending and the rollout waits; patch the Deployment's strategy to maxSurge 0, "
+                  "maxUnavailable 1 there (each pod replaced in place, one fewer serving meanwhile).", ""]
     n += 1
     parts += [f"## {n}. Check it", "", "```bash",
               f"kubectl port-forward service/{name} 8000:8000 8001:8001 &",
