@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -94,6 +95,12 @@ def export_pt2(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path)
                               metadata=meta, num_classes=spec.num_classes)
     inp, out = io_spec(spec, cfg, pt2.NAMES)
     device, torch_version, compile_s = info.pop("device"), info.pop("torch_version"), info.pop("compile_s")
+    low, high = info.get("checked_batch") or (1, None)
+    if not cfg.static_batch and (low > 1 or (high or cfg.max_batch_size) < cfg.max_batch_size):
+        logging.getLogger("cnnpack").warning(
+            f"warning: {dest.name}'s own input checks (AOTI_RUNTIME_CHECK_INPUTS=1) accept batches {low}.."
+            f"{high or 'any'}, not 1..{cfg.max_batch_size}: torch {torch_version} narrowed them while compiling; it "
+            "computes the whole range (verify checks it), so leave those checks off with this package")
     return Artifact("pt2", str(dest), "", inp, out, cfg.static_batch or cfg.max_batch_size, cfg.static_batch,
                     cfg.input, f"torch.export + AOTInductor (torch {torch_version})", time.perf_counter() - t0,
                     device=device, torch_version=torch_version, compile_s=compile_s, extra=info)
@@ -206,8 +213,36 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig(), *,
     return run.read()["stages"]["export"]
 
 
+PT2_OPTIONS = ("max_batch_size", "static_batch", "input", "half", "device")  # what shapes the compiled package
+
+
+def _same_pt2(run: Run, cfg: ExportConfig, source: str, dest: Path) -> dict | None:
+    """The recorded pt2 package, where it is the one this export would compile: from the same checkpoint bytes, with
+    the same options, torch, cnnpack and inductor settings, and intact. AOTInductor's packages differ in bytes at
+    every compile (kernel names, a serialization id): compiled again, an unchanged model was a new file, and
+    `cnnpack triton` laid it out as a new version."""
+    from cnnpack import __version__, pt2
+
+    rec = (run.read().get("stages", {}).get("export", {}).get("artifacts") or {}).get("pt2") or {}
+    config, extra = rec.get("config") or {}, rec.get("extra") or {}
+    if not (rec and rec.get("checkpoint_sha256") == source and rec.get("torch_version") == torch.__version__
+            and all(config.get(k) == getattr(cfg, k) for k in PT2_OPTIONS)
+            and extra.get("inductor_configs") == pt2.INDUCTOR_CONFIGS and "checked_batch" in extra
+            and dest.is_file() and sha256(dest) == rec.get("sha256")):
+        return None
+    with contextlib.suppress(CnnpackError):
+        if pt2.package_metadata(dest).get("cnnpack_version") == __version__:
+            return rec
+    return None
+
+
 def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str, source: str) -> dict:
     dest = run.file("export") / f"model{SUFFIX[fmt]}"
+    if fmt == "pt2" and (same := _same_pt2(run, cfg, source, dest)):
+        logging.getLogger("cnnpack").warning(
+            f"note: {run.rel(dest)} kept: compiled from the same checkpoint with the same options and torch "
+            "(compiled again it would be new bytes, and a new model version in Triton); delete it to compile again")
+        return same
     # put in place only if the exporter and its checks succeed; named `.tmp.pt2`, as torch's loader warns of any other
     with scratch_beside(dest, suffix=".tmp" + (SUFFIX[fmt] if fmt == "pt2" else "")) as tmp:
         art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)

@@ -39,7 +39,18 @@ NAMES = ("INPUT__0", "OUTPUT__0")  # Triton's PyTorch backend: ordinal names, fo
 INSTALL = "install one (`apt-get install g++`) or set CXX to a C++ compiler"
 # freezing: weights become constants (BatchNorm folded, oneDNN weights pre-packed); measured in
 # benchmarks/results/pt2-aoti-*.md, as are the settings tried and left at their defaults.
-INDUCTOR_CONFIGS = {"freezing": True}
+# dynamic_threads: the kernels take the thread count at run time (a Triton instance's INTRA_OP_THREAD_COUNT, the
+# node's cores), not the exporting machine's: exported with OMP_NUM_THREADS=1 they had no OpenMP at all, and on a
+# host with SMT inductor writes num_threads(<its physical cores>) into each. The same speed on 2 cores
+# (benchmarks/results/pt2-aoti-*.md: 1.81x eager against freezing alone's 1.77x, the CNN at batch 1; on the Zen 4
+# 0.35 ms at batch 1 and 4.7-5.2 ms at 32 either way).
+INDUCTOR_CONFIGS = {"freezing": True, "cpp.dynamic_threads": True}
+# the package's own input checks (AOTI_RUNTIME_CHECK_INPUTS=1) on the batch range the export recorded: inductor
+# checks a dynamic size >= 2 unless told not to, and a guard it took while lowering the CNN's first convolution
+# (the convolution backend for batches of 16 and more, decided on the example batch of 2) narrowed the range it
+# checked to 2..15, while the package computes every batch of 1..64 right. Size-oblivious reasoning takes no such
+# guard; the range the package checks is recorded (`checked_batch`) and compared with the exported one.
+NO_LOWER_BOUND = {"aot_inductor.check_lowerbound": False}
 
 
 # -- the compiler ------------------------------------------------------------------------------------
@@ -136,12 +147,13 @@ def compile_package(program, dest: Path, *, metadata: dict[str, str], configs: d
 
     prepare_inductor()
     buf = io.BytesIO()  # not `dest`: the archive's root folder would be named after the temp file
+    settings = {**(INDUCTOR_CONFIGS if configs is None else configs), "aot_inductor.metadata": metadata}
+    if hasattr(torch._inductor.config.aot_inductor, "check_lowerbound"):  # (torch >= 2.8)
+        settings.update(NO_LOWER_BOUND)
     t0 = time.perf_counter()
     try:
-        with torch.no_grad():  # inductor freezes only an inference graph (grad disabled)
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=buf,
-                inductor_configs={**(INDUCTOR_CONFIGS if configs is None else configs), "aot_inductor.metadata": metadata})
+        with torch.no_grad(), _size_oblivious():  # inductor freezes only an inference graph (grad disabled)
+            torch._inductor.aoti_compile_and_package(program, package_path=buf, inductor_configs=settings)
     except Exception as e:  # noqa: BLE001 - inductor's lowering and the C++ compiler fail in many ways
         reraise_interrupt(e)
         cause: BaseException | None = e
@@ -158,6 +170,37 @@ def compile_package(program, dest: Path, *, metadata: dict[str, str], configs: d
     seconds = time.perf_counter() - t0
     dest.write_bytes(buf.getvalue())
     return seconds
+
+
+def _size_oblivious():
+    """torch's size-oblivious reasoning for the compile (no guard that narrows the batch range), where it has it."""
+    import contextlib
+
+    try:
+        from torch.fx.experimental import _config as fx_config
+    except ImportError:
+        return contextlib.nullcontext()
+    return fx_config.patch(backed_size_oblivious=True) if hasattr(fx_config, "backed_size_oblivious") \
+        else contextlib.nullcontext()
+
+
+def checked_batch(path: Path) -> tuple[int, int | None] | None:
+    """The batch sizes the package's own input checks (AOTI_RUNTIME_CHECK_INPUTS=1) accept, from its wrapper's
+    source: (lowest, highest or None); None where the package holds no readable wrapper (a static batch checks
+    its one size)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith(".wrapper.cpp")), None)
+            text = z.read(name).decode("utf-8", "replace") if name else ""
+    except (zipfile.BadZipFile, OSError):
+        return None
+    first = re.search(r"auto (\w+)_size = \1\.sizes\(\);", text)
+    if not first:
+        return None
+    var = first.group(1)
+    low = re.search(rf"if \({var}_size\[0\] < (\d+)\)", text)
+    high = re.search(rf"if \({var}_size\[0\] > (\d+)\)", text)
+    return int(low.group(1)) if low else 1, int(high.group(1)) if high else None
 
 
 def check_package(path: Path, example, device: str, num_classes: int) -> None:
@@ -245,7 +288,8 @@ def export_pt2(model, example, dest: Path, *, max_batch: int | None, metadata: d
     compile_s = compile_package(program, dest, metadata=metadata)
     check_package(dest, example, device, num_classes)
     meta = package_metadata(dest)
-    return {"device": device, "torch_version": torch.__version__, "compile_s": round(compile_s, 2),
+    checked = checked_batch(dest) if max_batch else None
+    return {"device": device, "checked_batch": list(checked) if checked else None, "torch_version": torch.__version__, "compile_s": round(compile_s, 2),
             "capture_s": round(capture_s, 2), "cpu_isa": meta.get("AOTI_CPU_ISA") or None,
             "inductor_configs": dict(INDUCTOR_CONFIGS), "weights_mb": weights_bytes(model) / 2**20,
             "package_mb": dest.stat().st_size / 2**20}
@@ -295,6 +339,7 @@ class AotiRuntime:
                  source: str) -> None:
         self.compiled, self.device, self.shape, self.max_batch, self.half = compiled, device, shape, max_batch, half
         self.source = source
+        self.static = False  # compiled for exactly max_batch (a smaller batch read past its end: garbage logits)
         self.info = {"device": device, "runner": "torch._inductor.aoti_load_package"}
 
     @classmethod
@@ -308,6 +353,7 @@ class AotiRuntime:
         shape = tuple(rec["input"]["shape"][1:])
         max_batch = rec.get("static_batch") or rec.get("max_batch_size")
         rt = cls(compiled, where, shape, max_batch, rec["input"].get("dtype") == "float16", str(rec.get("path")))
+        rt.static = bool(rec.get("static_batch"))
         rt.info.update(cpu_isa=rec.get("cpu_isa"), torch_version=rec.get("torch_version"))
         return rt
 
@@ -315,6 +361,9 @@ class AotiRuntime:
         if tuple(batch.shape[1:]) != self.shape or batch.ndim != len(self.shape) + 1:
             raise UserInputError(f"aoti: {self.source} takes (N, {', '.join(map(str, self.shape))}), got "
                                  f"{tuple(batch.shape)}")
+        if self.static and len(batch) != self.max_batch:
+            raise UserInputError(f"aoti: {self.source} was exported for batches of exactly {self.max_batch} "
+                                 f"(--static-batch), got {len(batch)}; re-export without --static-batch for others")
         if self.max_batch and not 1 <= len(batch) <= self.max_batch:
             raise UserInputError(f"aoti: a batch of {len(batch)} is outside 1..{self.max_batch}, the batch range "
                                  f"{self.source} was exported with; re-export with --max-batch-size {len(batch)}")

@@ -289,6 +289,64 @@ def test_a_batch_above_the_exported_maximum_is_refused(run_copy):
 
 
 @pytest.mark.slow
+def test_the_packages_own_input_checks_accept_the_exported_batch_range(pt2_run):
+    """With AOTI_RUNTIME_CHECK_INPUTS=1 (what the README tells a caller of the package to run with) the package
+    refused batch 1 (inductor's lower bound of 2), and for the default CNN at 64 px also 16..64 (a guard taken on
+    the example batch): the checks now take 1..max, which the record says."""
+    from cnnpack import pt2
+
+    path = pt2_run / "export" / "model.pt2"
+    assert Run.open(pt2_run).read()["stages"]["export"]["artifacts"]["pt2"]["extra"]["checked_batch"] == [1, MAX_BATCH]
+    assert pt2.checked_batch(path) == (1, MAX_BATCH)
+    code = ("import sys, torch\nm = torch._inductor.aoti_load_package(sys.argv[1])\n"
+            "for n in (1, int(sys.argv[2]), int(sys.argv[2]) + 1):\n"
+            "    try:\n        m(torch.rand(n, 3, 32, 32) * 255); print(n, 'ran')\n"
+            "    except RuntimeError as e:\n        print(n, 'refused', str(e).splitlines()[0])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(MAX_BATCH)], capture_output=True, text=True,
+                          env={**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"}, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln[:1].isdigit()]
+    assert lines[:2] == ["1 ran", f"{MAX_BATCH} ran"], proc.stdout + proc.stderr[-2000:]
+    assert lines[2].startswith(f"{MAX_BATCH + 1} refused") and f"<= {MAX_BATCH}" in lines[2]
+
+
+@pytest.mark.slow
+def test_an_unchanged_package_is_kept_not_compiled_again_into_new_bytes(run_copy, tmp_path):
+    """A compile gives new bytes every time (kernel names, a serialization id): export compiled the same model
+    again, and `cnnpack triton` laid it out as version 2."""
+    from cnnpack.export import _same_pt2
+    from cnnpack.triton_repo import TritonConfig, build
+
+    rec = Run.open(run_copy).read()["stages"]["export"]["artifacts"]["pt2"]
+    repo = str(tmp_path / "repo")
+    assert build(run_copy, TritonConfig(repository=repo, format="pt2"))["version"] == 1
+    proc = _cli("export", "--run", str(run_copy), "--format", "pt2", "--max-batch-size", str(MAX_BATCH))
+    assert proc.returncode == 0 and "export/model.pt2 kept: compiled from the same checkpoint" in proc.stderr
+    assert Run.open(run_copy).read()["stages"]["export"]["artifacts"]["pt2"] == rec  # the same bytes, the same record
+    assert build(run_copy, TritonConfig(repository=repo, format="pt2"))["version"] == 1
+    cfg = ExportConfig(formats=("pt2",), max_batch_size=MAX_BATCH)
+    dest, source = run_copy / rec["path"], rec["checkpoint_sha256"]
+    assert _same_pt2(Run.open(run_copy), cfg, source, dest) == rec
+    assert _same_pt2(Run.open(run_copy), ExportConfig(formats=("pt2",), max_batch_size=MAX_BATCH + 1), source, dest) is None
+    assert _same_pt2(Run.open(run_copy), cfg, "0" * 64, dest) is None  # another checkpoint
+    dest.write_bytes(dest.read_bytes()[:-1])
+    assert _same_pt2(Run.open(run_copy), cfg, source, dest) is None  # a damaged file is compiled again
+
+
+def test_a_static_batch_package_refuses_any_other_batch():
+    """A static package read past the end of a smaller batch (logits near 1e35) or failed to broadcast a larger one:
+    the runtime refuses both before they run."""
+    from cnnpack.pt2 import AotiRuntime
+
+    ran = []
+    rt = AotiRuntime(lambda x: ran.append(x) or torch.zeros(len(x), 6), "cpu", (3, 32, 32), 4, False, "model.pt2")
+    rt.static = True
+    for n in (1, 2, 5):
+        with pytest.raises(UserInputError, match=rf"exactly 4 \(--static-batch\), got {n}"):
+            rt.predict(np.zeros((n, 3, 32, 32), np.float32))
+    assert rt.predict(np.zeros((4, 3, 32, 32), np.float32)).shape == (4, 6) and len(ran) == 1
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "swapped"])
 def test_a_damaged_package_is_refused_by_its_sha256_before_loading(run_copy, damage):
     pkg = run_copy / "export/model.pt2"
