@@ -53,21 +53,40 @@ class Data:
             "val_per_class": torch.bincount(self.val.labels, minlength=len(self.classes)).tolist(),
             "skipped_files": len(self.skipped),
             "skipped_examples": self.skipped[:5],
+            # which files each split holds (names, relative to the source): the same counts after a rename, a move
+            # from one class folder to another or a swap move the seeded split all the same
+            "train_files_sha256": _names_digest(self.train.files, self.source),
+            "val_files_sha256": _names_digest(self.val.files, self.source),
         }
+
+
+def _names_digest(files: list[str], source: str) -> str:
+    import hashlib
+    import os
+
+    names = sorted(os.path.relpath(f, source) for f in files)
+    return hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def changed_since(then: dict, now: dict, keys: tuple[str, ...] = ("classes", "train_per_class", "val_per_class")
                   ) -> str | None:
     """How the data differs in `keys` from the summary (`Data.summary`) a run recorded: "2 classes, 66 + 16 images
-    then, 2 classes, 67 + 16 images now"; None where it does not, or where the record lacks a key (an older run's)."""
-    if not all(k in then for k in keys) or all(then[k] == now.get(k) for k in keys):
+    then, 2 classes, 67 + 16 images now", or, at the same counts, which split holds other files; None where it does
+    not, or where the record lacks a key (an older run's)."""
+    if not all(k in then for k in keys):
         return None
 
     def said(d: dict) -> str:
         counts = " + ".join(str(sum(d[k])) for k in keys if k != "classes") + " images"
         return f"{len(d['classes'])} classes, {counts}" if "classes" in keys else counts
 
-    return f"{said(then)} then, {said(now)} now"
+    if any(then[k] != now.get(k) for k in keys):
+        return f"{said(then)} then, {said(now)} now"
+    names = [k.removesuffix("_per_class") for k in keys if k.endswith("_per_class")]
+    other = [n for n in names if (a := then.get(f"{n}_files_sha256")) and a != now.get(f"{n}_files_sha256")]
+    if not other:
+        return None
+    return f"{said(now)} then and now, but other files in {' and '.join(other)} (renamed, moved or replaced)"
 
 
 # -- decoding (cnnpack.images) ------------------------------------------------------------
@@ -146,6 +165,16 @@ def split_dirs(root: Path) -> tuple[Path | None, Path | None]:
     train = next((dirs[n] for n in TRAIN_SPLITS if n in dirs), None)
     val = next((dirs[n] for n in (*VAL_SPLITS, *(TEST_SPLITS if train else ())) if n in dirs), None)
     return train, val
+
+
+def _holds_classes(folder: Path) -> bool:
+    """A folder of folders and no file of its own: a split's (train/<class>/...), not a class named `train` (a
+    vehicle data set's), whose images lie in it."""
+    try:
+        entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    except OSError:
+        return False
+    return bool(entries) and all(p.is_dir() for p in entries)
 
 
 def _read_folder(root: Path, classes: list[str], size: int, skipped: list[str],
@@ -244,8 +273,8 @@ def class_names(data: str) -> list[str] | None:
         return None
     train, val = split_dirs(root)
     names = [p.name for p in _class_dirs(train if train and val else root)]
-    if not (train and val) and any(n in ("train", "val") for n in names):  # one split alone: the loader says so
-        return None
+    if not (train and val) and any(n in ("train", "val") and _holds_classes(root / n) for n in names):
+        return None  # one split alone: the loader says so
     return names
 
 
@@ -303,7 +332,7 @@ def load_image_folder(root: Path, size: int, *, val_fraction: float = 0.2, seed:
     skipped: list[str] = []
     train_dir, val_dir = split_dirs(root)
     lone = None if train_dir and val_dir else (  # otherwise `train` would silently become a class
-        train_dir or val_dir or next((root / n for n in ("train", "val") if (root / n).is_dir()), None))
+        train_dir or val_dir or next((root / n for n in ("train", "val") if _holds_classes(root / n)), None))
     if lone is not None:
         lack = "val" if lone.name.lower() in TRAIN_SPLITS else "train"
         raise UserInputError(f"{root} has {lone.name}/ but no {lack}/; add {root / lack}/<class>/<images> "

@@ -71,7 +71,7 @@ def data_identity(data: str) -> dict:
     from cnnpack.folders import walk_files
 
     listing = sorted((str(p.relative_to(path)), p.stat().st_size, int(p.stat().st_mtime))
-                     for p in walk_files(path, hidden=True) if p.is_file())  # through linked folders, as training
+                     for p in walk_files(path) if p.is_file())  # through linked folders, hidden files left out: as training
     return {"data": str(path.resolve()), "files_sha256": fingerprint({"files": listing})}
 
 

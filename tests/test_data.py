@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 from support import broken_chunk_png
 
 from cnnpack import shapes
-from cnnpack.data import load_data, load_image_folder
+from cnnpack.data import changed_since, class_names, load_data, load_image_folder
 from cnnpack.errors import UserInputError
 from cnnpack.images import read_image
 
@@ -66,9 +67,14 @@ def test_classes_named_like_splits_stay_classes(tmp_path):
     _write(tmp_path / "valid", 4, COLOURS["green"])
     _write(tmp_path / "invalid", 4, COLOURS["red"])
     assert load_image_folder(tmp_path, SIZE).classes == ["invalid", "valid"]
-    _write(tmp_path / "train", 4, COLOURS["blue"])  # train/ among classes: refused, as before
+    _write(tmp_path / "train", 4, COLOURS["blue"])  # images in it: a class named train (a vehicle data set's)
+    assert load_image_folder(tmp_path, SIZE).classes == ["invalid", "train", "valid"]
+    assert class_names(str(tmp_path)) == ["invalid", "train", "valid"]
+    shutil.rmtree(tmp_path / "train")
+    _folder(tmp_path / "train", {"red": 2, "blue": 2})  # class folders in it: a split whose val/ is missing
     with pytest.raises(UserInputError, match="has train/ but no val/"):
         load_image_folder(tmp_path, SIZE)
+    assert class_names(str(tmp_path)) is None
 
 
 def test_linked_folders_and_files_are_read_and_a_dangling_link_is_counted(tmp_path):
@@ -396,3 +402,19 @@ def test_the_training_split_is_counted_before_any_image_is_read(tmp_path):
     (tmp_path / "flat").rename(tmp_path / "split" / "train")
     assert training_images_at_most(str(tmp_path / "split")) == 10
     assert training_images_at_most("torchvision:MNIST") is None
+
+
+def test_a_file_swapped_or_renamed_at_the_same_counts_is_a_change_of_the_data(tmp_path):
+    """The counts stayed the same, the seeded split moved (a validation image may now be one the model trained on):
+    verify, evaluate and `train --resume` said nothing."""
+    root = _folder(tmp_path / "data", {"red": 6, "blue": 6})
+    then = load_image_folder(root, SIZE).summary()
+    assert changed_since(then, load_image_folder(root, SIZE).summary()) is None
+    first = sorted((root / "red").iterdir())[0]
+    first.rename(first.with_name("zz_renamed.png"))
+    now = load_image_folder(root, SIZE).summary()
+    assert now["val_per_class"] == then["val_per_class"] and now["train_per_class"] == then["train_per_class"]
+    said = changed_since(then, now)
+    assert said and said.startswith("2 classes, 10 + 2 images then and now, but other files in ") and "renamed" in said
+    older = {k: v for k, v in then.items() if not k.endswith("_files_sha256")}  # a run recorded before: no verdict
+    assert changed_since(older, now) is None
