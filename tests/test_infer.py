@@ -149,6 +149,23 @@ def test_infer_labels_come_from_the_classification_extension(server, eager, val_
         np.testing.assert_allclose([t["score"] for t in r["top"]], ref[best], atol=1e-4)
 
 
+def test_many_images_are_read_sent_and_answered_a_chunk_at_a_time(server, val_files, tmp_path, monkeypatch):
+    """A folder of photos was read whole before the first request (2.2 GB for 300 of them) and said nothing until
+    the end: now a chunk at a time, each chunk's answers given as they come, the same as in one go."""
+    import cnnpack.infer as infer_mod
+    from cnnpack.infer import InferConfig, infer
+
+    files = [*val_files[:3], tmp_path / "bad.png", *val_files[3:5]]
+    files[3].write_text("not an image")
+    cfg = InferConfig(model="cnn_onnx", url=server.http_address, top_k=2)
+    whole = infer(files, cfg)
+    chunks: list[tuple[int, int]] = []
+    monkeypatch.setattr(infer_mod, "CHUNK_FILES", 2)
+    parts = infer(files, cfg, on_results=lambda rows, bad: chunks.append((len(rows), len(bad))))
+    assert parts == whole and len(whole["results"]) == 5 and len(whole["skipped"]) == 1
+    assert chunks == [(2, 0), (1, 1), (2, 0)]
+
+
 @pytest.mark.parametrize("images", [3, 4, 5])  # a padded batch, a full one, a full one and a padded one
 def test_a_static_batch_model_gives_each_image_its_own_top_k(server, eager, val_files, served_run, images):
     """Triton ranks a model without batching as one (4, classes) array: infer printed a flat index of a padding row

@@ -37,13 +37,16 @@ def infer(
     from cnnpack.infer import infer as do_infer
 
     cfg = InferConfig(model=model, url=url, protocol=protocol, top_k=top_k, ensemble=ensemble, timeout_s=timeout)
-    result = do_infer(images, cfg)
-    for s in result["skipped"]:
-        typer.echo(f"skipped {s['file']}: {s['reason']}", err=True)
+    def shown(results: list[dict], skipped: list[dict]) -> None:  # each chunk as it is answered
+        for s in skipped:
+            typer.echo(f"skipped {s['file']}: {s['reason']}", err=True)
+        if as_json or not results:
+            return
+        width = max(len(r["file"]) for r in results)
+        for r in results:
+            labels = "  ".join(f"{t['label']} {t['score']:.4f}" for t in r["top"])
+            typer.echo(f"{r['file']:<{width}}  {labels}")
+
+    result = do_infer(images, cfg, on_results=shown)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
-        return
-    width = max(len(r["file"]) for r in result["results"])
-    for r in result["results"]:
-        labels = "  ".join(f"{t['label']} {t['score']:.4f}" for t in r["top"])
-        typer.echo(f"{r['file']:<{width}}  {labels}")
