@@ -119,9 +119,10 @@ def _why(e: BaseException) -> str:
     return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text)  # the file is named by the caller
 
 
-def expand_folders(paths: list[str | Path]) -> list[Path]:
+def expand_folders(paths: list[str | Path], left_out: list[Path] | None = None) -> list[Path]:
     """The paths, each folder replaced by the image files under it (by suffix, sorted, hidden ones left out); a file
-    named on its own is kept whatever its suffix, to be read or skipped with its reason."""
+    named on its own is kept whatever its suffix, to be read or skipped with its reason. A folder's files of other
+    suffixes go to `left_out` (training tries every file, and reads an image without a suffix: said, not silent)."""
     from PIL import Image
 
     from cnnpack.folders import walk_files
@@ -132,7 +133,10 @@ def expand_folders(paths: list[str | Path]) -> list[Path]:
         if not p.is_dir():
             files.append(p)
             continue
-        found = [f for f in walk_files(p) if f.suffix.lower() in suffixes]  # linked folders followed
+        every = walk_files(p)  # linked folders followed
+        found = [f for f in every if f.suffix.lower() in suffixes]
+        if left_out is not None:
+            left_out += [f for f in every if f.suffix.lower() not in suffixes]
         if not found:
             raise UserInputError(f"{p} is a folder with no image files (.bmp, .jpeg, .jpg, .png, .webp, ...) in it")
         files += found
@@ -162,7 +166,8 @@ def infer(paths: list[str | Path], cfg: InferConfig, *,
     from cnnpack.client import Client
 
     cfg.validate()
-    files = expand_folders(paths)  # before the server: a wrong path is said as such, whether or not one serves
+    left_out: list[Path] = []
+    files = expand_folders(paths, left_out)  # before the server: a wrong path is said as such, whether or not one serves
     missing = [f for f in files if not f.exists()]
     if missing and len(missing) == len(files):
         more = f" (and {count(len(missing) - 1, 'other')})" if len(missing) > 1 else ""
@@ -198,7 +203,8 @@ def infer(paths: list[str | Path], cfg: InferConfig, *,
             raise UserInputError(f"none of the {len(files)} images could be read ("
                                  + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
                                  + ("; ..." if len(skipped) > 3 else "") + "); nothing was sent")
-    return {"model": target, "url": client.url, "top_k": k, "score": "logit", "results": results, "skipped": skipped}
+    return {"model": target, "url": client.url, "top_k": k, "score": "logit", "results": results, "skipped": skipped,
+            "left_out": [str(f) for f in left_out]}
 
 
 def _check_model(model, cfg: InferConfig) -> None:

@@ -230,7 +230,9 @@ def test_a_folder_stands_for_the_image_files_under_it(val_files, tmp_path):
     (photos / "scan.pdf").write_bytes(b"%PDF-1.4")  # Pillow writes PDF but cannot read it
     named = tmp_path / "notes.txt"  # a file named on its own is tried whatever its suffix
     named.write_text("hello")
-    assert expand_folders([photos, named]) == [photos / "b.png", photos / "sub" / "a.JPG", named]
+    left: list[Path] = []
+    assert expand_folders([photos, named], left) == [photos / "b.png", photos / "sub" / "a.JPG", named]
+    assert left == [photos / "README.txt", photos / "scan.pdf"]  # said by infer (training would try them)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserInputError, match="empty is a folder with no image files"):
         expand_folders([tmp_path / "empty"])

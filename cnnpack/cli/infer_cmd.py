@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from cnnpack.cli.common import app, handles_errors
+from cnnpack.errors import count
 
 
 @app.command()
@@ -48,5 +49,8 @@ def infer(
             typer.echo(f"{r['file']:<{width}}  {labels}")
 
     result = do_infer(images, cfg, on_results=shown)
+    if left := result["left_out"]:
+        typer.echo(f"left out {count(len(left), 'file')} of the folders without an image suffix (e.g. {left[0]}); "
+                   "name a file to send it whatever its suffix", err=True)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
