@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,8 +96,10 @@ def _try_read(path: Path, size: int) -> tuple[np.ndarray | None, str]:
         return None, f"{path}: not a regular file (a pipe, a device or a socket)"
     try:
         return read_image(path, size), ""
-    except DECODE_ERRORS as e:
-        return None, f"{path}: {type(e).__name__}"
+    except DECODE_ERRORS as e:  # the reason in words ("image file is truncated"), not only its type's name
+        text = e.strerror if isinstance(e, OSError) and e.strerror else re.sub(
+            r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>|'[^']*' ?", "", str(e).split("\n")[0]).strip()
+        return None, f"{path}: {type(e).__name__}" + (f" ({text})" if text else "")
 
 
 class _Decoded:

@@ -225,7 +225,9 @@ def test_a_class_with_only_unreadable_files_is_an_error(tmp_path):
     (root / "blue").mkdir()
     (root / "blue" / "a.png").write_bytes(b"garbage")
     (root / "blue" / "b.jpg").write_text("also garbage")
-    with pytest.raises(UserInputError, match=r"blue has no readable images \(2 unreadable files"):
+    # the reason in words, not only its type's name ("UnidentifiedImageError")
+    with pytest.raises(UserInputError, match=r"blue has no readable images \(2 unreadable files, e\.g\. .*a\.png: "
+                                             r"UnidentifiedImageError \(cannot identify image file\)\)"):
         load_image_folder(root, SIZE)
 
 
