@@ -420,3 +420,21 @@ def test_a_file_swapped_or_renamed_at_the_same_counts_is_a_change_of_the_data(tm
     assert said and said.startswith("2 classes, 10 + 2 images then and now, but other files in ") and "renamed" in said
     older = {k: v for k, v in then.items() if not k.endswith("_files_sha256")}  # a run recorded before: no verdict
     assert changed_since(older, now) is None
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
+    """A phone's photo for a small model was decoded whole (four 8000x8000 photos read at once: 2.5 GB)."""
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1200, 1600, 3), dtype=np.uint8)).save(path)
+    from PIL import ImageFile
+
+    sizes = []
+    real = ImageFile.ImageFile.load
+
+    def load(img):
+        sizes.append(img.size)  # the size it decodes at
+        return real(img)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    assert read_image(path, 64).shape == (3, 64, 64)
+    assert sizes and max(sizes[0]) == 200  # 1/8 of 1600: still twice 64 on the short side (150)

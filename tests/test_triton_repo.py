@@ -496,14 +496,17 @@ def test_preprocess_matches_training_pipeline(run, tmp_path, monkeypatch):
     keyed = np.random.default_rng(2).integers(0, 4, (24, 24, 3), dtype=np.uint8) * 60
     Image.fromarray(keyed).save(tmp_path / "g.png", transparency=(0, 0, 0))  # a tRNS colour key: over white too
     Image.fromarray(keyed[:, :, 0].astype(np.uint16) * 257).save(tmp_path / "h.png", transparency=0)  # 16-bit key
-    names = ("a.png", "b.png", "c.png", "d.png", "e.jpg", "f.tif", "g.png", "h.png")
+    photo = np.random.default_rng(3).integers(0, 255, (300, 420, 3), dtype=np.uint8)  # decoded at 1/4 (105x75)
+    Image.fromarray(photo).save(tmp_path / "i.jpg", quality=90, exif=exif)
+    Image.fromarray(photo).convert("CMYK").save(tmp_path / "j.jpg")
+    names = ("a.png", "b.png", "c.png", "d.png", "e.jpg", "f.tif", "g.png", "h.png", "i.jpg", "j.jpg")
     blobs = [[(tmp_path / n).read_bytes()] for n in names]
     good = _Req(image=np.array(blobs, dtype=object))
     bad = _Req(image=np.array([[b"not an image"]], dtype=object))
     broken = _Req(image=np.array([[broken_chunk_png()]], dtype=object))  # SyntaxError from Pillow
     ok, err, err2 = model.execute([good, bad, broken])  # requests in one call, as the dynamic batcher sends them
     (name, pixels), = ok.out
-    assert name == "pixels" and pixels.dtype == np.float32 and pixels.shape == (8, 3, 32, 32)
+    assert name == "pixels" and pixels.dtype == np.float32 and pixels.shape == (10, 3, 32, 32)
     for i, n in enumerate(names):
         np.testing.assert_array_equal(pixels[i], read_image(tmp_path / n, 32).astype(np.float32))
     assert err.out == [] and "cannot decode image" in err.error and "BytesIO" not in err.error
