@@ -54,19 +54,29 @@ class Data:
             "val_per_class": torch.bincount(self.val.labels, minlength=len(self.classes)).tolist(),
             "skipped_files": len(self.skipped),
             "skipped_examples": self.skipped[:5],
-            # which files each split holds (names, relative to the source): the same counts after a rename, a move
-            # from one class folder to another or a swap move the seeded split all the same
-            "train_files_sha256": _names_digest(self.train.files, self.source),
-            "val_files_sha256": _names_digest(self.val.files, self.source),
+            # which files each split holds: the same counts after a rename, a move from one class folder to another
+            # or a swap move the seeded split all the same
+            **_names_digests(self.train.files, self.val.files),
         }
 
 
-def _names_digest(files: list[str], source: str) -> str:
+def _names_digest(names: list[str]) -> str:
     import hashlib
+
+    return hashlib.sha256("\n".join(sorted(names)).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _names_digests(train: list[str], val: list[str]) -> dict[str, str]:
+    """The digests of each split's file names, relative to the folder that holds them all: not to `source`, which
+    is "shapes" for the built-in data (read from a cache under $HOME) and relative to the folder a command ran in."""
     import os
 
-    names = sorted(os.path.relpath(f, source) for f in files)
-    return hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
+    every = [os.path.abspath(f) for f in (*train, *val)]
+    root = os.path.commonpath(every) if every else ""
+    if len(every) == 1:  # (the common path of one file is the file)
+        root = os.path.dirname(root)
+    return {f"{k}_files_sha256": _names_digest([os.path.relpath(os.path.abspath(f), root) for f in files])
+            for k, files in (("train", train), ("val", val))}
 
 
 def changed_since(then: dict, now: dict, keys: tuple[str, ...] = ("classes", "train_per_class", "val_per_class")
@@ -171,13 +181,16 @@ def split_dirs(root: Path) -> tuple[Path | None, Path | None]:
 
 
 def _holds_classes(folder: Path) -> bool:
-    """A folder of folders and no file of its own: a split's (train/<class>/...), not a class named `train` (a
-    vehicle data set's), whose images lie in it."""
+    """A folder of folders and no image file of its own: a split's (train/<class>/..., maybe with a README or a
+    labels.csv beside them), not a class named `train` (a vehicle data set's), whose images lie in it."""
+    from PIL import Image
+
     try:
         entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
     except OSError:
         return False
-    return bool(entries) and all(p.is_dir() for p in entries)
+    images = set(Image.registered_extensions())
+    return any(p.is_dir() for p in entries) and not any(p.is_file() and p.suffix.lower() in images for p in entries)
 
 
 def _read_folder(root: Path, classes: list[str], size: int, skipped: list[str],

@@ -230,10 +230,28 @@ def _same_pt2(run: Run, cfg: ExportConfig, source: str, dest: Path) -> dict | No
             and extra.get("inductor_configs") == pt2.INDUCTOR_CONFIGS and "checked_batch" in extra
             and dest.is_file() and sha256(dest) == rec.get("sha256")):
         return None
-    with contextlib.suppress(CnnpackError):
-        if pt2.package_metadata(dest).get("cnnpack_version") == __version__:
-            return rec
-    return None
+    try:
+        meta = pt2.package_metadata(dest)
+    except CnnpackError:
+        return None
+    if meta.get("cnnpack_version") != __version__ or not _same_device(meta, rec.get("device", "cpu")):
+        return None
+    return rec
+
+
+def _same_device(meta: dict, device: str) -> bool:
+    """The package was compiled for this machine's kind of device: its CPU's vector ISA, its GPU's compute capability
+    (a run moved from an AVX-512 host to an AVX2 one is compiled again, not kept)."""
+    from cnnpack.host import prepare_inductor
+
+    prepare_inductor()  # the ISA from the CPU flags, without inductor's probe builds
+    try:
+        from torch._inductor.codecache import get_device_information
+
+        host = get_device_information(device)
+    except Exception:  # noqa: BLE001 - another torch's internals, or no such device: compiled again
+        return False
+    return all(meta.get(k) == v for k, v in host.items() if k in meta)
 
 
 def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str, source: str) -> dict:

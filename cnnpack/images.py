@@ -81,7 +81,7 @@ def draft(img: Image.Image, width: int, height: int) -> None:
     (libjpeg's DCT scaling): a phone's 4000x3000 photo for a 64 px model was decoded whole, 36 MB of pixels and
     most of the read's time, and four 8000x8000 photos read at once took 2.5 GB. The Triton ensemble's
     preprocessing does the same (backends/preprocess/model.py), so served and local pixels stay equal."""
-    if img.format == "JPEG":
+    if img.format in ("JPEG", "MPO"):  # MPO: a JPEG with a multi-picture block (many phones' photos)
         img.draft(img.mode, (2 * width, 2 * height))
 
 

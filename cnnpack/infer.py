@@ -83,7 +83,7 @@ def read_encoded(paths: list[Path]) -> tuple[list[Path], np.ndarray, list[dict]]
 
     from PIL import Image
 
-    from cnnpack.images import DECODE_ERRORS, quiet
+    from cnnpack.images import DECODE_ERRORS, draft, quiet
 
     ok, blobs, skipped = [], [], []
     with quiet():
@@ -94,6 +94,7 @@ def read_encoded(paths: list[Path]) -> tuple[list[Path], np.ndarray, list[dict]]
             try:
                 data = Path(p).read_bytes()
                 with Image.open(io.BytesIO(data)) as img:  # (PIL names the BytesIO in its error: the file is named)
+                    draft(img, 64, 64)  # only checked here (the server decodes it): a JPEG at a reduced scale
                     img.load()
                 ok.append(p)
                 blobs.append(data)

@@ -186,8 +186,9 @@ def _size_oblivious():
 
 def checked_batch(path: Path) -> tuple[int, int | None] | None:
     """The batch sizes the package's own input checks (AOTI_RUNTIME_CHECK_INPUTS=1) accept, from its wrapper's
-    source: (lowest, highest or None); None where the package holds no readable wrapper (a static batch checks
-    its one size)."""
+    source: (lowest, highest or None), lowest 0 where none is checked (cnnpack turns inductor's off: a batch of 0
+    passes them, and cnnpack's runtime refuses it); None where the package holds no readable wrapper (a static
+    batch checks its one size)."""
     try:
         with zipfile.ZipFile(path) as z:
             name = next((n for n in z.namelist() if n.endswith(".wrapper.cpp")), None)
@@ -200,7 +201,7 @@ def checked_batch(path: Path) -> tuple[int, int | None] | None:
     var = first.group(1)
     low = re.search(rf"if \({var}_size\[0\] < (\d+)\)", text)
     high = re.search(rf"if \({var}_size\[0\] > (\d+)\)", text)
-    return int(low.group(1)) if low else 1, int(high.group(1)) if high else None
+    return int(low.group(1)) if low else 0, int(high.group(1)) if high else None  # 0: no lower bound checked
 
 
 def check_package(path: Path, example, device: str, num_classes: int) -> None:

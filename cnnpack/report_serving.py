@@ -280,7 +280,9 @@ def deploy_section(m: dict, run: Run) -> list[Block]:
         d["model_store"], f"object storage ({d['model_store']})")
     text = (f"`{d['out']}`: `{d['name']}` serves {', '.join(f'`{x}`' for x in d['models'])} from {store}, image "
             f"`{d['image']}`, overlays {', '.join(d['overlays'])}. Each pod requests {f['cpu']} CPU and "
-            f"{f['memory_mib']} MiB; its startup probe allows {f['startup_s']} s; the HPA adds replicas above "
+            f"{f['memory_mib']} MiB" + (f" ({f['memory_gpu_mib']} MiB in the gpu overlay)" if "gpu" in d["overlays"]
+                                       and f.get("memory_gpu_mib", f["memory_mib"]) != f["memory_mib"] else "")
+            + f"; its startup probe allows {f['startup_s']} s; the HPA adds replicas above "
             f"{f['queue_target_us'] / 1000:g} ms of queue time per request. Its README.md has the commands that build "
             "and apply it.")
     repo = Path(d["repository"])

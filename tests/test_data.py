@@ -72,6 +72,7 @@ def test_classes_named_like_splits_stay_classes(tmp_path):
     assert class_names(str(tmp_path)) == ["invalid", "train", "valid"]
     shutil.rmtree(tmp_path / "train")
     _folder(tmp_path / "train", {"red": 2, "blue": 2})  # class folders in it: a split whose val/ is missing
+    (tmp_path / "train" / "labels.csv").write_text("a file beside the class folders: still a split")
     with pytest.raises(UserInputError, match="has train/ but no val/"):
         load_image_folder(tmp_path, SIZE)
     assert class_names(str(tmp_path)) is None
@@ -372,6 +373,11 @@ def test_shapes_are_deterministic_and_diverse(tmp_path, monkeypatch):
 
     d = load_image_folder(a, 24)
     assert len(d.classes) >= 6 and d.classes == sorted(shapes.CLASSES)
+    # the same files in another cache (another $HOME), named "shapes" as load_data names them: the same data
+    d.source, other = "shapes", load_image_folder(b, 24)
+    other.source = "shapes"
+    digests = [{k: v for k, v in x.summary().items() if k.endswith("_files_sha256")} for x in (d, other)]
+    assert digests[0] == digests[1] and len(digests[0]) == 2
     assert (len(d.train), len(d.val)) == (4 * len(d.classes), 2 * len(d.classes))
     imgs = d.train.images.float()
     assert imgs.std(dim=(1, 2, 3)).min() > 10  # not flat
@@ -406,12 +412,14 @@ def test_the_training_split_is_counted_before_any_image_is_read(tmp_path):
     assert training_images_at_most("torchvision:MNIST") is None
 
 
-def test_a_file_swapped_or_renamed_at_the_same_counts_is_a_change_of_the_data(tmp_path):
+def test_a_file_swapped_or_renamed_at_the_same_counts_is_a_change_of_the_data(tmp_path, monkeypatch):
     """The counts stayed the same, the seeded split moved (a validation image may now be one the model trained on):
     verify, evaluate and `train --resume` said nothing."""
     root = _folder(tmp_path / "data", {"red": 6, "blue": 6})
     then = load_image_folder(root, SIZE).summary()
     assert changed_since(then, load_image_folder(root, SIZE).summary()) is None
+    monkeypatch.chdir(tmp_path)  # the same files named from elsewhere (the built-in data's are under $HOME): no change
+    assert changed_since(then, load_image_folder(Path("data"), SIZE).summary()) is None
     first = sorted((root / "red").iterdir())[0]
     first.rename(first.with_name("zz_renamed.png"))
     now = load_image_folder(root, SIZE).summary()
@@ -438,3 +446,9 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
     assert read_image(path, 64).shape == (3, 64, 64)
     assert sizes and max(sizes[0]) == 200  # 1/8 of 1600: still twice 64 on the short side (150)
+    mpo = tmp_path / "phone.mpo"  # a JPEG with a multi-picture block, as many phones write: Pillow's "MPO"
+    with Image.open(path) as first:
+        first.save(mpo, "MPO", save_all=True, append_images=[first.copy()])
+    assert Image.open(mpo).format == "MPO"
+    sizes.clear()
+    assert read_image(mpo, 64).shape == (3, 64, 64) and max(sizes[0]) == 200

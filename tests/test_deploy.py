@@ -456,9 +456,9 @@ def test_the_volume_is_filled_once_by_a_job_from_the_repository_image(base, depl
     assert {"claimName": claim, "readOnly": True} in [v.get("persistentVolumeClaim") for v in volumes]
 
 
-def test_the_fill_job_keeps_the_current_content_and_two_earlier_ones_and_nothing_else_it_made(tmp_path):
+def test_the_fill_job_keeps_the_current_content_and_the_newest_earlier_one_and_nothing_else_it_made(tmp_path):
     """The fill Job's own shell, run here on folders standing in for the image's /models and the volume: the volume
-    did not fill up over model updates only if the script removes old contents, and only those."""
+    filled up over model updates; old contents are removed, only those, and before the copy (the claim holds 3)."""
     import os
     import subprocess
 
@@ -475,7 +475,11 @@ def test_the_fill_job_keeps_the_current_content_and_two_earlier_ones_and_nothing
     for _ in range(2):  # once more: the content is there, nothing changes
         subprocess.run(["sh", "-ec", script], check=True)
         assert (target / "abcdef012345" / "cnn_onnx" / "1" / "model.onnx").read_bytes() == b"onnx"
-        assert sorted(p.name for p in target.iterdir()) == sorted(["abcdef012345", *olds[2:], "notes", "0123"])
+        assert sorted(p.name for p in target.iterdir()) == sorted(["abcdef012345", olds[-1], "notes", "0123"])
+    # removed before the copy: a copy that fails for want of room leaves the pruned volume for the retry
+    script = fill_script("0123456789ab").replace("/target", str(target)).replace(MOUNT, str(tmp_path / "gone"))
+    assert subprocess.run(["sh", "-ec", script], capture_output=True).returncode != 0
+    assert sorted(p.name for p in target.iterdir()) == sorted(["abcdef012345", "notes", "0123"])
 
 
 def test_the_volume_is_mounted_by_every_replica_on_any_node_and_the_readme_says_what_storage_that_needs(base,
@@ -1407,3 +1411,8 @@ def test_configs_written_into_the_repository_before_a_failed_one_are_taken_back(
     assert (tmp_path / "a" / "configs" / "gpu.pbtxt").read_bytes() == b"the user's"  # put back
     assert not (tmp_path / "b" / "configs").exists()  # removed, with the folder it made
     assert (tmp_path / "c").read_text() == "a file where a model folder would be"
+    undo = _write_gpu_configs(SimpleNamespace(repository=tmp_path), {k: v for k, v in configs.items() if k[0] != "c"})
+    assert (tmp_path / "b" / "configs" / "gpu.pbtxt").read_bytes() == b"new b"
+    undo()  # what deploy calls when a step after the writes fails (removing stale configs, swapping --out in)
+    assert (tmp_path / "a" / "configs" / "gpu.pbtxt").read_bytes() == b"the user's"
+    assert not (tmp_path / "b" / "configs").exists()

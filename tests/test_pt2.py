@@ -298,8 +298,8 @@ def test_the_packages_own_input_checks_accept_the_exported_batch_range(pt2_run):
     from cnnpack import pt2
 
     path = pt2_run / "export" / "model.pt2"
-    assert Run.open(pt2_run).read()["stages"]["export"]["artifacts"]["pt2"]["extra"]["checked_batch"] == [1, MAX_BATCH]
-    assert pt2.checked_batch(path) == (1, MAX_BATCH)
+    assert Run.open(pt2_run).read()["stages"]["export"]["artifacts"]["pt2"]["extra"]["checked_batch"] == [0, MAX_BATCH]
+    assert pt2.checked_batch(path) == (0, MAX_BATCH)  # no lower bound checked (inductor's was 2)
     code = ("import sys, torch\nm = torch._inductor.aoti_load_package(sys.argv[1])\n"
             "for n in (1, int(sys.argv[2]), int(sys.argv[2]) + 1):\n"
             "    try:\n        m(torch.rand(n, 3, 32, 32) * 255); print(n, 'ran')\n"
@@ -312,7 +312,7 @@ def test_the_packages_own_input_checks_accept_the_exported_batch_range(pt2_run):
 
 
 @pytest.mark.slow
-def test_an_unchanged_package_is_kept_not_compiled_again_into_new_bytes(run_copy, tmp_path):
+def test_an_unchanged_package_is_kept_not_compiled_again_into_new_bytes(run_copy, tmp_path, monkeypatch):
     """A compile gives new bytes every time (kernel names, a serialization id): export compiled the same model
     again, and `cnnpack triton` laid it out as version 2."""
     from cnnpack.export import _same_pt2
@@ -330,6 +330,13 @@ def test_an_unchanged_package_is_kept_not_compiled_again_into_new_bytes(run_copy
     assert _same_pt2(Run.open(run_copy), cfg, source, dest) == rec
     assert _same_pt2(Run.open(run_copy), ExportConfig(formats=("pt2",), max_batch_size=MAX_BATCH + 1), source, dest) is None
     assert _same_pt2(Run.open(run_copy), cfg, "0" * 64, dest) is None  # another checkpoint
+    import torch._inductor.codecache as codecache
+
+    real = codecache.get_device_information
+    monkeypatch.setattr(codecache, "get_device_information", lambda d: {**real(d), "AOTI_CPU_ISA": "AVX2"})
+    assert _same_pt2(Run.open(run_copy), cfg, source, dest) is None  # compiled for another CPU's instruction set
+    monkeypatch.undo()
+    assert _same_pt2(Run.open(run_copy), cfg, source, dest) == rec
     dest.write_bytes(dest.read_bytes()[:-1])
     assert _same_pt2(Run.open(run_copy), cfg, source, dest) is None  # a damaged file is compiled again
 

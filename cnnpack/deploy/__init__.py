@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 from cnnpack.errors import RunReplaced, UserInputError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from cnnpack.deploy.plan import Plan
     from cnnpack.rundir import Run
 
@@ -197,12 +199,16 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
         _opened(plan).check_not_replaced()  # a deployment of the model a `train --force` since replaced: none
         if gpu_configs or stale:  # what it writes into the repository must be recorded (a later deploy removes it)
             _opened(plan).check_writable()
-        _write_gpu_configs(plan, gpu_configs)  # checks are over: from here on, the repository and --out change
-        _remove_stale(plan, stale)
+        undo = _write_gpu_configs(plan, gpu_configs)  # checks are over: from here on, the repository and --out change
+        try:
+            _remove_stale(plan, stale)
+            output.swap_in(stage, out)
+        except BaseException:  # the configs just written are taken back: unrecorded, the next deploy called them
+            undo()             # the user's own
+            raise
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    output.swap_in(stage, out)
     record["recorded"] = _record_in_run(_opened(plan), record, _repository_files(plan, gpu_configs, stale))
     return record
 
@@ -312,10 +318,22 @@ def _gpu_configs(plan, gpu: bool) -> dict[str, bytes]:
                   if gpu else {})
 
 
-def _write_gpu_configs(plan, configs: dict[str, bytes]) -> list[str]:
+def _write_gpu_configs(plan, configs: dict[str, bytes]) -> Callable[[], None]:
+    """Writes the configs into the repository, all or none; returns what takes them back."""
     from cnnpack.atomic import atomic_write_bytes
 
     done: list[tuple[Path, bytes | None, bool]] = []  # (path, its bytes before or None, its folder made here)
+
+    def undo() -> None:
+        for path, before, made in reversed(done):
+            with contextlib.suppress(OSError):
+                if before is None:
+                    path.unlink()
+                    if made:
+                        path.parent.rmdir()
+                else:
+                    atomic_write_bytes(path, before)
+
     try:
         for rel, data in configs.items():
             path = plan.repository / rel
@@ -325,16 +343,9 @@ def _write_gpu_configs(plan, configs: dict[str, bytes]) -> list[str]:
                 atomic_write_bytes(path, data)
                 done.append((path, before, made))
     except BaseException:  # all or nothing: the configs written before the failure are taken back
-        for path, before, made in reversed(done):
-            with contextlib.suppress(OSError):
-                if before is None:
-                    path.unlink()
-                    if made:
-                        path.parent.rmdir()
-                else:
-                    atomic_write_bytes(path, before)
+        undo()
         raise
-    return list(configs)
+    return undo
 
 
 def _spec(cfg: DeployConfig, plan, store, name: str, ngc: str, gpu_configs: dict[str, bytes], stale: set[str]):

@@ -202,7 +202,8 @@ def pvc(plan: Plan, spec: Spec) -> dict:
 
 
 def fill_job(spec: Spec) -> dict:
-    """One-shot: copies the repository image's /models into <volume>/<content tag>, once."""
+    """One-shot: copies the repository image's /models into <volume>/<content tag>, once, after removing all but the
+    newest earlier content (`stores.fill_script`)."""
     job_labels = {"app.kubernetes.io/name": spec.name, "app.kubernetes.io/component": "fill-models",
                   "app.kubernetes.io/part-of": "cnnpack"}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": job_name(spec), "labels": job_labels},

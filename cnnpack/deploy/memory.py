@@ -1,10 +1,12 @@
 """The pod's memory: the local server's measured peak with headroom, or an estimate per model instance.
 
 The estimate's figures are the local Triton's own (benchmarks/results/served-memory-*.md): one model at a time, at 1
-and at 3 instances, after requests at batch 1 and at its max batch size. What a model costs grows with its instances,
-not once per backend: the 64 px CNN's ONNX Runtime model took 168 MiB at 1 instance and 387 at 3, its TorchScript
-model 642 and 1,796 (LibTorch holds about 580 MiB per instance), and the seven models of the default pipeline's
-repository 1,201 and 3,416, within 5 % of the server's base plus each model's per-instance figure. Before that
+and at 3 instances, after requests at batch 1 and at its max batch size. The local server runs cnnpack's Python-based
+backends (each instance a stub process that imports its runtime: a TorchScript instance imports torch), which hold
+more than the NGC image's native, in-process ones: an upper bound, as the measured peak is. What a model costs grows
+with its instances, not once per backend: the 64 px CNN's ONNX Runtime model took 168 MiB at 1 instance and 387 at
+3, its TorchScript model 642 and 1,796, and the seven models of the default pipeline's repository 1,201 and 3,416,
+within 5 % of the server's base plus each model's per-instance figure. Before that
 measurement the estimate was 512 MiB plus 4x the model files: 576 MiB for that repository at 3 instances, a sixth of
 its peak, a pod the kernel would have killed.
 """
@@ -17,7 +19,8 @@ MiB = 1 << 20
 HEADROOM = 1.5  # over the measured peak, and over the estimate
 FLOOR_MIB = 512
 SERVER_MIB = 64  # the server and its ensemble scheduler, no model's instance
-# per instance of a model, by the backend that runs it (measured with the 64 px CNN at batch 64: its arena included);
+# per instance of a model, by the backend that runs it (cnnpack's local one, measured with the 64 px CNN at batch 64:
+# its arena included; the native backend of the same name holds less);
 # each also holds its model file (x FILE_FACTOR: the file, its runtime's copy and its prepacked form) and activations
 # for its max batch (x INPUT_FACTOR of the input: the largest activation of a CNN is a few times its input)
 INSTANCE_MIB = {"onnxruntime": 112, "openvino": 136, "pytorch": 584, "python": 64, "ensemble": 0}

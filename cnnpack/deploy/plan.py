@@ -367,7 +367,7 @@ def gpu_memory(plan: Plan, configs: dict) -> Figure:
     """The gpu overlay's memory: the pod's, plus host memory for CUDA in each backend that runs a model on the GPU."""
     from cnnpack.deploy import memory as mem
 
-    extra, backends = mem.gpu_allowance(configs, plan.gpu_models)
+    extra, backends = mem.gpu_allowance(configs, [m for m in plan.gpu_models if m in plan.models])  # shipped ones
     if not extra:
         return plan.memory_mib
     return Figure(mem.rounded(plan.memory_mib.value + extra),

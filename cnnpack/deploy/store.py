@@ -155,17 +155,18 @@ def credentials(store: Store, secret: str | None) -> tuple[list[dict], list[dict
     return env, [], []
 
 
-EARLIER_KEPT = 2  # contents the volume keeps besides the current one (the claim's size, `kube.pvc`)
+EARLIER_KEPT = 1  # contents the volume keeps besides the one copied in: what a rollout's old pods still read
 
 
 def fill_script(tag: str) -> str:
-    """The fill Job's shell: copy /models into <volume>/<tag> once, publishing the folder by a rename; then remove
-    all but the EARLIER_KEPT newest other contents (folders named as content tags are: nothing else on the volume),
-    so the volume does not fill up over model updates while a rollout's old pods still have theirs."""
-    return (f"if ! test -d /target/{tag}; then rm -rf /target/{tag}.partial; "
-            f"cp -R {MOUNT} /target/{tag}.partial; mv /target/{tag}.partial /target/{tag}; fi; "
-            f"touch /target/{tag}; cd /target; ls -1dt -- * 2>/dev/null | grep -E '^[0-9a-f]{{{len(tag)}}}$' | "
-            f"grep -vx {tag} | tail -n +{EARLIER_KEPT + 1} | while read -r old; do rm -rf -- \"$old\"; done")
+    """The fill Job's shell: first remove all but the EARLIER_KEPT newest other contents (folders named as content
+    tags are: nothing else on the volume), then copy /models into <volume>/<tag> once, publishing the folder by a
+    rename. Pruned first, the volume holds at most two contents and a copy under way, within the claim's three
+    (`kube.pvc`): pruned after the copy, a fourth filled a full volume, and every retry failed the same way."""
+    return (f"cd /target; ls -1dt -- * 2>/dev/null | grep -E '^[0-9a-f]{{{len(tag)}}}$' | grep -vx {tag} | "
+            f"tail -n +{EARLIER_KEPT + 1} | while read -r old; do rm -rf -- \"$old\"; done; "
+            f"if ! test -d /target/{tag}; then rm -rf /target/{tag}.partial; "
+            f"cp -R {MOUNT} /target/{tag}.partial; mv /target/{tag}.partial /target/{tag}; fi; touch /target/{tag}")
 
 
 def kserve_uri(store: Store, *, image: str, pvc: str, tag: str) -> str:

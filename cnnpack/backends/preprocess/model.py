@@ -93,7 +93,7 @@ class TritonPythonModel:
     def decode(self, data):
         """One encoded image -> (C, H, W) float32 in 0-255 (or normalised)."""
         with Image.open(io.BytesIO(data)) as img:
-            if img.format == "JPEG":  # decoded at a reduced scale down to twice the output size, as cnnpack.images
+            if img.format in ("JPEG", "MPO"):  # decoded at a reduced scale down to twice the output size, as cnnpack.images
                 img.draft(img.mode, (2 * self.width, 2 * self.height))
             img.load()
             img = resize_center_crop(to_rgb(upright(img)), self.height, self.width)
