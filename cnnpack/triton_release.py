@@ -23,11 +23,9 @@ from pathlib import Path
 
 LOCAL_RELEASE = "24.10"  # Triton 2.51: the server the nvidia-pytriton wheel ships
 # the first NGC release that serves a platform (or backend) with dynamic batching, where newer than LOCAL_RELEASE
-FIRST_RELEASE = {"torch_aoti": "26.06", "torch_aoti unbatched": "26.03"}
+FIRST_RELEASE = {"torch_aoti": "26.06"}
 WHY = {"torch_aoti": "pt2 (torch.export + AOTInductor) packages load in Triton's PyTorch backend since 26.03, "
-                     "batched since 26.06",
-       "torch_aoti unbatched": "pt2 (torch.export + AOTInductor) packages load in Triton's PyTorch backend since "
-                               "26.03 (this one without batching: a static batch)"}
+                     "batched since 26.06"}
 
 
 def read_configs(repository: str | Path) -> dict[str, object]:
@@ -72,8 +70,6 @@ def release_for(repository: str | Path | None) -> tuple[str, dict[str, str]]:
     needs = {}
     for name, mc in (read_configs(repository) if repository is not None else {}).items():
         key = mc.platform if mc.platform in FIRST_RELEASE else mc.backend
-        if key == "torch_aoti" and not mc.max_batch_size:
-            key = "torch_aoti unbatched"
         if key in FIRST_RELEASE:
             needs[name] = key
     release = max([LOCAL_RELEASE, *(FIRST_RELEASE[k] for k in needs.values())], key=_key)

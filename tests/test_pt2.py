@@ -167,12 +167,12 @@ def test_the_torch_aoti_config_matches_its_golden_file():
     assert mc.parameters["INTRA_OP_THREAD_COUNT"].string_value == "2"
 
 
-def _configs(tmp_path: Path, platforms: dict[str, tuple[str, str]], max_batch_size: int = 4) -> Path:
+def _configs(tmp_path: Path, platforms: dict[str, tuple[str, str]]) -> Path:
     """A repository of bare configs: name -> (platform, backend)."""
     pb = model_config_pb2
     for name, (platform, backend) in platforms.items():
         (tmp_path / "repo" / name / "1").mkdir(parents=True)
-        mc = pb.ModelConfig(name=name, platform=platform, backend=backend, max_batch_size=max_batch_size)
+        mc = pb.ModelConfig(name=name, platform=platform, backend=backend, max_batch_size=4)
         (tmp_path / "repo" / name / "config.pbtxt").write_text(text_format.MessageToString(mc))
     return tmp_path / "repo"
 
@@ -186,8 +186,6 @@ def test_the_ngc_release_serves_every_model_of_the_repository(tmp_path):
     with_pt2 = _configs(tmp_path / "b", {"m_onnx": ("onnxruntime_onnx", ""), "m_pt2": ("torch_aoti", "pytorch")})
     assert ngc_image(with_pt2) == "nvcr.io/nvidia/tritonserver:26.06-py3"
     assert "tritonserver:26.06-py3 tritonserver --model-repository=/models" in docker_line(with_pt2)
-    static = _configs(tmp_path / "c", {"m_pt2": ("torch_aoti", "pytorch")}, max_batch_size=0)  # --static-batch
-    assert ngc_image(static) == "nvcr.io/nvidia/tritonserver:26.03-py3"  # unbatched: loaded since 26.03
     assert ngc_image(tmp_path / "missing") == "nvcr.io/nvidia/tritonserver:24.10-py3"
 
 
