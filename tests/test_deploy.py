@@ -456,10 +456,12 @@ def test_the_volume_is_filled_once_by_a_job_from_the_repository_image(base, depl
     assert {"claimName": claim, "readOnly": True} in [v.get("persistentVolumeClaim") for v in volumes]
 
 
-def test_the_fill_job_keeps_the_current_content_and_the_newest_earlier_one_and_nothing_else_it_made(tmp_path):
+def test_the_fill_job_keeps_the_current_content_and_two_earlier_ones_and_nothing_else_it_made(tmp_path):
     """The fill Job's own shell, run here on folders standing in for the image's /models and the volume: the volume
-    filled up over model updates; old contents are removed, only those, and before the copy (the claim holds 3)."""
+    filled up over model updates. Old contents and other contents' unfinished copies are removed, only those, before
+    the copy; the copy is writable (an image's read-only folder could not be pruned later)."""
     import os
+    import stat
     import subprocess
 
     from cnnpack.deploy.store import MOUNT, fill_script
@@ -467,19 +469,22 @@ def test_the_fill_job_keeps_the_current_content_and_the_newest_earlier_one_and_n
     models, target = tmp_path / "models", tmp_path / "target"
     (models / "cnn_onnx" / "1").mkdir(parents=True)
     (models / "cnn_onnx" / "1" / "model.onnx").write_bytes(b"onnx")
+    (models / "cnn_onnx" / "1").chmod(0o555)
     olds = [f"{i:012x}" for i in range(1, 5)]
-    for age, name in enumerate([*olds, "notes", "0123"]):  # the user's folder, a name not of a content tag
+    for age, name in enumerate([*olds, "notes", "0123", "111111111111.partial"]):  # the user's; a failed copy's
         (target / name).mkdir(parents=True)
         os.utime(target / name, (1e9 + age, 1e9 + age))
     script = fill_script("abcdef012345").replace("/target", str(target)).replace(MOUNT, str(models))
     for _ in range(2):  # once more: the content is there, nothing changes
         subprocess.run(["sh", "-ec", script], check=True)
         assert (target / "abcdef012345" / "cnn_onnx" / "1" / "model.onnx").read_bytes() == b"onnx"
-        assert sorted(p.name for p in target.iterdir()) == sorted(["abcdef012345", olds[-1], "notes", "0123"])
+        assert sorted(p.name for p in target.iterdir()) == sorted(["abcdef012345", *olds[2:], "notes", "0123"])
+    assert (target / "abcdef012345" / "cnn_onnx" / "1").stat().st_mode & stat.S_IWUSR
     # removed before the copy: a copy that fails for want of room leaves the pruned volume for the retry
     script = fill_script("0123456789ab").replace("/target", str(target)).replace(MOUNT, str(tmp_path / "gone"))
     assert subprocess.run(["sh", "-ec", script], capture_output=True).returncode != 0
-    assert sorted(p.name for p in target.iterdir()) == sorted(["abcdef012345", "notes", "0123"])
+    assert sorted(p.name for p in target.iterdir()) == sorted(["abcdef012345", olds[3], "notes", "0123"])
+    (models / "cnn_onnx" / "1").chmod(0o755)
 
 
 def test_the_volume_is_mounted_by_every_replica_on_any_node_and_the_readme_says_what_storage_that_needs(base,

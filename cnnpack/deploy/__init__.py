@@ -201,7 +201,6 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
             _opened(plan).check_writable()
         undo = _write_gpu_configs(plan, gpu_configs)  # checks are over: from here on, the repository and --out change
         try:
-            _remove_stale(plan, stale)
             output.swap_in(stage, out)
         except BaseException:  # the configs just written are taken back: unrecorded, the next deploy called them
             undo()             # the user's own
@@ -210,6 +209,9 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     record["recorded"] = _record_in_run(_opened(plan), record, _repository_files(plan, gpu_configs, stale))
+    # the earlier deploy's configs that no longer fit, last: a failure before leaves them where the run's record
+    # names them, for the next deploy to remove
+    _remove_stale(plan, stale)
     return record
 
 

@@ -193,7 +193,8 @@ def job_name(spec: Spec) -> str:
 
 
 def pvc(plan: Plan, spec: Spec) -> dict:
-    gib = max(1, -(-plan.repository_bytes * 3 // (1 << 30)))  # room for this content and two more versions
+    # room for this content, the two earlier ones the fill Job keeps, and a copy under way (`stores.fill_script`)
+    gib = max(1, -(-plan.repository_bytes * (stores.EARLIER_KEPT + 2) // (1 << 30)))
     # ReadWriteMany: the fill Job writes it, and every replica mounts it (read-only) on whichever node it runs: up to
     # maxReplicas, plus the rollout's surge. ReadWriteOnce attaches to one node (the others' pods would not start), and
     # a ReadOnlyMany claim could not be filled by the Job. The README says which StorageClasses offer it.
@@ -203,7 +204,7 @@ def pvc(plan: Plan, spec: Spec) -> dict:
 
 def fill_job(spec: Spec) -> dict:
     """One-shot: copies the repository image's /models into <volume>/<content tag>, once, after removing all but the
-    newest earlier content (`stores.fill_script`)."""
+    newest earlier contents (`stores.fill_script`)."""
     job_labels = {"app.kubernetes.io/name": spec.name, "app.kubernetes.io/component": "fill-models",
                   "app.kubernetes.io/part-of": "cnnpack"}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": job_name(spec), "labels": job_labels},

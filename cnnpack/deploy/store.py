@@ -155,18 +155,27 @@ def credentials(store: Store, secret: str | None) -> tuple[list[dict], list[dict
     return env, [], []
 
 
-EARLIER_KEPT = 1  # contents the volume keeps besides the one copied in: what a rollout's old pods still read
+EARLIER_KEPT = 2  # contents the volume keeps besides the one copied in (`kube.pvc` sizes the claim for them all)
 
 
 def fill_script(tag: str) -> str:
-    """The fill Job's shell: first remove all but the EARLIER_KEPT newest other contents (folders named as content
-    tags are: nothing else on the volume), then copy /models into <volume>/<tag> once, publishing the folder by a
-    rename. Pruned first, the volume holds at most two contents and a copy under way, within the claim's three
-    (`kube.pvc`): pruned after the copy, a fourth filled a full volume, and every retry failed the same way."""
-    return (f"cd /target; ls -1dt -- * 2>/dev/null | grep -E '^[0-9a-f]{{{len(tag)}}}$' | grep -vx {tag} | "
-            f"tail -n +{EARLIER_KEPT + 1} | while read -r old; do rm -rf -- \"$old\"; done; "
-            f"if ! test -d /target/{tag}; then rm -rf /target/{tag}.partial; "
-            f"cp -R {MOUNT} /target/{tag}.partial; mv /target/{tag}.partial /target/{tag}; fi; touch /target/{tag}")
+    """The fill Job's shell: first remove other contents' unfinished copies and all but the EARLIER_KEPT newest other
+    contents (folders named as content tags are: nothing else on the volume), then copy /models into <volume>/<tag>
+    once, made writable (a read-only folder in the image could not be pruned later), and published by a rename.
+
+    Pruned first, the volume holds at most EARLIER_KEPT + 1 contents and a copy under way: pruned after the copy, a
+    content more than the claim's room filled the volume, and every retry failed the same way. Two earlier ones, not
+    one: "newest" is a folder's time, and a rollback to an older deployment whose Job already ran touches nothing,
+    so the content its pods serve may be the older of the two. A content that cannot be removed is said and left:
+    pruning never stops the fill."""
+    tags = f"[0-9a-f]{{{len(tag)}}}"
+    prune = "while read -r old; do chmod -R u+w -- \"$old\" 2>/dev/null || :; rm -rf -- \"$old\" || " \
+            "echo \"cnnpack: could not remove $old\" >&2; done"
+    return (f"cd /target; ls -1d -- *.partial 2>/dev/null | grep -E '^{tags}[.]partial$' | grep -vx {tag}.partial "
+            f"| {prune}; ls -1dt -- * 2>/dev/null | grep -E '^{tags}$' | grep -vx {tag} | tail -n +{EARLIER_KEPT + 1} "
+            f"| {prune}; if ! test -d /target/{tag}; then rm -rf /target/{tag}.partial; "
+            f"cp -R {MOUNT} /target/{tag}.partial; chmod -R u+w /target/{tag}.partial; "
+            f"mv /target/{tag}.partial /target/{tag}; fi; touch /target/{tag}")
 
 
 def kserve_uri(store: Store, *, image: str, pvc: str, tag: str) -> str:
