@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnnpack.data_change import names_digests
 from cnnpack.errors import UserInputError, count, one_line
 from cnnpack.folders import walk_files
 from cnnpack.images import DECODE_ERRORS, quiet, read_image
@@ -56,48 +57,8 @@ class Data:
             "skipped_examples": self.skipped[:5],
             # which files each split holds: the same counts after a rename, a move from one class folder to another
             # or a swap move the seeded split all the same
-            **_names_digests(self.train.files, self.val.files),
+            **names_digests(self.train.files, self.val.files),
         }
-
-
-def _names_digest(names: list[str]) -> str:
-    import hashlib
-
-    return hashlib.sha256("\n".join(sorted(names)).encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def _names_digests(train: list[str], val: list[str]) -> dict[str, str]:
-    """The digests of each split's file names, relative to the folder that holds them all: not to `source`, which
-    is "shapes" for the built-in data (read from a cache under $HOME) and relative to the folder a command ran in."""
-    import os
-
-    every = [os.path.abspath(f) for f in (*train, *val)]
-    root = os.path.commonpath(every) if every else ""
-    if len(every) == 1:  # (the common path of one file is the file)
-        root = os.path.dirname(root)
-    return {f"{k}_files_sha256": _names_digest([os.path.relpath(os.path.abspath(f), root) for f in files])
-            for k, files in (("train", train), ("val", val))}
-
-
-def changed_since(then: dict, now: dict, keys: tuple[str, ...] = ("classes", "train_per_class", "val_per_class")
-                  ) -> str | None:
-    """How the data differs in `keys` from the summary (`Data.summary`) a run recorded: "2 classes, 66 + 16 images
-    then, 2 classes, 67 + 16 images now", or, at the same counts, which split holds other files; None where it does
-    not, or where the record lacks a key (an older run's)."""
-    if not all(k in then for k in keys):
-        return None
-
-    def said(d: dict) -> str:
-        counts = " + ".join(str(sum(d[k])) for k in keys if k != "classes") + " images"
-        return f"{len(d['classes'])} classes, {counts}" if "classes" in keys else counts
-
-    if any(then[k] != now.get(k) for k in keys):
-        return f"{said(then)} then, {said(now)} now"
-    names = [k.removesuffix("_per_class") for k in keys if k.endswith("_per_class")]
-    other = [n for n in names if (a := then.get(f"{n}_files_sha256")) and a != now.get(f"{n}_files_sha256")]
-    if not other:
-        return None
-    return f"{said(now)} then and now, but other files in {' and '.join(other)} (renamed, moved or replaced)"
 
 
 # -- decoding (cnnpack.images) ------------------------------------------------------------
@@ -289,7 +250,8 @@ def class_names(data: str) -> list[str] | None:
         return None
     train, val = split_dirs(root)
     names = [p.name for p in _class_dirs(train if train and val else root)]
-    if not (train and val) and any(n in ("train", "val") and _holds_classes(root / n) for n in names):
+    if not (train and val) and (train or val or any(n in ("train", "val") and _holds_classes(root / n)
+                                                     for n in names)):
         return None  # one split alone: the loader says so
     return names
 
@@ -351,7 +313,9 @@ def load_image_folder(root: Path, size: int, *, val_fraction: float = 0.2, seed:
         train_dir or val_dir or next((root / n for n in ("train", "val") if _holds_classes(root / n)), None))
     if lone is not None:
         lack = "val" if lone.name.lower() in TRAIN_SPLITS else "train"
-        raise UserInputError(f"{root} has {lone.name}/ but no {lack}/; add {root / lack}/<class>/<images> "
+        flat = "" if _class_dirs(lone) else f" ({lone.name}/ holds images, not class folders: put them in " \
+            f"{lone / '<class>'}/)"
+        raise UserInputError(f"{root} has {lone.name}/ but no {lack}/{flat}; add {root / lack}/<class>/<images> "
                              f"or put the class folders directly under {root}")
     if train_dir and val_dir:
         classes = [p.name for p in _class_dirs(train_dir)]

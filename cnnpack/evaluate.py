@@ -52,7 +52,8 @@ def _warn_if_changed(then: dict, now: dict) -> None:
     on); with val/ of its own, only a change there changes what is scored."""
     import logging
 
-    from cnnpack.data import changed_since, split_dirs
+    from cnnpack.data import split_dirs
+    from cnnpack.data_change import changed_since
 
     source = Path(now["source"])
     own_val = source.is_dir() and all(split_dirs(source))

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from cnnpack import data as data_mod
+from cnnpack.data_change import changed_since
 from cnnpack.errors import UserInputError
 from cnnpack.rundir import LAST, Run
 from cnnpack.train_config import DEFAULT_LR, TrainConfig
@@ -33,7 +34,7 @@ def resume_state(run: Run, model, opt, sched, steps_per_epoch: int) -> tuple[int
 def check_same_data(run: Run, now: dict) -> None:
     """--resume on data that changed since the interrupted training: the split moved (images it trained on are now
     validation images), the record kept the old counts, and a changed class list read as a damaged last.pt."""
-    if change := data_mod.changed_since(run.read()["stages"]["train"].get("data") or {}, now):
+    if change := changed_since(run.read()["stages"]["train"].get("data") or {}, now):
         raise UserInputError(f"--resume: {now.get('source', 'the data')} has changed since the training began "
                              f"({change}): the epochs would not be of one split; train again with --force")
 

@@ -14,7 +14,8 @@ from PIL import Image
 from support import broken_chunk_png
 
 from cnnpack import shapes
-from cnnpack.data import changed_since, class_names, load_data, load_image_folder
+from cnnpack.data import class_names, load_data, load_image_folder
+from cnnpack.data_change import changed_since
 from cnnpack.errors import UserInputError
 from cnnpack.images import read_image
 
@@ -452,3 +453,13 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
     assert Image.open(mpo).format == "MPO"
     sizes.clear()
     assert read_image(mpo, 64).shape == (3, 64, 64) and max(sizes[0]) == 200
+
+
+def test_a_lone_train_folder_of_images_says_they_need_class_folders(tmp_path):
+    """train/ of images and no val/: the message said only to add val/, which led to "train has no class folders";
+    and class_names called it one class named train, so quantize's data check spoke of a class mismatch."""
+    _write(tmp_path / "train", 3, COLOURS["red"])
+    with pytest.raises(UserInputError, match=r"has train/ but no val/ \(train/ holds images, not class folders: put "
+                                             r"them in .*train/<class>/\)"):
+        load_image_folder(tmp_path, SIZE)
+    assert class_names(str(tmp_path)) is None
