@@ -371,9 +371,9 @@ def gpu_memory(plan: Plan, configs: dict) -> Figure:
     if not extra:
         return plan.memory_mib
     return Figure(mem.rounded(plan.memory_mib.value + extra),
-                  f"the pod's {plan.memory_mib.value} MiB + {mem.CUDA_HOST_MIB} MiB of host memory for CUDA (its "
-                  f"runtime, cuDNN and cuBLAS) in each backend that runs a model on the GPU ({', '.join(backends)}): "
-                  "an allowance, not measured (the figures above come from a CPU-only server)")
+                  f"the pod's {plan.memory_mib.value} MiB + {len(backends)} x {mem.CUDA_HOST_MIB} MiB of host memory "
+                  f"for CUDA (its runtime, cuDNN and cuBLAS), one for each backend that runs a model on the GPU "
+                  f"({', '.join(backends)}): an allowance, not measured (the figures above come from a CPU-only server)")
 
 
 def startup(stages: dict, *, floor: int, download_s: int = 0) -> Figure:
