@@ -198,11 +198,14 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig(), *,
     _check_folders(run, cfg)
     model, spec, source = _deployable(run, cfg)
     written: list[str] = []
+    kept: list[str] = []  # formats whose artifact was already the one this export makes (a pt2 package)
     try:  # a format that fails leaves the ones before it written and recorded, and reproduce.sh up to date
         for fmt in sorted(cfg.formats, key=_order):
             progress(f"{fmt} ({STEPS[fmt]})" if fmt in STEPS else fmt)
             record = (_export_folder if fmt in FOLDERS else _export_file)(run, model, spec, cfg, fmt, source)
             written.append(f"{record['path']} ({fmt})")
+            if record.get("kept"):
+                kept.append(fmt)
     except CnnpackError as e:
         if written:  # say what is there after all
             e.args = (f"{e}; written: {', '.join(written)}",)
@@ -210,7 +213,7 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig(), *,
     finally:  # also after a Ctrl-C held back until a format was recorded: its line is in reproduce.sh
         with contextlib.suppress(CnnpackError, KeyError):
             write_reproduce_or_warn(run)
-    return run.read()["stages"]["export"]
+    return {**run.read()["stages"]["export"], **({"kept": kept} if kept else {})}
 
 
 PT2_OPTIONS = ("max_batch_size", "static_batch", "input", "half", "device")  # what shapes the compiled package
@@ -260,7 +263,7 @@ def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig,
         logging.getLogger("cnnpack").warning(
             f"note: {run.rel(dest)} kept: compiled from the same checkpoint with the same options and torch "
             "(compiled again it would be new bytes, and a new model version in Triton); delete it to compile again")
-        return same
+        return {**same, "kept": True}  # (not recorded: the manifest keeps its record as it was)
     # put in place only if the exporter and its checks succeed; named `.tmp.pt2`, as torch's loader warns of any other
     with scratch_beside(dest, suffix=".tmp" + (SUFFIX[fmt] if fmt == "pt2" else "")) as tmp:
         art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)

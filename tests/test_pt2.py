@@ -321,6 +321,7 @@ def test_an_unchanged_package_is_kept_not_compiled_again_into_new_bytes(run_copy
     assert build(run_copy, TritonConfig(repository=repo, format="pt2"))["version"] == 1
     proc = _cli("export", "--run", str(run_copy), "--format", "pt2", "--max-batch-size", str(MAX_BATCH))
     assert proc.returncode == 0 and "export/model.pt2 kept: compiled from the same checkpoint" in proc.stderr
+    assert "(kept: unchanged)" in proc.stdout  # not the first compile's seconds
     assert Run.open(run_copy).read()["stages"]["export"]["artifacts"]["pt2"] == rec  # the same bytes, the same record
     assert build(run_copy, TritonConfig(repository=repo, format="pt2"))["version"] == 1
     cfg = ExportConfig(formats=("pt2",), max_batch_size=MAX_BATCH)

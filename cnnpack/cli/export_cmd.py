@@ -93,8 +93,9 @@ def export(
         for fmt in formats:
             a = section["artifacts"][fmt]
             shape = "x".join("N" if d == -1 else str(d) for d in a["input"]["shape"])
+            took = "kept: unchanged" if fmt in section.get("kept", ()) else f"{a['export_s']:.1f} s"
             typer.echo(f"{fmt:12s} {run / a['path']}  input {a['input']['name']} {shape} {a['input']['dtype']}"
-                       f"  ({a['export_s']:.1f} s)")
+                       f"  ({took})")
         if "torchscript" in formats:
             typer.echo(f"note: {TORCHSCRIPT_DEPRECATED}")
         if format == "all" and not usable["pt2"][0]:
