@@ -14,12 +14,12 @@ def digest(names: list[str]) -> str:
 def names_digests(train: list[str], val: list[str]) -> dict[str, str]:
     """The digests of each split's file names, relative to the folder that holds them all: not to `source`, which
     is "shapes" for the built-in data (read from a cache under $HOME) and relative to the folder a command ran in."""
-    every = [os.path.abspath(f) for f in (*train, *val)]
+    splits = {k: [os.path.abspath(f) for f in files] for k, files in (("train", train), ("val", val))}
+    every = [*splits["train"], *splits["val"]]
     root = os.path.commonpath(every) if every else ""
     if len(every) == 1:  # (the common path of one file is the file)
         root = os.path.dirname(root)
-    return {f"{k}_files_sha256": digest([os.path.relpath(os.path.abspath(f), root) for f in files])
-            for k, files in (("train", train), ("val", val))}
+    return {f"{k}_files_sha256": digest([os.path.relpath(f, root) for f in files]) for k, files in splits.items()}
 
 
 def changed_since(then: dict, now: dict, keys: tuple[str, ...] = ("classes", "train_per_class", "val_per_class")

@@ -189,11 +189,10 @@ def infer(paths: list[str | Path], cfg: InferConfig, *,
         model = client.model(target)
         _check_model(model, cfg)
         k = min(cfg.top_k, model.num_classes)
-        group = CHUNK_FILES  # (classify sends each chunk within the model's batch limit)
         results: list[dict] = []
         skipped: list[dict] = []
-        for i in range(0, len(files), group):
-            part = files[i:i + group]
+        for i in range(0, len(files), CHUNK_FILES):  # (classify sends each within the model's batch limit)
+            part = files[i:i + CHUNK_FILES]
             ok, batch, bad = read_encoded(part) if cfg.ensemble else read_pixels(part, model.image_size)
             rows = [{"file": str(p), "top": top} for p, top in zip(ok, classify(client, model, batch, k))] if ok else []
             results += rows

@@ -337,10 +337,10 @@ class AotiRuntime:
     format = "pt2"
 
     def __init__(self, compiled, device: str, shape: tuple[int, ...], max_batch: int | None, half: bool,
-                 source: str) -> None:
+                 source: str, static: bool = False) -> None:
         self.compiled, self.device, self.shape, self.max_batch, self.half = compiled, device, shape, max_batch, half
         self.source = source
-        self.static = False  # compiled for exactly max_batch (a smaller batch read past its end: garbage logits)
+        self.static = static  # compiled for exactly max_batch (a smaller batch read past its end: garbage logits)
         self.info = {"device": device, "runner": "torch._inductor.aoti_load_package"}
 
     @classmethod
@@ -353,8 +353,8 @@ class AotiRuntime:
         compiled = load(Path(artifact.path), where)
         shape = tuple(rec["input"]["shape"][1:])
         max_batch = rec.get("static_batch") or rec.get("max_batch_size")
-        rt = cls(compiled, where, shape, max_batch, rec["input"].get("dtype") == "float16", str(rec.get("path")))
-        rt.static = bool(rec.get("static_batch"))
+        rt = cls(compiled, where, shape, max_batch, rec["input"].get("dtype") == "float16", str(rec.get("path")),
+                 static=bool(rec.get("static_batch")))
         rt.info.update(cpu_isa=rec.get("cpu_isa"), torch_version=rec.get("torch_version"))
         return rt
 

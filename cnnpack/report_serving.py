@@ -280,8 +280,8 @@ def deploy_section(m: dict, run: Run) -> list[Block]:
         d["model_store"], f"object storage ({d['model_store']})")
     text = (f"`{d['out']}`: `{d['name']}` serves {', '.join(f'`{x}`' for x in d['models'])} from {store}, image "
             f"`{d['image']}`, overlays {', '.join(d['overlays'])}. Each pod requests {f['cpu']} CPU and "
-            f"{f['memory_mib']} MiB" + (f" ({f['memory_gpu_mib']} MiB in the gpu overlay)" if "gpu" in d["overlays"]
-                                       and f.get("memory_gpu_mib", f["memory_mib"]) != f["memory_mib"] else "")
+            f"{f['memory_mib']} MiB" + (f" ({f['memory_gpu_mib']} MiB in the gpu overlay)" if "memory_gpu_mib" in f
+                                       else "")
             + f"; its startup probe allows {f['startup_s']} s; the HPA adds replicas above "
             f"{f['queue_target_us'] / 1000:g} ms of queue time per request. Its README.md has the commands that build "
             "and apply it.")
@@ -297,10 +297,8 @@ def deploy_section(m: dict, run: Run) -> list[Block]:
     # how each figure was reached (a fallback where nothing was measured), then deploy's own notes, as it printed them
     said = {"cpu": "CPU", "memory_mib": "memory", "memory_gpu_mib": "memory on a GPU", "startup_s": "startup probe",
             "startup_gpu_s": "startup probe on a GPU", "queue_target_us": "HPA queue target"}
-    figures = d["figures"]
     out += [Block("p", "How each figure was reached: " + "; ".join(
-        f"{said.get(k, k)}: {v['source']}" for k, v in figures.items() if v.get("source")
-        and not (k == "memory_gpu_mib" and v == figures.get("memory_mib"))) + ".")]
+        f"{said.get(k, k)}: {v['source']}" for k, v in d["figures"].items() if v.get("source")) + ".")]
     out += [Block("p", f"**Note**: {n}.") for n in d.get("notes") or []]
     return out
 

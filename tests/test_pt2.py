@@ -346,8 +346,8 @@ def test_a_static_batch_package_refuses_any_other_batch():
     from cnnpack.pt2 import AotiRuntime
 
     ran = []
-    rt = AotiRuntime(lambda x: ran.append(x) or torch.zeros(len(x), 6), "cpu", (3, 32, 32), 4, False, "model.pt2")
-    rt.static = True
+    rt = AotiRuntime(lambda x: ran.append(x) or torch.zeros(len(x), 6), "cpu", (3, 32, 32), 4, False, "model.pt2",
+                     static=True)
     for n in (1, 2, 5):
         with pytest.raises(UserInputError, match=rf"exactly 4 \(--static-batch\), got {n}"):
             rt.predict(np.zeros((n, 3, 32, 32), np.float32))

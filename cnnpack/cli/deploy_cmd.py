@@ -78,8 +78,7 @@ def _report(r: dict) -> None:
     typer.echo(f"  image    {r['image']}" + (f" {build}" if same else ""))
     if r["repository_image"] and not same:  # --model-store pvc: a job copies it from this image to the volume
         typer.echo(f"  build    {r['repository_image']}, the image the volume is filled from {build}")
-    gpu_mib = f.get("memory_gpu_mib", f["memory_mib"])["value"]
-    gpu_mib = f" ({gpu_mib} MiB in the gpu overlay)" if "gpu" in r["overlays"] and gpu_mib != f["memory_mib"]["value"] else ""
+    gpu_mib = f" ({f['memory_gpu_mib']['value']} MiB in the gpu overlay)" if "memory_gpu_mib" in f else ""
     typer.echo(f"  pod      {f['cpu']['value']} CPU, {f['memory_mib']['value']} MiB{gpu_mib}, startup window "
                f"{f['startup_s']['value']} s; HPA on queue time > {f['queue_target_us']['value']} us per request")
     for overlay in r["overlays"]:

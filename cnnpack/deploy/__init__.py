@@ -185,8 +185,11 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
               "models": plan.models, "served_model": plan.served_model, "overlays": ["cpu", *(["gpu"] if gpu else [])],
               "repository_files_added": list(gpu_configs), "repository_files_removed": sorted(stale),
               "args": _args(spec),
-              "figures": {k: asdict(getattr(plan, k)) for k in ("cpu", "memory_mib", "memory_gpu_mib", "startup_s", "startup_gpu_s",
-                                                                 "queue_target_us")},
+              "figures": {k: asdict(getattr(plan, k)) for k in ("cpu", "memory_mib", "startup_s", "startup_gpu_s",
+                                                                 "queue_target_us")}
+              # the gpu overlay's memory, where it writes one and asks for more than the base
+              | ({"memory_gpu_mib": asdict(plan.memory_gpu_mib)}
+                 if gpu and plan.memory_gpu_mib.value != plan.memory_mib.value else {}),
               "notes": plan.notes, "out": str(out), "files": sorted([*files, output.IDENTITY]),
               # what this replaced: an earlier deployment in --out, and its files this one no longer writes;
               # files of the user's own there are carried over (kept), or replaced with --force (overwritten)
