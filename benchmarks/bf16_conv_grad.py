@@ -6,15 +6,18 @@ case that made resnet18 at 16 px diverge (its layer4.0.conv1: 3x3, stride 2, pad
 same convolution over larger maps, at stride 1, in fp32 and with no padding: which cnnpack.models.
 strided_convs_on_one_pixel names, and which it does not. The cases take turns, --rounds times: how often it
 happens varies from one process and allocation history to the next (a NaN gradient where the input is padding
-looks like memory read uninitialized), so one count alone says little.
+looks like memory read uninitialized), so one count alone says little. --busy N runs N busy loops beside it, as
+a loaded CI host does: on a Zen 4 the NaN came only then.
 
-    .venv/bin/python benchmarks/bf16_conv_grad.py --steps 300 --rounds 3
+    .venv/bin/python benchmarks/bf16_conv_grad.py --steps 300 --rounds 3 [--alone] [--busy 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--alone", action="store_true", help="only resnet18's case (the first), every round: no other "
                     "case's allocations between its steps")
+    ap.add_argument("--busy", type=int, default=0, help="busy-loop processes to run beside it (a loaded host)")
     ap.add_argument("--out", help="output path without .md/.json (default: results/bf16-conv-grad-<the host's ISA>)")
     a = ap.parse_args()
     from cnnpack.host import cpu_name
@@ -53,10 +57,15 @@ def main() -> None:
     rows = [{"map": f"{hw}x{hw}", "conv": f"Conv2d({cin}, {cout}, {k}, stride={s}, padding={p})",
              "precision": "bf16 autocast" if bf16 else "fp32", "steps": a.steps, "not_finite": []}
             for hw, k, s, p, bf16, cin, cout in CASES[:1 if a.alone else None]]
-    for r in range(a.rounds):
-        for case, row in zip(CASES, rows):  # (only the first with --alone)
-            row["not_finite"].append(trial(*case, a.steps))
-            print(r + 1, row, flush=True)
+    busy = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(a.busy)]
+    try:
+        for r in range(a.rounds):
+            for case, row in zip(CASES, rows):  # (only the first with --alone)
+                row["not_finite"].append(trial(*case, a.steps))
+                print(r + 1, row, flush=True)
+    finally:
+        for b in busy:
+            b.kill()
     lines = ["# The CPU's bf16 weight gradient of a convolution, by its input map", "",
              "Steps whose weight gradient held a NaN or infinite entry (batch 65, random inputs; the forward in bf16 "
              "autocast as `cnnpack train` runs on a CPU with native bf16).", "",
@@ -66,10 +75,11 @@ def main() -> None:
               f"| **{sum(r['not_finite'])} of {r['steps'] * a.rounds}** |" for r in rows]
     flags = [f for f in cpu_info()["flags"] if f.startswith(("avx512_bf16", "avx512_vnni", "amx"))]
     lines += ["", f"Machine: {cpu_name()} (flags: {', '.join(flags) or 'none of avx512_bf16, avx512_vnni, amx'}), "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+              + (f", {a.busy} busy-loop processes beside it (a loaded host)." if a.busy else ", the host quiet."), "",
               f"Reproduce: `.venv/bin/python benchmarks/bf16_conv_grad.py --steps {a.steps} --rounds {a.rounds}"
-              f"{' --alone' if a.alone else ''}`"]
-    a.out = a.out or str(HERE / "results" / f"bf16-conv-grad-{isa_tag()}{'-alone' if a.alone else ''}")
+              f"{' --alone' if a.alone else ''}{f' --busy {a.busy}' if a.busy else ''}`"]
+    a.out = a.out or str(HERE / "results" / f"bf16-conv-grad-{isa_tag()}{'-alone' if a.alone else ''}{f'-busy{a.busy}' if a.busy else ''}")
     Path(a.out + ".md").write_text("\n".join(lines) + "\n")
     Path(a.out + ".json").write_text(json.dumps(rows, indent=1) + "\n")
     print("\n".join(lines))

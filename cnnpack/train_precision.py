@@ -1,5 +1,5 @@
 """What a training step computes in, and the check that an epoch left finite weights: bf16 autocast on a CPU with
-native bf16 (AMX, or AVX-512 BF16; on AMX not over a convolution that strides over a 1x1 map), bf16 or fp16 on CUDA,
+native bf16 (AMX, or AVX-512 BF16; not over a convolution that strides over a 1x1 map), bf16 or fp16 on CUDA,
 fp32 elsewhere; `Diverged` when an epoch's weights or validation loss are NaN or infinite."""
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ def autocast_for(device: torch.device, cfg: TrainConfig, model: nn.Module, spec:
     AVX-512 BF16's dot products (avx512_bf16). The default training, at the same top-1, took 1.40x the images/s of
     fp32 and 30.7 s for 38.3 s on an Emerald Rapids Xeon (benchmarks/results/train-amp-cnn-64px-cpu2-amx.md), 1.42x
     and 31.7 s for 38.5 s on an AMD Zen 4 (…-avx512.md); the weights, the validation and the checkpoint stay fp32.
-    On AMX, not where a convolution strides over a 1x1 map (`strided_convs_on_one_pixel`): its bf16 weight gradient
-    is NaN now and then there, and resnet18 at 16 px ended its first epoch with NaN weights (Diverged), at random;
-    AVX-512 BF16 without AMX gave none in the same probe (benchmarks/results/bf16-conv-grad-*.md).
+    Not where a convolution strides over a 1x1 map (`strided_convs_on_one_pixel`): its bf16 weight gradient is NaN
+    now and then there, at a tap that reads only padding, and resnet18 at 16 px ended its first epoch with NaN weights
+    (Diverged), at random. On AMX even on a quiet host; on a Zen 4's AVX-512 BF16 only on a loaded one, but there
+    often (63-140 of 900 steps with two busy loops beside it, none quiet: benchmarks/results/bf16-conv-grad-*.md).
     Elsewhere on a CPU it trains in fp32 (AVX2 emulates bf16)."""
     if not cfg.amp:
         return contextlib.nullcontext(), None, None
@@ -56,7 +57,7 @@ def autocast_for(device: torch.device, cfg: TrainConfig, model: nn.Module, spec:
         flags = cpu_flags()
         if not flags & {"amx_bf16", "avx512_bf16"}:
             return contextlib.nullcontext(), None, None
-        if "amx_bf16" in flags and (convs := strided_convs_on_one_pixel(model, spec)):
+        if convs := strided_convs_on_one_pixel(model, spec):
             if say:
                 log.warning(f"warning: training in fp32, not bf16: {first_few(convs)} "
                             f"{'strides' if len(convs) == 1 else 'stride'} over a 1x1 map at {spec.image_size} px, "
