@@ -351,7 +351,8 @@ def bench_runtime(ctx: BenchContext, name: str, ref, sizes: tuple[int, ...]) -> 
     try:
         rt = RUNTIMES.get(name).load(ref, cfg.device, threads=cfg.threads, optimize=True)
     except RuntimeUnavailable as e:
-        ctx.skipped[name if ref.format == RUNTIMES.get(name).format else f"{name} ({ref.format})"] = str(e)
+        key = name if ref.format == RUNTIMES.get(name).format else f"{name} ({ref.format})"
+        ctx.skipped[key] = str(e).removeprefix(f"{name}: ")  # said as "skipped <key>: <why>"
         return
     load_s = time.perf_counter() - t0
     before, rows = ctx.matmul[-1]["gflops"], []
@@ -437,7 +438,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), *,
         ctx.settle()
         remeasure_beaten_ceilings(ctx)
     if not ctx.results:
-        raise RuntimeUnavailable("no runtime could run here: " + "; ".join(dict.fromkeys(ctx.skipped.values())))
+        raise RuntimeUnavailable("no runtime could run here: " + "; ".join(f"{k}: {v}" for k, v in ctx.skipped.items()))
     host["load_avg_1_5_15_end"] = load_avg()
     section = make_section(ctx, host, inputs)
     with run.committing():  # merged with the recorded section, written and recorded as one step (Ctrl-C waits)

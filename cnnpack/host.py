@@ -11,6 +11,9 @@ import gc
 import os
 import platform
 import re
+import shlex
+import shutil
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,6 +106,25 @@ def prepare_inductor() -> None:
     quiet_cpp_extension()
     if config.cpp.vec_isa_ok is None and "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ:
         config.cpp.vec_isa_ok = True
+
+
+COMPILER_INSTALL = "install one (`apt-get install g++`) or set CXX to a C++ compiler"
+
+
+def compiler_missing() -> str | None:
+    """Why there is no C++ compiler for inductor to run (`$CXX`, else `g++`: what torch.compile's CPU kernels and
+    AOTInductor take), or None: a PATH lookup and `--version`, not a compile (`pt2.compiler_fails` tries one)."""
+    cxx = os.environ.get("CXX") or "g++"
+    argv = shlex.split(cxx) or ["g++"]
+    if "CXX" in os.environ and not os.environ["CXX"].strip():  # inductor takes "" as the compiler, and finds none
+        return "CXX is set but empty (unset it)"
+    if shutil.which(argv[0]) is None:
+        return f"CXX={cxx} is not an executable" if os.environ.get("CXX") else "g++ is not on PATH and CXX is not set"
+    try:
+        subprocess.run([*argv, "--version"], capture_output=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{cxx} --version failed ({type(e).__name__})"
+    return None
 
 
 def start_header_build() -> threading.Thread:

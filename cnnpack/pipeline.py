@@ -205,9 +205,11 @@ class Stages:
         training draws its figures and export runs, both on one core most of the time (after an early stop, from the
         start of export): started with export, it overlapped verify too, which slowed by 2 s on 2 Zen 4 cores."""
         bench = self.cfg.bench_config()
-        if not self._warming and "compiled" in (bench.runtimes or ()) and bench.device == "cpu":
+        from cnnpack.host import compiler_missing, prepare_inductor, start_header_build
+
+        if not self._warming and "compiled" in (bench.runtimes or ()) and bench.device == "cpu" \
+                and not compiler_missing():
             self._warming = True
-            from cnnpack.host import prepare_inductor, start_header_build
 
             prepare_inductor()
             start_header_build()
@@ -254,15 +256,17 @@ class Stages:
         with self._status("measuring") as st:
             section = bench(run.path, self.cfg.bench_config(), progress=st)
         best = best_runtime(section)
+        # a runtime that cannot run here (torch.compile without a C++ compiler) is said, not only left out
+        skipped = "".join(f"; skipped {k}: {v}" for k, v in section.get("skipped", {}).items())
         if best is None:
             ran = list(dict.fromkeys(r["runtime"] for r in section.get("results", [])))
             if "eager" in ran or not ran:
-                return "no runtime besides eager measured"
-            return f"measured {', '.join(ran)}; no speedup figure without eager among --runtimes"
+                return "no runtime besides eager measured" + skipped
+            return f"measured {', '.join(ran)}; no speedup figure without eager among --runtimes" + skipped
         from cnnpack.bench import series
 
         return (f"best: {series(best)} at batch {best['batch_size']}, {best['speedup_vs_eager']:.2f}x eager "
-                f"({best['latency_ms_p50']:.2f} ms p50)")
+                f"({best['latency_ms_p50']:.2f} ms p50)" + skipped)
 
     # - triton -
     def run_triton(self, run: Run) -> str:

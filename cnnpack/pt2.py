@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import time
 import zipfile
@@ -34,9 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from cnnpack.errors import RuntimeUnavailable, StageFailed, UserInputError, reraise_interrupt
+from cnnpack.host import COMPILER_INSTALL, compiler_missing
 
 NAMES = ("INPUT__0", "OUTPUT__0")  # Triton's PyTorch backend: ordinal names, for torch_aoti as for TorchScript
-INSTALL = "install one (`apt-get install g++`) or set CXX to a C++ compiler"
+INSTALL = COMPILER_INSTALL
 # freezing: weights become constants (BatchNorm folded, oneDNN weights pre-packed); measured in
 # benchmarks/results/pt2-aoti-*.md, as are the settings tried and left at their defaults.
 # dynamic_threads: the kernels take the thread count at run time (a Triton instance's INTRA_OP_THREAD_COUNT, the
@@ -56,22 +56,10 @@ NO_LOWER_BOUND = {"aot_inductor.check_lowerbound": False}
 # -- the compiler ------------------------------------------------------------------------------------
 def find_compiler() -> str:
     """The C++ compiler AOTInductor will run (`$CXX`, else `g++`), or UserInputError naming what is missing."""
-    cxx = os.environ.get("CXX") or "g++"
-    argv = shlex.split(cxx) or ["g++"]
-    why = None
-    if "CXX" in os.environ and not os.environ["CXX"].strip():  # inductor takes "" as the compiler, and finds none
-        why = "CXX is set but empty (unset it)"
-    elif shutil.which(argv[0]) is None:
-        why = f"CXX={cxx} is not an executable" if os.environ.get("CXX") else "g++ is not on PATH and CXX is not set"
-    else:
-        try:
-            subprocess.run([*argv, "--version"], capture_output=True, timeout=30, check=True)
-        except (OSError, subprocess.SubprocessError) as e:
-            why = f"{cxx} --version failed ({type(e).__name__})"
-    if why:
+    if why := compiler_missing():
         raise UserInputError(f"--format pt2 needs a C++ compiler (AOTInductor compiles the model to C++ at export "
                              f"time): {why}; {INSTALL}; the other formats do not need one")
-    return cxx
+    return os.environ.get("CXX") or "g++"
 
 
 def compiler_fails() -> str | None:

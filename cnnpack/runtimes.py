@@ -97,6 +97,7 @@ class CompiledRuntime(EagerRuntime):
         prepare_inductor()  # quiet (no CUDA toolkit here), and without inductor's redundant ISA probes
         model, dev, _ = cls.build(artifact, device)
         if dev.type == "cpu":
+            cls.precheck(cpu=True)
             start_header_build()  # its kernels' precompiled header, built while the first call traces (or found built)
         try:
             compiled = torch.compile(model, dynamic=False)
@@ -105,6 +106,21 @@ class CompiledRuntime(EagerRuntime):
         rt = cls(compiled, dev, freezing=freezing)
         rt.info.update(backend="inductor", freezing=freezing)
         return rt
+
+    @classmethod
+    def precheck(cls, cpu: bool | None = None) -> None:
+        """Inductor's CPU kernels are C++: without a compiler torch.compile failed at its first call, with inductor's
+        InvalidCxxCompiler traceback, and the default bench (so the main command) ended there. `cpu` None: the bench
+        runs on the CPU unless a CUDA GPU is there."""
+        from cnnpack.host import COMPILER_INSTALL, compiler_missing
+
+        if cpu is None:
+            import torch
+
+            cpu = not torch.cuda.is_available()
+        if cpu and (why := compiler_missing()):
+            raise RuntimeUnavailable(f"{cls.name}: torch.compile needs a C++ compiler for its CPU kernels: {why}; "
+                                     f"{COMPILER_INSTALL}")
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         if batch.shape in self._compiled_shapes:

@@ -42,6 +42,19 @@ def _servers_started_here() -> list[tuple[int, str]]:
     return out
 
 
+def pytest_collection_modifyitems(config, items):
+    """Where no C++ compiler is found (a fresh machine without g++), the tests that compile C++ (marked `cxx`, or
+    built on the pt2 package) are skipped, saying what to install; those of what cnnpack says without one still run."""
+    from cnnpack.host import COMPILER_INSTALL, compiler_missing
+
+    if (why := compiler_missing()) is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs a C++ compiler: {why}; {COMPILER_INSTALL}")
+    for item in items:
+        if item.get_closest_marker("cxx") or "pt2_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _no_server_left(request):
     """A module whose tests leave a Triton server running fails, naming it, and the server is killed: one of a CI

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from cnnpack.bench import BenchConfig, Window, agree, bench
+from cnnpack.bench import BenchConfig, Window, agree, bench, default_runtimes
 from cnnpack.errors import MissingStageError, StageFailed, UserInputError
 from cnnpack.export import ExportConfig, export
 from cnnpack.rundir import Run, sha256
@@ -145,6 +145,7 @@ print("ok", built[0])
 
 
 @pytest.mark.slow
+@pytest.mark.cxx
 def test_the_header_built_ahead_is_the_one_inductor_compiles_with(tmp_path):
     """start_header_build builds the precompiled header inductor's CPU kernels include, with their command line: a
     compile after it finds it and builds no other (a torch whose internals moved would build none, or a second, and
@@ -307,6 +308,7 @@ def test_a_gpu_s_ceilings_are_its_own_kernels_per_precision(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.cxx
 def test_compiled_runtime_is_benched_frozen(exported, tmp_path):
     section = bench(shutil.copytree(exported, tmp_path / "run"), BenchConfig(runtimes=("eager", "compiled"), batch_sizes=(2,), threads=1,
                                           max_seconds=0.2, warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
@@ -367,8 +369,6 @@ def test_bench_s_files_and_record_are_replaced_together_or_not_at_all(onnx_only,
 
 
 def test_default_runtimes_bench_what_the_run_has(onnx_only):
-    from cnnpack.bench import default_runtimes
-
     chosen, skipped = default_runtimes(Run.open(onnx_only))
     assert {"eager", "compiled", "onnxruntime"} <= set(chosen) and "torchscript" not in chosen
     assert "no torchscript artifact" in skipped["torchscript"] and "triton" not in skipped
@@ -379,6 +379,26 @@ def test_default_runtimes_bench_what_the_run_has(onnx_only):
     again = bench(onnx_only, BenchConfig(runtimes=("eager",), batch_sizes=(1,), threads=1, max_seconds=0.2,
                                          warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
     assert again["replaced"] == ["onnxruntime@1"]  # the earlier run's row is gone, and said so
+
+
+@pytest.mark.parametrize("env", [{"CXX": "/nonexistent/g++"}, {"PATH": "/nonexistent-bin"}])
+def test_without_a_cpp_compiler_the_compiled_runtime_is_skipped_saying_why(onnx_only, tmp_path, monkeypatch, env):
+    """Inductor's CPU kernels are C++: on a machine without g++, torch.compile failed at the first call with inductor's
+    InvalidCxxCompiler traceback, and the default bench (and so `cnnpack pipeline`) ended there."""
+    run = tmp_path / "run"
+    shutil.copytree(onnx_only, run)
+    monkeypatch.delenv("CXX", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    chosen, skipped = default_runtimes(Run.open(run))
+    why = ("CXX=/nonexistent/g++ is not an executable" if "CXX" in env else "g++ is not on PATH and CXX is not set")
+    assert "compiled" not in chosen and "eager" in chosen
+    assert skipped["compiled"] == (f"torch.compile needs a C++ compiler for its CPU kernels: {why}; install one "
+                                   "(`apt-get install g++`) or set CXX to a C++ compiler")
+    section = bench(run, BenchConfig(runtimes=("eager", "compiled"), batch_sizes=(1,), threads=1, max_seconds=0.2,
+                                     warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
+    assert {r["runtime"] for r in section["results"]} == {"eager"}
+    assert section["skipped"]["compiled"] == skipped["compiled"]  # said once, as `skipped compiled: <why>`
 
 
 def test_default_batch_sizes_fit_each_export_and_asked_ones_are_held_to_it(onnx_only):

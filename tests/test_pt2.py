@@ -78,6 +78,7 @@ def test_no_compiler_is_one_line_and_the_other_formats_are_written(tiny_run, tmp
     assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # no temp file left
 
 
+@pytest.mark.cxx
 def test_a_compiler_that_writes_nothing_is_named_not_inductors_index_error(monkeypatch):
     """CXX=/bin/true answers --version and exits 0 on every compile: the export failed with "AOTInductor could not
     compile the exported model: IndexError: list index out of range". compile_package's failure path now probes the
@@ -112,6 +113,7 @@ def test_the_package_is_compiled_and_checked_under_a_name_ending_in_pt2(tiny_run
     assert not seen[0].exists()  # the scratch file is removed after a failure
 
 
+@pytest.mark.cxx
 def test_the_pipeline_takes_pt2_where_a_compiler_is_found(monkeypatch):
     from cnnpack.pipeline import PipelineConfig
 
@@ -145,6 +147,7 @@ class Branchy(torch.nn.Module):
         return self.b(x).mean((2, 3))
 
 
+@pytest.mark.cxx
 def test_a_model_torch_export_cannot_capture_names_the_construct(tmp_path):
     spec = ModelSpec(arch="branchy", num_classes=2, classes=("a", "b"), image_size=8)
     with pytest.raises(UserInputError, match=r"torch.export cannot capture this model: Could not guard on "
