@@ -348,10 +348,10 @@ def bench_runtime(ctx: BenchContext, name: str, ref, sizes: tuple[int, ...]) -> 
     base_kb = status_kb("VmRSS")
     ctx.progress(f"{name} load")  # its own phase: loading (a session, a compile) is not the matmul sample before it
     t0 = time.perf_counter()
+    key = name if ref.format == RUNTIMES.get(name).format else f"{name} ({ref.format})"
     try:
         rt = RUNTIMES.get(name).load(ref, cfg.device, threads=cfg.threads, optimize=True)
     except RuntimeUnavailable as e:
-        key = name if ref.format == RUNTIMES.get(name).format else f"{name} ({ref.format})"
         ctx.skipped[key] = str(e).removeprefix(f"{name}: ")  # said as "skipped <key>: <why>"
         return
     load_s = time.perf_counter() - t0
@@ -363,7 +363,11 @@ def bench_runtime(ctx: BenchContext, name: str, ref, sizes: tuple[int, ...]) -> 
         # (a new shape: inductor compiles it, an arena grows); windows that still drift do not agree and go on
         policy = cfg.policy() if i == 0 else replace(cfg.policy(), warmup_s=0.0)
         t0 = time.perf_counter()
-        rt.predict(inputs[b])  # the first call with this shape, timed alone: what a new process pays (a compile)
+        try:
+            rt.predict(inputs[b])  # the first call with this shape, timed alone: what a new process pays (a compile)
+        except RuntimeUnavailable as e:  # torch.compile whose compiler builds nothing: none of its rows
+            ctx.skipped[key] = str(e).removeprefix(f"{name}: ")
+            return
         first_call_s = time.perf_counter() - t0
         m = measure(functools.partial(rt.predict, inputs[b]), policy, sync=sync(ctx.device))
         peak_kb = status_kb("VmHWM") if can_reset else None

@@ -113,7 +113,7 @@ COMPILER_INSTALL = "install one (`apt-get install g++`) or set CXX to a C++ comp
 
 def compiler_missing() -> str | None:
     """Why there is no C++ compiler for inductor to run (`$CXX`, else `g++`: what torch.compile's CPU kernels and
-    AOTInductor take), or None: a PATH lookup and `--version`, not a compile (`pt2.compiler_fails` tries one)."""
+    AOTInductor take), or None: a PATH lookup and `--version`, not a compile (`compiler_fails` tries one)."""
     cxx = os.environ.get("CXX") or "g++"
     argv = shlex.split(cxx) or ["g++"]
     if "CXX" in os.environ and not os.environ["CXX"].strip():  # inductor takes "" as the compiler, and finds none
@@ -124,6 +124,29 @@ def compiler_missing() -> str | None:
         subprocess.run([*argv, "--version"], capture_output=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError) as e:
         return f"{cxx} --version failed ({type(e).__name__})"
+    return None
+
+
+def compiler_fails() -> str | None:
+    """Why the compiler `compiler_missing` looks for cannot build a one-line C++ file into an object file; None when it
+    can. Run only after a compile failed (it costs a compiler start)."""
+    import tempfile
+
+    if why := compiler_missing():
+        return why
+    argv = shlex.split(os.environ.get("CXX") or "g++") or ["g++"]
+    with tempfile.TemporaryDirectory(prefix="cnnpack-cxx-") as d:
+        src, obj = Path(d) / "probe.cpp", Path(d) / "probe.o"
+        src.write_text("int probe() { return 0; }\n")
+        try:
+            proc = subprocess.run([*argv, "-c", str(src), "-o", str(obj)], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"{shlex.join(argv)} -c probe.cpp failed ({type(e).__name__})"
+        if proc.returncode != 0:
+            err = next((ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()), "")
+            return f"{shlex.join(argv)} -c probe.cpp exited {proc.returncode}" + (f" ({err.strip()})" if err else "")
+        if not obj.is_file() or obj.stat().st_size == 0:
+            return f"{shlex.join(argv)} -c probe.cpp exited 0 but wrote no object file"
     return None
 
 

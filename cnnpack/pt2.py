@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import subprocess
 import time
 import zipfile
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnpack.errors import RuntimeUnavailable, StageFailed, UserInputError, reraise_interrupt
-from cnnpack.host import COMPILER_INSTALL, compiler_missing
+from cnnpack.host import COMPILER_INSTALL, compiler_fails, compiler_missing
 
 NAMES = ("INPUT__0", "OUTPUT__0")  # Triton's PyTorch backend: ordinal names, for torch_aoti as for TorchScript
 INSTALL = COMPILER_INSTALL
@@ -60,30 +59,6 @@ def find_compiler() -> str:
         raise UserInputError(f"--format pt2 needs a C++ compiler (AOTInductor compiles the model to C++ at export "
                              f"time): {why}; {INSTALL}; the other formats do not need one")
     return os.environ.get("CXX") or "g++"
-
-
-def compiler_fails() -> str | None:
-    """Why the compiler `find_compiler` names cannot build a one-line C++ file into an object file; None when it can.
-    Run only after a compile failed (it costs a compiler start)."""
-    import tempfile
-
-    try:
-        argv = shlex.split(find_compiler())
-    except UserInputError as e:
-        return str(e).split(": ", 1)[-1].split(";")[0]
-    with tempfile.TemporaryDirectory(prefix="cnnpack-cxx-") as d:
-        src, obj = Path(d) / "probe.cpp", Path(d) / "probe.o"
-        src.write_text("int probe() { return 0; }\n")
-        try:
-            proc = subprocess.run([*argv, "-c", str(src), "-o", str(obj)], capture_output=True, timeout=60)
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"{shlex.join(argv)} -c probe.cpp failed ({type(e).__name__})"
-        if proc.returncode != 0:
-            err = next((ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()), "")
-            return f"{shlex.join(argv)} -c probe.cpp exited {proc.returncode}" + (f" ({err.strip()})" if err else "")
-        if not obj.is_file() or obj.stat().st_size == 0:
-            return f"{shlex.join(argv)} -c probe.cpp exited 0 but wrote no object file"
-    return None
 
 
 def compiler_available() -> tuple[bool, str]:

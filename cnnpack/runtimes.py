@@ -96,8 +96,8 @@ class CompiledRuntime(EagerRuntime):
 
         prepare_inductor()  # quiet (no CUDA toolkit here), and without inductor's redundant ISA probes
         model, dev, _ = cls.build(artifact, device)
+        cls.precheck()
         if dev.type == "cpu":
-            cls.precheck(cpu=True)
             start_header_build()  # its kernels' precompiled header, built while the first call traces (or found built)
         try:
             compiled = torch.compile(model, dynamic=False)
@@ -108,17 +108,13 @@ class CompiledRuntime(EagerRuntime):
         return rt
 
     @classmethod
-    def precheck(cls, cpu: bool | None = None) -> None:
-        """Inductor's CPU kernels are C++: without a compiler torch.compile failed at its first call, with inductor's
-        InvalidCxxCompiler traceback, and the default bench (so the main command) ended there. `cpu` None: the bench
-        runs on the CPU unless a CUDA GPU is there."""
+    def precheck(cls) -> None:
+        """Inductor's CPU kernels are C++ (and on CUDA Triton builds its launcher with the system's compiler): without
+        one torch.compile failed at its first call, with inductor's InvalidCxxCompiler traceback, and the default
+        bench (so the main command) ended there."""
         from cnnpack.host import COMPILER_INSTALL, compiler_missing
 
-        if cpu is None:
-            import torch
-
-            cpu = not torch.cuda.is_available()
-        if cpu and (why := compiler_missing()):
+        if why := compiler_missing():
             raise RuntimeUnavailable(f"{cls.name}: torch.compile needs a C++ compiler for its CPU kernels: {why}; "
                                      f"{COMPILER_INSTALL}")
 
@@ -129,8 +125,16 @@ class CompiledRuntime(EagerRuntime):
         # so the process-wide setting is switched on for that call alone
         from torch._inductor import config
 
-        with config.patch(freezing=self.freezing):
-            out = super().predict(batch)
+        try:
+            with config.patch(freezing=self.freezing):
+                out = super().predict(batch)
+        except Exception:  # a compiler that answers --version but builds nothing (CXX=true: inductor's IndexError)
+            from cnnpack.host import COMPILER_INSTALL, compiler_fails
+
+            if self.device.type == "cpu" and (why := compiler_fails()):
+                raise RuntimeUnavailable(f"{self.name}: torch.compile could not build its CPU kernels: the C++ "
+                                         f"compiler does not work: {why}; {COMPILER_INSTALL}") from None
+            raise
         self._compiled_shapes.add(batch.shape)
         return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import sys
 import pytest
 
 from cnnpack.bench import BenchConfig, Window, agree, bench, default_runtimes
-from cnnpack.errors import MissingStageError, StageFailed, UserInputError
+from cnnpack.errors import MissingStageError, RuntimeUnavailable, StageFailed, UserInputError
 from cnnpack.export import ExportConfig, export
 from cnnpack.rundir import Run, sha256
 
@@ -183,7 +184,7 @@ def test_a_run_replaced_while_bench_measured_gets_none_of_its_rows(exported, tmp
 
 
 @pytest.mark.parametrize("cfg, message", [
-    (BenchConfig(runtimes=("eager", "tensorflow")), "valid: eager, compiled, aoti, torchscript, onnxruntime"),
+    (BenchConfig(runtimes=("eager", "tensorflow")), "valid: eager, (compiled, )?aoti, torchscript, onnxruntime"),
     (BenchConfig(runtimes=("onnxruntime",), batch_sizes=(1, 16)), "exceeds the max batch size 8"),
     (BenchConfig(threads=0), "--threads must be >= 1"),
     (BenchConfig(threads=100_000), "--threads 100000 is more than the"),  # a MemoryError
@@ -199,8 +200,9 @@ def test_unknown_runtime_says_why_installed_ones_are_skipped(exported):
 
     with pytest.raises(UserInputError) as e:
         bench(exported, BenchConfig(runtimes=("nope",)))
-    if not torch.cuda.is_available():
-        assert "installed but unusable here: onnxruntime-cuda (no CUDA GPU" in str(e.value)
+    if not torch.cuda.is_available():  # after compiled's reason, where no C++ compiler is found
+        assert re.search(r"installed but unusable here: (compiled \(.*?\); )?onnxruntime-cuda \(no CUDA GPU",
+                         str(e.value)), str(e.value)
 
 
 def test_run_without_exports_is_refused_before_measuring(tiny_run):
@@ -369,8 +371,11 @@ def test_bench_s_files_and_record_are_replaced_together_or_not_at_all(onnx_only,
 
 
 def test_default_runtimes_bench_what_the_run_has(onnx_only):
+    from cnnpack.host import compiler_missing
+
     chosen, skipped = default_runtimes(Run.open(onnx_only))
-    assert {"eager", "compiled", "onnxruntime"} <= set(chosen) and "torchscript" not in chosen
+    assert {"eager", "onnxruntime"} <= set(chosen) and "torchscript" not in chosen
+    assert ("compiled" in chosen) == (compiler_missing() is None)  # the next test: skipped without a compiler
     assert "no torchscript artifact" in skipped["torchscript"] and "triton" not in skipped
     section = bench(onnx_only, BenchConfig(artifacts=("onnx",), batch_sizes=(1,), threads=1, max_seconds=0.2,
                                            warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
@@ -395,10 +400,32 @@ def test_without_a_cpp_compiler_the_compiled_runtime_is_skipped_saying_why(onnx_
     assert "compiled" not in chosen and "eager" in chosen
     assert skipped["compiled"] == (f"torch.compile needs a C++ compiler for its CPU kernels: {why}; install one "
                                    "(`apt-get install g++`) or set CXX to a C++ compiler")
+    fast = dict(batch_sizes=(1,), threads=1, max_seconds=0.2, warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False)
+    section = bench(run, BenchConfig(runtimes=("eager", "compiled"), **fast))
+    assert {r["runtime"] for r in section["results"]} == {"eager"}
+    assert section["skipped"]["compiled"] == skipped["compiled"]  # said once, as `skipped compiled: <why>`
+    with pytest.raises(RuntimeUnavailable, match=r"^no runtime could run here: compiled: torch.compile needs a C\+\+ "
+                                                 r"compiler for its CPU kernels: "):
+        bench(run, BenchConfig(runtimes=("compiled",), **fast))
+
+
+def test_a_compiler_that_builds_nothing_skips_the_compiled_runtime_at_its_first_call(onnx_only, tmp_path, monkeypatch):
+    """CXX=true answers --version, so the runtime loads; its first call failed with inductor's IndexError. (Not from
+    inductor's caches: a kernel compiled by an earlier test would need no compiler.)"""
+    from torch._inductor import config
+
+    run = tmp_path / "run"
+    shutil.copytree(onnx_only, run)
+    monkeypatch.setenv("CXX", shutil.which("true"))
+    monkeypatch.setattr(config.cpp, "cxx", (None, shutil.which("true")))  # inductor read $CXX when it was imported
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(config, "fx_graph_cache", False)
     section = bench(run, BenchConfig(runtimes=("eager", "compiled"), batch_sizes=(1,), threads=1, max_seconds=0.2,
                                      warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
     assert {r["runtime"] for r in section["results"]} == {"eager"}
-    assert section["skipped"]["compiled"] == skipped["compiled"]  # said once, as `skipped compiled: <why>`
+    assert section["skipped"]["compiled"] == (
+        f"torch.compile could not build its CPU kernels: the C++ compiler does not work: {shutil.which('true')} -c "
+        "probe.cpp exited 0 but wrote no object file; install one (`apt-get install g++`) or set CXX to a C++ compiler")
 
 
 def test_default_batch_sizes_fit_each_export_and_asked_ones_are_held_to_it(onnx_only):
