@@ -66,6 +66,7 @@ def main() -> None:
     finally:
         for b in busy:
             b.kill()
+            b.wait()
     lines = ["# The CPU's bf16 weight gradient of a convolution, by its input map", "",
              "Steps whose weight gradient held a NaN or infinite entry (batch 65, random inputs; the forward in bf16 "
              "autocast as `cnnpack train` runs on a CPU with native bf16).", "",

@@ -409,23 +409,23 @@ def test_without_a_cpp_compiler_the_compiled_runtime_is_skipped_saying_why(onnx_
         bench(run, BenchConfig(runtimes=("compiled",), **fast))
 
 
-def test_a_compiler_that_builds_nothing_skips_the_compiled_runtime_at_its_first_call(onnx_only, tmp_path, monkeypatch):
-    """CXX=true answers --version, so the runtime loads; its first call failed with inductor's IndexError. (Not from
-    inductor's caches: a kernel compiled by an earlier test would need no compiler.)"""
-    from torch._inductor import config
-
+def test_a_compiler_that_builds_nothing_skips_the_compiled_runtime_at_its_first_call(onnx_only, tmp_path):
+    """CXX=true answers --version, so the runtime loads; its first call failed with inductor's IndexError. In a new
+    process with its own inductor cache: inductor reads $CXX when imported, and a kernel an earlier test compiled
+    would need no compiler (patching inductor's config in this process broke the later tests' compiles)."""
     run = tmp_path / "run"
     shutil.copytree(onnx_only, run)
-    monkeypatch.setenv("CXX", shutil.which("true"))
-    monkeypatch.setattr(config.cpp, "cxx", (None, shutil.which("true")))  # inductor read $CXX when it was imported
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setattr(config, "fx_graph_cache", False)
-    section = bench(run, BenchConfig(runtimes=("eager", "compiled"), batch_sizes=(1,), threads=1, max_seconds=0.2,
-                                     warmup_s=0.05, matmul_n=256, matmul_s=0.05, plot=False))
-    assert {r["runtime"] for r in section["results"]} == {"eager"}
-    assert section["skipped"]["compiled"] == (
-        f"torch.compile could not build its CPU kernels: the C++ compiler does not work: {shutil.which('true')} -c "
-        "probe.cpp exited 0 but wrote no object file; install one (`apt-get install g++`) or set CXX to a C++ compiler")
+    true = shutil.which("true")
+    env = {**os.environ, "CXX": true, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    proc = subprocess.run([sys.executable, "-m", "cnnpack", "bench", "--run", str(run), "--runtimes", "eager,compiled",
+                           "--batch-sizes", "1", "--threads", "1", "--max-seconds", "0.2", "--no-plot"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    why = (f"torch.compile could not build its CPU kernels: the C++ compiler does not work: {true} -c probe.cpp exited "
+           "0 but wrote no object file; install one (`apt-get install g++`) or set CXX to a C++ compiler")
+    assert f"skipped compiled: {why}\n" in proc.stderr and "Traceback" not in proc.stderr
+    section = json.loads((run / "cnnpack.json").read_text())["stages"]["bench"]
+    assert {r["runtime"] for r in section["results"]} == {"eager"} and section["skipped"]["compiled"] == why
 
 
 def test_default_batch_sizes_fit_each_export_and_asked_ones_are_held_to_it(onnx_only):
