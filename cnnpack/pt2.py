@@ -35,7 +35,6 @@ from cnnpack.errors import RuntimeUnavailable, StageFailed, UserInputError, rera
 from cnnpack.host import COMPILER_INSTALL, compiler_fails, compiler_missing
 
 NAMES = ("INPUT__0", "OUTPUT__0")  # Triton's PyTorch backend: ordinal names, for torch_aoti as for TorchScript
-INSTALL = COMPILER_INSTALL
 # freezing: weights become constants (BatchNorm folded, oneDNN weights pre-packed); measured in
 # benchmarks/results/pt2-aoti-*.md, as are the settings tried and left at their defaults.
 # dynamic_threads: the kernels take the thread count at run time (a Triton instance's INTRA_OP_THREAD_COUNT, the
@@ -57,7 +56,7 @@ def find_compiler() -> str:
     """The C++ compiler AOTInductor will run (`$CXX`, else `g++`), or UserInputError naming what is missing."""
     if why := compiler_missing():
         raise UserInputError(f"--format pt2 needs a C++ compiler (AOTInductor compiles the model to C++ at export "
-                             f"time): {why}; {INSTALL}; the other formats do not need one")
+                             f"time): {why}; {COMPILER_INSTALL}; the other formats do not need one")
     return os.environ.get("CXX") or "g++"
 
 
@@ -125,9 +124,9 @@ def compile_package(program, dest: Path, *, metadata: dict[str, str], configs: d
         if cause is not None:
             cxx = find_compiler()  # names what is missing; if it finds one, inductor disagreed with it
             raise UserInputError(f"--format pt2: AOTInductor found no working C++ compiler (tried {cxx}); "
-                                 f"{INSTALL}") from None
+                                 f"{COMPILER_INSTALL}") from None
         if why := compiler_fails():  # a compiler that runs but writes nothing (CXX=true): inductor's IndexError
-            raise UserInputError(f"--format pt2: the C++ compiler does not work: {why}; {INSTALL}") from None
+            raise UserInputError(f"--format pt2: the C++ compiler does not work: {why}; {COMPILER_INSTALL}") from None
         line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise StageFailed(f"AOTInductor could not compile the exported model: {line.strip()}") from None
     seconds = time.perf_counter() - t0
