@@ -63,13 +63,13 @@ def read_pixels(paths: list[Path], size: int) -> tuple[list[Path], np.ndarray, l
     with quiet():
         for p in paths:
             if why := _special(p):
-                skipped.append({"file": str(p), "reason": why})
+                skipped.append({"file": shown_name(p), "reason": why})
                 continue
             try:
                 images.append(read_image(p, size))
                 ok.append(p)
             except DECODE_ERRORS as e:
-                skipped.append({"file": str(p), "reason": _why(e)})
+                skipped.append({"file": shown_name(p), "reason": _why(e)})
     batch = np.stack(images).astype(np.float32) if images else np.zeros((0, 3, size, size), np.float32)
     return ok, batch, skipped
 
@@ -89,7 +89,7 @@ def read_encoded(paths: list[Path]) -> tuple[list[Path], np.ndarray, list[dict]]
     with quiet():
         for p in paths:
             if why := _special(p):
-                skipped.append({"file": str(p), "reason": why})
+                skipped.append({"file": shown_name(p), "reason": why})
                 continue
             try:
                 data = Path(p).read_bytes()
@@ -99,10 +99,17 @@ def read_encoded(paths: list[Path]) -> tuple[list[Path], np.ndarray, list[dict]]
                 ok.append(p)
                 blobs.append(data)
             except DECODE_ERRORS as e:
-                skipped.append({"file": str(p), "reason": _why(e)})
+                skipped.append({"file": shown_name(p), "reason": _why(e)})
     batch = np.empty((len(blobs), 1), dtype=np.object_)
     batch[:, 0] = blobs
     return ok, batch, skipped
+
+
+def shown_name(path: Path | str) -> str:
+    """A file's name as text that prints and encodes anywhere: bytes that are not UTF-8 (a name from another
+    system's encoding) as \\xNN escapes, not the lone surrogates Python keeps them as, which strict JSON readers
+    and terminals refuse."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _special(path: Path) -> str | None:
@@ -117,7 +124,7 @@ def _why(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     text = str(e).split("\n")[0] or type(e).__name__
-    return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text)  # the file is named by the caller
+    return shown_name(re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text))  # the file is named by the caller
 
 
 def expand_folders(paths: list[str | Path], left_out: list[Path] | None = None) -> list[Path]:
@@ -194,7 +201,7 @@ def infer(paths: list[str | Path], cfg: InferConfig, *,
         for i in range(0, len(files), CHUNK_FILES):  # (classify sends each within the model's batch limit)
             part = files[i:i + CHUNK_FILES]
             ok, batch, bad = read_encoded(part) if cfg.ensemble else read_pixels(part, model.image_size)
-            rows = [{"file": str(p), "top": top} for p, top in zip(ok, classify(client, model, batch, k))] if ok else []
+            rows = [{"file": shown_name(p), "top": top} for p, top in zip(ok, classify(client, model, batch, k))] if ok else []
             results += rows
             skipped += bad
             if on_results is not None:
@@ -204,7 +211,7 @@ def infer(paths: list[str | Path], cfg: InferConfig, *,
                                  + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
                                  + ("; ..." if len(skipped) > 3 else "") + "); nothing was sent")
     return {"model": target, "url": client.url, "top_k": k, "score": "logit", "results": results, "skipped": skipped,
-            "left_out": [str(f) for f in left_out]}
+            "left_out": [shown_name(f) for f in left_out]}
 
 
 def _check_model(model, cfg: InferConfig) -> None:

@@ -778,3 +778,17 @@ def test_names_with_spaces_quotes_and_non_ascii_are_served_and_read_back_exactly
         score, index, label = entry.decode("utf-8").split(":")  # more than 3 fields would fail here
         read_back[int(index)] = label
     assert read_back == dict(enumerate(classes))
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_with_escapes_in_text_and_json(val_files, tmp_path):
+    from cnnpack.infer import read_pixels
+
+    good, bad = tmp_path / os.fsdecode(b"caf\xe9.png"), tmp_path / os.fsdecode(b"\xff.png")  # latin-1 names
+    shutil.copy(val_files[0], good)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    ok, batch, skipped = read_pixels([good, bad], 32)
+    assert ok == [good] and batch.shape == (1, 3, 32, 32)
+    assert skipped[0]["file"] == str(tmp_path / "\\xff.png")
+    text = json.dumps(skipped, ensure_ascii=False)
+    text.encode("utf-8")  # no lone surrogate: strict readers (and every UTF-8 stream) take it
+    assert "\\\\xff.png" in text and not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
