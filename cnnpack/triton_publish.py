@@ -19,13 +19,14 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from cnnpack import __version__
 from cnnpack.atomic import atomic_write_bytes
-from cnnpack.errors import StageFailed, UserInputError
+from cnnpack.errors import StageFailed, UserInputError, shell
 from cnnpack.rundir import now, sha256
-from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG, check_name
+from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG, PREPROCESS, check_name
 
 PREVIOUS = "config.pbtxt.prev"  # the config.pbtxt that `cnnpack tune` replaced, kept for `tune --undo`
 
@@ -263,3 +264,32 @@ def put_back(folder: Path, aside: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def preprocess_source() -> bytes:
+    """The shipped Python-backend preprocessing model (a package file, not generated code)."""
+    return (resources.files("cnnpack") / "backends" / "preprocess" / "model.py").read_bytes()
+
+
+def stale_preprocessing(repo: str | Path, served: list[tuple[str, str]], run: Path | None = None) -> list[str]:
+    """A note for each served preprocessing model (of the (name, version) pairs) whose model.py is not the one this
+    cnnpack ships: laid out by another version of cnnpack (or edited since). A layout copies the file, so a repository
+    keeps the preprocessing it was laid out with until `cnnpack triton` lays its model out again (a new version). The
+    command named lays it out from `run`, or else from the run that laid out its classifier's latest version."""
+    shipped, notes, repo = preprocess_source(), [], Path(repo)
+    for name, version in served:
+        try:
+            if not name.endswith(PREPROCESS) or (repo / name / version / "model.py").read_bytes() == shipped:
+                continue
+        except OSError:
+            continue  # not there or unreadable: the server said what it could not load
+        classifier = ((read_sidecar(repo / name) or {}).get("identity") or {}).get("for") or name[:-len(PREPROCESS)]
+        side = read_sidecar(repo / classifier) or {}
+        laid = side.get("versions") or {}
+        src = str(run) if run else (laid.get(max(laid, key=lambda v: int(v) if v.isdigit() else -1), {})
+                                    if laid else {}).get("run")
+        fmt = (side.get("identity") or {}).get("format")
+        how = (f"`cnnpack triton --run {shell(src)} --repository {shell(repo)} --name {shell(classifier)}"
+               + (f" --format {fmt}" if fmt else "") + " --ensemble`") if isinstance(src, str) else \
+            f"`cnnpack triton --ensemble` from the run {classifier} came from"
+        notes.append(f"{name} v{version} runs the image preprocessing of another cnnpack version (its model.py is not "
+                     f"this one's); {how} lays out the current one as a new version")
+    return notes

@@ -24,7 +24,6 @@ import shutil
 import sys
 import zipfile
 from dataclasses import asdict, replace
-from importlib import resources
 from pathlib import Path
 
 from cnnpack.atomic import atomic_write_bytes, sigint_deferred
@@ -58,10 +57,12 @@ from cnnpack.triton_publish import (  # noqa: F401
     cleared,
     conflict,
     model_dir,
+    preprocess_source,
     publish,
     put_back,
     read_sidecar,
     same_as_latest,
+    stale_preprocessing,
     stray_folders,
     versions,
 )
@@ -215,11 +216,6 @@ def model_io(run: Run, cfg: TritonConfig) -> tuple[ModelIO, Path, dict]:
 
 
 # -- the stage ---------------------------------------------------------------------------------
-def preprocess_source() -> bytes:
-    """The shipped Python-backend preprocessing model (a package file, not generated code)."""
-    return (resources.files("cnnpack") / "backends" / "preprocess" / "model.py").read_bytes()
-
-
 def _version_files(fmt: str, path: Path) -> dict[str, Path]:
     """What goes into a version folder: the model file (an OpenVINO IR: model.xml and its model.bin)."""
     files = {MODEL_FILES[fmt]: path}

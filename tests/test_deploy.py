@@ -1421,3 +1421,17 @@ def test_configs_written_into_the_repository_before_a_failed_one_are_taken_back(
     undo()  # what deploy calls when a step after the writes fails (removing stale configs, swapping --out in)
     assert (tmp_path / "a" / "configs" / "gpu.pbtxt").read_bytes() == b"the user's"
     assert not (tmp_path / "b" / "configs").exists()
+
+
+def test_a_preprocessing_model_laid_out_by_another_cnnpack_is_named_with_the_command_that_updates_it(laid_out,
+                                                                                                    tmp_path):
+    """A layout copies the preprocessing model.py: a repository keeps an older cnnpack's until laid out again."""
+    from cnnpack.deploy import DeployConfig, deploy
+
+    run, repo = _own_copy(laid_out, tmp_path)
+    with open(repo / "cnn_onnx_preprocess" / "1" / "model.py", "a") as f:
+        f.write("# an older cnnpack's preprocessing\n")
+    notes = deploy(run, DeployConfig(out=str(tmp_path / "out")))["notes"]
+    assert (f"cnn_onnx_preprocess v1 runs the image preprocessing of another cnnpack version (its model.py is not "
+            f"this one's); `cnnpack triton --run {run} --repository {repo} --name cnn_onnx --format onnx --ensemble` "
+            "lays out the current one as a new version") in notes

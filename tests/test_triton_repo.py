@@ -451,6 +451,20 @@ def test_ensemble_layout(run, tmp_path):
     assert _cli("--run", str(run), "--repository", str(repo), "--name", "clf", "--ensemble").exit_code == 0
     assert _tree(repo) == before  # nothing changed: no new versions anywhere
 
+    # a repository laid out by another cnnpack keeps that one's preprocessing: serve names it and the command
+    from cnnpack.triton_publish import stale_preprocessing
+
+    served = [("clf", "1"), ("clf_preprocess", "1"), ("clf_image", "1")]
+    assert stale_preprocessing(repo, served) == []
+    (repo / "clf_preprocess/1/model.py").write_bytes(shipped.read_bytes() + b"# an older cnnpack's\n")
+    (note,) = stale_preprocessing(repo, served)
+    assert note.startswith("clf_preprocess v1 runs the image preprocessing of another cnnpack version")
+    command = note.split("`")[1].split()
+    assert command[:2] == ["cnnpack", "triton"] and "--name" in command
+    assert _cli(*command[2:]).exit_code == 0
+    assert (repo / "clf_preprocess/2/model.py").read_bytes() == shipped.read_bytes()
+    assert stale_preprocessing(repo, [("clf_preprocess", "2")]) == []
+
 
 class _Req(dict):
     pass

@@ -59,9 +59,13 @@ def serve(
 
 
 def _report(server, as_json: bool) -> None:
+    from cnnpack.triton_publish import stale_preprocessing
+
+    notes = stale_preprocessing(server.cfg.repository, [(m.name, m.version) for m in server.models])
     if as_json:
         typer.echo(json.dumps({"pid": server.pid, "version": server.version, "repository": server.cfg.repository,
-                               "urls": server.urls, "models": [asdict(m) for m in server.models]}, indent=2))
+                               "urls": server.urls, "models": [asdict(m) for m in server.models],
+                               "notes": notes}, indent=2))
         return
     typer.echo(f"Triton {server.version} serving {server.cfg.repository} (pid {server.pid})")
     for kind, url in server.urls.items():
@@ -69,6 +73,8 @@ def _report(server, as_json: bool) -> None:
     width = max(len(m.name) for m in server.models) if server.models else 5
     for m in server.models:
         typer.echo(f"  model {m.name:<{width}}  v{m.version}  {m.state}  {m.served_by or m.platform or m.backend}")
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
     if not ipaddress.ip_address(server.cfg.host).is_loopback:  # (127.0.1.1, a Debian hostname's, is loopback)
         typer.echo(f"note: listening on {server.cfg.host}: reachable from other machines", err=True)
     typer.echo("Ctrl-C stops it.", err=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from cnnpack.errors import UserInputError, one_line, shell
 from cnnpack.rundir import Run, sha256
 from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG, PREPROCESS, PT2_FORMATS, classifier_of, ensemble_parts
-from cnnpack.triton_publish import STAGING_PREFIX
+from cnnpack.triton_publish import STAGING_PREFIX, stale_preprocessing, versions
 
 MiB = 1 << 20
 # startup probe: measured load time x margin, at least the floor; without a measurement, the fallback
@@ -118,6 +118,8 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     if left:
         plan.notes.append(f"not shipped: {', '.join(left)} (the image ensemble's preprocessing needs Pillow, which "
                           "the stock NGC image lacks; --model-store image builds an image with it)")
+    plan.notes += stale_preprocessing(repository, [(m, str(v[-1])) for m in models  # the version Triton serves
+                                                   if m.endswith(PREPROCESS) and (v := versions(repository / m))], run.path)
     def bounded(model: str, n: int | str, same: str = " (with the other options it was laid out with)") -> str:
         """The command that lays `model` out again, with its threads (`same`: what else it must be given)."""
         if model == triton["name"] and isinstance(triton.get("config"), dict):  # every setting as it was laid out
