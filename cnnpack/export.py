@@ -44,9 +44,10 @@ from cnnpack.export_config import (
 from cnnpack.host import exact_fp32, quiet_native_output
 from cnnpack.models import RawPixels, build_model, check_arch, check_input_size, load_state_dict_file, load_weights
 from cnnpack.reproduce import write_reproduce_or_warn
+from cnnpack.run_replace import Replacing
 from cnnpack.rundir import MANIFEST, Run, sha256
 from cnnpack.spec import ModelSpec, check_class_names, check_image_size
-from cnnpack.train import CHECKPOINT, load_checkpoint, remove_replaced_outputs, save_torch
+from cnnpack.train import CHECKPOINT, LATER_OUTPUTS, TRAIN_FILES, load_checkpoint, save_torch
 
 
 # -- TorchScript -----------------------------------------------------------------------------
@@ -366,13 +367,18 @@ def create_run(run_dir: str | Path, *, arch: str, num_classes: int, image_size: 
         load_weights(model, load_state_dict_file(weights), source=weights)  # validates before any write
     check_input_size(model, spec)  # an arch that cannot take the size: said, and no run left behind to --force
     weights_sha256 = sha256(weights) if weights else None  # before the run it may sit in is replaced
-    replaced = Path(run_dir, MANIFEST).exists()
-    run = Run.create(run_dir, spec.to_dict(), force=force)
-    if replaced:  # the replaced model's training files, exports and report go with it
-        remove_replaced_outputs(run)
-    save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": 0, "val_acc": None},
-               run.file(CHECKPOINT))
-    source = {"pretrained": pretrained, "weights": weights, "weights_sha256": weights_sha256,
-              "seed": seed, "init": "pretrained" if pretrained else ("file" if weights else "random")}
-    run.set_stage("model", {"status": "ok", "source": source, "checkpoint": run.file_record(run.file(CHECKPOINT))})
+    # the replaced model's training files, exports and report go with it, once this one is recorded (until then
+    # they are set aside: a failure puts them back)
+    replacing = Replacing(run_dir, (MANIFEST, *TRAIN_FILES, *LATER_OUTPUTS)) \
+        if force and Path(run_dir, MANIFEST).exists() else None
+    with replacing.guard() if replacing is not None else contextlib.nullcontext():
+        run = Run.create(run_dir, spec.to_dict(), force=force)
+        save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": 0, "val_acc": None},
+                   run.file(CHECKPOINT))
+        source = {"pretrained": pretrained, "weights": weights, "weights_sha256": weights_sha256,
+                  "seed": seed, "init": "pretrained" if pretrained else ("file" if weights else "random")}
+        run.set_stage("model", {"status": "ok", "source": source,
+                                "checkpoint": run.file_record(run.file(CHECKPOINT))})
+    if replacing is not None:
+        replacing.keep_new()
     return run

@@ -171,11 +171,16 @@ class Stages:
                   and last.get("config") == asdict(as_recorded(cfg)))
         if resume:
             self.say("[train] resuming the interrupted training from last.pt")
-        elif run.file(LAST).is_file() and last.get("status") not in ("ok", None):
+        elif run.manifest_path.exists() and last.get("status") is not None:
             was, now = last.get("config") or {}, asdict(as_recorded(cfg))
             changed = ", ".join(f"{k} {was.get(k)!r} -> {now[k]!r}" for k in now if was.get(k) != now[k])
-            self.say(f"[train] the interrupted training had other options ({changed or 'not recorded'}): training "
-                     "again from the start (the pipeline with its options as before continues it)")
+            if last.get("status") == "ok":  # (train sets the old run aside until the new one keeps an epoch)
+                self.say(f"[train] the run was trained with other options ({changed or 'its data changed'}): "
+                         "training again; its outputs are replaced once the first epoch is kept (a failure or "
+                         "Ctrl-C before that keeps them)")
+            elif run.file(LAST).is_file():
+                self.say(f"[train] the interrupted training had other options ({changed or 'not recorded'}): "
+                         "training again from the start (the pipeline with its options as before continues it)")
 
         def last_epoch_done(epoch: int, _: dict) -> None:
             if epoch >= cfg.epochs:

@@ -34,6 +34,7 @@ from cnnpack.atomic import (  # noqa: F401 - the writes are importable from here
 )
 from cnnpack.errors import MissingStageError, RunReplaced, UserInputError, shell
 from cnnpack.manifest_shape import manifest_problem
+from cnnpack.run_replace import recover
 
 SCHEMA_VERSION = 1
 MANIFEST = "cnnpack.json"
@@ -157,6 +158,7 @@ class Run:
         run = cls(path)
         if not run.path.exists():
             raise UserInputError(f"no such run directory: {run.path}")
+        recover(run.path)  # a run a killed replacement set aside: back in place first
         if not run.path.is_dir():
             raise UserInputError(f"--run {run.path} is a file, not a run directory")
         if run.manifest_path.is_dir():
@@ -205,6 +207,7 @@ class Run:
         run = cls(path)
         if run.path.exists() and not run.path.is_dir():
             raise UserInputError(f"run path {run.path} is a file, not a directory")
+        recover(run.path)
         if run.manifest_path.exists() and not force:
             raise UserInputError(
                 f"{run.path} already holds a run; pass --force to replace it{resume_hint}"

@@ -27,6 +27,7 @@ from cnnpack.atomic import atomic_path, sigint_deferred
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, file_error, first_few, one_line, shell
 from cnnpack.host import check_device
 from cnnpack.models import build_model, check_input_size, load_weights
+from cnnpack.run_replace import Replacing, recover
 from cnnpack.rundir import LAST, MANIFEST, Run, check_makeable
 from cnnpack.spec import ModelSpec
 from cnnpack.train_config import DEFAULT_LR, TrainConfig
@@ -36,10 +37,10 @@ from cnnpack.train_sessions import record_session, session
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
-# what a training writes; `--force` removes the previous run's copies first, so a new run that
+# what a training writes; `--force` sets the previous run's copies aside first (run_replace), so a new run that
 # stops early can never be resumed from (or evaluated with) the old run's state
 TRAIN_FILES = (CHECKPOINT, LAST, "history.json", "curves.png", "confusion.png", "samples.png")
-# what the later stages write into a run (their records go with the old manifest): removed by `--force` too, so the
+# what the later stages write into a run (their records go with the old manifest): set aside by `--force` too, so the
 # report and results a user opens in the folder are never the replaced model's (report.md quoted its accuracy)
 LATER_OUTPUTS = ("export", "verify.json", "bench.json", "bench.csv", "bench.png", "speedup.png", "precision.png",
                  "served.json", "served", "tune.json", "tune.png", "tune", "report.md", "report.html")
@@ -231,6 +232,7 @@ def sample_indices(pred: np.ndarray, true: np.ndarray, n: int = 32, max_wrong: i
 def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
     """Refuses a bad --run before any data is loaded (Run.create checks again when it writes)."""
     check_makeable(run_dir)
+    recover(run_dir)  # a run a killed replacement set aside: back before it is judged
     if resume:
         if not (run_dir / LAST).is_file():
             raise UserInputError(f"--resume: {run_dir} has no {LAST} (no epoch finished); "
@@ -301,17 +303,24 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     autocast, scaler, mixed = autocast_for(device, cfg, model, spec, say=is_main)
     state = {"autocast": autocast, "scaler": scaler, "channels_last": channels_last, "shard": shard}
 
+    replacing = None  # the run this one replaces, set aside (run_replace)
     if is_main and resume:
         run = Run.open(run_dir)
         check_same_data(run, data.summary())
     elif is_main:
-        replaced = run_dir.joinpath(MANIFEST).exists()
-        run = Run.create(run_dir, spec.to_dict(), force=force, resume_hint=" or --resume to continue it")
-        for name in TRAIN_FILES:
-            run.file(name).unlink(missing_ok=True)
-        if replaced:
-            remove_replaced_outputs(run)
-        run.set_stage("train", {"status": "running", "config": asdict(cfg), "data": data.summary()})
+        # the run it replaces is set aside until this one keeps its first epoch: a failure or Ctrl-C before that
+        # puts it back (it was deleted at once, and a pipeline whose options changed lost a finished run to a Ctrl-C)
+        replacing = Replacing(run_dir, (MANIFEST, *TRAIN_FILES, *LATER_OUTPUTS)) \
+            if force and run_dir.joinpath(MANIFEST).exists() else None
+        try:
+            run = Run.create(run_dir, spec.to_dict(), force=force, resume_hint=" or --resume to continue it")
+            for name in TRAIN_FILES:
+                run.file(name).unlink(missing_ok=True)
+            run.set_stage("train", {"status": "running", "config": asdict(cfg), "data": data.summary()})
+        except BaseException:
+            if replacing is not None:
+                replacing.put_back()
+            raise
     else:
         run = Run(run_dir)
     if is_main and on_run is not None:
@@ -322,7 +331,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     stale = _stale_epochs(history)
     kept = history[-1]["epoch"] if history else None  # the epoch last.pt holds
 
-    with _progress(progress and is_main) as bar:
+    with replacing.guard() if replacing is not None else contextlib.nullcontext(), _progress(progress and is_main) as bar:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             if stale >= cfg.patience:
                 break
@@ -349,6 +358,8 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                     if is_main:
                         run.check_not_replaced()  # a --force since: the new run's checkpoint is not overwritten
                         _save_epoch(run, model, spec, opt, sched, epoch, stats, history, improved)
+                        if replacing is not None:  # this run holds an epoch: the one it replaces goes
+                            replacing.keep_new()
                     kept = epoch
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, stats)
@@ -357,6 +368,9 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                     record_session(run, "interrupted", start_epoch, kept, t_start, steps_per_epoch, dist,
                                    autocast=mixed)
                 if kept is None:
+                    if replacing is not None and replacing.put_back():
+                        raise Interrupted(f"interrupted during epoch {epoch}, before any epoch finished; the run it "
+                                          f"was replacing in {run.path} is back as it was") from None
                     raise Interrupted(f"interrupted during epoch {epoch}, before any epoch finished; "
                                       f"start again with `cnnpack train --run {shell(run.path)} --force`") from None
                 where = f"after epoch {epoch}" if kept == epoch else f"during epoch {epoch}"
@@ -369,7 +383,9 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                     with contextlib.suppress(OSError):  # a full disk may not take the record either
                         record_session(run, "failed", start_epoch, kept, t_start, steps_per_epoch, dist,
                                        autocast=mixed, error=why)
-                kept_note = (f"; epoch {kept} is kept in {run.file(LAST)}" if kept is not None else "")
+                kept_note = (f"; epoch {kept} is kept in {run.file(LAST)}" if kept is not None else
+                             f"; the run it was replacing in {run.path} is back as it was"
+                             if replacing is not None and replacing.put_back() else "")
                 raise StageFailed(f"training failed in epoch {epoch} ({why}){kept_note}") from e
     if not is_main:
         return {}
@@ -388,19 +404,6 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         raise Interrupted(f"interrupted after the last epoch ({kept}), while its plots were drawn; every epoch is "
                           f"kept in {run.file(LAST)}; continue with `cnnpack train --run {shell(run.path)} "
                           "--resume`, which draws them") from None
-
-
-def remove_replaced_outputs(run: Run) -> None:
-    """What a run replaced by `--force` (train, export --arch) wrote: its training files, exports, results and report
-    (`TRAIN_FILES`, `LATER_OUTPUTS`, eval-*.json). Other files in the folder stay."""
-    import shutil
-
-    names = (*TRAIN_FILES, *LATER_OUTPUTS)
-    for path in [*(run.file(n) for n in names), *run.path.glob("eval-*.json")]:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
 
 
 def _save_epoch(run: Run, model, spec: ModelSpec, opt, sched, epoch: int, stats: dict, history: list[dict],

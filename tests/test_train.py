@@ -530,3 +530,41 @@ def test_a_full_disk_while_an_epoch_is_saved_fails_the_stage_and_keeps_the_epoch
     epochs = {torch.load(tmp_path / "r" / n, weights_only=True)["epoch"] for n in ("checkpoint.pt", "last.pt")}
     assert epochs == {1} and len(json.loads((tmp_path / "r" / "history.json").read_text())) == 1
     assert not [p for p in (tmp_path / "r").glob(".*") if p.name != ".cnnpack.lock"], "a temp file was left"
+
+
+def test_a_replacement_that_fails_or_is_interrupted_before_its_first_epoch_puts_the_old_run_back(colours, tmp_path,
+                                                                                               monkeypatch):
+    """`train --force` (and a pipeline whose training options changed) deleted the run it replaced first: a Ctrl-C or
+    a failure in the new training's first epoch lost the old checkpoint, its exports and its report for good."""
+    from dataclasses import replace
+
+    import cnnpack.train as train_mod
+
+    run = tmp_path / "r"
+    cfg = TrainConfig(data=str(colours), image_size=16, epochs=1, batch_size=16)
+    train(run, cfg, progress=False)
+    (run / "export").mkdir()
+    (run / "export" / "model.onnx").write_bytes(b"a later stage's output")
+    (run / "report.md").write_text("# the old run's report\n")
+    (run / "notes.txt").write_text("a user's own file: never moved\n")
+
+    def files() -> dict[str, bytes]:
+        return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*"))
+                if p.is_file() and p.name != ".cnnpack.lock"}
+
+    before = files()
+    for exc, error, says in ((KeyboardInterrupt(), Interrupted, "interrupted during epoch 1, before any epoch finished"),
+                             (RuntimeError("out of memory"), StageFailed, r"training failed in epoch 1 \(RuntimeError: "
+                                                                          r"out of memory\)")):
+        monkeypatch.setattr(train_mod, "_train_one_epoch", lambda *a, e=exc, **k: (_ for _ in ()).throw(e))
+        with pytest.raises(error, match=says + f"; the run it was replacing in {run} is back as it was$"):
+            train(run, replace(cfg, epochs=2), force=True, progress=False)
+        assert files() == before and not list(run.glob(".replaced-*"))
+        assert Run.open(run).read()["stages"]["train"]["status"] == "ok"
+    monkeypatch.undo()
+    seen = []
+    train(run, replace(cfg, epochs=2), force=True, progress=False,
+          on_epoch_end=lambda epoch, _: seen.append((epoch, (run / "export").exists(), (run / "report.md").exists(),
+                                                     [p.name for p in run.glob(".replaced-*")])))
+    assert seen == [(1, False, False, []), (2, False, False, [])]  # the new run kept an epoch: the old one is gone
+    assert (run / "notes.txt").is_file() and Run.open(run).read()["stages"]["train"]["config"]["epochs"] == 2
