@@ -100,7 +100,10 @@ def owner_gone(name: str, prefix: str) -> bool:
         return True
     except (PermissionError, OverflowError):  # another user's live process; a pid no process can have
         pass
-    return False
+    try:  # a zombie (killed, its parent not yet waiting for it: a container's pid 1 may never) is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def abandoned(path: Path, prefix: str, max_age_s: float = 86400) -> bool:
@@ -219,22 +222,46 @@ def remove_path(path: Path) -> None:
 
 
 def swap_dir(new: Path, dest: Path) -> None:
-    """Replaces the folder `dest` by `new` (in the same parent): where that fails the old one is put back under its
-    name, and it is removed only after the new one is in place."""
+    """Replaces the folder `dest` by `new` (in the same parent): where that fails (or a Ctrl-C comes) the old one is
+    put back under its name, and it is removed only after the new one is in place. The old one waits as
+    `.<dest>.old-<owner>`: where the process was killed between the two renames, the next swap (`recover_swap`) puts
+    it back, or removes it where the new folder got in place."""
     import shutil
 
+    recover_swap(dest)
     if not dest.exists():
         os.replace(new, dest)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-{owner_tag()}", dir=dest.parent))
     old.rmdir()
-    os.replace(dest, old)
-    try:
-        os.replace(new, dest)
-    except OSError:
-        os.replace(old, dest)  # the previous folder back where its record says it is
-        raise
+    with sigint_deferred():
+        os.replace(dest, old)
+        try:
+            os.replace(new, dest)
+        except BaseException:
+            os.replace(old, dest)  # the previous folder back where its record says it is
+            raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_swap(dest: Path) -> None:
+    """What a `swap_dir` (or its caller's staging, `.<dest>.new-<owner>`) killed part-way left beside `dest`: the old
+    folder goes back where no folder stands in its place, and is removed where the new one got in; a stage is
+    removed."""
+    import glob
+    import shutil
+
+    with contextlib.suppress(OSError):
+        for sib in sorted(dest.parent.glob(f".{glob.escape(dest.name)}.*")):
+            for kind in ("old", "new"):
+                prefix = f".{dest.name}.{kind}-"
+                if not sib.name.startswith(prefix) or not sib.is_dir() or not owner_gone(sib.name, prefix):
+                    continue
+                with contextlib.suppress(OSError):
+                    if kind == "old" and not (dest.exists() or dest.is_symlink()):
+                        os.replace(sib, dest)
+                    else:
+                        shutil.rmtree(sib, ignore_errors=True)
 
 
 def atomic_write_json(dest: str | Path, obj: Any) -> None:

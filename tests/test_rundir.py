@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -321,3 +322,98 @@ def test_a_commit_refuses_a_folder_where_a_file_goes_and_removes_nothing(tmp_pat
     with pytest.raises(NotADirectoryError):
         run.commit([(folder, run.file("openvino"))], lambda m: None)
     assert run.file("openvino").read_text() == "a file where a folder goes"
+
+
+@pytest.mark.parametrize("new_manifest", [True, False])  # killed after the new run's manifest was written, or before
+def test_a_run_a_killed_replacement_set_aside_is_put_back_when_the_run_is_opened(tmp_path, new_manifest):
+    """SIGKILL (out of memory) in the first epoch of `train --force` left the old run hidden in .replaced-<owner>."""
+    import subprocess
+    import sys
+
+    from cnnpack.atomic import owner_tag
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32})
+    old_manifest = run.manifest_path.read_bytes()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = owner_tag().split("_")[0]
+    aside = run.path / f".replaced-{here}_{dead.pid}_"
+    (aside / "export").mkdir(parents=True)
+    (aside / "export" / "model.onnx").write_bytes(b"the old model")
+    (aside / "checkpoint.pt").write_bytes(b"the old weights")
+    os.replace(run.manifest_path, aside / "cnnpack.json")
+    if new_manifest:
+        run.manifest_path.write_text('{"the new run": "no epoch kept"}')
+    finished = run.path / f".replaced-done-{here}_{dead.pid}_"  # killed while it removed a replaced run: removed
+    (finished / "export").mkdir(parents=True)
+    live = run.path / f".replaced-{owner_tag()}"  # a replacement at work (this process): left alone
+    live.mkdir()
+    (run.path / "notes.txt").write_text("mine")
+    Run.open(run.path)
+    assert run.manifest_path.read_bytes() == old_manifest
+    assert (run.path / "export" / "model.onnx").read_bytes() == b"the old model"
+    assert (run.path / "checkpoint.pt").read_bytes() == b"the old weights"
+    assert sorted(p.name for p in run.path.iterdir() if p.name.startswith(".replaced")) == [live.name]
+
+
+def test_an_owner_killed_but_not_yet_waited_for_is_gone(tmp_path):
+    """A zombie answers kill(pid, 0): a run a SIGKILLed `train --force` set aside stayed hidden while its parent (a
+    container's pid 1, a `timeout` that was killed with it) had not waited for it."""
+    import subprocess
+    import sys
+    import time
+
+    from cnnpack.atomic import owner_gone, owner_tag
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    name = f".replaced-{owner_tag().split('_')[0]}_{child.pid}_"
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.05)
+    assert owner_gone(name, ".replaced-")  # exited, not yet waited for
+    child.wait()
+    assert owner_gone(name, ".replaced-") and not owner_gone(f".replaced-{owner_tag()}", ".replaced-")
+
+
+def test_a_folder_swap_killed_or_interrupted_part_way_leaves_the_old_folder_in_place(tmp_path, monkeypatch):
+    """A Ctrl-C between deploy's two renames left --out hidden as .out.old-<random> with the user's own files in it,
+    and the next deploy wrote a fresh folder without them; a SIGKILL did the same."""
+    import subprocess
+    import sys
+
+    import cnnpack.atomic as atomic
+
+    def folder(path: Path, text: str) -> Path:
+        path.mkdir()
+        (path / "NOTES.md").write_text(text)
+        return path
+
+    out = folder(tmp_path / "out", "mine")
+    real = os.replace
+    calls = []
+
+    def second_interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", second_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.swap_dir(folder(tmp_path / "new", "new"), out)
+    monkeypatch.setattr(atomic.os, "replace", real)
+    assert (out / "NOTES.md").read_text() == "mine" and (tmp_path / "new").is_dir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tag = f"{atomic.owner_tag().split('_')[0]}_{dead.pid}_"
+    os.replace(out, tmp_path / f".out.old-{tag}x1")  # killed between the two renames: nothing in its place
+    folder(tmp_path / f".out.new-{tag}x2", "a stage")  # killed while it staged the new one
+    atomic.recover_swap(out)
+    assert (out / "NOTES.md").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
+    folder(tmp_path / f".out.old-{tag}x3", "the old one")  # killed after the new one was in place: removed
+    live = folder(tmp_path / f".out.old-{atomic.owner_tag()}x4", "a swap at work")
+    atomic.recover_swap(out)
+    assert (out / "NOTES.md").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["new", "out", live.name])

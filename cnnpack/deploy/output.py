@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cnnpack.atomic import naming, swap_dir
+from cnnpack.atomic import naming, owner_tag, recover_swap, swap_dir
 from cnnpack.errors import UserInputError
 from cnnpack.rundir import check_makeable
 
@@ -39,6 +39,7 @@ def check_out(out: Path, identity: dict, *, force: bool) -> list[str] | None:
     """Refuses an --out that holds something else than this deployment (nothing is written); returns the files of
     the deployment it will replace (None: nothing to replace)."""
     check_makeable(out, "--out")
+    recover_swap(out)  # a deployment a deploy killed mid-swap hid (with the user's files in it): back first
     if not out.is_dir() or not any(out.iterdir()):
         return None
     marker = out / IDENTITY
@@ -109,7 +110,7 @@ def stage_tree(out: Path, files: dict[str, str | bytes], keep: list[str] = ()) -
     """Writes every file, and the kept files of the folder it replaces, into a fresh folder beside `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with naming(out.parent):
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-{owner_tag()}", dir=out.parent))
     try:
         for rel in keep:
             path = stage / rel
