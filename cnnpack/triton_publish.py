@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from cnnpack import __version__
-from cnnpack.atomic import atomic_write_bytes
+from cnnpack.atomic import abandoned, atomic_write_bytes, owner_tag
 from cnnpack.errors import StageFailed, UserInputError, shell
 from cnnpack.rundir import now, sha256
 from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG, PREPROCESS, check_name
@@ -155,6 +155,7 @@ def _same_device_parent(root: Path) -> Path | None:
 def publish(root: Path, draft: Draft, *, force: bool) -> Published:
     """Writes `draft` into `root/<name>`: a new version (or none if unchanged), never touching old ones."""
     folder = model_dir(root, draft.name)
+    remove_abandoned(folder)
     replace = conflict(folder, draft) is not None  # checked (and refused without --force) by the caller
     if not replace and folder.is_dir() and (v := same_as_latest(folder, draft.version)):
         _write_top(folder, draft.top)  # same artifact: bring config/labels up to date, no new version
@@ -163,8 +164,21 @@ def publish(root: Path, draft: Draft, *, force: bool) -> Published:
     root.mkdir(parents=True, exist_ok=True)
     stage_root = _same_device_parent(root) if not folder.exists() else None
     if stage_root is not None:
+        remove_abandoned(stage_root)
+    if stage_root is not None:
         return _publish_new(root, folder, draft, stage_root)
     return _publish_version(folder, draft, version, replace=replace and force)
+
+
+def remove_abandoned(place: Path) -> None:
+    """The staging folders a layout killed part-way (SIGKILL) left in `place` (a model folder, or beside the
+    repository): a version it had not put in place, or the versions of a model `--force` replaced, which it had put
+    its new version in place of. Triton never sees them, but they stayed for good."""
+    with contextlib.suppress(OSError):
+        for p in place.iterdir():
+            if p.name.startswith(STAGING_PREFIX) and p.is_dir() and not p.is_symlink() \
+                    and abandoned(p, STAGING_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def _write_top(folder: Path, top: dict[str, bytes]) -> None:
@@ -176,7 +190,7 @@ def _write_top(folder: Path, top: dict[str, bytes]) -> None:
 
 def _publish_new(root: Path, folder: Path, draft: Draft, stage_root: Path) -> Published:
     """A model that does not exist yet: built completely beside the repository, renamed in."""
-    tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=stage_root))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{owner_tag()}", dir=stage_root))
     try:
         built = tmp / draft.name
         _fill_version(built / "1", draft.version)
@@ -197,7 +211,7 @@ def _publish_version(folder: Path, draft: Draft, version: int, *, replace: bool)
     back (`put_back`). A publish that fails part way takes its own version back; its caller, config.pbtxt."""
     old_versions = versions(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))  # not a number: Triton ignores it
+    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{owner_tag()}", dir=folder))  # not a number: Triton ignores it
     aside, placed = None, False
     try:
         _fill_version(tmp / str(version), draft.version)
@@ -205,7 +219,7 @@ def _publish_version(folder: Path, draft: Draft, version: int, *, replace: bool)
         os.rename(tmp / str(version), folder / str(version))
         placed = True
         if replace:  # --force over a different model: its versions do not fit the new config, nor do the configs
-            aside = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))  # other commands left for it
+            aside = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{owner_tag()}", dir=folder))  # other commands left for it
             _set_aside(folder, old_versions, aside)
         _write_top(folder, {SIDECAR: _sidecar(draft, None if replace else read_sidecar(folder), version)})
     except BaseException as e:  # an OSError, a Ctrl-C: Triton would serve a version the manifest never records

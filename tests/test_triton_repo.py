@@ -583,3 +583,28 @@ def test_without_repository_a_run_laid_out_before_is_added_to_where_it_was_from_
     shutil.copytree(run, fresh)
     Run.open(fresh).update(lambda m: m["stages"].pop("triton"))
     assert _cli("--run", str(fresh), "--format", "onnx").exit_code == 0 and (elsewhere / "model_repository/cnn_onnx").is_dir()
+
+
+def test_what_a_killed_layout_left_in_a_model_folder_or_beside_the_repository_is_removed_by_the_next(run, tmp_path):
+    """SIGKILL after `triton --force` put its version in place left the replaced model's versions hidden in a
+    randomly named .cnnpack-staging-* folder for good (and a partial version where it was killed sooner)."""
+    import subprocess
+
+    from cnnpack.atomic import owner_tag
+    from cnnpack.triton_publish import STAGING_PREFIX
+
+    repo = tmp_path / "repo"
+    build(run, TritonConfig(repository=str(repo), name="clf"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = f"{STAGING_PREFIX}{owner_tag().split('_')[0]}_{dead.pid}_"
+    for place in (repo / "clf", tmp_path):
+        (place / f"{gone}x1" / "1").mkdir(parents=True)
+    live = repo / "clf" / f"{STAGING_PREFIX}{owner_tag()}x2"  # a layout at work
+    live.mkdir()
+    before = _tree(repo)
+    build(run, TritonConfig(repository=str(repo), name="clf"))  # nothing new to lay out: the folder is tidied
+    assert not (repo / "clf" / f"{gone}x1").exists() and live.is_dir() and (tmp_path / f"{gone}x1").is_dir()
+    assert _tree(repo) == before  # (no file of the model's own changed)
+    build(run, TritonConfig(repository=str(repo), name="other"))  # a new model, staged beside the repository
+    assert not (tmp_path / f"{gone}x1").exists() and (repo / "other" / "1").is_dir()
