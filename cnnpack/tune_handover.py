@@ -7,6 +7,7 @@ repository still serves as tune left it.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from cnnpack.atomic import atomic_write_text
@@ -48,9 +49,17 @@ def undo(run_dir: str | Path) -> list[dict]:
         return _undo(run)
 
 
+def _restored_unrecorded(stages: dict) -> dict[str, dict]:
+    """The configs an undo killed before its record (SIGKILL) put back: the config holds its .prev's text already,
+    while the record still names the tuned one. An undo finishes them (they are not edits of the user's)."""
+    return {c: e for c, e in tune_records(stages).items() if "sha256" in e and e.get("previous")
+            and Path(c).is_file() and Path(e["previous"]).is_file() and sha256(Path(c)) != e["sha256"]
+            and Path(c).read_bytes() == Path(e["previous"]).read_bytes()}
+
+
 def _undo(run: Run) -> list[dict]:
     stages = run.read().get("stages", {})
-    entries = undoable(stages)
+    entries = undoable(stages) | _restored_unrecorded(stages)
     if not entries:
         entries = tune_records(stages)
         if changed := sorted(c for c, e in entries.items() if Path(c).is_file() and "sha256" in e
@@ -61,10 +70,19 @@ def _undo(run: Run) -> list[dict]:
                           and not Path(e["previous"]).is_file()):
             raise UserInputError(f"{gone[0]}, the config from before the tune, is gone: nothing to undo it to")
         raise UserInputError(f"{run.path}: no config written by `cnnpack tune` to undo")
-    restored = []
-    for config, e in entries.items():
-        atomic_write_text(Path(config), Path(e["previous"]).read_text())
-        Path(e["previous"]).unlink()
-        restored.append({"config": config, "previous": e["previous"]})
-    run.update(lambda m: m["stages"]["tune"].update(written=None, tuned={}, undone=restored))
+    restored, tuned_text = [], {c: Path(c).read_text() for c in entries}
+    with run.committing():  # the configs and their record as one step: a Ctrl-C waits, a failed record undoes them
+        try:
+            for config, e in entries.items():
+                atomic_write_text(Path(config), Path(e["previous"]).read_text())
+                restored.append({"config": config, "previous": e["previous"]})
+            run.update(lambda m: m["stages"]["tune"].update(written=None, tuned={}, undone=restored))
+        except BaseException:
+            for r in restored:
+                with contextlib.suppress(OSError):
+                    atomic_write_text(Path(r["config"]), tuned_text[r["config"]])
+            raise
+    for r in restored:  # only once the record says undone: until then the .prev is what an undo goes back to
+        with contextlib.suppress(OSError):
+            Path(r["previous"]).unlink()
     return restored

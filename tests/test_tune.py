@@ -722,3 +722,34 @@ def test_the_report_says_where_the_sweep_and_the_served_stage_measured_the_same_
     moved = {**stages, "served": {**served, "repository": "/elsewhere"}, "triton": {"name": "cnn_onnx",
                                                                                    "repository": "/here"}}
     assert _measured_apart(moved, t) == ""  # the served stage measured another repository
+
+
+def test_an_undo_killed_before_its_record_is_finished_and_one_whose_record_fails_puts_the_tuned_config_back(
+        laid_out, tmp_path, monkeypatch):
+    """`tune --undo` wrote each config and deleted its .prev before the record: killed in between, the next undo
+    refused ("changed since `cnnpack tune` wrote it (edited by hand ...)") and the record named the tuned config."""
+    from cnnpack.rundir import Run
+    from cnnpack.triton_publish import PREVIOUS
+    from cnnpack.tune import TuneConfig, finish
+    from cnnpack.tune_handover import undo
+
+    run_dir, repo = _copy(laid_out, tmp_path)
+    config = repo / "cnn_onnx" / "config.pbtxt"
+    original = config.read_text()
+    tuned = {"instances": 1, "threads": 1, "dynamic_batching": True, "queue_delay_us": 500}
+    assert finish(Run.open(run_dir), TuneConfig(), [_point({"default": True}, 1000, 120), _point(tuned, 980, 40)],
+                  {"error": None, "server_alive": True})["written"]
+    written = config.read_text()
+
+    def record_fails(self, fn):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Run, "update", record_fails)
+    with pytest.raises(OSError):
+        undo(run_dir)
+    monkeypatch.undo()
+    assert config.read_text() == written and (config.parent / PREVIOUS).read_text() == original
+    config.write_text(original)  # killed after the config was put back, before the record
+    assert [r["config"] for r in undo(run_dir)] == [str(config)]
+    assert config.read_text() == original and not (config.parent / PREVIOUS).exists()
+    assert Run.open(run_dir).read()["stages"]["tune"]["tuned"] == {}
