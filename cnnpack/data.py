@@ -19,7 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from cnnpack.data_change import names_digests
-from cnnpack.errors import UserInputError, count, one_line
+from cnnpack.data_layout import (  # noqa: F401 - split_dirs and the split names: importable from here too
+    TEST_SPLITS,
+    TRAIN_SPLITS,
+    VAL_SPLITS,
+    class_dirs,
+    classes_of,
+    flat_hint,
+    holds_classes,
+    holds_images,
+    nfc,
+    split_dirs,
+)
+from cnnpack.errors import UserInputError, count, first_few, one_line
 from cnnpack.folders import walk_files
 from cnnpack.images import DECODE_ERRORS, quiet, read_image
 from cnnpack.spec import check_class_names, check_image_size
@@ -115,52 +127,16 @@ class _Decoded:
 _DECODED = _Decoded()
 
 
-# -- ImageFolder -----------------------------------------------------------------------------
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-TRAIN_SPLITS, VAL_SPLITS, TEST_SPLITS = ("train", "training"), ("val", "valid", "validation"), ("test", "testing")
-
-
-def split_dirs(root: Path) -> tuple[Path | None, Path | None]:
-    """The (training, validation) folders of a dataset laid out by split: train/ and val/ as they are named, or,
-    where every folder under `root` is named as a split, in any case: train/ or training/, and val/, valid/ or
-    validation/ (test/ or testing/ where none of those is there). Otherwise the folders are classes (`valid/` and
-    `invalid/` are two classes), and (None, None); one of the two alone is refused by the loader."""
-    folders = _class_dirs(root) if root.is_dir() else []
-    if {"train", "val"} <= {p.name for p in folders}:
-        return root / "train", root / "val"
-    dirs: dict[str, Path] = {}
-    for p in folders:
-        dirs.setdefault(p.name.lower(), p)
-    if not dirs or not set(dirs) <= {*TRAIN_SPLITS, *VAL_SPLITS, *TEST_SPLITS}:
-        return None, None
-    train = next((dirs[n] for n in TRAIN_SPLITS if n in dirs), None)
-    val = next((dirs[n] for n in (*VAL_SPLITS, *(TEST_SPLITS if train else ())) if n in dirs), None)
-    return train, val
-
-
-def _holds_classes(folder: Path) -> bool:
-    """A folder of folders and no image file of its own: a split's (train/<class>/..., maybe with a README or a
-    labels.csv beside them), not a class named `train` (a vehicle data set's), whose images lie in it."""
-    from PIL import Image
-
-    try:
-        entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
-    except OSError:
-        return False
-    images = set(Image.registered_extensions())
-    return any(p.is_dir() for p in entries) and not any(p.is_file() and p.suffix.lower() in images for p in entries)
-
-
+# -- ImageFolder (its layout: data_layout) ---------------------------------------------------
 def _read_folder(root: Path, classes: list[str], size: int, skipped: list[str],
-                 present: list[str] | None = None) -> Split:
-    """Reads `root/<class>/*` for each class in `present` (default: all), labelled by `classes`."""
+                 present: dict[str, str] | None = None) -> Split:
+    """Reads `root/<folder>/*` for each class folder in `present` (folder -> its class; default: a folder of each
+    class's name), labelled by the class's index in `classes`."""
+    present = present or {c: c for c in classes}
     paths, labels = [], []
-    for cls in present or classes:
+    for name, cls in present.items():
         ci = classes.index(cls)
-        folder = root / cls
+        folder = root / name
         files = walk_files(folder) if folder.is_dir() else []
         if not files:
             raise UserInputError(f"class folder {folder} has no files; remove it or add images")
@@ -170,11 +146,11 @@ def _read_folder(root: Path, classes: list[str], size: int, skipped: list[str],
     keep = [i for i, (arr, _) in enumerate(results) if arr is not None]
     skipped += [why for arr, why in results if arr is None]
     kept_labels = [labels[i] for i in keep]
-    for cls in present or classes:
+    for name, cls in present.items():
         ci = classes.index(cls)
         if ci not in kept_labels:
             bad = [why for (arr, why), lab in zip(results, labels) if lab == ci and arr is None]
-            raise UserInputError(f"class folder {root / cls} has no readable images "
+            raise UserInputError(f"class folder {root / name} has no readable images "
                                  f"({count(len(bad), 'unreadable file')}, e.g. {bad[0]})")
     images = torch.from_numpy(np.stack([results[i][0] for i in keep]))
     return Split(images, torch.tensor(kept_labels, dtype=torch.int64), [str(paths[i]) for i in keep])
@@ -182,7 +158,8 @@ def _read_folder(root: Path, classes: list[str], size: int, skipped: list[str],
 
 def _check_classes(root: Path, classes: list[str]) -> None:
     if not classes:
-        raise UserInputError(f"{root} has no class folders; expected {root}/<class>/<image files>")
+        raise UserInputError(f"{root} has no class folders; expected {root}/<class>/<image files>" + (
+            flat_hint(root) if root.name.lower() in TRAIN_SPLITS else ""))
     if len(classes) < 2:
         raise UserInputError(f"{root} has only one class ({classes[0]}); a classifier needs at least two")
     check_class_names(classes, where=lambda i, c: f"class folder {c!r} in {root}", fix="rename the folder")
@@ -232,7 +209,7 @@ def check_data(data: str, image_size: int) -> None:
         raise UserInputError(f"--data {root} is a file; expected an ImageFolder directory")
     train, val = split_dirs(root)
     for folder in (train, val) if train and val else (root,):
-        names = [p.name for p in _class_dirs(folder)]
+        names = [p.name for p in class_dirs(folder)]
         if names:
             check_class_names(names, where=lambda i, c, f=folder: f"class folder {c!r} in {f}",
                               fix="rename the folder")
@@ -249,8 +226,8 @@ def class_names(data: str) -> list[str] | None:
     if data.startswith("torchvision:") or not root.is_dir():
         return None
     train, val = split_dirs(root)
-    names = [p.name for p in _class_dirs(train if train and val else root)]
-    if not (train and val) and (train or val or any(n in ("train", "val") and _holds_classes(root / n)
+    names = [p.name for p in class_dirs(train if train and val else root)]
+    if not (train and val) and (train or val or any(n in ("train", "val") and holds_classes(root / n)
                                                      for n in names)):
         return None  # one split alone: the loader says so
     return names
@@ -276,9 +253,9 @@ def training_images_at_most(data: str, *, val_fraction: float = 0.2) -> int | No
         return None
     train, val = split_dirs(root)
     if train and val:
-        return sum(len(walk_files(c)) for c in _class_dirs(train))
+        return sum(len(walk_files(c)) for c in class_dirs(train))
     total = 0
-    for c in _class_dirs(root):  # as split_indices leaves them
+    for c in class_dirs(root):  # as split_indices leaves them
         n = len(walk_files(c))
         total += n - (min(max(1, round(n * val_fraction)), n - 1) if n > 1 else 0)
     return total
@@ -310,25 +287,30 @@ def load_image_folder(root: Path, size: int, *, val_fraction: float = 0.2, seed:
     skipped: list[str] = []
     train_dir, val_dir = split_dirs(root)
     lone = None if train_dir and val_dir else (  # otherwise `train` would silently become a class
-        train_dir or val_dir or next((root / n for n in ("train", "val") if _holds_classes(root / n)), None))
+        train_dir or val_dir or next((root / n for n in ("train", "val") if holds_classes(root / n)), None))
     if lone is not None:
         lack = "val" if lone.name.lower() in TRAIN_SPLITS else "train"
-        flat = "" if _class_dirs(lone) else f" ({lone.name}/ holds images, not class folders: put them in " \
+        flat = "" if class_dirs(lone) else f" ({lone.name}/ holds images, not class folders: put them in " \
             f"{lone / '<class>'}/)"
+        also = f" (if {lone.name} is a class whose images lie in subfolders, move them up into {lone}/)" if (
+            not flat and any(p.name.lower() not in (*TRAIN_SPLITS, *VAL_SPLITS, *TEST_SPLITS) and holds_images(p)
+                             for p in class_dirs(root))) else ""
         raise UserInputError(f"{root} has {lone.name}/ but no {lack}/{flat}; add {root / lack}/<class>/<images> "
-                             f"or put the class folders directly under {root}")
+                             f"or put the class folders directly under {root}{also}")
     if train_dir and val_dir:
-        classes = [p.name for p in _class_dirs(train_dir)]
+        classes = [p.name for p in class_dirs(train_dir)]
         _check_classes(train_dir, classes)
-        val_classes = [p.name for p in _class_dirs(val_dir)]
+        val_classes = [p.name for p in class_dirs(val_dir)]
         if not val_classes:
-            raise UserInputError(f"{val_dir} has no class folders; expected {val_dir}/<class>/<image files>")
-        if extra := sorted(set(val_classes) - set(classes)):
-            raise UserInputError(f"{val_dir} has classes not in {train_dir.name}: {', '.join(extra)}")
+            raise UserInputError(f"{val_dir} has no class folders; expected {val_dir}/<class>/<image files>"
+                                 + flat_hint(val_dir))
+        known = {nfc(c) for c in classes}  # (a class copied from macOS reads the same: the same class)
+        if extra := sorted(c for c in val_classes if nfc(c) not in known):
+            raise UserInputError(f"{val_dir} has classes not in {train_dir.name}: {first_few(extra, 8)}")
         train = _read_folder(train_dir, classes, size, skipped)
-        val = _read_folder(val_dir, classes, size, skipped, present=val_classes)
+        val = _read_folder(val_dir, classes, size, skipped, present=classes_of(val_classes, classes, val_dir))
     else:
-        classes = [p.name for p in _class_dirs(root)]
+        classes = [p.name for p in class_dirs(root)]
         _check_classes(root, classes)
         full = _read_folder(root, classes, size, skipped)
         tr, va = split_indices(full.labels, val_fraction, seed)
@@ -346,14 +328,11 @@ def read_class_folders(root: Path, classes: list[str], size: int) -> tuple[Split
     For scoring a model on data it was not trained on: no split is held out, and the folders may be any of
     `classes` (one will do); a folder not among them is refused by name.
     """
-    present = [p.name for p in _class_dirs(root)]
-    if not present:
+    folders = [p.name for p in class_dirs(root)]
+    if not folders:
         raise UserInputError(f"{root} has no class folders; expected {root}/<class>/<image files>")
-    if unknown := [c for c in present if c not in classes]:
-        raise UserInputError(f"class folder {root / unknown[0]} is not one of the model's classes "
-                             f"({', '.join(classes)}); rename or remove it")
     skipped: list[str] = []
-    return _read_folder(root, classes, size, skipped, present=present), skipped
+    return _read_folder(root, classes, size, skipped, present=classes_of(folders, classes, root)), skipped
 
 
 # -- torchvision datasets --------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnpack.atomic import atomic_write_json
-from cnnpack.errors import UserInputError, shell
+from cnnpack.errors import UserInputError, first_few, shell
 from cnnpack.rundir import Run, now
 
 
@@ -144,10 +144,14 @@ def _is_own(data: str | None, trained_on: str | None) -> bool:
 
 def _model_indices(classes: list[str], model_classes: list[str], source: str) -> np.ndarray:
     """For each of a data set's classes, its index among the model's (every one must be there)."""
-    if unknown := [c for c in classes if c not in model_classes]:
+    import unicodedata
+
+    by_nfc = {unicodedata.normalize("NFC", c): i for i, c in enumerate(model_classes)}  # a class copied from macOS
+    if unknown := [c for c in classes if unicodedata.normalize("NFC", c) not in by_nfc]:  # reads the same (NFD)
         raise UserInputError(f"{source} has class {unknown[0]!r}, not one of the model's classes "
-                             f"({', '.join(model_classes)}); evaluate on data of the classes the model was trained on")
-    return np.array([model_classes.index(c) for c in classes], dtype=np.int64)
+                             f"({first_few(model_classes, 8)}); evaluate on data of the classes the model was "
+                             "trained on")
+    return np.array([by_nfc[unicodedata.normalize("NFC", c)] for c in classes], dtype=np.int64)
 
 
 def _slug(source: str) -> str:

@@ -463,3 +463,79 @@ def test_a_lone_train_folder_of_images_says_they_need_class_folders(tmp_path):
                                              r"them in .*train/<class>/\)"):
         load_image_folder(tmp_path, SIZE)
     assert class_names(str(tmp_path)) is None
+
+
+def test_folders_of_nas_boxes_and_mac_zips_are_neither_classes_nor_images(tmp_path):
+    """A Synology share's @eaDir thumbnails became a class and three more images of each class, on both sides of the
+    split (exit 0); __MACOSX beside train/ and test/ was "train/ but no val/"."""
+    flat = _folder(tmp_path / "flat", {"red": 5, "blue": 5})
+    for cls in ("red", "blue"):
+        _write(flat / cls / "@eaDir" / "img0.png", 3, COLOURS[cls])  # SYNOFILE_THUMB_* of each image
+    _write(flat / "@eaDir" / "red", 1, COLOURS["red"])
+    _write(flat / "__MACOSX" / "red", 1, COLOURS["red"], fmt="png")
+    (flat / "lost+found").mkdir()
+    d = load_image_folder(flat, SIZE)
+    assert d.classes == ["blue", "red"] and len(d.train) + len(d.val) == 10
+    assert class_names(str(flat)) == ["blue", "red"]
+    split = tmp_path / "split"
+    for part, n in (("train", 3), ("test", 1)):
+        _folder(split / part, {"red": n, "blue": n})
+    _write(split / "__MACOSX" / "train" / "red", 1, COLOURS["red"])
+    assert (len(load_image_folder(split, SIZE).train), class_names(str(split))) == (6, ["blue", "red"])
+
+
+def test_a_class_copied_from_macos_is_the_class_of_the_same_name():
+    """`café` in val/ copied from a Mac (NFD) was "classes not in train: café" beside train/'s `café` (NFC)."""
+    import tempfile
+    import unicodedata
+
+    from cnnpack.data import read_class_folders
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+        _write(root / "train" / nfc, 3, COLOURS["red"])
+        _write(root / "train" / "blue", 3, COLOURS["blue"])
+        _write(root / "val" / nfd, 2, COLOURS["red"])
+        _write(root / "val" / "blue", 1, COLOURS["blue"])
+        d = load_image_folder(root, SIZE)
+        assert d.classes == ["blue", nfc] and torch.bincount(d.val.labels).tolist() == [1, 2]
+        s, _ = read_class_folders(root / "val", ["blue", nfc], SIZE)  # evaluate --data of other images
+        assert torch.bincount(s.labels).tolist() == [1, 2]
+
+
+def test_folders_that_are_none_of_the_models_classes_are_all_named_and_the_list_of_classes_is_bounded(tmp_path):
+    from cnnpack.data import read_class_folders
+
+    classes = [f"c{i:03d}" for i in range(300)]
+    _write(tmp_path / "c001", 1, COLOURS["red"])
+    _write(tmp_path / "dog", 1, COLOURS["red"])
+    _write(tmp_path / "cat", 1, COLOURS["red"])
+    with pytest.raises(UserInputError, match=r"^class folders cat, dog in .* are not among the model's classes "
+                                             r"\(c000, .*, c007 and 292 more\); rename or remove them$"):
+        read_class_folders(tmp_path, classes, SIZE)
+    shutil.rmtree(tmp_path / "cat"), shutil.rmtree(tmp_path / "dog"), shutil.rmtree(tmp_path / "c001")
+    _write(tmp_path / "test" / "c001", 1, COLOURS["red"])  # evaluate --data of a folder holding test/ alone
+    with pytest.raises(UserInputError, match=r"test holds class folders: pass it as --data$"):
+        read_class_folders(tmp_path, classes, SIZE)
+
+
+def test_split_names_among_classes_and_split_folders_of_images_are_said_as_such(tmp_path):
+    """train/ and val/ beside bus/, each of images, were "train has no class folders"; train/ and val/ of images
+    alone had no hint where the images go; a lone train/ of folders among classes names the other reading."""
+    vehicles = tmp_path / "vehicles"
+    for cls, rgb in (("train", "red"), ("val", "green"), ("bus", "blue")):
+        _write(vehicles / cls, 4, COLOURS[rgb])
+    assert load_image_folder(vehicles, SIZE).classes == ["bus", "train", "val"]
+    flat_split = tmp_path / "flat_split"
+    _write(flat_split / "train", 4, COLOURS["red"])
+    _write(flat_split / "val", 2, COLOURS["red"])
+    with pytest.raises(UserInputError, match=r"train has no class folders; .*\(train/ holds images, not class "
+                                             r"folders: put them in .*train/<class>/\)$"):
+        load_image_folder(flat_split, SIZE)
+    nested = tmp_path / "nested"
+    _write(nested / "bus", 4, COLOURS["blue"])
+    _write(nested / "train" / "steam", 4, COLOURS["red"])
+    with pytest.raises(UserInputError, match=r"has train/ but no val/; .* \(if train is a class whose images lie in "
+                                             r"subfolders, move them up into .*train/\)$"):
+        load_image_folder(nested, SIZE)
