@@ -105,4 +105,6 @@ def recover(run_dir: str | Path) -> None:
                 if owner_gone(folder.name, DONE):
                     shutil.rmtree(folder, ignore_errors=True)
             elif owner_gone(folder.name, PREFIX):
-                _put_back(run_dir, folder)
+                claimed = folder.with_name(f"{PREFIX}{owner_tag()}recovered")  # one opener puts it back: two at
+                os.rename(folder, claimed)  # once would remove what the other had put back (the loser's rename fails)
+                _put_back(run_dir, claimed)
