@@ -43,8 +43,6 @@ def split_dirs(root: Path) -> tuple[Path | None, Path | None]:
     validation/ (test/ or testing/ where none of those is there). Otherwise the folders are classes (`valid/` and
     `invalid/` are two classes), and (None, None); one of the two alone is refused by the loader."""
     folders = class_dirs(root) if root.is_dir() else []
-    if _other_classes(root, folders):
-        return None, None  # train/ and val/ of images beside `bus/` of images: three classes
     if {"train", "val"} <= {p.name for p in folders}:
         return root / "train", root / "val"
     dirs: dict[str, Path] = {}
@@ -55,16 +53,6 @@ def split_dirs(root: Path) -> tuple[Path | None, Path | None]:
     train = next((dirs[n] for n in TRAIN_SPLITS if n in dirs), None)
     val = next((dirs[n] for n in (*VAL_SPLITS, *(TEST_SPLITS if train else ())) if n in dirs), None)
     return train, val
-
-
-def _other_classes(root: Path, folders: list[Path]) -> bool:
-    """Whether the folders named as splits are classes among others: they hold images of their own, not class
-    folders, and so does a folder not named as a split (`bus/`, `train/`, `val/`: classes; a `scripts/` or `docs/`
-    beside train/ and val/ holds none)."""
-    splits = (*TRAIN_SPLITS, *VAL_SPLITS, *TEST_SPLITS)
-    named = [p for p in folders if p.name.lower() in splits]
-    return bool(named) and all(holds_images(p) and not holds_classes(p) for p in named) and any(
-        p.name.lower() not in splits and holds_images(p) for p in folders)
 
 
 def holds_classes(folder: Path) -> bool:

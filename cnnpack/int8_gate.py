@@ -110,13 +110,14 @@ def load_quant_data(run: Run, cfg: QuantizeConfig) -> QuantData:
     if not (cfg.data or run.trained_on):
         raise UserInputError(f"{run.path} has no training data to calibrate on (made by `cnnpack export --arch`); "
                              "name it with --data PATH|shapes")
-    from cnnpack.data import class_names
+    from cnnpack.data import class_names, nfc
 
     spec = run.model_spec
-    if (cfg.data and (known := class_names(cfg.data)) is not None and known != list(spec["classes"])):
+    model = [nfc(c) for c in spec["classes"]]  # as they read: a class folder copied from macOS (NFD) is the same
+    if (cfg.data and (known := class_names(cfg.data)) is not None and [nfc(c) for c in known] != model):
         raise _other_classes(cfg.data, known, list(spec["classes"]))  # said before its images are read
     d = dataset_of(run, cfg.data)
-    if d.classes != list(spec["classes"]):
+    if [nfc(c) for c in d.classes] != model:
         raise _other_classes(d.source, d.classes, list(spec["classes"]))
     n = len(d.train)
     if cfg.calibration_images is not None and cfg.calibration_images > n:

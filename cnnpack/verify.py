@@ -50,7 +50,7 @@ from cnnpack.contracts import (  # noqa: F401 - re-exported
     tensor_stats,
     tolerances,
 )
-from cnnpack.errors import ParityError, RuntimeUnavailable, StageFailed, UserInputError, shell
+from cnnpack.errors import ParityError, RuntimeUnavailable, StageFailed, UserInputError, first_few, shell
 from cnnpack.host import check_device, exact_fp32
 from cnnpack.rundir import Run, artifact_digest, library_versions, now, sha256, weights_digest
 from cnnpack.runtimes import fit_batch_sizes
@@ -296,9 +296,12 @@ def _validation(run: Run, cfg: VerifyConfig, eager) -> Validation | None:
 
     if not (cfg.data or run.trained_on):
         return None
+    from cnnpack.data import nfc
+
     d = dataset_of(run, cfg.data)
-    if d.classes != list(run.model_spec["classes"]):
-        raise UserInputError(f"--data classes {d.classes} differ from the model's {run.model_spec['classes']}")
+    if [nfc(c) for c in d.classes] != [nfc(c) for c in run.model_spec["classes"]]:  # as they read (NFD from macOS)
+        raise UserInputError(f"--data classes ({first_few(d.classes, 8)}) differ from the model's "
+                             f"({first_few(list(run.model_spec['classes']), 8)})")
     images = d.val.images.numpy()
     return Validation(images, d.val.labels.numpy(), d.source, predict_split(eager, images, VAL_BATCH))
 
