@@ -369,10 +369,15 @@ def create_run(run_dir: str | Path, *, arch: str, num_classes: int, image_size: 
     weights_sha256 = sha256(weights) if weights else None  # before the run it may sit in is replaced
     # the replaced model's training files, exports and report go with it, once this one is recorded (until then
     # they are set aside: a failure puts them back)
-    replacing = Replacing(run_dir, (MANIFEST, *TRAIN_FILES, *LATER_OUTPUTS)) \
-        if force and Path(run_dir, MANIFEST).exists() else None
-    with replacing.guard() if replacing is not None else contextlib.nullcontext():
+    replacing = None
+    with contextlib.ExitStack() as held:
+        if force and Path(run_dir, MANIFEST).exists():  # under the run's lock: not interleaved with another
+            held.enter_context(Run(run_dir).locked())  # --force of the run
+            replacing = Replacing(run_dir, (MANIFEST, *TRAIN_FILES, *LATER_OUTPUTS), lock=Run(run_dir).locked)
+            held.enter_context(replacing.guard())
         run = Run.create(run_dir, spec.to_dict(), force=force)
+        if replacing is not None:
+            replacing.created(run.opened_as)
         save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": 0, "val_acc": None},
                    run.file(CHECKPOINT))
         source = {"pretrained": pretrained, "weights": weights, "weights_sha256": weights_sha256,

@@ -310,23 +310,18 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     elif is_main:
         # the run it replaces is set aside until this one keeps its first epoch: a failure or Ctrl-C before that
         # puts it back (it was deleted at once, and a pipeline whose options changed lost a finished run to a Ctrl-C)
-        replacing = Replacing(run_dir, (MANIFEST, *TRAIN_FILES, *LATER_OUTPUTS)) \
-            if force and run_dir.joinpath(MANIFEST).exists() else None
-        try:
-            run = Run.create(run_dir, spec.to_dict(), force=force, resume_hint=" or --resume to continue it")
-            for name in TRAIN_FILES:
-                run.file(name).unlink(missing_ok=True)
-            run.set_stage("train", {"status": "running", "config": asdict(cfg), "data": data.summary()})
-        except BaseException:
-            if replacing is not None:
-                replacing.put_back()
-            raise
+        run, replacing = _create(run_dir, spec, cfg, data, force=force)
     else:
         run = Run(run_dir)
-    if is_main and on_run is not None:
-        on_run(run)
-    start_epoch, history = (resume_state(run, model, opt, sched, steps_per_epoch) if resume else (0, []))
-    train_model = dist.wrap(model) if dist is not None else model
+    try:
+        if is_main and on_run is not None:
+            on_run(run)
+        start_epoch, history = (resume_state(run, model, opt, sched, steps_per_epoch) if resume else (0, []))
+        train_model = dist.wrap(model) if dist is not None else model
+    except BaseException:
+        if replacing is not None:
+            replacing.put_back()
+        raise
     best = max((h["val_acc"] for h in history), default=-1.0)
     stale = _stale_epochs(history)
     kept = history[-1]["epoch"] if history else None  # the epoch last.pt holds
@@ -404,6 +399,27 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         raise Interrupted(f"interrupted after the last epoch ({kept}), while its plots were drawn; every epoch is "
                           f"kept in {run.file(LAST)}; continue with `cnnpack train --run {shell(run.path)} "
                           "--resume`, which draws them") from None
+
+
+def _create(run_dir: Path, spec: ModelSpec, cfg: TrainConfig, data, *, force: bool) -> tuple[Run, Replacing | None]:
+    """The new run, recorded as training; with `force` over a run, that one set aside (run_replace) under the run's
+    lock, so two at once do not interleave."""
+    replacing, replaces = None, force and run_dir.joinpath(MANIFEST).exists()
+    with Run(run_dir).locked() if replaces else contextlib.nullcontext():  # (no lock file in a folder not a run)
+        if replaces:
+            replacing = Replacing(run_dir, (MANIFEST, *TRAIN_FILES, *LATER_OUTPUTS), lock=Run(run_dir).locked)
+        try:
+            run = Run.create(run_dir, spec.to_dict(), force=force, resume_hint=" or --resume to continue it")
+            if replacing is not None:
+                replacing.created(run.opened_as)
+            for name in TRAIN_FILES:
+                run.file(name).unlink(missing_ok=True)
+            run.set_stage("train", {"status": "running", "config": asdict(cfg), "data": data.summary()})
+        except BaseException:
+            if replacing is not None:
+                replacing.put_back()
+            raise
+    return run, replacing
 
 
 def _save_epoch(run: Run, model, spec: ModelSpec, opt, sched, epoch: int, stats: dict, history: list[dict],

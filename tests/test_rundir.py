@@ -417,3 +417,52 @@ def test_a_folder_swap_killed_or_interrupted_part_way_leaves_the_old_folder_in_p
     atomic.recover_swap(out)
     assert (out / "NOTES.md").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["new", "out", live.name])
+
+
+def test_the_old_run_goes_back_only_over_the_run_that_replaced_it_while_that_one_holds_nothing_of_its_own(tmp_path):
+    """Two `train --force` at once: the first, replaced by the second, put the original back over the second's run,
+    and the second's put-back then removed it all; a folder whose owner looked alive (a reused pid) was later put back
+    over a newer finished run; a kill between the first kept epoch and the removal put the old run over that epoch."""
+    import subprocess
+    import sys
+
+    from cnnpack.atomic import owner_tag
+    from cnnpack.run_replace import Replacing, recover
+    from cnnpack.rundir import Run
+
+    spec = {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32}
+    original = Run.create(tmp_path / "run", spec)
+    path = original.path
+    (path / "checkpoint.pt").write_bytes(b"the original weights")
+    old_manifest = original.manifest_path.read_bytes()
+    names = ("cnnpack.json", "checkpoint.pt", "last.pt")
+    first = Replacing(path, names, lock=Run(path).locked)
+    first.created(Run.create(path, spec, force=True).opened_as)
+    second = Run.create(path, spec, force=True)  # another --force since (its own set-aside is another process's)
+    assert first.put_back() is False  # not over the second's run: the folder stays for `recover` to judge
+    assert Run.open(path).opened_as == second.opened_as and first.folder.is_dir()
+    # once the first process is gone: a run that is not the original, holding an epoch of its own, stays
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = owner_tag().split("_")[0]
+    gone = path / f".replaced-{here}_{dead.pid}_"
+    first.folder.rename(gone)
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        at_work = path / f".replaced-{here}_{alive.pid}_"  # another replacement at work: nothing is judged
+        at_work.mkdir()
+        recover(path)
+        assert gone.is_dir()
+        at_work.rmdir()
+    finally:
+        alive.kill()
+        alive.wait()
+    recover(path)  # the second run kept nothing yet: the original goes back over it
+    assert original.manifest_path.read_bytes() == old_manifest and not gone.exists()
+    assert (path / "checkpoint.pt").read_bytes() == b"the original weights"
+    third = Replacing(path, names, lock=Run(path).locked)
+    third.created(Run.create(path, spec, force=True).opened_as)
+    (path / "last.pt").write_bytes(b"the new run's first epoch")  # kept, then killed before the removal
+    third.folder.rename(gone)
+    recover(path)
+    assert not gone.exists() and (path / "last.pt").is_file() and Run.open(path).opened_as == third.new
