@@ -271,11 +271,9 @@ def test_a_repository_it_cannot_write_is_refused_before_the_sweep(laid_out, tmp_
     assert e.value.filename == str(repo / "cnn_onnx")
 
 
-def test_undo_with_json_prints_json(laid_out, tmp_path):
-    """`tune --undo --json` printed the text lines."""
-    from typer.testing import CliRunner
-
-    from cnnpack.cli.common import app
+def _tuned_copy(laid_out: Path, tmp_path: Path) -> tuple[Path, Path, str]:
+    """A copy of the run whose cnn_onnx config a tune (`finish` on planted points) replaced: (run, that config.pbtxt,
+    its text before)."""
     from cnnpack.rundir import Run
     from cnnpack.tune import TuneConfig, finish
 
@@ -285,6 +283,16 @@ def test_undo_with_json_prints_json(laid_out, tmp_path):
     tuned = {"instances": 1, "threads": 1, "dynamic_batching": True, "queue_delay_us": 500}
     assert finish(Run.open(run_dir), TuneConfig(), [_point({"default": True}, 1000, 120), _point(tuned, 980, 40)],
                   {"error": None, "server_alive": True})["written"]
+    return run_dir, config, original
+
+
+def test_undo_with_json_prints_json(laid_out, tmp_path):
+    """`tune --undo --json` printed the text lines."""
+    from typer.testing import CliRunner
+
+    from cnnpack.cli.common import app
+
+    run_dir, config, original = _tuned_copy(laid_out, tmp_path)
     r = CliRunner().invoke(app, ["tune", "--run", str(run_dir), "--undo", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout) == {"restored": [
         {"config": str(config), "previous": str(config.with_name("config.pbtxt.prev"))}]}, r.output
@@ -730,15 +738,9 @@ def test_an_undo_killed_before_its_record_is_finished_and_one_whose_record_fails
     refused ("changed since `cnnpack tune` wrote it (edited by hand ...)") and the record named the tuned config."""
     from cnnpack.rundir import Run
     from cnnpack.triton_publish import PREVIOUS
-    from cnnpack.tune import TuneConfig, finish
     from cnnpack.tune_handover import undo
 
-    run_dir, repo = _copy(laid_out, tmp_path)
-    config = repo / "cnn_onnx" / "config.pbtxt"
-    original = config.read_text()
-    tuned = {"instances": 1, "threads": 1, "dynamic_batching": True, "queue_delay_us": 500}
-    assert finish(Run.open(run_dir), TuneConfig(), [_point({"default": True}, 1000, 120), _point(tuned, 980, 40)],
-                  {"error": None, "server_alive": True})["written"]
+    run_dir, config, original = _tuned_copy(laid_out, tmp_path)
     written = config.read_text()
 
     def record_fails(self, fn):
