@@ -375,9 +375,8 @@ def create_run(run_dir: str | Path, *, arch: str, num_classes: int, image_size: 
             held.enter_context(Run(run_dir).locked())  # --force of the run
             replacing = Replacing(run_dir, (MANIFEST, *TRAIN_FILES, *LATER_OUTPUTS), lock=Run(run_dir).locked)
             held.enter_context(replacing.guard())
-        run = Run.create(run_dir, spec.to_dict(), force=force)
-        if replacing is not None:
-            replacing.created(run.opened_as)
+        run = Run.create(run_dir, spec.to_dict(), force=force,
+                         run_id=replacing.run_id if replacing is not None else None)
         save_torch({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": 0, "val_acc": None},
                    run.file(CHECKPOINT))
         source = {"pretrained": pretrained, "weights": weights, "weights_sha256": weights_sha256,

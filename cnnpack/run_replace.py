@@ -2,31 +2,40 @@
 --arch ... --force`): the old run's manifest and outputs are set aside in a hidden folder of the run, not deleted,
 until the new run holds something of its own (a training: its first kept epoch; `export --arch`: its model). A
 failure or a Ctrl-C before that puts them back as they were; where the process was killed before that (SIGKILL, out
-of memory), the next command that opens or creates the run puts them back (`recover`).
+of memory, a container stopped), the next command that opens or creates the run puts them back (`recover`).
 
-    <run>/.replaced-<owner>/        the old run's files, while the new one has nothing of its own
-    <run>/.replaced-done-<owner>/   the same, renamed once the new run took over, then removed
+    <run>/.replaced-XXXX/           the old run's files while the new one has nothing of its own, with
+        .owner.lock                 flock-held by the replacing process for its life: the kernel lets go of it when
+                                    the process dies, whatever its host pid or container (no pid is judged)
+        .replacing.json             the new run's run_id and the names the replacement set aside or writes
+    <run>/.replaced-done-XXXX/      the same, renamed once the new run took over, then removed
 
-What is put back is judged by the manifest in the run's folder, not by the folder alone: the old run goes back only
-over the run that replaced it, while that one holds nothing of its own. A run another `--force` replaced since (two
-at once), or one that kept an epoch before its process was killed, is never overwritten; the folder set aside then
-goes. Only what a replacement removes is set aside (the names given, and eval-*.json); a user's own files stay.
+The old run goes back only over the run that replaced it (its run_id) or where no manifest stands; a run another
+`--force` made since stays, and the folder goes (unless a replacement is at work in the run: then nothing is
+judged). Every judgement is made under the run's lock. Only what a replacement removes is set aside (the names
+given, and eval-*.json); a user's own files stay.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from cnnpack.atomic import owner_gone, owner_tag, remove_path, sigint_deferred
+from cnnpack.atomic import remove_path, sigint_deferred
 
 PREFIX = ".replaced-"
 DONE = ".replaced-done-"
-MANIFEST, LAST = "cnnpack.json", "last.pt"  # (rundir's names: rundir imports this module)
+OWNER, MARKER, BEGUN = ".owner.lock", ".replacing.json", ".putting-back"
+MANIFEST = "cnnpack.json"  # (rundir's name: rundir imports this module)
+
+Lock = Callable[[], contextlib.AbstractContextManager]
 
 
 def _outputs(run_dir: Path, names: tuple[str, ...]) -> list[Path]:
@@ -34,60 +43,56 @@ def _outputs(run_dir: Path, names: tuple[str, ...]) -> list[Path]:
             if p.exists() or p.is_symlink()]
 
 
-def _identity(manifest: Path) -> tuple | None:
-    """The run a manifest is (`rundir.identity`), or None where there is none to read."""
+def _run_id(manifest: Path) -> str | None:
+    """The run_id of the manifest at `manifest`, or None where there is none to read."""
     try:
         m = json.loads(manifest.read_text(encoding="utf-8"))
-        return (m.get("created"), m.get("run_id")) if isinstance(m, dict) else None
+        return m.get("run_id") if isinstance(m, dict) else None
     except (OSError, ValueError):
         return None
 
 
-def _holds_its_own(run_dir: Path) -> bool:
-    """Whether the run in `run_dir` holds something of its own: a kept epoch (last.pt: the old one's was set aside
-    before the new run began), a finished training, or a model (`export --arch`)."""
-    if (run_dir / LAST).is_file():
-        return True
+def _hold(folder: Path, *, wait: bool = False) -> int | None:
+    """An fd holding `folder`'s owner lock, or None where its owner (a live process) holds it."""
+    import fcntl
+
+    fd = os.open(folder / OWNER, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        stages = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8")).get("stages") or {}
-        return any((stages.get(s) or {}).get("status") == "ok" for s in ("train", "model"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _at_work(run_dir: Path, own: Path | None = None) -> bool:
-    """Whether another replacement of the run is at work (its folder's owner alive)."""
-    with contextlib.suppress(OSError):
-        return any(p.name.startswith(PREFIX) and not p.name.startswith(DONE) and p != own and p.is_dir()
-                   and not owner_gone(p.name, PREFIX) and not p.name.startswith(f"{PREFIX}{owner_tag()}")
-                   for p in run_dir.iterdir())
-    return False
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    return fd
 
 
 class Replacing:
     """The old run set aside while a new one is created in its folder (`names`: the files and folders the new run
-    writes or a replacement removes, the manifest first). `lock`: the run's lock (held while the files move and the
-    manifest is judged)."""
+    writes or a replacement removes, the manifest first), under the run's lock (`lock`, held by the caller too).
+    Create the new run with `run_id` (Run.create(run_id=...)): only over it does the old one go back."""
 
-    def __init__(self, run_dir: str | Path, names: tuple[str, ...],
-                 lock: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+    def __init__(self, run_dir: str | Path, names: tuple[str, ...], lock: Lock) -> None:
         self.run_dir, self.names, self.lock = Path(run_dir), names, lock
-        self.new: tuple | None = None  # the new run's identity, once created (`created`)
-        recover(self.run_dir)
-        self.folder = self.run_dir / f"{PREFIX}{owner_tag()}"
+        self.run_id = uuid.uuid4().hex
         self.settled = False
-        with sigint_deferred():  # whole, or not at all: a Ctrl-C here waits
-            self.folder.mkdir()
+        recover(self.run_dir, lock)
+        with lock(), sigint_deferred():  # whole, or not at all: a Ctrl-C here waits
+            self.folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=self.run_dir))
+            self.fd = _hold(self.folder)
             try:
+                (self.folder / MARKER).write_text(json.dumps({"run_id": self.run_id, "names": list(names)}))
                 for p in _outputs(self.run_dir, names):
                     os.replace(p, self.folder / p.name)
             except BaseException:
-                _put_back(self.run_dir, self.folder)
+                _put_back(self.run_dir, self.folder, names)
+                self._release()
                 raise
 
-    def created(self, identity: tuple | None) -> None:
-        """The new run's manifest is written (`identity`: the run it is): only over it does the old one go back."""
-        self.new = identity
+    def _release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     @contextlib.contextmanager
     def guard(self):
@@ -104,24 +109,24 @@ class Replacing:
             return
         self.settled = True
         _remove(self.folder)
+        self._release()
 
     def put_back(self) -> bool:
         """The new run failed or was interrupted before it held anything of its own: its files go, the old run's come
         back; True where they were. Not over a run another command made since (a second `--force` at once): the
-        folder then stays, for `recover` to judge once this process is gone."""
+        folder then stays, for `recover` to judge once this process lets go of it (the old run goes back if the
+        other fails over this one, and is removed if it takes over)."""
         if self.settled:
             return False
         self.settled = True
-        with self.lock(), sigint_deferred():
-            current = _identity(self.run_dir / MANIFEST)
-            if (current is not None and current != self.new) or _at_work(self.run_dir, self.folder):
-                return False
-            for name in self.names:  # what the new run wrote that the old one did not have (its manifest at least)
-                if not (self.folder / name).exists():
-                    with contextlib.suppress(FileNotFoundError):
-                        remove_path(self.run_dir / name)
-            _put_back(self.run_dir, self.folder)
-        return True
+        try:
+            with self.lock(), sigint_deferred():
+                if _run_id(self.run_dir / MANIFEST) not in (None, self.run_id):
+                    return False
+                _put_back(self.run_dir, self.folder, self.names)
+            return True
+        finally:
+            self._release()
 
 
 def _remove(folder: Path) -> None:
@@ -130,39 +135,63 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(done, ignore_errors=True)
 
 
-def _put_back(run_dir: Path, folder: Path) -> None:
-    """Each set-aside file or folder back in its place (one at a time: a kill part-way leaves the rest to `recover`),
-    the manifest last, so a run folder with the old manifest holds every old file; then the empty folder goes."""
+def _put_back(run_dir: Path, folder: Path, names: tuple[str, ...] | list[str]) -> None:
+    """What the new run wrote under `names` that the old one did not have goes (before anything moves, then marked
+    done: a put-back taken up again never removes what it already put back); each set-aside file or folder goes back
+    in its place, the manifest last (a kill part-way leaves the rest to `recover`, which the new run's manifest,
+    still in place, sends here again); then the folder goes."""
+    if not (folder / BEGUN).exists():
+        inside = {p.name for p in folder.iterdir()}
+        for name in names:
+            if name not in inside and name != MANIFEST:
+                with contextlib.suppress(FileNotFoundError):
+                    remove_path(run_dir / name)
+        (folder / BEGUN).touch()
     for old in sorted(folder.iterdir(), key=lambda p: p.name == MANIFEST):
+        if old.name in (OWNER, MARKER, BEGUN):
+            continue
         place = run_dir / old.name
-        if place.exists() or place.is_symlink():
-            remove_path(place)
+        if (place.is_dir() and not place.is_symlink()) or (old.is_dir() and (place.exists() or place.is_symlink())):
+            remove_path(place)  # (a file over a file is replaced in one step: the manifest is never missing)
         os.replace(old, place)
-    folder.rmdir()
+    shutil.rmtree(folder, ignore_errors=True)  # its marker and lock file
 
 
-def recover(run_dir: str | Path) -> None:
-    """What a replacement killed part-way left in `run_dir`, judged by the run now in the folder: the old run goes
-    back where the one that replaced it holds nothing of its own (or no manifest is there), and is removed where a
-    run that is not the old one holds something (an epoch kept before the kill; another `--force` since). Nothing
-    is touched while another replacement of the run is at work."""
+def recover(run_dir: str | Path, lock: Lock) -> None:
+    """What a replacement whose process is gone left in `run_dir` (its folder's owner lock free), under the run's
+    lock: the old run goes back where the run that replaced it (the marker's run_id) or no manifest stands, or where
+    a put-back got as far as the manifest; otherwise (another `--force` made a run since) the folder goes. Nothing is
+    judged while a replacement of the run is at work (a live owner's folder): what it set aside may be the run this
+    one replaced."""
     run_dir = Path(run_dir)
     try:
-        found = sorted(p for p in run_dir.iterdir() if p.name.startswith(PREFIX) and p.is_dir())
+        found = [p for p in run_dir.iterdir() if p.name.startswith(PREFIX) and p.is_dir()]
     except OSError:
         return
-    for folder in found:
-        with contextlib.suppress(OSError):
+    if not found:
+        return
+    with lock(), contextlib.ExitStack() as held:
+        dead = []
+        for folder in sorted(found):
+            with contextlib.suppress(FileNotFoundError):  # (another opener took it meanwhile)
+                fd = _hold(folder)
+                if fd is None:
+                    if not folder.name.startswith(DONE):
+                        return  # a replacement at work
+                    continue
+                held.callback(os.close, fd)
+                dead.append(folder)
+        for folder in dead:
             if folder.name.startswith(DONE):
-                if owner_gone(folder.name, DONE):
-                    shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
                 continue
-            if not owner_gone(folder.name, PREFIX) or _at_work(run_dir, folder):
-                continue
-            claimed = folder.with_name(f"{PREFIX}{owner_tag()}recovered")  # one opener judges it: two at once
-            os.rename(folder, claimed)  # would remove what the other put back (the loser's rename fails)
-            current = _identity(run_dir / MANIFEST)
-            if current is not None and current != _identity(claimed / MANIFEST) and _holds_its_own(run_dir):
-                _remove(claimed)
+            try:
+                marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                marker = {}
+            names = [n for n in marker.get("names", []) if isinstance(n, str)] if isinstance(marker, dict) else []
+            current = _run_id(run_dir / MANIFEST)
+            if current is None or current == marker.get("run_id") or not (folder / MANIFEST).exists():
+                _put_back(run_dir, folder, names)
             else:
-                _put_back(run_dir, claimed)
+                _remove(folder)

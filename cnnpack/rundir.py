@@ -158,7 +158,7 @@ class Run:
         run = cls(path)
         if not run.path.exists():
             raise UserInputError(f"no such run directory: {run.path}")
-        recover(run.path)  # a run a killed replacement set aside: back in place first
+        recover(run.path, run._locked)  # a run a killed replacement set aside: back in place first
         if not run.path.is_dir():
             raise UserInputError(f"--run {run.path} is a file, not a run directory")
         if run.manifest_path.is_dir():
@@ -201,13 +201,15 @@ class Run:
                     os.replace(old, place)
 
     @classmethod
-    def create(cls, path: str | Path, model_spec: dict, *, force: bool = False, resume_hint: str = "") -> Run:
-        """Creates a run with a fresh manifest. Refuses a folder that holds another run (the error ends with
-        `resume_hint` where the command can continue it instead)."""
+    def create(cls, path: str | Path, model_spec: dict, *, force: bool = False, resume_hint: str = "",
+               run_id: str | None = None) -> Run:
+        """Creates a run with a fresh manifest (`run_id`: the one a replacement set aside the old run for). Refuses a
+        folder that holds another run (the error ends with `resume_hint` where the command can continue it
+        instead)."""
         run = cls(path)
         if run.path.exists() and not run.path.is_dir():
             raise UserInputError(f"run path {run.path} is a file, not a directory")
-        recover(run.path)
+        recover(run.path, run._locked)
         if run.manifest_path.exists() and not force:
             raise UserInputError(
                 f"{run.path} already holds a run; pass --force to replace it{resume_hint}"
@@ -218,7 +220,7 @@ class Run:
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "created": now(),
-            "run_id": uuid.uuid4().hex,  # tells apart two runs created in one second (`identity`)
+            "run_id": run_id or uuid.uuid4().hex,  # tells apart two runs created in one second (`identity`)
             "tool": {"name": "cnnpack", "version": __version__},
             "libraries": library_versions(),
             "machine": {"platform": platform.platform(), "processor": platform.machine(),

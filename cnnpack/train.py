@@ -232,7 +232,7 @@ def sample_indices(pred: np.ndarray, true: np.ndarray, n: int = 32, max_wrong: i
 def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
     """Refuses a bad --run before any data is loaded (Run.create checks again when it writes)."""
     check_makeable(run_dir)
-    recover(run_dir)  # a run a killed replacement set aside: back before it is judged
+    recover(run_dir, Run(run_dir).locked)  # a run a killed replacement set aside: back before it is judged
     if resume:
         if not (run_dir / LAST).is_file():
             raise UserInputError(f"--resume: {run_dir} has no {LAST} (no epoch finished); "
@@ -351,8 +351,8 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                     best = max(best, stats["val_acc"])
                     stale = 0 if improved else stale + 1
                     if is_main:
-                        run.check_not_replaced()  # a --force since: the new run's checkpoint is not overwritten
-                        _save_epoch(run, model, spec, opt, sched, epoch, stats, history, improved)
+                        with run.committing():  # checked and written under the run's lock: a --force since
+                            _save_epoch(run, model, spec, opt, sched, epoch, stats, history, improved)  # gets none
                         if replacing is not None:  # this run holds an epoch: the one it replaces goes
                             replacing.keep_new()
                     kept = epoch
@@ -409,9 +409,8 @@ def _create(run_dir: Path, spec: ModelSpec, cfg: TrainConfig, data, *, force: bo
         if replaces:
             replacing = Replacing(run_dir, (MANIFEST, *TRAIN_FILES, *LATER_OUTPUTS), lock=Run(run_dir).locked)
         try:
-            run = Run.create(run_dir, spec.to_dict(), force=force, resume_hint=" or --resume to continue it")
-            if replacing is not None:
-                replacing.created(run.opened_as)
+            run = Run.create(run_dir, spec.to_dict(), force=force, resume_hint=" or --resume to continue it",
+                             run_id=replacing.run_id if replacing is not None else None)
             for name in TRAIN_FILES:
                 run.file(name).unlink(missing_ok=True)
             run.set_stage("train", {"status": "running", "config": asdict(cfg), "data": data.summary()})

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -324,39 +326,6 @@ def test_a_commit_refuses_a_folder_where_a_file_goes_and_removes_nothing(tmp_pat
     assert run.file("openvino").read_text() == "a file where a folder goes"
 
 
-@pytest.mark.parametrize("new_manifest", [True, False])  # killed after the new run's manifest was written, or before
-def test_a_run_a_killed_replacement_set_aside_is_put_back_when_the_run_is_opened(tmp_path, new_manifest):
-    """SIGKILL (out of memory) in the first epoch of `train --force` left the old run hidden in .replaced-<owner>."""
-    import subprocess
-    import sys
-
-    from cnnpack.atomic import owner_tag
-    from cnnpack.rundir import Run
-
-    run = Run.create(tmp_path / "run", {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32})
-    old_manifest = run.manifest_path.read_bytes()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    here = owner_tag().split("_")[0]
-    aside = run.path / f".replaced-{here}_{dead.pid}_"
-    (aside / "export").mkdir(parents=True)
-    (aside / "export" / "model.onnx").write_bytes(b"the old model")
-    (aside / "checkpoint.pt").write_bytes(b"the old weights")
-    os.replace(run.manifest_path, aside / "cnnpack.json")
-    if new_manifest:
-        run.manifest_path.write_text('{"the new run": "no epoch kept"}')
-    finished = run.path / f".replaced-done-{here}_{dead.pid}_"  # killed while it removed a replaced run: removed
-    (finished / "export").mkdir(parents=True)
-    live = run.path / f".replaced-{owner_tag()}"  # a replacement at work (this process): left alone
-    live.mkdir()
-    (run.path / "notes.txt").write_text("mine")
-    Run.open(run.path)
-    assert run.manifest_path.read_bytes() == old_manifest
-    assert (run.path / "export" / "model.onnx").read_bytes() == b"the old model"
-    assert (run.path / "checkpoint.pt").read_bytes() == b"the old weights"
-    assert sorted(p.name for p in run.path.iterdir() if p.name.startswith(".replaced")) == [live.name]
-
-
 def test_an_owner_killed_but_not_yet_waited_for_is_gone(tmp_path):
     """A zombie answers kill(pid, 0): a run a SIGKILLed `train --force` set aside stayed hidden while its parent (a
     container's pid 1, a `timeout` that was killed with it) had not waited for it."""
@@ -419,50 +388,98 @@ def test_a_folder_swap_killed_or_interrupted_part_way_leaves_the_old_folder_in_p
         ["new", "out", live.name])
 
 
-def test_the_old_run_goes_back_only_over_the_run_that_replaced_it_while_that_one_holds_nothing_of_its_own(tmp_path):
-    """Two `train --force` at once: the first, replaced by the second, put the original back over the second's run,
-    and the second's put-back then removed it all; a folder whose owner looked alive (a reused pid) was later put back
-    over a newer finished run; a kill between the first kept epoch and the removal put the old run over that epoch."""
-    import subprocess
-    import sys
+_SPEC = {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32}
+_NAMES = ("cnnpack.json", "checkpoint.pt", "last.pt", "export")
 
-    from cnnpack.atomic import owner_tag
-    from cnnpack.run_replace import Replacing, recover
+
+def _finished_run(path: Path):
     from cnnpack.rundir import Run
 
-    spec = {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32}
-    original = Run.create(tmp_path / "run", spec)
-    path = original.path
-    (path / "checkpoint.pt").write_bytes(b"the original weights")
-    old_manifest = original.manifest_path.read_bytes()
-    names = ("cnnpack.json", "checkpoint.pt", "last.pt")
-    first = Replacing(path, names, lock=Run(path).locked)
-    first.created(Run.create(path, spec, force=True).opened_as)
-    second = Run.create(path, spec, force=True)  # another --force since (its own set-aside is another process's)
-    assert first.put_back() is False  # not over the second's run: the folder stays for `recover` to judge
-    assert Run.open(path).opened_as == second.opened_as and first.folder.is_dir()
-    # once the first process is gone: a run that is not the original, holding an epoch of its own, stays
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    here = owner_tag().split("_")[0]
-    gone = path / f".replaced-{here}_{dead.pid}_"
-    first.folder.rename(gone)
-    alive = subprocess.Popen(["sleep", "60"])
+    run = Run.create(path, _SPEC)
+    (path / "checkpoint.pt").write_bytes(b"the old weights")
+    (path / "export").mkdir()
+    (path / "export" / "model.onnx").write_bytes(b"the old model")
+    (path / "notes.txt").write_text("mine")
+    return run, run.manifest_path.read_bytes()
+
+
+def _as_before(path: Path, manifest: bytes) -> bool:
+    return ((path / "cnnpack.json").read_bytes() == manifest and (path / "checkpoint.pt").read_bytes() == b"the old "
+            b"weights" and (path / "export" / "model.onnx").read_bytes() == b"the old model"
+            and not (path / "last.pt").exists() and (path / "notes.txt").is_file()
+            and not [p.name for p in path.iterdir() if p.name.startswith(".replaced")])
+
+
+@pytest.mark.parametrize("new_manifest", [True, False])  # killed after the new run's manifest was written, or before
+def test_a_run_a_killed_replacement_set_aside_is_put_back_when_the_run_is_opened(tmp_path, new_manifest):
+    """SIGKILL (out of memory) in the first epoch of `train --force` left the old run hidden in .replaced-*: the next
+    command that opens the run puts it back (its owner lock is free once the process is gone)."""
+    from cnnpack.run_replace import Replacing
+    from cnnpack.rundir import Run
+
+    run, manifest = _finished_run(tmp_path / "run")
+    rep = Replacing(run.path, _NAMES, lock=run.locked)
+    if new_manifest:
+        Run.create(run.path, _SPEC, force=True, run_id=rep.run_id)
+        (run.path / "last.pt").write_bytes(b"the new run's, written as the kill came")
+    rep._release()  # the process is gone: the kernel let go of its lock
+    finished = run.path / ".replaced-done-x1"  # killed while it removed a replaced run: removed
+    (finished / "export").mkdir(parents=True)
+    Run.open(run.path)
+    assert _as_before(run.path, manifest)
+
+
+def test_the_old_run_goes_back_only_over_the_run_that_replaced_it_and_a_put_back_taken_up_again_loses_nothing(
+        tmp_path, monkeypatch):
+    """Two `train --force` at once: the first, replaced by the second, put the original back over the second's run,
+    and the second's put-back then removed it all; a kill in a put-back had the next opener remove what it had put
+    back already; a folder whose owner's pid looked alive (another container's) was never judged."""
+    import fcntl
+
+    import cnnpack.run_replace as rr
+    from cnnpack.rundir import Run
+
+    run, manifest = _finished_run(tmp_path / "run")
+    path = run.path
+    first = rr.Replacing(path, _NAMES, lock=run.locked)
+    Run.create(path, _SPEC, force=True, run_id=first.run_id)
+    firsts = run.manifest_path.read_bytes()
+    second = Run.create(path, _SPEC, force=True)  # another --force since (its own set-aside: another process's)
+    assert first.put_back() is False and first.folder.is_dir()  # not over the second's run: left to `recover`
+    live = Path(tempfile.mkdtemp(prefix=".replaced-", dir=path))  # a replacement at work: nothing is judged
+    fd = os.open(live / ".owner.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        at_work = path / f".replaced-{here}_{alive.pid}_"  # another replacement at work: nothing is judged
-        at_work.mkdir()
-        recover(path)
-        assert gone.is_dir()
-        at_work.rmdir()
+        Run.open(path)
+        assert first.folder.is_dir() and Run.open(path).opened_as == second.opened_as
     finally:
-        alive.kill()
-        alive.wait()
-    recover(path)  # the second run kept nothing yet: the original goes back over it
-    assert original.manifest_path.read_bytes() == old_manifest and not gone.exists()
-    assert (path / "checkpoint.pt").read_bytes() == b"the original weights"
-    third = Replacing(path, names, lock=Run(path).locked)
-    third.created(Run.create(path, spec, force=True).opened_as)
-    (path / "last.pt").write_bytes(b"the new run's first epoch")  # kept, then killed before the removal
-    third.folder.rename(gone)
-    recover(path)
-    assert not gone.exists() and (path / "last.pt").is_file() and Run.open(path).opened_as == third.new
+        os.close(fd)
+        shutil.rmtree(live)
+    run.manifest_path.write_bytes(firsts)  # the second failed and put the first's run back: the original goes back
+    Run.open(path)
+    assert _as_before(path, manifest)
+    third = rr.Replacing(path, _NAMES, lock=run.locked)
+    Run.create(path, _SPEC, force=True, run_id=third.run_id)
+    (path / "last.pt").write_bytes(b"the new run's")
+    moved = []
+
+    class Killed(BaseException):
+        pass
+
+    def killed_after_two(src, dst):
+        if len(moved) == 2:
+            raise Killed
+        moved.append(dst)
+        os.rename(src, dst)
+
+    monkeypatch.setattr(rr.os, "replace", killed_after_two)
+    with pytest.raises(Killed):
+        third.put_back()
+    monkeypatch.undo()
+    assert len(moved) == 2 and (path / "cnnpack.json").read_bytes() != manifest  # part-way, the manifest last
+    Run.open(path)
+    assert _as_before(path, manifest)
+    fourth = rr.Replacing(path, _NAMES, lock=run.locked)
+    took = Run.create(path, _SPEC, force=True, run_id=fourth.run_id)
+    fourth.keep_new()
+    assert Run.open(path).opened_as == took.opened_as and not (path / "checkpoint.pt").exists()
