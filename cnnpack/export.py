@@ -383,6 +383,6 @@ def create_run(run_dir: str | Path, *, arch: str, num_classes: int, image_size: 
                   "seed": seed, "init": "pretrained" if pretrained else ("file" if weights else "random")}
         run.set_stage("model", {"status": "ok", "source": source,
                                 "checkpoint": run.file_record(run.file(CHECKPOINT))})
-    if replacing is not None:
-        replacing.keep_new()
+        if replacing is not None:  # (under the run's lock, with the model's record)
+            replacing.keep_new()
     return run

@@ -10,10 +10,12 @@ of memory, a container stopped), the next command that opens or creates the run 
         .replacing.json             the new run's run_id and the names the replacement set aside or writes
     <run>/.replaced-done-XXXX/      the same, renamed once the new run took over, then removed
 
-The old run goes back only over the run that replaced it (its run_id) or where no manifest stands; a run another
-`--force` made since stays, and the folder goes (unless a replacement is at work in the run: then nothing is
-judged). Every judgement is made under the run's lock. Only what a replacement removes is set aside (the names
-given, and eval-*.json); a user's own files stay.
+One replacement of a run at a time: another `--force` while a folder is set aside is refused. A dead owner's folder
+is judged under the run's lock by the run that stands in the run's folder: the old run goes back over the run that
+replaced it (the marker's run_id) while that one kept nothing (no last.pt of its own, no model), or where no manifest
+stands; it goes where that run kept an epoch. A folder beside any other run is left where it is and named (a
+refusal, never a guess). Only what a replacement removes is set aside (the names given, and eval-*.json); a user's
+own files stay; and only what the new run wrote after the set-aside completed is removed when the old run goes back.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from cnnpack.atomic import remove_path, sigint_deferred
+from cnnpack.atomic import atomic_write_text, remove_path, sigint_deferred
+from cnnpack.errors import UserInputError
 
 PREFIX = ".replaced-"
 DONE = ".replaced-done-"
 OWNER, MARKER, BEGUN = ".owner.lock", ".replacing.json", ".putting-back"
-MANIFEST = "cnnpack.json"  # (rundir's name: rundir imports this module)
+MANIFEST, LAST = "cnnpack.json", "last.pt"  # (rundir's names: rundir imports this module)
 
 Lock = Callable[[], contextlib.AbstractContextManager]
 
@@ -76,18 +79,31 @@ class Replacing:
         self.run_dir, self.names, self.lock = Path(run_dir), names, lock
         self.run_id = uuid.uuid4().hex
         self.settled = False
-        recover(self.run_dir, lock)
         with lock(), sigint_deferred():  # whole, or not at all: a Ctrl-C here waits
+            recover(self.run_dir, lock)
+            if pending := sorted(p.name for p in self.run_dir.iterdir() if p.name.startswith(PREFIX)
+                                 and not p.name.startswith(DONE) and p.is_dir()):
+                raise UserInputError(f"{self.run_dir} is being replaced already: {self.run_dir / pending[0]} holds the "
+                                     "run an earlier --force set aside " + (
+                                         "and that command is still at work; wait for it to finish"
+                                         if _at_work(self.run_dir) else
+                                         "(its command is gone, and the run folder now holds another run); move it "
+                                         "out (it is that run as it was) or delete it, then run this again"))
             self.folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=self.run_dir))
             self.fd = _hold(self.folder)
             try:
-                (self.folder / MARKER).write_text(json.dumps({"run_id": self.run_id, "names": list(names)}))
+                self._mark(complete=False)
                 for p in _outputs(self.run_dir, names):
                     os.replace(p, self.folder / p.name)
+                self._mark(complete=True)  # from here, what stands at `names` in the run folder is the new run's
             except BaseException:
-                _put_back(self.run_dir, self.folder, names)
+                _put_back(self.run_dir, self.folder, ())  # only what moved goes back; nothing is removed
                 self._release()
                 raise
+
+    def _mark(self, *, complete: bool) -> None:
+        atomic_write_text(self.folder / MARKER, json.dumps({"run_id": self.run_id, "names": list(self.names),
+                                                            "complete": complete}))
 
     def _release(self) -> None:
         if self.fd is not None:
@@ -104,7 +120,9 @@ class Replacing:
             raise
 
     def keep_new(self) -> None:
-        """The new run took over (it holds something of its own): the old one is removed."""
+        """The new run took over (it holds something of its own): the old one is removed (call it under the run's
+        lock, with the write that made the new run's own: a kill between the two leaves a kept epoch `recover`
+        sees)."""
         if self.settled:
             return
         self.settled = True
@@ -170,28 +188,65 @@ def recover(run_dir: str | Path, lock: Lock) -> None:
         return
     if not found:
         return
-    with lock(), contextlib.ExitStack() as held:
-        dead = []
+    with contextlib.suppress(OSError):  # a folder this user cannot write (a read-only copy): left as it is, read as it is
+        _judge(run_dir, found, lock)
+
+
+def _at_work(run_dir: Path) -> bool:
+    """Whether a live process holds the owner lock of a folder set aside in `run_dir`."""
+    for folder in run_dir.iterdir():
+        if folder.name.startswith(PREFIX) and folder.is_dir():
+            with contextlib.suppress(FileNotFoundError):
+                fd = _hold(folder)
+                if fd is None:
+                    return True
+                os.close(fd)
+    return False
+
+
+def _kept_its_own(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` that a completed set-aside made way for kept something: a last.pt (the old one's
+    was set aside), or a model (`export --arch`)."""
+    if (run_dir / LAST).is_file():
+        return True
+    try:
+        stages = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8")).get("stages") or {}
+        return (stages.get("model") or {}).get("status") == "ok"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _judge(run_dir: Path, found: list[Path], lock: Lock) -> None:
+    with lock():
         for folder in sorted(found):
             with contextlib.suppress(FileNotFoundError):  # (another opener took it meanwhile)
                 fd = _hold(folder)
                 if fd is None:
-                    if not folder.name.startswith(DONE):
-                        return  # a replacement at work
-                    continue
-                held.callback(os.close, fd)
-                dead.append(folder)
-        for folder in dead:
-            if folder.name.startswith(DONE):
-                shutil.rmtree(folder, ignore_errors=True)
-                continue
-            try:
-                marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                marker = {}
-            names = [n for n in marker.get("names", []) if isinstance(n, str)] if isinstance(marker, dict) else []
-            current = _run_id(run_dir / MANIFEST)
-            if current is None or current == marker.get("run_id") or not (folder / MANIFEST).exists():
-                _put_back(run_dir, folder, names)
-            else:
-                _remove(folder)
+                    continue  # its owner is at work
+                try:
+                    _settle(run_dir, folder)
+                finally:
+                    os.close(fd)
+
+
+def _settle(run_dir: Path, folder: Path) -> None:
+    """A dead owner's folder, judged by the run that stands in the run folder (see the module's docstring)."""
+    if folder.name.startswith(DONE):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marker = {}
+    marker = marker if isinstance(marker, dict) else {}
+    complete = marker.get("complete") is True
+    names = [n for n in marker.get("names", []) if isinstance(n, str)] if complete else []
+    current = _run_id(run_dir / MANIFEST)
+    if (folder / BEGUN).exists() or not complete or current is None or not (folder / MANIFEST).exists():
+        _put_back(run_dir, folder, names)  # a put-back to finish; a set-aside cut short; nothing else stands
+    elif current == marker.get("run_id"):
+        if _kept_its_own(run_dir):
+            _remove(folder)  # killed between the first kept epoch and the removal: the new run took over
+        else:
+            _put_back(run_dir, folder, names)
+    # else: beside another run (made without a set-aside): left where it is; a replacement names it

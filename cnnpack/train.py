@@ -353,8 +353,8 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                     if is_main:
                         with run.committing():  # checked and written under the run's lock: a --force since
                             _save_epoch(run, model, spec, opt, sched, epoch, stats, history, improved)  # gets none
-                        if replacing is not None:  # this run holds an epoch: the one it replaces goes
-                            replacing.keep_new()
+                            if replacing is not None:  # this run holds an epoch: the one it replaces goes
+                                replacing.keep_new()
                     kept = epoch
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, stats)

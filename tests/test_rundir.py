@@ -410,23 +410,65 @@ def _as_before(path: Path, manifest: bytes) -> bool:
             and not [p.name for p in path.iterdir() if p.name.startswith(".replaced")])
 
 
-@pytest.mark.parametrize("new_manifest", [True, False])  # killed after the new run's manifest was written, or before
-def test_a_run_a_killed_replacement_set_aside_is_put_back_when_the_run_is_opened(tmp_path, new_manifest):
+@pytest.mark.parametrize("killed", ["before the new manifest", "in the first epoch", "after the first epoch"])
+def test_a_run_a_killed_replacement_set_aside_is_put_back_when_the_run_is_opened(tmp_path, killed):
     """SIGKILL (out of memory) in the first epoch of `train --force` left the old run hidden in .replaced-*: the next
-    command that opens the run puts it back (its owner lock is free once the process is gone)."""
+    command that opens the run puts it back (its owner lock is free once the process is gone); after the new run
+    kept an epoch (killed before it removed the old one), the new run stays."""
     from cnnpack.run_replace import Replacing
     from cnnpack.rundir import Run
 
     run, manifest = _finished_run(tmp_path / "run")
     rep = Replacing(run.path, _NAMES, lock=run.locked)
-    if new_manifest:
-        Run.create(run.path, _SPEC, force=True, run_id=rep.run_id)
-        (run.path / "last.pt").write_bytes(b"the new run's, written as the kill came")
+    if killed != "before the new manifest":
+        new = Run.create(run.path, _SPEC, force=True, run_id=rep.run_id)
+        (run.path / "export").mkdir()  # written by the new run: goes with it
+    if killed == "after the first epoch":
+        (run.path / "last.pt").write_bytes(b"the new run's first epoch")
     rep._release()  # the process is gone: the kernel let go of its lock
     finished = run.path / ".replaced-done-x1"  # killed while it removed a replaced run: removed
     (finished / "export").mkdir(parents=True)
     Run.open(run.path)
+    if killed == "after the first epoch":
+        assert Run.open(run.path).opened_as == new.opened_as and (run.path / "last.pt").is_file()
+        assert not [p.name for p in run.path.iterdir() if p.name.startswith(".replaced")]
+    else:
+        assert _as_before(run.path, manifest)
+
+
+def test_one_replacement_at_a_time_and_a_set_aside_cut_short_moves_back_only_what_it_moved(tmp_path, monkeypatch):
+    """A set-aside that failed part way (a folder it could not move) removed every later output as if the new run had
+    written it; a second --force while one was at work stacked the two, and a kill of both lost the original."""
+    import cnnpack.run_replace as rr
+    from cnnpack.errors import UserInputError
+    from cnnpack.rundir import Run
+
+    run, manifest = _finished_run(tmp_path / "run")
+    (run.path / "last.pt").write_bytes(b"the old run's last epoch")
+    real, failed = os.replace, []
+
+    def second_fails(src, dst):  # the manifest moved first, then the checkpoint cannot be (once)
+        if Path(src).name == "checkpoint.pt" and not failed:
+            failed.append(src)
+            raise PermissionError(13, "Permission denied", str(src))
+        real(src, dst)
+
+    monkeypatch.setattr(rr.os, "replace", second_fails)
+    with pytest.raises(PermissionError):
+        rr.Replacing(run.path, _NAMES, lock=run.locked)
+    monkeypatch.undo()
+    assert run.manifest_path.read_bytes() == manifest and (run.path / "last.pt").is_file()
+    (run.path / "last.pt").unlink()
     assert _as_before(run.path, manifest)
+    first = rr.Replacing(run.path, _NAMES, lock=run.locked)
+    with pytest.raises(UserInputError, match=r"is being replaced already: .* still at work; wait for it to finish$"):
+        rr.Replacing(run.path, _NAMES, lock=run.locked)
+    Run.create(run.path, _SPEC, force=True)  # another run, made without a set-aside, then the first's process died
+    first._release()
+    with pytest.raises(UserInputError, match=r"its command is gone, and the run folder now holds another run\); "
+                                             r"move it out \(it is that run as it was\) or delete it"):
+        rr.Replacing(run.path, _NAMES, lock=run.locked)
+    assert (first.folder / "cnnpack.json").read_bytes() == manifest  # left where it is, named
 
 
 def test_the_old_run_goes_back_only_over_the_run_that_replaced_it_and_a_put_back_taken_up_again_loses_nothing(
