@@ -55,13 +55,13 @@ def _run_id(manifest: Path) -> str | None:
         return None
 
 
-def _hold(folder: Path, *, wait: bool = False) -> int | None:
+def _hold(folder: Path) -> int | None:
     """An fd holding `folder`'s owner lock, or None where its owner (a live process) holds it."""
     import fcntl
 
     fd = os.open(folder / OWNER, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -131,9 +131,8 @@ class Replacing:
 
     def put_back(self) -> bool:
         """The new run failed or was interrupted before it held anything of its own: its files go, the old run's come
-        back; True where they were. Not over a run another command made since (a second `--force` at once): the
-        folder then stays, for `recover` to judge once this process lets go of it (the old run goes back if the
-        other fails over this one, and is removed if it takes over)."""
+        back; True where they were. Not over a run made since without a set-aside (`Run.create(force=True)` from
+        code): the folder then stays where it is, and the next replacement names it."""
         if self.settled:
             return False
         self.settled = True
@@ -176,11 +175,9 @@ def _put_back(run_dir: Path, folder: Path, names: tuple[str, ...] | list[str]) -
 
 
 def recover(run_dir: str | Path, lock: Lock) -> None:
-    """What a replacement whose process is gone left in `run_dir` (its folder's owner lock free), under the run's
-    lock: the old run goes back where the run that replaced it (the marker's run_id) or no manifest stands, or where
-    a put-back got as far as the manifest; otherwise (another `--force` made a run since) the folder goes. Nothing is
-    judged while a replacement of the run is at work (a live owner's folder): what it set aside may be the run this
-    one replaced."""
+    """What a replacement whose process is gone left in `run_dir` (its folder's owner lock free), judged under the
+    run's lock by the run that stands there (`_settle`; the module's docstring has the rules). A live owner's folder
+    is its own business."""
     run_dir = Path(run_dir)
     try:
         found = [p for p in run_dir.iterdir() if p.name.startswith(PREFIX) and p.is_dir()]
