@@ -25,7 +25,7 @@ from cnnpack.bench_outputs import commit_outputs, series_at
 from cnnpack.errors import UserInputError
 from cnnpack.host import load_avg, machine, torch_threads
 from cnnpack.loadclient import check_concurrency
-from cnnpack.loadgen import describe, load, resolve
+from cnnpack.loadgen import load, resolve
 from cnnpack.rundir import Run
 
 
@@ -131,7 +131,7 @@ def bench_load(ctx: BenchContext, rt, batch_size: int, concurrency: int, generat
     figures = load(generator, client, model, input_batch(ctx.run.model_spec, batch_size), concurrency, ctx.cfg.policy())
     after = client.settled_statistics(model.name)
     row = {"runtime": "triton", "format": rt.format, "batch_size": batch_size, "concurrency": concurrency,
-           "protocol": client.protocol, **figures, "load_generator": describe(generator), "errors": 0,
+           "protocol": client.protocol, **figures, "errors": 0,
            **server_side(before, after)}
     row["requests"] = row["requests"] or row["server_requests"]  # when perf_analyzer's output lacks its count, the server's
     row["gflops"] = row["throughput_ips"] * ctx.flops_per_image / 1e9

@@ -50,7 +50,7 @@ log = logging.getLogger("cnnpack")
 def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfig, repository: str) -> dict:
     """Loads the model with the setting's config (no restart), puts it under load, returns the point."""
     from cnnpack.client import Client, server_side
-    from cnnpack.loadgen import describe, load, resolve
+    from cnnpack.loadgen import load, resolve
     from cnnpack.measure import WindowPolicy
 
     url = server.grpc_address if cfg.protocol == "grpc" else server.http_address
@@ -73,7 +73,7 @@ def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfi
         figures = load(generator, client, model, x, concurrency, policy)
         after = client.settled_statistics(s.model)
     row = {**asdict(s), "label": s.label, "precision": s.precision, "concurrency": concurrency, **figures,
-           "load_generator": describe(generator), **server_side(before, after)}
+           **server_side(before, after)}
     if s.default:  # its config.pbtxt's own settings, as the server loaded them
         row.update(instances=model.instances, threads=_threads_of(model, s.format),
                    dynamic_batching=model.dynamic_batching, queue_delay_us=model.max_queue_delay_us)

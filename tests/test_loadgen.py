@@ -121,3 +121,36 @@ def test_perf_analyzers_windows_are_read_as_it_judged_them(tmp_path, monkeypatch
     from cnnpack.loadgen import window_rates
 
     assert window_rates("  Pass [1] throughput: 10 infer/sec.\n  Pass [2] cb::Error: x\n") == [10.0, 0.0]
+
+
+def test_a_point_perf_analyzer_reports_no_figures_for_is_measured_by_cnnpacks_client_and_says_so(tmp_path,
+                                                                                                  monkeypatch):
+    """Two busy loops and another user's work beside CI: perf_analyzer found no stable measurement even without its
+    stability check, and the pipeline's served stage failed on it (11 pipeline tests errored). Any other failure of
+    perf_analyzer stays a failure."""
+    from types import SimpleNamespace
+
+    import cnnpack.loadgen as lg
+    from cnnpack.client import ServedModel
+    from cnnpack.errors import StageFailed
+    from cnnpack.measure import WindowPolicy
+
+    fake = tmp_path / "perf_analyzer"
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    model = ServedModel(name="m", platform="onnxruntime_onnx", input="input", input_dtype="FP32", input_shape=(3, 8, 8),
+                        output="logits", num_classes=6, max_batch_size=64)
+    client = SimpleNamespace(address="127.0.0.1:1", protocol="grpc")
+    monkeypatch.setattr(lg, "own_client", lambda *a: {"throughput_ips": 1234.0, "stable": True})
+    policy = WindowPolicy(window_s=0.1, max_s=0.5, stable_windows=1)
+    for said, falls_back in (("Failed to obtain stable measurement within 3 measurement windows", True),
+                             ("error: failed to get model metadata: connection refused", False)):
+        fake.write_text(f"#!{sys.executable}\nimport sys\nif '--version' in sys.argv: print('perf_analyzer 2.41.0')\n"
+                        f"else: print({said!r}); sys.exit(1)\n")
+        fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+        if falls_back:
+            row = lg.load("perf_analyzer", client, model, np.zeros((1, 3, 8, 8), np.float32), 16, policy)
+            assert row["throughput_ips"] == 1234.0 and row["stable"] is False
+            assert row["load_generator"].startswith("cnnpack client (perf_analyzer reported no figures: Failed to")
+        else:
+            with pytest.raises(StageFailed, match="connection refused"):
+                lg.load("perf_analyzer", client, model, np.zeros((1, 3, 8, 8), np.float32), 16, policy)
