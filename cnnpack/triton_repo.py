@@ -188,7 +188,7 @@ def batch_limits(rec: dict, cfg: TritonConfig, path: Path) -> int:
     return mbs
 
 
-def check_device(rec: dict, cfg: TritonConfig, path: Path) -> None:
+def check_device(rec: dict, cfg: TritonConfig, path: Path, run_path: Path) -> None:
     """A pt2 package runs on the device it was compiled for: KIND_CPU for a CPU package, KIND_GPU for CUDA."""
     if cfg.format not in PT2_FORMATS:
         return
@@ -196,7 +196,8 @@ def check_device(rec: dict, cfg: TritonConfig, path: Path) -> None:
     if (compiled == "cuda") != (cfg.device == "gpu"):
         fix = "--device gpu" if compiled == "cuda" else "--device cpu"
         raise UserInputError(f"{path} is compiled for {compiled} and runs only there: use {fix}, or re-export it "
-                             f"with `cnnpack export --format pt2 --device {'cpu' if cfg.device == 'cpu' else 'cuda'}`")
+                             f"with `cnnpack export --run {shell(run_path)} --format pt2 --device "
+                             f"{'cpu' if cfg.device == 'cpu' else 'cuda'}`")
 
 
 def model_io(run: Run, cfg: TritonConfig) -> tuple[ModelIO, Path, dict]:
@@ -207,7 +208,7 @@ def model_io(run: Run, cfg: TritonConfig) -> tuple[ModelIO, Path, dict]:
     spec = run.model_spec
     inp, out = cross_check(ref.record, ref.path, cfg.format, spec)
     mbs = batch_limits(ref.record, cfg, ref.path)
-    check_device(ref.record, cfg, ref.path)
+    check_device(ref.record, cfg, ref.path, run.path)
     from cnnpack.artifacts import precision_of
 
     io = ModelIO(inp, out, mbs, ref.record.get("input_kind", "raw"), precision_of(ref.record),

@@ -261,6 +261,7 @@ def test_bad_options_exit_2_before_any_work(tmp_path):
                       (["--runtimes", "nope"], "nope"), (["--batch-sizes", "1,128"], "--max-batch-size"),
                       (["--tune-budget-ms", "0"], "--tune-budget-ms must be > 0"),
                       (["--serve", "no", "--tune-budget-ms", "5"], "it needs the served stage"),
+                      (["--no-int8", "--max-drop", "2"], "--max-drop sets the int8 gate, which --no-int8 leaves out"),
                       (["--formats", ""], "--formats names no format; valid: onnx,"),
                       (["--data", "torchvision:NOPE"], "torchvision has no dataset 'NOPE'"),
                       (["--openvino", "maybe"], "--openvino 'maybe'"), (["--pt2", "maybe"], "--pt2 'maybe'"),

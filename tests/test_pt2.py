@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -385,7 +386,9 @@ def test_triton_lays_out_a_torch_aoti_model(run_copy, tmp_path):
     assert mc.max_batch_size == MAX_BATCH and mc.HasField("dynamic_batching") and list(mc.input[0].dims) == [3, 32, 32]
     assert mc.output[0].label_filename == "labels.txt" and mc.instance_group[0].kind == mc.instance_group[0].KIND_CPU
     assert sha256(folder / "1" / "model.pt2") == sha256(run_copy / "export/model.pt2")
-    with pytest.raises(UserInputError, match="is compiled for cpu and runs only there: use --device cpu"):
+    with pytest.raises(UserInputError, match=r"is compiled for cpu and runs only there: use --device cpu, or re-export "
+                                             rf"it with `cnnpack export --run {re.escape(str(run_copy))} --format pt2 "
+                                             r"--device cuda`$"):
         build(run_copy, TritonConfig(repository=str(tmp_path / "gpu"), format="pt2", device="gpu"))
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cnnpack.cli.common import app, emit, handles_errors, int_list, name_list
+from cnnpack.cli.common import app, emit, given_options, handles_errors, int_list, name_list, usage_error
 from cnnpack.errors import ratio, shell
 
 
@@ -18,6 +18,7 @@ def _names(text: str) -> tuple[str, ...]:
 @app.command()
 @handles_errors
 def pipeline(
+    ctx: typer.Context,
     data: str = typer.Option("shapes", help="shapes | PATH (ImageFolder) | torchvision:NAME"),
     arch: str = typer.Option("cnn", help="cnn or any torchvision classifier (resnet18, mobilenet_v3_small, ...)"),
     run: Optional[Path] = typer.Option(None, help="Run directory (default: runs/pipeline-<data>-<arch>-<size>px)."),
@@ -73,6 +74,11 @@ def pipeline(
     """
     from cnnpack.pipeline import PipelineConfig
     from cnnpack.pipeline import pipeline as do_pipeline
+
+    if not int8 and (gate := [f for n, f in given_options(ctx).items()
+                              if n in ("max_drop", "min_agreement", "calibration_images")]):
+        raise usage_error(f"{', '.join(gate)} {'sets' if len(gate) == 1 else 'set'} the int8 gate, which --no-int8 "
+                          "leaves out; drop one or the other")
 
     sizes = (int_list(batch_sizes, "--batch-sizes") if batch_sizes is not None
              else tuple(sorted({min(b, max(max_batch_size, 1)) for b in (1, 32)})))  # the defaults, within the export
