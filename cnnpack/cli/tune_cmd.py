@@ -92,7 +92,7 @@ def _table(section: dict) -> None:
         t.add_row(p["label"] + mark, p.get("precision", "fp32") + (f" ({p['computed']} here)" if "computed" in p else ""), str(p["concurrency"]), f"{p['throughput_ips']:,.0f}", f"{p['latency_ms_p50']:.2f}",
                   f"{p['latency_ms_p99']:.2f}", f"{p.get('server_batch_mean') or 0:.2f}",
                   "yes" if p["stable"] else "[red]no[/red]")
-    table_console(110, stderr=True).print(t)
+    table_console(110).print(t)  # (stdout, as bench and verify print theirs; progress goes to stderr)
 
 
 def _models(text: str | None) -> tuple[str, ...] | None:
