@@ -62,7 +62,7 @@ def servable(run: Run, models: tuple[str, ...] = (), *, required_by: str = "tune
 def unverified(run: Run, found: list[tuple[str, str]]) -> list[str]:
     """The classifiers laid out in the run's repository under their default names that `servable` did not take
     (`found`), each with why: no verdict of its artifact now, or a failed one (deploy names what it leaves out)."""
-    from cnnpack.triton_repo import PLATFORMS, default_name
+    from cnnpack.triton_repo import PLATFORMS, default_name, latest_from
 
     stages = run.read().get("stages", {})
     root, verdicts = Path(stages["triton"]["repository"]), stages.get("verify", {}).get("formats", {})
@@ -71,6 +71,10 @@ def unverified(run: Run, found: list[tuple[str, str]]) -> list[str]:
         name = default_name(run.model_spec["arch"], fmt)
         if name not in dict(found) and (root / name / "config.pbtxt").is_file():
             verdict = verdicts.get(fmt)
+            if (origin := latest_from(root / name)) and Path(origin) != run.path.resolve():
+                out.append(f"{name} (laid out from another run, {origin}: verify this run's {fmt} artifact and lay "
+                           "it out, or ship that run)")  # (this run's verify cannot speak for another run's model)
+                continue
             out.append(f"{name} ({'failed' if verdict else 'has no verdict of'} `cnnpack verify`"
                        + (" as its artifact is now" if not verdict else "") + ")")
     return out

@@ -1435,3 +1435,20 @@ def test_a_preprocessing_model_laid_out_by_another_cnnpack_is_named_with_the_com
     assert (f"cnn_onnx_preprocess v1 runs the image preprocessing of another cnnpack version (its model.py is not "
             f"this one's); `cnnpack triton --run {run} --repository {repo} --name cnn_onnx --format onnx --ensemble` "
             "lays out the current one as a new version") in notes
+
+
+def test_a_model_another_run_laid_out_in_the_repository_is_named_as_that_runs(laid_out, tmp_path):
+    """deploy said "has no verdict of `cnnpack verify`" and advised verifying this run, which cannot help: the
+    model's latest version was another run's."""
+    from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.export import ExportConfig, export
+    from cnnpack.triton_repo import TritonConfig, build
+
+    run, repo = _own_copy(laid_out, tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(laid_out, other)
+    export(other, ExportConfig(formats=("torchscript",), max_batch_size=16))
+    build(other, TritonConfig(repository=str(repo), format="torchscript"))
+    notes = deploy(run, DeployConfig(out=str(tmp_path / "out")))["notes"]
+    assert any(f"not shipped: cnn_torchscript (laid out from another run, {other.resolve()}: verify this run's "
+               "torchscript artifact and lay it out, or ship that run)" in n for n in notes), notes
