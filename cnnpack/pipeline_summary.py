@@ -15,6 +15,16 @@ def best_runtime(bench: dict) -> dict | None:
     return max(rows, key=lambda r: r["speedup_vs_eager"], default=None)
 
 
+def shaky(bench: dict, row: dict) -> bool:
+    """Whether a speedup over eager rests on a row measured unsteadily or beside other work: the row's own, or
+    eager's at its batch size (a 152 ms eager at batch 1 beside a test run made one 1,901x)."""
+    from cnnpack.bench_outputs import BUSY
+
+    eager = [r for r in bench.get("results", []) if r["runtime"] == "eager" and r["batch_size"] == row["batch_size"]
+             and r.get("precision", "fp32") == "fp32"]
+    return any(not r.get("stable", True) or (r.get("cpu_others") or 0) > BUSY for r in [row, *eager])
+
+
 def tuned_line(stages: dict) -> str | None:
     """The tune stage's outcome in one line (None: tune did not run)."""
     from cnnpack.triton_config import tuned_in_place
@@ -50,7 +60,8 @@ def summary(run: Run, outcomes: list, report: dict, wall_s: float) -> dict:
         "best_runtime": best and {k: best.get(k, d) for k, d in (("runtime", None), ("artifact", None),
                                                                  ("precision", "fp32"), ("batch_size", None),
                                                                  ("speedup_vs_eager", None), ("latency_ms_p50", None),
-                                                                 ("throughput_ips", None))},
+                                                                 ("throughput_ips", None))}
+        | {"shaky": shaky(stages["bench"], best)},
         "repository": triton.get("repository"),
         "models": triton.get("models", []),
         "served": None if "served" in off else served.get("summary"),

@@ -819,3 +819,17 @@ def test_a_rerun_with_formats_switched_off_benches_and_names_only_what_it_makes(
     build(run, TritonConfig(repository=str(repo), format="onnx", ensemble=True))
     build(run, TritonConfig(repository=str(repo), format="onnx", name="older"))
     assert _earlier_models(Run.open(run), repo, ["cnn_onnx", "cnn_onnx_image"]) == ["older"]  # the ensemble's are its
+
+
+def test_a_fastest_runtime_whose_speedup_rests_on_an_unsteady_row_is_marked():
+    """On a busy machine the summary said `onnxruntime at batch 1: 1901.17x eager` (eager at batch 1 took 152 ms
+    beside a test run) with no mark, unlike the precision table."""
+    from cnnpack.pipeline_summary import best_runtime, shaky
+
+    eager = {"runtime": "eager", "batch_size": 1, "stable": True, "cpu_others": 0.0}
+    ort = {"runtime": "onnxruntime", "batch_size": 1, "stable": True, "cpu_others": 0.0, "speedup_vs_eager": 9.0}
+    bench = {"results": [eager, ort, {**eager, "batch_size": 32, "stable": False}]}
+    assert best_runtime(bench) is ort and not shaky(bench, ort)
+    for changed in ({"stable": False}, {"cpu_others": 0.4}):
+        assert shaky({"results": [{**eager, **changed}, ort]}, ort)
+        assert shaky({"results": [eager, {**ort, **changed}]}, {**ort, **changed})

@@ -122,8 +122,10 @@ def print_summary(s: dict) -> None:
     b = s["best_runtime"]
     if b:
         name = b["runtime"] + ("" if b.get("precision", "fp32") == "fp32" else f" {b['precision']}")
-        t.add_row("fastest", f"{name} at batch {b['batch_size']}: {ratio(b['speedup_vs_eager'])} eager, "
-                             f"{b['latency_ms_p50']:.2f} ms p50, {b['throughput_ips']:,.0f} images/s")
+        t.add_row("fastest", f"{name} at batch {b['batch_size']}: {ratio(b['speedup_vs_eager'])} eager"
+                             + ("†" if b.get("shaky") else "")
+                             + f", {b['latency_ms_p50']:.2f} ms p50, {b['throughput_ips']:,.0f} images/s"
+                             + (" († measured unsteadily or beside other work: see caution)" if b.get("shaky") else ""))
     if s["repository"]:
         t.add_row("triton", f"{s['repository']} ({', '.join(s['models'])})")
         t.add_row("serve it", f"cnnpack serve --repository {shell(s['repository'])}")
