@@ -20,12 +20,14 @@ import torch.nn.functional as F
 
 from cnnpack.data_change import names_digests
 from cnnpack.data_layout import (  # noqa: F401 - split_dirs and the split names: importable from here too
+    SPLITS,
     TEST_SPLITS,
     TRAIN_SPLITS,
     VAL_SPLITS,
     class_dirs,
     classes_of,
     flat_hint,
+    flat_text,
     holds_classes,
     holds_images,
     nfc,
@@ -290,11 +292,9 @@ def load_image_folder(root: Path, size: int, *, val_fraction: float = 0.2, seed:
         train_dir or val_dir or next((root / n for n in ("train", "val") if holds_classes(root / n)), None))
     if lone is not None:
         lack = "val" if lone.name.lower() in TRAIN_SPLITS else "train"
-        flat = "" if class_dirs(lone) else f" ({lone.name}/ holds images, not class folders: put them in " \
-            f"{lone / '<class>'}/)"
+        flat = "" if class_dirs(lone) else flat_text(lone)
         also = f" (if {lone.name} is a class whose images lie in subfolders, move them up into {lone}/)" if (
-            not flat and any(p.name.lower() not in (*TRAIN_SPLITS, *VAL_SPLITS, *TEST_SPLITS) and holds_images(p)
-                             for p in class_dirs(root))) else ""
+            not flat and any(p.name.lower() not in SPLITS and holds_images(p) for p in class_dirs(root))) else ""
         raise UserInputError(f"{root} has {lone.name}/ but no {lack}/{flat}; add {root / lack}/<class>/<images> "
                              f"or put the class folders directly under {root}{also}")
     if train_dir and val_dir:

@@ -24,7 +24,7 @@ def classes_of(folders: list[str], classes: list[str], where: Path) -> dict[str,
     `café` typed on Linux, NFC); UserInputError naming every folder that is none of them."""
     by_nfc = {nfc(c): c for c in classes}
     if unknown := [f for f in folders if nfc(f) not in by_nfc]:
-        split = next((f for f in unknown if f.lower() in (*TRAIN_SPLITS, *VAL_SPLITS, *TEST_SPLITS)
+        split = next((f for f in unknown if f.lower() in SPLITS
                       and holds_classes(where / f)), None)
         hint = f"; {where / split} holds class folders: pass it as --data" if split else "; rename or remove " + (
             "it" if len(unknown) == 1 else "them")
@@ -35,6 +35,7 @@ def classes_of(folders: list[str], classes: list[str], where: Path) -> dict[str,
 
 
 TRAIN_SPLITS, VAL_SPLITS, TEST_SPLITS = ("train", "training"), ("val", "valid", "validation"), ("test", "testing")
+SPLITS = (*TRAIN_SPLITS, *VAL_SPLITS, *TEST_SPLITS)  # every name a split folder goes by (in any case)
 
 
 def split_dirs(root: Path) -> tuple[Path | None, Path | None]:
@@ -48,7 +49,7 @@ def split_dirs(root: Path) -> tuple[Path | None, Path | None]:
     dirs: dict[str, Path] = {}
     for p in folders:
         dirs.setdefault(p.name.lower(), p)
-    if not dirs or not set(dirs) <= {*TRAIN_SPLITS, *VAL_SPLITS, *TEST_SPLITS}:
+    if not dirs or not set(dirs) <= set(SPLITS):
         return None, None
     train = next((dirs[n] for n in TRAIN_SPLITS if n in dirs), None)
     val = next((dirs[n] for n in (*VAL_SPLITS, *(TEST_SPLITS if train else ())) if n in dirs), None)
@@ -58,14 +59,11 @@ def split_dirs(root: Path) -> tuple[Path | None, Path | None]:
 def holds_classes(folder: Path) -> bool:
     """A folder of folders and no image file of its own: a split's (train/<class>/..., maybe with a README or a
     labels.csv beside them), not a class named `train` (a vehicle data set's), whose images lie in it."""
-    from PIL import Image
-
     try:
-        entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+        folders = folder.is_dir() and any(p.is_dir() for p in folder.iterdir() if not p.name.startswith("."))
     except OSError:
         return False
-    images = set(Image.registered_extensions())
-    return any(p.is_dir() for p in entries) and not any(p.is_file() and p.suffix.lower() in images for p in entries)
+    return folders and not holds_images(folder)
 
 
 def holds_images(folder: Path) -> bool:
@@ -79,7 +77,11 @@ def holds_images(folder: Path) -> bool:
         return False
 
 
+def flat_text(folder: Path) -> str:
+    """Where the images of a split folder that holds no class folders go."""
+    return f" ({folder.name}/ holds images, not class folders: put them in {folder / '<class>'}/)"
+
+
 def flat_hint(folder: Path) -> str:
-    """Where a split folder holds images, not class folders: where they go."""
-    return f" ({folder.name}/ holds images, not class folders: put them in {folder / '<class>'}/)" \
-        if holds_images(folder) else ""
+    """`flat_text` where the split folder holds image files of its own."""
+    return flat_text(folder) if holds_images(folder) else ""

@@ -144,14 +144,14 @@ def _is_own(data: str | None, trained_on: str | None) -> bool:
 
 def _model_indices(classes: list[str], model_classes: list[str], source: str) -> np.ndarray:
     """For each of a data set's classes, its index among the model's (every one must be there)."""
-    import unicodedata
+    from cnnpack.data import nfc
 
-    by_nfc = {unicodedata.normalize("NFC", c): i for i, c in enumerate(model_classes)}  # a class copied from macOS
-    if unknown := [c for c in classes if unicodedata.normalize("NFC", c) not in by_nfc]:  # reads the same (NFD)
+    by_nfc = {nfc(c): i for i, c in enumerate(model_classes)}  # a class copied from macOS reads the same (NFD)
+    if unknown := [c for c in classes if nfc(c) not in by_nfc]:
         raise UserInputError(f"{source} has class {unknown[0]!r}, not one of the model's classes "
                              f"({first_few(model_classes, 8)}); evaluate on data of the classes the model was "
                              "trained on")
-    return np.array([by_nfc[unicodedata.normalize("NFC", c)] for c in classes], dtype=np.int64)
+    return np.array([by_nfc[nfc(c)] for c in classes], dtype=np.int64)
 
 
 def _slug(source: str) -> str:

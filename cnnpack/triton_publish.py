@@ -79,6 +79,14 @@ def versions(folder: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def latest_from(folder: Path) -> str | None:
+    """The run (resolved path) whose model the latest version of a model folder is (Triton serves that one), as its
+    cnnpack-model.json records; None where it records none."""
+    latest = max(versions(folder), default=None)
+    found = ((read_sidecar(folder) or {}).get("versions") or {}).get(str(latest))
+    return str(found["run"]) if isinstance(found, dict) and found.get("run") else None
+
+
 def stray_folders(repository: Path) -> list[str]:
     """The visible folders of `repository` Triton cannot load as models (no config.pbtxt, no numeric version folder):
     Triton polls them, reports them only in its log and is never ready, so `cnnpack serve` refuses such a repository
@@ -296,11 +304,8 @@ def stale_preprocessing(repo: str | Path, served: list[tuple[str, str]], run: Pa
         except OSError:
             continue  # not there or unreadable: the server said what it could not load
         classifier = ((read_sidecar(repo / name) or {}).get("identity") or {}).get("for") or name[:-len(PREPROCESS)]
-        side = read_sidecar(repo / classifier) or {}
-        laid = side.get("versions") or {}
-        src = str(run) if run else (laid.get(max(laid, key=lambda v: int(v) if v.isdigit() else -1), {})
-                                    if laid else {}).get("run")
-        fmt = (side.get("identity") or {}).get("format")
+        src = str(run) if run else latest_from(repo / classifier)
+        fmt = ((read_sidecar(repo / classifier) or {}).get("identity") or {}).get("format")
         how = (f"`cnnpack triton --run {shell(src)} --repository {shell(repo)} --name {shell(classifier)}"
                + (f" --format {fmt}" if fmt else "") + " --ensemble`") if isinstance(src, str) else \
             f"`cnnpack triton --ensemble` from the run {classifier} came from"

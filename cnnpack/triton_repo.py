@@ -56,6 +56,7 @@ from cnnpack.triton_publish import (  # noqa: F401
     Published,
     cleared,
     conflict,
+    latest_from,
     model_dir,
     preprocess_source,
     publish,
@@ -388,14 +389,6 @@ def clashes(run: Run, cfg: TritonConfig) -> tuple[str, list[str]]:
     """(model name, why each folder `build` would write holds a different model): empty where none does."""
     root, name, _, _, found = _planned(run, cfg)
     return name, [f"{root / d.name}: {why}" for d, why in found]
-
-
-def latest_from(folder: Path) -> str | None:
-    """The run (resolved path) whose model the latest version of a model folder is (Triton serves that one), as its
-    cnnpack-model.json records; None where it records none."""
-    latest = max(versions(folder), default=None)
-    found = ((read_sidecar(folder) or {}).get("versions") or {}).get(str(latest))
-    return str(found["run"]) if isinstance(found, dict) and found.get("run") else None
 
 
 def laid_out_from(folder: Path) -> set[str]:
