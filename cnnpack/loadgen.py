@@ -58,7 +58,11 @@ def describe(name: str) -> str:
 
 class NoStableMeasurement(StageFailed):
     """perf_analyzer found no figures to report, even without its stability check (a window with no request done:
-    a machine too busy for its windows)."""
+    a machine too busy for its windows); `reason`: its own last line."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def load(generator: str, client, model, batch: np.ndarray, concurrency: int, policy: WindowPolicy) -> dict:
@@ -70,9 +74,8 @@ def load(generator: str, client, model, batch: np.ndarray, concurrency: int, pol
         try:
             return {**perf_analyzer(client, model, batch, concurrency, policy), "load_generator": describe(generator)}
         except NoStableMeasurement as e:
-            why = str(e).rsplit("failed: ", 1)[-1]
             return {**own_client(client, model, batch, concurrency, policy), "stable": False,
-                    "load_generator": f"{describe('cnnpack')} (perf_analyzer reported no figures: {why})"}
+                    "load_generator": f"{describe('cnnpack')} (perf_analyzer reported no figures: {e.reason})"}
     return {**own_client(client, model, batch, concurrency, policy), "load_generator": describe(generator)}
 
 
@@ -125,8 +128,8 @@ def perf_analyzer(client, model, batch: np.ndarray, concurrency: int, policy: Wi
             windows += len(window_rates(done.stdout))
         if done.returncode != 0 or not out.is_file():
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise (NoStableMeasurement if "stable" in done.stdout + done.stderr else StageFailed)(
-                f"perf_analyzer on {model.name} at {client.address} ({concurrency} in flight) failed: {tail[0]}")
+            said = f"perf_analyzer on {model.name} at {client.address} ({concurrency} in flight) failed: {tail[0]}"
+            raise NoStableMeasurement(said, tail[0]) if "stable" in done.stdout + done.stderr else StageFailed(said)
         row = next(csv.DictReader(out.open()))
     us = {p: float(row[f"p{p} latency"]) / 1e3 for p in (50, 90, 95, 99)}
     count = re.search(r"Request count: (\d+)", done.stdout)
