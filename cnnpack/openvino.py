@@ -159,7 +159,16 @@ def _nncf():
     except ImportError:
         raise RuntimeUnavailable(f"--backend openvino needs NNCF, part of the openvino extra: {INSTALL}") from None
     nncf.set_log_level(logging.WARNING)  # its INFO lines (statistics, reverted layers) are recorded instead
+    _log_to_stderr(logging.getLogger("nncf"))
     return nncf
+
+
+def _log_to_stderr(logger: logging.Logger):
+    """NNCF's logger writes to the stdout it found at import: its warnings would land in the middle of
+    `--json`'s result. They go to stderr, with cnnpack's progress."""
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler and handler.stream is not sys.stderr:
+            handler.setStream(sys.stderr)
 
 
 def nncf_quantize(model, calibration: list, *, subset_size: int, ignored: list[str] = ()):

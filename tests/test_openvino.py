@@ -411,3 +411,12 @@ def test_openvino_s_telemetry_is_off_unless_its_user_opted_in(tmp_path):
     (tmp_path / "intel" / "openvino_telemetry").write_text("1")  # opt_in_out --opt_in
     said = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert said.stdout.split() == ["True"], said.stderr[-2000:]
+
+
+def test_nncf_s_warnings_go_to_stderr_not_into_the_json_result():
+    """NNCF's logger writes to the stdout it found at import; `--json` prints the result there."""
+    code = ("import nncf; from cnnpack import openvino; openvino._nncf(); "
+            "from nncf.common.logging import nncf_logger; nncf_logger.warning('nncf says so')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "" and "nncf says so" in out.stderr
