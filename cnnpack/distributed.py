@@ -20,6 +20,11 @@ from dataclasses import dataclass
 
 from cnnpack.errors import StageFailed, UserInputError
 
+
+class PeerStopped(StageFailed):
+    """Another process of the same training stopped (its own error says why)."""
+
+
 TIMEOUT_ENV = "CNNPACK_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 120.0
 TORCHRUN_VARS = ("RANK", "MASTER_ADDR", "MASTER_PORT")  # torchrun sets them (and LOCAL_RANK) with WORLD_SIZE
@@ -49,14 +54,65 @@ class Context:
             return DDP(model, device_ids=[self.local_rank])
         return DDP(model)
 
+    def started(self, *, failed: bool = False) -> None:
+        """Every rank says whether its start (the run folder, the resume state) went well before the first collective
+        of training: a refusal one rank made (rank 0 alone judges the run folder) stops the others with one line,
+        not a traceback from DistributedDataParallel's first broadcast. `failed`: this rank's start failed; it tells
+        the others and returns (its own error says why).
+
+        Raises:
+            PeerStopped: another rank's start failed, or that rank is gone.
+        """
+        import torch
+        import torch.distributed as dist
+
+        flags = torch.zeros(self.world_size, dtype=torch.int32, device=self._device())
+        flags[self.rank] = int(failed)
+        try:
+            dist.all_reduce(flags)
+        except RuntimeError:  # a peer gone already (its process group closed): what it said is its own error
+            if failed:
+                return
+            raise PeerStopped(f"another process of this training stopped before the training began (its error says "
+                              f"why); rank {self.rank} of {self.world_size} stops too") from None
+        others = [r for r, f in enumerate(flags.tolist()) if f and r != self.rank]
+        if others and not failed:
+            raise PeerStopped(f"{'rank' if len(others) == 1 else 'ranks'} {', '.join(map(str, others))} of this "
+                              f"training stopped before the training began (its error says why); rank {self.rank} of "
+                              f"{self.world_size} stops too")
+
+    def same_model(self, model) -> None:
+        """Rank 0's buffers (BatchNorm's running statistics) on every rank. DDP copies them at the start of each
+        forward pass, so after an epoch's last step each rank holds its own, and each validated a different model
+        than the one rank 0 saves: the ranks disagreed on early stopping, one left, and the other failed."""
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, 0)
+
+    def from_main(self, stats: dict) -> dict:
+        """Rank 0's figures on every rank (one epoch's record and early-stopping decision everywhere, whatever
+        rounding a node's kernels add)."""
+        import torch
+        import torch.distributed as dist
+
+        keys = sorted(stats)
+        t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self._device())
+        dist.broadcast(t, 0)
+        return dict(zip(keys, t.tolist()))
+
+    def _device(self):
+        import torch
+
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
     def reduce_stats(self, stats: dict) -> dict:
         """Mean of losses/accuracies, sum of throughput, across ranks."""
         import torch
         import torch.distributed as dist
 
         keys = sorted(stats)
-        device = torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
-        t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
+        t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self._device())
         dist.all_reduce(t)
         out = {k: v / self.world_size for k, v in zip(keys, t.tolist())}
         out["train_images_per_s"] = out["train_images_per_s"] * self.world_size

@@ -24,15 +24,16 @@ from torch import nn
 from cnnpack import data as data_mod
 from cnnpack import plots
 from cnnpack.atomic import atomic_path, sigint_deferred
-from cnnpack.errors import CnnpackError, StageFailed, UserInputError, count, file_error, first_few, one_line, shell
+from cnnpack.distributed import PeerStopped
+from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error, first_few, one_line, shell
 from cnnpack.host import check_device
 from cnnpack.models import build_model, check_input_size, load_weights
-from cnnpack.run_replace import Replacing, recover
-from cnnpack.rundir import LAST, MANIFEST, Run, check_makeable
+from cnnpack.run_replace import Replacing
+from cnnpack.rundir import LAST, MANIFEST, Run
 from cnnpack.spec import ModelSpec
 from cnnpack.train_config import DEFAULT_LR, TrainConfig
 from cnnpack.train_precision import Diverged, autocast_for, check_finite
-from cnnpack.train_resume import as_recorded, check_same_data, recorded_config, resume_state
+from cnnpack.train_resume import as_recorded, check_same_data, check_train_dir, recorded_config, resume_state
 from cnnpack.train_sessions import record_session, session
 
 CHECKPOINT = "checkpoint.pt"
@@ -126,9 +127,12 @@ def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn
     return model.to(device).eval(), spec, hashlib.sha256(data).hexdigest()
 
 
-def _epoch_rng(seed: int, epoch: int) -> torch.Generator:
-    torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+def _epoch_rng(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """An epoch's augmentation and dropout streams; each rank of a distributed training its own (the same on every
+    rank gave the k-th batch of each the same crops, flips and dropout masks)."""
+    seed = seed * 100_003 + epoch + rank * 1_000_000_007
+    torch.manual_seed(seed)  # dropout etc.
+    return torch.Generator().manual_seed(seed)
 
 
 def _to_input(x: torch.Tensor, spec: ModelSpec, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -229,25 +233,6 @@ def sample_indices(pred: np.ndarray, true: np.ndarray, n: int = 32, max_wrong: i
     return np.asarray([*wrong, *right], dtype=np.int64)
 
 
-def _check_run_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
-    """Refuses a bad --run before any data is loaded (Run.create checks again when it writes)."""
-    check_makeable(run_dir)
-    recover(run_dir, Run(run_dir).locked)  # a run a killed replacement set aside: back before it is judged
-    if resume:
-        if not (run_dir / LAST).is_file():
-            raise UserInputError(f"--resume: {run_dir} has no {LAST} (no epoch finished); "
-                                 f"start it again with `cnnpack train --run {shell(run_dir)} --force`")
-        done = Run.open(run_dir).read()["stages"].get("train", {})
-        if done.get("status") == "ok":
-            m = done.get("metrics", {})
-            raise UserInputError(f"--resume: {run_dir} finished training ({count(m.get('epochs', 0), 'epoch')}, best val "
-                                 f"top-1 {100 * m.get('best_val_acc', 0):.2f}%); nothing to continue "
-                                 f"(`cnnpack train --run {shell(run_dir)} --force` with its options trains it again)")
-    elif (run_dir / MANIFEST).exists() and not force:
-        resumable = " or --resume to continue it" if (run_dir / LAST).is_file() else ""
-        raise UserInputError(f"{run_dir} already holds a run; pass --force to replace it{resumable}")
-
-
 def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool = False, resume: bool = False,
           progress: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None,
           on_run: Callable[[Run], None] | None = None, dist: object | None = None) -> dict:
@@ -266,7 +251,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     if resume:
         cfg = recorded_config(run_dir)
     cfg.validate()  # a bad option is said before "already holds a run": not one error, then the next
-    _check_run_dir(run_dir, force=force, resume=resume)
+    check_train_dir(run_dir, force=force, resume=resume)
     data_mod.check_outside(cfg.data, run_dir, "--run")
     cfg = as_recorded(cfg)
     device = resolve_device(cfg.device)
@@ -303,24 +288,34 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     autocast, scaler, mixed = autocast_for(device, cfg, model, spec, say=is_main)
     state = {"autocast": autocast, "scaler": scaler, "channels_last": channels_last, "shard": shard}
 
-    replacing = None  # the run this one replaces, set aside (run_replace)
-    if is_main and resume:
-        run = Run.open(run_dir)
-        check_same_data(run, data.summary())
-    elif is_main:
-        # the run it replaces is set aside until this one keeps its first epoch: a failure or Ctrl-C before that
-        # puts it back (it was deleted at once, and a pipeline whose options changed lost a finished run to a Ctrl-C)
-        run, replacing = _create(run_dir, spec, cfg, data, force=force)
-    else:
-        run = Run(run_dir)
+    replacing, run, start_epoch = None, None, 0  # replacing: the run this one replaces, set aside (run_replace)
     try:
+        if is_main and resume:
+            run = Run.open(run_dir)
+            check_same_data(run, data.summary())
+        elif is_main:
+            # the run it replaces is set aside until this one keeps its first epoch: a failure or Ctrl-C before that
+            # puts it back (it was deleted at once, and a pipeline whose options changed lost a finished run to a
+            # Ctrl-C)
+            run, replacing = _create(run_dir, spec, cfg, data, force=force)
+        else:
+            run = Run(run_dir)
         if is_main and on_run is not None:
             on_run(run)
         start_epoch, history = (resume_state(run, model, opt, sched, steps_per_epoch) if resume else (0, []))
+        if dist is not None:
+            dist.started()  # a refusal of one rank's (rank 0 judges the run folder) stops every rank in one line
         train_model = dist.wrap(model) if dist is not None else model
-    except BaseException:
+    except BaseException as e:
+        if dist is not None and not isinstance(e, PeerStopped):
+            dist.started(failed=True)
         if replacing is not None:
             replacing.put_back()
+        elif is_main and run is not None and not resume:  # a new run stopped before training: failed, not "running"
+            with contextlib.suppress(OSError):
+                record_session(run, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", 0, None,
+                               t_start, steps_per_epoch, dist, autocast=mixed,
+                               **({} if isinstance(e, KeyboardInterrupt) else {"error": one_line(e)}))
         raise
     best = max((h["val_acc"] for h in history), default=-1.0)
     stale = _stale_epochs(history)
@@ -331,7 +326,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
             if stale >= cfg.patience:
                 break
             try:  # the whole epoch: a Ctrl-C anywhere in it is an Interrupted naming what is kept
-                g = _epoch_rng(cfg.seed, epoch)
+                g = _epoch_rng(cfg.seed, epoch, dist.rank if dist is not None else 0)
                 if dist is not None:
                     state["shard"] = dist.shard(len(data.train), epoch=epoch, seed=cfg.seed)
                 task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, loss="-", acc="-",
@@ -340,7 +335,10 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                                          bar, task, state)
                 if dist is not None:
                     stats = dist.reduce_stats(stats)
+                    dist.same_model(model)  # every rank validates the model rank 0 saves
                 stats.update(_validate(model, data.val, spec, device, loss_fn, channels_last))
+                if dist is not None:
+                    stats = dist.from_main(stats)  # one early-stopping decision on every rank
                 check_finite(model, stats, opt.defaults["lr"], cfg.weight_decay)
                 if bar is not None:
                     bar.update(task, val=f"  val loss {stats['val_loss']:.3f} acc {100 * stats['val_acc']:.2f}%")
@@ -370,7 +368,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                                       f"start again with `cnnpack train --run {shell(run.path)} --force`") from None
                 where = f"after epoch {epoch}" if kept == epoch else f"during epoch {epoch}"
                 raise Interrupted(f"interrupted {where}; epoch {kept} is kept in {run.file(LAST)}; "
-                                  f"continue with `cnnpack train --run {shell(run.path)} --resume`") from None
+                                  f"continue with {_again(run.path, dist)}") from None
             except (RuntimeError, ValueError, OSError) as e:  # out of memory, a NaN loss, a full disk...
                 why = (file_error(e) if isinstance(e, OSError) else one_line(e) if isinstance(e, Diverged)
                        else f"{type(e).__name__}: {one_line(e)}")
@@ -378,7 +376,9 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                     with contextlib.suppress(OSError):  # a full disk may not take the record either
                         record_session(run, "failed", start_epoch, kept, t_start, steps_per_epoch, dist,
                                        autocast=mixed, error=why)
-                kept_note = (f"; epoch {kept} is kept in {run.file(LAST)}" if kept is not None else
+                kept_note = (f"; epoch {kept} is kept in {run.file(LAST)}"
+                             + ("" if isinstance(e, Diverged) else f": continue with {_again(run.path, dist)}")
+                             if kept is not None else
                              f"; the run it was replacing in {run.path} is back as it was"
                              if replacing is not None and replacing.put_back() else "")
                 raise StageFailed(f"training failed in epoch {epoch} ({why}){kept_note}") from e
@@ -399,6 +399,14 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         raise Interrupted(f"interrupted after the last epoch ({kept}), while its plots were drawn; every epoch is "
                           f"kept in {run.file(LAST)}; continue with `cnnpack train --run {shell(run.path)} "
                           "--resume`, which draws them") from None
+
+
+def _again(run_dir: Path, dist) -> str:
+    """How a stopped training goes on; under torchrun, the same launcher."""
+    if dist is None:
+        return f"`cnnpack train --run {shell(run_dir)} --resume`"
+    return (f"--resume (`torchrun ... -m cnnpack train --run-dir {shell(run_dir)} --resume` as it was started, or "
+            "`cnnpack train ... --resume` in one process)")
 
 
 def _create(run_dir: Path, spec: ModelSpec, cfg: TrainConfig, data, *, force: bool) -> tuple[Run, Replacing | None]:

@@ -1,5 +1,6 @@
 """`cnnpack train --resume`: the recorded config it continues, the options that would change it, the data that
-must not have changed, and the state of the last finished epoch."""
+must not have changed, and the state of the last finished epoch; and what a --run folder must be for a training to
+start or continue in it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 
 from cnnpack import data as data_mod
 from cnnpack.data_change import changed_since
-from cnnpack.errors import UserInputError
-from cnnpack.rundir import LAST, Run
+from cnnpack.errors import UserInputError, count, shell
+from cnnpack.run_replace import recover
+from cnnpack.rundir import LAST, MANIFEST, Run, check_makeable
 from cnnpack.train_config import DEFAULT_LR, TrainConfig
 
 
@@ -86,3 +88,22 @@ def _split_given(data: str) -> bool:
     if data == data_mod.SHAPES or data.startswith("torchvision:"):
         return True
     return all(data_mod.split_dirs(Path(data)))
+
+
+def check_train_dir(run_dir: Path, *, force: bool, resume: bool) -> None:
+    """Refuses a bad --run before any data is loaded (Run.create checks again when it writes)."""
+    check_makeable(run_dir)
+    recover(run_dir, Run(run_dir).locked)  # a run a killed replacement set aside: back before it is judged
+    if resume:
+        if not (run_dir / LAST).is_file():
+            raise UserInputError(f"--resume: {run_dir} has no {LAST} (no epoch finished); "
+                                 f"start it again with `cnnpack train --run {shell(run_dir)} --force`")
+        done = Run.open(run_dir).read()["stages"].get("train", {})
+        if done.get("status") == "ok":
+            m = done.get("metrics", {})
+            raise UserInputError(f"--resume: {run_dir} finished training ({count(m.get('epochs', 0), 'epoch')}, best val "
+                                 f"top-1 {100 * m.get('best_val_acc', 0):.2f}%); nothing to continue "
+                                 f"(`cnnpack train --run {shell(run_dir)} --force` with its options trains it again)")
+    elif (run_dir / MANIFEST).exists() and not force:
+        resumable = " or --resume to continue it" if (run_dir / LAST).is_file() else ""
+        raise UserInputError(f"{run_dir} already holds a run; pass --force to replace it{resumable}")

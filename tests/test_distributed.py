@@ -87,6 +87,15 @@ class _HalfShard:
     def reduce_stats(self, stats: dict) -> dict:
         return stats
 
+    def started(self, *, failed: bool = False) -> None:
+        pass
+
+    def same_model(self, model) -> None:
+        pass
+
+    def from_main(self, stats: dict) -> dict:
+        return stats
+
 
 def test_processes_left_one_training_image_each_are_refused_before_training(colour_data, tmp_path):
     """4 images over 2 processes... each of 200 ranks got one: batches of one never train (BatchNorm), so no
@@ -178,3 +187,103 @@ def test_bad_distributed_launch_is_one_error_line(bad_launches, case):
     assert [line for line in out.stderr.splitlines() if line.strip()] == [out.stderr.strip()], out.stderr[-2000:]
     assert out.stderr.startswith("error: ") and message in out.stderr
     assert not (bad_launches["_tmp"] / case).exists(), "a failed start wrote a run directory"
+
+
+@pytest.fixture(scope="module")
+def one_rank_stops(colour_data, tmp_path_factory) -> dict:
+    """Two trainings of two ranks started by hand, each with one rank whose start fails: in `refused`, rank 0 alone
+    judges the run folder (not empty, not a run) and refuses it; in `no-data`, rank 1's data folder is missing
+    while rank 0 creates a new run."""
+    tmp = tmp_path_factory.mktemp("one-rank")
+    (tmp / "refused").mkdir()
+    (tmp / "refused" / "notes.txt").write_text("mine\n")
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_PORT")}
+    base.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", CNNPACK_DIST_TIMEOUT_S="60", OMP_NUM_THREADS="1")
+    from cnnpack.ports import free_ports
+
+    ports = iter(free_ports("127.0.0.1", 2))
+    procs = {}
+    for case in ("refused", "no-data"):
+        port = str(next(ports))
+        for rank in (0, 1):
+            data = tmp / "nowhere" if (case, rank) == ("no-data", 1) else colour_data
+            cmd = [sys.executable, "-m", "cnnpack", "train", "--data", str(data), "--image-size", "32", "--epochs", "1",
+                   "--no-progress", "--run", str(tmp / case)]
+            env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_PORT": port}
+            procs[case, rank] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                 env=env)
+    out = {}
+    for key, p in procs.items():
+        stdout, stderr = p.communicate(timeout=180)
+        out[key] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    out["_tmp"] = tmp
+    return out
+
+
+@pytest.mark.slow
+def test_a_refusal_of_one_rank_stops_every_rank_with_one_line(one_rank_stops):
+    """Rank 0 alone judges the run folder: its refusal left rank 1 a 54-line traceback from DDP's first broadcast."""
+    for rank, code, said in ((0, 2, "is not empty and not a cnnpack run; choose another --run"),
+                             (1, 1, "rank 0 of this training stopped before the training began (its error says why); "
+                                    "rank 1 of 2 stops too")):
+        out = one_rank_stops["refused", rank]
+        assert out.returncode == code, out.stderr[-2000:]
+        assert [ln for ln in out.stderr.splitlines() if ln.strip()] == [out.stderr.strip()], out.stderr[-2000:]
+        assert out.stderr.startswith("error: ") and said in out.stderr
+    assert [p.name for p in (one_rank_stops["_tmp"] / "refused").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_a_new_run_whose_peer_stops_at_its_start_is_recorded_failed(one_rank_stops):
+    """A peer that stops before training (its data missing) left the run rank 0 had created "running" for good."""
+    missing = one_rank_stops["no-data", 1]
+    assert missing.returncode == 2 and "not found" in missing.stderr, missing.stderr[-2000:]
+    main = one_rank_stops["no-data", 0]
+    assert main.returncode == 1, main.stderr[-2000:]
+    assert [ln for ln in main.stderr.splitlines() if ln.strip()] == [main.stderr.strip()], main.stderr[-2000:]
+    assert "stopped before the training began" in main.stderr
+    section = json.loads((one_rank_stops["_tmp"] / "no-data" / "cnnpack.json").read_text())["stages"]["train"]
+    assert section["status"] == "failed" and "stopped before the training began" in section["error"]
+
+
+def test_each_rank_draws_its_own_augmentation_and_rank_0_the_single_process_stream():
+    from cnnpack.train import _epoch_rng
+
+    draws = {rank: torch_rand(_epoch_rng(3, 2, rank)) for rank in (0, 1)}
+    assert draws[0] != draws[1]
+    assert draws[0] == torch_rand(_epoch_rng(3, 2))  # a single process's run is trained as before
+
+
+def torch_rand(g) -> list[float]:
+    import torch
+
+    return torch.rand(4, generator=g).tolist()
+
+
+_SAME_MODEL = """
+import os, sys, torch
+from cnnpack.distributed import context_from_env
+ctx = context_from_env("cpu")
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+model[1].running_mean.fill_(float(ctx.rank + 1))  # as each rank's last batch left them
+model[1].num_batches_tracked.fill_(10 + ctx.rank)
+ctx.same_model(model)
+stats = ctx.from_main({"val_acc": 0.5 + ctx.rank / 10, "val_loss": 1.0 + ctx.rank})
+print(model[1].running_mean.tolist(), int(model[1].num_batches_tracked), stats["val_acc"], stats["val_loss"])
+ctx.close()
+"""
+
+
+@pytest.mark.slow
+def test_every_rank_validates_rank_0_s_model_and_decides_on_its_figures():
+    """BatchNorm's running statistics differ per rank after an epoch's last step (DDP copies rank 0's at each forward's
+    start): each rank validated its own, they disagreed on early stopping, one left and the other failed."""
+    from cnnpack.ports import free_ports
+
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports("127.0.0.1", 1)[0]),
+           "CNNPACK_DIST_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _SAME_MODEL], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0][0] == outs[1][0] == "[1.0, 1.0, 1.0, 1.0] 10 0.5 1.0\n"
