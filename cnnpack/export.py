@@ -99,7 +99,7 @@ def export_pt2(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path)
     low, high = info.get("checked_batch") or (1, None)
     if not cfg.static_batch and (low > 1 or (high or cfg.max_batch_size) < cfg.max_batch_size):
         logging.getLogger("cnnpack").warning(
-            f"warning: {dest.name}'s own input checks (AOTI_RUNTIME_CHECK_INPUTS=1) accept batches {low}.."
+            f"warning: the pt2 package's own input checks (AOTI_RUNTIME_CHECK_INPUTS=1) accept batches {low}.."
             f"{high or 'any'}, not 1..{cfg.max_batch_size}: torch {torch_version} narrowed them while compiling; it "
             "computes the whole range (verify checks it), so leave those checks off with this package")
     return Artifact("pt2", str(dest), "", inp, out, cfg.static_batch or cfg.max_batch_size, cfg.static_batch,

@@ -26,8 +26,28 @@ def _onnx_export(model: nn.Module, x: torch.Tensor, dest: Path, cfg: ExportConfi
             torch.onnx.export(model, (x,), str(dest), dynamo=False, dynamic_axes=axes, **names)
             return
         dyn = None if cfg.static_batch else ({0: torch.export.Dim("batch", min=1, max=cfg.max_batch_size)},)
-        prog = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dyn, verbose=False, **names)
+        prog = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dyn, verbose=False, **names,
+                                 **_older_torch_translations())
         prog.save(str(dest))
+
+
+def _older_torch_translations() -> dict:
+    """What torch before 2.13 cannot take to ONNX by itself: it has no decomposition of adaptive_max_pool2d and
+    onnxscript no translation, so the built-in cnn's global max pool failed to export (torch 2.11, the GPU machine's).
+    A 1x1 output is ReduceMax over height and width; other sizes stay refused as before."""
+    from torch._decomp import decompositions
+
+    if hasattr(decompositions, "adaptive_max_pool2d"):
+        return {}
+    from onnxscript import opset18 as op
+
+    def global_max_pool(self, output_size):
+        if list(output_size) != [1, 1]:
+            raise NotImplementedError(f"adaptive_max_pool2d to {list(output_size)} (only 1x1 is translated)")
+        pooled = op.ReduceMax(self, op.Constant(value_ints=[-2, -1]), keepdims=1)
+        return pooled, pooled  # (values, indices): the indices are not used by a model that asks only for values
+
+    return {"custom_translation_table": {torch.ops.aten.adaptive_max_pool2d.default: global_max_pool}}
 
 
 def check_onnx(path: Path) -> object:

@@ -251,3 +251,14 @@ def matches_golden(got: str, golden: Path) -> None:
         golden.write_text(got)
         pytest.fail(f"{golden.name} rewritten (CNNPACK_UPDATE_GOLDEN): review its diff, then run again without it")
     assert got == golden.read_text()
+
+
+def need_triton() -> None:
+    """Skips, saying why, where no Triton server can be started (nvidia-pytriton, the serve extra, is absent)."""
+    from cnnpack.errors import RuntimeUnavailable
+    from cnnpack.serve import locate
+
+    try:
+        locate()
+    except RuntimeUnavailable as e:
+        pytest.skip(str(e))

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import need_triton
 
 from cnnpack.deploy import plan as plans
 from cnnpack.errors import MissingStageError, UserInputError
@@ -1160,13 +1161,9 @@ def test_the_deployment_args_start_the_real_server_probes_answer_and_the_hpa_met
     import numpy as np
     import tritonclient.http as http
 
-    from cnnpack import serve
     from cnnpack.ports import free_ports
 
-    try:
-        serve.locate()
-    except serve.RuntimeUnavailable as e:
-        pytest.skip(str(e))
+    need_triton()
     folder = deployed["image"]
     record = json.loads((folder / "cnnpack-deploy.json").read_text())
     repository = Path(record["repository"])
@@ -1381,13 +1378,9 @@ def test_a_repository_laid_out_for_a_gpu_gets_a_cpu_config_in_the_base_that_the_
 def _ready_index(container: dict, repo: Path, tmp_path: Path) -> dict[str, str | None]:
     """The real local Triton started with a Deployment container's arguments, once ready (--strict-readiness):
     each model of its repository index -> its state. Skips where no local Triton runs."""
-    from cnnpack import serve
     from cnnpack.ports import free_ports
 
-    try:
-        serve.locate()
-    except serve.RuntimeUnavailable as e:
-        pytest.skip(str(e))
+    need_triton()
     ports = dict(zip(("http", "grpc", "metrics"), free_ports("127.0.0.1", 3)))
     proc, log = _start(local_args(container, repo, ports), repo, tmp_path)
     try:

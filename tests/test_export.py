@@ -79,6 +79,32 @@ def test_cnn_export_matches_eager(tiny_run, tmp_path):
     assert Run.open(moved).read()["stages"]["export"]["artifacts"]["onnx"]["sha256"] == onnx_rec["sha256"]
 
 
+def test_a_torch_without_adaptive_max_pool_s_decomposition_still_exports_the_cnn(tiny_run, tmp_path, monkeypatch):
+    """torch before 2.13 (2.11 on the GPU machine) has none, and the built-in cnn's global max pool failed to export
+    to ONNX: cnnpack translates it as ReduceMax over height and width."""
+    from torch._decomp import decompositions
+
+    from cnnpack import export_onnx
+
+    monkeypatch.delattr(decompositions, "adaptive_max_pool2d")  # as in torch 2.11
+    translations, pooled = export_onnx._older_torch_translations, []
+
+    def counted():  # the translation, counting the pools it took (torch 2.14 would also decompose them itself)
+        ((op, translate),) = translations()["custom_translation_table"].items()
+        return {"custom_translation_table": {op: lambda x, size: pooled.append(list(size)) or translate(x, size)}}
+
+    monkeypatch.setattr(export_onnx, "_older_torch_translations", counted)
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    export(run_dir, ExportConfig(formats=("onnx",), max_batch_size=MAX_BATCH))
+    assert pooled == [[1, 1]]
+    eager = load_runtime(Run.open(run_dir), "eager")
+    sess = ort.InferenceSession(str(run_dir / "export/model.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        x = _pixels(n, 32, seed=n)
+        np.testing.assert_allclose(sess.run(None, {"input": x})[0], eager.predict(x), atol=1e-4, rtol=0)
+
+
 def test_onnx_metadata_carries_the_model_spec(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import assert_gone
+from support import assert_gone, need_triton
 
 from cnnpack.client import Client, address
 from cnnpack.errors import StageFailed, UserInputError
@@ -42,10 +42,7 @@ def served_run(tiny_run, tmp_path_factory) -> tuple[Path, Path]:
     from cnnpack.export import ExportConfig, export
     from cnnpack.triton_repo import TritonConfig, build
 
-    try:
-        serve.locate()
-    except serve.RuntimeUnavailable as e:
-        pytest.skip(str(e))
+    need_triton()
     root = tmp_path_factory.mktemp("infer")
     run_dir, repo = root / "run", root / "model_repository"
     shutil.copytree(tiny_run, run_dir)

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import need_triton
 
 pytest.importorskip("openvino", reason="the openvino extra: pip install 'cnnpack[openvino]'")
 
 from cnnpack import openvino as ov  # noqa: E402
-from cnnpack.errors import MissingStageError, UserInputError  # noqa: E402
+from cnnpack.errors import MissingStageError, RuntimeUnavailable, UserInputError  # noqa: E402
 from cnnpack.export import ExportConfig, export  # noqa: E402
 
 
@@ -159,10 +160,7 @@ def test_triton_lays_out_the_ir_and_the_local_server_serves_it(ir_run, tmp_path)
     from cnnpack.triton_repo import TritonConfig, build
     from cnnpack.verify import VerifyConfig, served_target, verify
 
-    try:
-        serve.locate()
-    except serve.RuntimeUnavailable as e:
-        pytest.skip(str(e))
+    need_triton()
     run, repo = tmp_path / "run", tmp_path / "repo"
     shutil.copytree(ir_run, run)
     section = build(run, TritonConfig(repository=str(repo), format="openvino", threads=1))
@@ -327,7 +325,6 @@ def test_cli_export_and_bench_rows(ir_run, tmp_path):
 
 
 def test_bf16_asked_for_on_a_cpu_without_it_is_skipped_with_the_reason(monkeypatch, ir_run):
-    from cnnpack.errors import RuntimeUnavailable
     from cnnpack.runtimes import RUNTIMES
 
     monkeypatch.setattr(ov, "has_bf16", lambda: False)  # the CPU flag, not the runtime, is what is replaced
@@ -338,7 +335,6 @@ def test_bf16_asked_for_on_a_cpu_without_it_is_skipped_with_the_reason(monkeypat
 def test_without_the_extra_the_error_names_the_install_command(monkeypatch):
     import builtins
 
-    from cnnpack.errors import RuntimeUnavailable
 
     real = builtins.__import__
 

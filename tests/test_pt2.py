@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from google.protobuf import text_format
-from support import matches_golden
+from support import matches_golden, need_triton
 from tritonclient.grpc import model_config_pb2
 
 from cnnpack.errors import StageFailed, UserInputError
@@ -310,7 +310,9 @@ def test_the_packages_own_input_checks_accept_the_exported_batch_range(pt2_run):
                           env={**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"}, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln[:1].isdigit()]
     assert lines[:2] == ["1 ran", f"{MAX_BATCH} ran"], proc.stdout + proc.stderr[-2000:]
-    assert lines[2].startswith(f"{MAX_BATCH + 1} refused") and f"<= {MAX_BATCH}" in lines[2]
+    # (torch 2.14 names the bound in the error's first line; 2.11 says only "run_func_( ... ) API call failed")
+    assert lines[2].startswith(f"{MAX_BATCH + 1} refused") and (f"<= {MAX_BATCH}" in lines[2]
+                                                                or "API call failed" in lines[2]), lines[2]
 
 
 @pytest.mark.slow
@@ -395,6 +397,7 @@ def test_triton_lays_out_a_torch_aoti_model(run_copy, tmp_path):
 @pytest.mark.slow
 @pytest.mark.triton
 def test_the_served_package_passes_verify_and_the_repository_stays_as_ngc_reads_it(run_copy, tmp_path):
+    need_triton()
     from cnnpack.serve import ServeConfig, TritonServer
     from cnnpack.triton_dist import ngc_image
     from cnnpack.triton_repo import TritonConfig, build

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import assert_gone
+from support import assert_gone, need_triton
 
-from cnnpack.errors import MissingStageError, RuntimeUnavailable, StageFailed, UserInputError
+from cnnpack.errors import MissingStageError, StageFailed, UserInputError
 
 pytestmark = pytest.mark.triton
 
@@ -92,10 +92,7 @@ def net():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, net):
-    try:
-        serve.locate()
-    except RuntimeUnavailable as e:
-        pytest.skip(str(e))
+    need_triton()
     repo = tmp_path_factory.mktemp("serve") / "model_repository"
     for name in MODELS:
         add_model(repo, name, net)

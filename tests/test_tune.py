@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support import need_triton
 
 from cnnpack.errors import MissingStageError, ParityError, UserInputError
 from cnnpack.rundir import Run
@@ -25,10 +26,7 @@ def laid_out(tiny_run, tmp_path_factory) -> Path:
     from cnnpack.triton_repo import TritonConfig, build
     from cnnpack.verify import VerifyConfig, verify
 
-    try:
-        serve.locate()
-    except serve.RuntimeUnavailable as e:
-        pytest.skip(str(e))
+    need_triton()
     root = tmp_path_factory.mktemp("tune")
     run = root / "run"
     shutil.copytree(tiny_run, run)
