@@ -50,9 +50,12 @@ class Context:
     def wrap(self, model):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        if self.backend == "nccl":
-            return DDP(model, device_ids=[self.local_rank])
-        return DDP(model)
+        try:
+            return DDP(model, device_ids=[self.local_rank]) if self.backend == "nccl" else DDP(model)
+        except RuntimeError as e:  # its first broadcast, to a peer gone since `started`
+            if (why := peer_lost(e)) is None:
+                raise
+            raise PeerStopped(why) from None
 
     def started(self, *, failed: bool = False) -> None:
         """Every rank says whether its start (the run folder, the resume state) went well before the first collective
@@ -123,6 +126,24 @@ class Context:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker", "Timed out", "timed out",
+         "NCCL communicator was aborted", "Broken pipe")
+
+
+def peer_lost(e: BaseException) -> str | None:
+    """What to say where a collective failed because another process stopped or was cut off (gloo's message starts
+    with a source path and ends "GLHF!"); None for another error."""
+    import re
+
+    text = " ".join(str(e).split())
+    if not isinstance(e, RuntimeError) or not any(s in text for s in _LOST):
+        return None
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's [.../pair.cc:561]
+    text = re.split(r"(?<=\.) ", text)[0].rstrip(".")  # its first sentence
+    return (f"another process of this training stopped or was cut off ({text}); its own error says why, "
+            f"or it was killed")
 
 
 def timeout_s() -> float:

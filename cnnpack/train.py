@@ -24,7 +24,7 @@ from torch import nn
 from cnnpack import data as data_mod
 from cnnpack import plots
 from cnnpack.atomic import atomic_path, sigint_deferred
-from cnnpack.distributed import PeerStopped
+from cnnpack.distributed import PeerStopped, peer_lost
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error, first_few, one_line, shell
 from cnnpack.host import check_device
 from cnnpack.models import build_model, check_input_size, load_weights
@@ -371,7 +371,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                                   f"continue with {_again(run.path, dist)}") from None
             except (RuntimeError, ValueError, OSError) as e:  # out of memory, a NaN loss, a full disk...
                 why = (file_error(e) if isinstance(e, OSError) else one_line(e) if isinstance(e, Diverged)
-                       else f"{type(e).__name__}: {one_line(e)}")
+                       else (dist is not None and peer_lost(e)) or f"{type(e).__name__}: {one_line(e)}")
                 if is_main:
                     with contextlib.suppress(OSError):  # a full disk may not take the record either
                         record_session(run, "failed", start_epoch, kept, t_start, steps_per_epoch, dist,

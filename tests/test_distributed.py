@@ -287,3 +287,15 @@ def test_every_rank_validates_rank_0_s_model_and_decides_on_its_figures():
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert outs[0][0] == outs[1][0] == "[1.0, 1.0, 1.0, 1.0] 10 0.5 1.0\n"
+
+
+def test_a_peer_lost_mid_training_is_said_as_such_without_gloo_s_source_path():
+    from cnnpack.distributed import peer_lost
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by "
+                        "peer [127.0.0.1]:33174. This is typically caused by a remote worker crashing. Check the logs "
+                        "of the remote worker before reporting an error. GLHF! \U0001f3d6\ufe0f")
+    assert peer_lost(gloo) == ("another process of this training stopped or was cut off (Connection closed by peer "
+                               "[127.0.0.1]:33174); its own error says why, or it was killed")
+    assert peer_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
+    assert peer_lost(ValueError("Connection closed by peer")) is None
