@@ -22,7 +22,12 @@ from cnnpack.errors import StageFailed, UserInputError
 
 
 class PeerStopped(StageFailed):
-    """Another process of the same training stopped (its own error says why)."""
+    """Another process of the same training stopped (its own error says why); `record`: what the run's manifest
+    keeps of it (the message speaks to the moment)."""
+
+    def __init__(self, message: str, record: str | None = None) -> None:
+        super().__init__(message)
+        self.record = record or message
 
 
 TIMEOUT_ENV = "CNNPACK_DIST_TIMEOUT_S"
@@ -36,6 +41,7 @@ class Context:
     world_size: int
     local_rank: int
     backend: str
+    exchanged: bool = False  # `started` heard every rank: a failure after it is no longer said by its flags
 
     def shard(self, n: int, *, epoch: int = 0, seed: int = 0):
         """This rank's indices for an epoch: a seeded permutation, padded so every rank gets as many."""
@@ -66,23 +72,37 @@ class Context:
         Raises:
             PeerStopped: another rank's start failed, or that rank is gone.
         """
+        import time
+
         import torch
         import torch.distributed as dist
 
+        from cnnpack.atomic import sigint_deferred
+
         flags = torch.zeros(self.world_size, dtype=torch.int32, device=self._device())
         flags[self.rank] = int(failed)
-        try:
-            dist.all_reduce(flags)
-        except RuntimeError:  # a peer gone already (its process group closed): what it said is its own error
-            if failed:
-                return
-            raise PeerStopped(f"another process of this training stopped before the training began (its error says "
-                              f"why); rank {self.rank} of {self.world_size} stops too") from None
+        # a Ctrl-C during the exchange is raised once it is done and known to be: a failure flag sent after the
+        # others went on would meet their first DDP broadcast and leave them waiting the whole timeout
+        with sigint_deferred():
+            try:
+                dist.all_reduce(flags)
+            except RuntimeError:  # a peer gone already (its process group closed): what it said is its own error
+                lost = True
+            else:
+                lost = False
+            self.exchanged = True
+        if failed:
+            return
         others = [r for r, f in enumerate(flags.tolist()) if f and r != self.rank]
-        if others and not failed:
-            raise PeerStopped(f"{'rank' if len(others) == 1 else 'ranks'} {', '.join(map(str, others))} of this "
-                              f"training stopped before the training began (its error says why); rank {self.rank} of "
-                              f"{self.world_size} stops too")
+        if not lost and not others:
+            return
+        who = (f"{'rank' if len(others) == 1 else 'ranks'} {', '.join(map(str, others))}" if others else
+               "another process")
+        time.sleep(2)  # the process that failed ends first: the launcher names it as the cause (torchrun's summary)
+        raise PeerStopped(f"{who} of this training stopped before the training began (its error says why); rank "
+                          f"{self.rank} of {self.world_size} stops too",
+                          record=f"{who} of this training's {self.world_size} processes stopped before the training "
+                                 "began")
 
     def same_model(self, model) -> None:
         """Rank 0's buffers (BatchNorm's running statistics) on every rank. DDP copies them at the start of each

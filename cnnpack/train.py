@@ -307,15 +307,16 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
             dist.started()  # a refusal of one rank's (rank 0 judges the run folder) stops every rank in one line
         train_model = dist.wrap(model) if dist is not None else model
     except BaseException as e:
-        if dist is not None and not isinstance(e, PeerStopped):
+        if dist is not None and not dist.exchanged:
             dist.started(failed=True)
         if replacing is not None:
             replacing.put_back()
         elif is_main and run is not None and not resume:  # a new run stopped before training: failed, not "running"
+            ctrl_c = isinstance(e, KeyboardInterrupt)
+            why = {} if ctrl_c else {"error": e.record if isinstance(e, PeerStopped) else one_line(e)}
             with contextlib.suppress(OSError):
-                record_session(run, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", 0, None,
-                               t_start, steps_per_epoch, dist, autocast=mixed,
-                               **({} if isinstance(e, KeyboardInterrupt) else {"error": one_line(e)}))
+                record_session(run, "interrupted" if ctrl_c else "failed", 0, None, t_start, steps_per_epoch, dist,
+                               autocast=mixed, **why)
         raise
     best = max((h["val_acc"] for h in history), default=-1.0)
     stale = _stale_epochs(history)

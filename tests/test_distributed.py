@@ -299,3 +299,52 @@ def test_a_peer_lost_mid_training_is_said_as_such_without_gloo_s_source_path():
                                "[127.0.0.1]:33174); its own error says why, or it was killed")
     assert peer_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
     assert peer_lost(ValueError("Connection closed by peer")) is None
+
+
+_SLOW_START = """
+import os, pathlib, sys, time
+from cnnpack import distributed
+real = distributed.Context.started
+def started(self, *, failed=False):
+    if not failed and self.rank == 1:
+        time.sleep(float(os.environ["CNNPACK_TEST_DELAY"]))  # rank 0 waits in the exchange meanwhile
+    elif not failed:
+        pathlib.Path(os.environ["CNNPACK_TEST_MARK"]).touch()
+    return real(self, failed=failed)
+distributed.Context.started = started
+from cnnpack.cli import main
+sys.argv = ["cnnpack", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_while_a_rank_waits_for_the_others_to_start_leaves_them_no_timeout_to_wait(colour_data, tmp_path):
+    """A Ctrl-C to one rank in the start exchange was raised once it was done, and that rank then sent a failure
+    flag the others (gone on into DDP's first broadcast) never took: they waited the whole timeout, then a traceback."""
+    import signal
+    import time
+
+    from cnnpack.ports import free_ports
+
+    mark = tmp_path / "rank0-waits"
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports("127.0.0.1", 1)[0]),
+           "CNNPACK_DIST_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1", "CNNPACK_TEST_DELAY": "4",
+           "CNNPACK_TEST_MARK": str(mark)}
+    cmd = [sys.executable, "-c", _SLOW_START, "train", "--data", str(colour_data), "--image-size", "32", "--epochs",
+           "1", "--no-progress", "--run", str(tmp_path / "run")]
+    t0 = time.monotonic()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    while not mark.exists() and time.monotonic() - t0 < 60:
+        time.sleep(0.05)
+    procs[0].send_signal(signal.SIGINT)
+    outs = [p.communicate(timeout=120) for p in procs]
+    took = time.monotonic() - t0
+    assert procs[0].returncode == 130 and "interrupted" in outs[0][1], outs[0][1][-2000:]
+    err = outs[1][1]
+    assert procs[1].returncode == 1 and [ln for ln in err.splitlines() if ln.strip()] == [err.strip()], err[-2000:]
+    assert "another process of this training stopped" in err
+    assert took < 45, f"rank 1 waited {took:.0f} s (the timeout is 60)"
+    section = json.loads((tmp_path / "run" / "cnnpack.json").read_text())["stages"]["train"]
+    assert section["status"] == "interrupted"
