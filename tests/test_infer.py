@@ -521,6 +521,7 @@ def test_a_served_int8_model_of_a_run_without_data_is_checked_on_the_images_it_w
     """A run made by `export --arch` records no data: its served int8 model's parity (task parity, on labelled
     images) had none to be checked on, and `bench --triton-url` refused it with "pass --data PATH|shapes", an option
     bench does not have. It is checked on the images `quantize --data` gated it on, and measured."""
+    need_triton()
     from cnnpack.bench import BenchConfig
     from cnnpack.bench_served import ServedConfig, bench_served
     from cnnpack.export import ExportConfig, create_run, export
