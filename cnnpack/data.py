@@ -33,7 +33,7 @@ from cnnpack.data_layout import (  # noqa: F401 - split_dirs and the split names
     nfc,
     split_dirs,
 )
-from cnnpack.errors import UserInputError, count, first_few, one_line
+from cnnpack.errors import UserInputError, count, first_few
 from cnnpack.folders import walk_files
 from cnnpack.images import DECODE_ERRORS, quiet, read_image
 from cnnpack.spec import check_class_names, check_image_size
@@ -58,6 +58,7 @@ class Data:
     classes: list[str]
     source: str
     skipped: list[str] = field(default_factory=list)  # unreadable files, as "path: reason"
+    content: dict | None = None  # {"train", "val"}: digests of what a torchvision data set holds (it has no files)
 
     def summary(self) -> dict:
         return {
@@ -71,7 +72,8 @@ class Data:
             "skipped_examples": self.skipped[:5],
             # which files each split holds: the same counts after a rename, a move from one class folder to another
             # or a swap move the seeded split all the same
-            **names_digests(self.train.files, self.val.files),
+            **(names_digests(self.train.files, self.val.files) if self.content is None else
+               {f"{k}_files_sha256": v for k, v in self.content.items()}),
         }
 
 
@@ -335,53 +337,6 @@ def read_class_folders(root: Path, classes: list[str], size: int) -> tuple[Split
     return _read_folder(root, classes, size, skipped, present=classes_of(folders, classes, root)), skipped
 
 
-# -- torchvision datasets --------------------------------------------------------------------
-def _resize_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, H, W) uint8 -> (N, 3, size, size) uint8, in chunks to bound memory."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images.contiguous()
-    out = []
-    for chunk in images.split(2048):
-        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out.append(x.round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out)
-
-
-def _tv_split(ds, size: int) -> Split:
-    data = ds.data
-    arr = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-    if arr.ndim == 3:  # (N, H, W) grayscale
-        arr = arr[:, None]
-    elif arr.shape[-1] in (1, 3):  # (N, H, W, C)
-        arr = arr.transpose(0, 3, 1, 2)
-    images = _resize_tensor(torch.from_numpy(np.ascontiguousarray(arr)).to(torch.uint8), size)
-    targets = ds.targets if hasattr(ds, "targets") else ds.labels
-    return Split(images, torch.as_tensor(np.asarray(targets), dtype=torch.int64))
-
-
-def load_torchvision(name: str, size: int, *, root: Path, download: bool) -> Data:
-    import torchvision.datasets as tvd
-
-    cls = getattr(tvd, name, None)
-    if cls is None or not isinstance(cls, type):
-        raise UserInputError(f"torchvision has no dataset {name!r} (e.g. MNIST, FashionMNIST, CIFAR10)")
-    try:
-        train_ds = cls(str(root), train=True, download=download)
-        val_ds = cls(str(root), train=False, download=download)
-    except TypeError:
-        raise UserInputError(f"torchvision:{name} has no train/test split cnnpack can read") from None
-    except (RuntimeError, OSError) as e:  # not there, or (with download) not reachable: an offline machine
-        why = one_line(e).rstrip(":")
-        hint = "" if download else " (`cnnpack train --download` or `cnnpack evaluate --download` fetches it, when online)"
-        raise UserInputError(f"torchvision:{name} not found under {root}: {why}{hint}") from None
-    if not hasattr(train_ds, "data"):
-        raise UserInputError(f"torchvision:{name} does not expose in-memory `data`; export it as an ImageFolder")
-    classes = [str(c) for c in train_ds.classes]
-    return Data(_tv_split(train_ds, size), _tv_split(val_ds, size), classes, f"torchvision:{name}")
-
-
 # -- entry point ---------------------------------------------------------------------------
 def load_data(data: str, image_size: int, *, seed: int = 0, val_fraction: float = 0.2,
               data_root: str | None = None, download: bool = False) -> Data:
@@ -395,8 +350,12 @@ def load_data(data: str, image_size: int, *, seed: int = 0, val_fraction: float 
         d.source = SHAPES
         return d
     if data.startswith("torchvision:"):
+        from cnnpack.data_torchvision import load_torchvision
+
         root = Path(data_root or Path.home() / ".cache" / "torchvision")
-        return load_torchvision(data.split(":", 1)[1], image_size, root=root, download=download)
+        t = load_torchvision(data.split(":", 1)[1], image_size, root=root, download=download)
+        return Data(Split(*t.train[:2]), Split(*t.val[:2]), t.classes, data, content={"train": t.train[2],
+                                                                                    "val": t.val[2]})
     return load_image_folder(Path(data), image_size, val_fraction=val_fraction, seed=seed)
 
 

@@ -41,7 +41,7 @@ def dataset_of(run: Run, data: str | None, *, data_root: str | None = None, down
     check_torchvision_options(source, data_root, download, "--data is" if data else "the run's data is")
     d = load_data(source, spec["image_size"], seed=cfg.get("seed", 0), val_fraction=cfg.get("val_fraction", 0.2),
                   data_root=data_root or cfg.get("data_root"), download=download)
-    if _is_own(data, cfg.get("data")):
+    if _is_own(data, cfg.get("data"), data_root, cfg.get("data_root")):
         _warn_if_changed(train.get("data") or {}, d.summary())
     return d
 
@@ -55,8 +55,8 @@ def _warn_if_changed(then: dict, now: dict) -> None:
     from cnnpack.data import split_dirs
     from cnnpack.data_change import changed_since
 
-    source = Path(now["source"])
-    own_val = source.is_dir() and all(split_dirs(source))
+    source = Path(now["source"])  # (a torchvision data set's test split is its own, as a val/ folder)
+    own_val = now["source"].startswith("torchvision:") or (source.is_dir() and all(split_dirs(source)))
     change = changed_since(then, now, ("val_per_class",) if own_val else ("train_per_class", "val_per_class"))
     if change is None:
         return
@@ -75,7 +75,8 @@ def scored_data(run: Run, data: str | None = None, *, data_root: str | None = No
     from cnnpack.data import SHAPES, check_data, check_torchvision_options, read_class_folders, split_dirs
 
     spec = run.model_spec
-    own = _is_own(data, run.trained_on)
+    own = _is_own(data, run.trained_on, data_root,
+                  ((run.read()["stages"].get("train") or {}).get("config") or {}).get("data_root"))
     if not own and data != SHAPES and not data.startswith("torchvision:"):
         check_data(data, spec["image_size"])
         check_torchvision_options(data, data_root, download)
@@ -134,8 +135,15 @@ def evaluate(run_dir: str | Path, *, fmt: str = "checkpoint", data: str | None =
     return result
 
 
-def _is_own(data: str | None, trained_on: str | None) -> bool:
-    """Whether `--data` names the data the run was trained on (./data/ and /abs/data alike)."""
+def _is_own(data: str | None, trained_on: str | None, data_root: str | None = None,
+            trained_root: str | None = None) -> bool:
+    """Whether `--data` names the data the run was trained on (./data/ and /abs/data alike; a torchvision data set
+    under the root it was read from: the same name under another root is other data)."""
+    if data is not None and data.startswith("torchvision:") and data_root is not None:
+        def where(root):
+            return Path(root or Path.home() / ".cache" / "torchvision").resolve()
+
+        return data == trained_on and where(data_root) == where(trained_root)
     if data is None or data == trained_on:
         return True
     root = Path(data)

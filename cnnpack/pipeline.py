@@ -63,16 +63,25 @@ def _settings_replaced(run: Run, before: dict, sections: list[dict]) -> str:
 
 
 # -- the stages -------------------------------------------------------------------------------------
-def data_identity(data: str) -> dict:
-    """What identifies the training data: the built-in generator's name, or a folder's file listing."""
+def data_identity(data: str, data_root: str | None = None) -> dict:
+    """What identifies the training data: the built-in generator's name, or a folder's file listing (a torchvision
+    data set's: the root's, where its files lie)."""
+    if data.startswith("torchvision:"):  # (files replaced under the same name trained nothing again)
+        root = Path(data_root or Path.home() / ".cache" / "torchvision").resolve()
+        return {"data": data, "root": str(root), "files_sha256": _listing(root) if root.is_dir() else None}
     path = Path(data)
-    if data == "shapes" or data.startswith("torchvision:") or not path.exists():
+    if data == "shapes" or not path.exists():
         return {"data": data}
+    return {"data": str(path.resolve()), "files_sha256": _listing(path)}
+
+
+def _listing(folder: Path) -> str:
+    """The fingerprint of a folder's files (name, size, mtime): through linked folders, hidden files left out, as
+    training reads it."""
     from cnnpack.folders import walk_files
 
-    listing = sorted((str(p.relative_to(path)), p.stat().st_size, int(p.stat().st_mtime))
-                     for p in walk_files(path) if p.is_file())  # through linked folders, hidden files left out: as training
-    return {"data": str(path.resolve()), "files_sha256": fingerprint({"files": listing})}
+    return fingerprint({"files": sorted((str(p.relative_to(folder)), p.stat().st_size, int(p.stat().st_mtime))
+                                        for p in walk_files(folder) if p.is_file())})
 
 
 def _artifacts(run: Run) -> dict:
@@ -158,8 +167,9 @@ class Stages:
     def train_inputs(self, run: Run) -> dict:
         from cnnpack.data import recorded_source  # `dss`, `./dss` and `/abs/dss` are one folder: not a new training
 
-        return {"config": {**asdict(self.cfg.train_config()), "data": recorded_source(self.cfg.data)},
-                "data": data_identity(self.cfg.data)}
+        root = self.cfg.data_root and str(Path(self.cfg.data_root).resolve())  # tv and /abs/tv: one root
+        return {"config": {**asdict(self.cfg.train_config()), "data": recorded_source(self.cfg.data), "data_root": root},
+                "data": data_identity(self.cfg.data, self.cfg.data_root)}
 
     def run_train(self, run: Run) -> str:
         from cnnpack.train import train

@@ -383,6 +383,12 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                              f"; the run it was replacing in {run.path} is back as it was"
                              if replacing is not None and replacing.put_back() else "")
                 raise StageFailed(f"training failed in epoch {epoch} ({why}){kept_note}") from e
+            except Exception as e:  # an error nobody foresaw: shown as it is, but the run says failed, not running
+                if is_main:
+                    with contextlib.suppress(OSError):
+                        record_session(run, "failed", start_epoch, kept, t_start, steps_per_epoch, dist,
+                                       autocast=mixed, error=f"{type(e).__name__}: {one_line(e)}")
+                raise
     if not is_main:
         return {}
     try:  # the plots of the best epoch: a Ctrl-C here keeps every epoch, and --resume draws them

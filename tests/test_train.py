@@ -568,3 +568,16 @@ def test_a_replacement_that_fails_or_is_interrupted_before_its_first_epoch_puts_
                                                      [p.name for p in run.glob(".replaced-*")])))
     assert seen == [(1, False, False, []), (2, False, False, [])]  # the new run kept an epoch: the old one is gone
     assert (run / "notes.txt").is_file() and Run.open(run).read()["stages"]["train"]["config"]["epochs"] == 2
+
+
+def test_an_error_nobody_foresaw_in_an_epoch_leaves_the_run_failed_not_running(tiny_data, tmp_path):
+    """Only RuntimeError, ValueError and OSError were recorded: another (a label out of range's IndexError) left the
+    manifest saying "running" for good."""
+    def broken(epoch, _):
+        raise LookupError("a bug's error")
+
+    cfg = TrainConfig(data=str(tiny_data), image_size=32, epochs=2, batch_size=16)
+    with pytest.raises(LookupError):
+        train(tmp_path / "r", cfg, progress=False, on_epoch_end=broken)
+    section = Run.open(tmp_path / "r").read()["stages"]["train"]
+    assert section["status"] == "failed" and section["error"] == "LookupError: a bug's error"
