@@ -365,8 +365,10 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                     if replacing is not None and replacing.put_back():
                         raise Interrupted(f"interrupted during epoch {epoch}, before any epoch finished; the run it "
                                           f"was replacing in {run.path} is back as it was") from None
-                    raise Interrupted(f"interrupted during epoch {epoch}, before any epoch finished; "
-                                      f"start again with `cnnpack train --run {shell(run.path)} --force`") from None
+                    launcher = " (under torchrun, as it was started)" if dist is not None else ""
+                    raise Interrupted(f"interrupted during epoch {epoch}, before any epoch finished; start again with "
+                                      f"`cnnpack train --run {shell(run.path)} --force` and the options you gave"
+                                      f"{launcher}") from None
                 where = f"after epoch {epoch}" if kept == epoch else f"during epoch {epoch}"
                 raise Interrupted(f"interrupted {where}; epoch {kept} is kept in {run.file(LAST)}; "
                                   f"continue with {_again(run.path, dist)}") from None
