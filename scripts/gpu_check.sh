@@ -104,6 +104,9 @@ fi
 step train_fp32 cnnpack train --arch resnet18 --image-size "$IMAGE_SIZE" --epochs "$EPOCHS" --batch-size "$BATCH" \
   --device "$DEVICE" --no-amp --no-channels-last --run "$WORK/r18_plain" --force --no-progress --json
 step train_cnn cnnpack train --device "$DEVICE" --run "$WORK/cnn" --force --no-progress --json
+# the built-in cnn's global max pool: torch before 2.13 (this machine's 2.11) cannot take it to ONNX by itself
+step export_cnn cnnpack export --run "$WORK/cnn" --format onnx --device "$DEVICE" --json
+step verify_cnn cnnpack verify --run "$WORK/cnn" --formats onnx --device "$DEVICE" --no-progress --json
 
 log "summary"
 "$PY" - "$WORK" "$OUT" <<'PY' | tee "$OUT/summary.md"
