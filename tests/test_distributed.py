@@ -170,11 +170,17 @@ def bad_launches(colour_data, tmp_path_factory) -> dict:
         cmd = [sys.executable, "-m", "cnnpack", "train", "--data", str(colour_data), "--image-size", "32",
                "--epochs", "1", "--no-progress", "--run", str(tmp / case)]
         procs[case] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    out = {}
-    for case, p in procs.items():
-        stdout, stderr = p.communicate(timeout=120)
-        out[case] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    out = _ended(procs, timeout=120)
     out["_tmp"] = tmp
+    return out
+
+
+def _ended(procs: dict, *, timeout: float) -> dict:
+    """Each process's CompletedProcess, once all have ended."""
+    out = {}
+    for key, p in procs.items():
+        stdout, stderr = p.communicate(timeout=timeout)
+        out[key] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
     return out
 
 
@@ -212,10 +218,7 @@ def one_rank_stops(colour_data, tmp_path_factory) -> dict:
             env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_PORT": port}
             procs[case, rank] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                                  env=env)
-    out = {}
-    for key, p in procs.items():
-        stdout, stderr = p.communicate(timeout=180)
-        out[key] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    out = _ended(procs, timeout=180)
     out["_tmp"] = tmp
     return out
 
