@@ -124,7 +124,9 @@ def _why(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     text = str(e).split("\n")[0] or type(e).__name__
-    return shown_name(re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text))  # the file is named by the caller
+    # the file is named by the caller: not again as Pillow quotes it, nor as a buffer's repr
+    text = re.sub(r"^(cannot identify image file) .*$", r"\1", text)
+    return shown_name(re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text))
 
 
 def expand_folders(paths: list[str | Path], left_out: list[Path] | None = None) -> list[Path]:

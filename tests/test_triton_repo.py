@@ -608,3 +608,55 @@ def test_what_a_killed_layout_left_in_a_model_folder_or_beside_the_repository_is
     assert _tree(repo) == before  # (no file of the model's own changed)
     build(run, TritonConfig(repository=str(repo), name="other"))  # a new model, staged beside the repository
     assert not (tmp_path / f"{gone}x1").exists() and (repo / "other" / "1").is_dir()
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Files users have: rotated phone photos, CMYK, alpha, palette transparency, 16-bit, first frames, odd shapes, a
+    large JPEG (decoded at a reduced scale)."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (90, 140, 3), dtype=np.uint8))
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    rgb.save(folder / "rotated.jpg", exif=exif)
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.save(folder / "progressive.jpg", progressive=True)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (90, 140), dtype=np.uint8)))
+    rgba.save(folder / "alpha.png")
+    pal = rgb.convert("P", palette=Image.ADAPTIVE, colors=16)
+    pal.info["transparency"] = 3
+    pal.save(folder / "palette.png", transparency=3)
+    Image.fromarray((rng.integers(0, 65536, (70, 50))).astype(np.uint16)).save(folder / "gray16.png")
+    rgb.convert("LA").save(folder / "la.png")
+    frames = [rgb.convert("P"), rgb.rotate(90).convert("P")]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:])
+    rgb.resize((1800, 400)).save(folder / "wide.jpg", quality=90)
+    rgb.resize((30, 700)).save(folder / "tall.png")
+    rgb.save(folder / "plain.webp")
+    return sorted(folder.iterdir())
+
+
+def test_the_ensemble_s_preprocessing_decodes_as_training_does(tmp_path, monkeypatch):
+    """The ensemble's model.py carries its own copy of cnnpack.images' decoding (it runs in Triton without cnnpack):
+    the same file must give the same pixels, or the served model classifies other images than it was trained on."""
+    from cnnpack.images import read_image
+
+    utils = types.ModuleType("triton_python_backend_utils")
+    utils.get_output_config_by_name = lambda config, name: next(o for o in config["output"] if o["name"] == name)
+    utils.triton_string_to_numpy = {"TYPE_FP32": np.float32}.get
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
+    spec = importlib.util.spec_from_file_location("preprocess", Path(__file__).parents[1] /
+                                                  "cnnpack/backends/preprocess/model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"output": [{"name": "pixels", "dims": [3, 48, 48],
+                                                              "data_type": "TYPE_FP32"}]})})
+    files = _image_files(tmp_path / "images")
+    assert len(files) == 11
+    for f in files:
+        trained = read_image(f, 48).astype(np.float32)
+        served = model.decode(f.read_bytes())
+        assert served.shape == trained.shape == (3, 48, 48), f.name
+        assert np.array_equal(served, trained), (f.name, float(np.abs(served - trained).max()))
