@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpack.errors import UserInputError, count
+from cnnpack.errors import StageFailed, UserInputError, count
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,10 @@ def infer(paths: list[str | Path], cfg: InferConfig, *,
         for i in range(0, len(files), CHUNK_FILES):  # (classify sends each within the model's batch limit)
             part = files[i:i + CHUNK_FILES]
             ok, batch, bad = read_encoded(part) if cfg.ensemble else read_pixels(part, model.image_size)
-            rows = [{"file": shown_name(p), "top": top} for p, top in zip(ok, classify(client, model, batch, k))] if ok else []
+            ok, tops, refused = _classify_encoded(client, model, ok, batch, k) if cfg.ensemble else (
+                ok, classify(client, model, batch, k) if ok else [], [])
+            bad += refused
+            rows = [{"file": shown_name(p), "top": top} for p, top in zip(ok, tops)]
             results += rows
             skipped += bad
             if on_results is not None:
@@ -229,6 +232,34 @@ def _check_model(model, cfg: InferConfig) -> None:
         raise UserInputError(f"{model.name} {what}: pass --ensemble --model {classifier}")
     if model.parameters.get("input_kind") == "normalized":
         raise UserInputError(f"{model.name} takes normalised pixels; use --ensemble, which normalises on the server")
+
+
+DECODE_FAILED = "cannot decode image: "  # the ensemble's preprocessing, failing a request (backends/preprocess)
+
+
+def _classify_encoded(client, model, ok: list[Path], batch: np.ndarray, k: int) -> tuple[list[Path], list, list]:
+    """`classify` of encoded images; where the server cannot decode one that decoded here (its Pillow or libjpeg
+    may differ: the NGC container's), that request fails whole, so its images go one at a time and the one the
+    server refuses is skipped with its reason instead of ending the command."""
+    if not ok:
+        return [], [], []
+    try:
+        return ok, classify(client, model, batch, k), []
+    except StageFailed as e:
+        if DECODE_FAILED not in str(e):
+            raise
+    kept, tops, refused = [], [], []
+    for path, row in zip(ok, batch):
+        try:
+            tops += classify(client, model, row[None], k)
+            kept.append(path)
+        except StageFailed as e:
+            if DECODE_FAILED not in str(e):
+                raise
+            why = str(e).split(DECODE_FAILED, 1)[1].split("; is the server")[0].replace(
+                "image file the bytes sent", "image file")  # (the preprocessing's name for what Pillow read)
+            refused.append({"file": shown_name(path), "reason": f"the server could not decode it ({why})"})
+    return kept, tops, refused
 
 
 def classify(client, model, batch: np.ndarray, k: int) -> list[list[dict]]:

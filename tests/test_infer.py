@@ -194,6 +194,31 @@ def test_ensemble_classifies_png_bytes_like_the_pixel_path(server, eager, val_fi
     np.testing.assert_allclose([r["top"][0]["score"] for r in result["results"]], logits.max(1), atol=1e-3)
 
 
+def test_an_image_only_the_server_cannot_decode_is_skipped_and_the_others_classified(server, val_files, tmp_path,
+                                                                                    monkeypatch):
+    """The client decodes each file before sending it; where the server's decoder differs (the NGC container's
+    Pillow or libjpeg) and refuses one, the ensemble's preprocessing fails the whole request: the command ended
+    with the images of that request unclassified. Here a broken file is let through the client's check."""
+    from cnnpack import infer as infer_mod
+    from cnnpack.infer import InferConfig, infer
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    checked = infer_mod.read_encoded
+
+    def lets_it_through(paths):
+        ok, batch, skipped = checked([p for p in paths if p != bad])
+        ok.insert(1, bad)
+        return ok, np.insert(batch, 1, np.array([bad.read_bytes()], dtype=np.object_), axis=0), skipped
+
+    monkeypatch.setattr(infer_mod, "read_encoded", lets_it_through)
+    files = [val_files[0], bad, val_files[1]]
+    result = infer(files, InferConfig(model="cnn_onnx", url=server.http_address, top_k=1, ensemble=True))
+    assert [r["file"] for r in result["results"]] == [str(val_files[0]), str(val_files[1])]
+    assert result["skipped"] == [{"file": str(bad), "reason": "the server could not decode it (UnidentifiedImageError: "
+                                                                "cannot identify image file)"}], result["skipped"]
+
+
 def test_cli_skips_a_bad_image_and_sends_the_others(server, val_files, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
