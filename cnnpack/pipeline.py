@@ -75,12 +75,16 @@ def data_identity(data: str, data_root: str | None = None) -> dict:
     return {"data": str(path.resolve()), "files_sha256": _listing(path)}
 
 
-def _listing(folder: Path) -> str:
-    """The fingerprint of a folder's files (name, size, mtime): through linked folders, hidden files left out, as
-    training reads it."""
+def _listing(folder: Path, *, ns: bool = True) -> str:
+    """The fingerprint of a folder's files: name, size, and when it was written (mtime and ctime in ns: a file
+    replaced by one of its size within the same second, or given its old mtime back as `cp -p` and `rsync -t` do,
+    was unseen in whole-second mtimes); through linked folders, hidden files left out, as training reads it."""
     from cnnpack.folders import walk_files
 
-    return fingerprint({"files": sorted((str(p.relative_to(folder)), p.stat().st_size, int(p.stat().st_mtime))
+    def when(st):
+        return (st.st_mtime_ns, st.st_ctime_ns) if ns else int(st.st_mtime)
+
+    return fingerprint({"files": sorted((str(p.relative_to(folder)), (st := p.stat()).st_size, when(st))
                                         for p in walk_files(folder) if p.is_file())})
 
 
@@ -128,7 +132,8 @@ class Stages:
 
     def all(self, serve: bool) -> list[Stage]:
         stages = [
-            Stage("train", self.train_inputs, self.run_train, lambda r: str(r.file(MANIFEST))),
+            Stage("train", self.train_inputs, self.run_train, lambda r: str(r.file(MANIFEST)),
+                  earlier=self.train_inputs_before),
             Stage("export", lambda r: {"config": asdict(self.cfg.export_config()), "checkpoint": _checkpoint(r)},
                   self.run_export, lambda r: str(r.file(MANIFEST))),
             *([Stage("quantize", lambda r: {"config": self.quantize_inputs(), "onnx": _artifacts(r).get("onnx")},
@@ -171,6 +176,17 @@ class Stages:
         return {"config": {**asdict(self.cfg.train_config()), "data": recorded_source(self.cfg.data), "data_root": root},
                 "data": data_identity(self.cfg.data, self.cfg.data_root)}
 
+    def train_inputs_before(self, run: Run) -> dict:
+        """`train_inputs` as earlier cnnpack versions fingerprinted them (mtimes in whole seconds, a torchvision data
+        set by its name alone): a finished run of unchanged data is not trained again after an update."""
+        from cnnpack.data import recorded_source
+
+        data, path = self.cfg.data, Path(self.cfg.data)
+        same = data == "shapes" or data.startswith("torchvision:") or not path.exists()
+        return {"config": {**asdict(self.cfg.train_config()), "data": recorded_source(data)},
+                "data": {"data": data} if same else {"data": str(path.resolve()),
+                                                     "files_sha256": _listing(path, ns=False)}}
+
     def run_train(self, run: Run) -> str:
         from cnnpack.train import train
         from cnnpack.train_resume import as_recorded
@@ -185,9 +201,12 @@ class Stages:
             was, now = last.get("config") or {}, asdict(as_recorded(cfg))
             changed = ", ".join(f"{k} {was.get(k)!r} -> {now[k]!r}" for k in now if was.get(k) != now[k])
             if last.get("status") == "ok":  # (train sets the old run aside until the new one keeps an epoch)
-                self.say(f"[train] the run was trained with other options ({changed or 'its data changed'}): "
-                         "training again; its outputs are replaced once the first epoch is kept (a failure or "
-                         "Ctrl-C before that keeps them)")
+                why = (f"the run was trained with other options ({changed})" if changed else
+                       "the run's files are gone or changed" if last.get("inputs_sha256") in (
+                           fingerprint(self.train_inputs(run)), fingerprint(self.train_inputs_before(run)))
+                       else "the run's data changed since it was trained")
+                self.say(f"[train] {why}: training again; its outputs are replaced once the first epoch is kept (a "
+                         "failure or Ctrl-C before that keeps them)")
             elif run.file(LAST).is_file():
                 self.say(f"[train] the interrupted training had other options ({changed or 'not recorded'}): "
                          "training again from the start (the pipeline with its options as before continues it)")

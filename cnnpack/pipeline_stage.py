@@ -30,6 +30,9 @@ class Stage:
     run: Callable[[Run], str]  # does the work; returns a one-line summary
     output: Callable[[Run], str]  # where to look when it fails
     outputs_exist: Callable[[Run, dict], bool] = lambda run, section: True
+    # the inputs as an earlier cnnpack fingerprinted them: still "unchanged" (an update that identifies the data
+    # more closely does not train every finished run again)
+    earlier: Callable[[Run], dict] | None = None
 
 
 @dataclass
@@ -56,12 +59,19 @@ def _files_exist(run: Run, section: dict) -> bool:
                for r in records if isinstance(r, dict) and "path" in r and "sha256" in r)
 
 
-def up_to_date(run: Run, stage: Stage, inputs: str) -> bool:
-    """The stage last succeeded on exactly these inputs (a fingerprint) and what it wrote is still there."""
+def why_run(run: Run, stage: Stage, inputs: str) -> str | None:
+    """Why the stage runs: None where it last succeeded on exactly these inputs (a fingerprint) and what it wrote is
+    still there."""
     section = stage_section(run, stage.name)
-    if section.get("status") != "ok" or section.get("inputs_sha256") != inputs:
-        return False
-    return _files_exist(run, section) and stage.outputs_exist(run, section)
+    if section.get("status") is None:
+        return ""
+    if section.get("status") != "ok":
+        return f"its last run {section['status']}" if isinstance(section["status"], str) else ""
+    if section.get("inputs_sha256") not in (inputs, *([fingerprint(stage.earlier(run))] if stage.earlier else [])):
+        return "its inputs changed since its last successful run"
+    if not (_files_exist(run, section) and stage.outputs_exist(run, section)):
+        return "what it wrote is gone or changed"
+    return None
 
 
 def again_hint(force: bool) -> str:
@@ -72,10 +82,11 @@ def again_hint(force: bool) -> str:
 def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]) -> Outcome:
     run.check_not_replaced()  # a `train --force` since the last stage: no stage runs on (or lays out) the new run
     inputs = fingerprint(stage.inputs(run))
-    if not force and up_to_date(run, stage, inputs):
+    why = "--force" if force else why_run(run, stage, inputs)
+    if why is None:
         say(f"[{stage.name}] skipped: inputs unchanged since its last successful run")
         return Outcome(stage.name, "skipped", summary="inputs unchanged")
-    say(f"[{stage.name}] running")
+    say(f"[{stage.name}] running" + (f" ({why})" if why else ""))
     t0 = time.perf_counter()
     try:
         summary = stage.run(run)

@@ -833,3 +833,66 @@ def test_a_fastest_runtime_whose_speedup_rests_on_an_unsteady_row_is_marked():
     for changed in ({"stable": False}, {"cpu_others": 0.4}):
         assert shaky({"results": [{**eager, **changed}, ort]}, ort)
         assert shaky({"results": [eager, {**ort, **changed}]}, {**ort, **changed})
+
+
+def test_a_data_file_replaced_with_its_size_and_mtime_is_new_data(tmp_path):
+    """Files were known by name, size and whole-second mtime: one replaced by another of its size within the second,
+    or given its old mtime back (`cp -p`, `rsync -t`), skipped every stage on the old images."""
+    import os
+
+    from cnnpack.pipeline import data_identity
+
+    for cls in ("red", "blue"):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "0.png").write_bytes(cls.encode() * 40)
+    before = data_identity(str(tmp_path))
+    assert data_identity(str(tmp_path)) == before  # read again: the same
+    st = (tmp_path / "red" / "0.png").stat()
+    (tmp_path / "red" / "0.png").write_bytes(b"blue" * 30)  # the same size
+    os.utime(tmp_path / "red" / "0.png", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (tmp_path / "red" / "0.png").stat().st_mtime_ns == st.st_mtime_ns
+    assert data_identity(str(tmp_path)) != before
+
+
+def test_a_stage_says_why_it_runs_and_takes_an_earlier_cnnpack_s_fingerprint_as_unchanged(tmp_path):
+    """An update that identifies the data more closely would train every finished pipeline run again; and a stage
+    said only "running", whatever made it run."""
+    from cnnpack.pipeline_stage import Stage, fingerprint, why_run
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "r", {"arch": "cnn", "num_classes": 2, "classes": ["a", "b"], "image_size": 32})
+    stage = Stage("probe", lambda r: {"data": "now"}, None, None, earlier=lambda r: {"data": "then"})
+    assert why_run(run, stage, fingerprint({"data": "now"})) == ""  # never ran
+    run.set_stage("probe", {"status": "failed"})
+    assert why_run(run, stage, fingerprint({"data": "now"})) == "its last run failed"
+    for recorded in ({"data": "now"}, {"data": "then"}):
+        run.set_stage("probe", {"status": "ok", "inputs_sha256": fingerprint(recorded)})
+        assert why_run(run, stage, fingerprint({"data": "now"})) is None, recorded
+    run.set_stage("probe", {"status": "ok", "inputs_sha256": fingerprint({"data": "other"})})
+    assert why_run(run, stage, fingerprint({"data": "now"})) == "its inputs changed since its last successful run"
+    run.set_stage("probe", {"status": "ok", "inputs_sha256": fingerprint({"data": "now"}),
+                            "outputs": {"checkpoint": {"path": "checkpoint.pt", "sha256": "0" * 64}}})
+    assert why_run(run, stage, fingerprint({"data": "now"})) == "what it wrote is gone or changed"
+
+
+def test_a_finished_training_run_again_says_whether_its_data_or_its_files_changed(tiny_run, tmp_path, monkeypatch):
+    """With the same options it said "trained with other options (its data changed)" also where checkpoint.pt was
+    only deleted."""
+    import cnnpack.train
+    from cnnpack.pipeline import PipelineConfig, Stages
+    from cnnpack.pipeline_stage import fingerprint
+    from cnnpack.rundir import Run
+
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    monkeypatch.setattr(cnnpack.train, "train", lambda *a, **k: {"metrics": {
+        "best_val_acc": 1.0, "best_epoch": 1, "epochs": 1, "train_images_per_s": 1.0}})
+    recorded = Run.open(run_dir).read()["stages"]["train"]["config"]
+    cfg = PipelineConfig(data=recorded["data"], image_size=recorded["image_size"], epochs=recorded["epochs"],
+                         batch_size=recorded["batch_size"])
+    for inputs, why in ((None, "the run's data changed since it was trained"),
+                        (fingerprint(Stages(cfg, progress=False, say=print).train_inputs(None)),
+                         "the run's files are gone or changed")):
+        Run.open(run_dir).update(lambda m, inputs=inputs: m["stages"]["train"].update(inputs_sha256=inputs))
+        said = []
+        Stages(cfg, progress=False, say=said.append).run_train(Run.open(run_dir))
+        assert said and said[0].startswith(f"[train] {why}: training again"), said
