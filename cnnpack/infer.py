@@ -162,6 +162,18 @@ FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".g
 CHUNK_FILES = 64  # images read, sent and answered at a time: 300 phone photos held at once took 2.2 GB
 
 
+def files_to_classify(paths: list[str | Path]) -> tuple[list[Path], list[Path]]:
+    """(the files named and those under the folders named, the folders' files left out for their suffix); none
+    there is an error."""
+    left_out: list[Path] = []
+    files = expand_folders(paths, left_out)
+    missing = [f for f in files if not f.exists()]
+    if missing and len(missing) == len(files):
+        more = f" (and {count(len(missing) - 1, 'other')})" if len(missing) > 1 else ""
+        raise UserInputError(f"no such file: {missing[0]}{more}; nothing was classified")
+    return files, left_out
+
+
 def infer(paths: list[str | Path], cfg: InferConfig, *,
           on_results: Callable[[list[dict], list[dict]], None] | None = None) -> dict:
     """Top-k labels of each readable image from the served model; unreadable images are listed as skipped.
@@ -176,12 +188,7 @@ def infer(paths: list[str | Path], cfg: InferConfig, *,
     from cnnpack.client import Client
 
     cfg.validate()
-    left_out: list[Path] = []
-    files = expand_folders(paths, left_out)  # before the server: a wrong path is said as such, whether or not one serves
-    missing = [f for f in files if not f.exists()]
-    if missing and len(missing) == len(files):
-        more = f" (and {count(len(missing) - 1, 'other')})" if len(missing) > 1 else ""
-        raise UserInputError(f"no such file: {missing[0]}{more}; nothing was sent")
+    files, left_out = files_to_classify(paths)  # before the server: a wrong path is said as such, whether or not one serves
     from cnnpack.triton_config import PREPROCESS, classifier_of
 
     if cfg.ensemble and cfg.model.endswith(PREPROCESS):  # a step of an ensemble: the classifier names it

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import assert_gone, need_triton
+from support import assert_gone, forked_cli, need_triton
 
 from cnnpack.client import Client, address
 from cnnpack.errors import StageFailed, UserInputError
@@ -817,3 +817,61 @@ def test_a_file_name_that_is_not_utf8_is_shown_with_escapes_in_text_and_json(val
     text = json.dumps(skipped, ensure_ascii=False)
     text.encode("utf-8")  # no lone surrogate: strict readers (and every UTF-8 stream) take it
     assert "\\\\xff.png" in text and not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+
+
+# -- infer --run: here, without a server ------------------------------------------------------------------------
+def test_infer_here_gives_the_served_shape_with_the_run_s_own_labels(tiny_onnx_run, val_files, tmp_path):
+    """Without a server, classifying a few files took `evaluate` and folders of <class>/<images>."""
+    from cnnpack.infer import read_pixels
+    from cnnpack.infer_local import infer_local
+    from cnnpack.rundir import Run
+    from cnnpack.runtimes import load_runtime
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    result = infer_local([*val_files, bad], tiny_onnx_run, top_k=2)
+    assert (result["format"], result["runtime"], result["top_k"], result["score"]) == ("onnx", "onnxruntime", 2, "logit")
+    assert [r["file"] for r in result["results"]] == [str(f) for f in val_files]
+    assert result["skipped"] == [{"file": str(bad), "reason": "cannot identify image file"}]
+    run = Run.open(tiny_onnx_run)
+    _, pixels, _ = read_pixels(val_files, run.model_spec["image_size"])
+    logits = load_runtime(run, "eager").predict(pixels)
+    classes = run.model_spec["classes"]
+    for r, row in zip(result["results"], logits):
+        assert [t["label"] for t in r["top"]] == [classes[i] for i in np.argsort(-row)[:2]]
+        assert abs(r["top"][0]["score"] - float(row.max())) < 1e-4
+    checkpoint = infer_local(val_files, tiny_onnx_run, fmt="checkpoint", top_k=1)
+    assert [r["top"][0]["label"] for r in checkpoint["results"]] == [r["top"][0]["label"] for r in result["results"]]
+
+
+def test_infer_here_matches_the_served_model(served_run, server, val_files):
+    from cnnpack.infer import InferConfig, infer
+    from cnnpack.infer_local import infer_local
+
+    here = infer_local(val_files, served_run[0], top_k=3)["results"]
+    served = infer(val_files, InferConfig(model="cnn_onnx", url=server.http_address, top_k=3))["results"]
+    assert [[t["label"] for t in r["top"]] for r in here] == [[t["label"] for t in r["top"]] for r in served]
+    assert max(abs(a["score"] - b["score"]) for x, y in zip(here, served) for a, b in zip(x["top"], y["top"])) < 1e-4
+
+
+def test_infer_takes_a_server_or_a_run_and_their_own_options(tiny_onnx_run, val_files, tmp_path):
+    run, image = str(tiny_onnx_run), str(val_files[0])
+    cases = {
+        "neither": ([image], "give --model NAME (a served classifier) or --run DIR (classify here, without a server)"),
+        "both": ([image, "--model", "cnn_onnx", "--run", run], "--model classifies through a server, --run here: give "
+                                                                "one of them"),
+        "server-options-here": ([image, "--run", run, "--url", "x:1", "--ensemble"],
+                                "--url, --ensemble go with --model (a served classifier)"),
+        "format-to-a-server": ([image, "--model", "cnn_onnx", "--format", "onnx"],
+                               "--format goes with --run (classifying here)"),
+        "no-such-artifact": ([image, "--run", run, "--format", "pt2"], "has no pt2 artifact"),
+        "bad-top-k": ([image, "--run", run, "--top-k", "0"], "--top-k 0: give 1 or more"),
+    }
+    done = forked_cli({k: ["infer", *args] for k, (args, _) in cases.items()}, tmp=tmp_path)
+    for key, (_, said) in cases.items():
+        p = done[key]
+        assert p.returncode == 2 and p.stdout == "" and said in p.stderr, (key, p.stderr)
+        assert p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1, (key, p.stderr)
+    (tmp_path / "j").mkdir()
+    ok = forked_cli({"json": ["infer", image, "--run", run, "--json"]}, tmp=tmp_path / "j")["json"]
+    assert ok.returncode == 0 and json.loads(ok.stdout)["results"][0]["file"] == image, ok.stderr

@@ -1,0 +1,65 @@
+"""`cnnpack infer --run RUN`: what `cnnpack infer` gives through a Triton server, on this machine and without one: a
+run's artifact (or its checkpoint) in the runtime verify checked it in, on the images decoded, resized and cropped
+as training reads them. The results have the served path's shape, so a script reads either."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from cnnpack.errors import UserInputError
+from cnnpack.infer import CHUNK_FILES, files_to_classify, read_pixels, shown_name
+from cnnpack.rundir import Run
+
+
+def default_format(run: Run) -> str:
+    """The run's fp32 ONNX artifact where it has one (what the served default runs), else its checkpoint."""
+    artifacts = ((run.read().get("stages") or {}).get("export") or {}).get("artifacts") or {}
+    return "onnx" if "onnx" in artifacts else "checkpoint"
+
+
+def top_labels(logits: np.ndarray, classes: list[str], k: int) -> list[dict]:
+    """The k best of one image's logits, as the served path's `score:index:label` reads (best first)."""
+    order = np.argsort(-logits, kind="stable")[:k]
+    return [{"label": classes[i], "index": int(i), "score": float(logits[i])} for i in order]
+
+
+def infer_local(paths: list[str | Path], run_dir: str | Path, *, fmt: str | None = None, device: str = "auto",
+                top_k: int = 1, on_results: Callable[[list[dict], list[dict]], None] | None = None) -> dict:
+    """Top-k labels of each readable image from the run's `fmt` artifact; unreadable images listed as skipped.
+
+    Raises:
+        UserInputError (exit 2): no such run or artifact, a bad --top-k, or no image readable.
+    """
+    from cnnpack.host import check_device
+    from cnnpack.runtimes import predict_split, runtime_for_format, split_batching
+
+    if top_k < 1:
+        raise UserInputError(f"--top-k {top_k}: give 1 or more")
+    check_device(device)
+    files, left_out = files_to_classify(paths)
+    run = Run.open(run_dir)
+    fmt = fmt or default_format(run)
+    runtime = runtime_for_format(run, fmt, device)  # a missing or changed artifact fails before any image is read
+    spec = run.model_spec
+    classes, k = list(spec["classes"]), min(top_k, len(spec["classes"]))
+    record = run.read()["stages"]["export"]["artifacts"][fmt] if fmt != "checkpoint" else {}
+    batch, static = split_batching(record)
+    results: list[dict] = []
+    skipped: list[dict] = []
+    for i in range(0, len(files), CHUNK_FILES):
+        ok, pixels, bad = read_pixels(files[i:i + CHUNK_FILES], spec["image_size"])
+        logits = predict_split(runtime, pixels, batch, static=static) if ok else []
+        rows = [{"file": shown_name(p), "top": top_labels(row, classes, k)} for p, row in zip(ok, logits)]
+        results += rows
+        skipped += bad
+        if on_results is not None:
+            on_results(rows, bad)
+    if not results:
+        raise UserInputError(f"none of the {len(files)} images could be read ("
+                             + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
+                             + ("; ..." if len(skipped) > 3 else "") + ")")
+    return {"run": str(run.path), "format": fmt, "runtime": runtime.name, "top_k": k, "score": "logit",
+            "results": results, "skipped": skipped, "left_out": [shown_name(f) for f in left_out]}
