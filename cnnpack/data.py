@@ -58,7 +58,7 @@ class Data:
     classes: list[str]
     source: str
     skipped: list[str] = field(default_factory=list)  # unreadable files, as "path: reason"
-    content: dict | None = None  # {"train", "val"}: digests of what a torchvision data set holds (it has no files)
+    content: dict | None = None  # {"train", "val"}: digests of what a torchvision data set holds
 
     def summary(self) -> dict:
         return {
@@ -72,8 +72,9 @@ class Data:
             "skipped_examples": self.skipped[:5],
             # which files each split holds: the same counts after a rename, a move from one class folder to another
             # or a swap move the seeded split all the same
-            **(names_digests(self.train.files, self.val.files) if self.content is None else
-               {f"{k}_files_sha256": v for k, v in self.content.items()}),
+            **names_digests(self.train.files, self.val.files),
+            # what a torchvision data set holds (it has no files to name): the images and labels themselves
+            **{f"{k}_content_sha256": v for k, v in (self.content or {}).items()},
         }
 
 
@@ -350,10 +351,9 @@ def load_data(data: str, image_size: int, *, seed: int = 0, val_fraction: float 
         d.source = SHAPES
         return d
     if data.startswith("torchvision:"):
-        from cnnpack.data_torchvision import load_torchvision
+        from cnnpack.data_torchvision import load_torchvision, tv_root
 
-        root = Path(data_root or Path.home() / ".cache" / "torchvision")
-        t = load_torchvision(data.split(":", 1)[1], image_size, root=root, download=download)
+        t = load_torchvision(data.split(":", 1)[1], image_size, root=tv_root(data_root), download=download)
         return Data(Split(*t.train[:2]), Split(*t.val[:2]), t.classes, data, content={"train": t.train[2],
                                                                                     "val": t.val[2]})
     return load_image_folder(Path(data), image_size, val_fraction=val_fraction, seed=seed)

@@ -37,7 +37,12 @@ def changed_since(then: dict, now: dict, keys: tuple[str, ...] = ("classes", "tr
     if any(then[k] != now.get(k) for k in keys):
         return f"{said(then)} then, {said(now)} now"
     names = [k.removesuffix("_per_class") for k in keys if k.endswith("_per_class")]
-    other = [n for n in names if (a := then.get(f"{n}_files_sha256")) and a != now.get(f"{n}_files_sha256")]
-    if not other:
-        return None
-    return f"{said(now)} then and now, but other files in {' and '.join(other)} (renamed, moved or replaced)"
+
+    def differ(key: str) -> bool:  # (a record made before the key was: not known to differ)
+        return bool(a := then.get(key)) and a != now.get(key)
+
+    if other := [n for n in names if differ(f"{n}_files_sha256")]:
+        return f"{said(now)} then and now, but other files in {' and '.join(other)} (renamed, moved or replaced)"
+    if other := [n for n in names if differ(f"{n}_content_sha256")]:  # a torchvision data set's
+        return f"{said(now)} then and now, but other images or labels in {' and '.join(other)}"
+    return None

@@ -20,6 +20,24 @@ import torch.nn.functional as F
 from cnnpack.errors import UserInputError, one_line
 
 
+def tv_root(data_root: str | Path | None) -> Path:
+    """--data-root, or torchvision's own default folder."""
+    return Path(data_root or Path.home() / ".cache" / "torchvision")
+
+
+def dataset_files(name: str, root: Path) -> list[Path]:
+    """What of `root` belongs to data set `name` (a root holds several): its folder, as torchvision names it
+    (MNIST's `MNIST/`, CIFAR10's `cifar-10-batches-py/`), or its files (USPS's `usps.bz2`)."""
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    names = {name, str(getattr(cls, "base_folder", "") or name)}
+    try:
+        return sorted(p for p in root.iterdir() if p.name in names or p.name.lower().startswith(name.lower() + "."))
+    except OSError:
+        return []
+
+
 def _resize_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
     """(N, C, H, W) uint8 -> (N, 3, size, size) uint8, in chunks to bound memory."""
     if images.shape[1] == 1:
@@ -48,16 +66,19 @@ def _arrays(ds, name: str) -> tuple[np.ndarray, np.ndarray]:
     targets = np.asarray(getattr(ds, "labels", None) if targets is None else targets)
     if targets.ndim == 2 and name == "QMNIST":  # its table of 8 columns: the class is the first (torchvision's compat)
         targets = targets[:, 0]
-    if targets.ndim != 1:
-        raise UserInputError(f"torchvision:{name}'s labels are not one class per image (shape {list(targets.shape)}); "
-                             "export it as an ImageFolder")
-    return np.ascontiguousarray(arr).astype(np.uint8, copy=False), targets.astype(np.int64)
+    if targets.ndim != 1 or not np.issubdtype(targets.dtype, np.integer):
+        raise UserInputError(f"torchvision:{name}'s labels are not one class index per image ({targets.dtype}, shape "
+                             f"{list(targets.shape)}); export it as an ImageFolder")
+    if arr.dtype != np.uint8:  # (a cast would wrap 16-bit values and zero floats in 0-1)
+        raise UserInputError(f"torchvision:{name} holds {arr.dtype} images, not 8-bit ones; export it as an "
+                             "ImageFolder")
+    return np.ascontiguousarray(arr), targets.astype(np.int64)
 
 
 def _split(images: np.ndarray, labels: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(images resized to `size`, labels, the digest of what the split holds)."""
-    content = hashlib.sha256(images.tobytes())
-    content.update(labels.tobytes())
+    content = hashlib.sha256(memoryview(images).cast("B"))
+    content.update(memoryview(np.ascontiguousarray(labels)).cast("B"))
     return _resize_tensor(torch.from_numpy(images), size), torch.from_numpy(labels), content.hexdigest()
 
 
@@ -101,8 +122,11 @@ def load_torchvision(name: str, size: int, *, root: Path, download: bool) -> Loa
              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if "train" not in params or needs:  # (SVHN's split=, EMNIST's choice of labels, a detection set's...)
         what = (f"needs {', '.join(f'{n}=' for n in needs)} beside its train/test split (train=True/False)" if needs
-                else "has no train/test split cnnpack can read (train=True/False)")
+                else "takes split=, not train=True/False, which cnnpack reads its train/test split by" if "split" in
+                params else "has no train/test split cnnpack can read (train=True/False)")
         raise UserInputError(f"torchvision:{name} {what}; export it as an ImageFolder")
+    if root.is_file():
+        raise UserInputError(f"--data-root {root} is a file, not the folder torchvision:{name} lies in")
     train_ds, val_ds = (_open(cls, name, root, download, train) for train in (True, False))
     if not hasattr(train_ds, "data"):
         raise UserInputError(f"torchvision:{name} does not expose in-memory `data`; export it as an ImageFolder")

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from cnnpack.errors import StageFailed, UserInputError
+from cnnpack.errors import StageFailed, UserInputError, one_line
 
 
 class PeerStopped(StageFailed):
@@ -83,24 +83,24 @@ class Context:
         flags[self.rank] = int(failed)
         # a Ctrl-C during the exchange is raised once it is done and known to be: a failure flag sent after the
         # others went on would meet their first DDP broadcast and leave them waiting the whole timeout
+        lost = None
         with sigint_deferred():
             try:
                 dist.all_reduce(flags)
-            except RuntimeError:  # a peer gone already (its process group closed): what it said is its own error
-                lost = True
-            else:
-                lost = False
+            except RuntimeError as e:  # a peer gone already (its process group closed), or one too slow
+                lost = e
             self.exchanged = True
-        if failed:
-            return
         others = [r for r, f in enumerate(flags.tolist()) if f and r != self.rank]
-        if not lost and not others:
+        if failed or (lost is None and not others):
             return
-        who = (f"{'rank' if len(others) == 1 else 'ranks'} {', '.join(map(str, others))}" if others else
-               "another process")
+        stops = f"rank {self.rank} of {self.world_size} stops too"
+        if lost is not None:  # (not a peer's flag: what the exchange itself said)
+            why = (peer_lost(lost, " before the training began") or
+                   f"the exchange before the training began failed ({type(lost).__name__}: {one_line(lost)})")
+            raise PeerStopped(f"{why}; {stops}", record=why.split(";")[0])
+        who = f"{'rank' if len(others) == 1 else 'ranks'} {', '.join(map(str, others))}"
         time.sleep(2)  # the process that failed ends first: the launcher names it as the cause (torchrun's summary)
-        raise PeerStopped(f"{who} of this training stopped before the training began (its error says why); rank "
-                          f"{self.rank} of {self.world_size} stops too",
+        raise PeerStopped(f"{who} of this training stopped before the training began (its error says why); {stops}",
                           record=f"{who} of this training's {self.world_size} processes stopped before the training "
                                  "began")
 
@@ -152,9 +152,9 @@ _LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker
          "NCCL communicator was aborted", "Broken pipe")
 
 
-def peer_lost(e: BaseException) -> str | None:
-    """What to say where a collective failed because another process stopped or was cut off (gloo's message starts
-    with a source path and ends "GLHF!"); None for another error."""
+def peer_lost(e: BaseException, when: str = "") -> str | None:
+    """What to say where a collective failed because another process stopped (`when`: " before ...") or was cut
+    off (gloo's message starts with a source path and ends "GLHF!"); None for another error."""
     import re
 
     text = " ".join(str(e).split())
@@ -162,7 +162,7 @@ def peer_lost(e: BaseException) -> str | None:
         return None
     text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's [.../pair.cc:561]
     text = re.split(r"(?<=\.) ", text)[0].rstrip(".")  # its first sentence
-    return (f"another process of this training stopped or was cut off ({text}); its own error says why, "
+    return (f"another process of this training stopped{when} or was cut off ({text}); its own error says why, "
             f"or it was killed")
 
 

@@ -77,7 +77,7 @@ def scored_data(run: Run, data: str | None = None, *, data_root: str | None = No
     spec = run.model_spec
     own = _is_own(data, run.trained_on, data_root,
                   ((run.read()["stages"].get("train") or {}).get("config") or {}).get("data_root"))
-    if not own and data != SHAPES and not data.startswith("torchvision:"):
+    if not own and data is not None and data != SHAPES and not data.startswith("torchvision:"):
         check_data(data, spec["image_size"])
         check_torchvision_options(data, data_root, download)
         root = Path(data).resolve()  # named (and its result file keyed) by where it is, not as typed from here
@@ -139,11 +139,11 @@ def _is_own(data: str | None, trained_on: str | None, data_root: str | None = No
             trained_root: str | None = None) -> bool:
     """Whether `--data` names the data the run was trained on (./data/ and /abs/data alike; a torchvision data set
     under the root it was read from: the same name under another root is other data)."""
-    if data is not None and data.startswith("torchvision:") and data_root is not None:
-        def where(root):
-            return Path(root or Path.home() / ".cache" / "torchvision").resolve()
+    asked = data or trained_on
+    if asked is not None and asked.startswith("torchvision:") and data_root is not None:
+        from cnnpack.data_torchvision import tv_root
 
-        return data == trained_on and where(data_root) == where(trained_root)
+        return asked == trained_on and tv_root(data_root).resolve() == tv_root(trained_root).resolve()
     if data is None or data == trained_on:
         return True
     root = Path(data)

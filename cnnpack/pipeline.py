@@ -67,25 +67,31 @@ def data_identity(data: str, data_root: str | None = None) -> dict:
     """What identifies the training data: the built-in generator's name, or a folder's file listing (a torchvision
     data set's: the root's, where its files lie)."""
     if data.startswith("torchvision:"):  # (files replaced under the same name trained nothing again)
-        root = Path(data_root or Path.home() / ".cache" / "torchvision").resolve()
-        return {"data": data, "root": str(root), "files_sha256": _listing(root) if root.is_dir() else None}
+        from cnnpack.data_torchvision import dataset_files, tv_root
+
+        root = tv_root(data_root).resolve()
+        files = {str(p.relative_to(root)): _listing(p) if p.is_dir() else _listing(p.parent, only=p.name)
+                 for p in dataset_files(data.split(":", 1)[1], root)}  # its own: another set's download is no change
+        return {"data": data, "root": str(root), "files_sha256": fingerprint(files)}
     path = Path(data)
     if data == "shapes" or not path.exists():
         return {"data": data}
     return {"data": str(path.resolve()), "files_sha256": _listing(path)}
 
 
-def _listing(folder: Path, *, ns: bool = True) -> str:
-    """The fingerprint of a folder's files: name, size, and when it was written (mtime and ctime in ns: a file
-    replaced by one of its size within the same second, or given its old mtime back as `cp -p` and `rsync -t` do,
-    was unseen in whole-second mtimes); through linked folders, hidden files left out, as training reads it."""
+def _listing(folder: Path, *, ns: bool = True, only: str | None = None) -> str:
+    """The fingerprint of a folder's files (`only`: of that one file in it): name, size, and when it was written
+    (mtime and ctime in ns: a file replaced by one of its size within the same second, or given its old mtime back
+    as `cp -p` and `rsync -t` do, was unseen in whole-second mtimes); through linked folders, hidden files left out,
+    as training reads it."""
     from cnnpack.folders import walk_files
 
     def when(st):
         return (st.st_mtime_ns, st.st_ctime_ns) if ns else int(st.st_mtime)
 
+    files = [folder / only] if only else [p for p in walk_files(folder) if p.is_file()]
     return fingerprint({"files": sorted((str(p.relative_to(folder)), (st := p.stat()).st_size, when(st))
-                                        for p in walk_files(folder) if p.is_file())})
+                                        for p in files)})
 
 
 def _artifacts(run: Run) -> dict:

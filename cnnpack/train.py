@@ -365,10 +365,8 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                     if replacing is not None and replacing.put_back():
                         raise Interrupted(f"interrupted during epoch {epoch}, before any epoch finished; the run it "
                                           f"was replacing in {run.path} is back as it was") from None
-                    launcher = " (under torchrun, as it was started)" if dist is not None else ""
                     raise Interrupted(f"interrupted during epoch {epoch}, before any epoch finished; start again with "
-                                      f"`cnnpack train --run {shell(run.path)} --force` and the options you gave"
-                                      f"{launcher}") from None
+                                      f"{_again(run.path, dist, '--force')} and the options you gave") from None
                 where = f"after epoch {epoch}" if kept == epoch else f"during epoch {epoch}"
                 raise Interrupted(f"interrupted {where}; epoch {kept} is kept in {run.file(LAST)}; "
                                   f"continue with {_again(run.path, dist)}") from None
@@ -386,6 +384,8 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                              if replacing is not None and replacing.put_back() else "")
                 raise StageFailed(f"training failed in epoch {epoch} ({why}){kept_note}") from e
             except Exception as e:  # an error nobody foresaw: shown as it is, but the run says failed, not running
+                if isinstance(e, CnnpackError):  # (cnnpack's own: already said and recorded as it should be)
+                    raise
                 if is_main:
                     with contextlib.suppress(OSError):
                         record_session(run, "failed", start_epoch, kept, t_start, steps_per_epoch, dist,
@@ -410,12 +410,13 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
                           "--resume`, which draws them") from None
 
 
-def _again(run_dir: Path, dist) -> str:
-    """How a stopped training goes on; under torchrun, the same launcher."""
+def _again(run_dir: Path, dist, flag: str = "--resume") -> str:
+    """The command that goes on with a stopped training (`flag`: --resume, or --force to start it again); under
+    torchrun, the same launcher."""
     if dist is None:
-        return f"`cnnpack train --run {shell(run_dir)} --resume`"
-    return (f"--resume (`torchrun ... -m cnnpack train --run-dir {shell(run_dir)} --resume` as it was started, or "
-            "`cnnpack train ... --resume` in one process)")
+        return f"`cnnpack train --run {shell(run_dir)} {flag}`"
+    return (f"`torchrun ... -m cnnpack train --run-dir {shell(run_dir)} {flag}` (as it was started"
+            + (f", or `cnnpack train --run {shell(run_dir)} --resume` in one process)" if flag == "--resume" else ")"))
 
 
 def _create(run_dir: Path, spec: ModelSpec, cfg: TrainConfig, data, *, force: bool) -> tuple[Run, Replacing | None]:

@@ -85,9 +85,11 @@ def test_the_record_changes_with_the_content_under_the_same_name_and_counts(tv_r
     _idx(other / "raw" / "train-images-idx3-ubyte", images)
     now = load_data("torchvision:MNIST", 28, data_root=str(tmp_path)).summary()
     assert then["train_per_class"] == now["train_per_class"]
-    assert changed_since(then, now) == f"10 classes, {N_TRAIN} + {N_TEST} images then and now, but other files in train " \
-                                       "(renamed, moved or replaced)"
+    assert changed_since(then, now) == f"10 classes, {N_TRAIN} + {N_TEST} images then and now, but other images or " \
+                                       "labels in train"
     assert then == load_data("torchvision:MNIST", 28, data_root=str(tv_root)).summary()  # read again: the same
+    before = {k: v for k, v in then.items() if "_content_" not in k}  # a record made before the content digests
+    assert changed_since(before, now) is None  # (--resume of such a run was refused as "other files")
 
 
 def _damage(tv_root: Path, tmp_path: Path, file: str, how) -> Path:
@@ -123,6 +125,55 @@ def test_a_damaged_file_is_one_line_saying_so(tv_root, tmp_path, case):
     assert "damaged or not torchvision's; remove them and fetch them again with --download" in message, message
 
 
+def test_labels_and_images_a_cast_would_change_are_refused(tv_root, monkeypatch):
+    """Float labels were truncated (1.7 -> 1) and 16-bit or float images wrapped or zeroed by a cast to 8 bits."""
+    import functools
+
+    import torchvision.datasets as tvd
+
+    real = tvd.MNIST.__init__
+
+    @functools.wraps(real)  # (its signature: cnnpack reads train= in it)
+    def floats(self, *a, **k):
+        real(self, *a, **k)
+        self.targets = self.targets.float() + 0.7
+
+    monkeypatch.setattr(tvd.MNIST, "__init__", floats)
+    with pytest.raises(UserInputError, match=r"^torchvision:MNIST's labels are not one class index per image \("
+                                             r"float32, shape \[40\]\); export it as an ImageFolder$"):
+        load_data("torchvision:MNIST", 28, data_root=str(tv_root))
+
+    @functools.wraps(real)
+    def wide(self, *a, **k):
+        real(self, *a, **k)
+        self.data = self.data.int() * 300
+
+    monkeypatch.setattr(tvd.MNIST, "__init__", wide)
+    with pytest.raises(UserInputError, match=r"^torchvision:MNIST holds int32 images, not 8-bit ones"):
+        load_data("torchvision:MNIST", 28, data_root=str(tv_root))
+
+
+def test_a_root_that_is_a_file_is_said_as_such(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserInputError, match=r"^--data-root \S+afile is a file, not the folder torchvision:MNIST lies "
+                                             r"in$"):
+        load_data("torchvision:MNIST", 28, data_root=str(tmp_path / "afile"))
+
+
+def test_the_pipeline_fingerprints_its_own_data_set_not_the_others_beside_it(tv_root, tmp_path):
+    """The whole root was fingerprinted: another data set downloaded beside it trained a finished run again."""
+    from cnnpack.pipeline import data_identity
+
+    root = shutil.copytree(tv_root, tmp_path / "tv")
+    before = {name: data_identity(f"torchvision:{name}", str(root)) for name in ("MNIST", "USPS")}
+    (root / "cifar-10-batches-py").mkdir()
+    (root / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"another set")
+    assert {name: data_identity(f"torchvision:{name}", str(root)) for name in ("MNIST", "USPS")} == before
+    (root / "usps.t.bz2").write_bytes((root / "usps.t.bz2").read_bytes() + b"\n")
+    assert data_identity("torchvision:USPS", str(root)) != before["USPS"]
+    assert data_identity("torchvision:MNIST", str(root)) == before["MNIST"]
+
+
 def test_names_that_are_no_classification_split_are_refused_by_name(tv_root):
     with pytest.raises(UserInputError, match=r"^torchvision has no dataset 'mnist'; did you mean MNIST\? \(names are "
                                              r"case-sensitive\)$"):
@@ -130,8 +181,8 @@ def test_names_that_are_no_classification_split_are_refused_by_name(tv_root):
     with pytest.raises(UserInputError, match=r"^torchvision:EMNIST needs split= beside its train/test split "
                                              r"\(train=True/False\); export it as an ImageFolder$"):
         load_data("torchvision:EMNIST", 28, data_root=str(tv_root))
-    with pytest.raises(UserInputError, match=r"^torchvision:SVHN has no train/test split cnnpack can read "
-                                             r"\(train=True/False\); export it as an ImageFolder$"):
+    with pytest.raises(UserInputError, match=r"^torchvision:SVHN takes split=, not train=True/False, which cnnpack "
+                                             r"reads its train/test split by; export it as an ImageFolder$"):
         load_data("torchvision:SVHN", 28, data_root=str(tv_root))
     with pytest.raises(UserInputError, match=r"^torchvision has no dataset 'utils'"):
         load_data("torchvision:utils", 28, data_root=str(tv_root))
@@ -175,4 +226,6 @@ def test_evaluate_on_the_same_name_under_another_root_is_other_data(tv_root, tmp
     _idx(other / "raw" / "t10k-labels-idx1-ubyte", labels)
     elsewhere = evaluate(run, data="torchvision:MNIST", data_root=str(tmp_path / "tv2"))
     assert Path(elsewhere["output"]).name != "eval-checkpoint.json" and elsewhere["images"] == 30
+    root_alone = evaluate(run, data_root=str(tmp_path / "tv2"))  # the run's own data set, from another root
+    assert root_alone["output"] == elsewhere["output"] and root_alone["images"] == 30
     assert evaluate(run, data="torchvision:MNIST", data_root=str(tv_root))["output"] == own["output"]

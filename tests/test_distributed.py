@@ -351,3 +351,27 @@ def test_a_ctrl_c_while_a_rank_waits_for_the_others_to_start_leaves_them_no_time
     assert took < 45, f"rank 1 waited {took:.0f} s (the timeout is 60)"
     section = json.loads((tmp_path / "run" / "cnnpack.json").read_text())["stages"]["train"]
     assert section["status"] == "interrupted"
+
+
+def test_each_epoch_validates_rank_0_s_model_and_takes_its_figures(colour_data, tmp_path):
+    """The epoch loop's part of it (the collectives themselves: the test above): after the training step's figures
+    are reduced, rank 0's buffers go to every rank before validation, and rank 0's figures after it."""
+    from cnnpack.train import TrainConfig, train
+
+    calls = []
+
+    class Recording(_HalfShard):
+        def reduce_stats(self, stats):
+            calls.append("reduce")
+            return stats
+
+        def same_model(self, model):
+            calls.append("same_model")
+
+        def from_main(self, stats):
+            calls.append(("from_main", "val_acc" in stats))
+            return stats
+
+    train(tmp_path / "r", TrainConfig(data=str(colour_data), image_size=32, epochs=2, batch_size=16), progress=False,
+          dist=Recording())
+    assert calls == ["reduce", "same_model", ("from_main", True)] * 2

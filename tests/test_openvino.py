@@ -335,7 +335,6 @@ def test_bf16_asked_for_on_a_cpu_without_it_is_skipped_with_the_reason(monkeypat
 def test_without_the_extra_the_error_names_the_install_command(monkeypatch):
     import builtins
 
-
     real = builtins.__import__
 
     def no_openvino(name, *args, **kwargs):
