@@ -108,7 +108,7 @@ def evaluate(run_dir: str | Path, *, fmt: str = "checkpoint", data: str | None =
              data_root: str | None = None, download: bool = False) -> dict:
     """Accuracy and confusion matrix on `scored_data`; writes `eval-<format>.json` (other data: its own file)."""
     from cnnpack.host import check_device
-    from cnnpack.runtimes import predict_split, runtime_for_format, split_batching
+    from cnnpack.runtimes import predict_split, run_batching, runtime_for_format
 
     check_device(device)
     run = Run.open(run_dir)
@@ -116,8 +116,7 @@ def evaluate(run_dir: str | Path, *, fmt: str = "checkpoint", data: str | None =
     runtime = runtime_for_format(run, fmt, device)  # first: a missing or changed artifact fails fast
     s = scored_data(run, data, data_root=data_root, download=download)
     classes = list(run.model_spec["classes"])
-    record = run.read()["stages"]["export"]["artifacts"][fmt] if fmt != "checkpoint" else {}
-    batch, static = split_batching(record)  # within the artifact's max batch; padded for a static one
+    batch, static = run_batching(run, fmt)  # within the artifact's max batch; padded for a static one
     pred = predict_split(runtime, s.images, batch, static=static).argmax(1)
     k = len(classes)
     cm = np.bincount(s.labels * k + pred, minlength=k * k).reshape(k, k)

@@ -4,6 +4,7 @@ as training reads them. The results have the served path's shape, so a script re
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import numpy as np
 from cnnpack.errors import UserInputError
 from cnnpack.infer import CHUNK_FILES, files_to_classify, read_pixels, shown_name
 from cnnpack.rundir import Run
+
+log = logging.getLogger("cnnpack")
 
 
 def default_format(run: Run) -> str:
@@ -34,10 +37,10 @@ def infer_local(paths: list[str | Path], run_dir: str | Path, *, fmt: str | None
         UserInputError (exit 2): no such run or artifact, a bad --top-k, or no image readable.
     """
     from cnnpack.host import check_device
-    from cnnpack.runtimes import predict_split, runtime_for_format, split_batching
+    from cnnpack.runtimes import predict_split, run_batching, runtime_for_format
 
     if top_k < 1:
-        raise UserInputError(f"--top-k {top_k}: give 1 or more")
+        raise UserInputError(f"--top-k must be >= 1, got {top_k}")
     check_device(device)
     files, left_out = files_to_classify(paths)
     run = Run.open(run_dir)
@@ -45,8 +48,10 @@ def infer_local(paths: list[str | Path], run_dir: str | Path, *, fmt: str | None
     runtime = runtime_for_format(run, fmt, device)  # a missing or changed artifact fails before any image is read
     spec = run.model_spec
     classes, k = list(spec["classes"]), min(top_k, len(spec["classes"]))
-    record = run.read()["stages"]["export"]["artifacts"][fmt] if fmt != "checkpoint" else {}
-    batch, static = split_batching(record)
+    batch, static = run_batching(run, fmt)
+    if (((run.read().get("stages") or {}).get("model") or {}).get("source") or {}).get("init") == "random":
+        log.warning(f"warning: {run.path}'s model has random weights (`cnnpack export --arch` without --pretrained or "
+                    "--weights): its labels mean nothing")
     results: list[dict] = []
     skipped: list[dict] = []
     for i in range(0, len(files), CHUNK_FILES):

@@ -378,9 +378,12 @@ class Stages:
         from cnnpack.served import served
 
         kept = {s: stage_section(run, s).get("inputs_sha256") for s in ("verify", "bench")}
-        section = served(run.path, self.cfg.served_config(), progress=self.say)
-        # served rows were added to verify and bench; those stages' own inputs did not change
-        run.update(lambda m: [m["stages"][s].update(inputs_sha256=fp) for s, fp in kept.items() if fp])
+        try:
+            section = served(run.path, self.cfg.served_config(), progress=self.say)
+        finally:  # served rows were added to verify and bench (also by a served stage cut short): their own inputs
+            # did not change (a Ctrl-C here made the next pipeline verify again, "its inputs changed")
+            run.update(lambda m: [m["stages"][s].update(inputs_sha256=fp) for s, fp in kept.items()
+                                  if fp and s in m["stages"]])
         return section["summary"]
 
     def _status(self, verb: str):

@@ -451,6 +451,11 @@ def fit_batch_sizes(sizes: tuple[int, ...], *, cap: int | None, static: int | No
     return sorted({min(b, cap) if cap else b for b in sizes})
 
 
+def run_batching(run: Run, fmt: str) -> tuple[int, bool]:
+    """`split_batching` of the run's artifact of `fmt` (the checkpoint: any batch)."""
+    return split_batching(run.read()["stages"]["export"]["artifacts"][fmt] if fmt != "checkpoint" else {})
+
+
 def split_batching(record: dict, preferred: int = 64) -> tuple[int, bool]:
     """(batch size, static) for running a whole split through an artifact with export record `record`."""
     if record.get("static_batch"):

@@ -44,6 +44,9 @@ def repository_of(run_dir: str | Path) -> str:
 
 
 SCRATCH_PREFIX = "cnnpack-serve-"
+SHM_PREFIX = "/dev/shm/triton_"  # the Python-based backends' shared memory (triton_<backend>_shm_region_<uuid>)
+SHM_LIST = "shm-regions"  # in the scratch folder: the server's regions, for the next serve where it was killed
+INTERRUPTED_GRACE_S = 2.0  # a server stopped by a Ctrl-C: the time it gets before SIGKILL
 
 
 class PortTaken(UserInputError):
@@ -52,12 +55,16 @@ class PortTaken(UserInputError):
 
 def _remove_dead_scratch() -> None:
     """The scratch folders (backends, the log) of `cnnpack serve`s that were killed (SIGKILL): not removed by them,
-    they stayed in the temp folder for good. Their server may outlive them a little: only those an hour old go."""
+    they stayed in the temp folder for good, and so did their server's shared memory (listed in the folder). Their
+    server may outlive them a little: only those an hour old go."""
     root = Path(tempfile.gettempdir())
     with contextlib.suppress(OSError):
         for folder in root.glob(f"{SCRATCH_PREFIX}*"):
             with contextlib.suppress(OSError):
                 if owner_gone(folder.name, SCRATCH_PREFIX) and time.time() - folder.stat().st_mtime > 3600:
+                    for region in (folder / SHM_LIST).read_text().split() if (folder / SHM_LIST).is_file() else ():
+                        if region.startswith(SHM_PREFIX):  # its server's shared memory, left by a kill
+                            Path(region).unlink(missing_ok=True)
                     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -150,8 +157,12 @@ class TritonServer:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # a Ctrl-C (or SIGTERM, SIGHUP) in the block: out at once, not after Triton waits out its exit timeout for
+        # a client's keep-alive connection (20 s, with nothing said)
+        interrupted = exc_type is not None and (issubclass(exc_type, KeyboardInterrupt)
+                                                or getattr(exc, "exit_code", None) == 130)
+        self.stop(grace_s=INTERRUPTED_GRACE_S if interrupted else None)
 
     # - lifecycle -
     def start(self) -> TritonServer:
@@ -178,6 +189,8 @@ class TritonServer:
                     if attempt == 2 or all((self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port)):
                         raise
             self.load_s = round(time.perf_counter() - t0, 2)
+            with contextlib.suppress(OSError):  # for the next serve, where this one is killed
+                (self._tmp / SHM_LIST).write_text("\n".join(sorted(map(str, self._shm_regions()))))
             self.models = self._describe()
             status, body = self._get("/v2")
             self.version = json.loads(body).get("version", "") if status == 200 else ""
@@ -401,6 +414,18 @@ class TritonServer:
                 if int(fields[2]) == self._proc.pid:  # field 5: pgrp
                     yield stat.parent, fields
 
+    def _shm_regions(self) -> set[Path]:
+        """The shared-memory files the server's processes map: its Python-based backends' regions, shared with
+        their stubs."""
+        found = set()
+        for proc_dir, _ in self._group():
+            with contextlib.suppress(OSError):
+                for line in (proc_dir / "maps").read_text().splitlines():
+                    path = line.split(None, 5)[5:]
+                    if path and path[0].startswith(SHM_PREFIX):
+                        found.add(Path(path[0].removesuffix(" (deleted)")))
+        return found
+
     def alive(self) -> bool:
         """Whether the server runs and answers its liveness endpoint: a killed one can take a moment to be reaped
         (its process not yet seen to exit), a stopped one never answers."""
@@ -410,19 +435,25 @@ class TritonServer:
         """Blocks until the server exits (serving until then); returns its exit code."""
         return self._proc.wait() if self._proc else 0
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after `stop_timeout_s`; only this server's process group."""
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM, then SIGKILL after `grace_s` (default `stop_timeout_s`); only this server's process group. The
+        shared memory its backends made is removed too: a killed server leaves it in /dev/shm (memory), 1 MiB or
+        more a model, for good."""
+        regions = self._shm_regions() if self._proc is not None and self._proc.poll() is None else set()
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(timeout=self.cfg.stop_timeout_s)
+                    proc.wait(timeout=self.cfg.stop_timeout_s if grace_s is None else grace_s)
                 except (subprocess.TimeoutExpired, KeyboardInterrupt):  # too slow, or a second Ctrl-C
                     _kill_group(proc.pid)
                     proc.wait()
             _kill_group(proc.pid)  # stubs that outlived their server (they quit on their own soon after)
+            for region in regions:  # (a server that stopped in time removed them itself)
+                with contextlib.suppress(OSError):
+                    region.unlink()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

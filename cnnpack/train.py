@@ -9,7 +9,6 @@ exactly what an uninterrupted one would have done.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import time
@@ -24,10 +23,11 @@ from torch import nn
 from cnnpack import data as data_mod
 from cnnpack import plots
 from cnnpack.atomic import atomic_path, sigint_deferred
+from cnnpack.checkpoint import CHECKPOINT, load_checkpoint, save_torch, torch_bytes  # noqa: F401 - importable here too
 from cnnpack.distributed import PeerStopped, peer_lost
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error, first_few, one_line, shell
 from cnnpack.host import check_device
-from cnnpack.models import build_model, check_input_size, load_weights
+from cnnpack.models import build_model, check_input_size
 from cnnpack.run_replace import Replacing
 from cnnpack.rundir import LAST, MANIFEST, Run
 from cnnpack.spec import ModelSpec
@@ -36,7 +36,6 @@ from cnnpack.train_precision import Diverged, autocast_for, check_finite
 from cnnpack.train_resume import as_recorded, check_same_data, check_train_dir, recorded_config, resume_state
 from cnnpack.train_sessions import record_session, session
 
-CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
 # what a training writes; `--force` sets the previous run's copies aside first (run_replace), so a new run that
 # stops early can never be resumed from (or evaluated with) the old run's state
@@ -75,56 +74,6 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, steps: int):
     pct_start = 0.5 if steps == 4 else 0.25
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start)
     return opt, sched
-
-
-def _torch_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def save_torch(obj, path: Path) -> None:
-    """torch.save through a temp file + os.replace."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(_torch_bytes(obj))
-
-
-def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec, str]:
-    """The best weights of a run, as an eval-mode model, its spec, and the sha256 of the very bytes loaded (a
-    training in progress may replace the file meanwhile: what was loaded is what gets recorded)."""
-    import hashlib
-
-    path = run.file(CHECKPOINT)
-    try:
-        data = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
-        train = run.read().get("stages", {}).get("train") or {}
-        if train.get("status") in ("running", "failed", "interrupted"):  # no epoch finished: there never were weights
-            error = f": {train['error']}" if train.get("error") else ""
-            raise UserInputError(f"{run.path}'s training did not finish an epoch (train {train['status']}{error}); "
-                                 f"train it with `cnnpack train --run {shell(run.path)} --force`") from None
-        raise UserInputError(f"{path} is missing: the run's weights are gone; restore the file, or train the run "
-                             f"again with `cnnpack train --run {shell(run.path)} --force` and the options it was "
-                             "trained with (stages.train.config in its cnnpack.json)") from None
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        spec = ModelSpec.from_dict(ckpt["spec"])
-        state = ckpt["state_dict"]
-    except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, missing keys
-        raise UserInputError(f"{path} is not a readable cnnpack checkpoint ({type(e).__name__}: truncated or replaced?); "
-                             f"restore the file, or train the run again with `cnnpack train --run {shell(run.path)} "
-                             "--force` and the options it was trained with (stages.train.config in its cnnpack.json)"
-                             ) from None
-    recorded = ModelSpec.from_dict(run.model_spec)
-    # another run's file copied in: evaluate scored a 32 px model on 64 px images as this run's (compared as JSON)
-    if ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) != recorded:
-        said = lambda s: f"{s.arch}, {s.image_size} px, {s.num_classes} classes"  # noqa: E731
-        raise UserInputError(f"{path} holds another model ({said(spec)}) than {run.path} records ({said(recorded)}"
-                             f"{'' if said(spec) != said(recorded) else ', other class names, normalisation or input'}); "
-                             "restore the run's own checkpoint.pt, or train the run again with --force")
-    model = build_model(spec)
-    load_weights(model, state, source=str(path))
-    return model.to(device).eval(), spec, hashlib.sha256(data).hexdigest()
 
 
 def _epoch_rng(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
@@ -447,9 +396,9 @@ def _save_epoch(run: Run, model, spec: ModelSpec, opt, sched, epoch: int, stats:
         names = [CHECKPOINT, LAST, HISTORY] if improved else [LAST, HISTORY]
         tmp = {n: files.enter_context(atomic_path(run.file(n))) for n in names}
         if improved:  # serialised in memory: torch's zip writer reports a full disk as a RuntimeError of its own
-            tmp[CHECKPOINT].write_bytes(_torch_bytes({"spec": spec.to_dict(), "state_dict": model.state_dict(),
+            tmp[CHECKPOINT].write_bytes(torch_bytes({"spec": spec.to_dict(), "state_dict": model.state_dict(),
                                                       "epoch": epoch, "val_acc": stats["val_acc"]}))
-        tmp[LAST].write_bytes(_torch_bytes({"model": model.state_dict(), "optimizer": opt.state_dict(),
+        tmp[LAST].write_bytes(torch_bytes({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                             "scheduler": sched.state_dict(), "epoch": epoch, "history": history}))
         tmp[HISTORY].write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
 

@@ -195,6 +195,15 @@ def outlier_channel(run: Path, factor: float = 1000.0) -> None:
     sd["features.0.1.bias"][c] *= factor
     sd["features.1.0.weight"][:, c] /= factor
     torch.save(ckpt, run / "checkpoint.pt")
+    record_new_weights(run)
+
+
+def record_new_weights(run: Path) -> None:
+    """What a training since does beside the new checkpoint.pt it saves: the run records its sha256 (weights that
+    differ from the record are refused as edited)."""
+    from cnnpack.rundir import Run, sha256
+
+    Run(run).update(lambda m: m["stages"]["train"]["outputs"]["checkpoint"].update(sha256=sha256(run / "checkpoint.pt")))
 
 
 def unwritable(monkeypatch, folder: Path, error: OSError) -> None:

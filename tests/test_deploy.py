@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import need_triton
+from support import need_triton, record_new_weights
 
 from cnnpack.deploy import plan as plans
 from cnnpack.errors import MissingStageError, UserInputError
@@ -956,6 +956,7 @@ def test_a_model_of_weights_older_than_the_runs_is_not_shipped(laid_out, tmp_pat
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     ckpt["epoch"] = 99
     torch.save(ckpt, run / "checkpoint.pt")
+    record_new_weights(run)
     with pytest.raises(UserInputError, match=r"cnn_onnx serves onnx \(export/model.onnx\) was made from another "
                                              r"checkpoint.pt than the run holds now .*then `cnnpack verify`"):
         deploy(run, DeployConfig(out=str(tmp_path / "out")))

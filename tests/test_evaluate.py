@@ -241,3 +241,18 @@ def test_the_run_s_own_data_counts_the_unreadable_files_of_its_validation_split_
     d = load_data(str(tmp_path), 12)
     assert len(d.skipped) == 2
     assert [Path(w.split(": ")[0]).name for w in _val_skipped(d)] == ["empty.png"]
+
+
+def test_weights_edited_after_training_are_refused(run_copy):
+    """checkpoint.pt with one class's bias raised by 50: evaluate (and infer --run) used it without a word, scoring
+    every image as that class; the run records the sha256 training wrote."""
+    import torch
+
+    ckpt = torch.load(run_copy / "checkpoint.pt", weights_only=True)
+    bias = [k for k in ckpt["state_dict"] if k.endswith("bias")][-1]
+    ckpt["state_dict"][bias][0] += 50
+    torch.save(ckpt, run_copy / "checkpoint.pt")
+    with pytest.raises(UserInputError, match=r"checkpoint.pt is not the checkpoint the run recorded \(its sha256 "
+                                             r"differs\): restore it, or train the run again with `cnnpack train"):
+        evaluate(run_copy, device="cpu")
+    assert not (run_copy / "eval-checkpoint.json").exists()

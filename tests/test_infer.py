@@ -865,7 +865,7 @@ def test_infer_takes_a_server_or_a_run_and_their_own_options(tiny_onnx_run, val_
         "format-to-a-server": ([image, "--model", "cnn_onnx", "--format", "onnx"],
                                "--format goes with --run (classifying here)"),
         "no-such-artifact": ([image, "--run", run, "--format", "pt2"], "has no pt2 artifact"),
-        "bad-top-k": ([image, "--run", run, "--top-k", "0"], "--top-k 0: give 1 or more"),
+        "bad-top-k": ([image, "--run", run, "--top-k", "0"], "--top-k must be >= 1, got 0"),
     }
     done = forked_cli({k: ["infer", *args] for k, (args, _) in cases.items()}, tmp=tmp_path)
     for key, (_, said) in cases.items():
@@ -875,3 +875,13 @@ def test_infer_takes_a_server_or_a_run_and_their_own_options(tiny_onnx_run, val_
     (tmp_path / "j").mkdir()
     ok = forked_cli({"json": ["infer", image, "--run", run, "--json"]}, tmp=tmp_path / "j")["json"]
     assert ok.returncode == 0 and json.loads(ok.stdout)["results"][0]["file"] == image, ok.stderr
+
+
+def test_infer_here_says_a_model_of_random_weights_is_one(tmp_path, val_files, caplog):
+    from cnnpack.export import create_run
+    from cnnpack.infer_local import infer_local
+
+    create_run(tmp_path / "arch", arch="cnn", num_classes=3, image_size=32)
+    result = infer_local(val_files[:2], tmp_path / "arch")
+    assert result["format"] == "checkpoint" and len(result["results"]) == 2
+    assert "model has random weights (`cnnpack export --arch` without --pretrained or --weights)" in caplog.text

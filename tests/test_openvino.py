@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import need_triton
+from support import need_triton, record_new_weights
 
 pytest.importorskip("openvino", reason="the openvino extra: pip install 'cnnpack[openvino]'")
 
@@ -285,6 +285,7 @@ def test_a_new_best_epoch_saved_during_the_export_does_not_refuse_its_own_onnx_f
         ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
         ckpt["epoch"] = 99
         torch.save(ckpt, run / "checkpoint.pt")
+        record_new_weights(run)
         return out
 
     monkeypatch.setattr(cnnpack.export, "_export_file", then_a_new_best_epoch)

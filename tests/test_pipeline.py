@@ -896,3 +896,26 @@ def test_a_finished_training_run_again_says_whether_its_data_or_its_files_change
         said = []
         Stages(cfg, progress=False, say=said.append).run_train(Run.open(run_dir))
         assert said and said[0].startswith(f"[train] {why}: training again"), said
+
+
+def test_a_served_stage_cut_short_keeps_verify_s_and_bench_s_fingerprints(tiny_run, tmp_path, monkeypatch):
+    """The served stage adds its rows to verify.json and bench.json (their records rewritten) and put their
+    fingerprints back only when it finished: after a Ctrl-C in it, the next pipeline verified again ("its inputs
+    changed")."""
+    import cnnpack.served
+    from cnnpack.pipeline import PipelineConfig, Stages
+    from cnnpack.rundir import Run
+
+    run = Run.open(shutil.copytree(tiny_run, tmp_path / "run"))
+    run.update(lambda m: m["stages"].update(verify={"status": "ok", "passed": True, "formats": {}, "inputs_sha256": "v"},
+                                            bench={"status": "ok", "results": [], "inputs_sha256": "b"}))
+
+    def cut_short(run_dir, cfg, progress):
+        Run.open(run_dir).update(lambda m: [m["stages"][s].pop("inputs_sha256") for s in ("verify", "bench")])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cnnpack.served, "served", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        Stages(PipelineConfig(), progress=False, say=print).run_served(run)
+    stages = Run.open(run.path).read()["stages"]
+    assert (stages["verify"]["inputs_sha256"], stages["bench"]["inputs_sha256"]) == ("v", "b")

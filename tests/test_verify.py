@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from support import record_new_weights
 
 from cnnpack.errors import MissingStageError, ParityError, UserInputError
 from cnnpack.evaluate import evaluate
@@ -248,6 +249,7 @@ def test_a_checkpoint_changed_since_export_is_named(exported, tmp_path):
     run_dir = _copy(exported, tmp_path)
     with open(run_dir / "checkpoint.pt", "ab") as f:
         f.write(b"\0")
+    record_new_weights(run_dir)  # (a training since; weights the run never recorded are refused before)
     with pytest.raises(UserInputError, match="checkpoint.pt changed since the artifacts were exported"):
         verify(run_dir, QUICK)
     (run_dir / "checkpoint.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes()[:5000])  # truncated: export
@@ -275,6 +277,7 @@ def test_export_records_the_checkpoint_it_loaded_when_a_training_replaces_it_mea
         ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
         ckpt["state_dict"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
         torch.save(ckpt, run_dir / "checkpoint.pt")
+        record_new_weights(run_dir)
         return out
 
     monkeypatch.setattr(cnnpack.export, "load_checkpoint", then_a_new_best_epoch)
@@ -294,6 +297,7 @@ def test_an_artifact_made_from_earlier_weights_than_another_format_is_named(expo
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     ckpt["state_dict"] = {k: v * 1.5 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     torch.save(ckpt, run_dir / "checkpoint.pt")
+    record_new_weights(run_dir)
     export(run_dir, ExportConfig(formats=("torchscript",), max_batch_size=MAX_BATCH))
     # the new torchscript alone: onnx's pass was of the old weights, and is not kept beside it
     newer = verify(run_dir, replace(QUICK, formats=("torchscript",)))
