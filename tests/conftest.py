@@ -73,6 +73,27 @@ def _no_server_left(request):
         f"pid {pid}: {cmd[:300]}" for pid, cmd in left)
 
 
+def _shm_regions() -> set[Path]:
+    return set(Path("/dev/shm").glob("triton_*_shm_region_*"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_shared_memory_left():
+    """The Python-based backends' shared memory of the servers tests kill on purpose (SIGKILL of a `cnnpack serve`,
+    a raw tritonserver of the deploy checks): files in /dev/shm, that is memory, 1 MiB each, left for good (455 had
+    piled up on the build machine). Removed at the session's end where no process maps them any more."""
+    before = _shm_regions()
+    yield
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            mapped.update(line.split(None, 5)[5].strip() for line in maps.read_text().splitlines()
+                          if len(line.split(None, 5)) == 6)
+    for region in _shm_regions() - before:
+        if str(region) not in mapped:
+            region.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Every test session gets its own cnnpack cache (never the user's ~/.cache)."""

@@ -305,7 +305,8 @@ def test_a_peer_lost_mid_training_is_said_as_such_without_gloo_s_source_path():
 
 
 _SLOW_START = """
-import os, pathlib, sys, time
+import os, pathlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a suite started with & ignores SIGINT)
 from cnnpack import distributed
 real = distributed.Context.started
 def started(self, *, failed=False):
