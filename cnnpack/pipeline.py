@@ -378,12 +378,19 @@ class Stages:
         from cnnpack.served import served
 
         kept = {s: stage_section(run, s).get("inputs_sha256") for s in ("verify", "bench")}
+        def keep(m):  # served rows were added to verify and bench (also by a served stage cut short): their own
+            # inputs did not change (after a Ctrl-C here the next pipeline verified again, "its inputs changed")
+            for s, fp in kept.items():
+                if fp and s in m["stages"]:
+                    m["stages"][s]["inputs_sha256"] = fp
+
         try:
             section = served(run.path, self.cfg.served_config(), progress=self.say)
-        finally:  # served rows were added to verify and bench (also by a served stage cut short): their own inputs
-            # did not change (a Ctrl-C here made the next pipeline verify again, "its inputs changed")
-            run.update(lambda m: [m["stages"][s].update(inputs_sha256=fp) for s, fp in kept.items()
-                                  if fp and s in m["stages"]])
+        except BaseException:
+            with contextlib.suppress(CnnpackError, OSError):  # (the stage's own error is what to say)
+                run.update(keep)
+            raise
+        run.update(keep)
         return section["summary"]
 
     def _status(self, verb: str):

@@ -24,11 +24,19 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cnnpack.atomic import owner_gone, owner_tag
+from cnnpack.atomic import owner_tag
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error, first_few
 from cnnpack.ports import Ports, bind_address, url_host
 from cnnpack.rundir import MANIFEST
 from cnnpack.serve_config import ModelInfo, ServeConfig, resolve_ports, server_args
+from cnnpack.serve_leftovers import (
+    SCRATCH_PREFIX,
+    SHM_LIST,
+    SHM_PREFIX,
+    listed_regions,
+    remove_dead_scratch,
+    remove_regions,
+)
 from cnnpack.triton_dist import TritonDist, build_backend_dir, check_stub, locate, server_env
 from cnnpack.triton_publish import stray_folders
 from cnnpack.triton_release import local_repository
@@ -43,29 +51,11 @@ def repository_of(run_dir: str | Path) -> str:
     return Run.open(run_dir).stage("triton", required_by="serve")["repository"]
 
 
-SCRATCH_PREFIX = "cnnpack-serve-"
-SHM_PREFIX = "/dev/shm/triton_"  # the Python-based backends' shared memory (triton_<backend>_shm_region_<uuid>)
-SHM_LIST = "shm-regions"  # in the scratch folder: the server's regions, for the next serve where it was killed
 INTERRUPTED_GRACE_S = 2.0  # a server stopped by a Ctrl-C: the time it gets before SIGKILL
 
 
 class PortTaken(UserInputError):
     """A port Triton was to listen on was in use when it bound it."""
-
-
-def _remove_dead_scratch() -> None:
-    """The scratch folders (backends, the log) of `cnnpack serve`s that were killed (SIGKILL): not removed by them,
-    they stayed in the temp folder for good, and so did their server's shared memory (listed in the folder). Their
-    server may outlive them a little: only those an hour old go."""
-    root = Path(tempfile.gettempdir())
-    with contextlib.suppress(OSError):
-        for folder in root.glob(f"{SCRATCH_PREFIX}*"):
-            with contextlib.suppress(OSError):
-                if owner_gone(folder.name, SCRATCH_PREFIX) and time.time() - folder.stat().st_mtime > 3600:
-                    for region in (folder / SHM_LIST).read_text().split() if (folder / SHM_LIST).is_file() else ():
-                        if region.startswith(SHM_PREFIX):  # its server's shared memory, left by a kill
-                            Path(region).unlink(missing_ok=True)
-                    shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- the server process ---------------------------------------------------------------------------
@@ -173,7 +163,7 @@ class TritonServer:
         repo = self._check_repository()
         dist = locate()
         env = server_env(dist)
-        _remove_dead_scratch()
+        remove_dead_scratch()
         self._tmp = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{owner_tag()}"))
         try:
             self.backend_dir = self._backend_dir(dist, env)
@@ -439,7 +429,10 @@ class TritonServer:
         """SIGTERM, then SIGKILL after `grace_s` (default `stop_timeout_s`); only this server's process group. The
         shared memory its backends made is removed too: a killed server leaves it in /dev/shm (memory), 1 MiB or
         more a model, for good."""
-        regions = self._shm_regions() if self._proc is not None and self._proc.poll() is None else set()
+        # (a server that died on its own: its stubs may still map them, and the list has the rest)
+        regions = self._shm_regions() if self._proc is not None else set()
+        if self._tmp is not None:
+            regions |= listed_regions(self._tmp)
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
@@ -451,9 +444,7 @@ class TritonServer:
                     _kill_group(proc.pid)
                     proc.wait()
             _kill_group(proc.pid)  # stubs that outlived their server (they quit on their own soon after)
-            for region in regions:  # (a server that stopped in time removed them itself)
-                with contextlib.suppress(OSError):
-                    region.unlink()
+            remove_regions(regions)  # (a server that stopped in time removed them itself)
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

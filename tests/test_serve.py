@@ -178,20 +178,31 @@ def test_a_killed_serve_s_scratch_folder_is_removed_by_the_next_one(tmp_path, mo
     host = owner_tag().split("_")[0]
     old, fresh, live = (tmp_path / f"{serve.SCRATCH_PREFIX}{host}_{pid}_{n}" for pid, n in
                         ((dead.pid, "old"), (dead.pid, "fresh"), (os.getppid(), "live")))
+    import uuid
+
+    from cnnpack import serve_leftovers
+
     regions, victim = {}, tmp_path / "not-shared-memory"
     victim.write_text("a file the list must not reach")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "victim").write_text("nor one through a linked folder")
+    link = Path(f"{serve.SHM_PREFIX}cnnpacktest_{uuid.uuid4().hex}")
+    link.symlink_to(tmp_path / "linked")
     for folder in (old, fresh, live):
         (folder / "backends").mkdir(parents=True)
-        regions[folder] = Path(f"{serve.SHM_PREFIX}cnnpack_test_shm_region_{folder.name}")  # its killed server's
+        regions[folder] = Path(f"{serve.SHM_PREFIX}cnnpacktest_shm_region_{uuid.uuid4()}")  # its killed server's
         regions[folder].write_bytes(b"\0" * 64)
-        (folder / serve.SHM_LIST).write_text(f"{regions[folder]}\n{victim}\n")
+        tampered = [victim, f"{serve.SHM_PREFIX}x/../..{victim}", link / "victim"]  # (planted by another user)
+        (folder / serve.SHM_LIST).write_text("\n".join(map(str, [regions[folder], *tampered])) + "\n")
     for folder in (old, live):
         os.utime(folder, (time.time() - 7200, time.time() - 7200))
     try:
-        serve._remove_dead_scratch()
+        serve_leftovers.remove_dead_scratch()
         assert not old.exists() and fresh.exists() and live.exists()  # a fresh one's server may still be stopping
-        assert not regions[old].exists() and regions[fresh].exists() and regions[live].exists() and victim.exists()
+        assert not regions[old].exists() and regions[fresh].exists() and regions[live].exists()
+        assert victim.exists() and (tmp_path / "linked" / "victim").exists()
     finally:
+        link.unlink()
         for region in regions.values():
             region.unlink(missing_ok=True)
 
