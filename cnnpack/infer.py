@@ -174,6 +174,13 @@ def files_to_classify(paths: list[str | Path]) -> tuple[list[Path], list[Path]]:
     return files, left_out
 
 
+def none_read(n: int, skipped: list[dict], tail: str = "") -> UserInputError:
+    """The error where none of `n` images could be read: the first reasons."""
+    return UserInputError(f"none of the {n} images could be read ("
+                          + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
+                          + ("; ..." if len(skipped) > 3 else "") + f"){tail}")
+
+
 def infer(paths: list[str | Path], cfg: InferConfig, *,
           on_results: Callable[[list[dict], list[dict]], None] | None = None) -> dict:
     """Top-k labels of each readable image from the served model; unreadable images are listed as skipped.
@@ -219,9 +226,7 @@ def infer(paths: list[str | Path], cfg: InferConfig, *,
             if on_results is not None:
                 on_results(rows, bad)
         if not results:
-            raise UserInputError(f"none of the {len(files)} images could be read ("
-                                 + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
-                                 + ("; ..." if len(skipped) > 3 else "") + "); nothing was sent")
+            raise none_read(len(files), skipped, "; nothing was sent")
     return {"model": target, "url": client.url, "top_k": k, "score": "logit", "results": results, "skipped": skipped,
             "left_out": [shown_name(f) for f in left_out]}
 

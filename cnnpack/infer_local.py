@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnpack.errors import UserInputError
-from cnnpack.infer import CHUNK_FILES, files_to_classify, read_pixels, shown_name
+from cnnpack.infer import CHUNK_FILES, files_to_classify, none_read, read_pixels, shown_name
 from cnnpack.rundir import Run
 
 log = logging.getLogger("cnnpack")
@@ -63,8 +63,6 @@ def infer_local(paths: list[str | Path], run_dir: str | Path, *, fmt: str | None
         if on_results is not None:
             on_results(rows, bad)
     if not results:
-        raise UserInputError(f"none of the {len(files)} images could be read ("
-                             + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
-                             + ("; ..." if len(skipped) > 3 else "") + ")")
+        raise none_read(len(files), skipped)
     return {"run": str(run.path), "format": fmt, "runtime": runtime.name, "top_k": k, "score": "logit",
             "results": results, "skipped": skipped, "left_out": [shown_name(f) for f in left_out]}
