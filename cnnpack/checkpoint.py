@@ -65,9 +65,10 @@ def load_checkpoint(run: Run, *, device: str | torch.device = "cpu") -> tuple[nn
                              f"{'' if said(spec) != said(recorded) else ', other class names, normalisation or input'}); "
                              "restore the run's own checkpoint.pt, or train the run again with --force")
     digest = hashlib.sha256(data).hexdigest()
-    if (wrote := _recorded_checkpoint(run)) and wrote != digest and path.is_file() and sha256(path) == wrote:
-        return load_checkpoint(run, device=device)  # a training finished between the read and the record: its own
-    if (wrote := _recorded_checkpoint(run)) and wrote != digest:  # weights edited, or another run's of this model
+    if (wrote := _recorded_checkpoint(run)) and wrote != digest:
+        if path.is_file() and sha256(path) == wrote:  # a training finished between the read and the record: its own
+            return load_checkpoint(run, device=device)
+        # weights edited, or another run's of this model
         raise UserInputError(f"{path} is not the checkpoint the run recorded (its sha256 differs): restore it, or "
                              f"train the run again with `cnnpack train --run {shell(run.path)} --force`")
     model = build_model(spec)

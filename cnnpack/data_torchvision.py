@@ -97,9 +97,12 @@ def _open(cls, name: str, root: Path, download: bool, train: bool):
         raise _damaged(name, root, e) from None
 
 
+DAMAGED = "its files are damaged or not torchvision's; remove them and fetch them again with --download"
+
+
 def _damaged(name: str, root: Path, e: BaseException) -> UserInputError:
     return UserInputError(f"torchvision:{name} under {root} could not be read ({type(e).__name__}: {one_line(e, 160)}): "
-                          "its files are damaged or not torchvision's; remove them and fetch them again with --download")
+                          f"{DAMAGED}")
 
 
 class Loaded(NamedTuple):
@@ -138,6 +141,5 @@ def load_torchvision(name: str, size: int, *, root: Path, download: bool) -> Loa
         if len(x) != len(y) or not len(y) or y.min() < 0 or y.max() >= len(classes):
             found = (f"{len(x)} images and {len(y)} labels" if len(x) != len(y) else "no images" if not len(y) else
                      f"labels {int(y.min())}..{int(y.max())} for {len(classes)} classes")
-            raise UserInputError(f"torchvision:{name} under {root}: its {split} split has {found}: its files are "
-                                 "damaged or not torchvision's; remove them and fetch them again with --download")
+            raise UserInputError(f"torchvision:{name} under {root}: its {split} split has {found}: {DAMAGED}")
     return Loaded(_split(train_x, train_y, size), _split(val_x, val_y, size), classes)

@@ -67,7 +67,8 @@ def why_run(run: Run, stage: Stage, inputs: str) -> str | None:
         return ""
     if section.get("status") != "ok":
         return f"its last run {section['status']}" if isinstance(section["status"], str) else ""
-    if section.get("inputs_sha256") not in (inputs, *([fingerprint(stage.earlier(run))] if stage.earlier else [])):
+    recorded = section.get("inputs_sha256")  # (the earlier fingerprint only where this one differs: it walks the data)
+    if recorded != inputs and (stage.earlier is None or recorded != fingerprint(stage.earlier(run))):
         return "its inputs changed since its last successful run"
     if not (_files_exist(run, section) and stage.outputs_exist(run, section)):
         return "what it wrote is gone or changed"
