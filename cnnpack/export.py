@@ -27,7 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnpack import export_onnx  # noqa: F401 - registers the onnx exporter (before torchscript: the formats' order)
+from cnnpack import (
+    export_onnx,  # noqa: F401 - registers the onnx exporter (before torchscript: the formats' order)
+    user_model,
+)
 from cnnpack.atomic import scratch_beside, staged_beside
 from cnnpack.errors import CnnpackError, MissingStageError, StageFailed, UserInputError, reraise_interrupt, shell
 from cnnpack.export_config import (
@@ -360,7 +363,7 @@ def create_run(run_dir: str | Path, *, arch: str, num_classes: int, image_size: 
     if len(classes) != num_classes:
         raise UserInputError(f"--classes names {len(classes)} classes but --num-classes is {num_classes}")
     check_class_names(classes, where=lambda i, c: f"--classes: class {i} {c!r}", fix="use another name")
-    spec = ModelSpec(arch=arch, num_classes=num_classes, classes=tuple(classes), image_size=image_size)
+    spec = ModelSpec(**user_model.spec_fields(arch), num_classes=num_classes, classes=tuple(classes), image_size=image_size)
     torch.manual_seed(seed)
     model = build_model(spec, pretrained=pretrained)
     if weights:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from cnnpack import __version__
+from cnnpack import __version__, user_model
 from cnnpack.errors import UserInputError
 from cnnpack.host import check_device
 from cnnpack.registry import Registry
@@ -102,7 +102,7 @@ def metadata(spec: ModelSpec, cfg: ExportConfig) -> dict[str, str]:
         "mean": json.dumps(list(spec.mean)),
         "std": json.dumps(list(spec.std)),
         "image_size": str(spec.image_size),
-        "arch": spec.arch,
+        "arch": user_model.display(spec.arch),  # (your own model's file by its name: no folder of this machine)
         "input_kind": cfg.input,
         "input_layout": "NCHW RGB, raw pixels 0-255" if cfg.input == "raw" else "NCHW RGB, normalised",
         "cnnpack_version": __version__,

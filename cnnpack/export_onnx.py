@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnpack import __version__
+from cnnpack import __version__, user_model
 from cnnpack.errors import StageFailed, UserInputError, reraise_interrupt
 from cnnpack.export_config import EXPORTERS, ONNX_NAMES, Artifact, ExportConfig, example_input, io_spec, metadata
 from cnnpack.host import quiet_native_output
@@ -100,7 +100,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path
     m = check_onnx(dest)
     for k, v in metadata(spec, cfg).items():
         m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    m.doc_string = f"cnnpack {__version__}: {spec.arch}, {spec.num_classes} classes, {spec.image_size}px"
+    m.doc_string = f"cnnpack {__version__}: {user_model.display(spec.arch)}, {spec.num_classes} classes, {spec.image_size}px"
     onnx.save(m, str(dest))
     opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
     inp, out = io_spec(spec, cfg, ONNX_NAMES)

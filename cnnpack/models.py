@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnpack import user_model
 from cnnpack.errors import UserInputError, one_line
 from cnnpack.registry import Registry
 from cnnpack.spec import ModelSpec
@@ -113,7 +114,12 @@ def arch_names() -> list[str]:
 
 
 def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
-    """Builds the network named by `spec.arch` with `spec.num_classes` outputs."""
+    """Builds the network named by `spec.arch` with `spec.num_classes` outputs (your own: `user_model`)."""
+    if user_model.is_user_arch(spec.arch):
+        if pretrained:
+            raise UserInputError(f"--pretrained: {spec.arch} is your own model; give its weights to `cnnpack export "
+                                 f"--arch {spec.arch} --weights FILE`, or train it")
+        return user_model.build(spec.arch, spec.num_classes, spec.arch_kwargs, spec.arch_source)
     if spec.arch in MODELS:
         return MODELS.get(spec.arch)(spec, pretrained)
     if spec.arch in torchvision_classifiers():
@@ -167,8 +173,13 @@ def check_input_size(model: nn.Module, spec: ModelSpec) -> None:
                     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                     raise ValueError(f"its forward gives {got}, not the (N, {spec.num_classes}) logits a classifier "
                                      "gives")
-    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+    except (RuntimeError, ValueError, AssertionError, IndexError, TypeError, KeyError, AttributeError,
+            NotImplementedError) as e:  # (your own model's forward may raise any of them)
         why = one_line(e, 200)
+        if user_model.is_user_arch(spec.arch):
+            raise UserInputError(f"--arch {spec.arch} cannot classify {spec.image_size}px RGB images into "
+                                 f"{spec.num_classes} classes ({why}); its forward must take (N, 3, H, W) and give "
+                                 "(N, classes): give it a num_classes argument, or another --image-size") from None
         raise UserInputError(f"--arch {spec.arch} cannot classify {spec.image_size}px images ({why}); try a larger "
                              "--image-size (torchvision's classifiers are made for 224), or another --arch") from None
     finally:
@@ -179,7 +190,11 @@ def check_input_size(model: nn.Module, spec: ModelSpec) -> None:
 
 
 def check_arch(arch: str) -> None:
-    """Raises UserInputError naming the valid archs (closest match first) if `arch` is unknown."""
+    """Raises UserInputError naming the valid archs (closest match first) if `arch` is unknown; your own
+    (FILE.py:NAME, module:NAME): where its file cannot be found."""
+    if user_model.is_user_arch(arch):
+        user_model.source_record(arch)
+        return
     if arch not in MODELS and arch not in torchvision_classifiers():
         raise _unknown_arch(arch)
 
@@ -191,7 +206,8 @@ def _unknown_arch(arch: str) -> UserInputError:
     lower = {n.lower(): n for n in names}
     close = [lower[arch.lower()]] if arch.lower() in lower else difflib.get_close_matches(arch.lower(), names, n=3)
     hint = f" (closest: {', '.join(close)})" if close else ""
-    return UserInputError(f"unknown arch {arch!r}{hint}; valid: {', '.join(names)}")
+    return UserInputError(f"unknown arch {arch!r}{hint}; valid: {', '.join(names)}; or your own network: "
+                          "FILE.py:NAME (a class or function of that file that returns an nn.Module)")
 
 
 def load_state_dict_file(path: str | Path) -> dict:

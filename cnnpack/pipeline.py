@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from cnnpack import user_model
 from cnnpack.errors import CnnpackError, RunReplaced, UserInputError, shell
 from cnnpack.pipeline_config import SERVE_MODES, PipelineConfig  # noqa: F401 - re-exported
 from cnnpack.pipeline_rundir import check_foreign_models, check_run_dir, default_run_dir
@@ -179,8 +180,12 @@ class Stages:
         from cnnpack.data import recorded_source  # `dss`, `./dss` and `/abs/dss` are one folder: not a new training
 
         root = self.cfg.data_root and str(Path(self.cfg.data_root).resolve())  # tv and /abs/tv: one root
-        return {"config": {**asdict(self.cfg.train_config()), "data": recorded_source(self.cfg.data), "data_root": root},
-                "data": data_identity(self.cfg.data, self.cfg.data_root)}
+        inputs = {"config": {**asdict(self.cfg.train_config()), "data": recorded_source(self.cfg.data),
+                             "data_root": root, "arch": user_model.recorded(self.cfg.arch)},
+                  "data": data_identity(self.cfg.data, self.cfg.data_root)}
+        if user_model.is_user_arch(self.cfg.arch):  # your own network: trained again when its file changes
+            inputs["arch_source"] = user_model.source_record(self.cfg.arch)["sha256"]
+        return inputs
 
     def train_inputs_before(self, run: Run) -> dict:
         """`train_inputs` as earlier cnnpack versions fingerprinted them (mtimes in whole seconds, a torchvision data
@@ -207,7 +212,11 @@ class Stages:
             was, now = last.get("config") or {}, asdict(as_recorded(cfg))
             changed = ", ".join(f"{k} {was.get(k)!r} -> {now[k]!r}" for k in now if was.get(k) != now[k])
             if last.get("status") == "ok":  # (train sets the old run aside until the new one keeps an epoch)
+                source = (run.model_spec.get("arch_source") or {}) if run.manifest_path.exists() else {}
                 why = (f"the run was trained with other options ({changed})" if changed else
+                       f"its model's file {source.get('path')} changed since it was trained"
+                       if source and user_model.is_user_arch(cfg.arch) and source.get("sha256") != self.train_inputs(
+                           run).get("arch_source") else
                        "the run's files are gone or changed" if last.get("inputs_sha256") in (
                            fingerprint(self.train_inputs(run)), fingerprint(self.train_inputs_before(run)))
                        else "the run's data changed since it was trained")

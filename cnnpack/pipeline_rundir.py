@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cnnpack import user_model
 from cnnpack.errors import UserInputError
 from cnnpack.pipeline_config import PipelineConfig
 from cnnpack.rundir import MANIFEST, Run, check_makeable
@@ -19,21 +20,23 @@ def default_run_dir(cfg: PipelineConfig) -> Path:
     data = cfg.data.split(":", 1)[1].lower() if cfg.data.startswith("torchvision:") else Path(cfg.data).resolve().name
     from cnnpack.data import recorded_source
 
-    base = Path("runs") / f"pipeline-{data}-{cfg.arch}-{cfg.image_size}px"
+    base = Path("runs") / f"pipeline-{data}-{user_model.label(cfg.arch)}-{cfg.image_size}px"
     path, n = base, 1
-    while trained_on(path) not in (None, recorded_source(cfg.data)):
+    while trained_on(path) not in (None, (recorded_source(cfg.data), user_model.recorded(cfg.arch))):
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
 
 
-def trained_on(path: Path) -> str | None:
-    """The data the run at `path` was trained on, as recorded; None where there is no such record to read."""
+def trained_on(path: Path) -> tuple[str, str] | None:
+    """The data the run at `path` was trained on and its model's arch, as recorded; None where there is no such record
+    to read (a folder named for the built-in `cnn` may hold your own network named CNN: another run)."""
     try:
-        data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["stages"]["train"]["config"]["data"]
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        data, arch = manifest["stages"]["train"]["config"]["data"], manifest["model"]["arch"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return data if isinstance(data, str) else None
+    return (data, arch) if isinstance(data, str) and isinstance(arch, str) else None
 
 
 def check_foreign_models(cfg: PipelineConfig) -> None:
@@ -76,7 +79,7 @@ def check_run_dir(run: Run, force: bool, data: str) -> None:
                              "the pipeline redo its stages there, or choose another --run")
     from cnnpack.data import recorded_source
 
-    other, mine = trained_on(run.path), recorded_source(data)
+    other, mine = (trained_on(run.path) or (None,))[0], recorded_source(data)
     if other is not None and other != mine:
         raise UserInputError(f"--run {run.path} holds a pipeline run trained on {other}, not on {mine}; "
                              "choose another --run, or pass --force to train it again on this data there")

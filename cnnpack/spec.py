@@ -30,9 +30,12 @@ class ModelSpec:
     std: tuple[float, ...] = IMAGENET_STD
     input_layout: str = "NCHW"
     arch_kwargs: dict = field(default_factory=dict)
+    arch_source: dict | None = None  # your own model's file (user_model): {"path", "sha256"}; absent otherwise
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["arch_source"] is None:  # (a run of a built-in or torchvision model records what it always did)
+            del d["arch_source"]
         d["classes"] = list(self.classes)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)

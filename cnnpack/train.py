@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cnnpack import data as data_mod
-from cnnpack import plots
+from cnnpack import plots, user_model
 from cnnpack.atomic import atomic_path, sigint_deferred
 from cnnpack.checkpoint import CHECKPOINT, load_checkpoint, save_torch, torch_bytes  # noqa: F401 - importable here too
 from cnnpack.distributed import PeerStopped, peer_lost
@@ -216,7 +216,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         log.warning("warning: no validation image of %s: the validation accuracy leaves %s out; add images",
                     first_few(unseen),
                     "it" if len(unseen) == 1 else "them")
-    spec = ModelSpec(arch=cfg.arch, num_classes=len(data.classes), classes=tuple(data.classes),
+    spec = ModelSpec(**user_model.spec_fields(cfg.arch), num_classes=len(data.classes), classes=tuple(data.classes),
                      image_size=cfg.image_size)
     torch.manual_seed(cfg.seed)
     model = build_model(spec, pretrained=cfg.pretrained).to(device)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from cnnpack import data as data_mod
+from cnnpack import user_model
 from cnnpack.data_change import changed_since
 from cnnpack.errors import UserInputError, count, shell
 from cnnpack.run_replace import recover
@@ -55,7 +56,7 @@ def recorded_config(run_dir: Path) -> TrainConfig:
 def as_recorded(cfg: TrainConfig) -> TrainConfig:
     """The config as a run records it: --data and --data-root as paths that hold from any folder (evaluate, resume
     and the pipeline run from elsewhere), the built-in and torchvision names as they are."""
-    return replace(cfg, data=data_mod.recorded_source(cfg.data),
+    return replace(cfg, data=data_mod.recorded_source(cfg.data), arch=user_model.recorded(cfg.arch),
                    data_root=str(Path(cfg.data_root).resolve()) if cfg.data_root else None)
 
 

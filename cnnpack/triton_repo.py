@@ -26,6 +26,7 @@ import zipfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from cnnpack import user_model
 from cnnpack.atomic import atomic_write_bytes, sigint_deferred
 from cnnpack.errors import CnnpackError, UserInputError, first_few, shell
 from cnnpack.rundir import Run, check_makeable, sha256
@@ -409,7 +410,7 @@ def check(run: Run, cfg: TritonConfig) -> tuple[Path, str, list[Draft], ModelIO]
 
 
 def default_name(arch: str, fmt: str) -> str:
-    return check_name(re.sub(r"[^A-Za-z0-9_.-]", "_", f"{arch}_{fmt}"))
+    return check_name(re.sub(r"[^A-Za-z0-9_.-]", "_", f"{user_model.label(arch)}_{fmt}"))
 
 
 def _section(root: Path, cfg: TritonConfig, name: str, io: ModelIO, done: list[Published]) -> dict:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from cnnpack import user_model
 from cnnpack.cli.common import app, default_run_dir, emit, handles_errors, name_list, usage_error
 
 
@@ -28,7 +29,7 @@ def export(
     input: str = typer.Option("raw", help="raw: 0-255 pixels, normalised in-graph | normalized: bare network."),
     half: bool = typer.Option(False, help="fp16 artifacts for GPU targets (needs --device cuda)."),
     device: str = typer.Option("cpu", help="cpu | cuda: where the model is traced (pt2: compiled for; it runs there)."),
-    arch: Optional[str] = typer.Option(None, help="Export without training: any torchvision classifier or cnn."),
+    arch: Optional[str] = typer.Option(None, help="Export without training: any torchvision classifier, cnn, or your own network FILE.py:NAME (with --weights: weights you trained)."),
     num_classes: Optional[int] = typer.Option(None, help="With --arch: number of classes (default: as many as --classes names)."),
     image_size: Optional[int] = typer.Option(None, help="With --arch: input size in pixels (default 224)."),
     classes: Optional[str] = typer.Option(None, help="With --arch: comma-separated class names."),
@@ -70,7 +71,7 @@ def export(
         if num_classes is None and names is None:
             raise usage_error("--arch needs --num-classes K (or --classes NAME,NAME,...)")
         num_classes = len(names) if num_classes is None else num_classes
-        run = run or default_run_dir(arch)
+        run = run or default_run_dir(user_model.label(arch))
         create_run(run, arch=arch, num_classes=num_classes, image_size=image_size or 224, classes=names,
                    pretrained=pretrained, weights=str(weights) if weights else None, force=force)
     else:

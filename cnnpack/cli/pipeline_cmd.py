@@ -20,7 +20,7 @@ def _names(text: str) -> tuple[str, ...]:
 def pipeline(
     ctx: typer.Context,
     data: str = typer.Option("shapes", help="shapes | PATH (ImageFolder) | torchvision:NAME"),
-    arch: str = typer.Option("cnn", help="cnn or any torchvision classifier (resnet18, mobilenet_v3_small, ...)"),
+    arch: str = typer.Option("cnn", help="cnn, any torchvision classifier (resnet18, mobilenet_v3_small, ...), or your own network: FILE.py:NAME (a class or function there returning an nn.Module; given num_classes when it takes it)"),
     run: Optional[Path] = typer.Option(None, help="Run directory (default: runs/pipeline-<data>-<arch>-<size>px)."),
     image_size: int = typer.Option(64, help="Square input size in pixels."),
     epochs: int = typer.Option(8, help="Training epochs."),

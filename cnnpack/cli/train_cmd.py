@@ -15,7 +15,7 @@ from cnnpack.cli.common import app, as_flag, default_run_dir, emit, given_option
 def train(
     ctx: typer.Context,
     data: str = typer.Option("shapes", help="shapes | PATH (ImageFolder) | torchvision:NAME"),
-    arch: str = typer.Option("cnn", help="cnn or any torchvision classifier (resnet18, mobilenet_v3_small, ...)"),
+    arch: str = typer.Option("cnn", help="cnn, any torchvision classifier (resnet18, mobilenet_v3_small, ...), or your own network: FILE.py:NAME (a class or function there returning an nn.Module; given num_classes when it takes it)"),
     run: Optional[Path] = typer.Option(None, "--run", "--run-dir",
                                        help="Run directory (default: a new runs/train-N); --run-dir under torchrun."),
     image_size: int = typer.Option(64, help="Square input size in pixels."),

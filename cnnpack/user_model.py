@@ -1,0 +1,185 @@
+"""Your own network: `--arch FILE.py:NAME` (or `--arch package.module:NAME`) builds the model from your code.
+
+NAME is an `nn.Module` subclass or a function returning one. It is called with `num_classes=K` where its signature
+takes that argument (or `**kwargs`), else with no argument, and its forward must give `(N, K)` logits for `(N, 3, H, W)`
+images (checked before anything is written). A file path is recorded absolute, with the file's sha256, in the run's
+model spec (`arch_source`): every later stage rebuilds the network from that file, says so where the file has
+changed since, and the pipeline trains again when it changes. The exported artifacts do not need the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import logging
+import re
+import sys
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cnnpack.errors import UserInputError, one_line
+
+if TYPE_CHECKING:
+    from torch import nn
+
+log = logging.getLogger(__name__)
+_MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_warned: set[tuple[str, str]] = set()
+
+
+def is_user_arch(arch: str) -> bool:
+    """`SOURCE:NAME`: the built-in and torchvision names have no colon."""
+    return ":" in arch
+
+
+def _split(arch: str) -> tuple[str, str]:
+    source, _, name = arch.rpartition(":")
+    if not source or not name.isidentifier():
+        raise UserInputError(f"--arch {arch}: your own model is named FILE.py:NAME or package.module:NAME (NAME a class "
+                             "or function of that file or module that returns an nn.Module)")
+    if not source.endswith(".py") and not _MODULE_PATH.fullmatch(source):
+        raise UserInputError(f"--arch {arch}: {source!r} is neither a .py file nor a module path (package.module)")
+    return source, name
+
+
+def recorded(arch: str) -> str:
+    """`arch` as a run records it: a file made absolute (the later stages run from any folder), the rest as given."""
+    if not is_user_arch(arch):
+        return arch
+    source, name = _split(arch)
+    return f"{Path(source).expanduser().resolve()}:{name}" if source.endswith(".py") else arch
+
+
+def label(arch: str) -> str:
+    """The short name of the model (Triton model names, default run folders): NAME in lower case for your own."""
+    if not is_user_arch(arch):
+        return arch
+    return re.sub(r"[^a-z0-9_]+", "_", arch.rpartition(":")[2].lower()).strip("_") or "model"
+
+
+def display(arch: str) -> str:
+    """`arch` without the folders of its file (what an artifact's metadata says: no path of this machine)."""
+    if not is_user_arch(arch):
+        return arch
+    source, _, name = arch.rpartition(":")
+    return f"{Path(source).name}:{name}" if source.endswith(".py") else arch
+
+
+def _source_file(arch: str) -> Path:
+    source, _ = _split(arch)
+    if source.endswith(".py"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise UserInputError(f"--arch {arch}: {path} is not a file" + ("" if path.exists() else " (not found)"))
+        return path.resolve()
+    try:
+        spec = importlib.util.find_spec(source)
+    except (ImportError, ValueError) as e:  # a parent package that fails to import
+        raise UserInputError(f"--arch {arch}: cannot import {source} ({one_line(e, 160)})") from None
+    if spec is None or spec.origin is None or not Path(spec.origin).is_file():
+        raise UserInputError(f"--arch {arch}: no module {source} is importable here (install its package, or give "
+                             "the file: --arch path/to/file.py:NAME)")
+    return Path(spec.origin)
+
+
+def source_record(arch: str) -> dict:
+    """{"path", "sha256"} of the file that defines the model: what the run records beside its arch."""
+    path = _source_file(arch)
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def spec_fields(arch: str) -> dict:
+    """The model spec's `arch` (and, for your own model, `arch_source`) for `arch` as given."""
+    return {"arch": recorded(arch), "arch_source": source_record(arch)} if is_user_arch(arch) else {"arch": arch}
+
+
+@cache
+def _load(source: str, digest: str) -> object:
+    """The module: a file executed once per content (its folder first on sys.path while it runs, so that it can
+    import the files beside it), a module path imported as Python imports it."""
+    if not source.endswith(".py"):
+        return importlib.import_module(source)
+    path = Path(source)
+    name = f"cnnpack_user_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}_{digest[:12]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # (dataclasses and pickling look a class's module up here)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        try:
+            sys.path.remove(str(path.parent))
+        except ValueError:
+            pass
+    return module
+
+
+def _accepts(fn, name: str) -> bool:
+    """Whether `fn` takes the keyword `name` (by name, or by **kwargs; not nn.Module's own, which refuses any)."""
+    from torch import nn
+
+    if inspect.isclass(fn) and fn.__init__ is nn.Module.__init__:
+        return False
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def build(arch: str, num_classes: int, kwargs: dict, recorded_source: dict | None = None) -> nn.Module:
+    """The network `arch` names, with `num_classes` outputs where it takes that argument. `recorded_source`: what the
+    run recorded of its file; a file changed since is said once per process (the network is built from it as it
+    is now)."""
+    from torch import nn  # (the names above serve torch-free modules: triton_repo, the run folder's name)
+
+    source, name = _split(arch)
+    try:
+        record = source_record(arch)
+    except UserInputError as e:  # the run's own file gone since: where to look, and what does without it
+        if not recorded_source:
+            raise
+        raise UserInputError(f"{e}; the run's model is built from that file (your own network): put it back, or "
+                             "use the run's exported files, which do not need it (e.g. evaluate --format onnx)"
+                             ) from None
+    if recorded_source and recorded_source.get("sha256") not in (None, record["sha256"]):
+        key = (record["path"], record["sha256"])
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("warning: %s changed since the run recorded its model (sha256 %s..., now %s...); the network "
+                        "is built from the file as it is now", record["path"], recorded_source["sha256"][:12],
+                        record["sha256"][:12])
+    try:
+        module = _load(record["path"] if source.endswith(".py") else source, record["sha256"])
+    except SyntaxError as e:
+        raise UserInputError(f"--arch {arch}: {record['path']} is not valid Python ({e.msg}, line {e.lineno})") from None
+    except Exception as e:  # noqa: BLE001 - the user's module may raise anything at import
+        raise UserInputError(f"--arch {arch}: importing {record['path']} failed ({type(e).__name__}: "
+                             f"{one_line(e, 160)})") from None
+    factory = getattr(module, name, None)
+    if factory is None:
+        found = sorted(k for k, v in vars(module).items()
+                       if inspect.isclass(v) and issubclass(v, nn.Module) and v.__module__ == module.__name__)
+        hint = f" (its nn.Module classes: {', '.join(found)})" if found else " (it defines no nn.Module class)"
+        raise UserInputError(f"--arch {arch}: {record['path']} has no {name}{hint}")
+    if not callable(factory):
+        raise UserInputError(f"--arch {arch}: {name} is a {type(factory).__name__}, not a class or function that "
+                             "returns an nn.Module")
+    args = {"num_classes": num_classes} if _accepts(factory, "num_classes") else {}
+    call = f"{name}({', '.join(f'{k}={v!r}' for k, v in {**args, **kwargs}.items())})"
+    try:
+        model = factory(**args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's constructor may raise anything
+        raise UserInputError(f"--arch {arch}: {call} failed ({type(e).__name__}: {one_line(e, 160)})") from None
+    if not isinstance(model, nn.Module):
+        raise UserInputError(f"--arch {arch}: {call} gave a {type(model).__name__}, not an nn.Module")
+    if next(model.parameters(), None) is None:
+        raise UserInputError(f"--arch {arch}: {call} has no parameters (nothing to train or load)")
+    return model
