@@ -1,10 +1,12 @@
 """What tells a run's data from the data now: the digests of each split's file names that `Data.summary` records,
-and how the data differs from a summary a run recorded (verify, evaluate and `train --resume` say it)."""
+how the data differs from a summary a run recorded (verify, evaluate and `train --resume` say it), and what identifies
+the data for the pipeline's train fingerprint (`data_identity`)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 
 def digest(names: list[str]) -> str:
@@ -46,3 +48,36 @@ def changed_since(then: dict, now: dict, keys: tuple[str, ...] = ("classes", "tr
     if other := [n for n in names if differ(f"{n}_content_sha256")]:  # a torchvision data set's
         return f"{said(now)} then and now, but other images or labels in {' and '.join(other)}"
     return None
+
+
+def data_identity(data: str, data_root: str | None = None) -> dict:
+    """What identifies the training data: the built-in generator's name, or a folder's file listing (a torchvision
+    data set's: the root's, where its files lie)."""
+    if data.startswith("torchvision:"):  # (files replaced under the same name trained nothing again)
+        from cnnpack.data_torchvision import dataset_files, tv_root
+        from cnnpack.pipeline_stage import fingerprint
+
+        root = tv_root(data_root).resolve()
+        files = {str(p.relative_to(root)): listing(p) if p.is_dir() else listing(p.parent, only=p.name)
+                 for p in dataset_files(data.split(":", 1)[1], root)}  # its own: another set's download is no change
+        return {"data": data, "root": str(root), "files_sha256": fingerprint(files)}
+    path = Path(data)
+    if data == "shapes" or not path.exists():
+        return {"data": data}
+    return {"data": str(path.resolve()), "files_sha256": listing(path)}
+
+
+def listing(folder: Path, *, ns: bool = True, only: str | None = None) -> str:
+    """The fingerprint of a folder's files (`only`: of that one file in it): name, size, and when it was written
+    (mtime and ctime in ns: a file replaced by one of its size within the same second, or given its old mtime back
+    as `cp -p` and `rsync -t` do, was unseen in whole-second mtimes); through linked folders, hidden files left out,
+    as training reads it."""
+    from cnnpack.folders import walk_files
+    from cnnpack.pipeline_stage import fingerprint
+
+    def when(st):
+        return (st.st_mtime_ns, st.st_ctime_ns) if ns else int(st.st_mtime)
+
+    files = [folder / only] if only else [p for p in walk_files(folder) if p.is_file()]
+    return fingerprint({"files": sorted((str(p.relative_to(folder)), (st := p.stat()).st_size, when(st))
+                                        for p in files)})

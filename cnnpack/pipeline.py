@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from cnnpack import user_model
+from cnnpack.data_change import data_identity, listing
 from cnnpack.errors import CnnpackError, RunReplaced, UserInputError, shell
 from cnnpack.pipeline_config import SERVE_MODES, PipelineConfig  # noqa: F401 - re-exported
 from cnnpack.pipeline_rundir import check_foreign_models, check_run_dir, default_run_dir
@@ -64,37 +65,6 @@ def _settings_replaced(run: Run, before: dict, sections: list[dict]) -> str:
 
 
 # -- the stages -------------------------------------------------------------------------------------
-def data_identity(data: str, data_root: str | None = None) -> dict:
-    """What identifies the training data: the built-in generator's name, or a folder's file listing (a torchvision
-    data set's: the root's, where its files lie)."""
-    if data.startswith("torchvision:"):  # (files replaced under the same name trained nothing again)
-        from cnnpack.data_torchvision import dataset_files, tv_root
-
-        root = tv_root(data_root).resolve()
-        files = {str(p.relative_to(root)): _listing(p) if p.is_dir() else _listing(p.parent, only=p.name)
-                 for p in dataset_files(data.split(":", 1)[1], root)}  # its own: another set's download is no change
-        return {"data": data, "root": str(root), "files_sha256": fingerprint(files)}
-    path = Path(data)
-    if data == "shapes" or not path.exists():
-        return {"data": data}
-    return {"data": str(path.resolve()), "files_sha256": _listing(path)}
-
-
-def _listing(folder: Path, *, ns: bool = True, only: str | None = None) -> str:
-    """The fingerprint of a folder's files (`only`: of that one file in it): name, size, and when it was written
-    (mtime and ctime in ns: a file replaced by one of its size within the same second, or given its old mtime back
-    as `cp -p` and `rsync -t` do, was unseen in whole-second mtimes); through linked folders, hidden files left out,
-    as training reads it."""
-    from cnnpack.folders import walk_files
-
-    def when(st):
-        return (st.st_mtime_ns, st.st_ctime_ns) if ns else int(st.st_mtime)
-
-    files = [folder / only] if only else [p for p in walk_files(folder) if p.is_file()]
-    return fingerprint({"files": sorted((str(p.relative_to(folder)), (st := p.stat()).st_size, when(st))
-                                        for p in files)})
-
-
 def _artifacts(run: Run) -> dict:
     return {f: artifact_digest(a) for f, a in stage_section(run, "export").get("artifacts", {}).items()}
 
@@ -196,7 +166,7 @@ class Stages:
         same = data == "shapes" or data.startswith("torchvision:") or not path.exists()
         return {"config": {**asdict(self.cfg.train_config()), "data": recorded_source(data)},
                 "data": {"data": data} if same else {"data": str(path.resolve()),
-                                                     "files_sha256": _listing(path, ns=False)}}
+                                                     "files_sha256": listing(path, ns=False)}}
 
     def run_train(self, run: Run) -> str:
         from cnnpack.train import train

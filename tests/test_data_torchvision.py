@@ -162,7 +162,7 @@ def test_a_root_that_is_a_file_is_said_as_such(tmp_path):
 
 def test_the_pipeline_fingerprints_its_own_data_set_not_the_others_beside_it(tv_root, tmp_path):
     """The whole root was fingerprinted: another data set downloaded beside it trained a finished run again."""
-    from cnnpack.pipeline import data_identity
+    from cnnpack.data_change import data_identity
 
     root = shutil.copytree(tv_root, tmp_path / "tv")
     before = {name: data_identity(f"torchvision:{name}", str(root)) for name in ("MNIST", "USPS")}

@@ -325,6 +325,9 @@ def test_object_storage_is_triton_s_repository_with_credentials_only_by_referenc
     assert gs["serviceAccountName"] == "triton-reader" and "env" not in gs["containers"][0]
     azure = _container(_of(base["as"], "Deployment"))
     assert {e["name"] for e in azure["env"]} == {"AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_KEY"}
+    # KServe's Azure Secret has no account key (Triton takes it from the URL): one Secret serves both
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"].get("optional", False) for e in azure["env"]} == {
+        "AZURE_STORAGE_ACCOUNT": True, "AZURE_STORAGE_KEY": False}
     isvc = _yaml(deployed["as"] / "kserve" / "inferenceservice.yaml")["spec"]["predictor"]
     assert isvc["model"]["storageUri"] == "https://account.blob.core.windows.net/container/cnn"
     assert isvc["serviceAccountName"] == "cnn-onnx-storage"  # lists the Secret: KServe's way to reference it
@@ -365,8 +368,21 @@ def test_an_image_tag_of_the_users_own_is_pulled_at_each_start_and_changed_model
         readme = (Path(r["out"]) / "README.md").read_text()
         assert "push it again after each `cnnpack deploy`" in readme
         assert "# kind load" not in readme and "deploy without `--image`" in readme  # a loaded image is not pulled
+        # KServe's predictor too: a new revision where storageUri and image read the same, a tag of yours pulled
+        isvc = _yaml(Path(r["out"]) / "kserve" / "inferenceservice.yaml")["spec"]["predictor"]
+        assert isvc["annotations"][CONTENT_ANNOTATION] == r["content_tag"]
+        if store == "image":  # (it runs the repository image where the image ensemble ships: Pillow)
+            assert isvc["model"]["image"] == "reg.example.com/cnn:v1" and isvc["model"]["imagePullPolicy"] == "Always"
+        assert not any("no --image" in n for n in r["notes"])
     assert "push it again" not in (deployed["image"] / "README.md").read_text()
     assert "# kind load docker-image" in (deployed["image"] / "README.md").read_text()
+    default = json.loads((deployed["image"] / "cnnpack-deploy.json").read_text())
+    assert [n for n in default["notes"] if "no --image" in n and "Docker Hub" in n]  # cnnpack/...: not the user's
+    isvc = _yaml(deployed["image"] / "kserve" / "inferenceservice.yaml")
+    assert isvc["spec"]["predictor"]["annotations"][CONTENT_ANNOTATION] == tag
+    # KServe copies its labels onto its pods: the Deployment's Service, PDB and HPA must not select them
+    selector = _of(base["image"], "Service")["spec"]["selector"]
+    assert not selector.items() <= isvc["metadata"]["labels"].items()
 
 
 def test_written_yaml_has_no_anchors_and_the_hpa_metric_counts_each_request_once(deployed):
@@ -455,6 +471,12 @@ def test_the_volume_is_filled_once_by_a_job_from_the_repository_image(base, depl
     claim = _of(objects, "PersistentVolumeClaim")["metadata"]["name"]
     volumes = dep["spec"]["template"]["spec"]["volumes"]
     assert {"claimName": claim, "readOnly": True} in [v.get("persistentVolumeClaim") for v in volumes]
+    # KServe's storageUri names that claim: `kubectl apply -f kserve/` makes it and fills it too
+    kserve = deployed["pvc"] / "kserve"
+    assert _yaml(kserve / "inferenceservice.yaml")["spec"]["predictor"]["model"]["storageUri"].startswith(
+        f"pvc://{claim}/")
+    for name in ("pvc.yaml", "fill-job.yaml"):
+        assert (kserve / name).read_text() == (deployed["pvc"] / "kubernetes" / "base" / name).read_text()
 
 
 def test_the_fill_job_keeps_the_current_content_and_two_earlier_ones_and_nothing_else_it_made(tmp_path):

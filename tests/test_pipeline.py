@@ -840,7 +840,7 @@ def test_a_data_file_replaced_with_its_size_and_mtime_is_new_data(tmp_path):
     or given its old mtime back (`cp -p`, `rsync -t`), skipped every stage on the old images."""
     import os
 
-    from cnnpack.pipeline import data_identity
+    from cnnpack.data_change import data_identity
 
     for cls in ("red", "blue"):
         (tmp_path / cls).mkdir()

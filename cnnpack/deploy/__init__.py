@@ -9,6 +9,7 @@
       kubernetes/overlays/gpu/              one GPU, KIND_GPU instance groups (--model-config-name=gpu)
       kubernetes/prometheus-adapter/values.yaml   the rule that turns Triton's counters into the HPA's metric
       kserve/inferenceservice.yaml          serving.kserve.io/v1beta1, model format triton, protocol v2
+                                            [+ the PVC and its fill Job, as the base's]
       image/Dockerfile                      FROM the NGC Triton image, the shipped models at /models
 
 With the gpu overlay, each GPU-capable model also gets `<model>/configs/gpu.pbtxt` in the repository
@@ -190,7 +191,12 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
               # the gpu overlay's memory, where it writes one and asks for more than the base
               | ({"memory_gpu_mib": asdict(plan.memory_gpu_mib)}
                  if gpu and plan.memory_gpu_mib.value != plan.memory_mib.value else {}),
-              "notes": plan.notes, "out": str(out), "files": sorted([*files, output.IDENTITY]),
+              "notes": [*plan.notes, *([f"no --image: the repository image is named {spec.repo_image}, which a "
+                                         "cluster pulls from Docker Hub's `cnnpack` namespace (not yours); give "
+                                         "--image REGISTRY/NAME of a registry your cluster pulls from, or load it "
+                                         "into a local cluster (kind, minikube)"]
+                                        if cfg.image is None and spec.repo_image else [])],
+              "out": str(out), "files": sorted([*files, output.IDENTITY]),
               # what this replaced: an earlier deployment in --out, and its files this one no longer writes;
               # files of the user's own there are carried over (kept), or replaced with --force (overwritten)
               "replaced": earlier is not None, "removed": sorted(set(earlier or ()) - {*files, output.IDENTITY, *kept}),  # (edited: kept)
@@ -404,6 +410,9 @@ def _files(plan, spec, *, gpu: bool, out: Path) -> dict[str, str]:
     files["kubernetes/prometheus-adapter/values.yaml"] = dump(kube.adapter_values(plan, spec),
                                                                 text.adapter_header(head, spec))
     files["kserve/inferenceservice.yaml"] = dump(kube.inference_service(plan, spec), head)
+    if spec.store.mode == "pvc":  # the claim its storageUri names, and the Job that fills it (the base's own objects)
+        files["kserve/pvc.yaml"], files["kserve/fill-job.yaml"] = (files["kubernetes/base/pvc.yaml"],
+                                                                   files["kubernetes/base/fill-job.yaml"])
     if spec.secret and spec.store.remote:
         files["kserve/serviceaccount.yaml"] = dump(kube.storage_account(spec), head)
     if spec.repo_image:

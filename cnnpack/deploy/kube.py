@@ -286,13 +286,20 @@ def storage_account(spec: Spec) -> dict:
 
 def inference_service(plan: Plan, spec: Spec) -> dict:
     account = spec.service_account or (f"{spec.name}-storage" if spec.secret and spec.store.remote else None)
-    model = {"modelFormat": {"name": "triton"}, "protocolVersion": "v2",
-             **runtime_image(plan, spec),
+    image = runtime_image(plan, spec)
+    model = {"modelFormat": {"name": "triton"}, "protocolVersion": "v2", **image,
+             # a tag of your own stays the same when the models change: each start pulls it (as the Deployment's)
+             **({"imagePullPolicy": pull_policy(image["image"], spec)} if "image" in image else {}),
              "storageUri": stores.kserve_uri(spec.store, image=spec.repo_image or "", pvc=pvc_name(spec), tag=spec.tag),
              # it serves config.pbtxt as laid out (KServe's runtime sets the args): a GPU where that puts models
              "resources": resources(plan, gpu=bool(plan.gpu_laid)), "securityContext": container_security()}
-    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta(spec.name, spec),
-            "spec": {"predictor": {"minReplicas": spec.replicas, "maxReplicas": spec.max_replicas,
+    # its own component label: KServe copies an InferenceService's labels onto its predictor pods, which the
+    # Deployment's Service, PodDisruptionBudget and HPA would otherwise select as theirs
+    metadata = {"name": spec.name, "labels": {**labels(spec.name), "app.kubernetes.io/component": "kserve-predictor"}}
+    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": metadata,
+            # the content tag: changed models are a new revision, also where storageUri and image read the same
+            "spec": {"predictor": {"annotations": {CONTENT_ANNOTATION: spec.tag},
+                                   "minReplicas": spec.replicas, "maxReplicas": spec.max_replicas,
                                    **({"serviceAccountName": account} if account else {}), "model": model}}}
 
 

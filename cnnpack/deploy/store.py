@@ -32,7 +32,9 @@ SECRET_ENV = {
            "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN": "AWS_SESSION_TOKEN"},
     "as": {"AZURE_STORAGE_ACCOUNT": "AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_KEY": "AZURE_STORAGE_ACCESS_KEY"},
 }
-OPTIONAL_KEYS = {"AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN"}
+# AZURE_STORAGE_ACCOUNT: Triton takes the account from the as:// URL where it is unset, and KServe's Azure Secret has
+# no such key (one Secret serves both: a required key it lacks stops the pod at CreateContainerConfigError)
+OPTIONAL_KEYS = {"AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCOUNT"}
 
 _USERINFO = re.compile(r"://[^/?#]*@")  # scheme://user[:password]@host
 # a query parameter whose name speaks of a signature, token, key, secret, password or credential (presigned

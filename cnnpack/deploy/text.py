@@ -141,6 +141,10 @@ def readme(plan, spec, *, gpu: bool, out: Path) -> str:
     n += 1
     model = kube.inference_service(plan, spec)["spec"]["predictor"]["model"]
     parts += [f"## {n}. KServe instead", "", "```bash", "kubectl apply -f kserve/", "```", "",
+              "Instead of the Deployment above, not beside it in one namespace: both are named "
+              f"`{spec.name}`, and KServe in Serverless mode takes over a Service of its InferenceService's name."
+              + (" `kserve/` holds the volume claim and the Job that fills it as well (the same objects as the "
+                 "base's)." if spec.store.mode == "pvc" else ""), "",
               f"It serves {', '.join(f'`{m}`' for m in plan.models)} from storageUri `{model['storageUri']}`"
               + (" (a modelcar: needs `storageInitializer.enableModelcar: true` in KServe's config)"
                  if spec.store.mode == "image" else "")
