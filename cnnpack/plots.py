@@ -27,6 +27,17 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
+CONFUSION_NAMED = 30  # the most classes confusion.png names (and writes counts for); beyond, their indices
+
+
+def shown(name: str, limit: int) -> str:
+    """A class name as a plot draws it: as it is (a `$` pair is matplotlib's math: "x$^$y" stopped the training's
+    plots with a traceback, "cost $5 or $10" lost its dollars), at most `limit` characters (a long name ran into
+    its neighbours)."""
+    name = name if len(name) <= limit else name[:limit - 1] + "…"
+    return name.replace("$", r"\$")
+
+
 def curves(history: list[dict], path: Path) -> None:
     """Loss and accuracy per epoch, train and val side by side."""
     ep = [h["epoch"] for h in history]
@@ -56,14 +67,17 @@ def confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "conf
     ax = fig.subplots()
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    if k <= 30:
+    if k <= CONFUSION_NAMED:
         for i in range(k):
             for j in range(k):
                 ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if norm[i, j] > 0.5 else "black")
-        ax.set_xticks(range(k), classes, rotation=45, ha="right")
-        ax.set_yticks(range(k), classes)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
+        ax.set_xticks(range(k), [shown(c, 24) for c in classes], rotation=45, ha="right")
+        ax.set_yticks(range(k), [shown(c, 24) for c in classes])
+        ax.set(xlabel="predicted", ylabel="true", title=title)
+    else:  # no room for names: the index of each class, which the report's Data table lists beside its name
+        ax.set(xlabel="predicted (class index: see the report's Data table)", ylabel="true (class index)",
+               title=title)
     _save(fig, path)
 
 
@@ -72,14 +86,14 @@ def samples(images: np.ndarray, true: list[int], pred: list[int], classes: list[
     n = len(images)
     cols = min(8, n)
     rows = (n + cols - 1) // cols
-    fig = _figure(figsize=(1.6 * cols, 1.8 * rows))
+    fig = _figure(figsize=(1.6 * cols, 1.8 * rows), layout="constrained")  # (titles kept off the heading)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, ax in enumerate(axes.flat[:n]):
         ax.imshow(images[i].transpose(1, 2, 0), interpolation="nearest")  # the pixels the model saw
         ok = true[i] == pred[i]
-        label = classes[pred[i]] if ok else f"{classes[pred[i]]}\n(true: {classes[true[i]]})"
+        label = shown(classes[pred[i]], 20) if ok else f"{shown(classes[pred[i]], 20)}\n(true: {shown(classes[true[i]], 13)})"
         ax.set_title(label, fontsize=7, color="green" if ok else "red")
         if not ok:
             for spine in ax.spines.values():

@@ -13,7 +13,8 @@ from pathlib import Path
 from cnnpack.artifacts import checkpoint_digest, other_source
 from cnnpack.atomic import place, scratch_beside, sigint_deferred
 from cnnpack.errors import count, shell
-from cnnpack.report_render import Block, num, pct, times, to_html, to_markdown
+from cnnpack.plots import CONFUSION_NAMED
+from cnnpack.report_render import Block, Literal, num, pct, times, to_html, to_markdown
 from cnnpack.report_serving import deploy_section, served_section, triton_section, tune_section
 from cnnpack.rundir import LAST, Run, artifact_changed, sha256
 
@@ -28,8 +29,11 @@ def _data_and_training(m: dict, run: Run) -> list[Block]:
                                                 f"{src.get('init', 'given')} weights.")] + \
             _checkpoint_note({"outputs": {"checkpoint": made.get("checkpoint") or {}}}, run)
     d, met = t.get("data", {}), t.get("metrics", {})
-    rows = [["class", "train images", "val images"]] + [
-        [c, str(a), str(b)] for c, a, b in zip(d.get("classes", []), d.get("train_per_class", []), d.get("val_per_class", []))]
+    classes = d.get("classes", [])
+    index = len(classes) > CONFUSION_NAMED  # confusion.png numbers the classes then: the index says which is which
+    rows = [["#"] * index + ["class", "train images", "val images"]] + [
+        [str(i)] * index + [Literal(c), str(a), str(b)]
+        for i, (c, a, b) in enumerate(zip(classes, d.get("train_per_class", []), d.get("val_per_class", [])))]
     out = [Block("h2", "Data"),
            Block("p", f"Source `{d.get('source')}`: {d.get('train_images')} training and {d.get('val_images')} "
                       f"validation images at {m['model']['image_size']} px; {count(d.get('skipped_files', 0), 'unreadable file')} "

@@ -20,6 +20,19 @@ class Block:
     path: str = ""  # img: relative to the run directory
 
 
+class Literal(str):
+    """Text shown as it is, none of its characters read as Markdown or HTML: a class or file name ("a|b" split its
+    table row, "<img src=x onerror=...>" was a live tag in report.md, `tick` lost its backticks in report.html)."""
+
+
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>&|~])")  # (what CommonMark and GFM tables read as marks in a cell)
+
+
+def _md(cell: str) -> str:
+    """A table cell in Markdown: a Literal with every mark escaped; the report's own text with its `|` escaped."""
+    return _MARKDOWN.sub(r"\\\1", cell) if isinstance(cell, Literal) else cell.replace("|", "\\|")
+
+
 def to_markdown(title: str, blocks: list[Block]) -> str:
     out = [f"# {title}", ""]
     for b in blocks:
@@ -33,14 +46,16 @@ def to_markdown(title: str, blocks: list[Block]) -> str:
             out += [f"![{b.text}]({b.path})", ""]
         elif b.kind == "table":
             head, *rows = b.rows
-            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            out += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+            out += ["| " + " | ".join(map(_md, head)) + " |", "|" + "---|" * len(head)]
+            out += ["| " + " | ".join(map(_md, r)) + " |" for r in rows] + [""]
     return "\n".join(out)
 
 
 def _inline(text: str) -> str:
-    """Escapes text and renders the two Markdown marks the report uses: `code` and **bold**."""
+    """Escapes text and renders the two Markdown marks the report uses: `code` and **bold** (a Literal: as it is)."""
     s = html.escape(text)
+    if isinstance(text, Literal):
+        return s
     s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
     return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cnnpack.client import PROTOCOL_NAMES
 from cnnpack.errors import ratio, shell
-from cnnpack.report_render import Block, num, pct
+from cnnpack.report_render import Block, Literal, num, pct
 from cnnpack.rundir import Run
 from cnnpack.triton_dist import docker_line
 
@@ -109,7 +109,8 @@ def served_section(m: dict) -> list[Block]:
         ens = any("ensemble_label" in p for p in preds)
         rows = [["image", "true class", "prediction (classification extension)", "logit"]
                 + (["image ensemble (PNG bytes)"] if ens else [])]
-        rows += [[p["image"], p["true"], p["label"], f"{p['score']:.2f}"] + ([p.get("ensemble_label", "–")] if ens else [])
+        rows += [[Literal(p["image"]), Literal(p["true"]), Literal(p["label"]), f"{p['score']:.2f}"]
+                 + ([Literal(p.get("ensemble_label", "–"))] if ens else [])
                  for p in preds]
         out.append(Block("table", rows=rows))
     parity = served.get("parity", {})

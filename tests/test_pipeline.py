@@ -319,6 +319,7 @@ def test_the_served_stage_classifies_verifies_and_loads_the_served_model(first):
     s = m["stages"]["served"]
     assert len(s["predictions"]) == 6
     assert {p["true"] for p in s["predictions"]} == set(m["model"]["classes"])  # one per class
+    assert all(p["image"].startswith(f"{p['true']}/") for p in s["predictions"])  # its folder: findable
     assert all(p["ensemble_label"] == p["label"] for p in s["predictions"])  # PNG bytes and pixels agree
     assert set(s["parity"]) == {"triton:cnn_onnx", "triton:cnn_torchscript", "triton:cnn_onnx_int8",
                                 *(["triton:cnn_pt2"] if PT2 else [])}

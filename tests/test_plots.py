@@ -60,3 +60,33 @@ def test_log_axis_labels_do_not_overlap_as_drawn(span, width):
     assert boxes and all(a.x1 + 2 < b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
     assert len(boxes) >= min(3, 1 + int(np.log10(span[1] / span[0])))  # and not bare: a label per decade, where 3 fit
     assert [t.get_text() for t in ax.get_xticklabels()] == [f"{t:g}" for t in ax.get_xticks()]
+
+
+def test_class_names_are_drawn_as_they_are_and_long_ones_shortened(tmp_path):
+    """A `$` pair is matplotlib's math: "x$^$y" stopped the training's plots with a traceback, "cost $5 or $10" lost
+    its dollars; a 77-letter name ran into its neighbours."""
+    from matplotlib.figure import Figure
+
+    names = ["x$^$y", "cost $5 or $10", "a" * 77]
+    plots.confusion(np.eye(3, dtype=int) * 2, names, tmp_path / "confusion.png")
+    images = np.zeros((3, 3, 8, 8), dtype=np.uint8)
+    plots.samples(images, [0, 1, 2], [1, 2, 0], names, tmp_path / "samples.png")
+    assert (tmp_path / "confusion.png").read_bytes()[:8] == PNG and (tmp_path / "samples.png").read_bytes()[:8] == PNG
+    text = Figure().text(0, 0, plots.shown("cost $5 or $10", 24))
+    assert text._preprocess_math(text.get_text()) == ("cost $5 or $10", False)  # drawn as it is, not as math
+    assert plots.shown("a" * 77, 24) == "a" * 23 + "…"
+
+
+def test_past_thirty_classes_the_matrix_is_numbered_and_the_report_lists_the_numbers(tmp_path):
+    from cnnpack.report import _data_and_training
+    from cnnpack.report_render import to_markdown
+    from cnnpack.rundir import Run
+
+    k = plots.CONFUSION_NAMED + 1
+    m = {"model": {"arch": "cnn", "image_size": 32},
+         "stages": {"train": {"data": {"classes": [f"c{i}" for i in range(k)], "train_per_class": [1] * k,
+                                       "val_per_class": [1] * k}}}}
+    md = to_markdown("r", _data_and_training(m, Run(tmp_path)))
+    assert "| # | class | train images | val images |" in md and f"| {k - 1} | c{k - 1} | 1 | 1 |" in md
+    m["stages"]["train"]["data"] = {"classes": ["a", "b"], "train_per_class": [1, 1], "val_per_class": [1, 1]}
+    assert "| class | train images | val images |" in to_markdown("r", _data_and_training(m, Run(tmp_path)))

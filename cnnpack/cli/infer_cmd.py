@@ -56,10 +56,12 @@ def infer(
             typer.echo(f"skipped {s['file']}: {s['reason']}", err=True)
         if as_json or not results:
             return
-        width = max(len(r["file"]) for r in results)
+        from rich.cells import cell_len  # (a wide letter, 日 or an emoji, takes two columns of a terminal)
+
+        width = max(cell_len(r["file"]) for r in results)
         for r in results:
             labels = "  ".join(f"{t['label']} {t['score']:.4f}" for t in r["top"])
-            typer.echo(f"{r['file']:<{width}}  {labels}")
+            typer.echo(f"{r['file']}{' ' * (width - cell_len(r['file']))}  {labels}")
 
     if run is not None:
         from cnnpack.infer_local import infer_local

@@ -140,4 +140,4 @@ def print_summary(s: dict) -> None:
     t.add_row("stages", f"ran: {', '.join(ran) or 'none'}; skipped (unchanged): {', '.join(skipped) or 'none'}")
     t.add_row("report", f"{s['report']['markdown']}  ·  {s['report']['html']}")
     t.add_row("time", f"{s['wall_s']:.0f} s")
-    Console().print(t)
+    Console(markup=False).print(t)  # (a path or class name holding [x] is text, not rich's markup)

@@ -142,7 +142,7 @@ def _print_eval(result: dict) -> None:
     skipped = result.get("skipped_files", 0)
     unread = f"; {count(skipped, 'unreadable file')} skipped" if skipped else ""
     typer.echo(f"{result['format']}: top-1 {100 * result['accuracy']:.2f}% on {result['images']} {which}{unread}")
-    console = Console()
+    console = Console(markup=False)  # (a class name such as "cat [domestic]" is text, not rich's markup)
     t = Table()
     t.add_column("true \\ pred")
     for c in classes:
