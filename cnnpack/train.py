@@ -352,6 +352,12 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         raise StageFailed(f"training failed after its last epoch ({kept}), while its plots were drawn: "
                           f"{file_error(e)}; every epoch is kept in {run.file(LAST)}: free space and continue with "
                           f"`cnnpack train --run {shell(run.path)} --resume`") from None
+    except Exception as e:  # an error nobody foresaw while the plots are drawn: the run says failed, not "running"
+        if not isinstance(e, CnnpackError):  # (a run left "running" refused every later train without --force)
+            with contextlib.suppress(OSError):
+                record_session(run, "failed", start_epoch, kept, t_start, steps_per_epoch, dist, autocast=mixed,
+                               error=f"{type(e).__name__}: {one_line(e)}")
+        raise
     except KeyboardInterrupt:
         record_session(run, "interrupted", start_epoch, kept, t_start, steps_per_epoch, dist, autocast=mixed)
         raise Interrupted(f"interrupted after the last epoch ({kept}), while its plots were drawn; every epoch is "

@@ -155,6 +155,24 @@ def test_ctrl_c_while_the_last_epochs_plots_are_drawn_keeps_every_epoch_and_resu
     assert (tmp_path / "r" / "curves.png").is_file()
 
 
+def test_an_unforeseen_error_while_the_plots_are_drawn_records_the_run_failed_and_resume_finishes(colours, tmp_path,
+                                                                                                 monkeypatch):
+    """matplotlib raising on a class name ("x$^$y") left the run "running" for good: every later `train` of it was
+    refused without --force."""
+    from cnnpack import plots
+
+    draw = plots.samples
+    monkeypatch.setattr(plots, "samples", lambda *a, **k: (_ for _ in ()).throw(ValueError("font cache broken")))
+    cfg = TrainConfig(data=str(colours), image_size=16, epochs=1, batch_size=16)
+    with pytest.raises(ValueError, match="font cache broken"):
+        train(tmp_path / "r", cfg, progress=False)
+    record = Run.open(tmp_path / "r").read()["stages"]["train"]
+    assert record["status"] == "failed" and record["error"] == "ValueError: font cache broken"
+    monkeypatch.setattr(plots, "samples", draw)
+    done = train(tmp_path / "r", cfg, resume=True, progress=False)
+    assert done["status"] == "ok" and (tmp_path / "r" / "samples.png").is_file()
+
+
 def test_resume_refuses_a_truncated_or_foreign_last_pt(tiny_run, tmp_path):
     run = _copy(tiny_run, tmp_path)
     Run(run).update(lambda m: m["stages"]["train"].update(status="interrupted"))  # a finished run has nothing to resume
