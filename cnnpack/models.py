@@ -218,14 +218,23 @@ def load_state_dict_file(path: str | Path) -> dict:
         raise UserInputError(f"weights file not found: {path}") from None
     except pickle.UnpicklingError:  # torch's text would advise weights_only=False, which runs the file's code
         raise UserInputError(f"{path} is not a loadable weights file: torch.load found no tensors it may read safely "
-                             "(a foreign pickle); give a state dict saved with torch.save, or a cnnpack "
-                             "checkpoint.pt") from None
+                             "(a foreign pickle, or a whole model saved with torch.save(model)); give a state dict "
+                             "(torch.save(model.state_dict(), PATH)), or a cnnpack checkpoint.pt") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt/foreign file
         raise UserInputError(f"{path} is not a loadable weights file ({type(e).__name__}: {e})".splitlines()[0]) from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserInputError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    # a training script's checkpoint holds the weights under a key of its own ({"model_state_dict": ...,
+    # "optimizer_state_dict": ...} as PyTorch's tutorials save it); the weights of a model wrapped in DataParallel /
+    # DistributedDataParallel or torch.compile have their names prefixed
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserInputError(f"{path} does not hold a state dict (a mapping of names to tensors; or one under "
+                             "'state_dict', 'model_state_dict' or 'model')")
+    for prefix in ("module.", "_orig_mod."):
+        if all(isinstance(k, str) and k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
     return obj
 
 

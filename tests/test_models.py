@@ -157,7 +157,11 @@ def test_weights_files_load_safely(tmp_path):
     model = build_model(_spec("cnn"))
     torch.save(model.state_dict(), tmp_path / "plain.pt")
     torch.save({"spec": _spec("cnn").to_dict(), "state_dict": model.state_dict()}, tmp_path / "ckpt.pt")
-    for name in ("plain.pt", "ckpt.pt"):
+    # as training scripts save them: PyTorch's tutorials' checkpoint dict, a DataParallel/DDP model, a compiled one
+    torch.save({"epoch": 3, "model_state_dict": model.state_dict(), "optimizer_state_dict": {}}, tmp_path / "tut.pt")
+    torch.save(nn.DataParallel(model).state_dict(), tmp_path / "dp.pt")
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "compiled.pt")
+    for name in ("plain.pt", "ckpt.pt", "tut.pt", "dp.pt", "compiled.pt"):
         state = load_state_dict_file(tmp_path / name)
         assert state.keys() == model.state_dict().keys()
 
@@ -170,6 +174,8 @@ def test_weights_files_load_safely(tmp_path):
         with pytest.raises(UserInputError) as e:
             load_state_dict_file(tmp_path / name)
         assert name in str(e.value) and "\n" not in str(e.value)
+        if name == "pickled_module.pt":
+            assert "torch.save(model.state_dict(), PATH)" in str(e.value)
     with pytest.raises(UserInputError, match="weights file not found"):
         load_state_dict_file(tmp_path / "missing.pt")
 
