@@ -35,6 +35,7 @@ from cnnpack.data_layout import (  # noqa: F401 - split_dirs and the split names
 )
 from cnnpack.errors import UserInputError, count, first_few
 from cnnpack.folders import walk_files
+from cnnpack.host import check_images_fit
 from cnnpack.images import DECODE_ERRORS, quiet, read_image
 from cnnpack.spec import check_class_names, check_image_size
 
@@ -147,6 +148,7 @@ def _read_folder(root: Path, classes: list[str], size: int, skipped: list[str],
             raise UserInputError(f"class folder {folder} has no files; remove it or add images")
         paths += files
         labels += [ci] * len(files)
+    check_images_fit(len(paths), size, f"--data {root}")
     results = _DECODED.read(paths, size)
     keep = [i for i, (arr, _) in enumerate(results) if arr is not None]
     skipped += [why for arr, why in results if arr is None]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnpack.errors import UserInputError, one_line
+from cnnpack.host import check_images_fit
 
 
 def tv_root(data_root: str | Path | None) -> Path:
@@ -79,6 +80,7 @@ def _split(images: np.ndarray, labels: np.ndarray, size: int) -> tuple[torch.Ten
     """(images resized to `size`, labels, the digest of what the split holds)."""
     content = hashlib.sha256(memoryview(images).cast("B"))
     content.update(memoryview(np.ascontiguousarray(labels)).cast("B"))
+    check_images_fit(len(images), size, "--data torchvision")  # (CIFAR10's 60,000 images at 224 px: 9 GiB)
     return _resize_tensor(torch.from_numpy(images), size), torch.from_numpy(labels), content.hexdigest()
 
 

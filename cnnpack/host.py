@@ -258,6 +258,32 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def available_memory() -> int | None:
+    """Bytes this process can still take: the kernel's MemAvailable, or less where a cgroup (a container's memory
+    limit) allows less; None where neither can be read (not Linux)."""
+    found = []
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+        found.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2: memory.max is "max" without a limit
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    return min(found) if found else None
+
+
+def check_images_fit(images: int, size: int, where: str) -> None:
+    """Training holds every image decoded (uint8, 3 x size x size) in memory, and a split is assembled from them
+    once more: refused before the decoding where that cannot fit (the kernel's out-of-memory kill, minutes into it,
+    said nothing)."""
+    need, free = 2 * images * 3 * size * size, available_memory()
+    if free is not None and need > 0.9 * free:
+        gib = 1 << 30
+        raise UserInputError(f"{where}: {images:,} images at {size} px need {need / gib:.1f} GiB of memory as "
+                             f"training holds them (decoded once, uint8), and {free / gib:.1f} GiB is available; "
+                             "use a smaller --image-size or fewer images, or a machine with more memory")
+
+
 def reset_peak_rss() -> bool:
     """Resets the kernel's peak-RSS counter (Linux >= 4.0); False where that is not possible."""
     try:

@@ -537,3 +537,22 @@ def test_split_names_among_classes_and_split_folders_of_images_are_said_as_such(
     with pytest.raises(UserInputError, match=r"has train/ but no val/; .* \(if train is a class whose images lie in "
                                              r"subfolders, move them up into .*train/\)$"):
         load_image_folder(nested, SIZE)
+
+
+def test_images_that_cannot_fit_in_memory_are_refused_before_decoding_and_nothing_is_written(tmp_path, monkeypatch):
+    """Every image is held decoded: 100,000 photos at 224 px are 15 GiB, and the kernel's out-of-memory kill came
+    minutes into the decoding without a word. A container's cgroup limit counts too."""
+    from typer.testing import CliRunner
+
+    from cnnpack import host
+    from cnnpack.cli import app
+
+    data = _folder(tmp_path / "d", {"blue": 6, "red": 6})
+    assert host.available_memory() > 0  # (this machine's kernel says)
+    monkeypatch.setattr(host, "available_memory", lambda: 12 * 3 * 64 * 64)  # a little more than 12 images at 32 px
+    load_data(str(data), 32)
+    with pytest.raises(UserInputError, match=r"--data .*d: 12 images at 64 px need 0.0 GiB of memory as training "
+                                             r"holds them \(decoded once, uint8\), and 0.0 GiB is available"):
+        load_data(str(data), 64)
+    out = CliRunner().invoke(app, ["train", "--data", str(data), "--image-size", "64", "--run", str(tmp_path / "r")])
+    assert out.exit_code == 2 and "use a smaller --image-size" in out.stderr and not (tmp_path / "r").exists()
