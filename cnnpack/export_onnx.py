@@ -98,6 +98,12 @@ def export_onnx(model: nn.Module, spec: ModelSpec, cfg: ExportConfig, dest: Path
     if cfg.simplify:
         _simplify(dest)
     m = check_onnx(dest)
+    if not cfg.static_batch:  # a forward that loops over the batch, or reads x.size(0) as a number, fixes it silently
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in m.graph.input[0].type.tensor_type.shape.dim]
+        if dims and dims[0] is not None:
+            raise StageFailed(f"ONNX export ({cfg.exporter}) fixed the batch at {dims[0]}: the model's forward "
+                              "depends on the batch size (a loop over the images, x.size(0) used as a number); make it "
+                              "batch-independent, or export with --static-batch N")
     for k, v in metadata(spec, cfg).items():
         m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
     m.doc_string = f"cnnpack {__version__}: {user_model.display(spec.arch)}, {spec.num_classes} classes, {spec.image_size}px"

@@ -164,7 +164,7 @@ CEILING = {"gflops": NUM, "best": str, "matrix_engine?": str,
 MODEL = {"arch": str, "num_classes": POSITIVE, "classes": Check([str], lambda v: len(v) >= 1, "is empty"),
          "image_size": Check(int, lambda v: v >= MIN_IMAGE_SIZE, f"is not an integer >= {MIN_IMAGE_SIZE}"),
          "channels?": POSITIVE, "input_layout?": str, "arch_kwargs?": dict,
-         "arch_source?": {"path": str, "sha256": str},
+         "arch_source?": {"path": str, "sha256": str, "imports?": [str]},
          "mean?": [NUM], "std?": Check([NUM], lambda v: all(x != 0 for x in v), "holds a 0 (it divides)")}
 # mean/std absent: ImageNet's (spec.ModelSpec.from_dict); their length is checked against channels below
 

@@ -189,12 +189,36 @@ def check_input_size(model: nn.Module, spec: ModelSpec) -> None:
                 v.copy_(buffers[k])
 
 
+def channels_last_problem(model: nn.Module, spec: ModelSpec) -> str | None:
+    """Why the network cannot run channels-last (NHWC in memory, as training runs it by default: a `.view` of a
+    convolution's output, `x.view(x.size(0), -1)`, needs NCHW), or None: one eval-mode forward of a blank batch, the
+    model put back in NCHW, its buffers and mode as they were."""
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    was_training = model.training
+    x = torch.zeros(2, 3, spec.image_size, spec.image_size, device=next(model.parameters()).device)
+    try:
+        model.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            model.eval()(x.contiguous(memory_format=torch.channels_last))
+    except RuntimeError as e:
+        return one_line(e, 160)
+    finally:
+        model.to(memory_format=torch.contiguous_format).train(was_training)
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
+    return None
+
+
 def check_arch(arch: str) -> None:
     """Raises UserInputError naming the valid archs (closest match first) if `arch` is unknown; your own
     (FILE.py:NAME, module:NAME): where its file cannot be found."""
     if user_model.is_user_arch(arch):
         user_model.source_record(arch)
         return
+    if arch.endswith(".py"):  # a file without the name of its model
+        raise UserInputError(f"--arch {arch}: name the model in it too: --arch {arch}:NAME (NAME a class or function "
+                             "there that returns an nn.Module)")
     if arch not in MODELS and arch not in torchvision_classifiers():
         raise _unknown_arch(arch)
 

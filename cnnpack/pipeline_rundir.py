@@ -41,8 +41,10 @@ def trained_on(path: Path) -> tuple[str, str] | None:
 
 def check_foreign_models(cfg: PipelineConfig) -> None:
     """A model folder the triton stage would write that cnnpack did not make (no model record) is refused before
-    training, with the triton stage's own words (it was found there, after training, export and bench). Another run's
-    cnnpack model is judged there: whether it is the same model (a new version) needs this run's exports."""
+    training, with the triton stage's own words (it was found there, after training, export and bench), and so is
+    another run's model of another arch under this run's name (the built-in `cnn` and your own CNN share `cnn_onnx`).
+    Another run's model of this arch is judged there: whether it is the same model (a new version) needs this run's
+    exports."""
     from cnnpack.triton_config import ensemble_parts
     from cnnpack.triton_publish import STAGING_PREFIX, read_sidecar
     from cnnpack.triton_repo import default_name, repository_root
@@ -50,6 +52,11 @@ def check_foreign_models(cfg: PipelineConfig) -> None:
     root = repository_root(cfg.repository)
     for tc in cfg.triton_configs():
         name = default_name(cfg.arch, tc.format)
+        other = ((read_sidecar(root / name) or {}).get("identity") or {}).get("arch")
+        if isinstance(other, str) and other != user_model.display(cfg.arch):  # (its name is ours: cnn, your CNN)
+            raise UserInputError(f"--repository {cfg.repository}: {root / name} holds another run's model of another "
+                                 f"arch ({other}, this run's: {user_model.display(cfg.arch)}), under the name this run "
+                                 "would lay its model out as; give this run a repository of its own (--repository)")
         for folder in [root / name] + ([root / n for n in ensemble_parts(name)] if tc.ensemble else []):
             if not folder.is_dir() or read_sidecar(folder) is not None:
                 continue

@@ -27,7 +27,7 @@ from cnnpack.checkpoint import CHECKPOINT, load_checkpoint, save_torch, torch_by
 from cnnpack.distributed import PeerStopped, peer_lost
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error, first_few, one_line, shell
 from cnnpack.host import check_device
-from cnnpack.models import build_model, check_input_size
+from cnnpack.models import build_model, channels_last_problem, check_input_size
 from cnnpack.run_replace import Replacing
 from cnnpack.rundir import LAST, MANIFEST, Run
 from cnnpack.spec import ModelSpec
@@ -86,7 +86,8 @@ def _epoch_rng(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
 
 def _to_input(x: torch.Tensor, spec: ModelSpec, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = data_mod.normalize(x.to(device, non_blocking=True), spec.mean, spec.std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    # (the decoded images lie NHWC in memory: NCHW made contiguous, so a network's `.view` takes them)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 @torch.inference_mode()
@@ -222,6 +223,15 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
     model = build_model(spec, pretrained=cfg.pretrained).to(device)
     check_input_size(model, spec)  # before the run is created: an arch that cannot take the size writes nothing
     channels_last = cfg.channels_last if cfg.channels_last is not None else True  # ~15 % faster on 2 CPU cores
+    if channels_last and user_model.is_user_arch(spec.arch) and (why := channels_last_problem(model, spec)):
+        fix = "torch.flatten(x, 1) or x.reshape(x.size(0), -1) in place of x.view(...) lifts it"
+        if cfg.channels_last:
+            raise UserInputError(f"--channels-last: --arch {cfg.arch} cannot run on channels-last tensors ({why}); "
+                                 f"{fix}, or leave --channels-last out")
+        channels_last = False
+        if is_main:
+            log.warning("note: --arch %s cannot run on channels-last tensors (%s): trained without them (about 15 %% "
+                        "slower on the CPU); %s", cfg.arch, why, fix)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":

@@ -236,7 +236,8 @@ def drafts(run: Run, cfg: TritonConfig, name: str) -> tuple[list[Draft], ModelIO
                              "labels.txt needs exactly one name per output")
     io, path, rec = model_io(run, cfg)
     labels = ("\n".join(classes) + "\n").encode()
-    identity = {"kind": "classifier", "arch": spec["arch"], "classes": classes, "format": cfg.format,
+    # (your own network by its file's name: the same model from a moved folder or a teammate's checkout)
+    identity = {"kind": "classifier", "arch": user_model.display(spec["arch"]), "classes": classes, "format": cfg.format,
                 "input": asdict(io.input), "output": asdict(io.output), "input_kind": io.input_kind,
                 "static_batch": rec.get("static_batch")}
     source = {"run": str(run.path.resolve()), "artifact": rec["path"], "artifact_sha256": rec["sha256"]}

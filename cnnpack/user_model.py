@@ -9,6 +9,7 @@ changed since, and the pipeline trains again when it changes. The exported artif
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -50,7 +51,13 @@ def recorded(arch: str) -> str:
     if not is_user_arch(arch):
         return arch
     source, name = _split(arch)
-    return f"{Path(source).expanduser().resolve()}:{name}" if source.endswith(".py") else arch
+    if source.endswith(".py"):
+        return f"{Path(source).expanduser().resolve()}:{name}"
+    with contextlib.suppress(ImportError, ValueError):  # a module of the current folder (python -m puts it first on
+        spec = importlib.util.find_spec(source)        # sys.path) by its file: the later stages run from anywhere
+        if "." not in source and spec and spec.origin and Path(spec.origin).parent == Path.cwd():
+            return f"{Path(spec.origin).resolve()}:{name}"
+    return arch
 
 
 def label(arch: str) -> str:
@@ -85,10 +92,25 @@ def _source_file(arch: str) -> Path:
     return Path(spec.origin)
 
 
+def _digest(path: Path, helpers: tuple[str, ...] = ()) -> str:
+    h = hashlib.sha256(path.read_bytes())
+    for name in helpers:  # (a helper gone since: its absence is the change)
+        h.update(f"\0{name}\0".encode())
+        with contextlib.suppress(OSError):
+            h.update(Path(path.parent, name).read_bytes())
+    return h.hexdigest()
+
+
 def source_record(arch: str) -> dict:
-    """{"path", "sha256"} of the file that defines the model: what the run records beside its arch."""
+    """{"path", "sha256", "imports"} of the code that defines the model: its file and the files of its folder that
+    the file imports (`imports`, relative; their bytes are in the sha256: an edit of a helper is an edit of the
+    model). An installed module (package.module:NAME) by its own file, its package being versioned."""
     path = _source_file(arch)
-    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    arch = recorded(arch)  # (a module of the current folder: as its file)
+    if not _split(arch)[0].endswith(".py"):
+        return {"path": str(path), "sha256": _digest(path)}
+    _, helpers = _module(arch, path)
+    return {"path": str(path), "sha256": _digest(path, helpers), "imports": list(helpers)}
 
 
 def spec_fields(arch: str) -> dict:
@@ -96,42 +118,80 @@ def spec_fields(arch: str) -> dict:
     return {"arch": recorded(arch), "arch_source": source_record(arch)} if is_user_arch(arch) else {"arch": arch}
 
 
+def _module(arch: str, path: Path):
+    """(the module, the files of its folder it imported); every failure of the import one line."""
+    source = _split(arch)[0]
+    try:
+        return _load(str(path) if source.endswith(".py") else source, _digest(path))
+    except SyntaxError as e:
+        raise UserInputError(f"--arch {arch}: {path} is not valid Python ({e.msg}, line {e.lineno})") from None
+    except SystemExit as e:  # a script's top level: sys.exit(), or argparse reading cnnpack's own arguments
+        raise UserInputError(f"--arch {arch}: importing {path} exited (SystemExit {e.code}): its script part runs at "
+                             "import; put it under `if __name__ == \"__main__\":`") from None
+    except Exception as e:  # noqa: BLE001 - the user's module may raise anything at import
+        hint = (" (a module of a package: give it as package.module:NAME, from the folder above the package)"
+                if "relative import" in str(e) else "")
+        raise UserInputError(f"--arch {arch}: importing {path} failed ({type(e).__name__}: "
+                             f"{one_line(e, 160)}){hint}") from None
+
+
 @cache
-def _load(source: str, digest: str) -> object:
-    """The module: a file executed once per content (its folder first on sys.path while it runs, so that it can
-    import the files beside it), a module path imported as Python imports it."""
+def _load(source: str, digest: str) -> tuple[object, tuple[str, ...]]:
+    """A file executed once per content (its folder first on sys.path while it runs, as `python FILE` has it, and
+    last after, for the imports its functions make when called), with the files of its folder it imported; a
+    module path imported as Python imports it."""
     if not source.endswith(".py"):
-        return importlib.import_module(source)
+        return importlib.import_module(source), ()
     path = Path(source)
+    folder = str(path.parent)
     name = f"cnnpack_user_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}_{digest[:12]}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # (dataclasses and pickling look a class's module up here)
-    sys.path.insert(0, str(path.parent))
+    sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except BaseException:
         sys.modules.pop(name, None)
         raise
     finally:
-        try:
-            sys.path.remove(str(path.parent))
-        except ValueError:
-            pass
-    return module
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+        if folder not in sys.path:
+            sys.path.append(folder)
+    return module, tuple(sorted(_beside(path.parent) - {path.name}))
 
 
-def _accepts(fn, name: str) -> bool:
-    """Whether `fn` takes the keyword `name` (by name, or by **kwargs; not nn.Module's own, which refuses any)."""
+def _beside(folder: Path) -> set[str]:
+    """The files of `folder` (and its subfolders, not hidden ones or an environment's site-packages) that imported
+    modules came from, relative: what a file there imports of its own (also where imported before it)."""
+    found = set()
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if not isinstance(file, str) or not Path(file).is_absolute():  # (torch._ops says "_ops.py")
+            continue
+        with contextlib.suppress(ValueError, OSError):
+            rel = Path(file).resolve().relative_to(folder)
+            if not any(p.startswith(".") or p in ("site-packages", "dist-packages") for p in rel.parts):
+                found.add(str(rel))
+    return found
+
+
+def _accepts(fn, name: str) -> str | None:
+    """How `fn` takes the argument `name`: "keyword" (by name, or by **kwargs; not nn.Module's own **kwargs, which
+    refuse any), "positional" (positional-only), or None."""
     from torch import nn
 
     if inspect.isclass(fn) and fn.__init__ is nn.Module.__init__:
-        return False
+        return None
     try:
-        params = inspect.signature(fn).parameters.values()
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # a builtin without a signature
-        return False
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+        return None
+    for p in params:
+        if p.name == name:
+            return "positional" if p.kind is p.POSITIONAL_ONLY else "keyword"
+    return "keyword" if any(p.kind is p.VAR_KEYWORD for p in params) else None
 
 
 def build(arch: str, num_classes: int, kwargs: dict, recorded_source: dict | None = None) -> nn.Module:
@@ -140,7 +200,7 @@ def build(arch: str, num_classes: int, kwargs: dict, recorded_source: dict | Non
     is now)."""
     from torch import nn  # (the names above serve torch-free modules: triton_repo, the run folder's name)
 
-    source, name = _split(arch)
+    _, name = _split(arch)
     try:
         record = source_record(arch)
     except UserInputError as e:  # the run's own file gone since: where to look, and what does without it
@@ -153,31 +213,32 @@ def build(arch: str, num_classes: int, kwargs: dict, recorded_source: dict | Non
         key = (record["path"], record["sha256"])
         if key not in _warned:
             _warned.add(key)
-            log.warning("warning: %s changed since the run recorded its model (sha256 %s..., now %s...); the network "
-                        "is built from the file as it is now", record["path"], recorded_source["sha256"][:12],
-                        record["sha256"][:12])
-    try:
-        module = _load(record["path"] if source.endswith(".py") else source, record["sha256"])
-    except SyntaxError as e:
-        raise UserInputError(f"--arch {arch}: {record['path']} is not valid Python ({e.msg}, line {e.lineno})") from None
-    except Exception as e:  # noqa: BLE001 - the user's module may raise anything at import
-        raise UserInputError(f"--arch {arch}: importing {record['path']} failed ({type(e).__name__}: "
-                             f"{one_line(e, 160)})") from None
+            log.warning("warning: %s (or a file of its folder that it imports) changed since the run recorded its "
+                        "model (sha256 %s..., now %s...); the network is built from the code as it is now",
+                        record["path"], recorded_source["sha256"][:12], record["sha256"][:12])
+    module, _ = _module(arch, Path(record["path"]))
     factory = getattr(module, name, None)
     if factory is None:
         found = sorted(k for k, v in vars(module).items()
                        if inspect.isclass(v) and issubclass(v, nn.Module) and v.__module__ == module.__name__)
         hint = f" (its nn.Module classes: {', '.join(found)})" if found else " (it defines no nn.Module class)"
         raise UserInputError(f"--arch {arch}: {record['path']} has no {name}{hint}")
+    if isinstance(factory, nn.Module):  # `model = CNN()` at the end of a file
+        raise UserInputError(f"--arch {arch}: {name} is a model (a {type(factory).__name__} object), not its class: "
+                             "name the class, or a function that returns the model")
     if not callable(factory):
         raise UserInputError(f"--arch {arch}: {name} is a {type(factory).__name__}, not a class or function that "
                              "returns an nn.Module")
-    args = {"num_classes": num_classes} if _accepts(factory, "num_classes") else {}
-    call = f"{name}({', '.join(f'{k}={v!r}' for k, v in {**args, **kwargs}.items())})"
+    takes = _accepts(factory, "num_classes")
+    args = {"num_classes": num_classes} if takes == "keyword" else {}
+    pos = (num_classes,) if takes == "positional" else ()
+    call = f"{name}({', '.join([*map(repr, pos), *(f'{k}={v!r}' for k, v in {**args, **kwargs}.items())])})"
     try:
-        model = factory(**args, **kwargs)
+        model = factory(*pos, **args, **kwargs)
     except Exception as e:  # noqa: BLE001 - the user's constructor may raise anything
-        raise UserInputError(f"--arch {arch}: {call} failed ({type(e).__name__}: {one_line(e, 160)})") from None
+        hint = ("; cnnpack calls it with num_classes (by that name) where it takes that argument, else with none"
+                if isinstance(e, TypeError) and "argument" in str(e) else "")
+        raise UserInputError(f"--arch {arch}: {call} failed ({type(e).__name__}: {one_line(e, 160)}){hint}") from None
     if not isinstance(model, nn.Module):
         raise UserInputError(f"--arch {arch}: {call} gave a {type(model).__name__}, not an nn.Module")
     if next(model.parameters(), None) is None:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,13 +69,15 @@ def code(tmp_path, monkeypatch) -> Path:
     (folder / "nets.py").write_text(FACTORY)
     (folder / "blocks.py").write_text(BLOCKS)
     monkeypatch.chdir(folder)
+    for name in ("blocks",):  # (another test's folder's, imported by name)
+        monkeypatch.delitem(sys.modules, name, raising=False)
     return folder
 
 
 def test_a_file_class_is_built_with_the_run_s_classes_and_recorded_absolute(code, tmp_path, monkeypatch):
     spec = _spec("CNN.py:CNN", k=6)
     assert spec.arch == f"{code / 'CNN.py'}:CNN"  # absolute: the later stages run from any folder
-    assert spec.arch_source == {"path": str(code / "CNN.py"),
+    assert spec.arch_source == {"path": str(code / "CNN.py"), "imports": [],
                                 "sha256": user_model.source_record("CNN.py:CNN")["sha256"]}
     monkeypatch.chdir(tmp_path)  # rebuilt from elsewhere, as evaluate and export do from the record
     model = build_model(ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))))
@@ -176,9 +179,133 @@ def test_trained_exported_verified_and_evaluated_from_elsewhere_without_the_file
 
     meta = {p.key: p.value for p in onnx.load(run / "export" / "model.onnx").metadata_props}
     assert meta["arch"] == "CNN.py:CNN"  # no folder of this machine inside the artifact
+    out = cli.invoke(app, ["triton", "--run", str(run), "--repository", str(tmp_path / "repo")])
+    assert out.exit_code == 0, out.output  # the model by its file's name: the same model from another checkout
+    side = json.loads((tmp_path / "repo" / "cnn_onnx" / "cnnpack-model.json").read_text())
+    assert side["identity"]["arch"] == "CNN.py:CNN"
     os.replace(code / "CNN.py", code / "CNN.moved")
     out = cli.invoke(app, ["evaluate", "--run", str(run)])
     assert out.exit_code == 2 and "put it back, or use the run's exported files" in out.stderr
     out = cli.invoke(app, ["evaluate", "--run", str(run), "--format", "onnx"])  # the artifact needs no file
     assert out.exit_code == 0, out.output
     assert json.loads((run / "eval-onnx.json").read_text())["images"] > 0
+
+
+# the kinds of code a user's CNN.py holds, from a review of this feature
+VIEW = """\
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CNN(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(x)), 4)
+        return self.fc(x.view(x.size(0), -1))  # the tutorials' flatten: NCHW only
+"""
+LAZY = """\
+from torch import nn
+
+
+def build(num_classes):
+    from blocks import stem  # imported when called, not at import
+
+    return nn.Sequential(stem(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+"""
+ODD = """\
+import argparse
+from torch import nn
+
+Net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+class PosOnly(nn.Module):
+    def __init__(self, num_classes, /):
+        super().__init__()
+        self.fc = nn.Linear(3, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+class PerImage(nn.Module):
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.fc = nn.Linear(3, num_classes)
+
+    def forward(self, x):  # one image at a time: the exported graph would fix the batch
+        import torch
+
+        return torch.cat([self.fc(x[i:i + 1].mean((2, 3))) for i in range(x.size(0))])
+"""
+
+
+def test_a_view_flatten_trains_without_channels_last_and_says_so(code, tiny_data, caplog):
+    """`x.view(x.size(0), -1)` after a convolution fails on channels-last tensors, which training uses by default:
+    it stopped every training with a traceback."""
+    from cnnpack.train import TrainConfig, train
+
+    (code / "view.py").write_text(VIEW)
+    with caplog.at_level(logging.WARNING):
+        done = train(code / "r", TrainConfig(data=str(tiny_data), arch="view.py:CNN", image_size=32, epochs=1,
+                                             batch_size=32), progress=False)
+    assert done["status"] == "ok"
+    assert any("cannot run on channels-last tensors" in r.getMessage() and "torch.flatten(x, 1)" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(UserInputError, match=r"--channels-last: --arch .*view.py:CNN cannot run on channels-last"):
+        train(code / "r2", TrainConfig(data=str(tiny_data), arch="view.py:CNN", image_size=32, epochs=1,
+                                       channels_last=True), progress=False)
+    assert not (code / "r2").exists()
+
+
+def test_odd_but_real_files_build_or_say_why(code):
+    (code / "lazy.py").write_text(LAZY)
+    (code / "odd.py").write_text(ODD)
+    (code / "exits.py").write_text("import sys\nsys.exit(3)\n")
+    assert build_model(_spec("lazy.py:build", k=5)) is not None  # its neighbour imported when called
+    assert build_model(_spec("odd.py:PosOnly", k=5)).fc.out_features == 5  # num_classes positional-only
+    with pytest.raises(UserInputError, match=r"Net is a model \(a Sequential object\), not its class"):
+        build_model(_spec("odd.py:Net"))
+    with pytest.raises(UserInputError, match=r"importing .*exits.py exited \(SystemExit 3\).*if __name__ =="):
+        check_arch("exits.py:Net")
+    with pytest.raises(UserInputError, match=r"--arch CNN.py: name the model in it too: --arch CNN.py:NAME"):
+        check_arch("CNN.py")
+
+
+def test_an_edit_of_a_file_it_imports_is_an_edit_of_the_model(code):
+    before = user_model.source_record("nets.py:make")
+    assert before["imports"] == ["blocks.py"]
+    (code / "blocks.py").write_text(BLOCKS.replace("nn.ReLU()", "nn.Tanh()"))
+    assert user_model.source_record("nets.py:make")["sha256"] != before["sha256"]
+
+
+def test_a_module_of_the_current_folder_is_recorded_by_its_file(code, monkeypatch):
+    monkeypatch.syspath_prepend(str(code))  # as `python -m cnnpack` has it
+    assert user_model.recorded("CNN:CNN") == f"{code / 'CNN.py'}:CNN"
+    assert user_model.source_record("CNN:CNN") == user_model.source_record("CNN.py:CNN")
+
+
+def test_an_export_whose_graph_fixed_the_batch_is_refused(code, tmp_path):
+    (code / "odd.py").write_text(ODD)
+    out = CliRunner().invoke(app, ["export", "--arch", "odd.py:PerImage", "--classes", "a,b,c", "--image-size", "16",
+                                   "--format", "onnx", "--run", str(tmp_path / "r")])
+    assert out.exit_code == 1 and "fixed the batch at 2" in out.stderr, out.output
+
+
+def test_another_arch_under_this_run_s_model_name_is_refused_before_training(code, tmp_path):
+    from cnnpack.pipeline_rundir import check_foreign_models
+
+    folder = tmp_path / "repo" / "cnn_onnx"  # the built-in cnn's, laid out by another run
+    folder.mkdir(parents=True)
+    (folder / "cnnpack-model.json").write_text(json.dumps({"identity": {"kind": "classifier", "arch": "cnn"}}))
+    (folder / "config.pbtxt").write_text('name: "cnn_onnx"\n')
+    (folder / "1").mkdir()
+    cfg = PipelineConfig(arch="CNN.py:CNN", repository=str(tmp_path / "repo"))
+    with pytest.raises(UserInputError, match=r"holds another run's model of another arch \(cnn, this run's: "
+                                             r"CNN.py:CNN\).*a repository of its own"):
+        check_foreign_models(cfg)
+    check_foreign_models(PipelineConfig(repository=str(tmp_path / "repo")))  # the built-in cnn's own: judged later
