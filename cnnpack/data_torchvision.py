@@ -76,11 +76,11 @@ def _arrays(ds, name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(arr), targets.astype(np.int64)
 
 
-def _split(images: np.ndarray, labels: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _split(images: np.ndarray, labels: np.ndarray, size: int, name: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(images resized to `size`, labels, the digest of what the split holds)."""
     content = hashlib.sha256(memoryview(images).cast("B"))
     content.update(memoryview(np.ascontiguousarray(labels)).cast("B"))
-    check_images_fit(len(images), size, "--data torchvision")  # (CIFAR10's 60,000 images at 224 px: 9 GiB)
+    check_images_fit(len(images), size, f"--data torchvision:{name}")  # (CIFAR10's 60,000 at 224 px: 9 GiB)
     return _resize_tensor(torch.from_numpy(images), size), torch.from_numpy(labels), content.hexdigest()
 
 
@@ -144,4 +144,4 @@ def load_torchvision(name: str, size: int, *, root: Path, download: bool) -> Loa
             found = (f"{len(x)} images and {len(y)} labels" if len(x) != len(y) else "no images" if not len(y) else
                      f"labels {int(y.min())}..{int(y.max())} for {len(classes)} classes")
             raise UserInputError(f"torchvision:{name} under {root}: its {split} split has {found}: {DAMAGED}")
-    return Loaded(_split(train_x, train_y, size), _split(val_x, val_y, size), classes)
+    return Loaded(_split(train_x, train_y, size, name), _split(val_x, val_y, size, name), classes)

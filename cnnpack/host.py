@@ -260,15 +260,22 @@ def release_memory() -> None:
 
 def available_memory() -> int | None:
     """Bytes this process can still take: the kernel's MemAvailable, or less where a cgroup (a container's memory
-    limit) allows less; None where neither can be read (not Linux)."""
+    limit, v2 or v1) allows less, its page cache that can be dropped counted free; None where nothing can be read."""
     found = []
     with contextlib.suppress(OSError, ValueError, StopIteration):
         line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
         found.append(int(line.split()[1]) * 1024)
-    with contextlib.suppress(OSError, ValueError):  # cgroup v2: memory.max is "max" without a limit
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    for folder, limit_file, usage_file, inactive in (("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+                                                      ("/sys/fs/cgroup/memory", "memory.limit_in_bytes",
+                                                       "memory.usage_in_bytes", "total_inactive_file")):
+        with contextlib.suppress(OSError, ValueError):
+            limit = Path(folder, limit_file).read_text().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # no limit ("max"; v1's "unlimited" is a huge number)
+                continue
+            stat = dict(x.split() for x in Path(folder, "memory.stat").read_text().splitlines() if len(x.split()) == 2)
+            used = int(Path(folder, usage_file).read_text()) - int(stat.get(inactive, 0))
+            found.append(int(limit) - used)
+            break
     return min(found) if found else None
 
 
@@ -280,7 +287,8 @@ def check_images_fit(images: int, size: int, where: str) -> None:
     if free is not None and need > 0.9 * free:
         gib = 1 << 30
         raise UserInputError(f"{where}: {images:,} images at {size} px need {need / gib:.1f} GiB of memory as "
-                             f"training holds them (decoded once, uint8), and {free / gib:.1f} GiB is available; "
+                             f"cnnpack holds them (decoded once, uint8, twice that while a split is assembled), and "
+                             f"{free / gib:.1f} GiB is available; "
                              "use a smaller --image-size or fewer images, or a machine with more memory")
 
 

@@ -256,9 +256,8 @@ def load_state_dict_file(path: str | Path) -> dict:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserInputError(f"{path} does not hold a state dict (a mapping of names to tensors; or one under "
                              "'state_dict', 'model_state_dict' or 'model')")
-    for prefix in ("module.", "_orig_mod."):
-        if all(isinstance(k, str) and k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    while prefix := next((p for p in ("module.", "_orig_mod.") if all(str(k).startswith(p) for k in obj)), None):
+        obj = {k[len(prefix):]: v for k, v in obj.items()}  # (a compiled DDP model: _orig_mod.module.)
     return obj
 
 

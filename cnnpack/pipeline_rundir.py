@@ -52,10 +52,11 @@ def check_foreign_models(cfg: PipelineConfig) -> None:
     root = repository_root(cfg.repository)
     for tc in cfg.triton_configs():
         name = default_name(cfg.arch, tc.format)
-        other = ((read_sidecar(root / name) or {}).get("identity") or {}).get("arch")
-        if isinstance(other, str) and other != user_model.display(cfg.arch):  # (its name is ours: cnn, your CNN)
+        other, ours = ((read_sidecar(root / name) or {}).get("identity") or {}).get("arch"), user_model.display(
+            user_model.recorded(cfg.arch))  # (as the triton stage records it: CNN:CNN of this folder is CNN.py:CNN)
+        if isinstance(other, str) and other != ours:  # (its name is ours: cnn, your CNN)
             raise UserInputError(f"--repository {cfg.repository}: {root / name} holds another run's model of another "
-                                 f"arch ({other}, this run's: {user_model.display(cfg.arch)}), under the name this run "
+                                 f"arch ({other}, this run's: {ours}), under the name this run "
                                  "would lay its model out as; give this run a repository of its own (--repository)")
         for folder in [root / name] + ([root / n for n in ensemble_parts(name)] if tc.ensemble else []):
             if not folder.is_dir() or read_sidecar(folder) is not None:

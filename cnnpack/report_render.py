@@ -34,7 +34,7 @@ def _md(cell: str) -> str:
 
 
 def to_markdown(title: str, blocks: list[Block]) -> str:
-    out = [f"# {title}", ""]
+    out = [f"# {_md(Literal(title))}", ""]  # (the run folder's name is in it: "<img onerror=...>" was a live tag)
     for b in blocks:
         if b.kind == "h2":
             out += [f"## {b.text}", ""]

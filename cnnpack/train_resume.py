@@ -69,7 +69,8 @@ def resume_conflicts(run_dir: str | Path, given: dict) -> dict[str, tuple]:
     recorded = asdict(recorded_config(Path(run_dir)))
     fields = {f: given.get(f) for f in ("data", "data_root")} | {"data": given.get("data") or "shapes"}
     normal = asdict(as_recorded(replace(TrainConfig(), **fields)))
-    recorded_as = {**given, **{k: normal[k] for k in ("data", "data_root") if given.get(k)}}
+    recorded_as = {**given, **{k: normal[k] for k in ("data", "data_root") if given.get(k)},
+                   **({"arch": user_model.recorded(given["arch"])} if given.get("arch") else {})}  # (a file: absolute)
     # what a recorded default (None, auto) came to: `--resume --channels-last` on a run with the default is no change
     came_to = {"channels_last": True if recorded["channels_last"] is None else recorded["channels_last"],
                "lr": DEFAULT_LR.get(recorded["optimizer"]) if recorded["lr"] is None else recorded["lr"],

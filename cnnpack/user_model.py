@@ -9,6 +9,7 @@ changed since, and the pipeline trains again when it changes. The exported artif
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import importlib
@@ -109,8 +110,44 @@ def source_record(arch: str) -> dict:
     arch = recorded(arch)  # (a module of the current folder: as its file)
     if not _split(arch)[0].endswith(".py"):
         return {"path": str(path), "sha256": _digest(path)}
-    _, helpers = _module(arch, path)
+    helpers = local_imports(path)
     return {"path": str(path), "sha256": _digest(path, helpers), "imports": list(helpers)}
+
+
+def local_imports(main: Path) -> tuple[str, ...]:
+    """The files of `main`'s folder that it imports, and that those import, relative: read from the code (every
+    import statement, inside functions too), not from what a process happened to import. The folder is first on
+    sys.path when the file runs, so `import blocks` is ./blocks.py (or ./blocks/) where that exists."""
+    folder, found, todo = main.parent, set(), [main]
+    while todo:
+        file = todo.pop()
+        try:
+            tree = ast.parse(file.read_bytes(), filename=str(file))
+        except (OSError, SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                here, up = list(file.parent.relative_to(folder).parts), max(node.level - 1, 0)
+                if up > len(here):  # (a relative import above the folder)
+                    continue
+                base = here[:len(here) - up] if node.level else []  # from . import x: x beside this file
+                module = [*base, *(node.module.split(".") if node.module else [])]
+                names = [".".join([*module, a.name]) for a in node.names] + ([".".join(module)] if module else [])
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                for i in range(1, len(parts) + 1):  # a.b.c: a/__init__.py, a/b/__init__.py or a/b.py, ...
+                    for candidate in (folder.joinpath(*parts[:i]).with_suffix(".py"),
+                                      folder.joinpath(*parts[:i], "__init__.py")):
+                        if candidate.is_file() and candidate != main:
+                            rel = str(candidate.relative_to(folder))
+                            if rel not in found:
+                                found.add(rel)
+                                todo.append(candidate)
+    return tuple(sorted(found))
 
 
 def spec_fields(arch: str) -> dict:
@@ -119,7 +156,7 @@ def spec_fields(arch: str) -> dict:
 
 
 def _module(arch: str, path: Path):
-    """(the module, the files of its folder it imported); every failure of the import one line."""
+    """The module; every failure of its import one line."""
     source = _split(arch)[0]
     try:
         return _load(str(path) if source.endswith(".py") else source, _digest(path))
@@ -136,12 +173,11 @@ def _module(arch: str, path: Path):
 
 
 @cache
-def _load(source: str, digest: str) -> tuple[object, tuple[str, ...]]:
+def _load(source: str, digest: str) -> object:
     """A file executed once per content (its folder first on sys.path while it runs, as `python FILE` has it, and
-    last after, for the imports its functions make when called), with the files of its folder it imported; a
-    module path imported as Python imports it."""
+    last after, for the imports its functions make when called); a module path imported as Python imports it."""
     if not source.endswith(".py"):
-        return importlib.import_module(source), ()
+        return importlib.import_module(source)
     path = Path(source)
     folder = str(path.parent)
     name = f"cnnpack_user_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}_{digest[:12]}"
@@ -159,22 +195,7 @@ def _load(source: str, digest: str) -> tuple[object, tuple[str, ...]]:
             sys.path.remove(folder)
         if folder not in sys.path:
             sys.path.append(folder)
-    return module, tuple(sorted(_beside(path.parent) - {path.name}))
-
-
-def _beside(folder: Path) -> set[str]:
-    """The files of `folder` (and its subfolders, not hidden ones or an environment's site-packages) that imported
-    modules came from, relative: what a file there imports of its own (also where imported before it)."""
-    found = set()
-    for module in list(sys.modules.values()):
-        file = getattr(module, "__file__", None)
-        if not isinstance(file, str) or not Path(file).is_absolute():  # (torch._ops says "_ops.py")
-            continue
-        with contextlib.suppress(ValueError, OSError):
-            rel = Path(file).resolve().relative_to(folder)
-            if not any(p.startswith(".") or p in ("site-packages", "dist-packages") for p in rel.parts):
-                found.add(str(rel))
-    return found
+    return module
 
 
 def _accepts(fn, name: str) -> str | None:
@@ -216,7 +237,7 @@ def build(arch: str, num_classes: int, kwargs: dict, recorded_source: dict | Non
             log.warning("warning: %s (or a file of its folder that it imports) changed since the run recorded its "
                         "model (sha256 %s..., now %s...); the network is built from the code as it is now",
                         record["path"], recorded_source["sha256"][:12], record["sha256"][:12])
-    module, _ = _module(arch, Path(record["path"]))
+    module = _module(arch, Path(record["path"]))
     factory = getattr(module, name, None)
     if factory is None:
         found = sorted(k for k, v in vars(module).items()

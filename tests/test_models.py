@@ -161,7 +161,8 @@ def test_weights_files_load_safely(tmp_path):
     torch.save({"epoch": 3, "model_state_dict": model.state_dict(), "optimizer_state_dict": {}}, tmp_path / "tut.pt")
     torch.save(nn.DataParallel(model).state_dict(), tmp_path / "dp.pt")
     torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "compiled.pt")
-    for name in ("plain.pt", "ckpt.pt", "tut.pt", "dp.pt", "compiled.pt"):
+    torch.save({f"_orig_mod.module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "compiled_ddp.pt")
+    for name in ("plain.pt", "ckpt.pt", "tut.pt", "dp.pt", "compiled.pt", "compiled_ddp.pt"):
         state = load_state_dict_file(tmp_path / name)
         assert state.keys() == model.state_dict().keys()
 

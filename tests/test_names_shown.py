@@ -13,7 +13,7 @@ NAMES = ["a|b", "<img src=x onerror=alert(1)>", "`tick` *star* [l](x)", "a**b**c
 
 def test_report_md_and_html_show_literal_names_as_they_are(tmp_path):
     rows = [["class", "images"], *([Literal(n), "3"] for n in NAMES), ["our `code` **bold**", "1|2"]]
-    md = to_markdown("r", [Block("table", rows=rows)])
+    md = to_markdown("cnnpack report: r<img src=x onerror=alert(1)>", [Block("table", rows=rows)])
     lines = md.splitlines()[2:]
     for line in lines[2:]:  # every row keeps its two cells: no | of a name splits one
         assert line.replace("\\|", "").count("|") == 3, line
@@ -22,6 +22,7 @@ def test_report_md_and_html_show_literal_names_as_they_are(tmp_path):
 
     rendered = MarkdownIt("commonmark").enable("table").render(md)
     assert "<img" not in rendered and "<code>" not in rendered.split("our")[0] and "<em>" not in rendered
+    assert "<h1>cnnpack report: r&lt;img src=x onerror=alert(1)&gt;</h1>" in rendered  # the run folder's name
     for name in NAMES:
         assert f"<td>{html.escape(name, quote=False)}</td>" in rendered, name
     page = to_html("r", [Block("table", rows=rows)], Run(tmp_path))

@@ -271,7 +271,7 @@ def test_odd_but_real_files_build_or_say_why(code):
     with pytest.raises(UserInputError, match=r"Net is a model \(a Sequential object\), not its class"):
         build_model(_spec("odd.py:Net"))
     with pytest.raises(UserInputError, match=r"importing .*exits.py exited \(SystemExit 3\).*if __name__ =="):
-        check_arch("exits.py:Net")
+        build_model(_spec("exits.py:Net"))
     with pytest.raises(UserInputError, match=r"--arch CNN.py: name the model in it too: --arch CNN.py:NAME"):
         check_arch("CNN.py")
 
@@ -281,6 +281,11 @@ def test_an_edit_of_a_file_it_imports_is_an_edit_of_the_model(code):
     assert before["imports"] == ["blocks.py"]
     (code / "blocks.py").write_text(BLOCKS.replace("nn.ReLU()", "nn.Tanh()"))
     assert user_model.source_record("nets.py:make")["sha256"] != before["sha256"]
+    # read from the code, not from what the process imported: inside a function too, and the same in every process
+    (code / "lazy.py").write_text(LAZY)
+    build_model(_spec("nets.py:make", k=4))  # (blocks imported by now: no matter)
+    assert user_model.source_record("lazy.py:build")["imports"] == ["blocks.py"]
+    assert user_model.source_record("CNN.py:CNN")["imports"] == []  # torch's files are not of this folder
 
 
 def test_a_module_of_the_current_folder_is_recorded_by_its_file(code, monkeypatch):
@@ -296,7 +301,7 @@ def test_an_export_whose_graph_fixed_the_batch_is_refused(code, tmp_path):
     assert out.exit_code == 1 and "fixed the batch at 2" in out.stderr, out.output
 
 
-def test_another_arch_under_this_run_s_model_name_is_refused_before_training(code, tmp_path):
+def test_another_arch_under_this_run_s_model_name_is_refused_before_training(code, tmp_path, monkeypatch):
     from cnnpack.pipeline_rundir import check_foreign_models
 
     folder = tmp_path / "repo" / "cnn_onnx"  # the built-in cnn's, laid out by another run
@@ -309,3 +314,16 @@ def test_another_arch_under_this_run_s_model_name_is_refused_before_training(cod
                                              r"CNN.py:CNN\).*a repository of its own"):
         check_foreign_models(cfg)
     check_foreign_models(PipelineConfig(repository=str(tmp_path / "repo")))  # the built-in cnn's own: judged later
+    # this run's own model, as the triton stage recorded it, given as a module of the current folder: not another
+    (folder / "cnnpack-model.json").write_text(json.dumps({"identity": {"kind": "classifier", "arch": "CNN.py:CNN"}}))
+    monkeypatch.syspath_prepend(str(code))
+    check_foreign_models(PipelineConfig(arch="CNN:CNN", repository=str(tmp_path / "repo")))
+
+
+def test_resume_takes_the_arch_as_given_or_as_recorded(code, tmp_path, monkeypatch):
+    from cnnpack import train_resume
+    from cnnpack.train_config import TrainConfig
+
+    monkeypatch.setattr(train_resume, "recorded_config", lambda _: TrainConfig(arch=f"{code / 'CNN.py'}:CNN"))
+    assert "arch" not in train_resume.resume_conflicts(tmp_path, {"arch": "CNN.py:CNN"})
+    assert "arch" in train_resume.resume_conflicts(tmp_path, {"arch": "nets.py:make"})
