@@ -12,6 +12,7 @@ and stops the server. Figures go to `served.json` and `stages.served`; the serve
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,9 +87,10 @@ def _classify(server, name: str, images: np.ndarray, labels: np.ndarray, files: 
 
     with Client(server.grpc_address, PROTOCOL, timeout_s=timeout_s) as client:
         tops = classify(client, client.model(name), images.astype(np.float32), 1)
-    # the file by its folder too (its class folder, in an ImageFolder): img0.png alone named a file of every class
-    rows = [{"image": str(Path(Path(files[i]).parent.name, Path(files[i]).name)) if files else f"val[{i}]",
-             "true": classes[labels[i]],
+    # the file by its folders under the ones they share (its class folder, in an ImageFolder; class/sub/img.png
+    # where it lies deeper): img0.png alone named a file of every class
+    base = os.path.commonpath(files) if len(files) > 1 else str(Path(files[0]).parent.parent) if files else ""
+    rows = [{"image": os.path.relpath(files[i], base) if files else f"val[{i}]", "true": classes[labels[i]],
              "label": top[0]["label"], "score": top[0]["score"]} for i, top in enumerate(tops)]
     if files:  # the same images as encoded bytes through the ensemble (decoded and resized on the server)
         res = infer(files, InferConfig(model=name, url=server.grpc_address, protocol=PROTOCOL, ensemble=True,
