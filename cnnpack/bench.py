@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpack import user_model
 from cnnpack.bench_ceilings import hold_to_ceilings, measured_ceilings, over_ceiling, remeasure_beaten_ceilings
 from cnnpack.bench_outputs import CSV_COLUMNS, commit_outputs, plot_results, series, series_at  # noqa: F401 - re-exported
 from cnnpack.errors import MissingStageError, RuntimeUnavailable, UserInputError, shell
@@ -482,7 +483,7 @@ def make_section(ctx: BenchContext, host: dict, inputs: dict) -> dict:
         forget_ceilings(ctx.ceilings_cache["path"], {r["precision"] for r in ctx.results if r["matmul_share"] > 1})
     return {"status": "ok", "machine_peak_gflops": peak, "matmul": matmul, "ceilings": ctx.ceilings,
             "over_ceiling": over, "ceilings_cache": ctx.ceilings_cache,
-            "model": f"{spec['arch']}@{spec['image_size']}px", "model_gflops_per_image": ctx.flops_per_image / 1e9,
+            "model": f"{user_model.display(spec['arch'])}@{spec['image_size']}px", "model_gflops_per_image": ctx.flops_per_image / 1e9,
             "threads": ctx.cfg.threads, "device": str(ctx.device), "results": ctx.results, "skipped": ctx.skipped,
             "inputs": inputs,
             "machine": host, "libraries": library_versions(), "config": asdict(ctx.cfg), "notes": NOTES}

@@ -351,7 +351,8 @@ def _record(run: Run, cfg: ExportConfig, fmt: str, record: dict, source: str,
 # -- export without a training run ----------------------------------------------------------
 def create_run(run_dir: str | Path, *, arch: str, num_classes: int, image_size: int,
                classes: list[str] | None = None, pretrained: bool = False, weights: str | None = None,
-               seed: int = 0, force: bool = False) -> Run:
+               seed: int = 0, force: bool = False, mean: tuple[float, ...] | None = None,
+               std: tuple[float, ...] | None = None) -> Run:
     """A run whose model spec comes from flags: packages any torchvision classifier (or `cnn`)."""
     check_arch(arch)
     if num_classes < 2:
@@ -363,7 +364,8 @@ def create_run(run_dir: str | Path, *, arch: str, num_classes: int, image_size: 
     if len(classes) != num_classes:
         raise UserInputError(f"--classes names {len(classes)} classes but --num-classes is {num_classes}")
     check_class_names(classes, where=lambda i, c: f"--classes: class {i} {c!r}", fix="use another name")
-    spec = ModelSpec(**user_model.spec_fields(arch), num_classes=num_classes, classes=tuple(classes), image_size=image_size)
+    spec = ModelSpec(**user_model.spec_fields(arch), num_classes=num_classes, classes=tuple(classes), image_size=image_size,
+                     **({"mean": tuple(mean)} if mean else {}), **({"std": tuple(std)} if std else {}))
     torch.manual_seed(seed)
     model = build_model(spec, pretrained=pretrained)
     if weights:

@@ -287,7 +287,7 @@ def check_images_fit(images: int, size: int, where: str) -> None:
     if free is not None and need > 0.9 * free:
         gib = 1 << 30
         raise UserInputError(f"{where}: {images:,} images at {size} px need {need / gib:.1f} GiB of memory as "
-                             f"cnnpack holds them (decoded once, uint8, twice that while a split is assembled), and "
+                             f"cnnpack holds them (decoded, uint8, and a second copy while a split is assembled), and "
                              f"{free / gib:.1f} GiB is available; "
                              "use a smaller --image-size or fewer images, or a machine with more memory")
 

@@ -7,6 +7,7 @@ The checkpoint stores the model spec beside the weights, so `build_model(spec)` 
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -119,12 +120,34 @@ def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
         if pretrained:
             raise UserInputError(f"--pretrained: {spec.arch} is your own model; give its weights to `cnnpack export "
                                  f"--arch {spec.arch} --weights FILE`, or train it")
-        return user_model.build(spec.arch, spec.num_classes, spec.arch_kwargs, spec.arch_source)
+        model = user_model.build(spec.arch, spec.num_classes, spec.arch_kwargs, spec.arch_source)
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+            _materialise(model, spec)  # (nn.LazyLinear: its weights take their shape at the first forward)
+        return model
     if spec.arch in MODELS:
         return MODELS.get(spec.arch)(spec, pretrained)
     if spec.arch in torchvision_classifiers():
         return _torchvision_model(spec.arch, spec, pretrained)
     raise _unknown_arch(spec.arch)
+
+
+def _materialise(model: nn.Module, spec: ModelSpec) -> None:
+    """Gives lazy layers their shapes (one eval-mode forward of a blank image; buffers and mode as they were): the
+    weights of a checkpoint load into them, an optimizer takes them."""
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, spec.image_size, spec.image_size))
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise UserInputError(f"--arch {spec.arch}: its lazy layers could not take their shapes from a "
+                             f"{spec.image_size}px image ({one_line(e, 160)}); try another --image-size") from None
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                if k in buffers and v.shape == buffers[k].shape:
+                    v.copy_(buffers[k])
 
 
 def strided_convs_on_one_pixel(model: nn.Module, spec: ModelSpec) -> list[str]:
@@ -177,9 +200,12 @@ def check_input_size(model: nn.Module, spec: ModelSpec) -> None:
             NotImplementedError) as e:  # (your own model's forward may raise any of them)
         why = one_line(e, 200)
         if user_model.is_user_arch(spec.arch):
+            heads = re.search(r"its forward gives \(2, (\d+)\)", why)
+            fix = ("give it a num_classes argument (the number of class folders)" if heads else
+                   "try another --image-size (a layer sized for one image size: nn.Linear after a flatten)")
             raise UserInputError(f"--arch {spec.arch} cannot classify {spec.image_size}px RGB images into "
                                  f"{spec.num_classes} classes ({why}); its forward must take (N, 3, H, W) and give "
-                                 "(N, classes): give it a num_classes argument, or another --image-size") from None
+                                 f"(N, classes): {fix}") from None
         raise UserInputError(f"--arch {spec.arch} cannot classify {spec.image_size}px images ({why}); try a larger "
                              "--image-size (torchvision's classifiers are made for 224), or another --arch") from None
     finally:
@@ -256,8 +282,6 @@ def load_state_dict_file(path: str | Path) -> dict:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserInputError(f"{path} does not hold a state dict (a mapping of names to tensors; or one under "
                              "'state_dict', 'model_state_dict' or 'model')")
-    while prefix := next((p for p in ("module.", "_orig_mod.") if all(str(k).startswith(p) for k in obj)), None):
-        obj = {k[len(prefix):]: v for k, v in obj.items()}  # (a compiled DDP model: _orig_mod.module.)
     return obj
 
 
@@ -266,6 +290,11 @@ def load_weights(model: nn.Module, state: dict, *, source: str) -> None:
     auxiliary heads the model is built without (googlenet's, inception_v3's: a torchvision state dict has them) are
     left out."""
     own = model.state_dict()
+    # a wrapped model's names (DataParallel/DDP's module., torch.compile's _orig_mod., both): unwrapped where the
+    # model's own names do not begin so (a network with a child named `module` keeps its names)
+    while prefix := next((p for p in ("module.", "_orig_mod.") if state and all(str(k).startswith(p) for k in state)
+                          and not all(k.startswith(p) for k in own)), None):
+        state = {k[len(prefix):]: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if k in own or not k.startswith(_AUX_KEYS)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

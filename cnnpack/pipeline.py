@@ -168,6 +168,13 @@ class Stages:
                 "data": {"data": data} if same else {"data": str(path.resolve()),
                                                      "files_sha256": listing(path, ns=False)}}
 
+    def _same_code(self, run: Run) -> bool:
+        """Whether your own network's code (its file and the files it imports) is as the run recorded it (always,
+        for the built-in and torchvision networks)."""
+        was = ((run.model_spec.get("arch_source") or {}).get("sha256") if run.manifest_path.exists() else None)
+        return was is None or not user_model.is_user_arch(self.cfg.arch) or \
+            was == self.train_inputs(run).get("arch_source")
+
     def run_train(self, run: Run) -> str:
         from cnnpack.train import train
         from cnnpack.train_resume import as_recorded
@@ -175,7 +182,8 @@ class Stages:
         cfg, last = self.cfg.train_config(), stage_section(run, "train")
         # an interrupted training with these options continues from its last finished epoch
         resume = (run.file(LAST).is_file() and last.get("status") != "ok"  # (as recorded: absolute paths)
-                  and last.get("config") == asdict(as_recorded(cfg)))
+                  and last.get("config") == asdict(as_recorded(cfg))
+                  and self._same_code(run))  # your own network edited since: trained again, not resumed
         if resume:
             self.say("[train] resuming the interrupted training from last.pt")
         elif run.manifest_path.exists() and last.get("status") is not None:
@@ -184,9 +192,8 @@ class Stages:
             if last.get("status") == "ok":  # (train sets the old run aside until the new one keeps an epoch)
                 source = (run.model_spec.get("arch_source") or {}) if run.manifest_path.exists() else {}
                 why = (f"the run was trained with other options ({changed})" if changed else
-                       f"its model's file {source.get('path')} changed since it was trained"
-                       if source and user_model.is_user_arch(cfg.arch) and source.get("sha256") != self.train_inputs(
-                           run).get("arch_source") else
+                       f"its network's code ({source.get('path')} or a file it imports) changed since it was trained"
+                       if not self._same_code(run) else
                        "the run's files are gone or changed" if last.get("inputs_sha256") in (
                            fingerprint(self.train_inputs(run)), fingerprint(self.train_inputs_before(run)))
                        else "the run's data changed since it was trained")
@@ -194,7 +201,9 @@ class Stages:
                          "failure or Ctrl-C before that keeps them)")
             elif run.file(LAST).is_file():
                 self.say(f"[train] the interrupted training had other options ({changed or 'not recorded'}): "
-                         "training again from the start (the pipeline with its options as before continues it)")
+                         "training again from the start (the pipeline with its options as before continues it)"
+                         if changed or self._same_code(run) else "[train] the network's code changed since the "
+                         "interrupted training: training again from the start")
 
         def last_epoch_done(epoch: int, _: dict) -> None:
             if epoch >= cfg.epochs:

@@ -17,6 +17,7 @@ from cnnpack.plots import CONFUSION_NAMED
 from cnnpack.report_render import Block, Literal, num, pct, times, to_html, to_markdown
 from cnnpack.report_serving import deploy_section, served_section, triton_section, tune_section
 from cnnpack.rundir import LAST, Run, artifact_changed, sha256
+from cnnpack.user_model import display  # (your own network by its file's name: no folder of this machine)
 
 
 # -- content --------------------------------------------------------------------------------
@@ -25,7 +26,7 @@ def _data_and_training(m: dict, run: Run) -> list[Block]:
     if not t:
         made = m.get("stages", {}).get("model", {})
         src = made.get("source", {})
-        return [Block("h2", "Model"), Block("p", f"Not trained by cnnpack: `{m['model']['arch']}` with "
+        return [Block("h2", "Model"), Block("p", f"Not trained by cnnpack: `{display(m['model']['arch'])}` with "
                                                 f"{src.get('init', 'given')} weights.")] + \
             _checkpoint_note({"outputs": {"checkpoint": made.get("checkpoint") or {}}}, run)
     d, met = t.get("data", {}), t.get("metrics", {})
@@ -41,14 +42,14 @@ def _data_and_training(m: dict, run: Run) -> list[Block]:
            Block("table", rows=rows),
            Block("h2", "Training")]
     if met:
-        out.append(Block("p", f"`{m['model']['arch']}`: best validation top-1 **{pct(met.get('best_val_acc'))}** at "
+        out.append(Block("p", f"`{display(m['model']['arch'])}`: best validation top-1 **{pct(met.get('best_val_acc'))}** at "
                               f"epoch {met.get('best_epoch')} of {met.get('epochs')}{_paren(stopped_early(t))}, "
                               f"{met.get('wall_s')} s wall on "
                               f"{t.get('device')}{_mixed(t)}{_sessions(t)}, {met.get('train_images_per_s')} training "
                               "images/s "
                               "(median of the epochs)."))
     else:  # interrupted or failed before its first finished training: no figures to give
-        out.append(Block("p", f"`{m['model']['arch']}`: training has not finished (status `{t.get('status')}`); "
+        out.append(Block("p", f"`{display(m['model']['arch'])}`: training has not finished (status `{t.get('status')}`); "
                               f"{_how_to_go_on(t, run)}."))
     out += [Block("img", text=alt, path=f) for f, alt in
             (("curves.png", "training curves"), ("confusion.png", "confusion matrix"),
@@ -442,7 +443,7 @@ def write_report(run_dir: str | Path) -> dict:
     run = Run.open(run_dir)
     data = run.trained_on
     on = f" on {Path(data).name if Path(data).is_absolute() else data}" if data else ""  # `cnn on p` named the folder
-    title = f"cnnpack report: {run.path.name} ({run.model_spec['arch']}{on})"
+    title = f"cnnpack report: {run.path.name} ({display(run.model_spec['arch'])}{on})"
     blocks = [b if b.kind != "img" or run.file(b.path).is_file() else  # a figure deleted since: said, not a crash
               Block("p", f"({b.text}: `{b.path}` is missing from the run directory)") for b in build(run)]
     md, html = run.file("report.md"), run.file("report.html")

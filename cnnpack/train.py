@@ -33,7 +33,14 @@ from cnnpack.rundir import LAST, MANIFEST, Run
 from cnnpack.spec import ModelSpec
 from cnnpack.train_config import DEFAULT_LR, TrainConfig
 from cnnpack.train_precision import Diverged, autocast_for, check_finite
-from cnnpack.train_resume import as_recorded, check_same_data, check_train_dir, recorded_config, resume_state
+from cnnpack.train_resume import (
+    as_recorded,
+    check_same_code,
+    check_same_data,
+    check_train_dir,
+    recorded_config,
+    resume_state,
+)
 from cnnpack.train_sessions import record_session, session
 
 HISTORY = "history.json"
@@ -252,6 +259,7 @@ def train(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), *, force: bool 
         if is_main and resume:
             run = Run.open(run_dir)
             check_same_data(run, data.summary())
+            check_same_code(run, spec.to_dict())
         elif is_main:
             # the run it replaces is set aside until this one keeps its first epoch: a failure or Ctrl-C before that
             # puts it back (it was deleted at once, and a pipeline whose options changed lost a finished run to a

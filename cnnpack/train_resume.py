@@ -42,6 +42,17 @@ def check_same_data(run: Run, now: dict) -> None:
                              f"({change}): the epochs would not be of one split; train again with --force")
 
 
+def check_same_code(run: Run, spec_now: dict) -> None:
+    """--resume of your own network whose code changed since the interrupted training (its file, or one it imports):
+    last.pt's weights are of the network as it was ("truncated" was said where they no longer fit, and where they
+    did the run went on recording the old code)."""
+    was, now = (run.model_spec.get("arch_source") or {}).get("sha256"), (spec_now.get("arch_source") or {}).get("sha256")
+    if was and now and was != now:
+        raise UserInputError(f"--resume: the network's code ({run.model_spec['arch_source']['path']} or a file it "
+                             "imports) has changed since the training began: its epochs would not be of one network; "
+                             "train again with --force")
+
+
 def recorded_config(run_dir: Path) -> TrainConfig:
     """The config a run was started with (what `--resume` continues)."""
     recorded = Run.open(run_dir).read().get("stages", {}).get("train", {}).get("config")

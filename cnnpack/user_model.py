@@ -54,11 +54,16 @@ def recorded(arch: str) -> str:
     source, name = _split(arch)
     if source.endswith(".py"):
         return f"{Path(source).expanduser().resolve()}:{name}"
-    with contextlib.suppress(ImportError, ValueError):  # a module of the current folder (python -m puts it first on
-        spec = importlib.util.find_spec(source)        # sys.path) by its file: the later stages run from anywhere
-        if "." not in source and spec and spec.origin and Path(spec.origin).parent == Path.cwd():
-            return f"{Path(spec.origin).resolve()}:{name}"
+    if (here := _in_current_folder(source)) is not None:  # by its file: the later stages run from anywhere
+        return f"{here}:{name}"
     return arch
+
+
+def _in_current_folder(module: str) -> Path | None:
+    """The file of a module of the current folder (MODULE:NAME), as `python -m cnnpack` finds it first on sys.path
+    (the `cnnpack` script has no current folder on it), or None."""
+    path = Path.cwd() / f"{module}.py"
+    return path.resolve() if "." not in module and path.is_file() else None
 
 
 def label(arch: str) -> str:
@@ -83,6 +88,8 @@ def _source_file(arch: str) -> Path:
         if not path.is_file():
             raise UserInputError(f"--arch {arch}: {path} is not a file" + ("" if path.exists() else " (not found)"))
         return path.resolve()
+    if (here := _in_current_folder(source)) is not None:
+        return here
     try:
         spec = importlib.util.find_spec(source)
     except (ImportError, ValueError) as e:  # a parent package that fails to import

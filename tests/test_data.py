@@ -553,7 +553,7 @@ def test_images_that_cannot_fit_in_memory_are_refused_before_decoding_and_nothin
     monkeypatch.setattr(host, "available_memory", lambda: 12 * 3 * 64 * 64)  # a little more than 12 images at 32 px
     load_data(str(data), 32)
     with pytest.raises(UserInputError, match=r"--data .*d: 12 images at 64 px need 0.0 GiB of memory as cnnpack "
-                                             r"holds them \(decoded once, uint8, twice that while a split is "
+                                             r"holds them \(decoded, uint8, and a second copy while a split is "
                                              r"assembled\), and 0.0 GiB is available"):
         load_data(str(data), 64)
     out = CliRunner().invoke(app, ["train", "--data", str(data), "--image-size", "64", "--run", str(tmp_path / "r")])

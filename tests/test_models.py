@@ -163,8 +163,14 @@ def test_weights_files_load_safely(tmp_path):
     torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "compiled.pt")
     torch.save({f"_orig_mod.module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "compiled_ddp.pt")
     for name in ("plain.pt", "ckpt.pt", "tut.pt", "dp.pt", "compiled.pt", "compiled_ddp.pt"):
-        state = load_state_dict_file(tmp_path / name)
-        assert state.keys() == model.state_dict().keys()
+        other = build_model(_spec("cnn"))
+        load_weights(other, load_state_dict_file(tmp_path / name), source=name)  # (a wrapper's prefix unwrapped)
+        assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values())), name
+    # a network with a child named `module` keeps its own names
+    wrapped = nn.Sequential()
+    wrapped.module = nn.Linear(2, 2)
+    torch.save(wrapped.state_dict(), tmp_path / "own.pt")
+    load_weights(wrapped, load_state_dict_file(tmp_path / "own.pt"), source="own.pt")
 
     good = (tmp_path / "plain.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])

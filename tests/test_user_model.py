@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cnnpack import user_model
@@ -327,3 +328,67 @@ def test_resume_takes_the_arch_as_given_or_as_recorded(code, tmp_path, monkeypat
     monkeypatch.setattr(train_resume, "recorded_config", lambda _: TrainConfig(arch=f"{code / 'CNN.py'}:CNN"))
     assert "arch" not in train_resume.resume_conflicts(tmp_path, {"arch": "CNN.py:CNN"})
     assert "arch" in train_resume.resume_conflicts(tmp_path, {"arch": "nets.py:make"})
+
+
+LAZY_LAYERS = """\
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.conv = nn.LazyConv2d(4, 3)
+        self.fc = nn.LazyLinear(num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+"""
+
+
+def test_lazy_layers_take_their_shapes_before_weights_load_and_export_takes_its_normalisation(code, tmp_path):
+    """nn.LazyLinear's weights have no shape until a forward: loading a checkpoint into them was a traceback."""
+    (code / "lazy_layers.py").write_text(LAZY_LAYERS)
+    spec = _spec("lazy_layers.py:Net", k=3)
+    trained = build_model(spec)
+    weights = tmp_path / "w.pt"
+    torch.save(trained.state_dict(), weights)
+    out = CliRunner().invoke(app, ["export", "--arch", "lazy_layers.py:Net", "--weights", str(weights), "--classes",
+                                   "a,b,c", "--image-size", "32", "--format", "onnx", "--run", str(tmp_path / "r"),
+                                   "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"])
+    assert out.exit_code == 0, out.output
+    model = json.loads((tmp_path / "r" / "cnnpack.json").read_text())["model"]
+    assert model["mean"] == [0.5, 0.5, 0.5] and model["std"] == [0.5, 0.5, 0.5]  # what the weights were trained with
+    x = torch.rand(2, 3, 32, 32) * 255
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(tmp_path / "r" / "export" / "model.onnx")).run(None, {"input": x.numpy()})[0]
+    want = trained.eval()(x / 255 / 0.5 - 1).detach().numpy()  # Normalize((0.5,)*3, (0.5,)*3) of the tutorials
+    assert abs(got - want).max() < 1e-4
+    for bad in ("0.5,0.5", "a,b,c", "0.5,0.5,300"):
+        out = CliRunner().invoke(app, ["export", "--arch", "lazy_layers.py:Net", "--classes", "a,b,c", "--std", bad,
+                                       "--run", str(tmp_path / "bad")])
+        assert out.exit_code == 2 and "--std" in out.stderr and not (tmp_path / "bad").exists()
+
+
+def test_resume_of_a_network_whose_code_changed_is_refused_and_the_pipeline_trains_again(code, tiny_data, tmp_path):
+    from cnnpack.rundir import Run
+    from cnnpack.train_resume import check_same_code
+
+    run = tmp_path / "r"
+    out = CliRunner().invoke(app, ["train", "--data", str(tiny_data), "--arch", "CNN.py:CNN", "--image-size", "32",
+                                   "--epochs", "1", "--run", str(run), "--no-progress"])
+    assert out.exit_code == 0, out.output
+    check_same_code(Run.open(run), _spec("CNN.py:CNN").to_dict())  # unchanged: goes on
+    (code / "CNN.py").write_text(TUTORIAL.replace("nn.Conv2d(8, 16, 3, padding=1)", "nn.Conv2d(8, 16, 5, padding=2)"))
+    with pytest.raises(UserInputError, match=r"--resume: the network's code \(.*CNN.py or a file it imports\) has "
+                                             r"changed since the training began.*--force"):
+        check_same_code(Run.open(run), _spec("CNN.py:CNN").to_dict())
+    stages = Stages(PipelineConfig(data=str(tiny_data), arch="CNN.py:CNN", image_size=32, epochs=1), progress=False,
+                    say=print)
+    assert not stages._same_code(Run.open(run))
+
+
+def test_the_cnnpack_script_finds_a_module_of_the_current_folder(code):
+    assert str(code) not in sys.path  # (the console script's sys.path: no current folder)
+    assert user_model.recorded("CNN:CNN") == f"{code / 'CNN.py'}:CNN"
+    assert user_model.source_record("CNN:CNN")["path"] == str(code / "CNN.py")

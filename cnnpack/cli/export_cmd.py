@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,8 @@ def export(
     classes: Optional[str] = typer.Option(None, help="With --arch: comma-separated class names."),
     pretrained: bool = typer.Option(False, help="With --arch: torchvision weights (must be reachable)."),
     weights: Optional[Path] = typer.Option(None, help="With --arch: a state-dict file for that arch."),
+    mean: Optional[str] = typer.Option(None, help="With --arch: the per-channel RGB mean (0-1) the weights were trained with, normalised by inside the graph (default ImageNet's 0.485,0.456,0.406; a tutorial's Normalize((0.5,)*3, ...): 0.5,0.5,0.5)."),
+    std: Optional[str] = typer.Option(None, help="With --arch: the per-channel RGB std (0-1) the weights were trained with (default ImageNet's 0.229,0.224,0.225)."),
     force: bool = typer.Option(False, help="With --arch: replace a run that exists in --run."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest section as JSON."),
 ):
@@ -73,11 +76,13 @@ def export(
         num_classes = len(names) if num_classes is None else num_classes
         run = run or default_run_dir(user_model.label(arch))
         create_run(run, arch=arch, num_classes=num_classes, image_size=image_size or 224, classes=names,
-                   pretrained=pretrained, weights=str(weights) if weights else None, force=force)
+                   pretrained=pretrained, weights=str(weights) if weights else None, force=force,
+                   mean=_channels("--mean", mean), std=_channels("--std", std))
     else:
         given = [flag for flag, v in (("--num-classes", num_classes), ("--image-size", image_size),
                                       ("--classes", classes), ("--pretrained", pretrained or None),
-                                      ("--weights", weights), ("--force", force or None)) if v is not None]
+                                      ("--weights", weights), ("--force", force or None), ("--mean", mean),
+                                      ("--std", std)) if v is not None]
         if given:
             raise usage_error(f"{given[0]} goes with --arch (a model made from flags); without --arch the run's own model "
                               "is exported")
@@ -102,3 +107,18 @@ def export(
         if format == "all" and not usable["pt2"][0]:
             typer.echo(f"note: pt2 skipped: {usable['pt2'][1]}", err=True)
         typer.echo(f"reproduce: {run / 'export/reproduce.sh'}")
+
+
+def _channels(flag: str, text: str | None) -> tuple[float, float, float] | None:
+    """--mean / --std: three numbers, one per RGB channel, on the 0-1 scale (a std above 0)."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    ok = len(values) == 3 and all(math.isfinite(v) for v in values) and (flag == "--mean" or min(values) > 0)
+    if not ok or max(abs(v) for v in values) > 1:
+        raise usage_error(f"{flag} {text!r}: three numbers, one per RGB channel, on the 0-1 scale"
+                          + (" (each above 0)" if flag == "--std" else "") + ", e.g. 0.5,0.5,0.5")
+    return values
