@@ -2,9 +2,10 @@
 
 NAME is an `nn.Module` subclass or a function returning one. It is called with `num_classes=K` where its signature
 takes that argument (or `**kwargs`), else with no argument, and its forward must give `(N, K)` logits for `(N, 3, H, W)`
-images (checked before anything is written). A file path is recorded absolute, with the file's sha256, in the run's
-model spec (`arch_source`): every later stage rebuilds the network from that file, says so where the file has
-changed since, and the pipeline trains again when it changes. The exported artifacts do not need the file.
+images (checked before anything is written). A file path is recorded absolute in the run's model spec, with a sha256
+over it and the files of its folder that it imports (`arch_source`, the imports read from its import statements):
+every later stage rebuilds the network from that code, says so where it has changed since, the pipeline trains again
+when it changes, and a resume of it is refused. The exported artifacts do not need the file.
 """
 
 from __future__ import annotations
