@@ -121,8 +121,8 @@ def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
             raise UserInputError(f"--pretrained: {spec.arch} is your own model; give its weights to `cnnpack export "
                                  f"--arch {spec.arch} --weights FILE`, or train it")
         model = user_model.build(spec.arch, spec.num_classes, spec.arch_kwargs, spec.arch_source)
-        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-            _materialise(model, spec)  # (nn.LazyLinear: its weights take their shape at the first forward)
+        if any(map(nn.parameter.is_lazy, [*model.parameters(), *model.buffers()])):
+            _materialise(model, spec)  # (nn.LazyLinear, LazyBatchNorm2d: shapes taken at the first forward)
         return model
     if spec.arch in MODELS:
         return MODELS.get(spec.arch)(spec, pretrained)
@@ -131,15 +131,25 @@ def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
     raise _unknown_arch(spec.arch)
 
 
+# what a forward of a blank batch may raise where the network cannot take it (your own forward: any of them)
+FORWARD_ERRORS = (RuntimeError, ValueError, AssertionError, IndexError, TypeError, KeyError, AttributeError,
+                  NotImplementedError)
+
+
+def _buffers(model: nn.Module) -> dict:
+    """A copy of the model's buffers to put back after a probing forward (a lazy one, shapeless yet, left out)."""
+    return {k: v.clone() for k, v in model.named_buffers() if not nn.parameter.is_lazy(v)}
+
+
 def _materialise(model: nn.Module, spec: ModelSpec) -> None:
     """Gives lazy layers their shapes (one eval-mode forward of a blank image; buffers and mode as they were): the
     weights of a checkpoint load into them, an optimizer takes them."""
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    buffers = _buffers(model)
     was_training = model.training
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, spec.image_size, spec.image_size))
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+    except FORWARD_ERRORS as e:
         raise UserInputError(f"--arch {spec.arch}: its lazy layers could not take their shapes from a "
                              f"{spec.image_size}px image ({one_line(e, 160)}); try another --image-size") from None
     finally:
@@ -185,7 +195,7 @@ def check_input_size(model: nn.Module, spec: ModelSpec) -> None:
     """Raises UserInputError where the network cannot classify spec.image_size images (a ViT built for 224, a
     pooling that shrinks 32 px to nothing): one forward pass of two blank images, in training and in eval mode,
     before anything is written. The model's batch-norm statistics are left as they were."""
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    buffers = _buffers(model)
     was_training = model.training
     x = torch.zeros(2, 3, spec.image_size, spec.image_size, device=next(model.parameters()).device)
     try:
@@ -196,8 +206,7 @@ def check_input_size(model: nn.Module, spec: ModelSpec) -> None:
                     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                     raise ValueError(f"its forward gives {got}, not the (N, {spec.num_classes}) logits a classifier "
                                      "gives")
-    except (RuntimeError, ValueError, AssertionError, IndexError, TypeError, KeyError, AttributeError,
-            NotImplementedError) as e:  # (your own model's forward may raise any of them)
+    except FORWARD_ERRORS as e:
         why = one_line(e, 200)
         if user_model.is_user_arch(spec.arch):
             heads = re.search(r"its forward gives \(2, (\d+)\)", why)
@@ -212,14 +221,15 @@ def check_input_size(model: nn.Module, spec: ModelSpec) -> None:
         model.train(was_training)
         with torch.no_grad():
             for k, v in model.named_buffers():
-                v.copy_(buffers[k])
+                if k in buffers and v.shape == buffers[k].shape:
+                    v.copy_(buffers[k])
 
 
 def channels_last_problem(model: nn.Module, spec: ModelSpec) -> str | None:
     """Why the network cannot run channels-last (NHWC in memory, as training runs it by default: a `.view` of a
     convolution's output, `x.view(x.size(0), -1)`, needs NCHW), or None: one eval-mode forward of a blank batch, the
     model put back in NCHW, its buffers and mode as they were."""
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    buffers = _buffers(model)
     was_training = model.training
     x = torch.zeros(2, 3, spec.image_size, spec.image_size, device=next(model.parameters()).device)
     try:
@@ -232,7 +242,8 @@ def channels_last_problem(model: nn.Module, spec: ModelSpec) -> str | None:
         model.to(memory_format=torch.contiguous_format).train(was_training)
         with torch.no_grad():
             for k, v in model.named_buffers():
-                v.copy_(buffers[k])
+                if k in buffers and v.shape == buffers[k].shape:
+                    v.copy_(buffers[k])
     return None
 
 
@@ -290,11 +301,13 @@ def load_weights(model: nn.Module, state: dict, *, source: str) -> None:
     auxiliary heads the model is built without (googlenet's, inception_v3's: a torchvision state dict has them) are
     left out."""
     own = model.state_dict()
-    # a wrapped model's names (DataParallel/DDP's module., torch.compile's _orig_mod., both): unwrapped where the
-    # model's own names do not begin so (a network with a child named `module` keeps its names)
-    while prefix := next((p for p in ("module.", "_orig_mod.") if state and all(str(k).startswith(p) for k in state)
-                          and not all(k.startswith(p) for k in own)), None):
-        state = {k[len(prefix):]: v for k, v in state.items()}
+    # a wrapped model's names (DataParallel/DDP's module., torch.compile's _orig_mod., both): unwrapped while that
+    # fits the model's own names better (a network with a child named `module` keeps its names)
+    layers = [state]  # the names as saved, then each wrapper's prefix taken off in turn
+    while prefix := next((p for p in ("module.", "_orig_mod.") if layers[-1] and all(
+            str(k).startswith(p) for k in layers[-1])), None):
+        layers.append({k[len(prefix):]: v for k, v in layers[-1].items()})
+    state = max(layers, key=lambda names: len(set(names) & set(own)))  # (the first of the best: as saved on a tie)
     state = {k: v for k, v in state.items() if k in own or not k.startswith(_AUX_KEYS)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

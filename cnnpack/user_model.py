@@ -91,6 +91,9 @@ def _source_file(arch: str) -> Path:
         return path.resolve()
     if (here := _in_current_folder(source)) is not None:
         return here
+    first = source.split(".")[0]  # a package of the current folder: found as `python -m cnnpack` finds it
+    if (Path.cwd() / first / "__init__.py").is_file() and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     try:
         spec = importlib.util.find_spec(source)
     except (ImportError, ValueError) as e:  # a parent package that fails to import
@@ -235,6 +238,11 @@ def build(arch: str, num_classes: int, kwargs: dict, recorded_source: dict | Non
     except UserInputError as e:  # the run's own file gone since: where to look, and what does without it
         if not recorded_source:
             raise
+        if Path(recorded_source.get("path", "")).is_file():  # a package's module, from another folder
+            root = Path(recorded_source["path"]).parents[arch.rpartition(":")[0].count(".")
+                                                         + (Path(recorded_source["path"]).name == "__init__.py")]
+            raise UserInputError(f"{e}; the run's model is built from it: run the command from {root} (where it "
+                                 "imports), or install its package; the run's exported files do not need it") from None
         raise UserInputError(f"{e}; the run's model is built from that file (your own network): put it back, or "
                              "use the run's exported files, which do not need it (e.g. evaluate --format onnx)"
                              ) from None

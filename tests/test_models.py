@@ -171,6 +171,8 @@ def test_weights_files_load_safely(tmp_path):
     wrapped.module = nn.Linear(2, 2)
     torch.save(wrapped.state_dict(), tmp_path / "own.pt")
     load_weights(wrapped, load_state_dict_file(tmp_path / "own.pt"), source="own.pt")
+    torch.save(nn.DataParallel(wrapped).state_dict(), tmp_path / "own_dp.pt")  # module.module.: unwrapped once
+    load_weights(wrapped, load_state_dict_file(tmp_path / "own_dp.pt"), source="own_dp.pt")
 
     good = (tmp_path / "plain.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])

@@ -338,10 +338,21 @@ class Net(nn.Module):
     def __init__(self, num_classes=3):
         super().__init__()
         self.conv = nn.LazyConv2d(4, 3)
+        self.bn = nn.LazyBatchNorm2d()  # (lazy buffers too)
         self.fc = nn.LazyLinear(num_classes)
 
     def forward(self, x):
-        return self.fc(self.conv(x).mean((2, 3)))
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+class Picky(nn.Module):
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.fc = nn.LazyLinear(num_classes)
+
+    def forward(self, x):
+        assert x.abs().sum() > 0, "a blank image"
+        return self.fc(x.mean((2, 3)))
 """
 
 
@@ -364,7 +375,14 @@ def test_lazy_layers_take_their_shapes_before_weights_load_and_export_takes_its_
     got = ort.InferenceSession(str(tmp_path / "r" / "export" / "model.onnx")).run(None, {"input": x.numpy()})[0]
     want = trained.eval()(x / 255 / 0.5 - 1).detach().numpy()  # Normalize((0.5,)*3, (0.5,)*3) of the tutorials
     assert abs(got - want).max() < 1e-4
-    for bad in ("0.5,0.5", "a,b,c", "0.5,0.5,300"):
+    with pytest.raises(UserInputError, match=r"lazy_layers.py:Picky: its lazy layers could not take their shapes "
+                                             r"from a 32px image \(a blank image\)"):
+        build_model(_spec("lazy_layers.py:Picky"))
+    out = CliRunner().invoke(app, ["export", "--arch", "lazy_layers.py:Net", "--classes", "a,b,c", "--format", "onnx",
+                                   "--mean", "0.1307", "--std", "0.3081", "--run", str(tmp_path / "gray")])
+    assert out.exit_code == 0, out.output  # one number for all three channels, as a grayscale set's Normalize has it
+    assert json.loads((tmp_path / "gray" / "cnnpack.json").read_text())["model"]["std"] == [0.3081] * 3
+    for bad in ("0.5,0.5", "a,b,c", "0.5,0.5,300", "0,0.5,0.5"):
         out = CliRunner().invoke(app, ["export", "--arch", "lazy_layers.py:Net", "--classes", "a,b,c", "--std", bad,
                                        "--run", str(tmp_path / "bad")])
         assert out.exit_code == 2 and "--std" in out.stderr and not (tmp_path / "bad").exists()
@@ -388,7 +406,14 @@ def test_resume_of_a_network_whose_code_changed_is_refused_and_the_pipeline_trai
     assert not stages._same_code(Run.open(run))
 
 
-def test_the_cnnpack_script_finds_a_module_of_the_current_folder(code):
-    assert str(code) not in sys.path  # (the console script's sys.path: no current folder)
+def test_the_cnnpack_script_finds_a_module_of_the_current_folder(code, monkeypatch):
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(code))])  # (the console script's)
     assert user_model.recorded("CNN:CNN") == f"{code / 'CNN.py'}:CNN"
     assert user_model.source_record("CNN:CNN")["path"] == str(code / "CNN.py")
+    (code / "mypkg").mkdir()  # a package's module with a relative import: found as `python -m` finds it
+    (code / "mypkg" / "__init__.py").write_text("")
+    (code / "mypkg" / "mod.py").write_text("from . import helper\n" + TUTORIAL)
+    (code / "mypkg" / "helper.py").write_text("")
+    monkeypatch.delitem(sys.modules, "mypkg", raising=False)
+    assert user_model.recorded("mypkg.mod:CNN") == "mypkg.mod:CNN"
+    assert build_model(_spec("mypkg.mod:CNN", k=3)).fc.out_features == 3

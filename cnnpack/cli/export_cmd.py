@@ -110,15 +110,17 @@ def export(
 
 
 def _channels(flag: str, text: str | None) -> tuple[float, float, float] | None:
-    """--mean / --std: three numbers, one per RGB channel, on the 0-1 scale (a std above 0)."""
+    """--mean / --std: one number per RGB channel on the 0-1 scale, or one for all three (a grayscale data set's
+    Normalize((0.1307,), (0.3081,))); a std above 0."""
     if text is None:
         return None
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    ok = len(values) == 3 and all(math.isfinite(v) for v in values) and (flag == "--mean" or min(values) > 0)
-    if not ok or max(abs(v) for v in values) > 1:
-        raise usage_error(f"{flag} {text!r}: three numbers, one per RGB channel, on the 0-1 scale"
-                          + (" (each above 0)" if flag == "--std" else "") + ", e.g. 0.5,0.5,0.5")
+    values = values * 3 if len(values) == 1 else values
+    low = 0.0 if flag == "--mean" else 1e-6
+    if len(values) != 3 or not all(math.isfinite(v) and low <= v <= 1 for v in values):
+        raise usage_error(f"{flag} {text!r}: three numbers, one per RGB channel (or one for all), on the 0-1 scale "
+                          + ("(each above 0)" if flag == "--std" else "(0 to 1)") + ", e.g. 0.5,0.5,0.5")
     return values
