@@ -6,6 +6,7 @@ The checkpoint stores the model spec beside the weights, so `build_model(spec)` 
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 from pathlib import Path
@@ -136,28 +137,31 @@ FORWARD_ERRORS = (RuntimeError, ValueError, AssertionError, IndexError, TypeErro
                   NotImplementedError)
 
 
-def _buffers(model: nn.Module) -> dict:
-    """A copy of the model's buffers to put back after a probing forward (a lazy one, shapeless yet, left out)."""
-    return {k: v.clone() for k, v in model.named_buffers() if not nn.parameter.is_lazy(v)}
-
-
-def _materialise(model: nn.Module, spec: ModelSpec) -> None:
-    """Gives lazy layers their shapes (one eval-mode forward of a blank image; buffers and mode as they were): the
-    weights of a checkpoint load into them, an optimizer takes them."""
-    buffers = _buffers(model)
+@contextlib.contextmanager
+def _as_it_was(model: nn.Module):
+    """Around a probing forward: the model's mode and buffers (batch-norm statistics) put back after it, whatever
+    it raised (a lazy buffer, shapeless before, keeps the shape the forward gave it)."""
+    buffers = {k: v.clone() for k, v in model.named_buffers() if not nn.parameter.is_lazy(v)}
     was_training = model.training
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, spec.image_size, spec.image_size))
-    except FORWARD_ERRORS as e:
-        raise UserInputError(f"--arch {spec.arch}: its lazy layers could not take their shapes from a "
-                             f"{spec.image_size}px image ({one_line(e, 160)}); try another --image-size") from None
+        yield
     finally:
         model.train(was_training)
         with torch.no_grad():
             for k, v in model.named_buffers():
                 if k in buffers and v.shape == buffers[k].shape:
                     v.copy_(buffers[k])
+
+
+def _materialise(model: nn.Module, spec: ModelSpec) -> None:
+    """Gives lazy layers their shapes (one eval-mode forward of a blank image; buffers and mode as they were): the
+    weights of a checkpoint load into them, an optimizer takes them."""
+    try:
+        with _as_it_was(model), torch.no_grad():
+            model.eval()(torch.zeros(1, 3, spec.image_size, spec.image_size))
+    except FORWARD_ERRORS as e:
+        raise UserInputError(f"--arch {spec.arch}: its lazy layers could not take their shapes from a "
+                             f"{spec.image_size}px image ({one_line(e, 160)}); try another --image-size") from None
 
 
 def strided_convs_on_one_pixel(model: nn.Module, spec: ModelSpec) -> list[str]:
@@ -195,11 +199,9 @@ def check_input_size(model: nn.Module, spec: ModelSpec) -> None:
     """Raises UserInputError where the network cannot classify spec.image_size images (a ViT built for 224, a
     pooling that shrinks 32 px to nothing): one forward pass of two blank images, in training and in eval mode,
     before anything is written. The model's batch-norm statistics are left as they were."""
-    buffers = _buffers(model)
-    was_training = model.training
     x = torch.zeros(2, 3, spec.image_size, spec.image_size, device=next(model.parameters()).device)
     try:
-        with torch.no_grad():
+        with _as_it_was(model), torch.no_grad():
             for train_mode in (True, False):
                 out = model.train(train_mode)(x)
                 if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, spec.num_classes):
@@ -217,33 +219,22 @@ def check_input_size(model: nn.Module, spec: ModelSpec) -> None:
                                  f"(N, classes): {fix}") from None
         raise UserInputError(f"--arch {spec.arch} cannot classify {spec.image_size}px images ({why}); try a larger "
                              "--image-size (torchvision's classifiers are made for 224), or another --arch") from None
-    finally:
-        model.train(was_training)
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                if k in buffers and v.shape == buffers[k].shape:
-                    v.copy_(buffers[k])
 
 
 def channels_last_problem(model: nn.Module, spec: ModelSpec) -> str | None:
     """Why the network cannot run channels-last (NHWC in memory, as training runs it by default: a `.view` of a
     convolution's output, `x.view(x.size(0), -1)`, needs NCHW), or None: one eval-mode forward of a blank batch, the
     model put back in NCHW, its buffers and mode as they were."""
-    buffers = _buffers(model)
-    was_training = model.training
     x = torch.zeros(2, 3, spec.image_size, spec.image_size, device=next(model.parameters()).device)
-    try:
-        model.to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            model.eval()(x.contiguous(memory_format=torch.channels_last))
-    except RuntimeError as e:
-        return one_line(e, 160)
-    finally:
-        model.to(memory_format=torch.contiguous_format).train(was_training)
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                if k in buffers and v.shape == buffers[k].shape:
-                    v.copy_(buffers[k])
+    with _as_it_was(model):
+        try:
+            model.to(memory_format=torch.channels_last)
+            with torch.no_grad():
+                model.eval()(x.contiguous(memory_format=torch.channels_last))
+        except RuntimeError as e:
+            return one_line(e, 160)
+        finally:
+            model.to(memory_format=torch.contiguous_format)
     return None
 
 

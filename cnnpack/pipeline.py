@@ -173,7 +173,7 @@ class Stages:
         for the built-in and torchvision networks)."""
         was = ((run.model_spec.get("arch_source") or {}).get("sha256") if run.manifest_path.exists() else None)
         return was is None or not user_model.is_user_arch(self.cfg.arch) or \
-            was == self.train_inputs(run).get("arch_source")
+            was == user_model.source_record(self.cfg.arch)["sha256"]  # (not train_inputs: it walks the data folder)
 
     def run_train(self, run: Run) -> str:
         from cnnpack.train import train
