@@ -45,7 +45,15 @@ from cnnpack.export_config import (
     metadata,
 )
 from cnnpack.host import exact_fp32, quiet_native_output
-from cnnpack.models import RawPixels, build_model, check_arch, check_input_size, load_state_dict_file, load_weights
+from cnnpack.models import (
+    RawPixels,
+    build_model,
+    check_arch,
+    check_input_size,
+    flops_per_image,
+    load_state_dict_file,
+    load_weights,
+)
 from cnnpack.reproduce import write_reproduce_or_warn
 from cnnpack.run_replace import Replacing
 from cnnpack.rundir import MANIFEST, Run, sha256
@@ -272,7 +280,8 @@ def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig,
     with scratch_beside(dest, suffix=".tmp" + (SUFFIX[fmt] if fmt == "pt2" else "")) as tmp:
         art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)
         art.sha256, art.path = sha256(tmp), run.rel(dest)
-        record = {**art.record(), "precision": "fp16" if cfg.half else "fp32", "size_mb": tmp.stat().st_size / 2**20}
+        record = {**art.record(), "precision": "fp16" if cfg.half else "fp32", "size_mb": tmp.stat().st_size / 2**20,
+                  "flops_per_image": flops_per_image(model, spec.channels, spec.image_size)}
         run.commit([(tmp, dest)], _record(run, cfg, fmt, record, source))
     return record
 
@@ -319,6 +328,7 @@ def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfi
         record = {**art.record(), "precision": "fp32",
                   "weights": {"path": run.rel(dest / ov.BIN), "sha256": sha256(weights)},
                   "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20,
+                  "flops_per_image": flops_per_image(model, spec.channels, spec.image_size),
                   "source": {"format": "onnx", "sha256": arts["onnx"]["sha256"]}}
         run.commit([(tmp, dest)], _record(run, cfg, fmt, record, source, onnx_config=ref.record.get("config")))
     finally:

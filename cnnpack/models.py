@@ -153,6 +153,19 @@ def _as_it_was(model: nn.Module):
                     v.copy_(buffers[k])
 
 
+def flops_per_image(model: nn.Module, channels: int, image_size: int) -> int:
+    """FLOPs of one image through `model` (convolutions and matmuls, 2 per multiply-add: torch's FlopCounterMode),
+    on the model's device and in its dtype."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters(), None)
+    x = torch.zeros(1, channels, image_size, image_size, device=p.device if p is not None else "cpu",
+                    dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+    with _as_it_was(model), torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
 def _materialise(model: nn.Module, spec: ModelSpec) -> None:
     """Gives lazy layers their shapes (one eval-mode forward of a blank image; buffers and mode as they were): the
     weights of a checkpoint load into them, an optimizer takes them."""

@@ -190,6 +190,18 @@ def test_trained_exported_verified_and_evaluated_from_elsewhere_without_the_file
     out = cli.invoke(app, ["evaluate", "--run", str(run), "--format", "onnx"])  # the artifact needs no file
     assert out.exit_code == 0, out.output
     assert json.loads((run / "eval-onnx.json").read_text())["images"] > 0
+    # bench too: what the artifacts run, with the model's FLOPs export counted; eager and compiled said skipped
+    arts = json.loads((run / "cnnpack.json").read_text())["stages"]["export"]["artifacts"]
+    assert arts["onnx"]["flops_per_image"] > 0
+    out = cli.invoke(app, ["bench", "--run", str(run), "--batch-sizes", "2", "--max-seconds", "0.1", "--no-plot"])
+    assert out.exit_code == 0, out.output
+    section = json.loads((run / "cnnpack.json").read_text())["stages"]["bench"]
+    assert {r["runtime"] for r in section["results"]} == {"onnxruntime"}
+    assert section["model_gflops_per_image"] == arts["onnx"]["flops_per_image"] / 1e9
+    assert "CNN.py is not a file (not found): the eager model is built" in section["skipped"]["eager"]
+    assert section["skipped"]["compiled"] == section["skipped"]["eager"]
+    out = cli.invoke(app, ["bench", "--run", str(run), "--runtimes", "eager", "--max-seconds", "0.1"])
+    assert out.exit_code == 2 and "put it back" in out.stderr  # asked for by name: refused, one line
 
 
 # the kinds of code a user's CNN.py holds, from a review of this feature
