@@ -151,8 +151,26 @@ def _export(m: dict, run: Run, gone: dict[str, str]) -> list[Block]:
     notes += [f"**Of older weights**: {why}; its figures in this report are not of the model the run trained."
               for why in older.values()]
     return [Block("h2", "Exported artifacts"), Block("table", rows=rows),
-            Block("p", "Inputs are raw RGB pixels 0–255; scaling and mean/std normalisation happen inside the graph. "
-                       "`export/reproduce.sh` re-creates them.")] + [Block("p", n) for n in notes + _export_notes(e)]
+            Block("p", f"{_inputs(m['model'], e)} `export/reproduce.sh` re-creates them.")] + \
+        [Block("p", n) for n in notes + _export_notes(e)]
+
+
+def _inputs(spec: dict, e: dict) -> str:
+    """What the artifacts take: raw pixels, with the normalisation inside the graph named by its figures (a
+    tutorial's `Normalize((0.5,), (0.5,))` given to `export --mean/--std` is not ImageNet's)."""
+    from cnnpack.spec import IMAGENET_MEAN, IMAGENET_STD
+
+    c = spec.get("channels", 3)
+    kind = {1: "grayscale", 3: "RGB"}.get(c, f"{c}-channel")
+    mean, std = tuple(spec.get("mean", IMAGENET_MEAN)), tuple(spec.get("std", IMAGENET_STD))
+    which = " (ImageNet's)" if (mean, std) == (IMAGENET_MEAN, IMAGENET_STD) else ""
+    text = (f"Inputs are raw {kind} pixels 0–255; scaling to 0–1 and normalisation with mean {', '.join(map(num, mean))} "
+            f"and std {', '.join(map(num, std))}{which} happen inside the graph")
+    taken = sorted(f for f, a in (e.get("artifacts") or {}).items() if (a.get("config") or {}).get("input") == "normalized")
+    if taken:
+        text += (f", except in {', '.join(f'`{f}`' for f in taken)}, exported with `--input normalized`: "
+                 f"{'it takes' if len(taken) == 1 else 'they take'} tensors normalised so")
+    return text + "."
 
 
 def _changed_on_disk(m: dict, run: Run) -> dict[str, str]:

@@ -387,6 +387,11 @@ def test_lazy_layers_take_their_shapes_before_weights_load_and_export_takes_its_
     got = ort.InferenceSession(str(tmp_path / "r" / "export" / "model.onnx")).run(None, {"input": x.numpy()})[0]
     want = trained.eval()(x / 255 / 0.5 - 1).detach().numpy()  # Normalize((0.5,)*3, (0.5,)*3) of the tutorials
     assert abs(got - want).max() < 1e-4
+    out = CliRunner().invoke(app, ["report", "--run", str(tmp_path / "r")])
+    assert out.exit_code == 0, out.output  # the report names what the graph does: not ImageNet's figures
+    said = (tmp_path / "r" / "report.md").read_text()
+    assert "Inputs are raw RGB pixels 0–255; scaling to 0–1 and normalisation with mean 0.5, 0.5, 0.5 and std 0.5, " \
+           "0.5, 0.5 happen inside the graph." in said
     with pytest.raises(UserInputError, match=r"lazy_layers.py:Picky: its lazy layers could not take their shapes "
                                              r"from a 32px image \(a blank image\)"):
         build_model(_spec("lazy_layers.py:Picky"))
