@@ -32,10 +32,12 @@ from cnnpack.serve_config import ModelInfo, ServeConfig, resolve_ports, server_a
 from cnnpack.serve_leftovers import (
     SCRATCH_PREFIX,
     SHM_LIST,
-    SHM_PREFIX,
+    SHM_PREFIX,  # noqa: F401 - re-exported
     listed_regions,
+    mapped_regions,
     remove_dead_scratch,
     remove_regions,
+    unmapped_regions,
 )
 from cnnpack.triton_dist import TritonDist, build_backend_dir, check_stub, locate, server_env
 from cnnpack.triton_publish import stray_folders
@@ -236,6 +238,7 @@ class TritonServer:
         except OSError as e:
             raise UserInputError(f"cannot write the server log: {file_error(e)}") from None
         self._log_start = log.tell()  # this server's lines begin here
+        self._launched_at = time.time() - 1  # (a region's times are the kernel's clock ticks: a second's margin)
         with log:
             # A new session: Ctrl-C in the terminal reaches cnnpack, which stops the server in order,
             # and the process group holds exactly the server and its Python backend stubs.
@@ -407,14 +410,7 @@ class TritonServer:
     def _shm_regions(self) -> set[Path]:
         """The shared-memory files the server's processes map: its Python-based backends' regions, shared with
         their stubs."""
-        found = set()
-        for proc_dir, _ in self._group():
-            with contextlib.suppress(OSError):
-                for line in (proc_dir / "maps").read_text().splitlines():
-                    path = line.split(None, 5)[5:]
-                    if path and path[0].startswith(SHM_PREFIX):
-                        found.add(Path(path[0].removesuffix(" (deleted)")))
-        return found
+        return mapped_regions(proc_dir / "maps" for proc_dir, _ in self._group())
 
     def alive(self) -> bool:
         """Whether the server runs and answers its liveness endpoint: a killed one can take a moment to be reaped
@@ -444,7 +440,9 @@ class TritonServer:
                     _kill_group(proc.pid)
                     proc.wait()
             _kill_group(proc.pid)  # stubs that outlived their server (they quit on their own soon after)
-            remove_regions(regions)  # (a server that stopped in time removed them itself)
+            # (a server that stopped in time removed them itself, but not one a backend made after the list was
+            # taken: a stop while a model loaded, as a Ctrl-C of tune's can land)
+            remove_regions(regions | unmapped_regions(self._launched_at))
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

@@ -49,6 +49,40 @@ def listed_regions(folder: Path) -> set[Path]:
     return {shm / p.name for p in map(Path, lines) if p.parent == shm and _REGION.fullmatch(p.name)}
 
 
+def mapped_regions(maps_files) -> set[Path]:
+    """The shared-memory regions the processes of `maps_files` (/proc/PID/maps) map."""
+    found = set()
+    for maps in maps_files:
+        with contextlib.suppress(OSError):
+            for line in Path(maps).read_text().splitlines():
+                path = line.split(None, 5)[5:]
+                if path and path[0].startswith(SHM_PREFIX):
+                    found.add(Path(path[0].removesuffix(" (deleted)")))
+    return found
+
+
+def unmapped_regions(since: float, settle_s: float = 0.5) -> set[Path]:
+    """This user's regions made since `since` (a server's start) that no process maps: what a server stopped while it
+    loaded a model leaves (its backend made the region after the stop had listed the server's, and the server did
+    not remove it: 1 MiB a model instance, for good). A region a killed stub still maps is waited for, `settle_s` at
+    most; another server's (mapped) is never taken."""
+    shm = Path(SHM_PREFIX).parent
+    deadline = time.monotonic() + settle_s
+    while True:
+        fresh = set()
+        with contextlib.suppress(OSError):
+            for region in shm.glob(f"{Path(SHM_PREFIX).name}*"):
+                with contextlib.suppress(OSError):
+                    st = region.lstat()
+                    if (_REGION.fullmatch(region.name) and stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+                            and max(st.st_mtime, st.st_ctime) >= since):
+                        fresh.add(region)
+        held = fresh & mapped_regions(Path("/proc").glob("[0-9]*/maps")) if fresh else set()
+        if not held or time.monotonic() > deadline:
+            return fresh - held
+        time.sleep(0.05)
+
+
 def remove_regions(regions: set[Path]) -> None:
     """Unlinks each of this user's regular files among `regions` (a mapped one stays in memory while mapped)."""
     for region in regions:
