@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cnnpack.artifacts import checkpoint_digest, other_source
 from cnnpack.atomic import place, scratch_beside, sigint_deferred
-from cnnpack.errors import count, shell
+from cnnpack.errors import count, one_line, shell
 from cnnpack.plots import CONFUSION_NAMED
 from cnnpack.report_render import Block, Literal, num, pct, times, to_html, to_markdown
 from cnnpack.report_serving import deploy_section, served_section, triton_section, tune_section
@@ -445,13 +445,31 @@ def _speedup_plot(b: dict, path: Path) -> bool:
     return True
 
 
+def _unfinished(m: dict) -> list[Block]:
+    """The stages whose last run failed or was interrupted, said first: the report of a pipeline that stopped at its
+    quantize stage read like a finished one (no word of the stage, or of the failure)."""
+    stages = m.get("stages", {})
+    bad = [(name, s) for name, s in stages.items()
+           if name != "pipeline" and isinstance(s, dict) and s.get("status") in ("failed", "interrupted")]
+    said = "; ".join(f"`{name}` {s['status']}" + (f" ({one_line(s['error'], 800)})" if s.get("error") else "")
+                     for name, s in bad)
+    p = stages.get("pipeline") or {}
+    if p.get("status") in ("failed", "interrupted"):
+        lead = f"**The last `cnnpack pipeline` {p['status']}**" + (f" at its {bad[0][0]} stage" if len(bad) == 1 else "")
+    elif bad:
+        lead = "**Not every stage finished**"
+    else:
+        return []
+    return [Block("p", f"{lead}{': ' + said if said else ''}. What follows is what the run holds.")]
+
+
 def build(run: Run) -> list[Block]:
     m = run.read()
     head = [Block("p", f"Run `{run.path}` · cnnpack {m['tool']['version']} · torch {m['libraries'].get('torch')} · "
                        f"onnxruntime {m['libraries'].get('onnxruntime-gpu') or m['libraries'].get('onnxruntime')} · "
                        f"{m['machine']['platform']}, {m['machine']['cpu_count']} CPUs")]
     gone = _changed_on_disk(m, run)
-    return (head + _data_and_training(m, run) + _export(m, run, gone) + _verify(m, run, gone) + _bench(m, run)
+    return (head + _unfinished(m) + _data_and_training(m, run) + _export(m, run, gone) + _verify(m, run, gone) + _bench(m, run)
             + _precision(m, run) + triton_section(m, run) + served_section(m) + tune_section(m, run)
             + deploy_section(m, run))
 

@@ -527,6 +527,24 @@ def test_the_report_leaves_out_a_triton_or_served_stage_that_failed():
     assert served_section({"stages": {"served": failed}}) == []
 
 
+def test_the_report_says_first_which_stage_stopped_a_failed_pipeline():
+    """A pipeline that failed at its quantize gate: its report read like a finished run's, no word of the failure."""
+    from cnnpack.report import _unfinished
+
+    gate = "no int8 model within --max-drop 0 pt and --min-agreement 100%: --max-steps 8 was spent"
+    stages = {"train": {"status": "ok"}, "export": {"status": "ok"}, "quantize": {"status": "failed", "error": gate},
+              "pipeline": {"status": "failed"}}
+    assert _unfinished({"stages": stages})[0].text == (
+        f"**The last `cnnpack pipeline` failed** at its quantize stage: `quantize` failed ({gate}). What follows is "
+        "what the run holds.")
+    stages.pop("pipeline")
+    stages["bench"] = {"status": "interrupted"}
+    assert _unfinished({"stages": stages})[0].text.startswith(
+        "**Not every stage finished**: `quantize` failed (no int8 model within --max-drop 0 pt")
+    assert "; `bench` interrupted. What follows" in _unfinished({"stages": stages})[0].text
+    assert _unfinished({"stages": {"train": {"status": "ok"}, "pipeline": {"status": "ok"}}}) == []
+
+
 def test_a_ratio_far_below_one_keeps_its_figures():
     """TorchScript at a 200th of the fastest runtime read 0.00× in the report's tables."""
     from cnnpack.report_render import times
