@@ -286,6 +286,21 @@ def test_one_precision_is_held_to_one_ceiling_when_a_later_sample_raises_it():
     ctx.yardstick(row, "fp32", around=(288.0, 200.0))
     assert row["matmul_gflops"] == ctx.ceilings["fp32"]["gflops"] == 288.0 and row["matmul_share"] == 0.5
 
+    # a raised ceiling names the sample that raised it (it kept "openvino MatMul f32 n=1024", an engine that ran 150),
+    # and the sample after the last runtime counts too: bench.json's peak and the rows' ceiling were 173 and 169.5
+    theory = {"gflops": 156.5, "cores": 2, "ops_per_cycle": 32, "mhz": 2445.4}
+    ctx.ceilings = {"fp32": {"gflops": 150.0, "best": "openvino MatMul f32 n=1024", "theoretical_gflops": theory}}
+    ctx.matmul = [{"gflops": 142.0, "how": "torch.matmul (MKL)", "n": 512}, {"gflops": 169.5, "how": "torch.matmul (MKL)", "n": 512}]
+    row = {"gflops": 30.0}
+    ctx.yardstick(row, "fp32", around=(142.0, 169.5))
+    ctx.matmul.append({"gflops": 173.0, "how": "torch.matmul (MKL)", "n": 512})
+    ctx.results = [row]
+    ctx.settle()
+    fp32 = ctx.ceilings["fp32"]
+    assert row["matmul_gflops"] == fp32["gflops"] == 173.0
+    assert fp32["best"] == "torch.matmul (MKL) n=512, a sample of this bench"
+    assert fp32["theoretical_gflops"]["note"].startswith("measured above it: the reported clock (2445 MHz")
+
 
 def test_a_gpu_s_ceilings_are_its_own_kernels_per_precision(monkeypatch):
     """On a GPU the fp32 yardstick was one n = 1024 matmul, and an H200's resnet18 rows ran at 3.5-5.1x it: its
