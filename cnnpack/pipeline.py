@@ -428,7 +428,7 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     from cnnpack.triton_repo import repository_root
 
     check_data(cfg.data, cfg.image_size)  # a missing folder or a name Triton cannot carry fails now, not in train
-    check_torchvision_options(cfg.data, cfg.data_root, False)
+    check_torchvision_options(cfg.data, cfg.data_root, bool(cfg.download))
     cfg.check_calibration()  # past the training split: fails now, not in quantize after training
     repository_root(cfg.repository)  # a file there fails now, not after train, export and bench
     check_foreign_models(cfg)

@@ -12,6 +12,9 @@ DEFAULT_RUNTIMES = {"checkpoint": ("eager", "compiled"), "torchscript": ("torchs
                     "pt2": ("aoti",), "openvino": ("openvino",)}
 
 
+TRAIN_OPTIONS = ("lr", "patience", "amp", "channels_last", "pretrained", "val_fraction", "download")
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """The options of every stage that the pipeline exposes; the rest keep their commands' defaults."""
@@ -24,6 +27,14 @@ class PipelineConfig:
     seed: int = 0
     device: str = "auto"
     data_root: str | None = None
+    # more of `cnnpack train`'s options (None: train's default, and a run's fingerprint as it was without them)
+    lr: float | None = None
+    patience: int | None = None
+    amp: bool | None = None
+    channels_last: bool | None = None
+    pretrained: bool | None = None
+    val_fraction: float | None = None
+    download: bool | None = None
     formats: tuple[str, ...] = ("onnx", "torchscript")
     max_batch_size: int = 64
     int8: bool = True  # the quantize stage: an int8 ONNX model under the accuracy gate
@@ -129,7 +140,7 @@ class PipelineConfig:
 
         if not self.int8 or self.calibration_images is None:
             return
-        n = training_images_at_most(self.data)
+        n = training_images_at_most(self.data, val_fraction=self.train_config().val_fraction)
         if n and self.calibration_images > n:  # none: loading the data says what is wrong
             raise UserInputError(f"--calibration-images {self.calibration_images} is more than the {n} images of "
                                  f"{self.data}'s training split; use at most {n}")
@@ -138,8 +149,10 @@ class PipelineConfig:
     def train_config(self):
         from cnnpack.train_config import TrainConfig
 
+        given = {k: getattr(self, k) for k in TRAIN_OPTIONS if getattr(self, k) is not None}
         return TrainConfig(data=self.data, arch=self.arch, image_size=self.image_size, epochs=self.epochs,
-                           batch_size=self.batch_size, seed=self.seed, device=self.device, data_root=self.data_root)
+                           batch_size=self.batch_size, seed=self.seed, device=self.device, data_root=self.data_root,
+                           **given)
 
     def export_config(self):
         from cnnpack.export import ExportConfig

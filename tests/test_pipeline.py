@@ -267,6 +267,9 @@ def test_bad_options_exit_2_before_any_work(tmp_path):
                       (["--openvino", "maybe"], "--openvino 'maybe'"), (["--pt2", "maybe"], "--pt2 'maybe'"),
                       (["--formats", "onnx,pt2", "--pt2", "no"], "--formats names pt2 and --pt2 is no"),
                       (["--verify-min-agreement", "1.5"], "--verify-min-agreement is a fraction in (0, 1], got 1.5"),
+                      (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
+                      (["--patience", "0"], "--patience must be >= 1"),
+                      (["--download"], "--download is for torchvision:NAME data sets, and --data is 'shapes'"),
                       (["--calibration-images", "3601"], "more than the 3600 images of shapes's training split"),
                       # found at the bench stage after training, and again at each rerun
                       (["--formats", "onnx", "--runtimes", "eager,torchscript"],
@@ -280,6 +283,19 @@ def test_bad_options_exit_2_before_any_work(tmp_path):
         assert code == 2, (args, err)
         assert msg in err and len(err.strip().splitlines()) == 1, err
     assert not run.exists()
+
+
+def test_train_s_options_pass_through_and_their_defaults_leave_the_fingerprint_as_it_was():
+    """`cnnpack pipeline --val-fraction/--no-amp/--download` were in the README but only train took them; given, they
+    reach training; not given, a finished run's train fingerprint is the one it recorded (not trained again)."""
+    from dataclasses import asdict
+
+    from cnnpack.pipeline import PipelineConfig
+    from cnnpack.train_config import TrainConfig
+
+    assert asdict(PipelineConfig().train_config()) == asdict(TrainConfig())
+    given = PipelineConfig(val_fraction=0.3, amp=False, channels_last=False, lr=0.05, patience=2).train_config()
+    assert (given.val_fraction, given.amp, given.channels_last, given.lr, given.patience) == (0.3, False, False, 0.05, 2)
 
 
 def test_a_run_made_by_another_command_is_not_retrained_without_force(tiny_run, tmp_path):

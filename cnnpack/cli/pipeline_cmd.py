@@ -28,6 +28,17 @@ def pipeline(
     seed: int = typer.Option(0, min=0),
     device: str = typer.Option("auto", help="Training device: auto | cpu | cuda."),
     data_root: Optional[str] = typer.Option(None, help="Root folder for torchvision:NAME datasets."),
+    val_fraction: Optional[float] = typer.Option(None, help="Held-out share when --data PATH has no train/val "
+                                                            "folders (default 0.2, as train)."),
+    download: Optional[bool] = typer.Option(None, "--download", help="Let torchvision:NAME download (only when online)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default as train: 1e-2)."),
+    patience: Optional[int] = typer.Option(None, help="Early stopping: epochs without a val-accuracy gain (default 4)."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed-precision training (default on, as train: "
+                                                                   "bf16 on a CPU with native bf16; --no-amp: fp32)."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
+                                                 help="NHWC memory layout in training (default: on)."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained", help="Start from torchvision weights (needs "
+                                                                         "them reachable)."),
     formats: str = typer.Option("onnx,torchscript", help="Export formats (onnx is required: it is served); pt2 and "
                                                          "openvino join by --pt2 and --openvino."),
     max_batch_size: int = typer.Option(64, help="Largest batch the exported models accept."),
@@ -83,7 +94,8 @@ def pipeline(
     sizes = (int_list(batch_sizes, "--batch-sizes") if batch_sizes is not None
              else tuple(sorted({min(b, max(max_batch_size, 1)) for b in (1, 32)})))  # the defaults, within the export
     cfg = PipelineConfig(data=data, arch=arch, image_size=image_size, epochs=epochs, batch_size=batch_size, seed=seed,
-                         device=device, data_root=data_root, formats=_names(formats), max_batch_size=max_batch_size,
+                         device=device, data_root=data_root, val_fraction=val_fraction, download=download, lr=lr,
+                         patience=patience, amp=amp, channels_last=channels_last, pretrained=pretrained, formats=_names(formats), max_batch_size=max_batch_size,
                          int8=int8, calibration_images=calibration_images, max_drop=max_drop,
                          min_agreement=min_agreement, verify_min_agreement=verify_min_agreement,
                          bench_runtimes=_names(runtimes) if runtimes is not None else None, bench_batch_sizes=sizes,
