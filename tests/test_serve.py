@@ -452,14 +452,26 @@ def test_cli_serves_until_sigterm(server, tmp_path):
     log = tmp_path / "triton.log"
     cmd = [sys.executable, "-m", "cnnpack", "serve", "--repository", server.cfg.repository, "--http-port", "0",
            "--grpc-port", "0", "--metrics-port", "0", "--log", str(log)]
+    import socket
+    import time
+
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = [proc.stdout.readline() for _ in range(4 + len(MODELS))]
+        host, port = "".join(lines).split("http://")[1].split()[0].rsplit(":", 1)
+        # a client's keep-alive connection held Triton in its exit timeout: 20 s of "stopping Triton ..."
+        conn = socket.create_connection((host, int(port)))
+        conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        assert b"200 OK" in conn.recv(4096)
     finally:
+        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    conn.close()
     text = "".join(lines)
     assert proc.returncode == 0, err
+    assert took < serve.INTERRUPTED_GRACE_S + 4, f"{took:.1f} s"
     assert "http://127.0.0.1:" in text and "grpc://127.0.0.1:" in text
     assert "tiny_onnx" in text and "Python-based onnxruntime" in text
     pid = int(text.split("(pid ")[1].split(")")[0])

@@ -38,7 +38,7 @@ def serve(
     Example (any free ports, keep the log): cnnpack serve --http-port 0 --grpc-port 0 --metrics-port 0 --log triton.log
     """
     from cnnpack.errors import StageFailed
-    from cnnpack.serve import ServeConfig, TritonServer, repository_of
+    from cnnpack.serve import INTERRUPTED_GRACE_S, ServeConfig, TritonServer, repository_of
 
     if repository is not None and run is not None:
         raise usage_error("give --repository or --run, not both")
@@ -51,8 +51,9 @@ def serve(
         try:  # a SIGTERM right after the last line printed (before wait) stops it the same way
             _report(server, as_json)
             code = server.wait()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # (caught here, so the block's end sees none: the short grace is given here)
             typer.echo(f"stopping Triton (pid {server.pid}) ...", err=True)
+            server.stop(grace_s=INTERRUPTED_GRACE_S)  # not Triton's 20 s wait for a client's open connection
             return
     raise StageFailed(f"tritonserver (pid {server.pid}) exited on its own with code {code}"
                       + (f"; see its log {log}" if log else "; rerun with --log FILE to see why"))
