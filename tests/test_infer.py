@@ -877,6 +877,16 @@ def test_infer_takes_a_server_or_a_run_and_their_own_options(tiny_onnx_run, val_
     assert ok.returncode == 0 and json.loads(ok.stdout)["results"][0]["file"] == image, ok.stderr
 
 
+def test_a_reader_that_stops_reading_is_no_failure(tiny_onnx_run, val_files):
+    """`cnnpack infer ... | head` exited 1 without a word (typer's answer to the broken pipe): a script with pipefail
+    failed. The reader here (`true`) closes the pipe before cnnpack writes its first line."""
+    import shlex
+
+    cmd = f"{shlex.quote(sys.executable)} -m cnnpack infer {shlex.quote(str(val_files[0]))} --run {tiny_onnx_run} | true"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
 def test_infer_here_says_a_model_of_random_weights_is_one(tmp_path, val_files, caplog):
     from cnnpack.export import create_run
     from cnnpack.infer_local import infer_local

@@ -168,6 +168,12 @@ def handles_errors(fn):
         except KeyboardInterrupt:
             print_error("interrupted")
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            if not _stdout_gone():  # a server's connection, say: an error as any other
+                raise
+            # `cnnpack infer ... | head`: the reader took what it wanted; typer made this exit 1, without a word
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush writes nowhere)
+            raise typer.Exit(0) from None
         except OSError as e:  # a path the system refused: an output under a file, a read-only or full disk
             if STATE["debug"] or not isinstance(e.filename, (str, bytes, os.PathLike)):
                 raise
@@ -175,6 +181,18 @@ def handles_errors(fn):
             raise typer.Exit(2 if e.errno in _PATH_ERRNOS else 1) from None
 
     return wrapper
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (`| head` done reading)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured)
+        return False
 
 
 def _refuse_non_finite(options: dict) -> None:
