@@ -182,7 +182,8 @@ def _measured_apart(stages: dict, t: dict) -> str:
     """Where the sweep's own measurement of the served model as laid out, at the winner's concurrency, and the served
     stage's differ by more than the noise: said, with when each was taken. A reader saw cnn_onnx at 2,410 images/s
     under "Served by Triton" and the winner as "1.02x cnn_onnx as served today" at 3,866, the sweep having measured
-    the same config at 3,774 three minutes later."""
+    the same config at 3,774 three minutes later. Only the one config.pbtxt measured twice is put down to the host:
+    a sweep of another one (a 20 ms queue delay laid out between the two, the layout put back since) is said as such."""
     from cnnpack.served import LOAD_PROTOCOL, layout_changed
 
     served, model, w = stages.get("served") or {}, (stages.get("triton") or {}).get("name"), t["winner"]
@@ -192,11 +193,19 @@ def _measured_apart(stages: dict, t: dict) -> str:
                 and r.get("concurrency") == w["concurrency"]), None)
     own = next((p for p in t["points"] if p["default"] and p["model"] == model
                 and p["concurrency"] == w["concurrency"]), None)
+    laid = (served.get("triton_files") or {}).get("config.pbtxt")
     if not row or not own or not row.get("throughput_ips") or not own.get("throughput_ips"):
         return ""
+    if not own.get("config_sha256") or not laid:
+        return ""  # recorded before tune kept which config.pbtxt it measured: not known to be one config
     a, b = own["throughput_ips"], row["throughput_ips"]
     if max(a, b) / min(a, b) - 1 <= max(0.1, own.get("noise") or 0):
         return ""
+    if own["config_sha256"] != laid:
+        return (f" `{model}` ran {a:,.0f} images/s at concurrency {w['concurrency']} in this sweep and {b:,.0f} in the "
+                f"served stage above, as two configs: the sweep measured the config.pbtxt it held then"
+                f"{_settings(own)}, not the one the served stage measured (laid out again or tuned in between); the "
+                "gains here compare points of this sweep only.")
     when = lambda section: str(section.get("updated", ""))[11:16] or "?"  # noqa: E731 - HH:MM (UTC)
     by = ("" if own.get("load_generator") == row.get("load_generator") else
           f", measured by {own.get('load_generator')} and by {row.get('load_generator')}")
@@ -204,6 +213,14 @@ def _measured_apart(stages: dict, t: dict) -> str:
             f"(ended {when(t)} UTC) and {b:,.0f} in the served stage above ({when(served)} UTC), "
             f"{ratio(max(a, b) / min(a, b))} apart{by}: one config measured at two times on a host whose speed varies; "
             "the gains here compare points of this sweep only.")
+
+
+def _settings(point: dict) -> str:
+    """A default point's settings as the server loaded them (" (x1 1t batching 20000 us)"); "" where not recorded."""
+    if "instances" not in point:
+        return ""
+    batching = f"batching {point['queue_delay_us']} us" if point.get("dynamic_batching") else "no batching"
+    return f" (x{point['instances']} {point['threads']}t {batching})"
 
 
 def _points_table(t: dict) -> list[Block]:

@@ -36,7 +36,7 @@ from cnnpack import tune_grid
 from cnnpack.atomic import atomic_write_bytes, atomic_write_json
 from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError, shell
 from cnnpack.peak import usable_cores
-from cnnpack.rundir import Run
+from cnnpack.rundir import Run, sha256
 from cnnpack.servable import servable
 from cnnpack.triton_config import served_budget, served_winner, tuned_in_place
 from cnnpack.triton_publish import PREVIOUS
@@ -57,6 +57,8 @@ def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfi
     with Client(url, cfg.protocol, timeout_s=cfg.timeout_s) as client:
         config = (tune_grid.own_config_json(repository, s.model) if s.default
                   else model_config_json(run, s, repository, local=True))
+        own = Path(repository, s.model, "config.pbtxt")
+        digest = sha256(own) if s.default and own.is_file() else None  # which config.pbtxt "as laid out" was
         try:
             client._client.load_model(s.model, **({"config": config} if config else {}))
         except client.errors as e:
@@ -74,9 +76,12 @@ def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfi
         after = client.settled_statistics(s.model)
     row = {**asdict(s), "label": s.label, "precision": s.precision, "concurrency": concurrency, **figures,
            **server_side(before, after)}
-    if s.default:  # its config.pbtxt's own settings, as the server loaded them
+    if s.default:  # its config.pbtxt's own settings, as the server loaded them, and its digest: the report compares
+        # this figure with the served stage's only where both measured one config.pbtxt (a 20 ms queue delay laid out
+        # between them read as "one config measured at two times", 18x apart)
         row.update(instances=model.instances, threads=_threads_of(model, s.format),
-                   dynamic_batching=model.dynamic_batching, queue_delay_us=model.max_queue_delay_us)
+                   dynamic_batching=model.dynamic_batching, queue_delay_us=model.max_queue_delay_us,
+                   config_sha256=digest)
     if s.bf16 and not native_bf16():  # --bf16 yes: OpenVINO took the hint and computed f32
         row["computed"] = "fp32"
     ips = row["window_throughput_ips"]

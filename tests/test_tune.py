@@ -604,6 +604,9 @@ def test_a_default_measured_after_another_point_is_its_config_pbtxt_not_the_last
         default = t.measure_point(run, server, t.Setting("cnn_onnx", "onnx", default=True), 1, cfg, str(repo))
     assert other["queue_delay_us"] == 500 and other["threads"] == 1
     assert (default["queue_delay_us"], default["threads"], default["dynamic_batching"]) == (100, 1, True)
+    from cnnpack.rundir import sha256  # which config.pbtxt it measured: the report compares only that one's figures
+
+    assert default["config_sha256"] == sha256(repo / "cnn_onnx" / "config.pbtxt") and "config_sha256" not in other
 
 
 def test_a_default_loads_its_config_pbtxt_as_the_local_server_reads_it(tmp_path):
@@ -710,11 +713,11 @@ def test_the_report_says_where_the_sweep_and_the_served_stage_measured_the_same_
     noise, over another protocol, or where the served stage measured another layout."""
     from cnnpack.report_serving import _measured_apart
 
-    served = {"status": "ok", "updated": "2026-12-06T16:36:37+00:00", "load": [
+    served = {"status": "ok", "updated": "2026-12-06T16:36:37+00:00", "triton_files": {"config.pbtxt": "a1"}, "load": [
         {"format": "triton:cnn_onnx", "concurrency": 16, "throughput_ips": 2410.0, "load_generator": "cnnpack client"}]}
-    stages = {"triton": {"name": "cnn_onnx"}, "served": served}
+    stages = {"triton": {"name": "cnn_onnx", "files": {"config.pbtxt": {"sha256": "a1"}}}, "served": served}
     own = {"default": True, "model": "cnn_onnx", "concurrency": 16, "throughput_ips": 3774.0, "noise": 0.08,
-           "load_generator": "cnnpack client"}
+           "load_generator": "cnnpack client", "config_sha256": "a1"}
     t = {"config": {"protocol": "http"}, "updated": "2026-12-06T16:39:46+00:00", "winner": {"concurrency": 16},
          "points": [own]}
     assert _measured_apart(stages, t) == (
@@ -728,6 +731,28 @@ def test_the_report_says_where_the_sweep_and_the_served_stage_measured_the_same_
     moved = {**stages, "served": {**served, "repository": "/elsewhere"}, "triton": {"name": "cnn_onnx",
                                                                                    "repository": "/here"}}
     assert _measured_apart(moved, t) == ""  # the served stage measured another repository
+
+
+def test_the_report_does_not_put_two_configs_measured_apart_down_to_the_host():
+    """`cnnpack triton --max-queue-delay-us 20000`, a tune, then the pipeline laying the 100 us config out again: the
+    report read "46 ... and 832 in the served stage above, 18.04x apart: one config measured at two times on a host
+    whose speed varies". The sweep's default had measured the 20 ms config, whose digest it records."""
+    from cnnpack.report_serving import _measured_apart
+
+    served = {"status": "ok", "updated": "2026-12-07T18:52:17+00:00", "triton_files": {"config.pbtxt": "100us"},
+              "load": [{"format": "triton:cnn_onnx", "concurrency": 1, "throughput_ips": 832.0}]}
+    stages = {"triton": {"name": "cnn_onnx", "files": {"config.pbtxt": {"sha256": "100us"}}}, "served": served}
+    own = {"default": True, "model": "cnn_onnx", "concurrency": 1, "throughput_ips": 46.0, "noise": 0.02,
+           "instances": 1, "threads": 0, "dynamic_batching": True, "queue_delay_us": 20000, "config_sha256": "20ms"}
+    t = {"config": {"protocol": "http"}, "winner": {"concurrency": 1}, "points": [own]}
+    said = _measured_apart(stages, t)
+    assert said == (" `cnn_onnx` ran 46 images/s at concurrency 1 in this sweep and 832 in the served stage above, as "
+                    "two configs: the sweep measured the config.pbtxt it held then (x1 0t batching 20000 us), not the "
+                    "one the served stage measured (laid out again or tuned in between); the gains here compare "
+                    "points of this sweep only.")
+    assert "host" not in said
+    unknown = {k: v for k, v in own.items() if k != "config_sha256"}  # a tune recorded before the digest: not known
+    assert _measured_apart(stages, {**t, "points": [unknown]}) == ""
 
 
 def test_an_undo_killed_before_its_record_is_finished_and_one_whose_record_fails_puts_the_tuned_config_back(
