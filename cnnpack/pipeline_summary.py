@@ -28,11 +28,13 @@ def shaky(bench: dict, row: dict) -> bool:
 def tuned_line(stages: dict) -> str | None:
     """The tune stage's outcome in one line (None: tune did not run)."""
     from cnnpack.triton_config import tuned_in_place
-    from cnnpack.tune_outputs import describe
+    from cnnpack.tune_outputs import describe, undone_note
 
     t = stages.get("tune") or {}
     if t.get("status") != "ok" or not t.get("winner"):
         return None
+    if note := undone_note(t):  # as the report says it: the winner printed alone read as in effect
+        return f"{describe(t)}; {note}"
     if t.get("written") and tuned_in_place(stages) is None:
         return (f"{describe(t)}; since replaced: {t['written']['config']} no longer holds it "
                 "(laid out again, undone or edited)")

@@ -274,12 +274,17 @@ def _none_chosen(m: dict, run: Run) -> list[Block]:
 
 def _kept_section(m: dict, run: Run) -> list[Block]:
     """Where the last tune chose nothing: the config an earlier tune wrote, while still served, is the recommended
-    config (deploy sizes by it)."""
+    config (deploy sizes by it); no longer served, it is named with why."""
     from cnnpack.triton_config import served_winner
+    from cnnpack.tune_outputs import undone_note
 
     w = served_winner(m["stages"])
+    if not w and (note := undone_note(m["stages"]["tune"])):
+        return [Block("p", f"{note[0].upper()}{note[1:]}.")]
     if not w:
-        return [Block("p", "The config an earlier tune wrote is no longer served (undone, or laid out again).")]
+        kept = m["stages"]["tune"]["kept"]["winner"]
+        return [Block("p", f"The config an earlier tune wrote, {kept['label']} at concurrency {kept['concurrency']}, "
+                           "is no longer served (laid out again by `cnnpack triton`, or edited).")]
     return [Block("p", f"The config an earlier tune wrote is still served: {w['label']} at concurrency "
                        f"{w['concurrency']}, {w['throughput_ips']:,.0f} images/s, p99 {w['latency_ms_p99']:.2f} ms "
                        f"(`cnnpack tune --run {shell(run.path)} --undo` restores the one before it).")]
@@ -322,16 +327,30 @@ def deploy_section(m: dict, run: Run) -> list[Block]:
 
 
 def _tuned_state(stages: dict, winner: dict, run: Run) -> str:
-    """Whether the winner's config.pbtxt is what the repository serves now, and how to change that."""
+    """Whether the winner's config.pbtxt is what the repository serves now, and how to change that; what an undo
+    since took out, named (it read "no longer holds it" of an earlier tune's winner the section never named)."""
     from cnnpack.triton_config import tuned_in_place
+    from cnnpack.tune_outputs import undone, undone_note
 
     t = stages["tune"]
     if t.get("written") and tuned_in_place(stages):  # (not a `kept` earlier winner: this tune's own config)
         return (f"`{winner['model']}`'s config.pbtxt holds it; `cnnpack tune --run {shell(run.path)} --undo` restores "
                 "the previous one.")
-    if t.get("written") or t.get("undone"):
-        return (f"`{winner['model']}`'s config.pbtxt no longer holds it (undone, or laid out again by `cnnpack triton`);"
-                f" `cnnpack tune --run {shell(run.path)}` measures and writes it again.")
+    again = f"`cnnpack tune --run {shell(run.path)}` measures and writes it again."
+    own, earlier, others = undone(t)
+    if own:
+        also = f", and the ones an earlier tune wrote for {', '.join(f'`{m}`' for m in others)}" if others else ""
+        return (f"`{winner['model']}`'s config.pbtxt no longer holds it: `cnnpack tune --undo` put back the one from "
+                f"before any tune{also}; {again}")
+    if t.get("written"):
+        return (f"`{winner['model']}`'s config.pbtxt no longer holds it (laid out again by `cnnpack triton`, or "
+                f"edited); {again}")
+    note = undone_note(t)
+    return _unwritten(t, winner) + (f" {note[0].upper()}{note[1:]}." if note else "")
+
+
+def _unwritten(t: dict, winner: dict) -> str:
+    """Why this tune changed no config.pbtxt."""
     if (v := t.get("verdict") or {}).get("as_good"):
         beat = (f"p99 {v['p99_gain']:.2f}x lower" if v.get("objective") == "latency" and v.get("p99_gain")
                 else f"{v['gain']:.2f}x the images/s")  # the figure it was chosen on

@@ -1,5 +1,6 @@
 """What `cnnpack tune` shows: the Pareto front of its points, tune.png (images/s against p99) and the one-line
-description of its winner that the CLI, the pipeline and the report print.
+description of its winner that the CLI, the pipeline and the report print, and what a `cnnpack tune --undo` since
+took out of it.
 """
 
 from __future__ import annotations
@@ -92,3 +93,29 @@ def describe(section: dict) -> str:
     elif section.get("written"):
         line += f"; written to {section['written']['config']} (previous: {PREVIOUS})"
     return line
+
+
+def undone(section: dict) -> tuple[bool, dict | None, list[str]]:
+    """What `cnnpack tune --undo` put back since this tune: whether this tune's own winner (it wrote its config), the
+    winner an earlier tune wrote that this one kept on record (`kept`), and the models of any other config an earlier
+    tune wrote. The undo clears `written`, so the summary printed an undone winner as in effect."""
+    models = [Path(u["config"]).parent.name for u in section.get("undone") or []]
+    w, v, kept = section.get("winner") or {}, section.get("verdict") or {}, (section.get("kept") or {}).get("winner")
+    own = bool(w) and not w.get("default") and not v.get("as_good") and w.get("model") in models
+    earlier = kept if kept and kept.get("model") in models else None
+    named = {w.get("model") if own else None, earlier and earlier["model"]}
+    return own, earlier, [m for m in models if m not in named]
+
+
+def undone_note(section: dict) -> str:
+    """`undone` in one clause, naming each winner it took out ("" where nothing was undone)."""
+    own, earlier, others = undone(section)
+    parts = ([f"undone since: `cnnpack tune --undo` put back {section['winner']['model']}'s config.pbtxt from before "
+              "any tune"] if own else [])
+    if earlier:
+        parts.append(f"the config an earlier tune wrote, {earlier['label']} at concurrency {earlier['concurrency']} "
+                     f"({earlier['throughput_ips']:,.0f} images/s), was undone since (`cnnpack tune --undo`)")
+    if others:
+        parts.append(f"the config.pbtxt an earlier tune wrote for {', '.join(others)} was undone since"
+                     f"{' too' if parts else ''} (`cnnpack tune --undo`)")
+    return "; ".join(parts)

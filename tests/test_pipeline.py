@@ -479,6 +479,22 @@ def test_the_summary_no_longer_claims_a_tuned_config_that_was_replaced(tmp_path)
                                                "(laid out again, undone or edited)")
 
 
+def test_the_summary_says_a_tuned_winner_was_undone():
+    """`cnnpack tune --undo` clears `written`: the summary printed "winner: cnn_openvino_int8 ... 989 images/s" as in
+    effect, while the report said its config.pbtxt no longer holds it."""
+    from cnnpack.pipeline_summary import tuned_line
+
+    winner = {"label": "cnn_openvino_int8 x1 1t no batching", "model": "cnn_openvino_int8", "concurrency": 1,
+              "throughput_ips": 989.0, "latency_ms_p99": 2.0}
+    tune = {"status": "ok", "written": None, "winner": winner, "undone": [
+        {"config": "/r/cnn_openvino_int8/config.pbtxt", "previous": "/r/cnn_openvino_int8/config.pbtxt.prev"}],
+            "verdict": {"gain": 1.3, "default": "cnn_openvino_int8 (its config.pbtxt)", "noise": 0.05}}
+    assert tuned_line({"tune": tune}).endswith("; 1.30x the default (cnn_openvino_int8 (its config.pbtxt), noise 5 %); "
+                                               "undone since: `cnnpack tune --undo` put back cnn_openvino_int8's "
+                                               "config.pbtxt from before any tune")
+    assert "undone" not in tuned_line({"tune": {**tune, "undone": None}})
+
+
 def test_the_artifacts_table_shows_an_exporters_release_without_its_build_suffix():
     from cnnpack.report import exporter_label
 

@@ -755,6 +755,33 @@ def test_the_report_does_not_put_two_configs_measured_apart_down_to_the_host():
     assert _measured_apart(stages, {**t, "points": [unknown]}) == ""
 
 
+def test_the_report_names_the_winner_an_undo_took_out():
+    """After `cnnpack tune --undo` the report said "`cnn_onnx`'s config.pbtxt no longer holds it" of an earlier tune's
+    winner it never named (this tune had kept the default, writing nothing). Recorded sections, no sweep."""
+    from types import SimpleNamespace
+
+    from cnnpack.report_serving import _kept_section, _tuned_state
+
+    run = SimpleNamespace(path=Path("/r"))
+    earlier = {**_point({"instances": 2, "threads": 1, "queue_delay_us": 500}, 1500.0, 9.0)}
+    mine = _point({"instances": 1, "threads": 1}, 1010.0, 9.0)
+    undone = [{"config": "/repo/cnn_onnx/config.pbtxt", "previous": "/repo/cnn_onnx/config.pbtxt.prev"}]
+    kept = {"status": "ok", "winner": mine, "written": None, "points": [mine], "undone": undone,
+            "verdict": {"as_good": True, "gain": 1.01, "noise": 0.05}, "kept": {"winner": earlier}}
+    said = _tuned_state({"tune": kept}, mine, run)
+    assert said == ("No config.pbtxt was changed: `cnn_onnx`'s own config.pbtxt was kept (the winner's gain over it, "
+                    "1.01x the images/s, is within the noise (5 %)). The config an earlier tune wrote, cnn_onnx x2 1t "
+                    "batching 500 us at concurrency 4 (1,500 images/s), was undone since (`cnnpack tune --undo`).")
+    own = {**kept, "verdict": {"as_good": False, "gain": 1.4, "noise": 0.05}, "kept": None}  # this tune's, undone
+    assert _tuned_state({"tune": own}, mine, run) == (
+        "`cnn_onnx`'s config.pbtxt no longer holds it: `cnnpack tune --undo` put back the one from before any tune; "
+        "`cnnpack tune --run /r` measures and writes it again.")
+    failed = {"status": "failed", "winner": None, "undone": undone, "kept": {"winner": earlier}}
+    assert _kept_section({"stages": {"tune": failed}}, run)[0].text == (
+        "The config an earlier tune wrote, cnn_onnx x2 1t batching 500 us at concurrency 4 (1,500 images/s), was "
+        "undone since (`cnnpack tune --undo`).")
+
+
 def test_an_undo_killed_before_its_record_is_finished_and_one_whose_record_fails_puts_the_tuned_config_back(
         laid_out, tmp_path, monkeypatch):
     """`tune --undo` wrote each config and deleted its .prev before the record: killed in between, the next undo
