@@ -84,7 +84,16 @@ def own_client(client, model, batch: np.ndarray, concurrency: int, policy: Windo
     with Load(client, model, batch, concurrency) as ld:
         m = measure(ld.one, policy, window=lambda _request, p, _sync: ld.window(seconds=p.window_s,
                                                                                min_requests=p.min_requests))
-    return summarise(m, batch.shape[0])
+    row = summarise(m, batch.shape[0])
+    return {**row, "judged_windows": judged(row["window_throughput_ips"], [1e3 * w.latency_s_p50 for w in m.windows],
+                                            policy)}
+
+
+def judged(rates: list[float], latencies_ms: list[float | None], policy: WindowPolicy) -> dict:
+    """The last windows the stability rule judged (throughput and latency must each agree within `tolerance`): tune
+    says which figure disagreed (it listed the windows' images/s alone, 1,164, 1,244 and 1,199, as ones that "did not
+    agree", their latency having varied)."""
+    return {"throughput_ips": rates, "latency_ms": latencies_ms, "tolerance": policy.stability}
 
 
 def input_data(model, batch: np.ndarray, path: Path) -> Path:
@@ -120,7 +129,7 @@ def perf_analyzer(client, model, batch: np.ndarray, concurrency: int, policy: Wi
                "--verbose-csv", "-v", "-f", str(out)]  # -v: a line per window ("Pass [n] throughput: ...")
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 4 * policy.max_s)
         stable = done.returncode == 0 and out.is_file()
-        windows = len(window_rates(done.stdout))
+        windows, first = len(window_rates(done.stdout)), done.stdout  # its judgement: the windows of this run
         if not stable and "stable" in done.stdout + done.stderr:
             out.unlink(missing_ok=True)
             done = subprocess.run([*cmd[:-2], "--max-trials", str(PA_WINDOWS), "-s", "1000", "-f", str(out)],
@@ -139,7 +148,9 @@ def perf_analyzer(client, model, batch: np.ndarray, concurrency: int, policy: Wi
     return {**{f"latency_ms_p{p}": v for p, v in us.items()}, "latency_ms_mean": float(row["Avg latency"]) / 1e3,
             "throughput_ips": float(row["Inferences/Second"]), "stable": stable,
             "requests": int(count.group(1)) if count else None, "windows": windows or None,
-            "warmup_s": None, "measured_s": None, "window_throughput_ips": passes[-PA_WINDOWS:]}
+            "warmup_s": None, "measured_s": None, "window_throughput_ips": passes[-PA_WINDOWS:],
+            "judged_windows": judged(window_rates(first)[-PA_WINDOWS:], window_latencies_ms(first)[-PA_WINDOWS:],
+                                     policy)}
 
 
 def window_rates(stdout: str) -> list[float]:
@@ -148,3 +159,11 @@ def window_rates(stdout: str) -> list[float]:
     as 0, as perf_analyzer itself counts it."""
     found = re.findall(r"^\s*Pass \[\d+\] (?:throughput: ([\d.]+(?:e[+-]?\d+)?) infer/sec|cb::Error)", stdout, re.M)
     return [float(x) if x else 0.0 for x in found]
+
+
+def window_latencies_ms(stdout: str) -> list[float | None]:
+    """The mean latency of each window perf_analyzer's `-v` printed ("... infer/sec. Avg latency: U usec"), in ms, in
+    the order of `window_rates`: what its stability rule judges beside the throughput; None for a failed window."""
+    found = re.findall(r"^\s*Pass \[\d+\] (?:throughput: [\d.]+(?:e[+-]?\d+)? infer/sec\.(?:\s*Avg latency: (\d+) usec)?"
+                       r"|cb::Error)", stdout, re.M)
+    return [float(x) / 1e3 if x else None for x in found]

@@ -225,7 +225,8 @@ def _settings(point: dict) -> str:
 
 def _points_table(t: dict) -> list[Block]:
     """The ten fastest points, and the winner and the defaults it was compared with wherever they rank: ★ marks the
-    winner; a point past the budget, or not steady, says so (the table read as ten candidates alike)."""
+    winner (where the default was kept, the best point is "not adopted" and the default "kept"); a point past the
+    budget, or not steady, says so (the table read as ten candidates alike); one measured twice gives both figures."""
     budget, w = t["config"]["latency_budget_ms"], t.get("winner") or {}
     key = lambda p: (p.get("label"), p.get("concurrency"))  # noqa: E731
     compared = {key(p) for p in t["points"] if w and (key(p) == key(w) or (p["default"] and p["concurrency"] ==
@@ -234,14 +235,16 @@ def _points_table(t: dict) -> list[Block]:
     shown = [p for i, p in enumerate(ranked) if i < 10 or key(p) in compared]
     rows = [["config", "precision", "concurrency", "images/s", "p50 ms", "p99 ms", "within budget", "steady",
              "mean batch"]]
-    from cnnpack.tune_outputs import within_budget
+    from cnnpack.tune_outputs import figure, role, within_budget
 
     for p in shown:
         fits = ("yes" if within_budget(p, budget) else "**no**" if p["latency_ms_p99"] > budget
                 else "no (bf16 computed in f32)")
-        rows.append([("★ " if w and key(p) == key(w) else "") + p["label"], p.get("precision", "fp32"),
-                     str(p["concurrency"]), num(p["throughput_ips"], "{:,.0f}"), num(p["latency_ms_p50"], "{:.2f}"),
-                     num(p["latency_ms_p99"], "{:.2f}"),
+        said = role(t, p)  # a default kept as good: the faster point is not starred as the winner
+        label = f"★ {p['label']}" if said == "winner" else f"{p['label']} ({said})" if said else p["label"]
+        rows.append([label, p.get("precision", "fp32"),
+                     str(p["concurrency"]), figure(p, "throughput_ips", "{:,.0f}"), num(p["latency_ms_p50"], "{:.2f}"),
+                     figure(p, "latency_ms_p99", "{:.2f}"),
                      fits,
                      "–" if "stable" not in p else "yes" if p["stable"] else "**no**",
                      num(p.get("server_batch_mean"), "{:.2f}")])

@@ -42,7 +42,7 @@ from cnnpack.triton_config import served_budget, served_winner, tuned_in_place
 from cnnpack.triton_publish import PREVIOUS
 from cnnpack.tune_grid import Setting, TuneConfig, estimate_s, grid, model_config_json, native_bf16, past_the_cores
 from cnnpack.tune_handover import config_of, undoable, write_winner
-from cnnpack.tune_outputs import pareto, plot, within_budget
+from cnnpack.tune_outputs import adopted, pareto, plot, within_budget
 
 OUTPUT, PLOT = "tune.json", "tune.png"
 log = logging.getLogger("cnnpack")
@@ -271,9 +271,7 @@ def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repositor
         settle = info.setdefault("settle", {"points": []})
         for p in shaky:
             again_done.add(key(p))
-            windows = ", ".join(f"{w:,.0f}" for w in p.get("window_throughput_ips") or [])  # (none: an older record)
-            say(f"measuring {p['label']} at concurrency {p['concurrency']} again: its windows did not agree"
-                + (f" ({windows} images/s)" if windows else ""))
+            say(f"measuring {p['label']} at concurrency {p['concurrency']} again: {unsteady_why(p)}")
             s = Setting(**{k: v for k, v in p.items() if k in names})  # a default: its config.pbtxt, whatever it holds
             try:  # within what is left of --time-limit, as a sweep's point is
                 again = measure_point(run, server, s, p["concurrency"],
@@ -290,6 +288,28 @@ def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repositor
         if "error" in settle:
             break
     info["wall_s"] = round(info["wall_s"] + time.monotonic() - t0, 1)
+
+
+def unsteady_why(p: dict) -> str:
+    """Which figure of an unsteady point's windows broke the stability rule (images/s and latency must each agree
+    within its tolerance, as `measure.agree` and perf_analyzer judge), with those windows: "its windows did not agree
+    (1,164, 1,244, 1,199 images/s)" listed rates within 7 % of each other, the latency having varied."""
+    j = p.get("judged_windows")
+    if not j:  # recorded before the judged windows were: their images/s, as they were said
+        windows = ", ".join(f"{w:,.0f}" for w in p.get("window_throughput_ips") or [])
+        return "its windows did not agree" + (f" ({windows} images/s)" if windows else "")
+    tol, said, shown = j["tolerance"], [], []
+    for key, name, fmt, unit in (("throughput_ips", "images/s", "{:,.0f}", ""), ("latency_ms", "latency", "{:.2f}",
+                                                                                  " ms")):
+        v = [x for x in j.get(key) or [] if x is not None]  # (a failed window has no latency; its rate is 0)
+        shown.append(f"{name} ({', '.join(fmt.format(x) for x in v)}{unit})")
+        if v and (min(v) <= 0 or max(v) > (1 + tol) * min(v)):
+            said.append(shown[-1])
+    if said:
+        return f"its windows' {' and '.join(said)} did not agree within {100 * tol:g} %"
+    if (n := len(j.get("throughput_ips") or [])) < 3:  # both generators judge the last 3 windows
+        return f"only {n} of its windows fit in --max-seconds, and 3 in a row must agree within {100 * tol:g} %"
+    return f"its windows did not agree within {100 * tol:g} % on images/s or latency ({' and '.join(shown)})"
 
 
 def _sweeps(run: Run, cfg: TuneConfig, settings: list[Setting], coarse: bool, repository: str,
@@ -351,7 +371,7 @@ def finish(run: Run, cfg: TuneConfig, points: list[dict], info: dict) -> dict:
         taken_back = None
         try:
             with run.staged_outputs(OUTPUT, PLOT) as staged:
-                plot(points, winner, cfg.latency_budget_ms, staged[PLOT])
+                plot(points, winner, cfg.latency_budget_ms, staged[PLOT], is_adopted=adopted(winner, result["verdict"]))
                 if winner and not result["verdict"]["as_good"] and not winner["default"]:
                     taken_back = _as_they_are(Path(config_of(run, winner["model"])))
                     w = result["written"] = write_winner(run, winner["model"], winner_config(run, winner),

@@ -16,6 +16,35 @@ def within_budget(p: dict, budget_ms: float) -> bool:
     return p["latency_ms_p99"] <= budget_ms and "computed" not in p
 
 
+def adopted(winner: dict | None, verdict: dict | None) -> bool:
+    """Whether the tune's best point is the config it chose to serve: not where its model's own config.pbtxt was kept
+    as good (within the noise, or unsteady), though the table starred it and tune.png's legend said "winner"."""
+    return bool(winner) and (bool(winner.get("default")) or not (verdict or {}).get("as_good"))
+
+
+def role(section: dict, p: dict) -> str:
+    """What a point of the table was to the verdict: "winner", or, where the default was kept, "best measured, not
+    adopted" and "kept" (its model's own config at that concurrency); "" for the others."""
+    w = section.get("winner")
+    if not w:
+        return ""
+    chosen = adopted(w, section.get("verdict"))
+    if (p["label"], p["concurrency"]) == (w["label"], w["concurrency"]):
+        return "winner" if chosen else "best measured, not adopted"
+    kept = not chosen and p["default"] and p["model"] == w["model"] and p["concurrency"] == w["concurrency"]
+    return "kept" if kept else ""
+
+
+def figure(p: dict, key: str, fmt: str) -> str:
+    """A point's figure, with its other measurement beside it where it was measured twice (`tune._settle`): the table
+    showed the first alone, 1,155 images/s, of a winner measured again at 826, below the kept default's 902."""
+    text = fmt.format(p[key])
+    for other, said in (("second_measure", "again"), ("first_measure", "first")):
+        if (p.get(other) or {}).get(key) is not None:
+            return f"{text} ({said} {fmt.format(p[other][key])})"
+    return text
+
+
 def pareto(points: list[dict]) -> list[dict]:
     """The points no other point beats on both images/s and p99 (sorted by p99)."""
     front, best = [], -1.0
@@ -26,8 +55,10 @@ def pareto(points: list[dict]) -> list[dict]:
     return front
 
 
-def plot(points: list[dict], winner: dict | None, latency_budget_ms: float, path: Path) -> None:
-    """Images/s against p99 per point (one colour per model), the Pareto front, the budget, the winner."""
+def plot(points: list[dict], winner: dict | None, latency_budget_ms: float, path: Path, *,
+         is_adopted: bool = True) -> None:
+    """Images/s against p99 per point (one colour per model), the Pareto front, the budget, the winner (hollow and
+    "not adopted" where its model's own config was kept)."""
     from matplotlib.figure import Figure
 
     from cnnpack.atomic import atomic_path
@@ -45,8 +76,9 @@ def plot(points: list[dict], winner: dict | None, latency_budget_ms: float, path
     ax.plot([p["latency_ms_p99"] for p in front], [p["throughput_ips"] for p in front], "k--", lw=1, label="Pareto front")
     ax.axvline(latency_budget_ms, color="red", lw=1, label=f"budget p99 {latency_budget_ms:g} ms")
     if winner:
-        ax.scatter(winner["latency_ms_p99"], winner["throughput_ips"], marker="*", s=300, color="gold",
-                   edgecolors="black", zorder=5, label=f"winner: {winner['label']}")
+        ax.scatter(winner["latency_ms_p99"], winner["throughput_ips"], marker="*", s=300, edgecolors="black", zorder=5,
+                   facecolors="gold" if is_adopted else "none",
+                   label=f"{'winner' if is_adopted else 'best measured, not adopted'}: {winner['label']}")
     from cnnpack.plots import spaced_log_ticks
 
     ax.set(xlabel="p99 latency (ms)", ylabel="images/s", xscale="log",
@@ -61,7 +93,7 @@ def plot(points: list[dict], winner: dict | None, latency_budget_ms: float, path
 
 def describe(section: dict) -> str:
     w, v = section["winner"], section["verdict"] or {}
-    line = (f"winner: {w['label']} at concurrency {w['concurrency']}: {w['throughput_ips']:,.0f} images/s, "
+    line = (f"{'winner' if adopted(w, v) else 'best measured, not adopted'}: {w['label']} at concurrency {w['concurrency']}: {w['throughput_ips']:,.0f} images/s, "
             f"p99 {w['latency_ms_p99']:.2f} ms")
     if w.get("default"):  # nothing else measured beat the model's own config
         line += "; it is its model's own config.pbtxt (no config to write)"

@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -118,6 +119,9 @@ def test_perf_analyzers_windows_are_read_as_it_judged_them(tmp_path, monkeypatch
     row = perf_analyzer(client, model, batch, 16, WindowPolicy(window_s=0.1, max_s=0.5, stable_windows=1))
     assert row["window_throughput_ips"] == [1001.5, 1002110.0, 2000.25] and row["windows"] == 8
     assert row["stable"] is False and row["throughput_ips"] == 2000.5 and row["requests"] == 4321
+    # what its stability rule judged: the first run's last 3 windows, images/s and mean latency, not the retry's
+    assert row["judged_windows"] == {"throughput_ips": [0.0, 980.0, 1000.0], "latency_ms": [None, 0.7, 0.7],
+                                     "tolerance": 0.1}
     from cnnpack.loadgen import window_rates
 
     assert window_rates("  Pass [1] throughput: 10 infer/sec.\n  Pass [2] cb::Error: x\n") == [10.0, 0.0]
@@ -154,3 +158,36 @@ def test_a_point_perf_analyzer_reports_no_figures_for_is_measured_by_cnnpacks_cl
         else:
             with pytest.raises(StageFailed, match="connection refused"):
                 lg.load("perf_analyzer", client, model, np.zeros((1, 3, 8, 8), np.float32), 16, policy)
+
+
+def test_cnnpacks_client_records_the_windows_its_stability_rule_judged(monkeypatch):
+    """Throughput and median latency per window, as `measure.agree` judges them: tune says which one disagreed (it
+    listed rates within 7 % of each other as windows that "did not agree"). The load is planted: windows of a fixed
+    rate whose latency doubles."""
+    import cnnpack.loadgen as lg
+    from cnnpack.measure import Window, WindowPolicy
+
+    class Planted:
+        def __init__(self, *a):
+            self.n = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def one(self):
+            return None
+
+        def window(self, seconds, min_requests):
+            self.n += 1
+            time.sleep(seconds)
+            return Window([0.001 * self.n] * 10, 0.01)  # 1,000 requests/s each, p50 1, 2, 3 ... ms (1: the warm-up)
+
+    monkeypatch.setattr(lg, "Load", Planted)
+    row = lg.own_client(None, None, np.zeros((1, 3, 8, 8), np.float32), 4, WindowPolicy(window_s=0.01, max_s=0.06))
+    judged, n = row["judged_windows"], row["windows"]
+    assert row["stable"] is False and judged["tolerance"] == 0.1 and n >= 3
+    assert judged["throughput_ips"] == pytest.approx([1000.0] * 3)
+    assert judged["latency_ms"] == pytest.approx([n - 1.0, n, n + 1.0])  # the last 3

@@ -693,6 +693,69 @@ def test_the_verdict_line_gives_the_figure_the_winner_was_chosen_on_and_says_whe
     assert "; unsteady (a: its windows" in failed  # measured once: not "even measured twice"
 
 
+def _kept_unsteady() -> dict:
+    """A tune that kept the default: its best point unsteady even measured twice (1,155 first, 826 again, below the
+    default's 902), as `tune --models cnn_onnx --instances 1,2 --concurrency 4` recorded it."""
+    default = {**_point({"default": True}, 902.0, 9.0), "stable": True}
+    best = {**_point({"instances": 1, "threads": 1, "queue_delay_us": 0}, 1155.0, 8.0), "stable": False,
+            "second_measure": {"throughput_ips": 826.0, "latency_ms_p99": 12.5, "stable": False}}
+    other = {**_point({"instances": 2, "threads": 1, "queue_delay_us": 0}, 700.0, 11.0), "stable": True}
+    verdict = {"default": default["label"], "gain": 1155 / 902, "noise": 0.3, "objective": "throughput",
+               "as_good": True, "unsteady": [best["label"]]}
+    return {"status": "ok", "config": {"latency_budget_ms": 50.0}, "points": [default, best, other], "winner": best,
+            "verdict": verdict, "written": None, "sweep": {"search": "grid", "wall_s": 9.0, "server_starts": 1,
+                                                           "settle": {"points": [f"{best['label']} c4"]}}}
+
+
+def test_a_config_not_adopted_is_not_called_the_winner_and_shows_both_its_measurements(capsys, tmp_path, monkeypatch):
+    """The default was kept ("unsteady even measured twice"), yet the table starred the faster config, tune.png's
+    legend said "winner: ..." and the report starred it too, showing 1,155 images/s alone: measured again, 826."""
+    from matplotlib.figure import Figure
+
+    from cnnpack.cli.tune_cmd import _table
+    from cnnpack.report_serving import _points_table
+    from cnnpack.tune_outputs import describe, plot
+
+    section = _kept_unsteady()
+    best = section["winner"]["label"]
+    assert describe(section).startswith(f"best measured, not adopted: {best} at concurrency 4: 1,155 images/s")
+    _table(section)
+    printed = capsys.readouterr().out
+    assert "★" not in printed and "winner" not in printed and "not adopted" in printed and "(kept)" in printed
+    assert "1,155 (again 826)" in printed and "8.00 (again 12.50)" in printed
+    rows = _points_table(section)[0].rows
+    assert [r[0] for r in rows[1:]] == [f"{best} (best measured, not adopted)", "cnn_onnx (its config.pbtxt) (kept)",
+                                        "cnn_onnx x2 1t batching 0 us"]
+    assert rows[1][3] == "1,155 (again 826)" and rows[2][3] == "902"
+    legends: list[list[str]] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: legends.append(
+        [t.get_text() for t in fig.axes[0].get_legend().get_texts()]))
+    plot(section["points"], section["winner"], 50.0, tmp_path / "tune.png", is_adopted=False)
+    assert f"best measured, not adopted: {best}" in legends[0] and not any("winner" in t for t in legends[0])
+    adopted = {**section, "verdict": {**section["verdict"], "as_good": False, "unsteady": []}}
+    assert describe(adopted).startswith(f"winner: {best}")
+    assert _points_table(adopted)[0].rows[1][0] == f"★ {best}"
+
+
+def test_measuring_again_says_which_figure_of_its_windows_disagreed():
+    """"its windows did not agree (1,164, 1,244, 1,199 images/s)": those agree within 7 %; the rule (perf_analyzer's
+    and measure.agree alike) also holds each window's latency to 10 %, and that is what disagreed."""
+    from cnnpack.tune import unsteady_why
+
+    p = {"window_throughput_ips": [1164.0, 1244.0, 1199.0],
+         "judged_windows": {"throughput_ips": [1164.0, 1244.0, 1199.0], "latency_ms": [3.1, 4.52, 3.3],
+                            "tolerance": 0.1}}
+    assert unsteady_why(p) == "its windows' latency (3.10, 4.52, 3.30 ms) did not agree within 10 %"
+    both = {"judged_windows": {"throughput_ips": [4693.0, 888.0, 0.0], "latency_ms": [1.0, 5.0, None],
+                               "tolerance": 0.1}}
+    assert unsteady_why(both) == ("its windows' images/s (4,693, 888, 0) and latency (1.00, 5.00 ms) did not agree "
+                                  "within 10 %")
+    short = {"judged_windows": {"throughput_ips": [1000.0, 1010.0], "latency_ms": [1.0, 1.0], "tolerance": 0.1}}
+    assert unsteady_why(short) == "only 2 of its windows fit in --max-seconds, and 3 in a row must agree within 10 %"
+    assert unsteady_why({"window_throughput_ips": [4693, 888, 46]}) == (
+        "its windows did not agree (4,693, 888, 46 images/s)")  # recorded before the judged windows
+
+
 def test_instances_or_threads_past_the_cores_are_said_to_be_left_out(monkeypatch):
     """--instances 1,3 --threads 1 on 2 cores measured 1 alone without a word; the defaults (1,2 and 1,2) on one core
     must still run (a refusal would stop plain `cnnpack tune` there)."""

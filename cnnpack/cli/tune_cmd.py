@@ -86,11 +86,14 @@ def _table(section: dict) -> None:
                     f"server started {sweep.get('server_starts')}x)")
     for col in ("config", "precision", "c", "images/s", "p50 ms", "p99 ms", "batch", "stable"):
         t.add_column(col, justify="left" if col == "config" else "right")
-    best = section["winner"]
+    from cnnpack.tune_outputs import figure, role
+
     for p in sorted(section["points"], key=lambda p: -p["throughput_ips"]):
-        mark = " ★" if best and (p["label"], p["concurrency"]) == (best["label"], best["concurrency"]) else ""
-        t.add_row(p["label"] + mark, p.get("precision", "fp32") + (f" ({p['computed']} here)" if "computed" in p else ""), str(p["concurrency"]), f"{p['throughput_ips']:,.0f}", f"{p['latency_ms_p50']:.2f}",
-                  f"{p['latency_ms_p99']:.2f}", f"{p.get('server_batch_mean') or 0:.2f}",
+        said = role(section, p)  # a default kept as good: the faster point is not starred as the winner
+        mark = {"winner": " ★", "": ""}.get(said, f" ({said.removeprefix('best measured, ')})")  # kept | not adopted
+        t.add_row(p["label"] + mark, p.get("precision", "fp32") + (f" ({p['computed']} here)" if "computed" in p else ""),
+                  str(p["concurrency"]), figure(p, "throughput_ips", "{:,.0f}"), f"{p['latency_ms_p50']:.2f}",
+                  figure(p, "latency_ms_p99", "{:.2f}"), f"{p.get('server_batch_mean') or 0:.2f}",
                   "yes" if p["stable"] else "[red]no[/red]")
     table_console(110).print(t)  # (stdout, as bench and verify print theirs; progress goes to stderr)
 
