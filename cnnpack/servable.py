@@ -59,6 +59,23 @@ def servable(run: Run, models: tuple[str, ...] = (), *, required_by: str = "tune
     return found
 
 
+def not_laid_out(run: Run, found: list[tuple[str, str]]) -> list[str]:
+    """The formats that passed `cnnpack verify` and that `servable` did not take (`found`) because the repository holds
+    no config.pbtxt of their model (moved away, deleted, or never laid out), each as "name (why: the command that lays
+    it out)": a default `cnnpack tune` swept the others without a word."""
+    from cnnpack.triton_repo import PLATFORMS, default_name, lay_out
+
+    stages = run.read().get("stages", {})
+    triton, taken = stages["triton"], {fmt for _, fmt in found}
+    root, out = Path(triton["repository"]), []
+    for fmt, v in stages.get("verify", {}).get("formats", {}).items():
+        name = default_name(run.model_spec["arch"], fmt) if fmt in PLATFORMS else ""
+        if name and v.get("passed") and fmt not in taken and not (root / name / "config.pbtxt").is_file():
+            out.append(f"{name} ({root / name / 'config.pbtxt'} is missing: "
+                       f"{lay_out(run.path, triton, name, [(name, fmt)])} lays it out)")
+    return out
+
+
 def unverified(run: Run, found: list[tuple[str, str]]) -> list[str]:
     """The classifiers laid out in the run's repository under their default names that `servable` did not take
     (`found`), each with why: no verdict of its artifact now, or a failed one (deploy names what it leaves out)."""

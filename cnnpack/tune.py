@@ -37,7 +37,7 @@ from cnnpack.atomic import atomic_write_bytes, atomic_write_json
 from cnnpack.errors import CnnpackError, ParityError, StageFailed, UserInputError, shell
 from cnnpack.peak import usable_cores
 from cnnpack.rundir import Run, sha256
-from cnnpack.servable import servable
+from cnnpack.servable import not_laid_out, servable
 from cnnpack.triton_config import served_budget, served_winner, tuned_in_place
 from cnnpack.triton_publish import PREVIOUS
 from cnnpack.tune_grid import Setting, TuneConfig, estimate_s, grid, model_config_json, native_bf16, past_the_cores
@@ -210,6 +210,7 @@ def _tune(run: Run, cfg: TuneConfig, progress: Callable[[str], None]) -> dict:
     repository = run.stage("triton", required_by="tune", hint=f"`cnnpack triton --run {shell(run.path)}`")["repository"]
     models = servable(run, cfg.models)
     _check_current(run, models)
+    _say_not_laid_out(run, cfg, models)
     run.check_writable(*(Path(repository) / m for m, _ in models))  # where a winner is written: now, not after the sweep
     full = grid(models, cfg, cfg.queue_delays_us)
     # said as warnings, which stay on a terminal (a progress line is overwritten by the next)
@@ -230,6 +231,13 @@ def _tune(run: Run, cfg: TuneConfig, progress: Callable[[str], None]) -> dict:
     info["server_starts"] = (server_log.read_text(errors="replace").count("Started GRPCInferenceService")
                              if server_log.is_file() else None)
     return finish(run, cfg, points, info)
+
+
+def _say_not_laid_out(run: Run, cfg: TuneConfig, models: list[tuple[str, str]]) -> None:
+    """A verified model whose folder is gone from the repository is left out of a default sweep: said, as a warning
+    (a progress line is overwritten by the next); named in --models, `servable` refuses it."""
+    if not cfg.models and (gone := not_laid_out(run, models)):
+        log.warning(f"warning: tune: not swept, verified but not in the repository: {'; '.join(gone)}")
 
 
 def _check_current(run: Run, models: list[tuple[str, str]]) -> None:

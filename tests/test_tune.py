@@ -255,6 +255,33 @@ def test_a_model_exported_again_since_verify_is_refused_before_any_server(laid_o
         tune(run, TuneConfig())
 
 
+def test_a_verified_model_gone_from_the_repository_is_said_not_swept(laid_out, tmp_path, caplog):
+    """With `model_repository/cnn_onnx_int8` moved away, a default tune swept the others without a word (named in
+    --models, it is exit 2). Planted: a second format that passed verify, with no folder in the repository."""
+    import logging
+
+    from cnnpack.servable import servable
+    from cnnpack.triton_repo import default_name
+    from cnnpack.tune import TuneConfig, _say_not_laid_out
+
+    run_dir, repo = _copy(laid_out, tmp_path)
+    run = Run.open(run_dir)
+    run.update(lambda m: m["stages"]["verify"]["formats"].__setitem__("torchscript", {"passed": True}))
+    gone = default_name(run.model_spec["arch"], "torchscript")
+    with caplog.at_level(logging.WARNING, logger="cnnpack"):
+        _say_not_laid_out(run, TuneConfig(), servable(run))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith(f"warning: tune: not swept, verified but not in the repository: {gone} "
+                                                 f"({repo / gone / 'config.pbtxt'} is missing: `cnnpack triton --run ")
+    assert said[0].endswith("--format torchscript` lays it out)")
+    caplog.clear()
+    onnx = default_name(run.model_spec["arch"], "onnx")
+    _say_not_laid_out(run, TuneConfig(models=(onnx,)), servable(run, (onnx,)))  # what was asked for: nothing to say
+    assert not caplog.records
+    with pytest.raises(UserInputError, match=f"--models '{gone}' is not a verified model"):
+        servable(run, (gone,))
+
+
 def test_a_repository_it_cannot_write_is_refused_before_the_sweep(laid_out, tmp_path, monkeypatch):
     """A read-only repository: the whole sweep ran, then the winner's config.pbtxt.prev could not be written."""
     from support import unwritable
