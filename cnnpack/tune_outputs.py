@@ -73,7 +73,9 @@ def plot(points: list[dict], winner: dict | None, latency_budget_ms: float, path
             if p["default"]:
                 ax.scatter(p["latency_ms_p99"], p["throughput_ips"], s=120, facecolors="none", edgecolors="black")
     front = pareto(points)
-    ax.plot([p["latency_ms_p99"] for p in front], [p["throughput_ips"] for p in front], "k--", lw=1, label="Pareto front")
+    if len(front) > 1:  # one point draws no line: the legend listed a front that is not there
+        ax.plot([p["latency_ms_p99"] for p in front], [p["throughput_ips"] for p in front], "k--", lw=1,
+                label="Pareto front")
     ax.axvline(latency_budget_ms, color="red", lw=1, label=f"budget p99 {latency_budget_ms:g} ms")
     if winner:
         ax.scatter(winner["latency_ms_p99"], winner["throughput_ips"], marker="*", s=300, edgecolors="black", zorder=5,

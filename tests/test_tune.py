@@ -764,6 +764,23 @@ def test_a_config_not_adopted_is_not_called_the_winner_and_shows_both_its_measur
     assert _points_table(adopted)[0].rows[1][0] == f"★ {best}"
 
 
+def test_tune_png_lists_a_pareto_front_only_where_one_is_drawn(tmp_path, monkeypatch):
+    """One point beats every other on both images/s and p99: the front is that point, no line is drawn, and the
+    legend listed "Pareto front" all the same."""
+    from matplotlib.figure import Figure
+
+    from cnnpack.tune_outputs import plot
+
+    legends: list[list[str]] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: legends.append(
+        [t.get_text() for t in fig.axes[0].get_legend().get_texts()]))
+    one = [_point({"default": True}, 900.0, 9.0), _point({"instances": 1, "threads": 1}, 1200.0, 5.0)]
+    two = [_point({"default": True}, 900.0, 4.0), _point({"instances": 1, "threads": 1}, 1200.0, 5.0)]
+    for points in (one, two):
+        plot(points, points[1], 50.0, tmp_path / "tune.png")
+    assert "Pareto front" not in legends[0] and "Pareto front" in legends[1]
+
+
 def test_measuring_again_says_which_figure_of_its_windows_disagreed():
     """"its windows did not agree (1,164, 1,244, 1,199 images/s)": those agree within 7 %; the rule (perf_analyzer's
     and measure.agree alike) also holds each window's latency to 10 %, and that is what disagreed."""
