@@ -877,6 +877,27 @@ def test_infer_takes_a_server_or_a_run_and_their_own_options(tiny_onnx_run, val_
     assert ok.returncode == 0 and json.loads(ok.stdout)["results"][0]["file"] == image, ok.stderr
 
 
+def test_json_keeps_what_was_answered_before_a_failure(monkeypatch):
+    """`infer --json` of 4,500 images whose server died midway wrote 0 bytes: the hundreds answered were lost (text
+    mode had printed them chunk by chunk)."""
+    from typer.testing import CliRunner
+
+    import cnnpack.infer_local
+    from cnnpack.cli import app
+    from cnnpack.errors import StageFailed
+
+    def dies(paths, run, *, on_results, **_):
+        on_results([{"file": "a.png", "top": [{"label": "star", "score": 3.0}]}], [{"file": "b", "reason": "empty"}])
+        raise StageFailed("Triton at http://127.0.0.1:8000: is the server still running?")
+
+    monkeypatch.setattr(cnnpack.infer_local, "infer_local", dies)
+    out = CliRunner().invoke(app, ["infer", "a.png", "--run", "r", "--json"])
+    assert out.exit_code == 1
+    said = json.loads(out.stdout)
+    assert said["complete"] is False and "is the server still running?" in said["error"]
+    assert [r["file"] for r in said["results"]] == ["a.png"] and said["skipped"][0]["file"] == "b"
+
+
 def test_a_reader_that_stops_reading_is_no_failure(tiny_onnx_run, val_files):
     """`cnnpack infer ... | head` exited 1 without a word (typer's answer to the broken pipe): a script with pipefail
     failed. The reader here (`true`) closes the pipe before cnnpack writes its first line."""

@@ -51,7 +51,11 @@ def infer(
         raise usage_error(f"{', '.join(wrong)} {'goes' if len(wrong) == 1 else 'go'} with "
                           f"{'--model (a served classifier)' if run is not None else '--run (classifying here)'}")
 
+    answered: dict[str, list] = {"results": [], "skipped": []}
+
     def shown(results: list[dict], skipped: list[dict]) -> None:  # each chunk as it is answered
+        answered["results"] += results
+        answered["skipped"] += skipped
         for s in skipped:
             typer.echo(f"skipped {s['file']}: {s['reason']}", err=True)
         if as_json or not results:
@@ -63,18 +67,27 @@ def infer(
             labels = "  ".join(f"{t['label']} {t['score']:.4f}" for t in r["top"])
             typer.echo(f"{r['file']}{' ' * (width - cell_len(r['file']))}  {labels}")
 
-    if run is not None:
-        from cnnpack.infer_local import infer_local
+    from cnnpack.errors import CnnpackError
 
-        result = infer_local(images, run, fmt=fmt, device=device, top_k=top_k, on_results=shown)
-    else:
-        from cnnpack.infer import InferConfig
-        from cnnpack.infer import infer as do_infer
+    try:
+        if run is not None:
+            from cnnpack.infer_local import infer_local
 
-        cfg = InferConfig(model=model, url=url, protocol=protocol, top_k=top_k, ensemble=ensemble, timeout_s=timeout)
-        result = do_infer(images, cfg, on_results=shown)
+            result = infer_local(images, run, fmt=fmt, device=device, top_k=top_k, on_results=shown)
+        else:
+            from cnnpack.infer import InferConfig
+            from cnnpack.infer import infer as do_infer
+
+            cfg = InferConfig(model=model, url=url, protocol=protocol, top_k=top_k, ensemble=ensemble,
+                              timeout_s=timeout)
+            result = do_infer(images, cfg, on_results=shown)
+    except (CnnpackError, KeyboardInterrupt) as e:
+        if as_json and answered["results"]:  # what was answered before (text mode printed it chunk by chunk)
+            error = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+            typer.echo(json.dumps({"complete": False, "error": error, **answered}, indent=2))
+        raise
     if left := result["left_out"]:
         typer.echo(f"left out {count(len(left), 'file')} of the folders without an image suffix (e.g. {left[0]}); "
                    "name a file to send it whatever its suffix", err=True)
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json.dumps({"complete": True, **result}, indent=2))
