@@ -212,9 +212,20 @@ def test_an_image_only_the_server_cannot_decode_is_skipped_and_the_others_classi
         return ok, np.insert(batch, 1, np.array([bad.read_bytes()], dtype=np.object_), axis=0), skipped
 
     monkeypatch.setattr(infer_mod, "read_encoded", lets_it_through)
-    files = [val_files[0], bad, val_files[1]]
+    sent, classify = [], infer_mod.classify
+    monkeypatch.setattr(infer_mod, "classify", lambda c, m, b, k: sent.append(len(b)) or classify(c, m, b, k))
+    files = [val_files[0], bad, val_files[1], val_files[2]]
     result = infer(files, InferConfig(model="cnn_onnx", url=server.http_address, top_k=1, ensemble=True))
-    assert [r["file"] for r in result["results"]] == [str(val_files[0]), str(val_files[1])]
+    assert [r["file"] for r in result["results"]] == [str(val_files[0]), str(val_files[1]), str(val_files[2])]
+    assert sent == [4, 1, 1, 1, 1]  # the request the server refused, then its images one at a time
+    # requests of at most ENCODED_REQUEST_BYTES each: 64 large PNGs in one passed the --timeout while decoded
+    monkeypatch.setattr(infer_mod, "read_encoded", checked)
+    sizes = [Path(f).stat().st_size for f in val_files[:3]]
+    for budget, requests in ((sizes[0] + sizes[1], [2, 1]), (1, [1, 1, 1])):  # (one image at least, however large)
+        sent.clear()
+        monkeypatch.setattr(infer_mod, "ENCODED_REQUEST_BYTES", budget)
+        again = infer(val_files[:3], InferConfig(model="cnn_onnx", url=server.http_address, top_k=1, ensemble=True))
+        assert len(again["results"]) == 3 and sent == requests, (budget, sent)
     assert result["skipped"] == [{"file": str(bad), "reason": "the server could not decode it (UnidentifiedImageError: "
                                                                 "cannot identify image file)"}], result["skipped"]
 
