@@ -124,8 +124,8 @@ class BenchConfig:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise UserInputError(f"--batch-sizes must be integers >= 1, got {list(self.batch_sizes)}")
         if max(self.batch_sizes) > MAX_BATCH:  # 100000000 was a MemoryError traceback (a 2.24 TiB input)
-            raise UserInputError(f"--batch-sizes must be at most {MAX_BATCH:,} (a batch is held in memory, 2.4 GB of "
-                                 f"float32 at 224 px), got {max(self.batch_sizes):,}")
+            raise UserInputError(f"--batch-sizes must be at most {MAX_BATCH:,} (a batch is held in memory: at 224 px, "
+                                 f"{MAX_BATCH:,} images are 2.4 GB of float32), got {max(self.batch_sizes):,}")
         if self.threads is not None and self.threads < 1:
             raise UserInputError(f"--threads must be >= 1, got {self.threads}")
         cores = usable_cores()

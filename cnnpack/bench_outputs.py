@@ -13,7 +13,7 @@ from cnnpack.rundir import Run
 
 CSV_COLUMNS = ("runtime", "format", "precision", "batch_size", "concurrency", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95",
                "latency_ms_p99", "latency_ms_mean", "throughput_ips", "gflops", "matmul_gflops", "matmul_share",
-               "speedup_vs_eager", "speedup_vs_fp32", "peak_rss_mb", "load_s", "first_call_s", "cpu_others", "stable", "requests", "server_batch_mean", "load_generator")
+               "speedup_vs_eager", "speedup_vs_fp32", "peak_rss_mb", "load_s", "first_call_s", "cpu_others", "stable", "requests", "server_batch_mean", "load_generator", "protocol")
 
 
 def commit_outputs(run: Run, section: dict, *, plot: bool = True) -> None:
@@ -38,9 +38,9 @@ def commit_outputs(run: Run, section: dict, *, plot: bool = True) -> None:
 
 def series(row: dict) -> str:
     """A row's name in tables and plots: the runtime (with a precision other than fp32), or for a served model
-    its format and concurrency."""
-    if row.get("concurrency"):
-        return f"{row['format']} c{row['concurrency']}"
+    its format, protocol where gRPC, and concurrency."""
+    if row.get("concurrency"):  # a gRPC load named as such (one model loaded over both read as one in the plot)
+        return f"{row['format']}{' grpc' if row.get('protocol') == 'grpc' else ''} c{row['concurrency']}"
     precision = row.get("precision", "fp32")
     return row["runtime"] if precision == "fp32" or row["runtime"].endswith(precision) else f"{row['runtime']} {precision}"
 

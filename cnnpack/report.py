@@ -341,7 +341,7 @@ def _bench(m: dict, run: Run) -> list[Block]:
                      times(r.get("speedup_vs_eager")), num(r.get("gflops"), "{:.1f}"),
                      pct(r.get("matmul_share")), "yes" if r.get("stable", True) else "**no**"])
     out = [Block("h2", "Latency and throughput"), *failed,
-           Block("p", f"`{b.get('model')}` on {b.get('device')}, {b.get('threads', '?')} threads for every runtime. "
+           Block("p", f"`{b.get('model')}` on {b.get('device')}, {count(b['threads'], 'thread') if b.get('threads') else '? threads'} for every runtime. "
                       f"The share column compares each row with this machine's measured matrix-multiply ceiling of "
                       f"the row's own precision: {_ceilings(b, peak)}. Speedup: eager's median latency over the "
                       "runtime's, at the same batch size."),

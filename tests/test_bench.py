@@ -726,3 +726,14 @@ def test_the_precision_table_marks_figures_from_doubtful_rows_and_names_what_was
     assert "| onnx_int8 | onnxruntime | int8 |" in md and "| 0.333 † | 6,000 | 3.00× † |" in md
     assert "| pt2 | aoti | fp32 | – | 90.00% | +0.00 | – | – | – |" in md  # no dagger on a dash
     assert "Not benchmarked: pt2 in aoti (`cnnpack bench --run " in md and "--runtimes onnxruntime,aoti`" in md
+
+
+def test_served_rows_of_both_protocols_are_told_apart():
+    """One model loaded over gRPC and then HTTP: two rows of one name in bench.csv (no protocol column), the table and
+    the plot, which drew one bar for both."""
+    from cnnpack.bench_outputs import CSV_COLUMNS, series
+
+    row = {"runtime": "triton", "format": "triton:cnn_onnx_int8", "concurrency": 2, "batch_size": 1}
+    assert series({**row, "protocol": "grpc"}) == "triton:cnn_onnx_int8 grpc c2"
+    assert series({**row, "protocol": "http"}) == series(row) == "triton:cnn_onnx_int8 c2"  # (the default's name)
+    assert "protocol" in CSV_COLUMNS
