@@ -109,7 +109,8 @@ def shown_name(path: Path | str) -> str:
     """A file's name as text that prints and encodes anywhere: bytes that are not UTF-8 (a name from another
     system's encoding) as \\xNN escapes, not the lone surrogates Python keeps them as, which strict JSON readers
     and terminals refuse."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.replace("\n", "\\n").replace("\r", "\\r")  # one line per image, whatever the name holds
 
 
 def _special(path: Path) -> str | None:
@@ -176,7 +177,7 @@ def files_to_classify(paths: list[str | Path]) -> tuple[list[Path], list[Path]]:
 
 def none_read(n: int, skipped: list[dict], tail: str = "") -> UserInputError:
     """The error where none of `n` images could be read: the first reasons."""
-    return UserInputError(f"none of the {n} images could be read ("
+    return UserInputError(f"{'the image' if n == 1 else f'none of the {n} images'} could not be read ("
                           + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
                           + ("; ..." if len(skipped) > 3 else "") + f"){tail}")
 

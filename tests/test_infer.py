@@ -290,7 +290,7 @@ def test_cli_errors_are_one_line_with_exit_2(server, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("hello")
     none_readable = _cli("infer", str(bad), "--model", "cnn_onnx", "--url", server.http_address)
-    assert none_readable.returncode == 2 and "none of the 1 images could be read" in none_readable.stderr
+    assert none_readable.returncode == 2 and "the image could not be read" in none_readable.stderr
     for args, said in ((["--model", "cnn_onnx_preprocess"], "cnn_onnx_preprocess is the image ensemble's preprocessing "
                                                           "step, not a classifier: pass --ensemble --model cnn_onnx"),
                        (["--model", "cnn_onnx_preprocess", "--ensemble"], "cnn_onnx_preprocess is the image "
@@ -886,6 +886,25 @@ def test_infer_takes_a_server_or_a_run_and_their_own_options(tiny_onnx_run, val_
     (tmp_path / "j").mkdir()
     ok = forked_cli({"json": ["infer", image, "--run", run, "--json"]}, tmp=tmp_path / "j")["json"]
     assert ok.returncode == 0 and json.loads(ok.stdout)["results"][0]["file"] == image, ok.stderr
+
+
+def test_odd_names_and_pixels_stay_one_line_and_quiet():
+    """A file name holding a newline broke infer's one line per image; a float TIFF holding NaN printed numpy's
+    RuntimeWarning with its source line (here and in the ensemble's preprocessing)."""
+    import warnings
+
+    from PIL import Image
+
+    from cnnpack.backends.preprocess.model import gray8 as served_gray8
+    from cnnpack.images import gray8
+    from cnnpack.infer import shown_name
+
+    assert shown_name("a\nb\r.png") == "a\\nb\\r.png"
+    img = Image.fromarray(np.array([[np.nan, 0.5], [1.0, 0.0]], dtype=np.float32), mode="F")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for fn in (gray8, served_gray8):
+            assert fn(img).tolist() == [[0, 128], [255, 0]]
 
 
 def test_json_keeps_what_was_answered_before_a_failure(monkeypatch):
