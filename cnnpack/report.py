@@ -350,7 +350,7 @@ def _bench(m: dict, run: Run) -> list[Block]:
 
     if cold := cold_starts(res):
         out.append(Block("p", f"**Cold start** ({COLD_START}): {cold}."))
-    out += [Block("p", w) for w in _bench_warnings({**b, "results": res})]
+    out += [Block("p", w) for w in _bench_warnings(b, res)]
     from cnnpack.precision import stale
 
     if old := stale(m.get("stages", {}), "bench"):
@@ -381,12 +381,14 @@ def _ceilings(b: dict, peak) -> str:
     return "; ".join(one(p, v) for p, v in c.items())
 
 
-def _bench_warnings(b: dict) -> list[str]:
-    """What makes these numbers less than trustworthy, said in the report itself."""
+def _bench_warnings(b: dict, res: list[dict]) -> list[str]:
+    """What makes these numbers (the local rows `res`) less than trustworthy, said in the report itself; the slower
+    machine's caution names the served rows too, as the pipeline's summary does (the served table marks their
+    unsteady windows itself)."""
     from cnnpack.bench import series, series_at
     from cnnpack.bench_outputs import BUSY, speed_cautions
 
-    res, out = b.get("results", []), []
+    out = []
     unstable = [series_at(r) for r in res if not r.get("stable", True)]
     if unstable:
         out.append(f"**Unstable**: the measurement windows of {', '.join(unstable)} did not agree within "

@@ -576,8 +576,13 @@ def test_a_slower_machine_is_said_for_the_rows_it_slowed_not_for_one_sample_that
     rows = [{"runtime": n, "format": "onnx", "batch_size": 1, "stable": True, "cpu_others": 0.0,
              "matmul_before_gflops": samples[i], "matmul_after_gflops": samples[i + 1]}
             for i, n in enumerate(("eager", "compiled", "onnxruntime"))]
-    assert [w for w in _bench_warnings({"results": rows, "matmul": {"samples_gflops": samples}})
+    assert [w for w in _bench_warnings({"results": rows, "matmul": {"samples_gflops": samples}}, rows)
             if w.startswith("**Slower machine**: The machine ran slower while eager@1, compiled@1 were measured")]
+    # a served row measured while it ran slower: the summary named it, the report (its local rows alone) did not
+    served = {"runtime": "triton", "format": "triton:cnn_onnx", "concurrency": 1, "batch_size": 1, "stable": True,
+              "matmul_before_gflops": 100, "matmul_after_gflops": 100}
+    said_all = _bench_warnings({"results": [*rows, served], "matmul": {"samples_gflops": samples}}, rows)
+    assert [w for w in said_all if "eager@1, compiled@1, triton:cnn_onnx c1@1 were measured" in w], said_all
     assert names([200, 100]) == "the fp32 matmul rate varied from 100 to 200 GFLOP/s during the run: the machine was " \
         "busy or its speed changed; rerun on a quiet machine"  # one runtime: two samples cannot tell a dip
     assert names([200, 150, 140], served=True) == "triton:compiled c1@1"  # bench --triton-url alone
