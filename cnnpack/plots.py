@@ -54,6 +54,9 @@ def curves(history: list[dict], path: Path) -> None:
            label=f"best val {100 * best['val_acc']:.2f}% (epoch {best['epoch']})")
     for ax in (a, b):
         ax.xaxis.get_major_locator().set_params(integer=True)  # epochs, not 1.5, 2.5, ...
+        if len(ep) == 1:  # one epoch: its tick alone (the locator drew 0.96 ... 1.04)
+            ax.set_xticks(ep)
+            ax.set_xlim(ep[0] - 0.5, ep[0] + 0.5)
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)

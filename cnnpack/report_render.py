@@ -64,7 +64,7 @@ def to_html(title: str, blocks: list[Block], run: Run) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
              "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:0.92em}"
-             "td:first-child,th:first-child{text-align:left}pre{background:#f4f4f4;padding:1em;overflow-x:auto}"
+             "td:first-child,th:first-child{text-align:left}pre{background:#f4f4f4;padding:1em;white-space:pre-wrap;overflow-wrap:anywhere}"
              ".wide{overflow-x:auto}"  # a table wider than the page scrolls inside it, not past its right edge
              "img{max-width:100%}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     for b in blocks:

@@ -90,3 +90,13 @@ def test_past_thirty_classes_the_matrix_is_numbered_and_the_report_lists_the_num
     assert "| # | class | train images | val images |" in md and f"| {k - 1} | c{k - 1} | 1 | 1 |" in md
     m["stages"]["train"]["data"] = {"classes": ["a", "b"], "train_per_class": [1, 1], "val_per_class": [1, 1]}
     assert "| class | train images | val images |" in to_markdown("r", _data_and_training(m, Run(tmp_path)))
+
+
+def test_one_epoch_s_curves_have_its_tick_alone(tmp_path, monkeypatch):
+    """A one-epoch training's curves were ticked 0.96, 0.98, 1.00, 1.02, 1.04."""
+    from cnnpack import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.extend(ax.get_xticks().tolist() for ax in fig.axes))
+    plots.curves([{"epoch": 1, "train_loss": 1.0, "val_loss": 1.1, "train_acc": 0.5, "val_acc": 0.4}], tmp_path / "c.png")
+    assert seen == [[1.0], [1.0]]
