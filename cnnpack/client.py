@@ -322,8 +322,14 @@ class Client:
             config = self._client.get_model_config(name, **extra, **self._timeout)
         except self.errors as e:
             if "unknown model" in str(e).lower() or "not found" in str(e).lower():
+                from cnnpack.triton_config import ENSEMBLE, PREPROCESS
+
                 index = self.model_index()
-                ready = ", ".join(sorted(n for n, (state, _) in index.items() if state == "READY")) or "none"
+                names = sorted(n for n, (state, _) in index.items() if state == "READY")
+                # the classifiers a --model takes; an image ensemble only with --ensemble; its step not at all
+                ready = ", ".join(n for n in names if not n.endswith((ENSEMBLE, PREPROCESS))) or "none"
+                if ensembles := [n.removesuffix(ENSEMBLE) for n in names if n.endswith(ENSEMBLE)]:
+                    ready += f"; with --ensemble: {', '.join(ensembles)}"
                 if name in index:  # laid out after the server started, left out (explicit control), or it failed
                     state, why = index[name]
                     said = f"{state}: {why}" if why else state or "laid out after it started, or not loaded"

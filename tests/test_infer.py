@@ -106,7 +106,9 @@ def test_served_logits_equal_eager(server, eager, model, protocol):
 def test_an_ensemble_is_not_a_pixel_runtime_and_a_missing_model_names_the_served_ones(server):
     with pytest.raises(UserInputError, match="encoded image bytes.*--model cnn_onnx"):
         _served(server, "http", "cnn_onnx_image")
-    with pytest.raises(UserInputError, match="serves no model 'nope'.*cnn_onnx, cnn_onnx_image"):
+    # the classifiers a --model takes; the image ensemble (cnn_onnx_image) and its step were listed as if they did
+    with pytest.raises(UserInputError, match=r"serves no model 'nope' \(ready: cnn_onnx, cnn_onnx_nobatch, "
+                                             r"cnn_onnx_static4, cnn_torchscript; with --ensemble: cnn_onnx\); pass"):
         _served(server, "grpc", "nope")
     later = Path(server.cfg.repository) / "cnn_later"  # laid out after the server started: not loaded, not "ready"
     shutil.copytree(Path(server.cfg.repository) / "cnn_onnx", later)

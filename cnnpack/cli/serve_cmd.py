@@ -55,7 +55,11 @@ def serve(
             typer.echo(f"stopping Triton (pid {server.pid}) ...", err=True)
             server.stop(grace_s=INTERRUPTED_GRACE_S)  # not Triton's 20 s wait for a client's open connection
             return
-    raise StageFailed(f"tritonserver (pid {server.pid}) exited on its own with code {code}"
+    import signal
+
+    ended = (f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+             else f"exited on its own with code {code}")  # (-9: a SIGKILL from outside, not an exit of its own)
+    raise StageFailed(f"tritonserver (pid {server.pid}) {ended}"
                       + (f"; see its log {log}" if log else "; rerun with --log FILE to see why"))
 
 
