@@ -19,7 +19,6 @@ stays exactly as the NGC release reads it.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 LOCAL_RELEASE = "24.10"  # Triton 2.51: the server the nvidia-pytriton wheel ships
@@ -39,11 +38,7 @@ def read_configs(repository: str | Path) -> dict[str, object]:
     try:
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2
-    except ImportError as e:  # a broken installation: it is told the docker line, for the release that serves most models
-        # a Ctrl-C while numpy's C code imported (ml_dtypes, under tritonclient): printed there, and made this
-        # ImportError; the server then started anyway (the interrupt is seen only as what that code printed)
-        if isinstance(e.__context__, KeyboardInterrupt) or isinstance(getattr(sys, "last_value", None), KeyboardInterrupt):
-            raise KeyboardInterrupt from None
+    except ImportError:  # a broken installation: it is told the docker line, for the release that serves most models
         return out
     for config in configs:
         try:
