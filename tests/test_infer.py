@@ -892,12 +892,11 @@ def test_infer_takes_a_server_or_a_run_and_their_own_options(tiny_onnx_run, val_
 
 def test_odd_names_and_pixels_stay_one_line_and_quiet():
     """A file name holding a newline broke infer's one line per image; a float TIFF holding NaN printed numpy's
-    RuntimeWarning with its source line (here and in the ensemble's preprocessing)."""
+    RuntimeWarning with its source line."""
     import warnings
 
     from PIL import Image
 
-    from cnnpack.backends.preprocess.model import gray8 as served_gray8
     from cnnpack.images import gray8
     from cnnpack.infer import shown_name
 
@@ -905,8 +904,9 @@ def test_odd_names_and_pixels_stay_one_line_and_quiet():
     img = Image.fromarray(np.array([[np.nan, 0.5], [1.0, 0.0]], dtype=np.float32), mode="F")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for fn in (gray8, served_gray8):
-            assert fn(img).tolist() == [[0, 128], [255, 0]]
+        assert gray8(img).tolist() == [[0, 128], [255, 0]]
+    # (the ensemble's preprocessing is left as laid out, a change making every ensemble a new version: it casts NaN to
+    # the same 0, its warning in Triton's log alone)
 
 
 def test_json_keeps_what_was_answered_before_a_failure(monkeypatch):
