@@ -190,7 +190,7 @@ def _merge_served(old: dict, new: dict, rt, served: ServedConfig) -> dict:
               "served": seen, "notes": NOTES,
               # the earlier rows of this model and protocol that this one did not measure again: dropped, and named
               # (what the earlier local bench replaced is not this bench's doing: its rows stay)
-              "replaced": [f"{d} ({served.protocol})" for d in dropped]}
+              "replaced": dropped}  # (named as series names them: a gRPC row says so)
     # the higher of each precision's ceiling as recorded now (a local bench that ran during the load may have measured
     # it again) and as this bench has it (its matmul samples may have raised it): every row is held to the same ones
     ceilings = new["ceilings"]

@@ -177,7 +177,7 @@ def files_to_classify(paths: list[str | Path]) -> tuple[list[Path], list[Path]]:
 
 def none_read(n: int, skipped: list[dict], tail: str = "") -> UserInputError:
     """The error where none of `n` images could be read: the first reasons."""
-    return UserInputError(f"{'the image' if n == 1 else f'none of the {n} images'} could not be read ("
+    return UserInputError(f"{'the image could not' if n == 1 else f'none of the {n} images could'} be read ("
                           + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
                           + ("; ..." if len(skipped) > 3 else "") + f"){tail}")
 

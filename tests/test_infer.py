@@ -492,7 +492,7 @@ def test_bench_measures_served_throughput_under_concurrency(server, served_run, 
     # the same model and protocol again at another concurrency: the earlier rows go, named (they went unsaid)
     again = bench_served(run_dir, ServedConfig(url=server.grpc_address, model="cnn_onnx", protocol="grpc",
                                                concurrency=(2,), load_generator="cnnpack"), cfg)
-    assert again["replaced"] == ["triton:cnn_onnx c1@1 (grpc)", "triton:cnn_onnx c8@1 (grpc)"]
+    assert again["replaced"] == ["triton:cnn_onnx grpc c1@1", "triton:cnn_onnx grpc c8@1"]
     assert {(r["format"], r.get("protocol"), r["concurrency"]) for r in again["results"]} == {
         ("triton:cnn_onnx", "grpc", 2), ("triton:cnn_onnx", "http", 4), ("triton:cnn_onnx_nobatch", "grpc", 1),
         ("triton:cnn_onnx_nobatch", "grpc", 8)}
