@@ -89,6 +89,12 @@ def _checkpoint(run: Run) -> str | None:
     return sha256(path) if path.is_file() else None
 
 
+def _trained_by(cfg) -> dict:
+    """A training's config as far as it shapes the training: --download (whether torchvision may fetch the data)
+    does not; given once, a later run without it trained again."""
+    return {**(cfg if isinstance(cfg, dict) else asdict(cfg)), "download": False}
+
+
 class Stages:
     """The pipeline's stages for one config; each `run_*` is the matching command's library call."""
 
@@ -150,7 +156,7 @@ class Stages:
         from cnnpack.data import recorded_source  # `dss`, `./dss` and `/abs/dss` are one folder: not a new training
 
         root = self.cfg.data_root and str(Path(self.cfg.data_root).resolve())  # tv and /abs/tv: one root
-        inputs = {"config": {**asdict(self.cfg.train_config()), "data": recorded_source(self.cfg.data),
+        inputs = {"config": {**_trained_by(self.cfg.train_config()), "data": recorded_source(self.cfg.data),
                              "data_root": root, "arch": user_model.recorded(self.cfg.arch)},
                   "data": data_identity(self.cfg.data, self.cfg.data_root)}
         if user_model.is_user_arch(self.cfg.arch):  # your own network: trained again when its file changes
@@ -182,12 +188,12 @@ class Stages:
         cfg, last = self.cfg.train_config(), stage_section(run, "train")
         # an interrupted training with these options continues from its last finished epoch
         resume = (run.file(LAST).is_file() and last.get("status") != "ok"  # (as recorded: absolute paths)
-                  and last.get("config") == asdict(as_recorded(cfg))
+                  and _trained_by(last.get("config") or {}) == _trained_by(as_recorded(cfg))
                   and self._same_code(run))  # your own network edited since: trained again, not resumed
         if resume:
             self.say("[train] resuming the interrupted training from last.pt")
         elif run.manifest_path.exists() and last.get("status") is not None:
-            was, now = last.get("config") or {}, asdict(as_recorded(cfg))
+            was, now = _trained_by(last.get("config") or {}), _trained_by(as_recorded(cfg))
             changed = ", ".join(f"{k} {was.get(k)!r} -> {now[k]!r}" for k in now if was.get(k) != now[k])
             if last.get("status") == "ok":  # (train sets the old run aside until the new one keeps an epoch)
                 source = (run.model_spec.get("arch_source") or {}) if run.manifest_path.exists() else {}

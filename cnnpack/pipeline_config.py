@@ -15,6 +15,16 @@ DEFAULT_RUNTIMES = {"checkpoint": ("eager", "compiled"), "torchscript": ("torchs
 TRAIN_OPTIONS = ("lr", "patience", "amp", "channels_last", "pretrained", "val_fraction", "download")
 
 
+def _has_split(data: str) -> bool:
+    """Whether --data comes with its own train/validation split, where --val-fraction does nothing."""
+    from cnnpack.train_resume import _split_given
+
+    try:
+        return _split_given(data)
+    except OSError:  # a folder that cannot be read: loading the data says so
+        return False
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """The options of every stage that the pipeline exposes; the rest keep their commands' defaults."""
@@ -79,7 +89,8 @@ class PipelineConfig:
         self.export_config().validate()  # an unknown format is named as such (before the onnx rule below)
         if "onnx" not in self.formats:
             raise UserInputError("the pipeline serves the ONNX artifact: --formats must include onnx")
-        for make in (self.train_config, self.verify_config, self.bench_config, self.quantize_config):
+        for make in (lambda: self.train_config(normalised=False), self.verify_config, self.bench_config,
+                     self.quantize_config):
             make().validate()
         self._check_runtimes()
         if max(self.bench_batch_sizes) > self.max_batch_size:
@@ -146,10 +157,18 @@ class PipelineConfig:
                                  f"{self.data}'s training split; use at most {n}")
 
     # the stage configs, built lazily (their modules import torch)
-    def train_config(self):
-        from cnnpack.train_config import TrainConfig
+    def train_config(self, normalised: bool = True):
+        from cnnpack.train_config import DEFAULT_LR, TrainConfig
 
         given = {k: getattr(self, k) for k in TRAIN_OPTIONS if getattr(self, k) is not None}
+        # a value the default comes to is the default: given or not, a finished run is the same training (not
+        # trained again for `--channels-last` or `--lr 0.01` on a run of the defaults); validated as given
+        if normalised and given.get("channels_last") is True:
+            given.pop("channels_last")
+        if normalised and given.get("lr") == DEFAULT_LR["adamw"]:
+            given.pop("lr")
+        if normalised and "val_fraction" in given and _has_split(self.data):  # (the built-in data, torchvision's, train/ + val/)
+            given.pop("val_fraction")
         return TrainConfig(data=self.data, arch=self.arch, image_size=self.image_size, epochs=self.epochs,
                            batch_size=self.batch_size, seed=self.seed, device=self.device, data_root=self.data_root,
                            **given)

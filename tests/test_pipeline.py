@@ -290,12 +290,23 @@ def test_train_s_options_pass_through_and_their_defaults_leave_the_fingerprint_a
     reach training; not given, a finished run's train fingerprint is the one it recorded (not trained again)."""
     from dataclasses import asdict
 
-    from cnnpack.pipeline import PipelineConfig
+    from cnnpack.pipeline import PipelineConfig, Stages
+    from cnnpack.pipeline_stage import fingerprint
     from cnnpack.train_config import TrainConfig
 
     assert asdict(PipelineConfig().train_config()) == asdict(TrainConfig())
-    given = PipelineConfig(val_fraction=0.3, amp=False, channels_last=False, lr=0.05, patience=2).train_config()
+    given = PipelineConfig(data=".", val_fraction=0.3, amp=False, channels_last=False, lr=0.05,
+                           patience=2).train_config()
     assert (given.val_fraction, given.amp, given.channels_last, given.lr, given.patience) == (0.3, False, False, 0.05, 2)
+    # what the defaults come to, a --val-fraction the data's own split ignores, and --download (no part of training)
+    # are the same training: given, a finished run was trained again
+    def train_print(**options):
+        return fingerprint(Stages(PipelineConfig(**options), progress=False, say=print).train_inputs(None))
+
+    same = train_print()
+    for options in ({"channels_last": True}, {"lr": 0.01}, {"val_fraction": 0.3}, {"download": True}, {"amp": True}):
+        assert train_print(**options) == same, options
+    assert train_print(lr=0.02) != same and train_print(amp=False) != same
 
 
 def test_a_run_made_by_another_command_is_not_retrained_without_force(tiny_run, tmp_path):
