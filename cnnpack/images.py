@@ -24,7 +24,6 @@ def gray8(img):
     and a float one in 0-1 black): 16 bits scaled by 1/257; a 32-bit image holding 0-255 kept, more scaled as 16
     bits; a float image in 0-1 scaled by 255, else kept. The image ensemble's preprocessing does the same."""
     x = np.asarray(img, dtype=np.float64)
-    x = np.nan_to_num(x, nan=0.0)  # a float TIFF's NaN pixels as 0 (numpy warned of casting NaN)
     top = float(x.max()) if x.size else 0.0
     if img.mode.startswith("I;16") or (img.mode == "I" and top > 255):
         x = x / 257.0

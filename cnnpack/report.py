@@ -160,17 +160,15 @@ def _inputs(spec: dict, e: dict) -> str:
     tutorial's `Normalize((0.5,), (0.5,))` given to `export --mean/--std` is not ImageNet's)."""
     from cnnpack.spec import IMAGENET_MEAN, IMAGENET_STD
 
-    c = spec.get("channels", 3)
-    kind = {1: "grayscale", 3: "RGB"}.get(c, f"{c}-channel")
+    kind = {1: "grayscale", 3: "RGB"}.get(c := spec.get("channels", 3), f"{c}-channel")
     mean, std = tuple(spec.get("mean", IMAGENET_MEAN)), tuple(spec.get("std", IMAGENET_STD))
     which = " (ImageNet's)" if (mean, std) == (IMAGENET_MEAN, IMAGENET_STD) else ""
     text = (f"Inputs are raw {kind} pixels 0–255; scaling to 0–1 and normalisation with mean {', '.join(map(num, mean))} "
             f"and std {', '.join(map(num, std))}{which} happen inside the graph")
-    taken = sorted(f for f, a in (e.get("artifacts") or {}).items() if (a.get("config") or {}).get("input") == "normalized")
-    if taken:
-        text += (f", except in {', '.join(f'`{f}`' for f in taken)}, exported with `--input normalized`: "
-                 f"{'it takes' if len(taken) == 1 else 'they take'} tensors normalised so")
-    return text + "."
+    taken = sorted(f for f, a in (e.get("artifacts") or {}).items()  # (an int8 model: as its fp32 source, input_kind)
+                   if "normalized" in ((a.get("config") or {}).get("input"), a.get("input_kind")))
+    return text + (f", except in {', '.join(f'`{f}`' for f in taken)}, exported with `--input normalized`: "
+                   f"{'it takes' if len(taken) == 1 else 'they take'} tensors normalised so." if taken else ".")
 
 
 def _changed_on_disk(m: dict, run: Run) -> dict[str, str]:
@@ -452,7 +450,8 @@ def _unfinished(m: dict) -> list[Block]:
     quantize stage read like a finished one (no word of the stage, or of the failure)."""
     stages = m.get("stages", {})
     bad = [(name, s) for name, s in stages.items()
-           if name != "pipeline" and isinstance(s, dict) and s.get("status") in ("failed", "interrupted")]
+           if name != "pipeline" and isinstance(s, dict) and s.get("status") in ("failed", "interrupted")
+           and (s.get("error") or s["status"] == "interrupted")]  # (a tune with nothing in its budget: said there)
     said = "; ".join(f"`{name}` {s['status']}" + (f" ({one_line(s['error'], 800)})" if s.get("error") else "")
                      for name, s in bad)
     p = stages.get("pipeline") or {}

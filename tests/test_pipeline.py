@@ -586,6 +586,21 @@ def test_the_report_says_first_which_stage_stopped_a_failed_pipeline():
         "**Not every stage finished**: `quantize` failed (no int8 model within --max-drop 0 pt")
     assert "; `bench` interrupted. What follows" in _unfinished({"stages": stages})[0].text
     assert _unfinished({"stages": {"train": {"status": "ok"}, "pipeline": {"status": "ok"}}}) == []
+    # a tune that found nothing within its budget is recorded failed, with no error: its own section says why
+    assert _unfinished({"stages": {"tune": {"status": "failed"}, "pipeline": {"status": "ok"}}}) == []
+
+
+def test_the_report_names_the_artifacts_that_take_normalised_tensors():
+    """An int8 model quantized from a `--input normalized` export takes normalised tensors too (it records
+    input_kind, not the export's config): the report said it took raw pixels."""
+    from cnnpack.report import _inputs
+
+    arts = {"onnx": {"config": {"input": "normalized"}}, "onnx_int8": {"input_kind": "normalized"},
+            "torchscript": {"config": {"input": "raw"}}}
+    said = _inputs({"channels": 1, "mean": [0.5], "std": [0.5]}, {"artifacts": arts})
+    assert said == ("Inputs are raw grayscale pixels 0–255; scaling to 0–1 and normalisation with mean 0.5 and std 0.5 "
+                    "happen inside the graph, except in `onnx`, `onnx_int8`, exported with `--input normalized`: they "
+                    "take tensors normalised so.")
 
 
 def test_a_ratio_far_below_one_keeps_its_figures():

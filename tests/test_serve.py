@@ -145,16 +145,19 @@ def test_a_server_killed_at_its_stop_leaves_no_shared_memory(small_repo):
     late, other = (Path(f"{serve.SHM_PREFIX}cnnpacktest_shm_region_{uuid.uuid4()}") for _ in range(2))
     for region in (late, other):
         region.write_bytes(b"\0" * 4096)
-    with open(other, "r+b") as f, mmap.mmap(f.fileno(), 4096) as held:
-        try:
-            regions = srv._shm_regions()
-            assert regions and all(r.exists() for r in regions), regions
-        finally:
-            srv.stop(grace_s=0)  # no time to stop in order: killed, as a hung one is
-        assert_gone(pid)
-        assert not [r for r in regions if r.exists()]
-        assert not late.exists() and other.exists() and held[0] == 0
-    other.unlink()
+    try:
+        with open(other, "r+b") as f, mmap.mmap(f.fileno(), 4096) as held:
+            try:
+                regions = srv._shm_regions()
+                assert regions and all(r.exists() for r in regions), regions
+            finally:
+                srv.stop(grace_s=0)  # no time to stop in order: killed, as a hung one is
+            assert_gone(pid)
+            assert not [r for r in regions if r.exists()]
+            assert not late.exists() and other.exists() and held[0] == 0
+    finally:
+        for region in (late, other):
+            region.unlink(missing_ok=True)
 
 
 def test_a_ctrl_c_stops_the_server_at_once_whatever_connection_is_open(small_repo):
@@ -455,7 +458,7 @@ def test_cli_serves_until_sigterm(server, tmp_path):
     import socket
     import time
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, conn = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), None
     try:
         lines = [proc.stdout.readline() for _ in range(4 + len(MODELS))]
         host, port = "".join(lines).split("http://")[1].split()[0].rsplit(":", 1)
@@ -468,7 +471,8 @@ def test_cli_serves_until_sigterm(server, tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
         took = time.monotonic() - t0
-    conn.close()
+        if conn is not None:
+            conn.close()
     text = "".join(lines)
     assert proc.returncode == 0, err
     assert took < serve.INTERRUPTED_GRACE_S + 4, f"{took:.1f} s"

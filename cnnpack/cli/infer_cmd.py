@@ -82,7 +82,7 @@ def infer(
                               timeout_s=timeout)
             result = do_infer(images, cfg, on_results=shown)
     except (CnnpackError, KeyboardInterrupt) as e:
-        if as_json and answered["results"]:  # what was answered before (text mode printed it chunk by chunk)
+        if as_json and (answered["results"] or answered["skipped"]):  # what was answered before (text mode printed it chunk by chunk)
             error = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
             typer.echo(json.dumps({"complete": False, "error": error, **answered}, indent=2))
         raise

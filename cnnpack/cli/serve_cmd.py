@@ -57,9 +57,13 @@ def serve(
             return
     import signal
 
-    ended = (f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
-             else f"exited on its own with code {code}")  # (-9: a SIGKILL from outside, not an exit of its own)
-    raise StageFailed(f"tritonserver (pid {server.pid}) {ended}"
+    if code < 0:  # (-9: a SIGKILL from outside, not an exit of its own; its log cannot say why)
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # a real-time signal (34-64) has no name
+            name = f"signal {-code}"
+        raise StageFailed(f"tritonserver (pid {server.pid}) was killed by {name}")
+    raise StageFailed(f"tritonserver (pid {server.pid}) exited on its own with code {code}"
                       + (f"; see its log {log}" if log else "; rerun with --log FILE to see why"))
 
 
