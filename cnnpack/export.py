@@ -209,12 +209,14 @@ def export(run_dir: str | Path, cfg: ExportConfig = ExportConfig(), *,
         raise UserInputError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
     _check_folders(run, cfg)
     model, spec, source = _deployable(run, cfg)
+    flops = flops_per_image(model, spec.channels, spec.image_size)  # recorded beside each artifact: bench's, without
+    # the network's code
     written: list[str] = []
     kept: list[str] = []  # formats whose artifact was already the one this export makes (a pt2 package)
     try:  # a format that fails leaves the ones before it written and recorded, and reproduce.sh up to date
         for fmt in sorted(cfg.formats, key=_order):
             progress(f"{fmt} ({STEPS[fmt]})" if fmt in STEPS else fmt)
-            record = (_export_folder if fmt in FOLDERS else _export_file)(run, model, spec, cfg, fmt, source)
+            record = (_export_folder if fmt in FOLDERS else _export_file)(run, model, spec, cfg, fmt, source, flops)
             written.append(f"{record['path']} ({fmt})")
             if record.get("kept"):
                 kept.append(fmt)
@@ -269,7 +271,8 @@ def _same_device(meta: dict, device: str) -> bool:
     return all(meta.get(k) == v for k, v in host.items() if k in meta)
 
 
-def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str, source: str) -> dict:
+def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str, source: str,
+                 flops: int) -> dict:
     dest = run.file("export") / f"model{SUFFIX[fmt]}"
     if fmt == "pt2" and (same := _same_pt2(run, cfg, source, dest)):
         logging.getLogger("cnnpack").warning(
@@ -281,7 +284,7 @@ def _export_file(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig,
         art = EXPORTERS.get(fmt)(model, spec, cfg, tmp)
         art.sha256, art.path = sha256(tmp), run.rel(dest)
         record = {**art.record(), "precision": "fp16" if cfg.half else "fp32", "size_mb": tmp.stat().st_size / 2**20,
-                  "flops_per_image": flops_per_image(model, spec.channels, spec.image_size)}
+                  "flops_per_image": flops}
         run.commit([(tmp, dest)], _record(run, cfg, fmt, record, source))
     return record
 
@@ -302,7 +305,8 @@ def _check_folders(run: Run, cfg: ExportConfig) -> None:
         _same_as_its_onnx(run, arts["onnx"], cfg, fmt)
 
 
-def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str, source: str) -> dict:
+def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfig, fmt: str, source: str,
+                   flops: int) -> dict:
     """A format of two files (OpenVINO's .xml + .bin), built in a temp folder and swapped in whole."""
     import shutil
 
@@ -328,7 +332,7 @@ def _export_folder(run: Run, model: nn.Module, spec: ModelSpec, cfg: ExportConfi
         record = {**art.record(), "precision": "fp32",
                   "weights": {"path": run.rel(dest / ov.BIN), "sha256": sha256(weights)},
                   "size_mb": (xml.stat().st_size + weights.stat().st_size) / 2**20,
-                  "flops_per_image": flops_per_image(model, spec.channels, spec.image_size),
+                  "flops_per_image": flops,
                   "source": {"format": "onnx", "sha256": arts["onnx"]["sha256"]}}
         run.commit([(tmp, dest)], _record(run, cfg, fmt, record, source, onnx_config=ref.record.get("config")))
     finally:
