@@ -135,7 +135,7 @@ def undone(section: dict) -> tuple[bool, dict | None, list[str]]:
     tune wrote. The undo clears `written`, so the summary printed an undone winner as in effect."""
     models = [Path(u["config"]).parent.name for u in section.get("undone") or []]
     w, v, kept = section.get("winner") or {}, section.get("verdict") or {}, (section.get("kept") or {}).get("winner")
-    own = bool(w) and not w.get("default") and not v.get("as_good") and w.get("model") in models
+    own = adopted(w, v) and not w.get("default") and w.get("model") in models  # (a kept default wrote nothing)
     earlier = kept if kept and kept.get("model") in models else None
     named = {w.get("model") if own else None, earlier and earlier["model"]}
     return own, earlier, [m for m in models if m not in named]
