@@ -117,28 +117,46 @@ def perf_analyzer(client, model, batch: np.ndarray, concurrency: int, policy: Wi
 
     Its windows are time windows of `policy.window_s`, its stability threshold `policy.stability`, its trials as many
     windows as fit in `policy.max_s`; when they run out perf_analyzer reports no figures, so the point is measured
-    once more without the stability check and flagged unstable.
+    once more without the stability check and flagged unstable. perf_analyzer counts a request in a window only when
+    it ends there, and a window with none fails the run: a request slower than a window (resnet18 at 16 in flight
+    on 2 busy cores: 2 s, in tune's 0.5 s windows) is measured again in windows that hold several (`longer_window`).
     """
     trials = max(PA_WINDOWS, math.ceil(policy.max_s / policy.window_s))
+    window_ms = max(50, round(1000 * policy.window_s))
     with tempfile.TemporaryDirectory(prefix="cnnpack-pa-") as tmp:
         out = Path(tmp) / "pa.csv"
-        cmd = ["perf_analyzer", "-m", model.name, "-u", client.address, "-i", client.protocol, "-b", str(len(batch)),
-               "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval",
-               str(max(50, round(1000 * policy.window_s))), "--stability-percentage", f"{100 * policy.stability:g}",
-               "--max-trials", str(trials), "--input-data", str(input_data(model, batch, Path(tmp) / "input.json")),
-               "--verbose-csv", "-v", "-f", str(out)]  # -v: a line per window ("Pass [n] throughput: ...")
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 4 * policy.max_s)
-        stable = done.returncode == 0 and out.is_file()
-        windows, first = len(window_rates(done.stdout)), done.stdout  # its judgement: the windows of this run
-        if not stable and "stable" in done.stdout + done.stderr:
+        data = input_data(model, batch, Path(tmp) / "input.json")
+
+        def run(window_ms: int, trials: int, *extra: str) -> subprocess.CompletedProcess:
             out.unlink(missing_ok=True)
-            done = subprocess.run([*cmd[:-2], "--max-trials", str(PA_WINDOWS), "-s", "1000", "-f", str(out)],
-                                  capture_output=True, text=True, timeout=60 + 4 * policy.max_s)
+            cmd = ["perf_analyzer", "-m", model.name, "-u", client.address, "-i", client.protocol, "-b",
+                   str(len(batch)), "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval",
+                   str(window_ms), "--stability-percentage", f"{100 * policy.stability:g}", "--max-trials",
+                   str(trials), "--input-data", str(data), *extra,
+                   "--verbose-csv", "-v", "-f", str(out)]  # -v: a line per window ("Pass [n] throughput: ...")
+            return subprocess.run(cmd, capture_output=True, text=True,
+                                  timeout=60 + 4 * max(policy.max_s, trials * window_ms / 1e3))
+
+        done = run(window_ms, trials)
+        windows = len(window_rates(done.stdout))
+        for _ in range(2):
+            if not (done.returncode != 0 and too_short(done.stdout + done.stderr)):
+                break
+            window_ms = longer_window(done.stdout, window_ms)
+            done = run(window_ms, PA_WINDOWS)
+            windows += len(window_rates(done.stdout))
+        stable = done.returncode == 0 and out.is_file()
+        first = done.stdout  # its judgement: the windows of this run
+        if not stable and "stable" in done.stdout + done.stderr:
+            done = run(window_ms, PA_WINDOWS, "-s", "1000")
             windows += len(window_rates(done.stdout))
         if done.returncode != 0 or not out.is_file():
+            said_all = done.stdout + done.stderr
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             said = f"perf_analyzer on {model.name} at {client.address} ({concurrency} in flight) failed: {tail[0]}"
-            raise NoStableMeasurement(said, tail[0]) if "stable" in done.stdout + done.stderr else StageFailed(said)
+            if "stable" in said_all or too_short(said_all):
+                raise NoStableMeasurement(said, tail[0])
+            raise StageFailed(said)
         row = next(csv.DictReader(out.open()))
     us = {p: float(row[f"p{p} latency"]) / 1e3 for p in (50, 90, 95, 99)}
     count = re.search(r"Request count: (\d+)", done.stdout)
@@ -151,6 +169,19 @@ def perf_analyzer(client, model, batch: np.ndarray, concurrency: int, policy: Wi
             "warmup_s": None, "measured_s": None, "window_throughput_ips": passes[-PA_WINDOWS:],
             "judged_windows": judged(window_rates(first)[-PA_WINDOWS:], window_latencies_ms(first)[-PA_WINDOWS:],
                                      policy)}
+
+
+def too_short(said: str) -> bool:
+    """perf_analyzer's windows were shorter than its requests: "No valid requests recorded within time interval.
+    Please use a larger time window." (a window in which no request ended)."""
+    return "No valid requests recorded" in said
+
+
+def longer_window(stdout: str, window_ms: int) -> int:
+    """A window (ms) that holds several requests: 4x the slowest mean latency its windows saw, at least 4x the window
+    that held none, at most a minute."""
+    seen = [ms for ms in window_latencies_ms(stdout) if ms]
+    return min(60_000, max(4 * window_ms, round(4 * max(seen, default=0.0))))
 
 
 def window_rates(stdout: str) -> list[float]:
