@@ -159,24 +159,36 @@ def verdict(winner: dict, points: list[dict], served: str | None, cfg: TuneConfi
 
 
 # -- the stage ----------------------------------------------------------------------------------------------
+MIN_MEASURE_S = 0.5  # the shortest measurement of a point: what a point started near the limit gets
+
+
+def measure_s(cfg: TuneConfig, s: Setting, left_s: float) -> float | None:
+    """Seconds of measurement for a point of `s` that ends by the limit, `left_s` away (--max-seconds at most); None
+    where less than `MIN_MEASURE_S` fits beside its reload, warm-up and statistics (`POINT_OVERHEAD_S`, and a bf16
+    setting's contract check): a point started then ended past the limit (the cnn's default sweep: 303.5 s of 300)."""
+    seconds = min(cfg.max_seconds, left_s - tune_grid.POINT_OVERHEAD_S - (tune_grid.BF16_CHECK_S if s.bf16 else 0.0))
+    return seconds if seconds >= MIN_MEASURE_S else None
+
+
 def sweep(run: Run, cfg: TuneConfig, settings: list[Setting], repository: str, say: Callable[[str], None],
-          server) -> tuple[list[dict], dict]:
-    """Measures every setting at every concurrency on `server` (explicit model control) within the time limit;
-    (points, how the sweep went)."""
+          server, first_anyway: bool = True) -> tuple[list[dict], dict]:
+    """Measures every setting at every concurrency on `server` (explicit model control) within the time limit, each
+    point ending by it; (points, how the sweep went). With `first_anyway`, the first point is measured (for
+    `MIN_MEASURE_S`) whatever the limit."""
     points: list[dict] = []
     t0 = time.monotonic()
     info: dict = {"search": "grid", "truncated": False, "error": None, "errors": [], "server_pid": server.pid}
     plan = [(s, c) for s in settings for c in cfg.concurrency]
     info["planned"] = len(plan)
     for i, (s, c) in enumerate(plan):
-        if time.monotonic() - t0 > cfg.time_limit_s:
+        seconds = measure_s(cfg, s, cfg.time_limit_s - (time.monotonic() - t0))
+        if seconds is None and (i or not first_anyway):
             info["truncated"] = True
             say(f"time limit {cfg.time_limit_s:g} s reached after {len(points)} points")
             break
         say(f"point {i + 1}/{len(plan)}: {s.label} at concurrency {c}")
         try:
-            left = cfg.time_limit_s - (time.monotonic() - t0)  # a point ends by the limit too (--max-seconds 1e9)
-            within = replace(cfg, max_seconds=max(0.5, min(cfg.max_seconds, left)))
+            within = replace(cfg, max_seconds=seconds or MIN_MEASURE_S)
             points.append(measure_point(run, server, s, c, within, repository))
             p = points[-1]
             say(f"measured {s.label} at concurrency {c}: {p['throughput_ips']:,.0f} images/s, p99 "
@@ -272,7 +284,8 @@ def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repositor
                  and key(p) not in again_done]
         if not shaky:
             break
-        if not server.alive() or left() <= 0:
+        if not server.alive() or any(measure_s(cfg, Setting(**{k: v for k, v in p.items() if k in names}), left())
+                                     is None for p in shaky):
             info.setdefault("settle", {})["skipped"] = ("the time limit was reached" if server.alive()
                                                         else "the server is gone")
             break
@@ -283,7 +296,7 @@ def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repositor
             s = Setting(**{k: v for k, v in p.items() if k in names})  # a default: its config.pbtxt, whatever it holds
             try:  # within what is left of --time-limit, as a sweep's point is
                 again = measure_point(run, server, s, p["concurrency"],
-                                      replace(cfg, max_seconds=max(0.5, min(cfg.max_seconds, left()))), repository)
+                                      replace(cfg, max_seconds=measure_s(cfg, s, left()) or MIN_MEASURE_S), repository)
             except CnnpackError as e:  # the first figures stand
                 settle["error"] = f"{p['label']}: {e}"
                 break
@@ -337,7 +350,8 @@ def _sweeps(run: Run, cfg: TuneConfig, settings: list[Setting], coarse: bool, re
         refine = [replace(s, queue_delay_us=d) for s in settings if best and s.label == best["label"]
                   and s.dynamic_batching for d in cfg.queue_delays_us if d != s.queue_delay_us]
         if refine:
-            more, info2 = sweep(run, replace(cfg, time_limit_s=left), refine, repository, progress, server)
+            more, info2 = sweep(run, replace(cfg, time_limit_s=left), refine, repository, progress, server,
+                                first_anyway=False)
             points += more
             info["refine"] = info2
             info["server_alive"] = info2["server_alive"]

@@ -488,7 +488,7 @@ def test_the_refine_gets_only_what_the_coarse_sweep_left_of_the_time_limit(laid_
     limits: list[float] = []
 
     def planted(wall_s: float, truncated: bool):
-        def sweep(run, cfg, settings, repository, say, server):
+        def sweep(run, cfg, settings, repository, say, server, first_anyway=True):
             limits.append(cfg.time_limit_s)
             points = [{**asdict(s), "label": s.label, "precision": "fp32", "concurrency": 4, "latency_ms_p50": 2.0,
                        "latency_ms_p99": 5.0, "throughput_ips": 1000.0 + s.queue_delay_us, "noise": 0.01} for s in settings]
@@ -506,6 +506,33 @@ def test_the_refine_gets_only_what_the_coarse_sweep_left_of_the_time_limit(laid_
     refined = t.tune(run_dir, cfg)
     assert limits == [5, pytest.approx(2.0)] and refined["sweep"]["search"] == "coarse-to-fine"
     assert refined["sweep"]["server_starts"] == 1  # the refine measures on the coarse sweep's server
+
+
+def test_a_sweep_starts_no_point_it_cannot_end_by_the_time_limit(monkeypatch):
+    """The cnn's default sweep took 303.5 s of its 300: a point started 0.1 s before the limit was measured for 0.5 s
+    and reloaded, warmed and read for 2.5 s more. Each point now gets the measurement that ends by the limit beside
+    that overhead, and none starts where 0.5 s does not fit (the clock and the points are planted)."""
+    from types import SimpleNamespace
+
+    import cnnpack.tune as t
+
+    clock, measured = [0.0], []
+
+    def point(run, server, s, c, cfg, repository):
+        measured.append(cfg.max_seconds)
+        clock[0] += cfg.max_seconds + t.tune_grid.POINT_OVERHEAD_S
+        return {"label": s.label, "throughput_ips": 100.0, "latency_ms_p99": 5.0, "load_generator": "planted"}
+
+    monkeypatch.setattr(t, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(t, "measure_point", point)
+    server = SimpleNamespace(pid=1, alive=lambda: True)
+    settings = [t.Setting("cnn_onnx", "onnx", 1, 1, True, d) for d in range(10)]
+    for limit, first_anyway, seconds in ((21.0, True, [2.0] * 4 + [0.5]), (1.0, True, [0.5]), (1.0, False, [])):
+        clock[0], measured[:] = 0.0, []
+        points, info = t.sweep(None, t.TuneConfig(max_seconds=2.0, time_limit_s=limit), settings, "repo",
+                               lambda _: None, server, first_anyway=first_anyway)
+        assert measured == seconds and len(points) == len(seconds) and info["truncated"]
+        assert clock[0] <= limit or len(seconds) == 1
 
 
 def _cmdline(pid) -> bytes:
