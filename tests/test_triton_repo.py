@@ -660,3 +660,18 @@ def test_the_ensemble_s_preprocessing_decodes_as_training_does(tmp_path, monkeyp
         served = model.decode(f.read_bytes())
         assert served.shape == trained.shape == (3, 48, 48), f.name
         assert np.array_equal(served, trained), (f.name, float(np.abs(served - trained).max()))
+
+
+def test_the_reports_repository_tree_shows_the_model_it_names_and_says_what_it_cut(tmp_path):
+    """A repository of 7 formats with their image ensembles (105 entries): the report named cnn_torchscript above a tree
+    cut at 60 lines, without a word, before that model's folder."""
+    from cnnpack.report_serving import _tree
+
+    for m in [f"m{i:02d}" for i in range(30)] + ["zz", "zz_image", "zz_int8", "zz_preprocess", "zzz"]:
+        (tmp_path / m / "1").mkdir(parents=True)
+        (tmp_path / m / "config.pbtxt").write_text("")
+    lines = _tree(tmp_path, "zz").splitlines()
+    assert lines[1:4] == ["  zz/", "    1/", "    config.pbtxt"] and "  zz_image/" in lines[:61]
+    assert "  zz_preprocess/" in lines and "  zzz/" not in lines and "  zz_int8/" not in lines  # another model
+    assert len(lines) == 62 and lines[-1] == f"  … {35 * 3 - 60} more (`find {tmp_path}` lists them)"
+    assert "more" not in _tree(tmp_path / "m00", "m00")  # all of it fits: no line about a cut
