@@ -22,7 +22,7 @@ from torch import nn
 
 from cnnpack import data as data_mod
 from cnnpack import plots, user_model
-from cnnpack.atomic import atomic_path, sigint_deferred
+from cnnpack.atomic import atomic_path, naming, sigint_deferred
 from cnnpack.checkpoint import CHECKPOINT, load_checkpoint, save_torch, torch_bytes  # noqa: F401 - importable here too
 from cnnpack.distributed import PeerStopped, peer_lost
 from cnnpack.errors import CnnpackError, StageFailed, UserInputError, file_error, first_few, one_line, shell
@@ -419,12 +419,17 @@ def _save_epoch(run: Run, model, spec: ModelSpec, opt, sched, epoch: int, stats:
     with contextlib.ExitStack() as files:  # all written first, then put in place: a full disk leaves the last epoch's
         names = [CHECKPOINT, LAST, HISTORY] if improved else [LAST, HISTORY]
         tmp = {n: files.enter_context(atomic_path(run.file(n))) for n in names}
+
+        def write(name: str, data: bytes) -> None:  # a full disk names the file it filled (each context named it
+            with naming(run.file(name)):            # as its own: the 540-byte history.json for last.pt's megabyte)
+                tmp[name].write_bytes(data)
+
         if improved:  # serialised in memory: torch's zip writer reports a full disk as a RuntimeError of its own
-            tmp[CHECKPOINT].write_bytes(torch_bytes({"spec": spec.to_dict(), "state_dict": model.state_dict(),
-                                                      "epoch": epoch, "val_acc": stats["val_acc"]}))
-        tmp[LAST].write_bytes(torch_bytes({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                            "scheduler": sched.state_dict(), "epoch": epoch, "history": history}))
-        tmp[HISTORY].write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
+            write(CHECKPOINT, torch_bytes({"spec": spec.to_dict(), "state_dict": model.state_dict(), "epoch": epoch,
+                                           "val_acc": stats["val_acc"]}))
+        write(LAST, torch_bytes({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                 "scheduler": sched.state_dict(), "epoch": epoch, "history": history}))
+        write(HISTORY, (json.dumps(history, indent=2) + "\n").encode("utf-8"))
 
 
 def _stale_epochs(history: list[dict]) -> int:
