@@ -19,9 +19,9 @@ from pathlib import Path
 
 from cnnpack import user_model
 from cnnpack.data_change import data_identity, listing
-from cnnpack.errors import CnnpackError, RunReplaced, UserInputError, shell
+from cnnpack.errors import CnnpackError, UserInputError, shell
 from cnnpack.pipeline_config import SERVE_MODES, PipelineConfig  # noqa: F401 - re-exported
-from cnnpack.pipeline_rundir import check_foreign_models, check_run_dir, default_run_dir
+from cnnpack.pipeline_rundir import check_foreign_models, check_run_dir, default_run_dir, record
 from cnnpack.pipeline_stage import Interrupted, Outcome, Stage, again_hint, fingerprint, run_stage, stage_section
 from cnnpack.pipeline_summary import best_runtime, summary
 from cnnpack.rundir import LAST, MANIFEST, Run, artifact_digest, identity, sha256
@@ -100,6 +100,7 @@ class Stages:
 
     def __init__(self, cfg: PipelineConfig, *, progress: bool, say: Callable[[str], None]) -> None:
         self.cfg, self.progress, self.say = cfg, progress, say
+        self.on_run: Callable[[Run], None] = lambda _run: None  # once training has made (or opened) the run
         self._warming = False  # inductor's header build started (warm_compiler)
 
     def quantize_inputs(self, fmt: str = "onnx_int8") -> dict:
@@ -160,7 +161,7 @@ class Stages:
                              "data_root": root, "arch": user_model.recorded(self.cfg.arch)},
                   "data": data_identity(self.cfg.data, self.cfg.data_root)}
         if user_model.is_user_arch(self.cfg.arch):  # your own network: trained again when its file changes
-            inputs["arch_source"] = user_model.source_record(self.cfg.arch)["sha256"]
+            inputs["arch_source"] = user_model.sourcerecord(self.cfg.arch)["sha256"]
         return inputs
 
     def train_inputs_before(self, run: Run) -> dict:
@@ -179,7 +180,7 @@ class Stages:
         for the built-in and torchvision networks)."""
         was = ((run.model_spec.get("arch_source") or {}).get("sha256") if run.manifest_path.exists() else None)
         return was is None or not user_model.is_user_arch(self.cfg.arch) or \
-            was == user_model.source_record(self.cfg.arch)["sha256"]  # (not train_inputs: it walks the data folder)
+            was == user_model.sourcerecord(self.cfg.arch)["sha256"]  # (not train_inputs: it walks the data folder)
 
     def run_train(self, run: Run) -> str:
         from cnnpack.train import train
@@ -217,6 +218,7 @@ class Stages:
 
         def hold(trained: Run) -> None:  # the run --force made is the pipeline's own from here on
             run.opened_as = trained.opened_as
+            self.on_run(run)
 
         section = train(run.path, cfg, force=run.manifest_path.exists() and not resume, resume=resume,
                         progress=self.progress, on_epoch_end=last_epoch_done, on_run=hold)
@@ -449,10 +451,14 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
         raise UserInputError(f"--serve yes, but the local Triton server cannot run here: {why}")
     t0 = time.perf_counter()
     outcomes: list[Outcome] = []
-    stages = Stages(cfg, progress=progress, say=say).all(serve_ok)
+    at_work = Stages(cfg, progress=progress, say=say)
+    at_work.on_run = lambda trained: record(trained, cfg, outcomes, t0, status="running")
+    stages = at_work.all(serve_ok)
     try:
+        record(run, cfg, outcomes, t0, status="running")
         for stage in stages:
             outcomes.append(run_stage(run, stage, force=force, say=say))
+            record(run, cfg, outcomes, t0, status="running")
         if not serve_ok:
             outcomes.append(Outcome("served", "off", summary=why))
             say(f"[served] off: {why}")
@@ -460,27 +466,16 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
 
         report = write_report(run.path)
     except KeyboardInterrupt:  # between stages or in the report: the run stays the pipeline's to continue
-        _record(run, cfg, outcomes, t0, status="interrupted")
+        record(run, cfg, outcomes, t0, status="interrupted")
         raise Interrupted(f"pipeline interrupted; {again_hint(force)}") from None
     except CnnpackError as e:
-        _record(run, cfg, outcomes, t0, status="interrupted" if e.exit_code == 130 else "failed")
+        record(run, cfg, outcomes, t0, status="interrupted" if e.exit_code == 130 else "failed")
         raise
     except Exception:  # a bug of ours (a traceback): the run stays the pipeline's, so the same command continues
-        _record(run, cfg, outcomes, t0, status="failed")
+        record(run, cfg, outcomes, t0, status="failed")
         raise
-    _record(run, cfg, outcomes, t0, status="ok")
+    record(run, cfg, outcomes, t0, status="ok")
     return summary(run, outcomes, report, time.perf_counter() - t0)
-
-
-def _record(run: Run, cfg: PipelineConfig, outcomes: list[Outcome], t0: float, status: str) -> None:
-    if not run.manifest_path.is_file():
-        return
-    try:
-        run.set_stage("pipeline", {"status": status, "config": asdict(cfg), "stages": [asdict(o) for o in outcomes],
-                                   "wall_s": round(time.perf_counter() - t0, 1)})
-    except RunReplaced:  # a failed pipeline's error says more; a finished one was replaced before its record
-        if status == "ok":
-            raise
 
 
 def _tuned_config_kept(run: Run, section: dict) -> bool:

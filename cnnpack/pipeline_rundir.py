@@ -5,10 +5,13 @@ cnnpack did not make."""
 from __future__ import annotations
 
 import json
+import os
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 from cnnpack import user_model
-from cnnpack.errors import UserInputError
+from cnnpack.errors import RunReplaced, UserInputError
 from cnnpack.pipeline_config import PipelineConfig
 from cnnpack.rundir import MANIFEST, Run, check_makeable
 
@@ -78,6 +81,10 @@ def check_run_dir(run: Run, force: bool, data: str) -> None:
             raise UserInputError(f"--run {run.path} is not empty and not a cnnpack run; choose another --run")
         return
     stages = run.read().get("stages", {})
+    if (at_work := (stages.get("pipeline") or {}).get("process")) and (stages["pipeline"].get("status") == "running"
+                                                                       and alive(at_work)):
+        raise UserInputError(f"another `cnnpack pipeline` (pid {at_work.get('pid')}) is working on --run {run.path}; "
+                             "wait for it to finish (or stop it), then run this one")
     if "pipeline" not in stages:
         if (stages.get("train") or {}).get("status") == "running":  # a `pipeline --force` or `train` at work there
             raise UserInputError(f"--run {run.path} holds a training under way (another cnnpack command at work on "
@@ -91,3 +98,49 @@ def check_run_dir(run: Run, force: bool, data: str) -> None:
     if other is not None and other != mine:
         raise UserInputError(f"--run {run.path} holds a pipeline run trained on {other}, not on {mine}; "
                              "choose another --run, or pass --force to train it again on this data there")
+
+
+def record(run: Run, cfg: PipelineConfig, outcomes: list, t0: float, status: str) -> None:
+    """The pipeline's section; while it runs ("running", from the moment its run exists), with its process: a
+    pipeline killed midway left a run the next one refused as another command's, and a second one started beside it
+    was told to pass --force."""
+    if not run.manifest_path.is_file():
+        return
+    try:
+        run.set_stage("pipeline", {"status": status, "config": asdict(cfg), "stages": [asdict(o) for o in outcomes],
+                                   "wall_s": round(time.perf_counter() - t0, 1)}
+                      | ({"process": this_process()} if status == "running" else {}))
+    except RunReplaced:  # a failed pipeline's error says more; a finished one was replaced before its record
+        if status == "ok":
+            raise
+
+
+def this_process() -> dict:
+    """What a running pipeline records of itself, for `alive`: its pid and when it started (a pid used again by
+    another process after it was killed is not it)."""
+    return {"pid": os.getpid(), "started": _started(os.getpid())}
+
+
+def alive(process: dict) -> bool:
+    """The process a running pipeline recorded is still at work: a pipeline killed (SIGKILL, out of memory, a
+    container stopped) left its section "running", and the next one took the run for another command's; it is the
+    pipeline's to continue."""
+    pid = process.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process of that pid: not this user's pipeline (it writes this user's run)
+        return False
+    started = _started(pid)
+    return started is None or process.get("started") in (None, started)
+
+
+def _started(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat's field 22), None where there is no /proc."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -455,8 +455,9 @@ def _unfinished(m: dict) -> list[Block]:
     said = "; ".join(f"`{name}` {s['status']}" + (f" ({one_line(s['error'], 800)})" if s.get("error") else "")
                      for name, s in bad)
     p = stages.get("pipeline") or {}
-    if p.get("status") in ("failed", "interrupted"):
-        lead = f"**The last `cnnpack pipeline` {p['status']}**" + (f" at its {bad[0][0]} stage" if len(bad) == 1 else "")
+    if p.get("status") in ("failed", "interrupted", "running"):  # running: killed (or at work now), marked nothing
+        lead = (f"**The last `cnnpack pipeline` {p['status']}**" if p["status"] != "running" else "**The last `cnnpack "
+                "pipeline` did not finish** (killed, or at work now)") + (f" at its {bad[0][0]} stage" if len(bad) == 1 else "")
     elif bad:
         lead = "**Not every stage finished**"
     else:

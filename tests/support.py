@@ -59,6 +59,14 @@ main()
 """
 
 
+def killed_at(function: str, args: list[str]) -> tuple[int, str]:
+    """Runs `cnnpack ARGS` in a child that is killed (SIGKILL: out of memory, a container stopped) as `function` is
+    called; (exit code, stderr)."""
+    child = _CTRL_C_AT_CHILD.replace("os.kill(os.getpid(), signal.SIGINT)", "os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", child, function, *args], capture_output=True, text=True, timeout=240)
+    return proc.returncode, proc.stderr
+
+
 # the same, the Ctrl-C sent right after MODULE.FUNCTION returns (a file just put in place, not yet recorded)
 _CTRL_C_AFTER_CHILD = """
 import importlib, os, signal, sys

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from support import ctrl_c_after_first_epoch, ctrl_c_at
+from support import ctrl_c_after_first_epoch, ctrl_c_at, killed_at
 from typer.testing import CliRunner
 
 from cnnpack.cli import app
@@ -444,6 +444,17 @@ def test_ctrl_c_after_training_exits_130_and_the_next_run_continues_from_the_sta
     assert code == 0, err[-3000:]
     assert _statuses(json.loads(out))["train"] == "skipped" and _statuses(json.loads(out))["bench"] == "ran"
 
+    # killed outright (out of memory, a container stopped): the same command continues where it stopped (the run was
+    # refused as "not made by `cnnpack pipeline`", and the --force it offered trained again)
+    other = [*args[:args.index("--batch-sizes")], "--batch-sizes", "2", *args[args.index("--batch-sizes") + 2:]]
+    code, stderr = killed_at("cnnpack.bench:bench", other)  # (a real command line: an option given once)
+    assert code == -9, stderr
+    p = json.loads((run / "cnnpack.json").read_text())["stages"]["pipeline"]
+    assert p["status"] == "running" and p["process"]["pid"] > 0 and [s["name"] for s in p["stages"]][-1] == "verify"
+    code, out, err = _pipeline(*other[1:], "--json")
+    assert code == 0, err[-3000:]
+    assert _statuses(json.loads(out))["train"] == "skipped" and _statuses(json.loads(out))["bench"] == "ran"
+
 
 @pytest.mark.slow
 def test_openvino_joins_every_stage_when_installed(tiny_data, tmp_path):
@@ -586,6 +597,8 @@ def test_the_report_says_first_which_stage_stopped_a_failed_pipeline():
         "**Not every stage finished**: `quantize` failed (no int8 model within --max-drop 0 pt")
     assert "; `bench` interrupted. What follows" in _unfinished({"stages": stages})[0].text
     assert _unfinished({"stages": {"train": {"status": "ok"}, "pipeline": {"status": "ok"}}}) == []
+    assert _unfinished({"stages": {"train": {"status": "ok"}, "pipeline": {"status": "running"}}})[0].text == (
+        "**The last `cnnpack pipeline` did not finish** (killed, or at work now). What follows is what the run holds.")
     # a tune that found nothing within its budget is recorded failed, with no error: its own section says why
     assert _unfinished({"stages": {"tune": {"status": "failed"}, "pipeline": {"status": "ok"}}}) == []
 
@@ -910,6 +923,32 @@ def test_a_fastest_runtime_whose_speedup_rests_on_an_unsteady_row_is_marked():
     for changed in ({"stable": False}, {"cpu_others": 0.4}):
         assert shaky({"results": [{**eager, **changed}, ort]}, ort)
         assert shaky({"results": [eager, {**ort, **changed}]}, {**ort, **changed})
+
+
+def test_a_pipeline_at_work_on_a_run_holds_it_and_a_killed_one_leaves_it_to_the_next(tmp_path):
+    """Its section says "running" with its process while it runs: a second pipeline beside it was told "a run not made
+    by `cnnpack pipeline`; pass --force" (which replaces the run the first one trains), and one killed outright left a
+    run no pipeline would continue. A pid used again by another process is not the pipeline's."""
+    import os
+    import subprocess
+    import sys
+
+    from cnnpack.pipeline_rundir import check_run_dir, this_process
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "classes": ["a", "b"], "num_classes": 2, "image_size": 32})
+    run.set_stage("train", {"status": "running", "config": {"data": "shapes"}})  # killed in training, or at work
+    run.set_stage("pipeline", {"status": "running", "process": this_process()})
+    with pytest.raises(UserInputError, match=rf"another `cnnpack pipeline` \(pid {os.getpid()}\) is working on --run "
+                                             ".*; wait for it to finish"):
+        check_run_dir(run, False, "shapes")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for process in ({"pid": gone.pid, "started": 1}, {**this_process(), "started": this_process()["started"] + 1}):
+        run.set_stage("pipeline", {"status": "running", "process": process})
+        check_run_dir(run, False, "shapes")  # killed: the pipeline's to continue
+    run.set_stage("pipeline", {"status": "ok", "process": this_process()})  # (a finished one's record)
+    check_run_dir(run, False, "shapes")
 
 
 def test_a_data_file_replaced_with_its_size_and_mtime_is_new_data(tmp_path):
