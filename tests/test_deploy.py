@@ -338,6 +338,21 @@ def test_object_storage_is_triton_s_repository_with_credentials_only_by_referenc
     assert "aws s3 sync" in (deployed["s3"] / "README.md").read_text()
 
 
+def test_the_startup_window_said_is_the_one_the_probe_allows(deployed):
+    """With object storage the terminal and the README said 66 s (the fallback + the download) and the probe allowed
+    70 s (whole 5 s periods)."""
+    for store, folder in deployed.items():
+        record = json.loads((folder / "cnnpack-deploy.json").read_text())
+        said = {k: record["figures"][k]["value"] for k in ("startup_s", "startup_gpu_s")}
+        probes = {"startup_s": _container(_of(_base_objects(folder), "Deployment"))["startupProbe"],
+                  "startup_gpu_s": _container(_yaml(folder / "kubernetes/overlays/gpu/gpu.yaml"))["startupProbe"]}
+        assert {k: p["failureThreshold"] * p["periodSeconds"] for k, p in probes.items()} == said, store
+        assert f"- startup window {said['startup_s']} s (gpu overlay {said['startup_gpu_s']} s)" in (
+            folder / "README.md").read_text()
+    s3 = json.loads((deployed["s3"] / "cnnpack-deploy.json").read_text())["figures"]["startup_s"]
+    assert "to download the repository" in s3["source"] and s3["source"].endswith("up to whole 5 s probe periods")
+
+
 def _base_objects(folder: Path) -> list[dict]:
     names = _yaml(folder / "kubernetes" / "base" / "kustomization.yaml")["resources"]
     return [_yaml(folder / "kubernetes" / "base" / n) for n in names]

@@ -385,11 +385,16 @@ def startup(stages: dict, *, floor: int, download_s: int = 0) -> Figure:
     download = (f" + {download_s} s to download the repository at {DOWNLOAD_BYTES_PER_S // MiB} MiB/s"
                 if download_s else "")
     if load is None:
-        return Figure(STARTUP_FALLBACK_S + download_s,
-                      f"no measured load time ({why_not}): the fallback of {STARTUP_FALLBACK_S} s{download}")
-    s = max(floor, math.ceil(load * STARTUP_MARGIN)) + download_s
-    return Figure(s, f"the served stage's start-up with every model loaded, {load:.1f} s, x {STARTUP_MARGIN:g} "
-                     f"for a slower node (at least {floor} s){download}")
+        s = STARTUP_FALLBACK_S + download_s
+        why = f"no measured load time ({why_not}): the fallback of {STARTUP_FALLBACK_S} s{download}"
+    else:
+        s = max(floor, math.ceil(load * STARTUP_MARGIN)) + download_s
+        why = (f"the served stage's start-up with every model loaded, {load:.1f} s, x {STARTUP_MARGIN:g} for a slower "
+               f"node (at least {floor} s){download}")
+    # the probe allows whole periods (failureThreshold x periodSeconds): the window said is the one it allows
+    periods = -(-s // PROBE_PERIOD_S)
+    return Figure(periods * PROBE_PERIOD_S, why + (f", rounded up to whole {PROBE_PERIOD_S} s probe periods"
+                                                   if periods * PROBE_PERIOD_S != s else ""))
 
 
 def queue_target(stages: dict, repository: Path, classifiers: list[tuple[str, str]],
