@@ -1435,7 +1435,7 @@ def _ready_index(container: dict, repo: Path, tmp_path: Path) -> dict[str, str |
 def test_configs_written_into_the_repository_before_a_failed_one_are_taken_back(tmp_path):
     from types import SimpleNamespace
 
-    from cnnpack.deploy import _write_gpu_configs
+    from cnnpack.deploy.configs import write
 
     (tmp_path / "a" / "configs").mkdir(parents=True)
     (tmp_path / "a" / "configs" / "gpu.pbtxt").write_bytes(b"the user's")
@@ -1443,11 +1443,11 @@ def test_configs_written_into_the_repository_before_a_failed_one_are_taken_back(
     (tmp_path / "c").write_text("a file where a model folder would be")  # c/configs/gpu.pbtxt cannot be written
     configs = {"a/configs/gpu.pbtxt": b"new a", "b/configs/gpu.pbtxt": b"new b", "c/configs/gpu.pbtxt": b"new c"}
     with pytest.raises(OSError):
-        _write_gpu_configs(SimpleNamespace(repository=tmp_path), configs)
+        write(SimpleNamespace(repository=tmp_path), configs)
     assert (tmp_path / "a" / "configs" / "gpu.pbtxt").read_bytes() == b"the user's"  # put back
     assert not (tmp_path / "b" / "configs").exists()  # removed, with the folder it made
     assert (tmp_path / "c").read_text() == "a file where a model folder would be"
-    undo = _write_gpu_configs(SimpleNamespace(repository=tmp_path), {k: v for k, v in configs.items() if k[0] != "c"})
+    undo = write(SimpleNamespace(repository=tmp_path), {k: v for k, v in configs.items() if k[0] != "c"})
     assert (tmp_path / "b" / "configs" / "gpu.pbtxt").read_bytes() == b"new b"
     undo()  # what deploy calls when a step after the writes fails (removing stale configs, swapping --out in)
     assert (tmp_path / "a" / "configs" / "gpu.pbtxt").read_bytes() == b"the user's"

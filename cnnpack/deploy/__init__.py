@@ -21,7 +21,6 @@ put the model back on the CPU) and was not edited since.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
@@ -32,8 +31,6 @@ from typing import TYPE_CHECKING
 from cnnpack.errors import RunReplaced, UserInputError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from cnnpack.deploy.plan import Plan
     from cnnpack.rundir import Run
 
@@ -137,7 +134,7 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     Raises UserInputError (exit 2, nothing written): bad options, a run without a verified and laid-out
     model, a gpu overlay for CPU-only models, an --out that holds a different deployment (without force).
     """
-    from cnnpack.deploy import output
+    from cnnpack.deploy import configs, output
     from cnnpack.deploy import plan as plans
     from cnnpack.deploy import store as stores
     from cnnpack.triton_dist import ngc_image
@@ -162,8 +159,8 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
                                  "choose a folder that does not contain it")
     identity = {"kind": "cnnpack-deploy", "run": str(plan.run), "name": name}
     earlier = output.check_out(out, identity, force=cfg.force)
-    gpu_configs = _gpu_configs(plan, gpu)
-    theirs = _users_configs(plan, gpu_configs)
+    gpu_configs = configs.wanted(plan, gpu)
+    theirs = configs.users_configs(plan, gpu_configs)
     if theirs and not cfg.force:
         raise UserInputError(f"{plan.repository / theirs[0]} is not a config a deploy wrote (yours, or edited since), "
                              f"and the gpu overlay needs its own there{_more(theirs)}; move it, or pass --force to "
@@ -171,7 +168,7 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     if theirs:
         plan.notes.append(f"replaced (--force): {', '.join(str(plan.repository / rel) for rel in theirs)}, a config "
                           "of yours, with the gpu overlay's")
-    stale = plans.stale_configs(plan)
+    stale = configs.stale_configs(plan)
     spec = _spec(cfg, plan, store, name, ngc_image(plan.repository), gpu_configs, stale)
     files = _files(plan, spec, gpu=gpu, out=out)
     own = output.own_files(out, earlier)
@@ -208,7 +205,7 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
         _opened(plan).check_not_replaced()  # a deployment of the model a `train --force` since replaced: none
         if gpu_configs or stale:  # what it writes into the repository must be recorded (a later deploy removes it)
             _opened(plan).check_writable()
-        undo = _write_gpu_configs(plan, gpu_configs)  # checks are over: from here on, the repository and --out change
+        undo = configs.write(plan, gpu_configs)  # checks are over: from here on, the repository and --out change
         try:
             output.swap_in(stage, out)
         except BaseException:  # the configs just written are taken back: unrecorded, the next deploy called them
@@ -217,46 +214,15 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    record["recorded"] = _record_in_run(_opened(plan), record, _repository_files(plan, gpu_configs, stale))
+    record["recorded"] = _record_in_run(_opened(plan), record, configs.repository_files(plan, gpu_configs, stale))
     # the earlier deploy's configs that no longer fit, last: a failure before leaves them where the run's record
     # names them, for the next deploy to remove
-    _remove_stale(plan, stale)
+    configs.remove_stale(plan, stale)
     return record
-
-
-def _users_configs(plan, configs: dict[str, bytes]) -> list[str]:
-    """The configs deploy would write over that it did not write (a user's hand-tuned configs/gpu.pbtxt), or that
-    were edited since it did: the repository is the user's too, and the bytes are theirs."""
-    from cnnpack.rundir import sha256
-
-    return sorted(rel for rel, data in configs.items() if (path := plan.repository / rel).is_file()
-                  and path.read_bytes() != data and plan.deployed_files.get(rel) != sha256(path))
 
 
 def _more(items: list) -> str:
     return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
-
-
-def _remove_stale(plan, stale: set[str]) -> None:
-    """Removes the configs an earlier deploy wrote that no longer fit their model (`plan.stale_configs`), and the
-    `configs/` folder they leave empty (a config of the user's own there stays)."""
-    for rel in sorted(stale):
-        path = plan.repository / rel
-        path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()
-
-
-def _repository_files(plan, gpu_configs: dict[str, bytes], stale: set[str]) -> dict[str, str]:
-    """The configs deploys of this run wrote into the repository and that are there as written, path -> sha256:
-    this one's, and an earlier one's still in place (a later deploy removes the ones that no longer fit)."""
-    import hashlib
-
-    from cnnpack.rundir import sha256
-
-    kept = {rel: d for rel, d in plan.deployed_files.items() if rel not in stale and rel not in gpu_configs
-            and (plan.repository / rel).is_file() and sha256(plan.repository / rel) == d}
-    return kept | {rel: hashlib.sha256(data).hexdigest() for rel, data in gpu_configs.items()}
 
 
 def _opened(plan: Plan) -> Run:
@@ -315,48 +281,6 @@ def _want_gpu(cfg: DeployConfig, plan) -> bool:
                                  "use --gpu no")
         return False
     return True
-
-
-def _gpu_configs(plan, gpu: bool) -> dict[str, bytes]:
-    """`<model>/configs/gpu.pbtxt` (relative to the repository) -> its text, for each GPU-capable model where the
-    gpu overlay is written, and `configs/cpu.pbtxt` for each model laid out for a GPU (the base's)."""
-    from cnnpack.deploy.plan import cpu_config, gpu_config
-    from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG
-
-    cpu = {f"{m}/configs/{CPU_CONFIG}.pbtxt": cpu_config(plan.repository / m) for m in plan.gpu_laid
-           if m not in plan.cuda_only}  # a CUDA pt2 package has no CPU variant: the base does not load it
-    return cpu | ({f"{m}/configs/{GPU_CONFIG}.pbtxt": gpu_config(plan.repository / m) for m in plan.gpu_models}
-                  if gpu else {})
-
-
-def _write_gpu_configs(plan, configs: dict[str, bytes]) -> Callable[[], None]:
-    """Writes the configs into the repository, all or none; returns what takes them back."""
-    from cnnpack.atomic import atomic_write_bytes
-
-    done: list[tuple[Path, bytes | None, bool]] = []  # (path, its bytes before or None, its folder made here)
-
-    def undo() -> None:
-        for path, before, made in reversed(done):
-            with contextlib.suppress(OSError):
-                if before is None:
-                    path.unlink()
-                    if made:
-                        path.parent.rmdir()
-                else:
-                    atomic_write_bytes(path, before)
-
-    try:
-        for rel, data in configs.items():
-            path = plan.repository / rel
-            before = path.read_bytes() if path.is_file() else None
-            if before != data:  # unchanged: left alone (a polling Triton reloads a model whose files were rewritten)
-                made = not path.parent.exists()
-                atomic_write_bytes(path, data)
-                done.append((path, before, made))
-    except BaseException:  # all or nothing: the configs written before the failure are taken back
-        undo()
-        raise
-    return undo
 
 
 def _spec(cfg: DeployConfig, plan, store, name: str, ngc: str, gpu_configs: dict[str, bytes], stale: set[str]):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cnnpack.errors import UserInputError, one_line, shell
 from cnnpack.rundir import Run, sha256
-from cnnpack.triton_config import CPU_CONFIG, GPU_CONFIG, PREPROCESS, PT2_FORMATS, classifier_of, ensemble_parts
+from cnnpack.triton_config import CPU_CONFIG, PREPROCESS, PT2_FORMATS, classifier_of, ensemble_parts
 from cnnpack.triton_publish import STAGING_PREFIX, stale_preprocessing, versions
 
 MiB = 1 << 20
@@ -438,55 +438,10 @@ def _queue_delay_us(folder: Path) -> int:
     return int(m.group(1)) if m else 0
 
 
-# -- the GPU variant of each model's config ---------------------------------------------------------------------
-
-
+# -- where a model runs --------------------------------------------------------------------------------------
 def on_gpu(mc) -> bool:
     """A model config with an instance group on a GPU (KIND_GPU, or KIND_AUTO given GPUs)."""
     from tritonclient.grpc import model_config_pb2 as pb
 
     return any(g.kind == pb.ModelInstanceGroup.KIND_GPU or (g.kind == pb.ModelInstanceGroup.KIND_AUTO and g.gpus)
                for g in mc.instance_group)
-
-
-def cpu_config(folder: Path) -> bytes:
-    """The config.pbtxt of a model laid out for a GPU, as Triton's custom config for a pod without one: KIND_CPU
-    instance groups (same counts, no GPU ids), no GPU execution accelerator (TensorRT)."""
-    from tritonclient.grpc import model_config_pb2 as pb
-
-    from cnnpack.triton_repo import render
-
-    mc = read_config(folder)
-    for g in mc.instance_group:
-        g.kind = pb.ModelInstanceGroup.KIND_CPU
-        del g.gpus[:]
-    mc.optimization.execution_accelerators.ClearField("gpu_execution_accelerator")
-    return render(mc).encode()
-
-
-def stale_configs(plan: Plan) -> set[str]:
-    """The configs/cpu.pbtxt and configs/gpu.pbtxt an earlier deploy wrote (unchanged since) that no longer fit their
-    model: a cpu.pbtxt where config.pbtxt is no longer laid out for a GPU (a tune's winner, which is a CPU config,
-    replaced it), a gpu.pbtxt of a model that cannot run on one. Triton would serve them over config.pbtxt (the
-    base's --model-config-name=cpu, the gpu overlay's =gpu), with the instances and threads from before."""
-    fits = {f"{m}/configs/{CPU_CONFIG}.pbtxt" for m in plan.gpu_laid if m not in plan.cuda_only} | {
-        f"{m}/configs/{GPU_CONFIG}.pbtxt" for m in plan.gpu_models}
-    ours = {f"configs/{CPU_CONFIG}.pbtxt", f"configs/{GPU_CONFIG}.pbtxt"}  # a record names nothing else (nor `..`)
-    return {rel for rel, digest in plan.deployed_files.items() if rel not in fits
-            and len(Path(rel).parts) == 3 and Path(rel).parts[0] not in ("..", ".")
-            and "/".join(Path(rel).parts[1:]) in ours
-            and (plan.repository / rel).is_file() and sha256(plan.repository / rel) == digest}
-
-
-def gpu_config(folder: Path) -> bytes:
-    """The model's config.pbtxt with KIND_GPU instance groups (same counts), as Triton's custom config."""
-    from tritonclient.grpc import model_config_pb2 as pb
-
-    from cnnpack.triton_repo import render
-
-    mc = read_config(folder)
-    if not mc.instance_group:
-        raise UserInputError(f"{folder / 'config.pbtxt'} has no instance_group to put on the GPU")
-    for g in mc.instance_group:
-        g.kind = pb.ModelInstanceGroup.KIND_GPU
-    return render(mc).encode()
