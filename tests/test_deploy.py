@@ -969,17 +969,31 @@ def test_an_out_that_holds_the_repository_is_refused_and_the_repository_left_alo
 
 
 def test_an_unparsable_config_pbtxt_is_one_line_exit_2_naming_the_file(laid_out, tmp_path):
+    """The command that lays it out again gave the format alone: pasted, it put a model laid out for a GPU with 2
+    instances back on the CPU with 1."""
+    from typer.testing import CliRunner
+
+    from cnnpack.cli.common import app
+    from cnnpack.triton_repo import TritonConfig, build
+
     run, repo = _own_copy(laid_out, tmp_path)
-    config = repo / "cnn_onnx" / "config.pbtxt"
-    with open(config, "a") as f:
-        f.write("garbage {\n")
-    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
-    for gpu in ("auto", "no"):  # not only for the gpu overlay's config: Triton would not load it either
-        proc = _cnnpack("deploy", "--run", str(run), "--out", str(tmp_path / "out"), "--gpu", gpu)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-        assert f"{config} is not a Triton model config" in proc.stderr
-        assert f"cnnpack triton --run {run} --repository {repo} --format onnx --ensemble" in proc.stderr
-    assert not (tmp_path / "out").exists() and {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+    build(run, TritonConfig(repository=str(repo), device="gpu", instances=2, ensemble=True))
+    again = (f"cnnpack triton --run {run} --repository {repo} --format onnx --device gpu --instances 2 "
+             "--ensemble")
+    for model in ("cnn_onnx", "cnn_onnx_preprocess"):  # (the image ensemble's part: laid out by the same command)
+        config = repo / model / "config.pbtxt"
+        laid = config.read_text()
+        with open(config, "a") as f:
+            f.write("garbage {\n")
+        before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+        for gpu in ("auto", "no"):  # not only for the gpu overlay's config: Triton would not load it either
+            proc = _cnnpack("deploy", "--run", str(run), "--out", str(tmp_path / "out"), "--gpu", gpu)
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+            assert f"{config} is not a Triton model config" in proc.stderr and proc.stderr.endswith(f"`{again}`\n")
+        assert not (tmp_path / "out").exists()
+        assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+        assert CliRunner().invoke(app, shlex.split(again)[1:]).exit_code == 0  # pasted: laid out as it was
+        assert config.read_text() == laid
 
 
 def test_a_model_of_weights_older_than_the_runs_is_not_shipped(laid_out, tmp_path):

@@ -91,8 +91,8 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
     triton = stages["triton"]
     repository = Path(triton["repository"])
     models = shipped(repository, [m for m, _ in classifiers], ensembles=ensembles)
-    configs = {m: read_config(repository / m, fix=lay_out(run.path, triton, m, classifiers))  # Triton would not
-               for m in models}                                                                 # load it either
+    configs = {m: read_config(repository / m, fix=relayout(run.path, triton, m)  # Triton would not load it either
+                              or lay_out(run.path, triton, m, classifiers)) for m in models}
     gpu_laid = [m for m, mc in configs.items() if on_gpu(mc)]
     arts = stages.get("export", {}).get("artifacts", {})
     cuda = [m for m, fmt in classifiers if fmt in PT2_FORMATS and (arts.get(fmt) or {}).get("device") == "cuda"]
@@ -122,9 +122,8 @@ def make(run_dir: str | Path, *, queue_target_ms: float | None = None, ensembles
                                                    if m.endswith(PREPROCESS) and (v := versions(repository / m))], run.path)
     def bounded(model: str, n: int | str, same: str = " (with the other options it was laid out with)") -> str:
         """The command that lays `model` out again, with its threads (`same`: what else it must be given)."""
-        if model == triton["name"] and isinstance(triton.get("config"), dict):  # every setting as it was laid out
-            return relayout_command(run.path, {**triton["config"], "repository": triton["repository"]}, threads=n)
-        return lay_out(run.path, triton, model, classifiers)[:-1] + f" --threads {n}`{same}"
+        return relayout(run.path, triton, model, threads=n) or (lay_out(run.path, triton, model, classifiers)[:-1]
+                                                                 + f" --threads {n}`{same}")
 
     if plan.served_model not in plan.models:  # the triton stage's model did not pass verify (a later verify)
         plan.served_model = classifiers[0][0]
@@ -324,6 +323,16 @@ def relayout_command(run_path: Path, config: dict, **changed) -> str:
         if value is not None:
             out.append(option(f.name, value))
     return f"`{' '.join(out)}`"
+
+
+def relayout(run_path: Path, triton: dict, model: str, **changed) -> str | None:
+    """`relayout_command` for `model` with every setting the run's triton stage laid it out with (`changed` ones
+    aside), where that stage laid it out (its classifier, or its image ensemble's part); None where none records them
+    (a model an earlier `cnnpack triton` laid out): a command with its format alone would reset the rest."""
+    if not isinstance(triton.get("config"), dict) or model not in (triton["name"], *ensemble_parts(triton["name"])):
+        return None
+    parts = {"ensemble": True} if model != triton["name"] else {}  # (the part is laid out with its classifier)
+    return relayout_command(run_path, {**triton["config"], "repository": triton["repository"]}, **parts, **changed)
 
 
 def measured(stages: dict) -> tuple[dict, str]:
