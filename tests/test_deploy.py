@@ -720,8 +720,16 @@ def test_an_out_with_a_different_deployment_is_refused_and_kept_unless_force(dep
     out = tmp_path / "out"
     shutil.copytree(deployed["image"], out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(UserInputError, match="holds a different deployment"):
+    marker = json.loads((out / "cnnpack-deploy.json").read_text())
+    (out / "cnnpack-deploy.json").write_text(json.dumps({**marker, "run": "/elsewhere/run"}))
+    with pytest.raises(UserInputError, match=r"holds a different deployment \('cnn-onnx' of run /elsewhere/run\); "
+                                             "choose another --out or pass --force to replace it"):
+        deploy(laid_out, DeployConfig(out=str(out)))
+    (out / "cnnpack-deploy.json").write_text(json.dumps(marker))
+    with pytest.raises(UserInputError, match=r"holds this run's deployment 'cnn-onnx', and this one is named 'other' "
+                                             r"\(--name\); pass --name cnn-onnx to update"):
         deploy(laid_out, DeployConfig(out=str(out), name="other"))
+    before[out / "cnnpack-deploy.json"] = (out / "cnnpack-deploy.json").read_bytes()
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "notes.txt").write_text("mine")
     for force in (False, True):  # a folder that is not a deployment (a run, a repository) is never replaced
@@ -739,6 +747,27 @@ def test_an_out_with_a_different_deployment_is_refused_and_kept_unless_force(dep
     assert (gpu_config.stat().st_ino, gpu_config.stat().st_mtime_ns) == stamp  # not the repository's unchanged file
     assert deploy(laid_out, DeployConfig(out=str(out), name="other", force=True))["name"] == "other"
     assert _yaml(out / "kubernetes" / "base" / "service.yaml")["metadata"]["name"] == "other"
+
+
+def test_this_runs_deployment_under_another_name_is_named_with_the_option_that_updates_it(deployed, laid_out,
+                                                                                          tmp_path):
+    """After `cnnpack triton --format torchscript` the run's deployment is named cnn-torchscript: the refusal said
+    only "a different deployment" and offered --force, which wrote a second Deployment, Service, HPA and PDB that
+    `kubectl apply -k` added beside the first's, still running."""
+    from cnnpack.deploy import DeployConfig, deploy
+
+    out = tmp_path / "out"
+    shutil.copytree(deployed["pvc"], out)
+    marker = json.loads((out / "cnnpack-deploy.json").read_text())
+    (out / "cnnpack-deploy.json").write_text(json.dumps({**marker, "name": "cnn-torchscript"}))  # laid out before
+    proc = _cnnpack("deploy", "--run", str(laid_out), "--out", str(out))
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: --out {out} holds this run's deployment 'cnn-torchscript', and this one is named 'cnn-onnx' (after "
+        "cnn_onnx, the model the run serves); pass --name cnn-torchscript to update 'cnn-torchscript', or --force to "
+        "write 'cnn-onnx' in its place: applied, its objects run beside those of 'cnn-torchscript', which `kubectl delete "
+        "deployment,service,pdb,hpa,pvc,job -l app.kubernetes.io/name=cnn-torchscript` removes\n")
+    updated = deploy(laid_out, DeployConfig(out=str(out), name="cnn-torchscript", model_store="pvc"))  # as it says
+    assert updated["name"] == "cnn-torchscript" == _yaml(out / "kubernetes/base/deployment.yaml")["metadata"]["name"]
 
 
 def test_a_rewrite_keeps_the_users_own_files_and_refuses_to_overwrite_one_unless_force(deployed, laid_out, tmp_path):

@@ -158,7 +158,8 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
             raise UserInputError(f"--out {out} holds the {what} {folder}, and deploy replaces the whole folder; "
                                  "choose a folder that does not contain it")
     identity = {"kind": "cnnpack-deploy", "run": str(plan.run), "name": name}
-    earlier = output.check_out(out, identity, force=cfg.force)
+    earlier = output.check_out(out, identity, force=cfg.force,
+                               named="--name" if cfg.name else f"after {plan.served_model}, the model the run serves")
     gpu_configs = configs.wanted(plan, gpu)
     theirs = configs.users_configs(plan, gpu_configs)
     if theirs and not cfg.force:

@@ -35,9 +35,9 @@ def dump(obj: dict, header: str = "") -> str:
     return "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + text
 
 
-def check_out(out: Path, identity: dict, *, force: bool) -> list[str] | None:
+def check_out(out: Path, identity: dict, *, force: bool, named: str = "") -> list[str] | None:
     """Refuses an --out that holds something else than this deployment (nothing is written); returns the files of
-    the deployment it will replace (None: nothing to replace)."""
+    the deployment it will replace (None: nothing to replace). `named`: where this deployment's name comes from."""
     check_makeable(out, "--out")
     recover_swap(out)  # a deployment a deploy killed mid-swap hid (with the user's files in it): back first
     if not out.is_dir() or not any(out.iterdir()):
@@ -56,9 +56,26 @@ def check_out(out: Path, identity: dict, *, force: bool) -> list[str] | None:
         raise UserInputError(f"--out {out}: {marker} is unreadable; pass --force to replace the folder")
     same = {k: old.get(k) for k in ("run", "name")} == {k: identity[k] for k in ("run", "name")}
     if not same and not force:
+        if old.get("run") == identity["run"] and isinstance(old.get("name"), str):
+            raise UserInputError(renamed(out, old, identity["name"], named))
         raise UserInputError(f"--out {out} holds a different deployment ({old.get('name')!r} of run {old.get('run')}); "
                              f"choose another --out or pass --force to replace it")
     return list(old.get("files", []))
+
+
+def renamed(out: Path, old: dict, name: str, named: str) -> str:
+    """This run's deployment in --out is named otherwise (another model laid out last names it now): --force would
+    write the new name's objects, which `kubectl apply` adds beside the old ones, still running."""
+    kinds = {"deployment.yaml": "deployment", "service.yaml": "service", "pdb.yaml": "pdb", "hpa.yaml": "hpa",
+             "servicemonitor.yaml": "servicemonitor", "pvc.yaml": "pvc", "fill-job.yaml": "job"}
+    written = {f.removeprefix("kubernetes/base/") for f in old.get("files", [])}
+    objects = [kind for f, kind in kinds.items() if f in written] or list(kinds.values())[:4]
+    was = old["name"]
+    return (f"--out {out} holds this run's deployment {was!r}, and this one is named {name!r}"
+            + (f" ({named})" if named else "") + f"; pass --name {was} to update {was!r}, or --force to write "
+            f"{name!r} in its place: applied, its objects run beside those of {was!r}, which `kubectl delete "
+            # every object deploy writes carries the name label (the fill Job's component differs)
+            f"{','.join(objects)} -l app.kubernetes.io/name={was}` removes")
 
 
 def own_files(out: Path, earlier: list[str] | None) -> list[str]:
