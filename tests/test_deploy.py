@@ -316,6 +316,38 @@ def test_a_gpu_config_of_the_users_own_in_the_repository_is_refused_and_kept_unl
         n for n in record["notes"] if not n.startswith("replaced (--force)")]
 
 
+def test_a_config_an_earlier_deploy_wrote_is_its_own_after_the_run_is_trained_again(laid_out, tmp_path):
+    """`train --force` keeps deploy/ but drops the run's record of the configs deploy wrote: deploy again, after a
+    layout with other threads, refused its own configs/gpu.pbtxt as "yours"."""
+    from cnnpack.deploy import DeployConfig, deploy
+    from cnnpack.rundir import sha256
+    from cnnpack.triton_repo import TritonConfig, build
+
+    run, repo = _own_copy(laid_out, tmp_path)
+    out, gpu = tmp_path / "out", repo / "cnn_onnx" / "configs" / "gpu.pbtxt"
+    deploy(run, DeployConfig(out=str(out)))
+    written, marker = gpu.read_text(), json.loads((out / "cnnpack-deploy.json").read_text())
+    _manifest(run, lambda m: m["stages"].pop("deploy"))  # as `cnnpack train --force` leaves the new run
+    build(run, TritonConfig(repository=str(repo), threads=2, ensemble=True))  # (a gpu config that differs now)
+    for damaged in ({**marker, "repository_sha256": {}},  # an older cnnpack's marker: no digest to tell an edit by
+                    {**marker, "repository": str(tmp_path / "other")}):  # another repository's configs
+        (out / "cnnpack-deploy.json").write_text(json.dumps(damaged))
+        with pytest.raises(UserInputError, match=f"{re.escape(str(gpu))} is not a config a deploy wrote"):
+            deploy(run, DeployConfig(out=str(out)))
+        assert gpu.read_text() == written
+    (out / "cnnpack-deploy.json").write_text(json.dumps(marker))
+    again = deploy(run, DeployConfig(out=str(out)))  # its own, as the deployment's marker records it
+    assert gpu.read_text() != written  # the gpu overlay's config of the model laid out now
+    assert not any(n.startswith("replaced (--force)") for n in again["notes"])
+    recorded = json.loads((run / "cnnpack.json").read_text())["stages"]["deploy"]["repository_files"]
+    assert recorded == again["repository_sha256"] == {"cnn_onnx/configs/gpu.pbtxt": sha256(gpu)}
+    gpu.write_text(gpu.read_text() + "# tuned by hand\n")  # edited since: the user's, recorded or not
+    _manifest(run, lambda m: m["stages"].pop("deploy"))
+    build(run, TritonConfig(repository=str(repo), threads=1, ensemble=True))
+    with pytest.raises(UserInputError, match=f"{re.escape(str(gpu))} is not a config a deploy wrote"):
+        deploy(run, DeployConfig(out=str(out)))
+
+
 def test_object_storage_is_triton_s_repository_with_credentials_only_by_reference(base, deployed):
     s3 = _container(_of(base["s3"], "Deployment"))
     assert "--model-repository=s3://models-bucket/cnn" in s3["args"]

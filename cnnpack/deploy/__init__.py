@@ -160,6 +160,8 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
     identity = {"kind": "cnnpack-deploy", "run": str(plan.run), "name": name}
     earlier = output.check_out(out, identity, force=cfg.force,
                                named="--name" if cfg.name else f"after {plan.served_model}, the model the run serves")
+    # the configs the deployment there wrote are deploy's too, where the run no longer records them (trained again)
+    plan.deployed_files = output.repository_files(out, plan.run, plan.repository) | plan.deployed_files
     gpu_configs = configs.wanted(plan, gpu)
     theirs = configs.users_configs(plan, gpu_configs)
     if theirs and not cfg.force:
@@ -183,6 +185,7 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
               "ngc_image": spec.ngc_image, "content_tag": spec.tag, "repository": str(plan.repository),
               "models": plan.models, "served_model": plan.served_model, "overlays": ["cpu", *(["gpu"] if gpu else [])],
               "repository_files_added": list(gpu_configs), "repository_files_removed": sorted(stale),
+              "repository_sha256": output.digests(gpu_configs),  # a later deploy tells an edited one (the user's)
               "args": _args(spec),
               "figures": {k: asdict(getattr(plan, k)) for k in ("cpu", "memory_mib", "startup_s", "startup_gpu_s",
                                                                  "queue_target_us")}

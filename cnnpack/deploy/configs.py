@@ -1,8 +1,9 @@
 """The configs `cnnpack deploy` writes into the model repository (Triton's custom model configurations):
 `<model>/configs/gpu.pbtxt`, the gpu overlay's (KIND_GPU), and `configs/cpu.pbtxt`, the base's, of a model laid out
-for a GPU. config.pbtxt, which `cnnpack serve` uses, is never touched. The run records what deploy wrote, so that a
-later deploy tells its own configs from a user's (which it does not write over without --force), and removes its own
-once they no longer fit their model.
+for a GPU. config.pbtxt, which `cnnpack serve` uses, is never touched. The run records what deploy wrote (and so does
+the deployment's marker, with each one's sha256: `cnnpack train --force` keeps it), so that a later deploy tells its
+own configs from a user's (which it does not write over without --force), and removes its own once they no longer
+fit their model.
 """
 
 from __future__ import annotations

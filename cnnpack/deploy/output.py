@@ -78,6 +78,23 @@ def renamed(out: Path, old: dict, name: str, named: str) -> str:
             f"{','.join(objects)} -l app.kubernetes.io/name={was}` removes")
 
 
+def repository_files(out: Path, run: Path, repository: Path) -> dict[str, str]:
+    """The configs the deployment in `out` wrote into the model repository, path -> sha256 as written, where its
+    marker is of this run and repository: `cnnpack train --force` keeps deploy/ but drops the run's record of them.
+    A marker that records no digests (an older cnnpack's) names none: a file that may have been edited since is the
+    user's."""
+    try:
+        old = json.loads((out / IDENTITY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not (isinstance(old, dict) and old.get("kind") == "cnnpack-deploy" and old.get("run") == str(run)
+            and old.get("repository") == str(repository) and isinstance(old.get("repository_sha256"), dict)):
+        return {}
+    added = old.get("repository_files_added")
+    return {rel: digest for rel, digest in old["repository_sha256"].items()
+            if isinstance(added, list) and rel in added and isinstance(rel, str) and isinstance(digest, str)}
+
+
 def own_files(out: Path, earlier: list[str] | None) -> list[str]:
     """Files in --out that the earlier deployment did not write (a user's own overlay, notes), or wrote and the user
     has edited since (`edited`): kept on a rewrite, or refused where it writes them again."""
