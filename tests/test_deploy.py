@@ -852,6 +852,47 @@ def test_a_rewrite_keeps_the_users_own_files_and_refuses_to_overwrite_one_unless
         deploy(laid_out, DeployConfig(out=str(out), service_monitor=True))
 
 
+def test_the_same_deployment_again_is_not_rewritten_and_a_git_checkout_stays_clean(laid_out, tmp_path):
+    """Deploying again with the same inputs rewrote the folder, said it replaced the earlier deployment and turned the
+    marker's "replaced" true; with --out a git checkout it called every .git file the user's ("kept"), wrote them into
+    the marker and copied the whole .git: `git status` showed the marker modified after each deploy."""
+    from cnnpack.deploy import DeployConfig, deploy
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(out), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout
+
+    out = tmp_path / "out"
+    assert deploy(laid_out, DeployConfig(out=str(out)))["replaced"] is False
+    (out / "NOTES.txt").write_text("mine\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "deployed")
+    marker = (out / "cnnpack-deploy.json").read_bytes()
+    inodes = {p: p.stat().st_ino for p in out.rglob("*") if p.is_file()}  # (`git status` rewrites .git/index)
+    deploy(laid_out, DeployConfig(out=str(tmp_path / "other")))  # (the run's deploy stage: another folder's now)
+    proc = _cnnpack("deploy", "--run", str(laid_out), "--out", str(out))
+    assert proc.returncode == 0 and proc.stdout.startswith(f"{out}  cnn-onnx: cnn_onnx, cnn_onnx_preprocess, "
+                                                           "cnn_onnx_image (unchanged: ")
+    assert "replaced" not in proc.stdout and "kept" not in proc.stdout and ".git" not in proc.stdout
+    assert (out / "cnnpack-deploy.json").read_bytes() == marker and git("status", "--porcelain") == ""
+    assert {p: p.stat().st_ino for p in out.rglob("*") if p.is_file() and ".git" not in p.parts} == {
+        p: n for p, n in inodes.items() if ".git" not in p.parts}  # not rewritten at all
+    stage = json.loads((laid_out / "cnnpack.json").read_text())["stages"]["deploy"]
+    assert stage["out"] == str(out.resolve())  # the run's record says where its deployment is
+    # another deployment: rewritten around the user's files; .git is none of them, and it is the same .git
+    changed = deploy(laid_out, DeployConfig(out=str(out), replicas=2))
+    assert changed["replaced"] is True and changed["kept"] == ["NOTES.txt"] and not changed["unchanged"]
+    assert {line[:3] for line in git("status", "--porcelain").splitlines()} == {" M "}  # edits, nothing else
+    assert ".git" not in (out / "cnnpack-deploy.json").read_text() and (out / ".git" / "refs" / "tags").is_dir()
+    objects = [p for p in (out / ".git" / "objects").rglob("*") if p.is_file()]
+    assert objects and all(p.stat().st_ino == inodes[p] for p in objects)  # the same files (linked), not copies
+    assert git("log", "--format=%s") == "deployed\n"
+    again = deploy(laid_out, DeployConfig(out=str(out), replicas=2))
+    assert again["unchanged"] and again["replaced"] is False
+    assert json.loads((out / "cnnpack-deploy.json").read_text())["replaced"] is True  # the write that made it
+
+
 @pytest.mark.parametrize("marker", [b"[]", b"\xff\xfe", b'{"files": 5}', b'{"files": [{"a": 1}]}'])
 def test_a_damaged_deployment_marker_is_refused_unless_force(deployed, laid_out, tmp_path, marker):
     from cnnpack.deploy import DeployConfig, deploy

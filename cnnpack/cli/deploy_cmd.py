@@ -66,10 +66,11 @@ def deploy(
 def _report(r: dict) -> None:
     out, f = Path(r["out"]), r["figures"]
     typer.echo(f"{out}  {r['name']}: {', '.join(r['models'])}"
-               + (" (replaced the earlier deployment there)" if r.get("replaced") else ""))
+               + (" (replaced the earlier deployment there)" if r.get("replaced") else "")
+               + (" (unchanged: the folder holds this deployment already, not rewritten)" if r.get("unchanged") else ""))
     if r.get("removed"):
         typer.echo(f"  removed  {', '.join(r['removed'])} (not part of this deployment)")
-    if r.get("kept"):
+    if r.get("kept") and not r.get("unchanged"):  # (nothing was written around them)
         typer.echo(f"  kept     {', '.join(r['kept'])} (yours: not written by cnnpack, or edited since)")
     if r.get("overwritten"):
         typer.echo(f"  replaced {', '.join(r['overwritten'])} (your own, with --force)")

@@ -203,21 +203,27 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
               "replaced": earlier is not None, "removed": sorted(set(earlier or ()) - {*files, output.IDENTITY, *kept}),  # (edited: kept)
               "kept": kept, "overwritten": clash}
     record["sha256"] = output.digests(files)  # a file edited after this is the user's (`output.edited`)
+    same = earlier is not None and output.unchanged(out, files, record)
+    record["replaced"] = record["replaced"] and not same  # only a deployment that differs is replaced
     files[output.IDENTITY] = json.dumps(record, indent=2) + "\n"
-    stage = output.stage_tree(out, files, keep=kept)  # the deployment folder, complete, before anything is changed
+    # the deployment folder, complete, before anything is changed; none where --out holds it as it is (its marker too)
+    stage = None if same else output.stage_tree(out, files, keep=kept, vcs=output.vcs_metadata(out))
     try:
         _opened(plan).check_not_replaced()  # a deployment of the model a `train --force` since replaced: none
         if gpu_configs or stale:  # what it writes into the repository must be recorded (a later deploy removes it)
             _opened(plan).check_writable()
         undo = configs.write(plan, gpu_configs)  # checks are over: from here on, the repository and --out change
         try:
-            output.swap_in(stage, out)
+            if stage is not None:
+                output.swap_in(stage, out)
         except BaseException:  # the configs just written are taken back: unrecorded, the next deploy called them
             undo()             # the user's own
             raise
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         raise
+    record["unchanged"] = same  # (not in the marker: it says what the write that made it did)
     record["recorded"] = _record_in_run(_opened(plan), record, configs.repository_files(plan, gpu_configs, stale))
     # the earlier deploy's configs that no longer fit, last: a failure before leaves them where the run's record
     # names them, for the next deploy to remove

@@ -5,7 +5,8 @@ first and removed only once the new one is in place, so a failure leaves the old
 Files in it that the earlier deployment did not write (an overlay of the user's own, notes), and files it wrote that
 were edited since (the marker keeps each one's sha256), are carried over; one where the new deployment writes a file
 is refused unless `--force`. `cnnpack-deploy.json` at its root says which run and name it deploys: a different one is refused
-unless `--force`.
+unless `--force`. A folder that holds this very deployment is not written at all; version control metadata (`.git`)
+is carried into each rewrite as hard links.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from cnnpack.errors import UserInputError
 from cnnpack.rundir import check_makeable
 
 IDENTITY = "cnnpack-deploy.json"
+# version control's own metadata (a GitOps checkout as --out, a `.git` file of a worktree or submodule): not a file of
+# the user's to list, nor the deployment's; carried into each rewrite as it is
+VCS = (".git", ".hg", ".svn")
+# what a marker says about the write that made it, not about the deployment: a rewrite of the same one is none
+PER_WRITE = ("replaced", "removed", "kept", "overwritten")
 
 
 def dump(obj: dict, header: str = "") -> str:
@@ -40,7 +46,7 @@ def check_out(out: Path, identity: dict, *, force: bool, named: str = "") -> lis
     the deployment it will replace (None: nothing to replace). `named`: where this deployment's name comes from."""
     check_makeable(out, "--out")
     recover_swap(out)  # a deployment a deploy killed mid-swap hid (with the user's files in it): back first
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or all(p.name in VCS for p in out.iterdir()):  # (a checkout with nothing in it yet)
         return None
     marker = out / IDENTITY
     if not marker.is_file():  # not even --force: the whole folder is replaced, and it may be a run or a repository
@@ -101,8 +107,51 @@ def own_files(out: Path, earlier: list[str] | None) -> list[str]:
     if not earlier or not out.is_dir():  # nothing to replace, or an unreadable marker replaced with --force
         return []
     ours = {*earlier, IDENTITY} - set(edited(out))
-    return sorted(rel for p in out.rglob("*") if (p.is_file() or p.is_symlink())
-                  and (rel := p.relative_to(out).as_posix()) not in ours)
+    return sorted(rel for rel in _walk(out)[0] if rel not in ours)
+
+
+def vcs_metadata(out: Path) -> list[str]:
+    """The version control metadata in `out` (`VCS`), by path: kept as it is, never listed as the user's files."""
+    return _walk(out)[1] if out.is_dir() else []
+
+
+def _walk(out: Path) -> tuple[list[str], list[str]]:
+    """(the files and links in `out`, its version control metadata), by path; a VCS folder is not entered (a large
+    repository's objects), nor a link to a folder."""
+    files, metadata = [], []
+    for root, dirs, names in os.walk(out):
+        here = Path(root)
+        for name in [*dirs, *names]:
+            rel = (here / name).relative_to(out).as_posix()
+            if name in VCS:
+                metadata.append(rel)
+            elif name in names or (here / name).is_symlink():
+                files.append(rel)
+        dirs[:] = [d for d in dirs if d not in VCS and not (here / d).is_symlink()]
+    return sorted(files), sorted(metadata)
+
+
+def unchanged(out: Path, files: dict[str, str | bytes], record: dict) -> bool:
+    """Whether `out` holds this very deployment: every file with the bytes it writes, and a marker that says what
+    `record` says (apart from `PER_WRITE`, and --force: nothing to force). Rewriting it would change nothing but the
+    marker's account of the write (a GitOps checkout's diff on every deploy)."""
+    try:
+        old = json.loads((out / IDENTITY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+    def content(r: dict) -> dict:
+        r = {k: v for k, v in r.items() if k not in PER_WRITE}
+        return {**r, "config": {**r["config"], "force": False}} if isinstance(r.get("config"), dict) else r
+
+    if not isinstance(old, dict) or content(old) != content(json.loads(json.dumps(record))):
+        return False
+    for rel, data in files.items():
+        path = out / rel
+        if rel != IDENTITY and (path.is_symlink() or not path.is_file()
+                                or path.read_bytes() != (data.encode() if isinstance(data, str) else data)):
+            return False
+    return True
 
 
 def digests(files: dict[str, str | bytes]) -> dict[str, str]:
@@ -140,12 +189,20 @@ def clashes(own: list[str], files) -> list[str]:
     return [p for p in own if p in wanted or p in folders or any(p.startswith(f + "/") for f in wanted)]
 
 
-def stage_tree(out: Path, files: dict[str, str | bytes], keep: list[str] = ()) -> Path:
-    """Writes every file, and the kept files of the folder it replaces, into a fresh folder beside `out`."""
+def stage_tree(out: Path, files: dict[str, str | bytes], keep: list[str] = (), vcs: list[str] = ()) -> Path:
+    """Writes every file, and the kept files of the folder it replaces, into a fresh folder beside `out`; `vcs`: its
+    version control metadata, as hard links (the same files, not a copy of a repository's history each time)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with naming(out.parent):
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-{owner_tag()}", dir=out.parent))
     try:
+        for rel in vcs:
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            with naming(out / rel):
+                if (out / rel).is_dir() and not (out / rel).is_symlink():  # (its empty folders too: refs/tags)
+                    shutil.copytree(out / rel, stage / rel, symlinks=True, copy_function=_link)
+                else:
+                    shutil.copy2(out / rel, stage / rel, follow_symlinks=False)
         for rel in keep:
             path = stage / rel
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +219,15 @@ def stage_tree(out: Path, files: dict[str, str | bytes], keep: list[str] = ()) -
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return stage
+
+
+def _link(src: str, dst: str) -> None:
+    """A hard link where the file system makes one (the stage is beside `out`: the same one), else a copy. The old
+    folder's link goes with it once the stage is in place; until then either folder holds the whole metadata."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def swap_in(stage: Path, out: Path) -> None:
