@@ -99,22 +99,28 @@ out.write_text("Concurrency,Inferences/Second,Avg latency,p50 latency,p90 latenc
 '''
 
 
-def test_perf_analyzers_windows_are_read_as_it_judged_them(tmp_path, monkeypatch):
-    """Its last 3 windows (a constant of perf_analyzer, whatever cnnpack's policy counts), a failed one as 0, a rate of
-    a million in exponent form, and the windows of both of its runs when the first found no stable point."""
+def _planted_perf_analyzer(script: str, folder, monkeypatch):
+    """`script` as the perf_analyzer on PATH; (a served model, a client of no server) to point it at."""
     from types import SimpleNamespace
 
     from cnnpack.client import ServedModel
+
+    fake = folder / "perf_analyzer"
+    fake.write_text(script.replace("PYTHON", sys.executable))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    model = ServedModel(name="m", platform="onnxruntime_onnx", input="input", input_dtype="FP32", input_shape=(3, 8, 8),
+                        output="logits", num_classes=6, max_batch_size=64)
+    return model, SimpleNamespace(address="127.0.0.1:1", protocol="grpc")
+
+
+def test_perf_analyzers_windows_are_read_as_it_judged_them(tmp_path, monkeypatch):
+    """Its last 3 windows (a constant of perf_analyzer, whatever cnnpack's policy counts), a failed one as 0, a rate of
+    a million in exponent form, and the windows of both of its runs when the first found no stable point."""
     from cnnpack.loadgen import perf_analyzer
     from cnnpack.measure import WindowPolicy
 
-    fake = tmp_path / "perf_analyzer"
-    fake.write_text(FAKE_PA.replace("PYTHON", sys.executable))
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    model = ServedModel(name="m", platform="onnxruntime_onnx", input="input", input_dtype="FP32", input_shape=(3, 8, 8),
-                        output="logits", num_classes=6, max_batch_size=64)
-    client = SimpleNamespace(address="127.0.0.1:1", protocol="grpc")
+    model, client = _planted_perf_analyzer(FAKE_PA, tmp_path, monkeypatch)
     batch = np.zeros((1, 3, 8, 8), np.float32)
     row = perf_analyzer(client, model, batch, 16, WindowPolicy(window_s=0.1, max_s=0.5, stable_windows=1))
     assert row["window_throughput_ips"] == [1001.5, 1002110.0, 2000.25] and row["windows"] == 8
@@ -188,19 +194,10 @@ def test_requests_slower_than_perf_analyzers_windows_are_measured_in_windows_tha
     """tune lost 2 of 39 resnet18 points on 2 busy Zen 3 cores: perf_analyzer's 0.5 s windows held no request of 1-2 s,
     and it failed ("No valid requests recorded within time interval"). The point is measured again in windows of 4x
     the latency it saw (6 s), and only where no window length holds one does cnnpack's client measure it."""
-    from types import SimpleNamespace
-
     import cnnpack.loadgen as lg
-    from cnnpack.client import ServedModel
     from cnnpack.measure import WindowPolicy
 
-    fake = tmp_path / "perf_analyzer"
-    fake.write_text(SLOW_PA.replace("PYTHON", sys.executable))
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    model = ServedModel(name="m", platform="onnxruntime_onnx", input="input", input_dtype="FP32", input_shape=(3, 8, 8),
-                        output="logits", num_classes=6, max_batch_size=64)
-    client = SimpleNamespace(address="127.0.0.1:1", protocol="grpc")
+    model, client = _planted_perf_analyzer(SLOW_PA, tmp_path, monkeypatch)
     row = lg.load("perf_analyzer", client, model, np.zeros((1, 3, 8, 8), np.float32), 16,
                   WindowPolicy(window_s=0.5, max_s=2.0, stable_windows=1))
     assert (tmp_path / "windows.log").read_text().split() == ["500", "6000"]
