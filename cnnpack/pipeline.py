@@ -161,7 +161,7 @@ class Stages:
                              "data_root": root, "arch": user_model.recorded(self.cfg.arch)},
                   "data": data_identity(self.cfg.data, self.cfg.data_root)}
         if user_model.is_user_arch(self.cfg.arch):  # your own network: trained again when its file changes
-            inputs["arch_source"] = user_model.sourcerecord(self.cfg.arch)["sha256"]
+            inputs["arch_source"] = user_model.source_record(self.cfg.arch)["sha256"]
         return inputs
 
     def train_inputs_before(self, run: Run) -> dict:
@@ -180,7 +180,7 @@ class Stages:
         for the built-in and torchvision networks)."""
         was = ((run.model_spec.get("arch_source") or {}).get("sha256") if run.manifest_path.exists() else None)
         return was is None or not user_model.is_user_arch(self.cfg.arch) or \
-            was == user_model.sourcerecord(self.cfg.arch)["sha256"]  # (not train_inputs: it walks the data folder)
+            was == user_model.source_record(self.cfg.arch)["sha256"]  # (not train_inputs: it walks the data folder)
 
     def run_train(self, run: Run) -> str:
         from cnnpack.train import train
@@ -455,7 +455,6 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     at_work.on_run = lambda trained: record(trained, cfg, outcomes, t0, status="running")
     stages = at_work.all(serve_ok)
     try:
-        record(run, cfg, outcomes, t0, status="running")
         for stage in stages:
             outcomes.append(run_stage(run, stage, force=force, say=say))
             record(run, cfg, outcomes, t0, status="running")
@@ -464,6 +463,7 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
             say(f"[served] off: {why}")
         from cnnpack.report import write_report
 
+        record(run, cfg, outcomes, t0, status="ok")  # before the report, which says whether the pipeline finished
         report = write_report(run.path)
     except KeyboardInterrupt:  # between stages or in the report: the run stays the pipeline's to continue
         record(run, cfg, outcomes, t0, status="interrupted")
@@ -474,7 +474,6 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     except Exception:  # a bug of ours (a traceback): the run stays the pipeline's, so the same command continues
         record(run, cfg, outcomes, t0, status="failed")
         raise
-    record(run, cfg, outcomes, t0, status="ok")
     return summary(run, outcomes, report, time.perf_counter() - t0)
 
 

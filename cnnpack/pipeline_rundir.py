@@ -74,17 +74,22 @@ def check_run_dir(run: Run, force: bool, data: str) -> None:
     """A run that some other command made is the pipeline's only with --force (it may retrain it), and so is a
     pipeline's run of other data (a changed folder trains again; another folder is another run)."""
     check_makeable(run.path)
+    try:
+        stages = run.read().get("stages", {}) if run.manifest_path.is_file() else {}
+    except UserInputError:  # a damaged manifest: --force makes the run again
+        if not force:
+            raise
+        stages = {}
+    if (at_work := (stages.get("pipeline") or {}).get("process")) and (stages["pipeline"].get("status") == "running"
+                                                                       and alive(at_work)):  # --force too: it would
+        raise UserInputError(f"another `cnnpack pipeline` (pid {at_work.get('pid')}) is working on --run {run.path}; "
+                             "wait for it to finish (or stop it), then run this one")  # replace what that one trains
     if force or not run.path.exists():
         return
     if not run.manifest_path.exists():
         if any(run.path.iterdir()):
             raise UserInputError(f"--run {run.path} is not empty and not a cnnpack run; choose another --run")
         return
-    stages = run.read().get("stages", {})
-    if (at_work := (stages.get("pipeline") or {}).get("process")) and (stages["pipeline"].get("status") == "running"
-                                                                       and alive(at_work)):
-        raise UserInputError(f"another `cnnpack pipeline` (pid {at_work.get('pid')}) is working on --run {run.path}; "
-                             "wait for it to finish (or stop it), then run this one")
     if "pipeline" not in stages:
         if (stages.get("train") or {}).get("status") == "running":  # a `pipeline --force` or `train` at work there
             raise UserInputError(f"--run {run.path} holds a training under way (another cnnpack command at work on "
@@ -126,7 +131,7 @@ def alive(process: dict) -> bool:
     container stopped) left its section "running", and the next one took the run for another command's; it is the
     pipeline's to continue."""
     pid = process.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():  # (this process: one it ran before, cut short)
         return False
     try:
         os.kill(pid, 0)

@@ -114,6 +114,8 @@ def test_report_has_every_section_and_inlines_its_images(first):
     for png in ("curves.png", "confusion.png", "samples.png", "bench.png", "speedup.png", "precision.png"):
         assert f"]({png})" in md and (first["run"] / png).is_file()
     assert "cnnpack serve --repository" in md and "nvcr.io/nvidia/tritonserver" in md
+    # written as the pipeline ends: its section says ok by then (it said "running", and the report "did not finish")
+    assert "did not finish" not in md and "Not every stage finished" not in md
     cold = next(ln for ln in md.splitlines() if ln.startswith("**Cold start**"))  # every locally benched runtime
     bench = json.loads((first["run"] / "bench.json").read_text())
     assert all(f"{r['runtime']}: load " in cold for r in bench["results"] if r["runtime"] != "triton")
@@ -929,25 +931,31 @@ def test_a_pipeline_at_work_on_a_run_holds_it_and_a_killed_one_leaves_it_to_the_
     """Its section says "running" with its process while it runs: a second pipeline beside it was told "a run not made
     by `cnnpack pipeline`; pass --force" (which replaces the run the first one trains), and one killed outright left a
     run no pipeline would continue. A pid used again by another process is not the pipeline's."""
-    import os
     import subprocess
     import sys
 
-    from cnnpack.pipeline_rundir import check_run_dir, this_process
+    from cnnpack.pipeline_rundir import _started, check_run_dir, this_process
     from cnnpack.rundir import Run
 
     run = Run.create(tmp_path / "run", {"arch": "cnn", "classes": ["a", "b"], "num_classes": 2, "image_size": 32})
     run.set_stage("train", {"status": "running", "config": {"data": "shapes"}})  # killed in training, or at work
-    run.set_stage("pipeline", {"status": "running", "process": this_process()})
-    with pytest.raises(UserInputError, match=rf"another `cnnpack pipeline` \(pid {os.getpid()}\) is working on --run "
-                                             ".*; wait for it to finish"):
-        check_run_dir(run, False, "shapes")
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    for process in ({"pid": gone.pid, "started": 1}, {**this_process(), "started": this_process()["started"] + 1}):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        at_work = {"pid": other.pid, "started": _started(other.pid)}
+        run.set_stage("pipeline", {"status": "running", "process": at_work})
+        for force in (False, True):  # --force too: it would replace the run that one trains
+            with pytest.raises(UserInputError, match=rf"another `cnnpack pipeline` \(pid {other.pid}\) is working on "
+                                                     "--run .*; wait for it to finish"):
+                check_run_dir(run, force, "shapes")
+        run.set_stage("pipeline", {"status": "running", "process": {**at_work, "started": at_work["started"] + 1}})
+        check_run_dir(run, False, "shapes")  # its pid, another process: the pipeline was killed
+    finally:
+        other.kill()
+        other.wait()
+    for process in (at_work, this_process()):  # killed; or this very process (a pipeline it ran, cut short)
         run.set_stage("pipeline", {"status": "running", "process": process})
-        check_run_dir(run, False, "shapes")  # killed: the pipeline's to continue
-    run.set_stage("pipeline", {"status": "ok", "process": this_process()})  # (a finished one's record)
+        check_run_dir(run, False, "shapes")  # the pipeline's to continue
+    run.set_stage("pipeline", {"status": "ok", "process": at_work})  # (a finished one's record)
     check_run_dir(run, False, "shapes")
 
 
