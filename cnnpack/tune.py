@@ -166,8 +166,8 @@ def measure_s(cfg: TuneConfig, s: Setting, left_s: float) -> float | None:
     """Seconds of measurement for a point of `s` that ends by the limit, `left_s` away (--max-seconds at most); None
     where less than `MIN_MEASURE_S` fits beside its reload, warm-up and statistics (`POINT_OVERHEAD_S`, and a bf16
     setting's contract check): a point started then ended past the limit (the cnn's default sweep: 303.5 s of 300)."""
-    seconds = min(cfg.max_seconds, left_s - tune_grid.POINT_OVERHEAD_S - (tune_grid.BF16_CHECK_S if s.bf16 else 0.0))
-    return seconds if seconds >= MIN_MEASURE_S else None
+    fits = left_s - tune_grid.POINT_OVERHEAD_S - (tune_grid.BF16_CHECK_S if s.bf16 else 0.0)
+    return max(MIN_MEASURE_S, min(cfg.max_seconds, fits)) if fits >= MIN_MEASURE_S else None
 
 
 def sweep(run: Run, cfg: TuneConfig, settings: list[Setting], repository: str, say: Callable[[str], None],
@@ -294,9 +294,11 @@ def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repositor
             again_done.add(key(p))
             say(f"measuring {p['label']} at concurrency {p['concurrency']} again: {unsteady_why(p)}")
             s = Setting(**{k: v for k, v in p.items() if k in names})  # a default: its config.pbtxt, whatever it holds
+            if (seconds := measure_s(cfg, s, left())) is None:  # the one before took what was left
+                settle["skipped"] = "the time limit was reached"
+                break
             try:  # within what is left of --time-limit, as a sweep's point is
-                again = measure_point(run, server, s, p["concurrency"],
-                                      replace(cfg, max_seconds=measure_s(cfg, s, left()) or MIN_MEASURE_S), repository)
+                again = measure_point(run, server, s, p["concurrency"], replace(cfg, max_seconds=seconds), repository)
             except CnnpackError as e:  # the first figures stand
                 settle["error"] = f"{p['label']}: {e}"
                 break
@@ -306,7 +308,7 @@ def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repositor
             steadier = again.get("stable") or (again.get("noise") or float("inf")) < (p.get("noise") or float("inf"))
             points[points.index(p)] = ({**again, "first_measure": first} if steadier else
                                        {**p, "second_measure": {k: again.get(k) for k in first}})
-        if "error" in settle:
+        if "error" in settle or "skipped" in settle:
             break
     info["wall_s"] = round(info["wall_s"] + time.monotonic() - t0, 1)
 
