@@ -341,6 +341,11 @@ def test_a_config_an_earlier_deploy_wrote_is_its_own_after_the_run_is_trained_ag
     assert not any(n.startswith("replaced (--force)") for n in again["notes"])
     recorded = json.loads((run / "cnnpack.json").read_text())["stages"]["deploy"]["repository_files"]
     assert recorded == again["repository_sha256"] == {"cnn_onnx/configs/gpu.pbtxt": sha256(gpu)}
+    # a deploy without the gpu overlay leaves the earlier one's config in place: its marker names it still
+    assert deploy(run, DeployConfig(out=str(out), gpu="no"))["repository_sha256"] == recorded
+    _manifest(run, lambda m: m["stages"].pop("deploy"))
+    build(run, TritonConfig(repository=str(repo), threads=1, ensemble=True))
+    deploy(run, DeployConfig(out=str(out)))
     gpu.write_text(gpu.read_text() + "# tuned by hand\n")  # edited since: the user's, recorded or not
     _manifest(run, lambda m: m["stages"].pop("deploy"))
     build(run, TritonConfig(repository=str(repo), threads=1, ensemble=True))

@@ -185,7 +185,9 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
               "ngc_image": spec.ngc_image, "content_tag": spec.tag, "repository": str(plan.repository),
               "models": plan.models, "served_model": plan.served_model, "overlays": ["cpu", *(["gpu"] if gpu else [])],
               "repository_files_added": list(gpu_configs), "repository_files_removed": sorted(stale),
-              "repository_sha256": output.digests(gpu_configs),  # a later deploy tells an edited one (the user's)
+              # every config of deploy's in the repository (an earlier deploy's still in place too): a later deploy
+              # tells them from a user's where the run's record is gone (trained again), and an edited one
+              "repository_sha256": configs.repository_files(plan, gpu_configs, stale),
               "args": _args(spec),
               "figures": {k: asdict(getattr(plan, k)) for k in ("cpu", "memory_mib", "startup_s", "startup_gpu_s",
                                                                  "queue_target_us")}

@@ -96,9 +96,8 @@ def repository_files(out: Path, run: Path, repository: Path) -> dict[str, str]:
     if not (isinstance(old, dict) and old.get("kind") == "cnnpack-deploy" and old.get("run") == str(run)
             and old.get("repository") == str(repository) and isinstance(old.get("repository_sha256"), dict)):
         return {}
-    added = old.get("repository_files_added")
     return {rel: digest for rel, digest in old["repository_sha256"].items()
-            if isinstance(added, list) and rel in added and isinstance(rel, str) and isinstance(digest, str)}
+            if isinstance(rel, str) and isinstance(digest, str)}
 
 
 def own_files(out: Path, earlier: list[str] | None) -> list[str]:
