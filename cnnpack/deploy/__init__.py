@@ -181,13 +181,14 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
                              f"where this deployment writes now ({', '.join(clash[:3])}); move them, or pass --force "
                              "to replace them")
     kept = [f for f in own if f not in clash]
+    ours = configs.repository_files(plan, gpu_configs, stale)  # the marker's and the run's record of them
     record = {**identity, "config": asdict(cfg), "image": spec.image, "repository_image": spec.repo_image,
               "ngc_image": spec.ngc_image, "content_tag": spec.tag, "repository": str(plan.repository),
               "models": plan.models, "served_model": plan.served_model, "overlays": ["cpu", *(["gpu"] if gpu else [])],
               "repository_files_added": list(gpu_configs), "repository_files_removed": sorted(stale),
               # every config of deploy's in the repository (an earlier deploy's still in place too): a later deploy
               # tells them from a user's where the run's record is gone (trained again), and an edited one
-              "repository_sha256": configs.repository_files(plan, gpu_configs, stale),
+              "repository_sha256": ours,
               "args": _args(spec),
               "figures": {k: asdict(getattr(plan, k)) for k in ("cpu", "memory_mib", "startup_s", "startup_gpu_s",
                                                                  "queue_target_us")}
@@ -226,7 +227,7 @@ def deploy(run_dir: str | Path, cfg: DeployConfig = DeployConfig()) -> dict:
             shutil.rmtree(stage, ignore_errors=True)
         raise
     record["unchanged"] = same  # (not in the marker: it says what the write that made it did)
-    record["recorded"] = _record_in_run(_opened(plan), record, configs.repository_files(plan, gpu_configs, stale))
+    record["recorded"] = _record_in_run(_opened(plan), record, ours)
     # the earlier deploy's configs that no longer fit, last: a failure before leaves them where the run's record
     # names them, for the next deploy to remove
     configs.remove_stale(plan, stale)

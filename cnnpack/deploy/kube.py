@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cnnpack.deploy import store as stores
-from cnnpack.deploy.plan import PROBE_PERIOD_S, Plan, needs_pillow
+from cnnpack.deploy.plan import PROBE_PERIOD_S, Plan, needs_pillow, startup_failures
 from cnnpack.triton_config import GPU_CONFIG
 
 CONTAINER = "tritonserver"
@@ -96,10 +96,6 @@ def resources(plan: Plan, *, gpu: bool = False) -> dict:
 def probe(path: str, *, period: int, failures: int) -> dict:
     return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures,
             "timeoutSeconds": 3}
-
-
-def startup_failures(seconds: int) -> int:
-    return -(-int(seconds) // PROBE_PERIOD_S)
 
 
 def container_security() -> dict:

@@ -401,9 +401,13 @@ def startup(stages: dict, *, floor: int, download_s: int = 0) -> Figure:
         why = (f"the served stage's start-up with every model loaded, {load:.1f} s, x {STARTUP_MARGIN:g} for a slower "
                f"node (at least {floor} s){download}")
     # the probe allows whole periods (failureThreshold x periodSeconds): the window said is the one it allows
-    periods = -(-s // PROBE_PERIOD_S)
-    return Figure(periods * PROBE_PERIOD_S, why + (f", rounded up to whole {PROBE_PERIOD_S} s probe periods"
-                                                   if periods * PROBE_PERIOD_S != s else ""))
+    allowed = startup_failures(s) * PROBE_PERIOD_S
+    return Figure(allowed, why + (f", rounded up to whole {PROBE_PERIOD_S} s probe periods" if allowed != s else ""))
+
+
+def startup_failures(seconds: int) -> int:
+    """The startup probe's failureThreshold that allows `seconds`: whole probe periods, rounded up."""
+    return -(-int(seconds) // PROBE_PERIOD_S)
 
 
 def queue_target(stages: dict, repository: Path, classifiers: list[tuple[str, str]],
