@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import logging
 import sys
@@ -171,11 +172,18 @@ def _log_to_stderr(logger: logging.Logger):
             handler.setStream(sys.stderr)
 
 
+def _bars():
+    """Where NNCF's progress bars (rich, written to stdout) go: stderr on a terminal, beside cnnpack's own
+    progress; nowhere when stderr is a file or a pipe, where each bar would be one more line of dashes in the
+    log between cnnpack's own phase lines (which already say what NNCF does). stdout is the result's (--json)."""
+    return contextlib.redirect_stdout(sys.stderr if sys.stderr.isatty() else io.StringIO())
+
+
 def nncf_quantize(model, calibration: list, *, subset_size: int, ignored: list[str] = ()):
     """NNCF post-training int8 quantization of an ov.Model (calibration: a list of input batches)."""
     nncf = _nncf()
     scope = nncf.IgnoredScope(names=list(ignored), validate=False) if ignored else None
-    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the result's (--json)
+    with _bars():
         return nncf.quantize(model, nncf.Dataset(calibration), subset_size=subset_size,
                              **({"ignored_scope": scope} if scope else {}))
 
@@ -187,7 +195,7 @@ def nncf_accuracy_control(model, calibration: list, validation: list, validate, 
     nncf = _nncf()
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
-    with contextlib.redirect_stdout(sys.stderr):
+    with _bars():
         return nncf.quantize_with_accuracy_control(
             model, nncf.Dataset(calibration), nncf.Dataset(validation), validate, max_drop=max_drop,
             drop_type=nncf.DropType.ABSOLUTE, subset_size=subset_size,

@@ -67,7 +67,7 @@ def test_verify_holds_f32_to_fp32_and_bf16_to_its_own_contract(ir_run, tmp_path)
         assert any(s["runtime"] == "openvino-bf16" and "no native bf16" in s["reason"] for s in result["skipped"])
 
 
-def test_nncf_int8_is_an_int8_ir_under_the_gate(ir_run, tmp_path):
+def test_nncf_int8_is_an_int8_ir_under_the_gate(ir_run, tmp_path, capfd):
     from cnnpack.quantize import QuantizeConfig, quantize
 
     run = tmp_path / "run"
@@ -81,6 +81,8 @@ def test_nncf_int8_is_an_int8_ir_under_the_gate(ir_run, tmp_path):
     assert "FakeQuantize" in {op.get_type_name() for op in model.get_ordered_ops()}
     assert len(ov.float_compute_nodes(model)) < 5  # some convolutions really run in int8
     assert "--backend openvino" in (run / "export/reproduce.sh").read_text()
+    said = capfd.readouterr()  # NNCF's progress bars: on a terminal only, not a line of dashes in a log
+    assert "Statistics collection" not in said.err + said.out and "━" not in said.err + said.out
 
 
 def test_nncf_int8_gets_the_same_ranked_fallback_as_onnx_runtime(tiny_run, tmp_path):
