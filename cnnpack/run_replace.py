@@ -39,6 +39,7 @@ OWNER, MARKER, BEGUN = ".owner.lock", ".replacing.json", ".putting-back"
 MANIFEST, LAST = "cnnpack.json", "last.pt"  # (rundir's names: rundir imports this module)
 
 Lock = Callable[[], contextlib.AbstractContextManager]
+MADE: set = set()  # the run_ids this process creates (rundir.replaced_meanwhile: not another process's replacement)
 
 
 def _outputs(run_dir: Path, names: tuple[str, ...]) -> list[Path]:
@@ -78,6 +79,7 @@ class Replacing:
     def __init__(self, run_dir: str | Path, names: tuple[str, ...], lock: Lock) -> None:
         self.run_dir, self.names, self.lock = Path(run_dir), names, lock
         self.run_id = uuid.uuid4().hex
+        MADE.add(self.run_id)
         self.settled = False
         with lock(), sigint_deferred():  # whole, or not at all: a Ctrl-C here waits
             recover(self.run_dir, lock)

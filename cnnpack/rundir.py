@@ -15,6 +15,7 @@ import platform
 import tempfile
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from cnnpack.atomic import (  # noqa: F401 - the writes are importable from here
 )
 from cnnpack.errors import MissingStageError, RunReplaced, UserInputError, shell
 from cnnpack.manifest_shape import manifest_problem
+from cnnpack.run_replace import MADE as _MADE
 from cnnpack.run_replace import recover
 
 SCHEMA_VERSION = 1
@@ -142,6 +144,37 @@ def now() -> str:
 
 LOCK = ".cnnpack.lock"  # held while the manifest is read, changed and written back
 _HELD = threading.local()  # the runs whose lock this thread holds (flock is not reentrant)
+_OPENED: weakref.WeakSet = weakref.WeakSet()  # the runs this process opened or created (`replaced_meanwhile`)
+
+
+def _replaced(path: Path) -> str:
+    return (f"{path} was replaced by a new run (trained again with --force) while this command ran on the old one; "
+            "nothing was recorded: run the command again")
+
+
+def _replacing_ids(path: Path) -> set:
+    """The run_ids of the replacements under way in the run folder `path` (run_replace's markers)."""
+    ids = set()
+    for marker in path.glob(".replaced-*/.replacing.json"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            ids.add(json.loads(marker.read_text(encoding="utf-8")).get("run_id"))
+    return ids
+
+
+def replaced_meanwhile() -> str | None:
+    """The one line to say instead of a command's error where a run it opened was replaced by another process
+    meanwhile (`train --force`), or None. A command reading the old run while it is set aside fails on the first
+    file gone ("the training did not finish an epoch", a missing export): true of the new run, not the cause."""
+    for run in list(_OPENED):
+        if run.opened_as is None:
+            continue
+        try:
+            now_as = identity(json.loads(run.manifest_path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, AttributeError):  # gone: set aside by a replacement (not its own), or removed
+            now_as = None if _replacing_ids(run.path) - _MADE else run.opened_as
+        if now_as != run.opened_as and (now_as is None or now_as[1] not in _MADE):
+            return _replaced(run.path)
+    return None
 
 
 class Run:
@@ -169,6 +202,7 @@ class Run:
                 f"{run.path} is not a cnnpack run (no {MANIFEST}); create one with `cnnpack train`"
             )
         run.opened_as = identity(run.read())  # fail early on a corrupt manifest
+        _OPENED.add(run)
         run._recover_set_aside()
         return run
 
@@ -231,6 +265,8 @@ class Run:
         with run._locked():  # not between another command's read and write of the run it replaces
             run.write(manifest)
         run.opened_as = identity(manifest)  # its own records are refused too, once another --force replaced it
+        _MADE.add(manifest["run_id"])
+        _OPENED.add(run)
         return run
 
     # -- manifest -----------------------------------------------------------------------
@@ -287,8 +323,7 @@ class Run:
         since this command opened it. A bench that measured the old model recorded its rows in the new model's
         manifest, under the new checkpoint's digest."""
         if self.opened_as is not None and identity(manifest or self.read()) != self.opened_as:
-            raise RunReplaced(f"{self.path} was replaced by a new run (trained again with --force) while this "
-                              "command ran on the old one; nothing was recorded: run the command again")
+            raise RunReplaced(_replaced(self.path))
 
     def check_writable(self, *folders: Path) -> None:
         """Raises OSError (the CLI names the path) where the manifest could not be written now: called before a

@@ -183,6 +183,42 @@ def test_a_run_replaced_while_bench_measured_gets_none_of_its_rows(exported, tmp
         stale.set_stage("verify", {"status": "ok"})
 
 
+@pytest.mark.parametrize("moment", ["set aside", "new run training"])
+def test_a_command_that_fails_reading_a_run_replaced_meanwhile_says_it_was_replaced(exported, tmp_path, monkeypatch,
+                                                                                     moment):
+    """Another process's `train --force` sets the old run's files aside while bench reads them: bench failed on the
+    first one gone, blaming the run ("its training did not finish an epoch; train it with --force", exit 2; 3 tries
+    of 5 in a real race). Now it says the run was replaced meanwhile, exit 1, as its writes do."""
+    from typer.testing import CliRunner
+
+    from cnnpack.cli.common import app
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(exported, run_dir)
+    opened = Run.open
+
+    def open_then_replaced(path):  # what another process's `train --run R --force` does right after bench opened R
+        run = opened(path)
+        aside = run_dir / ".replaced-other"
+        aside.mkdir()
+        (aside / ".replacing.json").write_text(json.dumps({"run_id": "another process's", "names": []}))
+        old = json.loads((run_dir / "cnnpack.json").read_text())
+        for name in ("cnnpack.json", "checkpoint.pt", "export"):
+            (run_dir / name).rename(aside / name)
+        if moment == "new run training":
+            new = {**old, "run_id": "another process's", "created": "2026-12-08T00:00:00+00:00",
+                   "stages": {"train": {"status": "running"}}}
+            (run_dir / "cnnpack.json").write_text(json.dumps(new))
+        return run
+
+    monkeypatch.setattr(Run, "open", staticmethod(open_then_replaced))
+    r = CliRunner().invoke(app, ["bench", "--run", str(run_dir), "--runtimes", "eager", "--batch-sizes", "1",
+                                 "--max-seconds", "0.1", "--no-plot"])
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == (
+        f"error: {run_dir} was replaced by a new run (trained again with --force) while this command ran on the old "
+        "one; nothing was recorded: run the command again"), r.output
+
+
 @pytest.mark.parametrize("cfg, message", [
     (BenchConfig(runtimes=("eager", "tensorflow")), "valid: eager, (compiled, )?aoti, torchscript, onnxruntime"),
     (BenchConfig(runtimes=("onnxruntime",), batch_sizes=(1, 16)), "exceeds the max batch size 8"),

@@ -162,6 +162,9 @@ def handles_errors(fn):
                 import traceback
 
                 traceback.print_exc()
+            elif replaced := _replaced_meanwhile(e):
+                print_error(replaced)
+                raise typer.Exit(1) from None
             else:
                 print_error(str(e))
             raise typer.Exit(e.exit_code) from None
@@ -175,12 +178,25 @@ def handles_errors(fn):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush writes nowhere)
             raise typer.Exit(0) from None
         except OSError as e:  # a path the system refused: an output under a file, a read-only or full disk
+            if replaced := not STATE["debug"] and _replaced_meanwhile(e):
+                print_error(replaced)
+                raise typer.Exit(1) from None
             if STATE["debug"] or not isinstance(e.filename, (str, bytes, os.PathLike)):
                 raise
             print_error(file_error(e))
             raise typer.Exit(2 if e.errno in _PATH_ERRNOS else 1) from None
 
     return wrapper
+
+
+def _replaced_meanwhile(error: Exception) -> str | None:
+    """Where a run the command opened was replaced by another process meanwhile (`train --force`), what to say
+    instead of `error`: reading the old run's files while they were set aside, the command failed on the first one
+    gone, whose error blames the run ("its training did not finish an epoch") rather than the replacement."""
+    from cnnpack.errors import RunReplaced
+
+    rundir = sys.modules.get("cnnpack.rundir")  # (no run opened where it was never imported)
+    return None if rundir is None or isinstance(error, RunReplaced) else rundir.replaced_meanwhile()
 
 
 def _stdout_gone() -> bool:
