@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from cnnpack.measure import WindowPolicy, measure, summarise
 
 GENERATORS = ("auto", "perf_analyzer", "cnnpack")
 PA_WINDOWS = 3  # perf_analyzer judges stability on its last 3 windows (a constant of its profiler)
+PA_START_S = 1.0  # perf_analyzer's start and its connection's set-up, beside its windows
 
 
 def resolve(name: str) -> str:
@@ -69,12 +71,16 @@ def load(generator: str, client, model, batch: np.ndarray, concurrency: int, pol
     """One closed-loop point: latency percentiles (ms), throughput (images/s), stable, and `load_generator`: which
     generator measured it (`describe`). Where perf_analyzer reports no figures at all (`NoStableMeasurement`), the
     point is measured by cnnpack's client, flagged unstable, and the row says so (a busy machine failed the
-    pipeline's served stage on it)."""
+    pipeline's served stage on it), within what is left before `policy.deadline`."""
     if generator == "perf_analyzer":
         try:
             return {**perf_analyzer(client, model, batch, concurrency, policy), "load_generator": describe(generator)}
         except NoStableMeasurement as e:
-            return {**own_client(client, model, batch, concurrency, policy), "stable": False,
+            if (left := policy.left_s()) < policy.warmup_s + policy.window_s:
+                raise StageFailed(f"{e}; no time was left before the time limit to measure it with cnnpack's "
+                                  "client") from None
+            within = replace(policy, max_s=min(policy.max_s, left - policy.warmup_s))
+            return {**own_client(client, model, batch, concurrency, within), "stable": False,
                     "load_generator": f"{describe('cnnpack')} (perf_analyzer reported no figures: {e.reason})"}
     return {**own_client(client, model, batch, concurrency, policy), "load_generator": describe(generator)}
 
@@ -120,6 +126,7 @@ def perf_analyzer(client, model, batch: np.ndarray, concurrency: int, policy: Wi
     once more without the stability check and flagged unstable. perf_analyzer counts a request in a window only when
     it ends there, and a window with none fails the run: a request slower than a window (resnet18 at 16 in flight
     on 2 busy cores: 2 s, in tune's 0.5 s windows) is measured again in windows that hold several (`longer_window`).
+    A measurement again that would end past `policy.deadline` (tune's --time-limit) is not started: no figures.
     """
     trials = max(PA_WINDOWS, math.ceil(policy.max_s / policy.window_s))
     window_ms = max(50, round(1000 * policy.window_s))
@@ -137,18 +144,26 @@ def perf_analyzer(client, model, batch: np.ndarray, concurrency: int, policy: Wi
             return subprocess.run(cmd, capture_output=True, text=True,
                                   timeout=60 + 4 * max(policy.max_s, trials * window_ms / 1e3))
 
+        def again(window_ms: int, *extra: str) -> subprocess.CompletedProcess:  # a run of its fewest windows
+            if policy.left_s() < PA_START_S + PA_WINDOWS * window_ms / 1e3:  # would end past tune's --time-limit
+                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise NoStableMeasurement(f"perf_analyzer on {model.name} at {client.address} ({concurrency} in "
+                                          f"flight) failed: {tail[0]}", f"{tail[0]} (windows of {window_ms / 1e3:g} s "
+                                          "would have ended past the time limit)")
+            return run(window_ms, PA_WINDOWS, *extra)
+
         done = run(window_ms, trials)
         windows = len(window_rates(done.stdout))
         for _ in range(2):
             if not (done.returncode != 0 and too_short(done.stdout + done.stderr)):
                 break
             window_ms = longer_window(done.stdout, window_ms)
-            done = run(window_ms, PA_WINDOWS)
+            done = again(window_ms)
             windows += len(window_rates(done.stdout))
         stable = done.returncode == 0 and out.is_file()
         first = done.stdout  # its judgement: the windows of this run
         if not stable and "stable" in done.stdout + done.stderr:
-            done = run(window_ms, PA_WINDOWS, "-s", "1000")
+            done = again(window_ms, "-s", "1000")
             windows += len(window_rates(done.stdout))
         if done.returncode != 0 or not out.is_file():
             said_all = done.stdout + done.stderr

@@ -25,6 +25,11 @@ class WindowPolicy:
     warmup_s: float = 1.0
     min_requests: int = 3  # per window, and for the warm-up
     stable_windows: int = 3
+    deadline: float | None = None  # time.monotonic() by which a point must be measured (tune's --time-limit)
+
+    def left_s(self) -> float:
+        """Seconds until `deadline` (infinite without one)."""
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
 
 
 @dataclass

@@ -47,8 +47,11 @@ from cnnpack.tune_outputs import adopted, pareto, plot, within_budget
 OUTPUT, PLOT = "tune.json", "tune.png"
 log = logging.getLogger("cnnpack")
 # -- measuring one point ----------------------------------------------------------------------------------
-def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfig, repository: str) -> dict:
-    """Loads the model with the setting's config (no restart), puts it under load, returns the point."""
+def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfig, repository: str, *,
+                  deadline: float | None = None) -> dict:
+    """Loads the model with the setting's config (no restart), puts it under load, returns the point; one that
+    perf_analyzer could not measure in its windows is measured again only where that ends by `deadline`
+    (time.monotonic(): the end of --time-limit)."""
     from cnnpack.client import Client, server_side
     from cnnpack.loadgen import load, resolve
     from cnnpack.measure import WindowPolicy
@@ -70,7 +73,8 @@ def measure_point(run: Run, server, s: Setting, concurrency: int, cfg: TuneConfi
         if s.bf16:  # a bf16 config is served only after it holds the bf16 contract, like any served model
             check_served(run, url, s, cfg)
         before = client.statistics(s.model)
-        policy = WindowPolicy(window_s=max(0.2, cfg.max_seconds / 4), max_s=cfg.max_seconds, warmup_s=0.3)
+        policy = WindowPolicy(window_s=max(0.2, cfg.max_seconds / 4), max_s=cfg.max_seconds, warmup_s=0.3,
+                              deadline=deadline)
         generator = resolve(cfg.load_generator)
         figures = load(generator, client, model, x, concurrency, policy)
         after = client.settled_statistics(s.model)
@@ -189,7 +193,8 @@ def sweep(run: Run, cfg: TuneConfig, settings: list[Setting], repository: str, s
         say(f"point {i + 1}/{len(plan)}: {s.label} at concurrency {c}")
         try:
             within = replace(cfg, max_seconds=seconds or MIN_MEASURE_S)
-            points.append(measure_point(run, server, s, c, within, repository))
+            points.append(measure_point(run, server, s, c, within, repository,
+                                        deadline=t0 + cfg.time_limit_s if seconds else None))
             p = points[-1]
             say(f"measured {s.label} at concurrency {c}: {p['throughput_ips']:,.0f} images/s, p99 "
                 f"{p['latency_ms_p99']:.2f} ms ({p['load_generator']})")
@@ -298,7 +303,8 @@ def _settle(run: Run, cfg: TuneConfig, points: list[dict], info: dict, repositor
                 settle["skipped"] = "the time limit was reached"
                 break
             try:  # within what is left of --time-limit, as a sweep's point is
-                again = measure_point(run, server, s, p["concurrency"], replace(cfg, max_seconds=seconds), repository)
+                again = measure_point(run, server, s, p["concurrency"], replace(cfg, max_seconds=seconds), repository,
+                                      deadline=time.monotonic() + left())
             except CnnpackError as e:  # the first figures stand
                 settle["error"] = f"{p['label']}: {e}"
                 break

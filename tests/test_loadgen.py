@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from cnnpack.errors import UserInputError
+from cnnpack.errors import StageFailed, UserInputError
 from cnnpack.loadgen import resolve
 
 
@@ -142,7 +142,6 @@ def test_a_point_perf_analyzer_reports_no_figures_for_is_measured_by_cnnpacks_cl
 
     import cnnpack.loadgen as lg
     from cnnpack.client import ServedModel
-    from cnnpack.errors import StageFailed
     from cnnpack.measure import WindowPolicy
 
     fake = tmp_path / "perf_analyzer"
@@ -204,6 +203,27 @@ def test_requests_slower_than_perf_analyzers_windows_are_measured_in_windows_tha
     assert row["throughput_ips"] == 10.5 and row["stable"] is True and row["load_generator"] == "perf_analyzer 2.41.0"
     assert row["latency_ms_p99"] == 1700.0 and row["windows"] == 5
     assert lg.longer_window("", 500) == 2000 and lg.longer_window("", 30_000) == 60_000
+
+
+def test_a_point_measured_again_in_longer_windows_only_where_they_end_by_the_deadline(tmp_path, monkeypatch):
+    """tune's --time-limit: the measurement again in windows of 6 s (3 of them) would end 18 s on; with 10 s left it
+    is not started, and cnnpack's client measures the point in what is left; with no time left, the point is not
+    measured, and says why. A sweep's last points ran past the limit by the retry's windows."""
+    import cnnpack.loadgen as lg
+    from cnnpack.measure import WindowPolicy
+
+    model, client = _planted_perf_analyzer(SLOW_PA, tmp_path, monkeypatch)
+    given = []
+    monkeypatch.setattr(lg, "own_client", lambda *a: given.append(a[-1]) or {"throughput_ips": 9.0, "stable": True})
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    row = lg.load("perf_analyzer", client, model, x, 16, WindowPolicy(window_s=0.5, max_s=2.0, stable_windows=1,
+                                                                      deadline=time.monotonic() + 10))
+    assert (tmp_path / "windows.log").read_text().split() == ["500"]  # no run of 6 s windows
+    assert row["throughput_ips"] == 9.0 and row["stable"] is False and "would have ended past the time limit" in (
+        row["load_generator"]) and 0 < given[0].max_s <= 2.0
+    with pytest.raises(StageFailed, match="no time was left before the time limit"):
+        lg.load("perf_analyzer", client, model, x, 16, WindowPolicy(window_s=0.5, max_s=2.0, stable_windows=1,
+                                                                     deadline=time.monotonic()))
 
 
 def test_cnnpacks_client_records_the_windows_its_stability_rule_judged(monkeypatch):

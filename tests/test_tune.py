@@ -516,10 +516,11 @@ def test_a_sweep_starts_no_point_it_cannot_end_by_the_time_limit(monkeypatch):
 
     import cnnpack.tune as t
 
-    clock, measured = [0.0], []
+    clock, measured, deadlines = [0.0], [], []
 
-    def point(run, server, s, c, cfg, repository):
+    def point(run, server, s, c, cfg, repository, deadline=None):
         measured.append(cfg.max_seconds)
+        deadlines.append(deadline)
         clock[0] += cfg.max_seconds + t.tune_grid.POINT_OVERHEAD_S
         return {"label": s.label, "throughput_ips": 100.0, "latency_ms_p99": 5.0, "load_generator": "planted"}
 
@@ -529,10 +530,13 @@ def test_a_sweep_starts_no_point_it_cannot_end_by_the_time_limit(monkeypatch):
     settings = [t.Setting("cnn_onnx", "onnx", 1, 1, True, d) for d in range(10)]
     for limit, first_anyway, seconds, max_s in ((21.0, True, [2.0] * 4 + [0.5], 2.0), (1.0, True, [0.5], 2.0),
                                                 (1.0, False, [], 2.0), (300, True, [0.5] * 10, 0.2)):
-        clock[0], measured[:] = 0.0, []
+        clock[0], measured[:], deadlines[:] = 0.0, [], []
         points, info = t.sweep(None, t.TuneConfig(max_seconds=max_s, time_limit_s=limit), settings, "repo",
                                lambda _: None, server, first_anyway=first_anyway)
         assert measured == seconds and len(points) == len(seconds) and info["truncated"] == (limit < 300)
+        # a point's measurement again (perf_analyzer's longer windows) ends by the limit too; the first one measured
+        # whatever the limit has none
+        assert deadlines == [None if limit == 1.0 else limit] * len(seconds)
         assert clock[0] <= limit or len(seconds) == 1  # (--max-seconds under 0.5 s: each point 0.5 s, as before)
 
 
@@ -696,7 +700,7 @@ def test_settling_keeps_the_steadier_measurement_and_judges_a_new_winner_again(m
               default["label"]: {**default, "throughput_ips": 2902.0, "noise": 0.006, "stable": True},
               b["label"]: {**b, "throughput_ips": 3100.0, "noise": 0.02, "stable": True}}
     measured: list[str] = []
-    monkeypatch.setattr(t, "measure_point", lambda run, server, s, c, cfg, repo: (
+    monkeypatch.setattr(t, "measure_point", lambda run, server, s, c, cfg, repo, deadline: (
         measured.append(s.label) or dict(second[s.label])))
     points, info = [dict(default), dict(a), dict(b)], {"wall_s": 0.0}
     t._settle(None, t.TuneConfig(latency_budget_ms=50), points, info, "", lambda _: None,
