@@ -60,8 +60,6 @@ class CompactCNN(nn.Module):
 
 @MODELS.register("cnn")
 def _cnn(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
-    if pretrained:
-        raise UserInputError("--pretrained: the built-in `cnn` has no pretrained weights")
     return CompactCNN(spec.num_classes, spec.channels, **spec.arch_kwargs)
 
 
@@ -115,12 +113,22 @@ def arch_names() -> list[str]:
     return ["cnn", *torchvision_classifiers()]
 
 
+def no_pretrained_weights(arch: str) -> str | None:
+    """Why `--pretrained` cannot be had for `arch` whatever the network (the built-in cnn, your own network), or
+    None: the pipeline says it before it writes anything, as train does."""
+    if user_model.is_user_arch(arch):
+        return (f"--pretrained: {arch} is your own model; give its weights to `cnnpack export --arch {arch} "
+                "--weights FILE`, or train it")
+    if arch == "cnn":
+        return "--pretrained: the built-in `cnn` has no pretrained weights"
+    return None
+
+
 def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
     """Builds the network named by `spec.arch` with `spec.num_classes` outputs (your own: `user_model`)."""
+    if pretrained and (why := no_pretrained_weights(spec.arch)):
+        raise UserInputError(why)
     if user_model.is_user_arch(spec.arch):
-        if pretrained:
-            raise UserInputError(f"--pretrained: {spec.arch} is your own model; give its weights to `cnnpack export "
-                                 f"--arch {spec.arch} --weights FILE`, or train it")
         model = user_model.build(spec.arch, spec.num_classes, spec.arch_kwargs, spec.arch_source)
         if any(map(nn.parameter.is_lazy, [*model.parameters(), *model.buffers()])):
             _materialise(model, spec)  # (nn.LazyLinear, LazyBatchNorm2d: shapes taken at the first forward)

@@ -437,6 +437,7 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
 
     check_data(cfg.data, cfg.image_size)  # a missing folder or a name Triton cannot carry fails now, not in train
     check_torchvision_options(cfg.data, cfg.data_root, bool(cfg.download))
+    _check_training_options(cfg)
     cfg.check_calibration()  # past the training split: fails now, not in quantize after training
     repository_root(cfg.repository)  # a file there fails now, not after train, export and bench
     check_foreign_models(cfg)
@@ -475,6 +476,18 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
         record(run, cfg, outcomes, t0, status="failed")
         raise
     return summary(run, outcomes, report, time.perf_counter() - t0)
+
+
+def _check_training_options(cfg: PipelineConfig) -> None:
+    """What train refuses before it writes, refused before the pipeline writes (its record, the train stage's):
+    `--device cuda` without a GPU, `--pretrained` of a network that has none. Refused by the train stage, they
+    marked a finished training "failed", and the next run said it resumed an interrupted one."""
+    from cnnpack.models import no_pretrained_weights
+    from cnnpack.train import resolve_device
+
+    resolve_device(cfg.device)
+    if cfg.pretrained and (why := no_pretrained_weights(cfg.arch)):
+        raise UserInputError(why)
 
 
 def _tuned_config_kept(run: Run, section: dict) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnpack.errors import CnnpackError, RunReplaced, StageFailed, file_error
+from cnnpack.errors import CnnpackError, RunReplaced, StageFailed, UserInputError, file_error
 from cnnpack.rundir import Run, sha256
 
 
@@ -89,6 +89,7 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
         return Outcome(stage.name, "skipped", summary="inputs unchanged")
     say(f"[{stage.name}] running" + (f" ({why})" if why else ""))
     t0 = time.perf_counter()
+    before = stage_section(run, stage.name)
     try:
         summary = stage.run(run)
     except KeyboardInterrupt:  # Ctrl-C outside a training epoch (which train turns into its own Interrupted)
@@ -98,7 +99,10 @@ def run_stage(run: Run, stage: Stage, *, force: bool, say: Callable[[str], None]
             _mark_failed(run, stage.name, "interrupted", status="interrupted")
         raise Interrupted(f"pipeline interrupted in stage {stage.name}; {again_hint(force)}") from None
     except CnnpackError as e:
-        _mark_failed(run, stage.name, str(e), status="interrupted" if e.exit_code == 130 else "failed")
+        # a training refused before it began (bad input: torchvision's weights not to be had) leaves the last one's
+        # record: "failed" made export warn that it had not finished, and the next run "resume" it
+        if not (stage.name == "train" and isinstance(e, UserInputError) and stage_section(run, stage.name) == before):
+            _mark_failed(run, stage.name, str(e), status="interrupted" if e.exit_code == 130 else "failed")
         if e.exit_code == 130:  # Ctrl-C during training: the next pipeline run resumes it
             said = re.split(r"; (?:continue with|start again with) `cnnpack train", str(e))[0]  # train's own advice
             raise Interrupted(f"pipeline interrupted in stage {stage.name}: {said}; {again_hint(force)}") from None

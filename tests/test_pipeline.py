@@ -135,6 +135,18 @@ def test_rerun_skips_every_stage(first):
 
 
 @pytest.mark.slow
+def test_a_training_option_refused_over_a_finished_run_leaves_it_as_it_was(first):
+    """`--pretrained` of the built-in cnn (or `--device cuda` without a GPU), given to a finished run's pipeline: the
+    train stage refused it and marked the finished training "failed"; export then warned the training had not
+    finished, and the next run said it resumed an interrupted one. Now one line, exit 2, nothing written."""
+    before = (first["run"] / "cnnpack.json").read_bytes()
+    code, out, err = _pipeline(*first["args"], "--pretrained")
+    assert code == 2 and err.strip().splitlines() == ["error: --pretrained: the built-in `cnn` has no pretrained "
+                                                      "weights"] and "[train]" not in out + err, err
+    assert (first["run"] / "cnnpack.json").read_bytes() == before
+
+
+@pytest.mark.slow
 def test_a_changed_option_reruns_only_the_stages_it_feeds(first):
     args = [*first["args"]]
     args[args.index("--batch-sizes") + 1] = "1,2"  # feeds the local bench only
@@ -254,6 +266,31 @@ def test_the_default_runtimes_are_those_of_the_exported_formats():
     from cnnpack.pipeline_stage import again_hint
 
     assert again_hint(True) == "run the same `cnnpack pipeline` command again without --force to continue"
+
+
+def test_a_training_refused_before_it_began_keeps_the_finished_one_s_record(tmp_path):
+    """torchvision's weights not to be had (no network) are refused by the train stage itself, before it writes: the
+    finished training's record stays (its status and fingerprint); a training that began and failed is marked."""
+    from cnnpack.errors import StageFailed
+    from cnnpack.pipeline_stage import Stage, run_stage
+    from cnnpack.rundir import Run
+
+    run = Run.create(tmp_path / "run", {"arch": "cnn", "classes": ["a", "b"], "num_classes": 2, "image_size": 32})
+    finished = {"status": "ok", "config": {"epochs": 1}, "metrics": {"best_val_acc": 0.9}, "inputs_sha256": "x"}
+
+    def refuse(_run):
+        raise UserInputError("--pretrained: cannot get torchvision weights for resnet18 (URLError)")
+
+    def begin_then_fail(r):
+        r.set_stage("train", {"status": "running"})
+        raise UserInputError("a class folder of the data became empty")
+
+    for stage, status in ((refuse, "ok"), (begin_then_fail, "failed")):
+        run.update(lambda m: m["stages"].update({"train": dict(finished)}))
+        with pytest.raises(StageFailed, match="pipeline stopped: stage train failed"):
+            run_stage(run, Stage("train", lambda _: {"n": 1}, stage, lambda _: ""), force=True, say=print)
+        assert run.read()["stages"]["train"]["status"] == status
+        assert ("inputs_sha256" in run.read()["stages"]["train"]) == (status == "ok")
 
 
 def test_bad_options_exit_2_before_any_work(tmp_path):
