@@ -106,6 +106,8 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "existing-run-bad-option": ["train", "--run", str(existing), "--optimizer", "adam"],  # said after --force
         "export-half-on-cpu": ["export", "--run", str(existing), "--half"],
         "repeated-option": ["export", "--run", str(existing), "--format", "onnx", "--format=torchscript"],
+        "option-under-two-names": ["train", "--run", str(tmp / "c1"), "--run-dir", str(tmp / "c2")],
+        "option-on-and-off": ["train", "--run", str(existing), "--force", "--no-force"],
         "run-under-a-file": ["train", "--data", data, "--epochs", "1", "--run", str(tmp / "afile" / "run")],
         "run-is-a-file": ["evaluate", "--run", str(tmp / "afile")],
         "manifest-not-an-object": ["evaluate", "--run", str(tmp / "listrun")],
@@ -175,6 +177,8 @@ EXPECTED = {
     "export-half-on-cpu": "--half makes fp16 artifacts for GPU targets; add --device cuda",
     "device-cuda": "--device cuda: no CUDA GPU",
     "repeated-option": "--format is given more than once: give it once (where it takes a list, as one comma list)",
+    "option-under-two-names": "--run and --run-dir set one option: give one of them",  # (trained into c2)
+    "option-on-and-off": "--force and --no-force set one option: give one of them",  # (--no-force won, silently)
     "run-under-a-file": "afile is a file, not a folder",  # found before the data is loaded
     "run-is-a-file": "afile is a file, not a run directory",
     "manifest-not-an-object": "holds a JSON list, not a cnnpack manifest",
