@@ -248,6 +248,22 @@ def check_torchvision_options(data: str, data_root: str | None, download: bool, 
         raise UserInputError(f"{flag} is for torchvision:NAME data sets, and {what} {data!r}; drop {flag}")
 
 
+def check_val_fraction(data: str) -> None:
+    """--val-fraction given for data that comes with its own train/validation split: it split nothing, and the run
+    recorded it as if it had (refused, as --data-root is for a folder)."""
+    if data == SHAPES or data.startswith("torchvision:"):
+        own = f"--data {data} comes with its own train/validation split"
+    else:
+        try:
+            train, val = split_dirs(Path(data))
+        except OSError:  # a folder that cannot be read: loading it says so
+            return
+        if not (train and val):
+            return
+        own = f"{data} has its own {train.name}/ and {val.name}/ folders"
+    raise UserInputError(f"--val-fraction splits a folder of class folders, and {own}; drop --val-fraction")
+
+
 def training_images_at_most(data: str, *, val_fraction: float = 0.2) -> int | None:
     """How many images the training split of `--data` can hold, counted without decoding any (unreadable files
     only lower it); None where it is not known before loading (torchvision data sets)."""

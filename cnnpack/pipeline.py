@@ -432,11 +432,13 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     asked, cfg = cfg, cfg.with_openvino().with_pt2()
     if asked.pt2 == "auto" and cfg.pt2 == "no":
         say("[export] pt2 off: no C++ compiler found (`apt-get install g++` or set CXX); --pt2 yes to require it")
-    from cnnpack.data import check_data, check_outside, check_torchvision_options
+    from cnnpack.data import check_data, check_outside, check_torchvision_options, check_val_fraction
     from cnnpack.triton_repo import repository_root
 
     check_data(cfg.data, cfg.image_size)  # a missing folder or a name Triton cannot carry fails now, not in train
     check_torchvision_options(cfg.data, cfg.data_root, bool(cfg.download))
+    if cfg.val_fraction is not None:
+        check_val_fraction(cfg.data)
     _check_training_options(cfg)
     cfg.check_calibration()  # past the training split: fails now, not in quantize after training
     repository_root(cfg.repository)  # a file there fails now, not after train, export and bench

@@ -108,6 +108,7 @@ def bad_runs(tiny_run, tmp_path_factory) -> dict[str, subprocess.CompletedProces
         "repeated-option": ["export", "--run", str(existing), "--format", "onnx", "--format=torchscript"],
         "option-under-two-names": ["train", "--run", str(tmp / "c1"), "--run-dir", str(tmp / "c2")],
         "option-on-and-off": ["train", "--run", str(existing), "--force", "--no-force"],
+        "val-fraction-of-split-data": ["train", "--data", data, "--val-fraction", "0.3", "--run", str(tmp / "d")],
         "run-under-a-file": ["train", "--data", data, "--epochs", "1", "--run", str(tmp / "afile" / "run")],
         "run-is-a-file": ["evaluate", "--run", str(tmp / "afile")],
         "manifest-not-an-object": ["evaluate", "--run", str(tmp / "listrun")],
@@ -179,6 +180,7 @@ EXPECTED = {
     "repeated-option": "--format is given more than once: give it once (where it takes a list, as one comma list)",
     "option-under-two-names": "--run and --run-dir set one option: give one of them",  # (trained into c2)
     "option-on-and-off": "--force and --no-force set one option: give one of them",  # (--no-force won, silently)
+    "val-fraction-of-split-data": "--val-fraction splits a folder of class folders, and",  # (recorded, unused)
     "run-under-a-file": "afile is a file, not a folder",  # found before the data is loaded
     "run-is-a-file": "afile is a file, not a run directory",
     "manifest-not-an-object": "holds a JSON list, not a cnnpack manifest",

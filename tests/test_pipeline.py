@@ -307,6 +307,8 @@ def test_bad_options_exit_2_before_any_work(tmp_path):
                       (["--formats", "onnx,pt2", "--pt2", "no"], "--formats names pt2 and --pt2 is no"),
                       (["--verify-min-agreement", "1.5"], "--verify-min-agreement is a fraction in (0, 1], got 1.5"),
                       (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
+                      (["--val-fraction", "0.5"],  # (split nothing, and the run recorded it)
+                       "--val-fraction splits a folder of class folders, and --data shapes comes with its own train/"),
                       (["--patience", "0"], "--patience must be >= 1"),
                       (["--download"], "--download is for torchvision:NAME data sets, and --data is 'shapes'"),
                       (["--calibration-images", "3601"], "more than the 3600 images of shapes's training split"),

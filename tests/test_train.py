@@ -445,6 +445,12 @@ def test_only_a_folder_of_class_folders_is_split_by_val_fraction(tiny_data, tmp_
     (tmp_path / "cats").mkdir()
     assert _split_given("shapes") and _split_given("torchvision:CIFAR10") and _split_given(str(tiny_data))
     assert not _split_given(str(tmp_path)) and not _split_given(str(tmp_path / "missing"))
+    from cnnpack.data import check_val_fraction
+
+    for data in ("shapes", "torchvision:CIFAR10", str(tiny_data)):  # given there, it split nothing, and was recorded
+        with pytest.raises(UserInputError, match="--val-fraction splits a folder of class folders, and .*; drop "):
+            check_val_fraction(data)
+    check_val_fraction(str(tmp_path))
 
 
 def test_a_run_inside_the_data_folder_is_refused_before_anything_is_written(colours, tmp_path, monkeypatch):

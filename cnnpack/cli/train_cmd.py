@@ -61,6 +61,10 @@ def train(
     run = run or default_run_dir("train")
     if resume:
         _refuse_changed_options(ctx, run)
+    elif "val_fraction" in given_options(ctx):
+        from cnnpack.data import check_val_fraction
+
+        check_val_fraction(data)
     dist = context_from_env(device)
     try:
         section = do_train(run, cfg, force=force, resume=resume, progress=progress and not as_json, dist=dist)
