@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -156,11 +157,15 @@ def _validate(model, split, spec, device, loss_fn, channels_last) -> dict:
 def _progress(enabled: bool):
     if not enabled:
         return contextlib.nullcontext(None)
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # to a file or a pipe (a CI log), each epoch's line is written whole: rich would assume 80 columns and cut the
+    # step count and the time to "57…" and "0:…"
+    wide = None if sys.stdout.isatty() else 160
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]}{task.fields[val]}"),
-                    TimeElapsedColumn(), transient=False)
+                    TimeElapsedColumn(), transient=False, console=Console(width=wide))
 
 
 def _write_plots(run: Run, model, data: data_mod.Data, spec: ModelSpec, device, history) -> dict:

@@ -606,3 +606,14 @@ def test_an_error_nobody_foresaw_in_an_epoch_leaves_the_run_failed_not_running(t
         train(tmp_path / "r", cfg, progress=False, on_epoch_end=broken)
     section = Run.open(tmp_path / "r").read()["stages"]["train"]
     assert section["status"] == "failed" and section["error"] == "LookupError: a bug's error"
+
+
+def test_each_epoch_s_progress_line_is_whole_in_a_log(capsys):
+    """`cnnpack train > log`: rich took the file for 80 columns and cut each epoch's line to "57…" and "0:…"."""
+    from cnnpack.train import _progress
+
+    with _progress(True) as bar:
+        task = bar.add_task("epoch 1/1", total=57, loss="-", acc="-", ips="", val="")
+        bar.update(task, advance=57, loss="2.003", acc="17.1%", ips="2,120 img/s", val="  val loss 1.987 acc 15.67%")
+    line = capsys.readouterr().out.strip()
+    assert "…" not in line and "57/57" in line and line.endswith("0:00:00"), line
