@@ -134,9 +134,10 @@ def describe(section: dict) -> str:
 
 def coarse_gate(gate: dict) -> str:
     """A caution where one validation image is more than --max-drop: on so few images the gate let no image be
-    lost, whatever --max-drop says (4 images: each one is 25 pt)."""
+    lost, whatever --max-drop says (4 images: each one is 25 pt). None with --max-drop 0: no image may be lost there
+    on any number of images."""
     n = gate.get("int8_images") or gate.get("val_images")
-    if not n or 100 / n <= gate["max_drop_pt"]:
+    if not n or 100 / n <= gate["max_drop_pt"] or gate["max_drop_pt"] <= 0:
         return ""
     return (f"; the gate judged {n} validation image(s): one is {100 / n:.3g} pt of top-1, more than --max-drop "
             f"{gate['max_drop_pt']:g}, so it allowed no net loss of even one image (more validation images make it finer)")

@@ -727,3 +727,5 @@ def test_a_gate_on_too_few_images_to_tell_max_drop_says_so():
         "net loss of even one image (more validation images make it finer)")
     assert describe({"gate": {**gate, "int8_images": 900, "val_images": 900}, "kept_float": []}).endswith(
         "every quantizable node in int8")  # one image is 0.11 pt: the gate tells 0.5 pt
+    assert describe({"gate": {**gate, "max_drop_pt": 0.0}, "kept_float": []}).endswith(
+        "every quantizable node in int8")  # --max-drop 0 lets no image go on any number of images: nothing to caution
