@@ -356,7 +356,7 @@ def test_a_gpu_s_ceilings_are_its_own_kernels_per_precision(monkeypatch):
         assert engines == {f"torch.matmul {precision}", f"torch conv2d {precision}"}
         assert c["gflops"] == pytest.approx(max(s["gflops"] for s in c["samples"]), abs=0.05)  # samples: 0.1
     assert "TF32 off" in found["fp32"]["matrix_engine"] and "tensor cores" in found["fp16"]["matrix_engine"]
-    from cnnpack.report import _ceilings
+    from cnnpack.report_bench import _ceilings
 
     assert "fp16 on cpu tensor cores" in _ceilings({"ceilings": found}, 0.0)  # no ISA peak to name: still said
 

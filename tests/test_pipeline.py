@@ -643,6 +643,18 @@ def test_the_report_says_first_which_stage_stopped_a_failed_pipeline():
     # a tune that found nothing within its budget is recorded failed, with no error: its own section says why
     assert _unfinished({"stages": {"tune": {"status": "failed"}, "pipeline": {"status": "ok"}}}) == []
 
+    # `cnnpack quantize` alone, its gate missed (recorded with its figures, no error), no int8 model from before: the
+    # report had no word of int8; with an earlier model, the precision section says it is that one
+    gate = {"max_drop_pt": 0.0, "min_agreement": 1.0, "drop_pt": 0.0, "top1_agreement_vs_fp32": 0.99554,
+            "int8_images": 224, "val_images": 900, "steps": 0}
+    stages = {"export": {"status": "ok", "artifacts": {"onnx": {}}}, "quantize": {"status": "failed", "gate": gate}}
+    assert _unfinished({"stages": stages})[0].text == (
+        "**Not every stage finished**: `quantize` found no onnx_int8 model within its gate (top-1 drop ≤ 0 pt, "
+        "agreement ≥ 100%): its best attempt reached +0.00 pt and 99.55% on 224 of 900 validation images after 0 "
+        "fallback step(s), and this run has no onnx_int8 model. What follows is what the run holds.")
+    stages["export"]["artifacts"]["onnx_int8"] = {}
+    assert _unfinished({"stages": stages}) == []
+
 
 def test_the_report_names_the_artifacts_that_take_normalised_tensors():
     """An int8 model quantized from a `--input normalized` export takes normalised tensors too (it records
