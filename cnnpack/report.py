@@ -66,7 +66,8 @@ def stopped_early(t: dict) -> str:
     """`stopped early: ...` where --patience ended the training before its --epochs, else ""."""
     asked, ran = (t.get("config") or {}).get("epochs"), (t.get("metrics") or {}).get("epochs")
     if isinstance(asked, int) and isinstance(ran, int) and ran < asked and t.get("status") == "ok":
-        return f"stopped early: no validation gain for --patience {(t.get('config') or {}).get('patience')} epochs, " \
+        patience = (t.get("config") or {}).get("patience")
+        return f"stopped early: no validation gain for --patience {patience} epoch{'' if patience == 1 else 's'}, " \
                f"of {asked} asked"
     return ""
 

@@ -277,7 +277,9 @@ def build(arch: str, num_classes: int, kwargs: dict, recorded_source: dict | Non
                 if isinstance(e, TypeError) and "argument" in str(e) else "")
         raise UserInputError(f"--arch {arch}: {call} failed ({type(e).__name__}: {one_line(e, 160)}){hint}") from None
     if not isinstance(model, nn.Module):
-        raise UserInputError(f"--arch {arch}: {call} gave a {type(model).__name__}, not an nn.Module")
+        kind = type(model).__name__
+        raise UserInputError(f"--arch {arch}: {call} gave {'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}, not an "
+                             "nn.Module")
     if next(model.parameters(), None) is None:
         raise UserInputError(f"--arch {arch}: {call} has no parameters (nothing to train or load)")
     return model

@@ -609,7 +609,7 @@ def test_the_report_says_how_an_unfinished_training_goes_on_and_when_one_stopped
     assert _how_to_go_on({"status": "interrupted"}, run).startswith(f"continue it with `cnnpack train --run "
                                                                    f"{tmp_path} --resume`")
     early = {"status": "ok", "config": {"epochs": 6, "patience": 1}, "metrics": {"epochs": 2}}
-    assert stopped_early(early) == "stopped early: no validation gain for --patience 1 epochs, of 6 asked"
+    assert stopped_early(early) == "stopped early: no validation gain for --patience 1 epoch, of 6 asked"
     assert stopped_early({**early, "metrics": {"epochs": 6}}) == ""
 
 

@@ -110,7 +110,7 @@ def test_a_module_path_names_an_importable_model():
     ("boom.py:CNN", {"boom.py": "import no_such_package_here\n"},
      r"importing .*boom.py failed \(ModuleNotFoundError: No module named 'no_such_package_here'\)"),
     ("num.py:make", {"num.py": "def make(num_classes):\n    return num_classes\n"},
-     r"make\(num_classes=6\) gave a int, not an nn.Module"),
+     r"make\(num_classes=6\) gave an int, not an nn.Module"),
     ("init.py:Net", {"init.py": "from torch import nn\nclass Net(nn.Module):\n    def __init__(self, num_classes):\n"
                                 "        raise ValueError('no GPU here')\n"},
      r"Net\(num_classes=6\) failed \(ValueError: no GPU here\)"),
