@@ -164,12 +164,23 @@ def _nncf():
     return nncf
 
 
+class _Stderr:
+    """The stderr of the moment (sys.stderr when written to, not when the handler was set: one replaced since, as a
+    test's capture that is closed after it, would be written to closed)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _log_to_stderr(logger: logging.Logger):
     """NNCF's logger writes to the stdout it found at import: its warnings would land in the middle of
     `--json`'s result. They go to stderr, with cnnpack's progress."""
     for handler in logger.handlers:
-        if type(handler) is logging.StreamHandler and handler.stream is not sys.stderr:
-            handler.setStream(sys.stderr)
+        if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _Stderr):
+            handler.setStream(_Stderr())
 
 
 def _bars():
