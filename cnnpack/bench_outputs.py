@@ -148,9 +148,10 @@ def speed_cautions(section: dict) -> list[str]:
     if len(rates) >= 3 and rows:
         if slow := slowed(section):
             bests = ", ".join(f"{b:.0f}" for b in sorted({best_sample(r, rates) for r in rows if series_at(r) in slow}))
-            out.append(f"the machine ran slower while {', '.join(slow)} {'was' if len(slow) == 1 else 'were'} measured (the fp32 matmul rate before and "
+            was, its = ("was", "its") if len(slow) == 1 else ("were", "their")
+            out.append(f"the machine ran slower while {', '.join(slow)} {was} measured (the fp32 matmul rate before and "
                        f"after each more than 10 % under its bench's best, {bests} GFLOP/s, or one of the two under "
-                       f"half of it): {'its' if len(slow) == 1 else 'their'} figures may be low; rerun on a quiet machine")
+                       f"half of it): {its} figures may be low; rerun on a quiet machine")
     elif rates and section["matmul"].get("spread", 0) > 0.10:  # one runtime's two samples, or an older record
         out.append(f"the fp32 matmul rate varied from {min(rates):.0f} to {max(rates):.0f} GFLOP/s during the run: "
                    "the machine was busy or its speed changed; rerun on a quiet machine")
