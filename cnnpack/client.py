@@ -179,8 +179,11 @@ class ServedModel:
         """The square side the pixels must have; UserInputError for anything else."""
         shape = self.input_shape
         if self.takes_images or len(shape) != 3 or shape[1] != shape[2] or shape[1] < 1:
-            raise UserInputError(f"model {self.name} takes {self.input_dtype} {list(shape)}, not square "
-                                 "(C, H, W) pixels; cnnpack classifiers take (3, S, S)")
+            # (max_batch_size 0: its dims hold the batch too, said as its config says them)
+            dims = list(shape) if self.static_batch is None else [self.static_batch, *shape]
+            raise UserInputError(f"model {self.name} takes {self.input_dtype} {dims}"
+                                 f"{'' if self.static_batch is None else ' (max_batch_size 0: its batch included)'}, "
+                                 "not square (C, H, W) pixels; cnnpack classifiers take (3, S, S)")
         return shape[1]
 
     @classmethod

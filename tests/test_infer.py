@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -936,3 +937,19 @@ def test_infer_here_says_a_model_of_random_weights_is_one(tmp_path, val_files, c
     result = infer_local(val_files[:2], tmp_path / "arch")
     assert result["format"] == "checkpoint" and len(result["results"]) == 2
     assert "model has random weights (`cnnpack export --arch` without --pretrained or --weights)" in caplog.text
+
+
+def test_a_served_model_that_takes_no_pixels_is_said_with_the_dims_its_config_gives():
+    """A model of the user's own, `max_batch_size: 0` and input dims [1]: "takes FP32 []", its one dim read as the
+    batch and left out of the message."""
+    from cnnpack.client import ServedModel
+
+    def config(mbs, dims):
+        return {"name": "mymodel", "max_batch_size": mbs, "input": [{"name": "X", "data_type": "TYPE_FP32",
+                                                                     "dims": dims}],
+                "output": [{"name": "Y", "data_type": "TYPE_FP32", "dims": [1]}]}
+
+    for mbs, dims, said in ((0, [1], "FP32 [1] (max_batch_size 0: its batch included), not square"),
+                            (8, [4], "FP32 [4], not square")):
+        with pytest.raises(UserInputError, match=re.escape(f"model mymodel takes {said} (C, H, W) pixels")):
+            _ = ServedModel.from_config(config(mbs, dims)).image_size
