@@ -114,8 +114,13 @@ def conflict(folder: Path, draft: Draft) -> str | None:
     if side is None:
         return "it was not made by cnnpack (no readable " + SIDECAR + ")"
     old, new = side.get("identity", {}), json.loads(json.dumps(draft.identity))  # tuples -> lists, as stored
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    diff = sorted(_SAID.get(k, k) for k in set(old) | set(new) if old.get(k) != new.get(k))
     return f"it holds a different model ({', '.join(diff)} {'differs' if len(diff) == 1 else 'differ'})" if diff else None
+
+
+# the identity's keys as a user reads them: "for" and "kind" are the sidecar's own words
+_SAID = {"kind": "kind of model (classifier, preprocess, ensemble)", "for": "model it is part of",
+         "input_kind": "input kind"}
 
 
 def same_as_latest(folder: Path, files: dict[str, Path | bytes]) -> int | None:

@@ -675,3 +675,16 @@ def test_the_reports_repository_tree_shows_the_model_it_names_and_says_what_it_c
     assert "  zz_preprocess/" in lines and "  zzz/" not in lines and "  zz_int8/" not in lines  # another model
     assert len(lines) == 62 and lines[-1] == f"  … {35 * 3 - 60} more (`find {tmp_path}` lists them)"
     assert "more" not in _tree(tmp_path / "m00", "m00")  # all of it fits: no line about a cut
+
+
+def test_a_different_model_is_said_in_a_user_s_words_not_the_sidecar_s_keys(tmp_path):
+    """Another run's ensemble part in the way was "(arch, classes, for, format, kind, output differ)": `for` and `kind`
+    are keys of cnnpack-model.json."""
+    import json
+
+    from cnnpack.triton_publish import SIDECAR, Draft, conflict
+
+    (tmp_path / SIDECAR).write_text(json.dumps({"identity": {"kind": "ensemble", "for": "cnn_onnx", "classes": ["a"]}}))
+    draft = Draft("cnn_onnx_image", {"kind": "preprocess", "for": "other_onnx", "classes": ["a"]}, {}, {})
+    assert conflict(tmp_path, draft) == ("it holds a different model (kind of model (classifier, preprocess, ensemble), "
+                                         "model it is part of differ)")
