@@ -55,7 +55,11 @@ def address(url: str | None, protocol: str, flag: str = "--url") -> str:
             raise UserInputError(f"{flag} {url!r} is a {scheme} URL but --protocol is {protocol}; "
                                  f"pass --protocol {scheme} or a {protocol} address")
         text = rest
-    parts = urllib.parse.urlsplit("//" + text.rstrip("/"))
+    try:
+        parts = urllib.parse.urlsplit("//" + text.rstrip("/"))
+    except ValueError as e:  # `http://[::1`: an IPv6 address without its bracket closed
+        raise UserInputError(f"{flag} {url!r}: not a HOST:PORT address ({e}); an IPv6 host goes in brackets, "
+                             "[::1]:8000") from None
     try:
         port = parts.port
     except ValueError:

@@ -24,6 +24,7 @@ OPSET_RANGE = {"dynamo": (18, 23), "legacy": (7, 20)}
 
 
 MAX_STATIC_BATCH = 4096  # as bench's largest batch: 2.4 GB of float32 at 224 px, traced at once
+MAX_BATCH = 2**31 - 1  # config.pbtxt's max_batch_size: an int32
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class ExportConfig:
         lo, hi = OPSET_RANGE[self.exporter]
         if "onnx" in self.formats and not lo <= self.opset <= hi:
             raise UserInputError(f"--opset {self.opset}: the {self.exporter} exporter produces opsets {lo}..{hi}")
+        if self.max_batch_size > MAX_BATCH:  # Triton's max_batch_size is an int32: the layout failed with a traceback
+            raise UserInputError(f"--max-batch-size must be at most {MAX_BATCH:,} (Triton's int32), got "
+                                 f"{self.max_batch_size:,}")
         if self.max_batch_size < 2 and self.static_batch is None:  # torch.export's batch dimension spans 1..max
             raise UserInputError(f"--max-batch-size must be >= 2, got {self.max_batch_size} (for a batch of one "
                                  "only, export --static-batch 1)")

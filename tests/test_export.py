@@ -179,6 +179,7 @@ def test_failed_export_keeps_previous_artifact_and_manifest(tiny_run, tmp_path):
         (ExportConfig(exporter="legacy", opset=30), "opsets 7..20"),
         (ExportConfig(max_batch_size=0), "--max-batch-size must be >= 2"),
         (ExportConfig(max_batch_size=1), "for a batch of one only, export --static-batch 1"),
+        (ExportConfig(max_batch_size=10**10), "--max-batch-size must be at most 2,147,483,647"),  # Triton's int32
         (ExportConfig(half=True), "--half"),
     ],
 )

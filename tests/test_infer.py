@@ -342,6 +342,9 @@ def test_url_forms():
     for url in ("127.0.0.1:0", "127.0.0.1:", "grpc://127.0.0.1:/"):  # not quietly Triton's default port
         with pytest.raises(UserInputError, match=r"the port is not a number in 1-65535"):
             address(url, "grpc")
+    for url in ("http://[::1", "[::bad:8000"):  # an IPv6 host's bracket left open: a traceback from urllib
+        with pytest.raises(UserInputError, match=r"not a HOST:PORT address \(Invalid IPv6 URL\); an IPv6 host goes"):
+            address(url, "http")
     with pytest.raises(UserInputError, match=r"--timeout must be > 0 and at most 1,000,000 seconds, got 10000000000.0"):
         Client("127.0.0.1:1", "grpc", timeout_s=1e10)  # gRPC's deadline overflowed: "no answer" at once
 
