@@ -101,7 +101,7 @@ class Stages:
     def __init__(self, cfg: PipelineConfig, *, progress: bool, say: Callable[[str], None]) -> None:
         self.cfg, self.progress, self.say = cfg, progress, say
         self.on_run: Callable[[Run], None] = lambda _run: None  # once training has made (or opened) the run
-        self._warming = False  # inductor's header build started (warm_compiler)
+        self._warming, self.forced = False, False  # inductor's header build started (warm_compiler); --force given
 
     def quantize_inputs(self, fmt: str = "onnx_int8") -> dict:
         """The quantize config as its stage's fingerprint, with the default calibration count resolved: the same
@@ -198,7 +198,7 @@ class Stages:
             changed = ", ".join(f"{k} {was.get(k)!r} -> {now[k]!r}" for k in now if was.get(k) != now[k])
             if last.get("status") == "ok":  # (train sets the old run aside until the new one keeps an epoch)
                 source = (run.model_spec.get("arch_source") or {}) if run.manifest_path.exists() else {}
-                why = (f"the run was trained with other options ({changed})" if changed else
+                why = ("--force" if self.forced else f"the run was trained with other options ({changed})" if changed else
                        f"its network's code ({source.get('path')} or a file it imports) changed since it was trained"
                        if not self._same_code(run) else
                        "the run's files are gone or changed" if last.get("inputs_sha256") in (
@@ -455,6 +455,7 @@ def pipeline(run_dir: str | Path | None = None, cfg: PipelineConfig = PipelineCo
     t0 = time.perf_counter()
     outcomes: list[Outcome] = []
     at_work = Stages(cfg, progress=progress, say=say)
+    at_work.forced = force  # (the train stage says --force as its reason, not a guess from the run's files)
     at_work.on_run = lambda trained: record(trained, cfg, outcomes, t0, status="running")
     stages = at_work.all(serve_ok)
     try:

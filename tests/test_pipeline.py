@@ -198,6 +198,7 @@ def test_force_reruns_from_training(first, tmp_path):
     code, out, err = _pipeline(*first["args"], "--force", "--json")
     assert code == 0, err[-3000:]
     assert all(s in ("ran", "off") for s in _statuses(json.loads(out)).values())
+    assert "[train] --force: training again" in err  # not a guess ("the run's files are gone or changed")
 
 
 @pytest.mark.slow
