@@ -14,7 +14,7 @@ from cnnpack.artifacts import checkpoint_digest, other_source
 from cnnpack.atomic import place, scratch_beside, sigint_deferred
 from cnnpack.errors import count, one_line, shell
 from cnnpack.plots import CONFUSION_NAMED
-from cnnpack.report_bench import _bench
+from cnnpack.report_bench import bench_section
 from cnnpack.report_render import Block, Literal, num, pct, times, to_html, to_markdown
 from cnnpack.report_serving import deploy_section, served_section, triton_section, tune_section
 from cnnpack.rundir import LAST, Run, artifact_changed, sha256
@@ -363,7 +363,7 @@ def build(run: Run) -> list[Block]:
                        f"onnxruntime {m['libraries'].get('onnxruntime-gpu') or m['libraries'].get('onnxruntime')} · "
                        f"{m['machine']['platform']}, {m['machine']['cpu_count']} CPUs")]
     gone = _changed_on_disk(m, run)
-    return (head + _unfinished(m) + _data_and_training(m, run) + _export(m, run, gone) + _verify(m, run, gone) + _bench(m, run)
+    return (head + _unfinished(m) + _data_and_training(m, run) + _export(m, run, gone) + _verify(m, run, gone) + bench_section(m, run)
             + _precision(m, run) + triton_section(m, run) + served_section(m) + tune_section(m, run)
             + deploy_section(m, run))
 

@@ -10,7 +10,7 @@ from cnnpack.report_render import Block, num, pct, times
 from cnnpack.rundir import Run
 
 
-def _bench(m: dict, run: Run) -> list[Block]:
+def bench_section(m: dict, run: Run) -> list[Block]:
     b = m.get("stages", {}).get("bench")
     if not b:
         return []

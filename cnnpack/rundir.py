@@ -36,6 +36,8 @@ from cnnpack.atomic import (  # noqa: F401 - the writes are importable from here
 from cnnpack.errors import MissingStageError, RunReplaced, UserInputError, shell
 from cnnpack.manifest_shape import manifest_problem
 from cnnpack.run_replace import MADE as _MADE
+from cnnpack.run_replace import MARKER as REPLACING_MARKER
+from cnnpack.run_replace import PREFIX as REPLACED_PREFIX
 from cnnpack.run_replace import recover
 
 SCHEMA_VERSION = 1
@@ -155,7 +157,7 @@ def _replaced(path: Path) -> str:
 def _replacing_ids(path: Path) -> set:
     """The run_ids of the replacements under way in the run folder `path` (run_replace's markers)."""
     ids = set()
-    for marker in path.glob(".replaced-*/.replacing.json"):
+    for marker in path.glob(f"{REPLACED_PREFIX}*/{REPLACING_MARKER}"):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             ids.add(json.loads(marker.read_text(encoding="utf-8")).get("run_id"))
     return ids
